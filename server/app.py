@@ -1,0 +1,149 @@
+"""Assembly: from a ServerConfig to a running engine (model, adapters tiers, scheduler)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.device_slots import DeviceSlots
+from adapters.host_cache import HostCache
+from adapters.peft_format import AdapterWeights
+from adapters.store import AdapterStore
+from server.config import ServerConfig
+from server.engine.adapter_manager import AdapterManager
+from server.engine.engine import Engine, EngineConfig
+from server.model.loader import LoadedBase, load_base, resolve_device
+from server.model.lora import MultiLoRALinear
+from server.model.prepare import prepare_default_model
+from server.model.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    fingerprint: str
+    quantization: str
+    device: str
+    dtype: str
+    max_context_tokens: int
+    max_lora_rank: int
+    max_new_tokens: int
+    max_batch_size: int
+    max_loaded_adapters: int
+    max_message_bytes: int
+    target_modules: tuple[str, ...]
+    server_version: str = VERSION
+
+
+@dataclass(frozen=True)
+class Service:
+    config: ServerConfig
+    engine: Engine
+    base: LoadedBase
+    store: AdapterStore
+    info: ModelInfo
+
+
+def model_dir_for(config: ServerConfig) -> Path:
+    return config.model if config.model is not None else prepare_default_model(config.models_dir)
+
+
+def make_slot_io(layers: dict[str, MultiLoRALinear]) -> tuple[Any, Any]:
+    """Functions that write an adapter into (or clear) one slot of every wrapped Linear."""
+
+    def write(slot: int, weights: AdapterWeights) -> None:
+        for name, layer in layers.items():
+            pair = weights.modules.get(name)
+            if pair is None:
+                layer.write_slot(slot, None, None)
+            else:
+                layer.write_slot(slot, pair[0], pair[1])
+
+    def clear(slot: int) -> None:
+        for layer in layers.values():
+            layer.clear_slot(slot)
+
+    return write, clear
+
+
+def eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, list | tuple):
+        ids.update(int(i) for i in extra)
+    return frozenset(ids)
+
+
+def build_service(config: ServerConfig) -> Service:
+    from transformers import AutoTokenizer
+
+    model_dir = model_dir_for(config)
+    device = resolve_device(config.device)
+    base = load_base(
+        model_dir,
+        quantization=config.quantization,
+        device=device,
+        num_slots=config.max_loaded_adapters + 1,
+        max_lora_rank=config.max_lora_rank,
+        max_adapter_bytes=config.max_adapter_bytes,
+    )
+    if config.max_seq_len > base.max_position_embeddings:
+        raise ValueError(
+            f"max_seq_len {config.max_seq_len} exceeds the model's context of {base.max_position_embeddings}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    store = AdapterStore(config.store_root)
+    write, clear = make_slot_io(base.lora_layers)
+    slots = DeviceSlots(config.max_loaded_adapters, write, clear)
+    manager = AdapterManager(store, base.spec, HostCache(config.host_cache_bytes), slots)
+    runner = ModelRunner(
+        base.model,
+        base.context,
+        rows=config.max_batch_size,
+        max_seq_len=config.max_seq_len,
+        dtype=base.dtype,
+        device=base.device,
+        lora_impl=config.lora_impl,  # type: ignore[arg-type]
+    )
+    engine = Engine(
+        runner,
+        tokenizer,
+        manager,
+        EngineConfig(
+            max_batch_size=config.max_batch_size,
+            max_seq_len=config.max_seq_len,
+            max_new_tokens=config.max_new_tokens,
+            default_max_new_tokens=config.default_max_new_tokens,
+            max_waiting=config.max_waiting,
+            max_step_tokens=config.max_step_tokens,
+            lora_impl=config.lora_impl,
+        ),
+        eos_ids(tokenizer, base.model),
+    )
+    manager.set_wake(engine.wake)
+    info = ModelInfo(
+        model_id=base.model_id,
+        fingerprint=base.spec.fingerprint,
+        quantization=base.quantization,
+        device=str(device),
+        dtype=str(base.dtype).removeprefix("torch."),
+        max_context_tokens=config.max_seq_len,
+        max_lora_rank=config.max_lora_rank,
+        max_new_tokens=config.max_new_tokens,
+        max_batch_size=config.max_batch_size,
+        max_loaded_adapters=config.max_loaded_adapters,
+        max_message_bytes=config.max_message_bytes,
+        target_modules=tuple(sorted({n.rsplit(".", 1)[-1] for n in base.lora_layers})),
+    )
+    return Service(config=config, engine=engine, base=base, store=store, info=info)

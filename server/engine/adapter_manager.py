@@ -1,0 +1,118 @@
+"""Store → host cache → device slots, as the engine sees it.
+
+Host loads (disk read, checksum, header check, tensor conversion) run on a small thread pool so the
+engine keeps stepping; installing into a device slot happens on the engine thread between steps.
+Concurrent requests for the same cold adapter share one load (single flight).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from adapters.device_slots import DeviceSlots, SlotInfo
+from adapters.errors import AdapterError
+from adapters.host_cache import HostCache
+from adapters.peft_format import AdapterWeights, BaseModelSpec
+from adapters.ref import AdapterKey, AdapterRef
+from adapters.store import AdapterStore
+from server.errors import AdapterBusy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterState:
+    """Where one version is held: tiers and leases."""
+
+    key: AdapterKey
+    on_host: bool
+    slot: SlotInfo | None
+
+
+class AdapterManager:
+    def __init__(
+        self,
+        store: AdapterStore,
+        spec: BaseModelSpec,
+        host_cache: HostCache,
+        slots: DeviceSlots,
+        *,
+        load_workers: int = 2,
+    ) -> None:
+        self.store = store
+        self.spec = spec
+        self.host_cache = host_cache
+        self.slots = slots
+        self._executor = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-load")
+        self._pending: dict[AdapterKey, Future[AdapterWeights]] = {}
+        self._wake: Callable[[], None] = lambda: None
+
+    def set_wake(self, wake: Callable[[], None]) -> None:
+        """Called when a background load finishes, so the engine polls again."""
+        self._wake = wake
+
+    # -- any thread ---------------------------------------------------------------------------
+    def resolve(self, ref: AdapterRef) -> AdapterKey:
+        """Pin a reference to one concrete version (reads only the store's pointers)."""
+        return self.store.resolve(ref)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- engine thread only -------------------------------------------------------------------
+    def poll(self, key: AdapterKey) -> int | None:
+        """Lease ``key``'s device slot if ready; else start or follow its load and return None.
+
+        Raises the adapter's error if its load failed (the next request for it tries again).
+        """
+        slot = self.slots.acquire(key)
+        if slot is not None:
+            return slot
+        weights = self._host_weights(key)
+        if weights is None:
+            return None
+        if self.slots.install(key, weights) is None:
+            if not self.slots.can_ever_install():
+                raise AdapterBusy(f"every device slot is pinned; cannot load {key}")
+            return None  # all slots leased: wait for a request to finish
+        return self.slots.acquire(key)
+
+    def release(self, slot: int) -> None:
+        self.slots.release(slot)
+
+    def state(self, key: AdapterKey) -> AdapterState:  # engine thread
+        return AdapterState(key=key, on_host=self.host_cache.get(key) is not None,
+                            slot=self.slots.snapshot().get(key))
+
+    def pin(self, key: AdapterKey) -> bool:
+        return self.slots.pin(key)
+
+    def unpin(self, key: AdapterKey) -> bool:
+        return self.slots.unpin(key)
+
+    def unload(self, key: AdapterKey) -> bool:
+        return self.slots.unload(key)
+
+    def _host_weights(self, key: AdapterKey) -> AdapterWeights | None:
+        cached = self.host_cache.get(key)
+        if cached is not None:
+            return cached
+        future = self._pending.get(key)
+        if future is None:
+            future = self._executor.submit(
+                self.host_cache.get_or_load, key, lambda: self.store.load(key, self.spec)
+            )
+            future.add_done_callback(lambda _f: self._wake())
+            self._pending[key] = future
+            return None
+        if not future.done():
+            return None
+        del self._pending[key]
+        try:
+            return future.result()
+        except AdapterError:
+            log.warning("loading adapter %s failed", key, exc_info=True)
+            raise

@@ -1,0 +1,23 @@
+"""Domain exceptions of the serving layers (the gRPC edge maps them to status codes in one table)."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of the engine's domain errors."""
+
+
+class InvalidRequest(ServingError):
+    """The request is malformed or outside the server's limits (INVALID_ARGUMENT)."""
+
+
+class QueueFull(ServingError):
+    """Too many requests are waiting (RESOURCE_EXHAUSTED)."""
+
+
+class ShuttingDown(ServingError):
+    """The engine is draining or stopped (UNAVAILABLE)."""
+
+
+class AdapterBusy(ServingError):
+    """Every device slot is leased or pinned, so the adapter cannot be loaded now (RESOURCE_EXHAUSTED)."""

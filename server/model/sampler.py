@@ -1,0 +1,69 @@
+"""Next-token choice per row: repetition penalty, temperature, top-k, top-p, seeded sampling.
+
+Follows the semantics of transformers' logits processors (RepetitionPenalty, Temperature, TopK,
+TopP) so a greedy row matches ``generate(do_sample=False, repetition_penalty=...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    temperature: float  # 0: greedy
+    top_p: float  # (0, 1]
+    top_k: int  # 0: off
+    repetition_penalty: float  # 1: off
+    seen: torch.Tensor | None  # [T] long, prompt + generated ids (for the repetition penalty)
+    generator: torch.Generator | None  # per-request RNG (sampling rows)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [V]; divides positive and multiplies negative logits of seen tokens by ``penalty``."""
+    score = logits.gather(0, seen)  # [T]
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(0, seen, score)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] -> logits with filtered tokens at -inf (keeps at least one token)."""
+    if top_k > 0 and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)  # [V]
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)  # [V]
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[-1] = False
+        remove = remove_sorted.scatter(0, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
+    """logits [B, V] float32 -> one token id per row."""
+    out: list[int] = []
+    greedy_plain = [
+        i for i, r in enumerate(rows) if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None)
+    ]
+    argmax = logits.argmax(-1).tolist() if greedy_plain else []
+    for i, r in enumerate(rows):
+        if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None):
+            out.append(int(argmax[i]))
+            continue
+        row = logits[i]
+        if r.repetition_penalty != 1.0 and r.seen is not None and r.seen.numel():
+            row = apply_repetition_penalty(row, r.seen.to(row.device), r.repetition_penalty)
+        if r.temperature == 0:
+            out.append(int(row.argmax()))
+            continue
+        row = filter_top_k_top_p(row / r.temperature, r.top_k, r.top_p)
+        probs = row.softmax(-1)
+        gen = r.generator
+        if gen is not None and gen.device != probs.device:
+            probs = probs.to(gen.device)
+        out.append(int(torch.multinomial(probs, 1, generator=gen)))
+    return out
