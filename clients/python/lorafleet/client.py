@@ -1,0 +1,240 @@
+"""LoraFleetClient: the synchronous client of the lorafleet gRPC API.
+
+The async client (AsyncLoraFleetClient), the domain dataclasses and the errors are re-exported here,
+so ``from lorafleet.client import ...`` reaches the whole public API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from lorafleet import convert
+from lorafleet._channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    call_metadata,
+    channel_options,
+    pick_timeout,
+)
+from lorafleet.aio import AsyncLoraFleetClient
+from lorafleet.errors import LoraFleetError, UnavailableError, from_rpc_error
+from lorafleet.models import (
+    AdapterInfo,
+    AdapterManifest,
+    AdapterVersionInfo,
+    Completion,
+    Embedding,
+    Message,
+    ModelInfo,
+    Sampling,
+    Tokens,
+)
+from lorafleet.stream import GenerationStream
+from lorafleet.v1 import adapters_pb2 as apb
+from lorafleet.v1 import adapters_pb2_grpc, inference_pb2_grpc
+from lorafleet.v1 import inference_pb2 as ipb
+
+__all__ = [
+    "AdapterInfo",
+    "AdapterManifest",
+    "AdapterVersionInfo",
+    "AsyncLoraFleetClient",
+    "Completion",
+    "Embedding",
+    "GenerationStream",
+    "LoraFleetClient",
+    "LoraFleetError",
+    "Message",
+    "ModelInfo",
+    "Sampling",
+    "Tokens",
+]
+
+_Response = TypeVar("_Response")
+
+
+class LoraFleetClient:
+    """A blocking client over one gRPC channel; use it as a context manager or call close().
+
+    Every RPC failure raises a LoraFleetError subclass (lorafleet.errors). ``timeout`` (seconds) is
+    the default deadline of each call; methods take their own ``timeout`` too.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        tls: grpc.ChannelCredentials | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options = channel_options(max_message_bytes)
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, tls, options=options)
+        self._api_key = api_key
+        self._timeout = timeout
+        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdaptersServiceStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The underlying channel (for health checks, reflection, ...)."""
+        return self._channel
+
+    def wait_for_ready(self, timeout: float) -> None:
+        """Blocks until the channel connects; raises UnavailableError after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError as error:
+            raise UnavailableError(
+                grpc.StatusCode.UNAVAILABLE, f"no connection within {timeout:g} s"
+            ) from error
+
+    def _unary(
+        self,
+        method: Callable[..., _Response],
+        request: Any,
+        timeout: float | None,
+        request_id: str | None = None,
+    ) -> _Response:
+        try:
+            return method(
+                request,
+                timeout=pick_timeout(timeout, self._timeout),
+                metadata=call_metadata(self._api_key, request_id),
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    # Inference
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        adapter: str = "",
+        sampling: Sampling | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Generates a completion of ``prompt`` (plain text) or ``messages`` (a chat); give one."""
+        request = convert.fill_generate_request(ipb.GenerateRequest(), prompt, messages, adapter, sampling)
+        response: ipb.GenerateResponse = self._unary(self._inference.Generate, request, timeout, request_id)
+        return convert.completion_from_proto(response.text, response.summary)
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        adapter: str = "",
+        sampling: Sampling | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> GenerationStream:
+        """Like generate(), but returns the text chunks as they are decoded (see GenerationStream)."""
+        request = convert.fill_generate_request(
+            ipb.GenerateStreamRequest(), prompt, messages, adapter, sampling
+        )
+        call = self._inference.GenerateStream(
+            request,
+            timeout=pick_timeout(timeout, self._timeout),
+            metadata=call_metadata(self._api_key, request_id),
+        )
+        return GenerationStream(call)
+
+    def tokenize(
+        self,
+        text: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        timeout: float | None = None,
+    ) -> Tokens:
+        """The token ids the model sees for ``text`` or ``messages``; give one."""
+        convert.check_one_input(text, messages, "text")
+        request = ipb.TokenizeRequest(text=text or "", messages=convert.messages_to_proto(messages or ()))
+        response: ipb.TokenizeResponse = self._unary(self._inference.Tokenize, request, timeout)
+        return convert.tokens_from_proto(response)
+
+    def embed(
+        self,
+        text: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        adapter: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Embedding:
+        """The mean-pooled last hidden state of ``text`` or ``messages``, through ``adapter`` if given."""
+        convert.check_one_input(text, messages, "text")
+        request = ipb.EmbedRequest(
+            text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=adapter
+        )
+        response: ipb.EmbedResponse = self._unary(self._inference.Embed, request, timeout, request_id)
+        return convert.embedding_from_proto(response)
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The base model and the server's limits."""
+        response: ipb.GetModelInfoResponse = self._unary(
+            self._inference.GetModelInfo, ipb.GetModelInfoRequest(), timeout
+        )
+        return convert.model_info_from_proto(response)
+
+    # Adapter administration (admin role)
+
+    def list_adapters(self, tenant: str = "", *, timeout: float | None = None) -> list[AdapterInfo]:
+        """The adapters in the store, only ``tenant``'s when given."""
+        request = apb.ListAdaptersRequest(tenant=tenant)
+        response: apb.ListAdaptersResponse = self._unary(self._adapters.ListAdapters, request, timeout)
+        return [convert.adapter_from_proto(a) for a in response.adapters]
+
+    def get_adapter(self, ref: str, *, timeout: float | None = None) -> AdapterInfo:
+        """One adapter, ``ref`` = "tenant/name"."""
+        request = apb.GetAdapterRequest(adapter=ref)
+        response: apb.GetAdapterResponse = self._unary(self._adapters.GetAdapter, request, timeout)
+        return convert.adapter_from_proto(response.adapter)
+
+    def load_adapter(self, ref: str, *, timeout: float | None = None) -> str:
+        """Loads a version into a device slot; returns the concrete "tenant/name@version"."""
+        request = apb.LoadAdapterRequest(adapter=ref)
+        response: apb.LoadAdapterResponse = self._unary(self._adapters.LoadAdapter, request, timeout)
+        return response.adapter
+
+    def unload_adapter(self, ref: str, *, timeout: float | None = None) -> bool:
+        """Frees a version's slot; False when requests still run on it (freed when they end)."""
+        request = apb.UnloadAdapterRequest(adapter=ref)
+        response: apb.UnloadAdapterResponse = self._unary(self._adapters.UnloadAdapter, request, timeout)
+        return response.unloaded
+
+    def pin_adapter(self, ref: str, *, timeout: float | None = None) -> str:
+        """Loads a version and keeps it resident; returns the concrete "tenant/name@version"."""
+        request = apb.PinAdapterRequest(adapter=ref)
+        response: apb.PinAdapterResponse = self._unary(self._adapters.PinAdapter, request, timeout)
+        return response.adapter
+
+    def unpin_adapter(self, ref: str, *, timeout: float | None = None) -> str:
+        """Makes a pinned version evictable again; returns the concrete "tenant/name@version"."""
+        request = apb.UnpinAdapterRequest(adapter=ref)
+        response: apb.UnpinAdapterResponse = self._unary(self._adapters.UnpinAdapter, request, timeout)
+        return response.adapter
+
+    # Lifetime
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LoraFleetClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

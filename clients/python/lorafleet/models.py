@@ -1,0 +1,126 @@
+"""Typed domain values of the lorafleet API; callers never need the protobuf types."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["length", "stop", "end_of_sequence", "cancelled", "unspecified"]
+AdapterTier = Literal["store", "host", "device", "unspecified"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen; None takes the server's default."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn; role is "system", "user" or "assistant"."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation and what it consumed."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    # The concrete adapter that served the request, "tenant/name@version"; "" for the base model.
+    adapter: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids the model sees for a text or chat, with their token strings."""
+
+    ids: list[int]
+    tokens: list[str]
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Mean-pooled last hidden state of the input."""
+
+    values: list[float]
+    prompt_tokens: int
+    adapter: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The base model and the server's limits."""
+
+    model_id: str
+    fingerprint: str
+    quantization: str
+    device: str
+    dtype: str
+    max_context_tokens: int
+    max_lora_rank: int
+    max_new_tokens: int
+    max_batch_size: int
+    max_loaded_adapters: int
+    max_message_bytes: int
+    target_modules: tuple[str, ...]
+    server_version: str
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    """The manifest an adapter version was published with."""
+
+    kind: str
+    method: str
+    base_fingerprint: str
+    base_model: str
+    base_quantization: str
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    files: Mapping[str, str]  # file name -> sha256
+    created_at: str
+    producer: str
+    training_data_fingerprint: str
+    eval_metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterVersionInfo:
+    """One published version of an adapter and where it is held now."""
+
+    version: int
+    manifest: AdapterManifest | None
+    tier: AdapterTier
+    pinned: bool
+    active_requests: int
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """An adapter in the store with its versions."""
+
+    tenant: str
+    name: str
+    latest_version: int
+    versions: tuple[AdapterVersionInfo, ...]
+
+    @property
+    def ref(self) -> str:
+        """The reference "tenant/name" (the latest version)."""
+        return f"{self.tenant}/{self.name}"

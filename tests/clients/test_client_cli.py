@@ -1,0 +1,117 @@
+"""lorafleet-client: argument parsing, output and exit codes (against the fake server)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+from lorafleet.cli import add_generate_arguments, main, run_generate
+from lorafleet.v1 import inference_pb2 as ipb
+
+if TYPE_CHECKING:
+    from conftest import FakeServer
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "generate" in capsys.readouterr().out
+    assert main(["generate", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--adapter",
+        "--stream",
+        "--max-new-tokens",
+        "--top-p",
+        "--seed",
+        "--stop",
+        "--chat",
+        "PROMPT",
+    ):
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["generate"], ["generate", "--top-k", "many", "hi"], ["tokenize"], ["bogus"]],
+)
+def test_usage_errors_exit_two(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_system_needs_chat(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--target", "127.0.0.1:1", "--system", "be brief", "hi"]) == 2
+    assert "--system needs --chat" in capsys.readouterr().err
+
+
+def test_generate_prints_text_and_summary(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--target", fake_server.target, "--adapter", "acme/support", "--request-id", "r1"]
+    argv += ["--max-new-tokens", "9", "--temperature", "0.5", "--top-p", "0.75", "--top-k", "4"]
+    argv += ["--repetition-penalty", "1.5", "--seed", "3", "--stop", "a", "--stop", "b", "hello"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "echo hello\n"
+    assert "finish=stop" in captured.err and "adapter=acme/support@2" in captured.err
+    assert "request_id=r1" in captured.err and "generated_tokens=5" in captured.err
+    request = fake_server.recorder.request
+    assert isinstance(request, ipb.GenerateRequest)
+    params = request.params
+    assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k) == (9, 0.5, 0.75, 4)
+    assert (params.repetition_penalty, params.seed, list(params.stop)) == (1.5, 3, ["a", "b"])
+
+
+def test_generate_stream_from_env_target(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LORAFLEET_TARGET", fake_server.target)
+    assert main(["generate", "--stream", "hi"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hello, wörld\n"
+    assert "finish=stop" in captured.err
+    request = fake_server.recorder.request
+    assert isinstance(request, ipb.GenerateStreamRequest) and not request.HasField("params")
+
+
+def test_generate_chat_from_stdin(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin"))
+    argv = ["generate", "--target", fake_server.target, "--chat", "--system", "be brief", "-"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "echo system:be brief|user:from stdin\n"
+
+
+def test_rpc_error_exits_one(fake_server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    for extra in ([], ["--stream"]):
+        argv = ["generate", "--target", fake_server.target, "--adapter", "error:NOT_FOUND", *extra, "hi"]
+        assert main(argv) == 1
+        assert "error: NOT_FOUND: fake error:NOT_FOUND" in capsys.readouterr().err
+
+
+def test_info_and_tokenize_print_json(fake_server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--target", fake_server.target]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_id"] == "tiny/model" and info["target_modules"] == ["q_proj", "v_proj"]
+    assert main(["tokenize", "--target", fake_server.target, "ab"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"count": 2, "ids": [97, 98], "tokens": ["a", "b"]}
+
+
+def test_unreachable_server_exits_one(dead_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--target", dead_target, "--timeout", "5"]) == 1
+    assert "error: UNAVAILABLE:" in capsys.readouterr().err
+
+
+def test_parent_cli_can_mount_generate(fake_server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    parent = argparse.ArgumentParser(prog="lorafleet")
+    commands = parent.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate")
+    add_generate_arguments(generate)
+    generate.set_defaults(func=run_generate)
+    args = parent.parse_args(["generate", "--target", fake_server.target, "--seed", "1", "hi"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == "echo hi\n"

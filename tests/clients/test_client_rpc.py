@@ -1,0 +1,265 @@
+"""LoraFleetClient and AsyncLoraFleetClient against the fake server: responses, metadata, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from lorafleet import (
+    AsyncLoraFleetClient,
+    Completion,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LoraFleetClient,
+    LoraFleetError,
+    Message,
+    NotFoundError,
+    PermissionDeniedError,
+    RequestCancelledError,
+    ResourceExhaustedError,
+    Sampling,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from lorafleet.v1 import inference_pb2 as ipb
+
+if TYPE_CHECKING:
+    from conftest import FakeServer
+
+ERRORS: list[tuple[grpc.StatusCode, type[LoraFleetError]]] = [
+    (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
+    (grpc.StatusCode.NOT_FOUND, NotFoundError),
+    (grpc.StatusCode.UNAUTHENTICATED, UnauthenticatedError),
+    (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError),
+    (grpc.StatusCode.FAILED_PRECONDITION, FailedPreconditionError),
+    (grpc.StatusCode.UNAVAILABLE, UnavailableError),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceededError),
+    (grpc.StatusCode.CANCELLED, RequestCancelledError),
+    (grpc.StatusCode.INTERNAL, LoraFleetError),
+]
+STREAM_COMPLETION = Completion(
+    text="Hello, wörld",
+    finish_reason="stop",
+    prompt_tokens=7,
+    generated_tokens=3,
+    adapter="acme/support@2",
+    request_id="rid-7",
+)
+
+
+# Sync client
+
+
+def test_generate_maps_response_and_sends_request(fake_server: FakeServer) -> None:
+    sampling = Sampling(max_new_tokens=16, temperature=0.5, seed=2**40, stop=("\n",))
+    with LoraFleetClient(fake_server.target, api_key="k1", timeout=10) as client:
+        done = client.generate("hi", adapter="acme/support", sampling=sampling, request_id="rid-1")
+    assert done == Completion("echo hi", "stop", 7, 5, "acme/support@2", "rid-1")
+    assert fake_server.recorder.metadata["authorization"] == "Bearer k1"
+    assert fake_server.recorder.metadata["x-request-id"] == "rid-1"
+    request = fake_server.recorder.request
+    assert isinstance(request, ipb.GenerateRequest)
+    assert request.params.max_new_tokens == 16 and request.params.seed == 2**40
+    assert not request.params.HasField("top_p")
+    assert list(request.params.stop) == ["\n"]
+
+
+def test_generate_with_messages_and_no_optional_metadata(fake_server: FakeServer) -> None:
+    with LoraFleetClient(fake_server.target) as client:
+        done = client.generate(messages=[Message("system", "be brief"), Message("user", "hi")])
+    assert done.text == "echo system:be brief|user:hi"
+    assert done.adapter == "" and done.request_id == "generated-id"
+    assert "authorization" not in fake_server.recorder.metadata
+    request = fake_server.recorder.request
+    assert isinstance(request, ipb.GenerateRequest) and not request.HasField("params")
+
+
+@pytest.mark.parametrize(("prompt", "messages"), [(None, None), ("hi", [Message("user", "hi")])])
+def test_generate_needs_exactly_one_input(prompt: str | None, messages: list[Message] | None) -> None:
+    with LoraFleetClient("127.0.0.1:1") as client, pytest.raises(ValueError, match="exactly one"):
+        client.generate(prompt, messages=messages)
+
+
+def test_stream_yields_chunks_then_result(fake_server: FakeServer) -> None:
+    with LoraFleetClient(fake_server.target) as client:
+        stream = client.stream("hi", adapter="acme/support", request_id="rid-7")
+        with pytest.raises(RuntimeError, match="not finished"):
+            _ = stream.result
+        assert list(stream) == ["Hel", "lo, ", "wörld"]
+        assert stream.done and stream.result == STREAM_COMPLETION
+        assert client.stream("hi", adapter="acme/support", request_id="rid-7").wait() == STREAM_COMPLETION
+
+
+def test_stream_cancel_ends_iteration(fake_server: FakeServer) -> None:
+    with LoraFleetClient(fake_server.target, timeout=10) as client:
+        stream = client.stream("hi", adapter="slow")
+        assert next(stream) == "Hel"
+        stream.cancel()
+        assert list(stream) == []
+        assert stream.cancelled and stream.text == "Hel"
+        with pytest.raises(RequestCancelledError):
+            _ = stream.result
+    assert fake_server.recorder.cancelled.wait(5)
+
+
+def test_stream_context_manager_cancels_on_exit(fake_server: FakeServer) -> None:
+    with LoraFleetClient(fake_server.target, timeout=10) as client:
+        with client.stream("hi", adapter="slow") as stream:
+            assert next(stream) == "Hel"
+        assert stream.cancelled
+    assert fake_server.recorder.cancelled.wait(5)
+
+
+def test_stream_errors(fake_server: FakeServer) -> None:
+    with LoraFleetClient(fake_server.target) as client:
+        with pytest.raises(NotFoundError, match="fake error:NOT_FOUND") as caught:
+            list(client.stream("hi", adapter="error:NOT_FOUND", request_id="rid-9"))
+        assert caught.value.request_id == "rid-9"
+
+        stream = client.stream("hi", adapter="late-error:RESOURCE_EXHAUSTED")
+        assert next(stream) == "Hel"
+        with pytest.raises(ResourceExhaustedError, match="late failure"):
+            next(stream)
+        with pytest.raises(LoraFleetError, match="without a summary") as missing:
+            list(client.stream("hi", adapter="no-summary"))
+        assert missing.value.code == grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.parametrize(("code", "error_class"), ERRORS)
+def test_errors_map_to_classes(fake_server: FakeServer, code: grpc.StatusCode, error_class: type) -> None:
+    with LoraFleetClient(fake_server.target) as client, pytest.raises(LoraFleetError) as caught:
+        client.generate("hi", adapter=f"error:{code.name}", request_id="rid-e")
+    assert type(caught.value) is error_class
+    assert caught.value.code == code
+    assert caught.value.message == f"fake error:{code.name}"
+    assert caught.value.request_id == "rid-e"
+    assert str(caught.value) == f"{code.name}: fake error:{code.name}"
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+
+
+def test_deadline_and_unreachable_server(fake_server: FakeServer, dead_target: str) -> None:
+    with LoraFleetClient(fake_server.target) as client, pytest.raises(DeadlineExceededError):
+        client.generate("hi", adapter="slow", timeout=0.2)
+    with LoraFleetClient(dead_target, timeout=5) as client:
+        with pytest.raises(UnavailableError):
+            client.model_info()
+        with pytest.raises(UnavailableError, match="no connection"):
+            client.wait_for_ready(0.2)
+
+
+def test_tokenize_embed_model_info(fake_server: FakeServer) -> None:
+    with LoraFleetClient(fake_server.target) as client:
+        client.wait_for_ready(5)
+        tokens = client.tokenize("hé")
+        assert tokens.ids == [ord("h"), ord("é")] and tokens.tokens == ["h", "é"]
+        assert client.tokenize(messages=[Message("user", "ab")]).tokens == ["a", "b"]
+        embedding = client.embed("abc", adapter="acme/support", request_id="rid-2")
+        assert embedding.values == [0.5, -1.0, 2.0]
+        assert (embedding.prompt_tokens, embedding.adapter) == (3, "acme/support")
+        assert fake_server.recorder.metadata["x-request-id"] == "rid-2"
+        info = client.model_info()
+    assert info.model_id == "tiny/model" and info.max_message_bytes == 8 * 1024 * 1024
+    assert info.target_modules == ("q_proj", "v_proj")
+
+
+def test_admin_calls(fake_server: FakeServer) -> None:
+    with LoraFleetClient(fake_server.target, api_key="admin") as client:
+        adapters = client.list_adapters()
+        assert [a.ref for a in adapters] == ["acme/support"]
+        assert client.list_adapters(tenant="other") == []
+        adapter = client.get_adapter("acme/support")
+        assert adapter.latest_version == 2
+        latest = adapter.versions[-1]
+        assert (latest.tier, latest.pinned, latest.active_requests) == ("device", True, 3)
+        assert latest.manifest is not None and latest.manifest.files == {"adapter.safetensors": "ff00"}
+        assert adapter.versions[0].manifest is None and adapter.versions[0].tier == "store"
+        assert client.load_adapter("acme/support") == "acme/support@2"
+        assert client.unload_adapter("acme/support@2") is False
+        assert client.pin_adapter("acme/support@2") == "acme/support@2"
+        assert client.unpin_adapter("acme/support@2") == "acme/support@2"
+        assert fake_server.recorder.metadata["authorization"] == "Bearer admin"
+        with pytest.raises(NotFoundError, match="unknown adapter"):
+            client.load_adapter("acme/nope")
+        with pytest.raises(PermissionDeniedError):
+            client.pin_adapter("error:PERMISSION_DENIED")
+
+
+# Async client
+
+
+def test_async_client_calls(fake_server: FakeServer) -> None:
+    async def run() -> None:
+        async with AsyncLoraFleetClient(fake_server.target, api_key="k2", timeout=10) as client:
+            await client.wait_for_ready(5)
+            done = await client.generate("hi", adapter="acme/support", request_id="rid-a")
+            assert done == Completion("echo hi", "stop", 7, 5, "acme/support@2", "rid-a")
+            assert fake_server.recorder.metadata["authorization"] == "Bearer k2"
+
+            stream = client.stream("hi", adapter="acme/support", request_id="rid-7")
+            assert [chunk async for chunk in stream] == ["Hel", "lo, ", "wörld"]
+            assert stream.result == STREAM_COMPLETION
+            again = client.stream("hi", adapter="acme/support", request_id="rid-7")
+            assert await again.wait() == STREAM_COMPLETION
+
+            assert (await client.tokenize("ab")).ids == [97, 98]
+            assert (await client.embed("abc")).values == [0.5, -1.0, 2.0]
+            assert (await client.model_info()).device == "cpu"
+            assert [a.ref for a in await client.list_adapters()] == ["acme/support"]
+            assert (await client.get_adapter("acme/support")).name == "support"
+            assert await client.load_adapter("acme/support") == "acme/support@2"
+            assert await client.unload_adapter("acme/support") is False
+            assert await client.pin_adapter("acme/support") == "acme/support@2"
+            assert await client.unpin_adapter("acme/support") == "acme/support@2"
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("code", "error_class"), ERRORS)
+def test_async_errors_map_to_classes(
+    fake_server: FakeServer, code: grpc.StatusCode, error_class: type
+) -> None:
+    async def run() -> LoraFleetError:
+        async with AsyncLoraFleetClient(fake_server.target) as client:
+            try:
+                await client.generate("hi", adapter=f"error:{code.name}", request_id="rid-e")
+            except LoraFleetError as error:
+                return error
+        raise AssertionError("no error raised")
+
+    error = asyncio.run(run())
+    assert type(error) is error_class
+    assert (error.code, error.message, error.request_id) == (code, f"fake error:{code.name}", "rid-e")
+
+
+def test_async_stream_errors_and_cancel(fake_server: FakeServer, dead_target: str) -> None:
+    async def run() -> None:
+        async with AsyncLoraFleetClient(fake_server.target, timeout=10) as client:
+            with pytest.raises(NotFoundError):
+                async for _ in client.stream("hi", adapter="error:NOT_FOUND"):
+                    pass
+            late = client.stream("hi", adapter="late-error:UNAVAILABLE")
+            assert await late.__anext__() == "Hel"
+            with pytest.raises(UnavailableError, match="late failure"):
+                await late.__anext__()
+
+            async with client.stream("hi", adapter="slow") as stream:
+                assert await stream.__anext__() == "Hel"
+                stream.cancel()
+                assert [chunk async for chunk in stream] == []
+            assert stream.cancelled and stream.text == "Hel"
+            with pytest.raises(RequestCancelledError):
+                _ = stream.result
+            with pytest.raises(DeadlineExceededError):
+                await client.generate("hi", adapter="slow", timeout=0.2)
+        async with AsyncLoraFleetClient(dead_target, timeout=5) as dead:
+            with pytest.raises(UnavailableError):
+                await dead.tokenize("x")
+            with pytest.raises(UnavailableError, match="no connection"):
+                await dead.wait_for_ready(0.2)
+
+    asyncio.run(run())
+    assert fake_server.recorder.cancelled.wait(5)

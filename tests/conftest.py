@@ -1,0 +1,90 @@
+"""Shared fixtures: the real default model (prepared once) and a tiny random Llama built here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapters.peft_format import BaseModelSpec
+from server.model.loader import base_spec_from_files
+from server.model.prepare import prepare_default_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("LORAFLEET_DATA_DIR", Path(__file__).resolve().parents[1] / "data"))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    return prepare_default_model(data_dir() / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """A 2-layer random Llama with the real tokenizer (so prompts and chat templates work)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (default_model_dir / name).exists():
+            shutil.copy(default_model_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_model_dir: Path) -> BaseModelSpec:
+    return base_spec_from_files(tiny_model_dir, "none", max_lora_rank=64)
+
+
+AdapterFactory = Callable[..., Path]
+
+
+def save_peft_adapter(base_dir: Path, out: Path, seed: int, **lora: Any) -> Path:
+    """A real PEFT LoRA adapter on ``base_dir`` with random non-zero A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    lora.setdefault("r", 8)
+    lora.setdefault("lora_alpha", 16)
+    lora.setdefault("target_modules", ["q_proj", "v_proj"])
+    peft_model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **lora))
+    with torch.no_grad():  # make the adapter's effect large enough to change greedy tokens
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> AdapterFactory:
+    def make(seed: int = 0, **lora: Any) -> Path:
+        return save_peft_adapter(tiny_model_dir, tmp_path_factory.mktemp(f"adapter-{seed}"), seed, **lora)
+
+    return make
