@@ -102,7 +102,8 @@ def build_service(config: ServerConfig) -> Service:
         raise ValueError(
             f"max_seq_len {config.max_seq_len} exceeds the model's context of {base.max_position_embeddings}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+    config.store_root.mkdir(parents=True, exist_ok=True)
     store = AdapterStore(config.store_root)
     write, clear = make_slot_io(base.lora_layers)
     slots = DeviceSlots(config.max_loaded_adapters, write, clear)

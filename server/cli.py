@@ -59,6 +59,7 @@ def _adapters_import(config: ServerConfig, src: Path, reference: str) -> int:
 
 
 def _adapters_list(config: ServerConfig, tenant: str | None) -> int:
+    config.store_root.mkdir(parents=True, exist_ok=True)
     for s in AdapterStore(config.store_root).list(tenant):
         versions = ",".join(str(v) for v in s.versions)
         print(f"{s.tenant}/{s.name}\tlatest={s.latest}\tversions={versions}")

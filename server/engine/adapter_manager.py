@@ -84,7 +84,7 @@ class AdapterManager:
         self.slots.release(slot)
 
     def state(self, key: AdapterKey) -> AdapterState:  # engine thread
-        return AdapterState(key=key, on_host=self.host_cache.get(key) is not None,
+        return AdapterState(key=key, on_host=key in self.host_cache,
                             slot=self.slots.snapshot().get(key))
 
     def pin(self, key: AdapterKey) -> bool:

@@ -94,7 +94,7 @@ class AdapterAdmin:
         for v in versions:
             key = AdapterKey(tenant, name, v)
             slot = slots.get(key)
-            on_host = self._manager.host_cache.get(key) is not None
+            on_host = key in self._manager.host_cache
             tier = Tier.DEVICE if slot is not None else Tier.HOST if on_host else Tier.STORE
             views.append(
                 VersionView(

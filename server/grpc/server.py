@@ -39,7 +39,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self._health = health.aio.HealthServicer()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(service.engine, service.info, cfg.default_max_new_tokens), self._server
         )

@@ -134,7 +134,7 @@ def load_hf_model(model_dir: Path, quantization: str, device: torch.device) -> n
 
     dtype = compute_dtype_for(device)
     if quantization == "none":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.to(device)
     else:
         try:

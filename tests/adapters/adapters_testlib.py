@@ -1,0 +1,66 @@
+"""Helpers shared by the adapter tests: a tiny random Llama, its BaseModelSpec, PEFT introspection."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+
+from adapters.peft_format import BaseModelSpec
+
+FINGERPRINT = "sha256:" + "ab" * 32
+
+
+def make_base_model() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def spec_from_model(model: torch.nn.Module, **overrides: Any) -> BaseModelSpec:
+    shapes = {
+        name: (module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
+    }
+    fields: dict[str, Any] = {
+        "fingerprint": FINGERPRINT,
+        "model_id": "tiny-llama",
+        "quantization": "none",
+        "target_shapes": shapes,
+        "max_lora_rank": 16,
+    }
+    fields.update(overrides)
+    return BaseModelSpec(**fields)
+
+
+def lora_layers(peft_model: peft.PeftModel) -> dict[str, Any]:
+    """Full module name (as in the base model) -> peft LoRA layer."""
+    base: torch.nn.Module = peft_model.get_base_model()
+    return {
+        name: module
+        for name, module in base.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+
+
+MakeAdapter = Callable[..., tuple[Path, peft.PeftModel]]
+
+
+def edit_config(adapter_dir: Path, **changes: Any) -> None:
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.errors import AdapterFormatError
+from adapters.manifest import Manifest, sha256_file
+
+
+def sample(**changes: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "schema_version": 1,
+        "tenant": "acme",
+        "name": "support",
+        "version": 3,
+        "kind": "lora",
+        "method": "qlora",
+        "base_fingerprint": "sha256:" + "0" * 64,
+        "base_model": "tiny-llama",
+        "base_quantization": "nf4",
+        "rank": 8,
+        "lora_alpha": 16,
+        "use_rslora": False,
+        "target_modules": ["v_proj", "q_proj"],
+        "files": {"adapter_config.json": "a" * 64, "adapter_model.safetensors": "b" * 64},
+        "created_at": "2026-11-29T01:54:00Z",
+        "producer": "lorafleet 0.1.0",
+        "training_data_fingerprint": "sha256:" + "1" * 64,
+        "eval_metrics": {"loss": 1.25, "base_loss": 2},
+        "pii_scan": {"findings": 0, "scanner": "regex-v1"},
+    }
+    fields.update(changes)
+    return fields
+
+
+def test_round_trip() -> None:
+    manifest = Manifest.from_json(json.dumps(sample()))
+    assert manifest.target_modules == ("q_proj", "v_proj")
+    assert manifest.lora_alpha == 16.0 and isinstance(manifest.lora_alpha, float)
+    assert manifest.eval_metrics["base_loss"] == 2.0
+    again = Manifest.from_json(manifest.to_json())
+    assert again == manifest
+    assert json.loads(manifest.to_json())["files"]["adapter_model.safetensors"] == "b" * 64
+
+
+def test_optional_fields_default() -> None:
+    data = sample()
+    for key in ("training_data_fingerprint", "eval_metrics", "pii_scan"):
+        del data[key]
+    manifest = Manifest.from_json(json.dumps(data))
+    assert manifest.training_data_fingerprint is None and manifest.pii_scan is None
+    assert dict(manifest.eval_metrics) == {}
+
+
+def test_mappings_are_read_only() -> None:
+    manifest = Manifest.from_json(json.dumps(sample()))
+    with pytest.raises(TypeError):
+        manifest.files["x"] = "y"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"schema_version": 2}, "schema_version"),
+        ({"version": 0}, "version"),
+        ({"tenant": "../x"}, "tenant"),
+        ({"kind": "prefix"}, "kind"),
+        ({"method": "dora"}, "method"),
+        ({"rank": "8"}, "rank"),
+        ({"rank": 0}, "rank"),
+        ({"use_rslora": 1}, "use_rslora"),
+        ({"files": {"../etc/passwd": "a" * 64}}, "files"),
+        ({"files": {"sub/x": "a" * 64}}, "files"),
+        ({"files": {"x": "not-hex"}}, "files"),
+        ({"created_at": "yesterday"}, "created_at"),
+        ({"eval_metrics": {"loss": "low"}}, "eval_metrics"),
+        ({"pii_scan": "clean"}, "pii_scan"),
+        ({"base_fingerprint": ""}, "base_fingerprint"),
+    ],
+)
+def test_bad_fields_refused(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(AdapterFormatError, match=field):
+        Manifest.from_json(json.dumps(sample(**changes)))
+
+
+def test_missing_unknown_and_bad_json() -> None:
+    data = sample()
+    del data["rank"]
+    with pytest.raises(AdapterFormatError, match=r"lacks required fields \['rank'\]"):
+        Manifest.from_json(json.dumps(data))
+    with pytest.raises(AdapterFormatError, match="unknown fields"):
+        Manifest.from_json(json.dumps(sample(extra_thing=1)))
+    with pytest.raises(AdapterFormatError, match="not valid JSON"):
+        Manifest.from_json("{")
+    with pytest.raises(AdapterFormatError, match="JSON object"):
+        Manifest.from_json("[]")
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

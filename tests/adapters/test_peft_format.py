@@ -1,0 +1,296 @@
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from adapters_testlib import MakeAdapter, edit_config, lora_layers, make_base_model, spec_from_model
+from safetensors.torch import save_file
+
+from adapters.errors import AdapterFormatError, AdapterIncompatible
+from adapters.peft_format import (
+    WEIGHTS_FILE,
+    BaseModelSpec,
+    check_safetensors_header,
+    load_adapter_weights,
+    read_lora_config,
+)
+
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+def assert_matches_peft(weights: Any, peft_model: Any) -> None:
+    layers = lora_layers(peft_model)
+    assert set(weights.modules) == set(layers)
+    for name, layer in layers.items():
+        a, b_scaled = weights.modules[name]
+        scaling = layer.scaling["default"]
+        assert a.dtype == b_scaled.dtype == torch.float32
+        assert a.is_contiguous() and b_scaled.is_contiguous()
+        torch.testing.assert_close(a, layer.lora_A["default"].weight.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(b_scaled, layer.lora_B["default"].weight.detach() * scaling)
+
+
+def test_plain_lora_matches_peft(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    adapter_dir, peft_model = make_adapter(r=4, lora_alpha=8)
+    weights = load_adapter_weights(adapter_dir, spec)
+    assert_matches_peft(weights, peft_model)
+    assert weights.rank == 4 and weights.key is None
+    assert weights.nbytes == sum(a.nbytes + b.nbytes for a, b in weights.modules.values())
+    assert len(weights.modules) == 4  # q_proj and v_proj in 2 layers
+    assert lora_layers(peft_model)[Q0].scaling["default"] == 2.0
+    # The LoRA path of one layer equals PEFT's forward.
+    layer = lora_layers(peft_model)[Q0]
+    x = torch.randn(3, 64)
+    a, b_scaled = weights.modules[Q0]
+    with torch.no_grad():
+        ours = layer.base_layer(x) + (x @ a.T) @ b_scaled.T
+        torch.testing.assert_close(ours, layer(x))
+
+
+def test_rslora_scaling(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    adapter_dir, peft_model = make_adapter(r=16, lora_alpha=8, use_rslora=True)
+    weights = load_adapter_weights(adapter_dir, spec)
+    assert_matches_peft(weights, peft_model)
+    assert lora_layers(peft_model)[Q0].scaling["default"] == pytest.approx(8 / math.sqrt(16))
+    assert weights.config.use_rslora
+
+
+def test_rank_and_alpha_patterns(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    adapter_dir, peft_model = make_adapter(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 8},
+        alpha_pattern={r"model\.layers\.0\.self_attn\.v_proj": 3, "q_proj": 16},
+        use_rslora=True,
+    )
+    weights = load_adapter_weights(adapter_dir, spec)
+    assert_matches_peft(weights, peft_model)
+    assert weights.modules["model.layers.1.self_attn.q_proj"][0].shape == (2, 64)
+    assert weights.modules["model.layers.0.mlp.down_proj"][0].shape == (8, 128)
+    assert weights.rank == 8
+
+
+def test_layers_to_transform(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    adapter_dir, peft_model = make_adapter(layers_to_transform=[1])
+    weights = load_adapter_weights(adapter_dir, spec)
+    assert_matches_peft(weights, peft_model)
+    assert all(name.startswith("model.layers.1.") for name in weights.modules)
+    assert weights.config.layers_to_transform == (1,)
+
+
+def test_all_linear_and_bf16(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    adapter_dir, peft_model = make_adapter(target_modules="all-linear")
+    path = adapter_dir / WEIGHTS_FILE
+    from safetensors.torch import load_file
+
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path)
+    weights = load_adapter_weights(adapter_dir, spec)
+    assert len(weights.modules) == 14  # 7 Linears in each of 2 layers
+    a, _ = weights.modules[Q0]
+    assert a.dtype == torch.float32
+    expected = lora_layers(peft_model)[Q0].lora_A["default"].weight.detach().to(torch.bfloat16).float()
+    torch.testing.assert_close(a, expected, rtol=0, atol=0)
+
+
+def test_header_check_returns_shapes(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    cfg = read_lora_config(adapter_dir, spec.max_lora_rank)
+    shapes = check_safetensors_header(adapter_dir / WEIGHTS_FILE, spec, cfg)
+    assert shapes[f"base_model.model.{Q0}.lora_A.weight"] == (4, 64)
+    assert shapes["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"] == (32, 4)
+
+
+def test_bin_only_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    (adapter_dir / WEIGHTS_FILE).rename(adapter_dir / "adapter_model.bin")
+    with pytest.raises(AdapterFormatError, match=r"adapter_model\.bin.*only safetensors"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_missing_weights_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    (adapter_dir / WEIGHTS_FILE).unlink()
+    with pytest.raises(AdapterFormatError, match=r"adapter_model\.safetensors is missing"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_truncated_file_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    path = adapter_dir / WEIGHTS_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(AdapterFormatError, match="truncated"):
+        load_adapter_weights(adapter_dir, spec)
+    path.write_bytes(data[:20])
+    with pytest.raises(AdapterFormatError, match="truncated"):
+        load_adapter_weights(adapter_dir, spec)
+    path.write_bytes(data[:5])
+    with pytest.raises(AdapterFormatError, match="too short"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_bad_headers_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    path = adapter_dir / WEIGHTS_FILE
+    data = path.read_bytes()
+    path.write_bytes(data + b"\x00" * 16)
+    with pytest.raises(AdapterFormatError, match="after the last tensor"):
+        load_adapter_weights(adapter_dir, spec)
+    path.write_bytes(struct.pack("<Q", 1 << 40) + data[8:])
+    with pytest.raises(AdapterFormatError, match="header length"):
+        load_adapter_weights(adapter_dir, spec)
+    path.write_bytes(struct.pack("<Q", 4) + b"{not" + b"\x00" * 64)
+    with pytest.raises(AdapterFormatError, match="not valid JSON"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def write_tensors(adapter_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, adapter_dir / WEIGHTS_FILE)
+
+
+def lora_pair(
+    module: str, r: int, out_f: int, in_f: int, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    return {
+        f"base_model.model.{module}.lora_A.weight": torch.randn(r, in_f).to(dtype),
+        f"base_model.model.{module}.lora_B.weight": torch.randn(out_f, r).to(dtype),
+    }
+
+
+def test_bad_dtype_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    write_tensors(adapter_dir, lora_pair(Q0, 4, 64, 64, torch.float64))
+    with pytest.raises(AdapterFormatError, match="dtype 'F64'"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_unknown_module_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    write_tensors(adapter_dir, lora_pair("model.layers.7.self_attn.q_proj", 4, 64, 64))
+    with pytest.raises(AdapterIncompatible, match=r"model\.layers\.7\.self_attn\.q_proj"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_module_not_targeted_by_config_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    write_tensors(adapter_dir, lora_pair("model.layers.0.self_attn.k_proj", 4, 32, 64))
+    with pytest.raises(AdapterFormatError, match=r"k_proj.*does not target"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_wrong_shapes_refused(adapter_dir: Path) -> None:
+    other = spec_from_model(make_base_model())
+    shapes = dict(other.target_shapes)
+    shapes[Q0] = (64, 96)
+    narrow = BaseModelSpec(other.fingerprint, other.model_id, "none", shapes, 16)
+    with pytest.raises(AdapterIncompatible, match=r"self_attn\.q_proj.*\[4, 64\].*expected \[4, 96\]"):
+        load_adapter_weights(adapter_dir, narrow)
+
+
+def test_rank_disagreeing_with_config_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    write_tensors(adapter_dir, lora_pair(Q0, 8, 64, 64))
+    with pytest.raises(AdapterIncompatible, match="rank 4"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_stray_and_half_tensors_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    write_tensors(
+        adapter_dir, {**lora_pair(Q0, 4, 64, 64), "base_model.model.lm_head.weight": torch.zeros(2, 2)}
+    )
+    with pytest.raises(AdapterFormatError, match=r"unexpected tensor 'base_model\.model\.lm_head\.weight'"):
+        load_adapter_weights(adapter_dir, spec)
+    pair = lora_pair(Q0, 4, 64, 64)
+    del pair[f"base_model.model.{Q0}.lora_B.weight"]
+    write_tensors(adapter_dir, pair)
+    with pytest.raises(AdapterFormatError, match="no lora_B"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_non_finite_weights_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    pair = lora_pair(Q0, 4, 64, 64)
+    pair[f"base_model.model.{Q0}.lora_A.weight"][0, 0] = float("nan")
+    write_tensors(adapter_dir, pair)
+    with pytest.raises(AdapterFormatError, match="NaN"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_size_cap(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    small = BaseModelSpec(
+        spec.fingerprint, spec.model_id, "none", spec.target_shapes, 16, max_adapter_bytes=1000
+    )
+    with pytest.raises(AdapterFormatError, match="1000-byte adapter cap"):
+        load_adapter_weights(adapter_dir, small)
+
+
+def test_rank_over_limit_refused(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    adapter_dir, _ = make_adapter(r=32)
+    with pytest.raises(AdapterIncompatible, match=r"field r is 32, over .*max_lora_rank 16"):
+        load_adapter_weights(adapter_dir, spec)
+    adapter_dir, _ = make_adapter(r=4, rank_pattern={"q_proj": 17})
+    with pytest.raises(AdapterIncompatible, match=r"rank_pattern\['q_proj'\] is 17"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_dora_refused(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    adapter_dir, _ = make_adapter(use_dora=True)
+    with pytest.raises(AdapterFormatError, match="'use_dora'"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("modules_to_save", ["lm_head"]),
+        ("bias", "all"),
+        ("bias", "lora_only"),
+        ("lora_bias", True),
+        ("target_parameters", ["mlp.experts.down_proj"]),
+        ("layer_replication", [[0, 2]]),
+        ("alora_invocation_tokens", [1, 2]),
+        ("trainable_token_indices", [3]),
+        ("use_qalora", True),
+        ("arrow_config", {"top_k": 2}),
+        ("init_lora_weights", "pissa"),
+        ("init_lora_weights", "olora"),
+        ("some_future_field", {"enabled": True}),
+        ("peft_type", "LOHA"),
+        ("r", "4"),
+        ("lora_alpha", None),
+        ("use_rslora", "yes"),
+        ("target_modules", []),
+        ("rank_pattern", {"(": 2}),
+    ],
+)
+def test_config_fields_refused(adapter_dir: Path, spec: BaseModelSpec, field: str, value: Any) -> None:
+    edit_config(adapter_dir, **{field: value})
+    with pytest.raises(AdapterFormatError, match=f"'{field}'"):
+        read_lora_config(adapter_dir, spec.max_lora_rank)
+
+
+def test_config_defaults_and_harmless_fields_accepted(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    edit_config(
+        adapter_dir,
+        some_future_field=None,
+        another_one=False,
+        third=[],
+        lora_dropout=0.1,
+        init_lora_weights="gaussian",
+        fan_in_fan_out=True,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path="tiny-llama",
+    )
+    cfg = read_lora_config(adapter_dir, spec.max_lora_rank)
+    assert cfg.fan_in_fan_out and cfg.base_model_name_or_path == "tiny-llama"
+    load_adapter_weights(adapter_dir, spec)
+
+
+def test_zero_rank_and_bad_json(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    edit_config(adapter_dir, r=0)
+    with pytest.raises(AdapterFormatError, match="field r is 0"):
+        read_lora_config(adapter_dir, spec.max_lora_rank)
+    (adapter_dir / "adapter_config.json").write_text('{"r": 4, "r": 8}')
+    with pytest.raises(AdapterFormatError, match="duplicate key"):
+        read_lora_config(adapter_dir, spec.max_lora_rank)
+    (adapter_dir / "adapter_config.json").write_text("{")
+    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json is not valid JSON"):
+        read_lora_config(adapter_dir, spec.max_lora_rank)
+    (adapter_dir / "adapter_config.json").unlink()
+    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json is missing"):
+        read_lora_config(adapter_dir, spec.max_lora_rank)

@@ -1,0 +1,351 @@
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from adapters_testlib import FINGERPRINT, MakeAdapter, edit_config
+
+from adapters.errors import (
+    AdapterFormatError,
+    AdapterIncompatible,
+    AdapterNotFound,
+    InvalidAdapterRef,
+    StoreUnavailable,
+)
+from adapters.manifest import sha256_file
+from adapters.peft_format import WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
+from adapters.ref import AdapterKey, AdapterRef
+from adapters.store import AdapterStore, AdapterSummary
+
+
+class Crash(BaseException):
+    """Stands for the process dying: not an Exception, so nothing handles it."""
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AdapterStore:
+    return AdapterStore(tmp_path / "store")
+
+
+def ref(text: str) -> AdapterRef:
+    return AdapterRef.parse(text)
+
+
+def test_import_list_resolve_load(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    extra = {
+        "eval_metrics": {"loss": 1.5},
+        "training_data_fingerprint": "sha256:feed",
+        "pii_scan": {"hits": 0},
+    }
+    key = store.import_peft(adapter_dir, "acme", "support", spec, extra=extra)
+    assert key == AdapterKey("acme", "support", 1)
+    assert store.list() == [AdapterSummary("acme", "support", (1,), 1)]
+    assert store.resolve(ref("acme/support")) == key
+    assert store.resolve(ref("acme/support@1")) == key
+
+    vdir = store.version_dir(key)
+    assert sorted(p.name for p in vdir.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+    ]
+    assert list((store.root / ".staging").iterdir()) == []
+
+    manifest = store.manifest(key)
+    assert (manifest.tenant, manifest.name, manifest.version, manifest.kind) == ("acme", "support", 1, "lora")
+    assert manifest.files[WEIGHTS_FILE] == sha256_file(adapter_dir / WEIGHTS_FILE)
+    assert set(manifest.files) == {"README.md", "adapter_config.json", WEIGHTS_FILE}
+    assert manifest.base_fingerprint == FINGERPRINT and manifest.base_model == "tiny-llama"
+    assert manifest.rank == 4 and manifest.lora_alpha == 8.0 and manifest.method == "lora"
+    assert manifest.target_modules == ("q_proj", "v_proj")
+    assert manifest.eval_metrics == {"loss": 1.5} and manifest.pii_scan == {"hits": 0}
+    assert manifest.training_data_fingerprint == "sha256:feed"
+    assert manifest.producer.startswith("lorafleet ") and manifest.created_at.endswith("Z")
+
+    weights = store.load(key, spec)
+    reference = load_adapter_weights(adapter_dir, spec)
+    assert weights.key == key and weights.rank == 4
+    for name, (a, b) in reference.modules.items():
+        assert torch.equal(weights.modules[name][0], a) and torch.equal(weights.modules[name][1], b)
+
+
+def test_versions_increment(store: AdapterStore, make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    first, _ = make_adapter(seed=1)
+    second, _ = make_adapter(seed=2, r=8, lora_alpha=4)
+    assert store.import_peft(first, "acme", "support", spec).version == 1
+    assert store.import_peft(second, "acme", "support", spec, method="qlora").version == 2
+    assert store.import_peft(first, "zeta", "other", spec).version == 1
+    assert store.versions("acme", "support") == (1, 2)
+    assert store.resolve(ref("acme/support")) == AdapterKey("acme", "support", 2)
+    assert store.resolve(ref("acme/support@1")).version == 1
+    assert store.manifest(AdapterKey("acme", "support", 2)).method == "qlora"
+    assert store.load(AdapterKey("acme", "support", 2), spec).rank == 8
+    assert [s.tenant for s in store.list()] == ["acme", "zeta"]
+    assert store.list("zeta") == [AdapterSummary("zeta", "other", (1,), 1)]
+    assert store.list("nobody") == []
+
+
+def test_not_found_messages(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    store.import_peft(adapter_dir, "acme", "support", spec)
+    with pytest.raises(AdapterNotFound, match="acme/other not found"):
+        store.resolve(ref("acme/other"))
+    with pytest.raises(AdapterNotFound, match="nobody/support not found"):
+        store.resolve(ref("nobody/support@1"))
+    with pytest.raises(AdapterNotFound, match=r"has no version 5 \(has \[1\]\)"):
+        store.resolve(ref("acme/support@5"))
+    with pytest.raises(AdapterNotFound):
+        store.load(AdapterKey("acme", "support", 5), spec)
+
+
+def test_empty_and_missing_root(tmp_path: Path, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    (tmp_path / "empty").mkdir()
+    assert AdapterStore(tmp_path / "empty").list() == []
+    missing = AdapterStore(tmp_path / "missing")
+    with pytest.raises(StoreUnavailable, match="missing"):
+        missing.list()
+    with pytest.raises(StoreUnavailable):
+        missing.resolve(ref("acme/support"))
+    with pytest.raises(StoreUnavailable):
+        missing.resolve(ref("acme/support@1"))
+    assert missing.import_peft(adapter_dir, "acme", "support", spec).version == 1  # creates the root
+    assert len(missing.list()) == 1
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreUnavailable, match="not a directory"):
+        AdapterStore(tmp_path / "file").list()
+
+
+def test_checksum_tamper_detected(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    weights_path = store.version_dir(key) / WEIGHTS_FILE
+    data = bytearray(weights_path.read_bytes())
+    data[-1] ^= 0x01  # still a valid safetensors file, different weights
+    weights_path.write_bytes(bytes(data))
+    with pytest.raises(AdapterFormatError, match=r"checksum mismatch for adapter_model\.safetensors"):
+        store.load(key, spec)
+    (store.version_dir(key) / "README.md").unlink()
+    weights_path.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0x01]))
+    with pytest.raises(AdapterFormatError, match=r"README\.md listed in manifest\.json is missing"):
+        store.load(key, spec)
+
+
+def test_manifest_identity_checked(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    path = store.version_dir(key) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["name"] = "other"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(AdapterFormatError, match="describes acme/other@1"):
+        store.load(key, spec)
+
+
+def test_fingerprint_mismatch(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    other = BaseModelSpec("sha256:other", "tiny-llama", "nf4", spec.target_shapes, spec.max_lora_rank)
+    with pytest.raises(AdapterIncompatible) as info:
+        store.load(key, other)
+    assert FINGERPRINT in str(info.value) and "sha256:other" in str(info.value)
+
+
+def test_invalid_import_publishes_nothing(
+    store: AdapterStore, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    with pytest.raises(InvalidAdapterRef):
+        store.import_peft(make_adapter()[0], "Acme", "support", spec)
+    assert not store.root.exists()  # refused before any file was touched
+    bad, _ = make_adapter()
+    edit_config(bad, use_dora=True)
+    with pytest.raises(AdapterFormatError, match="use_dora"):
+        store.import_peft(bad, "acme", "support", spec)
+    with pytest.raises(AdapterFormatError, match="unknown manifest extra"):
+        store.import_peft(make_adapter()[0], "acme", "support", spec, extra={"owner": "me"})
+    assert store.list() == []
+    assert list((store.root / ".staging").iterdir()) == []
+
+
+def test_only_known_files_copied(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    (adapter_dir / "adapter_model.bin").write_bytes(b"pickle")
+    (adapter_dir / "notes.txt").write_text("x")
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    names = {p.name for p in store.version_dir(key).iterdir()}
+    assert "adapter_model.bin" not in names and "notes.txt" not in names
+
+
+def test_bin_only_source_refused(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    (adapter_dir / WEIGHTS_FILE).rename(adapter_dir / "adapter_model.bin")
+    with pytest.raises(AdapterFormatError, match="only safetensors"):
+        store.import_peft(adapter_dir, "acme", "support", spec)
+
+
+def test_crash_mid_publish_leaves_nothing_visible(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*args: Any) -> None:
+        raise Crash
+
+    monkeypatch.setattr(os, "rename", crash)
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # a dead process cleans nothing
+    with pytest.raises(Crash):
+        store.import_peft(adapter_dir, "acme", "support", spec)
+    monkeypatch.undo()
+    leftovers = list((store.root / ".staging").iterdir())
+    assert len(leftovers) == 1 and (leftovers[0] / "manifest.json").is_file()
+    assert store.list() == []
+    assert store.versions("acme", "support") == ()
+    with pytest.raises(AdapterNotFound):
+        store.resolve(ref("acme/support"))
+    assert store.import_peft(adapter_dir, "acme", "support", spec).version == 1
+
+
+def test_crash_before_latest_update(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.import_peft(adapter_dir, "acme", "support", spec)
+
+    def crash(self: AdapterStore, key: AdapterKey) -> None:
+        raise Crash
+
+    monkeypatch.setattr(AdapterStore, "_advance_latest", crash)
+    with pytest.raises(Crash):
+        store.import_peft(adapter_dir, "acme", "support", spec)
+    monkeypatch.undo()
+    # Version 2 is complete and addressable; `latest` still names version 1.
+    assert store.list() == [AdapterSummary("acme", "support", (1, 2), 1)]
+    assert store.resolve(ref("acme/support")).version == 1
+    store.load(AdapterKey("acme", "support", 2), spec)
+
+
+def test_io_error_during_publish(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "rename", broken)
+    with pytest.raises(StoreUnavailable, match="I/O error"):
+        store.import_peft(adapter_dir, "acme", "support", spec)
+    monkeypatch.undo()
+    assert list((store.root / ".staging").iterdir()) == []
+    assert store.list() == []
+
+
+def test_lost_rename_race_takes_next_number(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_rename = os.rename
+
+    def rival_wins_first(src: Any, dst: Any) -> None:
+        monkeypatch.setattr(os, "rename", real_rename)
+        Path(dst).mkdir()
+        (Path(dst) / "rival-data").write_text("x")  # another publisher got there first
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rival_wins_first)
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    assert key.version == 2
+    assert store.resolve(ref("acme/support")) == key
+
+
+def test_concurrent_publishers(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    keys: list[AdapterKey] = []
+    threads = [
+        threading.Thread(target=lambda: keys.append(store.import_peft(adapter_dir, "acme", "support", spec)))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(k.version for k in keys) == [1, 2, 3, 4]
+    assert store.resolve(ref("acme/support")).version == 4
+
+
+def test_latest_pointer_problems(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    store.import_peft(adapter_dir, "acme", "support", spec)
+    latest = store.root / "acme" / "support" / "latest"
+    latest.write_text("7\n")
+    with pytest.raises(AdapterNotFound, match="names version 7, which does not exist"):
+        store.resolve(ref("acme/support"))
+    assert store.list() == [AdapterSummary("acme", "support", (1,), None)]
+    latest.write_text("../../etc")
+    with pytest.raises(AdapterNotFound, match="corrupt"):
+        store.resolve(ref("acme/support"))
+    latest.unlink()  # a first publish interrupted before the pointer: fall back to the highest version
+    assert store.resolve(ref("acme/support")).version == 1
+
+
+def test_junk_ignored(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    store.import_peft(adapter_dir, "acme", "support", spec)
+    (store.root / ".staging" / "half-written").mkdir()
+    (store.root / "README.txt").write_text("hello")
+    (store.root / "Upper").mkdir()
+    (store.root / "acme" / "notes.txt").write_text("x")
+    versions = store.root / "acme" / "support" / "versions"
+    for junk in ("007", "tmp", "3"):  # "3" has no manifest: not a published version
+        (versions / junk).mkdir()
+    (store.root / "acme" / "empty").mkdir()
+    assert store.list() == [AdapterSummary("acme", "support", (1,), 1)]
+
+
+def test_symlinks_out_of_root_refused(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec, tmp_path: Path
+) -> None:
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    vdir = store.version_dir(key)
+    outside = tmp_path / "outside"
+    shutil.copytree(store.root, outside)
+
+    # A version directory that is a symlink leading outside.
+    (vdir.parent / "2").symlink_to(outside / "acme" / "support" / "versions" / "1")
+    assert store.versions("acme", "support") == (1,)
+    with pytest.raises(AdapterNotFound, match="outside the adapter store"):
+        store.version_dir(AdapterKey("acme", "support", 2))
+    with pytest.raises(AdapterNotFound):
+        store.resolve(ref("acme/support@2"))
+    with pytest.raises(AdapterNotFound):
+        store.load(AdapterKey("acme", "support", 2), spec)
+
+    # A `latest` pointer that is a symlink leading outside.
+    latest = store.root / "acme" / "support" / "latest"
+    latest.unlink()
+    latest.symlink_to(outside / "acme" / "support" / "latest")
+    with pytest.raises(AdapterNotFound, match="outside the adapter store"):
+        store.resolve(ref("acme/support"))
+    assert store.list() == [AdapterSummary("acme", "support", (1,), None)]
+
+    # A tenant directory that is a symlink leading outside.
+    (store.root / "evil").symlink_to(outside / "acme")
+    assert [s.tenant for s in store.list()] == ["acme"]
+    with pytest.raises(AdapterNotFound):
+        store.resolve(ref("evil/support@1"))
+
+    # Files inside a version that are symlinks leading outside.
+    (vdir / WEIGHTS_FILE).unlink()
+    (vdir / WEIGHTS_FILE).symlink_to(outside / "acme" / "support" / "versions" / "1" / WEIGHTS_FILE)
+    with pytest.raises(AdapterNotFound, match="outside the adapter store"):
+        store.load(key, spec)
+    (vdir / "manifest.json").unlink()
+    (vdir / "manifest.json").symlink_to(outside / "acme" / "support" / "versions" / "1" / "manifest.json")
+    with pytest.raises(AdapterNotFound):
+        store.resolve(ref("acme/support@1"))
+
+
+def test_symlinked_root_works_and_aliases_are_caught(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec, tmp_path: Path
+) -> None:
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    (tmp_path / "link").symlink_to(store.root)
+    via_link = AdapterStore(tmp_path / "link")
+    assert via_link.resolve(ref("acme/support")) == key
+    assert via_link.load(key, spec).rank == 4
+    # A symlink inside the root is followed, but a version only answers to its own identity.
+    (store.root / "alias").symlink_to(store.root / "acme")
+    with pytest.raises(AdapterFormatError, match="describes acme/support@1"):
+        store.load(AdapterKey("alias", "support", 1), spec)
