@@ -1,0 +1,280 @@
+"""Engine behaviour on the tiny model: batching, cancellation, stops, limits, versions, slots."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from enginelib import generate, request, submit, tiny_service
+from transformers import AutoModelForCausalLM
+
+from adapters.errors import AdapterNotFound, InvalidAdapterRef
+from server.app import Service
+from server.engine.admin import AdapterAdmin, Tier
+from server.engine.types import ChatTurn, FinishReason
+from server.errors import AdapterBusy, InvalidRequest, QueueFull
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture
+def service(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Service]:
+    svc = tiny_service(tiny_model_dir, tmp_path / "store")
+    yield svc
+    svc.engine.shutdown(10)
+
+
+@pytest.fixture(scope="module")
+def adapters(peft_adapter: Any) -> list[Path]:
+    return [peft_adapter(seed=100 + i, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+            for i in range(4)]
+
+
+def test_requests_join_a_running_batch_and_keep_their_outputs(service: Service) -> None:
+    alone_long = generate(service.engine, request(PROMPT, max_new_tokens=40)).token_ids
+    alone_short = generate(service.engine, request("Once upon a time", max_new_tokens=5)).token_ids
+    steps_before = service.engine.steps
+    long_sink, _ = submit(service.engine, request(PROMPT, max_new_tokens=40, rid="long"))
+    assert long_sink.first.wait(30)
+    short_sink, _ = submit(service.engine, request("Once upon a time", max_new_tokens=5, rid="short"))
+    assert short_sink.wait().token_ids == alone_short
+    assert not long_sink.done.is_set() or long_sink.summary.generated_tokens == 40
+    assert long_sink.wait().token_ids == alone_long
+    # The short request rode along in the long one's steps instead of adding its own.
+    assert service.engine.steps - steps_before < 40 + 5
+
+
+def test_cancel_stops_within_a_step_and_frees_the_row(service: Service) -> None:
+    sink, handle = submit(service.engine, request(PROMPT, max_new_tokens=60))
+    assert sink.first.wait(30)
+    handle.cancel()
+    sink.wait(10)
+    assert sink.summary.finish_reason is FinishReason.CANCELLED
+    assert sink.summary.generated_tokens < 60
+    deadline = time.monotonic() + 5
+    while service.engine.load_stats() != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.engine.load_stats() == (0, 0)
+
+
+def test_cancel_while_waiting_in_the_queue(tiny_model_dir: Path, tmp_path: Path) -> None:
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_batch_size=1)
+    try:
+        first, _ = submit(svc.engine, request(PROMPT, max_new_tokens=30, rid="a"))
+        queued, handle = submit(svc.engine, request(PROMPT, max_new_tokens=30, rid="b"))
+        handle.cancel()
+        assert queued.wait(10).summary.finish_reason is FinishReason.CANCELLED
+        assert queued.summary.generated_tokens == 0
+        assert first.wait().summary.finish_reason is FinishReason.LENGTH
+    finally:
+        svc.engine.shutdown(10)
+
+
+def test_stop_string_ends_generation_before_it(service: Service) -> None:
+    full = generate(service.engine, request(PROMPT, max_new_tokens=20))
+    text = full.text
+    assert len(text) > 6
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text.index(stop)
+    stopped = generate(service.engine, request(PROMPT, max_new_tokens=20, stop=(stop,)))
+    assert stopped.text == text[:cut]
+    assert stopped.summary.finish_reason is FinishReason.STOP
+
+
+def test_streamed_text_equals_decoding_all_tokens(service: Service) -> None:
+    sink = generate(service.engine, request("Écris une phrase: 你好, ça va? 🙂", max_new_tokens=30))
+    tokenizer = service.engine.tokenizer
+    assert sink.text == tokenizer.decode(sink.token_ids, skip_special_tokens=True)
+    assert "\ufffd" not in "".join(e.text for e in sink.events[:-1]) or "\ufffd" in sink.text
+
+
+def test_length_and_counts(service: Service) -> None:
+    sink = generate(service.engine, request(PROMPT, max_new_tokens=7))
+    ids = service.engine.encode_prompt(PROMPT, ())
+    assert sink.summary.prompt_tokens == len(ids)
+    assert sink.summary.generated_tokens == len(sink.token_ids) == 7
+    assert sink.summary.finish_reason is FinishReason.LENGTH
+    assert sink.summary.ttft_seconds is not None and sink.summary.ttft_seconds <= sink.summary.total_seconds
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(service: Service) -> None:
+    def run(seed: int) -> list[int]:
+        return generate(service.engine, request(PROMPT, max_new_tokens=12, temperature=1.0, top_p=0.95,
+                                                top_k=50, seed=seed)).token_ids
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_repetition_penalty_matches_transformers(service: Service, tiny_model_dir: Path) -> None:
+    got = generate(service.engine, request(PROMPT, max_new_tokens=12, repetition_penalty=1.3)).token_ids
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([service.engine.encode_prompt(PROMPT, ())])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.3, eos_token_id=2,
+                             pad_token_id=2)
+    want = out[0, ids.shape[1] :].tolist()
+    assert got == [t for t in want if t != 2][: len(got)]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": -3}, "max_new_tokens"),
+        ({"max_new_tokens": 65}, "max_new_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_bad_parameters_are_refused_at_submit(service: Service, params: dict[str, Any], message: str) -> None:
+    req = request(PROMPT, **{"max_new_tokens": 8, **params})
+    with pytest.raises(InvalidRequest, match=message):
+        service.engine.submit(req, lambda _e: None)
+
+
+def test_prompt_over_the_context_limit(service: Service) -> None:
+    with pytest.raises(InvalidRequest, match="context limit"):
+        service.engine.submit(request("hello " * 300, max_new_tokens=8), lambda _e: None)
+
+
+def test_prompt_and_messages_are_exclusive_and_roles_checked(service: Service) -> None:
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        service.engine.submit(request(PROMPT, messages=(ChatTurn("user", "hi"),)), lambda _e: None)
+    with pytest.raises(InvalidRequest, match="role"):
+        service.engine.submit(request("", messages=(ChatTurn("robot", "hi"),)), lambda _e: None)
+
+
+def test_chat_messages_use_the_chat_template(service: Service) -> None:
+    turns = (ChatTurn("system", "Be brief."), ChatTurn("user", "Hi"))
+    ids = service.engine.encode_prompt(None, turns)
+    text = service.engine.tokenizer.decode(ids)
+    assert "Be brief." in text and "Hi" in text and "assistant" in text
+    assert generate(service.engine, request("", messages=turns, max_new_tokens=3)).summary.generated_tokens == 3
+
+
+def test_queue_limit(tiny_model_dir: Path, tmp_path: Path) -> None:
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_batch_size=1, max_waiting=2)
+    try:
+        sinks = [submit(svc.engine, request(PROMPT, max_new_tokens=30, rid=str(i)))[0] for i in range(2)]
+        with pytest.raises(QueueFull):
+            for _ in range(3):
+                svc.engine.submit(request(PROMPT, max_new_tokens=30), lambda _e: None)
+        for s in sinks:
+            s.wait()
+    finally:
+        svc.engine.shutdown(10)
+
+
+def test_unknown_and_malformed_adapters(service: Service) -> None:
+    with pytest.raises(AdapterNotFound):
+        service.engine.submit(request(PROMPT, adapter="acme/nothing"), lambda _e: None)
+    with pytest.raises(InvalidAdapterRef):
+        request(PROMPT, adapter="../etc/passwd")
+
+
+def test_new_version_does_not_change_running_requests(service: Service, adapters: list[Path]) -> None:
+    spec = service.base.spec
+    service.store.import_peft(adapters[0], "acme", "bot", spec)
+    v1_alone = generate(service.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=40)).token_ids
+    running, _ = submit(service.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=40, rid="v1"))
+    assert running.first.wait(30)
+    service.store.import_peft(adapters[1], "acme", "bot", spec)  # publish v2 mid-generation
+    newer = generate(service.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=40, rid="v2"))
+    assert running.wait().token_ids == v1_alone
+    assert running.summary.adapter == "acme/bot@1"
+    assert newer.summary.adapter == "acme/bot@2"
+    assert newer.token_ids != v1_alone
+    pinned = generate(service.engine, request(PROMPT, adapter="acme/bot@1", max_new_tokens=40))
+    assert pinned.token_ids == v1_alone
+
+
+def test_concurrent_requests_for_a_cold_adapter_load_it_once(
+    service: Service, adapters: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service.store.import_peft(adapters[0], "acme", "cold", service.base.spec)
+    calls: list[str] = []
+    original = service.store.load
+
+    def counting_load(key: Any, spec: Any) -> Any:
+        calls.append(str(key))
+        time.sleep(0.2)  # a slow disk: all requests arrive while the load runs
+        return original(key, spec)
+
+    monkeypatch.setattr(service.store, "load", counting_load)
+    sinks = [submit(service.engine, request(PROMPT, adapter="acme/cold", max_new_tokens=4, rid=str(i)))[0]
+             for i in range(6)]
+    outputs = {tuple(s.wait().token_ids) for s in sinks}
+    assert calls == ["acme/cold@1"]
+    assert len(outputs) == 1
+
+
+def test_more_adapters_than_slots_all_complete(tiny_model_dir: Path, tmp_path: Path, adapters: list[Path]) -> None:
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_loaded_adapters=2)
+    try:
+        for i, d in enumerate(adapters):
+            svc.store.import_peft(d, "acme", f"a{i}", svc.base.spec)
+        alone = {i: generate(svc.engine, request(PROMPT, adapter=f"acme/a{i}", max_new_tokens=6)).token_ids
+                 for i in range(len(adapters))}
+        sinks = {i: submit(svc.engine, request(PROMPT, adapter=f"acme/a{i}", max_new_tokens=6, rid=str(i)))[0]
+                 for i in range(len(adapters))}
+        assert {i: s.wait().token_ids for i, s in sinks.items()} == alone
+    finally:
+        svc.engine.shutdown(10)
+
+
+def test_pins_are_respected_and_all_pinned_is_refused(
+    tiny_model_dir: Path, tmp_path: Path, adapters: list[Path]
+) -> None:
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_loaded_adapters=2)
+    try:
+        for i, d in enumerate(adapters[:3]):
+            svc.store.import_peft(d, "acme", f"a{i}", svc.base.spec)
+        admin = AdapterAdmin(svc.engine)
+        assert admin.load("acme/a0") == (admin.load("acme/a0")[0], Tier.DEVICE)
+        admin.pin("acme/a0")
+        admin.pin("acme/a1")
+        sink, _ = submit(svc.engine, request(PROMPT, adapter="acme/a2", max_new_tokens=3))
+        with pytest.raises(AdapterBusy):
+            sink.wait().summary  # noqa: B018
+        admin.unpin("acme/a1")
+        assert generate(svc.engine, request(PROMPT, adapter="acme/a2", max_new_tokens=3)).summary.adapter == "acme/a2@1"
+        view = admin.get("acme/a0")
+        assert view.versions[0].pinned and view.versions[0].tier is Tier.DEVICE
+        assert {v.tier for v in admin.get("acme/a1").versions} == {Tier.HOST}
+        assert admin.unload("acme/a0")[1] is True
+    finally:
+        svc.engine.shutdown(10)
+
+
+def test_embedding_is_the_mean_final_hidden_state(service: Service, tiny_model_dir: Path) -> None:
+    sink = generate(service.engine, request(PROMPT, embed=True))
+    assert sink.events[-1].embedding is not None
+    emb = torch.tensor(sink.events[-1].embedding)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([service.engine.encode_prompt(PROMPT, ())])
+    with torch.no_grad():
+        want = model.model(ids).last_hidden_state[0].mean(0)
+    torch.testing.assert_close(emb, want, rtol=1e-4, atol=1e-4)
+
+
+def test_shutdown_finishes_running_requests_and_refuses_new(tiny_model_dir: Path, tmp_path: Path) -> None:
+    svc = tiny_service(tiny_model_dir, tmp_path / "store")
+    sink, _ = submit(svc.engine, request(PROMPT, max_new_tokens=20))
+    assert sink.first.wait(30)
+    stopper = threading.Thread(target=svc.engine.shutdown, args=(30,))
+    stopper.start()
+    stopper.join()
+    assert sink.wait().summary.finish_reason is FinishReason.LENGTH
+    with pytest.raises(Exception, match="shutting down"):
+        svc.engine.submit(request(PROMPT), lambda _e: None)
