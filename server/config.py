@@ -150,11 +150,13 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
 
 def _check(c: ServerConfig) -> None:
     positive = (
-        "port", "max_loaded_adapters", "max_lora_rank", "max_batch_size", "max_seq_len", "max_new_tokens",
+        "max_loaded_adapters", "max_lora_rank", "max_batch_size", "max_seq_len", "max_new_tokens",
         "default_max_new_tokens", "max_waiting", "max_step_tokens", "max_message_bytes",
     )
     for name in positive:
         if getattr(c, name) <= 0:
             raise ValueError(f"{name} must be > 0")
+    if not 0 <= c.port <= 65535:
+        raise ValueError("port must be in [0, 65535] (0: any free port)")
     if c.default_max_new_tokens > c.max_new_tokens:
         raise ValueError("default_max_new_tokens must not exceed max_new_tokens")

@@ -1,0 +1,220 @@
+"""End to end over a real gRPC channel on 127.0.0.1 against the real default model (SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import LiveServer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from lorafleet import LoraFleetClient, LoraFleetError, Message, Sampling
+
+CAPITAL = [Message("user", "What is the capital of France?")]
+
+
+def _idle(live: LiveServer, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if live.service.engine.load_stats() == (0, 0):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_generate_unary_answers_with_the_real_model(live: LiveServer) -> None:
+    out = live.client.generate(messages=CAPITAL, sampling=Sampling(max_new_tokens=24), request_id="req-123")
+    assert "Paris" in out.text
+    assert out.finish_reason in ("end_of_sequence", "length")
+    assert out.prompt_tokens > 5 and 0 < out.generated_tokens <= 24
+    assert out.adapter == ""
+    assert out.request_id == "req-123"
+
+
+def test_stream_chunks_add_up_to_the_unary_text(live: LiveServer) -> None:
+    sampling = Sampling(max_new_tokens=40, repetition_penalty=1.1)
+    unary = live.client.generate(messages=CAPITAL, sampling=sampling)
+    stream = live.client.stream(messages=CAPITAL, sampling=sampling)
+    chunks = list(stream)
+    assert len(chunks) > 3
+    assert "".join(chunks) == unary.text
+    assert stream.result.generated_tokens == unary.generated_tokens
+    assert stream.result.finish_reason == unary.finish_reason
+
+
+def test_stream_handles_multibyte_characters(live: LiveServer) -> None:
+    prompt = [Message("user", "Repeat exactly: 日本語のテキスト, émoji 🙂, naïve café")]
+    stream = live.client.stream(messages=prompt, sampling=Sampling(max_new_tokens=40))
+    chunks = list(stream)
+    tokenizer = live.service.engine.tokenizer
+    assert all("\ufffd" not in c for c in chunks)
+    ids = tokenizer.encode(stream.result.text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == "".join(chunks)
+
+
+def test_tokenize_matches_the_tokenizer(live: LiveServer) -> None:
+    toks = live.client.tokenize("Hello world, lorafleet!")
+    assert toks.ids == live.service.engine.tokenizer.encode("Hello world, lorafleet!", add_special_tokens=False)
+    assert len(toks.tokens) == len(toks.ids)
+    chat = live.client.tokenize(messages=CAPITAL)
+    assert len(chat.ids) > len(live.client.tokenize("What is the capital of France?").ids)
+
+
+def test_embed_base_and_adapter(live: LiveServer) -> None:
+    base = live.client.embed("LoRA adapters are small.")
+    assert len(base.values) == 576 and all(math.isfinite(v) for v in base.values)
+    tuned = live.client.embed("LoRA adapters are small.", adapter="acme/legal")
+    assert tuned.adapter == "acme/legal@1"
+    assert tuned.values != base.values
+    assert live.client.embed("LoRA adapters are small.").values == pytest.approx(base.values, abs=1e-5)
+
+
+def test_model_info(live: LiveServer) -> None:
+    info = live.client.model_info()
+    assert info.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert info.fingerprint.startswith("sha256:")
+    assert (info.quantization, info.device, info.dtype) == ("none", "cpu", "float32")
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(info.target_modules)
+    assert info.max_context_tokens == 512 and info.max_lora_rank == 32 and info.max_new_tokens == 128
+
+
+def test_health_and_reflection(live: LiveServer) -> None:
+    stub = health_pb2_grpc.HealthStub(live.client.channel)
+    for service in ("", "lorafleet.v1.InferenceService", "lorafleet.v1.AdaptersService"):
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    db = ProtoReflectionDescriptorDatabase(live.client.channel)
+    services = set(db.get_services())
+    assert {"lorafleet.v1.InferenceService", "lorafleet.v1.AdaptersService", "grpc.health.v1.Health"} <= services
+    method = db.FindFileContainingSymbol("lorafleet.v1.InferenceService")
+    assert method.package == "lorafleet.v1"
+
+
+def test_admin_list_get_load_pin_unpin_unload(live: LiveServer) -> None:
+    names = {a.ref for a in live.client.list_adapters("acme")}
+    assert {"acme/support", "acme/legal"} <= names
+    assert live.client.load_adapter("acme/support") == "acme/support@1"
+    info = live.client.get_adapter("acme/support")
+    assert info.latest_version == 1
+    v1 = info.versions[0]
+    assert v1.tier == "device" and v1.manifest is not None and v1.manifest.rank == 8
+    assert set(v1.manifest.target_modules) == {"q_proj", "v_proj"}
+    assert live.client.pin_adapter("acme/support@1") == "acme/support@1"
+    assert live.client.get_adapter("acme/support").versions[0].pinned
+    live.client.unpin_adapter("acme/support")
+    assert not live.client.get_adapter("acme/support").versions[0].pinned
+    assert live.client.unload_adapter("acme/support") is True
+    assert live.client.get_adapter("acme/support").versions[0].tier == "host"
+
+
+def test_concurrent_requests_with_different_adapters_match_their_solo_outputs(live: LiveServer) -> None:
+    refs = ["", "acme/support", "acme/legal"]
+    prompt = [Message("user", "Name three colors.")]
+    sampling = Sampling(max_new_tokens=20)
+    solo = {ref: live.client.generate(messages=prompt, adapter=ref, sampling=sampling).text for ref in refs}
+    assert len(set(solo.values())) == 3  # the adapters really change the output
+
+    def call(ref: str) -> tuple[str, str, str]:
+        with LoraFleetClient(live.target, timeout=120) as c:
+            out = c.generate(messages=prompt, adapter=ref, sampling=sampling)
+            return ref, out.text, out.adapter
+
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        results = list(pool.map(call, refs * 3))
+    for ref, text, served in results:
+        assert text == solo[ref]
+        assert served == (f"{ref}@1" if ref else "")
+
+
+def test_cancel_mid_stream_frees_the_row(live: LiveServer) -> None:
+    stream = live.client.stream("Count from one to a thousand:", sampling=Sampling(max_new_tokens=120))
+    got = [next(iter(stream)) for _ in range(2)]
+    assert got
+    stream.cancel()
+    assert _idle(live), "the engine kept generating after the client cancelled"
+
+
+def test_deadline_exceeded_stops_generation(live: LiveServer) -> None:
+    with pytest.raises(LoraFleetError) as err:
+        live.client.generate("Count from one to a thousand:", sampling=Sampling(max_new_tokens=120), timeout=0.5)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _idle(live)
+
+
+def _status(live: LiveServer, **kwargs: object) -> grpc.StatusCode:
+    try:
+        live.client.generate(**kwargs)  # type: ignore[arg-type]
+    except LoraFleetError as exc:
+        return exc.code
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    ["../x", "/etc/passwd", "acme/../../etc", "Acme/support", "acme/sup port", "acme/a\x00b", "acme",
+     "acme/support@", "acme/support@v1", "acme/support@0", "a" * 64 + "/x", "acme/" + "n" * 200, "acme\\support"],
+)
+def test_malformed_adapter_references_are_invalid_argument(live: LiveServer, adapter: str) -> None:
+    assert _status(live, prompt="hi", adapter=adapter) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_path_escaping_references_open_no_file(live: LiveServer) -> None:
+    import sys
+
+    opened: list[str] = []
+    active = threading.Event()
+
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        if active.is_set() and event == "open" and isinstance(args[0], str | bytes | Path):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(hook)
+    active.set()
+    try:
+        for ref in ("../../etc/passwd", "/etc/passwd", "acme/../../../etc/passwd", "..%2f/x"):
+            assert _status(live, prompt="hi", adapter=ref) == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        active.clear()
+    root = str(live.store_root.resolve())
+    assert not [p for p in opened if "passwd" in p or (p.startswith("/") and ".." in p)], opened
+    assert not [p for p in opened if p.startswith(root)], "an invalid reference touched the store"
+
+
+def test_unknown_adapter_and_version_are_not_found(live: LiveServer) -> None:
+    assert _status(live, prompt="hi", adapter="acme/nothing") == grpc.StatusCode.NOT_FOUND
+    assert _status(live, prompt="hi", adapter="acme/support@9") == grpc.StatusCode.NOT_FOUND
+    assert _status(live, prompt="hi", adapter="other/support") == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("sampling", "prompt"),
+    [
+        (Sampling(max_new_tokens=0), "hi"),
+        (Sampling(max_new_tokens=-1), "hi"),
+        (Sampling(max_new_tokens=129), "hi"),
+        (Sampling(temperature=float("nan")), "hi"),
+        (Sampling(temperature=-1.0), "hi"),
+        (Sampling(top_p=0.0), "hi"),
+        (Sampling(top_p=1.5), "hi"),
+        (Sampling(max_new_tokens=8), "word " * 600),
+        (Sampling(max_new_tokens=8), ""),
+    ],
+)
+def test_bad_requests_are_invalid_argument(live: LiveServer, sampling: Sampling, prompt: str) -> None:
+    assert _status(live, prompt=prompt, sampling=sampling) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_message_over_the_size_limit_is_resource_exhausted(live: LiveServer) -> None:
+    assert _status(live, prompt="x" * (2 << 20)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_server_keeps_serving_after_errors(live: LiveServer) -> None:
+    for _ in range(3):
+        _status(live, prompt="hi", adapter="../x")
+        _status(live, prompt="hi", sampling=Sampling(top_p=7.0))
+    assert "Paris" in live.client.generate(messages=CAPITAL, sampling=Sampling(max_new_tokens=16)).text
