@@ -88,3 +88,12 @@ def peft_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
         return save_peft_adapter(tiny_model_dir, tmp_path_factory.mktemp(f"adapter-{seed}"), seed, **lora)
 
     return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

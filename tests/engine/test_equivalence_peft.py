@@ -101,11 +101,14 @@ def test_mixed_batch_logits_match_peft(
         assert int(out.logits[i].argmax()) == int(want.argmax())
 
 
-@pytest.mark.parametrize("impl", ["gather", "auto"])
+@pytest.mark.parametrize(
+    ("impl", "quantization"),
+    [("gather", "none"), ("auto", "none"), pytest.param("auto", "nf4", marks=pytest.mark.slow)],
+)
 def test_engine_mixed_batch_greedy_tokens_match_peft_alone(
-    impl: str, tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+    impl: str, quantization: str, tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    service = tiny_service(tiny_model_dir, tmp_path / "store", lora_impl=impl)
+    service = tiny_service(tiny_model_dir, tmp_path / "store", lora_impl=impl, quantization=quantization)
     try:
         for name, d in adapter_dirs.items():
             service.store.import_peft(d, "acme", name, service.base.spec)
@@ -116,10 +119,12 @@ def test_engine_mixed_batch_greedy_tokens_match_peft_alone(
                 ref = f"acme/{name}" if name else None
                 req = request(prompt, adapter=ref, max_new_tokens=MAX_NEW, rid=f"{i}-{name}")
                 jobs.append((prompt, name, submit(service.engine, req)[0]))
+        references: dict[str | None, Any] = {}
         for prompt, name, sink in jobs:
             sink.wait()
-            model = _peft_reference(tiny_model_dir, adapter_dirs[name] if name else None)
-            want = _reference_tokens(model, tokenizer, prompt)
+            if name not in references:
+                references[name] = _peft_reference(tiny_model_dir, adapter_dirs[name] if name else None, quantization)
+            want = _reference_tokens(references[name], tokenizer, prompt)
             got = sink.token_ids
             if sink.summary.finish_reason.value == "end_of_sequence":
                 got = [*got, 2]
