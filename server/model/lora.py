@@ -5,8 +5,10 @@ all zeros)::
 
     y[n] = base(x)[n] + (x[n] @ A[s[n]].T) @ B[s[n]].T
 
-``B`` is stored already multiplied by the adapter's per-module scaling (alpha / r, or alpha / sqrt(r)
-with rsLoRA), so the kernels need no scale. Ranks below ``r_max`` are zero-padded.
+``B`` is stored transposed (``Bt: [slots, r_max, d_out]``, so the rows of one adapter are contiguous
+and gathering them needs no transpose copy) and already multiplied by the adapter's per-module
+scaling (alpha / r, or alpha / sqrt(r) with rsLoRA), so the kernels need no scale. Ranks below
+``r_max`` are zero-padded.
 
 Three implementations live behind :func:`lora_delta`:
 
@@ -66,49 +68,48 @@ class LoraContext:
         self.batch: LoraBatch | None = None
 
 
-def lora_delta_gather(x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Reference: x [N, in], slots [N], a [S, r, in], b [S, out, r] -> [N, out]."""
+def lora_delta_gather(x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """Reference: x [N, in], slots [N], a [S, r, in], bt [S, r, out] -> [N, out]."""
     a_n = a[slots]  # [N, r, in]
-    b_n = b[slots]  # [N, out, r]
+    bt_n = bt[slots]  # [N, r, out]
     h = torch.bmm(a_n, x.unsqueeze(-1))  # [N, r, 1]
-    return torch.bmm(b_n, h).squeeze(-1)  # [N, out]
+    return torch.bmm(h.transpose(1, 2), bt_n).squeeze(1)  # [N, out]
 
 
-def lora_delta_dense(x: torch.Tensor, batch: LoraBatch, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def lora_delta_dense(x: torch.Tensor, batch: LoraBatch, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     r = batch.rank
     n_active = batch.active.numel()
     a_u = a[batch.active, :r].reshape(n_active * r, -1)  # [U*r, in]
-    b_u = b[batch.active, :, :r]  # [U, out, r]
-    b_u = b_u.transpose(1, 2).reshape(n_active * r, -1)  # [U*r, out]
+    bt_u = bt[batch.active, :r].reshape(n_active * r, -1)  # [U*r, out]
     h = x @ a_u.T  # [N, U*r]
     h.mul_(batch.mask)
-    return h @ b_u  # [N, out]
+    return h @ bt_u  # [N, out]
 
 
-def lora_delta_grouped(x: torch.Tensor, batch: LoraBatch, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def lora_delta_grouped(x: torch.Tensor, batch: LoraBatch, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     r = batch.rank
-    out = x.new_zeros(x.shape[0], b.shape[1])  # [N, out]
+    out = x.new_zeros(x.shape[0], bt.shape[2])  # [N, out]
     for slot in batch.active.tolist():
         idx = (batch.slots == slot).nonzero().squeeze(1)  # [n_s]
         x_s = x.index_select(0, idx)  # [n_s, in]
         h = x_s @ a[slot, :r].T  # [n_s, r]
-        out.index_copy_(0, idx, h @ b[slot, :, :r].T)  # [n_s, out]
+        out.index_copy_(0, idx, h @ bt[slot, :r])  # [n_s, out]
     return out
 
 
-def lora_delta(x: torch.Tensor, batch: LoraBatch, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def lora_delta(x: torch.Tensor, batch: LoraBatch, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     """The one entry point: x [N, in] -> LoRA contribution [N, out] for this step's routing."""
     if batch.impl == "gather":
-        return lora_delta_gather(x, batch.slots, a, b)
+        return lora_delta_gather(x, batch.slots, a, bt)
     if batch.impl == "grouped":
-        return lora_delta_grouped(x, batch, a, b)
-    return lora_delta_dense(x, batch, a, b)
+        return lora_delta_grouped(x, batch, a, bt)
+    return lora_delta_dense(x, batch, a, bt)
 
 
 class MultiLoRALinear(nn.Module):
     """A base Linear (plain, bitsandbytes 4/8-bit, ...) plus stacked per-slot LoRA weights.
 
-    ``lora_a`` [slots, r_max, in] and ``lora_b`` [slots, out, r_max] (B pre-scaled) are buffers in the
+    ``lora_a`` [slots, r_max, in] and ``lora_bt`` [slots, r_max, out] (B transposed, pre-scaled) are buffers in the
     compute dtype; slot 0 stays zero. Writing a slot is the slot manager's job (:meth:`write_slot`).
     """
 
@@ -133,16 +134,16 @@ class MultiLoRALinear(nn.Module):
             "lora_a", torch.empty(num_slots, r_max, in_features, dtype=dtype, device=device), persistent=False
         )
         self.register_buffer(
-            "lora_b", torch.empty(num_slots, out_features, r_max, dtype=dtype, device=device), persistent=False
+            "lora_bt", torch.empty(num_slots, r_max, out_features, dtype=dtype, device=device), persistent=False
         )
         self.clear_slot(0)
 
     lora_a: torch.Tensor
-    lora_b: torch.Tensor
+    lora_bt: torch.Tensor
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_bt[slot].zero_()
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
         """a [r, in], b_scaled [out, r]; None clears the slot (adapter does not target this module)."""
@@ -151,7 +152,7 @@ class MultiLoRALinear(nn.Module):
             return
         r = a.shape[0]
         self.lora_a[slot, :r].copy_(a)
-        self.lora_b[slot, :, :r].copy_(b_scaled)
+        self.lora_bt[slot, :r].copy_(b_scaled.T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] (any leading dims)
         y = self.base(x)
@@ -159,5 +160,5 @@ class MultiLoRALinear(nn.Module):
         if batch is None:
             return y
         flat = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [N, in]
-        delta = lora_delta(flat, batch, self.lora_a, self.lora_b)  # [N, out]
+        delta = lora_delta(flat, batch, self.lora_a, self.lora_bt)  # [N, out]
         return y + delta.view(y.shape).to(y.dtype)
