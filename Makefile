@@ -30,7 +30,7 @@ run: model
 	$(BIN)/lorafleet serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: install
-	$(BIN)/ruff check server adapters clients/python/lorafleet tests bench
+	$(BIN)/ruff check server adapters clients/python/lorafleet tests $(wildcard bench)
 
 typecheck: install
 	$(BIN)/mypy server adapters

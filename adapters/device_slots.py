@@ -16,7 +16,6 @@ from adapters.ref import AdapterKey
 @dataclass
 class _Slot:
     key: AdapterKey | None = None
-    rank: int = 0
     leases: int = 0
     pinned: bool = False
     retiring: bool = False  # unload asked while leased: free when the last lease ends
@@ -50,10 +49,6 @@ class DeviceSlots:
     @property
     def capacity(self) -> int:
         return len(self._slots) - 1
-
-    def ranks(self) -> list[int]:
-        """Rank per slot index (slot 0 and free slots: 0)."""
-        return [s.rank for s in self._slots]
 
     def find(self, key: AdapterKey) -> int | None:
         return self._index.get(key)
@@ -95,7 +90,7 @@ class DeviceSlots:
         if self._slots[slot].key is not None:
             self._free(slot, "evict")
         self._write(slot, weights)
-        self._slots[slot] = _Slot(key=key, rank=weights.rank)
+        self._slots[slot] = _Slot(key=key)
         self._touch(self._slots[slot])
         self._index[key] = slot
         self._on_event("load")

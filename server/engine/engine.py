@@ -322,7 +322,7 @@ class Engine:
     def _step(self) -> None:
         plan = self._plan()
         try:
-            out = self.runner.step([row for _, row in plan], self.adapters.slots.ranks())
+            out = self.runner.step([row for _, row in plan])
         except Exception as exc:  # a bug or device error: fail this step's requests, keep serving
             log.exception("forward failed for %d rows", len(plan))
             for r, _ in plan:

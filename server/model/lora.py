@@ -24,7 +24,7 @@ Tests prove all three agree; :func:`lora_delta` picks by the step's shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -34,31 +34,58 @@ Impl = Literal["auto", "gather", "dense", "grouped"]
 
 
 @dataclass(frozen=True)
+class ModuleRouting:
+    """A step's routing restricted to the adapters that target one module."""
+
+    active: torch.Tensor  # [U] long, distinct slots in this step whose adapter targets the module
+    active_list: tuple[int, ...]
+    rank: int  # max rank of those adapters on this module; kernels read A[:, :rank] only
+    mask: torch.Tensor  # [N, U*rank] compute dtype, 1 where token n belongs to active slot u
+
+
+@dataclass(frozen=True)
 class LoraBatch:
     """Per-step routing of tokens to adapter slots, shared by every MultiLoRALinear of the model."""
 
     slots: torch.Tensor  # [N] long, slot of each flattened token (0 = base only)
-    active: torch.Tensor  # [U] long, distinct non-zero slots in this step (U >= 1)
-    rank: int  # max rank over the active slots; kernels read A[:, :rank] only
-    mask: torch.Tensor  # [N, U*rank] compute dtype, 1 where token n belongs to active slot u
+    active_list: tuple[int, ...]  # distinct non-zero slots in this step, sorted
+    onehot: torch.Tensor  # [N, U] compute dtype, 1 where token n uses active_list[u]
     impl: Impl
+    # Routings per (slots targeting the module, rank): layers of one kind share theirs in a step.
+    _routings: dict[tuple[tuple[int, ...], int], ModuleRouting] = field(default_factory=dict, compare=False)
 
     @staticmethod
-    def build(
-        slots: torch.Tensor, slot_ranks: list[int], dtype: torch.dtype, impl: Impl = "auto"
-    ) -> LoraBatch | None:
+    def build(slots: torch.Tensor, dtype: torch.dtype, impl: Impl = "auto") -> LoraBatch | None:
         """Routing for ``slots`` [N]; None when no token uses an adapter (the base path alone)."""
         active = torch.unique(slots)  # sorted
         active = active[active != 0]
         if active.numel() == 0:
             return None
-        rank = max(slot_ranks[int(s)] for s in active.tolist())
         onehot = (slots[:, None] == active[None, :]).to(dtype)  # [N, U]
-        mask = onehot.repeat_interleave(rank, dim=1)  # [N, U*rank]
         if impl == "auto":
             # Dense reads each adapter once; its extra FLOPs grow with tokens x adapters.
             impl = "dense" if active.numel() == 1 or slots.numel() <= 256 else "grouped"
-        return LoraBatch(slots=slots, active=active, rank=rank, mask=mask, impl=impl)
+        return LoraBatch(slots=slots, active_list=tuple(active.tolist()), onehot=onehot, impl=impl)
+
+    def routing(self, module_ranks: list[int]) -> ModuleRouting | None:
+        """The routing for a module whose per-slot ranks are ``module_ranks`` (0 = not targeted)."""
+        cols = tuple(i for i, s in enumerate(self.active_list) if module_ranks[s] > 0)
+        if not cols:
+            return None
+        rank = max(module_ranks[self.active_list[i]] for i in cols)
+        cached = self._routings.get((cols, rank))
+        if cached is not None:
+            return cached
+        active_list = tuple(self.active_list[i] for i in cols)
+        onehot = self.onehot if len(cols) == len(self.active_list) else self.onehot[:, list(cols)]  # [N, U']
+        routing = ModuleRouting(
+            active=torch.tensor(active_list, dtype=torch.long, device=self.slots.device),
+            active_list=active_list,
+            rank=rank,
+            mask=onehot.repeat_interleave(rank, dim=1),  # [N, U'*rank]
+        )
+        self._routings[(cols, rank)] = routing
+        return routing
 
 
 class LoraContext:
@@ -76,34 +103,44 @@ def lora_delta_gather(x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, bt:
     return torch.bmm(h.transpose(1, 2), bt_n).squeeze(1)  # [N, out]
 
 
-def lora_delta_dense(x: torch.Tensor, batch: LoraBatch, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-    r = batch.rank
-    n_active = batch.active.numel()
-    a_u = a[batch.active, :r].reshape(n_active * r, -1)  # [U*r, in]
-    bt_u = bt[batch.active, :r].reshape(n_active * r, -1)  # [U*r, out]
+def lora_delta_dense(x: torch.Tensor, route: ModuleRouting, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    r = route.rank
+    n_active = len(route.active_list)
+    if n_active == 1:  # every adapter token uses one slot: plain matmuls, the mask zeroes the others
+        slot = route.active_list[0]
+        return ((x @ a[slot, :r].T) * route.mask) @ bt[slot, :r]  # [N, out]
+    a_u = a[route.active, :r].reshape(n_active * r, -1)  # [U*r, in]
+    bt_u = bt[route.active, :r].reshape(n_active * r, -1)  # [U*r, out]
     h = x @ a_u.T  # [N, U*r]
-    h.mul_(batch.mask)
+    h.mul_(route.mask)
     return h @ bt_u  # [N, out]
 
 
-def lora_delta_grouped(x: torch.Tensor, batch: LoraBatch, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-    r = batch.rank
+def lora_delta_grouped(
+    x: torch.Tensor, slots: torch.Tensor, route: ModuleRouting, a: torch.Tensor, bt: torch.Tensor
+) -> torch.Tensor:
+    r = route.rank
     out = x.new_zeros(x.shape[0], bt.shape[2])  # [N, out]
-    for slot in batch.active.tolist():
-        idx = (batch.slots == slot).nonzero().squeeze(1)  # [n_s]
+    for slot in route.active_list:
+        idx = (slots == slot).nonzero().squeeze(1)  # [n_s]
         x_s = x.index_select(0, idx)  # [n_s, in]
         h = x_s @ a[slot, :r].T  # [n_s, r]
         out.index_copy_(0, idx, h @ bt[slot, :r])  # [n_s, out]
     return out
 
 
-def lora_delta(x: torch.Tensor, batch: LoraBatch, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-    """The one entry point: x [N, in] -> LoRA contribution [N, out] for this step's routing."""
+def lora_delta(
+    x: torch.Tensor, batch: LoraBatch, module_ranks: list[int], a: torch.Tensor, bt: torch.Tensor
+) -> torch.Tensor | None:
+    """The one entry point: x [N, in] -> LoRA contribution [N, out], or None if no adapter applies."""
     if batch.impl == "gather":
         return lora_delta_gather(x, batch.slots, a, bt)
+    route = batch.routing(module_ranks)
+    if route is None:
+        return None
     if batch.impl == "grouped":
-        return lora_delta_grouped(x, batch, a, bt)
-    return lora_delta_dense(x, batch, a, bt)
+        return lora_delta_grouped(x, batch.slots, route, a, bt)
+    return lora_delta_dense(x, route, a, bt)
 
 
 class MultiLoRALinear(nn.Module):
@@ -129,6 +166,7 @@ class MultiLoRALinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.context = context
+        self.slot_ranks = [0] * num_slots  # rank of each slot's adapter on this module (0: none)
         # torch.empty: untouched slots cost no memory until written (the OS maps pages lazily).
         self.register_buffer(
             "lora_a", torch.empty(num_slots, r_max, in_features, dtype=dtype, device=device), persistent=False
@@ -144,6 +182,7 @@ class MultiLoRALinear(nn.Module):
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_bt[slot].zero_()
+        self.slot_ranks[slot] = 0
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
         """a [r, in], b_scaled [out, r]; None clears the slot (adapter does not target this module)."""
@@ -153,6 +192,7 @@ class MultiLoRALinear(nn.Module):
         r = a.shape[0]
         self.lora_a[slot, :r].copy_(a)
         self.lora_bt[slot, :r].copy_(b_scaled.T)
+        self.slot_ranks[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] (any leading dims)
         y = self.base(x)
@@ -160,5 +200,7 @@ class MultiLoRALinear(nn.Module):
         if batch is None:
             return y
         flat = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [N, in]
-        delta = lora_delta(flat, batch, self.lora_a, self.lora_bt)  # [N, out]
+        delta = lora_delta(flat, batch, self.slot_ranks, self.lora_a, self.lora_bt)  # [N, out]
+        if delta is None:
+            return y
         return y + delta.view(y.shape).to(y.dtype)

@@ -100,7 +100,7 @@ class ModelRunner:
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
 
     @torch.inference_mode()
-    def step(self, rows: list[RowStep], slot_ranks: list[int]) -> StepOutput:
+    def step(self, rows: list[RowStep]) -> StepOutput:
         if not rows:
             raise ValueError("empty step")
         dev = self.device
@@ -125,7 +125,7 @@ class ModelRunner:
         for r in rows:
             if len(r.token_ids) == 1:
                 self.kv.ensure_clean(r.kv_row, single_end)
-        self.context.batch = LoraBatch.build(slot_t, slot_ranks, self.dtype, self.lora_impl)
+        self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl)
         try:
             hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
         finally:

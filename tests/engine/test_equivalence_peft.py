@@ -78,12 +78,10 @@ def test_mixed_batch_logits_match_peft(
                      max_lora_rank=32)
     store = _store_with(tmp_path / "store", base.spec, adapter_dirs)
     write, _ = make_slot_io(base.lora_layers)
-    ranks = [0] * 6
     names = list(adapter_dirs)
     for slot, name in enumerate(names, start=1):
         weights = store.load(store.resolve(AdapterRef("acme", name, None)), base.spec)
         write(slot, weights)
-        ranks[slot] = weights.rank
     runner = ModelRunner(base.model, base.context, rows=8, max_seq_len=64, dtype=torch.float32,
                          device=torch.device("cpu"), lora_impl=impl)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -95,7 +93,7 @@ def test_mixed_batch_logits_match_peft(
         ref = _peft_reference(tiny_model_dir, adapter_dirs[names[i - 1]] if i else None, quantization)
         with torch.no_grad():
             expected.append(ref(torch.tensor([ids])).logits[0, -1].float())
-    out = runner.step(rows, ranks)
+    out = runner.step(rows)
     for i, want in enumerate(expected):
         torch.testing.assert_close(out.logits[i], want, rtol=1e-4, atol=1e-4 if quantization == "none" else 2e-3)
         assert int(out.logits[i].argmax()) == int(want.argmax())

@@ -33,16 +33,14 @@ def test_mixed_batch_matches_peft_on_cuda(quantization: str, tiny_model_dir: Pat
     base = load_base(tiny_model_dir, quantization=quantization, device=dev, num_slots=3, max_lora_rank=16)
     store = AdapterStore(tmp_path / "store")
     write, _ = make_slot_io(base.lora_layers)
-    ranks = [0, 0, 0]
     for slot, d in enumerate(dirs, start=1):
         store.import_peft(d, "t", f"a{slot}", base.spec)
         w = store.load(store.resolve(AdapterRef("t", f"a{slot}", None)), base.spec)
         write(slot, w)
-        ranks[slot] = w.rank
     runner = ModelRunner(base.model, base.context, rows=4, max_seq_len=64, dtype=base.dtype, device=dev)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok("The capital of France is", add_special_tokens=False).input_ids
-    out = runner.step([RowStep(i, 0, tuple(ids), i, True, False) for i in range(3)], ranks)
+    out = runner.step([RowStep(i, 0, tuple(ids), i, True, False) for i in range(3)])
     kwargs: dict[str, Any] = {"dtype": base.dtype, "device_map": {"": "cuda:0"}}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

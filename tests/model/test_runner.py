@@ -20,12 +20,12 @@ def test_ragged_prefill_chunks_and_decode_match_hf(tiny_model_dir: Path) -> None
         ref_a = model(torch.tensor([a])).logits[0]
         ref_b = model(torch.tensor([[*b, 50]])).logits[0]
     # a's prompt in two chunks (the second attends to the cached first), b whole, then decode both.
-    out = runner.step([RowStep(0, 0, tuple(a[:4]), 0, True, False), RowStep(2, 0, tuple(b), 0, True, False)], [0])
+    out = runner.step([RowStep(0, 0, tuple(a[:4]), 0, True, False), RowStep(2, 0, tuple(b), 0, True, False)])
     torch.testing.assert_close(out.logits[0], ref_a[3], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.logits[1], ref_b[2], rtol=1e-4, atol=1e-4)
-    out = runner.step([RowStep(0, 4, tuple(a[4:6]), 0, True, False)], [0])
+    out = runner.step([RowStep(0, 4, tuple(a[4:6]), 0, True, False)])
     torch.testing.assert_close(out.logits[0], ref_a[5], rtol=1e-4, atol=1e-4)
-    out = runner.step([RowStep(0, 6, (a[6],), 0, True, False), RowStep(2, 3, (50,), 0, True, True)], [0])
+    out = runner.step([RowStep(0, 6, (a[6],), 0, True, False), RowStep(2, 3, (50,), 0, True, True)])
     torch.testing.assert_close(out.logits[0], ref_a[6], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.logits[1], ref_b[3], rtol=1e-4, atol=1e-4)
     assert out.pooled.shape == (1, model.config.hidden_size)
@@ -37,7 +37,7 @@ def test_pooled_hidden_state_is_the_final_norm_output(tiny_model_dir: Path) -> N
     ids = [3, 4, 5, 6]
     with torch.no_grad():
         hidden = model.model(torch.tensor([ids])).last_hidden_state[0]  # [4, hidden]
-    out = runner.step([RowStep(1, 0, tuple(ids), 0, False, True)], [0])
+    out = runner.step([RowStep(1, 0, tuple(ids), 0, False, True)])
     torch.testing.assert_close(out.pooled[0], hidden.sum(0), rtol=1e-4, atol=1e-4)
     assert out.logits.numel() == 0
 
@@ -49,8 +49,8 @@ def test_garbage_in_unused_kv_positions_cannot_leak_into_batched_decode(tiny_mod
     for t in (*runner.kv.k, *runner.kv.v):
         t.fill_(float("nan"))
     short, long = [7, 8], [1, 2, 3, 4, 5, 6, 9]
-    runner.step([RowStep(0, 0, tuple(short), 0, True, False), RowStep(2, 0, tuple(long), 0, True, False)], [0])
-    out = runner.step([RowStep(0, 2, (11,), 0, True, False), RowStep(2, 7, (12,), 0, True, False)], [0])
+    runner.step([RowStep(0, 0, tuple(short), 0, True, False), RowStep(2, 0, tuple(long), 0, True, False)])
+    out = runner.step([RowStep(0, 2, (11,), 0, True, False), RowStep(2, 7, (12,), 0, True, False)])
     with torch.no_grad():
         ref_short = model(torch.tensor([[*short, 11]])).logits[0, -1]
         ref_long = model(torch.tensor([[*long, 12]])).logits[0, -1]
