@@ -278,3 +278,17 @@ def test_shutdown_finishes_running_requests_and_refuses_new(tiny_model_dir: Path
     assert sink.wait().summary.finish_reason is FinishReason.LENGTH
     with pytest.raises(Exception, match="shutting down"):
         svc.engine.submit(request(PROMPT), lambda _e: None)
+
+
+def test_long_prompts_prefill_in_chunks_without_changing_outputs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    prompt = " ".join(f"word{i}" for i in range(40))
+    wide = tiny_service(tiny_model_dir, tmp_path / "a")
+    narrow = tiny_service(tiny_model_dir, tmp_path / "b", max_step_tokens=16)
+    try:
+        want = generate(wide.engine, request(prompt, max_new_tokens=8)).token_ids
+        sinks = [submit(narrow.engine, request(prompt, max_new_tokens=8, rid=str(i)))[0] for i in range(3)]
+        assert all(s.wait().token_ids == want for s in sinks)
+        assert len(narrow.engine.encode_prompt(prompt, ())) > 3 * 16
+    finally:
+        wide.engine.shutdown(10)
+        narrow.engine.shutdown(10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -56,3 +57,28 @@ def test_garbage_in_unused_kv_positions_cannot_leak_into_batched_decode(tiny_mod
         ref_long = model(torch.tensor([[*long, 12]])).logits[0, -1]
     torch.testing.assert_close(out.logits[0], ref_short, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.logits[1], ref_long, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_llama_family_architectures_match_hf(arch: str) -> None:
+    """Any Llama-family base works: Qwen2 (q/k/v biases), Mistral, Llama; targets are discovered."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from server.model.loader import discover_targets
+
+    cfg = AutoConfig.for_model(
+        arch, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    names = {n.rsplit(".", 1)[-1] for n in discover_targets(model)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    runner = ModelRunner(model, LoraContext(), rows=2, max_seq_len=32, dtype=torch.float32, device=torch.device("cpu"))
+    ids = [3, 9, 27, 81, 4]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    out = runner.step([RowStep(0, 0, tuple(ids[:4]), 0, True, False)])
+    torch.testing.assert_close(out.logits[0], ref[3], rtol=1e-4, atol=1e-4)
+    out = runner.step([RowStep(0, 4, (ids[4],), 0, True, False)])
+    torch.testing.assert_close(out.logits[0], ref[4], rtol=1e-4, atol=1e-4)
