@@ -225,6 +225,27 @@ class Engine:
         self._wake.set()
 
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except Exception as exc:  # a bug: fail every request rather than leave clients hanging
+            log.exception("engine loop crashed; refusing new requests")
+            with self._lock:
+                self._accepting = False
+            for r in list(self._running) + list(self._waiting):
+                self._fail(r, exc)
+        finally:
+            # Submissions that raced with shutdown: tell their clients instead of leaving them waiting.
+            while True:
+                try:
+                    kind, payload = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "submit":
+                    self._fail(payload, ShuttingDown("the server is shutting down"))
+                elif kind == "call":
+                    payload[1].set_exception(ShuttingDown("the server is shutting down"))
+
+    def _run_loop(self) -> None:
         draining = False
         while True:
             self._wake.clear()

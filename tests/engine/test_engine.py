@@ -292,3 +292,23 @@ def test_long_prompts_prefill_in_chunks_without_changing_outputs(tiny_model_dir:
     finally:
         wide.engine.shutdown(10)
         narrow.engine.shutdown(10)
+
+
+def test_a_failed_forward_fails_its_requests_and_the_engine_keeps_serving(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = service.engine.runner.step
+    calls = {"n": 0}
+
+    def flaky(rows: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device fell over")
+        return original(rows)
+
+    monkeypatch.setattr(service.engine.runner, "step", flaky)
+    sink, _ = submit(service.engine, request(PROMPT, max_new_tokens=4))
+    with pytest.raises(RuntimeError, match="device fell over"):
+        sink.wait().summary  # noqa: B018
+    assert generate(service.engine, request(PROMPT, max_new_tokens=4)).summary.generated_tokens == 4
+    assert service.engine.load_stats() == (0, 0)
