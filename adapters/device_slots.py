@@ -6,11 +6,14 @@ a forward reads it. Slot 0 is the reserved all-zero "no adapter" slot and is nev
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapters.peft_format import AdapterWeights
 from adapters.ref import AdapterKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +52,13 @@ class DeviceSlots:
     @property
     def capacity(self) -> int:
         return len(self._slots) - 1
+
+    def resident_count(self) -> int:
+        """Adapters in slots (safe to read from another thread: one len())."""
+        return len(self._index)
+
+    def pinned_count(self) -> int:
+        return sum(1 for s in list(self._slots) if s.pinned)
 
     def find(self, key: AdapterKey) -> int | None:
         return self._index.get(key)
@@ -93,6 +103,7 @@ class DeviceSlots:
         self._slots[slot] = _Slot(key=key)
         self._touch(self._slots[slot])
         self._index[key] = slot
+        log.info("adapter %s loaded into device slot %d", key, slot)
         self._on_event("load")
         return slot
 
@@ -146,6 +157,8 @@ class DeviceSlots:
         key = self._slots[slot].key
         if key is not None:
             del self._index[key]
+            cause = "least recently used, slot needed" if event == "evict" else "unloaded"
+            log.info("adapter %s left device slot %d (%s)", key, slot, cause)
         self._clear(slot)
         self._slots[slot] = _Slot()
         self._on_event(event)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from prometheus_client import CollectorRegistry
+
 from adapters.device_slots import DeviceSlots
 from adapters.host_cache import HostCache
 from adapters.peft_format import AdapterWeights
@@ -14,6 +17,7 @@ from adapters.store import AdapterStore
 from server.config import ServerConfig
 from server.engine.adapter_manager import AdapterManager
 from server.engine.engine import Engine, EngineConfig
+from server.metrics import Metrics
 from server.model.loader import LoadedBase, load_base, resolve_device
 from server.model.lora import MultiLoRALinear
 from server.model.prepare import prepare_default_model
@@ -48,6 +52,7 @@ class Service:
     base: LoadedBase
     store: AdapterStore
     info: ModelInfo
+    metrics: Metrics
 
 
 def model_dir_for(config: ServerConfig) -> Path:
@@ -85,9 +90,11 @@ def eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def build_service(config: ServerConfig) -> Service:
+def build_service(config: ServerConfig, registry: CollectorRegistry | None = None) -> Service:
+    """Load the model and wire the tiers, engine and metrics (on ``registry``, or a fresh one)."""
     from transformers import AutoTokenizer
 
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
     model_dir = model_dir_for(config)
     device = resolve_device(config.device)
     base = load_base(
@@ -106,8 +113,9 @@ def build_service(config: ServerConfig) -> Service:
     config.store_root.mkdir(parents=True, exist_ok=True)
     store = AdapterStore(config.store_root)
     write, clear = make_slot_io(base.lora_layers)
-    slots = DeviceSlots(config.max_loaded_adapters, write, clear)
-    manager = AdapterManager(store, base.spec, HostCache(config.host_cache_bytes), slots)
+    slots = DeviceSlots(config.max_loaded_adapters, write, clear, lambda e: metrics.adapter_event("device", e))
+    host_cache = HostCache(config.host_cache_bytes, lambda e: metrics.adapter_event("host", e))
+    manager = AdapterManager(store, base.spec, host_cache, slots, observer=metrics)
     runner = ModelRunner(
         base.model,
         base.context,
@@ -131,8 +139,13 @@ def build_service(config: ServerConfig) -> Service:
             lora_impl=config.lora_impl,
         ),
         eos_ids(tokenizer, base.model),
+        observer=metrics,
     )
     manager.set_wake(engine.wake)
+    metrics.bind_load(engine.load_stats)
+    metrics.bind_adapters(lambda: len(host_cache.keys()), slots.resident_count, slots.pinned_count)
+    if device.type == "cuda":
+        metrics.bind_device_memory(lambda: float(torch.cuda.memory_allocated(device)))
     info = ModelInfo(
         model_id=base.model_id,
         fingerprint=base.spec.fingerprint,
@@ -147,4 +160,13 @@ def build_service(config: ServerConfig) -> Service:
         max_message_bytes=config.max_message_bytes,
         target_modules=tuple(sorted({n.rsplit(".", 1)[-1] for n in base.lora_layers})),
     )
-    return Service(config=config, engine=engine, base=base, store=store, info=info)
+    metrics.build.info(
+        {
+            "version": VERSION,
+            "model": info.model_id,
+            "quantization": info.quantization,
+            "device": info.device,
+            "fingerprint": info.fingerprint,
+        }
+    )
+    return Service(config=config, engine=engine, base=base, store=store, info=info, metrics=metrics)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,13 +13,7 @@ from adapters.errors import AdapterError
 from adapters.ref import AdapterRef
 from adapters.store import AdapterStore
 from server.config import ServerConfig, add_server_arguments, config_from_args
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+from server.logs import setup_logging
 
 
 def _serve(config: ServerConfig) -> int:
@@ -100,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    _setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         if args.command == "serve":
             return _serve(config)

@@ -23,6 +23,7 @@ GiB = 1 << 30
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    metrics_port: int = 9464  # Prometheus /metrics over HTTP on the same host; 0: any free port
     data_dir: Path = Path("data")
     model: Path | None = None  # a Hugging Face causal-LM directory; None: the default SmolLM2 cache
     adapter_store: Path | None = None  # None: <data_dir>/adapters
@@ -42,6 +43,7 @@ class ServerConfig:
     lora_impl: str = "auto"  # auto | dense | grouped | gather
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line)
 
     @property
     def models_dir(self) -> Path:
@@ -59,6 +61,7 @@ class ServerConfig:
 _HELP = {
     "host": "address to listen on",
     "port": "gRPC port",
+    "metrics_port": "Prometheus metrics port (HTTP, same host)",
     "data_dir": "where the model cache and the default adapter store live",
     "model": "Hugging Face causal-LM directory to serve (default: SmolLM2-135M-Instruct)",
     "adapter_store": "adapter store root (default: DATA_DIR/adapters)",
@@ -78,11 +81,13 @@ _HELP = {
     "lora_impl": "multi-LoRA kernel: auto, dense, grouped or gather (reference)",
     "shutdown_grace_seconds": "how long in-flight requests may finish on shutdown",
     "log_level": "DEBUG, INFO, WARNING, ERROR",
+    "log_format": "text or json (one object per line)",
 }
 
 _CHOICES = {
     "quantization": ("auto", "none", "nf4", "int8"),
     "lora_impl": ("auto", "dense", "grouped", "gather"),
+    "log_format": ("text", "json"),
 }
 
 
@@ -156,7 +161,8 @@ def _check(c: ServerConfig) -> None:
     for name in positive:
         if getattr(c, name) <= 0:
             raise ValueError(f"{name} must be > 0")
-    if not 0 <= c.port <= 65535:
-        raise ValueError("port must be in [0, 65535] (0: any free port)")
+    for name in ("port", "metrics_port"):
+        if not 0 <= getattr(c, name) <= 65535:
+            raise ValueError(f"{name} must be in [0, 65535] (0: any free port)")
     if c.default_max_new_tokens > c.max_new_tokens:
         raise ValueError("default_max_new_tokens must not exceed max_new_tokens")

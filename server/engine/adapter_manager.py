@@ -8,9 +8,11 @@ Concurrent requests for the same cold adapter share one load (single flight).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from adapters.device_slots import DeviceSlots, SlotInfo
 from adapters.errors import AdapterError
@@ -21,6 +23,23 @@ from adapters.store import AdapterStore
 from server.errors import AdapterBusy
 
 log = logging.getLogger(__name__)
+
+
+class AdapterObserver(Protocol):
+    def adapter_event(self, tier: str, event: str) -> None: ...
+    def adapter_loaded(self, source: str, seconds: float) -> None: ...
+    def adapter_load_failed(self) -> None: ...
+
+
+class _NullAdapterObserver:
+    def adapter_event(self, tier: str, event: str) -> None:
+        return None
+
+    def adapter_loaded(self, source: str, seconds: float) -> None:
+        return None
+
+    def adapter_load_failed(self) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,7 @@ class AdapterManager:
         slots: DeviceSlots,
         *,
         load_workers: int = 2,
+        observer: AdapterObserver | None = None,
     ) -> None:
         self.store = store
         self.spec = spec
@@ -48,6 +68,7 @@ class AdapterManager:
         self.slots = slots
         self._executor = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-load")
         self._pending: dict[AdapterKey, Future[AdapterWeights]] = {}
+        self.observer: AdapterObserver = observer or _NullAdapterObserver()
         self._wake: Callable[[], None] = lambda: None
 
     def set_wake(self, wake: Callable[[], None]) -> None:
@@ -70,14 +91,18 @@ class AdapterManager:
         """
         slot = self.slots.acquire(key)
         if slot is not None:
+            self.observer.adapter_event("device", "hit")
             return slot
         weights = self._host_weights(key)
         if weights is None:
             return None
+        started = time.perf_counter()
         if self.slots.install(key, weights) is None:
             if not self.slots.can_ever_install():
                 raise AdapterBusy(f"every device slot is pinned; cannot load {key}")
             return None  # all slots leased: wait for a request to finish
+        self.observer.adapter_event("device", "miss")
+        self.observer.adapter_loaded("host", time.perf_counter() - started)
         return self.slots.acquire(key)
 
     def release(self, slot: int) -> None:
@@ -102,9 +127,7 @@ class AdapterManager:
             return cached
         future = self._pending.get(key)
         if future is None:
-            future = self._executor.submit(
-                self.host_cache.get_or_load, key, lambda: self.store.load(key, self.spec)
-            )
+            future = self._executor.submit(self.host_cache.get_or_load, key, lambda: self._load_from_store(key))
             future.add_done_callback(lambda _f: self._wake())
             self._pending[key] = future
             return None
@@ -113,6 +136,15 @@ class AdapterManager:
         del self._pending[key]
         try:
             return future.result()
-        except AdapterError:
-            log.warning("loading adapter %s failed", key, exc_info=True)
+        except AdapterError as exc:
+            log.warning("loading adapter %s failed: %s", key, exc)
+            self.observer.adapter_load_failed()
             raise
+
+    def _load_from_store(self, key: AdapterKey) -> AdapterWeights:
+        started = time.perf_counter()
+        weights = self.store.load(key, self.spec)
+        seconds = time.perf_counter() - started
+        self.observer.adapter_loaded("store", seconds)
+        log.info("adapter %s read from the store in %.3fs (%d bytes)", key, seconds, weights.nbytes)
+        return weights

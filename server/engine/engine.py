@@ -27,7 +27,14 @@ from adapters.errors import AdapterError
 from adapters.ref import AdapterKey
 from server.engine.adapter_manager import AdapterManager
 from server.engine.detokenize import IncrementalDetokenizer, StopMatcher
-from server.engine.types import FinishReason, GenerationRequest, Summary, TokenEvent
+from server.engine.types import (
+    EngineObserver,
+    FinishReason,
+    GenerationRequest,
+    NullObserver,
+    Summary,
+    TokenEvent,
+)
 from server.errors import InvalidRequest, QueueFull, ServingError, ShuttingDown
 from server.model.runner import ModelRunner, RowStep
 from server.model.sampler import RowSampling, sample_rows
@@ -105,6 +112,7 @@ class Engine:
         adapters: AdapterManager,
         config: EngineConfig,
         eos_token_ids: frozenset[int],
+        observer: EngineObserver | None = None,
     ) -> None:
         if config.max_seq_len > runner.kv.max_seq_len or config.max_batch_size > runner.kv.rows:
             raise ValueError("engine limits exceed the runner's KV cache")
@@ -113,6 +121,7 @@ class Engine:
         self.adapters = adapters
         self.config = config
         self.eos_token_ids = eos_token_ids
+        self.observer: EngineObserver = observer or NullObserver()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._waiting: deque[_Request] = deque()
@@ -313,6 +322,7 @@ class Engine:
             self._queued -= 1
         r.kv_row = self._free_rows.pop(0)
         r.admitted = time.monotonic()
+        self.observer.observe_admitted(r.admitted - r.submitted)
         p = r.req.params
         if not r.req.embed:
             r.detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids)
@@ -350,6 +360,7 @@ class Engine:
                 self._fail(r, exc)
             return
         self.steps += 1
+        self.observer.observe_step(len(plan), sum(len(row.token_ids) for _, row in plan))
         logit_rows: list[_Request] = []
         pooled_i = 0
         for r, row in plan:
@@ -436,11 +447,13 @@ class Engine:
         mean = (r.pooled / len(r.prompt_ids)).tolist()
         summary = self._summary(r, FinishReason.LENGTH)
         self._release(r)
+        self.observer.observe_finished(summary)
         self._deliver(r, TokenEvent(summary=summary, embedding=tuple(mean)))
 
     def _finish(self, r: _Request, reason: FinishReason) -> None:
         summary = self._summary(r, reason)
         self._release(r)
+        self.observer.observe_finished(summary)
         self._deliver(r, TokenEvent(summary=summary))
 
     def _fail(self, r: _Request, exc: Exception) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from adapters.ref import AdapterRef
 
@@ -69,3 +70,22 @@ class TokenEvent:
     @property
     def final(self) -> bool:
         return self.summary is not None or self.error is not None
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it runs (metrics implement it; the default ignores it)."""
+
+    def observe_step(self, rows: int, tokens: int) -> None: ...
+    def observe_admitted(self, queue_seconds: float) -> None: ...
+    def observe_finished(self, summary: Summary) -> None: ...
+
+
+class NullObserver:
+    def observe_step(self, rows: int, tokens: int) -> None:
+        return None
+
+    def observe_admitted(self, queue_seconds: float) -> None:
+        return None
+
+    def observe_finished(self, summary: Summary) -> None:
+        return None

@@ -9,12 +9,14 @@ from lorafleet.v1 import adapters_pb2, adapters_pb2_grpc
 
 from server.engine.admin import AdapterAdmin
 from server.grpc import convert
-from server.grpc.inference import guarded
+from server.grpc.inference import guarded, request_id_of
+from server.grpc.observe import CallObserver
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
-    def __init__(self, admin: AdapterAdmin) -> None:
+    def __init__(self, admin: AdapterAdmin, calls: CallObserver) -> None:
         self._admin = admin
+        self._calls = calls
 
     async def ListAdapters(
         self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
@@ -23,7 +25,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
             views = await asyncio.to_thread(self._admin.list, request.tenant)
             return adapters_pb2.ListAdaptersResponse(adapters=[convert.adapter_pb(v) for v in views])
 
-        return await guarded(context, run)
+        async with self._calls.call("ListAdapters", context, request_id_of(context), "") as record:
+            return await guarded(context, run, record)
 
     async def GetAdapter(
         self, request: adapters_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext
@@ -32,7 +35,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
             view = await asyncio.to_thread(self._admin.get, request.adapter)
             return adapters_pb2.GetAdapterResponse(adapter=convert.adapter_pb(view))
 
-        return await guarded(context, run)
+        async with self._calls.call("GetAdapter", context, request_id_of(context), request.adapter) as record:
+            return await guarded(context, run, record)
 
     async def LoadAdapter(
         self, request: adapters_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
@@ -41,7 +45,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
             key, tier = await asyncio.to_thread(self._admin.load, request.adapter)
             return adapters_pb2.LoadAdapterResponse(adapter=str(key), tier=convert.TIERS[tier])
 
-        return await guarded(context, run)
+        async with self._calls.call("LoadAdapter", context, request_id_of(context), request.adapter) as record:
+            return await guarded(context, run, record)
 
     async def UnloadAdapter(
         self, request: adapters_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
@@ -50,7 +55,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
             key, freed = await asyncio.to_thread(self._admin.unload, request.adapter)
             return adapters_pb2.UnloadAdapterResponse(adapter=str(key), unloaded=freed)
 
-        return await guarded(context, run)
+        async with self._calls.call("UnloadAdapter", context, request_id_of(context), request.adapter) as record:
+            return await guarded(context, run, record)
 
     async def PinAdapter(
         self, request: adapters_pb2.PinAdapterRequest, context: grpc.aio.ServicerContext
@@ -59,7 +65,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
             key = await asyncio.to_thread(self._admin.pin, request.adapter)
             return adapters_pb2.PinAdapterResponse(adapter=str(key))
 
-        return await guarded(context, run)
+        async with self._calls.call("PinAdapter", context, request_id_of(context), request.adapter) as record:
+            return await guarded(context, run, record)
 
     async def UnpinAdapter(
         self, request: adapters_pb2.UnpinAdapterRequest, context: grpc.aio.ServicerContext
@@ -68,4 +75,5 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
             key = await asyncio.to_thread(self._admin.unpin, request.adapter)
             return adapters_pb2.UnpinAdapterResponse(adapter=str(key))
 
-        return await guarded(context, run)
+        async with self._calls.call("UnpinAdapter", context, request_id_of(context), request.adapter) as record:
+            return await guarded(context, run, record)

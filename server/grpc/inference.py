@@ -16,6 +16,7 @@ from server.app import ModelInfo
 from server.engine.engine import Engine
 from server.engine.types import GenerationRequest, TokenEvent
 from server.grpc import convert
+from server.grpc.observe import CallObserver, CallRecord
 from server.grpc.status import status_for
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,24 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
-async def guarded(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a handler body; map domain errors to their status (the one table in status.py)."""
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, record: CallRecord) -> None:
+    """Map a domain error to its status (the one table in status.py) and end the RPC with it."""
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error in %s %s", record.rpc, record.request_id, exc_info=exc)
+    record.code = code
+    record.error = str(exc) or type(exc).__name__
+    await context.abort(code, record.error)
+
+
+async def guarded(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]], record: CallRecord) -> T:
+    """Run a handler body; domain errors become their status code."""
     try:
         return await fn()
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        code = status_for(exc)
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception("internal error")
-        await context.abort(code, str(exc) or type(exc).__name__)
+        await abort_with(context, exc, record)
         raise AssertionError("unreachable") from exc  # abort raises
 
 
@@ -76,8 +84,9 @@ class EngineStream:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine, info: ModelInfo, default_max_new_tokens: int) -> None:
+    def __init__(self, engine: Engine, info: ModelInfo, default_max_new_tokens: int, calls: CallObserver) -> None:
         self._engine = engine
+        self._calls = calls
         self._stream = EngineStream(engine)
         self._info = info
         self._default_max_new_tokens = default_max_new_tokens
@@ -87,41 +96,42 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.GenerateResponse:
         rid = request_id_of(context)
         context.set_trailing_metadata((("x-request-id", rid),))
+        async with self._calls.call("Generate", context, rid, request.adapter) as record:
 
-        async def run() -> inference_pb2.GenerateResponse:
-            req = convert.generation_request(request, rid, self._default_max_new_tokens)
-            parts: list[str] = []
-            async for event in self._stream.events(req):
-                parts.append(event.text)
-                if event.summary is not None:
-                    return inference_pb2.GenerateResponse(
-                        text="".join(parts), summary=convert.summary_pb(event.summary)
-                    )
-            raise RuntimeError("engine stream ended without a summary")
+            async def run() -> inference_pb2.GenerateResponse:
+                req = convert.generation_request(request, rid, self._default_max_new_tokens)
+                parts: list[str] = []
+                async for event in self._stream.events(req):
+                    parts.append(event.text)
+                    if event.summary is not None:
+                        record.summary = event.summary
+                        return inference_pb2.GenerateResponse(
+                            text="".join(parts), summary=convert.summary_pb(event.summary)
+                        )
+                raise RuntimeError("engine stream ended without a summary")
 
-        return await guarded(context, run)
+            return await guarded(context, run, record)
 
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         rid = request_id_of(context)
         await context.send_initial_metadata((("x-request-id", rid),))
-        try:
-            req = convert.generation_request(request, rid, self._default_max_new_tokens)
-            async for event in self._stream.events(req):
-                if event.summary is not None:
-                    yield inference_pb2.GenerateStreamResponse(
-                        text=event.text, summary=convert.summary_pb(event.summary)
-                    )
-                elif event.text:
-                    yield inference_pb2.GenerateStreamResponse(text=event.text)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            code = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("internal error in stream %s", rid)
-            await context.abort(code, str(exc) or type(exc).__name__)
+        async with self._calls.call("GenerateStream", context, rid, request.adapter) as record:
+            try:
+                req = convert.generation_request(request, rid, self._default_max_new_tokens)
+                async for event in self._stream.events(req):
+                    if event.summary is not None:
+                        record.summary = event.summary
+                        yield inference_pb2.GenerateStreamResponse(
+                            text=event.text, summary=convert.summary_pb(event.summary)
+                        )
+                    elif event.text:
+                        yield inference_pb2.GenerateStreamResponse(text=event.text)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await abort_with(context, exc, record)
 
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -133,32 +143,38 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             tokens = self._engine.tokenizer.convert_ids_to_tokens(ids)
             return inference_pb2.TokenizeResponse(token_ids=ids, tokens=[str(t) for t in tokens])
 
-        return await guarded(context, run)
+        async with self._calls.call("Tokenize", context, request_id_of(context)) as record:
+            return await guarded(context, run, record)
 
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
         rid = request_id_of(context)
         context.set_trailing_metadata((("x-request-id", rid),))
+        async with self._calls.call("Embed", context, rid, request.adapter) as record:
+            return await guarded(context, lambda: self._embed(request, rid, record), record)
 
-        async def run() -> inference_pb2.EmbedResponse:
-            req = convert.embed_request(request, rid)
-            async for event in self._stream.events(req):
-                if event.summary is not None and event.embedding is not None:
-                    return inference_pb2.EmbedResponse(
-                        embedding=list(event.embedding),
-                        prompt_tokens=event.summary.prompt_tokens,
-                        adapter=event.summary.adapter,
-                    )
-                if event.summary is not None:  # cancelled before the prompt was read
-                    raise asyncio.CancelledError()
-            raise RuntimeError("engine stream ended without an embedding")
-
-        return await guarded(context, run)
+    async def _embed(
+        self, request: inference_pb2.EmbedRequest, rid: str, record: CallRecord
+    ) -> inference_pb2.EmbedResponse:
+        req = convert.embed_request(request, rid)
+        async for event in self._stream.events(req):
+            if event.summary is not None:
+                record.summary = event.summary
+            if event.summary is not None and event.embedding is not None:
+                return inference_pb2.EmbedResponse(
+                    embedding=list(event.embedding),
+                    prompt_tokens=event.summary.prompt_tokens,
+                    adapter=event.summary.adapter,
+                )
+            if event.summary is not None:  # cancelled before the prompt was read
+                raise asyncio.CancelledError()
+        raise RuntimeError("engine stream ended without an embedding")
 
     async def GetModelInfo(
         self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetModelInfoResponse:
-        return convert.model_info_pb(self._info)
+        async with self._calls.call("GetModelInfo", context, request_id_of(context)):
+            return convert.model_info_pb(self._info)
 
 

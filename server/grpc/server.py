@@ -17,6 +17,8 @@ from server.app import Service
 from server.engine.admin import AdapterAdmin
 from server.grpc.admin import AdaptersServicer
 from server.grpc.inference import InferenceServicer
+from server.grpc.observe import CallObserver
+from server.metrics import MetricsServer, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +42,31 @@ class GrpcServer:
             ]
         )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        calls = CallObserver(service.metrics)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(service.engine, service.info, cfg.default_max_new_tokens), self._server
+            InferenceServicer(service.engine, service.info, cfg.default_max_new_tokens, calls), self._server
         )
         adapters_pb2_grpc.add_AdaptersServiceServicer_to_server(
-            AdaptersServicer(AdapterAdmin(service.engine)), self._server
+            AdaptersServicer(AdapterAdmin(service.engine), calls), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self.port = 0
+        self.metrics_server: MetricsServer | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        port = self.metrics_server.port if self.metrics_server is not None else 0
+        return f"http://{self.service.config.host}:{port}/metrics"
 
     async def start(self) -> int:
         cfg = self.service.config
         self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.address}")
+        self.metrics_server = serve_metrics(self.service.metrics.registry, cfg.host, cfg.metrics_port)
         self.service.engine.start()
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
@@ -70,15 +80,18 @@ class GrpcServer:
         stop = asyncio.ensure_future(self._server.stop(grace))
         await asyncio.to_thread(self.service.engine.shutdown, grace)
         await stop
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
 
 async def serve_forever(service: Service) -> None:
     server = GrpcServer(service)
     port = await server.start()
     log.info(
-        "lorafleet ready: gRPC on %s:%d (model %s, %s, %s)",
+        "lorafleet ready: gRPC on %s:%d, metrics on %s (model %s, %s, %s)",
         service.config.host,
         port,
+        server.metrics_url,
         service.info.model_id,
         service.info.quantization,
         service.info.device,
@@ -101,6 +114,11 @@ class BackgroundServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
         self._server: GrpcServer | None = None
         self.port = 0
+
+    @property
+    def metrics_port(self) -> int:
+        assert self._server is not None and self._server.metrics_server is not None
+        return self._server.metrics_server.port
 
     def start(self) -> int:
         self._thread.start()

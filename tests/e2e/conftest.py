@@ -19,6 +19,7 @@ from server.grpc.server import BackgroundServer
 
 E2E_CONFIG = {
     "port": 0,
+    "metrics_port": 0,
     "max_batch_size": 8,
     "max_seq_len": 512,
     "max_new_tokens": 128,
