@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: install model run test unit lint typecheck proto proto-check buf-lint bench clean
+.PHONY: install model run test unit lint typecheck proto proto-check buf-lint prometheus bench clean
 
 install: $(VENV)/.installed
 
@@ -45,10 +45,13 @@ proto-check: install
 buf-lint:
 	scripts/buf_lint.sh
 
+prometheus:
+	scripts/install_prometheus.sh
+
 unit: model
 	$(BIN)/pytest -m "not e2e and not slow"
 
-test: model lint typecheck proto-check buf-lint
+test: model lint typecheck proto-check buf-lint prometheus
 	$(BIN)/pytest
 
 bench: model

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
+from e2elib import LiveServer, make_real_adapter
 from lorafleet import LoraFleetClient
 
-from adapters.manifest import Manifest, sha256_file, utc_now_iso
-from server.app import Service, build_service
+from server.app import build_service
 from server.config import ServerConfig
 from server.grpc.server import BackgroundServer
 
@@ -36,21 +32,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-def make_real_adapter(model_dir: Path, out: Path, seed: int, b_std: float = 0.02, **lora: Any) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, b_std)
-    model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def real_adapters(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("real-adapters")
@@ -60,21 +41,6 @@ def real_adapters(tmp_path_factory: pytest.TempPathFactory, default_model_dir: P
         "legal": make_real_adapter(default_model_dir, root / "legal", 2, r=16, lora_alpha=32,
                                    target_modules="all-linear"),
     }
-
-
-@dataclasses.dataclass
-class LiveServer:
-    service: Service
-    port: int
-    client: LoraFleetClient
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def store_root(self) -> Path:
-        return self.service.config.store_root
 
 
 @pytest.fixture(scope="session")
@@ -89,29 +55,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path,
     port = server.start()
     client = LoraFleetClient(f"127.0.0.1:{port}", timeout=120, max_message_bytes=8 << 20)
     client.wait_for_ready(30)
-    yield LiveServer(service=service, port=port, client=client)
+    yield LiveServer(service=service, port=port, metrics_port=server.metrics_port, client=client)
     client.close()
     server.stop()
 
 
-def plant_version(store_root: Path, tenant: str, name: str, version: int, files: dict[str, bytes],
-                  base_fingerprint: str, rank: int = 8) -> None:
-    """Write a version straight into the store (bypassing import's checks), with a valid manifest."""
-    vdir = store_root / tenant / name / "versions" / str(version)
-    vdir.mkdir(parents=True)
-    for fname, data in files.items():
-        (vdir / fname).write_bytes(data)
-    manifest = Manifest(
-        schema_version=1, tenant=tenant, name=name, version=version, kind="lora", method="lora",
-        base_fingerprint=base_fingerprint, base_model="test", base_quantization="none", rank=rank,
-        lora_alpha=16.0, use_rslora=False, target_modules=("q_proj",),
-        files={f: sha256_file(vdir / f) for f in files}, created_at=utc_now_iso(), producer="test",
-        training_data_fingerprint=None, eval_metrics={}, pii_scan=None,
-    )
-    (vdir / "manifest.json").write_text(manifest.to_json())
-    (store_root / tenant / name / "latest").write_text(str(version))
-
-
-def lora_config_json(r: int, targets: list[str]) -> bytes:
-    return json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": targets,
-                       "bias": "none", "task_type": "CAUSAL_LM"}).encode()

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import LiveServer, lora_config_json, plant_version
+from e2elib import LiveServer, lora_config_json, plant_version
 from lorafleet import LoraFleetError, Sampling
 from safetensors.torch import save as st_save
 

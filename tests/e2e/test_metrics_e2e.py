@@ -1,0 +1,183 @@
+"""Metrics as SREs get them: a real scrape, promtool, a real Prometheus server, the Grafana board."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from e2elib import LiveServer
+from lorafleet import LoraFleetError, Message, Sampling
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing: scripts/install_prometheus.sh installs it")
+        pytest.skip(f"{name} is not installed (scripts/install_prometheus.sh)")
+    return path
+
+
+def scrape(live: LiveServer) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{live.metrics_port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, val = line.rpartition(" ")
+        if head.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(val)
+    return 0.0
+
+
+def test_scrape_passes_promtool_and_counts_requests(live: LiveServer) -> None:
+    before = scrape(live)
+    live.client.generate("Hello", sampling=Sampling(max_new_tokens=3))
+    with pytest.raises(LoraFleetError):
+        live.client.generate("Hello", adapter="../x")
+    after = scrape(live)
+    ok = 'lorafleet_requests_total'
+    assert sample(after, ok, rpc="Generate", code="OK") == sample(before, ok, rpc="Generate", code="OK") + 1
+    assert (sample(after, ok, rpc="Generate", code="INVALID_ARGUMENT")
+            == sample(before, ok, rpc="Generate", code="INVALID_ARGUMENT") + 1)
+    assert sample(after, "lorafleet_generated_tokens_total") >= sample(before, "lorafleet_generated_tokens_total") + 3
+    checked = subprocess.run([tool("promtool"), "check", "metrics"], input=after, text=True,
+                             capture_output=True, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_alert_rules_pass_promtool() -> None:
+    out = subprocess.run([tool("promtool"), "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml")],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for alert in ("TimeToFirstToken", "TimePerOutputToken", "WaitingRequests", "ErrorRatio", "AdapterLoadFailures",
+                  "AdapterSwapFailures", "Down"):
+        assert alert in (ROOT / "deploy/prometheus/alerts.yml").read_text()
+
+
+def test_dashboard_queries_name_exported_metrics(live: LiveServer) -> None:
+    board = json.loads((ROOT / "deploy/grafana/lorafleet.json").read_text())
+    exported = {line.split()[2] for line in scrape(live).splitlines() if line.startswith("# TYPE")}
+    series = set(exported)
+    for name in exported:  # histograms and counters expose suffixed series
+        series |= {name + s for s in ("_bucket", "_sum", "_count", "_total", "_info")}
+    used: set[str] = set()
+    for panel in board["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            used |= set(re.findall(r"lorafleet_[a-z_]+", target["expr"]))
+    assert used
+    assert used <= series, f"dashboard names metrics the server does not export: {sorted(used - series)}"
+    titles = " ".join(p["title"].lower() for p in board["panels"])
+    for topic in ("first token", "per output token", "throughput", "queue", "batch", "hit ratio", "evictions",
+                  "errors"):
+        assert topic in titles
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def prometheus(live: LiveServer, tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: lorafleet\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{live.metrics_port}']\n"
+    )
+    proc = subprocess.Popen(
+        [tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url + "/-/ready", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("prometheus did not become ready")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _query(url: str, promql: str) -> float | None:
+    with urllib.request.urlopen(f"{url}/api/v1/query?query={urllib.parse.quote(promql)}", timeout=10) as resp:
+        data = json.load(resp)
+    result = data["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_a_real_prometheus_scrapes_ttft_and_requests(live: LiveServer, prometheus: str) -> None:
+    def wait_for(promql: str, predicate: object, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = _query(prometheus, promql)
+            if last is not None and predicate(last):  # type: ignore[operator]
+                return last
+            time.sleep(0.5)
+        raise AssertionError(f"{promql} stayed at {last}")
+
+    base_ok = wait_for('sum(lorafleet_requests_total{rpc="GenerateStream",code="OK"}) or vector(0)', lambda v: True)
+    base_ttft = wait_for("sum(lorafleet_time_to_first_token_seconds_count)", lambda v: True)
+    for _ in range(3):
+        stream = live.client.stream(messages=[Message("user", "Hi")], sampling=Sampling(max_new_tokens=4))
+        list(stream)
+    with pytest.raises(LoraFleetError) as err:
+        live.client.generate("Hi", adapter="acme/unknown")
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    wait_for('sum(lorafleet_requests_total{rpc="GenerateStream",code="OK"})', lambda v: v >= base_ok + 3)
+    wait_for("sum(lorafleet_time_to_first_token_seconds_count)", lambda v: v >= base_ttft + 3)
+    wait_for('sum(lorafleet_requests_total{rpc="Generate",code="NOT_FOUND"})', lambda v: v >= 1)
+    assert wait_for('up{job="lorafleet"}', lambda v: v == 1) == 1
+
+
+def test_one_structured_log_line_per_request(live: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from server.logs import JsonFormatter
+
+    with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
+        live.client.generate("Hi", adapter="acme/support", sampling=Sampling(max_new_tokens=2), request_id="trace-42")
+        with pytest.raises(LoraFleetError):
+            live.client.generate("Hi", sampling=Sampling(top_p=3.0), request_id="trace-43")
+    deadline = time.monotonic() + 5  # an aborted RPC's status can reach the client before its log line is written
+    records: dict[str, logging.LogRecord] = {}
+    while "trace-43" not in records and time.monotonic() < deadline:
+        records = {r.fields["request_id"]: r for r in caplog.records if hasattr(r, "fields")}  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    ok = json.loads(JsonFormatter().format(records["trace-42"]))
+    assert ok["tenant"] == "acme" and ok["adapter"] == "acme/support@1" and ok["status"] == "OK"
+    assert ok["generated_tokens"] == 2 and ok["prompt_tokens"] > 0 and ok["ttft_s"] is not None
+    assert ok["duration_s"] >= ok["ttft_s"]
+    bad = json.loads(JsonFormatter().format(records["trace-43"]))
+    assert bad["status"] == "INVALID_ARGUMENT" and "top_p" in bad["error"]
