@@ -31,6 +31,7 @@ class ServerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_loaded_adapters: int = 32  # device slots
     max_lora_rank: int = 64
+    adapter_poll_seconds: float = 5.0  # how often to look for newly published versions; 0: never
     host_cache_bytes: int = 4 * GiB
     max_adapter_bytes: int = 1 * GiB
     max_batch_size: int = 32
@@ -69,6 +70,7 @@ _HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "max_loaded_adapters": "device slots for adapters",
     "max_lora_rank": "largest adapter rank accepted",
+    "adapter_poll_seconds": "seconds between looks for newly published adapter versions (0: off)",
     "host_cache_bytes": "host-memory adapter cache size",
     "max_adapter_bytes": "largest adapter file accepted",
     "max_batch_size": "running requests at most",

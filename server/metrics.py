@@ -145,6 +145,12 @@ class Metrics:
     def adapter_load_failed(self) -> None:
         self.load_failures.inc()
 
+    def adapter_swapped(self) -> None:
+        self.swaps.inc()
+
+    def adapter_swap_failed(self) -> None:
+        self.swap_failures.inc()
+
     def bind_adapters(
         self, host: Callable[[], int], device: Callable[[], int], pinned: Callable[[], int]
     ) -> None:

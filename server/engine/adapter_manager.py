@@ -20,6 +20,7 @@ from adapters.host_cache import HostCache
 from adapters.peft_format import AdapterWeights, BaseModelSpec
 from adapters.ref import AdapterKey, AdapterRef
 from adapters.store import AdapterStore
+from server.engine.versions import VersionWatcher
 from server.errors import AdapterBusy
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ class AdapterObserver(Protocol):
     def adapter_event(self, tier: str, event: str) -> None: ...
     def adapter_loaded(self, source: str, seconds: float) -> None: ...
     def adapter_load_failed(self) -> None: ...
+    def adapter_swapped(self) -> None: ...
+    def adapter_swap_failed(self) -> None: ...
 
 
 class _NullAdapterObserver:
@@ -39,6 +42,12 @@ class _NullAdapterObserver:
         return None
 
     def adapter_load_failed(self) -> None:
+        return None
+
+    def adapter_swapped(self) -> None:
+        return None
+
+    def adapter_swap_failed(self) -> None:
         return None
 
 
@@ -61,6 +70,7 @@ class AdapterManager:
         *,
         load_workers: int = 2,
         observer: AdapterObserver | None = None,
+        poll_seconds: float = 0.0,
     ) -> None:
         self.store = store
         self.spec = spec
@@ -69,6 +79,7 @@ class AdapterManager:
         self._executor = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-load")
         self._pending: dict[AdapterKey, Future[AdapterWeights]] = {}
         self.observer: AdapterObserver = observer or _NullAdapterObserver()
+        self.versions = VersionWatcher(store, self.host_weights, self.observer, poll_seconds)
         self._wake: Callable[[], None] = lambda: None
 
     def set_wake(self, wake: Callable[[], None]) -> None:
@@ -77,10 +88,15 @@ class AdapterManager:
 
     # -- any thread ---------------------------------------------------------------------------
     def resolve(self, ref: AdapterRef) -> AdapterKey:
-        """Pin a reference to one concrete version (reads only the store's pointers)."""
-        return self.store.resolve(ref)
+        """Pin a reference to one concrete version: the one this server serves for it (versions.py)."""
+        return self.versions.resolve(ref)
+
+    def host_weights(self, key: AdapterKey) -> AdapterWeights:
+        """Load (verify) a version into host memory, or return it from there; blocks."""
+        return self.host_cache.get_or_load(key, lambda: self._load_from_store(key))
 
     def close(self) -> None:
+        self.versions.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- engine thread only -------------------------------------------------------------------
@@ -127,7 +143,7 @@ class AdapterManager:
             return cached
         future = self._pending.get(key)
         if future is None:
-            future = self._executor.submit(self.host_cache.get_or_load, key, lambda: self._load_from_store(key))
+            future = self._executor.submit(self.host_weights, key)
             future.add_done_callback(lambda _f: self._wake())
             self._pending[key] = future
             return None

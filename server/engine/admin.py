@@ -12,6 +12,7 @@ from adapters.errors import AdapterNotFound, InvalidAdapterRef
 from adapters.manifest import Manifest
 from adapters.ref import AdapterKey, AdapterRef
 from server.engine.engine import Engine
+from server.engine.versions import RefreshResult
 from server.errors import AdapterBusy
 
 
@@ -63,7 +64,7 @@ class AdapterAdmin:
         """Prefetch a version into a device slot (waits for the host load)."""
         key = self._manager.resolve(AdapterRef.parse(reference))
         manager = self._manager
-        weights = manager.host_cache.get_or_load(key, lambda: manager.store.load(key, manager.spec))
+        weights = manager.host_weights(key)
 
         def install() -> Tier:
             if manager.slots.install(key, weights) is None:
@@ -87,6 +88,10 @@ class AdapterAdmin:
         key = self._manager.resolve(AdapterRef.parse(reference))
         freed = self._engine.call(lambda: self._manager.unload(key)).result()
         return key, freed
+
+    def refresh(self) -> RefreshResult:
+        """Look for newly published versions now (the watcher also does this every poll interval)."""
+        return self._manager.versions.refresh()
 
     def _view(self, tenant: str, name: str, latest: int | None, versions: tuple[int, ...]) -> AdapterView:
         slots = self._engine.call(self._manager.slots.snapshot).result()

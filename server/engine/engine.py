@@ -137,6 +137,7 @@ class Engine:
     # -- public, any thread -------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self.adapters.versions.start()
 
     def wake(self) -> None:
         self._wake.set()

@@ -77,3 +77,22 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
 
         async with self._calls.call("UnpinAdapter", context, request_id_of(context), request.adapter) as record:
             return await guarded(context, run, record)
+
+    async def RefreshAdapters(
+        self, request: adapters_pb2.RefreshAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.RefreshAdaptersResponse:
+        async def run() -> adapters_pb2.RefreshAdaptersResponse:
+            result = await asyncio.to_thread(self._admin.refresh)
+            return adapters_pb2.RefreshAdaptersResponse(
+                swaps=[
+                    adapters_pb2.AdapterSwap(adapter=s.adapter, from_version=s.from_version, to_version=s.to_version)
+                    for s in result.swaps
+                ],
+                failures=[
+                    adapters_pb2.AdapterSwapFailure(adapter=f.adapter, version=f.version, error=f.error)
+                    for f in result.failures
+                ],
+            )
+
+        async with self._calls.call("RefreshAdapters", context, request_id_of(context)) as record:
+            return await guarded(context, run, record)

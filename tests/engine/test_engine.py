@@ -190,6 +190,8 @@ def test_new_version_does_not_change_running_requests(service: Service, adapters
     running, _ = submit(service.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=40, rid="v1"))
     assert running.first.wait(30)
     service.store.import_peft(adapters[1], "acme", "bot", spec)  # publish v2 mid-generation
+    result = service.engine.adapters.versions.refresh()  # what the poller does every interval
+    assert [(s.adapter, s.from_version, s.to_version) for s in result.swaps] == [("acme/bot", 1, 2)]
     newer = generate(service.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=40, rid="v2"))
     assert running.wait().token_ids == v1_alone
     assert running.summary.adapter == "acme/bot@1"
@@ -312,3 +314,36 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_keeps_serving(
         sink.wait().summary  # noqa: B018
     assert generate(service.engine, request(PROMPT, max_new_tokens=4)).summary.generated_tokens == 4
     assert service.engine.load_stats() == (0, 0)
+
+
+def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(service: Service, adapters: list[Path]) -> None:
+    service.store.import_peft(adapters[0], "acme", "bot", service.base.spec)
+    v1 = generate(service.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=6)).token_ids
+    key2 = service.store.import_peft(adapters[1], "acme", "bot", service.base.spec)
+    weights = service.store.version_dir(key2) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # corrupted after publishing
+    result = service.engine.adapters.versions.refresh()
+    assert not result.swaps and [(f.adapter, f.version) for f in result.failures] == [("acme/bot", 2)]
+    served = generate(service.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=6))
+    assert served.summary.adapter == "acme/bot@1" and served.token_ids == v1
+    assert service.metrics.registry.get_sample_value("lorafleet_adapter_swap_failures_total") == 1
+    assert not service.engine.adapters.versions.refresh().failures  # refused once, not retried each poll
+    service.store.import_peft(adapters[2], "acme", "bot", service.base.spec)
+    assert [s.to_version for s in service.engine.adapters.versions.refresh().swaps] == [3]
+    assert service.metrics.registry.get_sample_value("lorafleet_adapter_swaps_total") == 1
+
+
+def test_the_watcher_polls_the_store(tiny_model_dir: Path, tmp_path: Path, adapters: list[Path]) -> None:
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", adapter_poll_seconds=0.2)
+    try:
+        svc.store.import_peft(adapters[0], "acme", "bot", svc.base.spec)
+        served = generate(svc.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=2))
+        assert served.summary.adapter == "acme/bot@1"
+        svc.store.import_peft(adapters[1], "acme", "bot", svc.base.spec)
+        deadline = time.monotonic() + 10
+        while svc.engine.adapters.versions.serving().get("acme/bot") != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        served = generate(svc.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=2))
+        assert served.summary.adapter == "acme/bot@2"
+    finally:
+        svc.engine.shutdown(10)

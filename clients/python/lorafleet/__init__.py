@@ -23,6 +23,8 @@ from lorafleet.errors import (
 from lorafleet.models import (
     AdapterInfo,
     AdapterManifest,
+    AdapterSwap,
+    AdapterSwapFailure,
     AdapterTier,
     AdapterVersionInfo,
     Completion,
@@ -30,6 +32,7 @@ from lorafleet.models import (
     FinishReason,
     Message,
     ModelInfo,
+    RefreshResult,
     Sampling,
     Tokens,
 )
@@ -40,6 +43,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterInfo",
     "AdapterManifest",
+    "AdapterSwap",
+    "AdapterSwapFailure",
     "AdapterTier",
     "AdapterVersionInfo",
     "AsyncGenerationStream",
@@ -57,6 +62,7 @@ __all__ = [
     "ModelInfo",
     "NotFoundError",
     "PermissionDeniedError",
+    "RefreshResult",
     "RequestCancelledError",
     "ResourceExhaustedError",
     "Sampling",

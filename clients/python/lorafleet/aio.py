@@ -19,7 +19,16 @@ from lorafleet._channel import (
     pick_timeout,
 )
 from lorafleet.errors import UnavailableError, from_rpc_error
-from lorafleet.models import AdapterInfo, Completion, Embedding, Message, ModelInfo, Sampling, Tokens
+from lorafleet.models import (
+    AdapterInfo,
+    Completion,
+    Embedding,
+    Message,
+    ModelInfo,
+    RefreshResult,
+    Sampling,
+    Tokens,
+)
 from lorafleet.stream import AsyncGenerationStream
 from lorafleet.v1 import adapters_pb2 as apb
 from lorafleet.v1 import adapters_pb2_grpc, inference_pb2_grpc
@@ -198,6 +207,12 @@ class AsyncLoraFleetClient:
         request = apb.UnpinAdapterRequest(adapter=ref)
         response: apb.UnpinAdapterResponse = await self._unary(self._adapters.UnpinAdapter, request, timeout)
         return response.adapter
+
+    async def refresh_adapters(self, *, timeout: float | None = None) -> RefreshResult:
+        """Asks the server to look for newly published adapter versions now."""
+        request = apb.RefreshAdaptersRequest()
+        response: apb.RefreshAdaptersResponse = await self._unary(self._adapters.RefreshAdapters, request, timeout)
+        return convert.refresh_from_proto(response)
 
     # Lifetime
 

@@ -30,6 +30,7 @@ from lorafleet.models import (
     Embedding,
     Message,
     ModelInfo,
+    RefreshResult,
     Sampling,
     Tokens,
 )
@@ -225,6 +226,12 @@ class LoraFleetClient:
         request = apb.UnpinAdapterRequest(adapter=ref)
         response: apb.UnpinAdapterResponse = self._unary(self._adapters.UnpinAdapter, request, timeout)
         return response.adapter
+
+    def refresh_adapters(self, *, timeout: float | None = None) -> RefreshResult:
+        """Asks the server to look for newly published adapter versions now."""
+        request = apb.RefreshAdaptersRequest()
+        response: apb.RefreshAdaptersResponse = self._unary(self._adapters.RefreshAdapters, request, timeout)
+        return convert.refresh_from_proto(response)
 
     # Lifetime
 

@@ -8,6 +8,8 @@ from typing import TypeVar
 from lorafleet.models import (
     AdapterInfo,
     AdapterManifest,
+    AdapterSwap,
+    AdapterSwapFailure,
     AdapterTier,
     AdapterVersionInfo,
     Completion,
@@ -15,6 +17,7 @@ from lorafleet.models import (
     FinishReason,
     Message,
     ModelInfo,
+    RefreshResult,
     Sampling,
     Tokens,
 )
@@ -276,4 +279,11 @@ def adapter_to_proto(adapter: AdapterInfo) -> apb.Adapter:
         name=adapter.name,
         latest_version=adapter.latest_version,
         versions=[adapter_version_to_proto(v) for v in adapter.versions],
+    )
+
+
+def refresh_from_proto(response: apb.RefreshAdaptersResponse) -> RefreshResult:
+    return RefreshResult(
+        swaps=tuple(AdapterSwap(s.adapter, s.from_version, s.to_version) for s in response.swaps),
+        failures=tuple(AdapterSwapFailure(f.adapter, f.version, f.error) for f in response.failures),
     )

@@ -124,3 +124,27 @@ class AdapterInfo:
     def ref(self) -> str:
         """The reference "tenant/name" (the latest version)."""
         return f"{self.tenant}/{self.name}"
+
+
+@dataclass(frozen=True)
+class AdapterSwap:
+    """An adapter that moved to a newly published version."""
+
+    adapter: str
+    from_version: int
+    to_version: int
+
+
+@dataclass(frozen=True)
+class AdapterSwapFailure:
+    """A newly published version that was refused; the previous one keeps serving."""
+
+    adapter: str
+    version: int
+    error: str
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    swaps: tuple[AdapterSwap, ...]
+    failures: tuple[AdapterSwapFailure, ...]

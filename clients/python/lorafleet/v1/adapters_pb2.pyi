@@ -165,3 +165,35 @@ class UnpinAdapterResponse(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     def __init__(self, adapter: _Optional[str] = ...) -> None: ...
+
+class RefreshAdaptersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AdapterSwap(_message.Message):
+    __slots__ = ("adapter", "from_version", "to_version")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    from_version: int
+    to_version: int
+    def __init__(self, adapter: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ...) -> None: ...
+
+class AdapterSwapFailure(_message.Message):
+    __slots__ = ("adapter", "version", "error")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    version: int
+    error: str
+    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class RefreshAdaptersResponse(_message.Message):
+    __slots__ = ("swaps", "failures")
+    SWAPS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    swaps: _containers.RepeatedCompositeFieldContainer[AdapterSwap]
+    failures: _containers.RepeatedCompositeFieldContainer[AdapterSwapFailure]
+    def __init__(self, swaps: _Optional[_Iterable[_Union[AdapterSwap, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AdapterSwapFailure, _Mapping]]] = ...) -> None: ...

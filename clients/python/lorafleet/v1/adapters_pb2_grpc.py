@@ -65,6 +65,11 @@ class AdaptersServiceStub:
                 request_serializer=lorafleet_dot_v1_dot_adapters__pb2.UnpinAdapterRequest.SerializeToString,
                 response_deserializer=lorafleet_dot_v1_dot_adapters__pb2.UnpinAdapterResponse.FromString,
                 _registered_method=True)
+        self.RefreshAdapters = channel.unary_unary(
+                '/lorafleet.v1.AdaptersService/RefreshAdapters',
+                request_serializer=lorafleet_dot_v1_dot_adapters__pb2.RefreshAdaptersRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_adapters__pb2.RefreshAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class AdaptersServiceServicer:
@@ -113,6 +118,15 @@ class AdaptersServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefreshAdapters(self, request, context):
+        """RefreshAdapters looks for newly published versions now instead of at the next poll. A new
+        version is served (for references without @version) once it verifies; one that fails is
+        reported and the previous version keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdaptersServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +159,11 @@ def add_AdaptersServiceServicer_to_server(servicer, server):
                     servicer.UnpinAdapter,
                     request_deserializer=lorafleet_dot_v1_dot_adapters__pb2.UnpinAdapterRequest.FromString,
                     response_serializer=lorafleet_dot_v1_dot_adapters__pb2.UnpinAdapterResponse.SerializeToString,
+            ),
+            'RefreshAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshAdapters,
+                    request_deserializer=lorafleet_dot_v1_dot_adapters__pb2.RefreshAdaptersRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_adapters__pb2.RefreshAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +329,33 @@ class AdaptersService:
             '/lorafleet.v1.AdaptersService/UnpinAdapter',
             lorafleet_dot_v1_dot_adapters__pb2.UnpinAdapterRequest.SerializeToString,
             lorafleet_dot_v1_dot_adapters__pb2.UnpinAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorafleet.v1.AdaptersService/RefreshAdapters',
+            lorafleet_dot_v1_dot_adapters__pb2.RefreshAdaptersRequest.SerializeToString,
+            lorafleet_dot_v1_dot_adapters__pb2.RefreshAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
