@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from training_testlib import qa_rows, write_jsonl
+
+from adapters.training.data import (
+    Example,
+    Turn,
+    fingerprint,
+    load_jsonl,
+    parse_jsonl,
+    parse_prompt_template,
+    split,
+)
+from adapters.training.errors import TrainingDataError
+
+
+def test_both_formats_parse(tmp_path: Path) -> None:
+    examples = load_jsonl(write_jsonl(tmp_path / "d.jsonl", qa_rows(4)))
+    assert [e.is_chat for e in examples] == [True, False, True, False]
+    chat, text = examples[0], examples[1]
+    assert chat.turns == (Turn("system", "You answer with one color."), Turn("user", "Which color is item 0?"))
+    assert chat.completion == "red"
+    assert (text.prompt, text.completion, text.line) == ("Item 1 color:", " blue", 2)
+    assert chat.to_json() == qa_rows(4)[0]
+
+
+def test_every_bad_line_is_reported_with_its_number(tmp_path: Path) -> None:
+    good = json.dumps(qa_rows(1)[0])
+    lines = [
+        good,
+        "{not json",
+        json.dumps([1, 2]),
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        "",
+        json.dumps({"prompt": "p"}),
+        json.dumps({"prompt": "p", "completion": "c", "completions": "x"}),
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}),
+        json.dumps({"messages": [{"role": "assistant", "content": "a"}]}),
+        json.dumps({"prompt": "p", "completion": "   "}),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "system", "content": "s"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ),
+        json.dumps({"id": 7, "prompt": "ok", "completion": "fine"}),
+    ]
+    path = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(TrainingDataError) as info:
+        load_jsonl(path)
+    by_line = {issue.line: issue.message for issue in info.value.issues}
+    assert sorted(by_line) == [2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert "invalid JSON" in by_line[2]
+    assert "expected a JSON object" in by_line[3]
+    assert "must be the assistant's answer" in by_line[4]
+    assert "missing ['completion']" in by_line[6]
+    assert "completions" in by_line[7]
+    assert "robot" in by_line[8]
+    assert "no user turn" in by_line[9]
+    assert "'completion' is empty" in by_line[10]
+    assert "only the first turn" in by_line[11]
+    assert "line 2:" in str(info.value) and "9 problem(s)" in str(info.value)
+
+
+def test_empty_and_non_utf8_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(TrainingDataError, match="empty"):
+        load_jsonl(empty)
+    with pytest.raises(TrainingDataError) as info:
+        parse_jsonl([json.dumps(qa_rows(1)[0]).encode(), b"\xff\xfe{}"])
+    assert [i.line for i in info.value.issues] == [2]
+    with pytest.raises(TrainingDataError, match="cannot read"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_fingerprint_is_stable_and_content_sensitive() -> None:
+    examples = parse_jsonl([json.dumps(r) for r in qa_rows(6)])
+    again = parse_jsonl(["", *(json.dumps(r, indent=None, separators=(",", ":")) for r in qa_rows(6))])
+    assert fingerprint(examples) == fingerprint(again)  # formatting and blank lines do not matter
+    assert fingerprint(examples).startswith("sha256:")
+    changed = [*examples[:-1], Example(line=6, prompt="Item 5 color:", completion=" BLUE")]
+    assert fingerprint(changed) != fingerprint(examples)
+    assert fingerprint(examples[::-1]) != fingerprint(examples)  # order is part of the data
+    decomposed = [Example(line=1, prompt="Cafe\u0301", completion="x")]
+    composed = [Example(line=1, prompt="Caf\u00e9", completion="x")]
+    assert fingerprint(decomposed) == fingerprint(composed)  # NFC-normalized
+
+
+def test_split_is_deterministic_and_keeps_both_sides() -> None:
+    examples = parse_jsonl([json.dumps(r) for r in qa_rows(20)])
+    train, val = split(examples, 0.1, seed=1)
+    assert (len(train), len(val)) == (18, 2)
+    assert split(examples, 0.1, seed=1) == (train, val)
+    assert split(examples, 0.1, seed=2)[1] != val
+    assert {e.line for e in train} | {e.line for e in val} == set(range(1, 21))
+    two = examples[:2]
+    assert [len(s) for s in split(two, 0.01, 0)] == [1, 1]
+    assert [len(s) for s in split(two, 0.9, 0)] == [1, 1]
+    assert [len(s) for s in split(examples[:1], 0.5, 0)] == [1, 0]
+    assert [len(s) for s in split(examples, 0.0, 0)] == [20, 0]
+
+
+def test_prompt_template_validation_and_application() -> None:
+    template = parse_prompt_template(
+        {"system": "Be terse.", "examples": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    )
+    applied = template.apply([{"role": "system", "content": "Own."}, {"role": "user", "content": "Q?"}])
+    assert applied == [
+        {"role": "system", "content": "Be terse.\n\nOwn."},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "Q?"},
+    ]
+    with pytest.raises(TrainingDataError) as info:
+        parse_prompt_template({"system": "", "examples": [{"role": "assistant", "content": "a"}], "x": 1})
+    text = str(info.value)
+    assert "unexpected keys ['x']" in text and "expected 'user'" in text and "end with an assistant" in text
