@@ -19,6 +19,7 @@ from adapters.ref import check_ident, check_version
 SCHEMA_VERSION = 1
 KINDS = ("lora", "prompt")
 METHODS = ("lora", "qlora")
+PROMPT_METHOD = "prompt"  # the method of kind "prompt" versions (no weights, rank 0)
 MAX_MANIFEST_BYTES = 1 << 20
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -84,9 +85,12 @@ class Manifest:
             raise AdapterFormatError(f"manifest: {exc}") from None
         if self.kind not in KINDS:
             raise AdapterFormatError(f"manifest field 'kind' is {self.kind!r}; expected one of {KINDS}")
-        if self.method not in METHODS:
+        if self.kind == "prompt":
+            if self.method != PROMPT_METHOD or self.rank != 0:
+                raise AdapterFormatError("a manifest of kind 'prompt' has method 'prompt' and rank 0")
+        elif self.method not in METHODS:
             raise AdapterFormatError(f"manifest field 'method' is {self.method!r}; expected one of {METHODS}")
-        if self.rank < 1:
+        elif self.rank < 1:
             raise AdapterFormatError(f"manifest field 'rank' is {self.rank}; expected >= 1")
         try:
             datetime.fromisoformat(self.created_at)

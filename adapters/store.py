@@ -21,7 +21,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from adapters.errors import (
     StoreUnavailable,
 )
 from adapters.fsio import atomic_write_text, copy_synced, fsync_dir
-from adapters.manifest import METHODS, Manifest, sha256_file, utc_now_iso
+from adapters.manifest import METHODS, PROMPT_METHOD, Manifest, sha256_file, utc_now_iso
 from adapters.peft_format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -44,6 +44,7 @@ from adapters.peft_format import (
     find_weights_file,
     load_adapter_weights,
 )
+from adapters.prompt import PROMPT_FILE, PromptTemplate
 from adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
 from adapters.safetensors_header import MAX_HEADER_BYTES
 
@@ -158,7 +159,51 @@ class AdapterStore:
         self._verify_files(key, vdir, manifest)
         return load_adapter_weights(vdir, spec, key)
 
+    def load_prompt(self, key: AdapterKey) -> PromptTemplate:
+        """Verify a prompt version's files and read its template."""
+        manifest = self.manifest(key)
+        if manifest.kind != "prompt":
+            raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}, not 'prompt'")
+        vdir = self.version_dir(key)
+        self._verify_files(key, vdir, manifest)
+        return PromptTemplate.read(vdir)
+
     # ---------------------------------------------------------------------------------- publishing
+
+    def publish_prompt(
+        self,
+        tenant: str,
+        name: str,
+        template: PromptTemplate,
+        spec: BaseModelSpec,
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> AdapterKey:
+        """Publish a prompt-only version (system prompt + few-shot turns) as the next version."""
+        check_ident(tenant, "tenant")
+        check_ident(name, "adapter name")
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - _EXTRA_FIELDS)
+        if unknown:
+            raise AdapterFormatError(f"unknown manifest extra fields {unknown}; allowed: {sorted(_EXTRA_FIELDS)}")
+        with _store_io("prepare the store"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging_root = self._inside(self.root / STAGING_DIR)
+            staging_root.mkdir(exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f"{tenant}.{name}.", dir=staging_root))
+        try:
+            atomic_write_text(staging / PROMPT_FILE, template.to_json())
+            files = {PROMPT_FILE: sha256_file(staging / PROMPT_FILE)}
+            key = self._publish_staged(
+                staging, tenant, name, lambda version: self._manifest_for(
+                    tenant, name, version, "prompt", PROMPT_METHOD, spec, 0, 0.0, False, (), files, extra
+                )
+            )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._advance_latest(key)
+        return key
 
     def import_peft(
         self,
@@ -211,33 +256,60 @@ class AdapterStore:
         files: Mapping[str, str],
         extra: Mapping[str, Any],
     ) -> AdapterKey:
+        targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules}))
+        return self._publish_staged(
+            staging, tenant, name, lambda version: self._manifest_for(
+                tenant, name, version, "lora", method, spec, weights.rank, weights.config.lora_alpha,
+                weights.config.use_rslora, targets, files, extra,
+            )
+        )
+
+    @staticmethod
+    def _manifest_for(
+        tenant: str,
+        name: str,
+        version: int,
+        kind: str,
+        method: str,
+        spec: BaseModelSpec,
+        rank: int,
+        lora_alpha: float,
+        use_rslora: bool,
+        targets: tuple[str, ...],
+        files: Mapping[str, str],
+        extra: Mapping[str, Any],
+    ) -> Manifest:
+        return Manifest(
+            schema_version=1,
+            tenant=tenant,
+            name=name,
+            version=version,
+            kind=kind,
+            method=method,
+            base_fingerprint=spec.fingerprint,
+            base_model=spec.model_id,
+            base_quantization=spec.quantization,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            target_modules=targets,
+            files=files,
+            created_at=utc_now_iso(),
+            producer=_producer(),
+            training_data_fingerprint=extra.get("training_data_fingerprint"),
+            eval_metrics=extra.get("eval_metrics") or {},
+            pii_scan=extra.get("pii_scan"),
+        )
+
+    def _publish_staged(
+        self, staging: Path, tenant: str, name: str, manifest_for: Callable[[int], Manifest]
+    ) -> AdapterKey:
+        """Write the manifest into `staging` and rename it into the next free version number."""
         with _store_io("publish"):
             versions_dir = self._make_dirs(tenant, name)
-            created_at = utc_now_iso()
             while True:
                 version = self._next_version(versions_dir)
-                manifest = Manifest(
-                    schema_version=1,
-                    tenant=tenant,
-                    name=name,
-                    version=version,
-                    kind="lora",
-                    method=method,
-                    base_fingerprint=spec.fingerprint,
-                    base_model=spec.model_id,
-                    base_quantization=spec.quantization,
-                    rank=weights.rank,
-                    lora_alpha=weights.config.lora_alpha,
-                    use_rslora=weights.config.use_rslora,
-                    target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules})),
-                    files=files,
-                    created_at=created_at,
-                    producer=_producer(),
-                    training_data_fingerprint=extra.get("training_data_fingerprint"),
-                    eval_metrics=extra.get("eval_metrics") or {},
-                    pii_scan=extra.get("pii_scan"),
-                )
-                atomic_write_text(staging / MANIFEST_FILE, manifest.to_json())
+                atomic_write_text(staging / MANIFEST_FILE, manifest_for(version).to_json())
                 try:
                     os.rename(staging, versions_dir / str(version))
                 except OSError as exc:
@@ -364,7 +436,7 @@ class AdapterStore:
         return versions[-1] if versions else None
 
     def _verify_files(self, key: AdapterKey, vdir: Path, manifest: Manifest) -> None:
-        for required in (CONFIG_FILE, WEIGHTS_FILE):
+        for required in (PROMPT_FILE,) if manifest.kind == "prompt" else (CONFIG_FILE, WEIGHTS_FILE):
             if required not in manifest.files:
                 raise AdapterFormatError(f"{key}: {MANIFEST_FILE} does not list {required}")
         for file_name, expected in manifest.files.items():

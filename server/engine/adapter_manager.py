@@ -8,6 +8,7 @@ Concurrent requests for the same cold adapter share one load (single flight).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,9 @@ from typing import Protocol
 from adapters.device_slots import DeviceSlots, SlotInfo
 from adapters.errors import AdapterError
 from adapters.host_cache import HostCache
+from adapters.manifest import Manifest
 from adapters.peft_format import AdapterWeights, BaseModelSpec
+from adapters.prompt import PromptTemplate
 from adapters.ref import AdapterKey, AdapterRef
 from adapters.store import AdapterStore
 from server.engine.versions import VersionWatcher
@@ -78,8 +81,11 @@ class AdapterManager:
         self.slots = slots
         self._executor = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-load")
         self._pending: dict[AdapterKey, Future[AdapterWeights]] = {}
+        self._lock = threading.Lock()  # guards the two small caches below (any thread)
+        self._manifests: dict[AdapterKey, Manifest] = {}
+        self._prompts: dict[AdapterKey, PromptTemplate] = {}
         self.observer: AdapterObserver = observer or _NullAdapterObserver()
-        self.versions = VersionWatcher(store, self.host_weights, self.observer, poll_seconds)
+        self.versions = VersionWatcher(store, self.verify, self.observer, poll_seconds)
         self._wake: Callable[[], None] = lambda: None
 
     def set_wake(self, wake: Callable[[], None]) -> None:
@@ -90,6 +96,37 @@ class AdapterManager:
     def resolve(self, ref: AdapterRef) -> AdapterKey:
         """Pin a reference to one concrete version: the one this server serves for it (versions.py)."""
         return self.versions.resolve(ref)
+
+    def kind(self, key: AdapterKey) -> str:
+        """"lora" or "prompt" (manifests are immutable, so they are read once)."""
+        with self._lock:
+            manifest = self._manifests.get(key)
+        if manifest is None:
+            manifest = self.store.manifest(key)
+            with self._lock:
+                self._manifests[key] = manifest
+        return manifest.kind
+
+    def prompt(self, key: AdapterKey) -> PromptTemplate:
+        """A prompt adapter's template, verified against its manifest on first use."""
+        with self._lock:
+            template = self._prompts.get(key)
+        if template is None:
+            try:
+                template = self.store.load_prompt(key)
+            except AdapterError:
+                self.observer.adapter_load_failed()
+                raise
+            with self._lock:
+                self._prompts[key] = template
+        return template
+
+    def verify(self, key: AdapterKey) -> None:
+        """Check a version end to end (files, base, shapes) and keep it in host memory."""
+        if self.kind(key) == "prompt":
+            self.prompt(key)
+        else:
+            self.host_weights(key)
 
     def host_weights(self, key: AdapterKey) -> AdapterWeights:
         """Load (verify) a version into host memory, or return it from there; blocks."""

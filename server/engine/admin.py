@@ -64,6 +64,9 @@ class AdapterAdmin:
         """Prefetch a version into a device slot (waits for the host load)."""
         key = self._manager.resolve(AdapterRef.parse(reference))
         manager = self._manager
+        if manager.kind(key) == "prompt":  # no weights: verified and held on the host
+            manager.prompt(key)
+            return key, Tier.HOST
         weights = manager.host_weights(key)
 
         def install() -> Tier:

@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from adapters.errors import AdapterError
+from adapters.prompt import PromptTemplate
 from adapters.ref import AdapterKey
 from server.engine.adapter_manager import AdapterManager
 from server.engine.detokenize import IncrementalDetokenizer, StopMatcher
@@ -74,7 +75,8 @@ class _Request:
     req: GenerationRequest
     sink: Sink
     prompt_ids: list[int]
-    key: AdapterKey | None
+    key: AdapterKey | None  # the version that serves the request (reported back)
+    lora: AdapterKey | None  # the version whose LoRA weights it needs (None for base and prompt adapters)
     submitted: float
     cancelled: bool = False
     slot: int = 0
@@ -161,13 +163,25 @@ class Engine:
         """(running rows, queued requests)."""
         return len(self._running), self._queued
 
-    def encode_prompt(self, prompt: str | None, messages: tuple[Any, ...]) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | None, messages: tuple[Any, ...], template: PromptTemplate | None = None
+    ) -> list[int]:
+        """Token ids of a plain prompt or a chat; a prompt adapter's turns go before the request's."""
         if (prompt is None or prompt == "") == (not messages):
             raise InvalidRequest("set exactly one of prompt and messages")
-        if messages:
-            for i, m in enumerate(messages):
-                if m.role not in CHAT_ROLES:
-                    raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant")
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant")
+        if template is not None:  # a prompt adapter always speaks through the chat template
+            own = [(m.role, m.content) for m in messages] if messages else [("user", str(prompt))]
+            # The request's own system text extends the adapter's; nothing the caller sent is dropped.
+            system = "\n\n".join([template.system, *(c for role, c in own if role == "system")])
+            turns = [{"role": "system", "content": system}]
+            turns += [{"role": t.role, "content": t.content} for t in template.examples]
+            turns += [{"role": role, "content": content} for role, content in own if role != "system"]
+            rendered = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer.encode(str(rendered), add_special_tokens=False)
+        elif messages:
             rendered = self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in messages],
                 tokenize=False,
@@ -185,21 +199,29 @@ class Engine:
         if not self._accepting:
             raise ShuttingDown("the server is shutting down")
         self._validate_params(req)
-        prompt_ids = self.encode_prompt(req.prompt, req.messages)
+        key = self.adapters.resolve(req.adapter) if req.adapter is not None else None
+        template = self.adapters.prompt(key) if key is not None and self.adapters.kind(key) == "prompt" else None
+        prompt_ids = self.encode_prompt(req.prompt, req.messages, template)
         budget = 0 if req.embed else req.params.max_new_tokens
         if len(prompt_ids) + budget > self.config.max_seq_len:
             raise InvalidRequest(
                 f"prompt of {len(prompt_ids)} tokens plus max_new_tokens {budget} exceeds the context "
                 f"limit of {self.config.max_seq_len} tokens"
             )
-        key = self.adapters.resolve(req.adapter) if req.adapter is not None else None
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
             if self._queued >= self.config.max_waiting:
                 raise QueueFull(f"{self._queued} requests are waiting; try again later")
             self._queued += 1
-        state = _Request(req=req, sink=sink, prompt_ids=prompt_ids, key=key, submitted=time.monotonic())
+        state = _Request(
+            req=req,
+            sink=sink,
+            prompt_ids=prompt_ids,
+            key=key,
+            lora=key if template is None else None,
+            submitted=time.monotonic(),
+        )
         self._post(("submit", state))
         return RequestHandle(self, req.request_id)
 
@@ -305,9 +327,9 @@ class Engine:
             if not self._free_rows:
                 still.append(r)
                 continue
-            if r.key is not None:
+            if r.lora is not None:
                 try:
-                    slot = self.adapters.poll(r.key)
+                    slot = self.adapters.poll(r.lora)
                 except (AdapterError, ServingError) as exc:
                     self._fail(r, exc)
                     continue

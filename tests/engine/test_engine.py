@@ -13,7 +13,7 @@ import torch
 from enginelib import generate, request, submit, tiny_service
 from transformers import AutoModelForCausalLM
 
-from adapters.errors import AdapterNotFound, InvalidAdapterRef
+from adapters.errors import AdapterFormatError, AdapterNotFound, InvalidAdapterRef
 from server.app import Service
 from server.engine.admin import AdapterAdmin, Tier
 from server.engine.types import ChatTurn, FinishReason
@@ -347,3 +347,29 @@ def test_the_watcher_polls_the_store(tiny_model_dir: Path, tmp_path: Path, adapt
         assert served.summary.adapter == "acme/bot@2"
     finally:
         svc.engine.shutdown(10)
+
+
+def test_prompt_adapters_render_system_and_examples_without_lora(service: Service) -> None:
+    from adapters.prompt import PromptTemplate, PromptTurn
+
+    template = PromptTemplate(
+        system="You are Zephyr Bikes support. Answer in one sentence.",
+        examples=(PromptTurn("user", "Warranty?"), PromptTurn("assistant", "Two years on frames.")),
+    )
+    key = service.store.publish_prompt("zephyr", "support", template, service.base.spec)
+    assert service.store.manifest(key).kind == "prompt"
+    turns = (ChatTurn("system", "Be polite."), ChatTurn("user", "Hi"))
+    sink = generate(service.engine, request("", messages=turns, adapter="zephyr/support", max_new_tokens=4))
+    assert sink.summary.adapter == "zephyr/support@1"
+    ids = service.engine.encode_prompt(None, turns, template)
+    assert sink.summary.prompt_tokens == len(ids)
+    text = service.engine.tokenizer.decode(ids)
+    assert "Zephyr Bikes" in text and "Two years on frames." in text and "Be polite." in text and "Hi" in text
+    plain = generate(service.engine, request("Hi", adapter="zephyr/support", max_new_tokens=2))
+    assert plain.summary.prompt_tokens == len(service.engine.encode_prompt("Hi", (), template))
+    assert service.engine.adapters.slots.resident_count() == 0  # no LoRA slot used
+    # Tampering is caught like for weights.
+    fresh = service.store.publish_prompt("zephyr", "other", template, service.base.spec)
+    (service.store.version_dir(fresh) / "prompt.json").write_text('{"system": "evil"}')
+    with pytest.raises(AdapterFormatError, match=r"checksum mismatch"):
+        service.engine.submit(request("Hi", adapter="zephyr/other"), lambda _e: None)
