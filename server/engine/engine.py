@@ -70,7 +70,7 @@ class EngineConfig:
     lora_impl: str = "auto"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests may carry the same client-chosen request id
 class _Request:
     req: GenerationRequest
     sink: Sink
@@ -97,13 +97,14 @@ class _Request:
 
 
 class RequestHandle:
-    def __init__(self, engine: Engine, request_id: str) -> None:
+    def __init__(self, engine: Engine, state: _Request) -> None:
         self._engine = engine
-        self.request_id = request_id
+        self._state = state
+        self.request_id = state.req.request_id
 
     def cancel(self) -> None:
         """Stop the request within one step; its sink gets a CANCELLED summary."""
-        self._engine._post(("cancel", self.request_id))
+        self._engine._post(("cancel", self._state))
 
 
 class Engine:
@@ -223,7 +224,7 @@ class Engine:
             submitted=time.monotonic(),
         )
         self._post(("submit", state))
-        return RequestHandle(self, req.request_id)
+        return RequestHandle(self, state)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the engine thread between steps (admin operations on device slots)."""
@@ -308,10 +309,10 @@ class Engine:
         if kind == "submit":
             self._waiting.append(payload)
         elif kind == "cancel":
-            for r in list(self._running) + list(self._waiting):
-                if r.req.request_id == payload:
-                    r.cancelled = True
-                    self._finish(r, FinishReason.CANCELLED)
+            r = payload
+            if r in self._running or r in self._waiting:  # else it already finished
+                r.cancelled = True
+                self._finish(r, FinishReason.CANCELLED)
         elif kind == "call":
             fn, future = payload
             if future.set_running_or_notify_cancel():

@@ -373,3 +373,12 @@ def test_prompt_adapters_render_system_and_examples_without_lora(service: Servic
     (service.store.version_dir(fresh) / "prompt.json").write_text('{"system": "evil"}')
     with pytest.raises(AdapterFormatError, match=r"checksum mismatch"):
         service.engine.submit(request("Hi", adapter="zephyr/other"), lambda _e: None)
+
+
+def test_cancel_touches_only_its_own_request_even_with_a_shared_request_id(service: Service) -> None:
+    a, handle_a = submit(service.engine, request(PROMPT, max_new_tokens=30, rid="same"))
+    b, _ = submit(service.engine, request(PROMPT, max_new_tokens=30, rid="same"))
+    assert a.first.wait(30)
+    handle_a.cancel()
+    assert a.wait().summary.finish_reason is FinishReason.CANCELLED
+    assert b.wait().summary.finish_reason is FinishReason.LENGTH
