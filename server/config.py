@@ -42,6 +42,7 @@ class ServerConfig:
     max_step_tokens: int = 512
     max_message_bytes: int = 4 * MiB
     lora_impl: str = "auto"  # auto | dense | grouped | gather
+    torch_threads: int = 0  # intra-op threads; 0: one less than the CPU cores (gRPC needs a core too)
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one JSON object per line)
@@ -81,6 +82,7 @@ _HELP = {
     "max_step_tokens": "tokens per forward (decode rows plus prefill chunks)",
     "max_message_bytes": "largest gRPC message",
     "lora_impl": "multi-LoRA kernel: auto, dense, grouped or gather (reference)",
+    "torch_threads": "torch intra-op threads (0: CPU cores - 1, at least 1)",
     "shutdown_grace_seconds": "how long in-flight requests may finish on shutdown",
     "log_level": "DEBUG, INFO, WARNING, ERROR",
     "log_format": "text or json (one object per line)",
@@ -166,5 +168,7 @@ def _check(c: ServerConfig) -> None:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(c, name) <= 65535:
             raise ValueError(f"{name} must be in [0, 65535] (0: any free port)")
+    if c.torch_threads < 0:
+        raise ValueError("torch_threads must be >= 0 (0: automatic)")
     if c.default_max_new_tokens > c.max_new_tokens:
         raise ValueError("default_max_new_tokens must not exceed max_new_tokens")

@@ -1,0 +1,1 @@
+"""Benchmarks of lorafleet (run from the repository root: ``python -m bench.serving``)."""

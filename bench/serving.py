@@ -1,0 +1,771 @@
+"""Serving benchmark: the same load of concurrent streaming gRPC requests against
+
+  (a) the base model alone,
+  (b) one adapter,
+  (c) 8 and 32 distinct adapters (client i uses adapter i % k),
+  (d) a naive server that serves one request at a time with PEFT ``set_adapter`` + HF ``generate``,
+
+for two adapter shapes: PEFT's defaults (r=8 on q_proj/v_proj) and r=16 on every linear. It prints
+tokens/s, TTFT and time per output token (p50/p95), the ratio of each run to (a), and for adapter runs
+the bytes-bound ratio base_bytes / (base_bytes + distinct_adapters * adapter_bytes) (what a decode
+step that reads the base weights and each distinct adapter once would allow) with measured/bound.
+
+Everything runs in one process invocation so that ratios come from one run on a noisy machine.
+Results: a table on stdout and JSON in bench/results/serving-<timestamp>.json.
+
+    .venv/bin/python -m bench.serving --quick      # ~2-3 minutes on 2 cores
+    .venv/bin/python -m bench.serving              # the full run, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+TENANT = "bench"
+
+log = logging.getLogger("bench.serving")
+
+
+# ----------------------------------------------------------------------------------- adapters
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One adapter shape of the benchmark."""
+
+    key: str  # short name used in run names
+    label: str
+    r: int
+    lora_alpha: int
+    target_modules: tuple[str, ...] | str
+
+
+SHAPES: dict[str, Shape] = {
+    "default": Shape("default", "PEFT defaults: r=8 on q_proj,v_proj", 8, 8, ("q_proj", "v_proj")),
+    "r16all": Shape("r16all", "r=16 on every linear", 16, 32, "all-linear"),
+}
+
+
+def make_adapters(
+    model_dir: Path, shapes: Sequence[Shape], count: int, root: Path, seed: int = 0
+) -> dict[str, list[Path]]:
+    """``count`` PEFT adapter directories per shape, under ``root``.
+
+    One PeftModel gives each shape's template (adapter_config.json and tensor names/shapes, exactly
+    as peft saves them); every adapter is then that template with its own random tensors.
+    """
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model: Any = None
+    for shape in shapes:
+        targets = shape.target_modules if isinstance(shape.target_modules, str) else list(shape.target_modules)
+        cfg = LoraConfig(
+            r=shape.r, lora_alpha=shape.lora_alpha, target_modules=targets, init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
+        if peft_model is None:
+            peft_model = get_peft_model(base, cfg, adapter_name=f"tpl-{shape.key}")
+        else:
+            peft_model.add_adapter(f"tpl-{shape.key}", cfg)
+    templates = root / "templates"
+    peft_model.save_pretrained(templates)
+    del peft_model, base
+    gc.collect()
+
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, list[Path]] = {}
+    for shape in shapes:
+        tpl = templates / f"tpl-{shape.key}"
+        with safe_open(str(tpl / "adapter_model.safetensors"), "pt") as fh:
+            shapes_by_name = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        dirs = []
+        for i in range(count):
+            d = root / shape.key / f"a{i:02d}"
+            d.mkdir(parents=True)
+            shutil.copy(tpl / "adapter_config.json", d / "adapter_config.json")
+            tensors = {}
+            for name, dims in shapes_by_name.items():
+                fan_in = dims[1]
+                std = 0.02 if "lora_B" in name else fan_in**-0.5
+                tensors[name] = torch.randn(*dims, generator=gen) * std
+            save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+            dirs.append(d)
+        out[shape.key] = dirs
+    return out
+
+
+def adapter_param_count(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as fh:
+        for k in fh.keys():
+            n = 1
+            for d in fh.get_slice(k).get_shape():
+                n *= int(d)
+            total += n
+    return total
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters (tied weights once); the LoRA slot buffers are not parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------- load
+
+
+TOPICS = (
+    "a lighthouse keeper", "a robot gardener", "a lost kitten", "a retired astronaut", "a village baker",
+    "a clockmaker", "a young dragon", "a deep-sea diver", "a librarian", "a mountain guide",
+    "a street musician", "a beekeeper", "a chess champion", "a ship's cook", "a night-shift nurse",
+    "a painter",
+)
+TASKS = (
+    "Write a short story about {}.",
+    "Describe a typical day in the life of {}.",
+    "Write a short poem about {}.",
+    "Give three pieces of advice from {}.",
+)
+
+
+def prompt_text(index: int) -> str:
+    """The benchmark's chat prompt family: similar lengths, slightly different text per request."""
+    return TASKS[index % len(TASKS)].format(TOPICS[(index // len(TASKS)) % len(TOPICS)])
+
+
+@dataclass
+class RequestRecord:
+    client: int
+    index: int  # prompt index
+    adapter: str
+    start: float  # seconds since the run began
+    ttft: float  # first non-empty chunk
+    end: float  # seconds since the run began
+    tokens: int
+    tpot: float | None  # (end - first token) / (tokens - 1)
+    error: str | None = None
+
+
+async def _one_request(
+    client: Any, adapter: str, index: int, client_no: int, max_new_tokens: int, t0: float, warmup: bool
+) -> RequestRecord:
+    from lorafleet import LoraFleetError, Message, Sampling
+
+    start = time.perf_counter()
+    first: float | None = None
+    try:
+        stream = client.stream(
+            prompt=f"Hello {index}" if warmup else None,  # a warm-up only loads adapters: short prefill
+            messages=None if warmup else [Message("user", prompt_text(index))],
+            adapter=adapter,
+            sampling=Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
+        )
+        async for chunk in stream:
+            if first is None and chunk:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        tokens = stream.result.generated_tokens
+    except LoraFleetError as exc:
+        end = time.perf_counter()
+        return RequestRecord(client_no, index, adapter, start - t0, float("nan"), end - t0, 0, None, repr(exc))
+    first = end if first is None else first
+    tpot = (end - first) / (tokens - 1) if tokens > 1 else None
+    return RequestRecord(client_no, index, adapter, start - t0, first - start, end - t0, tokens, tpot)
+
+
+async def run_load(
+    target: str,
+    adapters: Sequence[str],
+    *,
+    clients: int,
+    requests: int,
+    max_new_tokens: int,
+    warmup: bool = False,
+) -> tuple[list[RequestRecord], float]:
+    """``clients`` concurrent clients (a channel each), each sending ``requests`` streams back to back.
+
+    Client i uses ``adapters[i % len(adapters)]`` ("" = base). Returns the records and the wall time.
+    """
+    from lorafleet import AsyncLoraFleetClient
+
+    conns = [AsyncLoraFleetClient(target, timeout=900) for _ in range(clients)]
+    try:
+        await asyncio.gather(*(c.wait_for_ready(60) for c in conns))
+        t0 = time.perf_counter()
+
+        async def client_task(i: int) -> list[RequestRecord]:
+            adapter = adapters[i % len(adapters)]
+            return [
+                await _one_request(conns[i], adapter, i * requests + j, i, max_new_tokens, t0, warmup)
+                for j in range(requests)
+            ]
+
+        per_client = await asyncio.gather(*(client_task(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+    return [r for recs in per_client for r in recs], wall
+
+
+# ----------------------------------------------------------------------------------- engine step timing
+
+
+@dataclass
+class StepLog:
+    """Forward passes of the engine's runner during a run (the bench wraps ``runner.step``)."""
+
+    starts: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def clear(self) -> None:
+        for xs in (self.starts, self.seconds, self.rows, self.tokens):
+            xs.clear()
+
+
+def install_step_timer(runner: Any, steps: StepLog) -> None:
+    original: Callable[..., Any] = runner.step
+
+    def timed(rows: Any, *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return original(rows, *args, **kwargs)
+        finally:
+            steps.starts.append(t)
+            steps.seconds.append(time.perf_counter() - t)
+            steps.rows.append(len(rows))
+            steps.tokens.append(sum(len(r.token_ids) for r in rows))
+
+    runner.step = timed
+
+
+def step_summary(steps: StepLog, full_batch: int) -> dict[str, Any]:
+    decode_full = [
+        s for s, n, t in zip(steps.seconds, steps.rows, steps.tokens, strict=True) if n == full_batch and t == n
+    ]
+    intervals = [
+        b - a
+        for a, b, n, t in zip(steps.starts, steps.starts[1:], steps.rows, steps.tokens, strict=False)
+        if n == full_batch and t == n
+    ]
+    return {
+        "steps": len(steps.seconds),
+        "mean_rows": statistics.fmean(steps.rows) if steps.rows else 0.0,
+        "forward_seconds": sum(steps.seconds),
+        "full_decode_steps": len(decode_full),
+        "full_decode_forward_p50": percentile(decode_full, 50),
+        "full_decode_interval_p50": percentile(intervals, 50),
+    }
+
+
+# ----------------------------------------------------------------------------------- results
+
+
+def percentile(xs: Sequence[float], q: float) -> float | None:
+    vals = sorted(x for x in xs if x == x)  # drop NaN
+    if not vals:
+        return None
+    pos = (len(vals) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
+class CpuMeter:
+    """Cores kept busy during a run by this process and by everything else on the machine (Linux)."""
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, int, int]:
+        try:
+            with open("/proc/stat") as fh:
+                fields = [int(x) for x in fh.readline().split()[1:]]
+            busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
+            with open("/proc/self/stat") as fh:
+                parts = fh.read().rsplit(")", 1)[1].split()
+            own = int(parts[11]) + int(parts[12])  # utime + stime
+        except (OSError, ValueError, IndexError):
+            busy, own = 0, 0
+        return time.perf_counter(), busy, own
+
+    def stop(self) -> tuple[float, float]:
+        """(cores used by this process, cores used by other processes), averaged over the run."""
+        t1, busy1, own1 = self._read()
+        t0, busy0, own0 = self._start
+        wall = max(t1 - t0, 1e-9)
+        own = (own1 - own0) / self._tick / wall
+        total = (busy1 - busy0) / self._tick / wall
+        return own, max(total - own, 0.0)
+
+
+@dataclass
+class RunResult:
+    name: str
+    kind: str  # base | adapters | naive
+    shape: str | None
+    distinct: int
+    clients: int
+    requests: int
+    wall_seconds: float
+    tokens: int
+    errors: int
+    tokens_per_second: float
+    ttft_p50: float | None
+    ttft_p95: float | None
+    tpot_p50: float | None
+    tpot_p95: float | None
+    loadavg: tuple[float, float, float]
+    own_cores: float  # CPU cores this process kept busy during the run
+    other_cores: float  # CPU cores other processes kept busy (noise: the machine is shared)
+    steps: dict[str, Any] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    # filled in after all runs
+    ratio_to_base: float | None = None
+    step_ratio_to_base: float | None = None
+    bytes_bound: float | None = None
+    measured_over_bound: float | None = None
+    # base forward / (base forward + distinct * adapter_bytes / measured read bandwidth): the bound for a
+    # forward whose base part is not bytes-bound (a CPU at batch 32 is compute-bound)
+    bandwidth_bound: float | None = None
+    step_over_bandwidth_bound: float | None = None
+
+
+def summarize(
+    name: str, kind: str, shape: str | None, distinct: int, clients: int, requests: int,
+    records: list[RequestRecord], wall: float, cpu: tuple[float, float], steps: dict[str, Any] | None = None,
+) -> RunResult:
+    ok = [r for r in records if r.error is None]
+    tokens = sum(r.tokens for r in ok)
+    return RunResult(
+        name=name, kind=kind, shape=shape, distinct=distinct, clients=clients, requests=requests,
+        wall_seconds=wall, tokens=tokens, errors=len(records) - len(ok),
+        tokens_per_second=tokens / wall if wall > 0 else 0.0,
+        ttft_p50=percentile([r.ttft for r in ok], 50), ttft_p95=percentile([r.ttft for r in ok], 95),
+        tpot_p50=percentile([r.tpot for r in ok if r.tpot is not None], 50),
+        tpot_p95=percentile([r.tpot for r in ok if r.tpot is not None], 95),
+        loadavg=os.getloadavg(), own_cores=cpu[0], other_cores=cpu[1], steps=steps or {},
+        records=[asdict(r) for r in records],
+    )
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def render_load_table(results: Sequence[RunResult]) -> str:
+    head = (
+        f"{'run':<15}{'reqs':>5}{'tokens':>7}{'wall s':>8}{'tok/s':>8}"
+        f"{'TTFT p50/p95 ms':>17}{'TPOT p50/p95 ms':>17}{'cpu/others':>12}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        reqs = f"{len(r.records) - r.errors}" + ("!" if r.errors else "")
+        lines.append(
+            f"{r.name:<15}{reqs:>5}{r.tokens:>7}{r.wall_seconds:>8.1f}{r.tokens_per_second:>8.1f}"
+            f"{f'{_ms(r.ttft_p50)}/{_ms(r.ttft_p95)}':>17}{f'{_ms(r.tpot_p50)}/{_ms(r.tpot_p95)}':>17}"
+            f"{f'{r.own_cores:.1f}/{r.other_cores:.1f}':>12}"
+        )
+    return "\n".join(lines)
+
+
+def render_ratio_table(results: Sequence[RunResult]) -> str:
+    head = (
+        f"{'run':<15}{'tok/s':>8}{'vs (a)':>8}{'bytes bd':>9}{'meas/bd':>8}"
+        f"{'fwd ms':>8}{'step ms':>8}{'fwd vs (a)':>11}{'bw bd':>7}{'fwd/bw bd':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r.name:<15}{r.tokens_per_second:>8.1f}{_num(r.ratio_to_base):>8}{_num(r.bytes_bound):>9}"
+            f"{_num(r.measured_over_bound):>8}{_ms(r.steps.get('full_decode_forward_p50')):>8}"
+            f"{_ms(r.steps.get('full_decode_interval_p50')):>8}{_num(r.step_ratio_to_base):>11}"
+            f"{_num(r.bandwidth_bound):>7}{_num(r.step_over_bandwidth_bound):>10}"
+        )
+    return "\n".join(lines)
+
+
+def measure_read_bandwidth(nbytes: int = 256 << 20) -> float:
+    """Bytes/s that a reduction over a large fp32 tensor reads on torch's current threads (best of 5)."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+@dataclass(frozen=True)
+class Plan:
+    clients: int
+    requests: int
+    max_new_tokens: int
+    counts: tuple[int, ...]
+    shapes: tuple[Shape, ...]
+    configs: frozenset[str] | None  # None: every run
+    naive: bool
+    naive_requests: int
+    ignore_eos: bool
+
+    def wants(self, name: str) -> bool:
+        return self.configs is None or name in self.configs
+
+
+def all_run_names(counts: Sequence[int], shapes: Sequence[Shape]) -> list[str]:
+    names = ["base"]
+    for shape in shapes:
+        names += [f"{k}x{shape.key}" for k in counts]
+        names.append(f"naive-{shape.key}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="32 new tokens instead of 64, 4 naive requests instead of 8")
+    p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
+    p.add_argument("--requests", type=int, help="requests per client, back to back (default 1)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per request (default 64; quick 32)")
+    p.add_argument("--counts", default="1,8,32", help="distinct-adapter counts (default 1,8,32)")
+    p.add_argument("--shapes", default="default,r16all", help=f"adapter shapes among {','.join(SHAPES)}")
+    p.add_argument(
+        "--configs",
+        help="comma-separated subset of runs, e.g. base,32xdefault,naive-default (base always runs: it is (a))",
+    )
+    p.add_argument("--skip-naive", action="store_true", help="no naive PEFT server runs")
+    p.add_argument("--naive-requests", type=int, help="requests of each naive run (default 8; quick 4)")
+    p.add_argument(
+        "--naive-load-all", action="store_true",
+        help="the naive server loads all adapters of each shape, not only those its requests use (~1 s each)",
+    )
+    p.add_argument("--respect-eos", action="store_true", help="let requests stop at EOS (default: ignore it)")
+    p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "grouped", "gather"))
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch intra-op threads (default: cores - 1, leaving a core to the gRPC/client threads; with "
+        "every core in torch's pool, any other busy thread stalls each op)",
+    )
+    p.add_argument("--model", type=Path, help="model directory (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    shapes = tuple(SHAPES[s] for s in args.shapes.split(",") if s)
+    counts = tuple(sorted({int(c) for c in args.counts.split(",") if c}))
+    configs = frozenset(c.strip() for c in args.configs.split(",") if c.strip()) if args.configs else None
+    if configs is not None:
+        unknown = configs - set(all_run_names(counts, shapes))
+        if unknown:
+            raise SystemExit(f"unknown --configs {sorted(unknown)}; known: {all_run_names(counts, shapes)}")
+    return Plan(
+        clients=args.clients,
+        requests=args.requests or 1,
+        max_new_tokens=args.max_new_tokens or (32 if args.quick else 64),
+        counts=counts,
+        shapes=shapes,
+        configs=configs,
+        naive=not args.skip_naive,
+        naive_requests=args.naive_requests or (4 if args.quick else 8),
+        ignore_eos=not args.respect_eos,
+    )
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = make_plan(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "peft", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+    from server.app import build_service
+    from server.config import ServerConfig
+    from server.grpc.server import BackgroundServer
+    from server.model.prepare import prepare_default_model
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model_dir = args.model or prepare_default_model(REPO / "data" / "models")
+    max_count = max(plan.counts) if plan.counts else 1
+    adapter_runs = [
+        (shape, k) for shape in plan.shapes for k in plan.counts if plan.wants(f"{k}x{shape.key}")
+    ]
+    naive_shapes = [s for s in plan.shapes if plan.naive and plan.wants(f"naive-{s.key}")]
+    needed_shapes = [s for s in plan.shapes if any(s == a for a, _ in adapter_runs) or s in naive_shapes]
+    say(
+        f"plan: {plan.clients} clients x {plan.requests} requests x {plan.max_new_tokens} new tokens, "
+        f"greedy{', EOS ignored' if plan.ignore_eos else ''}; torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
+    results: list[RunResult] = []
+    meta: dict[str, Any] = {}
+    try:
+        dirs = make_adapters(model_dir, needed_shapes, max_count, work / "adapters", args.seed) if needed_shapes else {}
+        say(f"made {max_count} adapters for each of {[s.key for s in needed_shapes]} in {work}")
+
+        config = ServerConfig(
+            model=model_dir,
+            data_dir=work / "data",
+            adapter_store=work / "store",
+            port=0,
+            max_batch_size=args.max_batch_size,
+            max_seq_len=512,
+            max_new_tokens=max(plan.max_new_tokens, 64),
+            default_max_new_tokens=min(plan.max_new_tokens, 64),
+            max_loaded_adapters=max(32, max_count),
+            max_lora_rank=args.max_lora_rank,
+            lora_impl=args.lora_impl,
+            torch_threads=args.threads,
+            metrics_port=0,
+            log_level="WARNING",
+        )
+        service = build_service(config)
+        if plan.ignore_eos:
+            service.engine.eos_token_ids = frozenset()  # every request generates exactly max_new_tokens
+        refs: dict[str, list[str]] = {}
+        for shape_key, paths in dirs.items():
+            refs[shape_key] = []
+            for i, path in enumerate(paths):
+                name = f"{shape_key}-{i:02d}"
+                service.store.import_peft(path, TENANT, name, service.base.spec)
+                refs[shape_key].append(f"{TENANT}/{name}")
+        meta["read_bandwidth"] = measure_read_bandwidth() if service.base.device.type == "cpu" else None
+        dtype_bytes = torch.empty((), dtype=service.base.dtype).element_size()
+        base_bytes = model_weight_bytes(service.base.model)
+        adapter_bytes = {k: adapter_param_count(paths[0]) * dtype_bytes for k, paths in dirs.items()}
+        meta |= {
+            "model": service.info.model_id,
+            "quantization": service.info.quantization,
+            "device": service.info.device,
+            "dtype": service.info.dtype,
+            "base_weight_bytes": base_bytes,
+            "adapter_bytes": adapter_bytes,
+            "server_config": {k: str(v) for k, v in asdict(config).items()},
+            "torch_threads": torch.get_num_threads(),
+        }
+        say(
+            f"base weights {base_bytes / 2**20:.0f} MiB; adapter "
+            + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in adapter_bytes.items())
+        )
+
+        steps = StepLog()
+        install_step_timer(service.engine.runner, steps)
+        server = BackgroundServer(service)
+        port = server.start()
+        target = f"127.0.0.1:{port}"
+        full_batch = min(plan.clients, args.max_batch_size)
+
+        def engine_run(name: str, kind: str, shape: Shape | None, adapters: list[str]) -> RunResult:
+            distinct = len({a for a in adapters if a})
+            # warm-up (not measured): every adapter of the run resident, the batch shapes seen once
+            asyncio.run(run_load(target, adapters, clients=max(plan.clients, len(adapters)), requests=1,
+                                 max_new_tokens=4, warmup=True))
+            steps.clear()
+            meter = CpuMeter()
+            records, wall = asyncio.run(
+                run_load(target, adapters, clients=plan.clients, requests=plan.requests,
+                         max_new_tokens=plan.max_new_tokens)
+            )
+            res = summarize(name, kind, shape.key if shape else None, distinct, plan.clients, plan.requests,
+                            records, wall, meter.stop(), step_summary(steps, full_batch))
+            say(f"{name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s, "
+                f"other processes {res.other_cores:.1f} cores" + (f", {res.errors} errors" if res.errors else ""))
+            return res
+
+        try:
+            results.append(engine_run("base", "base", None, [""]))
+            for shape, k in adapter_runs:
+                results.append(engine_run(f"{k}x{shape.key}", "adapters", shape, refs[shape.key][:k]))
+            if adapter_runs:
+                results.append(engine_run("base (again)", "base", None, [""]))
+        finally:
+            server.stop()
+        del service, server
+        gc.collect()
+
+        if naive_shapes:
+            from bench.naive_server import NaiveServer, load_naive_model
+
+            n_req = plan.naive_requests
+            # adapter for naive request i: adapters[i % max_count], as for the engine's clients
+            used = min(n_req, max_count)
+            load_count = max_count if args.naive_load_all else used
+            naive_dirs = {refs[s.key][i]: dirs[s.key][i] for s in naive_shapes for i in range(load_count)}
+            say(f"naive: loading base + {len(naive_dirs)} adapters with PEFT load_adapter")
+            model, tokenizer, load_s = load_naive_model(model_dir, naive_dirs)
+            meta["naive_adapter_load_seconds"] = load_s
+            meta["naive_adapters_loaded"] = len(naive_dirs)
+            naive = NaiveServer(model, tokenizer, ignore_eos=plan.ignore_eos)
+            naive_target = f"127.0.0.1:{naive.start()}"
+            try:
+                for shape in naive_shapes:
+                    adapters = refs[shape.key][:max_count]
+                    asyncio.run(run_load(naive_target, adapters[:1], clients=1, requests=1, max_new_tokens=4,
+                                         warmup=True))
+                    meter = CpuMeter()
+                    records, wall = asyncio.run(
+                        run_load(naive_target, adapters, clients=n_req, requests=1,
+                                 max_new_tokens=plan.max_new_tokens)
+                    )
+                    res = summarize(f"naive-{shape.key}", "naive", shape.key, min(n_req, max_count), n_req, 1,
+                                    records, wall, meter.stop())
+                    say(f"{res.name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s")
+                    results.append(res)
+            finally:
+                naive.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    finish(results, meta, plan, args, time.perf_counter() - started)
+    return 0
+
+
+def finish(results: list[RunResult], meta: dict[str, Any], plan: Plan, args: argparse.Namespace,
+           elapsed: float) -> None:
+    bases = [r.tokens_per_second for r in results if r.kind == "base"]
+    base_tps = statistics.fmean(bases) if bases else None
+    base_steps = [r.steps["full_decode_forward_p50"] for r in results
+                  if r.kind == "base" and r.steps.get("full_decode_forward_p50")]
+    base_step = statistics.fmean(base_steps) if base_steps else None
+    base_bytes = meta.get("base_weight_bytes")
+    for r in results:
+        if base_tps:
+            r.ratio_to_base = r.tokens_per_second / base_tps
+        fwd = r.steps.get("full_decode_forward_p50")
+        if base_step and fwd:
+            r.step_ratio_to_base = base_step / fwd
+        if r.kind == "adapters" and r.shape and base_bytes:
+            a = meta["adapter_bytes"][r.shape]
+            r.bytes_bound = base_bytes / (base_bytes + r.distinct * a)
+            if r.ratio_to_base is not None:
+                r.measured_over_bound = r.ratio_to_base / r.bytes_bound
+            bandwidth = meta.get("read_bandwidth")
+            if base_step and bandwidth:
+                r.bandwidth_bound = base_step / (base_step + r.distinct * a / bandwidth)
+                if r.step_ratio_to_base is not None:
+                    r.step_over_bandwidth_bound = r.step_ratio_to_base / r.bandwidth_bound
+
+    print()
+    print(f"lorafleet serving benchmark — {meta.get('model')} ({meta.get('quantization')}, {meta.get('dtype')}, "
+          f"{meta.get('device')}), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"load: {plan.clients} concurrent gRPC GenerateStream clients x {plan.requests} requests x "
+          f"{plan.max_new_tokens} new tokens, greedy, chat prompts; client i -> adapter i % k; "
+          f"lora_impl={args.lora_impl}")
+    print()
+    print(render_load_table(results))
+    print()
+    print("TTFT: request sent -> first text chunk; TPOT: (stream end - first chunk) / (tokens - 1). cpu/others:")
+    print("cores kept busy by this process / by other processes during the run (others > 0.2: a disturbed run).")
+    print()
+    print(render_ratio_table(results))
+    print()
+    print("vs (a): tok/s over the mean of the base runs. bytes bd: base_bytes / (base_bytes + k * adapter_bytes),")
+    print("what a step reading the base once plus each distinct adapter once allows if steps are bytes-bound.")
+    print("fwd ms: p50 runner forward at a full decode batch; step ms: p50 interval between such steps (forward +")
+    print("sampling + detokenize + streaming). fwd vs (a): base fwd / fwd. bw bd: base fwd / (base fwd +")
+    print(f"k * adapter_bytes / read bandwidth), bandwidth {meta.get('read_bandwidth', 0) / 1e9:.1f} GB/s measured; "
+          "fwd/bw bd: how close the LoRA kernels come to it.")
+    naive = [r for r in results if r.kind == "naive"]
+    if naive:
+        print(f"naive runs: {plan.naive_requests} requests (one per client, all sent at once) served one at a time; "
+              "tokens/s is a rate, so it compares with the other runs; their TTFT includes queueing behind the lock.")
+    if base_bytes:
+        print(f"base weights {base_bytes / 2**20:.1f} MiB; adapter bytes "
+              + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in meta["adapter_bytes"].items()))
+    if len(bases) == 2 and bases[0] > 0:
+        print(f"base drift between first and last base run: {bases[1] / bases[0] - 1:+.1%}")
+
+    by_name = {r.name: r for r in results}
+    checks: list[str] = []
+    k = max(plan.counts) if plan.counts else 0
+    d32 = by_name.get(f"{k}xdefault")
+    if d32 and d32.ratio_to_base is not None:
+        checks.append(f"{k} distinct default adapters vs (a): {d32.ratio_to_base:.2f}x (target >= 0.85x)")
+        nd = by_name.get("naive-default")
+        if nd and nd.tokens_per_second > 0:
+            checks.append(f"{k} distinct default adapters vs naive: {d32.tokens_per_second / nd.tokens_per_second:.1f}x"
+                          " (target >= 8x)")
+    r32 = by_name.get(f"{k}xr16all")
+    if r32 and r32.measured_over_bound is not None:
+        checks.append(f"{k} distinct r16 all-linear: {r32.ratio_to_base:.2f}x of (a), bytes bound "
+                      f"{r32.bytes_bound:.2f}, measured/bound {r32.measured_over_bound:.2f} (target >= 0.85)")
+        if r32.step_over_bandwidth_bound is not None:
+            checks.append(f"{k} distinct r16 all-linear, forward only: {r32.step_ratio_to_base:.2f}x of (a)'s, "
+                          f"bandwidth-aware bound {r32.bandwidth_bound:.2f}, measured/bound "
+                          f"{r32.step_over_bandwidth_bound:.2f}")
+        nr = by_name.get("naive-r16all")
+        if nr and nr.tokens_per_second > 0:
+            checks.append(f"{k} distinct r16 all-linear vs naive: {r32.tokens_per_second / nr.tokens_per_second:.1f}x")
+    if checks:
+        print("targets:")
+        for c in checks:
+            print("  " + c)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    payload = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv[1:],
+        "plan": {**asdict(plan), "shapes": [s.key for s in plan.shapes],
+                 "configs": sorted(plan.configs) if plan.configs else None},
+        "environment": {
+            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
+        },
+        "meta": meta,
+        "elapsed_seconds": elapsed,
+        "runs": [asdict(r) for r in results],
+    }
+    path.write_text(json.dumps(payload, indent=1, default=str))
+    print(f"\nJSON: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}  (total {elapsed:.0f}s)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
