@@ -102,7 +102,11 @@ class AdapterManager:
         with self._lock:
             manifest = self._manifests.get(key)
         if manifest is None:
-            manifest = self.store.manifest(key)
+            try:
+                manifest = self.store.manifest(key)
+            except AdapterError:
+                self.observer.adapter_load_failed()
+                raise
             with self._lock:
                 self._manifests[key] = manifest
         return manifest.kind

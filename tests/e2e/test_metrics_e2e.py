@@ -170,11 +170,13 @@ def test_one_structured_log_line_per_request(live: LiveServer, caplog: pytest.Lo
         live.client.generate("Hi", adapter="acme/support", sampling=Sampling(max_new_tokens=2), request_id="trace-42")
         with pytest.raises(LoraFleetError):
             live.client.generate("Hi", sampling=Sampling(top_p=3.0), request_id="trace-43")
-    deadline = time.monotonic() + 5  # an aborted RPC's status can reach the client before its log line is written
-    records: dict[str, logging.LogRecord] = {}
-    while "trace-43" not in records and time.monotonic() < deadline:
-        records = {r.fields["request_id"]: r for r in caplog.records if hasattr(r, "fields")}  # type: ignore[attr-defined]
-        time.sleep(0.05)
+        # An aborted RPC's status can reach the client before its log line is written: wait (inside
+        # the block, where the logger still lets INFO through).
+        deadline = time.monotonic() + 5
+        records: dict[str, logging.LogRecord] = {}
+        while "trace-43" not in records and time.monotonic() < deadline:
+            records = {r.fields["request_id"]: r for r in caplog.records if hasattr(r, "fields")}  # type: ignore[attr-defined]
+            time.sleep(0.05)
     ok = json.loads(JsonFormatter().format(records["trace-42"]))
     assert ok["tenant"] == "acme" and ok["adapter"] == "acme/support@1" and ok["status"] == "OK"
     assert ok["generated_tokens"] == 2 and ok["prompt_tokens"] > 0 and ok["ttft_s"] is not None

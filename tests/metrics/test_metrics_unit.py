@@ -11,6 +11,7 @@ import pytest
 from enginelib import generate, request, submit, tiny_service
 from prometheus_client import CollectorRegistry, generate_latest
 
+from adapters.errors import AdapterFormatError
 from server.app import Service
 
 PROMPT = "The capital of France is"
@@ -90,9 +91,8 @@ def test_failed_adapter_load_is_counted(service: Service, tmp_path: Path) -> Non
     vdir = service.store.root / "acme" / "broken" / "versions" / "1"
     vdir.mkdir(parents=True)
     (vdir / "manifest.json").write_text("{}")
-    sink, _ = submit(service.engine, request(PROMPT, adapter="acme/broken@1", max_new_tokens=2))
-    sink.wait()
-    assert sink.events[-1].error is not None
+    with pytest.raises(AdapterFormatError, match="manifest"):
+        service.engine.submit(request(PROMPT, adapter="acme/broken@1", max_new_tokens=2), lambda _e: None)
     assert value(service, "lorafleet_adapter_load_failures_total") == 1
 
 
