@@ -41,7 +41,7 @@ class ServerConfig:
     max_waiting: int = 1024
     max_step_tokens: int = 512
     max_message_bytes: int = 4 * MiB
-    lora_impl: str = "auto"  # auto | dense | grouped | gather
+    lora_impl: str = "auto"  # auto | dense | token | grouped | gather
     torch_threads: int = 0  # intra-op threads; 0: one less than the CPU cores (gRPC needs a core too)
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -81,7 +81,7 @@ _HELP = {
     "max_waiting": "queued requests before RESOURCE_EXHAUSTED",
     "max_step_tokens": "tokens per forward (decode rows plus prefill chunks)",
     "max_message_bytes": "largest gRPC message",
-    "lora_impl": "multi-LoRA kernel: auto, dense, grouped or gather (reference)",
+    "lora_impl": "multi-LoRA kernel: auto, dense, token, grouped or gather (reference)",
     "torch_threads": "torch intra-op threads (0: CPU cores - 1, at least 1)",
     "shutdown_grace_seconds": "how long in-flight requests may finish on shutdown",
     "log_level": "DEBUG, INFO, WARNING, ERROR",
@@ -90,7 +90,7 @@ _HELP = {
 
 _CHOICES = {
     "quantization": ("auto", "none", "nf4", "int8"),
-    "lora_impl": ("auto", "dense", "grouped", "gather"),
+    "lora_impl": ("auto", "dense", "token", "grouped", "gather"),
     "log_format": ("text", "json"),
 }
 

@@ -69,7 +69,7 @@ def _reference_tokens(model: Any, tokenizer: Any, prompt: str) -> list[int]:
     return [int(t) for t in out[0, ids.shape[1] :]]
 
 
-@pytest.mark.parametrize("impl", ["gather", "dense", "grouped"])
+@pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped"])
 @pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_mixed_batch_logits_match_peft(
     impl: str, quantization: str, tiny_model_dir: Path, tiny_spec: Any, adapter_dirs: dict[str, Path], tmp_path: Path

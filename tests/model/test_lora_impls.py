@@ -19,7 +19,7 @@ def _weights(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int]) ->
     return a, b
 
 
-@pytest.mark.parametrize("impl", ["gather", "dense", "grouped"])
+@pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped", "auto"])
 @pytest.mark.parametrize("n_tokens", [1, 7, 300])
 @pytest.mark.parametrize("ranks", [[0, 4, 8, 16, 2], [0, 0, 8, 0, 2], [0, 4, 4, 4, 4]])
 def test_impls_match_per_token_loop(impl: str, n_tokens: int, ranks: list[int]) -> None:
@@ -66,9 +66,24 @@ def test_module_routing_keeps_only_adapters_that_target_it() -> None:
     assert batch.routing([0, 0, 8, 4]) is route  # shared by every layer of that kind in the step
 
 
-def test_auto_picks_dense_for_decode_and_grouped_for_long_mixed_prefill() -> None:
-    decode = LoraBatch.build(torch.tensor([1, 2, 0, 1]), torch.float32)
-    assert decode is not None and decode.impl == "dense"
-    prefill = LoraBatch.build(torch.tensor([1] * 200 + [2] * 200), torch.float32)
-    assert prefill is not None and prefill.impl == "grouped"
-    assert prefill.active_list == (1, 2)
+def test_auto_choice_by_step_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.model.lora as lora
+
+    chosen: list[str] = []
+    for name in ("dense", "token", "grouped"):
+        real = getattr(lora, f"lora_delta_{name}")
+        monkeypatch.setattr(lora, f"lora_delta_{name}", lambda *a, _n=name, _f=real: chosen.append(_n) or _f(*a))
+    a, b = _weights(41, 8, 16, 12, [0] + [8] * 40)
+    bt = b.transpose(1, 2).contiguous()
+    ranks = [0] + [8] * 40
+
+    def run(slots: list[int]) -> str:
+        batch = LoraBatch.build(torch.tensor(slots), torch.float32)
+        assert batch is not None
+        lora.lora_delta(torch.randn(len(slots), 16), batch, ranks, a, bt)
+        return chosen.pop()
+
+    assert run([1, 2, 0, 1]) == "dense"  # decode, few adapters
+    assert run(list(range(1, 33))) == "token"  # decode, an adapter per row
+    assert run([1] * 200 + [2] * 200) == "grouped"  # long prefill of several adapters
+    assert run([1] * 400) == "dense"  # long prefill of one adapter
