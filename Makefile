@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: install model run test unit lint typecheck proto proto-check buf-lint prometheus bench clean
+.PHONY: install model run test unit lint typecheck proto proto-check buf-lint prometheus bench demo clean
 
 install: $(VENV)/.installed
 
@@ -30,7 +30,7 @@ run: model
 	$(BIN)/lorafleet serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: install
-	$(BIN)/ruff check server adapters clients/python/lorafleet tests $(wildcard bench)
+	$(BIN)/ruff check server adapters clients/python/lorafleet tests $(wildcard bench demo)
 
 typecheck: install
 	$(BIN)/mypy server adapters
@@ -55,7 +55,10 @@ test: model lint typecheck proto-check buf-lint prometheus
 	$(BIN)/pytest
 
 bench: model
-	$(BIN)/python bench/serving.py $(ARGS)
+	$(BIN)/python -m bench.serving $(ARGS)
+
+demo: model
+	BIN=$(BIN) scripts/demo.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

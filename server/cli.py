@@ -59,11 +59,45 @@ def _adapters_list(config: ServerConfig, tenant: str | None) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _training(args: argparse.Namespace, config: ServerConfig) -> int:
+    from adapters.training import cli as training
+    from server.app import model_dir_for
+
+    spec = _base_spec(config)
+    if args.command == "train":
+        return training.run_train(args, spec, model_dir_for(config))
+    store = AdapterStore(args.store if args.store is not None else config.store_root)
+    if args.command == "publish":
+        return training.run_publish(args, store, spec)
+    if args.command == "publish-prompt":
+        return training.run_publish_prompt(args, store, spec)
+    return training.run_stale(args, store, spec)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI. The trainer's options are added only for ``train`` (building them imports the
+    trainer, which serving never does)."""
     from lorafleet.cli import add_generate_arguments
+
+    from adapters.training.cli import (
+        add_publish_arguments,
+        add_publish_prompt_arguments,
+        add_stale_arguments,
+        add_train_arguments,
+    )
 
     parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a LoRA adapter on a customer's JSONL data")
+    if command == "train":
+        add_train_arguments(train)
+        add_server_arguments(train)
+    publish = sub.add_parser("publish", help="verify a trained adapter and publish it into the store")
+    add_publish_arguments(publish)
+    add_server_arguments(publish)
+    publish_prompt = sub.add_parser("publish-prompt", help="publish a prompt adapter (system prompt + examples)")
+    add_publish_prompt_arguments(publish_prompt)
+    add_server_arguments(publish_prompt)
     serve = sub.add_parser("serve", help="start the gRPC server")
     add_server_arguments(serve)
     prepare = sub.add_parser("prepare-model", help="convert the default model to its safetensors cache")
@@ -77,13 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     lst = adapters_sub.add_parser("list", help="list adapters and versions in the store")
     lst.add_argument("--tenant", default=None)
     add_server_arguments(lst)
+    stale = adapters_sub.add_parser("stale", help="list adapters built for another base than the server's")
+    add_stale_arguments(stale)
+    add_server_arguments(stale)
     gen = sub.add_parser("generate", help="call a running server")
     add_generate_arguments(gen)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if args.command == "generate":
         from lorafleet.cli import run_generate
@@ -99,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(config)
         if args.command == "prepare-model":
             return _prepare(config)
+        if args.command in ("train", "publish", "publish-prompt") or args.adapters_command == "stale":
+            return _training(args, config)
         if args.adapters_command == "import":
             return _adapters_import(config, args.src, args.reference)
         return _adapters_list(config, args.tenant)

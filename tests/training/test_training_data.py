@@ -9,6 +9,7 @@ from training_testlib import qa_rows, write_jsonl
 from adapters.training.data import (
     Example,
     Turn,
+    apply_template,
     fingerprint,
     load_jsonl,
     parse_jsonl,
@@ -112,7 +113,7 @@ def test_prompt_template_validation_and_application() -> None:
     template = parse_prompt_template(
         {"system": "Be terse.", "examples": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     )
-    applied = template.apply([{"role": "system", "content": "Own."}, {"role": "user", "content": "Q?"}])
+    applied = apply_template(template, [{"role": "system", "content": "Own."}, {"role": "user", "content": "Q?"}])
     assert applied == [
         {"role": "system", "content": "Be terse.\n\nOwn."},
         {"role": "user", "content": "q"},
@@ -123,3 +124,9 @@ def test_prompt_template_validation_and_application() -> None:
         parse_prompt_template({"system": "", "examples": [{"role": "assistant", "content": "a"}], "x": 1})
     text = str(info.value)
     assert "unexpected keys ['x']" in text and "expected 'user'" in text and "end with an assistant" in text
+    assert "'system' must be a non-empty string" in text
+    only_system = parse_prompt_template({"system": "Be terse."})
+    assert apply_template(only_system, [{"role": "user", "content": "Q?"}]) == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Q?"},
+    ]

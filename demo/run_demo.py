@@ -1,0 +1,235 @@
+"""The lorafleet demo: two fictional companies, one base model, two LoRA adapters (and two prompt adapters).
+
+1. writes the synthetic datasets (``demo/companies.py``) under ``--work``;
+2. trains a LoRA adapter per company on the base the server serves; the trainer evaluates base vs
+   prompt adapter vs LoRA adapter on held-out questions worded differently from anything in training
+   (``eval_data``); publishes each into ``--store`` only if it beats the base (``require_improvement``),
+   together with a prompt adapter of the same company (its system prompt holds every policy);
+3. prints those metrics and the same questions answered by the base and by each adapter;
+4. with ``--target HOST:PORT``, asks a running lorafleet server the same questions (base, each
+   adapter, each prompt adapter) through ``lorafleet.LoraFleetClient``; the server must serve the
+   same ``--store`` (it picks new versions up by itself).
+
+Run: ``python -m demo.run_demo`` (or ``python demo/run_demo.py``), ``--help`` for the knobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapters.ref import AdapterKey
+from adapters.store import AdapterStore
+from adapters.training.data import Example, Turn, load_prompt_template, template_to_dict
+from adapters.training.evaluate import EvalResult
+from adapters.training.publish import publish, publish_prompt
+from adapters.training.trainer import TrainConfig, format_metrics, train
+from demo.companies import COMPANIES, Company, write_datasets
+
+SHOWN_QUESTIONS = 2  # per company, asked of every model
+
+
+@dataclass
+class Outcome:
+    company: Company
+    out_dir: Path
+    key: AdapterKey | None
+    prompt_key: AdapterKey | None
+    held_out: EvalResult
+    train_seconds: float
+    record: dict[str, Any]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("data/demo"), help="datasets and trained adapters")
+    p.add_argument("--store", type=Path, default=Path("data/adapters"),
+                   help="adapter store to publish into (the server's default store)")  # fmt: skip
+    p.add_argument("--model-dir", type=Path, default=None, help="base model dir (default: prepared SmolLM2-135M)")
+    p.add_argument("--target", default=None, help="HOST:PORT of a running lorafleet server to ask as well")
+    p.add_argument("--api-key", default=None, help="API key for --target")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--targets", nargs="+", default=["all-linear"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--limit", type=int, default=None, help="use the first N training and held-out examples only (smoke runs)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument(
+        "--no-prompt-eval",
+        dest="prompt_eval",
+        action="store_false",
+        help="skip scoring the prompt adapters (their long system prompt is half the evaluation time)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    model_dir, spec = _base(args.model_dir)
+    print(f"== lorafleet demo: one base ({spec.model_id}, {spec.fingerprint[:19]}…), two fictional companies ==")
+    datasets = write_datasets(args.work, seed=args.seed)
+    store = AdapterStore(args.store)
+    outcomes = []
+    for company in COMPANIES:
+        paths = datasets[company.tenant]
+        if args.limit is not None:
+            for part in ("train", "heldout"):
+                rows = paths[part].read_text(encoding="utf-8").splitlines()[: args.limit]
+                paths[part].write_text("\n".join(rows) + "\n", encoding="utf-8")
+        outcomes.append(_train_company(args, company, paths, model_dir, spec, store))
+
+    print("\n== held-out questions: wordings never seen in training ==")
+    for o in outcomes:
+        print(f"{o.company.name} ({len(o.held_out.samples)} questions)")
+        print("\n".join(format_metrics(o.held_out.metrics).splitlines()[1:]))
+    _show_answers(outcomes, model_dir, args.max_new_tokens)
+    if args.target:
+        _ask_server(args, outcomes)
+    total = sum(o.train_seconds for o in outcomes)
+    print(f"\ntraining took {total:.0f} s for both adapters "
+          f"({', '.join(f'{o.company.tenant} {o.train_seconds:.0f} s' for o in outcomes)}); "
+          f"the whole demo {time.monotonic() - started:.0f} s")  # fmt: skip
+    return 0
+
+
+def _base(model_dir: Path | None) -> tuple[Path, Any]:
+    from server.model.loader import base_spec_from_files, resolve_device, resolve_quantization
+    from server.model.prepare import prepare_default_model
+
+    model_dir = model_dir or prepare_default_model(Path("data/models"))
+    quantization = resolve_quantization("auto", resolve_device("auto"))
+    return model_dir, base_spec_from_files(model_dir, quantization, max_lora_rank=64)
+
+
+def _train_company(
+    args: argparse.Namespace, company: Company, paths: dict[str, Path], model_dir: Path, spec: Any, store: AdapterStore
+) -> Outcome:
+    print(f"\n-- {company.name}: training {company.reference} on {paths['train']} --")
+    config = TrainConfig(
+        data=paths["train"],
+        adapter=company.reference,
+        out_dir=args.work / company.tenant / "adapter",
+        base_model_dir=model_dir,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=tuple(args.targets),
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=256,
+        seed=args.seed,
+        eval_data=paths["heldout"],  # evaluate on new wordings of the facts, never seen in training
+        eval_max_new_tokens=args.max_new_tokens,
+        eval_batch_size=16,
+        compare_prompt=paths["prompt"] if args.prompt_eval else None,
+        overwrite=True,
+    )
+    result = train(config, spec, progress=args.progress)
+    train_seconds = float(result.record["training_seconds"])
+    key = prompt_key = None
+    try:
+        key = publish(config.out_dir, store, spec, require_improvement=True)
+        print(f"published {key} into {store.root}")
+    except Exception as exc:  # the demo goes on and says why
+        print(f"not published: {exc}")
+    template = load_prompt_template(paths["prompt"])
+    prompt_key = publish_prompt(
+        store,
+        company.tenant,
+        f"{company.adapter}-prompt",
+        template.system,
+        template_to_dict(template)["examples"],
+        spec,
+    )
+    print(f"published prompt adapter {prompt_key} (system prompt with every policy + one example)")
+    return Outcome(company, config.out_dir, key, prompt_key, result.evaluation, train_seconds, result.record)
+
+
+def _show_answers(outcomes: Sequence[Outcome], model_dir: Path, max_new_tokens: int) -> None:
+    """The same held-out questions answered by the base and by each LoRA adapter (in this process)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapters.training.encoding import prompt_ids
+    from adapters.training.evaluate import generate_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model: Any = None
+    names = []
+    for o in outcomes:
+        if model is None:
+            model = PeftModel.from_pretrained(base, str(o.out_dir), adapter_name=o.company.tenant)
+        else:
+            model.load_adapter(str(o.out_dir), adapter_name=o.company.tenant)
+        names.append(o.company.tenant)
+    model.eval()
+    questions = [s for o in outcomes for s in o.held_out.samples[:SHOWN_QUESTIONS]]
+    examples = [Example(line=0, turns=(Turn("user", s.prompt),), completion=s.reference) for s in questions]
+    prompts = [prompt_ids(tokenizer, e) for e in examples]
+    limits = [max_new_tokens] * len(prompts)
+    answers: dict[str, list[str]] = {}
+    with model.disable_adapter():
+        answers["base"] = generate_answers(model, tokenizer, prompts, limits, 16)
+    for name in names:
+        model.set_adapter(name)
+        answers[name] = generate_answers(model, tokenizer, prompts, limits, 16)
+    print("\n== the same questions, base vs each adapter (greedy, in this process) ==")
+    for i, sample in enumerate(questions):
+        print(f"\nQ: {sample.prompt}")
+        for name in ["base", *names]:
+            print(f"  {name:<10} {_one_line(answers[name][i])}")
+
+
+def _ask_server(args: argparse.Namespace, outcomes: Sequence[Outcome]) -> None:
+    from lorafleet import LoraFleetClient, LoraFleetError, Message, NotFoundError, Sampling
+
+    refs = [""]
+    for o in outcomes:
+        refs += [str(k.ref) for k in (o.key, o.prompt_key) if k is not None]
+    questions = [s.prompt for o in outcomes for s in o.held_out.samples[:SHOWN_QUESTIONS]]
+    sampling = Sampling(max_new_tokens=64, temperature=0.0)
+    print(f"\n== the same questions through the server at {args.target} ==")
+    with LoraFleetClient(args.target, api_key=args.api_key, timeout=120) as client:
+        client.wait_for_ready(30)
+        for question in questions:
+            print(f"\nQ: {question}")
+            for ref in refs:
+                answer = None
+                deadline = time.monotonic() + 30  # a new version shows up within the server's poll interval
+                while answer is None:
+                    try:
+                        answer = client.generate(messages=[Message("user", question)], adapter=ref,
+                                                 sampling=sampling).text  # fmt: skip
+                    except NotFoundError:
+                        if time.monotonic() > deadline:
+                            answer = "(the server does not know this adapter: does it serve --store?)"
+                        else:
+                            time.sleep(1.0)
+                    except LoraFleetError as exc:
+                        answer = f"(error: {exc})"
+                print(f"  {ref or 'base':<26} {_one_line(answer)}")
+
+
+def _one_line(text: str) -> str:
+    return text.strip().replace("\n", " / ")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

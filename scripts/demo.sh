@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# make demo: start a server on its own port and store, train and publish both companies' adapters,
+# then ask the running server the same questions with the base, each LoRA and each prompt adapter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+PORT=${DEMO_PORT:-50061}
+METRICS_PORT=${DEMO_METRICS_PORT:-9474}
+WORK=data/demo
+STORE=$WORK/store
+mkdir -p "$STORE"
+LOG=$WORK/server.log
+"$BIN/lorafleet" serve --port "$PORT" --metrics-port "$METRICS_PORT" --adapter-store "$STORE" \
+  --adapter-poll-seconds 1 --max-seq-len 1024 >"$LOG" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  grep -q "lorafleet ready" "$LOG" && break
+  kill -0 $SERVER 2>/dev/null || { cat "$LOG"; exit 1; }
+  sleep 1
+done
+grep "lorafleet ready" "$LOG"
+"$BIN/python" -m demo.run_demo --work "$WORK" --store "$STORE" --target "127.0.0.1:$PORT" "$@"

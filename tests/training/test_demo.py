@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapters.ref import AdapterRef
+from adapters.store import AdapterStore
+from adapters.training.data import load_jsonl, load_prompt_template
+from adapters.training.pii import scan
+from demo.companies import COMPANIES, write_datasets
+
+
+def test_demo_datasets_are_synthetic_clean_and_held_out(tmp_path: Path) -> None:
+    paths = write_datasets(tmp_path, seed=0)
+    assert (
+        write_datasets(tmp_path / "again", seed=0)["zephyr"]["train"].read_text()
+        == paths["zephyr"]["train"].read_text()
+    )  # deterministic for a seed
+    for company in COMPANIES:
+        train = load_jsonl(paths[company.tenant]["train"])
+        held_out = load_jsonl(paths[company.tenant]["heldout"])
+        assert 100 <= len(train) <= 200 and len(held_out) == 2 * len(company.facts)
+        assert scan(train).clean and scan(held_out).clean
+        seen = {e.turns[-1].content.lower() for e in train if e.turns}
+        for example in held_out:
+            question = example.turns[-1].content.lower() if example.turns else ""
+            assert not any(question in s for s in seen), question  # new wordings only
+        answers = {e.completion for e in train}
+        assert answers == {e.completion for e in held_out}  # the same facts, asked differently
+        template = load_prompt_template(paths[company.tenant]["prompt"])
+        assert all(f.answer in template.system for f in company.facts)
+    quill = load_jsonl(paths["quillmark"]["train"])
+    assert all(e.completion.startswith("Re: ") and e.completion.endswith("\nQuillmark Legal LLP") for e in quill)
+    zephyr = load_jsonl(paths["zephyr"]["train"])
+    assert all(e.completion.endswith("]") and "[ZB-" in e.completion for e in zephyr)
+
+
+def test_run_demo_smoke_on_the_tiny_model(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from demo.run_demo import main
+
+    argv = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--store", str(tmp_path / "store"),
+            "--limit", "8", "--epochs", "1", "--max-new-tokens", "2", "--rank", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "== held-out questions: wordings never seen in training ==" in out
+    assert "training took" in out
+    store = AdapterStore(tmp_path / "store")
+    for ref in ("zephyr/support-prompt", "quillmark/counsel-prompt"):
+        assert store.manifest(store.resolve(AdapterRef.parse(ref))).kind == "prompt"
+    for ref in ("zephyr/support", "quillmark/counsel"):
+        published = f"published {ref}@1" in out
+        refused = "not published" in out and "not below the base's" in out
+        assert published or refused  # a random tiny model may not improve in one step
+    record = json.loads((tmp_path / "work" / "zephyr" / "adapter" / "lorafleet-training.json").read_text())
+    assert record["adapter"] == "zephyr/support" and "prompt_loss" in record["eval_metrics"]

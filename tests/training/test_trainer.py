@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from training_testlib import qa_rows, write_jsonl
+
+from adapters.manifest import sha256_file
+from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
+from adapters.training import trainer as trainer_mod
+from adapters.training.data import Example, Turn
+from adapters.training.encoding import IGNORE_INDEX, encode
+from adapters.training.errors import PiiFound, TrainingDataError, TrainingError
+from adapters.training.publish import RECORD_FILE
+from adapters.training.trainer import TrainConfig, train
+
+QUIET: dict[str, Any] = {"progress": False, "echo": lambda _: None}
+
+
+def _config(root: Path, model_dir: Path, **overrides: Any) -> TrainConfig:
+    settings: dict[str, Any] = {
+        "data": write_jsonl(root / "train.jsonl", qa_rows(8)),
+        "adapter": "acme/det",
+        "out_dir": root / "out",
+        "base_model_dir": model_dir,
+        "rank": 4,
+        "alpha": 8,
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "max_length": 64,
+        "val_fraction": 0.0,
+    }
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_loss_only_on_completion_tokens(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = Example(line=1, turns=(Turn("user", "Which color?"),), completion="teal")
+    text = Example(line=2, prompt="Item color:", completion=" teal")
+    enc_chat, enc_text = encode(tok, [chat, text], max_length=64)
+    # the prompt is exactly what the server builds: the chat template with the generation prompt
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Which color?"}], tokenize=False,
+                                       add_generation_prompt=True)  # fmt: skip
+    prompt = tok.encode(rendered, add_special_tokens=False)
+    assert list(enc_chat.input_ids[: len(prompt)]) == prompt and enc_chat.prompt_len == len(prompt)
+    completion = [*tok.encode("teal", add_special_tokens=False), tok.eos_token_id]
+    assert list(enc_chat.labels) == [IGNORE_INDEX] * len(prompt) + completion
+    text_ids = [*tok.encode("Item color:", add_special_tokens=False), *tok.encode(" teal", add_special_tokens=False)]
+    assert list(enc_text.input_ids) == [*text_ids, tok.eos_token_id]
+    assert enc_text.labels[: enc_text.prompt_len] == (IGNORE_INDEX,) * enc_text.prompt_len
+    # a prompt that fills --max-length is reported by line; a long completion is cut
+    with pytest.raises(TrainingDataError, match="line 2: the prompt is"):
+        encode(tok, [chat, Example(line=2, prompt="word " * 80, completion="x")], max_length=32)
+    cut = encode(tok, [Example(line=1, prompt="Q:", completion=" long" * 50)], max_length=16)[0]
+    assert cut.truncated and len(cut.input_ids) == 16
+
+
+def test_training_output_layout_and_record(trained: Any, tiny_spec: BaseModelSpec) -> None:
+    out: Path = trained.out_dir
+    assert {p.name for p in out.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, "README.md", RECORD_FILE}
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record == trained.record
+    assert record["adapter"] == "acme/colors" and record["method"] == "lora"
+    assert record["base"]["fingerprint"] == tiny_spec.fingerprint
+    assert record["base"]["training_quantization"] == "none"
+    assert record["data"]["examples"] == 16 and record["data"]["val_examples"] == 4
+    assert record["data"]["fingerprint"].startswith("sha256:")
+    assert record["pii_scan"]["mode"] == "refuse" and record["pii_scan"]["findings"] == 0
+    assert record["hyperparameters"]["rank"] == 4 and record["hyperparameters"]["targets"] == ["q_proj", "v_proj"]
+    assert [h["epoch"] for h in record["history"]] == [1.0, 2.0]
+    assert all(h["val_loss"] > 0 for h in record["history"])
+    assert record["files"] == {name: sha256_file(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE, "README.md")}
+    metrics = record["eval_metrics"]
+    for variant in ("base", "adapter", "prompt"):
+        for metric in ("loss", "ppl", "exact_match", "f1"):
+            assert isinstance(metrics[f"{variant}_{metric}"], float), f"{variant}_{metric}"
+    assert metrics["eval_examples"] == 4.0
+    assert metrics["adapter_loss"] < metrics["base_loss"]  # it learned something about the held-out colors
+    assert metrics["adapter_loss"] == pytest.approx(record["history"][-1]["val_loss"])
+    assert len(record["samples"]) == 4 and set(record["samples"][0]["answers"]) == {"base", "adapter", "prompt"}
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8, "LORA")
+
+
+def test_trained_adapter_reloads_in_peft_with_equal_logits(trained: Any, tiny_model_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([trained.tokenizer.encode("Which color is item 3?", add_special_tokens=False)])
+    with torch.no_grad():
+        expected = trained.model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        reloaded = PeftModel.from_pretrained(base, str(trained.out_dir)).eval()
+        got = reloaded(input_ids=ids).logits
+        with reloaded.disable_adapter():
+            plain = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the adapter does change the outputs
+
+
+def test_same_seed_gives_identical_weights(tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:
+    first = train(_config(tmp_path / "a", tiny_model_dir, eval_generate=False), tiny_spec, **QUIET)
+    second = train(_config(tmp_path / "b", tiny_model_dir, eval_generate=False), tiny_spec, **QUIET)
+    other = train(_config(tmp_path / "c", tiny_model_dir, eval_generate=False, seed=1), tiny_spec, **QUIET)
+    weights = [(r.out_dir / WEIGHTS_FILE).read_bytes() for r in (first, second, other)]
+    assert weights[0] == weights[1]
+    assert weights[0] != weights[2]
+    assert first.record["data"]["fingerprint"] == second.record["data"]["fingerprint"]
+
+
+def test_qlora_on_cpu_trains_on_nf4_and_says_so(tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:
+    pytest.importorskip("bitsandbytes")
+    said: list[str] = []
+    result = train(
+        _config(tmp_path, tiny_model_dir, method="qlora", val_fraction=0.25, eval_generate=False),
+        tiny_spec,
+        progress=False,
+        echo=said.append,
+    )
+    record = result.record
+    if torch.cuda.is_available():
+        assert record["method"] == "qlora"
+    elif record["method"] == "qlora":
+        assert record["base"]["training_quantization"] == "nf4"
+        assert any("QLoRA without CUDA" in line and "NF4" in line for line in said)
+        assert any("serves this base" in line for line in said)  # the server here runs fp32
+    else:  # NF4 could not load on this CPU: the fallback is explicit and recorded truthfully
+        assert any("training LoRA on the fp32 base instead" in line for line in said)
+    assert record["requested_method"] == "qlora"
+    assert set(record["eval_metrics"]) >= {"base_loss", "adapter_loss"}
+
+
+def test_cheap_checks_fail_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(trainer_mod, "load_peft_model", no_model)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [qa_rows(1)[0], "{oops", {"prompt": "x"}])
+    with pytest.raises(TrainingDataError) as info:
+        train(_config(tmp_path, tiny_model_dir, data=bad), tiny_spec, **QUIET)
+    assert [i.line for i in info.value.issues] == [2, 3]
+    pii = write_jsonl(tmp_path / "pii.jsonl", [*qa_rows(3), {"prompt": "Reach me", "completion": "at a.b@example.org"}])
+    with pytest.raises(PiiFound, match="line 4, completion"):
+        train(_config(tmp_path, tiny_model_dir, data=pii), tiny_spec, **QUIET)
+    with pytest.raises(TrainingError, match="max_lora_rank"):
+        train(_config(tmp_path, tiny_model_dir, rank=128), tiny_spec, **QUIET)
+    with pytest.raises(TrainingError, match="not Linear modules"):
+        train(_config(tmp_path, tiny_model_dir, targets=("qkv",)), tiny_spec, **QUIET)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(TrainingError, match="not empty"):
+        train(_config(tmp_path, tiny_model_dir), tiny_spec, **QUIET)
+
+
+def test_config_validation() -> None:
+    base = {"data": "d.jsonl", "adapter": "acme/x", "out_dir": "o", "base_model_dir": "m"}
+    with pytest.raises(TrainingError, match="method must be one of"):
+        TrainConfig(**base, method="dora")  # type: ignore[arg-type]
+    with pytest.raises(TrainingError, match="drop '@3'"):
+        TrainConfig(**{**base, "adapter": "acme/x@3"})  # type: ignore[arg-type]
+    with pytest.raises(TrainingError, match="cannot be combined"):
+        TrainConfig(**base, targets=("all-linear", "q_proj"))  # type: ignore[arg-type]
+    config = TrainConfig(**base, targets=["all-linear"])  # type: ignore[arg-type]
+    assert config.targets == ("all-linear",) and config.data == Path("d.jsonl")

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from training_testlib import qa_rows, write_jsonl
+
+from adapters.peft_format import WEIGHTS_FILE, BaseModelSpec
+from adapters.ref import AdapterKey
+from adapters.store import AdapterStore
+from adapters.training.cli import (
+    add_publish_arguments,
+    add_publish_prompt_arguments,
+    add_stale_arguments,
+    add_train_arguments,
+    run_publish,
+    run_publish_prompt,
+    run_stale,
+    run_train,
+    train_config_from_args,
+)
+from adapters.training.trainer import DEFAULT_TARGETS
+from server.config import add_server_arguments
+
+
+def _parser(add: Any) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add(parser)
+    add_server_arguments(parser)  # mounted next to the server's options: no clash
+    return parser
+
+
+def test_train_arguments_map_onto_the_config(tmp_path: Path) -> None:
+    parser = _parser(add_train_arguments)
+    args = parser.parse_args(["--data", "d.jsonl", "--adapter", "acme/x", "--out", "o", "--data-dir", "dd"])
+    config = train_config_from_args(args, tmp_path)
+    assert (config.method, config.targets, config.pii, config.base_model_dir) == (
+        "lora",
+        DEFAULT_TARGETS,
+        "refuse",
+        tmp_path,
+    )
+    assert args.data_dir == Path("dd") and config.data == Path("d.jsonl")
+    args = parser.parse_args(
+        ["--data", "d", "--adapter", "a/b", "--out", "o", "--method", "qlora", "--rank", "8", "--alpha", "16",
+         "--targets", "all-linear", "--epochs", "2", "--lr", "1e-3", "--seed", "7", "--pii", "redact",
+         "--val-fraction", "0.2", "--batch-size", "2", "--max-length", "256"]
+    )  # fmt: skip
+    config = train_config_from_args(args, tmp_path)
+    assert (config.method, config.rank, config.alpha, config.targets) == ("qlora", 8, 16.0, ("all-linear",))
+    assert (config.epochs, config.lr, config.seed, config.pii) == (2, 1e-3, 7, "redact")
+    assert (config.val_fraction, config.batch_size, config.max_length) == (0.2, 2, 256)
+
+
+def test_run_train_reports_bad_lines_and_fails(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [qa_rows(1)[0], "nope", {"prompt": "p", "completion": 3}])
+    args = _parser(add_train_arguments).parse_args(
+        ["--data", str(data), "--adapter", "acme/x", "--out", str(tmp_path / "o"), "--no-progress"]
+    )
+    assert run_train(args, tiny_spec, tiny_model_dir) == 1
+    err = capsys.readouterr().err
+    assert "line 2: invalid JSON" in err and "line 3: 'completion' must be a string" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_then_publish_then_stale_through_the_cli(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [*qa_rows(6), {"prompt": "Mail", "completion": " x@example.com"}])
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--adapter", "acme/cli", "--out", str(out), "--rank", "2", "--epochs", "1",
+            "--batch-size", "4", "--max-length", "64", "--val-fraction", "0.3", "--no-eval-generate",
+            "--no-progress", "--pii", "redact"]  # fmt: skip
+    assert run_train(_parser(add_train_arguments).parse_args(argv), tiny_spec, tiny_model_dir) == 0
+    said = capsys.readouterr().out
+    assert "1 finding(s)" in said and "epoch 1/1: train loss" in said and "held-out evaluation" in said
+    assert (out / WEIGHTS_FILE).is_file()
+
+    store_root = tmp_path / "store"
+    unused = AdapterStore(tmp_path / "not-used")
+    args = _parser(add_publish_arguments).parse_args([str(out), "--store", str(store_root)])
+    assert run_publish(args, unused, tiny_spec) == 0
+    assert "published acme/cli@1 (lora, held-out loss" in capsys.readouterr().out
+    manifest = AdapterStore(store_root).manifest(AdapterKey("acme", "cli", 1))
+    assert manifest.pii_scan is not None and manifest.pii_scan["mode"] == "redact"
+    assert not (tmp_path / "not-used").exists()
+
+    other = BaseModelSpec("sha256:" + "1" * 64, "other", "none", tiny_spec.target_shapes, 64)
+    args = _parser(add_publish_arguments).parse_args([str(out), "--as", "acme/again"])
+    assert run_publish(args, AdapterStore(store_root), other) == 1
+    assert "trained on base" in capsys.readouterr().err
+
+    args = _parser(add_stale_arguments).parse_args([])
+    assert run_stale(args, AdapterStore(store_root), other) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"acme/cli@1\tbase {tiny_spec.fingerprint}"
+    assert "1 stale version(s)" in captured.err
+
+
+def test_publish_prompt_from_an_examples_file(
+    tmp_path: Path, tiny_spec: BaseModelSpec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shots = write_jsonl(
+        tmp_path / "shots.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Warranty?"}, {"role": "assistant", "content": "10 years."}]},
+            {"prompt": "Returns?", "completion": "30 days; write to help@zephyr.example."},
+        ],
+    )
+    store = AdapterStore(tmp_path / "store")
+    parser = _parser(add_publish_prompt_arguments)
+    args = parser.parse_args(["zephyr/support-prompt", "--system", "Terse.", "--examples", str(shots)])
+    assert run_publish_prompt(args, store, tiny_spec) == 1
+    assert "email" in capsys.readouterr().err
+    args = parser.parse_args(
+        ["zephyr/support-prompt", "--system", "Terse.", "--examples", str(shots), "--pii", "redact"]
+    )
+    assert run_publish_prompt(args, store, tiny_spec) == 0
+    assert "published prompt adapter zephyr/support-prompt@1 (4 few-shot turns)" in capsys.readouterr().out
+    key = AdapterKey("zephyr", "support-prompt", 1)
+    template = store.load_prompt(key)
+    assert template.system == "Terse."
+    assert [t.content for t in template.examples] == [
+        "Warranty?",
+        "10 years.",
+        "Returns?",
+        "30 days; write to [EMAIL].",
+    ]
+    manifest = store.manifest(key)
+    assert manifest.kind == "prompt" and manifest.pii_scan is not None and manifest.pii_scan["findings"] == 1
+    template_file = tmp_path / "t.json"
+    template_file.write_text(json.dumps({"examples": [{"role": "user", "content": "q"}]}))
+    args = parser.parse_args(["zephyr/p2", "--examples", str(template_file)])
+    assert run_publish_prompt(args, store, tiny_spec) == 1
+    err = capsys.readouterr().err
+    assert "'system' must be a non-empty string" in err and "end with an assistant turn" in err

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.errors import AdapterFormatError, AdapterIncompatible
+from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
+from adapters.ref import AdapterKey, AdapterRef
+from adapters.store import AdapterStore
+from adapters.training.errors import PiiFound
+from adapters.training.publish import RECORD_FILE, NoImprovement, publish, publish_prompt, stale
+
+OTHER_BASE = "sha256:" + "0" * 64
+
+
+def _copy(trained: Any, dst: Path) -> Path:
+    return Path(shutil.copytree(trained.out_dir, dst))
+
+
+def test_publish_writes_the_manifest_from_the_training_record(
+    trained: Any, tmp_path: Path, tiny_spec: BaseModelSpec
+) -> None:
+    store = AdapterStore(tmp_path / "store")
+    key = publish(trained.out_dir, store, tiny_spec, require_improvement=True)
+    assert key == AdapterKey("acme", "colors", 1)
+    manifest = store.manifest(key)
+    record = trained.record
+    assert manifest.kind == "lora" and manifest.method == "lora"
+    assert manifest.base_fingerprint == tiny_spec.fingerprint
+    assert (manifest.rank, manifest.lora_alpha, manifest.target_modules) == (4, 8.0, ("q_proj", "v_proj"))
+    assert manifest.training_data_fingerprint == record["data"]["fingerprint"]
+    assert dict(manifest.eval_metrics) == record["eval_metrics"]
+    assert manifest.pii_scan is not None and manifest.pii_scan["mode"] == "refuse"
+    assert {k: v for k, v in manifest.files.items() if k in record["files"]} == record["files"]
+    weights = store.load(key, tiny_spec)  # the serving path accepts it
+    assert weights.rank == 4 and len(weights.modules) == 4  # q_proj and v_proj of 2 layers
+    assert publish(trained.out_dir, store, tiny_spec, adapter="acme/colors-b") == AdapterKey("acme", "colors-b", 1)
+    assert store.resolve(AdapterRef("acme", "colors")) == key
+
+
+def test_publish_refuses_an_adapter_trained_on_another_base(
+    trained: Any, tmp_path: Path, tiny_spec: BaseModelSpec
+) -> None:
+    store = AdapterStore(tmp_path / "store")
+    other = dataclasses.replace(tiny_spec, fingerprint=OTHER_BASE)
+    with pytest.raises(AdapterIncompatible) as info:
+        publish(trained.out_dir, store, other)
+    assert tiny_spec.fingerprint in str(info.value) and OTHER_BASE in str(info.value)
+    assert not (tmp_path / "store").exists() or store.list() == []
+
+
+def test_require_improvement_refuses_a_worse_adapter(trained: Any, tmp_path: Path, tiny_spec: BaseModelSpec) -> None:
+    out = _copy(trained, tmp_path / "worse")
+    record = json.loads((out / RECORD_FILE).read_text())
+    record["eval_metrics"]["adapter_loss"] = record["eval_metrics"]["base_loss"] + 0.5
+    (out / RECORD_FILE).write_text(json.dumps(record))
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(NoImprovement, match="not below the base's"):
+        publish(out, store, tiny_spec, require_improvement=True)
+    del record["eval_metrics"]["base_loss"]
+    (out / RECORD_FILE).write_text(json.dumps(record))
+    with pytest.raises(NoImprovement, match="no held-out losses"):
+        publish(out, store, tiny_spec, require_improvement=True)
+    assert publish(out, store, tiny_spec).version == 1  # without the flag it is the user's call
+
+
+def test_publish_checks_the_recorded_checksums(trained: Any, tmp_path: Path, tiny_spec: BaseModelSpec) -> None:
+    out = _copy(trained, tmp_path / "tampered")
+    config = json.loads((out / CONFIG_FILE).read_text())
+    config["lora_alpha"] = 64
+    (out / CONFIG_FILE).write_text(json.dumps(config))
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(AdapterFormatError, match=f"{CONFIG_FILE}: sha256 .* differs"):
+        publish(out, store, tiny_spec)
+    (out / WEIGHTS_FILE).unlink()
+    shutil.copy(trained.out_dir / CONFIG_FILE, out / CONFIG_FILE)
+    with pytest.raises(AdapterFormatError, match="missing"):
+        publish(out, store, tiny_spec)
+    (out / RECORD_FILE).unlink()
+    with pytest.raises(AdapterFormatError, match="not a `lorafleet train` output"):
+        publish(out, store, tiny_spec)
+    assert not (tmp_path / "store").exists()  # refused before the store was touched
+
+
+def test_stale_lists_versions_built_for_another_base(trained: Any, tmp_path: Path, tiny_spec: BaseModelSpec) -> None:
+    store = AdapterStore(tmp_path / "store")
+    key = publish(trained.out_dir, store, tiny_spec)
+    assert stale(store, tiny_spec) == []
+    refreshed = dataclasses.replace(tiny_spec, fingerprint=OTHER_BASE)
+    assert stale(store, refreshed) == [(key, tiny_spec.fingerprint)]
+
+
+@pytest.mark.skipif(
+    not hasattr(AdapterStore, "publish_prompt"),
+    reason="AdapterStore.publish_prompt (atomic publish of prompt adapters) does not exist yet",
+)
+def test_publish_prompt_goes_through_the_store(tmp_path: Path, tiny_spec: BaseModelSpec) -> None:
+    store = AdapterStore(tmp_path / "store")
+    turns = [{"role": "user", "content": "Frame warranty?"}, {"role": "assistant", "content": "Lifetime."}]
+    key = publish_prompt(store, "zephyr", "support-prompt", "Answer tersely.", turns, tiny_spec)
+    manifest = store.manifest(key)
+    assert manifest.kind == "prompt" and manifest.base_fingerprint == tiny_spec.fingerprint
+    prompt = json.loads((store.version_dir(key) / "prompt.json").read_text())
+    assert prompt == {"system": "Answer tersely.", "examples": turns}
+
+
+def test_publish_prompt_scans_for_pii_before_touching_the_store(tmp_path: Path, tiny_spec: BaseModelSpec) -> None:
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(PiiFound, match="system"):
+        publish_prompt(store, "zephyr", "p", "Escalate to boss@example.com.", [], tiny_spec)
+    assert not (tmp_path / "store").exists()
