@@ -60,9 +60,6 @@ class DeviceSlots:
     def pinned_count(self) -> int:
         return sum(1 for s in list(self._slots) if s.pinned)
 
-    def find(self, key: AdapterKey) -> int | None:
-        return self._index.get(key)
-
     def acquire(self, key: AdapterKey) -> int | None:
         """Lease a resident adapter's slot; None when it is not resident."""
         slot = self._index.get(key)

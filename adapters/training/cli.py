@@ -46,8 +46,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="lora",
         help="lora (fp32 base on CPU) or qlora (NF4 bitsandbytes base; on CPU too, said so at start)",
     )
-    parser.add_argument("--rank", type=int, default=d.get("rank", 16), help="LoRA rank r (default %(default)s)")
-    parser.add_argument("--alpha", type=float, default=d.get("alpha", 32.0), help="lora_alpha (default %(default)s)")
+    parser.add_argument("--rank", type=int, default=d["rank"], help="LoRA rank r (default %(default)s)")
+    parser.add_argument("--alpha", type=float, default=d["alpha"], help="lora_alpha (default %(default)s)")
     parser.add_argument(
         "--targets",
         nargs="+",
@@ -55,23 +55,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="modules to adapt, e.g. q_proj v_proj (default), or all-linear",
     )
-    parser.add_argument(
-        "--dropout", type=float, default=d.get("dropout", 0.05), help="lora_dropout (default %(default)s)"
-    )
-    parser.add_argument("--epochs", type=int, default=d.get("epochs", 3), help="default %(default)s")
-    parser.add_argument("--lr", type=float, default=d.get("lr", 2e-4), help="peak learning rate (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=d.get("batch_size", 4), help="default %(default)s")
+    parser.add_argument("--dropout", type=float, default=d["dropout"], help="lora_dropout (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=d["epochs"], help="default %(default)s")
+    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="default %(default)s")
     parser.add_argument(
         "--max-length",
         type=int,
-        default=d.get("max_length", 512),
+        default=d["max_length"],
         help="tokens per example, prompt included (default %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=d.get("seed", 0), help="default %(default)s")
+    parser.add_argument("--seed", type=int, default=d["seed"], help="default %(default)s")
     parser.add_argument(
         "--val-fraction",
         type=float,
-        default=d.get("val_fraction", 0.1),
+        default=d["val_fraction"],
         help="held-out share for evaluation (default %(default)s)",
     )
     parser.add_argument("--pii", choices=MODES, default="refuse",
@@ -94,7 +92,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval-max-new-tokens",
         type=int,
-        default=d.get("eval_max_new_tokens", 64),
+        default=d["eval_max_new_tokens"],
         help="greedy tokens per held-out answer (default %(default)s)",
     )
     parser.add_argument(

@@ -12,10 +12,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol
 
-from adapters.device_slots import DeviceSlots, SlotInfo
+from adapters.device_slots import DeviceSlots
 from adapters.errors import AdapterError
 from adapters.host_cache import HostCache
 from adapters.manifest import Manifest
@@ -52,15 +51,6 @@ class _NullAdapterObserver:
 
     def adapter_swap_failed(self) -> None:
         return None
-
-
-@dataclass(frozen=True)
-class AdapterState:
-    """Where one version is held: tiers and leases."""
-
-    key: AdapterKey
-    on_host: bool
-    slot: SlotInfo | None
 
 
 class AdapterManager:
@@ -164,10 +154,6 @@ class AdapterManager:
 
     def release(self, slot: int) -> None:
         self.slots.release(slot)
-
-    def state(self, key: AdapterKey) -> AdapterState:  # engine thread
-        return AdapterState(key=key, on_host=key in self.host_cache,
-                            slot=self.slots.snapshot().get(key))
 
     def pin(self, key: AdapterKey) -> bool:
         return self.slots.pin(key)

@@ -64,10 +64,8 @@ class EngineConfig:
     max_batch_size: int = 32  # running rows (and KV rows)
     max_seq_len: int = 2048  # prompt + generated tokens per request
     max_new_tokens: int = 1024  # limit on a request's max_new_tokens
-    default_max_new_tokens: int = 256
     max_waiting: int = 1024  # queued requests before RESOURCE_EXHAUSTED
     max_step_tokens: int = 512  # tokens per forward (decode rows + prefill chunks)
-    lora_impl: str = "auto"
 
 
 @dataclass(eq=False)  # identity: two requests may carry the same client-chosen request id
