@@ -85,5 +85,7 @@ def test_auto_choice_by_step_shape(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert run([1, 2, 0, 1]) == "dense"  # decode, few adapters
     assert run(list(range(1, 33))) == "token"  # decode, an adapter per row
-    assert run([1] * 200 + [2] * 200) == "grouped"  # long prefill of several adapters
+    assert run(list(range(1, 9)) * 4) == "token"  # decode, 8 adapters
+    assert run([s for s in range(1, 7) for _ in range(70)]) == "grouped"  # long prefill, 6 adapters
+    assert run([1] * 200 + [2] * 200) == "dense"  # long prefill of two adapters
     assert run([1] * 400) == "dense"  # long prefill of one adapter
