@@ -5,7 +5,8 @@ Layout::
     <root>/<tenant>/<name>/versions/<version>/   adapter_config.json, adapter_model.safetensors,
                                                  [README.md], manifest.json  (immutable)
     <root>/<tenant>/<name>/latest                the latest version number, replaced atomically
-    <root>/.staging/                             publishes in progress (ignored by readers)
+    <root>/.staging/                             publishes in progress (ignored by readers); what a
+                                                 crashed publish left is removed after a day
 
 Paths are built only from validated tenant/name/version parts, and every path is additionally
 resolved and checked to lie inside the root before it is opened, so symlinks cannot lead out.
@@ -17,10 +18,12 @@ import builtins
 import errno
 import fcntl
 import importlib.metadata
+import logging
 import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,12 +51,15 @@ from adapters.prompt import PROMPT_FILE, PromptTemplate
 from adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
 from adapters.safetensors_header import MAX_HEADER_BYTES
 
+log = logging.getLogger(__name__)
+
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 LOCK_FILE = ".lock"
 VERSIONS_DIR = "versions"
 STAGING_DIR = ".staging"
 README_FILE = "README.md"
+STALE_STAGING_SECONDS = 24 * 3600  # no live publish stays untouched this long
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_README_BYTES = 1 << 20
 _EXTRA_FIELDS = frozenset({"training_data_fingerprint", "eval_metrics", "pii_scan"})
@@ -186,11 +192,7 @@ class AdapterStore:
         unknown = sorted(set(extra) - _EXTRA_FIELDS)
         if unknown:
             raise AdapterFormatError(f"unknown manifest extra fields {unknown}; allowed: {sorted(_EXTRA_FIELDS)}")
-        with _store_io("prepare the store"):
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging_root = self._inside(self.root / STAGING_DIR)
-            staging_root.mkdir(exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f"{tenant}.{name}.", dir=staging_root))
+        staging = self._new_staging(tenant, name)
         try:
             atomic_write_text(staging / PROMPT_FILE, template.to_json())
             files = {PROMPT_FILE: sha256_file(staging / PROMPT_FILE)}
@@ -228,11 +230,7 @@ class AdapterStore:
             )
         src = Path(src)
         _check_source_size(find_weights_file(src), spec)
-        with _store_io("prepare the store"):
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging_root = self._inside(self.root / STAGING_DIR)
-            staging_root.mkdir(exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f"{tenant}.{name}.", dir=staging_root))
+        staging = self._new_staging(tenant, name)
         try:
             copied = _copy_sources(src, staging)
             weights = load_adapter_weights(staging, spec)
@@ -244,6 +242,46 @@ class AdapterStore:
             raise
         self._advance_latest(key)
         return key
+
+    def _new_staging(self, tenant: str, name: str) -> Path:
+        """A fresh directory under .staging for one publish; sweeps what crashed publishes left."""
+        with _store_io("prepare the store"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging_root = self._inside(self.root / STAGING_DIR)
+            staging_root.mkdir(exist_ok=True)
+            self.sweep_staging()
+            return Path(tempfile.mkdtemp(prefix=f"{tenant}.{name}.", dir=staging_root))
+
+    def sweep_staging(self, max_age_seconds: float = STALE_STAGING_SECONDS) -> builtins.list[str]:
+        """Remove .staging entries untouched for ``max_age_seconds`` (crashed publishes); their names.
+
+        A publish in progress, in this process or another, touches its entry far more recently, and
+        nothing under .staging is ever visible to readers, so removing old entries loses nothing.
+        """
+        staging_root = self._inside(self.root / STAGING_DIR)
+        cutoff = time.time() - max_age_seconds
+        removed: builtins.list[str] = []
+        try:
+            entries = list(os.scandir(staging_root))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:  # a stray file or a symlink: unlink the entry itself, never its target
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue  # another sweeper got there first
+            except OSError as exc:  # best effort: a leftover we cannot remove must not stop a publish
+                log.warning("could not remove the stale staging entry %s: %s", entry.path, exc)
+                continue
+            removed.append(entry.name)
+        if removed:
+            log.info("removed %d staging entries left by crashed publishes: %s", len(removed), removed)
+        return removed
 
     def _publish(
         self,

@@ -474,7 +474,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the naive server loads all adapters of each shape, not only those its requests use (~1 s each)",
     )
     p.add_argument("--respect-eos", action="store_true", help="let requests stop at EOS (default: ignore it)")
-    p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "grouped", "gather"))
+    p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "token", "grouped", "gather"))
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument(

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +350,29 @@ def test_symlinked_root_works_and_aliases_are_caught(
     (store.root / "alias").symlink_to(store.root / "acme")
     with pytest.raises(AdapterFormatError, match="describes acme/support@1"):
         store.load(AdapterKey("alias", "support", 1), spec)
+
+
+def test_stale_staging_left_by_crashed_publishes_is_swept(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec
+) -> None:
+    store.import_peft(adapter_dir, "acme", "support", spec)
+    staging = store.root / ".staging"
+    old_dir, old_file, fresh = staging / "acme.support.crashed", staging / "stray.tmp", staging / "acme.support.live"
+    old_dir.mkdir()
+    (old_dir / "adapter_model.safetensors").write_bytes(b"x" * 16)
+    old_file.write_text("x")
+    fresh.mkdir()
+    outside = store.root.parent / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    link = staging / "link-out"
+    link.symlink_to(outside, target_is_directory=True)
+    day_ago = time.time() - 2 * 24 * 3600
+    for path in (old_dir, old_file):
+        os.utime(path, (day_ago, day_ago))
+    os.utime(link, (day_ago, day_ago), follow_symlinks=False)
+
+    assert store.import_peft(adapter_dir, "acme", "support", spec).version == 2  # a publish sweeps
+    assert sorted(p.name for p in staging.iterdir()) == ["acme.support.live"]
+    assert (outside / "keep.txt").read_text() == "keep"  # the link went, never what it points at
+    assert store.sweep_staging(max_age_seconds=0) == ["acme.support.live"]
