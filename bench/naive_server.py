@@ -21,8 +21,9 @@ from typing import Any
 
 import grpc
 import torch
-from lorafleet.v1 import inference_pb2, inference_pb2_grpc
 from transformers.generation.streamers import BaseStreamer
+
+from lorafleet_proto.v1 import inference_pb2, inference_pb2_grpc
 
 DEFAULT_MAX_NEW_TOKENS = 256
 

@@ -522,10 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-    from server.app import build_service
-    from server.config import ServerConfig
-    from server.grpc.server import BackgroundServer
-    from server.model.prepare import prepare_default_model
+    from lorafleet_server.app import build_service
+    from lorafleet_server.config import ServerConfig
+    from lorafleet_server.grpc.server import BackgroundServer
+    from lorafleet_server.model.prepare import prepare_default_model
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

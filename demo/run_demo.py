@@ -26,13 +26,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.ref import AdapterKey
-from adapters.store import AdapterStore
-from adapters.training.data import Example, Turn, load_prompt_template, template_to_dict
-from adapters.training.evaluate import EvalResult
-from adapters.training.publish import publish, publish_prompt
-from adapters.training.trainer import TrainConfig, format_metrics, train
 from demo.companies import COMPANIES, Company, write_datasets
+from lorafleet_adapters.ref import AdapterKey
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_training.data import Example, Turn, load_prompt_template, template_to_dict
+from lorafleet_training.evaluate import EvalResult
+from lorafleet_training.publish import publish, publish_prompt
+from lorafleet_training.trainer import TrainConfig, format_metrics, train
 
 SHOWN_QUESTIONS = 2  # per company, asked of every model
 
@@ -108,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _base(model_dir: Path | None) -> tuple[Path, Any]:
-    from server.model.loader import base_spec_from_files, resolve_device, resolve_quantization
-    from server.model.prepare import prepare_default_model
+    from lorafleet_server.model.loader import base_spec_from_files, resolve_device, resolve_quantization
+    from lorafleet_server.model.prepare import prepare_default_model
 
     model_dir = model_dir or prepare_default_model(Path("data/models"))
     quantization = resolve_quantization("auto", resolve_device("auto"))
@@ -166,8 +166,8 @@ def _show_answers(outcomes: Sequence[Outcome], model_dir: Path, max_new_tokens: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.training.encoding import prompt_ids
-    from adapters.training.evaluate import generate_answers
+    from lorafleet_training.encoding import prompt_ids
+    from lorafleet_training.evaluate import generate_answers
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.peft_format import BaseModelSpec
-from server.model.loader import base_spec_from_files
-from server.model.prepare import prepare_default_model
+from lorafleet_adapters.peft_format import BaseModelSpec
+from lorafleet_server.model.loader import base_spec_from_files
+from lorafleet_server.model.prepare import prepare_default_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 

@@ -6,11 +6,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters.ref import AdapterRef
-from server.app import Service, build_service
-from server.config import ServerConfig
-from server.engine.engine import Engine, RequestHandle
-from server.engine.types import ChatTurn, GenerationRequest, SamplingParams, Summary, TokenEvent
+from lorafleet_adapters.ref import AdapterRef
+from lorafleet_server.app import Service, build_service
+from lorafleet_server.config import ServerConfig
+from lorafleet_server.engine.engine import Engine, RequestHandle
+from lorafleet_server.engine.types import ChatTurn, GenerationRequest, SamplingParams, Summary, TokenEvent
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServerConfig, parse_config
+from lorafleet_server.config import ServerConfig, parse_config
 
 
 def test_defaults() -> None:

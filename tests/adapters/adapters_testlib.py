@@ -11,7 +11,7 @@ import peft
 import torch
 import transformers
 
-from adapters.peft_format import BaseModelSpec
+from lorafleet_adapters.peft_format import BaseModelSpec
 
 FINGERPRINT = "sha256:" + "ab" * 32
 

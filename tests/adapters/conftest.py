@@ -10,7 +10,7 @@ import pytest
 import torch
 from adapters_testlib import MakeAdapter, make_base_model, spec_from_model
 
-from adapters.peft_format import BaseModelSpec
+from lorafleet_adapters.peft_format import BaseModelSpec
 
 
 @pytest.fixture(scope="session")

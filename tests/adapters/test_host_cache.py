@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
-from adapters.host_cache import HostCache
-from adapters.lora_config import LoraConfigInfo
-from adapters.peft_format import AdapterWeights
-from adapters.ref import AdapterKey
+from lorafleet_adapters.host_cache import HostCache
+from lorafleet_adapters.lora_config import LoraConfigInfo
+from lorafleet_adapters.peft_format import AdapterWeights
+from lorafleet_adapters.ref import AdapterKey
 
 CONFIG = LoraConfigInfo(
     r=1,

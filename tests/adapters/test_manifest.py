@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from adapters.errors import AdapterFormatError
-from adapters.manifest import Manifest, sha256_file
+from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_adapters.manifest import Manifest, sha256_file
 
 
 def sample(**changes: Any) -> dict[str, Any]:

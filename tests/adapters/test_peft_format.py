@@ -10,8 +10,8 @@ import torch
 from adapters_testlib import MakeAdapter, edit_config, lora_layers, make_base_model, spec_from_model
 from safetensors.torch import save_file
 
-from adapters.errors import AdapterFormatError, AdapterIncompatible
-from adapters.peft_format import (
+from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
+from lorafleet_adapters.peft_format import (
     WEIGHTS_FILE,
     BaseModelSpec,
     check_safetensors_header,

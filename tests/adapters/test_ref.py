@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.errors import InvalidAdapterRef
-from adapters.ref import AdapterKey, AdapterRef
+from lorafleet_adapters.errors import InvalidAdapterRef
+from lorafleet_adapters.ref import AdapterKey, AdapterRef
 
 
 @pytest.mark.parametrize(

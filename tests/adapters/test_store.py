@@ -13,17 +13,17 @@ import pytest
 import torch
 from adapters_testlib import FINGERPRINT, MakeAdapter, edit_config
 
-from adapters.errors import (
+from lorafleet_adapters.errors import (
     AdapterFormatError,
     AdapterIncompatible,
     AdapterNotFound,
     InvalidAdapterRef,
     StoreUnavailable,
 )
-from adapters.manifest import sha256_file
-from adapters.peft_format import WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
-from adapters.ref import AdapterKey, AdapterRef
-from adapters.store import AdapterStore, AdapterSummary
+from lorafleet_adapters.manifest import sha256_file
+from lorafleet_adapters.peft_format import WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
+from lorafleet_adapters.ref import AdapterKey, AdapterRef
+from lorafleet_adapters.store import AdapterStore, AdapterSummary
 
 
 class Crash(BaseException):

@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 CLIENT_ROOT = REPO / "clients" / "python"
 sys.path.insert(0, str(CLIENT_ROOT))
 
-from lorafleet.v1 import adapters_pb2 as apb  # noqa: E402
-from lorafleet.v1 import adapters_pb2_grpc, inference_pb2_grpc  # noqa: E402
-from lorafleet.v1 import inference_pb2 as ipb  # noqa: E402
+from lorafleet_proto.v1 import adapters_pb2 as apb  # noqa: E402
+from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc  # noqa: E402
+from lorafleet_proto.v1 import inference_pb2 as ipb  # noqa: E402
 
 STREAM_CHUNKS = ("Hel", "lo, ", "wörld")
 MODEL_INFO = ipb.GetModelInfoResponse(

@@ -8,8 +8,9 @@ import json
 from typing import TYPE_CHECKING
 
 import pytest
+
 from lorafleet.cli import add_generate_arguments, main, run_generate
-from lorafleet.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import inference_pb2 as ipb
 
 if TYPE_CHECKING:
     from conftest import FakeServer

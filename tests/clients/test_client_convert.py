@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lorafleet import convert
 from lorafleet.models import (
     AdapterInfo,
@@ -16,7 +17,7 @@ from lorafleet.models import (
     Sampling,
     Tokens,
 )
-from lorafleet.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import inference_pb2 as ipb
 
 MANIFEST = AdapterManifest(
     kind="lora",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+
 from lorafleet import (
     AsyncLoraFleetClient,
     Completion,
@@ -24,7 +25,7 @@ from lorafleet import (
     UnauthenticatedError,
     UnavailableError,
 )
-from lorafleet.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import inference_pb2 as ipb
 
 if TYPE_CHECKING:
     from conftest import FakeServer

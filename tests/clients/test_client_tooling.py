@@ -10,11 +10,13 @@ import tomllib
 import venv
 from pathlib import Path
 
-import lorafleet
 import pytest
+
+import lorafleet
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_ROOT = REPO / "clients" / "python"
+PROTO_ROOT = REPO / "proto" / "python"
 
 
 def _run(
@@ -34,8 +36,7 @@ def test_gen_proto_check_detects_stale_code(tmp_path: Path) -> None:
     copy = tmp_path / "repo"
     shutil.copytree(REPO / "proto", copy / "proto")
     shutil.copytree(REPO / "scripts", copy / "scripts")
-    shutil.copytree(CLIENT_ROOT / "lorafleet" / "v1", copy / "clients" / "python" / "lorafleet" / "v1")
-    stale = copy / "clients" / "python" / "lorafleet" / "v1" / "inference_pb2.py"
+    stale = copy / "proto" / "python" / "lorafleet_proto" / "v1" / "inference_pb2.py"
     stale.write_text(stale.read_text() + "# edited\n")
     env = {**os.environ, "PYTHON": sys.executable}
     script = copy / "scripts" / "gen_proto.sh"
@@ -60,20 +61,23 @@ def test_version_matches_pyproject() -> None:
 
 @pytest.mark.slow
 def test_client_installs_alone_without_torch(tmp_path: Path) -> None:
-    source = tmp_path / "src"
-    shutil.copytree(CLIENT_ROOT, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    ignore = shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
+    source, proto_source = tmp_path / "src", tmp_path / "proto-src"
+    shutil.copytree(CLIENT_ROOT, source, ignore=ignore)
+    shutil.copytree(PROTO_ROOT, proto_source, ignore=ignore)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True, system_site_packages=False)
     python = env_dir / "bin" / "python"
-    _run([python, "-m", "pip", "install", "--quiet", source])
+    _run([python, "-m", "pip", "install", "--quiet", proto_source, source])
 
     check = (
         "import importlib.util, pathlib, sys\n"
-        "import lorafleet, lorafleet.client, lorafleet.cli, lorafleet.aio\n"
+        "import lorafleet, lorafleet.client, lorafleet.cli, lorafleet.aio, lorafleet_proto.v1\n"
         "assert 'torch' not in sys.modules\n"
         "assert importlib.util.find_spec('torch') is None\n"
         "root = pathlib.Path(lorafleet.__file__).parent\n"
-        "assert (root / 'py.typed').is_file() and (root / 'v1' / 'inference_pb2.pyi').is_file()\n"
+        "assert (root / 'py.typed').is_file()\n"
+        "assert (pathlib.Path(lorafleet_proto.v1.__file__).parent / 'inference_pb2.pyi').is_file()\n"
         "assert 'site-packages' in str(root)\n"
         "print(lorafleet.__version__)\n"
     )

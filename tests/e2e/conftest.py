@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from e2elib import LiveServer, make_real_adapter
-from lorafleet import LoraFleetClient
 
-from server.app import build_service
-from server.config import ServerConfig
-from server.grpc.server import BackgroundServer
+from lorafleet import LoraFleetClient
+from lorafleet_server.app import build_service
+from lorafleet_server.config import ServerConfig
+from lorafleet_server.grpc.server import BackgroundServer
 
 E2E_CONFIG = {
     "port": 0,

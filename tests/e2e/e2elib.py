@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lorafleet import LoraFleetClient
 
-from adapters.manifest import Manifest, sha256_file, utc_now_iso
-from server.app import Service
+from lorafleet import LoraFleetClient
+from lorafleet_adapters.manifest import Manifest, sha256_file, utc_now_iso
+from lorafleet_server.app import Service
 
 
 def make_real_adapter(model_dir: Path, out: Path, seed: int, b_std: float = 0.02, **lora: Any) -> Path:

@@ -10,8 +10,9 @@ import grpc
 import pytest
 import torch
 from e2elib import LiveServer, lora_config_json, plant_version
-from lorafleet import LoraFleetError, Sampling
 from safetensors.torch import save as st_save
+
+from lorafleet import LoraFleetError, Sampling
 
 
 def _status(live: LiveServer, adapter: str) -> tuple[grpc.StatusCode, str]:
@@ -109,8 +110,8 @@ def test_server_still_serves_good_adapters(live: LiveServer) -> None:
 
 
 def test_manifest_never_lists_paths_outside(tmp_path: Path) -> None:
-    from adapters.errors import AdapterFormatError
-    from adapters.manifest import check_file_name
+    from lorafleet_adapters.errors import AdapterFormatError
+    from lorafleet_adapters.manifest import check_file_name
 
     for bad in ("../x", "/etc/passwd", "a/b"):
         with pytest.raises(AdapterFormatError):

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-LORAFLEET = [sys.executable, "-m", "server"]
+LORAFLEET = [sys.executable, "-m", "lorafleet_server"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

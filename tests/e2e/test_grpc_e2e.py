@@ -13,6 +13,7 @@ import pytest
 from e2elib import LiveServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
 from lorafleet import LoraFleetClient, LoraFleetError, Message, Sampling
 
 CAPITAL = [Message("user", "What is the capital of France?")]

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from e2elib import make_real_adapter
-from lorafleet import LoraFleetClient, Message, Sampling
 
-from server.app import Service, build_service
-from server.config import ServerConfig
-from server.grpc.server import BackgroundServer
+from lorafleet import LoraFleetClient, Message, Sampling
+from lorafleet_server.app import Service, build_service
+from lorafleet_server.config import ServerConfig
+from lorafleet_server.grpc.server import BackgroundServer
 
 POLL = 0.5
 PROMPT = [Message("user", "Write a short story about a lighthouse keeper.")]

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from e2elib import LiveServer
+
 from lorafleet import LoraFleetError, Message, Sampling
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,7 +165,7 @@ def test_a_real_prometheus_scrapes_ttft_and_requests(live: LiveServer, prometheu
 def test_one_structured_log_line_per_request(live: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from server.logs import JsonFormatter
+    from lorafleet_server.logs import JsonFormatter
 
     with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
         live.client.generate("Hi", adapter="acme/support", sampling=Sampling(max_new_tokens=2), request_id="trace-42")

@@ -13,11 +13,11 @@ import torch
 from enginelib import generate, request, submit, tiny_service
 from transformers import AutoModelForCausalLM
 
-from adapters.errors import AdapterFormatError, AdapterNotFound, InvalidAdapterRef
-from server.app import Service
-from server.engine.admin import AdapterAdmin, Tier
-from server.engine.types import ChatTurn, FinishReason
-from server.errors import AdapterBusy, InvalidRequest, QueueFull
+from lorafleet_adapters.errors import AdapterFormatError, AdapterNotFound, InvalidAdapterRef
+from lorafleet_server.app import Service
+from lorafleet_server.engine.admin import AdapterAdmin, Tier
+from lorafleet_server.engine.types import ChatTurn, FinishReason
+from lorafleet_server.errors import AdapterBusy, InvalidRequest, QueueFull
 
 PROMPT = "The capital of France is"
 
@@ -350,7 +350,7 @@ def test_the_watcher_polls_the_store(tiny_model_dir: Path, tmp_path: Path, adapt
 
 
 def test_prompt_adapters_render_system_and_examples_without_lora(service: Service) -> None:
-    from adapters.prompt import PromptTemplate, PromptTurn
+    from lorafleet_adapters.prompt import PromptTemplate, PromptTurn
 
     template = PromptTemplate(
         system="You are Zephyr Bikes support. Answer in one sentence.",

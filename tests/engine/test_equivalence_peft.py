@@ -1,4 +1,7 @@
-"""Correctness anchor (DESIGN.md §2): each row of a mixed batch equals PEFT with that adapter alone."""
+"""Correctness anchor: each row of a mixed batch equals PEFT with that adapter alone.
+
+See docs/architecture.md, "Multi-LoRA math and kernels".
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ from enginelib import generate, request, submit, tiny_service
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters.ref import AdapterRef
-from adapters.store import AdapterStore
-from server.app import make_slot_io
-from server.model.loader import load_base
-from server.model.runner import ModelRunner, RowStep
+from lorafleet_adapters.ref import AdapterRef
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_server.app import make_slot_io
+from lorafleet_server.model.loader import load_base
+from lorafleet_server.model.runner import ModelRunner, RowStep
 
 # Different ranks, alphas, target subsets, rsLoRA, per-module patterns and a layer subset.
 ADAPTERS: dict[str, dict[str, Any]] = {

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from adapters.ref import AdapterRef
-from adapters.store import AdapterStore
-from server.app import make_slot_io
-from server.model.loader import load_base, resolve_quantization
-from server.model.runner import ModelRunner, RowStep
+from lorafleet_adapters.ref import AdapterRef
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_server.app import make_slot_io
+from lorafleet_server.model.loader import load_base, resolve_quantization
+from lorafleet_server.model.runner import ModelRunner, RowStep
 
 pytestmark = pytest.mark.gpu
 

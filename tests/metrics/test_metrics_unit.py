@@ -11,8 +11,8 @@ import pytest
 from enginelib import generate, request, submit, tiny_service
 from prometheus_client import CollectorRegistry, generate_latest
 
-from adapters.errors import AdapterFormatError
-from server.app import Service
+from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_server.app import Service
 
 PROMPT = "The capital of France is"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model.lora import LoraBatch, lora_delta
+from lorafleet_server.model.lora import LoraBatch, lora_delta
 
 
 def _weights(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +67,7 @@ def test_module_routing_keeps_only_adapters_that_target_it() -> None:
 
 
 def test_auto_choice_by_step_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.model.lora as lora
+    import lorafleet_server.model.lora as lora
 
     chosen: list[str] = []
     for name in ("dense", "token", "grouped"):

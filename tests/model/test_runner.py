@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.model.lora import LoraContext
-from server.model.runner import ModelRunner, RowStep
+from lorafleet_server.model.lora import LoraContext
+from lorafleet_server.model.runner import ModelRunner, RowStep
 
 
 def test_ragged_prefill_chunks_and_decode_match_hf(tiny_model_dir: Path) -> None:
@@ -64,7 +64,7 @@ def test_llama_family_architectures_match_hf(arch: str) -> None:
     """Any Llama-family base works: Qwen2 (q/k/v biases), Mistral, Llama; targets are discovered."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from server.model.loader import discover_targets
+    from lorafleet_server.model.loader import discover_targets
 
     cfg = AutoConfig.for_model(
         arch, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

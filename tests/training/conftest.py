@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from training_testlib import qa_rows, write_jsonl
 
-from adapters.peft_format import BaseModelSpec
+from lorafleet_adapters.peft_format import BaseModelSpec
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def trained(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_spec: BaseModelSpec, prompt_template_file: Path
 ) -> Any:
     """One real training run (2 epochs x 3 steps) with evaluation against a prompt adapter too."""
-    from adapters.training.trainer import TrainConfig, train
+    from lorafleet_training.trainer import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained")
     config = TrainConfig(

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from adapters.ref import AdapterRef
-from adapters.store import AdapterStore
-from adapters.training.data import load_jsonl, load_prompt_template
-from adapters.training.pii import scan
 from demo.companies import COMPANIES, write_datasets
+from lorafleet_adapters.ref import AdapterRef
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_training.data import load_jsonl, load_prompt_template
+from lorafleet_training.pii import scan
 
 
 def test_demo_datasets_are_synthetic_clean_and_held_out(tmp_path: Path) -> None:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from adapters.training.data import Example, Turn
-from adapters.training.errors import PiiFound
-from adapters.training.pii import apply_policy, detect, iban_ok, luhn_ok, redact_text, scan, ssn_ok
+from lorafleet_training.data import Example, Turn
+from lorafleet_training.errors import PiiFound
+from lorafleet_training.pii import apply_policy, detect, iban_ok, luhn_ok, redact_text, scan, ssn_ok
 
 # (text, kind, the value that must be found)
 PLANTED = [

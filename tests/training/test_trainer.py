@@ -8,14 +8,14 @@ import pytest
 import torch
 from training_testlib import qa_rows, write_jsonl
 
-from adapters.manifest import sha256_file
-from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
-from adapters.training import trainer as trainer_mod
-from adapters.training.data import Example, Turn
-from adapters.training.encoding import IGNORE_INDEX, encode
-from adapters.training.errors import PiiFound, TrainingDataError, TrainingError
-from adapters.training.publish import RECORD_FILE
-from adapters.training.trainer import TrainConfig, train
+from lorafleet_adapters.manifest import sha256_file
+from lorafleet_adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
+from lorafleet_training import trainer as trainer_mod
+from lorafleet_training.data import Example, Turn
+from lorafleet_training.encoding import IGNORE_INDEX, encode
+from lorafleet_training.errors import PiiFound, TrainingDataError, TrainingError
+from lorafleet_training.publish import RECORD_FILE
+from lorafleet_training.trainer import TrainConfig, train
 
 QUIET: dict[str, Any] = {"progress": False, "echo": lambda _: None}
 

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from training_testlib import qa_rows, write_jsonl
 
-from adapters.peft_format import WEIGHTS_FILE, BaseModelSpec
-from adapters.ref import AdapterKey
-from adapters.store import AdapterStore
-from adapters.training.cli import (
+from lorafleet_adapters.peft_format import WEIGHTS_FILE, BaseModelSpec
+from lorafleet_adapters.ref import AdapterKey
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_server.config import add_server_arguments
+from lorafleet_training.cli import (
     add_publish_arguments,
     add_publish_prompt_arguments,
-    add_stale_arguments,
     add_train_arguments,
     run_publish,
     run_publish_prompt,
@@ -22,8 +22,7 @@ from adapters.training.cli import (
     run_train,
     train_config_from_args,
 )
-from adapters.training.trainer import DEFAULT_TARGETS
-from server.config import add_server_arguments
+from lorafleet_training.trainer import DEFAULT_TARGETS
 
 
 def _parser(add: Any) -> argparse.ArgumentParser:
@@ -95,8 +94,7 @@ def test_train_then_publish_then_stale_through_the_cli(
     assert run_publish(args, AdapterStore(store_root), other) == 1
     assert "trained on base" in capsys.readouterr().err
 
-    args = _parser(add_stale_arguments).parse_args([])
-    assert run_stale(args, AdapterStore(store_root), other) == 0
+    assert run_stale(argparse.Namespace(store=None), AdapterStore(store_root), other) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == f"acme/cli@1\tbase {tiny_spec.fingerprint}"
     assert "1 stale version(s)" in captured.err

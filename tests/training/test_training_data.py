@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from training_testlib import qa_rows, write_jsonl
 
-from adapters.training.data import (
+from lorafleet_training.data import (
     Example,
     Turn,
     apply_template,
@@ -16,7 +16,7 @@ from adapters.training.data import (
     parse_prompt_template,
     split,
 )
-from adapters.training.errors import TrainingDataError
+from lorafleet_training.errors import TrainingDataError
 
 
 def test_both_formats_parse(tmp_path: Path) -> None:

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from adapters.errors import AdapterFormatError, AdapterIncompatible
-from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
-from adapters.ref import AdapterKey, AdapterRef
-from adapters.store import AdapterStore
-from adapters.training.errors import PiiFound
-from adapters.training.publish import RECORD_FILE, NoImprovement, publish, publish_prompt, stale
+from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
+from lorafleet_adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
+from lorafleet_adapters.ref import AdapterKey, AdapterRef
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_training.errors import PiiFound
+from lorafleet_training.publish import RECORD_FILE, NoImprovement, publish, publish_prompt, stale
 
 OTHER_BASE = "sha256:" + "0" * 64
 

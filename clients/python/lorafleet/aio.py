@@ -30,9 +30,9 @@ from lorafleet.models import (
     Tokens,
 )
 from lorafleet.stream import AsyncGenerationStream
-from lorafleet.v1 import adapters_pb2 as apb
-from lorafleet.v1 import adapters_pb2_grpc, inference_pb2_grpc
-from lorafleet.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import adapters_pb2 as apb
+from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
+from lorafleet_proto.v1 import inference_pb2 as ipb
 
 _Response = TypeVar("_Response")
 

@@ -35,9 +35,9 @@ from lorafleet.models import (
     Tokens,
 )
 from lorafleet.stream import GenerationStream
-from lorafleet.v1 import adapters_pb2 as apb
-from lorafleet.v1 import adapters_pb2_grpc, inference_pb2_grpc
-from lorafleet.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import adapters_pb2 as apb
+from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
+from lorafleet_proto.v1 import inference_pb2 as ipb
 
 __all__ = [
     "AdapterInfo",

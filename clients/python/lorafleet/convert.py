@@ -21,8 +21,8 @@ from lorafleet.models import (
     Sampling,
     Tokens,
 )
-from lorafleet.v1 import adapters_pb2 as apb
-from lorafleet.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import adapters_pb2 as apb
+from lorafleet_proto.v1 import inference_pb2 as ipb
 
 _FINISH_REASONS: dict[ipb.FinishReason, FinishReason] = {
     ipb.FINISH_REASON_UNSPECIFIED: "unspecified",

@@ -12,7 +12,7 @@ import grpc
 from lorafleet.convert import completion_from_proto
 from lorafleet.errors import from_rpc_error, make_error
 from lorafleet.models import Completion
-from lorafleet.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import inference_pb2 as ipb
 
 
 class _SyncCall(Protocol):

@@ -1,0 +1,165 @@
+"""The device tier: a fixed number of LoRA slots with leases (refcounts), pins and LRU eviction.
+
+Not thread-safe by design: one owner (the engine thread) calls it, so a slot is never written while
+a forward reads it. Slot 0 is the reserved all-zero "no adapter" slot and is never handed out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lorafleet_adapters.peft_format import AdapterWeights
+from lorafleet_adapters.ref import AdapterKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    key: AdapterKey | None = None
+    leases: int = 0
+    pinned: bool = False
+    retiring: bool = False  # unload asked while leased: free when the last lease ends
+    last_used: int = 0
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    slot: int
+    leases: int
+    pinned: bool
+
+
+class DeviceSlots:
+    def __init__(
+        self,
+        num_slots: int,
+        write: Callable[[int, AdapterWeights], None],
+        clear: Callable[[int], None],
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError("at least one adapter slot is needed")
+        self._write = write
+        self._clear = clear
+        self._on_event = on_event or (lambda _event: None)
+        self._slots = [_Slot() for _ in range(num_slots + 1)]  # index 0 reserved
+        self._index: dict[AdapterKey, int] = {}
+        self._tick = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self._slots) - 1
+
+    def resident_count(self) -> int:
+        """Adapters in slots (safe to read from another thread: one len())."""
+        return len(self._index)
+
+    def pinned_count(self) -> int:
+        return sum(1 for s in list(self._slots) if s.pinned)
+
+    def acquire(self, key: AdapterKey) -> int | None:
+        """Lease a resident adapter's slot; None when it is not resident."""
+        slot = self._index.get(key)
+        if slot is None:
+            return None
+        entry = self._slots[slot]
+        entry.leases += 1
+        entry.retiring = False
+        self._touch(entry)
+        return slot
+
+    def release(self, slot: int) -> None:
+        entry = self._slots[slot]
+        if entry.leases <= 0:
+            raise RuntimeError(f"slot {slot} released more often than leased")
+        entry.leases -= 1
+        if entry.leases == 0 and entry.retiring:
+            self._free(slot, "unload")
+
+    def can_ever_install(self) -> bool:
+        """False when every slot is pinned: nothing will free up without an unpin."""
+        return any(not s.pinned for s in self._slots[1:])
+
+    def install(self, key: AdapterKey, weights: AdapterWeights) -> int | None:
+        """Write ``weights`` into a free (or the least recently used idle) slot and return it.
+
+        None when every slot is leased or pinned; the caller retries after a release.
+        """
+        existing = self._index.get(key)
+        if existing is not None:
+            return existing
+        slot = self._victim()
+        if slot is None:
+            return None
+        if self._slots[slot].key is not None:
+            self._free(slot, "evict")
+        self._write(slot, weights)
+        self._slots[slot] = _Slot(key=key)
+        self._touch(self._slots[slot])
+        self._index[key] = slot
+        log.info("adapter %s loaded into device slot %d", key, slot)
+        self._on_event("load")
+        return slot
+
+    def pin(self, key: AdapterKey) -> bool:
+        slot = self._index.get(key)
+        if slot is None:
+            return False
+        self._slots[slot].pinned = True
+        self._slots[slot].retiring = False
+        return True
+
+    def unpin(self, key: AdapterKey) -> bool:
+        slot = self._index.get(key)
+        if slot is None:
+            return False
+        self._slots[slot].pinned = False
+        return True
+
+    def unload(self, key: AdapterKey) -> bool:
+        """Free the key's slot now if idle (True); else free it when its last lease ends (False)."""
+        slot = self._index.get(key)
+        if slot is None:
+            return True
+        entry = self._slots[slot]
+        entry.pinned = False
+        if entry.leases == 0:
+            self._free(slot, "unload")
+            return True
+        entry.retiring = True
+        return False
+
+    def snapshot(self) -> dict[AdapterKey, SlotInfo]:
+        return {
+            key: SlotInfo(slot=i, leases=self._slots[i].leases, pinned=self._slots[i].pinned)
+            for key, i in self._index.items()
+        }
+
+    def _victim(self) -> int | None:
+        free = [i for i in range(1, len(self._slots)) if self._slots[i].key is None]
+        if free:
+            return free[0]
+        idle = [
+            i for i in range(1, len(self._slots)) if self._slots[i].leases == 0 and not self._slots[i].pinned
+        ]
+        if not idle:
+            return None
+        # Retiring (superseded/unloaded) slots go first, then least recently used.
+        return min(idle, key=lambda i: (not self._slots[i].retiring, self._slots[i].last_used))
+
+    def _free(self, slot: int, event: str) -> None:
+        key = self._slots[slot].key
+        if key is not None:
+            del self._index[key]
+            cause = "least recently used, slot needed" if event == "evict" else "unloaded"
+            log.info("adapter %s left device slot %d (%s)", key, slot, cause)
+        self._clear(slot)
+        self._slots[slot] = _Slot()
+        self._on_event(event)
+
+    def _touch(self, entry: _Slot) -> None:
+        self._tick += 1
+        entry.last_used = self._tick

@@ -1,0 +1,552 @@
+"""The versioned local adapter store.
+
+Layout::
+
+    <root>/<tenant>/<name>/versions/<version>/   adapter_config.json, adapter_model.safetensors,
+                                                 [README.md], manifest.json  (immutable)
+    <root>/<tenant>/<name>/latest                the latest version number, replaced atomically
+    <root>/.staging/                             publishes in progress (ignored by readers); what a
+                                                 crashed publish left is removed after a day
+
+Paths are built only from validated tenant/name/version parts, and every path is additionally
+resolved and checked to lie inside the root before it is opened, so symlinks cannot lead out.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import fcntl
+import importlib.metadata
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafleet_adapters.errors import (
+    AdapterFormatError,
+    AdapterIncompatible,
+    AdapterNotFound,
+    InvalidAdapterRef,
+    StoreUnavailable,
+)
+from lorafleet_adapters.fsio import atomic_write_text, copy_synced, fsync_dir
+from lorafleet_adapters.manifest import METHODS, PROMPT_METHOD, Manifest, sha256_file, utc_now_iso
+from lorafleet_adapters.peft_format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterWeights,
+    BaseModelSpec,
+    find_weights_file,
+    load_adapter_weights,
+)
+from lorafleet_adapters.prompt import PROMPT_FILE, PromptTemplate
+from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
+from lorafleet_adapters.safetensors_header import MAX_HEADER_BYTES
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "latest"
+LOCK_FILE = ".lock"
+VERSIONS_DIR = "versions"
+STAGING_DIR = ".staging"
+README_FILE = "README.md"
+STALE_STAGING_SECONDS = 24 * 3600  # no live publish stays untouched this long
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_README_BYTES = 1 << 20
+_EXTRA_FIELDS = frozenset({"training_data_fingerprint", "eval_metrics", "pii_scan"})
+_TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    tenant: str
+    name: str
+    versions: tuple[int, ...]
+    latest: int | None
+
+
+class AdapterStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # ----------------------------------------------------------------------------------- reading
+
+    def version_dir(self, key: AdapterKey) -> Path:
+        """The directory of `key` (which need not exist), checked to lie inside the root."""
+        return self._inside(self._adapter_dir(key.tenant, key.name) / VERSIONS_DIR / str(key.version))
+
+    def versions(self, tenant: str, name: str) -> tuple[int, ...]:
+        """Published versions of tenant/name, ascending; empty when there are none."""
+        versions_dir = self._adapter_dir(check_ident(tenant, "tenant"), check_ident(name, "adapter name"))
+        versions_dir = versions_dir / VERSIONS_DIR
+        found = []
+        for entry in self._listdir(versions_dir):
+            number = _version_number(entry)
+            if number is not None and self._is_version_dir(versions_dir / entry):
+                found.append(number)
+        return tuple(sorted(found))
+
+    def resolve(self, ref: AdapterRef) -> AdapterKey:
+        """The concrete version `ref` names: its own version, or the latest published one."""
+        if ref.version is not None:
+            key = AdapterKey(ref.tenant, ref.name, ref.version)
+            if not self._is_version_dir(self.version_dir(key)):
+                known = self.versions(ref.tenant, ref.name)
+                if not known:
+                    raise AdapterNotFound(f"adapter {ref.tenant}/{ref.name} not found")
+                raise AdapterNotFound(
+                    f"adapter {ref.tenant}/{ref.name} has no version {ref.version} (has {list(known)})"
+                )
+            return key
+        latest = self._latest(ref.tenant, ref.name)
+        if latest is None:
+            raise AdapterNotFound(f"adapter {ref.tenant}/{ref.name} not found")
+        key = AdapterKey(ref.tenant, ref.name, latest)
+        if not self._is_version_dir(self.version_dir(key)):
+            raise AdapterNotFound(
+                f"adapter {ref.tenant}/{ref.name}: the '{LATEST_FILE}' pointer names version {latest}, "
+                "which does not exist"
+            )
+        return key
+
+    def list(self, tenant: str | None = None) -> list[AdapterSummary]:
+        """Every adapter with at least one published version, sorted by tenant and name."""
+        root = self._real_root()
+        tenants = [check_ident(tenant, "tenant")] if tenant is not None else self._idents(root)
+        summaries = []
+        for tenant_name in tenants:
+            for adapter_name in self._idents(root / tenant_name):
+                versions = self.versions(tenant_name, adapter_name)
+                if not versions:
+                    continue
+                try:
+                    latest = self._latest(tenant_name, adapter_name)
+                except AdapterNotFound:
+                    latest = None
+                summaries.append(
+                    AdapterSummary(
+                        tenant_name, adapter_name, versions, latest if latest in versions else None
+                    )
+                )
+        return summaries
+
+    def manifest(self, key: AdapterKey) -> Manifest:
+        vdir = self.version_dir(key)
+        if not self._is_version_dir(vdir):
+            raise AdapterNotFound(f"adapter {key} not found")
+        manifest = Manifest.from_json(self._read_small(vdir / MANIFEST_FILE, MAX_MANIFEST_BYTES))
+        if (manifest.tenant, manifest.name, manifest.version) != (key.tenant, key.name, key.version):
+            raise AdapterFormatError(
+                f"{key}: {MANIFEST_FILE} describes {manifest.tenant}/{manifest.name}@{manifest.version}"
+            )
+        return manifest
+
+    def load(self, key: AdapterKey, spec: BaseModelSpec) -> AdapterWeights:
+        """Verify the version's files and base, then load its weights."""
+        manifest = self.manifest(key)
+        if manifest.kind != "lora":
+            raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}; only 'lora' has weights")
+        if manifest.base_fingerprint != spec.fingerprint:
+            raise AdapterIncompatible(
+                f"{key} was built for base {manifest.base_fingerprint} ({manifest.base_model}, "
+                f"{manifest.base_quantization}); this server's base is {spec.fingerprint} "
+                f"({spec.model_id}, {spec.quantization})"
+            )
+        vdir = self.version_dir(key)
+        self._verify_files(key, vdir, manifest)
+        return load_adapter_weights(vdir, spec, key)
+
+    def load_prompt(self, key: AdapterKey) -> PromptTemplate:
+        """Verify a prompt version's files and read its template."""
+        manifest = self.manifest(key)
+        if manifest.kind != "prompt":
+            raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}, not 'prompt'")
+        vdir = self.version_dir(key)
+        self._verify_files(key, vdir, manifest)
+        return PromptTemplate.read(vdir)
+
+    # ---------------------------------------------------------------------------------- publishing
+
+    def publish_prompt(
+        self,
+        tenant: str,
+        name: str,
+        template: PromptTemplate,
+        spec: BaseModelSpec,
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> AdapterKey:
+        """Publish a prompt-only version (system prompt + few-shot turns) as the next version."""
+        check_ident(tenant, "tenant")
+        check_ident(name, "adapter name")
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - _EXTRA_FIELDS)
+        if unknown:
+            raise AdapterFormatError(f"unknown manifest extra fields {unknown}; allowed: {sorted(_EXTRA_FIELDS)}")
+        staging = self._new_staging(tenant, name)
+        try:
+            atomic_write_text(staging / PROMPT_FILE, template.to_json())
+            files = {PROMPT_FILE: sha256_file(staging / PROMPT_FILE)}
+            key = self._publish_staged(
+                staging, tenant, name, lambda version: self._manifest_for(
+                    tenant, name, version, "prompt", PROMPT_METHOD, spec, 0, 0.0, False, (), files, extra
+                )
+            )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._advance_latest(key)
+        return key
+
+    def import_peft(
+        self,
+        src: Path,
+        tenant: str,
+        name: str,
+        spec: BaseModelSpec,
+        *,
+        method: str = "lora",
+        extra: Mapping[str, Any] | None = None,
+    ) -> AdapterKey:
+        """Validate the PEFT adapter in `src` and publish it as the next version of tenant/name."""
+        check_ident(tenant, "tenant")
+        check_ident(name, "adapter name")
+        if method not in METHODS:
+            raise AdapterFormatError(f"method {method!r} is not one of {METHODS}")
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - _EXTRA_FIELDS)
+        if unknown:
+            raise AdapterFormatError(
+                f"unknown manifest extra fields {unknown}; allowed: {sorted(_EXTRA_FIELDS)}"
+            )
+        src = Path(src)
+        _check_source_size(find_weights_file(src), spec)
+        staging = self._new_staging(tenant, name)
+        try:
+            copied = _copy_sources(src, staging)
+            weights = load_adapter_weights(staging, spec)
+            with _store_io("hash the staged files"):
+                files = {file_name: sha256_file(staging / file_name) for file_name in copied}
+            key = self._publish(staging, tenant, name, weights, spec, method, files, extra)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._advance_latest(key)
+        return key
+
+    def _new_staging(self, tenant: str, name: str) -> Path:
+        """A fresh directory under .staging for one publish; sweeps what crashed publishes left."""
+        with _store_io("prepare the store"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging_root = self._inside(self.root / STAGING_DIR)
+            staging_root.mkdir(exist_ok=True)
+            self.sweep_staging()
+            return Path(tempfile.mkdtemp(prefix=f"{tenant}.{name}.", dir=staging_root))
+
+    def sweep_staging(self, max_age_seconds: float = STALE_STAGING_SECONDS) -> builtins.list[str]:
+        """Remove .staging entries untouched for ``max_age_seconds`` (crashed publishes); their names.
+
+        A publish in progress, in this process or another, touches its entry far more recently, and
+        nothing under .staging is ever visible to readers, so removing old entries loses nothing.
+        """
+        staging_root = self._inside(self.root / STAGING_DIR)
+        cutoff = time.time() - max_age_seconds
+        removed: builtins.list[str] = []
+        try:
+            entries = list(os.scandir(staging_root))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:  # a stray file or a symlink: unlink the entry itself, never its target
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue  # another sweeper got there first
+            except OSError as exc:  # best effort: a leftover we cannot remove must not stop a publish
+                log.warning("could not remove the stale staging entry %s: %s", entry.path, exc)
+                continue
+            removed.append(entry.name)
+        if removed:
+            log.info("removed %d staging entries left by crashed publishes: %s", len(removed), removed)
+        return removed
+
+    def _publish(
+        self,
+        staging: Path,
+        tenant: str,
+        name: str,
+        weights: AdapterWeights,
+        spec: BaseModelSpec,
+        method: str,
+        files: Mapping[str, str],
+        extra: Mapping[str, Any],
+    ) -> AdapterKey:
+        targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules}))
+        return self._publish_staged(
+            staging, tenant, name, lambda version: self._manifest_for(
+                tenant, name, version, "lora", method, spec, weights.rank, weights.config.lora_alpha,
+                weights.config.use_rslora, targets, files, extra,
+            )
+        )
+
+    @staticmethod
+    def _manifest_for(
+        tenant: str,
+        name: str,
+        version: int,
+        kind: str,
+        method: str,
+        spec: BaseModelSpec,
+        rank: int,
+        lora_alpha: float,
+        use_rslora: bool,
+        targets: tuple[str, ...],
+        files: Mapping[str, str],
+        extra: Mapping[str, Any],
+    ) -> Manifest:
+        return Manifest(
+            schema_version=1,
+            tenant=tenant,
+            name=name,
+            version=version,
+            kind=kind,
+            method=method,
+            base_fingerprint=spec.fingerprint,
+            base_model=spec.model_id,
+            base_quantization=spec.quantization,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            target_modules=targets,
+            files=files,
+            created_at=utc_now_iso(),
+            producer=_producer(),
+            training_data_fingerprint=extra.get("training_data_fingerprint"),
+            eval_metrics=extra.get("eval_metrics") or {},
+            pii_scan=extra.get("pii_scan"),
+        )
+
+    def _publish_staged(
+        self, staging: Path, tenant: str, name: str, manifest_for: Callable[[int], Manifest]
+    ) -> AdapterKey:
+        """Write the manifest into `staging` and rename it into the next free version number."""
+        with _store_io("publish"):
+            versions_dir = self._make_dirs(tenant, name)
+            while True:
+                version = self._next_version(versions_dir)
+                atomic_write_text(staging / MANIFEST_FILE, manifest_for(version).to_json())
+                try:
+                    os.rename(staging, versions_dir / str(version))
+                except OSError as exc:
+                    if exc.errno in _TAKEN:
+                        continue  # another publisher took this number; try the next one
+                    raise
+                fsync_dir(versions_dir)
+                return AdapterKey(tenant, name, version)
+
+    def _make_dirs(self, tenant: str, name: str) -> Path:
+        """Create (durably) and return the versions directory of tenant/name, inside the root."""
+        path = self.root
+        for part in (tenant, name, VERSIONS_DIR):
+            parent, path = path, path / part
+            if not path.exists():
+                path.mkdir(exist_ok=True)
+                fsync_dir(self._inside(parent))
+            self._inside(path)
+        return self._inside(path)
+
+    def _next_version(self, versions_dir: Path) -> int:
+        numbers = [n for n in (_version_number(e) for e in self._listdir(versions_dir)) if n is not None]
+        version = max(numbers, default=0) + 1
+        if version > MAX_VERSION:
+            raise AdapterFormatError(f"{versions_dir}: no version number left after {MAX_VERSION}")
+        return version
+
+    def _advance_latest(self, key: AdapterKey) -> None:
+        """Point `latest` at `key` unless a concurrent publisher already moved it further."""
+        adapter_dir = self._inside(self._adapter_dir(key.tenant, key.name))
+        with _store_io("update the latest pointer"), _locked(adapter_dir / LOCK_FILE):
+            current = self._read_pointer(adapter_dir)
+            if current is None or key.version > current:
+                atomic_write_text(adapter_dir / LATEST_FILE, f"{key.version}\n")
+
+    # ------------------------------------------------------------------------------------- helpers
+
+    def _adapter_dir(self, tenant: str, name: str) -> Path:
+        return self.root / tenant / name
+
+    def _real_root(self) -> Path:
+        try:
+            real = Path(os.path.realpath(self.root))
+            mode = os.stat(real).st_mode
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"adapter store root {self.root} is unavailable: {exc.strerror or exc}"
+            ) from None
+        if not stat.S_ISDIR(mode):
+            raise StoreUnavailable(f"adapter store root {self.root} is not a directory")
+        return real
+
+    def _inside(self, path: Path) -> Path:
+        """`path` resolved, if it stays inside the root; AdapterNotFound otherwise."""
+        root = self._real_root()
+        real = Path(os.path.realpath(path))
+        if real != root and root not in real.parents:
+            raise AdapterNotFound(f"{path} resolves outside the adapter store root {self.root}; refused")
+        return real
+
+    def _listdir(self, path: Path) -> builtins.list[str]:
+        try:
+            return os.listdir(self._inside(path))
+        except AdapterNotFound:
+            return []
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot list {path}: {exc.strerror or exc}") from None
+
+    def _idents(self, path: Path) -> builtins.list[str]:
+        names = []
+        for entry in self._listdir(path):
+            try:
+                check_ident(entry, "directory")
+            except InvalidAdapterRef:
+                continue
+            names.append(entry)
+        return sorted(names)
+
+    def _is_version_dir(self, path: Path) -> bool:
+        try:
+            real = self._inside(path)
+            manifest = self._inside(real / MANIFEST_FILE)
+        except AdapterNotFound:
+            return False
+        return real.is_dir() and manifest.is_file()
+
+    def _read_small(self, path: Path, limit: int) -> bytes:
+        real = self._inside(path)
+        try:
+            with open(real, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise AdapterFormatError(f"{path.name} is not a regular file")
+                data = handle.read(limit + 1)
+        except FileNotFoundError:
+            raise AdapterNotFound(f"{path} does not exist") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {path}: {exc.strerror or exc}") from None
+        if len(data) > limit:
+            raise AdapterFormatError(f"{path.name} is larger than {limit} bytes")
+        return data
+
+    def _read_pointer(self, adapter_dir: Path) -> int | None:
+        """The version in `latest`, or None when the pointer does not exist."""
+        pointer = adapter_dir / LATEST_FILE
+        if not os.path.lexists(pointer):
+            return None
+        text = self._read_small(pointer, 32).decode("ascii", "replace").strip()
+        try:
+            return parse_version(text)
+        except InvalidAdapterRef:
+            raise AdapterNotFound(
+                f"{adapter_dir.name}: the '{LATEST_FILE}' pointer is corrupt ({text!r})"
+            ) from None
+
+    def _latest(self, tenant: str, name: str) -> int | None:
+        """Latest version by pointer; without a pointer (a publish interrupted early), the highest one."""
+        self._real_root()
+        pointer = self._read_pointer(self._adapter_dir(tenant, name))
+        if pointer is not None:
+            return pointer
+        versions = self.versions(tenant, name)
+        return versions[-1] if versions else None
+
+    def _verify_files(self, key: AdapterKey, vdir: Path, manifest: Manifest) -> None:
+        for required in (PROMPT_FILE,) if manifest.kind == "prompt" else (CONFIG_FILE, WEIGHTS_FILE):
+            if required not in manifest.files:
+                raise AdapterFormatError(f"{key}: {MANIFEST_FILE} does not list {required}")
+        for file_name, expected in manifest.files.items():
+            path = self._inside(vdir / file_name)
+            if not path.is_file():
+                raise AdapterFormatError(f"{key}: {file_name} listed in {MANIFEST_FILE} is missing")
+            with _store_io(f"read {file_name}"):
+                actual = sha256_file(path)
+            if actual != expected:
+                raise AdapterFormatError(
+                    f"{key}: checksum mismatch for {file_name}: "
+                    f"manifest has sha256 {expected}, file has {actual}"
+                )
+
+
+def _version_number(entry: str) -> int | None:
+    try:
+        return parse_version(entry)
+    except InvalidAdapterRef:
+        return None
+
+
+def _check_source_size(weights_path: Path, spec: BaseModelSpec) -> None:
+    size = weights_path.stat().st_size
+    limit = spec.max_adapter_bytes + MAX_HEADER_BYTES + 8
+    if size > limit:
+        raise AdapterFormatError(
+            f"{weights_path.name} is {size} bytes, over the {spec.max_adapter_bytes}-byte cap"
+        )
+
+
+def _copy_sources(src: Path, staging: Path) -> list[str]:
+    """Copy the files a version keeps; returns their names."""
+    copied = []
+    for file_name in (CONFIG_FILE, WEIGHTS_FILE, README_FILE):
+        source = src / file_name
+        if not source.is_file():
+            continue
+        if file_name == README_FILE and source.stat().st_size > MAX_README_BYTES:
+            raise AdapterFormatError(f"{source} is larger than {MAX_README_BYTES} bytes")
+        try:
+            copy_synced(source, staging / file_name)
+        except OSError as exc:
+            if exc.filename is not None and Path(exc.filename) == source:
+                raise AdapterFormatError(f"cannot read {source}: {exc.strerror or exc}") from None
+            raise StoreUnavailable(f"adapter store: cannot stage {file_name}: {exc.strerror or exc}") from exc
+        copied.append(file_name)
+    if CONFIG_FILE not in copied:
+        raise AdapterFormatError(f"{CONFIG_FILE} is missing from {src}")
+    return copied
+
+
+def _producer() -> str:
+    try:
+        return f"lorafleet {importlib.metadata.version('lorafleet')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "lorafleet (not installed)"
+
+
+@contextmanager
+def _store_io(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise StoreUnavailable(f"adapter store: cannot {what}: {exc.strerror or exc}") from exc
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,497 @@
+"""The engine: one thread that admits requests, steps a continuous batch and streams tokens back.
+
+Other threads talk to it only through :meth:`Engine.submit`, :meth:`RequestHandle.cancel` and
+:meth:`Engine.call` (admin operations run on the engine thread between steps). Each step prefills
+chunks of newly admitted prompts and decodes one token for every running row, in one forward; rows
+may use different adapters. A finished or cancelled row leaves at once and frees its KV row and its
+adapter lease; the next waiting request takes them in the following step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from lorafleet_adapters.errors import AdapterError
+from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_adapters.ref import AdapterKey
+from lorafleet_server.engine.adapter_manager import AdapterManager
+from lorafleet_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from lorafleet_server.engine.types import (
+    EngineObserver,
+    FinishReason,
+    GenerationRequest,
+    NullObserver,
+    Summary,
+    TokenEvent,
+)
+from lorafleet_server.errors import InvalidRequest, QueueFull, ServingError, ShuttingDown
+from lorafleet_server.model.runner import ModelRunner, RowStep
+from lorafleet_server.model.sampler import RowSampling, sample_rows
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Sink = Callable[[TokenEvent], None]
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32  # running rows (and KV rows)
+    max_seq_len: int = 2048  # prompt + generated tokens per request
+    max_new_tokens: int = 1024  # limit on a request's max_new_tokens
+    max_waiting: int = 1024  # queued requests before RESOURCE_EXHAUSTED
+    max_step_tokens: int = 512  # tokens per forward (decode rows + prefill chunks)
+
+
+@dataclass(eq=False)  # identity: two requests may carry the same client-chosen request id
+class _Request:
+    req: GenerationRequest
+    sink: Sink
+    prompt_ids: list[int]
+    key: AdapterKey | None  # the version that serves the request (reported back)
+    lora: AdapterKey | None  # the version whose LoRA weights it needs (None for base and prompt adapters)
+    submitted: float
+    cancelled: bool = False
+    slot: int = 0
+    kv_row: int = -1
+    cached: int = 0  # tokens in this row's KV cache
+    generated: list[int] = field(default_factory=list)
+    admitted: float = 0.0
+    first_token: float | None = None
+    pooled: torch.Tensor | None = None
+    detok: IncrementalDetokenizer | None = None
+    stops: StopMatcher | None = None
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt_ids)
+
+
+class RequestHandle:
+    def __init__(self, engine: Engine, state: _Request) -> None:
+        self._engine = engine
+        self._state = state
+        self.request_id = state.req.request_id
+
+    def cancel(self) -> None:
+        """Stop the request within one step; its sink gets a CANCELLED summary."""
+        self._engine._post(("cancel", self._state))
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        adapters: AdapterManager,
+        config: EngineConfig,
+        eos_token_ids: frozenset[int],
+        observer: EngineObserver | None = None,
+    ) -> None:
+        if config.max_seq_len > runner.kv.max_seq_len or config.max_batch_size > runner.kv.rows:
+            raise ValueError("engine limits exceed the runner's KV cache")
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.observer: EngineObserver = observer or NullObserver()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._free_rows = list(range(config.max_batch_size))
+        self._queued = 0  # submitted, not yet running (any thread reads, lock guards)
+        self._lock = threading.Lock()
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.steps = 0
+
+    # -- public, any thread -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        self.adapters.versions.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Refuse new requests, let running and queued ones finish (up to ``timeout``), stop."""
+        with self._lock:
+            self._accepting = False
+        self._post(("drain", None))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._post(("abort", None))
+            self._thread.join()
+        self.adapters.close()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def load_stats(self) -> tuple[int, int]:
+        """(running rows, queued requests)."""
+        return len(self._running), self._queued
+
+    def encode_prompt(
+        self, prompt: str | None, messages: tuple[Any, ...], template: PromptTemplate | None = None
+    ) -> list[int]:
+        """Token ids of a plain prompt or a chat; a prompt adapter's turns go before the request's."""
+        if (prompt is None or prompt == "") == (not messages):
+            raise InvalidRequest("set exactly one of prompt and messages")
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant")
+        if template is not None:  # a prompt adapter always speaks through the chat template
+            own = [(m.role, m.content) for m in messages] if messages else [("user", str(prompt))]
+            # The request's own system text extends the adapter's; nothing the caller sent is dropped.
+            system = "\n\n".join([template.system, *(c for role, c in own if role == "system")])
+            turns = [{"role": "system", "content": system}]
+            turns += [{"role": t.role, "content": t.content} for t in template.examples]
+            turns += [{"role": role, "content": content} for role, content in own if role != "system"]
+            rendered = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer.encode(str(rendered), add_special_tokens=False)
+        elif messages:
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            ids = self.tokenizer.encode(str(rendered), add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(str(prompt), add_special_tokens=False)
+        if not ids:
+            raise InvalidRequest("the prompt is empty after tokenization")
+        return list(ids)
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
+        """Validate, tokenize and resolve ``req``, then queue it. Raises domain errors at once."""
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down")
+        self._validate_params(req)
+        key = self.adapters.resolve(req.adapter) if req.adapter is not None else None
+        template = self.adapters.prompt(key) if key is not None and self.adapters.kind(key) == "prompt" else None
+        prompt_ids = self.encode_prompt(req.prompt, req.messages, template)
+        budget = 0 if req.embed else req.params.max_new_tokens
+        if len(prompt_ids) + budget > self.config.max_seq_len:
+            raise InvalidRequest(
+                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens {budget} exceeds the context "
+                f"limit of {self.config.max_seq_len} tokens"
+            )
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if self._queued >= self.config.max_waiting:
+                raise QueueFull(f"{self._queued} requests are waiting; try again later")
+            self._queued += 1
+        state = _Request(
+            req=req,
+            sink=sink,
+            prompt_ids=prompt_ids,
+            key=key,
+            lora=key if template is None else None,
+            submitted=time.monotonic(),
+        )
+        self._post(("submit", state))
+        return RequestHandle(self, state)
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the engine thread between steps (admin operations on device slots)."""
+        future: Future[T] = Future()
+        self._post(("call", (fn, future)))
+        return future
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate_params(self, req: GenerationRequest) -> None:
+        p = req.params
+        if req.embed:
+            return
+        if not 1 <= p.max_new_tokens <= self.config.max_new_tokens:
+            raise InvalidRequest(f"max_new_tokens must be in [1, {self.config.max_new_tokens}], got {p.max_new_tokens}")
+        if not math.isfinite(p.temperature) or p.temperature < 0:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {p.temperature}")
+        if not math.isfinite(p.top_p) or not 0 < p.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+        if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
+            raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty}")
+        if len(p.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS or not s for s in p.stop):
+            raise InvalidRequest(
+                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"
+            )
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _post(self, item: tuple[str, Any]) -> None:
+        self._inbox.put(item)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except Exception as exc:  # a bug: fail every request rather than leave clients hanging
+            log.exception("engine loop crashed; refusing new requests")
+            with self._lock:
+                self._accepting = False
+            for r in list(self._running) + list(self._waiting):
+                self._fail(r, exc)
+        finally:
+            # Submissions that raced with shutdown: tell their clients instead of leaving them waiting.
+            while True:
+                try:
+                    kind, payload = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "submit":
+                    self._fail(payload, ShuttingDown("the server is shutting down"))
+                elif kind == "call":
+                    payload[1].set_exception(ShuttingDown("the server is shutting down"))
+
+    def _run_loop(self) -> None:
+        draining = False
+        while True:
+            self._wake.clear()
+            while True:
+                try:
+                    kind, payload = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "drain":
+                    draining = True
+                elif kind == "abort":
+                    self._stop = True
+                else:
+                    self._handle(kind, payload)
+            if self._stop or (draining and not self._running and not self._waiting):
+                break
+            self._admit()
+            if not self._running:
+                self._wake.wait(timeout=1.0)
+                continue
+            self._step()
+            for gone in [r for r in self._running if r.cancelled]:
+                self._finish(gone, FinishReason.CANCELLED)
+        for r in list(self._running) + list(self._waiting):
+            self._finish(r, FinishReason.CANCELLED)
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "submit":
+            self._waiting.append(payload)
+        elif kind == "cancel":
+            r = payload
+            if r in self._running or r in self._waiting:  # else it already finished
+                r.cancelled = True
+                self._finish(r, FinishReason.CANCELLED)
+        elif kind == "call":
+            fn, future = payload
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def _admit(self) -> None:
+        still: deque[_Request] = deque()
+        while self._waiting:
+            r = self._waiting.popleft()
+            if not self._free_rows:
+                still.append(r)
+                continue
+            if r.lora is not None:
+                try:
+                    slot = self.adapters.poll(r.lora)
+                except (AdapterError, ServingError) as exc:
+                    self._fail(r, exc)
+                    continue
+                if slot is None:
+                    still.append(r)  # loading, or waiting for a free slot; others may go first
+                    continue
+                r.slot = slot
+            self._start(r)
+        self._waiting = still
+
+    def _start(self, r: _Request) -> None:
+        with self._lock:
+            self._queued -= 1
+        r.kv_row = self._free_rows.pop(0)
+        r.admitted = time.monotonic()
+        self.observer.observe_admitted(r.admitted - r.submitted)
+        p = r.req.params
+        if not r.req.embed:
+            r.detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids)
+            r.stops = StopMatcher(p.stop)
+            if p.repetition_penalty != 1.0:
+                r.seen = torch.tensor(r.prompt_ids, dtype=torch.long)
+            if p.temperature > 0:
+                seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+                r.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        self._running.append(r)
+
+    def _plan(self) -> list[tuple[_Request, RowStep]]:
+        plan: list[tuple[_Request, RowStep]] = []
+        decoding = [r for r in self._running if not r.prefilling]
+        for r in decoding:
+            plan.append((r, RowStep(r.kv_row, r.cached, (r.generated[-1],), r.slot, True, False)))
+        budget = max(self.config.max_step_tokens - len(decoding), 16)
+        for r in self._running:
+            if not r.prefilling or budget <= 0:
+                continue
+            n = min(len(r.prompt_ids) - r.cached, budget)
+            budget -= n
+            chunk = tuple(r.prompt_ids[r.cached : r.cached + n])
+            last = r.cached + n == len(r.prompt_ids)
+            plan.append((r, RowStep(r.kv_row, r.cached, chunk, r.slot, last and not r.req.embed, r.req.embed)))
+        return plan
+
+    def _step(self) -> None:
+        plan = self._plan()
+        try:
+            out = self.runner.step([row for _, row in plan])
+        except Exception as exc:  # a bug or device error: fail this step's requests, keep serving
+            log.exception("forward failed for %d rows", len(plan))
+            for r, _ in plan:
+                self._fail(r, exc)
+            return
+        self.steps += 1
+        self.observer.observe_step(len(plan), sum(len(row.token_ids) for _, row in plan))
+        logit_rows: list[_Request] = []
+        pooled_i = 0
+        for r, row in plan:
+            r.cached += len(row.token_ids)
+            if row.want_pooled:
+                part = out.pooled[pooled_i]
+                pooled_i += 1
+                r.pooled = part if r.pooled is None else r.pooled + part
+                if not r.prefilling:
+                    self._finish_embed(r)
+            if row.want_logits:
+                logit_rows.append(r)
+        if not logit_rows:
+            return
+        tokens = sample_rows(
+            out.logits,
+            [
+                RowSampling(
+                    temperature=r.req.params.temperature,
+                    top_p=r.req.params.top_p,
+                    top_k=r.req.params.top_k,
+                    repetition_penalty=r.req.params.repetition_penalty,
+                    seen=r.seen,
+                    generator=r.generator,
+                )
+                for r in logit_rows
+            ],
+        )
+        now = time.monotonic()
+        for r, tok in zip(logit_rows, tokens, strict=True):
+            self._on_token(r, tok, now)
+
+    def _on_token(self, r: _Request, tok: int, now: float) -> None:
+        assert r.detok is not None and r.stops is not None
+        if r.first_token is None:
+            r.first_token = now
+        r.generated.append(tok)
+        if r.seen is not None:
+            r.seen = torch.cat([r.seen, torch.tensor([tok], dtype=torch.long)])
+        if tok in self.eos_token_ids:
+            self._emit(r, r.stops.flush(), ())
+            self._finish(r, FinishReason.END_OF_SEQUENCE)
+            return
+        text, stopped = r.stops.feed(r.detok.push(tok))
+        if stopped:
+            self._emit(r, text, (tok,))
+            self._finish(r, FinishReason.STOP)
+            return
+        done = len(r.generated) >= r.req.params.max_new_tokens or r.cached >= self.config.max_seq_len
+        if done:
+            tail, stopped = r.stops.feed(r.detok.flush())
+            self._emit(r, text + tail + ("" if stopped else r.stops.flush()), (tok,))
+            self._finish(r, FinishReason.STOP if stopped else FinishReason.LENGTH)
+            return
+        self._emit(r, text, (tok,))
+
+    def _emit(self, r: _Request, text: str, token_ids: tuple[int, ...]) -> None:
+        if not text and not token_ids:
+            return
+        self._deliver(r, TokenEvent(text=text, token_ids=token_ids))
+
+    def _deliver(self, r: _Request, event: TokenEvent) -> None:
+        try:
+            r.sink(event)
+        except Exception:  # a consumer that cannot take events is treated as gone
+            log.exception("request %s: event sink failed; cancelling", r.req.request_id)
+            r.cancelled = True
+
+    def _summary(self, r: _Request, reason: FinishReason) -> Summary:
+        now = time.monotonic()
+        return Summary(
+            finish_reason=reason,
+            prompt_tokens=len(r.prompt_ids),
+            generated_tokens=len(r.generated),
+            adapter=str(r.key) if r.key is not None else "",
+            request_id=r.req.request_id,
+            queue_seconds=(r.admitted or now) - r.submitted,
+            ttft_seconds=None if r.first_token is None else r.first_token - r.submitted,
+            total_seconds=now - r.submitted,
+        )
+
+    def _finish_embed(self, r: _Request) -> None:
+        assert r.pooled is not None
+        mean = (r.pooled / len(r.prompt_ids)).tolist()
+        summary = self._summary(r, FinishReason.LENGTH)
+        self._release(r)
+        self.observer.observe_finished(summary)
+        self._deliver(r, TokenEvent(summary=summary, embedding=tuple(mean)))
+
+    def _finish(self, r: _Request, reason: FinishReason) -> None:
+        summary = self._summary(r, reason)
+        self._release(r)
+        self.observer.observe_finished(summary)
+        self._deliver(r, TokenEvent(summary=summary))
+
+    def _fail(self, r: _Request, exc: Exception) -> None:
+        self._release(r)
+        self._deliver(r, TokenEvent(error=exc))
+
+    def _release(self, r: _Request) -> None:
+        if r in self._running:
+            self._running.remove(r)
+            self._free_rows.append(r.kv_row)
+            self._free_rows.sort()
+            if r.slot:
+                self.adapters.release(r.slot)
+                r.slot = 0
+        else:
+            if r in self._waiting:
+                self._waiting.remove(r)
+            with self._lock:
+                self._queued -= 1

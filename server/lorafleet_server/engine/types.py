@@ -1,0 +1,91 @@
+"""The engine's vocabulary: plain dataclasses, no protobuf."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lorafleet_adapters.ref import AdapterRef
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    END_OF_SEQUENCE = "end_of_sequence"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A generation (or, with ``embed``, a pooled-hidden-state) request."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: tuple[ChatTurn, ...] = ()
+    adapter: AdapterRef | None = None
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=1))
+    embed: bool = False
+
+
+@dataclass(frozen=True)
+class Summary:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    adapter: str  # concrete "tenant/name@version", "" for the base
+    request_id: str
+    queue_seconds: float = 0.0
+    ttft_seconds: float | None = None
+    total_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What the engine tells a request's consumer. Exactly one of the three kinds per event."""
+
+    text: str = ""  # newly decoded text
+    token_ids: tuple[int, ...] = ()
+    summary: Summary | None = None  # set on the last event of a finished request
+    embedding: tuple[float, ...] | None = None  # set (with summary) for an embed request
+    error: Exception | None = None  # set on the last event of a failed request
+
+    @property
+    def final(self) -> bool:
+        return self.summary is not None or self.error is not None
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it runs (metrics implement it; the default ignores it)."""
+
+    def observe_step(self, rows: int, tokens: int) -> None: ...
+    def observe_admitted(self, queue_seconds: float) -> None: ...
+    def observe_finished(self, summary: Summary) -> None: ...
+
+
+class NullObserver:
+    def observe_step(self, rows: int, tokens: int) -> None:
+        return None
+
+    def observe_admitted(self, queue_seconds: float) -> None:
+        return None
+
+    def observe_finished(self, summary: Summary) -> None:
+        return None

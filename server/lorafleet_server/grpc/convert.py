@@ -1,0 +1,142 @@
+"""Protobuf ⇄ domain conversion. Generated types stop here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorafleet_adapters.manifest import Manifest
+from lorafleet_adapters.ref import AdapterRef
+from lorafleet_proto.v1 import adapters_pb2, inference_pb2
+from lorafleet_server.app import ModelInfo
+from lorafleet_server.engine.admin import AdapterView, Tier
+from lorafleet_server.engine.types import ChatTurn, FinishReason, GenerationRequest, SamplingParams, Summary
+from lorafleet_server.errors import InvalidRequest
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
+    FinishReason.END_OF_SEQUENCE: inference_pb2.FINISH_REASON_END_OF_SEQUENCE,
+    FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
+}
+
+TIERS = {
+    Tier.STORE: adapters_pb2.ADAPTER_TIER_STORE,
+    Tier.HOST: adapters_pb2.ADAPTER_TIER_HOST,
+    Tier.DEVICE: adapters_pb2.ADAPTER_TIER_DEVICE,
+}
+
+
+def adapter_ref(text: str) -> AdapterRef | None:
+    return AdapterRef.parse(text) if text else None
+
+
+def chat_turns(messages: Any) -> tuple[ChatTurn, ...]:
+    return tuple(ChatTurn(role=m.role, content=m.content) for m in messages)
+
+
+def sampling(params: inference_pb2.SamplingParams, default_max_new_tokens: int) -> SamplingParams:
+    def opt(name: str, default: Any) -> Any:
+        return getattr(params, name) if params.HasField(name) else default
+
+    return SamplingParams(
+        max_new_tokens=opt("max_new_tokens", default_max_new_tokens),
+        temperature=float(opt("temperature", 0.0)),
+        top_p=float(opt("top_p", 1.0)),
+        top_k=int(opt("top_k", 0)),
+        repetition_penalty=float(opt("repetition_penalty", 1.0)),
+        seed=opt("seed", None),
+        stop=tuple(params.stop),
+    )
+
+
+def generation_request(
+    request: inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest,
+    request_id: str,
+    default_max_new_tokens: int,
+) -> GenerationRequest:
+    if request.prompt and len(request.messages):
+        raise InvalidRequest("set exactly one of prompt and messages")
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=request.prompt or None,
+        messages=chat_turns(request.messages),
+        adapter=adapter_ref(request.adapter),
+        params=sampling(request.params, default_max_new_tokens),
+    )
+
+
+def embed_request(request: inference_pb2.EmbedRequest, request_id: str) -> GenerationRequest:
+    if request.text and len(request.messages):
+        raise InvalidRequest("set exactly one of text and messages")
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=request.text or None,
+        messages=chat_turns(request.messages),
+        adapter=adapter_ref(request.adapter),
+        embed=True,
+    )
+
+
+def summary_pb(s: Summary) -> inference_pb2.GenerationSummary:
+    return inference_pb2.GenerationSummary(
+        finish_reason=FINISH_REASONS[s.finish_reason],
+        prompt_tokens=s.prompt_tokens,
+        generated_tokens=s.generated_tokens,
+        adapter=s.adapter,
+        request_id=s.request_id,
+    )
+
+
+def model_info_pb(info: ModelInfo) -> inference_pb2.GetModelInfoResponse:
+    return inference_pb2.GetModelInfoResponse(
+        model_id=info.model_id,
+        fingerprint=info.fingerprint,
+        quantization=info.quantization,
+        device=info.device,
+        dtype=info.dtype,
+        max_context_tokens=info.max_context_tokens,
+        max_lora_rank=info.max_lora_rank,
+        max_new_tokens=info.max_new_tokens,
+        max_batch_size=info.max_batch_size,
+        max_loaded_adapters=info.max_loaded_adapters,
+        max_message_bytes=info.max_message_bytes,
+        target_modules=list(info.target_modules),
+        server_version=info.server_version,
+    )
+
+
+def manifest_pb(m: Manifest) -> adapters_pb2.AdapterManifest:
+    return adapters_pb2.AdapterManifest(
+        kind=m.kind,
+        method=m.method,
+        base_fingerprint=m.base_fingerprint,
+        base_model=m.base_model,
+        base_quantization=m.base_quantization,
+        rank=m.rank,
+        lora_alpha=m.lora_alpha,
+        use_rslora=m.use_rslora,
+        target_modules=list(m.target_modules),
+        files=dict(m.files),
+        created_at=m.created_at,
+        producer=m.producer,
+        training_data_fingerprint=m.training_data_fingerprint or "",
+        eval_metrics={k: float(v) for k, v in m.eval_metrics.items()},
+    )
+
+
+def adapter_pb(view: AdapterView) -> adapters_pb2.Adapter:
+    return adapters_pb2.Adapter(
+        tenant=view.tenant,
+        name=view.name,
+        latest_version=view.latest or 0,
+        versions=[
+            adapters_pb2.AdapterVersion(
+                version=v.version,
+                manifest=manifest_pb(v.manifest),
+                tier=TIERS[v.tier],
+                pinned=v.pinned,
+                active_requests=v.active_requests,
+            )
+            for v in view.versions
+        ],
+    )

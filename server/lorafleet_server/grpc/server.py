@@ -1,0 +1,137 @@
+"""The gRPC server: inference, admin, health and reflection on one port (grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from concurrent.futures import Future
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lorafleet_proto.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from lorafleet_server.app import Service
+from lorafleet_server.engine.admin import AdapterAdmin
+from lorafleet_server.grpc.admin import AdaptersServicer
+from lorafleet_server.grpc.inference import InferenceServicer
+from lorafleet_server.grpc.observe import CallObserver
+from lorafleet_server.metrics import MetricsServer, serve_metrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["AdaptersService"].full_name,
+)
+
+
+class GrpcServer:
+    """Owns the aio server of one Service; call from inside an event loop."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        cfg = service.config
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        calls = CallObserver(service.metrics)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(service.engine, service.info, cfg.default_max_new_tokens, calls), self._server
+        )
+        adapters_pb2_grpc.add_AdaptersServiceServicer_to_server(
+            AdaptersServicer(AdapterAdmin(service.engine), calls), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port = 0
+        self.metrics_server: MetricsServer | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        port = self.metrics_server.port if self.metrics_server is not None else 0
+        return f"http://{self.service.config.host}:{port}/metrics"
+
+    async def start(self) -> int:
+        cfg = self.service.config
+        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {cfg.address}")
+        self.metrics_server = serve_metrics(self.service.metrics.registry, cfg.host, cfg.metrics_port)
+        self.service.engine.start()
+        await self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self) -> None:
+        """Graceful: report NOT_SERVING, refuse new calls, let running ones finish within the grace."""
+        grace = self.service.config.shutdown_grace_seconds
+        await self._health.enter_graceful_shutdown()
+        stop = asyncio.ensure_future(self._server.stop(grace))
+        await asyncio.to_thread(self.service.engine.shutdown, grace)
+        await stop
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+
+
+async def serve_forever(service: Service) -> None:
+    server = GrpcServer(service)
+    port = await server.start()
+    log.info(
+        "lorafleet ready: gRPC on %s:%d, metrics on %s (model %s, %s, %s)",
+        service.config.host,
+        port,
+        server.metrics_url,
+        service.info.model_id,
+        service.info.quantization,
+        service.info.device,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", service.config.shutdown_grace_seconds)
+    await server.stop()
+
+
+class BackgroundServer:
+    """Runs a GrpcServer on its own event loop thread (tests, benchmarks, embedding in a process)."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
+        self._server: GrpcServer | None = None
+        self.port = 0
+
+    @property
+    def metrics_port(self) -> int:
+        assert self._server is not None and self._server.metrics_server is not None
+        return self._server.metrics_server.port
+
+    def start(self) -> int:
+        self._thread.start()
+        future: Future[int] = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        self.port = future.result(timeout=60)
+        return self.port
+
+    async def _start(self) -> int:
+        self._server = GrpcServer(self._service)
+        return await self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop).result(timeout=120)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

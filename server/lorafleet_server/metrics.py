@@ -1,0 +1,183 @@
+"""Prometheus metrics (README, "Metrics and logs"): prefix ``lorafleet_``, base units, ``_total`` counters.
+
+Everything lives on an injected CollectorRegistry (never the global one) and no label carries a
+tenant or adapter name: those are unbounded and go to the request log instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from lorafleet_server.engine.types import FinishReason, Summary
+
+log = logging.getLogger(__name__)
+
+# From a fast decode token (ms) to a long generation (minutes).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_COUNT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+TIERS = ("host", "device")
+
+
+class Metrics:
+    """The server's instruments. Methods are thread-safe (prometheus_client's own locking)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.request_duration = Histogram(
+            "lorafleet_request_duration_seconds", "End-to-end latency of an RPC, by RPC.", ["rpc"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "lorafleet_time_to_first_token_seconds", "Time from arrival to the first generated token.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "lorafleet_time_per_output_token_seconds", "Mean time per generated token after the first.",
+            buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "lorafleet_queue_wait_seconds", "Time a request waited before joining the running batch.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.adapter_load = Histogram(
+            "lorafleet_adapter_load_duration_seconds",
+            "Time to make an adapter ready, by the tier it came from (store: disk to host; host: host to device).",
+            ["source"], buckets=LOAD_BUCKETS, registry=r,
+        )
+        self.prompt_tokens_per_request = Histogram(
+            "lorafleet_request_prompt_tokens", "Prompt tokens per request.", buckets=TOKEN_COUNT_BUCKETS, registry=r,
+        )
+        self.generated_tokens_per_request = Histogram(
+            "lorafleet_request_generated_tokens", "Generated tokens per request.",
+            buckets=TOKEN_COUNT_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "lorafleet_requests", "Finished RPCs by RPC and final gRPC status code.", ["rpc", "code"], registry=r
+        )
+        self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generated_tokens = Counter("lorafleet_generated_tokens", "Tokens generated.", registry=r)
+        self.finished = Counter(
+            "lorafleet_generations", "Finished generations by finish reason.", ["reason"], registry=r
+        )
+        self.cache_hits = Counter("lorafleet_adapter_cache_hits", "Adapter cache hits by tier.", ["tier"], registry=r)
+        self.cache_misses = Counter(
+            "lorafleet_adapter_cache_misses", "Adapter cache misses by tier.", ["tier"], registry=r
+        )
+        self.evictions = Counter("lorafleet_adapter_evictions", "Adapters evicted by tier.", ["tier"], registry=r)
+        self.loads = Counter("lorafleet_adapter_loads", "Adapters loaded into a tier.", ["tier"], registry=r)
+        self.load_failures = Counter(
+            "lorafleet_adapter_load_failures", "Adapter loads that failed (bad files, incompatible base).", registry=r
+        )
+        self.swaps = Counter(
+            "lorafleet_adapter_swaps", "Adapters whose latest version moved to a newly published one.", registry=r
+        )
+        self.swap_failures = Counter(
+            "lorafleet_adapter_swap_failures", "New versions refused: the previous one keeps serving.", registry=r
+        )
+        self.running = Gauge("lorafleet_running_requests", "Requests in the running batch.", registry=r)
+        self.waiting = Gauge("lorafleet_waiting_requests", "Requests queued for the running batch.", registry=r)
+        self.batch_rows = Gauge("lorafleet_batch_rows", "Rows in the last forward pass.", registry=r)
+        self.batch_tokens = Gauge("lorafleet_batch_tokens", "Tokens in the last forward pass.", registry=r)
+        self.resident = Gauge("lorafleet_adapters_resident", "Adapter versions held, by tier.", ["tier"], registry=r)
+        self.pinned = Gauge("lorafleet_adapters_pinned", "Adapter versions pinned in device slots.", registry=r)
+        self.device_memory = Gauge(
+            "lorafleet_device_memory_used_bytes", "Memory allocated on the accelerator (CUDA only).", registry=r
+        )
+        self.build = Info("lorafleet_build", "Server version and the model it serves.", registry=r)
+        for tier in TIERS:
+            for family in (self.cache_hits, self.cache_misses, self.evictions, self.loads, self.resident):
+                family.labels(tier=tier)
+        for reason in FinishReason:
+            self.finished.labels(reason=reason.value)
+
+    # -- engine side --------------------------------------------------------------------------
+    def observe_step(self, rows: int, tokens: int) -> None:
+        self.batch_rows.set(rows)
+        self.batch_tokens.set(tokens)
+
+    def observe_admitted(self, queue_seconds: float) -> None:
+        self.queue_wait.observe(queue_seconds)
+
+    def observe_finished(self, s: Summary) -> None:
+        self.prompt_tokens.inc(s.prompt_tokens)
+        self.generated_tokens.inc(s.generated_tokens)
+        self.prompt_tokens_per_request.observe(s.prompt_tokens)
+        self.finished.labels(reason=s.finish_reason.value).inc()
+        if s.generated_tokens:
+            self.generated_tokens_per_request.observe(s.generated_tokens)
+        if s.ttft_seconds is not None:
+            self.ttft.observe(s.ttft_seconds)
+            if s.generated_tokens > 1:
+                self.tpot.observe(max(s.total_seconds - s.ttft_seconds, 0.0) / (s.generated_tokens - 1))
+
+    def bind_load(self, load: Callable[[], tuple[int, int]]) -> None:
+        """Gauges read at scrape time from the engine: (running, waiting)."""
+        self.running.set_function(lambda: load()[0])
+        self.waiting.set_function(lambda: load()[1])
+
+    def bind_device_memory(self, read: Callable[[], float]) -> None:
+        self.device_memory.set_function(read)
+
+    # -- adapter tiers ------------------------------------------------------------------------
+    def adapter_event(self, tier: str, event: str) -> None:
+        """Events of HostCache ("hit", "miss", "evict") and DeviceSlots ("load", "evict", "unload")."""
+        if event == "hit":
+            self.cache_hits.labels(tier=tier).inc()
+        elif event == "miss":
+            self.cache_misses.labels(tier=tier).inc()
+        elif event in ("evict", "unload"):
+            self.evictions.labels(tier=tier).inc()
+        elif event == "load":
+            self.loads.labels(tier=tier).inc()
+
+    def adapter_loaded(self, source: str, seconds: float) -> None:
+        self.adapter_load.labels(source=source).observe(seconds)
+
+    def adapter_load_failed(self) -> None:
+        self.load_failures.inc()
+
+    def adapter_swapped(self) -> None:
+        self.swaps.inc()
+
+    def adapter_swap_failed(self) -> None:
+        self.swap_failures.inc()
+
+    def bind_adapters(
+        self, host: Callable[[], int], device: Callable[[], int], pinned: Callable[[], int]
+    ) -> None:
+        self.resident.labels(tier="host").set_function(host)
+        self.resident.labels(tier="device").set_function(device)
+        self.pinned.set_function(pinned)
+
+    # -- gRPC edge ----------------------------------------------------------------------------
+    def observe_rpc(self, rpc: str, code: str, seconds: float) -> None:
+        self.requests.labels(rpc=rpc, code=code).inc()
+        self.request_duration.labels(rpc=rpc).observe(seconds)
+
+
+@dataclass(frozen=True)
+class MetricsServer:
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server=server, thread=thread)

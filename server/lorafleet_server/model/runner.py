@@ -1,0 +1,244 @@
+"""One forward over a ragged batch: prefill chunks and decode tokens of many rows at once.
+
+The Linears (and their LoRA) run on all the step's tokens flattened together; attention runs per
+group: every row with one new token in one batched SDPA over the KV cache, each longer chunk on its
+own. The KV cache is one preallocated slab per layer, a row per running request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
+
+
+@dataclass(frozen=True)
+class RowStep:
+    """One request's share of a step."""
+
+    kv_row: int  # row of the KV slab this request owns
+    start: int  # tokens of this request already in its KV row
+    token_ids: tuple[int, ...]  # the new tokens (a prefill chunk, or one decode token)
+    slot: int  # adapter slot (0 = base only)
+    want_logits: bool  # return the logits of the last new token
+    want_pooled: bool  # return the sum of the final hidden states of the new tokens
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    logits: torch.Tensor  # [rows wanting logits, vocab] float32, in row order
+    pooled: torch.Tensor  # [rows wanting pooled, hidden] float32, sums over the new tokens
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVCache:
+    """K and V slabs per layer: [rows, kv_heads, max_seq_len, head_dim] in the compute dtype."""
+
+    def __init__(
+        self, layers: int, rows: int, kv_heads: int, max_seq_len: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        shape = (rows, kv_heads, max_seq_len, head_dim)
+        # torch.empty: pages are touched (and cost memory) only as rows fill up.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.rows = rows
+        self.max_seq_len = max_seq_len
+        # Positions below clean[row] hold finite values. Batched decode reads every row up to the
+        # longest row's length; masked-out garbage (uninitialised memory can be NaN) would still
+        # poison the output through 0 * NaN, so a row's tail is zeroed before it is first read.
+        self._clean = [0] * rows
+
+    def mark_written(self, row: int, end: int) -> None:
+        """Positions below ``end`` of ``row`` are (or are being) written by real keys and values."""
+        self._clean[row] = max(self._clean[row], end)
+
+    def ensure_clean(self, row: int, length: int) -> None:
+        start = self._clean[row]
+        if start >= length:
+            return
+        for k, v in zip(self.k, self.v, strict=True):
+            k[row, :, start:length].zero_()
+            v[row, :, start:length].zero_()
+        self._clean[row] = length
+
+
+class ModelRunner:
+    """Runs Llama-family decoder layers of a (LoRA-wrapped) HF causal LM with our own KV cache."""
+
+    def __init__(
+        self,
+        model: Any,  # a transformers causal LM (dynamically typed)
+        context: LoraContext,
+        *,
+        rows: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        lora_impl: Impl = "auto",
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.decoder: Any = model.model
+        self.layers = list(self.decoder.layers)
+        self.context = context
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self.hidden_size = int(cfg.hidden_size)
+        self.dtype = dtype
+        self.device = device
+        self.lora_impl: Impl = lora_impl
+        self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
+
+    @torch.inference_mode()
+    def step(self, rows: list[RowStep]) -> StepOutput:
+        if not rows:
+            raise ValueError("empty step")
+        dev = self.device
+        ids: list[int] = []
+        positions: list[int] = []
+        kv_rows: list[int] = []
+        slots: list[int] = []
+        for r in rows:
+            if r.start + len(r.token_ids) > self.kv.max_seq_len:
+                raise ValueError(f"row {r.kv_row} would exceed the KV cache length {self.kv.max_seq_len}")
+            ids.extend(r.token_ids)
+            positions.extend(range(r.start, r.start + len(r.token_ids)))
+            kv_rows.extend([r.kv_row] * len(r.token_ids))
+            slots.extend([r.slot] * len(r.token_ids))
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [N]
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [N]
+        row_t = torch.tensor(kv_rows, dtype=torch.long, device=dev)  # [N]
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)  # [N]
+        single_end = max((r.start + 1 for r in rows if len(r.token_ids) == 1), default=0)
+        for r in rows:
+            self.kv.mark_written(r.kv_row, r.start + len(r.token_ids))
+        for r in rows:
+            if len(r.token_ids) == 1:
+                self.kv.ensure_clean(r.kv_row, single_end)
+        self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl)
+        try:
+            hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
+        finally:
+            self.context.batch = None
+        return self._outputs(hidden, rows)
+
+    def _forward(
+        self, input_ids: torch.Tensor, pos_t: torch.Tensor, row_t: torch.Tensor, rows: list[RowStep]
+    ) -> torch.Tensor:
+        n = input_ids.shape[0]
+        h = self.decoder.embed_tokens(input_ids).to(self.dtype)  # [N, hidden]
+        cos, sin = self.decoder.rotary_emb(h.unsqueeze(0), pos_t.unsqueeze(0))  # [1, N, head_dim] each
+        cos = cos[0].to(self.dtype).unsqueeze(1)  # [N, 1, head_dim]
+        sin = sin[0].to(self.dtype).unsqueeze(1)
+        plan = _AttentionPlan.build(rows, self.device)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)  # [N, hidden]
+            q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, D]
+            k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
+            v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            k_cache, v_cache = self.kv.k[i], self.kv.v[i]  # [R, KVH, L, D]
+            k_cache[row_t, :, pos_t] = k.to(k_cache.dtype)
+            v_cache[row_t, :, pos_t] = v.to(v_cache.dtype)
+            o = plan.attend(q, k_cache, v_cache, float(attn.scaling))  # [N, H, D]
+            h = h + attn.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.decoder.norm(h)  # [N, hidden]
+
+    def _outputs(self, hidden: torch.Tensor, rows: list[RowStep]) -> StepOutput:
+        last: list[int] = []
+        pooled: list[torch.Tensor] = []
+        offset = 0
+        for r in rows:
+            n = len(r.token_ids)
+            if r.want_logits:
+                last.append(offset + n - 1)
+            if r.want_pooled:
+                pooled.append(hidden[offset : offset + n].float().sum(0))  # [hidden]
+            offset += n
+        if last:
+            idx = torch.tensor(last, dtype=torch.long, device=hidden.device)
+            logits = self.model.lm_head(hidden.index_select(0, idx)).float()  # [rows, vocab]
+        else:
+            logits = hidden.new_zeros(0, 0, dtype=torch.float32)
+        pooled_t = torch.stack(pooled) if pooled else hidden.new_zeros(0, self.hidden_size, dtype=torch.float32)
+        return StepOutput(logits=logits, pooled=pooled_t)
+
+
+@dataclass(frozen=True)
+class _AttentionPlan:
+    """Which tokens attend how: single-token rows batched together, longer chunks one by one."""
+
+    single_tok: torch.Tensor  # [B] token index of each single-token row
+    single_rows: torch.Tensor  # [B] their KV rows
+    single_mask: torch.Tensor  # [B, 1, 1, Lmax] bool: key position valid
+    single_len: int  # Lmax
+    chunks: tuple[tuple[int, int, int, int], ...]  # (token offset, n tokens, kv row, start)
+
+    @staticmethod
+    def build(rows: list[RowStep], device: torch.device) -> _AttentionPlan:
+        single_tok: list[int] = []
+        single_rows: list[int] = []
+        single_end: list[int] = []
+        chunks: list[tuple[int, int, int, int]] = []
+        offset = 0
+        for r in rows:
+            n = len(r.token_ids)
+            if n == 1:
+                single_tok.append(offset)
+                single_rows.append(r.kv_row)
+                single_end.append(r.start + 1)
+            else:
+                chunks.append((offset, n, r.kv_row, r.start))
+            offset += n
+        lmax = max(single_end, default=0)
+        ends = torch.tensor(single_end, dtype=torch.long, device=device)  # [B]
+        mask = torch.arange(lmax, device=device)[None, :] < ends[:, None]  # [B, Lmax]
+        return _AttentionPlan(
+            single_tok=torch.tensor(single_tok, dtype=torch.long, device=device),
+            single_rows=torch.tensor(single_rows, dtype=torch.long, device=device),
+            single_mask=mask[:, None, None, :],
+            single_len=lmax,
+            chunks=tuple(chunks),
+        )
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """q [N, H, D] (rotated) -> attention output [N, H, D]; the step's K/V are already cached."""
+        out = torch.empty_like(q)
+        if self.single_tok.numel():
+            lmax = self.single_len
+            q_s = q.index_select(0, self.single_tok).unsqueeze(2)  # [B, H, 1, D]
+            k_s = k_cache[:, :, :lmax].index_select(0, self.single_rows)  # [B, KVH, Lmax, D]
+            v_s = v_cache[:, :, :lmax].index_select(0, self.single_rows)
+            o_s = F.scaled_dot_product_attention(
+                q_s, k_s, v_s, attn_mask=self.single_mask, scale=scale, enable_gqa=True
+            )  # [B, H, 1, D]
+            out.index_copy_(0, self.single_tok, o_s.squeeze(2))
+        for offset, n, row, start in self.chunks:
+            q_c = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            k_c = k_cache[row : row + 1, :, : start + n]  # [1, KVH, start+n, D]
+            v_c = v_cache[row : row + 1, :, : start + n]
+            if start == 0:
+                o_c = F.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                qpos = torch.arange(start, start + n, device=q.device)[:, None]  # [n, 1]
+                kpos = torch.arange(start + n, device=q.device)[None, :]  # [1, start+n]
+                o_c = F.scaled_dot_product_attention(
+                    q_c, k_c, v_c, attn_mask=kpos <= qpos, scale=scale, enable_gqa=True
+                )
+            out[offset : offset + n] = o_c[0].transpose(0, 1)  # [n, H, D]
+        return out

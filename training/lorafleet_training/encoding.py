@@ -1,0 +1,131 @@
+"""Token ids of examples, exactly as the server builds prompts, with loss only on completion tokens.
+
+The server renders chat messages with the tokenizer's chat template (``add_generation_prompt=True``)
+and encodes the text without special tokens; a plain prompt is encoded as is. The completion is encoded
+on its own and followed by the EOS token, the stop the model must learn (``<|im_end|>`` for ChatML).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_training.data import Example, apply_template
+from lorafleet_training.errors import DataIssue, TrainingDataError, TrainingError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]  # IGNORE_INDEX on prompt tokens
+    prompt_len: int
+    truncated: bool
+
+
+def prompt_ids(tokenizer: Any, example: Example, template: PromptTemplate | None = None) -> list[int]:
+    """The prompt's token ids as the server builds them (with a prompt adapter's turns when given)."""
+    if template is not None or example.is_chat:
+        messages = example.chat_messages()
+        if template is not None:
+            messages = apply_template(template, messages)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(str(text), add_special_tokens=False))
+    assert example.prompt is not None
+    return list(tokenizer.encode(example.prompt, add_special_tokens=False))
+
+
+def completion_ids(tokenizer: Any, example: Example) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TrainingError("the tokenizer has no EOS token; the model could not learn where an answer ends")
+    return [*tokenizer.encode(example.completion, add_special_tokens=False), int(eos)]
+
+
+def encode(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    max_length: int | None,
+    template: PromptTemplate | None = None,
+    source: str = "<data>",
+) -> list[Encoded]:
+    """Encode every example; one whose prompt leaves no room for a completion token is reported by line.
+
+    `max_length` None: no limit (evaluation scores whole completions, whatever the training limit was).
+    """
+    out: list[Encoded] = []
+    issues: list[DataIssue] = []
+    for example in examples:
+        prompt = prompt_ids(tokenizer, example, template)
+        completion = completion_ids(tokenizer, example)
+        limit = max_length if max_length is not None else len(prompt) + len(completion)
+        if len(prompt) >= limit:
+            issues.append(
+                DataIssue(
+                    example.line,
+                    f"the prompt is {len(prompt)} tokens; --max-length {max_length} leaves no room for the completion",
+                )
+            )
+            continue
+        ids = (prompt + completion)[:limit]
+        labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
+        out.append(Encoded(tuple(ids), tuple(labels), len(prompt), len(prompt) + len(completion) > limit))
+    if issues:
+        raise TrainingDataError(source, issues)
+    return out
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded input_ids, attention_mask, position_ids and labels (IGNORE_INDEX on padding).
+
+    Left padding puts every row's completion at the end, so the logits of the last ``keep_last(batch)``
+    positions are all the loss needs (the vocabulary projection of prompt positions is skipped).
+    Position ids count real tokens only, so a padded row computes what it would alone.
+    """
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        start = width - len(e.input_ids)
+        ids[row, start:] = torch.tensor(e.input_ids)
+        labels[row, start:] = torch.tensor(e.labels)
+        mask[row, start:] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+
+
+def keep_last(batch: Sequence[Encoded]) -> int:
+    """How many final positions' logits a left-padded batch needs: the longest completion, plus the last
+    prompt position (it predicts the first completion token)."""
+    return max(len(e.input_ids) - e.prompt_len for e in batch) + 1
+
+
+def completion_loss_sum(model: Any, batch: dict[str, torch.Tensor], keep: int) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over the completion tokens of a collated batch, their count)."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+    ).logits
+    targets = batch["labels"][:, -keep + 1 :] if keep > 1 else batch["labels"][:, :0]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise TrainingError("the tokenizer has neither a pad nor an EOS token")
+    return int(pad)

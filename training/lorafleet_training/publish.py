@@ -1,0 +1,269 @@
+"""The trainer's output directory, and publishing it (or a prompt adapter) into an adapter store.
+
+Output directory layout (written atomically: staged beside, then renamed into place)::
+
+    <out>/adapter_config.json          standard PEFT files: ``PeftModel.from_pretrained(base, out)`` loads
+    <out>/adapter_model.safetensors    them unchanged
+    <out>/README.md                    PEFT's model card
+    <out>/lorafleet-training.json      the training record: adapter reference, method, base fingerprint
+                                       and quantization, data fingerprint, PII result, hyperparameters,
+                                       per-epoch losses, eval metrics, sha256 of every file above
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lorafleet_adapters.errors import AdapterError, AdapterFormatError, AdapterIncompatible
+from lorafleet_adapters.fsio import fsync_dir
+from lorafleet_adapters.manifest import Manifest, sha256_file
+from lorafleet_adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
+from lorafleet_adapters.prompt import PromptTemplate, PromptTurn
+from lorafleet_adapters.ref import AdapterKey, AdapterRef
+from lorafleet_adapters.store import README_FILE, AdapterStore
+from lorafleet_training.data import parse_prompt_template
+from lorafleet_training.errors import PiiFound, TrainingError
+from lorafleet_training.pii import MODES, PLACEHOLDERS, Finding, PiiReport, detect, mask_value
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "lorafleet-training.json"
+RECORD_FORMAT = "lorafleet-training/1"
+PUBLISHED_FILES = (CONFIG_FILE, WEIGHTS_FILE, README_FILE)
+_RECORD_REQUIRED = ("format", "adapter", "method", "base", "files", "eval_metrics")
+
+
+class NoImprovement(TrainingError):
+    """--require-improvement: the adapter's held-out loss is not below the base's."""
+
+
+# ------------------------------------------------------------------------------------ output dir
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless `overwrite` (checked before training starts)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"output path {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise TrainingError(f"output directory {out_dir} is not empty; choose another --out or pass --overwrite")
+
+
+def write_training_dir(
+    out_dir: Path,
+    save_adapter: Callable[[Path], None],
+    record: Mapping[str, Any],
+    spec: BaseModelSpec,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Stage the PEFT files (`save_adapter(dir)`) and the record, verify them, rename into `out_dir`.
+
+    Returns the record as written (with ``files`` checksums). The staged adapter is validated against
+    `spec` exactly as the store will validate it, so a publish cannot fail on format.
+    """
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_adapter(stage)
+        unexpected = sorted(p.name for p in stage.iterdir() if p.name not in PUBLISHED_FILES)
+        if unexpected:
+            raise TrainingError(f"the saved adapter holds files the store would not publish: {unexpected}")
+        load_adapter_weights(stage, spec)
+        written = dict(record)
+        written["files"] = {name: sha256_file(stage / name) for name in PUBLISHED_FILES if (stage / name).is_file()}
+        (stage / RECORD_FILE).write_text(json.dumps(written, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(stage, out_dir)
+        fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return written
+
+
+def read_training_record(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / RECORD_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterFormatError(
+            f"{out_dir} has no {RECORD_FILE}: not a `lorafleet train` output (use `lorafleet adapters import` "
+            "for a plain PEFT directory)"
+        ) from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"cannot read {path}: {exc}") from None
+    if not isinstance(record, dict):
+        raise AdapterFormatError(f"{path} must hold a JSON object")
+    missing = [k for k in _RECORD_REQUIRED if k not in record]
+    if missing:
+        raise AdapterFormatError(f"{path} lacks fields {missing}")
+    if record["format"] != RECORD_FORMAT:
+        raise AdapterFormatError(f"{path}: format is {record['format']!r}; expected {RECORD_FORMAT!r}")
+    base = record["base"]
+    if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str):
+        raise AdapterFormatError(f"{path}: 'base' must be an object with a 'fingerprint' string")
+    if not isinstance(record["files"], dict) or not isinstance(record["eval_metrics"], dict):
+        raise AdapterFormatError(f"{path}: 'files' and 'eval_metrics' must be objects")
+    return record
+
+
+def verify_files(out_dir: Path, record: Mapping[str, Any]) -> None:
+    """Check every file the record lists against its sha256, and that the PEFT files are among them."""
+    files: Mapping[str, Any] = record["files"]
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
+        if required not in files:
+            raise AdapterFormatError(f"{RECORD_FILE} lists no checksum for {required}")
+    for name, digest in files.items():
+        if name not in PUBLISHED_FILES:
+            raise AdapterFormatError(f"{RECORD_FILE} lists an unexpected file {name!r}")
+        path = Path(out_dir) / name
+        if not path.is_file():
+            raise AdapterFormatError(f"{path} is missing (listed in {RECORD_FILE})")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise AdapterFormatError(
+                f"{path}: sha256 {actual} differs from {digest} recorded at training; the file changed"
+            )
+    extra = [n for n in PUBLISHED_FILES if (Path(out_dir) / n).is_file() and n not in files]
+    if extra:
+        raise AdapterFormatError(f"{extra} in {out_dir} are not covered by {RECORD_FILE}'s checksums")
+
+
+# ---------------------------------------------------------------------------------------- publish
+
+
+def publish(
+    out_dir: Path,
+    store: AdapterStore,
+    spec: BaseModelSpec,
+    require_improvement: bool = False,
+    adapter: str | None = None,
+) -> AdapterKey:
+    """Verify a training output against `spec` and its own checksums, then publish it atomically.
+
+    `adapter` ("tenant/name") overrides the reference recorded at training.
+    """
+    out_dir = Path(out_dir)
+    record = read_training_record(out_dir)
+    trained_on = record["base"]["fingerprint"]
+    if trained_on != spec.fingerprint:
+        raise AdapterIncompatible(
+            f"{out_dir} was trained on base {trained_on} ({record['base'].get('model_id', '?')}); "
+            f"the store's base is {spec.fingerprint} ({spec.model_id}): retrain it on this base"
+        )
+    verify_files(out_dir, record)
+    metrics = _metrics(record)
+    if require_improvement:
+        check_improvement(metrics)
+    ref = AdapterRef.parse(adapter if adapter is not None else str(record["adapter"]))
+    if ref.version is not None:
+        raise TrainingError(f"versions are assigned at publish; give {ref.tenant}/{ref.name} without @version")
+    extra: dict[str, Any] = {
+        "training_data_fingerprint": record.get("data", {}).get("fingerprint"),
+        "eval_metrics": metrics,
+        "pii_scan": record.get("pii_scan"),
+    }
+    if "training" in {f.name for f in dataclasses.fields(Manifest)}:  # once the manifest carries it
+        extra["training"] = {
+            k: record.get(k) for k in ("hyperparameters", "history", "base", "data", "training_seconds")
+        }
+    return store.import_peft(out_dir, ref.tenant, ref.name, spec, method=str(record["method"]), extra=extra)
+
+
+def check_improvement(metrics: Mapping[str, float]) -> None:
+    base, adapter = metrics.get("base_loss"), metrics.get("adapter_loss")
+    if base is None or adapter is None:
+        raise NoImprovement(
+            "--require-improvement: the training record has no held-out losses (trained with --val-fraction 0?)"
+        )
+    if not adapter < base:
+        raise NoImprovement(
+            f"--require-improvement: held-out loss of the adapter {adapter:.4f} is not below the base's {base:.4f}"
+        )
+
+
+def _metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for name, value in record["eval_metrics"].items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise AdapterFormatError(f"{RECORD_FILE}: eval metric {name!r} is not a finite number")
+        metrics[str(name)] = float(value)
+    return metrics
+
+
+def stale(store: AdapterStore, spec: BaseModelSpec) -> list[tuple[AdapterKey, str]]:
+    """Every published version whose manifest names another base than `spec`, with that fingerprint."""
+    found: list[tuple[AdapterKey, str]] = []
+    for summary in store.list():
+        for version in summary.versions:
+            key = AdapterKey(summary.tenant, summary.name, version)
+            try:
+                fingerprint = store.manifest(key).base_fingerprint
+            except AdapterError as exc:
+                log.warning("skipping %s: %s", key, exc)
+                continue
+            if fingerprint != spec.fingerprint:
+                found.append((key, fingerprint))
+    return found
+
+
+# --------------------------------------------------------------------------------- prompt adapters
+
+
+def publish_prompt(
+    store: AdapterStore,
+    tenant: str,
+    name: str,
+    system: str,
+    examples: Sequence[Mapping[str, str]],
+    spec: BaseModelSpec,
+    *,
+    pii: str = "refuse",
+) -> AdapterKey:
+    """Publish a prompt-only version (system prompt + few-shot turns) through the store's atomic publish.
+
+    The texts are scanned for PII like training data (`pii`: refuse, redact or allow).
+    """
+    template = parse_prompt_template({"system": system, "examples": [dict(e) for e in examples]})
+    texts = [("system", template.system)] + [
+        (f"examples[{i}].content", t.content) for i, t in enumerate(template.examples)
+    ]
+    report, texts = _prompt_pii(texts, pii)
+    redacted = dict(texts)
+    template = PromptTemplate(
+        system=redacted["system"],
+        examples=tuple(PromptTurn(t.role, redacted[f"examples[{i}].content"]) for i, t in enumerate(template.examples)),
+    )
+    return store.publish_prompt(tenant, name, template, spec, extra={"pii_scan": report.to_record()})
+
+
+def _prompt_pii(texts: list[tuple[str, str]], mode: str) -> tuple[PiiReport, list[tuple[str, str]]]:
+    if mode not in MODES:
+        raise TrainingError(f"PII mode must be one of {MODES}, got {mode!r}")
+    findings: list[Finding] = []
+    out: list[tuple[str, str]] = []
+    for field, text in texts:
+        spans = detect(text)
+        findings += [
+            Finding(0, field, s.kind, s.start, s.end, mask_value(s.kind, text[s.start : s.end])) for s in spans
+        ]
+        if mode == "redact":
+            for s in reversed(spans):
+                text = text[: s.start] + PLACEHOLDERS[s.kind] + text[s.end :]
+        out.append((field, text))
+    report = PiiReport(examples_scanned=1, findings=tuple(findings), mode=mode)
+    if findings and mode == "refuse":
+        raise PiiFound(report)
+    return report, out
