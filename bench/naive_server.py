@@ -99,9 +99,7 @@ class NaiveServicer(inference_pb2_grpc.InferenceServiceServicer):
         if request.adapter and peft_adapter_name(request.adapter) not in self._model.peft_config:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter {request.adapter} not loaded")
         ids = self._prompt_ids(request)
-        max_new = (
-            request.params.max_new_tokens if request.params.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
-        )
+        max_new = request.params.max_new_tokens if request.params.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
         if self._queue_lock is None:
             self._queue_lock = asyncio.Lock()
         loop = asyncio.get_running_loop()

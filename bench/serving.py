@@ -83,7 +83,10 @@ def make_adapters(
     for shape in shapes:
         targets = shape.target_modules if isinstance(shape.target_modules, str) else list(shape.target_modules)
         cfg = LoraConfig(
-            r=shape.r, lora_alpha=shape.lora_alpha, target_modules=targets, init_lora_weights=False,
+            r=shape.r,
+            lora_alpha=shape.lora_alpha,
+            target_modules=targets,
+            init_lora_weights=False,
             task_type="CAUSAL_LM",
         )
         if peft_model is None:
@@ -139,9 +142,21 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
 
 
 TOPICS = (
-    "a lighthouse keeper", "a robot gardener", "a lost kitten", "a retired astronaut", "a village baker",
-    "a clockmaker", "a young dragon", "a deep-sea diver", "a librarian", "a mountain guide",
-    "a street musician", "a beekeeper", "a chess champion", "a ship's cook", "a night-shift nurse",
+    "a lighthouse keeper",
+    "a robot gardener",
+    "a lost kitten",
+    "a retired astronaut",
+    "a village baker",
+    "a clockmaker",
+    "a young dragon",
+    "a deep-sea diver",
+    "a librarian",
+    "a mountain guide",
+    "a street musician",
+    "a beekeeper",
+    "a chess champion",
+    "a ship's cook",
+    "a night-shift nurse",
     "a painter",
 )
 TASKS = (
@@ -359,19 +374,38 @@ class RunResult:
 
 
 def summarize(
-    name: str, kind: str, shape: str | None, distinct: int, clients: int, requests: int,
-    records: list[RequestRecord], wall: float, cpu: tuple[float, float], steps: dict[str, Any] | None = None,
+    name: str,
+    kind: str,
+    shape: str | None,
+    distinct: int,
+    clients: int,
+    requests: int,
+    records: list[RequestRecord],
+    wall: float,
+    cpu: tuple[float, float],
+    steps: dict[str, Any] | None = None,
 ) -> RunResult:
     ok = [r for r in records if r.error is None]
     tokens = sum(r.tokens for r in ok)
     return RunResult(
-        name=name, kind=kind, shape=shape, distinct=distinct, clients=clients, requests=requests,
-        wall_seconds=wall, tokens=tokens, errors=len(records) - len(ok),
+        name=name,
+        kind=kind,
+        shape=shape,
+        distinct=distinct,
+        clients=clients,
+        requests=requests,
+        wall_seconds=wall,
+        tokens=tokens,
+        errors=len(records) - len(ok),
         tokens_per_second=tokens / wall if wall > 0 else 0.0,
-        ttft_p50=percentile([r.ttft for r in ok], 50), ttft_p95=percentile([r.ttft for r in ok], 95),
+        ttft_p50=percentile([r.ttft for r in ok], 50),
+        ttft_p95=percentile([r.ttft for r in ok], 95),
         tpot_p50=percentile([r.tpot for r in ok if r.tpot is not None], 50),
         tpot_p95=percentile([r.tpot for r in ok if r.tpot is not None], 95),
-        loadavg=os.getloadavg(), own_cores=cpu[0], other_cores=cpu[1], steps=steps or {},
+        loadavg=os.getloadavg(),
+        own_cores=cpu[0],
+        other_cores=cpu[1],
+        steps=steps or {},
         records=[asdict(r) for r in records],
     )
 
@@ -470,7 +504,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-naive", action="store_true", help="no naive PEFT server runs")
     p.add_argument("--naive-requests", type=int, help="requests of each naive run (default 8; quick 4)")
     p.add_argument(
-        "--naive-load-all", action="store_true",
+        "--naive-load-all",
+        action="store_true",
         help="the naive server loads all adapters of each shape, not only those its requests use (~1 s each)",
     )
     p.add_argument("--respect-eos", action="store_true", help="let requests stop at EOS (default: ignore it)")
@@ -478,7 +513,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument(
-        "--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
         help="torch intra-op threads (default: cores - 1, leaving a core to the gRPC/client threads; with "
         "every core in torch's pool, any other busy thread stalls each op)",
     )
@@ -531,9 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     model_dir = args.model or prepare_default_model(REPO / "data" / "models")
     max_count = max(plan.counts) if plan.counts else 1
-    adapter_runs = [
-        (shape, k) for shape in plan.shapes for k in plan.counts if plan.wants(f"{k}x{shape.key}")
-    ]
+    adapter_runs = [(shape, k) for shape in plan.shapes for k in plan.counts if plan.wants(f"{k}x{shape.key}")]
     naive_shapes = [s for s in plan.shapes if plan.naive and plan.wants(f"naive-{s.key}")]
     needed_shapes = [s for s in plan.shapes if any(s == a for a, _ in adapter_runs) or s in naive_shapes]
     say(
@@ -604,18 +639,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         def engine_run(name: str, kind: str, shape: Shape | None, adapters: list[str]) -> RunResult:
             distinct = len({a for a in adapters if a})
             # warm-up (not measured): every adapter of the run resident, the batch shapes seen once
-            asyncio.run(run_load(target, adapters, clients=max(plan.clients, len(adapters)), requests=1,
-                                 max_new_tokens=4, warmup=True))
+            asyncio.run(
+                run_load(
+                    target,
+                    adapters,
+                    clients=max(plan.clients, len(adapters)),
+                    requests=1,
+                    max_new_tokens=4,
+                    warmup=True,
+                )
+            )
             steps.clear()
             meter = CpuMeter()
             records, wall = asyncio.run(
-                run_load(target, adapters, clients=plan.clients, requests=plan.requests,
-                         max_new_tokens=plan.max_new_tokens)
+                run_load(
+                    target, adapters, clients=plan.clients, requests=plan.requests, max_new_tokens=plan.max_new_tokens
+                )
             )
-            res = summarize(name, kind, shape.key if shape else None, distinct, plan.clients, plan.requests,
-                            records, wall, meter.stop(), step_summary(steps, full_batch))
-            say(f"{name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s, "
-                f"other processes {res.other_cores:.1f} cores" + (f", {res.errors} errors" if res.errors else ""))
+            res = summarize(
+                name,
+                kind,
+                shape.key if shape else None,
+                distinct,
+                plan.clients,
+                plan.requests,
+                records,
+                wall,
+                meter.stop(),
+                step_summary(steps, full_batch),
+            )
+            say(
+                f"{name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s, "
+                f"other processes {res.other_cores:.1f} cores" + (f", {res.errors} errors" if res.errors else "")
+            )
             return res
 
         try:
@@ -646,15 +702,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 for shape in naive_shapes:
                     adapters = refs[shape.key][:max_count]
-                    asyncio.run(run_load(naive_target, adapters[:1], clients=1, requests=1, max_new_tokens=4,
-                                         warmup=True))
+                    asyncio.run(
+                        run_load(naive_target, adapters[:1], clients=1, requests=1, max_new_tokens=4, warmup=True)
+                    )
                     meter = CpuMeter()
                     records, wall = asyncio.run(
-                        run_load(naive_target, adapters, clients=n_req, requests=1,
-                                 max_new_tokens=plan.max_new_tokens)
+                        run_load(naive_target, adapters, clients=n_req, requests=1, max_new_tokens=plan.max_new_tokens)
                     )
-                    res = summarize(f"naive-{shape.key}", "naive", shape.key, min(n_req, max_count), n_req, 1,
-                                    records, wall, meter.stop())
+                    res = summarize(
+                        f"naive-{shape.key}",
+                        "naive",
+                        shape.key,
+                        min(n_req, max_count),
+                        n_req,
+                        1,
+                        records,
+                        wall,
+                        meter.stop(),
+                    )
                     say(f"{res.name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s")
                     results.append(res)
             finally:
@@ -666,12 +731,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def finish(results: list[RunResult], meta: dict[str, Any], plan: Plan, args: argparse.Namespace,
-           elapsed: float) -> None:
+def finish(
+    results: list[RunResult], meta: dict[str, Any], plan: Plan, args: argparse.Namespace, elapsed: float
+) -> None:
     bases = [r.tokens_per_second for r in results if r.kind == "base"]
     base_tps = statistics.fmean(bases) if bases else None
-    base_steps = [r.steps["full_decode_forward_p50"] for r in results
-                  if r.kind == "base" and r.steps.get("full_decode_forward_p50")]
+    base_steps = [
+        r.steps["full_decode_forward_p50"]
+        for r in results
+        if r.kind == "base" and r.steps.get("full_decode_forward_p50")
+    ]
     base_step = statistics.fmean(base_steps) if base_steps else None
     base_bytes = meta.get("base_weight_bytes")
     for r in results:
@@ -692,12 +761,16 @@ def finish(results: list[RunResult], meta: dict[str, Any], plan: Plan, args: arg
                     r.step_over_bandwidth_bound = r.step_ratio_to_base / r.bandwidth_bound
 
     print()
-    print(f"lorafleet serving benchmark — {meta.get('model')} ({meta.get('quantization')}, {meta.get('dtype')}, "
-          f"{meta.get('device')}), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"load: {plan.clients} concurrent gRPC GenerateStream clients x {plan.requests} requests x "
-          f"{plan.max_new_tokens} new tokens, greedy, chat prompts; client i -> adapter i % k; "
-          f"lora_impl={args.lora_impl}")
+    print(
+        f"lorafleet serving benchmark — {meta.get('model')} ({meta.get('quantization')}, {meta.get('dtype')}, "
+        f"{meta.get('device')}), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"load: {plan.clients} concurrent gRPC GenerateStream clients x {plan.requests} requests x "
+        f"{plan.max_new_tokens} new tokens, greedy, chat prompts; client i -> adapter i % k; "
+        f"lora_impl={args.lora_impl}"
+    )
     print()
     print(render_load_table(results))
     print()
@@ -710,15 +783,21 @@ def finish(results: list[RunResult], meta: dict[str, Any], plan: Plan, args: arg
     print("what a step reading the base once plus each distinct adapter once allows if steps are bytes-bound.")
     print("fwd ms: p50 runner forward at a full decode batch; step ms: p50 interval between such steps (forward +")
     print("sampling + detokenize + streaming). fwd vs (a): base fwd / fwd. bw bd: base fwd / (base fwd +")
-    print(f"k * adapter_bytes / read bandwidth), bandwidth {meta.get('read_bandwidth', 0) / 1e9:.1f} GB/s measured; "
-          "fwd/bw bd: how close the LoRA kernels come to it.")
+    print(
+        f"k * adapter_bytes / read bandwidth), bandwidth {meta.get('read_bandwidth', 0) / 1e9:.1f} GB/s measured; "
+        "fwd/bw bd: how close the LoRA kernels come to it."
+    )
     naive = [r for r in results if r.kind == "naive"]
     if naive:
-        print(f"naive runs: {plan.naive_requests} requests (one per client, all sent at once) served one at a time; "
-              "tokens/s is a rate, so it compares with the other runs; their TTFT includes queueing behind the lock.")
+        print(
+            f"naive runs: {plan.naive_requests} requests (one per client, all sent at once) served one at a time; "
+            "tokens/s is a rate, so it compares with the other runs; their TTFT includes queueing behind the lock."
+        )
     if base_bytes:
-        print(f"base weights {base_bytes / 2**20:.1f} MiB; adapter bytes "
-              + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in meta["adapter_bytes"].items()))
+        print(
+            f"base weights {base_bytes / 2**20:.1f} MiB; adapter bytes "
+            + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in meta["adapter_bytes"].items())
+        )
     if len(bases) == 2 and bases[0] > 0:
         print(f"base drift between first and last base run: {bases[1] / bases[0] - 1:+.1%}")
 
@@ -730,16 +809,22 @@ def finish(results: list[RunResult], meta: dict[str, Any], plan: Plan, args: arg
         checks.append(f"{k} distinct default adapters vs (a): {d32.ratio_to_base:.2f}x (target >= 0.85x)")
         nd = by_name.get("naive-default")
         if nd and nd.tokens_per_second > 0:
-            checks.append(f"{k} distinct default adapters vs naive: {d32.tokens_per_second / nd.tokens_per_second:.1f}x"
-                          " (target >= 8x)")
+            checks.append(
+                f"{k} distinct default adapters vs naive: {d32.tokens_per_second / nd.tokens_per_second:.1f}x"
+                " (target >= 8x)"
+            )
     r32 = by_name.get(f"{k}xr16all")
     if r32 and r32.measured_over_bound is not None:
-        checks.append(f"{k} distinct r16 all-linear: {r32.ratio_to_base:.2f}x of (a), bytes bound "
-                      f"{r32.bytes_bound:.2f}, measured/bound {r32.measured_over_bound:.2f} (target >= 0.85)")
+        checks.append(
+            f"{k} distinct r16 all-linear: {r32.ratio_to_base:.2f}x of (a), bytes bound "
+            f"{r32.bytes_bound:.2f}, measured/bound {r32.measured_over_bound:.2f} (target >= 0.85)"
+        )
         if r32.step_over_bandwidth_bound is not None:
-            checks.append(f"{k} distinct r16 all-linear, forward only: {r32.step_ratio_to_base:.2f}x of (a)'s, "
-                          f"bandwidth-aware bound {r32.bandwidth_bound:.2f}, measured/bound "
-                          f"{r32.step_over_bandwidth_bound:.2f}")
+            checks.append(
+                f"{k} distinct r16 all-linear, forward only: {r32.step_ratio_to_base:.2f}x of (a)'s, "
+                f"bandwidth-aware bound {r32.bandwidth_bound:.2f}, measured/bound "
+                f"{r32.step_over_bandwidth_bound:.2f}"
+            )
         nr = by_name.get("naive-r16all")
         if nr and nr.tokens_per_second > 0:
             checks.append(f"{k} distinct r16 all-linear vs naive: {r32.tokens_per_second / nr.tokens_per_second:.1f}x")
@@ -753,11 +838,18 @@ def finish(results: list[RunResult], meta: dict[str, Any], plan: Plan, args: arg
     payload = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv[1:],
-        "plan": {**asdict(plan), "shapes": [s.key for s in plan.shapes],
-                 "configs": sorted(plan.configs) if plan.configs else None},
+        "plan": {
+            **asdict(plan),
+            "shapes": [s.key for s in plan.shapes],
+            "configs": sorted(plan.configs) if plan.configs else None,
+        },
         "environment": {
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
         },
         "meta": meta,
         "elapsed_seconds": elapsed,

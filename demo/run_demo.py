@@ -51,8 +51,12 @@ class Outcome:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("data/demo"), help="datasets and trained adapters")
-    p.add_argument("--store", type=Path, default=Path("data/adapters"),
-                   help="adapter store to publish into (the server's default store)")  # fmt: skip
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=Path("data/adapters"),
+        help="adapter store to publish into (the server's default store)",
+    )
     p.add_argument("--model-dir", type=Path, default=None, help="base model dir (default: prepared SmolLM2-135M)")
     p.add_argument("--target", default=None, help="HOST:PORT of a running lorafleet server to ask as well")
     p.add_argument("--api-key", default=None, help="API key for --target")
@@ -101,9 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.target:
         _ask_server(args, outcomes)
     total = sum(o.train_seconds for o in outcomes)
-    print(f"\ntraining took {total:.0f} s for both adapters "
-          f"({', '.join(f'{o.company.tenant} {o.train_seconds:.0f} s' for o in outcomes)}); "
-          f"the whole demo {time.monotonic() - started:.0f} s")  # fmt: skip
+    print(
+        f"\ntraining took {total:.0f} s for both adapters "
+        f"({', '.join(f'{o.company.tenant} {o.train_seconds:.0f} s' for o in outcomes)}); "
+        f"the whole demo {time.monotonic() - started:.0f} s"
+    )
     return 0
 
 
@@ -215,8 +221,9 @@ def _ask_server(args: argparse.Namespace, outcomes: Sequence[Outcome]) -> None:
                 deadline = time.monotonic() + 30  # a new version shows up within the server's poll interval
                 while answer is None:
                     try:
-                        answer = client.generate(messages=[Message("user", question)], adapter=ref,
-                                                 sampling=sampling).text  # fmt: skip
+                        answer = client.generate(
+                            messages=[Message("user", question)], adapter=ref, sampling=sampling
+                        ).text
                     except NotFoundError:
                         if time.monotonic() > deadline:
                             answer = "(the server does not know this adapter: does it serve --store?)"

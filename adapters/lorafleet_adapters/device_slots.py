@@ -142,9 +142,7 @@ class DeviceSlots:
         free = [i for i in range(1, len(self._slots)) if self._slots[i].key is None]
         if free:
             return free[0]
-        idle = [
-            i for i in range(1, len(self._slots)) if self._slots[i].leases == 0 and not self._slots[i].pinned
-        ]
+        idle = [i for i in range(1, len(self._slots)) if self._slots[i].leases == 0 and not self._slots[i].pinned]
         if not idle:
             return None
         # Retiring (superseded/unloaded) slots go first, then least recently used.

@@ -252,9 +252,7 @@ def _check_regex(name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise AdapterFormatError(
-            f"{CONFIG_FILE}: field {name!r} has an invalid pattern {pattern!r}: {exc}"
-        ) from None
+        raise AdapterFormatError(f"{CONFIG_FILE}: field {name!r} has an invalid pattern {pattern!r}: {exc}") from None
 
 
 def _pattern_field(raw: Mapping[str, Any], name: str, convert: Any) -> dict[str, Any]:
@@ -286,9 +284,7 @@ def _str_list_field(raw: Mapping[str, Any], name: str) -> tuple[str, ...] | None
         return (value,)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise AdapterFormatError(
-        f"{CONFIG_FILE}: field {name!r} must be a string or a list of strings, got {value!r}"
-    )
+    raise AdapterFormatError(f"{CONFIG_FILE}: field {name!r} must be a string or a list of strings, got {value!r}")
 
 
 def _targets_field(raw: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None]:
@@ -299,8 +295,7 @@ def _targets_field(raw: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None]
     if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
         return tuple(sorted(set(value))), None
     raise AdapterFormatError(
-        f"{CONFIG_FILE}: field 'target_modules' must be a non-empty list of module names or a regex, "
-        f"got {value!r}"
+        f"{CONFIG_FILE}: field 'target_modules' must be a non-empty list of module names or a regex, got {value!r}"
     )
 
 
@@ -319,8 +314,7 @@ def _layers_field(raw: Mapping[str, Any]) -> tuple[int, ...] | None:
     items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
     if not isinstance(items, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         raise AdapterFormatError(
-            f"{CONFIG_FILE}: field 'layers_to_transform' must be an integer or a list of integers, "
-            f"got {value!r}"
+            f"{CONFIG_FILE}: field 'layers_to_transform' must be an integer or a list of integers, got {value!r}"
         )
     return tuple(items)
 

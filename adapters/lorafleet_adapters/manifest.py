@@ -74,8 +74,7 @@ class Manifest:
         _check_types(self)
         if self.schema_version != SCHEMA_VERSION:
             raise AdapterFormatError(
-                f"manifest field 'schema_version' is {self.schema_version}; "
-                f"only {SCHEMA_VERSION} is supported"
+                f"manifest field 'schema_version' is {self.schema_version}; only {SCHEMA_VERSION} is supported"
             )
         try:
             check_ident(self.tenant, "tenant")
@@ -99,24 +98,18 @@ class Manifest:
                 f"manifest field 'created_at' is {self.created_at!r}; expected an ISO-8601 timestamp"
             ) from None
         if not math.isfinite(self.lora_alpha):
-            raise AdapterFormatError(
-                f"manifest field 'lora_alpha' is {self.lora_alpha}; expected a finite number"
-            )
+            raise AdapterFormatError(f"manifest field 'lora_alpha' is {self.lora_alpha}; expected a finite number")
         for file_name, digest in self.files.items():
             check_file_name(file_name)
             if not isinstance(digest, str) or _SHA256_HEX.fullmatch(digest) is None:
-                raise AdapterFormatError(
-                    f"manifest field 'files': {file_name!r} has no valid sha256 hex digest"
-                )
+                raise AdapterFormatError(f"manifest field 'files': {file_name!r} has no valid sha256 hex digest")
         for metric, value in self.eval_metrics.items():
             if not isinstance(metric, str) or not _is_number(value) or not math.isfinite(value):
                 raise AdapterFormatError(f"manifest field 'eval_metrics': {metric!r} is not a finite number")
         object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
         object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
         object.__setattr__(self, "files", MappingProxyType(dict(self.files)))
-        object.__setattr__(
-            self, "eval_metrics", MappingProxyType({k: float(v) for k, v in self.eval_metrics.items()})
-        )
+        object.__setattr__(self, "eval_metrics", MappingProxyType({k: float(v) for k, v in self.eval_metrics.items()}))
         if self.pii_scan is not None:
             object.__setattr__(self, "pii_scan", MappingProxyType(dict(self.pii_scan)))
 

@@ -80,17 +80,13 @@ def find_weights_file(adapter_dir: Path) -> Path:
     raise AdapterFormatError(f"{WEIGHTS_FILE} is missing from {adapter_dir}")
 
 
-def check_safetensors_header(
-    path: Path, spec: BaseModelSpec, cfg: LoraConfigInfo
-) -> dict[str, tuple[int, ...]]:
+def check_safetensors_header(path: Path, spec: BaseModelSpec, cfg: LoraConfigInfo) -> dict[str, tuple[int, ...]]:
     """Check names, dtypes, shapes and size of every tensor from the header alone; return name -> shape."""
     modules = _checked_modules(path, spec, cfg)
     return {info.name: info.shape for pair in modules.values() for info in pair}
 
 
-def load_adapter_weights(
-    adapter_dir: Path, spec: BaseModelSpec, key: AdapterKey | None = None
-) -> AdapterWeights:
+def load_adapter_weights(adapter_dir: Path, spec: BaseModelSpec, key: AdapterKey | None = None) -> AdapterWeights:
     """Validate `adapter_dir` fully, then read its tensors as fp32 with B scaled per module."""
     cfg = read_lora_config(adapter_dir, spec.max_lora_rank)
     path = find_weights_file(adapter_dir)
@@ -120,9 +116,7 @@ def _read_fp32(handle: Any, name: str, file_name: str) -> torch.Tensor:
     return tensor
 
 
-def _checked_modules(
-    path: Path, spec: BaseModelSpec, cfg: LoraConfigInfo
-) -> dict[str, tuple[TensorInfo, TensorInfo]]:
+def _checked_modules(path: Path, spec: BaseModelSpec, cfg: LoraConfigInfo) -> dict[str, tuple[TensorInfo, TensorInfo]]:
     """Module -> (lora_A, lora_B) header entries, every one checked against the base and the config."""
     tensors = read_header(path)
     total = sum(info.nbytes for info in tensors.values())
@@ -138,9 +132,7 @@ def _checked_modules(
     return modules
 
 
-def _pair_tensors(
-    file_name: str, tensors: Mapping[str, TensorInfo]
-) -> dict[str, tuple[TensorInfo, TensorInfo]]:
+def _pair_tensors(file_name: str, tensors: Mapping[str, TensorInfo]) -> dict[str, tuple[TensorInfo, TensorInfo]]:
     parts: dict[str, dict[str, TensorInfo]] = {}
     for name, info in tensors.items():
         match = _TENSOR_NAME.fullmatch(name)

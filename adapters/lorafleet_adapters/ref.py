@@ -27,9 +27,7 @@ def check_ident(value: str, field: str) -> str:
 def check_version(value: int) -> int:
     """Return `value` if it is a valid version number (1..999999999), else raise InvalidAdapterRef."""
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_VERSION <= value <= MAX_VERSION:
-        raise InvalidAdapterRef(
-            f"invalid version {value!r}: expected an integer in {MIN_VERSION}..{MAX_VERSION}"
-        )
+        raise InvalidAdapterRef(f"invalid version {value!r}: expected an integer in {MIN_VERSION}..{MAX_VERSION}")
     return value
 
 
@@ -65,13 +63,9 @@ class AdapterRef:
         if not text:
             raise InvalidAdapterRef("adapter reference is empty")
         if len(text) > MAX_REF_CHARS:
-            raise InvalidAdapterRef(
-                f"adapter reference is {len(text)} characters long; the limit is {MAX_REF_CHARS}"
-            )
+            raise InvalidAdapterRef(f"adapter reference is {len(text)} characters long; the limit is {MAX_REF_CHARS}")
         if not text.isascii() or not text.isprintable() or any(c.isspace() for c in text):
-            raise InvalidAdapterRef(
-                f"adapter reference {text!r} contains whitespace, control or non-ASCII characters"
-            )
+            raise InvalidAdapterRef(f"adapter reference {text!r} contains whitespace, control or non-ASCII characters")
         body, at, version_text = text.partition("@")
         if at and not version_text:
             raise InvalidAdapterRef(f"adapter reference {text!r} has '@' but no version after it")

@@ -41,9 +41,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             handle.seek(0)
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise AdapterFormatError(
-                    f"{path.name}: file is {file_size} bytes, too short for a safetensors header"
-                )
+                raise AdapterFormatError(f"{path.name}: file is {file_size} bytes, too short for a safetensors header")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES:
                 raise AdapterFormatError(

@@ -133,9 +133,7 @@ class AdapterStore:
                 except AdapterNotFound:
                     latest = None
                 summaries.append(
-                    AdapterSummary(
-                        tenant_name, adapter_name, versions, latest if latest in versions else None
-                    )
+                    AdapterSummary(tenant_name, adapter_name, versions, latest if latest in versions else None)
                 )
         return summaries
 
@@ -197,9 +195,12 @@ class AdapterStore:
             atomic_write_text(staging / PROMPT_FILE, template.to_json())
             files = {PROMPT_FILE: sha256_file(staging / PROMPT_FILE)}
             key = self._publish_staged(
-                staging, tenant, name, lambda version: self._manifest_for(
+                staging,
+                tenant,
+                name,
+                lambda version: self._manifest_for(
                     tenant, name, version, "prompt", PROMPT_METHOD, spec, 0, 0.0, False, (), files, extra
-                )
+                ),
             )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -225,9 +226,7 @@ class AdapterStore:
         extra = dict(extra or {})
         unknown = sorted(set(extra) - _EXTRA_FIELDS)
         if unknown:
-            raise AdapterFormatError(
-                f"unknown manifest extra fields {unknown}; allowed: {sorted(_EXTRA_FIELDS)}"
-            )
+            raise AdapterFormatError(f"unknown manifest extra fields {unknown}; allowed: {sorted(_EXTRA_FIELDS)}")
         src = Path(src)
         _check_source_size(find_weights_file(src), spec)
         staging = self._new_staging(tenant, name)
@@ -296,10 +295,23 @@ class AdapterStore:
     ) -> AdapterKey:
         targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules}))
         return self._publish_staged(
-            staging, tenant, name, lambda version: self._manifest_for(
-                tenant, name, version, "lora", method, spec, weights.rank, weights.config.lora_alpha,
-                weights.config.use_rslora, targets, files, extra,
-            )
+            staging,
+            tenant,
+            name,
+            lambda version: self._manifest_for(
+                tenant,
+                name,
+                version,
+                "lora",
+                method,
+                spec,
+                weights.rank,
+                weights.config.lora_alpha,
+                weights.config.use_rslora,
+                targets,
+                files,
+                extra,
+            ),
         )
 
     @staticmethod
@@ -393,9 +405,7 @@ class AdapterStore:
             real = Path(os.path.realpath(self.root))
             mode = os.stat(real).st_mode
         except OSError as exc:
-            raise StoreUnavailable(
-                f"adapter store root {self.root} is unavailable: {exc.strerror or exc}"
-            ) from None
+            raise StoreUnavailable(f"adapter store root {self.root} is unavailable: {exc.strerror or exc}") from None
         if not stat.S_ISDIR(mode):
             raise StoreUnavailable(f"adapter store root {self.root} is not a directory")
         return real
@@ -460,9 +470,7 @@ class AdapterStore:
         try:
             return parse_version(text)
         except InvalidAdapterRef:
-            raise AdapterNotFound(
-                f"{adapter_dir.name}: the '{LATEST_FILE}' pointer is corrupt ({text!r})"
-            ) from None
+            raise AdapterNotFound(f"{adapter_dir.name}: the '{LATEST_FILE}' pointer is corrupt ({text!r})") from None
 
     def _latest(self, tenant: str, name: str) -> int | None:
         """Latest version by pointer; without a pointer (a publish interrupted early), the highest one."""
@@ -485,8 +493,7 @@ class AdapterStore:
                 actual = sha256_file(path)
             if actual != expected:
                 raise AdapterFormatError(
-                    f"{key}: checksum mismatch for {file_name}: "
-                    f"manifest has sha256 {expected}, file has {actual}"
+                    f"{key}: checksum mismatch for {file_name}: manifest has sha256 {expected}, file has {actual}"
                 )
 
 
@@ -501,9 +508,7 @@ def _check_source_size(weights_path: Path, spec: BaseModelSpec) -> None:
     size = weights_path.stat().st_size
     limit = spec.max_adapter_bytes + MAX_HEADER_BYTES + 8
     if size > limit:
-        raise AdapterFormatError(
-            f"{weights_path.name} is {size} bytes, over the {spec.max_adapter_bytes}-byte cap"
-        )
+        raise AdapterFormatError(f"{weights_path.name} is {size} bytes, over the {spec.max_adapter_bytes}-byte cap")
 
 
 def _copy_sources(src: Path, staging: Path) -> list[str]:

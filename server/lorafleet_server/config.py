@@ -159,8 +159,15 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
 
 def _check(c: ServerConfig) -> None:
     positive = (
-        "max_loaded_adapters", "max_lora_rank", "max_batch_size", "max_seq_len", "max_new_tokens",
-        "default_max_new_tokens", "max_waiting", "max_step_tokens", "max_message_bytes",
+        "max_loaded_adapters",
+        "max_lora_rank",
+        "max_batch_size",
+        "max_seq_len",
+        "max_new_tokens",
+        "default_max_new_tokens",
+        "max_waiting",
+        "max_step_tokens",
+        "max_message_bytes",
     )
     for name in positive:
         if getattr(c, name) <= 0:

@@ -33,32 +33,48 @@ class Metrics:
         self.registry = registry
         r = registry
         self.request_duration = Histogram(
-            "lorafleet_request_duration_seconds", "End-to-end latency of an RPC, by RPC.", ["rpc"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "lorafleet_request_duration_seconds",
+            "End-to-end latency of an RPC, by RPC.",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "lorafleet_time_to_first_token_seconds", "Time from arrival to the first generated token.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "lorafleet_time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.tpot = Histogram(
-            "lorafleet_time_per_output_token_seconds", "Mean time per generated token after the first.",
-            buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+            "lorafleet_time_per_output_token_seconds",
+            "Mean time per generated token after the first.",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "lorafleet_queue_wait_seconds", "Time a request waited before joining the running batch.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "lorafleet_queue_wait_seconds",
+            "Time a request waited before joining the running batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.adapter_load = Histogram(
             "lorafleet_adapter_load_duration_seconds",
             "Time to make an adapter ready, by the tier it came from (store: disk to host; host: host to device).",
-            ["source"], buckets=LOAD_BUCKETS, registry=r,
+            ["source"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens_per_request = Histogram(
-            "lorafleet_request_prompt_tokens", "Prompt tokens per request.", buckets=TOKEN_COUNT_BUCKETS, registry=r,
+            "lorafleet_request_prompt_tokens",
+            "Prompt tokens per request.",
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
         )
         self.generated_tokens_per_request = Histogram(
-            "lorafleet_request_generated_tokens", "Generated tokens per request.",
-            buckets=TOKEN_COUNT_BUCKETS, registry=r,
+            "lorafleet_request_generated_tokens",
+            "Generated tokens per request.",
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
         )
         self.requests = Counter(
             "lorafleet_requests", "Finished RPCs by RPC and final gRPC status code.", ["rpc", "code"], registry=r
@@ -151,9 +167,7 @@ class Metrics:
     def adapter_swap_failed(self) -> None:
         self.swap_failures.inc()
 
-    def bind_adapters(
-        self, host: Callable[[], int], device: Callable[[], int], pinned: Callable[[], int]
-    ) -> None:
+    def bind_adapters(self, host: Callable[[], int], device: Callable[[], int], pinned: Callable[[], int]) -> None:
         self.resident.labels(tier="host").set_function(host)
         self.resident.labels(tier="device").set_function(device)
         self.pinned.set_function(pinned)

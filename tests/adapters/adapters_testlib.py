@@ -49,11 +49,7 @@ def spec_from_model(model: torch.nn.Module, **overrides: Any) -> BaseModelSpec:
 def lora_layers(peft_model: peft.PeftModel) -> dict[str, Any]:
     """Full module name (as in the base model) -> peft LoRA layer."""
     base: torch.nn.Module = peft_model.get_base_model()
-    return {
-        name: module
-        for name, module in base.named_modules()
-        if isinstance(module, peft.tuners.lora.LoraLayer)
-    }
+    return {name: module for name, module in base.named_modules() if isinstance(module, peft.tuners.lora.LoraLayer)}
 
 
 MakeAdapter = Callable[..., tuple[Path, peft.PeftModel]]

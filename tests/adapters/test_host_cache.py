@@ -98,9 +98,7 @@ def test_single_flight() -> None:
         return weights(key(0), 10)
 
     results: list[AdapterWeights] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(cache.get_or_load(key(0), loader))) for _ in range(8)
-    ]
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_load(key(0), loader))) for _ in range(8)]
     for thread in threads:
         thread.start()
     log.wait_for(len(threads))  # one leader ("miss") and the rest waiting ("hit")

@@ -148,9 +148,7 @@ def write_tensors(adapter_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, adapter_dir / WEIGHTS_FILE)
 
 
-def lora_pair(
-    module: str, r: int, out_f: int, in_f: int, dtype: torch.dtype = torch.float32
-) -> dict[str, Any]:
+def lora_pair(module: str, r: int, out_f: int, in_f: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     return {
         f"base_model.model.{module}.lora_A.weight": torch.randn(r, in_f).to(dtype),
         f"base_model.model.{module}.lora_B.weight": torch.randn(out_f, r).to(dtype),
@@ -191,9 +189,7 @@ def test_rank_disagreeing_with_config_refused(adapter_dir: Path, spec: BaseModel
 
 
 def test_stray_and_half_tensors_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
-    write_tensors(
-        adapter_dir, {**lora_pair(Q0, 4, 64, 64), "base_model.model.lm_head.weight": torch.zeros(2, 2)}
-    )
+    write_tensors(adapter_dir, {**lora_pair(Q0, 4, 64, 64), "base_model.model.lm_head.weight": torch.zeros(2, 2)})
     with pytest.raises(AdapterFormatError, match=r"unexpected tensor 'base_model\.model\.lm_head\.weight'"):
         load_adapter_weights(adapter_dir, spec)
     pair = lora_pair(Q0, 4, 64, 64)
@@ -212,9 +208,7 @@ def test_non_finite_weights_refused(adapter_dir: Path, spec: BaseModelSpec) -> N
 
 
 def test_size_cap(adapter_dir: Path, spec: BaseModelSpec) -> None:
-    small = BaseModelSpec(
-        spec.fingerprint, spec.model_id, "none", spec.target_shapes, 16, max_adapter_bytes=1000
-    )
+    small = BaseModelSpec(spec.fingerprint, spec.model_id, "none", spec.target_shapes, 16, max_adapter_bytes=1000)
     with pytest.raises(AdapterFormatError, match="1000-byte adapter cap"):
         load_adapter_weights(adapter_dir, small)
 

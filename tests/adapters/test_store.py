@@ -155,9 +155,7 @@ def test_fingerprint_mismatch(store: AdapterStore, adapter_dir: Path, spec: Base
     assert FINGERPRINT in str(info.value) and "sha256:other" in str(info.value)
 
 
-def test_invalid_import_publishes_nothing(
-    store: AdapterStore, make_adapter: MakeAdapter, spec: BaseModelSpec
-) -> None:
+def test_invalid_import_publishes_nothing(store: AdapterStore, make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
     with pytest.raises(InvalidAdapterRef):
         store.import_peft(make_adapter()[0], "Acme", "support", spec)
     assert not store.root.exists()  # refused before any file was touched

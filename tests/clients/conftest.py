@@ -157,13 +157,9 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     def Embed(self, request: ipb.EmbedRequest, context: grpc.ServicerContext) -> ipb.EmbedResponse:
         request_id = self.recorder.record(context, request)
         _abort_if_asked(request.adapter, context, request_id)
-        return ipb.EmbedResponse(
-            embedding=[0.5, -1.0, 2.0], prompt_tokens=len(request.text), adapter=request.adapter
-        )
+        return ipb.EmbedResponse(embedding=[0.5, -1.0, 2.0], prompt_tokens=len(request.text), adapter=request.adapter)
 
-    def GetModelInfo(
-        self, request: ipb.GetModelInfoRequest, context: grpc.ServicerContext
-    ) -> ipb.GetModelInfoResponse:
+    def GetModelInfo(self, request: ipb.GetModelInfoRequest, context: grpc.ServicerContext) -> ipb.GetModelInfoResponse:
         self.recorder.record(context, request)
         return MODEL_INFO
 
@@ -178,22 +174,16 @@ class FakeAdapters(adapters_pb2_grpc.AdaptersServiceServicer):
         if ref.split("@")[0] != "acme/support":
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown adapter {ref!r}")
 
-    def ListAdapters(
-        self, request: apb.ListAdaptersRequest, context: grpc.ServicerContext
-    ) -> apb.ListAdaptersResponse:
+    def ListAdapters(self, request: apb.ListAdaptersRequest, context: grpc.ServicerContext) -> apb.ListAdaptersResponse:
         self.recorder.record(context, request)
         adapters = [ADAPTER] if request.tenant in ("", "acme") else []
         return apb.ListAdaptersResponse(adapters=adapters)
 
-    def GetAdapter(
-        self, request: apb.GetAdapterRequest, context: grpc.ServicerContext
-    ) -> apb.GetAdapterResponse:
+    def GetAdapter(self, request: apb.GetAdapterRequest, context: grpc.ServicerContext) -> apb.GetAdapterResponse:
         self._check(request.adapter, context, request)
         return apb.GetAdapterResponse(adapter=ADAPTER)
 
-    def LoadAdapter(
-        self, request: apb.LoadAdapterRequest, context: grpc.ServicerContext
-    ) -> apb.LoadAdapterResponse:
+    def LoadAdapter(self, request: apb.LoadAdapterRequest, context: grpc.ServicerContext) -> apb.LoadAdapterResponse:
         self._check(request.adapter, context, request)
         return apb.LoadAdapterResponse(adapter="acme/support@2", tier=apb.ADAPTER_TIER_DEVICE)
 
@@ -203,15 +193,11 @@ class FakeAdapters(adapters_pb2_grpc.AdaptersServiceServicer):
         self._check(request.adapter, context, request)
         return apb.UnloadAdapterResponse(adapter="acme/support@2", unloaded=False)
 
-    def PinAdapter(
-        self, request: apb.PinAdapterRequest, context: grpc.ServicerContext
-    ) -> apb.PinAdapterResponse:
+    def PinAdapter(self, request: apb.PinAdapterRequest, context: grpc.ServicerContext) -> apb.PinAdapterResponse:
         self._check(request.adapter, context, request)
         return apb.PinAdapterResponse(adapter="acme/support@2")
 
-    def UnpinAdapter(
-        self, request: apb.UnpinAdapterRequest, context: grpc.ServicerContext
-    ) -> apb.UnpinAdapterResponse:
+    def UnpinAdapter(self, request: apb.UnpinAdapterRequest, context: grpc.ServicerContext) -> apb.UnpinAdapterResponse:
         self._check(request.adapter, context, request)
         return apb.UnpinAdapterResponse(adapter="acme/support@2")
 

@@ -48,9 +48,7 @@ def test_system_needs_chat(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--system needs --chat" in capsys.readouterr().err
 
 
-def test_generate_prints_text_and_summary(
-    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_generate_prints_text_and_summary(fake_server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["generate", "--target", fake_server.target, "--adapter", "acme/support", "--request-id", "r1"]
     argv += ["--max-new-tokens", "9", "--temperature", "0.5", "--top-p", "0.75", "--top-k", "4"]
     argv += ["--repetition-penalty", "1.5", "--seed", "3", "--stop", "a", "--stop", "b", "hello"]

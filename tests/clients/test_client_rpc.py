@@ -220,9 +220,7 @@ def test_async_client_calls(fake_server: FakeServer) -> None:
 
 
 @pytest.mark.parametrize(("code", "error_class"), ERRORS)
-def test_async_errors_map_to_classes(
-    fake_server: FakeServer, code: grpc.StatusCode, error_class: type
-) -> None:
+def test_async_errors_map_to_classes(fake_server: FakeServer, code: grpc.StatusCode, error_class: type) -> None:
     async def run() -> LoraFleetError:
         async with AsyncLoraFleetClient(fake_server.target) as client:
             try:

@@ -36,16 +36,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def real_adapters(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("real-adapters")
     return {
-        "support": make_real_adapter(default_model_dir, root / "support", 1, b_std=0.3, r=8, lora_alpha=16,
-                                     target_modules=["q_proj", "v_proj"]),
-        "legal": make_real_adapter(default_model_dir, root / "legal", 2, r=16, lora_alpha=32,
-                                   target_modules="all-linear"),
+        "support": make_real_adapter(
+            default_model_dir, root / "support", 1, b_std=0.3, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+        ),
+        "legal": make_real_adapter(
+            default_model_dir, root / "legal", 2, r=16, lora_alpha=32, target_modules="all-linear"
+        ),
     }
 
 
 @pytest.fixture(scope="session")
-def live(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path,
-         real_adapters: dict[str, Path]) -> Iterator[LiveServer]:
+def live(
+    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, real_adapters: dict[str, Path]
+) -> Iterator[LiveServer]:
     data = tmp_path_factory.mktemp("e2e-data")
     config = ServerConfig(model=default_model_dir, data_dir=data, **E2E_CONFIG)  # type: ignore[arg-type]
     service = build_service(config)
@@ -58,5 +61,3 @@ def live(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path,
     yield LiveServer(service=service, port=port, metrics_port=server.metrics_port, client=client)
     client.close()
     server.stop()
-
-

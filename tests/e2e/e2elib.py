@@ -45,24 +45,53 @@ class LiveServer:
         return self.service.config.store_root
 
 
-def plant_version(store_root: Path, tenant: str, name: str, version: int, files: dict[str, bytes],
-                  base_fingerprint: str, rank: int = 8) -> None:
+def plant_version(
+    store_root: Path,
+    tenant: str,
+    name: str,
+    version: int,
+    files: dict[str, bytes],
+    base_fingerprint: str,
+    rank: int = 8,
+) -> None:
     """Write a version straight into the store (bypassing import's checks), with a valid manifest."""
     vdir = store_root / tenant / name / "versions" / str(version)
     vdir.mkdir(parents=True)
     for fname, data in files.items():
         (vdir / fname).write_bytes(data)
     manifest = Manifest(
-        schema_version=1, tenant=tenant, name=name, version=version, kind="lora", method="lora",
-        base_fingerprint=base_fingerprint, base_model="test", base_quantization="none", rank=rank,
-        lora_alpha=16.0, use_rslora=False, target_modules=("q_proj",),
-        files={f: sha256_file(vdir / f) for f in files}, created_at=utc_now_iso(), producer="test",
-        training_data_fingerprint=None, eval_metrics={}, pii_scan=None,
+        schema_version=1,
+        tenant=tenant,
+        name=name,
+        version=version,
+        kind="lora",
+        method="lora",
+        base_fingerprint=base_fingerprint,
+        base_model="test",
+        base_quantization="none",
+        rank=rank,
+        lora_alpha=16.0,
+        use_rslora=False,
+        target_modules=("q_proj",),
+        files={f: sha256_file(vdir / f) for f in files},
+        created_at=utc_now_iso(),
+        producer="test",
+        training_data_fingerprint=None,
+        eval_metrics={},
+        pii_scan=None,
     )
     (vdir / "manifest.json").write_text(manifest.to_json())
     (store_root / tenant / name / "latest").write_text(str(version))
 
 
 def lora_config_json(r: int, targets: list[str]) -> bytes:
-    return json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": targets,
-                       "bias": "none", "task_type": "CAUSAL_LM"}).encode()
+    return json.dumps(
+        {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": 16,
+            "target_modules": targets,
+            "bias": "none",
+            "task_type": "CAUSAL_LM",
+        }
+    ).encode()

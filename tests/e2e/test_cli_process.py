@@ -32,7 +32,10 @@ def test_import_serve_generate_and_graceful_stop(
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [*LORAFLEET, "serve", "--port", "0", "--metrics-port", "0", "--max-seq-len", "512", *common],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     try:
         port = None
@@ -47,16 +50,32 @@ def test_import_serve_generate_and_graceful_stop(
                 port = int(match.group(1))
         assert port, "the server never logged that it is ready"
         out = subprocess.run(
-            [*LORAFLEET, "generate", "--target", f"127.0.0.1:{port}", "--chat", "--adapter", "acme/cli",
-             "--max-new-tokens", "8", "Hello!"],
-            capture_output=True, text=True, timeout=120, check=False,
+            [
+                *LORAFLEET,
+                "generate",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--chat",
+                "--adapter",
+                "acme/cli",
+                "--max-new-tokens",
+                "8",
+                "Hello!",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip()
         assert "acme/cli@1" in out.stderr
         bad = subprocess.run(
             [*LORAFLEET, "generate", "--target", f"127.0.0.1:{port}", "--adapter", "../x", "Hello!"],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
     finally:

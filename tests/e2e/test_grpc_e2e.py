@@ -157,8 +157,21 @@ def _status(live: LiveServer, **kwargs: object) -> grpc.StatusCode:
 
 @pytest.mark.parametrize(
     "adapter",
-    ["../x", "/etc/passwd", "acme/../../etc", "Acme/support", "acme/sup port", "acme/a\x00b", "acme",
-     "acme/support@", "acme/support@v1", "acme/support@0", "a" * 64 + "/x", "acme/" + "n" * 200, "acme\\support"],
+    [
+        "../x",
+        "/etc/passwd",
+        "acme/../../etc",
+        "Acme/support",
+        "acme/sup port",
+        "acme/a\x00b",
+        "acme",
+        "acme/support@",
+        "acme/support@v1",
+        "acme/support@0",
+        "a" * 64 + "/x",
+        "acme/" + "n" * 200,
+        "acme\\support",
+    ],
 )
 def test_malformed_adapter_references_are_invalid_argument(live: LiveServer, adapter: str) -> None:
     assert _status(live, prompt="hi", adapter=adapter) == grpc.StatusCode.INVALID_ARGUMENT

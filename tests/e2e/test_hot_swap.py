@@ -23,15 +23,34 @@ SAMPLING = Sampling(max_new_tokens=40)
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> list[Path]:
     root = tmp_path_factory.mktemp("swap-adapters")
-    return [make_real_adapter(default_model_dir, root / f"v{i}", 10 + i, b_std=0.3, r=8, lora_alpha=16,
-                              target_modules=["q_proj", "v_proj"]) for i in range(3)]
+    return [
+        make_real_adapter(
+            default_model_dir,
+            root / f"v{i}",
+            10 + i,
+            b_std=0.3,
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj"],
+        )
+        for i in range(3)
+    ]
 
 
 @pytest.fixture
 def server(tmp_path: Path, default_model_dir: Path) -> Iterator[tuple[Service, LoraFleetClient]]:
-    config = ServerConfig(model=default_model_dir, data_dir=tmp_path, port=0, metrics_port=0, max_batch_size=16,
-                          max_seq_len=256, max_new_tokens=64, max_loaded_adapters=4, max_lora_rank=16,
-                          adapter_poll_seconds=POLL)
+    config = ServerConfig(
+        model=default_model_dir,
+        data_dir=tmp_path,
+        port=0,
+        metrics_port=0,
+        max_batch_size=16,
+        max_seq_len=256,
+        max_new_tokens=64,
+        max_loaded_adapters=4,
+        max_lora_rank=16,
+        adapter_poll_seconds=POLL,
+    )
     service = build_service(config)
     bg = BackgroundServer(service)
     port = bg.start()
@@ -73,8 +92,9 @@ def _publish(service: Service, new_version: Path, corrupt: bool) -> None:
 
 
 @pytest.mark.parametrize("corrupt", [False, True])
-def test_publish_while_streams_run(server: tuple[Service, LoraFleetClient], versions: list[Path],
-                                   corrupt: bool) -> None:
+def test_publish_while_streams_run(
+    server: tuple[Service, LoraFleetClient], versions: list[Path], corrupt: bool
+) -> None:
     service, client = server
     service.store.import_peft(versions[0], "acme", "bot", service.base.spec)
     reference_v1 = client.generate(messages=PROMPT, adapter="acme/bot@1", sampling=SAMPLING).text

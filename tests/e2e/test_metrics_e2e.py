@@ -55,22 +55,36 @@ def test_scrape_passes_promtool_and_counts_requests(live: LiveServer) -> None:
     with pytest.raises(LoraFleetError):
         live.client.generate("Hello", adapter="../x")
     after = scrape(live)
-    ok = 'lorafleet_requests_total'
+    ok = "lorafleet_requests_total"
     assert sample(after, ok, rpc="Generate", code="OK") == sample(before, ok, rpc="Generate", code="OK") + 1
-    assert (sample(after, ok, rpc="Generate", code="INVALID_ARGUMENT")
-            == sample(before, ok, rpc="Generate", code="INVALID_ARGUMENT") + 1)
+    assert (
+        sample(after, ok, rpc="Generate", code="INVALID_ARGUMENT")
+        == sample(before, ok, rpc="Generate", code="INVALID_ARGUMENT") + 1
+    )
     assert sample(after, "lorafleet_generated_tokens_total") >= sample(before, "lorafleet_generated_tokens_total") + 3
-    checked = subprocess.run([tool("promtool"), "check", "metrics"], input=after, text=True,
-                             capture_output=True, check=False)
+    checked = subprocess.run(
+        [tool("promtool"), "check", "metrics"], input=after, text=True, capture_output=True, check=False
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_alert_rules_pass_promtool() -> None:
-    out = subprocess.run([tool("promtool"), "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml")],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [tool("promtool"), "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
-    for alert in ("TimeToFirstToken", "TimePerOutputToken", "WaitingRequests", "ErrorRatio", "AdapterLoadFailures",
-                  "AdapterSwapFailures", "Down"):
+    for alert in (
+        "TimeToFirstToken",
+        "TimePerOutputToken",
+        "WaitingRequests",
+        "ErrorRatio",
+        "AdapterLoadFailures",
+        "AdapterSwapFailures",
+        "Down",
+    ):
         assert alert in (ROOT / "deploy/prometheus/alerts.yml").read_text()
 
 
@@ -88,8 +102,16 @@ def test_dashboard_queries_name_exported_metrics(live: LiveServer) -> None:
     assert used
     assert used <= series, f"dashboard names metrics the server does not export: {sorted(used - series)}"
     titles = " ".join(p["title"].lower() for p in board["panels"])
-    for topic in ("first token", "per output token", "throughput", "queue", "batch", "hit ratio", "evictions",
-                  "errors"):
+    for topic in (
+        "first token",
+        "per output token",
+        "throughput",
+        "queue",
+        "batch",
+        "hit ratio",
+        "evictions",
+        "errors",
+    ):
         assert topic in titles
 
 
@@ -109,9 +131,14 @@ def prometheus(live: LiveServer, tmp_path: Path) -> Iterator[str]:
         f"      - targets: ['127.0.0.1:{live.metrics_port}']\n"
     )
     proc = subprocess.Popen(
-        [tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            tool("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:

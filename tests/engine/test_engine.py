@@ -31,8 +31,10 @@ def service(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Service]:
 
 @pytest.fixture(scope="module")
 def adapters(peft_adapter: Any) -> list[Path]:
-    return [peft_adapter(seed=100 + i, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
-            for i in range(4)]
+    return [
+        peft_adapter(seed=100 + i, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+        for i in range(4)
+    ]
 
 
 def test_requests_join_a_running_batch_and_keep_their_outputs(service: Service) -> None:
@@ -104,8 +106,9 @@ def test_length_and_counts(service: Service) -> None:
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(service: Service) -> None:
     def run(seed: int) -> list[int]:
-        return generate(service.engine, request(PROMPT, max_new_tokens=12, temperature=1.0, top_p=0.95,
-                                                top_k=50, seed=seed)).token_ids
+        return generate(
+            service.engine, request(PROMPT, max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=seed)
+        ).token_ids
 
     assert run(7) == run(7)
     assert run(7) != run(8)
@@ -116,8 +119,9 @@ def test_repetition_penalty_matches_transformers(service: Service, tiny_model_di
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([service.engine.encode_prompt(PROMPT, ())])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.3, eos_token_id=2,
-                             pad_token_id=2)
+        out = model.generate(
+            ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.3, eos_token_id=2, pad_token_id=2
+        )
     want = out[0, ids.shape[1] :].tolist()
     assert got == [t for t in want if t != 2][: len(got)]
 
@@ -214,8 +218,9 @@ def test_concurrent_requests_for_a_cold_adapter_load_it_once(
         return original(key, spec)
 
     monkeypatch.setattr(service.store, "load", counting_load)
-    sinks = [submit(service.engine, request(PROMPT, adapter="acme/cold", max_new_tokens=4, rid=str(i)))[0]
-             for i in range(6)]
+    sinks = [
+        submit(service.engine, request(PROMPT, adapter="acme/cold", max_new_tokens=4, rid=str(i)))[0] for i in range(6)
+    ]
     outputs = {tuple(s.wait().token_ids) for s in sinks}
     assert calls == ["acme/cold@1"]
     assert len(outputs) == 1
@@ -226,10 +231,14 @@ def test_more_adapters_than_slots_all_complete(tiny_model_dir: Path, tmp_path: P
     try:
         for i, d in enumerate(adapters):
             svc.store.import_peft(d, "acme", f"a{i}", svc.base.spec)
-        alone = {i: generate(svc.engine, request(PROMPT, adapter=f"acme/a{i}", max_new_tokens=6)).token_ids
-                 for i in range(len(adapters))}
-        sinks = {i: submit(svc.engine, request(PROMPT, adapter=f"acme/a{i}", max_new_tokens=6, rid=str(i)))[0]
-                 for i in range(len(adapters))}
+        alone = {
+            i: generate(svc.engine, request(PROMPT, adapter=f"acme/a{i}", max_new_tokens=6)).token_ids
+            for i in range(len(adapters))
+        }
+        sinks = {
+            i: submit(svc.engine, request(PROMPT, adapter=f"acme/a{i}", max_new_tokens=6, rid=str(i)))[0]
+            for i in range(len(adapters))
+        }
         assert {i: s.wait().token_ids for i, s in sinks.items()} == alone
     finally:
         svc.engine.shutdown(10)

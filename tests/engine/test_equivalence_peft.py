@@ -77,16 +77,24 @@ def _reference_tokens(model: Any, tokenizer: Any, prompt: str) -> list[int]:
 def test_mixed_batch_logits_match_peft(
     impl: str, quantization: str, tiny_model_dir: Path, tiny_spec: Any, adapter_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    base = load_base(tiny_model_dir, quantization=quantization, device=torch.device("cpu"), num_slots=6,
-                     max_lora_rank=32)
+    base = load_base(
+        tiny_model_dir, quantization=quantization, device=torch.device("cpu"), num_slots=6, max_lora_rank=32
+    )
     store = _store_with(tmp_path / "store", base.spec, adapter_dirs)
     write, _ = make_slot_io(base.lora_layers)
     names = list(adapter_dirs)
     for slot, name in enumerate(names, start=1):
         weights = store.load(store.resolve(AdapterRef("acme", name, None)), base.spec)
         write(slot, weights)
-    runner = ModelRunner(base.model, base.context, rows=8, max_seq_len=64, dtype=torch.float32,
-                         device=torch.device("cpu"), lora_impl=impl)  # type: ignore[arg-type]
+    runner = ModelRunner(
+        base.model,
+        base.context,
+        rows=8,
+        max_seq_len=64,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        lora_impl=impl,
+    )  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     # Row i: prompt i % 4 with adapter slot i (0 = base); all in one ragged forward.
     rows, expected = [], []
@@ -135,14 +143,16 @@ def test_engine_mixed_batch_greedy_tokens_match_peft_alone(
         service.engine.shutdown(10)
 
 
-def test_base_rows_are_unchanged_by_adapters_in_the_batch(tiny_model_dir: Path, adapter_dirs: dict[str, Path],
-                                                          tmp_path: Path) -> None:
+def test_base_rows_are_unchanged_by_adapters_in_the_batch(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     service = tiny_service(tiny_model_dir, tmp_path / "store")
     try:
         service.store.import_peft(adapter_dirs["all-linear-r16"], "acme", "big", service.base.spec)
         alone = generate(service.engine, request(PROMPTS[0], max_new_tokens=MAX_NEW)).token_ids
-        mixed = [submit(service.engine, request(PROMPTS[0], adapter="acme/big", max_new_tokens=MAX_NEW))[0]
-                 for _ in range(3)]
+        mixed = [
+            submit(service.engine, request(PROMPTS[0], adapter="acme/big", max_new_tokens=MAX_NEW))[0] for _ in range(3)
+        ]
         base = submit(service.engine, request(PROMPTS[0], max_new_tokens=MAX_NEW))[0]
         assert base.wait().token_ids == alone
         assert all(m.wait().token_ids != alone for m in mixed)

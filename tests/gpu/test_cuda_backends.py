@@ -23,13 +23,16 @@ def test_auto_quantization_is_nf4_on_cuda() -> None:
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8", "none"])
-def test_mixed_batch_matches_peft_on_cuda(quantization: str, tiny_model_dir: Path, peft_adapter: Any,
-                                          tmp_path: Path) -> None:
+def test_mixed_batch_matches_peft_on_cuda(
+    quantization: str, tiny_model_dir: Path, peft_adapter: Any, tmp_path: Path
+) -> None:
     from peft import PeftModel
 
     dev = torch.device("cuda:0")
-    dirs = [peft_adapter(seed=1, r=8, target_modules=["q_proj", "v_proj"]),
-            peft_adapter(seed=2, r=16, lora_alpha=32, target_modules="all-linear")]
+    dirs = [
+        peft_adapter(seed=1, r=8, target_modules=["q_proj", "v_proj"]),
+        peft_adapter(seed=2, r=16, lora_alpha=32, target_modules="all-linear"),
+    ]
     base = load_base(tiny_model_dir, quantization=quantization, device=dev, num_slots=3, max_lora_rank=16)
     store = AdapterStore(tmp_path / "store")
     write, _ = make_slot_io(base.lora_layers)
@@ -43,8 +46,9 @@ def test_mixed_batch_matches_peft_on_cuda(quantization: str, tiny_model_dir: Pat
     out = runner.step([RowStep(i, 0, tuple(ids), i, True, False) for i in range(3)])
     kwargs: dict[str, Any] = {"dtype": base.dtype, "device_map": {"": "cuda:0"}}
     if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=base.dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=base.dtype
+        )
     elif quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     for i, d in enumerate([None, *dirs]):

@@ -67,8 +67,14 @@ def test_llama_family_architectures_match_hf(arch: str) -> None:
     from lorafleet_server.model.loader import discover_targets
 
     cfg = AutoConfig.for_model(
-        arch, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
+        arch,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()

@@ -42,8 +42,23 @@ def test_run_demo_smoke_on_the_tiny_model(
 ) -> None:
     from demo.run_demo import main
 
-    argv = ["--model-dir", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--store", str(tmp_path / "store"),
-            "--limit", "8", "--epochs", "1", "--max-new-tokens", "2", "--rank", "2", "--no-progress"]  # fmt: skip
+    argv = [
+        "--model-dir",
+        str(tiny_model_dir),
+        "--work",
+        str(tmp_path / "work"),
+        "--store",
+        str(tmp_path / "store"),
+        "--limit",
+        "8",
+        "--epochs",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--rank",
+        "2",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "== held-out questions: wordings never seen in training ==" in out

@@ -66,8 +66,13 @@ def test_clean_text_has_no_findings() -> None:
 def test_validity_checks() -> None:
     assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
     assert ssn_ok("536", "22", "1947")
-    for bad in (("000", "12", "3456"), ("666", "12", "3456"), ("900", "12", "3456"), ("123", "00", "4567"),
-                ("123", "45", "0000")):  # fmt: skip
+    for bad in (
+        ("000", "12", "3456"),
+        ("666", "12", "3456"),
+        ("900", "12", "3456"),
+        ("123", "00", "4567"),
+        ("123", "45", "0000"),
+    ):
         assert not ssn_ok(*bad)
     assert iban_ok("DE89370400440532013000") and not iban_ok("DE89370400440532013001")
     assert not iban_ok("DE8937040044053201300")  # Germany's IBAN is 22 characters

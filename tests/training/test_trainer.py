@@ -46,8 +46,9 @@ def test_loss_only_on_completion_tokens(tiny_model_dir: Path) -> None:
     text = Example(line=2, prompt="Item color:", completion=" teal")
     enc_chat, enc_text = encode(tok, [chat, text], max_length=64)
     # the prompt is exactly what the server builds: the chat template with the generation prompt
-    rendered = tok.apply_chat_template([{"role": "user", "content": "Which color?"}], tokenize=False,
-                                       add_generation_prompt=True)  # fmt: skip
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "Which color?"}], tokenize=False, add_generation_prompt=True
+    )
     prompt = tok.encode(rendered, add_special_tokens=False)
     assert list(enc_chat.input_ids[: len(prompt)]) == prompt and enc_chat.prompt_len == len(prompt)
     completion = [*tok.encode("teal", add_special_tokens=False), tok.eos_token_id]

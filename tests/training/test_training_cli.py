@@ -44,10 +44,37 @@ def test_train_arguments_map_onto_the_config(tmp_path: Path) -> None:
     )
     assert args.data_dir == Path("dd") and config.data == Path("d.jsonl")
     args = parser.parse_args(
-        ["--data", "d", "--adapter", "a/b", "--out", "o", "--method", "qlora", "--rank", "8", "--alpha", "16",
-         "--targets", "all-linear", "--epochs", "2", "--lr", "1e-3", "--seed", "7", "--pii", "redact",
-         "--val-fraction", "0.2", "--batch-size", "2", "--max-length", "256"]
-    )  # fmt: skip
+        [
+            "--data",
+            "d",
+            "--adapter",
+            "a/b",
+            "--out",
+            "o",
+            "--method",
+            "qlora",
+            "--rank",
+            "8",
+            "--alpha",
+            "16",
+            "--targets",
+            "all-linear",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--seed",
+            "7",
+            "--pii",
+            "redact",
+            "--val-fraction",
+            "0.2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "256",
+        ]
+    )
     config = train_config_from_args(args, tmp_path)
     assert (config.method, config.rank, config.alpha, config.targets) == ("qlora", 8, 16.0, ("all-linear",))
     assert (config.epochs, config.lr, config.seed, config.pii) == (2, 1e-3, 7, "redact")
@@ -72,9 +99,28 @@ def test_train_then_publish_then_stale_through_the_cli(
 ) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [*qa_rows(6), {"prompt": "Mail", "completion": " x@example.com"}])
     out = tmp_path / "out"
-    argv = ["--data", str(data), "--adapter", "acme/cli", "--out", str(out), "--rank", "2", "--epochs", "1",
-            "--batch-size", "4", "--max-length", "64", "--val-fraction", "0.3", "--no-eval-generate",
-            "--no-progress", "--pii", "redact"]  # fmt: skip
+    argv = [
+        "--data",
+        str(data),
+        "--adapter",
+        "acme/cli",
+        "--out",
+        str(out),
+        "--rank",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "64",
+        "--val-fraction",
+        "0.3",
+        "--no-eval-generate",
+        "--no-progress",
+        "--pii",
+        "redact",
+    ]
     assert run_train(_parser(add_train_arguments).parse_args(argv), tiny_spec, tiny_model_dir) == 0
     said = capsys.readouterr().out
     assert "1 finding(s)" in said and "epoch 1/1: train loss" in said and "held-out evaluation" in said

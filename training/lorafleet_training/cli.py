@@ -72,9 +72,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=d["val_fraction"],
         help="held-out share for evaluation (default %(default)s)",
     )
-    parser.add_argument("--pii", choices=MODES, default="refuse",
-                        help="refuse (default): stop with a report; redact: replace spans with [EMAIL]-like "
-                             "placeholders; allow: train on it, recorded in the manifest")  # fmt: skip
+    parser.add_argument(
+        "--pii",
+        choices=MODES,
+        default="refuse",
+        help="refuse (default): stop with a report; redact: replace spans with [EMAIL]-like "
+        "placeholders; allow: train on it, recorded in the manifest",
+    )
     parser.add_argument(
         "--eval-data",
         type=Path,

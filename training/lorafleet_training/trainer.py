@@ -121,9 +121,21 @@ class TrainConfig:
 
     def hyperparameters(self) -> dict[str, Any]:
         keys = (
-            "rank", "alpha", "targets", "dropout", "epochs", "lr", "batch_size", "max_length", "seed",
-            "val_fraction", "warmup_ratio", "weight_decay", "max_grad_norm", "eval_max_new_tokens",
-        )  # fmt: skip
+            "rank",
+            "alpha",
+            "targets",
+            "dropout",
+            "epochs",
+            "lr",
+            "batch_size",
+            "max_length",
+            "seed",
+            "val_fraction",
+            "warmup_ratio",
+            "weight_decay",
+            "max_grad_norm",
+            "eval_max_new_tokens",
+        )
         values = asdict(self)
         return {k: list(values[k]) if k == "targets" else values[k] for k in keys}
 
@@ -215,18 +227,35 @@ def train(
 
     started = time.monotonic()
     evaluation = evaluate(
-        model, tokenizer, val_set,
+        model,
+        tokenizer,
+        val_set,
         max_new_tokens=config.eval_max_new_tokens,
-        batch_size=config.eval_batch_size, template=template, generate=config.eval_generate, progress=progress,
-    )  # fmt: skip
+        batch_size=config.eval_batch_size,
+        template=template,
+        generate=config.eval_generate,
+        progress=progress,
+    )
     evaluation_seconds = time.monotonic() - started
     if evaluation.metrics:
         echo(format_metrics(evaluation.metrics))
 
     record = _record(
-        config, spec, backend, examples, train_set, val_set, truncated, fingerprint, pii_report.to_record(),
-        history, evaluation, training_seconds, evaluation_seconds, template,
-    )  # fmt: skip
+        config,
+        spec,
+        backend,
+        examples,
+        train_set,
+        val_set,
+        truncated,
+        fingerprint,
+        pii_report.to_record(),
+        history,
+        evaluation,
+        training_seconds,
+        evaluation_seconds,
+        template,
+    )
     written = write_training_dir(
         config.out_dir, lambda d: model.save_pretrained(str(d)), record, spec, config.overwrite
     )
@@ -329,9 +358,11 @@ def _load_base(model_dir: Path, backend: Backend, echo: Echo) -> tuple[Any, Back
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=backend.dtype,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=backend.dtype,
             bnb_4bit_use_double_quant=False,
-        )  # fmt: skip
+        )
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=backend.dtype, quantization_config=quant, device_map={"": str(backend.device)}
@@ -417,8 +448,9 @@ def _train_loop(
         started = time.monotonic()
         permutation = torch.randperm(len(train_set), generator=order).tolist()
         losses: list[float] = []
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step",
-                   disable=not progress, leave=False)  # fmt: skip
+        bar = tqdm(
+            total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress, leave=False
+        )
         for start in range(0, len(permutation), config.batch_size):
             rows = [train_set[i] for i in permutation[start : start + config.batch_size]]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}

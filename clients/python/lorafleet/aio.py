@@ -71,9 +71,7 @@ class AsyncLoraFleetClient:
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except TimeoutError as error:
-            raise UnavailableError(
-                grpc.StatusCode.UNAVAILABLE, f"no connection within {timeout:g} s"
-            ) from error
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"no connection within {timeout:g} s") from error
 
     async def _unary(
         self,
@@ -105,9 +103,7 @@ class AsyncLoraFleetClient:
     ) -> Completion:
         """Generates a completion of ``prompt`` (plain text) or ``messages`` (a chat); give one."""
         request = convert.fill_generate_request(ipb.GenerateRequest(), prompt, messages, adapter, sampling)
-        response: ipb.GenerateResponse = await self._unary(
-            self._inference.Generate, request, timeout, request_id
-        )
+        response: ipb.GenerateResponse = await self._unary(self._inference.Generate, request, timeout, request_id)
         return convert.completion_from_proto(response.text, response.summary)
 
     def stream(
@@ -121,9 +117,7 @@ class AsyncLoraFleetClient:
         timeout: float | None = None,
     ) -> AsyncGenerationStream:
         """Starts a GenerateStream call: ``async for chunk in client.stream(...)``, then ``.result``."""
-        request = convert.fill_generate_request(
-            ipb.GenerateStreamRequest(), prompt, messages, adapter, sampling
-        )
+        request = convert.fill_generate_request(ipb.GenerateStreamRequest(), prompt, messages, adapter, sampling)
         call = self._inference.GenerateStream(
             request,
             timeout=pick_timeout(timeout, self._timeout),
@@ -155,9 +149,7 @@ class AsyncLoraFleetClient:
     ) -> Embedding:
         """The mean-pooled last hidden state of ``text`` or ``messages``, through ``adapter`` if given."""
         convert.check_one_input(text, messages, "text")
-        request = ipb.EmbedRequest(
-            text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=adapter
-        )
+        request = ipb.EmbedRequest(text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=adapter)
         response: ipb.EmbedResponse = await self._unary(self._inference.Embed, request, timeout, request_id)
         return convert.embedding_from_proto(response)
 
@@ -191,9 +183,7 @@ class AsyncLoraFleetClient:
     async def unload_adapter(self, ref: str, *, timeout: float | None = None) -> bool:
         """Frees a version's slot; False when requests still run on it (freed when they end)."""
         request = apb.UnloadAdapterRequest(adapter=ref)
-        response: apb.UnloadAdapterResponse = await self._unary(
-            self._adapters.UnloadAdapter, request, timeout
-        )
+        response: apb.UnloadAdapterResponse = await self._unary(self._adapters.UnloadAdapter, request, timeout)
         return response.unloaded
 
     async def pin_adapter(self, ref: str, *, timeout: float | None = None) -> str:

@@ -57,9 +57,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, metavar="K")
     parser.add_argument("--repetition-penalty", type=float, metavar="R")
     parser.add_argument("--seed", type=int, metavar="S")
-    parser.add_argument(
-        "--stop", action="append", default=[], metavar="STR", help="stop string (repeat for several)"
-    )
+    parser.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeat for several)")
     parser.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     parser.add_argument("--chat", action="store_true", help="send PROMPT as a user message of a chat")
     parser.add_argument("--request-id", metavar="ID", help="sent as x-request-id")

@@ -94,9 +94,7 @@ class LoraFleetClient:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError as error:
-            raise UnavailableError(
-                grpc.StatusCode.UNAVAILABLE, f"no connection within {timeout:g} s"
-            ) from error
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"no connection within {timeout:g} s") from error
 
     def _unary(
         self,
@@ -142,9 +140,7 @@ class LoraFleetClient:
         timeout: float | None = None,
     ) -> GenerationStream:
         """Like generate(), but returns the text chunks as they are decoded (see GenerationStream)."""
-        request = convert.fill_generate_request(
-            ipb.GenerateStreamRequest(), prompt, messages, adapter, sampling
-        )
+        request = convert.fill_generate_request(ipb.GenerateStreamRequest(), prompt, messages, adapter, sampling)
         call = self._inference.GenerateStream(
             request,
             timeout=pick_timeout(timeout, self._timeout),
@@ -176,9 +172,7 @@ class LoraFleetClient:
     ) -> Embedding:
         """The mean-pooled last hidden state of ``text`` or ``messages``, through ``adapter`` if given."""
         convert.check_one_input(text, messages, "text")
-        request = ipb.EmbedRequest(
-            text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=adapter
-        )
+        request = ipb.EmbedRequest(text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=adapter)
         response: ipb.EmbedResponse = self._unary(self._inference.Embed, request, timeout, request_id)
         return convert.embedding_from_proto(response)
 

@@ -31,9 +31,7 @@ _FINISH_REASONS: dict[ipb.FinishReason, FinishReason] = {
     ipb.FINISH_REASON_END_OF_SEQUENCE: "end_of_sequence",
     ipb.FINISH_REASON_CANCELLED: "cancelled",
 }
-_FINISH_REASON_VALUES: dict[FinishReason, ipb.FinishReason] = {
-    name: value for value, name in _FINISH_REASONS.items()
-}
+_FINISH_REASON_VALUES: dict[FinishReason, ipb.FinishReason] = {name: value for value, name in _FINISH_REASONS.items()}
 _TIERS: dict[apb.AdapterTier, AdapterTier] = {
     apb.ADAPTER_TIER_UNSPECIFIED: "unspecified",
     apb.ADAPTER_TIER_STORE: "store",
@@ -157,9 +155,7 @@ def tokens_to_proto(tokens: Tokens) -> ipb.TokenizeResponse:
 
 
 def embedding_from_proto(response: ipb.EmbedResponse) -> Embedding:
-    return Embedding(
-        values=list(response.embedding), prompt_tokens=response.prompt_tokens, adapter=response.adapter
-    )
+    return Embedding(values=list(response.embedding), prompt_tokens=response.prompt_tokens, adapter=response.adapter)
 
 
 def embedding_to_proto(embedding: Embedding) -> ipb.EmbedResponse:

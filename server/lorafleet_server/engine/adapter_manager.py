@@ -88,7 +88,7 @@ class AdapterManager:
         return self.versions.resolve(ref)
 
     def kind(self, key: AdapterKey) -> str:
-        """"lora" or "prompt" (manifests are immutable, so they are read once)."""
+        """ "lora" or "prompt" (manifests are immutable, so they are read once)."""
         with self._lock:
             manifest = self._manifests.get(key)
         if manifest is None:

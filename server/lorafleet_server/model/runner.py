@@ -43,8 +43,14 @@ class KVCache:
     """K and V slabs per layer: [rows, kv_heads, max_seq_len, head_dim] in the compute dtype."""
 
     def __init__(
-        self, layers: int, rows: int, kv_heads: int, max_seq_len: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
+        self,
+        layers: int,
+        rows: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         shape = (rows, kv_heads, max_seq_len, head_dim)
         # torch.empty: pages are touched (and cost memory) only as rows fill up.
@@ -214,9 +220,7 @@ class _AttentionPlan:
             chunks=tuple(chunks),
         )
 
-    def attend(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
-    ) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q [N, H, D] (rotated) -> attention output [N, H, D]; the step's K/V are already cached."""
         out = torch.empty_like(q)
         if self.single_tok.numel():
