@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from lorafleet_server.config import ServerConfig, parse_config
+from lorafleet_server.config import ServerConfig, add_server_arguments, parse_config
+from lorafleet_server.engine.types import EngineConfig
 
 
 def test_defaults() -> None:
@@ -46,3 +49,25 @@ def test_unknown_file_keys_are_refused(tmp_path: Path) -> None:
     file.write_text("[server]\nprot = 1\n")
     with pytest.raises(ValueError, match="prot"):
         parse_config(["--config", str(file)], environ={})
+
+
+def test_every_flag_has_help_and_literal_choices() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    actions = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(ServerConfig):
+        assert f.metadata.get("help"), f"ServerConfig.{f.name} has no help"
+        assert f.name in actions
+    assert actions["quantization"].choices == ("auto", "none", "nf4", "int8")
+    assert actions["lora_impl"].choices == ("auto", "dense", "token", "grouped", "gather")
+    assert actions["log_format"].choices == ("text", "json")
+    # The engine's limits are declared once, on EngineConfig, and reach the engine unchanged.
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert engine_fields <= {f.name for f in dataclasses.fields(ServerConfig)}
+    cfg = parse_config(["--max-batch-size", "4", "--max-step-tokens", "64"], environ={})
+    assert cfg.engine == EngineConfig(max_batch_size=4, max_step_tokens=64)
+
+
+def test_badly_typed_env_value_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="max_waiting must be of type int, got 'many'"):
+        parse_config([], environ={"LORAFLEET_MAX_WAITING": "many"})

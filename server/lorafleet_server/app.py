@@ -15,9 +15,11 @@ from lorafleet_adapters.device_slots import DeviceSlots
 from lorafleet_adapters.host_cache import HostCache
 from lorafleet_adapters.peft_format import AdapterWeights
 from lorafleet_adapters.store import AdapterStore
+from lorafleet_server import __version__
 from lorafleet_server.config import ServerConfig
 from lorafleet_server.engine.adapter_manager import AdapterManager
-from lorafleet_server.engine.engine import Engine, EngineConfig
+from lorafleet_server.engine.engine import Engine
+from lorafleet_server.engine.types import ModelInfo
 from lorafleet_server.metrics import Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
 from lorafleet_server.model.lora import MultiLoRALinear
@@ -25,25 +27,6 @@ from lorafleet_server.model.prepare import prepare_default_model
 from lorafleet_server.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
-
-VERSION = "0.1.0"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_id: str
-    fingerprint: str
-    quantization: str
-    device: str
-    dtype: str
-    max_context_tokens: int
-    max_lora_rank: int
-    max_new_tokens: int
-    max_batch_size: int
-    max_loaded_adapters: int
-    max_message_bytes: int
-    target_modules: tuple[str, ...]
-    server_version: str = VERSION
 
 
 @dataclass(frozen=True)
@@ -137,19 +120,13 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         max_seq_len=config.max_seq_len,
         dtype=base.dtype,
         device=base.device,
-        lora_impl=config.lora_impl,  # type: ignore[arg-type]
+        lora_impl=config.lora_impl,
     )
     engine = Engine(
         runner,
         tokenizer,
         manager,
-        EngineConfig(
-            max_batch_size=config.max_batch_size,
-            max_seq_len=config.max_seq_len,
-            max_new_tokens=config.max_new_tokens,
-            max_waiting=config.max_waiting,
-            max_step_tokens=config.max_step_tokens,
-        ),
+        config.engine,
         eos_ids(tokenizer, base.model),
         observer=metrics,
     )
@@ -171,10 +148,11 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         max_loaded_adapters=config.max_loaded_adapters,
         max_message_bytes=config.max_message_bytes,
         target_modules=tuple(sorted({n.rsplit(".", 1)[-1] for n in base.lora_layers})),
+        server_version=__version__,
     )
     metrics.build.info(
         {
-            "version": VERSION,
+            "version": __version__,
             "model": info.model_id,
             "quantization": info.quantization,
             "device": info.device,

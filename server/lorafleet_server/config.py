@@ -1,7 +1,8 @@
 """Server configuration: one frozen dataclass, read from flags, environment and a TOML file here only.
 
 Precedence: command-line flag > environment variable (``LORAFLEET_<FIELD>``) > ``--config`` file
-(table ``[server]``) > default.
+(table ``[server]``) > default. Each field declares its flag's help in its metadata and its choices
+as a ``Literal`` type, so the CLI, the environment and the file are all checked from one place.
 """
 
 from __future__ import annotations
@@ -10,42 +11,61 @@ import argparse
 import dataclasses
 import os
 import tomllib
+import types
+import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from lorafleet_server.engine.types import EngineConfig
+from lorafleet_server.model.options import LoraImpl, Quantization
 
 MiB = 1 << 20
 GiB = 1 << 30
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
+
 
 @dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9464  # Prometheus /metrics over HTTP on the same host; 0: any free port
-    data_dir: Path = Path("data")
-    model: Path | None = None  # a Hugging Face causal-LM directory; None: the default SmolLM2 cache
-    adapter_store: Path | None = None  # None: <data_dir>/adapters
-    quantization: str = "auto"  # auto | none | nf4 | int8
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    max_loaded_adapters: int = 32  # device slots
-    max_lora_rank: int = 64
-    adapter_poll_seconds: float = 5.0  # how often to look for newly published versions; 0: never
-    host_cache_bytes: int = 4 * GiB
-    max_adapter_bytes: int = 1 * GiB
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
-    max_new_tokens: int = 1024
-    default_max_new_tokens: int = 256
-    max_waiting: int = 1024
-    max_step_tokens: int = 512
-    max_message_bytes: int = 4 * MiB
-    lora_impl: str = "auto"  # auto | dense | token | grouped | gather
-    torch_threads: int = 0  # intra-op threads; 0: one less than the CPU cores (gRPC needs a core too)
-    shutdown_grace_seconds: float = 10.0
-    log_level: str = "INFO"
-    log_format: str = "text"  # text | json (one JSON object per line)
+class ServerConfig(EngineConfig):
+    """Everything ``lorafleet serve`` reads. The engine's limits are inherited from ``EngineConfig``."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0: any free port)"})
+    metrics_port: int = field(
+        default=9464, metadata={"help": "Prometheus metrics port (HTTP, same host; 0: any free port)"}
+    )
+    data_dir: Path = field(
+        default=Path("data"), metadata={"help": "where the model cache and the default adapter store live"}
+    )
+    model: Path | None = field(
+        default=None, metadata={"help": "Hugging Face causal-LM directory to serve (default: SmolLM2-135M-Instruct)"}
+    )
+    adapter_store: Path | None = field(
+        default=None, metadata={"help": "adapter store root (default: DATA_DIR/adapters)"}
+    )
+    quantization: Quantization = field(default="auto", metadata={"help": "auto is NF4 on CUDA and fp32 on CPU"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    max_loaded_adapters: int = field(default=32, metadata={"help": "device slots for adapters"})
+    max_lora_rank: int = field(default=64, metadata={"help": "largest adapter rank accepted"})
+    adapter_poll_seconds: float = field(
+        default=5.0, metadata={"help": "seconds between looks for newly published adapter versions (0: off)"}
+    )
+    host_cache_bytes: int = field(default=4 * GiB, metadata={"help": "host-memory adapter cache size"})
+    max_adapter_bytes: int = field(default=1 * GiB, metadata={"help": "largest adapter file accepted"})
+    default_max_new_tokens: int = field(default=256, metadata={"help": "max_new_tokens when a request leaves it unset"})
+    max_message_bytes: int = field(default=4 * MiB, metadata={"help": "largest gRPC message"})
+    lora_impl: LoraImpl = field(
+        default="auto", metadata={"help": "multi-LoRA kernel (gather is the readable reference)"}
+    )
+    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: CPU cores - 1, at least 1)"})
+    shutdown_grace_seconds: float = field(
+        default=10.0, metadata={"help": "how long in-flight requests may finish on shutdown"}
+    )
+    log_level: LogLevel = field(default="INFO", metadata={"help": "log level"})
+    log_format: LogFormat = field(default="text", metadata={"help": "text, or json for one object per line"})
 
     @property
     def models_dir(self) -> Path:
@@ -59,65 +79,51 @@ class ServerConfig:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-
-_HELP = {
-    "host": "address to listen on",
-    "port": "gRPC port",
-    "metrics_port": "Prometheus metrics port (HTTP, same host)",
-    "data_dir": "where the model cache and the default adapter store live",
-    "model": "Hugging Face causal-LM directory to serve (default: SmolLM2-135M-Instruct)",
-    "adapter_store": "adapter store root (default: DATA_DIR/adapters)",
-    "quantization": "auto (NF4 on CUDA, fp32 on CPU), none, nf4, int8",
-    "device": "auto, cpu, cuda or cuda:N",
-    "max_loaded_adapters": "device slots for adapters",
-    "max_lora_rank": "largest adapter rank accepted",
-    "adapter_poll_seconds": "seconds between looks for newly published adapter versions (0: off)",
-    "host_cache_bytes": "host-memory adapter cache size",
-    "max_adapter_bytes": "largest adapter file accepted",
-    "max_batch_size": "running requests at most",
-    "max_seq_len": "prompt plus generated tokens per request",
-    "max_new_tokens": "limit on a request's max_new_tokens",
-    "default_max_new_tokens": "max_new_tokens when a request leaves it unset",
-    "max_waiting": "queued requests before RESOURCE_EXHAUSTED",
-    "max_step_tokens": "tokens per forward (decode rows plus prefill chunks)",
-    "max_message_bytes": "largest gRPC message",
-    "lora_impl": "multi-LoRA kernel: auto, dense, token, grouped or gather (reference)",
-    "torch_threads": "torch intra-op threads (0: CPU cores - 1, at least 1)",
-    "shutdown_grace_seconds": "how long in-flight requests may finish on shutdown",
-    "log_level": "DEBUG, INFO, WARNING, ERROR",
-    "log_format": "text or json (one object per line)",
-}
-
-_CHOICES = {
-    "quantization": ("auto", "none", "nf4", "int8"),
-    "lora_impl": ("auto", "dense", "token", "grouped", "gather"),
-    "log_format": ("text", "json"),
-}
+    @property
+    def engine(self) -> EngineConfig:
+        """The engine's part, as its own value (the engine never sees the rest)."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
-def _field_type(f: dataclasses.Field[Any]) -> type:
-    name = str(f.type)
-    if "Path" in name:
-        return Path
-    if "float" in name:
-        return float
-    if "int" in name:
-        return int
-    return str
+@dataclass(frozen=True)
+class _FieldSpec:
+    """How one ServerConfig field is parsed: its Python type, its choices, whether None is allowed."""
+
+    name: str
+    kind: type
+    choices: tuple[str, ...] | None
+    default: Any
+    help: str
+
+
+def _field_specs() -> list[_FieldSpec]:
+    hints = typing.get_type_hints(ServerConfig)
+    specs = []
+    for f in dataclasses.fields(ServerConfig):
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType):  # X | None
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        choices: tuple[str, ...] | None = None
+        if typing.get_origin(hint) is Literal:
+            choices = tuple(str(a) for a in typing.get_args(hint))
+            hint = str
+        if hint not in (str, int, float, Path):
+            raise TypeError(f"ServerConfig.{f.name}: unsupported type {hint!r}")
+        specs.append(_FieldSpec(f.name, hint, choices, f.default, f.metadata.get("help", "")))
+    return specs
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with a [server] table")
-    for f in dataclasses.fields(ServerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        env = "LORAFLEET_" + f.name.upper()
+    for spec in _field_specs():
+        env = "LORAFLEET_" + spec.name.upper()
         parser.add_argument(
-            flag,
-            dest=f.name,
+            "--" + spec.name.replace("_", "-"),
+            dest=spec.name,
             default=None,
-            type=_field_type(f),
-            choices=_CHOICES.get(f.name),
-            help=f"{_HELP.get(f.name, '')} (env {env}; default {f.default})",
+            type=spec.kind,
+            choices=spec.choices,
+            help=f"{spec.help} (env {env}; default {spec.default})",
         )
 
 
@@ -128,24 +134,26 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     if config_path:
         with Path(config_path).open("rb") as fh:
             file_values = dict(tomllib.load(fh).get("server", {}))
-    known = {f.name: f for f in dataclasses.fields(ServerConfig)}
-    unknown = set(file_values) - set(known)
+    specs = _field_specs()
+    unknown = set(file_values) - {s.name for s in specs}
     if unknown:
         raise ValueError(f"unknown keys in [server] of {config_path}: {', '.join(sorted(unknown))}")
     values: dict[str, Any] = {}
-    for name, f in known.items():
-        kind = _field_type(f)
-        raw: Any = getattr(args, name, None)
+    for spec in specs:
+        raw: Any = getattr(args, spec.name, None)
         if raw is None:
-            raw = environ.get("LORAFLEET_" + name.upper())
+            raw = environ.get("LORAFLEET_" + spec.name.upper())
         if raw is None:
-            raw = file_values.get(name)
+            raw = file_values.get(spec.name)
         if raw is None:
             continue
-        value = kind(raw)
-        if name in _CHOICES and value not in _CHOICES[name]:
-            raise ValueError(f"{name} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
-        values[name] = value
+        try:
+            value = spec.kind(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{spec.name} must be of type {spec.kind.__name__}, got {raw!r}") from None
+        if spec.choices is not None and value not in spec.choices:
+            raise ValueError(f"{spec.name} must be one of {', '.join(spec.choices)}, got {value!r}")
+        values[spec.name] = value
     config = ServerConfig(**values)
     _check(config)
     return config

@@ -29,6 +29,7 @@ from lorafleet_adapters.ref import AdapterKey
 from lorafleet_server.engine.adapter_manager import AdapterManager
 from lorafleet_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from lorafleet_server.engine.types import (
+    EngineConfig,
     EngineObserver,
     FinishReason,
     GenerationRequest,
@@ -57,15 +58,6 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 32  # running rows (and KV rows)
-    max_seq_len: int = 2048  # prompt + generated tokens per request
-    max_new_tokens: int = 1024  # limit on a request's max_new_tokens
-    max_waiting: int = 1024  # queued requests before RESOURCE_EXHAUSTED
-    max_step_tokens: int = 512  # tokens per forward (decode rows + prefill chunks)
 
 
 @dataclass(eq=False)  # identity: two requests may carry the same client-chosen request id

@@ -17,6 +17,37 @@ class FinishReason(enum.Enum):
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """The engine's limits. ``ServerConfig`` extends this class, so each limit is declared once; the
+    ``help`` metadata becomes the flag's help text (config.py)."""
+
+    max_batch_size: int = field(default=32, metadata={"help": "running requests (and KV-cache rows) at most"})
+    max_seq_len: int = field(default=2048, metadata={"help": "prompt plus generated tokens per request"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "limit on a request's max_new_tokens"})
+    max_waiting: int = field(default=1024, metadata={"help": "queued requests before RESOURCE_EXHAUSTED"})
+    max_step_tokens: int = field(default=512, metadata={"help": "tokens per forward (decode rows plus prefill chunks)"})
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What GetModelInfo reports: the served model, how it runs, and the limits a client must respect."""
+
+    model_id: str
+    fingerprint: str
+    quantization: str
+    device: str
+    dtype: str
+    max_context_tokens: int
+    max_lora_rank: int
+    max_new_tokens: int
+    max_batch_size: int
+    max_loaded_adapters: int
+    max_message_bytes: int
+    target_modules: tuple[str, ...]
+    server_version: str
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy

@@ -7,9 +7,8 @@ from typing import Any
 from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.ref import AdapterRef
 from lorafleet_proto.v1 import adapters_pb2, inference_pb2
-from lorafleet_server.app import ModelInfo
 from lorafleet_server.engine.admin import AdapterView, Tier
-from lorafleet_server.engine.types import ChatTurn, FinishReason, GenerationRequest, SamplingParams, Summary
+from lorafleet_server.engine.types import ChatTurn, FinishReason, GenerationRequest, ModelInfo, SamplingParams, Summary
 from lorafleet_server.errors import InvalidRequest
 
 FINISH_REASONS = {

@@ -12,9 +12,8 @@ from typing import TypeVar
 import grpc
 
 from lorafleet_proto.v1 import inference_pb2, inference_pb2_grpc
-from lorafleet_server.app import ModelInfo
 from lorafleet_server.engine.engine import Engine
-from lorafleet_server.engine.types import GenerationRequest, TokenEvent
+from lorafleet_server.engine.types import GenerationRequest, ModelInfo, TokenEvent
 from lorafleet_server.grpc import convert
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.status import status_for

@@ -14,12 +14,12 @@ from torch import nn
 
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_server.model.lora import LoraContext, MultiLoRALinear
+from lorafleet_server.model.options import QUANTIZATIONS
 from lorafleet_server.model.prepare import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
-QUANTIZATIONS = ("auto", "none", "nf4", "int8")
 
 
 class ModelLoadError(RuntimeError):

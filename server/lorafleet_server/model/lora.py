@@ -28,12 +28,11 @@ Tests prove all four agree; :func:`lora_delta` picks by the step's shape (``auto
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
-Impl = Literal["auto", "gather", "dense", "token", "grouped"]
+from lorafleet_server.model.options import LoraImpl as Impl
 
 # Measured on a 2-core AVX2 CPU, 1 thread, rank 8/16, SmolLM2 shapes (576/1536 wide). ``dense`` costs
 # ~tokens x adapters, ``token`` ~tokens (a copy per token), ``grouped`` ~adapters (a loop):

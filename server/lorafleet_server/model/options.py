@@ -1,0 +1,13 @@
+"""The model layer's named choices, as Literal types (no torch here: the config and CLI import them)."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# How the base model's weights are held: "auto" is NF4 on CUDA and "none" (the compute dtype) on CPU.
+Quantization = Literal["auto", "none", "nf4", "int8"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+
+# The multi-LoRA kernel (model/lora.py): "auto" picks one per module and step; "gather" is the reference.
+LoraImpl = Literal["auto", "dense", "token", "grouped", "gather"]
+LORA_IMPLS: tuple[str, ...] = get_args(LoraImpl)
