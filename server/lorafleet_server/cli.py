@@ -81,7 +81,7 @@ def _training_cli() -> ModuleType:
 
 
 def _require_train_extra() -> None:
-    missing = [name for name in ("peft", "tqdm") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("peft",) if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(
             f"error: `lorafleet train` needs the training extra ({', '.join(missing)} not installed): "

@@ -7,10 +7,10 @@ import shutil
 import subprocess
 import sys
 import tomllib
-import venv
 from pathlib import Path
 
 import pytest
+from installlib import add_to_path, build_wheels, fresh_venv, link_site_packages, pip_install, run
 
 import lorafleet
 
@@ -61,14 +61,11 @@ def test_version_matches_pyproject() -> None:
 
 @pytest.mark.slow
 def test_client_installs_alone_without_torch(tmp_path: Path) -> None:
-    ignore = shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
-    source, proto_source = tmp_path / "src", tmp_path / "proto-src"
-    shutil.copytree(CLIENT_ROOT, source, ignore=ignore)
-    shutil.copytree(PROTO_ROOT, proto_source, ignore=ignore)
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True, system_site_packages=False)
-    python = env_dir / "bin" / "python"
-    _run([python, "-m", "pip", "install", "--quiet", proto_source, source])
+    """pip installs the client and lorafleet-proto from their folders into a fresh venv that has only
+    grpcio and protobuf (linked from this interpreter: offline), and nothing pulls torch in."""
+    python, site_packages = fresh_venv(tmp_path / "venv")
+    add_to_path(site_packages, link_site_packages(tmp_path / "deps", keep=("grpc", "google", "protobuf", "typing_")))
+    pip_install(python, build_wheels(tmp_path / "wheels", PROTO_ROOT, CLIENT_ROOT), "lorafleet-client")
 
     check = (
         "import importlib.util, pathlib, sys\n"
@@ -78,10 +75,12 @@ def test_client_installs_alone_without_torch(tmp_path: Path) -> None:
         "root = pathlib.Path(lorafleet.__file__).parent\n"
         "assert (root / 'py.typed').is_file()\n"
         "assert (pathlib.Path(lorafleet_proto.v1.__file__).parent / 'inference_pb2.pyi').is_file()\n"
-        "assert 'site-packages' in str(root)\n"
+        "print(root)\n"
         "print(lorafleet.__version__)\n"
     )
-    assert _run([python, "-c", check], cwd=tmp_path).stdout.strip() == lorafleet.__version__
-    assert "generate" in _run([env_dir / "bin" / "lorafleet-client", "--help"], cwd=tmp_path).stdout
-    installed = _run([python, "-m", "pip", "list", "--format=freeze"]).stdout.lower()
-    assert "lorafleet-client==0.1.0" in installed and "torch" not in installed
+    root, version = run([python, "-c", check], cwd=tmp_path).stdout.split()
+    assert Path(root).is_relative_to(site_packages) and version == lorafleet.__version__
+    assert "generate" in run([python.parent / "lorafleet-client", "--help"], cwd=tmp_path).stdout
+    installed = run([python, "-m", "pip", "list", "--format=freeze"], cwd=tmp_path).stdout.lower()
+    assert "lorafleet-client==0.1.0" in installed and "lorafleet-proto==0.1.0" in installed
+    assert "torch" not in installed
