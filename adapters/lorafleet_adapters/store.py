@@ -199,7 +199,18 @@ class AdapterStore:
                 tenant,
                 name,
                 lambda version: self._manifest_for(
-                    tenant, name, version, "prompt", PROMPT_METHOD, spec, 0, 0.0, False, (), files, extra
+                    tenant=tenant,
+                    name=name,
+                    version=version,
+                    kind="prompt",
+                    method=PROMPT_METHOD,
+                    spec=spec,
+                    rank=0,
+                    lora_alpha=0.0,
+                    use_rslora=False,
+                    targets=(),
+                    files=files,
+                    extra=extra,
                 ),
             )
         except BaseException:
@@ -235,7 +246,9 @@ class AdapterStore:
             weights = load_adapter_weights(staging, spec)
             with _store_io("hash the staged files"):
                 files = {file_name: sha256_file(staging / file_name) for file_name in copied}
-            key = self._publish(staging, tenant, name, weights, spec, method, files, extra)
+            key = self._publish(
+                staging, tenant=tenant, name=name, weights=weights, spec=spec, method=method, files=files, extra=extra
+            )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -285,6 +298,7 @@ class AdapterStore:
     def _publish(
         self,
         staging: Path,
+        *,
         tenant: str,
         name: str,
         weights: AdapterWeights,
@@ -299,23 +313,24 @@ class AdapterStore:
             tenant,
             name,
             lambda version: self._manifest_for(
-                tenant,
-                name,
-                version,
-                "lora",
-                method,
-                spec,
-                weights.rank,
-                weights.config.lora_alpha,
-                weights.config.use_rslora,
-                targets,
-                files,
-                extra,
+                tenant=tenant,
+                name=name,
+                version=version,
+                kind="lora",
+                method=method,
+                spec=spec,
+                rank=weights.rank,
+                lora_alpha=weights.config.lora_alpha,
+                use_rslora=weights.config.use_rslora,
+                targets=targets,
+                files=files,
+                extra=extra,
             ),
         )
 
     @staticmethod
     def _manifest_for(
+        *,
         tenant: str,
         name: str,
         version: int,

@@ -172,3 +172,86 @@ def test_config_validation() -> None:
         TrainConfig(**base, targets=("all-linear", "q_proj"))  # type: ignore[arg-type]
     config = TrainConfig(**base, targets=["all-linear"])  # type: ignore[arg-type]
     assert config.targets == ("all-linear",) and config.data == Path("d.jsonl")
+
+
+def test_training_loads_the_base_through_the_serving_loader(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Device, dtype, bitsandbytes settings, loading and the Linear check all come from model/loader.py."""
+    from lorafleet_server.model import loader
+
+    loads: list[tuple[Path, str, torch.device, torch.dtype | None]] = []
+    configs: list[tuple[str, torch.dtype]] = []
+    discovered: list[int] = []
+    real_load, real_config, real_discover = loader.load_hf_model, loader.quantization_config, loader.discover_targets
+
+    def load_hf_model(
+        model_dir: Path, quantization: str, device: torch.device, dtype: torch.dtype | None = None
+    ) -> Any:
+        loads.append((model_dir, quantization, device, dtype))
+        return real_load(model_dir, quantization, device, dtype)
+
+    def quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+        configs.append((quantization, dtype))
+        return real_config(quantization, dtype)
+
+    def discover_targets(model: Any) -> Any:
+        found = real_discover(model)
+        discovered.append(len(found))
+        return found
+
+    monkeypatch.setattr(loader, "load_hf_model", load_hf_model)
+    monkeypatch.setattr(loader, "quantization_config", quantization_config)
+    monkeypatch.setattr(loader, "discover_targets", discover_targets)
+    said: list[str] = []
+    device = loader.resolve_device("auto")
+    dtype = loader.compute_dtype_for(device)
+
+    backend = trainer_mod.choose_backend("lora", said.append)
+    assert (backend.device, backend.dtype, backend.quantization) == (device, dtype, "none")
+    model, backend = trainer_mod.load_peft_model(_config(tmp_path, tiny_model_dir), tiny_spec, backend, said.append)
+    assert loads == [(tiny_model_dir, "none", device, dtype)]
+    assert discovered == [len(tiny_spec.target_shapes)]
+    assert {p.dtype for name, p in model.named_parameters() if "lora_" not in name} == {dtype}
+    assert not configs
+
+    pytest.importorskip("bitsandbytes")
+    backend = trainer_mod.choose_backend("qlora", said.append)
+    assert (backend.method, backend.device, backend.dtype, backend.quantization) == ("qlora", device, dtype, "nf4")
+    model, backend = trainer_mod.load_peft_model(_config(tmp_path, tiny_model_dir), tiny_spec, backend, said.append)
+    assert loads[1] == (tiny_model_dir, "nf4", device, dtype)
+    assert configs == [("nf4", dtype)]  # the serving loader's NF4 settings, built by the serving loader
+    if backend.method == "qlora":
+        quant = model.base_model.model.config.quantization_config
+        assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_compute_dtype) == ("nf4", dtype)
+        assert quant.bnb_4bit_use_double_quant is False
+
+
+def test_nf4_load_error_from_the_serving_loader(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ModelLoadError for NF4 falls back to fp32 LoRA on a CPU (said, recorded) and is a TrainingError on CUDA."""
+    from lorafleet_server.model import loader
+
+    real_load = loader.load_hf_model
+    loads: list[str] = []
+
+    def load_hf_model(
+        model_dir: Path, quantization: str, device: torch.device, dtype: torch.dtype | None = None
+    ) -> Any:
+        loads.append(quantization)
+        if quantization == "nf4":
+            raise loader.ModelLoadError("quantization 'nf4' needs bitsandbytes: no module")
+        return real_load(model_dir, quantization, device, dtype)
+
+    monkeypatch.setattr(loader, "load_hf_model", load_hf_model)
+    said: list[str] = []
+    cpu = trainer_mod.Backend("qlora", torch.device("cpu"), "nf4", torch.float32, "QLoRA on the NF4 base")
+    model, backend = trainer_mod._load_base(tiny_model_dir, cpu, said.append)
+    assert loads == ["nf4", "none"]
+    assert (backend.method, backend.quantization, backend.dtype) == ("lora", "none", torch.float32)
+    assert any("training LoRA on the fp32 base instead" in line for line in said)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    cuda = trainer_mod.Backend("qlora", torch.device("cuda:0"), "nf4", torch.bfloat16, "QLoRA on the NF4 base")
+    with pytest.raises(TrainingError, match="cannot load the NF4 base for QLoRA: quantization 'nf4' needs"):
+        trainer_mod._load_base(tiny_model_dir, cuda, said.append)

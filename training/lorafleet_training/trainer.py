@@ -8,7 +8,9 @@ Backends: ``lora`` trains on the fp32 base on CPU (bf16 on CUDA). ``qlora`` load
 bitsandbytes NF4 and calls ``prepare_model_for_kbit_training``; on CUDA that is the design's QLoRA, on
 a CPU bitsandbytes 0.50 runs NF4 too (~4.3 s/step vs ~3.3 for fp32 LoRA; docs/architecture.md,
 "Measured facts"), and the run says so; if NF4 cannot load here it falls back to LoRA on fp32 with a
-warning, and records ``lora``.
+warning, and records ``lora``. The device, the compute dtype, the bitsandbytes settings and the loading
+itself come from the server's loader (``lorafleet_server.model.loader``), so training and serving load
+the base the same way.
 
 Deterministic on CPU for a seed: seeded LoRA init and dropout, a seeded data order, deterministic
 algorithms on during training; two runs give byte-identical ``adapter_model.safetensors``.
@@ -33,6 +35,7 @@ from lorafleet_adapters.manifest import utc_now_iso
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterRef
+from lorafleet_server.model import loader as model_loader
 from lorafleet_training import data as data_mod
 from lorafleet_training.data import Example, template_to_dict
 from lorafleet_training.encoding import Encoded, collate, completion_loss_sum, encode, keep_last, pad_id_of
@@ -241,20 +244,20 @@ def train(
         echo(format_metrics(evaluation.metrics))
 
     record = _record(
-        config,
-        spec,
-        backend,
-        examples,
-        train_set,
-        val_set,
-        truncated,
-        fingerprint,
-        pii_report.to_record(),
-        history,
-        evaluation,
-        training_seconds,
-        evaluation_seconds,
-        template,
+        config=config,
+        spec=spec,
+        backend=backend,
+        examples=examples,
+        train_set=train_set,
+        val_set=val_set,
+        truncated=truncated,
+        fingerprint=fingerprint,
+        pii=pii_report.to_record(),
+        history=history,
+        evaluation=evaluation,
+        training_seconds=training_seconds,
+        evaluation_seconds=evaluation_seconds,
+        template=template,
     )
     written = write_training_dir(
         config.out_dir, lambda d: model.save_pretrained(str(d)), record, spec, config.overwrite
@@ -301,15 +304,13 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def choose_backend(method: str, echo: Echo) -> Backend:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda:0" if cuda else "cpu")
+    """Device and dtype as the server picks them (``model_loader``): CUDA in bf16, else the CPU in fp32."""
+    device = model_loader.resolve_device("auto")
+    dtype = model_loader.compute_dtype_for(device)
     if method == "lora":
-        dtype = torch.bfloat16 if cuda else torch.float32
         return Backend("lora", device, "none", dtype, f"LoRA on the {str(dtype).removeprefix('torch.')} base, {device}")
-    if cuda:
-        return Backend(
-            "qlora", device, "nf4", torch.bfloat16, "QLoRA on the bitsandbytes NF4 base (CUDA, bf16 compute)"
-        )
+    if device.type == "cuda":
+        return Backend("qlora", device, "nf4", dtype, "QLoRA on the bitsandbytes NF4 base (CUDA, bf16 compute)")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
@@ -317,12 +318,12 @@ def choose_backend(method: str, echo: Echo) -> Backend:
             f"warning: --method qlora without CUDA and without bitsandbytes ({exc}): training LoRA on the fp32 "
             "base instead; the manifest records method 'lora'"
         )
-        return Backend("lora", device, "none", torch.float32, "LoRA on the fp32 base, CPU (QLoRA fallback)")
+        return Backend("lora", device, "none", dtype, "LoRA on the fp32 base, CPU (QLoRA fallback)")
     echo(
         "QLoRA without CUDA: the base is loaded as bitsandbytes NF4 on the CPU (float32 compute) and LoRA trains "
         "on it — the same math as QLoRA on a GPU, roughly 1.3x slower per step than LoRA on fp32 here"
     )
-    return Backend("qlora", device, "nf4", torch.float32, "QLoRA on the bitsandbytes NF4 base, CPU (float32 compute)")
+    return Backend("qlora", device, "nf4", dtype, "QLoRA on the bitsandbytes NF4 base, CPU (float32 compute)")
 
 
 def load_peft_model(config: TrainConfig, spec: BaseModelSpec, backend: Backend, echo: Echo) -> tuple[Any, Backend]:
@@ -351,46 +352,30 @@ def load_peft_model(config: TrainConfig, spec: BaseModelSpec, backend: Backend, 
 
 
 def _load_base(model_dir: Path, backend: Backend, echo: Echo) -> tuple[Any, Backend]:
-    from transformers import AutoModelForCausalLM
-
+    """The base per `backend`, loaded by the server's `load_hf_model` (frozen; peft adds what trains)."""
     if backend.quantization == "nf4":
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=backend.dtype,
-            bnb_4bit_use_double_quant=False,
-        )
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=backend.dtype, quantization_config=quant, device_map={"": str(backend.device)}
-            )
-        except (RuntimeError, ImportError, ValueError) as exc:
+            model = model_loader.load_hf_model(model_dir, "nf4", backend.device, backend.dtype)
+        except (model_loader.ModelLoadError, RuntimeError, ImportError, ValueError) as exc:
             if backend.device.type == "cuda":
                 raise TrainingError(f"cannot load the NF4 base for QLoRA: {exc}") from exc
             echo(
                 f"warning: the NF4 base does not load on this CPU ({exc}); training LoRA on the fp32 base instead; "
                 "the manifest records method 'lora'"
             )
-            backend = Backend(
-                "lora", backend.device, "none", torch.float32, "LoRA on the fp32 base, CPU (QLoRA fallback)"
-            )
+            dtype = model_loader.compute_dtype_for(backend.device)
+            backend = Backend("lora", backend.device, "none", dtype, "LoRA on the fp32 base, CPU (QLoRA fallback)")
             return _load_base(model_dir, backend, echo)
         # gradient checkpointing saves GPU memory; on a CPU with a small model it only costs time
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=backend.device.type == "cuda")
         return model, backend
-    plain: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=backend.dtype)
-    return plain.to(backend.device), backend
+    return model_loader.load_hf_model(model_dir, "none", backend.device, backend.dtype), backend
 
 
 def _check_base_matches_spec(model: Any, spec: BaseModelSpec) -> None:
-    linears = {
-        name: (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")
-    }
+    linears = {name: (m.out_features, m.in_features) for name, m in model_loader.discover_targets(model).items()}
     if linears != dict(spec.target_shapes):
         raise TrainingError(
             f"the base model loaded for training does not match the base spec {spec.fingerprint} ({spec.model_id}): "
@@ -481,6 +466,7 @@ def _train_loop(
 
 
 def _record(
+    *,
     config: TrainConfig,
     spec: BaseModelSpec,
     backend: Backend,

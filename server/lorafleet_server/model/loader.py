@@ -117,7 +117,11 @@ def model_id_of(model_dir: Path, cfg: dict[str, Any]) -> str:
     return str(cfg.get("_name_or_path") or model_dir.name)
 
 
-def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+def quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+    """The bitsandbytes config of a quantized base: NF4 computing in `dtype` (no double quant), or int8.
+
+    Serving (`load_hf_model`) and training (``lorafleet_training.trainer``) both load through this.
+    """
     from transformers import BitsAndBytesConfig
 
     if quantization == "nf4":
@@ -127,17 +131,29 @@ def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=False,
         )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelLoadError(f"no bitsandbytes config for quantization {quantization!r}; choose 'nf4' or 'int8'")
 
 
-def load_hf_model(model_dir: Path, quantization: str, device: torch.device) -> nn.Module:
+def load_hf_model(
+    model_dir: Path, quantization: str, device: torch.device, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """The Hugging Face causal LM in `model_dir` on `device`, in eval mode with every parameter frozen.
+
+    `quantization` is a resolved one ("none", "nf4" or "int8"; see `resolve_quantization`). `dtype`
+    is the compute dtype, `compute_dtype_for(device)` unless given; the non-quantized weights are
+    held in it. Serving and training share this loader.
+    """
     from transformers import AutoModelForCausalLM
 
-    dtype = compute_dtype_for(device)
+    if dtype is None:
+        dtype = compute_dtype_for(device)
     if quantization == "none":
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.to(device)
     else:
+        config = quantization_config(quantization, dtype)
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -146,7 +162,7 @@ def load_hf_model(model_dir: Path, quantization: str, device: torch.device) -> n
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             dtype=dtype,
-            quantization_config=_quantization_config(quantization, dtype),
+            quantization_config=config,
             device_map={"": str(device)},
         )
     model.eval()
@@ -155,7 +171,10 @@ def load_hf_model(model_dir: Path, quantization: str, device: torch.device) -> n
 
 
 def discover_targets(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every Linear (bnb 4/8-bit included: they subclass nn.Linear) inside the decoder layers."""
+    """Every Linear (bnb 4/8-bit included: they subclass nn.Linear) inside the decoder layers.
+
+    What serving wraps for multi-LoRA and what training checks against the base spec.
+    """
     return {
         name: module
         for name, module in model.named_modules()
@@ -194,8 +213,8 @@ def load_base(
 ) -> LoadedBase:
     cfg = read_model_config(model_dir)
     quantization = resolve_quantization(quantization, device)
-    model = load_hf_model(model_dir, quantization, device)
     dtype = compute_dtype_for(device)
+    model = load_hf_model(model_dir, quantization, device, dtype)
     context = LoraContext()
     layers = wrap_targets(model, num_slots, max_lora_rank, context, dtype, device)
     spec = base_spec_from_files(model_dir, quantization, max_lora_rank, max_adapter_bytes)

@@ -1,0 +1,55 @@
+"""The base-model loader's pieces that serving and training share (lorafleet_server.model.loader)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorafleet_server.model.loader import (
+    ModelLoadError,
+    compute_dtype_for,
+    discover_targets,
+    load_hf_model,
+    quantization_config,
+    resolve_device,
+)
+
+
+def test_compute_dtype_is_fp32_on_cpu_and_bf16_on_cuda() -> None:
+    assert compute_dtype_for(torch.device("cpu")) == torch.float32
+    assert compute_dtype_for(torch.device("cuda:0")) == torch.bfloat16
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == expected
+
+
+def test_quantization_config_nf4_int8_and_nothing_else() -> None:
+    nf4 = quantization_config("nf4", torch.float32)
+    assert nf4.load_in_4bit and not nf4.load_in_8bit
+    assert nf4.bnb_4bit_quant_type == "nf4"
+    assert nf4.bnb_4bit_compute_dtype == torch.float32
+    assert nf4.bnb_4bit_use_double_quant is False
+    assert quantization_config("nf4", torch.bfloat16).bnb_4bit_compute_dtype == torch.bfloat16
+    int8 = quantization_config("int8", torch.float32)
+    assert int8.load_in_8bit and not int8.load_in_4bit
+    for name in ("none", "auto", "fp8"):
+        with pytest.raises(ModelLoadError, match="no bitsandbytes config"):
+            quantization_config(name, torch.float32)
+
+
+def test_load_hf_model_frozen_in_the_compute_dtype_unless_told(tiny_model_dir: Path) -> None:
+    cpu = torch.device("cpu")
+    model = load_hf_model(tiny_model_dir, "none", cpu)
+    assert not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in model.parameters())
+    assert len(discover_targets(model)) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    bf16 = load_hf_model(tiny_model_dir, "none", cpu, torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+def test_load_hf_model_refuses_an_unresolved_quantization(tiny_model_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no bitsandbytes config for quantization 'auto'"):
+        load_hf_model(tiny_model_dir, "auto", torch.device("cpu"))
