@@ -21,3 +21,10 @@ class ShuttingDown(ServingError):
 
 class AdapterBusy(ServingError):
     """Every device slot is leased or pinned, so the adapter cannot be loaded now (RESOURCE_EXHAUSTED)."""
+
+
+class EngineTimeout(ServingError):
+    """The engine thread did not run an admin call in time (DEADLINE_EXCEEDED).
+
+    A call already running when the wait ended still completes, so its effect may happen later.
+    """

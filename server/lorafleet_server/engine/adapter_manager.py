@@ -3,10 +3,15 @@
 Host loads (disk read, checksum, header check, tensor conversion) run on a small thread pool so the
 engine keeps stepping; installing into a device slot happens on the engine thread between steps.
 Concurrent requests for the same cold adapter share one load (single flight).
+
+Everything outside the engine package (admin included) goes through these methods rather than the
+store, host cache or slots themselves, so loads are counted in one place and the engine-thread-only
+rule for device slots is stated once, on the methods below.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -14,18 +19,26 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
-from lorafleet_adapters.device_slots import DeviceSlots
+from lorafleet_adapters.device_slots import DeviceSlots, SlotInfo
 from lorafleet_adapters.errors import AdapterError
 from lorafleet_adapters.host_cache import HostCache
 from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
-from lorafleet_adapters.store import AdapterStore
-from lorafleet_server.engine.versions import VersionWatcher
+from lorafleet_adapters.store import AdapterStore, AdapterSummary
+from lorafleet_server.engine.versions import RefreshResult, VersionWatcher
 from lorafleet_server.errors import AdapterBusy
 
 log = logging.getLogger(__name__)
+
+
+class Tier(enum.Enum):
+    """Where a version's weights are: the store (disk), host memory, or a device slot."""
+
+    STORE = "store"
+    HOST = "host"
+    DEVICE = "device"
 
 
 class AdapterObserver(Protocol):
@@ -126,11 +139,38 @@ class AdapterManager:
         """Load (verify) a version into host memory, or return it from there; blocks."""
         return self.host_cache.get_or_load(key, lambda: self._load_from_store(key))
 
+    def on_host(self, key: AdapterKey) -> bool:
+        """Whether ``key``'s weights are in host memory, without touching their recency (for views)."""
+        return key in self.host_cache
+
+    def list_store(self, tenant: str | None = None) -> list[AdapterSummary]:
+        """Every adapter in the store (of one tenant), with its versions and latest pointer."""
+        return self.store.list(tenant)
+
+    def store_versions(self, ref: AdapterRef) -> tuple[int, ...]:
+        """Published versions of ``tenant/name`` (empty when there are none); ``ref.version`` is ignored."""
+        return self.store.versions(ref.tenant, ref.name)
+
+    def store_latest(self, ref: AdapterRef) -> int:
+        """The store's latest version of ``tenant/name``, which may be newer than the one served.
+
+        :meth:`resolve` gives the served one; this is what a listing reports as "latest".
+        """
+        return self.store.resolve(ref).version
+
+    def manifest(self, key: AdapterKey) -> Manifest:
+        """``key``'s manifest, read from the store (views report it; a broken one raises its error)."""
+        return self.store.manifest(key)
+
+    def refresh(self) -> RefreshResult:
+        """Look for newly published versions now (the watcher also does this every poll interval)."""
+        return self.versions.refresh()
+
     def close(self) -> None:
         self.versions.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # -- engine thread only -------------------------------------------------------------------
+    # -- engine thread only (DeviceSlots has one owner, so no slot is written while a forward reads it)
     def poll(self, key: AdapterKey) -> int | None:
         """Lease ``key``'s device slot if ready; else start or follow its load and return None.
 
@@ -143,26 +183,52 @@ class AdapterManager:
         weights = self._host_weights(key)
         if weights is None:
             return None
-        started = time.perf_counter()
-        if self.slots.install(key, weights) is None:
+        if self._install(key, weights) is None:
             if not self.slots.can_ever_install():
                 raise AdapterBusy(f"every device slot is pinned; cannot load {key}")
             return None  # all slots leased: wait for a request to finish
         self.observer.adapter_event("device", "miss")
-        self.observer.adapter_loaded("host", time.perf_counter() - started)
         return self.slots.acquire(key)
+
+    def prefetch(self, key: AdapterKey, weights: AdapterWeights) -> Tier:
+        """Put ``key`` (whose ``weights`` the caller brought to the host) into a device slot, unleased.
+
+        Engine thread only (admin runs it through ``Engine.run``). The load is counted like a
+        request-driven one; a version already resident is left as it is. Raises ``AdapterBusy`` when
+        every slot is leased or pinned: the version stays on the host tier.
+        """
+        if key in self.slots.snapshot():
+            return Tier.DEVICE
+        if self._install(key, weights) is None:
+            raise AdapterBusy(f"every device slot is in use; {key} stays on the host tier")
+        return Tier.DEVICE
+
+    def slot_snapshot(self) -> dict[AdapterKey, SlotInfo]:
+        """Resident versions with their slot, leases and pin. Engine thread only: slots change between steps."""
+        return self.slots.snapshot()
 
     def release(self, slot: int) -> None:
         self.slots.release(slot)
 
     def pin(self, key: AdapterKey) -> bool:
+        """Pin a resident version so it is never evicted; False when it is not resident. Engine thread only."""
         return self.slots.pin(key)
 
     def unpin(self, key: AdapterKey) -> bool:
+        """Make a version evictable again; False when it is not resident. Engine thread only."""
         return self.slots.unpin(key)
 
     def unload(self, key: AdapterKey) -> bool:
+        """Free ``key``'s slot now if idle (True), else when its last lease ends (False). Engine thread only."""
         return self.slots.unload(key)
+
+    def _install(self, key: AdapterKey, weights: AdapterWeights) -> int | None:
+        """Write host weights into a device slot, timed as a host → device load; None when no slot is free."""
+        started = time.perf_counter()
+        slot = self.slots.install(key, weights)
+        if slot is not None:
+            self.observer.adapter_loaded("host", time.perf_counter() - started)
+        return slot
 
     def _host_weights(self, key: AdapterKey) -> AdapterWeights | None:
         cached = self.host_cache.get(key)

@@ -1,7 +1,8 @@
 """The engine: one thread that admits requests, steps a continuous batch and streams tokens back.
 
 Other threads talk to it only through :meth:`Engine.submit`, :meth:`RequestHandle.cancel` and
-:meth:`Engine.call` (admin operations run on the engine thread between steps). Each step prefills
+:meth:`Engine.call` / :meth:`Engine.run` (admin operations run on the engine thread between steps).
+Each of them posts one typed message (``_Message``) to the engine's inbox. Each step prefills
 chunks of newly admitted prompts and decodes one token for every running row, in one forward; rows
 may use different adapters. A finished or cancelled row leaves at once and frees its KV row and its
 adapter lease; the next waiting request takes them in the following step.
@@ -19,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, assert_never
 
 import torch
 
@@ -37,18 +38,25 @@ from lorafleet_server.engine.types import (
     Summary,
     TokenEvent,
 )
-from lorafleet_server.errors import InvalidRequest, QueueFull, ServingError, ShuttingDown
+from lorafleet_server.errors import EngineTimeout, InvalidRequest, QueueFull, ServingError, ShuttingDown
 from lorafleet_server.model.runner import ModelRunner, RowStep
 from lorafleet_server.model.sampler import RowSampling, sample_rows
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 Sink = Callable[[TokenEvent], None]
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
+# How long a caller waits for the engine thread to run an admin call. A call waits for the current
+# step to end, so this bounds a stuck or overloaded engine, not ordinary work.
+CALL_TIMEOUT_SECONDS = 30.0
+# How long shutdown waits for the engine thread after aborting it; the thread is a daemon, so a
+# forward that never returns cannot keep the process alive past this.
+ABORT_JOIN_SECONDS = 30.0
 
 
 class Tokenizer(Protocol):
@@ -86,6 +94,62 @@ class _Request:
         return self.cached < len(self.prompt_ids)
 
 
+# -- the engine thread's inbox: one frozen message type per thing other threads can ask for -------
+
+
+@dataclass(frozen=True, eq=False)
+class _Submit:
+    """A validated, tokenized request joins the waiting queue."""
+
+    request: _Request
+
+
+@dataclass(frozen=True, eq=False)
+class _Cancel:
+    """Finish ``request`` as cancelled (ignored when it already finished)."""
+
+    request: _Request
+
+
+@dataclass(frozen=True, eq=False)
+class _Call(Generic[T_co]):
+    """Run ``fn`` on the engine thread between steps and settle ``future`` with its outcome.
+
+    Covariant in the result so every call fits one ``_Message`` type; only :meth:`run` writes the
+    future, with ``fn``'s own result.
+    """
+
+    fn: Callable[[], T_co]
+    future: Future[T_co]
+
+    def run(self) -> None:
+        """Skipped when the caller already gave up (cancelled the future after a timeout)."""
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn())
+        except BaseException as exc:  # handed to the caller, who re-raises it on its own thread
+            self.future.set_exception(exc)
+
+    def refuse(self, exc: BaseException) -> None:
+        """Fail the call without running it (the engine stopped before it got there)."""
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(exc)
+
+
+@dataclass(frozen=True)
+class _Drain:
+    """Stop once running and waiting requests have finished."""
+
+
+@dataclass(frozen=True)
+class _Abort:
+    """Stop now; running and waiting requests finish as cancelled."""
+
+
+_Message = _Submit | _Cancel | _Call[object] | _Drain | _Abort
+
+
 class RequestHandle:
     def __init__(self, engine: Engine, state: _Request) -> None:
         self._engine = engine
@@ -94,7 +158,7 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Stop the request within one step; its sink gets a CANCELLED summary."""
-        self._engine._post(("cancel", self._state))
+        self._engine._post(_Cancel(self._state))
 
 
 class Engine:
@@ -115,7 +179,7 @@ class Engine:
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.observer: EngineObserver = observer or NullObserver()
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
@@ -123,6 +187,8 @@ class Engine:
         self._queued = 0  # submitted, not yet running (any thread reads, lock guards)
         self._lock = threading.Lock()
         self._accepting = True
+        self._closed = False  # the loop has exited: the inbox takes no more messages (lock guards)
+        self._draining = False
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = 0
@@ -136,14 +202,21 @@ class Engine:
         self._wake.set()
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Refuse new requests, let running and queued ones finish (up to ``timeout``), stop."""
+        """Refuse new requests, let running and queued ones finish (up to ``timeout``), stop.
+
+        After ``timeout`` the engine is aborted: it cancels what is left after the current step. That
+        wait is bounded too (``ABORT_JOIN_SECONDS``), so a forward that never returns is logged
+        instead of hanging the server's exit.
+        """
         with self._lock:
             self._accepting = False
-        self._post(("drain", None))
+        self._post(_Drain())
         self._thread.join(timeout)
         if self._thread.is_alive():
-            self._post(("abort", None))
-            self._thread.join()
+            self._post(_Abort())
+            self._thread.join(ABORT_JOIN_SECONDS)
+            if self._thread.is_alive():
+                log.error("engine thread did not stop within %.0fs of the abort; leaving it", ABORT_JOIN_SECONDS)
         self.adapters.close()
 
     @property
@@ -199,12 +272,6 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens plus max_new_tokens {budget} exceeds the context "
                 f"limit of {self.config.max_seq_len} tokens"
             )
-        with self._lock:
-            if not self._accepting:
-                raise ShuttingDown("the server is shutting down")
-            if self._queued >= self.config.max_waiting:
-                raise QueueFull(f"{self._queued} requests are waiting; try again later")
-            self._queued += 1
         state = _Request(
             req=req,
             sink=sink,
@@ -213,14 +280,44 @@ class Engine:
             lora=key if template is None else None,
             submitted=time.monotonic(),
         )
-        self._post(("submit", state))
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if self._queued >= self.config.max_waiting:
+                raise QueueFull(f"{self._queued} requests are waiting; try again later")
+            self._queued += 1
+        if not self._post(_Submit(state)):  # the loop exited (crashed) after the check above
+            with self._lock:
+                self._queued -= 1
+            raise ShuttingDown("the server is shutting down")
         return RequestHandle(self, state)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
-        """Run ``fn`` on the engine thread between steps (admin operations on device slots)."""
+        """Run ``fn`` on the engine thread between steps (admin operations on device slots).
+
+        The future fails with ``ShuttingDown`` once the engine has stopped. Prefer :meth:`run`, which
+        bounds the wait; a caller that waits on this future itself must bring its own timeout.
+        """
         future: Future[T] = Future()
-        self._post(("call", (fn, future)))
+        message: _Call[T] = _Call(fn, future)  # typed here, so it widens to _Call[object] as a whole
+        if not self._post(message):
+            future.set_exception(ShuttingDown("the server is shutting down"))
         return future
+
+    def run(self, fn: Callable[[], T], timeout: float = CALL_TIMEOUT_SECONDS) -> T:
+        """Run ``fn`` on the engine thread and return its result; raise what it raised.
+
+        Raises ``EngineTimeout`` when the engine thread has not finished ``fn`` within ``timeout``
+        seconds (it is stuck in a long step, or stopped without being started). A call that has not
+        started yet is withdrawn; one already running completes, so its effect may still happen.
+        """
+        future = self.call(fn)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:  # concurrent.futures.TimeoutError is the builtin since 3.11
+            if future.cancel() or not future.done():  # withdrawn before it ran, or still running
+                raise EngineTimeout(f"the engine did not run the call within {timeout:g}s") from None
+            return future.result()  # it finished meanwhile, or fn itself raised TimeoutError
 
     # -- validation ---------------------------------------------------------------------------
     def _validate_params(self, req: GenerationRequest) -> None:
@@ -243,9 +340,18 @@ class Engine:
             )
 
     # -- engine thread ------------------------------------------------------------------------
-    def _post(self, item: tuple[str, Any]) -> None:
-        self._inbox.put(item)
+    def _post(self, message: _Message) -> bool:
+        """Queue ``message`` for the engine thread; False once its loop has exited (nobody would read it).
+
+        The put happens under the lock that ``_close`` takes, so a message is either refused here or
+        drained by ``_close``: none is left unanswered in the inbox.
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            self._inbox.put(message)
         self._wake.set()
+        return True
 
     def _loop(self) -> None:
         try:
@@ -257,33 +363,37 @@ class Engine:
             for r in list(self._running) + list(self._waiting):
                 self._fail(r, exc)
         finally:
-            # Submissions that raced with shutdown: tell their clients instead of leaving them waiting.
-            while True:
-                try:
-                    kind, payload = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if kind == "submit":
-                    self._fail(payload, ShuttingDown("the server is shutting down"))
-                elif kind == "call":
-                    payload[1].set_exception(ShuttingDown("the server is shutting down"))
+            self._close()
+
+    def _close(self) -> None:
+        """Refuse further messages and answer those that raced with shutdown instead of leaving them waiting."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            match message:
+                case _Submit(request=r):
+                    self._fail(r, ShuttingDown("the server is shutting down"))
+                case _Call():
+                    message.refuse(ShuttingDown("the server is shutting down"))
+                case _Cancel() | _Drain() | _Abort():
+                    pass  # nothing is running any more
+                case _:
+                    assert_never(message)
 
     def _run_loop(self) -> None:
-        draining = False
         while True:
             self._wake.clear()
             while True:
                 try:
-                    kind, payload = self._inbox.get_nowait()
+                    message = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                if kind == "drain":
-                    draining = True
-                elif kind == "abort":
-                    self._stop = True
-                else:
-                    self._handle(kind, payload)
-            if self._stop or (draining and not self._running and not self._waiting):
+                self._handle(message)
+            if self._stop or (self._draining and not self._running and not self._waiting):
                 break
             self._admit()
             if not self._running:
@@ -295,21 +405,23 @@ class Engine:
         for r in list(self._running) + list(self._waiting):
             self._finish(r, FinishReason.CANCELLED)
 
-    def _handle(self, kind: str, payload: Any) -> None:
-        if kind == "submit":
-            self._waiting.append(payload)
-        elif kind == "cancel":
-            r = payload
-            if r in self._running or r in self._waiting:  # else it already finished
-                r.cancelled = True
-                self._finish(r, FinishReason.CANCELLED)
-        elif kind == "call":
-            fn, future = payload
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
+    def _handle(self, message: _Message) -> None:
+        """Apply one inbox message; runs on the engine thread between steps."""
+        match message:
+            case _Submit(request=r):
+                self._waiting.append(r)
+            case _Cancel(request=r):
+                if r in self._running or r in self._waiting:  # else it already finished
+                    r.cancelled = True
+                    self._finish(r, FinishReason.CANCELLED)
+            case _Call():
+                message.run()
+            case _Drain():
+                self._draining = True
+            case _Abort():
+                self._stop = True
+            case _:
+                assert_never(message)
 
     def _admit(self) -> None:
         still: deque[_Request] = deque()

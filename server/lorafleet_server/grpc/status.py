@@ -11,7 +11,7 @@ from lorafleet_adapters.errors import (
     InvalidAdapterRef,
     StoreUnavailable,
 )
-from lorafleet_server.errors import AdapterBusy, InvalidRequest, QueueFull, ShuttingDown
+from lorafleet_server.errors import AdapterBusy, EngineTimeout, InvalidRequest, QueueFull, ShuttingDown
 
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -23,6 +23,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (EngineTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
