@@ -9,90 +9,69 @@ import grpc
 from lorafleet_proto.v1 import adapters_pb2, adapters_pb2_grpc
 from lorafleet_server.engine.admin import AdapterAdmin
 from lorafleet_server.grpc import convert
-from lorafleet_server.grpc.inference import guarded, request_id_of
-from lorafleet_server.grpc.observe import CallObserver
+from lorafleet_server.grpc.observe import CallObserver, CallRecord
+from lorafleet_server.grpc.rpc import unary_rpc
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
     def __init__(self, admin: AdapterAdmin, calls: CallObserver) -> None:
         self._admin = admin
-        self._calls = calls
+        self.calls = calls
 
+    @unary_rpc("ListAdapters")
     async def ListAdapters(
-        self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+        self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> adapters_pb2.ListAdaptersResponse:
-        async def run() -> adapters_pb2.ListAdaptersResponse:
-            views = await asyncio.to_thread(self._admin.list, request.tenant)
-            return adapters_pb2.ListAdaptersResponse(adapters=[convert.adapter_pb(v) for v in views])
+        views = await asyncio.to_thread(self._admin.list, request.tenant)
+        return adapters_pb2.ListAdaptersResponse(adapters=[convert.adapter_pb(v) for v in views])
 
-        async with self._calls.call("ListAdapters", context, request_id_of(context), "") as record:
-            return await guarded(context, run, record)
-
+    @unary_rpc("GetAdapter", adapter=True)
     async def GetAdapter(
-        self, request: adapters_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext
+        self, request: adapters_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> adapters_pb2.GetAdapterResponse:
-        async def run() -> adapters_pb2.GetAdapterResponse:
-            view = await asyncio.to_thread(self._admin.get, request.adapter)
-            return adapters_pb2.GetAdapterResponse(adapter=convert.adapter_pb(view))
+        view = await asyncio.to_thread(self._admin.get, request.adapter)
+        return adapters_pb2.GetAdapterResponse(adapter=convert.adapter_pb(view))
 
-        async with self._calls.call("GetAdapter", context, request_id_of(context), request.adapter) as record:
-            return await guarded(context, run, record)
-
+    @unary_rpc("LoadAdapter", adapter=True)
     async def LoadAdapter(
-        self, request: adapters_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
+        self, request: adapters_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> adapters_pb2.LoadAdapterResponse:
-        async def run() -> adapters_pb2.LoadAdapterResponse:
-            key, tier = await asyncio.to_thread(self._admin.load, request.adapter)
-            return adapters_pb2.LoadAdapterResponse(adapter=str(key), tier=convert.TIERS[tier])
+        key, tier = await asyncio.to_thread(self._admin.load, request.adapter)
+        return adapters_pb2.LoadAdapterResponse(adapter=str(key), tier=convert.TIERS[tier])
 
-        async with self._calls.call("LoadAdapter", context, request_id_of(context), request.adapter) as record:
-            return await guarded(context, run, record)
-
+    @unary_rpc("UnloadAdapter", adapter=True)
     async def UnloadAdapter(
-        self, request: adapters_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+        self, request: adapters_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> adapters_pb2.UnloadAdapterResponse:
-        async def run() -> adapters_pb2.UnloadAdapterResponse:
-            key, freed = await asyncio.to_thread(self._admin.unload, request.adapter)
-            return adapters_pb2.UnloadAdapterResponse(adapter=str(key), unloaded=freed)
+        key, freed = await asyncio.to_thread(self._admin.unload, request.adapter)
+        return adapters_pb2.UnloadAdapterResponse(adapter=str(key), unloaded=freed)
 
-        async with self._calls.call("UnloadAdapter", context, request_id_of(context), request.adapter) as record:
-            return await guarded(context, run, record)
-
+    @unary_rpc("PinAdapter", adapter=True)
     async def PinAdapter(
-        self, request: adapters_pb2.PinAdapterRequest, context: grpc.aio.ServicerContext
+        self, request: adapters_pb2.PinAdapterRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> adapters_pb2.PinAdapterResponse:
-        async def run() -> adapters_pb2.PinAdapterResponse:
-            key = await asyncio.to_thread(self._admin.pin, request.adapter)
-            return adapters_pb2.PinAdapterResponse(adapter=str(key))
+        key = await asyncio.to_thread(self._admin.pin, request.adapter)
+        return adapters_pb2.PinAdapterResponse(adapter=str(key))
 
-        async with self._calls.call("PinAdapter", context, request_id_of(context), request.adapter) as record:
-            return await guarded(context, run, record)
-
+    @unary_rpc("UnpinAdapter", adapter=True)
     async def UnpinAdapter(
-        self, request: adapters_pb2.UnpinAdapterRequest, context: grpc.aio.ServicerContext
+        self, request: adapters_pb2.UnpinAdapterRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> adapters_pb2.UnpinAdapterResponse:
-        async def run() -> adapters_pb2.UnpinAdapterResponse:
-            key = await asyncio.to_thread(self._admin.unpin, request.adapter)
-            return adapters_pb2.UnpinAdapterResponse(adapter=str(key))
+        key = await asyncio.to_thread(self._admin.unpin, request.adapter)
+        return adapters_pb2.UnpinAdapterResponse(adapter=str(key))
 
-        async with self._calls.call("UnpinAdapter", context, request_id_of(context), request.adapter) as record:
-            return await guarded(context, run, record)
-
+    @unary_rpc("RefreshAdapters")
     async def RefreshAdapters(
-        self, request: adapters_pb2.RefreshAdaptersRequest, context: grpc.aio.ServicerContext
+        self, request: adapters_pb2.RefreshAdaptersRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> adapters_pb2.RefreshAdaptersResponse:
-        async def run() -> adapters_pb2.RefreshAdaptersResponse:
-            result = await asyncio.to_thread(self._admin.refresh)
-            return adapters_pb2.RefreshAdaptersResponse(
-                swaps=[
-                    adapters_pb2.AdapterSwap(adapter=s.adapter, from_version=s.from_version, to_version=s.to_version)
-                    for s in result.swaps
-                ],
-                failures=[
-                    adapters_pb2.AdapterSwapFailure(adapter=f.adapter, version=f.version, error=f.error)
-                    for f in result.failures
-                ],
-            )
-
-        async with self._calls.call("RefreshAdapters", context, request_id_of(context)) as record:
-            return await guarded(context, run, record)
+        result = await asyncio.to_thread(self._admin.refresh)
+        return adapters_pb2.RefreshAdaptersResponse(
+            swaps=[
+                adapters_pb2.AdapterSwap(adapter=s.adapter, from_version=s.from_version, to_version=s.to_version)
+                for s in result.swaps
+            ],
+            failures=[
+                adapters_pb2.AdapterSwapFailure(adapter=f.adapter, version=f.version, error=f.error)
+                for f in result.failures
+            ],
+        )

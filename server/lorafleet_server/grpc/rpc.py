@@ -1,0 +1,156 @@
+"""One wrapper for every RPC at the gRPC edge: request id, accounting (``CallObserver``), the status table.
+
+A servicer method decorated with ``unary_rpc`` or ``stream_rpc`` takes one more argument than gRPC passes,
+the ``CallRecord`` of the call, and contains only its own work::
+
+    @unary_rpc("GetAdapter", adapter=True)
+    async def GetAdapter(self, request, context, record) -> GetAdapterResponse: ...
+
+The wrapper derives the request id (``request_id_of``), optionally sends it back as ``x-request-id`` in
+the trailing or initial metadata, opens ``CallObserver.call`` (status-code counter, latency, one
+request-log line), and ends the RPC with the status of any domain error (``abort_with``, the one table
+in status.py). The servicer provides its ``CallObserver`` as ``calls``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Literal, Protocol, TypeAlias, TypeVar, cast, overload
+
+import grpc
+
+from lorafleet_server.grpc.observe import CallObserver, CallRecord
+from lorafleet_server.grpc.status import status_for
+
+log = logging.getLogger(__name__)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+SendRequestId: TypeAlias = Literal["trailing", "initial"] | None
+"""Where the wrapper returns ``x-request-id``: trailing metadata, initial metadata, or not at all."""
+
+
+class Observed(Protocol):
+    """A servicer whose RPCs are wrapped: it exposes the shared ``CallObserver``."""
+
+    @property
+    def calls(self) -> CallObserver: ...
+
+
+class HasAdapter(Protocol):
+    """A request naming an adapter reference (as requested; "" is the base model)."""
+
+    @property
+    def adapter(self) -> str: ...
+
+
+S = TypeVar("S", bound=Observed)
+Req = TypeVar("Req")
+AdapterReq = TypeVar("AdapterReq", bound=HasAdapter)
+Resp = TypeVar("Resp")
+
+UnaryHandler: TypeAlias = Callable[[S, Req, grpc.aio.ServicerContext, CallRecord], Awaitable[Resp]]
+UnaryMethod: TypeAlias = Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+StreamHandler: TypeAlias = Callable[[S, Req, grpc.aio.ServicerContext, CallRecord], AsyncGenerator[Resp, None]]
+StreamMethod: TypeAlias = Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]
+
+
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's ``x-request-id`` when it is a sane token, else a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, record: CallRecord) -> None:
+    """Map a domain error to its status (the one table in status.py) and end the RPC with it."""
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error in %s %s", record.rpc, record.request_id, exc_info=exc)
+    record.code = code
+    record.error = str(exc) or type(exc).__name__
+    await context.abort(code, record.error)
+
+
+async def _begin(context: grpc.aio.ServicerContext, send_request_id: SendRequestId) -> str:
+    """The call's request id, sent back where the RPC sends it (before the call is observed)."""
+    rid = request_id_of(context)
+    if send_request_id == "trailing":
+        context.set_trailing_metadata((("x-request-id", rid),))
+    elif send_request_id == "initial":
+        await context.send_initial_metadata((("x-request-id", rid),))
+    return rid
+
+
+def _adapter_of(request: object, adapter: bool) -> str:
+    # The overloads of unary_rpc and stream_rpc let adapter=True through only for a HasAdapter request.
+    return cast(HasAdapter, request).adapter if adapter else ""
+
+
+@overload
+def unary_rpc(
+    name: str, *, adapter: Literal[False] = ..., send_request_id: SendRequestId = ...
+) -> Callable[[UnaryHandler[S, Req, Resp]], UnaryMethod[S, Req, Resp]]: ...
+@overload
+def unary_rpc(
+    name: str, *, adapter: Literal[True], send_request_id: SendRequestId = ...
+) -> Callable[[UnaryHandler[S, AdapterReq, Resp]], UnaryMethod[S, AdapterReq, Resp]]: ...
+def unary_rpc(
+    name: str, *, adapter: bool = False, send_request_id: SendRequestId = None
+) -> Callable[[UnaryHandler[S, Req, Resp]], UnaryMethod[S, Req, Resp]]:
+    """Wrap a unary-unary handler as the RPC ``name``; ``adapter``: record ``request.adapter``."""
+
+    def wrap(handler: UnaryHandler[S, Req, Resp]) -> UnaryMethod[S, Req, Resp]:
+        @functools.wraps(handler)
+        async def method(self: S, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+            rid = await _begin(context, send_request_id)
+            async with self.calls.call(name, context, rid, _adapter_of(request, adapter)) as record:
+                try:
+                    return await handler(self, request, context, record)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    await abort_with(context, exc, record)
+                    raise AssertionError("unreachable") from exc  # abort raises
+
+        return method
+
+    return wrap
+
+
+@overload
+def stream_rpc(
+    name: str, *, adapter: Literal[False] = ..., send_request_id: SendRequestId = ...
+) -> Callable[[StreamHandler[S, Req, Resp]], StreamMethod[S, Req, Resp]]: ...
+@overload
+def stream_rpc(
+    name: str, *, adapter: Literal[True], send_request_id: SendRequestId = ...
+) -> Callable[[StreamHandler[S, AdapterReq, Resp]], StreamMethod[S, AdapterReq, Resp]]: ...
+def stream_rpc(
+    name: str, *, adapter: bool = False, send_request_id: SendRequestId = None
+) -> Callable[[StreamHandler[S, Req, Resp]], StreamMethod[S, Req, Resp]]:
+    """Wrap a unary-stream handler (an async generator) as the RPC ``name``; see ``unary_rpc``."""
+
+    def wrap(handler: StreamHandler[S, Req, Resp]) -> StreamMethod[S, Req, Resp]:
+        @functools.wraps(handler)
+        async def method(self: S, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+            rid = await _begin(context, send_request_id)
+            async with self.calls.call(name, context, rid, _adapter_of(request, adapter)) as record:
+                try:
+                    async with aclosing(handler(self, request, context, record)) as responses:
+                        async for response in responses:
+                            yield response
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    await abort_with(context, exc, record)
+
+        return method
+
+    return wrap
