@@ -22,6 +22,7 @@ class _Slot:
     leases: int = 0
     pinned: bool = False
     retiring: bool = False  # unload asked while leased: free when the last lease ends
+    retire_cause: str = "unloaded"  # logged when a retiring slot is freed
     last_used: int = 0
 
 
@@ -77,7 +78,7 @@ class DeviceSlots:
             raise RuntimeError(f"slot {slot} released more often than leased")
         entry.leases -= 1
         if entry.leases == 0 and entry.retiring:
-            self._free(slot, "unload")
+            self._free(slot, "unload", entry.retire_cause)
 
     def can_ever_install(self) -> bool:
         """False when every slot is pinned: nothing will free up without an unpin."""
@@ -132,6 +133,22 @@ class DeviceSlots:
         entry.retiring = True
         return False
 
+    def retire(self, key: AdapterKey, cause: str) -> bool:
+        """Let go of a version nothing resolves to by name any more (a newer one replaced it): free its
+        slot now if idle, else when its last lease ends. A pinned version stays, since an admin asked
+        for it: False then, else True."""
+        slot = self._index.get(key)
+        if slot is None:
+            return True
+        entry = self._slots[slot]
+        if entry.pinned:
+            return False
+        if entry.leases == 0:
+            self._free(slot, "unload", cause)
+        else:
+            entry.retiring, entry.retire_cause = True, cause
+        return True
+
     def snapshot(self) -> dict[AdapterKey, SlotInfo]:
         return {
             key: SlotInfo(slot=i, leases=self._slots[i].leases, pinned=self._slots[i].pinned)
@@ -148,11 +165,12 @@ class DeviceSlots:
         # Retiring (superseded/unloaded) slots go first, then least recently used.
         return min(idle, key=lambda i: (not self._slots[i].retiring, self._slots[i].last_used))
 
-    def _free(self, slot: int, event: str) -> None:
+    def _free(self, slot: int, event: str, cause: str = "unloaded") -> None:
         key = self._slots[slot].key
         if key is not None:
             del self._index[key]
-            cause = "least recently used, slot needed" if event == "evict" else "unloaded"
+            if event == "evict":
+                cause = "least recently used, slot needed"
             log.info("adapter %s left device slot %d (%s)", key, slot, cause)
         self._clear(slot)
         self._slots[slot] = _Slot()

@@ -88,7 +88,8 @@ class AdapterManager:
         self._manifests: dict[AdapterKey, Manifest] = {}
         self._prompts: dict[AdapterKey, PromptTemplate] = {}
         self.observer: AdapterObserver = observer or _NullAdapterObserver()
-        self.versions = VersionWatcher(store, self.verify, self.observer, poll_seconds)
+        self.versions = VersionWatcher(store, self.verify, self.observer, poll_seconds, self._superseded)
+        self._retired: list[tuple[AdapterKey, AdapterKey]] = []  # (old, new) swaps to retire (lock guards)
         self._wake: Callable[[], None] = lambda: None
 
     def set_wake(self, wake: Callable[[], None]) -> None:
@@ -170,7 +171,29 @@ class AdapterManager:
         self.versions.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def _superseded(self, old: AdapterKey, new: AdapterKey) -> None:
+        """A swap moved ``old``'s name to ``new``: the engine thread retires ``old`` before its next step."""
+        with self._lock:
+            self._retired.append((old, new))
+        self._wake()
+
     # -- engine thread only (DeviceSlots has one owner, so no slot is written while a forward reads it)
+    def retire_superseded(self) -> None:
+        """Let go of versions that hot swaps replaced: a superseded version's device slot is freed now,
+        or when its last request ends, and it leaves host memory. Only an explicit ``@version`` request
+        can still reach it, and that loads it again. A pinned version stays on both tiers."""
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for old, new in retired:
+            cause = f"superseded by {new}"
+            if not self.slots.retire(old, cause):
+                log.info("adapter %s stays in its device slot although %s: it is pinned", old, cause)
+                continue
+            with self._lock:
+                self._prompts.pop(old, None)
+            if self.host_cache.evict(old):
+                log.info("adapter %s left host memory (%s)", old, cause)
+
     def poll(self, key: AdapterKey) -> int | None:
         """Lease ``key``'s device slot if ready; else start or follow its load and return None.
 

@@ -61,9 +61,13 @@ class VersionWatcher:
         verify: Callable[[AdapterKey], object],
         observer: SwapObserver,
         poll_seconds: float,
+        superseded: Callable[[AdapterKey, AdapterKey], None] = lambda _old, _new: None,
     ) -> None:
+        """``verify`` checks a version before it serves; ``superseded(old, new)`` is told after each swap,
+        so the tiers can let go of the version nothing resolves to by name any more."""
         self._store = store
         self._verify = verify
+        self._superseded = superseded
         self._observer = observer
         self._poll_seconds = poll_seconds
         self._tracked: dict[tuple[str, str], _Tracked] = {}
@@ -123,6 +127,7 @@ class VersionWatcher:
                 self._observer.adapter_swapped()
                 log.info("adapter %s: swapped version %d -> %d (new publish verified)", ref, current, latest)
                 swaps.append(Swap(str(ref), current, latest))
+                self._superseded(AdapterKey(tenant, name, current), key)
         return RefreshResult(tuple(swaps), tuple(failures))
 
     def start(self) -> None:
