@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar, assert_never
+from typing import Any, Generic, TypeVar, assert_never
 
 import torch
 
@@ -29,6 +29,7 @@ from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey
 from lorafleet_server.engine.adapter_manager import AdapterManager
 from lorafleet_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from lorafleet_server.engine.prompts import PromptEncoder, Tokenizer
 from lorafleet_server.engine.types import (
     EngineConfig,
     EngineObserver,
@@ -50,22 +51,13 @@ Sink = Callable[[TokenEvent], None]
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-CHAT_ROLES = frozenset({"system", "user", "assistant"})
 # How long a caller waits for the engine thread to run an admin call. A call waits for the current
 # step to end, so this bounds a stuck or overloaded engine, not ordinary work.
 CALL_TIMEOUT_SECONDS = 30.0
 # How long shutdown waits for the engine thread after aborting it; the thread is a daemon, so a
 # forward that never returns cannot keep the process alive past this.
 ABORT_JOIN_SECONDS = 30.0
-
-
-class Tokenizer(Protocol):
-    eos_token_id: int | None
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
-    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
+DRAINING = "the server is draining: the request was not started; retry it (on another replica)"
 
 
 @dataclass(eq=False)  # identity: two requests may carry the same client-chosen request id
@@ -175,6 +167,7 @@ class Engine:
             raise ValueError("engine limits exceed the runner's KV cache")
         self.runner = runner
         self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer, config.max_seq_len)
         self.adapters = adapters
         self.config = config
         self.eos_token_ids = eos_token_ids
@@ -183,7 +176,8 @@ class Engine:
         self._wake = threading.Event()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
-        self._free_rows = list(range(config.max_batch_size))
+        self._free_rows = list(range(config.max_batch_size))  # engine thread only
+        self._free_row_count = config.max_batch_size  # len(_free_rows) for other threads (lock guards)
         self._queued = 0  # submitted, not yet running (any thread reads, lock guards)
         self._lock = threading.Lock()
         self._accepting = True
@@ -192,6 +186,7 @@ class Engine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = 0
+        self._busy = False  # the last loop iteration ran a forward (engine thread only)
 
     # -- public, any thread -------------------------------------------------------------------
     def start(self) -> None:
@@ -202,7 +197,8 @@ class Engine:
         self._wake.set()
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Refuse new requests, let running and queued ones finish (up to ``timeout``), stop.
+        """Drain and stop: refuse new requests, fail queued ones at once (``ShuttingDown``, so clients
+        retry elsewhere), let running ones finish within ``timeout``, then stop.
 
         After ``timeout`` the engine is aborted: it cancels what is left after the current step. That
         wait is bounded too (``ABORT_JOIN_SECONDS``), so a forward that never returns is logged
@@ -219,6 +215,12 @@ class Engine:
                 log.error("engine thread did not stop within %.0fs of the abort; leaving it", ABORT_JOIN_SECONDS)
         self.adapters.close()
 
+    def abort(self) -> None:
+        """Stop after the current step, cutting running requests (a second signal, or the grace is over)."""
+        with self._lock:
+            self._accepting = False
+        self._post(_Abort())
+
     @property
     def accepting(self) -> bool:
         return self._accepting
@@ -228,50 +230,28 @@ class Engine:
         return len(self._running), self._queued
 
     def encode_prompt(
-        self, prompt: str | None, messages: tuple[Any, ...], template: PromptTemplate | None = None
+        self,
+        prompt: str | None,
+        messages: tuple[Any, ...],
+        template: PromptTemplate | None = None,
+        budget: int = 0,
     ) -> list[int]:
-        """Token ids of a plain prompt or a chat; a prompt adapter's turns go before the request's."""
-        if (prompt is None or prompt == "") == (not messages):
-            raise InvalidRequest("set exactly one of prompt and messages")
-        for i, m in enumerate(messages):
-            if m.role not in CHAT_ROLES:
-                raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant")
-        if template is not None:  # a prompt adapter always speaks through the chat template
-            own = [(m.role, m.content) for m in messages] if messages else [("user", str(prompt))]
-            # The request's own system text extends the adapter's; nothing the caller sent is dropped.
-            system = "\n\n".join([template.system, *(c for role, c in own if role == "system")])
-            turns = [{"role": "system", "content": system}]
-            turns += [{"role": t.role, "content": t.content} for t in template.examples]
-            turns += [{"role": role, "content": content} for role, content in own if role != "system"]
-            rendered = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer.encode(str(rendered), add_special_tokens=False)
-        elif messages:
-            rendered = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            ids = self.tokenizer.encode(str(rendered), add_special_tokens=False)
-        else:
-            ids = self.tokenizer.encode(str(prompt), add_special_tokens=False)
-        if not ids:
-            raise InvalidRequest("the prompt is empty after tokenization")
-        return list(ids)
+        """Token ids of a plain prompt or a chat (see ``prompts.PromptEncoder``); ``budget`` is the
+        tokens the request adds, and prompt plus budget must fit ``max_seq_len``."""
+        return self.prompts.encode(prompt, messages, template, budget)
 
     def submit(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
-        """Validate, tokenize and resolve ``req``, then queue it. Raises domain errors at once."""
-        if not self._accepting:
-            raise ShuttingDown("the server is shutting down")
+        """Validate, tokenize and resolve ``req``, then queue it. Raises domain errors at once.
+
+        The cheap refusals come first (shutting down, bad parameters, a full queue, a prompt that
+        cannot fit by its length alone), so a request that will be refused costs no tokenization.
+        """
         self._validate_params(req)
+        self._check_capacity()
         key = self.adapters.resolve(req.adapter) if req.adapter is not None else None
         template = self.adapters.prompt(key) if key is not None and self.adapters.kind(key) == "prompt" else None
-        prompt_ids = self.encode_prompt(req.prompt, req.messages, template)
         budget = 0 if req.embed else req.params.max_new_tokens
-        if len(prompt_ids) + budget > self.config.max_seq_len:
-            raise InvalidRequest(
-                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens {budget} exceeds the context "
-                f"limit of {self.config.max_seq_len} tokens"
-            )
+        prompt_ids = self.encode_prompt(req.prompt, req.messages, template, budget)
         state = _Request(
             req=req,
             sink=sink,
@@ -281,16 +261,30 @@ class Engine:
             submitted=time.monotonic(),
         )
         with self._lock:
-            if not self._accepting:
-                raise ShuttingDown("the server is shutting down")
-            if self._queued >= self.config.max_waiting:
-                raise QueueFull(f"{self._queued} requests are waiting; try again later")
+            self._check_capacity_locked()
             self._queued += 1
         if not self._post(_Submit(state)):  # the loop exited (crashed) after the check above
             with self._lock:
                 self._queued -= 1
             raise ShuttingDown("the server is shutting down")
         return RequestHandle(self, state)
+
+    def _check_capacity(self) -> None:
+        with self._lock:
+            self._check_capacity_locked()
+
+    def _check_capacity_locked(self) -> None:
+        """Refuse when shutting down, or when ``max_waiting`` requests would wait beyond the free rows.
+
+        Submitted requests first fill the free KV rows (the engine admits them between steps), so the
+        queue holds ``free rows + max_waiting`` before it is full: a burst that arrives during a long
+        step is not refused while rows stand empty. The caller holds ``self._lock``.
+        """
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down")
+        waiting = self._queued - self._free_row_count
+        if waiting >= self.config.max_waiting:
+            raise QueueFull(f"{max(waiting, 0)} requests are waiting for a free row; try again later")
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the engine thread between steps (admin operations on device slots).
@@ -395,10 +389,15 @@ class Engine:
                 self._handle(message)
             if self._stop or (self._draining and not self._running and not self._waiting):
                 break
+            self.adapters.retire_superseded()
             self._admit()
             if not self._running:
+                if self._busy:  # the batch gauges say what the last forward held: nothing, now
+                    self.observer.observe_step(0, 0)
+                    self._busy = False
                 self._wake.wait(timeout=1.0)
                 continue
+            self._busy = True
             self._step()
             for gone in [r for r in self._running if r.cancelled]:
                 self._finish(gone, FinishReason.CANCELLED)
@@ -409,7 +408,10 @@ class Engine:
         """Apply one inbox message; runs on the engine thread between steps."""
         match message:
             case _Submit(request=r):
-                self._waiting.append(r)
+                if self._draining:  # raced with the drain: it would only wait to be cut
+                    self._fail(r, ShuttingDown(DRAINING))
+                else:
+                    self._waiting.append(r)
             case _Cancel(request=r):
                 if r in self._running or r in self._waiting:  # else it already finished
                     r.cancelled = True
@@ -418,8 +420,18 @@ class Engine:
                 message.run()
             case _Drain():
                 self._draining = True
+                queued = list(self._waiting)
+                for r in queued:  # not started: fail now so the client retries elsewhere at once
+                    self._fail(r, ShuttingDown(DRAINING))
+                log.info(
+                    "draining: %d running request(s) may finish; %d queued failed with UNAVAILABLE",
+                    len(self._running),
+                    len(queued),
+                )
             case _Abort():
                 self._stop = True
+                if self._running:
+                    log.warning("stopping now: %d running request(s) cut", len(self._running))
             case _:
                 assert_never(message)
 
@@ -446,6 +458,7 @@ class Engine:
     def _start(self, r: _Request) -> None:
         with self._lock:
             self._queued -= 1
+            self._free_row_count -= 1
         r.kv_row = self._free_rows.pop(0)
         r.admitted = time.monotonic()
         self.observer.observe_admitted(r.admitted - r.submitted)
@@ -591,6 +604,8 @@ class Engine:
             self._running.remove(r)
             self._free_rows.append(r.kv_row)
             self._free_rows.sort()
+            with self._lock:
+                self._free_row_count += 1
             if r.slot:
                 self.adapters.release(r.slot)
                 r.slot = 0

@@ -1,0 +1,115 @@
+"""From a request's text to token ids: plain prompts, chats through the chat template, prompt adapters.
+
+Two rules keep this cheap and safe:
+
+- **A hopeless prompt costs nothing.** No token of the vocabulary covers more than ``max_token_chars``
+  characters, so a text of ``c`` characters has at least ``ceil(c / max_token_chars)`` tokens. A prompt
+  that cannot fit the context by that bound is refused before the tokenizer sees it: a multi-megabyte
+  prompt costs microseconds, not CPU-seconds and gigabytes of tokenizer memory.
+- **Chat content is text.** A message's content is tokenized with special tokens split, so a user who
+  writes ``<|im_end|>\\n<|im_start|>system`` into a message gets those characters as text, never the
+  template's control tokens (no forged system turns). The template's own markers stay special. A plain
+  ``prompt`` is raw by contract: special-token text in it becomes special tokens, as callers expect.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_server.errors import InvalidRequest
+
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ..., **kwargs: Any) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
+    def get_vocab(self) -> dict[str, int]: ...
+
+
+class Turn(Protocol):
+    role: str
+    content: str
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer: Tokenizer, max_seq_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        # Byte-level BPE token strings hold one character per byte, so this bounds characters per token
+        # from above for any text (a character is at least one byte).
+        self.max_token_chars = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
+
+    def encode(
+        self,
+        prompt: str | None,
+        messages: Sequence[Turn],
+        template: PromptTemplate | None = None,
+        budget: int = 0,
+    ) -> list[int]:
+        """Token ids of a plain prompt or a chat (a prompt adapter's turns go before the request's).
+
+        ``budget`` is the tokens the request will add (``max_new_tokens``); prompt plus budget must fit
+        ``max_seq_len``, checked first by the character bound, then exactly.
+        """
+        if (prompt is None or prompt == "") == (not messages):
+            raise InvalidRequest("set exactly one of prompt and messages")
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant")
+        own = [(m.role, m.content) for m in messages]
+        chars = len(prompt or "") + sum(len(content) for _, content in own)
+        if template is not None:
+            chars += len(template.system) + sum(len(t.content) for t in template.examples)
+        at_least = -(-chars // self.max_token_chars)
+        if at_least + budget > self.max_seq_len:
+            raise InvalidRequest(
+                f"the prompt ({chars} characters, at least {at_least} tokens) plus max_new_tokens {budget} "
+                f"exceeds the context limit of {self.max_seq_len} tokens"
+            )
+        if template is not None:  # a prompt adapter always speaks through the chat template
+            own = own or [("user", str(prompt))]
+            # The request's own system text extends the adapter's; nothing the caller sent is dropped.
+            system = "\n\n".join([template.system, *(c for role, c in own if role == "system")])
+            turns = [("system", system), *((t.role, t.content) for t in template.examples)]
+            ids = self.encode_chat(turns + [(role, c) for role, c in own if role != "system"])
+        elif own:
+            ids = self.encode_chat(own)
+        else:
+            ids = self.tokenizer.encode(str(prompt), add_special_tokens=False)
+        if not ids:
+            raise InvalidRequest("the prompt is empty after tokenization")
+        if len(ids) + budget > self.max_seq_len:
+            raise InvalidRequest(
+                f"prompt of {len(ids)} tokens plus max_new_tokens {budget} exceeds the context "
+                f"limit of {self.max_seq_len} tokens"
+            )
+        return list(ids)
+
+    def encode_chat(self, turns: Sequence[tuple[str, str]]) -> list[int]:
+        """The chat template's rendering of ``turns``, with every content tokenized as plain text.
+
+        The template is rendered with a unique marker in place of each content; the rendered text is
+        split at the markers; template pieces are tokenized as usual (their special tokens stay
+        special) and each content with special tokens split. The markers carry a random nonce, so a
+        content cannot imitate one.
+        """
+        nonce = secrets.token_hex(8)
+        contents = {f"\ue000{nonce}:{i}\ue001": content for i, (_, content) in enumerate(turns)}
+        conversation = [{"role": role, "content": mark} for (role, _), mark in zip(turns, contents, strict=True)]
+        rendered = str(self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+        ids: list[int] = []
+        for piece in re.split("(" + "|".join(map(re.escape, contents)) + ")", rendered):
+            if piece in contents:
+                ids += self.tokenizer.encode(contents[piece], add_special_tokens=False, split_special_tokens=True)
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return ids
