@@ -45,12 +45,17 @@ class HostCache:
             return self._nbytes
 
     def get(self, key: AdapterKey) -> AdapterWeights | None:
-        """The cached weights of `key` (marking them recently used), or None."""
+        """The cached weights of `key` (marking them recently used, counted as a hit), or None.
+
+        A miss is not counted here: the caller then loads through ``get_or_load``, which counts it.
+        """
         with self._lock:
             weights = self._items.get(key)
             if weights is not None:
                 self._items.move_to_end(key)
-            return weights
+        if weights is not None:
+            self._emit(["hit"])
+        return weights
 
     def __contains__(self, key: object) -> bool:
         """Whether `key` is cached, without touching its recency (for status queries)."""
@@ -107,7 +112,7 @@ class HostCache:
         flight.result = weights
         with self._lock:
             del self._flights[key]
-            events = self._insert(key, weights)
+            events = ["load", *self._insert(key, weights)]
         flight.done.set()
         self._emit(events)
         return weights

@@ -145,7 +145,7 @@ class Metrics:
 
     # -- adapter tiers ------------------------------------------------------------------------
     def adapter_event(self, tier: str, event: str) -> None:
-        """Events of HostCache ("hit", "miss", "evict") and DeviceSlots ("load", "evict", "unload")."""
+        """Events of HostCache ("hit", "miss", "load", "evict") and DeviceSlots ("load", "evict", "unload")."""
         if event == "hit":
             self.cache_hits.labels(tier=tier).inc()
         elif event == "miss":

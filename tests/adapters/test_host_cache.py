@@ -39,13 +39,15 @@ def test_lru_bounded_by_bytes() -> None:
         cache.get_or_load(key(n), lambda n=n: weights(key(n), 40))  # type: ignore[misc]
     assert cache.keys() == [key(1), key(2)]
     assert cache.nbytes == 80
-    assert events == ["miss", "miss", "miss", "evict"]
+    assert events == ["miss", "load", "miss", "load", "miss", "load", "evict"]
     assert key(1) in cache and key(0) not in cache
     assert cache.keys() == [key(1), key(2)]  # membership does not touch recency
-    assert cache.get(key(1)) is not None  # key(1) becomes most recent
+    assert cache.get(key(1)) is not None  # key(1) becomes most recent; a lookup that finds it is a hit
+    assert events[-1] == "hit"
+    assert cache.get(key(0)) is None and events[-1] == "hit"  # a miss is counted by the load that follows
     cache.get_or_load(key(3), lambda: weights(key(3), 40))
     assert cache.keys() == [key(1), key(3)]
-    assert events[-2:] == ["miss", "evict"]
+    assert events[-3:] == ["miss", "load", "evict"]
     hit = cache.get_or_load(key(1), lambda: pytest.fail("loader must not run on a hit"))
     assert hit.key == key(1) and events[-1] == "hit"
 
@@ -65,7 +67,7 @@ def test_explicit_evict() -> None:
     assert cache.evict(key(0)) is True
     assert cache.evict(key(0)) is False
     assert cache.get(key(0)) is None and cache.nbytes == 0
-    assert events == ["miss", "evict"]
+    assert events == ["miss", "load", "evict"]
 
 
 class EventLog:
@@ -105,7 +107,7 @@ def test_single_flight() -> None:
     release.set()
     for thread in threads:
         thread.join(5)
-    assert calls == 1 and sorted(log.events) == ["hit"] * 7 + ["miss"]
+    assert calls == 1 and sorted(log.events) == ["hit"] * 7 + ["load", "miss"]
     assert len(results) == 8 and all(r is results[0] for r in results)
 
 

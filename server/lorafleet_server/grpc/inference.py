@@ -60,6 +60,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         req = convert.generation_request(request, record.request_id, self._default_max_new_tokens)
         parts: list[str] = []
         async for event in self._stream.events(req):
+            record.tokens += len(event.token_ids)
             parts.append(event.text)
             if event.summary is not None:
                 record.summary = event.summary
@@ -72,6 +73,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
         req = convert.generation_request(request, record.request_id, self._default_max_new_tokens)
         async for event in self._stream.events(req):
+            record.tokens += len(event.token_ids)
             if event.summary is not None:
                 record.summary = event.summary
                 yield inference_pb2.GenerateStreamResponse(text=event.text, summary=convert.summary_pb(event.summary))
