@@ -61,6 +61,13 @@ class ServerConfig(EngineConfig):
         default="auto", metadata={"help": "multi-LoRA kernel (gather is the readable reference)"}
     )
     torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: CPU cores - 1, at least 1)"})
+    drain_seconds: float = field(
+        default=5.0,
+        metadata={
+            "help": "on SIGTERM, seconds to keep serving while health says NOT_SERVING, so load balancers "
+            "move away before new requests are refused"
+        },
+    )
     shutdown_grace_seconds: float = field(
         default=10.0, metadata={"help": "how long in-flight requests may finish on shutdown"}
     )
@@ -183,6 +190,9 @@ def _check(c: ServerConfig) -> None:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(c, name) <= 65535:
             raise ValueError(f"{name} must be in [0, 65535] (0: any free port)")
+    for name in ("drain_seconds", "shutdown_grace_seconds", "adapter_poll_seconds"):
+        if not getattr(c, name) >= 0:
+            raise ValueError(f"{name} must be >= 0")
     if c.torch_threads < 0:
         raise ValueError("torch_threads must be >= 0 (0: automatic)")
     if c.default_max_new_tokens > c.max_new_tokens:

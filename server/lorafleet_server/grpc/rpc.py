@@ -154,3 +154,63 @@ def stream_rpc(
         return method
 
     return wrap
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Malformed request bytes get INVALID_ARGUMENT, one log line and a count under their RPC.
+
+    gRPC deserializes a request before any handler runs; invalid UTF-8 in a string field or garbage
+    bytes then raise inside the generated parser, and the caller would see UNKNOWN with the exception's
+    class while the server logged a traceback and counted nothing. For our services this interceptor
+    hands the handler the raw bytes instead and parses them itself, inside the usual accounting.
+    Health and reflection are left as they are.
+    """
+
+    def __init__(self, calls: CallObserver, services: tuple[str, ...]) -> None:
+        self._calls = calls
+        self._prefixes = tuple(f"/{name}/" for name in services)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = str(handler_call_details.method)
+        if handler is None or handler.request_deserializer is None or not method.startswith(self._prefixes):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        parse = handler.request_deserializer
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> object:
+                return await unary(await self._parse(rpc, parse, raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=None, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+                async for response in stream(await self._parse(rpc, parse, raw, context), context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=None, response_serializer=handler.response_serializer
+            )
+        return handler  # no client-streaming RPCs in our services
+
+    async def _parse(
+        self, rpc: str, parse: Callable[[bytes], object], raw: bytes, context: grpc.aio.ServicerContext
+    ) -> object:
+        try:
+            return parse(raw)
+        except Exception as exc:  # DecodeError, UnicodeDecodeError...: the bytes are not a valid message
+            reason = f"malformed {rpc} request: {type(exc).__name__}: {exc}"[:300]
+        async with self._calls.call(rpc, context, request_id_of(context)) as record:
+            record.code = grpc.StatusCode.INVALID_ARGUMENT
+            record.error = reason
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+        raise AssertionError("unreachable")  # abort raises

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -18,6 +19,7 @@ from lorafleet_server.engine.admin import AdapterAdmin
 from lorafleet_server.grpc.admin import AdaptersServicer
 from lorafleet_server.grpc.inference import InferenceServicer
 from lorafleet_server.grpc.observe import CallObserver
+from lorafleet_server.grpc.rpc import DecodeGuard
 from lorafleet_server.metrics import MetricsServer, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,16 @@ class GrpcServer:
     def __init__(self, service: Service) -> None:
         self.service = service
         cfg = service.config
+        calls = CallObserver(service.metrics)
         self._server = grpc.aio.server(
+            interceptors=[DecodeGuard(calls, SERVICE_NAMES)],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        calls = CallObserver(service.metrics)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(service.engine, service.info, cfg.default_max_new_tokens, calls), self._server
         )
@@ -55,6 +58,8 @@ class GrpcServer:
         )
         self.port = 0
         self.metrics_server: MetricsServer | None = None
+        self._forced = asyncio.Event()
+        self._force_stop: asyncio.Future[None] | None = None
 
     @property
     def metrics_url(self) -> str:
@@ -73,15 +78,36 @@ class GrpcServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
-    async def stop(self) -> None:
-        """Graceful: report NOT_SERVING, refuse new calls, let running ones finish within the grace."""
+    async def stop(self, drain_seconds: float = 0.0) -> None:
+        """Drain, then stop. Health turns NOT_SERVING at once while new requests are still served for
+        ``drain_seconds`` (load balancers see it and move away); then new calls get UNAVAILABLE, queued
+        requests fail with UNAVAILABLE at once, running ones finish within the shutdown grace and the
+        rest are cut. ``force()`` (a second signal) cuts short whatever phase is running."""
         grace = self.service.config.shutdown_grace_seconds
         await self._health.enter_graceful_shutdown()
-        stop = asyncio.ensure_future(self._server.stop(grace))
-        await asyncio.to_thread(self.service.engine.shutdown, grace)
+        if drain_seconds > 0:
+            log.info("draining: health NOT_SERVING; still serving new requests for %.1fs", drain_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._forced.wait(), drain_seconds)
+        running, queued = self.service.engine.load_stats()
+        log.info(
+            "refusing new requests; %d running may finish within %.1fs, %d queued get UNAVAILABLE",
+            running,
+            queued,
+            grace,
+        )
+        stop = asyncio.ensure_future(self._server.stop(None if self._forced.is_set() else grace))
+        await asyncio.to_thread(self.service.engine.shutdown, 0.0 if self._forced.is_set() else grace)
         await stop
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        log.info("stopped")
+
+    def force(self) -> None:
+        """Stop now: end the drain wait, cut running requests, close every call."""
+        self._forced.set()
+        self.service.engine.abort()
+        self._force_stop = asyncio.ensure_future(self._server.stop(None))
 
 
 async def serve_forever(service: Service) -> None:
@@ -96,13 +122,30 @@ async def serve_forever(service: Service) -> None:
         service.info.quantization,
         service.info.device,
     )
-    stop = asyncio.Event()
+    stopping = asyncio.Event()
+    drain = {signal.SIGTERM: service.config.drain_seconds, signal.SIGINT: 0.0}
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        if len(received) == 1:
+            stopping.set()
+        else:
+            log.warning("%s again: stopping now", sig.name)
+            server.force()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down (grace %.1fs)", service.config.shutdown_grace_seconds)
-    await server.stop()
+    for sig in drain:
+        loop.add_signal_handler(sig, on_signal, sig)
+    await stopping.wait()
+    # SIGTERM (an orchestrator) drains first; SIGINT (a person at a terminal) goes straight to stopping.
+    log.info(
+        "%s: shutting down (drain %.1fs, grace %.1fs)",
+        received[0].name,
+        drain[received[0]],
+        service.config.shutdown_grace_seconds,
+    )
+    await server.stop(drain[received[0]])
 
 
 class BackgroundServer:
