@@ -119,7 +119,7 @@ class LoraFleetClient:
         prompt: str | None = None,
         *,
         messages: Sequence[Message] | None = None,
-        adapter: str = "",
+        adapter: str | None = None,
         sampling: Sampling | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
@@ -134,7 +134,7 @@ class LoraFleetClient:
         prompt: str | None = None,
         *,
         messages: Sequence[Message] | None = None,
-        adapter: str = "",
+        adapter: str | None = None,
         sampling: Sampling | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
@@ -166,13 +166,15 @@ class LoraFleetClient:
         text: str | None = None,
         *,
         messages: Sequence[Message] | None = None,
-        adapter: str = "",
+        adapter: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Embedding:
         """The mean-pooled last hidden state of ``text`` or ``messages``, through ``adapter`` if given."""
         convert.check_one_input(text, messages, "text")
-        request = ipb.EmbedRequest(text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=adapter)
+        request = ipb.EmbedRequest(
+            text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=convert.adapter_field(adapter)
+        )
         response: ipb.EmbedResponse = self._unary(self._inference.Embed, request, timeout, request_id)
         return convert.embedding_from_proto(response)
 

@@ -102,11 +102,22 @@ def messages_from_proto(messages: Sequence[ipb.ChatMessage]) -> list[Message]:
     return [Message(role=m.role, content=m.content) for m in messages]
 
 
+def adapter_field(adapter: str | None) -> str:
+    """The request's ``adapter`` field: a ``tenant/name[@version]`` reference, or "" (None) for the base."""
+    if adapter is None:
+        return ""
+    if not isinstance(adapter, str):
+        raise TypeError(
+            f"adapter must be a 'tenant/name[@version]' string, or None for the base model; got {adapter!r}"
+        )
+    return adapter
+
+
 def fill_generate_request(
     request: _Request,
     prompt: str | None,
     messages: Sequence[Message] | None,
-    adapter: str,
+    adapter: str | None,
     sampling: Sampling | None,
 ) -> _Request:
     """Fills a GenerateRequest or GenerateStreamRequest (they have the same fields) and returns it."""
@@ -115,7 +126,7 @@ def fill_generate_request(
         request.prompt = prompt
     if messages is not None:
         request.messages.extend(messages_to_proto(messages))
-    request.adapter = adapter
+    request.adapter = adapter_field(adapter)
     if sampling is not None:
         request.params.CopyFrom(sampling_to_proto(sampling))
     return request

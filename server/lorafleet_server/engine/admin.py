@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from lorafleet_adapters.device_slots import SlotInfo
 from lorafleet_adapters.errors import AdapterNotFound, InvalidAdapterRef
 from lorafleet_adapters.manifest import Manifest
-from lorafleet_adapters.ref import AdapterKey, AdapterRef
+from lorafleet_adapters.ref import AdapterKey, AdapterRef, check_ident
 from lorafleet_server.engine.adapter_manager import Tier
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.versions import RefreshResult
@@ -46,7 +46,7 @@ class AdapterAdmin:
 
     def list(self, tenant: str = "") -> list[AdapterView]:
         if tenant:
-            AdapterRef.parse(f"{tenant}/x")  # validates the tenant name
+            check_ident(tenant, "tenant")
         summaries = self._manager.list_store(tenant or None)
         slots = self._slots() if summaries else {}  # one snapshot for the whole listing
         return [self._view(s.tenant, s.name, s.latest, s.versions, slots) for s in summaries]
