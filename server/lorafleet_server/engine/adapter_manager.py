@@ -254,24 +254,29 @@ class AdapterManager:
         return slot
 
     def _host_weights(self, key: AdapterKey) -> AdapterWeights | None:
+        """The host weights of ``key`` if ready, else None while a background load runs (started here).
+
+        A load this manager started is followed to its end first, so each lookup is counted once on
+        the host tier: a hit here, or the miss of the load.
+        """
+        future = self._pending.get(key)
+        if future is not None:
+            if not future.done():
+                return None
+            del self._pending[key]
+            try:
+                return future.result()
+            except AdapterError as exc:
+                log.warning("loading adapter %s failed: %s", key, exc)
+                self.observer.adapter_load_failed()
+                raise
         cached = self.host_cache.get(key)
         if cached is not None:
             return cached
-        future = self._pending.get(key)
-        if future is None:
-            future = self._executor.submit(self.host_weights, key)
-            future.add_done_callback(lambda _f: self._wake())
-            self._pending[key] = future
-            return None
-        if not future.done():
-            return None
-        del self._pending[key]
-        try:
-            return future.result()
-        except AdapterError as exc:
-            log.warning("loading adapter %s failed: %s", key, exc)
-            self.observer.adapter_load_failed()
-            raise
+        future = self._executor.submit(self.host_weights, key)
+        future.add_done_callback(lambda _f: self._wake())
+        self._pending[key] = future
+        return None
 
     def _load_from_store(self, key: AdapterKey) -> AdapterWeights:
         started = time.perf_counter()

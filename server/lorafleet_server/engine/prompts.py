@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from lorafleet_adapters.prompt import PromptTemplate
@@ -33,6 +33,8 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
     def get_vocab(self) -> dict[str, int]: ...
+    @property
+    def added_tokens_decoder(self) -> Mapping[int, Any]: ...
 
 
 class Turn(Protocol):
@@ -47,6 +49,9 @@ class PromptEncoder:
         # Byte-level BPE token strings hold one character per byte, so this bounds characters per token
         # from above for any text (a character is at least one byte).
         self.max_token_chars = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
+        # The tokenizer's added (special) tokens, longest first: where the tokenizer splits its input.
+        added = sorted({str(t) for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, added))) if added else None
 
     def encode(
         self,
@@ -97,19 +102,28 @@ class PromptEncoder:
     def encode_chat(self, turns: Sequence[tuple[str, str]]) -> list[int]:
         """The chat template's rendering of ``turns``, with every content tokenized as plain text.
 
-        The template is rendered with a unique marker in place of each content; the rendered text is
-        split at the markers; template pieces are tokenized as usual (their special tokens stay
-        special) and each content with special tokens split. The markers carry a random nonce, so a
-        content cannot imitate one.
+        The template is rendered with a unique marker in place of each content, so every special token
+        in the rendering is the template's own. The tokenizer splits its input at special tokens before
+        anything else, so splitting the rendering there ourselves, putting the contents back and
+        tokenizing each piece with special tokens split gives exactly the ids of the whole rendering,
+        except that special-token text inside a content stays text. The markers carry a random nonce,
+        so a content cannot imitate one.
         """
         nonce = secrets.token_hex(8)
         contents = {f"\ue000{nonce}:{i}\ue001": content for i, (_, content) in enumerate(turns)}
         conversation = [{"role": role, "content": mark} for (role, _), mark in zip(turns, contents, strict=True)]
         rendered = str(self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+        marks = re.compile("|".join(map(re.escape, contents)))
         ids: list[int] = []
-        for piece in re.split("(" + "|".join(map(re.escape, contents)) + ")", rendered):
-            if piece in contents:
-                ids += self.tokenizer.encode(contents[piece], add_special_tokens=False, split_special_tokens=True)
-            elif piece:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        start = 0
+        for special in self._specials.finditer(rendered) if self._specials else ():
+            ids += self._encode_text(marks.sub(lambda m: contents[m.group()], rendered[start : special.start()]))
+            ids += self.tokenizer.encode(special.group(), add_special_tokens=False)
+            start = special.end()
+        ids += self._encode_text(marks.sub(lambda m: contents[m.group()], rendered[start:]))
         return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
