@@ -47,7 +47,10 @@ class GrpcServer:
         )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(service.engine, service.info, cfg.default_max_new_tokens, calls), self._server
+            InferenceServicer(
+                service.engine, service.info, cfg.default_max_new_tokens, calls, service.slot_memory_bytes
+            ),
+            self._server,
         )
         adapters_pb2_grpc.add_AdaptersServiceServicer_to_server(
             AdaptersServicer(AdapterAdmin(service.engine), calls), self._server
@@ -111,17 +114,10 @@ class GrpcServer:
 
 
 async def serve_forever(service: Service) -> None:
+    """Serve until SIGTERM (drain, then stop) or SIGINT (stop without the drain wait); a second signal
+    of either kind stops now. The handlers are in place before the ready line, so an orchestrator that
+    signals as soon as it sees it still gets a drain."""
     server = GrpcServer(service)
-    port = await server.start()
-    log.info(
-        "lorafleet ready: gRPC on %s:%d, metrics on %s (model %s, %s, %s)",
-        service.config.host,
-        port,
-        server.metrics_url,
-        service.info.model_id,
-        service.info.quantization,
-        service.info.device,
-    )
     stopping = asyncio.Event()
     drain = {signal.SIGTERM: service.config.drain_seconds, signal.SIGINT: 0.0}
     received: list[signal.Signals] = []
@@ -137,8 +133,17 @@ async def serve_forever(service: Service) -> None:
     loop = asyncio.get_running_loop()
     for sig in drain:
         loop.add_signal_handler(sig, on_signal, sig)
+    port = await server.start()
+    log.info(
+        "lorafleet ready: gRPC on %s:%d, metrics on %s (model %s, %s, %s)",
+        service.config.host,
+        port,
+        server.metrics_url,
+        service.info.model_id,
+        service.info.quantization,
+        service.info.device,
+    )
     await stopping.wait()
-    # SIGTERM (an orchestrator) drains first; SIGINT (a person at a terminal) goes straight to stopping.
     log.info(
         "%s: shutting down (drain %.1fs, grace %.1fs)",
         received[0].name,
@@ -173,8 +178,8 @@ class BackgroundServer:
         self._server = GrpcServer(self._service)
         return await self._server.start()
 
-    def stop(self) -> None:
+    def stop(self, drain_seconds: float = 0.0) -> None:
         if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop).result(timeout=120)
+            asyncio.run_coroutine_threadsafe(self._server.stop(drain_seconds), self._loop).result(timeout=120)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

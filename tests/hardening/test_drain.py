@@ -1,0 +1,132 @@
+"""Draining: a replica leaves a load balancer without failing what it had started.
+
+The engine thread is held at a known point (an engine call that waits on an event), so the test
+decides what is running, what is queued and when the drain happens; no timing guesses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lorafleet import LoraFleetClient, Sampling, UnavailableError
+from lorafleet_server.app import build_service
+from lorafleet_server.config import ServerConfig
+from lorafleet_server.grpc.server import BackgroundServer
+
+
+def health(target: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = ServerConfig(
+        model=tiny_model_dir, data_dir=tmp_path, max_batch_size=1, max_seq_len=256, port=0, metrics_port=0
+    )
+    service = build_service(config)  # BackgroundServer starts its engine
+    server = BackgroundServer(service)
+    port = server.start()
+    target = f"127.0.0.1:{port}"
+    client = LoraFleetClient(target, timeout=60)
+    release = threading.Event()
+    try:
+        running = client.stream("The capital of France is", sampling=Sampling(max_new_tokens=40))
+        next(iter(running))  # it has its row and has produced text
+        held = service.engine.call(lambda: release.wait(60))  # the engine stops between two steps
+        outcomes: dict[str, object] = {}
+
+        def call(name: str) -> None:
+            try:
+                outcomes[name] = client.generate("Hello", sampling=Sampling(max_new_tokens=2)).generated_tokens
+            except Exception as exc:
+                outcomes[name] = exc
+
+        queued = threading.Thread(target=call, args=("queued",))
+        queued.start()
+        _wait_until(lambda: service.engine.load_stats() == (1, 1))
+        stopping = threading.Thread(target=server.stop, kwargs={"drain_seconds": 1.5})
+        stopping.start()
+        _wait_until(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        during = threading.Thread(target=call, args=("during_drain",))  # still accepted while draining
+        during.start()
+        _wait_until(lambda: service.engine.load_stats() == (1, 2))
+        _wait_until(lambda: not service.engine.accepting, timeout=10)  # the drain delay is over
+        with pytest.raises(UnavailableError):
+            client.generate("Too late", sampling=Sampling(max_new_tokens=2))
+        release.set()  # the engine goes on: queued requests fail at once, the running one finishes
+        held.result(10)
+        queued.join(10)
+        during.join(10)
+        assert isinstance(outcomes["queued"], UnavailableError) and "draining" in str(outcomes["queued"])
+        assert isinstance(outcomes["during_drain"], UnavailableError)
+        rest = list(running)
+        assert running.result.finish_reason in ("length", "end_of_sequence") and rest
+        stopping.join(30)
+        assert not stopping.is_alive()
+    finally:
+        release.set()
+        client.close()
+
+
+def _wait_until(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_second_sigterm_stops_now(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorafleet_server",
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--data-dir",
+        str(tmp_path),
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--max-seq-len",
+        "256",
+        "--drain-seconds",
+        "60",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if (match := re.search(r"lorafleet ready: gRPC on 127\.0\.0\.1:(\d+)", line)) is not None:
+                break
+        assert match is not None, "".join(lines)
+        target = f"127.0.0.1:{match.group(1)}"
+        os.kill(proc.pid, signal.SIGTERM)
+        _wait_until(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        with LoraFleetClient(target, timeout=30) as client:  # draining, yet still serving
+            assert client.generate("Hi", sampling=Sampling(max_new_tokens=2)).generated_tokens == 2
+        started = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert time.monotonic() - started < 15  # not the 60 s drain
+        out = "".join(lines) + proc.stdout.read()
+        assert "SIGTERM: shutting down (drain 60.0s" in out and "SIGTERM again: stopping now" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
