@@ -7,6 +7,8 @@ adapter=None, and ListAdapters named a made-up reference.
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 from e2elib import LiveServer
@@ -61,22 +63,33 @@ def test_malformed_request_bytes_are_invalid_argument_and_counted(
 
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
 def test_deadline_expiry_is_counted_as_deadline_exceeded(live: LiveServer, rpc: str) -> None:
+    """Concurrent calls whose deadlines pass at different points (queued, prefilling, decoding): the
+    server counts each one the client saw as DEADLINE_EXCEEDED under that code, none as CANCELLED."""
     deadline_before, cancelled_before = counter(live, rpc, "DEADLINE_EXCEEDED"), counter(live, rpc, "CANCELLED")
     params = ipb.SamplingParams(max_new_tokens=128)
-    with grpc.insecure_channel(live.target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as caught:
-            if rpc == "Generate":
-                stub.Generate(ipb.GenerateRequest(prompt="1, 2, 3, 4, 5, 6, 7,", params=params), timeout=0.3)
-            else:
-                list(
-                    stub.GenerateStream(
-                        ipb.GenerateStreamRequest(prompt="1, 2, 3, 4, 5, 6, 7,", params=params), timeout=0.3
-                    )
-                )
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    live.client.generate("Hi", sampling=Sampling(max_new_tokens=1))  # the server has finished the call by now
-    assert counter(live, rpc, "DEADLINE_EXCEEDED") == deadline_before + 1
+    codes: list[grpc.StatusCode] = []
+
+    def one(timeout: float) -> None:
+        with grpc.insecure_channel(live.target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            try:
+                if rpc == "Generate":
+                    stub.Generate(ipb.GenerateRequest(prompt="1, 2, 3, 4, 5, 6, 7,", params=params), timeout=timeout)
+                else:
+                    request = ipb.GenerateStreamRequest(prompt="1, 2, 3, 4, 5, 6, 7,", params=params)
+                    list(stub.GenerateStream(request, timeout=timeout))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+
+    threads = [threading.Thread(target=one, args=(0.2 + 0.1 * i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 8
+    live.client.generate("Hi", sampling=Sampling(max_new_tokens=1))  # the server has finished those calls by now
+    assert counter(live, rpc, "DEADLINE_EXCEEDED") == deadline_before + 8
     assert counter(live, rpc, "CANCELLED") == cancelled_before
 
 

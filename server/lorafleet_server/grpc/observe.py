@@ -52,6 +52,8 @@ class CallObserver:
         record = CallRecord(rpc=rpc, request_id=request_id, adapter=adapter, started=started, deadline=deadline)
         try:
             yield record
+            if record.code == grpc.StatusCode.OK and record.deadline is not None and time.monotonic() > record.deadline:
+                record.code = grpc.StatusCode.DEADLINE_EXCEEDED  # finished too late: the caller has given up
         except asyncio.CancelledError:
             record.code = grpc.StatusCode.DEADLINE_EXCEEDED if record.expired() else grpc.StatusCode.CANCELLED
             raise
