@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.types import ModelInfo
 from lorafleet_server.metrics import Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
-from lorafleet_server.model.lora import MultiLoRALinear
+from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
 from lorafleet_server.model.prepare import prepare_default_model
 from lorafleet_server.model.runner import ModelRunner
 
@@ -37,6 +38,9 @@ class Service:
     store: AdapterStore
     info: ModelInfo
     metrics: Metrics
+    # Bytes the device slots hold now (every MultiLoRALinear's buffers); grows and shrinks with the
+    # ranks of the loaded adapters, so it is read when asked, from any thread.
+    slot_memory_bytes: Callable[[], int]
 
 
 def model_dir_for(config: ServerConfig) -> Path:
@@ -44,7 +48,11 @@ def model_dir_for(config: ServerConfig) -> Path:
 
 
 def make_slot_io(layers: dict[str, MultiLoRALinear]) -> tuple[Any, Any]:
-    """Functions that write an adapter into (or clear) one slot of every wrapped Linear."""
+    """Functions that write an adapter into (or clear) one slot of every wrapped Linear.
+
+    Each Linear sizes its buffers to the largest rank loaded on it, so a write may grow them and a
+    clear shrink them; DeviceSlots calls both on the engine thread between steps.
+    """
 
     def write(slot: int, weights: AdapterWeights) -> None:
         for name, layer in layers.items():
@@ -135,6 +143,12 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     metrics.bind_adapters(lambda: len(host_cache.keys()), slots.resident_count, slots.pinned_count)
     if device.type == "cuda":
         metrics.bind_device_memory(lambda: float(torch.cuda.memory_allocated(device)))
+    lora_layers = tuple(base.lora_layers.values())
+
+    def slot_memory() -> int:
+        return slot_memory_bytes(lora_layers)
+
+    metrics.bind_slot_memory(lambda: float(slot_memory()))
     info = ModelInfo(
         model_id=base.model_id,
         fingerprint=base.spec.fingerprint,
@@ -159,4 +173,12 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
             "fingerprint": info.fingerprint,
         }
     )
-    return Service(config=config, engine=engine, base=base, store=store, info=info, metrics=metrics)
+    return Service(
+        config=config,
+        engine=engine,
+        base=base,
+        store=store,
+        info=info,
+        metrics=metrics,
+        slot_memory_bytes=slot_memory,
+    )

@@ -108,6 +108,12 @@ class Metrics:
         self.device_memory = Gauge(
             "lorafleet_device_memory_used_bytes", "Memory allocated on the accelerator (CUDA only).", registry=r
         )
+        self.slot_memory = Gauge(
+            "lorafleet_adapter_slot_memory_bytes",
+            "Memory held by the LoRA weights of the device slots, all wrapped Linears together: per Linear, "
+            "every slot padded to the largest rank a loaded adapter has on it.",
+            registry=r,
+        )
         self.build = Info("lorafleet_build", "Server version and the model it serves.", registry=r)
         for tier in TIERS:
             for family in (self.cache_hits, self.cache_misses, self.evictions, self.loads, self.resident):
@@ -142,6 +148,10 @@ class Metrics:
 
     def bind_device_memory(self, read: Callable[[], float]) -> None:
         self.device_memory.set_function(read)
+
+    def bind_slot_memory(self, read: Callable[[], float]) -> None:
+        """Read at scrape time: the slot buffers grow and shrink as adapters of other ranks come and go."""
+        self.slot_memory.set_function(read)
 
     # -- adapter tiers ------------------------------------------------------------------------
     def adapter_event(self, tier: str, event: str) -> None:

@@ -46,6 +46,7 @@ MODEL_INFO = ipb.GetModelInfoResponse(
     max_message_bytes=8 * 1024 * 1024,
     target_modules=["q_proj", "v_proj"],
     server_version="0.1.0",
+    adapter_slot_memory_bytes=1_327_104,
 )
 ADAPTER = apb.Adapter(
     tenant="acme",

@@ -96,6 +96,7 @@ def test_info_and_tokenize_print_json(fake_server: FakeServer, capsys: pytest.Ca
     assert main(["info", "--target", fake_server.target]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["model_id"] == "tiny/model" and info["target_modules"] == ["q_proj", "v_proj"]
+    assert info["adapter_slot_memory_bytes"] == 1_327_104
     assert main(["tokenize", "--target", fake_server.target, "ab"]) == 0
     assert json.loads(capsys.readouterr().out) == {"count": 2, "ids": [97, 98], "tokens": ["a", "b"]}
 

@@ -87,7 +87,7 @@ def test_values_round_trip() -> None:
     assert convert.tokens_from_proto(convert.tokens_to_proto(tokens)) == tokens
     embedding = Embedding(values=[0.5, -0.25], prompt_tokens=2, adapter="acme/x@1")
     assert convert.embedding_from_proto(convert.embedding_to_proto(embedding)) == embedding
-    info = ModelInfo("m", "fp", "int8", "cuda:0", "bfloat16", 4096, 64, 512, 16, 8, 2**33, ("q_proj",), "0.1.0")
+    info = ModelInfo("m", "fp", "int8", "cuda:0", "bfloat16", 4096, 64, 512, 16, 8, 2**33, ("q_proj",), "0.1.0", 2**35)
     assert convert.model_info_from_proto(convert.model_info_to_proto(info)) == info
 
 

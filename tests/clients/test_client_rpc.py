@@ -165,6 +165,7 @@ def test_tokenize_embed_model_info(fake_server: FakeServer) -> None:
         info = client.model_info()
     assert info.model_id == "tiny/model" and info.max_message_bytes == 8 * 1024 * 1024
     assert info.target_modules == ("q_proj", "v_proj")
+    assert info.adapter_slot_memory_bytes == 1_327_104
 
 
 def test_admin_calls(fake_server: FakeServer) -> None:

@@ -190,6 +190,7 @@ def model_info_from_proto(response: ipb.GetModelInfoResponse) -> ModelInfo:
         max_message_bytes=response.max_message_bytes,
         target_modules=tuple(response.target_modules),
         server_version=response.server_version,
+        adapter_slot_memory_bytes=response.adapter_slot_memory_bytes,
     )
 
 
@@ -208,6 +209,7 @@ def model_info_to_proto(info: ModelInfo) -> ipb.GetModelInfoResponse:
         max_message_bytes=info.max_message_bytes,
         target_modules=list(info.target_modules),
         server_version=info.server_version,
+        adapter_slot_memory_bytes=info.adapter_slot_memory_bytes,
     )
 
 

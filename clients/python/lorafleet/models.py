@@ -78,6 +78,9 @@ class ModelInfo:
     max_message_bytes: int
     target_modules: tuple[str, ...]
     server_version: str
+    # Bytes the server's device slots hold for LoRA weights when it answered; follows the ranks of the
+    # loaded adapters. 0 from servers that predate the field.
+    adapter_slot_memory_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,11 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What GetModelInfo reports: the served model, how it runs, and the limits a client must respect."""
+    """What GetModelInfo reports: the served model, how it runs, and the limits a client must respect.
+
+    Fixed when the service is built. GetModelInfo adds the one value that moves, the adapter slot
+    memory, read at call time (``Service.slot_memory_bytes``).
+    """
 
     model_id: str
     fingerprint: str

@@ -86,7 +86,8 @@ def summary_pb(s: Summary) -> inference_pb2.GenerationSummary:
     )
 
 
-def model_info_pb(info: ModelInfo) -> inference_pb2.GetModelInfoResponse:
+def model_info_pb(info: ModelInfo, adapter_slot_memory_bytes: int) -> inference_pb2.GetModelInfoResponse:
+    """The static ``info`` plus the slot memory read at call time (it follows the loaded adapters)."""
     return inference_pb2.GetModelInfoResponse(
         model_id=info.model_id,
         fingerprint=info.fingerprint,
@@ -101,6 +102,7 @@ def model_info_pb(info: ModelInfo) -> inference_pb2.GetModelInfoResponse:
         max_message_bytes=info.max_message_bytes,
         target_modules=list(info.target_modules),
         server_version=info.server_version,
+        adapter_slot_memory_bytes=adapter_slot_memory_bytes,
     )
 
 

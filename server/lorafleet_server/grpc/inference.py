@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 
@@ -46,11 +46,21 @@ class EngineStream:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine, info: ModelInfo, default_max_new_tokens: int, calls: CallObserver) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        info: ModelInfo,
+        default_max_new_tokens: int,
+        calls: CallObserver,
+        slot_memory_bytes: Callable[[], int],
+    ) -> None:
+        """``info`` is fixed at start; ``slot_memory_bytes`` is read per GetModelInfo, since the slot
+        buffers follow the ranks of the adapters loaded at that moment."""
         self._engine = engine
         self.calls = calls
         self._stream = EngineStream(engine)
         self._info = info
+        self._slot_memory_bytes = slot_memory_bytes
         self._default_max_new_tokens = default_max_new_tokens
 
     @unary_rpc("Generate", adapter=True, send_request_id="trailing")
@@ -112,4 +122,4 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GetModelInfo(
         self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> inference_pb2.GetModelInfoResponse:
-        return convert.model_info_pb(self._info)
+        return convert.model_info_pb(self._info, self._slot_memory_bytes())

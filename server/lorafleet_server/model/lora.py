@@ -5,10 +5,15 @@ all zeros)::
 
     y[n] = base(x)[n] + (x[n] @ A[s[n]].T) @ B[s[n]].T
 
-``B`` is stored transposed (``Bt: [slots, r_max, d_out]``, so the rows of one adapter are contiguous
+``B`` is stored transposed (``Bt: [slots, r_cap, d_out]``, so the rows of one adapter are contiguous
 and gathering them needs no transpose copy) and already multiplied by the adapter's per-module
-scaling (alpha / r, or alpha / sqrt(r) with rsLoRA), so the kernels need no scale. Ranks below
-``r_max`` are zero-padded.
+scaling (alpha / r, or alpha / sqrt(r) with rsLoRA), so the kernels need no scale.
+
+Storage follows what is loaded: each module's rank capacity ``r_cap`` is the largest rank a loaded
+adapter has on *that* module (0, no storage at all, when none targets it), and ranks below ``r_cap``
+are zero-padded. ``--max-lora-rank`` only bounds what is accepted; padding every slot of every
+module to it held 74.5 MiB per slot (2.4 GiB for 32 slots) on SmolLM2-135M in fp32, whatever the
+adapters' size (docs/architecture.md, "Measured facts").
 
 Four implementations live behind :func:`lora_delta`:
 
@@ -27,6 +32,7 @@ Tests prove all four agree; :func:`lora_delta` picks by the step's shape (``auto
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -104,7 +110,10 @@ class LoraContext:
 
 
 def lora_delta_gather(x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-    """Reference: x [N, in], slots [N], a [S, r, in], bt [S, r, out] -> [N, out]."""
+    """Reference: x [N, in], slots [N], a [S, r_cap, in], bt [S, r_cap, out] -> [N, out].
+
+    Reads every slot at the full capacity: rows past a slot's own rank are zero, so they add exact zeros.
+    """
     a_n = a[slots]  # [N, r, in]
     bt_n = bt[slots]  # [N, r, out]
     h = torch.bmm(a_n, x.unsqueeze(-1))  # [N, r, 1]
@@ -162,7 +171,13 @@ def choose_impl(n_tokens: int, n_adapters: int) -> Impl:
 def lora_delta(
     x: torch.Tensor, batch: LoraBatch, module_ranks: list[int], a: torch.Tensor, bt: torch.Tensor
 ) -> torch.Tensor | None:
-    """The one entry point: x [N, in] -> LoRA contribution [N, out], or None if no adapter applies."""
+    """The one entry point: x [N, in] -> LoRA contribution [N, out], or None if no adapter applies.
+
+    ``a`` [S, r_cap, in] and ``bt`` [S, r_cap, out] may have ``r_cap == 0`` (no loaded adapter targets
+    the module, so it holds no storage): every kernel then has nothing to add.
+    """
+    if a.shape[1] == 0:
+        return None
     if batch.impl == "gather":
         return lora_delta_gather(x, batch.slots, a, bt)
     route = batch.routing(module_ranks)
@@ -181,8 +196,12 @@ def lora_delta(
 class MultiLoRALinear(nn.Module):
     """A base Linear (plain, bitsandbytes 4/8-bit, ...) plus stacked per-slot LoRA weights.
 
-    ``lora_a`` [slots, r_max, in] and ``lora_bt`` [slots, r_max, out] (B transposed, pre-scaled) are buffers in the
-    compute dtype; slot 0 stays zero. Writing a slot is the slot manager's job (:meth:`write_slot`).
+    ``lora_a`` [slots, r_cap, in] and ``lora_bt`` [slots, r_cap, out] (B transposed, pre-scaled) are buffers in
+    the compute dtype. ``r_cap`` is the largest rank any slot's adapter has on this module, so a module
+    no loaded adapter targets holds no storage, and one big adapter costs its rank on the modules it
+    targets only. Rows past a slot's own rank, every row of a free slot and all of slot 0 stay zero:
+    the ``gather`` reference reads them. Writing a slot is the slot manager's job (:meth:`write_slot`,
+    :meth:`clear_slot`), always on the engine thread between steps, so a resize never races a forward.
     """
 
     def __init__(
@@ -201,41 +220,91 @@ class MultiLoRALinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.context = context
+        self.r_max = r_max  # the largest rank write_slot accepts (--max-lora-rank); nothing is allocated for it
         self.slot_ranks = [0] * num_slots  # rank of each slot's adapter on this module (0: none)
-        # torch.empty: untouched slots cost no memory until written (the OS maps pages lazily).
+        # Rank capacity 0: no adapter is loaded yet, so no storage (slot 0 is zeros by having no rows).
         self.register_buffer(
-            "lora_a", torch.empty(num_slots, r_max, in_features, dtype=dtype, device=device), persistent=False
+            "lora_a", torch.zeros(num_slots, 0, in_features, dtype=dtype, device=device), persistent=False
         )
         self.register_buffer(
-            "lora_bt", torch.empty(num_slots, r_max, out_features, dtype=dtype, device=device), persistent=False
+            "lora_bt", torch.zeros(num_slots, 0, out_features, dtype=dtype, device=device), persistent=False
         )
-        self.clear_slot(0)
 
     lora_a: torch.Tensor
     lora_bt: torch.Tensor
 
+    @property
+    def rank_capacity(self) -> int:
+        """r_cap: the rank every slot is padded to on this module (the largest loaded rank, or 0)."""
+        return int(self.lora_a.shape[1])
+
+    def slot_memory_bytes(self) -> int:
+        """Bytes held by this module's slot buffers. Safe from any thread: it reads two tensors' sizes."""
+        a, bt = self.lora_a, self.lora_bt
+        return int(a.nbytes) + int(bt.nbytes)
+
     def clear_slot(self, slot: int) -> None:
+        """Free ``slot`` on this module; shrink the buffers if its adapter was the one that set r_cap."""
+        self.slot_ranks[slot] = 0
+        self._fit()
         self.lora_a[slot].zero_()
         self.lora_bt[slot].zero_()
-        self.slot_ranks[slot] = 0
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
-        """a [r, in], b_scaled [out, r]; None clears the slot (adapter does not target this module)."""
-        self.clear_slot(slot)
-        if a is None or b_scaled is None:
+        """a [r, in], b_scaled [out, r]; None clears the slot (adapter does not target this module).
+
+        Grows the buffers first when ``r`` exceeds r_cap, and shrinks them when this slot held the
+        largest rank and the new adapter's is smaller; either way the whole slot is rewritten, so no
+        rows of the previous adapter survive.
+        """
+        if a is None or b_scaled is None or a.shape[0] == 0:
+            self.clear_slot(slot)
             return
-        r = a.shape[0]
+        r = int(a.shape[0])
+        if r > self.r_max:
+            raise ValueError(f"rank {r} exceeds max_lora_rank {self.r_max}")
+        if a.shape != (r, self.in_features) or b_scaled.shape != (self.out_features, r):
+            raise ValueError(
+                f"LoRA shapes {tuple(a.shape)} / {tuple(b_scaled.shape)} do not fit a "
+                f"{self.in_features}->{self.out_features} Linear"
+            )
+        self.slot_ranks[slot] = r
+        self._fit()
+        self.lora_a[slot].zero_()
+        self.lora_bt[slot].zero_()
         self.lora_a[slot, :r].copy_(a)
         self.lora_bt[slot, :r].copy_(b_scaled.T)
-        self.slot_ranks[slot] = r
+
+    def _fit(self) -> None:
+        """Reallocate both buffers at r_cap = max(slot_ranks) when that differs from what they hold.
+
+        Every slot keeps its rows below min(old, new) r_cap; all other rows are zero. Between steps the
+        old buffers have no other reader, so they are freed as soon as they are replaced.
+        """
+        r_cap = max(self.slot_ranks)
+        if r_cap == self.rank_capacity:
+            return
+        keep = min(r_cap, self.rank_capacity)
+        old_a, old_bt = self.lora_a, self.lora_bt
+        a = old_a.new_zeros(old_a.shape[0], r_cap, self.in_features)  # [slots, r_cap, in]
+        bt = old_bt.new_zeros(old_bt.shape[0], r_cap, self.out_features)  # [slots, r_cap, out]
+        a[:, :keep].copy_(old_a[:, :keep])
+        bt[:, :keep].copy_(old_bt[:, :keep])
+        self.lora_a = a
+        self.lora_bt = bt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] (any leading dims)
         y = self.base(x)
         batch = self.context.batch
-        if batch is None:
+        if batch is None or self.rank_capacity == 0:  # base-only step, or no loaded adapter targets us
             return y
         flat = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [N, in]
         delta = lora_delta(flat, batch, self.slot_ranks, self.lora_a, self.lora_bt)  # [N, out]
         if delta is None:
             return y
         return y + delta.view(y.shape).to(y.dtype)
+
+
+def slot_memory_bytes(layers: Iterable[MultiLoRALinear]) -> int:
+    """Bytes held by the slot buffers of ``layers`` (all of a model's: what the slot-memory gauge reports)."""
+    return sum(layer.slot_memory_bytes() for layer in layers)

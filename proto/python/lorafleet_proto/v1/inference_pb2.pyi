@@ -141,7 +141,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "fingerprint", "quantization", "device", "dtype", "max_context_tokens", "max_lora_rank", "max_new_tokens", "max_batch_size", "max_loaded_adapters", "max_message_bytes", "target_modules", "server_version")
+    __slots__ = ("model_id", "fingerprint", "quantization", "device", "dtype", "max_context_tokens", "max_lora_rank", "max_new_tokens", "max_batch_size", "max_loaded_adapters", "max_message_bytes", "target_modules", "server_version", "adapter_slot_memory_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     fingerprint: str
     quantization: str
@@ -168,4 +169,5 @@ class GetModelInfoResponse(_message.Message):
     max_message_bytes: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     server_version: str
-    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_loaded_adapters: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    adapter_slot_memory_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_loaded_adapters: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., adapter_slot_memory_bytes: _Optional[int] = ...) -> None: ...
