@@ -96,8 +96,14 @@ class DeviceSlots:
         if slot is None:
             return None
         if self._slots[slot].key is not None:
-            self._free(slot, "evict")
-        self._write(slot, weights)
+            # No clear first: the write replaces every module of the slot (untargeted ones are cleared),
+            # and clearing would shrink storage sized for the evicted adapter only to grow it again.
+            self._free(slot, "evict", clear=False)
+        try:
+            self._write(slot, weights)
+        except BaseException:
+            self._clear(slot)  # a half-written slot holds nothing usable; it stays free
+            raise
         self._slots[slot] = _Slot(key=key)
         self._touch(self._slots[slot])
         self._index[key] = slot
@@ -165,14 +171,15 @@ class DeviceSlots:
         # Retiring (superseded/unloaded) slots go first, then least recently used.
         return min(idle, key=lambda i: (not self._slots[i].retiring, self._slots[i].last_used))
 
-    def _free(self, slot: int, event: str, cause: str = "unloaded") -> None:
+    def _free(self, slot: int, event: str, cause: str = "unloaded", *, clear: bool = True) -> None:
         key = self._slots[slot].key
         if key is not None:
             del self._index[key]
             if event == "evict":
                 cause = "least recently used, slot needed"
             log.info("adapter %s left device slot %d (%s)", key, slot, cause)
-        self._clear(slot)
+        if clear:
+            self._clear(slot)
         self._slots[slot] = _Slot()
         self._on_event(event)
 
