@@ -1,4 +1,4 @@
-"""The ``lorafleet`` command: serve, prepare the model, manage the adapter store, call a server."""
+"""The ``lorafleet`` command: serve, prepare the model, manage the adapter store and API keys, call a server."""
 
 from __future__ import annotations
 
@@ -6,18 +6,30 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
-from lorafleet_adapters.errors import AdapterError
+from lorafleet_adapters.errors import AdapterError, InvalidAdapterRef
 from lorafleet_adapters.peft_format import BaseModelSpec
-from lorafleet_adapters.ref import AdapterRef
+from lorafleet_adapters.ref import AdapterRef, check_ident
 from lorafleet_adapters.store import AdapterStore
-from lorafleet_server.config import ServerConfig, add_server_arguments, config_from_args
+from lorafleet_server.config import ServerConfig, add_server_arguments, config_from_args, keys_pepper
 from lorafleet_server.logs import setup_logging
+from lorafleet_server.tenants.errors import TenantsError
+from lorafleet_server.tenants.keys import (
+    ROLES,
+    PepperSource,
+    create_key,
+    format_timestamp,
+    parse_duration,
+    read_key_file,
+    revoke_key,
+)
 
 
 def _serve(config: ServerConfig) -> int:
@@ -65,6 +77,148 @@ def _adapters_list(config: ServerConfig, tenant: str | None) -> int:
         versions = ",".join(str(v) for v in s.versions)
         print(f"{s.tenant}/{s.name}\tlatest={s.latest}\tversions={versions}")
     return 0
+
+
+def _keys_create(config: ServerConfig, args: argparse.Namespace) -> int:
+    """The new key goes alone on stdout's last line (scripts take ``tail -n 1``); everything about it
+    goes to stderr. It is shown this once: only its HMAC is stored."""
+    now = datetime.now(UTC)
+    expires = None if args.expires_in is None else now.replace(microsecond=0) + args.expires_in
+    new = create_key(
+        config.keys_path,
+        PepperSource(config.keys_path, keys_pepper()),
+        tenant=args.tenant,
+        role=args.role,
+        now=now,
+        expires=expires,
+        weight=args.weight,
+        max_waiting=args.key_max_waiting,
+        max_running=args.key_max_running,
+    )
+    record = new.record
+    until = "never" if record.expires is None else format_timestamp(record.expires)
+    print(
+        f"created API key {record.key_id} for tenant {record.tenant} (role {record.role}, expires {until}) "
+        f"in {config.keys_path}\nit is shown once, on stdout; store it now (only its HMAC is kept)",
+        file=sys.stderr,
+    )
+    print(new.key, flush=True)
+    return 0
+
+
+def _keys_list(config: ServerConfig, as_json: bool) -> int:
+    """Ids, tenants, roles, times, status and limits; never a secret or an HMAC (and no pepper needed)."""
+    now = datetime.now(UTC)
+    rows = [record.describe(now) for record in read_key_file(config.keys_path).records]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if rows:
+        columns = list(rows[0])
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join("-" if row[c] is None else str(row[c]) for c in columns))
+    return 0
+
+
+def _keys_revoke(config: ServerConfig, key_id: str) -> int:
+    record, revoked_now = revoke_key(config.keys_path, key_id, datetime.now(UTC))
+    assert record.revoked is not None
+    when = format_timestamp(record.revoked)
+    if revoked_now:
+        print(f"revoked API key {record.key_id} (tenant {record.tenant}) at {when}")
+    else:
+        print(f"API key {record.key_id} (tenant {record.tenant}) was already revoked at {when}; nothing changed")
+    return 0
+
+
+def _keys(config: ServerConfig, args: argparse.Namespace) -> int:
+    try:
+        if args.keys_command == "create":
+            return _keys_create(config, args)
+        if args.keys_command == "list":
+            return _keys_list(config, args.json)
+        return _keys_revoke(config, args.key_id)
+    except OSError as exc:  # e.g. an unwritable data directory: a clear line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _duration_arg(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _weight_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid weight {text!r}: expected a number > 0") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"invalid weight {text!r}: expected a finite number > 0")
+    return value
+
+
+def _limit_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid limit {text!r}: expected an integer > 0") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid limit {text!r}: expected an integer > 0")
+    return value
+
+
+def _tenant_arg(text: str) -> str:
+    try:
+        return check_ident(text, "tenant")
+    except InvalidAdapterRef as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke (the keys file, default DATA_DIR/keys.json)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser(
+        "create", help="create a key; prints it alone on the last line of stdout, once (only its HMAC is stored)"
+    )
+    create.add_argument("--tenant", required=True, type=_tenant_arg, help="tenant name (the adapter tenant rule)")
+    create.add_argument("--role", required=True, choices=ROLES, help="what the key may do once keys are enforced")
+    create.add_argument(
+        "--expires-in",
+        type=_duration_arg,
+        default=None,
+        metavar="DURATION",
+        help="lifetime, e.g. 30d, 12h, 90m, 3600s (default: never)",
+    )
+    create.add_argument(
+        "--weight", type=_weight_arg, default=None, metavar="W", help="fair-share weight, > 0 (default: 1)"
+    )
+    create.add_argument(
+        "--max-waiting",
+        dest="key_max_waiting",
+        metavar="N",
+        type=_limit_arg,
+        default=None,
+        help="this key's waiting requests at most (default: no per-key limit)",
+    )
+    create.add_argument(
+        "--max-running",
+        dest="key_max_running",
+        metavar="N",
+        type=_limit_arg,
+        default=None,
+        help="this key's running requests at most (default: no per-key limit)",
+    )
+    add_server_arguments(create, exclude=("max_waiting",))
+    lst = keys_sub.add_parser("list", help="list keys (never their secrets or hashes)")
+    lst.add_argument("--json", action="store_true", help="one JSON array instead of tab-separated lines")
+    add_server_arguments(lst)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (revoking twice is fine)")
+    revoke.add_argument("key_id", help="the key's id, as `lorafleet keys list` shows it")
+    add_server_arguments(revoke)
 
 
 TRAINING_COMMANDS = ("train", "publish", "publish-prompt")
@@ -152,6 +306,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     stale = adapters_sub.add_parser("stale", help="list adapters built for another base than the server's")
     stale.add_argument("--store", type=Path, default=None, help="adapter store root (default: the server's)")
     add_server_arguments(stale)
+    _add_keys_parser(sub)
     sub.add_parser("generate", help="call a running server (runs `lorafleet-client generate`)", add_help=False)
     return parser
 
@@ -172,12 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(config)
         if args.command == "prepare-model":
             return _prepare(config)
+        if args.command == "keys":
+            return _keys(config, args)
         if args.command in ("train", "publish", "publish-prompt") or args.adapters_command == "stale":
             return _training(args, config)
         if args.adapters_command == "import":
             return _adapters_import(config, args.src, args.reference)
         return _adapters_list(config, args.tenant)
-    except AdapterError as exc:
+    except (AdapterError, TenantsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -13,7 +13,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,10 @@ from lorafleet_server.model.options import LoraImpl, Quantization
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+# The API keys' pepper: a secret, so on purpose not a ServerConfig field (a flag would show it in `ps`,
+# a TOML file would keep it beside the rest of the configuration). Read here like every other setting.
+KEYS_PEPPER_ENV = "LORAFLEET_KEYS_PEPPER"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
@@ -45,6 +49,13 @@ class ServerConfig(EngineConfig):
     )
     adapter_store: Path | None = field(
         default=None, metadata={"help": "adapter store root (default: DATA_DIR/adapters)"}
+    )
+    keys_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "API keys file, managed by `lorafleet keys` (default: DATA_DIR/keys.json; its pepper is "
+            f"KEYS_FILE.pepper unless {KEYS_PEPPER_ENV} is set)"
+        },
     )
     quantization: Quantization = field(default="auto", metadata={"help": "auto is NF4 on CUDA and fp32 on CPU"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -81,6 +92,10 @@ class ServerConfig(EngineConfig):
     @property
     def store_root(self) -> Path:
         return self.adapter_store if self.adapter_store is not None else self.data_dir / "adapters"
+
+    @property
+    def keys_path(self) -> Path:
+        return self.keys_file if self.keys_file is not None else self.data_dir / "keys.json"
 
     @property
     def address(self) -> str:
@@ -120,9 +135,14 @@ def _field_specs() -> list[_FieldSpec]:
     return specs
 
 
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+def add_server_arguments(parser: argparse.ArgumentParser, exclude: Collection[str] = ()) -> None:
+    """One flag per ServerConfig field, except the fields named in ``exclude`` (a subcommand whose own
+    option has the same name, like ``keys create --max-waiting``; those fields then come from the
+    environment, the file or the default)."""
     parser.add_argument("--config", type=Path, help="TOML file with a [server] table")
     for spec in _field_specs():
+        if spec.name in exclude:
+            continue
         env = "LORAFLEET_" + spec.name.upper()
         parser.add_argument(
             "--" + spec.name.replace("_", "-"),
@@ -164,6 +184,12 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     config = ServerConfig(**values)
     _check(config)
     return config
+
+
+def keys_pepper(environ: Mapping[str, str] | None = None) -> str | None:
+    """The API keys' pepper from ``LORAFLEET_KEYS_PEPPER``, or None: then ``KEYS_FILE.pepper`` is used."""
+    environ = os.environ if environ is None else environ
+    return environ.get(KEYS_PEPPER_ENV) or None
 
 
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:

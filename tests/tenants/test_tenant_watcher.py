@@ -1,0 +1,135 @@
+"""KeyFileWatcher: a changed file is picked up, a broken one keeps the last good keys."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from lorafleet_server.tenants.errors import RevokedKey, UnknownKey
+from lorafleet_server.tenants.keys import KeyFileWatcher, PepperSource, create_key, parse_key, revoke_key
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+LOGGER = "lorafleet_server.tenants.keys"
+
+
+class Reloads:
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, ok: bool) -> None:
+        with self._lock:
+            self.seen.append(ok)
+
+
+def test_new_keys_work_after_a_change_and_revoked_ones_stop(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    reloads = Reloads()
+    watcher = KeyFileWatcher(path, source, reloads)
+    assert watcher.poll() is True  # no file yet: no keys
+    assert len(watcher.ring) == 0 and reloads.seen == [True]
+    assert watcher.poll() is False  # nothing changed: nothing read, nothing reported
+    first = create_key(path, source, tenant="acme", role="tenant", now=NOW)
+    with pytest.raises(UnknownKey):
+        watcher.authenticate(first.key, NOW)  # not polled yet
+    assert watcher.poll() is True
+    assert watcher.authenticate(first.key, NOW).tenant == "acme"
+    second = create_key(path, source, tenant="beta", role="admin", now=NOW)
+    assert watcher.poll() is True
+    assert watcher.authenticate(second.key, NOW).role == "admin"
+    revoke_key(path, first.record.key_id, NOW + timedelta(minutes=1))
+    assert watcher.poll() is True
+    with pytest.raises(RevokedKey):
+        watcher.authenticate(first.key, NOW + timedelta(minutes=2))
+    assert watcher.authenticate(second.key, NOW).tenant == "beta"
+    assert reloads.seen == [True, True, True, True]
+    path.unlink()  # a missing file means no keys
+    assert watcher.poll() is True
+    with pytest.raises(UnknownKey):
+        watcher.authenticate(second.key, NOW)
+
+
+def test_a_broken_file_keeps_the_last_good_ring(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    new = create_key(path, source, tenant="acme", role="tenant", now=NOW)
+    _, secret = parse_key(new.key)
+    reloads = Reloads()
+    watcher = KeyFileWatcher(path, source, reloads)
+    watcher.poll()
+    good = watcher.ring
+    text = path.read_text()
+    path.write_text(text.replace('"role": "tenant"', '"role": "root"'))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert watcher.poll() is False
+        assert watcher.poll() is False  # the same broken file is reported once
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    assert "keys[0]" in message and "'role'" in message and "last good keys (1)" in message
+    assert secret not in caplog.text and new.key not in caplog.text and new.record.secret_hmac not in caplog.text
+    assert reloads.seen == [True, False]
+    assert watcher.ring is good
+    assert watcher.authenticate(new.key, NOW).tenant == "acme"  # still served from the last good ring
+    path.write_text("{ not json")
+    assert watcher.poll() is False and reloads.seen == [True, False, False]
+    path.write_text(text)  # fixed: loads again
+    assert watcher.poll() is True and reloads.seen == [True, False, False, True]
+    assert watcher.authenticate(new.key, NOW).tenant == "acme"
+
+
+def test_a_missing_or_changed_pepper_keeps_the_last_good_ring(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    new = create_key(path, source, tenant="acme", role="tenant", now=NOW)
+    reloads = Reloads()
+    watcher = KeyFileWatcher(path, source, reloads)
+    watcher.poll()
+    pepper = source.path.read_text()
+    source.path.unlink()
+    assert watcher.poll() is False
+    source.path.write_text("f" * 64 + "\n")  # another pepper: the file's pepper id does not match
+    assert watcher.poll() is False
+    assert watcher.authenticate(new.key, NOW).tenant == "acme"
+    source.path.write_text(pepper)
+    assert watcher.poll() is True
+    assert reloads.seen == [True, False, False, True]
+
+
+def test_the_background_thread_picks_up_changes(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    watcher = KeyFileWatcher(path, source)
+    watcher.start(poll_seconds=0.02)
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            watcher.start(0.02)
+        new = create_key(path, source, tenant="acme", role="tenant", now=NOW)
+        deadline = time.monotonic() + 10
+        while watcher.ring.get(new.record.key_id) is None:
+            assert time.monotonic() < deadline, "the watcher never loaded the new key"
+            time.sleep(0.01)
+        assert watcher.authenticate(new.key, NOW).tenant == "acme"
+    finally:
+        watcher.stop()
+    assert not [t for t in threading.enumerate() if t.name == "keys-watch"]
+    with pytest.raises(ValueError, match="poll_seconds"):
+        watcher.start(0)
+
+
+def test_start_loads_before_it_returns(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    new = create_key(path, source, tenant="acme", role="tenant", now=NOW)
+    watcher = KeyFileWatcher(path, source)
+    watcher.start(poll_seconds=3600)
+    try:
+        assert watcher.authenticate(new.key, NOW).tenant == "acme"
+    finally:
+        watcher.stop()
