@@ -61,6 +61,10 @@ class DeviceSlots:
     def pinned_count(self) -> int:
         return sum(1 for s in list(self._slots) if s.pinned)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is resident in a slot (no lease taken, recency untouched)."""
+        return key in self._index
+
     def acquire(self, key: AdapterKey) -> int | None:
         """Lease a resident adapter's slot; None when it is not resident."""
         slot = self._index.get(key)

@@ -81,6 +81,11 @@ class Metrics:
         )
         self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generated_tokens = Counter("lorafleet_generated_tokens", "Tokens generated.", registry=r)
+        self.preemptions = Counter(
+            "lorafleet_preemptions",
+            "Running requests that gave their row to a tenant below its fair share (they resume later).",
+            registry=r,
+        )
         self.finished = Counter(
             "lorafleet_generations", "Finished generations by finish reason.", ["reason"], registry=r
         )
@@ -128,6 +133,9 @@ class Metrics:
 
     def observe_admitted(self, queue_seconds: float) -> None:
         self.queue_wait.observe(queue_seconds)
+
+    def observe_preempted(self) -> None:
+        self.preemptions.inc()
 
     def observe_finished(self, s: Summary) -> None:
         self.prompt_tokens.inc(s.prompt_tokens)

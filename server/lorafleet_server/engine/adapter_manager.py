@@ -230,6 +230,10 @@ class AdapterManager:
         """Resident versions with their slot, leases and pin. Engine thread only: slots change between steps."""
         return self.slots.snapshot()
 
+    def resident(self, key: AdapterKey) -> bool:
+        """Whether ``key`` sits in a device slot now (no lease taken). Engine thread only."""
+        return key in self.slots
+
     def release(self, slot: int) -> None:
         self.slots.release(slot)
 

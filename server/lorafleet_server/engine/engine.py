@@ -16,7 +16,6 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey
 from lorafleet_server.engine.adapter_manager import AdapterManager
 from lorafleet_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from lorafleet_server.engine.fairness import FairQueue, preemption_victim
 from lorafleet_server.engine.prompts import PromptEncoder, Tokenizer
 from lorafleet_server.engine.types import (
     EngineConfig,
@@ -80,10 +80,25 @@ class _Request:
     stops: StopMatcher | None = None
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None
+    # What the KV row must hold before the next decode: the prompt, and after a preemption also the
+    # tokens generated so far but the last (which is the next decode's input).
+    resume_ids: list[int] = field(default_factory=list)
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.resume_ids = self.prompt_ids
 
     @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.prompt_ids)
+        return self.cached < len(self.resume_ids)
+
+    @property
+    def tenant(self) -> str:
+        return self.req.tenant
+
+    @property
+    def weight(self) -> float:
+        return self.req.principal.weight if self.req.principal is not None else 1.0
 
 
 # -- the engine thread's inbox: one frozen message type per thing other threads can ask for -------
@@ -174,11 +189,12 @@ class Engine:
         self.observer: EngineObserver = observer or NullObserver()
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._waiting: deque[_Request] = deque()
+        self._waiting: FairQueue[_Request] = FairQueue()
         self._running: list[_Request] = []
         self._free_rows = list(range(config.max_batch_size))  # engine thread only
         self._free_row_count = config.max_batch_size  # len(_free_rows) for other threads (lock guards)
         self._queued = 0  # submitted, not yet running (any thread reads, lock guards)
+        self._tenant_queued: dict[str, int] = {}  # the same, per tenant (lock guards)
         self._lock = threading.Lock()
         self._accepting = True
         self._closed = False  # the loop has exited: the inbox takes no more messages (lock guards)
@@ -247,7 +263,7 @@ class Engine:
         cannot fit by its length alone), so a request that will be refused costs no tokenization.
         """
         self._validate_params(req)
-        self._check_capacity()
+        self._check_capacity(req)
         key = self.adapters.resolve(req.adapter) if req.adapter is not None else None
         template = self.adapters.prompt(key) if key is not None and self.adapters.kind(key) == "prompt" else None
         budget = 0 if req.embed else req.params.max_new_tokens
@@ -261,19 +277,33 @@ class Engine:
             submitted=time.monotonic(),
         )
         with self._lock:
-            self._check_capacity_locked()
-            self._queued += 1
+            self._check_capacity_locked(req)
+            self._count_queued(req.tenant, +1)
         if not self._post(_Submit(state)):  # the loop exited (crashed) after the check above
             with self._lock:
-                self._queued -= 1
+                self._count_queued(req.tenant, -1)
             raise ShuttingDown("the server is shutting down")
         return RequestHandle(self, state)
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, req: GenerationRequest) -> None:
         with self._lock:
-            self._check_capacity_locked()
+            self._check_capacity_locked(req)
 
-    def _check_capacity_locked(self) -> None:
+    def _count_queued(self, tenant: str, delta: int) -> None:
+        """Submitted-not-running requests, in total and per tenant. The caller holds ``self._lock``."""
+        self._queued += delta
+        left = self._tenant_queued.get(tenant, 0) + delta
+        if left:
+            self._tenant_queued[tenant] = left
+        else:
+            self._tenant_queued.pop(tenant, None)
+
+    def _tenant_limit(self, req: GenerationRequest, kind: str) -> int:
+        """A tenant's waiting or running limit: the key's override, else the engine's (0: none)."""
+        override = getattr(req.principal, kind, None) if req.principal is not None else None
+        return int(override) if override is not None else int(getattr(self.config, f"{kind}_per_tenant"))
+
+    def _check_capacity_locked(self, req: GenerationRequest) -> None:
         """Refuse when shutting down, or when ``max_waiting`` requests would wait beyond the free rows.
 
         Submitted requests first fill the free KV rows (the engine admits them between steps), so the
@@ -285,6 +315,11 @@ class Engine:
         waiting = self._queued - self._free_row_count
         if waiting >= self.config.max_waiting:
             raise QueueFull(f"{max(waiting, 0)} requests are waiting for a free row; try again later")
+        limit = self._tenant_limit(req, "max_waiting")
+        queued = self._tenant_queued.get(req.tenant, 0)
+        if limit and queued >= limit:
+            who = f"tenant {req.tenant!r}" if req.tenant else "the base model without a key"
+            raise QueueFull(f"{who} has {queued} requests queued: its limit max_waiting_per_tenant is {limit}")
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the engine thread between steps (admin operations on device slots).
@@ -411,7 +446,7 @@ class Engine:
                 if self._draining:  # raced with the drain: it would only wait to be cut
                     self._fail(r, ShuttingDown(DRAINING))
                 else:
-                    self._waiting.append(r)
+                    self._waiting.push(r)
             case _Cancel(request=r):
                 if r in self._running or r in self._waiting:  # else it already finished
                     r.cancelled = True
@@ -420,7 +455,7 @@ class Engine:
                 message.run()
             case _Drain():
                 self._draining = True
-                queued = list(self._waiting)
+                queued = self._waiting.clear()
                 for r in queued:  # not started: fail now so the client retries elsewhere at once
                     self._fail(r, ShuttingDown(DRAINING))
                 log.info(
@@ -436,30 +471,86 @@ class Engine:
                 assert_never(message)
 
     def _admit(self) -> None:
-        still: deque[_Request] = deque()
-        while self._waiting:
-            r = self._waiting.popleft()
-            if not self._free_rows:
-                still.append(r)
-                continue
-            if r.lora is not None:
-                try:
-                    slot = self.adapters.poll(r.lora)
-                except (AdapterError, ServingError) as exc:
-                    self._fail(r, exc)
-                    continue
-                if slot is None:
-                    still.append(r)  # loading, or waiting for a free slot; others may go first
-                    continue
-                r.slot = slot
+        """Fill free rows fairly across tenants; when none is free and a tenant waits below its share
+        while another runs above its own, preempt one row of the latter (see ``fairness``)."""
+        self._fill_rows()
+        if self._free_rows or not self._waiting:
+            return
+        victim = preemption_victim(
+            self.config.max_batch_size, self._running, self._waiting, self._can_start_now, self._preemptible
+        )
+        if victim is not None:
+            self._preempt(victim)
+            self._fill_rows()
+
+    def _fill_rows(self) -> None:
+        running: dict[str, int] = {}
+        for row in self._running:
+            running[row.tenant] = running.get(row.tenant, 0) + 1
+        while self._free_rows:
+            r = self._next_ready(running)
+            if r is None:
+                return
+            self._waiting.started(r)
+            running[r.tenant] = running.get(r.tenant, 0) + 1
             self._start(r)
-        self._waiting = still
+
+    def _next_ready(self, running: dict[str, int]) -> _Request | None:
+        """The next request to start: from the tenant owed a row first, the first of its requests that
+        can run now (a cold adapter's request waits for its load while others go first)."""
+        for tenant in self._waiting.tenants():
+            for r in self._waiting.waiting(tenant):
+                limit = self._tenant_limit(r.req, "max_running")
+                if limit and running.get(tenant, 0) >= limit:
+                    break  # this tenant runs its limit's worth; the next tenant goes
+                if r.lora is not None and not r.slot:
+                    try:
+                        slot = self.adapters.poll(r.lora)
+                    except (AdapterError, ServingError) as exc:
+                        self._fail(r, exc)
+                        return self._next_ready(running)
+                    if slot is None:
+                        continue  # loading, or waiting for a free slot
+                    r.slot = slot
+                return r
+        return None
+
+    def _can_start_now(self, r: _Request) -> bool:
+        return r.lora is None or bool(r.slot) or self.adapters.resident(r.lora)
+
+    def _preemptible(self, r: _Request) -> bool:
+        return not r.req.embed and not r.cancelled
+
+    def _preempt(self, r: _Request) -> None:
+        """Give ``r``'s row back; ``r`` waits at the front of its tenant's queue and later recomputes its
+        KV cache (prompt + tokens generated so far), so what it streams is unchanged. Its adapter slot
+        lease is kept, so the version cannot leave the device meanwhile."""
+        self._running.remove(r)
+        self._free_rows.append(r.kv_row)
+        self._free_rows.sort()
+        r.kv_row, r.cached = -1, 0
+        r.resume_ids = r.prompt_ids + r.generated[:-1] if r.generated else r.prompt_ids
+        r.preemptions += 1
+        with self._lock:
+            self._free_row_count += 1
+            self._count_queued(r.tenant, +1)
+        self._waiting.push(r, front=True)
+        self.observer.observe_preempted()
+        log.info(
+            "request %s (tenant %r) preempted after %d tokens to give its row to a tenant below its share",
+            r.req.request_id,
+            r.tenant,
+            len(r.generated),
+        )
 
     def _start(self, r: _Request) -> None:
         with self._lock:
-            self._queued -= 1
+            self._count_queued(r.tenant, -1)
             self._free_row_count -= 1
         r.kv_row = self._free_rows.pop(0)
+        self._running.append(r)
+        if r.preemptions:  # resuming: its decoding state carries on
+            return
         r.admitted = time.monotonic()
         self.observer.observe_admitted(r.admitted - r.submitted)
         p = r.req.params
@@ -471,7 +562,6 @@ class Engine:
             if p.temperature > 0:
                 seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
                 r.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
-        self._running.append(r)
 
     def _plan(self) -> list[tuple[_Request, RowStep]]:
         plan: list[tuple[_Request, RowStep]] = []
@@ -482,11 +572,13 @@ class Engine:
         for r in self._running:
             if not r.prefilling or budget <= 0:
                 continue
-            n = min(len(r.prompt_ids) - r.cached, budget)
+            n = min(len(r.resume_ids) - r.cached, budget)
             budget -= n
-            chunk = tuple(r.prompt_ids[r.cached : r.cached + n])
-            last = r.cached + n == len(r.prompt_ids)
-            plan.append((r, RowStep(r.kv_row, r.cached, chunk, r.slot, last and not r.req.embed, r.req.embed)))
+            chunk = tuple(r.resume_ids[r.cached : r.cached + n])
+            last = r.cached + n == len(r.resume_ids)
+            # A resumed request already knows its next input (its last generated token): no logits.
+            logits = last and not r.req.embed and not r.generated
+            plan.append((r, RowStep(r.kv_row, r.cached, chunk, r.slot, logits, r.req.embed)))
         return plan
 
     def _step(self) -> None:
@@ -606,11 +698,10 @@ class Engine:
             self._free_rows.sort()
             with self._lock:
                 self._free_row_count += 1
-            if r.slot:
-                self.adapters.release(r.slot)
-                r.slot = 0
         else:
-            if r in self._waiting:
-                self._waiting.remove(r)
+            self._waiting.remove(r)
             with self._lock:
-                self._queued -= 1
+                self._count_queued(r.tenant, -1)
+        if r.slot:  # a running request's lease, or a preempted one's that it kept
+            self.adapters.release(r.slot)
+            r.slot = 0

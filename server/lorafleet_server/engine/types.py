@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from lorafleet_adapters.ref import AdapterRef
 
@@ -25,6 +25,12 @@ class EngineConfig:
     max_seq_len: int = field(default=2048, metadata={"help": "prompt plus generated tokens per request"})
     max_new_tokens: int = field(default=1024, metadata={"help": "limit on a request's max_new_tokens"})
     max_waiting: int = field(default=1024, metadata={"help": "queued requests before RESOURCE_EXHAUSTED"})
+    max_waiting_per_tenant: int = field(
+        default=0, metadata={"help": "queued requests of one tenant before RESOURCE_EXHAUSTED (0: no limit)"}
+    )
+    max_running_per_tenant: int = field(
+        default=0, metadata={"help": "running requests of one tenant at most; more wait their turn (0: no limit)"}
+    )
     max_step_tokens: int = field(default=512, metadata={"help": "tokens per forward (decode rows plus prefill chunks)"})
 
 
@@ -69,6 +75,22 @@ class ChatTurn:
 
 
 @dataclass(frozen=True)
+class Principal:
+    """Who is calling, from an authenticated API key (the gRPC edge builds it; never from the request).
+
+    ``weight`` is the tenant's share in fair admission; ``max_waiting`` / ``max_running`` override the
+    per-tenant limits for this key's tenant when set.
+    """
+
+    key_id: str
+    tenant: str
+    role: Literal["tenant", "admin"]
+    weight: float = 1.0
+    max_waiting: int | None = None
+    max_running: int | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A generation (or, with ``embed``, a pooled-hidden-state) request."""
 
@@ -78,6 +100,15 @@ class GenerationRequest:
     adapter: AdapterRef | None = None
     params: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=1))
     embed: bool = False
+    principal: Principal | None = None  # None when the server runs without keys
+
+    @property
+    def tenant(self) -> str:
+        """Whose request this is, for fair share and limits: the key's tenant; without keys, the
+        adapter's tenant ("" for the base model)."""
+        if self.principal is not None:
+            return self.principal.tenant
+        return self.adapter.tenant if self.adapter is not None else ""
 
 
 @dataclass(frozen=True)
@@ -113,6 +144,7 @@ class EngineObserver(Protocol):
     def observe_step(self, rows: int, tokens: int) -> None: ...
     def observe_admitted(self, queue_seconds: float) -> None: ...
     def observe_finished(self, summary: Summary) -> None: ...
+    def observe_preempted(self) -> None: ...
 
 
 class NullObserver:
@@ -123,4 +155,7 @@ class NullObserver:
         return None
 
     def observe_finished(self, summary: Summary) -> None:
+        return None
+
+    def observe_preempted(self) -> None:
         return None
