@@ -167,3 +167,21 @@ def test_preemption_victim_only_when_someone_waits_below_its_share() -> None:
     assert preemption_victim(4, running, q, lambda _r: False, lambda _r: True) is None  # b cannot start yet
     balanced = [Item("a"), Item("a"), Item("b"), Item("b")]
     assert preemption_victim(4, balanced, q, lambda _r: True, lambda _r: True) is None  # b has its share
+
+
+def test_drain_lets_a_preempted_request_finish(service: Service) -> None:
+    engine = service.engine
+    flood = [submit(engine, as_tenant(request(PROMPT, rid=f"a{i}", max_new_tokens=60), "a"))[0] for i in range(4)]
+    assert all(s.first.wait(30) for s in flood)
+    b = Collected()
+    # Between two steps: b arrives (a row of a's is preempted for it), then the engine is held.
+    held = engine.call(lambda: (engine.submit(as_tenant(request(PROMPT, rid="b", max_new_tokens=2), "b"), b), None)[1])
+    held.result(10)
+    engine.run(lambda: None)
+    engine.run(lambda: None)  # a whole loop pass after b's arrival: the preemption has happened
+    assert service.metrics.registry.get_sample_value("lorafleet_preemptions_total") == 1
+    stopping = threading.Thread(target=engine.shutdown, args=(60,))
+    stopping.start()
+    stopping.join(60)
+    for sink in [*flood, b]:  # every request that had started finishes, the preempted one included
+        assert sink.wait().summary.finish_reason.value == "length"

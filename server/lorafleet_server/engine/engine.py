@@ -455,12 +455,17 @@ class Engine:
                 message.run()
             case _Drain():
                 self._draining = True
-                queued = self._waiting.clear()
+                queued: list[_Request] = []
+                for r in self._waiting.clear():
+                    if r.preemptions:  # started, then gave its row away: it resumes and finishes
+                        self._waiting.push(r)
+                    else:
+                        queued.append(r)
                 for r in queued:  # not started: fail now so the client retries elsewhere at once
                     self._fail(r, ShuttingDown(DRAINING))
                 log.info(
                     "draining: %d running request(s) may finish; %d queued failed with UNAVAILABLE",
-                    len(self._running),
+                    len(self._running) + len(self._waiting),
                     len(queued),
                 )
             case _Abort():
