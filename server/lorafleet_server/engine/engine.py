@@ -39,6 +39,7 @@ from lorafleet_server.engine.types import (
     Summary,
     TokenEvent,
 )
+from lorafleet_server.engine.usage import UsageMeter
 from lorafleet_server.errors import EngineTimeout, InvalidRequest, QueueFull, ServingError, ShuttingDown
 from lorafleet_server.model.runner import ModelRunner, RowStep
 from lorafleet_server.model.sampler import RowSampling, sample_rows
@@ -183,6 +184,7 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer, config.max_seq_len)
+        self.usage = UsageMeter()
         self.adapters = adapters
         self.config = config
         self.eos_token_ids = eos_token_ids
@@ -684,12 +686,14 @@ class Engine:
         summary = self._summary(r, FinishReason.LENGTH)
         self._release(r)
         self.observer.observe_finished(summary)
+        self.usage.record(r.tenant, summary)
         self._deliver(r, TokenEvent(summary=summary, embedding=tuple(mean)))
 
     def _finish(self, r: _Request, reason: FinishReason) -> None:
         summary = self._summary(r, reason)
         self._release(r)
         self.observer.observe_finished(summary)
+        self.usage.record(r.tenant, summary)
         self._deliver(r, TokenEvent(summary=summary))
 
     def _fail(self, r: _Request, exc: Exception) -> None:
