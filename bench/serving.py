@@ -11,6 +11,8 @@ the bytes-bound ratio base_bytes / (base_bytes + distinct_adapters * adapter_byt
 step that reads the base weights and each distinct adapter once would allow) with measured/bound.
 
 Everything runs in one process invocation so that ratios come from one run on a noisy machine.
+``--auth`` then creates an API key (which turns authentication on) and repeats the engine runs with
+``authorization: Bearer <key>`` on every call: runs named ``<run>+auth``, auth on vs off in one run.
 Results: a table on stdout and JSON in bench/results/serving-<timestamp>.json.
 
     .venv/bin/python -m bench.serving --quick      # ~2-3 minutes on 2 cores
@@ -220,14 +222,16 @@ async def run_load(
     requests: int,
     max_new_tokens: int,
     warmup: bool = False,
+    api_key: str = "",
 ) -> tuple[list[RequestRecord], float]:
     """``clients`` concurrent clients (a channel each), each sending ``requests`` streams back to back.
 
-    Client i uses ``adapters[i % len(adapters)]`` ("" = base). Returns the records and the wall time.
+    Client i uses ``adapters[i % len(adapters)]`` ("" = base). ``api_key``: sent as a Bearer header
+    ("" sends none). Returns the records and the wall time.
     """
     from lorafleet import AsyncLoraFleetClient
 
-    conns = [AsyncLoraFleetClient(target, timeout=900) for _ in range(clients)]
+    conns = [AsyncLoraFleetClient(target, timeout=900, api_key=api_key) for _ in range(clients)]
     try:
         await asyncio.gather(*(c.wait_for_ready(60) for c in conns))
         t0 = time.perf_counter()
@@ -344,7 +348,7 @@ class CpuMeter:
 @dataclass
 class RunResult:
     name: str
-    kind: str  # base | adapters | naive
+    kind: str  # base | adapters | naive | auth (an engine run again with an API key)
     shape: str | None
     distinct: int
     clients: int
@@ -509,6 +513,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the naive server loads all adapters of each shape, not only those its requests use (~1 s each)",
     )
     p.add_argument("--respect-eos", action="store_true", help="let requests stop at EOS (default: ignore it)")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="then create an API key (authentication on) and repeat the engine runs with the Bearer header",
+    )
     p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "token", "grouped", "gather"))
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-lora-rank", type=int, default=16)
@@ -544,6 +553,29 @@ def make_plan(args: argparse.Namespace) -> Plan:
         naive_requests=args.naive_requests or (4 if args.quick else 8),
         ignore_eos=not args.respect_eos,
     )
+
+
+def enable_auth(keys_file: Path, target: str) -> str:
+    """Create a tenant key for the bench's adapters; return it once the server enforces keys (the keys
+    file is polled every 0.2 s here)."""
+    from datetime import UTC, datetime
+
+    from lorafleet import LoraFleetClient, UnauthenticatedError
+    from lorafleet_server.config import keys_pepper
+    from lorafleet_server.tenants.keys import PepperSource, create_key
+
+    key = create_key(
+        keys_file, PepperSource(keys_file, keys_pepper()), tenant=TENANT, role="tenant", now=datetime.now(UTC)
+    ).key
+    deadline = time.monotonic() + 30
+    with LoraFleetClient(target, api_key="", timeout=30) as anonymous:
+        while time.monotonic() < deadline:
+            try:
+                anonymous.model_info()
+            except UnauthenticatedError:
+                return key
+            time.sleep(0.05)
+    raise RuntimeError("authentication did not turn on within 30 s of creating a key")
 
 
 def say(msg: str) -> None:
@@ -599,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch_threads=args.threads,
             metrics_port=0,
             log_level="WARNING",
+            keys_poll_seconds=0.2,
         )
         service = build_service(config)
         if plan.ignore_eos:
@@ -636,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = f"127.0.0.1:{port}"
         full_batch = min(plan.clients, args.max_batch_size)
 
-        def engine_run(name: str, kind: str, shape: Shape | None, adapters: list[str]) -> RunResult:
+        def engine_run(name: str, kind: str, shape: Shape | None, adapters: list[str], api_key: str = "") -> RunResult:
             distinct = len({a for a in adapters if a})
             # warm-up (not measured): every adapter of the run resident, the batch shapes seen once
             asyncio.run(
@@ -647,13 +680,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     requests=1,
                     max_new_tokens=4,
                     warmup=True,
+                    api_key=api_key,
                 )
             )
             steps.clear()
             meter = CpuMeter()
             records, wall = asyncio.run(
                 run_load(
-                    target, adapters, clients=plan.clients, requests=plan.requests, max_new_tokens=plan.max_new_tokens
+                    target,
+                    adapters,
+                    clients=plan.clients,
+                    requests=plan.requests,
+                    max_new_tokens=plan.max_new_tokens,
+                    api_key=api_key,
                 )
             )
             res = summarize(
@@ -680,6 +719,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(engine_run(f"{k}x{shape.key}", "adapters", shape, refs[shape.key][:k]))
             if adapter_runs:
                 results.append(engine_run("base (again)", "base", None, [""]))
+            if args.auth:
+                key = enable_auth(config.keys_path, target)
+                say("API key created: authentication on; the same runs again with the Bearer header")
+                results.append(engine_run("base+auth", "auth", None, [""], key))
+                for shape, k in adapter_runs:
+                    results.append(engine_run(f"{k}x{shape.key}+auth", "auth", shape, refs[shape.key][:k], key))
         finally:
             server.stop()
         del service, server
@@ -800,6 +845,11 @@ def finish(
         )
     if len(bases) == 2 and bases[0] > 0:
         print(f"base drift between first and last base run: {bases[1] / bases[0] - 1:+.1%}")
+    without_key = {r.name: r for r in results if r.kind != "auth"}
+    for r in results:
+        plain = without_key.get(r.name.removesuffix("+auth")) if r.kind == "auth" else None
+        if plain is not None and plain.tokens_per_second > 0:
+            print(f"auth on vs off, {plain.name}: {r.tokens_per_second / plain.tokens_per_second:.3f}x tok/s")
 
     by_name = {r.name: r for r in results}
     checks: list[str] = []

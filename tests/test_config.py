@@ -71,3 +71,55 @@ def test_every_flag_has_help_and_literal_choices() -> None:
 def test_badly_typed_env_value_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="max_waiting must be of type int, got 'many'"):
         parse_config([], environ={"LORAFLEET_MAX_WAITING": "many"})
+
+
+def test_bool_fields_are_switches_with_env_and_file_values(tmp_path: Path) -> None:
+    assert parse_config([], environ={}).insecure_no_auth is False
+    assert parse_config(["--insecure-no-auth"], environ={}).insecure_no_auth is True
+    for word, value in (
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("false", False),
+        ("0", False),
+        (" False ", False),
+    ):
+        assert parse_config([], environ={"LORAFLEET_INSECURE_NO_AUTH": word}).insecure_no_auth is value, word
+    file = tmp_path / "lorafleet.toml"
+    file.write_text("[server]\ninsecure_no_auth = true\n")
+    assert parse_config(["--config", str(file)], environ={}).insecure_no_auth is True
+    # The flag (given) wins over the environment; unset, the environment wins over the file.
+    assert parse_config(["--insecure-no-auth"], environ={"LORAFLEET_INSECURE_NO_AUTH": "0"}).insecure_no_auth
+    assert not parse_config(["--config", str(file)], environ={"LORAFLEET_INSECURE_NO_AUTH": "false"}).insecure_no_auth
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    with pytest.raises(SystemExit):  # a switch takes no value
+        parser.parse_args(["--insecure-no-auth", "yes"])
+
+
+@pytest.mark.parametrize("word", ["yes", "on", "2", "", "truthy"])
+def test_a_bool_env_value_other_than_true_false_1_0_is_refused(word: str) -> None:
+    with pytest.raises(ValueError, match="insecure_no_auth must be true, false, 1 or 0"):
+        parse_config([], environ={"LORAFLEET_INSECURE_NO_AUTH": word})
+
+
+def test_a_toml_bool_is_not_a_number(tmp_path: Path) -> None:
+    file = tmp_path / "lorafleet.toml"
+    file.write_text("[server]\nport = true\n")
+    with pytest.raises(ValueError, match="port must be of type int"):
+        parse_config(["--config", str(file)], environ={})
+
+
+def test_tls_and_keys_settings(tmp_path: Path) -> None:
+    cfg = parse_config(["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"], environ={})
+    assert (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) == (Path("c.pem"), Path("k.pem"), Path("ca.pem"))
+    assert parse_config([], environ={}).keys_poll_seconds == 2.0
+    assert parse_config(["--keys-poll-seconds", "0.5"], environ={}).keys_poll_seconds == 0.5
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        parse_config(["--tls-cert", "c.pem"], environ={})
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        parse_config([], environ={"LORAFLEET_TLS_KEY": "k.pem"})
+    with pytest.raises(ValueError, match=r"tls_client_ca .* needs tls_cert"):
+        parse_config(["--tls-client-ca", "ca.pem"], environ={})
+    with pytest.raises(ValueError, match="keys_poll_seconds must be > 0"):
+        parse_config(["--keys-poll-seconds", "0"], environ={})

@@ -19,6 +19,7 @@ from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.ref import AdapterRef, check_ident
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.config import ServerConfig, add_server_arguments, config_from_args, keys_pepper
+from lorafleet_server.errors import StartupError
 from lorafleet_server.logs import setup_logging
 from lorafleet_server.tenants.errors import TenantsError
 from lorafleet_server.tenants.keys import (
@@ -34,8 +35,9 @@ from lorafleet_server.tenants.keys import (
 
 def _serve(config: ServerConfig) -> int:
     from lorafleet_server.app import build_service
-    from lorafleet_server.grpc.server import serve_forever
+    from lorafleet_server.grpc.server import check_startup, serve_forever
 
+    check_startup(config)  # StartupError before minutes of model loading, not after
     service = build_service(config)
     asyncio.run(serve_forever(service))
     return 0
@@ -334,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.adapters_command == "import":
             return _adapters_import(config, args.src, args.reference)
         return _adapters_list(config, args.tenant)
+    except StartupError as exc:  # the server must not start as configured (TLS files, keys, address)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (AdapterError, TenantsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -57,6 +57,25 @@ class ServerConfig(EngineConfig):
             f"KEYS_FILE.pepper unless {KEYS_PEPPER_ENV} is set)"
         },
     )
+    keys_poll_seconds: float = field(
+        default=2.0,
+        metadata={"help": "seconds between looks for changes of the keys file (new and revoked keys), > 0"},
+    )
+    insecure_no_auth: bool = field(
+        default=False,
+        metadata={
+            "help": "serve without API keys on a non-loopback address (refused otherwise); ignored once the "
+            "keys file has a key"
+        },
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata={"help": "PEM certificate chain of the server: serve TLS (needs --tls-key)"}
+    )
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata={"help": "PEM CA certificates: require a client certificate signed by one of them (mTLS)"},
+    )
     quantization: Quantization = field(default="auto", metadata={"help": "auto is NF4 on CUDA and fp32 on CPU"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     max_loaded_adapters: int = field(default=32, metadata={"help": "device slots for adapters"})
@@ -107,6 +126,24 @@ class ServerConfig(EngineConfig):
         return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
+TRUE_WORDS = ("true", "1")
+FALSE_WORDS = ("false", "0")
+
+
+def parse_bool(raw: object) -> bool:
+    """A bool setting from a TOML bool, or from text (the environment): true/false/1/0, any case.
+    Anything else is refused rather than guessed: ``bool("false")`` is True."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        word = raw.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise ValueError(f"expected true/false/1/0, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class _FieldSpec:
     """How one ServerConfig field is parsed: its Python type, its choices, whether None is allowed."""
@@ -116,6 +153,14 @@ class _FieldSpec:
     choices: tuple[str, ...] | None
     default: Any
     help: str
+
+    def parse(self, raw: object) -> Any:
+        """The field's value from a flag, an environment string or a TOML value."""
+        if self.kind is bool:
+            return parse_bool(raw)
+        if self.kind is not str and isinstance(raw, bool):  # TOML true for a number: not a number
+            raise ValueError(f"a boolean for a {self.kind.__name__}")
+        return self.kind(raw)
 
 
 def _field_specs() -> list[_FieldSpec]:
@@ -129,7 +174,7 @@ def _field_specs() -> list[_FieldSpec]:
         if typing.get_origin(hint) is Literal:
             choices = tuple(str(a) for a in typing.get_args(hint))
             hint = str
-        if hint not in (str, int, float, Path):
+        if hint not in (str, int, float, Path, bool):
             raise TypeError(f"ServerConfig.{f.name}: unsupported type {hint!r}")
         specs.append(_FieldSpec(f.name, hint, choices, f.default, f.metadata.get("help", "")))
     return specs
@@ -144,8 +189,18 @@ def add_server_arguments(parser: argparse.ArgumentParser, exclude: Collection[st
         if spec.name in exclude:
             continue
         env = "LORAFLEET_" + spec.name.upper()
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.kind is bool:  # a switch: given means true; unset (None) leaves env, file and default
+            parser.add_argument(
+                flag,
+                dest=spec.name,
+                action="store_true",
+                default=None,
+                help=f"{spec.help} (env {env}=true|false|1|0; default {str(spec.default).lower()})",
+            )
+            continue
         parser.add_argument(
-            "--" + spec.name.replace("_", "-"),
+            flag,
             dest=spec.name,
             default=None,
             type=spec.kind,
@@ -175,9 +230,10 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         if raw is None:
             continue
         try:
-            value = spec.kind(raw)
+            value = spec.parse(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"{spec.name} must be of type {spec.kind.__name__}, got {raw!r}") from None
+            expected = "true, false, 1 or 0" if spec.kind is bool else f"of type {spec.kind.__name__}"
+            raise ValueError(f"{spec.name} must be {expected}, got {raw!r}") from None
         if spec.choices is not None and value not in spec.choices:
             raise ValueError(f"{spec.name} must be one of {', '.join(spec.choices)}, got {value!r}")
         values[spec.name] = value
@@ -219,6 +275,12 @@ def _check(c: ServerConfig) -> None:
     for name in ("drain_seconds", "shutdown_grace_seconds", "adapter_poll_seconds"):
         if not getattr(c, name) >= 0:
             raise ValueError(f"{name} must be >= 0")
+    if not c.keys_poll_seconds > 0:
+        raise ValueError("keys_poll_seconds must be > 0")
+    if (c.tls_cert is None) != (c.tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: give both to serve TLS, or neither")
+    if c.tls_client_ca is not None and c.tls_cert is None:
+        raise ValueError("tls_client_ca (client certificates, mTLS) needs tls_cert and tls_key as well")
     if c.torch_threads < 0:
         raise ValueError("torch_threads must be >= 0 (0: automatic)")
     if c.default_max_new_tokens > c.max_new_tokens:

@@ -28,3 +28,16 @@ class EngineTimeout(ServingError):
 
     A call already running when the wait ended still completes, so its effect may happen later.
     """
+
+
+class PermissionDenied(ServingError):
+    """The caller is authenticated but its role may not do this (PERMISSION_DENIED).
+
+    Only for what a role may never do (a tenant key on an admin RPC). Another tenant's adapter is not
+    a permission problem to the caller: it reads as not found, so its existence does not leak.
+    """
+
+
+class StartupError(ServingError):
+    """The server must not start as configured (a TLS file that cannot be read, a keys file that does
+    not load, no keys on a non-loopback address). ``lorafleet serve`` prints it and exits non-zero."""

@@ -24,6 +24,7 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_COUNT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 TIERS = ("host", "device")
+KEYS_RELOAD_RESULTS = ("ok", "error")
 
 
 class Metrics:
@@ -83,7 +84,7 @@ class Metrics:
         self.generated_tokens = Counter("lorafleet_generated_tokens", "Tokens generated.", registry=r)
         self.preemptions = Counter(
             "lorafleet_preemptions",
-            "Running requests that gave their row to a tenant below its fair share (they resume later).",
+            "Running requests that gave their batch row back for fair share (they resume later).",
             registry=r,
         )
         self.finished = Counter(
@@ -103,6 +104,12 @@ class Metrics:
         )
         self.swap_failures = Counter(
             "lorafleet_adapter_swap_failures", "New versions refused: the previous one keeps serving.", registry=r
+        )
+        self.keys_reloads = Counter(
+            "lorafleet_keys_reloads",
+            "Loads of the API keys file by result (error: it did not load and the last good keys stay).",
+            ["result"],
+            registry=r,
         )
         self.running = Gauge("lorafleet_running_requests", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("lorafleet_waiting_requests", "Requests queued for the running batch.", registry=r)
@@ -125,6 +132,8 @@ class Metrics:
                 family.labels(tier=tier)
         for reason in FinishReason:
             self.finished.labels(reason=reason.value)
+        for result in KEYS_RELOAD_RESULTS:
+            self.keys_reloads.labels(result=result)
 
     # -- engine side --------------------------------------------------------------------------
     def observe_step(self, rows: int, tokens: int) -> None:
@@ -191,6 +200,10 @@ class Metrics:
         self.pinned.set_function(pinned)
 
     # -- gRPC edge ----------------------------------------------------------------------------
+    def keys_reloaded(self, ok: bool) -> None:
+        """A load of the keys file (KeyFileWatcher's ``on_reload``): ok, or error (last good keys kept)."""
+        self.keys_reloads.labels(result="ok" if ok else "error").inc()
+
     def observe_rpc(self, rpc: str, code: str, seconds: float) -> None:
         self.requests.labels(rpc=rpc, code=code).inc()
         self.request_duration.labels(rpc=rpc).observe(seconds)

@@ -209,6 +209,12 @@ class FakeServer:
     recorder: Recorder
 
 
+@pytest.fixture(autouse=True)
+def _no_api_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clients read $LORAFLEET_API_KEY by default; a value in the test's environment must not leak in."""
+    monkeypatch.delenv("LORAFLEET_API_KEY", raising=False)
+
+
 @pytest.fixture(scope="module")
 def _server() -> Iterator[tuple[str, Recorder]]:
     recorder = Recorder()

@@ -35,6 +35,7 @@ from lorafleet.models import (
     RefreshResult,
     Sampling,
     Tokens,
+    UsageRow,
 )
 from lorafleet.stream import AsyncGenerationStream, GenerationStream
 
@@ -69,5 +70,6 @@ __all__ = [
     "Tokens",
     "UnauthenticatedError",
     "UnavailableError",
+    "UsageRow",
     "__version__",
 ]

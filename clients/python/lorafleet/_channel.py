@@ -1,13 +1,54 @@
-"""Channel options and per-call metadata shared by the sync and async clients."""
+"""Channel options, credentials and per-call metadata shared by the sync and async clients."""
 
 from __future__ import annotations
+
+import os
+from typing import TypeAlias
+
+import grpc
 
 from lorafleet.errors import REQUEST_ID_HEADER
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+API_KEY_ENV = "LORAFLEET_API_KEY"
 
 Metadata = tuple[tuple[str, str], ...]
+TlsOption: TypeAlias = bool | grpc.ChannelCredentials | None
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The key to send: ``api_key`` when given ("" sends none), else ``$LORAFLEET_API_KEY`` if set."""
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV)
+    return api_key or None
+
+
+def channel_credentials(
+    tls: TlsOption,
+    root_certificates: bytes | None = None,
+    client_certificate: bytes | None = None,
+    client_key: bytes | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the channel, or None for plaintext.
+
+    TLS is on when ``tls`` is True or ready credentials, or when any certificate is given.
+    ``root_certificates``: PEM of the CA that signed the server's certificate (default: the system's
+    roots). ``client_certificate`` and ``client_key``: PEM of this client's certificate and key, for a
+    server that requires client certificates (mTLS); give both or neither.
+    """
+    pems = (root_certificates, client_certificate, client_key)
+    if isinstance(tls, grpc.ChannelCredentials):
+        if any(p is not None for p in pems):
+            raise ValueError("give either ready TLS credentials or certificates, not both")
+        return tls
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("client_certificate and client_key go together: give both (mTLS) or neither")
+    if not tls and all(p is None for p in pems):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_certificates, private_key=client_key, certificate_chain=client_certificate
+    )
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:

@@ -14,9 +14,12 @@ from lorafleet import convert
 from lorafleet._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
+    TlsOption,
     call_metadata,
+    channel_credentials,
     channel_options,
     pick_timeout,
+    resolve_api_key,
 )
 from lorafleet.errors import UnavailableError, from_rpc_error
 from lorafleet.models import (
@@ -28,18 +31,20 @@ from lorafleet.models import (
     RefreshResult,
     Sampling,
     Tokens,
+    UsageRow,
 )
 from lorafleet.stream import AsyncGenerationStream
 from lorafleet_proto.v1 import adapters_pb2 as apb
-from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
+from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc, usage_pb2_grpc
 from lorafleet_proto.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import usage_pb2 as upb
 
 _Response = TypeVar("_Response")
 
 
 class AsyncLoraFleetClient:
     """A grpc.aio client; create it inside the event loop that uses it, close it with ``await close()``
-    or ``async with``. Errors and arguments are those of LoraFleetClient.
+    or ``async with``. Errors and arguments (API key, TLS) are those of LoraFleetClient.
     """
 
     def __init__(
@@ -47,19 +52,24 @@ class AsyncLoraFleetClient:
         target: str = DEFAULT_TARGET,
         *,
         api_key: str | None = None,
-        tls: grpc.ChannelCredentials | None = None,
+        tls: TlsOption = None,
+        root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         options = channel_options(max_message_bytes)
-        if tls is None:
+        credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
+        if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(target, tls, options=options)
-        self._api_key = api_key
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._api_key = resolve_api_key(api_key)
         self._timeout = timeout
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersServiceStub(self._channel)
+        self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -199,6 +209,15 @@ class AsyncLoraFleetClient:
         request = apb.UnpinAdapterRequest(adapter=ref)
         response: apb.UnpinAdapterResponse = await self._unary(self._adapters.UnpinAdapter, request, timeout)
         return response.adapter
+
+    async def get_usage(
+        self, start: float, end: float | None = None, *, tenant: str = "", timeout: float | None = None
+    ) -> list[UsageRow]:
+        """Requests and tokens per tenant and adapter version that finished in [start, end) (UNIX
+        seconds, whole minutes; end None: now). Admin keys only."""
+        request = upb.GetUsageRequest(start_unix_seconds=int(start), end_unix_seconds=int(end or 0), tenant=tenant)
+        response: upb.GetUsageResponse = await self._unary(self._usage.GetUsage, request, timeout)
+        return convert.usage_from_proto(response)
 
     async def refresh_adapters(self, *, timeout: float | None = None) -> RefreshResult:
         """Asks the server to look for newly published adapter versions now."""

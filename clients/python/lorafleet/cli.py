@@ -12,10 +12,9 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-import grpc
-
-from lorafleet._channel import DEFAULT_TARGET
+from lorafleet._channel import API_KEY_ENV, DEFAULT_TARGET
 from lorafleet.client import LoraFleetClient
 from lorafleet.errors import LoraFleetError
 from lorafleet.models import Completion, Message, Sampling
@@ -29,7 +28,7 @@ def default_target() -> str:
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """--target, --api-key, --tls and --timeout."""
+    """--target, --api-key, the TLS flags and --timeout."""
     parser.add_argument(
         "--target",
         default=default_target(),
@@ -38,11 +37,21 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--api-key",
-        default=os.environ.get("LORAFLEET_API_KEY"),
+        default=None,
         metavar="KEY",
-        help="API key sent as a bearer token (default: $LORAFLEET_API_KEY)",
+        help=f"API key sent as 'authorization: Bearer KEY' (default: ${API_KEY_ENV}; prefer the variable: "
+        "a flag shows in `ps`)",
     )
-    parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    parser.add_argument(
+        "--tls", action="store_true", help="use TLS (the system's root certificates unless --tls-ca is given)"
+    )
+    parser.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="CA certificate(s) of the server's certificate (implies --tls)"
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="client certificate, for servers that require one (mTLS)"
+    )
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline per call")
 
 
@@ -64,9 +73,32 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", metavar="PROMPT", help='the prompt; "-" reads it from stdin')
 
 
+class UsageError(Exception):
+    """A connection flag that cannot be used (a certificate file that cannot be read, a lone --tls-key)."""
+
+
+def _read_pem(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
 def _client(args: argparse.Namespace) -> LoraFleetClient:
-    tls = grpc.ssl_channel_credentials() if args.tls else None
-    return LoraFleetClient(args.target, api_key=args.api_key, tls=tls, timeout=args.timeout)
+    """A client from the connection flags (raises UsageError for unusable TLS flags)."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together (a client certificate and its key)")
+    return LoraFleetClient(
+        args.target,
+        api_key=args.api_key,
+        tls=args.tls,
+        root_certificates=_read_pem(args.tls_ca, "--tls-ca"),
+        client_certificate=_read_pem(args.tls_cert, "--tls-cert"),
+        client_key=_read_pem(args.tls_key, "--tls-key"),
+        timeout=args.timeout,
+    )
 
 
 def _fail(error: LoraFleetError) -> int:
@@ -182,7 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-    status: int = args.func(args)
+    try:
+        status: int = args.func(args)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     return status
 
 

@@ -16,9 +16,12 @@ from lorafleet import convert
 from lorafleet._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
+    TlsOption,
     call_metadata,
+    channel_credentials,
     channel_options,
     pick_timeout,
+    resolve_api_key,
 )
 from lorafleet.aio import AsyncLoraFleetClient
 from lorafleet.errors import LoraFleetError, UnavailableError, from_rpc_error
@@ -33,11 +36,13 @@ from lorafleet.models import (
     RefreshResult,
     Sampling,
     Tokens,
+    UsageRow,
 )
 from lorafleet.stream import GenerationStream
 from lorafleet_proto.v1 import adapters_pb2 as apb
-from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
+from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc, usage_pb2_grpc
 from lorafleet_proto.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import usage_pb2 as upb
 
 __all__ = [
     "AdapterInfo",
@@ -63,6 +68,12 @@ class LoraFleetClient:
 
     Every RPC failure raises a LoraFleetError subclass (lorafleet.errors). ``timeout`` (seconds) is
     the default deadline of each call; methods take their own ``timeout`` too.
+
+    ``api_key`` is sent as ``authorization: Bearer <key>`` on every call; it defaults to
+    ``$LORAFLEET_API_KEY`` ("" sends none). ``tls=True`` connects with TLS (the system's root
+    certificates, or ``root_certificates``: PEM bytes of the server's CA); ``client_certificate`` and
+    ``client_key`` (PEM bytes) add a client certificate for servers that require one (mTLS). Any
+    certificate implies TLS; ``tls`` may also be ready ``grpc.ChannelCredentials``.
     """
 
     def __init__(
@@ -70,19 +81,24 @@ class LoraFleetClient:
         target: str = DEFAULT_TARGET,
         *,
         api_key: str | None = None,
-        tls: grpc.ChannelCredentials | None = None,
+        tls: TlsOption = None,
+        root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         options = channel_options(max_message_bytes)
-        if tls is None:
+        credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
+        if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, tls, options=options)
-        self._api_key = api_key
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._api_key = resolve_api_key(api_key)
         self._timeout = timeout
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersServiceStub(self._channel)
+        self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
 
     @property
     def channel(self) -> grpc.Channel:
@@ -222,6 +238,15 @@ class LoraFleetClient:
         request = apb.UnpinAdapterRequest(adapter=ref)
         response: apb.UnpinAdapterResponse = self._unary(self._adapters.UnpinAdapter, request, timeout)
         return response.adapter
+
+    def get_usage(
+        self, start: float, end: float | None = None, *, tenant: str = "", timeout: float | None = None
+    ) -> list[UsageRow]:
+        """Requests and tokens per tenant and adapter version that finished in [start, end) (UNIX
+        seconds, whole minutes; end None: now). Admin keys only."""
+        request = upb.GetUsageRequest(start_unix_seconds=int(start), end_unix_seconds=int(end or 0), tenant=tenant)
+        response: upb.GetUsageResponse = self._unary(self._usage.GetUsage, request, timeout)
+        return convert.usage_from_proto(response)
 
     def refresh_adapters(self, *, timeout: float | None = None) -> RefreshResult:
         """Asks the server to look for newly published adapter versions now."""

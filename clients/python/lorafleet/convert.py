@@ -20,9 +20,11 @@ from lorafleet.models import (
     RefreshResult,
     Sampling,
     Tokens,
+    UsageRow,
 )
 from lorafleet_proto.v1 import adapters_pb2 as apb
 from lorafleet_proto.v1 import inference_pb2 as ipb
+from lorafleet_proto.v1 import usage_pb2 as upb
 
 _FINISH_REASONS: dict[ipb.FinishReason, FinishReason] = {
     ipb.FINISH_REASON_UNSPECIFIED: "unspecified",
@@ -296,3 +298,16 @@ def refresh_from_proto(response: apb.RefreshAdaptersResponse) -> RefreshResult:
         swaps=tuple(AdapterSwap(s.adapter, s.from_version, s.to_version) for s in response.swaps),
         failures=tuple(AdapterSwapFailure(f.adapter, f.version, f.error) for f in response.failures),
     )
+
+
+def usage_from_proto(response: upb.GetUsageResponse) -> list[UsageRow]:
+    return [
+        UsageRow(
+            tenant=r.tenant,
+            adapter=r.adapter,
+            requests=r.requests,
+            prompt_tokens=r.prompt_tokens,
+            generated_tokens=r.generated_tokens,
+        )
+        for r in response.rows
+    ]

@@ -130,6 +130,17 @@ class AdapterInfo:
 
 
 @dataclass(frozen=True)
+class UsageRow:
+    """Requests and tokens of one tenant through one adapter version ("" for the base) in a window."""
+
+    tenant: str
+    adapter: str
+    requests: int
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
 class AdapterSwap:
     """An adapter that moved to a newly published version."""
 

@@ -48,10 +48,15 @@ class UsageMeter:
             counts[2] += summary.generated_tokens
             self._expire(minute)
 
+    @staticmethod
+    def window(start: float, end: float) -> tuple[int, int]:
+        """The whole minutes a window [start, end) sums, as UNIX seconds: those that start inside it."""
+        return -(-int(start) // MINUTE) * MINUTE, -(-int(end) // MINUTE) * MINUTE
+
     def report(self, start: float, end: float, tenant: str | None = None) -> list[UsageRow]:
         """Totals per (tenant, adapter) of the requests that finished in [start, end) (UNIX seconds),
         at minute resolution: a minute counts when it starts inside the window."""
-        first, last = -(-int(start) // MINUTE), -(-int(end) // MINUTE)
+        first, last = (bound // MINUTE for bound in self.window(start, end))
         totals: dict[tuple[str, str], list[int]] = {}
         with self._lock:
             for (minute, who, adapter), counts in self._buckets.items():

@@ -1,4 +1,8 @@
-"""AdaptersService: thin gRPC wrapper over AdapterAdmin."""
+"""AdaptersService: thin gRPC wrapper over AdapterAdmin.
+
+Which roles may call each RPC is decided before a handler runs (auth.RPC_ROLES); here only what a
+tenant key sees is narrowed: ListAdapters and GetAdapter show a tenant its own adapters only.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import asyncio
 
 import grpc
 
+from lorafleet_adapters.ref import AdapterRef, check_ident
 from lorafleet_proto.v1 import adapters_pb2, adapters_pb2_grpc
 from lorafleet_server.engine.admin import AdapterAdmin
 from lorafleet_server.grpc import convert
+from lorafleet_server.grpc.auth import check_admin_view, listed_tenant
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import unary_rpc
 
@@ -22,13 +28,21 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
     async def ListAdapters(
         self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> adapters_pb2.ListAdaptersResponse:
-        views = await asyncio.to_thread(self._admin.list, request.tenant)
+        if request.tenant:
+            check_ident(request.tenant, "tenant")  # a bad name is INVALID_ARGUMENT for every caller
+        tenant = listed_tenant(record.principal, request.tenant)
+        if tenant is None:  # another tenant's: empty, as a tenant without adapters
+            return adapters_pb2.ListAdaptersResponse()
+        views = await asyncio.to_thread(self._admin.list, tenant)
         return adapters_pb2.ListAdaptersResponse(adapters=[convert.adapter_pb(v) for v in views])
 
     @unary_rpc("GetAdapter", adapter=True)
     async def GetAdapter(
         self, request: adapters_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> adapters_pb2.GetAdapterResponse:
+        ref = AdapterRef.parse(request.adapter)
+        if ref.version is None:  # with a version every caller gets the same INVALID_ARGUMENT below
+            check_admin_view(record.principal, ref)
         view = await asyncio.to_thread(self._admin.get, request.adapter)
         return adapters_pb2.GetAdapterResponse(adapter=convert.adapter_pb(view))
 

@@ -8,7 +8,15 @@ from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.ref import AdapterRef
 from lorafleet_proto.v1 import adapters_pb2, inference_pb2
 from lorafleet_server.engine.admin import AdapterView, Tier
-from lorafleet_server.engine.types import ChatTurn, FinishReason, GenerationRequest, ModelInfo, SamplingParams, Summary
+from lorafleet_server.engine.types import (
+    ChatTurn,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    Principal,
+    SamplingParams,
+    Summary,
+)
 from lorafleet_server.errors import InvalidRequest
 
 FINISH_REASONS = {
@@ -52,7 +60,9 @@ def generation_request(
     request: inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest,
     request_id: str,
     default_max_new_tokens: int,
+    principal: Principal | None = None,
 ) -> GenerationRequest:
+    """The engine's request; ``principal`` is the caller from its API key (never from the request)."""
     if request.prompt and len(request.messages):
         raise InvalidRequest("set exactly one of prompt and messages")
     return GenerationRequest(
@@ -61,10 +71,13 @@ def generation_request(
         messages=chat_turns(request.messages),
         adapter=adapter_ref(request.adapter),
         params=sampling(request.params, default_max_new_tokens),
+        principal=principal,
     )
 
 
-def embed_request(request: inference_pb2.EmbedRequest, request_id: str) -> GenerationRequest:
+def embed_request(
+    request: inference_pb2.EmbedRequest, request_id: str, principal: Principal | None = None
+) -> GenerationRequest:
     if request.text and len(request.messages):
         raise InvalidRequest("set exactly one of text and messages")
     return GenerationRequest(
@@ -73,6 +86,7 @@ def embed_request(request: inference_pb2.EmbedRequest, request_id: str) -> Gener
         messages=chat_turns(request.messages),
         adapter=adapter_ref(request.adapter),
         embed=True,
+        principal=principal,
     )
 
 

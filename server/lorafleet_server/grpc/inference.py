@@ -11,6 +11,7 @@ from lorafleet_proto.v1 import inference_pb2, inference_pb2_grpc
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.types import GenerationRequest, ModelInfo, TokenEvent
 from lorafleet_server.grpc import convert
+from lorafleet_server.grpc.auth import check_adapter_access
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import stream_rpc, unary_rpc
 
@@ -67,7 +68,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> inference_pb2.GenerateResponse:
-        req = convert.generation_request(request, record.request_id, self._default_max_new_tokens)
+        req = convert.generation_request(request, record.request_id, self._default_max_new_tokens, record.principal)
+        check_adapter_access(record.principal, req.adapter)
         parts: list[str] = []
         async for event in self._stream.events(req):
             record.tokens += len(event.token_ids)
@@ -81,7 +83,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
-        req = convert.generation_request(request, record.request_id, self._default_max_new_tokens)
+        req = convert.generation_request(request, record.request_id, self._default_max_new_tokens, record.principal)
+        check_adapter_access(record.principal, req.adapter)
         async for event in self._stream.events(req):
             record.tokens += len(event.token_ids)
             if event.summary is not None:
@@ -104,7 +107,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> inference_pb2.EmbedResponse:
-        req = convert.embed_request(request, record.request_id)
+        req = convert.embed_request(request, record.request_id, record.principal)
+        check_adapter_access(record.principal, req.adapter)
         async for event in self._stream.events(req):
             if event.summary is not None:
                 record.summary = event.summary

@@ -1,21 +1,28 @@
-"""Per-RPC accounting at the gRPC edge: status-code counters, latency, one log line per request."""
+"""Per-RPC accounting at the gRPC edge: status-code counters, latency, one log line per request.
+
+Every line names who called (``key_id`` and ``tenant`` of the API key; on a server without keys the
+tenant is the adapter's). Admin RPCs (those only the ``admin`` role may call, ``auth.ADMIN_RPCS``)
+also write one line to the audit logger, whatever their outcome, refused calls included.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
 
-from lorafleet_server.engine.types import Summary
+from lorafleet_server.engine.types import Principal, Summary
 from lorafleet_server.logs import REQUEST_LOGGER
 from lorafleet_server.metrics import Metrics
 
+AUDIT_LOGGER = "lorafleet.audit"
 request_log = logging.getLogger(REQUEST_LOGGER)
+audit_log = logging.getLogger(AUDIT_LOGGER)
 DEADLINE_SLACK_SECONDS = 0.05
 
 
@@ -30,6 +37,19 @@ class CallRecord:
     error: str = ""
     tokens: int = 0  # generated so far: what a cut call logs, since it never gets a summary
     deadline: float | None = None  # time.monotonic() of the caller's deadline, if it set one
+    principal: Principal | None = None  # who called: None on a server without keys, or before authentication
+    key_id: str = ""  # the presented key's id when it was refused (an id is no secret)
+
+    @property
+    def caller_key_id(self) -> str:
+        return self.principal.key_id if self.principal is not None else self.key_id
+
+    @property
+    def tenant(self) -> str:
+        """The caller's tenant from its key; without keys, the tenant of the adapter it asked for."""
+        if self.principal is not None:
+            return self.principal.tenant
+        return self.adapter.split("/", 1)[0] if self.adapter else ""
 
     def expired(self) -> bool:
         """Whether the caller's deadline has passed. gRPC cancels the handler a moment after it passes,
@@ -39,17 +59,35 @@ class CallRecord:
 
 
 class CallObserver:
-    def __init__(self, metrics: Metrics) -> None:
+    """Counts, times and logs every call of our services; ``audited``: the RPC names that also get an
+    audit line (the admin-only ones)."""
+
+    def __init__(self, metrics: Metrics, audited: Collection[str] = ()) -> None:
         self._metrics = metrics
+        self._audited = frozenset(audited)
 
     @asynccontextmanager
     async def call(
-        self, rpc: str, context: grpc.aio.ServicerContext, request_id: str, adapter: str = ""
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        request_id: str,
+        adapter: str = "",
+        principal: Principal | None = None,
+        key_id: str = "",
     ) -> AsyncIterator[CallRecord]:
         started = time.monotonic()
         remaining = context.time_remaining()
         deadline = None if remaining is None else started + remaining
-        record = CallRecord(rpc=rpc, request_id=request_id, adapter=adapter, started=started, deadline=deadline)
+        record = CallRecord(
+            rpc=rpc,
+            request_id=request_id,
+            adapter=adapter,
+            started=started,
+            deadline=deadline,
+            principal=principal,
+            key_id=key_id,
+        )
         try:
             yield record
             if record.code == grpc.StatusCode.OK and record.deadline is not None and time.monotonic() > record.deadline:
@@ -71,7 +109,8 @@ class CallObserver:
         fields = {
             "request_id": r.request_id,
             "rpc": r.rpc,
-            "tenant": r.adapter.split("/", 1)[0] if r.adapter else "",
+            "key_id": r.caller_key_id,
+            "tenant": r.tenant,
             "adapter": s.adapter if s is not None else r.adapter,
             "status": r.code.name,
             "prompt_tokens": s.prompt_tokens if s is not None else 0,
@@ -84,3 +123,19 @@ class CallObserver:
         if r.error:
             fields["error"] = r.error
         request_log.info("request finished", extra={"fields": fields})
+        if r.rpc in self._audited:
+            self._audit(r)
+
+    def _audit(self, r: CallRecord) -> None:
+        fields = {
+            "request_id": r.request_id,
+            "key_id": r.caller_key_id,
+            "tenant": r.principal.tenant if r.principal is not None else "",  # the caller's, never the target's
+            "role": r.principal.role if r.principal is not None else "",
+            "rpc": r.rpc,
+            "adapter": r.adapter,
+            "status": r.code.name,
+        }
+        if r.error:
+            fields["error"] = r.error
+        audit_log.info("admin call", extra={"fields": fields})

@@ -10,6 +10,12 @@ The wrapper derives the request id (``request_id_of``), optionally sends it back
 the trailing or initial metadata, opens ``CallObserver.call`` (status-code counter, latency, one
 request-log line), and ends the RPC with the status of any domain error (``abort_with``, the one table
 in status.py). The servicer provides its ``CallObserver`` as ``calls``.
+
+**Who is calling.** The authentication interceptor (auth.py) calls each wrapped method with one more
+keyword than gRPC passes, ``principal`` (the ``Principal`` of the caller's API key, None on a server
+without keys); ``DecodeGuard`` passes it through. The wrapper puts it on the ``CallRecord``, so the
+handler reads ``record.principal`` and the request log names the key and its tenant. A keyword from the
+interceptor, rather than a context variable, so the caller is an explicit argument all the way.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Literal, Protocol, TypeAlias, TypeVar, cast, overload
 
 import grpc
 
+from lorafleet_server.engine.types import Principal
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.status import status_for
 
@@ -55,9 +62,12 @@ AdapterReq = TypeVar("AdapterReq", bound=HasAdapter)
 Resp = TypeVar("Resp")
 
 UnaryHandler: TypeAlias = Callable[[S, Req, grpc.aio.ServicerContext, CallRecord], Awaitable[Resp]]
-UnaryMethod: TypeAlias = Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 StreamHandler: TypeAlias = Callable[[S, Req, grpc.aio.ServicerContext, CallRecord], AsyncGenerator[Resp, None]]
-StreamMethod: TypeAlias = Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]
+# What gRPC calls: (servicer, request, context), plus ``principal=`` from the authentication interceptor.
+# A Callable type cannot say "one optional keyword", so the arguments are left open; the handlers above
+# are what the decorators check.
+UnaryMethod: TypeAlias = Callable[..., Awaitable[Resp]]
+StreamMethod: TypeAlias = Callable[..., AsyncIterator[Resp]]
 
 
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
@@ -96,21 +106,23 @@ def _adapter_of(request: object, adapter: bool) -> str:
 @overload
 def unary_rpc(
     name: str, *, adapter: Literal[False] = ..., send_request_id: SendRequestId = ...
-) -> Callable[[UnaryHandler[S, Req, Resp]], UnaryMethod[S, Req, Resp]]: ...
+) -> Callable[[UnaryHandler[S, Req, Resp]], UnaryMethod[Resp]]: ...
 @overload
 def unary_rpc(
     name: str, *, adapter: Literal[True], send_request_id: SendRequestId = ...
-) -> Callable[[UnaryHandler[S, AdapterReq, Resp]], UnaryMethod[S, AdapterReq, Resp]]: ...
+) -> Callable[[UnaryHandler[S, AdapterReq, Resp]], UnaryMethod[Resp]]: ...
 def unary_rpc(
     name: str, *, adapter: bool = False, send_request_id: SendRequestId = None
-) -> Callable[[UnaryHandler[S, Req, Resp]], UnaryMethod[S, Req, Resp]]:
+) -> Callable[[UnaryHandler[S, Req, Resp]], UnaryMethod[Resp]]:
     """Wrap a unary-unary handler as the RPC ``name``; ``adapter``: record ``request.adapter``."""
 
-    def wrap(handler: UnaryHandler[S, Req, Resp]) -> UnaryMethod[S, Req, Resp]:
+    def wrap(handler: UnaryHandler[S, Req, Resp]) -> UnaryMethod[Resp]:
         @functools.wraps(handler)
-        async def method(self: S, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        async def method(
+            self: S, request: Req, context: grpc.aio.ServicerContext, principal: Principal | None = None
+        ) -> Resp:
             rid = await _begin(context, send_request_id)
-            async with self.calls.call(name, context, rid, _adapter_of(request, adapter)) as record:
+            async with self.calls.call(name, context, rid, _adapter_of(request, adapter), principal) as record:
                 try:
                     return await handler(self, request, context, record)
                 except asyncio.CancelledError:
@@ -127,21 +139,23 @@ def unary_rpc(
 @overload
 def stream_rpc(
     name: str, *, adapter: Literal[False] = ..., send_request_id: SendRequestId = ...
-) -> Callable[[StreamHandler[S, Req, Resp]], StreamMethod[S, Req, Resp]]: ...
+) -> Callable[[StreamHandler[S, Req, Resp]], StreamMethod[Resp]]: ...
 @overload
 def stream_rpc(
     name: str, *, adapter: Literal[True], send_request_id: SendRequestId = ...
-) -> Callable[[StreamHandler[S, AdapterReq, Resp]], StreamMethod[S, AdapterReq, Resp]]: ...
+) -> Callable[[StreamHandler[S, AdapterReq, Resp]], StreamMethod[Resp]]: ...
 def stream_rpc(
     name: str, *, adapter: bool = False, send_request_id: SendRequestId = None
-) -> Callable[[StreamHandler[S, Req, Resp]], StreamMethod[S, Req, Resp]]:
+) -> Callable[[StreamHandler[S, Req, Resp]], StreamMethod[Resp]]:
     """Wrap a unary-stream handler (an async generator) as the RPC ``name``; see ``unary_rpc``."""
 
-    def wrap(handler: StreamHandler[S, Req, Resp]) -> StreamMethod[S, Req, Resp]:
+    def wrap(handler: StreamHandler[S, Req, Resp]) -> StreamMethod[Resp]:
         @functools.wraps(handler)
-        async def method(self: S, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        async def method(
+            self: S, request: Req, context: grpc.aio.ServicerContext, principal: Principal | None = None
+        ) -> AsyncIterator[Resp]:
             rid = await _begin(context, send_request_id)
-            async with self.calls.call(name, context, rid, _adapter_of(request, adapter)) as record:
+            async with self.calls.call(name, context, rid, _adapter_of(request, adapter), principal) as record:
                 try:
                     async with aclosing(handler(self, request, context, record)) as responses:
                         async for response in responses:
@@ -164,6 +178,9 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
     class while the server logged a traceback and counted nothing. For our services this interceptor
     hands the handler the raw bytes instead and parses them itself, inside the usual accounting.
     Health and reflection are left as they are.
+
+    It runs inside the authentication interceptor (auth.py), so bytes from a caller that is refused are
+    never parsed; the ``principal`` that interceptor passes goes on to the servicer method.
     """
 
     def __init__(self, calls: CallObserver, services: tuple[str, ...]) -> None:
@@ -184,8 +201,11 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
-            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> object:
-                return await unary(await self._parse(rpc, parse, raw, context), context)
+            async def unary_unary(
+                raw: bytes, context: grpc.aio.ServicerContext, principal: Principal | None = None
+            ) -> object:
+                request = await self._parse(rpc, parse, raw, context, principal)
+                return await unary(request, context, principal=principal)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, request_deserializer=None, response_serializer=handler.response_serializer
@@ -193,8 +213,11 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None:
             stream = handler.unary_stream
 
-            async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
-                async for response in stream(await self._parse(rpc, parse, raw, context), context):
+            async def unary_stream(
+                raw: bytes, context: grpc.aio.ServicerContext, principal: Principal | None = None
+            ) -> AsyncIterator[object]:
+                request = await self._parse(rpc, parse, raw, context, principal)
+                async for response in stream(request, context, principal=principal):
                     yield response
 
             return grpc.unary_stream_rpc_method_handler(
@@ -203,13 +226,18 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         return handler  # no client-streaming RPCs in our services
 
     async def _parse(
-        self, rpc: str, parse: Callable[[bytes], object], raw: bytes, context: grpc.aio.ServicerContext
+        self,
+        rpc: str,
+        parse: Callable[[bytes], object],
+        raw: bytes,
+        context: grpc.aio.ServicerContext,
+        principal: Principal | None,
     ) -> object:
         try:
             return parse(raw)
         except Exception as exc:  # DecodeError, UnicodeDecodeError...: the bytes are not a valid message
             reason = f"malformed {rpc} request: {type(exc).__name__}: {exc}"[:300]
-        async with self._calls.call(rpc, context, request_id_of(context)) as record:
+        async with self._calls.call(rpc, context, request_id_of(context), principal=principal) as record:
             record.code = grpc.StatusCode.INVALID_ARGUMENT
             record.error = reason
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)

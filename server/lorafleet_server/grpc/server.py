@@ -1,4 +1,10 @@
-"""The gRPC server: inference, admin, health and reflection on one port (grpc.aio)."""
+"""The gRPC server: inference, admin, health and reflection on one port (grpc.aio).
+
+Security is decided at start, before the port is bound: TLS (``--tls-cert``/``--tls-key``, and with
+``--tls-client-ca`` client certificates too) and the API keys (``ServerKeys`` in auth.py: on with any
+key in the file; without keys only on loopback or with ``--insecure-no-auth``). What must not start
+raises ``StartupError``.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +12,105 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lorafleet_proto.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from lorafleet_proto.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 from lorafleet_server.app import Service
+from lorafleet_server.config import ServerConfig, keys_pepper
 from lorafleet_server.engine.admin import AdapterAdmin
+from lorafleet_server.errors import StartupError
 from lorafleet_server.grpc.admin import AdaptersServicer
+from lorafleet_server.grpc.auth import ADMIN_RPCS, AuthInterceptor, ServerKeys, is_loopback
 from lorafleet_server.grpc.inference import InferenceServicer
 from lorafleet_server.grpc.observe import CallObserver
 from lorafleet_server.grpc.rpc import DecodeGuard
+from lorafleet_server.grpc.usage import UsageServicer
 from lorafleet_server.metrics import MetricsServer, serve_metrics
+from lorafleet_server.tenants.keys import PepperSource
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     adapters_pb2.DESCRIPTOR.services_by_name["AdaptersService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
+
+
+def _read_pem(path: Path, flag: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise StartupError(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def _no_password() -> bytes:
+    return b""  # an encrypted key fails to load instead of prompting on the terminal
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``--tls-cert``/``--tls-key`` (and ``--tls-client-ca``: client certificates
+    required), or None for plaintext. The files are read and checked here, with Python's ssl module,
+    that the key belongs to the certificate and the CA file parses: gRPC would only fail at the first
+    handshake. Raises StartupError naming the flag and the file."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    cert = _read_pem(config.tls_cert, "--tls-cert")
+    key = _read_pem(config.tls_key, "--tls-key")
+    client_ca = _read_pem(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca is not None else None
+    check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        check.load_cert_chain(config.tls_cert, config.tls_key, password=_no_password)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(
+            f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: not a usable certificate and "
+            f"matching unencrypted private key ({exc})"
+        ) from None
+    if client_ca is not None:
+        try:
+            check.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise StartupError(f"--tls-client-ca {config.tls_client_ca}: no usable CA certificate ({exc})") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def server_keys(config: ServerConfig, on_reload: Callable[[bool], None] | None = None) -> ServerKeys:
+    """The API keys of ``config``: its keys file and pepper; open without keys only on loopback or with
+    ``--insecure-no-auth``."""
+    return ServerKeys(
+        config.keys_path,
+        PepperSource(config.keys_path, keys_pepper()),
+        host=config.host,
+        allow_open=is_loopback(config.host) or config.insecure_no_auth,
+        on_reload=on_reload,
+    )
+
+
+def check_startup(config: ServerConfig) -> None:
+    """The start rules (TLS files, keys file, no keys off loopback), checked before the model loads so a
+    server that must not start says so at once; ``GrpcServer.start`` applies them again for real."""
+    server_credentials(config)
+    server_keys(config).load()
 
 
 class GrpcServer:
@@ -36,9 +119,11 @@ class GrpcServer:
     def __init__(self, service: Service) -> None:
         self.service = service
         cfg = service.config
-        calls = CallObserver(service.metrics)
+        calls = CallObserver(service.metrics, ADMIN_RPCS)
+        self.keys = server_keys(cfg, service.metrics.keys_reloaded)
         self._server = grpc.aio.server(
-            interceptors=[DecodeGuard(calls, SERVICE_NAMES)],
+            # The first interceptor runs outermost: authenticate before the request bytes are parsed.
+            interceptors=[AuthInterceptor(self.keys, calls, SERVICE_NAMES), DecodeGuard(calls, SERVICE_NAMES)],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -55,6 +140,7 @@ class GrpcServer:
         adapters_pb2_grpc.add_AdaptersServiceServicer_to_server(
             AdaptersServicer(AdapterAdmin(service.engine), calls), self._server
         )
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(service.engine.usage, calls), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -69,11 +155,29 @@ class GrpcServer:
         port = self.metrics_server.port if self.metrics_server is not None else 0
         return f"http://{self.service.config.host}:{port}/metrics"
 
-    async def start(self) -> int:
+    @property
+    def security(self) -> str:
+        """How calls are protected, for the ready line."""
         cfg = self.service.config
-        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {cfg.address}")
+        tls = "plaintext" if cfg.tls_cert is None else "TLS" if cfg.tls_client_ca is None else "mTLS"
+        return f"{tls}, API keys {'on' if self.keys.enforcing else 'OFF'}"
+
+    async def start(self) -> int:
+        """Check TLS files and keys (StartupError), then bind, start the engine and serve."""
+        cfg = self.service.config
+        credentials = server_credentials(cfg)
+        self.keys.start(cfg.keys_poll_seconds)
+        try:
+            address = f"{cfg.host}:{cfg.port}"
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
+            if self.port == 0:
+                raise OSError(f"cannot listen on {cfg.address}")
+        except BaseException:
+            self.keys.stop()
+            raise
         self.metrics_server = serve_metrics(self.service.metrics.registry, cfg.host, cfg.metrics_port)
         self.service.engine.start()
         await self._server.start()
@@ -104,6 +208,7 @@ class GrpcServer:
         await stop
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.keys.stop()
         log.info("stopped")
 
     def force(self) -> None:
@@ -135,13 +240,14 @@ async def serve_forever(service: Service) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     port = await server.start()
     log.info(
-        "lorafleet ready: gRPC on %s:%d, metrics on %s (model %s, %s, %s)",
+        "lorafleet ready: gRPC on %s:%d, metrics on %s (model %s, %s, %s; %s)",
         service.config.host,
         port,
         server.metrics_url,
         service.info.model_id,
         service.info.quantization,
         service.info.device,
+        server.security,
     )
     await stopping.wait()
     log.info(
@@ -169,9 +275,16 @@ class BackgroundServer:
         return self._server.metrics_server.port
 
     def start(self) -> int:
+        """Start serving; a server that must not start (StartupError) leaves no loop thread behind."""
         self._thread.start()
         future: Future[int] = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        self.port = future.result(timeout=60)
+        try:
+            self.port = future.result(timeout=60)
+        except BaseException:
+            self._server = None
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            raise
         return self.port
 
     async def _start(self) -> int:

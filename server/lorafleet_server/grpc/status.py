@@ -11,9 +11,19 @@ from lorafleet_adapters.errors import (
     InvalidAdapterRef,
     StoreUnavailable,
 )
-from lorafleet_server.errors import AdapterBusy, EngineTimeout, InvalidRequest, QueueFull, ShuttingDown
+from lorafleet_server.errors import (
+    AdapterBusy,
+    EngineTimeout,
+    InvalidRequest,
+    PermissionDenied,
+    QueueFull,
+    ShuttingDown,
+)
+from lorafleet_server.tenants.errors import AuthenticationError
 
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidAdapterRef, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),

@@ -1,0 +1,47 @@
+"""UsageService: per-tenant usage for billing, read from the engine's meter (admin role)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from lorafleet_adapters.ref import check_ident
+from lorafleet_proto.v1 import usage_pb2, usage_pb2_grpc
+from lorafleet_server.engine.usage import UsageMeter
+from lorafleet_server.errors import InvalidRequest
+from lorafleet_server.grpc.observe import CallObserver, CallRecord
+from lorafleet_server.grpc.rpc import unary_rpc
+
+
+class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
+    def __init__(self, meter: UsageMeter, calls: CallObserver) -> None:
+        self._meter = meter
+        self.calls = calls
+
+    @unary_rpc("GetUsage")
+    async def GetUsage(
+        self, request: usage_pb2.GetUsageRequest, context: grpc.aio.ServicerContext, record: CallRecord
+    ) -> usage_pb2.GetUsageResponse:
+        start = request.start_unix_seconds
+        end = request.end_unix_seconds or int(time.time())
+        if start < 0 or start >= end:
+            raise InvalidRequest(f"the window must have 0 <= start < end, got start {start} and end {end}")
+        if request.tenant:
+            check_ident(request.tenant, "tenant")
+        rows = self._meter.report(start, end, request.tenant or None)
+        first, last = UsageMeter.window(start, end)
+        return usage_pb2.GetUsageResponse(
+            rows=[
+                usage_pb2.UsageRow(
+                    tenant=r.tenant,
+                    adapter=r.adapter,
+                    requests=r.requests,
+                    prompt_tokens=r.prompt_tokens,
+                    generated_tokens=r.generated_tokens,
+                )
+                for r in rows
+            ],
+            start_unix_seconds=first,
+            end_unix_seconds=last,
+        )
