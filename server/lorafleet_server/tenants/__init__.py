@@ -1,5 +1,6 @@
-"""Tenants: who is calling. For now the API keys (``keys.py``) and their domain errors (``errors.py``).
+"""Tenants: who is calling. The API keys (``keys.py``) and their domain errors (``errors.py``).
 
 Nothing here imports gRPC or torch: the keys file is managed by the ``lorafleet keys`` commands and
-will be read by the server's authentication interceptor, which maps these errors to status codes.
+read by the server's authentication interceptor (``grpc/auth.py``), which maps these errors to status
+codes through the one status table.
 """
