@@ -14,10 +14,11 @@ Two rules keep this cheap and safe:
 
 from __future__ import annotations
 
+import copy
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_server.errors import InvalidRequest
@@ -45,6 +46,12 @@ class Turn(Protocol):
 class PromptEncoder:
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int) -> None:
         self.tokenizer = tokenizer
+        # Contents are encoded with special tokens split. Asking for that per call would set a flag on
+        # the tokenizer's shared backend that other threads encode with at the same moment (submits
+        # run on worker threads), so a template piece could come out split too and lose its markers.
+        # A private copy with the flag always on is never toggled.
+        self._text_tokenizer = cast(Any, copy.deepcopy(tokenizer))
+        self._text_tokenizer.split_special_tokens = True
         self.max_seq_len = max_seq_len
         # Byte-level BPE token strings hold one character per byte, so this bounds characters per token
         # from above for any text (a character is at least one byte).
@@ -126,4 +133,4 @@ class PromptEncoder:
     def _encode_text(self, text: str) -> list[int]:
         if not text:
             return []
-        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        return list(self._text_tokenizer.encode(text, add_special_tokens=False))
