@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,14 +15,27 @@ from lorafleet_server.config import ServerConfig
 from lorafleet_server.engine.engine import Engine, RequestHandle
 from lorafleet_server.engine.types import ChatTurn, GenerationRequest, SamplingParams, Summary, TokenEvent
 
+# How long a held engine thread waits for the test to let it go before it gives up (a test bug).
+HOLD_SECONDS = 120.0
+
 
 @dataclass
 class Collected:
-    """Events of one request, filled from the engine thread."""
+    """Events of one request, filled from the engine thread.
+
+    ``hold_at=n`` makes the sink stop the engine thread when the request has ``n`` tokens (and is not
+    finished) until the test calls :meth:`release`: whatever the test posts meanwhile (a cancel, an
+    ``Engine.call``) is handled before the engine's next step, so no timing decides the outcome.
+    ``on_event`` runs on the engine thread for every event, after it is recorded.
+    """
 
     events: list[TokenEvent] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     first: threading.Event = field(default_factory=threading.Event)
+    hold_at: int = 0
+    on_event: Callable[[TokenEvent], None] | None = None
+    held: threading.Event = field(default_factory=threading.Event)
+    _resume: threading.Event = field(default_factory=threading.Event)
 
     def __call__(self, event: TokenEvent) -> None:
         self.events.append(event)
@@ -27,6 +43,19 @@ class Collected:
             self.first.set()
         if event.final:
             self.done.set()
+        if self.on_event is not None:
+            self.on_event(event)
+        if self.hold_at and not event.final and not self.held.is_set() and len(self.token_ids) >= self.hold_at:
+            self.held.set()
+            if not self._resume.wait(HOLD_SECONDS):
+                raise AssertionError("the test never released the engine thread it held")
+
+    def wait_held(self, timeout: float = 60.0) -> Collected:
+        assert self.held.wait(timeout), f"the request did not reach {self.hold_at} token(s) in time"
+        return self
+
+    def release(self) -> None:
+        self._resume.set()
 
     def wait(self, timeout: float = 120.0) -> Collected:
         assert self.done.wait(timeout), "request did not finish in time"
@@ -69,10 +98,37 @@ def request(
     )
 
 
-def submit(engine: Engine, req: GenerationRequest) -> tuple[Collected, RequestHandle]:
-    sink = Collected()
+def submit(
+    engine: Engine, req: GenerationRequest, *, hold_at: int = 0, on_event: Callable[[TokenEvent], None] | None = None
+) -> tuple[Collected, RequestHandle]:
+    sink = Collected(hold_at=hold_at, on_event=on_event)
     handle = engine.submit(req, sink)
     return sink, handle
+
+
+@contextmanager
+def engine_held(engine: Engine, timeout: float = 60.0) -> Iterator[None]:
+    """Stop the engine thread between two steps for the duration of the block.
+
+    Inside it no step runs and no inbox message is handled: submitted requests, cancels and calls
+    queue up and are handled, in order, before the next step once the block ends. Do not wait on the
+    engine inside (``Engine.run`` would time out).
+    """
+    reached = threading.Event()
+    leave = threading.Event()
+
+    def hold() -> None:
+        reached.set()
+        if not leave.wait(HOLD_SECONDS):
+            raise AssertionError("engine_held: never released")
+
+    future: Future[None] = engine.call(hold)
+    assert reached.wait(timeout), "the engine thread did not reach the hold in time"
+    try:
+        yield
+    finally:
+        leave.set()
+        future.result(timeout)
 
 
 def generate(engine: Engine, req: GenerationRequest) -> Collected:

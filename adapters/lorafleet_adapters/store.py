@@ -403,10 +403,22 @@ class AdapterStore:
         return version
 
     def _advance_latest(self, key: AdapterKey) -> None:
-        """Point `latest` at `key` unless a concurrent publisher already moved it further."""
+        """Point `latest` at `key` unless a concurrent publisher already moved it further.
+
+        A damaged pointer (torn by another writer, junk, a link out of the store) is replaced: it names
+        no version, and `key` is at least as high as every version that existed when it was numbered.
+        Before, reading it raised here, after the version was already in place: every later publish
+        of the adapter failed the same way and the adapter stayed unresolvable by name.
+        """
         adapter_dir = self._inside(self._adapter_dir(key.tenant, key.name))
         with _store_io("update the latest pointer"), _locked(adapter_dir / LOCK_FILE):
-            current = self._read_pointer(adapter_dir)
+            try:
+                current = self._read_pointer(adapter_dir)
+            except (AdapterNotFound, AdapterFormatError) as exc:
+                log.warning(
+                    "adapter %s/%s: replacing a damaged '%s' pointer: %s", key.tenant, key.name, LATEST_FILE, exc
+                )
+                current = None
             if current is None or key.version > current:
                 atomic_write_text(adapter_dir / LATEST_FILE, f"{key.version}\n")
 

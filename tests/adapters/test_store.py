@@ -4,6 +4,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -266,6 +268,84 @@ def test_concurrent_publishers(store: AdapterStore, adapter_dir: Path, spec: Bas
     assert store.resolve(ref("acme/support")).version == 4
 
 
+# One publisher process: waits for "go" on stdin so that all of them publish at once.
+PUBLISHER = r"""
+import json, sys
+from pathlib import Path
+from lorafleet_adapters.peft_format import BaseModelSpec
+from lorafleet_adapters.store import AdapterStore
+
+job = json.loads(sys.argv[1])
+fields = job["spec"]
+spec = BaseModelSpec(**{**fields, "target_shapes": {k: tuple(v) for k, v in fields["target_shapes"].items()}})
+store = AdapterStore(Path(job["root"]))
+print("ready", flush=True)
+sys.stdin.readline()
+versions = [store.import_peft(Path(job["src"]), "acme", "shared", spec).version for _ in range(job["count"])]
+print(json.dumps(versions), flush=True)
+"""
+
+
+def test_concurrent_publishers_in_separate_processes(
+    store: AdapterStore, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    publishers, each = 4, 3
+    sources = [make_adapter(seed=70 + i)[0] for i in range(publishers)]  # each publisher its own adapter
+    spec_fields = {
+        "fingerprint": spec.fingerprint,
+        "model_id": spec.model_id,
+        "quantization": spec.quantization,
+        "target_shapes": {k: list(v) for k, v in spec.target_shapes.items()},
+        "max_lora_rank": spec.max_lora_rank,
+        "max_adapter_bytes": spec.max_adapter_bytes,
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                PUBLISHER,
+                json.dumps({"root": str(store.root), "src": str(src), "spec": spec_fields, "count": each}),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for src in sources
+    ]
+    try:
+        for proc in procs:  # every process has imported everything: the publishes themselves overlap
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        published = []
+        for proc in procs:
+            assert proc.stdout is not None
+            published.append(json.loads(proc.stdout.readline() or "null"))
+            assert proc.wait(120) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    versions = sorted(v for got in published for v in got)
+    assert versions == list(range(1, publishers * each + 1))  # distinct, none lost, no gap
+    assert store.versions("acme", "shared") == tuple(versions)
+    for src, got in zip(sources, published, strict=True):
+        files = {name: sha256_file(src / name) for name in ("adapter_config.json", WEIGHTS_FILE, "README.md")}
+        for version in got:
+            key = AdapterKey("acme", "shared", version)
+            manifest = store.manifest(key)  # names this very version
+            assert dict(manifest.files) == files  # the publisher's own files, nothing mixed in
+            assert sorted(p.name for p in store.version_dir(key).iterdir()) == sorted([*files, "manifest.json"])
+            store.load(key, spec)  # complete: every checksum, the header and the shapes verify
+    assert store.resolve(ref("acme/shared")).version == publishers * each
+    assert (store.root / "acme" / "shared" / "latest").read_text() == f"{publishers * each}\n"
+    assert list((store.root / ".staging").iterdir()) == []
+
+
 def test_latest_pointer_problems(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
     store.import_peft(adapter_dir, "acme", "support", spec)
     latest = store.root / "acme" / "support" / "latest"
@@ -278,6 +358,30 @@ def test_latest_pointer_problems(store: AdapterStore, adapter_dir: Path, spec: B
         store.resolve(ref("acme/support"))
     latest.unlink()  # a first publish interrupted before the pointer: fall back to the highest version
     assert store.resolve(ref("acme/support")).version == 1
+
+
+@pytest.mark.parametrize("damage", ["", "\n", "\x002", "../../etc", "9" * 40, "symlink"])
+def test_a_publish_repairs_a_damaged_latest_pointer(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec, tmp_path: Path, damage: str
+) -> None:
+    store.import_peft(adapter_dir, "acme", "support", spec)
+    latest = store.root / "acme" / "support" / "latest"
+    if damage == "symlink":  # a pointer that leads out of the store
+        (tmp_path / "outside").write_text("1\n")
+        latest.unlink()
+        latest.symlink_to(tmp_path / "outside")
+    else:
+        latest.write_text(damage)  # torn or junk
+    with pytest.raises((AdapterNotFound, AdapterFormatError)):
+        store.resolve(ref("acme/support"))  # by name the adapter cannot be resolved: not guessed
+    key = store.import_peft(adapter_dir, "acme", "support", spec)  # a publish is not blocked by it...
+    assert key.version == 2
+    assert not latest.is_symlink() and latest.read_text() == "2\n"  # ...and repairs it
+    assert store.resolve(ref("acme/support")) == key
+    if damage == "symlink":
+        assert (tmp_path / "outside").read_text() == "1\n"  # the link was replaced, not followed
+    assert store.import_peft(adapter_dir, "acme", "support", spec).version == 3
+    assert store.resolve(ref("acme/support")).version == 3
 
 
 def test_junk_ignored(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from lorafleet import LoraFleetClient
 from lorafleet_adapters.manifest import Manifest, sha256_file, utc_now_iso
 from lorafleet_server.app import Service
+
+T = TypeVar("T")
 
 
 def make_real_adapter(model_dir: Path, out: Path, seed: int, b_std: float = 0.02, **lora: Any) -> Path:
@@ -95,3 +100,37 @@ def lora_config_json(r: int, targets: list[str]) -> bytes:
             "task_type": "CAUSAL_LM",
         }
     ).encode()
+
+
+def metric(service: Service, name: str, **labels: str) -> float:
+    """A sample of the service's own registry (0 when the series does not exist yet)."""
+    return service.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait, bounded, for something another thread does (a counter moving after the client has its answer)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s")
+        time.sleep(0.01)
+
+
+def wait_for_metric(service: Service, name: str, value: float, timeout: float = 30.0, **labels: str) -> None:
+    """Wait until the sample reaches ``value``, then require it to be exactly ``value`` (not past it)."""
+    wait_until(lambda: metric(service, name, **labels) >= value, timeout, f"{name}{labels} to reach {value}")
+    assert metric(service, name, **labels) == value, (name, labels)
+
+
+def start_queued(service: Service, calls: list[Callable[[], T]]) -> list[Future[T]]:
+    """Start every call on its own thread (at once) and return when all of them are queued in the engine.
+
+    Use it while the engine is held (``enginelib.engine_held``): the calls then start together, in one
+    step, when it is released. Their submits run concurrently, as gRPC's worker threads run them.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(len(calls), 1))
+    queued = service.engine.load_stats()[1]
+    futures = [pool.submit(call) for call in calls]
+    pool.shutdown(wait=False)
+    wait_until(lambda: service.engine.load_stats()[1] >= queued + len(calls), 60, "every call queued")
+    return futures

@@ -6,11 +6,13 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import grpc
 import pytest
-from e2elib import LiveServer
+from e2elib import LiveServer, metric, start_queued, wait_for_metric
+from enginelib import engine_held
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -125,25 +127,61 @@ def test_concurrent_requests_with_different_adapters_match_their_solo_outputs(li
             out = c.generate(messages=prompt, adapter=ref, sampling=sampling)
             return ref, out.text, out.adapter
 
-    with ThreadPoolExecutor(max_workers=9) as pool:
-        results = list(pool.map(call, refs * 3))
-    for ref, text, served in results:
-        assert text == solo[ref]
+    engine = live.service.engine
+    with engine_held(engine):  # all of them queued first, then batched together (8 rows, one waits)
+        futures = start_queued(live.service, [partial(call, ref) for ref in refs * 3])
+        assert engine.load_stats() == (0, 9)
+    for ref, text, served in (f.result(timeout=300) for f in futures):
+        assert text == solo[ref], ref
         assert served == (f"{ref}@1" if ref else "")
 
 
-def test_cancel_mid_stream_frees_the_row(live: LiveServer) -> None:
-    stream = live.client.stream("Count from one to a thousand:", sampling=Sampling(max_new_tokens=120))
-    got = [next(iter(stream)) for _ in range(2)]
-    assert got
+def test_concurrent_tokenize_calls_agree_with_a_lone_call(live: LiveServer) -> None:
+    lone = live.client.tokenize(messages=CAPITAL).ids
+    with ThreadPoolExecutor(max_workers=8) as pool:  # each call encodes on its own server worker thread
+        got = list(pool.map(lambda _: live.client.tokenize(messages=CAPITAL).ids, range(400)))
+    wrong = [ids for ids in got if ids != lone]
+    assert not wrong, f"{len(wrong)} of {len(got)} concurrent Tokenize calls differ from a lone one"
+
+
+# E2E_CONFIG's max_new_tokens: seconds of real-model work, far more than a cut request gets to do.
+LONG = 128
+COUNTING = "Count from one to a thousand:"
+
+
+def test_cancel_mid_stream_stops_generation(live: LiveServer) -> None:
+    service = live.service
+    cancelled = metric(service, "lorafleet_generations_total", reason="cancelled")
+    tokens = metric(service, "lorafleet_generated_tokens_total")
+    cut = metric(service, "lorafleet_requests_total", rpc="GenerateStream", code="CANCELLED")
+    stream = live.client.stream(COUNTING, sampling=Sampling(max_new_tokens=LONG))
+    chunks = iter(stream)
+    got = [next(chunks), next(chunks)]
+    assert all(got)
     stream.cancel()
+    # The engine finished the request as cancelled (a natural end counts as "length" or
+    # "end_of_sequence", never here), long before its LONG tokens.
+    wait_for_metric(service, "lorafleet_generations_total", cancelled + 1, reason="cancelled")
+    generated = metric(service, "lorafleet_generated_tokens_total") - tokens
+    assert 2 <= generated < LONG // 2, generated
+    wait_for_metric(service, "lorafleet_requests_total", cut + 1, rpc="GenerateStream", code="CANCELLED")
     assert _idle(live), "the engine kept generating after the client cancelled"
 
 
 def test_deadline_exceeded_stops_generation(live: LiveServer) -> None:
+    service = live.service
+    expired = metric(service, "lorafleet_requests_total", rpc="Generate", code="DEADLINE_EXCEEDED")
+    cut = metric(service, "lorafleet_requests_total", rpc="Generate", code="CANCELLED")
+    cancelled = metric(service, "lorafleet_generations_total", reason="cancelled")
+    tokens = metric(service, "lorafleet_generated_tokens_total")
     with pytest.raises(LoraFleetError) as err:
-        live.client.generate("Count from one to a thousand:", sampling=Sampling(max_new_tokens=120), timeout=0.5)
+        live.client.generate(COUNTING, sampling=Sampling(max_new_tokens=LONG), timeout=0.5)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for_metric(service, "lorafleet_generations_total", cancelled + 1, reason="cancelled")
+    assert metric(service, "lorafleet_generated_tokens_total") - tokens < LONG // 2
+    # Counted once, as the deadline (kept from the call's start), not as a client cancel.
+    wait_for_metric(service, "lorafleet_requests_total", expired + 1, rpc="Generate", code="DEADLINE_EXCEEDED")
+    assert metric(service, "lorafleet_requests_total", rpc="Generate", code="CANCELLED") == cut
     assert _idle(live)
 
 

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
-from e2elib import make_real_adapter
+from e2elib import make_real_adapter, start_queued
+from enginelib import engine_held
 
 from lorafleet import LoraFleetClient, Message, Sampling
 from lorafleet_server.app import Service, build_service
 from lorafleet_server.config import ServerConfig
 from lorafleet_server.grpc.server import BackgroundServer
+from lorafleet_server.model.runner import RowStep
 
 POLL = 0.5
 PROMPT = [Message("user", "Write a short story about a lighthouse keeper.")]
-SAMPLING = Sampling(max_new_tokens=40)
+SAMPLING = Sampling(max_new_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -59,26 +62,35 @@ def server(tmp_path: Path, default_model_dir: Path) -> Iterator[tuple[Service, L
     bg.stop()
 
 
-def _run_streams(
-    client: LoraFleetClient, n: int, started: threading.Barrier
-) -> tuple[list[threading.Thread], list[tuple[str, str] | Exception | None]]:
-    results: list[tuple[str, str] | Exception | None] = [None] * n
+def _stream(client: LoraFleetClient) -> tuple[str, str]:
+    stream = client.stream(messages=PROMPT, adapter="acme/bot", sampling=SAMPLING)
+    text = "".join(stream)
+    return text, stream.result.adapter
 
-    def one(i: int) -> None:
-        try:
-            stream = client.stream(messages=PROMPT, adapter="acme/bot", sampling=SAMPLING)
-            chunks = iter(stream)
-            first = next(chunks)
-            started.wait(timeout=120)
-            text = first + "".join(chunks)
-            results[i] = (text, stream.result.adapter)
-        except Exception as exc:
-            results[i] = exc
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    return threads, results
+class StepHold:
+    """Stops the engine thread after the first step in which ``rows`` requests all decode, until released.
+
+    At that point every one of them has produced a token and none can have finished (each needs more
+    steps than that), so whatever the test does meanwhile happens while all of them are mid-stream.
+    """
+
+    def __init__(self, service: Service, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached = threading.Event()
+        self._resume = threading.Event()
+        original = service.engine.runner.step
+
+        def step(plan: list[RowStep]) -> Any:
+            out = original(plan)
+            if not self.reached.is_set() and len(plan) == rows and all(len(r.token_ids) == 1 for r in plan):
+                self.reached.set()
+                assert self._resume.wait(120), "never released"
+            return out
+
+        monkeypatch.setattr(service.engine.runner, "step", step)
+
+    def release(self) -> None:
+        self._resume.set()
 
 
 def _publish(service: Service, new_version: Path, corrupt: bool) -> None:
@@ -93,52 +105,62 @@ def _publish(service: Service, new_version: Path, corrupt: bool) -> None:
 
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_publish_while_streams_run(
-    server: tuple[Service, LoraFleetClient], versions: list[Path], corrupt: bool
+    server: tuple[Service, LoraFleetClient], versions: list[Path], corrupt: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service, client = server
     service.store.import_peft(versions[0], "acme", "bot", service.base.spec)
     reference_v1 = client.generate(messages=PROMPT, adapter="acme/bot@1", sampling=SAMPLING).text
-    assert client.generate(messages=PROMPT, adapter="acme/bot", sampling=SAMPLING).adapter == "acme/bot@1"
+    assert client.generate(messages=PROMPT, adapter="acme/bot", sampling=Sampling(max_new_tokens=1)).adapter == (
+        "acme/bot@1"
+    )
 
     n = 8
-    started = threading.Barrier(n + 1)
-    threads, results = _run_streams(client, n, started)
-    started.wait(timeout=120)  # every stream has its first chunk: all were admitted on v1
-    _publish(service, versions[1], corrupt)
-    for t in threads:
-        t.join(timeout=300)
+    hold = StepHold(service, n, monkeypatch)
+    with engine_held(service.engine):  # all n start together, in one step
+        streams = start_queued(service, [partial(_stream, client)] * n)
+        assert service.engine.load_stats() == (0, n)
+    try:
+        assert hold.reached.wait(120), "the streams never decoded together"
+        # Every stream has a token and none has finished: all n run, on v1, while the new version
+        # is published and the watcher's pass swaps to it (or refuses it).
+        assert service.engine.load_stats() == (n, 0)
+        assert not any(f.done() for f in streams)
+        _publish(service, versions[1], corrupt)
+        service.engine.adapters.versions.refresh()  # the poller's pass, now (a pass it ran meanwhile counts too)
+        assert service.engine.adapters.versions.serving()["acme/bot"] == (1 if corrupt else 2)
+        failures = service.metrics.registry.get_sample_value("lorafleet_adapter_swap_failures_total")
+        swaps = service.metrics.registry.get_sample_value("lorafleet_adapter_swaps_total")
+        assert (swaps, failures) == ((0, 1) if corrupt else (1, 0))
+        assert service.engine.load_stats() == (n, 0) and not any(f.done() for f in streams)
+    finally:
+        hold.release()
+    # Zero failed RPCs, each served by the version it was admitted on, with that version's text.
+    assert [f.result(timeout=300) for f in streams] == [(reference_v1, "acme/bot@1")] * n
 
-    assert all(isinstance(r, tuple) for r in results), results  # zero failed RPCs
-    for r in results:
-        assert isinstance(r, tuple)
-        text, adapter = r
-        assert adapter == "acme/bot@1"
-        assert text == reference_v1
-
-    deadline = time.monotonic() + POLL * 10
     served = client.generate(messages=PROMPT, adapter="acme/bot", sampling=SAMPLING)
-    want = "acme/bot@1" if corrupt else "acme/bot@2"
-    while served.adapter != want and time.monotonic() < deadline:
-        time.sleep(POLL / 5)
-        served = client.generate(messages=PROMPT, adapter="acme/bot", sampling=Sampling(max_new_tokens=1))
-    assert served.adapter == want
     if corrupt:
-        time.sleep(POLL * 3)  # several polls later the broken version is still refused
-        again = client.generate(messages=PROMPT, adapter="acme/bot", sampling=SAMPLING)
-        assert again.adapter == "acme/bot@1" and again.text == reference_v1
+        assert served.adapter == "acme/bot@1" and served.text == reference_v1
+        for _ in range(3):  # later passes do not retry (nor count again) the broken version
+            assert service.engine.adapters.versions.refresh().failures == ()
         assert service.metrics.registry.get_sample_value("lorafleet_adapter_swap_failures_total") == 1
+        assert client.generate(messages=PROMPT, adapter="acme/bot", sampling=Sampling(max_new_tokens=1)).adapter == (
+            "acme/bot@1"
+        )
     else:
+        assert served.adapter == "acme/bot@2"
         reference_v2 = client.generate(messages=PROMPT, adapter="acme/bot@2", sampling=SAMPLING).text
-        assert reference_v2 != reference_v1
-        assert client.generate(messages=PROMPT, adapter="acme/bot", sampling=SAMPLING).text == reference_v2
+        assert reference_v2 != reference_v1 and served.text == reference_v2
 
 
 def test_refresh_rpc_swaps_now(server: tuple[Service, LoraFleetClient], versions: list[Path]) -> None:
     service, client = server
+    service.engine.adapters.versions.stop()  # no poller: the RPC's pass is the only one
     service.store.import_peft(versions[0], "acme", "bot", service.base.spec)
     assert client.generate("Hi", adapter="acme/bot", sampling=Sampling(max_new_tokens=1)).adapter == "acme/bot@1"
     service.store.import_peft(versions[2], "acme", "bot", service.base.spec)
+    assert client.generate("Hi", adapter="acme/bot", sampling=Sampling(max_new_tokens=1)).adapter == "acme/bot@1"
     result = client.refresh_adapters()
-    swaps = [(s.adapter, s.from_version, s.to_version) for s in result.swaps]
-    assert swaps in ([("acme/bot", 1, 2)], [])  # [] only if the poller won the race
+    assert [(s.adapter, s.from_version, s.to_version) for s in result.swaps] == [("acme/bot", 1, 2)]
+    assert list(result.failures) == []
+    assert list(client.refresh_adapters().swaps) == []  # nothing newer: a second pass changes nothing
     assert client.generate("Hi", adapter="acme/bot", sampling=Sampling(max_new_tokens=1)).adapter == "acme/bot@2"

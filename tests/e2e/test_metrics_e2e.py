@@ -165,28 +165,33 @@ def _query(url: str, promql: str) -> float | None:
 
 
 def test_a_real_prometheus_scrapes_ttft_and_requests(live: LiveServer, prometheus: str) -> None:
-    def wait_for(promql: str, predicate: object, timeout: float = 30) -> float:
+    def wait_for(promql: str, want: float, timeout: float = 30) -> None:
+        """Until Prometheus reports exactly ``want`` (a scrape may lag; it must not overshoot)."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
             last = _query(prometheus, promql)
-            if last is not None and predicate(last):  # type: ignore[operator]
-                return last
+            if last == want:
+                return
             time.sleep(0.5)
-        raise AssertionError(f"{promql} stayed at {last}")
+        raise AssertionError(f"{promql} stayed at {last}, wanted {want}")
 
-    base_ok = wait_for('sum(lorafleet_requests_total{rpc="GenerateStream",code="OK"}) or vector(0)', lambda v: True)
-    base_ttft = wait_for("sum(lorafleet_time_to_first_token_seconds_count)", lambda v: True)
+    # The shared server has served earlier tests: the baselines are what it exports now, read straight
+    # from its endpoint, and Prometheus must report exactly these plus what this test does.
+    before = scrape(live)
+    ok = sample(before, "lorafleet_requests_total", rpc="GenerateStream", code="OK")
+    not_found = sample(before, "lorafleet_requests_total", rpc="Generate", code="NOT_FOUND")
+    ttft = sample(before, "lorafleet_time_to_first_token_seconds_count")
     for _ in range(3):
         stream = live.client.stream(messages=[Message("user", "Hi")], sampling=Sampling(max_new_tokens=4))
         list(stream)
     with pytest.raises(LoraFleetError) as err:
         live.client.generate("Hi", adapter="acme/unknown")
     assert err.value.code == grpc.StatusCode.NOT_FOUND
-    wait_for('sum(lorafleet_requests_total{rpc="GenerateStream",code="OK"})', lambda v: v >= base_ok + 3)
-    wait_for("sum(lorafleet_time_to_first_token_seconds_count)", lambda v: v >= base_ttft + 3)
-    wait_for('sum(lorafleet_requests_total{rpc="Generate",code="NOT_FOUND"})', lambda v: v >= 1)
-    assert wait_for('up{job="lorafleet"}', lambda v: v == 1) == 1
+    wait_for('sum(lorafleet_requests_total{rpc="GenerateStream",code="OK"})', ok + 3)
+    wait_for("sum(lorafleet_time_to_first_token_seconds_count)", ttft + 3)  # the refused call never ran
+    wait_for('sum(lorafleet_requests_total{rpc="Generate",code="NOT_FOUND"})', not_found + 1)
+    wait_for('up{job="lorafleet"}', 1)
 
 
 def test_one_structured_log_line_per_request(live: LiveServer, caplog: pytest.LogCaptureFixture) -> None:

@@ -5,18 +5,20 @@ See docs/architecture.md, "Multi-LoRA math and kernels".
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
-from enginelib import generate, request, submit, tiny_service
+from enginelib import Collected, engine_held, generate, request, submit, tiny_service
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorafleet_adapters.ref import AdapterRef
+from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import make_slot_io
+from lorafleet_server.engine.types import TokenEvent
 from lorafleet_server.model.loader import load_base
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
@@ -43,6 +45,12 @@ def adapter_dirs(peft_adapter: Any) -> dict[str, Path]:
     return {name: peft_adapter(seed=i + 1, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
 
 
+@pytest.fixture(scope="module")
+def small_qv(peft_adapter: Any) -> Path:
+    """r=4 on q_proj and v_proj only: a smaller adapter than "all-linear-r16" in every way."""
+    return peft_adapter(seed=41, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
 def _store_with(tmp: Path, spec: Any, dirs: dict[str, Path]) -> AdapterStore:
     store = AdapterStore(tmp)
     for name, d in dirs.items():
@@ -65,11 +73,35 @@ def _peft_reference(base_dir: Path, adapter_dir: Path | None, quantization: str 
     return model.eval()
 
 
-def _reference_tokens(model: Any, tokenizer: Any, prompt: str) -> list[int]:
+def _reference_tokens(model: Any, tokenizer: Any, prompt: str, max_new: int = MAX_NEW) -> list[int]:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=2, pad_token_id=2)
+        out = model.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=2, pad_token_id=2)
     return [int(t) for t in out[0, ids.shape[1] :]]
+
+
+def _served_tokens(sink: Collected) -> list[int]:
+    """The engine's tokens as transformers reports them: with the EOS the engine does not emit."""
+    got = sink.token_ids
+    return [*got, 2] if sink.summary.finish_reason.value == "end_of_sequence" else got
+
+
+def _last_logits(model: Any, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+def _tolerance(quantization: str) -> float:
+    return 1e-4 if quantization == "none" else 2e-3
+
+
+def _assert_nf4(model: Any, expected: int) -> None:
+    """``model`` really runs a bitsandbytes NF4 base: ``expected`` Linear4bit layers holding NF4 weights."""
+    import bitsandbytes as bnb
+
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == expected
+    assert {cast(Any, m.weight).quant_state.quant_type for m in quantized} == {"nf4"}
 
 
 @pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped"])
@@ -80,6 +112,9 @@ def test_mixed_batch_logits_match_peft(
     base = load_base(
         tiny_model_dir, quantization=quantization, device=torch.device("cpu"), num_slots=6, max_lora_rank=32
     )
+    if quantization == "nf4":
+        _assert_nf4(base.model, len(base.lora_layers))
+        assert all(type(layer.base).__name__ == "Linear4bit" for layer in base.lora_layers.values())
     store = _store_with(tmp_path / "store", base.spec, adapter_dirs)
     write, _ = make_slot_io(base.lora_layers)
     names = list(adapter_dirs)
@@ -96,17 +131,32 @@ def test_mixed_batch_logits_match_peft(
         lora_impl=impl,
     )  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tol = _tolerance(quantization)
+    plain = _peft_reference(tiny_model_dir, None, quantization)
+    if quantization == "nf4":
+        _assert_nf4(plain, len(base.lora_layers))
     # Row i: prompt i % 4 with adapter slot i (0 = base); all in one ragged forward.
     rows, expected = [], []
     for i in range(len(names) + 1):
         ids = tokenizer(PROMPTS[i % len(PROMPTS)], add_special_tokens=False).input_ids
         rows.append(RowStep(i, 0, tuple(ids), i, True, False))
-        ref = _peft_reference(tiny_model_dir, adapter_dirs[names[i - 1]] if i else None, quantization)
         with torch.no_grad():
-            expected.append(ref(torch.tensor([ids])).logits[0, -1].float())
+            base_logits = plain(torch.tensor([ids])).logits[0, -1].float()
+        if not i:
+            expected.append(base_logits)
+            continue
+        ref = _peft_reference(tiny_model_dir, adapter_dirs[names[i - 1]], quantization)
+        if quantization == "nf4":
+            _assert_nf4(ref, len(base.lora_layers))
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0, -1].float()
+        # The adapter moves the logits far beyond the tolerance: a row that lost its LoRA delta
+        # (or a reference that did) cannot pass for the adapter's.
+        assert (want - base_logits).abs().max() > 100 * tol, names[i - 1]
+        expected.append(want)
     out = runner.step(rows)
     for i, want in enumerate(expected):
-        torch.testing.assert_close(out.logits[i], want, rtol=1e-4, atol=1e-4 if quantization == "none" else 2e-3)
+        torch.testing.assert_close(out.logits[i], want, rtol=1e-4, atol=tol)
         assert int(out.logits[i].argmax()) == int(want.argmax())
 
 
@@ -134,10 +184,7 @@ def test_engine_mixed_batch_greedy_tokens_match_peft_alone(
             if name not in references:
                 references[name] = _peft_reference(tiny_model_dir, adapter_dirs[name] if name else None, quantization)
             want = _reference_tokens(references[name], tokenizer, prompt)
-            got = sink.token_ids
-            if sink.summary.finish_reason.value == "end_of_sequence":
-                got = [*got, 2]
-            assert got == want, f"{name} on {prompt!r}"
+            assert _served_tokens(sink) == want, f"{name} on {prompt!r}"
             assert sink.summary.adapter == (f"acme/{name}@1" if name else "")
     finally:
         service.engine.shutdown(10)
@@ -158,3 +205,139 @@ def test_base_rows_are_unchanged_by_adapters_in_the_batch(
         assert all(m.wait().token_ids != alone for m in mixed)
     finally:
         service.engine.shutdown(10)
+
+
+# A filler that makes every prompt longer than one 16-token step, so prompts prefill in chunks.
+FILLER = " and then the next item on the long list of things to say before the answer"
+
+
+@pytest.mark.parametrize("impl", ["token", "grouped"])
+def test_decode_steps_match_peft_with_one_adapter_in_non_adjacent_rows_and_chunked_prefill(
+    impl: str, tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decode_steps = 16
+    service = tiny_service(tiny_model_dir, tmp_path / "store", lora_impl=impl, max_step_tokens=16)
+    try:
+        for adapter in ("peft-default", "all-linear-r16"):
+            service.store.import_peft(adapter_dirs[adapter], "acme", adapter, service.base.spec)
+        # Rows in admission order: the same adapter in rows 0, 2 and 4, others between them.
+        jobs = [
+            ("peft-default", PROMPTS[0] + FILLER),
+            (None, PROMPTS[1] + FILLER),
+            ("peft-default", PROMPTS[2] + FILLER),
+            ("all-linear-r16", PROMPTS[3] + FILLER),
+            ("peft-default", PROMPTS[3] + FILLER),
+        ]
+        assert all(len(service.engine.encode_prompt(prompt, ())) > 16 for _, prompt in jobs)
+        steps: list[list[RowStep]] = []
+        original = service.engine.runner.step
+
+        def step(rows: list[RowStep]) -> Any:
+            steps.append(list(rows))
+            return original(rows)
+
+        monkeypatch.setattr(service.engine.runner, "step", step)
+        with engine_held(service.engine):  # all five are admitted together
+            sinks = [
+                submit(
+                    service.engine,
+                    request(prompt, adapter=f"acme/{name}" if name else None, max_new_tokens=decode_steps, rid=str(i)),
+                )[0]
+                for i, (name, prompt) in enumerate(jobs)
+            ]
+        for sink in sinks:
+            sink.wait()
+        # The shapes this test is about really happened: prefill chunks beside decode tokens, and
+        # decode steps where the adapter's tokens are not next to each other.
+        slot_a = service.engine.run(service.engine.adapters.slot_snapshot)[AdapterKey("acme", "peft-default", 1)].slot
+        assert any(len(r.token_ids) > 1 for r in steps[0]) and len(steps[0]) == 1  # a 16-token chunk alone
+        assert any(
+            any(len(r.token_ids) == 1 for r in rows) and any(len(r.token_ids) > 1 for r in rows) for rows in steps
+        )
+        split = [
+            rows
+            for rows in steps
+            if [r.slot for r in rows if len(r.token_ids) == 1].count(slot_a) >= 2
+            and len({r.slot for r in rows if len(r.token_ids) == 1}) >= 3
+        ]
+        assert split, "no decode step held the adapter in non-adjacent rows"
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        references = {name: _peft_reference(tiny_model_dir, adapter_dirs[name] if name else None) for name, _ in jobs}
+        for (name, prompt), sink in zip(jobs, sinks, strict=True):
+            want = _reference_tokens(references[name], tokenizer, prompt, decode_steps)
+            assert len(want) > 1
+            assert _served_tokens(sink) == want, f"{impl}: {name} on {prompt!r}"
+            assert sink.summary.adapter == (f"acme/{name}@1" if name else "")
+    finally:
+        service.engine.shutdown(10)
+
+
+@pytest.mark.parametrize("impl", ["gather", "auto"])
+def test_a_slot_reused_by_a_smaller_adapter_keeps_no_stale_weights(
+    impl: str, tiny_model_dir: Path, adapter_dirs: dict[str, Path], small_qv: Path, tmp_path: Path
+) -> None:
+    """One device slot: r=16 on every Linear, then r=4 on q/v only in the same slot."""
+    service = tiny_service(tiny_model_dir, tmp_path / "store", max_loaded_adapters=1, lora_impl=impl)
+    engine = service.engine
+    try:
+        service.store.import_peft(adapter_dirs["all-linear-r16"], "acme", "big", service.base.spec)
+        service.store.import_peft(small_qv, "acme", "small", service.base.spec)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        prompt = PROMPTS[1]
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        big = generate(engine, request(prompt, adapter="acme/big", max_new_tokens=MAX_NEW))
+        assert {str(k): v.slot for k, v in engine.run(engine.adapters.slot_snapshot).items()} == {"acme/big@1": 1}
+        small = generate(engine, request(prompt, adapter="acme/small", max_new_tokens=MAX_NEW))
+        assert {str(k): v.slot for k, v in engine.run(engine.adapters.slot_snapshot).items()} == {"acme/small@1": 1}
+        # The slot's logits now, read on the engine thread between steps (nothing else runs).
+        got = engine.run(lambda: engine.runner.step([RowStep(0, 0, tuple(ids), 1, True, False)]).logits[0])
+        ref_small = _peft_reference(tiny_model_dir, small_qv)
+        ref_big = _peft_reference(tiny_model_dir, adapter_dirs["all-linear-r16"])
+        want = _last_logits(ref_small, ids)
+        for other in (_last_logits(ref_big, ids), _last_logits(_peft_reference(tiny_model_dir, None), ids)):
+            assert (want - other).abs().max() > 100 * 1e-4  # stale or missing weights cannot pass
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert _served_tokens(small) == _reference_tokens(ref_small, tokenizer, prompt)
+        assert _served_tokens(big) == _reference_tokens(ref_big, tokenizer, prompt)
+    finally:
+        engine.shutdown(10)
+
+
+def test_unload_while_leased_keeps_running_outputs_and_frees_the_slot_after_the_last_release(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    service = tiny_service(tiny_model_dir, tmp_path / "store", max_loaded_adapters=1)
+    engine = service.engine
+    try:
+        service.store.import_peft(adapter_dirs["peft-default"], "acme", "bot", service.base.spec)
+        service.store.import_peft(adapter_dirs["rslora"], "acme", "other", service.base.spec)
+        key = AdapterKey("acme", "bot", 1)
+        prompt = PROMPTS[0]
+        alone = generate(engine, request(prompt, adapter="acme/bot", max_new_tokens=30)).token_ids
+        assert len(alone) == 30 and alone != generate(engine, request(prompt, max_new_tokens=30)).token_ids
+        views: dict[str, Future[Any]] = {}
+
+        def on_short(event: TokenEvent) -> None:  # engine thread; calls posted here run before the next step
+            if event.token_ids and "unload" not in views:
+                views["unload"] = engine.call(lambda: engine.adapters.unload(key))
+                views["while_leased"] = engine.call(engine.adapters.slot_snapshot)
+            if event.final:
+                views["after_first_release"] = engine.call(engine.adapters.slot_snapshot)
+
+        with engine_held(engine):  # both start in the same step, so both hold a lease on the slot
+            short, _ = submit(
+                engine, request(prompt, adapter="acme/bot", max_new_tokens=10, rid="short"), on_event=on_short
+            )
+            long, _ = submit(engine, request(prompt, adapter="acme/bot", max_new_tokens=30, rid="long"))
+        assert short.wait(60).token_ids == alone[:10]
+        assert long.wait(60).token_ids == alone  # the unload did not touch the weights it ran on
+        assert views["unload"].result(30) is False  # leased: not freed at once
+        assert views["while_leased"].result(30)[key].leases == 2
+        assert views["after_first_release"].result(30)[key].leases == 1  # one lease left: still resident
+        assert engine.run(engine.adapters.slot_snapshot) == {}  # freed when the last lease ended
+        assert service.metrics.registry.get_sample_value("lorafleet_adapter_evictions_total", {"tier": "device"}) == 1
+        other = generate(engine, request(prompt, adapter="acme/other", max_new_tokens=3))
+        assert other.summary.adapter == "acme/other@1"
+        assert {str(k) for k in engine.run(engine.adapters.slot_snapshot)} == {"acme/other@1"}
+    finally:
+        engine.shutdown(10)

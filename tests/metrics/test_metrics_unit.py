@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 from enginelib import generate, request, submit, tiny_service
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 
 from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_adapters.ref import AdapterKey
 from lorafleet_server.app import Service
 
 PROMPT = "The capital of France is"
+# Far more tokens than the tests let a request produce: a cancelled request cannot have finished by itself.
+LONG = 200
 
 
 @pytest.fixture
 def service(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Service]:
-    svc = tiny_service(tiny_model_dir, tmp_path / "store")
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_new_tokens=LONG)
     yield svc
     svc.engine.shutdown(10)
 
@@ -29,14 +32,32 @@ def value(svc: Service, name: str, **labels: str) -> float:
     return 0.0 if v is None else v
 
 
+def global_lorafleet_names() -> set[str]:
+    return {m.name for m in prometheus_client.REGISTRY.collect() if m.name.startswith("lorafleet")}
+
+
 def test_each_service_has_its_own_registry(tiny_model_dir: Path, tmp_path: Path) -> None:
-    registry = CollectorRegistry()
-    svc = tiny_service(tiny_model_dir, tmp_path / "store")
+    assert not global_lorafleet_names()
+    first = tiny_service(tiny_model_dir, tmp_path / "a")
     try:
-        assert svc.metrics.registry is not registry
-        assert b"lorafleet_requests_total" not in generate_latest(registry)
+        second = tiny_service(tiny_model_dir, tmp_path / "b")  # would clash if both used one registry
+        try:
+            # Nothing landed on prometheus_client's global registry, which every library shares.
+            assert not global_lorafleet_names()
+            assert first.metrics.registry is not prometheus_client.REGISTRY
+            generate(first.engine, request(PROMPT, max_new_tokens=3))
+            assert value(first, "lorafleet_generated_tokens_total") == 3
+            assert value(first, "lorafleet_generations_total", reason="length") == 1
+            # What one service counted is not seen on the other's registry.
+            assert value(second, "lorafleet_generated_tokens_total") == 0
+            assert value(second, "lorafleet_generations_total", reason="length") == 0
+            generate(second.engine, request(PROMPT, max_new_tokens=2))
+            assert value(second, "lorafleet_generated_tokens_total") == 2
+            assert value(first, "lorafleet_generated_tokens_total") == 3
+        finally:
+            second.engine.shutdown(10)
     finally:
-        svc.engine.shutdown(10)
+        first.engine.shutdown(10)
 
 
 def test_tokens_latencies_and_finish_reasons(service: Service) -> None:
@@ -59,19 +80,23 @@ def test_tokens_latencies_and_finish_reasons(service: Service) -> None:
 
 
 def test_gauges_return_to_zero_after_requests_end_or_are_cancelled(service: Service) -> None:
-    sinks = [submit(service.engine, request(PROMPT, max_new_tokens=40, rid=str(i))) for i in range(3)]
-    assert sinks[0][0].first.wait(30)
+    # The first request holds the engine thread at its first token: the others cannot finish (nor
+    # the first go on) until the three cancels are in the engine's inbox.
+    first = submit(service.engine, request(PROMPT, max_new_tokens=LONG, rid="0"), hold_at=1)
+    sinks = [first] + [submit(service.engine, request(PROMPT, max_new_tokens=LONG, rid=str(i))) for i in (1, 2)]
+    first[0].wait_held(30)
     assert value(service, "lorafleet_running_requests") >= 1
+    assert value(service, "lorafleet_running_requests") + value(service, "lorafleet_waiting_requests") == 3
     for _, handle in sinks:
         handle.cancel()
-    for sink, _ in sinks:
-        sink.wait(10)
-    deadline = time.monotonic() + 5
-    while value(service, "lorafleet_running_requests") and time.monotonic() < deadline:
-        time.sleep(0.01)
+    first[0].release()
+    generated = [sink.wait(30).summary.generated_tokens for sink, _ in sinks]
+    assert generated[0] == 1 and max(generated) <= 1  # none got further than the step it was held in
+    # A request leaves the running batch before its sink hears the end, so the gauges read 0 now.
     assert value(service, "lorafleet_running_requests") == 0
     assert value(service, "lorafleet_waiting_requests") == 0
     assert value(service, "lorafleet_generations_total", reason="cancelled") == 3
+    assert value(service, "lorafleet_generations_total", reason="length") == 0
 
 
 def test_adapter_cache_counters_by_tier(service: Service, peft_adapter: Any) -> None:
@@ -86,8 +111,9 @@ def test_adapter_cache_counters_by_tier(service: Service, peft_adapter: Any) -> 
     assert value(service, "lorafleet_adapter_cache_hits_total", tier="device") == 1
     assert value(service, "lorafleet_adapters_resident", tier="device") == 1
     assert value(service, "lorafleet_adapters_resident", tier="host") == 1
-    service.engine.call(lambda: service.engine.adapters.unload(next(iter(service.engine.adapters.slots.snapshot()))))
-    time.sleep(0.2)
+    key = AdapterKey("acme", "bot", 1)
+    assert service.engine.run(lambda: service.engine.adapters.slot_snapshot()[key].leases) == 0
+    assert service.engine.run(lambda: service.engine.adapters.unload(key)) is True  # idle: freed now
     assert value(service, "lorafleet_adapter_evictions_total", tier="device") == 1
     assert value(service, "lorafleet_adapters_resident", tier="device") == 0
 

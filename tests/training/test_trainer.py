@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -117,7 +117,11 @@ def test_same_seed_gives_identical_weights(tmp_path: Path, tiny_model_dir: Path,
 
 
 def test_qlora_on_cpu_trains_on_nf4_and_says_so(tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:
-    pytest.importorskip("bitsandbytes")
+    """With bitsandbytes installed (as here) QLoRA must really train on NF4, on a CPU as on CUDA.
+
+    The fallback to LoRA on the fp32 base (NF4 does not load) has its own test below.
+    """
+    bnb = pytest.importorskip("bitsandbytes")
     said: list[str] = []
     result = train(
         _config(tmp_path, tiny_model_dir, method="qlora", val_fraction=0.25, eval_generate=False),
@@ -126,15 +130,18 @@ def test_qlora_on_cpu_trains_on_nf4_and_says_so(tmp_path: Path, tiny_model_dir: 
         echo=said.append,
     )
     record = result.record
+    assert record["requested_method"] == "qlora"
+    assert record["method"] == "qlora"
+    assert record["base"]["training_quantization"] == "nf4"
+    assert not [line for line in said if "instead" in line], said  # no fallback was taken
+    quantized = [m for m in result.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == len(tiny_spec.target_shapes)  # every Linear of the decoder layers is NF4
+    assert {cast(Any, m.weight).quant_state.quant_type for m in quantized} == {"nf4"}
     if torch.cuda.is_available():
-        assert record["method"] == "qlora"
-    elif record["method"] == "qlora":
-        assert record["base"]["training_quantization"] == "nf4"
+        assert not any("QLoRA without CUDA" in line for line in said)
+    else:
         assert any("QLoRA without CUDA" in line and "NF4" in line for line in said)
         assert any("serves this base" in line for line in said)  # the server here runs fp32
-    else:  # NF4 could not load on this CPU: the fallback is explicit and recorded truthfully
-        assert any("training LoRA on the fp32 base instead" in line for line in said)
-    assert record["requested_method"] == "qlora"
     assert set(record["eval_metrics"]) >= {"base_loss", "adapter_loss"}
 
 
@@ -221,10 +228,10 @@ def test_training_loads_the_base_through_the_serving_loader(
     model, backend = trainer_mod.load_peft_model(_config(tmp_path, tiny_model_dir), tiny_spec, backend, said.append)
     assert loads[1] == (tiny_model_dir, "nf4", device, dtype)
     assert configs == [("nf4", dtype)]  # the serving loader's NF4 settings, built by the serving loader
-    if backend.method == "qlora":
-        quant = model.base_model.model.config.quantization_config
-        assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_compute_dtype) == ("nf4", dtype)
-        assert quant.bnb_4bit_use_double_quant is False
+    assert backend.method == "qlora"  # bitsandbytes is installed: NF4 loads, no fallback
+    quant = model.base_model.model.config.quantization_config
+    assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_compute_dtype) == ("nf4", dtype)
+    assert quant.bnb_4bit_use_double_quant is False
 
 
 def test_nf4_load_error_from_the_serving_loader(

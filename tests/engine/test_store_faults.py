@@ -1,0 +1,143 @@
+"""What the serving side does when the store on disk is not what a publish leaves behind.
+
+The store itself never shows a reader a partial version or a partial ``latest`` (staging + rename,
+temp file + replace). Other writers can (a copy into place, a crash mid-write, a damaged disk): the
+version watcher and the tiers must neither serve such a version nor crash, and what happens to a
+version damaged after it was loaded is defined here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from enginelib import generate, request, submit, tiny_service
+
+from lorafleet_adapters.errors import AdapterFormatError, AdapterNotFound
+from lorafleet_adapters.ref import AdapterKey
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_server.app import Service
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def adapters(peft_adapter: Any) -> list[Path]:
+    return [peft_adapter(seed=200 + i, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]) for i in range(3)]
+
+
+@pytest.fixture
+def service(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Service]:
+    svc = tiny_service(tiny_model_dir, tmp_path / "store")
+    yield svc
+    svc.engine.shutdown(10)
+
+
+def metric(svc: Service, name: str) -> float:
+    return svc.metrics.registry.get_sample_value(name) or 0.0
+
+
+def tokens(svc: Service, adapter: str) -> tuple[str, list[int]]:
+    sink = generate(svc.engine, request(PROMPT, adapter=adapter, max_new_tokens=6))
+    return sink.summary.adapter, sink.token_ids
+
+
+def test_a_half_published_version_is_neither_served_nor_refused(
+    service: Service, adapters: list[Path], tmp_path: Path
+) -> None:
+    spec = service.base.spec
+    service.store.import_peft(adapters[0], "acme", "bot", spec)
+    v1 = tokens(service, "acme/bot")
+    assert v1[0] == "acme/bot@1"
+    # A complete version 2 elsewhere, then copied into place the way a plain copy does it: the files
+    # first, the manifest last, with `latest` already naming version 2.
+    elsewhere = AdapterStore(tmp_path / "elsewhere")
+    elsewhere.import_peft(adapters[0], "acme", "bot", spec)
+    source = elsewhere.version_dir(elsewhere.import_peft(adapters[1], "acme", "bot", spec))
+    target = service.store.root / "acme" / "bot" / "versions" / "2"
+    target.mkdir()
+    for path in source.iterdir():
+        if path.name != "manifest.json":
+            shutil.copy(path, target / path.name)
+    (service.store.root / "acme" / "bot" / "latest").write_text("2\n")
+
+    result = service.engine.adapters.versions.refresh()  # the poller's pass
+    assert (result.swaps, result.failures) == ((), ())  # not a version yet: nothing to swap to, nothing refused
+    assert tokens(service, "acme/bot") == v1
+    with pytest.raises(AdapterNotFound):
+        service.engine.submit(request(PROMPT, adapter="acme/bot@2"), lambda _e: None)
+    assert metric(service, "lorafleet_adapter_swap_failures_total") == 0
+
+    shutil.copy(source / "manifest.json", target / "manifest.json")  # the copy completes
+    result = service.engine.adapters.versions.refresh()
+    assert [(s.from_version, s.to_version) for s in result.swaps] == [(1, 2)]
+    served, v2 = tokens(service, "acme/bot")
+    assert served == "acme/bot@2" and v2 != v1[1]
+
+
+@pytest.mark.parametrize("content", ["", "\n", "2\n\x00", "\x00\x00"])
+def test_a_truncated_latest_pointer_keeps_the_served_version_and_crashes_nothing(
+    service: Service, adapters: list[Path], content: str
+) -> None:
+    spec = service.base.spec
+    service.store.import_peft(adapters[0], "acme", "bot", spec)
+    service.store.import_peft(adapters[1], "acme", "bot", spec)
+    served = tokens(service, "acme/bot")
+    assert served[0] == "acme/bot@2"
+    (service.store.root / "acme" / "bot" / "latest").write_text(content)  # a writer died mid-write
+
+    result = service.engine.adapters.versions.refresh()  # the poller's pass: logs, moves nothing
+    assert (result.swaps, result.failures) == ((), ())
+    assert tokens(service, "acme/bot") == served
+    # A name this server has not served yet cannot be resolved through the broken pointer: refused, not guessed.
+    service.store.import_peft(adapters[2], "acme", "fresh", spec)
+    (service.store.root / "acme" / "fresh" / "latest").write_text(content)
+    with pytest.raises(AdapterNotFound, match="corrupt"):
+        service.engine.submit(request(PROMPT, adapter="acme/fresh"), lambda _e: None)
+    assert generate(service.engine, request(PROMPT, adapter="acme/fresh@1", max_new_tokens=2)).summary.adapter == (
+        "acme/fresh@1"
+    )
+    # The next publish repairs the pointer (store.py) and the watcher moves on to it.
+    assert service.store.import_peft(adapters[2], "acme", "bot", spec).version == 3
+    result = service.engine.adapters.versions.refresh()
+    assert [(s.adapter, s.from_version, s.to_version) for s in result.swaps] == [("acme/bot", 2, 3)]
+    assert tokens(service, "acme/bot")[0] == "acme/bot@3"
+
+
+def test_a_version_damaged_after_loading_keeps_serving_from_memory_and_is_refused_when_read_again(
+    tiny_model_dir: Path, tmp_path: Path, adapters: list[Path], tiny_spec: Any
+) -> None:
+    """Defined behaviour: a version is verified when it is read from the store. What the tiers already
+    hold keeps serving (it was verified, and versions are immutable); once it has left host memory,
+    reading it again checks the files and refuses it (FAILED_PRECONDITION to clients)."""
+    probe = AdapterStore(tmp_path / "probe")
+    nbytes = probe.load(probe.import_peft(adapters[0], "acme", "x", tiny_spec), tiny_spec).nbytes
+    # One device slot and host memory for one adapter: a second adapter pushes the first out of both.
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_loaded_adapters=1, host_cache_bytes=nbytes * 3 // 2)
+    try:
+        key = svc.store.import_peft(adapters[0], "acme", "bot", svc.base.spec)
+        svc.store.import_peft(adapters[1], "acme", "other", svc.base.spec)
+        before = tokens(svc, "acme/bot")
+        weights = svc.store.version_dir(key) / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-64])  # damaged on disk
+
+        assert tokens(svc, "acme/bot") == before  # the device slot still holds the verified weights
+        assert svc.engine.run(lambda: svc.engine.adapters.unload(key)) is True  # off the device...
+        assert tokens(svc, "acme/bot") == before  # ...back from host memory, not from the store
+        assert tokens(svc, "acme/other")[0] == "acme/other@1"  # pushes bot out of the slot and host memory
+        assert not svc.engine.adapters.on_host(key)
+        assert svc.engine.run(svc.engine.adapters.slot_snapshot).keys() == {AdapterKey("acme", "other", 1)}
+
+        failures = metric(svc, "lorafleet_adapter_load_failures_total")
+        sink, _ = submit(svc.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=6))
+        with pytest.raises(AdapterFormatError, match="checksum mismatch"):
+            sink.wait().summary  # noqa: B018
+        assert metric(svc, "lorafleet_adapter_load_failures_total") == failures + 1
+        with pytest.raises(AdapterFormatError, match="checksum mismatch"):
+            svc.store.load(key, svc.base.spec)  # a fresh server reading the store refuses it too
+        assert tokens(svc, "acme/other")[0] == "acme/other@1"  # the others are unaffected
+    finally:
+        svc.engine.shutdown(10)
