@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from lorafleet_adapters.errors import AdapterNotFound
 from lorafleet_adapters.ref import AdapterRef
-from lorafleet_proto.v1 import adapters_pb2, inference_pb2
+from lorafleet_proto.v1 import adapters_pb2, inference_pb2, usage_pb2
 from lorafleet_server.config import ServerConfig
 from lorafleet_server.engine.types import GenerationRequest, Principal
 from lorafleet_server.errors import PermissionDenied, StartupError
@@ -107,16 +107,17 @@ def test_is_loopback(host: str, loopback: bool) -> None:
 
 def _methods() -> set[str]:
     methods = set()
-    for module, name in ((inference_pb2, "InferenceService"), (adapters_pb2, "AdaptersService")):
+    services = ((inference_pb2, "InferenceService"), (adapters_pb2, "AdaptersService"), (usage_pb2, "UsageService"))
+    for module, name in services:
         service = module.DESCRIPTOR.services_by_name[name]
         methods |= {f"/{service.full_name}/{m.name}" for m in service.methods}
     return methods
 
 
-def test_the_roles_table_names_every_rpc_of_both_services_and_nothing_else() -> None:
+def test_the_roles_table_names_every_rpc_of_our_services_and_nothing_else() -> None:
     assert set(RPC_ROLES) == _methods()
     assert {m.split("/")[1] for m in RPC_ROLES} == set(SERVICE_NAMES)
-    assert ADMIN_RPCS == {"LoadAdapter", "UnloadAdapter", "PinAdapter", "UnpinAdapter", "RefreshAdapters"}
+    assert ADMIN_RPCS == {"LoadAdapter", "UnloadAdapter", "PinAdapter", "UnpinAdapter", "RefreshAdapters", "GetUsage"}
     for method, roles in RPC_ROLES.items():
         assert "admin" in roles, method  # an admin may do everything
         assert roles <= {"tenant", "admin"}
