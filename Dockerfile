@@ -13,6 +13,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LORAFLEET_DATA_DIR=/data
 
 WORKDIR /app
+# TORCH_SPEC is pinned (torch==2.13.0 unless overridden); hadolint cannot see a pin through a build arg.
+# hadolint ignore=DL3013
 RUN python -m pip install --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 
 # Serving only: the generated gRPC code (lorafleet-proto), then the server without the `train` extra,
@@ -30,15 +32,17 @@ RUN python -m pip install "/app[quant]" \
 RUN useradd --system --uid 10001 --home-dir /data lorafleet \
     && mkdir -p /data \
     && chown lorafleet /data
-USER lorafleet
+USER 10001
 # Convert the default model at build time so a container starts in seconds.
 RUN lorafleet prepare-model
 
 VOLUME ["/data/adapters"]
-EXPOSE 50051
+# gRPC, the OpenAI-compatible HTTP API, Prometheus metrics. The server listens on 0.0.0.0, so it starts
+# only with API keys: mount a keys file made by `lorafleet keys create` at /data/keys.json (or set
+# LORAFLEET_KEYS_FILE), or set LORAFLEET_INSECURE_NO_AUTH=true on a trusted network only.
+EXPOSE 50051 8000 9464
+# The gRPC health service of the server itself (needs no key), through Python: no extra binary.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
-c=grpc.insecure_channel('127.0.0.1:50051'); \
-sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=3).status==1 else 1)"
+    CMD ["python", "-m", "lorafleet_server.grpc.healthcheck"]
 ENTRYPOINT ["lorafleet"]
 CMD ["serve"]

@@ -11,10 +11,10 @@ ARGS ?=
 
 # The Python sources, by folder: server/lorafleet_server, adapters/lorafleet_adapters,
 # training/lorafleet_training, proto/python/lorafleet_proto (generated), clients/python/lorafleet.
-PY_SRC := server adapters training proto/python clients/python/lorafleet tests $(wildcard bench demo)
+PY_SRC := server adapters training proto/python clients/python/lorafleet tests $(wildcard bench demo scripts/*.py)
 MYPY_PACKAGES := -p lorafleet_server -p lorafleet_adapters -p lorafleet_training -p lorafleet
 
-.PHONY: install model run test unit lint format typecheck imports proto proto-check buf-lint prometheus bench demo clean
+.PHONY: install model run test unit lint format typecheck imports proto proto-check buf-lint prometheus bench demo clean fleet fleet-stop
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,16 @@ test: model lint typecheck imports proto-check buf-lint prometheus
 
 bench: model
 	$(BIN)/python -m bench.serving $(ARGS)
+
+# A fleet on loopback (docs/fleet.md): SeaweedFS (S3), three replicas and Envoy on 127.0.0.1:$(FLEET_PORT),
+# in the background; state, logs and `.fleet/env` (export lines) under .fleet/. fleet-stop stops exactly
+# what it started (the pid files under .fleet/pids).
+FLEET_PORT ?= 50050
+fleet: model
+	$(BIN)/python scripts/fleet.py up --port $(FLEET_PORT) $(ARGS)
+
+fleet-stop:
+	$(BIN)/python scripts/fleet.py down
 
 demo: model
 	BIN=$(BIN) scripts/demo.sh $(ARGS)

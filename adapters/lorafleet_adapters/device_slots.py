@@ -58,6 +58,10 @@ class DeviceSlots:
         """Adapters in slots (safe to read from another thread: one len())."""
         return len(self._index)
 
+    def resident_keys(self) -> tuple[AdapterKey, ...]:
+        """Adapters in slots (safe to read from another thread: one copy of the index)."""
+        return tuple(self._index)
+
     def pinned_count(self) -> int:
         return sum(1 for s in list(self._slots) if s.pinned)
 

@@ -28,3 +28,7 @@ class AdapterIncompatible(AdapterError):
 
 class StoreUnavailable(AdapterError):
     """The store root is missing or unreadable (UNAVAILABLE)."""
+
+
+class InvalidStoreLocation(StoreUnavailable):
+    """A malformed store location (an s3:// URL, an endpoint URL): refused at start, before any call."""

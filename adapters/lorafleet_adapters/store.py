@@ -75,8 +75,21 @@ class AdapterSummary:
 
 
 class AdapterStore:
+    """The local directory backend (the default). `lorafleet_adapters.backend.Store` is its interface."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages: its root directory."""
+        return str(self.root)
+
+    def check(self) -> None:
+        """Create the root if needed; StoreUnavailable when it cannot be used."""
+        with _store_io("prepare the store"):
+            self.root.mkdir(parents=True, exist_ok=True)
+        self._real_root()
 
     # ----------------------------------------------------------------------------------- reading
 
@@ -186,37 +199,14 @@ class AdapterStore:
         """Publish a prompt-only version (system prompt + few-shot turns) as the next version."""
         check_ident(tenant, "tenant")
         check_ident(name, "adapter name")
-        extra = dict(extra or {})
-        unknown = sorted(set(extra) - _EXTRA_FIELDS)
-        if unknown:
-            raise AdapterFormatError(f"unknown manifest extra fields {unknown}; allowed: {sorted(_EXTRA_FIELDS)}")
-        staging = self._new_staging(tenant, name)
+        extra = check_extra(extra)
+        staging = self.new_staging(tenant, name)
         try:
-            atomic_write_text(staging / PROMPT_FILE, template.to_json())
-            files = {PROMPT_FILE: sha256_file(staging / PROMPT_FILE)}
-            key = self._publish_staged(
-                staging,
-                tenant,
-                name,
-                lambda version: self._manifest_for(
-                    tenant=tenant,
-                    name=name,
-                    version=version,
-                    kind="prompt",
-                    method=PROMPT_METHOD,
-                    spec=spec,
-                    rank=0,
-                    lora_alpha=0.0,
-                    use_rslora=False,
-                    targets=(),
-                    files=files,
-                    extra=extra,
-                ),
-            )
+            manifest_for = stage_prompt(staging, tenant, name, template, spec, extra)
+            key = self.publish_staged(staging, tenant, name, manifest_for)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._advance_latest(key)
         return key
 
     def import_peft(
@@ -232,30 +222,30 @@ class AdapterStore:
         """Validate the PEFT adapter in `src` and publish it as the next version of tenant/name."""
         check_ident(tenant, "tenant")
         check_ident(name, "adapter name")
-        if method not in METHODS:
-            raise AdapterFormatError(f"method {method!r} is not one of {METHODS}")
-        extra = dict(extra or {})
-        unknown = sorted(set(extra) - _EXTRA_FIELDS)
-        if unknown:
-            raise AdapterFormatError(f"unknown manifest extra fields {unknown}; allowed: {sorted(_EXTRA_FIELDS)}")
-        src = Path(src)
-        _check_source_size(find_weights_file(src), spec)
-        staging = self._new_staging(tenant, name)
+        extra = check_extra(extra)
+        src = check_peft_source(src, spec, method)
+        staging = self.new_staging(tenant, name)
         try:
-            copied = _copy_sources(src, staging)
-            weights = load_adapter_weights(staging, spec)
-            with _store_io("hash the staged files"):
-                files = {file_name: sha256_file(staging / file_name) for file_name in copied}
-            key = self._publish(
-                staging, tenant=tenant, name=name, weights=weights, spec=spec, method=method, files=files, extra=extra
-            )
+            manifest_for = stage_peft(src, staging, tenant, name, spec, method, extra)
+            key = self.publish_staged(staging, tenant, name, manifest_for)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        return key
+
+    def publish_staged(
+        self, staging: Path, tenant: str, name: str, manifest_for: Callable[[int], Manifest]
+    ) -> AdapterKey:
+        """Publish the files in `staging` (from `new_staging`) as the next version and move `latest`.
+
+        `manifest_for(version)` builds the manifest once the number is known. On success `staging`
+        is gone (renamed into the version); on failure the caller removes it.
+        """
+        key = self._publish_staged(staging, tenant, name, manifest_for)
         self._advance_latest(key)
         return key
 
-    def _new_staging(self, tenant: str, name: str) -> Path:
+    def new_staging(self, tenant: str, name: str) -> Path:
         """A fresh directory under .staging for one publish; sweeps what crashed publishes left."""
         with _store_io("prepare the store"):
             self.root.mkdir(parents=True, exist_ok=True)
@@ -294,77 +284,6 @@ class AdapterStore:
         if removed:
             log.info("removed %d staging entries left by crashed publishes: %s", len(removed), removed)
         return removed
-
-    def _publish(
-        self,
-        staging: Path,
-        *,
-        tenant: str,
-        name: str,
-        weights: AdapterWeights,
-        spec: BaseModelSpec,
-        method: str,
-        files: Mapping[str, str],
-        extra: Mapping[str, Any],
-    ) -> AdapterKey:
-        targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules}))
-        return self._publish_staged(
-            staging,
-            tenant,
-            name,
-            lambda version: self._manifest_for(
-                tenant=tenant,
-                name=name,
-                version=version,
-                kind="lora",
-                method=method,
-                spec=spec,
-                rank=weights.rank,
-                lora_alpha=weights.config.lora_alpha,
-                use_rslora=weights.config.use_rslora,
-                targets=targets,
-                files=files,
-                extra=extra,
-            ),
-        )
-
-    @staticmethod
-    def _manifest_for(
-        *,
-        tenant: str,
-        name: str,
-        version: int,
-        kind: str,
-        method: str,
-        spec: BaseModelSpec,
-        rank: int,
-        lora_alpha: float,
-        use_rslora: bool,
-        targets: tuple[str, ...],
-        files: Mapping[str, str],
-        extra: Mapping[str, Any],
-    ) -> Manifest:
-        return Manifest(
-            schema_version=1,
-            tenant=tenant,
-            name=name,
-            version=version,
-            kind=kind,
-            method=method,
-            base_fingerprint=spec.fingerprint,
-            base_model=spec.model_id,
-            base_quantization=spec.quantization,
-            rank=rank,
-            lora_alpha=lora_alpha,
-            use_rslora=use_rslora,
-            target_modules=targets,
-            files=files,
-            created_at=utc_now_iso(),
-            producer=_producer(),
-            training_data_fingerprint=extra.get("training_data_fingerprint"),
-            eval_metrics=extra.get("eval_metrics") or {},
-            pii_scan=extra.get("pii_scan"),
-        )
 
     def _publish_staged(
         self, staging: Path, tenant: str, name: str, manifest_for: Callable[[int], Manifest]
@@ -509,7 +428,7 @@ class AdapterStore:
         return versions[-1] if versions else None
 
     def _verify_files(self, key: AdapterKey, vdir: Path, manifest: Manifest) -> None:
-        for required in (PROMPT_FILE,) if manifest.kind == "prompt" else (CONFIG_FILE, WEIGHTS_FILE):
+        for required in required_files(manifest.kind):
             if required not in manifest.files:
                 raise AdapterFormatError(f"{key}: {MANIFEST_FILE} does not list {required}")
         for file_name, expected in manifest.files.items():
@@ -529,6 +448,129 @@ def _version_number(entry: str) -> int | None:
         return parse_version(entry)
     except InvalidAdapterRef:
         return None
+
+
+def check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The optional manifest fields a publisher may set; anything else is refused."""
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - _EXTRA_FIELDS)
+    if unknown:
+        raise AdapterFormatError(f"unknown manifest extra fields {unknown}; allowed: {sorted(_EXTRA_FIELDS)}")
+    return extra
+
+
+def check_peft_source(src: Path, spec: BaseModelSpec, method: str) -> Path:
+    """Cheap checks of a PEFT directory to import, before anything is staged."""
+    if method not in METHODS:
+        raise AdapterFormatError(f"method {method!r} is not one of {METHODS}")
+    src = Path(src)
+    _check_source_size(find_weights_file(src), spec)
+    return src
+
+
+def stage_peft(
+    src: Path,
+    staging: Path,
+    tenant: str,
+    name: str,
+    spec: BaseModelSpec,
+    method: str,
+    extra: Mapping[str, Any],
+) -> Callable[[int], Manifest]:
+    """Copy a PEFT adapter's files into `staging`, validate them against `spec` and hash them.
+
+    Returns the function that builds the version's manifest once its number is known. Both
+    backends publish what this staged: nothing reaches a store before it passed these checks.
+    """
+    copied = _copy_sources(src, staging)
+    weights = load_adapter_weights(staging, spec)
+    with _store_io("hash the staged files"):
+        files = {file_name: sha256_file(staging / file_name) for file_name in copied}
+    targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules}))
+    return lambda version: build_manifest(
+        tenant=tenant,
+        name=name,
+        version=version,
+        kind="lora",
+        method=method,
+        spec=spec,
+        rank=weights.rank,
+        lora_alpha=weights.config.lora_alpha,
+        use_rslora=weights.config.use_rslora,
+        targets=targets,
+        files=files,
+        extra=extra,
+    )
+
+
+def stage_prompt(
+    staging: Path, tenant: str, name: str, template: PromptTemplate, spec: BaseModelSpec, extra: Mapping[str, Any]
+) -> Callable[[int], Manifest]:
+    """Write a prompt template into `staging`; returns the manifest builder (see `stage_peft`)."""
+    with _store_io("stage the prompt"):
+        atomic_write_text(staging / PROMPT_FILE, template.to_json())
+        files = {PROMPT_FILE: sha256_file(staging / PROMPT_FILE)}
+    return lambda version: build_manifest(
+        tenant=tenant,
+        name=name,
+        version=version,
+        kind="prompt",
+        method=PROMPT_METHOD,
+        spec=spec,
+        rank=0,
+        lora_alpha=0.0,
+        use_rslora=False,
+        targets=(),
+        files=files,
+        extra=extra,
+    )
+
+
+def build_manifest(
+    *,
+    tenant: str,
+    name: str,
+    version: int,
+    kind: str,
+    method: str,
+    spec: BaseModelSpec,
+    rank: int,
+    lora_alpha: float,
+    use_rslora: bool,
+    targets: tuple[str, ...],
+    files: Mapping[str, str],
+    extra: Mapping[str, Any],
+) -> Manifest:
+    return Manifest(
+        schema_version=1,
+        tenant=tenant,
+        name=name,
+        version=version,
+        kind=kind,
+        method=method,
+        base_fingerprint=spec.fingerprint,
+        base_model=spec.model_id,
+        base_quantization=spec.quantization,
+        rank=rank,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        target_modules=targets,
+        files=files,
+        created_at=utc_now_iso(),
+        producer=_producer(),
+        training_data_fingerprint=extra.get("training_data_fingerprint"),
+        eval_metrics=extra.get("eval_metrics") or {},
+        pii_scan=extra.get("pii_scan"),
+    )
+
+
+def required_files(kind: str) -> tuple[str, ...]:
+    """The files a manifest of `kind` must list."""
+    if kind == "prompt":
+        return (PROMPT_FILE,)
+    if kind == "lora":
+        return (CONFIG_FILE, WEIGHTS_FILE)
+    return ()
 
 
 def _check_source_size(weights_path: Path, spec: BaseModelSpec) -> None:

@@ -12,16 +12,16 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
+from lorafleet_adapters.backend import Store, open_store
 from lorafleet_adapters.device_slots import DeviceSlots
 from lorafleet_adapters.host_cache import HostCache
 from lorafleet_adapters.peft_format import AdapterWeights
-from lorafleet_adapters.store import AdapterStore
 from lorafleet_server import __version__
 from lorafleet_server.config import ServerConfig
 from lorafleet_server.engine.adapter_manager import AdapterManager
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.types import ModelInfo
-from lorafleet_server.metrics import Metrics
+from lorafleet_server.metrics import DISK_TIER, Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
 from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
 from lorafleet_server.model.prepare import prepare_default_model
@@ -35,7 +35,7 @@ class Service:
     config: ServerConfig
     engine: Engine
     base: LoadedBase
-    store: AdapterStore
+    store: Store
     info: ModelInfo
     metrics: Metrics
     # Bytes the device slots hold now (every MultiLoRALinear's buffers); grows and shrinks with the
@@ -96,8 +96,13 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     """Load the model and wire the tiers, engine and metrics (on ``registry``, or a fresh one)."""
     from transformers import AutoTokenizer
 
-    torch.set_num_threads(torch_threads_for(config))
+    # The store first: a bad URL, a missing bucket, wrong credentials or an unreachable endpoint
+    # fail here with the store's own message (StoreUnavailable), before seconds of model loading.
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    store = open_store(config.store_settings, on_cache_event=lambda e: metrics.adapter_event(DISK_TIER, e))
+    store.check()
+    threads = torch_threads_for(config)
+    torch.set_num_threads(threads)
     model_dir = model_dir_for(config)
     device = resolve_device(config.device)
     base = load_base(
@@ -113,8 +118,6 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
             f"max_seq_len {config.max_seq_len} exceeds the model's context of {base.max_position_embeddings}"
         )
     tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
-    config.store_root.mkdir(parents=True, exist_ok=True)
-    store = AdapterStore(config.store_root)
     write, clear = make_slot_io(base.lora_layers)
     slots = DeviceSlots(config.max_loaded_adapters, write, clear, lambda e: metrics.adapter_event("device", e))
     host_cache = HostCache(config.host_cache_bytes, lambda e: metrics.adapter_event("host", e))
@@ -141,6 +144,9 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     manager.set_wake(engine.wake)
     metrics.bind_load(engine.load_stats)
     metrics.bind_adapters(lambda: len(host_cache.keys()), slots.resident_count, slots.pinned_count)
+    metrics.bind_residency(
+        lambda: [(str(k), "device") for k in slots.resident_keys()] + [(str(k), "host") for k in host_cache.keys()]
+    )
     if device.type == "cuda":
         metrics.bind_device_memory(lambda: float(torch.cuda.memory_allocated(device)))
     lora_layers = tuple(base.lora_layers.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import math
@@ -14,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
+from lorafleet_adapters.backend import Store, open_store
 from lorafleet_adapters.errors import AdapterError, InvalidAdapterRef
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.ref import AdapterRef, check_ident
-from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.config import ServerConfig, add_server_arguments, config_from_args, keys_pepper
 from lorafleet_server.errors import StartupError
 from lorafleet_server.logs import setup_logging
@@ -64,18 +65,27 @@ def _base_spec(config: ServerConfig) -> BaseModelSpec:
     return base_spec_from_files(_model_dir(config), quant, config.max_lora_rank, config.max_adapter_bytes)
 
 
+def _open_store(config: ServerConfig, override: str | Path | None = None) -> Store:
+    """The configured store (or ``override``: a directory or s3:// URL), reachable, or StoreUnavailable."""
+    settings = config.store_settings
+    if override is not None:
+        settings = dataclasses.replace(settings, location=str(override))
+    store = open_store(settings)
+    store.check()
+    return store
+
+
 def _adapters_import(config: ServerConfig, src: Path, reference: str) -> int:
     ref = AdapterRef.parse(reference)
     if ref.version is not None:
         raise AdapterError("versions are assigned at import; give tenant/name without @version")
-    key = AdapterStore(config.store_root).import_peft(src, ref.tenant, ref.name, _base_spec(config))
+    key = _open_store(config).import_peft(src, ref.tenant, ref.name, _base_spec(config))
     print(f"published {key}")
     return 0
 
 
 def _adapters_list(config: ServerConfig, tenant: str | None) -> int:
-    config.store_root.mkdir(parents=True, exist_ok=True)
-    for s in AdapterStore(config.store_root).list(tenant):
+    for s in _open_store(config).list(tenant):
         versions = ",".join(str(v) for v in s.versions)
         print(f"{s.tenant}/{s.name}\tlatest={s.latest}\tversions={versions}")
     return 0
@@ -248,6 +258,7 @@ def _require_train_extra() -> None:
 def _training(args: argparse.Namespace, config: ServerConfig) -> int:
     training = _training_cli()
     spec = _base_spec(config)
+    store = _open_store(config, getattr(args, "store", None))
     if args.command == "train":
         return int(training.run_train(args, spec, _model_dir(config)))
     store = AdapterStore(args.store if args.store is not None else config.store_root)
@@ -306,7 +317,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     lst.add_argument("--tenant", default=None)
     add_server_arguments(lst)
     stale = adapters_sub.add_parser("stale", help="list adapters built for another base than the server's")
-    stale.add_argument("--store", type=Path, default=None, help="adapter store root (default: the server's)")
+    stale.add_argument(
+        "--store", default=None, help="adapter store: a directory or s3://BUCKET/PREFIX (default: the server's)"
+    )
     add_server_arguments(stale)
     _add_keys_parser(sub)
     sub.add_parser("generate", help="call a running server (runs `lorafleet-client generate`)", add_help=False)

@@ -10,16 +10,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import tomllib
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from lorafleet_adapters.errors import AdapterError
 from lorafleet_server.engine.types import EngineConfig
 from lorafleet_server.model.options import LoraImpl, Quantization
+
+if TYPE_CHECKING:
+    from lorafleet_adapters.backend import StoreSettings
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -47,8 +52,25 @@ class ServerConfig(EngineConfig):
     model: Path | None = field(
         default=None, metadata={"help": "Hugging Face causal-LM directory to serve (default: SmolLM2-135M-Instruct)"}
     )
-    adapter_store: Path | None = field(
-        default=None, metadata={"help": "adapter store root (default: DATA_DIR/adapters)"}
+    adapter_store: str | Path | None = field(
+        default=None,
+        metadata={"help": "adapter store: a local directory or s3://BUCKET/PREFIX (default: DATA_DIR/adapters)"},
+    )
+    s3_endpoint_url: str = field(
+        default="",
+        metadata={
+            "help": "S3 endpoint of an s3:// adapter store, e.g. http://127.0.0.1:8333 "
+            "(default: AWS_ENDPOINT_URL, else AWS)"
+        },
+    )
+    adapter_cache_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "local disk cache of verified versions read from an s3:// store (default: DATA_DIR/adapter-cache)"
+        },
+    )
+    adapter_cache_bytes: int = field(
+        default=2 * GiB, metadata={"help": "size bound of that disk cache (least recently used versions go first)"}
     )
     keys_file: Path | None = field(
         default=None,
@@ -101,6 +123,13 @@ class ServerConfig(EngineConfig):
     shutdown_grace_seconds: float = field(
         default=10.0, metadata={"help": "how long in-flight requests may finish on shutdown"}
     )
+    replica_id: str = field(
+        default="",
+        metadata={
+            "help": "this replica's name, sent in every response as x-lorafleet-replica metadata "
+            "(default: the hostname)"
+        },
+    )
     log_level: LogLevel = field(default="INFO", metadata={"help": "log level"})
     log_format: LogFormat = field(default="text", metadata={"help": "text, or json for one object per line"})
 
@@ -109,12 +138,35 @@ class ServerConfig(EngineConfig):
         return self.data_dir / "models"
 
     @property
+    def store_location(self) -> str:
+        """``adapter_store`` as given (a directory or an s3:// URL), or the default directory."""
+        return str(self.adapter_store) if self.adapter_store is not None else str(self.data_dir / "adapters")
+
+    @property
     def store_root(self) -> Path:
-        return self.adapter_store if self.adapter_store is not None else self.data_dir / "adapters"
+        """The local store's root (meaningful only when the store is a local directory)."""
+        return Path(self.store_location)
+
+    @property
+    def store_settings(self) -> StoreSettings:
+        """Everything ``lorafleet_adapters.backend.open_store`` needs; checks the location's syntax."""
+        from lorafleet_adapters.backend import StoreSettings
+
+        return StoreSettings(
+            location=self.store_location,
+            s3_endpoint_url=self.s3_endpoint_url or None,
+            cache_dir=self.adapter_cache_dir if self.adapter_cache_dir is not None else self.data_dir / "adapter-cache",
+            cache_bytes=self.adapter_cache_bytes,
+        )
 
     @property
     def keys_path(self) -> Path:
         return self.keys_file if self.keys_file is not None else self.data_dir / "keys.json"
+
+    @property
+    def replica_name(self) -> str:
+        """``replica_id``, or the hostname when it is unset (a pod's name on Kubernetes)."""
+        return self.replica_id or socket.gethostname()
 
     @property
     def address(self) -> str:

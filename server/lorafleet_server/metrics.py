@@ -1,18 +1,22 @@
 """Prometheus metrics (README, "Metrics and logs"): prefix ``lorafleet_``, base units, ``_total`` counters.
 
 Everything lives on an injected CollectorRegistry (never the global one) and no label carries a
-tenant or adapter name: those are unbounded and go to the request log instead.
+tenant or adapter name: those are unbounded and go to the request log instead. The one exception is
+``lorafleet_adapter_resident`` (residency, for routers: docs/fleet.md): one series per adapter version
+held right now, so at most the device slots plus the host cache's entries.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from lorafleet_server.engine.types import FinishReason, Summary
 
@@ -24,7 +28,27 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_COUNT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 TIERS = ("host", "device")
+DISK_TIER = "disk"  # the local disk cache of versions read from an S3 store (events only, no residency gauge)
 KEYS_RELOAD_RESULTS = ("ok", "error")
+
+
+class ResidencyCollector(Collector):
+    """``lorafleet_adapter_resident{adapter="tenant/name@version", tier="device"|"host"} 1`` for each
+    adapter version a replica holds, read at scrape time: what a router needs to send an adapter's
+    requests where it is already hot. Bounded by the slots and the host cache."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "lorafleet_adapter_resident",
+            "Adapter versions held by this replica (1 per version and tier: device slot or host cache).",
+            labels=["adapter", "tier"],
+        )
+        for adapter, tier in self._read():
+            family.add_metric([adapter, tier], 1.0)
+        yield family
 
 
 class Metrics:
@@ -130,6 +154,8 @@ class Metrics:
         for tier in TIERS:
             for family in (self.cache_hits, self.cache_misses, self.evictions, self.loads, self.resident):
                 family.labels(tier=tier)
+        for family in (self.cache_hits, self.cache_misses, self.evictions, self.loads):
+            family.labels(tier=DISK_TIER)
         for reason in FinishReason:
             self.finished.labels(reason=reason.value)
         for result in KEYS_RELOAD_RESULTS:
@@ -172,7 +198,8 @@ class Metrics:
 
     # -- adapter tiers ------------------------------------------------------------------------
     def adapter_event(self, tier: str, event: str) -> None:
-        """Events of HostCache ("hit", "miss", "load", "evict") and DeviceSlots ("load", "evict", "unload")."""
+        """Events of HostCache ("hit", "miss", "load", "evict"), DeviceSlots ("load", "evict", "unload")
+        and the S3 store's disk cache (tier "disk": "hit", "miss", "load", "evict")."""
         if event == "hit":
             self.cache_hits.labels(tier=tier).inc()
         elif event == "miss":
@@ -198,6 +225,10 @@ class Metrics:
         self.resident.labels(tier="host").set_function(host)
         self.resident.labels(tier="device").set_function(device)
         self.pinned.set_function(pinned)
+
+    def bind_residency(self, read: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        """``read``: (adapter version, tier) of every adapter held, at scrape time (ResidencyCollector)."""
+        self.registry.register(ResidencyCollector(read))
 
     # -- gRPC edge ----------------------------------------------------------------------------
     def keys_reloaded(self, ok: bool) -> None:

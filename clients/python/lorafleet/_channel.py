@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import TypeAlias
 
 import grpc
@@ -12,6 +13,9 @@ from lorafleet.errors import REQUEST_ID_HEADER
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 API_KEY_ENV = "LORAFLEET_API_KEY"
+# Affinity (docs/fleet.md): a proxy routes on the adapter header; the answering replica names itself.
+ADAPTER_HEADER = "x-lorafleet-adapter"
+REPLICA_HEADER = "x-lorafleet-replica"
 
 Metadata = tuple[tuple[str, str], ...]
 TlsOption: TypeAlias = bool | grpc.ChannelCredentials | None
@@ -58,14 +62,31 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def call_metadata(api_key: str | None, request_id: str | None) -> Metadata:
-    """The metadata of one call: the bearer key and the request id, each when given."""
+def call_metadata(api_key: str | None, request_id: str | None, adapter: str = "") -> Metadata:
+    """The metadata of one call: the bearer key, the request id and the adapter reference of the request
+    body (``x-lorafleet-adapter``, what a proxy routes on), each when given."""
     metadata: list[tuple[str, str]] = []
     if api_key is not None:
         metadata.append(("authorization", f"Bearer {api_key}"))
     if request_id is not None:
         metadata.append((REQUEST_ID_HEADER, request_id))
+    if adapter and _metadata_safe(adapter):
+        metadata.append((ADAPTER_HEADER, adapter))
     return tuple(metadata)
+
+
+def _metadata_safe(value: str) -> bool:
+    """Whether gRPC can carry ``value`` as a metadata value (printable ASCII). A reference that is not
+    is malformed anyway: it goes without the routing header and the server refuses the body's."""
+    return value.isascii() and value.isprintable()
+
+
+def replica_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The ``x-lorafleet-replica`` of a response's metadata ("" when the server sent none)."""
+    for key, value in metadata or ():
+        if key == REPLICA_HEADER:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return ""
 
 
 def pick_timeout(call_timeout: float | None, default_timeout: float | None) -> float | None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Protocol
 
 import grpc
 
+from lorafleet._channel import replica_of
 from lorafleet.convert import completion_from_proto
 from lorafleet.errors import from_rpc_error, make_error
 from lorafleet.models import Completion
@@ -20,11 +21,15 @@ class _SyncCall(Protocol):
 
     def cancel(self) -> bool: ...
 
+    def initial_metadata(self) -> Sequence[tuple[str, str | bytes]] | None: ...
+
 
 class _AsyncCall(Protocol):
     async def read(self) -> object: ...
 
     def cancel(self) -> bool: ...
+
+    async def initial_metadata(self) -> Sequence[tuple[str, str | bytes]] | None: ...
 
 
 class _Accumulator:
@@ -35,6 +40,7 @@ class _Accumulator:
         self.summary: ipb.GenerationSummary | None = None
         self.done = False
         self.cancelled = False
+        self.replica: str | None = None  # x-lorafleet-replica, read once the first response is in
 
     def feed(self, response: ipb.GenerateStreamResponse) -> str:
         if response.text:
@@ -58,7 +64,7 @@ class _Accumulator:
             raise make_error(grpc.StatusCode.CANCELLED, "the stream was cancelled by the client")
         if not self.done or self.summary is None:
             raise RuntimeError("the stream has not finished: iterate over it or call wait() first")
-        return completion_from_proto(self.text, self.summary)
+        return completion_from_proto(self.text, self.summary, self.replica or "")
 
 
 class GenerationStream:
@@ -88,6 +94,8 @@ class GenerationStream:
                 if self._state.cancelled:
                     break
                 raise from_rpc_error(error) from error
+            if self._state.replica is None:  # the initial metadata came before this response
+                self._state.replica = replica_of(self._call.initial_metadata())
             if chunk := self._state.feed(response):
                 return chunk
         raise StopIteration
@@ -158,6 +166,8 @@ class AsyncGenerationStream:
             if not isinstance(response, ipb.GenerateStreamResponse):  # grpc.aio.EOF
                 self._state.finish()
                 break
+            if self._state.replica is None:  # the initial metadata came before this response
+                self._state.replica = replica_of(await self._call.initial_metadata())
             if chunk := self._state.feed(response):
                 return chunk
         raise StopAsyncIteration

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
+from lorafleet_adapters.backend import Store
 from lorafleet_adapters.device_slots import DeviceSlots, SlotInfo
 from lorafleet_adapters.errors import AdapterError
 from lorafleet_adapters.host_cache import HostCache
@@ -26,7 +27,7 @@ from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
-from lorafleet_adapters.store import AdapterStore, AdapterSummary
+from lorafleet_adapters.store import AdapterSummary
 from lorafleet_server.engine.versions import RefreshResult, VersionWatcher
 from lorafleet_server.errors import AdapterBusy
 
@@ -69,7 +70,7 @@ class _NullAdapterObserver:
 class AdapterManager:
     def __init__(
         self,
-        store: AdapterStore,
+        store: Store,
         spec: BaseModelSpec,
         host_cache: HostCache,
         slots: DeviceSlots,

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lorafleet_adapters.errors import AdapterError
+from lorafleet_adapters.backend import Store
+from lorafleet_adapters.errors import AdapterError, StoreUnavailable
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
-from lorafleet_adapters.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _Tracked:
 class VersionWatcher:
     def __init__(
         self,
-        store: AdapterStore,
+        store: Store,
         verify: Callable[[AdapterKey], object],
         observer: SwapObserver,
         poll_seconds: float,
@@ -115,6 +115,9 @@ class VersionWatcher:
                 key = AdapterKey(tenant, name, latest)
                 try:
                     self._verify(key)
+                except StoreUnavailable as exc:  # the store, not the version: try again next pass
+                    log.warning("adapter %s: cannot fetch version %d now (%d serves): %s", ref, latest, current, exc)
+                    continue
                 except AdapterError as exc:
                     with self._lock:
                         tracked.refused.add(latest)

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -24,6 +25,13 @@ AUDIT_LOGGER = "lorafleet.audit"
 request_log = logging.getLogger(REQUEST_LOGGER)
 audit_log = logging.getLogger(AUDIT_LOGGER)
 DEADLINE_SLACK_SECONDS = 0.05
+
+
+class HasDeadline(Protocol):
+    """What ``CallObserver.call`` reads of a call's context: the seconds left before the caller's deadline
+    (None: no deadline). A ``grpc.aio.ServicerContext``; the HTTP edge passes its own (no deadlines)."""
+
+    def time_remaining(self) -> float | None: ...
 
 
 @dataclass
@@ -60,17 +68,19 @@ class CallRecord:
 
 class CallObserver:
     """Counts, times and logs every call of our services; ``audited``: the RPC names that also get an
-    audit line (the admin-only ones)."""
+    audit line (the admin-only ones); ``replica_id``: this replica's name, which every response carries
+    (affinity.py; "" sends none)."""
 
-    def __init__(self, metrics: Metrics, audited: Collection[str] = ()) -> None:
+    def __init__(self, metrics: Metrics, audited: Collection[str] = (), replica_id: str = "") -> None:
         self._metrics = metrics
         self._audited = frozenset(audited)
+        self.replica_id = replica_id
 
     @asynccontextmanager
     async def call(
         self,
         rpc: str,
-        context: grpc.aio.ServicerContext,
+        context: HasDeadline,
         request_id: str,
         adapter: str = "",
         principal: Principal | None = None,

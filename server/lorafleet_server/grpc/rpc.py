@@ -11,6 +11,12 @@ the trailing or initial metadata, opens ``CallObserver.call`` (status-code count
 request-log line), and ends the RPC with the status of any domain error (``abort_with``, the one table
 in status.py). The servicer provides its ``CallObserver`` as ``calls``.
 
+**Affinity** (affinity.py) is applied here, the one place that knows both the metadata and the parsed
+request: an ``adapter=True`` RPC whose ``x-lorafleet-adapter`` header disagrees with ``request.adapter``
+is refused (INVALID_ARGUMENT), and every response names the replica (``x-lorafleet-replica``, the
+``CallObserver``'s ``replica_id``) in its trailing metadata and, with its first response, its initial
+metadata.
+
 **Who is calling.** The authentication interceptor (auth.py) calls each wrapped method with one more
 keyword than gRPC passes, ``principal`` (the ``Principal`` of the caller's API key, None on a server
 without keys); ``DecodeGuard`` passes it through. The wrapper puts it on the ``CallRecord``, so the
@@ -32,6 +38,7 @@ from typing import Literal, Protocol, TypeAlias, TypeVar, cast, overload
 import grpc
 
 from lorafleet_server.engine.types import Principal
+from lorafleet_server.grpc.affinity import check_adapter_header, replica_metadata
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.status import status_for
 
@@ -88,14 +95,31 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, record: 
     await context.abort(code, record.error)
 
 
-async def _begin(context: grpc.aio.ServicerContext, send_request_id: SendRequestId) -> str:
-    """The call's request id, sent back where the RPC sends it (before the call is observed)."""
+async def _begin(context: grpc.aio.ServicerContext, send_request_id: SendRequestId, replica_id: str) -> str:
+    """The call's request id, sent back where the RPC sends it (before the call is observed), and the
+    replica's id (affinity.py) in the trailing metadata; in the initial metadata too when the RPC sends
+    it at once, else ``_send_replica`` adds it before the first response."""
     rid = request_id_of(context)
-    if send_request_id == "trailing":
-        context.set_trailing_metadata((("x-request-id", rid),))
-    elif send_request_id == "initial":
-        await context.send_initial_metadata((("x-request-id", rid),))
+    replica = replica_metadata(replica_id)
+    trailing = (("x-request-id", rid),) if send_request_id == "trailing" else ()
+    if trailing or replica:
+        context.set_trailing_metadata((*trailing, *replica))
+    if send_request_id == "initial":
+        await context.send_initial_metadata((("x-request-id", rid), *replica))
     return rid
+
+
+async def _send_replica(context: grpc.aio.ServicerContext, send_request_id: SendRequestId, replica_id: str) -> None:
+    """The replica's id in the initial metadata, sent with the first response (a call that fails first
+    sends none: a proxy may retry an UNAVAILABLE before any response byte); unless ``_begin`` sent it."""
+    if send_request_id != "initial" and replica_id:
+        await context.send_initial_metadata(replica_metadata(replica_id))
+
+
+def _check_routing(context: grpc.aio.ServicerContext, request: object, adapter: bool) -> None:
+    """An adapter RPC whose routing header disagrees with its body is refused (affinity.py)."""
+    if adapter:
+        check_adapter_header(context, _adapter_of(request, adapter))
 
 
 def _adapter_of(request: object, adapter: bool) -> str:
@@ -121,10 +145,14 @@ def unary_rpc(
         async def method(
             self: S, request: Req, context: grpc.aio.ServicerContext, principal: Principal | None = None
         ) -> Resp:
-            rid = await _begin(context, send_request_id)
+            replica_id = self.calls.replica_id
+            rid = await _begin(context, send_request_id, replica_id)
             async with self.calls.call(name, context, rid, _adapter_of(request, adapter), principal) as record:
                 try:
-                    return await handler(self, request, context, record)
+                    _check_routing(context, request, adapter)
+                    response = await handler(self, request, context, record)
+                    await _send_replica(context, send_request_id, replica_id)
+                    return response
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -154,11 +182,17 @@ def stream_rpc(
         async def method(
             self: S, request: Req, context: grpc.aio.ServicerContext, principal: Principal | None = None
         ) -> AsyncIterator[Resp]:
-            rid = await _begin(context, send_request_id)
+            replica_id = self.calls.replica_id
+            rid = await _begin(context, send_request_id, replica_id)
             async with self.calls.call(name, context, rid, _adapter_of(request, adapter), principal) as record:
                 try:
+                    _check_routing(context, request, adapter)
+                    first = True
                     async with aclosing(handler(self, request, context, record)) as responses:
                         async for response in responses:
+                            if first:
+                                await _send_replica(context, send_request_id, replica_id)
+                                first = False
                             yield response
                 except asyncio.CancelledError:
                     raise

@@ -119,7 +119,7 @@ class GrpcServer:
     def __init__(self, service: Service) -> None:
         self.service = service
         cfg = service.config
-        calls = CallObserver(service.metrics, ADMIN_RPCS)
+        calls = CallObserver(service.metrics, ADMIN_RPCS, cfg.replica_name)
         self.keys = server_keys(cfg, service.metrics.keys_reloaded)
         self._server = grpc.aio.server(
             # The first interceptor runs outermost: authenticate before the request bytes are parsed.

@@ -1,0 +1,718 @@
+"""The S3-compatible adapter store (boto3): versions shared by every replica of a fleet.
+
+Layout under ``s3://BUCKET/PREFIX``::
+
+    PREFIX/<tenant>/<name>/claims/<version>                    who took the number (created once)
+    PREFIX/<tenant>/<name>/versions/<version>/<file>           adapter files (immutable)
+    PREFIX/<tenant>/<name>/versions/<version>/manifest.json    written last: the version exists
+    PREFIX/<tenant>/<name>/latest                              the latest version number
+
+Publishing (every step a single-object S3 request, so no step can be seen half done):
+
+1. Stage and validate the files locally (the same code as the local backend), hash them.
+2. Claim the next number: create ``claims/<N>`` with ``If-None-Match: *``. Of racing publishers
+   exactly one gets each N (the others see 412 and try N+1), so nobody ever writes into
+   another's version.
+3. Upload the files, then ``manifest.json`` (again ``If-None-Match: *``). Readers trust only
+   versions whose manifest exists and whose files match its sha256s, so a publisher that dies
+   mid-upload leaves invisible leftovers and a burnt number, never a visible half version.
+4. Move ``latest`` forward by compare-and-swap: create it with ``If-None-Match: *``, or replace it
+   with ``If-Match: <the ETag read>``; on 412 re-read and retry. It never moves backwards.
+
+Replicas download a version once, verify every checksum, and keep it in a bounded LRU cache on
+local disk (``disk_cache.VersionCache``); loads re-verify the cached files. boto3 runs with connect
+and read timeouts and bounded retries, and every failure to reach or use the bucket becomes
+``StoreUnavailable`` with the endpoint, bucket and cause in its message.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from lorafleet_adapters.disk_cache import VersionCache
+from lorafleet_adapters.errors import (
+    AdapterFormatError,
+    AdapterIncompatible,
+    AdapterNotFound,
+    InvalidAdapterRef,
+    StoreUnavailable,
+)
+from lorafleet_adapters.manifest import MAX_MANIFEST_BYTES, Manifest, sha256_file, utc_now_iso
+from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, load_adapter_weights
+from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
+from lorafleet_adapters.store import (
+    MANIFEST_FILE,
+    AdapterSummary,
+    check_extra,
+    check_peft_source,
+    required_files,
+    stage_peft,
+    stage_prompt,
+)
+
+if TYPE_CHECKING:
+    from lorafleet_adapters.backend import S3Location
+
+log = logging.getLogger(__name__)
+
+LATEST_KEY = "latest"
+VERSIONS_KEY = "versions"
+CLAIMS_KEY = "claims"
+CONNECT_TIMEOUT_SECONDS = 3.0
+READ_TIMEOUT_SECONDS = 15.0
+MAX_ATTEMPTS = 3  # boto3's "standard" retry mode: the first try and two retries, with backoff
+MAX_FILE_BYTES = 4 << 30
+MAX_CAS_TRIES = 64
+MAX_CLAIM_TRIES = 1000
+_CHUNK = 1 << 20
+_BOTO_ERRORS = (BotoCoreError, ClientError)
+_DENIED = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
+)
+_MISSING_KEY = frozenset({"NoSuchKey", "404", "NotFound"})
+_CONFLICT = frozenset({"PreconditionFailed", "412"})
+_RETRY_CONFLICT = frozenset({"ConditionalRequestConflict", "409", "OperationAborted"})
+
+
+class S3AdapterStore:
+    def __init__(
+        self,
+        location: S3Location,
+        *,
+        endpoint_url: str | None = None,
+        cache_dir: Path | None = None,
+        cache_bytes: int = 2 << 30,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+        read_timeout: float = READ_TIMEOUT_SECONDS,
+        max_attempts: int = MAX_ATTEMPTS,
+        on_cache_event: Callable[[str], None] | None = None,
+    ) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = location.bucket
+        self.prefix = location.prefix
+        self._location = str(location)
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            # A custom endpoint (SeaweedFS, MinIO, Ceph...) is one host: path-style addressing.
+            s3={"addressing_style": "path" if endpoint else "auto"},
+            max_pool_connections=16,
+        )
+        # botocore says at INFO on every start where it found credentials: noise next to our logs.
+        logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
+        session = boto3.session.Session()
+        region = session.region_name or "us-east-1"
+        try:
+            self._client: Any = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+        except ValueError as exc:  # a malformed endpoint URL
+            raise StoreUnavailable(f"adapter store {self._location}: bad S3 endpoint {endpoint!r}: {exc}") from None
+        self.endpoint_url: str = self._client.meta.endpoint_url
+        if cache_dir is None:  # a one-off command: a temporary cache, removed with this object
+            cache_dir = Path(tempfile.mkdtemp(prefix="lorafleet-s3-"))
+            weakref.finalize(self, shutil.rmtree, cache_dir, True)
+        # One directory per (endpoint, bucket, prefix) and per replica: entries are never shared.
+        self._on_cache_event = on_cache_event or (lambda _event: None)
+        self.cache = VersionCache(
+            Path(cache_dir) / _namespace(self.endpoint_url, location), cache_bytes, on_evict=self._on_cache_event
+        )
+        self._known: set[AdapterKey] = set()  # versions whose manifest exists (immutable, so kept)
+        self._manifests: dict[AdapterKey, Manifest] = {}
+        self._lock = threading.Lock()
+        self._key_locks: dict[AdapterKey, threading.Lock] = {}
+
+    # ------------------------------------------------------------------------------------- basics
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    def __repr__(self) -> str:
+        return f"S3AdapterStore({self._location!r}, endpoint={self.endpoint_url!r})"
+
+    def check(self) -> None:
+        """Reach the bucket now (HeadBucket, then one listing): a clear StoreUnavailable otherwise."""
+        self._call("reach the bucket", self._client.head_bucket, Bucket=self.bucket)
+        self._call("list the bucket", self._client.list_objects_v2, Bucket=self.bucket, Prefix=self._key(), MaxKeys=1)
+
+    # ------------------------------------------------------------------------------------ reading
+
+    def versions(self, tenant: str, name: str) -> tuple[int, ...]:
+        """Published versions (those with a manifest), ascending."""
+        check_ident(tenant, "tenant")
+        check_ident(name, "adapter name")
+        base = self._key(tenant, name, VERSIONS_KEY) + "/"
+        found: set[int] = set()
+        for key in self._list_keys(base):
+            number, _, rest = key[len(base) :].partition("/")
+            if rest != MANIFEST_FILE:
+                continue
+            version = _version_number(number)
+            if version is not None:
+                found.add(version)
+        with self._lock:
+            self._known.update(AdapterKey(tenant, name, v) for v in found)
+        return tuple(sorted(found))
+
+    def resolve(self, ref: AdapterRef) -> AdapterKey:
+        if ref.version is not None:
+            key = AdapterKey(ref.tenant, ref.name, ref.version)
+            if not self._exists(key):
+                known = self.versions(ref.tenant, ref.name)
+                if not known:
+                    raise AdapterNotFound(f"adapter {ref.tenant}/{ref.name} not found")
+                raise AdapterNotFound(
+                    f"adapter {ref.tenant}/{ref.name} has no version {ref.version} (has {list(known)})"
+                )
+            return key
+        latest, _etag = self._read_latest(ref.tenant, ref.name)
+        if latest is None:
+            versions = self.versions(ref.tenant, ref.name)
+            if not versions:
+                raise AdapterNotFound(f"adapter {ref.tenant}/{ref.name} not found")
+            latest = versions[-1]
+        key = AdapterKey(ref.tenant, ref.name, latest)
+        if not self._exists(key):
+            raise AdapterNotFound(
+                f"adapter {ref.tenant}/{ref.name}: the '{LATEST_KEY}' pointer names version {latest}, "
+                "which does not exist"
+            )
+        return key
+
+    def list(self, tenant: str | None = None) -> builtins.list[AdapterSummary]:
+        tenants = [check_ident(tenant, "tenant")] if tenant is not None else self._idents(self._key())
+        summaries = []
+        for tenant_name in tenants:
+            for adapter_name in self._idents(self._key(tenant_name)):
+                versions = self.versions(tenant_name, adapter_name)
+                if not versions:
+                    continue
+                try:
+                    latest, _ = self._read_latest(tenant_name, adapter_name)
+                except AdapterNotFound:
+                    latest = None
+                if latest is None:
+                    latest = versions[-1]
+                summaries.append(
+                    AdapterSummary(tenant_name, adapter_name, versions, latest if latest in versions else None)
+                )
+        return summaries
+
+    def manifest(self, key: AdapterKey) -> Manifest:
+        with self._lock:
+            cached = self._manifests.get(key)
+        if cached is not None:
+            return cached
+        local = self.cache.lookup(key)
+        if local is not None and (local / MANIFEST_FILE).is_file():
+            data = (local / MANIFEST_FILE).read_bytes()
+        else:
+            fetched = self._get_small(
+                self._version_key(key, MANIFEST_FILE), MAX_MANIFEST_BYTES, f"read {key}'s manifest"
+            )
+            if fetched is None:
+                raise AdapterNotFound(f"adapter {key} not found")
+            data = fetched
+        manifest = Manifest.from_json(data)
+        if (manifest.tenant, manifest.name, manifest.version) != (key.tenant, key.name, key.version):
+            raise AdapterFormatError(
+                f"{key}: {MANIFEST_FILE} describes {manifest.tenant}/{manifest.name}@{manifest.version}"
+            )
+        with self._lock:
+            if len(self._manifests) >= 4096:
+                self._manifests.clear()
+            self._manifests[key] = manifest
+            self._known.add(key)
+        return manifest
+
+    def version_dir(self, key: AdapterKey) -> Path:
+        """A local directory holding ``key``'s files, downloaded once and verified against its manifest.
+
+        Read it soon: once this returns, a later download may evict it (least recently used first).
+        ``load`` and ``load_prompt`` hold the entry while they read.
+        """
+        with self._local(key) as path:
+            return path
+
+    def load(self, key: AdapterKey, spec: BaseModelSpec) -> AdapterWeights:
+        manifest = self.manifest(key)
+        if manifest.kind != "lora":
+            raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}; only 'lora' has weights")
+        if manifest.base_fingerprint != spec.fingerprint:  # before downloading megabytes for nothing
+            raise AdapterIncompatible(
+                f"{key} was built for base {manifest.base_fingerprint} ({manifest.base_model}, "
+                f"{manifest.base_quantization}); this server's base is {spec.fingerprint} "
+                f"({spec.model_id}, {spec.quantization})"
+            )
+        with self._local(key) as path:
+            return load_adapter_weights(path, spec, key)
+
+    def load_prompt(self, key: AdapterKey) -> PromptTemplate:
+        manifest = self.manifest(key)
+        if manifest.kind != "prompt":
+            raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}, not 'prompt'")
+        with self._local(key) as path:
+            return PromptTemplate.read(path)
+
+    # --------------------------------------------------------------------------------- publishing
+
+    def import_peft(
+        self,
+        src: Path,
+        tenant: str,
+        name: str,
+        spec: BaseModelSpec,
+        *,
+        method: str = "lora",
+        extra: Mapping[str, Any] | None = None,
+    ) -> AdapterKey:
+        check_ident(tenant, "tenant")
+        check_ident(name, "adapter name")
+        extra = check_extra(extra)
+        src = check_peft_source(src, spec, method)
+        staging = self.new_staging(tenant, name)
+        try:
+            manifest_for = stage_peft(src, staging, tenant, name, spec, method, extra)
+            return self.publish_staged(staging, tenant, name, manifest_for)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def publish_prompt(
+        self,
+        tenant: str,
+        name: str,
+        template: PromptTemplate,
+        spec: BaseModelSpec,
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> AdapterKey:
+        check_ident(tenant, "tenant")
+        check_ident(name, "adapter name")
+        extra = check_extra(extra)
+        staging = self.new_staging(tenant, name)
+        try:
+            manifest_for = stage_prompt(staging, tenant, name, template, spec, extra)
+            return self.publish_staged(staging, tenant, name, manifest_for)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def new_staging(self, tenant: str, name: str) -> Path:
+        """A local directory to stage one publish in (validated here, then uploaded)."""
+        check_ident(tenant, "tenant")
+        check_ident(name, "adapter name")
+        try:
+            return Path(tempfile.mkdtemp(prefix=f"lorafleet-publish-{tenant}.{name}."))
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create a staging directory: {exc.strerror or exc}") from None
+
+    def publish_staged(
+        self, staging: Path, tenant: str, name: str, manifest_for: Callable[[int], Manifest]
+    ) -> AdapterKey:
+        """Claim the next version, upload the staged files and then the manifest, move ``latest``.
+
+        ``staging`` is removed on success; on failure nothing is visible (no manifest) and the
+        caller removes ``staging``.
+        """
+        version = self._claim(tenant, name)
+        key = AdapterKey(tenant, name, version)
+        manifest = manifest_for(version)
+        if (manifest.tenant, manifest.name, manifest.version) != (tenant, name, version):
+            raise AdapterFormatError(
+                f"the staged manifest describes {manifest.tenant}/{manifest.name}@{manifest.version}"
+            )
+        for required in required_files(manifest.kind):
+            if required not in manifest.files:
+                raise AdapterFormatError(f"{key}: the staged manifest does not list {required}")
+        uploaded: builtins.list[str] = []
+        try:
+            for file_name, digest in sorted(manifest.files.items()):
+                path = staging / file_name
+                if not path.is_file() or sha256_file(path) != digest:
+                    raise AdapterFormatError(f"{key}: staged {file_name} is missing or does not match its sha256")
+                with open(path, "rb") as body:
+                    self._call(
+                        f"upload {file_name} of {key}",
+                        self._client.put_object,
+                        Bucket=self.bucket,
+                        Key=self._version_key(key, file_name),
+                        Body=body,
+                        ContentLength=path.stat().st_size,
+                    )
+                uploaded.append(file_name)
+            # Last: from this write on the version exists. Never replaces an object.
+            self._put_if_absent(self._version_key(key, MANIFEST_FILE), manifest.to_json().encode(), f"publish {key}")
+        except BaseException:
+            self._cleanup_failed(key, uploaded)
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        with self._lock:
+            self._known.add(key)
+        try:
+            self.advance_latest(key)
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(
+                f"{key} is published (complete and verifiable) but its latest pointer did not move: {exc}; "
+                "the next publish of the adapter moves it"
+            ) from None
+        return key
+
+    def advance_latest(self, key: AdapterKey) -> bool:
+        """Move ``latest`` to ``key`` unless it already names ``key`` or a later version (CAS on the ETag).
+
+        True if this call wrote the pointer. A damaged pointer (junk) is replaced, like the local
+        backend does: ``key`` is at least as high as every version that existed when it was claimed.
+        """
+        for attempt in range(MAX_CAS_TRIES):
+            try:
+                current, etag = self._read_latest(key.tenant, key.name)
+            except AdapterNotFound as exc:  # junk in the pointer: replace it (by its ETag)
+                log.warning(
+                    "adapter %s/%s: replacing a damaged '%s' pointer: %s", key.tenant, key.name, LATEST_KEY, exc
+                )
+                current, etag = None, self._head_etag(self._key(key.tenant, key.name, LATEST_KEY))
+            if current is not None and current >= key.version:
+                return False
+            body = f"{key.version}\n".encode()
+            pointer = self._key(key.tenant, key.name, LATEST_KEY)
+            extra = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=pointer, Body=body, **extra)
+                return True
+            except _BOTO_ERRORS as exc:
+                if _code(exc) not in _CONFLICT | _RETRY_CONFLICT:
+                    raise self._translate(exc, f"move {key.tenant}/{key.name}'s latest pointer") from None
+            time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+        raise StoreUnavailable(
+            f"adapter store {self._location}: could not move {key.tenant}/{key.name}'s latest pointer to "
+            f"{key.version} after {MAX_CAS_TRIES} conflicting writes"
+        )
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _key(self, *parts: str) -> str:
+        """The object key of ``parts`` under the prefix ("" for the prefix itself, "/"-terminated)."""
+        if not parts:
+            return f"{self.prefix}/" if self.prefix else ""
+        return "/".join((self.prefix, *parts)) if self.prefix else "/".join(parts)
+
+    def _version_key(self, key: AdapterKey, file_name: str) -> str:
+        return self._key(key.tenant, key.name, VERSIONS_KEY, str(key.version), file_name)
+
+    def _claim(self, tenant: str, name: str) -> int:
+        """Take the next free version number with a create-only write of ``claims/<N>``."""
+        taken = [
+            n for sub in (CLAIMS_KEY, VERSIONS_KEY) for n in self._numbers_under(self._key(tenant, name, sub) + "/")
+        ]
+        version = max(taken, default=0) + 1
+        body = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "claimed_at": utc_now_iso()}, sort_keys=True
+        ).encode()
+        for _ in range(MAX_CLAIM_TRIES):
+            if version > MAX_VERSION:
+                raise AdapterFormatError(f"{tenant}/{name}: no version number left after {MAX_VERSION}")
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(tenant, name, CLAIMS_KEY, str(version)),
+                    Body=body,
+                    IfNoneMatch="*",
+                )
+                return version
+            except _BOTO_ERRORS as exc:
+                code = _code(exc)
+                if code in _CONFLICT:
+                    version += 1  # another publisher has this number
+                    continue
+                if code in _RETRY_CONFLICT:
+                    time.sleep(random.uniform(0, 0.05))
+                    continue
+                raise self._translate(exc, f"claim version {version} of {tenant}/{name}") from None
+        raise StoreUnavailable(
+            f"adapter store {self._location}: no free version of {tenant}/{name} after {MAX_CLAIM_TRIES} tries"
+        )
+
+    def _put_if_absent(self, object_key: str, body: bytes, what: str) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=object_key, Body=body, IfNoneMatch="*")
+        except _BOTO_ERRORS as exc:
+            if _code(exc) in _CONFLICT:
+                raise StoreUnavailable(
+                    f"adapter store {self._location}: cannot {what}: {object_key} already exists "
+                    "(another writer broke the claim protocol)"
+                ) from None
+            raise self._translate(exc, what) from None
+
+    def _cleanup_failed(self, key: AdapterKey, uploaded: builtins.list[str]) -> None:
+        """Best effort after a failed publish: remove its files, unless its manifest made it (then the
+        version is complete and stays). Invisible either way: readers need the manifest."""
+        try:
+            if self._head_etag(self._version_key(key, MANIFEST_FILE)) is not None:
+                return
+            for file_name in uploaded:
+                self._client.delete_object(Bucket=self.bucket, Key=self._version_key(key, file_name))
+        except (*_BOTO_ERRORS, StoreUnavailable) as exc:
+            log.warning("could not remove the files of the failed publish of %s: %s", key, exc)
+
+    def _exists(self, key: AdapterKey) -> bool:
+        with self._lock:
+            if key in self._known:
+                return True
+        if self._head_etag(self._version_key(key, MANIFEST_FILE)) is None:
+            return False
+        with self._lock:
+            self._known.add(key)
+        return True
+
+    def _read_latest(self, tenant: str, name: str) -> tuple[int | None, str | None]:
+        """(version, ETag) of the ``latest`` pointer; (None, None) without one; AdapterNotFound if junk."""
+        pointer = self._key(check_ident(tenant, "tenant"), check_ident(name, "adapter name"), LATEST_KEY)
+        response = self._get(pointer, f"read {tenant}/{name}'s latest pointer")
+        if response is None:
+            return None, None
+        with self._reading(f"read {tenant}/{name}'s latest pointer"):
+            raw = response["Body"].read(33)
+        text = raw.decode("ascii", "replace").strip()
+        try:
+            if len(raw) > 32:
+                raise InvalidAdapterRef("too long")
+            return parse_version(text), str(response["ETag"])
+        except InvalidAdapterRef:
+            raise AdapterNotFound(f"{tenant}/{name}: the '{LATEST_KEY}' pointer is corrupt ({text[:32]!r})") from None
+
+    def _get(self, object_key: str, what: str) -> Any:
+        """GetObject's response, or None when the object does not exist."""
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=object_key)
+        except _BOTO_ERRORS as exc:
+            if _code(exc) in _MISSING_KEY:
+                return None
+            raise self._translate(exc, what) from None
+
+    def _get_small(self, object_key: str, limit: int, what: str) -> bytes | None:
+        response = self._get(object_key, what)
+        if response is None:
+            return None
+        with self._reading(what):
+            data: bytes = response["Body"].read(limit + 1)
+            response["Body"].close()
+        if len(data) > limit:
+            raise AdapterFormatError(f"{object_key} is larger than {limit} bytes")
+        return data
+
+    def _head_etag(self, object_key: str) -> str | None:
+        try:
+            return str(self._client.head_object(Bucket=self.bucket, Key=object_key)["ETag"])
+        except _BOTO_ERRORS as exc:
+            if _code(exc) in _MISSING_KEY:
+                return None
+            raise self._translate(exc, f"look up {object_key}") from None
+
+    def _list_keys(self, prefix: str) -> Iterator[str]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call(f"list {prefix or '/'}", self._client.list_objects_v2, **kwargs)
+            for item in page.get("Contents", ()):
+                yield str(item["Key"])
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def _idents(self, prefix: str) -> builtins.list[str]:
+        """The valid tenant or adapter names directly under ``prefix`` (a listing by "/")."""
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        names: set[str] = set()
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call(f"list {prefix or '/'}", self._client.list_objects_v2, **kwargs)
+            for common in page.get("CommonPrefixes", ()):
+                name = str(common["Prefix"])[len(prefix) :].rstrip("/")
+                try:
+                    names.add(check_ident(name, "directory"))
+                except InvalidAdapterRef:
+                    continue
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return sorted(names)
+
+    def _numbers_under(self, prefix: str) -> Iterator[int]:
+        for key in self._list_keys(prefix):
+            number = _version_number(key[len(prefix) :].partition("/")[0])
+            if number is not None:
+                yield number
+
+    @contextmanager
+    def _local(self, key: AdapterKey) -> Iterator[Path]:
+        """The verified local copy of ``key``, downloaded if needed, kept from eviction while inside."""
+        with self._key_lock(key):
+            manifest = self.manifest(key)
+            with self.cache.using(key):
+                path = self.cache.lookup(key)
+                if path is not None:
+                    try:
+                        _verify_dir(key, path, manifest)
+                    except AdapterFormatError as exc:
+                        log.warning("adapter %s: the cached copy is damaged (%s); downloading it again", key, exc)
+                        self.cache.drop(key)
+                        path = None
+                self._on_cache_event("hit" if path is not None else "miss")
+                if path is None:
+                    path = self._download(key, manifest)
+                    self._on_cache_event("load")
+                yield path
+
+    @contextmanager
+    def _key_lock(self, key: AdapterKey) -> Iterator[None]:
+        with self._lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+    def _download(self, key: AdapterKey, manifest: Manifest) -> Path:
+        for required in required_files(manifest.kind):
+            if required not in manifest.files:
+                raise AdapterFormatError(f"{key}: {MANIFEST_FILE} does not list {required}")
+        incoming = self.cache.incoming()
+        started = time.perf_counter()
+        nbytes = 0
+        try:
+            for file_name, expected in manifest.files.items():
+                nbytes += self._fetch(key, file_name, expected, incoming / file_name)
+            (incoming / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+        except BaseException:
+            self.cache.discard(incoming)
+            raise
+        path = self.cache.install(key, incoming)
+        log.info(
+            "adapter %s downloaded from %s in %.3fs (%d bytes)",
+            key,
+            self._location,
+            time.perf_counter() - started,
+            nbytes,
+        )
+        return path
+
+    def _fetch(self, key: AdapterKey, file_name: str, expected: str, dest: Path) -> int:
+        what = f"download {file_name} of {key}"
+        response = self._get(self._version_key(key, file_name), what)
+        if response is None:
+            raise AdapterFormatError(f"{key}: {file_name} listed in {MANIFEST_FILE} is missing")
+        size = int(response.get("ContentLength", 0))
+        if size > MAX_FILE_BYTES:
+            raise AdapterFormatError(f"{key}: {file_name} is {size} bytes, over {MAX_FILE_BYTES}")
+        digest = hashlib.sha256()
+        written = 0
+        with self._reading(what), open(dest, "xb") as out:
+            for chunk in response["Body"].iter_chunks(_CHUNK):
+                written += len(chunk)
+                if written > MAX_FILE_BYTES:
+                    raise AdapterFormatError(f"{key}: {file_name} is over {MAX_FILE_BYTES} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+        actual = digest.hexdigest()
+        if actual != expected:
+            raise AdapterFormatError(
+                f"{key}: checksum mismatch for {file_name}: manifest has sha256 {expected}, the store has {actual}"
+            )
+        return written
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """A response body read: a connection lost or timed out mid-read is the store's failure."""
+        try:
+            yield
+        except (AdapterFormatError, AdapterNotFound, StoreUnavailable):
+            raise
+        except OSError as exc:
+            raise StoreUnavailable(f"adapter cache: cannot {what}: {exc.strerror or exc}") from None
+        except _BOTO_ERRORS as exc:
+            raise self._translate(exc, what) from None
+
+    def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except _BOTO_ERRORS as exc:
+            raise self._translate(exc, what) from None
+
+    def _translate(self, exc: BaseException, what: str) -> StoreUnavailable:
+        """A botocore failure as StoreUnavailable naming the store, the endpoint and the cause."""
+        where = f"adapter store {self._location} (endpoint {self.endpoint_url})"
+        code = _code(exc)
+        if code == "NoSuchBucket" or (code in _MISSING_KEY and what == "reach the bucket"):
+            return StoreUnavailable(f"{where}: cannot {what}: the bucket {self.bucket!r} does not exist")
+        if code in _DENIED:
+            return StoreUnavailable(
+                f"{where}: cannot {what}: access denied ({code}); check the S3 credentials "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and their rights on the bucket"
+            )
+        name = type(exc).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return StoreUnavailable(
+                f"{where}: cannot {what}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+            )
+        if code:
+            message = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
+            return StoreUnavailable(f"{where}: cannot {what}: {code} {message}".rstrip())
+        return StoreUnavailable(f"{where}: cannot {what}: the endpoint is unreachable or failed ({name}: {exc})")
+
+
+def _code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    code = response.get("Error", {}).get("Code")
+    if code:
+        return str(code)
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(status) if status else ""
+
+
+def _version_number(text: str) -> int | None:
+    try:
+        return parse_version(text)
+    except InvalidAdapterRef:
+        return None
+
+
+def _verify_dir(key: AdapterKey, path: Path, manifest: Manifest) -> None:
+    for file_name, expected in manifest.files.items():
+        file_path = path / file_name
+        if not file_path.is_file() or file_path.is_symlink():
+            raise AdapterFormatError(f"{key}: {file_name} is missing from the cache")
+        actual = sha256_file(file_path)
+        if actual != expected:
+            raise AdapterFormatError(f"{key}: checksum mismatch for the cached {file_name}")
+
+
+def _namespace(endpoint: str, location: S3Location) -> str:
+    """One cache subdirectory per (endpoint, bucket, prefix): two stores never share entries."""
+    digest = hashlib.sha256(f"{endpoint}|{location.bucket}|{location.prefix}".encode()).hexdigest()[:16]
+    return f"{location.bucket}-{digest}"

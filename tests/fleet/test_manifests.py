@@ -1,0 +1,169 @@
+"""The shipped deployment files, checked offline: Kubernetes schemas (kubernetes-validate), the security
+settings of every container, the drain arithmetic, both Envoy configurations (``envoy --mode validate``
+and the same routing in each), and the Dockerfile (hadolint).
+
+Security: a focused test of the settings the fleet promises (non-root, read-only root filesystem, no
+privilege escalation, no capabilities, resources, no service-account token) rather than checkov, which
+would pull a large dependency tree into the project for a handful of rules; these run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from fleetlib import ROOT
+
+from lorafleet_server.config import config_from_args
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import fleet as fleet_script  # scripts/fleet.py, what `make fleet` runs
+
+KUBE = ROOT / "deploy" / "kubernetes"
+BIN = Path(sys.executable).parent
+PRE_STOP_SECONDS = 5
+
+
+def documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(KUBE.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def one(kind: str, name: str) -> dict[str, Any]:
+    [found] = [d for d in documents() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def test_every_manifest_matches_the_kubernetes_schema() -> None:
+    docs = documents()
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)  # raises ValidationError
+
+
+def test_schema_check_rejects_a_broken_manifest() -> None:
+    deployment = one("Deployment", "lorafleet")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, "1.37.0", strict=True)
+
+
+@pytest.mark.parametrize("name", ["lorafleet", "lorafleet-envoy"])
+def test_containers_run_locked_down(name: str) -> None:
+    pod = one("Deployment", name)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container["securityContext"]
+        assert sc["runAsNonRoot"] is True, container["name"]
+        assert sc["readOnlyRootFilesystem"] is True, container["name"]
+        assert sc["allowPrivilegeEscalation"] is False, container["name"]
+        assert sc.get("privileged", False) is False, container["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), container["name"]
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"]) <= set(container["resources"]["limits"])
+        assert ":" in container["image"] and not container["image"].endswith(":latest")
+
+
+def test_replicas_drain_within_the_grace_period_and_probe_grpc() -> None:
+    settings = one("ConfigMap", "lorafleet-config")["data"]
+    pod = one("Deployment", "lorafleet")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRE_STOP_SECONDS)]
+    drain = float(settings["LORAFLEET_DRAIN_SECONDS"]) + float(settings["LORAFLEET_SHUTDOWN_GRACE_SECONDS"])
+    assert pod["terminationGracePeriodSeconds"] > PRE_STOP_SECONDS + drain
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == 50051, probe
+    # Liveness must not kill a draining pod (health reads NOT_SERVING for the whole drain).
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
+    service = one("Service", "lorafleet-headless")
+    assert service["spec"]["clusterIP"] == "None"
+    labels = pod_labels = one("Deployment", "lorafleet")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert one("PodDisruptionBudget", "lorafleet")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_settings_are_server_settings() -> None:
+    """Every LORAFLEET_* of the ConfigMap and the Deployment parses as `lorafleet serve` reads it."""
+    settings = dict(one("ConfigMap", "lorafleet-config")["data"])
+    [container] = one("Deployment", "lorafleet")["spec"]["template"]["spec"]["containers"]
+    settings |= {e["name"]: e.get("value", "pod-name") for e in container["env"]}
+    config = config_from_args(argparse.Namespace(), environ=settings)
+    for key in settings:
+        field = key.removeprefix("LORAFLEET_").lower()
+        assert hasattr(config, field), key
+    assert config.host == "0.0.0.0" and config.replica_id == "pod-name"
+    assert str(config.keys_path).startswith(container["volumeMounts"][0]["mountPath"])
+
+
+def test_autoscaler_reads_the_waiting_requests_gauge() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from lorafleet_server.metrics import Metrics
+
+    hpa = one("HorizontalPodAutoscaler", "lorafleet")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "lorafleet"}
+    [metric] = hpa["metrics"]
+    registry = CollectorRegistry()
+    Metrics(registry)
+    names = {m.name for m in registry.collect()}
+    assert metric["pods"]["metric"]["name"] in names
+
+
+def _envoy_check(config_text: str, tmp_path: Path, name: str) -> dict[str, Any]:
+    path = tmp_path / name
+    path.write_text(config_text)
+    out = subprocess.run(
+        [str(BIN / "envoy"), "--mode", "validate", "-c", str(path), "--disable-hot-restart", "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    loaded: dict[str, Any] = yaml.safe_load(config_text)
+    return loaded
+
+
+def _routing(config: dict[str, Any]) -> tuple[str, str]:
+    """The parts that decide where a request goes: the route and the cluster without its endpoints."""
+    [listener] = config["static_resources"]["listeners"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    [cluster] = config["static_resources"]["clusters"]
+    cluster = {
+        k: v for k, v in cluster.items() if k not in ("type", "load_assignment", "dns_refresh_rate", "respect_dns_ttl")
+    }
+    return json.dumps(hcm["route_config"], sort_keys=True), json.dumps(cluster, sort_keys=True)
+
+
+def test_envoy_configs_validate_and_route_alike(tmp_path: Path) -> None:
+    local = _envoy_check(fleet_script.render_envoy(50050, 9901, [("replica-0", 50051)]), tmp_path, "local.yaml")
+    kube = _envoy_check(one("ConfigMap", "lorafleet-envoy")["data"]["envoy.yaml"], tmp_path, "kube.yaml")
+    assert _routing(local) == _routing(kube)
+    route, cluster = _routing(local)
+    assert '"header_name": "x-lorafleet-adapter"' in route and '"unavailable,' in route
+    assert '"RING_HASH"' in cluster and '"hash_balance_factor": 150' in cluster and "grpc_health_check" in cluster
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    out = subprocess.run(
+        [str(BIN / "hadolint"), "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert 'CMD ["python", "-m", "lorafleet_server.grpc.healthcheck"]' in text
