@@ -160,6 +160,7 @@ class Launcher:
             "--model": str(self.model),
             "--port": "0",
             "--metrics-port": "0",
+            "--http-port": "0",
             "--data-dir": str(root / "data"),
             "--adapter-store": str(root / "store"),
             **flags,

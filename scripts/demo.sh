@@ -6,12 +6,13 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 PORT=${DEMO_PORT:-50061}
 METRICS_PORT=${DEMO_METRICS_PORT:-9474}
+HTTP_PORT=${DEMO_HTTP_PORT:-8010}  # its own, so the demo runs next to `make run` (HTTP on 8000)
 WORK=data/demo
 STORE=$WORK/store
 mkdir -p "$STORE"
 LOG=$WORK/server.log
-"$BIN/lorafleet" serve --port "$PORT" --metrics-port "$METRICS_PORT" --adapter-store "$STORE" \
-  --adapter-poll-seconds 1 --max-seq-len 1024 >"$LOG" 2>&1 &
+"$BIN/lorafleet" serve --port "$PORT" --metrics-port "$METRICS_PORT" --http-port "$HTTP_PORT" \
+  --adapter-store "$STORE" --adapter-poll-seconds 1 --max-seq-len 1024 >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do

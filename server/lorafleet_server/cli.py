@@ -36,11 +36,16 @@ from lorafleet_server.tenants.keys import (
 
 def _serve(config: ServerConfig) -> int:
     from lorafleet_server.app import build_service
-    from lorafleet_server.grpc.server import check_startup, serve_forever
+    from lorafleet_server.grpc.server import Edge, ServerKeys, check_startup, serve_forever
+    from lorafleet_server.http.server import HttpServer
 
     check_startup(config)  # StartupError before minutes of model loading, not after
     service = build_service(config)
-    asyncio.run(serve_forever(service))
+
+    def edges(keys: ServerKeys) -> list[Edge]:  # the OpenAI-compatible API, unless --http-port 0
+        return [HttpServer(service, keys, config.host, config.http_port)] if config.http_port else []
+
+    asyncio.run(serve_forever(service, edges))
     return 0
 
 

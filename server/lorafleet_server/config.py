@@ -46,6 +46,10 @@ class ServerConfig(EngineConfig):
     metrics_port: int = field(
         default=9464, metadata={"help": "Prometheus metrics port (HTTP, same host; 0: any free port)"}
     )
+    http_port: int = field(
+        default=8000,
+        metadata={"help": "OpenAI-compatible HTTP API port (same host, same engine and keys as gRPC; 0: off)"},
+    )
     data_dir: Path = field(
         default=Path("data"), metadata={"help": "where the model cache and the default adapter store live"}
     )
@@ -324,6 +328,8 @@ def _check(c: ServerConfig) -> None:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(c, name) <= 65535:
             raise ValueError(f"{name} must be in [0, 65535] (0: any free port)")
+    if not 0 <= c.http_port <= 65535:
+        raise ValueError("http_port must be in [0, 65535] (0: no HTTP API)")
     for name in ("drain_seconds", "shutdown_grace_seconds", "adapter_poll_seconds"):
         if not getattr(c, name) >= 0:
             raise ValueError(f"{name} must be >= 0")

@@ -59,7 +59,7 @@ class Metrics:
         r = registry
         self.request_duration = Histogram(
             "lorafleet_request_duration_seconds",
-            "End-to-end latency of an RPC, by RPC.",
+            "End-to-end latency of an RPC, by RPC (HTTP: one value per route, e.g. 'POST /v1/chat/completions').",
             ["rpc"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -102,7 +102,10 @@ class Metrics:
             registry=r,
         )
         self.requests = Counter(
-            "lorafleet_requests", "Finished RPCs by RPC and final gRPC status code.", ["rpc", "code"], registry=r
+            "lorafleet_requests",
+            "Finished RPCs (and HTTP requests, by route) by RPC and final gRPC status code.",
+            ["rpc", "code"],
+            registry=r,
         )
         self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generated_tokens = Counter("lorafleet_generated_tokens", "Tokens generated.", registry=r)

@@ -31,7 +31,19 @@ def test_import_serve_generate_and_graceful_stop(
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [*LORAFLEET, "serve", "--port", "0", "--metrics-port", "0", "--max-seq-len", "512", *common],
+        [
+            *LORAFLEET,
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--max-seq-len",
+            "512",
+            *common,
+        ],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

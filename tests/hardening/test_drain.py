@@ -101,6 +101,8 @@ def test_second_sigterm_stops_now(tiny_model_dir: Path, tmp_path: Path) -> None:
         "0",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
         "--max-seq-len",
         "256",
         "--drain-seconds",

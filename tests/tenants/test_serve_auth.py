@@ -32,6 +32,8 @@ def serve_command(tiny_model_dir: Path, data: Path, *extra: str) -> list[str]:
         "0",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
         "--max-seq-len",
         "256",
         *extra,

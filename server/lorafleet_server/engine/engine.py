@@ -164,6 +164,12 @@ class RequestHandle:
         self._state = state
         self.request_id = state.req.request_id
 
+    @property
+    def adapter(self) -> str:
+        """The concrete adapter version the request was pinned to at submit, ``tenant/name@version``
+        ("" for the base model): what its summary will name, known before the first token."""
+        return str(self._state.key) if self._state.key is not None else ""
+
     def cancel(self) -> None:
         """Stop the request within one step; its sink gets a CANCELLED summary."""
         self._engine._post(_Cancel(self._state))

@@ -38,28 +38,55 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
 import grpc
 
-from lorafleet_adapters.errors import AdapterNotFound
-from lorafleet_adapters.ref import AdapterRef
 from lorafleet_proto.v1 import adapters_pb2, inference_pb2, usage_pb2
 from lorafleet_server.engine.types import Principal
 from lorafleet_server.errors import PermissionDenied, StartupError
 from lorafleet_server.grpc.observe import CallObserver
 from lorafleet_server.grpc.rpc import request_id_of
 from lorafleet_server.grpc.status import status_for
-from lorafleet_server.tenants.errors import AuthenticationError, MalformedKey, MissingKey
+from lorafleet_server.tenants.access import (  # shared with the HTTP edge; re-exported here
+    AUTHORIZATION,
+    BEARER,
+    KNOWN_SCHEMES,
+    KeyChecker,
+    bearer_key,
+    check_adapter_access,
+    check_admin_view,
+    is_foreign,
+    listed_tenant,
+)
+from lorafleet_server.tenants.errors import AuthenticationError
 from lorafleet_server.tenants.keys import KeyFileWatcher, KeyRecord, PepperSource, Role
+
+__all__ = [
+    "ADMIN_ONLY",
+    "ADMIN_RPCS",
+    "ANY_ROLE",
+    "AUTHORIZATION",
+    "BEARER",
+    "KNOWN_SCHEMES",
+    "LOOPBACK_NAMES",
+    "RPC_ROLES",
+    "AuthInterceptor",
+    "KeyChecker",
+    "Refusal",
+    "ServerKeys",
+    "bearer_key",
+    "check_adapter_access",
+    "check_admin_view",
+    "full_method",
+    "is_foreign",
+    "is_loopback",
+    "listed_tenant",
+    "principal_from",
+]
 
 log = logging.getLogger(__name__)
 
-AUTHORIZATION = "authorization"
-BEARER = "bearer"
-# Schemes named back to a caller that sent one (the word only, never what follows it). Anything else is
-# not repeated: a value without a scheme may be the key itself.
-KNOWN_SCHEMES = frozenset({"basic", "digest", "negotiate", "token", "apikey"})
 LOOPBACK_NAMES = frozenset({"localhost"})
 
 ANY_ROLE: frozenset[Role] = frozenset({"tenant", "admin"})
@@ -102,32 +129,6 @@ ADMIN_RPCS: frozenset[str] = frozenset(m.rsplit("/", 1)[-1] for m, roles in RPC_
 # --- keys and principals --------------------------------------------------------------------------
 
 
-def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    """The key of the call's ``authorization: Bearer <key>`` metadata (the scheme in any case).
-
-    Raises MissingKey (no metadata, or ``Bearer`` with nothing after it) or MalformedKey (more than one
-    entry, another scheme, no scheme). The messages never contain what was sent, except a well-known
-    scheme word such as ``Basic``.
-    """
-    values = [value for key, value in metadata or () if key == AUTHORIZATION]
-    if not values:
-        raise MissingKey("no API key: send the metadata 'authorization: Bearer <key>'")
-    if len(values) > 1:
-        raise MalformedKey("more than one 'authorization' metadata entry: send exactly one, 'Bearer <key>'")
-    value = values[0]
-    if not isinstance(value, str):
-        raise MalformedKey("the 'authorization' metadata is not text: send 'Bearer <key>'")
-    scheme, space, key = value.strip().partition(" ")
-    if scheme.lower() != BEARER:
-        if space and scheme.lower() in KNOWN_SCHEMES:
-            raise MalformedKey(f"the 'authorization' metadata uses the {scheme} scheme: send 'Bearer <key>'")
-        raise MalformedKey("the 'authorization' metadata is not 'Bearer <key>'")
-    key = key.strip()
-    if not key:
-        raise MissingKey("the 'authorization' metadata says Bearer but carries no key: send 'Bearer <key>'")
-    return key
-
-
 def principal_from(record: KeyRecord) -> Principal:
     """The caller as the rest of the server sees it: the key's id, tenant, role, weight and limits."""
     return Principal(
@@ -150,15 +151,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
-
-
-class KeyChecker(Protocol):
-    """What the interceptor needs of the keys: whether they are enforced now, and checking one."""
-
-    @property
-    def enforcing(self) -> bool: ...
-
-    def authenticate(self, text: str, now: datetime) -> KeyRecord: ...
 
 
 class ServerKeys:
@@ -278,39 +270,9 @@ class ServerKeys:
                 log.warning("authentication is now OFF: no API keys in %s (loopback only)", self._path)
 
 
-# --- tenant isolation -----------------------------------------------------------------------------
-
-
-def is_foreign(principal: Principal | None, tenant: str) -> bool:
-    """Whether ``tenant``'s adapters are out of the caller's reach: a tenant key and another tenant.
-    On a server without keys (no principal) and for admin keys nothing is foreign."""
-    return principal is not None and principal.role != "admin" and tenant != principal.tenant
-
-
-def check_adapter_access(principal: Principal | None, ref: AdapterRef | None) -> None:
-    """Inference through another tenant's adapter fails exactly as an adapter that does not exist: the
-    store's own words for an unknown adapter (``AdapterStore.resolve``), with or without a version, so
-    the answer says nothing about whether the name exists. The base model (None) is open to all."""
-    if ref is not None and is_foreign(principal, ref.tenant):
-        raise AdapterNotFound(f"adapter {ref.tenant}/{ref.name} not found")
-
-
-def check_admin_view(principal: Principal | None, ref: AdapterRef) -> None:
-    """GetAdapter on another tenant's adapter: the admin view's own words for an adapter with no
-    versions in the store (``AdapterAdmin.get``)."""
-    if is_foreign(principal, ref.tenant):
-        raise AdapterNotFound(f"adapter {ref.tenant}/{ref.name} is not in the store")
-
-
-def listed_tenant(principal: Principal | None, requested: str) -> str | None:
-    """Which tenant's adapters ListAdapters shows: ``requested`` ("" = all) for admins and on a server
-    without keys; for a tenant key its own tenant, and None (an empty listing, as for a tenant with no
-    adapters) when it asks for another one."""
-    if principal is None or principal.role == "admin":
-        return requested
-    if requested and requested != principal.tenant:
-        return None
-    return principal.tenant
+# Tenant isolation (``is_foreign``, ``check_adapter_access``, ``check_admin_view``, ``listed_tenant``) and
+# ``bearer_key`` live in ``lorafleet_server.tenants.access``, shared with the HTTP edge, and are imported
+# above under their old names.
 
 
 # --- the interceptor ------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import logging
 import signal
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -218,11 +219,25 @@ class GrpcServer:
         self._force_stop = asyncio.ensure_future(self._server.stop(None))
 
 
-async def serve_forever(service: Service) -> None:
+class Edge(Protocol):
+    """Another front end on the same engine (the OpenAI-compatible HTTP API), started after the gRPC
+    server and stopped with it: ``drain`` when the drain starts (its health turns NOT_SERVING), ``stop``
+    once the engine has finished or cut every request."""
+
+    async def start(self) -> str: ...  # what the ready line says of it
+
+    def drain(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve_forever(service: Service, edges: Callable[[ServerKeys], Sequence[Edge]] | None = None) -> None:
     """Serve until SIGTERM (drain, then stop) or SIGINT (stop without the drain wait); a second signal
     of either kind stops now. The handlers are in place before the ready line, so an orchestrator that
-    signals as soon as it sees it still gets a drain."""
+    signals as soon as it sees it still gets a drain. ``edges`` makes the other front ends, given the
+    gRPC server's API keys (one watcher for all)."""
     server = GrpcServer(service)
+    others = list(edges(server.keys)) if edges is not None else []
     stopping = asyncio.Event()
     drain = {signal.SIGTERM: service.config.drain_seconds, signal.SIGINT: 0.0}
     received: list[signal.Signals] = []
@@ -239,10 +254,18 @@ async def serve_forever(service: Service) -> None:
     for sig in drain:
         loop.add_signal_handler(sig, on_signal, sig)
     port = await server.start()
+    described = []
+    try:
+        for edge in others:
+            described.append(await edge.start())
+    except BaseException:
+        await server.stop()
+        raise
     log.info(
-        "lorafleet ready: gRPC on %s:%d, metrics on %s (model %s, %s, %s; %s)",
+        "lorafleet ready: gRPC on %s:%d, %smetrics on %s (model %s, %s, %s; %s)",
         service.config.host,
         port,
+        "".join(f"{d}, " for d in described),
         server.metrics_url,
         service.info.model_id,
         service.info.quantization,
@@ -256,7 +279,11 @@ async def serve_forever(service: Service) -> None:
         drain[received[0]],
         service.config.shutdown_grace_seconds,
     )
+    for edge in others:
+        edge.drain()
     await server.stop(drain[received[0]])
+    for edge in others:
+        await edge.stop()
 
 
 class BackgroundServer:

@@ -1,0 +1,92 @@
+"""The request body limit of the HTTP edge: ``--max-message-bytes``, as gRPC's message limit.
+
+A declared ``Content-Length`` over the limit is refused with 413 before any byte of the body is read;
+a chunked body is cut off (and refused, 413 too) as soon as it passes the limit, so a large upload
+never sits in memory. Counted and logged under its route with RESOURCE_EXHAUSTED, as gRPC counts an oversized
+message. The middleware sits inside ``HttpAuth``: callers without a key are refused first.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lorafleet_server.grpc.observe import CallObserver
+from lorafleet_server.http.errors import error_body
+from lorafleet_server.http.routes import NoDeadline, request_id_of, rpc_of
+
+
+class BodyTooLarge(HTTPException):
+    """A chunked body passed the limit while it was being read: a Starlette HTTPException, so FastAPI's
+    body reading lets it through (anything else it turns into "error parsing the body", 400) and the
+    app's handler answers 413 in OpenAI's shape."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int, calls: CallObserver) -> None:
+        self._app = app
+        self._max = max_bytes
+        self._calls = calls
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max:
+            await self._refuse(scope, send, headers)
+            return
+        seen = 0
+        over = False
+
+        async def limited() -> Message:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self._max:
+                    over = True
+                    raise BodyTooLarge(self._message)
+            return message
+
+        async def accounting(message: Message) -> None:
+            if over and message["type"] == "http.response.start":  # the app's 413: counted before it is sent
+                await self._account(scope, headers)
+            await send(message)
+
+        await self._app(scope, limited, accounting)
+
+    @property
+    def _message(self) -> str:
+        return f"the request body is larger than the server's limit of {self._max} bytes (--max-message-bytes)"
+
+    async def _account(self, scope: Scope, headers: dict[str, str]) -> str:
+        rid = request_id_of(headers.get("x-request-id"))
+        async with self._calls.call(rpc_of(scope["method"], scope["path"]) or "other", NoDeadline(), rid) as record:
+            record.code, record.error = grpc.StatusCode.RESOURCE_EXHAUSTED, self._message
+        return rid
+
+    async def _refuse(self, scope: Scope, send: Send, headers: dict[str, str]) -> None:
+        rid = await self._account(scope, headers)
+        message = self._message
+        payload = json.dumps(error_body(message, "invalid_request_error", None, "request_too_large")).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"x-request-id", rid.encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})

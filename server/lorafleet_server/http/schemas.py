@@ -1,0 +1,148 @@
+"""Request bodies of the OpenAI-compatible API (pydantic models; they become the OpenAPI document).
+
+Every model forbids fields it does not declare, so an unknown parameter is a 400 that names it. The
+parameters OpenAI defines but lorafleet does not serve (``n`` > 1, ``logprobs``, ``tools``, penalties...)
+are declared so the document shows them, and ``unsupported`` refuses any of them set to a value that
+would change the answer: a request is served as asked or refused, never served differently in silence.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4; frameworks sometimes send a few more)
+MAX_EMBED_INPUTS = 64  # texts per embeddings request (each is one engine request)
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class TextPart(Strict):
+    """A text content part; image, audio and file parts are refused (the served models read text)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class Sampling(Strict):
+    """The sampling parameters both endpoints share, OpenAI's and lorafleet's extras (``top_k``,
+    ``repetition_penalty``), plus the OpenAI parameters refused unless neutral."""
+
+    model: str = Field(description="the base model's id (GET /v1/models) or an adapter: tenant/name[@version]")
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(
+        default=None, description="0 is greedy; unset is 1.0, as in OpenAI's API"
+    )
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: Seed | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, Field(max_length=256)] | None = Field(default=None, description="accepted, logged nowhere")
+    top_k: Annotated[int, Field(ge=0)] | None = Field(default=None, description="lorafleet extra; 0 is off")
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = Field(default=None, description="lorafleet extra")
+    # OpenAI parameters not served: refused unless neutral (``unsupported``).
+    n: int | None = Field(default=None, description="only 1")
+    presence_penalty: float | None = Field(default=None, description="only 0")
+    frequency_penalty: float | None = Field(default=None, description="only 0")
+    logit_bias: dict[str, float] | None = Field(default=None, description="only empty")
+
+
+class ChatCompletionRequest(Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool | None = Field(default=None, description="only false")
+    top_logprobs: int | None = Field(default=None, description="not supported")
+    tools: list[dict[str, Any]] | None = Field(default=None, description="not supported")
+    tool_choice: str | dict[str, Any] | None = Field(default=None, description="only none")
+    functions: list[dict[str, Any]] | None = Field(default=None, description="not supported")
+    function_call: str | dict[str, Any] | None = Field(default=None, description="only none")
+    parallel_tool_calls: bool | None = Field(default=None, description="accepted; there are no tools")
+    response_format: dict[str, Any] | None = Field(default=None, description='only {"type": "text"}')
+
+
+class CompletionRequest(Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="one prompt (a list of one string is accepted; token-id prompts are not)"
+    )
+    logprobs: int | None = Field(default=None, description="not supported")
+    echo: bool | None = Field(default=None, description="only false")
+    suffix: str | None = Field(default=None, description="not supported")
+    best_of: int | None = Field(default=None, description="only 1")
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def _neutral_tool_choice(value: str | dict[str, Any] | None) -> bool:
+    return value is None or value == "none"
+
+
+def unsupported(req: ChatCompletionRequest | CompletionRequest) -> tuple[str, str] | None:
+    """The first parameter set to something lorafleet does not serve, and why; None when all are fine."""
+    checks: list[tuple[str, bool, str]] = [
+        ("n", req.n not in (None, 1), "only n=1 is supported"),
+        ("presence_penalty", req.presence_penalty not in (None, 0), "not supported (use repetition_penalty)"),
+        ("frequency_penalty", req.frequency_penalty not in (None, 0), "not supported (use repetition_penalty)"),
+        ("logit_bias", bool(req.logit_bias), "not supported"),
+    ]
+    if isinstance(req, ChatCompletionRequest):
+        checks += [
+            ("logprobs", bool(req.logprobs), "log probabilities are not supported"),
+            ("top_logprobs", req.top_logprobs is not None, "log probabilities are not supported"),
+            ("tools", bool(req.tools), "tools and function calling are not supported"),
+            ("tool_choice", not _neutral_tool_choice(req.tool_choice), "tools and function calling are not supported"),
+            ("functions", bool(req.functions), "tools and function calling are not supported"),
+            ("function_call", not _neutral_tool_choice(req.function_call), "function calling is not supported"),
+            (
+                "response_format",
+                req.response_format is not None and req.response_format != {"type": "text"},
+                'only {"type": "text"} is supported',
+            ),
+        ]
+    else:
+        checks += [
+            ("logprobs", req.logprobs is not None, "log probabilities are not supported"),
+            ("echo", bool(req.echo), "echo is not supported"),
+            ("suffix", req.suffix is not None, "suffix (insertion) is not supported"),
+            ("best_of", req.best_of not in (None, 1), "only best_of=1 is supported"),
+        ]
+    for name, refused, why in checks:
+        if refused:
+            return name, why
+    return None
+
+
+class EmbeddingRequest(Strict):
+    """``POST /v1/embeddings``: the mean-pooled last hidden state (gRPC ``Embed``), one per input."""
+
+    model: str = Field(description="the base model's id or an adapter: tenant/name[@version]")
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] = Field(
+        description=f"a text, or up to {MAX_EMBED_INPUTS} texts (token-id inputs are not supported)"
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="base64: the little-endian float32 bytes (what the openai SDK asks for)"
+    )
+    user: Annotated[str, Field(max_length=256)] | None = None
+    dimensions: int | None = Field(default=None, description="not supported (the model's hidden size)")
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input

@@ -1,0 +1,440 @@
+"""The OpenAI-compatible HTTP API on a tiny random model with API keys, driven by the real ``openai``
+SDK (and raw httpx where the wire format itself is the point)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from enginelib import engine_held, tiny_service
+from httplib import TinyHttp
+
+from lorafleet_adapters.errors import AdapterNotFound
+from lorafleet_server.app import Service
+from lorafleet_server.errors import EngineTimeout, InvalidRequest, PermissionDenied, QueueFull, ShuttingDown
+from lorafleet_server.grpc.server import server_keys
+from lorafleet_server.grpc.status import STATUS_TABLE, http_status_for, status_for
+from lorafleet_server.http.errors import describe
+from lorafleet_server.http.server import BackgroundHttpServer
+from lorafleet_server.tenants.errors import MissingKey
+
+CHAT = [{"role": "user", "content": "Say hello"}]
+
+
+def client(live: TinyHttp, key: str = "acme") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=live.keys[key], max_retries=0, timeout=60)
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(0.01)
+
+
+# -- the table ---------------------------------------------------------------------------------------
+
+
+def test_http_statuses_come_from_the_one_status_table() -> None:
+    expected = {
+        grpc.StatusCode.UNAUTHENTICATED: 401,
+        grpc.StatusCode.PERMISSION_DENIED: 403,
+        grpc.StatusCode.INVALID_ARGUMENT: 400,
+        grpc.StatusCode.NOT_FOUND: 404,
+        grpc.StatusCode.FAILED_PRECONDITION: 412,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+        grpc.StatusCode.UNAVAILABLE: 503,
+        grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    }
+    for _, code in STATUS_TABLE:  # every row of the table has its HTTP status
+        assert http_status_for(code) == expected[code], code
+    cases = [
+        (MissingKey("no key"), 401, "authentication_error"),
+        (PermissionDenied("admin only"), 403, "permission_error"),
+        (InvalidRequest("bad"), 400, "invalid_request_error"),
+        (AdapterNotFound("adapter a/b not found"), 404, "not_found_error"),
+        (QueueFull("full"), 429, "rate_limit_error"),
+        (ShuttingDown("bye"), 503, "service_unavailable_error"),
+        (EngineTimeout("slow"), 504, "timeout_error"),
+    ]
+    for exc, status, kind in cases:
+        code, http, body = describe(exc, "rid")
+        assert (code, http) == (status_for(exc), status)
+        assert body["error"]["type"] == kind and body["error"]["message"] == str(exc)
+    _, http, body = describe(RuntimeError("secret detail"), "rid-1")  # a bug: 500, its text not sent
+    assert http == 500 and "secret" not in body["error"]["message"] and "rid-1" in body["error"]["message"]
+
+
+# -- answers -----------------------------------------------------------------------------------------
+
+
+def test_chat_and_completion_on_base_and_adapter(tiny_http: TinyHttp) -> None:
+    sdk = client(tiny_http)
+    base = sdk.chat.completions.with_raw_response.create(
+        model=tiny_http.model_id, messages=CHAT, max_tokens=6, temperature=0, extra_headers={"x-request-id": "req-42"}
+    )
+    assert base.headers["x-request-id"] == "req-42" and "x-lorafleet-adapter" not in base.headers
+    answer = base.parse()
+    assert answer.object == "chat.completion" and answer.id == "chatcmpl-req-42"
+    assert answer.model == tiny_http.model_id
+    assert answer.choices[0].message.role == "assistant" and answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None and answer.usage.completion_tokens == 6
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + 6
+
+    tuned = sdk.chat.completions.with_raw_response.create(
+        model="acme/support", messages=CHAT, max_tokens=6, temperature=0
+    )
+    assert tuned.headers["x-lorafleet-adapter"] == "acme/support@1"
+    assert tuned.parse().model == "acme/support@1"
+    assert tuned.parse().choices[0].message.content != answer.choices[0].message.content  # the adapter acts
+
+    again = sdk.chat.completions.create(model="acme/support@1", messages=CHAT, max_tokens=6, temperature=0)
+    assert again.choices[0].message.content == tuned.parse().choices[0].message.content  # greedy: same text
+
+    text = sdk.completions.create(model=tiny_http.model_id, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert text.object == "text_completion" and text.choices[0].finish_reason == "length"
+    assert text.usage is not None and text.usage.completion_tokens == 5 and text.choices[0].text
+    listed = sdk.completions.create(model=tiny_http.model_id, prompt=["Once upon a time"], max_tokens=5, temperature=0)
+    assert listed.choices[0].text == text.choices[0].text
+
+
+def test_sampling_parameters_reach_the_engine(tiny_http: TinyHttp) -> None:
+    sdk = client(tiny_http)
+    args = {"model": tiny_http.model_id, "messages": CHAT, "max_completion_tokens": 12, "temperature": 1.0}
+    first = sdk.chat.completions.create(seed=7, **args)  # type: ignore[arg-type]
+    same = sdk.chat.completions.create(seed=7, **args)  # type: ignore[arg-type]
+    assert first.choices[0].message.content == same.choices[0].message.content
+    assert first.usage is not None and first.usage.completion_tokens == 12  # max_completion_tokens counts
+    greedy = sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=12, temperature=0)
+    top1 = sdk.chat.completions.create(
+        model=tiny_http.model_id, messages=CHAT, max_tokens=12, temperature=1.5, seed=3, extra_body={"top_k": 1}
+    )
+    assert top1.choices[0].message.content == greedy.choices[0].message.content  # top_k=1 is greedy
+    words = greedy.choices[0].message.content or ""
+    stop = words.split()[1] if len(words.split()) > 1 else words[:3]
+    stopped = sdk.chat.completions.create(
+        model=tiny_http.model_id, messages=CHAT, max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert stopped.choices[0].finish_reason == "stop" and stop not in (stopped.choices[0].message.content or "")
+
+
+def test_streaming_is_sse_with_usage_last_and_done(tiny_http: TinyHttp) -> None:
+    body = {"model": tiny_http.model_id, "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": True}
+    headers = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
+    with httpx.stream(
+        "POST",
+        f"{tiny_http.url}/v1/chat/completions",
+        json={**body, "stream_options": {"include_usage": True}},
+        headers=headers,
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+    whole = client(tiny_http).chat.completions.create(
+        model=tiny_http.model_id, messages=CHAT, max_tokens=8, temperature=0
+    )
+    assert streamed == whole.choices[0].message.content
+
+    sdk_chunks = list(
+        client(tiny_http).completions.create(
+            model="acme/support", prompt="Once upon a time", max_tokens=4, temperature=0, stream=True
+        )
+    )
+    assert sdk_chunks[-1].choices[0].finish_reason == "length" and sdk_chunks[-1].usage is None  # no usage asked
+    assert all(c.model == "acme/support@1" for c in sdk_chunks)
+
+
+def test_embeddings(tiny_http: TinyHttp) -> None:
+    sdk = client(tiny_http)
+    both = sdk.embeddings.with_raw_response.create(model=tiny_http.model_id, input=["a cat", "a dog"])
+    assert "x-lorafleet-adapter" not in both.headers
+    vectors = both.parse()
+    assert [d.index for d in vectors.data] == [0, 1] and len(vectors.data[0].embedding) == 64  # hidden size
+    assert vectors.data[0].embedding != vectors.data[1].embedding
+    one = sdk.embeddings.create(model=tiny_http.model_id, input="a cat")  # the SDK asks for base64
+    floats = sdk.embeddings.create(model=tiny_http.model_id, input="a cat", encoding_format="float")
+    assert floats.data[0].embedding == pytest.approx(one.data[0].embedding, rel=1e-6)
+    assert one.data[0].embedding == pytest.approx(vectors.data[0].embedding, abs=1e-5)  # batched or not
+    assert (
+        vectors.usage.prompt_tokens
+        == one.usage.prompt_tokens + sdk.embeddings.create(model=tiny_http.model_id, input="a dog").usage.prompt_tokens
+    )
+    tuned = sdk.embeddings.with_raw_response.create(model="acme/support", input="a cat")
+    assert tuned.headers["x-lorafleet-adapter"] == "acme/support@1" and tuned.parse().model == "acme/support@1"
+    assert tuned.parse().data[0].embedding != pytest.approx(one.data[0].embedding, abs=1e-5)  # the adapter acts
+    with pytest.raises(openai.NotFoundError):
+        sdk.embeddings.create(model="beta/secret", input="a cat")
+    with pytest.raises(openai.BadRequestError) as dims:
+        sdk.embeddings.create(model=tiny_http.model_id, input="a cat", dimensions=8)
+    assert dims.value.param == "dimensions"
+    with pytest.raises(openai.BadRequestError) as ids:
+        sdk.embeddings.create(model=tiny_http.model_id, input=[[1, 2, 3]])
+    assert str(ids.value.param).startswith("input")
+
+
+def test_models_show_the_callers_adapters_only(tiny_http: TinyHttp) -> None:
+    def ids(key: str) -> dict[str, dict[str, object]]:
+        return {m.id: m.model_dump() for m in client(tiny_http, key).models.list()}
+
+    base = tiny_http.model_id
+    acme, beta, ops = ids("acme"), ids("beta"), ids("ops")
+    assert set(acme) == {base, "acme/support"} and set(beta) == {base, "beta/secret"}
+    assert set(ops) == {base, "acme/support", "beta/secret"}
+    assert acme["acme/support"]["owned_by"] == "acme" and acme["acme/support"]["parent"] == base
+    assert client(tiny_http, "acme").models.retrieve("acme/support@1").id == "acme/support@1"
+    with pytest.raises(openai.NotFoundError) as foreign:
+        client(tiny_http, "acme").models.retrieve("beta/secret")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client(tiny_http, "acme").models.retrieve("beta/nothing")
+    # Another tenant's adapter reads exactly as one that does not exist.
+    assert str(foreign.value.body).replace("secret", "X") == str(unknown.value.body).replace("nothing", "X")
+
+
+# -- errors as the SDK's exceptions ------------------------------------------------------------------
+
+
+def test_keys_are_required_and_checked_before_the_body(tiny_http: TinyHttp) -> None:
+    url = f"{tiny_http.url}/v1/chat/completions"
+    bad = openai.OpenAI(base_url=f"{tiny_http.url}/v1", api_key="lf_aaaaaaaaaaaa_" + "b" * 32, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        bad.chat.completions.create(model=tiny_http.model_id, messages=CHAT)  # type: ignore[arg-type]
+    assert refused.value.body["type"] == "authentication_error"  # type: ignore[index]
+    missing = httpx.post(url, content=b"{not json", timeout=30)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_key"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{tiny_http.url}/health", timeout=30).json() == {"status": "SERVING"}  # open to all
+    before = tiny_http.metric("lorafleet_requests_total", rpc="POST /v1/chat/completions", code="UNAUTHENTICATED")
+    assert before >= 2
+
+
+def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
+    sdk = client(tiny_http)
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"extra_body": {"mirostat": 2}}, "mirostat"),
+        ({"model": "not a model"}, "model"),
+        ({"temperature": 3}, "temperature"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ]
+    for override, param in cases:
+        args: dict[str, object] = {"model": tiny_http.model_id, "messages": CHAT, "max_tokens": 2, **override}
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.chat.completions.create(**args)  # type: ignore[call-overload]
+        error = refused.value.body
+        assert isinstance(error, dict) and error["type"] == "invalid_request_error", override
+        assert str(error["param"]).startswith(param), (override, error)
+    with pytest.raises(openai.BadRequestError, match="max_new_tokens"):  # the engine's own limit
+        sdk.completions.create(model=tiny_http.model_id, prompt="x", max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError) as echo:
+        sdk.completions.create(model=tiny_http.model_id, prompt="x", echo=True)
+    assert echo.value.param == "echo"
+
+
+def test_responses_name_the_replica_and_a_disagreeing_routing_header_is_refused(tiny_http: TinyHttp) -> None:
+    replica = tiny_http.service.config.replica_name
+    assert replica
+    sdk = client(tiny_http)
+    routed = sdk.chat.completions.with_raw_response.create(
+        model="acme/support",
+        messages=CHAT,
+        max_tokens=2,
+        temperature=0,
+        extra_headers={"x-lorafleet-adapter": "acme/support"},
+    )
+    assert routed.headers["x-lorafleet-replica"] == replica
+    assert routed.parse().model == "acme/support@1"
+    no_key = httpx.post(f"{tiny_http.url}/v1/chat/completions", json={"model": "acme/support"}, timeout=30)
+    assert no_key.status_code == 401 and no_key.headers["x-lorafleet-replica"] == replica  # refusals too
+    for call in (
+        lambda h: sdk.chat.completions.create(model="acme/support", messages=CHAT, max_tokens=2, extra_headers=h),
+        lambda h: sdk.completions.create(model=tiny_http.model_id, prompt="x", max_tokens=2, extra_headers=h),
+        lambda h: sdk.embeddings.create(model="acme/support", input="x", extra_headers=h),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            call({"x-lorafleet-adapter": "acme/other"})
+        assert refused.value.param == "model" and "x-lorafleet-adapter" in refused.value.message
+    base = sdk.completions.create(
+        model=tiny_http.model_id, prompt="x", max_tokens=2, extra_headers={"x-lorafleet-adapter": tiny_http.model_id}
+    )
+    assert base.usage is not None and base.usage.completion_tokens == 2
+
+
+def test_bodies_over_the_message_limit_are_refused(tiny_http: TinyHttp) -> None:
+    url = f"{tiny_http.url}/v1/completions"
+    big = {"model": tiny_http.model_id, "prompt": "word " * 300_000, "max_tokens": 1}  # 1.5 MB > 1 MiB
+    auth = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
+    declared = httpx.post(url, json=big, headers=auth, timeout=60)
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+    assert httpx.post(url, json=big, timeout=60).status_code == 401  # no key: refused before the size
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: cut off while it is read
+        yield b'{"model": "x", "prompt": "'
+        for _ in range(40):
+            yield b"y" * 65536
+        yield b'"}'
+
+    streamed = httpx.post(url, content=chunks(), headers={**auth, "content-type": "application/json"}, timeout=60)
+    assert streamed.status_code == 413
+    counted = tiny_http.metric("lorafleet_requests_total", rpc="POST /v1/completions", code="RESOURCE_EXHAUSTED")
+    assert counted >= 2
+
+
+def test_unknown_and_foreign_adapters_are_the_same_not_found(tiny_http: TinyHttp) -> None:
+    sdk = client(tiny_http)
+    with pytest.raises(openai.NotFoundError) as foreign:
+        sdk.chat.completions.create(model="beta/secret", messages=CHAT)  # type: ignore[arg-type]
+    with pytest.raises(openai.NotFoundError) as unknown:
+        sdk.chat.completions.create(model="beta/nothing", messages=CHAT)  # type: ignore[arg-type]
+    foreign_error, unknown_error = foreign.value.body, unknown.value.body
+    assert isinstance(foreign_error, dict) and isinstance(unknown_error, dict)
+    assert foreign_error["message"].replace("secret", "X") == unknown_error["message"].replace("nothing", "X")
+    assert foreign_error["code"] == "model_not_found" and foreign_error["param"] == "model"
+    beta = client(tiny_http, "beta").chat.completions.create(model="beta/secret", messages=CHAT, max_tokens=2)
+    assert beta.model == "beta/secret@1"
+
+
+def test_an_incompatible_adapter_is_412(tiny_http: TinyHttp) -> None:
+    from e2elib import lora_config_json, plant_version
+
+    plant_version(
+        tiny_http.service.store.root,
+        "acme",
+        "elsewhere",
+        1,
+        {"adapter_config.json": lora_config_json(8, ["q_proj"]), "adapter_model.safetensors": b"x"},
+        base_fingerprint="sha256:another-base",
+    )
+    with pytest.raises(openai.APIStatusError) as refused:
+        client(tiny_http).chat.completions.create(model="acme/elsewhere", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+    assert refused.value.status_code == 412
+    with pytest.raises(openai.APIStatusError) as streamed:  # refused before the stream starts, same status
+        client(tiny_http).chat.completions.create(model="acme/elsewhere", messages=CHAT, max_tokens=2, stream=True)  # type: ignore[arg-type]
+    assert streamed.value.status_code == 412
+
+
+def test_a_full_queue_is_429(tiny_http: TinyHttp) -> None:
+    sdk = client(tiny_http, "tight")
+    results: list[object] = []
+    engine = tiny_http.service.engine
+    with engine_held(engine):
+        first = threading.Thread(
+            target=lambda: results.append(
+                sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+            )
+        )
+        first.start()
+        wait_for(lambda: engine.load_stats()[1] >= 1, 30, "the first request queued")
+        with pytest.raises(openai.RateLimitError) as refused:
+            sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+    first.join(60)
+    assert refused.value.body["type"] == "rate_limit_error"  # type: ignore[index]
+    assert refused.value.response.headers["retry-after"] == "1"
+    assert len(results) == 1  # the queued one was served
+
+
+def test_a_disconnect_mid_stream_cancels_the_engine_request(tiny_http: TinyHttp) -> None:
+    engine = tiny_http.service.engine
+    labels = {"rpc": "POST /v1/completions", "code": "CANCELLED"}
+    cancelled = tiny_http.metric("lorafleet_requests_total", **labels)
+    finished = tiny_http.metric("lorafleet_generations_total", reason="cancelled")
+    body = {"model": tiny_http.model_id, "prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True}
+    headers = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
+    with httpx.Client(timeout=60) as http:
+        response = http.send(
+            http.build_request("POST", f"{tiny_http.url}/v1/completions", json=body, headers=headers), stream=True
+        )
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        with engine_held(engine):  # no step runs until the server has seen the client go
+            response.close()
+            wait_for(lambda: tiny_http.metric("lorafleet_requests_total", **labels) > cancelled, 30, "the disconnect")
+            assert engine.load_stats()[0] == 1  # still holding its row while the engine is held
+        # The cancel was queued before the engine's next step: the row is free after at most one.
+        wait_for(lambda: engine.load_stats() == (0, 0), 10, "the row freed")
+    assert tiny_http.metric("lorafleet_generations_total", reason="cancelled") == finished + 1
+
+    # Not streaming: a client that gives up (its timeout) cancels the request the same way.
+    with engine_held(engine), pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{tiny_http.url}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=1.0)
+    wait_for(lambda: tiny_http.metric("lorafleet_requests_total", **labels) == cancelled + 2, 30, "the disconnect")
+    wait_for(lambda: engine.load_stats() == (0, 0), 10, "the row freed")
+    assert tiny_http.metric("lorafleet_generations_total", reason="cancelled") == finished + 2
+
+
+def test_every_http_call_is_counted_under_its_route(tiny_http: TinyHttp) -> None:
+    before = tiny_http.metric("lorafleet_requests_total", rpc="GET /v1/models", code="OK")
+    client(tiny_http).models.list()
+    assert tiny_http.metric("lorafleet_requests_total", rpc="GET /v1/models", code="OK") == before + 1
+    before = tiny_http.metric("lorafleet_requests_total", rpc="POST /v1/completions", code="INVALID_ARGUMENT")
+    with pytest.raises(openai.BadRequestError):
+        client(tiny_http).completions.create(model=tiny_http.model_id, prompt="x", extra_body={"bogus": 1})
+    assert (
+        tiny_http.metric("lorafleet_requests_total", rpc="POST /v1/completions", code="INVALID_ARGUMENT") == before + 1
+    )
+    names = {
+        s.labels["rpc"]
+        for family in tiny_http.service.metrics.registry.collect()
+        if family.name == "lorafleet_requests"
+        for s in family.samples
+    }
+    http_names = {n for n in names if "/" in n}
+    assert http_names <= {
+        "POST /v1/embeddings",
+        "GET /v1/models",
+        "GET /v1/models/{model}",
+        "POST /v1/completions",
+        "POST /v1/chat/completions",
+        "other",
+    }
+
+
+# -- draining ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_http(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[BackgroundHttpServer, Service]]:
+    """A tiny server without keys (loopback), for a test that stops its engine."""
+    service = tiny_service(tiny_model_dir, tmp_path / "adapters", port=0, metrics_port=0)
+    keys = server_keys(service.config)
+    keys.load()
+    server = BackgroundHttpServer(service, keys)
+    server.start()
+    try:
+        yield server, service
+    finally:
+        server.stop()
+        service.engine.shutdown(0.0)
+
+
+def test_draining_is_503(open_http: tuple[BackgroundHttpServer, Service]) -> None:
+    server, service = open_http
+    model = service.info.model_id
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    assert sdk.completions.create(model=model, prompt="x", max_tokens=1).choices[0].finish_reason == "length"
+    server.server.drain()
+    assert httpx.get(f"{server.url}/health").status_code == 503  # load balancers move away...
+    assert sdk.completions.create(model=model, prompt="x", max_tokens=1).usage is not None  # ...still served
+    service.engine.shutdown(0.0)  # then the engine refuses new work
+    with pytest.raises(openai.InternalServerError) as refused:
+        sdk.completions.create(model=model, prompt="x", max_tokens=1)
+    assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "1"
+    assert refused.value.body["type"] == "service_unavailable_error"  # type: ignore[index]
