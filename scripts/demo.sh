@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make demo: start a server on its own port and store, train and publish both companies' adapters,
-# then ask the running server the same questions with the base, each LoRA and each prompt adapter.
+# make demo: start a server on its own port and store, train and publish two companies' LoRA adapters
+# and a third company's classifier head, then ask the running server the same questions with the base,
+# each LoRA and each prompt adapter, and classify held-out messages with the head.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}

@@ -17,9 +17,10 @@ from lorafleet_adapters.errors import AdapterFormatError, InvalidAdapterRef
 from lorafleet_adapters.ref import check_ident, check_version
 
 SCHEMA_VERSION = 1
-KINDS = ("lora", "prompt")
+KINDS = ("lora", "prompt", "head")
 METHODS = ("lora", "qlora")
 PROMPT_METHOD = "prompt"  # the method of kind "prompt" versions (no weights, rank 0)
+HEAD_METHOD = "logreg"  # the method of kind "head" versions (a classifier on pooled features, rank 0)
 MAX_MANIFEST_BYTES = 1 << 20
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -87,6 +88,9 @@ class Manifest:
         if self.kind == "prompt":
             if self.method != PROMPT_METHOD or self.rank != 0:
                 raise AdapterFormatError("a manifest of kind 'prompt' has method 'prompt' and rank 0")
+        elif self.kind == "head":
+            if self.method != HEAD_METHOD or self.rank != 0:
+                raise AdapterFormatError(f"a manifest of kind 'head' has method {HEAD_METHOD!r} and rank 0")
         elif self.method not in METHODS:
             raise AdapterFormatError(f"manifest field 'method' is {self.method!r}; expected one of {METHODS}")
         elif self.rank < 1:

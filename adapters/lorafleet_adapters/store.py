@@ -18,6 +18,7 @@ import builtins
 import errno
 import fcntl
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -59,6 +60,7 @@ LOCK_FILE = ".lock"
 VERSIONS_DIR = "versions"
 STAGING_DIR = ".staging"
 README_FILE = "README.md"
+RETRAIN_RECORD_FILE = "lorafleet-retrain.json"  # a LoRA version's training record, for `lorafleet retrain`
 STALE_STAGING_SECONDS = 24 * 3600  # no live publish stays untouched this long
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_README_BYTES = 1 << 20
@@ -583,12 +585,14 @@ def _check_source_size(weights_path: Path, spec: BaseModelSpec) -> None:
 def _copy_sources(src: Path, staging: Path) -> list[str]:
     """Copy the files a version keeps; returns their names."""
     copied = []
-    for file_name in (CONFIG_FILE, WEIGHTS_FILE, README_FILE):
+    for file_name in (CONFIG_FILE, WEIGHTS_FILE, README_FILE, RETRAIN_RECORD_FILE):
         source = src / file_name
         if not source.is_file():
             continue
         if file_name == README_FILE and source.stat().st_size > MAX_README_BYTES:
             raise AdapterFormatError(f"{source} is larger than {MAX_README_BYTES} bytes")
+        if file_name == RETRAIN_RECORD_FILE:
+            _check_record(source)
         try:
             copy_synced(source, staging / file_name)
         except OSError as exc:
@@ -599,6 +603,18 @@ def _copy_sources(src: Path, staging: Path) -> list[str]:
     if CONFIG_FILE not in copied:
         raise AdapterFormatError(f"{CONFIG_FILE} is missing from {src}")
     return copied
+
+
+def _check_record(source: Path) -> None:
+    """A training record kept with a LoRA version: a JSON object of at most MAX_MANIFEST_BYTES."""
+    if source.stat().st_size > MAX_MANIFEST_BYTES:
+        raise AdapterFormatError(f"{source} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        record = json.loads(source.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{source} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise AdapterFormatError(f"{source} must hold a JSON object")
 
 
 def _producer() -> str:

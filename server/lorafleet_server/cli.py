@@ -238,7 +238,8 @@ def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add_server_arguments(revoke)
 
 
-TRAINING_COMMANDS = ("train", "publish", "publish-prompt")
+TRAINING_COMMANDS = ("train", "publish", "publish-prompt", "retrain")
+CLIENT_COMMANDS = ("generate", "classify")  # handed to the Python client's CLI
 TRAIN_EXTRA_HINT = "pip install './proto/python' '.[train]' from the repository (or lorafleet[train] from an index)"
 
 
@@ -265,8 +266,9 @@ def _training(args: argparse.Namespace, config: ServerConfig) -> int:
     spec = _base_spec(config)
     store = _open_store(config, getattr(args, "store", None))
     if args.command == "train":
-        return int(training.run_train(args, spec, _model_dir(config)))
-    store = AdapterStore(args.store if args.store is not None else config.store_root)
+        return int(training.run_train(args, spec, _model_dir(config), store))
+    if args.command == "retrain":
+        return int(training.run_retrain(args, store, spec, _model_dir(config)))
     if args.command == "publish":
         return int(training.run_publish(args, store, spec))
     if args.command == "publish-prompt":
@@ -279,8 +281,8 @@ def _forward_generate(argv: list[str]) -> int:
     ...`` (the lorafleet-client distribution) in this process's place; the server imports none of it."""
     if importlib.util.find_spec("lorafleet") is None:
         print(
-            "error: `lorafleet generate` runs the Python client's CLI, which is not installed: "
-            "pip install ./clients/python, then `lorafleet-client generate ...`",
+            f"error: `lorafleet {argv[0]}` runs the Python client's CLI, which is not installed: "
+            f"pip install ./clients/python, then `lorafleet-client {argv[0]} ...`",
             file=sys.stderr,
         )
         return 2
@@ -296,6 +298,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a LoRA adapter on a customer's JSONL data (extra: train)")
     publish = sub.add_parser("publish", help="verify a trained adapter and publish it into the store")
     publish_prompt = sub.add_parser("publish-prompt", help="publish a prompt adapter (system prompt + examples)")
+    retrain = sub.add_parser(
+        "retrain", help="retrain stale adapters on this base; publish those at least as good (extra: train)"
+    )
     if command in TRAINING_COMMANDS:
         training = _training_cli()
         if command == "train":
@@ -305,6 +310,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         elif command == "publish":
             training.add_publish_arguments(publish)
             add_server_arguments(publish)
+        elif command == "retrain":
+            _require_train_extra()
+            training.add_retrain_arguments(retrain)
+            add_server_arguments(retrain)
         else:
             training.add_publish_prompt_arguments(publish_prompt)
             add_server_arguments(publish_prompt)
@@ -328,12 +337,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_server_arguments(stale)
     _add_keys_parser(sub)
     sub.add_parser("generate", help="call a running server (runs `lorafleet-client generate`)", add_help=False)
+    sub.add_parser("classify", help="classify with a head adapter (runs `lorafleet-client classify`)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "generate":
+    if argv and argv[0] in CLIENT_COMMANDS:
         return _forward_generate(argv)
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
@@ -349,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _prepare(config)
         if args.command == "keys":
             return _keys(config, args)
-        if args.command in ("train", "publish", "publish-prompt") or args.adapters_command == "stale":
+        if args.command in TRAINING_COMMANDS or args.adapters_command == "stale":
             return _training(args, config)
         if args.adapters_command == "import":
             return _adapters_import(config, args.src, args.reference)

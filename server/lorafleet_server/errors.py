@@ -11,6 +11,11 @@ class InvalidRequest(ServingError):
     """The request is malformed or outside the server's limits (INVALID_ARGUMENT)."""
 
 
+class WrongAdapterKind(ServingError):
+    """The adapter's kind does not fit the RPC: a head for Generate/Embed, a LoRA or prompt adapter for
+    Classify (FAILED_PRECONDITION; the message names the kind)."""
+
+
 class QueueFull(ServingError):
     """Too many requests are waiting (RESOURCE_EXHAUSTED)."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from e2elib import wait_until
 from enginelib import engine_held
 from grpc import StatusCode as Code
@@ -31,6 +32,7 @@ from lorafleet_adapters.errors import (
     InvalidAdapterRef,
     StoreUnavailable,
 )
+from lorafleet_adapters.head import ClassifierHead, publish_head
 from lorafleet_server.app import Service, build_service
 from lorafleet_server.config import ServerConfig
 from lorafleet_server.engine.engine import Engine
@@ -41,6 +43,7 @@ from lorafleet_server.errors import (
     PermissionDenied,
     QueueFull,
     ShuttingDown,
+    WrongAdapterKind,
 )
 from lorafleet_server.grpc.server import BackgroundServer
 from lorafleet_server.grpc.status import STATUS_TABLE
@@ -99,6 +102,10 @@ def table(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, peft_a
     other = service.store.import_peft(peft_adapter(seed=63), "acme", "otherbase", spec)
     manifest = service.store.version_dir(other) / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "base_fingerprint": "sha256:" + "0" * 64}))
+    # A classifier head (any weights do: the kind is refused before the head runs).
+    hidden = service.engine.runner.hidden_size
+    head = ClassifierHead(("no", "yes"), torch.zeros(2, hidden), torch.zeros(2))
+    publish_head(service.store, "acme", "head", head, spec)
     server = BackgroundServer(service)
     port = server.start()
     client = LoraFleetClient(f"127.0.0.1:{port}", api_key=admin_key, timeout=60)
@@ -152,6 +159,10 @@ def _adapter_incompatible(t: TableServer, monkeypatch: pytest.MonkeyPatch) -> Ou
 
 def _adapter_format_error(t: TableServer, monkeypatch: pytest.MonkeyPatch) -> Outcome:
     return outcome_of(lambda: list(t.client.stream("hi", adapter="acme/tampered", sampling=Sampling(max_new_tokens=2))))
+
+
+def _wrong_adapter_kind(t: TableServer, monkeypatch: pytest.MonkeyPatch) -> Outcome:
+    return outcome_of(lambda: t.client.generate("hi", adapter="acme/head", sampling=Sampling(max_new_tokens=2)))
 
 
 def _queue_full(t: TableServer, monkeypatch: pytest.MonkeyPatch) -> Outcome:
@@ -244,6 +255,7 @@ CASES: dict[type[BaseException], tuple[Code, str, Case]] = {
     AdapterNotFound: (Code.NOT_FOUND, "acme/nothing not found", _adapter_not_found),  # LoadAdapter
     AdapterIncompatible: (Code.FAILED_PRECONDITION, "was built for base", _adapter_incompatible),  # LoadAdapter
     AdapterFormatError: (Code.FAILED_PRECONDITION, "checksum mismatch", _adapter_format_error),  # GenerateStream
+    WrongAdapterKind: (Code.FAILED_PRECONDITION, "of kind 'head'", _wrong_adapter_kind),  # Generate
     QueueFull: (Code.RESOURCE_EXHAUSTED, "waiting for a free row", _queue_full),  # Generate
     AdapterBusy: (Code.RESOURCE_EXHAUSTED, "every device slot is in use", _adapter_busy),  # LoadAdapter
     ShuttingDown: (Code.UNAVAILABLE, "shutting down", _shutting_down),  # Generate, GenerateStream, UnloadAdapter

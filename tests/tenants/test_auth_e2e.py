@@ -305,7 +305,7 @@ ADMIN_CALLS: dict[str, Callable[[LoraFleetClient], object]] = {
 
 def test_the_admin_calls_are_the_admin_only_rpcs() -> None:
     assert set(ADMIN_CALLS) == ADMIN_RPCS
-    assert len(RPC_ROLES) == 13
+    assert len(RPC_ROLES) == 14  # 8 for every role (Classify the newest), 6 admin-only
 
 
 def test_tenant_keys_get_permission_denied_on_every_admin_rpc_and_each_is_audited(
@@ -440,3 +440,23 @@ def test_usage_is_metered_per_key_tenant_and_read_by_admins(live: Live) -> None:
         assert all(r.tenant == "beta" for r in rows.values())
         with pytest.raises(PermissionDeniedError, match="GetUsage needs admin"):
             beta.get_usage(0)
+
+
+def test_classify_heads_are_isolated_like_every_adapter(live: Live, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from classifierlib import labelled_rows, train_head, write_labelled
+
+    from lorafleet_training.publish import publish
+
+    spec = live.service.base.spec
+    data = write_labelled(tmp_path / "rows.jsonl", labelled_rows(per_label=4))
+    train_head(tiny_model_dir, spec, tmp_path / "head", data, adapter="beta/intents")
+    publish(tmp_path / "head", live.service.store, spec)
+    with live.client(live.keys["beta"]) as beta:
+        own = beta.classify("Where is my parcel?", adapter="beta/intents")
+        assert own.adapter == "beta/intents@1" and own.labels
+    with live.client(live.keys["acme"]) as acme:
+        with pytest.raises(NotFoundError) as foreign:
+            acme.classify("Where is my parcel?", adapter="beta/intents")
+        with pytest.raises(NotFoundError) as unknown:
+            acme.classify("Where is my parcel?", adapter="acme/intents")
+    assert str(foreign.value).replace("beta", "acme") == str(unknown.value)  # the same answer as an unknown one

@@ -63,6 +63,8 @@ def test_run_demo_smoke_on_the_tiny_model(
     out = capsys.readouterr().out
     assert "== held-out questions: wordings never seen in training ==" in out
     assert "training took" in out
+    assert "Larkspur Mobile: training the classifier head larkspur/intents" in out
+    assert "published larkspur/intents@1" in out or "not published: --require-improvement: held-out macro-F1" in out
     store = AdapterStore(tmp_path / "store")
     for ref in ("zephyr/support-prompt", "quillmark/counsel-prompt"):
         assert store.manifest(store.resolve(AdapterRef.parse(ref))).kind == "prompt"
@@ -72,3 +74,18 @@ def test_run_demo_smoke_on_the_tiny_model(
         assert published or refused  # a random tiny model may not improve in one step
     record = json.loads((tmp_path / "work" / "zephyr" / "adapter" / "lorafleet-training.json").read_text())
     assert record["adapter"] == "zephyr/support" and "prompt_loss" in record["eval_metrics"]
+
+
+def test_third_company_intents_are_synthetic_clean_and_held_out(tmp_path: Path) -> None:
+    from demo import intents
+    from lorafleet_training.classifier import load_labelled
+
+    paths = intents.write_datasets(tmp_path, seed=0)
+    assert intents.write_datasets(tmp_path / "again", seed=0)["train"].read_text() == paths["train"].read_text()
+    train, held = load_labelled(paths["train"]), load_labelled(paths["heldout"])
+    labels = set(intents.INTENTS)
+    assert {e.completion for e in train} == {e.completion for e in held} == labels
+    assert 60 <= len(train) <= 300 and len(held) >= 3 * len(labels)
+    assert scan(train).clean and scan(held).clean
+    seen = {(e.prompt or e.chat_messages()[-1]["content"]) for e in train}
+    assert not seen & {(e.prompt or "") for e in held}  # held-out wordings never occur in training

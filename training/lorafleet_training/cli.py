@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorafleet_adapters.backend import Store, StoreSettings, open_store
 from lorafleet_adapters.errors import AdapterError
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.ref import AdapterRef
@@ -22,6 +23,17 @@ from lorafleet_adapters.store import AdapterStore
 from lorafleet_training.data import DataIssue, load_jsonl
 from lorafleet_training.errors import TrainingDataError, TrainingError
 from lorafleet_training.pii import MODES
+
+STORE_HELP = "adapter store: a directory or s3://BUCKET/PREFIX (default: the server's)"
+
+
+def store_from_args(args: argparse.Namespace, store: Store) -> Store:
+    """``--store`` when given (a directory, or s3://BUCKET/PREFIX with boto3's endpoint and
+    credentials from the environment), else the server's store."""
+    location = getattr(args, "store", None)
+    if location is None:
+        return store
+    return open_store(StoreSettings(str(location)))
 
 
 def _train_defaults() -> dict[str, Any]:
@@ -36,16 +48,33 @@ def _train_defaults() -> dict[str, Any]:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = _train_defaults()
     parser.add_argument(
-        "--data", type=Path, required=True, help="JSONL: {'messages': [...]} or {'prompt', 'completion'}"
+        "--data",
+        type=Path,
+        required=True,
+        help="JSONL: {'messages': [...]} or {'prompt', 'completion'}; with --method classifier "
+        "{'text', 'label'} or {'messages', 'label'}",
     )
     parser.add_argument("--adapter", required=True, help="tenant/name the adapter will be published as")
     parser.add_argument("--out", type=Path, required=True, help="output directory (PEFT adapter + training record)")
     parser.add_argument(
         "--method",
-        choices=("lora", "qlora"),
+        choices=("lora", "qlora", "classifier"),
         default="lora",
-        help="lora (fp32 base on CPU) or qlora (NF4 bitsandbytes base; on CPU too, said so at start)",
+        help="lora (fp32 base on CPU), qlora (NF4 bitsandbytes base; on CPU too, said so at start) or "
+        "classifier (a logistic-regression head on pooled features of the frozen base)",
     )
+    parser.add_argument(
+        "--features-from",
+        default=None,
+        metavar="TENANT/NAME[@V]",
+        help="classifier: read features of the base plus this published LoRA of the same tenant",
+    )
+    parser.add_argument(
+        "--keep-data-ref",
+        action="store_true",
+        help="record where --data lives in the training record, so `lorafleet retrain` can train again",
+    )
+    parser.add_argument("--C", dest="c", type=float, default=1.0, help="classifier: inverse L2 strength (default 1)")
     parser.add_argument("--rank", type=int, default=d["rank"], help="LoRA rank r (default %(default)s)")
     parser.add_argument("--alpha", type=float, default=d["alpha"], help="lora_alpha (default %(default)s)")
     parser.add_argument(
@@ -69,8 +98,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-fraction",
         type=float,
-        default=d["val_fraction"],
-        help="held-out share for evaluation (default %(default)s)",
+        default=None,
+        help=f"held-out share for evaluation (default {d['val_fraction']}; 0.2 per label with --method classifier)",
     )
     parser.add_argument(
         "--pii",
@@ -127,17 +156,49 @@ def train_config_from_args(args: argparse.Namespace, model_dir: Path) -> Any:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
-        val_fraction=args.val_fraction,
+        val_fraction=args.val_fraction if args.val_fraction is not None else _train_defaults()["val_fraction"],
         pii=args.pii,
         eval_max_new_tokens=args.eval_max_new_tokens,
         eval_generate=args.eval_generate,
         compare_prompt=args.compare_prompt,
         eval_data=args.eval_data,
         overwrite=args.overwrite,
+        keep_data_ref=args.keep_data_ref,
     )
 
 
-def run_train(args: argparse.Namespace, spec: BaseModelSpec, model_dir: Path) -> int:
+def classifier_config_from_args(args: argparse.Namespace, model_dir: Path) -> Any:
+    from lorafleet_training.classifier import ClassifierConfig
+
+    return ClassifierConfig(
+        data=args.data,
+        adapter=args.adapter,
+        out_dir=args.out,
+        base_model_dir=Path(model_dir),
+        features_from=args.features_from,
+        seed=args.seed,
+        val_fraction=args.val_fraction if args.val_fraction is not None else 0.2,
+        c=args.c,
+        max_length=args.max_length,
+        pii=args.pii,
+        keep_data_ref=args.keep_data_ref,
+        eval_generate=args.eval_generate,
+        eval_data=args.eval_data,
+        overwrite=args.overwrite,
+    )
+
+
+def run_train(args: argparse.Namespace, spec: BaseModelSpec, model_dir: Path, store: AdapterStore | None = None) -> int:
+    if args.method == "classifier":
+        try:
+            from lorafleet_training.classifier import train_classifier
+
+            train_classifier(classifier_config_from_args(args, model_dir), spec, store)
+        except AdapterError as exc:
+            return _fail(exc)
+        return 0
+    if args.features_from is not None:
+        return _fail(TrainingError("--features-from applies to --method classifier only"))
     try:
         from lorafleet_training.trainer import train
 
@@ -153,11 +214,19 @@ def run_train(args: argparse.Namespace, spec: BaseModelSpec, model_dir: Path) ->
 
 def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, help="a `lorafleet train` output directory")
-    parser.add_argument("--store", type=Path, default=None, help="adapter store root (default: the server's)")
+    parser.add_argument("--store", default=None, help=STORE_HELP)
     parser.add_argument(
         "--require-improvement",
         action="store_true",
         help="refuse unless the adapter's held-out loss is below the base's",
+    )
+    parser.add_argument(
+        "--max-forgetting",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="refuse when the adapter's loss on the general held-out set rose more than this over the base's "
+        "(default 0.10; 'inf' disables the gate)",
     )
     parser.add_argument(
         "--as",
@@ -168,12 +237,20 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_publish(args: argparse.Namespace, store: AdapterStore, spec: BaseModelSpec) -> int:
-    from lorafleet_training.publish import publish, read_training_record
+def run_publish(args: argparse.Namespace, store: Store, spec: BaseModelSpec) -> int:
+    from lorafleet_training.publish import DEFAULT_MAX_FORGETTING, publish, read_training_record
 
-    store = AdapterStore(args.store) if args.store is not None else store
+    store = store_from_args(args, store)
+    margin = DEFAULT_MAX_FORGETTING if args.max_forgetting is None else args.max_forgetting
     try:
-        key = publish(args.dir, store, spec, require_improvement=args.require_improvement, adapter=args.publish_as)
+        key = publish(
+            args.dir,
+            store,
+            spec,
+            require_improvement=args.require_improvement,
+            adapter=args.publish_as,
+            max_forgetting=margin,
+        )
         record = read_training_record(args.dir)
     except AdapterError as exc:
         return _fail(exc)
@@ -181,8 +258,23 @@ def run_publish(args: argparse.Namespace, store: AdapterStore, spec: BaseModelSp
     change = ""
     if "base_loss" in metrics and "adapter_loss" in metrics:
         change = f", held-out loss {metrics['base_loss']:.4f} (base) -> {metrics['adapter_loss']:.4f} (adapter)"
-    print(f"published {key} ({record['method']}{change}) into {store.root}")
+    if "macro_f1" in metrics:
+        change = f", held-out macro-F1 {metrics['macro_f1']:.3f}"
+        if "base_prompt_macro_f1" in metrics:
+            change += f" (prompt-only base {metrics['base_prompt_macro_f1']:.3f})"
+    print(f"published {key} ({record['method']}{change}) into {store.location}")
+    print(_forgetting_line(record, metrics, margin))
     return 0
+
+
+def _forgetting_line(record: dict[str, Any], metrics: dict[str, Any], margin: float) -> str:
+    if "forgetting" in metrics:
+        return (
+            f"forgetting check: general held-out loss {metrics['general_base_loss']:.4f} (base) -> "
+            f"{metrics['general_adapter_loss']:.4f} (adapter), {metrics['forgetting']:+.1%} (margin {margin:.0%})"
+        )
+    why = (record.get("forgetting") or {}).get("why") if isinstance(record.get("forgetting"), dict) else None
+    return f"forgetting check: {why or 'not in the training record (trained without it)'}"
 
 
 # ---------------------------------------------------------------------------------- publish-prompt
@@ -199,7 +291,7 @@ def add_publish_prompt_arguments(parser: argparse.ArgumentParser) -> None:
         help="few-shot turns: a JSON list of {role, content} (user/assistant alternating), a JSON "
         "{'system', 'examples'} object, or training JSONL (each line's turns are used)",
     )
-    parser.add_argument("--store", type=Path, default=None, help="adapter store root (default: the server's)")
+    parser.add_argument("--store", default=None, help=STORE_HELP)
     parser.add_argument("--pii", choices=MODES, default="refuse", help="PII policy for the texts (default refuse)")
 
 
@@ -226,10 +318,10 @@ def read_examples_file(path: Path) -> tuple[str | None, list[dict[str, str]]]:
     return system, turns
 
 
-def run_publish_prompt(args: argparse.Namespace, store: AdapterStore, spec: BaseModelSpec) -> int:
+def run_publish_prompt(args: argparse.Namespace, store: Store, spec: BaseModelSpec) -> int:
     from lorafleet_training.publish import publish_prompt
 
-    store = AdapterStore(args.store) if args.store is not None else store
+    store = store_from_args(args, store)
     try:
         ref = AdapterRef.parse(args.reference)
         if ref.version is not None:
@@ -246,18 +338,18 @@ def run_publish_prompt(args: argparse.Namespace, store: AdapterStore, spec: Base
         key = publish_prompt(store, ref.tenant, ref.name, system or "", examples, spec, pii=args.pii)
     except AdapterError as exc:
         return _fail(exc)
-    print(f"published prompt adapter {key} ({len(examples)} few-shot turns) into {store.root}")
+    print(f"published prompt adapter {key} ({len(examples)} few-shot turns) into {store.location}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------- stale
 
 
-def run_stale(args: argparse.Namespace, store: AdapterStore, spec: BaseModelSpec) -> int:
+def run_stale(args: argparse.Namespace, store: Store, spec: BaseModelSpec) -> int:
     """List every version built for another base; exit 0 either way (the list is the answer)."""
     from lorafleet_training.publish import stale
 
-    store = AdapterStore(getattr(args, "store", None) or store.root)
+    store = store_from_args(args, store)
     try:
         found = stale(store, spec)
     except AdapterError as exc:
@@ -271,3 +363,63 @@ def run_stale(args: argparse.Namespace, store: AdapterStore, spec: BaseModelSpec
 def _fail(exc: Exception) -> int:
     print(f"error: {exc}", file=sys.stderr)
     return 1
+
+
+# ----------------------------------------------------------------------------------------- retrain
+
+
+def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stale",
+        action="store_true",
+        required=True,
+        help="retrain every adapter whose latest version was built for another base than this one",
+    )
+    parser.add_argument("--tenant", default=None, help="only this tenant's adapters")
+    parser.add_argument("--dry-run", action="store_true", help="say what would be retrained; train nothing")
+    parser.add_argument("--store", default=None, help=STORE_HELP)
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="keep the retrained outputs here (default: a temporary dir)"
+    )
+    parser.add_argument(
+        "--max-forgetting",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="a retrained LoRA is refused when its loss on the general held-out set rose more than this over "
+        "the base's (default 0.10; 'inf' disables the gate)",
+    )
+
+
+def run_retrain(args: argparse.Namespace, store: Store, spec: BaseModelSpec, model_dir: Path) -> int:
+    """One line per stale adapter (published / refused / skipped / planned, with the reason).
+
+    Exit 0 when every stale adapter was published (or planned, or none was stale), else 1.
+    """
+    from lorafleet_training.publish import DEFAULT_MAX_FORGETTING
+    from lorafleet_training.retrain import retrain_stale
+
+    margin = DEFAULT_MAX_FORGETTING if args.max_forgetting is None else args.max_forgetting
+    try:
+        store = store_from_args(args, store)
+        outcomes = retrain_stale(
+            store,
+            spec,
+            model_dir,
+            tenant=args.tenant,
+            dry_run=args.dry_run,
+            work_dir=args.work_dir,
+            max_forgetting=margin,
+            echo=lambda text: print(text, file=sys.stderr),
+        )
+    except AdapterError as exc:
+        return _fail(exc)
+    for outcome in outcomes:
+        print(outcome.line())
+    done = sum(o.status in ("published", "planned") for o in outcomes)
+    print(
+        f"{len(outcomes)} stale adapter(s) on base {spec.fingerprint[:19]}… ({spec.model_id}): "
+        f"{done} {'planned' if args.dry_run else 'published'}, {len(outcomes) - done} not",
+        file=sys.stderr,
+    )
+    return 0 if done == len(outcomes) else 1

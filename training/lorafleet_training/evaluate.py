@@ -9,6 +9,9 @@ Two measures per model:
 
 Metrics come back flat, as the manifest stores them: ``base_loss``, ``adapter_ppl``, ``prompt_f1`` ...
 (EM and F1 are fractions in [0, 1]).
+
+The forgetting check scores base and adapter on a small general held-out set that ships with lorafleet
+(``heldout/general.jsonl``, our own text): an adapter that got much worse at ordinary text is flagged.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +43,8 @@ from lorafleet_training.encoding import (
 )
 
 GENERATION_SLACK = 16
+GENERAL_HELDOUT = Path(__file__).resolve().parent / "heldout" / "general.jsonl"
+GENERAL_HELDOUT_NAME = "lorafleet general held-out v1"
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 
@@ -195,6 +201,37 @@ def evaluate(
         for i, e in enumerate(examples)
     )
     return EvalResult(metrics, samples)
+
+
+@torch.no_grad()
+def forgetting_check(model: Any, tokenizer: Any, batch_size: int = 8, path: Path = GENERAL_HELDOUT) -> dict[str, Any]:
+    """Loss of the base and of the adapter on the general held-out set shipped with lorafleet.
+
+    ``relative_increase`` = (adapter - base) / base: how much worse the adapter got at ordinary text,
+    what ``lorafleet publish --max-forgetting`` gates on. `model` is a ``peft.PeftModel``.
+    """
+    from lorafleet_training.data import fingerprint, load_jsonl
+
+    examples = load_jsonl(path)
+    encoded = encode(tokenizer, examples, None, source=str(path))
+    pad_id = pad_id_of(tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        with _adapter(model, False):
+            base_loss, tokens = completion_loss(model, encoded, pad_id, batch_size)
+        adapter_loss, _ = completion_loss(model, encoded, pad_id, batch_size)
+    finally:
+        model.train(was_training)
+    return {
+        "set": GENERAL_HELDOUT_NAME,
+        "fingerprint": fingerprint(examples),
+        "examples": len(examples),
+        "tokens": tokens,
+        "base_loss": base_loss,
+        "adapter_loss": adapter_loss,
+        "relative_increase": (adapter_loss - base_loss) / base_loss,
+    }
 
 
 def _adapter(model: Any, on: bool) -> AbstractContextManager[Any]:

@@ -12,7 +12,6 @@ Output directory layout (written atomically: staged beside, then renamed into pl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -23,13 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterError, AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.fsio import fsync_dir
-from lorafleet_adapters.manifest import Manifest, sha256_file
+from lorafleet_adapters.manifest import sha256_file
 from lorafleet_adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
 from lorafleet_adapters.prompt import PromptTemplate, PromptTurn
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
-from lorafleet_adapters.store import README_FILE, AdapterStore
+from lorafleet_adapters.store import README_FILE, RETRAIN_RECORD_FILE
 from lorafleet_training.data import parse_prompt_template
 from lorafleet_training.errors import PiiFound, TrainingError
 from lorafleet_training.pii import MODES, PLACEHOLDERS, Finding, PiiReport, detect, mask_value
@@ -42,8 +42,15 @@ PUBLISHED_FILES = (CONFIG_FILE, WEIGHTS_FILE, README_FILE)
 _RECORD_REQUIRED = ("format", "adapter", "method", "base", "files", "eval_metrics")
 
 
+DEFAULT_MAX_FORGETTING = 0.10  # the adapter's loss on the general held-out set may rise 10% over the base's
+
+
 class NoImprovement(TrainingError):
     """--require-improvement: the adapter's held-out loss is not below the base's."""
+
+
+class TooMuchForgetting(TrainingError):
+    """The adapter lost more than the allowed margin on the general held-out set (the forgetting check)."""
 
 
 # ------------------------------------------------------------------------------------ output dir
@@ -146,14 +153,19 @@ def verify_files(out_dir: Path, record: Mapping[str, Any]) -> None:
 
 def publish(
     out_dir: Path,
-    store: AdapterStore,
+    store: Store,
     spec: BaseModelSpec,
     require_improvement: bool = False,
     adapter: str | None = None,
+    max_forgetting: float | None = DEFAULT_MAX_FORGETTING,
 ) -> AdapterKey:
     """Verify a training output against `spec` and its own checksums, then publish it atomically.
 
-    `adapter` ("tenant/name") overrides the reference recorded at training.
+    `adapter` ("tenant/name") overrides the reference recorded at training. `max_forgetting`: refuse an
+    adapter whose loss on the general held-out set rose more than this fraction over the base's (None:
+    no gate; a record without the check passes and says so). A LoRA/QLoRA version keeps
+    `retrain_record(record)` as its file ``lorafleet-retrain.json`` (checksummed like the weights), which
+    ``lorafleet retrain --stale`` reads.
     """
     out_dir = Path(out_dir)
     record = read_training_record(out_dir)
@@ -163,10 +175,14 @@ def publish(
             f"{out_dir} was trained on base {trained_on} ({record['base'].get('model_id', '?')}); "
             f"the store's base is {spec.fingerprint} ({spec.model_id}): retrain it on this base"
         )
+    if record.get("kind") == "head":
+        return _publish_head(out_dir, record, store, spec, require_improvement, adapter)
     verify_files(out_dir, record)
     metrics = _metrics(record)
     if require_improvement:
         check_improvement(metrics)
+    if max_forgetting is not None:
+        check_forgetting(metrics, max_forgetting)
     ref = AdapterRef.parse(adapter if adapter is not None else str(record["adapter"]))
     if ref.version is not None:
         raise TrainingError(f"versions are assigned at publish; give {ref.tenant}/{ref.name} without @version")
@@ -175,11 +191,84 @@ def publish(
         "eval_metrics": metrics,
         "pii_scan": record.get("pii_scan"),
     }
-    if "training" in {f.name for f in dataclasses.fields(Manifest)}:  # once the manifest carries it
-        extra["training"] = {
-            k: record.get(k) for k in ("hyperparameters", "history", "base", "data", "training_seconds")
-        }
-    return store.import_peft(out_dir, ref.tenant, ref.name, spec, method=str(record["method"]), extra=extra)
+    with tempfile.TemporaryDirectory(prefix="lorafleet-publish.") as source:
+        for name in PUBLISHED_FILES:
+            if (out_dir / name).is_file():
+                os.symlink((out_dir / name).resolve(), Path(source) / name)
+        text = json.dumps(retrain_record(record), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        (Path(source) / RETRAIN_RECORD_FILE).write_text(text, encoding="utf-8")
+        return store.import_peft(Path(source), ref.tenant, ref.name, spec, method=str(record["method"]), extra=extra)
+
+
+_RETRAIN_KEYS = ("format", "adapter", "method", "requested_method", "pii_scan", "hyperparameters", "eval_metrics")
+
+
+def retrain_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What a LoRA version keeps of its training record (``lorafleet-retrain.json``): what training it again
+    needs, and the held-out metrics to compare with. No held-out samples, no compared prompt; the data's
+    location only when the user allowed it (``train --keep-data-ref``)."""
+    kept: dict[str, Any] = {k: record[k] for k in _RETRAIN_KEYS if k in record}
+    base = record.get("base") or {}
+    kept["base"] = {k: base.get(k) for k in ("fingerprint", "model_id", "served_quantization", "training_quantization")}
+    data = dict(record.get("data") or {})
+    if not data.get("keep_ref"):
+        data["path"] = data["eval_path"] = None
+    kept["data"] = data
+    kept["forgetting"] = record.get("forgetting")
+    kept["created_at"] = record.get("created_at")
+    return kept
+
+
+def _publish_head(
+    out_dir: Path,
+    record: Mapping[str, Any],
+    store: Store,
+    spec: BaseModelSpec,
+    require_improvement: bool,
+    adapter: str | None,
+) -> AdapterKey:
+    """Publish a classifier head output (``train --method classifier``) with its training record."""
+    from lorafleet_adapters.head import publish_head
+    from lorafleet_training.classifier import verify_head_files
+
+    head = verify_head_files(out_dir, dict(record))
+    metrics = _metrics(record)
+    if require_improvement:
+        check_head_improvement(metrics)
+    ref = AdapterRef.parse(adapter if adapter is not None else str(record["adapter"]))
+    if ref.version is not None:
+        raise TrainingError(f"versions are assigned at publish; give {ref.tenant}/{ref.name} without @version")
+    extra: dict[str, Any] = {
+        "training_data_fingerprint": record.get("data", {}).get("fingerprint"),
+        "eval_metrics": metrics,
+        "pii_scan": record.get("pii_scan"),
+    }
+    return publish_head(store, ref.tenant, ref.name, head, spec, record_path=Path(out_dir) / RECORD_FILE, extra=extra)
+
+
+def check_head_improvement(metrics: Mapping[str, float]) -> None:
+    """--require-improvement for a head: its held-out macro-F1 beats the prompt-only base's."""
+    head, base = metrics.get("macro_f1"), metrics.get("base_prompt_macro_f1")
+    if head is None or base is None:
+        raise NoImprovement(
+            "--require-improvement: the training record has no held-out macro-F1 of both the head and the "
+            "prompt-only base (trained with --val-fraction 0 or --no-eval-generate?)"
+        )
+    if not head > base:
+        raise NoImprovement(
+            f"--require-improvement: held-out macro-F1 of the head {head:.4f} is not above the prompt-only base's "
+            f"{base:.4f}"
+        )
+
+
+def check_forgetting(metrics: Mapping[str, float], max_forgetting: float) -> None:
+    forgetting = metrics.get("forgetting")
+    if forgetting is not None and forgetting > max_forgetting:
+        raise TooMuchForgetting(
+            f"forgetting check: the adapter's loss on the general held-out set is {forgetting:+.1%} over the base's "
+            f"({metrics['general_base_loss']:.4f} -> {metrics['general_adapter_loss']:.4f}); the margin is "
+            f"{max_forgetting:.0%} (--max-forgetting)"
+        )
 
 
 def check_improvement(metrics: Mapping[str, float]) -> None:
@@ -203,7 +292,7 @@ def _metrics(record: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def stale(store: AdapterStore, spec: BaseModelSpec) -> list[tuple[AdapterKey, str]]:
+def stale(store: Store, spec: BaseModelSpec) -> list[tuple[AdapterKey, str]]:
     """Every published version whose manifest names another base than `spec`, with that fingerprint."""
     found: list[tuple[AdapterKey, str]] = []
     for summary in store.list():
@@ -223,7 +312,7 @@ def stale(store: AdapterStore, spec: BaseModelSpec) -> list[tuple[AdapterKey, st
 
 
 def publish_prompt(
-    store: AdapterStore,
+    store: Store,
     tenant: str,
     name: str,
     system: str,

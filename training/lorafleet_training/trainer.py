@@ -40,7 +40,7 @@ from lorafleet_training import data as data_mod
 from lorafleet_training.data import Example, template_to_dict
 from lorafleet_training.encoding import Encoded, collate, completion_loss_sum, encode, keep_last, pad_id_of
 from lorafleet_training.errors import TrainingError
-from lorafleet_training.evaluate import EvalResult, completion_loss, evaluate
+from lorafleet_training.evaluate import EvalResult, completion_loss, evaluate, forgetting_check
 from lorafleet_training.pii import MODES, PiiReport, apply_policy
 from lorafleet_training.publish import RECORD_FORMAT, check_out_dir, write_training_dir
 
@@ -79,6 +79,8 @@ class TrainConfig:
     compare_prompt: Path | None = None  # a prompt template JSON ({"system", "examples"}) to compare against
     eval_data: Path | None = None  # a held-out JSONL to evaluate on; then all of `data` trains (no split)
     overwrite: bool = False
+    forgetting_check: bool = True  # score base and adapter on the general held-out set that ships with lorafleet
+    keep_data_ref: bool = False  # publish where the data lives with the version, so `lorafleet retrain` can train again
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -239,6 +241,15 @@ def train(
         generate=config.eval_generate,
         progress=progress,
     )
+    forgetting = forgetting_check(model, tokenizer, config.eval_batch_size) if config.forgetting_check else None
+    if forgetting is not None:
+        evaluation.metrics.update(
+            {
+                "general_base_loss": forgetting["base_loss"],
+                "general_adapter_loss": forgetting["adapter_loss"],
+                "forgetting": forgetting["relative_increase"],
+            }
+        )
     evaluation_seconds = time.monotonic() - started
     if evaluation.metrics:
         echo(format_metrics(evaluation.metrics))
@@ -259,6 +270,7 @@ def train(
         evaluation_seconds=evaluation_seconds,
         template=template,
     )
+    record["forgetting"] = forgetting
     written = write_training_dir(
         config.out_dir, lambda d: model.save_pretrained(str(d)), record, spec, config.overwrite
     )
@@ -297,6 +309,11 @@ def format_metrics(metrics: dict[str, float]) -> str:
         if f"{name}_exact_match" in metrics:
             line += f"  exact match {metrics[f'{name}_exact_match']:.3f}  F1 {metrics[f'{name}_f1']:.3f}"
         lines.append(line)
+    if "forgetting" in metrics:
+        lines.append(
+            f"  forgetting check (general held-out set): loss {metrics['general_base_loss']:.4f} (base) -> "
+            f"{metrics['general_adapter_loss']:.4f} (adapter), {metrics['forgetting']:+.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -501,14 +518,17 @@ def _record(
             "backend": backend.note,
         },
         "data": {
-            "path": str(config.data),
+            "path": str(config.data.resolve() if config.keep_data_ref else config.data),
+            "keep_ref": config.keep_data_ref,
             "fingerprint": fingerprint,
             "kind": "mixed" if len(kinds) > 1 else kinds.pop(),
             "examples": len(examples),
             "train_examples": len(train_set),
             "val_examples": len(val_set),
             "truncated_examples": truncated,
-            "eval_path": str(config.eval_data) if config.eval_data else None,
+            "eval_path": str(config.eval_data.resolve() if config.keep_data_ref else config.eval_data)
+            if config.eval_data
+            else None,
             "eval_fingerprint": data_mod.fingerprint(val_set) if val_set else None,
         },
         "pii_scan": pii,

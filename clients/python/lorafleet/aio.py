@@ -19,11 +19,13 @@ from lorafleet._channel import (
     channel_credentials,
     channel_options,
     pick_timeout,
+    replica_of,
     resolve_api_key,
 )
 from lorafleet.errors import UnavailableError, from_rpc_error
 from lorafleet.models import (
     AdapterInfo,
+    Classification,
     Completion,
     Embedding,
     Message,
@@ -89,15 +91,30 @@ class AsyncLoraFleetClient:
         request: Any,
         timeout: float | None,
         request_id: str | None = None,
+        adapter: str = "",
     ) -> _Response:
+        return (await self._unary_call(method, request, timeout, request_id, adapter))[0]
+
+    async def _unary_call(
+        self,
+        method: Callable[..., Awaitable[_Response]],
+        request: Any,
+        timeout: float | None,
+        request_id: str | None = None,
+        adapter: str = "",
+    ) -> tuple[_Response, str]:
+        """The response and the replica that sent it; ``adapter`` goes along as routing metadata."""
         try:
-            return await method(
+            call = method(
                 request,
                 timeout=pick_timeout(timeout, self._timeout),
-                metadata=call_metadata(self._api_key, request_id),
+                metadata=call_metadata(self._api_key, request_id, adapter),
             )
+            response = await call
+            initial = await call.initial_metadata()  # type: ignore[attr-defined]
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
+        return response, replica_of(initial)
 
     # Inference
 
@@ -113,8 +130,10 @@ class AsyncLoraFleetClient:
     ) -> Completion:
         """Generates a completion of ``prompt`` (plain text) or ``messages`` (a chat); give one."""
         request = convert.fill_generate_request(ipb.GenerateRequest(), prompt, messages, adapter, sampling)
-        response: ipb.GenerateResponse = await self._unary(self._inference.Generate, request, timeout, request_id)
-        return convert.completion_from_proto(response.text, response.summary)
+        response, replica = await self._unary_call(
+            self._inference.Generate, request, timeout, request_id, request.adapter
+        )
+        return convert.completion_from_proto(response.text, response.summary, replica)
 
     def stream(
         self,
@@ -131,7 +150,7 @@ class AsyncLoraFleetClient:
         call = self._inference.GenerateStream(
             request,
             timeout=pick_timeout(timeout, self._timeout),
-            metadata=call_metadata(self._api_key, request_id),
+            metadata=call_metadata(self._api_key, request_id, request.adapter),
         )
         return AsyncGenerationStream(call)
 
@@ -162,8 +181,34 @@ class AsyncLoraFleetClient:
         request = ipb.EmbedRequest(
             text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=convert.adapter_field(adapter)
         )
-        response: ipb.EmbedResponse = await self._unary(self._inference.Embed, request, timeout, request_id)
-        return convert.embedding_from_proto(response)
+        response, replica = await self._unary_call(self._inference.Embed, request, timeout, request_id, request.adapter)
+        return convert.embedding_from_proto(response, replica)
+
+    async def classify(
+        self,
+        text: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        adapter: str,
+        top_k: int = 0,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Classification:
+        """Labels with probabilities (most likely first; ``top_k`` of them, 0: all) of the head ``adapter``
+        for ``text`` or ``messages``; give one."""
+        convert.check_one_input(text, messages, "text")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        request = ipb.ClassifyRequest(
+            text=text or "",
+            messages=convert.messages_to_proto(messages or ()),
+            adapter=convert.adapter_field(adapter),
+            top_k=top_k,
+        )
+        response, replica = await self._unary_call(
+            self._inference.Classify, request, timeout, request_id, request.adapter
+        )
+        return convert.classification_from_proto(response, replica)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The base model and the server's limits."""
@@ -183,31 +228,35 @@ class AsyncLoraFleetClient:
     async def get_adapter(self, ref: str, *, timeout: float | None = None) -> AdapterInfo:
         """One adapter, ``ref`` = "tenant/name"."""
         request = apb.GetAdapterRequest(adapter=ref)
-        response: apb.GetAdapterResponse = await self._unary(self._adapters.GetAdapter, request, timeout)
+        response: apb.GetAdapterResponse = await self._unary(self._adapters.GetAdapter, request, timeout, adapter=ref)
         return convert.adapter_from_proto(response.adapter)
 
     async def load_adapter(self, ref: str, *, timeout: float | None = None) -> str:
         """Loads a version into a device slot; returns the concrete "tenant/name@version"."""
         request = apb.LoadAdapterRequest(adapter=ref)
-        response: apb.LoadAdapterResponse = await self._unary(self._adapters.LoadAdapter, request, timeout)
+        response: apb.LoadAdapterResponse = await self._unary(self._adapters.LoadAdapter, request, timeout, adapter=ref)
         return response.adapter
 
     async def unload_adapter(self, ref: str, *, timeout: float | None = None) -> bool:
         """Frees a version's slot; False when requests still run on it (freed when they end)."""
         request = apb.UnloadAdapterRequest(adapter=ref)
-        response: apb.UnloadAdapterResponse = await self._unary(self._adapters.UnloadAdapter, request, timeout)
+        response: apb.UnloadAdapterResponse = await self._unary(
+            self._adapters.UnloadAdapter, request, timeout, adapter=ref
+        )
         return response.unloaded
 
     async def pin_adapter(self, ref: str, *, timeout: float | None = None) -> str:
         """Loads a version and keeps it resident; returns the concrete "tenant/name@version"."""
         request = apb.PinAdapterRequest(adapter=ref)
-        response: apb.PinAdapterResponse = await self._unary(self._adapters.PinAdapter, request, timeout)
+        response: apb.PinAdapterResponse = await self._unary(self._adapters.PinAdapter, request, timeout, adapter=ref)
         return response.adapter
 
     async def unpin_adapter(self, ref: str, *, timeout: float | None = None) -> str:
         """Makes a pinned version evictable again; returns the concrete "tenant/name@version"."""
         request = apb.UnpinAdapterRequest(adapter=ref)
-        response: apb.UnpinAdapterResponse = await self._unary(self._adapters.UnpinAdapter, request, timeout)
+        response: apb.UnpinAdapterResponse = await self._unary(
+            self._adapters.UnpinAdapter, request, timeout, adapter=ref
+        )
         return response.adapter
 
     async def get_usage(

@@ -188,6 +188,20 @@ def run_tokenize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_classify(args: argparse.Namespace) -> int:
+    """Prints a head adapter's labels with probabilities for TEXT (``-``: stdin) as JSON."""
+    text: str = sys.stdin.read() if args.text == "-" else args.text
+    inputs = {"messages": [Message("user", text)]} if args.chat else {"text": text}
+    with _client(args) as client:
+        try:
+            result = client.classify(**inputs, adapter=args.adapter, top_k=args.top_k)  # type: ignore[arg-type]
+        except LoraFleetError as error:
+            return _fail(error)
+    labels = [{"label": s.label, "probability": round(s.probability, 6)} for s in result.labels]
+    print(json.dumps({"label": result.label, "labels": labels, "adapter": result.adapter}))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Client of a lorafleet gRPC server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -204,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_arguments(tokenize)
     tokenize.add_argument("text", metavar="TEXT")
     tokenize.set_defaults(func=run_tokenize)
+
+    classify = commands.add_parser("classify", help="classify TEXT with a head adapter; labels as JSON")
+    add_connection_arguments(classify)
+    classify.add_argument("text", metavar="TEXT", help="the text to classify ('-': read stdin)")
+    classify.add_argument("--adapter", "-a", required=True, help="head adapter tenant/name[@version]")
+    classify.add_argument("--top-k", type=int, default=0, help="labels to print, most likely first (0: all)")
+    classify.add_argument("--chat", action="store_true", help="send TEXT as one user turn of a chat")
+    classify.set_defaults(func=run_classify)
     return parser
 
 

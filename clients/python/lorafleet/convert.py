@@ -12,9 +12,11 @@ from lorafleet.models import (
     AdapterSwapFailure,
     AdapterTier,
     AdapterVersionInfo,
+    Classification,
     Completion,
     Embedding,
     FinishReason,
+    LabelScore,
     Message,
     ModelInfo,
     RefreshResult,
@@ -134,8 +136,9 @@ def fill_generate_request(
     return request
 
 
-def completion_from_proto(text: str, summary: ipb.GenerationSummary) -> Completion:
+def completion_from_proto(text: str, summary: ipb.GenerationSummary, replica: str = "") -> Completion:
     return Completion(
+        replica=replica,
         text=text,
         finish_reason=finish_reason_from_proto(summary.finish_reason),
         prompt_tokens=summary.prompt_tokens,
@@ -167,13 +170,27 @@ def tokens_to_proto(tokens: Tokens) -> ipb.TokenizeResponse:
     return ipb.TokenizeResponse(token_ids=tokens.ids, tokens=tokens.tokens)
 
 
-def embedding_from_proto(response: ipb.EmbedResponse) -> Embedding:
-    return Embedding(values=list(response.embedding), prompt_tokens=response.prompt_tokens, adapter=response.adapter)
+def embedding_from_proto(response: ipb.EmbedResponse, replica: str = "") -> Embedding:
+    return Embedding(
+        values=list(response.embedding),
+        prompt_tokens=response.prompt_tokens,
+        adapter=response.adapter,
+        replica=replica,
+    )
 
 
 def embedding_to_proto(embedding: Embedding) -> ipb.EmbedResponse:
     return ipb.EmbedResponse(
         embedding=embedding.values, prompt_tokens=embedding.prompt_tokens, adapter=embedding.adapter
+    )
+
+
+def classification_from_proto(response: ipb.ClassifyResponse, replica: str = "") -> Classification:
+    return Classification(
+        labels=[LabelScore(label=s.label, probability=s.probability) for s in response.labels],
+        prompt_tokens=response.prompt_tokens,
+        adapter=response.adapter,
+        replica=replica,
     )
 
 
@@ -193,6 +210,10 @@ def model_info_from_proto(response: ipb.GetModelInfoResponse) -> ModelInfo:
         target_modules=tuple(response.target_modules),
         server_version=response.server_version,
         adapter_slot_memory_bytes=response.adapter_slot_memory_bytes,
+        dtype_reason=response.dtype_reason,
+        compiled=response.compiled,
+        torch_threads=response.torch_threads,
+        cpu_features=response.cpu_features,
     )
 
 
@@ -212,6 +233,10 @@ def model_info_to_proto(info: ModelInfo) -> ipb.GetModelInfoResponse:
         target_modules=list(info.target_modules),
         server_version=info.server_version,
         adapter_slot_memory_bytes=info.adapter_slot_memory_bytes,
+        dtype_reason=info.dtype_reason,
+        compiled=info.compiled,
+        torch_threads=info.torch_threads,
+        cpu_features=info.cpu_features,
     )
 
 

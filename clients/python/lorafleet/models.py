@@ -42,6 +42,8 @@ class Completion:
     # The concrete adapter that served the request, "tenant/name@version"; "" for the base model.
     adapter: str
     request_id: str
+    # The replica that answered (its ``x-lorafleet-replica`` metadata); "" when the server sent none.
+    replica: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,30 @@ class Embedding:
     values: list[float]
     prompt_tokens: int
     adapter: str
+    replica: str = ""  # the replica that answered, as in Completion
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """One label of a classifier head with its probability."""
+
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A head adapter's answer: labels with probabilities, most likely first."""
+
+    labels: list[LabelScore]
+    prompt_tokens: int
+    adapter: str  # the concrete head version, "tenant/name@version"
+    replica: str = ""  # the replica that answered, as in Completion
+
+    @property
+    def label(self) -> str:
+        """The most likely label."""
+        return self.labels[0].label
 
 
 @dataclass(frozen=True)
@@ -81,6 +107,12 @@ class ModelInfo:
     # Bytes the server's device slots hold for LoRA weights when it answered; follows the ranks of the
     # loaded adapters. 0 from servers that predate the field.
     adapter_slot_memory_bytes: int = 0
+    # How the server computes: why `dtype`, torch.compile on or off, torch threads, the CPU's flags
+    # ("", False, 0, "" from servers that predate the fields).
+    dtype_reason: str = ""
+    compiled: bool = False
+    torch_threads: int = 0
+    cpu_features: str = ""
 
 
 @dataclass(frozen=True)

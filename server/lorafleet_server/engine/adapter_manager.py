@@ -22,6 +22,7 @@ from typing import Protocol
 from lorafleet_adapters.backend import Store
 from lorafleet_adapters.device_slots import DeviceSlots, SlotInfo
 from lorafleet_adapters.errors import AdapterError
+from lorafleet_adapters.head import ClassifierHead, load_head
 from lorafleet_adapters.host_cache import HostCache
 from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec
@@ -88,6 +89,7 @@ class AdapterManager:
         self._lock = threading.Lock()  # guards the two small caches below (any thread)
         self._manifests: dict[AdapterKey, Manifest] = {}
         self._prompts: dict[AdapterKey, PromptTemplate] = {}
+        self._heads: dict[AdapterKey, ClassifierHead] = {}
         self.observer: AdapterObserver = observer or _NullAdapterObserver()
         self.versions = VersionWatcher(store, self.verify, self.observer, poll_seconds, self._superseded)
         self._retired: list[tuple[AdapterKey, AdapterKey]] = []  # (old, new) swaps to retire (lock guards)
@@ -103,7 +105,7 @@ class AdapterManager:
         return self.versions.resolve(ref)
 
     def kind(self, key: AdapterKey) -> str:
-        """ "lora" or "prompt" (manifests are immutable, so they are read once)."""
+        """ "lora", "prompt" or "head" (manifests are immutable, so they are read once)."""
         with self._lock:
             manifest = self._manifests.get(key)
         if manifest is None:
@@ -130,10 +132,33 @@ class AdapterManager:
                 self._prompts[key] = template
         return template
 
+    def head(self, key: AdapterKey) -> ClassifierHead:
+        """A classifier head, verified (checksums, base, shapes) on first use and then kept in memory.
+
+        Heads are small ([labels, hidden] floats) and run on the engine thread after the pooled
+        forward, so they take no device slot; the LoRA version they read features from does.
+        """
+        with self._lock:
+            head = self._heads.get(key)
+        if head is None:
+            try:
+                head = load_head(self.store, key, self.spec)
+            except AdapterError:
+                self.observer.adapter_load_failed()
+                raise
+            with self._lock:
+                self._heads[key] = head
+        return head
+
     def verify(self, key: AdapterKey) -> None:
         """Check a version end to end (files, base, shapes) and keep it in host memory."""
-        if self.kind(key) == "prompt":
+        kind = self.kind(key)
+        if kind == "prompt":
             self.prompt(key)
+        elif kind == "head":
+            head = self.head(key)
+            if head.features_from is not None:
+                self.verify(head.features_from)
         else:
             self.host_weights(key)
 
@@ -192,6 +217,7 @@ class AdapterManager:
                 continue
             with self._lock:
                 self._prompts.pop(old, None)
+                self._heads.pop(old, None)
             if self.host_cache.evict(old):
                 log.info("adapter %s left host memory (%s)", old, cause)
 

@@ -65,8 +65,8 @@ class AdapterAdmin:
         """Prefetch a version into a device slot (waits for the host load on this thread)."""
         manager = self._manager
         key = manager.resolve(AdapterRef.parse(reference))
-        if manager.kind(key) == "prompt":  # no weights: verified and held on the host
-            manager.prompt(key)
+        if manager.kind(key) in ("prompt", "head"):  # no slot weights: verified and held on the host
+            manager.verify(key)
             return key, Tier.HOST
         weights = manager.host_weights(key)
         return key, self._engine.run(lambda: manager.prefetch(key, weights))

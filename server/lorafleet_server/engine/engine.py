@@ -23,10 +23,12 @@ from typing import Any, Generic, TypeVar, assert_never
 
 import torch
 
-from lorafleet_adapters.errors import AdapterError
+from lorafleet_adapters.errors import AdapterError, AdapterIncompatible
+from lorafleet_adapters.head import ClassifierHead
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey
 from lorafleet_server.engine.adapter_manager import AdapterManager
+from lorafleet_server.engine.classify import classify_rows
 from lorafleet_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
 from lorafleet_server.engine.prompts import PromptEncoder, Tokenizer
@@ -35,12 +37,20 @@ from lorafleet_server.engine.types import (
     EngineObserver,
     FinishReason,
     GenerationRequest,
+    LabelScore,
     NullObserver,
     Summary,
     TokenEvent,
 )
 from lorafleet_server.engine.usage import UsageMeter
-from lorafleet_server.errors import EngineTimeout, InvalidRequest, QueueFull, ServingError, ShuttingDown
+from lorafleet_server.errors import (
+    EngineTimeout,
+    InvalidRequest,
+    QueueFull,
+    ServingError,
+    ShuttingDown,
+    WrongAdapterKind,
+)
 from lorafleet_server.model.runner import ModelRunner, RowStep
 from lorafleet_server.model.sampler import RowSampling, sample_rows
 
@@ -69,6 +79,7 @@ class _Request:
     key: AdapterKey | None  # the version that serves the request (reported back)
     lora: AdapterKey | None  # the version whose LoRA weights it needs (None for base and prompt adapters)
     submitted: float
+    head: ClassifierHead | None = None  # a Classify request's head (its features come from `lora` or the base)
     cancelled: bool = False
     slot: int = 0
     kv_row: int = -1
@@ -273,16 +284,22 @@ class Engine:
         self._validate_params(req)
         self._check_capacity(req)
         key = self.adapters.resolve(req.adapter) if req.adapter is not None else None
-        template = self.adapters.prompt(key) if key is not None and self.adapters.kind(key) == "prompt" else None
+        kind = self.adapters.kind(key) if key is not None else None
+        head = self._head_for(req, key, kind)
+        template = self.adapters.prompt(key) if key is not None and kind == "prompt" else None
         budget = 0 if req.embed else req.params.max_new_tokens
         prompt_ids = self.encode_prompt(req.prompt, req.messages, template, budget)
+        lora = key if kind == "lora" else None
+        if head is not None:
+            lora = head.features_from
         state = _Request(
             req=req,
             sink=sink,
             prompt_ids=prompt_ids,
             key=key,
-            lora=key if template is None else None,
+            lora=lora,
             submitted=time.monotonic(),
+            head=head,
         )
         with self._lock:
             self._check_capacity_locked(req)
@@ -292,6 +309,32 @@ class Engine:
                 self._count_queued(req.tenant, -1)
             raise ShuttingDown("the server is shutting down")
         return RequestHandle(self, state)
+
+    def _head_for(self, req: GenerationRequest, key: AdapterKey | None, kind: str | None) -> ClassifierHead | None:
+        """A Classify request's head; refuses an adapter whose kind does not fit the request (both ways)."""
+        if req.classify is None:
+            if kind == "head":
+                rpc = "Embed" if req.embed else "Generate"
+                raise WrongAdapterKind(
+                    f"adapter {key} is of kind 'head' (a classifier head): call Classify with it; "
+                    f"{rpc} takes a 'lora' or 'prompt' adapter"
+                )
+            return None
+        if key is None:
+            raise InvalidRequest("Classify needs the reference of a head adapter (kind 'head')")
+        if kind != "head":
+            raise WrongAdapterKind(
+                f"adapter {key} is of kind {kind!r}: Classify takes a 'head' adapter (a classifier trained with "
+                "`lorafleet train --method classifier`)"
+            )
+        head = self.adapters.head(key)
+        if head.hidden_size != self.runner.hidden_size:
+            raise AdapterIncompatible(
+                f"head {key} reads {head.hidden_size} features; this base has hidden size {self.runner.hidden_size}"
+            )
+        if req.classify.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {req.classify.top_k}")
+        return head
 
     def _check_capacity(self, req: GenerationRequest) -> None:
         with self._lock:
@@ -606,6 +649,7 @@ class Engine:
         self.steps += 1
         self.observer.observe_step(len(plan), sum(len(row.token_ids) for _, row in plan))
         logit_rows: list[_Request] = []
+        pooled_done: list[_Request] = []
         pooled_i = 0
         for r, row in plan:
             r.cached += len(row.token_ids)
@@ -614,9 +658,10 @@ class Engine:
                 pooled_i += 1
                 r.pooled = part if r.pooled is None else r.pooled + part
                 if not r.prefilling:
-                    self._finish_embed(r)
+                    pooled_done.append(r)
             if row.want_logits:
                 logit_rows.append(r)
+        self._finish_pooled(pooled_done)
         if not logit_rows:
             return
         tokens = sample_rows(
@@ -686,13 +731,37 @@ class Engine:
             total_seconds=now - r.submitted,
         )
 
-    def _finish_embed(self, r: _Request) -> None:
+    def _finish_pooled(self, rows: list[_Request]) -> None:
+        """Answer the embed and classify rows whose prompt this step finished; the heads of the classify
+        rows run here, on the engine thread, one matmul per distinct head."""
+        inputs: list[tuple[ClassifierHead, torch.Tensor, int]] = []
+        classify: list[_Request] = []
+        for r in rows:
+            if r.head is not None and r.pooled is not None and r.req.classify is not None:
+                classify.append(r)
+                inputs.append((r.head, r.pooled / len(r.prompt_ids), r.req.classify.top_k))  # mean [hidden]
+        try:
+            scored = classify_rows(inputs)
+        except Exception as exc:  # a bug in a head: fail its rows, keep serving
+            log.exception("classifier heads failed for %d rows", len(classify))
+            for r in classify:
+                self._fail(r, exc)
+            rows = [r for r in rows if r.head is None]
+            classify, scored = [], []
+        labels = {id(r): s for r, s in zip(classify, scored, strict=True)}
+        for r in rows:
+            self._finish_embed(r, labels.get(id(r)))
+
+    def _finish_embed(self, r: _Request, labels: tuple[LabelScore, ...] | None = None) -> None:
         assert r.pooled is not None
-        mean = (r.pooled / len(r.prompt_ids)).tolist()
         summary = self._summary(r, FinishReason.LENGTH)
         self._release(r)
         self.observer.observe_finished(summary)
         self.usage.record(r.tenant, summary)
+        if labels is not None:
+            self._deliver(r, TokenEvent(summary=summary, labels=labels))
+            return
+        mean = (r.pooled / len(r.prompt_ids)).tolist()
         self._deliver(r, TokenEvent(summary=summary, embedding=tuple(mean)))
 
     def _finish(self, r: _Request, reason: FinishReason) -> None:

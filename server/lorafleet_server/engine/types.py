@@ -91,8 +91,21 @@ class Principal:
 
 
 @dataclass(frozen=True)
+class ClassifyParams:
+    """A Classify request: run the head adapter on the pooled features; ``top_k`` labels (0: all)."""
+
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """A generation (or, with ``embed``, a pooled-hidden-state) request."""
+    """A generation (or, with ``embed``, a pooled-hidden-state; with ``classify`` also, a head) request."""
 
     request_id: str
     prompt: str | None = None
@@ -101,6 +114,11 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=1))
     embed: bool = False
     principal: Principal | None = None  # None when the server runs without keys
+    classify: ClassifyParams | None = None  # set (with embed) for Classify: the adapter is a head
+
+    def __post_init__(self) -> None:
+        if self.classify is not None and not self.embed:
+            raise ValueError("a classify request is an embed request (a forward without decoding)")
 
     @property
     def tenant(self) -> str:
@@ -131,6 +149,7 @@ class TokenEvent:
     token_ids: tuple[int, ...] = ()
     summary: Summary | None = None  # set on the last event of a finished request
     embedding: tuple[float, ...] | None = None  # set (with summary) for an embed request
+    labels: tuple[LabelScore, ...] | None = None  # set (with summary) for a classify request, most likely first
     error: Exception | None = None  # set on the last event of a failed request
 
     @property

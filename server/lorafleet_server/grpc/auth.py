@@ -109,6 +109,7 @@ RPC_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         full_method(_INFERENCE, "GenerateStream"): ANY_ROLE,
         full_method(_INFERENCE, "Tokenize"): ANY_ROLE,
         full_method(_INFERENCE, "Embed"): ANY_ROLE,
+        full_method(_INFERENCE, "Classify"): ANY_ROLE,  # a tenant may use only its own heads
         full_method(_INFERENCE, "GetModelInfo"): ANY_ROLE,
         full_method(_ADAPTERS, "ListAdapters"): ANY_ROLE,  # a tenant sees only its own
         full_method(_ADAPTERS, "GetAdapter"): ANY_ROLE,  # a tenant sees only its own

@@ -10,8 +10,10 @@ from lorafleet_proto.v1 import adapters_pb2, inference_pb2
 from lorafleet_server.engine.admin import AdapterView, Tier
 from lorafleet_server.engine.types import (
     ChatTurn,
+    ClassifyParams,
     FinishReason,
     GenerationRequest,
+    LabelScore,
     ModelInfo,
     Principal,
     SamplingParams,
@@ -87,6 +89,32 @@ def embed_request(
         adapter=adapter_ref(request.adapter),
         embed=True,
         principal=principal,
+    )
+
+
+def classify_request(
+    request: inference_pb2.ClassifyRequest, request_id: str, principal: Principal | None = None
+) -> GenerationRequest:
+    if request.text and len(request.messages):
+        raise InvalidRequest("set exactly one of text and messages")
+    if not request.adapter:
+        raise InvalidRequest("Classify needs 'adapter': the reference of a head adapter (tenant/name[@version])")
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=request.text or None,
+        messages=chat_turns(request.messages),
+        adapter=adapter_ref(request.adapter),
+        embed=True,
+        principal=principal,
+        classify=ClassifyParams(top_k=int(request.top_k)),
+    )
+
+
+def classify_pb(labels: tuple[LabelScore, ...], summary: Summary) -> inference_pb2.ClassifyResponse:
+    return inference_pb2.ClassifyResponse(
+        labels=[inference_pb2.LabelScore(label=s.label, probability=s.probability) for s in labels],
+        prompt_tokens=summary.prompt_tokens,
+        adapter=summary.adapter,
     )
 
 

@@ -3,47 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import grpc
 
 from lorafleet_proto.v1 import inference_pb2, inference_pb2_grpc
 from lorafleet_server.engine.engine import Engine
-from lorafleet_server.engine.types import GenerationRequest, ModelInfo, TokenEvent
+from lorafleet_server.engine.stream import EngineStream
+from lorafleet_server.engine.types import ModelInfo
 from lorafleet_server.grpc import convert
 from lorafleet_server.grpc.auth import check_adapter_access
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import stream_rpc, unary_rpc
-
-
-class EngineStream:
-    """Bridges one engine request (events on the engine thread) to an asyncio consumer."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-
-    async def events(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-
-        def sink(event: TokenEvent) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        handle = await asyncio.to_thread(self._engine.submit, req, sink)
-        finished = False
-        try:
-            while True:
-                event = await events.get()
-                if event.error is not None:
-                    finished = True
-                    raise event.error
-                finished = event.final
-                yield event
-                if finished:
-                    return
-        finally:
-            if not finished:  # client cancelled, deadline passed, or the consumer stopped early
-                handle.cancel()
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -121,6 +92,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             if event.summary is not None:  # cancelled before the prompt was read
                 raise asyncio.CancelledError()
         raise RuntimeError("engine stream ended without an embedding")
+
+    @unary_rpc("Classify", adapter=True, send_request_id="trailing")
+    async def Classify(
+        self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext, record: CallRecord
+    ) -> inference_pb2.ClassifyResponse:
+        req = convert.classify_request(request, record.request_id, record.principal)
+        check_adapter_access(record.principal, req.adapter)
+        async for event in self._stream.events(req):
+            if event.summary is not None:
+                record.summary = event.summary
+            if event.summary is not None and event.labels is not None:
+                return convert.classify_pb(event.labels, event.summary)
+            if event.summary is not None:  # cancelled before the prompt was read
+                raise asyncio.CancelledError()
+        raise RuntimeError("engine stream ended without labels")
 
     @unary_rpc("GetModelInfo")
     async def GetModelInfo(

@@ -18,6 +18,7 @@ from lorafleet_server.errors import (
     PermissionDenied,
     QueueFull,
     ShuttingDown,
+    WrongAdapterKind,
 )
 from lorafleet_server.tenants.errors import AuthenticationError
 
@@ -29,6 +30,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterIncompatible, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterFormatError, grpc.StatusCode.FAILED_PRECONDITION),
+    (WrongAdapterKind, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AdapterBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),

@@ -136,12 +136,42 @@ class EmbedResponse(_message.Message):
     adapter: str
     def __init__(self, embedding: _Optional[_Iterable[float]] = ..., prompt_tokens: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
+class ClassifyRequest(_message.Message):
+    __slots__ = ("text", "messages", "adapter", "top_k")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    adapter: str
+    top_k: int
+    def __init__(self, text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., adapter: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "probability")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("labels", "prompt_tokens", "adapter")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    prompt_tokens: int
+    adapter: str
+    def __init__(self, labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "fingerprint", "quantization", "device", "dtype", "max_context_tokens", "max_lora_rank", "max_new_tokens", "max_batch_size", "max_loaded_adapters", "max_message_bytes", "target_modules", "server_version", "adapter_slot_memory_bytes")
+    __slots__ = ("model_id", "fingerprint", "quantization", "device", "dtype", "max_context_tokens", "max_lora_rank", "max_new_tokens", "max_batch_size", "max_loaded_adapters", "max_message_bytes", "target_modules", "server_version", "adapter_slot_memory_bytes", "dtype_reason", "compiled", "torch_threads", "cpu_features")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +186,10 @@ class GetModelInfoResponse(_message.Message):
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_SLOT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
+    TORCH_THREADS_FIELD_NUMBER: _ClassVar[int]
+    CPU_FEATURES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     fingerprint: str
     quantization: str
@@ -170,4 +204,8 @@ class GetModelInfoResponse(_message.Message):
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     server_version: str
     adapter_slot_memory_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_loaded_adapters: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., adapter_slot_memory_bytes: _Optional[int] = ...) -> None: ...
+    dtype_reason: str
+    compiled: bool
+    torch_threads: int
+    cpu_features: str
+    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_loaded_adapters: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., adapter_slot_memory_bytes: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., compiled: _Optional[bool] = ..., torch_threads: _Optional[int] = ..., cpu_features: _Optional[str] = ...) -> None: ...

@@ -56,6 +56,11 @@ class InferenceServiceStub:
                 request_serializer=lorafleet_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=lorafleet_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/lorafleet.v1.InferenceService/Classify',
+                request_serializer=lorafleet_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/lorafleet.v1.InferenceService/GetModelInfo',
                 request_serializer=lorafleet_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
@@ -96,6 +101,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Classify runs a classifier head adapter on pooled features (a forward without decoding) and
+        returns its labels with probabilities, most likely first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """GetModelInfo describes the base model and the server's limits.
         """
@@ -125,6 +138,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=lorafleet_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
                     response_serializer=lorafleet_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=lorafleet_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -242,6 +260,33 @@ class InferenceService:
             '/lorafleet.v1.InferenceService/Embed',
             lorafleet_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
             lorafleet_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorafleet.v1.InferenceService/Classify',
+            lorafleet_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+            lorafleet_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,162 @@
+"""Classify in the engine on the tiny model: a head on pooled features, batched, through a LoRA, wrong kinds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from classifierlib import labelled_rows, train_head, write_labelled
+from enginelib import engine_held, request, submit, tiny_service
+from transformers import AutoTokenizer
+
+from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_adapters.head import ClassifierHead, publish_head
+from lorafleet_adapters.peft_format import BaseModelSpec
+from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_adapters.ref import AdapterRef
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_server.app import Service
+from lorafleet_server.engine.types import ChatTurn, ClassifyParams, GenerationRequest
+from lorafleet_server.errors import WrongAdapterKind
+from lorafleet_training.classifier import load_feature_model, pooled_features
+from lorafleet_training.data import Example, Turn
+from lorafleet_training.encoding import pad_id_of, prompt_ids
+from lorafleet_training.publish import publish
+
+TEXTS = (
+    "Question about my refund and the invoice, please help",
+    "Where is my parcel? The courier never came",
+    "I cannot login, my password is locked",
+    "The delivery box arrived broken",
+)
+
+
+@pytest.fixture(scope="module")
+def published(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_spec: BaseModelSpec, peft_adapter: Any
+) -> dict[str, Any]:
+    """A store with a head on the base, a LoRA, a head on that LoRA's features and a prompt adapter."""
+    root = tmp_path_factory.mktemp("classify")
+    store = AdapterStore(root / "store")
+    data = write_labelled(root / "intents.jsonl", labelled_rows(6))
+    base_head = train_head(tiny_model_dir, tiny_spec, root / "head", data)
+    publish(root / "head", store, tiny_spec)
+    lora_dir = peft_adapter(seed=7, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    lora_key = store.import_peft(lora_dir, "acme", "support", tiny_spec)
+    lora_head = train_head(
+        tiny_model_dir,
+        tiny_spec,
+        root / "lora-head",
+        data,
+        adapter="acme/routed",
+        features_from="acme/support",
+        store=store,
+    )
+    publish(root / "lora-head", store, tiny_spec)
+    store.publish_prompt("acme", "terse", PromptTemplate(system="Be terse."), tiny_spec)
+    return {
+        "store": store.root,
+        "head": base_head.head,
+        "lora_head": lora_head.head,
+        "lora_dir": store.version_dir(lora_key),
+    }
+
+
+@pytest.fixture
+def service(tiny_model_dir: Path, published: dict[str, Any]) -> Iterator[Service]:
+    svc = tiny_service(tiny_model_dir, published["store"])
+    yield svc
+    svc.engine.shutdown(10)
+
+
+def classify(text: str, adapter: str, top_k: int = 0, rid: str = "c") -> GenerationRequest:
+    return GenerationRequest(
+        request_id=rid,
+        prompt=text,
+        adapter=AdapterRef.parse(adapter),
+        embed=True,
+        classify=ClassifyParams(top_k=top_k),
+    )
+
+
+def reference_probs(
+    model_dir: Path, head: ClassifierHead, texts: tuple[str, ...], lora_dir: Path | None
+) -> torch.Tensor:
+    """What training computes for these texts: HF (+PEFT) features -> the head. [texts, labels]"""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_feature_model(model_dir, lora_dir)
+    ids = [prompt_ids(tokenizer, Example(line=1, completion="x", prompt=t)) for t in texts]
+    return head.probabilities(pooled_features(model, ids, pad_id_of(tokenizer)))
+
+
+@pytest.mark.parametrize("which", ["head", "lora_head"])
+def test_classify_batch_equals_training_features(
+    service: Service, tiny_model_dir: Path, published: dict[str, Any], which: str
+) -> None:
+    """Rows scored in one step give the probabilities training computes with HF (+PEFT) features."""
+    adapter = "acme/intents" if which == "head" else "acme/routed"
+    head: ClassifierHead = published[which]
+    with engine_held(service.engine):  # all four start together and finish in one step
+        sinks = [submit(service.engine, classify(t, adapter, rid=f"c{i}"))[0] for i, t in enumerate(TEXTS)]
+    events = [s.wait().events[-1] for s in sinks]
+    expected = reference_probs(tiny_model_dir, head, TEXTS, published["lora_dir"] if which == "lora_head" else None)
+    for event, want in zip(events, expected, strict=True):
+        assert event.error is None and event.labels is not None and event.summary is not None
+        assert event.summary.adapter == f"{adapter}@1"
+        got = {s.label: s.probability for s in event.labels}
+        assert set(got) == set(head.labels)
+        assert sum(got.values()) == pytest.approx(1.0, abs=1e-5)
+        probs = [s.probability for s in event.labels]
+        assert probs == sorted(probs, reverse=True)
+        for label, p in zip(head.labels, want.tolist(), strict=True):
+            assert got[label] == pytest.approx(p, abs=2e-4)
+
+
+def test_lora_features_differ_from_base_features(tiny_model_dir: Path, published: dict[str, Any]) -> None:
+    """The LoRA head really reads the LoRA's features (else the test above could not tell them apart)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = [prompt_ids(tokenizer, Example(line=1, completion="x", prompt=TEXTS[0]))]
+    on_lora = pooled_features(load_feature_model(tiny_model_dir, published["lora_dir"]), ids, pad_id_of(tokenizer))
+    on_base = pooled_features(load_feature_model(tiny_model_dir, None), ids, pad_id_of(tokenizer))
+    assert (on_lora - on_base).abs().max() > 1e-2
+
+
+def test_top_k_and_chat_messages(service: Service) -> None:
+    req = GenerationRequest(
+        request_id="m",
+        messages=(ChatTurn("user", TEXTS[1]),),
+        adapter=AdapterRef.parse("acme/intents"),
+        embed=True,
+        classify=ClassifyParams(top_k=2),
+    )
+    event = submit(service.engine, req)[0].wait().events[-1]
+    assert event.labels is not None and len(event.labels) == 2
+
+
+def test_wrong_adapter_kinds_are_refused_naming_the_kind(service: Service) -> None:
+    with pytest.raises(WrongAdapterKind, match=r"kind 'head'.*call Classify"):
+        service.engine.submit(request("hi", adapter="acme/intents"), lambda _e: None)
+    with pytest.raises(WrongAdapterKind, match=r"kind 'head'.*Embed"):
+        service.engine.submit(request("hi", adapter="acme/intents", embed=True), lambda _e: None)
+    with pytest.raises(WrongAdapterKind, match=r"kind 'lora'.*Classify takes a 'head'"):
+        service.engine.submit(classify("hi", "acme/support"), lambda _e: None)
+    with pytest.raises(WrongAdapterKind, match="kind 'prompt'"):
+        service.engine.submit(classify("hi", "acme/terse"), lambda _e: None)
+
+
+def test_head_of_another_tenants_lora_is_refused_at_publish(
+    published: dict[str, Any], tiny_spec: BaseModelSpec
+) -> None:
+    head: ClassifierHead = published["lora_head"]
+    with pytest.raises(AdapterFormatError, match="another tenant"):
+        publish_head(AdapterStore(published["store"]), "zeta", "stolen", head, tiny_spec)
+
+
+def test_example_turns_encode_like_the_server(service: Service, tiny_model_dir: Path) -> None:
+    """Training encodes a chat example exactly as the engine encodes a Classify request's messages."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    example = Example(line=1, completion="x", turns=(Turn("user", TEXTS[0]),))
+    assert prompt_ids(tokenizer, example) == service.engine.encode_prompt(None, (ChatTurn("user", TEXTS[0]),))

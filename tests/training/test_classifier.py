@@ -1,0 +1,153 @@
+"""`train --method classifier` on the tiny Llama: data checks, metrics, record, determinism, publish gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from classifierlib import labelled_rows, train_head, write_labelled
+
+from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
+from lorafleet_adapters.head import HEAD_WEIGHTS_FILE, load_head, read_head_record
+from lorafleet_adapters.peft_format import BaseModelSpec
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_training.classifier import (
+    NO_LABEL,
+    classification_metrics,
+    label_from_answer,
+    load_labelled,
+    stratified_split,
+)
+from lorafleet_training.errors import PiiFound, TrainingDataError
+from lorafleet_training.publish import NoImprovement, publish
+
+
+@pytest.fixture(scope="module")
+def head_out(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> Any:
+    root = tmp_path_factory.mktemp("head")
+    data = write_labelled(root / "intents.jsonl", labelled_rows(8))
+    return train_head(tiny_model_dir, tiny_spec, root / "out", data, c=10.0)
+
+
+def test_bad_lines_are_all_reported(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        '{"text": "ok", "label": "a"}\n'
+        '{"text": "no label"}\n'
+        "not json\n"
+        '{"text": "x", "label": "b", "extra": 1}\n'
+        '{"messages": [{"role": "robot", "content": "x"}], "label": "b"}\n'
+    )
+    with pytest.raises(TrainingDataError) as info:
+        load_labelled(path)
+    assert [issue.line for issue in info.value.issues] == [2, 3, 4, 5]
+
+
+def test_pii_is_refused_before_any_model_loads(tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:
+    rows = [*labelled_rows(4), {"text": "mail me at jane.doe@example.com", "label": "account"}]
+    with pytest.raises(PiiFound):
+        train_head(tiny_model_dir, tiny_spec, tmp_path / "out", write_labelled(tmp_path / "d.jsonl", rows))
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_label_is_refused(tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:
+    rows = [{"text": f"t{i}", "label": "only"} for i in range(4)]
+    with pytest.raises(TrainingDataError, match="2\\+ labels"):
+        train_head(tiny_model_dir, tiny_spec, tmp_path / "out", write_labelled(tmp_path / "d.jsonl", rows))
+
+
+def test_stratified_split_is_seeded_and_holds_out_every_label(tmp_path: Path) -> None:
+    examples = load_labelled(write_labelled(tmp_path / "d.jsonl", labelled_rows(10)))
+    train, held = stratified_split(examples, 0.2, seed=4)
+    assert (train, held) == stratified_split(examples, 0.2, seed=4)
+    assert held != stratified_split(examples, 0.2, seed=5)[1]
+    assert sorted(e.completion for e in held) == ["account"] * 2 + ["billing"] * 2 + ["shipping"] * 2
+    assert not {e.line for e in train} & {e.line for e in held}
+
+
+def test_classification_metrics_by_hand() -> None:
+    truth = ["a", "a", "b", "b", "c"]
+    predicted = ["a", "b", "b", "b", NO_LABEL]
+    m = classification_metrics(truth, predicted, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # a: p 1, r .5, f1 2/3; b: p 2/3, r 1, f1 .8; c: 0
+    assert m["per_label"]["a"]["recall"] == pytest.approx(0.5)
+    assert m["per_label"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0) / 3)
+    assert m["confusion_matrix"]["matrix"] == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1]]
+    assert m["confusion_matrix"]["columns"][-1] == NO_LABEL
+
+
+def test_label_from_answer() -> None:
+    labels = ["billing", "shipping"]
+    assert label_from_answer(" Billing.", labels) == "billing"
+    assert label_from_answer("It is about shipping, not billing", labels) == "shipping"
+    assert label_from_answer("I'm sorry for your loss", labels) == NO_LABEL
+
+
+def test_record_and_determinism(head_out: Any, tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:
+    record = json.loads((head_out.out_dir / "lorafleet-training.json").read_text())
+    assert record["kind"] == "head" and record["method"] == "logreg"
+    assert record["data"]["path"] and record["data"]["fingerprint"].startswith("sha256:")
+    assert record["hyperparameters"]["seed"] == 1 and record["hyperparameters"]["C"] == 10.0
+    head_metrics = record["classification"]["head"]
+    assert set(head_metrics["per_label"]) == {"account", "billing", "shipping"}
+    assert sum(map(sum, head_metrics["confusion_matrix"]["matrix"])) == record["eval_metrics"]["eval_examples"] == 6
+    assert record["eval_metrics"]["macro_f1"] == pytest.approx(head_metrics["macro_f1"])
+    again = train_head(tiny_model_dir, tiny_spec, tmp_path / "again", Path(record["data"]["path"]), c=10.0)
+    assert (again.out_dir / HEAD_WEIGHTS_FILE).read_bytes() == (head_out.out_dir / HEAD_WEIGHTS_FILE).read_bytes()
+
+
+def test_publish_keeps_the_record_and_checks_files(head_out: Any, tmp_path: Path, tiny_spec: BaseModelSpec) -> None:
+    store = AdapterStore(tmp_path / "store")
+    key = publish(head_out.out_dir, store, tiny_spec)
+    manifest = store.manifest(key)
+    assert manifest.kind == "head" and manifest.rank == 0 and "macro_f1" in manifest.eval_metrics
+    assert load_head(store, key, tiny_spec).labels == ("account", "billing", "shipping")
+    assert read_head_record(store, key)["data"]["fingerprint"] == manifest.training_data_fingerprint
+    other = BaseModelSpec("sha256:" + "0" * 64, "other", "none", tiny_spec.target_shapes, 64)
+    with pytest.raises(AdapterIncompatible):
+        load_head(store, key, other)
+    (store.version_dir(key) / HEAD_WEIGHTS_FILE).write_bytes(b"tampered")
+    with pytest.raises(AdapterFormatError, match="checksum mismatch"):
+        load_head(store, key, tiny_spec)
+
+
+def test_require_improvement_needs_the_prompt_only_baseline(
+    head_out: Any, tmp_path: Path, tiny_spec: BaseModelSpec
+) -> None:
+    with pytest.raises(NoImprovement, match="prompt-only base"):
+        publish(head_out.out_dir, AdapterStore(tmp_path / "s"), tiny_spec, require_improvement=True)
+
+
+def test_cli_train_classifier_then_publish(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from lorafleet_server.config import add_server_arguments
+    from lorafleet_training.cli import add_publish_arguments, add_train_arguments, run_publish, run_train
+
+    def parser(add: Any) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser()
+        add(p)
+        add_server_arguments(p)
+        return p
+
+    data = write_labelled(tmp_path / "d.jsonl", labelled_rows(8))
+    argv = ["--method", "classifier", "--data", str(data), "--adapter", "acme/cli", "--out", str(tmp_path / "out")]
+    argv += ["--no-eval-generate", "--keep-data-ref", "--C", "10", "--val-fraction", "0.25"]
+    store = AdapterStore(tmp_path / "store")
+    assert run_train(parser(add_train_arguments).parse_args(argv), tiny_spec, tiny_model_dir, store) == 0
+    record = json.loads((tmp_path / "out" / "lorafleet-training.json").read_text())
+    assert record["hyperparameters"]["C"] == 10.0 and record["hyperparameters"]["val_fraction"] == 0.25
+    assert record["data"]["path"] == str(data.resolve())
+    capsys.readouterr()
+    assert run_publish(parser(add_publish_arguments).parse_args([str(tmp_path / "out")]), store, tiny_spec) == 0
+    out = capsys.readouterr().out
+    assert "published acme/cli@1 (logreg, held-out macro-F1" in out
+    assert "forgetting check: a head reads features of the frozen base" in out
+    bad = ["--features-from", "acme/x", "--data", str(data), "--adapter", "acme/y", "--out", str(tmp_path / "o2")]
+    assert run_train(parser(add_train_arguments).parse_args(bad), tiny_spec, tiny_model_dir, store) == 1

@@ -1,0 +1,216 @@
+"""`lorafleet retrain --stale` for LoRA adapters: the version keeps its training record, a stale LoRA is
+trained again on the new base with the recorded method, hyperparameters and seed, published when its
+held-out loss is not worse, refused when it is, and skipped (with the reason) when it cannot be retrained.
+Run through the real CLI (``lorafleet_server.cli.main``), on a directory store and on an S3 bucket."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from seaweedlib import SeaweedFS
+from training_testlib import qa_rows, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from lorafleet_adapters.backend import StoreSettings, open_store
+from lorafleet_adapters.manifest import sha256_file
+from lorafleet_adapters.peft_format import BaseModelSpec
+from lorafleet_adapters.ref import AdapterKey, AdapterRef
+from lorafleet_adapters.store import RETRAIN_RECORD_FILE, AdapterStore
+from lorafleet_server.cli import main
+from lorafleet_training.retrain import read_lora_record
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TRAIN = ("--rank", "4", "--alpha", "8", "--epochs", "1", "--lr", "2e-2", "--batch-size", "4", "--seed", "3")
+TRAIN_FAST = (*TRAIN, "--max-length", "64", "--val-fraction", "0.25", "--no-eval-generate", "--no-progress")
+
+
+def derived_base(src: Path, out: Path, change: str) -> Path:
+    """A second tiny base: ``nudged`` (the input embedding of the last token id, which the data never uses,
+    moved: another fingerprint, the same model on this data) or ``collapsed`` (final norm zeroed: uniform
+    next-token odds, whatever the adapter does)."""
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        if change == "nudged":
+            model.model.embed_tokens.weight[-1].add_(1e-3)
+        else:
+            model.model.norm.weight.zero_()
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+def cli(capsys: pytest.CaptureFixture[str], model: Path, tmp_path: Path, *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main([*args, "--model", str(model), "--data-dir", str(tmp_path / "serve")])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def train_and_publish(
+    capsys: pytest.CaptureFixture[str],
+    model: Path,
+    tmp_path: Path,
+    store: str,
+    data: Path,
+    adapter: str,
+    *extra: str,
+) -> None:
+    out = tmp_path / adapter.replace("/", ".")
+    code, text = cli(
+        capsys,
+        model,
+        tmp_path,
+        "train",
+        "--data",
+        str(data),
+        "--adapter",
+        adapter,
+        "--out",
+        str(out),
+        *TRAIN_FAST,
+        *extra,
+    )
+    assert code == 0, text
+    code, text = cli(capsys, model, tmp_path, "publish", str(out), "--store", store, "--max-forgetting", "inf")
+    assert code == 0, text
+
+
+def test_retrain_stale_lora_on_a_new_base(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_spec: BaseModelSpec,
+    peft_adapter: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = AdapterStore(tmp_path / "store")
+    root = str(store.root)
+    data = write_jsonl(tmp_path / "colors.jsonl", qa_rows(8))
+    train_and_publish(capsys, tiny_model_dir, tmp_path, root, data, "acme/colors", "--keep-data-ref")
+    train_and_publish(capsys, tiny_model_dir, tmp_path, root, data, "acme/private")  # no --keep-data-ref
+    changed = write_jsonl(tmp_path / "changed.jsonl", qa_rows(8))
+    train_and_publish(capsys, tiny_model_dir, tmp_path, root, changed, "acme/changed", "--keep-data-ref")
+    write_jsonl(changed, qa_rows(9))
+    store.import_peft(peft_adapter(seed=7), "acme", "legacy", tiny_spec)  # a plain PEFT import: no record
+
+    v1 = AdapterKey("acme", "colors", 1)
+    old = store.manifest(v1)
+    assert RETRAIN_RECORD_FILE in old.files  # checksummed like every file of the version
+    record = read_lora_record(store, v1, old)
+    assert record is not None and record["data"]["path"] == str(data.resolve())
+    assert record["hyperparameters"]["seed"] == 3 and "samples" not in record  # no held-out texts
+    private = AdapterKey("acme", "private", 1)
+    private_record = read_lora_record(store, private, store.manifest(private))
+    assert private_record is not None and private_record["data"]["path"] is None  # the location was not allowed
+    old_loss = old.eval_metrics["adapter_loss"]
+    assert old_loss < old.eval_metrics["base_loss"]  # it learned: a collapsed base can only do worse
+
+    nudged = derived_base(tiny_model_dir, tmp_path / "nudged", "nudged")
+    code, out = cli(capsys, nudged, tmp_path, "retrain", "--stale", "--dry-run", "--store", root)
+    assert code == 1, out  # three cannot be retrained
+    assert "acme/colors@1\tplanned" in out and "(lora)" in out, out
+    assert "acme/private@1\tskipped" in out and "--keep-data-ref" in out
+    assert "acme/changed@1\tskipped" in out and "changed since training" in out
+    assert "acme/legacy@1\tskipped" in out and "no training record" in out
+    assert store.versions("acme", "colors") == (1,)  # a dry run trains and publishes nothing
+
+    code, out = cli(capsys, nudged, tmp_path, "retrain", "--stale", "--store", root, "--max-forgetting", "inf")
+    assert "acme/colors@1\tpublished as acme/colors@2 (adapter_loss" in out, out
+    new = store.manifest(AdapterKey("acme", "colors", 2))
+    assert new.kind == "lora" and new.method == "lora" and (new.rank, new.target_modules) == (4, ("q_proj", "v_proj"))
+    assert new.base_fingerprint != old.base_fingerprint
+    assert new.training_data_fingerprint == old.training_data_fingerprint
+    assert new.eval_metrics["adapter_loss"] <= old_loss
+    again = read_lora_record(store, AdapterKey("acme", "colors", 2), new)
+    assert again is not None and again["data"]["eval_fingerprint"] == record["data"]["eval_fingerprint"]
+    assert again["data"]["path"] == str(data.resolve())  # retrainable again on the next base
+    assert store.versions("acme", "private") == (1,) and store.versions("acme", "legacy") == (1,)
+
+    # a base on which the adapter got worse: refused with both numbers, the latest stays where it was
+    collapsed = derived_base(tiny_model_dir, tmp_path / "collapsed", "collapsed")
+    code, out = cli(capsys, collapsed, tmp_path, "retrain", "--stale", "--tenant", "acme", "--store", root)
+    assert code == 1
+    line = next(x for x in out.splitlines() if x.startswith("acme/colors@2\t"))
+    assert "\trefused (adapter_loss" in line and "got worse" in line, out
+    assert store.versions("acme", "colors") == (1, 2)
+    assert store.resolve(AdapterRef("acme", "colors")).version == 2
+
+
+def test_a_tampered_record_is_not_trusted(tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:
+    """The record is a checksummed file of the version: edited in place, retrain refuses to read it."""
+    from lorafleet_training.publish import publish
+    from lorafleet_training.retrain import retrain_stale
+    from lorafleet_training.trainer import TrainConfig, train
+
+    data = write_jsonl(tmp_path / "colors.jsonl", qa_rows(4))
+    config = TrainConfig(
+        data=data,
+        adapter="acme/colors",
+        out_dir=tmp_path / "out",
+        base_model_dir=tiny_model_dir,
+        rank=4,
+        epochs=1,
+        max_length=64,
+        val_fraction=0.25,
+        eval_generate=False,
+        forgetting_check=False,
+        keep_data_ref=True,
+    )
+    train(config, tiny_spec, progress=False, echo=lambda _: None)
+    store = AdapterStore(tmp_path / "store")
+    key = publish(tmp_path / "out", store, tiny_spec)
+    path = store.version_dir(key) / RETRAIN_RECORD_FILE
+    assert sha256_file(path) == store.manifest(key).files[RETRAIN_RECORD_FILE]
+    record = json.loads(path.read_text())
+    record["hyperparameters"]["epochs"] = 50
+    path.chmod(0o644)
+    path.write_text(json.dumps(record))
+    other = dataclasses.replace(tiny_spec, fingerprint="sha256:" + "2" * 64)
+    [outcome] = retrain_stale(store, other, tiny_model_dir, dry_run=True)
+    assert outcome.status == "skipped" and "checksum mismatch" in outcome.reason
+
+
+BUCKET = "retrain"
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = SeaweedFS.start(tmp_path_factory.mktemp("seaweed"), die_with_parent=True)
+    try:
+        server.create_bucket(BUCKET)
+        yield server
+    finally:
+        server.stop(grace=0)
+
+
+def test_retrain_with_the_store_as_an_s3_url(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    seaweed: SeaweedFS,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{BUCKET}/{tmp_path.name}"
+    data = write_jsonl(tmp_path / "colors.jsonl", qa_rows(8))
+    train_and_publish(capsys, tiny_model_dir, tmp_path, url, data, "acme/colors", "--keep-data-ref")
+    nudged = derived_base(tiny_model_dir, tmp_path / "nudged", "nudged")
+    code, out = cli(capsys, nudged, tmp_path, "retrain", "--stale", "--store", url, "--max-forgetting", "inf")
+    assert code == 0 and "acme/colors@1\tpublished as acme/colors@2" in out, out
+    replica = open_store(StoreSettings(url, cache_dir=tmp_path / "replica"))
+    new = replica.manifest(AdapterKey("acme", "colors", 2))
+    assert (
+        RETRAIN_RECORD_FILE in new.files
+        and new.base_fingerprint != replica.manifest(AdapterKey("acme", "colors", 1)).base_fingerprint
+    )
+    record = read_lora_record(replica, AdapterKey("acme", "colors", 2), new)
+    assert record is not None and record["data"]["fingerprint"] == new.training_data_fingerprint
