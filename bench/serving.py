@@ -13,10 +13,15 @@ step that reads the base weights and each distinct adapter once would allow) wit
 Everything runs in one process invocation so that ratios come from one run on a noisy machine.
 ``--auth`` then creates an API key (which turns authentication on) and repeats the engine runs with
 ``authorization: Bearer <key>`` on every call: runs named ``<run>+auth``, auth on vs off in one run.
+``--http`` starts the OpenAI-compatible HTTP API on the same engine and repeats the engine runs over it
+(one httpx client each, streaming chat completions with ``stream_options.include_usage``, every SSE
+line parsed): runs named ``<run>+http``, HTTP vs gRPC on the same workload in one run, in adjacent
+pairs (``--http-pairs``) because the machine is shared.
 Results: a table on stdout and JSON in bench/results/serving-<timestamp>.json.
 
     .venv/bin/python -m bench.serving --quick      # ~2-3 minutes on 2 cores
     .venv/bin/python -m bench.serving              # the full run, a few minutes
+    .venv/bin/python -m bench.serving --quick --http --configs base --skip-naive   # HTTP vs gRPC
 """
 
 from __future__ import annotations
@@ -250,6 +255,81 @@ async def run_load(
     return [r for recs in per_client for r in recs], wall
 
 
+async def _one_http_request(
+    client: Any, model: str, index: int, client_no: int, max_new_tokens: int, t0: float, warmup: bool
+) -> RequestRecord:
+    """One streaming chat completion over the OpenAI-compatible API (server-sent events read with httpx,
+    each ``data:`` line parsed as JSON, as an SDK does), recorded as ``_one_request`` does."""
+    import httpx
+
+    start = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Hello {index}" if warmup else prompt_text(index)}],
+        "max_tokens": max_new_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    try:
+        async with client.stream("POST", "/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(str(chunk["error"]))
+                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter()
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        end = time.perf_counter()
+    except (httpx.HTTPError, RuntimeError) as exc:
+        end = time.perf_counter()
+        return RequestRecord(client_no, index, model, start - t0, float("nan"), end - t0, 0, None, repr(exc))
+    first = end if first is None else first
+    tpot = (end - first) / (tokens - 1) if tokens > 1 else None
+    return RequestRecord(client_no, index, model, start - t0, first - start, end - t0, tokens, tpot)
+
+
+async def run_http_load(
+    base_url: str,
+    models: Sequence[str],
+    *,
+    clients: int,
+    requests: int,
+    max_new_tokens: int,
+    warmup: bool = False,
+    api_key: str = "",
+) -> tuple[list[RequestRecord], float]:
+    """``run_load`` over HTTP: ``clients`` concurrent clients (an ``httpx.AsyncClient``, one connection,
+    each), client i on ``models[i % len(models)]`` (the base model's id or an adapter reference)."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    conns = [httpx.AsyncClient(base_url=base_url, headers=headers, timeout=900) for _ in range(clients)]
+    try:
+        t0 = time.perf_counter()
+
+        async def client_task(i: int) -> list[RequestRecord]:
+            model = models[i % len(models)]
+            return [
+                await _one_http_request(conns[i], model, i * requests + j, i, max_new_tokens, t0, warmup)
+                for j in range(requests)
+            ]
+
+        per_client = await asyncio.gather(*(client_task(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(c.aclose() for c in conns))
+    return [r for recs in per_client for r in recs], wall
+
+
 # ----------------------------------------------------------------------------------- engine step timing
 
 
@@ -348,7 +428,9 @@ class CpuMeter:
 @dataclass
 class RunResult:
     name: str
-    kind: str  # base | adapters | naive | auth (an engine run again with an API key)
+    # base | adapters | naive | auth (an engine run again with an API key) | http (over HTTP) | pair (a gRPC
+    # base run beside an HTTP one)
+    kind: str
     shape: str | None
     distinct: int
     clients: int
@@ -518,6 +600,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="then create an API key (authentication on) and repeat the engine runs with the Bearer header",
     )
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="then repeat the engine runs over the OpenAI-compatible HTTP API (openai SDK, streaming): <run>+http",
+    )
+    p.add_argument(
+        "--http-pairs",
+        type=int,
+        default=3,
+        help="with --http: adjacent gRPC/HTTP pairs of the base run (default 3; the median ratio is reported)",
+    )
     p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "token", "grouped", "gather"))
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-lora-rank", type=int, default=16)
@@ -531,6 +624,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="model directory (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scenario",
+        default="load",
+        choices=("load", "prefix"),
+        help="load: the runs above (default); prefix: TTFT of requests sharing a long system prompt, "
+        "prefix cache hit vs miss (see run_prefix)",
+    )
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="prefix scenario: system prompt tokens")
+    p.add_argument("--prefix-requests", type=int, default=8, help="prefix scenario: cached/uncached pairs per target")
     return p.parse_args(argv)
 
 
@@ -582,8 +684,157 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# ------------------------------------------------------------------------------ prefix scenario
+
+
+def system_prompt(tokenizer: Any, tokens: int) -> str:
+    """A support system prompt of about ``tokens`` tokens (whole sentences, numbered so none repeats)."""
+    text = "You are the support assistant of Zephyr Bikes. "
+    i = 0
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        i += 1
+        text += f"Rule {i}: {TASKS[i % len(TASKS)].format(TOPICS[i % len(TOPICS)])} Keep answers under {i + 20} words. "
+    return text
+
+
+async def _ttft(client: Any, adapter: str, system: str, question: str, max_new_tokens: int) -> tuple[float, int]:
+    """Send a chat request (system + user) and return (seconds to the first chunk, prompt tokens)."""
+    from lorafleet import Message, Sampling
+
+    start = time.perf_counter()
+    first: float | None = None
+    stream = client.stream(
+        messages=[Message("system", system), Message("user", question)],
+        adapter=adapter,
+        sampling=Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
+    )
+    async for chunk in stream:
+        if first is None and chunk:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return (first or end) - start, stream.result.prompt_tokens
+
+
+def run_prefix(args: argparse.Namespace) -> int:
+    """Prefix-cache scenario: one client, requests one at a time (TTFT is not queueing), for one r=8 q/v
+    adapter and for the base. Per pair: an uncached request (its own system prompt: a fresh first line,
+    so no block of it is cached) then a cached one (the shared system prompt, primed once before; a new
+    question each time). Reports p50 TTFT of both and cached / uncached; goal: <= 0.25."""
+    from lorafleet import AsyncLoraFleetClient
+    from lorafleet_server.app import build_service
+    from lorafleet_server.config import ServerConfig
+    from lorafleet_server.grpc.server import BackgroundServer
+    from lorafleet_server.model.prepare import prepare_default_model
+
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or prepare_default_model(REPO / "data" / "models")
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-prefix-"))
+    n = args.prefix_requests
+    new_tokens = args.max_new_tokens or 8
+    rows: list[dict[str, Any]] = []
+    try:
+        dirs = make_adapters(model_dir, [SHAPES["default"]], 1, work / "adapters", args.seed)
+        config = ServerConfig(
+            model=model_dir,
+            data_dir=work / "data",
+            adapter_store=work / "store",
+            port=0,
+            max_batch_size=4,
+            max_seq_len=2048,
+            max_new_tokens=64,
+            default_max_new_tokens=16,
+            max_loaded_adapters=4,
+            max_lora_rank=args.max_lora_rank,
+            lora_impl=args.lora_impl,
+            torch_threads=args.threads,
+            metrics_port=0,
+            log_level="WARNING",
+        )
+        service = build_service(config)
+        service.store.import_peft(dirs["default"][0], TENANT, "support", service.base.spec)
+        system = system_prompt(service.engine.tokenizer, args.prefix_tokens)
+        server = BackgroundServer(service)
+        target = f"127.0.0.1:{server.start()}"
+        registry = service.metrics.registry
+
+        def hit_tokens() -> float:
+            return registry.get_sample_value("lorafleet_prefix_cache_hit_tokens_total") or 0.0
+
+        async def measure(adapter: str) -> dict[str, Any]:
+            async with AsyncLoraFleetClient(target, timeout=900) as client:
+                await client.wait_for_ready(60)
+                await _ttft(client, adapter, "Warm up.", "Hello", 2)  # loads the adapter, warms the kernels
+                await _ttft(client, adapter, system, "Prime the cache.", new_tokens)
+                uncached: list[float] = []
+                cached: list[float] = []
+                hits_before = hit_tokens()
+                prompt_tokens = 0
+                for i in range(n):
+                    question = f"Question {i}: {prompt_text(i)}"
+                    fresh = f"Session {i} of {adapter or 'base'}, {time.time_ns()}. {system}"
+                    seconds, _ = await _ttft(client, adapter, fresh, question, new_tokens)
+                    uncached.append(seconds)
+                    seconds, prompt_tokens = await _ttft(client, adapter, system, question, new_tokens)
+                    cached.append(seconds)
+                u, c = statistics.median(uncached), statistics.median(cached)
+                return {
+                    "target": adapter or "base",
+                    "prompt_tokens": prompt_tokens,
+                    "uncached_ttft_p50_s": u,
+                    "cached_ttft_p50_s": c,
+                    "ratio": c / u,
+                    "hit_tokens_per_request": (hit_tokens() - hits_before) / n,
+                    "uncached_ttft_s": uncached,
+                    "cached_ttft_s": cached,
+                }
+
+        try:
+            for adapter in (f"{TENANT}/support", ""):
+                row = asyncio.run(measure(adapter))
+                rows.append(row)
+                say(
+                    f"{row['target']}: uncached TTFT p50 {row['uncached_ttft_p50_s'] * 1e3:.0f} ms, cached "
+                    f"{row['cached_ttft_p50_s'] * 1e3:.0f} ms, ratio {row['ratio']:.3f}"
+                )
+            info = service.info
+            cache_bytes = service.engine.prefix_cache.bytes_used
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(
+        f"prefix cache: {info.model_id} ({info.dtype}, {info.device}), torch threads {torch.get_num_threads()}, "
+        f"{n} uncached/cached pairs per target, one request at a time, {new_tokens} new tokens, greedy"
+    )
+    print()
+    print(
+        "| target | prompt tokens | hit tokens / cached request | uncached TTFT p50 | cached TTFT p50 "
+        "| cached / uncached |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['target']} | {row['prompt_tokens']} | {row['hit_tokens_per_request']:.0f} | "
+            f"{row['uncached_ttft_p50_s'] * 1e3:.0f} ms | {row['cached_ttft_p50_s'] * 1e3:.0f} ms | "
+            f"{row['ratio']:.3f} |"
+        )
+    print()
+    print(
+        f"prefix cache held {cache_bytes / 2**20:.1f} MiB at the end (--prefix-cache-bytes {config.prefix_cache_bytes})"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"prefix-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps({"rows": rows, "argv": sys.argv[1:], "cache_bytes": cache_bytes}, indent=2))
+    say(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.scenario == "prefix":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return run_prefix(args)
     plan = make_plan(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "peft", "httpx"):
@@ -669,32 +920,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = f"127.0.0.1:{port}"
         full_batch = min(plan.clients, args.max_batch_size)
 
-        def engine_run(name: str, kind: str, shape: Shape | None, adapters: list[str], api_key: str = "") -> RunResult:
+        http_server = None
+        if args.http:
+            from lorafleet_server.grpc.server import server_keys
+            from lorafleet_server.http.server import BackgroundHttpServer
+
+            http_keys = server_keys(config)
+            http_keys.start(config.keys_poll_seconds)
+            http_server = BackgroundHttpServer(service, http_keys)
+            http_server.start()
+        http_url = f"{http_server.url}/v1" if http_server is not None else ""
+        base_id = service.info.model_id
+
+        def engine_run(
+            name: str, kind: str, shape: Shape | None, adapters: list[str], api_key: str = "", http: bool = False
+        ) -> RunResult:
             distinct = len({a for a in adapters if a})
-            # warm-up (not measured): every adapter of the run resident, the batch shapes seen once
-            asyncio.run(
-                run_load(
-                    target,
-                    adapters,
-                    clients=max(plan.clients, len(adapters)),
-                    requests=1,
-                    max_new_tokens=4,
-                    warmup=True,
+
+            def load(clients: int, requests: int, max_new_tokens: int, warmup: bool) -> Any:
+                if not http:
+                    return run_load(
+                        target,
+                        adapters,
+                        clients=clients,
+                        requests=requests,
+                        max_new_tokens=max_new_tokens,
+                        warmup=warmup,
+                        api_key=api_key,
+                    )
+                models = [a or base_id for a in adapters]
+                return run_http_load(
+                    http_url,
+                    models,
+                    clients=clients,
+                    requests=requests,
+                    max_new_tokens=max_new_tokens,
+                    warmup=warmup,
                     api_key=api_key,
                 )
-            )
+
+            # warm-up (not measured): every adapter of the run resident, the batch shapes seen once
+            asyncio.run(load(max(plan.clients, len(adapters)), 1, 4, True))
             steps.clear()
             meter = CpuMeter()
-            records, wall = asyncio.run(
-                run_load(
-                    target,
-                    adapters,
-                    clients=plan.clients,
-                    requests=plan.requests,
-                    max_new_tokens=plan.max_new_tokens,
-                    api_key=api_key,
-                )
-            )
+            records, wall = asyncio.run(load(plan.clients, plan.requests, plan.max_new_tokens, False))
             res = summarize(
                 name,
                 kind,
@@ -717,7 +986,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(engine_run("base", "base", None, [""]))
             for shape, k in adapter_runs:
                 results.append(engine_run(f"{k}x{shape.key}", "adapters", shape, refs[shape.key][:k]))
-            if adapter_runs:
+            if args.http:  # HTTP right after gRPC on the same workload, then gRPC again: drift shows
+                results.append(engine_run("base+http", "http", None, [""], http=True))
+                for shape, k in adapter_runs:
+                    results.append(engine_run(f"{k}x{shape.key}+http", "http", shape, refs[shape.key][:k], http=True))
+                for i in range(2, args.http_pairs + 1):  # more adjacent gRPC/HTTP pairs: a noisy machine
+                    results.append(engine_run(f"base#{i}", "pair", None, [""]))
+                    results.append(engine_run(f"base#{i}+http", "http", None, [""], http=True))
+            if adapter_runs or args.http:
                 results.append(engine_run("base (again)", "base", None, [""]))
             if args.auth:
                 key = enable_auth(config.keys_path, target)
@@ -726,8 +1002,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for shape, k in adapter_runs:
                     results.append(engine_run(f"{k}x{shape.key}+auth", "auth", shape, refs[shape.key][:k], key))
         finally:
+            if http_server is not None:
+                http_server.stop()
+                http_keys.stop()
             server.stop()
-        del service, server
+        del service, server, http_server
         gc.collect()
 
         if naive_shapes:
@@ -845,6 +1124,32 @@ def finish(
         )
     if len(bases) == 2 and bases[0] > 0:
         print(f"base drift between first and last base run: {bases[1] / bases[0] - 1:+.1%}")
+    over_grpc = {r.name: r for r in results if r.kind in ("base", "adapters", "pair")}
+    base_ratios: list[float] = []
+    for r in results:
+        grpc_run = over_grpc.get(r.name.removesuffix("+http")) if r.kind == "http" else None
+        if grpc_run is not None and grpc_run.tokens_per_second > 0:
+            ratio = r.tokens_per_second / grpc_run.tokens_per_second
+            # The forward pass is the same work on both; when it takes longer, the CPU was slower (other
+            # processes). tok/s x forward time factors that out and leaves the edges' own overhead.
+            fwd_http, fwd_grpc = (x.steps.get("full_decode_forward_p50") for x in (r, grpc_run))
+            normalized = ratio * fwd_http / fwd_grpc if fwd_http and fwd_grpc else None
+            if grpc_run.shape is None:
+                base_ratios.append((ratio, normalized))
+            print(
+                f"HTTP vs gRPC, {grpc_run.name}: {r.tokens_per_second:.1f} vs {grpc_run.tokens_per_second:.1f} tok/s "
+                f"= {ratio:.3f}x; per forward time {_num(normalized, '.3f')}x (forward p50 {_ms(fwd_http)} vs "
+                f"{_ms(fwd_grpc)} ms; others busy {r.other_cores:.1f} / {grpc_run.other_cores:.1f} cores)"
+            )
+    if base_ratios:
+        raw = statistics.median(x for x, _ in base_ratios)
+        per_forward = [n for _, n in base_ratios if n is not None]
+        meta["http_vs_grpc_base_median"] = raw
+        meta["http_vs_grpc_base_median_per_forward"] = statistics.median(per_forward) if per_forward else None
+        print(
+            f"HTTP vs gRPC, base, median of {len(base_ratios)} adjacent pairs: {raw:.3f}x tok/s, "
+            f"{_num(meta['http_vs_grpc_base_median_per_forward'], '.3f')}x per forward time (target >= 0.9)"
+        )
     without_key = {r.name: r for r in results if r.kind != "auth"}
     for r in results:
         plain = without_key.get(r.name.removesuffix("+auth")) if r.kind == "auth" else None

@@ -20,6 +20,7 @@ from lorafleet_server import __version__
 from lorafleet_server.config import ServerConfig
 from lorafleet_server.engine.adapter_manager import AdapterManager
 from lorafleet_server.engine.engine import Engine
+from lorafleet_server.engine.prefix_cache import PrefixCache
 from lorafleet_server.engine.types import ModelInfo
 from lorafleet_server.metrics import DISK_TIER, Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
@@ -140,9 +141,11 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         config.engine,
         eos_ids(tokenizer, base.model),
         observer=metrics,
+        prefix_cache=PrefixCache(config.prefix_cache_bytes, observer=metrics),
     )
     manager.set_wake(engine.wake)
     metrics.bind_load(engine.load_stats)
+    metrics.bind_prefix_cache_bytes(lambda: float(engine.prefix_cache.bytes_used))
     metrics.bind_adapters(lambda: len(host_cache.keys()), slots.resident_count, slots.pinned_count)
     metrics.bind_residency(
         lambda: [(str(k), "device") for k in slots.resident_keys()] + [(str(k), "host") for k in host_cache.keys()]

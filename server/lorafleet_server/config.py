@@ -343,3 +343,11 @@ def _check(c: ServerConfig) -> None:
         raise ValueError("torch_threads must be >= 0 (0: automatic)")
     if c.default_max_new_tokens > c.max_new_tokens:
         raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+    if c.adapter_cache_bytes <= 0:
+        raise ValueError("adapter_cache_bytes must be > 0")
+    if c.prefix_cache_bytes < 0:
+        raise ValueError("prefix_cache_bytes must be >= 0 (0: no prefix cache)")
+    try:
+        c.store_settings  # noqa: B018 - validates the store URL and the endpoint URL
+    except AdapterError as exc:
+        raise ValueError(str(exc)) from None

@@ -153,6 +153,28 @@ class Metrics:
             "every slot padded to the largest rank a loaded adapter has on it.",
             registry=r,
         )
+        self.prefix_hits = Counter(
+            "lorafleet_prefix_cache_hits",
+            "Prompts that reused cached K/V of at least one prefix block (same adapter version).",
+            registry=r,
+        )
+        self.prefix_misses = Counter(
+            "lorafleet_prefix_cache_misses", "Prompts that found no cached prefix block.", registry=r
+        )
+        self.prefix_lookup_tokens = Counter(
+            "lorafleet_prefix_cache_lookup_tokens",
+            "Prompt tokens looked up in the prefix cache (all but each prompt's last).",
+            registry=r,
+        )
+        self.prefix_hit_tokens = Counter(
+            "lorafleet_prefix_cache_hit_tokens", "Prompt tokens whose K/V came from the prefix cache.", registry=r
+        )
+        self.prefix_evictions = Counter(
+            "lorafleet_prefix_cache_evictions", "Prefix blocks evicted to stay within the byte bound.", registry=r
+        )
+        self.prefix_bytes = Gauge(
+            "lorafleet_prefix_cache_bytes", "Memory held by cached prefix blocks (K/V).", registry=r
+        )
         self.build = Info("lorafleet_build", "Server version and the model it serves.", registry=r)
         for tier in TIERS:
             for family in (self.cache_hits, self.cache_misses, self.evictions, self.loads, self.resident):
@@ -198,6 +220,18 @@ class Metrics:
     def bind_slot_memory(self, read: Callable[[], float]) -> None:
         """Read at scrape time: the slot buffers grow and shrink as adapters of other ranks come and go."""
         self.slot_memory.set_function(read)
+
+    # -- prefix cache (PrefixCacheObserver) ----------------------------------------------------
+    def prefix_lookup(self, lookup_tokens: int, hit_tokens: int) -> None:
+        (self.prefix_hits if hit_tokens else self.prefix_misses).inc()
+        self.prefix_lookup_tokens.inc(lookup_tokens)
+        self.prefix_hit_tokens.inc(hit_tokens)
+
+    def prefix_evicted(self, blocks: int) -> None:
+        self.prefix_evictions.inc(blocks)
+
+    def bind_prefix_cache_bytes(self, read: Callable[[], float]) -> None:
+        self.prefix_bytes.set_function(read)
 
     # -- adapter tiers ------------------------------------------------------------------------
     def adapter_event(self, tier: str, event: str) -> None:

@@ -31,6 +31,7 @@ from lorafleet_server.engine.adapter_manager import AdapterManager
 from lorafleet_server.engine.classify import classify_rows
 from lorafleet_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
+from lorafleet_server.engine.prefix_cache import PrefixCache
 from lorafleet_server.engine.prompts import PromptEncoder, Tokenizer
 from lorafleet_server.engine.types import (
     EngineConfig,
@@ -195,6 +196,7 @@ class Engine:
         config: EngineConfig,
         eos_token_ids: frozenset[int],
         observer: EngineObserver | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if config.max_seq_len > runner.kv.max_seq_len or config.max_batch_size > runner.kv.rows:
             raise ValueError("engine limits exceed the runner's KV cache")
@@ -206,6 +208,8 @@ class Engine:
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.observer: EngineObserver = observer or NullObserver()
+        # K/V of prompt blocks per adapter version (engine thread only); sized by the config unless given.
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(config.prefix_cache_bytes)
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._waiting: FairQueue[_Request] = FairQueue()
@@ -605,6 +609,7 @@ class Engine:
             self._free_row_count -= 1
         r.kv_row = self._free_rows.pop(0)
         self._running.append(r)
+        self._reuse_prefix(r)
         if r.preemptions:  # resuming: its decoding state carries on
             return
         r.admitted = time.monotonic()
@@ -618,6 +623,30 @@ class Engine:
             if p.temperature > 0:
                 seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
                 r.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+
+    def _reuse_prefix(self, r: _Request) -> None:
+        """Copy the K/V of the longest cached block-aligned prefix of what ``r`` must prefill into its new
+        KV row and start its prefill after it. The last token is always computed (its logits are the
+        first token's; a resumed request's last token is what its next decode sees). Embed and
+        classify requests pool the hidden states of every token, so they compute all of them."""
+        r.cached = 0
+        if r.req.embed or not self.prefix_cache.enabled:
+            return
+        n, blocks = self.prefix_cache.lookup(r.lora, r.resume_ids, len(r.resume_ids) - 1)
+        if not n:
+            return
+        k = torch.cat([b.k for b in blocks], dim=2)  # [layers, kv_heads, n, head_dim]
+        v = torch.cat([b.v for b in blocks], dim=2)
+        self.runner.kv.write(r.kv_row, 0, k, v)
+        r.cached = n
+
+    def _remember_prefix(self, r: _Request) -> None:
+        """``r`` just finished its prefill: keep its full blocks (prompt, and after a preemption the
+        tokens it had generated) for later requests of the same adapter version."""
+        row = r.kv_row
+        self.prefix_cache.insert(
+            r.lora, r.resume_ids, len(r.resume_ids), lambda start, end: self.runner.kv.read(row, start, end)
+        )
 
     def _plan(self) -> list[tuple[_Request, RowStep]]:
         plan: list[tuple[_Request, RowStep]] = []
@@ -653,6 +682,8 @@ class Engine:
         pooled_i = 0
         for r, row in plan:
             r.cached += len(row.token_ids)
+            if row.start < len(r.resume_ids) and not r.prefilling and not r.req.embed:
+                self._remember_prefix(r)
             if row.want_pooled:
                 part = out.pooled[pooled_i]
                 pooled_i += 1

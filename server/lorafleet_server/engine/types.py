@@ -32,6 +32,12 @@ class EngineConfig:
         default=0, metadata={"help": "running requests of one tenant at most; more wait their turn (0: no limit)"}
     )
     max_step_tokens: int = field(default=512, metadata={"help": "tokens per forward (decode rows plus prefill chunks)"})
+    prefix_cache_bytes: int = field(
+        default=512 << 20,
+        metadata={
+            "help": "memory for K/V of prompt prefixes reused per adapter version (LRU, bytes; 0: no prefix cache)"
+        },
+    )
 
 
 @dataclass(frozen=True)

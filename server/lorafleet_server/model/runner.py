@@ -67,6 +67,27 @@ class KVCache:
         """Positions below ``end`` of ``row`` are (or are being) written by real keys and values."""
         self._clean[row] = max(self._clean[row], end)
 
+    def read(self, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of ``row``'s keys and values at positions [start, end): [layers, kv_heads, end - start,
+        head_dim] each (the prefix cache keeps it while the row is reused)."""
+        if not 0 <= start <= end <= self._clean[row]:
+            raise ValueError(f"positions [{start}, {end}) of KV row {row} are not written")
+        k = torch.stack([slab[row, :, start:end] for slab in self.k])  # [layers, KVH, n, D]
+        v = torch.stack([slab[row, :, start:end] for slab in self.v])
+        return k, v
+
+    def write(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put keys and values computed before (``read``) at positions [start, start + n) of ``row``;
+        k and v are [layers, kv_heads, n, head_dim]."""
+        n = k.shape[2]
+        if k.shape != v.shape or k.shape[0] != len(self.k) or not 0 <= start <= start + n <= self.max_seq_len:
+            raise ValueError(f"K/V of shape {tuple(k.shape)} do not fit KV row {row} at {start}")
+        self.ensure_clean(row, start)  # what lies below stays finite
+        for i in range(len(self.k)):
+            self.k[i][row, :, start : start + n] = k[i]  # [KVH, n, D]
+            self.v[i][row, :, start : start + n] = v[i]
+        self.mark_written(row, start + n)
+
     def ensure_clean(self, row: int, length: int) -> None:
         start = self._clean[row]
         if start >= length:

@@ -1,0 +1,146 @@
+"""The prefix cache: K/V of prompt blocks, reused by later requests of the same adapter version.
+
+A prompt is cut into blocks of ``block_tokens`` tokens. Block ``i``'s id is a chain hash (SHA-256)
+of the owner, every token of blocks ``0..i`` (through the previous block's id) and its own tokens,
+so one id names one whole prefix. The owner is the concrete adapter version whose LoRA weights
+computed the K/V (``tenant/name@version``; versions are immutable, so a new version never meets an
+old version's blocks) or the base model ("" also serves prompt adapters: their template is part of
+the prompt's tokens).
+
+Blocks are stored one by one, not per prefix: prompts that share a system prompt but differ after
+it share its blocks, and eviction can drop the tail of a prefix while its head stays. Least recently
+used blocks leave first; a lookup refreshes a prefix's blocks last-to-first, so a prefix's head is
+always fresher than its tail and eviction never strands a tail behind a missing head for long (a
+stranded block is unreachable and goes next). Engine thread only, except the byte count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from lorafleet_adapters.ref import AdapterKey
+
+DEFAULT_BLOCK_TOKENS = 16
+
+
+class PrefixCacheObserver(Protocol):
+    """What the cache reports (metrics implement it)."""
+
+    def prefix_lookup(self, lookup_tokens: int, hit_tokens: int) -> None: ...
+    def prefix_evicted(self, blocks: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class PrefixBlock:
+    k: torch.Tensor  # [layers, kv_heads, block_tokens, head_dim]
+    v: torch.Tensor  # [layers, kv_heads, block_tokens, head_dim]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class PrefixCache:
+    """Block K/V keyed by (owner, chain hash of the tokens), LRU within ``max_bytes`` (0: off)."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        observer: PrefixCacheObserver | None = None,
+    ) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"prefix cache bytes must be >= 0, got {max_bytes}")
+        if block_tokens <= 0:
+            raise ValueError(f"block_tokens must be > 0, got {block_tokens}")
+        self.max_bytes = max_bytes
+        self.block_tokens = block_tokens
+        self.observer = observer
+        self._blocks: OrderedDict[bytes, PrefixBlock] = OrderedDict()  # least recently used first
+        self.bytes_used = 0  # read from other threads (metrics); written by the engine thread
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def block_ids(self, owner: AdapterKey | None, token_ids: Sequence[int], limit: int) -> list[bytes]:
+        """Chain ids of the full blocks among the first ``limit`` tokens of ``token_ids``."""
+        n = min(limit, len(token_ids)) // self.block_tokens
+        parent = hashlib.sha256(b"lorafleet-prefix\0" + (str(owner) if owner is not None else "").encode()).digest()
+        ids: list[bytes] = []
+        for b in range(n):
+            block = token_ids[b * self.block_tokens : (b + 1) * self.block_tokens]
+            h = hashlib.sha256(parent)
+            h.update(b"".join(int(t).to_bytes(4, "little", signed=False) for t in block))
+            parent = h.digest()
+            ids.append(parent)
+        return ids
+
+    def lookup(self, owner: AdapterKey | None, token_ids: Sequence[int], limit: int) -> tuple[int, list[PrefixBlock]]:
+        """The longest cached block-aligned prefix of ``token_ids[:limit]``: (its tokens, its blocks in
+        order). Refreshes those blocks and reports the lookup (``limit`` tokens asked)."""
+        if not self.enabled:
+            return 0, []
+        found: list[tuple[bytes, PrefixBlock]] = []
+        for bid in self.block_ids(owner, token_ids, limit):
+            block = self._blocks.get(bid)
+            if block is None:
+                break
+            found.append((bid, block))
+        for bid, _ in reversed(found):  # the head ends up most recent: tails are evicted first
+            self._blocks.move_to_end(bid)
+        hit = len(found) * self.block_tokens
+        if self.observer is not None:
+            self.observer.prefix_lookup(max(limit, 0), hit)
+        return hit, [b for _, b in found]
+
+    def insert(
+        self,
+        owner: AdapterKey | None,
+        token_ids: Sequence[int],
+        limit: int,
+        read: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+    ) -> int:
+        """Store the full blocks of ``token_ids[:limit]`` not cached yet; ``read(start, end)`` copies
+        their K/V out of the request's KV row ([layers, kv_heads, end - start, head_dim] each).
+        Returns the blocks added. A block larger than the whole cache is not stored."""
+        if not self.enabled:
+            return 0
+        ids = self.block_ids(owner, token_ids, limit)
+        added = 0
+        for b in reversed(range(len(ids))):  # tail first, so the head is the most recent
+            bid = ids[b]
+            if bid in self._blocks:
+                self._blocks.move_to_end(bid)
+                continue
+            k, v = read(b * self.block_tokens, (b + 1) * self.block_tokens)
+            block = PrefixBlock(k, v)
+            if block.nbytes > self.max_bytes:
+                return added
+            self._make_room(block.nbytes)
+            self._blocks[bid] = block
+            self.bytes_used += block.nbytes
+            added += 1
+        return added
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self.bytes_used = 0
+
+    def _make_room(self, nbytes: int) -> None:
+        evicted = 0
+        while self._blocks and self.bytes_used + nbytes > self.max_bytes:
+            _, old = self._blocks.popitem(last=False)
+            self.bytes_used -= old.nbytes
+            evicted += 1
+        if evicted and self.observer is not None:
+            self.observer.prefix_evicted(evicted)
