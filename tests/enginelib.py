@@ -146,6 +146,9 @@ def tiny_service(model_dir: Path, store: Path, **overrides: object) -> Service:
         "default_max_new_tokens": 16,
         "max_loaded_adapters": 4,
         "max_lora_rank": 32,
+        # fp32 (also the CPU's --dtype device default): these services are compared exactly with fp32 transformers/PEFT
+        # references; "auto" computes in bf16 on a CPU with avx512_bf16 (tests/model/test_dtype.py).
+        "dtype": "float32",
     }
     values.update(overrides)
     service = build_service(ServerConfig(**values))  # type: ignore[arg-type]

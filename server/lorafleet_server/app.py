@@ -113,6 +113,8 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         num_slots=config.max_loaded_adapters + 1,
         max_lora_rank=config.max_lora_rank,
         max_adapter_bytes=config.max_adapter_bytes,
+        dtype=config.dtype,
+        compile=config.compile,
     )
     if config.max_seq_len > base.max_position_embeddings:
         raise ValueError(
@@ -172,6 +174,10 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         max_message_bytes=config.max_message_bytes,
         target_modules=tuple(sorted({n.rsplit(".", 1)[-1] for n in base.lora_layers})),
         server_version=__version__,
+        dtype_reason=base.dtype_reason,
+        compiled=base.compiled,
+        torch_threads=threads,
+        cpu_features=base.cpu_features,
     )
     metrics.build.info(
         {

@@ -35,6 +35,7 @@ KEYS_PEPPER_ENV = "LORAFLEET_KEYS_PEPPER"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
+ComputeDtype = Literal["device", "auto", "float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,17 @@ class ServerConfig(EngineConfig):
     )
     quantization: Quantization = field(default="auto", metadata={"help": "auto is NF4 on CUDA and fp32 on CPU"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    dtype: ComputeDtype = field(
+        default="device",
+        metadata={
+            "help": "compute dtype: device is bf16 on CUDA and fp32 on CPU; auto is bf16 on CUDA, and on CPU "
+            "bf16 where it has avx512_bf16/AMX and a bf16-vs-fp32 check of the model passes, else fp32"
+        },
+    )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer's norms and MLP (measured slower on CPU, so off)"},
+    )
     max_loaded_adapters: int = field(default=32, metadata={"help": "device slots for adapters"})
     max_lora_rank: int = field(default=64, metadata={"help": "largest adapter rank accepted"})
     adapter_poll_seconds: float = field(

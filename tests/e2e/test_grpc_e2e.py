@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from lorafleet import LoraFleetClient, LoraFleetError, Message, Sampling
+from lorafleet_server.model.cpu import cpu_features
 
 CAPITAL = [Message("user", "What is the capital of France?")]
 
@@ -82,6 +83,8 @@ def test_model_info(live: LiveServer) -> None:
     assert info.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert info.fingerprint.startswith("sha256:")
     assert (info.quantization, info.device, info.dtype) == ("none", "cpu", "float32")
+    assert info.dtype_reason.startswith("the device's default")  # --dtype device (README, "Why fp32 on CPU")
+    assert info.cpu_features == cpu_features().summary() and not info.compiled and info.torch_threads >= 1
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(info.target_modules)
     assert info.max_context_tokens == 512 and info.max_lora_rank == 32 and info.max_new_tokens == 128
 

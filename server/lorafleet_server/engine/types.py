@@ -61,6 +61,10 @@ class ModelInfo:
     max_message_bytes: int
     target_modules: tuple[str, ...]
     server_version: str
+    dtype_reason: str = ""  # why this compute dtype (model/loader.py choose_compute_dtype)
+    compiled: bool = False  # decoder layers torch.compile'd
+    torch_threads: int = 0  # intra-op threads of the compute
+    cpu_features: str = ""  # reported CPU flags, e.g. "avx2,avx512f,avx512_bf16"
 
 
 @dataclass(frozen=True)

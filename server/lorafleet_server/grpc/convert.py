@@ -145,6 +145,10 @@ def model_info_pb(info: ModelInfo, adapter_slot_memory_bytes: int) -> inference_
         target_modules=list(info.target_modules),
         server_version=info.server_version,
         adapter_slot_memory_bytes=adapter_slot_memory_bytes,
+        dtype_reason=info.dtype_reason,
+        compiled=info.compiled,
+        torch_threads=info.torch_threads,
+        cpu_features=info.cpu_features,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from lorafleet_adapters.peft_format import BaseModelSpec
+from lorafleet_server.model.cpu import CpuFeatures, cpu_features
 from lorafleet_server.model.lora import LoraContext, MultiLoRALinear
 from lorafleet_server.model.options import QUANTIZATIONS
 from lorafleet_server.model.prepare import weights_fingerprint
@@ -20,6 +22,8 @@ from lorafleet_server.model.prepare import weights_fingerprint
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 class ModelLoadError(RuntimeError):
@@ -37,6 +41,9 @@ class LoadedBase:
     quantization: str  # "none", "nf4" or "int8"
     model_id: str
     max_position_embeddings: int
+    dtype_reason: str = ""  # why this compute dtype (choose_compute_dtype)
+    compiled: bool = False  # compile_base ran
+    cpu_features: str = ""  # CpuFeatures.summary() of this machine
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,8 +67,132 @@ def resolve_quantization(name: str, device: torch.device) -> str:
 
 
 def compute_dtype_for(device: torch.device) -> torch.dtype:
-    # bf16 is slow batched on CPUs without native bf16 (docs/architecture.md, "Measured facts"); CUDA computes in bf16.
+    """The safe default: bf16 on CUDA, fp32 on CPU (bf16 is slow batched on CPUs without native bf16,
+    docs/architecture.md, "Measured facts"). `choose_compute_dtype` may pick bf16 on a CPU that has it."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# The bf16-vs-fp32 quality check (docs/architecture.md, "Compute dtype"): teacher-forced next-token
+# logits of fixed prompts through the HF forward in both dtypes. bf16 passes when the fp32 argmax
+# stays the argmax at >= this share of the positions and no logit moves by more than this much.
+QUALITY_PROMPTS = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Translate to German: Good morning, how are you?",
+    "List three primary colors: red,",
+    "The quick brown fox jumps over the lazy dog. The quick brown",
+)
+QUALITY_MIN_TOP1 = 0.90
+QUALITY_MAX_LOGIT_DIFF = 2.0
+QUALITY_CACHE_FILE = "lorafleet-dtype-check.json"
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    top1_agreement: float  # share of positions where bf16's argmax is fp32's
+    max_logit_diff: float  # max |bf16 - fp32| over every logit of every position
+    positions: int
+
+    @property
+    def passed(self) -> bool:
+        return self.top1_agreement >= QUALITY_MIN_TOP1 and self.max_logit_diff <= QUALITY_MAX_LOGIT_DIFF
+
+    def describe(self) -> str:
+        verdict = "pass" if self.passed else "fail"
+        return (
+            f"{verdict}: top-1 agreement {self.top1_agreement:.3f} (>= {QUALITY_MIN_TOP1}), max logit diff "
+            f"{self.max_logit_diff:.3f} (<= {QUALITY_MAX_LOGIT_DIFF}) over {self.positions} positions"
+        )
+
+
+@torch.inference_mode()
+def bf16_quality(model_dir: Path) -> QualityCheck:
+    """Compare bf16 against fp32 on QUALITY_PROMPTS (CPU, no LoRA); a few seconds on SmolLM2-135M."""
+    from transformers import AutoTokenizer
+
+    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+    cpu = torch.device("cpu")
+    logits: dict[torch.dtype, list[torch.Tensor]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model: Any = load_hf_model(model_dir, "none", cpu, dtype)
+        logits[dtype] = [
+            model(input_ids=torch.tensor([tokenizer.encode(p)], dtype=torch.long)).logits[0].float()  # [T, vocab]
+            for p in QUALITY_PROMPTS
+        ]
+        del model
+    ref = torch.cat(logits[torch.float32])  # [P, vocab]
+    low = torch.cat(logits[torch.bfloat16])  # [P, vocab]
+    agree = (ref.argmax(-1) == low.argmax(-1)).float().mean().item()
+    return QualityCheck(
+        top1_agreement=round(agree, 4),
+        max_logit_diff=round((ref - low).abs().max().item(), 4),
+        positions=int(ref.shape[0]),
+    )
+
+
+def cached_bf16_quality(model_dir: Path, fingerprint: str) -> QualityCheck:
+    """`bf16_quality`, cached next to the model per weights fingerprint and torch version.
+
+    A model directory that cannot be written to just runs the check at every start (logged).
+    """
+    path = model_dir / QUALITY_CACHE_FILE
+    key = {"fingerprint": fingerprint, "torch": torch.__version__, "prompts": len(QUALITY_PROMPTS)}
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return QualityCheck(**cached["result"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    check = bf16_quality(model_dir)
+    try:
+        payload = {"key": key, "result": {f: getattr(check, f) for f in check.__dataclass_fields__}}
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    except OSError as exc:
+        log.info("cannot cache the bf16 quality check in %s (%s); it runs again next start", path, exc)
+    return check
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: torch.dtype
+    reason: str  # why, for the log and GetModelInfo's reader
+
+
+def choose_compute_dtype(
+    requested: str,
+    device: torch.device,
+    features: CpuFeatures,
+    quality: Callable[[], QualityCheck],
+) -> DtypeChoice:
+    """The compute dtype for `requested` ("auto", "float32" or "bfloat16").
+
+    CUDA: "auto" is bf16. CPU: "auto" is bf16 only where the CPU has native bf16 (avx512_bf16/AMX)
+    and `quality()` passes; otherwise fp32, with the reason. An explicit dtype is taken as asked.
+    """
+    if requested not in DTYPE_CHOICES:
+        raise ModelLoadError(f"unknown dtype {requested!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if requested != "auto":
+        return DtypeChoice(DTYPES[requested], f"asked for {requested}")
+    if device.type == "cuda":
+        return DtypeChoice(torch.bfloat16, "CUDA computes in bf16")
+    if not features.native_bf16:
+        return DtypeChoice(torch.float32, "no native bf16 on this CPU (no avx512_bf16/amx_bf16)")
+    check = quality()
+    if not check.passed:
+        return DtypeChoice(torch.float32, f"native bf16, but the bf16 quality check failed ({check.describe()})")
+    return DtypeChoice(torch.bfloat16, f"native bf16 and the quality check passed ({check.describe()})")
+
+
+def compile_base(model: nn.Module) -> None:
+    """torch.compile (inductor) the elementwise-heavy pieces of each decoder layer: its RMSNorms and
+    its MLP. The MultiLoRALinear LoRA math runs outside the graphs (``torch.compiler.disable`` in
+    ``model/lora.py``), eager and unchanged, so adapters stay exact against PEFT."""
+    decoder: Any = model.model
+    for layer in decoder.layers:
+        layer.input_layernorm = torch.compile(layer.input_layernorm, dynamic=True)
+        layer.post_attention_layernorm = torch.compile(layer.post_attention_layernorm, dynamic=True)
+        layer.mlp = torch.compile(layer.mlp, dynamic=True)
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
@@ -210,24 +341,44 @@ def load_base(
     num_slots: int,
     max_lora_rank: int,
     max_adapter_bytes: int = 1 << 30,
+    dtype: str | None = None,
+    compile: bool = False,
 ) -> LoadedBase:
+    """Load, wrap and check the base. `dtype` is "auto", "float32" or "bfloat16" (`choose_compute_dtype`);
+    "device" or None keeps `compute_dtype_for(device)` (bf16 on CUDA, fp32 on CPU: the default).
+    `compile` runs `compile_base` (CPU or CUDA, unquantized bases only)."""
     cfg = read_model_config(model_dir)
     quantization = resolve_quantization(quantization, device)
-    dtype = compute_dtype_for(device)
-    model = load_hf_model(model_dir, quantization, device, dtype)
-    context = LoraContext()
-    layers = wrap_targets(model, num_slots, max_lora_rank, context, dtype, device)
+    features = cpu_features()
     spec = base_spec_from_files(model_dir, quantization, max_lora_rank, max_adapter_bytes)
+    if dtype is None or dtype == "device":
+        choice = DtypeChoice(compute_dtype_for(device), "the device's default (--dtype device)")
+    elif quantization != "none" and dtype == "auto":
+        # bitsandbytes keeps its rule: NF4/int8 compute in compute_dtype_for(device).
+        choice = DtypeChoice(compute_dtype_for(device), f"{quantization} computes in the device's default")
+    else:
+        choice = choose_compute_dtype(dtype, device, features, lambda: cached_bf16_quality(model_dir, spec.fingerprint))
+    compute = choice.dtype
+    model = load_hf_model(model_dir, quantization, device, compute)
+    context = LoraContext()
+    layers = wrap_targets(model, num_slots, max_lora_rank, context, compute, device)
     loaded_shapes = {name: (w.out_features, w.in_features) for name, w in layers.items()}
     if loaded_shapes != dict(spec.target_shapes):
         raise ModelLoadError("the Linear layers found in the loaded model differ from the weight files")
+    if compile:
+        if quantization != "none":
+            raise ModelLoadError(f"--compile needs an unquantized base, not {quantization}")
+        compile_base(model)
     log.info(
-        "loaded %s (%s, %s, %s) with %d LoRA-capable Linears",
+        "loaded %s (%s, %s, %s%s) with %d LoRA-capable Linears; dtype: %s; cpu: %s",
         model_dir,
         quantization,
         device,
-        str(dtype).removeprefix("torch."),
+        str(compute).removeprefix("torch."),
+        ", compiled" if compile else "",
         len(layers),
+        choice.reason,
+        features.summary() or "no reported flags",
     )
     return LoadedBase(
         model=model,
@@ -235,8 +386,11 @@ def load_base(
         context=context,
         spec=spec,
         device=device,
-        dtype=dtype,
+        dtype=compute,
         quantization=quantization,
         model_id=model_id_of(model_dir, cfg),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        dtype_reason=choice.reason,
+        compiled=compile,
+        cpu_features=features.summary(),
     )

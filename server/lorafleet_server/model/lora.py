@@ -295,6 +295,12 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] (any leading dims)
         y = self.base(x)
+        return self._add_lora(x, y)
+
+    # Outside any torch.compile graph (``compile_base`` in model/loader.py): the routing is per-step
+    # Python state, and the LoRA math stays the eager, PEFT-exact kernels.
+    @torch.compiler.disable
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = self.context.batch
         if batch is None or self.rank_capacity == 0:  # base-only step, or no loaded adapter targets us
             return y

@@ -1,0 +1,193 @@
+"""Compute dtype and compile micro-benchmark: one ModelRunner step in fp32, bf16 and compiled, in one run.
+
+Loads the real default model (SmolLM2-135M) through the serving loader (``load_hf_model`` +
+``wrap_targets``) once per variant and times ``ModelRunner.step`` — the serving forward — for:
+
+* a decode step: ``--batch`` rows (default 32), each one new token after ``--context`` cached tokens;
+* a prefill step: ``--prefill-rows`` rows (default 4) of ``--prefill-tokens`` new tokens (default 128);
+
+with ``--adapters`` distinct r=8 q/v adapters (random weights in slots, default 0: base only; the
+LoRA kernels run in the compute dtype either way). Variants: ``fp32``, ``bf16`` and ``fp32+compile``
+/ ``bf16+compile`` (``torch.compile`` of each decoder layer's MLP and RMSNorms: what ``--compile``
+does, ``compile_base`` in ``model/loader.py``). Repeats are interleaved across variants so that load
+from other processes hits each alike; the median of each is reported with its ratio to fp32.
+
+Also reports the quality check of ``model/loader.py`` (``bf16_quality``): top-1 agreement and max
+logit difference of bf16 against fp32 on fixed prompts.
+
+    .venv/bin/python -m bench.dtype              # threads: cores - 1, as the server
+    .venv/bin/python -m bench.dtype --threads 2 --json bench/results/dtype.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_runner(model_dir: Path, dtype: torch.dtype, compiled: bool, adapters: int, rows: int) -> Any:
+    from lorafleet_server.model.loader import compile_base, load_hf_model, wrap_targets
+    from lorafleet_server.model.lora import LoraContext
+    from lorafleet_server.model.runner import ModelRunner
+
+    cpu = torch.device("cpu")
+    model = load_hf_model(model_dir, "none", cpu, dtype)
+    context = LoraContext()
+    layers = wrap_targets(model, adapters + 1, 16, context, dtype, cpu)
+    gen = torch.Generator().manual_seed(0)
+    for slot in range(1, adapters + 1):
+        for name, layer in layers.items():
+            if name.endswith(("q_proj", "v_proj")):
+                a = torch.randn(8, layer.in_features, generator=gen) * 0.02  # [r, in]
+                b = torch.randn(layer.out_features, 8, generator=gen) * 0.02  # [out, r]
+                layer.write_slot(slot, a, b * 2.0)
+    if compiled:
+        compile_base(model)
+    return ModelRunner(model, context, rows=rows, max_seq_len=1024, dtype=dtype, device=cpu)
+
+
+def decode_rows(batch: int, context: int, adapters: int) -> list[Any]:
+    from lorafleet_server.model.runner import RowStep
+
+    return [
+        RowStep(
+            kv_row=i,
+            start=context,
+            token_ids=(100 + i,),
+            slot=(i % adapters) + 1 if adapters else 0,
+            want_logits=True,
+            want_pooled=False,
+        )
+        for i in range(batch)
+    ]
+
+
+def prefill_rows(rows: int, tokens: int, adapters: int) -> list[Any]:
+    from lorafleet_server.model.runner import RowStep
+
+    return [
+        RowStep(
+            kv_row=i,
+            start=0,
+            token_ids=tuple(range(200 + i, 200 + i + tokens)),
+            slot=(i % adapters) + 1 if adapters else 0,
+            want_logits=True,
+            want_pooled=False,
+        )
+        for i in range(rows)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="model dir (default: the prepared default model)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--prefill-rows", type=int, default=4)
+    parser.add_argument("--prefill-tokens", type=int, default=128)
+    parser.add_argument("--adapters", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1, as the server)")
+    parser.add_argument("--variants", default="fp32,bf16,fp32+compile,bf16+compile")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from lorafleet_server.model.cpu import cpu_features
+    from lorafleet_server.model.loader import bf16_quality
+    from lorafleet_server.model.prepare import prepare_default_model
+
+    cores = len(os.sched_getaffinity(0))
+    threads = args.threads or max(1, cores - 1)
+    torch.set_num_threads(threads)
+    model_dir = args.model or prepare_default_model(
+        Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / "data")) / "models"
+    )
+    feats = cpu_features()
+    print(f"cpu: {feats.summary()}  cores={cores} threads={threads} torch={torch.__version__}")
+
+    t0 = time.perf_counter()
+    quality = bf16_quality(model_dir)
+    print(f"bf16 quality: {quality.describe()} ({time.perf_counter() - t0:.1f} s)")
+
+    rows = max(args.batch, args.prefill_rows)
+    runners: dict[str, Any] = {}
+    for name in args.variants.split(","):
+        dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
+        runners[name] = build_runner(model_dir, dtype, name.endswith("+compile"), args.adapters, rows)
+    # Prefill once (fills the KV rows the decode steps read) and warm up (compiles) every variant.
+    warm: dict[str, float] = {}
+    for name, runner in runners.items():
+        t0 = time.perf_counter()
+        for start in range(0, args.context, args.prefill_tokens):
+            n = min(args.prefill_tokens, args.context - start)
+            runner.step(
+                [
+                    r.__class__(**{**r.__dict__, "start": start, "token_ids": r.token_ids[:n]})
+                    for r in prefill_rows(rows, args.prefill_tokens, args.adapters)
+                ]
+            )
+        for _ in range(2):
+            runner.step(decode_rows(args.batch, args.context, args.adapters))
+            runner.step(prefill_rows(args.prefill_rows, args.prefill_tokens, args.adapters))
+        warm[name] = time.perf_counter() - t0
+    times: dict[str, dict[str, list[float]]] = {n: {"decode": [], "prefill": []} for n in runners}
+    dec = decode_rows(args.batch, args.context, args.adapters)
+    pre = prefill_rows(args.prefill_rows, args.prefill_tokens, args.adapters)
+    for _ in range(args.repeats):
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            runner.step(dec)
+            times[name]["decode"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            runner.step(pre)
+            times[name]["prefill"].append(time.perf_counter() - t0)
+    result: dict[str, Any] = {
+        "cpu": feats.summary(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "context": args.context,
+        "prefill": f"{args.prefill_rows}x{args.prefill_tokens}",
+        "adapters": args.adapters,
+        "quality": quality.describe(),
+        "variants": {},
+    }
+    base = {k: statistics.median(v) for k, v in times[next(iter(runners))].items()}
+    print(
+        f"\ndecode: {args.batch} rows x 1 token after {args.context}; prefill: {args.prefill_rows} x "
+        f"{args.prefill_tokens} tokens; adapters: {args.adapters}; median of {args.repeats}"
+    )
+    print(
+        f"{'variant':<14} {'warm-up s':>9} {'decode ms':>10} {'tok/s':>7} {'ratio':>6} {'prefill ms':>11} {'ratio':>6}"
+    )
+    for name in runners:
+        d = statistics.median(times[name]["decode"])
+        p = statistics.median(times[name]["prefill"])
+        print(
+            f"{name:<14} {warm[name]:>9.1f} {d * 1e3:>10.1f} {args.batch / d:>7.0f} {base['decode'] / d:>5.2f}x "
+            f"{p * 1e3:>11.1f} {base['prefill'] / p:>5.2f}x"
+        )
+        result["variants"][name] = {
+            "warmup_s": round(warm[name], 2),
+            "decode_ms": round(d * 1e3, 2),
+            "decode_speedup": round(base["decode"] / d, 3),
+            "prefill_ms": round(p * 1e3, 2),
+            "prefill_speedup": round(base["prefill"] / p, 3),
+        }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
