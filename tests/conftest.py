@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def data_dir() -> Path:
     return Path(os.environ.get("LORAFLEET_DATA_DIR", Path(__file__).resolve().parents[1] / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """``lorafleet`` commands run in-process (``cli.main``) install a handler on the root logger that
+    writes to the sys.stderr of that moment: under pytest, a capture stream closed after the test, so
+    every later log line (a server thread of another test) would fail with "I/O operation on closed
+    file". Each test gets the root logger back as it found it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
