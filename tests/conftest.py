@@ -36,6 +36,20 @@ def _root_logging_restored() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.fixture(scope="module")
+def seaweed_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 server (SeaweedFS on free loopback ports, tests/seaweedlib.py) for one test module, with
+    the bucket the module names in ``BUCKET``; stopped when the module ends."""
+    from seaweedlib import SeaweedFS
+
+    server = SeaweedFS.start(tmp_path_factory.mktemp("seaweed"), die_with_parent=True)
+    try:
+        server.create_bucket(request.module.BUCKET)
+        yield server
+    finally:
+        server.stop(grace=0)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     return prepare_default_model(data_dir() / "models")

@@ -10,7 +10,7 @@ import http.client
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,22 +32,12 @@ BUCKET = "lorafleet-test"
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS.start(tmp_path_factory.mktemp("seaweed"), die_with_parent=True)
-    try:
-        server.create_bucket(BUCKET)
-        yield server
-    finally:
-        server.stop(grace=1)
-
-
 @pytest.fixture
-def s3_env(seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def s3_env(seaweed_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Credentials and endpoint the boto3 way (the environment), as a replica gets them."""
-    for name, value in seaweed.env().items():
+    for name, value in seaweed_server.env().items():
         monkeypatch.setenv(name, value)
-    return seaweed.env()
+    return seaweed_server.env()
 
 
 @pytest.fixture
@@ -63,9 +53,9 @@ def s3_store(url: str, cache: Path, events: list[str] | None = None, **kwargs: A
     return store
 
 
-def object_keys(seaweed: SeaweedFS, url: str) -> list[str]:
+def object_keys(seaweed_server: SeaweedFS, url: str) -> list[str]:
     prefix = url.removeprefix(f"s3://{BUCKET}/") + "/"
-    page = seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    page = seaweed_server.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
     return sorted(str(o["Key"])[len(prefix) :] for o in page.get("Contents", ()))
 
 
@@ -80,7 +70,7 @@ def tensors_equal(a: Any, b: Any) -> bool:
 
 
 def test_publish_list_resolve_load(
-    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
 ) -> None:
     store = s3_store(url, tmp_path / "cache")
     store.check()
@@ -116,20 +106,20 @@ def test_publish_list_resolve_load(
         store.load_prompt(key)
 
     # The layout the architecture document describes: claims, immutable version files, a pointer.
-    keys = object_keys(seaweed, url)
+    keys = object_keys(seaweed_server, url)
     assert "acme/support/claims/1" in keys and "acme/support/claims/2" in keys
     assert {k for k in keys if k.startswith("acme/support/versions/2/")} == {
         f"acme/support/versions/2/{name}"
         for name in ("README.md", "adapter_config.json", WEIGHTS_FILE, "manifest.json")
     }
-    latest = seaweed.client().get_object(
+    latest = seaweed_server.client().get_object(
         Bucket=BUCKET, Key=url.removeprefix(f"s3://{BUCKET}/") + "/acme/support/latest"
     )
     assert latest["Body"].read() == b"2\n"
 
 
 def test_incompatible_and_bad_input_publish_nothing(
-    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
 ) -> None:
     store = s3_store(url, tmp_path / "cache")
     src, _ = make_adapter(r=32)  # over the spec's max rank: refused while staging, before any upload
@@ -137,7 +127,7 @@ def test_incompatible_and_bad_input_publish_nothing(
         store.import_peft(src, "acme", "big", spec)
     with pytest.raises(AdapterFormatError, match="unknown manifest extra"):
         store.import_peft(make_adapter()[0], "acme", "big", spec, extra={"nope": 1})
-    assert object_keys(seaweed, url) == []
+    assert object_keys(seaweed_server, url) == []
 
     good = store.import_peft(make_adapter()[0], "acme", "ok", spec)
     other = BaseModelSpec(**{**spec.__dict__, "fingerprint": "sha256:" + "cd" * 32})
@@ -151,7 +141,7 @@ def test_incompatible_and_bad_input_publish_nothing(
 
 
 def test_replica_downloads_once_verifies_and_caches(
-    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
 ) -> None:
     publisher = s3_store(url, tmp_path / "pub-cache")
     key = publisher.import_peft(make_adapter()[0], "acme", "bot", spec)
@@ -171,7 +161,7 @@ def test_replica_downloads_once_verifies_and_caches(
 
     # Once cached, a restarted replica (a new store object on the same cache directory) needs no
     # download: with the version's files gone from the bucket it still loads.
-    client = seaweed.client()
+    client = seaweed_server.client()
     prefix = url.removeprefix(f"s3://{BUCKET}/")
     for name in replica.manifest(key).files:
         client.delete_object(Bucket=BUCKET, Key=f"{prefix}/acme/bot/versions/1/{name}")
@@ -186,13 +176,19 @@ def test_replica_downloads_once_verifies_and_caches(
 
 
 def test_tampered_version_in_the_bucket_is_refused(
-    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
 ) -> None:
     store = s3_store(url, tmp_path / "pub")
     key = store.import_peft(make_adapter()[0], "acme", "bot", spec)
     prefix = url.removeprefix(f"s3://{BUCKET}/")
-    good = seaweed.client().get_object(Bucket=BUCKET, Key=f"{prefix}/acme/bot/versions/1/{WEIGHTS_FILE}")["Body"].read()
-    seaweed.client().put_object(Bucket=BUCKET, Key=f"{prefix}/acme/bot/versions/1/{WEIGHTS_FILE}", Body=good[:-7])
+    good = (
+        seaweed_server.client()
+        .get_object(Bucket=BUCKET, Key=f"{prefix}/acme/bot/versions/1/{WEIGHTS_FILE}")["Body"]
+        .read()
+    )
+    seaweed_server.client().put_object(
+        Bucket=BUCKET, Key=f"{prefix}/acme/bot/versions/1/{WEIGHTS_FILE}", Body=good[:-7]
+    )
     replica = s3_store(url, tmp_path / "replica")
     with pytest.raises(AdapterFormatError, match="checksum mismatch"):
         replica.load(key, spec)
@@ -201,7 +197,7 @@ def test_tampered_version_in_the_bucket_is_refused(
 
 
 def test_disk_cache_is_bounded_lru(
-    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
 ) -> None:
     publisher = s3_store(url, tmp_path / "pub")
     keys = [publisher.import_peft(make_adapter(seed=i)[0], "acme", f"a{i}", spec) for i in range(3)]
@@ -225,7 +221,7 @@ def test_disk_cache_is_bounded_lru(
 
 
 def test_concurrent_publishers_one_latest_winner_per_round(
-    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
 ) -> None:
     publishers = 4
     sources = [make_adapter(seed=100 + i)[0] for i in range(publishers)]
@@ -297,7 +293,7 @@ def test_latest_only_moves_forward_under_racing_updates(
 
 
 def test_truncated_upload_never_becomes_visible(
-    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
 ) -> None:
     store = s3_store(url, tmp_path / "c")
     v1 = store.import_peft(make_adapter(seed=1)[0], "acme", "bot", spec)
@@ -342,7 +338,7 @@ def test_truncated_upload_never_becomes_visible(
 
 
 def test_failed_publish_removes_its_files_and_leaves_nothing_visible(
-    seaweed: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
 ) -> None:
     """A publish that fails after its claim (a staged file changed under it) uploads no manifest and
     cleans its uploads; only the burnt claim stays."""
@@ -353,7 +349,7 @@ def test_failed_publish_removes_its_files_and_leaves_nothing_visible(
     (staging / WEIGHTS_FILE).write_bytes((staging / WEIGHTS_FILE).read_bytes()[:-1])
     with pytest.raises(AdapterFormatError, match="does not match"):
         store.publish_staged(staging, "acme", "bot", manifest_for)
-    assert object_keys(seaweed, url) == ["acme/bot/claims/1"]
+    assert object_keys(seaweed_server, url) == ["acme/bot/claims/1"]
     assert store.versions("acme", "bot") == ()
     assert store.list() == []
 
@@ -362,7 +358,7 @@ def test_failed_publish_removes_its_files_and_leaves_nothing_visible(
 
 
 def test_missing_bucket_wrong_credentials_unreachable_endpoint(
-    seaweed: SeaweedFS,
+    seaweed_server: SeaweedFS,
     s3_env: dict[str, str],
     tmp_path: Path,
     make_adapter: MakeAdapter,
@@ -446,7 +442,7 @@ def _closed_port() -> int:
 def test_store_down_and_back(
     tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = SeaweedFS.start(tmp_path / "seaweed", die_with_parent=True)
+    server = SeaweedFS.start(tmp_path / "seaweed_server", die_with_parent=True)
     try:
         server.create_bucket(BUCKET)
         for name, value in server.env().items():

@@ -7,7 +7,6 @@ in the environment the boto3 way, as after ``. .fleet/env``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,9 @@ from lorafleet_server.cli import main
 BUCKET = "cli"
 
 
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS.start(tmp_path_factory.mktemp("seaweed"), die_with_parent=True)
-    try:
-        server.create_bucket(BUCKET)
-        yield server
-    finally:
-        server.stop(grace=0)
-
-
 @pytest.fixture
-def env(seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path) -> list[str]:
-    for name, value in seaweed.env().items():
+def env(seaweed_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path) -> list[str]:
+    for name, value in seaweed_server.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("LORAFLEET_ADAPTER_STORE", f"s3://{BUCKET}/{tmp_path.name}")
     return ["--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data")]
@@ -67,7 +56,7 @@ def test_import_list_publish_prompt_stale_on_a_bucket(
 
 
 def test_bad_store_settings_fail_with_a_clear_error(
-    env: list[str], seaweed: SeaweedFS, peft_adapter: Any, capsys: pytest.CaptureFixture[str]
+    env: list[str], seaweed_server: SeaweedFS, peft_adapter: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = peft_adapter(seed=501, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     with pytest.raises(SystemExit) as exit_info:  # refused while the configuration is read

@@ -31,16 +31,6 @@ PROMPT = "The capital of France is"
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS.start(tmp_path_factory.mktemp("seaweed"), die_with_parent=True)
-    try:
-        server.create_bucket(BUCKET)
-        yield server
-    finally:
-        server.stop(grace=0)
-
-
 @pytest.fixture
 def seaweed(seaweed_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> SeaweedFS:
     """The module's SeaweedFS, running (a test that stopped it had it back on the same data), with

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,24 +180,14 @@ def test_a_tampered_record_is_not_trusted(tmp_path: Path, tiny_model_dir: Path, 
 BUCKET = "retrain"
 
 
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS.start(tmp_path_factory.mktemp("seaweed"), die_with_parent=True)
-    try:
-        server.create_bucket(BUCKET)
-        yield server
-    finally:
-        server.stop(grace=0)
-
-
 def test_retrain_with_the_store_as_an_s3_url(
     tmp_path: Path,
     tiny_model_dir: Path,
-    seaweed: SeaweedFS,
+    seaweed_server: SeaweedFS,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for name, value in seaweed.env().items():
+    for name, value in seaweed_server.env().items():
         monkeypatch.setenv(name, value)
     url = f"s3://{BUCKET}/{tmp_path.name}"
     data = write_jsonl(tmp_path / "colors.jsonl", qa_rows(8))
