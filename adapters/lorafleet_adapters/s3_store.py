@@ -61,11 +61,9 @@ from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_id
 from lorafleet_adapters.store import (
     MANIFEST_FILE,
     AdapterSummary,
-    check_extra,
-    check_peft_source,
+    import_peft_via,
+    publish_prompt_via,
     required_files,
-    stage_peft,
-    stage_prompt,
 )
 
 if TYPE_CHECKING:
@@ -287,16 +285,7 @@ class S3AdapterStore:
         method: str = "lora",
         extra: Mapping[str, Any] | None = None,
     ) -> AdapterKey:
-        check_ident(tenant, "tenant")
-        check_ident(name, "adapter name")
-        extra = check_extra(extra)
-        src = check_peft_source(src, spec, method)
-        staging = self.new_staging(tenant, name)
-        try:
-            manifest_for = stage_peft(src, staging, tenant, name, spec, method, extra)
-            return self.publish_staged(staging, tenant, name, manifest_for)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        return import_peft_via(self, src, tenant, name, spec, method, extra)
 
     def publish_prompt(
         self,
@@ -307,15 +296,7 @@ class S3AdapterStore:
         *,
         extra: Mapping[str, Any] | None = None,
     ) -> AdapterKey:
-        check_ident(tenant, "tenant")
-        check_ident(name, "adapter name")
-        extra = check_extra(extra)
-        staging = self.new_staging(tenant, name)
-        try:
-            manifest_for = stage_prompt(staging, tenant, name, template, spec, extra)
-            return self.publish_staged(staging, tenant, name, manifest_for)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        return publish_prompt_via(self, tenant, name, template, spec, extra)
 
     def new_staging(self, tenant: str, name: str) -> Path:
         """A local directory to stage one publish in (validated here, then uploaded)."""

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lorafleet_adapters.errors import (
     AdapterFormatError,
@@ -199,17 +199,7 @@ class AdapterStore:
         extra: Mapping[str, Any] | None = None,
     ) -> AdapterKey:
         """Publish a prompt-only version (system prompt + few-shot turns) as the next version."""
-        check_ident(tenant, "tenant")
-        check_ident(name, "adapter name")
-        extra = check_extra(extra)
-        staging = self.new_staging(tenant, name)
-        try:
-            manifest_for = stage_prompt(staging, tenant, name, template, spec, extra)
-            key = self.publish_staged(staging, tenant, name, manifest_for)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return key
+        return publish_prompt_via(self, tenant, name, template, spec, extra)
 
     def import_peft(
         self,
@@ -222,18 +212,7 @@ class AdapterStore:
         extra: Mapping[str, Any] | None = None,
     ) -> AdapterKey:
         """Validate the PEFT adapter in `src` and publish it as the next version of tenant/name."""
-        check_ident(tenant, "tenant")
-        check_ident(name, "adapter name")
-        extra = check_extra(extra)
-        src = check_peft_source(src, spec, method)
-        staging = self.new_staging(tenant, name)
-        try:
-            manifest_for = stage_peft(src, staging, tenant, name, spec, method, extra)
-            key = self.publish_staged(staging, tenant, name, manifest_for)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return key
+        return import_peft_via(self, src, tenant, name, spec, method, extra)
 
     def publish_staged(
         self, staging: Path, tenant: str, name: str, manifest_for: Callable[[int], Manifest]
@@ -450,6 +429,65 @@ def _version_number(entry: str) -> int | None:
         return parse_version(entry)
     except InvalidAdapterRef:
         return None
+
+
+class StagedPublisher(Protocol):
+    """The two publishing primitives each backend implements; `import_peft_via` and `publish_prompt_via`
+    build the checked, staged publish of both backends on them."""
+
+    def new_staging(self, tenant: str, name: str) -> Path: ...
+
+    def publish_staged(
+        self, staging: Path, tenant: str, name: str, manifest_for: Callable[[int], Manifest]
+    ) -> AdapterKey: ...
+
+
+def import_peft_via(
+    store: StagedPublisher,
+    src: Path,
+    tenant: str,
+    name: str,
+    spec: BaseModelSpec,
+    method: str,
+    extra: Mapping[str, Any] | None,
+) -> AdapterKey:
+    """Check a PEFT adapter, stage it (`stage_peft`) and publish it through `store`."""
+    check_ident(tenant, "tenant")
+    check_ident(name, "adapter name")
+    fields = check_extra(extra)
+    src = check_peft_source(src, spec, method)
+    return _publish_via(
+        store, tenant, name, lambda staging: stage_peft(src, staging, tenant, name, spec, method, fields)
+    )
+
+
+def publish_prompt_via(
+    store: StagedPublisher,
+    tenant: str,
+    name: str,
+    template: PromptTemplate,
+    spec: BaseModelSpec,
+    extra: Mapping[str, Any] | None,
+) -> AdapterKey:
+    """Stage a prompt-only version (`stage_prompt`) and publish it through `store`."""
+    check_ident(tenant, "tenant")
+    check_ident(name, "adapter name")
+    fields = check_extra(extra)
+    return _publish_via(
+        store, tenant, name, lambda staging: stage_prompt(staging, tenant, name, template, spec, fields)
+    )
+
+
+def _publish_via(
+    store: StagedPublisher, tenant: str, name: str, stage: Callable[[Path], Callable[[int], Manifest]]
+) -> AdapterKey:
+    staging = store.new_staging(tenant, name)
+    try:
+        return store.publish_staged(staging, tenant, name, stage(staging))
+    finally:
+        # Local: a successful publish renamed `staging` into the version, so this removes nothing;
+        # S3: the uploaded copy is in the bucket. Either way no staging outlives the call.
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
