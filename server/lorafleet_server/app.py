@@ -178,6 +178,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         compiled=base.compiled,
         torch_threads=threads,
         cpu_features=base.cpu_features,
+        linear_kernel=base.linear_kernel,
     )
     metrics.build.info(
         {

@@ -106,10 +106,10 @@ class ServerConfig(EngineConfig):
     quantization: Quantization = field(default="auto", metadata={"help": "auto is NF4 on CUDA and fp32 on CPU"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: ComputeDtype = field(
-        default="device",
+        default="auto",
         metadata={
-            "help": "compute dtype: device is bf16 on CUDA and fp32 on CPU; auto is bf16 on CUDA, and on CPU "
-            "bf16 where it has avx512_bf16/AMX and a bf16-vs-fp32 check of the model passes, else fp32"
+            "help": "compute dtype: auto is bf16 on CUDA, and on CPU bf16 where it has avx512_bf16/AMX and a "
+            "bf16-vs-fp32 check of the model passes, else fp32; device is bf16 on CUDA and fp32 on CPU"
         },
     )
     compile: bool = field(

@@ -45,12 +45,11 @@ def real_adapters(tmp_path_factory: pytest.TempPathFactory, default_model_dir: P
     }
 
 
-@pytest.fixture(scope="session")
-def live(
-    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, real_adapters: dict[str, Path]
+def _live(
+    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, real_adapters: dict[str, Path], **overrides: str
 ) -> Iterator[LiveServer]:
     data = tmp_path_factory.mktemp("e2e-data")
-    config = ServerConfig(model=default_model_dir, data_dir=data, **E2E_CONFIG)  # type: ignore[arg-type]
+    config = ServerConfig(model=default_model_dir, data_dir=data, **E2E_CONFIG, **overrides)  # type: ignore[arg-type]
     service = build_service(config)
     for name, d in real_adapters.items():
         service.store.import_peft(d, "acme", name, service.base.spec)
@@ -61,3 +60,19 @@ def live(
     yield LiveServer(service=service, port=port, metrics_port=server.metrics_port, client=client)
     client.close()
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def live(
+    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, real_adapters: dict[str, Path]
+) -> Iterator[LiveServer]:
+    """The server as `lorafleet serve` starts it: --dtype auto (bf16 where the CPU has native bf16)."""
+    yield from _live(tmp_path_factory, default_model_dir, real_adapters)
+
+
+@pytest.fixture(scope="module")
+def live_fp32(
+    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, real_adapters: dict[str, Path]
+) -> Iterator[LiveServer]:
+    """The same server computing in fp32 (--dtype float32): greedy outputs independent of the batch."""
+    yield from _live(tmp_path_factory, default_model_dir, real_adapters, dtype="float32")

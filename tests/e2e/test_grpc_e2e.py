@@ -82,8 +82,12 @@ def test_model_info(live: LiveServer) -> None:
     info = live.client.model_info()
     assert info.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert info.fingerprint.startswith("sha256:")
-    assert (info.quantization, info.device, info.dtype) == ("none", "cpu", "float32")
-    assert info.dtype_reason.startswith("the device's default")  # --dtype device (README, "Why fp32 on CPU")
+    # --dtype auto (the default): bf16 where the CPU has native bf16 and the model's bf16 check passes.
+    native = cpu_features().native_bf16
+    assert (info.quantization, info.device) == ("none", "cpu")
+    assert info.dtype == ("bfloat16" if native and "passed" in info.dtype_reason else "float32")
+    assert ("native bf16" in info.dtype_reason) == native
+    assert info.linear_kernel == ("onednn-packed" if info.dtype == "bfloat16" else "torch")
     assert info.cpu_features == cpu_features().summary() and not info.compiled and info.torch_threads >= 1
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(info.target_modules)
     assert info.max_context_tokens == 512 and info.max_lora_rank == 32 and info.max_new_tokens == 128
@@ -118,7 +122,16 @@ def test_admin_list_get_load_pin_unpin_unload(live: LiveServer) -> None:
     assert live.client.get_adapter("acme/support").versions[0].tier == "host"
 
 
-def test_concurrent_requests_with_different_adapters_match_their_solo_outputs(live: LiveServer) -> None:
+@pytest.mark.parametrize("server", ["live", "live_fp32"])
+def test_concurrent_requests_with_different_adapters_match_their_solo_outputs(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """Nine requests over three adapters (base included) batched together: each is served by its own
+    adapter version and streams exactly what it streams alone: in fp32, and for base rows in bf16 (the
+    default where the CPU has it). bf16 adapter rows may differ: the LoRA kernel and rank padding follow
+    the batch's adapters, and bf16 rounding makes that visible (docs/architecture.md, "Measured facts" 10)."""
+    live: LiveServer = request.getfixturevalue(server)
+    exact = {"", "acme/support", "acme/legal"} if live.service.info.dtype == "float32" else {""}
     refs = ["", "acme/support", "acme/legal"]
     prompt = [Message("user", "Name three colors.")]
     sampling = Sampling(max_new_tokens=20)
@@ -135,7 +148,7 @@ def test_concurrent_requests_with_different_adapters_match_their_solo_outputs(li
         futures = start_queued(live.service, [partial(call, ref) for ref in refs * 3])
         assert engine.load_stats() == (0, 9)
     for ref, text, served in (f.result(timeout=300) for f in futures):
-        assert text == solo[ref], ref
+        assert text == solo[ref] or ref not in exact, ref
         assert served == (f"{ref}@1" if ref else "")
 
 

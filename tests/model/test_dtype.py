@@ -26,6 +26,7 @@ from lorafleet_server.model.loader import (
     choose_compute_dtype,
     load_base,
 )
+from lorafleet_server.model.packed import PackedLinear, packed_linear_supported
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
 AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni sha_ni\n"
@@ -97,13 +98,15 @@ def qv_adapter(peft_adapter: Any) -> Path:
 
 
 def _served_logits(base: Any, adapter: Path, tmp: Path, prompts: list[list[int]]) -> torch.Tensor:
-    """Last-token logits [P, vocab] of each prompt with the adapter in slot 1, one ragged prefill step."""
+    """Last-token logits [P, vocab] of each prompt with the adapter in slot 1: all but the last token in
+    one ragged prefill step, then the last tokens in one batched decode step (both attention paths)."""
     store = AdapterStore(tmp)
     store.import_peft(adapter, "acme", "a", base.spec)
     write, _ = make_slot_io(base.lora_layers)
     write(1, store.load(store.resolve(AdapterRef("acme", "a", None)), base.spec))
     runner = ModelRunner(base.model, base.context, rows=4, max_seq_len=64, dtype=base.dtype, device=CPU)
-    out = runner.step([RowStep(i, 0, tuple(ids), 1, True, False) for i, ids in enumerate(prompts)])
+    runner.step([RowStep(i, 0, tuple(ids[:-1]), 1, False, False) for i, ids in enumerate(prompts)])
+    out = runner.step([RowStep(i, len(ids) - 1, (ids[-1],), 1, True, False) for i, ids in enumerate(prompts)])
     return out.logits
 
 
@@ -123,8 +126,15 @@ def test_bf16_lora_matches_peft_within_tolerance_and_fp32_exactly(
     fp32 = load_base(tiny_model_dir, dtype="float32", **kw)
     assert fp32.dtype == torch.float32 and fp32.dtype_reason == "asked for float32"
     torch.testing.assert_close(_served_logits(fp32, qv_adapter, tmp_path / "s32", prompts), want, rtol=1e-4, atol=1e-4)
+    assert fp32.linear_kernel == "torch"
     bf16 = load_base(tiny_model_dir, dtype="bfloat16", **kw)
     assert bf16.dtype == torch.bfloat16
+    # bf16 on CPU: the base Linears (and the LM head) compute from prepacked oneDNN weights.
+    assert bf16.linear_kernel == ("onednn-packed" if packed_linear_supported(torch.bfloat16) else "torch")
+    if bf16.linear_kernel == "onednn-packed":
+        model: Any = bf16.model
+        assert isinstance(model.lm_head, PackedLinear)
+        assert all(isinstance(layer.base, PackedLinear) for layer in bf16.lora_layers.values())
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     assert {layer.lora_a.dtype for layer in bf16.lora_layers.values()} == {torch.bfloat16}
     got = _served_logits(bf16, qv_adapter, tmp_path / "s16", prompts)

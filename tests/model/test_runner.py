@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 from lorafleet_server.model.lora import LoraContext
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
+CPU = torch.device("cpu")
+
 
 def test_ragged_prefill_chunks_and_decode_match_hf(tiny_model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -59,6 +61,35 @@ def test_garbage_in_unused_kv_positions_cannot_leak_into_batched_decode(tiny_mod
     torch.testing.assert_close(out.logits[1], ref_long, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("kv_rows", "window_is_view"),
+    [((3, 1, 2), True), ((2, 0, 3, 1), True), ((7, 0), False), ((6, 1, 3), True)],
+    ids=["dense-unordered", "full", "sparse-gathered", "holes"],
+)
+def test_decode_rows_in_any_kv_rows_and_order_match_hf(
+    tiny_model_dir: Path, kv_rows: tuple[int, ...], window_is_view: bool
+) -> None:
+    """Decode rows read their K/V in place (a window of the slab) or gathered; either way, in any order
+    and with unused rows of NaN inside the window, each row gets its own sequence's logits."""
+    from lorafleet_server.model.runner import _AttentionPlan
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = ModelRunner(model, LoraContext(), rows=8, max_seq_len=32, dtype=torch.float32, device=torch.device("cpu"))
+    for t in (*runner.kv.k, *runner.kv.v):
+        t.fill_(float("nan"))
+    prompts = [[5 + i, 9, 2 * i + 1, 40][: 2 + i % 3] for i in range(len(kv_rows))]
+    runner.step([RowStep(row, 0, tuple(p), 0, False, False) for row, p in zip(kv_rows, prompts, strict=True)])
+    steps = [
+        RowStep(row, len(p), (60 + i,), 0, True, False) for i, (row, p) in enumerate(zip(kv_rows, prompts, strict=True))
+    ]
+    assert (_AttentionPlan.build(steps, torch.device("cpu")).gather is None) == window_is_view
+    out = runner.step(steps)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            ref = model(torch.tensor([[*p, 60 + i]])).logits[0, -1]
+            torch.testing.assert_close(out.logits[i], ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_llama_family_architectures_match_hf(arch: str) -> None:
     """Any Llama-family base works: Qwen2 (q/k/v biases), Mistral, Llama; targets are discovered."""
@@ -88,3 +119,23 @@ def test_llama_family_architectures_match_hf(arch: str) -> None:
     torch.testing.assert_close(out.logits[0], ref[3], rtol=1e-4, atol=1e-4)
     out = runner.step([RowStep(0, 4, (ids[4],), 0, True, False)])
     torch.testing.assert_close(out.logits[0], ref[4], rtol=1e-4, atol=1e-4)
+
+
+def test_a_bf16_row_decodes_the_same_alone_and_beside_other_rows(default_model_dir: Path) -> None:
+    """Batch invariance in bf16: a row's logits do not depend on which other rows share the step. A lone
+    token runs as two identical rows because torch's one-row matmul (a GEMV) rounds differently. (fp32
+    does not promise this: MKL's fp32 GEMM picks kernels by the row count.)"""
+    from lorafleet_server.model.loader import load_base
+
+    base = load_base(default_model_dir, quantization="none", device=CPU, num_slots=1, max_lora_rank=8, dtype="bfloat16")
+    runner = ModelRunner(base.model, base.context, rows=12, max_seq_len=64, dtype=torch.bfloat16, device=CPU)
+    prompts = [tuple(range(300 + 7 * i, 320 + 9 * i)) for i in range(6)]
+    for copy in (0, 6):  # rows 0-5 decode alone, rows 6-11 the same sequences beside each other
+        runner.step([RowStep(copy + i, 0, p, 0, False, False) for i, p in enumerate(prompts)])
+    for t in range(4):
+        together = runner.step(
+            [RowStep(6 + i, len(p) + t, (40 + t,), 0, True, False) for i, p in enumerate(prompts)]
+        ).logits
+        for i, p in enumerate(prompts):
+            alone = runner.step([RowStep(i, len(p) + t, (40 + t,), 0, True, False)]).logits[0]
+            assert torch.equal(together[i], alone), (t, i)

@@ -214,6 +214,7 @@ def model_info_from_proto(response: ipb.GetModelInfoResponse) -> ModelInfo:
         compiled=response.compiled,
         torch_threads=response.torch_threads,
         cpu_features=response.cpu_features,
+        linear_kernel=response.linear_kernel,
     )
 
 
@@ -237,6 +238,7 @@ def model_info_to_proto(info: ModelInfo) -> ipb.GetModelInfoResponse:
         compiled=info.compiled,
         torch_threads=info.torch_threads,
         cpu_features=info.cpu_features,
+        linear_kernel=info.linear_kernel,
     )
 
 

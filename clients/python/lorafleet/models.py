@@ -107,12 +107,13 @@ class ModelInfo:
     # Bytes the server's device slots hold for LoRA weights when it answered; follows the ranks of the
     # loaded adapters. 0 from servers that predate the field.
     adapter_slot_memory_bytes: int = 0
-    # How the server computes: why `dtype`, torch.compile on or off, torch threads, the CPU's flags
-    # ("", False, 0, "" from servers that predate the fields).
+    # How the server computes: why `dtype`, torch.compile on or off, torch threads, the CPU's flags,
+    # the base Linears' kernel ("", False, 0, "", "" from servers that predate the fields).
     dtype_reason: str = ""
     compiled: bool = False
     torch_threads: int = 0
     cpu_features: str = ""
+    linear_kernel: str = ""
 
 
 @dataclass(frozen=True)

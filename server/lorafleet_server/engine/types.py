@@ -65,6 +65,7 @@ class ModelInfo:
     compiled: bool = False  # decoder layers torch.compile'd
     torch_threads: int = 0  # intra-op threads of the compute
     cpu_features: str = ""  # reported CPU flags, e.g. "avx2,avx512f,avx512_bf16"
+    linear_kernel: str = "torch"  # base Linears: "onednn-packed" (model/packed.py) or "torch"
 
 
 @dataclass(frozen=True)

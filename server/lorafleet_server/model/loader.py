@@ -17,6 +17,7 @@ from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_server.model.cpu import CpuFeatures, cpu_features
 from lorafleet_server.model.lora import LoraContext, MultiLoRALinear
 from lorafleet_server.model.options import QUANTIZATIONS
+from lorafleet_server.model.packed import pack_linears, packed_linear_supported
 from lorafleet_server.model.prepare import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class LoadedBase:
     dtype_reason: str = ""  # why this compute dtype (choose_compute_dtype)
     compiled: bool = False  # compile_base ran
     cpu_features: str = ""  # CpuFeatures.summary() of this machine
+    linear_kernel: str = "torch"  # "onednn-packed": base Linears prepacked (model/packed.py), else "torch"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -369,14 +371,22 @@ def load_base(
         if quantization != "none":
             raise ModelLoadError(f"--compile needs an unquantized base, not {quantization}")
         compile_base(model)
+    linear_kernel = "torch"
+    # bf16 on CPU: prepack the base weights for oneDNN (model/packed.py). Not under --compile, whose
+    # graphs would have to trace the private ops; fp32 measured no steady win.
+    if device.type == "cpu" and compute == torch.bfloat16 and quantization == "none" and not compile:
+        if packed_linear_supported(compute):
+            pack_linears(model, list(layers.values()))
+            linear_kernel = "onednn-packed"
     log.info(
-        "loaded %s (%s, %s, %s%s) with %d LoRA-capable Linears; dtype: %s; cpu: %s",
+        "loaded %s (%s, %s, %s%s) with %d LoRA-capable Linears (%s); dtype: %s; cpu: %s",
         model_dir,
         quantization,
         device,
         str(compute).removeprefix("torch."),
         ", compiled" if compile else "",
         len(layers),
+        linear_kernel,
         choice.reason,
         features.summary() or "no reported flags",
     )
@@ -393,4 +403,5 @@ def load_base(
         dtype_reason=choice.reason,
         compiled=compile,
         cpu_features=features.summary(),
+        linear_kernel=linear_kernel,
     )

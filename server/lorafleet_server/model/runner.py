@@ -142,6 +142,13 @@ class ModelRunner:
             positions.extend(range(r.start, r.start + len(r.token_ids)))
             kv_rows.extend([r.kv_row] * len(r.token_ids))
             slots.extend([r.slot] * len(r.token_ids))
+        # One token alone runs as two identical rows: torch's matmuls take a GEMV path for a single row
+        # whose sums round differently (bf16: ~1e-5), so a request decoding alone would drift from the
+        # same request decoding beside others. From two rows up a row's result does not depend on the
+        # others (docs/architecture.md, "Measured facts" 10).
+        lone = len(ids) == 1
+        if lone:
+            ids, positions, kv_rows, slots = ids * 2, positions * 2, kv_rows * 2, slots * 2
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [N]
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [N]
         row_t = torch.tensor(kv_rows, dtype=torch.long, device=dev)  # [N]
@@ -157,7 +164,7 @@ class ModelRunner:
             hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
         finally:
             self.context.batch = None
-        return self._outputs(hidden, rows)
+        return self._outputs(hidden[:1] if lone else hidden, rows)
 
     def _forward(
         self, input_ids: torch.Tensor, pos_t: torch.Tensor, row_t: torch.Tensor, rows: list[RowStep]
@@ -180,6 +187,8 @@ class ModelRunner:
             k_cache[row_t, :, pos_t] = k.to(k_cache.dtype)
             v_cache[row_t, :, pos_t] = v.to(v_cache.dtype)
             o = plan.attend(q, k_cache, v_cache, float(attn.scaling))  # [N, H, D]
+            if n > plan.tokens:  # a lone token's twin row (see step) gets the same attention output
+                o[plan.tokens :] = o[: n - plan.tokens]
             h = h + attn.o_proj(o.reshape(n, self.num_heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.decoder.norm(h)  # [N, hidden]
@@ -204,15 +213,30 @@ class ModelRunner:
         return StepOutput(logits=logits, pooled=pooled_t)
 
 
+# Decode rows attend over a window of KV rows [lo, hi) read in place (a view of the slab, no copy) when
+# the step's single-token rows fill at least this share of it; sparser sets gather their rows instead.
+DENSE_WINDOW_MIN_FILL = 0.5
+
+
 @dataclass(frozen=True)
 class _AttentionPlan:
-    """Which tokens attend how: single-token rows batched together, longer chunks one by one."""
+    """Which tokens attend how: single-token rows batched together, longer chunks one by one.
+
+    Single-token (decode) rows attend over a window ``[lo, hi)`` of KV rows: a view of the slab when the
+    rows are dense in it (the engine hands out the lowest free rows, so they usually are), else the rows
+    gathered. Scores and softmax are plain matmuls with an fp32 softmax: torch's CPU SDPA for one query
+    token is ~5x slower in bf16 than this (docs/architecture.md, "Compute dtype").
+    """
 
     single_tok: torch.Tensor  # [B] token index of each single-token row
-    single_rows: torch.Tensor  # [B] their KV rows
-    single_mask: torch.Tensor  # [B, 1, 1, Lmax] bool: key position valid
+    window: torch.Tensor  # [B] position of each single-token row in the window
+    gather: torch.Tensor | None  # [W] KV rows of the window, or None: the window is rows [lo, lo + W)
+    lo: int
+    width: int  # W, the window's number of KV rows
+    bias: torch.Tensor  # [W, 1, 1, Lmax] fp32: 0 where the key is valid, -inf elsewhere
     single_len: int  # Lmax
     chunks: tuple[tuple[int, int, int, int], ...]  # (token offset, n tokens, kv row, start)
+    tokens: int  # the step's tokens, N
 
     @staticmethod
     def build(rows: list[RowStep], device: torch.device) -> _AttentionPlan:
@@ -231,28 +255,37 @@ class _AttentionPlan:
                 chunks.append((offset, n, r.kv_row, r.start))
             offset += n
         lmax = max(single_end, default=0)
-        ends = torch.tensor(single_end, dtype=torch.long, device=device)  # [B]
-        mask = torch.arange(lmax, device=device)[None, :] < ends[:, None]  # [B, Lmax]
+        lo = min(single_rows, default=0)
+        span = max(single_rows, default=-1) + 1 - lo
+        if single_rows and len(single_rows) >= DENSE_WINDOW_MIN_FILL * span:
+            width, window, gather = span, [row - lo for row in single_rows], None
+        else:  # sparse: gather the rows, in step order
+            width, window = len(single_rows), list(range(len(single_rows)))
+            gather = torch.tensor(single_rows, dtype=torch.long, device=device)
+        # Window rows outside the step keep one valid key (their output is discarded): no all -inf row.
+        ends = torch.ones(width, dtype=torch.long)  # [W]
+        ends[window] = torch.tensor(single_end, dtype=torch.long)
+        valid = torch.arange(lmax)[None, :] < ends[:, None]  # [W, Lmax]
+        bias = torch.zeros(width, lmax).masked_fill_(~valid, float("-inf"))  # [W, Lmax]
         return _AttentionPlan(
             single_tok=torch.tensor(single_tok, dtype=torch.long, device=device),
-            single_rows=torch.tensor(single_rows, dtype=torch.long, device=device),
-            single_mask=mask[:, None, None, :],
+            window=torch.tensor(window, dtype=torch.long, device=device),
+            gather=gather,
+            lo=lo,
+            width=width,
+            bias=bias.to(device)[:, None, None, :],
             single_len=lmax,
             chunks=tuple(chunks),
+            tokens=offset,
         )
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q [N, H, D] (rotated) -> attention output [N, H, D]; the step's K/V are already cached."""
         out = torch.empty_like(q)
         if self.single_tok.numel():
-            lmax = self.single_len
-            q_s = q.index_select(0, self.single_tok).unsqueeze(2)  # [B, H, 1, D]
-            k_s = k_cache[:, :, :lmax].index_select(0, self.single_rows)  # [B, KVH, Lmax, D]
-            v_s = v_cache[:, :, :lmax].index_select(0, self.single_rows)
-            o_s = F.scaled_dot_product_attention(
-                q_s, k_s, v_s, attn_mask=self.single_mask, scale=scale, enable_gqa=True
-            )  # [B, H, 1, D]
-            out.index_copy_(0, self.single_tok, o_s.squeeze(2))
+            out.index_copy_(
+                0, self.single_tok, self._attend_single(q.index_select(0, self.single_tok), k_cache, v_cache, scale)
+            )
         for offset, n, row, start in self.chunks:
             q_c = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             k_c = k_cache[row : row + 1, :, : start + n]  # [1, KVH, start+n, D]
@@ -267,3 +300,23 @@ class _AttentionPlan:
                 )
             out[offset : offset + n] = o_c[0].transpose(0, 1)  # [n, H, D]
         return out
+
+    def _attend_single(
+        self, q_s: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """q_s [B, H, D] of the single-token rows -> their attention output [B, H, D]."""
+        heads, d = q_s.shape[1], q_s.shape[2]
+        kv_heads = k_cache.shape[1]
+        lmax = self.single_len
+        if self.gather is None:
+            k = k_cache[self.lo : self.lo + self.width, :, :lmax]  # [W, KVH, Lmax, D], a view
+            v = v_cache[self.lo : self.lo + self.width, :, :lmax]
+        else:
+            k = k_cache[:, :, :lmax].index_select(0, self.gather)  # [W, KVH, Lmax, D]
+            v = v_cache[:, :, :lmax].index_select(0, self.gather)
+        q_w = q_s.new_zeros(self.width, heads, d).index_copy_(0, self.window, q_s)  # [W, H, D]
+        q_w = q_w.view(self.width, kv_heads, heads // kv_heads, d)  # [W, KVH, G, D]: G query heads per KV head
+        scores = torch.matmul(q_w, k.transpose(-1, -2)).float() * scale  # [W, KVH, G, Lmax] fp32
+        probs = torch.softmax(scores + self.bias, dim=-1).to(v.dtype)  # [W, KVH, G, Lmax]
+        o = torch.matmul(probs, v).view(self.width, heads, d)  # [W, H, D]
+        return o.index_select(0, self.window)  # [B, H, D]
