@@ -316,7 +316,14 @@ class _AttentionPlan:
             v = v_cache[:, :, :lmax].index_select(0, self.gather)
         q_w = q_s.new_zeros(self.width, heads, d).index_copy_(0, self.window, q_s)  # [W, H, D]
         q_w = q_w.view(self.width, kv_heads, heads // kv_heads, d)  # [W, KVH, G, D]: G query heads per KV head
-        scores = torch.matmul(q_w, k.transpose(-1, -2)).float() * scale  # [W, KVH, G, Lmax] fp32
-        probs = torch.softmax(scores + self.bias, dim=-1).to(v.dtype)  # [W, KVH, G, Lmax]
-        o = torch.matmul(probs, v).view(self.width, heads, d)  # [W, H, D]
+        if k.dtype == torch.float32:
+            scores = torch.matmul(q_w, k.transpose(-1, -2)).float() * scale  # [W, KVH, G, Lmax]
+            probs = torch.softmax(scores + self.bias, dim=-1).to(v.dtype)  # [W, KVH, G, Lmax]
+        else:
+            # bf16: K on the left. The window's rows are strided in the slab, so the batched matmul
+            # copies its operands; K^T is a transposing copy, 2x the cost of copying K as it lies.
+            scores_t = torch.matmul(k, q_w.transpose(-1, -2))  # [W, KVH, Lmax, G]
+            scores = scores_t.transpose(-1, -2).to(torch.float32, memory_format=torch.contiguous_format) * scale
+            probs = torch.softmax(scores + self.bias, dim=-1).to(v.dtype)  # [W, KVH, G, Lmax]
+        o = torch.matmul(probs, v).view(self.width, heads, d)  # [W, KVH, G, D] -> [W, H, D]
         return o.index_select(0, self.window)  # [B, H, D]
