@@ -6,27 +6,36 @@ Loads the real default model (SmolLM2-135M) through the serving loader (``load_h
 * a decode step: ``--batch`` rows (default 32), each one new token after ``--context`` cached tokens;
 * a prefill step: ``--prefill-rows`` rows (default 4) of ``--prefill-tokens`` new tokens (default 128);
 
-with ``--adapters`` distinct r=8 q/v adapters (random weights in slots, default 0: base only; the
-LoRA kernels run in the compute dtype either way). Variants: ``fp32``, ``bf16`` and ``fp32+compile``
-/ ``bf16+compile`` (``torch.compile`` of each decoder layer's MLP and RMSNorms: what ``--compile``
-does, ``compile_base`` in ``model/loader.py``). Repeats are interleaved across variants so that load
-from other processes hits each alike; the median of each is reported with its ratio to fp32.
+with ``--adapters`` distinct adapters (random weights in slots, default 0: base only; the LoRA
+kernels run in the compute dtype either way) of ``--shape``: ``default`` (PEFT's default, r=8 on
+q_proj and v_proj) or ``r16all`` (r=16 on all seven Linears). Variants: ``fp32``, ``bf16`` and
+``fp32+compile`` / ``bf16+compile`` (``torch.compile`` of each decoder layer's MLP and RMSNorms: what
+``--compile`` does, ``compile_base`` in ``model/loader.py``). A ``+before`` suffix (``bf16+before``)
+runs the LoRA kernels as they were before the embedding_bag ``token`` kernel (``token_before`` and
+``choose_before`` of ``bench/lora_kernels.py``), and a ``+base`` suffix loads no adapter (the base
+alone, for the LoRA share); ``+lora32`` keeps the LoRA slot buffers (and math) in fp32 under a bf16
+base: A/Bs of the whole step in one run. Repeats are
+interleaved across variants so that load from other processes hits each alike; the median of each
+is reported with its ratio to the first variant.
 
 Also reports the quality check of ``model/loader.py`` (``bf16_quality``): top-1 agreement and max
 logit difference of bf16 against fp32 on fixed prompts.
 
     .venv/bin/python -m bench.dtype              # threads: cores - 1, as the server
     .venv/bin/python -m bench.dtype --threads 2 --json bench/results/dtype.json
+    .venv/bin/python -m bench.dtype --variants bf16+base,bf16,bf16+before --adapters 32 --shape r16all
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,22 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_runner(model_dir: Path, dtype: torch.dtype, compiled: bool, adapters: int, rows: int) -> Any:
+# Adapter shapes: (rank, target module suffixes).
+SHAPES: dict[str, tuple[int, tuple[str, ...]]] = {
+    "default": (8, ("q_proj", "v_proj")),
+    "r16all": (16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+}
+
+
+def build_runner(
+    model_dir: Path,
+    dtype: torch.dtype,
+    compiled: bool,
+    adapters: int,
+    rows: int,
+    shape: str = "default",
+    lora_dtype: torch.dtype | None = None,
+) -> Any:
     from lorafleet_server.model.loader import compile_base, load_hf_model, wrap_targets
     from lorafleet_server.model.lora import LoraContext
     from lorafleet_server.model.runner import ModelRunner
@@ -43,17 +67,36 @@ def build_runner(model_dir: Path, dtype: torch.dtype, compiled: bool, adapters: 
     cpu = torch.device("cpu")
     model = load_hf_model(model_dir, "none", cpu, dtype)
     context = LoraContext()
-    layers = wrap_targets(model, adapters + 1, 16, context, dtype, cpu)
+    layers = wrap_targets(model, adapters + 1, 16, context, lora_dtype or dtype, cpu)
     gen = torch.Generator().manual_seed(0)
+    rank, targets = SHAPES[shape]
     for slot in range(1, adapters + 1):
         for name, layer in layers.items():
-            if name.endswith(("q_proj", "v_proj")):
-                a = torch.randn(8, layer.in_features, generator=gen) * 0.02  # [r, in]
-                b = torch.randn(layer.out_features, 8, generator=gen) * 0.02  # [out, r]
+            if name.endswith(targets):
+                a = torch.randn(rank, layer.in_features, generator=gen) * 0.02  # [r, in]
+                b = torch.randn(layer.out_features, rank, generator=gen) * 0.02  # [out, r]
                 layer.write_slot(slot, a, b * 2.0)
     if compiled:
         compile_base(model)
     return ModelRunner(model, context, rows=rows, max_seq_len=1024, dtype=dtype, device=cpu)
+
+
+@contextlib.contextmanager
+def kernels_before(active: bool) -> Iterator[None]:
+    """While active, ``model/lora.py`` picks and runs its kernels as before the embedding_bag ``token``."""
+    if not active:
+        yield
+        return
+    from bench.lora_kernels import choose_before, token_before
+    from lorafleet_server.model import lora
+
+    saved = lora.choose_impl, lora.lora_delta_token
+    lora.choose_impl = choose_before  # type: ignore[assignment]
+    lora.lora_delta_token = lambda x, route, a, bt: token_before(x, route.slots, route.rank, a, bt)
+    try:
+        yield
+    finally:
+        lora.choose_impl, lora.lora_delta_token = saved
 
 
 def decode_rows(batch: int, context: int, adapters: int) -> list[Any]:
@@ -96,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-rows", type=int, default=4)
     parser.add_argument("--prefill-tokens", type=int, default=128)
     parser.add_argument("--adapters", type=int, default=0)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="default", help="adapter rank and targets")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1, as the server)")
     parser.add_argument("--variants", default="fp32,bf16,fp32+compile,bf16+compile")
@@ -123,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Any] = {}
     for name in args.variants.split(","):
         dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
-        runners[name] = build_runner(model_dir, dtype, name.endswith("+compile"), args.adapters, rows)
+        adapters = 0 if name.endswith("+base") else args.adapters
+        lora_dtype = torch.float32 if "+lora32" in name else None
+        runners[name] = build_runner(model_dir, dtype, "+compile" in name, adapters, rows, args.shape, lora_dtype)
     # Prefill once (fills the KV rows the decode steps read) and warm up (compiles) every variant.
     warm: dict[str, float] = {}
     for name, runner in runners.items():
         t0 = time.perf_counter()
         for start in range(0, args.context, args.prefill_tokens):
+            # (the context prefill uses the current kernels in every variant: it is not timed)
             n = min(args.prefill_tokens, args.context - start)
             runner.step(
                 [
@@ -136,21 +183,23 @@ def main(argv: list[str] | None = None) -> int:
                     for r in prefill_rows(rows, args.prefill_tokens, args.adapters)
                 ]
             )
-        for _ in range(2):
-            runner.step(decode_rows(args.batch, args.context, args.adapters))
-            runner.step(prefill_rows(args.prefill_rows, args.prefill_tokens, args.adapters))
+        with kernels_before(name.endswith("+before")):
+            for _ in range(2):
+                runner.step(decode_rows(args.batch, args.context, args.adapters))
+                runner.step(prefill_rows(args.prefill_rows, args.prefill_tokens, args.adapters))
         warm[name] = time.perf_counter() - t0
     times: dict[str, dict[str, list[float]]] = {n: {"decode": [], "prefill": []} for n in runners}
     dec = decode_rows(args.batch, args.context, args.adapters)
     pre = prefill_rows(args.prefill_rows, args.prefill_tokens, args.adapters)
     for _ in range(args.repeats):
         for name, runner in runners.items():
-            t0 = time.perf_counter()
-            runner.step(dec)
-            times[name]["decode"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            runner.step(pre)
-            times[name]["prefill"].append(time.perf_counter() - t0)
+            with kernels_before(name.endswith("+before")):
+                t0 = time.perf_counter()
+                runner.step(dec)
+                times[name]["decode"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                runner.step(pre)
+                times[name]["prefill"].append(time.perf_counter() - t0)
     result: dict[str, Any] = {
         "cpu": feats.summary(),
         "threads": threads,
@@ -159,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         "context": args.context,
         "prefill": f"{args.prefill_rows}x{args.prefill_tokens}",
         "adapters": args.adapters,
+        "shape": args.shape,
         "quality": quality.describe(),
         "variants": {},
     }
     base = {k: statistics.median(v) for k, v in times[next(iter(runners))].items()}
     print(
         f"\ndecode: {args.batch} rows x 1 token after {args.context}; prefill: {args.prefill_rows} x "
-        f"{args.prefill_tokens} tokens; adapters: {args.adapters}; median of {args.repeats}"
+        f"{args.prefill_tokens} tokens; adapters: {args.adapters} ({args.shape}); median of {args.repeats}"
     )
     print(
         f"{'variant':<14} {'warm-up s':>9} {'decode ms':>10} {'tok/s':>7} {'ratio':>6} {'prefill ms':>11} {'ratio':>6}"

@@ -1,4 +1,4 @@
-"""The three multi-LoRA kernels agree with each other and with a per-token loop."""
+"""The multi-LoRA kernels agree with each other and with a per-token loop, in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -19,16 +19,20 @@ def _weights(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int]) ->
     return a, b
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped", "auto"])
 @pytest.mark.parametrize("n_tokens", [1, 7, 300])
 @pytest.mark.parametrize("ranks", [[0, 4, 8, 16, 2], [0, 0, 8, 0, 2], [0, 4, 4, 4, 4]])
-def test_impls_match_per_token_loop(impl: str, n_tokens: int, ranks: list[int]) -> None:
+def test_impls_match_per_token_loop(impl: str, n_tokens: int, ranks: list[int], dtype: torch.dtype) -> None:
     a, b = _weights(5, 16, 24, 40, ranks)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n_tokens, 24, generator=g)
     slots = torch.randint(0, 5, (n_tokens,), generator=g)
-    expected = torch.stack([(x[i] @ a[slots[i]].T) @ b[slots[i]].T for i in range(n_tokens)])
-    batch = LoraBatch.build(slots, torch.float32, impl)  # type: ignore[arg-type]
+    a, b, x = a.to(dtype), b.to(dtype), x.to(dtype)
+    # The loop in float64 on the same (possibly bf16-rounded) inputs.
+    a64, b64, x64 = a.double(), b.double(), x.double()
+    expected = torch.stack([(x64[i] @ a64[slots[i]].T) @ b64[slots[i]].T for i in range(n_tokens)])
+    batch = LoraBatch.build(slots, dtype, impl)  # type: ignore[arg-type]
     if batch is None:
         assert bool((slots == 0).all())
         return
@@ -36,7 +40,17 @@ def test_impls_match_per_token_loop(impl: str, n_tokens: int, ranks: list[int]) 
     if got is None:  # no active slot targets this module
         assert expected.abs().max() == 0
         return
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    else:  # bf16: the rank-wide intermediate and the output are rounded to 8 mantissa bits
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=2**-6 * scale)
+        gather = LoraBatch.build(slots, dtype, "gather")
+        assert gather is not None
+        ref = lora_delta(x, gather, ranks, a, b.transpose(1, 2).contiguous())
+        assert ref is not None
+        torch.testing.assert_close(got.double(), ref.double(), rtol=0, atol=2**-6 * scale)
 
 
 def test_single_adapter_batch_with_base_rows() -> None:
@@ -83,9 +97,13 @@ def test_auto_choice_by_step_shape(monkeypatch: pytest.MonkeyPatch) -> None:
         lora.lora_delta(torch.randn(len(slots), 16), batch, ranks, a, bt)
         return chosen.pop()
 
-    assert run([1, 2, 0, 1]) == "dense"  # decode, few adapters
+    assert run([1, 1, 0, 1]) == "dense"  # decode, one adapter: two plain matmuls
+    assert run([1, 2, 0, 1]) == "token"  # decode, two adapters
     assert run(list(range(1, 33))) == "token"  # decode, an adapter per row
     assert run(list(range(1, 9)) * 4) == "token"  # decode, 8 adapters
+    assert run([1] * 32 + [2] * 32) == "dense"  # 64 tokens of two adapters: tokens >= 32 x adapters
+    assert run([1] * 31 + [2] * 32) == "token"  # 63 tokens of two adapters
+    assert run([s for s in range(1, 9) for _ in range(31)]) == "token"  # 248 tokens, 8 adapters
     assert run([s for s in range(1, 7) for _ in range(70)]) == "grouped"  # long prefill, 6 adapters
     assert run([1] * 200 + [2] * 200) == "dense"  # long prefill of two adapters
     assert run([1] * 400) == "dense"  # long prefill of one adapter

@@ -21,9 +21,10 @@ Four implementations live behind :func:`lora_delta`:
 * ``dense`` — gather each *distinct* active adapter once, one matmul into ``[n, U*r]``, zero the
   blocks of other adapters with a per-step 0/1 mask, one matmul out. Reads each adapter once; the
   extra FLOPs (U×) are cheap while the step has few tokens (decode).
-* ``token`` — the gather done fast: copy each token's adapter (rank-sliced, ``index_select``) and
-  ``bmm`` in the row-vector form. Reads each adapter once when most tokens have their own adapter
-  (many distinct adapters in a decode step), where ``dense``'s U× FLOPs cost more than the copy.
+* ``token`` — the gather without the copy: each token's adapter read in place by two
+  ``embedding_bag`` gather-weighted sums (``A`` is stored transposed for it, ``[slots, d_in, r_cap]``).
+  Costs ~tokens whatever the adapters: many distinct adapters in a short step (decode), where
+  ``dense``'s U× FLOPs cost more.
 * ``grouped`` — loop over distinct adapters with their tokens (Punica's SGMV in Python). Best for
   long prefills where U× FLOPs would cost real time.
 
@@ -36,28 +37,84 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorafleet_server.model.options import LoraImpl as Impl
 
-# Measured on a 2-core AVX2 CPU, 1 thread, rank 8/16, SmolLM2 shapes (576/1536 wide). ``dense`` costs
-# ~tokens x adapters, ``token`` ~tokens (a copy per token), ``grouped`` ~adapters (a loop):
-# - up to 128 tokens, ``token`` wins from ~8 distinct adapters (32 decode tokens x 32 adapters, r=8,
-#   576->576: dense 408 us, token 162 us), ``dense`` below;
-# - above 128 tokens (prefill), ``token``'s copies dominate: ``dense`` up to 4 adapters, then ``grouped``.
-TOKEN_MIN_ADAPTERS = 8
-TOKEN_MAX_TOKENS = 128
+# Thresholds of ``choose_impl`` (docs/architecture.md, "Measured facts"), measured with
+# ``bench/lora_kernels.py`` on a 2-core AMD EPYC with AVX-512 and avx512_bf16, 1 thread, SmolLM2
+# shapes (576/1536 wide, rank 8/16); bf16 and fp32 cross over at about the same points. ``token``
+# (embedding_bag, no copy) costs ~tokens x d_in x r_cap row reads whatever the adapters, ``dense``
+# ~tokens x adapters FLOPs, ``grouped`` a few small matmuls per adapter (~30 us each in bf16):
+# - one adapter: ``dense`` (two plain matmuls);
+# - ``token`` while tokens < TOKEN_MAX_TOKENS_PER_ADAPTER x adapters (a decode step of 32 rows from 2
+#   adapters on: 32 tokens x 32 adapters, r=8, 576->576, bf16: token 57 us, dense 245 us, the former
+#   copy+bmm token kernel 154 us; 4x128 prefill tokens of 4 adapters: dense 383 us, token 541 us);
+# - else ``dense`` up to DENSE_MAX_ADAPTERS_LONG adapters, ``grouped`` above.
+TOKEN_MAX_TOKENS_PER_ADAPTER = 32
 DENSE_MAX_ADAPTERS_LONG = 4
 
 
-@dataclass(frozen=True)
 class ModuleRouting:
-    """A step's routing restricted to the adapters that target one module."""
+    """A step's routing restricted to the adapters that target one module.
 
-    active: torch.Tensor  # [U] long, distinct slots in this step whose adapter targets the module
-    active_list: tuple[int, ...]
-    rank: int  # max rank of those adapters on this module; kernels read A[:, :rank] only
-    mask: torch.Tensor  # [N, U*rank] compute dtype, 1 where token n belongs to active slot u
+    What the kernels need beyond the slot list (the dense mask, the embedding_bag indices) is built
+    on first use and kept: every layer of one kind shares it within the step.
+    """
+
+    def __init__(self, slots: torch.Tensor, active_list: tuple[int, ...], onehot: torch.Tensor, rank: int) -> None:
+        self.slots = slots  # [N] long, the step's slot per token
+        self.active = torch.tensor(active_list, dtype=torch.long, device=slots.device)  # [U]
+        self.active_list = active_list  # distinct slots in this step whose adapter targets the module
+        self.rank = rank  # max rank of those adapters on this module; kernels read A[:, :rank] only
+        self._onehot = onehot  # [N, U] compute dtype, 1 where token n uses active_list[u]
+        self._mask: torch.Tensor | None = None
+        self._bags: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tokens: torch.Tensor | None = None
+        self._all_tokens: bool | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[N, U*rank] compute dtype: 1 where token n belongs to active slot u (``dense``)."""
+        if self._mask is None:
+            self._mask = self._onehot.repeat_interleave(self.rank, dim=1)
+        return self._mask
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[M] long: the positions of the tokens whose adapter targets this module, in order."""
+        if self._tokens is None:
+            self._tokens = (self._onehot.sum(1) > 0).nonzero().squeeze(1)
+            self._all_tokens = int(self._tokens.numel()) == int(self.slots.numel())
+        return self._tokens
+
+    @property
+    def all_tokens(self) -> bool:
+        """Whether every token of the step uses an adapter that targets this module."""
+        _ = self.tokens
+        return bool(self._all_tokens)
+
+    def bag(self, rows_per_slot: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """embedding_bag (indices [M*width], offsets [N]) int32 over a table of ``rows_per_slot`` rows per
+        slot: token m's bag is rows ``slot*rows_per_slot + j`` for ``j < width``; other tokens get empty bags."""
+        key = (rows_per_slot, width)
+        cached = self._bags.get(key)
+        if cached is not None:
+            return cached
+        tok = self.tokens
+        n = int(self.slots.numel())
+        start = self.slots.index_select(0, tok) * rows_per_slot  # [M]
+        steps = torch.arange(width, dtype=torch.long, device=self.slots.device)  # [width]
+        indices = (start[:, None] + steps[None, :]).reshape(-1).to(torch.int32)  # [M*width]
+        if self.all_tokens:
+            offsets = torch.arange(0, n * width, width, dtype=torch.int32, device=self.slots.device)  # [N]
+        else:
+            counts = torch.zeros(n, dtype=torch.int32, device=self.slots.device)
+            counts[tok] = width
+            offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)  # [N], empty bags for others
+        self._bags[key] = (indices, offsets)
+        return indices, offsets
 
 
 @dataclass(frozen=True)
@@ -92,12 +149,7 @@ class LoraBatch:
             return cached
         active_list = tuple(self.active_list[i] for i in cols)
         onehot = self.onehot if len(cols) == len(self.active_list) else self.onehot[:, list(cols)]  # [N, U']
-        routing = ModuleRouting(
-            active=torch.tensor(active_list, dtype=torch.long, device=self.slots.device),
-            active_list=active_list,
-            rank=rank,
-            mask=onehot.repeat_interleave(rank, dim=1),  # [N, U'*rank]
-        )
+        routing = ModuleRouting(self.slots, active_list, onehot, rank)
         self._routings[(cols, rank)] = routing
         return routing
 
@@ -134,16 +186,36 @@ def lora_delta_dense(x: torch.Tensor, route: ModuleRouting, a: torch.Tensor, bt:
     return h @ bt_u  # [N, out]
 
 
-def lora_delta_token(
-    x: torch.Tensor, slots: torch.Tensor, rank: int, a: torch.Tensor, bt: torch.Tensor
-) -> torch.Tensor:
-    """x [N, in] -> [N, out]: each token's own adapter, copied at the step's rank."""
-    a_n = a[:, :rank].index_select(0, slots)  # [N, r, in]
-    bt_n = bt[:, :rank].index_select(0, slots)  # [N, r, out]
-    # [N, 1, in] @ [N, in, r]: the row-vector form. bmm(a_n, x[..., None]) computes the same numbers
-    # but takes a ~7x slower batched-GEMV path on CPU (measured: 211 vs 31 us, N=32, r=8, 576 wide).
-    h = torch.bmm(x.unsqueeze(1), a_n.transpose(1, 2))  # [N, 1, r]
-    return torch.bmm(h, bt_n).squeeze(1)  # [N, out]
+def lora_delta_token(x: torch.Tensor, route: ModuleRouting, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """x [N, in] -> [N, out]: each token's own adapter, read in place (no per-token copy).
+
+    Both products are gather-weighted sums, which ``embedding_bag`` computes straight from the slot
+    tables with an fp32 accumulator: with ``At = A.transpose`` stored contiguous ([S, in, r_cap], the
+    layout of ``MultiLoRALinear``), ``h[n] = sum_i x[n, i] * At[s[n], i]`` (a bag of ``in`` rows, r_cap wide)
+    and ``delta[n] = sum_j h[n, j] * Bt[s[n], j]`` (a bag of ``rank`` rows, out wide). Tokens whose
+    adapter does not target the module get empty bags (zeros). Measured against the former
+    ``index_select`` copy + ``bmm`` kernel: 2-4x faster in bf16 (whose tiny ``bmm`` is slow) and
+    1.2-3x in fp32 (docs/architecture.md, "Measured facts" 3). Each token's sums run alone in a fixed
+    order, so a row's delta does not depend on the rest of the step; in bf16 it can differ from the
+    matmul kernels' (``dense``, ``grouped``, ``gather``, bit-equal to each other) by one rounding.
+    """
+    n_slots, r_cap, d_in = a.shape
+    at = a.transpose(1, 2)  # [S, in, r_cap]
+    if not at.is_contiguous():  # a caller's own [S, r_cap, in] tensor; the module's storage already is
+        at = at.contiguous()
+    idx, off = route.bag(d_in, d_in)
+    x_in = x if route.all_tokens else x.index_select(0, route.tokens)  # [M, in]
+    h = F.embedding_bag(
+        idx, at.view(n_slots * d_in, r_cap), off, mode="sum", per_sample_weights=x_in.reshape(-1)
+    )  # [N, r_cap]
+    rank = route.rank
+    idx, off = route.bag(r_cap, rank)
+    h_in = h if route.all_tokens else h.index_select(0, route.tokens)  # [M, r_cap]
+    if rank < r_cap:
+        h_in = h_in[:, :rank]
+    return F.embedding_bag(
+        idx, bt.reshape(n_slots * r_cap, -1), off, mode="sum", per_sample_weights=h_in.reshape(-1)
+    )  # [N, out]
 
 
 def lora_delta_grouped(
@@ -163,8 +235,8 @@ def choose_impl(n_tokens: int, n_adapters: int) -> Impl:
     """The fastest kernel for a module's share of a step (see the measurements above)."""
     if n_adapters == 1:
         return "dense"  # two plain matmuls
-    if n_tokens <= TOKEN_MAX_TOKENS:
-        return "token" if n_adapters >= TOKEN_MIN_ADAPTERS else "dense"
+    if n_tokens < TOKEN_MAX_TOKENS_PER_ADAPTER * n_adapters:
+        return "token"
     return "dense" if n_adapters <= DENSE_MAX_ADAPTERS_LONG else "grouped"
 
 
@@ -189,18 +261,20 @@ def lora_delta(
     if impl == "grouped":
         return lora_delta_grouped(x, batch.slots, route, a, bt)
     if impl == "token":
-        return lora_delta_token(x, batch.slots, route.rank, a, bt)
+        return lora_delta_token(x, route, a, bt)
     return lora_delta_dense(x, route, a, bt)
 
 
 class MultiLoRALinear(nn.Module):
     """A base Linear (plain, bitsandbytes 4/8-bit, ...) plus stacked per-slot LoRA weights.
 
-    ``lora_a`` [slots, r_cap, in] and ``lora_bt`` [slots, r_cap, out] (B transposed, pre-scaled) are buffers in
-    the compute dtype. ``r_cap`` is the largest rank any slot's adapter has on this module, so a module
-    no loaded adapter targets holds no storage, and one big adapter costs its rank on the modules it
-    targets only. Rows past a slot's own rank, every row of a free slot and all of slot 0 stay zero:
-    the ``gather`` reference reads them. Writing a slot is the slot manager's job (:meth:`write_slot`,
+    ``lora_a`` [slots, r_cap, in] and ``lora_bt`` [slots, r_cap, out] (B transposed, pre-scaled) are in the
+    compute dtype. ``lora_a`` is a view of the buffer ``lora_at`` [slots, in, r_cap] (contiguous): the
+    ``token`` kernel reads ``At`` rows in place, the others take ``lora_a`` as any strided tensor.
+    ``r_cap`` is the largest rank any slot's adapter has on this module, so a module no loaded adapter
+    targets holds no storage, and one big adapter costs its rank on the modules it targets only. Rows
+    past a slot's own rank, every row of a free slot and all of slot 0 stay zero: the ``gather``
+    reference reads them. Writing a slot is the slot manager's job (:meth:`write_slot`,
     :meth:`clear_slot`), always on the engine thread between steps, so a resize never races a forward.
     """
 
@@ -224,30 +298,35 @@ class MultiLoRALinear(nn.Module):
         self.slot_ranks = [0] * num_slots  # rank of each slot's adapter on this module (0: none)
         # Rank capacity 0: no adapter is loaded yet, so no storage (slot 0 is zeros by having no rows).
         self.register_buffer(
-            "lora_a", torch.zeros(num_slots, 0, in_features, dtype=dtype, device=device), persistent=False
+            "lora_at", torch.zeros(num_slots, in_features, 0, dtype=dtype, device=device), persistent=False
         )
         self.register_buffer(
             "lora_bt", torch.zeros(num_slots, 0, out_features, dtype=dtype, device=device), persistent=False
         )
 
-    lora_a: torch.Tensor
+    lora_at: torch.Tensor
     lora_bt: torch.Tensor
+
+    @property
+    def lora_a(self) -> torch.Tensor:
+        """A [slots, r_cap, in]: a transposed view of ``lora_at`` (writes go through to it)."""
+        return self.lora_at.transpose(1, 2)
 
     @property
     def rank_capacity(self) -> int:
         """r_cap: the rank every slot is padded to on this module (the largest loaded rank, or 0)."""
-        return int(self.lora_a.shape[1])
+        return int(self.lora_at.shape[2])
 
     def slot_memory_bytes(self) -> int:
         """Bytes held by this module's slot buffers. Safe from any thread: it reads two tensors' sizes."""
-        a, bt = self.lora_a, self.lora_bt
-        return int(a.nbytes) + int(bt.nbytes)
+        at, bt = self.lora_at, self.lora_bt
+        return int(at.nbytes) + int(bt.nbytes)
 
     def clear_slot(self, slot: int) -> None:
         """Free ``slot`` on this module; shrink the buffers if its adapter was the one that set r_cap."""
         self.slot_ranks[slot] = 0
         self._fit()
-        self.lora_a[slot].zero_()
+        self.lora_at[slot].zero_()
         self.lora_bt[slot].zero_()
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
@@ -270,9 +349,9 @@ class MultiLoRALinear(nn.Module):
             )
         self.slot_ranks[slot] = r
         self._fit()
-        self.lora_a[slot].zero_()
+        self.lora_at[slot].zero_()
         self.lora_bt[slot].zero_()
-        self.lora_a[slot, :r].copy_(a)
+        self.lora_at[slot, :, :r].copy_(a.T)
         self.lora_bt[slot, :r].copy_(b_scaled.T)
 
     def _fit(self) -> None:
@@ -285,12 +364,12 @@ class MultiLoRALinear(nn.Module):
         if r_cap == self.rank_capacity:
             return
         keep = min(r_cap, self.rank_capacity)
-        old_a, old_bt = self.lora_a, self.lora_bt
-        a = old_a.new_zeros(old_a.shape[0], r_cap, self.in_features)  # [slots, r_cap, in]
+        old_at, old_bt = self.lora_at, self.lora_bt
+        at = old_at.new_zeros(old_at.shape[0], self.in_features, r_cap)  # [slots, in, r_cap]
         bt = old_bt.new_zeros(old_bt.shape[0], r_cap, self.out_features)  # [slots, r_cap, out]
-        a[:, :keep].copy_(old_a[:, :keep])
+        at[:, :, :keep].copy_(old_at[:, :, :keep])
         bt[:, :keep].copy_(old_bt[:, :keep])
-        self.lora_a = a
+        self.lora_at = at
         self.lora_bt = bt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] (any leading dims)
@@ -304,7 +383,7 @@ class MultiLoRALinear(nn.Module):
         batch = self.context.batch
         if batch is None or self.rank_capacity == 0:  # base-only step, or no loaded adapter targets us
             return y
-        flat = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [N, in]
+        flat = x.reshape(-1, self.in_features).to(self.lora_at.dtype)  # [N, in]
         delta = lora_delta(flat, batch, self.slot_ranks, self.lora_a, self.lora_bt)  # [N, out]
         if delta is None:
             return y
