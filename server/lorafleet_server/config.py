@@ -359,6 +359,8 @@ def _check(c: ServerConfig) -> None:
         raise ValueError("adapter_cache_bytes must be > 0")
     if c.prefix_cache_bytes < 0:
         raise ValueError("prefix_cache_bytes must be >= 0 (0: no prefix cache)")
+    if c.burst_wait_ms < 0:
+        raise ValueError("burst_wait_ms must be >= 0 (0: no wait)")
     try:
         c.store_settings  # noqa: B018 - validates the store URL and the endpoint URL
     except AdapterError as exc:

@@ -69,6 +69,8 @@ CALL_TIMEOUT_SECONDS = 30.0
 # How long shutdown waits for the engine thread after aborting it; the thread is a daemon, so a
 # forward that never returns cannot keep the process alive past this.
 ABORT_JOIN_SECONDS = 30.0
+# While an idle engine gathers a burst (``burst_wait_ms``), a gap this long without a new message ends it.
+BURST_QUIET_SECONDS = 0.005
 DRAINING = "the server is draining: the request was not started; retry it (on another replica)"
 
 
@@ -97,6 +99,9 @@ class _Request:
     # tokens generated so far but the last (which is the next decode's input).
     resume_ids: list[int] = field(default_factory=list)
     preemptions: int = 0
+    start_step: int = 0  # the engine step at which it took its KV row (prefill order ages from here)
+    prefix_checked: bool = False  # its KV row holds the cached prefix found for it (or none was found)
+    prefix_hit: int = 0  # tokens of that prefix
 
     def __post_init__(self) -> None:
         self.resume_ids = self.prompt_ids
@@ -471,12 +476,7 @@ class Engine:
     def _run_loop(self) -> None:
         while True:
             self._wake.clear()
-            while True:
-                try:
-                    message = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                self._handle(message)
+            self._handle_inbox()
             if self._stop or (self._draining and not self._running and not self._waiting):
                 break
             self.adapters.retire_superseded()
@@ -487,12 +487,39 @@ class Engine:
                     self._busy = False
                 self._wake.wait(timeout=1.0)
                 continue
+            if not self._busy and self.config.burst_wait_ms > 0:  # idle until now: a burst may be arriving
+                self._gather_burst()
+                if self._stop:
+                    continue
+                self._admit()
+                if not self._running:  # all cancelled meanwhile
+                    continue
             self._busy = True
             self._step()
             for gone in [r for r in self._running if r.cancelled]:
                 self._finish(gone, FinishReason.CANCELLED)
         for r in list(self._running) + list(self._waiting):
             self._finish(r, FinishReason.CANCELLED)
+
+    def _handle_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(message)
+
+    def _gather_burst(self) -> None:
+        """Before the first step after idling, let the rest of a burst arrive: wait while messages keep
+        coming less than ``BURST_QUIET_SECONDS`` apart, for ``burst_wait_ms`` at most. Requests sent
+        together then share the first forward instead of waiting behind one that came a few
+        milliseconds ahead of them; a lone request pays one quiet interval."""
+        deadline = time.monotonic() + self.config.burst_wait_ms / 1000
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._wake.wait(min(BURST_QUIET_SECONDS, left)):
+                return
+            self._wake.clear()
+            self._handle_inbox()
 
     def _handle(self, message: _Message) -> None:
         """Apply one inbox message; runs on the engine thread between steps."""
@@ -588,7 +615,7 @@ class Engine:
         self._running.remove(r)
         self._free_rows.append(r.kv_row)
         self._free_rows.sort()
-        r.kv_row, r.cached = -1, 0
+        r.kv_row, r.cached, r.prefix_checked, r.prefix_hit = -1, 0, False, 0
         r.resume_ids = r.prompt_ids + r.generated[:-1] if r.generated else r.prompt_ids
         r.preemptions += 1
         with self._lock:
@@ -608,8 +635,10 @@ class Engine:
             self._count_queued(r.tenant, -1)
             self._free_row_count -= 1
         r.kv_row = self._free_rows.pop(0)
+        r.start_step = self.steps
         self._running.append(r)
-        self._reuse_prefix(r)
+        if self.config.prefill_order == "arrival":  # the policy before issue 13: look up at admission
+            self._reuse_prefix(r)
         if r.preemptions:  # resuming: its decoding state carries on
             return
         r.admitted = time.monotonic()
@@ -630,15 +659,38 @@ class Engine:
         first token's; a resumed request's last token is what its next decode sees). Embed and
         classify requests pool the hidden states of every token, so they compute all of them."""
         r.cached = 0
+        r.prefix_checked = True
         if r.req.embed or not self.prefix_cache.enabled:
             return
         n, blocks = self.prefix_cache.lookup(r.lora, r.resume_ids, len(r.resume_ids) - 1)
+        r.prefix_hit = n
         if not n:
             return
         k = torch.cat([b.k for b in blocks], dim=2)  # [layers, kv_heads, n, head_dim]
         v = torch.cat([b.v for b in blocks], dim=2)
         self.runner.kv.write(r.kv_row, 0, k, v)
         r.cached = n
+
+    def _waits_for_prefix(self, r: _Request, finishing: list[_Request]) -> bool:
+        """Whether ``r``, not started yet, should let this step go: a prompt whose prefill this step
+        completes (so whose blocks are stored right after it) shares with ``r`` a full block beyond what
+        that prompt itself found cached. ``r`` then looks up next step and computes only the rest, one
+        step later; prompts of a burst that share a system prompt compute it once instead of each."""
+        if r.req.embed or not self.prefix_cache.enabled:
+            return False
+        block = self.prefix_cache.block_tokens
+        limit = len(r.resume_ids) - 1  # the last token is always computed
+        for q in finishing:
+            if q.lora != r.lora or q.req.embed:
+                continue
+            shared = 0
+            for a, b in zip(q.resume_ids[:limit], r.resume_ids[:limit], strict=False):
+                if a != b:
+                    break
+                shared += 1
+            if shared // block * block > q.prefix_hit:
+                return True
+        return False
 
     def _remember_prefix(self, r: _Request) -> None:
         """``r`` just finished its prefill: keep its full blocks (prompt, and after a preemption the
@@ -649,22 +701,48 @@ class Engine:
         )
 
     def _plan(self) -> list[tuple[_Request, RowStep]]:
+        """This step's rows: one token for every row that has finished its prompt, then prompt chunks
+        within the rest of ``max_step_tokens`` (at least 16), in ``_prefill_queue`` order. A prompt's
+        chunk is as long as the budget left allows, so the budget finishes whole prompts in turn and
+        their first tokens come out in waves while the rows started earlier keep decoding."""
         plan: list[tuple[_Request, RowStep]] = []
         decoding = [r for r in self._running if not r.prefilling]
         for r in decoding:
             plan.append((r, RowStep(r.kv_row, r.cached, (r.generated[-1],), r.slot, True, False)))
         budget = max(self.config.max_step_tokens - len(decoding), 16)
-        for r in self._running:
-            if not r.prefilling or budget <= 0:
-                continue
+        finishing: list[_Request] = []  # rows whose prefill this step completes
+        for r in self._prefill_queue():
+            if budget <= 0:
+                break
+            if not r.prefix_checked:  # looked up now, so it finds the blocks of prompts prefilled before it
+                if self._waits_for_prefix(r, finishing):
+                    continue
+                self._reuse_prefix(r)
             n = min(len(r.resume_ids) - r.cached, budget)
             budget -= n
             chunk = tuple(r.resume_ids[r.cached : r.cached + n])
             last = r.cached + n == len(r.resume_ids)
+            if last:
+                finishing.append(r)
             # A resumed request already knows its next input (its last generated token): no logits.
             logits = last and not r.req.embed and not r.generated
             plan.append((r, RowStep(r.kv_row, r.cached, chunk, r.slot, logits, r.req.embed)))
         return plan
+
+    def _prefill_queue(self) -> list[_Request]:
+        """The prefilling rows in the order they get the step's prompt budget.
+
+        ``arrival``: in the order they took their rows. ``shortest`` (the default): fewest prompt tokens
+        left first (a prefix-cache hit not yet looked up still counts), aged so none starves: each step
+        since a row was admitted moves it ahead by half a step's budget. Among prompts admitted
+        together the short ones finish first, and so give their first tokens sooner; a long prompt
+        admitted with them waits at most about twice its own length in budget before it goes first.
+        """
+        rows = [r for r in self._running if r.prefilling]
+        if self.config.prefill_order == "arrival":
+            return rows
+        age_tokens = max(self.config.max_step_tokens // 2, 1)
+        return sorted(rows, key=lambda r: len(r.resume_ids) - r.cached - (self.steps - r.start_step) * age_tokens)
 
     def _step(self) -> None:
         plan = self._plan()

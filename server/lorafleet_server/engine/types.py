@@ -8,6 +8,9 @@ from typing import Literal, Protocol
 
 from lorafleet_adapters.ref import AdapterRef
 
+# The order in which prefilling rows get a step's prompt budget (Engine._prefill_queue).
+PrefillOrder = Literal["shortest", "arrival"]
+
 
 class FinishReason(enum.Enum):
     LENGTH = "length"
@@ -31,7 +34,27 @@ class EngineConfig:
     max_running_per_tenant: int = field(
         default=0, metadata={"help": "running requests of one tenant at most; more wait their turn (0: no limit)"}
     )
-    max_step_tokens: int = field(default=512, metadata={"help": "tokens per forward (decode rows plus prefill chunks)"})
+    max_step_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "tokens per forward (decode rows plus prefill chunks): smaller gives first tokens and running "
+            "streams sooner under a burst, larger costs fewer steps' fixed overhead"
+        },
+    )
+    prefill_order: PrefillOrder = field(
+        default="shortest",
+        metadata={
+            "help": "which prompts a step's prefill budget goes to first: shortest (fewest tokens left, aged so "
+            "none starves) or arrival (admission order)"
+        },
+    )
+    burst_wait_ms: int = field(
+        default=50,
+        metadata={
+            "help": "an idle engine waits this long at most for the rest of a burst before its first step "
+            "(it stops after 5 ms without a new request; 0: start at once)"
+        },
+    )
     prefix_cache_bytes: int = field(
         default=512 << 20,
         metadata={
