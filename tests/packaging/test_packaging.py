@@ -91,7 +91,7 @@ def test_a_forbidden_import_breaks_its_contract(tmp_path: Path, module: str, bad
         REPO,
         copy,
         ignore=shutil.ignore_patterns(
-            ".venv", ".git", "data", ".tools", "node_modules", "__pycache__", "*_cache", "bench", "demo"
+            ".venv*", ".git", "data", ".tools", "node_modules", "__pycache__", "*_cache", "bench", "demo"
         ),
     )
     target = copy / module

@@ -1,0 +1,122 @@
+"""The vLLM peer of bench/serving.py without vLLM: argument handling and what the runner passes to vLLM.
+
+The peer itself needs its 3.4 GB venv (`make vllm-peer`) and minutes per server start, so it is run by
+hand (`python -m bench.serving --peer vllm`), not here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import serving
+from bench.vllm_peer import PeerUnavailable, VllmConfig, log_facts, peer_python, vllm_dtype
+
+
+def test_a_missing_vllm_venv_fails_first_with_the_make_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        serving.main(["--peer", "vllm", "--vllm-venv", str(tmp_path / "nowhere"), "--configs", "base"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "make vllm-peer" in err and str(tmp_path / "nowhere") in err
+    assert time.perf_counter() - started < 5  # before any model is loaded or adapter made
+
+
+def test_a_venv_without_vllm_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").touch()
+    with pytest.raises(PeerUnavailable, match=r"no vllm package.*make vllm-peer"):
+        peer_python(tmp_path)
+    package = tmp_path / "lib" / "python3.11" / "site-packages" / "vllm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").touch()
+    assert peer_python(tmp_path) == tmp_path / "bin" / "python"
+
+
+def test_the_peer_only_runs_with_the_load_scenario(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="load scenario only"):
+        serving.main(["--peer", "vllm", "--vllm-venv", str(tmp_path), "--scenario", "prefix"])
+
+
+def test_vllm_gets_the_adapters_the_dtype_and_stays_offline(tmp_path: Path) -> None:
+    modules = {"default-00": tmp_path / "a00", "default-01": tmp_path / "a01"}
+    cfg = VllmConfig(
+        venv=tmp_path,
+        model_dir=tmp_path / "model",
+        served_name="SmolLM2",
+        dtype=vllm_dtype("bfloat16"),
+        log_path=tmp_path / "log",
+        lora_modules=modules,
+        max_loras=2,
+        threads_bind="1",
+    )
+    cmd = cfg.command(Path("python"), 1234)
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    assert cmd[cmd.index("--served-model-name") + 1] == "SmolLM2"
+    assert "--enable-lora" in cmd and cmd[cmd.index("--max-loras") + 1] == "2"
+    at = cmd.index("--lora-modules")
+    assert cmd[at + 1 : at + 3] == [f"default-00={tmp_path / 'a00'}", f"default-01={tmp_path / 'a01'}"]
+    base_only = VllmConfig(venv=tmp_path, model_dir=tmp_path, served_name="m", dtype="float32", log_path=tmp_path)
+    assert "--enable-lora" not in base_only.command(Path("python"), 1)
+    env = cfg.environment()
+    assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    with pytest.raises(ValueError, match="no vLLM dtype"):
+        vllm_dtype("int8")
+
+
+def test_the_log_facts_come_from_a_vllm_log() -> None:
+    log = "\n".join(
+        [
+            "(APIServer pid=1) INFO 12-02 10:16:24 [api_utils.py:347]  ▄▄ ▄█ █     █     █ ▀▄▀ █  version 0.32.0",
+            "(EngineCore pid=2) INFO 12-02 10:17:02 [core.py:133] Initializing a V1 LLM engine (v0.32.0) with "
+            "config: model='m', dtype=torch.bfloat16, max_seq_len=512,",
+            "(EngineCore pid=2) INFO 12-02 10:17:03 [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0]",
+            "(EngineCore pid=2) INFO 12-02 10:17:03 [ompmultiprocessing.py:185] \treserved_cpus=[1]",
+        ]
+    )
+    facts = log_facts(log)
+    assert facts["dtype"] == "bfloat16" and facts["version"] == "0.32.0"
+    assert facts["threads_bind"] == ["local_rank=0, core ids=[0]", "reserved_cpus=[1]"]
+    assert log_facts("nothing here")["dtype"] is None
+
+
+def _run(name: str, kind: str, tokens_per_second: float, prompt_tokens: int, cores: float = 1.0) -> serving.RunResult:
+    record = {"prompt_tokens": prompt_tokens}
+    return serving.RunResult(
+        name, kind, None, 0, 1, 1, 1.0, 64, 0, tokens_per_second, None, None, None, None, (0, 0, 0), cores, 0,
+        records=[record],
+    )  # fmt: skip
+
+
+def test_the_issue_ratios_compare_lorafleet_with_the_peer_per_transport() -> None:
+    """lorafleet's tok/s (the mean of its runs before and after the peer's) over the peer's, per transport."""
+    runs = [
+        _run("base", "base", 120.0, 40),
+        _run("32xdefault", "adapters", 100.0, 40),
+        _run("32xdefault+http", "http", 90.0, 40),
+        _run("vllm:base", "vllm", 200.0, 40, cores=2.0),  # 64 tokens in 1 s on 2 cores: 32 per CPU-second
+        _run("vllm:32xdefault", "vllm", 40.0, 40),
+        _run("32xdefault (after)", "adapters", 60.0, 40, cores=0.5),  # lorafleet after the peer: the mean counts
+    ]
+    facts = {"version": "0.32.0", "dtype": "bfloat16", "startup_seconds": 60.0, "log": "x"}
+    meta: dict[str, Any] = {"vllm": {"dtype_requested": "bfloat16", "threads_bind": "auto", "servers": {"base": facts}}}
+    lines = serving.peer_checks(runs, meta, 32)
+    ratios: dict[str, float] = meta["vllm"]["ratios"]
+    assert {k: v for k, v in ratios.items() if not k.endswith("per cpu-s")} == {
+        "32xdefault / vllm:base": 0.4,
+        "32xdefault+http / vllm:base": 0.45,
+        "32xdefault / vllm:32xdefault": 2.0,
+        "32xdefault+http / vllm:32xdefault": 2.25,
+        "base / vllm:base": 0.6,
+    }
+    assert ratios["32xdefault / vllm:base per cpu-s"] == 3.0  # mean(64, 128) / 32
+    assert ratios["base / vllm:base per cpu-s"] == 2.0
+    assert "same workload: 40 prompt tokens" in "\n".join(lines)
+    runs[3] = _run("vllm:base", "vllm", 200.0, 55)  # a different chat template: said, not hidden
+    assert "prompt tokens differ" in "\n".join(serving.peer_checks(runs, meta, 32))
