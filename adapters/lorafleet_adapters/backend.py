@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from lorafleet_adapters.errors import InvalidStoreLocation
 from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec
@@ -49,7 +51,9 @@ class Store(Protocol):
 
     def version_dir(self, key: AdapterKey) -> Path: ...
 
-    def load(self, key: AdapterKey, spec: BaseModelSpec) -> AdapterWeights: ...
+    def load(self, key: AdapterKey, spec: BaseModelSpec, *, dtype: torch.dtype = torch.float32) -> AdapterWeights:
+        """Verified weights of a LoRA version, as ``dtype`` (the device slots' dtype: see AdapterWeights)."""
+        ...
 
     def load_prompt(self, key: AdapterKey) -> PromptTemplate: ...
 

@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from botocore.exceptions import BotoCoreError, ClientError
 
 from lorafleet_adapters.disk_cache import VersionCache
@@ -253,7 +254,7 @@ class S3AdapterStore:
         with self._local(key) as path:
             return path
 
-    def load(self, key: AdapterKey, spec: BaseModelSpec) -> AdapterWeights:
+    def load(self, key: AdapterKey, spec: BaseModelSpec, *, dtype: torch.dtype = torch.float32) -> AdapterWeights:
         manifest = self.manifest(key)
         if manifest.kind != "lora":
             raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}; only 'lora' has weights")
@@ -264,7 +265,7 @@ class S3AdapterStore:
                 f"({spec.model_id}, {spec.quantization})"
             )
         with self._local(key) as path:
-            return load_adapter_weights(path, spec, key)
+            return load_adapter_weights(path, spec, key, dtype=dtype)
 
     def load_prompt(self, key: AdapterKey) -> PromptTemplate:
         manifest = self.manifest(key)

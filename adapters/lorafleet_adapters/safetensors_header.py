@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_adapters.hostmem import Buffer
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
@@ -60,6 +61,27 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     tensors = _parse_entries(path.name, header_bytes)
     _check_tiling(path.name, tensors, file_size - 8 - header_len)
     return tensors
+
+
+def parse_header_bytes(file_name: str, data: Buffer) -> tuple[dict[str, TensorInfo], int]:
+    """Parse and check the header of a whole safetensors file held in ``data``.
+
+    Returns the tensors by name (file order) and where the data buffer starts in ``data``; every
+    tensor's ``data_offsets`` are relative to that start, and together they tile the rest exactly.
+    """
+    file_size = len(data)
+    if file_size < 8:
+        raise AdapterFormatError(f"{file_name}: file is {file_size} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack_from("<Q", data, 0)
+    if header_len > MAX_HEADER_BYTES:
+        raise AdapterFormatError(f"{file_name}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap")
+    if 8 + header_len > file_size:
+        raise AdapterFormatError(
+            f"{file_name}: header declares {header_len} bytes but the file is only {file_size} bytes (truncated?)"
+        )
+    tensors = _parse_entries(file_name, bytes(data[8 : 8 + header_len]))
+    _check_tiling(file_name, tensors, file_size - 8 - header_len)
+    return tensors, 8 + header_len
 
 
 def _parse_entries(file_name: str, header_bytes: bytes) -> dict[str, TensorInfo]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from lorafleet_adapters.errors import (
     AdapterFormatError,
     AdapterIncompatible,
@@ -51,6 +53,7 @@ from lorafleet_adapters.peft_format import (
 from lorafleet_adapters.prompt import PROMPT_FILE, PromptTemplate
 from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
 from lorafleet_adapters.safetensors_header import MAX_HEADER_BYTES
+from lorafleet_adapters.verified_read import VerifiedFiles
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ RETRAIN_RECORD_FILE = "lorafleet-retrain.json"  # a LoRA version's training reco
 STALE_STAGING_SECONDS = 24 * 3600  # no live publish stays untouched this long
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_README_BYTES = 1 << 20
+MAX_SMALL_FILE_BYTES = 64 << 20  # any listed file besides the weights (config, README, records): far below
 _EXTRA_FIELDS = frozenset({"training_data_fingerprint", "eval_metrics", "pii_scan"})
 _TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
 
@@ -81,6 +85,7 @@ class AdapterStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._verified = VerifiedFiles()  # files hashed once by this process (verified_read.py)
 
     @property
     def location(self) -> str:
@@ -163,8 +168,12 @@ class AdapterStore:
             )
         return manifest
 
-    def load(self, key: AdapterKey, spec: BaseModelSpec) -> AdapterWeights:
-        """Verify the version's files and base, then load its weights."""
+    def load(self, key: AdapterKey, spec: BaseModelSpec, *, dtype: torch.dtype = torch.float32) -> AdapterWeights:
+        """Verify the version's files and base, then load its weights as ``dtype`` (see AdapterWeights).
+
+        The weights file is read once: hashed while read (or, read again later by this process, checked
+        by its fstat identity: verified_read.py), and the tensors come from those same bytes.
+        """
         manifest = self.manifest(key)
         if manifest.kind != "lora":
             raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}; only 'lora' has weights")
@@ -175,8 +184,9 @@ class AdapterStore:
                 f"({spec.model_id}, {spec.quantization})"
             )
         vdir = self.version_dir(key)
-        self._verify_files(key, vdir, manifest)
-        return load_adapter_weights(vdir, spec, key)
+        self._verify_files(key, vdir, manifest, skip=WEIGHTS_FILE)
+        data = self._read_verified(key, vdir, WEIGHTS_FILE, manifest, max_weights_bytes(spec))
+        return load_adapter_weights(vdir, spec, key, dtype=dtype, data=data)
 
     def load_prompt(self, key: AdapterKey) -> PromptTemplate:
         """Verify a prompt version's files and read its template."""
@@ -408,20 +418,28 @@ class AdapterStore:
         versions = self.versions(tenant, name)
         return versions[-1] if versions else None
 
-    def _verify_files(self, key: AdapterKey, vdir: Path, manifest: Manifest) -> None:
+    def _verify_files(self, key: AdapterKey, vdir: Path, manifest: Manifest, skip: str | None = None) -> None:
+        """Check every file the manifest lists against its sha256 (``skip``: one the caller reads itself)."""
         for required in required_files(manifest.kind):
             if required not in manifest.files:
                 raise AdapterFormatError(f"{key}: {MANIFEST_FILE} does not list {required}")
-        for file_name, expected in manifest.files.items():
-            path = self._inside(vdir / file_name)
-            if not path.is_file():
-                raise AdapterFormatError(f"{key}: {file_name} listed in {MANIFEST_FILE} is missing")
-            with _store_io(f"read {file_name}"):
-                actual = sha256_file(path)
-            if actual != expected:
-                raise AdapterFormatError(
-                    f"{key}: checksum mismatch for {file_name}: manifest has sha256 {expected}, file has {actual}"
-                )
+        for file_name in manifest.files:
+            if file_name != skip:
+                self._read_verified(key, vdir, file_name, manifest, MAX_SMALL_FILE_BYTES)
+
+    def _read_verified(
+        self, key: AdapterKey, vdir: Path, file_name: str, manifest: Manifest, max_bytes: int
+    ) -> memoryview:
+        """A listed file's bytes, checked against the manifest's sha256 (once per process: verified_read.py).
+
+        Valid until this thread reads the next file (VerifiedBytes.data): parse them before that."""
+        path = self._inside(vdir / file_name)
+        try:
+            return self._verified.read(path, manifest.files[file_name], str(key), max_bytes=max_bytes).data
+        except (FileNotFoundError, IsADirectoryError):
+            raise AdapterFormatError(f"{key}: {file_name} listed in {MANIFEST_FILE} is missing") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"adapter store: cannot read {file_name}: {exc.strerror or exc}") from exc
 
 
 def _version_number(entry: str) -> int | None:
@@ -613,9 +631,14 @@ def required_files(kind: str) -> tuple[str, ...]:
     return ()
 
 
+def max_weights_bytes(spec: BaseModelSpec) -> int:
+    """The largest weights file accepted: the adapter cap plus the largest header safetensors allows."""
+    return spec.max_adapter_bytes + MAX_HEADER_BYTES + 8
+
+
 def _check_source_size(weights_path: Path, spec: BaseModelSpec) -> None:
     size = weights_path.stat().st_size
-    limit = spec.max_adapter_bytes + MAX_HEADER_BYTES + 8
+    limit = max_weights_bytes(spec)
     if size > limit:
         raise AdapterFormatError(f"{weights_path.name} is {size} bytes, over the {spec.max_adapter_bytes}-byte cap")
 

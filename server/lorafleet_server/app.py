@@ -125,7 +125,13 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     slots = DeviceSlots(config.max_loaded_adapters, write, clear, lambda e: metrics.adapter_event("device", e))
     host_cache = HostCache(config.host_cache_bytes, lambda e: metrics.adapter_event("host", e))
     manager = AdapterManager(
-        store, base.spec, host_cache, slots, observer=metrics, poll_seconds=config.adapter_poll_seconds
+        store,
+        base.spec,
+        host_cache,
+        slots,
+        observer=metrics,
+        poll_seconds=config.adapter_poll_seconds,
+        host_dtype=base.dtype,
     )
     runner = ModelRunner(
         base.model,

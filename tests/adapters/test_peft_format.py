@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import struct
 from pathlib import Path
@@ -29,7 +30,7 @@ def assert_matches_peft(weights: Any, peft_model: Any) -> None:
         a, b_scaled = weights.modules[name]
         scaling = layer.scaling["default"]
         assert a.dtype == b_scaled.dtype == torch.float32
-        assert a.is_contiguous() and b_scaled.is_contiguous()
+        assert a.T.is_contiguous() and b_scaled.T.is_contiguous()  # A^T [in, r], B^T [r, out]: a slot's layout
         torch.testing.assert_close(a, layer.lora_A["default"].weight.detach(), rtol=0, atol=0)
         torch.testing.assert_close(b_scaled, layer.lora_B["default"].weight.detach() * scaling)
 
@@ -288,3 +289,84 @@ def test_zero_rank_and_bad_json(adapter_dir: Path, spec: BaseModelSpec) -> None:
     (adapter_dir / "adapter_config.json").unlink()
     with pytest.raises(AdapterFormatError, match=r"adapter_config\.json is missing"):
         read_lora_config(adapter_dir, spec.max_lora_rank)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_slot_dtype_equals_a_copy_of_the_fp32_weights(
+    make_adapter: MakeAdapter, spec: BaseModelSpec, dtype: Any
+) -> None:
+    """Loading in the slots' dtype gives exactly what copying the fp32 weights into such a slot gives
+    (the scaling is applied in fp32 and rounded once), in one host buffer of exactly ``nbytes``."""
+    adapter_dir, peft_model = make_adapter(target_modules="all-linear", lora_alpha=5)
+    reference = load_adapter_weights(adapter_dir, spec)
+    assert_matches_peft(reference, peft_model)
+    weights = load_adapter_weights(adapter_dir, spec, dtype=dtype)
+    assert weights.dtype == dtype and set(weights.modules) == set(reference.modules)
+    storages = set()
+    for name, (a, b_scaled) in weights.modules.items():
+        ref_a, ref_b = reference.modules[name]
+        assert a.dtype == b_scaled.dtype == dtype
+        assert torch.equal(a, ref_a.to(dtype)) and torch.equal(b_scaled, ref_b.to(dtype))
+        assert a.T.is_contiguous() and b_scaled.T.is_contiguous()
+        storages.add(a.untyped_storage().data_ptr())
+        storages.add(b_scaled.untyped_storage().data_ptr())
+    assert len(storages) == 1  # one flat buffer: the host cache's byte count is what it holds
+    assert weights.nbytes == sum(a.nbytes + b.nbytes for a, b in weights.modules.values())
+    assert weights.nbytes == next(iter(weights.modules.values()))[0].untyped_storage().nbytes()
+
+
+def test_given_bytes_are_the_bytes_used(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    """``data`` (what the store read and hashed) is parsed instead of the file on disk."""
+    data = (adapter_dir / WEIGHTS_FILE).read_bytes()
+    pair = lora_pair(Q0, 4, 64, 64)
+    write_tensors(adapter_dir, pair)  # the file on disk now differs (and would be refused: one module)
+    weights = load_adapter_weights(adapter_dir, spec, data=bytearray(data))
+    assert len(weights.modules) == 4
+
+
+def test_unaligned_data_and_mixed_dtypes(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    """A header whose length is not a multiple of 8 (other writers than safetensors' own) and tensors of
+    several dtypes load to the same values; a NaN among them is still named."""
+    pair = lora_pair(Q0, 4, 64, 64)
+    a_name, b_name = list(pair)
+    pair[a_name] = pair[a_name].to(torch.float16)
+    tensors = [(a_name, pair[a_name], "F16"), (b_name, pair[b_name], "F32")]
+    header: dict[str, Any] = {}
+    blobs = []
+    offset = 0
+    for name, tensor, dtype_name in tensors:
+        blob = tensor.contiguous().numpy().tobytes()
+        header[name] = {"dtype": dtype_name, "shape": list(tensor.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8 + 3)  # 3 bytes past alignment
+    assert (8 + len(raw)) % 8 != 0
+    path = adapter_dir / WEIGHTS_FILE
+    edit_config(adapter_dir, target_modules=["q_proj"], layers_to_transform=[0], r=4, lora_alpha=8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+    weights = load_adapter_weights(adapter_dir, spec)
+    a, b_scaled = weights.modules[Q0]
+    assert torch.equal(a, pair[a_name].float()) and torch.equal(b_scaled, pair[b_name] * 2.0)
+    bad = bytearray(path.read_bytes())
+    nan = struct.pack("<f", float("nan"))
+    start = 8 + len(raw) + header[b_name]["data_offsets"][0]
+    bad[start : start + 4] = nan
+    path.write_bytes(bytes(bad))
+    with pytest.raises(AdapterFormatError, match=f"tensor '{b_name}' holds NaN"):
+        load_adapter_weights(adapter_dir, spec)
+
+
+def test_finite_values_whose_sum_overflows_are_accepted(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    """The fast finiteness check sums the whole buffer; huge finite values overflow that sum, and the
+    exact per-tensor check then accepts them (only NaN and infinities are refused)."""
+    pair = lora_pair(Q0, 4, 64, 64)
+    pair[f"base_model.model.{Q0}.lora_A.weight"].fill_(3e38)
+    write_tensors(adapter_dir, pair)
+    edit_config(adapter_dir, target_modules=["q_proj"], layers_to_transform=[0])
+    weights = load_adapter_weights(adapter_dir, spec)
+    assert float(weights.modules[Q0][0].max()) == pytest.approx(3e38)
+    pair[f"base_model.model.{Q0}.lora_B.weight"][1, 1] = float("-inf")
+    write_tensors(adapter_dir, pair)
+    with pytest.raises(AdapterFormatError, match=r"lora_B\.weight' holds NaN or infinite"):
+        load_adapter_weights(adapter_dir, spec)

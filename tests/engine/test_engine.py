@@ -319,10 +319,10 @@ def test_concurrent_requests_for_a_cold_adapter_load_it_once(
     original = service.store.load
     submitted = threading.Event()
 
-    def counting_load(key: Any, spec: Any) -> Any:
+    def counting_load(key: Any, spec: Any, **options: Any) -> Any:
         calls.append(str(key))
         assert submitted.wait(30)  # a slow disk: every request arrives while the load runs
-        return original(key, spec)
+        return original(key, spec, **options)
 
     monkeypatch.setattr(service.store, "load", counting_load)
     sinks = [

@@ -1,0 +1,783 @@
+"""1,000 adapters under Zipf traffic: bounded host memory, hit ratios and cold loads (issue 13, goal 5).
+
+What it does, in one invocation:
+
+1. Makes ``--adapters`` adapters (default 1,000; half r=8 on q_proj/v_proj, half r=16 on every linear,
+   alternating along the popularity ranking so both shapes are spread over hot and cold) with random
+   weights in PEFT's exact format (one PeftModel gives each shape's config and tensor names) and
+   imports them into a local store, the publish path the CLI uses (validated, hashed, fsync'd).
+2. Starts the real server (``lorafleet serve``, a child process) on that store, bf16 by default
+   (``--dtype``), with ``--host-cache-bytes`` small enough that the host tier must evict, and a
+   prefix cache sized for the run (``--prefix-cache-bytes``, reported, since it also grows RSS).
+3. Sends ``--requests`` requests (default 10,000) whose adapters are drawn from Zipf(``--zipf``, 1.1)
+   over the adapters with a fixed seed, ``--new-tokens`` (8) greedy tokens each, from ``--clients``
+   (16) concurrent clients. It is a cache benchmark: short generations keep the run in minutes.
+   The server's RSS is sampled every 0.5 s from /proc; the first ``--warmup`` share of requests (10%)
+   is the warm-up, after which RSS must stay within 5% ("flat").
+4. Reports, from the server's own counters (the metrics endpoint) over the measured window: host and
+   device hit ratios; from its log (one line per load): store -> host and host -> device times per
+   shape, split into first loads in the process (the weights file is hashed) and reloads (checked by
+   its fstat identity: adapters/lorafleet_adapters/verified_read.py); routing: every response must
+   name the adapter version its request asked for, and a sample of (adapter, prompt) pairs is sent
+   again one at a time after the run: the text must equal what the mixed run gave.
+5. Then, with the server stopped (quiet machine), times isolated cold loads in-process, the goal's
+   number: ``--cold-loads`` per shape and kind (first load, reload), store -> host and host -> device.
+
+Results: a table on stdout and JSON in bench/results/zipf-<timestamp>.json.
+
+    .venv/bin/python -m bench.zipf --quick        # ~3 minutes: 200 adapters, 1,000 requests
+    .venv/bin/python -m bench.zipf                # 1,000 adapters, 10,000 requests (~15-20 minutes here)
+    .venv/bin/python -m bench.serving --scenario zipf --quick   # the same, through bench/serving.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.serving import SHAPES, Shape, make_adapters, percentile, prompt_text
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+TENANT = "zipf"
+MiB = 1 << 20
+
+log = logging.getLogger("bench.zipf")
+
+
+def say(msg: str) -> None:
+    print(f"[zipf {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------- adapters
+
+
+def shape_of_rank(rank: int, r16_every: int) -> Shape:
+    """The shape of the adapter at popularity ``rank`` (0 = most popular): every ``r16_every``-th is r=16."""
+    return SHAPES["r16all"] if r16_every and rank % r16_every == r16_every - 1 else SHAPES["default"]
+
+
+def adapter_name(rank: int, shape: Shape) -> str:
+    return f"{shape.key}-{rank:04d}"
+
+
+def make_store(model_dir: Path, spec: Any, root: Path, count: int, r16_every: int, seed: int) -> dict[str, Shape]:
+    """``count`` random adapters published into the local store at ``root``; returns ref -> shape.
+
+    Each adapter is written as a PEFT directory (the template's adapter_config.json, its own random
+    tensors under the template's names), imported, and its source removed, so the disk holds one copy.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lorafleet_adapters.store import AdapterStore
+
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-zipf-sources-"))  # PEFT directories, one at a time
+    shapes = [SHAPES["default"], SHAPES["r16all"]] if r16_every else [SHAPES["default"]]
+    templates = make_adapters(model_dir, shapes, 1, work / "templates", seed)
+    layouts: dict[str, dict[str, list[int]]] = {}
+    for key, dirs in templates.items():
+        with safe_open(str(dirs[0] / "adapter_model.safetensors"), "pt") as fh:
+            layouts[key] = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    store = AdapterStore(root)
+    gen = torch.Generator().manual_seed(seed)
+    refs: dict[str, Shape] = {}
+    started = time.perf_counter()
+    for rank in range(count):
+        shape = shape_of_rank(rank, r16_every)
+        src = work / "one"
+        src.mkdir(parents=True)
+        shutil.copy(templates[shape.key][0] / "adapter_config.json", src / "adapter_config.json")
+        tensors = {}
+        for name, dims in layouts[shape.key].items():
+            std = 0.05 if "lora_B" in name else dims[1] ** -0.5
+            tensors[name] = torch.randn(*dims, generator=gen) * std  # [r, in] or [out, r]
+        save_file(tensors, str(src / "adapter_model.safetensors"), metadata={"format": "pt"})
+        name = adapter_name(rank, shape)
+        store.import_peft(src, TENANT, name, spec)
+        shutil.rmtree(src)
+        refs[f"{TENANT}/{name}"] = shape
+        if (rank + 1) % 100 == 0:
+            say(f"published {rank + 1}/{count} adapters ({time.perf_counter() - started:.0f}s)")
+    shutil.rmtree(work, ignore_errors=True)
+    return refs
+
+
+def zipf_ranks(count: int, requests: int, exponent: float, seed: int) -> list[int]:
+    """``requests`` popularity ranks in [0, count): P(rank k) proportional to 1 / (k + 1) ** exponent."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.arange(1, count + 1, dtype=torch.float64) ** -exponent
+    return [int(i) for i in torch.multinomial(weights, requests, replacement=True, generator=gen)]
+
+
+# ----------------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of the metrics endpoint: (name, sorted labels) -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): float(s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(args: argparse.Namespace, model_dir: Path, store: Path, data_dir: Path) -> ServerProcess:
+    port, metrics_port = free_port(), free_port()
+    log_path = data_dir / "server.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    flags = {
+        "--model": model_dir,
+        "--adapter-store": store,
+        "--data-dir": data_dir,
+        "--host": "127.0.0.1",
+        "--port": port,
+        "--metrics-port": metrics_port,
+        "--http-port": 0,
+        "--dtype": args.dtype,
+        "--max-lora-rank": 16,
+        "--max-loaded-adapters": args.slots,
+        "--host-cache-bytes": args.host_cache_mib * MiB,
+        "--prefix-cache-bytes": args.prefix_cache_mib * MiB,
+        "--max-batch-size": args.max_batch_size,
+        "--adapter-poll-seconds": 0,
+        "--log-level": "INFO",  # one line per adapter load: the per-shape cold-load times come from it
+    }
+    if args.threads:
+        flags["--torch-threads"] = args.threads
+    command = [str(Path(sys.executable).parent / "lorafleet"), "serve"]
+    for flag, value in flags.items():
+        command += [flag, str(value)]
+    env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    return ServerProcess(proc, port, metrics_port, log_path)
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler:
+    """The server's resident set, every ``period`` seconds, on a thread: (seconds since start, bytes)."""
+
+    def __init__(self, pid: int, period: float = 0.5) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._pid, self._period = pid, period
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = rss_bytes(self._pid)
+            if rss is not None:
+                self.samples.append((self.now(), rss))
+            self._stop.wait(self._period)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ----------------------------------------------------------------------------------- traffic
+
+
+@dataclass
+class Reply:
+    index: int
+    adapter: str  # the reference sent
+    prompt: int  # prompt index
+    served: str  # the adapter version the server says served it
+    text: str
+    seconds: float
+    error: str | None = None
+
+
+async def run_traffic(
+    target: str,
+    refs: Sequence[str],
+    ranks: Sequence[int],
+    *,
+    clients: int,
+    new_tokens: int,
+    prompts: int,
+    on_done: Any,
+) -> list[Reply]:
+    """Every request of ``ranks`` once, ``clients`` at a time (each takes the next unsent one)."""
+    from lorafleet import AsyncLoraFleetClient, LoraFleetError, Sampling
+
+    conns = [AsyncLoraFleetClient(target, timeout=900) for _ in range(clients)]
+    replies: list[Reply] = []
+    next_index = 0
+    try:
+        await asyncio.gather(*(c.wait_for_ready(120) for c in conns))
+
+        async def client_task(conn: Any) -> None:
+            nonlocal next_index
+            while next_index < len(ranks):
+                i = next_index
+                next_index += 1
+                ref, prompt = refs[ranks[i]], i % prompts
+                started = time.perf_counter()
+                try:
+                    done = await conn.generate(
+                        prompt=prompt_text(prompt),
+                        adapter=ref,
+                        sampling=Sampling(max_new_tokens=new_tokens, temperature=0.0),
+                    )
+                    reply = Reply(i, ref, prompt, done.adapter, done.text, time.perf_counter() - started)
+                except LoraFleetError as exc:
+                    reply = Reply(i, ref, prompt, "", "", time.perf_counter() - started, repr(exc))
+                replies.append(reply)
+                await on_done(len(replies))
+
+        await asyncio.gather(*(client_task(c) for c in conns))
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+    return replies
+
+
+async def server_dtype(target: str) -> str:
+    """The compute dtype the server reports ("bfloat16", "float32")."""
+    from lorafleet import AsyncLoraFleetClient
+
+    async with AsyncLoraFleetClient(target, timeout=120) as conn:
+        await conn.wait_for_ready(120)
+        return (await conn.model_info()).dtype
+
+
+async def replay_alone(target: str, pairs: Sequence[tuple[str, int]], new_tokens: int) -> list[str]:
+    """Each (adapter, prompt) sent again, one request at a time: what that adapter alone gives."""
+    from lorafleet import AsyncLoraFleetClient, Sampling
+
+    texts = []
+    async with AsyncLoraFleetClient(target, timeout=900) as conn:
+        for ref, prompt in pairs:
+            done = await conn.generate(
+                prompt=prompt_text(prompt),
+                adapter=ref,
+                sampling=Sampling(max_new_tokens=new_tokens, temperature=0.0),
+            )
+            texts.append(done.text)
+    return texts
+
+
+# ----------------------------------------------------------------------------------- reading results
+
+_STORE_LINE = re.compile(r"adapter (\S+)@(\d+) read from the store in ([0-9.]+)s")
+_DEVICE_LINE = re.compile(r"adapter (\S+)@(\d+) written to device slot \d+ in ([0-9.]+)s")
+
+
+@dataclass
+class LoadTimes:
+    store_first: list[float] = field(default_factory=list)  # first load in the process: hashed
+    store_again: list[float] = field(default_factory=list)  # reloads: fstat identity checked
+    device: list[float] = field(default_factory=list)
+
+
+def parse_loads(log_text: str, refs: dict[str, Shape], since_line: int = 0) -> dict[str, LoadTimes]:
+    """Per shape, the load times the server logged (lines from ``since_line`` on count)."""
+    out = {shape.key: LoadTimes() for shape in refs.values()}
+    seen: set[str] = set()
+    for number, line in enumerate(log_text.splitlines()):
+        if m := _STORE_LINE.search(line):
+            ref, seconds = m[1], float(m[3])
+            first = ref not in seen
+            seen.add(ref)
+            if number >= since_line and ref in refs:
+                times = out[refs[ref].key]
+                (times.store_first if first else times.store_again).append(seconds)
+        elif (m := _DEVICE_LINE.search(line)) and number >= since_line and m[1] in refs:
+            out[refs[m[1]].key].device.append(float(m[3]))
+    return out
+
+
+def counter(metrics: dict[Any, float], name: str, **labels: str) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def tier_ratios(before: dict[Any, float], after: dict[Any, float]) -> dict[str, dict[str, float]]:
+    """Hits, misses and hit ratio per tier between two scrapes of the metrics endpoint."""
+    out = {}
+    for tier in ("device", "host"):
+        hits = counter(after, "lorafleet_adapter_cache_hits_total", tier=tier) - counter(
+            before, "lorafleet_adapter_cache_hits_total", tier=tier
+        )
+        misses = counter(after, "lorafleet_adapter_cache_misses_total", tier=tier) - counter(
+            before, "lorafleet_adapter_cache_misses_total", tier=tier
+        )
+        evictions = counter(after, "lorafleet_adapter_evictions_total", tier=tier) - counter(
+            before, "lorafleet_adapter_evictions_total", tier=tier
+        )
+        total = hits + misses
+        out[tier] = {"hits": hits, "misses": misses, "evictions": evictions, "hit_ratio": hits / total if total else 0}
+    return out
+
+
+def host_bytes(metrics: dict[Any, float], refs: dict[str, Shape], per_shape: dict[str, int]) -> int:
+    """Bytes of adapter weights in the host cache, from the residency series (one per held version)."""
+    total = 0
+    for (name, labels), _value in metrics.items():
+        if name != "lorafleet_adapter_resident" or ("tier", "host") not in labels:
+            continue
+        ref = dict(labels)["adapter"].rsplit("@", 1)[0]
+        if ref in refs:
+            total += per_shape[refs[ref].key]
+    return total
+
+
+def host_weight_bytes(shape: Shape, spec: Any, element_size: int) -> int:
+    """What one adapter of ``shape`` holds on the host: A [r, in] and B^T [r, out] per targeted module."""
+    targets = shape.target_modules
+    total = 0
+    for module, (out_f, in_f) in spec.target_shapes.items():
+        leaf = module.rsplit(".", 1)[-1]
+        if targets == "all-linear" or leaf in targets:
+            total += shape.r * (in_f + out_f)
+    return total * element_size
+
+
+def common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def p(xs: Sequence[float], q: float) -> float | None:
+    return percentile(list(xs), q)
+
+
+def ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f} ms"
+
+
+# ----------------------------------------------------------------------------------- isolated cold loads
+
+
+def isolated_cold_loads(
+    args: argparse.Namespace, model_dir: Path, store: Path, refs: dict[str, Shape]
+) -> list[dict[str, Any]]:
+    """Cold loads with the server stopped, per shape: ``--cold-loads`` first loads (versions this store
+    object never read: the file is hashed) and as many reloads (versions it read before: fstat identity),
+    each timed store -> host (``AdapterStore.load`` in the slots' dtype) and host -> device (the slot
+    write), interleaved so that the machine's drift hits every kind alike. Both store objects live long,
+    as the server's does: their read buffers are warm, their memos are what differs."""
+    from lorafleet_adapters.store import AdapterStore
+    from lorafleet_server.app import build_service
+    from lorafleet_server.config import ServerConfig
+
+    config = ServerConfig(
+        model=model_dir,
+        data_dir=Path(tempfile.mkdtemp(prefix="lorafleet-zipf-cold-")),
+        adapter_store=store,
+        port=0,
+        dtype=args.dtype,
+        max_lora_rank=16,
+        max_loaded_adapters=4,
+        torch_threads=args.threads or 1,
+        metrics_port=0,
+        log_level="WARNING",
+        prefix_cache_bytes=0,
+        adapter_poll_seconds=0,
+    )
+    service = build_service(config)
+    try:
+        spec, dtype, slots = service.base.spec, service.base.dtype, service.engine.adapters.slots
+        by_shape: dict[str, list[str]] = {}
+        for ref, shape in refs.items():
+            by_shape.setdefault(shape.key, []).append(ref)
+        n = min([args.cold_loads] + [len(v) // 2 for v in by_shape.values()])
+        first = AdapterStore(store)  # reads versions it never read: each is hashed
+        reuse = AdapterStore(store)  # reads versions it hashed once: a stat check
+        rows: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+        from lorafleet_adapters.ref import AdapterRef
+
+        def keys_of(refs_: list[str]) -> list[Any]:
+            return [service.store.resolve(AdapterRef.parse(r)) for r in refs_]
+
+        plans = {k: (keys_of(v[-2 * n : -n]), keys_of(v[-n:])) for k, v in by_shape.items()}
+        for k, (_, reload_keys) in plans.items():
+            for key in reload_keys:
+                reuse.load(key, spec, dtype=dtype)
+            resident = keys_of(by_shape[k][:1])[0]  # not measured; sizes the first store's read buffer
+            slots.install(resident, first.load(resident, spec, dtype=dtype))
+            slots.pin(resident)  # the slot buffers keep this rank: no measured write resizes them
+        for i in range(n):
+            for k, (first_keys, reload_keys) in plans.items():
+                for kind, source, key in (
+                    ("first load (hash)", first, first_keys[i]),
+                    ("reload (fstat check)", reuse, reload_keys[i]),
+                ):
+                    slots.unload(key)
+                    t0 = time.perf_counter()
+                    weights = source.load(key, spec, dtype=dtype)
+                    t1 = time.perf_counter()
+                    slots.install(key, weights)
+                    t2 = time.perf_counter()
+                    slots.unload(key)
+                    store_s, device_s = rows.setdefault((k, kind), ([], []))
+                    store_s.append(t1 - t0)
+                    device_s.append(t2 - t1)
+        out = []
+        for (k, kind), (store_s, device_s) in rows.items():
+            total = [a + b for a, b in zip(store_s, device_s, strict=True)]
+            out.append(
+                {
+                    "shape": k,
+                    "kind": kind,
+                    "n": len(total),
+                    "store_to_host_p50_s": statistics.median(store_s),
+                    "host_to_device_p50_s": statistics.median(device_s),
+                    "total_p50_s": statistics.median(total),
+                    "total_p90_s": p(total, 90),
+                    "dtype": str(dtype).removeprefix("torch."),
+                }
+            )
+        return out
+    finally:
+        service.engine.adapters.close()
+        shutil.rmtree(config.data_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p_ = argparse.ArgumentParser(prog="bench.zipf", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p_.add_argument("--quick", action="store_true", help="200 adapters, 1,000 requests (~3 minutes)")
+    p_.add_argument("--adapters", type=int, help="registered adapters (default 1000; quick 200)")
+    p_.add_argument("--requests", type=int, help="requests (default 10000; quick 1000)")
+    p_.add_argument("--r16-every", type=int, default=2, help="every Nth popularity rank is r=16 all-linear (0: none)")
+    p_.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of adapter popularity")
+    p_.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    p_.add_argument("--new-tokens", type=int, default=8, help="greedy tokens per request")
+    p_.add_argument("--prompts", type=int, default=64, help="distinct prompts (request i uses prompt i %% N)")
+    p_.add_argument("--warmup", type=float, default=0.2, help="share of requests before RSS and ratios are measured")
+    p_.add_argument("--host-cache-mib", type=int, help="--host-cache-bytes of the server, in MiB (512; quick 256)")
+    p_.add_argument("--prefix-cache-mib", type=int, default=64, help="--prefix-cache-bytes of the server, in MiB")
+    p_.add_argument("--slots", type=int, default=32, help="--max-loaded-adapters of the server")
+    p_.add_argument("--max-batch-size", type=int, default=32)
+    p_.add_argument("--dtype", default="auto", help="server compute dtype (auto: bf16 where the CPU has it)")
+    p_.add_argument("--threads", type=int, default=0, help="server torch threads (0: its default)")
+    p_.add_argument("--replay", type=int, default=32, help="(adapter, prompt) pairs replayed alone after the run")
+    p_.add_argument("--cold-loads", type=int, default=20, help="isolated cold loads per shape and kind (0: none)")
+    p_.add_argument("--cold-only", action="store_true", help="no server and no traffic: the isolated cold loads only")
+    p_.add_argument("--model", type=Path, help="model directory (default: the prepared SmolLM2-135M-Instruct)")
+    p_.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    p_.add_argument("--seed", type=int, default=0)
+    p_.add_argument("--keep", type=Path, help="keep the store in this directory (reused when it exists)")
+    args = p_.parse_args(argv)
+    args.adapters = args.adapters or (200 if args.quick else 1000)
+    args.requests = args.requests or (1000 if args.quick else 10000)
+    args.host_cache_mib = args.host_cache_mib or (256 if args.quick else 512)
+    if args.adapters < 1 or args.requests < 1 or args.clients < 1:
+        p_.error("--adapters, --requests and --clients must be >= 1")
+    return args
+
+
+def argv_from_serving(args: argparse.Namespace) -> list[str]:
+    """``bench.serving --scenario zipf``: the options both benchmarks share, passed on."""
+    argv = ["--seed", str(args.seed), "--out", str(args.out), "--max-batch-size", str(args.max_batch_size)]
+    if args.quick:
+        argv.append("--quick")
+    if args.model is not None:
+        argv += ["--model", str(args.model)]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "peft", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from lorafleet_server.model.loader import base_spec_from_files
+    from lorafleet_server.model.prepare import prepare_default_model
+
+    started = time.perf_counter()
+    model_dir = args.model or prepare_default_model(REPO / "data" / "models")
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-zipf-"))
+    store = args.keep or work / "store"
+    spec = base_spec_from_files(model_dir, "none", 16)
+    result: dict[str, Any] = {"argv": sys.argv[1:], "args": {k: str(v) for k, v in vars(args).items()}}
+    try:
+        refs_file = store / "zipf-refs.json"
+        if refs_file.is_file():
+            refs = {r: SHAPES[k] for r, k in json.loads(refs_file.read_text()).items()}
+            say(f"reusing {len(refs)} adapters in {store}")
+        else:
+            say(f"publishing {args.adapters} adapters into {store}")
+            refs = make_store(model_dir, spec, store, args.adapters, args.r16_every, args.seed)
+            refs_file.write_text(json.dumps({r: s.key for r, s in refs.items()}))
+        ordered = list(refs)  # popularity rank -> reference
+        ranks = zipf_ranks(len(ordered), args.requests, args.zipf, args.seed)
+        distinct = len(set(ranks))
+        result["setup_seconds"] = time.perf_counter() - started
+        say(f"{args.requests} requests over {distinct} distinct adapters (Zipf {args.zipf}, seed {args.seed})")
+
+        if not args.cold_only:
+            server = start_server(args, model_dir, store, work / "server")
+            sampler = RssSampler(server.proc.pid)
+            try:
+                result |= drive(args, server, sampler, refs, ordered, ranks, spec)
+            finally:
+                sampler.stop()
+                server.stop()
+            result["rss_samples"] = sampler.samples
+        if args.cold_loads:
+            say("isolated cold loads (server stopped)")
+            result["cold_loads"] = isolated_cold_loads(args, model_dir, store, refs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the server's log and, without --keep, the store
+    result["elapsed_seconds"] = time.perf_counter() - started
+    report(args, result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"zipf-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    say(f"wrote {path}")
+    return 0
+
+
+def drive(
+    args: argparse.Namespace,
+    server: ServerProcess,
+    sampler: RssSampler,
+    refs: dict[str, Shape],
+    ordered: list[str],
+    ranks: list[int],
+    spec: Any,
+) -> dict[str, Any]:
+    """The traffic against a started server, and what its counters, log and RSS say about it."""
+    warmup_at = max(1, int(len(ranks) * args.warmup))
+    marks: dict[str, Any] = {}
+
+    async def on_done(count: int) -> None:
+        if count == warmup_at:
+            marks["warmup_t"] = sampler.now()
+            marks["warmup_metrics"] = await asyncio.to_thread(server.metrics)
+            marks["warmup_log_line"] = len(server.log_path.read_text().splitlines())
+        if count % max(1, len(ranks) // 10) == 0:
+            say(f"{count}/{len(ranks)} requests done")
+
+    t0 = time.perf_counter()
+    try:
+        replies = asyncio.run(
+            run_traffic(
+                server.target,
+                ordered,
+                ranks,
+                clients=args.clients,
+                new_tokens=args.new_tokens,
+                prompts=args.prompts,
+                on_done=on_done,
+            )
+        )
+    except BaseException:
+        say("the run failed; server log tail:\n" + "\n".join(server.log_path.read_text().splitlines()[-30:]))
+        raise
+    wall = time.perf_counter() - t0
+    end_metrics = server.metrics()
+    end_t = sampler.now()
+
+    # routing: the version that served each request is the one it asked for (every adapter has version 1)
+    errors = [r for r in replies if r.error]
+    misrouted = [r for r in replies if not r.error and r.served != f"{r.adapter}@1"]
+    sample: dict[tuple[str, int], str] = {}
+    for r in replies[len(replies) // 2 :]:  # after warm-up, many adapters, hot and cold
+        if not r.error and (r.adapter, r.prompt) not in sample and len(sample) < args.replay:
+            sample[(r.adapter, r.prompt)] = r.text
+    alone = asyncio.run(replay_alone(server.target, list(sample), args.new_tokens)) if sample else []
+    text_mismatch = [
+        {
+            "adapter": ref,
+            "prompt": prompt,
+            "mixed": text,
+            "alone": other,
+            "common_prefix_chars": common_prefix(text, other),
+        }
+        for ((ref, prompt), text), other in zip(sample.items(), alone, strict=True)
+        if text != other
+    ]
+
+    dtype = asyncio.run(server_dtype(server.target))
+    element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    per_shape = {s.key: host_weight_bytes(s, spec, element) for s in SHAPES.values()}
+    warm_metrics = marks.get("warmup_metrics", {})
+    samples = sampler.samples
+    warm_t = marks.get("warmup_t", 0.0)
+    after = [b for t, b in samples if warm_t <= t <= end_t]
+    rss_warm = after[0] if after else None
+    rss_end = after[-1] if after else None
+    rss_max = max(after) if after else None
+    log_text = server.log_path.read_text()
+    loads = parse_loads(log_text, refs, marks.get("warmup_log_line", 0))
+    loads_all = parse_loads(log_text, refs)
+    served_tokens = sum(len(r.text) for r in replies)
+    return {
+        "server_dtype": dtype,
+        "requests": len(replies),
+        "distinct_adapters": len(set(ranks)),
+        "wall_seconds": wall,
+        "requests_per_second": len(replies) / wall,
+        "errors": len(errors),
+        "error_examples": [r.error for r in errors[:5]],
+        "misrouted": len(misrouted),
+        "misrouted_examples": [asdict(r) for r in misrouted[:5]],
+        "replayed": len(sample),
+        "replay_text_mismatches": text_mismatch,
+        "ratios_after_warmup": tier_ratios(warm_metrics, end_metrics),
+        "ratios_whole_run": tier_ratios({}, end_metrics),
+        "rss_after_warmup": rss_warm,
+        "rss_end": rss_end,
+        "rss_max_after_warmup": rss_max,
+        "rss_growth_after_warmup": (rss_max - rss_warm) / rss_warm if rss_warm and rss_max else None,
+        "host_cache_bytes_end": host_bytes(end_metrics, refs, per_shape),
+        "host_cache_bytes_warmup": host_bytes(warm_metrics, refs, per_shape),
+        "host_weight_bytes_per_shape": per_shape,
+        "prefix_cache_bytes_warmup": counter(warm_metrics, "lorafleet_prefix_cache_bytes"),
+        "prefix_cache_bytes_end": counter(end_metrics, "lorafleet_prefix_cache_bytes"),
+        "slot_memory_bytes_warmup": counter(warm_metrics, "lorafleet_adapter_slot_memory_bytes"),
+        "slot_memory_bytes_end": counter(end_metrics, "lorafleet_adapter_slot_memory_bytes"),
+        "loads_after_warmup": {k: asdict(v) for k, v in loads.items()},
+        "loads_whole_run": {k: asdict(v) for k, v in loads_all.items()},
+        "latency_p50_s": p([r.seconds for r in replies], 50),
+        "latency_p99_s": p([r.seconds for r in replies], 99),
+        "text_chars": served_tokens,
+    }
+
+
+def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    if "requests" in r:
+        report_traffic(args, r)
+    if r.get("cold_loads"):
+        print()
+        print("isolated cold loads (server stopped, interleaved):")
+        print("| shape | kind | n | store->host p50 | host->device p50 | total p50 | total p90 |")
+        print("|---|---|---|---|---|---|---|")
+        for row in r["cold_loads"]:
+            print(
+                f"| {row['shape']} | {row['kind']} | {row['n']} | {ms(row['store_to_host_p50_s'])} | "
+                f"{ms(row['host_to_device_p50_s'])} | {ms(row['total_p50_s'])} | {ms(row['total_p90_s'])} |"
+            )
+    print()
+
+
+def report_traffic(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    mib = 1 / MiB
+    print()
+    print(
+        f"Zipf({args.zipf}) over {args.adapters} adapters (every {args.r16_every}th rank r=16 all-linear, the rest "
+        f"r=8 q/v), {r['requests']} requests ({r['distinct_adapters']} distinct adapters), {args.new_tokens} new "
+        f"tokens, {args.clients} clients, dtype {r.get('server_dtype', args.dtype)}, host cache "
+        f"{args.host_cache_mib} MiB, prefix cache {args.prefix_cache_mib} MiB, {args.slots} device slots"
+    )
+    print(f"command: .venv/bin/python -m bench.zipf {' '.join(r['argv'])}")
+    print()
+    print(
+        f"wall {r['wall_seconds']:.0f}s, {r['requests_per_second']:.1f} requests/s, latency p50 "
+        f"{ms(r['latency_p50_s'])} p99 {ms(r['latency_p99_s'])}; errors {r['errors']}; mis-routed "
+        f"{r['misrouted']} (served version != requested); replayed alone {r['replayed']}, text differs "
+        f"{len(r['replay_text_mismatches'])}"
+    )
+    print()
+    print("| tier | hits | misses | hit ratio (after warm-up) | hit ratio (whole run) | evictions |")
+    print("|---|---|---|---|---|---|")
+    for tier in ("device", "host"):
+        a, w = r["ratios_after_warmup"][tier], r["ratios_whole_run"][tier]
+        print(
+            f"| {tier} | {a['hits']:.0f} | {a['misses']:.0f} | {a['hit_ratio']:.3f} | {w['hit_ratio']:.3f} "
+            f"| {a['evictions']:.0f} |"
+        )
+    print()
+    growth = r["rss_growth_after_warmup"]
+    print("| memory | after warm-up | end |")
+    print("|---|---|---|")
+    rss_w, rss_e, rss_max = (r[k] or 0 for k in ("rss_after_warmup", "rss_end", "rss_max_after_warmup"))
+    rows = [
+        ("server RSS", rss_w, f"{rss_e * mib:.0f} MiB (max {rss_max * mib:.0f})"),
+        ("host cache (adapter weights)", r["host_cache_bytes_warmup"], f"{r['host_cache_bytes_end'] * mib:.0f} MiB"),
+        ("prefix cache", r["prefix_cache_bytes_warmup"], f"{r['prefix_cache_bytes_end'] * mib:.0f} MiB"),
+        ("device slots", r["slot_memory_bytes_warmup"], f"{r['slot_memory_bytes_end'] * mib:.0f} MiB"),
+    ]
+    for label, warm, end in rows:
+        print(f"| {label} | {warm * mib:.0f} MiB | {end} |")
+    print()
+    if growth is not None:
+        verdict = "flat" if growth <= 0.05 else "NOT flat"
+        print(f"RSS growth after warm-up (max vs first sample): {growth * 100:+.1f}% -> {verdict} (<= 5%)")
+    print()
+    print("cold loads inside the server under traffic (after warm-up; from its log):")
+    print(
+        "| shape | store->host first load (hash) p50/p90 | store->host reload p50/p90 | host->device p50/p90 "
+        "| n (first/reload/device) |"
+    )
+    print("|---|---|---|---|---|")
+    for k, t in r["loads_after_warmup"].items():
+        print(
+            f"| {k} | {ms(p(t['store_first'], 50))} / {ms(p(t['store_first'], 90))} | {ms(p(t['store_again'], 50))} / "
+            f"{ms(p(t['store_again'], 90))} | {ms(p(t['device'], 50))} / {ms(p(t['device'], 90))} | "
+            f"{len(t['store_first'])}/{len(t['store_again'])}/{len(t['device'])} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

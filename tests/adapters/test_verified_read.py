@@ -1,0 +1,131 @@
+"""Files hashed once per process, then trusted by their fstat identity (verified_read.py), and the
+store's load built on it: one read, the bytes checked are the bytes used, tampering still caught."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_adapters.peft_format import WEIGHTS_FILE, BaseModelSpec
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_adapters.verified_read import VerifiedFiles
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_old(path: Path, data: bytes) -> None:
+    """Write ``data`` and wait past the coarse timestamp clock, so a later write gets a new ctime."""
+    path.write_bytes(data)
+    time.sleep(0.05)
+
+
+def test_hashed_once_then_trusted_by_identity(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    data = os.urandom(3 * (1 << 20) + 17)  # several read chunks and a partial one
+    write_old(path, data)
+    files = VerifiedFiles(min_age_seconds=0)
+    first = files.read(path, digest(data), "acme/a@1", max_bytes=len(data))
+    assert first.hashed and bytes(first.data) == data
+    again = files.read(path, digest(data), "acme/a@1", max_bytes=len(data))
+    assert not again.hashed and bytes(again.data) == data
+    assert len(files) == 1
+    # Another expected digest (a different manifest) is never served from the memo.
+    with pytest.raises(AdapterFormatError, match=r"checksum mismatch for f\.bin"):
+        files.read(path, digest(b"other"), "acme/a@1", max_bytes=len(data))
+
+
+def test_changes_through_the_filesystem_are_hashed_again(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    data = os.urandom(4096)
+    write_old(path, data)
+    files = VerifiedFiles(min_age_seconds=0)
+    assert files.read(path, digest(data), "k", max_bytes=4096).hashed
+    stat = path.stat()
+    tampered = bytearray(data)
+    tampered[100] ^= 0xFF
+    with open(path, "r+b") as handle:  # same size, same inode, and the mtime put back: only ctime tells
+        handle.write(bytes(tampered))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(AdapterFormatError, match="checksum mismatch"):
+        files.read(path, digest(data), "k", max_bytes=4096)
+    # A replaced file (a new inode), even with the right bytes, is hashed again before it is trusted.
+    replacement = tmp_path / "new.bin"
+    write_old(replacement, data)
+    os.replace(replacement, path)
+    assert files.read(path, digest(data), "k", max_bytes=4096).hashed
+
+
+def test_young_files_are_not_remembered(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"abc")
+    files = VerifiedFiles()  # the default: remembered only when its ctime is 2 s old
+    assert files.read(path, digest(b"abc"), "k", max_bytes=3).hashed
+    assert files.read(path, digest(b"abc"), "k", max_bytes=3).hashed
+    assert len(files) == 0
+
+
+def test_bounded_memo(tmp_path: Path) -> None:
+    files = VerifiedFiles(max_entries=2, min_age_seconds=0)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"f{i}"
+        write_old(path, bytes([i]))
+        paths.append(path)
+        files.read(path, digest(bytes([i])), "k", max_bytes=1)
+    assert len(files) == 2
+    assert files.read(paths[0], digest(bytes([0])), "k", max_bytes=1).hashed  # the oldest was dropped
+    assert not files.read(paths[2], digest(bytes([2])), "k", max_bytes=1).hashed
+
+
+def test_oversized_and_special_files_refused_without_reading(tmp_path: Path) -> None:
+    files = VerifiedFiles(min_age_seconds=0)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 100)
+    with pytest.raises(AdapterFormatError, match="100 bytes, over the 99-byte cap"):
+        files.read(big, digest(b"x" * 100), "k", max_bytes=99)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done: list[BaseException] = []
+
+    def read_fifo() -> None:
+        try:
+            files.read(fifo, digest(b""), "k", max_bytes=10)
+        except BaseException as exc:  # the refusal is what the test wants; anything else fails below
+            done.append(exc)
+
+    thread = threading.Thread(target=read_fifo, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "opening a FIFO blocked"
+    assert isinstance(done[0], AdapterFormatError) and "not a regular file" in str(done[0])
+
+
+def test_store_reload_checks_identity_and_still_catches_tampering(
+    tmp_path: Path, adapter_dir: Path, spec: BaseModelSpec
+) -> None:
+    store = AdapterStore(tmp_path / "store")
+    store._verified = VerifiedFiles(min_age_seconds=0)  # the fixture's files are milliseconds old
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    time.sleep(0.05)
+    first = store.load(key, spec)
+    assert len(store._verified) == len(store.manifest(key).files)  # config, weights and README, each once
+    again = store.load(key, spec)
+    for name, (a, b) in first.modules.items():
+        assert (again.modules[name][0] == a).all() and (again.modules[name][1] == b).all()
+    path = store.version_dir(key) / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    stat = path.stat()
+    with open(path, "r+b") as handle:
+        handle.write(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(AdapterFormatError, match=r"checksum mismatch for adapter_model\.safetensors"):
+        store.load(key, spec)

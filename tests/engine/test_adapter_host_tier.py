@@ -1,0 +1,46 @@
+"""The host tier holds adapter weights in the device slots' dtype and layout (adapter_manager.py):
+half the bytes in a bf16 server, and a slot written from them holds exactly what a copy of the fp32
+weights would have put there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from enginelib import generate, request, tiny_service
+
+
+def test_bf16_host_weights_fill_slots_exactly_like_the_fp32_ones(
+    tiny_model_dir: Path, tmp_path: Path, peft_adapter: Any
+) -> None:
+    adapter = peft_adapter(seed=7, r=8, lora_alpha=13, target_modules=["q_proj", "v_proj", "down_proj"])
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", dtype="bfloat16")
+    try:
+        assert svc.base.dtype == torch.bfloat16
+        key = svc.store.import_peft(adapter, "acme", "bot", svc.base.spec)
+        sink = generate(svc.engine, request("The capital of France is", adapter="acme/bot", max_new_tokens=2))
+        assert sink.summary.adapter == "acme/bot@1"
+        manager = svc.engine.adapters
+        held = manager.host_cache.get(key)
+        assert held is not None and held.dtype == torch.bfloat16
+        fp32 = svc.store.load(key, svc.base.spec)  # the host form before: fp32, B [out, r]
+        assert fp32.dtype == torch.float32 and held.nbytes * 2 == fp32.nbytes
+
+        def slot_contents() -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+            slot = manager.slot_snapshot()[key].slot
+            out: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+            for name, layer in svc.base.lora_layers.items():
+                r = layer.slot_ranks[slot]
+                out[name] = (layer.lora_a[slot, :r].clone(), layer.lora_bt[slot, :r].clone()) if r else None
+            return out
+
+        contents = svc.engine.run(slot_contents)
+        assert {n for n, c in contents.items() if c is not None} == set(fp32.modules)
+        for name, (a, b_scaled) in fp32.modules.items():
+            got = contents[name]
+            assert got is not None
+            assert torch.equal(got[0], a.to(torch.bfloat16))  # A [r, in]
+            assert torch.equal(got[1], b_scaled.T.to(torch.bfloat16))  # B^T [r, out], scaled in fp32
+    finally:
+        svc.engine.shutdown(10)

@@ -1,0 +1,59 @@
+"""bench/zipf.py without a model: its arguments (also from bench/serving.py), the traffic it draws and
+how it reads the server's log and counters. The run itself publishes hundreds of adapters and serves
+for minutes, so it is run by hand (bench/README.md)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from bench import serving, zipf
+
+
+def test_the_serving_scenario_passes_its_shared_arguments_on() -> None:
+    args = serving.parse_args(["--scenario", "zipf", "--quick", "--seed", "3", "--max-batch-size", "16"])
+    parsed = zipf.parse_args(zipf.argv_from_serving(args))
+    assert (parsed.adapters, parsed.requests, parsed.host_cache_mib) == (200, 1000, 256)
+    assert (parsed.seed, parsed.max_batch_size, parsed.out) == (3, 16, args.out)
+    full = zipf.parse_args([])
+    assert (full.adapters, full.requests, full.zipf, full.new_tokens) == (1000, 10000, 1.1, 8)
+
+
+def test_zipf_traffic_is_fixed_by_its_seed_and_skewed_to_the_first_ranks() -> None:
+    ranks = zipf.zipf_ranks(1000, 10000, 1.1, seed=0)
+    assert ranks == zipf.zipf_ranks(1000, 10000, 1.1, seed=0) != zipf.zipf_ranks(1000, 10000, 1.1, seed=1)
+    counts = Counter(ranks)
+    assert all(0 <= r < 1000 for r in counts)
+    # P(rank 0) = 1 / H(1000, 1.1) ~ 0.17, P(rank 1) ~ half as much, the tail thin
+    assert 1400 < counts[0] < 2000 and 0.35 < counts[1] / counts[0] < 0.6
+    assert sum(c for r, c in counts.items() if r >= 500) < 0.1 * len(ranks)
+    assert [zipf.shape_of_rank(r, 2).key for r in range(4)] == ["default", "r16all", "default", "r16all"]
+
+
+def test_load_lines_are_split_by_shape_and_first_load() -> None:
+    refs = {"zipf/default-0000": serving.SHAPES["default"], "zipf/r16all-0001": serving.SHAPES["r16all"]}
+    log = "\n".join(
+        [
+            "INFO x: adapter zipf/r16all-0001@1 read from the store in 0.1200s (9781248 bytes on the host)",
+            "INFO x: adapter zipf/r16all-0001@1 written to device slot 3 in 0.0150s",
+            "INFO x: adapter zipf/default-0000@1 read from the store in 0.0100s (921600 bytes on the host)",
+            "INFO x: adapter other/x@1 read from the store in 9.0000s (1 bytes on the host)",
+            "INFO x: adapter zipf/r16all-0001@1 read from the store in 0.0500s (9781248 bytes on the host)",
+        ]
+    )
+    loads = zipf.parse_loads(log, refs)
+    assert loads["r16all"].store_first == [0.12] and loads["r16all"].store_again == [0.05]
+    assert loads["r16all"].device == [0.015] and loads["default"].store_first == [0.01]
+    later = zipf.parse_loads(log, refs, since_line=3)  # a reload stays a reload after the warm-up cut
+    assert later["r16all"].store_first == [] and later["r16all"].store_again == [0.05]
+
+
+def test_hit_ratios_are_taken_between_two_scrapes() -> None:
+    def scrape(hits: float, misses: float) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            ("lorafleet_adapter_cache_hits_total", (("tier", "host"),)): hits,
+            ("lorafleet_adapter_cache_misses_total", (("tier", "host"),)): misses,
+        }
+
+    ratios = zipf.tier_ratios(scrape(10, 10), scrape(40, 20))
+    assert ratios["host"]["hits"] == 30 and ratios["host"]["misses"] == 10 and ratios["host"]["hit_ratio"] == 0.75
+    assert ratios["device"]["hit_ratio"] == 0
