@@ -642,7 +642,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--http",
         action="store_true",
-        help="then repeat the engine runs over the OpenAI-compatible HTTP API (openai SDK, streaming): <run>+http",
+        help="then repeat the engine runs over the OpenAI-compatible HTTP API (streaming SSE over httpx, "
+        "parsed as an SDK does): <run>+http",
     )
     p.add_argument(
         "--http-pairs",
