@@ -139,3 +139,18 @@ def test_a_bf16_row_decodes_the_same_alone_and_beside_other_rows(default_model_d
         for i, p in enumerate(prompts):
             alone = runner.step([RowStep(i, len(p) + t, (40 + t,), 0, True, False)]).logits[0]
             assert torch.equal(together[i], alone), (t, i)
+
+
+def test_a_one_token_prompt_chunk_after_a_cached_prefix_equals_the_whole_prefill(default_model_dir: Path) -> None:
+    """After a prefix-cache hit the rest of a prompt may be one token; it attends as a prompt chunk, so
+    the first generated token's logits are bit for bit those of the prompt prefilled whole (bf16)."""
+    from lorafleet_server.model.loader import load_base
+
+    base = load_base(default_model_dir, quantization="none", device=CPU, num_slots=1, max_lora_rank=8, dtype="bfloat16")
+    runner = ModelRunner(base.model, base.context, rows=2, max_seq_len=64, dtype=torch.bfloat16, device=CPU)
+    prompt = tuple(range(500, 533))  # 33 tokens: two 16-token blocks cached, one left
+    whole = runner.step([RowStep(0, 0, prompt, 0, True, False, prompt=True)]).logits[0]
+    k, v = runner.kv.read(0, 0, 32)  # what the prefix cache keeps
+    runner.kv.write(1, 0, k, v)
+    rest = runner.step([RowStep(1, 32, prompt[32:], 0, True, False, prompt=True)]).logits[0]
+    assert torch.equal(rest, whole)

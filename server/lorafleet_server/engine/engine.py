@@ -726,7 +726,7 @@ class Engine:
                 finishing.append(r)
             # A resumed request already knows its next input (its last generated token): no logits.
             logits = last and not r.req.embed and not r.generated
-            plan.append((r, RowStep(r.kv_row, r.cached, chunk, r.slot, logits, r.req.embed)))
+            plan.append((r, RowStep(r.kv_row, r.cached, chunk, r.slot, logits, r.req.embed, prompt=True)))
         return plan
 
     def _prefill_queue(self) -> list[_Request]:

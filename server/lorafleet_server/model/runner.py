@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
 
@@ -26,6 +25,15 @@ class RowStep:
     slot: int  # adapter slot (0 = base only)
     want_logits: bool  # return the logits of the last new token
     want_pooled: bool  # return the sum of the final hidden states of the new tokens
+    # The tokens are prompt tokens (a prefill chunk). A one-token prompt chunk (what is left after a
+    # prefix-cache hit) attends like every prompt chunk, not like a decode token, so a prompt's last
+    # position gets the same numbers whether its prefix came from the cache or not.
+    prompt: bool = False
+
+    @property
+    def decodes(self) -> bool:
+        """One new token that attends with the batched decode rows."""
+        return len(self.token_ids) == 1 and not self.prompt
 
 
 @dataclass(frozen=True)
@@ -153,11 +161,11 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [N]
         row_t = torch.tensor(kv_rows, dtype=torch.long, device=dev)  # [N]
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)  # [N]
-        single_end = max((r.start + 1 for r in rows if len(r.token_ids) == 1), default=0)
+        single_end = max((r.start + 1 for r in rows if r.decodes), default=0)
         for r in rows:
             self.kv.mark_written(r.kv_row, r.start + len(r.token_ids))
         for r in rows:
-            if len(r.token_ids) == 1:
+            if r.decodes:
                 self.kv.ensure_clean(r.kv_row, single_end)
         self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl)
         try:
@@ -247,7 +255,7 @@ class _AttentionPlan:
         offset = 0
         for r in rows:
             n = len(r.token_ids)
-            if n == 1:
+            if r.decodes:
                 single_tok.append(offset)
                 single_rows.append(r.kv_row)
                 single_end.append(r.start + 1)
@@ -287,18 +295,7 @@ class _AttentionPlan:
                 0, self.single_tok, self._attend_single(q.index_select(0, self.single_tok), k_cache, v_cache, scale)
             )
         for offset, n, row, start in self.chunks:
-            q_c = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            k_c = k_cache[row : row + 1, :, : start + n]  # [1, KVH, start+n, D]
-            v_c = v_cache[row : row + 1, :, : start + n]
-            if start == 0:
-                o_c = F.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True, scale=scale, enable_gqa=True)
-            else:
-                qpos = torch.arange(start, start + n, device=q.device)[:, None]  # [n, 1]
-                kpos = torch.arange(start + n, device=q.device)[None, :]  # [1, start+n]
-                o_c = F.scaled_dot_product_attention(
-                    q_c, k_c, v_c, attn_mask=kpos <= qpos, scale=scale, enable_gqa=True
-                )
-            out[offset : offset + n] = o_c[0].transpose(0, 1)  # [n, H, D]
+            out[offset : offset + n] = _attend_chunk(q[offset : offset + n], k_cache[row], v_cache[row], start, scale)
         return out
 
     def _attend_single(
@@ -327,3 +324,28 @@ class _AttentionPlan:
             probs = torch.softmax(scores + self.bias, dim=-1).to(v.dtype)  # [W, KVH, G, Lmax]
         o = torch.matmul(probs, v).view(self.width, heads, d)  # [W, KVH, G, D] -> [W, H, D]
         return o.index_select(0, self.window)  # [B, H, D]
+
+
+def _attend_chunk(q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """A prompt chunk's causal attention: q [n, H, D] at positions [start, start + n), its KV row's
+    k_row / v_row [KVH, max_seq_len, D] (the chunk's own K/V already written) -> [n, H, D].
+
+    The same math as the decode rows (q @ K^T, fp32 softmax with a -inf bias, @ V), not torch's SDPA:
+    SDPA's CPU kernel blocks its sums by the chunk's query and key counts, so a position computed in
+    one prompt's prefill rounds differently from the same position in another's, and a prefix-cache
+    hit (K/V computed by an earlier prompt sharing the prefix) changed a bf16 request's greedy text.
+    Here each score is a dot product over head_dim and each output sums one row of probabilities,
+    zeros past the position, so a position's numbers do not depend on the chunk around it.
+    """
+    n, heads, d = q.shape
+    kv_heads = k_row.shape[0]
+    length = start + n
+    q_h = q.transpose(0, 1).reshape(kv_heads, heads // kv_heads * n, d)  # [KVH, G*n, D]: query heads of one KV head
+    scores = torch.matmul(q_h, k_row[:, :length].transpose(-1, -2)).float() * scale  # [KVH, G*n, L]
+    qpos = torch.arange(start, length, device=q.device)[:, None]  # [n, 1]
+    kpos = torch.arange(length, device=q.device)[None, :]  # [1, L]
+    bias = torch.zeros(n, length, device=q.device).masked_fill_(kpos > qpos, float("-inf"))  # [n, L]
+    scores = scores.view(kv_heads, heads // kv_heads, n, length) + bias  # [KVH, G, n, L]
+    probs = torch.softmax(scores, dim=-1).to(v_row.dtype).view(kv_heads, heads // kv_heads * n, length)
+    o = torch.matmul(probs, v_row[:, :length])  # [KVH, G*n, D]
+    return o.view(heads, n, d).transpose(0, 1)  # [n, H, D]
