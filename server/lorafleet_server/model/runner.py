@@ -1,8 +1,10 @@
 """One forward over a ragged batch: prefill chunks and decode tokens of many rows at once.
 
 The Linears (and their LoRA) run on all the step's tokens flattened together; attention runs per
-group: every row with one new token in one batched SDPA over the KV cache, each longer chunk on its
-own. The KV cache is one preallocated slab per layer, a row per running request.
+group: every decoding row (one new token) in one batched attention over the KV cache, each prompt
+chunk on its own, both as q @ K^T, an fp32 softmax and @ V, so that a row's numbers depend neither on
+its batch neighbours nor on where its prefix was computed. The KV cache is one preallocated slab per
+layer, a row per running request.
 """
 
 from __future__ import annotations
