@@ -24,7 +24,9 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         self, request: usage_pb2.GetUsageRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> usage_pb2.GetUsageResponse:
         start = request.start_unix_seconds
-        end = request.end_unix_seconds or int(time.time())
+        # "Now" rounded up to the next second: truncated, a request that finished in the first second of
+        # a minute fell outside [start, end) (that minute starts at `end`) when read in the same second.
+        end = request.end_unix_seconds or int(time.time()) + 1
         if start < 0 or start >= end:
             raise InvalidRequest(f"the window must have 0 <= start < end, got start {start} and end {end}")
         if request.tenant:
