@@ -11,7 +11,7 @@ import threading
 
 import grpc
 import pytest
-from e2elib import LiveServer
+from e2elib import LiveServer, wait_for_metric
 
 from lorafleet import InvalidArgumentError, Sampling
 from lorafleet_proto.v1 import inference_pb2 as ipb
@@ -88,6 +88,8 @@ def test_deadline_expiry_is_counted_as_deadline_exceeded(live: LiveServer, rpc: 
     for thread in threads:
         thread.join(60)
     assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 8
+    # The server counts a call when its handler ends, which may come a little after the client gave up.
+    wait_for_metric(live.service, "lorafleet_requests_total", deadline_before + 8, rpc=rpc, code="DEADLINE_EXCEEDED")
     live.client.generate("Hi", sampling=Sampling(max_new_tokens=1))  # the server has finished those calls by now
     assert counter(live, rpc, "DEADLINE_EXCEEDED") == deadline_before + 8
     assert counter(live, rpc, "CANCELLED") == cancelled_before
