@@ -246,6 +246,7 @@ class _AttentionPlan:
     bias: torch.Tensor  # [W, 1, 1, Lmax] fp32: 0 where the key is valid, -inf elsewhere
     single_len: int  # Lmax
     chunks: tuple[tuple[int, int, int, int], ...]  # (token offset, n tokens, kv row, start)
+    chunk_bias: tuple[torch.Tensor, ...]  # per chunk [n, start + n] fp32: 0 on and before the position, -inf after
     tokens: int  # the step's tokens, N
 
     @staticmethod
@@ -286,6 +287,7 @@ class _AttentionPlan:
             bias=bias.to(device)[:, None, None, :],
             single_len=lmax,
             chunks=tuple(chunks),
+            chunk_bias=tuple(_causal_bias(start, n, device) for _, n, _, start in chunks),
             tokens=offset,
         )
 
@@ -296,8 +298,8 @@ class _AttentionPlan:
             out.index_copy_(
                 0, self.single_tok, self._attend_single(q.index_select(0, self.single_tok), k_cache, v_cache, scale)
             )
-        for offset, n, row, start in self.chunks:
-            out[offset : offset + n] = _attend_chunk(q[offset : offset + n], k_cache[row], v_cache[row], start, scale)
+        for (offset, n, row, _start), bias in zip(self.chunks, self.chunk_bias, strict=True):
+            out[offset : offset + n] = _attend_chunk(q[offset : offset + n], k_cache[row], v_cache[row], bias, scale)
         return out
 
     def _attend_single(
@@ -328,9 +330,19 @@ class _AttentionPlan:
         return o.index_select(0, self.window)  # [B, H, D]
 
 
-def _attend_chunk(q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+def _causal_bias(start: int, n: int, device: torch.device) -> torch.Tensor:
+    """[n, start + n] fp32: query i (at position start + i) may see keys 0..start + i (0), not later ones (-inf)."""
+    qpos = torch.arange(start, start + n, device=device)[:, None]  # [n, 1]
+    kpos = torch.arange(start + n, device=device)[None, :]  # [1, L]
+    return torch.zeros(n, start + n, device=device).masked_fill_(kpos > qpos, float("-inf"))
+
+
+def _attend_chunk(
+    q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
     """A prompt chunk's causal attention: q [n, H, D] at positions [start, start + n), its KV row's
-    k_row / v_row [KVH, max_seq_len, D] (the chunk's own K/V already written) -> [n, H, D].
+    k_row / v_row [KVH, max_seq_len, D] (the chunk's own K/V already written) and its causal ``bias``
+    [n, start + n] (``_causal_bias``, built once per step) -> [n, H, D].
 
     The same math as the decode rows (q @ K^T, fp32 softmax with a -inf bias, @ V), not torch's SDPA:
     SDPA's CPU kernel blocks its sums by the chunk's query and key counts, so a position computed in
@@ -341,12 +353,9 @@ def _attend_chunk(q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor, sta
     """
     n, heads, d = q.shape
     kv_heads = k_row.shape[0]
-    length = start + n
+    length = bias.shape[1]  # start + n
     q_h = q.transpose(0, 1).reshape(kv_heads, heads // kv_heads * n, d)  # [KVH, G*n, D]: query heads of one KV head
     scores = torch.matmul(q_h, k_row[:, :length].transpose(-1, -2)).float() * scale  # [KVH, G*n, L]
-    qpos = torch.arange(start, length, device=q.device)[:, None]  # [n, 1]
-    kpos = torch.arange(length, device=q.device)[None, :]  # [1, L]
-    bias = torch.zeros(n, length, device=q.device).masked_fill_(kpos > qpos, float("-inf"))  # [n, L]
     scores = scores.view(kv_heads, heads // kv_heads, n, length) + bias  # [KVH, G, n, L]
     probs = torch.softmax(scores, dim=-1).to(v_row.dtype).view(kv_heads, heads // kv_heads * n, length)
     o = torch.matmul(probs, v_row[:, :length])  # [KVH, G*n, D]
