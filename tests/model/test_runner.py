@@ -61,6 +61,27 @@ def test_garbage_in_unused_kv_positions_cannot_leak_into_batched_decode(tiny_mod
     torch.testing.assert_close(out.logits[1], ref_long, rtol=1e-4, atol=1e-4)
 
 
+def test_kv_rows_are_cleaned_ahead_but_only_written_positions_can_be_read(tiny_model_dir: Path) -> None:
+    """ensure_clean zeroes a block ahead (once per CLEAN_AHEAD positions, not once per decode step), and
+    the prefix cache still cannot copy a zeroed, never written position as if it were the row's."""
+    from lorafleet_server.model.runner import CLEAN_AHEAD
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = ModelRunner(model, LoraContext(), rows=2, max_seq_len=96, dtype=torch.float32, device=torch.device("cpu"))
+    for t in (*runner.kv.k, *runner.kv.v):
+        t.fill_(float("nan"))
+    runner.step([RowStep(0, 0, (7, 8), 0, True, False), RowStep(1, 0, (1, 2, 3, 4, 5), 0, True, False)])
+    runner.step([RowStep(0, 2, (11,), 0, True, False), RowStep(1, 5, (12,), 0, True, False)])
+    end = min(96, 3 + CLEAN_AHEAD)  # row 0 was cleaned from its written end (3) on, a block at once
+    for t in (*runner.kv.k, *runner.kv.v):
+        assert torch.isfinite(t[0, :, :end]).all()
+        assert torch.isnan(t[0, :, end:]).all()
+    k, _ = runner.kv.read(0, 0, 3)
+    assert k.shape[2] == 3 and torch.isfinite(k).all()
+    with pytest.raises(ValueError, match="not written"):
+        runner.kv.read(0, 0, 4)
+
+
 @pytest.mark.parametrize(
     ("kv_rows", "window_is_view"),
     [((3, 1, 2), True), ((2, 0, 3, 1), True), ((7, 0), False), ((6, 1, 3), True)],

@@ -49,6 +49,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+CLEAN_AHEAD = 64  # KV positions KVCache.ensure_clean zeroes at least at a time
+
+
 class KVCache:
     """K and V slabs per layer: [rows, kv_heads, max_seq_len, head_dim] in the compute dtype."""
 
@@ -72,15 +75,18 @@ class KVCache:
         # longest row's length; masked-out garbage (uninitialised memory can be NaN) would still
         # poison the output through 0 * NaN, so a row's tail is zeroed before it is first read.
         self._clean = [0] * rows
+        # Positions below written[row] hold keys and values of the row's sequence (what `read` may copy).
+        self._written = [0] * rows
 
     def mark_written(self, row: int, end: int) -> None:
         """Positions below ``end`` of ``row`` are (or are being) written by real keys and values."""
+        self._written[row] = max(self._written[row], end)
         self._clean[row] = max(self._clean[row], end)
 
     def read(self, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A copy of ``row``'s keys and values at positions [start, end): [layers, kv_heads, end - start,
         head_dim] each (the prefix cache keeps it while the row is reused)."""
-        if not 0 <= start <= end <= self._clean[row]:
+        if not 0 <= start <= end <= self._written[row]:
             raise ValueError(f"positions [{start}, {end}) of KV row {row} are not written")
         k = torch.stack([slab[row, :, start:end] for slab in self.k])  # [layers, KVH, n, D]
         v = torch.stack([slab[row, :, start:end] for slab in self.v])
@@ -99,13 +105,20 @@ class KVCache:
         self.mark_written(row, start + n)
 
     def ensure_clean(self, row: int, length: int) -> None:
+        """Positions below ``length`` of ``row`` hold finite values: what is not written yet is zeroed,
+        ``CLEAN_AHEAD`` positions at a time. A row shorter than the longest in a decode batch needs one
+        more clean position every step; zeroing them one by one took 2 ops per layer and row (~1,900
+        tiny ops per 32-row decode step of prompts of unequal length; the serving forward's p50 went
+        from ~104 to ~95 ms without them), zeroing ahead takes them once per CLEAN_AHEAD steps.
+        Unwritten positions are never read but through a -inf mask."""
         start = self._clean[row]
         if start >= length:
             return
+        end = min(self.max_seq_len, max(length, start + CLEAN_AHEAD))
         for k, v in zip(self.k, self.v, strict=True):
-            k[row, :, start:length].zero_()
-            v[row, :, start:length].zero_()
-        self._clean[row] = length
+            k[row, :, start:end].zero_()
+            v[row, :, start:end].zero_()
+        self._clean[row] = end
 
 
 class ModelRunner:
