@@ -2,7 +2,8 @@
 
 The workload of the load scenario (bench/serving.py): chat requests (the model's chat template, prompts
 from ``prompt_text``), greedy, 64 new tokens (EOS ignored), but all 32 streams start together on 32
-ready channels instead of one after another. Run against the base model and against 32 distinct r=8
+ready channels instead of one after another; the clients run in a process of their own
+(``LoadGenerator``). Run against the base model and against 32 distinct r=8
 q/v adapters (one per request), for each engine scheduling policy, in one process, interleaved
 (policy A, policy B, policy A, ...) so that ratios come from one run on a noisy machine.
 
@@ -42,6 +43,7 @@ from bench.serving import (
     RESULTS_DIR,
     SHAPES,
     TENANT,
+    LoadGenerator,
     StepLog,
     install_step_timer,
     make_adapters,
@@ -262,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir = args.model or prepare_default_model(REPO / "data" / "models")
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-burst-"))
     bursts: list[Burst] = []
+    loadgen = LoadGenerator()  # the 32 clients in a process of their own, as in bench/serving.py
     try:
         n_adapters = args.requests if "32xdefault" in targets else 0
         dirs = (
@@ -307,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_config = engine.config
         try:
             for t in targets:  # warm-up: adapters resident, kernels and batch shapes seen
-                asyncio.run(burst(target, adapters_of[t], 4))
+                loadgen.run(burst, target, adapters_of[t], 4)
             for rep in range(args.repeats):
                 for t in targets:
                     for name, overrides in policies.items():
@@ -320,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         engine.run(apply)
                         steps.clear()
                         engine_times.clear()
-                        outs, t0, wall = asyncio.run(burst(target, adapters_of[t], args.max_new_tokens))
+                        outs, t0, wall = loadgen.run(burst, target, adapters_of[t], args.max_new_tokens)
                         ok = [o for o in outs if not isinstance(o, BaseException)]
                         b = Burst(
                             policy=name,
@@ -352,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             server.stop()
     finally:
+        loadgen.close()
         shutil.rmtree(work, ignore_errors=True)
 
     rows = []

