@@ -10,7 +10,8 @@ with ``--adapters`` distinct adapters (random weights in slots, default 0: base 
 kernels run in the compute dtype either way) of ``--shape``: ``default`` (PEFT's default, r=8 on
 q_proj and v_proj) or ``r16all`` (r=16 on all seven Linears). Variants: ``fp32``, ``bf16`` and
 ``fp32+compile`` / ``bf16+compile`` (``torch.compile`` of each decoder layer's MLP and RMSNorms: what
-``--compile`` does, ``compile_base`` in ``model/loader.py``). A ``+before`` suffix (``bf16+before``)
+``--compile`` does, ``compile_base`` in ``model/loader.py``). bf16 variants without compile prepack the
+base Linears for oneDNN (``model/packed.py``), as the server does. A ``+before`` suffix (``bf16+before``)
 runs the LoRA kernels as they were before the embedding_bag ``token`` kernel (``token_before`` and
 ``choose_before`` of ``bench/lora_kernels.py``), and a ``+base`` suffix loads no adapter (the base
 alone, for the LoRA share); ``+lora32`` keeps the LoRA slot buffers (and math) in fp32 under a bf16
@@ -62,6 +63,7 @@ def build_runner(
 ) -> Any:
     from lorafleet_server.model.loader import compile_base, load_hf_model, wrap_targets
     from lorafleet_server.model.lora import LoraContext
+    from lorafleet_server.model.packed import pack_linears, packed_linear_supported
     from lorafleet_server.model.runner import ModelRunner
 
     cpu = torch.device("cpu")
@@ -78,6 +80,8 @@ def build_runner(
                 layer.write_slot(slot, a, b * 2.0)
     if compiled:
         compile_base(model)
+    elif dtype == torch.bfloat16 and packed_linear_supported(dtype):
+        pack_linears(model, list(layers.values()))  # as load_base does: the server's bf16 kernel
     return ModelRunner(model, context, rows=rows, max_seq_len=1024, dtype=dtype, device=cpu)
 
 
