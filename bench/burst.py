@@ -153,6 +153,7 @@ def install_submit_timer(engine: Any) -> EngineTimes:
 def argv_from_serving(args: argparse.Namespace) -> list[str]:
     """This scenario's arguments from ``python -m bench.serving --scenario burst``'s (the ones both have)."""
     argv = ["--requests", str(args.clients), "--lora-impl", args.lora_impl, "--threads", str(args.threads)]
+    argv += ["--prefill-threads", str(args.prefill_threads)]
     argv += ["--out", str(args.out), "--seed", str(args.seed)]
     if args.max_new_tokens:
         argv += ["--max-new-tokens", str(args.max_new_tokens)]
@@ -175,6 +176,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "token", "grouped", "gather"))
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch intra-op threads")
+    p.add_argument(
+        "--prefill-threads",
+        type=int,
+        default=0,
+        help="ServerConfig.prefill_threads: threads for steps of more than 64 tokens while they measure faster "
+        "(default 0: every core; = --threads: off)",
+    )
     p.add_argument(
         "--dtype",
         default="bfloat16",
@@ -284,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lora_impl=args.lora_impl,
             dtype=args.dtype,
             torch_threads=args.threads,
+            prefill_threads=args.prefill_threads,
             metrics_port=0,
             log_level="WARNING",
         )

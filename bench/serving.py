@@ -697,6 +697,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="torch intra-op threads (default: cores - 1, leaving a core to the gRPC/client threads; with "
         "every core in torch's pool, any other busy thread stalls each op)",
     )
+    p.add_argument(
+        "--prefill-threads",
+        type=int,
+        default=0,
+        help="ServerConfig.prefill_threads: threads for steps of more than 64 tokens while they measure "
+        "faster (default 0: every core; = --threads: off)",
+    )
     p.add_argument("--model", type=Path, help="model directory (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     p.add_argument("--seed", type=int, default=0)
@@ -847,6 +854,7 @@ def run_prefix(args: argparse.Namespace) -> int:
             max_lora_rank=args.max_lora_rank,
             lora_impl=args.lora_impl,
             torch_threads=args.threads,
+            prefill_threads=args.prefill_threads,
             metrics_port=0,
             log_level="WARNING",
         )
@@ -1107,6 +1115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_lora_rank=args.max_lora_rank,
             lora_impl=args.lora_impl,
             torch_threads=args.threads,
+            prefill_threads=args.prefill_threads,
             metrics_port=0,
             log_level="WARNING",
             keys_poll_seconds=0.2,

@@ -27,6 +27,7 @@ from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
 from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
 from lorafleet_server.model.prepare import prepare_default_model
 from lorafleet_server.model.runner import ModelRunner
+from lorafleet_server.model.threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,25 @@ def eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+
+
 def torch_threads_for(config: ServerConfig) -> int:
     """Intra-op threads: leave a core to the gRPC and Python threads. With every core in torch's pool,
     any other busy thread stalls each op's thread barrier (measured: a batch-4 decode step went from
     ~85 ms to ~4 s on 2 cores)."""
     if config.torch_threads:
         return config.torch_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores - 1)
+    return max(1, _cores() - 1)
+
+
+def step_threads_for(config: ServerConfig, device: torch.device) -> StepThreads | None:
+    """Threads per step on a CPU (model/threads.py): ``torch_threads_for`` for decode, and every core
+    (or ``prefill_threads``) for prompt prefill while that measures faster. None on other devices."""
+    if device.type != "cpu":
+        return None
+    return StepThreads(torch_threads_for(config), config.prefill_threads or _cores())
 
 
 def build_service(config: ServerConfig, registry: CollectorRegistry | None = None) -> Service:
@@ -141,7 +153,11 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         dtype=base.dtype,
         device=base.device,
         lora_impl=config.lora_impl,
+        threads=step_threads_for(config, base.device),
     )
+    runner.calibrate_threads()
+    if runner.threads is not None:
+        log.info("threads: %s", runner.threads.describe())
     engine = Engine(
         runner,
         tokenizer,
@@ -185,6 +201,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         torch_threads=threads,
         cpu_features=base.cpu_features,
         linear_kernel=base.linear_kernel,
+        prefill_threads=runner.threads.large if runner.threads is not None else threads,
     )
     metrics.build.info(
         {

@@ -129,6 +129,14 @@ class ServerConfig(EngineConfig):
         default="auto", metadata={"help": "multi-LoRA kernel (gather is the readable reference)"}
     )
     torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: CPU cores - 1, at least 1)"})
+    prefill_threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch threads for steps of more than 64 tokens (prompt prefill), used only while they "
+            "measure fewer seconds per token than --torch-threads (0: every CPU core; set it to "
+            "--torch-threads to turn this off)"
+        },
+    )
     drain_seconds: float = field(
         default=5.0,
         metadata={
@@ -353,6 +361,8 @@ def _check(c: ServerConfig) -> None:
         raise ValueError("tls_client_ca (client certificates, mTLS) needs tls_cert and tls_key as well")
     if c.torch_threads < 0:
         raise ValueError("torch_threads must be >= 0 (0: automatic)")
+    if c.prefill_threads < 0:
+        raise ValueError("prefill_threads must be >= 0 (0: every CPU core)")
     if c.default_max_new_tokens > c.max_new_tokens:
         raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
     if c.adapter_cache_bytes <= 0:

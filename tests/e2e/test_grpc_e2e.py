@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,7 @@ def test_model_info(live: LiveServer) -> None:
     assert ("native bf16" in info.dtype_reason) == native
     assert info.linear_kernel == ("onednn-packed" if info.dtype == "bfloat16" else "torch")
     assert info.cpu_features == cpu_features().summary() and not info.compiled and info.torch_threads >= 1
+    assert info.prefill_threads == len(os.sched_getaffinity(0))  # every core for prompt prefill, when faster
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(info.target_modules)
     assert info.max_context_tokens == 512 and info.max_lora_rank == 32 and info.max_new_tokens == 128
 

@@ -215,6 +215,7 @@ def model_info_from_proto(response: ipb.GetModelInfoResponse) -> ModelInfo:
         torch_threads=response.torch_threads,
         cpu_features=response.cpu_features,
         linear_kernel=response.linear_kernel,
+        prefill_threads=response.prefill_threads,
     )
 
 
@@ -239,6 +240,7 @@ def model_info_to_proto(info: ModelInfo) -> ipb.GetModelInfoResponse:
         torch_threads=info.torch_threads,
         cpu_features=info.cpu_features,
         linear_kernel=info.linear_kernel,
+        prefill_threads=info.prefill_threads,
     )
 
 

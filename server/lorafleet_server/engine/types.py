@@ -89,6 +89,7 @@ class ModelInfo:
     torch_threads: int = 0  # intra-op threads of the compute
     cpu_features: str = ""  # reported CPU flags, e.g. "avx2,avx512f,avx512_bf16"
     linear_kernel: str = "torch"  # base Linears: "onednn-packed" (model/packed.py) or "torch"
+    prefill_threads: int = 0  # threads for steps of > 64 tokens when faster (model/threads.py); = torch_threads: off
 
 
 @dataclass(frozen=True)

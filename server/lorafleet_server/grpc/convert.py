@@ -150,6 +150,7 @@ def model_info_pb(info: ModelInfo, adapter_slot_memory_bytes: int) -> inference_
         torch_threads=info.torch_threads,
         cpu_features=info.cpu_features,
         linear_kernel=info.linear_kernel,
+        prefill_threads=info.prefill_threads,
     )
 
 

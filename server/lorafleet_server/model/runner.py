@@ -9,12 +9,14 @@ layer, a row per running request.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
+from lorafleet_server.model.threads import CALIBRATION_TOKENS, StepThreads
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         lora_impl: Impl = "auto",
+        threads: StepThreads | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -147,6 +150,7 @@ class ModelRunner:
         self.dtype = dtype
         self.device = device
         self.lora_impl: Impl = lora_impl
+        self.threads = threads  # torch threads per step (model/threads.py); None: torch's setting as it is
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
 
     @torch.inference_mode()
@@ -182,12 +186,28 @@ class ModelRunner:
         for r in rows:
             if r.decodes:
                 self.kv.ensure_clean(r.kv_row, single_end)
-        self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl)
+        with self.threads.run(len(ids)) if self.threads is not None else nullcontext():
+            self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl)
+            try:
+                hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
+            finally:
+                self.context.batch = None
+            return self._outputs(hidden[:1] if lone else hidden, rows)
+
+    def calibrate_threads(self) -> None:
+        """Before serving: time a prompt chunk at each thread count of ``self.threads`` (model/threads.py),
+        in KV row 0 (free at startup; the engine overwrites it). Also creates the kernels' primitives
+        that the first requests would otherwise wait for."""
+        if self.threads is None or not self.threads.adaptive:
+            return
+        vocab = int(self.model.config.vocab_size)
+        ids = tuple(range(1, min(CALIBRATION_TOKENS, vocab - 1, self.kv.max_seq_len) + 1))
+        step = [RowStep(kv_row=0, start=0, token_ids=ids, slot=0, want_logits=True, want_pooled=False)]
+        threads, self.threads = self.threads, None  # timed by calibrate, not by step
         try:
-            hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
+            threads.calibrate(lambda: self.step(step), len(ids))
         finally:
-            self.context.batch = None
-        return self._outputs(hidden[:1] if lone else hidden, rows)
+            self.threads = threads
 
     def _forward(
         self, input_ids: torch.Tensor, pos_t: torch.Tensor, row_t: torch.Tensor, rows: list[RowStep]

@@ -1,0 +1,112 @@
+"""Torch intra-op threads per forward step, chosen by the step's size and by measurement.
+
+A decode step (a token per running request) is ~1,300 small ops; with every core in torch's thread
+pool, any other busy thread on the machine (the gRPC loop, the clients, a neighbour) stalls each op's
+thread barrier, so decode keeps a core free (``--torch-threads``, cores - 1 by default). A step that
+prefills prompts is the same number of ops, each several times larger: there a second thread paid off
+on 2 cores (measured: a 256-token step ~0.6x the time; 32 requests arriving at once with 32 distinct
+adapters got their first token ~30% sooner). It pays off only while the other core is mostly idle, so
+the choice is measured, not assumed: ``StepThreads`` times the large steps at both thread counts and
+keeps the one with fewer seconds per token, trying the other again now and then (a neighbour may have
+come or gone).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+PREFILL_MIN_TOKENS = 64  # steps of more tokens than this are "large" (decode rows plus prompt chunks)
+PROBE_EVERY = 16  # every PROBE_EVERY-th large step runs at the thread count not in use, to re-measure it
+EWMA_WEIGHT = 0.3  # weight of a new measurement in a thread count's seconds-per-token average
+CALIBRATION_TOKENS = 96  # the prompt chunk ModelRunner.calibrate_threads times at startup
+CALIBRATION_REPEATS = 2  # timed runs per thread count (after an untimed one)
+
+
+class StepThreads:
+    """Threads for each forward step: ``small`` for steps of up to ``min_tokens`` tokens; for larger
+    ones ``small`` or ``large``, whichever has cost fewer seconds per token (an exponentially weighted
+    average of the steps run at each), with a probe of the other every ``probe_every`` large steps.
+
+    One engine thread calls ``run``; the object is not shared between threads.
+    """
+
+    def __init__(
+        self, small: int, large: int, *, min_tokens: int = PREFILL_MIN_TOKENS, probe_every: int = PROBE_EVERY
+    ) -> None:
+        if small < 1 or large < 1:
+            raise ValueError(f"thread counts must be >= 1, not {small} and {large}")
+        self.small = small
+        self.large = large
+        self.min_tokens = min_tokens
+        self.probe_every = probe_every
+        self.cost: dict[int, float] = {}  # threads -> EWMA seconds per token of the large steps run with them
+        self._large_steps = 0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.large != self.small
+
+    def choose(self, tokens: int) -> int:
+        """The thread count for a step of ``tokens`` tokens."""
+        if tokens <= self.min_tokens or not self.adaptive:
+            return self.small
+        self._large_steps += 1
+        for threads in (self.large, self.small):  # each measured once first
+            if threads not in self.cost:
+                return threads
+        best = min(self.cost, key=lambda t: self.cost[t])
+        other = self.small if best == self.large else self.large
+        return other if self._large_steps % self.probe_every == 0 else best
+
+    def record(self, threads: int, tokens: int, seconds: float) -> None:
+        """A step of ``tokens`` tokens took ``seconds`` with ``threads`` threads."""
+        if tokens <= self.min_tokens or not self.adaptive or tokens <= 0:
+            return
+        per_token = seconds / tokens
+        old = self.cost.get(threads)
+        self.cost[threads] = per_token if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * per_token
+
+    def calibrate(self, run_step: Callable[[], object], tokens: int, repeats: int = CALIBRATION_REPEATS) -> None:
+        """Seed the averages before serving: ``run_step`` (a step of ``tokens`` tokens, more than
+        ``min_tokens``) once untimed at each thread count (it also creates the kernels' primitives), then
+        ``repeats`` times each, interleaved; each count starts from its median seconds per token. Without
+        it the first large steps after a start, which also pay that warm-up, would mislead the choice."""
+        if not self.adaptive or tokens <= self.min_tokens:
+            return
+        counts = (self.small, self.large)
+        for threads in counts:
+            torch.set_num_threads(threads)
+            run_step()
+        times: dict[int, list[float]] = {t: [] for t in counts}
+        for _ in range(repeats):
+            for threads in counts:
+                torch.set_num_threads(threads)
+                start = time.perf_counter()
+                run_step()
+                times[threads].append((time.perf_counter() - start) / tokens)
+        torch.set_num_threads(self.small)
+        self.cost = {t: statistics.median(v) for t, v in times.items()}
+
+    @contextmanager
+    def run(self, tokens: int) -> Iterator[int]:
+        """Set torch's threads for a step of ``tokens`` tokens around it and time it."""
+        threads = self.choose(tokens)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        yield threads
+        self.record(threads, tokens, time.perf_counter() - start)
+
+    def describe(self) -> str:
+        if not self.adaptive:
+            return f"{self.small} torch threads"
+        measured = ", ".join(f"{t}: {c * 1e3:.2f} ms/token" for t, c in sorted(self.cost.items()))
+        return (
+            f"{self.small} torch threads for steps of up to {self.min_tokens} tokens; {self.small} or "
+            f"{self.large} for larger ones, whichever measures faster ({measured or 'not measured yet'})"
+        )

@@ -1,0 +1,101 @@
+"""Threads per step (model/threads.py): decode keeps its thread count; larger steps get whichever
+thread count measures fewer seconds per token, and the other is probed again now and then."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lorafleet_server.model.lora import LoraContext
+from lorafleet_server.model.runner import ModelRunner, RowStep
+from lorafleet_server.model.threads import StepThreads
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads() -> Iterator[None]:
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_small_steps_keep_the_small_count_and_large_ones_measure_both() -> None:
+    threads = StepThreads(1, 2, min_tokens=64, probe_every=4)
+    assert threads.choose(32) == 1 and threads.choose(64) == 1  # decode: never measured
+    assert threads.cost == {}
+    assert threads.choose(200) == 2  # first the large count, then the small one, once each
+    threads.record(2, 200, 0.2)  # 1 ms per token
+    assert threads.choose(200) == 1
+    threads.record(1, 200, 0.3)  # 1.5 ms per token: the large count is faster
+    picks = [threads.choose(100) for _ in range(8)]
+    assert picks.count(2) == 6 and picks.count(1) == 2  # every 4th large step probes the other
+    threads.record(32, 32, 10.0)  # small steps never move the averages
+    assert set(threads.cost) == {1, 2}
+
+
+def test_a_slowed_thread_count_loses_its_place() -> None:
+    """A neighbour takes the other core: steps at 2 threads stall, and the average moves to 1 thread."""
+    threads = StepThreads(1, 2, min_tokens=8, probe_every=1000)
+    threads.record(2, 100, 0.1)
+    threads.record(1, 100, 0.15)
+    assert threads.choose(100) == 2
+    for _ in range(3):
+        threads.record(2, 100, 2.0)  # stalled thread barriers: 20 ms per token
+    assert threads.choose(100) == 1
+
+
+def test_equal_counts_are_not_adaptive_and_bad_counts_are_refused() -> None:
+    threads = StepThreads(2, 2)
+    assert not threads.adaptive and threads.choose(1000) == 2
+    threads.record(2, 1000, 1.0)
+    assert threads.cost == {}
+    with pytest.raises(ValueError, match=">= 1"):
+        StepThreads(0, 2)
+
+
+def test_calibration_seeds_both_counts_from_timed_runs_after_a_warm_up() -> None:
+    threads = StepThreads(1, 2, min_tokens=8)
+    seen: list[int] = []
+    threads.calibrate(lambda: seen.append(torch.get_num_threads()), tokens=100, repeats=3)
+    assert seen == [1, 2, 1, 2, 1, 2, 1, 2]  # one untimed run each, then interleaved timed runs
+    assert set(threads.cost) == {1, 2} and all(c >= 0 for c in threads.cost.values())
+    assert torch.get_num_threads() == 1  # left at the decode count
+    skipped = StepThreads(1, 2, min_tokens=128)
+    skipped.calibrate(lambda: seen.append(0), tokens=100)  # not a large step: nothing to learn
+    assert skipped.cost == {} and seen[-1] != 0
+
+
+def test_the_runner_sets_threads_per_step_and_its_results_do_not_change(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    cpu = torch.device("cpu")
+    plain = ModelRunner(model, LoraContext(), rows=2, max_seq_len=64, dtype=torch.float32, device=cpu)
+    threads = StepThreads(1, 2, min_tokens=4)
+    stepped = ModelRunner(
+        model, LoraContext(), rows=2, max_seq_len=64, dtype=torch.float32, device=cpu, threads=threads
+    )
+    prompt = RowStep(0, 0, tuple(range(3, 13)), 0, True, False)  # 10 tokens: a large step here
+    decode = RowStep(0, 10, (20,), 0, True, False)
+    expected = [plain.step([prompt]).logits, plain.step([decode]).logits]
+    got = [stepped.step([prompt]).logits]
+    assert set(threads.cost) == {2}  # the large step ran, and was timed, with 2 threads
+    got.append(stepped.step([decode]).logits)
+    assert torch.get_num_threads() == 1 and set(threads.cost) == {2}  # decode: 1 thread, not timed
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_runner_calibration_times_a_prompt_chunk_in_a_free_row(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    threads = StepThreads(1, 2, min_tokens=16)
+    runner = ModelRunner(
+        model, LoraContext(), rows=2, max_seq_len=48, dtype=torch.float32, device=torch.device("cpu"), threads=threads
+    )
+    runner.calibrate_threads()
+    assert set(threads.cost) == {1, 2} and runner.threads is threads
+    # row 0 serves a request afterwards exactly as a fresh runner's would
+    fresh = ModelRunner(model, LoraContext(), rows=2, max_seq_len=48, dtype=torch.float32, device=torch.device("cpu"))
+    step = [RowStep(0, 0, (5, 6, 7), 0, True, False)]
+    torch.testing.assert_close(runner.step(step).logits, fresh.step(step).logits, rtol=1e-5, atol=1e-5)
