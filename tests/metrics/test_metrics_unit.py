@@ -134,3 +134,45 @@ def test_names_follow_prometheus_conventions(service: Service) -> None:
     assert not [n for n in names if n.endswith("_ms") or ":" in n]
     for forbidden in ("tenant", "adapter="):
         assert forbidden not in text
+
+
+class _Deadline:
+    """A call context whose caller's deadline is ``remaining`` seconds away (None: no deadline)."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+@pytest.mark.parametrize(("remaining", "code"), [(-1.0, "DEADLINE_EXCEEDED"), (60.0, "CANCELLED"), (None, "CANCELLED")])
+def test_a_stream_closed_at_its_yield_counts_as_its_deadline_or_a_cancel_never_internal(
+    remaining: float | None, code: str
+) -> None:
+    """gRPC closes a streaming handler (an async generator) at its ``yield`` when the call ends while a
+    response is being sent: GeneratorExit, which is no bug of the handler."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from lorafleet_server.grpc.observe import CallObserver
+    from lorafleet_server.metrics import Metrics
+
+    registry = CollectorRegistry()
+    calls = CallObserver(Metrics(registry))
+
+    async def handler() -> Any:
+        async with calls.call("GenerateStream", _Deadline(remaining), "r1"):
+            yield "first"
+            yield "second"
+
+    async def consume_one_then_close() -> None:
+        stream = handler()
+        assert await anext(stream) == "first"
+        await stream.aclose()
+
+    asyncio.run(consume_one_then_close())
+    count = registry.get_sample_value("lorafleet_requests_total", {"rpc": "GenerateStream", "code": code})
+    assert count == 1.0
+    assert registry.get_sample_value("lorafleet_requests_total", {"rpc": "GenerateStream", "code": "INTERNAL"}) is None

@@ -102,12 +102,15 @@ class CallObserver:
             yield record
             if record.code == grpc.StatusCode.OK and record.deadline is not None and time.monotonic() > record.deadline:
                 record.code = grpc.StatusCode.DEADLINE_EXCEEDED  # finished too late: the caller has given up
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: a streaming handler is an async generator, and gRPC closes it at its `yield`
+            # when the call ends (deadline, cancel) while a response is being sent, not at an await.
             record.code = grpc.StatusCode.DEADLINE_EXCEEDED if record.expired() else grpc.StatusCode.CANCELLED
             raise
-        except BaseException:
+        except BaseException as exc:
             if record.code == grpc.StatusCode.OK:  # aborts set their code first; anything else is a bug
                 record.code = grpc.StatusCode.INTERNAL
+                record.error = record.error or repr(exc)  # the log line says what broke
             raise
         finally:
             self._finish(record)
