@@ -103,7 +103,7 @@ def test_decode_rows_in_any_kv_rows_and_order_match_hf(
     steps = [
         RowStep(row, len(p), (60 + i,), 0, True, False) for i, (row, p) in enumerate(zip(kv_rows, prompts, strict=True))
     ]
-    assert (_AttentionPlan.build(steps, torch.device("cpu")).gather is None) == window_is_view
+    assert (_AttentionPlan.build(steps, torch.device("cpu"), 32).gather is None) == window_is_view
     out = runner.step(steps)
     with torch.no_grad():
         for i, p in enumerate(prompts):
