@@ -175,3 +175,10 @@ def test_a_one_token_prompt_chunk_after_a_cached_prefix_equals_the_whole_prefill
     runner.kv.write(1, 0, k, v)
     rest = runner.step([RowStep(1, 32, prompt[32:], 0, True, False, prompt=True)]).logits[0]
     assert torch.equal(rest, whole)
+
+
+def test_decode_key_length_is_rounded_up_to_a_bucket_within_the_kv_rows() -> None:
+    from lorafleet_server.model.runner import DECODE_LEN_BUCKET, decode_len
+
+    assert DECODE_LEN_BUCKET == 16
+    assert [decode_len(n, 40) for n in (0, 1, 16, 17, 32, 33, 40)] == [0, 16, 16, 32, 32, 40, 40]

@@ -180,10 +180,8 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [N]
         row_t = torch.tensor(kv_rows, dtype=torch.long, device=dev)  # [N]
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)  # [N]
-        # Decode rows attend over the longest one's length rounded up to DECODE_LEN_BUCKET (masked past
-        # each row's end): oneDNN builds a kernel for each new matmul shape and caches it.
-        single_end = max((r.start + 1 for r in rows if r.decodes), default=0)
-        single_end = min(self.kv.max_seq_len, -(-single_end // DECODE_LEN_BUCKET) * DECODE_LEN_BUCKET)
+        # what the decode rows attend over: the longest one's length, rounded up (decode_len)
+        single_end = decode_len(max((r.start + 1 for r in rows if r.decodes), default=0), self.kv.max_seq_len)
         for r in rows:
             self.kv.mark_written(r.kv_row, r.start + len(r.token_ids))
         for r in rows:
@@ -261,9 +259,16 @@ class ModelRunner:
 
 # Decode attention's key length is a multiple of this (the longest row's, rounded up; masked past each
 # row's end). oneDNN builds a kernel for every new matmul shape (~0.6 ms each here) and keeps up to 1,024
-# of them: with a length that grew by one every step, each step built new ones, and the server's RSS
-# grew with the cache (+7% over 1,000 requests after warm-up).
+# of them: with a length that grew by one every step, each step built two new ones, and the server's RSS
+# grew with that cache.
 DECODE_LEN_BUCKET = 16
+
+
+def decode_len(longest: int, max_seq_len: int) -> int:
+    """The key length decode rows attend over: ``longest`` rounded up to DECODE_LEN_BUCKET, at most the
+    KV rows' length. Positions past a row's own end are masked (-inf) and zeroed (KVCache.ensure_clean)."""
+    return min(max_seq_len, -(-longest // DECODE_LEN_BUCKET) * DECODE_LEN_BUCKET)
+
 
 # Decode rows attend over a window of KV rows [lo, hi) read in place (a view of the slab, no copy) when
 # the step's single-token rows fill at least this share of it; sparser sets gather their rows instead.
@@ -307,7 +312,7 @@ class _AttentionPlan:
             else:
                 chunks.append((offset, n, r.kv_row, r.start))
             offset += n
-        lmax = min(max_seq_len, -(-max(single_end, default=0) // DECODE_LEN_BUCKET) * DECODE_LEN_BUCKET)
+        lmax = decode_len(max(single_end, default=0), max_seq_len)
         lo = min(single_rows, default=0)
         span = max(single_rows, default=-1) + 1 - lo
         if single_rows and len(single_rows) >= DENSE_WINDOW_MIN_FILL * span:

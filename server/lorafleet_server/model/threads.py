@@ -3,12 +3,12 @@
 A decode step (a token per running request) is ~1,300 small ops; with every core in torch's thread
 pool, any other busy thread on the machine (the gRPC loop, the clients, a neighbour) stalls each op's
 thread barrier, so decode keeps a core free (``--torch-threads``, cores - 1 by default). A step that
-prefills prompts is the same number of ops, each several times larger: there a second thread paid off
-on 2 cores (measured: a 256-token step ~0.6x the time; 32 requests arriving at once with 32 distinct
-adapters got their first token ~30% sooner). It pays off only while the other core is mostly idle, so
-the choice is measured, not assumed: ``StepThreads`` times the large steps at both thread counts and
-keeps the one with fewer seconds per token, trying the other again now and then (a neighbour may have
-come or gone).
+prefills prompts is the same number of ops, each several times larger: there a second thread can pay
+off (2 cores, idle: a 256-token step took ~0.6x the time). In serving the other core also runs the gRPC
+loop and often the clients, and steps timed there were sometimes faster and sometimes slower with 2
+threads (docs/architecture.md, "Measured facts"), so the choice is measured, not assumed:
+``StepThreads`` times the large steps at both thread counts and keeps the one with fewer seconds per
+token, trying the other again now and then (a neighbour may have come or gone).
 """
 
 from __future__ import annotations
