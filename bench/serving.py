@@ -367,7 +367,7 @@ class LoadGenerator:
 
     In the benchmark's own process the 32 streaming clients would share the in-process lorafleet
     server's GIL: each time the engine thread comes back from a torch op it could wait for a client
-    callback to let go, and a decode step has ~1,300 ops. Measured on 2 cores (issue 13's notes): the
+    callback to let go, and a decode step has ~1,300 ops. Measured on 2 cores (bench/README.md): the
     same base load ran at ~200 tok/s with the clients in the server's process and ~250-290 tok/s with
     them in another, which is how the vLLM peer (its own processes) was always measured. One spawned
     child runs every load of the benchmark, for lorafleet, the naive server and the peer alike; its pid
