@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -49,6 +48,7 @@ from bench.serving import (
     make_adapters,
     percentile,
     prompt_text,
+    quiet_logging,
     say,
 )
 
@@ -246,11 +246,7 @@ def print_trace(b: Burst) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    quiet_logging()  # (httpx is quietened too, though no client here uses it)
 
     from lorafleet_server.app import build_service
     from lorafleet_server.config import ServerConfig

@@ -571,6 +571,48 @@ def summarize(
     )
 
 
+def measured_run(
+    name: str,
+    kind: str,
+    shape: Shape | None,
+    distinct: int,
+    plan: Plan,
+    load: Callable[[int, int, int, bool], tuple[list[RequestRecord], float]],
+    models: int,
+    own_pids: Sequence[int],
+    *,
+    before: Callable[[], None] | None = None,
+    steps: Callable[[], dict[str, Any]] | None = None,
+) -> RunResult:
+    """One run of the plan's load on a server, for lorafleet and the peer alike: a warm-up first (4
+    tokens per client, at least one client per model: every adapter resident, the batch shapes seen
+    once; not measured), then ``before()``, then the measured load, summarized (``steps()``: the
+    forward timings, lorafleet's only) and reported. ``load(clients, requests, max_new_tokens, warmup)``
+    runs the load; ``own_pids``: the processes counted as "own" CPU besides this one."""
+    load(max(plan.clients, models), 1, 4, True)
+    if before is not None:
+        before()
+    meter = CpuMeter(own_pids)
+    records, wall = load(plan.clients, plan.requests, plan.max_new_tokens, False)
+    res = summarize(
+        name,
+        kind,
+        shape.key if shape else None,
+        distinct,
+        plan.clients,
+        plan.requests,
+        records,
+        wall,
+        meter.stop(),
+        steps() if steps is not None else None,
+    )
+    say(
+        f"{name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s, "
+        f"other processes {res.other_cores:.1f} cores" + (f", {res.errors} errors" if res.errors else "")
+    )
+    return res
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.0f}"
 
@@ -785,6 +827,16 @@ def enable_auth(keys_file: Path, target: str) -> str:
                 return key
             time.sleep(0.05)
     raise RuntimeError("authentication did not turn on within 30 s of creating a key")
+
+
+def quiet_logging() -> None:
+    """A bench's logging: warnings and up, one line each; transformers', peft's and httpx's chatter and
+    the progress bars off (the environment variables also reach servers started as child processes)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "peft", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def say(msg: str) -> None:
@@ -1005,26 +1057,8 @@ def run_vllm_peer(
                 extra_body=extra,
             )
 
-        load(max(plan.clients, len(models)), 1, 4, True)  # warm-up, as for the engine runs
-        meter = CpuMeter([*server.pids(), loadgen.pid])
-        records, wall = load(plan.clients, plan.requests, plan.max_new_tokens, False)
         distinct = len({m for m in models if m != served_name})
-        res = summarize(
-            name,
-            "vllm",
-            shape.key if shape else None,
-            distinct,
-            plan.clients,
-            plan.requests,
-            records,
-            wall,
-            meter.stop(),
-        )
-        say(
-            f"{name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s, "
-            f"other processes {res.other_cores:.1f} cores" + (f", {res.errors} errors" if res.errors else "")
-        )
-        return res
+        return measured_run(name, "vllm", shape, distinct, plan, load, len(models), [*server.pids(), loadgen.pid])
 
     def serve(tag: str, modules: dict[str, Path], runs: list[tuple[str, Shape | None, list[str]]]) -> None:
         cfg = config(tag, modules)
@@ -1070,11 +1104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return zipf.main(zipf.argv_from_serving(args))
     plan = make_plan(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "peft", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    quiet_logging()
 
     from lorafleet_server.app import build_service
     from lorafleet_server.config import ServerConfig
@@ -1186,28 +1216,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     api_key=api_key,
                 )
 
-            # warm-up (not measured): every adapter of the run resident, the batch shapes seen once
-            load(max(plan.clients, len(adapters)), 1, 4, True)
-            steps.clear()
-            meter = CpuMeter([loadgen.pid])
-            records, wall = load(plan.clients, plan.requests, plan.max_new_tokens, False)
-            res = summarize(
+            return measured_run(
                 name,
                 kind,
-                shape.key if shape else None,
+                shape,
                 distinct,
-                plan.clients,
-                plan.requests,
-                records,
-                wall,
-                meter.stop(),
-                step_summary(steps, full_batch),
+                plan,
+                load,
+                len(adapters),
+                [loadgen.pid],
+                before=steps.clear,
+                steps=lambda: step_summary(steps, full_batch),
             )
-            say(
-                f"{name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s, "
-                f"other processes {res.other_cores:.1f} cores" + (f", {res.errors} errors" if res.errors else "")
-            )
-            return res
 
         try:
             results.append(engine_run("base", "base", None, [""]))

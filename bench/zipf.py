@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from bench.serving import SHAPES, Shape, make_adapters, percentile, prompt_text
+from bench.serving import SHAPES, Shape, make_adapters, percentile, prompt_text, quiet_logging
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -545,11 +545,7 @@ def argv_from_serving(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "peft", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    quiet_logging()
     from lorafleet_server.model.loader import base_spec_from_files
     from lorafleet_server.model.prepare import prepare_default_model
 
