@@ -39,6 +39,7 @@ __all__ = [
     "check_safetensors_header",
     "find_weights_file",
     "load_adapter_weights",
+    "max_weights_bytes",
     "read_file_bytes",
     "read_lora_config",
 ]
@@ -119,7 +120,7 @@ def load_adapter_weights(
     cfg = read_lora_config(adapter_dir, spec.max_lora_rank)
     path = find_weights_file(adapter_dir)
     if data is None:
-        data = read_file_bytes(path, spec.max_adapter_bytes + MAX_HEADER_BYTES + 8)
+        data = read_file_bytes(path, max_weights_bytes(spec))
     tensors, data_start = parse_header_bytes(path.name, data)
     modules = _checked_modules(path.name, tensors, spec, cfg)
     buffer = _data_buffer(data, data_start)  # [bytes of tensor data] uint8
@@ -156,6 +157,11 @@ def load_adapter_weights(
         config=cfg,
         dtype=dtype,
     )
+
+
+def max_weights_bytes(spec: BaseModelSpec) -> int:
+    """The largest weights file accepted: the adapter cap plus the largest header safetensors allows."""
+    return spec.max_adapter_bytes + MAX_HEADER_BYTES + 8
 
 
 def read_file_bytes(path: Path, max_bytes: int) -> bytearray | mmap.mmap:

@@ -40,19 +40,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         with open(path, "rb") as handle:
             file_size = handle.seek(0, 2)
             handle.seek(0)
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise AdapterFormatError(f"{path.name}: file is {file_size} bytes, too short for a safetensors header")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise AdapterFormatError(
-                    f"{path.name}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap"
-                )
-            if 8 + header_len > file_size:
-                raise AdapterFormatError(
-                    f"{path.name}: header declares {header_len} bytes but the file is only {file_size} bytes "
-                    "(truncated?)"
-                )
+            header_len = _header_length(path.name, handle.read(8), file_size)
             header_bytes = handle.read(header_len)
     except FileNotFoundError:
         raise AdapterFormatError(f"{path.name} is missing from {path.parent}") from None
@@ -70,18 +58,25 @@ def parse_header_bytes(file_name: str, data: Buffer) -> tuple[dict[str, TensorIn
     tensor's ``data_offsets`` are relative to that start, and together they tile the rest exactly.
     """
     file_size = len(data)
-    if file_size < 8:
+    header_len = _header_length(file_name, data, file_size)
+    tensors = _parse_entries(file_name, bytes(data[8 : 8 + header_len]))
+    _check_tiling(file_name, tensors, file_size - 8 - header_len)
+    return tensors, 8 + header_len
+
+
+def _header_length(file_name: str, prefix: Buffer, file_size: int) -> int:
+    """The header length in a safetensors file's first 8 bytes (``prefix`` may hold more), checked
+    against the cap and against ``file_size``."""
+    if len(prefix) < 8:
         raise AdapterFormatError(f"{file_name}: file is {file_size} bytes, too short for a safetensors header")
-    (header_len,) = struct.unpack_from("<Q", data, 0)
+    (header_len,) = struct.unpack_from("<Q", prefix, 0)
     if header_len > MAX_HEADER_BYTES:
         raise AdapterFormatError(f"{file_name}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap")
     if 8 + header_len > file_size:
         raise AdapterFormatError(
             f"{file_name}: header declares {header_len} bytes but the file is only {file_size} bytes (truncated?)"
         )
-    tensors = _parse_entries(file_name, bytes(data[8 : 8 + header_len]))
-    _check_tiling(file_name, tensors, file_size - 8 - header_len)
-    return tensors, 8 + header_len
+    return int(header_len)
 
 
 def _parse_entries(file_name: str, header_bytes: bytes) -> dict[str, TensorInfo]:

@@ -49,10 +49,10 @@ from lorafleet_adapters.peft_format import (
     BaseModelSpec,
     find_weights_file,
     load_adapter_weights,
+    max_weights_bytes,
 )
 from lorafleet_adapters.prompt import PROMPT_FILE, PromptTemplate
 from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
-from lorafleet_adapters.safetensors_header import MAX_HEADER_BYTES
 from lorafleet_adapters.verified_read import VerifiedFiles
 
 log = logging.getLogger(__name__)
@@ -629,11 +629,6 @@ def required_files(kind: str) -> tuple[str, ...]:
     if kind == "lora":
         return (CONFIG_FILE, WEIGHTS_FILE)
     return ()
-
-
-def max_weights_bytes(spec: BaseModelSpec) -> int:
-    """The largest weights file accepted: the adapter cap plus the largest header safetensors allows."""
-    return spec.max_adapter_bytes + MAX_HEADER_BYTES + 8
 
 
 def _check_source_size(weights_path: Path, spec: BaseModelSpec) -> None:
