@@ -36,6 +36,20 @@ def test_small_steps_keep_the_small_count_and_large_ones_measure_both() -> None:
     assert set(threads.cost) == {1, 2}
 
 
+def test_short_large_steps_run_large_but_do_not_move_the_averages() -> None:
+    """A step just over min_tokens pays the step's fixed cost over few tokens: timing it would make the
+    thread count it ran at look slow next to long steps at the other."""
+    threads = StepThreads(1, 2, min_tokens=64, probe_every=1000)
+    threads.record(2, 256, 0.35)
+    threads.record(1, 256, 0.45)
+    assert threads.record_min_tokens == 128
+    assert threads.choose(81) == 2
+    threads.record(2, 81, 0.43)  # 5.3 ms per token: the fixed cost, not the thread count
+    assert threads.cost[2] == pytest.approx(0.35 / 256)
+    threads.record(2, 128, 0.2)  # from record_min_tokens up, steps count
+    assert threads.cost[2] > 0.35 / 256
+
+
 def test_a_slowed_thread_count_loses_its_place() -> None:
     """A neighbour takes the other core: steps at 2 threads stall, and the average moves to 1 thread."""
     threads = StepThreads(1, 2, min_tokens=8, probe_every=1000)

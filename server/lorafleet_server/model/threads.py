@@ -5,10 +5,11 @@ pool, any other busy thread on the machine (the gRPC loop, the clients, a neighb
 thread barrier, so decode keeps a core free (``--torch-threads``, cores - 1 by default). A step that
 prefills prompts is the same number of ops, each several times larger: there a second thread can pay
 off (2 cores, idle: a 256-token step took ~0.6x the time). In serving the other core also runs the gRPC
-loop and often the clients, and steps timed there were sometimes faster and sometimes slower with 2
-threads (docs/architecture.md, "Measured facts"), so the choice is measured, not assumed:
-``StepThreads`` times the large steps at both thread counts and keeps the one with fewer seconds per
-token, trying the other again now and then (a neighbour may have come or gone).
+loop and often the clients, so the choice is measured, not assumed: ``StepThreads`` times the large
+steps at both thread counts and keeps the one with fewer seconds per token, trying the other again now
+and then (a neighbour may have come or gone). Steps on the engine's thread gain from a second thread
+only with the OpenMP wait policy of ``lorafleet_server/openmp.py``: without it they lost (~470 ms
+against ~440 ms on one thread; ~350-400 ms with it, docs/architecture.md, "Measured facts").
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ import torch
 PREFILL_MIN_TOKENS = 64  # steps of more tokens than this are "large" (decode rows plus prompt chunks)
 PROBE_EVERY = 16  # every PROBE_EVERY-th large step runs at the thread count not in use, to re-measure it
 EWMA_WEIGHT = 0.3  # weight of a new measurement in a thread count's seconds-per-token average
-CALIBRATION_TOKENS = 96  # the prompt chunk ModelRunner.calibrate_threads times at startup
+# Steps of fewer tokens than twice min_tokens run large but are not timed: a step's fixed cost (~1,300-4,000
+# Python-dispatched ops) weighs more per token the fewer tokens it has, so an 81-token step at 2 threads
+# (5.3 ms per token) made 2 threads look slower than 256-token steps at 1 thread (1.9 ms per token) and
+# kept every step on one thread until the next probe.
+RECORD_MIN_FACTOR = 2
+CALIBRATION_TOKENS = 128  # the prompt chunk ModelRunner.calibrate_threads times at startup
 CALIBRATION_REPEATS = 2  # timed runs per thread count (after an untimed one)
 
 
@@ -43,6 +49,7 @@ class StepThreads:
         self.small = small
         self.large = large
         self.min_tokens = min_tokens
+        self.record_min_tokens = RECORD_MIN_FACTOR * min_tokens  # the fewest tokens of a step that is timed
         self.probe_every = probe_every
         self.cost: dict[int, float] = {}  # threads -> EWMA seconds per token of the large steps run with them
         self._large_steps = 0
@@ -64,8 +71,9 @@ class StepThreads:
         return other if self._large_steps % self.probe_every == 0 else best
 
     def record(self, threads: int, tokens: int, seconds: float) -> None:
-        """A step of ``tokens`` tokens took ``seconds`` with ``threads`` threads."""
-        if tokens <= self.min_tokens or not self.adaptive or tokens <= 0:
+        """A step of ``tokens`` tokens took ``seconds`` with ``threads`` threads (kept from
+        ``record_min_tokens`` tokens up: seconds per token of like-sized steps)."""
+        if tokens < self.record_min_tokens or not self.adaptive:
             return
         per_token = seconds / tokens
         old = self.cost.get(threads)
@@ -75,8 +83,9 @@ class StepThreads:
         """Seed the averages before serving: ``run_step`` (a step of ``tokens`` tokens, more than
         ``min_tokens``) once untimed at each thread count (it also creates the kernels' primitives), then
         ``repeats`` times each, interleaved; each count starts from its median seconds per token. Without
-        it the first large steps after a start, which also pay that warm-up, would mislead the choice."""
-        if not self.adaptive or tokens <= self.min_tokens:
+        it the first large steps after a start, which also pay that warm-up, would mislead the choice.
+        Does nothing for a step shorter than ``record_min_tokens``."""
+        if not self.adaptive or tokens < self.record_min_tokens:
             return
         counts = (self.small, self.large)
         for threads in counts:
