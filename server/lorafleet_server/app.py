@@ -28,6 +28,7 @@ from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
 from lorafleet_server.model.prepare import prepare_default_model
 from lorafleet_server.model.runner import ModelRunner
 from lorafleet_server.model.threads import StepThreads
+from lorafleet_server.openmp import openmp_wait_summary
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     )
     runner.calibrate_threads()
     if runner.threads is not None:
-        log.info("threads: %s", runner.threads.describe())
+        log.info("threads: %s; OpenMP waits: %s", runner.threads.describe(), openmp_wait_summary())
     engine = Engine(
         runner,
         tokenizer,
