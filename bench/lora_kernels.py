@@ -64,8 +64,8 @@ def token_before(x: torch.Tensor, slots: torch.Tensor, rank: int, a: torch.Tenso
     return torch.bmm(h, bt_n).squeeze(1)  # [N, out]
 
 
-def choose_before(n_tokens: int, n_adapters: int) -> str:
-    """The previous ``choose_impl`` (fp32 thresholds from a 2-core AVX2 CPU)."""
+def choose_before(n_tokens: int, n_adapters: int, *_shape: int) -> str:
+    """The previous ``choose_impl`` (fp32 thresholds from a 2-core AVX2 CPU; the module's shape unused)."""
     if n_adapters == 1:
         return "dense"
     if n_tokens <= 128:
@@ -131,7 +131,7 @@ def bench_shape(d_in: int, d_out: int, rank: int, step: str, dtype: torch.dtype,
         if before == "token":
             return token_before(x, slots, route.rank, a_old, bt)
         if before == "grouped":
-            return lora_delta_grouped(x, slots, route, a_old, bt)
+            return lora_delta_grouped(x, route, a_old, bt)
         return lora_delta_dense(x, route, a_old, bt)
 
     fns: dict[str, Callable[[], Any]] = {"base": lambda: F.linear(x, base.weight)}
@@ -147,7 +147,7 @@ def bench_shape(d_in: int, d_out: int, rank: int, step: str, dtype: torch.dtype,
     return {
         "adapters": n_adapters,
         "tokens": int(slots.numel()),
-        "auto_choice": choose_impl(int(slots.numel()), n_adapters),
+        "auto_choice": choose_impl(int(slots.numel()), n_adapters, d_in, d_out, rank),
         "before_choice": before,
         "median_us": {k: round(v, 1) for k, v in med.items()},
         "min_us": {k: round(min(v), 1) for k, v in samples.items()},

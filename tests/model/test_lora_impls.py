@@ -53,6 +53,26 @@ def test_impls_match_per_token_loop(impl: str, n_tokens: int, ranks: list[int], 
         torch.testing.assert_close(got.double(), ref.double(), rtol=0, atol=2**-6 * scale)
 
 
+def test_grouped_reads_prompt_chunks_in_place_and_gathers_scattered_rows() -> None:
+    """A prefill step: prompt chunks (each slot's tokens one run: a slice) beside decode rows whose
+    slots also appear elsewhere (gathered); both agree with the per-token reference."""
+    ranks = [0, 4, 8, 8, 2]
+    a, b = _weights(5, 8, 24, 40, ranks)
+    slots = torch.tensor([1] * 9 + [2] * 5 + [0] * 3 + [3, 4, 3] + [4] * 6)
+    x = torch.randn(len(slots), 24, generator=torch.Generator().manual_seed(2))
+    batch = LoraBatch.build(slots, torch.float32, "grouped")
+    assert batch is not None
+    route = batch.routing(ranks)
+    assert route is not None
+    kinds = {slot: isinstance(tokens, slice) for slot, tokens in route.groups}
+    assert kinds == {1: True, 2: True, 3: False, 4: False}
+    bt = b.transpose(1, 2).contiguous()
+    got = lora_delta(x, batch, ranks, a, bt)
+    gather = LoraBatch.build(slots, torch.float32, "gather")
+    assert gather is not None and got is not None
+    torch.testing.assert_close(got, lora_delta(x, gather, ranks, a, bt), rtol=1e-5, atol=1e-5)
+
+
 def test_single_adapter_batch_with_base_rows() -> None:
     ranks = [0, 8]
     a, b = _weights(2, 8, 16, 12, ranks)
@@ -80,7 +100,21 @@ def test_module_routing_keeps_only_adapters_that_target_it() -> None:
     assert batch.routing([0, 0, 8, 4]) is route  # shared by every layer of that kind in the step
 
 
-def test_auto_choice_by_step_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_choice_by_step_shape() -> None:
+    """The cost model picks what the grid behind it measured fastest (model/lora.py), SmolLM2 shapes."""
+    from lorafleet_server.model.lora import choose_impl
+
+    assert choose_impl(32, 1, 576, 576, 8) == "dense"  # one adapter: two plain matmuls
+    assert choose_impl(32, 32, 576, 576, 8) == "token"  # decode, an adapter per row
+    assert choose_impl(32, 8, 576, 1536, 16) == "token"  # decode, 8 adapters, r=16
+    assert choose_impl(256, 2, 576, 576, 8) == "dense"  # a prefill step of two adapters
+    assert choose_impl(256, 13, 576, 576, 8) == "token"  # a burst's prefill step: chunks of 13 adapters
+    assert choose_impl(2048, 8, 576, 576, 8) == "grouped"  # long prompts of 8 adapters
+    assert choose_impl(1024, 8, 1536, 576, 16) == "grouped"
+    assert choose_impl(2048, 32, 576, 576, 8) == "token"  # 32 adapters: a matmul pair each costs more
+
+
+def test_auto_dispatches_to_the_chosen_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     import lorafleet_server.model.lora as lora
 
     chosen: list[str] = []
@@ -90,20 +124,9 @@ def test_auto_choice_by_step_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = _weights(41, 8, 16, 12, [0] + [8] * 40)
     bt = b.transpose(1, 2).contiguous()
     ranks = [0] + [8] * 40
-
-    def run(slots: list[int]) -> str:
+    for slots in ([1, 1, 0, 1], [1, 2, 0, 1], list(range(1, 33)), [s for s in range(1, 7) for _ in range(300)]):
         batch = LoraBatch.build(torch.tensor(slots), torch.float32)
         assert batch is not None
         lora.lora_delta(torch.randn(len(slots), 16), batch, ranks, a, bt)
-        return chosen.pop()
-
-    assert run([1, 1, 0, 1]) == "dense"  # decode, one adapter: two plain matmuls
-    assert run([1, 2, 0, 1]) == "token"  # decode, two adapters
-    assert run(list(range(1, 33))) == "token"  # decode, an adapter per row
-    assert run(list(range(1, 9)) * 4) == "token"  # decode, 8 adapters
-    assert run([1] * 32 + [2] * 32) == "dense"  # 64 tokens of two adapters: tokens >= 32 x adapters
-    assert run([1] * 31 + [2] * 32) == "token"  # 63 tokens of two adapters
-    assert run([s for s in range(1, 9) for _ in range(31)]) == "token"  # 248 tokens, 8 adapters
-    assert run([s for s in range(1, 7) for _ in range(70)]) == "grouped"  # long prefill, 6 adapters
-    assert run([1] * 200 + [2] * 200) == "dense"  # long prefill of two adapters
-    assert run([1] * 400) == "dense"  # long prefill of one adapter
+        adapters = len(set(slots) - {0})
+        assert chosen.pop() == lora.choose_impl(len(slots), adapters, 16, 12, 8)

@@ -42,18 +42,20 @@ from torch import nn
 
 from lorafleet_server.model.options import LoraImpl as Impl
 
-# Thresholds of ``choose_impl`` (docs/architecture.md, "Measured facts"), measured with
-# ``bench/lora_kernels.py`` on a 2-core AMD EPYC with AVX-512 and avx512_bf16, 1 thread, SmolLM2
-# shapes (576/1536 wide, rank 8/16); bf16 and fp32 cross over at about the same points. ``token``
-# (embedding_bag, no copy) costs ~tokens x d_in x r_cap row reads whatever the adapters, ``dense``
-# ~tokens x adapters FLOPs, ``grouped`` a few small matmuls per adapter (~30 us each in bf16):
-# - one adapter: ``dense`` (two plain matmuls);
-# - ``token`` while tokens < TOKEN_MAX_TOKENS_PER_ADAPTER x adapters (a decode step of 32 rows from 2
-#   adapters on: 32 tokens x 32 adapters, r=8, 576->576, bf16: token 57 us, dense 245 us, the former
-#   copy+bmm token kernel 154 us; 4x128 prefill tokens of 4 adapters: dense 383 us, token 541 us);
-# - else ``dense`` up to DENSE_MAX_ADAPTERS_LONG adapters, ``grouped`` above.
-TOKEN_MAX_TOKENS_PER_ADAPTER = 32
-DENSE_MAX_ADAPTERS_LONG = 4
+# Cost model of ``choose_impl`` in microseconds per call (docs/architecture.md, "Measured facts" 4),
+# fitted to a grid of steps (32-2,048 tokens x 2-32 adapters; r=8 576->576 and 576->192, r=16 576->1536
+# and 1536->576) timed on a 2-core AMD EPYC with avx512_bf16, bf16, 1 thread:
+# - ``token`` (two embedding_bags): per token, ~d_in x r rows r wide plus r rows d_out wide;
+# - ``dense``: a fixed cost (the gathers and the mask) plus tokens x adapters x r x (d_in + d_out) MACs;
+# - ``grouped``: two matmuls per adapter (~50 us of fixed cost each pair) on its own tokens only.
+# At 256 tokens of 8 adapters (r=8 576->576) they cost 263 / 281 / 424 us; at 2,048 tokens of 8
+# adapters 1,960 / 1,585 / 930 us; at 32 decode tokens of 32 adapters 76 / 325 / 2,711 us.
+TOKEN_US_PER_IN_ELEMENT = 1.4e-4  # x tokens x d_in x r
+TOKEN_US_PER_OUT_ELEMENT = 0.49e-4  # x tokens x d_out x r
+DENSE_US_FIXED = 100.0
+DENSE_US_PER_MAC = 1.2e-5  # x tokens x adapters x r x (d_in + d_out)
+GROUPED_US_PER_ADAPTER = 50.0
+GROUPED_US_PER_MAC = 3e-5  # x tokens x r x (d_in + d_out)
 
 
 class ModuleRouting:
@@ -73,6 +75,7 @@ class ModuleRouting:
         self._bags: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._tokens: torch.Tensor | None = None
         self._all_tokens: bool | None = None
+        self._groups: tuple[tuple[int, slice | torch.Tensor], ...] | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -94,6 +97,22 @@ class ModuleRouting:
         """Whether every token of the step uses an adapter that targets this module."""
         _ = self.tokens
         return bool(self._all_tokens)
+
+    @property
+    def groups(self) -> tuple[tuple[int, slice | torch.Tensor], ...]:
+        """(slot, its tokens) per active slot (``grouped``): a slice where the slot's tokens are one
+        contiguous run (a prompt chunk), else their [n_s] long positions."""
+        if self._groups is None:
+            order = self.slots.tolist()
+            groups: list[tuple[int, slice | torch.Tensor]] = []
+            for slot in self.active_list:
+                pos = [i for i, s in enumerate(order) if s == slot]
+                if pos[-1] - pos[0] + 1 == len(pos):
+                    groups.append((slot, slice(pos[0], pos[-1] + 1)))
+                else:
+                    groups.append((slot, torch.tensor(pos, dtype=torch.long, device=self.slots.device)))
+            self._groups = tuple(groups)
+        return self._groups
 
     def bag(self, rows_per_slot: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """embedding_bag (indices [M*width], offsets [N]) int32 over a table of ``rows_per_slot`` rows per
@@ -218,26 +237,32 @@ def lora_delta_token(x: torch.Tensor, route: ModuleRouting, a: torch.Tensor, bt:
     )  # [N, out]
 
 
-def lora_delta_grouped(
-    x: torch.Tensor, slots: torch.Tensor, route: ModuleRouting, a: torch.Tensor, bt: torch.Tensor
-) -> torch.Tensor:
+def lora_delta_grouped(x: torch.Tensor, route: ModuleRouting, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """x [N, in] -> [N, out]: two plain matmuls per active adapter on its own tokens, a view of ``x``
+    where they are one run (a prompt chunk), gathered otherwise. The token lists are found once per
+    step (``ModuleRouting.groups``), not per layer."""
     r = route.rank
     out = x.new_zeros(x.shape[0], bt.shape[2])  # [N, out]
-    for slot in route.active_list:
-        idx = (slots == slot).nonzero().squeeze(1)  # [n_s]
-        x_s = x.index_select(0, idx)  # [n_s, in]
-        h = x_s @ a[slot, :r].T  # [n_s, r]
-        out.index_copy_(0, idx, h @ bt[slot, :r])  # [n_s, out]
+    for slot, tokens in route.groups:
+        if isinstance(tokens, slice):
+            out[tokens] = (x[tokens] @ a[slot, :r].T) @ bt[slot, :r]  # [n_s, out]
+        else:
+            h = x.index_select(0, tokens) @ a[slot, :r].T  # [n_s, r]
+            out.index_copy_(0, tokens, h @ bt[slot, :r])  # [n_s, out]
     return out
 
 
-def choose_impl(n_tokens: int, n_adapters: int) -> Impl:
-    """The fastest kernel for a module's share of a step (see the measurements above)."""
+def choose_impl(n_tokens: int, n_adapters: int, d_in: int, d_out: int, rank: int) -> Impl:
+    """The kernel the cost model above expects to be fastest for a module's share of a step."""
     if n_adapters == 1:
         return "dense"  # two plain matmuls
-    if n_tokens < TOKEN_MAX_TOKENS_PER_ADAPTER * n_adapters:
-        return "token"
-    return "dense" if n_adapters <= DENSE_MAX_ADAPTERS_LONG else "grouped"
+    macs = n_tokens * rank * (d_in + d_out)  # one adapter's product for every token
+    costs: dict[Impl, float] = {
+        "token": n_tokens * rank * (d_in * TOKEN_US_PER_IN_ELEMENT + d_out * TOKEN_US_PER_OUT_ELEMENT),
+        "dense": DENSE_US_FIXED + n_adapters * macs * DENSE_US_PER_MAC,
+        "grouped": n_adapters * GROUPED_US_PER_ADAPTER + macs * GROUPED_US_PER_MAC,
+    }
+    return min(costs, key=lambda impl: costs[impl])
 
 
 def lora_delta(
@@ -257,9 +282,9 @@ def lora_delta(
         return None
     impl: Impl = batch.impl
     if impl == "auto":
-        impl = choose_impl(x.shape[0], len(route.active_list))
+        impl = choose_impl(x.shape[0], len(route.active_list), x.shape[1], bt.shape[2], route.rank)
     if impl == "grouped":
-        return lora_delta_grouped(x, batch.slots, route, a, bt)
+        return lora_delta_grouped(x, route, a, bt)
     if impl == "token":
         return lora_delta_token(x, route, a, bt)
     return lora_delta_dense(x, route, a, bt)
