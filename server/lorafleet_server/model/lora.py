@@ -103,10 +103,12 @@ class ModuleRouting:
         """(slot, its tokens) per active slot (``grouped``): a slice where the slot's tokens are one
         contiguous run (a prompt chunk), else their [n_s] long positions."""
         if self._groups is None:
-            order = self.slots.tolist()
+            positions: dict[int, list[int]] = {slot: [] for slot in self.active_list}
+            for i, slot in enumerate(self.slots.tolist()):
+                if slot in positions:
+                    positions[slot].append(i)
             groups: list[tuple[int, slice | torch.Tensor]] = []
-            for slot in self.active_list:
-                pos = [i for i, s in enumerate(order) if s == slot]
+            for slot, pos in positions.items():
                 if pos[-1] - pos[0] + 1 == len(pos):
                     groups.append((slot, slice(pos[0], pos[-1] + 1)))
                 else:
