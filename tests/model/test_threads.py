@@ -32,11 +32,11 @@ def test_small_steps_keep_the_small_count_and_large_ones_measure_both() -> None:
     threads.record(1, 200, 0.3)  # 1.5 ms per token: the large count is faster
     picks = [threads.choose(100) for _ in range(8)]
     assert picks.count(2) == 6 and picks.count(1) == 2  # every 4th large step probes the other
-    threads.record(32, 32, 10.0)  # small steps never move the averages
+    threads.record(32, 32, 10.0)  # small steps never enter the windows
     assert set(threads.cost) == {1, 2}
 
 
-def test_short_large_steps_run_large_but_do_not_move_the_averages() -> None:
+def test_short_large_steps_run_large_but_are_not_timed() -> None:
     """A step just over min_tokens pays the step's fixed cost over few tokens: timing it would make the
     thread count it ran at look slow next to long steps at the other."""
     threads = StepThreads(1, 2, min_tokens=64, probe_every=1000)
@@ -48,6 +48,21 @@ def test_short_large_steps_run_large_but_do_not_move_the_averages() -> None:
     assert threads.cost[2] == pytest.approx(0.35 / 256)
     threads.record(2, 128, 0.2)  # from record_min_tokens up, steps count
     assert threads.cost[2] > 0.35 / 256
+
+
+def test_one_slow_step_does_not_move_the_engine_off_the_faster_count() -> None:
+    """The first step at a new shape builds kernels (~2x its usual time); the median of the window
+    ignores it, and only a lasting slowdown (most of the window) moves the choice."""
+    threads = StepThreads(1, 2, min_tokens=64, probe_every=1000)
+    for _ in range(3):
+        threads.record(2, 256, 0.40)
+        threads.record(1, 256, 0.50)
+    threads.record(2, 256, 0.80)  # kernels built for a new shape
+    assert threads.choose(256) == 2
+    threads.record(2, 256, 0.80)
+    assert threads.choose(256) == 2  # 2 of 5 slow: still the faster count
+    threads.record(2, 256, 0.80)
+    assert threads.choose(256) == 1  # 3 of 5: it has really slowed
 
 
 def test_a_slowed_thread_count_loses_its_place() -> None:

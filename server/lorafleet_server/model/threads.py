@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -23,7 +24,11 @@ import torch
 
 PREFILL_MIN_TOKENS = 64  # steps of more tokens than this are "large" (decode rows plus prompt chunks)
 PROBE_EVERY = 16  # every PROBE_EVERY-th large step runs at the thread count not in use, to re-measure it
-EWMA_WEIGHT = 0.3  # weight of a new measurement in a thread count's seconds-per-token average
+# A thread count's cost is the median seconds per token of its last COST_WINDOW timed steps: one slow
+# step (the first at a new shape builds oneDNN kernels: 256-token steps took 712-796 ms at 2 threads
+# against ~400 ms after) moved an average with weight 0.3 past the other count's and kept the engine
+# there until the next probe; a median needs most of the window to move.
+COST_WINDOW = 5
 # Steps of fewer tokens than twice min_tokens run large but are not timed: a step's fixed cost (~1,300-4,000
 # Python-dispatched ops) weighs more per token the fewer tokens it has, so an 81-token step at 2 threads
 # (5.3 ms per token) made 2 threads look slower than 256-token steps at 1 thread (1.9 ms per token) and
@@ -35,8 +40,8 @@ CALIBRATION_REPEATS = 2  # timed runs per thread count (after an untimed one)
 
 class StepThreads:
     """Threads for each forward step: ``small`` for steps of up to ``min_tokens`` tokens; for larger
-    ones ``small`` or ``large``, whichever has cost fewer seconds per token (an exponentially weighted
-    average of the steps run at each), with a probe of the other every ``probe_every`` large steps.
+    ones ``small`` or ``large``, whichever has cost fewer seconds per token (the median of the last
+    ``COST_WINDOW`` steps timed at each), with a probe of the other every ``probe_every`` large steps.
 
     One engine thread calls ``run``; the object is not shared between threads.
     """
@@ -51,7 +56,7 @@ class StepThreads:
         self.min_tokens = min_tokens
         self.record_min_tokens = RECORD_MIN_FACTOR * min_tokens  # the fewest tokens of a step that is timed
         self.probe_every = probe_every
-        self.cost: dict[int, float] = {}  # threads -> EWMA seconds per token of the large steps run with them
+        self.samples: dict[int, deque[float]] = {}  # threads -> seconds per token of the last timed steps
         self._large_steps = 0
 
     @property
@@ -64,9 +69,10 @@ class StepThreads:
             return self.small
         self._large_steps += 1
         for threads in (self.large, self.small):  # each measured once first
-            if threads not in self.cost:
+            if threads not in self.samples:
                 return threads
-        best = min(self.cost, key=lambda t: self.cost[t])
+        cost = self.cost
+        best = min(cost, key=lambda t: cost[t])
         other = self.small if best == self.large else self.large
         return other if self._large_steps % self.probe_every == 0 else best
 
@@ -75,14 +81,17 @@ class StepThreads:
         ``record_min_tokens`` tokens up: seconds per token of like-sized steps)."""
         if tokens < self.record_min_tokens or not self.adaptive:
             return
-        per_token = seconds / tokens
-        old = self.cost.get(threads)
-        self.cost[threads] = per_token if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * per_token
+        self.samples.setdefault(threads, deque(maxlen=COST_WINDOW)).append(seconds / tokens)
+
+    @property
+    def cost(self) -> dict[int, float]:
+        """threads -> median seconds per token of the last steps timed with them."""
+        return {t: statistics.median(v) for t, v in self.samples.items()}
 
     def calibrate(self, run_step: Callable[[], object], tokens: int, repeats: int = CALIBRATION_REPEATS) -> None:
-        """Seed the averages before serving: ``run_step`` (a step of ``tokens`` tokens, more than
+        """Seed the cost windows before serving: ``run_step`` (a step of ``tokens`` tokens, more than
         ``min_tokens``) once untimed at each thread count (it also creates the kernels' primitives), then
-        ``repeats`` times each, interleaved; each count starts from its median seconds per token. Without
+        ``repeats`` times each, interleaved; they seed each count's window. Without
         it the first large steps after a start, which also pay that warm-up, would mislead the choice.
         Does nothing for a step shorter than ``record_min_tokens``."""
         if not self.adaptive or tokens < self.record_min_tokens:
@@ -99,7 +108,7 @@ class StepThreads:
                 run_step()
                 times[threads].append((time.perf_counter() - start) / tokens)
         torch.set_num_threads(self.small)
-        self.cost = {t: statistics.median(v) for t, v in times.items()}
+        self.samples = {t: deque(v, maxlen=COST_WINDOW) for t, v in times.items()}
 
     @contextmanager
     def run(self, tokens: int) -> Iterator[int]:
