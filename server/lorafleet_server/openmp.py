@@ -36,5 +36,5 @@ def set_openmp_wait_policy(environ: MutableMapping[str, str] = os.environ) -> bo
 
 
 def openmp_wait_summary(environ: MutableMapping[str, str] = os.environ) -> str:
-    """What this process's OpenMP threads were told, for logs and GetModelInfo."""
+    """What this process's OpenMP threads were told, for the startup log."""
     return ", ".join(f"{name}={environ.get(name, '(unset)')}" for name in OPENMP_WAIT)

@@ -89,11 +89,10 @@ class StepThreads:
         return {t: statistics.median(v) for t, v in self.samples.items()}
 
     def calibrate(self, run_step: Callable[[], object], tokens: int, repeats: int = CALIBRATION_REPEATS) -> None:
-        """Seed the cost windows before serving: ``run_step`` (a step of ``tokens`` tokens, more than
-        ``min_tokens``) once untimed at each thread count (it also creates the kernels' primitives), then
-        ``repeats`` times each, interleaved; they seed each count's window. Without
-        it the first large steps after a start, which also pay that warm-up, would mislead the choice.
-        Does nothing for a step shorter than ``record_min_tokens``."""
+        """Seed the cost windows before serving: ``run_step`` (a step of ``tokens`` tokens, at least
+        ``record_min_tokens``; shorter ones are skipped) once untimed at each thread count (it also
+        creates the kernels' primitives), then ``repeats`` times each, interleaved. Without it the first
+        large steps after a start, which also pay that warm-up, would mislead the choice."""
         if not self.adaptive or tokens < self.record_min_tokens:
             return
         counts = (self.small, self.large)
