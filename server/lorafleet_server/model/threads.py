@@ -99,15 +99,14 @@ class StepThreads:
         for threads in counts:
             torch.set_num_threads(threads)
             run_step()
-        times: dict[int, list[float]] = {t: [] for t in counts}
+        self.samples = {}
         for _ in range(repeats):
             for threads in counts:
                 torch.set_num_threads(threads)
                 start = time.perf_counter()
                 run_step()
-                times[threads].append((time.perf_counter() - start) / tokens)
+                self.record(threads, tokens, time.perf_counter() - start)
         torch.set_num_threads(self.small)
-        self.samples = {t: deque(v, maxlen=COST_WINDOW) for t, v in times.items()}
 
     @contextmanager
     def run(self, tokens: int) -> Iterator[int]:
