@@ -9,14 +9,33 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorafleet_server.model.lora import LoraContext
+from lorafleet_server.model.native import NativeAttention, choose_attention, find_compiler, load_native_attention
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
 CPU = torch.device("cpu")
 
 
-def test_ragged_prefill_chunks_and_decode_match_hf(tiny_model_dir: Path) -> None:
+@pytest.fixture(params=["torch", "native"])
+def attention(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NativeAttention | None:
+    """Both attention paths of the runner: torch's matmuls (None) and the native kernel."""
+    if request.param == "torch":
+        return None
+    if find_compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    return load_native_attention(tmp_path_factory.getbasetemp() / "kernels")
+
+
+def test_ragged_prefill_chunks_and_decode_match_hf(tiny_model_dir: Path, attention: NativeAttention | None) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    runner = ModelRunner(model, LoraContext(), rows=4, max_seq_len=64, dtype=torch.float32, device=torch.device("cpu"))
+    runner = ModelRunner(
+        model,
+        LoraContext(),
+        rows=4,
+        max_seq_len=64,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        native_attention=attention,
+    )
     a = [5, 17, 33, 9, 100, 2, 7]
     b = [11, 12, 13]
     with torch.no_grad():
@@ -45,10 +64,20 @@ def test_pooled_hidden_state_is_the_final_norm_output(tiny_model_dir: Path) -> N
     assert out.logits.numel() == 0
 
 
-def test_garbage_in_unused_kv_positions_cannot_leak_into_batched_decode(tiny_model_dir: Path) -> None:
+def test_garbage_in_unused_kv_positions_cannot_leak_into_batched_decode(
+    tiny_model_dir: Path, attention: NativeAttention | None
+) -> None:
     """Rows of different lengths share one batched decode; masked tail positions may hold NaN."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    runner = ModelRunner(model, LoraContext(), rows=3, max_seq_len=32, dtype=torch.float32, device=torch.device("cpu"))
+    runner = ModelRunner(
+        model,
+        LoraContext(),
+        rows=3,
+        max_seq_len=32,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        native_attention=attention,
+    )
     for t in (*runner.kv.k, *runner.kv.v):
         t.fill_(float("nan"))
     short, long = [7, 8], [1, 2, 3, 4, 5, 6, 9]
@@ -87,15 +116,23 @@ def test_kv_rows_are_cleaned_ahead_but_only_written_positions_can_be_read(tiny_m
     [((3, 1, 2), True), ((2, 0, 3, 1), True), ((7, 0), False), ((6, 1, 3), True)],
     ids=["dense-unordered", "full", "sparse-gathered", "holes"],
 )
-def test_decode_rows_in_any_kv_rows_and_order_match_hf(
-    tiny_model_dir: Path, kv_rows: tuple[int, ...], window_is_view: bool
+def test_token_rows_in_any_kv_rows_and_order_match_hf(
+    tiny_model_dir: Path, kv_rows: tuple[int, ...], window_is_view: bool, attention: NativeAttention | None
 ) -> None:
     """Decode rows read their K/V in place (a window of the slab) or gathered; either way, in any order
     and with unused rows of NaN inside the window, each row gets its own sequence's logits."""
     from lorafleet_server.model.runner import _AttentionPlan
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    runner = ModelRunner(model, LoraContext(), rows=8, max_seq_len=32, dtype=torch.float32, device=torch.device("cpu"))
+    runner = ModelRunner(
+        model,
+        LoraContext(),
+        rows=8,
+        max_seq_len=32,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        native_attention=attention,
+    )
     for t in (*runner.kv.k, *runner.kv.v):
         t.fill_(float("nan"))
     prompts = [[5 + i, 9, 2 * i + 1, 40][: 2 + i % 3] for i in range(len(kv_rows))]
@@ -112,7 +149,7 @@ def test_decode_rows_in_any_kv_rows_and_order_match_hf(
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_llama_family_architectures_match_hf(arch: str) -> None:
+def test_llama_family_architectures_match_hf(arch: str, attention: NativeAttention | None) -> None:
     """Any Llama-family base works: Qwen2 (q/k/v biases), Mistral, Llama; targets are discovered."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -132,7 +169,15 @@ def test_llama_family_architectures_match_hf(arch: str) -> None:
     model = AutoModelForCausalLM.from_config(cfg).eval()
     names = {n.rsplit(".", 1)[-1] for n in discover_targets(model)}
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    runner = ModelRunner(model, LoraContext(), rows=2, max_seq_len=32, dtype=torch.float32, device=torch.device("cpu"))
+    runner = ModelRunner(
+        model,
+        LoraContext(),
+        rows=2,
+        max_seq_len=32,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        native_attention=attention,
+    )
     ids = [3, 9, 27, 81, 4]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
@@ -142,14 +187,34 @@ def test_llama_family_architectures_match_hf(arch: str) -> None:
     torch.testing.assert_close(out.logits[0], ref[4], rtol=1e-4, atol=1e-4)
 
 
-def test_a_bf16_row_decodes_the_same_alone_and_beside_other_rows(default_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def server_attention(tmp_path_factory: pytest.TempPathFactory) -> NativeAttention | None:
+    """The attention the server runs here by default (``--attention-kernel auto``): the native kernel
+    where a C compiler is found, else None (torch's matmuls)."""
+    shape = {"heads": 9, "kv_heads": 3, "head_dim": 64}  # SmolLM2-135M's
+    return choose_attention(
+        "auto", cache_dir=tmp_path_factory.mktemp("kernels"), dtype=torch.bfloat16, device=CPU, **shape
+    ).kernel
+
+
+def test_a_bf16_row_decodes_the_same_alone_and_beside_other_rows(
+    default_model_dir: Path, server_attention: NativeAttention | None
+) -> None:
     """Batch invariance in bf16: a row's logits do not depend on which other rows share the step. A lone
     token runs as two identical rows because torch's one-row matmul (a GEMV) rounds differently. (fp32
     does not promise this: MKL's fp32 GEMM picks kernels by the row count.)"""
     from lorafleet_server.model.loader import load_base
 
     base = load_base(default_model_dir, quantization="none", device=CPU, num_slots=1, max_lora_rank=8, dtype="bfloat16")
-    runner = ModelRunner(base.model, base.context, rows=8, max_seq_len=64, dtype=torch.bfloat16, device=CPU)
+    runner = ModelRunner(
+        base.model,
+        base.context,
+        rows=8,
+        max_seq_len=64,
+        dtype=torch.bfloat16,
+        device=CPU,
+        native_attention=server_attention,
+    )
     prompts = [tuple(range(300 + 7 * i, 320 + 9 * i)) for i in range(4)]
     for copy in (0, 4):  # rows 0-3 decode alone, rows 4-7 the same sequences beside each other
         runner.step([RowStep(copy + i, 0, p, 0, False, False) for i, p in enumerate(prompts)])
@@ -162,13 +227,25 @@ def test_a_bf16_row_decodes_the_same_alone_and_beside_other_rows(default_model_d
             assert torch.equal(together[i], alone), (t, i)
 
 
-def test_a_one_token_prompt_chunk_after_a_cached_prefix_equals_the_whole_prefill(default_model_dir: Path) -> None:
+def test_a_one_token_prompt_chunk_after_a_cached_prefix_equals_the_whole_prefill(
+    default_model_dir: Path, server_attention: NativeAttention | None
+) -> None:
     """After a prefix-cache hit the rest of a prompt may be one token; it attends as a prompt chunk, so
-    the first generated token's logits are bit for bit those of the prompt prefilled whole (bf16)."""
+    the first generated token's logits are bit for bit those of the prompt prefilled whole (bf16), with
+    the attention the server runs here. (torch's matmuls do not promise it on a CPU with AMX: oneDNN
+    picks its bf16 kernel by the row count; docs/architecture.md, "Native attention".)"""
     from lorafleet_server.model.loader import load_base
 
     base = load_base(default_model_dir, quantization="none", device=CPU, num_slots=1, max_lora_rank=8, dtype="bfloat16")
-    runner = ModelRunner(base.model, base.context, rows=2, max_seq_len=64, dtype=torch.bfloat16, device=CPU)
+    runner = ModelRunner(
+        base.model,
+        base.context,
+        rows=2,
+        max_seq_len=64,
+        dtype=torch.bfloat16,
+        device=CPU,
+        native_attention=server_attention,
+    )
     prompt = tuple(range(500, 533))  # 33 tokens: two 16-token blocks cached, one left
     whole = runner.step([RowStep(0, 0, prompt, 0, True, False, prompt=True)]).logits[0]
     k, v = runner.kv.read(0, 0, 32)  # what the prefix cache keeps

@@ -39,3 +39,17 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuFeatures:
         return parse_cpuinfo(cpuinfo.read_text())
     except OSError:
         return CpuFeatures(frozenset())
+
+
+def cpu_flags_line(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The first processor's whole ``flags`` line ('' where unreadable): what a build for this CPU
+    (``-march=native``, model/native.py) depends on, so its cache key."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return " ".join(value.split())
+    return ""

@@ -11,3 +11,8 @@ QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 # The multi-LoRA kernel (model/lora.py): "auto" picks one per module and step; "gather" is the reference.
 LoraImpl = Literal["auto", "dense", "token", "grouped", "gather"]
 LORA_IMPLS: tuple[str, ...] = get_args(LoraImpl)
+
+# The attention of every token (model/native.py): "native" is the C kernel built for this CPU, "torch" the
+# matmuls; "auto" is native on CPU where it builds, else torch.
+AttentionKernel = Literal["auto", "native", "torch"]
+ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)

@@ -1,10 +1,13 @@
 """One forward over a ragged batch: prefill chunks and decode tokens of many rows at once.
 
-The Linears (and their LoRA) run on all the step's tokens flattened together; attention runs per
-group: every decoding row (one new token) in one batched attention over the KV cache, each prompt
-chunk on its own, both as q @ K^T, an fp32 softmax and @ V, so that a row's numbers depend neither on
-its batch neighbours nor on where its prefix was computed. The KV cache is one preallocated slab per
-layer, a row per running request.
+The Linears (and their LoRA) run on all the step's tokens flattened together. Attention, on a CPU
+with the native kernel (model/native.py, the default where a C compiler is found), takes every token
+of the step on its own, decoding or prompt, over its KV row as it lies; with torch's matmuls it runs
+per group: every decoding row (one new token) in one batched attention over the KV cache, each
+prompt chunk on its own. Both are q . K, an fp32 softmax and . V, so that a row's numbers depend
+neither on its batch neighbours nor on where its prefix was computed (torch's matmuls keep that only
+where oneDNN's bf16 kernel does not change with the row count: not on CPUs with AMX). The KV cache is
+one preallocated slab per layer, a row per running request.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 
 from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
+from lorafleet_server.model.native import AttentionRows, NativeAttention
 from lorafleet_server.model.threads import CALIBRATION_TOKENS, StepThreads
 
 
@@ -123,6 +127,21 @@ class KVCache:
         self._clean[row] = end
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """A Llama-family model's attention heads, read from its HF config."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @staticmethod
+    def of(cfg: Any) -> AttentionShape:
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        return AttentionShape(heads, kv_heads, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads))
+
+
 class ModelRunner:
     """Runs Llama-family decoder layers of a (LoRA-wrapped) HF causal LM with our own KV cache."""
 
@@ -137,20 +156,26 @@ class ModelRunner:
         device: torch.device,
         lora_impl: Impl = "auto",
         threads: StepThreads | None = None,
+        native_attention: NativeAttention | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
         self.decoder: Any = model.model
         self.layers = list(self.decoder.layers)
         self.context = context
-        self.num_heads = int(cfg.num_attention_heads)
-        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        shape = AttentionShape.of(cfg)
+        self.num_heads = shape.heads
+        self.num_kv_heads = shape.kv_heads
+        self.head_dim = shape.head_dim
         self.hidden_size = int(cfg.hidden_size)
         self.dtype = dtype
         self.device = device
         self.lora_impl: Impl = lora_impl
         self.threads = threads  # torch threads per step (model/threads.py); None: torch's setting as it is
+        if native_attention is not None:
+            native_attention.check_shape(self.num_heads, self.num_kv_heads, self.head_dim, dtype, device)
+        # every token's attention in the native kernel (model/native.py), or None: torch's matmuls
+        self.native_attention = native_attention
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
 
     @torch.inference_mode()
@@ -180,13 +205,14 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [N]
         row_t = torch.tensor(kv_rows, dtype=torch.long, device=dev)  # [N]
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)  # [N]
-        # what the decode rows attend over: the longest one's length, rounded up (decode_len)
-        single_end = decode_len(max((r.start + 1 for r in rows if r.decodes), default=0), self.kv.max_seq_len)
         for r in rows:
             self.kv.mark_written(r.kv_row, r.start + len(r.token_ids))
-        for r in rows:
-            if r.decodes:
-                self.kv.ensure_clean(r.kv_row, single_end)
+        if self.native_attention is None:
+            # torch's decode rows read up to the longest one's length, rounded up (decode_len)
+            single_end = decode_len(max((r.start + 1 for r in rows if r.decodes), default=0), self.kv.max_seq_len)
+            for r in rows:
+                if r.decodes:
+                    self.kv.ensure_clean(r.kv_row, single_end)
         with self.threads.run(len(ids)) if self.threads is not None else nullcontext():
             self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl)
             try:
@@ -218,7 +244,7 @@ class ModelRunner:
         cos, sin = self.decoder.rotary_emb(h.unsqueeze(0), pos_t.unsqueeze(0))  # [1, N, head_dim] each
         cos = cos[0].to(self.dtype).unsqueeze(1)  # [N, 1, head_dim]
         sin = sin[0].to(self.dtype).unsqueeze(1)
-        plan = _AttentionPlan.build(rows, self.device, self.kv.max_seq_len)
+        plan = _AttentionPlan.build(rows, self.device, self.kv.max_seq_len, self.native_attention)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)  # [N, hidden]
@@ -277,12 +303,14 @@ DENSE_WINDOW_MIN_FILL = 0.5
 
 @dataclass(frozen=True)
 class _AttentionPlan:
-    """Which tokens attend how: single-token rows batched together, longer chunks one by one.
+    """Which tokens attend how: with the native kernel (``native``), every token as a row of its own
+    (``token_rows``); else single-token rows batched together, longer chunks one by one.
 
-    Single-token (decode) rows attend over a window ``[lo, hi)`` of KV rows: a view of the slab when the
-    rows are dense in it (the engine hands out the lowest free rows, so they usually are), else the rows
-    gathered. Scores and softmax are plain matmuls with an fp32 softmax: torch's CPU SDPA for one query
-    token is ~5x slower in bf16 than this (docs/architecture.md, "Compute dtype").
+    Single-token (decode) rows attend over a window ``[lo, hi)`` of KV rows:
+    a view of the slab when the rows are dense in it (the engine hands out the lowest free rows, so they
+    usually are), else the rows gathered; scores and softmax are plain matmuls with an fp32 softmax:
+    torch's CPU SDPA for one query token is ~5x slower in bf16 than this (docs/architecture.md,
+    "Compute dtype").
     """
 
     single_tok: torch.Tensor  # [B] token index of each single-token row
@@ -295,9 +323,13 @@ class _AttentionPlan:
     chunks: tuple[tuple[int, int, int, int], ...]  # (token offset, n tokens, kv row, start)
     chunk_bias: tuple[torch.Tensor, ...]  # per chunk [n, start + n] fp32: 0 on and before the position, -inf after
     tokens: int  # the step's tokens, N
+    native: NativeAttention | None = None  # the kernel every token goes to, or None: the matmuls above
+    token_rows: AttentionRows | None = None  # the step's tokens as ``native`` takes them
 
     @staticmethod
-    def build(rows: list[RowStep], device: torch.device, max_seq_len: int) -> _AttentionPlan:
+    def build(
+        rows: list[RowStep], device: torch.device, max_seq_len: int, native: NativeAttention | None = None
+    ) -> _AttentionPlan:
         single_tok: list[int] = []
         single_rows: list[int] = []
         single_end: list[int] = []
@@ -312,6 +344,30 @@ class _AttentionPlan:
             else:
                 chunks.append((offset, n, r.kv_row, r.start))
             offset += n
+        if native is not None:
+            # every token is a row of the kernel: a chunk's token i attends over its KV row's first
+            # start + i + 1 positions, so its numbers are those it would get decoding
+            for tok0, n, kv_row, start in chunks:
+                single_tok.extend(range(tok0, tok0 + n))
+                single_rows.extend([kv_row] * n)
+                single_end.extend(range(start + 1, start + n + 1))
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            return _AttentionPlan(
+                single_tok=empty,
+                window=empty,
+                gather=None,
+                lo=0,
+                width=0,
+                bias=torch.zeros(0, 1, 1, 0, device=device),
+                single_len=0,
+                chunks=(),
+                chunk_bias=(),
+                tokens=offset,
+                native=native,
+                token_rows=AttentionRows.of(single_tok, single_rows, single_end),
+            )
+        chunk_list = tuple(chunks)
+        chunk_bias = tuple(_causal_bias(start, n, device) for _, n, _, start in chunks)
         lmax = decode_len(max(single_end, default=0), max_seq_len)
         lo = min(single_rows, default=0)
         span = max(single_rows, default=-1) + 1 - lo
@@ -333,15 +389,18 @@ class _AttentionPlan:
             width=width,
             bias=bias.to(device)[:, None, None, :],
             single_len=lmax,
-            chunks=tuple(chunks),
-            chunk_bias=tuple(_causal_bias(start, n, device) for _, n, _, start in chunks),
+            chunks=chunk_list,
+            chunk_bias=chunk_bias,
             tokens=offset,
         )
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q [N, H, D] (rotated) -> attention output [N, H, D]; the step's K/V are already cached."""
         out = torch.empty_like(q)
-        if self.single_tok.numel():
+        if self.native is not None and self.token_rows is not None:
+            if self.token_rows.count:
+                self.native(q, k_cache, v_cache, out, self.token_rows, scale)
+        elif self.single_tok.numel():
             out.index_copy_(
                 0, self.single_tok, self._attend_single(q.index_select(0, self.single_tok), k_cache, v_cache, scale)
             )

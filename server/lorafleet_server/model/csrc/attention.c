@@ -1,0 +1,326 @@
+/* Attention of one step's tokens over the KV slab, read in place.
+ *
+ * Every token is a row of one query: a decoding request's new token, or token i of a prompt chunk
+ * (which attends over its request's first start + i + 1 positions, its own K/V already written). Its
+ * keys and values lie in its request's row of the KV slab [rows, kv_heads, max_seq_len, head_dim];
+ * torch's batched matmul over a window of that slab copies the window first (its rows are strided),
+ * which cost more than the matmuls themselves. This reads each row where it lies: per row and KV
+ * head, the scores of the G query heads that share the KV head (one pass over the keys), an fp32
+ * softmax, and the probability-weighted sum of the values (one pass over the values). Every sum is in
+ * fp32; the output is rounded once to the element type.
+ *
+ * A row's numbers depend only on its own query, keys and values: not on the other rows, how long
+ * they are, or the prompt chunk around it (what the server's batch and prefix-cache invariance need).
+ *
+ * Built by lorafleet_server/model/native.py with -O3 -march=<this CPU> -fopenmp-simd. The portable
+ * path is plain C that the compiler vectorizes for whatever the CPU has (AVX2, AVX-512); where the CPU
+ * has AVX-512 BF16, bf16 slabs take an intrinsics path (below). Called through ctypes; no Python or
+ * torch headers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 16
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as torch does; NaN stays NaN. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum): Cody-Waite reduction and a degree-6 polynomial
+ * (Cephes' expf), ~1 ulp; branch-free, so the softmax loop vectorizes. Below -87 it returns ~1e-38
+ * instead of denormals or 0: the weight of such a key is below fp32's resolution of the sum anyway. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+/* One row and KV head: q [G, D] (already fp32), keys and values [n, D], scores scratch [G, n],
+ * out [G, D] fp32. */
+static inline void attend_head(const float *q, const void *keys, const void *values, int bf16, int64_t n,
+                               int g_count, int d, float scale, float *scores, float *out) {
+    float kf[MAX_HEAD_DIM];
+    for (int64_t l = 0; l < n; l++) {
+        if (bf16) {
+            const uint16_t *k = (const uint16_t *)keys + l * d;
+#pragma omp simd
+            for (int i = 0; i < d; i++) kf[i] = bf16_to_f32(k[i]);
+        } else {
+            memcpy(kf, (const float *)keys + l * d, (size_t)d * sizeof(float));
+        }
+        for (int g = 0; g < g_count; g++) {
+            const float *qg = q + g * d;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int i = 0; i < d; i++) acc += qg[i] * kf[i];
+            scores[g * n + l] = acc * scale;
+        }
+    }
+    float inv_sum[MAX_GROUP];
+    for (int g = 0; g < g_count; g++) {
+        float *s = scores + g * n;
+        float m = -INFINITY;
+        for (int64_t l = 0; l < n; l++) m = s[l] > m ? s[l] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t l = 0; l < n; l++) {
+            s[l] = exp_nonpositive(s[l] - m);
+            sum += s[l];
+        }
+        inv_sum[g] = 1.0f / sum;
+    }
+    memset(out, 0, (size_t)g_count * (size_t)d * sizeof(float));
+    for (int64_t l = 0; l < n; l++) {
+        if (bf16) {
+            const uint16_t *v = (const uint16_t *)values + l * d;
+#pragma omp simd
+            for (int i = 0; i < d; i++) kf[i] = bf16_to_f32(v[i]);
+        } else {
+            memcpy(kf, (const float *)values + l * d, (size_t)d * sizeof(float));
+        }
+        for (int g = 0; g < g_count; g++) {
+            float p = scores[g * n + l];
+            float *og = out + g * d;
+#pragma omp simd
+            for (int i = 0; i < d; i++) og[i] += p * kf[i];
+        }
+    }
+    for (int g = 0; g < g_count; g++) {
+        float *og = out + g * d;
+#pragma omp simd
+        for (int i = 0; i < d; i++) og[i] *= inv_sum[g];
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LF_AVX512_BF16 1
+
+/* The AVX-512 BF16 path for bf16 slabs whose head_dim is a multiple of 32: q . k with vdpbf16ps on the
+ * bf16 values as they are (products exact in fp32, fp32 sums), so a key costs ~a dozen instructions
+ * where the portable loop above takes ~120 (its conversion and horizontal sums). */
+
+static inline __m512 bf16x16_to_f32(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* exp_nonpositive on 16 lanes (the same reduction and polynomial; scalef applies 2^n). */
+static inline __m512 exp16_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u); }
+
+/* Lane j of the result is the sum of the 16 lanes of a[j]: a transposing tree (30 shuffles, 15 adds
+ * for 16 sums, against 8 shuffles per sum one at a time; shuffles have one port). Every j is summed
+ * in the same order. */
+static inline __m512 sum_lanes16(const __m512 a[16]) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of a = a[2i], b = a[2i+1] */
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: the lane's partial sum of a[4i .. 4i+3] */
+        __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    /* fold the four 128-bit lanes: [u0.0+u0.1, u0.2+u0.3, u1.0+u1.1, u1.2+u1.3], then once more */
+    __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+    __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xdd));
+}
+
+/* One row and KV head: q [G, D] bf16, keys and values [n, D] bf16, scores scratch [G, n], out [G, D]
+ * fp32. G and D are constants at every call site, so the accumulators stay in registers. */
+static inline void attend_head_avx512(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t n,
+                                      const int G, const int D, float scale, float *scores, float *out) {
+    /* scores: 16 keys at a time per query head, each an fp32 vector of pair products, summed across */
+    for (int g = 0; g < G; g++) {
+        __m512bh qv[MAX_HEAD_DIM / 32];
+        for (int c = 0; c < D / 32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + g * D + 32 * c);
+        for (int64_t l0 = 0; l0 < n; l0 += 16) {
+            const int m = n - l0 < 16 ? (int)(n - l0) : 16;
+            __m512 acc[16];
+            for (int j = 0; j < 16; j++) {
+                acc[j] = _mm512_setzero_ps();
+                if (j < m) { /* keys past the row's end are not read (they may lie past the slab) */
+                    const uint16_t *k = keys + (l0 + j) * D;
+                    for (int c = 0; c < D / 32; c++)
+                        acc[j] = _mm512_dpbf16_ps(acc[j], qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+                }
+            }
+            __m512 sc = _mm512_mul_ps(sum_lanes16(acc), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + g * n + l0, tail_mask(m), sc);
+        }
+    }
+    float inv_sum[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        float *s = scores + g * n;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t l = 0; l < n; l += 16)
+            vmax = _mm512_mask_max_ps(vmax, tail_mask(n - l), vmax, _mm512_maskz_loadu_ps(tail_mask(n - l), s + l));
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t l = 0; l < n; l += 16) {
+            __mmask16 mask = tail_mask(n - l);
+            __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + l), m));
+            _mm512_mask_storeu_ps(s + l, mask, e);
+            vsum = _mm512_mask_add_ps(vsum, mask, vsum, e);
+        }
+        inv_sum[g] = 1.0f / _mm512_reduce_add_ps(vsum);
+    }
+    /* values, 32 dims at a time: 32 bf16 load as 16 even and 16 odd fp32 lanes (a shift and a mask,
+     * no shuffle); the sums are kept split that way and interleaved back at the end */
+    const __m512i high_half = _mm512_set1_epi32((int)0xffff0000u);
+    const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int c = 0; c < D / 32; c++) {
+        __m512 even[MAX_GROUP], odd[MAX_GROUP];
+        for (int g = 0; g < G; g++) even[g] = odd[g] = _mm512_setzero_ps();
+        const uint16_t *v = values + 32 * c;
+        for (int64_t l = 0; l < n; l++) {
+            __m512i x = _mm512_loadu_si512(v + l * D);
+            __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+            __m512 vo = _mm512_castsi512_ps(_mm512_and_si512(x, high_half));
+            for (int g = 0; g < G; g++) {
+                __m512 p = _mm512_set1_ps(scores[g * n + l]);
+                even[g] = _mm512_fmadd_ps(p, ve, even[g]);
+                odd[g] = _mm512_fmadd_ps(p, vo, odd[g]);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            __m512 inv = _mm512_set1_ps(inv_sum[g]);
+            __m512 e = _mm512_mul_ps(even[g], inv), o = _mm512_mul_ps(odd[g], inv);
+            _mm512_storeu_ps(out + g * D + 32 * c, _mm512_permutex2var_ps(e, lo_idx, o));
+            _mm512_storeu_ps(out + g * D + 32 * c + 16, _mm512_permutex2var_ps(e, hi_idx, o));
+        }
+    }
+}
+
+/* attend_head_avx512 with G and D as constants for the common shapes (head_dim 64 or 128, up to 8
+ * query heads per KV head), and as variables otherwise. */
+static void attend_head_avx512_any(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t n, int g,
+                                   int d, float scale, float *scores, float *out) {
+#define LF_CASE(G, D)                                                  \
+    if (g == (G) && d == (D)) {                                        \
+        attend_head_avx512(q, keys, values, n, G, D, scale, scores, out); \
+        return;                                                        \
+    }
+#define LF_CASES(D) \
+    LF_CASE(1, D); LF_CASE(2, D); LF_CASE(3, D); LF_CASE(4, D); LF_CASE(5, D); LF_CASE(6, D); LF_CASE(7, D); LF_CASE(8, D)
+    LF_CASES(64);
+    LF_CASES(128);
+#undef LF_CASES
+#undef LF_CASE
+    attend_head_avx512(q, keys, values, n, g, d, scale, scores, out);
+}
+#endif
+
+/* q and out: [tokens, heads, head_dim]; k_slab and v_slab: [kv_rows, kv_heads, max_seq_len, head_dim],
+ * all contiguous, of one element type (bf16 = 1: bfloat16, else float32). For each of the `count`
+ * rows b: its query is token tok[b] of q, it attends over positions [0, len[b]) of KV row
+ * kv_row[b], and its output goes to token tok[b] of out. Returns 0, or -1 when a size or index is out
+ * of range or scratch memory cannot be had (nothing is written then). */
+int lf_attention(const void *q, const void *k_slab, const void *v_slab, void *out, const int64_t *tok,
+                        const int64_t *kv_row, const int64_t *len, int64_t count, int64_t tokens, int64_t kv_rows,
+                        int64_t heads, int64_t kv_heads, int64_t max_seq_len, int64_t head_dim, float scale,
+                        int bf16) {
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || head_dim > MAX_HEAD_DIM ||
+        heads / kv_heads > MAX_GROUP || count < 0)
+        return -1;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < count; b++) {
+        if (len[b] <= 0 || len[b] > max_seq_len || tok[b] < 0 || tok[b] >= tokens || kv_row[b] < 0 ||
+            kv_row[b] >= kv_rows)
+            return -1;
+        longest = len[b] > longest ? len[b] : longest;
+    }
+    const int g_count = (int)(heads / kv_heads);
+    const int d = (int)head_dim;
+    const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
+    float *scores = malloc((size_t)g_count * (size_t)(longest > 0 ? longest : 1) * sizeof(float));
+    if (scores == NULL) return -1;
+    float qf[MAX_GROUP * MAX_HEAD_DIM];
+    float of[MAX_GROUP * MAX_HEAD_DIM];
+    for (int64_t b = 0; b < count; b++) {
+        for (int64_t kh = 0; kh < kv_heads; kh++) {
+            const int64_t head0 = kh * g_count;
+            const size_t q_off = (size_t)((tok[b] * heads + head0) * head_dim);
+            const int gd = g_count * d;
+            const size_t kv_off = (size_t)((kv_row[b] * kv_heads + kh) * max_seq_len * head_dim) * elem;
+            const void *keys = (const char *)k_slab + kv_off;
+            const void *values = (const char *)v_slab + kv_off;
+#ifdef LF_AVX512_BF16
+            if (bf16 && d % 32 == 0) {
+                attend_head_avx512_any((const uint16_t *)q + q_off, keys, values, len[b], g_count, d, scale, scores, of);
+                uint16_t *ob = (uint16_t *)out + q_off;
+#pragma omp simd
+                for (int i = 0; i < gd; i++) ob[i] = f32_to_bf16(of[i]);
+                continue;
+            }
+#endif
+            if (bf16) {
+                const uint16_t *qb = (const uint16_t *)q + q_off;
+#pragma omp simd
+                for (int i = 0; i < gd; i++) qf[i] = bf16_to_f32(qb[i]);
+            } else {
+                memcpy(qf, (const float *)q + q_off, (size_t)gd * sizeof(float));
+            }
+            /* constant arguments let the compiler specialize the common shapes */
+            if (bf16 && d == 64)
+                attend_head(qf, keys, values, 1, len[b], g_count, 64, scale, scores, of);
+            else if (bf16)
+                attend_head(qf, keys, values, 1, len[b], g_count, d, scale, scores, of);
+            else if (d == 64)
+                attend_head(qf, keys, values, 0, len[b], g_count, 64, scale, scores, of);
+            else
+                attend_head(qf, keys, values, 0, len[b], g_count, d, scale, scores, of);
+            if (bf16) {
+                uint16_t *ob = (uint16_t *)out + q_off;
+#pragma omp simd
+                for (int i = 0; i < gd; i++) ob[i] = f32_to_bf16(of[i]);
+            } else {
+                memcpy((float *)out + q_off, of, (size_t)gd * sizeof(float));
+            }
+        }
+    }
+    free(scores);
+    return 0;
+}

@@ -1,0 +1,249 @@
+"""The native decode attention (model/native.py, csrc/attention.c) against torch in fp32.
+
+The kernel is built here with the machine's C compiler for this CPU, as the server builds it: on a
+CPU with AVX-512 BF16, bf16 slabs of head_dim 32k take its intrinsics path and the rest the portable
+C path, so the shapes below cover both where the CPU has them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorafleet_server.model import native
+from lorafleet_server.model.lora import LoraContext
+from lorafleet_server.model.native import (
+    AttentionRows,
+    NativeAttention,
+    NativeKernelError,
+    build_library,
+    choose_attention,
+    find_compiler,
+    load_native_attention,
+)
+from lorafleet_server.model.runner import ModelRunner, RowStep
+
+CPU = torch.device("cpu")
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> NativeAttention:
+    return load_native_attention(tmp_path_factory.mktemp("kernels"))
+
+
+def reference(
+    q: torch.Tensor, k_slab: torch.Tensor, v_slab: torch.Tensor, rows: AttentionRows, scale: float
+) -> dict[int, torch.Tensor]:
+    """Each decoding row's output in fp32 from the same (already rounded) inputs: token -> [H, D]."""
+    heads, kv_heads = q.shape[1], k_slab.shape[1]
+    out: dict[int, torch.Tensor] = {}
+    for tok, row, n in zip(rows.tok.tolist(), rows.kv_row.tolist(), rows.length.tolist(), strict=True):
+        k = k_slab[row, :, :n].float().repeat_interleave(heads // kv_heads, 0)  # [H, n, D]
+        v = v_slab[row, :, :n].float().repeat_interleave(heads // kv_heads, 0)
+        p = torch.softmax((k @ q[tok].float()[:, :, None])[..., 0] * scale, dim=-1)  # [H, n]
+        out[tok] = (p[:, None, :] @ v)[:, 0]  # [H, D]
+    return out
+
+
+def random_case(
+    heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, lengths: list[int], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionRows]:
+    """Queries for len(lengths) + 2 tokens (two are not decoding rows), slabs with rows in shuffled
+    order and NaN past every row's length (a kernel that read past it would return NaN)."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    slab_rows, max_len = b + 3, max(lengths) + 5
+    q = torch.randn(b + 2, heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(slab_rows, kv_heads, max_len, head_dim, generator=gen).mul(2).to(dtype)
+    v = torch.randn(slab_rows, kv_heads, max_len, head_dim, generator=gen).to(dtype)
+    kv_row = torch.randperm(slab_rows, generator=gen)[:b]
+    tok = torch.randperm(b + 2, generator=gen)[:b]
+    for row, n in zip(kv_row.tolist(), lengths, strict=True):
+        k[row, :, n:] = float("nan")
+        v[row, :, n:] = float("nan")
+    return q, k, v, AttentionRows.of(tok.tolist(), kv_row.tolist(), lengths)
+
+
+LENGTHS = [1, 2, 15, 16, 17, 31, 33, 100, 300]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (4, 4, 128), (8, 2, 32), (6, 1, 96), (8, 2, 48), (4, 2, 16), (32, 2, 8)],
+)
+def test_native_matches_fp32_attention_and_writes_only_decoding_rows(
+    kernel: NativeAttention, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+) -> None:
+    q, k, v, rows = random_case(heads, kv_heads, head_dim, dtype, LENGTHS)
+    out = torch.full_like(q, 7.0)
+    scale = head_dim**-0.5
+    kernel(q, k, v, out, rows, scale)
+    want = reference(q, k, v, rows, scale)
+    for tok in range(q.shape[0]):
+        if tok in want:
+            # bf16: the output is rounded once (2^-9 relative), the sums are fp32 as in the reference
+            tol = 1e-2 if dtype == torch.bfloat16 else 2e-5
+            torch.testing.assert_close(out[tok].float(), want[tok], rtol=tol, atol=tol)
+        else:
+            assert (out[tok] == 7.0).all(), "a token that is not a decoding row was written"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_a_row_is_the_same_alone_and_among_others(kernel: NativeAttention, dtype: torch.dtype) -> None:
+    """Batch invariance: a row's output, bit for bit, does not depend on the other rows or their lengths."""
+    q, k, v, rows = random_case(9, 3, 64, dtype, LENGTHS, seed=1)
+    together = torch.zeros_like(q)
+    kernel(q, k, v, together, rows, 0.125)
+    for i in range(rows.count):
+        alone = torch.zeros_like(q)
+        one = AttentionRows(rows.tok[i : i + 1], rows.kv_row[i : i + 1], rows.length[i : i + 1])
+        kernel(q, k, v, alone, one, 0.125)
+        tok = int(rows.tok[i])
+        assert torch.equal(alone[tok], together[tok])
+
+
+def test_large_scores_do_not_overflow_the_softmax(kernel: NativeAttention) -> None:
+    q, k, v, rows = random_case(4, 2, 64, torch.bfloat16, [50, 7], seed=2)
+    q = q * 40  # scores in the thousands: exp overflows unless the maximum is taken out first
+    out = torch.zeros_like(q)
+    kernel(q, k, v, out, rows, 0.125)
+    want = reference(q, k, v, rows, 0.125)
+    for tok, expected in want.items():
+        assert torch.isfinite(out[tok]).all()
+        torch.testing.assert_close(out[tok].float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("tok", "kv_row", "length"),
+    [([0], [0], [0]), ([0], [0], [99]), ([0], [5], [3]), ([0], [-1], [3]), ([9], [0], [3]), ([-1], [0], [3])],
+    ids=["empty", "past-slab-length", "kv-row-past-slab", "negative-kv-row", "token-past-q", "negative-token"],
+)
+def test_out_of_range_rows_are_refused_and_nothing_is_written(
+    kernel: NativeAttention, tok: list[int], kv_row: list[int], length: list[int]
+) -> None:
+    q = torch.randn(2, 4, 32)
+    k = torch.randn(3, 2, 10, 32)
+    out = torch.full_like(q, 3.0)
+    with pytest.raises(NativeKernelError, match="refused its arguments"):
+        kernel(q, k, k.clone(), out, AttentionRows.of(tok, kv_row, length), 1.0)
+    assert (out == 3.0).all()
+
+
+def test_mismatched_tensors_are_refused(kernel: NativeAttention) -> None:
+    q = torch.randn(2, 4, 32)
+    k = torch.randn(3, 2, 10, 32)
+    rows = AttentionRows.of([0], [0], [3])
+    with pytest.raises(NativeKernelError, match="dtype or shape"):
+        kernel(q, k, k.to(torch.bfloat16), torch.empty_like(q), rows, 1.0)
+    with pytest.raises(NativeKernelError, match="contiguous"):
+        kernel(q, k.transpose(2, 3), k, torch.empty_like(q), rows, 1.0)
+
+
+def test_shapes_and_devices_the_kernel_does_not_take_are_refused_at_startup() -> None:
+    NativeAttention.check_shape(9, 3, 64, torch.bfloat16, CPU)
+    for args in [
+        (9, 3, 64, torch.float16, CPU),
+        (9, 3, 64, torch.bfloat16, torch.device("cuda")),
+        (9, 2, 64, torch.bfloat16, CPU),
+        (34, 2, 64, torch.bfloat16, CPU),
+        (4, 2, 512, torch.bfloat16, CPU),
+    ]:
+        with pytest.raises(NativeKernelError):
+            NativeAttention.check_shape(*args)
+
+
+def test_the_build_is_cached_per_source_compiler_and_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = build_library(native.ATTENTION_SOURCE, tmp_path)
+    built_at = first.stat().st_mtime_ns
+    assert build_library(native.ATTENTION_SOURCE, tmp_path) == first
+    assert first.stat().st_mtime_ns == built_at, "the cached library was rebuilt"
+    # another CPU (its flags are part of the key) gets its own build beside the first
+    monkeypatch.setattr(native, "cpu_flags_line", lambda: "fpu sse2")
+    other = build_library(native.ATTENTION_SOURCE, tmp_path)
+    assert other != first and other.is_file() and first.is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".build-")], "a temporary build dir was left"
+
+
+def test_a_failing_or_missing_compiler_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken-cc"
+    broken.write_text(
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo broken 1.0; exit 0; fi\necho 'no such flag' >&2\nexit 1\n"
+    )
+    broken.chmod(0o755)
+    with pytest.raises(NativeKernelError, match="no such flag"):
+        build_library(native.ATTENTION_SOURCE, tmp_path / "cache", compiler=str(broken))
+    assert not any((tmp_path / "cache").glob("*.so"))
+    monkeypatch.setenv("CC", str(tmp_path / "not-there"))
+    monkeypatch.setenv("PATH", os.defpath)
+    assert find_compiler() is None
+    with pytest.raises(NativeKernelError, match="no C compiler"):
+        load_native_attention(tmp_path / "cache")
+
+
+def test_auto_falls_back_to_torch_and_native_refuses_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = {"heads": 9, "kv_heads": 3, "head_dim": 64, "dtype": torch.bfloat16}
+    chosen = choose_attention("auto", cache_dir=tmp_path, device=CPU, **shape)  # type: ignore[arg-type]
+    assert chosen.name == "native" and chosen.kernel is not None
+    assert choose_attention("torch", cache_dir=tmp_path, device=CPU, **shape).kernel is None  # type: ignore[arg-type]
+    gpu = choose_attention("auto", cache_dir=tmp_path, device=torch.device("cuda"), **shape)  # type: ignore[arg-type]
+    assert gpu.name == "torch" and "cuda" in gpu.reason
+    monkeypatch.setenv("CC", str(tmp_path / "not-there"))
+    monkeypatch.setenv("PATH", os.defpath)
+    fallback = choose_attention("auto", cache_dir=tmp_path / "fresh", device=CPU, **shape)  # type: ignore[arg-type]
+    assert fallback.kernel is None and "no C compiler" in fallback.reason
+    with pytest.raises(NativeKernelError, match="no C compiler"):
+        choose_attention("native", cache_dir=tmp_path / "fresh", device=CPU, **shape)  # type: ignore[arg-type]
+
+
+def _model(head_dim: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=4 * head_dim,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("head_dim", [16, 32], ids=["portable", "avx512-where-present"])
+def test_runner_decodes_the_same_with_native_and_torch_attention(kernel: NativeAttention, head_dim: int) -> None:
+    """Prefill chunks, then decode steps of rows at different lengths in sparse KV rows: the native
+    runner's logits equal the HF forward in fp32, and stay beside torch's path in bf16."""
+    model = _model(head_dim)
+    prompts = {0: [5, 17, 33, 9, 100, 2, 7], 3: [11, 12, 13], 5: list(range(40, 80))}
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, attention in (("native", kernel), ("torch", None)):
+            m = _model(head_dim).to(dtype)
+            runner = ModelRunner(
+                m, LoraContext(), rows=6, max_seq_len=96, dtype=dtype, device=CPU, native_attention=attention
+            )
+            for t in (*runner.kv.k, *runner.kv.v):
+                t.fill_(float("nan"))  # never-written positions must not be read
+            runner.step([RowStep(row, 0, tuple(ids), 0, False, False) for row, ids in prompts.items()])
+            logits = []
+            for i in range(6):
+                steps = [RowStep(row, len(ids) + i, (60 + i + row,), 0, True, False) for row, ids in prompts.items()]
+                logits.append(runner.step(steps).logits.float())  # [3, vocab]
+            runs[name, dtype] = torch.stack(logits)  # [6, 3, vocab]
+    with torch.no_grad():
+        for j, (row, ids) in enumerate(prompts.items()):
+            full = torch.tensor([[*ids, *(60 + i + row for i in range(6))]])
+            want = model(full).logits[0, len(ids) :]  # [6, vocab]
+            torch.testing.assert_close(runs["native", torch.float32][:, j], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runs["native", torch.float32], runs["torch", torch.float32], rtol=1e-5, atol=1e-5)
+    # bf16: both paths round the same inputs; the native sums are fp32 throughout
+    bf16_gap = (runs["native", torch.bfloat16] - runs["torch", torch.bfloat16]).abs().max().item()
+    assert bf16_gap < 0.1, bf16_gap
+    assert torch.isfinite(runs["native", torch.bfloat16]).all()
