@@ -13,6 +13,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LORAFLEET_DATA_DIR=/data
 
 WORKDIR /app
+# A C compiler: the server builds its native attention for the CPU it starts on
+# (--attention-kernel auto; without one it runs torch's slower path). Debian's toolchain follows the
+# base image's release, so versions are not pinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # TORCH_SPEC is pinned (torch==2.13.0 unless overridden); hadolint cannot see a pin through a build arg.
 # hadolint ignore=DL3013
 RUN python -m pip install --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}"

@@ -25,8 +25,9 @@ from lorafleet_server.engine.types import ModelInfo
 from lorafleet_server.metrics import DISK_TIER, Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
 from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
+from lorafleet_server.model.native import choose_attention
 from lorafleet_server.model.prepare import prepare_default_model
-from lorafleet_server.model.runner import ModelRunner
+from lorafleet_server.model.runner import AttentionShape, ModelRunner
 from lorafleet_server.model.threads import StepThreads
 from lorafleet_server.openmp import openmp_wait_summary
 
@@ -146,6 +147,17 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         poll_seconds=config.adapter_poll_seconds,
         host_dtype=base.dtype,
     )
+    shape = AttentionShape.of(base.model.config)
+    attention = choose_attention(
+        config.attention_kernel,
+        cache_dir=config.kernels_dir,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        dtype=base.dtype,
+        device=base.device,
+    )
+    log.info("attention: %s (%s)", attention.name, attention.reason)
     runner = ModelRunner(
         base.model,
         base.context,
@@ -155,6 +167,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         device=base.device,
         lora_impl=config.lora_impl,
         threads=step_threads_for(config, base.device),
+        native_attention=attention.kernel,
     )
     runner.calibrate_threads()
     if runner.threads is not None:
@@ -203,6 +216,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         cpu_features=base.cpu_features,
         linear_kernel=base.linear_kernel,
         prefill_threads=runner.threads.large if runner.threads is not None else threads,
+        attention_kernel=attention.name,
     )
     metrics.build.info(
         {

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lorafleet_adapters.errors import AdapterError
 from lorafleet_server.engine.types import EngineConfig
-from lorafleet_server.model.options import LoraImpl, Quantization
+from lorafleet_server.model.options import AttentionKernel, LoraImpl, Quantization
 
 if TYPE_CHECKING:
     from lorafleet_adapters.backend import StoreSettings
@@ -128,6 +128,14 @@ class ServerConfig(EngineConfig):
     lora_impl: LoraImpl = field(
         default="auto", metadata={"help": "multi-LoRA kernel (gather is the readable reference)"}
     )
+    attention_kernel: AttentionKernel = field(
+        default="auto",
+        metadata={
+            "help": "attention of decode and prompt tokens: native is a C kernel built at startup for this CPU "
+            "with the system's C compiler (cached under data-dir/kernels), torch is torch's matmuls; auto is "
+            "native on CPU where it builds, else torch"
+        },
+    )
     torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: CPU cores - 1, at least 1)"})
     prefill_threads: int = field(
         default=0,
@@ -160,6 +168,11 @@ class ServerConfig(EngineConfig):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def kernels_dir(self) -> Path:
+        """Where native kernels built for this CPU are cached (model/native.py)."""
+        return self.data_dir / "kernels"
 
     @property
     def store_location(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,8 @@ def test_model_info(live: LiveServer) -> None:
     assert info.linear_kernel == ("onednn-packed" if info.dtype == "bfloat16" else "torch")
     assert info.cpu_features == cpu_features().summary() and not info.compiled and info.torch_threads >= 1
     assert info.prefill_threads == len(os.sched_getaffinity(0))  # every core for prompt prefill, when faster
+    # --attention-kernel auto: the C kernel built at startup, where the machine has a C compiler
+    assert info.attention_kernel == ("native" if shutil.which("cc") or shutil.which("gcc") else "torch")
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(info.target_modules)
     assert info.max_context_tokens == 512 and info.max_lora_rank == 32 and info.max_new_tokens == 128
 

@@ -216,6 +216,7 @@ def model_info_from_proto(response: ipb.GetModelInfoResponse) -> ModelInfo:
         cpu_features=response.cpu_features,
         linear_kernel=response.linear_kernel,
         prefill_threads=response.prefill_threads,
+        attention_kernel=response.attention_kernel,
     )
 
 
@@ -241,6 +242,7 @@ def model_info_to_proto(info: ModelInfo) -> ipb.GetModelInfoResponse:
         cpu_features=info.cpu_features,
         linear_kernel=info.linear_kernel,
         prefill_threads=info.prefill_threads,
+        attention_kernel=info.attention_kernel,
     )
 
 

@@ -90,6 +90,7 @@ class ModelInfo:
     cpu_features: str = ""  # reported CPU flags, e.g. "avx2,avx512f,avx512_bf16"
     linear_kernel: str = "torch"  # base Linears: "onednn-packed" (model/packed.py) or "torch"
     prefill_threads: int = 0  # threads for steps of > 64 tokens when faster (model/threads.py); = torch_threads: off
+    attention_kernel: str = "torch"  # every token's attention: "native" (model/native.py) or "torch"
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,7 @@ def model_info_pb(info: ModelInfo, adapter_slot_memory_bytes: int) -> inference_
         cpu_features=info.cpu_features,
         linear_kernel=info.linear_kernel,
         prefill_threads=info.prefill_threads,
+        attention_kernel=info.attention_kernel,
     )
 
 
