@@ -14,6 +14,7 @@ import torch
 
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_server.model.loader import base_spec_from_files
+from lorafleet_server.model.native import NativeLora, find_compiler, load_native_lora
 from lorafleet_server.model.prepare import prepare_default_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -48,6 +49,15 @@ def seaweed_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         yield server
     finally:
         server.stop(grace=0)
+
+
+@pytest.fixture(scope="session")
+def native_lora(tmp_path_factory: pytest.TempPathFactory) -> NativeLora | None:
+    """The native multi-LoRA kernel built for this CPU, as the server builds it; None where the
+    machine has no C compiler (tests of the kernel then skip)."""
+    if find_compiler() is None:
+        return None
+    return load_native_lora(tmp_path_factory.mktemp("kernels"))
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ def test_every_flag_has_help_and_literal_choices() -> None:
         assert f.metadata.get("help"), f"ServerConfig.{f.name} has no help"
         assert f.name in actions
     assert actions["quantization"].choices == ("auto", "none", "nf4", "int8")
-    assert actions["lora_impl"].choices == ("auto", "dense", "token", "grouped", "gather")
+    assert actions["lora_impl"].choices == ("auto", "native", "dense", "token", "grouped", "gather")
     assert actions["attention_kernel"].choices == ("auto", "native", "torch")
     assert actions["log_format"].choices == ("text", "json")
     # The engine's limits are declared once, on EngineConfig, and reach the engine unchanged.

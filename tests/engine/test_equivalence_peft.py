@@ -141,7 +141,7 @@ def _targets(model: Any) -> list[Any]:
     return list(discover_targets(model).values())
 
 
-@pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped"])
+@pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped", "native"])
 @pytest.mark.parametrize(
     ("quantization", "dtype"),
     [("none", "float32"), ("none", "bfloat16"), pytest.param("nf4", "float32", marks=pytest.mark.slow)],
@@ -155,10 +155,13 @@ def test_mixed_batch_logits_match_peft(
     adapter_dirs: dict[str, Path],
     peft_logits: Callable[[str], tuple[list[list[int]], list[torch.Tensor], list[torch.Tensor]]],
     tmp_path: Path,
+    native_lora: Any,
 ) -> None:
     """All rows prefill all but their last token in one ragged step, then decode it in one batched step
     (both attention paths, and in bf16 the prepacked Linears); each row's logits are PEFT's (fp32)
     with its own adapter alone: exactly in fp32 and NF4, within bf16's rounding in bf16."""
+    if impl == "native" and native_lora is None:
+        pytest.skip("no C compiler on this machine")
     base = load_base(
         tiny_model_dir,
         quantization=quantization,
@@ -184,6 +187,7 @@ def test_mixed_batch_logits_match_peft(
         dtype=base.dtype,
         device=torch.device("cpu"),
         lora_impl=impl,
+        native_lora=native_lora if impl == "native" else None,
     )  # type: ignore[arg-type]
     tol = _tolerance(quantization) if dtype == "float32" else 3e-2
     rows, expected, base_logits = peft_logits(quantization)

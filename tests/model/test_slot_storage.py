@@ -21,10 +21,11 @@ from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import make_slot_io
 from lorafleet_server.model.loader import LoadedBase, load_base
 from lorafleet_server.model.lora import LoraBatch, LoraContext, MultiLoRALinear, lora_delta, slot_memory_bytes
+from lorafleet_server.model.native import NativeLora
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
 D_IN, D_OUT, SLOTS, R_MAX = 24, 40, 6, 32
-IMPLS = ("gather", "dense", "token", "grouped", "auto")
+IMPLS = ("gather", "dense", "token", "grouped", "auto")  # behind lora_delta; "native" is checked beside them
 FP32 = 4
 
 
@@ -53,12 +54,18 @@ def _expected(
     return torch.stack(rows)
 
 
-def _check_all_kernels(m: MultiLoRALinear, loaded: dict[int, tuple[torch.Tensor, torch.Tensor]], seed: int) -> None:
+def _check_all_kernels(
+    m: MultiLoRALinear, loaded: dict[int, tuple[torch.Tensor, torch.Tensor]], seed: int, native: NativeLora | None
+) -> None:
     g = torch.Generator().manual_seed(seed)
     for n_tokens in (1, 7, 300):
         x = torch.randn(n_tokens, D_IN, generator=g)
         slots = torch.randint(0, SLOTS, (n_tokens,), generator=g)
         want = _expected(x, slots, loaded)
+        if native is not None and m.rank_capacity:  # the C kernel adds into y, reading slot_rank_t
+            y = torch.zeros(n_tokens, D_OUT)
+            native.add_(y, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
         reference = None
         for impl in IMPLS:
             batch = LoraBatch.build(slots, torch.float32, impl)  # type: ignore[arg-type]
@@ -93,7 +100,7 @@ def test_no_storage_before_any_adapter() -> None:
         assert batch is not None and lora_delta(x, batch, m.slot_ranks, m.lora_a, m.lora_bt) is None
 
 
-def test_grows_for_a_bigger_adapter_and_shrinks_when_it_leaves() -> None:
+def test_grows_for_a_bigger_adapter_and_shrinks_when_it_leaves(native_lora: NativeLora | None) -> None:
     g = torch.Generator().manual_seed(0)
     m = _module()
     small, big = _pair(4, g), _pair(16, g)
@@ -101,10 +108,10 @@ def test_grows_for_a_bigger_adapter_and_shrinks_when_it_leaves() -> None:
     assert (m.rank_capacity, m.slot_memory_bytes()) == (4, _bytes(SLOTS, 4))
     m.write_slot(3, *big)
     assert (m.rank_capacity, m.slot_memory_bytes()) == (16, _bytes(SLOTS, 16))
-    _check_all_kernels(m, {1: small, 3: big}, seed=1)  # slot 1 survived the grow
+    _check_all_kernels(m, {1: small, 3: big}, seed=1, native=native_lora)  # slot 1 survived the grow
     m.clear_slot(3)
     assert (m.rank_capacity, m.slot_memory_bytes()) == (4, _bytes(SLOTS, 4))
-    _check_all_kernels(m, {1: small}, seed=2)  # and the shrink
+    _check_all_kernels(m, {1: small}, seed=2, native=native_lora)  # and the shrink
     m.write_slot(2, None, None)  # an adapter that does not target this module takes no room here
     assert m.rank_capacity == 4
     m.clear_slot(1)
@@ -132,7 +139,7 @@ def test_a_rank_over_max_lora_rank_is_refused_and_changes_nothing() -> None:
     assert m.rank_capacity == 4 and m.slot_ranks[2] == 0
 
 
-def test_every_kernel_equals_gather_through_random_grows_and_shrinks() -> None:
+def test_every_kernel_equals_gather_through_random_grows_and_shrinks(native_lora: NativeLora | None) -> None:
     rng = random.Random(5)
     g = torch.Generator().manual_seed(5)
     m = _module()
@@ -154,7 +161,8 @@ def test_every_kernel_equals_gather_through_random_grows_and_shrinks() -> None:
         assert m.rank_capacity == want_cap and m.slot_memory_bytes() == _bytes(SLOTS, want_cap)
         _check_zero_padding(m)
         if step % 4 == 0 or want_cap == 0:
-            _check_all_kernels(m, loaded, seed=100 + step)
+            assert m.slot_rank_t.tolist() == m.slot_ranks
+            _check_all_kernels(m, loaded, seed=100 + step, native=native_lora)
 
 
 # -- a whole (tiny) model: targeted modules only, slot reuse without stale weights ----------------
@@ -181,7 +189,7 @@ def _weights(store: AdapterStore, base: LoadedBase, name: str) -> Any:
     return store.load(store.resolve(AdapterRef("acme", name, None)), base.spec)
 
 
-def _logits(base: LoadedBase, impl: str, slot: int) -> torch.Tensor:
+def _logits(base: LoadedBase, impl: str, slot: int, native: NativeLora | None = None) -> torch.Tensor:
     runner = ModelRunner(
         base.model,
         base.context,
@@ -190,6 +198,7 @@ def _logits(base: LoadedBase, impl: str, slot: int) -> torch.Tensor:
         dtype=torch.float32,
         device=torch.device("cpu"),
         lora_impl=impl,  # type: ignore[arg-type]
+        native_lora=native if impl == "native" else None,
     )
     return runner.step([RowStep(0, 0, PROMPT, slot, True, False), RowStep(1, 0, PROMPT, 0, True, False)]).logits
 
@@ -224,10 +233,15 @@ def test_model_memory_follows_the_loaded_adapters(
     assert slot_memory_bytes(layers.values()) == 0
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", (*IMPLS, "native"))
 @pytest.mark.parametrize("other_resident", [False, True], ids=["shrinks", "keeps-capacity"])
 def test_a_reused_slot_holds_no_stale_weights(
-    impl: str, other_resident: bool, tiny_model_dir: Path, model_adapters: dict[str, Path], tmp_path: Path
+    impl: str,
+    other_resident: bool,
+    tiny_model_dir: Path,
+    model_adapters: dict[str, Path],
+    tmp_path: Path,
+    native_lora: NativeLora | None,
 ) -> None:
     """DeviceSlots evicts the r=16 all-linear adapter for the r=4 q/v one in the same slot.
 
@@ -243,7 +257,9 @@ def test_a_reused_slot_holds_no_stale_weights(
     assert slots.install(AdapterKey("acme", "big", 1), _weights(store, reused, "big")) == 1
     if other_resident:
         assert slots.install(AdapterKey("acme", "other", 1), _weights(store, reused, "other")) == 2
-    _logits(reused, impl, 1)  # serve a step with it, then let it go
+    if impl == "native" and native_lora is None:
+        pytest.skip("no C compiler on this machine")
+    _logits(reused, impl, 1, native_lora)  # serve a step with it, then let it go
     assert slots.install(AdapterKey("acme", "small", 1), _weights(store, reused, "small")) == 1  # LRU victim
 
     fresh = _base(tiny_model_dir)
@@ -251,7 +267,7 @@ def test_a_reused_slot_holds_no_stale_weights(
     fresh_write(1, _weights(store, fresh, "small"))
     if other_resident:
         fresh_write(2, _weights(store, fresh, "other"))
-    got, want = _logits(reused, impl, 1), _logits(fresh, impl, 1)
+    got, want = _logits(reused, impl, 1, native_lora), _logits(fresh, impl, 1, native_lora)
     assert torch.equal(got, want)
     assert slot_memory_bytes(reused.lora_layers.values()) == slot_memory_bytes(fresh.lora_layers.values())
     assert all(m.rank_capacity == (16 if other_resident else 0) for n, m in reused.lora_layers.items() if "mlp" in n)

@@ -27,8 +27,12 @@ Four implementations live behind :func:`lora_delta`:
   ``dense``'s U× FLOPs cost more.
 * ``grouped`` — loop over distinct adapters with their tokens (Punica's SGMV in Python). Best for
   long prefills where U× FLOPs would cost real time.
+* ``native`` — a C kernel built for this CPU (``csrc/lora.c``, model/native.py): per token, its
+  adapter's A and B read in place with fp32 sums, added to the base output in place. No fixed cost
+  per call, so it wins wherever it is built and takes the shapes (``NativeLora.fast``); elsewhere
+  ``auto`` keeps the cost model below.
 
-Tests prove all four agree; :func:`lora_delta` picks by the step's shape (``auto``).
+Tests prove all five agree; :func:`lora_delta` picks by the step's shape (``auto``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafleet_server.model.native import NativeLora
 from lorafleet_server.model.options import LoraImpl as Impl
 
 # Cost model of ``choose_impl`` in microseconds per call (docs/architecture.md, "Measured facts" 4),
@@ -146,18 +151,29 @@ class LoraBatch:
     active_list: tuple[int, ...]  # distinct non-zero slots in this step, sorted
     onehot: torch.Tensor  # [N, U] compute dtype, 1 where token n uses active_list[u]
     impl: Impl
+    native: NativeLora | None = None  # the C kernel (impl "native", or "auto" where it applies)
     # Routings per (slots targeting the module, rank): layers of one kind share theirs in a step.
     _routings: dict[tuple[tuple[int, ...], int], ModuleRouting] = field(default_factory=dict, compare=False)
 
     @staticmethod
-    def build(slots: torch.Tensor, dtype: torch.dtype, impl: Impl = "auto") -> LoraBatch | None:
+    def build(
+        slots: torch.Tensor, dtype: torch.dtype, impl: Impl = "auto", native: NativeLora | None = None
+    ) -> LoraBatch | None:
         """Routing for ``slots`` [N]; None when no token uses an adapter (the base path alone)."""
+        if impl == "native" and native is None:
+            raise ValueError("lora impl 'native' needs the native kernel (model/native.py load_native_lora)")
         active = torch.unique(slots)  # sorted
         active = active[active != 0]
         if active.numel() == 0:
             return None
         onehot = (slots[:, None] == active[None, :]).to(dtype)  # [N, U]
-        return LoraBatch(slots=slots, active_list=tuple(active.tolist()), onehot=onehot, impl=impl)
+        return LoraBatch(
+            slots=slots,
+            active_list=tuple(active.tolist()),
+            onehot=onehot,
+            impl=impl,
+            native=native if impl in ("auto", "native") else None,
+        )
 
     def routing(self, module_ranks: list[int]) -> ModuleRouting | None:
         """The routing for a module whose per-slot ranks are ``module_ranks`` (0 = not targeted)."""
@@ -283,7 +299,7 @@ def lora_delta(
     if route is None:
         return None
     impl: Impl = batch.impl
-    if impl == "auto":
+    if impl in ("auto", "native"):  # "native": a call the C kernel does not take
         impl = choose_impl(x.shape[0], len(route.active_list), x.shape[1], bt.shape[2], route.rank)
     if impl == "grouped":
         return lora_delta_grouped(x, route, a, bt)
@@ -323,6 +339,7 @@ class MultiLoRALinear(nn.Module):
         self.context = context
         self.r_max = r_max  # the largest rank write_slot accepts (--max-lora-rank); nothing is allocated for it
         self.slot_ranks = [0] * num_slots  # rank of each slot's adapter on this module (0: none)
+        self.slot_rank_t = torch.zeros(num_slots, dtype=torch.long)  # [slots] the same, for the native kernel
         # Rank capacity 0: no adapter is loaded yet, so no storage (slot 0 is zeros by having no rows).
         self.register_buffer(
             "lora_at", torch.zeros(num_slots, in_features, 0, dtype=dtype, device=device), persistent=False
@@ -352,6 +369,7 @@ class MultiLoRALinear(nn.Module):
     def clear_slot(self, slot: int) -> None:
         """Free ``slot`` on this module; shrink the buffers if its adapter was the one that set r_cap."""
         self.slot_ranks[slot] = 0
+        self.slot_rank_t[slot] = 0
         self._fit()
         self.lora_at[slot].zero_()
         self.lora_bt[slot].zero_()
@@ -375,6 +393,7 @@ class MultiLoRALinear(nn.Module):
                 f"{self.in_features}->{self.out_features} Linear"
             )
         self.slot_ranks[slot] = r
+        self.slot_rank_t[slot] = r
         self._fit()
         self.lora_at[slot].zero_()
         self.lora_bt[slot].zero_()
@@ -411,6 +430,14 @@ class MultiLoRALinear(nn.Module):
         if batch is None or self.rank_capacity == 0:  # base-only step, or no loaded adapter targets us
             return y
         flat = x.reshape(-1, self.in_features).to(self.lora_at.dtype)  # [N, in]
+        native = batch.native
+        if native is not None and y.is_contiguous():
+            y_flat = y.view(-1, self.out_features)  # [N, out]
+            if NativeLora.takes(y_flat, flat, self.lora_at) and (
+                batch.impl == "native" or native.preferred(y.dtype, self.out_features, self.rank_capacity, len(flat))
+            ):
+                native.add_(y_flat, flat, self.lora_at, self.lora_bt, batch.slots, self.slot_rank_t)
+                return y
         delta = lora_delta(flat, batch, self.slot_ranks, self.lora_a, self.lora_bt)  # [N, out]
         if delta is None:
             return y

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 from lorafleet_server.model.cpu import cpu_flags_line
-from lorafleet_server.model.options import AttentionKernel
+from lorafleet_server.model.options import AttentionKernel, LoraImpl
 
 ATTENTION_SOURCE = "attention.c"
-CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
 BUILD_TIMEOUT_S = 120.0
 MAX_HEAD_DIM = 256  # csrc/attention.c's limits
 MAX_GROUP = 16
@@ -198,6 +198,106 @@ class NativeAttention:
             raise NativeKernelError(f"the native attention refused its arguments (rc {rc})")
 
 
+LORA_SOURCE = "lora.c"
+MAX_LORA_RANK = 256  # csrc/lora.c's limit
+# Steps of up to this many tokens take the native LoRA even off its AVX-512 path: the portable C
+# measured 0.3-0.6x the time of the best torch kernel at 32 decode tokens (fp32), 1.9x at 512 tokens
+# of one adapter (docs/architecture.md, "Measured facts" 12).
+NATIVE_LORA_PORTABLE_MAX_TOKENS = 64
+# y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16
+_LORA_ARGTYPES: list[Any] = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+
+
+class NativeLora:
+    """``csrc/lora.c`` through ctypes: adds each token's own adapter to a base Linear's output, in place."""
+
+    def __init__(self, library: Path) -> None:
+        try:
+            lib = ctypes.CDLL(str(library))
+            fn = lib.lf_lora_add
+        except (OSError, AttributeError) as exc:
+            raise NativeKernelError(f"cannot load {library}: {exc}") from exc
+        fn.restype = ctypes.c_int
+        fn.argtypes = _LORA_ARGTYPES
+        try:
+            fast = lib.lf_lora_fast
+        except AttributeError as exc:
+            raise NativeKernelError(f"cannot load {library}: {exc}") from exc
+        fast.restype = ctypes.c_int
+        fast.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        self.library = library
+        self._lib = lib  # keeps the library loaded while fn lives
+        self._fn = fn
+        self._fast_fn = fast
+        self._fast: dict[tuple[torch.dtype, int, int], bool] = {}
+
+    def preferred(self, dtype: torch.dtype, d_out: int, r_cap: int, tokens: int) -> bool:
+        """Whether ``auto`` runs this module's share of a step here: where the kernel has its vector
+        path for the shape (AVX-512 BF16, d_out % 16 == 0, r_cap 8/16/32/48/64; faster than every torch
+        kernel at every step size measured), or for short steps."""
+        key = (dtype, d_out, r_cap)
+        fast = self._fast.get(key)
+        if fast is None:
+            fast = self._fast[key] = bool(self._fast_fn(1 if dtype == torch.bfloat16 else 0, d_out, r_cap))
+        return fast or tokens <= NATIVE_LORA_PORTABLE_MAX_TOKENS
+
+    @staticmethod
+    def takes(y: torch.Tensor, x: torch.Tensor, at: torch.Tensor) -> bool:
+        """Whether this call's tensors are ones the kernel takes (else the torch kernels run)."""
+        return (
+            y.device.type == "cpu"
+            and y.dtype == x.dtype == at.dtype
+            and y.dtype in (torch.bfloat16, torch.float32)
+            and at.shape[2] <= MAX_LORA_RANK
+            and y.is_contiguous()
+            and x.is_contiguous()
+        )
+
+    def add_(
+        self,
+        y: torch.Tensor,  # [N, out] the base output, updated in place
+        x: torch.Tensor,  # [N, in]
+        at: torch.Tensor,  # [S, in, r_cap] A transposed, contiguous
+        bt: torch.Tensor,  # [S, r_cap, out] B transposed and scaled, contiguous
+        slots: torch.Tensor,  # [N] int64
+        ranks: torch.Tensor,  # [S] int64: each slot's rank on this module (0: not targeted)
+    ) -> None:
+        n_tokens, d_out = y.shape
+        n_slots, d_in, r_cap = at.shape
+        if not (at.is_contiguous() and bt.is_contiguous() and slots.is_contiguous() and ranks.is_contiguous()):
+            raise NativeKernelError("the native LoRA needs contiguous tensors")
+        if x.shape != (n_tokens, d_in) or bt.shape != (n_slots, r_cap, d_out) or bt.dtype != y.dtype:
+            raise NativeKernelError("y, x, A and B differ in shape or dtype")
+        if (
+            slots.shape != (n_tokens,)
+            or ranks.shape != (n_slots,)
+            or slots.dtype != torch.long
+            or ranks.dtype != torch.long
+        ):
+            raise NativeKernelError("slots and ranks must be int64, one per token and per slot")
+        rc = self._fn(
+            y.data_ptr(),
+            x.data_ptr(),
+            at.data_ptr(),
+            bt.data_ptr(),
+            slots.data_ptr(),
+            ranks.data_ptr(),
+            n_tokens,
+            n_slots,
+            d_in,
+            d_out,
+            r_cap,
+            1 if y.dtype == torch.bfloat16 else 0,
+        )
+        if rc != 0:
+            raise NativeKernelError(f"the native LoRA refused its arguments (rc {rc})")
+
+
+def load_native_lora(cache_dir: Path, compiler: str | None = None) -> NativeLora:
+    """Build (or find in ``cache_dir``) and load the native multi-LoRA for this CPU."""
+    return NativeLora(build_library(LORA_SOURCE, cache_dir, compiler))
+
+
 def load_native_attention(cache_dir: Path, compiler: str | None = None) -> NativeAttention:
     """Build (or find in ``cache_dir``) and load the native attention for this CPU."""
     return NativeAttention(build_library(ATTENTION_SOURCE, cache_dir, compiler))
@@ -241,3 +341,34 @@ def choose_attention(
             raise
         return AttentionChoice(None, f"native kernel unavailable: {exc}")
     return AttentionChoice(kernel, f"built for this CPU ({kernel.library.name})")
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """The native multi-LoRA the server runs, if any, and why (logged, and in GetModelInfo)."""
+
+    kernel: NativeLora | None  # None: the torch kernels of model/lora.py
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "native" if self.kernel is not None else "torch"
+
+
+def choose_lora(impl: LoraImpl, *, cache_dir: Path, device: torch.device, compiler: str | None = None) -> LoraChoice:
+    """``--lora-impl``: "native" is the C kernel for every call it takes, or NativeKernelError when it
+    cannot be built; "auto" the C kernel where it is built (on a CPU), else the torch kernels; any other
+    value the named torch kernel."""
+    if impl not in ("auto", "native"):
+        return LoraChoice(None, f"--lora-impl {impl}")
+    if device.type != "cpu":
+        if impl == "native":
+            raise NativeKernelError(f"the native LoRA runs on the CPU, not {device}")
+        return LoraChoice(None, f"the native kernel is for CPUs; {device.type} runs torch's")
+    try:
+        kernel = load_native_lora(cache_dir, compiler)
+    except NativeKernelError as exc:
+        if impl == "native":
+            raise
+        return LoraChoice(None, f"native kernel unavailable: {exc}")
+    return LoraChoice(kernel, f"built for this CPU ({kernel.library.name})")

@@ -8,8 +8,9 @@ from typing import Literal, get_args
 Quantization = Literal["auto", "none", "nf4", "int8"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
-# The multi-LoRA kernel (model/lora.py): "auto" picks one per module and step; "gather" is the reference.
-LoraImpl = Literal["auto", "dense", "token", "grouped", "gather"]
+# The multi-LoRA kernel (model/lora.py): "auto" picks one per module and step (the C kernel of
+# model/native.py where it is built); "gather" is the reference.
+LoraImpl = Literal["auto", "native", "dense", "token", "grouped", "gather"]
 LORA_IMPLS: tuple[str, ...] = get_args(LoraImpl)
 
 # The attention of every token (model/native.py): "native" is the C kernel built for this CPU, "torch" the

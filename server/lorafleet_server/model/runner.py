@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
-from lorafleet_server.model.native import AttentionRows, NativeAttention
+from lorafleet_server.model.native import AttentionRows, NativeAttention, NativeLora
 from lorafleet_server.model.threads import CALIBRATION_TOKENS, StepThreads
 
 
@@ -157,6 +157,7 @@ class ModelRunner:
         lora_impl: Impl = "auto",
         threads: StepThreads | None = None,
         native_attention: NativeAttention | None = None,
+        native_lora: NativeLora | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -171,6 +172,9 @@ class ModelRunner:
         self.dtype = dtype
         self.device = device
         self.lora_impl: Impl = lora_impl
+        if lora_impl == "native" and native_lora is None:
+            raise ValueError("lora_impl 'native' needs native_lora (model/native.py load_native_lora)")
+        self.native_lora = native_lora  # the C multi-LoRA (model/lora.py "native"), or None
         self.threads = threads  # torch threads per step (model/threads.py); None: torch's setting as it is
         if native_attention is not None:
             native_attention.check_shape(self.num_heads, self.num_kv_heads, self.head_dim, dtype, device)
@@ -214,7 +218,7 @@ class ModelRunner:
                 if r.decodes:
                     self.kv.ensure_clean(r.kv_row, single_end)
         with self.threads.run(len(ids)) if self.threads is not None else nullcontext():
-            self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl)
+            self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl, self.native_lora)
             try:
                 hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
             finally:

@@ -1,0 +1,266 @@
+/* Multi-LoRA: each token's own adapter added to a base Linear's output, read in place.
+ *
+ * For token n routed to slot s = slots[n] with rank r = ranks[s] on this module:
+ *
+ *     y[n] += (x[n] . At[s][:, :r]) . Bt[s][:r]
+ *
+ * with At [slots, d_in, r_cap] (A transposed) and Bt [slots, r_cap, d_out] (B transposed, already
+ * scaled), the layout of lorafleet_server/model/lora.py's MultiLoRALinear. Tokens of slot 0, or of a
+ * slot whose adapter does not target the module (rank 0), are left as they are. Both products and the
+ * add to y are in fp32: h = x . A in r fp32 sums, then y + h . B in fp32, rounded once to the element
+ * type. Each token runs alone in a fixed order, so its numbers do not depend on the rest of the step.
+ *
+ * The torch kernels it replaces (two embedding_bags per module, or gathers and matmuls) cost a
+ * fixed ~50-100 us per call whatever the work: ~60-210 calls per decode step. This reads what each
+ * token needs (its adapter's r columns of A and r rows of B) with no copy and no fixed cost.
+ *
+ * Built by lorafleet_server/model/native.py with -O3 -march=<this CPU> -fopenmp-simd; plain C the
+ * compiler vectorizes for the CPU it is built on. Called through ctypes.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_RANK 256
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as torch does; NaN stays NaN. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* h[0..r_cap) = x . At for one token: per input element, its row of At (r_cap wide; the columns past
+ * the slot's own rank are zeros). Four partial sums over interleaved rows hide the FMA latency; they
+ * are added in a fixed order. Inlined with r_cap a constant for the common capacities (below), so the
+ * sums stay in registers. */
+static inline void project_down(const void *x, const void *at, int bf16, int64_t d_in, const int r_cap, float *h) {
+    float acc[4][MAX_RANK];
+    for (int p = 0; p < 4; p++)
+        for (int j = 0; j < r_cap; j++) acc[p][j] = 0.0f;
+    int64_t i = 0;
+    for (; i < d_in; i += 4) {
+        const int lanes = d_in - i < 4 ? (int)(d_in - i) : 4;
+        for (int p = 0; p < lanes; p++) {
+            float *a = acc[p];
+            if (bf16) {
+                const float xi = bf16_to_f32(((const uint16_t *)x)[i + p]);
+                const uint16_t *row = (const uint16_t *)at + (i + p) * r_cap;
+#pragma omp simd
+                for (int j = 0; j < r_cap; j++) a[j] += xi * bf16_to_f32(row[j]);
+            } else {
+                const float xi = ((const float *)x)[i + p];
+                const float *row = (const float *)at + (i + p) * r_cap;
+#pragma omp simd
+                for (int j = 0; j < r_cap; j++) a[j] += xi * row[j];
+            }
+        }
+    }
+    for (int j = 0; j < r_cap; j++) h[j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+}
+
+static void project_down_any(const void *x, const void *at, int bf16, int64_t d_in, int r_cap, float *h) {
+#define LF_CASE(R)                                        \
+    if (r_cap == (R)) {                                   \
+        if (bf16)                                         \
+            project_down(x, at, 1, d_in, R, h);           \
+        else                                              \
+            project_down(x, at, 0, d_in, R, h);           \
+        return;                                           \
+    }
+    LF_CASE(4)
+    LF_CASE(8)
+    LF_CASE(16)
+    LF_CASE(32)
+    LF_CASE(64)
+#undef LF_CASE
+    project_down(x, at, bf16, d_in, r_cap, h);
+}
+
+/* y (fp32 scratch, d_out) = sum over j < r of h[j] * Bt[j], in order of j. */
+static void project_up_bf16(const float *h, const uint16_t *bt, int64_t d_out, int r, float *out) {
+    memset(out, 0, (size_t)d_out * sizeof(float));
+    for (int j = 0; j < r; j++) {
+        const float hj = h[j];
+        const uint16_t *row = bt + (int64_t)j * d_out;
+#pragma omp simd
+        for (int64_t o = 0; o < d_out; o++) out[o] += hj * bf16_to_f32(row[o]);
+    }
+}
+
+static void project_up_f32(const float *h, const float *bt, int64_t d_out, int r, float *out) {
+    memset(out, 0, (size_t)d_out * sizeof(float));
+    for (int j = 0; j < r; j++) {
+        const float hj = h[j];
+        const float *row = bt + (int64_t)j * d_out;
+#pragma omp simd
+        for (int64_t o = 0; o < d_out; o++) out[o] += hj * row[o];
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LF_AVX512_BF16 1
+
+/* The AVX-512 path for bf16 with r_cap 8 or a multiple of 16 (up to 64) and d_out a multiple of 16:
+ * the same sums as the portable path above, in registers. */
+
+static inline __m512 bf16x16(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline __m512 bf16x16_masked(const uint16_t *p, __mmask16 m) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* r_cap == 8: a vector holds two rows of At; lanes 0-7 take x[i], lanes 8-15 x[i + 1]. Two sums
+ * (even and odd pairs of rows), added at the end, then the halves folded. */
+static void project_down8_avx512(const uint16_t *x, const uint16_t *at, int64_t d_in, float *h) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    int64_t i = 0;
+    for (; i + 16 <= d_in; i += 16) {
+        const __m512 xv = bf16x16(x + i);
+        for (int p = 0; p < 8; p += 2) {
+            __m512 x0 = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * p)), xv);
+            __m512 x1 = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * p + 2)), xv);
+            acc0 = _mm512_fmadd_ps(x0, bf16x16(at + (i + 2 * p) * 8), acc0);
+            acc1 = _mm512_fmadd_ps(x1, bf16x16(at + (i + 2 * p + 2) * 8), acc1);
+        }
+    }
+    for (; i < d_in; i++) { /* the rest, a row at a time in the low half */
+        const __m512 xi = _mm512_set1_ps(bf16_to_f32(x[i]));
+        acc0 = _mm512_fmadd_ps(xi, bf16x16_masked(at + i * 8, 0x00ff), acc0);
+    }
+    __m512 sum = _mm512_add_ps(acc0, acc1);
+    __m256 lo = _mm512_castps512_ps256(sum), hi = _mm512_extractf32x8_ps(sum, 1);
+    _mm256_storeu_ps(h, _mm256_add_ps(lo, hi));
+}
+
+/* r_cap = 16 * C (C = 1..4): each row of At is C vectors; two sets of sums over even and odd rows. */
+static inline void project_down16_avx512(const uint16_t *x, const uint16_t *at, int64_t d_in, const int C, float *h) {
+    __m512 acc0[4], acc1[4];
+    for (int c = 0; c < C; c++) acc0[c] = acc1[c] = _mm512_setzero_ps();
+    const int64_t r_cap = 16 * C;
+    int64_t i = 0;
+    for (; i + 2 <= d_in; i += 2) {
+        const __m512 x0 = _mm512_set1_ps(bf16_to_f32(x[i])), x1 = _mm512_set1_ps(bf16_to_f32(x[i + 1]));
+        for (int c = 0; c < C; c++) {
+            acc0[c] = _mm512_fmadd_ps(x0, bf16x16(at + i * r_cap + 16 * c), acc0[c]);
+            acc1[c] = _mm512_fmadd_ps(x1, bf16x16(at + (i + 1) * r_cap + 16 * c), acc1[c]);
+        }
+    }
+    if (i < d_in) {
+        const __m512 x0 = _mm512_set1_ps(bf16_to_f32(x[i]));
+        for (int c = 0; c < C; c++) acc0[c] = _mm512_fmadd_ps(x0, bf16x16(at + i * r_cap + 16 * c), acc0[c]);
+    }
+    for (int c = 0; c < C; c++) _mm512_storeu_ps(h + 16 * c, _mm512_add_ps(acc0[c], acc1[c]));
+}
+
+/* y[o] = bf16(y[o] + sum over j < r of h[j] * Bt[j, o]), 16 outputs at a time, d_out % 16 == 0. */
+static void project_up_add_avx512(const float *h, const uint16_t *bt, int64_t d_out, int r, uint16_t *y) {
+    for (int64_t o = 0; o < d_out; o += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int j = 0; j < r; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), bf16x16(bt + j * d_out + o), acc);
+        __m512 sum = _mm512_add_ps(bf16x16(y + o), acc);
+        _mm256_storeu_si256((__m256i *)(y + o), (__m256i)_mm512_cvtneps_pbh(sum));
+    }
+}
+
+/* One token on the AVX-512 path; 0 when its shape is not one the path takes. */
+static int lora_token_avx512(uint16_t *y, const uint16_t *x, const uint16_t *at, const uint16_t *bt, int64_t d_in,
+                             int64_t d_out, int64_t r_cap, int r) {
+    if (d_out % 16 != 0) return 0;
+    float h[64];
+    switch (r_cap) {
+    case 8: project_down8_avx512(x, at, d_in, h); break;
+    case 16: project_down16_avx512(x, at, d_in, 1, h); break;
+    case 32: project_down16_avx512(x, at, d_in, 2, h); break;
+    case 48: project_down16_avx512(x, at, d_in, 3, h); break;
+    case 64: project_down16_avx512(x, at, d_in, 4, h); break;
+    default: return 0;
+    }
+    project_up_add_avx512(h, bt, d_out, r, y);
+    return 1;
+}
+#endif
+
+/* Ask for [p, p + bytes) in cache ahead of use: a token's adapter is a few KB to ~100 KB in DRAM
+ * (the base weights stream through the caches every step), and the hardware prefetcher starts late
+ * on each new region. */
+static inline void prefetch_range(const void *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 1);
+}
+
+/* 1 where a module of this element type (bf16 = 1), d_out and r_cap takes the vector path above. */
+int lf_lora_fast(int bf16, int64_t d_out, int64_t r_cap) {
+#ifdef LF_AVX512_BF16
+    return bf16 && d_out % 16 == 0 && (r_cap == 8 || r_cap == 16 || r_cap == 32 || r_cap == 48 || r_cap == 64);
+#else
+    (void)bf16;
+    (void)d_out;
+    (void)r_cap;
+    return 0;
+#endif
+}
+
+/* y [n_tokens, d_out] (updated in place), x [n_tokens, d_in], at [n_slots, d_in, r_cap], bt [n_slots,
+ * r_cap, d_out], all contiguous and of one element type (bf16 = 1: bfloat16, else float32); slots
+ * [n_tokens] and ranks [n_slots] int64. Returns 0, or -1 when a size, slot or rank is out of range
+ * (nothing is written then). */
+int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const int64_t *slots, const int64_t *ranks,
+                int64_t n_tokens, int64_t n_slots, int64_t d_in, int64_t d_out, int64_t r_cap, int bf16) {
+    if (n_tokens < 0 || n_slots <= 0 || d_in <= 0 || d_out <= 0 || r_cap < 0 || r_cap > MAX_RANK) return -1;
+    for (int64_t s = 0; s < n_slots; s++)
+        if (ranks[s] < 0 || ranks[s] > r_cap) return -1;
+    for (int64_t n = 0; n < n_tokens; n++)
+        if (slots[n] < 0 || slots[n] >= n_slots) return -1;
+    float h[MAX_RANK];
+    float *out = malloc((size_t)d_out * sizeof(float)); /* the token's delta in fp32 */
+    if (out == NULL) return -1;
+    const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
+    for (int64_t n = 0; n < n_tokens; n++) {
+        const int64_t s = slots[n];
+        const int r = (int)ranks[s];
+        if (n + 1 < n_tokens && slots[n + 1] != s && slots[n + 1] != 0) { /* the next token's adapter */
+            const int64_t t = slots[n + 1];
+            prefetch_range((const char *)at + (size_t)(t * d_in * r_cap) * elem, d_in * r_cap * (int64_t)elem);
+            prefetch_range((const char *)bt + (size_t)(t * r_cap * d_out) * elem, ranks[t] * d_out * (int64_t)elem);
+        }
+        if (s == 0 || r == 0) continue;
+#ifdef LF_AVX512_BF16
+        if (bf16 && lora_token_avx512((uint16_t *)y + n * d_out, (const uint16_t *)x + n * d_in,
+                                      (const uint16_t *)at + s * d_in * r_cap, (const uint16_t *)bt + s * r_cap * d_out,
+                                      d_in, d_out, r_cap, r))
+            continue;
+#endif
+        if (bf16) {
+            project_down_any((const uint16_t *)x + n * d_in, (const uint16_t *)at + s * d_in * r_cap, 1, d_in,
+                             (int)r_cap, h);
+            project_up_bf16(h, (const uint16_t *)bt + s * r_cap * d_out, d_out, r, out);
+            uint16_t *yn = (uint16_t *)y + n * d_out;
+#pragma omp simd
+            for (int64_t o = 0; o < d_out; o++) yn[o] = f32_to_bf16(bf16_to_f32(yn[o]) + out[o]);
+        } else {
+            project_down_any((const float *)x + n * d_in, (const float *)at + s * d_in * r_cap, 0, d_in,
+                             (int)r_cap, h);
+            project_up_f32(h, (const float *)bt + s * r_cap * d_out, d_out, r, out);
+            float *yn = (float *)y + n * d_out;
+#pragma omp simd
+            for (int64_t o = 0; o < d_out; o++) yn[o] += out[o];
+        }
+    }
+    free(out);
+    return 0;
+}

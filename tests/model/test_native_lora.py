@@ -1,0 +1,145 @@
+"""The native multi-LoRA (model/native.py, csrc/lora.c) against a float64 reference.
+
+Built here with the machine's C compiler, as the server builds it. Where the CPU has AVX-512 BF16,
+bf16 modules with d_out % 16 == 0 and r_cap 8/16/32/48/64 take its vector path; the other shapes
+below (r_cap 4 and 12, d_out 40, fp32) take the portable C path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lorafleet_server.model import native
+from lorafleet_server.model.lora import LoraBatch, LoraContext, MultiLoRALinear
+from lorafleet_server.model.native import NativeKernelError, NativeLora, choose_lora, find_compiler
+
+CPU = torch.device("cpu")
+SLOTS = 6
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def kernel(native_lora: NativeLora | None) -> NativeLora:
+    assert native_lora is not None
+    return native_lora
+
+
+def _module(d_in: int, d_out: int, ranks: dict[int, int], dtype: torch.dtype, seed: int = 0) -> MultiLoRALinear:
+    """A module whose slots hold random adapters of the given ranks (r_cap = the largest)."""
+    m = MultiLoRALinear(nn.Linear(d_in, d_out, bias=False), d_in, d_out, SLOTS, 64, LoraContext(), dtype, CPU)
+    g = torch.Generator().manual_seed(seed)
+    for slot, r in ranks.items():
+        m.write_slot(slot, torch.randn(r, d_in, generator=g) * 0.1, torch.randn(d_out, r, generator=g) * 0.1)
+    return m
+
+
+def _reference(y: torch.Tensor, x: torch.Tensor, m: MultiLoRALinear, slots: torch.Tensor) -> torch.Tensor:
+    """y + each token's adapter in float64, from the module's stored (already rounded) weights."""
+    a = m.lora_at.double()[slots]  # [N, in, r_cap]
+    bt = m.lora_bt.double()[slots]  # [N, r_cap, out]
+    return y.double() + torch.einsum("ni,nir,nro->no", x.double(), a, bt)
+
+
+SHAPES = [  # (d_in, d_out, ranks per slot)
+    (576, 576, {1: 8, 2: 8, 3: 8}),  # PEFT's default on SmolLM2's q_proj
+    (576, 192, {1: 8, 2: 4, 4: 8}),  # k/v, a smaller rank padded to 8
+    (576, 1536, {1: 16, 2: 16, 3: 8}),  # gate/up r=16
+    (1536, 576, {1: 32, 3: 16}),
+    (64, 48, {1: 48, 5: 20}),
+    (37, 64, {1: 64, 2: 1}),  # d_in not a multiple of 16
+    (64, 64, {1: 4, 2: 2}),  # r_cap 4: portable path
+    (48, 40, {1: 8, 2: 8}),  # d_out 40: portable path
+    (64, 32, {1: 12, 2: 5}),  # r_cap 12: portable path
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("d_in", "d_out", "ranks"), SHAPES)
+def test_native_lora_adds_each_tokens_own_adapter(
+    kernel: NativeLora, dtype: torch.dtype, d_in: int, d_out: int, ranks: dict[int, int]
+) -> None:
+    m = _module(d_in, d_out, ranks, dtype)
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    # slot 0 (base), loaded slots, and a free slot (rank 0 here: its adapter does not target the module)
+    slots = torch.tensor([(0, 1, 2, 3, 4, 5)[i % 6] for i in range(n)])
+    x = torch.randn(n, d_in, generator=g).to(dtype)
+    y = torch.randn(n, d_out, generator=g).to(dtype)
+    before = y.clone()
+    kernel.add_(y, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
+    want = _reference(before, x, m, slots)
+    # fp32 sums, one rounding of y + delta to the element type
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+    untouched = torch.tensor([int(s) == 0 or m.slot_ranks[int(s)] == 0 for s in slots])
+    assert untouched.any() and torch.equal(y[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_a_token_gets_the_same_bits_alone_and_among_others(kernel: NativeLora, dtype: torch.dtype) -> None:
+    m = _module(576, 576, {1: 8, 2: 16, 3: 4}, dtype)
+    g = torch.Generator().manual_seed(2)
+    slots = torch.tensor([1, 2, 3, 1, 0, 2, 3, 3])
+    x = torch.randn(8, 576, generator=g).to(dtype)
+    y0 = torch.randn(8, 576, generator=g).to(dtype)
+    together = y0.clone()
+    kernel.add_(together, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
+    for i in range(8):
+        alone = y0[i : i + 1].clone()
+        kernel.add_(alone, x[i : i + 1].contiguous(), m.lora_at, m.lora_bt, slots[i : i + 1], m.slot_rank_t)
+        assert torch.equal(alone[0], together[i]), i
+
+
+def test_out_of_range_slots_and_ranks_are_refused_and_nothing_is_written(kernel: NativeLora) -> None:
+    m = _module(32, 32, {1: 8}, torch.float32)
+    x, y = torch.randn(2, 32), torch.randn(2, 32)
+    before = y.clone()
+    for slots, ranks in [
+        (torch.tensor([1, SLOTS]), m.slot_rank_t),
+        (torch.tensor([1, -1]), m.slot_rank_t),
+        (torch.tensor([1, 1]), torch.tensor([0, 9, 0, 0, 0, 0])),  # a rank past r_cap
+        (torch.tensor([1, 1]), torch.tensor([0, -1, 0, 0, 0, 0])),
+    ]:
+        with pytest.raises(NativeKernelError, match="refused its arguments"):
+            kernel.add_(y, x, m.lora_at, m.lora_bt, slots, ranks)
+        assert torch.equal(y, before)
+    with pytest.raises(NativeKernelError, match="shape or dtype"):
+        kernel.add_(y, torch.randn(2, 31), m.lora_at, m.lora_bt, torch.tensor([1, 1]), m.slot_rank_t)
+    with pytest.raises(NativeKernelError, match="int64"):
+        kernel.add_(y, x, m.lora_at, m.lora_bt, torch.tensor([1, 1], dtype=torch.int32), m.slot_rank_t)
+
+
+def test_the_module_runs_the_kernel_where_auto_prefers_it(kernel: NativeLora) -> None:
+    """MultiLoRALinear: ``auto`` with the kernel, ``native``, and the torch kernels give the same rows."""
+    m = _module(64, 64, {1: 8, 2: 8}, torch.float32)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    slots = torch.tensor([1, 0, 2, 2, 1])
+    outs = {}
+    for impl, nat in (("gather", None), ("auto", kernel), ("native", kernel)):
+        m.context.batch = LoraBatch.build(slots, torch.float32, impl, nat)  # type: ignore[arg-type]
+        outs[impl] = m(x)
+    torch.testing.assert_close(outs["auto"], outs["gather"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["native"], outs["gather"], rtol=1e-5, atol=1e-5)
+    assert kernel.preferred(torch.float32, 64, 8, tokens=5)  # a short step takes it anywhere
+    with pytest.raises(ValueError, match="needs the native kernel"):
+        LoraBatch.build(slots, torch.float32, "native", None)
+
+
+def test_choose_lora_builds_falls_back_or_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert choose_lora("auto", cache_dir=tmp_path, device=CPU).name == "native"
+    assert choose_lora("token", cache_dir=tmp_path, device=CPU).kernel is None
+    gpu = choose_lora("auto", cache_dir=tmp_path, device=torch.device("cuda"))
+    assert gpu.kernel is None and "cuda" in gpu.reason
+    with pytest.raises(NativeKernelError, match="CPU"):
+        choose_lora("native", cache_dir=tmp_path, device=torch.device("cuda"))
+    monkeypatch.setenv("CC", str(tmp_path / "not-there"))
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    fallback = choose_lora("auto", cache_dir=tmp_path / "fresh", device=CPU)
+    assert fallback.kernel is None and "no C compiler" in fallback.reason
+    with pytest.raises(NativeKernelError, match="no C compiler"):
+        choose_lora("native", cache_dir=tmp_path / "fresh", device=CPU)
