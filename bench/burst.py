@@ -175,7 +175,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="",
         help="extra policies: comma-separated max_step_tokens values run with the default order (e.g. 128,256)",
     )
-    p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "token", "grouped", "gather"))
+    p.add_argument("--lora-impl", default="auto", choices=("auto", "native", "dense", "token", "grouped", "gather"))
     p.add_argument(
         "--attention-kernel",
         default="auto",

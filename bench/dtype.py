@@ -15,7 +15,10 @@ base Linears for oneDNN (``model/packed.py``), as the server does. A ``+before``
 runs the LoRA kernels as they were before the embedding_bag ``token`` kernel (``token_before`` and
 ``choose_before`` of ``bench/lora_kernels.py``), and a ``+base`` suffix loads no adapter (the base
 alone, for the LoRA share); ``+lora32`` keeps the LoRA slot buffers (and math) in fp32 under a bf16
-base: A/Bs of the whole step in one run. Repeats are
+base; attention and LoRA are the server's defaults (``--attention-kernel auto``, ``--lora-impl
+auto``: the native kernels of ``model/native.py`` where they build), and a ``+torchattn`` suffix runs
+torch's attention matmuls, ``+torchlora`` the torch LoRA kernels only: A/Bs of the whole step in one
+run. Repeats are
 interleaved across variants so that load from other processes hits each alike; the median of each
 is reported with its ratio to the first variant.
 
@@ -25,6 +28,7 @@ logit difference of bf16 against fp32 on fixed prompts.
     .venv/bin/python -m bench.dtype              # threads: cores - 1, as the server
     .venv/bin/python -m bench.dtype --threads 2 --json bench/results/dtype.json
     .venv/bin/python -m bench.dtype --variants bf16+base,bf16,bf16+before --adapters 32 --shape r16all
+    .venv/bin/python -m bench.dtype --variants bf16+torchattn,bf16 --prefill-rows 1 --prefill-tokens 512
 """
 
 from __future__ import annotations
@@ -60,11 +64,14 @@ def build_runner(
     rows: int,
     shape: str = "default",
     lora_dtype: torch.dtype | None = None,
+    attention: str = "auto",
+    native_lora: bool = True,
 ) -> Any:
     from lorafleet_server.model.loader import compile_base, load_hf_model, wrap_targets
     from lorafleet_server.model.lora import LoraContext
+    from lorafleet_server.model.native import choose_attention, choose_lora
     from lorafleet_server.model.packed import pack_linears, packed_linear_supported
-    from lorafleet_server.model.runner import ModelRunner
+    from lorafleet_server.model.runner import AttentionShape, ModelRunner
 
     cpu = torch.device("cpu")
     model = load_hf_model(model_dir, "none", cpu, dtype)
@@ -82,7 +89,28 @@ def build_runner(
         compile_base(model)
     elif dtype == torch.bfloat16 and packed_linear_supported(dtype):
         pack_linears(model, list(layers.values()))  # as load_base does: the server's bf16 kernel
-    return ModelRunner(model, context, rows=rows, max_seq_len=1024, dtype=dtype, device=cpu)
+    shape_ = AttentionShape.of(model.config)
+    kernels = Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / "data")) / "kernels"
+    lora = choose_lora("auto" if native_lora else "token", cache_dir=kernels, device=cpu)
+    native = choose_attention(
+        attention,  # type: ignore[arg-type]
+        cache_dir=kernels,
+        heads=shape_.heads,
+        kv_heads=shape_.kv_heads,
+        head_dim=shape_.head_dim,
+        dtype=dtype,
+        device=cpu,
+    )
+    return ModelRunner(
+        model,
+        context,
+        rows=rows,
+        max_seq_len=1024,
+        dtype=dtype,
+        device=cpu,
+        native_attention=native.kernel,
+        native_lora=lora.kernel,
+    )
 
 
 @contextlib.contextmanager
@@ -173,7 +201,23 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
         adapters = 0 if name.endswith("+base") else args.adapters
         lora_dtype = torch.float32 if "+lora32" in name else None
-        runners[name] = build_runner(model_dir, dtype, "+compile" in name, adapters, rows, args.shape, lora_dtype)
+        attention = "torch" if "+torchattn" in name else "auto"
+        runners[name] = build_runner(
+            model_dir,
+            dtype,
+            "+compile" in name,
+            adapters,
+            rows,
+            args.shape,
+            lora_dtype,
+            attention,
+            "+torchlora" not in name,
+        )
+        r = runners[name]
+        print(
+            f"{name}: attention {'native' if r.native_attention is not None else 'torch'}, "
+            f"LoRA {'native' if r.native_lora is not None else 'torch'}"
+        )
     # Prefill once (fills the KV rows the decode steps read) and warm up (compiles) every variant.
     warm: dict[str, float] = {}
     for name, runner in runners.items():

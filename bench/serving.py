@@ -729,7 +729,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=3,
         help="with --http: adjacent gRPC/HTTP pairs of the base run (default 3; the median ratio is reported)",
     )
-    p.add_argument("--lora-impl", default="auto", choices=("auto", "dense", "token", "grouped", "gather"))
+    p.add_argument("--lora-impl", default="auto", choices=("auto", "native", "dense", "token", "grouped", "gather"))
     p.add_argument(
         "--attention-kernel",
         default="auto",

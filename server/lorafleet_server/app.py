@@ -25,7 +25,7 @@ from lorafleet_server.engine.types import ModelInfo
 from lorafleet_server.metrics import DISK_TIER, Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
 from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
-from lorafleet_server.model.native import choose_attention
+from lorafleet_server.model.native import choose_attention, choose_lora
 from lorafleet_server.model.prepare import prepare_default_model
 from lorafleet_server.model.runner import AttentionShape, ModelRunner
 from lorafleet_server.model.threads import StepThreads
@@ -158,6 +158,8 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         device=base.device,
     )
     log.info("attention: %s (%s)", attention.name, attention.reason)
+    lora = choose_lora(config.lora_impl, cache_dir=config.kernels_dir, device=base.device)
+    log.info("multi-LoRA: %s (%s)", lora.name, lora.reason)
     runner = ModelRunner(
         base.model,
         base.context,
@@ -168,6 +170,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         lora_impl=config.lora_impl,
         threads=step_threads_for(config, base.device),
         native_attention=attention.kernel,
+        native_lora=lora.kernel,
     )
     runner.calibrate_threads()
     if runner.threads is not None:
@@ -217,6 +220,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         linear_kernel=base.linear_kernel,
         prefill_threads=runner.threads.large if runner.threads is not None else threads,
         attention_kernel=attention.name,
+        lora_kernel=lora.name,
     )
     metrics.build.info(
         {

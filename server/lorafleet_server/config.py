@@ -126,7 +126,11 @@ class ServerConfig(EngineConfig):
     default_max_new_tokens: int = field(default=256, metadata={"help": "max_new_tokens when a request leaves it unset"})
     max_message_bytes: int = field(default=4 * MiB, metadata={"help": "largest gRPC message"})
     lora_impl: LoraImpl = field(
-        default="auto", metadata={"help": "multi-LoRA kernel (gather is the readable reference)"}
+        default="auto",
+        metadata={
+            "help": "multi-LoRA kernel: auto picks per module and step, using the native C kernel (built at "
+            "startup for this CPU, like --attention-kernel) where it applies; gather is the readable reference"
+        },
     )
     attention_kernel: AttentionKernel = field(
         default="auto",

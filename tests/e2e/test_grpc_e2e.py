@@ -94,6 +94,7 @@ def test_model_info(live: LiveServer) -> None:
     assert info.prefill_threads == len(os.sched_getaffinity(0))  # every core for prompt prefill, when faster
     # --attention-kernel auto: the C kernel built at startup, where the machine has a C compiler
     assert info.attention_kernel == ("native" if shutil.which("cc") or shutil.which("gcc") else "torch")
+    assert info.lora_kernel == info.attention_kernel  # both built the same way, --lora-impl auto
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(info.target_modules)
     assert info.max_context_tokens == 512 and info.max_lora_rank == 32 and info.max_new_tokens == 128
 

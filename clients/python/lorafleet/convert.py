@@ -217,6 +217,7 @@ def model_info_from_proto(response: ipb.GetModelInfoResponse) -> ModelInfo:
         linear_kernel=response.linear_kernel,
         prefill_threads=response.prefill_threads,
         attention_kernel=response.attention_kernel,
+        lora_kernel=response.lora_kernel,
     )
 
 
@@ -243,6 +244,7 @@ def model_info_to_proto(info: ModelInfo) -> ipb.GetModelInfoResponse:
         linear_kernel=info.linear_kernel,
         prefill_threads=info.prefill_threads,
         attention_kernel=info.attention_kernel,
+        lora_kernel=info.lora_kernel,
     )
 
 

@@ -91,6 +91,7 @@ class ModelInfo:
     linear_kernel: str = "torch"  # base Linears: "onednn-packed" (model/packed.py) or "torch"
     prefill_threads: int = 0  # threads for steps of > 64 tokens when faster (model/threads.py); = torch_threads: off
     attention_kernel: str = "torch"  # every token's attention: "native" (model/native.py) or "torch"
+    lora_kernel: str = "torch"  # multi-LoRA: "native" (the C kernel where it applies) or "torch" (model/lora.py)
 
 
 @dataclass(frozen=True)
