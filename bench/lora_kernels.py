@@ -13,7 +13,10 @@ of ``--rounds`` rounds of ``inner`` calls each, in microseconds per call):
 * ``base``: the base Linear of that shape alone (``F.linear``, the same dtype): the LoRA share;
 * ``gather``, ``dense``, ``token``, ``grouped``: ``lora_delta`` with that kernel, on a
   ``MultiLoRALinear``'s own storage (``lora_a`` is a view of the contiguous ``[S, in, r]`` buffer);
-* ``auto``: what ``choose_impl`` picks now;
+* ``auto``: what ``choose_impl`` picks among the torch kernels now;
+* ``native``: the C kernel of ``model/native.py`` (built for this CPU into ``data/kernels``), which
+  adds into the base output in place (timed on one preallocated output); the server's ``auto`` runs
+  it where ``NativeLora.preferred`` says so (the ``choice`` column's ``+native``);
 * ``before``: the kernel the previous ``choose_impl`` picked, as it was then (``token`` copied each
   token's adapter with ``index_select`` and ran two ``bmm``; ``A`` was stored ``[S, r, in]``).
 
@@ -37,6 +40,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
 
 SLOTS = 33  # 32 adapters + slot 0 (no adapter), as --max-loaded-adapters 32
 SHAPES: dict[str, list[tuple[str, int, int, int]]] = {  # kind -> (module, d_in, d_out, rank)
@@ -101,6 +106,7 @@ def bench_shape(d_in: int, d_out: int, rank: int, step: str, dtype: torch.dtype,
         lora_delta_dense,
         lora_delta_grouped,
     )
+    from lorafleet_server.model.native import load_native_lora
 
     gen = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(d_in, d_out, bias=False).to(dtype)
@@ -137,17 +143,23 @@ def bench_shape(d_in: int, d_out: int, rank: int, step: str, dtype: torch.dtype,
     fns: dict[str, Callable[[], Any]] = {"base": lambda: F.linear(x, base.weight)}
     fns.update({impl: run(impl) for impl in ("gather", "dense", "token", "grouped", "auto")})
     fns["before"] = run_before
+    native = load_native_lora(REPO / "data" / "kernels")
+    y_native = torch.zeros(slots.numel(), d_out, dtype=dtype)  # [N, out]
+    fns["native"] = lambda: native.add_(y_native, x, module.lora_at, bt, slots, module.slot_rank_t)
     with torch.inference_mode():
         want = fns["gather"]().float()
         tol = 1e-5 if dtype == torch.float32 else 2**-7 * float(want.abs().max())
         for name in ("dense", "token", "grouped", "auto", "before"):
             torch.testing.assert_close(fns[name]().float(), want, rtol=0, atol=tol, msg=f"{name} differs")
+        fns["native"]()  # into zeros: the delta alone
+        torch.testing.assert_close(y_native.float(), want, rtol=0, atol=tol, msg="native differs")
         samples = interleaved(fns, rounds)
     med = {name: statistics.median(v) for name, v in samples.items()}
     return {
         "adapters": n_adapters,
         "tokens": int(slots.numel()),
         "auto_choice": choose_impl(int(slots.numel()), n_adapters, d_in, d_out, rank),
+        "native_preferred": native.preferred(dtype, d_out, module.rank_capacity, int(slots.numel())),
         "before_choice": before,
         "median_us": {k: round(v, 1) for k, v in med.items()},
         "min_us": {k: round(min(v), 1) for k, v in samples.items()},
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"cpu: {cpu_features().summary()}  threads={args.threads} torch={torch.__version__}")
     print("us per call, median of interleaved rounds; share = auto / base")
-    cols = ("base", "gather", "dense", "token", "grouped", "before", "auto")
+    cols = ("base", "gather", "dense", "token", "grouped", "before", "auto", "native")
     print(f"{'dtype':<9} {'shape':<17} {'in->out r':<13} {'step':<9}" + "".join(f"{c:>9}" for c in cols) + "  choice")
     results: list[dict[str, Any]] = []
     for dtype_name in args.dtypes.split(","):
@@ -187,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{dtype_name:<9} {module:<17} {f'{d_in}->{d_out} r{rank}':<13} {step:<9}"
                         + "".join(f"{med[c]:>9.0f}" for c in cols)
                         + f"  {res['before_choice']}->{res['auto_choice']}"
-                        + f" x{med['before'] / med['auto']:.2f} share {med['auto'] / med['base']:.2f}",
+                        + ("+native" if res["native_preferred"] else "")
+                        + f" x{med['before'] / med['auto']:.2f} share {med['auto'] / med['base']:.2f}"
+                        + f" native share {med['native'] / med['base']:.2f}",
                         flush=True,
                     )
                     results.append(

@@ -126,6 +126,9 @@ def test_the_module_runs_the_kernel_where_auto_prefers_it(kernel: NativeLora) ->
     torch.testing.assert_close(outs["auto"], outs["gather"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs["native"], outs["gather"], rtol=1e-5, atol=1e-5)
     assert kernel.preferred(torch.float32, 64, 8, tokens=5)  # a short step takes it anywhere
+    assert not kernel.preferred(torch.float32, 64, 8, tokens=512)  # a prefill there: the portable path
+    assert not kernel.preferred(torch.bfloat16, 576, 16, tokens=512)  # r_cap 16: the torch kernels won
+    assert kernel.preferred(torch.bfloat16, 576, 8, tokens=512) == bool(kernel._fast_fn(1, 576, 8))
     with pytest.raises(ValueError, match="needs the native kernel"):
         LoraBatch.build(slots, torch.float32, "native", None)
 

@@ -200,10 +200,13 @@ class NativeAttention:
 
 LORA_SOURCE = "lora.c"
 MAX_LORA_RANK = 256  # csrc/lora.c's limit
-# Steps of up to this many tokens take the native LoRA even off its AVX-512 path: the portable C
-# measured 0.3-0.6x the time of the best torch kernel at 32 decode tokens (fp32), 1.9x at 512 tokens
-# of one adapter (docs/architecture.md, "Measured facts" 12).
-NATIVE_LORA_PORTABLE_MAX_TOKENS = 64
+# Steps of up to this many tokens (decode) take the native LoRA on every path: 0.2-0.7x the time of
+# the torch kernels' choice at 32 decode tokens, bf16 and fp32. Longer steps (prompt prefill) take it
+# only on its AVX-512 path with r_cap <= 8 (0.8x there); at r_cap 16, 4 x 128 tokens, it measured
+# 1.1-1.6x the torch kernels' choice, and the portable path up to 1.9x (docs/architecture.md,
+# "Measured facts" 12).
+NATIVE_LORA_SHORT_STEP_TOKENS = 64
+NATIVE_LORA_LONG_STEP_MAX_RANK = 8
 # y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16
 _LORA_ARGTYPES: list[Any] = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int]
 
@@ -232,14 +235,18 @@ class NativeLora:
         self._fast: dict[tuple[torch.dtype, int, int], bool] = {}
 
     def preferred(self, dtype: torch.dtype, d_out: int, r_cap: int, tokens: int) -> bool:
-        """Whether ``auto`` runs this module's share of a step here: where the kernel has its vector
-        path for the shape (AVX-512 BF16, d_out % 16 == 0, r_cap 8/16/32/48/64; faster than every torch
-        kernel at every step size measured), or for short steps."""
+        """Whether ``auto`` runs this module's share of a step here rather than with a torch kernel:
+        short (decode) steps always; longer ones where the kernel has its vector path for the shape
+        (AVX-512 BF16, d_out % 16 == 0, r_cap 8) and the torch kernels measured no faster."""
+        if tokens <= NATIVE_LORA_SHORT_STEP_TOKENS:
+            return True
+        if r_cap > NATIVE_LORA_LONG_STEP_MAX_RANK:
+            return False
         key = (dtype, d_out, r_cap)
         fast = self._fast.get(key)
         if fast is None:
             fast = self._fast[key] = bool(self._fast_fn(1 if dtype == torch.bfloat16 else 0, d_out, r_cap))
-        return fast or tokens <= NATIVE_LORA_PORTABLE_MAX_TOKENS
+        return fast
 
     @staticmethod
     def takes(y: torch.Tensor, x: torch.Tensor, at: torch.Tensor) -> bool:

@@ -148,34 +148,49 @@ static void project_down8_avx512(const uint16_t *x, const uint16_t *at, int64_t 
     _mm256_storeu_ps(h, _mm256_add_ps(lo, hi));
 }
 
-/* r_cap = 16 * C (C = 1..4): each row of At is C vectors; two sets of sums over even and odd rows. */
+/* r_cap = 16 * C (C = 1..4): each row of At is C vectors; four sets of sums over rows i mod 4, added
+ * in a fixed order at the end. */
 static inline void project_down16_avx512(const uint16_t *x, const uint16_t *at, int64_t d_in, const int C, float *h) {
-    __m512 acc0[4], acc1[4];
-    for (int c = 0; c < C; c++) acc0[c] = acc1[c] = _mm512_setzero_ps();
+    __m512 acc[4][4];
+    for (int p = 0; p < 4; p++)
+        for (int c = 0; c < C; c++) acc[p][c] = _mm512_setzero_ps();
     const int64_t r_cap = 16 * C;
     int64_t i = 0;
-    for (; i + 2 <= d_in; i += 2) {
-        const __m512 x0 = _mm512_set1_ps(bf16_to_f32(x[i])), x1 = _mm512_set1_ps(bf16_to_f32(x[i + 1]));
-        for (int c = 0; c < C; c++) {
-            acc0[c] = _mm512_fmadd_ps(x0, bf16x16(at + i * r_cap + 16 * c), acc0[c]);
-            acc1[c] = _mm512_fmadd_ps(x1, bf16x16(at + (i + 1) * r_cap + 16 * c), acc1[c]);
+    for (; i + 4 <= d_in; i += 4)
+        for (int p = 0; p < 4; p++) {
+            const __m512 xp = _mm512_set1_ps(bf16_to_f32(x[i + p]));
+            for (int c = 0; c < C; c++)
+                acc[p][c] = _mm512_fmadd_ps(xp, bf16x16(at + (i + p) * r_cap + 16 * c), acc[p][c]);
         }
-    }
-    if (i < d_in) {
+    for (; i < d_in; i++) {
         const __m512 x0 = _mm512_set1_ps(bf16_to_f32(x[i]));
-        for (int c = 0; c < C; c++) acc0[c] = _mm512_fmadd_ps(x0, bf16x16(at + i * r_cap + 16 * c), acc0[c]);
+        for (int c = 0; c < C; c++) acc[0][c] = _mm512_fmadd_ps(x0, bf16x16(at + i * r_cap + 16 * c), acc[0][c]);
     }
-    for (int c = 0; c < C; c++) _mm512_storeu_ps(h + 16 * c, _mm512_add_ps(acc0[c], acc1[c]));
+    for (int c = 0; c < C; c++)
+        _mm512_storeu_ps(h + 16 * c, _mm512_add_ps(_mm512_add_ps(acc[0][c], acc[1][c]), _mm512_add_ps(acc[2][c], acc[3][c])));
 }
 
-/* y[o] = bf16(y[o] + sum over j < r of h[j] * Bt[j, o]), 16 outputs at a time, d_out % 16 == 0. */
-static void project_up_add_avx512(const float *h, const uint16_t *bt, int64_t d_out, int r, uint16_t *y) {
-    for (int64_t o = 0; o < d_out; o += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int j = 0; j < r; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), bf16x16(bt + j * d_out + o), acc);
-        __m512 sum = _mm512_add_ps(bf16x16(y + o), acc);
-        _mm256_storeu_si256((__m256i *)(y + o), (__m256i)_mm512_cvtneps_pbh(sum));
+/* y[o .. o + 16 * W) = bf16(y + sum over j < r of h[j] * Bt[j, o ..]): W independent sums in flight
+ * (one alone is a chain of r dependent FMAs, latency-bound). */
+static inline void project_up_add_block(const float *h, const uint16_t *bt, int64_t d_out, int r, uint16_t *y,
+                                        int64_t o, const int W) {
+    __m512 acc[4];
+    for (int w = 0; w < W; w++) acc[w] = _mm512_setzero_ps();
+    for (int j = 0; j < r; j++) {
+        const __m512 hj = _mm512_set1_ps(h[j]);
+        for (int w = 0; w < W; w++) acc[w] = _mm512_fmadd_ps(hj, bf16x16(bt + j * d_out + o + 16 * w), acc[w]);
     }
+    for (int w = 0; w < W; w++) {
+        __m512 sum = _mm512_add_ps(bf16x16(y + o + 16 * w), acc[w]);
+        _mm256_storeu_si256((__m256i *)(y + o + 16 * w), (__m256i)_mm512_cvtneps_pbh(sum));
+    }
+}
+
+/* y[o] = bf16(y[o] + sum over j < r of h[j] * Bt[j, o]), d_out % 16 == 0. */
+static void project_up_add_avx512(const float *h, const uint16_t *bt, int64_t d_out, int r, uint16_t *y) {
+    int64_t o = 0;
+    for (; o + 64 <= d_out; o += 64) project_up_add_block(h, bt, d_out, r, y, o, 4);
+    for (; o < d_out; o += 16) project_up_add_block(h, bt, d_out, r, y, o, 1);
 }
 
 /* One token on the AVX-512 path; 0 when its shape is not one the path takes. */
