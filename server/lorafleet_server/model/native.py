@@ -10,8 +10,8 @@ matmul of that many rows (docs/architecture.md, "Native attention").
 It is plain C, built with the system's C compiler for the CPU it runs on (``-march=native``: machines
 of one kind differ, AVX2 only or AVX-512), once per source, compiler and CPU: the library is cached
 under ``cache_dir`` by a hash of the three, so a restart loads it in milliseconds and a new CPU or
-source builds its own. It is loaded with ctypes (no Python or torch headers, so the build takes well
-under a second). Where no compiler is found the server keeps torch's path (``--attention-kernel
+source builds its own. It is loaded with ctypes (no Python or torch headers: a build takes 2-3 s,
+once per CPU and source). Where no compiler is found the server keeps torch's path (``--attention-kernel
 auto``) or refuses to start (``native``).
 """
 
