@@ -27,12 +27,14 @@ Four implementations live behind :func:`lora_delta`:
   ``dense``'s U× FLOPs cost more.
 * ``grouped`` — loop over distinct adapters with their tokens (Punica's SGMV in Python). Best for
   long prefills where U× FLOPs would cost real time.
-* ``native`` — a C kernel built for this CPU (``csrc/lora.c``, model/native.py): per token, its
-  adapter's A and B read in place with fp32 sums, added to the base output in place. No fixed cost
-  per call, so it wins wherever it is built and takes the shapes (``NativeLora.fast``); elsewhere
-  ``auto`` keeps the cost model below.
+Beside them, not behind :func:`lora_delta` because it adds into the base output in place
+(``MultiLoRALinear._add_lora``):
 
-Tests prove all five agree; :func:`lora_delta` picks by the step's shape (``auto``).
+* ``native`` — a C kernel built for this CPU (``csrc/lora.c``, model/native.py): per token, its
+  adapter's A and B read in place with fp32 sums. No fixed cost per call, so ``auto`` takes it for
+  decode-sized steps, and for longer ones where it measured no slower (``NativeLora.preferred``).
+
+Tests prove all five agree; :func:`lora_delta` picks among the four by the step's shape (``auto``).
 """
 
 from __future__ import annotations
