@@ -102,6 +102,20 @@ def build_library(name: str, cache_dir: Path, compiler: str | None = None) -> Pa
     return target
 
 
+def _functions(library: Path, signatures: dict[str, list[Any]]) -> tuple[ctypes.CDLL, dict[str, Any]]:
+    """Load ``library`` and its functions by name, each returning a C int and taking ``signatures[name]``;
+    NativeKernelError when the library or a function is missing."""
+    try:
+        lib = ctypes.CDLL(str(library))
+        fns = {name: getattr(lib, name) for name in signatures}
+    except (OSError, AttributeError) as exc:
+        raise NativeKernelError(f"cannot load {library}: {exc}") from exc
+    for name, fn in fns.items():
+        fn.restype = ctypes.c_int
+        fn.argtypes = signatures[name]
+    return lib, fns
+
+
 @dataclass(frozen=True)
 class AttentionRows:
     """The tokens of one step, as the kernel takes them (built once per step): B rows of one query each."""
@@ -133,16 +147,10 @@ class NativeAttention:
     name = "native"
 
     def __init__(self, library: Path) -> None:
-        try:
-            lib = ctypes.CDLL(str(library))
-            fn = lib.lf_attention
-        except (OSError, AttributeError) as exc:
-            raise NativeKernelError(f"cannot load {library}: {exc}") from exc
-        fn.restype = ctypes.c_int
-        fn.argtypes = _ARGTYPES
+        lib, fns = _functions(library, {"lf_attention": _ARGTYPES})
         self.library = library
-        self._lib = lib  # keeps the library loaded while fn lives
-        self._fn = fn
+        self._lib = lib  # keeps the library loaded while its functions live
+        self._fn = fns["lf_attention"]
 
     @staticmethod
     def check_shape(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -215,23 +223,14 @@ class NativeLora:
     """``csrc/lora.c`` through ctypes: adds each token's own adapter to a base Linear's output, in place."""
 
     def __init__(self, library: Path) -> None:
-        try:
-            lib = ctypes.CDLL(str(library))
-            fn = lib.lf_lora_add
-        except (OSError, AttributeError) as exc:
-            raise NativeKernelError(f"cannot load {library}: {exc}") from exc
-        fn.restype = ctypes.c_int
-        fn.argtypes = _LORA_ARGTYPES
-        try:
-            fast = lib.lf_lora_fast
-        except AttributeError as exc:
-            raise NativeKernelError(f"cannot load {library}: {exc}") from exc
-        fast.restype = ctypes.c_int
-        fast.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        lib, fns = _functions(
+            library,
+            {"lf_lora_add": _LORA_ARGTYPES, "lf_lora_fast": [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]},
+        )
         self.library = library
-        self._lib = lib  # keeps the library loaded while fn lives
-        self._fn = fn
-        self._fast_fn = fast
+        self._lib = lib  # keeps the library loaded while its functions live
+        self._fn = fns["lf_lora_add"]
+        self._fast_fn = fns["lf_lora_fast"]
         self._fast: dict[tuple[torch.dtype, int, int], bool] = {}
 
     def preferred(self, dtype: torch.dtype, d_out: int, r_cap: int, tokens: int) -> bool:
