@@ -13,8 +13,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LORAFLEET_DATA_DIR=/data
 
 WORKDIR /app
-# A C compiler: the server builds its native attention for the CPU it starts on
-# (--attention-kernel auto; without one it runs torch's slower path). Debian's toolchain follows the
+# A C compiler: the server builds its native attention and LoRA kernels for the CPU it starts on
+# (--attention-kernel and --lora-impl auto; without one it runs torch's slower paths). Debian's toolchain follows the
 # base image's release, so versions are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
