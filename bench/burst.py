@@ -44,6 +44,7 @@ from bench.serving import (
     TENANT,
     LoadGenerator,
     StepLog,
+    add_kernel_arguments,
     install_step_timer,
     make_adapters,
     percentile,
@@ -175,13 +176,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="",
         help="extra policies: comma-separated max_step_tokens values run with the default order (e.g. 128,256)",
     )
-    p.add_argument("--lora-impl", default="auto", choices=("auto", "native", "dense", "token", "grouped", "gather"))
-    p.add_argument(
-        "--attention-kernel",
-        default="auto",
-        choices=("auto", "native", "torch"),
-        help="ServerConfig.attention_kernel: the attention (default auto: native where it builds)",
-    )
+    add_kernel_arguments(p)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch intra-op threads")
     p.add_argument(
         "--prefill-threads",

@@ -692,6 +692,19 @@ def all_run_names(counts: Sequence[int], shapes: Sequence[Shape]) -> list[str]:
     return names
 
 
+def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
+    """The server's kernel flags, passed through to ServerConfig (here and in bench.burst), for A/Bs."""
+    from lorafleet_server.model.options import ATTENTION_KERNELS, LORA_IMPLS
+
+    p.add_argument("--lora-impl", default="auto", choices=LORA_IMPLS, help="ServerConfig.lora_impl")
+    p.add_argument(
+        "--attention-kernel",
+        default="auto",
+        choices=ATTENTION_KERNELS,
+        help="ServerConfig.attention_kernel: the attention (default auto: native where it builds)",
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="32 new tokens instead of 64, 4 naive requests instead of 8")
@@ -729,13 +742,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=3,
         help="with --http: adjacent gRPC/HTTP pairs of the base run (default 3; the median ratio is reported)",
     )
-    p.add_argument("--lora-impl", default="auto", choices=("auto", "native", "dense", "token", "grouped", "gather"))
-    p.add_argument(
-        "--attention-kernel",
-        default="auto",
-        choices=("auto", "native", "torch"),
-        help="ServerConfig.attention_kernel: the attention (default auto: native where it builds)",
-    )
+    add_kernel_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument(

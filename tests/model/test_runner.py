@@ -233,7 +233,7 @@ def test_a_one_token_prompt_chunk_after_a_cached_prefix_equals_the_whole_prefill
     """After a prefix-cache hit the rest of a prompt may be one token; it attends as a prompt chunk, so
     the first generated token's logits are bit for bit those of the prompt prefilled whole (bf16), with
     the attention the server runs here. (torch's matmuls do not promise it on a CPU with AMX: oneDNN
-    picks its bf16 kernel by the row count; docs/architecture.md, "Native attention".)"""
+    picks its bf16 kernel by the row count; docs/architecture.md, "Measured facts" 11.)"""
     from lorafleet_server.model.loader import load_base
 
     base = load_base(default_model_dir, quantization="none", device=CPU, num_slots=1, max_lora_rank=8, dtype="bfloat16")

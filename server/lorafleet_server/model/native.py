@@ -5,7 +5,8 @@ row's token, or a prompt chunk's token i, attends over its KV row's first ``star
 positions, read where they lie in the KV slab (torch's batched matmul copies a strided window of the
 slab first), with fp32 sums in an order fixed per token. So a token's numbers depend on nothing but
 its own query, keys and values: not on the other rows, the chunk around it, or how oneDNN blocks a
-matmul of that many rows (docs/architecture.md, "Native attention").
+matmul of that many rows (docs/architecture.md, "Measured facts" 11). The multi-LoRA
+(``csrc/lora.c``) adds each token's own adapter into a base Linear's output in place (fact 12).
 
 It is plain C, built with the system's C compiler for the CPU it runs on (``-march=native``: machines
 of one kind differ, AVX2 only or AVX-512), once per source, compiler and CPU: the library is cached
@@ -23,10 +24,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -143,8 +145,6 @@ _ARGTYPES: list[Any] = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_
 
 class NativeAttention:
     """``csrc/attention.c`` through ctypes: one call per layer does every token of the step."""
-
-    name = "native"
 
     def __init__(self, library: Path) -> None:
         lib, fns = _functions(library, {"lf_attention": _ARGTYPES})
@@ -309,16 +309,35 @@ def load_native_attention(cache_dir: Path, compiler: str | None = None) -> Nativ
     return NativeAttention(build_library(ATTENTION_SOURCE, cache_dir, compiler))
 
 
-@dataclass(frozen=True)
-class AttentionChoice:
-    """The attention the server runs, and why (logged, and in GetModelInfo)."""
+class _Loaded(Protocol):
+    library: Path
 
-    kernel: NativeAttention | None  # None: torch's matmuls (model/runner.py)
+
+K = TypeVar("K", bound=_Loaded)
+
+
+@dataclass(frozen=True)
+class KernelChoice(Generic[K]):
+    """A native kernel the server runs, or None for torch's path, and why (logged, and in GetModelInfo)."""
+
+    kernel: K | None
     reason: str
 
     @property
     def name(self) -> str:
         return "native" if self.kernel is not None else "torch"
+
+
+def _native_or_fallback(required: bool, load: Callable[[], K]) -> KernelChoice[K]:
+    """``load()``'s kernel; where it cannot be had, NativeKernelError when ``required``, else torch's
+    path with the reason."""
+    try:
+        kernel = load()
+    except NativeKernelError as exc:
+        if required:
+            raise
+        return KernelChoice(None, f"native kernel unavailable: {exc}")
+    return KernelChoice(kernel, f"built for this CPU ({kernel.library.name})")
 
 
 def choose_attention(
@@ -331,50 +350,32 @@ def choose_attention(
     dtype: torch.dtype,
     device: torch.device,
     compiler: str | None = None,
-) -> AttentionChoice:
+) -> KernelChoice[NativeAttention]:
     """``--attention-kernel``: "torch" is torch's matmuls; "native" the C kernel, or NativeKernelError
     when it cannot run here; "auto" the C kernel on a CPU where it builds and takes the model, else
     torch's matmuls with the reason."""
     if choice == "torch":
-        return AttentionChoice(None, "--attention-kernel torch")
+        return KernelChoice(None, "--attention-kernel torch")
     if choice == "auto" and device.type != "cpu":
-        return AttentionChoice(None, f"the native kernel is for CPUs; {device.type} runs torch's")
-    try:
+        return KernelChoice(None, f"the native kernel is for CPUs; {device.type} runs torch's")
+
+    def load() -> NativeAttention:
         NativeAttention.check_shape(heads, kv_heads, head_dim, dtype, device)
-        kernel = load_native_attention(cache_dir, compiler)
-    except NativeKernelError as exc:
-        if choice == "native":
-            raise
-        return AttentionChoice(None, f"native kernel unavailable: {exc}")
-    return AttentionChoice(kernel, f"built for this CPU ({kernel.library.name})")
+        return load_native_attention(cache_dir, compiler)
+
+    return _native_or_fallback(choice == "native", load)
 
 
-@dataclass(frozen=True)
-class LoraChoice:
-    """The native multi-LoRA the server runs, if any, and why (logged, and in GetModelInfo)."""
-
-    kernel: NativeLora | None  # None: the torch kernels of model/lora.py
-    reason: str
-
-    @property
-    def name(self) -> str:
-        return "native" if self.kernel is not None else "torch"
-
-
-def choose_lora(impl: LoraImpl, *, cache_dir: Path, device: torch.device, compiler: str | None = None) -> LoraChoice:
+def choose_lora(
+    impl: LoraImpl, *, cache_dir: Path, device: torch.device, compiler: str | None = None
+) -> KernelChoice[NativeLora]:
     """``--lora-impl``: "native" is the C kernel for every call it takes, or NativeKernelError when it
     cannot be built; "auto" the C kernel where it is built (on a CPU), else the torch kernels; any other
     value the named torch kernel."""
     if impl not in ("auto", "native"):
-        return LoraChoice(None, f"--lora-impl {impl}")
+        return KernelChoice(None, f"--lora-impl {impl}")
     if device.type != "cpu":
         if impl == "native":
             raise NativeKernelError(f"the native LoRA runs on the CPU, not {device}")
-        return LoraChoice(None, f"the native kernel is for CPUs; {device.type} runs torch's")
-    try:
-        kernel = load_native_lora(cache_dir, compiler)
-    except NativeKernelError as exc:
-        if impl == "native":
-            raise
-        return LoraChoice(None, f"native kernel unavailable: {exc}")
-    return LoraChoice(kernel, f"built for this CPU ({kernel.library.name})")
+        return KernelChoice(None, f"the native kernel is for CPUs; {device.type} runs torch's")
+    return _native_or_fallback(impl == "native", lambda: load_native_lora(cache_dir, compiler))
