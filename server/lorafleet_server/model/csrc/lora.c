@@ -86,24 +86,20 @@ static void project_down_any(const void *x, const void *at, int bf16, int64_t d_
     project_down(x, at, bf16, d_in, r_cap, h);
 }
 
-/* y (fp32 scratch, d_out) = sum over j < r of h[j] * Bt[j], in order of j. */
-static void project_up_bf16(const float *h, const uint16_t *bt, int64_t d_out, int r, float *out) {
+/* out (fp32 scratch, d_out) = sum over j < r of h[j] * Bt[j], in order of j. */
+static void project_up(const float *h, const void *bt, int bf16, int64_t d_out, int r, float *out) {
     memset(out, 0, (size_t)d_out * sizeof(float));
     for (int j = 0; j < r; j++) {
         const float hj = h[j];
-        const uint16_t *row = bt + (int64_t)j * d_out;
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)bt + (int64_t)j * d_out;
 #pragma omp simd
-        for (int64_t o = 0; o < d_out; o++) out[o] += hj * bf16_to_f32(row[o]);
-    }
-}
-
-static void project_up_f32(const float *h, const float *bt, int64_t d_out, int r, float *out) {
-    memset(out, 0, (size_t)d_out * sizeof(float));
-    for (int j = 0; j < r; j++) {
-        const float hj = h[j];
-        const float *row = bt + (int64_t)j * d_out;
+            for (int64_t o = 0; o < d_out; o++) out[o] += hj * bf16_to_f32(row[o]);
+        } else {
+            const float *row = (const float *)bt + (int64_t)j * d_out;
 #pragma omp simd
-        for (int64_t o = 0; o < d_out; o++) out[o] += hj * row[o];
+            for (int64_t o = 0; o < d_out; o++) out[o] += hj * row[o];
+        }
     }
 }
 
@@ -260,17 +256,14 @@ int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const in
                                       d_in, d_out, r_cap, r))
             continue;
 #endif
+        project_down_any((const char *)x + (size_t)(n * d_in) * elem, (const char *)at + (size_t)(s * d_in * r_cap) * elem,
+                         bf16, d_in, (int)r_cap, h);
+        project_up(h, (const char *)bt + (size_t)(s * r_cap * d_out) * elem, bf16, d_out, r, out);
         if (bf16) {
-            project_down_any((const uint16_t *)x + n * d_in, (const uint16_t *)at + s * d_in * r_cap, 1, d_in,
-                             (int)r_cap, h);
-            project_up_bf16(h, (const uint16_t *)bt + s * r_cap * d_out, d_out, r, out);
             uint16_t *yn = (uint16_t *)y + n * d_out;
 #pragma omp simd
             for (int64_t o = 0; o < d_out; o++) yn[o] = f32_to_bf16(bf16_to_f32(yn[o]) + out[o]);
         } else {
-            project_down_any((const float *)x + n * d_in, (const float *)at + s * d_in * r_cap, 0, d_in,
-                             (int)r_cap, h);
-            project_up_f32(h, (const float *)bt + s * r_cap * d_out, d_out, r, out);
             float *yn = (float *)y + n * d_out;
 #pragma omp simd
             for (int64_t o = 0; o < d_out; o++) yn[o] += out[o];
