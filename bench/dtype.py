@@ -17,8 +17,9 @@ runs the LoRA kernels as they were before the embedding_bag ``token`` kernel (``
 alone, for the LoRA share); ``+lora32`` keeps the LoRA slot buffers (and math) in fp32 under a bf16
 base; attention and LoRA are the server's defaults (``--attention-kernel auto``, ``--lora-impl
 auto``: the native kernels of ``model/native.py`` where they build), and a ``+torchattn`` suffix runs
-torch's attention matmuls, ``+torchlora`` the torch LoRA kernels only: A/Bs of the whole step in one
-run. Repeats are
+torch's attention matmuls, ``+torchlora`` the torch LoRA kernels only, and ``+onednn`` oneDNN's
+prepacked base Linears instead of the native AMX ones (``--linear-kernel``): A/Bs of the whole step in
+one run. Repeats are
 interleaved across variants so that load from other processes hits each alike; the median of each
 is reported with its ratio to the first variant.
 
@@ -66,11 +67,12 @@ def build_runner(
     lora_dtype: torch.dtype | None = None,
     attention: str = "auto",
     native_lora: bool = True,
+    linear: str = "auto",
 ) -> Any:
     from lorafleet_server.model.loader import compile_base, load_hf_model, wrap_targets
     from lorafleet_server.model.lora import LoraContext
     from lorafleet_server.model.native import choose_attention, choose_lora
-    from lorafleet_server.model.packed import pack_linears, packed_linear_supported
+    from lorafleet_server.model.packed import pack_base
     from lorafleet_server.model.runner import AttentionShape, ModelRunner
 
     cpu = torch.device("cpu")
@@ -85,12 +87,13 @@ def build_runner(
                 a = torch.randn(rank, layer.in_features, generator=gen) * 0.02  # [r, in]
                 b = torch.randn(layer.out_features, rank, generator=gen) * 0.02  # [out, r]
                 layer.write_slot(slot, a, b * 2.0)
+    kernels = Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / "data")) / "kernels"
     if compiled:
         compile_base(model)
-    elif dtype == torch.bfloat16 and packed_linear_supported(dtype):
-        pack_linears(model, list(layers.values()))  # as load_base does: the server's bf16 kernel
+    else:  # as load_base does: the server's bf16 base Linears
+        eligible = None if dtype == torch.bfloat16 else "fp32"
+        pack_base(model, list(layers.values()), linear, eligible=eligible, cache_dir=kernels)  # type: ignore[arg-type]
     shape_ = AttentionShape.of(model.config)
-    kernels = Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / "data")) / "kernels"
     lora = choose_lora("auto" if native_lora else "token", cache_dir=kernels, device=cpu)
     native = choose_attention(
         attention,  # type: ignore[arg-type]
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         adapters = 0 if name.endswith("+base") else args.adapters
         lora_dtype = torch.float32 if "+lora32" in name else None
         attention = "torch" if "+torchattn" in name else "auto"
+        linear = "onednn" if "+onednn" in name else "auto"
         runners[name] = build_runner(
             model_dir,
             dtype,
@@ -212,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             lora_dtype,
             attention,
             "+torchlora" not in name,
+            linear,
         )
         r = runners[name]
         print(
             f"{name}: attention {'native' if r.native_attention is not None else 'torch'}, "
-            f"LoRA {'native' if r.native_lora is not None else 'torch'}"
+            f"LoRA {'native' if r.native_lora is not None else 'torch'}, "
+            f"LM head {type(r.model.lm_head).__name__}"
         )
     # Prefill once (fills the KV rows the decode steps read) and warm up (compiles) every variant.
     warm: dict[str, float] = {}

@@ -129,6 +129,8 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         max_adapter_bytes=config.max_adapter_bytes,
         dtype=config.dtype,
         compile=config.compile,
+        linear_kernel=config.linear_kernel,
+        kernels_dir=config.kernels_dir,
     )
     if config.max_seq_len > base.max_position_embeddings:
         raise ValueError(

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lorafleet_adapters.errors import AdapterError
 from lorafleet_server.engine.types import EngineConfig
-from lorafleet_server.model.options import AttentionKernel, LoraImpl, Quantization
+from lorafleet_server.model.options import AttentionKernel, LinearKernel, LoraImpl, Quantization
 
 if TYPE_CHECKING:
     from lorafleet_adapters.backend import StoreSettings
@@ -138,6 +138,14 @@ class ServerConfig(EngineConfig):
             "help": "attention of decode and prompt tokens: native is a C kernel built at startup for this CPU "
             "with the system's C compiler (cached under data-dir/kernels), torch is torch's matmuls; auto is "
             "native on CPU where it builds, else torch"
+        },
+    )
+    linear_kernel: LinearKernel = field(
+        default="auto",
+        metadata={
+            "help": "base Linears of a bf16 model on CPU: native is a C kernel on Intel AMX built at startup "
+            "(like --attention-kernel), onednn is oneDNN's prepacked matmul, torch is F.linear; auto is the "
+            "first that runs here"
         },
     )
     torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: CPU cores - 1, at least 1)"})

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from lorafleet import LoraFleetClient, LoraFleetError, Message, Sampling
 from lorafleet_server.model.cpu import cpu_features
+from lorafleet_server.model.native import find_compiler
 
 CAPITAL = [Message("user", "What is the capital of France?")]
 
@@ -89,7 +90,10 @@ def test_model_info(live: LiveServer) -> None:
     assert (info.quantization, info.device) == ("none", "cpu")
     assert info.dtype == ("bfloat16" if native and "passed" in info.dtype_reason else "float32")
     assert ("native bf16" in info.dtype_reason) == native
-    assert info.linear_kernel == ("onednn-packed" if info.dtype == "bfloat16" else "torch")
+    # --linear-kernel auto: the native AMX Linear where the CPU has AMX (and a C compiler), else oneDNN's
+    amx = "amx_bf16" in info.cpu_features and find_compiler() is not None
+    bf16_kernel = "native-amx" if amx else "onednn-packed"
+    assert info.linear_kernel == (bf16_kernel if info.dtype == "bfloat16" else "torch")
     assert info.cpu_features == cpu_features().summary() and not info.compiled and info.torch_threads >= 1
     assert info.prefill_threads == len(os.sched_getaffinity(0))  # every core for prompt prefill, when faster
     # --attention-kernel auto: the C kernel built at startup, where the machine has a C compiler

@@ -158,8 +158,9 @@ def test_mixed_batch_logits_match_peft(
     native_lora: Any,
 ) -> None:
     """All rows prefill all but their last token in one ragged step, then decode it in one batched step
-    (both attention paths, and in bf16 the prepacked Linears); each row's logits are PEFT's (fp32)
-    with its own adapter alone: exactly in fp32 and NF4, within bf16's rounding in bf16."""
+    (both attention paths, and in bf16 the prepacked Linears: oneDNN's, and with the native LoRA the
+    native AMX ones where the CPU has AMX); each row's logits are PEFT's (fp32) with its own adapter
+    alone: exactly in fp32 and NF4, within bf16's rounding in bf16."""
     if impl == "native" and native_lora is None:
         pytest.skip("no C compiler on this machine")
     base = load_base(
@@ -169,6 +170,8 @@ def test_mixed_batch_logits_match_peft(
         num_slots=6,
         max_lora_rank=32,
         dtype=dtype,
+        linear_kernel="auto" if impl == "native" or dtype != "bfloat16" else "onednn",
+        kernels_dir=tmp_path / "kernels",
     )
     if quantization == "nf4":
         _assert_nf4(base.model, len(base.lora_layers))

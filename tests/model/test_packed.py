@@ -43,7 +43,6 @@ def test_pack_linears_replaces_wrapped_bases_and_the_head_only() -> None:
 
     model = Model().to(torch.bfloat16)
     head_weight = model.lm_head.weight
-    packed = pack_linears(model, [model.layer, model.other])
-    assert len(packed) == 2
+    assert pack_linears(model, [model.layer, model.other]) == 2
     assert isinstance(model.layer.base, PackedLinear) and isinstance(model.other.base, nn.Identity)
     assert isinstance(model.lm_head, PackedLinear) and model.lm_head.weight is head_weight

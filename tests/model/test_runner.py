@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -197,15 +198,28 @@ def server_attention(tmp_path_factory: pytest.TempPathFactory) -> NativeAttentio
     ).kernel
 
 
+def _server_bf16_base(model_dir: Path, kernels_dir: Path) -> Any:
+    """The default model in bf16 with the base Linears the server runs here (native AMX on such a CPU)."""
+    from lorafleet_server.model.loader import load_base
+
+    return load_base(
+        model_dir,
+        quantization="none",
+        device=CPU,
+        num_slots=1,
+        max_lora_rank=8,
+        dtype="bfloat16",
+        kernels_dir=kernels_dir,
+    )
+
+
 def test_a_bf16_row_decodes_the_same_alone_and_beside_other_rows(
-    default_model_dir: Path, server_attention: NativeAttention | None
+    default_model_dir: Path, server_attention: NativeAttention | None, tmp_path: Path
 ) -> None:
     """Batch invariance in bf16: a row's logits do not depend on which other rows share the step. A lone
     token runs as two identical rows because torch's one-row matmul (a GEMV) rounds differently. (fp32
     does not promise this: MKL's fp32 GEMM picks kernels by the row count.)"""
-    from lorafleet_server.model.loader import load_base
-
-    base = load_base(default_model_dir, quantization="none", device=CPU, num_slots=1, max_lora_rank=8, dtype="bfloat16")
+    base = _server_bf16_base(default_model_dir, tmp_path)
     runner = ModelRunner(
         base.model,
         base.context,
@@ -228,15 +242,14 @@ def test_a_bf16_row_decodes_the_same_alone_and_beside_other_rows(
 
 
 def test_a_one_token_prompt_chunk_after_a_cached_prefix_equals_the_whole_prefill(
-    default_model_dir: Path, server_attention: NativeAttention | None
+    default_model_dir: Path, server_attention: NativeAttention | None, tmp_path: Path
 ) -> None:
     """After a prefix-cache hit the rest of a prompt may be one token; it attends as a prompt chunk, so
     the first generated token's logits are bit for bit those of the prompt prefilled whole (bf16), with
-    the attention the server runs here. (torch's matmuls do not promise it on a CPU with AMX: oneDNN
-    picks its bf16 kernel by the row count; docs/architecture.md, "Measured facts" 11.)"""
-    from lorafleet_server.model.loader import load_base
-
-    base = load_base(default_model_dir, quantization="none", device=CPU, num_slots=1, max_lora_rank=8, dtype="bfloat16")
+    the attention and base Linears the server runs here. (torch's matmuls and oneDNN's Linears do not
+    promise it on a CPU with AMX: oneDNN picks its bf16 kernel by the row count; the native kernels
+    do; docs/architecture.md, "Measured facts" 11 and 13.)"""
+    base = _server_bf16_base(default_model_dir, tmp_path)
     runner = ModelRunner(
         base.model,
         base.context,

@@ -16,8 +16,8 @@ from torch import nn
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_server.model.cpu import CpuFeatures, cpu_features
 from lorafleet_server.model.lora import LoraContext, MultiLoRALinear
-from lorafleet_server.model.options import QUANTIZATIONS
-from lorafleet_server.model.packed import pack_linears, packed_linear_supported
+from lorafleet_server.model.options import QUANTIZATIONS, LinearKernel
+from lorafleet_server.model.packed import pack_base
 from lorafleet_server.model.prepare import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -345,10 +345,14 @@ def load_base(
     max_adapter_bytes: int = 1 << 30,
     dtype: str | None = None,
     compile: bool = False,
+    linear_kernel: LinearKernel = "auto",
+    kernels_dir: Path | None = None,
 ) -> LoadedBase:
     """Load, wrap and check the base. `dtype` is "auto", "float32" or "bfloat16" (`choose_compute_dtype`);
     "device" or None keeps `compute_dtype_for(device)` (bf16 on CUDA, fp32 on CPU: the default).
-    `compile` runs `compile_base` (CPU or CUDA, unquantized bases only)."""
+    `compile` runs `compile_base` (CPU or CUDA, unquantized bases only). `linear_kernel` picks the
+    bf16 CPU base Linears' kernel (`model/packed.py` pack_base); the native one is built into
+    `kernels_dir` (None: not tried)."""
     cfg = read_model_config(model_dir)
     quantization = resolve_quantization(quantization, device)
     features = cpu_features()
@@ -371,13 +375,15 @@ def load_base(
         if quantization != "none":
             raise ModelLoadError(f"--compile needs an unquantized base, not {quantization}")
         compile_base(model)
-    linear_kernel = "torch"
-    # bf16 on CPU: prepack the base weights for oneDNN (model/packed.py). Not under --compile, whose
-    # graphs would have to trace the private ops; fp32 measured no steady win.
-    if device.type == "cpu" and compute == torch.bfloat16 and quantization == "none" and not compile:
-        if packed_linear_supported(compute):
-            pack_linears(model, list(layers.values()))
-            linear_kernel = "onednn-packed"
+    # bf16 on CPU: the base weights packed once for the native AMX kernel or oneDNN (model/packed.py).
+    # Not under --compile, whose graphs would have to trace them; fp32 measured no steady win.
+    eligible = None
+    if device.type != "cpu" or compute != torch.bfloat16:
+        eligible = f"{str(compute).removeprefix('torch.')} on {device.type} keeps torch's Linears"
+    elif quantization != "none" or compile:
+        eligible = "a quantized or compiled base keeps torch's Linears"
+    linears = pack_base(model, list(layers.values()), linear_kernel, eligible=eligible, cache_dir=kernels_dir)
+    log.info("base Linears: %s (%s)", linears.name, linears.reason)
     log.info(
         "loaded %s (%s, %s, %s%s) with %d LoRA-capable Linears (%s); dtype: %s; cpu: %s",
         model_dir,
@@ -386,7 +392,7 @@ def load_base(
         str(compute).removeprefix("torch."),
         ", compiled" if compile else "",
         len(layers),
-        linear_kernel,
+        linears.name,
         choice.reason,
         features.summary() or "no reported flags",
     )
@@ -403,5 +409,5 @@ def load_base(
         dtype_reason=choice.reason,
         compiled=compile,
         cpu_features=features.summary(),
-        linear_kernel=linear_kernel,
+        linear_kernel=linears.name,
     )

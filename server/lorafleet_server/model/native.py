@@ -309,6 +309,84 @@ def load_native_attention(cache_dir: Path, compiler: str | None = None) -> Nativ
     return NativeAttention(build_library(ATTENTION_SOURCE, cache_dir, compiler))
 
 
+LINEAR_SOURCE = "linear.c"
+LINEAR_BLOCK = 32  # csrc/linear.c takes in_features and out_features that are multiples of this
+# x, packed, bias, out; m, n, k
+_LINEAR_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+
+
+class NativeLinear:
+    """``csrc/linear.c`` through ctypes: bf16 Linears on AMX from a weight packed once."""
+
+    def __init__(self, library: Path) -> None:
+        lib, fns = _functions(
+            library,
+            {
+                "lf_linear_available": [],
+                "lf_linear_pack": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64],
+                "lf_linear": _LINEAR_ARGTYPES,
+            },
+        )
+        if fns["lf_linear_available"]() != 1:
+            raise NativeKernelError(
+                "the native Linear needs AMX-BF16: this CPU (or the OS kernel's permission for AMX) lacks it"
+            )
+        self.library = library
+        self._lib = lib  # keeps the library loaded while its functions live
+        self._pack = fns["lf_linear_pack"]
+        self._fn = fns["lf_linear"]
+
+    @staticmethod
+    def takes(weight: torch.Tensor) -> bool:
+        """Whether a Linear of this weight ([out, in]) is one the kernel takes."""
+        out_features, in_features = weight.shape
+        return (
+            weight.device.type == "cpu"
+            and weight.dtype == torch.bfloat16
+            and out_features % LINEAR_BLOCK == 0
+            and in_features % LINEAR_BLOCK == 0
+        )
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kernel's layout of ``weight`` [out, in] bf16: a new [out * in] bf16 tensor."""
+        if not self.takes(weight):
+            raise NativeKernelError(f"the native Linear does not take a {weight.dtype} weight of shape {weight.shape}")
+        w = weight.detach().contiguous()
+        packed = torch.empty(w.numel(), dtype=torch.bfloat16)  # [out * in], panels of 32 columns
+        if self._pack(w.data_ptr(), packed.data_ptr(), w.shape[0], w.shape[1]) != 0:
+            raise NativeKernelError(f"the native Linear refused to pack a weight of shape {tuple(w.shape)}")
+        return packed
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [M, in] bf16, contiguous
+        packed: torch.Tensor,  # from pack()
+        bias: torch.Tensor | None,  # [out] fp32, contiguous
+        out_features: int,
+    ) -> torch.Tensor:  # [M, out] bf16
+        rows, in_features = x.shape
+        if x.dtype != torch.bfloat16 or not x.is_contiguous() or packed.numel() != in_features * out_features:
+            raise NativeKernelError("the native Linear needs contiguous bf16 rows of its weight's width")
+        out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+        rc = self._fn(
+            x.data_ptr(),
+            packed.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            rows,
+            out_features,
+            in_features,
+        )
+        if rc != 0:
+            raise NativeKernelError(f"the native Linear refused its arguments (rc {rc})")
+        return out
+
+
+def load_native_linear(cache_dir: Path, compiler: str | None = None) -> NativeLinear:
+    """Build (or find in ``cache_dir``) and load the native Linear; NativeKernelError without AMX."""
+    return NativeLinear(build_library(LINEAR_SOURCE, cache_dir, compiler))
+
+
 class _Loaded(Protocol):
     library: Path
 

@@ -17,3 +17,8 @@ LORA_IMPLS: tuple[str, ...] = get_args(LoraImpl)
 # matmuls; "auto" is native on CPU where it builds, else torch.
 AttentionKernel = Literal["auto", "native", "torch"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
+
+# The base Linears in bf16 on a CPU (model/packed.py): "native" is the AMX kernel built for this CPU,
+# "onednn" oneDNN's prepacked matmul, "torch" F.linear; "auto" is the first of these that runs here.
+LinearKernel = Literal["auto", "native", "onednn", "torch"]
+LINEAR_KERNELS: tuple[str, ...] = get_args(LinearKernel)

@@ -11,15 +11,26 @@ one (shared with the model, no copy) above.
 
 The ops are private torch API; :func:`packed_linear_supported` checks once at load that they exist
 and give ``F.linear``'s result, and the loader keeps plain Linears otherwise.
+
+On a CPU with AMX the native Linear (``csrc/linear.c``, :class:`NativeLinearModule`) replaces them:
+it streams each weight from DRAM at about twice the rate of oneDNN's call on decode steps and gives
+every row the same numbers whatever the step's row count. :func:`pack_base` makes the choice
+(``--linear-kernel``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorafleet_server.model.native import NativeKernelError, NativeLinear, load_native_linear
+from lorafleet_server.model.options import LinearKernel
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +90,112 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed (oneDNN)"
 
 
-def pack_linears(model: nn.Module, bases: list[nn.Module]) -> list[PackedLinear]:
+class NativeLinearModule(nn.Module):
+    """``linear`` computed by the native AMX kernel from its own packed copy of the weight; the plain
+    weight stays the model's parameter (tied weights stay tied). Steps of more than
+    ``PACKED_MAX_ROWS`` rows run on one thread here, so while torch runs a step on more threads
+    (prefill, model/threads.py) those take ``F.linear``, which uses them all."""
+
+    def __init__(self, linear: nn.Linear, kernel: NativeLinear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight  # [out, in], shared
+        self.bias = linear.bias
+        self.kernel = kernel
+        with torch.no_grad():
+            self.packed: torch.Tensor = kernel.pack(linear.weight)  # [out * in], csrc/linear.c's panels
+            self.bias_f32 = None if linear.bias is None else linear.bias.detach().float().contiguous()  # [out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        x2 = x.reshape(-1, self.in_features)  # [rows, in]
+        if (
+            x.requires_grad
+            or x.dtype != torch.bfloat16
+            or (x2.shape[0] > PACKED_MAX_ROWS and torch.get_num_threads() > 1)
+        ):
+            return F.linear(x, self.weight, self.bias)
+        y = self.kernel(x2.contiguous(), self.packed, self.bias_f32, self.out_features)  # [rows, out]
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed (native AMX)"
+
+
+def _replace_linears(model: nn.Module, bases: list[nn.Module], make: Callable[[nn.Linear], nn.Module]) -> int:
     """Replace each plain ``nn.Linear`` in ``bases`` (the LoRA wrappers' ``base``) and the LM head by
-    a :class:`PackedLinear`; returns them. Callers check :func:`packed_linear_supported` first."""
-    packed: list[PackedLinear] = []
+    ``make(linear)``; returns how many were replaced."""
+    count = 0
     for wrapper in bases:
         base = getattr(wrapper, "base", None)
         if type(base) is nn.Linear:
-            wrapper.base = PackedLinear(base)
-            packed.append(wrapper.base)
+            wrapper.base = make(base)
+            count += 1
     head = getattr(model, "lm_head", None)
     if type(head) is nn.Linear:
-        model.lm_head = PackedLinear(head)
-        packed.append(model.lm_head)
-    return packed
+        model.lm_head = make(head)
+        count += 1
+    return count
+
+
+def pack_linears(model: nn.Module, bases: list[nn.Module]) -> int:
+    """Replace each plain ``nn.Linear`` in ``bases`` and the LM head by a :class:`PackedLinear`; returns
+    how many. Callers check :func:`packed_linear_supported` first."""
+    return _replace_linears(model, bases, PackedLinear)
+
+
+@dataclass(frozen=True)
+class LinearChoice:
+    """The base Linears' kernel (``GetModelInfo.linear_kernel``) and why (logged)."""
+
+    name: str  # "native-amx", "onednn-packed" or "torch"
+    reason: str
+
+
+def pack_base(
+    model: nn.Module,
+    bases: list[nn.Module],
+    choice: LinearKernel,
+    *,
+    eligible: str | None,
+    cache_dir: Path | None,
+    compiler: str | None = None,
+) -> LinearChoice:
+    """``--linear-kernel`` for the base Linears of a loaded model. ``eligible`` is None for a bf16 base
+    on the CPU, unquantized and not compiled, else why it is not (then only "torch" runs; "native" and
+    "onednn" are refused with NativeKernelError). "native" is the AMX kernel, built in ``cache_dir``,
+    for every Linear of a shape it takes (NativeKernelError where it cannot run); "onednn" oneDNN's
+    prepacked Linear; "auto" the first of native, oneDNN and plain torch that runs here (native only
+    with a ``cache_dir``)."""
+    if choice == "torch":
+        return LinearChoice("torch", "--linear-kernel torch")
+    if eligible is not None:
+        if choice != "auto":
+            raise NativeKernelError(f"--linear-kernel {choice} needs a bf16 base on the CPU: {eligible}")
+        return LinearChoice("torch", eligible)
+    onednn = packed_linear_supported(torch.bfloat16)
+    fallback = PackedLinear if onednn else (lambda linear: linear)
+    why = ""
+    if choice in ("auto", "native"):
+        try:
+            if cache_dir is None:
+                raise NativeKernelError("no directory to build it in")
+            kernel = load_native_linear(cache_dir, compiler)
+        except NativeKernelError as exc:
+            if choice == "native":
+                raise
+            why = f"native Linear unavailable: {exc}; "
+        else:
+
+            def make(linear: nn.Linear) -> nn.Module:
+                return NativeLinearModule(linear, kernel) if kernel.takes(linear.weight) else fallback(linear)
+
+            _replace_linears(model, bases, make)
+            count = sum(isinstance(m, NativeLinearModule) for m in model.modules())
+            return LinearChoice("native-amx", f"AMX kernel for this CPU ({kernel.library.name}), {count} Linears")
+    if not onednn:
+        if choice == "onednn":
+            raise NativeKernelError("--linear-kernel onednn: this torch build has no working prepacked oneDNN linear")
+        return LinearChoice("torch", why + "no prepacked oneDNN linear in this torch build")
+    pack_linears(model, bases)
+    return LinearChoice("onednn-packed", why + "oneDNN's prepacked bf16 linear")

@@ -1,0 +1,170 @@
+/* A bf16 Linear on Intel AMX: out[m, n] = x[m, k] . W[n, k]^T (+ bias), fp32 sums rounded once.
+ *
+ * Why: a decode step is ~200 Linears of 32 rows against weights that do not fit any cache, so each
+ * call is a stream of its weight from DRAM. oneDNN's prepacked AMX matmul reached ~3.5 GB/s of weight
+ * per call here (half of what one core reads); this one reaches ~6-8 GB/s by reading the weight once,
+ * in the order it lies, with software prefetch a few KB ahead (docs/architecture.md, "Measured
+ * facts" 13).
+ *
+ * Layout: the weight is packed once (lf_linear_pack) into panels of 32 output columns; a panel holds,
+ * per 32-wide slice of k, two AMX B tiles (16 columns each) of 16 rows x 32 bf16, the pairs of k
+ * interleaved (VNNI): packed[p][kb][t][kk/2][j][kk%2] = W[32p + 16t + j][32kb + kk]. A panel is
+ * contiguous, so the k loop reads 2 KB after 2 KB.
+ *
+ * Each block of up to 32 rows of x is two A tiles; per panel four C tiles (rows 0-15 and 16-31 x
+ * columns 0-15 and 16-31) sum over k in fp32, in the same order whatever the number of rows, so a
+ * row's output is the same bit for bit whether it runs alone or with others (oneDNN's kernels differ
+ * with the row count). Panels run in chunks of ~256 KB of weight with every row block inside a chunk,
+ * so long prompt chunks read each weight panel from DRAM once.
+ *
+ * Needs k and n multiples of 32 and a CPU with AMX-BF16 (Sapphire Rapids and later); the library
+ * built for any other CPU only says so (lf_linear_available() == 0) and the loader keeps oneDNN.
+ * Built by lorafleet_server/model/native.py with -O3 -march=native; called through ctypes.
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__x86_64__)
+#define LF_AMX 1
+#include <immintrin.h>
+#else
+#define LF_AMX 0
+#endif
+
+#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component ... */
+#define XFEATURE_XTILEDATA 18      /* ... the AMX tile data */
+#define PANEL 32                   /* output columns per panel (two B tiles) */
+#define KSTEP 32                   /* k per tile: 16 pairs of bf16 */
+#define ROWS 32                    /* rows of x per block (two A tiles) */
+#define CHUNK_BYTES (256 * 1024)   /* weight bytes per chunk of panels */
+#define PREFETCH_BYTES 4096        /* how far ahead of the tile loads the weight is prefetched */
+
+/* 1 when this library has the AMX kernel and the kernel (Linux >= 5.16) lets this process use AMX;
+ * 0 otherwise. Asking twice is harmless. */
+int lf_linear_available(void) {
+#if LF_AMX
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* packed (n * k bf16) = W (n x k bf16, row-major) in the layout above. rc 1: n or k not a multiple of 32. */
+int lf_linear_pack(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k) {
+    if (n <= 0 || k <= 0 || n % PANEL || k % KSTEP) return 1;
+    int64_t o = 0;
+    for (int64_t p = 0; p < n; p += PANEL)
+        for (int64_t kb = 0; kb < k; kb += KSTEP)
+            for (int t = 0; t < 2; t++)
+                for (int kk = 0; kk < KSTEP; kk += 2)
+                    for (int j = 0; j < 16; j++) {
+                        const uint16_t *row = w + (p + 16 * t + j) * k + kb + kk;
+                        packed[o++] = row[0];
+                        packed[o++] = row[1];
+                    }
+    return 0;
+}
+
+#if LF_AMX
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0-3: C (fp32 sums; 0, 1 rows of A tile 4, 2, 3 rows of A tile 5); 4, 5: A; 6, 7: B. */
+static void configure(int rows0, int rows1) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    const int r1 = rows1 > 0 ? rows1 : 1; /* an unused tile still needs a valid shape */
+    const uint8_t rows[8] = {(uint8_t)rows0, (uint8_t)rows0, (uint8_t)r1, (uint8_t)r1, (uint8_t)rows0, (uint8_t)r1, 16, 16};
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = rows[t];
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* out rows (n_out apart) = acc rows (32 fp32 each) + bias, rounded to bf16 (nearest even). */
+static inline void store_rows(const float *acc, int rows, const float *bias, uint16_t *out, int64_t n_out) {
+    for (int r = 0; r < rows; r++) {
+        __m512 lo = _mm512_loadu_ps(acc + r * PANEL);
+        __m512 hi = _mm512_loadu_ps(acc + r * PANEL + 16);
+        if (bias) {
+            lo = _mm512_add_ps(lo, _mm512_loadu_ps(bias));
+            hi = _mm512_add_ps(hi, _mm512_loadu_ps(bias + 16));
+        }
+        _mm512_storeu_si512((void *)(out + r * n_out), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+/* One block of rows0 + rows1 (<= 32) rows against panels [p0, p1). */
+static void block(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int rows0, int rows1,
+                  int64_t p0, int64_t p1, int64_t n, int64_t k) {
+    float acc[ROWS * PANEL] __attribute__((aligned(64))); /* [32 rows][32 columns] */
+    const int64_t stride_x = k * 2;                        /* bytes between rows of x */
+    const uint16_t *x1 = x + 16 * k;
+    for (int64_t p = p0; p < p1; p += PANEL) {
+        const uint16_t *b = packed + p * k; /* the panel: k/32 pairs of B tiles, 512 bf16 each */
+        _tile_zero(0);
+        _tile_zero(1);
+        if (rows1) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (int64_t kb = 0; kb < k; kb += KSTEP, b += 2 * 512) {
+            const char *ahead = (const char *)(b + 2 * 512) + PREFETCH_BYTES;
+            for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+            _tile_loadd(4, x + kb, stride_x);
+            _tile_loadd(6, b, 64);
+            _tile_loadd(7, b + 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            if (rows1) {
+                _tile_loadd(5, x1 + kb, stride_x);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, acc, PANEL * 4);
+        _tile_stored(1, acc + 16, PANEL * 4);
+        if (rows1) {
+            _tile_stored(2, acc + 16 * PANEL, PANEL * 4);
+            _tile_stored(3, acc + 16 * PANEL + 16, PANEL * 4);
+        }
+        store_rows(acc, rows0 + rows1, bias ? bias + p : 0, out + p, n);
+    }
+}
+#endif
+
+/* out [m, n] bf16 = x [m, k] bf16 . W^T (+ bias [n] fp32, may be NULL), W packed by lf_linear_pack.
+ * rc 1: shapes it does not take; 2: no AMX in this build (lf_linear_available() said so). */
+int lf_linear(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int64_t m, int64_t n,
+              int64_t k) {
+    if (m < 0 || n <= 0 || k <= 0 || n % PANEL || k % KSTEP) return 1;
+#if LF_AMX
+    int64_t chunk = CHUNK_BYTES / (PANEL * k * 2) * PANEL; /* output columns per chunk */
+    if (chunk < PANEL) chunk = PANEL;
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
+        for (int64_t m0 = 0; m0 < m; m0 += ROWS) {
+            const int64_t left = m - m0;
+            const int rows0 = left < 16 ? (int)left : 16;
+            const int rows1 = left <= 16 ? 0 : (left < ROWS ? (int)(left - 16) : 16);
+            configure(rows0, rows1);
+            block(x + m0 * k, packed, bias, out + m0 * n, rows0, rows1, c0, c1, n, k);
+        }
+    }
+    _tile_release();
+    return 0;
+#else
+    (void)x, (void)packed, (void)bias, (void)out;
+    return 2;
+#endif
+}

@@ -1,0 +1,201 @@
+"""The native AMX Linear (model/native.py NativeLinear, csrc/linear.c) and the base Linears' choice
+(model/packed.py pack_base).
+
+The kernel is built here as the server builds it. Its numbers are checked where the CPU has AMX-BF16
+(Sapphire Rapids and later) and skipped elsewhere; the choice and the fallback to oneDNN are checked
+on every CPU with a C compiler (a library built without AMX says so).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafleet_server.model import packed as packed_mod
+from lorafleet_server.model.native import (
+    NativeKernelError,
+    NativeLinear,
+    find_compiler,
+    load_native_linear,
+)
+from lorafleet_server.model.packed import NativeLinearModule, PackedLinear, pack_base, packed_linear_supported
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def kernels_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(scope="module")
+def kernel(kernels_dir: Path) -> NativeLinear:
+    try:
+        return load_native_linear(kernels_dir)
+    except NativeKernelError as exc:
+        pytest.skip(f"no native Linear on this CPU: {exc}")
+
+
+def _weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)  # [out, in]
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)  # [out]
+    return w, bias
+
+
+@pytest.mark.parametrize(("n", "k"), [(32, 32), (64, 96), (192, 576), (576, 576), (96, 1536)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_fp32_for_every_row_count(kernel: NativeLinear, n: int, k: int, with_bias: bool) -> None:
+    """Row counts across the kernel's 16-row tiles and 32-row blocks (tails included); out widths of
+    one panel up to several ~256 KB chunks; each output within one bf16 rounding of fp32."""
+    w, bias = _weights(n, k, seed=n + k)
+    packed = kernel.pack(w)
+    gen = torch.Generator().manual_seed(1)
+    for m in (1, 3, 15, 16, 17, 31, 32, 33, 64, 65, 100):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)  # [m, in]
+        b32 = bias.float() if with_bias else None
+        got = kernel(x, packed, b32, n)  # [m, out] bf16
+        want = F.linear(x.float(), w.float(), b32)  # [m, out] fp32
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-4, msg=f"m={m}")
+
+
+def test_a_row_is_the_same_alone_and_among_others(kernel: NativeLinear) -> None:
+    """Bit for bit: a row's sums run in one order whatever the row count (oneDNN's bf16 kernels change
+    with it on an AMX CPU, which broke prefix-cache invariance)."""
+    w, _ = _weights(576, 576, seed=3)
+    packed = kernel.pack(w)
+    x = torch.randn(100, 576, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    together = kernel(x, packed, None, 576)
+    for m in (1, 2, 17, 33, 64):
+        part = kernel(x[:m].contiguous(), packed, None, 576)
+        assert torch.equal(part, together[:m]), m
+    for i in (0, 31, 32, 99):
+        assert torch.equal(kernel(x[i : i + 1].contiguous(), packed, None, 576)[0], together[i]), i
+
+
+def test_zero_rows_give_an_empty_output(kernel: NativeLinear) -> None:
+    w, _ = _weights(64, 64, seed=5)
+    assert kernel(torch.empty(0, 64, dtype=torch.bfloat16), kernel.pack(w), None, 64).shape == (0, 64)
+
+
+def test_shapes_and_tensors_it_does_not_take_are_refused(kernel: NativeLinear) -> None:
+    assert not NativeLinear.takes(torch.zeros(48, 64, dtype=torch.bfloat16))  # out not a multiple of 32
+    assert not NativeLinear.takes(torch.zeros(64, 40, dtype=torch.bfloat16))  # in not a multiple of 32
+    assert not NativeLinear.takes(torch.zeros(64, 64))  # fp32
+    with pytest.raises(NativeKernelError, match="does not take"):
+        kernel.pack(torch.zeros(48, 64, dtype=torch.bfloat16))
+    packed = kernel.pack(torch.zeros(64, 64, dtype=torch.bfloat16))
+    with pytest.raises(NativeKernelError, match="contiguous bf16 rows"):
+        kernel(torch.zeros(2, 32, dtype=torch.bfloat16), packed, None, 64)  # wrong width
+    with pytest.raises(NativeKernelError, match="contiguous bf16 rows"):
+        kernel(torch.zeros(2, 64), packed, None, 64)  # fp32 rows
+    with pytest.raises(NativeKernelError, match="contiguous bf16 rows"):
+        kernel(torch.zeros(64, 2, dtype=torch.bfloat16).t(), packed, None, 64)  # not contiguous
+
+
+def test_the_module_keeps_the_weight_and_takes_any_leading_dims(kernel: NativeLinear) -> None:
+    linear = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    module = NativeLinearModule(linear, kernel)
+    assert module.weight is linear.weight and module.bias is linear.bias  # shared, not copied
+    x3 = torch.randn(2, 5, 96).to(torch.bfloat16)  # [batch, seq, in]
+    got = module(x3)
+    assert got.shape == (2, 5, 160)
+    torch.testing.assert_close(
+        got.float(), F.linear(x3.float(), linear.weight.float(), linear.bias.float()), rtol=2**-7, atol=1e-4
+    )
+    # a strided view of rows is made contiguous, not refused
+    wide = torch.randn(4, 192).to(torch.bfloat16)
+    torch.testing.assert_close(module(wide[:, :96]), module(wide[:, :96].contiguous()), rtol=0, atol=0)
+
+
+def test_the_module_leaves_gradients_and_multi_thread_prefill_to_torch(
+    kernel: NativeLinear, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linear = nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    module = NativeLinearModule(linear, kernel)
+    calls: list[int] = []
+    original = NativeLinear.__call__
+
+    def counted(self: NativeLinear, x: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return original(self, x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NativeLinear, "__call__", counted)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    module(x.requires_grad_())
+    assert calls == []
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        module(torch.randn(packed_mod.PACKED_MAX_ROWS + 1, 64).to(torch.bfloat16))  # oneDNN uses both threads
+        module(torch.randn(packed_mod.PACKED_MAX_ROWS, 64).to(torch.bfloat16))
+        torch.set_num_threads(1)
+        module(torch.randn(200, 64).to(torch.bfloat16))  # one thread: the kernel at any size
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [packed_mod.PACKED_MAX_ROWS, 200]
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = _Wrapper(nn.Linear(64, 96))
+        self.odd = _Wrapper(nn.Linear(64, 40))  # a shape the kernel does not take
+        self.lm_head = nn.Linear(64, 128, bias=False)
+
+
+def test_auto_packs_every_linear_it_takes_and_leaves_the_rest_to_onednn(
+    kernel: NativeLinear, kernels_dir: Path
+) -> None:
+    model = _Model().to(torch.bfloat16)
+    head_weight = model.lm_head.weight
+    choice = pack_base(model, [model.layer, model.odd], "auto", eligible=None, cache_dir=kernels_dir)
+    assert choice.name == "native-amx" and "2 Linears" in choice.reason
+    assert isinstance(model.layer.base, NativeLinearModule)
+    assert isinstance(model.lm_head, NativeLinearModule) and model.lm_head.weight is head_weight
+    assert isinstance(model.odd.base, PackedLinear if packed_linear_supported(torch.bfloat16) else nn.Linear)
+
+
+def test_torch_onednn_and_ineligible_bases(kernels_dir: Path) -> None:
+    model = _Model().to(torch.bfloat16)
+    assert pack_base(model, [model.layer], "torch", eligible=None, cache_dir=kernels_dir).name == "torch"
+    assert type(model.layer.base) is nn.Linear
+    fp32 = pack_base(model, [model.layer], "auto", eligible="float32 on cpu", cache_dir=kernels_dir)
+    assert (fp32.name, fp32.reason) == ("torch", "float32 on cpu") and type(model.layer.base) is nn.Linear
+    for choice in ("native", "onednn"):
+        with pytest.raises(NativeKernelError, match="needs a bf16 base"):
+            pack_base(model, [model.layer], choice, eligible="float32 on cpu", cache_dir=kernels_dir)  # type: ignore[arg-type]
+    if packed_linear_supported(torch.bfloat16):
+        assert pack_base(model, [model.layer], "onednn", eligible=None, cache_dir=kernels_dir).name == "onednn-packed"
+        assert isinstance(model.layer.base, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+
+
+def test_without_amx_auto_keeps_onednn_and_native_refuses_to_start(tmp_path: Path) -> None:
+    """A library built for a CPU without AMX (here: the same compiler told not to use it) says so."""
+    no_amx = tmp_path / "cc-no-amx"
+    no_amx.write_text(f'#!/bin/sh\nexec {find_compiler()} "$@" -mno-amx-tile -mno-amx-bf16 -mno-amx-int8\n')
+    no_amx.chmod(0o755)
+    with pytest.raises(NativeKernelError, match="needs AMX-BF16"):
+        load_native_linear(tmp_path / "cache", compiler=str(no_amx))
+    model = _Model().to(torch.bfloat16)
+    choice = pack_base(model, [model.layer], "auto", eligible=None, cache_dir=tmp_path / "cache", compiler=str(no_amx))
+    assert "needs AMX-BF16" in choice.reason and not isinstance(model.lm_head, NativeLinearModule)
+    with pytest.raises(NativeKernelError, match="needs AMX-BF16"):
+        pack_base(_Model(), [], "native", eligible=None, cache_dir=tmp_path / "c2", compiler=str(no_amx))
+    nowhere = pack_base(_Model().to(torch.bfloat16), [], "auto", eligible=None, cache_dir=None)
+    assert "no directory" in nowhere.reason
+    with pytest.raises(NativeKernelError, match="no directory"):
+        pack_base(_Model().to(torch.bfloat16), [], "native", eligible=None, cache_dir=None)
+    assert os.listdir(tmp_path / "cache")  # the library was built (and cached) all the same
