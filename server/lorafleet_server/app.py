@@ -131,6 +131,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         compile=config.compile,
         linear_kernel=config.linear_kernel,
         kernels_dir=config.kernels_dir,
+        linear_threads=config.linear_threads or len(os.sched_getaffinity(0)),
     )
     if config.max_seq_len > base.max_position_embeddings:
         raise ValueError(

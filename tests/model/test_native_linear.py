@@ -9,6 +9,7 @@ on every CPU with a C compiler (a library built without AMX says so).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,39 @@ def test_a_row_is_the_same_alone_and_among_others(kernel: NativeLinear) -> None:
         assert torch.equal(part, together[:m]), m
     for i in (0, 31, 32, 99):
         assert torch.equal(kernel(x[i : i + 1].contiguous(), packed, None, 576)[0], together[i]), i
+
+
+def test_helper_threads_give_the_same_numbers(kernel: NativeLinear) -> None:
+    """With helper threads a call's columns are shared out; each column's sums are the same either way."""
+    helped = NativeLinear(kernel.library, threads=2)
+    for n, k in ((1536, 576), (576, 1536), (64, 64)):
+        w, bias = _weights(n, k, seed=n)
+        packed = kernel.pack(w)
+        gen = torch.Generator().manual_seed(7)
+        for m in (1, 17, 32, 33, 300):
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            b32 = bias.float()
+            assert torch.equal(helped(x, packed, b32, n), kernel(x, packed, b32, n)), (n, k, m)
+
+
+def test_callers_on_several_threads_each_get_their_own_result(kernel: NativeLinear) -> None:
+    """One call at a time uses the helpers; a call that finds them busy runs on its own thread."""
+    helped = NativeLinear(kernel.library, threads=2)
+    w, _ = _weights(1536, 576, seed=11)
+    packed = kernel.pack(w)
+    inputs = [torch.randn(32, 576, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(6)]
+    want = [kernel(x, packed, None, 1536) for x in inputs]
+
+    def run(i: int) -> bool:
+        return all(torch.equal(helped(inputs[i], packed, None, 1536), want[i]) for _ in range(20))
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        assert all(pool.map(run, range(6)))
+
+
+def test_a_thread_count_below_one_is_refused(kernel: NativeLinear) -> None:
+    with pytest.raises(NativeKernelError, match="at least one thread"):
+        NativeLinear(kernel.library, threads=0)
 
 
 def test_zero_rows_give_an_empty_output(kernel: NativeLinear) -> None:

@@ -347,12 +347,13 @@ def load_base(
     compile: bool = False,
     linear_kernel: LinearKernel = "auto",
     kernels_dir: Path | None = None,
+    linear_threads: int = 1,
 ) -> LoadedBase:
     """Load, wrap and check the base. `dtype` is "auto", "float32" or "bfloat16" (`choose_compute_dtype`);
     "device" or None keeps `compute_dtype_for(device)` (bf16 on CUDA, fp32 on CPU: the default).
     `compile` runs `compile_base` (CPU or CUDA, unquantized bases only). `linear_kernel` picks the
     bf16 CPU base Linears' kernel (`model/packed.py` pack_base); the native one is built into
-    `kernels_dir` (None: not tried)."""
+    `kernels_dir` (None: not tried) and runs on `linear_threads` threads."""
     cfg = read_model_config(model_dir)
     quantization = resolve_quantization(quantization, device)
     features = cpu_features()
@@ -382,7 +383,9 @@ def load_base(
         eligible = f"{str(compute).removeprefix('torch.')} on {device.type} keeps torch's Linears"
     elif quantization != "none" or compile:
         eligible = "a quantized or compiled base keeps torch's Linears"
-    linears = pack_base(model, list(layers.values()), linear_kernel, eligible=eligible, cache_dir=kernels_dir)
+    linears = pack_base(
+        model, list(layers.values()), linear_kernel, eligible=eligible, cache_dir=kernels_dir, threads=linear_threads
+    )
     log.info("base Linears: %s (%s)", linears.name, linears.reason)
     log.info(
         "loaded %s (%s, %s, %s%s) with %d LoRA-capable Linears (%s); dtype: %s; cpu: %s",

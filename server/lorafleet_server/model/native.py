@@ -311,14 +311,18 @@ def load_native_attention(cache_dir: Path, compiler: str | None = None) -> Nativ
 
 LINEAR_SOURCE = "linear.c"
 LINEAR_BLOCK = 32  # csrc/linear.c takes in_features and out_features that are multiples of this
-# x, packed, bias, out; m, n, k
-_LINEAR_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+# x, packed, bias, out; m, n, k; threads
+_LINEAR_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 
 class NativeLinear:
-    """``csrc/linear.c`` through ctypes: bf16 Linears on AMX from a weight packed once."""
+    """``csrc/linear.c`` through ctypes: bf16 Linears on AMX from a weight packed once, on ``threads``
+    threads (the caller and helper threads the library starts and pins to cores of their own)."""
 
-    def __init__(self, library: Path) -> None:
+    def __init__(self, library: Path, threads: int = 1) -> None:
+        if threads < 1:
+            raise NativeKernelError(f"the native Linear needs at least one thread, not {threads}")
+        self.threads = threads
         lib, fns = _functions(
             library,
             {
@@ -376,15 +380,16 @@ class NativeLinear:
             rows,
             out_features,
             in_features,
+            self.threads,
         )
         if rc != 0:
             raise NativeKernelError(f"the native Linear refused its arguments (rc {rc})")
         return out
 
 
-def load_native_linear(cache_dir: Path, compiler: str | None = None) -> NativeLinear:
+def load_native_linear(cache_dir: Path, compiler: str | None = None, threads: int = 1) -> NativeLinear:
     """Build (or find in ``cache_dir``) and load the native Linear; NativeKernelError without AMX."""
-    return NativeLinear(build_library(LINEAR_SOURCE, cache_dir, compiler))
+    return NativeLinear(build_library(LINEAR_SOURCE, cache_dir, compiler), threads)
 
 
 class _Loaded(Protocol):

@@ -93,9 +93,9 @@ class PackedLinear(nn.Module):
 class NativeLinearModule(nn.Module):
     """``linear`` computed by the native AMX kernel from its own packed copy of the weight, for steps of
     any size; the plain weight stays the model's parameter (tied weights stay tied) and serves
-    gradients. The kernel runs on one thread; a 256-token prefill step at two torch threads measured
-    the same with it as with oneDNN's two-thread Linears (345 vs 342 ms), so every step takes it and
-    each row's result stays independent of the step's row count."""
+    gradients. The kernel runs on its own threads (``--linear-threads``), not torch's: even on one
+    thread a 256-token prefill step measured the same as with oneDNN's Linears on two (345 vs 342 ms),
+    so every step takes it and each row's result stays independent of the step's row count."""
 
     def __init__(self, linear: nn.Linear, kernel: NativeLinear) -> None:
         super().__init__()
@@ -157,6 +157,7 @@ def pack_base(
     eligible: str | None,
     cache_dir: Path | None,
     compiler: str | None = None,
+    threads: int = 1,
 ) -> LinearChoice:
     """``--linear-kernel`` for the base Linears of a loaded model. ``eligible`` is None for a bf16 base
     on the CPU, unquantized and not compiled, else why it is not (then only "torch" runs; "native" and
@@ -177,7 +178,7 @@ def pack_base(
         try:
             if cache_dir is None:
                 raise NativeKernelError("no directory to build it in")
-            kernel = load_native_linear(cache_dir, compiler)
+            kernel = load_native_linear(cache_dir, compiler, threads)
         except NativeKernelError as exc:
             if choice == "native":
                 raise
@@ -189,7 +190,10 @@ def pack_base(
 
             _replace_linears(model, bases, make)
             count = sum(isinstance(m, NativeLinearModule) for m in model.modules())
-            return LinearChoice("native-amx", f"AMX kernel for this CPU ({kernel.library.name}), {count} Linears")
+            return LinearChoice(
+                "native-amx",
+                f"AMX kernel for this CPU ({kernel.library.name}), {count} Linears, {kernel.threads} thread(s)",
+            )
     if not onednn:
         if choice == "onednn":
             raise NativeKernelError("--linear-kernel onednn: this torch build has no working prepacked oneDNN linear")
