@@ -37,6 +37,8 @@ def test_precedence_flag_env_file(tmp_path: Path) -> None:
         (["--max-batch-size", "0"], {}, "max_batch_size"),
         (["--port", "70000"], {}, "port"),
         (["--default-max-new-tokens", "50", "--max-new-tokens", "10"], {}, "default_max_new_tokens"),
+        (["--linear-threads", "-1"], {}, "linear_threads must be >= 0"),
+        ([], {"LORAFLEET_LINEAR_KERNEL": "mkl"}, "linear_kernel"),
     ],
 )
 def test_bad_values_are_refused(argv: list[str], env: dict[str, str], message: str) -> None:

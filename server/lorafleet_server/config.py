@@ -395,6 +395,8 @@ def _check(c: ServerConfig) -> None:
         raise ValueError("torch_threads must be >= 0 (0: automatic)")
     if c.prefill_threads < 0:
         raise ValueError("prefill_threads must be >= 0 (0: every CPU core)")
+    if c.linear_threads < 0:
+        raise ValueError("linear_threads must be >= 0 (0: every CPU)")
     if c.default_max_new_tokens > c.max_new_tokens:
         raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
     if c.adapter_cache_bytes <= 0:

@@ -273,8 +273,8 @@ static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
 
 static void register_fork_handler(void) { pthread_atfork(NULL, NULL, forget_helpers); }
 
-/* Start helpers up to `want` (at most MAX_HELPERS, and one fewer than the caller's CPUs), pinning the
- * caller and each new helper to a CPU of their own; returns how many run. */
+/* Start helpers up to `want` (at most MAX_HELPERS, and one fewer than the caller's CPUs), each pinned
+ * to a CPU of its own from the end of the caller's set; returns how many run. */
 static int ensure_helpers(int want) {
     if (want > MAX_HELPERS) want = MAX_HELPERS;
     if (helpers >= want) return helpers;
@@ -287,7 +287,8 @@ static int ensure_helpers(int want) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const int rc = pthread_create(&t, &attr, helper_main, (void *)(intptr_t)cpu_of_set(&set, CPU_COUNT(&set) - 1 - helpers));
+        const int cpu = cpu_of_set(&set, CPU_COUNT(&set) - 1 - helpers);
+        const int rc = pthread_create(&t, &attr, helper_main, (void *)(intptr_t)cpu);
         pthread_attr_destroy(&attr);
         if (rc != 0) break;
         helpers++;
