@@ -130,6 +130,13 @@ def test_shapes_and_tensors_it_does_not_take_are_refused(kernel: NativeLinear) -
         kernel(torch.zeros(2, 64), packed, None, 64)  # fp32 rows
     with pytest.raises(NativeKernelError, match="contiguous bf16 rows"):
         kernel(torch.zeros(64, 2, dtype=torch.bfloat16).t(), packed, None, 64)  # not contiguous
+    rows = torch.zeros(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(NativeKernelError, match="fp32 bias of 64"):
+        kernel(rows, packed, torch.zeros(32), 64)  # too short: the kernel would read past it
+    with pytest.raises(NativeKernelError, match="fp32 bias of 64"):
+        kernel(rows, packed, torch.zeros(64, dtype=torch.bfloat16), 64)
+    with pytest.raises(NativeKernelError, match="packed weight"):
+        kernel(rows, packed.float(), None, 64)
 
 
 def test_the_module_keeps_the_weight_and_takes_any_leading_dims(kernel: NativeLinear) -> None:

@@ -6,7 +6,9 @@ positions, read where they lie in the KV slab (torch's batched matmul copies a s
 slab first), with fp32 sums in an order fixed per token. So a token's numbers depend on nothing but
 its own query, keys and values: not on the other rows, the chunk around it, or how oneDNN blocks a
 matmul of that many rows (docs/architecture.md, "Measured facts" 11). The multi-LoRA
-(``csrc/lora.c``) adds each token's own adapter into a base Linear's output in place (fact 12).
+(``csrc/lora.c``) adds each token's own adapter into a base Linear's output in place (fact 12). The
+Linear (``csrc/linear.c``) computes bf16 base Linears on Intel AMX tiles from weights packed once,
+on the engine's thread and pinned helper threads (fact 13).
 
 It is plain C, built with the system's C compiler for the CPU it runs on (``-march=native``: machines
 of one kind differ, AVX2 only or AVX-512), once per source, compiler and CPU: the library is cached
@@ -371,6 +373,12 @@ class NativeLinear:
         rows, in_features = x.shape
         if x.dtype != torch.bfloat16 or not x.is_contiguous() or packed.numel() != in_features * out_features:
             raise NativeKernelError("the native Linear needs contiguous bf16 rows of its weight's width")
+        if packed.dtype != torch.bfloat16 or not packed.is_contiguous():
+            raise NativeKernelError("the native Linear needs the packed weight pack() made")
+        if bias is not None and (
+            bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != out_features
+        ):
+            raise NativeKernelError(f"the native Linear needs an fp32 bias of {out_features} values")
         out = torch.empty(rows, out_features, dtype=torch.bfloat16)
         rc = self._fn(
             x.data_ptr(),
