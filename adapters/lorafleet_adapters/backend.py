@@ -18,7 +18,7 @@ import torch
 
 from lorafleet_adapters.errors import InvalidStoreLocation
 from lorafleet_adapters.manifest import Manifest
-from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec
+from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, Transposer
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore, AdapterSummary
@@ -51,8 +51,16 @@ class Store(Protocol):
 
     def version_dir(self, key: AdapterKey) -> Path: ...
 
-    def load(self, key: AdapterKey, spec: BaseModelSpec, *, dtype: torch.dtype = torch.float32) -> AdapterWeights:
-        """Verified weights of a LoRA version, as ``dtype`` (the device slots' dtype: see AdapterWeights)."""
+    def load(
+        self,
+        key: AdapterKey,
+        spec: BaseModelSpec,
+        *,
+        dtype: torch.dtype = torch.float32,
+        transpose: Transposer | None = None,
+    ) -> AdapterWeights:
+        """Verified weights of a LoRA version, as ``dtype`` (the device slots' dtype: see AdapterWeights),
+        laid out by ``transpose`` (peft_format.transpose_scaled when None)."""
         ...
 
     def load_prompt(self, key: AdapterKey) -> PromptTemplate: ...

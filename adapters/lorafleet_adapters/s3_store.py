@@ -56,7 +56,7 @@ from lorafleet_adapters.errors import (
     StoreUnavailable,
 )
 from lorafleet_adapters.manifest import MAX_MANIFEST_BYTES, Manifest, sha256_file, utc_now_iso
-from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, load_adapter_weights
+from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, LoadPlans, Transposer, load_adapter_weights
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
 from lorafleet_adapters.store import (
@@ -138,6 +138,7 @@ class S3AdapterStore:
         )
         self._known: set[AdapterKey] = set()  # versions whose manifest exists (immutable, so kept)
         self._manifests: dict[AdapterKey, Manifest] = {}
+        self._plans = LoadPlans()  # checked safetensors headers, by their bytes (peft_format.py)
         self._lock = threading.Lock()
         self._key_locks: dict[AdapterKey, threading.Lock] = {}
 
@@ -254,7 +255,14 @@ class S3AdapterStore:
         with self._local(key) as path:
             return path
 
-    def load(self, key: AdapterKey, spec: BaseModelSpec, *, dtype: torch.dtype = torch.float32) -> AdapterWeights:
+    def load(
+        self,
+        key: AdapterKey,
+        spec: BaseModelSpec,
+        *,
+        dtype: torch.dtype = torch.float32,
+        transpose: Transposer | None = None,
+    ) -> AdapterWeights:
         manifest = self.manifest(key)
         if manifest.kind != "lora":
             raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}; only 'lora' has weights")
@@ -265,7 +273,7 @@ class S3AdapterStore:
                 f"({spec.model_id}, {spec.quantization})"
             )
         with self._local(key) as path:
-            return load_adapter_weights(path, spec, key, dtype=dtype)
+            return load_adapter_weights(path, spec, key, dtype=dtype, plans=self._plans, transpose=transpose)
 
     def load_prompt(self, key: AdapterKey) -> PromptTemplate:
         manifest = self.manifest(key)

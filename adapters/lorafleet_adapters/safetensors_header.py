@@ -51,17 +51,22 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def header_bytes(file_name: str, data: Buffer) -> bytes:
+    """The JSON header of a whole safetensors file held in ``data`` (its length checked, not parsed)."""
+    header_len = _header_length(file_name, data, len(data))
+    return bytes(data[8 : 8 + header_len])
+
+
 def parse_header_bytes(file_name: str, data: Buffer) -> tuple[dict[str, TensorInfo], int]:
     """Parse and check the header of a whole safetensors file held in ``data``.
 
     Returns the tensors by name (file order) and where the data buffer starts in ``data``; every
     tensor's ``data_offsets`` are relative to that start, and together they tile the rest exactly.
     """
-    file_size = len(data)
-    header_len = _header_length(file_name, data, file_size)
-    tensors = _parse_entries(file_name, bytes(data[8 : 8 + header_len]))
-    _check_tiling(file_name, tensors, file_size - 8 - header_len)
-    return tensors, 8 + header_len
+    header = header_bytes(file_name, data)
+    tensors = _parse_entries(file_name, header)
+    _check_tiling(file_name, tensors, len(data) - 8 - len(header))
+    return tensors, 8 + len(header)
 
 
 def _header_length(file_name: str, prefix: Buffer, file_size: int) -> int:

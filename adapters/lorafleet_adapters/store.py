@@ -47,6 +47,8 @@ from lorafleet_adapters.peft_format import (
     WEIGHTS_FILE,
     AdapterWeights,
     BaseModelSpec,
+    LoadPlans,
+    Transposer,
     find_weights_file,
     load_adapter_weights,
     max_weights_bytes,
@@ -86,6 +88,7 @@ class AdapterStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._verified = VerifiedFiles()  # files hashed once by this process (verified_read.py)
+        self._plans = LoadPlans()  # checked safetensors headers, by their bytes (peft_format.py)
 
     @property
     def location(self) -> str:
@@ -168,7 +171,14 @@ class AdapterStore:
             )
         return manifest
 
-    def load(self, key: AdapterKey, spec: BaseModelSpec, *, dtype: torch.dtype = torch.float32) -> AdapterWeights:
+    def load(
+        self,
+        key: AdapterKey,
+        spec: BaseModelSpec,
+        *,
+        dtype: torch.dtype = torch.float32,
+        transpose: Transposer | None = None,
+    ) -> AdapterWeights:
         """Verify the version's files and base, then load its weights as ``dtype`` (see AdapterWeights).
 
         The weights file is read once: hashed while read (or, read again later by this process, checked
@@ -186,7 +196,7 @@ class AdapterStore:
         vdir = self.version_dir(key)
         self._verify_files(key, vdir, manifest, skip=WEIGHTS_FILE)
         data = self._read_verified(key, vdir, WEIGHTS_FILE, manifest, max_weights_bytes(spec))
-        return load_adapter_weights(vdir, spec, key, dtype=dtype, data=data)
+        return load_adapter_weights(vdir, spec, key, dtype=dtype, data=data, plans=self._plans, transpose=transpose)
 
     def load_prompt(self, key: AdapterKey) -> PromptTemplate:
         """Verify a prompt version's files and read its template."""

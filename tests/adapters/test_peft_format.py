@@ -9,15 +9,18 @@ from typing import Any
 import pytest
 import torch
 from adapters_testlib import MakeAdapter, edit_config, lora_layers, make_base_model, spec_from_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.peft_format import (
     WEIGHTS_FILE,
     BaseModelSpec,
+    LoadPlans,
     check_safetensors_header,
     load_adapter_weights,
+    plan_load,
     read_lora_config,
+    transpose_scaled,
 )
 
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -370,3 +373,98 @@ def test_finite_values_whose_sum_overflows_are_accepted(adapter_dir: Path, spec:
     write_tensors(adapter_dir, pair)
     with pytest.raises(AdapterFormatError, match=r"lora_B\.weight' holds NaN or infinite"):
         load_adapter_weights(adapter_dir, spec)
+
+
+# ---------------------------------------------------------------------------------- load plans
+
+
+def _same_weights(x: Any, y: Any) -> bool:
+    return set(x.modules) == set(y.modules) and all(
+        torch.equal(x.modules[m][0], y.modules[m][0]) and torch.equal(x.modules[m][1], y.modules[m][1])
+        for m in x.modules
+    )
+
+
+def test_peft_files_load_each_group_as_one_strided_view(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    """A PEFT file repeats the same tensors per layer, so every group (one shape, scaling and role: the
+    tiny model's gate_proj and up_proj share a shape but not a group) is evenly spaced."""
+    adapter_dir, peft_model = make_adapter(target_modules="all-linear", lora_alpha=5)
+    data = (adapter_dir / WEIGHTS_FILE).read_bytes()
+    plan = plan_load(WEIGHTS_FILE, data, spec, read_lora_config(adapter_dir, spec.max_lora_rank))
+    roles = {module.split(".", 3)[3] for group in plan.groups for module in group.modules}
+    assert len(plan.groups) == len(roles) == 7
+    assert all(group.strides is not None for group in plan.groups)
+    assert all(len({m.split(".", 3)[3] for m in group.modules}) == 1 for group in plan.groups)
+    assert_matches_peft(load_adapter_weights(adapter_dir, spec), peft_model)
+
+
+def test_unevenly_placed_tensors_load_the_same_values(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    """Another writer may order the tensors any way: groups that are not evenly spaced are stacked
+    instead, to the same values."""
+    adapter_dir, _ = make_adapter(target_modules="all-linear", lora_alpha=5)
+    dtypes = (torch.float32, torch.bfloat16)
+    references = [load_adapter_weights(adapter_dir, spec, dtype=dtype) for dtype in dtypes]
+    tensors = load_file(adapter_dir / WEIGHTS_FILE)
+    a_names = sorted(n for n in tensors if ".lora_A." in n)
+    names = a_names + sorted((n for n in tensors if ".lora_B." in n), reverse=True)  # B in the other order
+    header: dict[str, Any] = {}
+    blobs, offset = [], 0
+    for name in names:
+        blob = tensors[name].contiguous().numpy().tobytes()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    (adapter_dir / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+    data = (adapter_dir / WEIGHTS_FILE).read_bytes()
+    plan = plan_load(WEIGHTS_FILE, data, spec, read_lora_config(adapter_dir, spec.max_lora_rank))
+    assert any(group.strides is None for group in plan.groups)
+    for dtype, reference in zip(dtypes, references, strict=True):
+        assert _same_weights(load_adapter_weights(adapter_dir, spec, dtype=dtype), reference)
+
+
+def test_load_plans_memo(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:
+    """Versions of one config have equal headers: one plan serves them, each load giving what a load
+    without the memo gives; another config (another scaling) gets its own plan; a refused file is
+    refused again and never stored; another base starts the memo afresh."""
+    plans = LoadPlans(max_entries=2)
+    first, _ = make_adapter(seed=1, r=4, lora_alpha=8)
+    second, _ = make_adapter(seed=2, r=4, lora_alpha=8)
+    for adapter_dir in (first, second, first):
+        memo = load_adapter_weights(adapter_dir, spec, plans=plans)
+        assert _same_weights(memo, load_adapter_weights(adapter_dir, spec))
+    assert len(plans) == 1
+    before = load_adapter_weights(second, spec, plans=plans)
+    edit_config(second, lora_alpha=2)  # same header, another scaling: 2 / 4 instead of 8 / 4
+    rescaled = load_adapter_weights(second, spec, plans=plans)
+    assert _same_weights(rescaled, load_adapter_weights(second, spec))
+    assert len(plans) == 2
+    assert torch.equal(rescaled.modules[Q0][1], before.modules[Q0][1] / 4)  # powers of two: exact
+    truncated = (first / WEIGHTS_FILE).read_bytes()[:-4]
+    for _ in range(2):
+        with pytest.raises(AdapterFormatError, match="truncated"):
+            load_adapter_weights(first, spec, data=bytearray(truncated), plans=plans)
+    assert len(plans) == 2
+    third, _ = make_adapter(seed=3, r=8, lora_alpha=8)
+    load_adapter_weights(third, spec, plans=plans)
+    assert len(plans) == 2  # least recently used out
+    other_base = spec_from_model(make_base_model(), max_lora_rank=spec.max_lora_rank)
+    load_adapter_weights(first, other_base, plans=plans)
+    assert len(plans) == 1
+    with pytest.raises(ValueError, match="max_entries"):
+        LoadPlans(max_entries=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_portable_transposer_rounds_the_fp32_product_once(dtype: torch.dtype) -> None:
+    src = (torch.randn(120) * 1e3).as_strided((3, 5, 7), (40, 7, 1))  # blocks 5 elements apart
+    out = torch.empty(3, 7, 5, dtype=dtype)
+    transpose_scaled(out, src, 0.3)
+    assert torch.equal(out, (src * 0.3).to(dtype).transpose(1, 2))
+    transpose_scaled(out, src, 1.0)
+    assert torch.equal(out, src.to(dtype).transpose(1, 2))
