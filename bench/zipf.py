@@ -441,6 +441,7 @@ def isolated_cold_loads(
     service = build_service(config)
     try:
         spec, dtype, slots = service.base.spec, service.base.dtype, service.engine.adapters.slots
+        transpose = service.engine.adapters.host_transpose  # the server's host layout kernel
         by_shape: dict[str, list[str]] = {}
         for ref, shape in refs.items():
             by_shape.setdefault(shape.key, []).append(ref)
@@ -456,9 +457,9 @@ def isolated_cold_loads(
         plans = {k: (keys_of(v[-2 * n : -n]), keys_of(v[-n:])) for k, v in by_shape.items()}
         for k, (_, reload_keys) in plans.items():
             for key in reload_keys:
-                reuse.load(key, spec, dtype=dtype)
+                reuse.load(key, spec, dtype=dtype, transpose=transpose)
             resident = keys_of(by_shape[k][:1])[0]  # not measured; sizes the first store's read buffer
-            slots.install(resident, first.load(resident, spec, dtype=dtype))
+            slots.install(resident, first.load(resident, spec, dtype=dtype, transpose=transpose))
             slots.pin(resident)  # the slot buffers keep this rank: no measured write resizes them
         for i in range(n):
             for k, (first_keys, reload_keys) in plans.items():
@@ -468,7 +469,7 @@ def isolated_cold_loads(
                 ):
                     slots.unload(key)
                     t0 = time.perf_counter()
-                    weights = source.load(key, spec, dtype=dtype)
+                    weights = source.load(key, spec, dtype=dtype, transpose=transpose)
                     t1 = time.perf_counter()
                     slots.install(key, weights)
                     t2 = time.perf_counter()

@@ -25,7 +25,7 @@ from lorafleet_server.engine.types import ModelInfo
 from lorafleet_server.metrics import DISK_TIER, Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
 from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
-from lorafleet_server.model.native import choose_attention, choose_lora
+from lorafleet_server.model.native import choose_attention, choose_lora, choose_transpose
 from lorafleet_server.model.prepare import prepare_default_model
 from lorafleet_server.model.runner import AttentionShape, ModelRunner
 from lorafleet_server.model.threads import StepThreads
@@ -141,6 +141,8 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     write, clear = make_slot_io(base.lora_layers)
     slots = DeviceSlots(config.max_loaded_adapters, write, clear, lambda e: metrics.adapter_event("device", e))
     host_cache = HostCache(config.host_cache_bytes, lambda e: metrics.adapter_event("host", e))
+    transpose = choose_transpose(cache_dir=config.kernels_dir)
+    log.info("adapter host layout: %s (%s)", transpose.name, transpose.reason)
     manager = AdapterManager(
         store,
         base.spec,
@@ -149,6 +151,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         observer=metrics,
         poll_seconds=config.adapter_poll_seconds,
         host_dtype=base.dtype,
+        host_transpose=transpose.kernel,
     )
     shape = AttentionShape.of(base.model.config)
     attention = choose_attention(

@@ -41,6 +41,10 @@ def test_serving_install_has_no_generic_names_and_no_peft_then_the_train_extra(t
     installed = {p.name for p in site_packages.iterdir()}
     assert not {"server", "adapters", "training"} & installed
     assert {"lorafleet_server", "lorafleet_adapters", "lorafleet_training", "lorafleet_proto"} <= installed
+    # The native kernels are built at startup from the C sources and headers the wheel ships.
+    csrc = REPO / "server" / "lorafleet_server" / "model" / "csrc"
+    shipped = {p.name for p in (site_packages / "lorafleet_server" / "model" / "csrc").iterdir()}
+    assert {p.name for p in csrc.iterdir() if p.suffix in (".c", ".h")} <= shipped
 
     assert "serve" in run([lorafleet, "--help"], cwd=tmp_path).stdout
     assert "--max-batch-size" in run([lorafleet, "serve", "--help"], cwd=tmp_path).stdout

@@ -29,7 +29,7 @@ from lorafleet_adapters.errors import AdapterError
 from lorafleet_adapters.head import ClassifierHead, load_head
 from lorafleet_adapters.host_cache import HostCache
 from lorafleet_adapters.manifest import Manifest
-from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec
+from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, Transposer
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterSummary
@@ -84,6 +84,7 @@ class AdapterManager:
         observer: AdapterObserver | None = None,
         poll_seconds: float = 0.0,
         host_dtype: torch.dtype = torch.float32,
+        host_transpose: Transposer | None = None,
     ) -> None:
         self.store = store
         self.spec = spec
@@ -91,6 +92,7 @@ class AdapterManager:
         # bf16 server's host cache holds twice the adapters (the values equal what a copy of the fp32
         # weights into the slots gives: the scaling is applied in fp32 and rounded once).
         self.host_dtype = host_dtype
+        self.host_transpose = host_transpose  # lays them out (the server's native kernel; None: portable)
         self.host_cache = host_cache
         self.slots = slots
         self._executor = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-load")
@@ -322,7 +324,7 @@ class AdapterManager:
 
     def _load_from_store(self, key: AdapterKey) -> AdapterWeights:
         started = time.perf_counter()
-        weights = self.store.load(key, self.spec, dtype=self.host_dtype)
+        weights = self.store.load(key, self.spec, dtype=self.host_dtype, transpose=self.host_transpose)
         seconds = time.perf_counter() - started
         self.observer.adapter_loaded("store", seconds)
         log.info("adapter %s read from the store in %.4fs (%d bytes on the host)", key, seconds, weights.nbytes)

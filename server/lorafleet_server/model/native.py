@@ -8,7 +8,8 @@ its own query, keys and values: not on the other rows, the chunk around it, or h
 matmul of that many rows (docs/architecture.md, "Measured facts" 11). The multi-LoRA
 (``csrc/lora.c``) adds each token's own adapter into a base Linear's output in place (fact 12). The
 Linear (``csrc/linear.c``) computes bf16 base Linears on Intel AMX tiles from weights packed once,
-on the engine's thread and pinned helper threads (fact 13).
+on the engine's thread and pinned helper threads (fact 13). The transpose (``csrc/transpose.c``) lays
+adapter weights out for the host cache while they load (docs/architecture.md, "Cold loads").
 
 It is plain C, built with the system's C compiler for the CPU it runs on (``-march=native``: machines
 of one kind differ, AVX2 only or AVX-512), once per source, compiler and CPU: the library is cached
@@ -34,6 +35,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from lorafleet_adapters.peft_format import Transposer, transpose_scaled
 from lorafleet_server.model.cpu import cpu_flags_line
 from lorafleet_server.model.options import AttentionKernel, LoraImpl
 
@@ -59,6 +61,9 @@ def find_compiler() -> str | None:
     return None
 
 
+HEADERS = ("bf16.h",)  # csrc headers the sources include: next to every build, and in its cache key
+
+
 def _source(name: str) -> bytes:
     return (resources.files("lorafleet_server.model") / "csrc" / name).read_bytes()
 
@@ -78,8 +83,10 @@ def build_library(name: str, cache_dir: Path, compiler: str | None = None) -> Pa
     if compiler is None:
         raise NativeKernelError("no C compiler found (set CC, or install gcc)")
     source = _source(name)
+    headers = {header: _source(header) for header in HEADERS}
     key = hashlib.sha256()
-    for part in (source, _compiler_version(compiler).encode(), " ".join(CFLAGS).encode(), cpu_flags_line().encode()):
+    parts = (source, *headers.values(), _compiler_version(compiler).encode(), " ".join(CFLAGS).encode())
+    for part in (*parts, cpu_flags_line().encode()):
         key.update(part)
         key.update(b"\0")
     target = cache_dir / f"{Path(name).stem}-{key.hexdigest()[:16]}.so"
@@ -90,6 +97,8 @@ def build_library(name: str, cache_dir: Path, compiler: str | None = None) -> Pa
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp:
             src = Path(tmp) / name
             src.write_bytes(source)
+            for header, text in headers.items():
+                (Path(tmp) / header).write_bytes(text)
             out = Path(tmp) / target.name
             done = subprocess.run(
                 [compiler, *CFLAGS, "-o", str(out), str(src), "-lm"],
@@ -400,6 +409,53 @@ def load_native_linear(cache_dir: Path, compiler: str | None = None, threads: in
     return NativeLinear(build_library(LINEAR_SOURCE, cache_dir, compiler), threads)
 
 
+TRANSPOSE_SOURCE = "transpose.c"
+# dst, dst type, src, src type; n, rows, cols, three src strides; scale
+_TRANSPOSE_ARGTYPES: list[Any] = [ctypes.c_void_p, ctypes.c_int] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+_TRANSPOSE_TYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class NativeTranspose:
+    """``csrc/transpose.c`` through ctypes: an adapter group's blocks scaled into the host layout in one
+    pass (a ``lorafleet_adapters.peft_format.Transposer``; other dtypes and devices go to ``fallback``)."""
+
+    def __init__(self, library: Path, fallback: Transposer = transpose_scaled) -> None:
+        lib, fns = _functions(library, {"lf_transpose_scaled": _TRANSPOSE_ARGTYPES})
+        self.library = library
+        self._lib = lib  # keeps the library loaded while its functions live
+        self._fn = fns["lf_transpose_scaled"]
+        self._fallback = fallback
+
+    def __call__(self, dst: torch.Tensor, src: torch.Tensor, scale: float) -> None:
+        """``dst`` [n, x, y] (contiguous) = ``src`` [n, y, x] (any non-negative strides) transposed and
+        multiplied by ``scale`` in fp32, rounded once to ``dst``'s dtype."""
+        n, rows, cols = src.shape
+        if dst.shape != (n, cols, rows):
+            raise NativeKernelError(f"transpose: dst {tuple(dst.shape)} is not src {tuple(src.shape)} transposed")
+        dst_type, src_type = _TRANSPOSE_TYPES.get(dst.dtype), _TRANSPOSE_TYPES.get(src.dtype)
+        if (
+            dst_type is None
+            or src_type is None
+            or dst.device.type != "cpu"
+            or src.device.type != "cpu"
+            or not dst.is_contiguous()
+            or min(src.stride(), default=0) < 0
+        ):
+            self._fallback(dst, src, scale)
+            return
+        if dst.numel() == 0:
+            return
+        s0, s1, s2 = src.stride()
+        rc = self._fn(dst.data_ptr(), dst_type, src.data_ptr(), src_type, n, rows, cols, s0, s1, s2, scale)
+        if rc != 0:
+            raise NativeKernelError(f"the native transpose refused its arguments (rc {rc})")
+
+
+def load_native_transpose(cache_dir: Path, compiler: str | None = None) -> NativeTranspose:
+    """Build (or find in ``cache_dir``) and load the adapter-layout kernel for this CPU."""
+    return NativeTranspose(build_library(TRANSPOSE_SOURCE, cache_dir, compiler))
+
+
 class _Loaded(Protocol):
     library: Path
 
@@ -470,3 +526,9 @@ def choose_lora(
             raise NativeKernelError(f"the native LoRA runs on the CPU, not {device}")
         return KernelChoice(None, f"the native kernel is for CPUs; {device.type} runs torch's")
     return _native_or_fallback(impl == "native", lambda: load_native_lora(cache_dir, compiler))
+
+
+def choose_transpose(*, cache_dir: Path, compiler: str | None = None) -> KernelChoice[NativeTranspose]:
+    """How adapter loads lay weights out on the host: the C kernel where it builds, else the portable
+    torch and numpy path with the reason (both give the same bits)."""
+    return _native_or_fallback(False, lambda: load_native_transpose(cache_dir, compiler))
