@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -341,7 +342,10 @@ class MultiLoRALinear(nn.Module):
         self.context = context
         self.r_max = r_max  # the largest rank write_slot accepts (--max-lora-rank); nothing is allocated for it
         self.slot_ranks = [0] * num_slots  # rank of each slot's adapter on this module (0: none)
-        self.slot_rank_t = torch.zeros(num_slots, dtype=torch.long)  # [slots] the same, for the native kernel
+        # [slots] the same as a tensor, for the native kernel; written through a numpy view of its memory,
+        # since a torch element write costs ~5 us and a load writes one per wrapped Linear
+        self._slot_rank_np = np.zeros(num_slots, dtype=np.int64)
+        self.slot_rank_t = torch.from_numpy(self._slot_rank_np)
         # Rank capacity 0: no adapter is loaded yet, so no storage (slot 0 is zeros by having no rows).
         self.register_buffer(
             "lora_at", torch.zeros(num_slots, in_features, 0, dtype=dtype, device=device), persistent=False
@@ -370,8 +374,10 @@ class MultiLoRALinear(nn.Module):
 
     def clear_slot(self, slot: int) -> None:
         """Free ``slot`` on this module; shrink the buffers if its adapter was the one that set r_cap."""
+        if self.slot_ranks[slot] == 0:  # a slot of rank 0 holds zeros already (nothing else writes them)
+            return
         self.slot_ranks[slot] = 0
-        self.slot_rank_t[slot] = 0
+        self._slot_rank_np[slot] = 0
         self._fit()
         self.lora_at[slot].zero_()
         self.lora_bt[slot].zero_()
@@ -395,12 +401,14 @@ class MultiLoRALinear(nn.Module):
                 f"{self.in_features}->{self.out_features} Linear"
             )
         self.slot_ranks[slot] = r
-        self.slot_rank_t[slot] = r
+        self._slot_rank_np[slot] = r
         self._fit()
-        self.lora_at[slot].zero_()
-        self.lora_bt[slot].zero_()
-        self.lora_at[slot, :, :r].copy_(a.T)
-        self.lora_bt[slot, :r].copy_(b_scaled.T)
+        at, bt = self.lora_at, self.lora_bt
+        at[slot, :, :r].copy_(a.T)
+        bt[slot, :r].copy_(b_scaled.T)
+        if r < at.shape[2]:  # rows past this rank: zeros (the slot's last adapter may have had more)
+            at[slot, :, r:].zero_()
+            bt[slot, r:].zero_()
 
     def _fit(self) -> None:
         """Reallocate both buffers at r_cap = max(slot_ranks) when that differs from what they hold.
