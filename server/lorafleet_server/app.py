@@ -22,6 +22,7 @@ from lorafleet_server.engine.adapter_manager import AdapterManager
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.prefix_cache import PrefixCache
 from lorafleet_server.engine.types import ModelInfo
+from lorafleet_server.errors import StartupError
 from lorafleet_server.metrics import DISK_TIER, Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
 from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
@@ -134,8 +135,8 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         linear_threads=config.linear_threads or len(os.sched_getaffinity(0)),
     )
     if config.max_seq_len > base.max_position_embeddings:
-        raise ValueError(
-            f"max_seq_len {config.max_seq_len} exceeds the model's context of {base.max_position_embeddings}"
+        raise StartupError(
+            f"--max-seq-len {config.max_seq_len} exceeds the model's context of {base.max_position_embeddings}"
         )
     tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
     write, clear = make_slot_io(base.lora_layers)

@@ -38,9 +38,13 @@ def _serve(config: ServerConfig) -> int:
     from lorafleet_server.app import build_service
     from lorafleet_server.grpc.server import Edge, ServerKeys, check_startup, serve_forever
     from lorafleet_server.http.server import HttpServer
+    from lorafleet_server.model.native import NativeKernelError
 
     check_startup(config)  # StartupError before minutes of model loading, not after
-    service = build_service(config)
+    try:
+        service = build_service(config)
+    except NativeKernelError as exc:  # a kernel asked for by name (``native``) cannot run here
+        raise StartupError(f"native kernel: {exc}") from exc
 
     def edges(keys: ServerKeys) -> list[Edge]:  # the OpenAI-compatible API, unless --http-port 0
         return [HttpServer(service, keys, config.host, config.http_port)] if config.http_port else []
