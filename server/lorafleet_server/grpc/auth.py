@@ -46,6 +46,7 @@ from lorafleet_proto.v1 import adapters_pb2, inference_pb2, usage_pb2
 from lorafleet_server.engine.types import Principal
 from lorafleet_server.errors import PermissionDenied, StartupError
 from lorafleet_server.grpc.observe import CallObserver
+from lorafleet_server.grpc.principal import principal_from
 from lorafleet_server.grpc.rpc import request_id_of
 from lorafleet_server.grpc.status import status_for
 from lorafleet_server.tenants.access import (  # shared with the HTTP edge; re-exported here
@@ -82,7 +83,6 @@ __all__ = [
     "is_foreign",
     "is_loopback",
     "listed_tenant",
-    "principal_from",
 ]
 
 log = logging.getLogger(__name__)
@@ -128,18 +128,6 @@ ADMIN_RPCS: frozenset[str] = frozenset(m.rsplit("/", 1)[-1] for m, roles in RPC_
 
 
 # --- keys and principals --------------------------------------------------------------------------
-
-
-def principal_from(record: KeyRecord) -> Principal:
-    """The caller as the rest of the server sees it: the key's id, tenant, role, weight and limits."""
-    return Principal(
-        key_id=record.key_id,
-        tenant=record.tenant,
-        role=record.role,
-        weight=record.weight if record.weight is not None else 1.0,
-        max_waiting=record.max_waiting,
-        max_running=record.max_running,
-    )
 
 
 def is_loopback(host: str) -> bool:

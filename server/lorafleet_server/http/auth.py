@@ -21,11 +21,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lorafleet_server.engine.types import Principal
 from lorafleet_server.errors import PermissionDenied
 from lorafleet_server.grpc.observe import CallObserver
+from lorafleet_server.grpc.principal import principal_from
 from lorafleet_server.http.errors import describe
 from lorafleet_server.http.routes import GET_MODEL, ROUTES, NoDeadline, request_id_of, rpc_of
 from lorafleet_server.tenants.access import KeyChecker, bearer_key
 from lorafleet_server.tenants.errors import AuthenticationError
-from lorafleet_server.tenants.keys import KeyRecord, Role
+from lorafleet_server.tenants.keys import Role
 
 ANY_ROLE: frozenset[Role] = frozenset({"tenant", "admin"})
 
@@ -33,19 +34,6 @@ ROUTE_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType({rpc: ANY_ROLE for
 """Who may call each route (by its ``rpc`` label). Deny by default: a /v1 route not here is refused."""
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
-
-
-def principal_from(record: KeyRecord) -> Principal:
-    """The caller as the engine sees it (as ``grpc.auth.principal_from``): the key's id, tenant, role,
-    weight and limits; never anything from the request."""
-    return Principal(
-        key_id=record.key_id,
-        tenant=record.tenant,
-        role=record.role,
-        weight=record.weight if record.weight is not None else 1.0,
-        max_waiting=record.max_waiting,
-        max_running=record.max_running,
-    )
 
 
 class HttpAuth:
