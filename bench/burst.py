@@ -179,13 +179,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_kernel_arguments(p)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch intra-op threads")
     p.add_argument(
-        "--prefill-threads",
-        type=int,
-        default=0,
-        help="ServerConfig.prefill_threads: threads for steps of more than 64 tokens while they measure faster "
-        "(default 0: every core; = --threads: off)",
-    )
-    p.add_argument(
         "--dtype",
         default="bfloat16",
         choices=("device", "auto", "float32", "bfloat16"),

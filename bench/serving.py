@@ -693,7 +693,7 @@ def all_run_names(counts: Sequence[int], shapes: Sequence[Shape]) -> list[str]:
 
 
 def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
-    """The server's kernel flags, passed through to ServerConfig (here and in bench.burst), for A/Bs."""
+    """The server's kernel and thread flags, passed through to ServerConfig (here and in bench.burst), for A/Bs."""
     from lorafleet_server.model.options import ATTENTION_KERNELS, LINEAR_KERNELS, LORA_IMPLS
 
     p.add_argument("--lora-impl", default="auto", choices=LORA_IMPLS, help="ServerConfig.lora_impl")
@@ -706,6 +706,13 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linear-kernel", default="auto", choices=LINEAR_KERNELS, help="ServerConfig.linear_kernel")
     p.add_argument(
         "--linear-threads", type=int, default=0, help="ServerConfig.linear_threads (0: every CPU; 1: no helpers)"
+    )
+    p.add_argument(
+        "--prefill-threads",
+        type=int,
+        default=0,
+        help="ServerConfig.prefill_threads: threads for steps of more than 64 tokens while they measure "
+        "faster (default 0: every core; = --threads: off)",
     )
 
 
@@ -755,13 +762,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=max(1, (os.cpu_count() or 2) - 1),
         help="torch intra-op threads (default: cores - 1, leaving a core to the gRPC/client threads; with "
         "every core in torch's pool, any other busy thread stalls each op)",
-    )
-    p.add_argument(
-        "--prefill-threads",
-        type=int,
-        default=0,
-        help="ServerConfig.prefill_threads: threads for steps of more than 64 tokens while they measure "
-        "faster (default 0: every core; = --threads: off)",
     )
     p.add_argument("--model", type=Path, help="model directory (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
