@@ -91,4 +91,4 @@ demo: model
 	BIN=$(BIN) scripts/demo.sh $(ARGS)
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .tools .pytest_cache .mypy_cache .ruff_cache
