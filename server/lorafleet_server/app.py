@@ -23,6 +23,7 @@ from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.prefix_cache import PrefixCache
 from lorafleet_server.engine.types import ModelInfo
 from lorafleet_server.errors import StartupError
+from lorafleet_server.malloc import fix_mmap_threshold
 from lorafleet_server.metrics import DISK_TIER, Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
 from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
@@ -114,6 +115,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
 
     # The store first: a bad URL, a missing bucket, wrong credentials or an unreachable endpoint
     # fail here with the store's own message (StoreUnavailable), before seconds of model loading.
+    log.info("malloc: %s", fix_mmap_threshold())  # before the model's allocations (malloc.py says why)
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     store = open_store(config.store_settings, on_cache_event=lambda e: metrics.adapter_event(DISK_TIER, e))
     store.check()
