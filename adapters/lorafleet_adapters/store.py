@@ -55,7 +55,7 @@ from lorafleet_adapters.peft_format import (
 )
 from lorafleet_adapters.prompt import PROMPT_FILE, PromptTemplate
 from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
-from lorafleet_adapters.verified_read import VerifiedFiles
+from lorafleet_adapters.verified_read import PendingCheck, VerifiedFiles
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,9 @@ class AdapterStore:
     ) -> AdapterWeights:
         """Verify the version's files and base, then load its weights as ``dtype`` (see AdapterWeights).
 
-        The weights file is read once: hashed while read (or, read again later by this process, checked
-        by its fstat identity: verified_read.py), and the tensors come from those same bytes.
+        The weights file is read once, and the tensors come from those same bytes; they are hashed on
+        another thread while the tensors are made, and returned only once the digest matches (or, read
+        again later by this process, checked by the file's fstat identity: verified_read.py).
         """
         manifest = self.manifest(key)
         if manifest.kind != "lora":
@@ -195,8 +196,11 @@ class AdapterStore:
             )
         vdir = self.version_dir(key)
         self._verify_files(key, vdir, manifest, skip=WEIGHTS_FILE)
-        data = self._read_verified(key, vdir, WEIGHTS_FILE, manifest, max_weights_bytes(spec))
-        return load_adapter_weights(vdir, spec, key, dtype=dtype, data=data, plans=self._plans, transpose=transpose)
+
+        def tensors(data: memoryview) -> AdapterWeights:
+            return load_adapter_weights(vdir, spec, key, dtype=dtype, data=data, plans=self._plans, transpose=transpose)
+
+        return self._read_verified(key, vdir, WEIGHTS_FILE, manifest, max_weights_bytes(spec)).use(tensors)
 
     def load_prompt(self, key: AdapterKey) -> PromptTemplate:
         """Verify a prompt version's files and read its template."""
@@ -435,17 +439,22 @@ class AdapterStore:
                 raise AdapterFormatError(f"{key}: {MANIFEST_FILE} does not list {required}")
         for file_name in manifest.files:
             if file_name != skip:
-                self._read_verified(key, vdir, file_name, manifest, MAX_SMALL_FILE_BYTES)
+                self._read_verified(key, vdir, file_name, manifest, MAX_SMALL_FILE_BYTES).finish()
 
     def _read_verified(
-        self, key: AdapterKey, vdir: Path, file_name: str, manifest: Manifest, max_bytes: int
-    ) -> memoryview:
-        """A listed file's bytes, checked against the manifest's sha256 (once per process: verified_read.py).
-
-        Valid until this thread reads the next file (VerifiedBytes.data): parse them before that."""
+        self,
+        key: AdapterKey,
+        vdir: Path,
+        file_name: str,
+        manifest: Manifest,
+        max_bytes: int,
+    ) -> PendingCheck:
+        """A listed file's bytes, read, their check against the manifest's sha256 pending (hashed once per
+        process: verified_read.py); ``use`` them or ``finish`` it before this thread reads another file.
+        Only the read's errors are mapped here, not those of what the caller makes of the bytes."""
         path = self._inside(vdir / file_name)
         try:
-            return self._verified.read(path, manifest.files[file_name], str(key), max_bytes=max_bytes).data
+            return self._verified.start(path, manifest.files[file_name], str(key), max_bytes=max_bytes)
         except (FileNotFoundError, IsADirectoryError):
             raise AdapterFormatError(f"{key}: {file_name} listed in {MANIFEST_FILE} is missing") from None
         except OSError as exc:

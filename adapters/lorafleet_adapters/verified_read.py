@@ -1,9 +1,11 @@
 """Reading a published version's files against the sha256 its manifest records, hashed once per process.
 
 A version directory is immutable once published. The first read of a file in this process hashes
-exactly the bytes it returns, in one pass (each chunk is hashed right after it is read, so the bytes
-checked are the bytes used, and the file is read once instead of twice), and records the file's
-identity from ``fstat``: device, inode, size, mtime and ctime in nanoseconds. A later read of the same
+exactly the bytes it returns, so the bytes checked are the bytes used and the file is read once
+instead of twice: ``read`` hashes each chunk right after reading it; ``start`` (the weights file's
+way) hashes the whole buffer on another thread while the caller parses it, and the caller's result
+counts only once the digest matched (``PendingCheck``). Either records the file's identity from
+``fstat``: device, inode, size, mtime and ctime in nanoseconds. A later read of the same
 file (its adapter left host memory and is needed again) skips the hash when the identity is unchanged
 and the manifest still expects the same digest. Any write, truncation, replacement or rename over the
 file through the filesystem changes one of those fields (ctime cannot be set from user space), so such
@@ -28,8 +30,12 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 from lorafleet_adapters import hostmem
 from lorafleet_adapters.errors import AdapterFormatError
@@ -39,6 +45,10 @@ DEFAULT_MAX_ENTRIES = 16384
 DEFAULT_MIN_AGE_SECONDS = 2.0
 SCRATCH_MIN_BYTES = 1 << 20
 SCRATCH_MAX_BYTES = 64 << 20  # per load thread, at most: a larger file gets a buffer of its own
+PARALLEL_HASH_MIN_BYTES = 1 << 20  # start hashes a smaller file itself, before it returns
+HASH_THREADS = 2  # start's hashing threads, shared by a store's load threads
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,11 +74,58 @@ class VerifiedBytes:
     hashed: bool  # False: the identity matched an earlier check in this process, so no hash was needed
 
 
+class _Read(NamedTuple):
+    data: memoryview
+    identity: FileIdentity
+    settled: bool  # its ctime was min_age_seconds old when the check started: it may be remembered
+    must_hash: bool
+    digest: str | None  # hashed as read (read's way), else None
+
+
+def _sha256_hex(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()  # releases the GIL over the whole buffer
+
+
+class PendingCheck:
+    """A file's bytes, read, whose sha256 may still be computing on another thread.
+
+    The caller parses ``data`` meanwhile (nothing writes to the buffer, so the bytes checked are the
+    bytes used), and a first load costs about the longer of the two instead of their sum. ``use`` or
+    ``finish`` waits for the digest and raises AdapterFormatError when it differs: whatever was made
+    from the bytes is then dropped. Call one of them before this thread reads another file: the buffer
+    is its next read's, and nothing made from ``data`` may keep views of it.
+    """
+
+    def __init__(self, data: memoryview, settle: Callable[[str], None], hashing: Future[str] | None) -> None:
+        self.data = data
+        self._settle = settle  # raises on a digest that differs, else remembers the file
+        self._hashing = hashing  # None: nothing left to check
+
+    def finish(self) -> None:
+        if self._hashing is not None:
+            hashing, self._hashing = self._hashing, None
+            self._settle(hashing.result())
+
+    def use(self, fn: Callable[[memoryview], T]) -> T:
+        """``fn(data)``, returned once the bytes are checked; when both fail, the checksum is the error
+        raised (a corrupt file often breaks its parser too, and the checksum says why)."""
+        try:
+            result = fn(self.data)
+        except BaseException:
+            self.finish()
+            raise
+        self.finish()
+        return result
+
+
 class VerifiedFiles:
     """Thread-safe memo of the files this process has hashed, with the reads that use it."""
 
     def __init__(
-        self, max_entries: int = DEFAULT_MAX_ENTRIES, min_age_seconds: float = DEFAULT_MIN_AGE_SECONDS
+        self,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        min_age_seconds: float = DEFAULT_MIN_AGE_SECONDS,
+        parallel_hash_min_bytes: int = PARALLEL_HASH_MIN_BYTES,
     ) -> None:
         if max_entries < 0:
             raise ValueError(f"max_entries must be >= 0, got {max_entries}")
@@ -76,9 +133,11 @@ class VerifiedFiles:
             raise ValueError(f"min_age_seconds must be >= 0, got {min_age_seconds}")
         self._max_entries = max_entries
         self._min_age_ns = int(min_age_seconds * 1e9)
+        self._parallel_min = parallel_hash_min_bytes
         self._lock = threading.Lock()
         self._scratch = threading.local()  # .buffer: one reusable read buffer per thread (see _buffer)
         self._checked: OrderedDict[str, tuple[str, FileIdentity]] = OrderedDict()  # path -> (sha256, identity)
+        self._hash_pool: ThreadPoolExecutor | None = None  # start's (see _hasher)
 
     def __len__(self) -> int:
         with self._lock:
@@ -91,6 +150,35 @@ class VerifiedFiles:
         not a regular file, larger than ``max_bytes`` (checked before reading), changed while being read,
         or its digest differs; OSError (FileNotFoundError included) passes through to the caller.
         """
+        got = self._read(path, expected_sha256, what, max_bytes, hash_inline=True)
+        if got.digest is None:
+            return VerifiedBytes(got.data, hashed=False)
+        self._settle(path, expected_sha256, got, got.digest, what=what)
+        return VerifiedBytes(got.data, hashed=True)
+
+    def read_using(
+        self, path: Path, expected_sha256: str, what: str, use: Callable[[memoryview], T], *, max_bytes: int
+    ) -> T:
+        """``use(data)`` of ``path``'s bytes, returned only once those bytes match ``expected_sha256``
+        (``start`` then ``PendingCheck.use``)."""
+        return self.start(path, expected_sha256, what, max_bytes=max_bytes).use(use)
+
+    def start(self, path: Path, expected_sha256: str, what: str, *, max_bytes: int) -> PendingCheck:
+        """Read ``path``; its check runs on another thread while the caller uses the bytes (``PendingCheck``).
+
+        Raises what ``read`` raises for the read itself (OSError passes through); a digest that differs
+        is raised by ``PendingCheck.use`` or ``finish``. A file below ``parallel_hash_min_bytes`` is hashed
+        here (a thread's hand-off would cost more than it saves); a trusted one needs no hash."""
+        got = self._read(path, expected_sha256, what, max_bytes, hash_inline=False)
+        if got.must_hash and len(got.data) < self._parallel_min:
+            self._settle(path, expected_sha256, got, _sha256_hex(got.data), what=what)
+            got = got._replace(must_hash=False)
+        hashing = self._hasher().submit(_sha256_hex, got.data) if got.must_hash else None
+        return PendingCheck(got.data, partial(self._settle, path, expected_sha256, got, what=what), hashing)
+
+    def _read(self, path: Path, expected_sha256: str, what: str, max_bytes: int, *, hash_inline: bool) -> _Read:
+        """The file's bytes and identity, whether they must be hashed (not when the identity matched an
+        earlier check), and with ``hash_inline`` their digest, each chunk hashed right after its read."""
         name = path.name
         key = str(path)
         # O_NONBLOCK: a FIFO planted in the version directory must not block the open (it is refused below)
@@ -101,37 +189,44 @@ class VerifiedFiles:
             if before.st_size > max_bytes:
                 raise AdapterFormatError(f"{what}: {name} is {before.st_size} bytes, over the {max_bytes}-byte cap")
             identity = FileIdentity.of(before)
-            settled = time.time_ns() - identity.ctime_ns >= self._min_age_ns
+            settled = time.time_ns() - identity.ctime_ns >= self._min_age_ns  # as the check starts
             with self._lock:
                 known = self._checked.get(key)
                 if known is not None:
                     self._checked.move_to_end(key)
-            trusted = known == (expected_sha256, identity)
-            digest = None if trusted else hashlib.sha256()
+            must_hash = known != (expected_sha256, identity)
+            inline = hashlib.sha256() if must_hash and hash_inline else None
             data = self._buffer(identity.size)
             position = 0
             while position < identity.size:
                 count = handle.readinto(data[position : position + CHUNK_BYTES])
                 if not count:
                     break
-                if digest is not None:
-                    digest.update(data[position : position + count])
+                if inline is not None:
+                    inline.update(data[position : position + count])
                 position += count
             grew = handle.read(1) != b""
             after = FileIdentity.of(os.fstat(handle.fileno()))
         if position != identity.size or grew or after != identity:
             raise AdapterFormatError(f"{what}: {name} changed while it was being read")
-        if digest is None:
-            return VerifiedBytes(data, hashed=False)
-        actual = digest.hexdigest()
+        return _Read(data, identity, settled, must_hash, None if inline is None else inline.hexdigest())
+
+    def _settle(self, path: Path, expected_sha256: str, got: _Read, actual: str, *, what: str) -> None:
+        """Raise on a digest that differs; else remember the file if its ctime had settled."""
         if actual != expected_sha256:
             self.forget(path)
             raise AdapterFormatError(
-                f"{what}: checksum mismatch for {name}: manifest has sha256 {expected_sha256}, file has {actual}"
+                f"{what}: checksum mismatch for {path.name}: manifest has sha256 {expected_sha256}, file has {actual}"
             )
-        if settled:
-            self._remember(key, expected_sha256, identity)
-        return VerifiedBytes(data, hashed=True)
+        if got.settled:
+            self._remember(str(path), expected_sha256, got.identity)
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        """The threads ``start`` hashes on, started on first use (hashlib releases the GIL)."""
+        with self._lock:
+            if self._hash_pool is None:
+                self._hash_pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="sha256")
+            return self._hash_pool
 
     def _buffer(self, size: int) -> memoryview:
         """``size`` writable bytes: this thread's scratch buffer when the file is large (grown as needed up

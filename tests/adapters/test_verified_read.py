@@ -42,6 +42,37 @@ def test_hashed_once_then_trusted_by_identity(tmp_path: Path) -> None:
         files.read(path, digest(b"other"), "acme/a@1", max_bytes=len(data))
 
 
+@pytest.mark.parametrize("size", [3 * (1 << 20) + 17, 4096])  # hashed on another thread / inline
+def test_read_using_returns_only_what_checked_bytes_gave(tmp_path: Path, size: int) -> None:
+    path = tmp_path / "f.bin"
+    data = os.urandom(size)
+    write_old(path, data)
+    files = VerifiedFiles(min_age_seconds=0)
+    seen: list[bytes] = []
+
+    def use(view: memoryview) -> int:
+        seen.append(bytes(view))
+        return len(seen)
+
+    assert files.read_using(path, digest(data), "k", use, max_bytes=size) == 1
+    assert seen == [data] and len(files) == 1
+    assert files.read_using(path, digest(data), "k", use, max_bytes=size) == 2  # trusted by identity now
+    assert not files.read(path, digest(data), "k", max_bytes=size).hashed
+    # A digest that differs raises after use ran: its result never reaches the caller, nothing is remembered.
+    files.forget(path)
+    with pytest.raises(AdapterFormatError, match=r"checksum mismatch for f\.bin"):
+        files.read_using(path, digest(b"other"), "k", use, max_bytes=size)
+    assert len(files) == 0
+    # use's own error passes through (the hash is still waited for, so the buffer is free for the next read).
+    with pytest.raises(ZeroDivisionError):
+        files.read_using(path, digest(data), "k", lambda view: 1 // 0, max_bytes=size)
+    assert files.read_using(path, digest(data), "k", bytes, max_bytes=size) == data
+    # When both fail, the checksum is the error reported (a corrupt file often breaks its parser too).
+    files.forget(path)
+    with pytest.raises(AdapterFormatError, match="checksum mismatch"):
+        files.read_using(path, digest(b"other"), "k", lambda view: 1 // 0, max_bytes=size)
+
+
 def test_changes_through_the_filesystem_are_hashed_again(tmp_path: Path) -> None:
     path = tmp_path / "f.bin"
     data = os.urandom(4096)
@@ -129,3 +160,22 @@ def test_store_reload_checks_identity_and_still_catches_tampering(
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(AdapterFormatError, match=r"checksum mismatch for adapter_model\.safetensors"):
         store.load(key, spec)
+
+
+@pytest.mark.parametrize("where", ["tensor data", "header"])
+def test_store_load_hashing_beside_the_parse_reports_the_checksum(
+    tmp_path: Path, adapter_dir: Path, spec: BaseModelSpec, where: str
+) -> None:
+    """The weights file hashed on another thread (every size here) while its tensors are made: a byte
+    changed in the data (parses fine) or in the header (the parse fails too) is a checksum error."""
+    store = AdapterStore(tmp_path / "store")
+    store._verified = VerifiedFiles(min_age_seconds=0, parallel_hash_min_bytes=0)
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    path = store.version_dir(key) / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    data[header_end + 3 if where == "tensor data" else 20] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(AdapterFormatError, match=r"checksum mismatch for adapter_model\.safetensors"):
+        store.load(key, spec)
+    assert len(store._verified) == 2  # config and README checked; the weights file never remembered
