@@ -156,13 +156,6 @@ class VerifiedFiles:
         self._settle(path, expected_sha256, got, got.digest, what=what)
         return VerifiedBytes(got.data, hashed=True)
 
-    def read_using(
-        self, path: Path, expected_sha256: str, what: str, use: Callable[[memoryview], T], *, max_bytes: int
-    ) -> T:
-        """``use(data)`` of ``path``'s bytes, returned only once those bytes match ``expected_sha256``
-        (``start`` then ``PendingCheck.use``)."""
-        return self.start(path, expected_sha256, what, max_bytes=max_bytes).use(use)
-
     def start(self, path: Path, expected_sha256: str, what: str, *, max_bytes: int) -> PendingCheck:
         """Read ``path``; its check runs on another thread while the caller uses the bytes (``PendingCheck``).
 

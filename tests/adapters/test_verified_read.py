@@ -43,7 +43,7 @@ def test_hashed_once_then_trusted_by_identity(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("size", [3 * (1 << 20) + 17, 4096])  # hashed on another thread / inline
-def test_read_using_returns_only_what_checked_bytes_gave(tmp_path: Path, size: int) -> None:
+def test_start_then_use_returns_only_what_checked_bytes_gave(tmp_path: Path, size: int) -> None:
     path = tmp_path / "f.bin"
     data = os.urandom(size)
     write_old(path, data)
@@ -54,23 +54,24 @@ def test_read_using_returns_only_what_checked_bytes_gave(tmp_path: Path, size: i
         seen.append(bytes(view))
         return len(seen)
 
-    assert files.read_using(path, digest(data), "k", use, max_bytes=size) == 1
+    assert files.start(path, digest(data), "k", max_bytes=size).use(use) == 1
     assert seen == [data] and len(files) == 1
-    assert files.read_using(path, digest(data), "k", use, max_bytes=size) == 2  # trusted by identity now
+    assert files.start(path, digest(data), "k", max_bytes=size).use(use) == 2  # trusted by identity now
     assert not files.read(path, digest(data), "k", max_bytes=size).hashed
-    # A digest that differs raises after use ran: its result never reaches the caller, nothing is remembered.
+    # A digest that differs raises (a large file's after use ran, a small one's in start): no result reaches
+    # the caller, and nothing is remembered.
     files.forget(path)
     with pytest.raises(AdapterFormatError, match=r"checksum mismatch for f\.bin"):
-        files.read_using(path, digest(b"other"), "k", use, max_bytes=size)
+        files.start(path, digest(b"other"), "k", max_bytes=size).use(use)
     assert len(files) == 0
     # use's own error passes through (the hash is still waited for, so the buffer is free for the next read).
     with pytest.raises(ZeroDivisionError):
-        files.read_using(path, digest(data), "k", lambda view: 1 // 0, max_bytes=size)
-    assert files.read_using(path, digest(data), "k", bytes, max_bytes=size) == data
+        files.start(path, digest(data), "k", max_bytes=size).use(lambda view: 1 // 0)
+    assert files.start(path, digest(data), "k", max_bytes=size).use(bytes) == data
     # When both fail, the checksum is the error reported (a corrupt file often breaks its parser too).
     files.forget(path)
     with pytest.raises(AdapterFormatError, match="checksum mismatch"):
-        files.read_using(path, digest(b"other"), "k", lambda view: 1 // 0, max_bytes=size)
+        files.start(path, digest(b"other"), "k", max_bytes=size).use(lambda view: 1 // 0)
 
 
 def test_changes_through_the_filesystem_are_hashed_again(tmp_path: Path) -> None:
