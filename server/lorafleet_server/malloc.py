@@ -5,10 +5,10 @@ returned to the system when freed; smaller ones come from its heaps. By default 
 the largest mapped block freed so far (up to 32 MiB): once a large temporary is freed (a step's logits
 are megabytes), every allocation below its size comes from the heaps, where short-lived step tensors
 and long-lived ones interleave and the heaps fragment. Under Zipf traffic over 1,000
-adapters (``bench/zipf.py``, 10,000 requests) the server's RSS grew 7% after warm-up by default and
-stayed flat with a fixed threshold (docs/architecture.md, "Cold loads"). A fixed threshold (``mallopt``)
-also turns the adjustment off. An operator's ``MALLOC_MMAP_THRESHOLD_`` wins; elsewhere than glibc
-nothing is changed.
+adapters (``bench/zipf.py``) a bf16 server's RSS grew 7% after warm-up by default; with the threshold
+fixed, 4,000-request runs grew 0.8% against 2.7% (docs/architecture.md, "Cold loads"). A fixed
+threshold (``mallopt``) also turns the adjustment off. An operator's ``MALLOC_MMAP_THRESHOLD_`` wins;
+elsewhere than glibc nothing is changed.
 """
 
 from __future__ import annotations
