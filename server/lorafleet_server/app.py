@@ -113,9 +113,9 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     """Load the model and wire the tiers, engine and metrics (on ``registry``, or a fresh one)."""
     from transformers import AutoTokenizer
 
+    log.info("malloc: %s", fix_mmap_threshold())  # before the model's allocations (malloc.py says why)
     # The store first: a bad URL, a missing bucket, wrong credentials or an unreachable endpoint
     # fail here with the store's own message (StoreUnavailable), before seconds of model loading.
-    log.info("malloc: %s", fix_mmap_threshold())  # before the model's allocations (malloc.py says why)
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     store = open_store(config.store_settings, on_cache_event=lambda e: metrics.adapter_event(DISK_TIER, e))
     store.check()
