@@ -156,6 +156,8 @@ def argv_from_serving(args: argparse.Namespace) -> list[str]:
     argv = ["--requests", str(args.clients), "--lora-impl", args.lora_impl, "--threads", str(args.threads)]
     argv += ["--attention-kernel", args.attention_kernel]
     argv += ["--prefill-threads", str(args.prefill_threads)]
+    if args.fixed_decode_threads:
+        argv.append("--fixed-decode-threads")
     argv += ["--out", str(args.out), "--seed", str(args.seed)]
     if args.max_new_tokens:
         argv += ["--max-new-tokens", str(args.max_new_tokens)]
@@ -287,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
+            fixed_decode_threads=args.fixed_decode_threads,
             metrics_port=0,
             log_level="WARNING",
         )

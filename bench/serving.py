@@ -45,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -401,9 +402,10 @@ class StepLog:
     seconds: list[float] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    threads: list[int] = field(default_factory=list)  # torch threads the step ran with (model/threads.py)
 
     def clear(self) -> None:
-        for xs in (self.starts, self.seconds, self.rows, self.tokens):
+        for xs in (self.starts, self.seconds, self.rows, self.tokens, self.threads):
             xs.clear()
 
 
@@ -419,6 +421,7 @@ def install_step_timer(runner: Any, steps: StepLog) -> None:
             steps.seconds.append(time.perf_counter() - t)
             steps.rows.append(len(rows))
             steps.tokens.append(sum(len(r.token_ids) for r in rows))
+            steps.threads.append(torch.get_num_threads())  # the step set it and leaves it
 
     runner.step = timed
 
@@ -439,6 +442,9 @@ def step_summary(steps: StepLog, full_batch: int) -> dict[str, Any]:
         "full_decode_steps": len(decode_full),
         "full_decode_forward_p50": percentile(decode_full, 50),
         "full_decode_interval_p50": percentile(intervals, 50),
+        "full_decode_threads": dict(
+            Counter(t for n, k, t in zip(steps.rows, steps.tokens, steps.threads, strict=True) if n == full_batch == k)
+        ),
     }
 
 
@@ -606,9 +612,12 @@ def measured_run(
         meter.stop(),
         steps() if steps is not None else None,
     )
+    threads = res.steps.get("full_decode_threads") if res.steps else None
     say(
         f"{name}: {res.tokens_per_second:.1f} tok/s, {res.tokens} tokens in {wall:.1f}s, "
-        f"other processes {res.other_cores:.1f} cores" + (f", {res.errors} errors" if res.errors else "")
+        f"other processes {res.other_cores:.1f} cores"
+        + (f", full decode steps by torch threads {threads}" if threads else "")
+        + (f", {res.errors} errors" if res.errors else "")
     )
     return res
 
@@ -711,8 +720,13 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
         "--prefill-threads",
         type=int,
         default=0,
-        help="ServerConfig.prefill_threads: threads for steps of more than 64 tokens while they measure "
-        "faster (default 0: every core; = --threads: off)",
+        help="ServerConfig.prefill_threads: the other thread count, for steps where it measures faster "
+        "(default 0: every core; = --threads: off)",
+    )
+    p.add_argument(
+        "--fixed-decode-threads",
+        action="store_true",
+        help="ServerConfig.fixed_decode_threads: decode steps always on --threads (no measuring)",
     )
 
 
@@ -927,6 +941,7 @@ def run_prefix(args: argparse.Namespace) -> int:
             linear_threads=args.linear_threads,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
+            fixed_decode_threads=args.fixed_decode_threads,
             metrics_port=0,
             log_level="WARNING",
         )
@@ -1169,6 +1184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             linear_threads=args.linear_threads,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
+            fixed_decode_threads=args.fixed_decode_threads,
             metrics_port=0,
             log_level="WARNING",
             keys_poll_seconds=0.2,

@@ -102,11 +102,16 @@ def torch_threads_for(config: ServerConfig) -> int:
 
 
 def step_threads_for(config: ServerConfig, device: torch.device) -> StepThreads | None:
-    """Threads per step on a CPU (model/threads.py): ``torch_threads_for`` for decode, and every core
-    (or ``prefill_threads``) for prompt prefill while that measures faster. None on other devices."""
+    """Threads per step on a CPU (model/threads.py): ``torch_threads_for``, or every core (or
+    ``prefill_threads``) while that measures faster for steps like it (decode steps only without
+    ``fixed_decode_threads``). None on other devices."""
     if device.type != "cpu":
         return None
-    return StepThreads(torch_threads_for(config), config.prefill_threads or _cores())
+    return StepThreads(
+        torch_threads_for(config),
+        config.prefill_threads or _cores(),
+        measure_decode=not config.fixed_decode_threads,
+    )
 
 
 def build_service(config: ServerConfig, registry: CollectorRegistry | None = None) -> Service:

@@ -159,9 +159,17 @@ class ServerConfig(EngineConfig):
     prefill_threads: int = field(
         default=0,
         metadata={
-            "help": "torch threads for steps of more than 64 tokens (prompt prefill), used only while they "
-            "measure fewer seconds per token than --torch-threads (0: every CPU core; set it to "
-            "--torch-threads to turn this off)"
+            "help": "the other torch thread count a step may run with, used only while it measures faster "
+            "than --torch-threads for steps like it: steps of more than 64 tokens (prompt prefill) by "
+            "seconds per token, decode steps per batch size (0: every CPU core; set it to --torch-threads "
+            "to turn this off)"
+        },
+    )
+    fixed_decode_threads: bool = field(
+        default=False,
+        metadata={
+            "help": "decode steps (up to 64 tokens) always run on --torch-threads instead of measuring "
+            "--prefill-threads too"
         },
     )
     drain_seconds: float = field(
