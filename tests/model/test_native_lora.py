@@ -7,6 +7,7 @@ below (r_cap 4 and 12, d_out 40, fp32) take the portable C path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,54 @@ def test_a_token_gets_the_same_bits_alone_and_among_others(kernel: NativeLora, d
         alone = y0[i : i + 1].clone()
         kernel.add_(alone, x[i : i + 1].contiguous(), m.lora_at, m.lora_bt, slots[i : i + 1], m.slot_rank_t)
         assert torch.equal(alone[0], together[i]), i
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_a_call_split_over_the_steps_threads_gives_the_same_bits(
+    kernel: NativeLora, dtype: torch.dtype, restore_threads: None
+) -> None:
+    """The tokens are cut into one range per thread of the caller's torch (OpenMP) team; a token's sums
+    do not depend on which thread ran it."""
+    assert kernel.threaded  # gcc builds it with OpenMP (the server's Dockerfile and CI machines have gcc)
+    m = _module(576, 1536, {1: 16, 2: 8, 3: 16, 4: 4}, dtype)
+    g = torch.Generator().manual_seed(4)
+    slots = torch.tensor([(1, 2, 3, 4, 0)[i % 5] for i in range(37)])
+    x = torch.randn(37, 576, generator=g).to(dtype)
+    y0 = torch.randn(37, 1536, generator=g).to(dtype)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        y = y0.clone()
+        kernel.add_(y, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
+        results.append(y)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert not torch.equal(results[0], y0)
+
+
+def test_without_openmp_the_kernel_runs_on_the_calling_thread(tmp_path: Path, restore_threads: None) -> None:
+    plain = native.load_native_lora(tmp_path, openmp=False)
+    assert not plain.threaded
+    m = _module(64, 48, {1: 8, 2: 8}, torch.float32)
+    x, y = torch.randn(16, 64), torch.zeros(16, 48)
+    torch.set_num_threads(2)
+    plain.add_(y, x, m.lora_at, m.lora_bt, torch.tensor([1, 2] * 8), m.slot_rank_t)
+    torch.testing.assert_close(y.double(), _reference(torch.zeros(16, 48), x, m, torch.tensor([1, 2] * 8)))
+
+
+def test_an_openmp_build_that_fails_falls_back_to_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler without OpenMP (clang without libomp): the library is built without it, not refused."""
+    monkeypatch.setattr(native, "OPENMP_CFLAGS", (*native.CFLAGS, "-fno-such-flag-for-the-test"))
+    kernel = native.load_native_lora(tmp_path)
+    assert not kernel.threaded
+    choice = choose_lora("auto", cache_dir=tmp_path, device=CPU)
+    assert choice.kernel is not None and "one thread per call" in choice.reason
 
 
 def test_out_of_range_slots_and_ranks_are_refused_and_nothing_is_written(kernel: NativeLora) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -39,8 +40,13 @@ from lorafleet_adapters.peft_format import Transposer, transpose_scaled
 from lorafleet_server.model.cpu import cpu_flags_line
 from lorafleet_server.model.options import AttentionKernel, LoraImpl
 
+log = logging.getLogger(__name__)
+
 ATTENTION_SOURCE = "attention.c"
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+# csrc/lora.c with OpenMP: its calls split tokens over the calling thread's OpenMP team (the libgomp
+# torch has loaded, bound by soname); where that does not build or load, CFLAGS (one thread).
+OPENMP_CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 BUILD_TIMEOUT_S = 120.0
 MAX_HEAD_DIM = 256  # csrc/attention.c's limits
 MAX_GROUP = 16
@@ -76,16 +82,16 @@ def _compiler_version(compiler: str) -> str:
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
-def build_library(name: str, cache_dir: Path, compiler: str | None = None) -> Path:
-    """The shared library of ``csrc/<name>`` for this CPU: built into ``cache_dir`` unless a build of
-    the same source, compiler, flags and CPU is there already."""
+def build_library(name: str, cache_dir: Path, compiler: str | None = None, flags: tuple[str, ...] = CFLAGS) -> Path:
+    """The shared library of ``csrc/<name>`` for this CPU: built with ``flags`` into ``cache_dir``
+    unless a build of the same source, compiler, flags and CPU is there already."""
     compiler = compiler or find_compiler()
     if compiler is None:
         raise NativeKernelError("no C compiler found (set CC, or install gcc)")
     source = _source(name)
     headers = {header: _source(header) for header in HEADERS}
     key = hashlib.sha256()
-    parts = (source, *headers.values(), _compiler_version(compiler).encode(), " ".join(CFLAGS).encode())
+    parts = (source, *headers.values(), _compiler_version(compiler).encode(), " ".join(flags).encode())
     for part in (*parts, cpu_flags_line().encode()):
         key.update(part)
         key.update(b"\0")
@@ -101,7 +107,7 @@ def build_library(name: str, cache_dir: Path, compiler: str | None = None) -> Pa
                 (Path(tmp) / header).write_bytes(text)
             out = Path(tmp) / target.name
             done = subprocess.run(
-                [compiler, *CFLAGS, "-o", str(out), str(src), "-lm"],
+                [compiler, *flags, "-o", str(out), str(src), "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=BUILD_TIMEOUT_S,
@@ -226,23 +232,29 @@ MAX_LORA_RANK = 256  # csrc/lora.c's limit
 # "Measured facts" 12).
 NATIVE_LORA_SHORT_STEP_TOKENS = 64
 NATIVE_LORA_LONG_STEP_MAX_RANK = 8
-# y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16
-_LORA_ARGTYPES: list[Any] = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+# y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16, threads
+_LORA_ARGTYPES: list[Any] = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2
 
 
 class NativeLora:
-    """``csrc/lora.c`` through ctypes: adds each token's own adapter to a base Linear's output, in place."""
+    """``csrc/lora.c`` through ctypes: adds each token's own adapter to a base Linear's output, in place,
+    on the step's torch threads where the library was built with OpenMP (``threaded``)."""
 
     def __init__(self, library: Path) -> None:
         lib, fns = _functions(
             library,
-            {"lf_lora_add": _LORA_ARGTYPES, "lf_lora_fast": [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]},
+            {
+                "lf_lora_add": _LORA_ARGTYPES,
+                "lf_lora_fast": [ctypes.c_int, ctypes.c_int64, ctypes.c_int64],
+                "lf_lora_threaded": [],
+            },
         )
         self.library = library
         self._lib = lib  # keeps the library loaded while its functions live
         self._fn = fns["lf_lora_add"]
         self._fast_fn = fns["lf_lora_fast"]
         self._fast: dict[tuple[torch.dtype, int, int], bool] = {}
+        self.threaded = fns["lf_lora_threaded"]() == 1
 
     def preferred(self, dtype: torch.dtype, d_out: int, r_cap: int, tokens: int) -> bool:
         """Whether ``auto`` runs this module's share of a step here rather than with a torch kernel:
@@ -305,13 +317,20 @@ class NativeLora:
             d_out,
             r_cap,
             1 if y.dtype == torch.bfloat16 else 0,
+            torch.get_num_threads(),  # the step's threads (model/threads.py), an OpenMP team torch keeps warm
         )
         if rc != 0:
             raise NativeKernelError(f"the native LoRA refused its arguments (rc {rc})")
 
 
-def load_native_lora(cache_dir: Path, compiler: str | None = None) -> NativeLora:
-    """Build (or find in ``cache_dir``) and load the native multi-LoRA for this CPU."""
+def load_native_lora(cache_dir: Path, compiler: str | None = None, openmp: bool = True) -> NativeLora:
+    """Build (or find in ``cache_dir``) and load the native multi-LoRA for this CPU: with OpenMP where
+    it builds and loads (``openmp``), else for one thread."""
+    if openmp:
+        try:
+            return NativeLora(build_library(LORA_SOURCE, cache_dir, compiler, OPENMP_CFLAGS))
+        except NativeKernelError as exc:
+            log.warning("the native LoRA without OpenMP (one thread per call): %s", exc)
     return NativeLora(build_library(LORA_SOURCE, cache_dir, compiler))
 
 
@@ -525,7 +544,11 @@ def choose_lora(
         if impl == "native":
             raise NativeKernelError(f"the native LoRA runs on the CPU, not {device}")
         return KernelChoice(None, f"the native kernel is for CPUs; {device.type} runs torch's")
-    return _native_or_fallback(impl == "native", lambda: load_native_lora(cache_dir, compiler))
+    choice = _native_or_fallback(impl == "native", lambda: load_native_lora(cache_dir, compiler))
+    if choice.kernel is None:
+        return choice
+    threads = "the step's torch threads" if choice.kernel.threaded else "one thread per call (no OpenMP)"
+    return KernelChoice(choice.kernel, f"{choice.reason}, on {threads}")
 
 
 def choose_transpose(*, cache_dir: Path, compiler: str | None = None) -> KernelChoice[NativeTranspose]:

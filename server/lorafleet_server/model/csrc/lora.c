@@ -14,12 +14,21 @@
  * fixed ~50-100 us per call whatever the work: ~60-210 calls per decode step. This reads what each
  * token needs (its adapter's r columns of A and r rows of B) with no copy and no fixed cost.
  *
- * Built by lorafleet_server/model/native.py with -O3 -march=<this CPU> -fopenmp-simd; plain C the
+ * A call may split its tokens over `threads` OpenMP threads, in contiguous ranges: a token's numbers
+ * are the same whichever thread computes it. Built with -fopenmp, the library binds at load time to
+ * the libgomp torch has already loaded (same soname), so the threads are the team torch's ops on the
+ * calling thread use and keep spinning between ops (lorafleet_server/openmp.py), not a second pool.
+ *
+ * Built by lorafleet_server/model/native.py with -O3 -march=<this CPU> -fopenmp (or -fopenmp-simd
+ * where OpenMP does not build or load: then every call runs on its calling thread); plain C the
  * compiler vectorizes for the CPU it is built on. Called through ctypes.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "bf16.h"
 
@@ -212,25 +221,16 @@ int lf_lora_fast(int bf16, int64_t d_out, int64_t r_cap) {
 #endif
 }
 
-/* y [n_tokens, d_out] (updated in place), x [n_tokens, d_in], at [n_slots, d_in, r_cap], bt [n_slots,
- * r_cap, d_out], all contiguous and of one element type (bf16 = 1: bfloat16, else float32); slots
- * [n_tokens] and ranks [n_slots] int64. Returns 0, or -1 when a size, slot or rank is out of range
- * (nothing is written then). */
-int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const int64_t *slots, const int64_t *ranks,
-                int64_t n_tokens, int64_t n_slots, int64_t d_in, int64_t d_out, int64_t r_cap, int bf16) {
-    if (n_tokens < 0 || n_slots <= 0 || d_in <= 0 || d_out <= 0 || r_cap < 0 || r_cap > MAX_RANK) return -1;
-    for (int64_t s = 0; s < n_slots; s++)
-        if (ranks[s] < 0 || ranks[s] > r_cap) return -1;
-    for (int64_t n = 0; n < n_tokens; n++)
-        if (slots[n] < 0 || slots[n] >= n_slots) return -1;
+/* Tokens [lo, hi) of a call (see lf_lora_add); out: d_out floats of scratch. */
+static void add_tokens(void *y, const void *x, const void *at, const void *bt, const int64_t *slots,
+                       const int64_t *ranks, int64_t lo, int64_t hi, int64_t d_in, int64_t d_out, int64_t r_cap,
+                       int bf16, float *out) {
     float h[MAX_RANK];
-    float *out = malloc((size_t)d_out * sizeof(float)); /* the token's delta in fp32 */
-    if (out == NULL) return -1;
     const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
-    for (int64_t n = 0; n < n_tokens; n++) {
+    for (int64_t n = lo; n < hi; n++) {
         const int64_t s = slots[n];
         const int r = (int)ranks[s];
-        if (n + 1 < n_tokens && slots[n + 1] != s && slots[n + 1] != 0) { /* the next token's adapter */
+        if (n + 1 < hi && slots[n + 1] != s && slots[n + 1] != 0) { /* the next token's adapter */
             const int64_t t = slots[n + 1];
             prefetch_range((const char *)at + (size_t)(t * d_in * r_cap) * elem, d_in * r_cap * (int64_t)elem);
             prefetch_range((const char *)bt + (size_t)(t * r_cap * d_out) * elem, ranks[t] * d_out * (int64_t)elem);
@@ -254,6 +254,51 @@ int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const in
 #pragma omp simd
             for (int64_t o = 0; o < d_out; o++) yn[o] += out[o];
         }
+    }
+}
+
+/* 1 where this build splits a call over OpenMP threads (built with OpenMP), else 0. */
+int lf_lora_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y [n_tokens, d_out] (updated in place), x [n_tokens, d_in], at [n_slots, d_in, r_cap], bt [n_slots,
+ * r_cap, d_out], all contiguous and of one element type (bf16 = 1: bfloat16, else float32); slots
+ * [n_tokens] and ranks [n_slots] int64. The tokens are split over up to `threads` threads (the caller's
+ * OpenMP team; one thread without OpenMP), at least MIN_TOKENS_PER_THREAD each. Returns 0, or -1 when a
+ * size, slot, rank or thread count is out of range (nothing is written then). */
+#define MIN_TOKENS_PER_THREAD 4
+#define MAX_THREADS 256
+int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const int64_t *slots, const int64_t *ranks,
+                int64_t n_tokens, int64_t n_slots, int64_t d_in, int64_t d_out, int64_t r_cap, int bf16, int threads) {
+    if (n_tokens < 0 || n_slots <= 0 || d_in <= 0 || d_out <= 0 || r_cap < 0 || r_cap > MAX_RANK) return -1;
+    if (threads < 1 || threads > MAX_THREADS) return -1;
+    for (int64_t s = 0; s < n_slots; s++)
+        if (ranks[s] < 0 || ranks[s] > r_cap) return -1;
+    for (int64_t n = 0; n < n_tokens; n++)
+        if (slots[n] < 0 || slots[n] >= n_slots) return -1;
+    if ((int64_t)threads * MIN_TOKENS_PER_THREAD > n_tokens) threads = (int)(n_tokens / MIN_TOKENS_PER_THREAD);
+    if (threads < 1) threads = 1;
+#ifndef _OPENMP
+    threads = 1;
+#endif
+    float *out = malloc((size_t)threads * (size_t)d_out * sizeof(float)); /* each thread's token delta, fp32 */
+    if (out == NULL) return -1;
+    if (threads == 1) {
+        add_tokens(y, x, at, bt, slots, ranks, 0, n_tokens, d_in, d_out, r_cap, bf16, out);
+    } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+        {
+            const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
+            add_tokens(y, x, at, bt, slots, ranks, n_tokens * t / team, n_tokens * (t + 1) / team, d_in, d_out, r_cap,
+                       bf16, out + t * d_out);
+        }
+#endif
     }
     free(out);
     return 0;
