@@ -269,14 +269,16 @@ int lf_lora_threaded(void) {
 /* y [n_tokens, d_out] (updated in place), x [n_tokens, d_in], at [n_slots, d_in, r_cap], bt [n_slots,
  * r_cap, d_out], all contiguous and of one element type (bf16 = 1: bfloat16, else float32); slots
  * [n_tokens] and ranks [n_slots] int64. The tokens are split over up to `threads` threads (the caller's
- * OpenMP team; one thread without OpenMP), at least MIN_TOKENS_PER_THREAD each. Returns 0, or -1 when a
- * size, slot, rank or thread count is out of range (nothing is written then). */
+ * OpenMP team, at most MAX_THREADS; one thread without OpenMP), at least MIN_TOKENS_PER_THREAD each.
+ * Returns 0, or -1 when a size, slot, rank or thread count (< 1) is out of range (nothing is written
+ * then). */
 #define MIN_TOKENS_PER_THREAD 4
 #define MAX_THREADS 256
 int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const int64_t *slots, const int64_t *ranks,
                 int64_t n_tokens, int64_t n_slots, int64_t d_in, int64_t d_out, int64_t r_cap, int bf16, int threads) {
     if (n_tokens < 0 || n_slots <= 0 || d_in <= 0 || d_out <= 0 || r_cap < 0 || r_cap > MAX_RANK) return -1;
-    if (threads < 1 || threads > MAX_THREADS) return -1;
+    if (threads < 1) return -1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
     for (int64_t s = 0; s < n_slots; s++)
         if (ranks[s] < 0 || ranks[s] > r_cap) return -1;
     for (int64_t n = 0; n < n_tokens; n++)
