@@ -51,6 +51,14 @@ def seaweed_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         server.stop(grace=0)
 
 
+@pytest.fixture
+def torch_threads_kept() -> Iterator[None]:
+    """Tests that set torch's thread count leave it as they found it."""
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def native_lora(tmp_path_factory: pytest.TempPathFactory) -> NativeLora | None:
     """The native multi-LoRA kernel built for this CPU, as the server builds it; None where the

@@ -7,7 +7,6 @@ below (r_cap 4 and 12, d_out 40, fp32) take the portable C path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,16 +95,9 @@ def test_a_token_gets_the_same_bits_alone_and_among_others(kernel: NativeLora, d
         assert torch.equal(alone[0], together[i]), i
 
 
-@pytest.fixture
-def restore_threads() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_a_call_split_over_the_steps_threads_gives_the_same_bits(
-    kernel: NativeLora, dtype: torch.dtype, restore_threads: None
+    kernel: NativeLora, dtype: torch.dtype, torch_threads_kept: None
 ) -> None:
     """The tokens are cut into one range per thread of the caller's torch (OpenMP) team; a token's sums
     do not depend on which thread ran it."""
@@ -125,7 +117,7 @@ def test_a_call_split_over_the_steps_threads_gives_the_same_bits(
     assert not torch.equal(results[0], y0)
 
 
-def test_without_openmp_the_kernel_runs_on_the_calling_thread(tmp_path: Path, restore_threads: None) -> None:
+def test_without_openmp_the_kernel_runs_on_the_calling_thread(tmp_path: Path, torch_threads_kept: None) -> None:
     plain = native.load_native_lora(tmp_path, openmp=False)
     assert not plain.threaded
     m = _module(64, 48, {1: 8, 2: 8}, torch.float32)

@@ -4,7 +4,6 @@ per token, and the other is probed again now and then; decode steps keep their t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,7 @@ from lorafleet_server.model.threads import (
     decode_bucket,
 )
 
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("torch_threads_kept")
 
 
 def test_small_steps_keep_the_small_count_and_large_ones_measure_both() -> None:

@@ -115,11 +115,20 @@ class StepThreads:
                 return threads
         cost = self.cost
         best = min(cost, key=lambda t: cost[t])
-        other = self.small if best == self.large else self.large
-        return other if self._large_steps % self.probe_every == 0 else best
+        return self._other(best) if self._large_steps % self.probe_every == 0 else best
+
+    def _other(self, threads: int) -> int:
+        return self.small if threads == self.large else self.large
+
+    def _bucket(self, tokens: int) -> _DecodeBucket:
+        key = decode_bucket(tokens)
+        bucket = self.decode.get(key)
+        if bucket is None:
+            bucket = self.decode[key] = _DecodeBucket()
+        return bucket
 
     def _choose_decode(self, tokens: int) -> int:
-        bucket = self.decode.setdefault(decode_bucket(tokens), _DecodeBucket())
+        bucket = self._bucket(tokens)
         bucket.probing = None  # a probe whose step failed was never recorded
         counts = (self.small, self.large)
         fewest = min(counts, key=lambda t: len(bucket.samples.get(t, ())))  # small first on a tie
@@ -130,7 +139,7 @@ class StepThreads:
         if bucket.steps >= bucket.gap:
             bucket.steps = 0
             bucket.probing = best
-            return self.small if best == self.large else self.large
+            return self._other(best)
         return best
 
     @staticmethod
@@ -152,7 +161,7 @@ class StepThreads:
         self.samples.setdefault(threads, deque(maxlen=COST_WINDOW)).append(seconds / tokens)
 
     def _record_decode(self, threads: int, tokens: int, seconds: float) -> None:
-        bucket = self.decode.setdefault(decode_bucket(tokens), _DecodeBucket())
+        bucket = self._bucket(tokens)
         bucket.samples.setdefault(threads, deque(maxlen=COST_WINDOW)).append(seconds)
         if bucket.probing is not None and threads != bucket.probing:  # the probe's step
             # slower than the choice's median: probe half as often; faster: at the next step again,
