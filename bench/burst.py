@@ -182,9 +182,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch intra-op threads")
     p.add_argument(
         "--dtype",
-        default="bfloat16",
+        default="auto",
         choices=("device", "auto", "float32", "bfloat16"),
-        help="compute dtype (default bfloat16: this CPU has avx512_bf16)",
+        help="compute dtype (default auto: the server's choice for this CPU, bf16 only where it has avx512_bf16)",
     )
     p.add_argument("--model", type=Path, help="model directory (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--trace", action="store_true", help="print every burst's step log")
