@@ -6,23 +6,23 @@ Loads the real default model (SmolLM2-135M) through the serving loader (``load_h
 * a decode step: ``--batch`` rows (default 32), each one new token after ``--context`` cached tokens;
 * a prefill step: ``--prefill-rows`` rows (default 4) of ``--prefill-tokens`` new tokens (default 128);
 
-with ``--adapters`` distinct adapters (random weights in slots, default 0: base only; the LoRA
-kernels run in the compute dtype either way) of ``--shape``: ``default`` (PEFT's default, r=8 on
-q_proj and v_proj) or ``r16all`` (r=16 on all seven Linears). Variants: ``fp32``, ``bf16`` and
-``fp32+compile`` / ``bf16+compile`` (``torch.compile`` of each decoder layer's MLP and RMSNorms: what
-``--compile`` does, ``compile_base`` in ``model/loader.py``). bf16 variants without compile prepack the
-base Linears for oneDNN (``model/packed.py``), as the server does. A ``+before`` suffix (``bf16+before``)
-runs the LoRA kernels as they were before the embedding_bag ``token`` kernel (``token_before`` and
-``choose_before`` of ``bench/lora_kernels.py``), and a ``+base`` suffix loads no adapter (the base
-alone, for the LoRA share); ``+lora32`` keeps the LoRA slot buffers (and math) in fp32 under a bf16
-base; attention and LoRA are the server's defaults (``--attention-kernel auto``, ``--lora-impl
-auto``: the native kernels of ``model/native.py`` where they build), and a ``+torchattn`` suffix runs
-torch's attention matmuls, ``+torchlora`` the torch LoRA kernels only, and ``+onednn`` oneDNN's
-prepacked base Linears instead of the native AMX ones (``--linear-kernel``), ``+lin1`` the native ones
-on the calling thread alone (``--linear-threads 1``; by default every CPU, as the server): A/Bs of the
-whole step in one run. Repeats are
-interleaved across variants so that load from other processes hits each alike; the median of each
-is reported with its ratio to the first variant.
+with ``--adapters`` distinct adapters (random weights in slots, default 0: base only; the LoRA kernels
+run in the compute dtype either way) of ``--shape``: ``default`` (PEFT's default, r=8 on q_proj and
+v_proj) or ``r16all`` (r=16 on all seven Linears). Variants: ``fp32``, ``bf16`` and ``fp32+compile`` /
+``bf16+compile`` (``torch.compile`` of each decoder layer's MLP and RMSNorms: what ``--compile`` does,
+``compile_base`` in ``model/loader.py``). Variants without compile prepack the base Linears as the
+server does (``model/packed.py``: bf16 always, fp32 where timed faster at load). A ``+before`` suffix
+(``bf16+before``) runs the LoRA kernels as they were before the embedding_bag ``token`` kernel
+(``token_before`` and ``choose_before`` of ``bench/lora_kernels.py``), and a ``+base`` suffix loads no
+adapter (the base alone, for the LoRA share); ``+lora32`` keeps the LoRA slot buffers (and math) in fp32
+under a bf16 base; attention and LoRA are the server's defaults (``--attention-kernel auto``,
+``--lora-impl auto``: the native kernels of ``model/native.py`` where they build), and a ``+torchattn``
+suffix runs torch's attention matmuls, ``+torchlora`` the torch LoRA kernels only, and ``+onednn``
+oneDNN's prepacked base Linears instead of the native AMX ones or fp32's timed choice
+(``--linear-kernel``), ``+torchlin`` plain ``F.linear`` (``--linear-kernel torch``), ``+lin1`` the
+native ones on the calling thread alone (``--linear-threads 1``; by default every CPU, as the server):
+A/Bs of the whole step in one run. Repeats are interleaved across variants so that load from other
+processes hits each alike; the median of each is reported with its ratio to the first variant.
 
 Also reports the quality check of ``model/loader.py`` (``bf16_quality``): top-1 agreement and max
 logit difference of bf16 against fp32 on fixed prompts.
@@ -92,16 +92,19 @@ def build_runner(
     kernels = Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / "data")) / "kernels"
     if compiled:
         compile_base(model)
-    else:  # as load_base does: the server's bf16 base Linears
-        eligible = None if dtype == torch.bfloat16 else "fp32"
-        pack_base(
+    else:  # as load_base does: the server's base Linears (fp32: prepacked where timed faster)
+        cores = len(os.sched_getaffinity(0))
+        choice = pack_base(
             model,
             list(layers.values()),
             linear,  # type: ignore[arg-type]
-            eligible=eligible,
+            eligible=None,
             cache_dir=kernels,
-            threads=linear_threads or len(os.sched_getaffinity(0)),  # 0: every CPU, as the server
+            threads=linear_threads or cores,  # 0: every CPU, as the server
+            dtype=dtype,
+            measure_threads=tuple(sorted({torch.get_num_threads(), cores})),  # as the server's steps
         )
+        print(f"base Linears: {choice.name} ({choice.reason})")
     shape_ = AttentionShape.of(model.config)
     lora = choose_lora("auto" if native_lora else "token", cache_dir=kernels, device=cpu)
     native = choose_attention(
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         adapters = 0 if name.endswith("+base") else args.adapters
         lora_dtype = torch.float32 if "+lora32" in name else None
         attention = "torch" if "+torchattn" in name else "auto"
-        linear = "onednn" if "+onednn" in name else "auto"
+        linear = "onednn" if "+onednn" in name else "torch" if "+torchlin" in name else "auto"
         runners[name] = build_runner(
             model_dir,
             dtype,

@@ -140,6 +140,8 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         linear_kernel=config.linear_kernel,
         kernels_dir=config.kernels_dir,
         linear_threads=config.linear_threads or len(os.sched_getaffinity(0)),
+        # the thread counts steps run on (step_threads_for): an fp32 base's Linears are timed at both
+        measure_threads=tuple(sorted({threads, config.prefill_threads or _cores()})),
     )
     if config.max_seq_len > base.max_position_embeddings:
         raise StartupError(

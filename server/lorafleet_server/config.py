@@ -143,9 +143,10 @@ class ServerConfig(EngineConfig):
     linear_kernel: LinearKernel = field(
         default="auto",
         metadata={
-            "help": "base Linears of a bf16 model on CPU: native is a C kernel on Intel AMX built at startup "
-            "(like --attention-kernel), onednn is oneDNN's prepacked matmul, torch is F.linear; auto is the "
-            "first that runs here"
+            "help": "base Linears of an unquantized model on CPU: native is a C kernel on Intel AMX built at "
+            "startup (like --attention-kernel; bf16 only), onednn is oneDNN's prepacked matmul, torch is "
+            "F.linear; auto is the first that runs here in bf16, and in fp32 oneDNN's where it is timed "
+            "faster at startup"
         },
     )
     linear_threads: int = field(

@@ -21,10 +21,12 @@ from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import make_slot_io
 from lorafleet_server.engine.types import TokenEvent
 from lorafleet_server.model.loader import load_base
+from lorafleet_server.model.options import LinearKernel
 from lorafleet_server.model.packed import packed_linear_supported
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
 ONEDNN_BF16 = packed_linear_supported(torch.bfloat16)
+ONEDNN_FP32 = packed_linear_supported(torch.float32)
 
 # Different ranks, alphas, target subsets, rsLoRA, per-module patterns and a layer subset.
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -144,6 +146,19 @@ def _targets(model: Any) -> list[Any]:
     return list(discover_targets(model).values())
 
 
+def _linear_kernel(quantization: str, dtype: str, impl: str) -> LinearKernel:
+    """A fixed base Linear per case (fp32's "auto" is timed at load, so it could take either path): bf16
+    with a torch LoRA runs oneDNN's prepacked Linears where this torch build has them (not on AVX2-only
+    CPUs), with the native LoRA the first that runs (the native AMX Linear where the CPU has AMX); fp32
+    runs oneDNN's prepacked Linears with the native LoRA and F.linear with the torch ones; NF4 keeps
+    bitsandbytes' Linears."""
+    if quantization != "none":
+        return "auto"
+    if dtype == "bfloat16":
+        return "onednn" if impl != "native" and ONEDNN_BF16 else "auto"
+    return "onednn" if impl == "native" and ONEDNN_FP32 else "torch"
+
+
 @pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped", "native"])
 @pytest.mark.parametrize(
     ("quantization", "dtype"),
@@ -161,9 +176,8 @@ def test_mixed_batch_logits_match_peft(
     native_lora: Any,
 ) -> None:
     """All rows prefill all but their last token in one ragged step, then decode it in one batched step
-    (both attention paths, and in bf16 the prepacked Linears: oneDNN's, and with the native LoRA the
-    native AMX ones where the CPU has AMX); each row's logits are PEFT's (fp32) with its own adapter
-    alone: exactly in fp32 and NF4, within bf16's rounding in bf16."""
+    (both attention paths, and the base Linears of ``_linear_kernel``); each row's logits are PEFT's
+    (fp32) with its own adapter alone: exactly in fp32 and NF4, within bf16's rounding in bf16."""
     if impl == "native" and native_lora is None:
         pytest.skip("no C compiler on this machine")
     base = load_base(
@@ -173,8 +187,7 @@ def test_mixed_batch_logits_match_peft(
         num_slots=6,
         max_lora_rank=32,
         dtype=dtype,
-        # oneDNN's prepacked Linears where this torch build has them for bf16 (not on AVX2-only CPUs)
-        linear_kernel="onednn" if dtype == "bfloat16" and impl != "native" and ONEDNN_BF16 else "auto",
+        linear_kernel=_linear_kernel(quantization, dtype, impl),
         kernels_dir=tmp_path / "kernels",
     )
     if quantization == "nf4":

@@ -123,10 +123,13 @@ def test_bf16_lora_matches_peft_within_tolerance_and_fp32_exactly(
     prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
     want = _peft_logits(tiny_model_dir, qv_adapter, prompts)  # [P, vocab]
     kw: dict[str, Any] = {"quantization": "none", "device": CPU, "num_slots": 2, "max_lora_rank": 16}
-    fp32 = load_base(tiny_model_dir, dtype="float32", **kw)
-    assert fp32.dtype == torch.float32 and fp32.dtype_reason == "asked for float32"
-    torch.testing.assert_close(_served_logits(fp32, qv_adapter, tmp_path / "s32", prompts), want, rtol=1e-4, atol=1e-4)
-    assert fp32.linear_kernel == "torch"
+    # fp32 with F.linear and with oneDNN's prepacked Linears (what "auto" picks where it is timed faster)
+    for kernel in ("torch", "onednn") if packed_linear_supported(torch.float32) else ("torch",):
+        fp32 = load_base(tiny_model_dir, dtype="float32", linear_kernel=kernel, **kw)
+        assert fp32.dtype == torch.float32 and fp32.dtype_reason == "asked for float32"
+        assert fp32.linear_kernel == {"torch": "torch", "onednn": "onednn-packed"}[kernel]
+        got32 = _served_logits(fp32, qv_adapter, tmp_path / f"s32-{kernel}", prompts)
+        torch.testing.assert_close(got32, want, rtol=1e-4, atol=1e-4)
     bf16 = load_base(tiny_model_dir, dtype="bfloat16", **kw)
     assert bf16.dtype == torch.bfloat16
     # bf16 on CPU: the base Linears (and the LM head) compute from prepacked oneDNN weights.

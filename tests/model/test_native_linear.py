@@ -210,11 +210,12 @@ def test_torch_onednn_and_ineligible_bases(kernels_dir: Path) -> None:
     model = _Model().to(torch.bfloat16)
     assert pack_base(model, [model.layer], "torch", eligible=None, cache_dir=kernels_dir).name == "torch"
     assert type(model.layer.base) is nn.Linear
-    fp32 = pack_base(model, [model.layer], "auto", eligible="float32 on cpu", cache_dir=kernels_dir)
-    assert (fp32.name, fp32.reason) == ("torch", "float32 on cpu") and type(model.layer.base) is nn.Linear
+    why = "a quantized or compiled base keeps torch's Linears"
+    kept = pack_base(model, [model.layer], "auto", eligible=why, cache_dir=kernels_dir)
+    assert (kept.name, kept.reason) == ("torch", why) and type(model.layer.base) is nn.Linear
     for choice in ("native", "onednn"):
-        with pytest.raises(NativeKernelError, match="needs a bf16 base"):
-            pack_base(model, [model.layer], choice, eligible="float32 on cpu", cache_dir=kernels_dir)  # type: ignore[arg-type]
+        with pytest.raises(NativeKernelError, match="needs a bf16 or fp32 base"):
+            pack_base(model, [model.layer], choice, eligible=why, cache_dir=kernels_dir)  # type: ignore[arg-type]
     if packed_linear_supported(torch.bfloat16):
         assert pack_base(model, [model.layer], "onednn", eligible=None, cache_dir=kernels_dir).name == "onednn-packed"
         assert isinstance(model.layer.base, PackedLinear) and isinstance(model.lm_head, PackedLinear)

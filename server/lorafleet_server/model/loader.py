@@ -45,7 +45,7 @@ class LoadedBase:
     dtype_reason: str = ""  # why this compute dtype (choose_compute_dtype)
     compiled: bool = False  # compile_base ran
     cpu_features: str = ""  # CpuFeatures.summary() of this machine
-    linear_kernel: str = "torch"  # "onednn-packed": base Linears prepacked (model/packed.py), else "torch"
+    linear_kernel: str = "torch"  # "native-amx" or "onednn-packed": prepacked (model/packed.py); else "torch"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -348,12 +348,14 @@ def load_base(
     linear_kernel: LinearKernel = "auto",
     kernels_dir: Path | None = None,
     linear_threads: int = 1,
+    measure_threads: tuple[int, ...] = (),
 ) -> LoadedBase:
     """Load, wrap and check the base. `dtype` is "auto", "float32" or "bfloat16" (`choose_compute_dtype`);
     "device" or None keeps `compute_dtype_for(device)` (bf16 on CUDA, fp32 on CPU: the default).
     `compile` runs `compile_base` (CPU or CUDA, unquantized bases only). `linear_kernel` picks the
-    bf16 CPU base Linears' kernel (`model/packed.py` pack_base); the native one is built into
-    `kernels_dir` (None: not tried) and runs on `linear_threads` threads."""
+    CPU base Linears' kernel (`model/packed.py` pack_base); the native one is built into
+    `kernels_dir` (None: not tried) and runs on `linear_threads` threads; an fp32 base's choice is
+    timed at `measure_threads` (the thread counts its steps run on; empty: torch's current one)."""
     cfg = read_model_config(model_dir)
     quantization = resolve_quantization(quantization, device)
     features = cpu_features()
@@ -376,15 +378,23 @@ def load_base(
         if quantization != "none":
             raise ModelLoadError(f"--compile needs an unquantized base, not {quantization}")
         compile_base(model)
-    # bf16 on CPU: the base weights packed once for the native AMX kernel or oneDNN (model/packed.py).
-    # Not under --compile, whose graphs would have to trace them; fp32 measured no steady win.
+    # bf16 or fp32 on CPU: the base weights packed once for the native AMX kernel or oneDNN
+    # (model/packed.py; fp32 where that measures faster here). Not under --compile, whose graphs
+    # would have to trace them.
     eligible = None
-    if device.type != "cpu" or compute != torch.bfloat16:
+    if device.type != "cpu" or compute not in (torch.bfloat16, torch.float32):
         eligible = f"{str(compute).removeprefix('torch.')} on {device.type} keeps torch's Linears"
     elif quantization != "none" or compile:
         eligible = "a quantized or compiled base keeps torch's Linears"
     linears = pack_base(
-        model, list(layers.values()), linear_kernel, eligible=eligible, cache_dir=kernels_dir, threads=linear_threads
+        model,
+        list(layers.values()),
+        linear_kernel,
+        eligible=eligible,
+        cache_dir=kernels_dir,
+        threads=linear_threads,
+        dtype=compute,
+        measure_threads=measure_threads,
     )
     log.info("base Linears: %s (%s)", linears.name, linears.reason)
     log.info(

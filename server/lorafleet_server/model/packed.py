@@ -1,4 +1,4 @@
-"""Base Linears with their weight also prepacked in oneDNN's blocked layout, for bf16 on CPU.
+"""Base Linears with their weight also prepacked in oneDNN's blocked layout, for bf16 or fp32 on CPU.
 
 ``F.linear`` in bf16 on a CPU reorders the weight into oneDNN's blocked layout on every call; for the
 few rows of a decode step that reorder is a large share of the call. Prepacking it once
@@ -9,19 +9,26 @@ head, the same outputs bit for bit, but slower than ``F.linear`` for long prefil
 So the layer keeps both: the packed weight for steps of up to ``PACKED_MAX_ROWS`` rows, the plain
 one (shared with the model, no copy) above.
 
+In fp32 ``F.linear`` is MKL's GEMM, which on some CPUs splits a few rows poorly over threads (a 2-core
+AMD EPYC: the LM head at 32 rows 26.7 ms on two threads against 15.1 ms prepacked) and on others is as
+fast as the packed call. Which holds is the machine's, so ``--linear-kernel auto`` times both on the
+model's own weights at load (:func:`time_packed`) and packs fp32 weights only where that wins.
+
 The ops are private torch API; :func:`packed_linear_supported` checks once at load that they exist
 and give ``F.linear``'s result, and the loader keeps plain Linears otherwise.
 
-On a CPU with AMX the native Linear (``csrc/linear.c``, :class:`NativeLinearModule`) replaces them:
-it streams each weight from DRAM at about twice the rate of oneDNN's call on decode steps and gives
-every row the same numbers whatever the step's row count. :func:`pack_base` makes the choice
+On a CPU with AMX the native Linear (``csrc/linear.c``, :class:`NativeLinearModule`) replaces them in
+bf16: it streams each weight from DRAM at about twice the rate of oneDNN's call on decode steps and
+gives every row the same numbers whatever the step's row count. :func:`pack_base` makes the choice
 (``--linear-kernel``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +55,7 @@ def _packed_linear(x2: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
 
 def packed_linear_supported(dtype: torch.dtype) -> bool:
     """Whether this torch build has the prepacked oneDNN linear for ``dtype`` and it matches F.linear."""
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.bfloat16, torch.float32):
         return False
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 40, generator=gen).to(dtype)  # [out, in]
@@ -58,7 +65,8 @@ def packed_linear_supported(dtype: torch.dtype) -> bool:
         for rows in (1, 5, 32, 70):
             x = torch.randn(rows, 40, generator=gen).to(dtype)  # [rows, in]
             got = _packed_linear(x, packed, bias)
-            if not torch.allclose(got.float(), F.linear(x, weight, bias).float(), rtol=1e-2, atol=1e-2):
+            tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+            if not torch.allclose(got.float(), F.linear(x, weight, bias).float(), rtol=tol, atol=tol):
                 log.warning("prepacked oneDNN linear differs from F.linear in %s: plain Linears kept", dtype)
                 return False
     except (RuntimeError, AttributeError, NotImplementedError) as exc:
@@ -119,6 +127,17 @@ class NativeLinearModule(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed (native AMX)"
 
 
+def _plain_linears(model: nn.Module, bases: list[nn.Module]) -> Iterator[nn.Linear]:
+    """Each plain ``nn.Linear`` among ``bases`` (the LoRA wrappers' ``base``) and the LM head."""
+    for wrapper in bases:
+        base = getattr(wrapper, "base", None)
+        if type(base) is nn.Linear:
+            yield base
+    head = getattr(model, "lm_head", None)
+    if type(head) is nn.Linear:
+        yield head
+
+
 def _replace_linears(model: nn.Module, bases: list[nn.Module], make: Callable[[nn.Linear], nn.Module]) -> int:
     """Replace each plain ``nn.Linear`` in ``bases`` (the LoRA wrappers' ``base``) and the LM head by
     ``make(linear)``; returns how many were replaced."""
@@ -133,6 +152,74 @@ def _replace_linears(model: nn.Module, bases: list[nn.Module], make: Callable[[n
         model.lm_head = make(head)
         count += 1
     return count
+
+
+@dataclass(frozen=True)
+class PackedTiming:
+    """What :func:`time_packed` measured: one step's worth of base Linears (every Linear that would be
+    packed, once each) at ``rows`` rows, summed over the thread counts; medians of ``repeats``."""
+
+    rows: int
+    threads: tuple[int, ...]
+    plain_ms: float  # F.linear
+    packed_ms: float  # the prepacked oneDNN call
+
+    @property
+    def packed_wins(self) -> bool:
+        return self.packed_ms < self.plain_ms
+
+    def describe(self) -> str:
+        counts = "+".join(str(t) for t in self.threads)
+        return (
+            f"{self.rows} rows on {counts} thread(s): prepacked {self.packed_ms:.1f} ms, "
+            f"F.linear {self.plain_ms:.1f} ms ({self.plain_ms / self.packed_ms:.2f}x)"
+        )
+
+
+def time_packed(
+    model: nn.Module,
+    bases: list[nn.Module],
+    threads: Sequence[int],
+    *,
+    rows: int = PACK_BATCH_HINT,
+    repeats: int = 3,
+) -> PackedTiming:
+    """Time F.linear against the prepacked call on the model's own weights: per distinct Linear shape
+    (the first weight of that shape), ``rows`` random rows, both calls interleaved, median of
+    ``repeats`` after one warm-up each, weighted by how many Linears have the shape; at each thread
+    count in ``threads`` (torch's setting is restored). SmolLM2-135M: ~0.5 s on 2 cores."""
+    shapes: dict[tuple[int, int], tuple[nn.Linear, int]] = {}
+    for linear in _plain_linears(model, bases):
+        key = (linear.out_features, linear.in_features)
+        first, count = shapes.get(key, (linear, 0))
+        shapes[key] = (first, count + 1)
+    gen = torch.Generator().manual_seed(0)
+    kept = torch.get_num_threads()
+    plain_ms = packed_ms = 0.0
+    try:
+        with torch.inference_mode():
+            for linear, count in shapes.values():
+                weight = linear.weight.detach()  # [out, in]
+                x = torch.randn(rows, linear.in_features, generator=gen).to(weight.dtype)  # [rows, in]
+                packed = PackedLinear(linear)
+                for n in threads:
+                    torch.set_num_threads(n)
+                    plain: list[float] = []
+                    prepacked: list[float] = []
+                    for i in range(repeats + 1):
+                        t0 = time.perf_counter()
+                        F.linear(x, weight, linear.bias)
+                        t1 = time.perf_counter()
+                        packed(x)
+                        t2 = time.perf_counter()
+                        if i:  # the first call of each warms up
+                            plain.append(t1 - t0)
+                            prepacked.append(t2 - t1)
+                    plain_ms += count * statistics.median(plain) * 1e3
+                    packed_ms += count * statistics.median(prepacked) * 1e3
+    finally:
+        torch.set_num_threads(kept)
+    return PackedTiming(rows, tuple(threads), plain_ms, packed_ms)
 
 
 def pack_linears(model: nn.Module, bases: list[nn.Module]) -> int:
@@ -158,19 +245,25 @@ def pack_base(
     cache_dir: Path | None,
     compiler: str | None = None,
     threads: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    measure_threads: Sequence[int] = (),
 ) -> LinearChoice:
-    """``--linear-kernel`` for the base Linears of a loaded model. ``eligible`` is None for a bf16 base
-    on the CPU, unquantized and not compiled, else why it is not (then only "torch" runs; "native" and
-    "onednn" are refused with NativeKernelError). "native" is the AMX kernel, built in ``cache_dir``,
-    for every Linear of a shape it takes (NativeKernelError where it cannot run); "onednn" oneDNN's
-    prepacked Linear; "auto" the first of native, oneDNN and plain torch that runs here (native only
-    with a ``cache_dir``)."""
+    """``--linear-kernel`` for the base Linears of a loaded model. ``eligible`` is None for a bf16 or
+    fp32 base (``dtype``) on the CPU, unquantized and not compiled, else why it is not (then only
+    "torch" runs; "native" and "onednn" are refused with NativeKernelError). "native" is the AMX
+    kernel, built in ``cache_dir``, for every Linear of a shape it takes (NativeKernelError where it
+    cannot run, and for fp32: it computes in bf16); "onednn" oneDNN's prepacked Linear; "auto" in bf16
+    the first of native, oneDNN and plain torch that runs here (native only with a ``cache_dir``), in
+    fp32 oneDNN's where :func:`time_packed` measures it faster at ``measure_threads`` (default: torch's
+    current count), else torch."""
     if choice == "torch":
         return LinearChoice("torch", "--linear-kernel torch")
     if eligible is not None:
         if choice != "auto":
-            raise NativeKernelError(f"--linear-kernel {choice} needs a bf16 base on the CPU: {eligible}")
+            raise NativeKernelError(f"--linear-kernel {choice} needs a bf16 or fp32 base on the CPU: {eligible}")
         return LinearChoice("torch", eligible)
+    if dtype == torch.float32:
+        return _pack_fp32(model, bases, choice, tuple(measure_threads) or (torch.get_num_threads(),))
     onednn = packed_linear_supported(torch.bfloat16)
     fallback = PackedLinear if onednn else (lambda linear: linear)
     why = ""
@@ -200,3 +293,24 @@ def pack_base(
         return LinearChoice("torch", why + "no prepacked oneDNN linear in this torch build")
     pack_linears(model, bases)
     return LinearChoice("onednn-packed", why + "oneDNN's prepacked bf16 linear")
+
+
+def _pack_fp32(
+    model: nn.Module, bases: list[nn.Module], choice: LinearKernel, measure_threads: tuple[int, ...]
+) -> LinearChoice:
+    """pack_base for an fp32 base: the AMX kernel computes bf16 only; oneDNN's prepacked call where it
+    runs and, under "auto", measures faster on this machine."""
+    if choice == "native":
+        raise NativeKernelError("--linear-kernel native computes in bf16 (AMX); this base is fp32")
+    if not packed_linear_supported(torch.float32):
+        if choice == "onednn":
+            raise NativeKernelError("--linear-kernel onednn: this torch build has no working prepacked fp32 linear")
+        return LinearChoice("torch", "no prepacked oneDNN fp32 linear in this torch build")
+    if choice == "onednn":
+        pack_linears(model, bases)
+        return LinearChoice("onednn-packed", "oneDNN's prepacked fp32 linear (--linear-kernel onednn)")
+    timing = time_packed(model, bases, measure_threads)
+    if not timing.packed_wins:
+        return LinearChoice("torch", f"fp32 F.linear timed faster at load: {timing.describe()}")
+    pack_linears(model, bases)
+    return LinearChoice("onednn-packed", f"oneDNN's prepacked fp32 linear, timed faster at load: {timing.describe()}")
