@@ -10,7 +10,7 @@ So the layer keeps both: the packed weight for steps of up to ``PACKED_MAX_ROWS`
 one (shared with the model, no copy) above.
 
 In fp32 ``F.linear`` is MKL's GEMM, which on some CPUs splits a few rows poorly over threads (a 2-core
-AMD EPYC: the LM head at 32 rows 26.7 ms on two threads against 15.1 ms prepacked) and on others is as
+AMD EPYC: the LM head at 32 rows 32.7 ms on two threads against 15.7 ms prepacked) and on others is as
 fast as the packed call. Which holds is the machine's, so ``--linear-kernel auto`` times both on the
 model's own weights at load (:func:`time_packed`) and packs fp32 weights only where that wins.
 
