@@ -184,7 +184,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dtype",
         default="auto",
         choices=("device", "auto", "float32", "bfloat16"),
-        help="compute dtype (default auto: the server's choice for this CPU, bf16 only where it has avx512_bf16)",
+        help="compute dtype (default auto: the server's choice, bf16 only where the CPU has native bf16 and "
+        "the model passes the bf16 check)",
     )
     p.add_argument("--model", type=Path, help="model directory (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--trace", action="store_true", help="print every burst's step log")

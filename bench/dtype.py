@@ -102,7 +102,7 @@ def build_runner(
             cache_dir=kernels,
             threads=linear_threads or cores,  # 0: every CPU, as the server
             dtype=dtype,
-            measure_threads=tuple(sorted({torch.get_num_threads(), cores})),  # as the server's steps
+            measure_threads=(torch.get_num_threads(),),  # the runner's steps all run on these
         )
         print(f"base Linears: {choice.name} ({choice.reason})")
     shape_ = AttentionShape.of(model.config)

@@ -140,8 +140,11 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         linear_kernel=config.linear_kernel,
         kernels_dir=config.kernels_dir,
         linear_threads=config.linear_threads or len(os.sched_getaffinity(0)),
-        # the thread counts steps run on (step_threads_for): an fp32 base's Linears are timed at both
-        measure_threads=tuple(sorted({threads, config.prefill_threads or _cores()})),
+        # the thread counts decode steps run on (step_threads_for), where the packed Linears serve:
+        # an fp32 base's Linears are timed at those
+        measure_threads=(threads,)
+        if config.fixed_decode_threads
+        else tuple(sorted({threads, config.prefill_threads or _cores()})),
     )
     if config.max_seq_len > base.max_position_embeddings:
         raise StartupError(

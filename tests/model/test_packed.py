@@ -15,6 +15,7 @@ from lorafleet_server.model.native import NativeKernelError
 from lorafleet_server.model.packed import (
     PACK_BATCH_HINT,
     PACKED_MAX_ROWS,
+    PACKED_MIN_GAIN,
     PackedLinear,
     PackedTiming,
     pack_base,
@@ -105,6 +106,41 @@ def test_time_packed_times_each_shape_once_at_each_thread_count(
     assert "32 rows on 1+2 thread(s)" in timing.describe()
 
 
+@FP32
+def test_time_packed_sums_medians_weighted_by_how_many_linears_share_a_shape(
+    monkeypatch: pytest.MonkeyPatch, torch_threads_kept: None
+) -> None:
+    """A clock that advances 1 ms per F.linear call and 3 ms per packed call of the 16->16 shape, 2 and
+    1 ms for the 16->40 head; the first (warm-up) call of each takes 100 ms and is left out."""
+    model = _Model()
+    now = [0.0]
+    cost = {16: (0.001, 0.003), 40: (0.002, 0.001)}  # out features -> (F.linear, packed) seconds
+    calls = [0]
+    real_linear = F.linear
+    real_packed = PackedLinear.forward
+
+    def clock() -> float:
+        return now[0]
+
+    def plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        calls[0] += 1
+        now[0] += 0.1 if calls[0] % 4 == 1 else cost[weight.shape[0]][0]
+        return real_linear(x, weight, bias)
+
+    def packed(self: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        now[0] += 0.1 if calls[0] % 4 == 1 else cost[self.out_features][1]
+        return real_packed(self, x)
+
+    monkeypatch.setattr(packed_module.time, "perf_counter", clock)
+    monkeypatch.setattr(packed_module.F, "linear", plain)
+    monkeypatch.setattr(PackedLinear, "forward", packed)
+    timing = time_packed(model, model.bases(), (1,), repeats=3)
+    # 16->16: two Linears (layer, twin) at 1 / 3 ms; the head: one at 2 / 1 ms
+    assert timing.plain_ms == pytest.approx(2 * 1 + 2)
+    assert timing.packed_ms == pytest.approx(2 * 3 + 1)
+    assert not timing.packed_wins
+
+
 def _timed(plain_ms: float, packed_ms: float, seen: list[tuple[int, ...]]) -> object:
     def fake(model: nn.Module, bases: list[nn.Module], threads: tuple[int, ...]) -> PackedTiming:
         seen.append(tuple(threads))
@@ -127,12 +163,31 @@ def test_an_fp32_base_is_packed_by_auto_only_where_timed_faster(monkeypatch: pyt
     assert isinstance(model.layer.base, PackedLinear) and isinstance(model.twin.base, PackedLinear)
     assert isinstance(model.lm_head, PackedLinear) and model.lm_head.weight is head_weight
 
-    monkeypatch.setattr(packed_module, "time_packed", _timed(6.0, 10.0, seen))
+    # slower, or faster by less than PACKED_MIN_GAIN: F.linear stays
+    for plain_ms in (6.0, 10.0 * PACKED_MIN_GAIN - 0.1):
+        monkeypatch.setattr(packed_module, "time_packed", _timed(plain_ms, 10.0, seen))
+        model = _Model()
+        kept = pack_base(model, model.bases(), "auto", eligible=None, cache_dir=None, dtype=torch.float32)
+        assert kept.name == "torch" and f"not {PACKED_MIN_GAIN}x faster" in kept.reason
+        assert seen[-1] == (torch.get_num_threads(),)  # no thread counts given: torch's current one
+        assert type(model.layer.base) is nn.Linear and type(model.lm_head) is nn.Linear
+    # no plain Linear to time: nothing to pack, and the reason does not divide by zero
+    monkeypatch.setattr(packed_module, "time_packed", time_packed)
+    empty = nn.Module()
+    none = pack_base(empty, [], "auto", eligible=None, cache_dir=None, dtype=torch.float32)
+    assert none.name == "torch" and "prepacked 0.0 ms, F.linear 0.0 ms" in none.reason
+
+
+def test_without_a_working_prepacked_fp32_linear_auto_keeps_torch_and_onednn_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(packed_module, "packed_linear_supported", lambda dtype: False)
     model = _Model()
-    slower = pack_base(model, model.bases(), "auto", eligible=None, cache_dir=None, dtype=torch.float32)
-    assert slower.name == "torch" and "F.linear timed faster" in slower.reason
-    assert seen[-1] == (torch.get_num_threads(),)  # no thread counts given: torch's current one
-    assert type(model.layer.base) is nn.Linear and type(model.lm_head) is nn.Linear
+    kept = pack_base(model, model.bases(), "auto", eligible=None, cache_dir=None, dtype=torch.float32)
+    assert kept.name == "torch" and "no prepacked oneDNN fp32 linear" in kept.reason
+    assert type(model.lm_head) is nn.Linear
+    with pytest.raises(NativeKernelError, match="no working prepacked fp32 linear"):
+        pack_base(model, model.bases(), "onednn", eligible=None, cache_dir=None, dtype=torch.float32)
 
 
 @FP32

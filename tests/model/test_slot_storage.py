@@ -182,7 +182,15 @@ def model_adapters(peft_adapter: Any) -> dict[str, Path]:
 
 
 def _base(tiny_model_dir: Path) -> LoadedBase:
-    return load_base(tiny_model_dir, quantization="none", device=torch.device("cpu"), num_slots=4, max_lora_rank=32)
+    # F.linear, not fp32's timed choice: tests here compare logits of two loads bit for bit
+    return load_base(
+        tiny_model_dir,
+        quantization="none",
+        device=torch.device("cpu"),
+        num_slots=4,
+        max_lora_rank=32,
+        linear_kernel="torch",
+    )
 
 
 def _weights(store: AdapterStore, base: LoadedBase, name: str) -> Any:

@@ -12,7 +12,8 @@ one (shared with the model, no copy) above.
 In fp32 ``F.linear`` is MKL's GEMM, which on some CPUs splits a few rows poorly over threads (a 2-core
 AMD EPYC: the LM head at 32 rows 32.7 ms on two threads against 15.7 ms prepacked) and on others is as
 fast as the packed call. Which holds is the machine's, so ``--linear-kernel auto`` times both on the
-model's own weights at load (:func:`time_packed`) and packs fp32 weights only where that wins.
+model's own weights at load (:func:`time_packed`) and packs fp32 weights only where the packed call
+is clearly faster (``PACKED_MIN_GAIN``).
 
 The ops are private torch API; :func:`packed_linear_supported` checks once at load that they exist
 and give ``F.linear``'s result, and the loader keeps plain Linears otherwise.
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 
 PACKED_MAX_ROWS = 64  # rows (tokens) up to which the packed weight is used: decode and short chunks
 PACK_BATCH_HINT = 32  # the row count oneDNN tunes the packed layout for: a full decode batch
+# fp32 packs only where F.linear took at least this many times the prepacked call's time at load: where
+# the two are about as fast, a coin flip at every start would change the kernel (and its rounding) and
+# cost the packed copy's memory for nothing.
+PACKED_MIN_GAIN = 1.1
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -166,13 +171,15 @@ class PackedTiming:
 
     @property
     def packed_wins(self) -> bool:
-        return self.packed_ms < self.plain_ms
+        """The prepacked call is clearly faster: by ``PACKED_MIN_GAIN`` or more."""
+        return self.packed_ms > 0 and self.plain_ms >= PACKED_MIN_GAIN * self.packed_ms
 
     def describe(self) -> str:
         counts = "+".join(str(t) for t in self.threads)
+        ratio = f" ({self.plain_ms / self.packed_ms:.2f}x)" if self.packed_ms > 0 else ""
         return (
             f"{self.rows} rows on {counts} thread(s): prepacked {self.packed_ms:.1f} ms, "
-            f"F.linear {self.plain_ms:.1f} ms ({self.plain_ms / self.packed_ms:.2f}x)"
+            f"F.linear {self.plain_ms:.1f} ms{ratio}"
         )
 
 
@@ -254,8 +261,8 @@ def pack_base(
     kernel, built in ``cache_dir``, for every Linear of a shape it takes (NativeKernelError where it
     cannot run, and for fp32: it computes in bf16); "onednn" oneDNN's prepacked Linear; "auto" in bf16
     the first of native, oneDNN and plain torch that runs here (native only with a ``cache_dir``), in
-    fp32 oneDNN's where :func:`time_packed` measures it faster at ``measure_threads`` (default: torch's
-    current count), else torch."""
+    fp32 oneDNN's where :func:`time_packed` measures it ``PACKED_MIN_GAIN`` times faster at
+    ``measure_threads`` (default: torch's current count), else torch."""
     if choice == "torch":
         return LinearChoice("torch", "--linear-kernel torch")
     if eligible is not None:
@@ -299,7 +306,7 @@ def _pack_fp32(
     model: nn.Module, bases: list[nn.Module], choice: LinearKernel, measure_threads: tuple[int, ...]
 ) -> LinearChoice:
     """pack_base for an fp32 base: the AMX kernel computes bf16 only; oneDNN's prepacked call where it
-    runs and, under "auto", measures faster on this machine."""
+    runs and, under "auto", is timed at least ``PACKED_MIN_GAIN`` times faster on this machine."""
     if choice == "native":
         raise NativeKernelError("--linear-kernel native computes in bf16 (AMX); this base is fp32")
     if not packed_linear_supported(torch.float32):
@@ -311,6 +318,8 @@ def _pack_fp32(
         return LinearChoice("onednn-packed", "oneDNN's prepacked fp32 linear (--linear-kernel onednn)")
     timing = time_packed(model, bases, measure_threads)
     if not timing.packed_wins:
-        return LinearChoice("torch", f"fp32 F.linear timed faster at load: {timing.describe()}")
+        return LinearChoice(
+            "torch", f"fp32 prepacked Linears not {PACKED_MIN_GAIN}x faster at load: {timing.describe()}"
+        )
     pack_linears(model, bases)
     return LinearChoice("onednn-packed", f"oneDNN's prepacked fp32 linear, timed faster at load: {timing.describe()}")
