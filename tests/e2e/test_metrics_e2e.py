@@ -11,7 +11,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -49,18 +49,34 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def scrape_until(live: LiveServer, done: Callable[[str], bool], timeout: float = 10.0) -> str:
+    """Scrape until ``done(text)`` holds, or return the last scrape after ``timeout`` seconds. A call is
+    counted when its handler unwinds on the server (grpc/observe.py), which for an aborted call can be
+    just after the client has its status."""
+    give_up = time.monotonic() + timeout
+    text = scrape(live)
+    while not done(text) and time.monotonic() < give_up:
+        time.sleep(0.05)
+        text = scrape(live)
+    return text
+
+
 def test_scrape_passes_promtool_and_counts_requests(live: LiveServer) -> None:
     before = scrape(live)
     live.client.generate("Hello", sampling=Sampling(max_new_tokens=3))
     with pytest.raises(LoraFleetError):
         live.client.generate("Hello", adapter="../x")
-    after = scrape(live)
     ok = "lorafleet_requests_total"
-    assert sample(after, ok, rpc="Generate", code="OK") == sample(before, ok, rpc="Generate", code="OK") + 1
-    assert (
-        sample(after, ok, rpc="Generate", code="INVALID_ARGUMENT")
-        == sample(before, ok, rpc="Generate", code="INVALID_ARGUMENT") + 1
+    want_ok = sample(before, ok, rpc="Generate", code="OK") + 1
+    want_invalid = sample(before, ok, rpc="Generate", code="INVALID_ARGUMENT") + 1
+    after = scrape_until(
+        live,
+        lambda text: sample(text, ok, rpc="Generate", code="OK") >= want_ok
+        and sample(text, ok, rpc="Generate", code="INVALID_ARGUMENT") >= want_invalid,
     )
+    # exactly one more of each: nothing counted twice
+    assert sample(after, ok, rpc="Generate", code="OK") == want_ok
+    assert sample(after, ok, rpc="Generate", code="INVALID_ARGUMENT") == want_invalid
     assert sample(after, "lorafleet_generated_tokens_total") >= sample(before, "lorafleet_generated_tokens_total") + 3
     checked = subprocess.run(
         [tool("promtool"), "check", "metrics"], input=after, text=True, capture_output=True, check=False
