@@ -93,14 +93,13 @@ def build_runner(
     if compiled:
         compile_base(model)
     else:  # as load_base does: the server's base Linears (fp32: prepacked where timed faster)
-        cores = len(os.sched_getaffinity(0))
         choice = pack_base(
             model,
             list(layers.values()),
             linear,  # type: ignore[arg-type]
             eligible=None,
             cache_dir=kernels,
-            threads=linear_threads or cores,  # 0: every CPU, as the server
+            threads=linear_threads or len(os.sched_getaffinity(0)),  # 0: every CPU, as the server
             dtype=dtype,
             measure_threads=(torch.get_num_threads(),),  # the runner's steps all run on these
         )

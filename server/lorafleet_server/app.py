@@ -128,6 +128,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     torch.set_num_threads(threads)
     model_dir = model_dir_for(config)
     device = resolve_device(config.device)
+    step_threads = step_threads_for(config, device)
     base = load_base(
         model_dir,
         quantization=config.quantization,
@@ -140,11 +141,8 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         linear_kernel=config.linear_kernel,
         kernels_dir=config.kernels_dir,
         linear_threads=config.linear_threads or len(os.sched_getaffinity(0)),
-        # the thread counts decode steps run on (step_threads_for), where the packed Linears serve:
-        # an fp32 base's Linears are timed at those
-        measure_threads=(threads,)
-        if config.fixed_decode_threads
-        else tuple(sorted({threads, config.prefill_threads or _cores()})),
+        # an fp32 base's Linears are timed at the thread counts of the steps packed Linears serve
+        measure_threads=step_threads.small_step_counts if step_threads is not None else (),
     )
     if config.max_seq_len > base.max_position_embeddings:
         raise StartupError(
@@ -187,7 +185,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         dtype=base.dtype,
         device=base.device,
         lora_impl=config.lora_impl,
-        threads=step_threads_for(config, base.device),
+        threads=step_threads,
         native_attention=attention.kernel,
         native_lora=lora.kernel,
     )

@@ -146,6 +146,13 @@ def test_fixed_decode_threads_never_measure_decode() -> None:
     assert threads.decode == {}
 
 
+def test_small_step_counts_are_the_counts_decode_may_run_on() -> None:
+    assert StepThreads(1, 2, measure_decode=True).small_step_counts == (1, 2)
+    assert StepThreads(2, 1, measure_decode=True).small_step_counts == (1, 2)
+    assert StepThreads(1, 2).small_step_counts == (1,)  # fixed decode threads
+    assert StepThreads(2, 2, measure_decode=True).small_step_counts == (2,)
+
+
 def test_calibration_seeds_both_counts_from_timed_runs_after_a_warm_up() -> None:
     threads = StepThreads(1, 2, min_tokens=8)
     seen: list[int] = []

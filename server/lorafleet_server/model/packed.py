@@ -132,29 +132,24 @@ class NativeLinearModule(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed (native AMX)"
 
 
-def _plain_linears(model: nn.Module, bases: list[nn.Module]) -> Iterator[nn.Linear]:
-    """Each plain ``nn.Linear`` among ``bases`` (the LoRA wrappers' ``base``) and the LM head."""
+def _plain_linear_places(model: nn.Module, bases: list[nn.Module]) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """(owner, attribute, Linear) of each plain ``nn.Linear`` among ``bases`` (the LoRA wrappers'
+    ``base``) and the LM head: what pack_base may replace."""
     for wrapper in bases:
         base = getattr(wrapper, "base", None)
         if type(base) is nn.Linear:
-            yield base
+            yield wrapper, "base", base
     head = getattr(model, "lm_head", None)
     if type(head) is nn.Linear:
-        yield head
+        yield model, "lm_head", head
 
 
 def _replace_linears(model: nn.Module, bases: list[nn.Module], make: Callable[[nn.Linear], nn.Module]) -> int:
     """Replace each plain ``nn.Linear`` in ``bases`` (the LoRA wrappers' ``base``) and the LM head by
     ``make(linear)``; returns how many were replaced."""
     count = 0
-    for wrapper in bases:
-        base = getattr(wrapper, "base", None)
-        if type(base) is nn.Linear:
-            wrapper.base = make(base)
-            count += 1
-    head = getattr(model, "lm_head", None)
-    if type(head) is nn.Linear:
-        model.lm_head = make(head)
+    for owner, name, linear in _plain_linear_places(model, bases):
+        setattr(owner, name, make(linear))
         count += 1
     return count
 
@@ -196,7 +191,7 @@ def time_packed(
     ``repeats`` after one warm-up each, weighted by how many Linears have the shape; at each thread
     count in ``threads`` (torch's setting is restored). SmolLM2-135M: ~0.5 s on 2 cores."""
     shapes: dict[tuple[int, int], tuple[nn.Linear, int]] = {}
-    for linear in _plain_linears(model, bases):
+    for _, _, linear in _plain_linear_places(model, bases):
         key = (linear.out_features, linear.in_features)
         first, count = shapes.get(key, (linear, 0))
         shapes[key] = (first, count + 1)

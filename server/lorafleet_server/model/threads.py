@@ -103,6 +103,11 @@ class StepThreads:
     def adaptive(self) -> bool:
         return self.large != self.small
 
+    @property
+    def small_step_counts(self) -> tuple[int, ...]:
+        """The thread counts a step of up to ``min_tokens`` tokens (decode) may run on."""
+        return tuple(sorted({self.small, self.large})) if self.measure_decode else (self.small,)
+
     def choose(self, tokens: int) -> int:
         """The thread count for a step of ``tokens`` tokens."""
         if not self.adaptive:
