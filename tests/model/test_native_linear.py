@@ -155,7 +155,7 @@ def test_the_module_keeps_the_weight_and_takes_any_leading_dims(kernel: NativeLi
 
 
 def test_the_module_runs_every_step_size_and_leaves_gradients_to_torch(
-    kernel: NativeLinear, monkeypatch: pytest.MonkeyPatch
+    kernel: NativeLinear, monkeypatch: pytest.MonkeyPatch, torch_threads_kept: None
 ) -> None:
     linear = nn.Linear(64, 64, bias=False).to(torch.bfloat16)
     module = NativeLinearModule(linear, kernel)
@@ -170,13 +170,9 @@ def test_the_module_runs_every_step_size_and_leaves_gradients_to_torch(
     x = torch.randn(3, 64).to(torch.bfloat16)
     module(x.requires_grad_())
     assert calls == []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):  # long prompt steps too, whatever torch's thread count
-            torch.set_num_threads(n)
-            module(torch.randn(200, 64).to(torch.bfloat16))
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2):  # long prompt steps too, whatever torch's thread count
+        torch.set_num_threads(n)
+        module(torch.randn(200, 64).to(torch.bfloat16))
     assert calls == [200, 200]
 
 
