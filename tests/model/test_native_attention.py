@@ -109,6 +109,40 @@ def test_a_row_is_the_same_alone_and_among_others(kernel: NativeAttention, dtype
         assert torch.equal(alone[tok], together[tok])
 
 
+@pytest.mark.usefixtures("torch_threads_kept")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "lengths",
+    [[int(n) for n in torch.randint(1, 400, (40,), generator=torch.Generator().manual_seed(3))], [700], [1, 900, 1, 1]],
+    ids=["40-rows", "one-row", "one-long-row-among-short"],
+)
+def test_rows_split_over_threads_give_the_one_thread_numbers(
+    kernel: NativeAttention, dtype: torch.dtype, lengths: list[int]
+) -> None:
+    """A call splits its rows over the step's torch threads (the library is built with OpenMP here);
+    every row's output, bit for bit, is the one a single thread computes, however the rows are split."""
+    q, k, v, rows = random_case(9, 3, 64, dtype, lengths, seed=4)
+    torch.set_num_threads(1)
+    alone = torch.zeros_like(q)
+    kernel(q, k, v, alone, rows, 0.125)
+    for threads in (2, 3, 8):
+        torch.set_num_threads(threads)
+        split = torch.zeros_like(q)
+        kernel(q, k, v, split, rows, 0.125)
+        assert torch.equal(split, alone), f"{threads} threads changed the output"
+    want = reference(q, k, v, rows, 0.125)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-5
+    for tok, expected in want.items():
+        torch.testing.assert_close(alone[tok].float(), expected, rtol=tol, atol=tol)
+
+
+def test_the_kernel_is_built_with_openmp_where_the_compiler_has_it(tmp_path: Path) -> None:
+    """Built as the server builds it, the kernel splits calls over threads; without OpenMP it still
+    loads, for one thread per call."""
+    assert load_native_attention(tmp_path / "omp").threaded
+    assert not load_native_attention(tmp_path / "plain", openmp=False).threaded
+
+
 def test_large_scores_do_not_overflow_the_softmax(kernel: NativeAttention) -> None:
     q, k, v, rows = random_case(4, 2, 64, torch.bfloat16, [50, 7], seed=2)
     q = q * 40  # scores in the thousands: exp overflows unless the maximum is taken out first

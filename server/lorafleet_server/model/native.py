@@ -4,8 +4,9 @@ The attention (``csrc/attention.c``) takes every token of a step as a row of one
 row's token, or a prompt chunk's token i, attends over its KV row's first ``start + i + 1``
 positions, read where they lie in the KV slab (torch's batched matmul copies a strided window of the
 slab first), with fp32 sums in an order fixed per token. So a token's numbers depend on nothing but
-its own query, keys and values: not on the other rows, the chunk around it, or how oneDNN blocks a
-matmul of that many rows (docs/architecture.md, "Measured facts" 11). The multi-LoRA
+its own query, keys and values: not on the other rows, the chunk around it, the thread that computes
+it (a call splits its rows over the step's torch threads), or how oneDNN blocks a matmul of that many
+rows (docs/architecture.md, "Measured facts" 11). The multi-LoRA
 (``csrc/lora.c``) adds each token's own adapter into a base Linear's output in place (fact 12). The
 Linear (``csrc/linear.c``) computes bf16 base Linears on Intel AMX tiles from weights packed once,
 on the engine's thread and pinned helper threads (fact 13). The transpose (``csrc/transpose.c``) lays
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 
 ATTENTION_SOURCE = "attention.c"
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
-# csrc/lora.c with OpenMP: its calls split tokens over the calling thread's OpenMP team (the libgomp
-# torch has loaded, bound by soname); where that does not build or load, CFLAGS (one thread).
+# csrc/lora.c and csrc/attention.c with OpenMP: their calls split work over the calling thread's OpenMP
+# team (the libgomp torch has loaded, bound by soname); where that does not build or load, CFLAGS (one
+# thread).
 OPENMP_CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 BUILD_TIMEOUT_S = 120.0
 MAX_HEAD_DIM = 256  # csrc/attention.c's limits
@@ -156,18 +158,21 @@ class AttentionRows:
         return int(self.tok.numel())
 
 
-# q, k_slab, v_slab, out, tok, kv_row, len; count, tokens, kv_rows, heads, kv_heads, max_seq_len, head_dim; scale, bf16
-_ARGTYPES: list[Any] = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
+# q, k_slab, v_slab, out, tok, kv_row, len; count, tokens, kv_rows, heads, kv_heads, max_seq_len, head_dim;
+# scale, bf16, threads
+_ARGTYPES: list[Any] = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
 
 
 class NativeAttention:
-    """``csrc/attention.c`` through ctypes: one call per layer does every token of the step."""
+    """``csrc/attention.c`` through ctypes: one call per layer does every token of the step, split over
+    the step's torch threads where the library was built with OpenMP (``threaded``)."""
 
     def __init__(self, library: Path) -> None:
-        lib, fns = _functions(library, {"lf_attention": _ARGTYPES})
+        lib, fns = _functions(library, {"lf_attention": _ARGTYPES, "lf_attention_threaded": []})
         self.library = library
         self._lib = lib  # keeps the library loaded while its functions live
         self._fn = fns["lf_attention"]
+        self.threaded = fns["lf_attention_threaded"]() == 1
 
     @staticmethod
     def check_shape(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -218,6 +223,7 @@ class NativeAttention:
             head_dim,
             scale,
             1 if q.dtype == torch.bfloat16 else 0,
+            torch.get_num_threads(),  # the step's threads (model/threads.py), an OpenMP team torch keeps warm
         )
         if rc != 0:
             raise NativeKernelError(f"the native attention refused its arguments (rc {rc})")
@@ -334,8 +340,14 @@ def load_native_lora(cache_dir: Path, compiler: str | None = None, openmp: bool 
     return NativeLora(build_library(LORA_SOURCE, cache_dir, compiler))
 
 
-def load_native_attention(cache_dir: Path, compiler: str | None = None) -> NativeAttention:
-    """Build (or find in ``cache_dir``) and load the native attention for this CPU."""
+def load_native_attention(cache_dir: Path, compiler: str | None = None, openmp: bool = True) -> NativeAttention:
+    """Build (or find in ``cache_dir``) and load the native attention for this CPU: with OpenMP where it
+    builds and loads (``openmp``), else for one thread."""
+    if openmp:
+        try:
+            return NativeAttention(build_library(ATTENTION_SOURCE, cache_dir, compiler, OPENMP_CFLAGS))
+        except NativeKernelError as exc:
+            log.warning("the native attention without OpenMP (one thread per call): %s", exc)
     return NativeAttention(build_library(ATTENTION_SOURCE, cache_dir, compiler))
 
 

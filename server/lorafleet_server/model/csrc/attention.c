@@ -12,7 +12,12 @@
  * A row's numbers depend only on its own query, keys and values: not on the other rows, how long
  * they are, or the prompt chunk around it (what the server's batch and prefix-cache invariance need).
  *
- * Built by lorafleet_server/model/native.py with -O3 -march=<this CPU> -fopenmp-simd. The portable
+ * A call may split its rows over the calling thread's OpenMP team (lf_attention's `threads`): built
+ * with -fopenmp, the library binds to the libgomp torch has loaded, so these are the threads torch's
+ * ops use and keep warm (lorafleet_server/openmp.py), not a second pool.
+ *
+ * Built by lorafleet_server/model/native.py with -O3 -march=<this CPU> -fopenmp (-fopenmp-simd where
+ * OpenMP does not build or load: then a call runs on its calling thread). The portable
  * path is plain C that the compiler vectorizes for whatever the CPU has (AVX2, AVX-512); where the CPU
  * has AVX-512 BF16, bf16 slabs take an intrinsics path (below). Called through ctypes; no Python or
  * torch headers.
@@ -21,6 +26,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "bf16.h"
 
@@ -259,33 +267,16 @@ static inline __attribute__((always_inline)) void prefetch_next(const void *k_sl
     }
 }
 
-/* q and out: [tokens, heads, head_dim]; k_slab and v_slab: [kv_rows, kv_heads, max_seq_len, head_dim],
- * all contiguous, of one element type (bf16 = 1: bfloat16, else float32). For each of the `count`
- * rows b: its query is token tok[b] of q, it attends over positions [0, len[b]) of KV row
- * kv_row[b], and its output goes to token tok[b] of out. Returns 0, or -1 when a size or index is out
- * of range or scratch memory cannot be had (nothing is written then). */
-int lf_attention(const void *q, const void *k_slab, const void *v_slab, void *out, const int64_t *tok,
-                        const int64_t *kv_row, const int64_t *len, int64_t count, int64_t tokens, int64_t kv_rows,
-                        int64_t heads, int64_t kv_heads, int64_t max_seq_len, int64_t head_dim, float scale,
-                        int bf16) {
-    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || head_dim > MAX_HEAD_DIM ||
-        heads / kv_heads > MAX_GROUP || count < 0)
-        return -1;
-    int64_t longest = 0;
-    for (int64_t b = 0; b < count; b++) {
-        if (len[b] <= 0 || len[b] > max_seq_len || tok[b] < 0 || tok[b] >= tokens || kv_row[b] < 0 ||
-            kv_row[b] >= kv_rows)
-            return -1;
-        longest = len[b] > longest ? len[b] : longest;
-    }
+/* The rows [b0, b1) of lf_attention (below), with `scores` scratch for g_count x the longest of them. */
+static void attend_rows(const void *q, const void *k_slab, const void *v_slab, void *out, const int64_t *tok,
+                        const int64_t *kv_row, const int64_t *len, int64_t b0, int64_t b1, int64_t heads,
+                        int64_t kv_heads, int64_t max_seq_len, int64_t head_dim, float scale, int bf16, float *scores) {
     const int g_count = (int)(heads / kv_heads);
     const int d = (int)head_dim;
     const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
-    float *scores = malloc((size_t)g_count * (size_t)(longest > 0 ? longest : 1) * sizeof(float));
-    if (scores == NULL) return -1;
     float qf[MAX_GROUP * MAX_HEAD_DIM];
     float of[MAX_GROUP * MAX_HEAD_DIM];
-    for (int64_t b = 0; b < count; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         for (int64_t kh = 0; kh < kv_heads; kh++) {
             const int64_t head0 = kh * g_count;
             const size_t q_off = (size_t)((tok[b] * heads + head0) * head_dim);
@@ -293,7 +284,7 @@ int lf_attention(const void *q, const void *k_slab, const void *v_slab, void *ou
             const size_t kv_off = (size_t)((kv_row[b] * kv_heads + kh) * max_seq_len * head_dim) * elem;
             const void *keys = (const char *)k_slab + kv_off;
             const void *values = (const char *)v_slab + kv_off;
-            prefetch_next(k_slab, v_slab, kv_row, len, count, b, kh, kv_heads, max_seq_len, head_dim, elem);
+            prefetch_next(k_slab, v_slab, kv_row, len, b1, b, kh, kv_heads, max_seq_len, head_dim, elem);
 #ifdef LF_AVX512_BF16
             if (bf16 && d % 32 == 0) {
                 attend_head_avx512_any((const uint16_t *)q + q_off, keys, values, len[b], g_count, d, scale, scores, of);
@@ -327,6 +318,75 @@ int lf_attention(const void *q, const void *k_slab, const void *v_slab, void *ou
                 memcpy((float *)out + q_off, of, (size_t)gd * sizeof(float));
             }
         }
+    }
+}
+
+/* 1 where this build splits a call over OpenMP threads (built with OpenMP), else 0. */
+int lf_attention_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* q and out: [tokens, heads, head_dim]; k_slab and v_slab: [kv_rows, kv_heads, max_seq_len, head_dim],
+ * all contiguous, of one element type (bf16 = 1: bfloat16, else float32). For each of the `count`
+ * rows b: its query is token tok[b] of q, it attends over positions [0, len[b]) of KV row
+ * kv_row[b], and its output goes to token tok[b] of out. The rows are split over up to `threads`
+ * threads (the caller's OpenMP team; one without OpenMP) in contiguous ranges of about equal key
+ * counts, at least MIN_KEYS_PER_THREAD keys each: a row's numbers are the same whichever thread
+ * computes it. Returns 0, or -1 when a size, index or thread count (< 1) is out of range or scratch
+ * memory cannot be had (nothing is written then). */
+#define MIN_KEYS_PER_THREAD 256
+#define MAX_THREADS 256
+int lf_attention(const void *q, const void *k_slab, const void *v_slab, void *out, const int64_t *tok,
+                 const int64_t *kv_row, const int64_t *len, int64_t count, int64_t tokens, int64_t kv_rows,
+                 int64_t heads, int64_t kv_heads, int64_t max_seq_len, int64_t head_dim, float scale, int bf16,
+                 int threads) {
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || head_dim > MAX_HEAD_DIM ||
+        heads / kv_heads > MAX_GROUP || count < 0 || threads < 1)
+        return -1;
+    int64_t longest = 0, keys = 0;
+    for (int64_t b = 0; b < count; b++) {
+        if (len[b] <= 0 || len[b] > max_seq_len || tok[b] < 0 || tok[b] >= tokens || kv_row[b] < 0 ||
+            kv_row[b] >= kv_rows)
+            return -1;
+        longest = len[b] > longest ? len[b] : longest;
+        keys += len[b];
+    }
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if ((int64_t)threads * MIN_KEYS_PER_THREAD > keys) threads = (int)(keys / MIN_KEYS_PER_THREAD);
+    if (threads > count) threads = (int)count;
+    if (threads < 1) threads = 1;
+#ifndef _OPENMP
+    threads = 1;
+#endif
+    const size_t per_thread = (size_t)(heads / kv_heads) * (size_t)(longest > 0 ? longest : 1);
+    float *scores = malloc((size_t)threads * per_thread * sizeof(float));
+    if (scores == NULL) return -1;
+    if (threads == 1) {
+        attend_rows(q, k_slab, v_slab, out, tok, kv_row, len, 0, count, heads, kv_heads, max_seq_len, head_dim,
+                    scale, bf16, scores);
+    } else {
+        /* bounds[t] = the first row of thread t: where the running key count passes t/threads of all */
+        int64_t bounds[MAX_THREADS + 1];
+        int64_t seen = 0, b = 0;
+        for (int t = 0; t < threads; t++) {
+            const int64_t target = keys * t / threads;
+            while (b < count && seen + len[b] <= target) seen += len[b++];
+            bounds[t] = b;
+        }
+        bounds[threads] = count;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_thread_num();
+            if (t < threads)
+                attend_rows(q, k_slab, v_slab, out, tok, kv_row, len, bounds[t], bounds[t + 1], heads, kv_heads,
+                            max_seq_len, head_dim, scale, bf16, scores + (size_t)t * per_thread);
+        }
+#endif
     }
     free(scores);
     return 0;
