@@ -91,12 +91,12 @@ def test_model_info(live: LiveServer) -> None:
     assert info.dtype == ("bfloat16" if native and "passed" in info.dtype_reason else "float32")
     assert info.dtype_reason.startswith("no native bf16") != native
     # --linear-kernel auto: in bf16 the native AMX Linear where the CPU has AMX (and a C compiler), else
-    # oneDNN's; in fp32 oneDNN's or F.linear, whichever was timed faster at startup
+    # oneDNN's; in fp32 the native AVX2 Linear, oneDNN's or F.linear, whichever was timed fastest at startup
     amx = "amx_bf16" in info.cpu_features and find_compiler() is not None
     if info.dtype == "bfloat16":
         assert info.linear_kernel == ("native-amx" if amx else "onednn-packed")
     else:
-        assert info.linear_kernel in ("onednn-packed", "torch")
+        assert info.linear_kernel in ("native-fp32", "onednn-packed", "torch")
     assert info.cpu_features == cpu_features().summary() and not info.compiled and info.torch_threads >= 1
     assert info.prefill_threads == len(os.sched_getaffinity(0))  # every core for prompt prefill, when faster
     # --attention-kernel auto: the C kernel built at startup, where the machine has a C compiler

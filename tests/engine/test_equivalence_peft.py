@@ -150,14 +150,16 @@ def _linear_kernel(quantization: str, dtype: str, impl: str) -> LinearKernel:
     """A fixed base Linear per case (fp32's "auto" is timed at load, so it could take either path): bf16
     with a torch LoRA runs oneDNN's prepacked Linears where this torch build has them (not on AVX2-only
     CPUs), with the native LoRA the first that runs (the native AMX Linear where the CPU has AMX); fp32
-    runs oneDNN's prepacked Linears with the native and the token LoRA (the native one skips on a
-    machine without a C compiler) and F.linear with the other torch ones; NF4 keeps bitsandbytes'
-    Linears."""
+    runs the native fp32 Linear with the native LoRA (both skip on a machine without a C compiler; on a
+    CPU without AVX2 it refuses to start), oneDNN's prepacked Linears with the token LoRA and F.linear
+    with the other torch ones; NF4 keeps bitsandbytes' Linears."""
     if quantization != "none":
         return "auto"
     if dtype == "bfloat16":
         return "onednn" if impl != "native" and ONEDNN_BF16 else "auto"
-    return "onednn" if impl in ("native", "token") and ONEDNN_FP32 else "torch"
+    if impl == "native":
+        return "native"
+    return "onednn" if impl == "token" and ONEDNN_FP32 else "torch"
 
 
 @pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped", "native"])

@@ -1,5 +1,6 @@
 """Prepacked oneDNN Linears (model/packed.py): F.linear's result for every row count and shape, in bf16
-and fp32, and how pack_base chooses them for an fp32 base (timed at load)."""
+and fp32, and how pack_base chooses among them, the native fp32 Linear and F.linear for an fp32 base
+(timed at load)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet_server.model import packed as packed_module
-from lorafleet_server.model.native import NativeKernelError
+from lorafleet_server.model.native import NativeKernelError, find_compiler, load_native_linear_f32
 from lorafleet_server.model.packed import (
     PACK_BATCH_HINT,
     PACKED_MAX_ROWS,
     PACKED_MIN_GAIN,
+    LinearTiming,
+    NativeLinearModule,
     PackedLinear,
-    PackedTiming,
     pack_base,
     pack_linears,
     packed_linear_supported,
-    time_packed,
+    time_linears,
 )
 
 BF16 = pytest.mark.skipif(
@@ -82,7 +84,7 @@ def test_pack_linears_replaces_wrapped_bases_and_the_head_only() -> None:
 
 
 @FP32
-def test_time_packed_times_each_shape_once_at_each_thread_count(
+def test_time_linears_times_each_shape_once_at_each_thread_count(
     monkeypatch: pytest.MonkeyPatch, torch_threads_kept: None
 ) -> None:
     model = _Model()
@@ -95,10 +97,10 @@ def test_time_packed_times_each_shape_once_at_each_thread_count(
 
     monkeypatch.setattr(packed_module.F, "linear", counted)
     torch.set_num_threads(1)
-    timing = time_packed(model, model.bases(), (1, 2), repeats=2)
+    timing = time_linears(model, model.bases(), (1, 2), {"onednn-packed": PackedLinear}, repeats=2)
     assert torch.get_num_threads() == 1  # torch's setting is restored
     assert (timing.rows, timing.threads) == (PACK_BATCH_HINT, (1, 2))
-    assert timing.plain_ms > 0 and timing.packed_ms > 0
+    assert timing.plain_ms > 0 and dict(timing.candidates)["onednn-packed"] > 0
     # two shapes (16->16 twice, the 16->40 head), two thread counts, a warm-up and 2 timed calls each;
     # the packed calls (32 rows, below the limit) never reach F.linear
     assert len(calls) == 2 * 2 * 3 and {rows for rows, _, _ in calls} == {PACK_BATCH_HINT}
@@ -106,76 +108,115 @@ def test_time_packed_times_each_shape_once_at_each_thread_count(
     assert "32 rows on 1+2 thread(s)" in timing.describe()
 
 
-@FP32
-def test_time_packed_sums_medians_weighted_by_how_many_linears_share_a_shape(
-    monkeypatch: pytest.MonkeyPatch, torch_threads_kept: None
+class _Slow(nn.Module):
+    """A candidate that advances the fake clock of the test below by its cost per out-width (a call
+    after the first of each four, which warms up and costs 100 ms)."""
+
+    def __init__(self, linear: nn.Linear, clock: list[float], cost: dict[int, float], calls: list[int]) -> None:
+        super().__init__()
+        self.linear, self.clock, self.cost, self.calls = linear, clock, cost, calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock[0] += 0.1 if self.calls[0] % 4 == 1 else self.cost[self.linear.out_features]
+        return x @ self.linear.weight.t()  # not F.linear: the test counts those calls
+
+
+def test_time_linears_sums_medians_weighted_by_how_many_linears_share_a_shape(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A clock that advances 1 ms per F.linear call and 3 ms per packed call of the 16->16 shape, 2 and
-    1 ms for the 16->40 head; the first (warm-up) call of each takes 100 ms and is left out."""
+    """A clock that advances, per call of the 16->16 shape, 1 ms for F.linear, 3 ms for candidate a and
+    0.5 ms for b; 2, 1 and 0.5 ms for the 16->40 head; the first (warm-up) call of each takes 100 ms and
+    is left out."""
     model = _Model()
     now = [0.0]
-    cost = {16: (0.001, 0.003), 40: (0.002, 0.001)}  # out features -> (F.linear, packed) seconds
     calls = [0]
     real_linear = F.linear
-    real_packed = PackedLinear.forward
-
-    def clock() -> float:
-        return now[0]
+    plain_cost = {16: 0.001, 40: 0.002}
 
     def plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         calls[0] += 1
-        now[0] += 0.1 if calls[0] % 4 == 1 else cost[weight.shape[0]][0]
+        now[0] += 0.1 if calls[0] % 4 == 1 else plain_cost[weight.shape[0]]
         return real_linear(x, weight, bias)
 
-    def packed(self: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-        now[0] += 0.1 if calls[0] % 4 == 1 else cost[self.out_features][1]
-        return real_packed(self, x)
+    def make(cost: dict[int, float]) -> object:
+        return lambda linear: _Slow(linear, now, cost, calls)
 
-    monkeypatch.setattr(packed_module.time, "perf_counter", clock)
+    monkeypatch.setattr(packed_module.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(packed_module.F, "linear", plain)
-    monkeypatch.setattr(PackedLinear, "forward", packed)
-    timing = time_packed(model, model.bases(), (1,), repeats=3)
-    # 16->16: two Linears (layer, twin) at 1 / 3 ms; the head: one at 2 / 1 ms
+    candidates = {"a": make({16: 0.003, 40: 0.001}), "b": make({16: 0.0005, 40: 0.0005})}
+    timing = time_linears(model, model.bases(), (1,), candidates, repeats=3)  # type: ignore[arg-type]
+    # 16->16: two Linears (layer, twin); the head: one
     assert timing.plain_ms == pytest.approx(2 * 1 + 2)
-    assert timing.packed_ms == pytest.approx(2 * 3 + 1)
-    assert not timing.packed_wins
+    assert dict(timing.candidates) == pytest.approx({"a": 2 * 3 + 1, "b": 2 * 0.5 + 0.5})
+    assert timing.best == "b"  # 1.5 ms against F.linear's 4: the fastest, and by more than the margin
+    assert "F.linear 4.0 ms, a 7.0 ms (0.57x), b 1.5 ms (2.67x)" in timing.describe()
 
 
-def _timed(plain_ms: float, packed_ms: float, seen: list[tuple[int, ...]]) -> object:
-    def fake(model: nn.Module, bases: list[nn.Module], threads: tuple[int, ...]) -> PackedTiming:
-        seen.append(tuple(threads))
-        return PackedTiming(PACK_BATCH_HINT, tuple(threads), plain_ms, packed_ms)
+def test_the_best_candidate_must_beat_f_linear_by_the_margin() -> None:
+    def timing(plain_ms: float, *candidates: tuple[str, float]) -> LinearTiming:
+        return LinearTiming(PACK_BATCH_HINT, (1,), plain_ms, candidates)
+
+    assert timing(10.0, ("a", 6.0), ("b", 8.0)).best == "a"
+    assert timing(10.0, ("a", 9.5)).best is None  # faster, but by less than PACKED_MIN_GAIN
+    assert timing(10.0 * PACKED_MIN_GAIN, ("a", 10.0)).best == "a"
+    assert timing(10.0).best is None and timing(0.0, ("a", 0.0)).best is None  # nothing timed
+    assert timing(0.0, ("a", 0.0)).describe() == "32 rows on 1 thread(s): F.linear 0.0 ms, a 0.0 ms"
+
+
+def _timed(plain_ms: float, ms: dict[str, float], seen: list[tuple[tuple[int, ...], tuple[str, ...]]]) -> object:
+    def fake(
+        model: nn.Module, bases: list[nn.Module], threads: tuple[int, ...], candidates: dict[str, object]
+    ) -> LinearTiming:
+        seen.append((tuple(threads), tuple(candidates)))
+        return LinearTiming(PACK_BATCH_HINT, tuple(threads), plain_ms, tuple((n, ms[n]) for n in candidates))
 
     return fake
 
 
+NATIVE = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
+
+
 @FP32
-def test_an_fp32_base_is_packed_by_auto_only_where_timed_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[int, ...]] = []
-    monkeypatch.setattr(packed_module, "time_packed", _timed(10.0, 6.0, seen))
+@NATIVE
+def test_an_fp32_base_takes_the_fastest_kernel_timed_at_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
+    monkeypatch.setattr(packed_module, "time_linears", _timed(10.0, {"native-fp32": 5.0, "onednn-packed": 6.0}, seen))
     model = _Model()
     head_weight = model.lm_head.weight
-    faster = pack_base(
-        model, model.bases(), "auto", eligible=None, cache_dir=None, dtype=torch.float32, measure_threads=(1, 2)
+    fastest = pack_base(
+        model, model.bases(), "auto", eligible=None, cache_dir=tmp_path, dtype=torch.float32, measure_threads=(1, 2)
     )
-    assert faster.name == "onednn-packed" and "prepacked 6.0 ms, F.linear 10.0 ms (1.67x)" in faster.reason
-    assert seen == [(1, 2)]
-    assert isinstance(model.layer.base, PackedLinear) and isinstance(model.twin.base, PackedLinear)
-    assert isinstance(model.lm_head, PackedLinear) and model.lm_head.weight is head_weight
+    assert fastest.name == "native-fp32" and "native-fp32 5.0 ms (2.00x)" in fastest.reason
+    assert "onednn-packed 6.0 ms (1.67x)" in fastest.reason and "3 Linears" in fastest.reason
+    assert seen == [((1, 2), ("native-fp32", "onednn-packed"))]
+    assert isinstance(model.layer.base, NativeLinearModule) and isinstance(model.twin.base, NativeLinearModule)
+    assert isinstance(model.lm_head, NativeLinearModule) and model.lm_head.weight is head_weight
 
+    monkeypatch.setattr(packed_module, "time_linears", _timed(10.0, {"native-fp32": 7.0, "onednn-packed": 6.0}, seen))
+    model = _Model()
+    onednn = pack_base(model, model.bases(), "auto", eligible=None, cache_dir=tmp_path, dtype=torch.float32)
+    assert onednn.name == "onednn-packed" and "timed fastest" in onednn.reason
+    assert isinstance(model.lm_head, PackedLinear)
+    assert seen[-1][0] == (torch.get_num_threads(),)  # no thread counts given: torch's current one
+
+
+@FP32
+def test_an_fp32_base_keeps_f_linear_where_nothing_is_clearly_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
     # slower, or faster by less than PACKED_MIN_GAIN: F.linear stays
     for plain_ms in (6.0, 10.0 * PACKED_MIN_GAIN - 0.1):
-        monkeypatch.setattr(packed_module, "time_packed", _timed(plain_ms, 10.0, seen))
+        monkeypatch.setattr(packed_module, "time_linears", _timed(plain_ms, {"onednn-packed": 10.0}, seen))
         model = _Model()
+        # no kernels directory: the native Linear is not built, oneDNN's is the only candidate
         kept = pack_base(model, model.bases(), "auto", eligible=None, cache_dir=None, dtype=torch.float32)
-        assert kept.name == "torch" and f"not {PACKED_MIN_GAIN}x faster" in kept.reason
-        assert seen[-1] == (torch.get_num_threads(),)  # no thread counts given: torch's current one
+        assert kept.name == "torch" and f"no replacement {PACKED_MIN_GAIN}x faster" in kept.reason
+        assert "native fp32 Linear unavailable: no directory to build it in" in kept.reason
+        assert seen[-1][1] == ("onednn-packed",)
         assert type(model.layer.base) is nn.Linear and type(model.lm_head) is nn.Linear
-    # no plain Linear to time: nothing to pack, and the reason does not divide by zero
-    monkeypatch.setattr(packed_module, "time_packed", time_packed)
-    empty = nn.Module()
-    none = pack_base(empty, [], "auto", eligible=None, cache_dir=None, dtype=torch.float32)
-    assert none.name == "torch" and "prepacked 0.0 ms, F.linear 0.0 ms" in none.reason
+    # no plain Linear to time: nothing to replace, and the reason does not divide by zero
+    monkeypatch.setattr(packed_module, "time_linears", time_linears)
+    none = pack_base(nn.Module(), [], "auto", eligible=None, cache_dir=None, dtype=torch.float32)
+    assert none.name == "torch" and "F.linear 0.0 ms, onednn-packed 0.0 ms" in none.reason
 
 
 def test_without_a_working_prepacked_fp32_linear_auto_keeps_torch_and_onednn_refuses(
@@ -191,19 +232,52 @@ def test_without_a_working_prepacked_fp32_linear_auto_keeps_torch_and_onednn_ref
 
 
 @FP32
-def test_an_fp32_base_takes_onednn_or_torch_when_asked_and_refuses_the_native_linear(
+@NATIVE
+def test_an_fp32_base_takes_the_kernel_asked_for_by_name_untimed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    def never(*args: object, **kwargs: object) -> PackedTiming:
+    def never(*args: object, **kwargs: object) -> LinearTiming:
         raise AssertionError("a kernel asked for by name is not timed")
 
-    monkeypatch.setattr(packed_module, "time_packed", never)
+    monkeypatch.setattr(packed_module, "time_linears", never)
     model = _Model()
     asked = pack_base(model, model.bases(), "onednn", eligible=None, cache_dir=tmp_path, dtype=torch.float32)
     assert asked.name == "onednn-packed" and isinstance(model.lm_head, PackedLinear)
     model = _Model()
     plain = pack_base(model, model.bases(), "torch", eligible=None, cache_dir=tmp_path, dtype=torch.float32)
     assert plain.name == "torch" and type(model.lm_head) is nn.Linear
-    with pytest.raises(NativeKernelError, match="computes in bf16"):
+    model = _Model()
+    native = pack_base(model, model.bases(), "native", eligible=None, cache_dir=tmp_path, dtype=torch.float32)
+    assert native.name == "native-fp32" and "--linear-kernel native" in native.reason
+    assert isinstance(model.lm_head, NativeLinearModule)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(model.lm_head(x), F.linear(x, model.lm_head.weight), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NativeKernelError, match="no directory"):
+        pack_base(_Model(), [], "native", eligible=None, cache_dir=None, dtype=torch.float32)
+
+
+@NATIVE
+def test_on_a_cpu_without_avx2_native_refuses_and_auto_times_the_rest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A library built for a CPU without AVX2 and FMA says so: `native` refuses to start, `auto` goes on
+    without it."""
+    load_native_linear_f32(tmp_path)  # built (and cached) for this CPU
+    monkeypatch.setattr(packed_module, "load_native_linear_f32", _without_avx2)
+    with pytest.raises(NativeKernelError, match="AVX2 and FMA"):
         pack_base(_Model(), [], "native", eligible=None, cache_dir=tmp_path, dtype=torch.float32)
-    assert not list(tmp_path.iterdir())  # nothing was built for it
+    seen: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
+    monkeypatch.setattr(packed_module, "time_linears", _timed(10.0, {"onednn-packed": 6.0}, seen))
+    model = _Model()
+    auto = pack_base(model, model.bases(), "auto", eligible=None, cache_dir=tmp_path, dtype=torch.float32)
+    assert "native fp32 Linear unavailable: the native fp32 Linear needs a CPU with AVX2 and FMA" in auto.reason
+    if packed_linear_supported(torch.float32):
+        assert auto.name == "onednn-packed" and seen[-1][1] == ("onednn-packed",)
+    else:
+        assert auto.name == "torch" and not seen
+
+
+def _without_avx2(cache_dir: Path, compiler: str | None = None) -> object:
+    from lorafleet_server.model.native import NativeCpuUnsupported
+
+    raise NativeCpuUnsupported("the native fp32 Linear needs a CPU with AVX2 and FMA")

@@ -45,7 +45,7 @@ class LoadedBase:
     dtype_reason: str = ""  # why this compute dtype (choose_compute_dtype)
     compiled: bool = False  # compile_base ran
     cpu_features: str = ""  # CpuFeatures.summary() of this machine
-    linear_kernel: str = "torch"  # "native-amx" or "onednn-packed": prepacked (model/packed.py); else "torch"
+    linear_kernel: str = "torch"  # "native-amx", "native-fp32" or "onednn-packed": prepacked (model/packed.py)
 
 
 def resolve_device(name: str) -> torch.device:

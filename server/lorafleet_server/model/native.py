@@ -9,8 +9,10 @@ it (a call splits its rows over the step's torch threads), or how oneDNN blocks 
 rows (docs/architecture.md, "Measured facts" 11). The multi-LoRA
 (``csrc/lora.c``) adds each token's own adapter into a base Linear's output in place (fact 12). The
 Linear (``csrc/linear.c``) computes bf16 base Linears on Intel AMX tiles from weights packed once,
-on the engine's thread and pinned helper threads (fact 13). The transpose (``csrc/transpose.c``) lays
-adapter weights out for the host cache while they load (docs/architecture.md, "Cold loads").
+on the engine's thread and pinned helper threads (fact 13); its fp32 sibling (``csrc/linear_f32.c``)
+does fp32 ones with AVX2 and FMA on the step's torch threads (fact 15). The transpose
+(``csrc/transpose.c``) lays adapter weights out for the host cache while they load
+(docs/architecture.md, "Cold loads").
 
 It is plain C, built with the system's C compiler for the CPU it runs on (``-march=native``: machines
 of one kind differ, AVX2 only or AVX-512), once per source, compiler and CPU: the library is cached
@@ -45,9 +47,9 @@ log = logging.getLogger(__name__)
 
 ATTENTION_SOURCE = "attention.c"
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
-# csrc/lora.c and csrc/attention.c with OpenMP: their calls split work over the calling thread's OpenMP
-# team (the libgomp torch has loaded, bound by soname); where that does not build or load, CFLAGS (one
-# thread).
+# csrc/lora.c, csrc/attention.c and csrc/linear_f32.c with OpenMP: their calls split work over the calling
+# thread's OpenMP team (the libgomp torch has loaded, bound by soname); where that does not build or load,
+# CFLAGS (one thread).
 OPENMP_CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 BUILD_TIMEOUT_S = 120.0
 MAX_HEAD_DIM = 256  # csrc/attention.c's limits
@@ -57,6 +59,11 @@ MAX_GROUP = 16
 class NativeKernelError(RuntimeError):
     """A native kernel cannot be built, loaded or run here (no compiler, a failed build, a shape it
     does not take). Raised at startup, never for a request."""
+
+
+class NativeCpuUnsupported(NativeKernelError):
+    """The kernel built, but this CPU lacks the instructions it needs (a build without OpenMP would not
+    change that)."""
 
 
 def find_compiler() -> str | None:
@@ -357,9 +364,41 @@ LINEAR_BLOCK = 32  # csrc/linear.c takes in_features and out_features that are m
 _LINEAR_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 
+def _run_linear(
+    fn: Any,
+    what: str,
+    x: torch.Tensor,  # [M, in], checked by the caller
+    packed: torch.Tensor,  # checked by the caller
+    bias: torch.Tensor | None,  # [out] fp32, contiguous
+    out_features: int,
+    threads: int,
+) -> torch.Tensor:  # [M, out] in x's dtype
+    """A native Linear's call (``x, packed, bias, out; m, n, k; threads``) after the bias is checked."""
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != out_features):
+        raise NativeKernelError(f"{what} needs an fp32 bias of {out_features} values")
+    rows, in_features = x.shape
+    out = torch.empty(rows, out_features, dtype=x.dtype)
+    rc = fn(
+        x.data_ptr(),
+        packed.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        rows,
+        out_features,
+        in_features,
+        threads,
+    )
+    if rc != 0:
+        raise NativeKernelError(f"{what} refused its arguments (rc {rc})")
+    return out
+
+
 class NativeLinear:
     """``csrc/linear.c`` through ctypes: bf16 Linears on AMX from a weight packed once, on ``threads``
     threads (the caller and helper threads the library starts and pins to cores of their own)."""
+
+    dtype = torch.bfloat16  # what it computes in
+    label = "native AMX"
 
     def __init__(self, library: Path, threads: int = 1) -> None:
         if threads < 1:
@@ -410,34 +449,101 @@ class NativeLinear:
         bias: torch.Tensor | None,  # [out] fp32, contiguous
         out_features: int,
     ) -> torch.Tensor:  # [M, out] bf16
-        rows, in_features = x.shape
+        in_features = x.shape[1]
         if x.dtype != torch.bfloat16 or not x.is_contiguous() or packed.numel() != in_features * out_features:
             raise NativeKernelError("the native Linear needs contiguous bf16 rows of its weight's width")
         if packed.dtype != torch.bfloat16 or not packed.is_contiguous():
             raise NativeKernelError("the native Linear needs the packed weight pack() made")
-        if bias is not None and (
-            bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != out_features
-        ):
-            raise NativeKernelError(f"the native Linear needs an fp32 bias of {out_features} values")
-        out = torch.empty(rows, out_features, dtype=torch.bfloat16)
-        rc = self._fn(
-            x.data_ptr(),
-            packed.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            out.data_ptr(),
-            rows,
-            out_features,
-            in_features,
-            self.threads,
-        )
-        if rc != 0:
-            raise NativeKernelError(f"the native Linear refused its arguments (rc {rc})")
-        return out
+        return _run_linear(self._fn, "the native Linear", x, packed, bias, out_features, self.threads)
 
 
 def load_native_linear(cache_dir: Path, compiler: str | None = None, threads: int = 1) -> NativeLinear:
     """Build (or find in ``cache_dir``) and load the native Linear; NativeKernelError without AMX."""
     return NativeLinear(build_library(LINEAR_SOURCE, cache_dir, compiler), threads)
+
+
+LINEAR_F32_SOURCE = "linear_f32.c"
+
+
+class NativeLinearF32:
+    """``csrc/linear_f32.c`` through ctypes: fp32 Linears on AVX2 + FMA from a weight packed once, every
+    output element one fp32 sum in a fixed order (the same for a row alone or in any step), on the
+    step's torch threads where the library was built with OpenMP (``threaded``)."""
+
+    dtype = torch.float32  # what it computes in
+    label = "native fp32"
+
+    def __init__(self, library: Path) -> None:
+        lib, fns = _functions(
+            library,
+            {
+                "lf_linear_f32_available": [],
+                "lf_linear_f32_threaded": [],
+                "lf_linear_f32_pack": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64],
+                "lf_linear_f32": _LINEAR_ARGTYPES,
+            },
+        )
+        size = lib.lf_linear_f32_packed_size
+        size.restype = ctypes.c_int64
+        size.argtypes = [ctypes.c_int64, ctypes.c_int64]
+        if fns["lf_linear_f32_available"]() != 1:
+            raise NativeCpuUnsupported("the native fp32 Linear needs a CPU with AVX2 and FMA")
+        self.library = library
+        self._lib = lib  # keeps the library loaded while its functions live
+        self._size = size
+        self._pack = fns["lf_linear_f32_pack"]
+        self._fn = fns["lf_linear_f32"]
+        self.threaded = fns["lf_linear_f32_threaded"]() == 1
+
+    @staticmethod
+    def takes(weight: torch.Tensor) -> bool:
+        """Whether a Linear of this weight ([out, in]) is one the kernel takes: fp32 on the CPU."""
+        return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kernel's layout of ``weight`` [out, in] fp32: a new 1-D fp32 tensor (panels of 16 columns,
+        the last one padded with zeros)."""
+        if not self.takes(weight) or min(weight.shape) < 1:
+            raise NativeKernelError(
+                f"the native fp32 Linear does not take a {weight.dtype} weight of shape {tuple(weight.shape)}"
+            )
+        w = weight.detach().contiguous()
+        packed = torch.empty(int(self._size(w.shape[0], w.shape[1])), dtype=torch.float32)
+        if self._pack(w.data_ptr(), packed.data_ptr(), w.shape[0], w.shape[1]) != 0:
+            raise NativeKernelError(f"the native fp32 Linear refused to pack a weight of shape {tuple(w.shape)}")
+        return packed
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [M, in] fp32, contiguous
+        packed: torch.Tensor,  # from pack()
+        bias: torch.Tensor | None,  # [out] fp32, contiguous
+        out_features: int,
+    ) -> torch.Tensor:  # [M, out] fp32
+        in_features = x.shape[1]
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            raise NativeKernelError("the native fp32 Linear needs contiguous fp32 rows")
+        if (
+            packed.dtype != torch.float32
+            or not packed.is_contiguous()
+            or packed.numel() != self._size(out_features, in_features)
+        ):
+            raise NativeKernelError("the native fp32 Linear needs the packed weight pack() made for this shape")
+        # on the step's threads (model/threads.py), an OpenMP team torch keeps warm
+        return _run_linear(self._fn, "the native fp32 Linear", x, packed, bias, out_features, torch.get_num_threads())
+
+
+def load_native_linear_f32(cache_dir: Path, compiler: str | None = None, openmp: bool = True) -> NativeLinearF32:
+    """Build (or find in ``cache_dir``) and load the native fp32 Linear: with OpenMP where it builds and
+    loads (``openmp``), else for one thread; NativeKernelError on a CPU without AVX2 and FMA."""
+    if openmp:
+        try:
+            return NativeLinearF32(build_library(LINEAR_F32_SOURCE, cache_dir, compiler, OPENMP_CFLAGS))
+        except NativeCpuUnsupported:
+            raise
+        except NativeKernelError as exc:
+            log.warning("the native fp32 Linear without OpenMP (one thread per call): %s", exc)
+    return NativeLinearF32(build_library(LINEAR_F32_SOURCE, cache_dir, compiler))
 
 
 TRANSPOSE_SOURCE = "transpose.c"

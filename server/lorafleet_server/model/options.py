@@ -18,8 +18,8 @@ LORA_IMPLS: tuple[str, ...] = get_args(LoraImpl)
 AttentionKernel = Literal["auto", "native", "torch"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 
-# The base Linears on a CPU (model/packed.py): "native" is the AMX kernel built for this CPU (bf16),
-# "onednn" oneDNN's prepacked matmul, "torch" F.linear; "auto" is the first of these that runs here
-# (fp32: oneDNN's only where it is timed faster at load).
+# The base Linears on a CPU (model/packed.py): "native" is the C kernel built for this CPU (AMX in bf16,
+# AVX2 + FMA in fp32), "onednn" oneDNN's prepacked matmul, "torch" F.linear; "auto" is the first of these
+# that runs here in bf16 (fp32: the fastest of native and oneDNN where timed faster than F.linear at load).
 LinearKernel = Literal["auto", "native", "onednn", "torch"]
 LINEAR_KERNELS: tuple[str, ...] = get_args(LinearKernel)

@@ -1,4 +1,4 @@
-"""Base Linears with their weight also prepacked in oneDNN's blocked layout, for bf16 or fp32 on CPU.
+"""Base Linears with their weight also prepacked for a faster kernel, for bf16 or fp32 on CPU.
 
 ``F.linear`` in bf16 on a CPU reorders the weight into oneDNN's blocked layout on every call; for the
 few rows of a decode step that reorder is a large share of the call. Prepacking it once
@@ -11,9 +11,12 @@ one (shared with the model, no copy) above.
 
 In fp32 ``F.linear`` is MKL's GEMM, which on some CPUs splits a few rows poorly over threads (a 2-core
 AMD EPYC: the LM head at 32 rows 32.7 ms on two threads against 15.7 ms prepacked) and on others is as
-fast as the packed call. Which holds is the machine's, so ``--linear-kernel auto`` times both on the
-model's own weights at load (:func:`time_packed`) and packs fp32 weights only where the packed call
-is clearly faster (``PACKED_MIN_GAIN``).
+fast as the packed call. The native fp32 kernel (``csrc/linear_f32.c`` in a :class:`NativeLinearModule`:
+AVX2 + FMA, its own packed panels, the step's torch threads) was faster than both there at 1-512 rows
+(32 rows: ~180 GFLOP/s against ~100 and ~120), with each row's numbers independent of the step. Which
+is fastest is the machine's, so ``--linear-kernel auto`` times the candidates on the model's own
+weights at load (:func:`time_linears`) and replaces fp32 Linears only where one is clearly faster than
+F.linear (``PACKED_MIN_GAIN``).
 
 The ops are private torch API; :func:`packed_linear_supported` checks once at load that they exist
 and give ``F.linear``'s result, and the loader keeps plain Linears otherwise.
@@ -37,7 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafleet_server.model.native import NativeKernelError, NativeLinear, load_native_linear
+from lorafleet_server.model.native import (
+    NativeKernelError,
+    NativeLinear,
+    NativeLinearF32,
+    load_native_linear,
+    load_native_linear_f32,
+)
 from lorafleet_server.model.options import LinearKernel
 
 log = logging.getLogger(__name__)
@@ -104,13 +113,15 @@ class PackedLinear(nn.Module):
 
 
 class NativeLinearModule(nn.Module):
-    """``linear`` computed by the native AMX kernel from its own packed copy of the weight, for steps of
-    any size; the plain weight stays the model's parameter (tied weights stay tied) and serves
-    gradients. The kernel runs on its own threads (``--linear-threads``), not torch's: even on one
-    thread a 256-token prefill step measured the same as with oneDNN's Linears on two (345 vs 342 ms),
-    so every step takes it and each row's result stays independent of the step's row count."""
+    """``linear`` computed by a native kernel from its own packed copy of the weight, for steps of any
+    size; the plain weight stays the model's parameter (tied weights stay tied) and serves gradients.
+    The AMX kernel (bf16, ``csrc/linear.c``) runs on its own threads (``--linear-threads``), not
+    torch's: even on one thread a 256-token prefill step measured the same as with oneDNN's Linears on
+    two (345 vs 342 ms). The fp32 kernel (``csrc/linear_f32.c``) runs on the step's torch threads and
+    was as fast as MKL's GEMM at 512 rows. So every step takes them, and each row's result stays
+    independent of the step's row count."""
 
-    def __init__(self, linear: nn.Linear, kernel: NativeLinear) -> None:
+    def __init__(self, linear: nn.Linear, kernel: NativeLinear | NativeLinearF32) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -118,18 +129,18 @@ class NativeLinearModule(nn.Module):
         self.bias = linear.bias
         self.kernel = kernel
         with torch.no_grad():
-            self.packed: torch.Tensor = kernel.pack(linear.weight)  # [out * in], csrc/linear.c's panels
+            self.packed: torch.Tensor = kernel.pack(linear.weight)  # 1-D, the kernel's panels
             self.bias_f32 = None if linear.bias is None else linear.bias.detach().float().contiguous()  # [out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
-        x2 = x.reshape(-1, self.in_features)  # [rows, in]
-        if x.requires_grad or x.dtype != torch.bfloat16:
+        if x.requires_grad or x.dtype != self.kernel.dtype:
             return F.linear(x, self.weight, self.bias)
-        y = self.kernel(x2.contiguous(), self.packed, self.bias_f32, self.out_features)  # [rows, out]
+        x2 = x.reshape(-1, self.in_features).contiguous()  # [rows, in]
+        y = self.kernel(x2, self.packed, self.bias_f32, self.out_features)  # [rows, out]
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed (native AMX)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed ({self.kernel.label})"
 
 
 def _plain_linear_places(model: nn.Module, bases: list[nn.Module]) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
@@ -155,41 +166,48 @@ def _replace_linears(model: nn.Module, bases: list[nn.Module], make: Callable[[n
 
 
 @dataclass(frozen=True)
-class PackedTiming:
-    """What :func:`time_packed` measured: one step's worth of base Linears (every Linear that would be
-    packed, once each) at ``rows`` rows, summed over the thread counts; medians of ``repeats``."""
+class LinearTiming:
+    """What :func:`time_linears` measured: one step's worth of base Linears (every Linear that would be
+    replaced, once each) at ``rows`` rows, summed over the thread counts; medians of ``repeats``."""
 
     rows: int
     threads: tuple[int, ...]
     plain_ms: float  # F.linear
-    packed_ms: float  # the prepacked oneDNN call
+    candidates: tuple[tuple[str, float], ...]  # (kernel name, ms) of each replacement timed
 
     @property
-    def packed_wins(self) -> bool:
-        """The prepacked call is clearly faster: by ``PACKED_MIN_GAIN`` or more."""
-        return self.packed_ms > 0 and self.plain_ms >= PACKED_MIN_GAIN * self.packed_ms
+    def best(self) -> str | None:
+        """The fastest candidate where it is clearly faster than F.linear (by ``PACKED_MIN_GAIN`` or
+        more), else None."""
+        timed = [(ms, name) for name, ms in self.candidates if ms > 0]
+        if not timed:
+            return None
+        ms, name = min(timed)
+        return name if self.plain_ms >= PACKED_MIN_GAIN * ms else None
 
     def describe(self) -> str:
         counts = "+".join(str(t) for t in self.threads)
-        ratio = f" ({self.plain_ms / self.packed_ms:.2f}x)" if self.packed_ms > 0 else ""
-        return (
-            f"{self.rows} rows on {counts} thread(s): prepacked {self.packed_ms:.1f} ms, "
-            f"F.linear {self.plain_ms:.1f} ms{ratio}"
-        )
+        parts = [f"F.linear {self.plain_ms:.1f} ms"]
+        for name, ms in self.candidates:
+            ratio = f" ({self.plain_ms / ms:.2f}x)" if ms > 0 else ""
+            parts.append(f"{name} {ms:.1f} ms{ratio}")
+        return f"{self.rows} rows on {counts} thread(s): " + ", ".join(parts)
 
 
-def time_packed(
+def time_linears(
     model: nn.Module,
     bases: list[nn.Module],
     threads: Sequence[int],
+    candidates: dict[str, Callable[[nn.Linear], nn.Module]],
     *,
     rows: int = PACK_BATCH_HINT,
     repeats: int = 3,
-) -> PackedTiming:
-    """Time F.linear against the prepacked call on the model's own weights: per distinct Linear shape
-    (the first weight of that shape), ``rows`` random rows, both calls interleaved, median of
-    ``repeats`` after one warm-up each, weighted by how many Linears have the shape; at each thread
-    count in ``threads`` (torch's setting is restored). SmolLM2-135M: ~0.5 s on 2 cores."""
+) -> LinearTiming:
+    """Time F.linear against each candidate replacement (name -> a factory of the module that would
+    replace a Linear) on the model's own weights: per distinct Linear shape (the first weight of that
+    shape), ``rows`` random rows, all calls interleaved, median of ``repeats`` after one warm-up each,
+    weighted by how many Linears have the shape; at each thread count in ``threads`` (torch's setting
+    is restored). SmolLM2-135M, two candidates: ~1 s on 2 cores."""
     shapes: dict[tuple[int, int], tuple[nn.Linear, int]] = {}
     for _, _, linear in _plain_linear_places(model, bases):
         key = (linear.out_features, linear.in_features)
@@ -197,31 +215,37 @@ def time_packed(
         shapes[key] = (first, count + 1)
     gen = torch.Generator().manual_seed(0)
     kept = torch.get_num_threads()
-    plain_ms = packed_ms = 0.0
+    plain_ms = 0.0
+    total = dict.fromkeys(candidates, 0.0)
     try:
         with torch.inference_mode():
             for linear, count in shapes.values():
                 weight = linear.weight.detach()  # [out, in]
                 x = torch.randn(rows, linear.in_features, generator=gen).to(weight.dtype)  # [rows, in]
-                packed = PackedLinear(linear)
+                made = {name: make(linear) for name, make in candidates.items()}
                 for n in threads:
                     torch.set_num_threads(n)
                     plain: list[float] = []
-                    prepacked: list[float] = []
+                    timed: dict[str, list[float]] = {name: [] for name in made}
                     for i in range(repeats + 1):
                         t0 = time.perf_counter()
                         F.linear(x, weight, linear.bias)
-                        t1 = time.perf_counter()
-                        packed(x)
-                        t2 = time.perf_counter()
+                        took = time.perf_counter() - t0
                         if i:  # the first call of each warms up
-                            plain.append(t1 - t0)
-                            prepacked.append(t2 - t1)
+                            plain.append(took)
+                        for name, module in made.items():
+                            t0 = time.perf_counter()
+                            module(x)
+                            took = time.perf_counter() - t0
+                            if i:
+                                timed[name].append(took)
                     plain_ms += count * statistics.median(plain) * 1e3
-                    packed_ms += count * statistics.median(prepacked) * 1e3
+                    for name, times in timed.items():
+                        total[name] += count * statistics.median(times) * 1e3
+                del made  # each candidate's packed copy of this weight
     finally:
         torch.set_num_threads(kept)
-    return PackedTiming(rows, tuple(threads), plain_ms, packed_ms)
+    return LinearTiming(rows, tuple(threads), plain_ms, tuple(total.items()))
 
 
 def pack_linears(model: nn.Module, bases: list[nn.Module]) -> int:
@@ -234,7 +258,7 @@ def pack_linears(model: nn.Module, bases: list[nn.Module]) -> int:
 class LinearChoice:
     """The base Linears' kernel (``GetModelInfo.linear_kernel``) and why (logged)."""
 
-    name: str  # "native-amx", "onednn-packed" or "torch"
+    name: str  # "native-amx", "native-fp32", "onednn-packed" or "torch"
     reason: str
 
 
@@ -253,11 +277,11 @@ def pack_base(
     """``--linear-kernel`` for the base Linears of a loaded model. ``eligible`` is None for a bf16 or
     fp32 base (``dtype``) on the CPU, unquantized and not compiled, else why it is not (then only
     "torch" runs; "native" and "onednn" are refused with NativeKernelError). "native" is the AMX
-    kernel, built in ``cache_dir``, for every Linear of a shape it takes (NativeKernelError where it
-    cannot run, and for fp32: it computes in bf16); "onednn" oneDNN's prepacked Linear; "auto" in bf16
-    the first of native, oneDNN and plain torch that runs here (native only with a ``cache_dir``), in
-    fp32 oneDNN's where :func:`time_packed` measures it ``PACKED_MIN_GAIN`` times faster at
-    ``measure_threads`` (default: torch's current count), else torch."""
+    kernel built in ``cache_dir`` for the dtype (bf16: AMX, for every Linear of a shape it takes; fp32:
+    AVX2 + FMA), NativeKernelError where it cannot run; "onednn" oneDNN's prepacked Linear; "auto" in
+    bf16 the first of native, oneDNN and plain torch that runs here (native only with a ``cache_dir``),
+    in fp32 the fastest of native and oneDNN where :func:`time_linears` measures it ``PACKED_MIN_GAIN``
+    times faster than F.linear at ``measure_threads`` (default: torch's current count), else torch."""
     if choice == "torch":
         return LinearChoice("torch", "--linear-kernel torch")
     if eligible is not None:
@@ -265,7 +289,9 @@ def pack_base(
             raise NativeKernelError(f"--linear-kernel {choice} needs a bf16 or fp32 base on the CPU: {eligible}")
         return LinearChoice("torch", eligible)
     if dtype == torch.float32:
-        return _pack_fp32(model, bases, choice, tuple(measure_threads) or (torch.get_num_threads(),))
+        return _pack_fp32(
+            model, bases, choice, tuple(measure_threads) or (torch.get_num_threads(),), cache_dir, compiler
+        )
     onednn = packed_linear_supported(torch.bfloat16)
     fallback = PackedLinear if onednn else (lambda linear: linear)
     why = ""
@@ -298,23 +324,63 @@ def pack_base(
 
 
 def _pack_fp32(
-    model: nn.Module, bases: list[nn.Module], choice: LinearKernel, measure_threads: tuple[int, ...]
+    model: nn.Module,
+    bases: list[nn.Module],
+    choice: LinearKernel,
+    measure_threads: tuple[int, ...],
+    cache_dir: Path | None,
+    compiler: str | None,
 ) -> LinearChoice:
-    """pack_base for an fp32 base: the AMX kernel computes bf16 only; oneDNN's prepacked call where it
-    runs and, under "auto", is timed at least ``PACKED_MIN_GAIN`` times faster on this machine."""
-    if choice == "native":
-        raise NativeKernelError("--linear-kernel native computes in bf16 (AMX); this base is fp32")
-    if not packed_linear_supported(torch.float32):
-        if choice == "onednn":
-            raise NativeKernelError("--linear-kernel onednn: this torch build has no working prepacked fp32 linear")
-        return LinearChoice("torch", "no prepacked oneDNN fp32 linear in this torch build")
+    """pack_base for an fp32 base. "native" is the AVX2 + FMA kernel (``csrc/linear_f32.c``, built in
+    ``cache_dir``), "onednn" oneDNN's prepacked call; "auto" times both (where each runs here) against
+    F.linear and takes the fastest where it is at least ``PACKED_MIN_GAIN`` times faster, else torch."""
+    why: list[str] = []
+    kernel: NativeLinearF32 | None = None
+    if choice in ("auto", "native"):
+        try:
+            if cache_dir is None:
+                raise NativeKernelError("no directory to build it in")
+            kernel = load_native_linear_f32(cache_dir, compiler)
+        except NativeKernelError as exc:
+            if choice == "native":
+                raise
+            why.append(f"native fp32 Linear unavailable: {exc}")
+    if kernel is not None and choice == "native":
+        return _use_native_f32(model, bases, kernel, "--linear-kernel native")
+    onednn = choice in ("auto", "onednn") and packed_linear_supported(torch.float32)
     if choice == "onednn":
+        if not onednn:
+            raise NativeKernelError("--linear-kernel onednn: this torch build has no working prepacked fp32 linear")
         pack_linears(model, bases)
         return LinearChoice("onednn-packed", "oneDNN's prepacked fp32 linear (--linear-kernel onednn)")
-    timing = time_packed(model, bases, measure_threads)
-    if not timing.packed_wins:
+    if not onednn:
+        why.append("no prepacked oneDNN fp32 linear in this torch build")
+    candidates: dict[str, Callable[[nn.Linear], nn.Module]] = {}
+    if kernel is not None:
+        native_kernel = kernel
+        candidates["native-fp32"] = lambda linear: NativeLinearModule(linear, native_kernel)
+    if onednn:
+        candidates["onednn-packed"] = PackedLinear
+    if not candidates:
+        return LinearChoice("torch", "; ".join(why))
+    timing = time_linears(model, bases, measure_threads, candidates)
+    prefix = "; ".join([*why, ""])
+    best = timing.best
+    if best == "native-fp32" and kernel is not None:
+        return _use_native_f32(model, bases, kernel, f"{prefix}timed fastest at load: {timing.describe()}")
+    if best == "onednn-packed":
+        pack_linears(model, bases)
         return LinearChoice(
-            "torch", f"fp32 prepacked Linears not {PACKED_MIN_GAIN}x faster at load: {timing.describe()}"
+            "onednn-packed", f"{prefix}oneDNN's prepacked fp32 linear, timed fastest at load: {timing.describe()}"
         )
-    pack_linears(model, bases)
-    return LinearChoice("onednn-packed", f"oneDNN's prepacked fp32 linear, timed faster at load: {timing.describe()}")
+    return LinearChoice(
+        "torch", f"{prefix}no replacement {PACKED_MIN_GAIN}x faster than F.linear at load: {timing.describe()}"
+    )
+
+
+def _use_native_f32(model: nn.Module, bases: list[nn.Module], kernel: NativeLinearF32, why: str) -> LinearChoice:
+    count = _replace_linears(model, bases, lambda linear: NativeLinearModule(linear, kernel))
+    threads = "the step's torch threads" if kernel.threaded else "one thread per call (no OpenMP)"
+    return LinearChoice(
+        "native-fp32", f"AVX2 kernel for this CPU ({kernel.library.name}), {count} Linears, on {threads}; {why}"
+    )

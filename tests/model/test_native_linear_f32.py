@@ -1,0 +1,140 @@
+"""The native fp32 Linear (model/native.py NativeLinearF32, csrc/linear_f32.c) and its module.
+
+The kernel is built here as the server builds it (with OpenMP, for this CPU). Its numbers are checked
+where the CPU has AVX2 and FMA (every x86-64 server of the last decade) and skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafleet_server.model.native import NativeKernelError, NativeLinearF32, find_compiler, load_native_linear_f32
+from lorafleet_server.model.packed import NativeLinearModule
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> NativeLinearF32:
+    try:
+        return load_native_linear_f32(tmp_path_factory.mktemp("kernels"))
+    except NativeKernelError as exc:
+        pytest.skip(f"no native fp32 Linear on this CPU: {exc}")
+
+
+def _weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) / k**0.5  # [out, in]
+    bias = torch.randn(n, generator=gen)  # [out]
+    return w, bias
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x . W^T (+ bias) in fp64, rounded once: the exact result the kernel's fp32 sums approximate."""
+    return F.linear(x.double(), w.double(), None if bias is None else bias.double()).float()
+
+
+@pytest.mark.parametrize(("n", "k"), [(16, 8), (7, 3), (40, 33), (192, 576), (576, 1536), (1000, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_the_exact_product_for_every_row_count(
+    kernel: NativeLinearF32, n: int, k: int, with_bias: bool
+) -> None:
+    """Row counts across the kernel's 6-row blocks (tails included), out widths of a partial panel up to
+    many panels; each output within fp32 rounding of the exact product, and as close as F.linear is."""
+    w, bias = _weights(n, k, seed=n + k)
+    b = bias if with_bias else None
+    packed = kernel.pack(w)
+    assert packed.numel() == -(-n // 16) * 16 * k
+    gen = torch.Generator().manual_seed(1)
+    for m in (1, 2, 5, 6, 7, 12, 13, 32, 65, 300):
+        x = torch.randn(m, k, generator=gen)  # [m, in]
+        got = kernel(x, packed, b, n)
+        want = _reference(x, w, b)
+        err = (got - want).abs().max().item()
+        torch_err = (F.linear(x, w, b) - want).abs().max().item()
+        assert got.shape == (m, n)
+        assert err <= max(4 * torch_err, 1e-5 * k**0.5), f"m={m}: error {err} against F.linear's {torch_err}"
+
+
+def test_a_row_is_the_same_alone_and_among_others(kernel: NativeLinearF32) -> None:
+    """Batch invariance: a row's output, bit for bit, does not depend on the row count or its place."""
+    w, bias = _weights(200, 96, seed=3)
+    packed = kernel.pack(w)
+    x = torch.randn(37, 96, generator=torch.Generator().manual_seed(4))  # [37, in]
+    together = kernel(x, packed, bias, 200)
+    for i in (0, 5, 6, 36):
+        alone = kernel(x[i : i + 1].contiguous(), packed, bias, 200)
+        assert torch.equal(alone[0], together[i])
+    assert torch.equal(kernel(x[7:20].contiguous(), packed, bias, 200), together[7:20])
+
+
+@pytest.mark.usefixtures("torch_threads_kept")
+def test_any_thread_count_gives_the_one_thread_numbers(kernel: NativeLinearF32) -> None:
+    """A call splits its panels over the step's torch threads (built with OpenMP here); every output,
+    bit for bit, is the one a single thread computes."""
+    assert kernel.threaded  # gcc builds it with OpenMP (the server's Dockerfile and CI machines have gcc)
+    w, bias = _weights(1000, 160, seed=5)
+    packed = kernel.pack(w)
+    x = torch.randn(33, 160, generator=torch.Generator().manual_seed(6))  # [33, in]
+    torch.set_num_threads(1)
+    one = kernel(x, packed, bias, 1000)
+    for threads in (2, 3, 7, 100):  # more threads than panels: at most one panel range each
+        torch.set_num_threads(threads)
+        assert torch.equal(kernel(x, packed, bias, 1000), one), f"{threads} threads changed the output"
+
+
+def test_zero_rows_give_an_empty_output(kernel: NativeLinearF32) -> None:
+    w, _ = _weights(32, 16, seed=7)
+    assert kernel(torch.empty(0, 16), kernel.pack(w), None, 32).shape == (0, 32)
+
+
+def test_tensors_it_does_not_take_are_refused(kernel: NativeLinearF32) -> None:
+    w, bias = _weights(32, 16, seed=8)
+    packed = kernel.pack(w)
+    x = torch.randn(4, 16)
+    with pytest.raises(NativeKernelError, match="does not take"):
+        kernel.pack(w.to(torch.bfloat16))
+    with pytest.raises(NativeKernelError, match="does not take"):
+        kernel.pack(torch.empty(0, 16))
+    with pytest.raises(NativeKernelError, match="contiguous fp32 rows"):
+        kernel(x.to(torch.bfloat16), packed, None, 32)
+    with pytest.raises(NativeKernelError, match="contiguous fp32 rows"):
+        kernel(torch.randn(16, 4).t(), packed, None, 32)
+    with pytest.raises(NativeKernelError, match="packed weight"):
+        kernel(x, packed, None, 48)  # another width than the packed weight's
+    with pytest.raises(NativeKernelError, match="packed weight"):
+        kernel(torch.randn(4, 8), packed, None, 32)  # another depth
+    with pytest.raises(NativeKernelError, match="bias of 32"):
+        kernel(x, packed, bias[:16].contiguous(), 32)
+    with pytest.raises(NativeKernelError, match="bias of 32"):
+        kernel(x, packed, bias.double(), 32)
+
+
+def test_without_openmp_it_still_runs_on_one_thread(tmp_path: Path) -> None:
+    plain = load_native_linear_f32(tmp_path / "plain", openmp=False)
+    assert not plain.threaded
+    w, bias = _weights(40, 24, seed=9)
+    x = torch.randn(9, 24)
+    got = plain(x, plain.pack(w), bias, 40)
+    torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_the_module_keeps_the_weight_runs_any_step_and_leaves_gradients_to_torch(kernel: NativeLinearF32) -> None:
+    torch.manual_seed(10)
+    linear = nn.Linear(48, 80)
+    module = NativeLinearModule(linear, kernel)
+    assert module.weight is linear.weight and module.bias is linear.bias  # tied weights stay tied
+    with torch.inference_mode():
+        for shape in ((3, 48), (2, 5, 48), (1, 300, 48)):
+            x = torch.randn(*shape)
+            got = module(x)
+            assert got.shape == (*shape[:-1], 80)
+            torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    x = torch.randn(4, 48, requires_grad=True)
+    module(x).sum().backward()  # F.linear, so gradients flow to the input and the shared weight
+    assert x.grad is not None and linear.weight.grad is not None
