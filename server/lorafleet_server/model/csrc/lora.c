@@ -203,8 +203,11 @@ static int lora_token_avx512(uint16_t *y, const uint16_t *x, const uint16_t *at,
 #endif
 
 /* Ask for [p, p + bytes) in cache ahead of use: a token's adapter is a few KB to ~100 KB in DRAM
- * (the base weights stream through the caches every step), and the hardware prefetcher starts late
- * on each new region. */
+ * (the base weights stream through the caches every step). Only for the AVX-512 path (the CPUs it
+ * was written on): on a 2-core AVX2 AMD EPYC the portable fp32 path read adapters from DRAM ~1.1-1.25x
+ * faster without it (the burst of a whole adapter's prefetches competes with the loads of the token
+ * at hand; the hardware prefetcher follows each contiguous A and B by itself; docs/architecture.md,
+ * "Measured facts" 12). */
 static inline void prefetch_range(const void *p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 1);
 }
@@ -227,10 +230,11 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
                        int bf16, float *out) {
     float h[MAX_RANK];
     const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
+    const int prefetch = lf_lora_fast(bf16, d_out, r_cap);
     for (int64_t n = lo; n < hi; n++) {
         const int64_t s = slots[n];
         const int r = (int)ranks[s];
-        if (n + 1 < hi && slots[n + 1] != s && slots[n + 1] != 0) { /* the next token's adapter */
+        if (prefetch && n + 1 < hi && slots[n + 1] != s && slots[n + 1] != 0) { /* the next token's adapter */
             const int64_t t = slots[n + 1];
             prefetch_range((const char *)at + (size_t)(t * d_in * r_cap) * elem, d_in * r_cap * (int64_t)elem);
             prefetch_range((const char *)bt + (size_t)(t * r_cap * d_out) * elem, ranks[t] * d_out * (int64_t)elem);
