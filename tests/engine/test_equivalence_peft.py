@@ -20,6 +20,7 @@ from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import make_slot_io
 from lorafleet_server.engine.types import TokenEvent
+from lorafleet_server.model.cpu import cpu_flags_line
 from lorafleet_server.model.loader import load_base
 from lorafleet_server.model.options import LinearKernel
 from lorafleet_server.model.packed import packed_linear_supported
@@ -27,6 +28,8 @@ from lorafleet_server.model.runner import ModelRunner, RowStep
 
 ONEDNN_BF16 = packed_linear_supported(torch.bfloat16)
 ONEDNN_FP32 = packed_linear_supported(torch.float32)
+# csrc/linear_f32.c's kernel runs on a CPU with AVX2 and FMA (its library says so; built at load)
+NATIVE_FP32 = {"avx2", "fma"} <= set(cpu_flags_line().split())
 
 # Different ranks, alphas, target subsets, rsLoRA, per-module patterns and a layer subset.
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -150,15 +153,15 @@ def _linear_kernel(quantization: str, dtype: str, impl: str) -> LinearKernel:
     """A fixed base Linear per case (fp32's "auto" is timed at load, so it could take either path): bf16
     with a torch LoRA runs oneDNN's prepacked Linears where this torch build has them (not on AVX2-only
     CPUs), with the native LoRA the first that runs (the native AMX Linear where the CPU has AMX); fp32
-    runs the native fp32 Linear with the native LoRA (both skip on a machine without a C compiler; on a
-    CPU without AVX2 it refuses to start), oneDNN's prepacked Linears with the token LoRA and F.linear
+    runs the native fp32 Linear with the native LoRA (both skip on a machine without a C compiler;
+    F.linear on a CPU without AVX2 and FMA), oneDNN's prepacked Linears with the token LoRA and F.linear
     with the other torch ones; NF4 keeps bitsandbytes' Linears."""
     if quantization != "none":
         return "auto"
     if dtype == "bfloat16":
         return "onednn" if impl != "native" and ONEDNN_BF16 else "auto"
     if impl == "native":
-        return "native"
+        return "native" if NATIVE_FP32 else "torch"
     return "onednn" if impl == "token" and ONEDNN_FP32 else "torch"
 
 

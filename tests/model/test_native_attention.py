@@ -8,6 +8,8 @@ C path, so the shapes below cover both where the CPU has them.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,43 @@ def test_rows_split_over_threads_give_the_one_thread_numbers(
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-5
     for tok, expected in want.items():
         torch.testing.assert_close(alone[tok].float(), expected, rtol=tol, atol=tol)
+
+
+_FEWER_THREADS_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from lorafleet_server.model.native import AttentionRows, load_native_attention
+kernel = load_native_attention(Path(sys.argv[1]))
+gen = torch.Generator().manual_seed(0)
+q = torch.randn(8, 9, 64, generator=gen)
+k = torch.randn(8, 3, 320, 64, generator=gen)
+v = torch.randn(8, 3, 320, 64, generator=gen)
+rows = AttentionRows.of(list(range(8)), list(range(8)), [300] * 8)
+outs = []
+for threads in (1, 4):
+    torch.set_num_threads(threads)
+    out = torch.full_like(q, float("nan"))
+    kernel(q, k, v, out, rows, 0.125)
+    outs.append(out)
+print("same" if torch.equal(outs[0], outs[1]) else "differ", int(outs[1].isnan().any(dim=-1).any(dim=-1).sum()))
+"""
+
+
+def test_a_team_smaller_than_asked_still_computes_every_row(tmp_path: Path) -> None:
+    """OpenMP may start fewer threads than a call asks for (here OMP_THREAD_LIMIT=2 against 4): every
+    row is still computed, with the one-thread numbers (a fresh process: libgomp reads it at start)."""
+    load_native_attention(tmp_path / "kernels")  # built here, so the child only loads it
+    env = {**os.environ, "OMP_THREAD_LIMIT": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", _FEWER_THREADS_SCRIPT, str(tmp_path / "kernels")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["same", "0"]
 
 
 def test_the_kernel_is_built_with_openmp_where_the_compiler_has_it(tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ where the CPU has AVX2 and FMA (every x86-64 server of the last decade) and skip
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafleet_server.model.native import NativeKernelError, NativeLinearF32, find_compiler, load_native_linear_f32
+from lorafleet_server.model.native import (
+    CFLAGS,
+    LINEAR_F32_SOURCE,
+    NativeCpuUnsupported,
+    NativeKernelError,
+    NativeLinearF32,
+    build_library,
+    find_compiler,
+    load_native_linear_f32,
+)
 from lorafleet_server.model.packed import NativeLinearModule
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
@@ -49,7 +61,7 @@ def test_matches_the_exact_product_for_every_row_count(
     w, bias = _weights(n, k, seed=n + k)
     b = bias if with_bias else None
     packed = kernel.pack(w)
-    assert packed.numel() == -(-n // 16) * 16 * k
+    assert packed.shape == (-(-n // 16), 16 * k)  # whole panels of 16 output columns
     gen = torch.Generator().manual_seed(1)
     for m in (1, 2, 5, 6, 7, 12, 13, 32, 65, 300):
         x = torch.randn(m, k, generator=gen)  # [m, in]
@@ -109,6 +121,10 @@ def test_tensors_it_does_not_take_are_refused(kernel: NativeLinearF32) -> None:
         kernel(x, packed, None, 48)  # another width than the packed weight's
     with pytest.raises(NativeKernelError, match="packed weight"):
         kernel(torch.randn(4, 8), packed, None, 32)  # another depth
+    with pytest.raises(NativeKernelError, match="packed weight"):
+        kernel(torch.randn(4, 32), packed, None, 16)  # 32 x 16 packed, as many floats as a 16 x 32 one
+    with pytest.raises(NativeKernelError, match="packed weight"):
+        kernel(x, packed.reshape(-1), None, 32)  # not the layout pack() made
     with pytest.raises(NativeKernelError, match="bias of 32"):
         kernel(x, packed, bias[:16].contiguous(), 32)
     with pytest.raises(NativeKernelError, match="bias of 32"):
@@ -122,6 +138,45 @@ def test_without_openmp_it_still_runs_on_one_thread(tmp_path: Path) -> None:
     x = torch.randn(9, 24)
     got = plain(x, plain.pack(w), bias, 40)
     torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+_FEWER_THREADS_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from lorafleet_server.model.native import load_native_linear_f32
+kernel = load_native_linear_f32(Path(sys.argv[1]))
+gen = torch.Generator().manual_seed(0)
+w, x = torch.randn(200, 64, generator=gen), torch.randn(9, 64, generator=gen)
+packed = kernel.pack(w)
+outs = []
+for threads in (1, 4):
+    torch.set_num_threads(threads)
+    outs.append(kernel(x, packed, None, 200))
+print("same" if torch.equal(outs[0], outs[1]) else "differ")
+"""
+
+
+def test_a_team_smaller_than_asked_still_computes_every_panel(tmp_path: Path) -> None:
+    """OpenMP may start fewer threads than a call asks for (OMP_THREAD_LIMIT=2 against 4): the panels are
+    split over the team it got, every output written with the one-thread numbers."""
+    load_native_linear_f32(tmp_path / "kernels")  # built here, so the child only loads it
+    done = subprocess.run(
+        [sys.executable, "-c", _FEWER_THREADS_SCRIPT, str(tmp_path / "kernels")],
+        env={**os.environ, "OMP_THREAD_LIMIT": "2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["same"]
+
+
+def test_a_build_for_a_cpu_without_avx2_says_so(tmp_path: Path) -> None:
+    """Built with this CPU's flags minus AVX2 and FMA, the library has no kernel and the loader refuses it."""
+    library = build_library(LINEAR_F32_SOURCE, tmp_path, flags=(*CFLAGS, "-mno-avx2", "-mno-fma"))
+    with pytest.raises(NativeCpuUnsupported, match="AVX2 and FMA"):
+        NativeLinearF32(library)
 
 
 def test_the_module_keeps_the_weight_runs_any_step_and_leaves_gradients_to_torch(kernel: NativeLinearF32) -> None:

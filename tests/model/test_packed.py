@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafleet_server.model import native as native_module
 from lorafleet_server.model import packed as packed_module
-from lorafleet_server.model.native import NativeKernelError, find_compiler, load_native_linear_f32
+from lorafleet_server.model.native import NativeCpuUnsupported, NativeKernelError, find_compiler
 from lorafleet_server.model.packed import (
     PACK_BATCH_HINT,
     PACKED_MAX_ROWS,
@@ -260,12 +261,20 @@ def test_an_fp32_base_takes_the_kernel_asked_for_by_name_untimed(
 def test_on_a_cpu_without_avx2_native_refuses_and_auto_times_the_rest(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A library built for a CPU without AVX2 and FMA says so: `native` refuses to start, `auto` goes on
-    without it."""
-    load_native_linear_f32(tmp_path)  # built (and cached) for this CPU
-    monkeypatch.setattr(packed_module, "load_native_linear_f32", _without_avx2)
-    with pytest.raises(NativeKernelError, match="AVX2 and FMA"):
+    """A library built for a CPU without AVX2 and FMA (here: this CPU's flags minus those two) says so:
+    `native` refuses to start, `auto` goes on without it, and no build without OpenMP is tried."""
+    monkeypatch.setattr(native_module, "OPENMP_CFLAGS", (*native_module.OPENMP_CFLAGS, "-mno-avx2", "-mno-fma"))
+    builds: list[tuple[str, ...]] = []
+    real_build = native_module.build_library
+
+    def counted(name: str, cache_dir: Path, compiler: str | None = None, flags: tuple[str, ...] = ()) -> Path:
+        builds.append(flags)
+        return real_build(name, cache_dir, compiler, flags or native_module.CFLAGS)
+
+    monkeypatch.setattr(native_module, "build_library", counted)
+    with pytest.raises(NativeCpuUnsupported, match="AVX2 and FMA"):
         pack_base(_Model(), [], "native", eligible=None, cache_dir=tmp_path, dtype=torch.float32)
+    assert builds == [native_module.OPENMP_CFLAGS]  # the CPU, not OpenMP: no retry without it
     seen: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
     monkeypatch.setattr(packed_module, "time_linears", _timed(10.0, {"onednn-packed": 6.0}, seen))
     model = _Model()
@@ -275,9 +284,3 @@ def test_on_a_cpu_without_avx2_native_refuses_and_auto_times_the_rest(
         assert auto.name == "onednn-packed" and seen[-1][1] == ("onednn-packed",)
     else:
         assert auto.name == "torch" and not seen
-
-
-def _without_avx2(cache_dir: Path, compiler: str | None = None) -> object:
-    from lorafleet_server.model.native import NativeCpuUnsupported
-
-    raise NativeCpuUnsupported("the native fp32 Linear needs a CPU with AVX2 and FMA")

@@ -463,6 +463,7 @@ def load_native_linear(cache_dir: Path, compiler: str | None = None, threads: in
 
 
 LINEAR_F32_SOURCE = "linear_f32.c"
+LINEAR_F32_PANEL = 16  # csrc/linear_f32.c's NR: output columns per packed panel
 
 
 class NativeLinearF32:
@@ -500,15 +501,22 @@ class NativeLinearF32:
         """Whether a Linear of this weight ([out, in]) is one the kernel takes: fp32 on the CPU."""
         return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
 
+    @staticmethod
+    def packed_shape(out_features: int, in_features: int) -> tuple[int, int]:
+        """[panels, in * 16]: the packed weight of an [out, in] one (csrc/linear_f32.c's NR = 16)."""
+        return -(-out_features // LINEAR_F32_PANEL), in_features * LINEAR_F32_PANEL
+
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """The kernel's layout of ``weight`` [out, in] fp32: a new 1-D fp32 tensor (panels of 16 columns,
-        the last one padded with zeros)."""
+        """The kernel's layout of ``weight`` [out, in] fp32: a new [panels, in * 16] fp32 tensor (panels
+        of 16 output columns, the last one padded with zeros)."""
         if not self.takes(weight) or min(weight.shape) < 1:
             raise NativeKernelError(
                 f"the native fp32 Linear does not take a {weight.dtype} weight of shape {tuple(weight.shape)}"
             )
         w = weight.detach().contiguous()
-        packed = torch.empty(int(self._size(w.shape[0], w.shape[1])), dtype=torch.float32)
+        packed = torch.empty(self.packed_shape(w.shape[0], w.shape[1]), dtype=torch.float32)
+        if packed.numel() != self._size(w.shape[0], w.shape[1]):
+            raise NativeKernelError("the native fp32 Linear's library packs another layout than this module expects")
         if self._pack(w.data_ptr(), packed.data_ptr(), w.shape[0], w.shape[1]) != 0:
             raise NativeKernelError(f"the native fp32 Linear refused to pack a weight of shape {tuple(w.shape)}")
         return packed
@@ -526,7 +534,7 @@ class NativeLinearF32:
         if (
             packed.dtype != torch.float32
             or not packed.is_contiguous()
-            or packed.numel() != self._size(out_features, in_features)
+            or packed.shape != self.packed_shape(out_features, in_features)
         ):
             raise NativeKernelError("the native fp32 Linear needs the packed weight pack() made for this shape")
         # on the step's threads (model/threads.py), an OpenMP team torch keeps warm

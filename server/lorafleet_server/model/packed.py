@@ -129,7 +129,7 @@ class NativeLinearModule(nn.Module):
         self.bias = linear.bias
         self.kernel = kernel
         with torch.no_grad():
-            self.packed: torch.Tensor = kernel.pack(linear.weight)  # 1-D, the kernel's panels
+            self.packed: torch.Tensor = kernel.pack(linear.weight)  # the kernel's panels
             self.bias_f32 = None if linear.bias is None else linear.bias.detach().float().contiguous()  # [out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
@@ -233,16 +233,16 @@ def time_linears(
                         took = time.perf_counter() - t0
                         if i:  # the first call of each warms up
                             plain.append(took)
-                        for name, module in made.items():
+                        for name in made:  # no loop variable keeps a module (and its packed copy) alive
                             t0 = time.perf_counter()
-                            module(x)
+                            made[name](x)
                             took = time.perf_counter() - t0
                             if i:
                                 timed[name].append(took)
                     plain_ms += count * statistics.median(plain) * 1e3
                     for name, times in timed.items():
                         total[name] += count * statistics.median(times) * 1e3
-                del made  # each candidate's packed copy of this weight
+                del made  # each candidate's packed copy of this weight, before the next shape's
     finally:
         torch.set_num_threads(kept)
     return LinearTiming(rows, tuple(threads), plain_ms, tuple(total.items()))
@@ -358,7 +358,9 @@ def _pack_fp32(
     candidates: dict[str, Callable[[nn.Linear], nn.Module]] = {}
     if kernel is not None:
         native_kernel = kernel
-        candidates["native-fp32"] = lambda linear: NativeLinearModule(linear, native_kernel)
+        candidates["native-fp32"] = lambda linear: (
+            NativeLinearModule(linear, native_kernel) if native_kernel.takes(linear.weight) else linear
+        )
     if onednn:
         candidates["onednn-packed"] = PackedLinear
     if not candidates:
@@ -379,7 +381,11 @@ def _pack_fp32(
 
 
 def _use_native_f32(model: nn.Module, bases: list[nn.Module], kernel: NativeLinearF32, why: str) -> LinearChoice:
-    count = _replace_linears(model, bases, lambda linear: NativeLinearModule(linear, kernel))
+    def make(linear: nn.Linear) -> nn.Module:
+        return NativeLinearModule(linear, kernel) if kernel.takes(linear.weight) else linear
+
+    _replace_linears(model, bases, make)
+    count = sum(isinstance(m, NativeLinearModule) for m in model.modules())
     threads = "the step's torch threads" if kernel.threaded else "one thread per call (no OpenMP)"
     return LinearChoice(
         "native-fp32", f"AVX2 kernel for this CPU ({kernel.library.name}), {count} Linears, on {threads}; {why}"

@@ -337,10 +337,10 @@ int lf_attention_threaded(void) {
 /* q and out: [tokens, heads, head_dim]; k_slab and v_slab: [kv_rows, kv_heads, max_seq_len, head_dim],
  * all contiguous, of one element type (bf16 = 1: bfloat16, else float32). For each of the `count`
  * rows b: its query is token tok[b] of q, it attends over positions [0, len[b]) of KV row
- * kv_row[b], and its output goes to token tok[b] of out. The rows are split over up to `threads`
- * threads (the caller's OpenMP team; one without OpenMP) in contiguous ranges of about equal key
- * counts, at least MIN_KEYS_PER_THREAD keys each: a row's numbers are the same whichever thread
- * computes it. Returns 0, or -1 when a size, index or thread count (< 1) is out of range or scratch
+ * kv_row[b], and its output goes to token tok[b] of out. The rows are split into up to `threads`
+ * contiguous ranges of about equal key counts (no more ranges than rows, nor than the keys allow at
+ * MIN_KEYS_PER_THREAD a range on average; a range may be empty), run by the caller's OpenMP team (one
+ * thread without OpenMP): a row's numbers are the same whichever thread computes it. Returns 0, or -1 when a size, index or thread count (< 1) is out of range or scratch
  * memory cannot be had (nothing is written then). */
 #define MIN_KEYS_PER_THREAD 256
 #define MAX_THREADS 256
@@ -385,10 +385,12 @@ int lf_attention(const void *q, const void *k_slab, const void *v_slab, void *ou
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
         {
-            const int t = omp_get_thread_num();
-            if (t < threads)
-                attend_rows(q, k_slab, v_slab, out, tok, kv_row, len, bounds[t], bounds[t + 1], heads, kv_heads,
-                            max_seq_len, head_dim, scale, bf16, scores + (size_t)t * per_thread);
+            /* OpenMP may start fewer threads than asked (OMP_DYNAMIC, OMP_THREAD_LIMIT, a nested
+             * region): each thread of the team it got takes every team-th range, so none is skipped */
+            const int team = omp_get_num_threads();
+            for (int r = omp_get_thread_num(); r < threads; r += team)
+                attend_rows(q, k_slab, v_slab, out, tok, kv_row, len, bounds[r], bounds[r + 1], heads, kv_heads,
+                            max_seq_len, head_dim, scale, bf16, scores + (size_t)r * per_thread);
         }
 #endif
     }
