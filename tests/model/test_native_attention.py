@@ -27,7 +27,7 @@ from lorafleet_server.model.native import (
     find_compiler,
     load_native_attention,
 )
-from lorafleet_server.model.runner import ModelRunner, RowStep
+from lorafleet_server.model.runner import ModelRunner, RowStep, rotate_half
 
 CPU = torch.device("cpu")
 
@@ -173,6 +173,68 @@ def test_a_team_smaller_than_asked_still_computes_every_row(tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["same", "0"]
+
+
+def test_rope_and_kv_write_are_transformers_bit_for_bit(kernel: NativeAttention) -> None:
+    """q rotated in place and k rotated as ``x * cos + rotate_half(x) * sin`` (the same roundings as
+    torch's ops), k and v written at each token's row and position, nothing else of the slabs touched."""
+    gen = torch.Generator().manual_seed(11)
+    n, heads, kv_heads, d, rows, length = 7, 9, 3, 64, 5, 40
+    q = torch.randn(n, heads, d, generator=gen)
+    k = torch.randn(n, kv_heads, d, generator=gen)
+    v = torch.randn(n, kv_heads, d, generator=gen)
+    angles = torch.rand(n, d // 2, generator=gen) * 30
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)  # [n, d]
+    k_slab = torch.randn(rows, kv_heads, length, d, generator=gen)
+    v_slab = torch.randn(rows, kv_heads, length, d, generator=gen)
+    kv_row = torch.tensor([0, 4, 2, 2, 1, 3, 0])
+    pos = torch.tensor([0, 39, 5, 6, 17, 1, 1])
+    want_q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+    want_k, want_v = k_slab.clone(), v_slab.clone()
+    want_k[kv_row, :, pos] = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    want_v[kv_row, :, pos] = v
+    kernel.rope_kv_(q, k, v, cos, sin, k_slab, v_slab, kv_row, pos)
+    assert torch.equal(q, want_q)
+    assert torch.equal(k_slab, want_k) and torch.equal(v_slab, want_v)
+
+
+@pytest.mark.parametrize(("row", "position"), [(5, 0), (-1, 0), (0, 40), (0, -1)])
+def test_rope_refuses_rows_and_positions_outside_the_slab(kernel: NativeAttention, row: int, position: int) -> None:
+    q, k, v = torch.zeros(1, 2, 8), torch.zeros(1, 1, 8), torch.ones(1, 1, 8)
+    cos, sin = torch.ones(1, 8), torch.zeros(1, 8)
+    k_slab, v_slab = torch.zeros(5, 1, 40, 8), torch.zeros(5, 1, 40, 8)
+    with pytest.raises(NativeKernelError, match="refused"):
+        kernel.rope_kv_(q, k, v, cos, sin, k_slab, v_slab, torch.tensor([row]), torch.tensor([position]))
+    assert not v_slab.any(), "a refused call wrote"
+    with pytest.raises(NativeKernelError, match="differ in shape"):
+        kernel.rope_kv_(q, k, v, cos[:, :4], sin, k_slab, v_slab, torch.tensor([0]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("d", [576, 8, 13])
+def test_residual_add_and_rmsnorm_match_transformers(kernel: NativeAttention, d: int) -> None:
+    """x += delta in place (torch's add, bit for bit), then transformers' Llama RMSNorm to fp32 rounding."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(d)
+    norm = LlamaRMSNorm(d, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=gen))
+    x = torch.randn(6, d, generator=gen) * 3
+    delta = torch.randn(6, d, generator=gen)
+    with torch.inference_mode():
+        want_x = x + delta
+        want = norm(want_x)
+        out = kernel.add_rmsnorm_(x, delta, norm.weight, 1e-5)
+        assert torch.equal(x, want_x)
+        torch.testing.assert_close(out, want, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(kernel.add_rmsnorm_(x, None, norm.weight, 1e-5), want, rtol=2e-6, atol=2e-6)
+        assert torch.equal(x, want_x)  # no delta: x as it was
+        alone = kernel.add_rmsnorm_(x[3:4].clone(), None, norm.weight, 1e-5)
+        assert torch.equal(alone[0], out[3])  # a row alone: the same numbers as among others
+    with pytest.raises(NativeKernelError, match="differ in shape"):
+        kernel.add_rmsnorm_(x, delta[:, :1].contiguous(), norm.weight, 1e-5)
+    with pytest.raises(NativeKernelError, match="fp32"):
+        kernel.add_rmsnorm_(x.to(torch.bfloat16), None, norm.weight, 1e-5)
 
 
 def test_the_kernel_is_built_with_openmp_where_the_compiler_has_it(tmp_path: Path) -> None:

@@ -272,3 +272,29 @@ def test_decode_key_length_is_rounded_up_to_a_bucket_within_the_kv_rows() -> Non
 
     assert DECODE_LEN_BUCKET == 16
     assert [decode_len(n, 40) for n in (0, 1, 16, 17, 32, 33, 40)] == [0, 16, 16, 32, 32, 40, 40]
+
+
+def test_the_fused_rope_and_norms_agree_with_torchs(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """In fp32 with the native kernel the runner also takes its RoPE + K/V write and its residual add +
+    RMSNorm (``fused_glue``): prefill and decode logits stay within fp32 rounding of torch's ops."""
+    if find_compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    kernel = load_native_attention(tmp_path_factory.getbasetemp() / "kernels")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runners = {}
+    for fused in (True, False):
+        runner = ModelRunner(
+            model, LoraContext(), rows=2, max_seq_len=64, dtype=torch.float32, device=CPU, native_attention=kernel
+        )
+        runner.fused_glue = fused
+        runners[fused] = runner
+    a, b = (5, 17, 33, 9, 100, 2, 7), (11, 12, 13)
+    for rows in (
+        [RowStep(0, 0, a, 0, True, False), RowStep(1, 0, b, 0, True, True)],
+        [RowStep(0, len(a), (40,), 0, True, True), RowStep(1, len(b), (41,), 0, True, False)],
+    ):
+        fused, plain = (runners[f].step(rows) for f in (True, False))
+        torch.testing.assert_close(fused.logits, plain.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused.pooled, plain.pooled, rtol=1e-5, atol=1e-5)

@@ -170,15 +170,31 @@ class AttentionRows:
 _ARGTYPES: list[Any] = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
 
 
+# q, k, v, cos, sin, k_slab, v_slab, kv_row, pos; n, heads, kv_heads, head_dim, kv_rows, max_seq_len
+_ROPE_KV_ARGTYPES: list[Any] = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6
+# x, delta, w, out; n, d; eps
+_RMSNORM_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+
+
 class NativeAttention:
     """``csrc/attention.c`` through ctypes: one call per layer does every token of the step, split over
     the step's torch threads where the library was built with OpenMP (``threaded``)."""
 
     def __init__(self, library: Path) -> None:
-        lib, fns = _functions(library, {"lf_attention": _ARGTYPES, "lf_attention_threaded": []})
+        lib, fns = _functions(
+            library,
+            {
+                "lf_attention": _ARGTYPES,
+                "lf_attention_threaded": [],
+                "lf_rope_kv_f32": _ROPE_KV_ARGTYPES,
+                "lf_add_rmsnorm_f32": _RMSNORM_ARGTYPES,
+            },
+        )
         self.library = library
         self._lib = lib  # keeps the library loaded while its functions live
         self._fn = fns["lf_attention"]
+        self._rope_kv = fns["lf_rope_kv_f32"]
+        self._rmsnorm = fns["lf_add_rmsnorm_f32"]
         self.threaded = fns["lf_attention_threaded"]() == 1
 
     @staticmethod
@@ -234,6 +250,74 @@ class NativeAttention:
         )
         if rc != 0:
             raise NativeKernelError(f"the native attention refused its arguments (rc {rc})")
+
+    def rope_kv_(
+        self,
+        q: torch.Tensor,  # [N, H, D] fp32, contiguous: rotated in place
+        k: torch.Tensor,  # [N, KVH, D] fp32, contiguous
+        v: torch.Tensor,  # [N, KVH, D] fp32, contiguous
+        cos: torch.Tensor,  # [N, D] fp32, contiguous
+        sin: torch.Tensor,  # [N, D] fp32, contiguous
+        k_slab: torch.Tensor,  # [R, KVH, L, D] fp32, contiguous
+        v_slab: torch.Tensor,  # [R, KVH, L, D] fp32, contiguous
+        kv_row: torch.Tensor,  # [N] int64: each token's KV row
+        pos: torch.Tensor,  # [N] int64: its position
+    ) -> None:
+        """Transformers' Llama RoPE on q (in place) and k, bit for bit, with k and v written to the slabs
+        at each token's row and position: the step's ``q * cos + rotate_half(q) * sin`` and K/V writes."""
+        n, heads, head_dim = q.shape
+        kv_rows, kv_heads, max_seq_len, _ = k_slab.shape
+        tensors = (q, k, v, cos, sin, k_slab, v_slab)
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            raise NativeKernelError("the native RoPE needs contiguous fp32 tensors")
+        if (
+            k.shape != (n, kv_heads, head_dim)
+            or v.shape != k.shape
+            or cos.shape != (n, head_dim)
+            or sin.shape != cos.shape
+            or v_slab.shape != k_slab.shape
+            or k_slab.shape[3] != head_dim
+            or kv_row.shape != (n,)
+            or pos.shape != (n,)
+            or kv_row.dtype != torch.long
+            or pos.dtype != torch.long
+        ):
+            raise NativeKernelError("q, k, v, cos, sin, the slabs, rows and positions differ in shape")
+        rc = self._rope_kv(
+            *(t.data_ptr() for t in tensors),
+            kv_row.data_ptr(),
+            pos.data_ptr(),
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+            kv_rows,
+            max_seq_len,
+        )
+        if rc != 0:
+            raise NativeKernelError(f"the native RoPE refused its arguments (rc {rc})")
+
+    def add_rmsnorm_(
+        self,
+        x: torch.Tensor,  # [N, d] fp32, contiguous: the residual stream, x += delta in place
+        delta: torch.Tensor | None,  # [N, d] fp32, contiguous, or None: no add
+        weight: torch.Tensor,  # [d] fp32, contiguous
+        eps: float,
+    ) -> torch.Tensor:  # [N, d] fp32: weight * x / sqrt(mean(x^2) + eps)
+        """Transformers' Llama RMSNorm in fp32 (to fp32 rounding), after the residual add ``x += delta``."""
+        n, d = x.shape
+        tensors = (x, weight) if delta is None else (x, delta, weight)
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            raise NativeKernelError("the native RMSNorm needs contiguous fp32 tensors")
+        if weight.shape != (d,) or (delta is not None and delta.shape != x.shape):
+            raise NativeKernelError("x, delta and the norm's weight differ in shape")
+        out = torch.empty_like(x)
+        rc = self._rmsnorm(
+            x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(), n, d, eps
+        )
+        if rc != 0:
+            raise NativeKernelError(f"the native RMSNorm refused its arguments (rc {rc})")
+        return out
 
 
 LORA_SOURCE = "lora.c"

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
 from lorafleet_server.model.native import AttentionRows, NativeAttention, NativeLora
@@ -54,6 +55,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
+
+# Norm modules whose forward is transformers' Llama RMSNorm (fp32: weight * x / sqrt(mean(x^2) + eps)),
+# which the native kernel's fused residual add + RMSNorm computes; any other norm runs its own forward.
+FUSED_NORMS = frozenset({"LlamaRMSNorm"})
 
 CLEAN_AHEAD = 64  # KV positions KVCache.ensure_clean zeroes at least at a time
 
@@ -180,6 +185,8 @@ class ModelRunner:
             native_attention.check_shape(self.num_heads, self.num_kv_heads, self.head_dim, dtype, device)
         # every token's attention in the native kernel (model/native.py), or None: torch's matmuls
         self.native_attention = native_attention
+        # in fp32 with the native kernel, also its RoPE + K/V write and residual add + RMSNorm (_fused)
+        self.fused_glue = True
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
 
     @torch.inference_mode()
@@ -246,26 +253,69 @@ class ModelRunner:
         n = input_ids.shape[0]
         h = self.decoder.embed_tokens(input_ids).to(self.dtype)  # [N, hidden]
         cos, sin = self.decoder.rotary_emb(h.unsqueeze(0), pos_t.unsqueeze(0))  # [1, N, head_dim] each
-        cos = cos[0].to(self.dtype).unsqueeze(1)  # [N, 1, head_dim]
-        sin = sin[0].to(self.dtype).unsqueeze(1)
+        cos = cos[0].to(self.dtype)  # [N, head_dim]
+        sin = sin[0].to(self.dtype)
         plan = _AttentionPlan.build(rows, self.device, self.kv.max_seq_len, self.native_attention)
+        norms = [layer.input_layernorm for layer in self.layers] + [self.decoder.norm]
+        h, x = self._add_norm(h, None, norms[0])  # x [N, hidden]: the first layer's input
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)  # [N, hidden]
             q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, D]
             k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
             v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
             k_cache, v_cache = self.kv.k[i], self.kv.v[i]  # [R, KVH, L, D]
-            k_cache[row_t, :, pos_t] = k.to(k_cache.dtype)
-            v_cache[row_t, :, pos_t] = v.to(v_cache.dtype)
+            q = self._rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, row_t, pos_t)
             o = plan.attend(q, k_cache, v_cache, float(attn.scaling))  # [N, H, D]
             if n > plan.tokens:  # a lone token's twin row (see step) gets the same attention output
                 o[plan.tokens :] = o[: n - plan.tokens]
-            h = h + attn.o_proj(o.reshape(n, self.num_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.decoder.norm(h)  # [N, hidden]
+            h, x = self._add_norm(
+                h, attn.o_proj(o.reshape(n, self.num_heads * self.head_dim)), layer.post_attention_layernorm
+            )
+            h, x = self._add_norm(h, layer.mlp(x), norms[i + 1])  # the next layer's input, or the final norm
+        return x  # [N, hidden]
+
+    def _fused(self, tensor: torch.Tensor) -> NativeAttention | None:
+        """The native kernel's fused glue (RoPE + K/V write, residual add + RMSNorm) where this runner
+        computes in fp32 with it; None: torch's ops."""
+        if self.native_attention is None or tensor.dtype != torch.float32 or not self.fused_glue:
+            return None
+        return self.native_attention
+
+    def _rope_and_cache(
+        self,
+        q: torch.Tensor,  # [N, H, D]
+        k: torch.Tensor,  # [N, KVH, D]
+        v: torch.Tensor,  # [N, KVH, D]
+        cos: torch.Tensor,  # [N, D]
+        sin: torch.Tensor,  # [N, D]
+        k_cache: torch.Tensor,  # [R, KVH, L, D]
+        v_cache: torch.Tensor,  # [R, KVH, L, D]
+        row_t: torch.Tensor,  # [N]
+        pos_t: torch.Tensor,  # [N]
+    ) -> torch.Tensor:  # [N, H, D]: q rotated; k rotated and v written to their rows and positions
+        glue = self._fused(q)
+        if glue is not None and k_cache.dtype == torch.float32:
+            q = q.contiguous()
+            glue.rope_kv_(q, k.contiguous(), v.contiguous(), cos, sin, k_cache, v_cache, row_t, pos_t)
+            return q
+        cos3, sin3 = cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, D]
+        q = q * cos3 + rotate_half(q) * sin3
+        k = k * cos3 + rotate_half(k) * sin3
+        k_cache[row_t, :, pos_t] = k.to(k_cache.dtype)
+        v_cache[row_t, :, pos_t] = v.to(v_cache.dtype)
+        return q
+
+    def _add_norm(
+        self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # h [N, hidden] (+ delta) -> (that, norm of it)
+        glue = self._fused(h)
+        if glue is not None and type(norm).__name__ in FUSED_NORMS:
+            weight = cast(torch.Tensor, norm.weight)  # [hidden]
+            eps = float(cast(float, norm.variance_epsilon))
+            return h, glue.add_rmsnorm_(h, None if delta is None else delta.contiguous(), weight, eps)
+        if delta is not None:
+            h = h + delta
+        return h, norm(h)
 
     def _outputs(self, hidden: torch.Tensor, rows: list[RowStep]) -> StepOutput:
         last: list[int] = []

@@ -397,3 +397,88 @@ int lf_attention(const void *q, const void *k_slab, const void *v_slab, void *ou
     free(scores);
     return 0;
 }
+
+/* ---- The rest of an fp32 decoder layer's glue around the attention (model/runner.py uses these where
+ * it runs this kernel in fp32): rotary embedding with the K/V write, and RMSNorm with the residual add.
+ * Each replaces ~5-10 small torch ops per layer (~15 ms of a 32-row decode step's ~88 ms went to such
+ * ops), and each row is computed alone, so a row's numbers do not depend on the step. */
+
+/* RoPE as transformers' Llama applies it, x * cos + rotate_half(x) * sin with rotate_half(x) =
+ * (-x[D/2:], x[:D/2]): each product and the sum rounded on its own (no FMA contraction), so the
+ * result is torch's bit for bit. */
+#if defined(__clang__)
+#define LF_NO_CONTRACT
+#else
+#define LF_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+static LF_NO_CONTRACT void rope_row(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i] * cos[i];
+        const float b = -x[i + half] * sin[i];
+        out[i] = a + b;
+    }
+    for (int64_t i = half; i < d; i++) {
+        const float a = x[i] * cos[i];
+        const float b = x[i - half] * sin[i];
+        out[i] = a + b;
+    }
+}
+
+/* One step's rotary embedding and K/V write, fp32: for each token t < n, q[t] [heads, D] is rotated in
+ * place; k[t] [kv_heads, D] rotated and v[t] copied to positions pos[t] of KV row kv_row[t] of the
+ * slabs [kv_rows, kv_heads, max_seq_len, D]; cos and sin [n, D]. Returns 0, or -1 when a size or index
+ * is out of range (nothing is written then). */
+int lf_rope_kv_f32(float *q, const float *k, const float *v, const float *cos, const float *sin, float *k_slab,
+                   float *v_slab, const int64_t *kv_row, const int64_t *pos, int64_t n, int64_t heads,
+                   int64_t kv_heads, int64_t head_dim, int64_t kv_rows, int64_t max_seq_len) {
+    if (n < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM)
+        return -1;
+    for (int64_t t = 0; t < n; t++)
+        if (kv_row[t] < 0 || kv_row[t] >= kv_rows || pos[t] < 0 || pos[t] >= max_seq_len) return -1;
+    float tmp[MAX_HEAD_DIM];
+    for (int64_t t = 0; t < n; t++) {
+        const float *c = cos + t * head_dim, *s = sin + t * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            float *qh = q + (t * heads + h) * head_dim;
+            rope_row(qh, c, s, head_dim, tmp);
+            memcpy(qh, tmp, (size_t)head_dim * sizeof(float));
+        }
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const size_t at = (size_t)(((kv_row[t] * kv_heads + h) * max_seq_len + pos[t]) * head_dim);
+            rope_row(k + (t * kv_heads + h) * head_dim, c, s, head_dim, k_slab + at);
+            memcpy(v_slab + at, v + (t * kv_heads + h) * head_dim, (size_t)head_dim * sizeof(float));
+        }
+    }
+    return 0;
+}
+
+/* RMSNorm as transformers' Llama computes it in fp32, out = w * (x * (1 / sqrt(mean(x^2) + eps))), for n
+ * rows of d; with `delta` (else NULL) the residual add first, in place: x += delta. The sum of squares
+ * is fp32 in a fixed order (eight lanes, then summed pairwise), not torch's, so a row agrees with
+ * transformers' to fp32 rounding, not bit for bit. Returns 0, or -1 when a size is out of range. */
+int lf_add_rmsnorm_f32(float *x, const float *delta, const float *w, float *out, int64_t n, int64_t d, float eps) {
+    if (n < 0 || d <= 0) return -1;
+    for (int64_t t = 0; t < n; t++) {
+        float *xt = x + t * d;
+        if (delta != NULL) {
+            const float *dt = delta + t * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) xt[i] += dt[i];
+        }
+        float lanes[8] = {0};
+        int64_t i = 0;
+        for (; i + 8 <= d; i += 8)
+            for (int l = 0; l < 8; l++) lanes[l] += xt[i + l] * xt[i + l];
+        for (; i < d; i++) lanes[i % 8] += xt[i] * xt[i];
+        const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        const float r = 1.0f / sqrtf(sum / (float)d + eps);
+        float *ot = out + t * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) ot[j] = w[j] * (xt[j] * r);
+    }
+    return 0;
+}
