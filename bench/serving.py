@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -1239,6 +1240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             http_server.start()
         http_url = f"{http_server.url}/v1" if http_server is not None else ""
         base_id = service.info.model_id
+        # on the engine thread, between steps
+        empty_prefix_cache = functools.partial(service.engine.run, service.engine.prefix_cache.clear)
 
         def engine_run(
             name: str, kind: str, shape: Shape | None, adapters: list[str], api_key: str = "", http: bool = False
@@ -1257,6 +1260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     api_key=api_key,
                 )
 
+            def cold() -> None:
+                # Every measured run starts with an empty prefix cache. The runs send the same prompts,
+                # so a kept cache handed every run after the first its prompts' prefill for free (TTFT
+                # 0.4-0.8 s against 1.7 s), while the peer's measured prompts are new to it.
+                empty_prefix_cache()
+                steps.clear()
+
             return measured_run(
                 name,
                 kind,
@@ -1266,7 +1276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 load,
                 len(adapters),
                 [loadgen.pid],
-                before=steps.clear,
+                before=cold,
                 steps=lambda: step_summary(steps, full_batch),
             )
 
