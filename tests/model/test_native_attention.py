@@ -8,12 +8,11 @@ C path, so the shapes below cover both where the CPU has them.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processlib import run_python
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorafleet_server.model import native
@@ -162,17 +161,8 @@ def test_a_team_smaller_than_asked_still_computes_every_row(tmp_path: Path) -> N
     """OpenMP may start fewer threads than a call asks for (here OMP_THREAD_LIMIT=2 against 4): every
     row is still computed, with the one-thread numbers (a fresh process: libgomp reads it at start)."""
     load_native_attention(tmp_path / "kernels")  # built here, so the child only loads it
-    env = {**os.environ, "OMP_THREAD_LIMIT": "2"}
-    done = subprocess.run(
-        [sys.executable, "-c", _FEWER_THREADS_SCRIPT, str(tmp_path / "kernels")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["same", "0"]
+    out = run_python(_FEWER_THREADS_SCRIPT, str(tmp_path / "kernels"), env={"OMP_THREAD_LIMIT": "2"})
+    assert out.split() == ["same", "0"]
 
 
 def test_rope_and_kv_write_are_transformers_bit_for_bit(kernel: NativeAttention) -> None:

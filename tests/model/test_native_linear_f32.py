@@ -6,14 +6,12 @@ where the CPU has AVX2 and FMA (every x86-64 server of the last decade) and skip
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from processlib import run_python
 from torch import nn
 
 from lorafleet_server.model.native import (
@@ -160,16 +158,8 @@ def test_a_team_smaller_than_asked_still_computes_every_panel(tmp_path: Path) ->
     """OpenMP may start fewer threads than a call asks for (OMP_THREAD_LIMIT=2 against 4): the panels are
     split over the team it got, every output written with the one-thread numbers."""
     load_native_linear_f32(tmp_path / "kernels")  # built here, so the child only loads it
-    done = subprocess.run(
-        [sys.executable, "-c", _FEWER_THREADS_SCRIPT, str(tmp_path / "kernels")],
-        env={**os.environ, "OMP_THREAD_LIMIT": "2"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["same"]
+    out = run_python(_FEWER_THREADS_SCRIPT, str(tmp_path / "kernels"), env={"OMP_THREAD_LIMIT": "2"})
+    assert out.split() == ["same"]
 
 
 def test_a_build_for_a_cpu_without_avx2_says_so(tmp_path: Path) -> None:

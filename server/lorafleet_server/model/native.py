@@ -423,23 +423,13 @@ class NativeLora:
 def load_native_lora(cache_dir: Path, compiler: str | None = None, openmp: bool = True) -> NativeLora:
     """Build (or find in ``cache_dir``) and load the native multi-LoRA for this CPU: with OpenMP where
     it builds and loads (``openmp``), else for one thread."""
-    if openmp:
-        try:
-            return NativeLora(build_library(LORA_SOURCE, cache_dir, compiler, OPENMP_CFLAGS))
-        except NativeKernelError as exc:
-            log.warning("the native LoRA without OpenMP (one thread per call): %s", exc)
-    return NativeLora(build_library(LORA_SOURCE, cache_dir, compiler))
+    return _load_with_openmp(LORA_SOURCE, NativeLora, "the native LoRA", cache_dir, compiler, openmp)
 
 
 def load_native_attention(cache_dir: Path, compiler: str | None = None, openmp: bool = True) -> NativeAttention:
     """Build (or find in ``cache_dir``) and load the native attention for this CPU: with OpenMP where it
     builds and loads (``openmp``), else for one thread."""
-    if openmp:
-        try:
-            return NativeAttention(build_library(ATTENTION_SOURCE, cache_dir, compiler, OPENMP_CFLAGS))
-        except NativeKernelError as exc:
-            log.warning("the native attention without OpenMP (one thread per call): %s", exc)
-    return NativeAttention(build_library(ATTENTION_SOURCE, cache_dir, compiler))
+    return _load_with_openmp(ATTENTION_SOURCE, NativeAttention, "the native attention", cache_dir, compiler, openmp)
 
 
 LINEAR_SOURCE = "linear.c"
@@ -628,14 +618,7 @@ class NativeLinearF32:
 def load_native_linear_f32(cache_dir: Path, compiler: str | None = None, openmp: bool = True) -> NativeLinearF32:
     """Build (or find in ``cache_dir``) and load the native fp32 Linear: with OpenMP where it builds and
     loads (``openmp``), else for one thread; NativeKernelError on a CPU without AVX2 and FMA."""
-    if openmp:
-        try:
-            return NativeLinearF32(build_library(LINEAR_F32_SOURCE, cache_dir, compiler, OPENMP_CFLAGS))
-        except NativeCpuUnsupported:
-            raise
-        except NativeKernelError as exc:
-            log.warning("the native fp32 Linear without OpenMP (one thread per call): %s", exc)
-    return NativeLinearF32(build_library(LINEAR_F32_SOURCE, cache_dir, compiler))
+    return _load_with_openmp(LINEAR_F32_SOURCE, NativeLinearF32, "the native fp32 Linear", cache_dir, compiler, openmp)
 
 
 TRANSPOSE_SOURCE = "transpose.c"
@@ -690,6 +673,22 @@ class _Loaded(Protocol):
 
 
 K = TypeVar("K", bound=_Loaded)
+
+
+def _load_with_openmp(
+    source: str, make: Callable[[Path], K], what: str, cache_dir: Path, compiler: str | None, openmp: bool
+) -> K:
+    """``make(library)`` of ``csrc/<source>`` built with OPENMP_CFLAGS where that builds and loads
+    (``openmp``), else with CFLAGS: one thread per call. A CPU that lacks the kernel's instructions
+    (NativeCpuUnsupported) is not retried: a build without OpenMP would lack them too."""
+    if openmp:
+        try:
+            return make(build_library(source, cache_dir, compiler, OPENMP_CFLAGS))
+        except NativeCpuUnsupported:
+            raise
+        except NativeKernelError as exc:
+            log.warning("%s without OpenMP (one thread per call): %s", what, exc)
+    return make(build_library(source, cache_dir, compiler))
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,18 @@ class NativeLinearModule(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed ({self.kernel.label})"
 
 
+def _native_or(
+    kernel: NativeLinear | NativeLinearF32, fallback: Callable[[nn.Linear], nn.Module] = lambda linear: linear
+) -> Callable[[nn.Linear], nn.Module]:
+    """What replaces a Linear: a :class:`NativeLinearModule` where ``kernel`` takes its weight, else
+    ``fallback(linear)`` (default: the Linear itself)."""
+
+    def make(linear: nn.Linear) -> nn.Module:
+        return NativeLinearModule(linear, kernel) if kernel.takes(linear.weight) else fallback(linear)
+
+    return make
+
+
 def _plain_linear_places(model: nn.Module, bases: list[nn.Module]) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
     """(owner, attribute, Linear) of each plain ``nn.Linear`` among ``bases`` (the LoRA wrappers'
     ``base``) and the LM head: what pack_base may replace."""
@@ -305,11 +317,7 @@ def pack_base(
                 raise
             why = f"native Linear unavailable: {exc}; "
         else:
-
-            def make(linear: nn.Linear) -> nn.Module:
-                return NativeLinearModule(linear, kernel) if kernel.takes(linear.weight) else fallback(linear)
-
-            _replace_linears(model, bases, make)
+            _replace_linears(model, bases, _native_or(kernel, fallback))
             count = sum(isinstance(m, NativeLinearModule) for m in model.modules())
             return LinearChoice(
                 "native-amx",
@@ -357,10 +365,7 @@ def _pack_fp32(
         why.append("no prepacked oneDNN fp32 linear in this torch build")
     candidates: dict[str, Callable[[nn.Linear], nn.Module]] = {}
     if kernel is not None:
-        native_kernel = kernel
-        candidates["native-fp32"] = lambda linear: (
-            NativeLinearModule(linear, native_kernel) if native_kernel.takes(linear.weight) else linear
-        )
+        candidates["native-fp32"] = _native_or(kernel)
     if onednn:
         candidates["onednn-packed"] = PackedLinear
     if not candidates:
@@ -381,10 +386,7 @@ def _pack_fp32(
 
 
 def _use_native_f32(model: nn.Module, bases: list[nn.Module], kernel: NativeLinearF32, why: str) -> LinearChoice:
-    def make(linear: nn.Linear) -> nn.Module:
-        return NativeLinearModule(linear, kernel) if kernel.takes(linear.weight) else linear
-
-    _replace_linears(model, bases, make)
+    _replace_linears(model, bases, _native_or(kernel))
     count = sum(isinstance(m, NativeLinearModule) for m in model.modules())
     threads = "the step's torch threads" if kernel.threaded else "one thread per call (no OpenMP)"
     return LinearChoice(
