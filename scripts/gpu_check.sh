@@ -10,17 +10,18 @@ KIT=${KIT:-.gpu-kit}
 OUT=${OUT:-bench/results}
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d /tmp/lorafleet-gpu.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 [ -d "$KIT/wheels" ] || { echo "no $KIT: run scripts/gpu_kit.sh here and carry .gpu-kit" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
-# A venv over the image's packages (its CUDA torch), plus the kit's pinned wheels.
-"$PY" -m venv --system-site-packages "$WORK/venv"
-VPY="$WORK/venv/bin/python"
-"$VPY" -m pip install -q --no-index --no-deps "$KIT"/wheels/*.whl
-export PYTHONPATH="server:adapters:training:proto/python:clients/python:."
+# The kit's pinned wheels in a folder of their own, ahead of the image's packages on PYTHONPATH. Not a
+# venv: the image's python3 is itself a venv's, and a venv made from it with --system-site-packages
+# would see the base interpreter's packages, not the image's CUDA torch.
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$KIT"/wheels/*.whl
+export PYTHONPATH="$WORK/site:server:adapters:training:proto/python:clients/python:."
 export LORAFLEET_DATA_DIR="$WORK/data" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-"$VPY" - "$KIT/model" "$WORK/data/models/SmolLM2-135M-Instruct" <<'PYEOF'
+"$PY" - "$KIT/model" "$WORK/data/models/SmolLM2-135M-Instruct" <<'PYEOF'
 # The default model's architecture and tokenizer with random weights (see gpu_kit.sh for why).
 import shutil, sys
 from pathlib import Path
@@ -33,15 +34,15 @@ model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(dst), dtype=
 model.save_pretrained(dst)
 print("random-weight model:", dst, sum(p.numel() for p in model.parameters()), "parameters")
 PYEOF
-"$VPY" -c "import torch, transformers, bitsandbytes, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'peft', peft.__version__)" \
-    | tee "$OUT/versions.txt"
+"$PY" -c "import sys, torch, transformers, bitsandbytes, peft; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'bitsandbytes', \
+bitsandbytes.__version__, 'peft', peft.__version__)" | tee "$OUT/versions.txt"
 
+# Each part runs even when the one before failed; the exit status says whether any did.
 status=0
-timeout 300 "$VPY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider -o addopts="" --timeout 240 2>&1 \
+timeout 300 "$PY" -m pytest tests/gpu -m gpu -v -rP -p no:cacheprovider -o addopts="" --timeout 240 2>&1 \
     | tee "$OUT/gpu-tests.log" || status=$?
-timeout 240 "$VPY" -m bench.engine_direct --device cuda --quantization nf4 --counts 32 \
+timeout 240 "$PY" -m bench.engine_direct --device cuda --quantization nf4 --counts 32 \
     --model "$LORAFLEET_DATA_DIR/models/SmolLM2-135M-Instruct" --out "$OUT" 2>&1 \
     | grep -v Warning | tee "$OUT/bench.log" || status=$?
-rm -rf "$WORK"
 exit "$status"
