@@ -22,6 +22,7 @@ from lorafleet_server.app import make_slot_io
 from lorafleet_server.engine.types import TokenEvent
 from lorafleet_server.model.cpu import cpu_flags_line
 from lorafleet_server.model.loader import load_base
+from lorafleet_server.model.native import load_native_attention
 from lorafleet_server.model.options import LinearKernel
 from lorafleet_server.model.packed import packed_linear_supported
 from lorafleet_server.model.runner import ModelRunner, RowStep
@@ -179,13 +180,16 @@ def test_mixed_batch_logits_match_peft(
     adapter_dirs: dict[str, Path],
     peft_logits: Callable[[str], tuple[list[list[int]], list[torch.Tensor], list[torch.Tensor]]],
     tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
     native_lora: Any,
 ) -> None:
     """All rows prefill all but their last token in one ragged step, then decode it in one batched step
-    (both attention paths, and the base Linears of ``_linear_kernel``); each row's logits are PEFT's
-    (fp32) with its own adapter alone: exactly in fp32 and NF4, within bf16's rounding in bf16."""
+    (both attention paths, and the base Linears of ``_linear_kernel``; ``native``: the native LoRA,
+    attention and layer glue too); each row's logits are PEFT's (fp32) with its own adapter alone:
+    exactly in fp32 and NF4, within bf16's rounding in bf16."""
     if impl == "native" and native_lora is None:
         pytest.skip("no C compiler on this machine")
+    kernels = tmp_path_factory.getbasetemp() / "kernels"
     base = load_base(
         tiny_model_dir,
         quantization=quantization,
@@ -214,6 +218,7 @@ def test_mixed_batch_logits_match_peft(
         device=torch.device("cpu"),
         lora_impl=impl,
         native_lora=native_lora if impl == "native" else None,
+        native_attention=load_native_attention(kernels) if impl == "native" else None,
     )  # type: ignore[arg-type]
     tol = _tolerance(quantization) if dtype == "float32" else 3e-2
     rows, expected, base_logits = peft_logits(quantization)

@@ -165,18 +165,21 @@ def test_a_team_smaller_than_asked_still_computes_every_row(tmp_path: Path) -> N
     assert out.split() == ["same", "0"]
 
 
-def test_rope_and_kv_write_are_transformers_bit_for_bit(kernel: NativeAttention) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_kv_write_are_transformers_bit_for_bit(kernel: NativeAttention, dtype: torch.dtype) -> None:
     """q rotated in place and k rotated as ``x * cos + rotate_half(x) * sin`` (the same roundings as
-    torch's ops), k and v written at each token's row and position, nothing else of the slabs touched."""
+    torch's ops in the dtype), k and v written at each token's row and position, nothing else of the
+    slabs touched."""
     gen = torch.Generator().manual_seed(11)
     n, heads, kv_heads, d, rows, length = 7, 9, 3, 64, 5, 40
-    q = torch.randn(n, heads, d, generator=gen)
-    k = torch.randn(n, kv_heads, d, generator=gen)
-    v = torch.randn(n, kv_heads, d, generator=gen)
+    q = torch.randn(n, heads, d, generator=gen).to(dtype)
+    k = torch.randn(n, kv_heads, d, generator=gen).to(dtype)
+    v = torch.randn(n, kv_heads, d, generator=gen).to(dtype)
     angles = torch.rand(n, d // 2, generator=gen) * 30
-    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)  # [n, d]
-    k_slab = torch.randn(rows, kv_heads, length, d, generator=gen)
-    v_slab = torch.randn(rows, kv_heads, length, d, generator=gen)
+    cos = torch.cat([angles.cos()] * 2, dim=-1).to(dtype)  # [n, d]
+    sin = torch.cat([angles.sin()] * 2, dim=-1).to(dtype)
+    k_slab = torch.randn(rows, kv_heads, length, d, generator=gen).to(dtype)
+    v_slab = torch.randn(rows, kv_heads, length, d, generator=gen).to(dtype)
     kv_row = torch.tensor([0, 4, 2, 2, 1, 3, 0])
     pos = torch.tensor([0, 39, 5, 6, 17, 1, 1])
     want_q = q * cos[:, None] + rotate_half(q) * sin[:, None]
@@ -186,6 +189,15 @@ def test_rope_and_kv_write_are_transformers_bit_for_bit(kernel: NativeAttention)
     kernel.rope_kv_(q, k, v, cos, sin, k_slab, v_slab, kv_row, pos)
     assert torch.equal(q, want_q)
     assert torch.equal(k_slab, want_k) and torch.equal(v_slab, want_v)
+
+
+def test_rope_refuses_mixed_dtypes(kernel: NativeAttention) -> None:
+    q, k, v = torch.zeros(1, 2, 8, dtype=torch.bfloat16), torch.zeros(1, 1, 8), torch.ones(1, 1, 8)
+    cos, sin = torch.ones(1, 8), torch.zeros(1, 8)
+    k_slab, v_slab = torch.zeros(5, 1, 40, 8), torch.zeros(5, 1, 40, 8)
+    with pytest.raises(NativeKernelError, match="all fp32 or all bf16"):
+        kernel.rope_kv_(q, k, v, cos, sin, k_slab, v_slab, torch.tensor([0]), torch.tensor([0]))
+    assert not v_slab.any(), "a refused call wrote"
 
 
 @pytest.mark.parametrize(("row", "position"), [(5, 0), (-1, 0), (0, 40), (0, -1)])
@@ -223,8 +235,36 @@ def test_residual_add_and_rmsnorm_match_transformers(kernel: NativeAttention, d:
         assert torch.equal(alone[0], out[3])  # a row alone: the same numbers as among others
     with pytest.raises(NativeKernelError, match="differ in shape"):
         kernel.add_rmsnorm_(x, delta[:, :1].contiguous(), norm.weight, 1e-5)
-    with pytest.raises(NativeKernelError, match="fp32"):
+    with pytest.raises(NativeKernelError, match="all fp32 or all bf16"):
         kernel.add_rmsnorm_(x.to(torch.bfloat16), None, norm.weight, 1e-5)
+    with pytest.raises(NativeKernelError, match="all fp32 or all bf16"):
+        kernel.add_rmsnorm_(x.half(), None, norm.weight.half(), 1e-5)
+
+
+@pytest.mark.parametrize("d", [576, 8, 13])
+def test_residual_add_and_rmsnorm_in_bf16_match_transformers(kernel: NativeAttention, d: int) -> None:
+    """In bf16 the add and the output round where torch's bf16 ops do: the add bit for bit; the output
+    is transformers' bf16 LlamaRMSNorm but where the fp32 statistics' last bit (its own order of the sum
+    of squares) moves a value across a bf16 rounding boundary, by one bf16 step at most."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(100 + d)
+    norm = LlamaRMSNorm(d, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=gen))
+    x = (torch.randn(64, d, generator=gen) * 3).to(torch.bfloat16)
+    delta = torch.randn(64, d, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        want_x = x + delta
+        want = norm(want_x).float()
+        out = kernel.add_rmsnorm_(x, delta, norm.weight, 1e-5)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(x, want_x)
+        one_step = want.abs() * 2.0**-7 + 1e-30  # bf16 keeps 8 significant bits
+        assert ((out.float() - want).abs() <= one_step).all()
+        assert (out.float() == want).float().mean() > 0.99
+        alone = kernel.add_rmsnorm_(x[5:6].clone(), None, norm.weight, 1e-5)
+        assert torch.equal(alone[0], kernel.add_rmsnorm_(x.clone(), None, norm.weight, 1e-5)[5])
 
 
 def test_the_kernel_is_built_with_openmp_where_the_compiler_has_it(tmp_path: Path) -> None:

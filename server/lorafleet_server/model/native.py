@@ -170,10 +170,11 @@ class AttentionRows:
 _ARGTYPES: list[Any] = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
 
 
-# q, k, v, cos, sin, k_slab, v_slab, kv_row, pos; n, heads, kv_heads, head_dim, kv_rows, max_seq_len
-_ROPE_KV_ARGTYPES: list[Any] = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6
-# x, delta, w, out; n, d; eps
-_RMSNORM_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+# q, k, v, cos, sin, k_slab, v_slab, kv_row, pos; n, heads, kv_heads, head_dim, kv_rows, max_seq_len; bf16
+_ROPE_KV_ARGTYPES: list[Any] = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+# x, delta, w, out; n, d; eps; bf16
+_RMSNORM_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+GLUE_DTYPES = (torch.float32, torch.bfloat16)  # what rope_kv_ and add_rmsnorm_ take
 
 
 class NativeAttention:
@@ -186,15 +187,15 @@ class NativeAttention:
             {
                 "lf_attention": _ARGTYPES,
                 "lf_attention_threaded": [],
-                "lf_rope_kv_f32": _ROPE_KV_ARGTYPES,
-                "lf_add_rmsnorm_f32": _RMSNORM_ARGTYPES,
+                "lf_rope_kv": _ROPE_KV_ARGTYPES,
+                "lf_add_rmsnorm": _RMSNORM_ARGTYPES,
             },
         )
         self.library = library
         self._lib = lib  # keeps the library loaded while its functions live
         self._fn = fns["lf_attention"]
-        self._rope_kv = fns["lf_rope_kv_f32"]
-        self._rmsnorm = fns["lf_add_rmsnorm_f32"]
+        self._rope_kv = fns["lf_rope_kv"]
+        self._rmsnorm = fns["lf_add_rmsnorm"]
         self.threaded = fns["lf_attention_threaded"]() == 1
 
     @staticmethod
@@ -253,23 +254,24 @@ class NativeAttention:
 
     def rope_kv_(
         self,
-        q: torch.Tensor,  # [N, H, D] fp32, contiguous: rotated in place
-        k: torch.Tensor,  # [N, KVH, D] fp32, contiguous
-        v: torch.Tensor,  # [N, KVH, D] fp32, contiguous
-        cos: torch.Tensor,  # [N, D] fp32, contiguous
-        sin: torch.Tensor,  # [N, D] fp32, contiguous
-        k_slab: torch.Tensor,  # [R, KVH, L, D] fp32, contiguous
-        v_slab: torch.Tensor,  # [R, KVH, L, D] fp32, contiguous
+        q: torch.Tensor,  # [N, H, D] fp32 or bf16, contiguous: rotated in place
+        k: torch.Tensor,  # [N, KVH, D] q's dtype, contiguous
+        v: torch.Tensor,  # [N, KVH, D] q's dtype, contiguous
+        cos: torch.Tensor,  # [N, D] q's dtype, contiguous
+        sin: torch.Tensor,  # [N, D] q's dtype, contiguous
+        k_slab: torch.Tensor,  # [R, KVH, L, D] q's dtype, contiguous
+        v_slab: torch.Tensor,  # [R, KVH, L, D] q's dtype, contiguous
         kv_row: torch.Tensor,  # [N] int64: each token's KV row
         pos: torch.Tensor,  # [N] int64: its position
     ) -> None:
-        """Transformers' Llama RoPE on q (in place) and k, bit for bit, with k and v written to the slabs
-        at each token's row and position: the step's ``q * cos + rotate_half(q) * sin`` and K/V writes."""
+        """Transformers' Llama RoPE on q (in place) and k, bit for bit (torch's roundings in the tensors'
+        dtype, fp32 or bf16), with k and v written to the slabs at each token's row and position: the
+        step's ``q * cos + rotate_half(q) * sin`` and K/V writes."""
         n, heads, head_dim = q.shape
         kv_rows, kv_heads, max_seq_len, _ = k_slab.shape
         tensors = (q, k, v, cos, sin, k_slab, v_slab)
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
-            raise NativeKernelError("the native RoPE needs contiguous fp32 tensors")
+        if q.dtype not in GLUE_DTYPES or any(t.dtype != q.dtype or not t.is_contiguous() for t in tensors):
+            raise NativeKernelError("the native RoPE needs contiguous tensors, all fp32 or all bf16")
         if (
             k.shape != (n, kv_heads, head_dim)
             or v.shape != k.shape
@@ -293,27 +295,37 @@ class NativeAttention:
             head_dim,
             kv_rows,
             max_seq_len,
+            1 if q.dtype == torch.bfloat16 else 0,
         )
         if rc != 0:
             raise NativeKernelError(f"the native RoPE refused its arguments (rc {rc})")
 
     def add_rmsnorm_(
         self,
-        x: torch.Tensor,  # [N, d] fp32, contiguous: the residual stream, x += delta in place
-        delta: torch.Tensor | None,  # [N, d] fp32, contiguous, or None: no add
-        weight: torch.Tensor,  # [d] fp32, contiguous
+        x: torch.Tensor,  # [N, d] fp32 or bf16, contiguous: the residual stream, x += delta in place
+        delta: torch.Tensor | None,  # [N, d] x's dtype, contiguous, or None: no add
+        weight: torch.Tensor,  # [d] x's dtype, contiguous
         eps: float,
-    ) -> torch.Tensor:  # [N, d] fp32: weight * x / sqrt(mean(x^2) + eps)
-        """Transformers' Llama RMSNorm in fp32 (to fp32 rounding), after the residual add ``x += delta``."""
+    ) -> torch.Tensor:  # [N, d] x's dtype: weight * x / sqrt(mean(x^2) + eps)
+        """Transformers' Llama RMSNorm after the residual add ``x += delta``: the statistics in fp32 (to
+        fp32 rounding of transformers'), the add and the output rounded as torch's ops round them in x's
+        dtype (bf16: the add, the normalized row, its product with the weight)."""
         n, d = x.shape
         tensors = (x, weight) if delta is None else (x, delta, weight)
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
-            raise NativeKernelError("the native RMSNorm needs contiguous fp32 tensors")
+        if x.dtype not in GLUE_DTYPES or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors):
+            raise NativeKernelError("the native RMSNorm needs contiguous tensors, all fp32 or all bf16")
         if weight.shape != (d,) or (delta is not None and delta.shape != x.shape):
             raise NativeKernelError("x, delta and the norm's weight differ in shape")
         out = torch.empty_like(x)
         rc = self._rmsnorm(
-            x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(), n, d, eps
+            x.data_ptr(),
+            None if delta is None else delta.data_ptr(),
+            weight.data_ptr(),
+            out.data_ptr(),
+            n,
+            d,
+            eps,
+            1 if x.dtype == torch.bfloat16 else 0,
         )
         if rc != 0:
             raise NativeKernelError(f"the native RMSNorm refused its arguments (rc {rc})")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
-from lorafleet_server.model.native import AttentionRows, NativeAttention, NativeLora
+from lorafleet_server.model.native import GLUE_DTYPES, AttentionRows, NativeAttention, NativeLora
 from lorafleet_server.model.threads import CALIBRATION_TOKENS, StepThreads
 
 
@@ -276,8 +276,8 @@ class ModelRunner:
 
     def _fused(self, tensor: torch.Tensor) -> NativeAttention | None:
         """The native kernel's fused glue (RoPE + K/V write, residual add + RMSNorm) where this runner
-        computes in fp32 with it; None: torch's ops."""
-        if self.native_attention is None or tensor.dtype != torch.float32 or not self.fused_glue:
+        computes in fp32 or bf16 with it; None: torch's ops."""
+        if self.native_attention is None or tensor.dtype not in GLUE_DTYPES or not self.fused_glue:
             return None
         return self.native_attention
 
@@ -294,7 +294,7 @@ class ModelRunner:
         pos_t: torch.Tensor,  # [N]
     ) -> torch.Tensor:  # [N, H, D]: q rotated; k rotated and v written to their rows and positions
         glue = self._fused(q)
-        if glue is not None and k_cache.dtype == torch.float32:
+        if glue is not None and all(t.dtype == q.dtype for t in (k, v, cos, sin, k_cache, v_cache)):
             q = q.contiguous()
             glue.rope_kv_(q, k.contiguous(), v.contiguous(), cos, sin, k_cache, v_cache, row_t, pos_t)
             return q
@@ -309,8 +309,14 @@ class ModelRunner:
         self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:  # h [N, hidden] (+ delta) -> (that, norm of it)
         glue = self._fused(h)
-        if glue is not None and type(norm).__name__ in FUSED_NORMS:
-            weight = cast(torch.Tensor, norm.weight)  # [hidden]
+        weight = getattr(norm, "weight", None)  # [hidden]
+        if (
+            glue is not None
+            and type(norm).__name__ in FUSED_NORMS
+            and isinstance(weight, torch.Tensor)
+            and weight.dtype == h.dtype
+            and (delta is None or delta.dtype == h.dtype)
+        ):
             eps = float(cast(float, norm.variance_epsilon))
             return h, glue.add_rmsnorm_(h, None if delta is None else delta.contiguous(), weight, eps)
         if delta is not None:

@@ -405,7 +405,8 @@ int lf_attention(const void *q, const void *k_slab, const void *v_slab, void *ou
 
 /* RoPE as transformers' Llama applies it, x * cos + rotate_half(x) * sin with rotate_half(x) =
  * (-x[D/2:], x[:D/2]): each product and the sum rounded on its own (no FMA contraction), so the
- * result is torch's bit for bit. */
+ * result is torch's bit for bit. In bf16 each rounding is to bf16, as torch's bf16 ops round each
+ * result (computed in fp32) to nearest even. */
 #if defined(__clang__)
 #define LF_NO_CONTRACT
 #else
@@ -428,57 +429,145 @@ static LF_NO_CONTRACT void rope_row(const float *x, const float *cos, const floa
     }
 }
 
-/* One step's rotary embedding and K/V write, fp32: for each token t < n, q[t] [heads, D] is rotated in
- * place; k[t] [kv_heads, D] rotated and v[t] copied to positions pos[t] of KV row kv_row[t] of the
- * slabs [kv_rows, kv_heads, max_seq_len, D]; cos and sin [n, D]. Returns 0, or -1 when a size or index
- * is out of range (nothing is written then). */
-int lf_rope_kv_f32(float *q, const float *k, const float *v, const float *cos, const float *sin, float *k_slab,
-                   float *v_slab, const int64_t *kv_row, const int64_t *pos, int64_t n, int64_t heads,
-                   int64_t kv_heads, int64_t head_dim, int64_t kv_rows, int64_t max_seq_len) {
+/* A value rounded to bf16 and back: what a torch bf16 op leaves for the next one. */
+static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static LF_NO_CONTRACT void rope_row_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t d,
+                                         uint16_t *out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = bf16_round(bf16_to_f32(x[i]) * bf16_to_f32(cos[i]));
+        const float b = bf16_round(-bf16_to_f32(x[i + half]) * bf16_to_f32(sin[i]));
+        out[i] = f32_to_bf16(a + b);
+    }
+    for (int64_t i = half; i < d; i++) {
+        const float a = bf16_round(bf16_to_f32(x[i]) * bf16_to_f32(cos[i]));
+        const float b = bf16_round(bf16_to_f32(x[i - half]) * bf16_to_f32(sin[i]));
+        out[i] = f32_to_bf16(a + b);
+    }
+}
+
+/* One step's rotary embedding and K/V write, fp32 (bf16 == 0) or bf16 (bf16 == 1, every tensor bf16):
+ * for each token t < n, q[t] [heads, D] is rotated in place; k[t] [kv_heads, D] rotated and v[t]
+ * copied to positions pos[t] of KV row kv_row[t] of the slabs [kv_rows, kv_heads, max_seq_len, D];
+ * cos and sin [n, D]. Returns 0, or -1 when a size or index is out of range (nothing is written then). */
+int lf_rope_kv(void *q, const void *k, const void *v, const void *cos, const void *sin, void *k_slab, void *v_slab,
+               const int64_t *kv_row, const int64_t *pos, int64_t n, int64_t heads, int64_t kv_heads, int64_t head_dim,
+               int64_t kv_rows, int64_t max_seq_len, int bf16) {
     if (n < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM)
         return -1;
     for (int64_t t = 0; t < n; t++)
         if (kv_row[t] < 0 || kv_row[t] >= kv_rows || pos[t] < 0 || pos[t] >= max_seq_len) return -1;
+    const size_t el = bf16 ? sizeof(uint16_t) : sizeof(float);
+    /* The slab lines this call writes are far apart and, after a step's weights streamed through the
+     * caches, in none of them: ask for them all first, so their misses overlap the RoPE arithmetic
+     * instead of stalling each row's stores in turn. */
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const size_t at = (size_t)(((kv_row[t] * kv_heads + h) * max_seq_len + pos[t]) * head_dim) * el;
+            for (size_t b = 0; b < (size_t)head_dim * el; b += 64) {
+                __builtin_prefetch((char *)k_slab + at + b, 1, 3);
+                __builtin_prefetch((char *)v_slab + at + b, 1, 3);
+            }
+        }
     float tmp[MAX_HEAD_DIM];
+    uint16_t tmp16[MAX_HEAD_DIM];
     for (int64_t t = 0; t < n; t++) {
-        const float *c = cos + t * head_dim, *s = sin + t * head_dim;
+        const int64_t c = t * head_dim;
         for (int64_t h = 0; h < heads; h++) {
-            float *qh = q + (t * heads + h) * head_dim;
-            rope_row(qh, c, s, head_dim, tmp);
-            memcpy(qh, tmp, (size_t)head_dim * sizeof(float));
+            const int64_t at = (t * heads + h) * head_dim;
+            if (bf16) {
+                rope_row_bf16((const uint16_t *)q + at, (const uint16_t *)cos + c, (const uint16_t *)sin + c, head_dim,
+                              tmp16);
+                memcpy((uint16_t *)q + at, tmp16, (size_t)head_dim * el);
+            } else {
+                rope_row((const float *)q + at, (const float *)cos + c, (const float *)sin + c, head_dim, tmp);
+                memcpy((float *)q + at, tmp, (size_t)head_dim * el);
+            }
         }
         for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t from = (t * kv_heads + h) * head_dim;
             const size_t at = (size_t)(((kv_row[t] * kv_heads + h) * max_seq_len + pos[t]) * head_dim);
-            rope_row(k + (t * kv_heads + h) * head_dim, c, s, head_dim, k_slab + at);
-            memcpy(v_slab + at, v + (t * kv_heads + h) * head_dim, (size_t)head_dim * sizeof(float));
+            if (bf16) {
+                rope_row_bf16((const uint16_t *)k + from, (const uint16_t *)cos + c, (const uint16_t *)sin + c,
+                              head_dim, (uint16_t *)k_slab + at);
+                memcpy((uint16_t *)v_slab + at, (const uint16_t *)v + from, (size_t)head_dim * el);
+            } else {
+                rope_row((const float *)k + from, (const float *)cos + c, (const float *)sin + c, head_dim,
+                         (float *)k_slab + at);
+                memcpy((float *)v_slab + at, (const float *)v + from, (size_t)head_dim * el);
+            }
         }
     }
     return 0;
 }
 
-/* RMSNorm as transformers' Llama computes it in fp32, out = w * (x * (1 / sqrt(mean(x^2) + eps))), for n
- * rows of d; with `delta` (else NULL) the residual add first, in place: x += delta. The sum of squares
- * is fp32 in a fixed order (eight lanes, then summed pairwise), not torch's, so a row agrees with
- * transformers' to fp32 rounding, not bit for bit. Returns 0, or -1 when a size is out of range. */
-int lf_add_rmsnorm_f32(float *x, const float *delta, const float *w, float *out, int64_t n, int64_t d, float eps) {
+/* The sum of squares of a row in fp32, in a fixed order (eight lanes, then summed pairwise), not
+ * torch's: a row's RMSNorm agrees with transformers' to fp32 rounding, not bit for bit. */
+static inline float sum_lanes(const float *lanes) {
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+static inline float sum_squares(const float *x, int64_t d) {
+    float lanes[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int l = 0; l < 8; l++) lanes[l] += x[i + l] * x[i + l];
+    for (; i < d; i++) lanes[i % 8] += x[i] * x[i];
+    return sum_lanes(lanes);
+}
+
+static inline float sum_squares_bf16(const uint16_t *x, int64_t d) {
+    float lanes[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int l = 0; l < 8; l++) {
+            const float v = bf16_to_f32(x[i + l]);
+            lanes[l] += v * v;
+        }
+    for (; i < d; i++) {
+        const float v = bf16_to_f32(x[i]);
+        lanes[i % 8] += v * v;
+    }
+    return sum_lanes(lanes);
+}
+
+/* RMSNorm as transformers' Llama computes it, out = w * (x * (1 / sqrt(mean(x^2) + eps))) for n rows of
+ * d, the statistics in fp32; with `delta` (else NULL) the residual add first, in place: x += delta.
+ * bf16 == 1: x, delta, w and out are bf16, and each step rounds where torch's bf16 ops do: the add,
+ * the normalized row (to the input's dtype) and its product with w. Returns 0, or -1 when a size is
+ * out of range. */
+int lf_add_rmsnorm(void *x, const void *delta, const void *w, void *out, int64_t n, int64_t d, float eps, int bf16) {
     if (n < 0 || d <= 0) return -1;
     for (int64_t t = 0; t < n; t++) {
-        float *xt = x + t * d;
-        if (delta != NULL) {
-            const float *dt = delta + t * d;
+        if (bf16) {
+            uint16_t *xt = (uint16_t *)x + t * d;
+            if (delta != NULL) {
+                const uint16_t *dt = (const uint16_t *)delta + t * d;
 #pragma omp simd
-            for (int64_t i = 0; i < d; i++) xt[i] += dt[i];
+                for (int64_t i = 0; i < d; i++) xt[i] = f32_to_bf16(bf16_to_f32(xt[i]) + bf16_to_f32(dt[i]));
+            }
+            const float r = 1.0f / sqrtf(sum_squares_bf16(xt, d) / (float)d + eps);
+            const uint16_t *wt = (const uint16_t *)w;
+            uint16_t *ot = (uint16_t *)out + t * d;
+#pragma omp simd
+            for (int64_t j = 0; j < d; j++) ot[j] = f32_to_bf16(bf16_to_f32(wt[j]) * bf16_round(bf16_to_f32(xt[j]) * r));
+        } else {
+            float *xt = (float *)x + t * d;
+            if (delta != NULL) {
+                const float *dt = (const float *)delta + t * d;
+#pragma omp simd
+                for (int64_t i = 0; i < d; i++) xt[i] += dt[i];
+            }
+            const float r = 1.0f / sqrtf(sum_squares(xt, d) / (float)d + eps);
+            const float *wt = (const float *)w;
+            float *ot = (float *)out + t * d;
+#pragma omp simd
+            for (int64_t j = 0; j < d; j++) ot[j] = wt[j] * (xt[j] * r);
         }
-        float lanes[8] = {0};
-        int64_t i = 0;
-        for (; i + 8 <= d; i += 8)
-            for (int l = 0; l < 8; l++) lanes[l] += xt[i + l] * xt[i + l];
-        for (; i < d; i++) lanes[i % 8] += xt[i] * xt[i];
-        const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-        const float r = 1.0f / sqrtf(sum / (float)d + eps);
-        float *ot = out + t * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; j++) ot[j] = w[j] * (xt[j] * r);
     }
     return 0;
 }
