@@ -80,8 +80,8 @@ class StepHold:
         self._resume = threading.Event()
         original = service.engine.runner.step
 
-        def step(plan: list[RowStep]) -> Any:
-            out = original(plan)
+        def step(plan: list[RowStep], **options: Any) -> Any:
+            out = original(plan, **options)
             if not self.reached.is_set() and len(plan) == rows and all(len(r.token_ids) == 1 for r in plan):
                 self.reached.set()
                 assert self._resume.wait(120), "never released"

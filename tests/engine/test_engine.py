@@ -110,8 +110,8 @@ def test_cancel_during_a_chunked_prefill_frees_the_row_and_its_kv_row(
         paused, resume = threading.Event(), threading.Event()
         original = svc.engine.runner.step
 
-        def step(rows: list[RowStep]) -> Any:  # engine thread: stop after the second prefill chunk
-            out = original(rows)
+        def step(rows: list[RowStep], **options: Any) -> Any:  # engine thread: stop after the second prefill chunk
+            out = original(rows, **options)
             steps.append(list(rows))
             if len(steps) == 2:
                 paused.set()
@@ -431,11 +431,11 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_keeps_serving(
     original = service.engine.runner.step
     calls = {"n": 0}
 
-    def flaky(rows: Any) -> Any:
+    def flaky(rows: Any, **options: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("device fell over")
-        return original(rows)
+        return original(rows, **options)
 
     monkeypatch.setattr(service.engine.runner, "step", flaky)
     sink, _ = submit(service.engine, request(PROMPT, max_new_tokens=4))

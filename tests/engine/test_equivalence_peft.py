@@ -309,9 +309,9 @@ def test_decode_steps_match_peft_with_one_adapter_in_non_adjacent_rows_and_chunk
         steps: list[list[RowStep]] = []
         original = service.engine.runner.step
 
-        def step(rows: list[RowStep]) -> Any:
+        def step(rows: list[RowStep], **options: Any) -> Any:
             steps.append(list(rows))
-            return original(rows)
+            return original(rows, **options)
 
         monkeypatch.setattr(service.engine.runner, "step", step)
         with engine_held(service.engine):  # all five are admitted together

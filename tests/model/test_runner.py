@@ -55,6 +55,28 @@ def test_ragged_prefill_chunks_and_decode_match_hf(tiny_model_dir: Path, attenti
     assert out.pooled.shape == (1, model.config.hidden_size)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reused_logits_are_the_fresh_ones_in_one_buffer(tiny_model_dir: Path, dtype: torch.dtype) -> None:
+    """``step(reuse_logits=True)``: the same fp32 logits as a fresh tensor, written into one buffer the
+    runner keeps (each step's a view of it: the engine samples them before its next step)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
+    runners = [ModelRunner(model, LoraContext(), rows=3, max_seq_len=32, dtype=dtype, device=CPU) for _ in range(2)]
+    a, b = (5, 17, 33, 9), (11, 12)
+    steps = [
+        [RowStep(0, 0, a, 0, True, False), RowStep(1, 0, b, 0, True, False)],
+        [RowStep(0, len(a), (40,), 0, True, False)],
+        [RowStep(0, len(a) + 1, (41,), 0, True, False), RowStep(1, len(b), (42,), 0, True, False)],
+    ]
+    storage = set()
+    for rows in steps:
+        fresh = runners[0].step(rows).logits
+        reused = runners[1].step(rows, reuse_logits=True).logits
+        assert reused.dtype == torch.float32 and reused.shape == fresh.shape == (len(rows), model.config.vocab_size)
+        assert torch.equal(reused, fresh)
+        storage.add(reused.untyped_storage().data_ptr())
+    assert len(storage) == 1, "each step allocated its own logits"
+
+
 def test_pooled_hidden_state_is_the_final_norm_output(tiny_model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     runner = ModelRunner(model, LoraContext(), rows=2, max_seq_len=32, dtype=torch.float32, device=torch.device("cpu"))

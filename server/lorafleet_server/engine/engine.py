@@ -747,7 +747,8 @@ class Engine:
     def _step(self) -> None:
         plan = self._plan()
         try:
-            out = self.runner.step([row for _, row in plan])
+            # the logits in the runner's buffer: sampled below, before the next step overwrites them
+            out = self.runner.step([row for _, row in plan], reuse_logits=True)
         except Exception as exc:  # a bug or device error: fail this step's requests, keep serving
             log.exception("forward failed for %d rows", len(plan))
             for r, _ in plan:

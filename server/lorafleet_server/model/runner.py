@@ -188,9 +188,14 @@ class ModelRunner:
         # in fp32 with the native kernel, also its RoPE + K/V write and residual add + RMSNorm (_fused)
         self.fused_glue = True
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
+        self._logits_buffer: torch.Tensor | None = None  # [rows, vocab] fp32: step(reuse_logits=True)
 
     @torch.inference_mode()
-    def step(self, rows: list[RowStep]) -> StepOutput:
+    def step(self, rows: list[RowStep], *, reuse_logits: bool = False) -> StepOutput:
+        """One forward over ``rows``. ``reuse_logits``: the logits are written into a buffer this runner
+        keeps and overwrites at the next such step (the caller is done with them by then): a fresh
+        [rows, vocab] fp32 tensor is a new multi-MB mapping each step under the server's fixed mmap
+        threshold (lorafleet_server/malloc.py), whose page faults cost ~2 ms of a 32-row decode step."""
         if not rows:
             raise ValueError("empty step")
         dev = self.device
@@ -230,7 +235,15 @@ class ModelRunner:
                 hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
             finally:
                 self.context.batch = None
-            return self._outputs(hidden[:1] if lone else hidden, rows)
+            return self._outputs(hidden[:1] if lone else hidden, rows, reuse_logits)
+
+    def _logits_for(self, head: torch.Tensor) -> torch.Tensor:  # [n, vocab] -> the same in fp32, in the buffer
+        n, vocab = head.shape
+        buf = self._logits_buffer
+        if buf is None or buf.shape[0] < n or buf.shape[1] != vocab or buf.device != head.device:
+            buf = torch.empty(max(n, self.kv.rows), vocab, dtype=torch.float32, device=head.device)
+            self._logits_buffer = buf
+        return buf[:n].copy_(head)
 
     def calibrate_threads(self) -> None:
         """Before serving: time a prompt chunk at each thread count of ``self.threads`` (model/threads.py),
@@ -323,7 +336,7 @@ class ModelRunner:
             h = h + delta
         return h, norm(h)
 
-    def _outputs(self, hidden: torch.Tensor, rows: list[RowStep]) -> StepOutput:
+    def _outputs(self, hidden: torch.Tensor, rows: list[RowStep], reuse_logits: bool = False) -> StepOutput:
         last: list[int] = []
         pooled: list[torch.Tensor] = []
         offset = 0
@@ -336,7 +349,8 @@ class ModelRunner:
             offset += n
         if last:
             idx = torch.tensor(last, dtype=torch.long, device=hidden.device)
-            logits = self.model.lm_head(hidden.index_select(0, idx)).float()  # [rows, vocab]
+            head = self.model.lm_head(hidden.index_select(0, idx))  # [rows, vocab] compute dtype
+            logits = self._logits_for(head) if reuse_logits else head.float()
         else:
             logits = hidden.new_zeros(0, 0, dtype=torch.float32)
         pooled_t = torch.stack(pooled) if pooled else hidden.new_zeros(0, self.hidden_size, dtype=torch.float32)

