@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from fleetlib import ROOT
@@ -31,6 +32,12 @@ def test_down_stops_its_own_process_group(tmp_path: Path) -> None:
     try:
         (tmp_path / "pids").mkdir()
         (tmp_path / "pids" / "replica-0.pid").write_text(str(proc.pid))
+        # Popen returns once exec has begun; the kernel fills /proc/PID/cmdline a moment later (a loaded
+        # CI machine once read it empty here), and `up` never stops a fleet that fast.
+        deadline = time.monotonic() + 10
+        while str(marker).encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the child's command line never appeared"
+            time.sleep(0.01)
         assert fleet_script.running_pids(tmp_path) == {"replica-0": proc.pid}
         assert fleet_script.stop(tmp_path, grace=5) == ["replica-0"]
         assert proc.wait(timeout=10) != 0
