@@ -185,7 +185,7 @@ class ModelRunner:
             native_attention.check_shape(self.num_heads, self.num_kv_heads, self.head_dim, dtype, device)
         # every token's attention in the native kernel (model/native.py), or None: torch's matmuls
         self.native_attention = native_attention
-        # in fp32 with the native kernel, also its RoPE + K/V write and residual add + RMSNorm (_fused)
+        # in fp32 or bf16 with the native kernel, also its RoPE + K/V write and residual add + RMSNorm (_fused)
         self.fused_glue = True
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
         self._logits_buffer: torch.Tensor | None = None  # [rows, vocab] fp32: step(reuse_logits=True)
