@@ -173,9 +173,10 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         head_dim=shape.head_dim,
         dtype=base.dtype,
         device=base.device,
+        pool=base.pool,
     )
     log.info("attention: %s (%s)", attention.name, attention.reason)
-    lora = choose_lora(config.lora_impl, cache_dir=config.kernels_dir, device=base.device)
+    lora = choose_lora(config.lora_impl, cache_dir=config.kernels_dir, device=base.device, pool=base.pool)
     log.info("multi-LoRA: %s (%s)", lora.name, lora.reason)
     runner = ModelRunner(
         base.model,

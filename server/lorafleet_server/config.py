@@ -152,8 +152,9 @@ class ServerConfig(EngineConfig):
     linear_threads: int = field(
         default=0,
         metadata={
-            "help": "threads of the native AMX Linear: the engine's thread plus helpers, each pinned to a CPU "
-            "of its own (0: every CPU the process may use; 1: no helpers)"
+            "help": "threads of the native AMX Linear: the engine's thread plus a pool of helpers, each pinned "
+            "to a CPU of its own, which the step's native attention, multi-LoRA and layer glue share (0: every "
+            "CPU the process may use; 1: no helpers)"
         },
     )
     torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: CPU cores - 1, at least 1)"})

@@ -25,6 +25,7 @@ from lorafleet_server.model.native import (
     choose_attention,
     find_compiler,
     load_native_attention,
+    load_native_pool,
 )
 from lorafleet_server.model.runner import ModelRunner, RowStep, rotate_half
 
@@ -135,6 +136,86 @@ def test_rows_split_over_threads_give_the_one_thread_numbers(
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-5
     for tok, expected in want.items():
         torch.testing.assert_close(alone[tok].float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "lengths",
+    [[int(n) for n in torch.randint(1, 400, (40,), generator=torch.Generator().manual_seed(5))], [700], [1, 900, 1, 1]],
+    ids=["40-rows", "one-row", "one-long-row-among-short"],
+)
+def test_rows_split_over_the_helper_pool_give_the_one_thread_numbers(
+    kernel: NativeAttention, dtype: torch.dtype, lengths: list[int]
+) -> None:
+    """On a helper pool (the AMX Linear's, model/native.py NativePool) a call cuts its rows into ranges
+    that the caller and the helpers take as they come: every row's output is the one-thread output,
+    bit for bit, for any thread count (more than this machine's CPUs included)."""
+    q, k, v, rows = random_case(9, 3, 64, dtype, lengths, seed=6)
+    alone = torch.zeros_like(q)
+    NativeAttention(kernel.library)(q, k, v, alone, rows, 0.125)
+    for threads in (2, 3, 8):
+        pooled = NativeAttention(kernel.library, load_native_pool(kernel.library.parent, threads))
+        assert pooled.pool is not None and pooled.pool.threads == threads
+        for _ in range(3):  # helpers come late or early from one call to the next
+            split = torch.zeros_like(q)
+            pooled(q, k, v, split, rows, 0.125)
+            assert torch.equal(split, alone), f"{threads} pooled threads changed the output"
+    assert 1 <= load_native_pool(kernel.library.parent, 2).helpers <= max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_the_glue_on_the_helper_pool_gives_the_calling_threads_numbers(
+    kernel: NativeAttention, dtype: torch.dtype, tokens: int
+) -> None:
+    """RoPE + K/V write, residual add + RMSNorm and SiLU times up cut their tokens over the pool: the
+    same bits as on the calling thread alone."""
+    pooled = NativeAttention(kernel.library, load_native_pool(kernel.library.parent, 2))
+    gen = torch.Generator().manual_seed(tokens)
+    q = torch.randn(tokens, 9, 64, generator=gen).to(dtype)
+    k = torch.randn(tokens, 3, 64, generator=gen).to(dtype)
+    v = torch.randn(tokens, 3, 64, generator=gen).to(dtype)
+    cos, sin = torch.randn(tokens, 64, generator=gen).to(dtype), torch.randn(tokens, 64, generator=gen).to(dtype)
+    kv_row = torch.randint(0, 4, (tokens,), generator=gen)
+    pos = torch.randperm(30, generator=gen)[:tokens] if tokens <= 30 else torch.arange(tokens)
+    x = torch.randn(tokens, 576, generator=gen).to(dtype)
+    delta = torch.randn(tokens, 576, generator=gen).to(dtype)
+    w = torch.randn(576, generator=gen).to(dtype)
+    gate, up = torch.randn(tokens, 1536, generator=gen).to(dtype), torch.randn(tokens, 1536, generator=gen).to(dtype)
+    outs = []
+    for each in (kernel, pooled):
+        qq = q.clone()
+        slabs = torch.zeros(2, 4, 3, 48, 64, dtype=dtype)  # K and V: [rows, KVH, L, D]
+        each.rope_kv_(qq, k, v, cos, sin, slabs[0], slabs[1], kv_row, pos)
+        xx = x.clone()
+        normed = each.add_rmsnorm_(xx, delta, w, 1e-5)
+        outs.append((qq, slabs, xx, normed, each.silu_mul(gate, up)))
+    for one, two in zip(*outs, strict=True):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_silu_times_up_matches_transformers(kernel: NativeAttention, dtype: torch.dtype) -> None:
+    """``act_fn(gate) * up`` of transformers' Llama MLP (SiLU): in fp32 within a few fp32 ulps; in bf16
+    each output is torch's or one bf16 step away (where the SiLU's last fp32 bit rounds differently),
+    and almost all are torch's. Gates far out on either side stay finite."""
+    gen = torch.Generator().manual_seed(9)
+    gate = torch.cat([torch.randn(63, 1536, generator=gen) * 4, torch.linspace(-120, 120, 1536)[None]]).to(dtype)
+    up = torch.randn(64, 1536, generator=gen).to(dtype)
+    with torch.inference_mode():
+        want = (torch.nn.functional.silu(gate) * up).float()
+    got = kernel.silu_mul(gate, up)
+    assert got.dtype == dtype and got.shape == gate.shape and got.isfinite().all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+    else:
+        one_step = want.abs() * 2.0**-7 + 1e-30  # bf16 keeps 8 significant bits
+        assert ((got.float() - want).abs() <= one_step).all()
+        assert (got.float() == want).float().mean() > 0.99
+    with pytest.raises(NativeKernelError, match="both fp32 or both bf16"):
+        kernel.silu_mul(gate, up.half())
+    with pytest.raises(NativeKernelError, match="differ in shape"):
+        kernel.silu_mul(gate, up[:, :8].contiguous())
 
 
 _FEWER_THREADS_SCRIPT = """

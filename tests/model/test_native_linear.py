@@ -22,6 +22,7 @@ from lorafleet_server.model.native import (
     NativeLinear,
     find_compiler,
     load_native_linear,
+    load_native_pool,
 )
 from lorafleet_server.model.packed import NativeLinearModule, PackedLinear, pack_base, packed_linear_supported
 
@@ -79,9 +80,10 @@ def test_a_row_is_the_same_alone_and_among_others(kernel: NativeLinear) -> None:
         assert torch.equal(kernel(x[i : i + 1].contiguous(), packed, None, 576)[0], together[i]), i
 
 
-def test_helper_threads_give_the_same_numbers(kernel: NativeLinear) -> None:
-    """With helper threads a call's columns are shared out; each column's sums are the same either way."""
-    helped = NativeLinear(kernel.library, threads=2)
+def test_helper_threads_give_the_same_numbers(kernel: NativeLinear, kernels_dir: Path) -> None:
+    """With the helper pool a call's columns are shared out; each column's sums are the same either way."""
+    helped = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2))
+    assert helped.threads == 2
     for n, k in ((1536, 576), (576, 1536), (64, 64)):
         w, bias = _weights(n, k, seed=n)
         packed = kernel.pack(w)
@@ -92,9 +94,9 @@ def test_helper_threads_give_the_same_numbers(kernel: NativeLinear) -> None:
             assert torch.equal(helped(x, packed, b32, n), kernel(x, packed, b32, n)), (n, k, m)
 
 
-def test_callers_on_several_threads_each_get_their_own_result(kernel: NativeLinear) -> None:
+def test_callers_on_several_threads_each_get_their_own_result(kernel: NativeLinear, kernels_dir: Path) -> None:
     """One call at a time uses the helpers; a call that finds them busy runs on its own thread."""
-    helped = NativeLinear(kernel.library, threads=2)
+    helped = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2))
     w, _ = _weights(1536, 576, seed=11)
     packed = kernel.pack(w)
     inputs = [torch.randn(32, 576, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(6)]
@@ -107,9 +109,21 @@ def test_callers_on_several_threads_each_get_their_own_result(kernel: NativeLine
         assert all(pool.map(run, range(6)))
 
 
-def test_a_thread_count_below_one_is_refused(kernel: NativeLinear) -> None:
+def test_a_thread_count_below_one_is_refused(kernel: NativeLinear, kernels_dir: Path) -> None:
     with pytest.raises(NativeKernelError, match="at least one thread"):
-        NativeLinear(kernel.library, threads=0)
+        load_native_linear(kernels_dir, threads=0)
+    with pytest.raises(NativeKernelError, match="at least one thread"):
+        load_native_pool(kernels_dir, threads=0)
+
+
+def test_more_than_one_thread_runs_on_a_pool(kernels_dir: Path) -> None:
+    """load_native_linear with threads > 1 brings the helper pool the step's other kernels share."""
+    try:
+        helped = load_native_linear(kernels_dir, threads=2)
+    except NativeKernelError as exc:
+        pytest.skip(f"no native Linear on this CPU: {exc}")
+    assert helped.pool is not None and helped.pool.threads == 2 and helped.threads == 2
+    assert load_native_linear(kernels_dir).pool is None
 
 
 def test_zero_rows_give_an_empty_output(kernel: NativeLinear) -> None:

@@ -15,7 +15,13 @@ from torch import nn
 
 from lorafleet_server.model import native
 from lorafleet_server.model.lora import LoraBatch, LoraContext, MultiLoRALinear
-from lorafleet_server.model.native import NativeKernelError, NativeLora, choose_lora, find_compiler
+from lorafleet_server.model.native import (
+    NativeKernelError,
+    NativeLora,
+    choose_lora,
+    find_compiler,
+    load_native_pool,
+)
 
 CPU = torch.device("cpu")
 SLOTS = 6
@@ -115,6 +121,36 @@ def test_a_call_split_over_the_steps_threads_gives_the_same_bits(
         results.append(y)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     assert not torch.equal(results[0], y0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_a_call_on_the_helper_pool_gives_the_same_bits(kernel: NativeLora, dtype: torch.dtype) -> None:
+    """On a helper pool (the AMX Linear's) the tokens are cut into ranges the caller and the helpers
+    take as they come: the one-thread bits, for any thread count."""
+    m = _module(576, 1536, {1: 16, 2: 8, 3: 16, 4: 4}, dtype)
+    g = torch.Generator().manual_seed(6)
+    slots = torch.tensor([(1, 2, 3, 4, 0)[i % 5] for i in range(37)])
+    x = torch.randn(37, 576, generator=g).to(dtype)
+    y0 = torch.randn(37, 1536, generator=g).to(dtype)
+    alone = y0.clone()
+    NativeLora(kernel.library).add_(alone, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
+    assert not torch.equal(alone, y0)
+    for threads in (2, 3, 8):
+        pooled = NativeLora(kernel.library, load_native_pool(kernel.library.parent, threads))
+        for _ in range(3):
+            y = y0.clone()
+            pooled.add_(y, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
+            assert torch.equal(y, alone), threads
+
+
+def test_choose_lora_names_the_threads_it_runs_on(tmp_path: Path) -> None:
+    pool = load_native_pool(tmp_path, threads=2)
+    pooled = choose_lora("auto", cache_dir=tmp_path, device=CPU, pool=pool)
+    assert (
+        pooled.kernel is not None and pooled.kernel.pool is pool and "2 threads of the Linears' pool" in pooled.reason
+    )
+    plain = choose_lora("auto", cache_dir=tmp_path, device=CPU)
+    assert plain.kernel is not None and plain.kernel.pool is None and "torch threads" in plain.reason
 
 
 def test_without_openmp_the_kernel_runs_on_the_calling_thread(tmp_path: Path, torch_threads_kept: None) -> None:

@@ -11,7 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorafleet_server.model.lora import LoraContext
-from lorafleet_server.model.native import NativeAttention, choose_attention, find_compiler, load_native_attention
+from lorafleet_server.model.native import (
+    NativeAttention,
+    choose_attention,
+    find_compiler,
+    load_native_attention,
+    load_native_pool,
+)
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
 CPU = torch.device("cpu")
@@ -215,9 +221,9 @@ def test_llama_family_architectures_match_hf(arch: str, attention: NativeAttenti
 def server_attention(tmp_path_factory: pytest.TempPathFactory) -> NativeAttention | None:
     """The attention the server runs here by default (``--attention-kernel auto``): the native kernel
     where a C compiler is found, else None (torch's matmuls)."""
-    shape = {"heads": 9, "kv_heads": 3, "head_dim": 64}  # SmolLM2-135M's
-    return choose_attention(
-        "auto", cache_dir=tmp_path_factory.mktemp("kernels"), dtype=torch.bfloat16, device=CPU, **shape
+    kernels = tmp_path_factory.mktemp("kernels")
+    return choose_attention(  # SmolLM2-135M's heads
+        "auto", cache_dir=kernels, heads=9, kv_heads=3, head_dim=64, dtype=torch.bfloat16, device=CPU
     ).kernel
 
 
@@ -301,10 +307,11 @@ def test_decode_key_length_is_rounded_up_to_a_bucket_within_the_kv_rows() -> Non
 def test_the_fused_rope_and_norms_agree_with_torchs(
     dtype: torch.dtype, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the native kernel the runner also takes its RoPE + K/V write and its residual add + RMSNorm
-    (``fused_glue``): prefill and decode logits stay within fp32 rounding of torch's ops in fp32; in
-    bf16 the RoPE is torch's bit for bit and a norm's output moves by one bf16 step where its fp32
-    statistics round differently, so the logits agree to bf16's resolution."""
+    """With the native kernel the runner also takes its RoPE + K/V write, its residual add + RMSNorm and
+    its MLP's SiLU times up (``fused_glue``): prefill and decode logits stay within fp32 rounding of
+    torch's ops in fp32; in bf16 the RoPE is torch's bit for bit and a norm's or SiLU's output moves by
+    one bf16 step where its fp32 value rounds differently, so the logits agree to bf16's resolution.
+    The same kernel on a helper pool gives the same logits bit for bit."""
     if find_compiler() is None:
         pytest.skip("no C compiler on this machine")
     kernel = load_native_attention(tmp_path_factory.getbasetemp() / "kernels")
@@ -319,8 +326,10 @@ def test_the_fused_rope_and_norms_agree_with_torchs(
 
         return call
 
-    for name in ("rope_kv_", "add_rmsnorm_"):
+    for name in ("rope_kv_", "add_rmsnorm_", "silu_mul"):
         monkeypatch.setattr(kernel, name, counted(name))
+    kernels = kernel.library.parent
+    pooled = NativeAttention(kernel.library, load_native_pool(kernels, threads=2))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
     runners = {}
     for on in (True, False):
@@ -329,6 +338,9 @@ def test_the_fused_rope_and_norms_agree_with_torchs(
         )
         runner.fused_glue = on
         runners[on] = runner
+    on_pool = ModelRunner(
+        model, LoraContext(), rows=2, max_seq_len=64, dtype=dtype, device=CPU, native_attention=pooled
+    )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     a, b = (5, 17, 33, 9, 100, 2, 7), (11, 12, 13)
     for rows in (
@@ -339,7 +351,10 @@ def test_the_fused_rope_and_norms_agree_with_torchs(
         fused = runners[True].step(rows)
         layers = model.config.num_hidden_layers
         assert calls.count("rope_kv_") == layers and calls.count("add_rmsnorm_") == 2 * layers + 1
+        assert calls.count("silu_mul") == layers
         plain = runners[False].step(rows)
-        assert len(calls) == 3 * layers + 1, "the torch glue called the kernel's"
+        assert len(calls) == 4 * layers + 1, "the torch glue called the kernel's"
         torch.testing.assert_close(fused.logits, plain.logits, rtol=tol, atol=tol)
         torch.testing.assert_close(fused.pooled, plain.pooled, rtol=tol, atol=tol)
+        pool_out = on_pool.step(rows)
+        assert torch.equal(pool_out.logits, fused.logits) and torch.equal(pool_out.pooled, fused.pooled)

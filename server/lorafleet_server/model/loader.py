@@ -16,6 +16,7 @@ from torch import nn
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_server.model.cpu import CpuFeatures, cpu_features
 from lorafleet_server.model.lora import LoraContext, MultiLoRALinear
+from lorafleet_server.model.native import NativePool
 from lorafleet_server.model.options import QUANTIZATIONS, LinearKernel
 from lorafleet_server.model.packed import pack_base
 from lorafleet_server.model.prepare import weights_fingerprint
@@ -46,6 +47,8 @@ class LoadedBase:
     compiled: bool = False  # compile_base ran
     cpu_features: str = ""  # CpuFeatures.summary() of this machine
     linear_kernel: str = "torch"  # "native-amx", "native-fp32" or "onednn-packed": prepacked (model/packed.py)
+    # the native AMX Linears' helper threads, for the step's other native kernels to share; None: none
+    pool: NativePool | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -423,4 +426,5 @@ def load_base(
         compiled=compile,
         cpu_features=features.summary(),
         linear_kernel=linears.name,
+        pool=linears.pool,
     )

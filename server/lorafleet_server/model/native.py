@@ -5,11 +5,12 @@ row's token, or a prompt chunk's token i, attends over its KV row's first ``star
 positions, read where they lie in the KV slab (torch's batched matmul copies a strided window of the
 slab first), with fp32 sums in an order fixed per token. So a token's numbers depend on nothing but
 its own query, keys and values: not on the other rows, the chunk around it, the thread that computes
-it (a call splits its rows over the step's torch threads), or how oneDNN blocks a matmul of that many
-rows (docs/architecture.md, "Measured facts" 11). The multi-LoRA
+it (a call splits its rows over the step's torch threads, or over the helper pool below), or how oneDNN
+blocks a matmul of that many rows (docs/architecture.md, "Measured facts" 11). The multi-LoRA
 (``csrc/lora.c``) adds each token's own adapter into a base Linear's output in place (fact 12). The
 Linear (``csrc/linear.c``) computes bf16 base Linears on Intel AMX tiles from weights packed once,
-on the engine's thread and pinned helper threads (fact 13); its fp32 sibling (``csrc/linear_f32.c``)
+on the engine's thread and pinned helper threads (fact 13), a pool (``csrc/pool.c``) the step's other
+native kernels share when given it (fact 17); its fp32 sibling (``csrc/linear_f32.c``)
 does fp32 ones with AVX2 and FMA on the step's torch threads (fact 15). The transpose
 (``csrc/transpose.c``) lays adapter weights out for the host cache while they load
 (docs/architecture.md, "Cold loads").
@@ -76,7 +77,7 @@ def find_compiler() -> str | None:
     return None
 
 
-HEADERS = ("bf16.h",)  # csrc headers the sources include: next to every build, and in its cache key
+HEADERS = ("bf16.h", "pool.h")  # csrc headers the sources include: next to every build, and in its cache key
 
 
 def _source(name: str) -> bytes:
@@ -144,6 +145,61 @@ def _functions(library: Path, signatures: dict[str, list[Any]]) -> tuple[ctypes.
     return lib, fns
 
 
+POOL_SOURCE = "pool.c"
+
+
+class NativePool:
+    """``csrc/pool.c`` through ctypes: helper threads pinned to cores of their own, shared by every native
+    kernel call given this pool (``threads``: the calling thread and ``threads - 1`` helpers). The AMX
+    Linear runs on it; with it the attention and the multi-LoRA of the same step do too, instead of a
+    second thread of torch's OpenMP team that would share a core with a spinning helper
+    (docs/architecture.md, "Measured facts" 17). One pool per process: every NativePool of the same
+    library drives the same helpers."""
+
+    def __init__(self, library: Path, threads: int) -> None:
+        if threads < 1:
+            raise NativeKernelError(f"the native thread pool needs at least one thread, not {threads}")
+        lib, fns = _functions(
+            library,
+            {
+                "lf_pool_start": [ctypes.c_int],
+                "lf_pool_helpers": [],
+                "lf_pool_run": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int],
+            },
+        )
+        self.library = library
+        self._lib = lib  # keeps the library loaded while kernels hold the address of its lf_pool_run
+        self.threads = threads
+        self._start = fns["lf_pool_start"]
+        self._helpers = fns["lf_pool_helpers"]
+        # what kernel calls take as their pool argument
+        self.address = ctypes.c_void_p(ctypes.cast(fns["lf_pool_run"], ctypes.c_void_p).value)
+
+    def start(self) -> int:
+        """Start the helpers now (else the first call that needs them does); how many run: at most one
+        fewer than this thread's CPUs."""
+        return int(self._start(self.threads - 1))
+
+    @property
+    def helpers(self) -> int:
+        """How many helper threads run in this process."""
+        return int(self._helpers())
+
+
+def load_native_pool(cache_dir: Path, threads: int, compiler: str | None = None) -> NativePool:
+    """Build (or find in ``cache_dir``) and load the helper pool; its helpers start with the first call
+    that needs them (or ``NativePool.start``)."""
+    return NativePool(build_library(POOL_SOURCE, cache_dir, compiler), threads)
+
+
+def _threads_and_pool(pool: NativePool | None) -> tuple[int, ctypes.c_void_p | None]:
+    """A kernel call's threads and pool argument: the pool's, or the step's torch threads (an OpenMP
+    team torch keeps warm; model/threads.py) and no pool."""
+    if pool is not None:
+        return pool.threads, pool.address
+    return torch.get_num_threads(), None
+
+
 @dataclass(frozen=True)
 class AttentionRows:
     """The tokens of one step, as the kernel takes them (built once per step): B rows of one query each."""
@@ -166,22 +222,28 @@ class AttentionRows:
 
 
 # q, k_slab, v_slab, out, tok, kv_row, len; count, tokens, kv_rows, heads, kv_heads, max_seq_len, head_dim;
-# scale, bf16, threads
+# scale, bf16, threads, pool
 _ARGTYPES: list[Any] = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+_ARGTYPES.append(ctypes.c_void_p)
 
 
-# q, k, v, cos, sin, k_slab, v_slab, kv_row, pos; n, heads, kv_heads, head_dim, kv_rows, max_seq_len; bf16
-_ROPE_KV_ARGTYPES: list[Any] = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_int]
-# x, delta, w, out; n, d; eps; bf16
-_RMSNORM_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
-GLUE_DTYPES = (torch.float32, torch.bfloat16)  # what rope_kv_ and add_rmsnorm_ take
+# q, k, v, cos, sin, k_slab, v_slab, kv_row, pos; n, heads, kv_heads, head_dim, kv_rows, max_seq_len; bf16,
+# threads; pool
+_ROPE_KV_ARGTYPES: list[Any] = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+# x, delta, w, out; n, d; eps; bf16, threads; pool
+_RMSNORM_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+_RMSNORM_ARGTYPES += [ctypes.c_int] * 2 + [ctypes.c_void_p]
+# gate, up, out; n, d; bf16, threads; pool
+_SILU_MUL_ARGTYPES: list[Any] = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+GLUE_DTYPES = (torch.float32, torch.bfloat16)  # what rope_kv_, add_rmsnorm_ and silu_mul take
 
 
 class NativeAttention:
     """``csrc/attention.c`` through ctypes: one call per layer does every token of the step, split over
-    the step's torch threads where the library was built with OpenMP (``threaded``)."""
+    ``pool``'s threads where given, else the step's torch threads where the library was built with
+    OpenMP (``threaded``)."""
 
-    def __init__(self, library: Path) -> None:
+    def __init__(self, library: Path, pool: NativePool | None = None) -> None:
         lib, fns = _functions(
             library,
             {
@@ -189,6 +251,7 @@ class NativeAttention:
                 "lf_attention_threaded": [],
                 "lf_rope_kv": _ROPE_KV_ARGTYPES,
                 "lf_add_rmsnorm": _RMSNORM_ARGTYPES,
+                "lf_silu_mul": _SILU_MUL_ARGTYPES,
             },
         )
         self.library = library
@@ -196,7 +259,9 @@ class NativeAttention:
         self._fn = fns["lf_attention"]
         self._rope_kv = fns["lf_rope_kv"]
         self._rmsnorm = fns["lf_add_rmsnorm"]
+        self._silu_mul = fns["lf_silu_mul"]
         self.threaded = fns["lf_attention_threaded"]() == 1
+        self.pool = pool
 
     @staticmethod
     def check_shape(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -230,6 +295,7 @@ class NativeAttention:
             or v_slab.shape != k_slab.shape
         ):
             raise NativeKernelError("q, the KV slabs and out differ in dtype or shape")
+        threads, pool = _threads_and_pool(self.pool)
         rc = self._fn(
             q.data_ptr(),
             k_slab.data_ptr(),
@@ -247,7 +313,8 @@ class NativeAttention:
             head_dim,
             scale,
             1 if q.dtype == torch.bfloat16 else 0,
-            torch.get_num_threads(),  # the step's threads (model/threads.py), an OpenMP team torch keeps warm
+            threads,
+            pool,
         )
         if rc != 0:
             raise NativeKernelError(f"the native attention refused its arguments (rc {rc})")
@@ -285,6 +352,7 @@ class NativeAttention:
             or pos.dtype != torch.long
         ):
             raise NativeKernelError("q, k, v, cos, sin, the slabs, rows and positions differ in shape")
+        threads, pool = _threads_and_pool(self.pool)
         rc = self._rope_kv(
             *(t.data_ptr() for t in tensors),
             kv_row.data_ptr(),
@@ -296,6 +364,8 @@ class NativeAttention:
             kv_rows,
             max_seq_len,
             1 if q.dtype == torch.bfloat16 else 0,
+            threads,
+            pool,
         )
         if rc != 0:
             raise NativeKernelError(f"the native RoPE refused its arguments (rc {rc})")
@@ -317,6 +387,7 @@ class NativeAttention:
         if weight.shape != (d,) or (delta is not None and delta.shape != x.shape):
             raise NativeKernelError("x, delta and the norm's weight differ in shape")
         out = torch.empty_like(x)
+        threads, pool = _threads_and_pool(self.pool)
         rc = self._rmsnorm(
             x.data_ptr(),
             None if delta is None else delta.data_ptr(),
@@ -326,9 +397,40 @@ class NativeAttention:
             d,
             eps,
             1 if x.dtype == torch.bfloat16 else 0,
+            threads,
+            pool,
         )
         if rc != 0:
             raise NativeKernelError(f"the native RMSNorm refused its arguments (rc {rc})")
+        return out
+
+    def silu_mul(
+        self,
+        gate: torch.Tensor,  # [N, d] fp32 or bf16, contiguous
+        up: torch.Tensor,  # [N, d] gate's dtype, contiguous
+    ) -> torch.Tensor:  # [N, d] gate's dtype: silu(gate) * up
+        """Transformers' Llama MLP activation ``act_fn(gate) * up`` with SiLU: in bf16 the SiLU and the
+        product each rounded to bf16 as torch's two ops round them; the SiLU's fp32 value may differ
+        from torch's in its last bit (so a bf16 rounding of it may land one bf16 step away)."""
+        if gate.dtype not in GLUE_DTYPES or up.dtype != gate.dtype or not (gate.is_contiguous() and up.is_contiguous()):
+            raise NativeKernelError("the native SiLU needs contiguous tensors, both fp32 or both bf16")
+        if gate.dim() != 2 or up.shape != gate.shape:
+            raise NativeKernelError("the native SiLU's gate and up differ in shape")
+        n, d = gate.shape
+        out = torch.empty_like(gate)
+        threads, pool = _threads_and_pool(self.pool)
+        rc = self._silu_mul(
+            gate.data_ptr(),
+            up.data_ptr(),
+            out.data_ptr(),
+            n,
+            d,
+            1 if gate.dtype == torch.bfloat16 else 0,
+            threads,
+            pool,
+        )
+        if rc != 0:
+            raise NativeKernelError(f"the native SiLU refused its arguments (rc {rc})")
         return out
 
 
@@ -341,15 +443,16 @@ MAX_LORA_RANK = 256  # csrc/lora.c's limit
 # "Measured facts" 12).
 NATIVE_LORA_SHORT_STEP_TOKENS = 64
 NATIVE_LORA_LONG_STEP_MAX_RANK = 8
-# y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16, threads
-_LORA_ARGTYPES: list[Any] = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2
+# y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16, threads; pool
+_LORA_ARGTYPES: list[Any] = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
 
 
 class NativeLora:
     """``csrc/lora.c`` through ctypes: adds each token's own adapter to a base Linear's output, in place,
-    on the step's torch threads where the library was built with OpenMP (``threaded``)."""
+    on ``pool``'s threads where given, else on the step's torch threads where the library was built
+    with OpenMP (``threaded``)."""
 
-    def __init__(self, library: Path) -> None:
+    def __init__(self, library: Path, pool: NativePool | None = None) -> None:
         lib, fns = _functions(
             library,
             {
@@ -364,6 +467,7 @@ class NativeLora:
         self._fast_fn = fns["lf_lora_fast"]
         self._fast: dict[tuple[torch.dtype, int, int], bool] = {}
         self.threaded = fns["lf_lora_threaded"]() == 1
+        self.pool = pool
 
     def preferred(self, dtype: torch.dtype, d_out: int, r_cap: int, tokens: int) -> bool:
         """Whether ``auto`` runs this module's share of a step here rather than with a torch kernel:
@@ -413,6 +517,7 @@ class NativeLora:
             or ranks.dtype != torch.long
         ):
             raise NativeKernelError("slots and ranks must be int64, one per token and per slot")
+        threads, pool = _threads_and_pool(self.pool)
         rc = self._fn(
             y.data_ptr(),
             x.data_ptr(),
@@ -426,28 +531,43 @@ class NativeLora:
             d_out,
             r_cap,
             1 if y.dtype == torch.bfloat16 else 0,
-            torch.get_num_threads(),  # the step's threads (model/threads.py), an OpenMP team torch keeps warm
+            threads,
+            pool,
         )
         if rc != 0:
             raise NativeKernelError(f"the native LoRA refused its arguments (rc {rc})")
 
 
-def load_native_lora(cache_dir: Path, compiler: str | None = None, openmp: bool = True) -> NativeLora:
-    """Build (or find in ``cache_dir``) and load the native multi-LoRA for this CPU: with OpenMP where
-    it builds and loads (``openmp``), else for one thread."""
-    return _load_with_openmp(LORA_SOURCE, NativeLora, "the native LoRA", cache_dir, compiler, openmp)
+def load_native_lora(
+    cache_dir: Path, compiler: str | None = None, openmp: bool = True, pool: NativePool | None = None
+) -> NativeLora:
+    """Build (or find in ``cache_dir``) and load the native multi-LoRA for this CPU, on ``pool``'s threads
+    where given; else with OpenMP where it builds and loads (``openmp``), or for one thread."""
+    return _load_with_openmp(
+        LORA_SOURCE, lambda library: NativeLora(library, pool), "the native LoRA", cache_dir, compiler, openmp
+    )
 
 
-def load_native_attention(cache_dir: Path, compiler: str | None = None, openmp: bool = True) -> NativeAttention:
-    """Build (or find in ``cache_dir``) and load the native attention for this CPU: with OpenMP where it
-    builds and loads (``openmp``), else for one thread."""
-    return _load_with_openmp(ATTENTION_SOURCE, NativeAttention, "the native attention", cache_dir, compiler, openmp)
+def load_native_attention(
+    cache_dir: Path, compiler: str | None = None, openmp: bool = True, pool: NativePool | None = None
+) -> NativeAttention:
+    """Build (or find in ``cache_dir``) and load the native attention for this CPU, on ``pool``'s threads
+    where given; else with OpenMP where it builds and loads (``openmp``), or for one thread."""
+    return _load_with_openmp(
+        ATTENTION_SOURCE,
+        lambda library: NativeAttention(library, pool),
+        "the native attention",
+        cache_dir,
+        compiler,
+        openmp,
+    )
 
 
 LINEAR_SOURCE = "linear.c"
 LINEAR_BLOCK = 32  # csrc/linear.c takes in_features and out_features that are multiples of this
-# x, packed, bias, out; m, n, k; threads
+# x, packed, bias, out; m, n, k; threads (the AMX kernel's: and its pool)
 _LINEAR_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+_LINEAR_AMX_ARGTYPES: list[Any] = [*_LINEAR_ARGTYPES, ctypes.c_void_p]
 
 
 def _run_linear(
@@ -458,8 +578,9 @@ def _run_linear(
     bias: torch.Tensor | None,  # [out] fp32, contiguous
     out_features: int,
     threads: int,
+    *tail: Any,  # arguments after the thread count (the AMX kernel's pool)
 ) -> torch.Tensor:  # [M, out] in x's dtype
-    """A native Linear's call (``x, packed, bias, out; m, n, k; threads``) after the bias is checked."""
+    """A native Linear's call (``x, packed, bias, out; m, n, k; threads, *tail``) after the bias is checked."""
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != out_features):
         raise NativeKernelError(f"{what} needs an fp32 bias of {out_features} values")
     rows, in_features = x.shape
@@ -473,6 +594,7 @@ def _run_linear(
         out_features,
         in_features,
         threads,
+        *tail,
     )
     if rc != 0:
         raise NativeKernelError(f"{what} refused its arguments (rc {rc})")
@@ -480,22 +602,21 @@ def _run_linear(
 
 
 class NativeLinear:
-    """``csrc/linear.c`` through ctypes: bf16 Linears on AMX from a weight packed once, on ``threads``
-    threads (the caller and helper threads the library starts and pins to cores of their own)."""
+    """``csrc/linear.c`` through ctypes: bf16 Linears on AMX from a weight packed once, on the calling
+    thread and ``pool``'s helpers (pinned to cores of their own), or on the calling thread alone."""
 
     dtype = torch.bfloat16  # what it computes in
     label = "native AMX"
 
-    def __init__(self, library: Path, threads: int = 1) -> None:
-        if threads < 1:
-            raise NativeKernelError(f"the native Linear needs at least one thread, not {threads}")
-        self.threads = threads
+    def __init__(self, library: Path, pool: NativePool | None = None) -> None:
+        self.pool = pool
+        self.threads = pool.threads if pool is not None else 1
         lib, fns = _functions(
             library,
             {
                 "lf_linear_available": [],
                 "lf_linear_pack": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64],
-                "lf_linear": _LINEAR_ARGTYPES,
+                "lf_linear": _LINEAR_AMX_ARGTYPES,
             },
         )
         if fns["lf_linear_available"]() != 1:
@@ -540,12 +661,18 @@ class NativeLinear:
             raise NativeKernelError("the native Linear needs contiguous bf16 rows of its weight's width")
         if packed.dtype != torch.bfloat16 or not packed.is_contiguous():
             raise NativeKernelError("the native Linear needs the packed weight pack() made")
-        return _run_linear(self._fn, "the native Linear", x, packed, bias, out_features, self.threads)
+        pool = self.pool.address if self.pool is not None else None
+        return _run_linear(self._fn, "the native Linear", x, packed, bias, out_features, self.threads, pool)
 
 
 def load_native_linear(cache_dir: Path, compiler: str | None = None, threads: int = 1) -> NativeLinear:
-    """Build (or find in ``cache_dir``) and load the native Linear; NativeKernelError without AMX."""
-    return NativeLinear(build_library(LINEAR_SOURCE, cache_dir, compiler), threads)
+    """Build (or find in ``cache_dir``) and load the native Linear, on ``threads`` threads: with more
+    than one, a helper pool (``load_native_pool``) is built and loaded with it; NativeKernelError
+    without AMX."""
+    if threads < 1:
+        raise NativeKernelError(f"the native Linear needs at least one thread, not {threads}")
+    library = build_library(LINEAR_SOURCE, cache_dir, compiler)
+    return NativeLinear(library, load_native_pool(cache_dir, threads, compiler) if threads > 1 else None)
 
 
 LINEAR_F32_SOURCE = "linear_f32.c"
@@ -737,10 +864,12 @@ def choose_attention(
     dtype: torch.dtype,
     device: torch.device,
     compiler: str | None = None,
+    pool: NativePool | None = None,
 ) -> KernelChoice[NativeAttention]:
     """``--attention-kernel``: "torch" is torch's matmuls; "native" the C kernel, or NativeKernelError
     when it cannot run here; "auto" the C kernel on a CPU where it builds and takes the model, else
-    torch's matmuls with the reason."""
+    torch's matmuls with the reason. The C kernel runs on ``pool``'s threads where given (the AMX
+    Linear's), else on the step's torch threads."""
     if choice == "torch":
         return KernelChoice(None, "--attention-kernel torch")
     if choice == "auto" and device.type != "cpu":
@@ -748,28 +877,43 @@ def choose_attention(
 
     def load() -> NativeAttention:
         NativeAttention.check_shape(heads, kv_heads, head_dim, dtype, device)
-        return load_native_attention(cache_dir, compiler)
+        return load_native_attention(cache_dir, compiler, pool=pool)
 
-    return _native_or_fallback(choice == "native", load)
+    chosen = _native_or_fallback(choice == "native", load)
+    if chosen.kernel is None:
+        return chosen
+    return KernelChoice(chosen.kernel, f"{chosen.reason}, on {_threads_of(chosen.kernel)}")
+
+
+def _threads_of(kernel: NativeAttention | NativeLora) -> str:
+    """What a kernel's calls run on, for its choice's reason."""
+    if kernel.pool is not None:
+        return f"{kernel.pool.threads} threads of the Linears' pool"
+    return "the step's torch threads" if kernel.threaded else "one thread per call (no OpenMP)"
 
 
 def choose_lora(
-    impl: LoraImpl, *, cache_dir: Path, device: torch.device, compiler: str | None = None
+    impl: LoraImpl,
+    *,
+    cache_dir: Path,
+    device: torch.device,
+    compiler: str | None = None,
+    pool: NativePool | None = None,
 ) -> KernelChoice[NativeLora]:
     """``--lora-impl``: "native" is the C kernel for every call it takes, or NativeKernelError when it
     cannot be built; "auto" the C kernel where it is built (on a CPU), else the torch kernels; any other
-    value the named torch kernel."""
+    value the named torch kernel. The C kernel runs on ``pool``'s threads where given (the AMX
+    Linear's), else on the step's torch threads."""
     if impl not in ("auto", "native"):
         return KernelChoice(None, f"--lora-impl {impl}")
     if device.type != "cpu":
         if impl == "native":
             raise NativeKernelError(f"the native LoRA runs on the CPU, not {device}")
         return KernelChoice(None, f"the native kernel is for CPUs; {device.type} runs torch's")
-    choice = _native_or_fallback(impl == "native", lambda: load_native_lora(cache_dir, compiler))
+    choice = _native_or_fallback(impl == "native", lambda: load_native_lora(cache_dir, compiler, pool=pool))
     if choice.kernel is None:
         return choice
-    threads = "the step's torch threads" if choice.kernel.threaded else "one thread per call (no OpenMP)"
-    return KernelChoice(choice.kernel, f"{choice.reason}, on {threads}")
+    return KernelChoice(choice.kernel, f"{choice.reason}, on {_threads_of(choice.kernel)}")
 
 
 def choose_transpose(*, cache_dir: Path, compiler: str | None = None) -> KernelChoice[NativeTranspose]:

@@ -44,6 +44,7 @@ from lorafleet_server.model.native import (
     NativeKernelError,
     NativeLinear,
     NativeLinearF32,
+    NativePool,
     load_native_linear,
     load_native_linear_f32,
 )
@@ -115,7 +116,7 @@ class PackedLinear(nn.Module):
 class NativeLinearModule(nn.Module):
     """``linear`` computed by a native kernel from its own packed copy of the weight, for steps of any
     size; the plain weight stays the model's parameter (tied weights stay tied) and serves gradients.
-    The AMX kernel (bf16, ``csrc/linear.c``) runs on its own threads (``--linear-threads``), not
+    The AMX kernel (bf16, ``csrc/linear.c``) runs on its own pool of threads (``--linear-threads``), not
     torch's: even on one thread a 256-token prefill step measured the same as with oneDNN's Linears on
     two (345 vs 342 ms). The fp32 kernel (``csrc/linear_f32.c``) runs on the step's torch threads and
     was as fast as MKL's GEMM at 512 rows. So every step takes them, and each row's result stays
@@ -272,6 +273,9 @@ class LinearChoice:
 
     name: str  # "native-amx", "native-fp32", "onednn-packed" or "torch"
     reason: str
+    # the helper threads the native AMX Linears run on (more than one thread), which the step's other
+    # native kernels share (model/native.py NativePool); None: none
+    pool: NativePool | None = None
 
 
 def pack_base(
@@ -322,6 +326,7 @@ def pack_base(
             return LinearChoice(
                 "native-amx",
                 f"AMX kernel for this CPU ({kernel.library.name}), {count} Linears, {kernel.threads} thread(s)",
+                kernel.pool,
             )
     if not onednn:
         if choice == "onednn":

@@ -59,6 +59,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 # Norm modules whose forward is transformers' Llama RMSNorm (fp32: weight * x / sqrt(mean(x^2) + eps)),
 # which the native kernel's fused residual add + RMSNorm computes; any other norm runs its own forward.
 FUSED_NORMS = frozenset({"LlamaRMSNorm"})
+# MLP modules whose forward is transformers' Llama MLP (down_proj(act_fn(gate_proj(x)) * up_proj(x))) and
+# activations that are SiLU: the native kernel's act_fn(gate) * up replaces those two ops.
+FUSED_MLPS = frozenset({"LlamaMLP"})
+SILU_ACTIVATIONS = frozenset({"SiLU", "SiLUActivation"})
 
 CLEAN_AHEAD = 64  # KV positions KVCache.ensure_clean zeroes at least at a time
 
@@ -185,7 +189,8 @@ class ModelRunner:
             native_attention.check_shape(self.num_heads, self.num_kv_heads, self.head_dim, dtype, device)
         # every token's attention in the native kernel (model/native.py), or None: torch's matmuls
         self.native_attention = native_attention
-        # in fp32 or bf16 with the native kernel, also its RoPE + K/V write and residual add + RMSNorm (_fused)
+        # in fp32 or bf16 with the native kernel, also its RoPE + K/V write, residual add + RMSNorm and the
+        # MLP's SiLU times up (_fused)
         self.fused_glue = True
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
         self._logits_buffer: torch.Tensor | None = None  # [rows, vocab] fp32: step(reuse_logits=True)
@@ -284,12 +289,12 @@ class ModelRunner:
             h, x = self._add_norm(
                 h, attn.o_proj(o.reshape(n, self.num_heads * self.head_dim)), layer.post_attention_layernorm
             )
-            h, x = self._add_norm(h, layer.mlp(x), norms[i + 1])  # the next layer's input, or the final norm
+            h, x = self._add_norm(h, self._mlp(layer.mlp, x), norms[i + 1])  # the next layer's input, or the final norm
         return x  # [N, hidden]
 
     def _fused(self, tensor: torch.Tensor) -> NativeAttention | None:
-        """The native kernel's fused glue (RoPE + K/V write, residual add + RMSNorm) where this runner
-        computes in fp32 or bf16 with it; None: torch's ops."""
+        """The native kernel's fused glue (RoPE + K/V write, residual add + RMSNorm, the MLP's SiLU times
+        up) where this runner computes in fp32 or bf16 with it; None: torch's ops."""
         if self.native_attention is None or tensor.dtype not in GLUE_DTYPES or not self.fused_glue:
             return None
         return self.native_attention
@@ -317,6 +322,18 @@ class ModelRunner:
         k_cache[row_t, :, pos_t] = k.to(k_cache.dtype)
         v_cache[row_t, :, pos_t] = v.to(v_cache.dtype)
         return q
+
+    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:  # x [N, hidden] -> [N, hidden]
+        """The layer's MLP; a Llama MLP with SiLU takes the native kernel's act_fn(gate) * up where the
+        runner's glue is native (``_fused``)."""
+        glue = self._fused(x)
+        if glue is None or type(mlp).__name__ not in FUSED_MLPS or type(mlp.act_fn).__name__ not in SILU_ACTIVATIONS:
+            return cast(torch.Tensor, mlp(x))
+        gate = mlp.gate_proj(x)  # [N, intermediate]
+        up = mlp.up_proj(x)  # [N, intermediate]
+        if gate.dtype != x.dtype or up.dtype != x.dtype:
+            return cast(torch.Tensor, mlp.down_proj(mlp.act_fn(gate) * up))
+        return cast(torch.Tensor, mlp.down_proj(glue.silu_mul(gate.contiguous(), up.contiguous())))
 
     def _add_norm(
         self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module

@@ -15,21 +15,20 @@
  * columns 0-15 and 16-31) sum over k in fp32, in the same order whatever the number of rows, so a
  * row's output is the same bit for bit whether it runs alone or with others (oneDNN's kernels differ
  * with the row count). Panels run in chunks of ~256 KB of weight with every row block inside a chunk,
- * so long prompt chunks read each weight panel from DRAM once.
+ * so long prompt chunks read each weight panel from DRAM once. A call on more than one thread cuts its
+ * columns into units of whole panels for the helper pool (csrc/pool.c) the caller passes.
  *
  * Needs k and n multiples of 32 and a CPU with AMX-BF16 (Sapphire Rapids and later); the library
  * built for any other CPU only says so (lf_linear_available() == 0) and the loader keeps oneDNN.
  * Built by lorafleet_server/model/native.py with -O3 -march=native; called through ctypes.
  */
 #define _GNU_SOURCE
-#include <sched.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
+
+#include "pool.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__x86_64__)
 #define LF_AMX 1
@@ -148,169 +147,54 @@ static void block(const uint16_t *x, const uint16_t *packed, const float *bias, 
 #endif
 
 #if LF_AMX
-/* Columns [c0, c1) of out for every row of x: row blocks inside, so each weight panel is read once. */
+/* Columns [c0, c1) of out for every row of x, in chunks of ~CHUNK_BYTES of weight with the row blocks
+ * inside, so a long prompt chunk reads each weight panel from DRAM once. */
 static void columns(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int64_t m, int64_t n,
                     int64_t k, int64_t c0, int64_t c1) {
-    for (int64_t m0 = 0; m0 < m; m0 += ROWS) {
-        const int64_t left = m - m0;
-        const int rows0 = left < 16 ? (int)left : 16;
-        const int rows1 = left <= 16 ? 0 : (left < ROWS ? (int)(left - 16) : 16);
-        configure(rows0, rows1);
-        block(x + m0 * k, packed, bias, out + m0 * n, rows0, rows1, c0, c1, n, k);
+    const int64_t per_chunk = CHUNK_BYTES / (PANEL * k * 2) * PANEL;
+    const int64_t step = per_chunk > PANEL ? per_chunk : PANEL;
+    for (int64_t a = c0; a < c1; a += step) {
+        const int64_t b = a + step < c1 ? a + step : c1;
+        for (int64_t m0 = 0; m0 < m; m0 += ROWS) {
+            const int64_t left = m - m0;
+            const int rows0 = left < 16 ? (int)left : 16;
+            const int rows1 = left <= 16 ? 0 : (left < ROWS ? (int)(left - 16) : 16);
+            configure(rows0, rows1);
+            block(x + m0 * k, packed, bias, out + m0 * n, rows0, rows1, a, b, n, k);
+        }
     }
 }
 
-/* Helper threads. A call's output columns are cut into units (whole panels, a few per thread); the
- * calling thread and the helpers take units from one counter until none is left, and the call returns
- * when every unit is done. Which thread computes a column does not change its numbers, and a helper
- * that comes late (its core busy elsewhere) only leaves more units to the caller, which waits just for
- * units already started. After a call a helper spins up to SPIN_NS for the next one (a step's Linears
- * follow each other within microseconds), yielding its core to any other thread that wants it, then
- * sleeps on a condition variable.
- *
- * The counter `ticket` holds the call's sequence number (high 32 bits) and its next unit (low 32): a
- * unit is taken by a compare-and-swap that also proves the call is still the one whose fields were
- * read. The caller closes a call (index 0xffffffff) before it writes the next one's fields. */
-#define MAX_HELPERS 15
-#define SPIN_NS 2000000LL  /* how long a helper spins for the next call before it sleeps */
-#define UNITS_PER_THREAD 4 /* a call's units: few, since taking one moves a cache line between cores */
-#define CLOSED 0xffffffffull
-
+/* One call's work for the pool (csrc/pool.c): unit u is output columns [u * unit_cols, ...). */
 typedef struct {
     const uint16_t *x, *packed;
     const float *bias;
     uint16_t *out;
     int64_t m, n, k, unit_cols;
-    uint32_t units;
-} call_t;
+} linear_call;
 
-static call_t call __attribute__((aligned(64)));
-static _Atomic uint64_t ticket __attribute__((aligned(64))) = CLOSED; /* call 0, closed */
-static _Atomic uint32_t done __attribute__((aligned(64)));            /* units finished in the current call */
-static pthread_mutex_t sleep_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t sleep_cv = PTHREAD_COND_INITIALIZER;
-static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one parallel call at a time */
-static int helpers;                                         /* started so far */
-
-/* Take and run units of call `seq` until none is left; returns how many this thread ran. */
-static uint32_t run_units(uint32_t seq) {
-    uint32_t ran = 0;
-    for (;;) {
-        uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
-        if ((uint32_t)(t >> 32) != seq) return ran;
-        const uint32_t unit = (uint32_t)t;
-        if (unit >= call.units) return ran; /* CLOSED is >= any count */
-        if (!atomic_compare_exchange_weak_explicit(&ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire))
-            continue;
-        const int64_t c0 = (int64_t)unit * call.unit_cols;
-        const int64_t c1 = c0 + call.unit_cols < call.n ? c0 + call.unit_cols : call.n;
-        columns(call.x, call.packed, call.bias, call.out, call.m, call.n, call.k, c0, c1);
-        atomic_fetch_add_explicit(&done, 1, memory_order_release);
-        ran++;
-    }
-}
-
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
-}
-
-/* Helper i is pinned to the i-th CPU from the end of the caller's CPU set. Left to the scheduler, a
- * woken helper was often placed on its waker's core, and two threads sharing one core made a call
- * slower than one (a 56 MB LM head call: 9.2 ms alone, 9-16 ms with an unpinned helper; 5.3-5.5 ms
- * with the two on two cores). The caller stays free to move; should it land on a helper's core, the
- * helper's spin yields to it. */
-static int cpu_of_set(const cpu_set_t *set, int index) {
-    for (int cpu = 0, seen = 0; cpu < CPU_SETSIZE; cpu++)
-        if (CPU_ISSET(cpu, set) && seen++ == index) return cpu;
-    return -1;
-}
-
-static void pin_self(int cpu) {
-    cpu_set_t one;
-    CPU_ZERO(&one);
-    CPU_SET(cpu, &one);
-    pthread_setaffinity_np(pthread_self(), sizeof one, &one);
-}
-
-static void *helper_main(void *arg) {
-    const int cpu = (int)(intptr_t)arg;
-    if (cpu >= 0) pin_self(cpu);
-    uint32_t seen = 0;
-    for (;;) {
-        uint32_t seq = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32);
-        const int64_t until = now_ns() + SPIN_NS;
-        for (int i = 0; seq == seen; i++) {
-            if ((i & 15) == 15) sched_yield(); /* a thread that wants this core (the caller, gRPC) gets it */
-            else _mm_pause();
-            seq = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32);
-            if ((i & 255) == 255 && now_ns() > until) break;
-        }
-        if (seq == seen) {
-            pthread_mutex_lock(&sleep_mu);
-            while ((seq = (uint32_t)(atomic_load_explicit(&ticket, memory_order_acquire) >> 32)) == seen)
-                pthread_cond_wait(&sleep_cv, &sleep_mu);
-            pthread_mutex_unlock(&sleep_mu);
-        }
-        seen = seq;
-        if (run_units(seq)) _tile_release();
-    }
-    return NULL;
-}
-
-/* In a child process after fork() the helpers are gone and a lock may have been held by one: start
- * afresh. */
-static void forget_helpers(void) {
-    pthread_mutex_init(&sleep_mu, NULL);
-    pthread_cond_init(&sleep_cv, NULL);
-    pthread_mutex_init(&call_mu, NULL);
-    atomic_store(&ticket, CLOSED);
-    helpers = 0;
-}
-
-static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
-
-static void register_fork_handler(void) { pthread_atfork(NULL, NULL, forget_helpers); }
-
-/* Start helpers up to `want` (at most MAX_HELPERS, and one fewer than the caller's CPUs), each pinned
- * to a CPU of its own from the end of the caller's set; returns how many run. */
-static int ensure_helpers(int want) {
-    if (want > MAX_HELPERS) want = MAX_HELPERS;
-    if (helpers >= want) return helpers;
-    pthread_once(&fork_handler_once, register_fork_handler);
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) != 0) return helpers;
-    if (want > CPU_COUNT(&set) - 1) want = CPU_COUNT(&set) - 1;
-    while (helpers < want) {
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const int cpu = cpu_of_set(&set, CPU_COUNT(&set) - 1 - helpers);
-        const int rc = pthread_create(&t, &attr, helper_main, (void *)(intptr_t)cpu);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) break;
-        helpers++;
-    }
-    return helpers;
+static void linear_unit(void *ctx, int64_t unit) {
+    const linear_call *c = ctx;
+    const int64_t c0 = unit * c->unit_cols;
+    const int64_t c1 = c0 + c->unit_cols < c->n ? c0 + c->unit_cols : c->n;
+    columns(c->x, c->packed, c->bias, c->out, c->m, c->n, c->k, c0, c1);
+    _tile_release(); /* a thread leaves no tile state behind for the OS to save */
 }
 #endif
 
+#define UNITS_PER_THREAD 4 /* a call's units: few, since taking one moves a cache line between cores */
+
 /* out [m, n] bf16 = x [m, k] bf16 . W^T (+ bias [n] fp32, may be NULL), W packed by lf_linear_pack,
- * on the calling thread and up to threads - 1 helper threads (started on first use, kept).
+ * on the calling thread and up to threads - 1 helpers of the pool whose lf_pool_run is `pool_run`
+ * (NULL: on the calling thread alone).
  * rc 1: shapes it does not take; 2: no AMX in this build (lf_linear_available() said so). */
 int lf_linear(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int64_t m, int64_t n,
-              int64_t k, int threads) {
+              int64_t k, int threads, lf_pool_run_fn pool_run) {
     if (m < 0 || n <= 0 || k <= 0 || n % PANEL || k % KSTEP || threads < 1) return 1;
 #if LF_AMX
     const int64_t panels = n / PANEL;
-    if (threads == 1 || panels < 2 || m == 0 || pthread_mutex_trylock(&call_mu) != 0) {
-        const int64_t chunk = CHUNK_BYTES / (PANEL * k * 2) * PANEL; /* ~256 KB of weight per row-block pass */
-        for (int64_t c0 = 0; c0 < n; c0 += chunk > PANEL ? chunk : PANEL) {
-            const int64_t c1 = c0 + (chunk > PANEL ? chunk : PANEL);
-            columns(x, packed, bias, out, m, n, k, c0, c1 < n ? c1 : n);
-        }
+    if (threads == 1 || panels < 2 || m == 0 || pool_run == NULL) {
+        columns(x, packed, bias, out, m, n, k, 0, n);
         _tile_release();
         return 0;
     }
@@ -318,20 +202,8 @@ int lf_linear(const uint16_t *x, const uint16_t *packed, const float *bias, uint
     int64_t want = (int64_t)threads * UNITS_PER_THREAD;
     if (want > panels) want = panels;
     const int64_t unit_cols = (panels + want - 1) / want * PANEL;
-    const int64_t units = (n + unit_cols - 1) / unit_cols;
-    ensure_helpers(threads - 1);
-    const uint32_t seq = (uint32_t)(atomic_load_explicit(&ticket, memory_order_relaxed) >> 32) + 1;
-    call = (call_t){x, packed, bias, out, m, n, k, unit_cols, (uint32_t)units};
-    atomic_store_explicit(&done, 0, memory_order_relaxed);
-    pthread_mutex_lock(&sleep_mu);
-    atomic_store_explicit(&ticket, (uint64_t)seq << 32, memory_order_release);
-    pthread_cond_broadcast(&sleep_cv);
-    pthread_mutex_unlock(&sleep_mu);
-    run_units(seq);
-    while (atomic_load_explicit(&done, memory_order_acquire) < (uint32_t)units) _mm_pause();
-    atomic_store_explicit(&ticket, ((uint64_t)seq << 32) | CLOSED, memory_order_release);
-    pthread_mutex_unlock(&call_mu);
-    _tile_release();
+    linear_call c = {x, packed, bias, out, m, n, k, unit_cols};
+    pool_run(linear_unit, &c, (n + unit_cols - 1) / unit_cols, threads);
     return 0;
 #else
     (void)x, (void)packed, (void)bias, (void)out;

@@ -14,10 +14,11 @@
  * fixed ~50-100 us per call whatever the work: ~60-210 calls per decode step. This reads what each
  * token needs (its adapter's r columns of A and r rows of B) with no copy and no fixed cost.
  *
- * A call may split its tokens over `threads` OpenMP threads, in contiguous ranges: a token's numbers
- * are the same whichever thread computes it. Built with -fopenmp, the library binds at load time to
- * the libgomp torch has already loaded (same soname), so the threads are the team torch's ops on the
- * calling thread use and keep spinning between ops (lorafleet_server/openmp.py), not a second pool.
+ * A call may split its tokens over `threads` threads, in contiguous ranges: a token's numbers are the
+ * same whichever thread computes it. The threads are the helper pool's (csrc/pool.c) where the call
+ * passes one (the server passes the AMX Linear's), else the OpenMP team of the calling thread: built with -fopenmp, the
+ * library binds at load time to the libgomp torch has already loaded (same soname), so the threads
+ * are the team torch's ops use and keep spinning between ops (lorafleet_server/openmp.py).
  *
  * Built by lorafleet_server/model/native.py with -O3 -march=<this CPU> -fopenmp (or -fopenmp-simd
  * where OpenMP does not build or load: then every call runs on its calling thread); plain C the
@@ -31,6 +32,7 @@
 #endif
 
 #include "bf16.h"
+#include "pool.h"
 
 #define MAX_RANK 256
 
@@ -270,16 +272,37 @@ int lf_lora_threaded(void) {
 #endif
 }
 
+/* A call's tokens on the helper pool (csrc/pool.c): unit u is tokens [n * u / units, n * (u + 1) / units). */
+typedef struct {
+    void *y;
+    const void *x, *at, *bt;
+    const int64_t *slots, *ranks;
+    int64_t n_tokens, units, d_in, d_out, r_cap;
+    int bf16;
+    float *out; /* units x d_out floats of scratch */
+} lora_call;
+
+static void lora_unit(void *ctx, int64_t unit) {
+    const lora_call *c = ctx;
+    add_tokens(c->y, c->x, c->at, c->bt, c->slots, c->ranks, c->n_tokens * unit / c->units,
+               c->n_tokens * (unit + 1) / c->units, c->d_in, c->d_out, c->r_cap, c->bf16, c->out + unit * c->d_out);
+}
+
 /* y [n_tokens, d_out] (updated in place), x [n_tokens, d_in], at [n_slots, d_in, r_cap], bt [n_slots,
  * r_cap, d_out], all contiguous and of one element type (bf16 = 1: bfloat16, else float32); slots
- * [n_tokens] and ranks [n_slots] int64. The tokens are split over up to `threads` threads (the caller's
- * OpenMP team, at most MAX_THREADS; one thread without OpenMP), at least MIN_TOKENS_PER_THREAD each.
+ * [n_tokens] and ranks [n_slots] int64. The tokens are split over up to `threads` threads, at least
+ * MIN_TOKENS_PER_THREAD each, in contiguous ranges: on the helper pool whose lf_pool_run is
+ * `pool_run` where it is not NULL (UNITS_PER_THREAD ranges per thread, so a helper that comes late
+ * leaves its share to the others), else on the caller's OpenMP team (at most MAX_THREADS; one thread
+ * without OpenMP).
  * Returns 0, or -1 when a size, slot, rank or thread count (< 1) is out of range (nothing is written
  * then). */
 #define MIN_TOKENS_PER_THREAD 4
 #define MAX_THREADS 256
+#define UNITS_PER_THREAD 2
 int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const int64_t *slots, const int64_t *ranks,
-                int64_t n_tokens, int64_t n_slots, int64_t d_in, int64_t d_out, int64_t r_cap, int bf16, int threads) {
+                int64_t n_tokens, int64_t n_slots, int64_t d_in, int64_t d_out, int64_t r_cap, int bf16, int threads,
+                lf_pool_run_fn pool_run) {
     if (n_tokens < 0 || n_slots <= 0 || d_in <= 0 || d_out <= 0 || r_cap < 0 || r_cap > MAX_RANK) return -1;
     if (threads < 1) return -1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -289,6 +312,16 @@ int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const in
         if (slots[n] < 0 || slots[n] >= n_slots) return -1;
     if ((int64_t)threads * MIN_TOKENS_PER_THREAD > n_tokens) threads = (int)(n_tokens / MIN_TOKENS_PER_THREAD);
     if (threads < 1) threads = 1;
+    if (threads > 1 && pool_run != NULL) {
+        int64_t units = (int64_t)threads * UNITS_PER_THREAD;
+        if (units * MIN_TOKENS_PER_THREAD > n_tokens) units = n_tokens / MIN_TOKENS_PER_THREAD;
+        float *scratch = malloc((size_t)units * (size_t)d_out * sizeof(float));
+        if (scratch == NULL) return -1;
+        lora_call c = {y, x, at, bt, slots, ranks, n_tokens, units, d_in, d_out, r_cap, bf16, scratch};
+        pool_run(lora_unit, &c, units, threads);
+        free(scratch);
+        return 0;
+    }
 #ifndef _OPENMP
     threads = 1;
 #endif
