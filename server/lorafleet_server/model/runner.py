@@ -67,6 +67,61 @@ SILU_ACTIVATIONS = frozenset({"SiLU", "SiLUActivation"})
 CLEAN_AHEAD = 64  # KV positions KVCache.ensure_clean zeroes at least at a time
 
 
+@dataclass(frozen=True)
+class _Norm:
+    """A norm module, and what the native glue needs of it: its weight and epsilon where its forward is
+    transformers' Llama RMSNorm (``FUSED_NORMS``), else None."""
+
+    module: nn.Module
+    weight: torch.Tensor | None  # [hidden]
+    eps: float
+
+    @staticmethod
+    def of(norm: nn.Module) -> _Norm:
+        weight = getattr(norm, "weight", None)
+        if type(norm).__name__ in FUSED_NORMS and isinstance(weight, torch.Tensor):
+            return _Norm(norm, weight, float(cast(float, norm.variance_epsilon)))
+        return _Norm(norm, None, 0.0)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's modules, looked up once: through nn.Module's ``__getattr__`` each lookup cost
+    ~0.5 us, ~1,100 of them a decode step."""
+
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    scaling: float
+    post_norm: _Norm  # before the MLP
+    mlp: nn.Module
+    silu_mlp: tuple[nn.Module, nn.Module, nn.Module] | None  # (gate, up, down) of a Llama MLP with SiLU
+    next_norm: _Norm  # the next layer's input norm, or the model's final norm
+
+    @staticmethod
+    def all_of(layers: list[Any], final_norm: nn.Module) -> list[_Layer]:
+        norms = [_Norm.of(layer.input_layernorm) for layer in layers] + [_Norm.of(final_norm)]
+        out = []
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            silu = type(mlp).__name__ in FUSED_MLPS and type(mlp.act_fn).__name__ in SILU_ACTIVATIONS
+            out.append(
+                _Layer(
+                    q=attn.q_proj,
+                    k=attn.k_proj,
+                    v=attn.v_proj,
+                    o=attn.o_proj,
+                    scaling=float(attn.scaling),
+                    post_norm=_Norm.of(layer.post_attention_layernorm),
+                    mlp=mlp,
+                    silu_mlp=(mlp.gate_proj, mlp.up_proj, mlp.down_proj) if silu else None,
+                    next_norm=norms[i + 1],
+                )
+            )
+        return out
+
+
 class KVCache:
     """K and V slabs per layer: [rows, kv_heads, max_seq_len, head_dim] in the compute dtype."""
 
@@ -194,6 +249,9 @@ class ModelRunner:
         self.fused_glue = True
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
         self._logits_buffer: torch.Tensor | None = None  # [rows, vocab] fp32: step(reuse_logits=True)
+        self._layers = _Layer.all_of(self.layers, self.decoder.norm)
+        # the first layer's input norm (the final norm when there are no layers)
+        self._first_norm = _Norm.of(self.layers[0].input_layernorm if self.layers else self.decoder.norm)
 
     @torch.inference_mode()
     def step(self, rows: list[RowStep], *, reuse_logits: bool = False) -> StepOutput:
@@ -274,22 +332,18 @@ class ModelRunner:
         cos = cos[0].to(self.dtype)  # [N, head_dim]
         sin = sin[0].to(self.dtype)
         plan = _AttentionPlan.build(rows, self.device, self.kv.max_seq_len, self.native_attention)
-        norms = [layer.input_layernorm for layer in self.layers] + [self.decoder.norm]
-        h, x = self._add_norm(h, None, norms[0])  # x [N, hidden]: the first layer's input
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, D]
-            k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
-            v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
+        h, x = self._add_norm(h, None, self._first_norm)  # x [N, hidden]: the first layer's input
+        for i, layer in enumerate(self._layers):
+            q = layer.q(x).view(n, self.num_heads, self.head_dim)  # [N, H, D]
+            k = layer.k(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
+            v = layer.v(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
             k_cache, v_cache = self.kv.k[i], self.kv.v[i]  # [R, KVH, L, D]
             q = self._rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, row_t, pos_t)
-            o = plan.attend(q, k_cache, v_cache, float(attn.scaling))  # [N, H, D]
+            o = plan.attend(q, k_cache, v_cache, layer.scaling)  # [N, H, D]
             if n > plan.tokens:  # a lone token's twin row (see step) gets the same attention output
                 o[plan.tokens :] = o[: n - plan.tokens]
-            h, x = self._add_norm(
-                h, attn.o_proj(o.reshape(n, self.num_heads * self.head_dim)), layer.post_attention_layernorm
-            )
-            h, x = self._add_norm(h, self._mlp(layer.mlp, x), norms[i + 1])  # the next layer's input, or the final norm
+            h, x = self._add_norm(h, layer.o(o.reshape(n, self.num_heads * self.head_dim)), layer.post_norm)
+            h, x = self._add_norm(h, self._mlp(layer, x), layer.next_norm)  # the next layer's input, or the final norm
         return x  # [N, hidden]
 
     def _fused(self, tensor: torch.Tensor) -> NativeAttention | None:
@@ -323,35 +377,34 @@ class ModelRunner:
         v_cache[row_t, :, pos_t] = v.to(v_cache.dtype)
         return q
 
-    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:  # x [N, hidden] -> [N, hidden]
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:  # x [N, hidden] -> [N, hidden]
         """The layer's MLP; a Llama MLP with SiLU takes the native kernel's act_fn(gate) * up where the
         runner's glue is native (``_fused``)."""
         glue = self._fused(x)
-        if glue is None or type(mlp).__name__ not in FUSED_MLPS or type(mlp.act_fn).__name__ not in SILU_ACTIVATIONS:
-            return cast(torch.Tensor, mlp(x))
-        gate = mlp.gate_proj(x)  # [N, intermediate]
-        up = mlp.up_proj(x)  # [N, intermediate]
+        if glue is None or layer.silu_mlp is None:
+            return cast(torch.Tensor, layer.mlp(x))
+        gate_proj, up_proj, down_proj = layer.silu_mlp
+        gate = gate_proj(x)  # [N, intermediate]
+        up = up_proj(x)  # [N, intermediate]
         if gate.dtype != x.dtype or up.dtype != x.dtype:
-            return cast(torch.Tensor, mlp.down_proj(mlp.act_fn(gate) * up))
-        return cast(torch.Tensor, mlp.down_proj(glue.silu_mul(gate.contiguous(), up.contiguous())))
+            return cast(torch.Tensor, down_proj(torch.nn.functional.silu(gate) * up))
+        return cast(torch.Tensor, down_proj(glue.silu_mul(gate.contiguous(), up.contiguous())))
 
     def _add_norm(
-        self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module
+        self, h: torch.Tensor, delta: torch.Tensor | None, norm: _Norm
     ) -> tuple[torch.Tensor, torch.Tensor]:  # h [N, hidden] (+ delta) -> (that, norm of it)
         glue = self._fused(h)
-        weight = getattr(norm, "weight", None)  # [hidden]
+        weight = norm.weight  # [hidden], or None: not a Llama RMSNorm
         if (
             glue is not None
-            and type(norm).__name__ in FUSED_NORMS
-            and isinstance(weight, torch.Tensor)
+            and weight is not None
             and weight.dtype == h.dtype
             and (delta is None or delta.dtype == h.dtype)
         ):
-            eps = float(cast(float, norm.variance_epsilon))
-            return h, glue.add_rmsnorm_(h, None if delta is None else delta.contiguous(), weight, eps)
+            return h, glue.add_rmsnorm_(h, None if delta is None else delta.contiguous(), weight, norm.eps)
         if delta is not None:
             h = h + delta
-        return h, norm(h)
+        return h, norm.module(h)
 
     def _outputs(self, hidden: torch.Tensor, rows: list[RowStep], reuse_logits: bool = False) -> StepOutput:
         last: list[int] = []
