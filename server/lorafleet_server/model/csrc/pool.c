@@ -162,9 +162,11 @@ int lf_pool_start(int want) {
 /* How many helpers run. */
 int lf_pool_helpers(void) { return atomic_load(&helpers); }
 
-/* fn(ctx, u) for every u in [0, units) on the calling thread and up to threads - 1 helpers (started
- * here if fewer run). With one thread, one unit, or another call running, every unit runs on the
- * caller, in order. Returns 0, or -1 when units or threads are out of range (nothing runs then). */
+/* fn(ctx, u) for every u in [0, units) on the calling thread and the helpers (threads - 1 of them are
+ * started here if fewer run; helpers a call with more threads started also take units of later calls:
+ * the server has one thread count, and a unit's result does not depend on who runs it). With one
+ * thread, one unit, or another call running, every unit runs on the caller, in order. Returns 0, or
+ * -1 when units or threads are out of range (nothing runs then). */
 int lf_pool_run(lf_unit_fn fn, void *ctx, int64_t units, int threads) {
     if (fn == NULL || units < 0 || units >= (int64_t)CLOSED || threads < 1) return -1;
     if (threads > 1 && units > 1) lf_pool_start(threads - 1);
