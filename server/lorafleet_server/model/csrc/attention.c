@@ -581,7 +581,8 @@ int lf_rope_kv(void *q, const void *k, const void *v, const void *cos, const voi
     for (int64_t t = 0; t < n; t++)
         if (kv_row[t] < 0 || kv_row[t] >= kv_rows || pos[t] < 0 || pos[t] >= max_seq_len) return -1;
     const int64_t units = glue_units(n, threads, pool_run);
-    rope_call c = {q, k, v, cos, sin, k_slab, v_slab, kv_row, pos, n, heads, kv_heads, head_dim, max_seq_len, units, bf16};
+    rope_call c = {q,     k,        v,        cos,         sin,   k_slab, v_slab, kv_row, pos,
+                   n,     heads,    kv_heads, head_dim,    max_seq_len, units, bf16};
     if (units == 1)
         rope_tokens(&c, 0, n);
     else

@@ -16,9 +16,10 @@
  *
  * A call may split its tokens over `threads` threads, in contiguous ranges: a token's numbers are the
  * same whichever thread computes it. The threads are the helper pool's (csrc/pool.c) where the call
- * passes one (the server passes the AMX Linear's), else the OpenMP team of the calling thread: built with -fopenmp, the
- * library binds at load time to the libgomp torch has already loaded (same soname), so the threads
- * are the team torch's ops use and keep spinning between ops (lorafleet_server/openmp.py).
+ * passes one (the server passes the AMX Linear's), else the OpenMP team of the calling thread: built
+ * with -fopenmp, the library binds at load time to the libgomp torch has already loaded (same
+ * soname), so the threads are the team torch's ops use and keep spinning between ops
+ * (lorafleet_server/openmp.py).
  *
  * Built by lorafleet_server/model/native.py with -O3 -march=<this CPU> -fopenmp (or -fopenmp-simd
  * where OpenMP does not build or load: then every call runs on its calling thread); plain C the
