@@ -705,6 +705,20 @@ static inline float silu(float g) {
 
 static void silu_bf16(const uint16_t *restrict g, const uint16_t *restrict u, uint16_t *restrict o, int64_t lo,
                       int64_t hi) {
+#ifdef LF_AVX512_BF16
+    /* 16 lanes at a time (GCC's loop below uses 8 on these CPUs): the same formula, the exponential of
+     * exp16_nonpositive, each rounding to bf16 nearest even as f32_to_bf16 */
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    for (; lo + 16 <= hi; lo += 16) {
+        const __m512 x = bf16x16_to_f32(g + lo);
+        const __m512 e = exp16_nonpositive(_mm512_min_ps(x, _mm512_sub_ps(zero, x))); /* exp(-|x|) */
+        const __mmask16 negative = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ);
+        const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
+        const __m256bh act = _mm512_cvtneps_pbh(_mm512_mul_ps(x, sigmoid));
+        const __m512 act_f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)act), 16));
+        _mm256_storeu_si256((__m256i *)(o + lo), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(act_f, bf16x16_to_f32(u + lo))));
+    }
+#endif
 #pragma omp simd
     for (int64_t i = lo; i < hi; i++) o[i] = f32_to_bf16(bf16_round(silu(bf16_to_f32(g[i]))) * bf16_to_f32(u[i]));
 }
