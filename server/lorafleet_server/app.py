@@ -239,6 +239,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         prefill_threads=runner.threads.large if runner.threads is not None else threads,
         attention_kernel=attention.name,
         lora_kernel=lora.name,
+        native_threads=base.pool.threads if base.pool is not None else 0,
     )
     metrics.build.info(
         {

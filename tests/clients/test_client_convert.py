@@ -89,6 +89,11 @@ def test_values_round_trip() -> None:
     assert convert.embedding_from_proto(convert.embedding_to_proto(embedding)) == embedding
     info = ModelInfo("m", "fp", "int8", "cuda:0", "bfloat16", 4096, 64, 512, 16, 8, 2**33, ("q_proj",), "0.1.0", 2**35)
     assert convert.model_info_from_proto(convert.model_info_to_proto(info)) == info
+    cpu = ModelInfo(
+        "m", "fp", "none", "cpu", "bfloat16", 512, 32, 128, 32, 32, 2**22, ("q_proj",), "0.1.0", 0,
+        linear_kernel="native-amx", attention_kernel="native", lora_kernel="native", native_threads=2,
+    )  # fmt: skip
+    assert convert.model_info_from_proto(convert.model_info_to_proto(cpu)) == cpu
 
 
 def test_adapter_round_trip() -> None:

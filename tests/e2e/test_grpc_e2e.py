@@ -102,6 +102,9 @@ def test_model_info(live: LiveServer) -> None:
     # --attention-kernel auto: the C kernel built at startup, where the machine has a C compiler
     assert info.attention_kernel == ("native" if shutil.which("cc") or shutil.which("gcc") else "torch")
     assert info.lora_kernel == info.attention_kernel  # both built the same way, --lora-impl auto
+    # the AMX Linears' helper pool (--linear-threads 0: every CPU), which the other native kernels share
+    cpus = len(os.sched_getaffinity(0))
+    assert info.native_threads == (cpus if info.linear_kernel == "native-amx" and cpus > 1 else 0)
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(info.target_modules)
     assert info.max_context_tokens == 512 and info.max_lora_rank == 32 and info.max_new_tokens == 128
 

@@ -191,5 +191,7 @@ def test_service_reports_the_choice_through_get_model_info(tiny_model_dir: Path,
             1,
             info.cpu_features,
         )
+        pool = service.base.pool  # the AMX Linears' helper pool where they run (every CPU by default)
+        assert seen.native_threads == info.native_threads == (pool.threads if pool is not None else 0)
     finally:
         service.engine.shutdown(10)

@@ -218,6 +218,7 @@ def model_info_from_proto(response: ipb.GetModelInfoResponse) -> ModelInfo:
         prefill_threads=response.prefill_threads,
         attention_kernel=response.attention_kernel,
         lora_kernel=response.lora_kernel,
+        native_threads=response.native_threads,
     )
 
 
@@ -245,6 +246,7 @@ def model_info_to_proto(info: ModelInfo) -> ipb.GetModelInfoResponse:
         prefill_threads=info.prefill_threads,
         attention_kernel=info.attention_kernel,
         lora_kernel=info.lora_kernel,
+        native_threads=info.native_threads,
     )
 
 

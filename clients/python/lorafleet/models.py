@@ -108,8 +108,9 @@ class ModelInfo:
     # loaded adapters. 0 from servers that predate the field.
     adapter_slot_memory_bytes: int = 0
     # How the server computes: why `dtype`, torch.compile on or off, torch threads, the CPU's flags,
-    # the base Linears' kernel, threads for prompt prefill, the attention and LoRA kernels ("", False,
-    # 0, "", "", 0, "", "" from servers that predate the fields).
+    # the base Linears' kernel, threads for prompt prefill, the attention and LoRA kernels, the native
+    # kernels' shared helper threads ("", False, 0, "", "", 0, "", "", 0 from servers that predate the
+    # fields).
     dtype_reason: str = ""
     compiled: bool = False
     torch_threads: int = 0
@@ -118,6 +119,7 @@ class ModelInfo:
     prefill_threads: int = 0
     attention_kernel: str = ""
     lora_kernel: str = ""
+    native_threads: int = 0
 
 
 @dataclass(frozen=True)

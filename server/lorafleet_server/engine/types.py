@@ -92,6 +92,7 @@ class ModelInfo:
     prefill_threads: int = 0  # the other count, for steps where it is faster (model/threads.py); = torch_threads: off
     attention_kernel: str = "torch"  # every token's attention: "native" (model/native.py) or "torch"
     lora_kernel: str = "torch"  # multi-LoRA: "native" (the C kernel where it applies) or "torch" (model/lora.py)
+    native_threads: int = 0  # the native kernels' shared helper pool (model/native.py NativePool); 0: none
 
 
 @dataclass(frozen=True)
