@@ -162,7 +162,6 @@ class NativePool:
         lib, fns = _functions(
             library,
             {
-                "lf_pool_start": [ctypes.c_int],
                 "lf_pool_helpers": [],
                 "lf_pool_run": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int],
             },
@@ -170,15 +169,9 @@ class NativePool:
         self.library = library
         self._lib = lib  # keeps the library loaded while kernels hold the address of its lf_pool_run
         self.threads = threads
-        self._start = fns["lf_pool_start"]
         self._helpers = fns["lf_pool_helpers"]
         # what kernel calls take as their pool argument
         self.address = ctypes.c_void_p(ctypes.cast(fns["lf_pool_run"], ctypes.c_void_p).value)
-
-    def start(self) -> int:
-        """Start the helpers now (else the first call that needs them does); how many run: at most one
-        fewer than this thread's CPUs."""
-        return int(self._start(self.threads - 1))
 
     @property
     def helpers(self) -> int:
@@ -188,7 +181,7 @@ class NativePool:
 
 def load_native_pool(cache_dir: Path, threads: int, compiler: str | None = None) -> NativePool:
     """Build (or find in ``cache_dir``) and load the helper pool; its helpers start with the first call
-    that needs them (or ``NativePool.start``)."""
+    that needs them."""
     return NativePool(build_library(POOL_SOURCE, cache_dir, compiler), threads)
 
 
@@ -224,7 +217,7 @@ class AttentionRows:
 # q, k_slab, v_slab, out, tok, kv_row, len; count, tokens, kv_rows, heads, kv_heads, max_seq_len, head_dim;
 # scale, bf16, threads, pool
 _ARGTYPES: list[Any] = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-_ARGTYPES.append(ctypes.c_void_p)
+_ARGTYPES += [ctypes.c_void_p]
 
 
 # q, k, v, cos, sin, k_slab, v_slab, kv_row, pos; n, heads, kv_heads, head_dim, kv_rows, max_seq_len; bf16,

@@ -455,13 +455,11 @@ static LF_NO_CONTRACT void rope_row(const float *x, const float *cos, const floa
 #pragma clang fp contract(off)
 #endif
     const int64_t half = d / 2;
-#pragma omp simd
     for (int64_t i = 0; i < half; i++) {
         const float a = x[i] * cos[i];
         const float b = -x[i + half] * sin[i];
         out[i] = a + b;
     }
-#pragma omp simd
     for (int64_t i = half; i < d; i++) {
         const float a = x[i] * cos[i];
         const float b = x[i - half] * sin[i];
@@ -478,13 +476,11 @@ static LF_NO_CONTRACT void rope_row_bf16(const uint16_t *x, const uint16_t *cos,
 #pragma clang fp contract(off)
 #endif
     const int64_t half = d / 2;
-#pragma omp simd
     for (int64_t i = 0; i < half; i++) {
         const float a = bf16_round(bf16_to_f32(x[i]) * bf16_to_f32(cos[i]));
         const float b = bf16_round(-bf16_to_f32(x[i + half]) * bf16_to_f32(sin[i]));
         out[i] = f32_to_bf16(a + b);
     }
-#pragma omp simd
     for (int64_t i = half; i < d; i++) {
         const float a = bf16_round(bf16_to_f32(x[i]) * bf16_to_f32(cos[i]));
         const float b = bf16_round(bf16_to_f32(x[i - half]) * bf16_to_f32(sin[i]));
@@ -492,16 +488,12 @@ static LF_NO_CONTRACT void rope_row_bf16(const uint16_t *x, const uint16_t *cos,
     }
 }
 
-/* The glue's calls split their tokens into GLUE_UNITS_PER_THREAD ranges per thread on the helper pool
- * (at least GLUE_MIN_TOKENS tokens a range); without a pool they run on the calling thread. */
+/* The glue's calls split their tokens into lf_pool_units ranges (at least GLUE_MIN_TOKENS tokens a
+ * range) on the helper pool; without a pool they run on the calling thread. */
 #define GLUE_MIN_TOKENS 4
-#define GLUE_UNITS_PER_THREAD 2
 
 static int64_t glue_units(int64_t n, int threads, lf_pool_run_fn pool_run) {
-    if (pool_run == NULL || threads <= 1) return 1;
-    int64_t units = (int64_t)threads * GLUE_UNITS_PER_THREAD;
-    if (units * GLUE_MIN_TOKENS > n) units = n / GLUE_MIN_TOKENS;
-    return units > 1 ? units : 1;
+    return pool_run == NULL || threads <= 1 ? 1 : lf_pool_units(n, threads, GLUE_MIN_TOKENS);
 }
 
 typedef struct {

@@ -293,14 +293,13 @@ static void lora_unit(void *ctx, int64_t unit) {
  * r_cap, d_out], all contiguous and of one element type (bf16 = 1: bfloat16, else float32); slots
  * [n_tokens] and ranks [n_slots] int64. The tokens are split over up to `threads` threads, at least
  * MIN_TOKENS_PER_THREAD each, in contiguous ranges: on the helper pool whose lf_pool_run is
- * `pool_run` where it is not NULL (UNITS_PER_THREAD ranges per thread, so a helper that comes late
+ * `pool_run` where it is not NULL (lf_pool_units ranges: two per thread, so a helper that comes late
  * leaves its share to the others), else on the caller's OpenMP team (at most MAX_THREADS; one thread
  * without OpenMP).
  * Returns 0, or -1 when a size, slot, rank or thread count (< 1) is out of range (nothing is written
  * then). */
 #define MIN_TOKENS_PER_THREAD 4
 #define MAX_THREADS 256
-#define UNITS_PER_THREAD 2
 int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const int64_t *slots, const int64_t *ranks,
                 int64_t n_tokens, int64_t n_slots, int64_t d_in, int64_t d_out, int64_t r_cap, int bf16, int threads,
                 lf_pool_run_fn pool_run) {
@@ -314,8 +313,7 @@ int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const in
     if ((int64_t)threads * MIN_TOKENS_PER_THREAD > n_tokens) threads = (int)(n_tokens / MIN_TOKENS_PER_THREAD);
     if (threads < 1) threads = 1;
     if (threads > 1 && pool_run != NULL) {
-        int64_t units = (int64_t)threads * UNITS_PER_THREAD;
-        if (units * MIN_TOKENS_PER_THREAD > n_tokens) units = n_tokens / MIN_TOKENS_PER_THREAD;
+        const int64_t units = lf_pool_units(n_tokens, threads, MIN_TOKENS_PER_THREAD);
         float *scratch = malloc((size_t)units * (size_t)d_out * sizeof(float));
         if (scratch == NULL) return -1;
         lora_call c = {y, x, at, bt, slots, ranks, n_tokens, units, d_in, d_out, r_cap, bf16, scratch};

@@ -18,8 +18,8 @@
  * read. The caller closes a call (index 0xffffffff) before it writes the next one's fields. One call
  * runs at a time; a call made while another runs (another thread) runs all its units on its caller.
  *
- * Built by lorafleet_server/model/native.py (-O3 -march=native); called through ctypes (lf_pool_start,
- * lf_pool_helpers) and by the kernel libraries through the address of lf_pool_run. */
+ * Built by lorafleet_server/model/native.py (-O3 -march=native); called through ctypes (lf_pool_helpers)
+ * and by the kernel libraries through the address of lf_pool_run. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -135,7 +135,7 @@ static void register_fork_handler(void) { pthread_atfork(NULL, NULL, forget_help
 
 /* Start helpers up to `want` (at most MAX_HELPERS, and one fewer than the calling thread's CPUs), each
  * pinned to a CPU of its own from the end of that set; returns how many run. */
-int lf_pool_start(int want) {
+static int start_helpers(int want) {
     if (want > MAX_HELPERS) want = MAX_HELPERS;
     if (atomic_load(&helpers) >= want) return atomic_load(&helpers);
     pthread_once(&fork_handler_once, register_fork_handler);
@@ -169,7 +169,7 @@ int lf_pool_helpers(void) { return atomic_load(&helpers); }
  * -1 when units or threads are out of range (nothing runs then). */
 int lf_pool_run(lf_unit_fn fn, void *ctx, int64_t units, int threads) {
     if (fn == NULL || units < 0 || units >= (int64_t)CLOSED || threads < 1) return -1;
-    if (threads > 1 && units > 1) lf_pool_start(threads - 1);
+    if (threads > 1 && units > 1) start_helpers(threads - 1);
     if (threads == 1 || units <= 1 || atomic_load(&helpers) == 0 || pthread_mutex_trylock(&call_mu) != 0) {
         for (int64_t u = 0; u < units; u++) fn(ctx, u);
         return 0;

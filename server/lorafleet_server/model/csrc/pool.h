@@ -17,4 +17,13 @@ typedef void (*lf_unit_fn)(void *ctx, int64_t unit);
  * returns when all have run. */
 typedef int (*lf_pool_run_fn)(lf_unit_fn fn, void *ctx, int64_t units, int threads);
 
+/* How many units a call of n items cuts its work into for `threads` threads on a pool: two per thread
+ * (a helper that comes late leaves its share to the others), at least min_items items a unit, at
+ * least one unit. Unit u is then items [n * u / units, n * (u + 1) / units). */
+static inline int64_t lf_pool_units(int64_t n, int threads, int64_t min_items) {
+    int64_t units = (int64_t)threads * 2;
+    if (units * min_items > n) units = n / min_items;
+    return units > 1 ? units : 1;
+}
+
 #endif
