@@ -27,7 +27,8 @@ from lorafleet_server.malloc import fix_mmap_threshold
 from lorafleet_server.metrics import DISK_TIER, Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
 from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
-from lorafleet_server.model.native import choose_attention, choose_lora, choose_transpose
+from lorafleet_server.model.native import NativeKernelError, choose_attention, choose_lora, choose_transpose
+from lorafleet_server.model.native_layers import choose_layers
 from lorafleet_server.model.prepare import prepare_default_model
 from lorafleet_server.model.runner import AttentionShape, ModelRunner
 from lorafleet_server.model.threads import StepThreads
@@ -178,6 +179,9 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     log.info("attention: %s (%s)", attention.name, attention.reason)
     lora = choose_lora(config.lora_impl, cache_dir=config.kernels_dir, device=base.device, pool=base.pool)
     log.info("multi-LoRA: %s (%s)", lora.name, lora.reason)
+    layers = choose_layers(
+        config.layers_kernel, cache_dir=config.kernels_dir, attention=attention.kernel, lora=lora.kernel
+    )
     runner = ModelRunner(
         base.model,
         base.context,
@@ -189,6 +193,14 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         threads=step_threads,
         native_attention=attention.kernel,
         native_lora=lora.kernel,
+        native_layers=layers.kernel,
+    )
+    if layers.kernel is not None and runner.layer_driver is None and config.layers_kernel == "native":
+        raise NativeKernelError(f"--layers-kernel native: {runner.layer_driver_reason}")
+    log.info(
+        "decoder layers of decode steps: %s (%s)",
+        "native" if runner.layer_driver is not None else "python",
+        runner.layer_driver_reason if layers.kernel is not None else layers.reason,
     )
     runner.calibrate_threads()
     if runner.threads is not None:
@@ -240,6 +252,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         attention_kernel=attention.name,
         lora_kernel=lora.name,
         native_threads=base.pool.threads if base.pool is not None else 0,
+        layers_kernel="native" if runner.layer_driver is not None else "python",
     )
     metrics.build.info(
         {

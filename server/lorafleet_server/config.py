@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lorafleet_adapters.errors import AdapterError
 from lorafleet_server.engine.types import EngineConfig
-from lorafleet_server.model.options import AttentionKernel, LinearKernel, LoraImpl, Quantization
+from lorafleet_server.model.options import AttentionKernel, LayersKernel, LinearKernel, LoraImpl, Quantization
 
 if TYPE_CHECKING:
     from lorafleet_adapters.backend import StoreSettings
@@ -147,6 +147,14 @@ class ServerConfig(EngineConfig):
             "(like --attention-kernel) on Intel AMX in bf16, on AVX2 + FMA in fp32; onednn is oneDNN's "
             "prepacked matmul, torch is F.linear; auto is the first that runs here in bf16, and in fp32 "
             "the fastest of native and onednn where timed faster than F.linear at startup"
+        },
+    )
+    layers_kernel: LayersKernel = field(
+        default="auto",
+        metadata={
+            "help": "decoder layers of decode steps: native runs them all in one C call (built at startup, "
+            "like --attention-kernel) where the Linears, attention, multi-LoRA and layer glue are all native "
+            "kernels, python calls those kernels layer by layer; auto is native where it applies"
         },
     )
     linear_threads: int = field(

@@ -92,6 +92,7 @@ def test_values_round_trip() -> None:
     cpu = ModelInfo(
         "m", "fp", "none", "cpu", "bfloat16", 512, 32, 128, 32, 32, 2**22, ("q_proj",), "0.1.0", 0,
         linear_kernel="native-amx", attention_kernel="native", lora_kernel="native", native_threads=2,
+        layers_kernel="native",
     )  # fmt: skip
     assert convert.model_info_from_proto(convert.model_info_to_proto(cpu)) == cpu
 

@@ -105,6 +105,9 @@ def test_model_info(live: LiveServer) -> None:
     # the AMX Linears' helper pool (--linear-threads 0: every CPU), which the other native kernels share
     cpus = len(os.sched_getaffinity(0))
     assert info.native_threads == (cpus if info.linear_kernel == "native-amx" and cpus > 1 else 0)
+    # --layers-kernel auto: a decode step's layers in one C call where all their kernels are native
+    native = info.linear_kernel.startswith("native") and info.attention_kernel == info.lora_kernel == "native"
+    assert info.layers_kernel == ("native" if native else "python")
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} == set(info.target_modules)
     assert info.max_context_tokens == 512 and info.max_lora_rank == 32 and info.max_new_tokens == 128
 

@@ -219,6 +219,7 @@ def model_info_from_proto(response: ipb.GetModelInfoResponse) -> ModelInfo:
         attention_kernel=response.attention_kernel,
         lora_kernel=response.lora_kernel,
         native_threads=response.native_threads,
+        layers_kernel=response.layers_kernel,
     )
 
 
@@ -247,6 +248,7 @@ def model_info_to_proto(info: ModelInfo) -> ipb.GetModelInfoResponse:
         attention_kernel=info.attention_kernel,
         lora_kernel=info.lora_kernel,
         native_threads=info.native_threads,
+        layers_kernel=info.layers_kernel,
     )
 
 

@@ -120,6 +120,7 @@ class ModelInfo:
     attention_kernel: str = ""
     lora_kernel: str = ""
     native_threads: int = 0
+    layers_kernel: str = ""
 
 
 @dataclass(frozen=True)

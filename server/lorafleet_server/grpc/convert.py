@@ -154,6 +154,7 @@ def model_info_pb(info: ModelInfo, adapter_slot_memory_bytes: int) -> inference_
         attention_kernel=info.attention_kernel,
         lora_kernel=info.lora_kernel,
         native_threads=info.native_threads,
+        layers_kernel=info.layers_kernel,
     )
 
 

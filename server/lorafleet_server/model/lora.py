@@ -199,6 +199,9 @@ class LoraContext:
 
     def __init__(self) -> None:
         self.batch: LoraBatch | None = None
+        # bumped whenever a MultiLoRALinear reallocates its slot tables (a new rank capacity): what
+        # holds their addresses (model/native_layers.py) reads them again
+        self.generation = 0
 
 
 def lora_delta_gather(x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
@@ -427,6 +430,7 @@ class MultiLoRALinear(nn.Module):
         bt[:, :keep].copy_(old_bt[:, :keep])
         self.lora_at = at
         self.lora_bt = bt
+        self.context.generation += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] (any leading dims)
         y = self.base(x)

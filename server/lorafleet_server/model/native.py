@@ -185,7 +185,12 @@ def load_native_pool(cache_dir: Path, threads: int, compiler: str | None = None)
     return NativePool(build_library(POOL_SOURCE, cache_dir, compiler), threads)
 
 
-def _threads_and_pool(pool: NativePool | None) -> tuple[int, ctypes.c_void_p | None]:
+def c_address(fn: Any) -> int:
+    """The C address of a function loaded through ctypes (csrc/layers.c calls the kernels by address)."""
+    return int(ctypes.cast(fn, ctypes.c_void_p).value or 0)
+
+
+def threads_and_pool(pool: NativePool | None) -> tuple[int, ctypes.c_void_p | None]:
     """A kernel call's threads and pool argument: the pool's, or the step's torch threads (an OpenMP
     team torch keeps warm; model/threads.py) and no pool."""
     if pool is not None:
@@ -255,6 +260,9 @@ class NativeAttention:
         self._silu_mul = fns["lf_silu_mul"]
         self.threaded = fns["lf_attention_threaded"]() == 1
         self.pool = pool
+        # the C addresses of its entry points, for csrc/layers.c
+        entries = ("lf_attention", "lf_rope_kv", "lf_add_rmsnorm", "lf_silu_mul")
+        self.addresses = {name: c_address(fns[name]) for name in entries}
 
     @staticmethod
     def check_shape(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -288,7 +296,7 @@ class NativeAttention:
             or v_slab.shape != k_slab.shape
         ):
             raise NativeKernelError("q, the KV slabs and out differ in dtype or shape")
-        threads, pool = _threads_and_pool(self.pool)
+        threads, pool = threads_and_pool(self.pool)
         rc = self._fn(
             q.data_ptr(),
             k_slab.data_ptr(),
@@ -345,7 +353,7 @@ class NativeAttention:
             or pos.dtype != torch.long
         ):
             raise NativeKernelError("q, k, v, cos, sin, the slabs, rows and positions differ in shape")
-        threads, pool = _threads_and_pool(self.pool)
+        threads, pool = threads_and_pool(self.pool)
         rc = self._rope_kv(
             *(t.data_ptr() for t in tensors),
             kv_row.data_ptr(),
@@ -380,7 +388,7 @@ class NativeAttention:
         if weight.shape != (d,) or (delta is not None and delta.shape != x.shape):
             raise NativeKernelError("x, delta and the norm's weight differ in shape")
         out = torch.empty_like(x)
-        threads, pool = _threads_and_pool(self.pool)
+        threads, pool = threads_and_pool(self.pool)
         rc = self._rmsnorm(
             x.data_ptr(),
             None if delta is None else delta.data_ptr(),
@@ -411,7 +419,7 @@ class NativeAttention:
             raise NativeKernelError("the native SiLU's gate and up differ in shape")
         n, d = gate.shape
         out = torch.empty_like(gate)
-        threads, pool = _threads_and_pool(self.pool)
+        threads, pool = threads_and_pool(self.pool)
         rc = self._silu_mul(
             gate.data_ptr(),
             up.data_ptr(),
@@ -461,6 +469,7 @@ class NativeLora:
         self._fast: dict[tuple[torch.dtype, int, int], bool] = {}
         self.threaded = fns["lf_lora_threaded"]() == 1
         self.pool = pool
+        self.address = c_address(self._fn)  # of lf_lora_add, for csrc/layers.c
 
     def preferred(self, dtype: torch.dtype, d_out: int, r_cap: int, tokens: int) -> bool:
         """Whether ``auto`` runs this module's share of a step here rather than with a torch kernel:
@@ -510,7 +519,7 @@ class NativeLora:
             or ranks.dtype != torch.long
         ):
             raise NativeKernelError("slots and ranks must be int64, one per token and per slot")
-        threads, pool = _threads_and_pool(self.pool)
+        threads, pool = threads_and_pool(self.pool)
         rc = self._fn(
             y.data_ptr(),
             x.data_ptr(),
@@ -620,6 +629,7 @@ class NativeLinear:
         self._lib = lib  # keeps the library loaded while its functions live
         self._pack = fns["lf_linear_pack"]
         self._fn = fns["lf_linear"]
+        self.address = c_address(self._fn)  # of lf_linear, for csrc/layers.c
 
     @staticmethod
     def takes(weight: torch.Tensor) -> bool:
@@ -700,6 +710,7 @@ class NativeLinearF32:
         self._size = size
         self._pack = fns["lf_linear_f32_pack"]
         self._fn = fns["lf_linear_f32"]
+        self.address = c_address(self._fn)  # of lf_linear_f32, for csrc/layers.c
         self.threaded = fns["lf_linear_f32_threaded"]() == 1
 
     @staticmethod
@@ -835,7 +846,7 @@ class KernelChoice(Generic[K]):
         return "native" if self.kernel is not None else "torch"
 
 
-def _native_or_fallback(required: bool, load: Callable[[], K]) -> KernelChoice[K]:
+def native_or_fallback(required: bool, load: Callable[[], K]) -> KernelChoice[K]:
     """``load()``'s kernel; where it cannot be had, NativeKernelError when ``required``, else torch's
     path with the reason."""
     try:
@@ -872,7 +883,7 @@ def choose_attention(
         NativeAttention.check_shape(heads, kv_heads, head_dim, dtype, device)
         return load_native_attention(cache_dir, compiler, pool=pool)
 
-    chosen = _native_or_fallback(choice == "native", load)
+    chosen = native_or_fallback(choice == "native", load)
     if chosen.kernel is None:
         return chosen
     return KernelChoice(chosen.kernel, f"{chosen.reason}, on {_threads_of(chosen.kernel)}")
@@ -903,7 +914,7 @@ def choose_lora(
         if impl == "native":
             raise NativeKernelError(f"the native LoRA runs on the CPU, not {device}")
         return KernelChoice(None, f"the native kernel is for CPUs; {device.type} runs torch's")
-    choice = _native_or_fallback(impl == "native", lambda: load_native_lora(cache_dir, compiler, pool=pool))
+    choice = native_or_fallback(impl == "native", lambda: load_native_lora(cache_dir, compiler, pool=pool))
     if choice.kernel is None:
         return choice
     return KernelChoice(choice.kernel, f"{choice.reason}, on {_threads_of(choice.kernel)}")
@@ -912,4 +923,4 @@ def choose_lora(
 def choose_transpose(*, cache_dir: Path, compiler: str | None = None) -> KernelChoice[NativeTranspose]:
     """How adapter loads lay weights out on the host: the C kernel where it builds, else the portable
     torch and numpy path with the reason (both give the same bits)."""
-    return _native_or_fallback(False, lambda: load_native_transpose(cache_dir, compiler))
+    return native_or_fallback(False, lambda: load_native_transpose(cache_dir, compiler))

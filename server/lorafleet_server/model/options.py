@@ -23,3 +23,9 @@ ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 # that runs here in bf16 (fp32: the fastest of native and oneDNN where timed faster than F.linear at load).
 LinearKernel = Literal["auto", "native", "onednn", "torch"]
 LINEAR_KERNELS: tuple[str, ...] = get_args(LinearKernel)
+
+# A decode step's decoder layers (model/native_layers.py): "native" is one C call for all of them where
+# every kernel of a layer is native, "python" the runner's loop of kernel calls; "auto" is native where
+# it applies, else python.
+LayersKernel = Literal["auto", "native", "python"]
+LAYERS_KERNELS: tuple[str, ...] = get_args(LayersKernel)

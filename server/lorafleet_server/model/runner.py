@@ -21,6 +21,7 @@ from torch import nn
 
 from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
 from lorafleet_server.model.native import GLUE_DTYPES, AttentionRows, NativeAttention, NativeLora
+from lorafleet_server.model.native_layers import DriverLayer, DriverShape, LayerDriver, NativeLayers
 from lorafleet_server.model.threads import CALIBRATION_TOKENS, StepThreads
 
 
@@ -222,6 +223,7 @@ class ModelRunner:
         threads: StepThreads | None = None,
         native_attention: NativeAttention | None = None,
         native_lora: NativeLora | None = None,
+        native_layers: NativeLayers | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -252,6 +254,37 @@ class ModelRunner:
         self._layers = _Layer.all_of(self.layers, self.decoder.norm)
         # the first layer's input norm (the final norm when there are no layers)
         self._first_norm = _Norm.of(self.layers[0].input_layernorm if self.layers else self.decoder.norm)
+        # a decode step's layers in one native call (model/native_layers.py), or None: the loop in _forward
+        self.layer_driver: LayerDriver | None = None
+        self.layer_driver_reason = "not built (no native layer library given)"
+        if native_layers is not None:
+            self.layer_driver, self.layer_driver_reason = LayerDriver.of(
+                native_layers,
+                [
+                    DriverLayer(
+                        projections=(layer.q, layer.k, layer.v, layer.o, *(layer.silu_mlp or ())),
+                        k_slab=self.kv.k[i],
+                        v_slab=self.kv.v[i],
+                        post_norm=layer.post_norm.weight,
+                        post_eps=layer.post_norm.eps,
+                        next_norm=layer.next_norm.weight,
+                        next_eps=layer.next_norm.eps,
+                        scaling=layer.scaling,
+                    )
+                    for i, layer in enumerate(self._layers)
+                ],
+                DriverShape(
+                    hidden=self.hidden_size,
+                    heads=self.num_heads,
+                    kv_heads=self.num_kv_heads,
+                    head_dim=self.head_dim,
+                    intermediate=int(getattr(cfg, "intermediate_size", 0)),
+                ),
+                native_attention,
+                native_lora if lora_impl in ("auto", "native") else None,
+                context,
+                dtype,
+            )
 
     @torch.inference_mode()
     def step(self, rows: list[RowStep], *, reuse_logits: bool = False) -> StepOutput:
@@ -333,6 +366,10 @@ class ModelRunner:
         sin = sin[0].to(self.dtype)
         plan = _AttentionPlan.build(rows, self.device, self.kv.max_seq_len, self.native_attention)
         h, x = self._add_norm(h, None, self._first_norm)  # x [N, hidden]: the first layer's input
+        driver, batch = self.layer_driver, self.context.batch
+        if driver is not None and self.fused_glue and plan.token_rows is not None and driver.takes(n, batch):
+            if driver.run(h, x, cos, sin, row_t, pos_t, batch, plan.token_rows, plan.tokens):
+                return x  # [N, hidden]: the final norm's output
         for i, layer in enumerate(self._layers):
             q = layer.q(x).view(n, self.num_heads, self.head_dim)  # [N, H, D]
             k = layer.k(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]

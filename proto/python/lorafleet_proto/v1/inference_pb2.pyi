@@ -171,7 +171,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "fingerprint", "quantization", "device", "dtype", "max_context_tokens", "max_lora_rank", "max_new_tokens", "max_batch_size", "max_loaded_adapters", "max_message_bytes", "target_modules", "server_version", "adapter_slot_memory_bytes", "dtype_reason", "compiled", "torch_threads", "cpu_features", "linear_kernel", "prefill_threads", "attention_kernel", "lora_kernel", "native_threads")
+    __slots__ = ("model_id", "fingerprint", "quantization", "device", "dtype", "max_context_tokens", "max_lora_rank", "max_new_tokens", "max_batch_size", "max_loaded_adapters", "max_message_bytes", "target_modules", "server_version", "adapter_slot_memory_bytes", "dtype_reason", "compiled", "torch_threads", "cpu_features", "linear_kernel", "prefill_threads", "attention_kernel", "lora_kernel", "native_threads", "layers_kernel")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class GetModelInfoResponse(_message.Message):
     ATTENTION_KERNEL_FIELD_NUMBER: _ClassVar[int]
     LORA_KERNEL_FIELD_NUMBER: _ClassVar[int]
     NATIVE_THREADS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_KERNEL_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     fingerprint: str
     quantization: str
@@ -218,4 +219,5 @@ class GetModelInfoResponse(_message.Message):
     attention_kernel: str
     lora_kernel: str
     native_threads: int
-    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_loaded_adapters: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., adapter_slot_memory_bytes: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., compiled: _Optional[bool] = ..., torch_threads: _Optional[int] = ..., cpu_features: _Optional[str] = ..., linear_kernel: _Optional[str] = ..., prefill_threads: _Optional[int] = ..., attention_kernel: _Optional[str] = ..., lora_kernel: _Optional[str] = ..., native_threads: _Optional[int] = ...) -> None: ...
+    layers_kernel: str
+    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_loaded_adapters: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., adapter_slot_memory_bytes: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., compiled: _Optional[bool] = ..., torch_threads: _Optional[int] = ..., cpu_features: _Optional[str] = ..., linear_kernel: _Optional[str] = ..., prefill_threads: _Optional[int] = ..., attention_kernel: _Optional[str] = ..., lora_kernel: _Optional[str] = ..., native_threads: _Optional[int] = ..., layers_kernel: _Optional[str] = ...) -> None: ...
