@@ -154,7 +154,7 @@ def install_submit_timer(engine: Any) -> EngineTimes:
 def argv_from_serving(args: argparse.Namespace) -> list[str]:
     """This scenario's arguments from ``python -m bench.serving --scenario burst``'s (the ones both have)."""
     argv = ["--requests", str(args.clients), "--lora-impl", args.lora_impl, "--threads", str(args.threads)]
-    argv += ["--attention-kernel", args.attention_kernel]
+    argv += ["--attention-kernel", args.attention_kernel, "--layers-kernel", args.layers_kernel]
     argv += ["--prefill-threads", str(args.prefill_threads)]
     if args.fixed_decode_threads:
         argv.append("--fixed-decode-threads")
@@ -286,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lora_impl=args.lora_impl,
             attention_kernel=args.attention_kernel,
             linear_kernel=args.linear_kernel,
+            layers_kernel=args.layers_kernel,
             linear_threads=args.linear_threads,
             dtype=args.dtype,
             torch_threads=args.threads,

