@@ -92,6 +92,8 @@ def test_embed_tokenize_and_model_info(live: LiveServer) -> None:
 
 
 def test_errors_are_the_clients_exception_classes(live: LiveServer) -> None:
+    cancelled = metric(live.service, "lorafleet_generations_total", reason="cancelled")
+
     async def expect(call: Awaitable[object]) -> LoraFleetError:
         with pytest.raises(LoraFleetError) as err:
             await call
@@ -117,6 +119,9 @@ def test_errors_are_the_clients_exception_classes(live: LiveServer) -> None:
     assert type(stream_not_found) is NotFoundError
     assert type(admin_not_found) is NotFoundError
     assert type(late) is DeadlineExceededError and late.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # the server stops the late generation too (a moment after the client gave up: waited for here, so
+    # the next test's count of cancellations starts after it)
+    wait_for_metric(live.service, "lorafleet_generations_total", cancelled + 1, reason="cancelled")
 
 
 def test_cancelling_an_async_stream_stops_the_generation(live: LiveServer) -> None:
