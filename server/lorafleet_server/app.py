@@ -198,7 +198,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     if layers.kernel is not None and runner.layer_driver is None and config.layers_kernel == "native":
         raise NativeKernelError(f"--layers-kernel native: {runner.layer_driver_reason}")
     log.info(
-        "decoder layers of decode steps: %s (%s)",
+        "decoder layers: %s (%s)",
         "native" if runner.layer_driver is not None else "python",
         runner.layer_driver_reason if layers.kernel is not None else layers.reason,
     )

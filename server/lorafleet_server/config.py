@@ -152,9 +152,10 @@ class ServerConfig(EngineConfig):
     layers_kernel: LayersKernel = field(
         default="auto",
         metadata={
-            "help": "decoder layers of decode steps: native runs them all in one C call (built at startup, "
-            "like --attention-kernel) where the Linears, attention, multi-LoRA and layer glue are all native "
-            "kernels, python calls those kernels layer by layer; auto is native where it applies"
+            "help": "decoder layers of a step: native runs them all in one C call (built at startup, like "
+            "--attention-kernel) where the Linears, attention, multi-LoRA and layer glue are all native "
+            "kernels and every adapted module of the step takes the native LoRA, python calls those kernels "
+            "layer by layer; auto is native where it applies"
         },
     )
     linear_threads: int = field(

@@ -4,7 +4,9 @@ The driver makes the loop's kernel calls from C, so every step it takes must giv
 bit for bit: logits and the K/V it writes. Checked on a random 3-layer Llama with adapters of several
 ranks in its slots, in fp32 (the AVX2 Linear: every machine here) and in bf16 (the AMX Linear, on its
 helper pool and without: where the CPU has AMX), through prompt chunks, decode steps with and without
-adapters, a lone token, a step too long for it, and a slot table that grows between steps.
+adapters, a lone token, a long prompt chunk of the base (which it takes) and one whose adapter's rank
+the native LoRA does not take on long steps (which it leaves to the loop), and a slot table that grows
+between steps.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lorafleet_server.model.native import (
     load_native_lora,
 )
 from lorafleet_server.model.native_layers import (
-    MAX_STEP_TOKENS,
+    SHORT_STEP_TOKENS,
     NativeLayers,
     choose_layers,
     load_native_layers,
@@ -98,7 +100,7 @@ def _runner(
         model,
         context,
         rows=ROWS,
-        max_seq_len=128,
+        max_seq_len=256,
         dtype=dtype,
         device=CPU,
         native_attention=attention,
@@ -125,8 +127,10 @@ def _steps() -> tuple[list[list[RowStep]], dict[int, int]]:
         step(*((row, [60 + i + row], slot) for row, (slot, _) in prompts.items()))
     step((1, [70], 2))  # a lone token (runs as two rows)
     step((0, [71], 0), (2, [71], 0))  # no adapter in the step
-    step((3, list(range(100, 100 + MAX_STEP_TOKENS + 5)), 3))  # too long for the driver
+    step((3, list(range(100, 100 + SHORT_STEP_TOKENS + 5)), 0))  # a long prompt chunk of the base
     step((0, [72], 4), (1, [73], 1), (2, [74], 2), (3, [75], 3))  # after slot 4's larger rank (below)
+    # a long chunk whose adapter's rank (12) the native LoRA does not take on long steps: the loop's
+    step((2, list(range(150, 150 + SHORT_STEP_TOKENS + 5)), 4))
     return steps, length
 
 
@@ -163,8 +167,8 @@ def test_every_step_it_takes_gives_the_loops_bits(
             _write(fast_slots, 4, 12)
         want, got = loop.step(step).logits, fast.step(step).logits
         assert torch.equal(got, want), f"step {i}: {(got - want).abs().max().item()}"
-    # the driver took every step but the long one; the loop ran that
-    assert ran == [1] * 8 and len(steps) == 9
+    # the driver took every step but the last; the loop ran that
+    assert ran == [1] * 9 and len(steps) == 10
     for a, b in zip((*loop.kv.k, *loop.kv.v), (*fast.kv.k, *fast.kv.v), strict=True):  # [R, KVH, L, D]
         for row, n in length.items():
             assert torch.equal(a[row, :, :n], b[row, :, :n])

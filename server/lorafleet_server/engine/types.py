@@ -93,7 +93,7 @@ class ModelInfo:
     attention_kernel: str = "torch"  # every token's attention: "native" (model/native.py) or "torch"
     lora_kernel: str = "torch"  # multi-LoRA: "native" (the C kernel where it applies) or "torch" (model/lora.py)
     native_threads: int = 0  # the native kernels' shared helper pool (model/native.py NativePool); 0: none
-    layers_kernel: str = "python"  # decode steps' layers: "native" (one C call, model/native_layers.py) or "python"
+    layers_kernel: str = "python"  # a step's layers: "native" (one C call, model/native_layers.py) or "python"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A short step's decoder layers in one native call (``csrc/layers.c``).
+"""A step's decoder layers in one native call (``csrc/layers.c``).
 
 Where every piece of a Llama layer already runs in a native kernel (the base Linears, the multi-LoRA,
 RoPE + K/V write, the attention, residual add + RMSNorm, SiLU x up), the runner's Python loop over the
@@ -10,10 +10,12 @@ every layer's weights, slot tables and KV slabs built once, and one workspace fo
 step's numbers are the loop's, bit for bit; the tests check that on every path it takes.
 
 It takes a step (:meth:`LayerDriver.takes`) only where the loop would call the native kernel for every
-one of those pieces: decode-sized steps (at most ``NATIVE_LORA_SHORT_STEP_TOKENS`` tokens, where the
-native LoRA is taken for every module), Llama layers with RMSNorm and a SiLU MLP, every projection a
-native Linear (AMX bf16 or AVX2 fp32), and the LoRA, the attention and the Linears on the same pool (or
-none). Anything else (a prompt chunk, a compiled or quantized base, torch's attention) runs the loop.
+one of those pieces: Llama layers with RMSNorm and a SiLU MLP, every projection a native Linear (AMX
+bf16 or AVX2 fp32), the LoRA, the attention and the Linears on the same pool (or none), and a step
+whose every adapted module takes the native LoRA: any step without adapters, decode-sized ones (at
+most ``NATIVE_LORA_SHORT_STEP_TOKENS`` tokens), and prompt chunks where ``NativeLora.preferred`` says so
+for every module an adapter targets. Anything else (such a prompt chunk with other adapters, a
+compiled or quantized base, torch's attention) runs the loop.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ from lorafleet_server.model.options import LayersKernel
 from lorafleet_server.model.packed import NativeLinearModule
 
 LAYERS_SOURCE = "layers.c"
-MAX_STEP_TOKENS = NATIVE_LORA_SHORT_STEP_TOKENS  # the longest step it takes
+# Steps of up to this many tokens always run here (where the loop takes the native LoRA for every module);
+# longer ones where no token uses an adapter, or where every module the step's adapters target would.
+SHORT_STEP_TOKENS = NATIVE_LORA_SHORT_STEP_TOKENS
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # csrc/layers.c's PROJ_ order
 # csrc/layers.c's OP_ codes, for errors
 _OPS = ("", "q", "k", "v", "RoPE", "attention", "o", "post-attention norm", "gate", "up", "SiLU", "down", "next norm")
@@ -178,7 +182,7 @@ class DriverShape:
 
 
 class LayerDriver:
-    """The decoder layers of a short step in one ``lf_layers`` call; :meth:`of` builds one where the
+    """The decoder layers of a step in one ``lf_layers`` call; :meth:`of` builds one where the
     model's layers are all native, else says why not."""
 
     def __init__(
@@ -223,8 +227,9 @@ class LayerDriver:
         self._pool = attention.pool
         q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         per_row = 2 * q_width + 2 * kv_width + shape.hidden + 3 * shape.intermediate  # q, o, k, v, delta, gate, up, act
-        self._work = torch.empty(MAX_STEP_TOKENS * per_row, dtype=dtype)  # the activations, reused every step
-        self._step.work = self._work.data_ptr()
+        self._per_row = per_row
+        self._work = torch.empty(SHORT_STEP_TOKENS * per_row, dtype=dtype)  # the activations, reused every step
+        self._lora = lora
         # every MultiLoRALinear of a model has the same number of slots
         self._n_slots = next((int(p.lora.slot_rank_t.shape[0]) for ps in projections for p in ps if p.lora), 0)
         self._step.n_slots = self._n_slots
@@ -286,14 +291,24 @@ class LayerDriver:
             if [(p.base.in_features, p.base.out_features) for p in projs] != want:
                 return None, f"layer {i}'s projections differ from the model's shapes"
         driver = LayerDriver(native, layers, found, shape, kernel, attention, lora, context, dtype)
-        return driver, f"{len(layers)} layers a call ({native.library.name}), steps of up to {MAX_STEP_TOKENS} tokens"
+        return driver, f"{len(layers)} layers a call ({native.library.name})"
 
     def takes(self, tokens: int, batch: LoraBatch | None) -> bool:
         """Whether a step of ``tokens`` tokens and this routing runs here: where the loop would take the
-        native LoRA for every projection (``MultiLoRALinear._add_lora``)."""
-        if tokens > MAX_STEP_TOKENS:
+        native LoRA for every projection an adapter targets (``MultiLoRALinear._add_lora``)."""
+        if batch is None:
+            return True
+        if batch.native is None:
             return False
-        return batch is None or batch.native is not None
+        if tokens <= SHORT_STEP_TOKENS or batch.impl == "native":
+            return True
+        # a prompt chunk: ~0.2 ms for SmolLM2's 210 modules, against tens of ms for the step
+        return all(
+            self._lora.preferred(self.dtype, p.lora.out_features, p.lora.rank_capacity, tokens)
+            for projs in self._projections
+            for p in projs
+            if p.lora is not None and p.lora.rank_capacity > 0
+        )
 
     def _layer_table(self) -> ctypes.Array[_LayerTable] | None:
         """The layers' table, rebuilt when a slot table was reallocated (a new rank capacity) since the
@@ -345,9 +360,12 @@ class LayerDriver:
         if table is None:
             return False
         tensors = (h, x, cos, sin)
-        if any(t.dtype != self.dtype or not t.is_contiguous() for t in tensors) or n > MAX_STEP_TOKENS:
+        if any(t.dtype != self.dtype or not t.is_contiguous() for t in tensors):
             return False
+        if n * self._per_row > self._work.numel():  # a longer step than any before: room for it, kept
+            self._work = torch.empty(n * self._per_row, dtype=self.dtype)
         s = self._step
+        s.work = self._work.data_ptr()
         threads, _ = threads_and_pool(self._pool)
         s.threads = threads
         if not isinstance(self._kernel, NativeLinear):
