@@ -32,6 +32,7 @@ from lorafleet_server.model.native_layers import (
     choose_layers,
     load_native_layers,
 )
+from lorafleet_server.model.options import LoraImpl
 from lorafleet_server.model.packed import pack_base
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
@@ -80,7 +81,7 @@ def _write(wrapped: dict[str, MultiLoRALinear], slot: int, rank: int, only: tupl
 
 
 def _runner(
-    dtype: torch.dtype, kernels_dir: Path, layers: NativeLayers | None, threads: int
+    dtype: torch.dtype, kernels_dir: Path, layers: NativeLayers | None, threads: int, lora_impl: LoraImpl = "auto"
 ) -> tuple[ModelRunner, dict[str, MultiLoRALinear]]:
     model = _model(dtype)
     context = LoraContext()
@@ -106,6 +107,7 @@ def _runner(
         native_attention=attention,
         native_lora=lora,
         native_layers=layers,
+        lora_impl=lora_impl,
     )
     return runner, wrapped
 
@@ -135,18 +137,24 @@ def _steps() -> tuple[list[list[RowStep]], dict[int, int]]:
 
 
 CASES = [
-    pytest.param(torch.float32, 1, id="fp32-avx2"),
-    pytest.param(torch.bfloat16, 1, id="bf16-amx"),
-    pytest.param(torch.bfloat16, 2, id="bf16-amx-pool"),
+    pytest.param(torch.float32, 1, "auto", id="fp32-avx2"),
+    pytest.param(torch.float32, 1, "native", id="fp32-avx2-lora-native"),
+    pytest.param(torch.bfloat16, 1, "auto", id="bf16-amx"),
+    pytest.param(torch.bfloat16, 2, "auto", id="bf16-amx-pool"),
 ]
 
 
-@pytest.mark.parametrize(("dtype", "threads"), CASES)
+@pytest.mark.parametrize(("dtype", "threads", "lora_impl"), CASES)
 def test_every_step_it_takes_gives_the_loops_bits(
-    dtype: torch.dtype, threads: int, kernels_dir: Path, layers_lib: NativeLayers, torch_threads_kept: None
+    dtype: torch.dtype,
+    threads: int,
+    lora_impl: LoraImpl,
+    kernels_dir: Path,
+    layers_lib: NativeLayers,
+    torch_threads_kept: None,
 ) -> None:
-    loop, loop_slots = _runner(dtype, kernels_dir, None, threads)
-    fast, fast_slots = _runner(dtype, kernels_dir, layers_lib, threads)
+    loop, loop_slots = _runner(dtype, kernels_dir, None, threads, lora_impl)
+    fast, fast_slots = _runner(dtype, kernels_dir, layers_lib, threads, lora_impl)
     assert loop.layer_driver is None
     driver = fast.layer_driver
     assert driver is not None, fast.layer_driver_reason
@@ -167,8 +175,9 @@ def test_every_step_it_takes_gives_the_loops_bits(
             _write(fast_slots, 4, 12)
         want, got = loop.step(step).logits, fast.step(step).logits
         assert torch.equal(got, want), f"step {i}: {(got - want).abs().max().item()}"
-    # the driver took every step but the last; the loop ran that
-    assert ran == [1] * 9 and len(steps) == 10
+    # the driver took every step but the last (--lora-impl auto: the torch kernels for its rank-12 chunk);
+    # with --lora-impl native, whose LoRA is native for every step, that one too
+    assert ran == [1] * (10 if lora_impl == "native" else 9) and len(steps) == 10
     for a, b in zip((*loop.kv.k, *loop.kv.v), (*fast.kv.k, *fast.kv.v), strict=True):  # [R, KVH, L, D]
         for row, n in length.items():
             assert torch.equal(a[row, :, :n], b[row, :, :n])

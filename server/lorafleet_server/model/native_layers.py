@@ -130,8 +130,11 @@ class NativeLayers:
         lib, fns = _functions(
             library, {"lf_layers": [ctypes.POINTER(_Step), ctypes.POINTER(_LayerTable), _I64], "lf_layers_ops": []}
         )
-        if fns["lf_layers_ops"]() != _OP_LORA:
-            raise NativeKernelError(f"{library} numbers its operations differently from this module")
+        sizes = lib.lf_layers_sizes
+        sizes.restype, sizes.argtypes = ctypes.c_int64, []
+        mirrors = ctypes.sizeof(_Proj) << 32 | ctypes.sizeof(_LayerTable) << 16 | ctypes.sizeof(_Step)
+        if fns["lf_layers_ops"]() != _OP_LORA or sizes() != mirrors:
+            raise NativeKernelError(f"{library} lays out its arguments differently from this module")
         self.library = library
         self._lib = lib  # keeps the library loaded while its function lives
         self.fn = fns["lf_layers"]
@@ -274,10 +277,8 @@ class LayerDriver:
         kernel = found[0][0].base.kernel
         if len(kernels) != 1 or kernel.dtype != dtype:
             return None, "the projections do not share one native Linear kernel of the compute dtype"
-        if isinstance(kernel, NativeLinear):
-            linear_pool = kernel.pool
-            if linear_pool is not attention.pool:
-                return None, "the Linears and the attention run on different thread pools"
+        if (kernel.pool if isinstance(kernel, NativeLinear) else None) is not attention.pool:
+            return None, "the Linears and the attention run on different thread pools"
         want = [
             (shape.hidden, shape.heads * shape.head_dim),
             (shape.hidden, shape.kv_heads * shape.head_dim),
@@ -290,6 +291,9 @@ class LayerDriver:
         for i, projs in enumerate(found):
             if [(p.base.in_features, p.base.out_features) for p in projs] != want:
                 return None, f"layer {i}'s projections differ from the model's shapes"
+            wrappers = [(p.lora, shape_) for p, shape_ in zip(projs, want, strict=True) if p.lora is not None]
+            if any(w.context is not context or (w.in_features, w.out_features) != s for w, s in wrappers):
+                return None, f"layer {i} has a LoRA wrapper of another model or shape"
         driver = LayerDriver(native, layers, found, shape, kernel, attention, lora, context, dtype)
         return driver, f"{len(layers)} layers a call ({native.library.name})"
 

@@ -1,4 +1,4 @@
-/* A short step's decoder layers in one call: the same kernel calls, in the same order and with the same
+/* A step's decoder layers in one call: the same kernel calls, in the same order and with the same
  * arguments, as model/runner.py's layer loop makes one by one through ctypes (~19 a layer, ~570 a
  * SmolLM2 decode step, each ~8 us of Python and ctypes around it). The kernels live in their own
  * libraries (linear.c or linear_f32.c, lora.c, attention.c, the pool in pool.c); this one only calls
@@ -85,6 +85,9 @@ enum { OP_Q = 1, OP_K, OP_V, OP_ROPE, OP_ATTENTION, OP_O, OP_POST_NORM, OP_GATE,
        OP_NEXT_NORM, OP_LORA = 16 };
 
 int lf_layers_ops(void) { return OP_LORA; }
+
+/* The structs' sizes, which native_layers.py checks its ctypes mirrors against. */
+int64_t lf_layers_sizes(void) { return (int64_t)sizeof(lf_proj) << 32 | (int64_t)sizeof(lf_layer) << 16 | sizeof(lf_step); }
 
 /* y [n, d_out] = x [n, d_in] . W^T (+ bias), then each token's adapter added in place. 0, or the failing op. */
 static int project(const lf_step *s, const lf_proj *p, const void *x, void *y, int op) {
