@@ -254,7 +254,7 @@ class ModelRunner:
         self._layers = _Layer.all_of(self.layers, self.decoder.norm)
         # the first layer's input norm (the final norm when there are no layers)
         self._first_norm = _Norm.of(self.layers[0].input_layernorm if self.layers else self.decoder.norm)
-        # a decode step's layers in one native call (model/native_layers.py), or None: the loop in _forward
+        # a step's layers in one native call (model/native_layers.py), or None: the loop in _forward
         self.layer_driver: LayerDriver | None = None
         self.layer_driver_reason = "not built (no native layer library given)"
         if native_layers is not None:
