@@ -145,6 +145,12 @@ def _functions(library: Path, signatures: dict[str, list[Any]]) -> tuple[ctypes.
     return lib, fns
 
 
+def c_address(fn: Any) -> int:
+    """The C address of a function loaded through ctypes (the kernels take the pool's, csrc/layers.c
+    every kernel's)."""
+    return int(ctypes.cast(fn, ctypes.c_void_p).value or 0)
+
+
 POOL_SOURCE = "pool.c"
 
 
@@ -171,7 +177,7 @@ class NativePool:
         self.threads = threads
         self._helpers = fns["lf_pool_helpers"]
         # what kernel calls take as their pool argument
-        self.address = ctypes.c_void_p(ctypes.cast(fns["lf_pool_run"], ctypes.c_void_p).value)
+        self.address = ctypes.c_void_p(c_address(fns["lf_pool_run"]))
 
     @property
     def helpers(self) -> int:
@@ -183,11 +189,6 @@ def load_native_pool(cache_dir: Path, threads: int, compiler: str | None = None)
     """Build (or find in ``cache_dir``) and load the helper pool; its helpers start with the first call
     that needs them."""
     return NativePool(build_library(POOL_SOURCE, cache_dir, compiler), threads)
-
-
-def c_address(fn: Any) -> int:
-    """The C address of a function loaded through ctypes (csrc/layers.c calls the kernels by address)."""
-    return int(ctypes.cast(fn, ctypes.c_void_p).value or 0)
 
 
 def threads_and_pool(pool: NativePool | None) -> tuple[int, ctypes.c_void_p | None]:

@@ -281,7 +281,7 @@ class ModelRunner:
                     intermediate=int(getattr(cfg, "intermediate_size", 0)),
                 ),
                 native_attention,
-                native_lora if lora_impl in ("auto", "native") else None,
+                native_lora,  # a step routed to torch's LoRA kernels (LoraBatch.native None) is not taken
                 context,
                 dtype,
             )
