@@ -167,7 +167,7 @@ def test_split_multibyte_characters_are_streamed_only_when_complete(
     halves = [t for t in script if "\ufffd" in tokenizer.decode([t])]
     assert len(halves) >= 6, "the text must contain characters split across tokens"
     position = iter(range(len(script)))
-    monkeypatch.setattr(engine_module, "sample_rows", lambda logits, rows: [script[next(position)] for _ in rows])
+    monkeypatch.setattr(engine_module, "sample_rows", lambda logits, rows, **_: [script[next(position)] for _ in rows])
     sink = generate(service.engine, request(PROMPT, max_new_tokens=len(script)))
     assert sink.token_ids == script
     assert sink.text == text

@@ -195,6 +195,35 @@ def test_the_glue_on_the_helper_pool_gives_the_calling_threads_numbers(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("cols", [1, 5, 16, 17, 40, 49152])
+def test_argmax_rows_is_torchs_max_indices_with_ties_nan_and_infinities(
+    kernel: NativeAttention, dtype: torch.dtype, cols: int
+) -> None:
+    """Greedy decoding's choice read in place: per row the index of ``x.float().max(-1).indices``, the
+    first of tied maxima and the first NaN, on the calling thread and on the helper pool."""
+    pooled = NativeAttention(kernel.library, load_native_pool(kernel.library.parent, 2))
+    gen = torch.Generator().manual_seed(cols)
+    for trial in range(20):
+        x = torch.randint(-3, 3, (9, cols), generator=gen).float()  # many ties
+        if trial % 2:
+            x = x + torch.randn(9, cols, generator=gen)
+        if trial % 3 == 0:
+            x[torch.rand(9, cols, generator=gen) < 0.05] = float("nan")
+        x[1] = float("-inf")
+        x[2, -1] = float("inf")
+        x[3, cols // 2 :] = float("nan")
+        x = x.to(dtype)
+        want = x.float().max(-1).indices
+        for each in (kernel, pooled):
+            assert torch.equal(each.argmax_rows(x), want), (trial, each.pool)
+    with pytest.raises(NativeKernelError, match="contiguous"):
+        kernel.argmax_rows(torch.zeros(4, 6, dtype=dtype).t())
+    with pytest.raises(NativeKernelError, match="fp32 or bf16"):
+        kernel.argmax_rows(torch.zeros(4, 6, dtype=torch.float64))
+    assert kernel.argmax_rows(torch.zeros(0, 6, dtype=dtype)).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_silu_times_up_matches_transformers(kernel: NativeAttention, dtype: torch.dtype) -> None:
     """``act_fn(gate) * up`` of transformers' Llama MLP (SiLU): in fp32 within a few fp32 ulps; in bf16
     each output is torch's or one bf16 step away (where the SiLU's last fp32 bit rounds differently),

@@ -33,7 +33,7 @@ from lorafleet_server.model.native_layers import (
     load_native_layers,
 )
 from lorafleet_server.model.options import LoraImpl
-from lorafleet_server.model.packed import pack_base
+from lorafleet_server.model.packed import NativeLinearModule, pack_base
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
@@ -181,6 +181,29 @@ def test_every_step_it_takes_gives_the_loops_bits(
     for a, b in zip((*loop.kv.k, *loop.kv.v), (*fast.kv.k, *fast.kv.v), strict=True):  # [R, KVH, L, D]
         for row, n in length.items():
             assert torch.equal(a[row, :, :n], b[row, :, :n])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "threads"), [(torch.float32, 1), (torch.bfloat16, 2)], ids=["fp32-avx2", "bf16-amx-pool"]
+)
+def test_reused_logits_are_the_native_heads_output_in_one_buffer(
+    dtype: torch.dtype, threads: int, kernels_dir: Path, layers_lib: NativeLayers, torch_threads_kept: None
+) -> None:
+    """The engine's steps (``reuse_logits``): the native LM head writes into the runner's one buffer in
+    the compute dtype, the fresh fp32 logits widened from it, and ``greedy_tokens`` (the native argmax)
+    picks their ``max(-1).indices``."""
+    fresh, _ = _runner(dtype, kernels_dir, layers_lib, threads)
+    reusing, _ = _runner(dtype, kernels_dir, layers_lib, threads)
+    assert isinstance(reusing.model.lm_head, NativeLinearModule)
+    torch.set_num_threads(2)
+    storage = set()
+    for step in _steps()[0]:
+        want = fresh.step(step).logits  # [rows, vocab] fp32
+        got = reusing.step(step, reuse_logits=True).logits
+        assert got.dtype == dtype and torch.equal(got.float(), want)
+        assert reusing.greedy_tokens(got) == want.max(-1).indices.tolist()
+        storage.add(got.untyped_storage().data_ptr())
+    assert len(storage) == 1, "a step's logits were not written into the runner's buffer"
 
 
 def test_a_slot_write_after_a_step_is_seen_by_the_next(

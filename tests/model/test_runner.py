@@ -63,8 +63,9 @@ def test_ragged_prefill_chunks_and_decode_match_hf(tiny_model_dir: Path, attenti
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reused_logits_are_the_fresh_ones_in_one_buffer(tiny_model_dir: Path, dtype: torch.dtype) -> None:
-    """``step(reuse_logits=True)``: the same fp32 logits as a fresh tensor, written into one buffer the
-    runner keeps (each step's a view of it: the engine samples them before its next step)."""
+    """``step(reuse_logits=True)``: the fresh fp32 logits in the LM head's dtype (bf16 widens to them
+    exactly), written into one buffer the runner keeps (each step's a view of it: the engine samples
+    them before its next step); ``greedy_tokens`` of them is the fresh logits' argmax."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
     runners = [ModelRunner(model, LoraContext(), rows=3, max_seq_len=32, dtype=dtype, device=CPU) for _ in range(2)]
     a, b = (5, 17, 33, 9), (11, 12)
@@ -77,8 +78,9 @@ def test_reused_logits_are_the_fresh_ones_in_one_buffer(tiny_model_dir: Path, dt
     for rows in steps:
         fresh = runners[0].step(rows).logits
         reused = runners[1].step(rows, reuse_logits=True).logits
-        assert reused.dtype == torch.float32 and reused.shape == fresh.shape == (len(rows), model.config.vocab_size)
-        assert torch.equal(reused, fresh)
+        assert reused.dtype == dtype and reused.shape == fresh.shape == (len(rows), model.config.vocab_size)
+        assert torch.equal(reused.float(), fresh)
+        assert runners[1].greedy_tokens(reused) == fresh.max(-1).indices.tolist()
         storage.add(reused.untyped_storage().data_ptr())
     assert len(storage) == 1, "each step allocated its own logits"
 

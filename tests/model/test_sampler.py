@@ -28,3 +28,37 @@ def test_greedy_takes_the_first_of_tied_maxima_over_a_real_vocabulary() -> None:
     want = [7] * 32
     want[5] = 3
     assert sample_rows(logits, [GREEDY] * 32) == want
+
+
+def test_bf16_logits_are_sampled_as_their_fp32_widening() -> None:
+    """The engine hands the LM head's bf16 output over as it is: every row picks what it picks from the
+    same logits widened to fp32 (greedy, penalized, seeded sampling with top-k and top-p)."""
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(4, 300, generator=gen) * 3).bfloat16()  # [rows, vocab]
+    seen = torch.tensor([3, 17, 17, 250])
+
+    def rows() -> list[RowSampling]:
+        return [
+            GREEDY,
+            RowSampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.3, seen=seen, generator=None),
+            RowSampling(0.8, 0.9, 0, 1.0, None, torch.Generator().manual_seed(5)),
+            RowSampling(1.2, 1.0, 20, 1.1, seen, torch.Generator().manual_seed(6)),
+        ]
+
+    for _ in range(5):
+        assert sample_rows(logits, rows()) == sample_rows(logits.float(), rows())
+
+
+def test_the_given_argmax_chooses_the_plain_greedy_rows_only() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2)).bfloat16()
+    penalized = RowSampling(0.0, 1.0, 0, 1.5, torch.tensor([4]), None)
+    handed: list[torch.Tensor] = []
+
+    def argmax(x: torch.Tensor) -> list[int]:
+        handed.append(x)
+        return [7] * x.shape[0]
+
+    got = sample_rows(logits, [GREEDY, penalized, GREEDY], argmax=argmax)
+    assert got[0] == got[2] == 7 and got[1] == sample_rows(logits[1:2], [penalized])[0]
+    assert len(handed) == 1 and handed[0] is logits
+    assert sample_rows(logits, [penalized], argmax=argmax) and len(handed) == 1  # no plain greedy row: not called

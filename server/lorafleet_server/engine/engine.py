@@ -787,6 +787,7 @@ class Engine:
                 )
                 for r in logit_rows
             ],
+            argmax=self.runner.greedy_tokens,
         )
         now = time.monotonic()
         for r, tok in zip(logit_rows, tokens, strict=True):

@@ -234,7 +234,8 @@ _RMSNORM_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [c
 _RMSNORM_ARGTYPES += [ctypes.c_int] * 2 + [ctypes.c_void_p]
 # gate, up, out; n, d; bf16, threads; pool
 _SILU_MUL_ARGTYPES: list[Any] = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
-GLUE_DTYPES = (torch.float32, torch.bfloat16)  # what rope_kv_, add_rmsnorm_ and silu_mul take
+_ARGMAX_ARGTYPES: list[Any] = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+GLUE_DTYPES = (torch.float32, torch.bfloat16)  # what rope_kv_, add_rmsnorm_, silu_mul and argmax_rows take
 
 
 class NativeAttention:
@@ -251,6 +252,7 @@ class NativeAttention:
                 "lf_rope_kv": _ROPE_KV_ARGTYPES,
                 "lf_add_rmsnorm": _RMSNORM_ARGTYPES,
                 "lf_silu_mul": _SILU_MUL_ARGTYPES,
+                "lf_argmax_rows": _ARGMAX_ARGTYPES,
             },
         )
         self.library = library
@@ -259,6 +261,7 @@ class NativeAttention:
         self._rope_kv = fns["lf_rope_kv"]
         self._rmsnorm = fns["lf_add_rmsnorm"]
         self._silu_mul = fns["lf_silu_mul"]
+        self._argmax = fns["lf_argmax_rows"]
         self.threaded = fns["lf_attention_threaded"]() == 1
         self.pool = pool
         # the C addresses of its entry points, for csrc/layers.c
@@ -435,6 +438,21 @@ class NativeAttention:
             raise NativeKernelError(f"the native SiLU refused its arguments (rc {rc})")
         return out
 
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:  # x [B, V] fp32 or bf16 -> [B] int64
+        """``x.max(-1).indices`` read in place: the first of tied maxima, a row's first NaN where it has
+        one. Greedy decoding's choice from the LM head's output in the compute dtype (a bf16 value
+        widens to fp32 exactly, so the index is that of ``x.float()``)."""
+        if x.dtype not in GLUE_DTYPES or x.dim() != 2 or not x.is_contiguous() or x.shape[1] == 0:
+            raise NativeKernelError("the native argmax needs a contiguous [rows, columns > 0] fp32 or bf16 tensor")
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        threads, pool = threads_and_pool(self.pool)
+        rc = self._argmax(
+            x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], 1 if x.dtype == torch.bfloat16 else 0, threads, pool
+        )
+        if rc != 0:
+            raise NativeKernelError(f"the native argmax refused its arguments (rc {rc})")
+        return out
+
 
 LORA_SOURCE = "lora.c"
 MAX_LORA_RANK = 256  # csrc/lora.c's limit
@@ -582,12 +600,16 @@ def _run_linear(
     out_features: int,
     threads: int,
     *tail: Any,  # arguments after the thread count (the AMX kernel's pool)
+    out: torch.Tensor | None = None,  # [M, out] x's dtype, contiguous: written; None: a new tensor
 ) -> torch.Tensor:  # [M, out] in x's dtype
     """A native Linear's call (``x, packed, bias, out; m, n, k; threads, *tail``) after the bias is checked."""
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != out_features):
         raise NativeKernelError(f"{what} needs an fp32 bias of {out_features} values")
     rows, in_features = x.shape
-    out = torch.empty(rows, out_features, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(rows, out_features, dtype=x.dtype)
+    elif out.shape != (rows, out_features) or out.dtype != x.dtype or not out.is_contiguous():
+        raise NativeKernelError(f"{what} writes a contiguous [{rows}, {out_features}] {x.dtype} tensor")
     rc = fn(
         x.data_ptr(),
         packed.data_ptr(),
@@ -659,6 +681,7 @@ class NativeLinear:
         packed: torch.Tensor,  # from pack()
         bias: torch.Tensor | None,  # [out] fp32, contiguous
         out_features: int,
+        out: torch.Tensor | None = None,  # [M, out] bf16, contiguous: written; None: a new tensor
     ) -> torch.Tensor:  # [M, out] bf16
         in_features = x.shape[1]
         if x.dtype != torch.bfloat16 or not x.is_contiguous() or packed.numel() != in_features * out_features:
@@ -666,7 +689,7 @@ class NativeLinear:
         if packed.dtype != torch.bfloat16 or not packed.is_contiguous():
             raise NativeKernelError("the native Linear needs the packed weight pack() made")
         pool = self.pool.address if self.pool is not None else None
-        return _run_linear(self._fn, "the native Linear", x, packed, bias, out_features, self.threads, pool)
+        return _run_linear(self._fn, "the native Linear", x, packed, bias, out_features, self.threads, pool, out=out)
 
 
 def load_native_linear(cache_dir: Path, compiler: str | None = None, threads: int = 1) -> NativeLinear:
@@ -745,6 +768,7 @@ class NativeLinearF32:
         packed: torch.Tensor,  # from pack()
         bias: torch.Tensor | None,  # [out] fp32, contiguous
         out_features: int,
+        out: torch.Tensor | None = None,  # [M, out] fp32, contiguous: written; None: a new tensor
     ) -> torch.Tensor:  # [M, out] fp32
         in_features = x.shape[1]
         if x.dtype != torch.float32 or not x.is_contiguous():
@@ -756,7 +780,9 @@ class NativeLinearF32:
         ):
             raise NativeKernelError("the native fp32 Linear needs the packed weight pack() made for this shape")
         # on the step's threads (model/threads.py), an OpenMP team torch keeps warm
-        return _run_linear(self._fn, "the native fp32 Linear", x, packed, bias, out_features, torch.get_num_threads())
+        return _run_linear(
+            self._fn, "the native fp32 Linear", x, packed, bias, out_features, torch.get_num_threads(), out=out
+        )
 
 
 def load_native_linear_f32(cache_dir: Path, compiler: str | None = None, openmp: bool = True) -> NativeLinearF32:

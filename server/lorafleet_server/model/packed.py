@@ -140,6 +140,13 @@ class NativeLinearModule(nn.Module):
         y = self.kernel(x2, self.packed, self.bias_f32, self.out_features)  # [rows, out]
         return y.view(*x.shape[:-1], self.out_features)
 
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # x [rows, in] -> out [rows, out]
+        """``forward`` written into ``out`` (contiguous, x's dtype): a step's LM head reuses one buffer
+        where a new multi-MB tensor would be a fresh mapping, its pages faulted in again each step."""
+        if x.requires_grad or x.dtype != self.kernel.dtype:
+            return out.copy_(F.linear(x, self.weight, self.bias))
+        return self.kernel(x.contiguous(), self.packed, self.bias_f32, self.out_features, out)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed ({self.kernel.label})"
 

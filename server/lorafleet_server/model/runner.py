@@ -22,6 +22,7 @@ from torch import nn
 from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
 from lorafleet_server.model.native import GLUE_DTYPES, AttentionRows, NativeAttention, NativeLora
 from lorafleet_server.model.native_layers import DriverLayer, DriverShape, LayerDriver, NativeLayers
+from lorafleet_server.model.packed import NativeLinearModule
 from lorafleet_server.model.threads import CALIBRATION_TOKENS, StepThreads
 
 
@@ -48,7 +49,9 @@ class RowStep:
 
 @dataclass(frozen=True)
 class StepOutput:
-    logits: torch.Tensor  # [rows wanting logits, vocab] float32, in row order
+    # [rows wanting logits, vocab] in row order: float32, or with step(reuse_logits=True) the LM head's
+    # own dtype (the compute dtype)
+    logits: torch.Tensor
     pooled: torch.Tensor  # [rows wanting pooled, hidden] float32, sums over the new tokens
 
 
@@ -250,7 +253,7 @@ class ModelRunner:
         # MLP's SiLU times up (_fused)
         self.fused_glue = True
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
-        self._logits_buffer: torch.Tensor | None = None  # [rows, vocab] fp32: step(reuse_logits=True)
+        self._logits_buffer: torch.Tensor | None = None  # [rows, vocab] the LM head's: step(reuse_logits=True)
         self._layers = _Layer.all_of(self.layers, self.decoder.norm)
         # the first layer's input norm (the final norm when there are no layers)
         self._first_norm = _Norm.of(self.layers[0].input_layernorm if self.layers else self.decoder.norm)
@@ -288,10 +291,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, rows: list[RowStep], *, reuse_logits: bool = False) -> StepOutput:
-        """One forward over ``rows``. ``reuse_logits``: the logits are written into a buffer this runner
-        keeps and overwrites at the next such step (the caller is done with them by then): a fresh
-        [rows, vocab] fp32 tensor is a new multi-MB mapping each step under the server's fixed mmap
-        threshold (lorafleet_server/malloc.py), whose page faults cost ~2 ms of a 32-row decode step."""
+        """One forward over ``rows``. ``reuse_logits``: the logits are the LM head's output in its own
+        dtype (the compute dtype, not widened to fp32), written into a buffer this runner keeps and
+        overwrites at the next such step (the caller is done with them by then): a fresh [rows, vocab]
+        tensor is a new multi-MB mapping each step under the server's fixed mmap threshold
+        (lorafleet_server/malloc.py), whose page faults cost ~0.6 ms of a 32-row bf16 decode step, and
+        the widening to fp32 another pass over it; greedy rows take ``greedy_tokens`` of them."""
         if not rows:
             raise ValueError("empty step")
         dev = self.device
@@ -333,13 +338,27 @@ class ModelRunner:
                 self.context.batch = None
             return self._outputs(hidden[:1] if lone else hidden, rows, reuse_logits)
 
-    def _logits_for(self, head: torch.Tensor) -> torch.Tensor:  # [n, vocab] -> the same in fp32, in the buffer
-        n, vocab = head.shape
+    def _head_into_buffer(self, x: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] in the buffer
+        """The LM head of ``x`` in the head's dtype, in the runner's logits buffer: a native Linear writes
+        it there, any other head's output is copied in."""
+        head = self.model.lm_head
+        n = x.shape[0]
+        y = None if isinstance(head, NativeLinearModule) else head(x)  # [n, vocab]
+        dtype, vocab = (x.dtype, head.out_features) if y is None else (y.dtype, y.shape[1])
         buf = self._logits_buffer
-        if buf is None or buf.shape[0] < n or buf.shape[1] != vocab or buf.device != head.device:
-            buf = torch.empty(max(n, self.kv.rows), vocab, dtype=torch.float32, device=head.device)
+        if buf is None or buf.shape[0] < n or buf.shape[1] != vocab or buf.dtype != dtype or buf.device != x.device:
+            buf = torch.empty(max(n, self.kv.rows), vocab, dtype=dtype, device=x.device)
             self._logits_buffer = buf
-        return buf[:n].copy_(head)
+        return head.into(x, buf[:n]) if y is None else buf[:n].copy_(y)
+
+    def greedy_tokens(self, logits: torch.Tensor) -> list[int]:  # [B, V] fp32 or bf16 -> B token ids
+        """Each row's index of its largest logit, as ``logits.float().max(-1).indices`` (the first of
+        tied maxima, the first NaN where a row has one): the native kernel reads the LM head's output
+        in place where this runner's glue is native, else torch's max."""
+        glue = self._fused(logits)
+        if glue is not None and logits.is_contiguous() and logits.dim() == 2 and logits.shape[1] > 0:
+            return cast(list[int], glue.argmax_rows(logits).tolist())
+        return cast(list[int], logits.max(-1).indices.tolist())
 
     def calibrate_threads(self) -> None:
         """Before serving: time a prompt chunk at each thread count of ``self.threads`` (model/threads.py),
@@ -456,8 +475,8 @@ class ModelRunner:
             offset += n
         if last:
             idx = torch.tensor(last, dtype=torch.long, device=hidden.device)
-            head = self.model.lm_head(hidden.index_select(0, idx))  # [rows, vocab] compute dtype
-            logits = self._logits_for(head) if reuse_logits else head.float()
+            x = hidden.index_select(0, idx)  # [rows, hidden]
+            logits = self._head_into_buffer(x) if reuse_logits else self.model.lm_head(x).float()  # [rows, vocab]
         else:
             logits = hidden.new_zeros(0, 0, dtype=torch.float32)
         pooled_t = torch.stack(pooled) if pooled else hidden.new_zeros(0, self.hidden_size, dtype=torch.float32)

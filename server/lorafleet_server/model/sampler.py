@@ -6,7 +6,9 @@ TopP) so a greedy row matches ``generate(do_sample=False, repetition_penalty=...
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -43,20 +45,29 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
-    """logits [B, V] float32 -> one token id per row."""
+def _torch_argmax(logits: torch.Tensor) -> list[int]:
+    # max(-1).indices, not argmax(-1): the same index (the first of tied maxima, NaN as the largest) at
+    # ~0.35x the time on CPU (32 x 49,152 fp32, one thread: 0.7 against 2.0 ms of a ~35 ms decode step).
+    return cast(list[int], logits.max(-1).indices.tolist())
+
+
+def sample_rows(
+    logits: torch.Tensor, rows: list[RowSampling], argmax: Callable[[torch.Tensor], list[int]] = _torch_argmax
+) -> list[int]:
+    """logits [B, V] fp32 or bf16 -> one token id per row. ``argmax``: each row's index of its largest
+    value as ``logits.float().max(-1).indices`` gives it, for the greedy rows without a penalty (the
+    runner's ``greedy_tokens`` reads a bf16 LM head's output in place); every other row is widened to
+    fp32 before its penalty, temperature and filters, as the logits were before (bf16 to fp32 is exact)."""
     out: list[int] = []
     greedy_plain = [
         i for i, r in enumerate(rows) if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None)
     ]
-    # max(-1).indices, not argmax(-1): the same index (the first of tied maxima, NaN as the largest) at
-    # ~0.35x the time on CPU (32 x 49,152 fp32, one thread: 0.7 against 2.0 ms of a ~35 ms decode step).
-    argmax = logits.max(-1).indices.tolist() if greedy_plain else []
+    best = argmax(logits) if greedy_plain else []
     for i, r in enumerate(rows):
         if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None):
-            out.append(int(argmax[i]))
+            out.append(int(best[i]))
             continue
-        row = logits[i]
+        row = logits[i].float()  # [V]
         if r.repetition_penalty != 1.0 and r.seen is not None and r.seen.numel():
             row = apply_repetition_penalty(row, r.seen.to(row.device), r.repetition_penalty)
         if r.temperature == 0:

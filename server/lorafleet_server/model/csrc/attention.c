@@ -746,3 +746,103 @@ int lf_silu_mul(const void *gate, const void *up, void *out, int64_t n, int64_t 
         pool_run(silu_unit, &c, units, threads);
     return 0;
 }
+
+/* ---- Greedy decoding's choice: each row's index of its largest value, as torch's max(-1).indices
+ * gives it: the first of tied maxima, and where a row holds a NaN its first NaN (NaN counts as the
+ * largest). Read in place from the LM head's output in the compute dtype: a bf16 value widens to fp32
+ * exactly, so the index is that of the row converted to fp32, without the conversion's 6 MB pass
+ * (32 rows of SmolLM2's 49,152). ARGMAX_LANES running maxima per row, each keeping its first index
+ * (only a strictly larger value replaces it), merged at the end by value, then by lowest index. */
+#define ARGMAX_LANES 16
+
+static inline float elem_at(const void *row, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+static int64_t first_nan(const void *row, int64_t n, int bf16) {
+    for (int64_t i = 0; i < n; i++) {
+        const float v = elem_at(row, i, bf16);
+        if (v != v) return i;
+    }
+    return -1;
+}
+
+/* bf16 a constant at each call site below, so each element type gets its own vector loop */
+static inline int64_t argmax_row(const void *row, int64_t n, int bf16) {
+    float best[ARGMAX_LANES];
+    int32_t at[ARGMAX_LANES];
+    int nan = 0;
+    const int64_t full = n / ARGMAX_LANES * ARGMAX_LANES;
+    if (full == 0) { /* a row shorter than the lanes: one scan */
+        int64_t arg = 0;
+        float m = elem_at(row, 0, bf16);
+        for (int64_t i = 0; i < n; i++) {
+            const float v = elem_at(row, i, bf16);
+            if (v != v) return i;
+            if (v > m) m = v, arg = i;
+        }
+        return arg;
+    }
+    for (int j = 0; j < ARGMAX_LANES; j++) {
+        best[j] = elem_at(row, j, bf16);
+        at[j] = j;
+        nan |= best[j] != best[j];
+    }
+    for (int64_t i0 = ARGMAX_LANES; i0 < full; i0 += ARGMAX_LANES) {
+#pragma omp simd reduction(| : nan)
+        for (int j = 0; j < ARGMAX_LANES; j++) {
+            const float v = elem_at(row, i0 + j, bf16);
+            nan |= v != v;
+            const int larger = v > best[j];
+            best[j] = larger ? v : best[j];
+            at[j] = larger ? (int32_t)(i0 + j) : at[j];
+        }
+    }
+    for (int64_t i = full; i < n; i++) nan |= elem_at(row, i, bf16) != elem_at(row, i, bf16);
+    if (nan) return first_nan(row, n, bf16);
+    int64_t arg = at[0];
+    float m = best[0];
+    for (int j = 1; j < ARGMAX_LANES; j++)
+        if (best[j] > m || (best[j] == m && at[j] < arg)) m = best[j], arg = at[j];
+    for (int64_t i = full; i < n; i++) { /* past every lane's index: only a larger value wins */
+        const float v = elem_at(row, i, bf16);
+        if (v > m) m = v, arg = i;
+    }
+    return arg;
+}
+
+typedef struct {
+    const void *x;
+    int64_t *out;
+    int64_t rows, cols, units;
+    int bf16;
+} argmax_call;
+
+static void argmax_rows(const argmax_call *c, int64_t r0, int64_t r1) {
+    const size_t row_bytes = (size_t)c->cols * (c->bf16 ? sizeof(uint16_t) : sizeof(float));
+    for (int64_t r = r0; r < r1; r++) {
+        const void *row = (const char *)c->x + (size_t)r * row_bytes;
+        c->out[r] = c->bf16 ? argmax_row(row, c->cols, 1) : argmax_row(row, c->cols, 0);
+    }
+}
+
+static void argmax_unit(void *ctx, int64_t unit) {
+    const argmax_call *c = ctx;
+    argmax_rows(c, c->rows * unit / c->units, c->rows * (unit + 1) / c->units);
+}
+
+/* out[r] = the index of the largest value of row r of x [rows, cols] (contiguous, fp32 or bf16 ==
+ * 1), with torch's max(-1).indices' ties and NaNs (above). On `threads` threads of the helper pool
+ * `pool_run` where it is not NULL (a row per unit), else on the calling thread. Returns 0, or -1 when
+ * a size or the thread count is out of range (cols past 2^31: int32 lane indices). */
+int lf_argmax_rows(const void *x, int64_t *out, int64_t rows, int64_t cols, int bf16, int threads,
+                   lf_pool_run_fn pool_run) {
+    if (rows < 0 || cols <= 0 || cols > INT32_MAX || threads < 1) return -1;
+    const int64_t units = pool_run == NULL || threads <= 1 || rows < 2 ? 1 : rows;
+    argmax_call c = {x, out, rows, cols, units, bf16};
+    if (units == 1)
+        argmax_rows(&c, 0, rows);
+    else
+        pool_run(argmax_unit, &c, units, threads);
+    return 0;
+}
