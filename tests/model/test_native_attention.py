@@ -377,6 +377,37 @@ def test_residual_add_and_rmsnorm_in_bf16_match_transformers(kernel: NativeAtten
         assert torch.equal(alone[0], kernel.add_rmsnorm_(x.clone(), None, norm.weight, 1e-5)[5])
 
 
+@pytest.mark.parametrize("d", [576, 64, 40, 13])
+def test_bf16_rmsnorm_is_its_stated_arithmetic_bit_for_bit(kernel: NativeAttention, d: int) -> None:
+    """The bf16 add + RMSNorm is exactly the arithmetic csrc/attention.c states, on its AVX-512 path (d a
+    multiple of 16, where the CPU has it) and its portable one alike: the add rounded to bf16; the sum
+    of squares in eight lanes, lane l taking elements l, l + 8, ... in order (a bf16 value's square is
+    exact in fp32, so fused or not is the same), the lanes summed pairwise; r = 1 / sqrt(sum / d + eps)
+    in fp32; the row times r rounded to bf16, times the weight rounded to bf16."""
+    gen = torch.Generator().manual_seed(200 + d)
+    # values spread over 2^-8 .. 2^8 in 4,000 rows: partial sums of squares round in fp32, and summed in
+    # another order (a lane's terms swapped in pairs) some outputs move by a bf16 step
+    rows = 4000
+    spread = torch.exp2(torch.randint(-8, 9, (rows, d), generator=gen).float())
+    x = (torch.randn(rows, d, generator=gen) * spread).to(torch.bfloat16)
+    delta = torch.randn(rows, d, generator=gen).to(torch.bfloat16)
+    w = torch.randn(d, generator=gen).to(torch.bfloat16)
+    added = (x.float() + delta.float()).to(torch.bfloat16)
+    v = added.float()  # [rows, d]
+    lanes = torch.zeros(rows, 8)
+    for i in range(d):
+        lanes[:, i % 8] += v[:, i] * v[:, i]
+    total = ((lanes[:, 0] + lanes[:, 1]) + (lanes[:, 2] + lanes[:, 3])) + (
+        (lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7])
+    )
+    eps = torch.tensor(1e-5, dtype=torch.float32)
+    r = torch.tensor(1.0) / torch.sqrt(total / torch.tensor(float(d)) + eps)  # [rows]
+    want = (w.float() * (v * r[:, None]).to(torch.bfloat16).float()).to(torch.bfloat16)
+    got = kernel.add_rmsnorm_(x, delta, w, 1e-5)
+    assert torch.equal(x, added)
+    assert torch.equal(got, want)
+
+
 def test_the_kernel_is_built_with_openmp_where_the_compiler_has_it(tmp_path: Path) -> None:
     """Built as the server builds it, the kernel splits calls over threads; without OpenMP it still
     loads, for one thread per call."""

@@ -150,6 +150,24 @@ static inline __m512 exp16_nonpositive(__m512 x) {
 
 static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u); }
 
+/* f32_to_bf16 on 16 lanes, the result kept widened to fp32 (what bf16_round gives): round to nearest
+ * even by integer adds, NaN kept NaN (quiet) as f32_to_bf16 keeps it; no DAZ/FTZ (vcvtneps2bf16
+ * flushes denormals, so it is not used where the scalar path's bits must be met). */
+static inline __m512 round16_bf16(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 nan =
+        _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* 16 values already rounded to bf16 (round16_bf16's), stored as bf16 */
+static inline void store16_bf16(uint16_t *p, __m512 rounded) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+}
+
 /* Lane j of the result is the sum of the 16 lanes of a[j]: a transposing tree (30 shuffles, 15 adds
  * for 16 sums, against 8 shuffles per sum one at a time; shuffles have one port). Every j is summed
  * in the same order. */
@@ -488,6 +506,26 @@ static LF_NO_CONTRACT void rope_row_bf16(const uint16_t *x, const uint16_t *cos,
     }
 }
 
+#ifdef LF_AVX512_BF16
+/* rope_row_bf16 16 lanes at a time, for d a multiple of 32: the same products, sums and roundings
+ * (-x is a sign flip, as the scalar negation is). Each chunk reads x[i..i+15] and x[half+i..] before
+ * it writes out at the same places, so out may be x. */
+static void rope_row_bf16_avx512(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t d,
+                                 uint16_t *out) {
+    const int64_t half = d / 2;
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+    for (int64_t i = 0; i < half; i += 16) {
+        const __m512 lo = bf16x16_to_f32(x + i), hi = bf16x16_to_f32(x + half + i);
+        const __m512 a_lo = round16_bf16(_mm512_mul_ps(lo, bf16x16_to_f32(cos + i)));
+        const __m512 b_lo = round16_bf16(_mm512_mul_ps(_mm512_xor_ps(hi, sign), bf16x16_to_f32(sin + i)));
+        const __m512 a_hi = round16_bf16(_mm512_mul_ps(hi, bf16x16_to_f32(cos + half + i)));
+        const __m512 b_hi = round16_bf16(_mm512_mul_ps(lo, bf16x16_to_f32(sin + half + i)));
+        store16_bf16(out + i, round16_bf16(_mm512_add_ps(a_lo, b_lo)));
+        store16_bf16(out + half + i, round16_bf16(_mm512_add_ps(a_hi, b_hi)));
+    }
+}
+#endif
+
 /* The glue's calls split their tokens into lf_pool_units ranges (at least GLUE_MIN_TOKENS tokens a
  * range) on the helper pool; without a pool they run on the calling thread. */
 #define GLUE_MIN_TOKENS 4
@@ -523,6 +561,24 @@ static void rope_tokens(const rope_call *c, int64_t t0, int64_t t1) {
         }
     float tmp[MAX_HEAD_DIM];
     uint16_t tmp16[MAX_HEAD_DIM];
+#ifdef LF_AVX512_BF16
+    if (bf16 && head_dim % 32 == 0) {
+        for (int64_t t = t0; t < t1; t++) {
+            const uint16_t *cos = (const uint16_t *)c->cos + t * head_dim, *sin = (const uint16_t *)c->sin + t * head_dim;
+            for (int64_t h = 0; h < heads; h++) {
+                uint16_t *qh = (uint16_t *)c->q + (t * heads + h) * head_dim;
+                rope_row_bf16_avx512(qh, cos, sin, head_dim, qh);
+            }
+            for (int64_t h = 0; h < kv_heads; h++) {
+                const int64_t from = (t * kv_heads + h) * head_dim;
+                const size_t at = (size_t)(((c->kv_row[t] * kv_heads + h) * max_seq_len + c->pos[t]) * head_dim);
+                rope_row_bf16_avx512((const uint16_t *)c->k + from, cos, sin, head_dim, (uint16_t *)c->k_slab + at);
+                memcpy((uint16_t *)c->v_slab + at, (const uint16_t *)c->v + from, (size_t)head_dim * el);
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t t = t0; t < t1; t++) {
         const int64_t at_c = t * head_dim;
         for (int64_t h = 0; h < heads; h++) {
@@ -621,11 +677,45 @@ typedef struct {
     int bf16;
 } norm_call;
 
+#ifdef LF_AVX512_BF16
+/* norm_rows' bf16 row 16 lanes at a time, for d a multiple of 16: the same add, the same sum of
+ * squares (eight lanes, each a chain of fused multiply-adds in element order, as GCC contracts
+ * sum_squares_bf16's `lanes[l] += v * v`, then sum_lanes) and the same roundings. */
+static void norm_row_bf16_avx512(uint16_t *xt, const uint16_t *dt, const uint16_t *wt, uint16_t *ot, int64_t d,
+                                 float eps) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+        __m512 v = bf16x16_to_f32(xt + i);
+        if (dt != NULL) {
+            v = round16_bf16(_mm512_add_ps(v, bf16x16_to_f32(dt + i)));
+            store16_bf16(xt + i, v);
+        }
+        const __m256 lo = _mm512_castps512_ps256(v), hi = _mm512_extractf32x8_ps(v, 1);
+        acc = _mm256_fmadd_ps(lo, lo, acc);
+        acc = _mm256_fmadd_ps(hi, hi, acc);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(sum_lanes(lanes) / (float)d + eps));
+    for (int64_t j = 0; j < d; j += 16) {
+        const __m512 normed = round16_bf16(_mm512_mul_ps(bf16x16_to_f32(xt + j), r));
+        store16_bf16(ot + j, round16_bf16(_mm512_mul_ps(bf16x16_to_f32(wt + j), normed)));
+    }
+}
+#endif
+
 /* Rows [t0, t1) of lf_add_rmsnorm. */
 static void norm_rows(const norm_call *c, int64_t t0, int64_t t1) {
     const int64_t d = c->d;
     const float eps = c->eps;
     for (int64_t t = t0; t < t1; t++) {
+#ifdef LF_AVX512_BF16
+        if (c->bf16 && d % 16 == 0) {
+            norm_row_bf16_avx512((uint16_t *)c->x + t * d, c->delta == NULL ? NULL : (const uint16_t *)c->delta + t * d,
+                                 c->w, (uint16_t *)c->out + t * d, d, eps);
+            continue;
+        }
+#endif
         if (c->bf16) {
             uint16_t *xt = (uint16_t *)c->x + t * d;
             if (c->delta != NULL) {
