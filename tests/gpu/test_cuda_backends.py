@@ -103,3 +103,38 @@ def test_mixed_batch_matches_peft_on_cuda(
         assert min(range(3), key=distances.__getitem__) == i, (report[i], distances)
         if i:
             assert _rel(want[i], want[0]) > 5 * max(BF16_ERROR_FLOOR, ours[i]), report[i]
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_reused_logits_on_cuda_sample_as_the_fresh_ones(quantization: str, tiny_model_dir: Path) -> None:
+    """The engine's steps (``reuse_logits``) on CUDA: the LM head's output copied into the runner's one
+    device buffer in the compute dtype; widened it is the fresh fp32 logits, its greedy tokens (torch's
+    max: no native kernel on CUDA) are theirs, and every sampling row picks what it picks from them."""
+    from lorafleet_server.model.sampler import RowSampling, sample_rows
+
+    dev = torch.device("cuda:0")
+    base = load_base(tiny_model_dir, quantization=quantization, device=dev, num_slots=2, max_lora_rank=8)
+    runners = [ModelRunner(base.model, base.context, rows=3, max_seq_len=32, dtype=base.dtype, device=dev)]
+    runners.append(ModelRunner(base.model, base.context, rows=3, max_seq_len=32, dtype=base.dtype, device=dev))
+    steps = [
+        [RowStep(0, 0, (5, 17, 33, 9), 0, True, False), RowStep(1, 0, (11, 12), 0, True, False)],
+        [RowStep(0, 4, (40,), 0, True, False), RowStep(1, 2, (41,), 0, True, False)],
+    ]
+    storage = set()
+    for rows in steps:
+        fresh = runners[0].step(rows).logits
+        reused = runners[1].step(rows, reuse_logits=True).logits
+        assert reused.device.type == "cuda" and reused.dtype == base.dtype
+        assert torch.equal(reused.float(), fresh)
+        assert runners[1].greedy_tokens(reused) == fresh.max(-1).indices.tolist()
+        sampling = [
+            RowSampling(0.9, 0.8, 0, 1.2, torch.tensor([5, 9], device=dev), torch.Generator(dev).manual_seed(3 + i))
+            for i in range(len(rows))
+        ]
+        again = [
+            RowSampling(0.9, 0.8, 0, 1.2, torch.tensor([5, 9], device=dev), torch.Generator(dev).manual_seed(3 + i))
+            for i in range(len(rows))
+        ]
+        assert sample_rows(reused, sampling) == sample_rows(fresh, again)
+        storage.add(reused.untyped_storage().data_ptr())
+    assert len(storage) == 1

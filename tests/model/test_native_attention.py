@@ -275,15 +275,30 @@ def test_a_team_smaller_than_asked_still_computes_every_row(tmp_path: Path) -> N
     assert out.split() == ["same", "0"]
 
 
+@pytest.mark.parametrize("special", [False, True], ids=["normal", "special-values"])
+@pytest.mark.parametrize("d", [64, 48])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_kv_write_are_transformers_bit_for_bit(kernel: NativeAttention, dtype: torch.dtype) -> None:
+def test_rope_and_kv_write_are_transformers_bit_for_bit(
+    kernel: NativeAttention, dtype: torch.dtype, d: int, special: bool
+) -> None:
     """q rotated in place and k rotated as ``x * cos + rotate_half(x) * sin`` (the same roundings as
     torch's ops in the dtype), k and v written at each token's row and position, nothing else of the
-    slabs touched."""
-    gen = torch.Generator().manual_seed(11)
-    n, heads, kv_heads, d, rows, length = 7, 9, 3, 64, 5, 40
+    slabs touched. d 64 takes the bf16 AVX-512 path where the CPU has it, 48 the portable one; with
+    special values (infinities, overflow, denormals, zeros of both signs, NaN) every value that is a
+    number is torch's bit for bit and every NaN is a NaN."""
+    gen = torch.Generator().manual_seed(11 + d)
+    n, heads, kv_heads, rows, length = 7, 9, 3, 5, 40
     q = torch.randn(n, heads, d, generator=gen).to(dtype)
     k = torch.randn(n, kv_heads, d, generator=gen).to(dtype)
+    if special:
+        for x in (q, k):
+            pick = torch.rand(x.shape, generator=gen)
+            x[pick < 0.03] = float("inf")
+            x[(pick >= 0.03) & (pick < 0.06)] = -float("inf")
+            x[(pick >= 0.06) & (pick < 0.1)] = 3e38  # a product or sum of two overflows
+            x[(pick >= 0.1) & (pick < 0.14)] = 1e-39
+            x[(pick >= 0.14) & (pick < 0.17)] = -0.0
+            x[(pick >= 0.17) & (pick < 0.19)] = float("nan")
     v = torch.randn(n, kv_heads, d, generator=gen).to(dtype)
     angles = torch.rand(n, d // 2, generator=gen) * 30
     cos = torch.cat([angles.cos()] * 2, dim=-1).to(dtype)  # [n, d]
@@ -297,8 +312,11 @@ def test_rope_and_kv_write_are_transformers_bit_for_bit(kernel: NativeAttention,
     want_k[kv_row, :, pos] = k * cos[:, None] + rotate_half(k) * sin[:, None]
     want_v[kv_row, :, pos] = v
     kernel.rope_kv_(q, k, v, cos, sin, k_slab, v_slab, kv_row, pos)
-    assert torch.equal(q, want_q)
-    assert torch.equal(k_slab, want_k) and torch.equal(v_slab, want_v)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for got, want in ((q, want_q), (k_slab, want_k), (v_slab, want_v)):
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(bits), want[~nan].view(bits))  # -0.0 and 0.0 told apart
 
 
 def test_rope_refuses_mixed_dtypes(kernel: NativeAttention) -> None:

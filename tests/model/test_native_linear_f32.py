@@ -183,3 +183,26 @@ def test_the_module_keeps_the_weight_runs_any_step_and_leaves_gradients_to_torch
     x = torch.randn(4, 48, requires_grad=True)
     module(x).sum().backward()  # F.linear, so gradients flow to the input and the shared weight
     assert x.grad is not None and linear.weight.grad is not None
+
+
+def test_the_module_writes_into_a_given_tensor(kernel: NativeLinearF32) -> None:
+    """``into``: the kernel writes its rows into the caller's tensor (the runner's logits buffer), the
+    same bits as ``forward``; rows that need gradients take F.linear and are copied in; a tensor of the
+    wrong shape or dtype is refused with nothing written."""
+    torch.manual_seed(11)
+    linear = nn.Linear(48, 80)
+    module = NativeLinearModule(linear, kernel)
+    with torch.inference_mode():
+        x = torch.randn(5, 48)
+        buf = torch.full((8, 80), float("nan"))
+        got = module.into(x, buf[:5])
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(buf[:5], module(x)) and buf[5:].isnan().all()
+        for wrong in (torch.zeros(5, 81), torch.zeros(5, 80, dtype=torch.float64), torch.zeros(80, 5).t()):
+            before = wrong.clone()
+            with pytest.raises(NativeKernelError, match="writes a contiguous"):
+                module.into(x, wrong)
+            assert torch.equal(wrong, before)
+    grad = torch.randn(3, 48, requires_grad=True)
+    out = torch.empty(3, 80)
+    assert module.into(grad, out) is out
+    assert torch.equal(out, F.linear(grad, linear.weight, linear.bias))

@@ -444,6 +444,8 @@ class NativeAttention:
         widens to fp32 exactly, so the index is that of ``x.float()``)."""
         if x.dtype not in GLUE_DTYPES or x.dim() != 2 or not x.is_contiguous() or x.shape[1] == 0:
             raise NativeKernelError("the native argmax needs a contiguous [rows, columns > 0] fp32 or bf16 tensor")
+        if x.device.type != "cpu":
+            raise NativeKernelError(f"the native argmax reads CPU memory, not {x.device}")
         out = torch.empty(x.shape[0], dtype=torch.long)
         threads, pool = threads_and_pool(self.pool)
         rc = self._argmax(

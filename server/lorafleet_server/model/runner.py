@@ -354,10 +354,19 @@ class ModelRunner:
     def greedy_tokens(self, logits: torch.Tensor) -> list[int]:  # [B, V] fp32 or bf16 -> B token ids
         """Each row's index of its largest logit, as ``logits.float().max(-1).indices`` (the first of
         tied maxima, the first NaN where a row has one): the native kernel reads the LM head's output
-        in place where this runner's glue is native, else torch's max."""
-        glue = self._fused(logits)
-        if glue is not None and logits.is_contiguous() and logits.dim() == 2 and logits.shape[1] > 0:
-            return cast(list[int], glue.argmax_rows(logits).tolist())
+        in place where this runner has it (whatever ``fused_glue`` says: the index is torch's either
+        way), else torch's max on the logits as they are (on bf16 about as fast as widening them first
+        and taking fp32's: 1.24 against 1.15 ms for 32 x 49,152 on one thread)."""
+        kernel = self.native_attention
+        if (
+            kernel is not None
+            and logits.dtype in GLUE_DTYPES
+            and logits.device.type == "cpu"
+            and logits.is_contiguous()
+            and logits.dim() == 2
+            and logits.shape[1] > 0
+        ):
+            return cast(list[int], kernel.argmax_rows(logits).tolist())
         return cast(list[int], logits.max(-1).indices.tolist())
 
     def calibrate_threads(self) -> None:

@@ -118,7 +118,7 @@ static inline void attend_head(const float *q, const void *keys, const void *val
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define LF_AVX512_BF16 1
 
@@ -508,7 +508,8 @@ static LF_NO_CONTRACT void rope_row_bf16(const uint16_t *x, const uint16_t *cos,
 
 #ifdef LF_AVX512_BF16
 /* rope_row_bf16 16 lanes at a time, for d a multiple of 32: the same products, sums and roundings
- * (-x is a sign flip, as the scalar negation is). Each chunk reads x[i..i+15] and x[half+i..] before
+ * (-x is a sign flip, as the scalar negation is), so the same bits wherever the result is a number (a
+ * NaN stays NaN; its sign and payload may differ). Each chunk reads x[i..i+15] and x[half+i..] before
  * it writes out at the same places, so out may be x. */
 static void rope_row_bf16_avx512(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t d,
                                  uint16_t *out) {
@@ -564,15 +565,17 @@ static void rope_tokens(const rope_call *c, int64_t t0, int64_t t1) {
 #ifdef LF_AVX512_BF16
     if (bf16 && head_dim % 32 == 0) {
         for (int64_t t = t0; t < t1; t++) {
-            const uint16_t *cos = (const uint16_t *)c->cos + t * head_dim, *sin = (const uint16_t *)c->sin + t * head_dim;
+            const uint16_t *cos_t = (const uint16_t *)c->cos + t * head_dim;
+            const uint16_t *sin_t = (const uint16_t *)c->sin + t * head_dim;
             for (int64_t h = 0; h < heads; h++) {
                 uint16_t *qh = (uint16_t *)c->q + (t * heads + h) * head_dim;
-                rope_row_bf16_avx512(qh, cos, sin, head_dim, qh);
+                rope_row_bf16_avx512(qh, cos_t, sin_t, head_dim, qh);
             }
             for (int64_t h = 0; h < kv_heads; h++) {
                 const int64_t from = (t * kv_heads + h) * head_dim;
                 const size_t at = (size_t)(((c->kv_row[t] * kv_heads + h) * max_seq_len + c->pos[t]) * head_dim);
-                rope_row_bf16_avx512((const uint16_t *)c->k + from, cos, sin, head_dim, (uint16_t *)c->k_slab + at);
+                rope_row_bf16_avx512((const uint16_t *)c->k + from, cos_t, sin_t, head_dim,
+                                     (uint16_t *)c->k_slab + at);
                 memcpy((uint16_t *)c->v_slab + at, (const uint16_t *)c->v + from, (size_t)head_dim * el);
             }
         }
@@ -680,7 +683,8 @@ typedef struct {
 #ifdef LF_AVX512_BF16
 /* norm_rows' bf16 row 16 lanes at a time, for d a multiple of 16: the same add, the same sum of
  * squares (eight lanes, each a chain of fused multiply-adds in element order, as GCC contracts
- * sum_squares_bf16's `lanes[l] += v * v`, then sum_lanes) and the same roundings. */
+ * sum_squares_bf16's `lanes[l] += v * v`; a bf16 value's square is exact in fp32, so fused or not is
+ * the same; then sum_lanes) and the same roundings: the same bits wherever the result is a number. */
 static void norm_row_bf16_avx512(uint16_t *xt, const uint16_t *dt, const uint16_t *wt, uint16_t *ot, int64_t d,
                                  float eps) {
     __m256 acc = _mm256_setzero_ps();
