@@ -20,13 +20,18 @@
  * Built by lorafleet_server/model/native.py with -O3 -march=<this CPU> -fopenmp (-fopenmp-simd where
  * OpenMP does not build or load: then a call runs on its calling thread). The portable
  * path is plain C that the compiler vectorizes for whatever the CPU has (AVX2, AVX-512); where the CPU
- * has AVX-512 BF16, bf16 slabs take an intrinsics path (below). Called through ctypes; no Python or
- * torch headers.
+ * has AVX-512 BF16, bf16 slabs take an intrinsics path (below), and with AMX too a row of 32 keys or
+ * more takes its scores from AMX tiles (scores_amx). Called through ctypes; no Python or torch
+ * headers.
  */
+#define _GNU_SOURCE /* syscall() under -std=c11 */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -185,12 +190,112 @@ static inline __m512 sum_lanes16(const __m512 a[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xdd));
 }
 
-/* One row and KV head: q [G, D] bf16, keys and values [n, D] bf16, scores scratch [G, n], out [G, D]
- * fp32. G and D are constants at every call site, so the accumulators stay in registers. */
-static inline void attend_head_avx512(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t n,
-                                      const int G, const int D, float scale, float *scores, float *out) {
-    /* scores: 16 keys at a time per query head, each an fp32 vector of pair products, summed across */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__x86_64__)
+#define LF_AMX_SCORES 1
+#define AMX_MAX_D 128   /* head_dim the AMX scores take: four 32-wide k steps */
+#define AMX_MIN_KEYS 32 /* rows with fewer keys keep the AVX-512 loop: the tiles' setup outweighs it */
+
+/* 1 where this process may use AMX tiles: Linux hands them out per process on request (the AMX
+ * Linear asks too; asking again is harmless). */
+static int amx_permitted(void) {
+    static _Atomic int state; /* 0: not asked yet, 1: granted, -1: refused */
+    int s = atomic_load_explicit(&state, memory_order_relaxed);
+    if (s == 0) {
+        s = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+        atomic_store_explicit(&state, s, memory_order_relaxed);
+    }
+    return s > 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* Tile 0: 16 keys x 16 query heads of fp32 scores; 1: 16 keys x 32 dims of K (A); 2-5: q transposed,
+ * 32 dims (16 pairs) x 16 heads per k step (B). Set on the thread that computes, before its rows. */
+static void amx_configure(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* scores [G, n] = scale * q [G, D] . keys [n, D]^T for one row and KV head on AMX: per 16 keys one
+ * tdpbf16ps per 32 dims computes all G heads at once (keys as the A tile, q as B with its pairs of
+ * dims interleaved, columns past G zero), where the AVX-512 loop sums each head's 16 products per key
+ * across lanes. Each score is one fp32 sum of the bf16 products in the tile unit's order (not the
+ * AVX-512 loop's). Keys past the row's end are not read: the last block is copied, zero-padded. */
+static void scores_amx(const uint16_t *q, const uint16_t *keys, int64_t n, int G, int D, float scale,
+                       float *scores) {
+    uint32_t qb[AMX_MAX_D / 32][16][16] __attribute__((aligned(64))); /* [k step][dim pair][head] */
+    uint16_t tail[16 * AMX_MAX_D] __attribute__((aligned(64)));
+    float c[16][16] __attribute__((aligned(64))); /* [key][head] */
+    const int steps = D / 32;
+    memset(qb, 0, (size_t)steps * sizeof qb[0]);
     for (int g = 0; g < G; g++) {
+        const uint32_t *pairs = (const uint32_t *)(q + g * D);
+        for (int ks = 0; ks < steps; ks++)
+            for (int r = 0; r < 16; r++) qb[ks][r][g] = pairs[16 * ks + r];
+    }
+    _tile_loadd(2, qb[0], 64);
+    if (steps > 1) _tile_loadd(3, qb[1], 64);
+    if (steps > 2) _tile_loadd(4, qb[2], 64);
+    if (steps > 3) _tile_loadd(5, qb[3], 64);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512i across = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+    const long stride = (long)D * 2;
+    for (int64_t l0 = 0; l0 < n; l0 += 16) {
+        const int m = n - l0 < 16 ? (int)(n - l0) : 16;
+        const uint16_t *kb = keys + l0 * D;
+        if (m < 16) {
+            memcpy(tail, kb, (size_t)m * (size_t)D * 2);
+            memset(tail + m * D, 0, (size_t)(16 - m) * (size_t)D * 2);
+            kb = tail;
+        }
+        _tile_zero(0);
+        _tile_loadd(1, kb, stride);
+        _tile_dpbf16ps(0, 1, 2);
+        if (steps > 1) {
+            _tile_loadd(1, kb + 32, stride);
+            _tile_dpbf16ps(0, 1, 3);
+        }
+        if (steps > 2) {
+            _tile_loadd(1, kb + 64, stride);
+            _tile_dpbf16ps(0, 1, 4);
+        }
+        if (steps > 3) {
+            _tile_loadd(1, kb + 96, stride);
+            _tile_dpbf16ps(0, 1, 5);
+        }
+        _tile_stored(0, c, 64);
+        const __mmask16 mask = tail_mask(m);
+        for (int g = 0; g < G; g++) {
+            const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, across, &c[0][g], 4);
+            _mm512_mask_storeu_ps(scores + g * n + l0, mask, _mm512_mul_ps(col, vscale));
+        }
+    }
+}
+#endif
+
+/* One row and KV head: q [G, D] bf16, keys and values [n, D] bf16, scores scratch [G, n], out [G, D]
+ * fp32. G and D are constants at every call site, so the accumulators stay in registers; amx (a
+ * constant too): the scores on AMX (scores_amx), on a thread whose tiles amx_configure set. */
+static inline void attend_head_avx512(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t n,
+                                      const int G, const int D, float scale, float *scores, float *out,
+                                      const int amx) {
+#ifdef LF_AMX_SCORES
+    if (amx) scores_amx(q, keys, n, G, D, scale, scores);
+#else
+    (void)amx;
+#endif
+    /* scores: 16 keys at a time per query head, each an fp32 vector of pair products, summed across */
+    for (int g = 0; g < G && !amx; g++) {
         __m512bh qv[MAX_HEAD_DIM / 32];
         for (int c = 0; c < D / 32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + g * D + 32 * c);
         for (int64_t l0 = 0; l0 < n; l0 += 16) {
@@ -255,11 +360,14 @@ static inline void attend_head_avx512(const uint16_t *q, const uint16_t *keys, c
 /* attend_head_avx512 with G and D as constants for the common shapes (head_dim 64 or 128, up to 8
  * query heads per KV head), and as variables otherwise. */
 static void attend_head_avx512_any(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t n, int g,
-                                   int d, float scale, float *scores, float *out) {
-#define LF_CASE(G, D)                                                  \
-    if (g == (G) && d == (D)) {                                        \
-        attend_head_avx512(q, keys, values, n, G, D, scale, scores, out); \
-        return;                                                        \
+                                   int d, float scale, float *scores, float *out, int amx) {
+#define LF_CASE(G, D)                                                          \
+    if (g == (G) && d == (D)) {                                                \
+        if (amx)                                                               \
+            attend_head_avx512(q, keys, values, n, G, D, scale, scores, out, 1); \
+        else                                                                   \
+            attend_head_avx512(q, keys, values, n, G, D, scale, scores, out, 0); \
+        return;                                                                \
     }
 #define LF_CASES(D) \
     LF_CASE(1, D); LF_CASE(2, D); LF_CASE(3, D); LF_CASE(4, D); LF_CASE(5, D); LF_CASE(6, D); LF_CASE(7, D); LF_CASE(8, D)
@@ -267,7 +375,7 @@ static void attend_head_avx512_any(const uint16_t *q, const uint16_t *keys, cons
     LF_CASES(128);
 #undef LF_CASES
 #undef LF_CASE
-    attend_head_avx512(q, keys, values, n, g, d, scale, scores, out);
+    attend_head_avx512(q, keys, values, n, g, d, scale, scores, out, amx);
 }
 #endif
 
@@ -304,7 +412,21 @@ static void attend_rows(const void *q, const void *k_slab, const void *v_slab, v
     const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
     float qf[MAX_GROUP * MAX_HEAD_DIM];
     float of[MAX_GROUP * MAX_HEAD_DIM];
+#ifdef LF_AMX_SCORES
+    const int amx_allowed = bf16 && d % 32 == 0 && d <= AMX_MAX_D && amx_permitted();
+    int amx_set = 0; /* the tiles are configured on this thread */
+#endif
     for (int64_t b = b0; b < b1; b++) {
+#ifdef LF_AMX_SCORES
+        const int amx = amx_allowed && len[b] >= AMX_MIN_KEYS;
+        if (amx && !amx_set) {
+            amx_configure();
+            amx_set = 1;
+        }
+#else
+        const int amx = 0;
+#endif
+        (void)amx;
         for (int64_t kh = 0; kh < kv_heads; kh++) {
             const int64_t head0 = kh * g_count;
             const size_t q_off = (size_t)((tok[b] * heads + head0) * head_dim);
@@ -315,7 +437,8 @@ static void attend_rows(const void *q, const void *k_slab, const void *v_slab, v
             if (bf16) prefetch_next(k_slab, v_slab, kv_row, len, b1, b, kh, kv_heads, max_seq_len, head_dim, elem);
 #ifdef LF_AVX512_BF16
             if (bf16 && d % 32 == 0) {
-                attend_head_avx512_any((const uint16_t *)q + q_off, keys, values, len[b], g_count, d, scale, scores, of);
+                attend_head_avx512_any((const uint16_t *)q + q_off, keys, values, len[b], g_count, d, scale, scores, of,
+                                       amx);
                 uint16_t *ob = (uint16_t *)out + q_off;
 #pragma omp simd
                 for (int i = 0; i < gd; i++) ob[i] = f32_to_bf16(of[i]);
@@ -347,6 +470,9 @@ static void attend_rows(const void *q, const void *k_slab, const void *v_slab, v
             }
         }
     }
+#ifdef LF_AMX_SCORES
+    if (amx_set) _tile_release(); /* no tile state left for the OS to save */
+#endif
 }
 
 /* 1 where this build splits a call over OpenMP threads (built with OpenMP), else 0. */
