@@ -72,13 +72,13 @@ def random_case(
     return q, k, v, AttentionRows.of(tok.tolist(), kv_row.tolist(), lengths)
 
 
-LENGTHS = [1, 2, 15, 16, 17, 31, 33, 100, 300]
+LENGTHS = [1, 2, 15, 16, 17, 31, 32, 33, 48, 100, 300]  # on AMX CPUs rows of 32 keys or more take AMX scores
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
-    [(9, 3, 64), (4, 4, 128), (8, 2, 32), (6, 1, 96), (8, 2, 48), (4, 2, 16), (32, 2, 8)],
+    [(9, 3, 64), (4, 4, 128), (8, 2, 32), (6, 1, 96), (8, 2, 48), (4, 2, 16), (32, 2, 8), (16, 2, 64), (32, 4, 128)],
 )
 def test_native_matches_fp32_attention_and_writes_only_decoding_rows(
     kernel: NativeAttention, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
@@ -424,6 +424,14 @@ def test_bf16_rmsnorm_is_its_stated_arithmetic_bit_for_bit(kernel: NativeAttenti
     got = kernel.add_rmsnorm_(x, delta, w, 1e-5)
     assert torch.equal(x, added)
     assert torch.equal(got, want)
+
+
+def test_amx_scores_are_taken_where_the_cpu_has_amx(kernel: NativeAttention) -> None:
+    """On a CPU with AMX-BF16 the bf16 rows of 32 keys or more take their scores from AMX tiles (the
+    tests above then check that path against the fp32 reference); elsewhere the AVX-512 or portable
+    loops do."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert kernel.amx_scores == ("amx_bf16" in flags and "avx512_bf16" in flags)
 
 
 def test_the_kernel_is_built_with_openmp_where_the_compiler_has_it(tmp_path: Path) -> None:

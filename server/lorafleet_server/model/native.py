@@ -249,6 +249,7 @@ class NativeAttention:
             {
                 "lf_attention": _ARGTYPES,
                 "lf_attention_threaded": [],
+                "lf_attention_amx": [],
                 "lf_rope_kv": _ROPE_KV_ARGTYPES,
                 "lf_add_rmsnorm": _RMSNORM_ARGTYPES,
                 "lf_silu_mul": _SILU_MUL_ARGTYPES,
@@ -263,6 +264,8 @@ class NativeAttention:
         self._silu_mul = fns["lf_silu_mul"]
         self._argmax = fns["lf_argmax_rows"]
         self.threaded = fns["lf_attention_threaded"]() == 1
+        # rows of 32 keys or more take their scores from AMX tiles (bf16, head_dim % 32 == 0, <= 128)
+        self.amx_scores = fns["lf_attention_amx"]() == 1
         self.pool = pool
         # the C addresses of its entry points, for csrc/layers.c
         entries = ("lf_attention", "lf_rope_kv", "lf_add_rmsnorm", "lf_silu_mul")

@@ -24,7 +24,9 @@
  * more takes its scores from AMX tiles (scores_amx). Called through ctypes; no Python or torch
  * headers.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* syscall() under -std=c11 */
+#endif
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -192,6 +194,8 @@ static inline __m512 sum_lanes16(const __m512 a[16]) {
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__x86_64__)
 #define LF_AMX_SCORES 1
+#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component ... */
+#define XFEATURE_XTILEDATA 18      /* ... the AMX tile data */
 #define AMX_MAX_D 128   /* head_dim the AMX scores take: four 32-wide k steps */
 #define AMX_MIN_KEYS 32 /* rows with fewer keys keep the AVX-512 loop: the tiles' setup outweighs it */
 
@@ -201,7 +205,7 @@ static int amx_permitted(void) {
     static _Atomic int state; /* 0: not asked yet, 1: granted, -1: refused */
     int s = atomic_load_explicit(&state, memory_order_relaxed);
     if (s == 0) {
-        s = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+        s = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
         atomic_store_explicit(&state, s, memory_order_relaxed);
     }
     return s > 0;
@@ -214,7 +218,9 @@ typedef struct {
 } amx_config;
 
 /* Tile 0: 16 keys x 16 query heads of fp32 scores; 1: 16 keys x 32 dims of K (A); 2-5: q transposed,
- * 32 dims (16 pairs) x 16 heads per k step (B). Set on the thread that computes, before its rows. */
+ * 32 dims (16 pairs) x 16 heads per k step (B). Set on the thread that computes, before its rows, and
+ * released after them: on the Linears' pool and on torch's OpenMP threads alike, no tile state is
+ * kept across calls (the AMX Linear and oneDNN configure their own per call). */
 static void amx_configure(void) {
     amx_config c;
     memset(&c, 0, sizeof c);
@@ -238,11 +244,9 @@ static void scores_amx(const uint16_t *q, const uint16_t *keys, int64_t n, int G
     float c[16][16] __attribute__((aligned(64))); /* [key][head] */
     const int steps = D / 32;
     memset(qb, 0, (size_t)steps * sizeof qb[0]);
-    for (int g = 0; g < G; g++) {
-        const uint32_t *pairs = (const uint32_t *)(q + g * D);
+    for (int g = 0; g < G; g++)
         for (int ks = 0; ks < steps; ks++)
-            for (int r = 0; r < 16; r++) qb[ks][r][g] = pairs[16 * ks + r];
-    }
+            for (int r = 0; r < 16; r++) memcpy(&qb[ks][r][g], q + g * D + 32 * ks + 2 * r, sizeof(uint32_t));
     _tile_loadd(2, qb[0], 64);
     if (steps > 1) _tile_loadd(3, qb[1], 64);
     if (steps > 2) _tile_loadd(4, qb[2], 64);
@@ -290,12 +294,14 @@ static inline void attend_head_avx512(const uint16_t *q, const uint16_t *keys, c
                                       const int G, const int D, float scale, float *scores, float *out,
                                       const int amx) {
 #ifdef LF_AMX_SCORES
-    if (amx) scores_amx(q, keys, n, G, D, scale, scores);
+    const int on_amx = amx;
+    if (on_amx) scores_amx(q, keys, n, G, D, scale, scores);
 #else
+    const int on_amx = 0; /* a build without AMX computes every score below */
     (void)amx;
 #endif
     /* scores: 16 keys at a time per query head, each an fp32 vector of pair products, summed across */
-    for (int g = 0; g < G && !amx; g++) {
+    for (int g = 0; g < G && !on_amx; g++) {
         __m512bh qv[MAX_HEAD_DIM / 32];
         for (int c = 0; c < D / 32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + g * D + 32 * c);
         for (int64_t l0 = 0; l0 < n; l0 += 16) {
@@ -472,6 +478,16 @@ static void attend_rows(const void *q, const void *k_slab, const void *v_slab, v
     }
 #ifdef LF_AMX_SCORES
     if (amx_set) _tile_release(); /* no tile state left for the OS to save */
+#endif
+}
+
+/* 1 where rows of AMX_MIN_KEYS keys or more take their scores from AMX tiles (a build for a CPU with
+ * AMX, in a process Linux grants the tiles), else 0. */
+int lf_attention_amx(void) {
+#ifdef LF_AMX_SCORES
+    return amx_permitted();
+#else
+    return 0;
 #endif
 }
 
