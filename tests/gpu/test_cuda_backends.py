@@ -120,6 +120,11 @@ def test_reused_logits_on_cuda_sample_as_the_fresh_ones(quantization: str, tiny_
         [RowStep(0, 0, (5, 17, 33, 9), 0, True, False), RowStep(1, 0, (11, 12), 0, True, False)],
         [RowStep(0, 4, (40,), 0, True, False), RowStep(1, 2, (41,), 0, True, False)],
     ]
+
+    def sampling(n: int) -> list[RowSampling]:  # seeded afresh for each call
+        seen = torch.tensor([5, 9], device=dev)
+        return [RowSampling(0.9, 0.8, 0, 1.2, seen, torch.Generator(dev).manual_seed(3 + i)) for i in range(n)]
+
     storage = set()
     for rows in steps:
         fresh = runners[0].step(rows).logits
@@ -127,14 +132,6 @@ def test_reused_logits_on_cuda_sample_as_the_fresh_ones(quantization: str, tiny_
         assert reused.device.type == "cuda" and reused.dtype == base.dtype
         assert torch.equal(reused.float(), fresh)
         assert runners[1].greedy_tokens(reused) == fresh.max(-1).indices.tolist()
-        sampling = [
-            RowSampling(0.9, 0.8, 0, 1.2, torch.tensor([5, 9], device=dev), torch.Generator(dev).manual_seed(3 + i))
-            for i in range(len(rows))
-        ]
-        again = [
-            RowSampling(0.9, 0.8, 0, 1.2, torch.tensor([5, 9], device=dev), torch.Generator(dev).manual_seed(3 + i))
-            for i in range(len(rows))
-        ]
-        assert sample_rows(reused, sampling) == sample_rows(fresh, again)
+        assert sample_rows(reused, sampling(len(rows))) == sample_rows(fresh, sampling(len(rows)))
         storage.add(reused.untyped_storage().data_ptr())
     assert len(storage) == 1

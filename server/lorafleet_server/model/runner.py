@@ -23,6 +23,7 @@ from lorafleet_server.model.lora import Impl, LoraBatch, LoraContext
 from lorafleet_server.model.native import GLUE_DTYPES, AttentionRows, NativeAttention, NativeLora
 from lorafleet_server.model.native_layers import DriverLayer, DriverShape, LayerDriver, NativeLayers
 from lorafleet_server.model.packed import NativeLinearModule
+from lorafleet_server.model.sampler import torch_argmax
 from lorafleet_server.model.threads import CALIBRATION_TOKENS, StepThreads
 
 
@@ -367,7 +368,7 @@ class ModelRunner:
             and logits.shape[1] > 0
         ):
             return cast(list[int], kernel.argmax_rows(logits).tolist())
-        return cast(list[int], logits.max(-1).indices.tolist())
+        return torch_argmax(logits)
 
     def calibrate_threads(self) -> None:
         """Before serving: time a prompt chunk at each thread count of ``self.threads`` (model/threads.py),

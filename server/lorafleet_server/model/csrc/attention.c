@@ -669,6 +669,24 @@ static void rope_row_bf16_avx512(const uint16_t *x, const uint16_t *cos, const u
 }
 #endif
 
+/* rope_row_bf16 of x into out, which may be x: 16 lanes at a time where the CPU has AVX-512 BF16 and
+ * d is a multiple of 32, else the scalar row (through a copy where out is x). */
+static void rope_bf16_into(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t d, uint16_t *out) {
+#ifdef LF_AVX512_BF16
+    if (d % 32 == 0) {
+        rope_row_bf16_avx512(x, cos, sin, d, out);
+        return;
+    }
+#endif
+    if (out != x) {
+        rope_row_bf16(x, cos, sin, d, out);
+        return;
+    }
+    uint16_t tmp[MAX_HEAD_DIM];
+    rope_row_bf16(x, cos, sin, d, tmp);
+    memcpy(out, tmp, (size_t)d * sizeof(uint16_t));
+}
+
 /* The glue's calls split their tokens into lf_pool_units ranges (at least GLUE_MIN_TOKENS tokens a
  * range) on the helper pool; without a pool they run on the calling thread. */
 #define GLUE_MIN_TOKENS 4
@@ -703,35 +721,13 @@ static void rope_tokens(const rope_call *c, int64_t t0, int64_t t1) {
             }
         }
     float tmp[MAX_HEAD_DIM];
-    uint16_t tmp16[MAX_HEAD_DIM];
-#ifdef LF_AVX512_BF16
-    if (bf16 && head_dim % 32 == 0) {
-        for (int64_t t = t0; t < t1; t++) {
-            const uint16_t *cos_t = (const uint16_t *)c->cos + t * head_dim;
-            const uint16_t *sin_t = (const uint16_t *)c->sin + t * head_dim;
-            for (int64_t h = 0; h < heads; h++) {
-                uint16_t *qh = (uint16_t *)c->q + (t * heads + h) * head_dim;
-                rope_row_bf16_avx512(qh, cos_t, sin_t, head_dim, qh);
-            }
-            for (int64_t h = 0; h < kv_heads; h++) {
-                const int64_t from = (t * kv_heads + h) * head_dim;
-                const size_t at = (size_t)(((c->kv_row[t] * kv_heads + h) * max_seq_len + c->pos[t]) * head_dim);
-                rope_row_bf16_avx512((const uint16_t *)c->k + from, cos_t, sin_t, head_dim,
-                                     (uint16_t *)c->k_slab + at);
-                memcpy((uint16_t *)c->v_slab + at, (const uint16_t *)c->v + from, (size_t)head_dim * el);
-            }
-        }
-        return;
-    }
-#endif
     for (int64_t t = t0; t < t1; t++) {
         const int64_t at_c = t * head_dim;
         for (int64_t h = 0; h < heads; h++) {
             const int64_t at = (t * heads + h) * head_dim;
             if (bf16) {
-                rope_row_bf16((const uint16_t *)c->q + at, (const uint16_t *)c->cos + at_c,
-                              (const uint16_t *)c->sin + at_c, head_dim, tmp16);
-                memcpy((uint16_t *)c->q + at, tmp16, (size_t)head_dim * el);
+                rope_bf16_into((const uint16_t *)c->q + at, (const uint16_t *)c->cos + at_c,
+                               (const uint16_t *)c->sin + at_c, head_dim, (uint16_t *)c->q + at);
             } else {
                 rope_row((const float *)c->q + at, (const float *)c->cos + at_c, (const float *)c->sin + at_c,
                          head_dim, tmp);
@@ -742,8 +738,8 @@ static void rope_tokens(const rope_call *c, int64_t t0, int64_t t1) {
             const int64_t from = (t * kv_heads + h) * head_dim;
             const size_t at = (size_t)(((c->kv_row[t] * kv_heads + h) * max_seq_len + c->pos[t]) * head_dim);
             if (bf16) {
-                rope_row_bf16((const uint16_t *)c->k + from, (const uint16_t *)c->cos + at_c,
-                              (const uint16_t *)c->sin + at_c, head_dim, (uint16_t *)c->k_slab + at);
+                rope_bf16_into((const uint16_t *)c->k + from, (const uint16_t *)c->cos + at_c,
+                               (const uint16_t *)c->sin + at_c, head_dim, (uint16_t *)c->k_slab + at);
                 memcpy((uint16_t *)c->v_slab + at, (const uint16_t *)c->v + from, (size_t)head_dim * el);
             } else {
                 rope_row((const float *)c->k + from, (const float *)c->cos + at_c, (const float *)c->sin + at_c,
@@ -1069,12 +1065,12 @@ static void argmax_unit(void *ctx, int64_t unit) {
 
 /* out[r] = the index of the largest value of row r of x [rows, cols] (contiguous, fp32 or bf16 ==
  * 1), with torch's max(-1).indices' ties and NaNs (above). On `threads` threads of the helper pool
- * `pool_run` where it is not NULL (a row per unit), else on the calling thread. Returns 0, or -1 when
+ * `pool_run` where it is not NULL (the glue's ranges of rows), else on the calling thread. Returns 0, or -1 when
  * a size or the thread count is out of range (cols past 2^31: int32 lane indices). */
 int lf_argmax_rows(const void *x, int64_t *out, int64_t rows, int64_t cols, int bf16, int threads,
                    lf_pool_run_fn pool_run) {
     if (rows < 0 || cols <= 0 || cols > INT32_MAX || threads < 1) return -1;
-    const int64_t units = pool_run == NULL || threads <= 1 || rows < 2 ? 1 : rows;
+    const int64_t units = glue_units(rows, threads, pool_run);
     argmax_call c = {x, out, rows, cols, units, bf16};
     if (units == 1)
         argmax_rows(&c, 0, rows);
