@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from enginelib import KERNEL_CACHE_ENV
 
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_server.model.loader import base_spec_from_files
@@ -35,6 +36,21 @@ def _root_logging_restored() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_cache_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache of native kernels for the session: services built by ``enginelib.server_config`` and
+    servers started as processes (which read ``LORAFLEET_KERNEL_CACHE_DIR``) load the kernels the first
+    one built instead of compiling ~3 s of C each. Tests of the build itself pass their own directory."""
+    path = tmp_path_factory.mktemp("kernel-cache")
+    saved = os.environ.get(KERNEL_CACHE_ENV)
+    os.environ[KERNEL_CACHE_ENV] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop(KERNEL_CACHE_ENV, None)
+    else:
+        os.environ[KERNEL_CACHE_ENV] = saved
 
 
 @pytest.fixture(scope="module")

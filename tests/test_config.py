@@ -30,6 +30,14 @@ def test_precedence_flag_env_file(tmp_path: Path) -> None:
     assert parse_config(["--config", str(file)], environ=env).port == 7001
 
 
+def test_kernel_cache_dir_defaults_to_the_data_dir_and_may_be_shared(tmp_path: Path) -> None:
+    assert parse_config(["--data-dir", str(tmp_path)], environ={}).kernels_dir == tmp_path / "kernels"
+    shared = tmp_path / "shared-kernels"
+    by_flag = parse_config(["--data-dir", str(tmp_path), "--kernel-cache-dir", str(shared)], environ={})
+    by_env = parse_config([], environ={"LORAFLEET_KERNEL_CACHE_DIR": str(shared)})
+    assert by_flag.kernels_dir == by_env.kernels_dir == shared
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [

@@ -77,6 +77,13 @@ class ServerConfig(EngineConfig):
     adapter_cache_bytes: int = field(
         default=2 * GiB, metadata={"help": "size bound of that disk cache (least recently used versions go first)"}
     )
+    kernel_cache_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "where native kernels built for this CPU are kept (default: DATA_DIR/kernels); a build is named "
+            "by its source, compiler, flags and CPU, so servers of different data dirs may share one directory"
+        },
+    )
     keys_file: Path | None = field(
         default=None,
         metadata={
@@ -210,7 +217,7 @@ class ServerConfig(EngineConfig):
     @property
     def kernels_dir(self) -> Path:
         """Where native kernels built for this CPU are cached (model/native.py)."""
-        return self.data_dir / "kernels"
+        return self.kernel_cache_dir if self.kernel_cache_dir is not None else self.data_dir / "kernels"
 
     @property
     def store_location(self) -> str:

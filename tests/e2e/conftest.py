@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from e2elib import LiveServer, make_real_adapter
+from enginelib import server_config
 
 from lorafleet import LoraFleetClient
 from lorafleet_server.app import build_service
-from lorafleet_server.config import ServerConfig
 from lorafleet_server.grpc.server import BackgroundServer
 
 E2E_CONFIG = {
@@ -49,7 +49,7 @@ def _live(
     tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, real_adapters: dict[str, Path], **overrides: str
 ) -> Iterator[LiveServer]:
     data = tmp_path_factory.mktemp("e2e-data")
-    config = ServerConfig(model=default_model_dir, data_dir=data, **E2E_CONFIG, **overrides)  # type: ignore[arg-type]
+    config = server_config(model=default_model_dir, data_dir=data, **E2E_CONFIG, **overrides)  # type: ignore[arg-type]
     service = build_service(config)
     for name, d in real_adapters.items():
         service.store.import_peft(d, "acme", name, service.base.spec)

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from classifierlib import labelled_rows, train_head, write_labelled
 from e2elib import wait_until
+from enginelib import server_config
 
 from lorafleet import FailedPreconditionError, InvalidArgumentError, LoraFleetClient, Message
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_server.app import Service, build_service
-from lorafleet_server.config import ServerConfig
 from lorafleet_server.grpc.server import BackgroundServer
 from lorafleet_training.publish import publish
 
@@ -41,7 +41,7 @@ def heads(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> 
 def server(
     tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, real_adapters: dict[str, Path]
 ) -> Iterator[tuple[Service, LoraFleetClient, int]]:
-    config = ServerConfig(
+    config = server_config(
         model=default_model_dir,
         data_dir=tmp_path_factory.mktemp("classify-data"),
         port=0,

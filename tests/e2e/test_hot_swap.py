@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 from e2elib import make_real_adapter, start_queued
-from enginelib import engine_held
+from enginelib import engine_held, server_config
 
 from lorafleet import LoraFleetClient, Message, Sampling
 from lorafleet_server.app import Service, build_service
-from lorafleet_server.config import ServerConfig
 from lorafleet_server.grpc.server import BackgroundServer
 from lorafleet_server.model.runner import RowStep
 
@@ -42,7 +41,7 @@ def versions(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) 
 
 @pytest.fixture
 def server(tmp_path: Path, default_model_dir: Path) -> Iterator[tuple[Service, LoraFleetClient]]:
-    config = ServerConfig(
+    config = server_config(
         model=default_model_dir,
         data_dir=tmp_path,
         port=0,

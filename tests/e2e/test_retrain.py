@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from classifierlib import labelled_rows, train_head, write_labelled
+from enginelib import server_config
 from transformers import AutoModelForCausalLM
 
 from lorafleet import FailedPreconditionError, LoraFleetClient
@@ -17,7 +18,6 @@ from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import build_service
 from lorafleet_server.cli import main
-from lorafleet_server.config import ServerConfig
 from lorafleet_server.grpc.server import BackgroundServer
 from lorafleet_training.publish import publish
 
@@ -78,7 +78,7 @@ def test_retrain_stale_head_on_a_new_base(
     assert new.base_fingerprint != store.manifest(AdapterKey("acme", "intents", 1)).base_fingerprint
 
     # the retrained version serves on the new base over gRPC; the old one is refused there
-    config = ServerConfig(
+    config = server_config(
         model=nudged,
         data_dir=tmp_path / "serve",
         adapter_store=store.root,

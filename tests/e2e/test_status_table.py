@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from e2elib import wait_until
-from enginelib import engine_held
+from enginelib import engine_held, server_config
 from grpc import StatusCode as Code
 
 from lorafleet import LoraFleetClient, LoraFleetError, Message, Sampling
@@ -67,7 +67,7 @@ class TableServer:
 
 
 def _config(data: Path, model: Path) -> ServerConfig:
-    return ServerConfig(
+    return server_config(
         model=model,
         data_dir=data,
         port=0,

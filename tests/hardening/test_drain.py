@@ -17,11 +17,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from enginelib import server_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet import LoraFleetClient, Sampling, UnavailableError
 from lorafleet_server.app import build_service
-from lorafleet_server.config import ServerConfig
 from lorafleet_server.grpc.server import BackgroundServer
 
 
@@ -31,7 +31,7 @@ def health(target: str) -> int:
 
 
 def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = ServerConfig(
+    config = server_config(
         model=tiny_model_dir, data_dir=tmp_path, max_batch_size=1, max_seq_len=256, port=0, metrics_port=0
     )
     service = build_service(config)  # BackgroundServer starts its engine

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from enginelib import server_config
 from httplib import TinyHttp, new_key
 
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_server.app import build_service
-from lorafleet_server.config import ServerConfig
 from lorafleet_server.grpc.server import server_keys
 from lorafleet_server.http.server import BackgroundHttpServer
 
@@ -41,7 +41,7 @@ def tiny_http(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, pe
         "ops": new_key(keys_file, "ops", "admin"),
         "tight": new_key(keys_file, "tight", "tenant", max_waiting=1),
     }
-    config = ServerConfig(
+    config = server_config(
         model=tiny_model_dir,
         data_dir=data,
         port=0,

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from enginelib import KERNEL_CACHE_ENV
 
 from lorafleet import LoraFleetClient, Sampling
 from lorafleet_server.tenants.keys import PepperSource, create_key
@@ -43,7 +44,7 @@ def test_serve_starts_http_next_to_grpc_and_drains_it(tiny_model_dir: Path, tmp_
         *("--data-dir", str(tmp_path), "--port", "0", "--metrics-port", "0", "--http-port", str(http_port)),
         *("--max-seq-len", "256", "--drain-seconds", "3", "--keys-poll-seconds", "0.2"),
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_") or k == KERNEL_CACHE_ENV}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
     try:

@@ -14,14 +14,13 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from enginelib import generate, request, tiny_service
+from enginelib import generate, request, server_config, tiny_service
 from seaweedlib import SeaweedFS
 
 from lorafleet_adapters.backend import StoreSettings, open_store
 from lorafleet_adapters.errors import StoreUnavailable
 from lorafleet_adapters.s3_store import S3AdapterStore
 from lorafleet_server.app import Service, build_service
-from lorafleet_server.config import ServerConfig
 from lorafleet_server.grpc.status import status_for
 
 pytestmark = pytest.mark.slow  # the tiny model per test, SeaweedFS stopped and started again
@@ -113,7 +112,7 @@ def test_server_refuses_to_start_on_a_store_it_cannot_use(
     """Before loading the model: the store's own message, within seconds."""
 
     def start(**overrides: Any) -> None:
-        build_service(ServerConfig(model=tiny_model_dir, data_dir=tmp_path, **overrides))
+        build_service(server_config(model=tiny_model_dir, data_dir=tmp_path, **overrides))
 
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="bucket 'missing-bucket' does not exist"):

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from enginelib import server_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -29,7 +30,6 @@ from lorafleet import (
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_proto.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 from lorafleet_server.app import Service, build_service
-from lorafleet_server.config import ServerConfig
 from lorafleet_server.grpc.auth import ADMIN_RPCS, RPC_ROLES
 from lorafleet_server.grpc.server import BackgroundServer
 from lorafleet_server.tenants.keys import KEY_ALPHABET, PepperSource, create_key, format_key, revoke_key
@@ -111,7 +111,7 @@ def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, peft_ad
         "expired": new_key(keys_file, "acme", "tenant", now=past, expires=past + timedelta(hours=1)),
     }
     revoke_key(keys_file, key_id(keys["revoked"]), datetime.now(UTC))
-    config = ServerConfig(
+    config = server_config(
         model=tiny_model_dir, data_dir=data, port=0, metrics_port=0, max_seq_len=256, keys_poll_seconds=0.2
     )
     service = build_service(config)
@@ -382,7 +382,7 @@ def _refused(client: LoraFleetClient, says: str) -> bool:
 def test_an_open_loopback_server_turns_authentication_on_when_a_key_appears(
     tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = ServerConfig(
+    config = server_config(
         model=tiny_model_dir, data_dir=tmp_path, port=0, metrics_port=0, max_seq_len=256, keys_poll_seconds=0.2
     )
     with caplog.at_level(logging.INFO):

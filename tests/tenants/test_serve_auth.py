@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from enginelib import KERNEL_CACHE_ENV
 
 from lorafleet import LoraFleetClient, Sampling, UnauthenticatedError
 from lorafleet_server.tenants.keys import PepperSource, create_key, format_key, revoke_key
@@ -41,7 +42,7 @@ def serve_command(tiny_model_dir: Path, data: Path, *extra: str) -> list[str]:
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    return {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_") or k == KERNEL_CACHE_ENV}
 
 
 def start(cmd: list[str]) -> tuple[subprocess.Popen[str], str, list[str]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
+from enginelib import server_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet import LoraFleetClient, Sampling, UnauthenticatedError, UnavailableError
@@ -45,7 +46,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def serve(tiny_model_dir: Path, data: Path, **tls: Path) -> Iterator[str]:
-    config = ServerConfig(model=tiny_model_dir, data_dir=data, port=0, metrics_port=0, max_seq_len=256, **tls)
+    config = server_config(model=tiny_model_dir, data_dir=data, port=0, metrics_port=0, max_seq_len=256, **tls)
     server = BackgroundServer(build_service(config))
     port = server.start()
     try:
