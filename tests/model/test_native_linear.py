@@ -94,6 +94,49 @@ def test_helper_threads_give_the_same_numbers(kernel: NativeLinear, kernels_dir:
             assert torch.equal(helped(x, packed, b32, n), kernel(x, packed, b32, n)), (n, k, m)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_several_weights_of_one_input_in_one_call_give_each_its_own_call_s_numbers(
+    kernel: NativeLinear, kernels_dir: Path, threads: int
+) -> None:
+    """``parts``: a layer's q, k and v (or gate and up) in one call, their columns cut into units that
+    cross from one weight into the next; bit for bit what a call each gives, with and without biases,
+    for row counts across tiles, blocks and prompt chunks."""
+    runner = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2)) if threads == 2 else kernel
+    for k, widths in ((576, (576, 192, 192)), (576, (1536, 1536)), (64, (32, 96, 32, 64)), (1536, (32,))):
+        weights = [_weights(n, k, seed=n + i) for i, n in enumerate(widths)]
+        packed = [kernel.pack(w) for w, _ in weights]
+        biases = [b.float() if i % 2 else None for i, (_, b) in enumerate(weights)]
+        gen = torch.Generator().manual_seed(k)
+        for m in (1, 5, 17, 32, 33, 300):
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)  # [m, in]
+            outs = [torch.full((m, n), float("nan"), dtype=torch.bfloat16) for n in widths]
+            runner.parts(x, [(p, b, o) for p, b, o in zip(packed, biases, outs, strict=True)])
+            for p, b, o, n in zip(packed, biases, outs, widths, strict=True):
+                assert torch.equal(o, kernel(x, p, b, n)), (k, widths, m, n)
+
+
+def test_parts_it_does_not_take_are_refused(kernel: NativeLinear) -> None:
+    w, _ = _weights(64, 64, seed=6)
+    packed = kernel.pack(w)
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    out = torch.empty(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(NativeKernelError, match="1 to 4 weights"):
+        kernel.parts(x, [])
+    with pytest.raises(NativeKernelError, match="1 to 4 weights"):
+        kernel.parts(x, [(packed, None, out)] * 5)
+    with pytest.raises(NativeKernelError, match="packed weights"):
+        kernel.parts(x, [(packed, None, torch.empty(2, 32, dtype=torch.bfloat16))])  # out narrower than W
+    with pytest.raises(NativeKernelError, match="writes contiguous"):
+        kernel.parts(x, [(packed, None, torch.empty(3, 64, dtype=torch.bfloat16))])
+    with pytest.raises(NativeKernelError, match="fp32 bias"):
+        kernel.parts(x, [(packed, torch.zeros(64, dtype=torch.bfloat16), out)])
+    with pytest.raises(NativeKernelError, match="rc 1"):  # a width that is not whole panels, past the checks
+        kernel.parts(
+            torch.zeros(2, 32, dtype=torch.bfloat16),
+            [(torch.zeros(48 * 32, dtype=torch.bfloat16), None, torch.empty(2, 48, dtype=torch.bfloat16))],
+        )
+
+
 def test_callers_on_several_threads_each_get_their_own_result(kernel: NativeLinear, kernels_dir: Path) -> None:
     """One call at a time uses the helpers; a call that finds them busy runs on its own thread."""
     helped = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2))

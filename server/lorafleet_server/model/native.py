@@ -631,6 +631,15 @@ def _run_linear(
     return out
 
 
+LINEAR_MAX_PARTS = 4  # csrc/linear.c's MAX_PARTS
+
+
+class LinearPart(ctypes.Structure):
+    """``csrc/linear.c``'s ``lf_linear_part``: one output of an ``lf_linear_parts`` call."""
+
+    _fields_ = [("packed", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("n", ctypes.c_int64)]
+
+
 class NativeLinear:
     """``csrc/linear.c`` through ctypes: bf16 Linears on AMX from a weight packed once, on the calling
     thread and ``pool``'s helpers (pinned to cores of their own), or on the calling thread alone."""
@@ -647,6 +656,9 @@ class NativeLinear:
                 "lf_linear_available": [],
                 "lf_linear_pack": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64],
                 "lf_linear": _LINEAR_AMX_ARGTYPES,
+                "lf_linear_parts": [ctypes.c_void_p, ctypes.POINTER(LinearPart), ctypes.c_int]
+                + [ctypes.c_int64] * 2
+                + [ctypes.c_int, ctypes.c_void_p],
             },
         )
         if fns["lf_linear_available"]() != 1:
@@ -657,7 +669,9 @@ class NativeLinear:
         self._lib = lib  # keeps the library loaded while its functions live
         self._pack = fns["lf_linear_pack"]
         self._fn = fns["lf_linear"]
+        self._parts = fns["lf_linear_parts"]
         self.address = c_address(self._fn)  # of lf_linear, for csrc/layers.c
+        self.parts_address = c_address(self._parts)  # of lf_linear_parts, for csrc/layers.c
 
     @staticmethod
     def takes(weight: torch.Tensor) -> bool:
@@ -695,6 +709,34 @@ class NativeLinear:
             raise NativeKernelError("the native Linear needs the packed weight pack() made")
         pool = self.pool.address if self.pool is not None else None
         return _run_linear(self._fn, "the native Linear", x, packed, bias, out_features, self.threads, pool, out=out)
+
+    def parts(
+        self,
+        x: torch.Tensor,  # [M, in] bf16, contiguous
+        weights: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],  # (packed, bias [out_i], out [M, out_i])
+    ) -> None:
+        """Each ``out_i = x . W_i^T (+ bias_i)`` in one call (``lf_linear_parts``): the Linears of one
+        input split over the pool as one Linear's columns would be. The same numbers as a call each."""
+        rows, in_features = x.shape
+        if x.dtype != torch.bfloat16 or not x.is_contiguous():
+            raise NativeKernelError("the native Linear needs contiguous bf16 rows")
+        if not 1 <= len(weights) <= LINEAR_MAX_PARTS:
+            raise NativeKernelError(f"the native Linear takes 1 to {LINEAR_MAX_PARTS} weights a call")
+        parts = (LinearPart * len(weights))()
+        for part, (packed, bias, out) in zip(parts, weights, strict=True):
+            n = out.shape[1] if out.dim() == 2 else -1
+            if out.shape != (rows, n) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+                raise NativeKernelError(f"the native Linear writes contiguous [{rows}, n] bf16 tensors")
+            if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != in_features * n:
+                raise NativeKernelError("the native Linear needs the packed weights pack() made")
+            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != n):
+                raise NativeKernelError(f"the native Linear needs an fp32 bias of {n} values")
+            part.packed, part.out, part.n = packed.data_ptr(), out.data_ptr(), n
+            part.bias = None if bias is None else bias.data_ptr()
+        pool = self.pool.address if self.pool is not None else None
+        rc = self._parts(x.data_ptr(), parts, len(weights), rows, in_features, self.threads, pool)
+        if rc != 0:
+            raise NativeKernelError(f"the native Linear refused its arguments (rc {rc})")
 
 
 def load_native_linear(cache_dir: Path, compiler: str | None = None, threads: int = 1) -> NativeLinear:

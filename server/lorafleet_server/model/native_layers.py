@@ -4,10 +4,12 @@ Where every piece of a Llama layer already runs in a native kernel (the base Lin
 RoPE + K/V write, the attention, residual add + RMSNorm, SiLU x up), the runner's Python loop over the
 layers is only glue: ~19 ctypes calls a layer, each with its tensor checks, ``data_ptr`` reads, output
 allocation and nn.Module dispatch, ~5 ms of a 32-row decode step on the AMX Xeon (docs/architecture.md,
-"Measured facts" 18). ``csrc/layers.c`` makes the same calls, in the same order and with the same
-arguments, from C: it only holds the kernels' addresses (each stays in its own library), a table of
-every layer's weights, slot tables and KV slabs built once, and one workspace for the activations. So a
-step's numbers are the loop's, bit for bit; the tests check that on every path it takes.
+"Measured facts" 18). ``csrc/layers.c`` makes the same calls with the same arguments from C: it only
+holds the kernels' addresses (each stays in its own library), a table of every layer's weights, slot
+tables and KV slabs built once, and one workspace for the activations. So a step's numbers are the
+loop's, bit for bit; the tests check that on every path it takes. (On AMX the Linears of one input,
+q, k and v or gate and up, run as one ``lf_linear_parts`` call before their LoRAs: one call's start and
+end instead of three, the same numbers.)
 
 It takes a step (:meth:`LayerDriver.takes`) only where the loop would call the native kernel for every
 one of those pieces: Llama layers with RMSNorm and a SiLU MLP, every projection a native Linear (AMX
@@ -88,6 +90,7 @@ class _LayerTable(ctypes.Structure):
 class _Step(ctypes.Structure):
     _fields_ = [
         ("linear", _P),
+        ("linear_parts", _P),
         ("lora", _P),
         ("rope_kv", _P),
         ("attention", _P),
@@ -210,6 +213,7 @@ class LayerDriver:
         kv = layers[0].k_slab
         self._step = _Step(
             linear=kernel.address,
+            linear_parts=kernel.parts_address if isinstance(kernel, NativeLinear) else None,
             lora=lora.address,
             rope_kv=attention.addresses["lf_rope_kv"],
             attention=attention.addresses["lf_attention"],

@@ -1,8 +1,10 @@
-/* A step's decoder layers in one call: the same kernel calls, in the same order and with the same
- * arguments, as model/runner.py's layer loop makes one by one through ctypes (~19 a layer, ~570 a
- * SmolLM2 decode step, each ~8 us of Python and ctypes around it). The kernels live in their own
- * libraries (linear.c or linear_f32.c, lora.c, attention.c, the pool in pool.c); this one only calls
- * them through the addresses native.py passes, so a layer's numbers are those of the loop, bit for bit.
+/* A step's decoder layers in one call: the same kernel calls, with the same arguments, as
+ * model/runner.py's layer loop makes one by one through ctypes (~19 a layer, ~570 a SmolLM2 decode
+ * step, each ~8 us of Python and ctypes around it). The kernels live in their own libraries (linear.c
+ * or linear_f32.c, lora.c, attention.c, the pool in pool.c); this one only calls them through the
+ * addresses native.py passes, so a layer's numbers are those of the loop, bit for bit. One difference
+ * in order, not in numbers: the AMX Linears of one input (q, k, v; gate, up) run as one
+ * lf_linear_parts call, then their LoRAs, where the loop runs each Linear and its LoRA in turn.
  *
  * Llama layers only: per layer
  *   q, k, v = x . Wq/Wk/Wv^T (+ each token's LoRA); RoPE on q and k, k and v written to the KV slabs;
@@ -16,6 +18,14 @@
 
 typedef int (*linear_amx_fn)(const void *x, const void *packed, const float *bias, void *out, int64_t m, int64_t n,
                              int64_t k, int threads, lf_pool_run_fn pool_run);
+typedef struct {
+    const void *packed;
+    const float *bias;
+    void *out;
+    int64_t n;
+} linear_part; /* linear.c's lf_linear_part */
+typedef int (*linear_parts_fn)(const void *x, const linear_part *parts, int count, int64_t m, int64_t k, int threads,
+                               lf_pool_run_fn pool_run);
 typedef int (*linear_f32_fn)(const void *x, const void *packed, const float *bias, void *out, int64_t m, int64_t n,
                              int64_t k, int threads);
 typedef int (*lora_fn)(void *y, const void *x, const void *at, const void *bt, const int64_t *slots,
@@ -59,6 +69,7 @@ typedef struct {
 /* The kernels, the model's shapes and one step's tensors. Mirrored by native_layers.py's _Step. */
 typedef struct {
     const void *linear;       /* lf_linear (linear_amx == 1) or lf_linear_f32 (0) */
+    const void *linear_parts; /* lf_linear_parts (linear_amx == 1), or NULL: one call a projection */
     const void *lora;         /* lf_lora_add */
     const void *rope_kv;      /* lf_rope_kv */
     const void *attention;    /* lf_attention */
@@ -104,6 +115,37 @@ static int project(const lf_step *s, const lf_proj *p, const void *x, void *y, i
     return rc != 0 ? op + OP_LORA : 0;
 }
 
+/* ys[i] = x . W_i^T (+ bias) (+ each token's LoRA) for the projections `first`, `first` + 1, ... of one
+ * input: the AMX Linears in one lf_linear_parts call (one call's start and end instead of `count`),
+ * then each projection's LoRA in order; elsewhere project() each. 0, or the failing op. */
+static int project_parts(const lf_step *s, const lf_layer *l, int first, int count, const void *x, void *const *ys,
+                         int op) {
+    if (!s->linear_amx || s->linear_parts == NULL) {
+        for (int i = 0; i < count; i++) {
+            const int rc = project(s, &l->proj[first + i], x, ys[i], op + i);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+    linear_part parts[PROJS];
+    for (int i = 0; i < count; i++) {
+        const lf_proj *p = &l->proj[first + i];
+        parts[i] = (linear_part){p->packed, p->bias, ys[i], p->d_out};
+        if (p->d_in != l->proj[first].d_in) return op + i;
+    }
+    if (((linear_parts_fn)s->linear_parts)(x, parts, count, s->n, l->proj[first].d_in, s->linear_threads,
+                                           (lf_pool_run_fn)s->pool))
+        return op;
+    for (int i = 0; i < count; i++) {
+        const lf_proj *p = &l->proj[first + i];
+        if (s->slots == NULL || p->r_cap == 0) continue;
+        if (((lora_fn)s->lora)(ys[i], x, p->lora_at, p->lora_bt, s->slots, p->ranks, s->n, s->n_slots, p->d_in,
+                               p->d_out, p->r_cap, s->bf16, s->threads, (lf_pool_run_fn)s->pool))
+            return op + i + OP_LORA;
+    }
+    return 0;
+}
+
 /* Runs layers [0, n_layers) of the step. Returns 0, or layer * 32 + op + 1 for the first kernel call that
  * refused its arguments (op: the OP_ values, + OP_LORA for a projection's LoRA); from that call on
  * nothing more is computed. */
@@ -119,9 +161,8 @@ int lf_layers(const lf_step *s, const lf_layer *layers, int64_t n_layers) {
         const lf_layer *l = &layers[i];
         const int64_t fail = i * 32 + 1;
         int op;
-        if ((op = project(s, &l->proj[PROJ_Q], s->x, q, OP_Q))) return (int)(fail + op);
-        if ((op = project(s, &l->proj[PROJ_K], s->x, k, OP_K))) return (int)(fail + op);
-        if ((op = project(s, &l->proj[PROJ_V], s->x, v, OP_V))) return (int)(fail + op);
+        void *const qkv[3] = {q, k, v};
+        if ((op = project_parts(s, l, PROJ_Q, 3, s->x, qkv, OP_Q))) return (int)(fail + op);
         if (((rope_kv_fn)s->rope_kv)(q, k, v, s->cos, s->sin, l->k_slab, l->v_slab, s->kv_row, s->pos, n, s->heads,
                                      s->kv_heads, s->head_dim, s->kv_rows, s->max_seq_len, s->bf16, s->threads,
                                      pool))
@@ -137,8 +178,8 @@ int lf_layers(const lf_step *s, const lf_layer *layers, int64_t n_layers) {
         if (((add_rmsnorm_fn)s->add_rmsnorm)(s->h, delta, l->post_norm, s->x, n, s->hidden, l->post_eps, s->bf16,
                                              s->threads, pool))
             return (int)(fail + OP_POST_NORM);
-        if ((op = project(s, &l->proj[PROJ_GATE], s->x, gate, OP_GATE))) return (int)(fail + op);
-        if ((op = project(s, &l->proj[PROJ_UP], s->x, up, OP_UP))) return (int)(fail + op);
+        void *const gate_up[2] = {gate, up};
+        if ((op = project_parts(s, l, PROJ_GATE, 2, s->x, gate_up, OP_GATE))) return (int)(fail + op);
         if (((silu_mul_fn)s->silu_mul)(gate, up, act, n, s->intermediate, s->bf16, s->threads, pool))
             return (int)(fail + OP_SILU);
         if ((op = project(s, &l->proj[PROJ_DOWN], act, delta, OP_DOWN))) return (int)(fail + op);

@@ -146,6 +146,17 @@ static void block(const uint16_t *x, const uint16_t *packed, const float *bias, 
 }
 #endif
 
+/* One output of a call: out [m, n] bf16 = x . W^T (+ bias [n] fp32, may be NULL), W packed by
+ * lf_linear_pack. A call may have several (a layer's q, k and v; gate and up) sharing x. */
+typedef struct {
+    const uint16_t *packed;
+    const float *bias;
+    uint16_t *out;
+    int64_t n;
+} lf_linear_part;
+
+#define MAX_PARTS 4
+
 #if LF_AMX
 /* Columns [c0, c1) of out for every row of x, in chunks of ~CHUNK_BYTES of weight with the row blocks
  * inside, so a long prompt chunk reads each weight panel from DRAM once. */
@@ -165,36 +176,54 @@ static void columns(const uint16_t *x, const uint16_t *packed, const float *bias
     }
 }
 
-/* One call's work for the pool (csrc/pool.c): unit u is output columns [u * unit_cols, ...). */
+/* One call's work for the pool (csrc/pool.c): the parts' columns side by side, part after part; unit u
+ * is columns [u * unit_cols, (u + 1) * unit_cols) of that row, which may end in one part and go on in
+ * the next. */
 typedef struct {
-    const uint16_t *x, *packed;
-    const float *bias;
-    uint16_t *out;
-    int64_t m, n, k, unit_cols;
+    const uint16_t *x;
+    const lf_linear_part *parts;
+    int count;
+    int64_t m, k, unit_cols;
 } linear_call;
 
 static void linear_unit(void *ctx, int64_t unit) {
     const linear_call *c = ctx;
-    const int64_t c0 = unit * c->unit_cols;
-    const int64_t c1 = c0 + c->unit_cols < c->n ? c0 + c->unit_cols : c->n;
-    columns(c->x, c->packed, c->bias, c->out, c->m, c->n, c->k, c0, c1);
+    int64_t c0 = unit * c->unit_cols, c1 = c0 + c->unit_cols; /* in the row of all parts' columns */
+    for (int i = 0; i < c->count && c0 < c1; i++) {
+        const lf_linear_part *p = &c->parts[i];
+        if (c0 < p->n) {
+            const int64_t end = c1 < p->n ? c1 : p->n;
+            columns(c->x, p->packed, p->bias, p->out, c->m, p->n, c->k, c0, end);
+            c0 = end;
+        }
+        c0 -= p->n; /* into the next part's columns */
+        c1 -= p->n;
+    }
     _tile_release(); /* a thread leaves no tile state behind for the OS to save */
 }
 #endif
 
 #define UNITS_PER_THREAD 4 /* a call's units: few, since taking one moves a cache line between cores */
 
-/* out [m, n] bf16 = x [m, k] bf16 . W^T (+ bias [n] fp32, may be NULL), W packed by lf_linear_pack,
- * on the calling thread and up to threads - 1 helpers of the pool whose lf_pool_run is `pool_run`
- * (NULL: on the calling thread alone).
- * rc 1: shapes it does not take; 2: no AMX in this build (lf_linear_available() said so). */
-int lf_linear(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int64_t m, int64_t n,
-              int64_t k, int threads, lf_pool_run_fn pool_run) {
-    if (m < 0 || n <= 0 || k <= 0 || n % PANEL || k % KSTEP || threads < 1) return 1;
+/* Every part's out = x [m, k] bf16 . W^T (+ bias) in one call, on the calling thread and up to
+ * threads - 1 helpers of the pool whose lf_pool_run is `pool_run` (NULL: on the calling thread alone).
+ * The parts' columns are cut into units as one Linear's would be, so several small Linears of the
+ * same x (a layer's q, k and v) cost one call's start and end instead of one each (~7 us); each
+ * column's sums are those of the part's own call, bit for bit.
+ * rc 1: shapes or counts it does not take; 2: no AMX in this build (lf_linear_available() said so). */
+int lf_linear_parts(const uint16_t *x, const lf_linear_part *parts, int count, int64_t m, int64_t k, int threads,
+                    lf_pool_run_fn pool_run) {
+    if (m < 0 || k <= 0 || k % KSTEP || threads < 1 || count < 1 || count > MAX_PARTS || parts == NULL) return 1;
+    int64_t n = 0; /* all parts' columns */
+    for (int i = 0; i < count; i++) {
+        if (parts[i].n <= 0 || parts[i].n % PANEL) return 1;
+        n += parts[i].n;
+    }
 #if LF_AMX
     const int64_t panels = n / PANEL;
     if (threads == 1 || panels < 2 || m == 0 || pool_run == NULL) {
-        columns(x, packed, bias, out, m, n, k, 0, n);
+        for (int i = 0; i < count; i++)
+            columns(x, parts[i].packed, parts[i].bias, parts[i].out, m, parts[i].n, k, 0, parts[i].n);
         _tile_release();
         return 0;
     }
@@ -202,11 +231,19 @@ int lf_linear(const uint16_t *x, const uint16_t *packed, const float *bias, uint
     int64_t want = (int64_t)threads * UNITS_PER_THREAD;
     if (want > panels) want = panels;
     const int64_t unit_cols = (panels + want - 1) / want * PANEL;
-    linear_call c = {x, packed, bias, out, m, n, k, unit_cols};
+    linear_call c = {x, parts, count, m, k, unit_cols};
     pool_run(linear_unit, &c, (n + unit_cols - 1) / unit_cols, threads);
     return 0;
 #else
-    (void)x, (void)packed, (void)bias, (void)out;
+    (void)x, (void)pool_run;
     return 2;
 #endif
+}
+
+/* out [m, n] bf16 = x [m, k] bf16 . W^T (+ bias [n] fp32, may be NULL), W packed by lf_linear_pack:
+ * lf_linear_parts with one part. */
+int lf_linear(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int64_t m, int64_t n,
+              int64_t k, int threads, lf_pool_run_fn pool_run) {
+    const lf_linear_part part = {packed, bias, out, n};
+    return lf_linear_parts(x, &part, 1, m, k, threads, pool_run);
 }
