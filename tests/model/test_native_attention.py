@@ -247,6 +247,24 @@ def test_silu_times_up_matches_transformers(kernel: NativeAttention, dtype: torc
         kernel.silu_mul(gate, up[:, :8].contiguous())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_silu_times_up_of_a_row_is_the_same_alone_and_in_any_batch(kernel: NativeAttention, threads: int) -> None:
+    """Rows of 24 (16 lanes on the AVX-512 path, 8 on the scalar tail, which differ only for results
+    below 2^-126) with gates and ups that make such results: every row's bits are the same alone, in
+    batches of any size, on one thread or split over the pool."""
+    pool = load_native_pool(kernel.library.parent, threads=2) if threads == 2 else None
+    runner = NativeAttention(kernel.library, pool) if pool is not None else kernel
+    gen = torch.Generator().manual_seed(13)
+    tiny = torch.tensor([2.0**-130, -(2.0**-131), 2.0**-120, 3.0])  # fp32 denormal gates, and a normal one
+    gate = tiny[torch.randint(0, 4, (9, 24), generator=gen)].to(torch.bfloat16)  # [9, 24]
+    ups = torch.tensor([1.0, -0.75, 2.0**-128, 3 * 2.0**-129])  # with the normal gate: products below 2^-126
+    up = ups[torch.randint(0, 4, (9, 24), generator=gen)].to(torch.bfloat16)
+    alone = torch.cat([runner.silu_mul(gate[i : i + 1].contiguous(), up[i : i + 1].contiguous()) for i in range(9)])
+    for rows in (2, 3, 9):
+        together = runner.silu_mul(gate[:rows].contiguous(), up[:rows].contiguous())
+        assert torch.equal(together.view(torch.int16), alone[:rows].view(torch.int16)), rows
+
+
 _FEWER_THREADS_SCRIPT = """
 import sys, torch
 from pathlib import Path
