@@ -102,7 +102,8 @@ def test_several_weights_of_one_input_in_one_call_give_each_its_own_call_s_numbe
     cross from one weight into the next; bit for bit what a call each gives, with and without biases,
     for row counts across tiles, blocks and prompt chunks."""
     runner = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2)) if threads == 2 else kernel
-    for k, widths in ((576, (576, 192, 192)), (576, (1536, 1536)), (64, (32, 96, 32, 64)), (1536, (32,))):
+    cases = ((576, (576, 192, 192)), (576, (1536, 1536)), (64, (32, 96, 32, 64)), (96, (96, 160, 32)), (1536, (32,)))
+    for k, widths in cases:  # (96, 160, 32): on two threads units of 2 panels, two of them crossing parts
         weights = [_weights(n, k, seed=n + i) for i, n in enumerate(widths)]
         packed = [kernel.pack(w) for w, _ in weights]
         biases = [b.float() if i % 2 else None for i, (_, b) in enumerate(weights)]
@@ -120,6 +121,8 @@ def test_parts_it_does_not_take_are_refused(kernel: NativeLinear) -> None:
     packed = kernel.pack(w)
     x = torch.zeros(2, 64, dtype=torch.bfloat16)
     out = torch.empty(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(NativeKernelError, match=r"rows of \[M, in\]"):
+        kernel.parts(x[0], [(packed, None, out)])
     with pytest.raises(NativeKernelError, match="1 to 4 weights"):
         kernel.parts(x, [])
     with pytest.raises(NativeKernelError, match="1 to 4 weights"):

@@ -77,7 +77,11 @@ def find_compiler() -> str | None:
     return None
 
 
-HEADERS = ("bf16.h", "pool.h")  # csrc headers the sources include: next to every build, and in its cache key
+HEADERS = (
+    "bf16.h",
+    "linear.h",
+    "pool.h",
+)  # csrc headers the sources include: next to every build, and in its cache key
 
 
 def _source(name: str) -> bytes:
@@ -661,6 +665,10 @@ class NativeLinear:
                 + [ctypes.c_int, ctypes.c_void_p],
             },
         )
+        part_bytes = lib.lf_linear_part_bytes
+        part_bytes.restype, part_bytes.argtypes = ctypes.c_int64, []
+        if part_bytes() != ctypes.sizeof(LinearPart):
+            raise NativeKernelError(f"{library} lays out lf_linear_part differently from LinearPart")
         if fns["lf_linear_available"]() != 1:
             raise NativeKernelError(
                 "the native Linear needs AMX-BF16: this CPU (or the OS kernel's permission for AMX) lacks it"
@@ -717,6 +725,8 @@ class NativeLinear:
     ) -> None:
         """Each ``out_i = x . W_i^T (+ bias_i)`` in one call (``lf_linear_parts``): the Linears of one
         input split over the pool as one Linear's columns would be. The same numbers as a call each."""
+        if x.dim() != 2:
+            raise NativeKernelError("the native Linear needs rows of [M, in]")
         rows, in_features = x.shape
         if x.dtype != torch.bfloat16 or not x.is_contiguous():
             raise NativeKernelError("the native Linear needs contiguous bf16 rows")

@@ -14,18 +14,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "linear.h"
 #include "pool.h"
 
 typedef int (*linear_amx_fn)(const void *x, const void *packed, const float *bias, void *out, int64_t m, int64_t n,
                              int64_t k, int threads, lf_pool_run_fn pool_run);
-typedef struct {
-    const void *packed;
-    const float *bias;
-    void *out;
-    int64_t n;
-} linear_part; /* linear.c's lf_linear_part */
-typedef int (*linear_parts_fn)(const void *x, const linear_part *parts, int count, int64_t m, int64_t k, int threads,
-                               lf_pool_run_fn pool_run);
+typedef int (*linear_parts_fn)(const void *x, const lf_linear_part *parts, int count, int64_t m, int64_t k,
+                               int threads, lf_pool_run_fn pool_run);
 typedef int (*linear_f32_fn)(const void *x, const void *packed, const float *bias, void *out, int64_t m, int64_t n,
                              int64_t k, int threads);
 typedef int (*lora_fn)(void *y, const void *x, const void *at, const void *bt, const int64_t *slots,
@@ -115,27 +110,31 @@ static int project(const lf_step *s, const lf_proj *p, const void *x, void *y, i
     return rc != 0 ? op + OP_LORA : 0;
 }
 
+/* project() each of `count` projections of one input, in order. 0, or the failing op. */
+static int project_each(const lf_step *s, const lf_layer *l, int first, int count, const void *x, void *const *ys,
+                        int op) {
+    for (int i = 0; i < count; i++) {
+        const int rc = project(s, &l->proj[first + i], x, ys[i], op + i);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 /* ys[i] = x . W_i^T (+ bias) (+ each token's LoRA) for the projections `first`, `first` + 1, ... of one
  * input: the AMX Linears in one lf_linear_parts call (one call's start and end instead of `count`),
  * then each projection's LoRA in order; elsewhere project() each. 0, or the failing op. */
 static int project_parts(const lf_step *s, const lf_layer *l, int first, int count, const void *x, void *const *ys,
                          int op) {
-    if (!s->linear_amx || s->linear_parts == NULL) {
-        for (int i = 0; i < count; i++) {
-            const int rc = project(s, &l->proj[first + i], x, ys[i], op + i);
-            if (rc) return rc;
-        }
-        return 0;
-    }
-    linear_part parts[PROJS];
+    if (!s->linear_amx || s->linear_parts == NULL) return project_each(s, l, first, count, x, ys, op);
+    lf_linear_part parts[PROJS];
     for (int i = 0; i < count; i++) {
         const lf_proj *p = &l->proj[first + i];
-        parts[i] = (linear_part){p->packed, p->bias, ys[i], p->d_out};
+        parts[i] = (lf_linear_part){p->packed, p->bias, ys[i], p->d_out};
         if (p->d_in != l->proj[first].d_in) return op + i;
     }
     if (((linear_parts_fn)s->linear_parts)(x, parts, count, s->n, l->proj[first].d_in, s->linear_threads,
                                            (lf_pool_run_fn)s->pool))
-        return op;
+        return project_each(s, l, first, count, x, ys, op); /* refused: a call each names the projection */
     for (int i = 0; i < count; i++) {
         const lf_proj *p = &l->proj[first + i];
         if (s->slots == NULL || p->r_cap == 0) continue;

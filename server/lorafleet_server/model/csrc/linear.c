@@ -28,6 +28,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "linear.h"
 #include "pool.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__x86_64__)
@@ -146,16 +147,10 @@ static void block(const uint16_t *x, const uint16_t *packed, const float *bias, 
 }
 #endif
 
-/* One output of a call: out [m, n] bf16 = x . W^T (+ bias [n] fp32, may be NULL), W packed by
- * lf_linear_pack. A call may have several (a layer's q, k and v; gate and up) sharing x. */
-typedef struct {
-    const uint16_t *packed;
-    const float *bias;
-    uint16_t *out;
-    int64_t n;
-} lf_linear_part;
-
 #define MAX_PARTS 4
+
+/* sizeof(lf_linear_part), which native.py checks its ctypes mirror against */
+int64_t lf_linear_part_bytes(void) { return (int64_t)sizeof(lf_linear_part); }
 
 #if LF_AMX
 /* Columns [c0, c1) of out for every row of x, in chunks of ~CHUNK_BYTES of weight with the row blocks
