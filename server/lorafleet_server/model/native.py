@@ -77,11 +77,8 @@ def find_compiler() -> str | None:
     return None
 
 
-HEADERS = (
-    "bf16.h",
-    "linear.h",
-    "pool.h",
-)  # csrc headers the sources include: next to every build, and in its cache key
+# csrc headers the sources include: next to every build, and in its cache key
+HEADERS = ("amx.h", "bf16.h", "linear.h", "pool.h")
 
 
 def _source(name: str) -> bytes:
@@ -600,6 +597,12 @@ _LINEAR_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ct
 _LINEAR_AMX_ARGTYPES: list[Any] = [*_LINEAR_ARGTYPES, ctypes.c_void_p]
 
 
+def _check_bias(bias: torch.Tensor | None, out_features: int, what: str) -> None:
+    """A native Linear's bias: None, or ``out_features`` contiguous fp32 values."""
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != out_features):
+        raise NativeKernelError(f"{what} needs an fp32 bias of {out_features} values")
+
+
 def _run_linear(
     fn: Any,
     what: str,
@@ -612,8 +615,7 @@ def _run_linear(
     out: torch.Tensor | None = None,  # [M, out] x's dtype, contiguous: written; None: a new tensor
 ) -> torch.Tensor:  # [M, out] in x's dtype
     """A native Linear's call (``x, packed, bias, out; m, n, k; threads, *tail``) after the bias is checked."""
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != out_features):
-        raise NativeKernelError(f"{what} needs an fp32 bias of {out_features} values")
+    _check_bias(bias, out_features, what)
     rows, in_features = x.shape
     if out is None:
         out = torch.empty(rows, out_features, dtype=x.dtype)
@@ -739,8 +741,7 @@ class NativeLinear:
                 raise NativeKernelError(f"the native Linear writes contiguous [{rows}, n] bf16 tensors")
             if packed.dtype != torch.bfloat16 or not packed.is_contiguous() or packed.numel() != in_features * n:
                 raise NativeKernelError("the native Linear needs the packed weights pack() made")
-            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != n):
-                raise NativeKernelError(f"the native Linear needs an fp32 bias of {n} values")
+            _check_bias(bias, n, "the native Linear")
             part.packed, part.out, part.n = packed.data_ptr(), out.data_ptr(), n
             part.bias = None if bias is None else bias.data_ptr()
         pool = self.pool.address if self.pool is not None else None

@@ -32,8 +32,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -194,35 +192,27 @@ static inline __m512 sum_lanes16(const __m512 a[16]) {
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__x86_64__)
 #define LF_AMX_SCORES 1
-#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component ... */
-#define XFEATURE_XTILEDATA 18      /* ... the AMX tile data */
+#include "amx.h"
 #define AMX_MAX_D 128   /* head_dim the AMX scores take: four 32-wide k steps */
 #define AMX_MIN_KEYS 32 /* rows with fewer keys keep the AVX-512 loop: the tiles' setup outweighs it */
 
-/* 1 where this process may use AMX tiles: Linux hands them out per process on request (the AMX
- * Linear asks too; asking again is harmless). */
+/* 1 where this process may use AMX tiles (lf_amx_request, asked once; the AMX Linear asks too). */
 static int amx_permitted(void) {
     static _Atomic int state; /* 0: not asked yet, 1: granted, -1: refused */
     int s = atomic_load_explicit(&state, memory_order_relaxed);
     if (s == 0) {
-        s = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+        s = lf_amx_request() ? 1 : -1;
         atomic_store_explicit(&state, s, memory_order_relaxed);
     }
     return s > 0;
 }
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_config;
 
 /* Tile 0: 16 keys x 16 query heads of fp32 scores; 1: 16 keys x 32 dims of K (A); 2-5: q transposed,
  * 32 dims (16 pairs) x 16 heads per k step (B). Set on the thread that computes, before its rows, and
  * released after them: on the Linears' pool and on torch's OpenMP threads alike, no tile state is
  * kept across calls (the AMX Linear and oneDNN configure their own per call). */
 static void amx_configure(void) {
-    amx_config c;
+    lf_tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 6; t++) {

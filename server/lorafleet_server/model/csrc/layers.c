@@ -95,6 +95,15 @@ int lf_layers_ops(void) { return OP_LORA; }
 /* The structs' sizes, which native_layers.py checks its ctypes mirrors against. */
 int64_t lf_layers_sizes(void) { return (int64_t)sizeof(lf_proj) << 32 | (int64_t)sizeof(lf_layer) << 16 | sizeof(lf_step); }
 
+/* y [n, d_out] += each token's adapter of x [n, d_in] on this projection (nothing where no token uses
+ * an adapter or none targets it). 0, or the failing op + OP_LORA. */
+static int add_lora(const lf_step *s, const lf_proj *p, const void *x, void *y, int op) {
+    if (s->slots == NULL || p->r_cap == 0) return 0;
+    const int rc = ((lora_fn)s->lora)(y, x, p->lora_at, p->lora_bt, s->slots, p->ranks, s->n, s->n_slots, p->d_in,
+                                      p->d_out, p->r_cap, s->bf16, s->threads, (lf_pool_run_fn)s->pool);
+    return rc != 0 ? op + OP_LORA : 0;
+}
+
 /* y [n, d_out] = x [n, d_in] . W^T (+ bias), then each token's adapter added in place. 0, or the failing op. */
 static int project(const lf_step *s, const lf_proj *p, const void *x, void *y, int op) {
     int rc;
@@ -103,11 +112,7 @@ static int project(const lf_step *s, const lf_proj *p, const void *x, void *y, i
                                         (lf_pool_run_fn)s->pool);
     else
         rc = ((linear_f32_fn)s->linear)(x, p->packed, p->bias, y, s->n, p->d_out, p->d_in, s->linear_threads);
-    if (rc != 0) return op;
-    if (s->slots == NULL || p->r_cap == 0) return 0;
-    rc = ((lora_fn)s->lora)(y, x, p->lora_at, p->lora_bt, s->slots, p->ranks, s->n, s->n_slots, p->d_in, p->d_out,
-                            p->r_cap, s->bf16, s->threads, (lf_pool_run_fn)s->pool);
-    return rc != 0 ? op + OP_LORA : 0;
+    return rc != 0 ? op : add_lora(s, p, x, y, op);
 }
 
 /* project() each of `count` projections of one input, in order. 0, or the failing op. */
@@ -136,11 +141,8 @@ static int project_parts(const lf_step *s, const lf_layer *l, int first, int cou
                                            (lf_pool_run_fn)s->pool))
         return project_each(s, l, first, count, x, ys, op); /* refused: a call each names the projection */
     for (int i = 0; i < count; i++) {
-        const lf_proj *p = &l->proj[first + i];
-        if (s->slots == NULL || p->r_cap == 0) continue;
-        if (((lora_fn)s->lora)(ys[i], x, p->lora_at, p->lora_bt, s->slots, p->ranks, s->n, s->n_slots, p->d_in,
-                               p->d_out, p->r_cap, s->bf16, s->threads, (lf_pool_run_fn)s->pool))
-            return op + i + OP_LORA;
+        const int rc = add_lora(s, &l->proj[first + i], x, ys[i], op + i);
+        if (rc) return rc;
     }
     return 0;
 }

@@ -25,8 +25,6 @@
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "linear.h"
 #include "pool.h"
@@ -34,12 +32,12 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__x86_64__)
 #define LF_AMX 1
 #include <immintrin.h>
+
+#include "amx.h"
 #else
 #define LF_AMX 0
 #endif
 
-#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component ... */
-#define XFEATURE_XTILEDATA 18      /* ... the AMX tile data */
 #define PANEL 32                   /* output columns per panel (two B tiles) */
 #define KSTEP 32                   /* k per tile: 16 pairs of bf16 */
 #define ROWS 32                    /* rows of x per block (two A tiles) */
@@ -50,7 +48,7 @@
  * 0 otherwise. Asking twice is harmless. */
 int lf_linear_available(void) {
 #if LF_AMX
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+    return lf_amx_request();
 #else
     return 0;
 #endif
@@ -73,17 +71,9 @@ int lf_linear_pack(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k) {
 }
 
 #if LF_AMX
-typedef struct {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
 /* Tiles 0-3: C (fp32 sums; 0, 1 rows of A tile 4, 2, 3 rows of A tile 5); 4, 5: A; 6, 7: B. */
 static void configure(int rows0, int rows1) {
-    tile_config c;
+    lf_tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     const int r1 = rows1 > 0 ? rows1 : 1; /* an unused tile still needs a valid shape */

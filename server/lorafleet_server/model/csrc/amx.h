@@ -1,0 +1,25 @@
+/* What the AMX kernels (csrc/linear.c, csrc/attention.c) share: asking Linux for the tiles, and
+ * ldtilecfg's operand. Included by x86-64 code only, after _GNU_SOURCE (syscall() under -std=c11). */
+#ifndef LF_AMX_H
+#define LF_AMX_H
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component ... */
+#define XFEATURE_XTILEDATA 18      /* ... the AMX tile data */
+
+/* 1 when the OS kernel (Linux >= 5.16) lets this process use AMX tiles, else 0. Linux hands them out
+ * per process on request; asking again is harmless. */
+static inline int lf_amx_request(void) {
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+}
+
+/* The tile configuration _tile_loadconfig takes (palette 1: up to 16 rows of 64 bytes a tile). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} lf_tile_config;
+
+#endif
