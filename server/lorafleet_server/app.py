@@ -32,6 +32,7 @@ from lorafleet_server.model.native_layers import choose_layers
 from lorafleet_server.model.prepare import prepare_default_model
 from lorafleet_server.model.runner import AttentionShape, ModelRunner
 from lorafleet_server.model.threads import StepThreads
+from lorafleet_server.onednn import onednn_cache_summary
 from lorafleet_server.openmp import openmp_wait_summary
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     from transformers import AutoTokenizer
 
     log.info("malloc: %s", fix_mmap_threshold())  # before the model's allocations (malloc.py says why)
+    log.info("oneDNN caches: %s", onednn_cache_summary())  # set when the package was imported (onednn.py)
     # The store first: a bad URL, a missing bucket, wrong credentials or an unreachable endpoint
     # fail here with the store's own message (StoreUnavailable), before seconds of model loading.
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
