@@ -12,7 +12,7 @@ What it does, in one invocation:
 3. Sends ``--requests`` requests (default 10,000) whose adapters are drawn from Zipf(``--zipf``, 1.1)
    over the adapters with a fixed seed, ``--new-tokens`` (8) greedy tokens each, from ``--clients``
    (16) concurrent clients. It is a cache benchmark: short generations keep the run in minutes.
-   The server's RSS is sampled every 0.5 s from /proc; the first ``--warmup`` share of requests (10%)
+   The server's RSS is sampled every 0.5 s from /proc; the first ``--warmup`` share of requests (20%)
    is the warm-up, after which RSS must stay within 5% ("flat").
 4. Reports, from the server's own counters (the metrics endpoint) over the measured window: host and
    device hit ratios; from its log (one line per load): store -> host and host -> device times per
