@@ -89,7 +89,11 @@ def build_runner(
                 a = torch.randn(rank, layer.in_features, generator=gen) * 0.02  # [r, in]
                 b = torch.randn(layer.out_features, rank, generator=gen) * 0.02  # [out, r]
                 layer.write_slot(slot, a, b * 2.0)
-    kernels = Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / "data")) / "kernels"
+    # where the server caches its kernels: --kernel-cache-dir's env, else DATA_DIR/kernels
+    kernels = Path(
+        os.environ.get("LORAFLEET_KERNEL_CACHE_DIR")
+        or Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / "data")) / "kernels"
+    )
     if compiled:
         compile_base(model)
     else:  # as load_base does: the server's base Linears (fp32: prepacked where timed faster)
