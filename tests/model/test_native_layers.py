@@ -27,6 +27,7 @@ from lorafleet_server.model.native import (
     load_native_lora,
 )
 from lorafleet_server.model.native_layers import (
+    PROJECTIONS,
     SHORT_STEP_TOKENS,
     NativeLayers,
     choose_layers,
@@ -248,3 +249,29 @@ def test_choose_layers_builds_falls_back_or_refuses(kernels_dir: Path, layers_li
     assert without.kernel is None and "torch's attention" in without.reason
     with pytest.raises(NativeKernelError, match="needs the native attention and multi-LoRA"):
         choose_layers("native", cache_dir=kernels_dir, attention=attention, lora=None)
+
+
+def test_a_call_the_kernels_refuse_names_its_layer_and_projection(
+    kernels_dir: Path, layers_lib: NativeLayers, torch_threads_kept: None
+) -> None:
+    """The driver's return code (layer * 32 + op + 1, csrc/layers.c) decoded into the error: a table
+    entry broken after the driver built it (the shapes it checks when built cannot be wrong otherwise)
+    makes that layer's Linear, or its LoRA, refuse the call."""
+    runner, _ = _runner(torch.float32, kernels_dir, layers_lib, 1)
+    driver = runner.layer_driver
+    assert driver is not None, runner.layer_driver_reason
+    step = [RowStep(0, 0, (5, 6, 7), 1, True, False)]  # slot 1: rank 4 on every module
+    runner.step(step)
+    table = driver._layer_table()
+    assert table is not None
+    o, v = PROJECTIONS.index("o"), PROJECTIONS.index("v")
+    d_in, r_cap = table[1].proj[o].d_in, table[2].proj[v].r_cap
+    table[1].proj[o].d_in = 0  # no Linear takes an input of width 0
+    with pytest.raises(NativeKernelError, match="layer 1's o refused its arguments"):
+        runner.step([RowStep(1, 0, (8, 9), 1, True, False)])
+    table[1].proj[o].d_in = d_in
+    table[2].proj[v].r_cap = 100_000  # past the native LoRA's largest rank
+    with pytest.raises(NativeKernelError, match="layer 2's v's LoRA refused its arguments"):
+        runner.step([RowStep(2, 0, (8, 9), 1, True, False)])
+    table[2].proj[v].r_cap = r_cap
+    runner.step([RowStep(3, 0, (8, 9), 1, True, False)])  # whole again
