@@ -12,7 +12,9 @@ flat after warm-up, at the same throughput (docs/architecture.md, "oneDNN's per-
 
 64 is what the same traffic needs: a step runs at most ~10 distinct LoRA matmul shapes, and replaying
 a recorded trace of the shapes through an LRU misses 76 times at 64 entries against 74 at 1,024 (the
-first sight of each shape; 86 at 32). A miss costs ~0.8 ms of JIT.
+first sight of each shape; 86 at 32). A miss costs ~0.8 ms of JIT. Where the base Linears are
+oneDNN's prepacked fp32 call, each decode batch size is a shape as well; served fp32 runs with oneDNN
+held to AVX2 kept their throughput at 64 (and 140-150 MiB less RSS).
 
 Both variables are read when the first primitive is made, so :func:`bound_onednn_caches` runs at the
 top of the ``lorafleet_server`` package. Values already in the environment are kept (an operator's
