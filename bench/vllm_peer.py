@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafleet_server.onednn import ONEDNN_CACHES
+from lorafleet_server.openmp import OPENMP_WAIT
+
 INSTALL_HINT = "run `make vllm-peer` (scripts/vllm_peer.sh) to create it"
 
 
@@ -106,6 +109,11 @@ class VllmConfig:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("VIRTUAL_ENV", None)
+        # Importing lorafleet_server put its OpenMP wait policy and oneDNN cache caps into this process's
+        # environment (openmp.py, onednn.py); the peer runs with its own defaults, as it would deployed.
+        for name, value in (OPENMP_WAIT | ONEDNN_CACHES).items():
+            if env.get(name) == value:
+                del env[name]
         env |= {
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",

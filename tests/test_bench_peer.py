@@ -14,6 +14,8 @@ import pytest
 
 from bench import serving
 from bench.vllm_peer import PeerUnavailable, VllmConfig, log_facts, peer_python, vllm_dtype
+from lorafleet_server.onednn import ONEDNN_CACHES
+from lorafleet_server.openmp import OPENMP_WAIT
 
 
 def test_a_missing_vllm_venv_fails_first_with_the_make_target(
@@ -44,7 +46,7 @@ def test_the_peer_only_runs_with_the_load_scenario(tmp_path: Path) -> None:
         serving.main(["--peer", "vllm", "--vllm-venv", str(tmp_path), "--scenario", "prefix"])
 
 
-def test_vllm_gets_the_adapters_the_dtype_and_stays_offline(tmp_path: Path) -> None:
+def test_vllm_gets_the_adapters_the_dtype_and_stays_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     modules = {"default-00": tmp_path / "a00", "default-01": tmp_path / "a01"}
     cfg = VllmConfig(
         venv=tmp_path,
@@ -66,6 +68,13 @@ def test_vllm_gets_the_adapters_the_dtype_and_stays_offline(tmp_path: Path) -> N
     assert "--enable-lora" not in base_only.command(Path("python"), 1)
     env = cfg.environment()
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    # importing lorafleet_server puts its OpenMP policy and oneDNN caps into the environment; the peer gets
+    # its own defaults, while a value someone chose that differs from the package's passes through
+    for name, value in (OPENMP_WAIT | ONEDNN_CACHES).items():
+        monkeypatch.setenv(name, value)
+    assert not (OPENMP_WAIT | ONEDNN_CACHES).keys() & cfg.environment().keys()
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    assert cfg.environment()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
     with pytest.raises(ValueError, match="no vLLM dtype"):
         vllm_dtype("int8")
 

@@ -24,15 +24,26 @@ choice wins).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import MutableMapping
 
 ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
 
 
 def bound_onednn_caches(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Put ``ONEDNN_CACHES``' values into ``environ`` where absent."""
+    """Put ``ONEDNN_CACHES``' values into ``environ`` where absent. An ``LRU_CACHE_CAPACITY`` torch
+    cannot take is replaced, with a warning: with 0 or a word, torch 2.13 crashes (SIGSEGV) on its first
+    bf16 matmul; below 1 becomes 1 (the smallest cache), anything else not an integer this default."""
     for name, value in ONEDNN_CACHES.items():
         environ.setdefault(name, value)
+    raw = environ["LRU_CACHE_CAPACITY"]
+    try:
+        fixed = None if int(raw) >= 1 else "1"
+    except ValueError:
+        fixed = ONEDNN_CACHES["LRU_CACHE_CAPACITY"]
+    if fixed is not None:
+        warnings.warn(f"LRU_CACHE_CAPACITY={raw!r} crashes torch's oneDNN matmuls; using {fixed}", stacklevel=2)
+        environ["LRU_CACHE_CAPACITY"] = fixed
 
 
 def onednn_cache_summary(environ: MutableMapping[str, str] = os.environ) -> str:

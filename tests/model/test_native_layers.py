@@ -274,4 +274,6 @@ def test_a_call_the_kernels_refuse_names_its_layer_and_projection(
     with pytest.raises(NativeKernelError, match="layer 2's v's LoRA refused its arguments"):
         runner.step([RowStep(2, 0, (8, 9), 1, True, False)])
     table[2].proj[v].r_cap = r_cap
-    runner.step([RowStep(3, 0, (8, 9), 1, True, False)])  # whole again
+    again = [RowStep(3, 0, (8, 9), 1, True, False)]  # a fresh KV row: whole again, the loop's bits
+    loop, _ = _runner(torch.float32, kernels_dir, None, 1)
+    assert torch.equal(runner.step(again).logits, loop.step(again).logits)

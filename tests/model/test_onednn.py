@@ -12,7 +12,7 @@ import pytest
 
 from lorafleet_server.onednn import ONEDNN_CACHES, bound_onednn_caches, onednn_cache_summary
 
-# Runs bf16 matmuls of 400 distinct shapes (rows 1-399, three widths) and prints the RSS they added, MiB.
+# Runs bf16 matmuls of 399 distinct shapes (rows 1, 4, ..., 397 at three widths) and prints the RSS they added, MiB.
 _SHAPES = """
 import os, sys
 if sys.argv[1] == "package":
@@ -76,6 +76,24 @@ def test_new_shapes_stop_growing_memory_once_the_caches_are_full() -> None:
         )
     )
     if unbounded < 100:
-        pytest.skip(f"400 new bf16 matmul shapes added only {unbounded:.0f} MiB here: no per-shape JIT cache to bound")
+        pytest.skip(f"399 new bf16 matmul shapes added only {unbounded:.0f} MiB here: no per-shape JIT cache to bound")
     bounded = float(_run(_SHAPES, "package", env=_clean_env()))
     assert bounded < unbounded / 2, (bounded, unbounded)
+
+
+@pytest.mark.parametrize(("given", "used"), [("0", "1"), ("-3", "1"), ("lots", "64"), ("256", "256")])
+def test_a_capacity_torch_would_crash_on_is_replaced_with_a_warning(given: str, used: str) -> None:
+    environ = {"LRU_CACHE_CAPACITY": given}
+    if given == used:
+        bound_onednn_caches(environ)
+    else:
+        with pytest.warns(UserWarning, match="crashes torch's oneDNN matmuls"):
+            bound_onednn_caches(environ)
+    assert environ["LRU_CACHE_CAPACITY"] == used
+
+
+def test_a_process_told_zero_still_runs_bf16_matmuls() -> None:
+    """``LRU_CACHE_CAPACITY=0`` in the environment: the package's import replaces it before torch reads it."""
+    code = "import lorafleet_server, torch\nw = torch.randn(256, 576, dtype=torch.bfloat16)\n"
+    code += "for n in (1, 7, 33):\n    torch.randn(n, 576, dtype=torch.bfloat16) @ w.T\nprint('ran')"
+    assert _run(code, env={**_clean_env(), "LRU_CACHE_CAPACITY": "0"}) == "ran"
