@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +43,94 @@ def test_meter_sums_by_tenant_and_adapter_within_the_window() -> None:
     now[0] += 7200  # past the retention: old buckets go at the next record
     meter.record("beta", summary("beta/x@2"))
     assert meter.report(0, 2_000_000) == [UsageRow("beta", "beta/x@2", 1, 5, 3)]
+
+
+def test_meter_agrees_with_a_plain_sum_of_every_request_within_the_retention() -> None:
+    """Random traffic over ~14 hours with a 1-hour retention (pairs expire and their ids are reused), read
+    back by random windows, many ending in the open minute as GetUsage's default does: each read equals
+    the sum of the requests recorded in its minutes that the retention still holds."""
+    rng = random.Random(7)
+    now = [6_000_000.0]
+    meter = UsageMeter(retention_seconds=3600, clock=lambda: now[0])
+    log: list[tuple[int, str, str, int, int]] = []  # (minute, tenant, adapter, prompt, generated)
+    pairs = [(f"t{i % 5}", f"t{i % 5}/a{i}@{1 + i % 2}" if i % 4 else "") for i in range(200)]
+    for _ in range(6000):
+        now[0] += rng.choice([0.0, 0.5, 2.0, 31.0])
+        tenant, adapter = rng.choice(pairs)
+        prompt, generated = rng.randint(1, 900), rng.randint(0, 64)
+        meter.record(tenant, summary(adapter, prompt, generated))
+        log.append((int(now[0]) // 60, tenant, adapter, prompt, generated))
+        if rng.random() < 0.01:
+            start = rng.uniform(now[0] - 4000, now[0])
+            end = now[0] + 1 if rng.random() < 0.5 else rng.uniform(start + 1, now[0] + 120)
+            who = rng.choice([None, "t0", "t3"])
+            first, last = (b // 60 for b in UsageMeter.window(start, end))
+            horizon = int(now[0]) // 60 - 60
+            expected: dict[tuple[str, str], list[int]] = {}
+            for minute, t, a, p, g in log:
+                if first <= minute < last and minute >= horizon and who in (None, t):
+                    row = expected.setdefault((t, a), [0, 0, 0])
+                    row[0] += 1
+                    row[1] += p
+                    row[2] += g
+            assert meter.report(start, end, who) == [UsageRow(t, a, *c) for (t, a), c in sorted(expected.items())]
+    assert meter.buckets() <= 61 * len(pairs)  # bounded by the retention, not by the 6,000 requests
+    assert len(meter._names) < len(pairs)  # expired pairs' ids were reused
+
+
+def test_meter_reuses_the_ids_of_expired_pairs_and_follows_a_clock_stepped_back() -> None:
+    now = [1_000_000.0]
+    meter = UsageMeter(retention_seconds=120, clock=lambda: now[0])
+    for i in range(50):  # 50 pairs, one a minute: only the last 3 minutes' stay
+        meter.record("acme", summary(f"acme/a{i}@1"))
+        now[0] += 60
+    assert meter.buckets() <= 4
+    assert len(meter._ids) <= 4 and len(meter._names) <= 5  # names freed and their ids reused
+    meter.record("acme", summary("acme/late@1"))
+    now[0] -= 60  # NTP steps the clock back a minute: the open minute takes it
+    meter.record("acme", summary("acme/late@1"))
+    assert meter.report(now[0], now[0] + 120) == [UsageRow("acme", "acme/late@1", 2, 10, 6)]
+    now[0] -= 86_400  # a clock a day ahead is corrected: usage goes to the minutes the clock now reads
+    meter.record("acme", summary("acme/fixed@1"))
+    now[0] += 60
+    meter.record("acme", summary("acme/fixed@1"))
+    assert meter.report(now[0] - 120, now[0] + 1) == [UsageRow("acme", "acme/fixed@1", 2, 10, 6)]
+
+
+def test_meter_reads_while_the_engine_records() -> None:
+    """A reader sums outside the lock from what it took under it, while minutes expire and pair ids are
+    reused: every row read must carry its own pair's counts (each pair's token counts name it)."""
+    now = [2_000_000.0]
+    meter = UsageMeter(retention_seconds=60, clock=lambda: now[0])
+    done = threading.Event()
+    errors: list[str] = []
+    reads = [0]
+
+    def read() -> None:
+        while not done.is_set():
+            for r in meter.report(0, 4e9):
+                i = int(r.adapter.split("/a")[1].split("@")[0])
+                if (r.prompt_tokens, r.generated_tokens) != (i * r.requests, (i + 1) * r.requests):
+                    errors.append(f"{r} does not carry pair {i}'s counts")
+            reads[0] += 1
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    try:
+        for t in readers:
+            t.start()
+        for step in range(20_000):
+            if step % 400 == 0:
+                now[0] += 60  # a new minute; the one before last expires with its pairs
+            i = (step // 400) * 7 + step % 7  # the pairs rotate, so expired ids are reused
+            meter.record(f"t{i % 3}", summary(f"t{i % 3}/a{i}@1", i, i + 1))
+    finally:
+        done.set()
+        for t in readers:
+            t.join()
+        sys.setswitchinterval(switch)
+    assert errors == [] and reads[0] > 1
 
 
 @pytest.fixture

@@ -3,21 +3,37 @@
 Prometheus must not carry tenant labels (they are unbounded), so the engine keeps its own meter: every
 finished request (any finish reason, cancelled ones included, since their tokens were computed and
 streamed) adds to the bucket of (the minute it finished, its tenant, its adapter version). An admin
-reads a time window through ``GetUsage``; buckets older than the retention are dropped, so memory is
-bounded by retention x the (tenant, adapter) pairs active each minute. The request log carries the
-same numbers per request for exact accounting downstream.
+reads a time window through ``GetUsage``; minutes older than the retention are dropped. The request log
+carries the same numbers per request for exact accounting downstream.
+
+Memory. A week of minutes is long: at ~50 requests/s spread over ~850 adapters a server fills ~480
+buckets a minute, ~4.8 million at the 7-day retention. So only the current minute is a dict; when a later
+minute starts, the closed one is packed into two flat arrays (a pair id per bucket, and its three
+counts), ~30 bytes a bucket against ~270 for a dict entry with a tuple key and a list of ints. A
+(tenant, adapter) pair is stored once and named by a small int id, counted by the minutes that hold it
+and freed when the last of them expires, so the names are bounded by the pairs seen within the
+retention. ``report`` takes references to the minutes of its window under the lock (closed minutes are
+never written again) and sums them outside it with numpy, so a week-long read does not hold up the
+engine thread's ``record``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from array import array
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from lorafleet_server.engine.types import Summary
 
 MINUTE = 60
+_COUNTS = 3  # requests, prompt tokens, generated tokens
+_CLOCK_SLACK_MINUTES = 2  # a clock stepped back by at most this counts in the open minute
+_SUM_MINUTES = 360  # report sums this many minutes at a time: its peak memory stays ~1/28 of a week's
 
 
 @dataclass(frozen=True)
@@ -29,24 +45,45 @@ class UsageRow:
     generated_tokens: int
 
 
+@dataclass(frozen=True)
+class _ClosedMinute:
+    minute: int
+    ids: array  # [n] int32: the pair id of each bucket
+    counts: array  # [n * 3] int64: each bucket's requests, prompt tokens, generated tokens
+
+
 class UsageMeter:
     """Thread-safe: the engine thread records, admin calls read."""
 
     def __init__(self, retention_seconds: float = 7 * 24 * 3600, clock: Callable[[], float] = time.time) -> None:
-        self._retention = retention_seconds
+        self._retention_minutes = int(retention_seconds // MINUTE)
         self._clock = clock
         self._lock = threading.Lock()
-        self._buckets: dict[tuple[int, str, str], list[int]] = {}  # (minute, tenant, adapter) -> counts
-        self._oldest = 0  # the oldest minute that may still hold a bucket
+        self._open_minute: int | None = None  # the minute the dict below counts; None before any record
+        self._open: dict[int, list[int]] = {}  # pair id -> [requests, prompt tokens, generated tokens]
+        self._closed: deque[_ClosedMinute] = deque()  # in the order they closed
+        self._ids: dict[tuple[str, str], int] = {}  # (tenant, adapter) -> pair id
+        self._names: list[tuple[str, str] | None] = []  # pair id -> (tenant, adapter); None when free
+        self._refs: list[int] = []  # pair id -> how many minutes (open or closed) hold a bucket of it
+        self._free: list[int] = []  # ids whose pairs expired, to reuse
 
     def record(self, tenant: str, summary: Summary) -> None:
         minute = int(self._clock()) // MINUTE
         with self._lock:
-            counts = self._buckets.setdefault((minute, tenant, summary.adapter), [0, 0, 0])
+            if self._open_minute is None:
+                self._open_minute = minute
+            elif minute > self._open_minute or minute < self._open_minute - _CLOCK_SLACK_MINUTES:
+                self._close_open_minute(minute)
+            # A clock stepped back by a little (NTP) counts in the open minute; by more (a wrong clock
+            # corrected), it starts its own minute, so the usage stays readable at the clock's time.
+            pid = self._pair_id(tenant, summary.adapter)
+            counts = self._open.get(pid)
+            if counts is None:
+                counts = self._open[pid] = [0, 0, 0]
+                self._refs[pid] += 1
             counts[0] += 1
             counts[1] += summary.prompt_tokens
             counts[2] += summary.generated_tokens
-            self._expire(minute)
 
     @staticmethod
     def window(start: float, end: float) -> tuple[int, int]:
@@ -57,19 +94,68 @@ class UsageMeter:
         """Totals per (tenant, adapter) of the requests that finished in [start, end) (UNIX seconds),
         at minute resolution: a minute counts when it starts inside the window."""
         first, last = (bound // MINUTE for bound in self.window(start, end))
-        totals: dict[tuple[str, str], list[int]] = {}
         with self._lock:
-            for (minute, who, adapter), counts in self._buckets.items():
-                if first <= minute < last and (tenant is None or who == tenant):
-                    row = totals.setdefault((who, adapter), [0, 0, 0])
-                    for i, n in enumerate(counts):
-                        row[i] += n
-        return [UsageRow(t, a, *counts) for (t, a), counts in sorted(totals.items())]
+            minutes = [m for m in self._closed if first <= m.minute < last]
+            current = (
+                {pid: list(c) for pid, c in self._open.items()}
+                if self._open_minute is not None and first <= self._open_minute < last
+                else {}
+            )
+            names = list(self._names)  # every id the minutes above hold is live, so named here
+        # Outside the lock: closed minutes are immutable, the rest are copies.
+        totals = np.zeros((len(names), _COUNTS), dtype=np.int64)  # [pairs, 3]
+        for i in range(0, len(minutes), _SUM_MINUTES):
+            group = minutes[i : i + _SUM_MINUTES]
+            ids = np.concatenate([np.frombuffer(m.ids, dtype=np.int32) for m in group])  # [buckets]
+            counts = np.concatenate([np.frombuffer(m.counts, dtype=np.int64) for m in group])  # [buckets * 3]
+            np.add.at(totals, ids, counts.reshape(-1, _COUNTS))  # exact int64 sums per pair
+        for pid, c in current.items():
+            totals[pid] += c
+        rows = []
+        for held in np.flatnonzero(totals[:, 0]).tolist():  # a bucket exists only with a request in it
+            name = names[held]
+            assert name is not None, "a minute in the window holds a freed pair id"
+            if tenant is None or name[0] == tenant:
+                rows.append(UsageRow(name[0], name[1], *totals[held].tolist()))
+        return sorted(rows, key=lambda r: (r.tenant, r.adapter))
 
-    def _expire(self, now_minute: int) -> None:
-        horizon = now_minute - int(self._retention // MINUTE)
-        if horizon <= self._oldest:
-            return
-        for key in [k for k in self._buckets if k[0] < horizon]:
-            del self._buckets[key]
-        self._oldest = horizon
+    def buckets(self) -> int:
+        """How many (minute, tenant, adapter) buckets are held: for tests and the memory bench."""
+        with self._lock:
+            return len(self._open) + sum(len(m.ids) for m in self._closed)
+
+    def _pair_id(self, tenant: str, adapter: str) -> int:
+        key = (tenant, adapter)
+        pid = self._ids.get(key)
+        if pid is None:
+            if self._free:
+                pid = self._free.pop()
+                self._names[pid] = key
+            else:
+                pid = len(self._names)
+                self._names.append(key)
+                self._refs.append(0)
+            self._ids[key] = pid
+        return pid
+
+    def _close_open_minute(self, minute: int) -> None:
+        """Pack the open minute's buckets into arrays, start ``minute``, drop minutes past the retention."""
+        assert self._open_minute is not None
+        if self._open:
+            ids = array("i", self._open.keys())
+            counts = array("q", (n for c in self._open.values() for n in c))
+            self._closed.append(_ClosedMinute(self._open_minute, ids, counts))
+        self._open = {}
+        self._open_minute = minute
+        horizon = minute - self._retention_minutes
+        # Oldest first, except after a clock stepped far back: such minutes wait behind the later ones
+        # (bounded all the same; report filters every minute by its own number).
+        while self._closed and self._closed[0].minute < horizon:
+            for pid in self._closed.popleft().ids:
+                self._refs[pid] -= 1
+                if self._refs[pid] == 0:
+                    name = self._names[pid]
+                    assert name is not None
+                    del self._ids[name]
+                    self._names[pid] = None
+                    self._free.append(pid)
