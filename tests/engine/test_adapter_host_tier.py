@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from enginelib import generate, request, tiny_service
 
+from lorafleet_server.engine.adapter_manager import ABANDONED_LOAD_SECONDS
+
 
 def test_bf16_host_weights_fill_slots_exactly_like_the_fp32_ones(
     tiny_model_dir: Path, tmp_path: Path, peft_adapter: Any
@@ -44,3 +46,25 @@ def test_bf16_host_weights_fill_slots_exactly_like_the_fp32_ones(
             assert torch.equal(got[1], b_scaled.T.to(torch.bfloat16))  # B^T [r, out], scaled in fp32
     finally:
         svc.engine.shutdown(10)
+
+
+def test_a_load_no_request_polls_again_is_dropped_and_its_weights_stay_bounded_by_the_host_cache(
+    tiny_model_dir: Path, tmp_path: Path, peft_adapter: Any
+) -> None:
+    """A background load whose requests all went away (cancelled, timed out) used to keep its future,
+    and so its host weights, outside --host-cache-bytes for good."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store")
+    manager = svc.engine.adapters
+    key = svc.store.import_peft(peft_adapter(seed=3), "acme", "gone", svc.base.spec)
+    assert manager._host_weights(key) is None  # starts the load, which no request will poll
+    future = manager._pending[key]
+    future.result(timeout=60)
+    svc.engine.shutdown(10)  # from here the test drives the manager's clock: no engine thread beside it
+    manager._done_seen.clear()
+    manager._next_sweep = 0.0
+    assert manager.drop_abandoned_loads(1000.0) == 0  # first seen done now
+    assert manager.drop_abandoned_loads(1000.5) == 0  # sweeps at most once a second
+    assert manager.drop_abandoned_loads(1000.0 + ABANDONED_LOAD_SECONDS - 0.5) == 0
+    assert manager.drop_abandoned_loads(1000.0 + ABANDONED_LOAD_SECONDS + 1) == 1
+    assert key not in manager._pending and not manager._done_seen
+    assert manager._host_weights(key) is future.result()  # a later request finds it in the host cache

@@ -38,6 +38,8 @@ from lorafleet_server.errors import AdapterBusy
 
 log = logging.getLogger(__name__)
 
+ABANDONED_LOAD_SECONDS = 30.0  # a finished load no request polls for this long is forgotten
+
 
 class Tier(enum.Enum):
     """Where a version's weights are: the store (disk), host memory, or a device slot."""
@@ -97,6 +99,10 @@ class AdapterManager:
         self.slots = slots
         self._executor = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="adapter-load")
         self._pending: dict[AdapterKey, Future[AdapterWeights]] = {}
+        # When the engine thread first saw each pending load done: a load nobody polls again (its
+        # requests were cancelled or timed out) is dropped ABANDONED_LOAD_SECONDS later, not kept.
+        self._done_seen: dict[AdapterKey, float] = {}
+        self._next_sweep = 0.0
         self._lock = threading.Lock()  # guards the two small caches below (any thread)
         self._manifests: dict[AdapterKey, Manifest] = {}
         self._prompts: dict[AdapterKey, PromptTemplate] = {}
@@ -232,6 +238,27 @@ class AdapterManager:
             if self.host_cache.evict(old):
                 log.info("adapter %s left host memory (%s)", old, cause)
 
+    def drop_abandoned_loads(self, now: float) -> int:
+        """Forget background loads that ended ABANDONED_LOAD_SECONDS ago and that no request polled since
+        (their requests were cancelled or timed out). Their weights are in the host cache, bounded by its
+        bytes, or evicted from it; a failed one's error is not replayed to a request much later. Without
+        this each kept its adapter's host weights outside ``--host-cache-bytes`` for good. Returns how
+        many it dropped; sweeps at most once a second."""
+        if now < self._next_sweep:
+            return 0
+        self._next_sweep = now + 1.0
+        dropped = 0
+        for key, future in list(self._pending.items()):
+            if not future.done():
+                continue
+            seen = self._done_seen.setdefault(key, now)
+            if now - seen >= ABANDONED_LOAD_SECONDS:
+                del self._pending[key]
+                del self._done_seen[key]
+                dropped += 1
+                log.info("adapter %s: a background load no request polled for %.0fs was dropped", key, now - seen)
+        return dropped
+
     def poll(self, key: AdapterKey) -> int | None:
         """Lease ``key``'s device slot if ready; else start or follow its load and return None.
 
@@ -308,6 +335,7 @@ class AdapterManager:
             if not future.done():
                 return None
             del self._pending[key]
+            self._done_seen.pop(key, None)
             try:
                 return future.result()
             except AdapterError as exc:

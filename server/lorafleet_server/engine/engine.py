@@ -480,6 +480,7 @@ class Engine:
             if self._stop or (self._draining and not self._running and not self._waiting):
                 break
             self.adapters.retire_superseded()
+            self.adapters.drop_abandoned_loads(time.monotonic())
             self._admit()
             if not self._running:
                 if self._busy:  # the batch gauges say what the last forward held: nothing, now
