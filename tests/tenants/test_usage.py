@@ -95,6 +95,10 @@ def test_meter_reuses_the_ids_of_expired_pairs_and_follows_a_clock_stepped_back(
     now[0] += 60
     meter.record("acme", summary("acme/fixed@1"))
     assert meter.report(now[0] - 120, now[0] + 1) == [UsageRow("acme", "acme/fixed@1", 2, 10, 6)]
+    now[0] += 600  # ten minutes on at the corrected clock: the minutes before them expire, in order
+    meter.record("acme", summary("acme/fixed@1"))
+    assert meter.report(now[0] - 3600, now[0] + 1) == [UsageRow("acme", "acme/fixed@1", 1, 5, 3)]
+    assert meter.buckets() == 4  # and the three minutes a day ahead wait for the clock to pass them
 
 
 def test_meter_reads_while_the_engine_records() -> None:

@@ -19,6 +19,7 @@ engine thread's ``record``.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from array import array
@@ -61,7 +62,7 @@ class UsageMeter:
         self._lock = threading.Lock()
         self._open_minute: int | None = None  # the minute the dict below counts; None before any record
         self._open: dict[int, list[int]] = {}  # pair id -> [requests, prompt tokens, generated tokens]
-        self._closed: deque[_ClosedMinute] = deque()  # in the order they closed
+        self._closed: deque[_ClosedMinute] = deque()  # oldest first (a minute may appear twice)
         self._ids: dict[tuple[str, str], int] = {}  # (tenant, adapter) -> pair id
         self._names: list[tuple[str, str] | None] = []  # pair id -> (tenant, adapter); None when free
         self._refs: list[int] = []  # pair id -> how many minutes (open or closed) hold a bucket of it
@@ -144,12 +145,14 @@ class UsageMeter:
         if self._open:
             ids = array("i", self._open.keys())
             counts = array("q", (n for c in self._open.values() for n in c))
-            self._closed.append(_ClosedMinute(self._open_minute, ids, counts))
+            closed = _ClosedMinute(self._open_minute, ids, counts)
+            if not self._closed or self._closed[-1].minute <= closed.minute:
+                self._closed.append(closed)
+            else:  # after a clock stepped far back: kept in order, so expiry from the front stays right
+                bisect.insort(self._closed, closed, key=lambda m: m.minute)
         self._open = {}
         self._open_minute = minute
         horizon = minute - self._retention_minutes
-        # Oldest first, except after a clock stepped far back: such minutes wait behind the later ones
-        # (bounded all the same; report filters every minute by its own number).
         while self._closed and self._closed[0].minute < horizon:
             for pid in self._closed.popleft().ids:
                 self._refs[pid] -= 1
