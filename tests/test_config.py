@@ -46,6 +46,7 @@ def test_kernel_cache_dir_defaults_to_the_data_dir_and_may_be_shared(tmp_path: P
         (["--port", "70000"], {}, "port"),
         (["--default-max-new-tokens", "50", "--max-new-tokens", "10"], {}, "default_max_new_tokens"),
         (["--linear-threads", "-1"], {}, "linear_threads must be >= 0"),
+        (["--adapter-rescan-seconds", "-1"], {}, "adapter_rescan_seconds must be >= 0"),
         ([], {"LORAFLEET_LINEAR_KERNEL": "mkl"}, "linear_kernel"),
     ],
 )

@@ -61,8 +61,10 @@ from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
 from lorafleet_adapters.store import (
     MANIFEST_FILE,
+    PUBLISHED_MARKER,
     AdapterSummary,
     import_peft_via,
+    marker_text,
     publish_prompt_via,
     required_files,
 )
@@ -157,6 +159,11 @@ class S3AdapterStore:
         self._call("list the bucket", self._client.list_objects_v2, Bucket=self.bucket, Prefix=self._key(), MaxKeys=1)
 
     # ------------------------------------------------------------------------------------ reading
+
+    def change_token(self) -> str:
+        """The publish marker's ETag ("" before any publish wrote one): one HEAD. It changes whenever a
+        publish moves a ``latest`` pointer (each write has new content); a pointer moved by hand does not."""
+        return self._head_etag(self._key(PUBLISHED_MARKER)) or ""
 
     def versions(self, tenant: str, name: str) -> tuple[int, ...]:
         """Published versions (those with a manifest), ascending."""
@@ -388,17 +395,32 @@ class S3AdapterStore:
             extra = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
             try:
                 self._client.put_object(Bucket=self.bucket, Key=pointer, Body=body, **extra)
-                return True
             except _BOTO_ERRORS as exc:
                 if _code(exc) not in _CONFLICT | _RETRY_CONFLICT:
                     raise self._translate(exc, f"move {key.tenant}/{key.name}'s latest pointer") from None
-            time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+                time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+                continue
+            self._mark_published(key)
+            return True
         raise StoreUnavailable(
             f"adapter store {self._location}: could not move {key.tenant}/{key.name}'s latest pointer to "
             f"{key.version} after {MAX_CAS_TRIES} conflicting writes"
         )
 
     # ------------------------------------------------------------------------------------ helpers
+
+    def _mark_published(self, key: AdapterKey) -> None:
+        """Rewrite the publish marker after ``key`` moved its pointer (a failure only delays discovery)."""
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(PUBLISHED_MARKER), Body=marker_text(key).encode())
+        except _BOTO_ERRORS as exc:
+            log.warning(
+                "%s is published but the store's '%s' marker was not rewritten (%s): running servers find it "
+                "at their next full rescan, not their next poll",
+                key,
+                PUBLISHED_MARKER,
+                self._translate(exc, "rewrite the publish marker"),
+            )
 
     def _key(self, *parts: str) -> str:
         """The object key of ``parts`` under the prefix ("" for the prefix itself, "/"-terminated)."""

@@ -21,7 +21,9 @@ import importlib.metadata
 import json
 import logging
 import os
+import secrets
 import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -64,6 +66,10 @@ LATEST_FILE = "latest"
 LOCK_FILE = ".lock"
 VERSIONS_DIR = "versions"
 STAGING_DIR = ".staging"
+# Rewritten (with content no earlier write had) after every publish that moves a `latest` pointer, so a
+# server polling many adapters reads this one file and reads their pointers only when it changed.
+PUBLISHED_MARKER = ".published"
+MAX_MARKER_BYTES = 1024
 README_FILE = "README.md"
 RETRAIN_RECORD_FILE = "lorafleet-retrain.json"  # a LoRA version's training record, for `lorafleet retrain`
 STALE_STAGING_SECONDS = 24 * 3600  # no live publish stays untouched this long
@@ -106,6 +112,14 @@ class AdapterStore:
     def version_dir(self, key: AdapterKey) -> Path:
         """The directory of `key` (which need not exist), checked to lie inside the root."""
         return self._inside(self._adapter_dir(key.tenant, key.name) / VERSIONS_DIR / str(key.version))
+
+    def change_token(self) -> str:
+        """The publish marker's text ("" before any publish wrote one). It changes whenever a publish
+        moves a ``latest`` pointer; a pointer moved by hand does not change it."""
+        try:
+            return self._read_small(self.root / PUBLISHED_MARKER, MAX_MARKER_BYTES).decode("utf-8", "replace")
+        except AdapterNotFound:
+            return ""
 
     def versions(self, tenant: str, name: str) -> tuple[int, ...]:
         """Published versions of tenant/name, ascending; empty when there are none."""
@@ -345,6 +359,20 @@ class AdapterStore:
                 current = None
             if current is None or key.version > current:
                 atomic_write_text(adapter_dir / LATEST_FILE, f"{key.version}\n")
+                moved = True
+            else:
+                moved = False
+        if moved:
+            try:
+                atomic_write_text(self._inside(self.root) / PUBLISHED_MARKER, marker_text(key))
+            except (OSError, AdapterNotFound) as exc:
+                log.warning(
+                    "%s is published but the store's '%s' marker was not rewritten (%s): running servers "
+                    "find it at their next full rescan, not their next poll",
+                    key,
+                    PUBLISHED_MARKER,
+                    exc,
+                )
 
     # ------------------------------------------------------------------------------------- helpers
 
@@ -690,6 +718,11 @@ def _check_record(source: Path) -> None:
         raise AdapterFormatError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(record, dict):
         raise AdapterFormatError(f"{source} must hold a JSON object")
+
+
+def marker_text(key: AdapterKey) -> str:
+    """A publish marker's content: what moved, when, by whom, and a nonce, so no two writes are equal."""
+    return f"{key} {utc_now_iso()} {socket.gethostname()}:{os.getpid()} {secrets.token_hex(8)}\n"
 
 
 def _producer() -> str:

@@ -164,6 +164,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         slots,
         observer=metrics,
         poll_seconds=config.adapter_poll_seconds,
+        rescan_seconds=config.adapter_rescan_seconds,
         host_dtype=base.dtype,
         host_transpose=transpose.kernel,
     )

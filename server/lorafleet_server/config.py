@@ -128,6 +128,13 @@ class ServerConfig(EngineConfig):
     adapter_poll_seconds: float = field(
         default=5.0, metadata={"help": "seconds between looks for newly published adapter versions (0: off)"}
     )
+    adapter_rescan_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": "seconds between polls that read every watched adapter's latest pointer even though the "
+            "store's publish marker did not change (pointers moved by hand or by a publisher that died)"
+        },
+    )
     host_cache_bytes: int = field(default=4 * GiB, metadata={"help": "host-memory adapter cache size"})
     max_adapter_bytes: int = field(default=1 * GiB, metadata={"help": "largest adapter file accepted"})
     default_max_new_tokens: int = field(default=256, metadata={"help": "max_new_tokens when a request leaves it unset"})
@@ -408,7 +415,7 @@ def _check(c: ServerConfig) -> None:
             raise ValueError(f"{name} must be in [0, 65535] (0: any free port)")
     if not 0 <= c.http_port <= 65535:
         raise ValueError("http_port must be in [0, 65535] (0: no HTTP API)")
-    for name in ("drain_seconds", "shutdown_grace_seconds", "adapter_poll_seconds"):
+    for name in ("drain_seconds", "shutdown_grace_seconds", "adapter_poll_seconds", "adapter_rescan_seconds"):
         if not getattr(c, name) >= 0:
             raise ValueError(f"{name} must be >= 0")
     if not c.keys_poll_seconds > 0:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from adapters_testlib import FINGERPRINT, MakeAdapter, edit_config
 
+from lorafleet_adapters import store as store_module
 from lorafleet_adapters.errors import (
     AdapterFormatError,
     AdapterIncompatible,
@@ -221,6 +222,33 @@ def test_crash_before_latest_update(
     assert store.list() == [AdapterSummary("acme", "support", (1, 2), 1)]
     assert store.resolve(ref("acme/support")).version == 1
     store.load(AdapterKey("acme", "support", 2), spec)
+
+
+def test_every_pointer_move_changes_the_change_token(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    store.check()
+    assert store.change_token() == ""
+    seen = [""]
+    for name in ("support", "support", "other"):
+        store.import_peft(adapter_dir, "acme", name, spec)
+        seen.append(store.change_token())
+    assert len(set(seen)) == len(seen)  # even the same adapter published twice
+    assert "acme/other@1" in seen[-1]
+    assert [(s.tenant, s.name) for s in store.list()] == [("acme", "other"), ("acme", "support")]
+
+    # A marker that cannot be written does not fail the publish (the version and pointer are in place).
+    real = store_module.atomic_write_text
+
+    def no_marker(path: Path, text: str) -> None:
+        if path.name == ".published":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(store_module, "atomic_write_text", no_marker)
+    assert store.import_peft(adapter_dir, "acme", "support", spec).version == 3
+    assert store.resolve(ref("acme/support")).version == 3
+    assert store.change_token() == seen[-1] and "next full rescan" in caplog.text
 
 
 def test_io_error_during_publish(

@@ -289,6 +289,23 @@ def test_latest_only_moves_forward_under_racing_updates(
         assert wrote[-1] and not wrote[0]  # the highest always lands; version 1 never rewrites itself
 
 
+def test_every_pointer_move_changes_the_change_token_and_nothing_else_does(
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec
+) -> None:
+    store = s3_store(url, tmp_path / "c")
+    other = s3_store(url, tmp_path / "o")  # another replica sees what one publisher's writes did
+    assert store.change_token() == other.change_token() == ""
+    seen = [""]
+    for tenant, name, system in [("acme", "a", "one"), ("acme", "a", "one"), ("beta", "b", "one")]:
+        store.publish_prompt(tenant, name, PromptTemplate(system), spec)  # the same content twice, too
+        seen.append(other.change_token())
+    assert len(set(seen)) == len(seen)
+    assert not store.advance_latest(AdapterKey("acme", "a", 1))  # the pointer does not move: no change
+    assert other.change_token() == seen[-1]
+    assert [(s.tenant, s.name) for s in other.list()] == [("acme", "a"), ("beta", "b")]  # not an adapter
+    assert ".published" in object_keys(seaweed_server, url)
+
+
 # ------------------------------------------------------------------------------------ partial uploads
 
 

@@ -21,6 +21,7 @@ from lorafleet_adapters.backend import StoreSettings, open_store
 from lorafleet_adapters.errors import StoreUnavailable
 from lorafleet_adapters.s3_store import S3AdapterStore
 from lorafleet_server.app import Service, build_service
+from lorafleet_server.engine.versions import RefreshResult
 from lorafleet_server.grpc.status import status_for
 
 pytestmark = pytest.mark.slow  # the tiny model per test, SeaweedFS stopped and started again
@@ -96,12 +97,16 @@ def test_store_down_warm_serves_cold_unavailable_then_recovers(
     with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{seaweed.ports['s3']}.*unreachable") as refused:
         served(service, "acme/cold")  # cold: refused at admission, with the store's own words
     assert status_for(refused.value) == grpc.StatusCode.UNAVAILABLE  # what a client sees
-    result = service.engine.adapters.refresh()  # a poll during the outage: nothing swapped, nothing refused
+
+    def poll() -> RefreshResult:  # the poller's pass
+        return service.engine.adapters.versions.refresh(full=False)
+
+    result = poll()  # a poll during the outage: nothing swapped, nothing refused
     assert result.swaps == () and result.failures == ()
 
     seaweed.restart()
     assert eventually(lambda: served(service, "acme/cold"))[0] == "acme/cold@1"
-    result = eventually(lambda: service.engine.adapters.refresh())
+    result = eventually(poll)
     assert [(s.adapter, s.from_version, s.to_version) for s in result.swaps] == [("acme/warm", 1, 2)]
     assert served(service, "acme/warm")[0] == "acme/warm@2"
 
@@ -141,10 +146,11 @@ def test_a_version_the_replica_cannot_fetch_now_is_retried_not_refused(
     new = publisher.import_peft(adapters[1], "acme", "bot", spec)
     blocker = service.store.cache.path(new)
     blocker.write_text("not a directory")  # the download cannot be installed
-    result = service.engine.adapters.refresh()
+    poll = service.engine.adapters.versions.refresh  # the poller's pass: full=False
+    result = poll(full=False)
     assert result.swaps == () and result.failures == ()
     assert served(service, "acme/bot")[0] == "acme/bot@1"
     blocker.unlink()
-    result = service.engine.adapters.refresh()
+    result = poll(full=False)  # the publish marker is unchanged since the last poll: retried all the same
     assert [(s.adapter, s.to_version) for s in result.swaps] == [("acme/bot", 2)]
     assert served(service, "acme/bot")[0] == "acme/bot@2"

@@ -33,7 +33,7 @@ from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, Transp
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterSummary
-from lorafleet_server.engine.versions import RefreshResult, VersionWatcher
+from lorafleet_server.engine.versions import FULL_RESCAN_SECONDS, RefreshResult, VersionWatcher
 from lorafleet_server.errors import AdapterBusy
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class AdapterManager:
         load_workers: int = 2,
         observer: AdapterObserver | None = None,
         poll_seconds: float = 0.0,
+        rescan_seconds: float = FULL_RESCAN_SECONDS,
         host_dtype: torch.dtype = torch.float32,
         host_transpose: Transposer | None = None,
     ) -> None:
@@ -108,7 +109,9 @@ class AdapterManager:
         self._prompts: dict[AdapterKey, PromptTemplate] = {}
         self._heads: dict[AdapterKey, ClassifierHead] = {}
         self.observer: AdapterObserver = observer or _NullAdapterObserver()
-        self.versions = VersionWatcher(store, self.verify, self.observer, poll_seconds, self._superseded)
+        self.versions = VersionWatcher(
+            store, self.verify, self.observer, poll_seconds, self._superseded, rescan_seconds=rescan_seconds
+        )
         self._retired: list[tuple[AdapterKey, AdapterKey]] = []  # (old, new) swaps to retire (lock guards)
         self._wake: Callable[[], None] = lambda: None
 

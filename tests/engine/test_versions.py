@@ -1,0 +1,195 @@
+"""The version watcher's passes against a real local store: what a poll reads, and when.
+
+A poll reads the store's change token and, when it is what the last pass read, only the pointers of
+names it has not checked since; a full pass (RefreshAdapters, the rescan) reads every one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_adapters.peft_format import BaseModelSpec
+from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_adapters.ref import AdapterKey, AdapterRef
+from lorafleet_adapters.store import AdapterStore
+from lorafleet_server.engine.versions import VersionWatcher
+
+SPEC = BaseModelSpec("sha256:" + "0" * 64, "tiny", "none", {"model.layers.0.self_attn.q_proj": (8, 8)}, 8)
+RESCAN = 60.0
+FORGET = 3600.0
+
+
+class CountingStore(AdapterStore):
+    """The local store, counting the pointer reads a watcher makes (resolves by name)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.pointer_reads: list[str] = []
+        self.stale_once: dict[str, int] = {}  # a name's next resolve answers this older version
+
+    def resolve(self, ref: AdapterRef) -> AdapterKey:
+        if ref.version is None:
+            self.pointer_reads.append(f"{ref.tenant}/{ref.name}")
+            stale = self.stale_once.pop(f"{ref.tenant}/{ref.name}", None)
+            if stale is not None:
+                return AdapterKey(ref.tenant, ref.name, stale)
+        return super().resolve(ref)
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.swaps = 0
+        self.failures = 0
+
+    def adapter_swapped(self) -> None:
+        self.swaps += 1
+
+    def adapter_swap_failed(self) -> None:
+        self.failures += 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CountingStore:
+    store = CountingStore(tmp_path / "store")
+    store.check()
+    return store
+
+
+def publish(store: AdapterStore, name: str, text: str = "Be brief.") -> AdapterKey:
+    return store.publish_prompt("acme", name, PromptTemplate(text), SPEC)
+
+
+def watcher(store: CountingStore, clock: Clock, refuse: set[AdapterKey] | None = None) -> VersionWatcher:
+    def verify(key: AdapterKey) -> None:
+        if key in (refuse or set()):
+            raise AdapterFormatError(f"{key} is broken")
+        store.load_prompt(key)
+
+    return VersionWatcher(store, verify, Observer(), 5.0, rescan_seconds=RESCAN, forget_seconds=FORGET, clock=clock)
+
+
+def ref(name: str) -> AdapterRef:
+    return AdapterRef("acme", name, None)
+
+
+def poll(w: VersionWatcher, store: CountingStore, clock: Clock, seconds: float = 5.0) -> tuple[list[str], list[str]]:
+    """One poller pass ``seconds`` after the last: (pointers it read, "name from->to" swaps)."""
+    clock.now += seconds
+    store.pointer_reads.clear()
+    result = w.refresh(full=False)
+    return sorted(store.pointer_reads), [f"{s.adapter} {s.from_version}->{s.to_version}" for s in result.swaps]
+
+
+def test_a_poll_reads_pointers_only_after_a_publish_or_at_the_rescan(store: CountingStore) -> None:
+    clock = Clock()
+    for name in ("a", "b", "c"):
+        publish(store, name)
+    w = watcher(store, clock)
+    for name in ("a", "b", "c"):
+        w.resolve(ref(name))
+    assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c"], [])  # the first pass reads all
+    assert poll(w, store, clock) == ([], [])  # nothing published: the marker alone
+    assert poll(w, store, clock) == ([], [])
+
+    publish(store, "b", "Be kind.")  # a publish rewrites the marker: the next poll reads every pointer
+    assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c"], ["acme/b 1->2"])
+    assert w.resolve(ref("b")).version == 2
+    assert poll(w, store, clock) == ([], [])
+
+    # A pointer moved by hand leaves the marker: found at the rescan, not before.
+    publish(store, "c", "Be exact.")
+    assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c"], ["acme/c 1->2"])
+    (store.root / "acme" / "c" / "latest").write_text("1\n")  # an operator rolls back by hand
+    assert poll(w, store, clock) == ([], [])
+    assert poll(w, store, clock, RESCAN) == (["acme/a", "acme/b", "acme/c"], ["acme/c 2->1"])
+
+    # RefreshAdapters (a full pass) reads them all now.
+    (store.root / "acme" / "c" / "latest").write_text("2\n")
+    store.pointer_reads.clear()
+    assert [s.to_version for s in w.refresh().swaps] == [2]
+    assert len(store.pointer_reads) == 3
+
+
+def test_a_name_first_resolved_since_the_last_pass_is_read_at_the_next_poll(store: CountingStore) -> None:
+    clock = Clock()
+    publish(store, "a")
+    publish(store, "b")
+    publish(store, "b", "Be kind.")
+    w = watcher(store, clock)
+    w.resolve(ref("a"))
+    assert poll(w, store, clock) == (["acme/a"], [])
+    # b's first resolve read its pointer before version 2 moved it (the marker already says 2): the poll
+    # must not trust the unchanged marker for it.
+    store.stale_once["acme/b"] = 1
+    assert w.resolve(ref("b")).version == 1
+    assert poll(w, store, clock) == (["acme/b"], ["acme/b 1->2"])
+    assert poll(w, store, clock) == ([], [])
+
+
+def test_a_failed_read_is_retried_each_poll_and_logged_once(
+    store: CountingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    publish(store, "a")
+    publish(store, "b")
+    w = watcher(store, clock)
+    w.resolve(ref("a"))
+    w.resolve(ref("b"))
+    assert poll(w, store, clock)[0] == ["acme/a", "acme/b"]
+    (store.root / "acme" / "b" / "latest").write_text("junk\n")
+    publish(store, "a", "Be kind.")
+    caplog.set_level(logging.INFO, logger="lorafleet_server.engine.versions")
+    assert poll(w, store, clock) == (["acme/a", "acme/b"], ["acme/a 1->2"])
+    for _ in range(3):
+        assert poll(w, store, clock) == (["acme/b"], [])  # b alone, until it reads again
+    assert caplog.text.count("acme/b: cannot read its latest version") == 1
+    (store.root / "acme" / "b" / "latest").write_text("1\n")
+    assert poll(w, store, clock) == (["acme/b"], [])
+    assert "acme/b: its latest version reads again (1)" in caplog.text
+    assert poll(w, store, clock) == ([], [])
+
+
+def test_a_refused_version_is_not_retried_and_its_name_is_never_forgotten(store: CountingStore) -> None:
+    clock = Clock()
+    publish(store, "a")
+    publish(store, "b")
+    broken = publish(store, "b", "Be kind.")
+    store.stale_once["acme/b"] = 1
+    w = watcher(store, clock, refuse={broken})
+    w.resolve(ref("a"))
+    w.resolve(ref("b"))
+    result = w.refresh()
+    assert [(f.adapter, f.version) for f in result.failures] == [("acme/b", 2)]
+    assert poll(w, store, clock) == ([], [])  # refused once: not read (nor verified) again each poll
+    assert w.serving() == {"acme/a": 1, "acme/b": 1}
+
+    # Unused for FORGET seconds: a is no longer watched, b is (it must keep avoiding version 2).
+    assert poll(w, store, clock, FORGET) == (["acme/b"], [])  # a rescan, of b alone
+    assert w.serving() == {"acme/b": 1}
+    assert w.resolve(ref("b")).version == 1
+    # a's next request resolves the store's latest, as on a fresh server, and is watched again.
+    publish(store, "a", "Be kind.")
+    assert w.resolve(ref("a")).version == 2
+    assert w.serving() == {"acme/a": 2, "acme/b": 1}
+
+
+def test_names_in_use_are_not_forgotten(store: CountingStore) -> None:
+    clock = Clock()
+    publish(store, "a")
+    w = watcher(store, clock)
+    for _ in range(5):
+        w.resolve(ref("a"))
+        poll(w, store, clock, FORGET / 2)
+    assert w.serving() == {"acme/a": 1}
