@@ -41,6 +41,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ from lorafleet_adapters.errors import (
     InvalidAdapterRef,
     StoreUnavailable,
 )
+from lorafleet_adapters.lru import LruMap
 from lorafleet_adapters.manifest import MAX_MANIFEST_BYTES, Manifest, sha256_file, utc_now_iso
 from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, LoadPlans, Transposer, load_adapter_weights
 from lorafleet_adapters.prompt import PromptTemplate
@@ -83,6 +85,8 @@ MAX_ATTEMPTS = 3  # boto3's "standard" retry mode: the first try and two retries
 MAX_FILE_BYTES = 4 << 30
 MAX_CAS_TRIES = 64
 MAX_CLAIM_TRIES = 1000
+KNOWN_VERSIONS_KEPT = 16384  # versions seen to exist, so resolving one again needs no HEAD
+MANIFESTS_KEPT = 4096
 _CHUNK = 1 << 20
 _BOTO_ERRORS = (BotoCoreError, ClientError)
 _DENIED = frozenset(
@@ -138,11 +142,12 @@ class S3AdapterStore:
         self.cache = VersionCache(
             Path(cache_dir) / _namespace(self.endpoint_url, location), cache_bytes, on_evict=self._on_cache_event
         )
-        self._known: set[AdapterKey] = set()  # versions whose manifest exists (immutable, so kept)
-        self._manifests: dict[AdapterKey, Manifest] = {}
+        # Versions whose manifest exists, and manifests read: immutable, so kept (the most recent ones).
+        self._known: LruMap[AdapterKey, bool] = LruMap(KNOWN_VERSIONS_KEPT)
+        self._manifests: LruMap[AdapterKey, Manifest] = LruMap(MANIFESTS_KEPT)
         self._plans = LoadPlans()  # checked safetensors headers, by their bytes (peft_format.py)
         self._lock = threading.Lock()
-        self._key_locks: dict[AdapterKey, threading.Lock] = {}
+        self._key_locks: dict[AdapterKey, _KeyLock] = {}  # only while some thread holds or waits for one
 
     # ------------------------------------------------------------------------------------- basics
 
@@ -178,8 +183,8 @@ class S3AdapterStore:
             version = _version_number(number)
             if version is not None:
                 found.add(version)
-        with self._lock:
-            self._known.update(AdapterKey(tenant, name, v) for v in found)
+        for version in found:
+            self._known.put(AdapterKey(tenant, name, version), True)
         return tuple(sorted(found))
 
     def resolve(self, ref: AdapterRef) -> AdapterKey:
@@ -227,8 +232,7 @@ class S3AdapterStore:
         return summaries
 
     def manifest(self, key: AdapterKey) -> Manifest:
-        with self._lock:
-            cached = self._manifests.get(key)
+        cached = self._manifests.get(key)
         if cached is not None:
             return cached
         local = self.cache.lookup(key)
@@ -246,11 +250,8 @@ class S3AdapterStore:
             raise AdapterFormatError(
                 f"{key}: {MANIFEST_FILE} describes {manifest.tenant}/{manifest.name}@{manifest.version}"
             )
-        with self._lock:
-            if len(self._manifests) >= 4096:
-                self._manifests.clear()
-            self._manifests[key] = manifest
-            self._known.add(key)
+        self._manifests.put(key, manifest)
+        self._known.put(key, True)
         return manifest
 
     def version_dir(self, key: AdapterKey) -> Path:
@@ -363,8 +364,7 @@ class S3AdapterStore:
             self._cleanup_failed(key, uploaded)
             raise
         shutil.rmtree(staging, ignore_errors=True)
-        with self._lock:
-            self._known.add(key)
+        self._known.put(key, True)
         try:
             self.advance_latest(key)
         except StoreUnavailable as exc:
@@ -487,13 +487,11 @@ class S3AdapterStore:
             log.warning("could not remove the files of the failed publish of %s: %s", key, exc)
 
     def _exists(self, key: AdapterKey) -> bool:
-        with self._lock:
-            if key in self._known:
-                return True
+        if self._known.get(key):
+            return True
         if self._head_etag(self._version_key(key, MANIFEST_FILE)) is None:
             return False
-        with self._lock:
-            self._known.add(key)
+        self._known.put(key, True)
         return True
 
     def _read_latest(self, tenant: str, name: str) -> tuple[int | None, str | None]:
@@ -602,10 +600,20 @@ class S3AdapterStore:
 
     @contextmanager
     def _key_lock(self, key: AdapterKey) -> Iterator[None]:
+        """One download of ``key`` at a time; the lock lives only while a thread holds or awaits it."""
         with self._lock:
-            lock = self._key_locks.setdefault(key, threading.Lock())
-        with lock:
-            yield
+            entry = self._key_locks.get(key)
+            if entry is None:
+                entry = self._key_locks[key] = _KeyLock()
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._key_locks[key]
 
     def _download(self, key: AdapterKey, manifest: Manifest) -> Path:
         for required in required_files(manifest.kind):
@@ -694,6 +702,12 @@ class S3AdapterStore:
             message = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
             return StoreUnavailable(f"{where}: cannot {what}: {code} {message}".rstrip())
         return StoreUnavailable(f"{where}: cannot {what}: the endpoint is unreachable or failed ({name}: {exc})")
+
+
+@dataclass
+class _KeyLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
 
 
 def _code(exc: BaseException) -> str:

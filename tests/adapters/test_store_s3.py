@@ -147,9 +147,25 @@ def test_replica_downloads_once_verifies_and_caches(
     key = publisher.import_peft(make_adapter()[0], "acme", "bot", spec)
     events: list[str] = []
     replica = s3_store(url, tmp_path / "replica-cache", events)
-    weights = replica.load(key, spec)
+    # Six threads load the cold version at once: one download, and its per-version lock is gone after.
+    loaded: list[Any] = [None] * 6
+    barrier = threading.Barrier(len(loaded))
+
+    def load(i: int) -> None:
+        barrier.wait()
+        loaded[i] = replica.load(key, spec)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(len(loaded))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    weights = loaded[0]
+    assert all(tensors_equal(w, weights) for w in loaded)
+    assert sorted(events) == sorted(["miss", "load"] + ["hit"] * 5) and replica._key_locks == {}
+    events.clear()
     assert replica.load(key, spec) is not None
-    assert events == ["miss", "load", "hit"]
+    assert events == ["hit"]
     cached = replica.cache.path(key)
     assert sorted(p.name for p in cached.iterdir()) == sorted([*replica.manifest(key).files, "manifest.json"])
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from enginelib import generate, request, tiny_service
 
+from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_server.engine import adapter_manager
 from lorafleet_server.engine.adapter_manager import ABANDONED_LOAD_SECONDS
 
 
@@ -68,3 +71,27 @@ def test_a_load_no_request_polls_again_is_dropped_and_its_weights_stay_bounded_b
     assert manager.drop_abandoned_loads(1000.0 + ABANDONED_LOAD_SECONDS + 1) == 1
     assert key not in manager._pending and not manager._done_seen
     assert manager._host_weights(key) is future.result()  # a later request finds it in the host cache
+
+
+def test_manifests_and_prompt_templates_kept_are_bounded(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every version a server reads used to stay in these maps for good (weeks of retrains: gigabytes)."""
+    monkeypatch.setattr(adapter_manager, "MANIFESTS_KEPT", 6)
+    monkeypatch.setattr(adapter_manager, "PROMPT_BYTES_KEPT", 8_000)
+    svc = tiny_service(tiny_model_dir, tmp_path / "store")
+    try:
+        manager = svc.engine.adapters
+        keys = [
+            svc.store.publish_prompt("acme", f"p{i}", PromptTemplate(f"{i} " + "x" * 1000), svc.base.spec)
+            for i in range(20)
+        ]
+        for key in keys:
+            assert manager.kind(key) == "prompt"
+            assert manager.prompt(key).system.startswith(f"{key.name[1:]} ")
+        assert len(manager._manifests) == 6
+        assert 0 < manager._prompts.nbytes <= 8_000 and len(manager._prompts) < 20
+        assert keys[0] not in manager._prompts  # the least recently used went first
+        assert manager.prompt(keys[0]) == svc.store.load_prompt(keys[0])  # read again when asked again
+    finally:
+        svc.engine.shutdown(10)

@@ -28,6 +28,7 @@ from lorafleet_adapters.device_slots import DeviceSlots, SlotInfo
 from lorafleet_adapters.errors import AdapterError
 from lorafleet_adapters.head import ClassifierHead, load_head
 from lorafleet_adapters.host_cache import HostCache
+from lorafleet_adapters.lru import LruMap
 from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, Transposer
 from lorafleet_adapters.prompt import PromptTemplate
@@ -39,6 +40,12 @@ from lorafleet_server.errors import AdapterBusy
 log = logging.getLogger(__name__)
 
 ABANDONED_LOAD_SECONDS = 30.0  # a finished load no request polls for this long is forgotten
+# Versions are immutable, so these keep what was read to save reading it again; least recently used
+# out first. Beside --host-cache-bytes (LoRA weights) a server holds at most this much of the others.
+MANIFESTS_KEPT = 4096  # ~4 KB each
+PROMPT_BYTES_KEPT = 64 << 20  # templates are at most 256 KiB each
+HEAD_BYTES_KEPT = 256 << 20  # a head is [labels, hidden] float32: 2.4 MB at 1,024 labels of SmolLM2
+SMALL_ENTRIES_KEPT = 4096
 
 
 class Tier(enum.Enum):
@@ -104,10 +111,12 @@ class AdapterManager:
         # requests were cancelled or timed out) is dropped ABANDONED_LOAD_SECONDS later, not kept.
         self._done_seen: dict[AdapterKey, float] = {}
         self._next_sweep = 0.0
-        self._lock = threading.Lock()  # guards the two small caches below (any thread)
-        self._manifests: dict[AdapterKey, Manifest] = {}
-        self._prompts: dict[AdapterKey, PromptTemplate] = {}
-        self._heads: dict[AdapterKey, ClassifierHead] = {}
+        self._lock = threading.Lock()  # guards _retired (any thread)
+        self._manifests: LruMap[AdapterKey, Manifest] = LruMap(MANIFESTS_KEPT)
+        self._prompts: LruMap[AdapterKey, PromptTemplate] = LruMap(
+            SMALL_ENTRIES_KEPT, PROMPT_BYTES_KEPT, lambda template: len(template.to_json())
+        )
+        self._heads: LruMap[AdapterKey, ClassifierHead] = LruMap(SMALL_ENTRIES_KEPT, HEAD_BYTES_KEPT, _head_bytes)
         self.observer: AdapterObserver = observer or _NullAdapterObserver()
         self.versions = VersionWatcher(
             store, self.verify, self.observer, poll_seconds, self._superseded, rescan_seconds=rescan_seconds
@@ -126,30 +135,26 @@ class AdapterManager:
 
     def kind(self, key: AdapterKey) -> str:
         """ "lora", "prompt" or "head" (manifests are immutable, so they are read once)."""
-        with self._lock:
-            manifest = self._manifests.get(key)
+        manifest = self._manifests.get(key)
         if manifest is None:
             try:
                 manifest = self.store.manifest(key)
             except AdapterError:
                 self.observer.adapter_load_failed()
                 raise
-            with self._lock:
-                self._manifests[key] = manifest
+            self._manifests.put(key, manifest)
         return manifest.kind
 
     def prompt(self, key: AdapterKey) -> PromptTemplate:
         """A prompt adapter's template, verified against its manifest on first use."""
-        with self._lock:
-            template = self._prompts.get(key)
+        template = self._prompts.get(key)
         if template is None:
             try:
                 template = self.store.load_prompt(key)
             except AdapterError:
                 self.observer.adapter_load_failed()
                 raise
-            with self._lock:
-                self._prompts[key] = template
+            self._prompts.put(key, template)
         return template
 
     def head(self, key: AdapterKey) -> ClassifierHead:
@@ -158,16 +163,14 @@ class AdapterManager:
         Heads are small ([labels, hidden] floats) and run on the engine thread after the pooled
         forward, so they take no device slot; the LoRA version they read features from does.
         """
-        with self._lock:
-            head = self._heads.get(key)
+        head = self._heads.get(key)
         if head is None:
             try:
                 head = load_head(self.store, key, self.spec)
             except AdapterError:
                 self.observer.adapter_load_failed()
                 raise
-            with self._lock:
-                self._heads[key] = head
+            self._heads.put(key, head)
         return head
 
     def verify(self, key: AdapterKey) -> None:
@@ -235,9 +238,8 @@ class AdapterManager:
             if not self.slots.retire(old, cause):
                 log.info("adapter %s stays in its device slot although %s: it is pinned", old, cause)
                 continue
-            with self._lock:
-                self._prompts.pop(old, None)
-                self._heads.pop(old, None)
+            self._prompts.pop(old)
+            self._heads.pop(old)
             if self.host_cache.evict(old):
                 log.info("adapter %s left host memory (%s)", old, cause)
 
@@ -360,3 +362,7 @@ class AdapterManager:
         self.observer.adapter_loaded("store", seconds)
         log.info("adapter %s read from the store in %.4fs (%d bytes on the host)", key, seconds, weights.nbytes)
         return weights
+
+
+def _head_bytes(head: ClassifierHead) -> int:
+    return head.weight.nbytes + head.bias.nbytes + sum(len(label) for label in head.labels)
