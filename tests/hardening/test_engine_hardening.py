@@ -104,6 +104,10 @@ def test_special_tokens_in_chat_content_stay_text(service: Service) -> None:
     # The template's own turns only: its default system turn, the user turn, the generation prompt.
     assert ids.count(im_start) == 3 and ids.count(im_end) == 2
     assert FORGED in tok.decode(ids)  # the caller's characters all arrive, as text
+    # A content shaped like the renderer's own content marks arrives as itself, in every turn.
+    mark = "\ue000" + "0123456789abcdef" + ":1\ue001"
+    ids = service.engine.encode_prompt(None, (ChatTurn("system", mark), ChatTurn("user", f"a {mark} b")))
+    assert tok.decode(ids).count(mark) == 2
     # Ordinary chats tokenize exactly as the whole rendered template does (nothing changed for them).
     turns = (ChatTurn("system", "Be brief."), ChatTurn("user", "What is 2+2?\n\nThanks"), ChatTurn("assistant", "4"))
     for chat in (turns, turns[1:2], (ChatTurn("user", "  spaced  "),)):

@@ -23,6 +23,10 @@ from typing import Any, Protocol, cast
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_server.errors import InvalidRequest
 
+# A content's place in the rendering: a private-use pair around a 16-hex-digit nonce and its index.
+# One pattern for every request (a pattern per request's nonce churned re's own compile cache).
+_MARK = re.compile("\ue000[0-9a-f]{16}:[0-9]+\ue001")
+
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -120,14 +124,17 @@ class PromptEncoder:
         contents = {f"\ue000{nonce}:{i}\ue001": content for i, (_, content) in enumerate(turns)}
         conversation = [{"role": role, "content": mark} for (role, _), mark in zip(turns, contents, strict=True)]
         rendered = str(self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
-        marks = re.compile("|".join(map(re.escape, contents)))
+
+        def put_back(text: str) -> str:  # the rendering holds only this call's marks, never a content
+            return _MARK.sub(lambda m: contents.get(m.group(), m.group()), text)
+
         ids: list[int] = []
         start = 0
         for special in self._specials.finditer(rendered) if self._specials else ():
-            ids += self._encode_text(marks.sub(lambda m: contents[m.group()], rendered[start : special.start()]))
+            ids += self._encode_text(put_back(rendered[start : special.start()]))
             ids += self.tokenizer.encode(special.group(), add_special_tokens=False)
             start = special.end()
-        ids += self._encode_text(marks.sub(lambda m: contents[m.group()], rendered[start:]))
+        ids += self._encode_text(put_back(rendered[start:]))
         return ids
 
     def _encode_text(self, text: str) -> list[int]:
