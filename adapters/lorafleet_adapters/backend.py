@@ -12,16 +12,18 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lorafleet_adapters.errors import InvalidStoreLocation
-from lorafleet_adapters.manifest import Manifest
-from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, Transposer
-from lorafleet_adapters.prompt import PromptTemplate
-from lorafleet_adapters.ref import AdapterKey, AdapterRef
-from lorafleet_adapters.store import AdapterStore, AdapterSummary
+
+if TYPE_CHECKING:  # this module imports neither torch nor a backend: settings are read without them
+    import torch
+
+    from lorafleet_adapters.manifest import Manifest
+    from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, Transposer
+    from lorafleet_adapters.prompt import PromptTemplate
+    from lorafleet_adapters.ref import AdapterKey, AdapterRef
+    from lorafleet_adapters.store import AdapterSummary
 
 S3_SCHEME = "s3://"
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -61,11 +63,11 @@ class Store(Protocol):
         key: AdapterKey,
         spec: BaseModelSpec,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = ...,
         transpose: Transposer | None = None,
     ) -> AdapterWeights:
-        """Verified weights of a LoRA version, as ``dtype`` (the device slots' dtype: see AdapterWeights),
-        laid out by ``transpose`` (peft_format.transpose_scaled when None)."""
+        """Verified weights of a LoRA version, as ``dtype`` (the device slots' dtype, float32 when not
+        given: see AdapterWeights), laid out by ``transpose`` (peft_format.transpose_scaled when None)."""
         ...
 
     def load_prompt(self, key: AdapterKey) -> PromptTemplate: ...
@@ -184,4 +186,6 @@ def open_store(settings: StoreSettings, on_cache_event: Callable[[str], None] | 
             cache_bytes=settings.cache_bytes,
             on_cache_event=on_cache_event,
         )
+    from lorafleet_adapters.store import AdapterStore
+
     return AdapterStore(Path(settings.location))

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from lorafleet_adapters.backend import Store, open_store
 from lorafleet_adapters.errors import AdapterError, InvalidAdapterRef
-from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.ref import AdapterRef, check_ident
 from lorafleet_server.config import ServerConfig, add_server_arguments, config_from_args, keys_pepper
 from lorafleet_server.errors import StartupError
@@ -32,6 +32,9 @@ from lorafleet_server.tenants.keys import (
     read_key_file,
     revoke_key,
 )
+
+if TYPE_CHECKING:
+    from lorafleet_adapters.peft_format import BaseModelSpec
 
 
 def _serve(config: ServerConfig) -> int:

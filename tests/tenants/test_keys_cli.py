@@ -118,3 +118,27 @@ def test_keys_file_from_the_environment_and_the_pepper_from_its_variable(tmp_pat
     (tmp_path / "broken.json").write_text("{")
     broken = keys("list", "--keys-file", str(tmp_path / "broken.json"))
     assert broken.returncode == 1 and "not valid JSON" in broken.stderr
+
+
+@pytest.mark.parametrize("command", [["create", "--tenant", "acme", "--role", "tenant"], ["list"], ["list", "--json"]])
+def test_keys_commands_load_neither_torch_nor_the_model_stack(tmp_path: Path, command: list[str]) -> None:
+    """An operator's `lorafleet keys ...` is a file edit: it used to import torch (~1 s) on the way."""
+    probe = (
+        "import sys\n"
+        "from lorafleet_server.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'grpc', 'boto3', 'numpy') if m in sys.modules)\n"
+        "print('loaded:', heavy, file=sys.stderr)\n"
+        "raise SystemExit(rc)\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "keys", *command, "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=environ,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "loaded: []" in done.stderr, done.stderr
