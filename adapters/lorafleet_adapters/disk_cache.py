@@ -10,6 +10,10 @@ never sees half a version. Recency is the entry directory's mtime (touched on ev
 survives restarts. After each insert the least recently used entries are removed until the total
 is within the bound; entries in use (``using``) and the newest one are never removed, so one
 version larger than the bound still serves.
+
+The directory is this replica's alone, so sizes and recency are also kept in memory (read from disk
+once, at start): an insert no longer walks and stats the whole cache (34 ms at 1,000 entries, on
+every download). A name's and a tenant's directories go when their last entry does.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +61,9 @@ class VersionCache:
             (self.root / INCOMING_DIR).mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"adapter cache {self.root}: {exc.strerror or exc}") from None
+        # key -> bytes, least recently used first (the lock guards it and every rename or removal)
+        self._index: OrderedDict[AdapterKey, int] = OrderedDict((e.key, e.nbytes) for e in self.entries())
+        self._bytes = sum(self._index.values())
 
     def path(self, key: AdapterKey) -> Path:
         return self.root / key.tenant / key.name / str(key.version)
@@ -72,6 +79,14 @@ class VersionCache:
             return None
         except OSError as exc:
             raise StoreUnavailable(f"adapter cache {self.root}: {exc.strerror or exc}") from None
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+            else:  # on disk but not known (put there by hand): counted from now on
+                try:
+                    self._add(key, path)
+                except OSError:  # removed meanwhile
+                    return None
         return path
 
     def incoming(self) -> Path:
@@ -88,14 +103,16 @@ class VersionCache:
         """Move a complete, verified download into place, then evict down to the bound."""
         final = self.path(key)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(incoming, final)
-            except OSError:
-                if not final.is_dir():
-                    raise
-                self.discard(incoming)  # somebody installed it first: theirs is as good
-            os.utime(final)
+            with self._lock:  # eviction removes empty parents under it: not between mkdir and rename
+                final.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.rename(incoming, final)
+                except OSError:
+                    if not final.is_dir():
+                        raise
+                    self.discard(incoming)  # somebody installed it first: theirs is as good
+                os.utime(final)
+                self._add(key, final)
         except OSError as exc:
             self.discard(incoming)
             raise StoreUnavailable(f"adapter cache {self.root}: cannot install {key}: {exc.strerror or exc}") from None
@@ -104,7 +121,8 @@ class VersionCache:
 
     def drop(self, key: AdapterKey) -> None:
         """Remove one entry (a damaged one)."""
-        shutil.rmtree(self.path(key), ignore_errors=True)
+        with self._lock:
+            self._remove(key)
 
     @contextmanager
     def using(self, key: AdapterKey) -> Iterator[None]:
@@ -120,7 +138,7 @@ class VersionCache:
                     del self._in_use[key]
 
     def entries(self) -> list[CacheEntry]:
-        """Every complete entry, least recently used first."""
+        """Every complete entry on disk, least recently used first (a walk of the directory)."""
         found: list[CacheEntry] = []
         for tenant_dir in _subdirs(self.root):
             for name_dir in _subdirs(tenant_dir):
@@ -130,7 +148,7 @@ class VersionCache:
                         continue
                     try:
                         used = version_dir.stat().st_mtime
-                        nbytes = sum(f.stat().st_size for f in version_dir.iterdir() if f.is_file())
+                        nbytes = _dir_bytes(version_dir)
                     except FileNotFoundError:
                         continue  # evicted meanwhile
                     found.append(CacheEntry(key, version_dir, nbytes, used))
@@ -138,22 +156,22 @@ class VersionCache:
         return found
 
     def total_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries())
+        """The bytes of the entries on disk, as the bound counts them."""
+        with self._lock:
+            return self._bytes
 
     def evict(self, keep: AdapterKey | None = None) -> list[AdapterKey]:
         """Remove least recently used entries until the total fits ``max_bytes``; the removed keys."""
         removed: list[AdapterKey] = []
         with self._lock:
-            entries = self.entries()
-            total = sum(e.nbytes for e in entries)
-            for entry in entries:
-                if total <= self.max_bytes:
+            for key in list(self._index):
+                if self._bytes <= self.max_bytes:
                     break
-                if entry.key == keep or entry.key in self._in_use:
+                if key == keep or key in self._in_use:
                     continue
-                shutil.rmtree(entry.path, ignore_errors=True)
-                total -= entry.nbytes
-                removed.append(entry.key)
+                self._remove(key)
+                removed.append(key)
+            total = self._bytes
         if self._on_evict is not None:
             for _ in removed:
                 self._on_evict("evict")
@@ -162,6 +180,28 @@ class VersionCache:
                 "adapter disk cache: evicted %s (now %d of %d bytes)", [str(k) for k in removed], total, self.max_bytes
             )
         return removed
+
+
+    def _add(self, key: AdapterKey, path: Path) -> None:
+        """Count ``key`` (lock held) as the most recently used entry."""
+        nbytes = _dir_bytes(path)
+        self._bytes += nbytes - self._index.pop(key, 0)
+        self._index[key] = nbytes
+
+    def _remove(self, key: AdapterKey) -> None:
+        """Delete ``key``'s directory and its name's and tenant's once empty (lock held)."""
+        path = self.path(key)
+        shutil.rmtree(path, ignore_errors=True)
+        self._bytes -= self._index.pop(key, 0)
+        for parent in (path.parent, path.parent.parent):
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or gone): the ones above are not empty either
+                break
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
 def _subdirs(path: Path) -> list[Path]:

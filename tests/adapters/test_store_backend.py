@@ -146,3 +146,27 @@ def test_disk_cache_keeps_one_entry_larger_than_the_bound_and_clears_incoming(tm
     reopened = VersionCache(tmp_path / "c", max_bytes=100)  # a restart after a crash mid-download
     assert os.listdir(reopened.root / ".incoming") == []
     assert [e.key for e in reopened.entries()] == [big]
+
+
+def test_disk_cache_counts_in_memory_what_is_on_disk_and_leaves_no_empty_directories(tmp_path: Path) -> None:
+    """Sizes and recency are kept in memory (an insert used to walk the whole cache); they must stay
+    what a walk of the disk says, across installs, hits, drops, evictions and a restart."""
+    cache = VersionCache(tmp_path / "c", max_bytes=5000)
+    keys = [AdapterKey(f"t{i % 3}", f"n{i % 4}", 1 + i // 4) for i in range(14)]
+    for i, key in enumerate(keys):
+        _entry(cache, key, 700 + 37 * i)
+        if i % 3 == 0:
+            cache.lookup(keys[i // 2])  # a hit makes an older entry recent (a miss changes nothing)
+        if i == 9:
+            cache.drop(keys[8])
+        on_disk = cache.entries()
+        assert cache.total_bytes() == sum(e.nbytes for e in on_disk) <= 5000
+    reopened = VersionCache(tmp_path / "c", max_bytes=5000)
+    assert reopened.total_bytes() == cache.total_bytes()
+    assert [e.key for e in reopened.entries()] == [e.key for e in cache.entries()]
+    held = {(e.key.tenant, e.key.name) for e in cache.entries()}
+    names = {(t.name, n.name) for t in (tmp_path / "c").iterdir() if not t.name.startswith(".") for n in t.iterdir()}
+    assert names == held  # a name's directory went with its last version
+    for entry in cache.entries():
+        cache.drop(entry.key)
+    assert sorted(os.listdir(tmp_path / "c")) == [".incoming"] and cache.total_bytes() == 0
