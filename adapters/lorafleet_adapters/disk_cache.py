@@ -181,7 +181,6 @@ class VersionCache:
             )
         return removed
 
-
     def _add(self, key: AdapterKey, path: Path) -> None:
         """Count ``key`` (lock held) as the most recently used entry."""
         nbytes = _dir_bytes(path)
