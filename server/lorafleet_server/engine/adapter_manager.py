@@ -135,15 +135,11 @@ class AdapterManager:
 
     def kind(self, key: AdapterKey) -> str:
         """ "lora", "prompt" or "head" (manifests are immutable, so they are read once)."""
-        manifest = self._manifests.get(key)
-        if manifest is None:
-            try:
-                manifest = self.store.manifest(key)
-            except AdapterError:
-                self.observer.adapter_load_failed()
-                raise
-            self._manifests.put(key, manifest)
-        return manifest.kind
+        try:
+            return self.manifest(key).kind
+        except AdapterError:
+            self.observer.adapter_load_failed()
+            raise
 
     def prompt(self, key: AdapterKey) -> PromptTemplate:
         """A prompt adapter's template, verified against its manifest on first use."""
@@ -209,8 +205,12 @@ class AdapterManager:
         return self.store.resolve(ref).version
 
     def manifest(self, key: AdapterKey) -> Manifest:
-        """``key``'s manifest, read from the store (views report it; a broken one raises its error)."""
-        return self.store.manifest(key)
+        """``key``'s manifest, read from the store once while kept (a broken one raises its error, each time)."""
+        manifest = self._manifests.get(key)
+        if manifest is None:
+            manifest = self.store.manifest(key)
+            self._manifests.put(key, manifest)
+        return manifest
 
     def refresh(self) -> RefreshResult:
         """Look for newly published versions now (the watcher also does this every poll interval)."""
