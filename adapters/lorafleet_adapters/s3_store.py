@@ -389,6 +389,9 @@ class S3AdapterStore:
                 )
                 current, etag = None, self._head_etag(self._key(key.tenant, key.name, LATEST_KEY))
             if current is not None and current >= key.version:
+                if attempt and current == key.version:  # an earlier try landed but its answer was lost
+                    self._mark_published(key)
+                    return True
                 return False
             body = f"{key.version}\n".encode()
             pointer = self._key(key.tenant, key.name, LATEST_KEY)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_adapters.errors import AdapterFormatError, StoreUnavailable
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
@@ -157,11 +157,11 @@ def test_a_failed_read_is_retried_each_poll_and_logged_once(
     assert caplog.text.count("acme/b: cannot read its latest version") == 1
     (store.root / "acme" / "b" / "latest").write_text("1\n")
     assert poll(w, store, clock) == (["acme/b"], [])
-    assert "acme/b: its latest version reads again (1)" in caplog.text
+    assert "acme/b: checked again after: cannot read its latest version" in caplog.text
     assert poll(w, store, clock) == ([], [])
 
 
-def test_a_refused_version_is_not_retried_and_its_name_is_never_forgotten(store: CountingStore) -> None:
+def test_a_refused_version_is_not_retried(store: CountingStore) -> None:
     clock = Clock()
     publish(store, "a")
     publish(store, "b")
@@ -173,23 +173,116 @@ def test_a_refused_version_is_not_retried_and_its_name_is_never_forgotten(store:
     result = w.refresh()
     assert [(f.adapter, f.version) for f in result.failures] == [("acme/b", 2)]
     assert poll(w, store, clock) == ([], [])  # refused once: not read (nor verified) again each poll
+    assert poll(w, store, clock, RESCAN) == (["acme/a", "acme/b"], [])  # the rescan reads, refuses nothing new
     assert w.serving() == {"acme/a": 1, "acme/b": 1}
 
-    # Unused for FORGET seconds: a is no longer watched, b is (it must keep avoiding version 2).
-    assert poll(w, store, clock, FORGET) == (["acme/b"], [])  # a rescan, of b alone
-    assert w.serving() == {"acme/b": 1}
-    assert w.resolve(ref("b")).version == 1
-    # a's next request resolves the store's latest, as on a fresh server, and is watched again.
-    publish(store, "a", "Be kind.")
-    assert w.resolve(ref("a")).version == 2
-    assert w.serving() == {"acme/a": 2, "acme/b": 1}
+
+def test_an_idle_name_is_not_polled_and_comes_back_to_what_it_served(store: CountingStore) -> None:
+    """Unwatched after FORGET seconds idle, not forgotten: its next request is served by the version it
+    had, and the next poll checks the store for it, so a broken version published meanwhile is refused
+    (the old one serves) and a good one swaps in, verified, as for a name watched all along."""
+    clock = Clock()
+    for name in ("a", "b", "c"):
+        publish(store, name)
+    broken = publish(store, "b", "Be kind.")
+    store.stale_once["acme/b"] = 1
+    w = watcher(store, clock, refuse={broken})
+    for name in ("a", "b", "c"):
+        w.resolve(ref(name))
+    assert [f.version for f in w.refresh().failures] == [2]
+    w.resolve(ref("c"))
+    clock.now += FORGET / 2
+    w.resolve(ref("c"))  # c stays in use
+    assert poll(w, store, clock, FORGET / 2) == (["acme/c"], [])  # a rescan: of c alone
+    assert w.serving() == {"acme/c": 1}
+
+    publish(store, "a", "Be kind.")  # while a is idle: a good version 2, and b keeps its broken one
+    assert poll(w, store, clock) == (["acme/c"], [])
+    assert w.resolve(ref("a")).version == 1 and w.resolve(ref("b")).version == 1
+    assert poll(w, store, clock) == (["acme/a", "acme/b"], ["acme/a 1->2"])  # b: still refused, not again
+    assert w.serving() == {"acme/a": 2, "acme/b": 1, "acme/c": 1}
 
 
 def test_names_in_use_are_not_forgotten(store: CountingStore) -> None:
     clock = Clock()
     publish(store, "a")
     w = watcher(store, clock)
+    w.resolve(ref("a"))
     for _ in range(5):
-        w.resolve(ref("a"))
         poll(w, store, clock, FORGET / 2)
-    assert w.serving() == {"acme/a": 1}
+        assert w.serving() == {"acme/a": 1}
+        w.resolve(ref("a"))
+
+
+class PublishingStore(CountingStore):
+    """Publishes a new version of acme/b while a pass reads acme/a's pointer (after its token read)."""
+
+    publish_during: str | None = None
+
+    def resolve(self, ref: AdapterRef) -> AdapterKey:
+        key = super().resolve(ref)
+        if ref.version is None and f"{ref.tenant}/{ref.name}" == self.publish_during:
+            self.publish_during = None
+            publish(self, "b", "Published mid-pass.")
+        return key
+
+
+def test_a_publish_during_a_pass_is_found_by_the_next_poll(tmp_path: Path) -> None:
+    store = PublishingStore(tmp_path / "store")
+    store.check()
+    clock = Clock()
+    publish(store, "b")
+    publish(store, "a")
+    w = watcher(store, clock)
+    w.resolve(ref("b"))  # watched first, so a pass reads b's pointer before a's (and the publish)
+    w.resolve(ref("a"))
+    w.refresh()
+    store.publish_during = "acme/a"
+    publish(store, "c")  # the marker changes: the next poll reads every pointer, b's before a's
+    assert poll(w, store, clock) == (["acme/a", "acme/b"], [])
+    assert poll(w, store, clock) == (["acme/a", "acme/b"], ["acme/b 1->2"])  # the token it read was older
+
+
+class FlakyStore(CountingStore):
+    broken: dict[str, Exception]
+
+    def resolve(self, ref: AdapterRef) -> AdapterKey:
+        problem = getattr(self, "broken", {}).get(f"{ref.tenant}/{ref.name}")
+        if ref.version is None and problem is not None:
+            self.pointer_reads.append(f"{ref.tenant}/{ref.name}")
+            raise problem
+        return super().resolve(ref)
+
+
+def test_an_unexpected_error_fails_one_name_not_the_pass_and_each_problem_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FlakyStore(tmp_path / "store")
+    store.check()
+    clock = Clock()
+    publish(store, "a")
+    publish(store, "b")
+    gone_flaky: set[AdapterKey] = set()
+
+    def verify(key: AdapterKey) -> None:
+        if key in gone_flaky:
+            raise StoreUnavailable("the disk cache is full")
+        store.load_prompt(key)
+
+    w = VersionWatcher(store, verify, Observer(), 5.0, rescan_seconds=RESCAN, forget_seconds=FORGET, clock=clock)
+    w.resolve(ref("a"))
+    w.resolve(ref("b"))
+    w.refresh()
+    caplog.set_level(logging.INFO, logger="lorafleet_server.engine.versions")
+    store.broken = {"acme/a": RuntimeError("a bug")}
+    gone_flaky.add(publish(store, "b", "Be kind."))
+    assert poll(w, store, clock) == (["acme/a", "acme/b"], [])  # b is read although a raised first
+    for _ in range(3):
+        assert poll(w, store, clock) == (["acme/a", "acme/b"], [])  # both retried each poll
+    assert caplog.text.count("acme/a: cannot read its latest version: a bug") == 1
+    assert caplog.text.count("acme/b: cannot fetch version 2 now (1 serves)") == 1
+    store.broken = {}
+    gone_flaky.clear()
+    assert poll(w, store, clock) == (["acme/a", "acme/b"], ["acme/b 1->2"])
+    assert caplog.text.count("checked again after") == 2
+    assert poll(w, store, clock) == ([], [])

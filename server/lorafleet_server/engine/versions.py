@@ -11,8 +11,9 @@ A poll costs one read when nothing was published: the store's change token (a ma
 rewrites). Only when it changed, and on a full rescan every ``rescan_seconds`` (pointers moved by hand
 or by a publisher that died between the pointer and the marker), are the ``latest`` pointers of all
 watched adapters read: at 1,000 adapters on S3 that is 1,000 GETs, about a second of boto3's CPU.
-A name no request resolved for ``forget_seconds`` is no longer watched (its next request resolves the
-store's latest, as on a fresh server), unless it has a refused version to keep avoiding.
+A name no request resolved for ``forget_seconds`` is no longer watched; what the watcher knew of it
+is set aside (bounded), and its next request takes that up again: the version it served, checked
+against the store at the next poll like any other.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Protocol
 
 from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterError, StoreUnavailable
+from lorafleet_adapters.lru import LruMap
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class RefreshResult:
 
 FULL_RESCAN_SECONDS = 60.0
 FORGET_SECONDS = 3600.0
+FORGOTTEN_KEPT = 65536  # idle names whose served version is remembered (~300 bytes each)
 
 
 @dataclass
@@ -69,7 +72,7 @@ class _Tracked:
     # can skip it. False for a name first resolved since (its first read may predate a publish) and for
     # one whose last read or fetch failed.
     checked: bool = False
-    error: str = ""  # the last pointer-read error, logged when it changes (not every poll)
+    error: str = ""  # why its last check failed, logged when it changes (not every poll)
 
 
 class VersionWatcher:
@@ -96,6 +99,7 @@ class VersionWatcher:
         self._forget_seconds = forget_seconds
         self._clock = clock
         self._tracked: dict[tuple[str, str], _Tracked] = {}
+        self._forgotten: LruMap[tuple[str, str], _Tracked] = LruMap(FORGOTTEN_KEPT)  # idle names, set aside
         self._token: str | None = None  # the change token the last pass read first (None: none yet)
         self._token_error = ""  # the last error reading it, logged when it changes (not every poll)
         self._next_rescan = 0.0
@@ -113,6 +117,12 @@ class VersionWatcher:
             tracked = self._tracked.get(name)
             if tracked is not None:
                 tracked.used = now
+                return AdapterKey(ref.tenant, ref.name, tracked.version)
+        remembered = self._forgotten.pop(name)
+        if remembered is not None:  # watched before, idle since: the version it served (checked next poll)
+            remembered.used = now
+            with self._lock:
+                tracked = self._tracked.setdefault(name, remembered)
                 return AdapterKey(ref.tenant, ref.name, tracked.version)
         key = self._store.resolve(ref)  # first use: the latest published version
         with self._lock:
@@ -160,54 +170,71 @@ class VersionWatcher:
             tracked = self._tracked.get((tenant, name))
             if tracked is None:  # forgotten meanwhile
                 return
-            tracked.checked = False  # until this read succeeds; a resolve racing it re-adds nothing
+            tracked.checked = False  # until this check completes: a failed one is retried next poll
         try:
             latest = self._store.resolve(ref).version
-        except AdapterError as exc:
-            if str(exc) != tracked.error:
-                log.warning("adapter %s: cannot read its latest version: %s", ref, exc)
-            tracked.error = str(exc)
+        except Exception as exc:  # AdapterError, or anything else: this name only, retried next poll
+            self._failed(tracked, ref, f"cannot read its latest version: {exc}", exc)
             return
-        if tracked.error:
-            log.info("adapter %s: its latest version reads again (%d)", ref, latest)
-            tracked.error = ""
         with self._lock:
-            if latest == tracked.version or latest in tracked.refused:
+            done = latest == tracked.version or latest in tracked.refused
+            if done:
                 tracked.checked = True
-                return
             current = tracked.version
+        if done:
+            self._recovered(tracked, ref)
+            return
         key = AdapterKey(tenant, name, latest)
         try:
             self._verify(key)
         except StoreUnavailable as exc:  # the store, not the version: try again next pass
-            log.warning("adapter %s: cannot fetch version %d now (%d serves): %s", ref, latest, current, exc)
+            self._failed(tracked, ref, f"cannot fetch version {latest} now ({current} serves): {exc}", exc)
             return
         except AdapterError as exc:
             with self._lock:
                 tracked.refused.add(latest)
                 tracked.checked = True
+            self._recovered(tracked, ref)
             self._observer.adapter_swap_failed()
             log.error("adapter %s: version %d refused, %d keeps serving: %s", ref, latest, current, exc)
             failures.append(SwapFailure(str(ref), latest, str(exc)))
             return
+        except Exception as exc:  # not the version's fault as far as we know: try again next pass
+            self._failed(tracked, ref, f"cannot check version {latest} now ({current} serves): {exc!r}", exc)
+            return
         with self._lock:
             tracked.version = latest
             tracked.checked = True
+        self._recovered(tracked, ref)
         self._observer.adapter_swapped()
         log.info("adapter %s: swapped version %d -> %d (new publish verified)", ref, current, latest)
         swaps.append(Swap(str(ref), current, latest))
         self._superseded(AdapterKey(tenant, name, current), key)
 
+    @staticmethod
+    def _failed(tracked: _Tracked, ref: AdapterRef, message: str, exc: Exception) -> None:
+        """Log a check that failed when its message changes, not at every poll that retries it."""
+        if message != tracked.error:
+            unexpected = not isinstance(exc, AdapterError)
+            log.warning("adapter %s: %s", ref, message, exc_info=exc if unexpected else None)
+        tracked.error = message
+
+    @staticmethod
+    def _recovered(tracked: _Tracked, ref: AdapterRef) -> None:
+        if tracked.error:
+            log.info("adapter %s: checked again after: %s", ref, tracked.error)
+            tracked.error = ""
+
     def _forget_idle(self, now: float) -> None:
-        """Stop watching names no request resolved for ``forget_seconds`` (none with a refused version)."""
+        """Stop watching names no request resolved for ``forget_seconds``. What the watcher knew of each
+        (the version it serves, versions refused) is kept aside, bounded: a later request takes it up
+        again and the next poll checks the store, as for a name watched all along."""
         with self._lock:
-            idle = [
-                name
-                for name, tracked in self._tracked.items()
-                if now - tracked.used >= self._forget_seconds and not tracked.refused
-            ]
+            idle = [name for name, tracked in self._tracked.items() if now - tracked.used >= self._forget_seconds]
             for name in idle:
-                del self._tracked[name]
+                tracked = self._tracked.pop(name)
+                tracked.checked = False
+                self._forgotten.put(name, tracked)
         if idle:
             log.info("no longer watching %d adapter name(s) unused for %.0fs", len(idle), self._forget_seconds)
 
