@@ -110,9 +110,11 @@ class VersionCache:
                 except OSError:
                     if not final.is_dir():
                         raise
-                    self.discard(incoming)  # somebody installed it first: theirs is as good
+                    # somebody installed it first: theirs is as good (ours is removed below, unlocked)
                 os.utime(final)
                 self._add(key, final)
+            if incoming.exists():
+                self.discard(incoming)
         except OSError as exc:
             self.discard(incoming)
             raise StoreUnavailable(f"adapter cache {self.root}: cannot install {key}: {exc.strerror or exc}") from None
@@ -122,7 +124,8 @@ class VersionCache:
     def drop(self, key: AdapterKey) -> None:
         """Remove one entry (a damaged one)."""
         with self._lock:
-            self._remove(key)
+            gone = self._remove(key)
+        self._delete(gone)
 
     @contextmanager
     def using(self, key: AdapterKey) -> Iterator[None]:
@@ -163,15 +166,18 @@ class VersionCache:
     def evict(self, keep: AdapterKey | None = None) -> list[AdapterKey]:
         """Remove least recently used entries until the total fits ``max_bytes``; the removed keys."""
         removed: list[AdapterKey] = []
+        gone: list[Path | None] = []
         with self._lock:
             for key in list(self._index):
                 if self._bytes <= self.max_bytes:
                     break
                 if key == keep or key in self._in_use:
                     continue
-                self._remove(key)
+                gone.append(self._remove(key))
                 removed.append(key)
             total = self._bytes
+        for path in gone:
+            self._delete(path)
         if self._on_evict is not None:
             for _ in removed:
                 self._on_evict("evict")
@@ -187,16 +193,34 @@ class VersionCache:
         self._bytes += nbytes - self._index.pop(key, 0)
         self._index[key] = nbytes
 
-    def _remove(self, key: AdapterKey) -> None:
-        """Delete ``key``'s directory and its name's and tenant's once empty (lock held)."""
+    def _remove(self, key: AdapterKey) -> Path | None:
+        """Take ``key``'s directory out of place (lock held), and its name's and tenant's once empty.
+        Returns where it went, for ``_delete`` to remove without the lock (None: nothing to remove)."""
         path = self.path(key)
-        shutil.rmtree(path, ignore_errors=True)
+        gone: Path | None = None
+        try:
+            gone = Path(tempfile.mkdtemp(dir=self.root / INCOMING_DIR))
+            os.rename(path, gone / "entry")
+        except FileNotFoundError:  # not there any more (or no .incoming to move it into)
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(path, ignore_errors=True)  # in place, then
+            if path.exists():  # still there: still counted
+                log.warning("adapter disk cache: cannot remove %s: %s", key, exc.strerror or exc)
+                self._delete(gone)
+                return None
         self._bytes -= self._index.pop(key, 0)
         for parent in (path.parent, path.parent.parent):
             try:
                 parent.rmdir()
             except OSError:  # not empty (or gone): the ones above are not empty either
                 break
+        return gone
+
+    @staticmethod
+    def _delete(path: Path | None) -> None:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _dir_bytes(path: Path) -> int:

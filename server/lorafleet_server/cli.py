@@ -79,7 +79,9 @@ def _base_spec(config: ServerConfig) -> BaseModelSpec:
 
 def _open_store(config: ServerConfig, override: str | Path | None = None) -> Store:
     """The configured store (or ``override``: a directory or s3:// URL), reachable, or StoreUnavailable."""
-    settings = config.store_settings
+    # A one-off command caches in a temporary directory: the configured one belongs to the server,
+    # which keeps its sizes in memory and clears its downloads in progress when it opens it.
+    settings = dataclasses.replace(config.store_settings, cache_dir=None)
     if override is not None:
         settings = dataclasses.replace(settings, location=str(override))
     store = open_store(settings)
