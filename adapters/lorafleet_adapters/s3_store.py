@@ -58,7 +58,15 @@ from lorafleet_adapters.errors import (
 )
 from lorafleet_adapters.lru import LruMap
 from lorafleet_adapters.manifest import MAX_MANIFEST_BYTES, Manifest, sha256_file, utc_now_iso
-from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, LoadPlans, Transposer, load_adapter_weights
+from lorafleet_adapters.peft_format import (
+    WEIGHTS_FILE,
+    AdapterWeights,
+    BaseModelSpec,
+    LoadPlans,
+    Transposer,
+    load_adapter_weights,
+    max_weights_bytes,
+)
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
 from lorafleet_adapters.store import (
@@ -70,6 +78,7 @@ from lorafleet_adapters.store import (
     publish_prompt_via,
     required_files,
 )
+from lorafleet_adapters.verified_read import VerifiedFiles
 
 if TYPE_CHECKING:
     from lorafleet_adapters.backend import S3Location
@@ -146,6 +155,7 @@ class S3AdapterStore:
         self._known: LruMap[AdapterKey, bool] = LruMap(KNOWN_VERSIONS_KEPT)
         self._manifests: LruMap[AdapterKey, Manifest] = LruMap(MANIFESTS_KEPT)
         self._plans = LoadPlans()  # checked safetensors headers, by their bytes (peft_format.py)
+        self._verified = VerifiedFiles()  # cached files hashed once by this process (verified_read.py)
         self._lock = threading.Lock()
         self._key_locks: dict[AdapterKey, _KeyLock] = {}  # only while some thread holds or waits for one
 
@@ -260,7 +270,7 @@ class S3AdapterStore:
         Read it soon: once this returns, a later download may evict it (least recently used first).
         ``load`` and ``load_prompt`` hold the entry while they read.
         """
-        with self._local(key) as path:
+        with self._local(key) as (path, _):
             return path
 
     def load(
@@ -280,14 +290,41 @@ class S3AdapterStore:
                 f"{manifest.base_quantization}); this server's base is {spec.fingerprint} "
                 f"({spec.model_id}, {spec.quantization})"
             )
-        with self._local(key) as path:
-            return load_adapter_weights(path, spec, key, dtype=dtype, plans=self._plans, transpose=transpose)
+        expected = manifest.files.get(WEIGHTS_FILE)
+        if expected is None:
+            raise AdapterFormatError(f"{key}: {MANIFEST_FILE} does not list {WEIGHTS_FILE}")
+        # Like the local backend: the weights file read once, its tensors made from the bytes hashed
+        # (once per process; later loads check the file's fstat identity), returned when they match.
+        for attempt in range(2):
+            with self._local(key, skip=WEIGHTS_FILE) as (path, downloaded):
+                if downloaded:  # its every byte hashed on the way in, just now: not hashed twice
+                    return load_adapter_weights(path, spec, key, dtype=dtype, plans=self._plans, transpose=transpose)
+                weights = path / WEIGHTS_FILE
+
+                def tensors(data: memoryview, path: Path = path) -> AdapterWeights:
+                    return load_adapter_weights(
+                        path, spec, key, dtype=dtype, data=data, plans=self._plans, transpose=transpose
+                    )
+
+                try:
+                    return self._verified.start(weights, expected, str(key), max_bytes=max_weights_bytes(spec)).use(
+                        tensors
+                    )
+                except (AdapterFormatError, OSError) as exc:
+                    if attempt or _intact(weights, expected):  # the version itself is bad, not this copy
+                        if isinstance(exc, OSError):
+                            raise StoreUnavailable(f"adapter cache: cannot read {key}'s weights: {exc}") from exc
+                        raise
+                    log.warning("adapter %s: the cached copy is damaged (%s); downloading it again", key, exc)
+                    self._verified.forget(weights)
+                    self.cache.drop(key)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def load_prompt(self, key: AdapterKey) -> PromptTemplate:
         manifest = self.manifest(key)
         if manifest.kind != "prompt":
             raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}, not 'prompt'")
-        with self._local(key) as path:
+        with self._local(key) as (path, _):
             return PromptTemplate.read(path)
 
     # --------------------------------------------------------------------------------- publishing
@@ -582,24 +619,41 @@ class S3AdapterStore:
                 yield number
 
     @contextmanager
-    def _local(self, key: AdapterKey) -> Iterator[Path]:
-        """The verified local copy of ``key``, downloaded if needed, kept from eviction while inside."""
+    def _local(self, key: AdapterKey, skip: str | None = None) -> Iterator[tuple[Path, bool]]:
+        """(the verified local copy of ``key``, whether it was downloaded now), kept from eviction while
+        inside (``skip``: on a cache hit, a file the caller checks as it reads it)."""
         with self._key_lock(key):
             manifest = self.manifest(key)
             with self.cache.using(key):
                 path = self.cache.lookup(key)
                 if path is not None:
                     try:
-                        _verify_dir(key, path, manifest)
+                        self._verify_cached(key, path, manifest, skip)
                     except AdapterFormatError as exc:
                         log.warning("adapter %s: the cached copy is damaged (%s); downloading it again", key, exc)
                         self.cache.drop(key)
                         path = None
                 self._on_cache_event("hit" if path is not None else "miss")
+                downloaded = path is None
                 if path is None:
                     path = self._download(key, manifest)
                     self._on_cache_event("load")
-                yield path
+                yield path, downloaded
+
+    def _verify_cached(self, key: AdapterKey, path: Path, manifest: Manifest, skip: str | None) -> None:
+        """Every cached file but ``skip`` against the manifest (hashed once per process, then by identity)."""
+        for file_name, expected in manifest.files.items():
+            file_path = path / file_name
+            if file_name == skip:
+                continue
+            if file_path.is_symlink():
+                raise AdapterFormatError(f"{key}: {file_name} is missing from the cache")
+            try:
+                self._verified.read(file_path, expected, str(key), max_bytes=MAX_FILE_BYTES)  # sized at download
+            except (FileNotFoundError, IsADirectoryError):
+                raise AdapterFormatError(f"{key}: {file_name} is missing from the cache") from None
+            except OSError as exc:
+                raise StoreUnavailable(f"adapter cache: cannot read {key}'s {file_name}: {exc}") from exc
 
     @contextmanager
     def _key_lock(self, key: AdapterKey) -> Iterator[None]:
@@ -731,14 +785,9 @@ def _version_number(text: str) -> int | None:
         return None
 
 
-def _verify_dir(key: AdapterKey, path: Path, manifest: Manifest) -> None:
-    for file_name, expected in manifest.files.items():
-        file_path = path / file_name
-        if not file_path.is_file() or file_path.is_symlink():
-            raise AdapterFormatError(f"{key}: {file_name} is missing from the cache")
-        actual = sha256_file(file_path)
-        if actual != expected:
-            raise AdapterFormatError(f"{key}: checksum mismatch for the cached {file_name}")
+def _intact(path: Path, expected: str) -> bool:
+    """Whether ``path`` is a regular file with sha256 ``expected`` (hashed now, whatever was known)."""
+    return path.is_file() and not path.is_symlink() and sha256_file(path) == expected
 
 
 def _namespace(endpoint: str, location: S3Location) -> str:
