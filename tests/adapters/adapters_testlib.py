@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,14 @@ def edit_config(adapter_dir: Path, **changes: Any) -> None:
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+
+
+def flip_last_byte_keeping_mtime(path: Path) -> None:
+    """Change a file in place the way bit rot through the filesystem would: one byte, mtime put back
+    (its ctime still moves, which is what an fstat identity check sees)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    stat = path.stat()
+    with open(path, "r+b") as handle:
+        handle.write(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))

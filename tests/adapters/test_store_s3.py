@@ -7,7 +7,6 @@ which it stops and starts again on the same data directory.
 from __future__ import annotations
 
 import http.client
-import os
 import threading
 import time
 import uuid
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from adapters_testlib import MakeAdapter
+from adapters_testlib import MakeAdapter, flip_last_byte_keeping_mtime
 from seaweedlib import SeaweedFS
 
 from lorafleet_adapters.backend import S3Location, StoreSettings, open_store
@@ -211,12 +210,7 @@ def test_a_cached_copy_is_hashed_once_then_trusted_by_identity_and_a_change_stil
     assert tensors_equal(replica.load(key, spec), weights) and events == ["miss", "load", "hit", "hit"]
 
     path = replica.cache.path(key) / WEIGHTS_FILE  # a byte flipped in place, its mtime put back
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
-    stat = path.stat()
-    with open(path, "r+b") as handle:
-        handle.write(bytes(data))
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    flip_last_byte_keeping_mtime(path)
     events.clear()
     assert tensors_equal(replica.load(key, spec), weights)  # caught, dropped, downloaded again
     assert events == ["hit", "miss", "load"]

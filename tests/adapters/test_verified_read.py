@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from adapters_testlib import flip_last_byte_keeping_mtime
 
 from lorafleet_adapters.errors import AdapterFormatError
 from lorafleet_adapters.peft_format import WEIGHTS_FILE, BaseModelSpec
@@ -153,12 +154,7 @@ def test_store_reload_checks_identity_and_still_catches_tampering(
     for name, (a, b) in first.modules.items():
         assert (again.modules[name][0] == a).all() and (again.modules[name][1] == b).all()
     path = store.version_dir(key) / WEIGHTS_FILE
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
-    stat = path.stat()
-    with open(path, "r+b") as handle:
-        handle.write(bytes(data))
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    flip_last_byte_keeping_mtime(path)
     with pytest.raises(AdapterFormatError, match=r"checksum mismatch for adapter_model\.safetensors"):
         store.load(key, spec)
 
