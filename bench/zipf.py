@@ -23,11 +23,18 @@ What it does, in one invocation:
 5. Then, with the server stopped (quiet machine), times isolated cold loads in-process, the goal's
    number: ``--cold-loads`` per shape and kind (first load, reload), store -> host and host -> device.
 
+``--store s3`` publishes into a bucket on SeaweedFS (started for the run, tests/seaweedlib.py) and
+serves from it, as a fleet replica does: cold loads are downloads into the replica's disk cache
+(``--adapter-cache-mib``) or reads from it. ``--poll-seconds 5`` turns the server's version watcher
+on (the default 0 keeps it off); ``--rescan-seconds 0`` makes every poll read every pointer, as
+polls did before the store's publish marker.
+
 Results: a table on stdout and JSON in bench/results/zipf-<timestamp>.json.
 
     .venv/bin/python -m bench.zipf --quick        # ~3 minutes: 200 adapters, 1,000 requests
     .venv/bin/python -m bench.zipf                # 1,000 adapters, 10,000 requests (~15-20 minutes here)
     .venv/bin/python -m bench.serving --scenario zipf --quick   # the same, through bench/serving.py
+    .venv/bin/python -m bench.zipf --store s3 --poll-seconds 5 --keep /tmp/zipf-s3   # a replica on S3
 """
 
 from __future__ import annotations
@@ -55,10 +62,12 @@ from typing import Any
 import torch
 
 from bench.serving import SHAPES, Shape, make_adapters, percentile, prompt_text, quiet_logging
+from lorafleet_adapters.backend import StoreSettings, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 TENANT = "zipf"
+BUCKET = "zipf"
 MiB = 1 << 20
 
 log = logging.getLogger("bench.zipf")
@@ -80,16 +89,14 @@ def adapter_name(rank: int, shape: Shape) -> str:
     return f"{shape.key}-{rank:04d}"
 
 
-def make_store(model_dir: Path, spec: Any, root: Path, count: int, r16_every: int, seed: int) -> dict[str, Shape]:
-    """``count`` random adapters published into the local store at ``root``; returns ref -> shape.
+def make_store(model_dir: Path, spec: Any, store: Any, count: int, r16_every: int, seed: int) -> dict[str, Shape]:
+    """``count`` random adapters published into ``store`` (a directory or a bucket); returns ref -> shape.
 
     Each adapter is written as a PEFT directory (the template's adapter_config.json, its own random
     tensors under the template's names), imported, and its source removed, so the disk holds one copy.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from lorafleet_adapters.store import AdapterStore
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-zipf-sources-"))  # PEFT directories, one at a time
     shapes = [SHAPES["default"], SHAPES["r16all"]] if r16_every else [SHAPES["default"]]
@@ -98,7 +105,6 @@ def make_store(model_dir: Path, spec: Any, root: Path, count: int, r16_every: in
     for key, dirs in templates.items():
         with safe_open(str(dirs[0] / "adapter_model.safetensors"), "pt") as fh:
             layouts[key] = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    store = AdapterStore(root)
     gen = torch.Generator().manual_seed(seed)
     refs: dict[str, Shape] = {}
     started = time.perf_counter()
@@ -120,6 +126,20 @@ def make_store(model_dir: Path, spec: Any, root: Path, count: int, r16_every: in
             say(f"published {rank + 1}/{count} adapters ({time.perf_counter() - started:.0f}s)")
     shutil.rmtree(work, ignore_errors=True)
     return refs
+
+
+def start_bucket(directory: Path) -> tuple[Any, str]:
+    """SeaweedFS on ``directory`` (its data kept there, so --keep reuses the bucket) with the bucket
+    ``zipf``; its credentials and endpoint go into this process's environment, which the server
+    inherits. Returns (the server, the store URL)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from seaweedlib import SeaweedFS
+
+    # 1,000 adapters are ~10 GB (half r=16 all-linear at 19.5 MB): room for 32 GiB
+    s3 = SeaweedFS.start(directory / "seaweed", die_with_parent=True, max_volumes=512)
+    s3.create_bucket(BUCKET)  # there already in a kept store: fine
+    os.environ.update(s3.env())
+    return s3, f"s3://{BUCKET}/adapters"
 
 
 def zipf_ranks(count: int, requests: int, exponent: float, seed: int) -> list[int]:
@@ -171,7 +191,7 @@ class ServerProcess:
                 self.proc.wait()
 
 
-def start_server(args: argparse.Namespace, model_dir: Path, store: Path, data_dir: Path) -> ServerProcess:
+def start_server(args: argparse.Namespace, model_dir: Path, store: str, data_dir: Path) -> ServerProcess:
     port, metrics_port = free_port(), free_port()
     log_path = data_dir / "server.log"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -189,9 +209,13 @@ def start_server(args: argparse.Namespace, model_dir: Path, store: Path, data_di
         "--host-cache-bytes": args.host_cache_mib * MiB,
         "--prefix-cache-bytes": args.prefix_cache_mib * MiB,
         "--max-batch-size": args.max_batch_size,
-        "--adapter-poll-seconds": 0,
+        "--adapter-poll-seconds": args.poll_seconds,
+        "--adapter-rescan-seconds": args.rescan_seconds,
         "--log-level": "INFO",  # one line per adapter load: the per-shape cold-load times come from it
     }
+    if args.store == "s3":
+        flags["--adapter-cache-dir"] = data_dir / "adapter-cache"
+        flags["--adapter-cache-bytes"] = args.adapter_cache_mib * MiB
     if args.threads:
         flags["--torch-threads"] = args.threads
     command = [str(Path(sys.executable).parent / "lorafleet"), "serve"]
@@ -525,12 +549,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p_.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     p_.add_argument("--seed", type=int, default=0)
     p_.add_argument("--keep", type=Path, help="keep the store in this directory (reused when it exists)")
+    p_.add_argument(
+        "--store",
+        choices=("local", "s3"),
+        default="local",
+        help="a local directory, or a bucket on SeaweedFS started for the run (the fleet's store; no isolated "
+        "cold loads)",
+    )
+    p_.add_argument("--poll-seconds", type=float, default=0.0, help="the server's --adapter-poll-seconds (0: off)")
+    p_.add_argument("--rescan-seconds", type=float, default=60.0, help="the server's --adapter-rescan-seconds")
+    p_.add_argument("--adapter-cache-mib", type=int, default=2048, help="S3: the replica's disk cache, in MiB")
     args = p_.parse_args(argv)
     args.adapters = args.adapters or (200 if args.quick else 1000)
     args.requests = args.requests or (1000 if args.quick else 10000)
     args.host_cache_mib = args.host_cache_mib or (256 if args.quick else 512)
     if args.adapters < 1 or args.requests < 1 or args.clients < 1:
         p_.error("--adapters, --requests and --clients must be >= 1")
+    if args.store == "s3" and args.cold_only:
+        p_.error("--cold-only times loads from a local directory: not with --store s3")
     return args
 
 
@@ -553,17 +589,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     model_dir = args.model or prepare_default_model(REPO / "data" / "models")
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-zipf-"))
-    store = args.keep or work / "store"
+    kept = args.keep or work / "store"  # the local store, or SeaweedFS's data and the refs file
     spec = base_spec_from_files(model_dir, "none", 16)
     result: dict[str, Any] = {"argv": sys.argv[1:], "args": {k: str(v) for k, v in vars(args).items()}}
+    s3: Any = None
     try:
-        refs_file = store / "zipf-refs.json"
+        if args.store == "s3":
+            s3, location = start_bucket(kept)
+        else:
+            location = str(kept)
+        refs_file = kept / "zipf-refs.json"
         if refs_file.is_file():
             refs = {r: SHAPES[k] for r, k in json.loads(refs_file.read_text()).items()}
-            say(f"reusing {len(refs)} adapters in {store}")
+            say(f"reusing {len(refs)} adapters in {location}")
         else:
-            say(f"publishing {args.adapters} adapters into {store}")
-            refs = make_store(model_dir, spec, store, args.adapters, args.r16_every, args.seed)
+            say(f"publishing {args.adapters} adapters into {location}")
+            publisher = open_store(StoreSettings(location, cache_dir=work / "publisher-cache"))
+            refs = make_store(model_dir, spec, publisher, args.adapters, args.r16_every, args.seed)
+            kept.mkdir(parents=True, exist_ok=True)
             refs_file.write_text(json.dumps({r: s.key for r, s in refs.items()}))
         ordered = list(refs)  # popularity rank -> reference
         ranks = zipf_ranks(len(ordered), args.requests, args.zipf, args.seed)
@@ -572,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"{args.requests} requests over {distinct} distinct adapters (Zipf {args.zipf}, seed {args.seed})")
 
         if not args.cold_only:
-            server = start_server(args, model_dir, store, work / "server")
+            server = start_server(args, model_dir, location, work / "server")
             sampler = RssSampler(server.proc.pid)
             try:
                 result |= drive(args, server, sampler, refs, ordered, ranks, spec)
@@ -580,10 +623,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sampler.stop()
                 server.stop()
             result["rss_samples"] = sampler.samples
-        if args.cold_loads:
+        if args.cold_loads and args.store == "local":
             say("isolated cold loads (server stopped)")
-            result["cold_loads"] = isolated_cold_loads(args, model_dir, store, refs)
+            result["cold_loads"] = isolated_cold_loads(args, model_dir, kept, refs)
     finally:
+        if s3 is not None:
+            s3.stop()
         shutil.rmtree(work, ignore_errors=True)  # the server's log and, without --keep, the store
     result["elapsed_seconds"] = time.perf_counter() - started
     report(args, result)
@@ -725,7 +770,13 @@ def report_traffic(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"Zipf({args.zipf}) over {args.adapters} adapters (every {args.r16_every}th rank r=16 all-linear, the rest "
         f"r=8 q/v), {r['requests']} requests ({r['distinct_adapters']} distinct adapters), {args.new_tokens} new "
         f"tokens, {args.clients} clients, dtype {r.get('server_dtype', args.dtype)}, host cache "
-        f"{args.host_cache_mib} MiB, prefix cache {args.prefix_cache_mib} MiB, {args.slots} device slots"
+        f"{args.host_cache_mib} MiB, prefix cache {args.prefix_cache_mib} MiB, {args.slots} device slots; store "
+        + (f"S3 (SeaweedFS, disk cache {args.adapter_cache_mib} MiB)" if args.store == "s3" else "a local directory")
+        + (
+            f", polls every {args.poll_seconds:g}s (rescan {args.rescan_seconds:g}s)"
+            if args.poll_seconds
+            else ", no polls"
+        )
     )
     print(f"command: .venv/bin/python -m bench.zipf {' '.join(r['argv'])}")
     print()

@@ -242,7 +242,7 @@ def _start_s3(launcher: Launcher, directory: Path) -> tuple[dict[str, str], int,
     sys.path.insert(0, str(ROOT / "tests"))
     from seaweedlib import SeaweedFS
 
-    s3 = SeaweedFS.start(directory / "s3")
+    s3 = SeaweedFS.start(directory / "s3", max_volumes=256)  # room for 16 GiB of adapters (tests take 1 GiB)
     assert s3.process is not None
     launcher.adopt("s3", s3.process.pid)
     s3.create_bucket(BUCKET)

@@ -47,6 +47,8 @@ PORT_NAMES = (
     "s3_grpc",
 )
 REGION = "us-east-1"
+VOLUME_MB = 64
+DEFAULT_MAX_VOLUMES = 16
 
 
 def weed_binary() -> Path:
@@ -100,6 +102,7 @@ class SeaweedFS:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     die_with_parent: bool = False
+    max_volumes: int = DEFAULT_MAX_VOLUMES
     _log: Any = field(default=None, repr=False)
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -114,6 +117,7 @@ class SeaweedFS:
         secret_key: str | None = None,
         timeout: float = 60.0,
         die_with_parent: bool = False,
+        max_volumes: int = DEFAULT_MAX_VOLUMES,
     ) -> SeaweedFS:
         """Start SeaweedFS (master, volume, filer, S3) on loopback over `data_dir`; wait for S3.
 
@@ -122,6 +126,8 @@ class SeaweedFS:
         start saved in `data_dir`, else fresh random ones: S3 refuses every other key.
         `die_with_parent` (tests): the kernel kills SeaweedFS when the starting process dies, so a
         crashed test run leaves no server behind (not for a launcher that exits after starting it).
+        The store holds at most `max_volumes` volumes of VOLUME_MB each (16: 1 GiB, enough for tests;
+        a benchmark publishing gigabytes asks for more). Volumes are written as they fill, not reserved.
         """
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +147,9 @@ class SeaweedFS:
             ports = dict(zip(names, picked, strict=True))
             if s3_port is not None:
                 ports["s3"] = s3_port
-        server = cls(data_dir, dict(ports), access_key, secret_key, die_with_parent=die_with_parent)
+        server = cls(
+            data_dir, dict(ports), access_key, secret_key, die_with_parent=die_with_parent, max_volumes=max_volumes
+        )
         server._launch(timeout)
         return server
 
@@ -175,11 +183,11 @@ class SeaweedFS:
             f"-dir={store}",
             f"-master.port={p['master']}",
             f"-master.port.grpc={p['master_grpc']}",
-            "-master.volumeSizeLimitMB=64",
+            f"-master.volumeSizeLimitMB={VOLUME_MB}",
             "-master.electionTimeout=1s",  # one master: a restart elects it in ~1 s, not ~15 s
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume_grpc']}",
-            "-volume.max=16",
+            f"-volume.max={self.max_volumes}",
             "-volume.preStopSeconds=0",
             f"-filer.port={p['filer']}",
             f"-filer.port.grpc={p['filer_grpc']}",

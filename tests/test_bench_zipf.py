@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from bench import serving, zipf
 
 
@@ -57,3 +59,12 @@ def test_hit_ratios_are_taken_between_two_scrapes() -> None:
     ratios = zipf.tier_ratios(scrape(10, 10), scrape(40, 20))
     assert ratios["host"]["hits"] == 30 and ratios["host"]["misses"] == 10 and ratios["host"]["hit_ratio"] == 0.75
     assert ratios["device"]["hit_ratio"] == 0
+
+
+def test_a_replica_on_s3_polls_as_asked_and_has_no_isolated_cold_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    args = zipf.parse_args(["--store", "s3", "--poll-seconds", "5", "--rescan-seconds", "0"])
+    assert (args.store, args.poll_seconds, args.rescan_seconds, args.adapter_cache_mib) == ("s3", 5.0, 0.0, 2048)
+    assert (zipf.parse_args([]).store, zipf.parse_args([]).poll_seconds) == ("local", 0.0)  # as before: no polls
+    with pytest.raises(SystemExit):
+        zipf.parse_args(["--store", "s3", "--cold-only"])
+    assert "--cold-only times loads from a local directory" in capsys.readouterr().err
