@@ -77,6 +77,7 @@ from lorafleet_adapters.store import (
     marker_text,
     publish_prompt_via,
     required_files,
+    start_listed,
 )
 from lorafleet_adapters.verified_read import VerifiedFiles
 
@@ -307,13 +308,9 @@ class S3AdapterStore:
                     )
 
                 try:
-                    return self._verified.start(weights, expected, str(key), max_bytes=max_weights_bytes(spec)).use(
-                        tensors
-                    )
-                except (AdapterFormatError, OSError) as exc:
+                    return start_listed(self._verified, key, weights, manifest, max_weights_bytes(spec)).use(tensors)
+                except AdapterFormatError as exc:
                     if attempt or _intact(weights, expected):  # the version itself is bad, not this copy
-                        if isinstance(exc, OSError):
-                            raise StoreUnavailable(f"adapter cache: cannot read {key}'s weights: {exc}") from exc
                         raise
                     log.warning("adapter %s: the cached copy is damaged (%s); downloading it again", key, exc)
                     self._verified.forget(weights)
@@ -642,18 +639,13 @@ class S3AdapterStore:
 
     def _verify_cached(self, key: AdapterKey, path: Path, manifest: Manifest, skip: str | None) -> None:
         """Every cached file but ``skip`` against the manifest (hashed once per process, then by identity)."""
-        for file_name, expected in manifest.files.items():
+        for file_name in manifest.files:
             file_path = path / file_name
             if file_name == skip:
                 continue
             if file_path.is_symlink():
                 raise AdapterFormatError(f"{key}: {file_name} is missing from the cache")
-            try:
-                self._verified.read(file_path, expected, str(key), max_bytes=MAX_FILE_BYTES)  # sized at download
-            except (FileNotFoundError, IsADirectoryError):
-                raise AdapterFormatError(f"{key}: {file_name} is missing from the cache") from None
-            except OSError as exc:
-                raise StoreUnavailable(f"adapter cache: cannot read {key}'s {file_name}: {exc}") from exc
+            start_listed(self._verified, key, file_path, manifest, MAX_FILE_BYTES).finish()  # sized at download
 
     @contextmanager
     def _key_lock(self, key: AdapterKey) -> Iterator[None]:

@@ -357,11 +357,9 @@ class AdapterStore:
                     "adapter %s/%s: replacing a damaged '%s' pointer: %s", key.tenant, key.name, LATEST_FILE, exc
                 )
                 current = None
-            if current is None or key.version > current:
+            moved = current is None or key.version > current
+            if moved:
                 atomic_write_text(adapter_dir / LATEST_FILE, f"{key.version}\n")
-                moved = True
-            else:
-                moved = False
         if moved:
             try:
                 atomic_write_text(self._inside(self.root) / PUBLISHED_MARKER, marker_text(key))
@@ -480,13 +478,7 @@ class AdapterStore:
         """A listed file's bytes, read, their check against the manifest's sha256 pending (hashed once per
         process: verified_read.py); ``use`` them or ``finish`` it before this thread reads another file.
         Only the read's errors are mapped here, not those of what the caller makes of the bytes."""
-        path = self._inside(vdir / file_name)
-        try:
-            return self._verified.start(path, manifest.files[file_name], str(key), max_bytes=max_bytes)
-        except (FileNotFoundError, IsADirectoryError):
-            raise AdapterFormatError(f"{key}: {file_name} listed in {MANIFEST_FILE} is missing") from None
-        except OSError as exc:
-            raise StoreUnavailable(f"adapter store: cannot read {file_name}: {exc.strerror or exc}") from exc
+        return start_listed(self._verified, key, self._inside(vdir / file_name), manifest, max_bytes)
 
 
 def _version_number(entry: str) -> int | None:
@@ -718,6 +710,19 @@ def _check_record(source: Path) -> None:
         raise AdapterFormatError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(record, dict):
         raise AdapterFormatError(f"{source} must hold a JSON object")
+
+
+def start_listed(
+    verified: VerifiedFiles, key: AdapterKey, path: Path, manifest: Manifest, max_bytes: int
+) -> PendingCheck:
+    """``verified.start`` on a file ``manifest`` lists, its read errors as the store's: a missing file is
+    AdapterFormatError, another OSError StoreUnavailable (both backends read their versions this way)."""
+    try:
+        return verified.start(path, manifest.files[path.name], str(key), max_bytes=max_bytes)
+    except (FileNotFoundError, IsADirectoryError):
+        raise AdapterFormatError(f"{key}: {path.name} listed in {MANIFEST_FILE} is missing") from None
+    except OSError as exc:
+        raise StoreUnavailable(f"adapter store: cannot read {path.name} of {key}: {exc.strerror or exc}") from exc
 
 
 def marker_text(key: AdapterKey) -> str:
