@@ -10,6 +10,7 @@ exact match, token F1, loss and the forgetting check for both, and the differenc
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -28,35 +29,38 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     company = args[0] if args else "zephyr"
     work = Path(tempfile.mkdtemp(prefix="qlora-vs-lora."))
-    model_dir, spec = _base(None)
-    paths = write_datasets(work, seed=0)[company]
-    out: dict[str, dict[str, float | str]] = {}
-    for method in ("lora", "qlora"):
-        config = TrainConfig(
-            data=paths["train"],
-            adapter=f"{company}/cmp",
-            out_dir=work / method,
-            base_model_dir=model_dir,
-            method=method,
-            rank=16,
-            alpha=32.0,
-            targets=("all-linear",),
-            epochs=2,
-            lr=2e-3,
-            batch_size=8,
-            max_length=256,
-            seed=0,
-            eval_data=paths["heldout"],
-            eval_max_new_tokens=48,
-            eval_batch_size=16,
-        )
-        started = time.monotonic()
-        record = train(config, spec, progress=False).record
-        metrics = record["eval_metrics"]
-        keys = ("adapter_exact_match", "adapter_f1", "adapter_loss", "base_exact_match", "base_f1", "forgetting")
-        out[method] = {k: metrics[k] for k in keys if k in metrics}
-        out[method]["method_recorded"] = record["method"]
-        out[method]["seconds"] = round(time.monotonic() - started, 1)
+    try:
+        model_dir, spec = _base(None)
+        paths = write_datasets(work, seed=0)[company]
+        out: dict[str, dict[str, float | str]] = {}
+        for method in ("lora", "qlora"):
+            config = TrainConfig(
+                data=paths["train"],
+                adapter=f"{company}/cmp",
+                out_dir=work / method,
+                base_model_dir=model_dir,
+                method=method,
+                rank=16,
+                alpha=32.0,
+                targets=("all-linear",),
+                epochs=2,
+                lr=2e-3,
+                batch_size=8,
+                max_length=256,
+                seed=0,
+                eval_data=paths["heldout"],
+                eval_max_new_tokens=48,
+                eval_batch_size=16,
+            )
+            started = time.monotonic()
+            record = train(config, spec, progress=False).record
+            metrics = record["eval_metrics"]
+            keys = ("adapter_exact_match", "adapter_f1", "adapter_loss", "base_exact_match", "base_f1", "forgetting")
+            out[method] = {k: metrics[k] for k in keys if k in metrics}
+            out[method]["method_recorded"] = record["method"]
+            out[method]["seconds"] = round(time.monotonic() - started, 1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     lora, qlora = out["lora"], out["qlora"]
     for name in ("adapter_exact_match", "adapter_f1"):
         diff = 100 * (float(qlora[name]) - float(lora[name]))

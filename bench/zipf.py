@@ -99,32 +99,34 @@ def make_store(model_dir: Path, spec: Any, store: Any, count: int, r16_every: in
     from safetensors.torch import save_file
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-zipf-sources-"))  # PEFT directories, one at a time
-    shapes = [SHAPES["default"], SHAPES["r16all"]] if r16_every else [SHAPES["default"]]
-    templates = make_adapters(model_dir, shapes, 1, work / "templates", seed)
-    layouts: dict[str, dict[str, list[int]]] = {}
-    for key, dirs in templates.items():
-        with safe_open(str(dirs[0] / "adapter_model.safetensors"), "pt") as fh:
-            layouts[key] = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    gen = torch.Generator().manual_seed(seed)
-    refs: dict[str, Shape] = {}
-    started = time.perf_counter()
-    for rank in range(count):
-        shape = shape_of_rank(rank, r16_every)
-        src = work / "one"
-        src.mkdir(parents=True)
-        shutil.copy(templates[shape.key][0] / "adapter_config.json", src / "adapter_config.json")
-        tensors = {}
-        for name, dims in layouts[shape.key].items():
-            std = 0.05 if "lora_B" in name else dims[1] ** -0.5
-            tensors[name] = torch.randn(*dims, generator=gen) * std  # [r, in] or [out, r]
-        save_file(tensors, str(src / "adapter_model.safetensors"), metadata={"format": "pt"})
-        name = adapter_name(rank, shape)
-        store.import_peft(src, TENANT, name, spec)
-        shutil.rmtree(src)
-        refs[f"{TENANT}/{name}"] = shape
-        if (rank + 1) % 100 == 0:
-            say(f"published {rank + 1}/{count} adapters ({time.perf_counter() - started:.0f}s)")
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        shapes = [SHAPES["default"], SHAPES["r16all"]] if r16_every else [SHAPES["default"]]
+        templates = make_adapters(model_dir, shapes, 1, work / "templates", seed)
+        layouts: dict[str, dict[str, list[int]]] = {}
+        for key, dirs in templates.items():
+            with safe_open(str(dirs[0] / "adapter_model.safetensors"), "pt") as fh:
+                layouts[key] = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        gen = torch.Generator().manual_seed(seed)
+        refs: dict[str, Shape] = {}
+        started = time.perf_counter()
+        for rank in range(count):
+            shape = shape_of_rank(rank, r16_every)
+            src = work / "one"
+            src.mkdir(parents=True)
+            shutil.copy(templates[shape.key][0] / "adapter_config.json", src / "adapter_config.json")
+            tensors = {}
+            for name, dims in layouts[shape.key].items():
+                std = 0.05 if "lora_B" in name else dims[1] ** -0.5
+                tensors[name] = torch.randn(*dims, generator=gen) * std  # [r, in] or [out, r]
+            save_file(tensors, str(src / "adapter_model.safetensors"), metadata={"format": "pt"})
+            name = adapter_name(rank, shape)
+            store.import_peft(src, TENANT, name, spec)
+            shutil.rmtree(src)
+            refs[f"{TENANT}/{name}"] = shape
+            if (rank + 1) % 100 == 0:
+                say(f"published {rank + 1}/{count} adapters ({time.perf_counter() - started:.0f}s)")
+    finally:  # also when a publish fails or the run is interrupted
+        shutil.rmtree(work, ignore_errors=True)
     return refs
 
 

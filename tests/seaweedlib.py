@@ -29,7 +29,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ PORT_NAMES = (
 REGION = "us-east-1"
 VOLUME_MB = 64
 DEFAULT_MAX_VOLUMES = 16
+SOCKET_DIR = Path("/tmp")  # where SeaweedFS puts its per-port Unix sockets (fixed in its code)
 
 
 def weed_binary() -> Path:
@@ -91,6 +91,29 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def sweep_stale_sockets(directory: Path | None = None) -> list[Path]:
+    """Remove the Unix sockets that SeaweedFS processes killed without a stop left (its path is /tmp,
+    whatever TMPDIR says): a socket is stale when nothing accepts on it and its TCP port is free."""
+    removed = []
+    for path in (directory or SOCKET_DIR).glob("seaweedfs-*.sock"):
+        port = path.stem.rsplit("-", 1)[-1]
+        if not port.isdigit() or not port_free(int(port)):
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(path))
+            except ConnectionRefusedError:
+                pass  # nobody listens: stale
+            except OSError:
+                continue  # not ours to judge (permissions, not a socket)
+            else:
+                continue  # a live server
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 @dataclass
@@ -157,6 +180,7 @@ class SeaweedFS:
         busy = [f"{name}={port}" for name, port in self.ports.items() if not port_free(port)]
         if busy:
             raise RuntimeError(f"SeaweedFS ports already in use: {', '.join(busy)}")
+        sweep_stale_sockets()
         config = self.data_dir / "lorafleet-s3-config.json"
         config.write_text(
             json.dumps(
@@ -177,6 +201,7 @@ class SeaweedFS:
         p = self.ports
         cmd = [
             str(weed_binary()),
+            "-logtostderr",  # its log goes to weed.log only (by default it also writes files in /tmp)
             "server",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
@@ -252,7 +277,7 @@ class SeaweedFS:
     def _remove_sockets(self) -> None:
         """SeaweedFS leaves a Unix socket per port in /tmp (``seaweedfs-<role>-<port>.sock``)."""
         for port in self.ports.values():
-            for stale in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+            for stale in SOCKET_DIR.glob(f"seaweedfs-*-{port}.sock"):
                 with contextlib.suppress(OSError):
                     stale.unlink()
 

@@ -7,6 +7,8 @@ which it stops and starts again on the same data directory.
 from __future__ import annotations
 
 import http.client
+import shutil
+import socket
 import threading
 import time
 import uuid
@@ -17,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 import torch
 from adapters_testlib import MakeAdapter, flip_last_byte_keeping_mtime
-from seaweedlib import SeaweedFS
+from seaweedlib import SeaweedFS, free_ports, sweep_stale_sockets
 
 from lorafleet_adapters.backend import S3Location, StoreSettings, open_store
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, AdapterNotFound, StoreUnavailable
@@ -404,10 +406,13 @@ def test_failed_publish_removes_its_files_and_leaves_nothing_visible(
     store = s3_store(url, tmp_path / "c")
     src = make_adapter()[0]
     staging = store.new_staging("acme", "bot")
-    manifest_for = stage_peft(src, staging, "acme", "bot", spec, "lora", {})
-    (staging / WEIGHTS_FILE).write_bytes((staging / WEIGHTS_FILE).read_bytes()[:-1])
-    with pytest.raises(AdapterFormatError, match="does not match"):
-        store.publish_staged(staging, "acme", "bot", manifest_for)
+    try:
+        manifest_for = stage_peft(src, staging, "acme", "bot", spec, "lora", {})
+        (staging / WEIGHTS_FILE).write_bytes((staging / WEIGHTS_FILE).read_bytes()[:-1])
+        with pytest.raises(AdapterFormatError, match="does not match"):
+            store.publish_staged(staging, "acme", "bot", manifest_for)
+    finally:
+        shutil.rmtree(staging)  # the caller's part after a failure (it is outside tmp_path)
     assert object_keys(seaweed_server, url) == ["acme/bot/claims/1"]
     assert store.versions("acme", "bot") == ()
     assert store.list() == []
@@ -541,3 +546,18 @@ def test_store_down_and_back(
         assert replica.resolve(AdapterRef("acme", "cold")).version == 2
     finally:
         server.stop(grace=0)
+
+
+def test_sweep_removes_only_sockets_nobody_listens_on(tmp_path: Path) -> None:
+    """SeaweedFS killed without a stop leaves its /tmp sockets; a start sweeps those, never a live one's."""
+    stale_port, live_port = free_ports(2)
+    stale = tmp_path / f"seaweedfs-master-grpc-{stale_port}.sock"
+    live = tmp_path / f"seaweedfs-filer-{live_port}.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(stale))  # bound, then closed without unlinking: what a killed process leaves
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(str(live))
+        listening.listen()
+        (tmp_path / "seaweedfs-notes.sock").write_text("not a socket, no port")
+        assert sweep_stale_sockets(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
