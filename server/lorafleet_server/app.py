@@ -26,7 +26,7 @@ from lorafleet_server.errors import StartupError
 from lorafleet_server.malloc import fix_mmap_threshold
 from lorafleet_server.metrics import DISK_TIER, Metrics
 from lorafleet_server.model.loader import LoadedBase, load_base, resolve_device
-from lorafleet_server.model.lora import MultiLoRALinear, slot_memory_bytes
+from lorafleet_server.model.lora import MultiLoRALinear, SlotWrites, slot_memory_bytes
 from lorafleet_server.model.native import NativeKernelError, choose_attention, choose_lora, choose_transpose
 from lorafleet_server.model.native_layers import choose_layers
 from lorafleet_server.model.prepare import prepare_default_model
@@ -63,16 +63,22 @@ def make_slot_io(layers: dict[str, MultiLoRALinear]) -> tuple[Any, Any]:
     """
 
     def write(slot: int, weights: AdapterWeights) -> None:
-        for name, layer in layers.items():
-            pair = weights.modules.get(name)
-            if pair is None:
-                layer.write_slot(slot, None, None)
-            else:
-                layer.write_slot(slot, pair[0], pair[1])
+        writes = SlotWrites()
+        try:
+            for name, layer in layers.items():
+                pair = weights.modules.get(name)
+                if pair is None:
+                    layer.stage_clear(slot, writes)
+                else:
+                    layer.stage_write(slot, pair[0], pair[1], writes)
+        finally:  # also when a module refuses its weights: what was recorded is written (see SlotWrites)
+            writes.run()
 
     def clear(slot: int) -> None:
+        writes = SlotWrites()
         for layer in layers.values():
-            layer.clear_slot(slot)
+            layer.stage_clear(slot, writes)
+        writes.run()
 
     return write, clear
 

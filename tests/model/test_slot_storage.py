@@ -7,6 +7,7 @@ exact through all of it.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,40 @@ def test_overwriting_the_largest_rank_with_a_smaller_one_shrinks() -> None:
     m.write_slot(1, *small)  # no clear in between: write_slot replaces the whole slot
     assert m.rank_capacity == 8 and m.slot_ranks[1] == 2
     _check_zero_padding(m)
+
+
+def test_writes_after_the_module_moves_land_in_its_new_buffers() -> None:
+    """Slot writes go through views cached per buffer; ``.to()`` replaces the buffers, and a write
+    after it must reach the ones the forward reads, not the views of the old."""
+    g = torch.Generator().manual_seed(4)
+    m = _module()
+    first, second = _pair(4, g), _pair(4, g)
+    m.write_slot(1, *first)
+    m.to(torch.float64)
+    m.write_slot(2, *(t.double() for t in second))
+    m.clear_slot(1)
+    _check_all_kernels(m.float(), {2: second}, seed=7, native=None)
+    _check_zero_padding(m)
+
+
+def test_a_resize_that_fails_records_no_rank() -> None:
+    """Out of memory while growing the buffers: the slot keeps its old rank, so the capacity still
+    follows what is loaded (a clear afterwards frees it)."""
+    g = torch.Generator().manual_seed(6)
+    m = _module()
+    m.write_slot(1, *_pair(4, g))
+    fit = m._fit
+
+    def no_memory() -> None:
+        raise MemoryError("no room for r_cap 8")
+
+    m._fit = no_memory  # type: ignore[method-assign]
+    with pytest.raises(MemoryError):
+        m.write_slot(2, *_pair(8, g))
+    m._fit = fit  # type: ignore[method-assign]
+    assert m.slot_ranks[2] == 0 and m.rank_capacity == 4
+    m.clear_slot(1)
+    assert m.rank_capacity == 0 and m.slot_memory_bytes() == 0
 
 
 def test_a_rank_over_max_lora_rank_is_refused_and_changes_nothing() -> None:
@@ -280,3 +315,31 @@ def test_a_reused_slot_holds_no_stale_weights(
     assert slot_memory_bytes(reused.lora_layers.values()) == slot_memory_bytes(fresh.lora_layers.values())
     assert all(m.rank_capacity == (16 if other_resident else 0) for n, m in reused.lora_layers.items() if "mlp" in n)
     assert not torch.equal(got[0], got[1])  # the adapter row differs from the base row beside it
+
+
+def test_an_install_refused_partway_leaves_the_slot_all_zeros(
+    tiny_model_dir: Path, model_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """A module late in the model refuses its weights after earlier ones were staged: the slot the
+    evicted adapter held must still be zeros everywhere (gather reads every row), not keep its rows
+    on the modules the new adapter does not target."""
+    base = _base(tiny_model_dir)
+    store = AdapterStore(tmp_path / "store")
+    for name, d in model_adapters.items():
+        store.import_peft(d, "acme", name, base.spec)
+    write, clear = make_slot_io(base.lora_layers)
+    slots = DeviceSlots(2, write, clear)
+    assert slots.install(AdapterKey("acme", "big", 1), _weights(store, base, "big")) == 1
+    assert slots.install(AdapterKey("acme", "other", 1), _weights(store, base, "other")) == 2  # keeps r_cap 16
+    small = _weights(store, base, "small")
+    last = list(base.lora_layers)[-1]
+    layer = base.lora_layers[last]
+    bad = (torch.zeros(R_MAX + 1, layer.in_features), torch.zeros(layer.out_features, R_MAX + 1))
+    broken = dataclasses.replace(small, modules={**small.modules, last: bad})
+    with pytest.raises(ValueError, match="exceeds max_lora_rank"):
+        slots.install(AdapterKey("acme", "broken", 1), broken)  # evicts "big", the least recently used
+    assert AdapterKey("acme", "big", 1) not in slots
+    for name, m in base.lora_layers.items():
+        assert m.slot_ranks[1] == 0, name
+        assert not m.lora_at[1].any() and not m.lora_bt[1].any(), name
+        _check_zero_padding(m)
