@@ -188,10 +188,7 @@ class S3AdapterStore:
         base = self._key(tenant, name, VERSIONS_KEY) + "/"
         found: set[int] = set()
         for key in self._list_keys(base):
-            number, _, rest = key[len(base) :].partition("/")
-            if rest != MANIFEST_FILE:
-                continue
-            version = _version_number(number)
+            version = _published_version(key[len(base) :])
             if version is not None:
                 found.add(version)
         for version in found:
@@ -239,8 +236,7 @@ class S3AdapterStore:
                     pointers[name] = etag
                     continue
                 sub, _, rest = rest.partition("/")
-                number, _, file_name = rest.partition("/")
-                version = _version_number(number) if sub == VERSIONS_KEY and file_name == MANIFEST_FILE else None
+                version = _published_version(rest) if sub == VERSIONS_KEY else None
                 if version is not None:
                     versions.setdefault(name, set()).add(version)
             for adapter_name in sorted(versions):
@@ -810,6 +806,12 @@ def _code(exc: BaseException) -> str:
 def _pointer_body(version: int) -> bytes:
     """What a ``latest`` pointer holds as publishes write it."""
     return f"{version}\n".encode()
+
+
+def _published_version(relative: str) -> int | None:
+    """n for a key ``<n>/manifest.json`` under an adapter's versions/ (a published version), else None."""
+    number, _, rest = relative.partition("/")
+    return _version_number(number) if rest == MANIFEST_FILE else None
 
 
 def _version_number(text: str) -> int | None:

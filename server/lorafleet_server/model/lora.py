@@ -376,7 +376,7 @@ class MultiLoRALinear(nn.Module):
         self._slot_rank_np = np.zeros(num_slots, dtype=np.int64)
         self.slot_rank_t = torch.from_numpy(self._slot_rank_np)
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> its rows in both buffers
-        self._r_cap = 0  # rank_capacity, kept as an int: a slot write reads it for every module
+        self._r_cap = 0  # the buffers' rank capacity (their last dim), set where they are allocated
         # Rank capacity 0: no adapter is loaded yet, so no storage (slot 0 is zeros by having no rows).
         self.register_buffer(
             "lora_at", torch.zeros(num_slots, in_features, 0, dtype=dtype, device=device), persistent=False
@@ -396,7 +396,7 @@ class MultiLoRALinear(nn.Module):
     @property
     def rank_capacity(self) -> int:
         """r_cap: the rank every slot is padded to on this module (the largest loaded rank, or 0)."""
-        return int(self.lora_at.shape[2])
+        return self._r_cap
 
     def slot_memory_bytes(self) -> int:
         """Bytes held by this module's slot buffers. Safe from any thread: it reads two tensors' sizes."""
@@ -483,9 +483,9 @@ class MultiLoRALinear(nn.Module):
         old buffers have no other reader, so they are freed as soon as they are replaced.
         """
         r_cap = max(self.slot_ranks)
-        if r_cap == self.rank_capacity:
+        if r_cap == self._r_cap:
             return
-        keep = min(r_cap, self.rank_capacity)
+        keep = min(r_cap, self._r_cap)
         old_at, old_bt = self.lora_at, self.lora_bt
         at = old_at.new_zeros(old_at.shape[0], self.in_features, r_cap)  # [slots, in, r_cap]
         bt = old_bt.new_zeros(old_bt.shape[0], r_cap, self.out_features)  # [slots, r_cap, out]
