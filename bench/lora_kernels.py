@@ -6,6 +6,8 @@ For each SmolLM2-135M Linear shape of the two adapter kinds of issue 13 — PEFT
 * ``dec32x32``: a decode step of 32 tokens, each its own adapter (32 distinct);
 * ``dec32x8`` / ``dec32x1``: 32 decode tokens over 8 adapters / one adapter;
 * ``pre4x128``: a prefill step of 4 rows x 128 tokens, each row its own adapter;
+* ``mix16+6x40``: a step of the server's default 256-token budget under a burst of short chat prompts:
+  16 decode tokens (16 adapters) then 6 prompt chunks of 40 tokens (6 more adapters);
 
 it times, interleaved round by round so that load from other processes hits all alike (the median
 of ``--rounds`` rounds of ``inner`` calls each, in microseconds per call):
@@ -58,6 +60,7 @@ STEPS: dict[str, Callable[[], torch.Tensor]] = {  # name -> slots [N]
     "dec32x8": lambda: torch.arange(32) % 8 + 1,
     "dec32x1": lambda: torch.ones(32, dtype=torch.long),
     "pre4x128": lambda: torch.arange(4).repeat_interleave(128) + 1,
+    "mix16+6x40": lambda: torch.cat([torch.arange(16) + 1, torch.arange(6).repeat_interleave(40) + 17]),
 }
 
 

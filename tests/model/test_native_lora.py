@@ -101,6 +101,47 @@ def test_a_token_gets_the_same_bits_alone_and_among_others(kernel: NativeLora, d
         assert torch.equal(alone[0], together[i]), i
 
 
+def _runs(lengths: list[tuple[int, int]]) -> torch.Tensor:
+    """Slots [N] from (slot, run length) pairs: a step's prompt chunks, each one slot's run of tokens."""
+    return torch.cat([torch.full((n,), slot, dtype=torch.long) for slot, n in lengths])
+
+
+RUNS = [(1, 13), (2, 1), (3, 2), (0, 3), (1, 7), (4, 5), (2, 9), (3, 8), (1, 1), (2, 17), (5, 4), (3, 3)]
+RUN_SHAPES = [  # (d_in, d_out, ranks per slot): r_cap 16 to 64, tails of d_in (mod 4) and d_out (mod 32)
+    (576, 576, {1: 16, 2: 8, 3: 16}),
+    (1536, 576, {1: 16, 2: 16, 3: 4}),
+    (38, 48, {1: 32, 2: 20, 3: 32}),
+    (37, 80, {1: 48, 2: 48, 3: 1}),
+    (65, 16, {1: 64, 2: 33, 3: 64}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("d_in", "d_out", "ranks"), RUN_SHAPES)
+def test_prompt_chunks_of_one_slot_get_their_adapter_and_the_bits_of_a_token_alone(
+    kernel: NativeLora, dtype: torch.dtype, d_in: int, d_out: int, ranks: dict[int, int]
+) -> None:
+    """A prompt chunk is a run of tokens of one slot, which the AVX-512 path takes several at a time:
+    the reference's numbers, and each token's bits those it gets on its own (runs of 1 to 17 tokens,
+    of the base, of a slot the adapter does not target, of ranks below r_cap)."""
+    m = _module(d_in, d_out, ranks, dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    slots = _runs(RUNS)
+    n = len(slots)
+    x = torch.randn(n, d_in, generator=g).to(dtype)
+    y0 = torch.randn(n, d_out, generator=g).to(dtype)
+    together = y0.clone()
+    kernel.add_(together, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(together.double(), _reference(y0, x, m, slots), rtol=tol, atol=tol)
+    for i in range(n):
+        alone = y0[i : i + 1].clone()
+        kernel.add_(alone, x[i : i + 1].contiguous(), m.lora_at, m.lora_bt, slots[i : i + 1], m.slot_rank_t)
+        assert torch.equal(alone[0], together[i]), i
+    untouched = torch.tensor([int(s) == 0 or m.slot_ranks[int(s)] == 0 for s in slots])
+    assert untouched.any() and torch.equal(together[untouched], y0[untouched])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_a_call_split_over_the_steps_threads_gives_the_same_bits(
     kernel: NativeLora, dtype: torch.dtype, torch_threads_kept: None
@@ -110,9 +151,9 @@ def test_a_call_split_over_the_steps_threads_gives_the_same_bits(
     assert kernel.threaded  # gcc builds it with OpenMP (the server's Dockerfile and CI machines have gcc)
     m = _module(576, 1536, {1: 16, 2: 8, 3: 16, 4: 4}, dtype)
     g = torch.Generator().manual_seed(4)
-    slots = torch.tensor([(1, 2, 3, 4, 0)[i % 5] for i in range(37)])
-    x = torch.randn(37, 576, generator=g).to(dtype)
-    y0 = torch.randn(37, 1536, generator=g).to(dtype)
+    slots = torch.cat([torch.tensor([(1, 2, 3, 4, 0)[i % 5] for i in range(37)]), _runs(RUNS)])  # decode, chunks
+    x = torch.randn(len(slots), 576, generator=g).to(dtype)
+    y0 = torch.randn(len(slots), 1536, generator=g).to(dtype)
     results = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
@@ -129,9 +170,9 @@ def test_a_call_on_the_helper_pool_gives_the_same_bits(kernel: NativeLora, dtype
     take as they come: the one-thread bits, for any thread count."""
     m = _module(576, 1536, {1: 16, 2: 8, 3: 16, 4: 4}, dtype)
     g = torch.Generator().manual_seed(6)
-    slots = torch.tensor([(1, 2, 3, 4, 0)[i % 5] for i in range(37)])
-    x = torch.randn(37, 576, generator=g).to(dtype)
-    y0 = torch.randn(37, 1536, generator=g).to(dtype)
+    slots = torch.cat([torch.tensor([(1, 2, 3, 4, 0)[i % 5] for i in range(37)]), _runs(RUNS)])  # decode, chunks
+    x = torch.randn(len(slots), 576, generator=g).to(dtype)
+    y0 = torch.randn(len(slots), 1536, generator=g).to(dtype)
     alone = y0.clone()
     NativeLora(kernel.library).add_(alone, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
     assert not torch.equal(alone, y0)
@@ -213,8 +254,10 @@ def test_the_module_runs_the_kernel_where_auto_prefers_it(kernel: NativeLora) ->
     torch.testing.assert_close(outs["native"], outs["gather"], rtol=1e-5, atol=1e-5)
     assert kernel.preferred(torch.float32, 64, 8, tokens=5)  # a short step takes it anywhere
     assert not kernel.preferred(torch.float32, 64, 8, tokens=512)  # a prefill there: the portable path
-    assert not kernel.preferred(torch.bfloat16, 576, 16, tokens=512)  # r_cap 16: the torch kernels won
-    assert kernel.preferred(torch.bfloat16, 576, 8, tokens=512) == bool(kernel._fast_fn(1, 576, 8))
+    for r_cap in (8, 16, 64):  # prompt chunks where the AVX-512 path takes the shape
+        assert kernel.preferred(torch.bfloat16, 576, r_cap, tokens=512) == bool(kernel._fast_fn(1, 576, r_cap))
+    assert not kernel.preferred(torch.bfloat16, 576, 12, tokens=512)  # r_cap 12: the portable path
+    assert not kernel.preferred(torch.bfloat16, 40, 16, tokens=512)  # d_out 40: the portable path
     with pytest.raises(ValueError, match="needs the native kernel"):
         LoraBatch.build(slots, torch.float32, "native", None)
 

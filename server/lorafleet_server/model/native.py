@@ -463,12 +463,12 @@ class NativeAttention:
 LORA_SOURCE = "lora.c"
 MAX_LORA_RANK = 256  # csrc/lora.c's limit
 # Steps of up to this many tokens (decode) take the native LoRA on every path: 0.2-0.7x the time of
-# the torch kernels' choice at 32 decode tokens, bf16 and fp32. Longer steps (prompt prefill) take it
-# only on its AVX-512 path with r_cap <= 8 (0.8x there); at r_cap 16, 4 x 128 tokens, it measured
-# 1.1-1.6x the torch kernels' choice, and the portable path up to 1.9x (docs/architecture.md,
-# "Measured facts" 12).
+# the torch kernels' choice at 32 decode tokens, bf16 and fp32. Longer steps (prompt chunks) take it
+# only on its AVX-512 path (lf_lora_fast), which takes a prompt's tokens a block at a time at r_cap
+# 16-64: 0.3-0.7x the torch kernels' choice on a burst's 256-token step, 0.5-1.1x on 4 x 128 tokens
+# (r_cap 8 runs token by token: 0.8x). The portable path measured up to 1.9x on 4 x 128 tokens
+# (docs/architecture.md, "Measured facts" 12).
 NATIVE_LORA_SHORT_STEP_TOKENS = 64
-NATIVE_LORA_LONG_STEP_MAX_RANK = 8
 # y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16, threads; pool
 _LORA_ARGTYPES: list[Any] = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
 
@@ -499,11 +499,9 @@ class NativeLora:
     def preferred(self, dtype: torch.dtype, d_out: int, r_cap: int, tokens: int) -> bool:
         """Whether ``auto`` runs this module's share of a step here rather than with a torch kernel:
         short (decode) steps always; longer ones where the kernel has its vector path for the shape
-        (AVX-512 BF16, d_out % 16 == 0, r_cap 8) and the torch kernels measured no faster."""
+        (AVX-512 BF16, d_out % 16 == 0, r_cap 8 or a multiple of 16 up to 64)."""
         if tokens <= NATIVE_LORA_SHORT_STEP_TOKENS:
             return True
-        if r_cap > NATIVE_LORA_LONG_STEP_MAX_RANK:
-            return False
         key = (dtype, d_out, r_cap)
         fast = self._fast.get(key)
         if fast is None:

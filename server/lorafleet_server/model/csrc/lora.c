@@ -36,6 +36,7 @@
 #include "pool.h"
 
 #define MAX_RANK 256
+#define TOKEN_BLOCK 8 /* tokens of one slot the AVX-512 path takes at once (below) */
 
 /* h[0..r_cap) = x . At for one token: per input element, its row of At (r_cap wide; the columns past
  * the slot's own rank are zeros). Four partial sums over interleaved rows hide the FMA latency; they
@@ -187,6 +188,95 @@ static void project_up_add_avx512(const float *h, const uint16_t *bt, int64_t d_
     for (; o < d_out; o += 16) project_up_add_block(h, bt, d_out, r, y, o, 1);
 }
 
+/* Up to TOKEN_BLOCK consecutive tokens of one slot at once (a prompt chunk), r_cap = 16 * C: each
+ * vector of At and Bt is loaded and widened once for all T tokens, where a token alone loads it once
+ * for itself. Every token's sums are those of the single-token functions above for it alone: the same
+ * products, added into the same partial sums in the same order (each of the four sums of
+ * project_down16_avx512 takes rows i = p mod 4 of At in turn, the rows past the last multiple of 4
+ * going to sum 0; project_up_add_block's sum per 16 outputs takes j = 0 .. r - 1), so a token's
+ * numbers do not depend on how the step's tokens were grouped. One 16-column block of h and one of
+ * the four sums at a time keeps T sums in registers. */
+
+/* h[k * 64 + 16 * c ..] for tokens k < T: xs holds their x rows widened to fp32 (T x d_in). */
+static inline __attribute__((always_inline)) void project_down16_tokens_avx512(const float *xs, const uint16_t *at,
+                                                                               int64_t d_in, int64_t r_cap, int c,
+                                                                               float *h, const int T) {
+    const int64_t whole = d_in - d_in % 4; /* rows of the interleaved sums; the rest go to sum 0 */
+    __m512 part[4][TOKEN_BLOCK];
+    for (int p = 0; p < 4; p++) {
+        __m512 acc[TOKEN_BLOCK];
+        for (int k = 0; k < T; k++) acc[k] = _mm512_setzero_ps();
+        for (int64_t i = p; i < whole; i += 4) {
+            const __m512 a = bf16x16(at + i * r_cap + 16 * c);
+            for (int k = 0; k < T; k++) acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(xs[k * d_in + i]), a, acc[k]);
+        }
+        if (p == 0)
+            for (int64_t i = whole; i < d_in; i++) {
+                const __m512 a = bf16x16(at + i * r_cap + 16 * c);
+                for (int k = 0; k < T; k++) acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(xs[k * d_in + i]), a, acc[k]);
+            }
+        for (int k = 0; k < T; k++) part[p][k] = acc[k];
+    }
+    for (int k = 0; k < T; k++)
+        _mm512_storeu_ps(h + k * 64 + 16 * c, _mm512_add_ps(_mm512_add_ps(part[0][k], part[1][k]),
+                                                            _mm512_add_ps(part[2][k], part[3][k])));
+}
+
+/* Outputs [o, o + 16 * W) of tokens k < T: y row k (d_out apart) += h[k * 64 ..] . Bt, rounded once. */
+static inline __attribute__((always_inline)) void project_up_add_tokens(const float *h, const uint16_t *bt,
+                                                                        int64_t d_out, int r, uint16_t *y, int64_t o,
+                                                                        const int W, const int T) {
+    __m512 acc[2][TOKEN_BLOCK];
+    for (int w = 0; w < W; w++)
+        for (int k = 0; k < T; k++) acc[w][k] = _mm512_setzero_ps();
+    for (int j = 0; j < r; j++)
+        for (int w = 0; w < W; w++) {
+            const __m512 b = bf16x16(bt + j * d_out + o + 16 * w);
+            for (int k = 0; k < T; k++) acc[w][k] = _mm512_fmadd_ps(_mm512_set1_ps(h[k * 64 + j]), b, acc[w][k]);
+        }
+    for (int w = 0; w < W; w++)
+        for (int k = 0; k < T; k++) {
+            uint16_t *yk = y + k * d_out + o + 16 * w;
+            __m512 sum = _mm512_add_ps(bf16x16(yk), acc[w][k]);
+            _mm256_storeu_si256((__m256i *)yk, (__m256i)_mm512_cvtneps_pbh(sum));
+        }
+}
+
+static inline __attribute__((always_inline)) void lora_tokens_avx512_t(uint16_t *y, const uint16_t *x,
+                                                                       const uint16_t *at, const uint16_t *bt,
+                                                                       int64_t d_in, int64_t d_out, int64_t r_cap,
+                                                                       int r, float *xs, const int T) {
+    float h[TOKEN_BLOCK * 64];
+    for (int k = 0; k < T; k++)
+        for (int64_t i = 0; i < d_in; i++) xs[k * d_in + i] = bf16_to_f32(x[k * d_in + i]);
+    for (int c = 0; c < r_cap / 16; c++) project_down16_tokens_avx512(xs, at, d_in, r_cap, c, h, T);
+    const int W = 2; /* 2 * T sums in registers */
+    int64_t o = 0;
+    for (; o + 16 * W <= d_out; o += 16 * W) project_up_add_tokens(h, bt, d_out, r, y, o, W, T);
+    for (; o < d_out; o += 16) project_up_add_tokens(h, bt, d_out, r, y, o, 1, T);
+}
+
+/* Tokens n .. n + t (2 <= t <= TOKEN_BLOCK) of one slot; 0 when the shape is not one this path takes
+ * (r_cap not a multiple of 16 up to 64, or d_out not a multiple of 16). xs: TOKEN_BLOCK * d_in floats. */
+static int lora_tokens_avx512(uint16_t *y, const uint16_t *x, int t, const uint16_t *at, const uint16_t *bt,
+                              int64_t d_in, int64_t d_out, int64_t r_cap, int r, float *xs) {
+    if (d_out % 16 != 0 || r_cap % 16 != 0 || r_cap > 64 || r_cap == 0) return 0;
+    switch (t) {
+#define LF_CASE(T)                                                            \
+    case T: lora_tokens_avx512_t(y, x, at, bt, d_in, d_out, r_cap, r, xs, T); \
+        return 1;
+    LF_CASE(2)
+    LF_CASE(3)
+    LF_CASE(4)
+    LF_CASE(5)
+    LF_CASE(6)
+    LF_CASE(7)
+    LF_CASE(8)
+#undef LF_CASE
+    default: return 0;
+    }
+}
+
 /* One token on the AVX-512 path; 0 when its shape is not one the path takes. */
 static int lora_token_avx512(uint16_t *y, const uint16_t *x, const uint16_t *at, const uint16_t *bt, int64_t d_in,
                              int64_t d_out, int64_t r_cap, int r) {
@@ -227,27 +317,46 @@ int lf_lora_fast(int bf16, int64_t d_out, int64_t r_cap) {
 #endif
 }
 
-/* Tokens [lo, hi) of a call (see lf_lora_add); out: d_out floats of scratch. */
+/* Floats of scratch a thread's add_tokens takes: a token's fp32 delta (d_out), then TOKEN_BLOCK x rows
+ * widened to fp32 for the AVX-512 path's blocks. */
+static size_t scratch_floats(int64_t d_in, int64_t d_out) { return (size_t)d_out + TOKEN_BLOCK * (size_t)d_in; }
+
+/* Tokens [lo, hi) of a call (see lf_lora_add); out: scratch_floats(d_in, d_out) floats of scratch. */
 static void add_tokens(void *y, const void *x, const void *at, const void *bt, const int64_t *slots,
                        const int64_t *ranks, int64_t lo, int64_t hi, int64_t d_in, int64_t d_out, int64_t r_cap,
                        int bf16, float *out) {
     float h[MAX_RANK];
     const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
-    const int prefetch = lf_lora_fast(bf16, d_out, r_cap);
-    for (int64_t n = lo; n < hi; n++) {
+    const int prefetch = lf_lora_fast(bf16, d_out, r_cap); /* the AVX-512 path */
+    const int64_t block = prefetch && r_cap % 16 == 0 ? TOKEN_BLOCK : 1;
+    for (int64_t n = lo; n < hi;) {
         const int64_t s = slots[n];
         const int r = (int)ranks[s];
-        if (prefetch && n + 1 < hi && slots[n + 1] != s && slots[n + 1] != 0) { /* the next token's adapter */
-            const int64_t t = slots[n + 1];
+        int64_t run = 1; /* this token and the next ones of its slot, up to a block */
+        while (run < block && n + run < hi && slots[n + run] == s) run++;
+        if (prefetch && n + run < hi && slots[n + run] != s && slots[n + run] != 0) { /* the next token's adapter */
+            const int64_t t = slots[n + run];
             prefetch_range((const char *)at + (size_t)(t * d_in * r_cap) * elem, d_in * r_cap * (int64_t)elem);
             prefetch_range((const char *)bt + (size_t)(t * r_cap * d_out) * elem, ranks[t] * d_out * (int64_t)elem);
         }
-        if (s == 0 || r == 0) continue;
+        if (s == 0 || r == 0) {
+            n += run;
+            continue;
+        }
 #ifdef LF_AVX512_BF16
+        if (bf16 && run > 1 &&
+            lora_tokens_avx512((uint16_t *)y + n * d_out, (const uint16_t *)x + n * d_in, (int)run,
+                               (const uint16_t *)at + s * d_in * r_cap, (const uint16_t *)bt + s * r_cap * d_out, d_in,
+                               d_out, r_cap, r, out + d_out)) {
+            n += run;
+            continue;
+        }
         if (bf16 && lora_token_avx512((uint16_t *)y + n * d_out, (const uint16_t *)x + n * d_in,
                                       (const uint16_t *)at + s * d_in * r_cap, (const uint16_t *)bt + s * r_cap * d_out,
-                                      d_in, d_out, r_cap, r))
+                                      d_in, d_out, r_cap, r)) {
+            n++;
             continue;
+        }
 #endif
         project_down_any((const char *)x + (size_t)(n * d_in) * elem, (const char *)at + (size_t)(s * d_in * r_cap) * elem,
                          bf16, d_in, (int)r_cap, h);
@@ -261,6 +370,7 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
 #pragma omp simd
             for (int64_t o = 0; o < d_out; o++) yn[o] += out[o];
         }
+        n++;
     }
 }
 
@@ -280,13 +390,14 @@ typedef struct {
     const int64_t *slots, *ranks;
     int64_t n_tokens, units, d_in, d_out, r_cap;
     int bf16;
-    float *out; /* units x d_out floats of scratch */
+    float *out; /* units x scratch_floats(d_in, d_out) floats of scratch */
 } lora_call;
 
 static void lora_unit(void *ctx, int64_t unit) {
     const lora_call *c = ctx;
     add_tokens(c->y, c->x, c->at, c->bt, c->slots, c->ranks, c->n_tokens * unit / c->units,
-               c->n_tokens * (unit + 1) / c->units, c->d_in, c->d_out, c->r_cap, c->bf16, c->out + unit * c->d_out);
+               c->n_tokens * (unit + 1) / c->units, c->d_in, c->d_out, c->r_cap, c->bf16,
+               c->out + unit * scratch_floats(c->d_in, c->d_out));
 }
 
 /* y [n_tokens, d_out] (updated in place), x [n_tokens, d_in], at [n_slots, d_in, r_cap], bt [n_slots,
@@ -314,7 +425,7 @@ int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const in
     if (threads < 1) threads = 1;
     if (threads > 1 && pool_run != NULL) {
         const int64_t units = lf_pool_units(n_tokens, threads, MIN_TOKENS_PER_THREAD);
-        float *scratch = malloc((size_t)units * (size_t)d_out * sizeof(float));
+        float *scratch = malloc((size_t)units * scratch_floats(d_in, d_out) * sizeof(float));
         if (scratch == NULL) return -1;
         lora_call c = {y, x, at, bt, slots, ranks, n_tokens, units, d_in, d_out, r_cap, bf16, scratch};
         pool_run(lora_unit, &c, units, threads);
@@ -324,7 +435,7 @@ int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const in
 #ifndef _OPENMP
     threads = 1;
 #endif
-    float *out = malloc((size_t)threads * (size_t)d_out * sizeof(float)); /* each thread's token delta, fp32 */
+    float *out = malloc((size_t)threads * scratch_floats(d_in, d_out) * sizeof(float)); /* each thread's */
     if (out == NULL) return -1;
     if (threads == 1) {
         add_tokens(y, x, at, bt, slots, ranks, 0, n_tokens, d_in, d_out, r_cap, bf16, out);
@@ -334,7 +445,7 @@ int lf_lora_add(void *y, const void *x, const void *at, const void *bt, const in
         {
             const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
             add_tokens(y, x, at, bt, slots, ranks, n_tokens * t / team, n_tokens * (t + 1) / team, d_in, d_out, r_cap,
-                       bf16, out + t * d_out);
+                       bf16, out + t * scratch_floats(d_in, d_out));
         }
 #endif
     }
