@@ -107,7 +107,9 @@ def _runs(lengths: list[tuple[int, int]]) -> torch.Tensor:
 
 
 RUNS = [(1, 13), (2, 1), (3, 2), (0, 3), (1, 7), (4, 5), (2, 9), (3, 8), (1, 1), (2, 17), (5, 4), (3, 3)]
-RUN_SHAPES = [  # (d_in, d_out, ranks per slot): r_cap 16 to 64, tails of d_in (mod 4) and d_out (mod 32)
+RUN_SHAPES = [  # (d_in, d_out, ranks per slot): r_cap 8 to 64, tails of d_in (mod 4, 16) and d_out (mod 32)
+    (576, 576, {1: 8, 2: 4, 3: 8}),
+    (37, 48, {1: 8, 2: 8, 3: 3}),
     (576, 576, {1: 16, 2: 8, 3: 16}),
     (1536, 576, {1: 16, 2: 16, 3: 4}),
     (38, 48, {1: 32, 2: 20, 3: 32}),
@@ -140,6 +142,35 @@ def test_prompt_chunks_of_one_slot_get_their_adapter_and_the_bits_of_a_token_alo
         assert torch.equal(alone[0], together[i]), i
     untouched = torch.tensor([int(s) == 0 or m.slot_ranks[int(s)] == 0 for s in slots])
     assert untouched.any() and torch.equal(together[untouched], y0[untouched])
+
+
+@pytest.mark.parametrize("r_cap", [8, 16, 32])
+def test_blocks_add_a_tokens_partial_sums_in_its_own_order(kernel: NativeLora, r_cap: int) -> None:
+    """Random inputs rarely show the order of a token's fp32 sums through its bf16 output. Here every
+    row of A is the same and x is +2^20 on rows 0 mod 4 and -2^20 on rows 2 mod 4 of the first 64
+    (or the other way round), small and random on every other row, the tail past the last multiple
+    of 16 included: partial sums 0 and 2 are huge and cancel, 1 and 3 are small, so adding them in
+    another order, or a tail row into another partial sum, changes the output's bits."""
+    d_in, d_out = 130, 32
+    m = _module(d_in, d_out, {1: r_cap, 2: r_cap}, torch.bfloat16, seed=9)
+    g = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        m.lora_at[1:3] = m.lora_at[1:3, :1].clone()  # [2, in, r_cap]: every row that of row 0
+    big = torch.zeros(d_in)  # [in]
+    big[:64] = torch.tensor([1.0, 0.0, -1.0, 0.0]).repeat(16) * 2.0**20
+    small = torch.randn(n_tokens := 17, d_in, generator=g) * (big == 0)  # [N, in]
+    slots = _runs([(1, 8), (2, 3), (1, 5), (2, 1)])
+    n = len(slots)
+    assert n == n_tokens
+    signs = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)  # [N, 1]
+    x = (big * signs + small).to(torch.bfloat16)  # [N, in]
+    y0 = torch.zeros(n, d_out, dtype=torch.bfloat16)
+    together = y0.clone()
+    kernel.add_(together, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
+    for i in range(n):
+        alone = y0[i : i + 1].clone()
+        kernel.add_(alone, x[i : i + 1].contiguous(), m.lora_at, m.lora_bt, slots[i : i + 1], m.slot_rank_t)
+        assert torch.equal(alone[0], together[i]), i
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -242,6 +242,35 @@ static inline __attribute__((always_inline)) void project_up_add_tokens(const fl
         }
 }
 
+/* h[k * 64 ..] (8 floats) for tokens k < T at r_cap 8, the sums of project_down8_avx512: its four
+ * 8-wide sums are its two vectors' halves, rows i = 0, 1, 2, 3 mod 4 (in that order: low and high half
+ * of the first vector, then of the second), over the rows of whole blocks of 16; the rest go to the
+ * first (the second's lanes adding x * 0, as there), and h = (sum 0 + sum 2) + (sum 1 + sum 3). */
+static inline __attribute__((always_inline)) void project_down8_tokens_avx512(const float *xs, const uint16_t *at,
+                                                                              int64_t d_in, float *h, const int T) {
+    const int64_t whole = d_in - d_in % 16;
+    __m256 part[4][TOKEN_BLOCK];
+    for (int q = 0; q < 4; q++) {
+        __m256 acc[TOKEN_BLOCK];
+        for (int k = 0; k < T; k++) acc[k] = _mm256_setzero_ps();
+        for (int64_t i = q; i < whole; i += 4) {
+            const __m256 a = _mm256_castsi256_ps(
+                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(at + i * 8))), 16));
+            for (int k = 0; k < T; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(xs[k * d_in + i]), a, acc[k]);
+        }
+        for (int64_t i = whole; i < d_in && q < 2; i++) {
+            const __m256 a = q == 0 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(at + i * 8))), 16))
+                                    : _mm256_setzero_ps();
+            for (int k = 0; k < T; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(xs[k * d_in + i]), a, acc[k]);
+        }
+        for (int k = 0; k < T; k++) part[q][k] = acc[k];
+    }
+    for (int k = 0; k < T; k++)
+        _mm256_storeu_ps(h + k * 64, _mm256_add_ps(_mm256_add_ps(part[0][k], part[2][k]),
+                                                   _mm256_add_ps(part[1][k], part[3][k])));
+}
+
 static inline __attribute__((always_inline)) void lora_tokens_avx512_t(uint16_t *y, const uint16_t *x,
                                                                        const uint16_t *at, const uint16_t *bt,
                                                                        int64_t d_in, int64_t d_out, int64_t r_cap,
@@ -249,7 +278,10 @@ static inline __attribute__((always_inline)) void lora_tokens_avx512_t(uint16_t 
     float h[TOKEN_BLOCK * 64];
     for (int k = 0; k < T; k++)
         for (int64_t i = 0; i < d_in; i++) xs[k * d_in + i] = bf16_to_f32(x[k * d_in + i]);
-    for (int c = 0; c < r_cap / 16; c++) project_down16_tokens_avx512(xs, at, d_in, r_cap, c, h, T);
+    if (r_cap == 8)
+        project_down8_tokens_avx512(xs, at, d_in, h, T);
+    else
+        for (int c = 0; c < r_cap / 16; c++) project_down16_tokens_avx512(xs, at, d_in, r_cap, c, h, T);
     const int W = 2; /* 2 * T sums in registers */
     int64_t o = 0;
     for (; o + 16 * W <= d_out; o += 16 * W) project_up_add_tokens(h, bt, d_out, r, y, o, W, T);
@@ -257,10 +289,10 @@ static inline __attribute__((always_inline)) void lora_tokens_avx512_t(uint16_t 
 }
 
 /* Tokens n .. n + t (2 <= t <= TOKEN_BLOCK) of one slot; 0 when the shape is not one this path takes
- * (r_cap not a multiple of 16 up to 64, or d_out not a multiple of 16). xs: TOKEN_BLOCK * d_in floats. */
+ * (r_cap not 8 or a multiple of 16 up to 64, or d_out not a multiple of 16). xs: TOKEN_BLOCK * d_in floats. */
 static int lora_tokens_avx512(uint16_t *y, const uint16_t *x, int t, const uint16_t *at, const uint16_t *bt,
                               int64_t d_in, int64_t d_out, int64_t r_cap, int r, float *xs) {
-    if (d_out % 16 != 0 || r_cap % 16 != 0 || r_cap > 64 || r_cap == 0) return 0;
+    if (d_out % 16 != 0 || (r_cap != 8 && r_cap % 16 != 0) || r_cap > 64 || r_cap == 0) return 0;
     switch (t) {
 #define LF_CASE(T)                                                            \
     case T: lora_tokens_avx512_t(y, x, at, bt, d_in, d_out, r_cap, r, xs, T); \
@@ -328,7 +360,7 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
     float h[MAX_RANK];
     const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
     const int prefetch = lf_lora_fast(bf16, d_out, r_cap); /* the AVX-512 path */
-    const int64_t block = prefetch && r_cap % 16 == 0 ? TOKEN_BLOCK : 1;
+    const int64_t block = prefetch ? TOKEN_BLOCK : 1;
     for (int64_t n = lo; n < hi;) {
         const int64_t s = slots[n];
         const int r = (int)ranks[s];
