@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -51,6 +51,11 @@ class Store(Protocol):
     def versions(self, tenant: str, name: str) -> tuple[int, ...]: ...
 
     def resolve(self, ref: AdapterRef) -> AdapterKey: ...
+
+    def latest_versions(self, tenant: str, names: Collection[str]) -> dict[str, int]:
+        """What ``resolve`` gives each of ``names`` by latest, for those the store can read in bulk more
+        cheaply than one by one; the others (all, on a store with no cheaper way) are left out."""
+        ...
 
     def list(self, tenant: str | None = None) -> builtins.list[AdapterSummary]: ...
 

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +97,11 @@ MAX_CAS_TRIES = 64
 MAX_CLAIM_TRIES = 1000
 KNOWN_VERSIONS_KEPT = 16384  # versions seen to exist, so resolving one again needs no HEAD
 MANIFESTS_KEPT = 4096
+LIST_PAGE_KEYS = 1000  # S3's most per ListObjectsV2 request
+# A listing request costs about two pointer reads (GETs) plus one per 14 keys it returns: SeaweedFS on
+# the same machine, 14.5 ms for 100 keys, 38.5 for 300, 118 for 1,000, against 1.7 ms a GET. A bulk
+# read of n pointers lists at most (n - 2) * 14 keys, so it never costs more than reading them.
+KEYS_LISTED_PER_POINTER_READ = 14
 _CHUNK = 1 << 20
 _BOTO_ERRORS = (BotoCoreError, ClientError)
 _DENIED = frozenset(
@@ -126,6 +131,7 @@ class S3AdapterStore:
         self.bucket = location.bucket
         self.prefix = location.prefix
         self._location = str(location)
+        self.list_page_keys = LIST_PAGE_KEYS  # keys a listing request asks for (tests set fewer)
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         config = Config(
             connect_timeout=connect_timeout,
@@ -227,26 +233,11 @@ class S3AdapterStore:
         tenants = [check_ident(tenant, "tenant")] if tenant is not None else self._idents(self._key())
         summaries = []
         for tenant_name in tenants:
-            base = self._key(tenant_name) + "/"
-            versions: dict[str, set[int]] = {}
-            pointers: dict[str, str] = {}  # name -> the latest pointer's ETag
-            for object_key, etag in self._list_etags(base):
-                name, _, rest = object_key[len(base) :].partition("/")
-                if rest == LATEST_KEY:
-                    pointers[name] = etag
-                    continue
-                sub, _, rest = rest.partition("/")
-                version = _published_version(rest) if sub == VERSIONS_KEY else None
-                if version is not None:
-                    versions.setdefault(name, set()).add(version)
+            listing = self._tenant_listing(tenant_name)
+            assert listing is not None  # no page limit
+            versions, pointers = listing
             for adapter_name in sorted(versions):
-                try:
-                    check_ident(adapter_name, "adapter name")
-                except InvalidAdapterRef:
-                    continue
-                found = tuple(sorted(versions[adapter_name]))
-                for version in found:
-                    self._known.put(AdapterKey(tenant_name, adapter_name, version), True)
+                found = versions[adapter_name]
                 latest = self._latest_from_etag(pointers.get(adapter_name), found)
                 if latest is None and adapter_name in pointers:  # written some other way: read it
                     try:
@@ -257,6 +248,59 @@ class S3AdapterStore:
                     latest = found[-1]
                 summaries.append(AdapterSummary(tenant_name, adapter_name, found, latest if latest in found else None))
         return summaries
+
+    def latest_versions(self, tenant: str, names: Collection[str]) -> dict[str, int]:
+        """The version ``resolve`` gives each of ``names`` (adapters of ``tenant``) by latest, read from one
+        listing of the tenant's keys where that costs less than a pointer read per name: it stops past
+        ``KEYS_LISTED_PER_POINTER_READ`` keys per name (less two names' worth), and then leaves every name
+        out. A name is also left out when the listing cannot tell (no published version, a pointer
+        written other than as publishes write it). Resolve the names left out one by one."""
+        check_ident(tenant, "tenant")
+        wanted = set(names)
+        budget = (len(wanted) - 2) * KEYS_LISTED_PER_POINTER_READ
+        listing = self._tenant_listing(tenant, max_keys=budget) if budget > 0 else None
+        if listing is None:
+            return {}
+        versions, pointers = listing
+        latest: dict[str, int] = {}
+        for name in wanted & versions.keys():
+            found = versions[name]
+            version = self._latest_from_etag(pointers[name], found) if name in pointers else found[-1]
+            if version is not None:
+                latest[name] = version
+        return latest
+
+    def _tenant_listing(
+        self, tenant: str, max_keys: int | None = None
+    ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]] | None:
+        """From one listing of a tenant's keys: each valid adapter name's published versions (ascending;
+        names without one left out) and the ETag of each name's ``latest`` pointer. None when the tenant
+        has more than ``max_keys`` keys (no more are asked for)."""
+        base = self._key(tenant) + "/"
+        versions: dict[str, set[int]] = {}
+        pointers: dict[str, str] = {}  # name -> the latest pointer's ETag
+        for page in self._list_pages(base, max_keys):
+            if page is None:
+                return None
+            for object_key, etag in page:
+                name, _, rest = object_key[len(base) :].partition("/")
+                if rest == LATEST_KEY:
+                    pointers[name] = etag
+                    continue
+                sub, _, rest = rest.partition("/")
+                version = _published_version(rest) if sub == VERSIONS_KEY else None
+                if version is not None:
+                    versions.setdefault(name, set()).add(version)
+        published: dict[str, tuple[int, ...]] = {}
+        for name, found in versions.items():
+            try:
+                check_ident(name, "adapter name")
+            except InvalidAdapterRef:
+                continue
+            published[name] = tuple(sorted(found))
+            for version in found:
+                self._known.put(AdapterKey(tenant, name, version), True)
+        return published, pointers
 
     @staticmethod
     def _latest_from_etag(etag: str | None, versions: tuple[int, ...]) -> int | None:
@@ -608,18 +652,32 @@ class S3AdapterStore:
             yield object_key
 
     def _list_etags(self, prefix: str) -> Iterator[tuple[str, str]]:
-        """(key, ETag) of every object under ``prefix``, page by page."""
+        """(key, ETag) of every object under ``prefix``."""
+        for page in self._list_pages(prefix):
+            assert page is not None  # no limit
+            yield from page
+
+    def _list_pages(self, prefix: str, max_keys: int | None = None) -> Iterator[builtins.list[tuple[str, str]] | None]:
+        """(key, ETag) of every object under ``prefix``, a page (one request) at a time; with ``max_keys``,
+        no more keys than that are asked for, and a last ``None`` says there were more."""
         token: str | None = None
+        left = max_keys
         while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            keys = self.list_page_keys if left is None else min(self.list_page_keys, left)
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": keys}
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._call(f"list {prefix or '/'}", self._client.list_objects_v2, **kwargs)
-            for item in page.get("Contents", ()):
-                yield str(item["Key"]), str(item.get("ETag", ""))
+            items = [(str(item["Key"]), str(item.get("ETag", ""))) for item in page.get("Contents", ())]
+            yield items
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+            if left is not None:
+                left -= len(items)
+                if left <= 0:
+                    yield None
+                    return
 
     def _idents(self, prefix: str) -> builtins.list[str]:
         """The valid tenant or adapter names directly under ``prefix`` (a listing by "/")."""

@@ -27,7 +27,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +154,12 @@ class AdapterStore:
                 "which does not exist"
             )
         return key
+
+    def latest_versions(self, tenant: str, names: Collection[str]) -> dict[str, int]:
+        """Nothing: a pointer here is a small file, cheaper to read on its own (``resolve``) than a
+        directory walk is."""
+        check_ident(tenant, "tenant")
+        return {}
 
     def list(self, tenant: str | None = None) -> list[AdapterSummary]:
         """Every adapter with at least one published version, sorted by tenant and name."""

@@ -362,6 +362,49 @@ def test_list_reads_each_tenant_in_one_listing_and_pointers_only_when_written_by
     assert sorted(calls) == ["GetObject", "GetObject", "ListObjectsV2"]  # a/ and c/ by hand: read
 
 
+def test_latest_versions_of_many_names_come_from_one_listing_where_that_costs_less(
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec
+) -> None:
+    """What the version watcher reads each pass: the version resolve gives each name, from one LIST of
+    the tenant's keys instead of a GET per pointer; a name the listing cannot tell is left out (and
+    resolved on its own), and so is every name when the tenant has more keys than the reads it saves."""
+    store = s3_store(url, tmp_path / "c")
+    names = [f"n{i:02d}" for i in range(12)]
+    for name in names:
+        store.publish_prompt("acme", name, PromptTemplate(name), spec)
+    for name in names[:5]:
+        store.publish_prompt("acme", name, PromptTemplate(name + "'"), spec)  # version 2
+    store.publish_prompt("beta", "other", PromptTemplate("x"), spec)
+    prefix = url.removeprefix(f"s3://{BUCKET}/")
+    client = seaweed_server.client()
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/acme/n00/latest", Body=b"1")  # moved back by hand
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/acme/n01/latest", Body=b"junk")
+    client.delete_object(Bucket=BUCKET, Key=f"{prefix}/acme/n02/latest")  # no pointer: the highest
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/acme/n03/latest", Body=b"9\n")  # a missing version
+    reader = s3_store(url, tmp_path / "r")
+    calls: list[str] = []
+    reader._client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    asked = [*names, "gone", "other"]
+    got = reader.latest_versions("acme", asked)
+    assert calls == ["ListObjectsV2"]
+    assert got == {"n02": 2, "n04": 2} | {name: 1 for name in names[5:]}
+    for name in got:
+        assert reader.resolve(AdapterRef("acme", name)).version == got[name]
+    assert reader.resolve(AdapterRef("acme", "n00")).version == 1  # left out, read on its own
+    for name in ("n01", "n03", "gone", "other"):
+        with pytest.raises(AdapterNotFound):
+            reader.resolve(AdapterRef("acme", name))
+    calls.clear()
+    assert reader.latest_versions("acme", names[:2]) == {} and calls == []  # two reads: no listing
+    keys = len([key for key in object_keys(seaweed_server, url) if key.startswith("acme/")])
+    assert 28 < keys <= 12 * 14  # pointers, claims, manifests and prompts: 62
+    reader.list_page_keys = 5
+    assert reader.latest_versions("acme", names[:4]) == {}  # more keys than 4 reads are worth (28)
+    assert calls == ["ListObjectsV2"] * 6  # pages of 5 up to the 28th key, then no more asked for
+    calls.clear()
+    assert reader.latest_versions("acme", asked) == got and calls == ["ListObjectsV2"] * -(-keys // 5)
+
+
 def test_every_pointer_move_changes_the_change_token_and_nothing_else_does(
     seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec
 ) -> None:

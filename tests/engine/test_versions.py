@@ -7,6 +7,7 @@ names it has not checked since; a full pass (RefreshAdapters, the rescan) reads 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,59 @@ def test_an_unexpected_error_fails_one_name_not_the_pass_and_each_problem_is_log
     assert poll(w, store, clock) == (["acme/a", "acme/b"], ["acme/b 1->2"])
     assert caplog.text.count("checked again after") == 2
     assert poll(w, store, clock) == ([], [])
+
+
+class BulkStore(CountingStore):
+    """A store that reads some names' latest versions in bulk (as the S3 store lists a tenant), each
+    call recorded; ``unlisted`` names it leaves out, ``bulk_error`` makes it fail."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.bulk_calls: list[tuple[str, list[str]]] = []
+        self.unlisted: set[str] = set()
+        self.bulk_error: Exception | None = None
+
+    def latest_versions(self, tenant: str, names: Collection[str]) -> dict[str, int]:
+        self.bulk_calls.append((tenant, sorted(names)))
+        if self.bulk_error is not None:
+            raise self.bulk_error
+        return {n: AdapterStore.resolve(self, AdapterRef(tenant, n)).version for n in names if n not in self.unlisted}
+
+
+@pytest.fixture
+def bulk_store(tmp_path: Path) -> BulkStore:
+    store = BulkStore(tmp_path / "store")
+    store.check()
+    return store
+
+
+def test_a_pass_takes_what_the_store_reads_in_bulk_and_reads_only_the_rest(
+    bulk_store: BulkStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = bulk_store
+    clock = Clock()
+    for name in ("a", "b", "c"):
+        publish(store, name)
+    store.publish_prompt("beta", "d", PromptTemplate("Be brief."), SPEC)
+    w = watcher(store, clock)
+    for name in ("a", "b", "c"):
+        w.resolve(ref(name))
+    w.resolve(AdapterRef("beta", "d", None))
+    store.unlisted = {"c"}
+    assert poll(w, store, clock) == (["acme/c"], [])  # one bulk read per tenant, c on its own
+    assert store.bulk_calls == [("acme", ["a", "b", "c"]), ("beta", ["d"])]
+
+    publish(store, "b", "Be kind.")
+    publish(store, "c", "Be kind.")
+    store.bulk_calls.clear()
+    assert poll(w, store, clock) == (["acme/c"], ["acme/b 1->2", "acme/c 1->2"])  # b's from the bulk read
+    assert w.resolve(ref("b")).version == 2 and len(store.bulk_calls) == 2
+
+    # A bulk read that fails: every name read on its own, nothing refused, logged once.
+    store.bulk_error = StoreUnavailable("listing denied")
+    publish(store, "a", "Be kind.")
+    with caplog.at_level(logging.WARNING):
+        assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c", "beta/d"], ["acme/a 1->2"])
+        publish(store, "b", "Be exact.")
+        assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c", "beta/d"], ["acme/b 2->3"])
+    assert sum("cannot read latest versions in bulk" in r.getMessage() for r in caplog.records) == 1

@@ -102,6 +102,7 @@ class VersionWatcher:
         self._forgotten: LruMap[tuple[str, str], _Tracked] = LruMap(FORGOTTEN_KEPT)  # idle names, set aside
         self._token: str | None = None  # the change token the last pass read first (None: none yet)
         self._token_error = ""  # the last error reading it, logged when it changes (not every poll)
+        self._bulk_error = ""  # the last error of a bulk read of latest versions, likewise
         self._next_rescan = 0.0
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()  # one pass at a time (poller and admin calls)
@@ -157,14 +158,37 @@ class VersionWatcher:
             everything = full or token is None or token != self._token or now >= self._next_rescan
             with self._lock:
                 names = [name for name, tracked in self._tracked.items() if everything or not tracked.checked]
+            by_tenant: dict[str, list[str]] = {}
             for tenant, name in names:
-                self._check(tenant, name, swaps, failures)
+                by_tenant.setdefault(tenant, []).append(name)
+            for tenant, tenant_names in by_tenant.items():
+                latest = self._latest_versions(tenant, tenant_names)
+                for name in tenant_names:
+                    self._check(tenant, name, swaps, failures, latest.get(name))
             self._token = token
             if everything:
                 self._next_rescan = now + self._rescan_seconds
         return RefreshResult(tuple(swaps), tuple(failures))
 
-    def _check(self, tenant: str, name: str, swaps: list[Swap], failures: list[SwapFailure]) -> None:
+    def _latest_versions(self, tenant: str, names: list[str]) -> dict[str, int]:
+        """What the store reads in bulk of these names' latest versions (an S3 store: one listing of the
+        tenant where that costs fewer requests than a pointer read each); the rest are read one by one."""
+        try:
+            latest = self._store.latest_versions(tenant, names)
+        except Exception as exc:  # each name's own read then says what is wrong, name by name
+            if str(exc) != self._bulk_error:
+                log.warning(
+                    "tenant %s: cannot read latest versions in bulk, reading pointers one by one: %s", tenant, exc
+                )
+            self._bulk_error = str(exc)
+            return {}
+        self._bulk_error = ""
+        return latest
+
+    def _check(
+        self, tenant: str, name: str, swaps: list[Swap], failures: list[SwapFailure], listed: int | None = None
+    ) -> None:
+        """``listed``: its latest version as a bulk read of the store gave it (None: read its pointer)."""
         ref = AdapterRef(tenant, name, None)
         with self._lock:
             tracked = self._tracked.get((tenant, name))
@@ -172,7 +196,7 @@ class VersionWatcher:
                 return
             tracked.checked = False  # until this check completes: a failed one is retried next poll
         try:
-            latest = self._store.resolve(ref).version
+            latest = self._store.resolve(ref).version if listed is None else listed
         except Exception as exc:  # AdapterError, or anything else: this name only, retried next poll
             self._failed(tracked, ref, f"cannot read its latest version: {exc}", exc)
             return
