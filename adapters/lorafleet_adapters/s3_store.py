@@ -132,6 +132,8 @@ class S3AdapterStore:
         self.prefix = location.prefix
         self._location = str(location)
         self.list_page_keys = LIST_PAGE_KEYS  # keys a listing request asks for (tests set fewer)
+        # tenant -> the largest key budget its listing ran past: not listed again within that budget
+        self._over_budget: LruMap[str, int] = LruMap(KNOWN_VERSIONS_KEPT)
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         config = Config(
             connect_timeout=connect_timeout,
@@ -254,12 +256,16 @@ class S3AdapterStore:
         listing of the tenant's keys where that costs less than a pointer read per name: it stops past
         ``KEYS_LISTED_PER_POINTER_READ`` keys per name (less two names' worth), and then leaves every name
         out. A name is also left out when the listing cannot tell (no published version, a pointer
-        written other than as publishes write it). Resolve the names left out one by one."""
+        written other than as publishes write it). A tenant that ran past a budget is not listed again
+        within that budget (versions are kept, so its keys do not shrink). Resolve the names left out."""
         check_ident(tenant, "tenant")
         wanted = set(names)
         budget = (len(wanted) - 2) * KEYS_LISTED_PER_POINTER_READ
-        listing = self._tenant_listing(tenant, max_keys=budget) if budget > 0 else None
+        if budget <= 0 or budget <= (self._over_budget.get(tenant) or 0):
+            return {}  # a tenant's keys only grow (versions are kept): past this budget before, past it now
+        listing = self._tenant_listing(tenant, max_keys=budget)
         if listing is None:
+            self._over_budget.put(tenant, budget)
             return {}
         versions, pointers = listing
         latest: dict[str, int] = {}

@@ -402,6 +402,7 @@ def test_latest_versions_of_many_names_come_from_one_listing_where_that_costs_le
     assert reader.latest_versions("acme", names[:4]) == {}  # more keys than 4 reads are worth (28)
     assert calls == ["ListObjectsV2"] * 6  # pages of 5 up to the 28th key, then no more asked for
     calls.clear()
+    assert reader.latest_versions("acme", names[:4]) == {} and calls == []  # past that budget before
     assert reader.latest_versions("acme", asked) == got and calls == ["ListObjectsV2"] * -(-keys // 5)
 
 

@@ -342,4 +342,11 @@ def test_a_pass_takes_what_the_store_reads_in_bulk_and_reads_only_the_rest(
         assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c", "beta/d"], ["acme/a 1->2"])
         publish(store, "b", "Be exact.")
         assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c", "beta/d"], ["acme/b 2->3"])
-    assert sum("cannot read latest versions in bulk" in r.getMessage() for r in caplog.records) == 1
+        store.bulk_error = StoreUnavailable("listing denied")  # a tenant-specific text, and one tenant recovering
+        store.latest_versions = lambda tenant, names: (  # type: ignore[method-assign]
+            {} if tenant == "beta" else (_ for _ in ()).throw(StoreUnavailable(f"cannot list {tenant}/"))
+        )
+        for _ in range(3):
+            poll(w, store, clock, RESCAN)
+    warned = [r.getMessage() for r in caplog.records if "cannot read latest versions in bulk" in r.getMessage()]
+    assert len(warned) == 3 and "cannot list acme/" in warned[2]  # once per tenant and message

@@ -10,7 +10,8 @@ their version and never see a swap.
 A poll costs one read when nothing was published: the store's change token (a marker every publish
 rewrites). Only when it changed, and on a full rescan every ``rescan_seconds`` (pointers moved by hand
 or by a publisher that died between the pointer and the marker), are the ``latest`` pointers of all
-watched adapters read: at 1,000 adapters on S3 that is 1,000 GETs, about a second of boto3's CPU.
+watched adapters read: a tenant's in one listing where the store can (S3, ``Store.latest_versions``),
+else one GET each.
 A name no request resolved for ``forget_seconds`` is no longer watched; what the watcher knew of it
 is set aside (bounded), and its next request takes that up again: the version it served, checked
 against the store at the next poll like any other.
@@ -102,7 +103,7 @@ class VersionWatcher:
         self._forgotten: LruMap[tuple[str, str], _Tracked] = LruMap(FORGOTTEN_KEPT)  # idle names, set aside
         self._token: str | None = None  # the change token the last pass read first (None: none yet)
         self._token_error = ""  # the last error reading it, logged when it changes (not every poll)
-        self._bulk_error = ""  # the last error of a bulk read of latest versions, likewise
+        self._bulk_errors: dict[str, str] = {}  # tenant -> the last error of its bulk read, likewise
         self._next_rescan = 0.0
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()  # one pass at a time (poller and admin calls)
@@ -176,13 +177,13 @@ class VersionWatcher:
         try:
             latest = self._store.latest_versions(tenant, names)
         except Exception as exc:  # each name's own read then says what is wrong, name by name
-            if str(exc) != self._bulk_error:
+            if str(exc) != self._bulk_errors.get(tenant):
                 log.warning(
                     "tenant %s: cannot read latest versions in bulk, reading pointers one by one: %s", tenant, exc
                 )
-            self._bulk_error = str(exc)
+            self._bulk_errors[tenant] = str(exc)
             return {}
-        self._bulk_error = ""
+        self._bulk_errors.pop(tenant, None)
         return latest
 
     def _check(

@@ -464,9 +464,9 @@ LORA_SOURCE = "lora.c"
 MAX_LORA_RANK = 256  # csrc/lora.c's limit
 # Steps of up to this many tokens (decode) take the native LoRA on every path: 0.2-0.7x the time of
 # the torch kernels' choice at 32 decode tokens, bf16 and fp32. Longer steps (prompt chunks) take it
-# only on its AVX-512 path (lf_lora_fast), which takes a prompt's tokens a block at a time at r_cap
-# 16-64: 0.3-0.7x the torch kernels' choice on a burst's 256-token step, 0.5-1.1x on 4 x 128 tokens
-# (r_cap 8 runs token by token: 0.8x). The portable path measured up to 1.9x on 4 x 128 tokens
+# only on its AVX-512 path (lf_lora_fast), which takes a prompt's tokens a block at a time: at r_cap
+# 16-64 0.3-0.7x the torch kernels' choice on a burst's 256-token step, 0.5-1.1x on 4 x 128 tokens
+# (r_cap 8 ~0.75x its token-by-token time, which was 0.8x). The portable path measured up to 1.9x on 4 x 128 tokens
 # (docs/architecture.md, "Measured facts" 12).
 NATIVE_LORA_SHORT_STEP_TOKENS = 64
 # y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16, threads; pool
