@@ -114,6 +114,10 @@ static inline __m512 bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
 static inline __m512 bf16x16_masked(const uint16_t *p, __mmask16 m) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -254,14 +258,11 @@ static inline __attribute__((always_inline)) void project_down8_tokens_avx512(co
         __m256 acc[TOKEN_BLOCK];
         for (int k = 0; k < T; k++) acc[k] = _mm256_setzero_ps();
         for (int64_t i = q; i < whole; i += 4) {
-            const __m256 a = _mm256_castsi256_ps(
-                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(at + i * 8))), 16));
+            const __m256 a = bf16x8(at + i * 8);
             for (int k = 0; k < T; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(xs[k * d_in + i]), a, acc[k]);
         }
         for (int64_t i = whole; i < d_in && q < 2; i++) {
-            const __m256 a = q == 0 ? _mm256_castsi256_ps(_mm256_slli_epi32(
-                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(at + i * 8))), 16))
-                                    : _mm256_setzero_ps();
+            const __m256 a = q == 0 ? bf16x8(at + i * 8) : _mm256_setzero_ps();
             for (int k = 0; k < T; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(xs[k * d_in + i]), a, acc[k]);
         }
         for (int k = 0; k < T; k++) part[q][k] = acc[k];
