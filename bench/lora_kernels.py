@@ -27,6 +27,10 @@ bf16 rounding of the output). One torch thread by default, as the server on a 2-
 
     .venv/bin/python -m bench.lora_kernels                       # bf16 and fp32, every shape
     .venv/bin/python -m bench.lora_kernels --dtypes bfloat16 --shapes r16all --json bench/results/lora_kernels.json
+    .venv/bin/python -m bench.lora_kernels --dtypes float32 --march haswell   # the C kernel as built for AVX2 only
+
+``--march`` builds the C kernel for another CPU than this one (``-march=<it>`` instead of ``native``,
+into a temporary folder): the code an AVX2-only machine runs, timed on this one's cores and caches.
 """
 
 from __future__ import annotations
@@ -35,13 +39,17 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from lorafleet_server.model.native import NativeLora
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +107,21 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float 
     return samples
 
 
-def bench_shape(d_in: int, d_out: int, rank: int, step: str, dtype: torch.dtype, rounds: int) -> dict[str, Any]:
+def native_kernel(march: str | None) -> NativeLora:
+    """The C kernel as the server builds it (cached in data/kernels), or built for ``-march=<march>`` in a
+    temporary folder (removed once loaded)."""
+    from lorafleet_server.model.native import LORA_SOURCE, OPENMP_CFLAGS, NativeLora, build_library, load_native_lora
+
+    if march is None:
+        return load_native_lora(REPO / "data" / "kernels")
+    flags = tuple(f"-march={march}" if flag == "-march=native" else flag for flag in OPENMP_CFLAGS)
+    with tempfile.TemporaryDirectory(prefix="lora-kernels-") as tmp:
+        return NativeLora(build_library(LORA_SOURCE, Path(tmp), None, flags))
+
+
+def bench_shape(
+    d_in: int, d_out: int, rank: int, step: str, dtype: torch.dtype, rounds: int, native: NativeLora
+) -> dict[str, Any]:
     from lorafleet_server.model.lora import (
         LoraBatch,
         LoraContext,
@@ -109,7 +131,6 @@ def bench_shape(d_in: int, d_out: int, rank: int, step: str, dtype: torch.dtype,
         lora_delta_dense,
         lora_delta_grouped,
     )
-    from lorafleet_server.model.native import load_native_lora
 
     gen = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(d_in, d_out, bias=False).to(dtype)
@@ -146,7 +167,6 @@ def bench_shape(d_in: int, d_out: int, rank: int, step: str, dtype: torch.dtype,
     fns: dict[str, Callable[[], Any]] = {"base": lambda: F.linear(x, base.weight)}
     fns.update({impl: run(impl) for impl in ("gather", "dense", "token", "grouped", "auto")})
     fns["before"] = run_before
-    native = load_native_lora(REPO / "data" / "kernels")
     y_native = torch.zeros(slots.numel(), d_out, dtype=dtype)  # [N, out]
     fns["native"] = lambda: native.add_(y_native, x, module.lora_at, bt, slots, module.slot_rank_t)
     with torch.inference_mode():
@@ -177,12 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--march", default=None, help="build the C kernel for this -march (default: native)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from lorafleet_server.model.cpu import cpu_features
 
+    native = native_kernel(args.march)
     print(f"cpu: {cpu_features().summary()}  threads={args.threads} torch={torch.__version__}")
+    print(f"native kernel: {native.library.name}, -march={args.march or 'native'}")
     print("us per call, median of interleaved rounds; share = auto / base")
     cols = ("base", "gather", "dense", "token", "grouped", "before", "auto", "native")
     print(f"{'dtype':<9} {'shape':<17} {'in->out r':<13} {'step':<9}" + "".join(f"{c:>9}" for c in cols) + "  choice")
@@ -196,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 seen.add((d_in, d_out, rank))
                 for step in args.steps.split(","):
-                    res = bench_shape(d_in, d_out, rank, step, dtype, args.rounds)
+                    res = bench_shape(d_in, d_out, rank, step, dtype, args.rounds, native)
                     med = res["median_us"]
                     print(
                         f"{dtype_name:<9} {module:<17} {f'{d_in}->{d_out} r{rank}':<13} {step:<9}"
@@ -213,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                         | res
                     )
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "results": results}, indent=2) + "\n")
+        payload = {"threads": args.threads, "march": args.march or "native", "results": results}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 

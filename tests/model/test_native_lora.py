@@ -115,6 +115,8 @@ RUN_SHAPES = [  # (d_in, d_out, ranks per slot): r_cap 8 to 64, tails of d_in (m
     (38, 48, {1: 32, 2: 20, 3: 32}),
     (37, 80, {1: 48, 2: 48, 3: 1}),
     (65, 16, {1: 64, 2: 33, 3: 64}),
+    (37, 44, {1: 24, 2: 8, 3: 24}),  # fp32 blocks of 8 columns; d_out 44: 8-wide chunks and 4 one by one
+    (50, 44, {1: 16, 2: 16, 3: 5}),  # fp32 blocks of 16 columns; d_out 44: 16-, 8- and 1-wide outputs
 ]
 
 
@@ -144,15 +146,16 @@ def test_prompt_chunks_of_one_slot_get_their_adapter_and_the_bits_of_a_token_alo
     assert untouched.any() and torch.equal(together[untouched], y0[untouched])
 
 
-@pytest.mark.parametrize("r_cap", [8, 16, 32])
-def test_blocks_add_a_tokens_partial_sums_in_its_own_order(kernel: NativeLora, r_cap: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("r_cap", [8, 16, 24, 32])
+def test_blocks_add_a_tokens_partial_sums_in_its_own_order(kernel: NativeLora, r_cap: int, dtype: torch.dtype) -> None:
     """Random inputs rarely show the order of a token's fp32 sums through its bf16 output. Here every
     row of A is the same and x is +2^20 on rows 0 mod 4 and -2^20 on rows 2 mod 4 of the first 64
     (or the other way round), small and random on every other row, the tail past the last multiple
     of 16 included: partial sums 0 and 2 are huge and cancel, 1 and 3 are small, so adding them in
     another order, or a tail row into another partial sum, changes the output's bits."""
     d_in, d_out = 130, 32
-    m = _module(d_in, d_out, {1: r_cap, 2: r_cap}, torch.bfloat16, seed=9)
+    m = _module(d_in, d_out, {1: r_cap, 2: r_cap}, dtype, seed=9)
     g = torch.Generator().manual_seed(10)
     with torch.no_grad():
         m.lora_at[1:3] = m.lora_at[1:3, :1].clone()  # [2, in, r_cap]: every row that of row 0
@@ -163,8 +166,8 @@ def test_blocks_add_a_tokens_partial_sums_in_its_own_order(kernel: NativeLora, r
     n = len(slots)
     assert n == n_tokens
     signs = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)  # [N, 1]
-    x = (big * signs + small).to(torch.bfloat16)  # [N, in]
-    y0 = torch.zeros(n, d_out, dtype=torch.bfloat16)
+    x = (big * signs + small).to(dtype)  # [N, in]
+    y0 = torch.zeros(n, d_out, dtype=dtype)
     together = y0.clone()
     kernel.add_(together, x, m.lora_at, m.lora_bt, slots, m.slot_rank_t)
     for i in range(n):
@@ -284,9 +287,11 @@ def test_the_module_runs_the_kernel_where_auto_prefers_it(kernel: NativeLora) ->
     torch.testing.assert_close(outs["auto"], outs["gather"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs["native"], outs["gather"], rtol=1e-5, atol=1e-5)
     assert kernel.preferred(torch.float32, 64, 8, tokens=5)  # a short step takes it anywhere
-    assert not kernel.preferred(torch.float32, 64, 8, tokens=512)  # a prefill there: the portable path
-    for r_cap in (8, 16, 64):  # prompt chunks where the AVX-512 path takes the shape
-        assert kernel.preferred(torch.bfloat16, 576, r_cap, tokens=512) == bool(kernel._fast_fn(1, 576, r_cap))
+    for r_cap in (8, 16, 24, 64):  # fp32 prompt chunks: the portable path's blocks, any CPU
+        assert kernel.preferred(torch.float32, 40, r_cap, tokens=512)
+    assert not kernel.preferred(torch.float32, 64, 12, tokens=512)  # r_cap 12: token by token
+    for r_cap in (8, 16, 64):  # bf16 prompt chunks where the AVX-512 path takes the shape
+        assert kernel.preferred(torch.bfloat16, 576, r_cap, tokens=512) == bool(kernel._blocks_fn(1, 576, r_cap))
     assert not kernel.preferred(torch.bfloat16, 576, 12, tokens=512)  # r_cap 12: the portable path
     assert not kernel.preferred(torch.bfloat16, 40, 16, tokens=512)  # d_out 40: the portable path
     with pytest.raises(ValueError, match="needs the native kernel"):

@@ -464,10 +464,12 @@ LORA_SOURCE = "lora.c"
 MAX_LORA_RANK = 256  # csrc/lora.c's limit
 # Steps of up to this many tokens (decode) take the native LoRA on every path: 0.2-0.7x the time of
 # the torch kernels' choice at 32 decode tokens, bf16 and fp32. Longer steps (prompt chunks) take it
-# only on its AVX-512 path (lf_lora_fast), which takes a prompt's tokens a block at a time: at r_cap
-# 16-64 0.3-0.7x the torch kernels' choice on a burst's 256-token step, 0.5-1.1x on 4 x 128 tokens
-# (r_cap 8 ~0.75x its token-by-token time, which was 0.8x). The portable path measured up to 1.9x on 4 x 128 tokens
-# (docs/architecture.md, "Measured facts" 12).
+# where it takes a run of one slot's tokens a block at a time (lf_lora_blocks: its AVX-512 path, and
+# fp32 with r_cap a multiple of 8): at r_cap 16-64 0.3-0.7x the torch kernels' choice on a burst's
+# 256-token step, 0.5-1.1x on 4 x 128 tokens in bf16 (r_cap 8 ~0.75x its token-by-token time, which
+# was 0.8x); in fp32 0.2-0.6x on the burst's step and 0.5-1.5x on 4 x 128 tokens, 0.87-0.96x summed
+# over an r=16 all-linear layer's modules. Token by token measured up to 3.3x the torch kernels on
+# 4 x 128 tokens (docs/architecture.md, "Measured facts" 12).
 NATIVE_LORA_SHORT_STEP_TOKENS = 64
 # y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16, threads; pool
 _LORA_ARGTYPES: list[Any] = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
@@ -483,30 +485,31 @@ class NativeLora:
             library,
             {
                 "lf_lora_add": _LORA_ARGTYPES,
-                "lf_lora_fast": [ctypes.c_int, ctypes.c_int64, ctypes.c_int64],
+                "lf_lora_blocks": [ctypes.c_int, ctypes.c_int64, ctypes.c_int64],
                 "lf_lora_threaded": [],
             },
         )
         self.library = library
         self._lib = lib  # keeps the library loaded while its functions live
         self._fn = fns["lf_lora_add"]
-        self._fast_fn = fns["lf_lora_fast"]
-        self._fast: dict[tuple[torch.dtype, int, int], bool] = {}
+        self._blocks_fn = fns["lf_lora_blocks"]
+        self._blocks: dict[tuple[torch.dtype, int, int], bool] = {}
         self.threaded = fns["lf_lora_threaded"]() == 1
         self.pool = pool
         self.address = c_address(self._fn)  # of lf_lora_add, for csrc/layers.c
 
     def preferred(self, dtype: torch.dtype, d_out: int, r_cap: int, tokens: int) -> bool:
         """Whether ``auto`` runs this module's share of a step here rather than with a torch kernel:
-        short (decode) steps always; longer ones where the kernel has its vector path for the shape
-        (AVX-512 BF16, d_out % 16 == 0, r_cap 8 or a multiple of 16 up to 64)."""
+        short (decode) steps always; longer ones where the kernel takes a run of one slot's tokens a
+        block at a time (AVX-512 BF16 with d_out % 16 == 0 and r_cap 8 or a multiple of 16 up to 64;
+        fp32 with r_cap a multiple of 8)."""
         if tokens <= NATIVE_LORA_SHORT_STEP_TOKENS:
             return True
         key = (dtype, d_out, r_cap)
-        fast = self._fast.get(key)
-        if fast is None:
-            fast = self._fast[key] = bool(self._fast_fn(1 if dtype == torch.bfloat16 else 0, d_out, r_cap))
-        return fast
+        blocks = self._blocks.get(key)
+        if blocks is None:
+            blocks = self._blocks[key] = bool(self._blocks_fn(1 if dtype == torch.bfloat16 else 0, d_out, r_cap))
+        return blocks
 
     @staticmethod
     def takes(y: torch.Tensor, x: torch.Tensor, at: torch.Tensor) -> bool:

@@ -37,6 +37,8 @@
 
 #define MAX_RANK 256
 #define TOKEN_BLOCK 8 /* tokens of one slot the AVX-512 path takes at once (below) */
+/* CASE(T) for blocks of 2 to 8 tokens: the switch cases that pick a block path's instance for a run */
+#define LF_BLOCKS_2_TO_8(CASE) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 
 /* h[0..r_cap) = x . At for one token: per input element, its row of At (r_cap wide; the columns past
  * the slot's own rank are zeros). Four partial sums over interleaved rows hide the FMA latency; they
@@ -298,13 +300,7 @@ static int lora_tokens_avx512(uint16_t *y, const uint16_t *x, int t, const uint1
 #define LF_CASE(T)                                                            \
     case T: lora_tokens_avx512_t(y, x, at, bt, d_in, d_out, r_cap, r, xs, T); \
         return 1;
-    LF_CASE(2)
-    LF_CASE(3)
-    LF_CASE(4)
-    LF_CASE(5)
-    LF_CASE(6)
-    LF_CASE(7)
-    LF_CASE(8)
+        LF_BLOCKS_2_TO_8(LF_CASE)
 #undef LF_CASE
     default: return 0;
     }
@@ -328,6 +324,132 @@ static int lora_token_avx512(uint16_t *y, const uint16_t *x, const uint16_t *at,
 }
 #endif
 
+/* The portable path's token blocks: fp32 with r_cap a multiple of 8 (any CPU; GCC's generic vectors,
+ * which clang has too: 8 floats, one AVX2 register or two SSE ones). A run of up to 8 / V
+ * consecutive tokens of one slot (V = 2 where r_cap is a multiple of 16, else 1) reads each 8 * V
+ * columns of an At row and each 8 * V outputs of a Bt row once for the block, where token by token
+ * reads them once per token. Every token's numbers are those project_down and project_up give it
+ * alone: partial sum p takes At's rows i = p mod 4 in ascending order (the tail rows too, as there),
+ * h = (sum 0 + sum 1) + (sum 2 + sum 3), and each output's sum takes j = 0 .. r - 1 from zero, added
+ * to y once; the compiler contracts the same vector multiply-adds into FMAs on both (-ffp-contract=fast). One
+ * of the four sums and one group of columns at a time keeps the block's T * V sums in registers (eight
+ * of AVX2's sixteen). */
+typedef float lf_v8 __attribute__((vector_size(32)));
+#define PORTABLE_LANES 8
+#define PORTABLE_SUMS 8 /* T * V: a block's sums in registers */
+
+static inline lf_v8 v8_load(const float *p) {
+    lf_v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void v8_store(float *p, lf_v8 v) { memcpy(p, &v, sizeof v); }
+
+static inline lf_v8 v8_splat(float f) { return (lf_v8){f, f, f, f, f, f, f, f}; }
+
+/* h[k * r_cap + j0 .. + 8 * V) for tokens k < T (x rows d_in apart). */
+static inline __attribute__((always_inline)) void project_down_tokens_f32(const float *x, const float *at,
+                                                                          int64_t d_in, int64_t r_cap, int64_t j0,
+                                                                          float *h, const int T, const int V) {
+    lf_v8 part[4][PORTABLE_SUMS];
+    for (int p = 0; p < 4; p++) {
+        lf_v8 acc[PORTABLE_SUMS];
+        for (int s = 0; s < T * V; s++) acc[s] = v8_splat(0.0f);
+        for (int64_t i = p; i < d_in; i += 4) {
+            const float *row = at + i * r_cap + j0;
+            lf_v8 a[2];
+            for (int v = 0; v < V; v++) a[v] = v8_load(row + PORTABLE_LANES * v);
+            for (int k = 0; k < T; k++) {
+                const lf_v8 xk = v8_splat(x[k * d_in + i]);
+                for (int v = 0; v < V; v++) acc[k * V + v] += xk * a[v];
+            }
+        }
+        for (int s = 0; s < T * V; s++) part[p][s] = acc[s];
+    }
+    for (int k = 0; k < T; k++)
+        for (int v = 0; v < V; v++) {
+            const int s = k * V + v;
+            v8_store(h + k * r_cap + j0 + PORTABLE_LANES * v, (part[0][s] + part[1][s]) + (part[2][s] + part[3][s]));
+        }
+}
+
+/* Outputs [o, o + 8 * W) of tokens k < T: y row k (d_out apart) += h[k * r_cap ..] . Bt. */
+static inline __attribute__((always_inline)) void project_up_add_tokens_f32(const float *h, const float *bt,
+                                                                            int64_t d_out, int64_t r_cap, int r,
+                                                                            float *y, int64_t o, const int W,
+                                                                            const int T) {
+    lf_v8 acc[PORTABLE_SUMS];
+    for (int s = 0; s < T * W; s++) acc[s] = v8_splat(0.0f);
+    for (int j = 0; j < r; j++) {
+        lf_v8 b[2];
+        for (int w = 0; w < W; w++) b[w] = v8_load(bt + j * d_out + o + PORTABLE_LANES * w);
+        for (int k = 0; k < T; k++) {
+            const lf_v8 hk = v8_splat(h[k * r_cap + j]);
+            for (int w = 0; w < W; w++) acc[k * W + w] += hk * b[w];
+        }
+    }
+    for (int k = 0; k < T; k++)
+        for (int w = 0; w < W; w++) {
+            float *yk = y + k * d_out + o + PORTABLE_LANES * w;
+            v8_store(yk, v8_load(yk) + acc[k * W + w]);
+        }
+}
+
+static inline __attribute__((always_inline)) void lora_tokens_f32_t(float *y, const float *x, const float *at,
+                                                                    const float *bt, int64_t d_in, int64_t d_out,
+                                                                    int64_t r_cap, int r, float *h, const int T,
+                                                                    const int V) {
+    for (int64_t j0 = 0; j0 < r_cap; j0 += PORTABLE_LANES * V) project_down_tokens_f32(x, at, d_in, r_cap, j0, h, T, V);
+    int64_t o = 0;
+    for (; o + PORTABLE_LANES * V <= d_out; o += PORTABLE_LANES * V) project_up_add_tokens_f32(h, bt, d_out, r_cap, r, y, o, V, T);
+    for (; o + PORTABLE_LANES <= d_out; o += PORTABLE_LANES) project_up_add_tokens_f32(h, bt, d_out, r_cap, r, y, o, 1, T);
+    if (o == d_out) return;
+    /* The last d_out % 8 outputs: their columns of Bt copied into 8 lanes, zeros past them, so that their
+     * sums are the same vector multiply-adds as the others' (a scalar loop here was not contracted
+     * like the single-token path's epilogue: different bits). */
+    const int64_t rest = d_out - o;
+    float pad[MAX_RANK * PORTABLE_LANES];
+    for (int j = 0; j < r; j++)
+        for (int64_t l = 0; l < PORTABLE_LANES; l++) pad[j * PORTABLE_LANES + l] = l < rest ? bt[j * d_out + o + l] : 0.0f;
+    for (int k = 0; k < T; k++) {
+        lf_v8 acc = v8_splat(0.0f);
+        for (int j = 0; j < r; j++) acc += v8_splat(h[k * r_cap + j]) * v8_load(pad + j * PORTABLE_LANES);
+        for (int64_t l = 0; l < rest; l++) y[k * d_out + o + l] += acc[l];
+    }
+}
+
+/* Tokens a run takes at once on the portable path for this element type and r_cap (1: token by token). */
+static int portable_block(int bf16, int64_t r_cap) {
+    if (bf16 || r_cap <= 0 || r_cap % PORTABLE_LANES != 0) return 1;
+    return r_cap % (2 * PORTABLE_LANES) == 0 ? PORTABLE_SUMS / 2 : PORTABLE_SUMS;
+}
+
+/* Tokens n .. n + t (2 <= t <= portable_block) of one slot, fp32; h: t * r_cap floats. 0 (nothing
+ * written) for a t it has no block for. */
+static int lora_tokens_f32(float *y, const float *x, int t, const float *at, const float *bt, int64_t d_in,
+                            int64_t d_out, int64_t r_cap, int r, float *h) {
+    if (r_cap % (2 * PORTABLE_LANES) == 0) {
+        switch (t) {
+#define LF_CASE(T)                                                             \
+    case T: lora_tokens_f32_t(y, x, at, bt, d_in, d_out, r_cap, r, h, T, 2); \
+        return 1;
+            LF_CASE(2)
+            LF_CASE(3)
+            LF_CASE(4)
+#undef LF_CASE
+        }
+    }
+    switch (t) {
+#define LF_CASE(T)                                                             \
+    case T: lora_tokens_f32_t(y, x, at, bt, d_in, d_out, r_cap, r, h, T, 1); \
+        return 1;
+        LF_BLOCKS_2_TO_8(LF_CASE)
+#undef LF_CASE
+    default: return 0;
+    }
+}
+
 /* Ask for [p, p + bytes) in cache ahead of use: a token's adapter is a few KB to ~100 KB in DRAM
  * (the base weights stream through the caches every step). Only for the AVX-512 path (the CPUs it
  * was written on): on a 2-core AVX2 AMD EPYC the portable fp32 path read adapters from DRAM ~1.1-1.25x
@@ -350,6 +472,13 @@ int lf_lora_fast(int bf16, int64_t d_out, int64_t r_cap) {
 #endif
 }
 
+/* 1 where a run of one slot's tokens is taken a block at a time (the AVX-512 path's shapes; fp32 with
+ * r_cap a multiple of 8 on the portable path), else 0 (token by token): the shapes for which native.py
+ * prefers this kernel for prompt chunks as well as decode steps. */
+int lf_lora_blocks(int bf16, int64_t d_out, int64_t r_cap) {
+    return lf_lora_fast(bf16, d_out, r_cap) || portable_block(bf16, r_cap) > 1;
+}
+
 /* Floats of scratch a thread's add_tokens takes: a token's fp32 delta (d_out), then TOKEN_BLOCK x rows
  * widened to fp32 for the AVX-512 path's blocks. */
 static size_t scratch_floats(int64_t d_in, int64_t d_out) { return (size_t)d_out + TOKEN_BLOCK * (size_t)d_in; }
@@ -361,7 +490,7 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
     float h[MAX_RANK];
     const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
     const int prefetch = lf_lora_fast(bf16, d_out, r_cap); /* the AVX-512 path */
-    const int64_t block = prefetch ? TOKEN_BLOCK : 1;
+    const int64_t block = prefetch ? TOKEN_BLOCK : portable_block(bf16, r_cap);
     for (int64_t n = lo; n < hi;) {
         const int64_t s = slots[n];
         const int r = (int)ranks[s];
@@ -391,6 +520,14 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
             continue;
         }
 #endif
+        float hb[PORTABLE_SUMS * MAX_RANK];
+        if (!bf16 && run > 1 && /* block > 1: the portable path's blocks */
+            lora_tokens_f32((float *)y + n * d_out, (const float *)x + n * d_in, (int)run,
+                            (const float *)at + s * d_in * r_cap, (const float *)bt + s * r_cap * d_out, d_in, d_out,
+                            r_cap, r, hb)) {
+            n += run;
+            continue;
+        }
         project_down_any((const char *)x + (size_t)(n * d_in) * elem, (const char *)at + (size_t)(s * d_in * r_cap) * elem,
                          bf16, d_in, (int)r_cap, h);
         project_up(h, (const char *)bt + (size_t)(s * r_cap * d_out) * elem, bf16, d_out, r, out);
