@@ -4,9 +4,9 @@ The driver makes the loop's kernel calls from C, so every step it takes must giv
 bit for bit: logits and the K/V it writes. Checked on a random 3-layer Llama with adapters of several
 ranks in its slots, in fp32 (the AVX2 Linear: every machine here) and in bf16 (the AMX Linear, on its
 helper pool and without: where the CPU has AMX), through prompt chunks, decode steps with and without
-adapters, a lone token, a long prompt chunk of the base (which it takes) and one whose adapter's rank
-the native LoRA does not take on long steps (which it leaves to the loop), and a slot table that grows
-between steps.
+adapters, a lone token, long prompt chunks of the base and of an adapter the native LoRA takes in token
+blocks (which it takes) and one whose adapter's rank the native LoRA does not take on long steps (which
+it leaves to the loop), and a slot table that grows between steps.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _runner(
         pytest.skip(f"no native Linear for {dtype} on this CPU: {exc}")
     attention = load_native_attention(kernels_dir, pool=linear.pool)
     lora = load_native_lora(kernels_dir, pool=linear.pool)
-    _write(wrapped, 1, 4)
+    _write(wrapped, 1, 8)
     _write(wrapped, 2, 8, only=("q_proj", "v_proj"))
     _write(wrapped, 3, 2, only=("down_proj", "o_proj", "gate_proj"))
     runner = ModelRunner(
@@ -131,6 +131,8 @@ def _steps() -> tuple[list[list[RowStep]], dict[int, int]]:
     step((1, [70], 2))  # a lone token (runs as two rows)
     step((0, [71], 0), (2, [71], 0))  # no adapter in the step
     step((3, list(range(100, 100 + SHORT_STEP_TOKENS + 5)), 0))  # a long prompt chunk of the base
+    # a long chunk of an adapter (rank 8 = r_cap on every module): the native LoRA's token blocks
+    step((0, list(range(200, 200 + SHORT_STEP_TOKENS + 5)), 1))
     step((0, [72], 4), (1, [73], 1), (2, [74], 2), (3, [75], 3))  # after slot 4's larger rank (below)
     # a long chunk whose adapter's rank (12) the native LoRA does not take on long steps: the loop's
     step((2, list(range(150, 150 + SHORT_STEP_TOKENS + 5)), 4))
@@ -171,14 +173,14 @@ def test_every_step_it_takes_gives_the_loops_bits(
     torch.set_num_threads(2)
     steps, length = _steps()
     for i, step in enumerate(steps):
-        if i == 8:  # a larger rank than any before: every slot table grows (new addresses) between steps
+        if i == 9:  # a larger rank than any before: every slot table grows (new addresses) between steps
             _write(loop_slots, 4, 12)
             _write(fast_slots, 4, 12)
         want, got = loop.step(step).logits, fast.step(step).logits
         assert torch.equal(got, want), f"step {i}: {(got - want).abs().max().item()}"
     # the driver took every step but the last (--lora-impl auto: the torch kernels for its rank-12 chunk);
     # with --lora-impl native, whose LoRA is native for every step, that one too
-    assert ran == [1] * (10 if lora_impl == "native" else 9) and len(steps) == 10
+    assert ran == [1] * (11 if lora_impl == "native" else 10) and len(steps) == 11
     for a, b in zip((*loop.kv.k, *loop.kv.v), (*fast.kv.k, *fast.kv.v), strict=True):  # [R, KVH, L, D]
         for row, n in length.items():
             assert torch.equal(a[row, :, :n], b[row, :, :n])
@@ -214,7 +216,7 @@ def test_a_slot_write_after_a_step_is_seen_by_the_next(
     runner, wrapped = _runner(torch.float32, kernels_dir, layers_lib, 1)
     step = [RowStep(0, 0, (5, 6, 7), 1, True, False)]
     before = runner.step(step).logits
-    _write(wrapped, 1, 4, only=("q_proj",))  # same rank on q; nothing elsewhere
+    _write(wrapped, 1, 8, only=("q_proj",))  # same rank on q; nothing elsewhere
     after = runner.step(step).logits
     runner.layer_driver = None
     assert torch.equal(runner.step(step).logits, after) and not torch.equal(before, after)
@@ -260,7 +262,7 @@ def test_a_call_the_kernels_refuse_names_its_layer_and_projection(
     runner, _ = _runner(torch.float32, kernels_dir, layers_lib, 1)
     driver = runner.layer_driver
     assert driver is not None, runner.layer_driver_reason
-    step = [RowStep(0, 0, (5, 6, 7), 1, True, False)]  # slot 1: rank 4 on every module
+    step = [RowStep(0, 0, (5, 6, 7), 1, True, False)]  # slot 1: rank 8 on every module
     runner.step(step)
     table = driver._layer_table()
     assert table is not None
