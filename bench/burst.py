@@ -75,7 +75,7 @@ class Burst:
     wall: float  # send instant to the last request's end
     arrivals: list[float]  # seconds since the send instant at which the engine got each request (submit)
     engine_ttft: list[float]  # seconds since the send instant at which the engine emitted each first token
-    steps: list[dict[str, float]]  # per forward: start (s since send), seconds, rows, tokens
+    steps: list[dict[str, float]]  # per forward: start (s since send), seconds, rows, tokens, torch threads
 
     @property
     def tok_per_s(self) -> float:
@@ -345,9 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             arrivals=sorted(a - t0 for a in engine_times.arrivals),
                             engine_ttft=sorted(a - t0 for a in engine_times.first_tokens),
                             steps=[
-                                {"start": s - t0, "seconds": d, "rows": r, "tokens": n}
-                                for s, d, r, n in zip(
-                                    steps.starts, steps.seconds, steps.rows, steps.tokens, strict=True
+                                {"start": s - t0, "seconds": d, "rows": r, "tokens": n, "threads": th}
+                                for s, d, r, n, th in zip(
+                                    steps.starts, steps.seconds, steps.rows, steps.tokens, steps.threads, strict=True
                                 )
                             ],
                         )
