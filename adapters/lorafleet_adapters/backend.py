@@ -57,6 +57,13 @@ class Store(Protocol):
         cheaply than one by one; the others (all, on a store with no cheaper way) are left out."""
         ...
 
+    def publishes_since(self, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
+        """(the newest publish's id, the (tenant, name)s whose pointers publishes moved after the one with
+        id ``seen``), for a store that keeps a short log of its last publishes. The names are None when
+        that is not known: ``seen`` is None or no longer in the log, or the store keeps none. A publish
+        is in the log once its pointer moved, so reading those names' pointers finds it."""
+        ...
+
     def list(self, tenant: str | None = None) -> builtins.list[AdapterSummary]: ...
 
     def manifest(self, key: AdapterKey) -> Manifest: ...

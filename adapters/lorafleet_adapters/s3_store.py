@@ -18,6 +18,8 @@ Publishing (every step a single-object S3 request, so no step can be seen half d
    mid-upload leaves invisible leftovers and a burnt number, never a visible half version.
 4. Move ``latest`` forward by compare-and-swap: create it with ``If-None-Match: *``, or replace it
    with ``If-Match: <the ETag read>``; on 412 re-read and retry. It never moves backwards.
+5. Append the publish to ``PREFIX/.published``, the log of the last publishes (the same
+   compare-and-swap): its ETag is the watchers' change token, its lines what moved.
 
 Replicas download a version once, verify every checksum, and keep it in a bounded LRU cache on
 local disk (``disk_cache.VersionCache``); loads re-verify the cached files. boto3 runs with connect
@@ -50,6 +52,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from lorafleet_adapters.disk_cache import VersionCache
 from lorafleet_adapters.errors import (
+    AdapterError,
     AdapterFormatError,
     AdapterIncompatible,
     AdapterNotFound,
@@ -102,6 +105,10 @@ LIST_PAGE_KEYS = 1000  # S3's most per ListObjectsV2 request
 # the same machine, 14.5 ms for 100 keys, 38.5 for 300, 118 for 1,000, against 1.7 ms a GET. A bulk
 # read of n pointers lists at most (n - 2) * 14 keys, so it never costs more than reading them.
 KEYS_LISTED_PER_POINTER_READ = 14
+# The publish marker is also a log of the last publishes (one marker_text line each, oldest first), so a
+# watcher whose change token moved reads the pointers those publishes moved, not every one it watches.
+PUBLISH_LOG_ENTRIES = 64
+MAX_PUBLISH_LOG_BYTES = 64 << 10  # a line is under 400 bytes
 _CHUNK = 1 << 20
 _BOTO_ERRORS = (BotoCoreError, ClientError)
 _DENIED = frozenset(
@@ -250,6 +257,18 @@ class S3AdapterStore:
                     latest = found[-1]
                 summaries.append(AdapterSummary(tenant_name, adapter_name, found, latest if latest in found else None))
         return summaries
+
+    def publishes_since(self, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
+        """One GET of the publish marker, the log of the last PUBLISH_LOG_ENTRIES publishes: the names
+        published after the entry with id ``seen`` (None where it is not in the log: too old, or the log
+        was rewritten by a publisher that could not append, or one of a release before the log)."""
+        lines, _ = self._publish_log()
+        entries = [entry for entry in map(_publish_entry, lines) if entry is not None]
+        newest = entries[-1][2] if entries else ""
+        ids = [entry[2] for entry in entries]
+        if seen is None or seen not in ids:
+            return newest, None
+        return newest, frozenset((tenant, name) for tenant, name, _ in entries[ids.index(seen) + 1 :])
 
     def latest_versions(self, tenant: str, names: Collection[str]) -> dict[str, int]:
         """The version ``resolve`` gives each of ``names`` (adapters of ``tenant``) by latest, read from one
@@ -525,17 +544,51 @@ class S3AdapterStore:
     # ------------------------------------------------------------------------------------ helpers
 
     def _mark_published(self, key: AdapterKey) -> None:
-        """Rewrite the publish marker after ``key`` moved its pointer (a failure only delays discovery)."""
+        """Append ``key``'s publish to the publish marker after its pointer moved, by compare-and-swap on
+        the marker's ETag, keeping the last PUBLISH_LOG_ENTRIES. Where the swap keeps losing, the marker
+        becomes this line alone: watchers then miss the entry they last read and read every pointer. A
+        failure only delays discovery."""
+        marker = self._key(PUBLISHED_MARKER)
+        line = marker_text(key)
         try:
-            self._client.put_object(Bucket=self.bucket, Key=self._key(PUBLISHED_MARKER), Body=marker_text(key).encode())
-        except _BOTO_ERRORS as exc:
+            for attempt in range(MAX_CAS_TRIES):
+                lines, etag = self._publish_log()
+                body = "".join(lines[-(PUBLISH_LOG_ENTRIES - 1) :]) + line
+                while len(body.encode()) > MAX_PUBLISH_LOG_BYTES:  # long names: fewer entries
+                    body = body.partition("\n")[2]
+                extra = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+                try:
+                    self._client.put_object(Bucket=self.bucket, Key=marker, Body=body.encode(), **extra)
+                    return
+                except _BOTO_ERRORS as exc:
+                    if _code(exc) not in _CONFLICT | _RETRY_CONFLICT:
+                        raise
+                time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+            self._client.put_object(Bucket=self.bucket, Key=marker, Body=line.encode())
+        except (*_BOTO_ERRORS, AdapterError) as exc:
+            cause = self._translate(exc, "rewrite the publish marker") if isinstance(exc, _BOTO_ERRORS) else exc
             log.warning(
                 "%s is published but the store's '%s' marker was not rewritten (%s): running servers find it "
                 "at their next full rescan, not their next poll",
                 key,
                 PUBLISHED_MARKER,
-                self._translate(exc, "rewrite the publish marker"),
+                cause,
             )
+
+    def _publish_log(self) -> tuple[builtins.list[str], str | None]:
+        """The publish marker's lines that are log entries (each ending in a newline) and its ETag; no lines
+        and no ETag without a marker, no lines where it is larger than MAX_PUBLISH_LOG_BYTES."""
+        response = self._get(self._key(PUBLISHED_MARKER), "read the publish marker")
+        if response is None:
+            return [], None
+        with self._reading("read the publish marker"):
+            data: bytes = response["Body"].read(MAX_PUBLISH_LOG_BYTES + 1)
+            response["Body"].close()
+        etag = str(response["ETag"])
+        if len(data) > MAX_PUBLISH_LOG_BYTES:
+            return [], etag
+        lines = data.decode("utf-8", "replace").splitlines()
+        return [line + "\n" for line in lines if _publish_entry(line) is not None], etag
 
     def _key(self, *parts: str) -> str:
         """The object key of ``parts`` under the prefix ("" for the prefix itself, "/"-terminated)."""
@@ -865,6 +918,19 @@ def _code(exc: BaseException) -> str:
         return str(code)
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return str(status) if status else ""
+
+
+def _publish_entry(line: str) -> tuple[str, str, str] | None:
+    """(tenant, name, id) of a publish log line (``marker_text``'s: "tenant/name@version time host:pid
+    nonce", the nonce its id), or None for anything else."""
+    parts = line.split()
+    if len(parts) < 2:
+        return None
+    try:
+        ref = AdapterRef.parse(parts[0])
+    except InvalidAdapterRef:
+        return None
+    return (ref.tenant, ref.name, parts[-1]) if ref.version is not None else None
 
 
 def _pointer_body(version: int) -> bytes:

@@ -161,6 +161,11 @@ class AdapterStore:
         check_ident(tenant, "tenant")
         return {}
 
+    def publishes_since(self, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
+        """Not known here: the marker holds the last publish only, and a watcher reads every pointer (a
+        small file each) when it changed."""
+        return "", None
+
     def list(self, tenant: str | None = None) -> list[AdapterSummary]:
         """Every adapter with at least one published version, sorted by tenant and name."""
         root = self._real_root()

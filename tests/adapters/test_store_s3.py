@@ -21,6 +21,7 @@ import torch
 from adapters_testlib import MakeAdapter, flip_last_byte_keeping_mtime
 from seaweedlib import SeaweedFS, free_ports, sweep_stale_sockets
 
+from lorafleet_adapters import s3_store as s3_store_module
 from lorafleet_adapters.backend import S3Location, StoreSettings, open_store
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, AdapterNotFound, StoreUnavailable
 from lorafleet_adapters.manifest import sha256_file
@@ -421,6 +422,67 @@ def test_every_pointer_move_changes_the_change_token_and_nothing_else_does(
     assert other.change_token() == seen[-1]
     assert [(s.tenant, s.name) for s in other.list()] == [("acme", "a"), ("beta", "b")]  # not an adapter
     assert ".published" in object_keys(seaweed_server, url)
+
+
+def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what_moved(
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_store_module, "PUBLISH_LOG_ENTRIES", 3)
+    store = s3_store(url, tmp_path / "p")
+    other = s3_store(url, tmp_path / "o")  # a replica's watcher
+    assert other.publishes_since(None) == ("", None)  # nothing published yet
+
+    def publish(tenant: str, name: str, system: str) -> None:
+        store.publish_prompt(tenant, name, PromptTemplate(system), spec)
+
+    publish("acme", "a", "one")
+    first, moved = other.publishes_since(None)
+    assert first and moved is None  # no entry held before: not known
+    publish("acme", "b", "one")
+    publish("beta", "c", "one")
+    newest, moved = other.publishes_since(first)
+    assert moved == {("acme", "b"), ("beta", "c")}
+    assert other.publishes_since(newest) == (newest, frozenset())
+    publish("acme", "a", "two")  # the log keeps the last 3 (b, c, a): the first entry is gone
+    assert other.publishes_since(first)[1] is None
+    assert other.publishes_since(newest)[1] == {("acme", "a")}
+
+    # A marker that holds no log (junk, or a release before the log wrote one line): not known; the next
+    # publish starts the log again from what parses.
+    marker = url.removeprefix(f"s3://{BUCKET}/") + "/.published"
+    seaweed_server.client().put_object(Bucket=BUCKET, Key=marker, Body=b"junk\n")
+    token = other.change_token()
+    assert other.publishes_since(newest) == ("", None)
+    publish("acme", "b", "two")
+    assert other.change_token() != token
+    restarted, moved = other.publishes_since(newest)
+    assert moved is None and other.publishes_since(restarted) == (restarted, frozenset())
+
+    # Racing publishers append by compare-and-swap: none loses another's entry.
+    monkeypatch.setattr(s3_store_module, "PUBLISH_LOG_ENTRIES", 64)
+    publishers = [s3_store(url, tmp_path / f"r{i}") for i in range(4)]
+    barrier = threading.Barrier(len(publishers))
+    errors: list[BaseException] = []
+
+    def race(i: int) -> None:
+        try:
+            barrier.wait()
+            for round_ in range(3):
+                publishers[i].publish_prompt("race", f"n{i}", PromptTemplate(f"r{round_}"), spec)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(publishers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    lines = seaweed_server.client().get_object(Bucket=BUCKET, Key=marker)["Body"].read().decode().splitlines()
+    assert sorted(line.split()[0] for line in lines if line.startswith("race/")) == sorted(
+        f"race/n{i}@{v}" for i in range(4) for v in (1, 2, 3)
+    )
+    assert other.publishes_since(restarted)[1] == {("race", f"n{i}") for i in range(4)}
 
 
 # ------------------------------------------------------------------------------------ partial uploads

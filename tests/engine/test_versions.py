@@ -1,7 +1,8 @@
 """The version watcher's passes against a real local store: what a poll reads, and when.
 
 A poll reads the store's change token and, when it is what the last pass read, only the pointers of
-names it has not checked since; a full pass (RefreshAdapters, the rescan) reads every one.
+names it has not checked since; when it moved, those a store's log of its last publishes names (or
+every one where the log cannot say); a full pass (RefreshAdapters, the rescan) reads every one.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -61,11 +63,18 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> CountingStore:
-    store = CountingStore(tmp_path / "store")
+S = TypeVar("S", bound=AdapterStore)
+
+
+def checked(store: S) -> S:
+    """``store`` after its check (which creates the directory)."""
     store.check()
     return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CountingStore:
+    return checked(CountingStore(tmp_path / "store"))
 
 
 def publish(store: AdapterStore, name: str, text: str = "Be brief.") -> AdapterKey:
@@ -258,8 +267,7 @@ class FlakyStore(CountingStore):
 def test_an_unexpected_error_fails_one_name_not_the_pass_and_each_problem_is_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = FlakyStore(tmp_path / "store")
-    store.check()
+    store = checked(FlakyStore(tmp_path / "store"))
     clock = Clock()
     publish(store, "a")
     publish(store, "b")
@@ -308,9 +316,7 @@ class BulkStore(CountingStore):
 
 @pytest.fixture
 def bulk_store(tmp_path: Path) -> BulkStore:
-    store = BulkStore(tmp_path / "store")
-    store.check()
-    return store
+    return checked(BulkStore(tmp_path / "store"))
 
 
 def test_a_pass_takes_what_the_store_reads_in_bulk_and_reads_only_the_rest(
@@ -350,3 +356,80 @@ def test_a_pass_takes_what_the_store_reads_in_bulk_and_reads_only_the_rest(
             poll(w, store, clock, RESCAN)
     warned = [r.getMessage() for r in caplog.records if "cannot read latest versions in bulk" in r.getMessage()]
     assert len(warned) == 3 and "cannot list acme/" in warned[2]  # once per tenant and message
+
+
+class LoggingStore(CountingStore):
+    """A store that logs its last ``keep`` publishes as the S3 store's marker does (``publishes_since``),
+    each call recorded; ``log_error`` makes reading the log fail."""
+
+    def __init__(self, root: Path, keep: int = 4) -> None:
+        super().__init__(root)
+        self.keep = keep
+        self.log: list[tuple[str, str, str]] = []  # (tenant, name, id), oldest first
+        self.log_reads: list[str | None] = []
+        self.log_error: Exception | None = None
+
+    def publish(self, name: str, text: str = "Be brief.") -> AdapterKey:
+        """Publish acme/name, and log it as the S3 store's marker would."""
+        key = publish(self, name, text)
+        self.log = [*self.log, (key.tenant, key.name, f"p{len(self.log_reads)}-{key}")][-self.keep :]
+        return key
+
+    def publishes_since(self, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
+        self.log_reads.append(seen)
+        if self.log_error is not None:
+            raise self.log_error
+        ids = [entry[2] for entry in self.log]
+        newest = ids[-1] if ids else ""
+        if seen is None or seen not in ids:
+            return newest, None
+        return newest, frozenset((t, n) for t, n, _ in self.log[ids.index(seen) + 1 :])
+
+
+def test_after_a_publish_a_poll_reads_only_the_pointers_the_stores_publish_log_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = checked(LoggingStore(tmp_path / "store"))
+    clock = Clock()
+    for name in ("a", "b", "c", "d"):
+        store.publish(name)
+    w = watcher(store, clock)
+    for name in ("a", "b", "c"):
+        w.resolve(ref(name))  # d is published but not watched here
+    assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c"], [])  # no log read before: every one
+    store.publish("b", "Be kind.")
+    store.publish("d", "Be kind.")
+    assert poll(w, store, clock) == (["acme/b"], ["acme/b 1->2"])  # d moved too, unwatched: not read
+    assert poll(w, store, clock) == ([], [])  # the token did not move: the log is not read either
+    assert len(store.log_reads) == 2
+
+    # A name first resolved since is read as well; one published in the same pass too.
+    store.publish("e")
+    w.resolve(ref("e"))
+    store.publish("c", "Be kind.")
+    assert poll(w, store, clock) == (["acme/c", "acme/e"], ["acme/c 1->2"])
+
+    # More publishes than the log keeps since the last pass: it cannot say, every pointer is read.
+    for text in ("1", "2", "3", "4"):
+        store.publish("d", text)
+    store.publish("a", "Be kind.")
+    assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c", "acme/e"], ["acme/a 1->2"])
+    store.publish("a", "Be exact.")
+    assert poll(w, store, clock) == (["acme/a"], ["acme/a 2->3"])  # and it takes up the log again
+
+    # A log that cannot be read: every pointer, logged once, then the log afresh.
+    store.log_error = StoreUnavailable("marker unreadable")
+    with caplog.at_level(logging.WARNING):
+        store.publish("b", "Be exact.")
+        assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c", "acme/e"], ["acme/b 2->3"])
+        store.publish("c", "Be exact.")
+        assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c", "acme/e"], ["acme/c 2->3"])
+    assert caplog.text.count("cannot read the adapter store's publish log") == 1
+    store.log_error = None
+    store.publish("e", "Be kind.")
+    assert poll(w, store, clock) == (["acme/a", "acme/b", "acme/c", "acme/e"], ["acme/e 1->2"])  # no entry held
+    store.publish("e", "Be exact.")
+    assert poll(w, store, clock) == (["acme/e"], ["acme/e 2->3"])
+
+    # The rescan still reads every pointer (one moved by hand is in no log).
+    assert poll(w, store, clock, RESCAN)[0] == ["acme/a", "acme/b", "acme/c", "acme/e"]

@@ -8,10 +8,13 @@ refused and reported, and the previous one keeps serving. Requests already admit
 their version and never see a swap.
 
 A poll costs one read when nothing was published: the store's change token (a marker every publish
-rewrites). Only when it changed, and on a full rescan every ``rescan_seconds`` (pointers moved by hand
-or by a publisher that died between the pointer and the marker), are the ``latest`` pointers of all
-watched adapters read: a tenant's in one listing where the store can (S3, ``Store.latest_versions``),
-else one GET each.
+rewrites). When it changed, a store that logs its last publishes in the marker (S3,
+``Store.publishes_since``) names the adapters whose pointers moved since the last pass, and only
+those of them this server watches are read. Where that is not known (the log no longer reaches back
+to the last pass, or the store keeps none), and on a full rescan every ``rescan_seconds`` (pointers
+moved by hand or by a publisher that died between the pointer and the marker), the ``latest``
+pointers of all watched adapters are read: a tenant's in one listing where the store can (S3,
+``Store.latest_versions``), else one GET each.
 A name no request resolved for ``forget_seconds`` is no longer watched; what the watcher knew of it
 is set aside (bounded), and its next request takes that up again: the version it served, checked
 against the store at the next poll like any other.
@@ -103,6 +106,8 @@ class VersionWatcher:
         self._forgotten: LruMap[tuple[str, str], _Tracked] = LruMap(FORGOTTEN_KEPT)  # idle names, set aside
         self._token: str | None = None  # the change token the last pass read first (None: none yet)
         self._token_error = ""  # the last error reading it, logged when it changes (not every poll)
+        self._publish_seen: str | None = None  # the newest publish in the store's log at the last read of it
+        self._log_error = ""  # the last error reading that log, likewise
         self._bulk_errors: dict[str, str] = {}  # tenant -> the last error of its bulk read, likewise
         self._next_rescan = 0.0
         self._lock = threading.Lock()
@@ -140,7 +145,8 @@ class VersionWatcher:
 
         ``full`` (an admin's ``RefreshAdapters``) reads every watched pointer. The poller's passes are
         not full: when the store's change token is what the last pass read, they read only the pointers
-        of names first resolved or failed since, until the next rescan is due.
+        of names first resolved or failed since, until the next rescan is due; when it moved, also those
+        the store's publish log names, or every one where the log does not say.
         """
         swaps: list[Swap] = []
         failures: list[SwapFailure] = []
@@ -156,9 +162,15 @@ class VersionWatcher:
                 token = None
             else:
                 self._token_error = ""
-            everything = full or token is None or token != self._token or now >= self._next_rescan
+            changed = token is not None and token != self._token
+            moved = self._publishes() if changed else None  # names publishes moved since the last read
+            everything = full or token is None or now >= self._next_rescan or (changed and moved is None)
             with self._lock:
-                names = [name for name, tracked in self._tracked.items() if everything or not tracked.checked]
+                names = [
+                    name
+                    for name, tracked in self._tracked.items()
+                    if everything or not tracked.checked or (moved is not None and name in moved)
+                ]
             by_tenant: dict[str, list[str]] = {}
             for tenant, name in names:
                 by_tenant.setdefault(tenant, []).append(name)
@@ -170,6 +182,20 @@ class VersionWatcher:
             if everything:
                 self._next_rescan = now + self._rescan_seconds
         return RefreshResult(tuple(swaps), tuple(failures))
+
+    def _publishes(self) -> frozenset[tuple[str, str]] | None:
+        """The (tenant, name)s publishes moved since the last read of the store's publish log (None: not
+        known, so the pass reads every pointer); the newest publish is kept for the next read."""
+        try:
+            self._publish_seen, moved = self._store.publishes_since(self._publish_seen)
+        except Exception as exc:  # the pass reads every pointer, and the next read starts afresh
+            if str(exc) != self._log_error:
+                log.warning("cannot read the adapter store's publish log, reading every pointer: %s", exc)
+            self._log_error = str(exc)
+            self._publish_seen = None
+            return None
+        self._log_error = ""
+        return moved
 
     def _latest_versions(self, tenant: str, names: list[str]) -> dict[str, int]:
         """What the store reads in bulk of these names' latest versions (an S3 store: one listing of the
