@@ -553,6 +553,8 @@ class S3AdapterStore:
         try:
             for attempt in range(MAX_CAS_TRIES):
                 lines, etag = self._publish_log()
+                if line in lines:  # a write whose answer was lost (then retried: 412) landed
+                    return
                 body = "".join(lines[-(PUBLISH_LOG_ENTRIES - 1) :]) + line
                 while len(body.encode()) > MAX_PUBLISH_LOG_BYTES:  # long names: fewer entries
                     body = body.partition("\n")[2]
@@ -564,7 +566,8 @@ class S3AdapterStore:
                     if _code(exc) not in _CONFLICT | _RETRY_CONFLICT:
                         raise
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-            self._client.put_object(Bucket=self.bucket, Key=marker, Body=line.encode())
+            # A fresh id: a watcher that read this publish's first line must not find it and read on.
+            self._client.put_object(Bucket=self.bucket, Key=marker, Body=marker_text(key).encode())
         except (*_BOTO_ERRORS, AdapterError) as exc:
             cause = self._translate(exc, "rewrite the publish marker") if isinstance(exc, _BOTO_ERRORS) else exc
             log.warning(

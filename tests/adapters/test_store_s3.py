@@ -458,6 +458,19 @@ def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what
     restarted, moved = other.publishes_since(newest)
     assert moved is None and other.publishes_since(restarted) == (restarted, frozenset())
 
+    # A publisher that keeps losing the swap writes its line alone, with an id no watcher holds.
+    cas_tries = s3_store_module.MAX_CAS_TRIES
+    monkeypatch.setattr(s3_store_module, "MAX_CAS_TRIES", 2)
+    real_log = store._publish_log
+    monkeypatch.setattr(store, "_publish_log", lambda: (real_log()[0], '"not-the-etag"'))
+    publish("acme", "c", "lost")
+    monkeypatch.setattr(store, "_publish_log", real_log)
+    monkeypatch.setattr(s3_store_module, "MAX_CAS_TRIES", cas_tries)
+    lines = seaweed_server.client().get_object(Bucket=BUCKET, Key=marker)["Body"].read().decode().splitlines()
+    assert [line.split()[0] for line in lines] == ["acme/c@1"]
+    alone, moved = other.publishes_since(restarted)
+    assert moved is None and alone != restarted
+
     # Racing publishers append by compare-and-swap: none loses another's entry.
     monkeypatch.setattr(s3_store_module, "PUBLISH_LOG_ENTRIES", 64)
     publishers = [s3_store(url, tmp_path / f"r{i}") for i in range(4)]
@@ -482,7 +495,7 @@ def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what
     assert sorted(line.split()[0] for line in lines if line.startswith("race/")) == sorted(
         f"race/n{i}@{v}" for i in range(4) for v in (1, 2, 3)
     )
-    assert other.publishes_since(restarted)[1] == {("race", f"n{i}") for i in range(4)}
+    assert other.publishes_since(alone)[1] == {("race", f"n{i}") for i in range(4)}
 
 
 # ------------------------------------------------------------------------------------ partial uploads
