@@ -433,3 +433,28 @@ def test_after_a_publish_a_poll_reads_only_the_pointers_the_stores_publish_log_n
 
     # The rescan still reads every pointer (one moved by hand is in no log).
     assert poll(w, store, clock, RESCAN)[0] == ["acme/a", "acme/b", "acme/c", "acme/e"]
+
+
+def test_a_pass_that_raises_midway_leaves_the_publishes_it_did_not_reach_for_the_next_poll(tmp_path: Path) -> None:
+    store = checked(LoggingStore(tmp_path / "store", keep=8))
+    for name in ("a", "b"):
+        store.publish(name)
+    failures = [RuntimeError("a callback failed")]  # the first swap's
+
+    def superseded(_old: AdapterKey, _new: AdapterKey) -> None:
+        if failures:
+            raise failures.pop()
+
+    clock = Clock()
+    w = VersionWatcher(
+        store, store.load_prompt, Observer(), 5.0, superseded, rescan_seconds=RESCAN, forget_seconds=FORGET, clock=clock
+    )
+    for name in ("a", "b"):
+        w.resolve(ref(name))
+    poll(w, store, clock)
+    store.publish("a", "Be kind.")
+    store.publish("b", "Be kind.")
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        poll(w, store, clock)  # a swapped, then the pass stopped before b
+    assert poll(w, store, clock) == (["acme/a", "acme/b"], ["acme/b 1->2"])
+    assert w.serving() == {"acme/a": 2, "acme/b": 2}

@@ -163,7 +163,8 @@ class VersionWatcher:
             else:
                 self._token_error = ""
             changed = token is not None and token != self._token
-            moved = self._publishes() if changed else None  # names publishes moved since the last read
+            # the names publishes moved since the last read of the store's log, and its newest entry then
+            seen, moved = self._publishes() if changed else (self._publish_seen, None)
             everything = full or token is None or now >= self._next_rescan or (changed and moved is None)
             with self._lock:
                 names = [
@@ -178,24 +179,24 @@ class VersionWatcher:
                 latest = self._latest_versions(tenant, tenant_names)
                 for name in tenant_names:
                     self._check(tenant, name, swaps, failures, latest.get(name))
-            self._token = token
+            self._token = token  # with the log's entry: a pass that raises before here is read again
+            self._publish_seen = seen
             if everything:
                 self._next_rescan = now + self._rescan_seconds
         return RefreshResult(tuple(swaps), tuple(failures))
 
-    def _publishes(self) -> frozenset[tuple[str, str]] | None:
-        """The (tenant, name)s publishes moved since the last read of the store's publish log (None: not
-        known, so the pass reads every pointer); the newest publish is kept for the next read."""
+    def _publishes(self) -> tuple[str | None, frozenset[tuple[str, str]] | None]:
+        """(the newest entry of the store's publish log, the (tenant, name)s publishes moved since the
+        last pass's: None where not known, so the pass reads every pointer)."""
         try:
-            self._publish_seen, moved = self._store.publishes_since(self._publish_seen)
+            seen, moved = self._store.publishes_since(self._publish_seen)
         except Exception as exc:  # the pass reads every pointer, and the next read starts afresh
             if str(exc) != self._log_error:
                 log.warning("cannot read the adapter store's publish log, reading every pointer: %s", exc)
             self._log_error = str(exc)
-            self._publish_seen = None
-            return None
+            return None, None
         self._log_error = ""
-        return moved
+        return seen, moved
 
     def _latest_versions(self, tenant: str, names: list[str]) -> dict[str, int]:
         """What the store reads in bulk of these names' latest versions (an S3 store: one listing of the
