@@ -262,8 +262,7 @@ class S3AdapterStore:
         """One GET of the publish marker, the log of the last PUBLISH_LOG_ENTRIES publishes: the names
         published after the entry with id ``seen`` (None where it is not in the log: too old, or the log
         was rewritten by a publisher that could not append, or one of a release before the log)."""
-        lines, _ = self._publish_log()
-        entries = [entry for entry in map(_publish_entry, lines) if entry is not None]
+        entries = [entry for _, entry in self._publish_log()[0]]
         newest = entries[-1][2] if entries else ""
         ids = [entry[2] for entry in entries]
         if seen is None or seen not in ids:
@@ -552,7 +551,8 @@ class S3AdapterStore:
         line = marker_text(key)
         try:
             for attempt in range(MAX_CAS_TRIES):
-                lines, etag = self._publish_log()
+                logged, etag = self._publish_log()
+                lines = [text for text, _ in logged]
                 if line in lines:  # a write whose answer was lost (then retried: 412) landed
                     return
                 body = "".join(lines[-(PUBLISH_LOG_ENTRIES - 1) :]) + line
@@ -578,9 +578,10 @@ class S3AdapterStore:
                 cause,
             )
 
-    def _publish_log(self) -> tuple[builtins.list[str], str | None]:
-        """The publish marker's lines that are log entries (each ending in a newline) and its ETag; no lines
-        and no ETag without a marker, no lines where it is larger than MAX_PUBLISH_LOG_BYTES."""
+    def _publish_log(self) -> tuple[builtins.list[tuple[str, tuple[str, str, str]]], str | None]:
+        """The publish marker's lines that are log entries (each ending in a newline, with its
+        ``_publish_entry``) and its ETag; no lines and no ETag without a marker, no lines where it is
+        larger than MAX_PUBLISH_LOG_BYTES."""
         response = self._get(self._key(PUBLISHED_MARKER), "read the publish marker")
         if response is None:
             return [], None
@@ -590,8 +591,8 @@ class S3AdapterStore:
         etag = str(response["ETag"])
         if len(data) > MAX_PUBLISH_LOG_BYTES:
             return [], etag
-        lines = data.decode("utf-8", "replace").splitlines()
-        return [line + "\n" for line in lines if _publish_entry(line) is not None], etag
+        parsed = ((line, _publish_entry(line)) for line in data.decode("utf-8", "replace").splitlines())
+        return [(line + "\n", entry) for line, entry in parsed if entry is not None], etag
 
     def _key(self, *parts: str) -> str:
         """The object key of ``parts`` under the prefix ("" for the prefix itself, "/"-terminated)."""
