@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,32 @@ def native_lora(tmp_path_factory: pytest.TempPathFactory) -> NativeLora | None:
     if find_compiler() is None:
         return None
     return load_native_lora(tmp_path_factory.mktemp("kernels"))
+
+
+@pytest.fixture(scope="session")
+def openmp_compiler(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The C compiler, where it builds OpenMP (what the kernels' thread split needs); elsewhere (clang
+    without libomp) the tests of that split skip: such a build runs one thread per call, which
+    ``test_an_openmp_build_that_fails_falls_back_to_one_thread`` covers. Under CI (``CI`` set; gcc,
+    which has it) a compiler without OpenMP fails instead of hiding the split's tests."""
+    compiler = find_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    tmp = tmp_path_factory.mktemp("openmp-probe")
+    (tmp / "probe.c").write_text("#include <omp.h>\nint probe(void) { return omp_get_max_threads(); }\n")
+    done = subprocess.run(
+        [compiler, "-fopenmp", "-fPIC", "-shared", "-o", str(tmp / "probe.so"), str(tmp / "probe.c")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        why = f"{compiler} builds no OpenMP: {done.stderr.strip()[-300:]}"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return compiler
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ C path, so the shapes below cover both where the CPU has them.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,20 @@ pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler o
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> NativeAttention:
     return load_native_attention(tmp_path_factory.mktemp("kernels"))
+
+
+@pytest.fixture(scope="module", params=["server", "clang"])
+def any_kernel(
+    request: pytest.FixtureRequest, kernel: NativeAttention, tmp_path_factory: pytest.TempPathFactory
+) -> NativeAttention:
+    """The server's build, and a clang build where clang is on the PATH (``CC=clang``): its
+    ``-ffp-contract`` and AMX macros differ from GCC's (native.for_compiler, csrc/amx.h)."""
+    if request.param == "server":
+        return kernel
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.skip("no clang on this machine")
+    return load_native_attention(tmp_path_factory.mktemp("clang-kernels"), compiler=clang)
 
 
 def reference(
@@ -302,7 +317,7 @@ def test_a_team_smaller_than_asked_still_computes_every_row(tmp_path: Path) -> N
 @pytest.mark.parametrize("d", [64, 48])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_and_kv_write_are_transformers_bit_for_bit(
-    kernel: NativeAttention, dtype: torch.dtype, d: int, special: bool
+    any_kernel: NativeAttention, dtype: torch.dtype, d: int, special: bool
 ) -> None:
     """q rotated in place and k rotated as ``x * cos + rotate_half(x) * sin`` (the same roundings as
     torch's ops in the dtype), k and v written at each token's row and position, nothing else of the
@@ -334,7 +349,7 @@ def test_rope_and_kv_write_are_transformers_bit_for_bit(
     want_k, want_v = k_slab.clone(), v_slab.clone()
     want_k[kv_row, :, pos] = k * cos[:, None] + rotate_half(k) * sin[:, None]
     want_v[kv_row, :, pos] = v
-    kernel.rope_kv_(q, k, v, cos, sin, k_slab, v_slab, kv_row, pos)
+    any_kernel.rope_kv_(q, k, v, cos, sin, k_slab, v_slab, kv_row, pos)
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     for got, want in ((q, want_q), (k_slab, want_k), (v_slab, want_v)):
         nan = want.isnan()
@@ -449,14 +464,15 @@ def test_bf16_rmsnorm_is_its_stated_arithmetic_bit_for_bit(kernel: NativeAttenti
     assert torch.equal(got, want)
 
 
-def test_amx_scores_are_taken_where_the_cpu_has_amx(kernel: NativeAttention) -> None:
+def test_amx_scores_are_taken_where_the_cpu_has_amx(any_kernel: NativeAttention) -> None:
     """On a CPU with AMX-BF16 the bf16 rows of 32 keys or more take their scores from AMX tiles (the
     tests above then check that path against the fp32 reference); elsewhere the AVX-512 or portable
     loops do."""
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    assert kernel.amx_scores == ("amx_bf16" in flags and "avx512_bf16" in flags)
+    assert any_kernel.amx_scores == ("amx_bf16" in flags and "avx512_bf16" in flags)
 
 
+@pytest.mark.usefixtures("openmp_compiler")
 def test_the_kernel_is_built_with_openmp_where_the_compiler_has_it(tmp_path: Path) -> None:
     """Built as the server builds it, the kernel splits calls over threads; without OpenMP it still
     loads, for one thread per call."""

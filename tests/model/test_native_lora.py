@@ -177,12 +177,13 @@ def test_blocks_add_a_tokens_partial_sums_in_its_own_order(kernel: NativeLora, r
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.usefixtures("openmp_compiler")
 def test_a_call_split_over_the_steps_threads_gives_the_same_bits(
     kernel: NativeLora, dtype: torch.dtype, torch_threads_kept: None
 ) -> None:
     """The tokens are cut into one range per thread of the caller's torch (OpenMP) team; a token's sums
     do not depend on which thread ran it."""
-    assert kernel.threaded  # gcc builds it with OpenMP (the server's Dockerfile and CI machines have gcc)
+    assert kernel.threaded  # a compiler with OpenMP builds it so
     m = _module(576, 1536, {1: 16, 2: 8, 3: 16, 4: 4}, dtype)
     g = torch.Generator().manual_seed(4)
     slots = torch.cat([torch.tensor([(1, 2, 3, 4, 0)[i % 5] for i in range(37)]), _runs(RUNS)])  # decode, chunks
@@ -218,6 +219,7 @@ def test_a_call_on_the_helper_pool_gives_the_same_bits(kernel: NativeLora, dtype
             assert torch.equal(y, alone), threads
 
 
+@pytest.mark.usefixtures("openmp_compiler")
 def test_choose_lora_names_the_threads_it_runs_on(tmp_path: Path) -> None:
     pool = load_native_pool(tmp_path, threads=2)
     pooled = choose_lora("auto", cache_dir=tmp_path, device=CPU, pool=pool)

@@ -258,6 +258,7 @@ def test_an_fp32_base_takes_the_kernel_asked_for_by_name_untimed(
 
 
 @NATIVE
+@pytest.mark.usefixtures("openmp_compiler")  # else the OpenMP build fails first, for want of OpenMP
 def test_on_a_cpu_without_avx2_native_refuses_and_auto_times_the_rest(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -93,16 +93,28 @@ def _compiler_version(compiler: str) -> str:
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
+def for_compiler(flags: tuple[str, ...], version: str) -> tuple[str, ...]:
+    """``flags`` (written for GCC) as the compiler whose ``--version`` line is ``version`` takes them.
+    clang's ``-ffp-contract=fast`` fuses across statements *and* ignores ``#pragma clang fp
+    contract(off)``, which the RoPE relies on to round like torch; its ``on`` fuses within a statement,
+    where every kernel's multiply-adds are. (GCC before 14 takes ``on`` as ``off``: no FMAs at all.)"""
+    if "clang" not in version:
+        return flags
+    return tuple("-ffp-contract=on" if flag == "-ffp-contract=fast" else flag for flag in flags)
+
+
 def build_library(name: str, cache_dir: Path, compiler: str | None = None, flags: tuple[str, ...] = CFLAGS) -> Path:
-    """The shared library of ``csrc/<name>`` for this CPU: built with ``flags`` into ``cache_dir``
-    unless a build of the same source, compiler, flags and CPU is there already."""
+    """The shared library of ``csrc/<name>`` for this CPU: built with ``flags`` (for_compiler) into
+    ``cache_dir`` unless a build of the same source, compiler, flags and CPU is there already."""
     compiler = compiler or find_compiler()
     if compiler is None:
         raise NativeKernelError("no C compiler found (set CC, or install gcc)")
     source = _source(name)
     headers = {header: _source(header) for header in HEADERS}
+    version = _compiler_version(compiler)
+    flags = for_compiler(flags, version)
     key = hashlib.sha256()
-    parts = (source, *headers.values(), _compiler_version(compiler).encode(), " ".join(flags).encode())
+    parts = (source, *headers.values(), version.encode(), " ".join(flags).encode())
     for part in (*parts, cpu_flags_line().encode()):
         key.update(part)
         key.update(b"\0")

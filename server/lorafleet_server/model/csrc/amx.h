@@ -1,7 +1,19 @@
-/* What the AMX kernels (csrc/linear.c, csrc/attention.c) share: asking Linux for the tiles, and
- * ldtilecfg's operand. Included by x86-64 code only, after _GNU_SOURCE (syscall() under -std=c11). */
+/* What the AMX kernels (csrc/linear.c, csrc/attention.c) share: whether this build targets AMX,
+ * asking Linux for the tiles, and ldtilecfg's operand. Included after _GNU_SOURCE (syscall() under
+ * -std=c11). */
 #ifndef LF_AMX_H
 #define LF_AMX_H
+
+/* 1 where the compiler targets AMX-BF16 on x86-64 (-march=native on such a CPU). GCC names it
+ * __AMX_TILE__ / __AMX_BF16__, clang (14) __AMXTILE__ / __AMXBF16__. */
+#if defined(__x86_64__) && \
+    ((defined(__AMX_TILE__) && defined(__AMX_BF16__)) || (defined(__AMXTILE__) && defined(__AMXBF16__)))
+#define LF_BUILD_AMX 1
+#else
+#define LF_BUILD_AMX 0
+#endif
+
+#if LF_BUILD_AMX
 #include <stdint.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -22,4 +34,5 @@ typedef struct {
     uint8_t rows[16];
 } lf_tile_config;
 
+#endif /* LF_BUILD_AMX */
 #endif

@@ -36,6 +36,7 @@
 #include <omp.h>
 #endif
 
+#include "amx.h"
 #include "bf16.h"
 #include "pool.h"
 
@@ -190,9 +191,8 @@ static inline __m512 sum_lanes16(const __m512 a[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xdd));
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__x86_64__)
+#if LF_BUILD_AMX
 #define LF_AMX_SCORES 1
-#include "amx.h"
 #define AMX_MAX_D 128   /* head_dim the AMX scores take: four 32-wide k steps */
 #define AMX_MIN_KEYS 32 /* rows with fewer keys keep the AVX-512 loop: the tiles' setup outweighs it */
 

@@ -26,14 +26,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "amx.h"
 #include "linear.h"
 #include "pool.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__x86_64__)
+#if LF_BUILD_AMX && defined(__AVX512BF16__)
 #define LF_AMX 1
 #include <immintrin.h>
-
-#include "amx.h"
 #else
 #define LF_AMX 0
 #endif
