@@ -62,6 +62,8 @@ SHAPES: dict[str, list[tuple[str, int, int, int]]] = {  # kind -> (module, d_in,
         ("gate_proj/up_proj", 576, 1536, 16),
         ("down_proj", 1536, 576, 16),
     ],
+    "r4": [("q_proj/o_proj", 576, 576, 4), ("k_proj/v_proj", 576, 192, 4), ("down_proj", 1536, 576, 4)],
+    "r12": [("q_proj/o_proj", 576, 576, 12), ("k_proj/v_proj", 576, 192, 12), ("down_proj", 1536, 576, 12)],
 }
 STEPS: dict[str, Callable[[], torch.Tensor]] = {  # name -> slots [N]
     "dec32x32": lambda: torch.arange(32) + 1,
@@ -192,7 +194,7 @@ def bench_shape(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--shapes", default="default,r16all", help="comma list of: default (r=8 q/v), r16all")
+    parser.add_argument("--shapes", default="default,r16all", help="comma list of: default (r=8 q/v), r16all, r4, r12 (ranks the C kernel has no token blocks for)")
     parser.add_argument("--steps", default=",".join(STEPS))
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
