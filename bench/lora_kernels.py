@@ -194,7 +194,11 @@ def bench_shape(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--shapes", default="default,r16all", help="comma list of: default (r=8 q/v), r16all, r4, r12 (ranks the C kernel has no token blocks for)")
+    parser.add_argument(
+        "--shapes",
+        default="default,r16all",
+        help="comma list of: default (r=8 q/v), r16all, r4, r12 (ranks the C kernel has no token blocks for)",
+    )
     parser.add_argument("--steps", default=",".join(STEPS))
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
