@@ -19,7 +19,8 @@ under a bf16 base; attention and LoRA are the server's defaults (``--attention-k
 ``--lora-impl auto``: the native kernels of ``model/native.py`` where they build), and a ``+torchattn``
 suffix runs torch's attention matmuls, ``+torchlora`` the torch LoRA kernels only, and ``+onednn``
 oneDNN's prepacked base Linears instead of the native AMX ones or fp32's timed choice
-(``--linear-kernel``), ``+torchlin`` plain ``F.linear`` (``--linear-kernel torch``), ``+lin1`` the
+(``--linear-kernel``), ``+torchlin`` plain ``F.linear`` (``--linear-kernel torch``), ``+nativelin`` the
+native ones whatever fp32's timing says (``--linear-kernel native``), ``+lin1`` the
 native ones on the calling thread alone (``--linear-threads 1``; by default every CPU, as the server):
 A/Bs of the whole step in one run. Repeats are interleaved across variants so that load from other
 processes hits each alike; the median of each is reported with its ratio to the first variant.
@@ -220,7 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         adapters = 0 if name.endswith("+base") else args.adapters
         lora_dtype = torch.float32 if "+lora32" in name else None
         attention = "torch" if "+torchattn" in name else "auto"
-        linear = "onednn" if "+onednn" in name else "torch" if "+torchlin" in name else "auto"
+        linear = (
+            "onednn"
+            if "+onednn" in name
+            else "torch"
+            if "+torchlin" in name
+            else "native"
+            if "+nativelin" in name
+            else "auto"
+        )
         runners[name] = build_runner(
             model_dir,
             dtype,

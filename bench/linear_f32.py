@@ -61,7 +61,7 @@ def _time(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,32,256", help="comma list of row counts")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of: " + ", ".join(SHAPES))
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1, as the server)")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--json", type=Path, help="write every median here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, cores - 1)
@@ -116,7 +116,8 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"threads": threads, "march": args.march, "results": results}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -158,7 +158,7 @@ class ServerConfig(EngineConfig):
         default="auto",
         metadata={
             "help": "base Linears of an unquantized model on CPU: native is a C kernel built at startup "
-            "(like --attention-kernel) on Intel AMX in bf16, on AVX2 + FMA in fp32; onednn is oneDNN's "
+            "(like --attention-kernel) on Intel AMX in bf16, on AVX2 + FMA (or AVX-512) in fp32; onednn is oneDNN's "
             "prepacked matmul, torch is F.linear; auto is the first that runs here in bf16, and in fp32 "
             "the fastest of native and onednn where timed faster than F.linear at startup"
         },

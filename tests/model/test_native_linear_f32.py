@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from processlib import run_python
 from torch import nn
 
+from lorafleet_server.model.cpu import cpu_features
 from lorafleet_server.model.native import (
     CFLAGS,
     LINEAR_F32_SOURCE,
@@ -81,6 +82,26 @@ def test_a_row_is_the_same_alone_and_among_others(kernel: NativeLinearF32) -> No
         alone = kernel(x[i : i + 1].contiguous(), packed, bias, 200)
         assert torch.equal(alone[0], together[i])
     assert torch.equal(kernel(x[7:20].contiguous(), packed, bias, 200), together[7:20])
+
+
+@pytest.mark.skipif("avx512f" not in cpu_features().flags, reason="no AVX-512 here: the server's build is the AVX2 one")
+@pytest.mark.usefixtures("torch_threads_kept")
+def test_the_avx512_blocks_give_the_avx2_builds_bits(kernel: NativeLinearF32, tmp_path: Path) -> None:
+    """Built for this AVX-512 CPU the blocks take two panels and 12 rows at a time; every output is the
+    same bit for bit as the AVX2 build's (6 rows, one panel): an odd panel count's lone last panel, a
+    partial panel, row counts across both block sizes, with and without bias, on 1 and 2 threads."""
+    avx2 = NativeLinearF32(build_library(LINEAR_F32_SOURCE, tmp_path, flags=(*CFLAGS, "-march=haswell")))
+    gen = torch.Generator().manual_seed(9)
+    for n, k in ((16, 8), (40, 33), (200, 96), (576, 1536), (1000, 64)):  # 1, 3, 13, 36, 63 panels
+        w, bias = _weights(n, k, seed=n)
+        packed = kernel.pack(w)
+        assert torch.equal(avx2.pack(w), packed)  # one layout
+        for m in (1, 5, 6, 11, 12, 13, 24, 32, 37):
+            x = torch.randn(m, k, generator=gen)  # [m, in]
+            for b in (None, bias):
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    assert torch.equal(kernel(x, packed, b, n), avx2(x, packed, b, n)), (n, k, m, threads)
 
 
 @pytest.mark.usefixtures("torch_threads_kept", "openmp_compiler")

@@ -11,7 +11,7 @@ blocks a matmul of that many rows (docs/architecture.md, "Measured facts" 11). T
 Linear (``csrc/linear.c``) computes bf16 base Linears on Intel AMX tiles from weights packed once,
 on the engine's thread and pinned helper threads (fact 13), a pool (``csrc/pool.c``) the step's other
 native kernels share when given it (fact 17); its fp32 sibling (``csrc/linear_f32.c``)
-does fp32 ones with AVX2 and FMA on the step's torch threads (fact 15). The transpose
+does fp32 ones with AVX2 and FMA (AVX-512 where the CPU has it) on the step's torch threads (fact 15). The transpose
 (``csrc/transpose.c``) lays adapter weights out for the host cache while they load
 (docs/architecture.md, "Cold loads").
 
@@ -778,9 +778,10 @@ LINEAR_F32_PANEL = 16  # csrc/linear_f32.c's NR: output columns per packed panel
 
 
 class NativeLinearF32:
-    """``csrc/linear_f32.c`` through ctypes: fp32 Linears on AVX2 + FMA from a weight packed once, every
-    output element one fp32 sum in a fixed order (the same for a row alone or in any step), on the
-    step's torch threads where the library was built with OpenMP (``threaded``)."""
+    """``csrc/linear_f32.c`` through ctypes: fp32 Linears on AVX2 + FMA (AVX-512 where the CPU has it)
+    from a weight packed once, every output element one fp32 sum in a fixed order (the same for a row
+    alone or in any step, and on either instruction set), on the step's torch threads where the
+    library was built with OpenMP (``threaded``)."""
 
     dtype = torch.float32  # what it computes in
     label = "native fp32"
@@ -790,6 +791,7 @@ class NativeLinearF32:
             library,
             {
                 "lf_linear_f32_available": [],
+                "lf_linear_f32_avx512": [],
                 "lf_linear_f32_threaded": [],
                 "lf_linear_f32_pack": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64],
                 "lf_linear_f32": _LINEAR_ARGTYPES,
@@ -807,6 +809,8 @@ class NativeLinearF32:
         self._fn = fns["lf_linear_f32"]
         self.address = c_address(self._fn)  # of lf_linear_f32, for csrc/layers.c
         self.threaded = fns["lf_linear_f32_threaded"]() == 1
+        # the instruction set its blocks use: AVX-512 (two panels, 12 rows a block) where built for it
+        self.isa = "AVX-512" if fns["lf_linear_f32_avx512"]() == 1 else "AVX2"
 
     @staticmethod
     def takes(weight: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ AttentionKernel = Literal["auto", "native", "torch"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 
 # The base Linears on a CPU (model/packed.py): "native" is the C kernel built for this CPU (AMX in bf16,
-# AVX2 + FMA in fp32), "onednn" oneDNN's prepacked matmul, "torch" F.linear; "auto" is the first of these
+# AVX2 + FMA or AVX-512 in fp32), "onednn" oneDNN's prepacked matmul, "torch" F.linear; "auto" is the first of these
 # that runs here in bf16 (fp32: the fastest of native and oneDNN where timed faster than F.linear at load).
 LinearKernel = Literal["auto", "native", "onednn", "torch"]
 LINEAR_KERNELS: tuple[str, ...] = get_args(LinearKernel)

@@ -13,7 +13,9 @@ In fp32 ``F.linear`` is MKL's GEMM, which on some CPUs splits a few rows poorly 
 AMD EPYC: the LM head at 32 rows 32.7 ms on two threads against 15.7 ms prepacked) and on others is as
 fast as the packed call. The native fp32 kernel (``csrc/linear_f32.c`` in a :class:`NativeLinearModule`:
 AVX2 + FMA, its own packed panels, the step's torch threads) was faster than both there at 1-512 rows
-(32 rows: ~180 GFLOP/s against ~100 and ~120), with each row's numbers independent of the step. Which
+(32 rows: ~180 GFLOP/s against ~100 and ~120), with each row's numbers independent of the step; built
+for an AVX-512 CPU its blocks take twice the columns and rows at a time (32 rows: 1.4-1.65x the AVX2
+build on an AMX Xeon, 1.3-1.9x F.linear). Which
 is fastest is the machine's, so ``--linear-kernel auto`` times the candidates on the model's own
 weights at load (:func:`time_linears`) and replaces fp32 Linears only where one is clearly faster than
 F.linear (``PACKED_MIN_GAIN``).
@@ -351,7 +353,7 @@ def _pack_fp32(
     cache_dir: Path | None,
     compiler: str | None,
 ) -> LinearChoice:
-    """pack_base for an fp32 base. "native" is the AVX2 + FMA kernel (``csrc/linear_f32.c``, built in
+    """pack_base for an fp32 base. "native" is the AVX2 + FMA (or AVX-512) kernel (``csrc/linear_f32.c``, built in
     ``cache_dir``), "onednn" oneDNN's prepacked call; "auto" times both (where each runs here) against
     F.linear and takes the fastest where it is at least ``PACKED_MIN_GAIN`` times faster, else torch."""
     why: list[str] = []
@@ -402,5 +404,6 @@ def _use_native_f32(model: nn.Module, bases: list[nn.Module], kernel: NativeLine
     count = sum(isinstance(m, NativeLinearModule) for m in model.modules())
     threads = "the step's torch threads" if kernel.threaded else "one thread per call (no OpenMP)"
     return LinearChoice(
-        "native-fp32", f"AVX2 kernel for this CPU ({kernel.library.name}), {count} Linears, on {threads}; {why}"
+        "native-fp32",
+        f"{kernel.isa} kernel for this CPU ({kernel.library.name}), {count} Linears, on {threads}; {why}",
     )
