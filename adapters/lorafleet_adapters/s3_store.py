@@ -261,7 +261,7 @@ class S3AdapterStore:
     def publishes_since(self, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
         """One GET of the publish marker, the log of the last PUBLISH_LOG_ENTRIES publishes: the names
         published after the entry with id ``seen`` (None where it is not in the log: too old, or the log
-        was rewritten by a publisher that could not append, or one of a release before the log)."""
+        was rewritten by a release before the log, or is larger than MAX_PUBLISH_LOG_BYTES)."""
         entries = [entry for _, entry in self._publish_log()[0]]
         newest = entries[-1][2] if entries else ""
         ids = [entry[2] for entry in entries]
@@ -544,19 +544,23 @@ class S3AdapterStore:
 
     def _mark_published(self, key: AdapterKey) -> None:
         """Append ``key``'s publish to the publish marker after its pointer moved, by compare-and-swap on
-        the marker's ETag, keeping the last PUBLISH_LOG_ENTRIES. Where the swap keeps losing, the marker
-        becomes this line alone: watchers then miss the entry they last read and read every pointer. A
-        failure only delays discovery."""
+        the marker's ETag, keeping the last PUBLISH_LOG_ENTRIES. Every write is conditional: one that
+        landed but whose answer was lost (a 412 on boto3's retry) is found in the log and not written
+        again, and a replayed write can never put back an older log over another publisher's line.
+        Where the swap keeps losing, or the store fails, the publish stays out of the log (logged):
+        running servers find it at their next full rescan. A failure only delays discovery."""
         marker = self._key(PUBLISHED_MARKER)
         line = marker_text(key)
+        why = f"{MAX_CAS_TRIES} conflicting writes"
         try:
             for attempt in range(MAX_CAS_TRIES):
                 logged, etag = self._publish_log()
                 lines = [text for text, _ in logged]
                 if line in lines:  # a write whose answer was lost (then retried: 412) landed
                     return
-                body = "".join(lines[-(PUBLISH_LOG_ENTRIES - 1) :]) + line
-                while len(body.encode()) > MAX_PUBLISH_LOG_BYTES:  # long names: fewer entries
+                keep = lines[max(0, len(lines) - (PUBLISH_LOG_ENTRIES - 1)) :]
+                body = "".join(keep) + line
+                while len(body.encode()) > MAX_PUBLISH_LOG_BYTES and "\n" in body[:-1]:  # long names: fewer
                     body = body.partition("\n")[2]
                 extra = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
                 try:
@@ -566,17 +570,15 @@ class S3AdapterStore:
                     if _code(exc) not in _CONFLICT | _RETRY_CONFLICT:
                         raise
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-            # A fresh id: a watcher that read this publish's first line must not find it and read on.
-            self._client.put_object(Bucket=self.bucket, Key=marker, Body=marker_text(key).encode())
         except (*_BOTO_ERRORS, AdapterError) as exc:
-            cause = self._translate(exc, "rewrite the publish marker") if isinstance(exc, _BOTO_ERRORS) else exc
-            log.warning(
-                "%s is published but the store's '%s' marker was not rewritten (%s): running servers find it "
-                "at their next full rescan, not their next poll",
-                key,
-                PUBLISHED_MARKER,
-                cause,
-            )
+            why = str(self._translate(exc, "append to the publish log") if isinstance(exc, _BOTO_ERRORS) else exc)
+        log.warning(
+            "%s is published but not in the store's '%s' log (%s): running servers find it at their next "
+            "full rescan, not their next poll",
+            key,
+            PUBLISHED_MARKER,
+            why,
+        )
 
     def _publish_log(self) -> tuple[builtins.list[tuple[str, tuple[str, str, str]]], str | None]:
         """The publish marker's lines that are log entries (each ending in a newline, with its
@@ -588,6 +590,8 @@ class S3AdapterStore:
         with self._reading("read the publish marker"):
             data: bytes = response["Body"].read(MAX_PUBLISH_LOG_BYTES + 1)
             response["Body"].close()
+        if not response.get("ETag"):  # no compare-and-swap without one
+            raise StoreUnavailable(f"adapter store {self._location}: the publish marker came without an ETag")
         etag = str(response["ETag"])
         if len(data) > MAX_PUBLISH_LOG_BYTES:
             return [], etag

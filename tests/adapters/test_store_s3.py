@@ -7,6 +7,7 @@ which it stops and starts again on the same data directory.
 from __future__ import annotations
 
 import http.client
+import logging
 import shutil
 import socket
 import threading
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 import torch
 from adapters_testlib import MakeAdapter, flip_last_byte_keeping_mtime
+from botocore.exceptions import ClientError
 from seaweedlib import SeaweedFS, free_ports, sweep_stale_sockets
 
 from lorafleet_adapters import s3_store as s3_store_module
@@ -424,17 +426,38 @@ def test_every_pointer_move_changes_the_change_token_and_nothing_else_does(
     assert ".published" in object_keys(seaweed_server, url)
 
 
+def marker_lines(seaweed_server: SeaweedFS, marker: str) -> list[str]:
+    return seaweed_server.client().get_object(Bucket=BUCKET, Key=marker)["Body"].read().decode().splitlines()
+
+
+class PublishLogCase:
+    """A publisher's store and a replica's (``other``) on one bucket prefix, and its marker's key."""
+
+    def __init__(self, url: str, tmp_path: Path, spec: BaseModelSpec) -> None:
+        self.url, self.tmp_path, self.spec = url, tmp_path, spec
+        self.store = s3_store(url, tmp_path / "p")
+        self.other = s3_store(url, tmp_path / "o")  # a replica's watcher
+        self.marker = url.removeprefix(f"s3://{BUCKET}/") + "/.published"
+
+    def publish(self, tenant: str, name: str, system: str) -> None:
+        self.store.publish_prompt(tenant, name, PromptTemplate(system), self.spec)
+
+
+@pytest.fixture
+def log_case(url: str, tmp_path: Path, spec: BaseModelSpec) -> PublishLogCase:
+    return PublishLogCase(url, tmp_path, spec)
+
+
 def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what_moved(
-    seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+    seaweed_server: SeaweedFS,
+    log_case: PublishLogCase,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(s3_store_module, "PUBLISH_LOG_ENTRIES", 3)
-    store = s3_store(url, tmp_path / "p")
-    other = s3_store(url, tmp_path / "o")  # a replica's watcher
+    store, other, marker, publish = log_case.store, log_case.other, log_case.marker, log_case.publish
+    url, tmp_path, spec = log_case.url, log_case.tmp_path, log_case.spec
     assert other.publishes_since(None) == ("", None)  # nothing published yet
-
-    def publish(tenant: str, name: str, system: str) -> None:
-        store.publish_prompt(tenant, name, PromptTemplate(system), spec)
-
     publish("acme", "a", "one")
     first, moved = other.publishes_since(None)
     assert first and moved is None  # no entry held before: not known
@@ -449,7 +472,6 @@ def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what
 
     # A marker that holds no log (junk, or a release before the log wrote one line): not known; the next
     # publish starts the log again from what parses.
-    marker = url.removeprefix(f"s3://{BUCKET}/") + "/.published"
     seaweed_server.client().put_object(Bucket=BUCKET, Key=marker, Body=b"junk\n")
     token = other.change_token()
     assert other.publishes_since(newest) == ("", None)
@@ -458,18 +480,21 @@ def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what
     restarted, moved = other.publishes_since(newest)
     assert moved is None and other.publishes_since(restarted) == (restarted, frozenset())
 
-    # A publisher that keeps losing the swap writes its line alone, with an id no watcher holds.
+    # A publisher that keeps losing the swap leaves the log as it is (every write is conditional) and
+    # says so: its publish waits for the watchers' rescan.
     cas_tries = s3_store_module.MAX_CAS_TRIES
     monkeypatch.setattr(s3_store_module, "MAX_CAS_TRIES", 2)
     real_log = store._publish_log
     monkeypatch.setattr(store, "_publish_log", lambda: (real_log()[0], '"not-the-etag"'))
-    publish("acme", "c", "lost")
+    before = marker_lines(seaweed_server, marker)
+    with caplog.at_level(logging.WARNING, logger=s3_store_module.log.name):
+        publish("acme", "c", "lost")
     monkeypatch.setattr(store, "_publish_log", real_log)
     monkeypatch.setattr(s3_store_module, "MAX_CAS_TRIES", cas_tries)
-    lines = seaweed_server.client().get_object(Bucket=BUCKET, Key=marker)["Body"].read().decode().splitlines()
-    assert [line.split()[0] for line in lines] == ["acme/c@1"]
-    alone, moved = other.publishes_since(restarted)
-    assert moved is None and alone != restarted
+    assert marker_lines(seaweed_server, marker) == before
+    assert "acme/c@1 is published but not in the store's '.published' log (2 conflicting writes)" in caplog.text
+    assert other.publishes_since(restarted) == (restarted, frozenset())
+    assert store.resolve(AdapterRef("acme", "c")).version == 1  # published all the same
 
     # Racing publishers append by compare-and-swap: none loses another's entry.
     monkeypatch.setattr(s3_store_module, "PUBLISH_LOG_ENTRIES", 64)
@@ -491,11 +516,79 @@ def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what
     for thread in threads:
         thread.join(120)
     assert not errors
-    lines = seaweed_server.client().get_object(Bucket=BUCKET, Key=marker)["Body"].read().decode().splitlines()
+    lines = marker_lines(seaweed_server, marker)
     assert sorted(line.split()[0] for line in lines if line.startswith("race/")) == sorted(
         f"race/n{i}@{v}" for i in range(4) for v in (1, 2, 3)
     )
-    assert other.publishes_since(alone)[1] == {("race", f"n{i}") for i in range(4)}
+    assert other.publishes_since(restarted)[1] == {("race", f"n{i}") for i in range(4)}
+
+
+def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_without_an_etag(
+    seaweed_server: SeaweedFS,
+    log_case: PublishLogCase,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, other, marker, publish = log_case.store, log_case.other, log_case.marker, log_case.publish
+    publish("acme", "a", "one")
+    first, _ = other.publishes_since(None)
+    (first_line,) = marker_lines(seaweed_server, marker)
+
+    # An append that landed but whose answer was lost (boto3's retry then gets a 412): found in the
+    # log on the next read, not written twice.
+    real_put = store._client.put_object
+    lost: list[str] = []
+
+    def put_then_lose_the_answer(**kwargs: Any) -> Any:
+        answer = real_put(**kwargs)
+        if kwargs["Key"] == marker and not lost:
+            lost.append(kwargs["Key"])
+            raise ClientError({"Error": {"Code": "PreconditionFailed", "Message": "retried"}}, "PutObject")
+        return answer
+
+    monkeypatch.setattr(store._client, "put_object", put_then_lose_the_answer)
+    with caplog.at_level(logging.WARNING, logger=s3_store_module.log.name):
+        publish("acme", "b", "one")
+    monkeypatch.setattr(store._client, "put_object", real_put)
+    assert lost and "not in the store's" not in caplog.text
+    assert [line.split()[0] for line in marker_lines(seaweed_server, marker)] == ["acme/a@1", "acme/b@1"]
+    assert other.publishes_since(first)[1] == {("acme", "b")}
+
+    # Entries past MAX_PUBLISH_LOG_BYTES go oldest first, whole lines.
+    line_bytes = max(len(line) + 1 for line in marker_lines(seaweed_server, marker))
+    monkeypatch.setattr(s3_store_module, "MAX_PUBLISH_LOG_BYTES", 2 * line_bytes + line_bytes // 2)
+    publish("acme", "c", "one")
+    publish("acme", "d", "one")
+    lines = marker_lines(seaweed_server, marker)
+    assert [line.split()[0] for line in lines] == ["acme/c@1", "acme/d@1"]
+    monkeypatch.setattr(s3_store_module, "MAX_PUBLISH_LOG_BYTES", 64 << 10)
+
+    # A marker larger than that is no log, whatever its lines say: not known; the next publish replaces
+    # it with its line.
+    oversized = (first_line + "\n" + "\n".join(lines) + "\n") * (64 << 10)
+    seaweed_server.client().put_object(Bucket=BUCKET, Key=marker, Body=oversized[: (64 << 10) + 200].encode())
+    assert other.publishes_since(first) == ("", None)
+    publish("acme", "e", "one")
+    assert [line.split()[0] for line in marker_lines(seaweed_server, marker)] == ["acme/e@1"]
+
+    # A store that answers without an ETag (no compare-and-swap possible): the publish stands, logged;
+    # a watcher's read of the log fails (and it reads every pointer).
+    real_get = store._get
+
+    def without_etag(key: str, what: str) -> Any:
+        response = real_get(key, what)
+        if response is not None and key == marker:
+            response.pop("ETag", None)
+        return response
+
+    monkeypatch.setattr(store, "_get", without_etag)
+    with caplog.at_level(logging.WARNING, logger=s3_store_module.log.name):
+        publish("acme", "f", "one")
+    assert "acme/f@1 is published but not in the store's '.published' log" in caplog.text
+    assert "without an ETag" in caplog.text
+    assert store.resolve(AdapterRef("acme", "f")).version == 1
+    with pytest.raises(StoreUnavailable, match="without an ETag"):
+        store.publishes_since(None)
 
 
 # ------------------------------------------------------------------------------------ partial uploads
