@@ -105,7 +105,7 @@ def openmp_compiler(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
     if done.returncode != 0:
         why = f"{compiler} builds no OpenMP: {done.stderr.strip()[-300:]}"
-        if os.environ.get("CI"):
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(why)
         pytest.skip(why)
     return compiler

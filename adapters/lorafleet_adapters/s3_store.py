@@ -193,7 +193,8 @@ class S3AdapterStore:
 
     def change_token(self) -> str:
         """The publish marker's ETag ("" before any publish wrote one): one HEAD. It changes whenever a
-        publish moves a ``latest`` pointer (each write has new content); a pointer moved by hand does not."""
+        publish moves a ``latest`` pointer and appends its line (each write has new content); a pointer
+        moved by hand, or by a publish that could not append (logged), does not."""
         return self._head_etag(self._key(PUBLISHED_MARKER)) or ""
 
     def versions(self, tenant: str, name: str) -> tuple[int, ...]:
@@ -570,8 +571,9 @@ class S3AdapterStore:
                     if _code(exc) not in _CONFLICT | _RETRY_CONFLICT:
                         raise
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-        except (*_BOTO_ERRORS, AdapterError) as exc:
-            why = str(self._translate(exc, "append to the publish log") if isinstance(exc, _BOTO_ERRORS) else exc)
+        except (*_BOTO_ERRORS, AdapterError) as exc:  # a write may have landed before its answer failed
+            cause = self._translate(exc, "append to the publish log") if isinstance(exc, _BOTO_ERRORS) else exc
+            why = f"{cause}; the line may have landed all the same"
         log.warning(
             "%s is published but not in the store's '%s' log (%s): running servers find it at their next "
             "full rescan, not their next poll",

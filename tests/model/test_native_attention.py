@@ -472,6 +472,18 @@ def test_amx_scores_are_taken_where_the_cpu_has_amx(any_kernel: NativeAttention)
     assert any_kernel.amx_scores == ("amx_bf16" in flags and "avx512_bf16" in flags)
 
 
+def test_clang_is_told_from_gcc_by_its_preprocessor() -> None:
+    """clang builds take -ffp-contract=on (native.for_compiler); GCC keeps fast."""
+    flags = ("-O3", "-ffp-contract=fast")
+    gcc, clang = shutil.which("gcc"), shutil.which("clang")
+    if gcc is None and clang is None:
+        pytest.skip("neither gcc nor clang here")
+    if gcc is not None:
+        assert not native.is_clang(gcc) and native.for_compiler(flags, native.is_clang(gcc)) == flags
+    if clang is not None:
+        assert native.is_clang(clang) and native.for_compiler(flags, True) == ("-O3", "-ffp-contract=on")
+
+
 @pytest.mark.usefixtures("openmp_compiler")
 def test_the_kernel_is_built_with_openmp_where_the_compiler_has_it(tmp_path: Path) -> None:
     """Built as the server builds it, the kernel splits calls over threads; without OpenMP it still

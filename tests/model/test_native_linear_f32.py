@@ -90,7 +90,9 @@ def test_the_avx512_blocks_give_the_avx2_builds_bits(kernel: NativeLinearF32, tm
     """Built for this AVX-512 CPU the blocks take two panels and 12 rows at a time; every output is the
     same bit for bit as the AVX2 build's (6 rows, one panel): an odd panel count's lone last panel, a
     partial panel, row counts across both block sizes, with and without bias, on 1 and 2 threads."""
+    assert kernel.isa == "AVX-512"  # the server's build for this CPU
     avx2 = NativeLinearF32(build_library(LINEAR_F32_SOURCE, tmp_path, flags=(*CFLAGS, "-march=haswell")))
+    assert avx2.isa == "AVX2"
     gen = torch.Generator().manual_seed(9)
     for n, k in ((16, 8), (40, 33), (200, 96), (576, 1536), (1000, 64)):  # 1, 3, 13, 36, 63 panels
         w, bias = _weights(n, k, seed=n)

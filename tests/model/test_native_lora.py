@@ -219,13 +219,13 @@ def test_a_call_on_the_helper_pool_gives_the_same_bits(kernel: NativeLora, dtype
             assert torch.equal(y, alone), threads
 
 
-@pytest.mark.usefixtures("openmp_compiler")
-def test_choose_lora_names_the_threads_it_runs_on(tmp_path: Path) -> None:
+def test_choose_lora_names_the_threads_it_runs_on(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     pool = load_native_pool(tmp_path, threads=2)
     pooled = choose_lora("auto", cache_dir=tmp_path, device=CPU, pool=pool)
     assert (
         pooled.kernel is not None and pooled.kernel.pool is pool and "2 threads of the Linears' pool" in pooled.reason
     )
+    request.getfixturevalue("openmp_compiler")  # without a pool: torch's OpenMP threads, where it builds
     plain = choose_lora("auto", cache_dir=tmp_path, device=CPU)
     assert plain.kernel is not None and plain.kernel.pool is None and "torch threads" in plain.reason
 

@@ -12,7 +12,8 @@ rewrites). When it changed, a store that logs its last publishes in the marker (
 ``Store.publishes_since``) names the adapters whose pointers moved since the last pass, and only
 those of them this server watches are read. Where that is not known (the log no longer reaches back
 to the last pass, or the store keeps none), and on a full rescan every ``rescan_seconds`` (pointers
-moved by hand or by a publisher that died between the pointer and the marker), the ``latest``
+moved by hand, by a publisher that died between the pointer and the marker, or by one whose line did
+not make it into the store's log), the ``latest``
 pointers of all watched adapters are read: a tenant's in one listing where the store can (S3,
 ``Store.latest_versions``), else one GET each.
 A name no request resolved for ``forget_seconds`` is no longer watched; what the watcher knew of it

@@ -93,12 +93,25 @@ def _compiler_version(compiler: str) -> str:
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
-def for_compiler(flags: tuple[str, ...], version: str) -> tuple[str, ...]:
-    """``flags`` (written for GCC) as the compiler whose ``--version`` line is ``version`` takes them.
-    clang's ``-ffp-contract=fast`` fuses across statements *and* ignores ``#pragma clang fp
-    contract(off)``, which the RoPE relies on to round like torch; its ``on`` fuses within a statement,
-    where every kernel's multiply-adds are. (GCC before 14 takes ``on`` as ``off``: no FMAs at all.)"""
-    if "clang" not in version:
+def is_clang(compiler: str) -> bool:
+    """Whether ``compiler`` is clang or built on it (Intel's icx, Arm's and AMD's compilers), as the
+    sources themselves tell: its preprocessor defines ``__clang__``. False where it cannot say (the
+    build then reports the compiler's own error)."""
+    try:
+        done = subprocess.run(
+            [compiler, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True, timeout=30, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(line.startswith("#define __clang__ ") for line in done.stdout.splitlines())
+
+
+def for_compiler(flags: tuple[str, ...], clang: bool) -> tuple[str, ...]:
+    """``flags`` (written for GCC) as the compiler takes them (``clang``: :func:`is_clang`). clang's
+    ``-ffp-contract=fast`` fuses across statements *and* ignores ``#pragma clang fp contract(off)``,
+    which the RoPE relies on to round like torch; its ``on`` fuses within a statement, where every
+    kernel's multiply-adds are. (GCC before 14 takes ``on`` as ``off``: no FMAs at all.)"""
+    if not clang:
         return flags
     return tuple("-ffp-contract=on" if flag == "-ffp-contract=fast" else flag for flag in flags)
 
@@ -112,7 +125,7 @@ def build_library(name: str, cache_dir: Path, compiler: str | None = None, flags
     source = _source(name)
     headers = {header: _source(header) for header in HEADERS}
     version = _compiler_version(compiler)
-    flags = for_compiler(flags, version)
+    flags = for_compiler(flags, is_clang(compiler))
     key = hashlib.sha256()
     parts = (source, *headers.values(), version.encode(), " ".join(flags).encode())
     for part in (*parts, cpu_flags_line().encode()):
