@@ -915,6 +915,7 @@ def run_prefix(args: argparse.Namespace) -> int:
     from lorafleet import AsyncLoraFleetClient
     from lorafleet_server.app import build_service
     from lorafleet_server.config import ServerConfig
+    from lorafleet_server.gc_freeze import freeze_startup_heap
     from lorafleet_server.grpc.server import BackgroundServer
     from lorafleet_server.model.prepare import prepare_default_model
 
@@ -949,6 +950,7 @@ def run_prefix(args: argparse.Namespace) -> int:
             log_level="WARNING",
         )
         service = build_service(config)
+        freeze_startup_heap()  # as the server's entrypoint does (lorafleet_server/gc_freeze.py)
         service.store.import_peft(dirs["default"][0], TENANT, "support", service.base.spec)
         system = system_prompt(service.engine.tokenizer, args.prefix_tokens)
         server = BackgroundServer(service)
@@ -1146,6 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from lorafleet_server.app import build_service
     from lorafleet_server.config import ServerConfig
+    from lorafleet_server.gc_freeze import freeze_startup_heap
     from lorafleet_server.grpc.server import BackgroundServer
     from lorafleet_server.model.prepare import prepare_default_model
 
@@ -1195,6 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **({"dtype": args.dtype} if args.dtype else {}),
         )
         service = build_service(config)
+        freeze_startup_heap()  # as the server's entrypoint does (lorafleet_server/gc_freeze.py)
         if plan.ignore_eos:
             service.engine.eos_token_ids = frozenset()  # every request generates exactly max_new_tokens
         refs: dict[str, list[str]] = {}

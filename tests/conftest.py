@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -37,6 +38,16 @@ def _root_logging_restored() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _gc_unfrozen() -> Iterator[None]:
+    """Code that freezes the process's heap (``lorafleet serve``'s ``freeze_startup_heap``, a bench run
+    in-process) leaves it unfrozen: the suite builds and drops many services, and frozen, their
+    reference cycles would never be collected."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 @pytest.fixture(scope="session", autouse=True)

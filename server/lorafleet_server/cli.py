@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -36,9 +37,12 @@ from lorafleet_server.tenants.keys import (
 if TYPE_CHECKING:
     from lorafleet_adapters.peft_format import BaseModelSpec
 
+log = logging.getLogger(__name__)
+
 
 def _serve(config: ServerConfig) -> int:
     from lorafleet_server.app import build_service
+    from lorafleet_server.gc_freeze import freeze_startup_heap
     from lorafleet_server.grpc.server import Edge, ServerKeys, check_startup, serve_forever
     from lorafleet_server.http.server import HttpServer
     from lorafleet_server.model.native import NativeKernelError
@@ -48,6 +52,7 @@ def _serve(config: ServerConfig) -> int:
         service = build_service(config)
     except NativeKernelError as exc:  # a kernel asked for by name (``native``) cannot run here
         raise StartupError(f"native kernel: {exc}") from exc
+    log.info("garbage collector: %s", freeze_startup_heap())  # the process's startup heap: it stays
 
     def edges(keys: ServerKeys) -> list[Edge]:  # the OpenAI-compatible API, unless --http-port 0
         return [HttpServer(service, keys, config.host, config.http_port)] if config.http_port else []

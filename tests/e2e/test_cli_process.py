@@ -51,16 +51,21 @@ def test_import_serve_generate_and_graceful_stop(
     )
     try:
         port = None
+        frozen = 0
         deadline = time.monotonic() + 120
         assert proc.stderr is not None
         while port is None and time.monotonic() < deadline:
             line = proc.stderr.readline()
             if not line and proc.poll() is not None:
                 raise AssertionError(f"server exited with {proc.returncode}")
+            gc_line = re.search(r"garbage collector: (\d+) startup objects frozen", line)
+            if gc_line:
+                frozen = int(gc_line.group(1))
             match = re.search(r"lorafleet ready: gRPC on 127\.0\.0\.1:(\d+)", line)
             if match:
                 port = int(match.group(1))
         assert port, "the server never logged that it is ready"
+        assert frozen > 100_000  # the model's and libraries' objects, out of full collections' way
         out = subprocess.run(
             [
                 *LORAFLEET,
