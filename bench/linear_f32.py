@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.lora_kernels import march_flags
 from lorafleet_server.model.cpu import cpu_features
 from lorafleet_server.model.native import (
     LINEAR_F32_SOURCE,
-    OPENMP_CFLAGS,
     NativeLinearF32,
     build_library,
     load_native_linear_f32,
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = REPO / "data" / "kernels"
     here = load_native_linear_f32(kernels)
     with tempfile.TemporaryDirectory(prefix="lorafleet-linear-f32-") as tmp:
-        flags = tuple(f"-march={args.march}" if f == "-march=native" else f for f in OPENMP_CFLAGS)
-        other = NativeLinearF32(build_library(LINEAR_F32_SOURCE, Path(tmp), flags=flags))
+        other = NativeLinearF32(build_library(LINEAR_F32_SOURCE, Path(tmp), flags=march_flags(args.march)))
         print(f"native: {here.library.name} (-march=native) against -march={args.march}")
         results = []
         header = f"{'shape':<18} {'in->out':>11} {'rows':>5}"

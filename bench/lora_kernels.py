@@ -109,16 +109,23 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float 
     return samples
 
 
+def march_flags(march: str) -> tuple[str, ...]:
+    """The server's build flags (with OpenMP) for ``-march=<march>`` instead of this CPU: the code another
+    CPU runs (bench/linear_f32.py builds its other Linear with them too)."""
+    from lorafleet_server.model.native import OPENMP_CFLAGS
+
+    return tuple(f"-march={march}" if flag == "-march=native" else flag for flag in OPENMP_CFLAGS)
+
+
 def native_kernel(march: str | None) -> NativeLora:
     """The C kernel as the server builds it (cached in data/kernels), or built for ``-march=<march>`` in a
     temporary folder (removed once loaded)."""
-    from lorafleet_server.model.native import LORA_SOURCE, OPENMP_CFLAGS, NativeLora, build_library, load_native_lora
+    from lorafleet_server.model.native import LORA_SOURCE, NativeLora, build_library, load_native_lora
 
     if march is None:
         return load_native_lora(REPO / "data" / "kernels")
-    flags = tuple(f"-march={march}" if flag == "-march=native" else flag for flag in OPENMP_CFLAGS)
     with tempfile.TemporaryDirectory(prefix="lora-kernels-") as tmp:
-        return NativeLora(build_library(LORA_SOURCE, Path(tmp), None, flags))
+        return NativeLora(build_library(LORA_SOURCE, Path(tmp), None, march_flags(march)))
 
 
 def bench_shape(
