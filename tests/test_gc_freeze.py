@@ -12,7 +12,10 @@ def test_a_full_collection_after_the_freeze_walks_only_what_came_since() -> None
     heap = [[{"i": i}] for i in range(300_000)]  # a startup heap: 600,000 tracked objects
     assert len(gc.get_objects()) > 600_000  # what a full collection walks
     done = freeze_startup_heap()
-    assert gc.get_freeze_count() >= 600_000 and f"{gc.get_freeze_count()} startup objects frozen" in done
+    reported = int(done.split(" startup objects frozen", 1)[0])
+    # Reference counting frees frozen objects too (the call's own temporaries), so the count read
+    # now may be a few below the one the message reported a moment earlier.
+    assert reported >= 600_000 and 0 <= reported - gc.get_freeze_count() < 1_000
     assert len(gc.get_objects()) < 10_000  # the generations hold only what came since
     cycle: list[object] = []
     cycle.append(cycle)  # garbage made after the freeze is still collected
