@@ -35,6 +35,18 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_PREFIX_CHARS = 512
 
 
+@dataclass(frozen=True)
+class PublishesSince:
+    """What a store's log of its last publishes says (``Store.publishes_since``)."""
+
+    newest: str  # the id of the log's newest entry ("" when it holds none)
+    moved: frozenset[tuple[str, str]] | None  # (tenant, name)s moved after the entry asked about; None: not known
+    # The change token of the log as read (S3: the marker's ETag, "" where there was none): a watcher
+    # keeps it rather than the token it read just before, so a log read older than that token (a store
+    # without read-after-write consistency) is read again at the next poll. None: the store keeps no log.
+    token: str | None
+
+
 class Store(Protocol):
     """What serving, the CLI and training need from an adapter store."""
 
@@ -57,11 +69,11 @@ class Store(Protocol):
         cheaply than one by one; the others (all, on a store with no cheaper way) are left out."""
         ...
 
-    def publishes_since(self, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
-        """(the newest publish's id, the (tenant, name)s whose pointers publishes moved after the one with
-        id ``seen``), for a store that keeps a short log of its last publishes. The names are None when
-        that is not known: ``seen`` is None or no longer in the log, or the store keeps none. A publish
-        is in the log once its pointer moved, so reading those names' pointers finds it."""
+    def publishes_since(self, seen: str | None) -> PublishesSince:
+        """The newest publish's id and the (tenant, name)s whose pointers publishes moved after the one
+        with id ``seen``, for a store that keeps a short log of its last publishes. The names are None
+        when that is not known: ``seen`` is None or no longer in the log, or the store keeps none. A
+        publish is in the log once its pointer moved, so reading those names' pointers finds it."""
         ...
 
     def list(self, tenant: str | None = None) -> builtins.list[AdapterSummary]: ...

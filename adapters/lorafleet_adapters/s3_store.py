@@ -45,11 +45,12 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from botocore.exceptions import BotoCoreError, ClientError
 
+from lorafleet_adapters.backend import PublishesSince, S3Location
 from lorafleet_adapters.disk_cache import VersionCache
 from lorafleet_adapters.errors import (
     AdapterError,
@@ -83,9 +84,6 @@ from lorafleet_adapters.store import (
     start_listed,
 )
 from lorafleet_adapters.verified_read import VerifiedFiles
-
-if TYPE_CHECKING:
-    from lorafleet_adapters.backend import S3Location
 
 log = logging.getLogger(__name__)
 
@@ -259,16 +257,19 @@ class S3AdapterStore:
                 summaries.append(AdapterSummary(tenant_name, adapter_name, found, latest if latest in found else None))
         return summaries
 
-    def publishes_since(self, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
+    def publishes_since(self, seen: str | None) -> PublishesSince:
         """One GET of the publish marker, the log of the last PUBLISH_LOG_ENTRIES publishes: the names
         published after the entry with id ``seen`` (None where it is not in the log: too old, or the log
-        was rewritten by a release before the log, or is larger than MAX_PUBLISH_LOG_BYTES)."""
-        entries = [entry for _, entry in self._publish_log()[0]]
+        was rewritten by a release before the log, or is larger than MAX_PUBLISH_LOG_BYTES), and the
+        ETag of the body read (the change token that log goes with)."""
+        lines, etag = self._publish_log()
+        entries = [entry for _, entry in lines]
         newest = entries[-1][2] if entries else ""
         ids = [entry[2] for entry in entries]
         if seen is None or seen not in ids:
-            return newest, None
-        return newest, frozenset((tenant, name) for tenant, name, _ in entries[ids.index(seen) + 1 :])
+            return PublishesSince(newest, None, etag or "")
+        moved = frozenset((tenant, name) for tenant, name, _ in entries[ids.index(seen) + 1 :])
+        return PublishesSince(newest, moved, etag or "")
 
     def latest_versions(self, tenant: str, names: Collection[str]) -> dict[str, int]:
         """The version ``resolve`` gives each of ``names`` (adapters of ``tenant``) by latest, read from one

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lorafleet_adapters.backend import PublishesSince
 from lorafleet_adapters.errors import (
     AdapterFormatError,
     AdapterIncompatible,
@@ -161,10 +162,10 @@ class AdapterStore:
         check_ident(tenant, "tenant")
         return {}
 
-    def publishes_since(self, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
+    def publishes_since(self, seen: str | None) -> PublishesSince:
         """Not known here: the marker holds the last publish only, and a watcher reads every pointer (a
         small file each) when it changed."""
-        return "", None
+        return PublishesSince("", None, None)
 
     def list(self, tenant: str | None = None) -> list[AdapterSummary]:
         """Every adapter with at least one published version, sorted by tenant and name."""

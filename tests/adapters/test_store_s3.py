@@ -430,6 +430,14 @@ def marker_lines(seaweed_server: SeaweedFS, marker: str) -> list[str]:
     return seaweed_server.client().get_object(Bucket=BUCKET, Key=marker)["Body"].read().decode().splitlines()
 
 
+def since(store: S3AdapterStore, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
+    """``store.publishes_since(seen)`` as (newest, moved), checking it came with the change token a
+    HEAD of the marker reads (this store is consistent: the log read is the token's)."""
+    answer = store.publishes_since(seen)
+    assert answer.token == store.change_token()
+    return answer.newest, answer.moved
+
+
 class PublishLogCase:
     """A publisher's store and a replica's (``other``) on one bucket prefix, and its marker's key."""
 
@@ -457,28 +465,28 @@ def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what
     monkeypatch.setattr(s3_store_module, "PUBLISH_LOG_ENTRIES", 3)
     store, other, marker, publish = log_case.store, log_case.other, log_case.marker, log_case.publish
     url, tmp_path, spec = log_case.url, log_case.tmp_path, log_case.spec
-    assert other.publishes_since(None) == ("", None)  # nothing published yet
+    assert since(other, None) == ("", None)  # nothing published yet
     publish("acme", "a", "one")
-    first, moved = other.publishes_since(None)
+    first, moved = since(other, None)
     assert first and moved is None  # no entry held before: not known
     publish("acme", "b", "one")
     publish("beta", "c", "one")
-    newest, moved = other.publishes_since(first)
+    newest, moved = since(other, first)
     assert moved == {("acme", "b"), ("beta", "c")}
-    assert other.publishes_since(newest) == (newest, frozenset())
+    assert since(other, newest) == (newest, frozenset())
     publish("acme", "a", "two")  # the log keeps the last 3 (b, c, a): the first entry is gone
-    assert other.publishes_since(first)[1] is None
-    assert other.publishes_since(newest)[1] == {("acme", "a")}
+    assert since(other, first)[1] is None
+    assert since(other, newest)[1] == {("acme", "a")}
 
     # A marker that holds no log (junk, or a release before the log wrote one line): not known; the next
     # publish starts the log again from what parses.
     seaweed_server.client().put_object(Bucket=BUCKET, Key=marker, Body=b"junk\n")
     token = other.change_token()
-    assert other.publishes_since(newest) == ("", None)
+    assert since(other, newest) == ("", None)
     publish("acme", "b", "two")
     assert other.change_token() != token
-    restarted, moved = other.publishes_since(newest)
-    assert moved is None and other.publishes_since(restarted) == (restarted, frozenset())
+    restarted, moved = since(other, newest)
+    assert moved is None and since(other, restarted) == (restarted, frozenset())
 
     # A publisher that keeps losing the swap leaves the log as it is (every write is conditional) and
     # says so: its publish waits for the watchers' rescan.
@@ -493,7 +501,7 @@ def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what
     monkeypatch.setattr(s3_store_module, "MAX_CAS_TRIES", cas_tries)
     assert marker_lines(seaweed_server, marker) == before
     assert "acme/c@1 is published but not in the store's '.published' log (2 conflicting writes)" in caplog.text
-    assert other.publishes_since(restarted) == (restarted, frozenset())
+    assert since(other, restarted) == (restarted, frozenset())
     assert store.resolve(AdapterRef("acme", "c")).version == 1  # published all the same
 
     # Racing publishers append by compare-and-swap: none loses another's entry.
@@ -520,7 +528,7 @@ def test_the_publish_marker_logs_the_last_publishes_so_a_watcher_reads_only_what
     assert sorted(line.split()[0] for line in lines if line.startswith("race/")) == sorted(
         f"race/n{i}@{v}" for i in range(4) for v in (1, 2, 3)
     )
-    assert other.publishes_since(restarted)[1] == {("race", f"n{i}") for i in range(4)}
+    assert since(other, restarted)[1] == {("race", f"n{i}") for i in range(4)}
 
 
 def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_without_an_etag(
@@ -531,7 +539,7 @@ def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_with
 ) -> None:
     store, other, marker, publish = log_case.store, log_case.other, log_case.marker, log_case.publish
     publish("acme", "a", "one")
-    first, _ = other.publishes_since(None)
+    first, _ = since(other, None)
     (first_line,) = marker_lines(seaweed_server, marker)
 
     # An append that landed but whose answer was lost (boto3's retry then gets a 412): found in the
@@ -552,7 +560,7 @@ def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_with
     monkeypatch.setattr(store._client, "put_object", real_put)
     assert lost and "not in the store's" not in caplog.text
     assert [line.split()[0] for line in marker_lines(seaweed_server, marker)] == ["acme/a@1", "acme/b@1"]
-    assert other.publishes_since(first)[1] == {("acme", "b")}
+    assert since(other, first)[1] == {("acme", "b")}
 
     # Entries past MAX_PUBLISH_LOG_BYTES go oldest first, whole lines.
     line_bytes = max(len(line) + 1 for line in marker_lines(seaweed_server, marker))
@@ -567,7 +575,7 @@ def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_with
     # it with its line.
     oversized = (first_line + "\n" + "\n".join(lines) + "\n") * (64 << 10)
     seaweed_server.client().put_object(Bucket=BUCKET, Key=marker, Body=oversized[: (64 << 10) + 200].encode())
-    assert other.publishes_since(first) == ("", None)
+    assert since(other, first) == ("", None)
     publish("acme", "e", "one")
     assert [line.split()[0] for line in marker_lines(seaweed_server, marker)] == ["acme/e@1"]
 

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import pytest
 
+from lorafleet_adapters.backend import PublishesSince
 from lorafleet_adapters.errors import AdapterFormatError, StoreUnavailable
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.prompt import PromptTemplate
@@ -360,30 +361,39 @@ def test_a_pass_takes_what_the_store_reads_in_bulk_and_reads_only_the_rest(
 
 class LoggingStore(CountingStore):
     """A store that logs its last ``keep`` publishes as the S3 store's marker does (``publishes_since``),
-    each call recorded; ``log_error`` makes reading the log fail."""
+    each call recorded; ``log_error`` makes reading the log fail, ``stale_log_reads`` answers the next
+    reads with the log and change token as they were before the last publish (a store without
+    read-after-write consistency)."""
 
     def __init__(self, root: Path, keep: int = 4) -> None:
         super().__init__(root)
         self.keep = keep
         self.log: list[tuple[str, str, str]] = []  # (tenant, name, id), oldest first
+        self.log_token = ""  # the change token that goes with ``log``
+        self.previous: tuple[list[tuple[str, str, str]], str] = ([], "")  # both before the last publish
         self.log_reads: list[str | None] = []
         self.log_error: Exception | None = None
+        self.stale_log_reads = 0
 
     def publish(self, name: str, text: str = "Be brief.") -> AdapterKey:
         """Publish acme/name, and log it as the S3 store's marker would."""
         key = publish(self, name, text)
+        self.previous = (self.log, self.log_token)
         self.log = [*self.log, (key.tenant, key.name, f"p{len(self.log_reads)}-{key}")][-self.keep :]
+        self.log_token = self.change_token()
         return key
 
-    def publishes_since(self, seen: str | None) -> tuple[str, frozenset[tuple[str, str]] | None]:
+    def publishes_since(self, seen: str | None) -> PublishesSince:
         self.log_reads.append(seen)
         if self.log_error is not None:
             raise self.log_error
-        ids = [entry[2] for entry in self.log]
+        log, token = (self.log, self.log_token) if self.stale_log_reads <= 0 else self.previous
+        self.stale_log_reads -= 1
+        ids = [entry[2] for entry in log]
         newest = ids[-1] if ids else ""
         if seen is None or seen not in ids:
-            return newest, None
-        return newest, frozenset((t, n) for t, n, _ in self.log[ids.index(seen) + 1 :])
+            return PublishesSince(newest, None, token)
+        return PublishesSince(newest, frozenset((t, n) for t, n, _ in log[ids.index(seen) + 1 :]), token)
 
 
 def test_after_a_publish_a_poll_reads_only_the_pointers_the_stores_publish_log_names(
@@ -433,6 +443,25 @@ def test_after_a_publish_a_poll_reads_only_the_pointers_the_stores_publish_log_n
 
     # The rescan still reads every pointer (one moved by hand is in no log).
     assert poll(w, store, clock, RESCAN)[0] == ["acme/a", "acme/b", "acme/c", "acme/e"]
+
+
+def test_a_log_read_older_than_the_change_token_is_read_again_at_the_next_poll(tmp_path: Path) -> None:
+    store = checked(LoggingStore(tmp_path / "store"))
+    clock = Clock()
+    for name in ("a", "b"):
+        store.publish(name)
+    w = watcher(store, clock)
+    for name in ("a", "b"):
+        w.resolve(ref(name))
+    poll(w, store, clock)
+    store.publish("a", "Be kind.")
+    assert poll(w, store, clock) == (["acme/a"], ["acme/a 1->2"])
+    store.publish("b", "Be kind.")
+    store.stale_log_reads = 1  # the token read first has b's publish, the log read after it not yet
+    assert poll(w, store, clock) == ([], [])
+    # The pass kept the stale log's token, not the newer one it read first: the log is read again.
+    assert poll(w, store, clock) == (["acme/b"], ["acme/b 1->2"])
+    assert poll(w, store, clock) == ([], []) and len(store.log_reads) == 4
 
 
 def test_a_pass_that_raises_midway_leaves_the_publishes_it_did_not_reach_for_the_next_poll(tmp_path: Path) -> None:

@@ -164,8 +164,9 @@ class VersionWatcher:
             else:
                 self._token_error = ""
             changed = token is not None and token != self._token
-            # the names publishes moved since the last read of the store's log, and its newest entry then
-            seen, moved = self._publishes() if changed else (self._publish_seen, None)
+            # the names publishes moved since the last read of the store's log, its newest entry then,
+            # and the change token that log goes with (None: keep the one read above)
+            seen, moved, log_token = self._publishes() if changed else (self._publish_seen, None, None)
             everything = full or token is None or now >= self._next_rescan or (changed and moved is None)
             with self._lock:
                 names = [
@@ -180,24 +181,26 @@ class VersionWatcher:
                 latest = self._latest_versions(tenant, tenant_names)
                 for name in tenant_names:
                     self._check(tenant, name, swaps, failures, latest.get(name))
-            self._token = token  # with the log's entry: a pass that raises before here is read again
+            # with the log's entry (a pass that raises before here is read again); the log's own token
+            # where it has one: a log read older than the token read first is read again next poll
+            self._token = token if log_token is None else log_token
             self._publish_seen = seen
             if everything:
                 self._next_rescan = now + self._rescan_seconds
         return RefreshResult(tuple(swaps), tuple(failures))
 
-    def _publishes(self) -> tuple[str | None, frozenset[tuple[str, str]] | None]:
+    def _publishes(self) -> tuple[str | None, frozenset[tuple[str, str]] | None, str | None]:
         """(the newest entry of the store's publish log, the (tenant, name)s publishes moved since the
-        last pass's: None where not known, so the pass reads every pointer)."""
+        last pass's: None where not known, so the pass reads every pointer; the log's change token)."""
         try:
-            seen, moved = self._store.publishes_since(self._publish_seen)
+            since = self._store.publishes_since(self._publish_seen)
         except Exception as exc:  # the pass reads every pointer, and the next read starts afresh
             if str(exc) != self._log_error:
                 log.warning("cannot read the adapter store's publish log, reading every pointer: %s", exc)
             self._log_error = str(exc)
-            return None, None
+            return None, None, None
         self._log_error = ""
-        return seen, moved
+        return since.newest, since.moved, since.token
 
     def _latest_versions(self, tenant: str, names: list[str]) -> dict[str, int]:
         """What the store reads in bulk of these names' latest versions (an S3 store: one listing of the
