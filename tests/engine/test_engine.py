@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from enginelib import generate, request, submit, tiny_service
+from enginelib import engine_held, generate, request, submit, tiny_service
 from transformers import AutoModelForCausalLM
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterNotFound, InvalidAdapterRef
@@ -443,6 +443,62 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_keeps_serving(
         sink.wait().summary  # noqa: B018
     assert generate(service.engine, request(PROMPT, max_new_tokens=4)).summary.generated_tokens == 4
     assert service.engine.load_stats() == (0, 0)
+
+
+def test_a_temperature_or_penalty_near_zero_is_served_and_a_row_that_cannot_be_sampled_fails_alone(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = service.engine
+    greedy = generate(engine, request(PROMPT, max_new_tokens=6)).token_ids
+    # logits / 1e-40 overflow to inf (softmax: NaN) unless the largest logit is taken out first
+    assert generate(engine, request(PROMPT, max_new_tokens=6, temperature=1e-40)).token_ids == greedy
+    penalized = generate(engine, request(PROMPT, max_new_tokens=6, temperature=0.7, repetition_penalty=1e-40, seed=1))
+    assert penalized.summary.generated_tokens == 6
+
+    seeded = {"max_new_tokens": 6, "temperature": 1.0, "seed": 7}
+    alone = generate(engine, request(PROMPT, rid="alone", **seeded)).token_ids
+    real = engine_module.sample_rows
+
+    def nan_logits_for_the_marked_row(logits: torch.Tensor, rows: list[Any], **_: Any) -> list[int | Exception]:
+        logits = logits.clone()
+        for i, row in enumerate(rows):
+            if row.temperature == 0.5:  # the marked request's row: its model output went bad
+                logits[i] = float("nan")
+        return real(logits, rows)
+
+    monkeypatch.setattr(engine_module, "sample_rows", nan_logits_for_the_marked_row)
+    with engine_held(engine):  # both in the same steps
+        bad, _ = submit(engine, request(PROMPT, rid="bad", max_new_tokens=6, temperature=0.5))
+        good, _ = submit(engine, request(PROMPT, rid="good", **seeded))
+    with pytest.raises(RuntimeError, match="cannot sample the next token"):
+        bad.wait().summary  # noqa: B018
+    assert good.wait().token_ids == alone  # its draws are the ones it makes alone
+    assert generate(engine, request(PROMPT, max_new_tokens=3)).summary.generated_tokens == 3
+    assert engine.accepting
+
+
+def test_many_queued_requests_whose_adapter_fails_at_admission_fail_one_by_one(
+    tiny_model_dir: Path, tmp_path: Path, adapters: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More failures in one admission pass than Python's recursion limit: each fails, the engine serves on."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_waiting=2000)
+    try:
+        svc.store.import_peft(adapters[0], "acme", "a", svc.base.spec)
+        engine = svc.engine
+
+        def busy(_key: Any) -> None:
+            raise AdapterBusy("every device slot is pinned")
+
+        monkeypatch.setattr(engine.adapters, "poll", busy)
+        with engine_held(engine):
+            sinks = [submit(engine, request(PROMPT, adapter="acme/a", rid=f"r{i}"))[0] for i in range(1500)]
+        for sink in sinks:
+            with pytest.raises(AdapterBusy):
+                sink.wait().summary  # noqa: B018
+        monkeypatch.undo()
+        assert generate(engine, request(PROMPT, adapter="acme/a", max_new_tokens=3)).summary.generated_tokens == 3
+    finally:
+        svc.engine.shutdown(10)
 
 
 def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(service: Service, adapters: list[Path]) -> None:

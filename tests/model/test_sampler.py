@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from lorafleet_server.model.sampler import RowSampling, sample_rows
+from lorafleet_server.model.sampler import RowSampling, divide_by_temperature, sample_rows
 
 GREEDY = RowSampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seen=None, generator=None)
 
@@ -62,3 +64,25 @@ def test_the_given_argmax_chooses_the_plain_greedy_rows_only() -> None:
     assert got[0] == got[2] == 7 and got[1] == sample_rows(logits[1:2], [penalized])[0]
     assert len(handed) == 1 and handed[0] is logits
     assert sample_rows(logits, [penalized], argmax=argmax) and len(handed) == 1  # no plain greedy row: not called
+
+
+def test_a_temperature_near_zero_divides_without_overflow_and_as_before_where_it_did_not() -> None:
+    row = torch.randn(1000) * 10
+    assert torch.equal(divide_by_temperature(row, 0.7), row / 0.7)  # transformers' arithmetic, unchanged
+    tiny = divide_by_temperature(row, 1e-40)  # row / 1e-40 has +inf: softmax would be all NaN
+    assert tiny.max() == 0 and int(tiny.argmax()) == int(row.argmax()) and not tiny.isnan().any()
+    penalized = torch.tensor([1.0, float("inf"), 3.0, float("inf")])  # a penalty near zero on seen tokens
+    assert divide_by_temperature(penalized, 0.7).softmax(-1).tolist() == [0.0, 0.5, 0.0, 0.5]
+    rows = [
+        RowSampling(1e-40, 1.0, 0, 1.0, None, torch.Generator().manual_seed(1)),
+        RowSampling(0.7, 0.9, 5, 1e-40, torch.tensor([3, 7]), torch.Generator().manual_seed(2)),
+        RowSampling(1.0, 1.0, 0, 1.0, None, torch.Generator().manual_seed(3)),
+    ]
+    logits = torch.randn(3, 50)
+    logits[1, 3], logits[1, 7] = 2.0, -1.0  # the penalty pushes 3 to +inf, 7 towards 0
+    got = sample_rows(logits, rows)
+    assert got[:2] == [int(logits[0].argmax()), 3]
+    logits[2] = float("nan")  # a row with no distribution fails alone
+    rows = [replace(r, generator=torch.Generator().manual_seed(i + 1)) for i, r in enumerate(rows)]
+    failed = sample_rows(logits, rows)
+    assert failed[:2] == got[:2] and isinstance(failed[2], RuntimeError)

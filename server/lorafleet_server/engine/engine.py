@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -564,8 +565,16 @@ class Engine:
         self._fill_rows()
         if self._free_rows or not self._waiting:
             return
+        running = Counter(r.tenant for r in self._running)
+
+        def can_start(r: _Request) -> bool:
+            """Below its tenant's running limit (a tenant at it gains nothing from a preemption: the row
+            would go straight back) with its adapter at hand."""
+            limit = self._tenant_limit(r.req, "max_running")
+            return not (limit and running[r.tenant] >= limit) and self._can_start_now(r)
+
         victim = preemption_victim(
-            self.config.max_batch_size, self._running, self._waiting, self._can_start_now, self._preemptible
+            self.config.max_batch_size, self._running, self._waiting, can_start, self._preemptible
         )
         if victim is not None:
             self._preempt(victim)
@@ -595,8 +604,8 @@ class Engine:
                     try:
                         slot = self.adapters.poll(r.lora)
                     except (AdapterError, ServingError) as exc:
-                        self._fail(r, exc)
-                        return self._next_ready(running)
+                        self._fail(r, exc)  # out of the queue; the scan goes on (the order is unchanged)
+                        continue
                     if slot is None:
                         continue  # loading, or waiting for a free slot
                     r.slot = slot
@@ -695,11 +704,18 @@ class Engine:
 
     def _remember_prefix(self, r: _Request) -> None:
         """``r`` just finished its prefill: keep its full blocks (prompt, and after a preemption the
-        tokens it had generated) for later requests of the same adapter version."""
+        tokens it had generated) for later requests of the same adapter version. A failure (no memory
+        for the copy) only leaves them uncached: a block is added whole or not at all."""
         row = r.kv_row
-        self.prefix_cache.insert(
-            r.lora, r.resume_ids, len(r.resume_ids), lambda start, end: self.runner.kv.read(row, start, end)
-        )
+        try:
+            self.prefix_cache.insert(
+                r.lora,
+                r.resume_ids,
+                len(r.resume_ids),
+                lambda start, end: self.runner.kv.read(row, start, end),
+            )
+        except Exception:
+            log.exception("request %s: its prompt's blocks could not be cached", r.req.request_id)
 
     def _plan(self) -> list[tuple[_Request, RowStep]]:
         """This step's rows: one token for every row that has finished its prompt, then prompt chunks
@@ -792,7 +808,16 @@ class Engine:
         )
         now = time.monotonic()
         for r, tok in zip(logit_rows, tokens, strict=True):
-            self._on_token(r, tok, now)
+            if isinstance(tok, Exception):  # this row's logits could not be sampled: it alone fails
+                log.error("request %s: %s", r.req.request_id, tok)
+                self._fail(r, tok)
+                continue
+            try:
+                self._on_token(r, tok, now)
+            except Exception as exc:  # a bug in one request's token handling: fail it, keep serving
+                log.exception("request %s: handling token %d failed", r.req.request_id, tok)
+                if r in self._running:  # not finished (and released) before it raised
+                    self._fail(r, exc)
 
     def _on_token(self, r: _Request, tok: int, now: float) -> None:
         assert r.detok is not None and r.stops is not None

@@ -30,6 +30,18 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(0, seen, score)
 
 
+def divide_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [V] fp32 / ``temperature`` (> 0). Where that overflows (a temperature near zero, or a
+    logit a repetition penalty near zero pushed to +inf), the largest logit is subtracted first: the
+    same distribution, with the largest at 0 and the rest finite or -inf, so softmax has no NaN and a
+    tiny temperature samples like greedy. Rows that do not overflow are divided as transformers does."""
+    scaled = logits / temperature  # [V]
+    if bool(scaled.max() < float("inf")):
+        return scaled
+    finite = logits.clamp(max=torch.finfo(logits.dtype).max)  # +inf to the largest finite value
+    return (finite - finite.max()) / temperature
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits [V] -> logits with filtered tokens at -inf (keeps at least one token)."""
     if top_k > 0 and top_k < logits.numel():
@@ -53,12 +65,14 @@ def torch_argmax(logits: torch.Tensor) -> list[int]:  # [B, V] -> each row's ind
 
 def sample_rows(
     logits: torch.Tensor, rows: list[RowSampling], argmax: Callable[[torch.Tensor], list[int]] = torch_argmax
-) -> list[int]:
+) -> list[int | Exception]:
     """logits [B, V] fp32 or bf16 -> one token id per row. ``argmax``: each row's index of its largest
     value as ``logits.float().max(-1).indices`` gives it, for the greedy rows without a penalty (the
     runner's ``greedy_tokens`` reads a bf16 LM head's output in place); every other row is widened to
-    fp32 before its penalty, temperature and filters, as the logits were before (bf16 to fp32 is exact)."""
-    out: list[int] = []
+    fp32 before its penalty, temperature and filters, as the logits were before (bf16 to fp32 is exact).
+    A row whose sampling raises (NaN logits: no distribution to draw from) gets the exception in place
+    of its token, so only its request fails; the other rows' draws are the ones they would have had."""
+    out: list[int | Exception] = []
     greedy_plain = [
         i for i, r in enumerate(rows) if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None)
     ]
@@ -67,16 +81,23 @@ def sample_rows(
         if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None):
             out.append(int(best[i]))
             continue
-        row = logits[i].float()  # [V]
-        if r.repetition_penalty != 1.0 and r.seen is not None and r.seen.numel():
-            row = apply_repetition_penalty(row, r.seen.to(row.device), r.repetition_penalty)
-        if r.temperature == 0:
-            out.append(int(row.argmax()))
-            continue
-        row = filter_top_k_top_p(row / r.temperature, r.top_k, r.top_p)
-        probs = row.softmax(-1)
-        gen = r.generator
-        if gen is not None and gen.device != probs.device:
-            probs = probs.to(gen.device)
-        out.append(int(torch.multinomial(probs, 1, generator=gen)))
+        try:
+            out.append(sample_row(logits[i], r))
+        except Exception as exc:  # RuntimeError from multinomial on NaN probabilities, or the like
+            out.append(RuntimeError(f"cannot sample the next token: {exc}"))
     return out
+
+
+def sample_row(logits: torch.Tensor, r: RowSampling) -> int:
+    """logits [V] fp32 or bf16 -> the row's token: penalty, then greedy or temperature, filters, a draw."""
+    row = logits.float()  # [V]
+    if r.repetition_penalty != 1.0 and r.seen is not None and r.seen.numel():
+        row = apply_repetition_penalty(row, r.seen.to(row.device), r.repetition_penalty)
+    if r.temperature == 0:
+        return int(row.argmax())
+    row = filter_top_k_top_p(divide_by_temperature(row, r.temperature), r.top_k, r.top_p)
+    probs = row.softmax(-1)
+    gen = r.generator
+    if gen is not None and gen.device != probs.device:
+        probs = probs.to(gen.device)
+    return int(torch.multinomial(probs, 1, generator=gen))
