@@ -24,6 +24,10 @@ class ShuttingDown(ServingError):
     """The engine is draining or stopped (UNAVAILABLE)."""
 
 
+# A request the engine cut (CANCELLED summary) where the caller waited for one answer (HTTP, Embed, Classify).
+STOPPED_BY_SERVER = "the request was stopped by the server (shutting down); retry elsewhere"
+
+
 class AdapterBusy(ServingError):
     """Every device slot is leased or pinned, so the adapter cannot be loaded now (RESOURCE_EXHAUSTED)."""
 

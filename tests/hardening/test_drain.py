@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet import LoraFleetClient, Sampling, UnavailableError
 from lorafleet_server.app import build_service
+from lorafleet_server.engine.types import FinishReason
 from lorafleet_server.grpc.server import BackgroundServer
 
 
@@ -77,6 +78,45 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
     finally:
         release.set()
         client.close()
+
+
+def test_an_embed_the_server_cuts_before_its_prompt_is_unavailable(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A unary call has no finish reason to carry a cut: UNAVAILABLE (retry elsewhere), as HTTP's 503."""
+    config = server_config(model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0)
+    service = build_service(config)
+    server = BackgroundServer(service)
+    client = LoraFleetClient(f"127.0.0.1:{server.start()}", timeout=60)
+    engine = service.engine
+    release = threading.Event()
+    try:
+        held = engine.call(lambda: release.wait(60))
+        outcome: list[object] = []
+
+        def embed() -> None:
+            try:
+                outcome.append(client.embed("The capital of France is"))
+            except Exception as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=embed)
+        caller.start()
+        _wait_until(lambda: engine.load_stats() == (0, 1))  # submitted, not yet in the engine's queue
+
+        def cut() -> None:  # what a stop does to a request that has not run: a CANCELLED summary
+            for r in list(engine._waiting):
+                engine._finish(r, FinishReason.CANCELLED)
+
+        after = engine.call(cut)
+        release.set()
+        held.result(10)
+        after.result(10)
+        caller.join(30)
+        assert isinstance(outcome[0], UnavailableError) and "stopped by the server" in str(outcome[0]), outcome
+        assert client.embed("Hello")  # the server serves on
+    finally:
+        release.set()
+        client.close()
+        server.stop(drain_seconds=0)
 
 
 def _wait_until(condition: object, timeout: float = 10.0) -> None:

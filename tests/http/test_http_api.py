@@ -49,7 +49,7 @@ def test_http_statuses_come_from_the_one_status_table() -> None:
         grpc.StatusCode.PERMISSION_DENIED: 403,
         grpc.StatusCode.INVALID_ARGUMENT: 400,
         grpc.StatusCode.NOT_FOUND: 404,
-        grpc.StatusCode.FAILED_PRECONDITION: 412,
+        grpc.StatusCode.FAILED_PRECONDITION: 400,
         grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
         grpc.StatusCode.UNAVAILABLE: 503,
         grpc.StatusCode.DEADLINE_EXCEEDED: 504,
@@ -244,6 +244,8 @@ def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
         assert str(error["param"]).startswith(param), (override, error)
     with pytest.raises(openai.BadRequestError, match="max_new_tokens"):  # the engine's own limit
         sdk.completions.create(model=tiny_http.model_id, prompt="x", max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="the prompt is empty"):
+        sdk.completions.create(model=tiny_http.model_id, prompt="")
     with pytest.raises(openai.BadRequestError) as echo:
         sdk.completions.create(model=tiny_http.model_id, prompt="x", echo=True)
     assert echo.value.param == "echo"
@@ -312,7 +314,7 @@ def test_unknown_and_foreign_adapters_are_the_same_not_found(tiny_http: TinyHttp
     assert beta.model == "beta/secret@1"
 
 
-def test_an_incompatible_adapter_is_412(tiny_http: TinyHttp) -> None:
+def test_an_incompatible_adapter_is_a_bad_request_that_says_why(tiny_http: TinyHttp) -> None:
     from e2elib import lora_config_json, plant_version
 
     plant_version(
@@ -323,12 +325,46 @@ def test_an_incompatible_adapter_is_412(tiny_http: TinyHttp) -> None:
         {"adapter_config.json": lora_config_json(8, ["q_proj"]), "adapter_model.safetensors": b"x"},
         base_fingerprint="sha256:another-base",
     )
-    with pytest.raises(openai.APIStatusError) as refused:
+    with pytest.raises(openai.BadRequestError) as refused:
         client(tiny_http).chat.completions.create(model="acme/elsewhere", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
-    assert refused.value.status_code == 412
-    with pytest.raises(openai.APIStatusError) as streamed:  # refused before the stream starts, same status
+    assert refused.value.code == "adapter_incompatible" and refused.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as streamed:  # refused before the stream starts, same status
         client(tiny_http).chat.completions.create(model="acme/elsewhere", messages=CHAT, max_tokens=2, stream=True)  # type: ignore[arg-type]
-    assert streamed.value.status_code == 412
+    assert streamed.value.code == "adapter_incompatible"
+
+
+def test_text_that_is_not_unicode_is_a_bad_request_on_every_endpoint(tiny_http: TinyHttp) -> None:
+    """JSON's "\\ud800" decodes to a lone surrogate, which has no UTF-8 form (the tokenizer raised: a 500)."""
+    headers = {"authorization": f"Bearer {tiny_http.keys['acme']}", "content-type": "application/json"}
+    model = tiny_http.model_id
+    bodies = {
+        "completions": ({"model": model, "prompt": "a\ud800b"}, "prompt"),
+        "chat/completions": (
+            {"model": model, "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "\udfff"}]},
+            "messages[1].content",
+        ),
+        "embeddings": ({"model": model, "input": ["fine", "x\ud83d"]}, "prompt"),
+    }
+    for route, (body, what) in bodies.items():
+        raw = json.dumps(body)  # ASCII JSON: the surrogate goes as its escape, as a client's would send it
+        assert "\\ud" in raw
+        answer = httpx.post(f"{tiny_http.url}/v1/{route}", content=raw, headers=headers, timeout=60)
+        assert answer.status_code == 400, (route, answer.text)
+        error = answer.json()["error"]
+        assert f"{what} is not valid Unicode text: a lone surrogate" in error["message"], error
+        assert error["type"] == "invalid_request_error"
+
+
+def test_an_embeddings_call_refused_midway_leaves_no_work_behind(tiny_http: TinyHttp) -> None:
+    """The "tight" key may queue one request: the second input is refused (429) and the first, queued,
+    is cancelled with the call rather than computed and metered for an answer nobody gets."""
+    engine = tiny_http.service.engine
+    cancelled = tiny_http.metric("lorafleet_generations_total", reason="cancelled")
+    with engine_held(engine), pytest.raises(openai.RateLimitError):
+        client(tiny_http, "tight").embeddings.create(model=tiny_http.model_id, input=["one", "two", "three"])
+    wait_for(lambda: engine.load_stats() == (0, 0), 30, "the queued input gone")
+    assert tiny_http.metric("lorafleet_generations_total", reason="cancelled") == cancelled + 1
+    assert not [row for row in engine.usage.report(0, 4e9) if row.tenant == "tight"]  # nothing computed
 
 
 def test_a_full_queue_is_429(tiny_http: TinyHttp) -> None:
@@ -378,6 +414,13 @@ def test_a_disconnect_mid_stream_cancels_the_engine_request(tiny_http: TinyHttp)
     wait_for(lambda: tiny_http.metric("lorafleet_requests_total", **labels) == cancelled + 2, 30, "the disconnect")
     wait_for(lambda: engine.load_stats() == (0, 0), 10, "the row freed")
     assert tiny_http.metric("lorafleet_generations_total", reason="cancelled") == finished + 2
+
+    # Streaming, gone before the first token (queued here): seen while the engine is still held.
+    with engine_held(engine):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{tiny_http.url}/v1/completions", json=body, headers=headers, timeout=1.0)
+        wait_for(lambda: tiny_http.metric("lorafleet_requests_total", **labels) == cancelled + 3, 30, "the disconnect")
+    wait_for(lambda: engine.load_stats() == (0, 0), 10, "the request gone")
 
 
 def test_every_http_call_is_counted_under_its_route(tiny_http: TinyHttp) -> None:

@@ -905,7 +905,8 @@ class Engine:
         summary = self._summary(r, reason)
         self._release(r)
         self.observer.observe_finished(summary)
-        self.usage.record(r.tenant, summary)
+        if r.admitted:  # one cancelled before it took a row computed nothing: not metered
+            self.usage.record(r.tenant, summary)
         self._deliver(r, TokenEvent(summary=summary))
 
     def _fail(self, r: _Request, exc: Exception) -> None:

@@ -47,6 +47,17 @@ class Turn(Protocol):
     content: str
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text that is not a sequence of Unicode characters: a lone UTF-16 surrogate (JSON's
+    ``"\\ud800"`` decodes to one; protobuf refuses them) has no UTF-8 form, and the tokenizer raises."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{what} is not valid Unicode text: a lone surrogate {text[exc.start]!a} at character {exc.start}"
+        ) from None
+
+
 class PromptEncoder:
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int) -> None:
         self.tokenizer = tokenizer
@@ -76,11 +87,15 @@ class PromptEncoder:
         ``budget`` is the tokens the request will add (``max_new_tokens``); prompt plus budget must fit
         ``max_seq_len``, checked first by the character bound, then exactly.
         """
+        if prompt == "" and not messages:
+            raise InvalidRequest("the prompt is empty")
         if (prompt is None or prompt == "") == (not messages):
             raise InvalidRequest("set exactly one of prompt and messages")
+        check_unicode(prompt or "", "prompt")
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant")
+            check_unicode(m.content, f"messages[{i}].content")
         own = [(m.role, m.content) for m in messages]
         chars = len(prompt or "") + sum(len(content) for _, content in own)
         if template is not None:

@@ -11,6 +11,7 @@ from lorafleet_proto.v1 import inference_pb2, inference_pb2_grpc
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.stream import EngineStream
 from lorafleet_server.engine.types import ModelInfo
+from lorafleet_server.errors import STOPPED_BY_SERVER, ShuttingDown
 from lorafleet_server.grpc import convert
 from lorafleet_server.grpc.auth import check_adapter_access
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
@@ -89,8 +90,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     prompt_tokens=event.summary.prompt_tokens,
                     adapter=event.summary.adapter,
                 )
-            if event.summary is not None:  # cancelled before the prompt was read
-                raise asyncio.CancelledError()
+            if event.summary is not None:  # cut before its prompt was read: the server is shutting down
+                raise ShuttingDown(STOPPED_BY_SERVER)
         raise RuntimeError("engine stream ended without an embedding")
 
     @unary_rpc("Classify", adapter=True, send_request_id="trailing")
@@ -104,8 +105,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 record.summary = event.summary
             if event.summary is not None and event.labels is not None:
                 return convert.classify_pb(event.labels, event.summary)
-            if event.summary is not None:  # cancelled before the prompt was read
-                raise asyncio.CancelledError()
+            if event.summary is not None:  # cut before its prompt was read: the server is shutting down
+                raise ShuttingDown(STOPPED_BY_SERVER)
         raise RuntimeError("engine stream ended without labels")
 
     @unary_rpc("GetModelInfo")

@@ -47,7 +47,7 @@ from lorafleet_server.engine.types import (
     Summary,
     TokenEvent,
 )
-from lorafleet_server.errors import ShuttingDown
+from lorafleet_server.errors import STOPPED_BY_SERVER, ShuttingDown
 from lorafleet_server.grpc.affinity import ADAPTER_HEADER, REPLICA_HEADER
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.http.auth import HttpAuth, principal_of
@@ -162,7 +162,7 @@ def _usage(s: Summary) -> dict[str, int]:
 def _finish_reason(s: Summary) -> str:
     reason = FINISH_REASONS.get(s.finish_reason)
     if reason is None:  # CANCELLED while the client is still here: the server cut it (forced stop)
-        raise ShuttingDown("the request was stopped by the server (shutting down); retry elsewhere")
+        raise ShuttingDown(STOPPED_BY_SERVER)
     return reason
 
 
@@ -266,7 +266,7 @@ class OpenAIApi:
                 )
                 for i, text in enumerate(body.texts())
             ]
-            results = await self._until_disconnect(request, asyncio.gather(*(self._embed(r) for r in reqs)))
+            results = await self._until_disconnect(request, self._embed_all(reqs))
             summaries = [s for s, _ in results]
             record.summary = summaries[0]
             served = summaries[0].adapter or self._info.model_id
@@ -287,12 +287,24 @@ class OpenAIApi:
 
         return await self._unary(request, EMBEDDINGS, body.model, work)
 
+    async def _embed_all(self, reqs: list[GenerationRequest]) -> list[tuple[Summary, tuple[float, ...]]]:
+        """Every input's embedding; the first failure cancels the inputs still running (their engine
+        requests with them) before it is raised: a refused call leaves no work behind."""
+        tasks = [asyncio.ensure_future(self._embed(r)) for r in reqs]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:  # an input failed, or this call was cancelled (client gone)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
     async def _embed(self, req: GenerationRequest) -> tuple[Summary, tuple[float, ...]]:
         async for event in self._stream.events(req):
             if event.summary is not None and event.embedding is not None:
                 return event.summary, event.embedding
             if event.summary is not None:  # cancelled before its prompt was read: the server cut it
-                raise ShuttingDown("the request was stopped by the server (shutting down); retry elsewhere")
+                raise ShuttingDown(STOPPED_BY_SERVER)
         raise RuntimeError("engine stream ended without an embedding")
 
     def _adapter_ref(self, model: str) -> AdapterRef | None:
@@ -354,7 +366,9 @@ class OpenAIApi:
             prepared = Prepared(submitted, submitted.adapter or self._info.model_id)
             if body.stream:
                 events = submitted.events()
-                first = await anext(events)  # errors before the first token become real HTTP errors
+                # errors before the first token become real HTTP errors; a client that leaves while it
+                # waits for it (queued, prefilling) cancels the request, as in a non-streaming call
+                first = await self._until_disconnect(request, anext(events))
                 include_usage = body.stream_options is not None and body.stream_options.include_usage
                 stream = self._sse_stream(kind, prepared, first, events, include_usage, record)
 

@@ -57,7 +57,7 @@ def describe(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, int,
     param: str | None = None
     err_code: str | None = None
     if isinstance(exc, InvalidParameter):
-        param, err_code = exc.param, exc.code
+        param, err_code = exc.param or None, exc.code
     elif isinstance(exc, AdapterNotFound | InvalidAdapterRef):
         param, err_code = "model", "model_not_found" if isinstance(exc, AdapterNotFound) else "invalid_model"
     message = str(exc) or type(exc).__name__
