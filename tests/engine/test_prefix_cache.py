@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from lorafleet_adapters.ref import AdapterKey
 from lorafleet_server.app import Service
 from lorafleet_server.config import parse_config
 from lorafleet_server.engine.prefix_cache import PrefixCache
-from lorafleet_server.engine.types import ChatTurn, FinishReason, TokenEvent
+from lorafleet_server.engine.types import ChatTurn, FinishReason, Principal, TokenEvent
 
 SYSTEM = (
     "You are the support assistant of Zephyr Bikes. Frames carry a two year warranty, wheels one year. "
@@ -74,14 +75,37 @@ def test_block_ids_chain_the_owner_and_every_earlier_token() -> None:
     cache = PrefixCache(1 << 20, BLOCK)
     v1, v2 = AdapterKey("acme", "bot", 1), AdapterKey("acme", "bot", 2)
     ids = list(range(100, 150))
-    base = cache.block_ids(None, ids, len(ids))
+    base = cache.block_ids("", ids, len(ids))
     assert len(base) == 3  # full blocks only
-    assert cache.block_ids(None, ids, 40) == base[:2]
-    assert cache.block_ids(v1, ids, 50) != base and cache.block_ids(v1, ids, 50)[0] != cache.block_ids(v2, ids, 50)[0]
+    assert cache.block_ids("", ids, 40) == base[:2]
+    first = cache.block_ids(str(v1), ids, 50)
+    assert first != base and first[0] != cache.block_ids(str(v2), ids, 50)[0]
+    assert cache.block_ids("base:acme", ids, 50)[0] not in (base[0], cache.block_ids("base:beta", ids, 50)[0])
     changed = [*ids[:5], 7, *ids[6:]]  # one token of the first block differs: every later block differs
-    assert not set(cache.block_ids(None, changed, 50)) & set(base)
+    assert not set(cache.block_ids("", changed, 50)) & set(base)
     later = [*ids[:20], 7, *ids[21:]]
-    assert cache.block_ids(None, later, 50)[0] == base[0] and cache.block_ids(None, later, 50)[1:] != base[1:]
+    assert cache.block_ids("", later, 50)[0] == base[0] and cache.block_ids("", later, 50)[1:] != base[1:]
+
+
+@pytest.mark.parametrize("scope", ["tenant", "shared"])
+def test_the_base_models_prefixes_are_each_tenants_own_unless_shared(
+    tiny_model_dir: Path, tmp_path: Path, scope: str
+) -> None:
+    """A hit shows in the time to first token: by default one tenant cannot learn that another sent a prompt."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", prefix_cache_scope=scope)
+    try:
+
+        def run(tenant: str) -> float:
+            before = hit_tokens(svc)
+            principal = Principal(key_id=f"k{tenant}", tenant=tenant, role="tenant")
+            generate(svc.engine, replace(request(SYSTEM * 2, max_new_tokens=2, rid=tenant), principal=principal))
+            return hit_tokens(svc) - before
+
+        assert run("a") == 0
+        assert run("a") > 0  # its own prefix
+        assert (run("b") > 0) is (scope == "shared")
+    finally:
+        svc.engine.shutdown(10)
 
 
 def test_lru_eviction_keeps_the_byte_bound_and_evicts_tails_first() -> None:
@@ -96,30 +120,30 @@ def test_lru_eviction_keeps_the_byte_bound_and_evicts_tails_first() -> None:
 
     cache = PrefixCache(3 * BLOCK_BYTES, BLOCK, observer=Obs())
     a, b = list(range(2 * BLOCK)), list(range(1000, 1000 + 2 * BLOCK))
-    assert cache.insert(None, a, len(a), fake_kv) == 2
-    assert cache.insert(None, b, len(b), fake_kv) == 2
+    assert cache.insert("", a, len(a), fake_kv) == 2
+    assert cache.insert("", b, len(b), fake_kv) == 2
     assert cache.bytes_used == 3 * BLOCK_BYTES and len(cache) == 3  # a's tail (least recent) left
     assert ("evicted", 1, 0) in events
-    n, blocks = cache.lookup(None, a, len(a))
+    n, blocks = cache.lookup("", a, len(a))
     assert n == BLOCK and float(blocks[0].k[0, 0, 0, 0]) == 0.0  # a's head is still there
-    n, blocks = cache.lookup(None, b, len(b))
+    n, blocks = cache.lookup("", b, len(b))
     assert n == 2 * BLOCK and [float(x.k[0, 0, 0, 0]) for x in blocks] == [0.0, float(BLOCK)]
     assert events[-1] == ("lookup", 2 * BLOCK, 2 * BLOCK)
     # b was used last, a's head before it: a third prefix pushes out a's head, then b's tail first.
     c = list(range(2000, 2000 + BLOCK))
-    cache.insert(None, c, len(c), fake_kv)
-    assert cache.lookup(None, a, len(a))[0] == 0
-    cache.insert(None, list(range(3000, 3000 + BLOCK)), BLOCK, fake_kv)
-    assert cache.lookup(None, b, len(b))[0] == BLOCK  # b's tail went before its head
+    cache.insert("", c, len(c), fake_kv)
+    assert cache.lookup("", a, len(a))[0] == 0
+    cache.insert("", list(range(3000, 3000 + BLOCK)), BLOCK, fake_kv)
+    assert cache.lookup("", b, len(b))[0] == BLOCK  # b's tail went before its head
     assert cache.bytes_used <= cache.max_bytes
-    assert cache.lookup(AdapterKey("acme", "bot", 1), b, len(b))[0] == 0  # another owner never hits
+    assert cache.lookup(str(AdapterKey("acme", "bot", 1)), b, len(b))[0] == 0  # another owner never hits
 
 
 def test_zero_bytes_disables_it() -> None:
     cache = PrefixCache(0, BLOCK)
     ids = list(range(64))
-    assert cache.insert(None, ids, 64, fake_kv) == 0
-    assert cache.lookup(None, ids, 64) == (0, []) and cache.bytes_used == 0
+    assert cache.insert("", ids, 64, fake_kv) == 0
+    assert cache.lookup("", ids, 64) == (0, []) and cache.bytes_used == 0
     with pytest.raises(ValueError, match=">= 0"):
         PrefixCache(-1)
     assert parse_config(["--prefix-cache-bytes", "0"], {}).prefix_cache_bytes == 0
@@ -274,10 +298,11 @@ def test_a_request_cancelled_mid_prefill_caches_nothing(services: tuple[Service,
     driver.wait()
     assert 0 < seen["cached"] < len(ids)  # it was cut mid-prefill
     assert len(on.engine.prefix_cache) == blocks_before  # none of its blocks went in
-    assert on.engine.prefix_cache.lookup(None, ids, len(ids) - 1)[0] == 0  # nothing of it
+    owner = "base:"  # the base model's blocks of tenant "" (no keys, no adapter)
+    assert on.engine.prefix_cache.lookup(owner, ids, len(ids) - 1)[0] == 0  # nothing of it
     fresh, ref = run_both(services, prompt)
     assert fresh.token_ids == ref.token_ids
-    assert on.engine.prefix_cache.lookup(None, ids, len(ids) - 1)[0] > 0  # a finished prefill did
+    assert on.engine.prefix_cache.lookup(owner, ids, len(ids) - 1)[0] > 0  # a finished prefill did
 
 
 def test_a_preempted_request_resumes_from_the_cache_with_the_same_tokens(services: tuple[Service, Service]) -> None:

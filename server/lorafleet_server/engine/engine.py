@@ -672,7 +672,7 @@ class Engine:
         r.prefix_checked = True
         if r.req.embed or not self.prefix_cache.enabled:
             return
-        n, blocks = self.prefix_cache.lookup(r.lora, r.resume_ids, len(r.resume_ids) - 1)
+        n, blocks = self.prefix_cache.lookup(self._cache_owner(r), r.resume_ids, len(r.resume_ids) - 1)
         r.prefix_hit = n
         if not n:
             return
@@ -702,6 +702,13 @@ class Engine:
                 return True
         return False
 
+    def _cache_owner(self, r: _Request) -> str:
+        """Whose prefix-cache blocks ``r`` may use: its LoRA version's (a tenant's own), else the base
+        model's, per tenant unless ``prefix_cache_scope`` is ``shared`` (an adapter key has a "/")."""
+        if r.lora is not None:
+            return str(r.lora)
+        return f"base:{r.tenant}" if self.config.prefix_cache_scope == "tenant" else ""
+
     def _remember_prefix(self, r: _Request) -> None:
         """``r`` just finished its prefill: keep its full blocks (prompt, and after a preemption the
         tokens it had generated) for later requests of the same adapter version. A failure (no memory
@@ -709,7 +716,7 @@ class Engine:
         row = r.kv_row
         try:
             self.prefix_cache.insert(
-                r.lora,
+                self._cache_owner(r),
                 r.resume_ids,
                 len(r.resume_ids),
                 lambda start, end: self.runner.kv.read(row, start, end),

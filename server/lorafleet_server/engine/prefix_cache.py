@@ -2,10 +2,11 @@
 
 A prompt is cut into blocks of ``block_tokens`` tokens. Block ``i``'s id is a chain hash (SHA-256)
 of the owner, every token of blocks ``0..i`` (through the previous block's id) and its own tokens,
-so one id names one whole prefix. The owner is the concrete adapter version whose LoRA weights
-computed the K/V (``tenant/name@version``; versions are immutable, so a new version never meets an
-old version's blocks) or the base model ("" also serves prompt adapters: their template is part of
-the prompt's tokens).
+so one id names one whole prefix. The owner (``Engine._cache_owner``) is the concrete adapter version
+whose LoRA weights computed the K/V (``tenant/name@version``; versions are immutable, so a new version
+never meets an old version's blocks) or the base model, for base requests and prompt adapters (their
+template is part of the prompt's tokens): per tenant by default, so a prefix one tenant cached is no
+faster for another (a cache hit is visible in the time to first token), or shared by all.
 
 Blocks are stored one by one, not per prefix: prompts that share a system prompt but differ after
 it share its blocks, and eviction can drop the tail of a prefix while its head stays. Least recently
@@ -23,8 +24,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-
-from lorafleet_adapters.ref import AdapterKey
 
 DEFAULT_BLOCK_TOKENS = 16
 
@@ -72,10 +71,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def block_ids(self, owner: AdapterKey | None, token_ids: Sequence[int], limit: int) -> list[bytes]:
+    def block_ids(self, owner: str, token_ids: Sequence[int], limit: int) -> list[bytes]:
         """Chain ids of the full blocks among the first ``limit`` tokens of ``token_ids``."""
         n = min(limit, len(token_ids)) // self.block_tokens
-        parent = hashlib.sha256(b"lorafleet-prefix\0" + (str(owner) if owner is not None else "").encode()).digest()
+        parent = hashlib.sha256(b"lorafleet-prefix\0" + owner.encode()).digest()
         ids: list[bytes] = []
         for b in range(n):
             block = token_ids[b * self.block_tokens : (b + 1) * self.block_tokens]
@@ -85,7 +84,7 @@ class PrefixCache:
             ids.append(parent)
         return ids
 
-    def lookup(self, owner: AdapterKey | None, token_ids: Sequence[int], limit: int) -> tuple[int, list[PrefixBlock]]:
+    def lookup(self, owner: str, token_ids: Sequence[int], limit: int) -> tuple[int, list[PrefixBlock]]:
         """The longest cached block-aligned prefix of ``token_ids[:limit]``: (its tokens, its blocks in
         order). Refreshes those blocks and reports the lookup (``limit`` tokens asked)."""
         if not self.enabled:
@@ -105,7 +104,7 @@ class PrefixCache:
 
     def insert(
         self,
-        owner: AdapterKey | None,
+        owner: str,
         token_ids: Sequence[int],
         limit: int,
         read: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],

@@ -10,6 +10,7 @@ from lorafleet_adapters.ref import AdapterRef
 
 # The order in which prefilling rows get a step's prompt budget (Engine._prefill_queue).
 PrefillOrder = Literal["shortest", "arrival"]
+PrefixCacheScope = Literal["tenant", "shared"]
 
 
 class FinishReason(enum.Enum):
@@ -59,6 +60,13 @@ class EngineConfig:
         default=512 << 20,
         metadata={
             "help": "memory for K/V of prompt prefixes reused per adapter version (LRU, bytes; 0: no prefix cache)"
+        },
+    )
+    prefix_cache_scope: PrefixCacheScope = field(
+        default="tenant",
+        metadata={
+            "help": "who shares the base model's (and prompt adapters') cached prefixes: tenant (each tenant its "
+            "own: no tenant can time whether another sent a prompt) or shared (every tenant, more hits)"
         },
     )
 
