@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from enginelib import Collected, generate, request, submit, tiny_service
+from enginelib import Collected, engine_held, generate, request, submit, tiny_service
 
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey
@@ -106,6 +106,47 @@ def test_the_base_models_prefixes_are_each_tenants_own_unless_shared(
         assert (run("b") > 0) is (scope == "shared")
     finally:
         svc.engine.shutdown(10)
+
+
+def test_a_prompt_waits_only_for_a_prefill_whose_blocks_it_may_use(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two prompts admitted together with a shared head: the second lets the step that completes the
+    first go only when it may read that prompt's blocks (same tenant); another tenant's would be of
+    no use to it, and waiting for them would show in its time to first token."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store")
+    engine = svc.engine
+    looked_up: dict[str, tuple[int, int]] = {}  # request id -> (step of its lookup, tokens it found)
+    reuse = engine._reuse_prefix
+
+    def spy(r: Any) -> None:  # engine thread
+        step = engine.steps
+        reuse(r)
+        looked_up[r.req.request_id] = (step, r.cached)
+
+    engine._reuse_prefix = spy  # type: ignore[method-assign]
+    try:
+        for tenants in (("a", "a"), ("a", "b")):
+            looked_up.clear()
+            engine.run(engine.prefix_cache.clear)
+            with engine_held(engine):
+                sinks = [
+                    submit(
+                        engine,
+                        replace(
+                            request(SYSTEM * 2 + f" Question {i}?", max_new_tokens=2, rid=f"{tenant}{i}"),
+                            principal=Principal(key_id=f"k{tenant}", tenant=tenant, role="tenant"),
+                        ),
+                    )[0]
+                    for i, tenant in enumerate(tenants)
+                ]
+            for sink in sinks:
+                sink.wait()
+            (first_step, _), (second_step, found) = looked_up[f"{tenants[0]}0"], looked_up[f"{tenants[1]}1"]
+            if tenants[1] == tenants[0]:
+                assert second_step == first_step + 1 and found > 0  # waited a step, then reused the head
+            else:
+                assert second_step == first_step and found == 0  # nothing to wait for
+    finally:
+        engine.shutdown(10)
 
 
 def test_lru_eviction_keeps_the_byte_bound_and_evicts_tails_first() -> None:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from lorafleet_server.model.sampler import RowSampling, divide_by_temperature, sample_rows
+from lorafleet_server.model.sampler import RowSampling, apply_repetition_penalty, divide_by_temperature, sample_rows
 
 GREEDY = RowSampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seen=None, generator=None)
 
@@ -86,3 +86,24 @@ def test_a_temperature_near_zero_divides_without_overflow_and_as_before_where_it
     rows = [replace(r, generator=torch.Generator().manual_seed(i + 1)) for i, r in enumerate(rows)]
     failed = sample_rows(logits, rows)
     assert failed[:2] == got[:2] and isinstance(failed[2], RuntimeError)
+
+
+def test_no_valid_temperature_or_penalty_gives_a_nan() -> None:
+    """Positive finite temperatures and penalties of any size: below fp32's range (0 there), every logit
+    negative (all -inf after dividing), a logit of exactly 0 under a penalty of 0 or inf in fp32."""
+    rows = [torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-2.0, -1.0, -1.5]), torch.tensor([0.0, 0.0, -3.0])]
+    for temperature in (1e-300, 1e-46, 1e-40, 1e-30, 0.7, 1e30):
+        for row in rows:
+            probs = divide_by_temperature(row, temperature).softmax(-1)
+            assert not probs.isnan().any(), (temperature, row)
+            if temperature <= 1e-30:  # all on the largest logit(s): greedy
+                assert probs[int(row.argmax())] > 0 and probs[row < row.max()].sum() == 0
+    seen = torch.tensor([0, 1, 2])
+    for penalty in (1e-300, 1e-46, 1e300):
+        penalized = apply_repetition_penalty(torch.tensor([0.0, 2.0, -1.0]), seen, penalty)
+        assert torch.isfinite(penalized).all() and penalized[0] == 0, (penalty, penalized)
+        token = sample_rows(
+            torch.tensor([[0.0, 2.0, -1.0]]),
+            [RowSampling(1e-46, 1.0, 0, penalty, seen, torch.Generator().manual_seed(0))],
+        )[0]
+        assert isinstance(token, int)

@@ -676,9 +676,14 @@ class Engine:
         r.prefix_hit = n
         if not n:
             return
-        k = torch.cat([b.k for b in blocks], dim=2)  # [layers, kv_heads, n, head_dim]
-        v = torch.cat([b.v for b in blocks], dim=2)
-        self.runner.kv.write(r.kv_row, 0, k, v)
+        try:
+            k = torch.cat([b.k for b in blocks], dim=2)  # [layers, kv_heads, n, head_dim]
+            v = torch.cat([b.v for b in blocks], dim=2)
+            self.runner.kv.write(r.kv_row, 0, k, v)
+        except Exception:  # no memory for the copy: prefill it all (rewrites whatever was written)
+            log.exception("request %s: its cached prefix could not be copied in; computing it", r.req.request_id)
+            r.prefix_hit = 0
+            return
         r.cached = n
 
     def _waits_for_prefix(self, r: _Request, finishing: list[_Request]) -> bool:
@@ -690,8 +695,9 @@ class Engine:
             return False
         block = self.prefix_cache.block_tokens
         limit = len(r.resume_ids) - 1  # the last token is always computed
+        owner = self._cache_owner(r)
         for q in finishing:
-            if q.lora != r.lora or q.req.embed:
+            if q.req.embed or self._cache_owner(q) != owner:  # blocks r could not use
                 continue
             shared = 0
             for a, b in zip(q.resume_ids[:limit], r.resume_ids[:limit], strict=False):
@@ -823,8 +829,10 @@ class Engine:
                 self._on_token(r, tok, now)
             except Exception as exc:  # a bug in one request's token handling: fail it, keep serving
                 log.exception("request %s: handling token %d failed", r.req.request_id, tok)
-                if r in self._running:  # not finished (and released) before it raised
+                if r in self._running:
                     self._fail(r, exc)
+                else:  # released by _finish, which raised before its final event: send one
+                    self._deliver(r, TokenEvent(error=exc))
 
     def _on_token(self, r: _Request, tok: int, now: float) -> None:
         assert r.detok is not None and r.stops is not None

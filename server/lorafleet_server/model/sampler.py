@@ -24,21 +24,29 @@ class RowSampling:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits [V]; divides positive and multiplies negative logits of seen tokens by ``penalty``."""
+    """logits [V]; divides positive and multiplies negative logits of seen tokens by ``penalty``
+    (taken within the dtype's positive range: one that rounds to 0 or inf there would make 0/0 or
+    0 * inf of a logit that is exactly 0)."""
+    info = torch.finfo(logits.dtype)
+    penalty = min(max(penalty, info.tiny), info.max)
     score = logits.gather(0, seen)  # [T]
     score = torch.where(score < 0, score * penalty, score / penalty)
     return logits.scatter(0, seen, score)
 
 
 def divide_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits [V] fp32 / ``temperature`` (> 0). Where that overflows (a temperature near zero, or a
-    logit a repetition penalty near zero pushed to +inf), the largest logit is subtracted first: the
-    same distribution, with the largest at 0 and the rest finite or -inf, so softmax has no NaN and a
-    tiny temperature samples like greedy. Rows that do not overflow are divided as transformers does."""
+    """logits [V] fp32 / ``temperature`` (> 0; below the dtype's smallest normal number it is that,
+    not 0). Where the largest result is not finite (a temperature near zero overflows it to +inf, or
+    every logit to -inf when all are negative; a repetition penalty near zero made a logit +inf), the
+    largest logit is subtracted first: the same distribution, with the largest at 0 and the rest
+    finite or -inf, so softmax has no NaN and a tiny temperature samples like greedy. Rows whose
+    largest result is finite are divided as transformers does."""
+    info = torch.finfo(logits.dtype)
+    temperature = max(temperature, info.tiny)
     scaled = logits / temperature  # [V]
-    if bool(scaled.max() < float("inf")):
+    if bool(torch.isfinite(scaled.max())):
         return scaled
-    finite = logits.clamp(max=torch.finfo(logits.dtype).max)  # +inf to the largest finite value
+    finite = logits.clamp(max=info.max)  # +inf to the largest finite value
     return (finite - finite.max()) / temperature
 
 
