@@ -159,7 +159,7 @@ def _read_head_json(path: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{path} is larger than {MAX_HEAD_JSON_BYTES} bytes")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise AdapterFormatError(f"{path} is not valid JSON: {exc}") from None
     keys = {"format", "labels", "hidden_size", "pooling", "features_from"}
     if not isinstance(data, dict) or set(data) != keys:
@@ -301,7 +301,7 @@ def read_head_record(store: Store, key: AdapterKey) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads((vdir / HEAD_RECORD_FILE).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise AdapterFormatError(f"{key}: {HEAD_RECORD_FILE} is not valid JSON: {exc}") from None
     if not isinstance(record, dict):
         raise AdapterFormatError(f"{key}: {HEAD_RECORD_FILE} must hold an object")

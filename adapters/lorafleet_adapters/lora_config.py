@@ -15,11 +15,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import regex
+
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
+from lorafleet_adapters.manifest import is_finite_number
 
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
 ALL_LINEAR = "all-linear"
+# One match of a config's pattern against a module name (~50 characters) takes microseconds; this is
+# the most it may take before the adapter is refused (a pattern that backtracks catastrophically).
+REGEX_MATCH_SECONDS = 0.05
 
 # Fields that change the forward pass (or need a different base) and are refused unless default-like.
 _REFUSED = {
@@ -116,7 +122,7 @@ class LoraConfigInfo:
         if self.target_modules_regex is not None:
             if self.target_modules_regex.lower() == ALL_LINEAR:
                 return True
-            return re.fullmatch(self.target_modules_regex, module) is not None
+            return config_match(self.target_modules_regex, module, "target_modules", full=True) is not None
         found = module in self.target_modules or any(module.endswith(f".{t}") for t in self.target_modules)
         if not found or self.layers_to_transform is None:
             return found
@@ -127,7 +133,7 @@ class LoraConfigInfo:
         if not self.exclude_modules:
             return False
         if isinstance(self.exclude_modules, str):
-            return re.fullmatch(self.exclude_modules, module) is not None
+            return config_match(self.exclude_modules, module, "exclude_modules", full=True) is not None
         return module in self.exclude_modules or any(module.endswith(f".{e}") for e in self.exclude_modules)
 
 
@@ -174,7 +180,7 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"cannot read {path.name}: {exc.strerror or exc}") from None
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise AdapterFormatError(f"{path.name} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{path.name} must hold a JSON object")
@@ -223,7 +229,7 @@ def _int_value(name: str, value: Any) -> int:
 
 
 def _float_value(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise AdapterFormatError(f"{CONFIG_FILE}: field {name!r} must be a finite number, got {value!r}")
     return float(value)
 
@@ -246,6 +252,24 @@ def _optional_str(raw: Mapping[str, Any], name: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise AdapterFormatError(f"{CONFIG_FILE}: field {name!r} must be a string or null, got {value!r}")
     return value
+
+
+def config_match(pattern: str, module: str, field: str, *, full: bool = False) -> regex.Match[str] | None:
+    """``re.match`` (``full``: ``re.fullmatch``) of a pattern from a config, as peft runs it, with a time
+    limit. The patterns are a publisher's regexes run in the server: one that backtracks
+    catastrophically is refused (AdapterFormatError) instead of holding a load thread for minutes, and
+    the ``regex`` engine releases the GIL while it matches (``concurrent``), so serving goes on."""
+    match = regex.fullmatch if full else regex.match
+    try:
+        re.compile(pattern)  # peft's own engine: what it refuses (a flag mid-pattern) is refused here too
+        return match(pattern, module, timeout=REGEX_MATCH_SECONDS, concurrent=True)
+    except TimeoutError:
+        raise AdapterFormatError(
+            f"{CONFIG_FILE}: field {field!r}: pattern {pattern[:120]!r} took over "
+            f"{REGEX_MATCH_SECONDS * 1e3:.0f} ms to match {module!r}"
+        ) from None
+    except (re.error, regex.error) as exc:
+        raise AdapterFormatError(f"{CONFIG_FILE}: field {field!r}: invalid pattern {pattern[:120]!r}: {exc}") from None
 
 
 def _check_regex(name: str, pattern: str) -> None:
@@ -322,7 +346,7 @@ def _layers_field(raw: Mapping[str, Any]) -> tuple[int, ...] | None:
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """peft's ``get_pattern_key`` followed by ``patterns.get(key, default)``."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if config_match(rf"(.*\.)?({key})$", module, "rank_pattern / alpha_pattern"):
             return patterns[key]
     return patterns.get(module, default)
 
@@ -333,7 +357,7 @@ def _layer_index(module: str, layers_pattern: tuple[str, ...] | None) -> int | N
     else:
         match = None
         for pattern in layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            match = config_match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module, "layers_pattern")
             if match is not None:
                 break
     return None if match is None else int(match.group("idx"))

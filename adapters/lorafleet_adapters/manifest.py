@@ -101,14 +101,14 @@ class Manifest:
             raise AdapterFormatError(
                 f"manifest field 'created_at' is {self.created_at!r}; expected an ISO-8601 timestamp"
             ) from None
-        if not math.isfinite(self.lora_alpha):
+        if not is_finite_number(self.lora_alpha):
             raise AdapterFormatError(f"manifest field 'lora_alpha' is {self.lora_alpha}; expected a finite number")
         for file_name, digest in self.files.items():
             check_file_name(file_name)
             if not isinstance(digest, str) or _SHA256_HEX.fullmatch(digest) is None:
                 raise AdapterFormatError(f"manifest field 'files': {file_name!r} has no valid sha256 hex digest")
         for metric, value in self.eval_metrics.items():
-            if not isinstance(metric, str) or not _is_number(value) or not math.isfinite(value):
+            if not isinstance(metric, str) or not is_finite_number(value):
                 raise AdapterFormatError(f"manifest field 'eval_metrics': {metric!r} is not a finite number")
         object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
         object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
@@ -133,7 +133,7 @@ class Manifest:
         """Parse and validate a manifest; raise AdapterFormatError naming the bad field."""
         try:
             data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise AdapterFormatError(f"manifest.json is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise AdapterFormatError("manifest.json must hold a JSON object")
@@ -157,6 +157,17 @@ _OPTIONAL = frozenset({"training_data_fingerprint", "eval_metrics", "pii_scan"})
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite as a float: JSON's 1e999 is inf, and an integer of
+    400 digits has no float (``math.isfinite`` raises OverflowError on it)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except OverflowError:
+        return False
 
 
 def _is_int(value: object) -> bool:

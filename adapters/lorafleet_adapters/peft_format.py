@@ -158,6 +158,13 @@ def load_adapter_weights(
         a_views, b_views = at_block.transpose(1, 2).unbind(0), bt_block.transpose(1, 2).unbind(0)
         for module, a_r_in, b_out_r in zip(group.modules, a_views, b_views, strict=True):
             loaded[module] = (a_r_in, b_out_r)  # views of A^T [in, r] and B^T [r, out]
+    # The file's values are finite (above); scaled by lora_alpha / r (a config's alpha can be 1e300) and
+    # rounded to ``dtype`` they can still overflow. A sum is finite only if every element is.
+    if not math.isfinite(float(flat.sum(dtype=torch.float32))) and not bool(torch.isfinite(flat).all()):
+        raise AdapterFormatError(
+            f"{path.name}: weights overflow to infinity once lora_B is scaled by lora_alpha / r "
+            f"(scalings {sorted({g.scaling for g in plan.groups})}) and rounded to {dtype}"
+        )
     return AdapterWeights(
         key=key,
         rank=max(a.shape[0] for a, _ in loaded.values()),

@@ -51,7 +51,7 @@ class PromptTemplate:
     def from_json(cls, text: str) -> PromptTemplate:
         try:
             data: Any = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's stack
             raise AdapterFormatError(f"{PROMPT_FILE} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or set(data) - {"system", "examples"}:
             raise AdapterFormatError(f"{PROMPT_FILE} must be an object with 'system' and optional 'examples'")
@@ -72,4 +72,8 @@ class PromptTemplate:
             raise AdapterFormatError(f"{directory} has no {PROMPT_FILE}")
         if path.stat().st_size > MAX_PROMPT_BYTES:
             raise AdapterFormatError(f"{path} is larger than {MAX_PROMPT_BYTES} bytes")
-        return cls.from_json(path.read_text(encoding="utf-8"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise AdapterFormatError(f"{PROMPT_FILE} is not UTF-8: {exc}") from None
+        return cls.from_json(text)

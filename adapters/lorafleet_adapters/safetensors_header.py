@@ -87,7 +87,7 @@ def _header_length(file_name: str, prefix: Buffer, file_size: int) -> int:
 def _parse_entries(file_name: str, header_bytes: bytes) -> dict[str, TensorInfo]:
     try:
         header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise AdapterFormatError(f"{file_name}: header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{file_name}: header must be a JSON object")

@@ -718,7 +718,7 @@ def _check_record(source: Path) -> None:
         raise AdapterFormatError(f"{source} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         record = json.loads(source.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise AdapterFormatError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(record, dict):
         raise AdapterFormatError(f"{source} must hold a JSON object")

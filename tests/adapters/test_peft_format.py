@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from adapters_testlib import MakeAdapter, edit_config, lora_layers, make_base_mo
 from safetensors.torch import load_file, save_file
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
+from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.peft_format import (
     WEIGHTS_FILE,
     BaseModelSpec,
@@ -22,6 +24,7 @@ from lorafleet_adapters.peft_format import (
     read_lora_config,
     transpose_scaled,
 )
+from lorafleet_adapters.prompt import PROMPT_FILE, PromptTemplate
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -209,6 +212,58 @@ def test_non_finite_weights_refused(adapter_dir: Path, spec: BaseModelSpec) -> N
     write_tensors(adapter_dir, pair)
     with pytest.raises(AdapterFormatError, match="NaN"):
         load_adapter_weights(adapter_dir, spec)
+
+
+def test_a_publishers_patterns_and_numbers_cannot_stall_or_break_a_load(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    """The config's regexes run in the server with a time limit; patterns that do not compile once
+    embedded, integers with no float, JSON nested past the parser's stack: AdapterFormatError, never
+    re.error / OverflowError / RecursionError (which the engine would take for a bug)."""
+    edit_config(adapter_dir, target_modules=".{6}(?:(.|.)*X|.*)")  # matches, after exponential backtracking
+    started = time.perf_counter()
+    with pytest.raises(AdapterFormatError, match=r"field 'target_modules': pattern .* took over 50 ms"):
+        load_adapter_weights(adapter_dir, spec)
+    assert time.perf_counter() - started < 5
+    edit_config(adapter_dir, target_modules=["q_proj", "v_proj"], rank_pattern={"(?i)q_proj": 4})
+    with pytest.raises(AdapterFormatError, match="rank_pattern"):
+        load_adapter_weights(adapter_dir, spec)
+    edit_config(adapter_dir, rank_pattern={}, layers_to_transform=[0], layers_pattern="(")
+    with pytest.raises(AdapterFormatError, match="pattern"):
+        load_adapter_weights(adapter_dir, spec)
+    edit_config(adapter_dir, layers_to_transform=None, layers_pattern=None)
+    config = adapter_dir / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 8', '"lora_alpha": ' + "9" * 400))
+    with pytest.raises(AdapterFormatError, match=r"lora_alpha.*finite number"):
+        load_adapter_weights(adapter_dir, spec)
+    config.write_text('{"peft_type": "LORA", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(AdapterFormatError, match="not valid JSON"):
+        load_adapter_weights(adapter_dir, spec)
+    with pytest.raises(AdapterFormatError, match="not valid JSON"):
+        Manifest.from_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterFormatError, match="not valid JSON"):
+        PromptTemplate.from_json('{"system": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (adapter_dir / PROMPT_FILE).write_bytes(b'{"system": "' + bytes([0xFF, 0xFE]) + b'"}')
+    with pytest.raises(AdapterFormatError, match="not UTF-8"):
+        PromptTemplate.read(adapter_dir)
+
+
+def test_weights_that_overflow_once_scaled_are_refused(adapter_dir: Path, spec: BaseModelSpec) -> None:
+    """Finite in the file, infinite once B is scaled by lora_alpha / r or rounded to the serving dtype."""
+    write_tensors(adapter_dir, lora_pair(Q0, 4, 64, 64))
+    edit_config(adapter_dir, target_modules=["q_proj"], layers_to_transform=[0])
+    assert load_adapter_weights(adapter_dir, spec).modules[Q0]
+    edit_config(adapter_dir, lora_alpha=1e300)
+    with pytest.raises(AdapterFormatError, match="overflow to infinity once lora_B is scaled"):
+        load_adapter_weights(adapter_dir, spec)
+    edit_config(adapter_dir, lora_alpha=8, alpha_pattern={"q_proj": 1e300})
+    with pytest.raises(AdapterFormatError, match="overflow to infinity"):
+        load_adapter_weights(adapter_dir, spec)
+    pair = lora_pair(Q0, 4, 64, 64)
+    pair[f"base_model.model.{Q0}.lora_A.weight"][0, 0] = 3.4e38  # finite in fp32, inf in bf16
+    write_tensors(adapter_dir, pair)
+    edit_config(adapter_dir, alpha_pattern={})
+    assert load_adapter_weights(adapter_dir, spec).modules[Q0]
+    with pytest.raises(AdapterFormatError, match=r"rounded to torch\.bfloat16"):
+        load_adapter_weights(adapter_dir, spec, dtype=torch.bfloat16)
 
 
 def test_size_cap(adapter_dir: Path, spec: BaseModelSpec) -> None:

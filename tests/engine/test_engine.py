@@ -501,6 +501,25 @@ def test_many_queued_requests_whose_adapter_fails_at_admission_fail_one_by_one(
         svc.engine.shutdown(10)
 
 
+def test_a_bug_while_loading_an_adapter_fails_its_requests_not_the_engine(
+    service: Service, adapters: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service.store.import_peft(adapters[0], "acme", "a", service.base.spec)
+    engine = service.engine
+
+    def broken(_key: Any) -> None:
+        raise RecursionError("maximum recursion depth exceeded")  # not an AdapterError: a bug's kind
+
+    monkeypatch.setattr(engine.adapters, "poll", broken)
+    sinks = [submit(engine, request(PROMPT, adapter="acme/a", rid=f"r{i}"))[0] for i in range(3)]
+    for sink in sinks:
+        with pytest.raises(RecursionError):
+            sink.wait().summary  # noqa: B018
+    monkeypatch.undo()
+    assert engine.accepting
+    assert generate(engine, request(PROMPT, adapter="acme/a", max_new_tokens=3)).summary.generated_tokens == 3
+
+
 def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(service: Service, adapters: list[Path]) -> None:
     service.store.import_peft(adapters[0], "acme", "bot", service.base.spec)
     v1 = generate(service.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=6)).token_ids

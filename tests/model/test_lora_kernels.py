@@ -199,3 +199,25 @@ def test_token_kernel_is_batch_invariant(dtype: torch.dtype) -> None:
             continue
         alone = lora_delta(x[i : i + 1], alone_batch, ranks, a, bt)
         assert alone is not None and torch.equal(alone[0], together[i]), i
+
+
+@pytest.mark.parametrize("impl", ["dense", "grouped", "gather", "token"])
+def test_one_adapters_overflow_stays_in_its_own_rows(impl: LoraImpl) -> None:
+    """Slot 2's A holds infinities (finite weights can overflow in a product too): its rows come out
+    non-finite, every other row of the step (other adapters, base rows) does not. ``dense`` multiplied
+    every row by every adapter's block and then by a 0/1 mask, and 0 x inf is NaN."""
+    g = torch.Generator().manual_seed(7)
+    n_slots, d_in, d_out, r = 4, 16, 12, 4
+    a = torch.randn(n_slots, r, d_in, generator=g)  # [S, r, in]
+    bt = torch.randn(n_slots, r, d_out, generator=g)  # [S, r, out]
+    a[0], bt[0] = 0, 0
+    a[2, 1, 3] = float("inf")
+    x = torch.randn(6, d_in, generator=g)  # [N, in]
+    for slots in (torch.tensor([1, 2, 0, 3, 2, 1]), torch.tensor([2, 0, 0, 2, 0, 2])):  # U = 3; U = 1
+        batch = LoraBatch.build(slots, torch.float32, impl)
+        assert batch is not None
+        got = lora_delta(x, batch, [0, r, r, r], a, bt)
+        assert got is not None
+        hostile = slots == 2
+        assert not torch.isfinite(got[hostile]).all()
+        assert torch.isfinite(got[~hostile]).all(), (impl, slots)

@@ -347,6 +347,9 @@ class AdapterManager:
                 log.warning("loading adapter %s failed: %s", key, exc)
                 self.observer.adapter_load_failed()
                 raise
+            except Exception:  # not the adapter's own error: a bug, logged with its traceback by the caller
+                self.observer.adapter_load_failed()
+                raise
         cached = self.host_cache.get(key)
         if cached is not None:
             return cached

@@ -603,7 +603,9 @@ class Engine:
                 if r.lora is not None and not r.slot:
                     try:
                         slot = self.adapters.poll(r.lora)
-                    except (AdapterError, ServingError) as exc:
+                    except Exception as exc:  # the adapter's error; anything else is a bug, this request's alone
+                        if not isinstance(exc, AdapterError | ServingError):
+                            log.exception("request %s: loading adapter %s failed", r.req.request_id, r.lora)
                         self._fail(r, exc)  # out of the queue; the scan goes on (the order is unchanged)
                         continue
                     if slot is None:
