@@ -15,11 +15,19 @@ _IDENT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters of a string: a caller's 1 MB
+    name must not come back as a 1 MB message (gRPC would refuse to send it) or a 1 MB log line."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
 def check_ident(value: str, field: str) -> str:
     """Return `value` if it is a valid tenant or adapter name, else raise InvalidAdapterRef."""
     if not isinstance(value, str) or _IDENT.fullmatch(value) is None:
         raise InvalidAdapterRef(
-            f"invalid {field} {value!r}: expected 1-63 characters of [a-z0-9_-] starting with [a-z0-9]"
+            f"invalid {field} {shown(value)}: expected 1-63 characters of [a-z0-9_-] starting with [a-z0-9]"
         )
     return value
 
@@ -35,7 +43,7 @@ def parse_version(text: str) -> int:
     """Parse a canonical decimal version (no sign, no leading zeros), else raise InvalidAdapterRef."""
     if _VERSION.fullmatch(text) is None:
         raise InvalidAdapterRef(
-            f"invalid version {text!r}: expected a decimal integer in {MIN_VERSION}..{MAX_VERSION} "
+            f"invalid version {shown(text)}: expected a decimal integer in {MIN_VERSION}..{MAX_VERSION} "
             "without leading zeros"
         )
     return int(text)

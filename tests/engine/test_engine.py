@@ -240,6 +240,13 @@ def test_bad_parameters_are_refused_at_submit(service: Service, params: dict[str
 def test_prompt_over_the_context_limit(service: Service) -> None:
     with pytest.raises(InvalidRequest, match="context limit"):
         service.engine.submit(request("hello " * 300, max_new_tokens=8), lambda _e: None)
+    # Empty turns: no characters, yet each costs the template's role markers. Refused before the
+    # chat is rendered and tokenized (500,000 of them took ~37 s of a worker thread).
+    turns = (ChatTurn("user", ""),) * 200_000
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest, match=r"at least 400000 tokens\) plus max_new_tokens 8 exceeds"):
+        service.engine.submit(request("", messages=turns, max_new_tokens=8), lambda _e: None)
+    assert time.perf_counter() - started < 5
 
 
 def test_prompt_and_messages_are_exclusive_and_roles_checked(service: Service) -> None:

@@ -80,8 +80,10 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
         client.close()
 
 
-def test_an_embed_the_server_cuts_before_its_prompt_is_unavailable(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A unary call has no finish reason to carry a cut: UNAVAILABLE (retry elsewhere), as HTTP's 503."""
+@pytest.mark.parametrize("call", ["embed", "generate", "stream"])
+def test_a_call_the_server_cuts_is_unavailable(tiny_model_dir: Path, tmp_path: Path, call: str) -> None:
+    """A request the server cut (a forced stop) is UNAVAILABLE, so the client retries elsewhere, as
+    HTTP's 503: not an OK answer that is cut off (Generate's finish reason said "cancelled")."""
     config = server_config(model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0)
     service = build_service(config)
     server = BackgroundServer(service)
@@ -92,13 +94,19 @@ def test_an_embed_the_server_cuts_before_its_prompt_is_unavailable(tiny_model_di
         held = engine.call(lambda: release.wait(60))
         outcome: list[object] = []
 
-        def embed() -> None:
+        def run() -> None:
+            prompt, sampling = "The capital of France is", Sampling(max_new_tokens=2)
             try:
-                outcome.append(client.embed("The capital of France is"))
+                if call == "embed":
+                    outcome.append(client.embed(prompt))
+                elif call == "generate":
+                    outcome.append(client.generate(prompt, sampling=sampling))
+                else:
+                    outcome.append(list(client.stream(prompt, sampling=sampling)))
             except Exception as exc:
                 outcome.append(exc)
 
-        caller = threading.Thread(target=embed)
+        caller = threading.Thread(target=run)
         caller.start()
         _wait_until(lambda: engine.load_stats() == (0, 1))  # submitted, not yet in the engine's queue
 

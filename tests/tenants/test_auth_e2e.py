@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lorafleet import (
+    InvalidArgumentError,
     LoraFleetClient,
     NotFoundError,
     PermissionDeniedError,
@@ -424,6 +425,33 @@ def test_no_secret_reaches_the_logs(live: Live, caplog: pytest.LogCaptureFixture
     assert not re.search(r"lf_[a-z2-7]{12}_[a-z2-7]{32}", text)
 
 
+def test_a_callers_strings_reach_the_log_escaped_and_errors_short(live: Live, caplog: pytest.LogCaptureFixture) -> None:
+    """A newline in an adapter name would start a forged request-log line; a 1 MB name came back as a
+    1 MB error (RESOURCE_EXHAUSTED: gRPC would not send it) and a 1 MB log line."""
+    forged = "acme/x\nlorafleet.requests rpc=Generate code=OK tenant=beta"
+    with caplog.at_level(logging.INFO), grpc.insecure_channel(live.target) as channel:
+        metadata = (("authorization", f"Bearer {live.keys['acme']}"),)
+        inference = inference_pb2_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            inference.Generate(
+                inference_pb2.GenerateRequest(prompt="Hi", adapter=forged), timeout=30, metadata=metadata
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        adapters = adapters_pb2_grpc.AdaptersServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as huge:
+            adapters.ListAdapters(
+                adapters_pb2.ListAdaptersRequest(tenant="a" * (1 << 20)), timeout=30, metadata=metadata
+            )
+        assert huge.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(huge.value.details() or "") < 500
+        time.sleep(0.3)  # the request-log lines are written just after the status
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if line.startswith("lorafleet.requests rpc=Generate code=OK tenant=beta")]
+    assert all(len(line) < 20_000 for line in lines)
+    fields = [getattr(r, "fields", None) for r in caplog.records]
+    logged = [f.get("adapter") for f in fields if isinstance(f, dict)]
+    assert forged.replace("\n", "\\n") in logged  # there, with its newline escaped
+
+
 def test_usage_is_metered_per_key_tenant_and_read_by_admins(live: Live) -> None:
     with live.client(live.keys["beta"]) as beta, live.client(live.keys["ops"]) as admin:
         before = {(r.tenant, r.adapter): r for r in admin.get_usage(0, tenant="beta")}
@@ -440,6 +468,8 @@ def test_usage_is_metered_per_key_tenant_and_read_by_admins(live: Live) -> None:
         assert all(r.tenant == "beta" for r in rows.values())
         with pytest.raises(PermissionDeniedError, match="GetUsage needs admin"):
             beta.get_usage(0)
+        with pytest.raises(InvalidArgumentError, match="end must be at most"):  # was INTERNAL
+            admin.get_usage(0, 2**63 - 1)
 
 
 def test_classify_heads_are_isolated_like_every_adapter(live: Live, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ Two rules keep this cheap and safe:
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import secrets
 from collections.abc import Mapping, Sequence
@@ -100,7 +101,9 @@ class PromptEncoder:
         chars = len(prompt or "") + sum(len(content) for _, content in own)
         if template is not None:
             chars += len(template.system) + sum(len(t.content) for t in template.examples)
-        at_least = -(-chars // self.max_token_chars)
+        # Every turn also costs the template's special tokens (a 4 MiB request of 500,000 empty turns
+        # took ~37 s of tokenizing before the exact check refused it).
+        at_least = -(-chars // self.max_token_chars) + (len(own) * self.turn_specials if own else 0)
         if at_least + budget > self.max_seq_len:
             raise InvalidRequest(
                 f"the prompt ({chars} characters, at least {at_least} tokens) plus max_new_tokens {budget} "
@@ -124,6 +127,25 @@ class PromptEncoder:
                 f"limit of {self.max_seq_len} tokens"
             )
         return list(ids)
+
+    @functools.cached_property
+    def turn_specials(self) -> int:
+        """Special tokens the chat template puts around each turn (its role markers; never merged with
+        the text beside them, so a lower bound on a turn's tokens), from renderings of empty turns; 0
+        where the template cannot tell."""
+        if self._specials is None:
+            return 0
+
+        def specials(turns: list[dict[str, str]]) -> int:
+            rendered = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            return sum(1 for _ in self._specials.finditer(str(rendered))) if self._specials else 0
+
+        try:
+            one = specials([{"role": "user", "content": ""}])
+            three = specials([{"role": r, "content": ""} for r in ("user", "assistant", "user")])
+        except Exception:  # a template that refuses such turns: no bound from it
+            return 0
+        return max(0, (three - one) // 2)
 
     def encode_chat(self, turns: Sequence[tuple[str, str]]) -> list[int]:
         """The chat template's rendering of ``turns``, with every content tokenized as plain text.

@@ -10,12 +10,20 @@ import grpc
 from lorafleet_proto.v1 import inference_pb2, inference_pb2_grpc
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.stream import EngineStream
-from lorafleet_server.engine.types import ModelInfo
+from lorafleet_server.engine.types import FinishReason, ModelInfo, Summary
 from lorafleet_server.errors import STOPPED_BY_SERVER, ShuttingDown
 from lorafleet_server.grpc import convert
 from lorafleet_server.grpc.auth import check_adapter_access
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import stream_rpc, unary_rpc
+
+
+def cut_by_server(summary: Summary) -> None:
+    """A CANCELLED summary that reaches a handler means the server cut the request (a forced stop: a
+    client's own cancel ends the handler first): UNAVAILABLE, so the client retries elsewhere rather
+    than take a cut-off answer for a whole one (the HTTP edge answers 503)."""
+    if summary.finish_reason is FinishReason.CANCELLED:
+        raise ShuttingDown(STOPPED_BY_SERVER)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -48,6 +56,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             parts.append(event.text)
             if event.summary is not None:
                 record.summary = event.summary
+                cut_by_server(event.summary)
                 return inference_pb2.GenerateResponse(text="".join(parts), summary=convert.summary_pb(event.summary))
         raise RuntimeError("engine stream ended without a summary")
 
@@ -61,6 +70,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             record.tokens += len(event.token_ids)
             if event.summary is not None:
                 record.summary = event.summary
+                if event.summary.finish_reason is FinishReason.CANCELLED and event.text:
+                    yield inference_pb2.GenerateStreamResponse(text=event.text)  # then the status says it was cut
+                cut_by_server(event.summary)
                 yield inference_pb2.GenerateStreamResponse(text=event.text, summary=convert.summary_pb(event.summary))
             elif event.text:
                 yield inference_pb2.GenerateStreamResponse(text=event.text)

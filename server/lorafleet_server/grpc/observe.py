@@ -17,6 +17,7 @@ from typing import Protocol
 
 import grpc
 
+from lorafleet_adapters.ref import MAX_REF_CHARS
 from lorafleet_server.engine.types import Principal, Summary
 from lorafleet_server.logs import REQUEST_LOGGER
 from lorafleet_server.metrics import Metrics
@@ -25,6 +26,15 @@ AUDIT_LOGGER = "lorafleet.audit"
 request_log = logging.getLogger(REQUEST_LOGGER)
 audit_log = logging.getLogger(AUDIT_LOGGER)
 DEADLINE_SLACK_SECONDS = 0.05
+
+
+def loggable(text: str, limit: int = MAX_REF_CHARS) -> str:
+    """A caller's string as the request log may carry it: at most ``limit`` characters, and escaped
+    where it holds anything unprintable (a newline in it would start a forged log line)."""
+    cut = text[:limit]
+    if not cut.isprintable():
+        cut = ascii(cut)[1:-1]
+    return cut if len(text) <= limit else f"{cut}...({len(text)} chars)"
 
 
 class HasDeadline(Protocol):
@@ -92,7 +102,7 @@ class CallObserver:
         record = CallRecord(
             rpc=rpc,
             request_id=request_id,
-            adapter=adapter,
+            adapter=loggable(adapter),
             started=started,
             deadline=deadline,
             principal=principal,

@@ -14,6 +14,8 @@ from lorafleet_server.errors import InvalidRequest
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import unary_rpc
 
+MAX_UNIX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+
 
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     def __init__(self, meter: UsageMeter, calls: CallObserver) -> None:
@@ -30,6 +32,8 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         end = request.end_unix_seconds or int(time.time()) + 1
         if start < 0 or start >= end:
             raise InvalidRequest(f"the window must have 0 <= start < end, got start {start} and end {end}")
+        if end > MAX_UNIX_SECONDS:  # the window is rounded out to whole minutes, past int64 near its top
+            raise InvalidRequest(f"end must be at most {MAX_UNIX_SECONDS} (the year 9999), got {end}")
         if request.tenant:
             check_ident(request.tenant, "tenant")
         # Off the event loop: a week-long window sums millions of buckets (tens of ms), and the loop
