@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from lorafleet_training.classifier import (
     stratified_split,
 )
 from lorafleet_training.errors import PiiFound, TrainingDataError
-from lorafleet_training.publish import NoImprovement, publish
+from lorafleet_training.publish import RECORD_FILE, NoImprovement, publish
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +102,22 @@ def test_record_and_determinism(head_out: Any, tmp_path: Path, tiny_model_dir: P
 
 
 def test_publish_keeps_the_record_and_checks_files(head_out: Any, tmp_path: Path, tiny_spec: BaseModelSpec) -> None:
+    # A record as training with --eval-generate writes it: the prompt-only base's answers to held-out
+    # prompts (they can repeat a customer's text) stay with the training output, not in the store.
+    out_dir = tmp_path / "out"
+    shutil.copytree(head_out.out_dir, out_dir)
+    written = json.loads((out_dir / RECORD_FILE).read_text())
+    written["classification"]["base_prompt"] = {"samples": [{"line": 3, "answer": "Ship it to 1 Main St"}]}
+    (out_dir / RECORD_FILE).write_text(json.dumps(written))
     store = AdapterStore(tmp_path / "store")
-    key = publish(head_out.out_dir, store, tiny_spec)
+    key = publish(out_dir, store, tiny_spec)
     manifest = store.manifest(key)
     assert manifest.kind == "head" and manifest.rank == 0 and "macro_f1" in manifest.eval_metrics
     assert load_head(store, key, tiny_spec).labels == ("account", "billing", "shipping")
-    assert read_head_record(store, key)["data"]["fingerprint"] == manifest.training_data_fingerprint
+    kept = read_head_record(store, key)
+    assert kept is not None
+    assert kept["data"]["fingerprint"] == manifest.training_data_fingerprint
+    assert "samples" not in json.dumps(kept) and kept["classification"]["head"] == written["classification"]["head"]
     other = BaseModelSpec("sha256:" + "0" * 64, "other", "none", tiny_spec.target_shapes, 64)
     with pytest.raises(AdapterIncompatible):
         load_head(store, key, other)

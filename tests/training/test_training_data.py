@@ -70,6 +70,25 @@ def test_every_bad_line_is_reported_with_its_number(tmp_path: Path) -> None:
     assert "line 2:" in str(info.value) and "9 problem(s)" in str(info.value)
 
 
+def test_lines_that_parse_badly_are_reported_not_raised(tmp_path: Path) -> None:
+    """JSON that json.loads refuses with other errors than a JSONDecodeError, or accepts with strings
+    that are not Unicode text: reported with their line, like any bad line (they were tracebacks)."""
+    good = qa_rows(1)[0]
+    lines = [
+        json.dumps(good),
+        '{"id": ' + "9" * 5000 + ', "prompt": "p", "completion": "c"}',  # past int conversion's digits
+        '{"prompt": "p", "completion": "c", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        json.dumps({"prompt": "p\ud800", "completion": "c"}),  # a lone surrogate: JSON's escape
+    ]
+    path = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(TrainingDataError) as info:
+        load_jsonl(path)
+    by_line = {issue.line: issue.message for issue in info.value.issues}
+    assert sorted(by_line) == [2, 3, 4]
+    assert "invalid JSON" in by_line[2] and "nested too deeply" in by_line[3]
+    assert "lone surrogate ('\\ud800')" in by_line[4]
+
+
 def test_empty_and_non_utf8_files(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

@@ -147,8 +147,8 @@ def load_labelled(path: Path) -> list[Example]:
             continue
         try:
             examples.append(_labelled(json.loads(line), number))
-        except (ValueError, UnicodeDecodeError) as exc:
-            issues.append(DataIssue(number, str(exc) if isinstance(exc, _Bad) else f"not valid JSON: {exc}"))
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's stack
+            issues.append(DataIssue(number, str(exc) if isinstance(exc, _Bad) else f"not valid JSON: {exc!s:.200}"))
     if issues:
         raise TrainingDataError(str(path), issues)
     if not examples:

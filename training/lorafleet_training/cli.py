@@ -297,10 +297,14 @@ def add_publish_prompt_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_examples_file(path: Path) -> tuple[str | None, list[dict[str, str]]]:
     """(system or None, few-shot turns) from a JSON list, a JSON template object or training JSONL."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        issue = DataIssue(0, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+        raise TrainingDataError(str(path), [issue]) from None
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         obj = None
     if isinstance(obj, list):
         return None, obj

@@ -120,6 +120,15 @@ def parse_jsonl(lines: Iterable[bytes | str], source: str = "<data>") -> list[Ex
         except json.JSONDecodeError as exc:
             issues.append(DataIssue(number, f"invalid JSON: {exc.msg} (column {exc.colno})"))
             continue
+        except RecursionError:
+            issues.append(DataIssue(number, "invalid JSON: nested too deeply"))
+            continue
+        except ValueError as exc:  # an integer of more digits than Python converts (4,300)
+            issues.append(DataIssue(number, f"invalid JSON: {exc}"))
+            continue
+        if (surrogate := _lone_surrogate(obj)) is not None:  # "\ud800" parses, but has no UTF-8 form
+            issues.append(DataIssue(number, f"a string holds a lone surrogate ({surrogate}): not Unicode text"))
+            continue
         try:
             examples.append(_example(obj, number))
         except _BadLine as exc:
@@ -187,6 +196,24 @@ def _chat_example(messages: Any, line: int) -> Example:
     if not any(t.role == "user" for t in turns[:-1]):
         raise _BadLine("no user turn before the assistant's answer")
     return Example(line=line, turns=tuple(turns[:-1]), completion=turns[-1].content)
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone UTF-16 surrogate in a parsed JSON value's strings (keys included), escaped."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return ascii(item[exc.start])
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def fingerprint(examples: Sequence[Example]) -> str:

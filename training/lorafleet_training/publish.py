@@ -243,7 +243,22 @@ def _publish_head(
         "eval_metrics": metrics,
         "pii_scan": record.get("pii_scan"),
     }
-    return publish_head(store, ref.tenant, ref.name, head, spec, record_path=Path(out_dir) / RECORD_FILE, extra=extra)
+    # The record goes into the store without the generated samples of held-out prompts (the prompt-only
+    # base's answers can repeat a customer's text), as a LoRA's retrain record does.
+    with tempfile.TemporaryDirectory(prefix="lorafleet-head-record-") as tmp:
+        kept = Path(tmp) / RECORD_FILE
+        kept.write_text(json.dumps(without_samples(record), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return publish_head(store, ref.tenant, ref.name, head, spec, record_path=kept, extra=extra)
+
+
+def without_samples(value: Any) -> Any:
+    """``value`` (a training record) with every ``samples`` entry (generated answers to held-out
+    prompts) left out, at any depth."""
+    if isinstance(value, Mapping):
+        return {k: without_samples(v) for k, v in value.items() if k != "samples"}
+    if isinstance(value, list):
+        return [without_samples(v) for v in value]
+    return value
 
 
 def check_head_improvement(metrics: Mapping[str, float]) -> None:
