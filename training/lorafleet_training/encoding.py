@@ -1,8 +1,10 @@
 """Token ids of examples, exactly as the server builds prompts, with loss only on completion tokens.
 
-The server renders chat messages with the tokenizer's chat template (``add_generation_prompt=True``)
-and encodes the text without special tokens; a plain prompt is encoded as is. The completion is encoded
-on its own and followed by the EOS token, the stop the model must learn (``<|im_end|>`` for ChatML).
+A chat is rendered by the server's own ``chat_ids`` (the chat template, ``add_generation_prompt=True``,
+every message content tokenized as text: "<|im_end|>" typed by a user is text there, never the
+control token); a plain prompt is encoded as is, as the server does. The completion is encoded as
+text too (a literal "<|im_end|>" in an answer is learned as its characters) and followed by the EOS
+token, the one stop the model must learn (``<|im_end|>`` for ChatML).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_server.engine.prompts import chat_ids, special_tokens_pattern
 from lorafleet_training.data import Example, apply_template
 from lorafleet_training.errors import DataIssue, TrainingDataError, TrainingError
 
@@ -34,8 +37,8 @@ def prompt_ids(tokenizer: Any, example: Example, template: PromptTemplate | None
         messages = example.chat_messages()
         if template is not None:
             messages = apply_template(template, messages)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer.encode(str(text), add_special_tokens=False))
+        turns = [(str(m["role"]), str(m["content"])) for m in messages]
+        return chat_ids(tokenizer, turns, lambda text: as_text_ids(tokenizer, text), special_tokens_pattern(tokenizer))
     assert example.prompt is not None
     return list(tokenizer.encode(example.prompt, add_special_tokens=False))
 
@@ -44,7 +47,13 @@ def completion_ids(tokenizer: Any, example: Example) -> list[int]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise TrainingError("the tokenizer has no EOS token; the model could not learn where an answer ends")
-    return [*tokenizer.encode(example.completion, add_special_tokens=False), int(eos)]
+    return [*as_text_ids(tokenizer, example.completion), int(eos)]
+
+
+def as_text_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text``'s ids with special-token text in it kept as text (training runs on one thread: the
+    per-call flag the server avoids on its shared tokenizer is safe here)."""
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
 
 
 def encode(

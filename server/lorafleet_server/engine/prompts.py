@@ -18,7 +18,7 @@ import copy
 import functools
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from lorafleet_adapters.prompt import PromptTemplate
@@ -59,6 +59,50 @@ def check_unicode(text: str, what: str) -> None:
         ) from None
 
 
+def special_tokens_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """The tokenizer's added (special) tokens, longest first: where the tokenizer splits its input."""
+    added = sorted({str(t) for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, added))) if added else None
+
+
+def chat_ids(
+    tokenizer: Tokenizer,
+    turns: Sequence[tuple[str, str]],
+    encode_text: Callable[[str], list[int]],
+    specials: re.Pattern[str] | None,
+) -> list[int]:
+    """The chat template's rendering of ``turns``, with every content tokenized as plain text
+    (``encode_text``: without special tokens parsed; ``specials``: ``special_tokens_pattern``).
+
+    The template is rendered with a unique marker in place of each content, so every special token
+    in the rendering is the template's own. The tokenizer splits its input at special tokens before
+    anything else, so splitting the rendering there ourselves, putting the contents back and
+    tokenizing each piece with special tokens split gives exactly the ids of the whole rendering,
+    except that special-token text inside a content stays text. The markers carry a random nonce,
+    so a content cannot imitate one. Training encodes its chats with this too, so a customer's data
+    teaches the model the ids serving gives the same text.
+    """
+    nonce = secrets.token_hex(8)
+    contents = {f"\ue000{nonce}:{i}\ue001": content for i, (_, content) in enumerate(turns)}
+    conversation = [{"role": role, "content": mark} for (role, _), mark in zip(turns, contents, strict=True)]
+    rendered = str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+
+    def put_back(text: str) -> str:  # the rendering holds only this call's marks, never a content
+        return _MARK.sub(lambda m: contents.get(m.group(), m.group()), text)
+
+    def text_ids(text: str) -> list[int]:
+        return encode_text(text) if text else []
+
+    ids: list[int] = []
+    start = 0
+    for special in specials.finditer(rendered) if specials else ():
+        ids += text_ids(put_back(rendered[start : special.start()]))
+        ids += tokenizer.encode(special.group(), add_special_tokens=False)
+        start = special.end()
+    ids += text_ids(put_back(rendered[start:]))
+    return ids
+
+
 class PromptEncoder:
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int) -> None:
         self.tokenizer = tokenizer
@@ -72,9 +116,7 @@ class PromptEncoder:
         # Byte-level BPE token strings hold one character per byte, so this bounds characters per token
         # from above for any text (a character is at least one byte).
         self.max_token_chars = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
-        # The tokenizer's added (special) tokens, longest first: where the tokenizer splits its input.
-        added = sorted({str(t) for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
-        self._specials = re.compile("|".join(map(re.escape, added))) if added else None
+        self._specials = special_tokens_pattern(tokenizer)
 
     def encode(
         self,
@@ -148,31 +190,9 @@ class PromptEncoder:
         return max(0, (three - one) // 2)
 
     def encode_chat(self, turns: Sequence[tuple[str, str]]) -> list[int]:
-        """The chat template's rendering of ``turns``, with every content tokenized as plain text.
-
-        The template is rendered with a unique marker in place of each content, so every special token
-        in the rendering is the template's own. The tokenizer splits its input at special tokens before
-        anything else, so splitting the rendering there ourselves, putting the contents back and
-        tokenizing each piece with special tokens split gives exactly the ids of the whole rendering,
-        except that special-token text inside a content stays text. The markers carry a random nonce,
-        so a content cannot imitate one.
-        """
-        nonce = secrets.token_hex(8)
-        contents = {f"\ue000{nonce}:{i}\ue001": content for i, (_, content) in enumerate(turns)}
-        conversation = [{"role": role, "content": mark} for (role, _), mark in zip(turns, contents, strict=True)]
-        rendered = str(self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
-
-        def put_back(text: str) -> str:  # the rendering holds only this call's marks, never a content
-            return _MARK.sub(lambda m: contents.get(m.group(), m.group()), text)
-
-        ids: list[int] = []
-        start = 0
-        for special in self._specials.finditer(rendered) if self._specials else ():
-            ids += self._encode_text(put_back(rendered[start : special.start()]))
-            ids += self.tokenizer.encode(special.group(), add_special_tokens=False)
-            start = special.end()
-        ids += self._encode_text(put_back(rendered[start:]))
-        return ids
+        """The chat template's rendering of ``turns``, with every content tokenized as plain text
+        (``chat_ids``)."""
+        return chat_ids(self.tokenizer, turns, self._encode_text, self._specials)
 
     def _encode_text(self, text: str) -> list[int]:
         if not text:
