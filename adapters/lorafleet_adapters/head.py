@@ -235,6 +235,8 @@ def publish_head(
         raise AdapterFormatError(
             f"a head of tenant {tenant!r} cannot read features of {head.features_from} (another tenant)"
         )
+    if head.features_from is not None and (source := store.manifest(head.features_from).kind) != "lora":
+        raise AdapterFormatError(f"features_from {head.features_from} is a {source}, not a LoRA adapter")
     extra = dict(extra or {})
     staging = store.new_staging(tenant, name)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,22 @@ def test_head_of_another_tenants_lora_is_refused_at_publish(
     head: ClassifierHead = published["lora_head"]
     with pytest.raises(AdapterFormatError, match="another tenant"):
         publish_head(AdapterStore(published["store"]), "zeta", "stolen", head, tiny_spec)
+
+
+def test_a_head_reads_features_of_a_lora_only(
+    published: dict[str, Any], tiny_spec: BaseModelSpec, service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """features_from naming a head (or the head itself) is refused at publish; one planted in the store
+    is refused by the server's check, which recursed without end on a head naming itself."""
+    store = AdapterStore(published["store"])
+    head: ClassifierHead = published["lora_head"]
+    itself = store.resolve(AdapterRef("acme", "routed"))
+    with pytest.raises(AdapterFormatError, match=r"features_from acme/routed@1 is a head, not a LoRA adapter"):
+        publish_head(store, "acme", "chained", replace(head, features_from=itself), tiny_spec)
+    manager = service.engine.adapters
+    monkeypatch.setattr(manager, "head", lambda _key: replace(head, features_from=itself))
+    with pytest.raises(AdapterFormatError, match="is a head, not a LoRA"):
+        manager.verify(itself)
 
 
 def test_example_turns_encode_like_the_server(service: Service, tiny_model_dir: Path) -> None:

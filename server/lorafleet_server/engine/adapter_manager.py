@@ -25,7 +25,7 @@ import torch
 
 from lorafleet_adapters.backend import Store
 from lorafleet_adapters.device_slots import DeviceSlots, SlotInfo
-from lorafleet_adapters.errors import AdapterError
+from lorafleet_adapters.errors import AdapterError, AdapterFormatError
 from lorafleet_adapters.head import ClassifierHead, load_head
 from lorafleet_adapters.host_cache import HostCache
 from lorafleet_adapters.lru import LruMap
@@ -177,7 +177,9 @@ class AdapterManager:
         elif kind == "head":
             head = self.head(key)
             if head.features_from is not None:
-                self.verify(head.features_from)
+                if (source := self.kind(head.features_from)) != "lora":  # a head naming a head (or itself)
+                    raise AdapterFormatError(f"{key}: features_from {head.features_from} is a {source}, not a LoRA")
+                self.host_weights(head.features_from)
         else:
             self.host_weights(key)
 
