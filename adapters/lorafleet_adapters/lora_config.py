@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -26,6 +27,9 @@ ALL_LINEAR = "all-linear"
 # One match of a config's pattern against a module name (~50 characters) takes microseconds; this is
 # the most it may take before the adapter is refused (a pattern that backtracks catastrophically).
 REGEX_MATCH_SECONDS = 0.05
+# ... and all of one config's matches, in CPU seconds of the loading thread (an EVA config of 80 layers,
+# 560 rank_pattern and 560 alpha_pattern keys, one per module: 0.65 s)
+REGEX_CONFIG_SECONDS = 5.0
 
 # Fields that change the forward pass (or need a different base) and are refused unless default-like.
 _REFUSED = {
@@ -96,6 +100,8 @@ class LoraConfigInfo:
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # harmless fields kept for reference
+    # Runs the patterns above against module names, within one time budget for this config.
+    matcher: PatternMatcher = field(default_factory=lambda: PatternMatcher(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank_pattern", MappingProxyType(dict(self.rank_pattern)))
@@ -104,10 +110,16 @@ class LoraConfigInfo:
 
     def rank_for(self, module: str) -> int:
         """The rank of `module` (full name, e.g. ``model.layers.0.self_attn.q_proj``), as peft computes it."""
-        return int(_pattern_value(self.rank_pattern, module, self.r))
+        value = self.matcher.once(
+            ("rank", module), lambda: _pattern_value(self.matcher, self.rank_pattern, module, self.r)
+        )
+        return int(value)
 
     def alpha_for(self, module: str) -> float:
-        return float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
+        value = self.matcher.once(
+            ("alpha", module), lambda: _pattern_value(self.matcher, self.alpha_pattern, module, self.lora_alpha)
+        )
+        return float(value)
 
     def scaling_for(self, module: str) -> float:
         """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) for this module's own rank and alpha."""
@@ -122,18 +134,18 @@ class LoraConfigInfo:
         if self.target_modules_regex is not None:
             if self.target_modules_regex.lower() == ALL_LINEAR:
                 return True
-            return config_match(self.target_modules_regex, module, "target_modules", full=True) is not None
+            return self.matcher.match(self.target_modules_regex, module, "target_modules", full=True) is not None
         found = module in self.target_modules or any(module.endswith(f".{t}") for t in self.target_modules)
         if not found or self.layers_to_transform is None:
             return found
-        index = _layer_index(module, self.layers_pattern)
+        index = _layer_index(self.matcher, module, self.layers_pattern)
         return index is not None and index in self.layers_to_transform
 
     def _excluded(self, module: str) -> bool:
         if not self.exclude_modules:
             return False
         if isinstance(self.exclude_modules, str):
-            return config_match(self.exclude_modules, module, "exclude_modules", full=True) is not None
+            return self.matcher.match(self.exclude_modules, module, "exclude_modules", full=True) is not None
         return module in self.exclude_modules or any(module.endswith(f".{e}") for e in self.exclude_modules)
 
 
@@ -254,29 +266,61 @@ def _optional_str(raw: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
-def config_match(pattern: str, module: str, field: str, *, full: bool = False) -> regex.Match[str] | None:
-    """``re.match`` (``full``: ``re.fullmatch``) of a pattern from a config, as peft runs it, with a time
-    limit. The patterns are a publisher's regexes run in the server: one that backtracks
-    catastrophically is refused (AdapterFormatError) instead of holding a load thread for minutes, and
-    the ``regex`` engine releases the GIL while it matches (``concurrent``), so serving goes on."""
-    match = regex.fullmatch if full else regex.match
-    try:
-        re.compile(pattern)  # peft's own engine: what it refuses (a flag mid-pattern) is refused here too
-        return match(pattern, module, timeout=REGEX_MATCH_SECONDS, concurrent=True)
-    except TimeoutError:
-        raise AdapterFormatError(
-            f"{CONFIG_FILE}: field {field!r}: pattern {pattern[:120]!r} took over "
-            f"{REGEX_MATCH_SECONDS * 1e3:.0f} ms to match {module!r}"
-        ) from None
-    except (re.error, regex.error) as exc:
-        raise AdapterFormatError(f"{CONFIG_FILE}: field {field!r}: invalid pattern {pattern[:120]!r}: {exc}") from None
+class PatternMatcher:
+    """``re.match`` / ``re.fullmatch`` of a config's patterns, as peft runs them, within limits. The
+    patterns are a publisher's regexes run in the server: one match may take REGEX_MATCH_SECONDS and
+    all of one config's matches REGEX_CONFIG_SECONDS (many keys each just under the first limit
+    would otherwise add up to hours), else the adapter is refused (AdapterFormatError) instead of
+    holding a load thread; the ``regex`` engine releases the GIL while it matches (``concurrent``),
+    so serving goes on. Each pattern is compiled once (an EVA config has a key per module, past the
+    engines' compile caches), and what Python's re (peft's engine) refuses is refused too."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[str, regex.Pattern[str]] = {}
+        self._spent = 0.0  # CPU seconds of this config's matching so far (its threads' own, not the machine's)
+        self._answers: dict[tuple[str, str], Any] = {}
+
+    def once(self, key: tuple[str, str], compute: Callable[[], Any]) -> Any:
+        """``compute()``'s answer for ``key`` (a field and a module), computed once per config: a load
+        asks each module's rank and alpha more than once, and an EVA config's keys are as many as its
+        modules (a pass is quadratic)."""
+        if key not in self._answers:
+            self._answers[key] = compute()
+        return self._answers[key]
+
+    def match(self, pattern: str, module: str, field: str, *, full: bool = False) -> regex.Match[str] | None:
+        compiled = self._compiled.get(pattern)
+        try:
+            if compiled is None:
+                re.compile(pattern)  # peft's engine: what it refuses (a flag mid-pattern) is refused too
+                compiled = self._compiled[pattern] = regex.compile(pattern)
+            left = REGEX_CONFIG_SECONDS - self._spent
+            if left <= 0:
+                raise TimeoutError
+            started = time.thread_time()
+            try:
+                run = compiled.fullmatch if full else compiled.match
+                return run(module, timeout=min(REGEX_MATCH_SECONDS, left), concurrent=True)
+            finally:
+                self._spent += time.thread_time() - started
+        except TimeoutError:
+            raise AdapterFormatError(
+                f"{CONFIG_FILE}: field {field!r}: pattern {pattern[:120]!r} took too long to match {module!r} "
+                f"(limits: {REGEX_MATCH_SECONDS * 1e3:.0f} ms a match, {REGEX_CONFIG_SECONDS:g} CPU s for the config)"
+            ) from None
+        except (re.error, regex.error, RecursionError) as exc:  # RecursionError: nested past the parser's stack
+            raise AdapterFormatError(
+                f"{CONFIG_FILE}: field {field!r}: invalid pattern {pattern[:120]!r}: {exc!s:.200}"
+            ) from None
 
 
 def _check_regex(name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
-    except re.error as exc:
-        raise AdapterFormatError(f"{CONFIG_FILE}: field {name!r} has an invalid pattern {pattern!r}: {exc}") from None
+    except (re.error, RecursionError) as exc:  # RecursionError: groups nested past the parser's stack
+        raise AdapterFormatError(
+            f"{CONFIG_FILE}: field {name!r} has an invalid pattern {pattern[:120]!r}: {exc!s:.200}"
+        ) from None
 
 
 def _pattern_field(raw: Mapping[str, Any], name: str, convert: Any) -> dict[str, Any]:
@@ -343,21 +387,21 @@ def _layers_field(raw: Mapping[str, Any]) -> tuple[int, ...] | None:
     return tuple(items)
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+def _pattern_value(matcher: PatternMatcher, patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """peft's ``get_pattern_key`` followed by ``patterns.get(key, default)``."""
     for key in patterns:
-        if config_match(rf"(.*\.)?({key})$", module, "rank_pattern / alpha_pattern"):
+        if matcher.match(rf"(.*\.)?({key})$", module, "rank_pattern / alpha_pattern"):
             return patterns[key]
     return patterns.get(module, default)
 
 
-def _layer_index(module: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+def _layer_index(matcher: PatternMatcher, module: str, layers_pattern: tuple[str, ...] | None) -> int | None:
     if not layers_pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
     else:
         match = None
         for pattern in layers_pattern:
-            match = config_match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module, "layers_pattern")
+            match = matcher.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module, "layers_pattern")
             if match is not None:
                 break
     return None if match is None else int(match.group("idx"))

@@ -37,7 +37,11 @@ class PromptTemplate:
                 raise AdapterFormatError(
                     f"prompt adapter: examples[{i}] needs role in {EXAMPLE_ROLES} and string content"
                 )
-        if len(self.to_json().encode()) > MAX_PROMPT_BYTES:
+        try:
+            size = len(self.to_json().encode())
+        except UnicodeEncodeError as exc:  # a lone surrogate (JSON's "\\ud800", or a shell's undecodable byte)
+            raise AdapterFormatError(f"prompt adapter: its text is not Unicode text ({exc.reason})") from None
+        if size > MAX_PROMPT_BYTES:
             raise AdapterFormatError(f"prompt adapter is larger than {MAX_PROMPT_BYTES} bytes")
 
     def to_json(self) -> str:

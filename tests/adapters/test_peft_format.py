@@ -12,6 +12,7 @@ import torch
 from adapters_testlib import MakeAdapter, edit_config, lora_layers, make_base_model, spec_from_model
 from safetensors.torch import load_file, save_file
 
+from lorafleet_adapters import lora_config
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.peft_format import (
@@ -214,15 +215,28 @@ def test_non_finite_weights_refused(adapter_dir: Path, spec: BaseModelSpec) -> N
         load_adapter_weights(adapter_dir, spec)
 
 
-def test_a_publishers_patterns_and_numbers_cannot_stall_or_break_a_load(adapter_dir: Path, spec: BaseModelSpec) -> None:
+def test_a_publishers_patterns_and_numbers_cannot_stall_or_break_a_load(
+    adapter_dir: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The config's regexes run in the server with a time limit; patterns that do not compile once
     embedded, integers with no float, JSON nested past the parser's stack: AdapterFormatError, never
     re.error / OverflowError / RecursionError (which the engine would take for a bug)."""
     edit_config(adapter_dir, target_modules=".{6}(?:(.|.)*X|.*)")  # matches, after exponential backtracking
     started = time.perf_counter()
-    with pytest.raises(AdapterFormatError, match=r"field 'target_modules': pattern .* took over 50 ms"):
+    with pytest.raises(AdapterFormatError, match=r"field 'target_modules': pattern .* took too long"):
         load_adapter_weights(adapter_dir, spec)
     assert time.perf_counter() - started < 5
+    # Many keys, each under the per-match limit and never matching: the config's total limit.
+    monkeypatch.setattr(lora_config, "REGEX_CONFIG_SECONDS", 0.3)
+    slow = {f"(?:(.|.){{13}}X{i}|Q0)": 4 for i in range(200)}  # ~3 ms a match here
+    edit_config(adapter_dir, target_modules=["q_proj", "v_proj"], rank_pattern=slow)
+    started = time.perf_counter()
+    with pytest.raises(AdapterFormatError, match=r"took too long .* 0\.3 CPU s for the config"):
+        load_adapter_weights(adapter_dir, spec)
+    assert time.perf_counter() - started < 5
+    edit_config(adapter_dir, rank_pattern={}, target_modules=".*" + "(" * 500 + "q_proj" + ")" * 500)
+    with pytest.raises(AdapterFormatError, match="invalid pattern"):  # was RecursionError
+        load_adapter_weights(adapter_dir, spec)
     edit_config(adapter_dir, target_modules=["q_proj", "v_proj"], rank_pattern={"(?i)q_proj": 4})
     with pytest.raises(AdapterFormatError, match="rank_pattern"):
         load_adapter_weights(adapter_dir, spec)
@@ -523,3 +537,12 @@ def test_portable_transposer_rounds_the_fp32_product_once(dtype: torch.dtype) ->
     assert torch.equal(out, (src * 0.3).to(dtype).transpose(1, 2))
     transpose_scaled(out, src, 1.0)
     assert torch.equal(out, src.to(dtype).transpose(1, 2))
+
+
+def test_a_prompt_template_whose_text_is_not_unicode_is_a_format_error() -> None:
+    """A lone surrogate (from JSON's escape, or a shell's undecodable byte in --system) has no UTF-8
+    form: AdapterFormatError, not the UnicodeEncodeError its size check raised."""
+    with pytest.raises(AdapterFormatError, match="not Unicode text"):
+        PromptTemplate(system="Be brief \ud800")
+    with pytest.raises(AdapterFormatError, match="not Unicode text"):
+        PromptTemplate.from_json('{"system": "x\\udfff"}')

@@ -40,10 +40,13 @@ def test_bad_lines_are_all_reported(tmp_path: Path) -> None:
         "not json\n"
         '{"text": "x", "label": "b", "extra": 1}\n'
         '{"messages": [{"role": "robot", "content": "x"}], "label": "b"}\n'
+        '{"text": "hi \\ud800", "label": "a"}\n'  # parses; no UTF-8 form (the fingerprint raised)
+        '{"text": "deep", "label": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
     )
     with pytest.raises(TrainingDataError) as info:
         load_labelled(path)
-    assert [issue.line for issue in info.value.issues] == [2, 3, 4, 5]
+    assert [issue.line for issue in info.value.issues] == [2, 3, 4, 5, 6, 7]
+    assert "lone surrogate" in info.value.issues[4].message
 
 
 def test_pii_is_refused_before_any_model_loads(tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:

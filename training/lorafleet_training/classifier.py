@@ -146,7 +146,10 @@ def load_labelled(path: Path) -> list[Example]:
         if not line.strip():
             continue
         try:
-            examples.append(_labelled(json.loads(line), number))
+            obj = json.loads(line)
+            if (surrogate := data_mod.lone_surrogate(obj)) is not None:
+                raise _Bad(f"a string holds a lone surrogate ({surrogate}): not Unicode text")
+            examples.append(_labelled(obj, number))
         except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's stack
             issues.append(DataIssue(number, str(exc) if isinstance(exc, _Bad) else f"not valid JSON: {exc!s:.200}"))
     if issues:

@@ -126,7 +126,7 @@ def parse_jsonl(lines: Iterable[bytes | str], source: str = "<data>") -> list[Ex
         except ValueError as exc:  # an integer of more digits than Python converts (4,300)
             issues.append(DataIssue(number, f"invalid JSON: {exc}"))
             continue
-        if (surrogate := _lone_surrogate(obj)) is not None:  # "\ud800" parses, but has no UTF-8 form
+        if (surrogate := lone_surrogate(obj)) is not None:  # "\ud800" parses, but has no UTF-8 form
             issues.append(DataIssue(number, f"a string holds a lone surrogate ({surrogate}): not Unicode text"))
             continue
         try:
@@ -198,7 +198,7 @@ def _chat_example(messages: Any, line: int) -> Example:
     return Example(line=line, turns=tuple(turns[:-1]), completion=turns[-1].content)
 
 
-def _lone_surrogate(value: Any) -> str | None:
+def lone_surrogate(value: Any) -> str | None:
     """The first lone UTF-16 surrogate in a parsed JSON value's strings (keys included), escaped."""
     stack = [value]
     while stack:
