@@ -35,8 +35,18 @@ class TextFormatter(logging.Formatter):
         text = super().format(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            text += " " + " ".join(f"{k}={field_text(v)}" for k, v in fields.items())
         return text
+
+
+def field_text(value: object) -> str:
+    """A field's value for the text format: as is when it is one plain token (or empty), else quoted,
+    with backslashes, quotes, unprintable and non-ASCII characters escaped, so a caller's string
+    holding spaces, "key=value" or a newline cannot pass for other fields or another line."""
+    text = str(value)
+    if text.isprintable() and not any(c.isspace() or c in '="\\' for c in text):
+        return text
+    return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:

@@ -33,6 +33,7 @@ from lorafleet_proto.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, i
 from lorafleet_server.app import Service, build_service
 from lorafleet_server.grpc.auth import ADMIN_RPCS, RPC_ROLES
 from lorafleet_server.grpc.server import BackgroundServer
+from lorafleet_server.logs import TextFormatter
 from lorafleet_server.tenants.keys import KEY_ALPHABET, PepperSource, create_key, format_key, revoke_key
 
 SHORT = Sampling(max_new_tokens=2)
@@ -426,30 +427,29 @@ def test_no_secret_reaches_the_logs(live: Live, caplog: pytest.LogCaptureFixture
 
 
 def test_a_callers_strings_reach_the_log_escaped_and_errors_short(live: Live, caplog: pytest.LogCaptureFixture) -> None:
-    """A newline in an adapter name would start a forged request-log line; a 1 MB name came back as a
-    1 MB error (RESOURCE_EXHAUSTED: gRPC would not send it) and a 1 MB log line."""
+    """A newline in an adapter name would start a forged request-log line, "key=value" text in it pass
+    for other fields; a 1 MB name came back as a 1 MB error (RESOURCE_EXHAUSTED: gRPC would not send
+    it) and a 1 MB log line."""
     forged = "acme/x\nlorafleet.requests rpc=Generate code=OK tenant=beta"
+    spoof = "acme/x status=OK tenant=beta"
     with caplog.at_level(logging.INFO), grpc.insecure_channel(live.target) as channel:
         metadata = (("authorization", f"Bearer {live.keys['acme']}"),)
         inference = inference_pb2_grpc.InferenceServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as refused:
-            inference.Generate(
-                inference_pb2.GenerateRequest(prompt="Hi", adapter=forged), timeout=30, metadata=metadata
-            )
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for adapter in (forged, spoof):
+            with pytest.raises(grpc.RpcError) as refused:
+                request = inference_pb2.GenerateRequest(prompt="Hi", adapter=adapter)
+                inference.Generate(request, timeout=30, metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         adapters = adapters_pb2_grpc.AdaptersServiceStub(channel)
         with pytest.raises(grpc.RpcError) as huge:
-            adapters.ListAdapters(
-                adapters_pb2.ListAdaptersRequest(tenant="a" * (1 << 20)), timeout=30, metadata=metadata
-            )
+            listing = adapters_pb2.ListAdaptersRequest(tenant="a" * (1 << 20))
+            adapters.ListAdapters(listing, timeout=30, metadata=metadata)
         assert huge.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(huge.value.details() or "") < 500
         time.sleep(0.3)  # the request-log lines are written just after the status
-    lines = [r.getMessage() for r in caplog.records]
-    assert not [line for line in lines if line.startswith("lorafleet.requests rpc=Generate code=OK tenant=beta")]
-    assert all(len(line) < 20_000 for line in lines)
-    fields = [getattr(r, "fields", None) for r in caplog.records]
-    logged = [f.get("adapter") for f in fields if isinstance(f, dict)]
-    assert forged.replace("\n", "\\n") in logged  # there, with its newline escaped
+    text = "\n".join(TextFormatter().format(r) for r in caplog.records)  # the server's default log format
+    assert not [line for line in text.splitlines() if line.startswith("lorafleet.requests")]
+    assert 'adapter="acme/x status=OK tenant=beta"' in text and 'adapter="acme/x\\nlorafleet.requests' in text
+    assert all(len(line) < 20_000 for line in text.splitlines())
 
 
 def test_usage_is_metered_per_key_tenant_and_read_by_admins(live: Live) -> None:

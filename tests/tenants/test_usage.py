@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from enginelib import generate, request, tiny_service
+from enginelib import generate, request, submit, tiny_service
 
 from lorafleet_server.app import Service
 from lorafleet_server.engine.types import FinishReason, Principal, Summary
@@ -158,3 +158,17 @@ def test_engine_meters_each_finished_request_by_its_tenant(service: Service, pef
     assert rows[("acme", "")].generated_tokens == b.summary.generated_tokens
     assert rows[("", "")].requests == 2
     assert rows[("", "")].prompt_tokens == c.summary.prompt_tokens + e.summary.prompt_tokens
+
+
+def test_requests_a_forced_stop_cuts_are_not_metered(service: Service) -> None:
+    """Their calls end UNAVAILABLE and are retried elsewhere (Envoy retries a trailers-only one): the
+    retry is the one that is metered."""
+    engine = service.engine
+    engine.eos_token_ids = frozenset()
+    keyed = Principal(key_id="k1", tenant="acme", role="tenant")
+    running, _ = submit(engine, replace(request("Hello", max_new_tokens=60, rid="cut"), principal=keyed), hold_at=2)
+    running.wait_held()  # the engine thread waits in this request's sink, between two steps
+    engine.abort()  # a forced stop (the grace is over): handled before the next step
+    running.release()
+    assert running.wait().summary.finish_reason is FinishReason.CANCELLED and 2 <= len(running.token_ids) < 60
+    assert not [row for row in engine.usage.report(0, 4e9) if row.tenant == "acme"]

@@ -500,8 +500,8 @@ class Engine:
             self._step()
             for gone in [r for r in self._running if r.cancelled]:
                 self._finish(gone, FinishReason.CANCELLED)
-        for r in list(self._running) + list(self._waiting):
-            self._finish(r, FinishReason.CANCELLED)
+        for r in list(self._running) + list(self._waiting):  # the server cut them: its failure, not metered
+            self._finish(r, FinishReason.CANCELLED, metered=False)
 
     def _handle_inbox(self) -> None:
         while True:
@@ -918,11 +918,13 @@ class Engine:
         mean = (r.pooled / len(r.prompt_ids)).tolist()
         self._deliver(r, TokenEvent(summary=summary, embedding=tuple(mean)))
 
-    def _finish(self, r: _Request, reason: FinishReason) -> None:
+    def _finish(self, r: _Request, reason: FinishReason, *, metered: bool = True) -> None:
+        """``metered``: False for a request the server cut (a forced stop): its caller gets UNAVAILABLE
+        and retries, where it is metered once it completes."""
         summary = self._summary(r, reason)
         self._release(r)
         self.observer.observe_finished(summary)
-        if r.admitted:  # one cancelled before it took a row computed nothing: not metered
+        if metered and r.admitted:  # one cancelled before it took a row computed nothing: not metered
             self.usage.record(r.tenant, summary)
         self._deliver(r, TokenEvent(summary=summary))
 

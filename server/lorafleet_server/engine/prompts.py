@@ -143,9 +143,11 @@ class PromptEncoder:
         chars = len(prompt or "") + sum(len(content) for _, content in own)
         if template is not None:
             chars += len(template.system) + sum(len(t.content) for t in template.examples)
-        # Every turn also costs the template's special tokens (a 4 MiB request of 500,000 empty turns
-        # took ~37 s of tokenizing before the exact check refused it).
-        at_least = -(-chars // self.max_token_chars) + (len(own) * self.turn_specials if own else 0)
+        # Every user or assistant turn also costs the template's special tokens (a 4 MiB request of
+        # 500,000 empty turns took ~37 s of tokenizing before the exact check refused it). System turns
+        # are not counted: a prompt adapter merges them into one, and a template may fold them too.
+        spoken = sum(1 for role, _ in own if role != "system")
+        at_least = -(-chars // self.max_token_chars) + (spoken * self.turn_specials if spoken else 0)
         if at_least + budget > self.max_seq_len:
             raise InvalidRequest(
                 f"the prompt ({chars} characters, at least {at_least} tokens) plus max_new_tokens {budget} "

@@ -29,12 +29,9 @@ DEADLINE_SLACK_SECONDS = 0.05
 
 
 def loggable(text: str, limit: int = MAX_REF_CHARS) -> str:
-    """A caller's string as the request log may carry it: at most ``limit`` characters, and escaped
-    where it holds anything unprintable (a newline in it would start a forged log line)."""
-    cut = text[:limit]
-    if not cut.isprintable():
-        cut = ascii(cut)[1:-1]
-    return cut if len(text) <= limit else f"{cut}...({len(text)} chars)"
+    """A caller's string as the request log may carry it: at most ``limit`` characters (the log's
+    formatters escape what is in it: logs.field_text, JSON)."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 class HasDeadline(Protocol):
