@@ -3,12 +3,14 @@ committed. Plus the start-time checks of the TLS files."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import trustme
 from enginelib import server_config
@@ -18,7 +20,8 @@ from lorafleet import LoraFleetClient, Sampling, UnauthenticatedError, Unavailab
 from lorafleet_server.app import build_service
 from lorafleet_server.config import ServerConfig
 from lorafleet_server.errors import StartupError
-from lorafleet_server.grpc.server import BackgroundServer, server_credentials
+from lorafleet_server.grpc.server import BackgroundServer, server_credentials, server_keys
+from lorafleet_server.http.server import BackgroundHttpServer
 from lorafleet_server.tenants.keys import PepperSource, create_key
 
 SHORT = Sampling(max_new_tokens=2)
@@ -125,6 +128,33 @@ def test_mtls_needs_a_client_certificate_from_the_ca(mtls_target: str, pki: Pki)
         timeout=60,
     ) as client:
         assert client.generate("Hello", sampling=SHORT).generated_tokens > 0  # no keys file: open on loopback
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_the_http_api_serves_the_same_tls_as_grpc(tiny_model_dir: Path, tmp_path: Path, pki: Pki, mutual: bool) -> None:
+    """The OpenAI-compatible port used to serve plaintext whatever --tls-cert said: API keys in clear,
+    and with --tls-client-ca a client without a certificate got the whole API there."""
+    tls = {"tls_cert": pki.cert, "tls_key": pki.key, **({"tls_client_ca": pki.ca_file} if mutual else {})}
+    config = server_config(model=tiny_model_dir, data_dir=tmp_path, port=0, metrics_port=0, max_seq_len=256, **tls)
+    service = build_service(config)
+    service.engine.start()
+    http = BackgroundHttpServer(service, server_keys(config))
+    http.start()
+    try:
+        assert http.url.startswith("https://")
+        plain = http.url.replace("https://", "http://")
+        with pytest.raises(httpx.HTTPError):  # a plaintext request gets no answer from a TLS port
+            httpx.get(f"{plain}/health", timeout=10)
+        ca = ssl.create_default_context(cafile=str(pki.ca_file))
+        if mutual:
+            with pytest.raises(httpx.HTTPError):  # no client certificate
+                httpx.get(f"{http.url}/health", verify=ca, timeout=10)
+            client_cert = pki.ca.issue_cert("client@example.com")
+            client_cert.configure_cert(ca)
+        assert httpx.get(f"{http.url}/health", verify=ca, timeout=10).json() == {"status": "SERVING"}
+    finally:
+        http.stop()
+        service.engine.shutdown(10)
 
 
 def test_client_tls_options_are_checked() -> None:

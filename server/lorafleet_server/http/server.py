@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 from concurrent.futures import Future
 
@@ -59,7 +60,14 @@ class HttpServer:
             server_header=False,
             timeout_graceful_shutdown=SHUTDOWN_SECONDS,
             timeout_keep_alive=30,
+            # The gRPC port's TLS, and its client-certificate check (mTLS), on this port too: a
+            # plaintext HTTP API beside it carried the same API keys in clear, past the mTLS check.
+            ssl_certfile=None if cfg.tls_cert is None else str(cfg.tls_cert),
+            ssl_keyfile=None if cfg.tls_key is None else str(cfg.tls_key),
+            ssl_ca_certs=None if cfg.tls_client_ca is None else str(cfg.tls_client_ca),
+            ssl_cert_reqs=ssl.CERT_NONE if cfg.tls_client_ca is None else ssl.CERT_REQUIRED,
         )
+        self._scheme = "http" if cfg.tls_cert is None else "https"
         self._server = uvicorn.Server(self._config)
         self._socket: socket.socket | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -67,7 +75,7 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        return f"http://{_url_host(self._config.host)}:{self.port}"
+        return f"{self._scheme}://{_url_host(self._config.host)}:{self.port}"
 
     async def start(self) -> str:
         """Bind and serve; returns what the ready line says of it. StartupError when it cannot listen."""
