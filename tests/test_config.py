@@ -48,6 +48,14 @@ def test_kernel_cache_dir_defaults_to_the_data_dir_and_may_be_shared(tmp_path: P
         (["--linear-threads", "-1"], {}, "linear_threads must be >= 0"),
         (["--adapter-rescan-seconds", "-1"], {}, "adapter_rescan_seconds must be >= 0"),
         ([], {"LORAFLEET_LINEAR_KERNEL": "mkl"}, "linear_kernel"),
+        # a negative tenant limit started or admitted nothing, while health said SERVING
+        ([], {"LORAFLEET_MAX_RUNNING_PER_TENANT": "-1"}, "max_running_per_tenant must be >= 0"),
+        (["--max-waiting-per-tenant", "-1"], {}, "max_waiting_per_tenant must be >= 0"),
+        (["--host-cache-bytes", "-1"], {}, "host_cache_bytes must be >= 0"),
+        (["--max-adapter-bytes", "0"], {}, "max_adapter_bytes must be > 0"),
+        # it goes out in every call's metadata, where these made every call fail INTERNAL
+        (["--replica-id", "r\u00e9plica"], {}, "replica_id must be printable ASCII"),
+        (["--replica-id", "a b"], {}, "replica_id must be printable ASCII"),
     ],
 )
 def test_bad_values_are_refused(argv: list[str], env: dict[str, str], message: str) -> None:

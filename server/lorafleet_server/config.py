@@ -406,6 +406,7 @@ def _check(c: ServerConfig) -> None:
         "max_waiting",
         "max_step_tokens",
         "max_message_bytes",
+        "max_adapter_bytes",
     )
     for name in positive:
         if getattr(c, name) <= 0:
@@ -424,6 +425,14 @@ def _check(c: ServerConfig) -> None:
         raise ValueError("tls_cert and tls_key go together: give both to serve TLS, or neither")
     if c.tls_client_ca is not None and c.tls_cert is None:
         raise ValueError("tls_client_ca (client certificates, mTLS) needs tls_cert and tls_key as well")
+    for name in ("max_waiting_per_tenant", "max_running_per_tenant"):  # a negative one stalled every tenant
+        if getattr(c, name) < 0:
+            raise ValueError(f"{name} must be >= 0 (0: no limit)")
+    if c.host_cache_bytes < 0:
+        raise ValueError("host_cache_bytes must be >= 0")
+    if not (c.replica_id.isascii() and c.replica_id.isprintable()) or " " in c.replica_id:
+        # it goes out in every call's metadata: anything else made every call fail INTERNAL
+        raise ValueError(f"replica_id must be printable ASCII without spaces, got {c.replica_id[:80]!r}")
     if c.torch_threads < 0:
         raise ValueError("torch_threads must be >= 0 (0: automatic)")
     if c.prefill_threads < 0:

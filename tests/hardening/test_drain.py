@@ -127,6 +127,28 @@ def test_a_call_the_server_cuts_is_unavailable(tiny_model_dir: Path, tmp_path: P
         server.stop(drain_seconds=0)
 
 
+def test_health_turns_not_serving_when_the_engine_loop_crashes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A crashed engine refuses every request; health said SERVING all the same, so probes passed and
+    Envoy kept routing to the replica. It follows the engine now."""
+    config = server_config(model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0)
+    service = build_service(config)
+    server = BackgroundServer(service)
+    target = f"127.0.0.1:{server.start()}"
+    try:
+        assert health(target) == health_pb2.HealthCheckResponse.SERVING
+
+        def crash() -> None:  # a bug in the loop itself, between steps
+            raise RuntimeError("a bug")
+
+        service.engine._admit = crash  # type: ignore[method-assign]
+        with LoraFleetClient(target, timeout=30) as client, pytest.raises(Exception, match=r"bug|shutting|internal"):
+            client.generate("Hi", sampling=Sampling(max_new_tokens=2))
+        _wait_until(lambda: not service.engine.accepting)
+        _wait_until(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=5)
+    finally:
+        server.stop(drain_seconds=0)
+
+
 def _wait_until(condition: object, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]

@@ -353,12 +353,15 @@ def test_text_that_is_not_unicode_is_a_bad_request_on_every_endpoint(tiny_http: 
         error = answer.json()["error"]
         assert f"{what} is not valid Unicode text: a lone surrogate" in error["message"], error
         assert error["type"] == "invalid_request_error"
+    # the embeddings call's valid input was cancelled with it: gone before the next test counts
+    wait_for(lambda: tiny_http.service.engine.load_stats() == (0, 0), 30, "the cancelled input gone")
 
 
 def test_an_embeddings_call_refused_midway_leaves_no_work_behind(tiny_http: TinyHttp) -> None:
     """The "tight" key may queue one request: the second input is refused (429) and the first, queued,
     is cancelled with the call rather than computed and metered for an answer nobody gets."""
     engine = tiny_http.service.engine
+    wait_for(lambda: engine.load_stats() == (0, 0), 30, "no request of an earlier test left")
     cancelled = tiny_http.metric("lorafleet_generations_total", reason="cancelled")
     with engine_held(engine), pytest.raises(openai.RateLimitError):
         client(tiny_http, "tight").embeddings.create(model=tiny_http.model_id, input=["one", "two", "three"])

@@ -114,6 +114,9 @@ def check_startup(config: ServerConfig) -> None:
     server_keys(config).load()
 
 
+ENGINE_WATCH_SECONDS = 1.0  # how often health checks that the engine still takes requests
+
+
 class GrpcServer:
     """Owns the aio server of one Service; call from inside an event loop."""
 
@@ -150,6 +153,8 @@ class GrpcServer:
         self.metrics_server: MetricsServer | None = None
         self._forced = asyncio.Event()
         self._force_stop: asyncio.Future[None] | None = None
+        self._stopping = False
+        self._engine_watch: asyncio.Future[None] | None = None
 
     @property
     def metrics_url(self) -> str:
@@ -184,7 +189,20 @@ class GrpcServer:
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._engine_watch = asyncio.ensure_future(self._watch_engine())
         return self.port
+
+    async def _watch_engine(self, interval: float = ENGINE_WATCH_SECONDS) -> None:
+        """Health follows the engine: if its loop ends while the server is not stopping (a bug crashed
+        it: it refuses every request from then on), turn NOT_SERVING, so probes and Envoy take this
+        replica out and an orchestrator restarts it, instead of sending it traffic it cannot serve."""
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            if not self._stopping and not self.service.engine.accepting:
+                log.error("the engine stopped taking requests (see the crash above): health NOT_SERVING")
+                for name in ("", *SERVICE_NAMES):
+                    await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                return
 
     async def stop(self, drain_seconds: float = 0.0) -> None:
         """Drain, then stop. Health turns NOT_SERVING at once while new requests are still served for
@@ -192,6 +210,9 @@ class GrpcServer:
         requests fail with UNAVAILABLE at once, running ones finish within the shutdown grace and the
         rest are cut. ``force()`` (a second signal) cuts short whatever phase is running."""
         grace = self.service.config.shutdown_grace_seconds
+        self._stopping = True
+        if self._engine_watch is not None:
+            self._engine_watch.cancel()
         await self._health.enter_graceful_shutdown()
         if drain_seconds > 0:
             log.info("draining: health NOT_SERVING; still serving new requests for %.1fs", drain_seconds)
@@ -201,8 +222,8 @@ class GrpcServer:
         log.info(
             "refusing new requests; %d running may finish within %.1fs, %d queued get UNAVAILABLE",
             running,
-            queued,
             grace,
+            queued,
         )
         stop = asyncio.ensure_future(self._server.stop(None if self._forced.is_set() else grace))
         await asyncio.to_thread(self.service.engine.shutdown, 0.0 if self._forced.is_set() else grace)

@@ -546,8 +546,9 @@ class OpenAIApi:
         return JSONResponse(body, status_code=status, headers=headers)
 
     async def health(self) -> Response:
-        status = "SERVING" if self._health.serving else "NOT_SERVING"
-        return JSONResponse({"status": status}, status_code=200 if self._health.serving else 503)
+        serving = self._health.serving and self._engine.accepting  # not after a drain, nor a crashed engine
+        status = "SERVING" if serving else "NOT_SERVING"
+        return JSONResponse({"status": status}, status_code=200 if serving else 503)
 
     async def validation_error(self, request: Request, exc: Exception) -> Response:
         """A body that does not parse or fit the schema: 400 naming the first bad parameter, counted and
