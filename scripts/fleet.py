@@ -323,11 +323,18 @@ def _up(args: argparse.Namespace, directory: Path, launcher: Launcher) -> Fleet:
     target = f"127.0.0.1:{listen_port}"
     extra_env["LORAFLEET_TARGET"] = target
     fleet = Fleet(str(directory), target, admin, store, replicas, envoy.pid, s3_pid, s3_endpoint, extra_env)
-    (directory / "fleet.json").write_text(json.dumps(asdict(fleet), indent=2))
-    env_file = directory / "env"
-    env_file.write_text("".join(f"export {k}={v}\n" for k, v in extra_env.items()))
-    env_file.chmod(0o600)
+    # Both hold the S3 credentials (extra_env): readable by their owner only, from their first byte.
+    write_private(directory / "fleet.json", json.dumps(asdict(fleet), indent=2))
+    write_private(directory / "env", "".join(f"export {k}={v}\n" for k, v in extra_env.items()))
     return fleet
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, mode 0600 whatever the umask, never readable by others on the way."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,3 +51,18 @@ def test_envoy_template_renders_every_replica() -> None:
     assert "port_value: 50050" in text and "port_value: 9901" in text
     assert '"hash_key": "replica-1"' in text and '"port_value": 1002' in text
     assert "$" not in text  # every placeholder filled
+
+
+def test_the_files_holding_credentials_are_written_private(tmp_path: Path) -> None:
+    """fleet.json and env hold the S3 secret: fleet.json was written with the umask's mode."""
+    old_umask = os.umask(0o022)
+    try:
+        existing = tmp_path / "fleet.json"
+        existing.write_text("{}")
+        existing.chmod(0o644)  # a file of an earlier run keeps no wider mode either
+        for path in (existing, tmp_path / "env"):
+            fleet_script.write_private(path, "AWS_SECRET_ACCESS_KEY=s3cr3t\n")
+            assert path.stat().st_mode & 0o777 == 0o600
+            assert path.read_text() == "AWS_SECRET_ACCESS_KEY=s3cr3t\n"
+    finally:
+        os.umask(old_umask)
