@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, assert_never
@@ -570,8 +570,7 @@ class Engine:
         def can_start(r: _Request) -> bool:
             """Below its tenant's running limit (a tenant at it gains nothing from a preemption: the row
             would go straight back) with its adapter at hand."""
-            limit = self._tenant_limit(r.req, "max_running")
-            return not (limit and running[r.tenant] >= limit) and self._can_start_now(r)
+            return not self._at_running_limit(r, running) and self._can_start_now(r)
 
         victim = preemption_victim(
             self.config.max_batch_size, self._running, self._waiting, can_start, self._preemptible
@@ -597,8 +596,7 @@ class Engine:
         can run now (a cold adapter's request waits for its load while others go first)."""
         for tenant in self._waiting.tenants():
             for r in self._waiting.waiting(tenant):
-                limit = self._tenant_limit(r.req, "max_running")
-                if limit and running.get(tenant, 0) >= limit:
+                if self._at_running_limit(r, running):
                     break  # this tenant runs its limit's worth; the next tenant goes
                 if r.lora is not None and not r.slot:
                     try:
@@ -613,6 +611,11 @@ class Engine:
                     r.slot = slot
                 return r
         return None
+
+    def _at_running_limit(self, r: _Request, running: Mapping[str, int]) -> bool:
+        """Whether ``r``'s tenant already runs its limit's worth (``running``: rows per tenant)."""
+        limit = self._tenant_limit(r.req, "max_running")
+        return bool(limit) and running.get(r.tenant, 0) >= limit
 
     def _can_start_now(self, r: _Request) -> bool:
         return r.lora is None or bool(r.slot) or self.adapters.resident(r.lora)

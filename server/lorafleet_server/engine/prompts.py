@@ -196,7 +196,5 @@ class PromptEncoder:
         (``chat_ids``)."""
         return chat_ids(self.tokenizer, turns, self._encode_text, self._specials)
 
-    def _encode_text(self, text: str) -> list[int]:
-        if not text:
-            return []
+    def _encode_text(self, text: str) -> list[int]:  # chat_ids calls it with non-empty text only
         return list(self._text_tokenizer.encode(text, add_special_tokens=False))
