@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet_server.config import ServerConfig, add_server_arguments, parse_config
+from lorafleet_server.config import ServerConfig, add_server_arguments, parse_config, unknown_environment
 from lorafleet_server.engine.types import EngineConfig
 
 
@@ -143,3 +143,92 @@ def test_tls_and_keys_settings(tmp_path: Path) -> None:
         parse_config(["--tls-client-ca", "ca.pem"], environ={})
     with pytest.raises(ValueError, match="keys_poll_seconds must be > 0"):
         parse_config(["--keys-poll-seconds", "0"], environ={})
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("port = 50051.5", "port must be of type int, got 50051.5"),  # int() truncated it
+        ("max_batch_size = 8.0", "max_batch_size must be of type int"),
+        ("replica_id = true", "replica_id must be of type str"),  # became the text "True"
+        ("host = 127", "host must be of type str"),
+        ("data_dir = 1", "data_dir must be of type Path"),
+        ("drain_seconds = inf", "drain_seconds must be a finite number, got inf"),  # a drain that never ends
+        ("shutdown_grace_seconds = nan", "shutdown_grace_seconds must be a finite number"),
+        ("port = [1]", "port must be of type int"),
+    ],
+)
+def test_a_toml_value_must_have_the_settings_type(tmp_path: Path, toml: str, message: str) -> None:
+    file = tmp_path / "lorafleet.toml"
+    file.write_text(f"[server]\n{toml}\n")
+    with pytest.raises(ValueError, match=message):
+        parse_config(["--config", str(file)], environ={})
+
+
+def test_a_toml_int_may_be_given_for_a_float_setting(tmp_path: Path) -> None:
+    file = tmp_path / "lorafleet.toml"
+    file.write_text("[server]\ndrain_seconds = 3\nkeys_poll_seconds = 0.5\n")
+    cfg = parse_config(["--config", str(file)], environ={})
+    assert (cfg.drain_seconds, cfg.keys_poll_seconds) == (3.0, 0.5)
+
+
+@pytest.mark.parametrize("word", ["inf", "-inf", "nan", "Infinity"])
+def test_non_finite_seconds_from_the_environment_are_refused(word: str) -> None:
+    with pytest.raises(ValueError, match="drain_seconds must be a finite number"):
+        parse_config([], environ={"LORAFLEET_DRAIN_SECONDS": word})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[sever]\nport = 7000\n", r"only a \[server\] table, it has: sever"),  # every setting was ignored
+        ("port = 7000\n", r"only a \[server\] table, it has: port"),  # forgot the table
+        ("server = 1\n", r"must be a table"),
+        ("[server]\nport = \n", "is not valid TOML"),
+        ("[server]\nmax_batch_sise = 4\n", r"max_batch_sise \(did you mean max_batch_size\?\)"),
+    ],
+)
+def test_a_config_file_holding_anything_but_a_server_table_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    file = tmp_path / "lorafleet.toml"
+    file.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        parse_config(["--config", str(file)], environ={})
+
+
+def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"cannot read the config file .*missing\.toml: No such file"):
+        parse_config(["--config", str(tmp_path / "missing.toml")], environ={})
+    with pytest.raises(ValueError, match="cannot read the config file"):
+        parse_config([], environ={"LORAFLEET_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_unknown_lorafleet_variables_are_named_with_a_hint() -> None:
+    environ = {
+        "LORAFLEET_PORT": "1",
+        "LORAFLEET_DRAIN_SECOND": "3",  # misspelled: silently ignored before
+        "LORAFLEET_API_KEY": "k",  # the client's
+        "LORAFLEET_TARGET": "x",
+        "LORAFLEET_KEYS_PEPPER": "p",
+        "LORAFLEET_CONFIG": "c",
+        "LORAFLEET_ZZZ": "1",
+        "OTHER": "1",
+    }
+    assert unknown_environment(environ) == [
+        "LORAFLEET_DRAIN_SECOND (did you mean LORAFLEET_DRAIN_SECONDS?)",
+        "LORAFLEET_ZZZ",
+    ]
+    assert unknown_environment({f"LORAFLEET_{f.name.upper()}": "" for f in dataclasses.fields(ServerConfig)}) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "9000", "--http-port", "9000"], "port and http_port are both 9000"),
+        (["--metrics-port", "50051"], "port and metrics_port are both 50051"),
+        (["--metrics-port", "8000"], "metrics_port and http_port are both 8000"),
+    ],
+)
+def test_two_listeners_on_one_port_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv, environ={})
+    parse_config(["--port", "0", "--metrics-port", "0", "--http-port", "0"], environ={})  # any free ports

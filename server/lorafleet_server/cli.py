@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 from lorafleet_adapters.backend import Store, open_store
 from lorafleet_adapters.errors import AdapterError, InvalidAdapterRef
 from lorafleet_adapters.ref import AdapterRef, check_ident
-from lorafleet_server.config import ServerConfig, add_server_arguments, config_from_args, keys_pepper
+from lorafleet_server.config import (
+    ServerConfig,
+    add_server_arguments,
+    config_from_args,
+    keys_pepper,
+    unknown_environment,
+)
 from lorafleet_server.errors import StartupError
 from lorafleet_server.logs import setup_logging
 from lorafleet_server.tenants.errors import TenantsError
@@ -366,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     setup_logging(config.log_level, config.log_format)
+    for name in unknown_environment():
+        log.warning("ignoring %s: no setting reads it", name)
     try:
         if args.command == "serve":
             return _serve(config)

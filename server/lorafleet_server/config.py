@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import os
 import socket
 import tomllib
@@ -32,6 +34,10 @@ GiB = 1 << 30
 # The API keys' pepper: a secret, so on purpose not a ServerConfig field (a flag would show it in `ps`,
 # a TOML file would keep it beside the rest of the configuration). Read here like every other setting.
 KEYS_PEPPER_ENV = "LORAFLEET_KEYS_PEPPER"
+CONFIG_ENV = "LORAFLEET_CONFIG"  # the --config file
+# LORAFLEET_* variables that are not ServerConfig fields: read here, or by the Python client
+# (clients/python), which may share the server's environment.
+OTHER_ENV = frozenset({KEYS_PEPPER_ENV, CONFIG_ENV, "LORAFLEET_API_KEY", "LORAFLEET_TARGET"})
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
@@ -268,6 +274,7 @@ class ServerConfig(EngineConfig):
 
 
 TRUE_WORDS = ("true", "1")
+EXPECTED: dict[type, str] = {bool: "true, false, 1 or 0", float: "a finite number"}  # what a bad value was not
 FALSE_WORDS = ("false", "0")
 
 
@@ -296,12 +303,19 @@ class _FieldSpec:
     help: str
 
     def parse(self, raw: object) -> Any:
-        """The field's value from a flag, an environment string or a TOML value."""
+        """The field's value from a flag, an environment string or a TOML value. A TOML value must
+        have the field's type (an int may be written for a float): ``port = 50051.5`` was truncated
+        by ``int()`` and ``replica_id = true`` became the text "True"."""
         if self.kind is bool:
             return parse_bool(raw)
-        if self.kind is not str and isinstance(raw, bool):  # TOML true for a number: not a number
-            raise ValueError(f"a boolean for a {self.kind.__name__}")
-        return self.kind(raw)
+        text = isinstance(raw, str) or (self.kind is Path and isinstance(raw, Path))  # flags give a Path
+        number = isinstance(raw, int) or (self.kind is float and isinstance(raw, float))
+        if isinstance(raw, bool) or not (text or (number and self.kind in (int, float))):
+            raise ValueError(f"a {type(raw).__name__} for a {self.kind.__name__}")
+        value = self.kind(raw)
+        if self.kind is float and not math.isfinite(value):  # inf seconds of drain: a stop that never ends
+            raise ValueError("not a finite number")
+        return value
 
 
 def _field_specs() -> list[_FieldSpec]:
@@ -352,15 +366,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, exclude: Collection[st
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
     environ = os.environ if environ is None else environ
-    file_values: dict[str, Any] = {}
-    config_path = getattr(args, "config", None) or environ.get("LORAFLEET_CONFIG")
-    if config_path:
-        with Path(config_path).open("rb") as fh:
-            file_values = dict(tomllib.load(fh).get("server", {}))
+    config_path = getattr(args, "config", None) or environ.get(CONFIG_ENV)
+    file_values = _read_config_file(Path(config_path)) if config_path else {}
     specs = _field_specs()
     unknown = set(file_values) - {s.name for s in specs}
     if unknown:
-        raise ValueError(f"unknown keys in [server] of {config_path}: {', '.join(sorted(unknown))}")
+        names = ", ".join(_with_hint(name, [s.name for s in specs]) for name in sorted(unknown))
+        raise ValueError(f"unknown keys in [server] of {config_path}: {names}")
     values: dict[str, Any] = {}
     for spec in specs:
         raw: Any = getattr(args, spec.name, None)
@@ -373,7 +385,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         try:
             value = spec.parse(raw)
         except (TypeError, ValueError):
-            expected = "true, false, 1 or 0" if spec.kind is bool else f"of type {spec.kind.__name__}"
+            expected = EXPECTED.get(spec.kind, f"of type {spec.kind.__name__}")
             raise ValueError(f"{spec.name} must be {expected}, got {raw!r}") from None
         if spec.choices is not None and value not in spec.choices:
             raise ValueError(f"{spec.name} must be one of {', '.join(spec.choices)}, got {value!r}")
@@ -381,6 +393,42 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     config = ServerConfig(**values)
     _check(config)
     return config
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The ``[server]`` table of a TOML file. A file that cannot be read, is not TOML, or holds anything
+    besides that table (a misspelled ``[sever]`` whose settings would all be ignored) is refused."""
+    try:
+        with path.open("rb") as fh:
+            document = tomllib.load(fh)
+    except OSError as exc:
+        raise ValueError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"the config file {path} is not valid TOML: {exc}") from None
+    others = sorted(set(document) - {"server"})
+    if others:
+        raise ValueError(f"the config file {path} may hold only a [server] table, it has: {', '.join(others)}")
+    table = document.get("server", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"server in the config file {path} must be a table ([server]), got {table!r}")
+    return dict(table)
+
+
+def _with_hint(name: str, known: Sequence[str], prefix: str = "") -> str:
+    """``name``, with the known name it most likely misspells (compared without their common ``prefix``)."""
+    close = difflib.get_close_matches(name.removeprefix(prefix), [k.removeprefix(prefix) for k in known], n=1)
+    return f"{name} (did you mean {prefix}{close[0]}?)" if close else name
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``LORAFLEET_*`` variables that no setting reads, each with the name it most likely misspells:
+    the server warns about them at start (a misspelled variable is otherwise silently ignored). Not
+    refused: the environment is shared with other programs (the client reads ``LORAFLEET_TARGET``)."""
+    environ = os.environ if environ is None else environ
+    known = ["LORAFLEET_" + spec.name.upper() for spec in _field_specs()]
+    read = {*known, *OTHER_ENV}
+    unread = sorted(name for name in environ if name.startswith("LORAFLEET_") and name not in read)
+    return [_with_hint(name, known, "LORAFLEET_") for name in unread]
 
 
 def keys_pepper(environ: Mapping[str, str] | None = None) -> str | None:
@@ -416,6 +464,11 @@ def _check(c: ServerConfig) -> None:
             raise ValueError(f"{name} must be in [0, 65535] (0: any free port)")
     if not 0 <= c.http_port <= 65535:
         raise ValueError("http_port must be in [0, 65535] (0: no HTTP API)")
+    ports = [(name, getattr(c, name)) for name in ("port", "metrics_port", "http_port") if getattr(c, name)]
+    for i, (name, port) in enumerate(ports):
+        for other, other_port in ports[i + 1 :]:
+            if port == other_port:  # the second listener failed after the model had loaded
+                raise ValueError(f"{name} and {other} are both {port}: each needs a port of its own")
     for name in ("drain_seconds", "shutdown_grace_seconds", "adapter_poll_seconds", "adapter_rescan_seconds"):
         if not getattr(c, name) >= 0:
             raise ValueError(f"{name} must be >= 0")

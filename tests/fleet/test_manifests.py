@@ -104,6 +104,10 @@ def test_settings_are_server_settings() -> None:
         field = key.removeprefix("LORAFLEET_").lower()
         assert hasattr(config, field), key
     assert config.host == "0.0.0.0" and config.replica_id == "pod-name"
+    # The Service named lorafleet would otherwise add LORAFLEET_PORT=tcp://10.0.0.1:50050 and the like
+    # (Docker-link variables) to this pod's environment, where the server reads them as its settings.
+    one("Service", "lorafleet")  # (envoy.yaml)
+    assert one("Deployment", "lorafleet")["spec"]["template"]["spec"]["enableServiceLinks"] is False
     assert str(config.keys_path).startswith(container["volumeMounts"][0]["mountPath"])
 
 
