@@ -1,14 +1,30 @@
 """``lorafleet serve`` refuses what cannot run as configured in one line, without a traceback: a kernel
-it was told to use by name (``native``) that cannot be built here, a context longer than the model's."""
+it was told to use by name (``native``) that cannot be built here, a context longer than the model's,
+a port another process holds."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+
+def _serve(model: Path, data: Path, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``lorafleet serve`` of ``model`` with ``flags`` (after any free ports), in an environment without
+    the caller's LORAFLEET_* settings; ``env`` is added to it."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")} | env
+    argv = ["--model", str(model), "--data-dir", str(data), "--port", "0", "--metrics-port", "0", "--http-port", "0"]
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet_server", "serve", *argv, *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environ,
+    )
 
 
 @pytest.mark.parametrize(
@@ -19,33 +35,23 @@ import pytest
     ],
 )
 def test_refused_in_one_line(tiny_model_dir: Path, tmp_path: Path, extra: list[str], message: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
-    env["CC"] = str(tmp_path / "no-such-compiler")  # and no library cached in this data directory
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorafleet_server",
-            "serve",
-            "--model",
-            str(tiny_model_dir),
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--http-port",
-            "0",
-            "--max-seq-len",
-            "256",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    # CC: no compiler, and no library cached in this data directory
+    done = _serve(tiny_model_dir, tmp_path / "data", "--max-seq-len", "256", *extra, CC=str(tmp_path / "no-cc"))
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr and "lorafleet ready" not in done.stderr
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    """It was found only when the listeners bound, after the model had loaded (minutes for a large one),
+    and then as a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # no model at that path: refused before the model is looked at; a misspelled variable is named
+        done = _serve(tmp_path / "no-model", tmp_path / "data", "--metrics-port", str(port), LORAFLEET_DRAIN_SECOND="3")
+    assert done.returncode == 2, done.stderr
+    assert f"error: --metrics-port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "ignoring LORAFLEET_DRAIN_SECOND (did you mean LORAFLEET_DRAIN_SECONDS?): no setting reads it" in done.stderr

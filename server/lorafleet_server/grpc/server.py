@@ -41,6 +41,7 @@ from lorafleet_server.grpc.inference import InferenceServicer
 from lorafleet_server.grpc.observe import CallObserver
 from lorafleet_server.grpc.rpc import DecodeGuard
 from lorafleet_server.grpc.usage import UsageServicer
+from lorafleet_server.listen import check_can_listen
 from lorafleet_server.metrics import MetricsServer, serve_metrics
 from lorafleet_server.tenants.keys import PepperSource
 
@@ -108,10 +109,13 @@ def server_keys(config: ServerConfig, on_reload: Callable[[bool], None] | None =
 
 
 def check_startup(config: ServerConfig) -> None:
-    """The start rules (TLS files, keys file, no keys off loopback), checked before the model loads so a
-    server that must not start says so at once; ``GrpcServer.start`` applies them again for real."""
+    """The start rules (TLS files, keys file, no keys off loopback, ports free), checked before the model
+    loads so a server that must not start says so at once; ``GrpcServer.start`` applies them again for real."""
     server_credentials(config)
     server_keys(config).load()
+    check_can_listen(config.host, config.port, "--port")
+    check_can_listen(config.host, config.metrics_port, "--metrics-port")
+    check_can_listen(config.host, config.http_port, "--http-port")
 
 
 ENGINE_WATCH_SECONDS = 1.0  # how often health checks that the engine still takes requests
@@ -180,11 +184,17 @@ class GrpcServer:
             else:
                 self.port = self._server.add_secure_port(address, credentials)
             if self.port == 0:
-                raise OSError(f"cannot listen on {cfg.address}")
+                raise StartupError(f"--port {cfg.port}: cannot listen on {cfg.address} (in use?)")
+            try:
+                self.metrics_server = serve_metrics(self.service.metrics.registry, cfg.host, cfg.metrics_port)
+            except OSError as exc:
+                where = f"{cfg.host}:{cfg.metrics_port}"
+                raise StartupError(
+                    f"--metrics-port {cfg.metrics_port}: cannot listen on {where} ({exc.strerror})"
+                ) from None
         except BaseException:
             self.keys.stop()
             raise
-        self.metrics_server = serve_metrics(self.service.metrics.registry, cfg.host, cfg.metrics_port)
         self.service.engine.start()
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
