@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from e2elib import LiveServer
 
 from lorafleet import LoraFleetError, Message, Sampling
@@ -102,6 +103,53 @@ def test_alert_rules_pass_promtool() -> None:
         "Down",
     ):
         assert alert in (ROOT / "deploy/prometheus/alerts.yml").read_text()
+
+
+def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
+    """`promtool test rules`: a replica answering 90% UNAUTHENTICATED (a scanner with bad keys) and
+    PERMISSION_DENIED / RESOURCE_EXHAUSTED / INVALID_ARGUMENT does not page; one failing a third of its
+    calls with INTERNAL does. The caller codes used to count, so a scanner could page at night."""
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    [alert] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "LorafleetErrorRatioHigh"]
+    series = {
+        ("scanned", "OK"): "0+10x30",
+        ("scanned", "UNAUTHENTICATED"): "0+100x30",
+        ("scanned", "PERMISSION_DENIED"): "0+10x30",
+        ("scanned", "RESOURCE_EXHAUSTED"): "0+10x30",
+        ("scanned", "INVALID_ARGUMENT"): "0+10x30",
+        ("failing", "OK"): "0+10x30",
+        ("failing", "INTERNAL"): "0+5x30",
+    }
+    annotations = {  # as the rule renders them for the failing replica (5 of 15 calls: 33.33%)
+        "summary": alert["annotations"]["summary"].replace("{{ $labels.instance }}", "failing"),
+        "description": alert["annotations"]["description"].replace("{{ $value | humanizePercentage }}", "33.33%"),
+    }
+    test = {
+        "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'lorafleet_requests_total{{instance="{i}", rpc="Generate", code="{c}"}}', "values": v}
+                    for (i, c), v in series.items()
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "20m",
+                        "alertname": "LorafleetErrorRatioHigh",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "page", "instance": "failing"}, "exp_annotations": annotations}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "error_ratio_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_dashboard_queries_name_exported_metrics(live: LiveServer) -> None:
