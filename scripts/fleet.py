@@ -15,8 +15,9 @@
 
 It waits until Envoy sees every replica healthy, prints the addresses, and writes ``DIR/env`` (``export``
 lines: the store URL, the S3 endpoint and credentials, ``LORAFLEET_TARGET``) and ``DIR/fleet.json``
-(every port and pid, for tests). ``down`` stops exactly the processes of ``DIR/pids/`` (SIGTERM to
-each group: replicas drain; SIGKILL after a grace) and removes the pid files. A failed ``up`` stops
+(every port and pid, for tests). ``down`` stops exactly the processes of ``DIR/pids/``: the replicas
+first (SIGTERM to each group: they drain behind Envoy), then Envoy, then S3, each stage SIGKILLed after
+a grace, and removes the pid files. A failed ``up`` stops
 what it had started. The fleet e2e test (tests/fleet/) runs this same script.
 """
 
@@ -217,24 +218,38 @@ def running_pids(directory: Path) -> dict[str, int]:
     return found
 
 
+STOP_STAGES = ("replica", "envoy", "s3")  # who stops when: the replicas drain while Envoy still routes
+
+
 def stop(directory: Path, grace: float = 30.0) -> list[str]:
-    """SIGTERM every process group of ``DIR/pids`` (Envoy last: replicas drain behind it), SIGKILL after
-    ``grace``; remove the pid files. Returns the names stopped."""
+    """Stop every process group of ``DIR/pids`` in stages: the replicas first (SIGTERM: they drain and
+    finish their in-flight requests, which reach their callers through Envoy), then Envoy, then the S3
+    server; each stage gets ``grace`` seconds after its SIGTERM before SIGKILL. Removes the pid files.
+    Returns the names stopped, in that order. (Signalling all at once stopped Envoy while the replicas
+    were still draining behind it: its callers lost what was in flight.)"""
     pids = running_pids(directory)
-    order = sorted(pids, key=lambda n: (n == "envoy", n == "s3", n))
-    for name in order:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pids[name], signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while any(_pid_alive(p) for p in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in pids.values():
-        if _pid_alive(pid):
+    order = sorted(pids, key=lambda n: (_stage(n), n))
+    for stage in sorted({_stage(n) for n in order}):
+        group = [pids[n] for n in order if _stage(n) == stage]
+        for pid in group:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(_pid_alive(p) for p in group) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in group:
+            if _pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
     for pidfile in (directory / "pids").glob("*.pid"):
         pidfile.unlink(missing_ok=True)
     return order
+
+
+def _stage(name: str) -> int:
+    """When ``name`` stops: replicas (and anything unknown) first, then Envoy, then S3."""
+    kind = name.split("-", 1)[0]
+    return STOP_STAGES.index(kind) if kind in STOP_STAGES else 0
 
 
 def _start_s3(launcher: Launcher, directory: Path) -> tuple[dict[str, str], int, str]:
@@ -353,7 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     start.add_argument("--serve-arg", action="append", default=[], help="one more `lorafleet serve` flag")
     finish = sub.add_parser("down", help="stop what `up` started (its pid files)")
     finish.add_argument("--dir", type=Path, default=ROOT / ".fleet")
-    finish.add_argument("--grace", type=float, default=30.0, help="seconds after SIGTERM before SIGKILL")
+    finish.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds after SIGTERM before SIGKILL, per stage (replicas, Envoy, S3)",
+    )
     args = parser.parse_args(argv)
     if args.command == "down":
         stopped = stop(args.dir.resolve(), args.grace)

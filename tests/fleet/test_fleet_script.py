@@ -66,3 +66,49 @@ def test_the_files_holding_credentials_are_written_private(tmp_path: Path) -> No
             assert path.read_text() == "AWS_SECRET_ACCESS_KEY=s3cr3t\n"
     finally:
         os.umask(old_umask)
+
+
+# On SIGTERM: the "replica" drains for a second before it exits, the "envoy" notes whether the replica had
+# finished when its own SIGTERM came.
+_REPLICA = """
+import pathlib, signal, sys, time
+def drain(*_):
+    time.sleep(1.0)
+    pathlib.Path(sys.argv[1] + ".drained").write_text("done")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, drain)
+pathlib.Path(sys.argv[1] + ".ready").write_text("")
+time.sleep(60)
+"""
+_ENVOY = """
+import pathlib, signal, sys, time
+def stop(*_):
+    pathlib.Path(sys.argv[1] + ".saw").write_text(str(pathlib.Path(sys.argv[2] + ".drained").exists()))
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+pathlib.Path(sys.argv[1] + ".ready").write_text("")
+time.sleep(60)
+"""
+
+
+def test_down_stops_envoy_only_after_the_replicas_drained(tmp_path: Path) -> None:
+    """Every group used to get its SIGTERM at once: Envoy went while the replicas drained behind it."""
+    replica, envoy = tmp_path / "replica-0", tmp_path / "envoy"
+    procs = {
+        "replica-0": subprocess.Popen([sys.executable, "-c", _REPLICA, str(replica)], start_new_session=True),
+        "envoy": subprocess.Popen([sys.executable, "-c", _ENVOY, str(envoy), str(replica)], start_new_session=True),
+    }
+    try:
+        (tmp_path / "pids").mkdir()
+        for name, proc in procs.items():
+            (tmp_path / "pids" / f"{name}.pid").write_text(str(proc.pid))
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"{name}.ready").exists() for name in procs):  # handlers installed
+            assert time.monotonic() < deadline, "the children never became ready"
+            time.sleep(0.01)
+        assert fleet_script.stop(tmp_path, grace=10) == ["replica-0", "envoy"]
+        assert (tmp_path / "envoy.saw").read_text() == "True"
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
