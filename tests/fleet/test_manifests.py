@@ -159,6 +159,8 @@ def test_envoy_configs_validate_and_route_alike(tmp_path: Path) -> None:
     route, cluster = _routing(local)
     assert '"header_name": "x-lorafleet-adapter"' in route and '"unavailable,' in route
     assert '"RING_HASH"' in cluster and '"hash_balance_factor": 150' in cluster and "grpc_health_check" in cluster
+    # a replica's whole batch may retry at once (Envoy's default allows 3 concurrent retries)
+    assert '"min_retry_concurrency": 64' in cluster
 
 
 def test_dockerfile_passes_hadolint() -> None:
