@@ -1,0 +1,146 @@
+"""The fleet's Envoy (deploy/envoy/envoy.yaml.tmpl, as `make fleet` renders it) retries everything a
+stopping replica sends back at once: a real Envoy in front of two small gRPC upstreams. One holds the
+calls the ring gives it, turns NOT_SERVING (a replica's drain) and, once Envoy has taken it out, refuses
+every held call with a trailers-only UNAVAILABLE (a forced stop cutting its queue); the other answers
+after a while, so each retry holds its retry slot until it completes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from fleetlib import ROOT
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import fleet as fleet_script  # scripts/fleet.py, what `make fleet` runs
+
+BIN = Path(sys.executable).parent
+METHOD = "/lorafleet.test.Stub/Call"
+BURST = 48  # more than a replica's running batch; Envoy's default allows 3 retries at once, the budget 64
+
+
+class _Upstream:
+    """A gRPC server with the health service and one raw-bytes method answering its own name; with
+    ``hold`` set, calls wait for ``release`` and then fail UNAVAILABLE before any response byte."""
+
+    def __init__(self, name: str, answer_after: float) -> None:
+        self.name = name
+        self.answer_after = answer_after
+        self.hold = False
+        self.held = 0
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=BURST + 8))
+        self.health = health.HealthServicer()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        handler = grpc.method_handlers_generic_handler(
+            "lorafleet.test.Stub", {"Call": grpc.unary_unary_rpc_method_handler(self._call)}
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _call(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if self.hold:
+            with self._lock:
+                self.held += 1
+            self.release.wait(60)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "stopped by the server (shutting down)")
+        time.sleep(self.answer_after)
+        return self.name.encode()
+
+
+@pytest.fixture
+def upstreams() -> Iterator[tuple[_Upstream, _Upstream]]:
+    stopping, staying = _Upstream("stopping", 0.0), _Upstream("staying", 1.0)
+    yield stopping, staying
+    stopping.release.set()
+    stopping.server.stop(0)
+    staying.server.stop(0)
+
+
+def _without_retry_budget(config: str) -> str:
+    start = config.index("      circuit_breakers:")
+    return config[:start] + config[config.index("      typed_extension_protocol_options:") :]
+
+
+def _wait(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _forced_stop_under_envoy(
+    tmp_path: Path, stopping: _Upstream, staying: _Upstream, edit: Callable[[str], str] = str
+) -> list[str]:
+    """Each call's outcome ("staying", or its error code) for a burst on an adapter of ``stopping``,
+    through Envoy with the fleet's configuration (changed by ``edit``)."""
+    listen, admin_port = fleet_script.free_ports(2)
+    upstreams = [("replica-0", stopping.port), ("replica-1", staying.port)]
+    path = tmp_path / "envoy.yaml"
+    path.write_text(edit(fleet_script.render_envoy(listen, admin_port, upstreams)))
+    envoy = subprocess.Popen(
+        [str(BIN / "envoy"), "-c", str(path), "--disable-hot-restart", "--concurrency", "2", "--log-level", "error"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        admin = f"127.0.0.1:{admin_port}"
+        _wait(lambda: fleet_script.envoy_healthy_hosts(admin) == 2, "Envoy: both upstreams healthy")
+        return asyncio.run(_burst(listen, admin, stopping))
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=30)
+
+
+async def _burst(listen: int, admin: str, stopping: _Upstream) -> list[str]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel:
+        call = channel.unary_unary(METHOD)
+        for n in range(200):  # an adapter the ring places on the stopping upstream
+            adapter = f"acme/a{n}"
+            if await call(b"", metadata=(("x-lorafleet-adapter", adapter),), timeout=30) == b"stopping":
+                break
+        else:
+            raise AssertionError("no adapter hashed to the stopping upstream")
+        stopping.hold = True
+
+        async def one() -> str:
+            try:
+                reply: bytes = await call(b"", metadata=(("x-lorafleet-adapter", adapter),), timeout=60)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            return reply.decode()
+
+        calls = [asyncio.ensure_future(one()) for _ in range(BURST)]
+        # Bounded load spills part of the burst to the other upstream; the rest waits on the stopping one.
+        await asyncio.sleep(0.5)  # every call has reached one of them (the staying one answers after 1 s)
+        assert stopping.held >= 5, stopping.held  # more than Envoy's default of 3 retries at once (7 here)
+        stopping.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # the drain
+        await asyncio.to_thread(_wait, lambda: fleet_script.envoy_healthy_hosts(admin) == 1, "taken out")
+        stopping.release.set()  # the forced stop: every held call refused at once
+        return list(await asyncio.gather(*calls))
+
+
+def test_a_forced_stops_refused_calls_all_retry_on_another_replica(
+    tmp_path: Path, upstreams: tuple[_Upstream, _Upstream]
+) -> None:
+    assert _forced_stop_under_envoy(tmp_path, *upstreams) == ["staying"] * BURST
+
+
+def test_without_the_retry_budget_most_of_them_failed(tmp_path: Path, upstreams: tuple[_Upstream, _Upstream]) -> None:
+    """The control: Envoy's default circuit breaker (3 retries at once per cluster) on the same burst."""
+    outcomes = _forced_stop_under_envoy(tmp_path, *upstreams, edit=_without_retry_budget)
+    stopping = upstreams[0]
+    # All held calls are refused at once and each retry takes a second: all but three fail.
+    assert outcomes.count("UNAVAILABLE") == stopping.held - 3, (stopping.held, outcomes)
