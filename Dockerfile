@@ -1,6 +1,7 @@
 # lorafleet server image. CPU by default; for CUDA build with
-#   --build-arg BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 --build-arg TORCH_SPEC=torch==2.13.0
-# (the CUDA wheel then comes from PyPI) and run with --gpus all: NF4 via bitsandbytes is the default there.
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# (torch's CUDA wheels carry the CUDA runtime: the host needs only the driver and the NVIDIA container
+# toolkit) and run with --gpus all: NF4 via bitsandbytes is the default there.
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 

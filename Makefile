@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch lies on this project's machines; any other (or an unpinned) torch pulls a
-# multi-GB CUDA build. CUDA hosts may override: make run TORCH_SPEC=torch==2.13.0
+# torch is pinned. On this project's machines pip's configuration serves its CPU wheel from local disk;
+# elsewhere PyPI's torch is the multi-GB CUDA build (what a CUDA host wants). For the CPU build there:
+#   make run TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
@@ -22,7 +24,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml proto/python/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e proto/python
 	$(BIN)/python -m pip install -q -e clients/python
 	$(BIN)/python -m pip install -q -e ".[dev,quant,train]"
