@@ -3,7 +3,9 @@
 The fake server is a real grpc.server on 127.0.0.1 with canned servicers; it tests the client alone.
 The adapter field of a request picks the servicer's behaviour:
 
-  "error:CODE"        abort with grpc.StatusCode.CODE (x-request-id in the trailing metadata)
+  "error:CODE"        abort with grpc.StatusCode.CODE (x-request-id in the trailing metadata; a
+                      stream sends it in its initial metadata, as the real server does)
+  "bare-error:CODE"   abort with CODE and no details (a proxy's status)
   "late-error:CODE"   GenerateStream: send one chunk, then abort with CODE
   "slow"              send one chunk (streams), then wait until the client cancels or times out
   "no-summary"        GenerateStream: end without the summary message
@@ -91,9 +93,12 @@ class Recorder:
         return self.metadata.get("x-request-id", "generated-id")
 
 
-def _abort_if_asked(adapter: str, context: grpc.ServicerContext, request_id: str) -> None:
+def _abort_if_asked(adapter: str, context: grpc.ServicerContext, request_id: str, trailing: bool = True) -> None:
+    if adapter.startswith("bare-error:"):
+        context.abort(grpc.StatusCode[adapter.removeprefix("bare-error:")], "")
     if adapter.startswith("error:"):
-        context.set_trailing_metadata((("x-request-id", request_id),))
+        if trailing:
+            context.set_trailing_metadata((("x-request-id", request_id),))
         context.abort(grpc.StatusCode[adapter.removeprefix("error:")], f"fake {adapter}")
 
 
@@ -137,7 +142,8 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     ) -> Iterator[ipb.GenerateStreamResponse]:
         request_id = self.recorder.record(context, request)
         _watch_slow_call(request.adapter, context, self.recorder)
-        _abort_if_asked(request.adapter, context, request_id)
+        context.send_initial_metadata((("x-request-id", request_id),))  # as the real server's streams do
+        _abort_if_asked(request.adapter, context, request_id, trailing=False)
         yield ipb.GenerateStreamResponse(text=STREAM_CHUNKS[0])
         if request.adapter.startswith("late-error:"):
             context.abort(grpc.StatusCode[request.adapter.removeprefix("late-error:")], "late failure")

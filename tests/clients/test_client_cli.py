@@ -115,3 +115,40 @@ def test_parent_cli_can_mount_generate(fake_server: FakeServer, capsys: pytest.C
     args = parent.parse_args(["generate", "--target", fake_server.target, "--seed", "1", "hi"])
     assert args.func(args) == 0
     assert capsys.readouterr().out == "echo hi\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--seed", "-1", "hi"], "seed must be in [0, 18446744073709551615], got -1"),
+        (["generate", "--max-new-tokens", "3000000000", "hi"], "max_new_tokens must be in"),
+        (["classify", "--top-k", "-1", "-a", "acme/x", "hi"], "top_k must be in [0, 4294967295], got -1"),
+        (["generate", "\udcff"], "PROMPT is not valid UTF-8"),  # a non-UTF-8 argument byte, as Python reads it
+    ],
+)
+def test_arguments_a_request_cannot_carry_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were tracebacks (exit 1, as if the server had failed)."""
+    assert main([argv[0], "--target", "127.0.0.1:1", *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_non_utf8_stdin_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("caf\udce9"))  # surrogateescape of b"caf\xe9"
+    assert main(["generate", "--target", "127.0.0.1:1", "-"]) == 2
+    assert "stdin is not valid UTF-8" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_blocking_call_exits_130(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the streaming loop handled it; a blocking generate, info or a stdin read printed a traceback."""
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lorafleet.client.LoraFleetClient.model_info", interrupted)
+    assert main(["info", "--target", fake_server.target]) == 130
+    assert "cancelled" in capsys.readouterr().err

@@ -116,3 +116,19 @@ def test_unknown_enum_values_read_as_unspecified() -> None:
     summary = ipb.GenerationSummary()
     summary.ParseFromString(b"\x08\x63")  # finish_reason = 99, unknown to this client
     assert convert.completion_from_proto("", summary).finish_reason == "unspecified"
+
+
+@pytest.mark.parametrize(
+    ("sampling", "message"),
+    [
+        (Sampling(seed=-1), r"seed must be in \[0, 18446744073709551615\], got -1"),
+        (Sampling(seed=2**64), "seed must be in"),
+        (Sampling(max_new_tokens=2**31), r"max_new_tokens must be in \[-2147483648, 2147483647\]"),
+        (Sampling(top_k=-(2**31) - 1), "top_k must be in"),
+    ],
+)
+def test_values_the_wire_cannot_carry_are_named(sampling: Sampling, message: str) -> None:
+    """protobuf's own error said only "Value out of range"."""
+    with pytest.raises(ValueError, match=message):
+        convert.sampling_to_proto(sampling)
+    convert.sampling_to_proto(Sampling(seed=2**64 - 1, max_new_tokens=2**31 - 1, top_k=0))  # the edges pass

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
 from lorafleet import (
+    AsyncGenerationStream,
     AsyncLoraFleetClient,
     Completion,
     DeadlineExceededError,
@@ -121,10 +123,11 @@ def test_stream_errors(fake_server: FakeServer) -> None:
             list(client.stream("hi", adapter="error:NOT_FOUND", request_id="rid-9"))
         assert caught.value.request_id == "rid-9"
 
-        stream = client.stream("hi", adapter="late-error:RESOURCE_EXHAUSTED")
+        stream = client.stream("hi", adapter="late-error:RESOURCE_EXHAUSTED", request_id="rid-10")
         assert next(stream) == "Hel"
-        with pytest.raises(ResourceExhaustedError, match="late failure"):
+        with pytest.raises(ResourceExhaustedError, match="late failure") as late:
             next(stream)
+        assert late.value.request_id == "rid-10"  # from the stream's initial metadata
         with pytest.raises(LoraFleetError, match="without a summary") as missing:
             list(client.stream("hi", adapter="no-summary"))
         assert missing.value.code == grpc.StatusCode.INTERNAL
@@ -238,9 +241,10 @@ def test_async_errors_map_to_classes(fake_server: FakeServer, code: grpc.StatusC
 def test_async_stream_errors_and_cancel(fake_server: FakeServer, dead_target: str) -> None:
     async def run() -> None:
         async with AsyncLoraFleetClient(fake_server.target, timeout=10) as client:
-            with pytest.raises(NotFoundError):
-                async for _ in client.stream("hi", adapter="error:NOT_FOUND"):
+            with pytest.raises(NotFoundError) as caught:
+                async for _ in client.stream("hi", adapter="error:NOT_FOUND", request_id="rid-s"):
                     pass
+            assert caught.value.request_id == "rid-s"  # a stream's id comes in its initial metadata
             late = client.stream("hi", adapter="late-error:UNAVAILABLE")
             assert await late.__anext__() == "Hel"
             with pytest.raises(UnavailableError, match="late failure"):
@@ -263,3 +267,84 @@ def test_async_stream_errors_and_cancel(fake_server: FakeServer, dead_target: st
 
     asyncio.run(run())
     assert fake_server.recorder.cancelled.wait(5)
+
+
+# Found by an outside review of the client.
+
+
+def test_an_error_without_details_reads_as_its_code(fake_server: FakeServer) -> None:
+    """The message was the RpcError's repr: a multi-line debug dump, printed as is by the CLI."""
+    with LoraFleetClient(fake_server.target) as client, pytest.raises(UnavailableError) as caught:
+        client.generate("hi", adapter="bare-error:UNAVAILABLE")
+    assert caught.value.message == "UNAVAILABLE"
+
+
+def test_an_infinite_timeout_is_no_deadline(fake_server: FakeServer) -> None:
+    """timeout=math.inf failed DEADLINE_EXCEEDED at once (gRPC overflows far deadlines into the past),
+    and there was no other way to lift a client's default deadline for one call."""
+    with LoraFleetClient(fake_server.target, timeout=10) as client:
+        assert client.generate("hi", timeout=math.inf).text == "echo hi"
+        with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+            client.generate("hi", timeout=math.nan)
+
+    async def run() -> str:
+        async with AsyncLoraFleetClient(fake_server.target, timeout=math.inf) as client:
+            return (await client.generate("hi")).text
+
+    assert asyncio.run(run()) == "echo hi"
+
+
+def test_metadata_gRPC_cannot_carry_is_refused_by_name(fake_server: FakeServer) -> None:
+    """A key read from a file keeps its newline: every call failed INTERNAL "Invalid metadata"."""
+    with LoraFleetClient(fake_server.target, api_key="k1\n") as client:
+        client.generate("hi")
+        assert fake_server.recorder.metadata["authorization"] == "Bearer k1"
+        with pytest.raises(ValueError, match="request_id must be printable ASCII"):
+            client.generate("hi", request_id="a\tb")
+    with pytest.raises(ValueError, match="api_key must be printable ASCII"):
+        LoraFleetClient(fake_server.target, api_key="кл\u044e\u0447")
+
+
+def test_async_cancellation_and_close(fake_server: FakeServer) -> None:
+    async def run() -> None:
+        client = AsyncLoraFleetClient(fake_server.target, timeout=30)
+        # The task's own cancellation propagates even after cancel() (a watchdog, a TaskGroup).
+        stream = client.stream("hi", adapter="slow")
+        assert await stream.__anext__() == "Hel"
+
+        async def read_all() -> list[str]:
+            return [chunk async for chunk in stream]
+
+        reader = asyncio.ensure_future(read_all())
+        await asyncio.sleep(0.1)
+        stream.cancel()
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        # A task cancelled mid-stream leaves the stream cancelled: reading again ends, .result says so.
+        again = client.stream("hi", adapter="slow")
+        assert await again.__anext__() == "Hel"
+        reader = asyncio.ensure_future(again.wait())
+        await asyncio.sleep(0.1)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert [chunk async for chunk in again] == [] and again.cancelled
+        with pytest.raises(RequestCancelledError):
+            _ = again.result
+        # close() under calls no one cancelled: a LoraFleetError, not a bare CancelledError that a
+        # TaskGroup would silently drop.
+        last = client.stream("hi", adapter="slow")
+        assert await last.__anext__() == "Hel"
+        streaming = asyncio.ensure_future(read_all_of(last))
+        unary = asyncio.ensure_future(client.generate("hi", adapter="slow"))
+        await asyncio.sleep(0.2)
+        await client.close()
+        for task in (streaming, unary):
+            with pytest.raises(RequestCancelledError, match="client was closed"):
+                await task
+
+    async def read_all_of(stream: AsyncGenerationStream) -> list[str]:
+        return [chunk async for chunk in stream]
+
+    asyncio.run(run())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from typing import TypeAlias
@@ -22,9 +23,14 @@ TlsOption: TypeAlias = bool | grpc.ChannelCredentials | None
 
 
 def resolve_api_key(api_key: str | None) -> str | None:
-    """The key to send: ``api_key`` when given ("" sends none), else ``$LORAFLEET_API_KEY`` if set."""
+    """The key to send: ``api_key`` when given ("" sends none), else ``$LORAFLEET_API_KEY`` if set.
+    Surrounding whitespace is dropped (a key read from a file keeps its newline); a key gRPC cannot
+    carry is a ValueError here, not an INTERNAL "Invalid metadata" on every call."""
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV)
+    api_key = (api_key or "").strip()
+    if api_key and not _metadata_safe(api_key):
+        raise ValueError("api_key must be printable ASCII (it is sent as gRPC metadata)")
     return api_key or None
 
 
@@ -69,6 +75,10 @@ def call_metadata(api_key: str | None, request_id: str | None, adapter: str = ""
     if api_key is not None:
         metadata.append(("authorization", f"Bearer {api_key}"))
     if request_id is not None:
+        if not _metadata_safe(request_id):
+            raise ValueError(
+                f"request_id must be printable ASCII (it is sent as gRPC metadata), got {request_id[:80]!r}"
+            )
         metadata.append((REQUEST_ID_HEADER, request_id))
     if adapter and _metadata_safe(adapter):
         metadata.append((ADAPTER_HEADER, adapter))
@@ -89,5 +99,17 @@ def replica_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return ""
 
 
+# Deadlines at least this far off are sent as none: gRPC turns a deadline beyond ~1e10 s into one that
+# has already passed (``timeout=math.inf`` failed DEADLINE_EXCEEDED at once).
+NO_DEADLINE_SECONDS = 1e9
+
+
 def pick_timeout(call_timeout: float | None, default_timeout: float | None) -> float | None:
-    return call_timeout if call_timeout is not None else default_timeout
+    """The call's deadline in seconds: its own ``timeout``, else the client's; ``math.inf`` is none
+    (also when the client has a default)."""
+    timeout = call_timeout if call_timeout is not None else default_timeout
+    if timeout is None:
+        return None
+    if math.isnan(timeout):
+        raise ValueError("timeout must be a number of seconds (math.inf: no deadline), got nan")
+    return None if timeout >= NO_DEADLINE_SECONDS else timeout

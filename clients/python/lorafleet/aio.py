@@ -22,7 +22,7 @@ from lorafleet._channel import (
     replica_of,
     resolve_api_key,
 )
-from lorafleet.errors import UnavailableError, from_rpc_error
+from lorafleet.errors import UnavailableError, channel_closed, from_rpc_error, task_cancelled
 from lorafleet.models import (
     AdapterInfo,
     Classification,
@@ -114,6 +114,10 @@ class AsyncLoraFleetClient:
             initial = await call.initial_metadata()  # type: ignore[attr-defined]
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
+        except asyncio.CancelledError:
+            if task_cancelled():
+                raise
+            raise channel_closed() from None  # close() under the call; no one cancelled this task
         return response, replica_of(initial)
 
     # Inference
@@ -197,13 +201,11 @@ class AsyncLoraFleetClient:
         """Labels with probabilities (most likely first; ``top_k`` of them, 0: all) of the head ``adapter``
         for ``text`` or ``messages``; give one."""
         convert.check_one_input(text, messages, "text")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
         request = ipb.ClassifyRequest(
             text=text or "",
             messages=convert.messages_to_proto(messages or ()),
             adapter=convert.adapter_field(adapter),
-            top_k=top_k,
+            top_k=convert.check_wire_int("top_k", top_k, 0, convert.UINT32_MAX),
         )
         response, replica = await self._unary_call(
             self._inference.Classify, request, timeout, request_id, request.adapter

@@ -86,6 +86,18 @@ def _read_pem(path: Path | None, flag: str) -> bytes | None:
         raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
+def _text(arg: str, name: str) -> str:
+    """The text argument ``arg``, or stdin for ``-``. Bytes that are not UTF-8 reach Python as lone
+    surrogates (its surrogateescape), which no request can carry: a usage error naming ``name``."""
+    text = sys.stdin.read() if arg == "-" else arg
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        where = "stdin" if arg == "-" else name
+        raise UsageError(f"{where} is not valid UTF-8") from None
+    return text
+
+
 def _client(args: argparse.Namespace) -> LoraFleetClient:
     """A client from the connection flags (raises UsageError for unusable TLS flags)."""
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -133,7 +145,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         print(f"{PROG}: error: --system needs --chat", file=sys.stderr)
         return EXIT_USAGE
-    prompt: str = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _text(args.prompt, "PROMPT")
     messages: list[Message] | None = None
     if args.chat:
         messages = [Message("system", args.system)] if args.system is not None else []
@@ -190,7 +202,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 def run_classify(args: argparse.Namespace) -> int:
     """Prints a head adapter's labels with probabilities for TEXT (``-``: stdin) as JSON."""
-    text: str = sys.stdin.read() if args.text == "-" else args.text
+    text = _text(args.text, "TEXT")
     inputs = {"messages": [Message("user", text)]} if args.chat else {"text": text}
     with _client(args) as client:
         try:
@@ -230,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 RPC error, 2 usage)."""
+    """Entry point; returns the exit status (0 ok, 1 RPC error, 2 usage, 130 interrupted)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -238,9 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
         status: int = args.func(args)
-    except UsageError as error:
+    except (UsageError, ValueError) as error:  # ValueError: an argument the request cannot carry
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C in a blocking call or a stdin read (a stream cancels itself)
+        print(f"\n{PROG}: cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return status
 
 

@@ -70,7 +70,7 @@ class LoraFleetClient:
     """A blocking client over one gRPC channel; use it as a context manager or call close().
 
     Every RPC failure raises a LoraFleetError subclass (lorafleet.errors). ``timeout`` (seconds) is
-    the default deadline of each call; methods take their own ``timeout`` too.
+    the default deadline of each call; methods take their own ``timeout`` too (``math.inf``: none).
 
     ``api_key`` is sent as ``authorization: Bearer <key>`` on every call; it defaults to
     ``$LORAFLEET_API_KEY`` ("" sends none). ``tls=True`` connects with TLS (the system's root
@@ -110,9 +110,11 @@ class LoraFleetClient:
 
     def wait_for_ready(self, timeout: float) -> None:
         """Blocks until the channel connects; raises UnavailableError after ``timeout`` seconds."""
+        ready = grpc.channel_ready_future(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            ready.result(timeout=timeout)
         except grpc.FutureTimeoutError as error:
+            ready.cancel()  # it stays subscribed to the channel's state otherwise
             raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"no connection within {timeout:g} s") from error
 
     def _unary(
@@ -223,13 +225,11 @@ class LoraFleetClient:
         """Labels with probabilities (most likely first; ``top_k`` of them, 0: all) of the head ``adapter``
         for ``text`` or ``messages``; give one."""
         convert.check_one_input(text, messages, "text")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
         request = ipb.ClassifyRequest(
             text=text or "",
             messages=convert.messages_to_proto(messages or ()),
             adapter=convert.adapter_field(adapter),
-            top_k=top_k,
+            top_k=convert.check_wire_int("top_k", top_k, 0, convert.UINT32_MAX),
         )
         response, replica = self._unary_call(self._inference.Classify, request, timeout, request_id, request.adapter)
         return convert.classification_from_proto(response, replica)

@@ -69,20 +69,31 @@ def tier_to_proto(tier: AdapterTier) -> apb.AdapterTier:
     return _TIER_VALUES[tier]
 
 
+INT32_MAX, UINT32_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**64 - 1
+
+
+def check_wire_int(name: str, value: int, low: int, high: int) -> int:
+    """``value`` if the protobuf field can carry it; else a ValueError naming the field (protobuf's own
+    says only "Value out of range"). The server checks what it accepts within that range."""
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
 def sampling_to_proto(sampling: Sampling) -> ipb.SamplingParams:
     params = ipb.SamplingParams(stop=list(sampling.stop))
     if sampling.max_new_tokens is not None:
-        params.max_new_tokens = sampling.max_new_tokens
+        params.max_new_tokens = check_wire_int("max_new_tokens", sampling.max_new_tokens, -INT32_MAX - 1, INT32_MAX)
     if sampling.temperature is not None:
         params.temperature = sampling.temperature
     if sampling.top_p is not None:
         params.top_p = sampling.top_p
     if sampling.top_k is not None:
-        params.top_k = sampling.top_k
+        params.top_k = check_wire_int("top_k", sampling.top_k, -INT32_MAX - 1, INT32_MAX)
     if sampling.repetition_penalty is not None:
         params.repetition_penalty = sampling.repetition_penalty
     if sampling.seed is not None:
-        params.seed = sampling.seed
+        params.seed = check_wire_int("seed", sampling.seed, 0, UINT64_MAX)
     return params
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import cast
 
@@ -17,7 +18,7 @@ class LoraFleetError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
-        # The x-request-id the server returned in its trailing metadata, when it did.
+        # The x-request-id the server returned (trailing metadata; a stream's is in its initial metadata).
         self.request_id = request_id
 
 
@@ -34,7 +35,8 @@ class UnauthenticatedError(LoraFleetError):
 
 
 class PermissionDeniedError(LoraFleetError):
-    """Another tenant's adapter, or an admin call without the admin role."""
+    """A call the key's role may not make (an admin call with a tenant key). Another tenant's adapter
+    is NotFoundError: the server does not reveal that it exists."""
 
 
 class ResourceExhaustedError(LoraFleetError):
@@ -75,15 +77,36 @@ def make_error(code: grpc.StatusCode, message: str, request_id: str | None = Non
     return _ERROR_CLASSES.get(code, LoraFleetError)(code, message, request_id)
 
 
+def task_cancelled() -> bool:
+    """Whether the running asyncio task is being cancelled (``task.cancel()``, ``asyncio.timeout``, a
+    TaskGroup): a CancelledError of a grpc.aio call is then that cancellation and must propagate."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def channel_closed() -> RequestCancelledError:
+    """What a grpc.aio call raises as CancelledError when its client was closed under it (no one
+    cancelled the task waiting on it)."""
+    return RequestCancelledError(grpc.StatusCode.CANCELLED, "the client was closed while the call was in flight")
+
+
 def from_rpc_error(error: grpc.RpcError) -> LoraFleetError:
-    """Converts a failed call (sync or grpc.aio) into a LoraFleetError."""
+    """Converts a failed call (sync or grpc.aio) into a LoraFleetError. The request id is looked for in
+    the trailing metadata (unary calls), then in the initial metadata (a stream sends it first)."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     message = error.details() if callable(getattr(error, "details", None)) else None
-    request_id = None
-    if callable(getattr(error, "trailing_metadata", None)):
-        # Sync calls return (key, value) named tuples, grpc.aio calls a Metadata of pairs.
-        pairs = cast("Iterable[tuple[str, str | bytes]]", error.trailing_metadata() or ())
-        for key, value in pairs:
-            if key == REQUEST_ID_HEADER:
-                request_id = value if isinstance(value, str) else value.decode()
-    return make_error(code, message or str(error) or code.name, request_id)
+    request_id = _metadata_value(error, "trailing_metadata") or _metadata_value(error, "initial_metadata")
+    # Without details (a proxy's status, a dropped connection) the code alone, not the error's repr.
+    return make_error(code, message or code.name, request_id)
+
+
+def _metadata_value(error: grpc.RpcError, which: str) -> str | None:
+    """The x-request-id of the error's ``which`` metadata, if any."""
+    read = getattr(error, which, None)
+    if not callable(read):
+        return None
+    # Sync calls return (key, value) named tuples, grpc.aio calls a Metadata of pairs.
+    for key, value in cast("Iterable[tuple[str, str | bytes]]", read() or ()):
+        if key == REQUEST_ID_HEADER:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None

@@ -11,7 +11,7 @@ import grpc
 
 from lorafleet._channel import replica_of
 from lorafleet.convert import completion_from_proto
-from lorafleet.errors import from_rpc_error, make_error
+from lorafleet.errors import channel_closed, from_rpc_error, make_error, task_cancelled
 from lorafleet.models import Completion
 from lorafleet_proto.v1 import inference_pb2 as ipb
 
@@ -154,10 +154,13 @@ class AsyncGenerationStream:
             try:
                 response = await self._call.read()
             except asyncio.CancelledError:
-                if not self._state.cancelled:
-                    raise  # the task itself was cancelled
                 self._state.done = True
-                break
+                if task_cancelled():  # the task itself (task.cancel(), a timeout, a TaskGroup): so is the call
+                    self._state.cancelled = True
+                    raise
+                if self._state.cancelled:  # by cancel(): iteration ends quietly
+                    break
+                raise channel_closed() from None
             except grpc.RpcError as error:
                 self._state.done = True
                 if self._state.cancelled:
