@@ -376,6 +376,13 @@ def test_rope_refuses_rows_and_positions_outside_the_slab(kernel: NativeAttentio
     assert not v_slab.any(), "a refused call wrote"
     with pytest.raises(NativeKernelError, match="differ in shape"):
         kernel.rope_kv_(q, k, v, cos[:, :4], sin, k_slab, v_slab, torch.tensor([0]), torch.tensor([0]))
+    # A strided view of positions [0, 1] (found by an outside review): the kernel read [0, 7] and wrote
+    # the second token's K/V at position 7.
+    q2, k2, v2 = torch.zeros(2, 2, 8), torch.zeros(2, 1, 8), torch.ones(2, 1, 8)
+    cos2, sin2 = torch.ones(2, 8), torch.zeros(2, 8)
+    with pytest.raises(NativeKernelError, match="differ in shape"):
+        kernel.rope_kv_(q2, k2, v2, cos2, sin2, k_slab, v_slab, torch.tensor([0, 0]), torch.tensor([0, 7, 1])[::2])
+    assert not v_slab.any(), "a refused call wrote"
 
 
 @pytest.mark.parametrize("d", [576, 8, 13])
@@ -527,6 +534,18 @@ def test_mismatched_tensors_are_refused(kernel: NativeAttention) -> None:
         kernel(q, k, k.to(torch.bfloat16), torch.empty_like(q), rows, 1.0)
     with pytest.raises(NativeKernelError, match="contiguous"):
         kernel(q, k.transpose(2, 3), k, torch.empty_like(q), rows, 1.0)
+    # Found by an outside review (each was taken, and wrote past the rows or read the wrong keys):
+    half = q.half()
+    with pytest.raises(NativeKernelError, match="not fp32 or bf16"):  # read and written as fp32
+        kernel(half, k.half(), k.half(), torch.empty_like(half), rows, 1.0)
+    with pytest.raises(NativeKernelError, match="dtype or shape"):  # the slabs' head_dim is not q's
+        kernel(q, k[..., :16].contiguous(), k[..., :16].contiguous(), torch.empty_like(q), rows, 1.0)
+    strided = AttentionRows(torch.tensor([0, 5, 1])[::2], torch.tensor([0, 0]), torch.tensor([3, 3]))
+    with pytest.raises(NativeKernelError, match="contiguous int64 vectors of one length"):
+        kernel(q, k, k.clone(), torch.empty_like(q), strided, 1.0)
+    uneven = AttentionRows(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([3, 3]))
+    with pytest.raises(NativeKernelError, match="contiguous int64 vectors of one length"):
+        kernel(q, k, k.clone(), torch.empty_like(q), uneven, 1.0)
 
 
 def test_shapes_and_devices_the_kernel_does_not_take_are_refused_at_startup() -> None:

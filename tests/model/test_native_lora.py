@@ -275,6 +275,11 @@ def test_out_of_range_slots_and_ranks_are_refused_and_nothing_is_written(kernel:
         kernel.add_(y, torch.randn(2, 31), m.lora_at, m.lora_bt, torch.tensor([1, 1]), m.slot_rank_t)
     with pytest.raises(NativeKernelError, match="int64"):
         kernel.add_(y, x, m.lora_at, m.lora_bt, torch.tensor([1, 1], dtype=torch.int32), m.slot_rank_t)
+    # The caller's takes() check, repeated in add_ (an outside review): x was read as dense fp32.
+    for bad_x in (torch.randn(32, 2).t(), x.to(torch.bfloat16)):
+        with pytest.raises(NativeKernelError, match="contiguous CPU fp32 or bf16 tensors of one dtype"):
+            kernel.add_(y, bad_x, m.lora_at, m.lora_bt, torch.tensor([1, 1]), m.slot_rank_t)
+    assert torch.equal(y, before)
 
 
 def test_the_module_runs_the_kernel_where_auto_prefers_it(kernel: NativeLora) -> None:

@@ -325,10 +325,15 @@ class NativeAttention:
             raise NativeKernelError("the native attention needs contiguous tensors")
         if (
             not q.dtype == k_slab.dtype == v_slab.dtype == out.dtype
+            or q.dtype not in GLUE_DTYPES  # any other dtype was read as fp32, written past its rows
             or out.shape != q.shape
             or v_slab.shape != k_slab.shape
+            or k_slab.shape[3] != head_dim
         ):
-            raise NativeKernelError("q, the KV slabs and out differ in dtype or shape")
+            raise NativeKernelError("q, the KV slabs and out differ in dtype or shape, or are not fp32 or bf16")
+        index = (rows.tok, rows.kv_row, rows.length)  # the kernel checks their values against the shapes
+        if any(t.dtype != torch.long or not t.is_contiguous() or t.shape != (rows.count,) for t in index):
+            raise NativeKernelError("the attention rows must be contiguous int64 vectors of one length")
         threads, pool = threads_and_pool(self.pool)
         rc = self._fn(
             q.data_ptr(),
@@ -384,6 +389,7 @@ class NativeAttention:
             or pos.shape != (n,)
             or kv_row.dtype != torch.long
             or pos.dtype != torch.long
+            or not (kv_row.is_contiguous() and pos.is_contiguous())  # a strided view wrote K/V elsewhere
         ):
             raise NativeKernelError("q, k, v, cos, sin, the slabs, rows and positions differ in shape")
         threads, pool = threads_and_pool(self.pool)
@@ -559,6 +565,8 @@ class NativeLora:
     ) -> None:
         n_tokens, d_out = y.shape
         n_slots, d_in, r_cap = at.shape
+        if not self.takes(y, x, at):  # the caller's own check, here too: the kernel reads them as dense
+            raise NativeKernelError("the native LoRA takes contiguous CPU fp32 or bf16 tensors of one dtype")
         if not (at.is_contiguous() and bt.is_contiguous() and slots.is_contiguous() and ranks.is_contiguous()):
             raise NativeKernelError("the native LoRA needs contiguous tensors")
         if x.shape != (n_tokens, d_in) or bt.shape != (n_slots, r_cap, d_out) or bt.dtype != y.dtype:

@@ -40,10 +40,15 @@
 #define SPIN_NS 2000000LL /* how long a helper spins for the next call before it sleeps */
 #define CLOSED 0xffffffffull
 
+/* The current call's fields. Relaxed atomics (plain moves on x86): a helper reads `units` before its
+ * compare-and-swap proves the call is still current, while the next call's caller may be writing it;
+ * the value of such a stale read is never used (the swap fails), but as a plain field it was a data
+ * race (undefined behaviour; ThreadSanitizer reported it). fn and ctx are read only after a swap
+ * succeeds, which synchronizes with the release store of `ticket` that published them. */
 typedef struct {
-    lf_unit_fn fn;
-    void *ctx;
-    uint32_t units;
+    _Atomic(lf_unit_fn) fn;
+    _Atomic(void *) ctx;
+    _Atomic uint32_t units;
 } call_t;
 
 static call_t call __attribute__((aligned(64)));
@@ -61,10 +66,11 @@ static void run_units(uint32_t seq) {
         uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
         if ((uint32_t)(t >> 32) != seq) return;
         const uint32_t unit = (uint32_t)t;
-        if (unit >= call.units) return; /* CLOSED is >= any count */
+        if (unit >= atomic_load_explicit(&call.units, memory_order_relaxed)) return; /* CLOSED is >= any count */
         if (!atomic_compare_exchange_weak_explicit(&ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire))
             continue;
-        call.fn(call.ctx, (int64_t)unit);
+        const lf_unit_fn fn = atomic_load_explicit(&call.fn, memory_order_relaxed);
+        fn(atomic_load_explicit(&call.ctx, memory_order_relaxed), (int64_t)unit);
         atomic_fetch_add_explicit(&done, 1, memory_order_release);
     }
 }
@@ -175,7 +181,9 @@ int lf_pool_run(lf_unit_fn fn, void *ctx, int64_t units, int threads) {
         return 0;
     }
     const uint32_t seq = (uint32_t)(atomic_load_explicit(&ticket, memory_order_relaxed) >> 32) + 1;
-    call = (call_t){fn, ctx, (uint32_t)units};
+    atomic_store_explicit(&call.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&call.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&call.units, (uint32_t)units, memory_order_relaxed);
     atomic_store_explicit(&done, 0, memory_order_relaxed);
     pthread_mutex_lock(&sleep_mu);
     atomic_store_explicit(&ticket, (uint64_t)seq << 32, memory_order_release);
