@@ -30,8 +30,9 @@ CLIENT_ROOT = REPO / "clients" / "python"
 sys.path.insert(0, str(CLIENT_ROOT))
 
 from lorafleet_proto.v1 import adapters_pb2 as apb  # noqa: E402
-from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc  # noqa: E402
+from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc, usage_pb2_grpc  # noqa: E402
 from lorafleet_proto.v1 import inference_pb2 as ipb  # noqa: E402
+from lorafleet_proto.v1 import usage_pb2 as upb  # noqa: E402
 
 STREAM_CHUNKS = ("Hel", "lo, ", "wörld")
 MODEL_INFO = ipb.GetModelInfoResponse(
@@ -209,6 +210,24 @@ class FakeAdapters(adapters_pb2_grpc.AdaptersServiceServicer):
         return apb.UnpinAdapterResponse(adapter="acme/support@2")
 
 
+class FakeUsage(usage_pb2_grpc.UsageServiceServicer):
+    """One row; the window widened to whole minutes as the real server does (an open end: 1,000,020)."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def GetUsage(self, request: upb.GetUsageRequest, context: grpc.ServicerContext) -> upb.GetUsageResponse:
+        self.recorder.record(context, request)
+        end = request.end_unix_seconds or 1_000_020
+        return upb.GetUsageResponse(
+            rows=[
+                upb.UsageRow(tenant="acme", adapter="acme/support@2", requests=3, prompt_tokens=30, generated_tokens=9)
+            ],
+            start_unix_seconds=request.start_unix_seconds // 60 * 60,
+            end_unix_seconds=-(-end // 60) * 60,
+        )
+
+
 @dataclass
 class FakeServer:
     target: str
@@ -227,6 +246,7 @@ def _server() -> Iterator[tuple[str, Recorder]]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(FakeInference(recorder), server)
     adapters_pb2_grpc.add_AdaptersServiceServicer_to_server(FakeAdapters(recorder), server)
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(FakeUsage(recorder), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}", recorder

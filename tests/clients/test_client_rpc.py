@@ -26,6 +26,8 @@ from lorafleet import (
     Sampling,
     UnauthenticatedError,
     UnavailableError,
+    UsageReport,
+    UsageRow,
 )
 from lorafleet_proto.v1 import inference_pb2 as ipb
 
@@ -348,3 +350,21 @@ def test_async_cancellation_and_close(fake_server: FakeServer) -> None:
         return [chunk async for chunk in stream]
 
     asyncio.run(run())
+
+
+def test_a_usage_report_carries_the_window_the_server_summed(fake_server: FakeServer) -> None:
+    """get_usage returned the rows only: a billing poller could not learn where the next window starts
+    (the server widens it to whole minutes; an open end is the minute after its now)."""
+    row = UsageRow("acme", "acme/support@2", 3, 30, 9)
+    with LoraFleetClient(fake_server.target) as client:
+        assert client.usage_report(1_000_000 - 30) == UsageReport(999_960, 1_000_020, (row,))
+        assert client.usage_report(60, 125).end == 180
+        assert client.get_usage(60, 125, tenant="acme") == [row]
+        assert fake_server.recorder.request.tenant == "acme"
+
+    async def run() -> UsageReport:
+        async with AsyncLoraFleetClient(fake_server.target) as client:
+            assert await client.get_usage(0) == [row]
+            return await client.usage_report(120)
+
+    assert asyncio.run(run()) == UsageReport(120, 1_000_020, (row,))

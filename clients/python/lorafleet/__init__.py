@@ -37,6 +37,7 @@ from lorafleet.models import (
     RefreshResult,
     Sampling,
     Tokens,
+    UsageReport,
     UsageRow,
 )
 from lorafleet.stream import AsyncGenerationStream, GenerationStream
@@ -74,6 +75,7 @@ __all__ = [
     "Tokens",
     "UnauthenticatedError",
     "UnavailableError",
+    "UsageReport",
     "UsageRow",
     "__version__",
 ]

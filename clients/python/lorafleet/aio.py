@@ -33,6 +33,7 @@ from lorafleet.models import (
     RefreshResult,
     Sampling,
     Tokens,
+    UsageReport,
     UsageRow,
 )
 from lorafleet.stream import AsyncGenerationStream
@@ -265,7 +266,14 @@ class AsyncLoraFleetClient:
         self, start: float, end: float | None = None, *, tenant: str = "", timeout: float | None = None
     ) -> list[UsageRow]:
         """Requests and tokens per tenant and adapter version that finished in [start, end) (UNIX
-        seconds, whole minutes; end None: now). Admin keys only."""
+        seconds, whole minutes; end None: now). Admin keys only. ``usage_report`` also gives the window."""
+        return list((await self.usage_report(start, end, tenant=tenant, timeout=timeout)).rows)
+
+    async def usage_report(
+        self, start: float, end: float | None = None, *, tenant: str = "", timeout: float | None = None
+    ) -> UsageReport:
+        """``get_usage``'s rows with the window the server summed, widened to whole minutes (see
+        UsageReport for polling without gaps or double counts)."""
         request = upb.GetUsageRequest(start_unix_seconds=int(start), end_unix_seconds=int(end or 0), tenant=tenant)
         response: upb.GetUsageResponse = await self._unary(self._usage.GetUsage, request, timeout)
         return convert.usage_from_proto(response)

@@ -38,6 +38,7 @@ from lorafleet.models import (
     RefreshResult,
     Sampling,
     Tokens,
+    UsageReport,
     UsageRow,
 )
 from lorafleet.stream import GenerationStream
@@ -283,7 +284,14 @@ class LoraFleetClient:
         self, start: float, end: float | None = None, *, tenant: str = "", timeout: float | None = None
     ) -> list[UsageRow]:
         """Requests and tokens per tenant and adapter version that finished in [start, end) (UNIX
-        seconds, whole minutes; end None: now). Admin keys only."""
+        seconds, whole minutes; end None: now). Admin keys only. ``usage_report`` also gives the window."""
+        return list((self.usage_report(start, end, tenant=tenant, timeout=timeout)).rows)
+
+    def usage_report(
+        self, start: float, end: float | None = None, *, tenant: str = "", timeout: float | None = None
+    ) -> UsageReport:
+        """``get_usage``'s rows with the window the server summed, widened to whole minutes (see
+        UsageReport for polling without gaps or double counts)."""
         request = upb.GetUsageRequest(start_unix_seconds=int(start), end_unix_seconds=int(end or 0), tenant=tenant)
         response: upb.GetUsageResponse = self._unary(self._usage.GetUsage, request, timeout)
         return convert.usage_from_proto(response)

@@ -22,6 +22,7 @@ from lorafleet.models import (
     RefreshResult,
     Sampling,
     Tokens,
+    UsageReport,
     UsageRow,
 )
 from lorafleet_proto.v1 import adapters_pb2 as apb
@@ -348,8 +349,8 @@ def refresh_from_proto(response: apb.RefreshAdaptersResponse) -> RefreshResult:
     )
 
 
-def usage_from_proto(response: upb.GetUsageResponse) -> list[UsageRow]:
-    return [
+def usage_from_proto(response: upb.GetUsageResponse) -> UsageReport:
+    rows = tuple(
         UsageRow(
             tenant=r.tenant,
             adapter=r.adapter,
@@ -358,4 +359,5 @@ def usage_from_proto(response: upb.GetUsageResponse) -> list[UsageRow]:
             generated_tokens=r.generated_tokens,
         )
         for r in response.rows
-    ]
+    )
+    return UsageReport(start=response.start_unix_seconds, end=response.end_unix_seconds, rows=rows)

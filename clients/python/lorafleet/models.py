@@ -181,6 +181,18 @@ class UsageRow:
 
 
 @dataclass(frozen=True)
+class UsageReport:
+    """The rows of a usage window and the window the server actually summed: [start, end) in UNIX
+    seconds, widened to whole minutes (an open end is the end of the current minute, still counting).
+    A billing poller asks for closed windows (``end`` a whole minute not after now) and starts the next
+    at the returned ``end``: no minute is counted twice or missed."""
+
+    start: int
+    end: int
+    rows: tuple[UsageRow, ...]
+
+
+@dataclass(frozen=True)
 class AdapterSwap:
     """An adapter that moved to a newly published version."""
 
