@@ -357,17 +357,45 @@ def test_text_that_is_not_unicode_is_a_bad_request_on_every_endpoint(tiny_http: 
     wait_for(lambda: tiny_http.service.engine.load_stats() == (0, 0), 30, "the cancelled input gone")
 
 
-def test_an_embeddings_call_refused_midway_leaves_no_work_behind(tiny_http: TinyHttp) -> None:
-    """The "tight" key may queue one request: the second input is refused (429) and the first, queued,
-    is cancelled with the call rather than computed and metered for an answer nobody gets."""
+def test_an_embeddings_call_of_more_inputs_than_its_tenant_may_queue_is_served(tiny_http: TinyHttp) -> None:
+    """The "tight" key may queue one request. Each input is one engine request, and all were submitted
+    at once: a call of three inputs was refused 429 every time, however often it was retried. Now at
+    most that many are in the engine at once."""
     engine = tiny_http.service.engine
     wait_for(lambda: engine.load_stats() == (0, 0), 30, "no request of an earlier test left")
-    cancelled = tiny_http.metric("lorafleet_generations_total", reason="cancelled")
-    with engine_held(engine), pytest.raises(openai.RateLimitError):
-        client(tiny_http, "tight").embeddings.create(model=tiny_http.model_id, input=["one", "two", "three"])
-    wait_for(lambda: engine.load_stats() == (0, 0), 30, "the queued input gone")
-    assert tiny_http.metric("lorafleet_generations_total", reason="cancelled") == cancelled + 1
-    assert not [row for row in engine.usage.report(0, 4e9) if row.tenant == "tight"]  # nothing computed
+    texts = ["one", "two", "three"]
+    got = client(tiny_http, "tight").embeddings.create(model=tiny_http.model_id, input=texts)
+    alone = client(tiny_http, "acme").embeddings.create(model=tiny_http.model_id, input=texts)
+    assert [d.index for d in got.data] == [0, 1, 2]
+    assert [d.embedding for d in got.data] == [d.embedding for d in alone.data]
+
+
+def test_an_embeddings_call_refused_midway_leaves_no_work_behind(tiny_http: TinyHttp) -> None:
+    """The tight key's one queued request is taken by a chat call: the embeddings call is refused (429)
+    and none of its inputs is left in the engine, computed or metered."""
+    engine = tiny_http.service.engine
+    wait_for(lambda: engine.load_stats() == (0, 0), 30, "no request of an earlier test left")
+
+    def metered() -> int:
+        return sum(row.requests for row in engine.usage.report(0, 4e9) if row.tenant == "tight")
+
+    before = metered()
+    sdk = client(tiny_http, "tight")
+    served: list[object] = []
+    with engine_held(engine):
+        chat = threading.Thread(
+            target=lambda: served.append(
+                sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+            )
+        )
+        chat.start()
+        wait_for(lambda: engine.load_stats()[1] >= 1, 30, "the chat request queued")
+        with pytest.raises(openai.RateLimitError):
+            sdk.embeddings.create(model=tiny_http.model_id, input=["one", "two", "three"])
+    chat.join(60)
+    assert len(served) == 1
+    wait_for(lambda: engine.load_stats() == (0, 0), 30, "nothing of the refused call left")
+    assert metered() == before + 1  # the chat; none of the refused call's inputs
 
 
 def test_a_full_queue_is_429(tiny_http: TinyHttp) -> None:

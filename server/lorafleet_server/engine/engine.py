@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, assert_never
+from typing import Any, Generic, Literal, TypeVar, assert_never
 
 import torch
 
@@ -359,7 +359,7 @@ class Engine:
         else:
             self._tenant_queued.pop(tenant, None)
 
-    def _tenant_limit(self, req: GenerationRequest, kind: str) -> int:
+    def tenant_limit(self, req: GenerationRequest, kind: Literal["max_waiting", "max_running"]) -> int:
         """A tenant's waiting or running limit: the key's override, else the engine's (0: none)."""
         override = getattr(req.principal, kind, None) if req.principal is not None else None
         return int(override) if override is not None else int(getattr(self.config, f"{kind}_per_tenant"))
@@ -376,7 +376,7 @@ class Engine:
         waiting = self._queued - self._free_row_count
         if waiting >= self.config.max_waiting:
             raise QueueFull(f"{max(waiting, 0)} requests are waiting for a free row; try again later")
-        limit = self._tenant_limit(req, "max_waiting")
+        limit = self.tenant_limit(req, "max_waiting")
         queued = self._tenant_queued.get(req.tenant, 0)
         if limit and queued >= limit:
             who = f"tenant {req.tenant!r}" if req.tenant else "the base model without a key"
@@ -614,7 +614,7 @@ class Engine:
 
     def _at_running_limit(self, r: _Request, running: Mapping[str, int]) -> bool:
         """Whether ``r``'s tenant already runs its limit's worth (``running``: rows per tenant)."""
-        limit = self._tenant_limit(r.req, "max_running")
+        limit = self.tenant_limit(r.req, "max_running")
         return bool(limit) and running.get(r.tenant, 0) >= limit
 
     def _can_start_now(self, r: _Request) -> bool:

@@ -289,8 +289,20 @@ class OpenAIApi:
 
     async def _embed_all(self, reqs: list[GenerationRequest]) -> list[tuple[Summary, tuple[float, ...]]]:
         """Every input's embedding; the first failure cancels the inputs still running (their engine
-        requests with them) before it is raised: a refused call leaves no work behind."""
-        tasks = [asyncio.ensure_future(self._embed(r)) for r in reqs]
+        requests with them) before it is raised: a refused call leaves no work behind.
+
+        At most a batch's rows of the call's inputs are in the engine at once, and no more than its
+        tenant may queue: each input is one engine request, and a call of more inputs than the tenant's
+        ``max_waiting`` was refused 429 every time (a retry could never help)."""
+        at_once = max(1, min(len(reqs), self._engine.config.max_batch_size))
+        limit = self._engine.tenant_limit(reqs[0], "max_waiting")
+        gate = asyncio.Semaphore(min(at_once, limit) if limit else at_once)
+
+        async def embed(req: GenerationRequest) -> tuple[Summary, tuple[float, ...]]:
+            async with gate:
+                return await self._embed(req)
+
+        tasks = [asyncio.ensure_future(embed(r)) for r in reqs]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:  # an input failed, or this call was cancelled (client gone)
