@@ -3,6 +3,7 @@ SDK (and raw httpx where the wire format itself is the point)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -381,38 +382,37 @@ def test_an_embeddings_call_refused_midway_leaves_no_work_behind(tiny_http: Tiny
 
     before = metered()
     sdk = client(tiny_http, "tight")
-    served: list[object] = []
-    with engine_held(engine):
-        chat = threading.Thread(
-            target=lambda: served.append(
-                sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
-            )
-        )
-        chat.start()
-        wait_for(lambda: engine.load_stats()[1] >= 1, 30, "the chat request queued")
-        with pytest.raises(openai.RateLimitError):
-            sdk.embeddings.create(model=tiny_http.model_id, input=["one", "two", "three"])
-    chat.join(60)
+    with _one_chat_queued(tiny_http, sdk) as served, pytest.raises(openai.RateLimitError):
+        sdk.embeddings.create(model=tiny_http.model_id, input=["one", "two", "three"])
     assert len(served) == 1
     wait_for(lambda: engine.load_stats() == (0, 0), 30, "nothing of the refused call left")
     assert metered() == before + 1  # the chat; none of the refused call's inputs
 
 
+@contextlib.contextmanager
+def _one_chat_queued(tiny_http: TinyHttp, sdk: openai.OpenAI) -> Iterator[list[object]]:
+    """The engine held and one chat call of ``sdk`` queued in it, for the block; then the engine runs it.
+    Yields the list its answer is appended to (filled once the block has ended)."""
+    engine = tiny_http.service.engine
+    results: list[object] = []
+    first = threading.Thread(
+        target=lambda: results.append(
+            sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+        )
+    )
+    try:
+        with engine_held(engine):
+            first.start()
+            wait_for(lambda: engine.load_stats()[1] >= 1, 30, "the first request queued")
+            yield results
+    finally:
+        first.join(60)  # the engine runs it once released
+
+
 def test_a_full_queue_is_429(tiny_http: TinyHttp) -> None:
     sdk = client(tiny_http, "tight")
-    results: list[object] = []
-    engine = tiny_http.service.engine
-    with engine_held(engine):
-        first = threading.Thread(
-            target=lambda: results.append(
-                sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
-            )
-        )
-        first.start()
-        wait_for(lambda: engine.load_stats()[1] >= 1, 30, "the first request queued")
-        with pytest.raises(openai.RateLimitError) as refused:
-            sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
-    first.join(60)
+    with _one_chat_queued(tiny_http, sdk) as results, pytest.raises(openai.RateLimitError) as refused:
+        sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
     assert refused.value.body["type"] == "rate_limit_error"  # type: ignore[index]
     assert refused.value.response.headers["retry-after"] == "1"
     assert len(results) == 1  # the queued one was served
