@@ -16,8 +16,8 @@ INTENTS: dict[str, tuple[str, ...]] = {
 
 
 def labelled_rows(per_label: int = 8, chat: bool = True) -> list[dict[str, Any]]:
-    """``per_label`` rows per intent cycling over 4 keywords (so a held-out row has a training twin: the
-    tiny random model's features separate identical texts, not meanings); keyword 3 is a chat row."""
+    """``per_label`` rows per intent cycling over 4 keywords; keyword 3 is a chat row. Repeated texts stay
+    on one side of a split (``stratified_split``), so held-out rows are texts training never saw."""
     rows: list[dict[str, Any]] = []
     for label, words in INTENTS.items():
         for i in range(per_label):

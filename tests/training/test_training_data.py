@@ -14,6 +14,7 @@ from lorafleet_training.data import (
     load_jsonl,
     parse_jsonl,
     parse_prompt_template,
+    prompt_key,
     split,
 )
 from lorafleet_training.errors import TrainingDataError
@@ -126,6 +127,22 @@ def test_split_is_deterministic_and_keeps_both_sides() -> None:
     assert [len(s) for s in split(two, 0.9, 0)] == [1, 1]
     assert [len(s) for s in split(examples[:1], 0.5, 0)] == [1, 0]
     assert [len(s) for s in split(examples, 0.0, 0)] == [20, 0]
+
+
+def test_split_keeps_examples_of_one_prompt_on_one_side() -> None:
+    """Split one by one, a repeated example (or the same question with another answer) was scored on
+    held-out data it had trained on: 100 rows each 5 times held out 10, all 10 also in training."""
+    rows = [r for r in qa_rows(20) for _ in range(5)]
+    rows += [{**qa_rows(2)[1], "completion": "another answer"}]  # the second prompt once more
+    examples = parse_jsonl([json.dumps(r) for r in rows])
+    for seed in range(5):
+        train, val = split(examples, 0.2, seed)
+        assert {prompt_key(e) for e in train}.isdisjoint({prompt_key(e) for e in val}), seed
+        assert len(val) in (20, 25) and len(train) + len(val) == len(examples)  # whole groups of 5 (or 6)
+    same = parse_jsonl([json.dumps(qa_rows(1)[0])] * 4)
+    assert [len(s) for s in split(same, 0.5, 0)] == [4, 0]  # one prompt: nothing can be held out
+    two = parse_jsonl([json.dumps(r) for r in [qa_rows(2)[0]] * 3 + [qa_rows(2)[1]]])
+    assert sorted(len(s) for s in split(two, 0.9, 0)) == [1, 3]  # never all of it held out
 
 
 def test_prompt_template_validation_and_application() -> None:

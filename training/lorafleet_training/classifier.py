@@ -193,7 +193,10 @@ def _labelled(obj: Any, line: int) -> Example:
 def stratified_split(
     examples: Sequence[Example], val_fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """A seeded split that holds out ``val_fraction`` of every label (at least one of a label with 2+)."""
+    """A seeded split that holds out ``val_fraction`` of every label: at least one example of a label
+    with two or more distinct texts, never all of a label's (it would train on none of them). A label's
+    examples with the same text stay on one side (``data.split``'s reason: a repeated text was scored
+    after training on it)."""
     by_label: dict[str, list[Example]] = {}
     for e in examples:
         by_label.setdefault(e.completion, []).append(e)
@@ -201,11 +204,14 @@ def stratified_split(
     train: list[Example] = []
     held: list[Example] = []
     for label in sorted(by_label):
-        items = list(by_label[label])
-        rng.shuffle(items)
-        n = 0 if val_fraction == 0 or len(items) < 2 else max(1, round(len(items) * val_fraction))
-        held += items[:n]
-        train += items[n:]
+        items = by_label[label]
+        groups = data_mod.group_by_prompt(items)
+        if val_fraction == 0 or len(groups) < 2:
+            train += items
+            continue
+        held_idx = data_mod.held_out_groups(groups, max(1, round(len(items) * val_fraction)), rng)
+        held += [e for i, e in enumerate(items) if i in held_idx]
+        train += [e for i, e in enumerate(items) if i not in held_idx]
     return sorted(train, key=lambda e: e.line), sorted(held, key=lambda e: e.line)
 
 
@@ -417,7 +423,7 @@ def train_classifier(
             metrics["base_prompt_macro_f1"] = report["base_prompt"]["macro_f1"]
         echo(format_classifier_metrics(metrics))
     else:
-        echo("warning: no held-out examples (--val-fraction 0 or one example per label): no evaluation")
+        echo("warning: no held-out examples (--val-fraction 0, or one distinct text per label): no evaluation")
     record = {
         "format": RECORD_FORMAT,
         "kind": HEAD_KIND,

@@ -236,23 +236,54 @@ def _nfc(value: Any) -> Any:
     return value
 
 
+def prompt_key(example: Example) -> str:
+    """The example's prompt side, NFC-normalized, as one string: examples with equal keys ask the same."""
+    return json.dumps(_nfc(example.chat_messages()), sort_keys=True, ensure_ascii=False)
+
+
 def split(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Deterministic (train, validation) split by `seed`; both keep file order.
 
-    With two or more examples and a positive fraction, each side gets at least one example.
+    Examples with the same prompt (``prompt_key``: repeated lines, or the same question with another
+    answer) stay on one side: split one by one, a repeated example was scored on held-out data it had
+    been trained on, and the quality gates read a loss that leak made lower. Groups are held out in a
+    seeded order until ``val_fraction`` of the examples is; with two or more groups and a positive
+    fraction each side gets at least one, and with one group nothing can be held out.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    groups = group_by_prompt(examples)
     n = len(examples)
-    if n < 2 or val_fraction == 0.0:
+    if len(groups) < 2 or val_fraction == 0.0:
         return list(examples), []
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    train = [e for i, e in enumerate(examples) if i not in val_idx]
-    val = [e for i, e in enumerate(examples) if i in val_idx]
+    held = held_out_groups(groups, max(1, round(n * val_fraction)), random.Random(seed))
+    train = [e for i, e in enumerate(examples) if i not in held]
+    val = [e for i, e in enumerate(examples) if i in held]
     return train, val
+
+
+def group_by_prompt(examples: Sequence[Example]) -> list[list[int]]:
+    """The examples' indices grouped by ``prompt_key``, groups in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(prompt_key(example), []).append(i)
+    return list(groups.values())
+
+
+def held_out_groups(groups: Sequence[Sequence[int]], want: int, rng: random.Random) -> set[int]:
+    """Indices of whole groups, taken in ``rng``'s order until ``want`` examples are held out; the first
+    group is always taken and some group always left to train on (callers pass two or more)."""
+    total = sum(len(g) for g in groups)
+    order = list(range(len(groups)))
+    rng.shuffle(order)
+    held: set[int] = set()
+    for g in order:
+        if held and len(held) >= want:
+            break
+        if total - len(held) - len(groups[g]) <= 0:  # training would be empty
+            continue
+        held.update(groups[g])
+    return held
 
 
 def apply_template(template: PromptTemplate, messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:

@@ -204,7 +204,7 @@ def train(
         f"fingerprint {fingerprint[:19]}…"
     )
     if not val_set:
-        echo("warning: no held-out examples (fewer than 2 examples or --val-fraction 0): no evaluation")
+        echo("warning: no held-out examples (fewer than 2 distinct prompts, or --val-fraction 0): no evaluation")
 
     from transformers import AutoTokenizer
 
