@@ -203,3 +203,35 @@ def test_retrain_with_the_store_as_an_s3_url(
     )
     record = read_lora_record(replica, AdapterKey("acme", "colors", 2), new)
     assert record is not None and record["data"]["fingerprint"] == new.training_data_fingerprint
+
+
+def test_a_version_published_while_retraining_is_not_buried(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_spec: BaseModelSpec,
+    peft_adapter: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stale list is read before training: an operator's v2 published meanwhile (perhaps already on
+    the new base) was buried under v3, a retrained copy of v1 (an outside review's repro)."""
+    import lorafleet_training.trainer as trainer_mod
+
+    store = AdapterStore(tmp_path / "store")
+    data = write_jsonl(tmp_path / "colors.jsonl", qa_rows(8))
+    train_and_publish(capsys, tiny_model_dir, tmp_path, str(store.root), data, "acme/colors", "--keep-data-ref")
+    nudged = derived_base(tiny_model_dir, tmp_path / "nudged", "nudged")
+    real_train = trainer_mod.train
+
+    def train_while_someone_publishes(*args: Any, **kwargs: Any) -> Any:
+        result = real_train(*args, **kwargs)
+        store.import_peft(peft_adapter(seed=9), "acme", "colors", tiny_spec)  # v2, by someone else
+        return result
+
+    monkeypatch.setattr(trainer_mod, "train", train_while_someone_publishes)
+    code, out = cli(
+        capsys, nudged, tmp_path, "retrain", "--stale", "--store", str(store.root), "--max-forgetting", "inf"
+    )
+    assert code == 1, out
+    assert "acme/colors@1\trefused" in out and "acme/colors@2 was published while acme/colors@1 was retrained" in out
+    assert store.versions("acme", "colors") == (1, 2)

@@ -42,7 +42,7 @@ from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import RETRAIN_RECORD_FILE
 from lorafleet_training import data as data_mod
 from lorafleet_training.errors import TrainingError
-from lorafleet_training.publish import DEFAULT_MAX_FORGETTING, TooMuchForgetting
+from lorafleet_training.publish import DEFAULT_MAX_FORGETTING, NoImprovement, TooMuchForgetting
 
 Echo = Callable[[str], None]
 COMPARED_METRIC = "macro_f1"  # the held-out metric a retrained head must match or beat (higher is better)
@@ -252,6 +252,17 @@ _NOT_RECORDED = frozenset(
 )  # TrainConfig fields retrain sets itself, never from the record's hyperparameters
 
 
+def _newer_version(store: Store, key: AdapterKey) -> str | None:
+    """Why not to publish a retrained ``key``: another version became the latest while it trained (a
+    publisher's newer adapter, perhaps already on this base, which the retrain must not bury under a
+    copy of the old one); None while ``key`` is still the latest. Asked just before publishing: a
+    publish racing this check itself still lands first or second, as any two publishes do."""
+    latest = store.resolve(AdapterRef(key.tenant, key.name))
+    if latest == key:
+        return None
+    return f"{latest} was published while {key} was retrained: not published over it (retrain {latest} if stale)"
+
+
 def _lora_method(record: dict[str, Any]) -> str:
     return str(record.get("requested_method") or record.get("method") or "lora")
 
@@ -309,7 +320,11 @@ def _retrain_lora(
                 partial,
                 reason=f"held-out {LORA_METRIC} got worse on this base (lower is better); {key} stays the latest",
             )
-        new = publish(out, store, spec, max_forgetting=max_forgetting)
+        newer = _newer_version(store, key)
+        if newer is not None:
+            return dataclasses.replace(partial, reason=newer)
+        # require_improvement: better than the new base alone too (the old version's loss was on another base)
+        new = publish(out, store, spec, require_improvement=True, max_forgetting=max_forgetting)
         forgetting = result.record["eval_metrics"].get("forgetting")
         gate = (
             "no forgetting check in the record"
@@ -323,7 +338,7 @@ def _retrain_lora(
             new=new,
             reason=f"held-out loss not above the old version's on the same split; {gate}",
         )
-    except TooMuchForgetting as exc:
+    except (TooMuchForgetting, NoImprovement) as exc:
         return dataclasses.replace(partial, reason=str(exc))
     except (AdapterError, ValueError, TypeError) as exc:
         return dataclasses.replace(partial, reason=f"retraining failed: {exc}")
@@ -385,6 +400,9 @@ def _retrain_head(
                 old_metric=old_metric,
                 new_metric=new_metric,
             )
+        newer = _newer_version(store, key)
+        if newer is not None:
+            return RetrainOutcome(key, "refused", newer, old_metric=old_metric, new_metric=new_metric)
         new = publish(out, store, spec)
         return RetrainOutcome(
             key,
