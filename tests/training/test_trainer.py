@@ -186,6 +186,29 @@ def test_cheap_checks_fail_before_the_model_loads(
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(TrainingError, match="not empty"):
         train(_config(tmp_path, tiny_model_dir), tiny_spec, **QUIET)
+    # --overwrite replaced the whole directory: data kept inside --out went with it (an outside review)
+    inside = write_jsonl(tmp_path / "out" / "train.jsonl", qa_rows(4))
+    with pytest.raises(TrainingError, match=r"holds .*train\.jsonl, an input of this run"):
+        train(_config(tmp_path, tiny_model_dir, data=inside, overwrite=True), tiny_spec, **QUIET)
+    assert inside.is_file() and (tmp_path / "out" / "keep.txt").is_file()
+    with pytest.raises(TrainingError, match="an input of this run"):  # the model directory too
+        train(_config(tmp_path, tiny_model_dir, out_dir=tiny_model_dir.parent, overwrite=True), tiny_spec, **QUIET)
+
+
+def test_a_chat_template_that_refuses_an_example_is_reported_by_line(tiny_model_dir: Path) -> None:
+    """Templates like Gemma's raise on turns that do not alternate: a traceback without a line number."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    good = Example(line=1, turns=(Turn("user", "hi"),), completion="x")
+    bad = Example(line=7, turns=(Turn("user", "a"), Turn("user", "b")), completion="x")
+    with pytest.raises(TrainingDataError, match="roles must alternate") as info:
+        encode(tok, [good, bad], max_length=64)
+    assert [i.line for i in info.value.issues] == [7]
 
 
 def test_config_validation() -> None:
@@ -196,6 +219,9 @@ def test_config_validation() -> None:
         TrainConfig(**{**base, "adapter": "acme/x@3"})  # type: ignore[arg-type]
     with pytest.raises(TrainingError, match="cannot be combined"):
         TrainConfig(**base, targets=("all-linear", "q_proj"))  # type: ignore[arg-type]
+    for seed in (-1, 2**32, 99999999999999999999999):  # torch failed on it after the model had loaded
+        with pytest.raises(TrainingError, match=r"seed must be in \[0, 4294967295\]"):
+            TrainConfig(**base, seed=seed)  # type: ignore[arg-type]
     config = TrainConfig(**base, targets=["all-linear"])  # type: ignore[arg-type]
     assert config.targets == ("all-linear",) and config.data == Path("d.jsonl")
 

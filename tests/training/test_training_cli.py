@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from lorafleet_server.config import add_server_arguments
 from lorafleet_training.cli import (
     add_publish_arguments,
     add_publish_prompt_arguments,
+    add_retrain_arguments,
     add_train_arguments,
     run_publish,
     run_publish_prompt,
@@ -183,3 +185,15 @@ def test_publish_prompt_from_an_examples_file(
     assert run_publish_prompt(args, store, tiny_spec) == 1
     err = capsys.readouterr().err
     assert "'system' must be a non-empty string" in err and "end with an assistant turn" in err
+
+
+@pytest.mark.parametrize("adder", [add_publish_arguments, add_retrain_arguments])
+def test_max_forgetting_must_be_a_fraction_or_inf(adder: Any) -> None:
+    """nan passed the gate whatever the forgetting (x > nan is False)."""
+    parser = _parser(adder)
+    base = ["out"] if adder is add_publish_arguments else ["--stale"]
+    assert parser.parse_args([*base, "--max-forgetting", "inf"]).max_forgetting == math.inf
+    assert parser.parse_args([*base, "--max-forgetting", "0.05"]).max_forgetting == 0.05
+    for bad in ("nan", "-0.1", "lots"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--max-forgetting", bad])

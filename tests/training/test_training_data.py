@@ -100,6 +100,9 @@ def test_empty_and_non_utf8_files(tmp_path: Path) -> None:
     assert [i.line for i in info.value.issues] == [2]
     with pytest.raises(TrainingDataError, match="cannot read"):
         load_jsonl(tmp_path / "missing.jsonl")
+    bom = tmp_path / "bom.jsonl"  # Excel and Notepad write one; the file was refused for it
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(qa_rows(1)[0]).encode() + b"\n")
+    assert len(load_jsonl(bom)) == 1
 
 
 def test_fingerprint_is_stable_and_content_sensitive() -> None:

@@ -42,8 +42,8 @@ from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_training import data as data_mod
-from lorafleet_training.data import Example, Turn
-from lorafleet_training.encoding import pad_id_of, prompt_ids
+from lorafleet_training.data import MAX_SEED, Example, Turn
+from lorafleet_training.encoding import all_prompt_ids, pad_id_of
 from lorafleet_training.errors import DataIssue, TrainingDataError, TrainingError
 from lorafleet_training.pii import MODES, PiiReport, apply_policy
 
@@ -86,6 +86,8 @@ class ClassifierConfig:
             problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not (self.c > 0 and math.isfinite(self.c)):
             problems.append(f"C must be a positive number, got {self.c}")
+        if not 0 <= self.seed <= MAX_SEED:  # scikit-learn's random_state takes 32 bits
+            problems.append(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         for name in ("max_iter", "max_length", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -142,7 +144,7 @@ def load_labelled(path: Path) -> list[Example]:
         raise TrainingDataError(str(path), [DataIssue(0, f"cannot read: {exc.strerror or exc}")]) from None
     examples: list[Example] = []
     issues: list[DataIssue] = []
-    for number, line in enumerate(raw.splitlines(), start=1):
+    for number, line in enumerate(raw.removeprefix(data_mod.UTF8_BOM).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -364,7 +366,7 @@ def train_classifier(
     """Train a head per ``config`` on the base ``spec`` describes; write the output directory."""
     from lorafleet_training.publish import RECORD_FILE, RECORD_FORMAT, check_out_dir
 
-    check_out_dir(config.out_dir, config.overwrite)
+    check_out_dir(config.out_dir, config.overwrite, (config.data, config.eval_data, config.base_model_dir))
     examples, pii_report = _load_checked(config.data, config.pii, echo)
     label_names = sorted({e.completion for e in examples})
     counts = Counter(e.completion for e in examples)
@@ -396,8 +398,9 @@ def train_classifier(
     model = load_feature_model(config.base_model_dir, lora_dir)
     pad_id = pad_id_of(tokenizer)
     started = time.monotonic()
-    train_ids = [prompt_ids(tokenizer, e)[-config.max_length :] for e in train_set]
-    val_ids = [prompt_ids(tokenizer, e)[-config.max_length :] for e in val_set]
+    train_ids = [ids[-config.max_length :] for ids in all_prompt_ids(tokenizer, train_set, source=str(config.data))]
+    val_source = str(config.eval_data or config.data)
+    val_ids = [ids[-config.max_length :] for ids in all_prompt_ids(tokenizer, val_set, source=val_source)]
     x_train = pooled_features(model, train_ids, pad_id)  # [train, hidden]
     x_val = pooled_features(model, val_ids, pad_id) if val_set else None  # [held out, hidden]
     head = fit_head(x_train, [e.completion for e in train_set], label_names, config.c, config.max_iter, config.seed)
@@ -501,7 +504,7 @@ def _prompt_only(
     from lorafleet_training.evaluate import generate_answers
 
     template = prompt_only_template(labels)
-    prompts = [prompt_ids(tokenizer, e, template) for e in examples]
+    prompts = all_prompt_ids(tokenizer, examples, template, source="the prompt-only base's evaluation")
     context = model.disable_adapter() if peft else nullcontext()
     with context:
         answers = generate_answers(model, tokenizer, prompts, [config.eval_max_new_tokens] * len(prompts), 8)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ def store_from_args(args: argparse.Namespace, store: Store) -> Store:
     if location is None:
         return store
     return open_store(StoreSettings(str(location)))
+
+
+def margin_arg(text: str) -> float:
+    """--max-forgetting: a fraction >= 0, or inf (no gate). NaN passed every check (x > nan is False)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.10 (or inf), got {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a fraction >= 0 (or inf), got {text!r}")
+    return value
 
 
 def _train_defaults() -> dict[str, Any]:
@@ -222,7 +234,7 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-forgetting",
-        type=float,
+        type=margin_arg,
         default=None,
         metavar="FRACTION",
         help="refuse when the adapter's loss on the general held-out set rose more than this over the base's "
@@ -387,7 +399,7 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-forgetting",
-        type=float,
+        type=margin_arg,
         default=None,
         metavar="FRACTION",
         help="a retrained LoRA is refused when its loss on the general held-out set rose more than this over "

@@ -97,7 +97,7 @@ def load_jsonl(path: Path) -> list[Example]:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise TrainingDataError(str(path), [DataIssue(0, f"cannot read the file: {exc.strerror or exc}")]) from None
-    return parse_jsonl(raw.split(b"\n"), str(path))
+    return parse_jsonl(raw.removeprefix(UTF8_BOM).split(b"\n"), str(path))
 
 
 def parse_jsonl(lines: Iterable[bytes | str], source: str = "<data>") -> list[Example]:
@@ -234,6 +234,10 @@ def _nfc(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _nfc(v) for k, v in value.items()}
     return value
+
+
+UTF8_BOM = b"\xef\xbb\xbf"  # what Excel and Notepad put before UTF-8 text; the file was refused for it
+MAX_SEED = 2**32 - 1  # a training seed: what every consumer of it takes (scikit-learn's random_state)
 
 
 def prompt_key(example: Example) -> str:

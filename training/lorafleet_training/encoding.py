@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 import torch
 
 from lorafleet_adapters.prompt import PromptTemplate
@@ -43,6 +44,24 @@ def prompt_ids(tokenizer: Any, example: Example, template: PromptTemplate | None
     return list(tokenizer.encode(example.prompt, add_special_tokens=False))
 
 
+def all_prompt_ids(
+    tokenizer: Any, examples: Sequence[Example], template: PromptTemplate | None = None, source: str = "<data>"
+) -> list[list[int]]:
+    """``prompt_ids`` of every example. A chat template that refuses an example (roles that must
+    alternate, a system turn it does not take: Gemma's and Mistral's raise) is reported by line, every
+    such example at once; it was a traceback without one."""
+    out: list[list[int]] = []
+    issues: list[DataIssue] = []
+    for example in examples:
+        try:
+            out.append(prompt_ids(tokenizer, example, template))
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:
+            issues.append(DataIssue(example.line, f"the model's chat template refuses this example: {exc}"))
+    if issues:
+        raise TrainingDataError(source, issues)
+    return out
+
+
 def completion_ids(tokenizer: Any, example: Example) -> list[int]:
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -69,8 +88,7 @@ def encode(
     """
     out: list[Encoded] = []
     issues: list[DataIssue] = []
-    for example in examples:
-        prompt = prompt_ids(tokenizer, example, template)
+    for example, prompt in zip(examples, all_prompt_ids(tokenizer, examples, template, source), strict=True):
         completion = completion_ids(tokenizer, example)
         limit = max_length if max_length is not None else len(prompt) + len(completion)
         if len(prompt) >= limit:

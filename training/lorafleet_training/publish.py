@@ -56,9 +56,15 @@ class TooMuchForgetting(TrainingError):
 # ------------------------------------------------------------------------------------ output dir
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless `overwrite` (checked before training starts)."""
+def check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path | None] = ()) -> None:
+    """Refuse a non-empty output directory unless `overwrite` (checked before training starts), and an
+    output directory that is or holds one of the run's ``inputs`` (the data, the model): ``--overwrite``
+    replaced the whole directory, the customer's data with it."""
     out_dir = Path(out_dir)
+    resolved = out_dir.resolve()
+    for given in inputs:
+        if given is not None and Path(given).resolve().is_relative_to(resolved):
+            raise TrainingError(f"output directory {out_dir} holds {given}, an input of this run: choose another --out")
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"output path {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:

@@ -37,7 +37,7 @@ from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterRef
 from lorafleet_server.model import loader as model_loader
 from lorafleet_training import data as data_mod
-from lorafleet_training.data import Example, template_to_dict
+from lorafleet_training.data import MAX_SEED, Example, template_to_dict
 from lorafleet_training.encoding import Encoded, collate, completion_loss_sum, encode, keep_last, pad_id_of
 from lorafleet_training.errors import TrainingError
 from lorafleet_training.evaluate import EvalResult, completion_loss, evaluate, forgetting_check
@@ -106,6 +106,8 @@ class TrainConfig:
                 problems.append(f"{name} must be a positive number, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.seed <= MAX_SEED:  # torch failed on a larger one, after the model had loaded
+            problems.append(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -186,7 +188,8 @@ def train(
 ) -> TrainResult:
     """Train per `config` on the base `spec` describes; write the output directory; return the model too."""
     check_against_spec(config, spec)
-    check_out_dir(config.out_dir, config.overwrite)
+    inputs = (config.data, config.eval_data, config.compare_prompt, config.base_model_dir)
+    check_out_dir(config.out_dir, config.overwrite, inputs)
     template = data_mod.load_prompt_template(config.compare_prompt) if config.compare_prompt else None
 
     examples, pii_report = _load_checked(config.data, config.pii, echo)
