@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=8,
         default_max_new_tokens=1,
         max_lora_rank=16,
+        # Every round sends the same texts: with the prefix cache Generate recomputed only each prompt's
+        # last partial block from round 1 on, while Embed and Classify never use the cache.
+        prefix_cache_bytes=0,
     )
     service = build_service(config)
     paths = intents.write_datasets(work / "data")

@@ -32,7 +32,7 @@ from bench.serving import RESULTS_DIR, SHAPES, TENANT, make_adapters, prompt_tex
 from lorafleet_adapters.ref import AdapterRef
 from lorafleet_server.app import Service, build_service, model_dir_for
 from lorafleet_server.config import ServerConfig
-from lorafleet_server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from lorafleet_server.engine.types import ChatTurn, GenerationRequest, SamplingParams, TokenEvent
 
 log = logging.getLogger("bench.engine_direct")
 
@@ -77,7 +77,7 @@ def run_load(service: Service, name: str, adapters: Sequence[str | None], client
         ref = adapters[i % len(adapters)]
         req = GenerationRequest(
             request_id=f"{name}-{i}",
-            prompt=prompt_text(i),
+            messages=(ChatTurn("user", prompt_text(i)),),  # bench.serving's chat turn, not the raw text
             adapter=AdapterRef.parse(ref) if ref else None,
             params=SamplingParams(max_new_tokens=new_tokens),
         )

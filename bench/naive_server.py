@@ -132,13 +132,17 @@ class NaiveServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
 
 
-def load_naive_model(model_dir: Path, adapters: Mapping[str, Path]) -> tuple[Any, Any, float]:
-    """(PeftModel with every adapter loaded, tokenizer, seconds spent loading the adapters)."""
+def load_naive_model(
+    model_dir: Path, adapters: Mapping[str, Path], dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any, float]:
+    """(PeftModel with every adapter loaded, tokenizer, seconds spent loading the adapters). ``dtype``:
+    the compute dtype lorafleet ran in (bench.serving passes it: a bf16 lorafleet against an fp32 naive
+    server compared dtypes as much as servers)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     base.eval()
     items = list(adapters.items())
     if not items:

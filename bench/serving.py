@@ -663,15 +663,22 @@ def render_ratio_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def measure_read_bandwidth(nbytes: int = 256 << 20) -> float:
-    """Bytes/s that a reduction over a large fp32 tensor reads on torch's current threads (best of 5)."""
-    x = torch.ones(nbytes // 4)
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
+def measure_read_bandwidth(threads: int, nbytes: int = 256 << 20) -> float:
+    """Bytes/s that a reduction over a large fp32 tensor reads on ``threads`` torch threads (best of 5).
+    bench.serving passes every CPU: a decode step's kernels run on them all (it measured on the
+    benchmark's one thread before, ~15 against ~24 GB/s here: the bound read ~20% low)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(nbytes // 4)
         x.sum()
-        best = min(best, time.perf_counter() - t)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
     return nbytes / best
 
 
@@ -801,9 +808,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--vllm-threads-bind",
-        default="auto",
-        help="VLLM_CPU_OMP_THREADS_BIND: auto (default) binds vLLM's compute threads to one core on a 2-core "
-        "machine, leaving one to its API server; or a core list such as 1",
+        default="all",
+        help="VLLM_CPU_OMP_THREADS_BIND: all (default) binds vLLM's compute threads to every CPU this process "
+        "may use, as lorafleet's decode steps use them (e.g. 0-1); auto is vLLM's own choice (on 2 cores one "
+        "compute core, the other reserved for its API server); or a core list such as 1",
     )
     p.add_argument("--vllm-startup-timeout", type=float, default=900.0, help="seconds for vLLM to become healthy")
     p.add_argument(
@@ -1060,12 +1068,13 @@ def run_vllm_peer(
     ``adapter_runs`` as ``--lora-modules`` for ``vllm:<k>x<shape>``. Adapter i of a shape is named as the
     lorafleet adapter (``<shape>-<ii>``); client i uses adapter i % k as in the lorafleet runs. A server
     that fails to start is reported and skipped; its log stays in ``--out``."""
-    from bench.vllm_peer import PeerUnavailable, VllmConfig, VllmServer, log_facts, vllm_dtype
+    from bench.vllm_peer import PeerUnavailable, VllmConfig, VllmServer, log_facts, threads_bind_of, vllm_dtype
 
     dtype = vllm_dtype(lorafleet_dtype) if args.vllm_dtype == "match" else args.vllm_dtype
     extra = {"ignore_eos": True} if plan.ignore_eos else {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    info: dict[str, Any] = {"dtype_requested": dtype, "threads_bind": args.vllm_threads_bind, "servers": {}}
+    bind = threads_bind_of(args.vllm_threads_bind)
+    info: dict[str, Any] = {"dtype_requested": dtype, "threads_bind": bind, "servers": {}}
     results: list[RunResult] = []
 
     def config(tag: str, modules: dict[str, Path]) -> VllmConfig:
@@ -1080,7 +1089,7 @@ def run_vllm_peer(
             max_lora_rank=args.max_lora_rank,
             max_num_seqs=args.max_batch_size,
             max_model_len=512,
-            threads_bind=args.vllm_threads_bind,
+            threads_bind=bind,
             startup_timeout=args.vllm_startup_timeout,
         )
 
@@ -1208,7 +1217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name = f"{shape_key}-{i:02d}"
                 service.store.import_peft(path, TENANT, name, service.base.spec)
                 refs[shape_key].append(f"{TENANT}/{name}")
-        meta["read_bandwidth"] = measure_read_bandwidth() if service.base.device.type == "cpu" else None
+        cpus = len(os.sched_getaffinity(0))
+        meta["read_bandwidth"] = measure_read_bandwidth(cpus) if service.base.device.type == "cpu" else None
+        meta["read_bandwidth_threads"] = cpus
         dtype_bytes = torch.empty((), dtype=service.base.dtype).element_size()
         base_bytes = model_weight_bytes(service.base.model)
         adapter_bytes = {k: adapter_param_count(paths[0]) * dtype_bytes for k, paths in dirs.items()}
@@ -1335,10 +1346,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             used = min(n_req, max_count)
             load_count = max_count if args.naive_load_all else used
             naive_dirs = {refs[s.key][i]: dirs[s.key][i] for s in naive_shapes for i in range(load_count)}
-            say(f"naive: loading base + {len(naive_dirs)} adapters with PEFT load_adapter")
-            model, tokenizer, load_s = load_naive_model(model_dir, naive_dirs)
+            # The naive server in lorafleet's compute dtype, on every CPU: the engine sets torch's global
+            # thread count per step and left whatever its last step chose (1 or 2) to the naive runs.
+            naive_dtype = getattr(torch, meta["dtype"])
+            naive_threads = len(os.sched_getaffinity(0))
+            torch.set_num_threads(naive_threads)
+            say(
+                f"naive: loading base ({meta['dtype']}, {naive_threads} threads) + {len(naive_dirs)} adapters with PEFT"
+            )
+            model, tokenizer, load_s = load_naive_model(model_dir, naive_dirs, naive_dtype)
             meta["naive_adapter_load_seconds"] = load_s
             meta["naive_adapters_loaded"] = len(naive_dirs)
+            meta["naive_dtype"], meta["naive_threads"] = meta["dtype"], naive_threads
             naive = NaiveServer(model, tokenizer, ignore_eos=plan.ignore_eos)
             naive_target = f"127.0.0.1:{naive.start()}"
             try:

@@ -6,6 +6,7 @@ hand (`python -m bench.serving --peer vllm`), not here.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,17 @@ def test_the_issue_ratios_compare_lorafleet_with_the_peer_per_transport() -> Non
     assert "same workload: 40 prompt tokens" in "\n".join(lines)
     runs[3] = _run("vllm:base", "vllm", 200.0, 55)  # a different chat template: said, not hidden
     assert "prompt tokens differ" in "\n".join(serving.peer_checks(runs, meta, 32))
+
+
+def test_vllm_is_bound_to_every_cpu_by_default() -> None:
+    """With "auto" vLLM computed on one of two cores while lorafleet's steps used both: in fp32 goal 1's
+    ratios read 1.67x/7.17x against 1.22x/4.55x with vLLM on both."""
+    from bench.serving import parse_args
+    from bench.vllm_peer import threads_bind_of
+
+    assert parse_args([]).vllm_threads_bind == "all"
+    assert threads_bind_of("all", {0, 1}) == "0-1"
+    assert threads_bind_of("all", {0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+    assert threads_bind_of("all", {3}) == "3"
+    assert threads_bind_of("auto") == "auto" and threads_bind_of("1") == "1"
+    assert threads_bind_of("all") == threads_bind_of("all", os.sched_getaffinity(0))
