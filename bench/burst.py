@@ -151,11 +151,21 @@ def install_submit_timer(engine: Any) -> EngineTimes:
     return times
 
 
+# bench.serving's options this scenario passes on (any other given to ``--scenario burst`` is refused)
+FROM_SERVING = frozenset(
+    {"clients", "lora_impl", "threads", "attention_kernel", "layers_kernel", "linear_kernel", "linear_threads"}
+    | {"prefill_threads", "fixed_decode_threads", "dtype", "out", "seed", "max_new_tokens", "model"}
+)
+
+
 def argv_from_serving(args: argparse.Namespace) -> list[str]:
-    """This scenario's arguments from ``python -m bench.serving --scenario burst``'s (the ones both have)."""
+    """This scenario's arguments from ``python -m bench.serving --scenario burst``'s (``FROM_SERVING``)."""
     argv = ["--requests", str(args.clients), "--lora-impl", args.lora_impl, "--threads", str(args.threads)]
     argv += ["--attention-kernel", args.attention_kernel, "--layers-kernel", args.layers_kernel]
+    argv += ["--linear-kernel", args.linear_kernel, "--linear-threads", str(args.linear_threads)]
     argv += ["--prefill-threads", str(args.prefill_threads)]
+    if args.dtype is not None:  # bench.serving's default: the server's own, as burst's "auto"
+        argv += ["--dtype", args.dtype]
     if args.fixed_decode_threads:
         argv.append("--fixed-decode-threads")
     argv += ["--out", str(args.out), "--seed", str(args.seed)]
@@ -406,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path.write_text(
         json.dumps(
             {
-                "argv": sys.argv[1:],
+                "argv": list(argv) if argv is not None else sys.argv[1:],  # what ran (bench.serving passes its own)
                 "model": info.model_id,
                 "dtype": info.dtype,
                 "attention_kernel": info.attention_kernel,

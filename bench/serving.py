@@ -1138,6 +1138,20 @@ def run_vllm_peer(
     return results, info
 
 
+def refuse_ignored(args: argparse.Namespace, passed_on: frozenset[str]) -> None:
+    """Refuse options given to a ``--scenario`` that does not pass them on: ``--scenario burst --dtype
+    float32`` ran bf16 while its JSON's argv said float32."""
+    defaults = parse_args([])
+    ignored = sorted(
+        k for k, v in vars(args).items() if k not in passed_on | {"scenario"} and v != getattr(defaults, k)
+    )
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise SystemExit(
+            f"--scenario {args.scenario} does not take {flags}: see python -m bench.{args.scenario} --help"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_peer(args)
@@ -1147,11 +1161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scenario == "burst":  # bench/burst.py: TTFT of 32 requests sent at once, per scheduling policy
         from bench import burst
 
+        refuse_ignored(args, burst.FROM_SERVING)
         return burst.main(burst.argv_from_serving(args))
     if args.scenario == "zipf":
         from bench import zipf
 
-        return zipf.main(zipf.argv_from_serving(args))
+        refuse_ignored(args, zipf.FROM_SERVING)
+        return zipf.main(zipf.argv_from_serving(args, parse_args([])))
     plan = make_plan(args)
     quiet_logging()
 

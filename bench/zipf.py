@@ -572,9 +572,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def argv_from_serving(args: argparse.Namespace) -> list[str]:
-    """``bench.serving --scenario zipf``: the options both benchmarks share, passed on."""
+# bench.serving's options ``--scenario zipf`` passes on (any other given to it is refused); --dtype and
+# --threads only when given (their defaults differ: bench.serving runs one thread, zipf the server's own)
+FROM_SERVING = frozenset({"seed", "out", "max_batch_size", "quick", "model", "dtype", "threads"})
+
+
+def kept_refs(refs_file: Path, made: dict[str, Any]) -> dict[str, Shape]:
+    """The adapters of a ``--keep`` store, refused unless made with ``made``'s count, shape mix and
+    seed: a 200-adapter quick store reused by a full run reported "over 1000 adapters"."""
+    kept = json.loads(refs_file.read_text())
+    if kept.get("made") != made:
+        was = kept.get("made", "before they were recorded")
+        raise SystemExit(f"{refs_file.parent} was made with {was}, not {made}: pass another --keep, or delete it")
+    return {r: SHAPES[k] for r, k in kept["refs"].items()}
+
+
+def argv_from_serving(args: argparse.Namespace, defaults: argparse.Namespace) -> list[str]:
+    """``bench.serving --scenario zipf``: the options both benchmarks share (``FROM_SERVING``), passed on."""
     argv = ["--seed", str(args.seed), "--out", str(args.out), "--max-batch-size", str(args.max_batch_size)]
+    if args.dtype is not None:  # bench.serving's default (None) is the server's own, as zipf's "auto"
+        argv += ["--dtype", args.dtype]
+    if args.threads != defaults.threads:
+        argv += ["--threads", str(args.threads)]
     if args.quick:
         argv.append("--quick")
     if args.model is not None:
@@ -593,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-zipf-"))
     kept = args.keep or work / "store"  # the local store, or SeaweedFS's data and the refs file
     spec = base_spec_from_files(model_dir, "none", 16)
-    result: dict[str, Any] = {"argv": sys.argv[1:], "args": {k: str(v) for k, v in vars(args).items()}}
+    ran = list(argv) if argv is not None else sys.argv[1:]  # what ran (bench.serving passes its own)
+    result: dict[str, Any] = {"argv": ran, "args": {k: str(v) for k, v in vars(args).items()}}
     s3: Any = None
     try:
         if args.store == "s3":
@@ -601,15 +621,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             location = str(kept)
         refs_file = kept / "zipf-refs.json"
+        made = {"adapters": args.adapters, "r16_every": args.r16_every, "seed": args.seed}
         if refs_file.is_file():
-            refs = {r: SHAPES[k] for r, k in json.loads(refs_file.read_text()).items()}
+            refs = kept_refs(refs_file, made)
             say(f"reusing {len(refs)} adapters in {location}")
         else:
             say(f"publishing {args.adapters} adapters into {location}")
             publisher = open_store(StoreSettings(location, cache_dir=work / "publisher-cache"))
             refs = make_store(model_dir, spec, publisher, args.adapters, args.r16_every, args.seed)
             kept.mkdir(parents=True, exist_ok=True)
-            refs_file.write_text(json.dumps({r: s.key for r, s in refs.items()}))
+            refs_file.write_text(json.dumps({"made": made, "refs": {r: s.key for r, s in refs.items()}}))
         ordered = list(refs)  # popularity rank -> reference
         ranks = zipf_ranks(len(ordered), args.requests, args.zipf, args.seed)
         distinct = len(set(ranks))

@@ -13,6 +13,9 @@ def test_the_serving_scenario_passes_its_shared_arguments_on() -> None:
     parsed = burst.parse_args(burst.argv_from_serving(args))
     assert (parsed.requests, parsed.max_new_tokens, parsed.threads) == (8, 16, 1)
     assert parsed.policies == burst.DEFAULT_POLICIES and parsed.out == args.out
+    given = ["--scenario", "burst", "--dtype", "float32", "--linear-kernel", "native", "--linear-threads", "1"]
+    parsed = burst.parse_args(burst.argv_from_serving(serving.parse_args(given)))
+    assert (parsed.dtype, parsed.linear_kernel, parsed.linear_threads) == ("float32", "native", 1)  # were dropped
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--policies", "fifo-512,nope"), ("--targets", "base,8xdefault")])

@@ -4,7 +4,9 @@ for minutes, so it is run by hand (bench/README.md)."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -13,11 +15,24 @@ from bench import serving, zipf
 
 def test_the_serving_scenario_passes_its_shared_arguments_on() -> None:
     args = serving.parse_args(["--scenario", "zipf", "--quick", "--seed", "3", "--max-batch-size", "16"])
-    parsed = zipf.parse_args(zipf.argv_from_serving(args))
+    parsed = zipf.parse_args(zipf.argv_from_serving(args, serving.parse_args([])))
     assert (parsed.adapters, parsed.requests, parsed.host_cache_mib) == (200, 1000, 256)
     assert (parsed.seed, parsed.max_batch_size, parsed.out) == (3, 16, args.out)
+    assert (parsed.dtype, parsed.threads) == ("auto", 0)  # not given: zipf's own defaults
+    given = serving.parse_args(["--scenario", "zipf", "--dtype", "float32", "--threads", "2"])
+    parsed = zipf.parse_args(zipf.argv_from_serving(given, serving.parse_args([])))
+    assert (parsed.dtype, parsed.threads) == ("float32", 2)  # both were dropped before
     full = zipf.parse_args([])
     assert (full.adapters, full.requests, full.zipf, full.new_tokens) == (1000, 10000, 1.1, 8)
+
+
+def test_options_a_scenario_does_not_take_are_refused() -> None:
+    """``--scenario burst --dtype float32`` ran bf16 while the JSON's argv said float32; now burst takes
+    --dtype, and what a scenario cannot take is refused by name."""
+    with pytest.raises(SystemExit, match="--scenario zipf does not take --lora-impl, --max-lora-rank"):
+        serving.main(["--scenario", "zipf", "--lora-impl", "gather", "--max-lora-rank", "8"])
+    with pytest.raises(SystemExit, match="--scenario burst does not take --max-batch-size"):
+        serving.main(["--scenario", "burst", "--max-batch-size", "8"])
 
 
 def test_zipf_traffic_is_fixed_by_its_seed_and_skewed_to_the_first_ranks() -> None:
@@ -68,3 +83,16 @@ def test_a_replica_on_s3_polls_as_asked_and_has_no_isolated_cold_loads(capsys: p
     with pytest.raises(SystemExit):
         zipf.parse_args(["--store", "s3", "--cold-only"])
     assert "--cold-only times loads from a local directory" in capsys.readouterr().err
+
+
+def test_a_kept_store_made_with_other_parameters_is_refused(tmp_path: Path) -> None:
+    """A 200-adapter quick store reused by a full run was reported as "over 1000 adapters"."""
+    made = {"adapters": 2, "r16_every": 2, "seed": 0}
+    refs_file = tmp_path / "zipf-refs.json"
+    refs_file.write_text(json.dumps({"made": made, "refs": {"bench/a": "default", "bench/b": "r16all"}}))
+    assert list(zipf.kept_refs(refs_file, made)) == ["bench/a", "bench/b"]
+    with pytest.raises(SystemExit, match=r"was made with .*'adapters': 2.*not .*'adapters': 1000"):
+        zipf.kept_refs(refs_file, {**made, "adapters": 1000})
+    refs_file.write_text(json.dumps({"bench/a": "default"}))  # written before the parameters were
+    with pytest.raises(SystemExit, match="before they were recorded"):
+        zipf.kept_refs(refs_file, made)
