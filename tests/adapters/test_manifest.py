@@ -79,6 +79,14 @@ def test_mappings_are_read_only() -> None:
         ({"eval_metrics": {"loss": "low"}}, "eval_metrics"),
         ({"pii_scan": "clean"}, "pii_scan"),
         ({"base_fingerprint": ""}, "base_fingerprint"),
+        # survivors of an outside mutation run: a digest with trailing junk, alpha inf or 400 digits
+        # (to_json then failed INTERNAL), a prompt manifest with a rank
+        ({"files": {"x": "a" * 64 + "x"}}, "files"),
+        ({"files": {"x": "a" * 65}}, "files"),
+        ({"lora_alpha": float("inf")}, "lora_alpha"),
+        ({"lora_alpha": 10**400}, "lora_alpha"),
+        ({"kind": "prompt", "method": "prompt", "rank": 8}, "kind 'prompt' has method 'prompt' and rank 0"),
+        ({"kind": "head", "method": "logreg", "rank": 8}, "kind 'head'"),
     ],
 )
 def test_bad_fields_refused(changes: dict[str, Any], field: str) -> None:

@@ -22,6 +22,7 @@ from lorafleet_adapters.peft_format import (
     check_safetensors_header,
     load_adapter_weights,
     plan_load,
+    read_file_bytes,
     read_lora_config,
     transpose_scaled,
 )
@@ -284,6 +285,24 @@ def test_size_cap(adapter_dir: Path, spec: BaseModelSpec) -> None:
     small = BaseModelSpec(spec.fingerprint, spec.model_id, "none", spec.target_shapes, 16, max_adapter_bytes=1000)
     with pytest.raises(AdapterFormatError, match="1000-byte adapter cap"):
         load_adapter_weights(adapter_dir, small)
+    # The cap at its edge (an outside mutation run doubled it unnoticed): the tensors' exact byte
+    # count passes, one byte less refuses.
+    exact = sum(t.numel() * t.element_size() for t in load_file(str(adapter_dir / WEIGHTS_FILE)).values())
+    at = BaseModelSpec(spec.fingerprint, spec.model_id, "none", spec.target_shapes, 16, max_adapter_bytes=exact)
+    assert load_adapter_weights(adapter_dir, at).modules
+    under = BaseModelSpec(spec.fingerprint, spec.model_id, "none", spec.target_shapes, 16, max_adapter_bytes=exact - 1)
+    with pytest.raises(AdapterFormatError, match=f"{exact} bytes of tensors exceed the {exact - 1}-byte adapter cap"):
+        load_adapter_weights(adapter_dir, under)
+
+
+def test_a_file_over_its_cap_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """read_file_bytes (the S3 store, staging, publish) checks the size first: without it an oversized
+    weights file was read whole into memory (an outside mutation run)."""
+    path = tmp_path / WEIGHTS_FILE
+    path.write_bytes(b"x" * 101)
+    assert len(read_file_bytes(path, 101)) == 101
+    with pytest.raises(AdapterFormatError, match="101 bytes, over the 100-byte cap"):
+        read_file_bytes(path, 100)
 
 
 def test_rank_over_limit_refused(make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:

@@ -150,6 +150,32 @@ def test_manifest_identity_checked(store: AdapterStore, adapter_dir: Path, spec:
         store.load(key, spec)
 
 
+def _rewrite_manifest(store: AdapterStore, key: AdapterKey, **changes: Any) -> None:
+    path = store.version_dir(key) / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_manifest_must_list_the_files_its_kind_needs(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec
+) -> None:
+    """Unlisted, a prompt's prompt.json would be read without its checksum, and a LoRA's weights were a
+    KeyError (INTERNAL); the kind check too (an outside mutation run dropped both unnoticed)."""
+    from lorafleet_adapters.prompt import PROMPT_FILE, PromptTemplate
+
+    key = store.import_peft(adapter_dir, "acme", "support", spec)
+    files = json.loads((store.version_dir(key) / "manifest.json").read_text())["files"]
+    _rewrite_manifest(store, key, files={k: v for k, v in files.items() if k != WEIGHTS_FILE})
+    with pytest.raises(AdapterFormatError, match=f"manifest.json does not list {WEIGHTS_FILE}"):
+        store.load(key, spec)
+    _rewrite_manifest(store, key, files=files, kind="head", method="logreg", rank=0)
+    with pytest.raises(AdapterFormatError, match="manifest kind is 'head'; only 'lora' has weights"):
+        store.load(key, spec)
+    prompt = store.publish_prompt("acme", "faq", PromptTemplate(system="Be brief."), spec)
+    _rewrite_manifest(store, prompt, files={})
+    with pytest.raises(AdapterFormatError, match=f"manifest.json does not list {PROMPT_FILE}"):
+        store.load_prompt(prompt)
+
+
 def test_fingerprint_mismatch(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
     key = store.import_peft(adapter_dir, "acme", "support", spec)
     other = BaseModelSpec("sha256:other", "tiny-llama", "nf4", spec.target_shapes, spec.max_lora_rank)

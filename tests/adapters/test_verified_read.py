@@ -75,6 +75,34 @@ def test_start_then_use_returns_only_what_checked_bytes_gave(tmp_path: Path, siz
         files.start(path, digest(b"other"), "k", max_bytes=size).use(lambda view: 1 // 0)
 
 
+def test_a_same_size_rewrite_during_a_trusted_read_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trusted file is not hashed again: only the identity after the read can show that it was
+    rewritten meanwhile at the same size (an outside mutation run dropped that comparison unnoticed)."""
+    import types
+
+    from lorafleet_adapters import verified_read
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(4096)
+    write_old(path, data)
+    files = VerifiedFiles(min_age_seconds=0)
+    files.read(path, digest(data), "k", max_bytes=len(data))  # hashed, then trusted by identity
+    real_fstat = os.fstat
+    calls: list[int] = []
+
+    def rewritten_meanwhile(fd: int) -> object:
+        st = real_fstat(fd)
+        calls.append(fd)
+        if len(calls) % 2:  # before the read: the trusted identity
+            return st
+        fields = {name: getattr(st, name) for name in dir(st) if name.startswith("st_")}
+        return types.SimpleNamespace(**{**fields, "st_mtime_ns": st.st_mtime_ns + 1, "st_ctime_ns": st.st_ctime_ns + 1})
+
+    monkeypatch.setattr(verified_read.os, "fstat", rewritten_meanwhile)
+    with pytest.raises(AdapterFormatError, match="changed while it was being read"):
+        files.read(path, digest(data), "k", max_bytes=len(data))
+
+
 def test_changes_through_the_filesystem_are_hashed_again(tmp_path: Path) -> None:
     path = tmp_path / "f.bin"
     data = os.urandom(4096)

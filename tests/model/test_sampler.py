@@ -107,3 +107,32 @@ def test_no_valid_temperature_or_penalty_gives_a_nan() -> None:
             [RowSampling(1e-46, 1.0, 0, penalty, seen, torch.Generator().manual_seed(0))],
         )[0]
         assert isinstance(token, int)
+
+
+def test_top_k_and_top_p_filter_as_transformers_warpers_do() -> None:
+    """The filter follows transformers' TopK/TopPLogitsWarper, boundaries included (an outside mutation
+    run: a top-p `<` for `<=` and a top-k off by one survived every sampler test)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from lorafleet_server.model.sampler import filter_top_k_top_p
+
+    # cumulative ascending [.125, .25, .5, 1.0]: at top_p 0.75 the .125 and the .25 (= 1 - 0.75) go
+    probs = torch.tensor([0.125, 0.125, 0.25, 0.5])
+    kept = torch.isfinite(filter_top_k_top_p(probs.log(), 0, 0.75)).nonzero().flatten().tolist()
+    assert kept == [2, 3]
+    assert torch.isfinite(filter_top_k_top_p(probs.log(), 1, 1.0)).sum() == 1  # top_k 1 is one token, not off
+    assert torch.isfinite(filter_top_k_top_p(probs.log(), 3, 1.0)).sum() == 4  # ties at the kth value stay
+    distinct = torch.tensor([0.1, 0.15, 0.25, 0.5]).log()
+    assert torch.isfinite(filter_top_k_top_p(distinct, 3, 1.0)).nonzero().flatten().tolist() == [1, 2, 3]
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(50, generator=gen), torch.randn(50, generator=gen).round(), torch.zeros(7)]  # ties too
+    for logits in rows:
+        for top_k in (0, 1, 3, 10):
+            for top_p in (1.0, 0.9, 0.5, 0.1):
+                want = logits[None].clone()
+                if top_k:
+                    want = TopKLogitsWarper(top_k)(None, want)  # type: ignore[arg-type]
+                if top_p < 1.0:
+                    want = TopPLogitsWarper(top_p)(None, want)  # type: ignore[arg-type]
+                got = filter_top_k_top_p(logits, top_k, top_p)
+                assert torch.equal(torch.isfinite(got), torch.isfinite(want[0])), (top_k, top_p)

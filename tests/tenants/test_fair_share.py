@@ -187,6 +187,12 @@ def test_preemption_victim_only_when_someone_waits_below_its_share() -> None:
     assert preemption_victim(4, running, q, lambda _r: False, lambda _r: True) is None  # b cannot start yet
     balanced = [Item("a"), Item("a"), Item("b"), Item("b")]
     assert preemption_victim(4, balanced, q, lambda _r: True, lambda _r: True) is None  # b has its share
+    # At the boundary (an outside mutation run: `<` for `<=` survived): two rows, a runs both, b waits
+    # with none; b's share is one row, so one row of a's goes back.
+    pair = [Item("a"), Item("a")]
+    one: FairQueue[Item] = FairQueue()
+    one.push(Item("b"))
+    assert preemption_victim(2, pair, one, lambda _r: True, lambda _r: True) is pair[-1]
 
 
 def test_drain_lets_a_preempted_request_finish(service: Service) -> None:
@@ -205,3 +211,25 @@ def test_drain_lets_a_preempted_request_finish(service: Service) -> None:
     stopping.join(60)
     for sink in [*flood, b]:  # every request that had started finishes, the preempted one included
         assert sink.wait().summary.finish_reason.value == "length"
+
+
+def test_embed_rows_are_never_preempted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An embed row pools its prompt as the prefill goes; preempted and resumed it would pool those
+    tokens twice (an outside mutation run: dropping the embed check survived every test). Tenant a's
+    long embeds fill every row, chunked over many steps; tenant b's request waits for a row instead."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_batch_size=2, max_step_tokens=16)
+    try:
+        engine = svc.engine
+        text = " ".join(f"word{i}" for i in range(60))  # well over one 16-token step
+        alone = submit(engine, request(text, rid="alone", embed=True))[0].wait().events[-1].embedding
+        embeds = [submit(engine, as_tenant(request(text, rid=f"e{i}", embed=True), "a"))[0] for i in range(2)]
+        waiting = submit(engine, as_tenant(request(PROMPT, rid="b", max_new_tokens=2), "b"))[0]
+        for sink in [*embeds, waiting]:
+            sink.wait()
+        assert not svc.metrics.registry.get_sample_value("lorafleet_preemptions_total")
+        for sink in embeds:
+            got = sink.events[-1].embedding
+            assert got is not None and alone is not None
+            assert max(abs(x - y) for x, y in zip(got, alone, strict=True)) < 1e-4
+    finally:
+        svc.engine.shutdown(10)
