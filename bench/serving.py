@@ -739,6 +739,14 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def env_assignment(text: str) -> tuple[str, str]:
+    """NAME=VALUE of ``--vllm-env``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not name.replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="32 new tokens instead of 64, 4 naive requests instead of 8")
@@ -753,6 +761,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-naive", action="store_true", help="no naive PEFT server runs")
     p.add_argument("--naive-requests", type=int, help="requests of each naive run (default 8; quick 4)")
+    p.add_argument(
+        "--naive-dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "match"),
+        help="the naive server's dtype: float32 (default: HF's eager batch-1 decode is faster in it on CPU than "
+        "in bf16, measured), or match: lorafleet's compute dtype of the run",
+    )
     p.add_argument(
         "--naive-load-all",
         action="store_true",
@@ -814,6 +829,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "compute core, the other reserved for its API server); or a core list such as 1",
     )
     p.add_argument("--vllm-startup-timeout", type=float, default=900.0, help="seconds for vLLM to become healthy")
+    p.add_argument(
+        "--vllm-env",
+        action="append",
+        default=[],
+        type=env_assignment,
+        metavar="NAME=VALUE",
+        help="environment for the vLLM peer, after its defaults (repeat; e.g. OMP_WAIT_POLICY=ACTIVE to try it "
+        "with lorafleet's OpenMP wait policy)",
+    )
     p.add_argument(
         "--scenario",
         default="load",
@@ -1074,7 +1098,8 @@ def run_vllm_peer(
     extra = {"ignore_eos": True} if plan.ignore_eos else {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     bind = threads_bind_of(args.vllm_threads_bind)
-    info: dict[str, Any] = {"dtype_requested": dtype, "threads_bind": bind, "servers": {}}
+    extra_env = dict(args.vllm_env)
+    info: dict[str, Any] = {"dtype_requested": dtype, "threads_bind": bind, "env": extra_env, "servers": {}}
     results: list[RunResult] = []
 
     def config(tag: str, modules: dict[str, Path]) -> VllmConfig:
@@ -1091,6 +1116,7 @@ def run_vllm_peer(
             max_model_len=512,
             threads_bind=bind,
             startup_timeout=args.vllm_startup_timeout,
+            extra_env=extra_env,
         )
 
     def peer_run(server: VllmServer, name: str, shape: Shape | None, models: list[str]) -> RunResult:
@@ -1111,7 +1137,8 @@ def run_vllm_peer(
 
     def serve(tag: str, modules: dict[str, Path], runs: list[tuple[str, Shape | None, list[str]]]) -> None:
         cfg = config(tag, modules)
-        say(f"vLLM {tag}: starting ({dtype}, VLLM_CPU_OMP_THREADS_BIND={cfg.threads_bind}, log {cfg.log_path})")
+        env = "".join(f", {k}={v}" for k, v in cfg.extra_env.items())
+        say(f"vLLM {tag}: starting ({dtype}, VLLM_CPU_OMP_THREADS_BIND={cfg.threads_bind}{env}, log {cfg.log_path})")
         server = VllmServer(cfg)
         try:
             with server:
@@ -1362,18 +1389,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             used = min(n_req, max_count)
             load_count = max_count if args.naive_load_all else used
             naive_dirs = {refs[s.key][i]: dirs[s.key][i] for s in naive_shapes for i in range(load_count)}
-            # The naive server in lorafleet's compute dtype, on every CPU: the engine sets torch's global
-            # thread count per step and left whatever its last step chose (1 or 2) to the naive runs.
-            naive_dtype = getattr(torch, meta["dtype"])
+            # The naive server in its faster dtype (--naive-dtype), on every CPU: the engine sets torch's
+            # global thread count per step and left whatever its last step chose (1 or 2) to the naive runs.
+            naive_dtype_name = meta["dtype"] if args.naive_dtype == "match" else args.naive_dtype
+            naive_dtype = getattr(torch, naive_dtype_name)
             naive_threads = len(os.sched_getaffinity(0))
             torch.set_num_threads(naive_threads)
-            say(
-                f"naive: loading base ({meta['dtype']}, {naive_threads} threads) + {len(naive_dirs)} adapters with PEFT"
-            )
+            say(f"naive: loading base ({naive_dtype_name}, {naive_threads} threads) + {len(naive_dirs)} adapters")
             model, tokenizer, load_s = load_naive_model(model_dir, naive_dirs, naive_dtype)
             meta["naive_adapter_load_seconds"] = load_s
             meta["naive_adapters_loaded"] = len(naive_dirs)
-            meta["naive_dtype"], meta["naive_threads"] = meta["dtype"], naive_threads
+            meta["naive_dtype"], meta["naive_threads"] = naive_dtype_name, naive_threads
             naive = NaiveServer(model, tokenizer, ignore_eos=plan.ignore_eos)
             naive_target = f"127.0.0.1:{naive.start()}"
             try:
@@ -1424,7 +1450,8 @@ def peer_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> l
         else:
             lines.append(
                 f"vLLM {server} server: vllm-cpu {facts['version']}, dtype {facts['dtype']} (asked "
-                f"{peer['dtype_requested']}), VLLM_CPU_OMP_THREADS_BIND={peer['threads_bind']}, healthy after "
+                f"{peer['dtype_requested']}), VLLM_CPU_OMP_THREADS_BIND={peer['threads_bind']}"
+                f"{''.join(f', {k}={v}' for k, v in peer.get('env', {}).items())}, healthy after "
                 f"{facts['startup_seconds']:.0f}s"
             )
     prompt_tokens = {r.name: sum(rec["prompt_tokens"] or 0 for rec in r.records) for r in results if r.kind != "naive"}

@@ -70,6 +70,7 @@ class VllmConfig:
     kvcache_gib: int = 4  # VLLM_CPU_KVCACHE_SPACE
     startup_timeout: float = 900.0
     extra_args: tuple[str, ...] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict)  # --vllm-env: applied last
 
     def command(self, python: Path, port: int) -> list[str]:
         cmd = [
@@ -122,7 +123,7 @@ class VllmConfig:
             "VLLM_CPU_KVCACHE_SPACE": str(self.kvcache_gib),
             "VLLM_CPU_OMP_THREADS_BIND": self.threads_bind,
         }
-        return env
+        return env | dict(self.extra_env)
 
 
 class VllmServer:

@@ -6,6 +6,7 @@ hand (`python -m bench.serving --peer vllm`), not here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_vllm_gets_the_adapters_the_dtype_and_stays_offline(tmp_path: Path, monk
     assert not (OPENMP_WAIT | ONEDNN_CACHES).keys() & cfg.environment().keys()
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
     assert cfg.environment()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+    chosen = dataclasses.replace(cfg, extra_env={"OMP_WAIT_POLICY": "ACTIVE"})  # --vllm-env, applied last
+    assert chosen.environment()["OMP_WAIT_POLICY"] == "ACTIVE"
     with pytest.raises(ValueError, match="no vLLM dtype"):
         vllm_dtype("int8")
 
@@ -144,3 +147,13 @@ def test_vllm_is_bound_to_every_cpu_by_default() -> None:
     assert threads_bind_of("all", {3}) == "3"
     assert threads_bind_of("auto") == "auto" and threads_bind_of("1") == "1"
     assert threads_bind_of("all") == threads_bind_of("all", os.sched_getaffinity(0))
+
+
+def test_the_peer_takes_extra_environment() -> None:
+    """--vllm-env: the peer with settings of one's choice (lorafleet's OpenMP wait policy, say)."""
+    from bench.serving import parse_args
+
+    args = parse_args(["--vllm-env", "OMP_WAIT_POLICY=ACTIVE", "--vllm-env", "GOMP_SPINCOUNT=20000"])
+    assert dict(args.vllm_env) == {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "20000"}
+    with pytest.raises(SystemExit):
+        parse_args(["--vllm-env", "no-equals-sign"])
