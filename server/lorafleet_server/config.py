@@ -274,8 +274,8 @@ class ServerConfig(EngineConfig):
 
 
 TRUE_WORDS = ("true", "1")
-EXPECTED: dict[type, str] = {bool: "true, false, 1 or 0", float: "a finite number"}  # what a bad value was not
 FALSE_WORDS = ("false", "0")
+EXPECTED: dict[type, str] = {bool: "true, false, 1 or 0", float: "a finite number"}  # what a bad value was not
 
 
 def parse_bool(raw: object) -> bool:
