@@ -57,7 +57,11 @@ def test_retrain_stale_head_on_a_new_base(
 ) -> None:
     store = AdapterStore(tmp_path / "store")
     data = write_labelled(tmp_path / "intents.jsonl", labelled_rows(12))
-    train_head(tiny_model_dir, tiny_spec, tmp_path / "v1", data, c=10.0)
+    # The tiny random model's features tell identical texts apart, not meanings: the head is scored on
+    # a held-out file of the training texts (a split keeps repeated texts on one side, so a split's
+    # held-out texts are new to it and score at chance), replayed by the retrain like any --eval-data.
+    heldout = write_labelled(tmp_path / "heldout.jsonl", labelled_rows(4))
+    train_head(tiny_model_dir, tiny_spec, tmp_path / "v1", data, c=10.0, eval_data=heldout)
     assert publish(tmp_path / "v1", store, tiny_spec) == AdapterKey("acme", "intents", 1)
     old_f1 = store.manifest(AdapterKey("acme", "intents", 1)).eval_metrics["macro_f1"]
     assert old_f1 > 0.5  # well above chance (1/3), so a collapsed base can do worse
