@@ -62,6 +62,21 @@ def test_one_label_is_refused(tmp_path: Path, tiny_model_dir: Path, tiny_spec: B
         train_head(tiny_model_dir, tiny_spec, tmp_path / "out", write_labelled(tmp_path / "d.jsonl", rows))
 
 
+def test_a_prompt_over_max_length_is_refused_not_cut(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec
+) -> None:
+    """Classify pools the whole prompt; a head fitted on the last --max-length tokens of a longer one
+    (what training did) would be served features it never saw. Every such line is named."""
+    rows = [*labelled_rows(4), {"text": "word " * 200, "label": "billing"}, {"text": "more " * 300, "label": "account"}]
+    with pytest.raises(TrainingDataError) as info:
+        train_head(
+            tiny_model_dir, tiny_spec, tmp_path / "out", write_labelled(tmp_path / "d.jsonl", rows), max_length=64
+        )
+    assert sorted(issue.line for issue in info.value.issues) == [len(rows) - 1, len(rows)]
+    assert "over --max-length 64" in info.value.issues[0].message
+    assert not (tmp_path / "out").exists()
+
+
 def test_stratified_split_is_seeded_and_holds_out_every_label(tmp_path: Path) -> None:
     examples = load_labelled(write_labelled(tmp_path / "d.jsonl", labelled_rows(10)))
     train, held = stratified_split(examples, 0.2, seed=4)

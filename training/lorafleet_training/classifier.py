@@ -66,7 +66,7 @@ class ClassifierConfig:
     val_fraction: float = 0.2
     c: float = 1.0  # inverse L2 strength of the logistic regression
     max_iter: int = 2000
-    max_length: int = 512  # prompt tokens per example at most (longer ones keep their last tokens)
+    max_length: int = 512  # prompt tokens per example at most (longer prompts are refused: see over_length)
     pii: str = "refuse"
     keep_data_ref: bool = False  # record where the data lives, so `lorafleet retrain` can train again
     eval_generate: bool = True  # also ask the base (prompt only) to answer with the label
@@ -240,6 +240,23 @@ def _decoder(model: Any) -> Any:
     return inner.model
 
 
+def over_length(ids: Sequence[Sequence[int]], examples: Sequence[Example], max_length: int) -> list[DataIssue]:
+    """One issue per prompt longer than ``max_length`` tokens.
+
+    Classify pools the whole prompt it is sent, so a head fitted on a cut prompt (its last tokens, as
+    training once did) would be scored on features it never saw: such a prompt is refused, and
+    ``--max-length`` only bounds the features pass's memory.
+    """
+    return [
+        DataIssue(
+            example.line,
+            f"the prompt is {len(x)} tokens, over --max-length {max_length} (Classify pools whole prompts)",
+        )
+        for x, example in zip(ids, examples, strict=True)
+        if len(x) > max_length
+    ]
+
+
 @torch.no_grad()
 def pooled_features(
     model: Any, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = FEATURE_BATCH
@@ -398,9 +415,15 @@ def train_classifier(
     model = load_feature_model(config.base_model_dir, lora_dir)
     pad_id = pad_id_of(tokenizer)
     started = time.monotonic()
-    train_ids = [ids[-config.max_length :] for ids in all_prompt_ids(tokenizer, train_set, source=str(config.data))]
-    val_source = str(config.eval_data or config.data)
-    val_ids = [ids[-config.max_length :] for ids in all_prompt_ids(tokenizer, val_set, source=val_source)]
+    train_ids = all_prompt_ids(tokenizer, train_set, source=str(config.data))
+    val_ids = all_prompt_ids(tokenizer, val_set, source=str(config.eval_data or config.data))
+    too_long = over_length(train_ids, train_set, config.max_length)
+    if config.eval_data is None:  # one file: every line at once
+        too_long = sorted(too_long + over_length(val_ids, val_set, config.max_length), key=lambda i: i.line)
+    if too_long:
+        raise TrainingDataError(str(config.data), too_long)
+    if config.eval_data is not None and (too_long := over_length(val_ids, val_set, config.max_length)):
+        raise TrainingDataError(str(config.eval_data), too_long)
     x_train = pooled_features(model, train_ids, pad_id)  # [train, hidden]
     x_val = pooled_features(model, val_ids, pad_id) if val_set else None  # [held out, hidden]
     head = fit_head(x_train, [e.completion for e in train_set], label_names, config.c, config.max_iter, config.seed)

@@ -104,7 +104,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-length",
         type=int,
         default=d["max_length"],
-        help="tokens per example, prompt included (default %(default)s)",
+        help="tokens per example, prompt included (default %(default)s); with --method classifier, prompt "
+        "tokens, and a longer prompt is refused (Classify pools whole prompts)",
     )
     parser.add_argument("--seed", type=int, default=d["seed"], help="default %(default)s")
     parser.add_argument(
