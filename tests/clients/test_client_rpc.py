@@ -307,6 +307,18 @@ def test_metadata_gRPC_cannot_carry_is_refused_by_name(fake_server: FakeServer) 
         LoraFleetClient(fake_server.target, api_key="кл\u044e\u0447")
 
 
+def test_a_call_after_close_is_a_lorafleet_error(fake_server: FakeServer) -> None:
+    """grpc raised ValueError("Cannot invoke RPC on closed channel!"), outside the client's errors."""
+    client = LoraFleetClient(fake_server.target)
+    assert client.generate("hi").text == "echo hi"
+    client.close()
+    for call in (lambda: client.generate("hi"), lambda: client.stream("hi"), lambda: client.model_info()):
+        with pytest.raises(RequestCancelledError, match="client is closed"):
+            call()
+    with pytest.raises(RequestCancelledError, match="client is closed"):
+        client.wait_for_ready(1)
+
+
 def test_async_cancellation_and_close(fake_server: FakeServer) -> None:
     async def run() -> None:
         client = AsyncLoraFleetClient(fake_server.target, timeout=30)
@@ -345,6 +357,13 @@ def test_async_cancellation_and_close(fake_server: FakeServer) -> None:
         for task in (streaming, unary):
             with pytest.raises(RequestCancelledError, match="client was closed"):
                 await task
+        # A call after close(): grpc.aio raised its UsageError, not a LoraFleetError.
+        with pytest.raises(RequestCancelledError, match="client is closed"):
+            await client.generate("hi")
+        with pytest.raises(RequestCancelledError, match="client is closed"):
+            client.stream("hi")
+        with pytest.raises(RequestCancelledError, match="client is closed"):
+            await client.wait_for_ready(1)
 
     async def read_all_of(stream: AsyncGenerationStream) -> list[str]:
         return [chunk async for chunk in stream]

@@ -22,7 +22,7 @@ from lorafleet._channel import (
     replica_of,
     resolve_api_key,
 )
-from lorafleet.errors import UnavailableError, channel_closed, from_rpc_error, task_cancelled
+from lorafleet.errors import UnavailableError, channel_closed, client_closed, from_rpc_error, task_cancelled
 from lorafleet.models import (
     AdapterInfo,
     Classification,
@@ -73,6 +73,7 @@ class AsyncLoraFleetClient:
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+        self._closed = False
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -81,6 +82,7 @@ class AsyncLoraFleetClient:
 
     async def wait_for_ready(self, timeout: float) -> None:
         """Waits until the channel connects; raises UnavailableError after ``timeout`` seconds."""
+        self._check_open()
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except TimeoutError as error:
@@ -105,6 +107,7 @@ class AsyncLoraFleetClient:
         adapter: str = "",
     ) -> tuple[_Response, str]:
         """The response and the replica that sent it; ``adapter`` goes along as routing metadata."""
+        self._check_open()
         try:
             call = method(
                 request,
@@ -151,6 +154,7 @@ class AsyncLoraFleetClient:
         timeout: float | None = None,
     ) -> AsyncGenerationStream:
         """Starts a GenerateStream call: ``async for chunk in client.stream(...)``, then ``.result``."""
+        self._check_open()
         request = convert.fill_generate_request(ipb.GenerateStreamRequest(), prompt, messages, adapter, sampling)
         call = self._inference.GenerateStream(
             request,
@@ -287,7 +291,12 @@ class AsyncLoraFleetClient:
     # Lifetime
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close(None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise client_closed()
 
     async def __aenter__(self) -> AsyncLoraFleetClient:
         return self

@@ -25,7 +25,7 @@ from lorafleet._channel import (
     resolve_api_key,
 )
 from lorafleet.aio import AsyncLoraFleetClient
-from lorafleet.errors import LoraFleetError, UnavailableError, from_rpc_error
+from lorafleet.errors import LoraFleetError, UnavailableError, client_closed, from_rpc_error
 from lorafleet.models import (
     AdapterInfo,
     AdapterManifest,
@@ -103,6 +103,7 @@ class LoraFleetClient:
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+        self._closed = False
 
     @property
     def channel(self) -> grpc.Channel:
@@ -111,6 +112,7 @@ class LoraFleetClient:
 
     def wait_for_ready(self, timeout: float) -> None:
         """Blocks until the channel connects; raises UnavailableError after ``timeout`` seconds."""
+        self._check_open()
         ready = grpc.channel_ready_future(self._channel)
         try:
             ready.result(timeout=timeout)
@@ -137,6 +139,7 @@ class LoraFleetClient:
         adapter: str = "",
     ) -> tuple[_Response, str]:
         """The response and the replica that sent it; ``adapter`` goes along as routing metadata."""
+        self._check_open()
         try:
             response, call = method.with_call(  # type: ignore[attr-defined]
                 request,
@@ -175,6 +178,7 @@ class LoraFleetClient:
         timeout: float | None = None,
     ) -> GenerationStream:
         """Like generate(), but returns the text chunks as they are decoded (see GenerationStream)."""
+        self._check_open()
         request = convert.fill_generate_request(ipb.GenerateStreamRequest(), prompt, messages, adapter, sampling)
         call = self._inference.GenerateStream(
             request,
@@ -305,7 +309,12 @@ class LoraFleetClient:
     # Lifetime
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise client_closed()
 
     def __enter__(self) -> LoraFleetClient:
         return self

@@ -90,6 +90,12 @@ def channel_closed() -> RequestCancelledError:
     return RequestCancelledError(grpc.StatusCode.CANCELLED, "the client was closed while the call was in flight")
 
 
+def client_closed() -> RequestCancelledError:
+    """What a call on a client after its close() raises (grpc's own is a ValueError, or an aio
+    UsageError, neither a LoraFleetError)."""
+    return RequestCancelledError(grpc.StatusCode.CANCELLED, "the client is closed; make a new one to call again")
+
+
 def from_rpc_error(error: grpc.RpcError) -> LoraFleetError:
     """Converts a failed call (sync or grpc.aio) into a LoraFleetError. The request id is looked for in
     the trailing metadata (unary calls), then in the initial metadata (a stream sends it first)."""
