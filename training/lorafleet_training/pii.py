@@ -1,10 +1,14 @@
-"""A PII scan of training data: emails, phone numbers, payment cards, US SSNs, IBANs, IP addresses.
+"""A PII scan of training data: emails, phone numbers, payment cards, US SSNs, IBANs, IP addresses,
+and secrets (credentials an adapter could learn and repeat to anyone who asks).
 
 Each detector pairs a pattern with a validity check, so plain numbers (years, prices, version numbers,
 order ids) are not flagged: cards need 13-19 digits, a known network prefix and the Luhn check; SSNs
 need the ``AAA-GG-SSSS`` shape and a valid area/group/serial; IBANs need the country's length and the
 mod-97 check; phone numbers need a ``+`` country code or the North American shape with separators;
-IPv4 needs four octets <= 255 outside a version string; IPv6 must parse.
+IPv4 needs four octets <= 255 outside a version string; IPv6 must parse. Secrets are private-key
+blocks, tokens in the documented formats of common providers (AWS, GitHub, GitLab, Slack, Stripe,
+Google, OpenAI-style ``sk-``, JWTs), and a value assigned to a credential word (``password: ...``,
+``api_key=...``) that mixes letters and digits (a placeholder such as ``YOUR_API_KEY`` is not flagged).
 
 Reports never hold a found value: each finding has its line, field, kind, span and a masked preview.
 """
@@ -23,7 +27,7 @@ from lorafleet_training.errors import PiiFound
 
 SCANNER = "lorafleet-pii/1"
 MODES = ("refuse", "redact", "allow")
-KINDS = ("email", "phone", "payment_card", "ssn", "iban", "ipv4", "ipv6")
+KINDS = ("email", "phone", "payment_card", "ssn", "iban", "ipv4", "ipv6", "secret")
 PLACEHOLDERS = {
     "email": "[EMAIL]",
     "phone": "[PHONE]",
@@ -32,6 +36,7 @@ PLACEHOLDERS = {
     "iban": "[IBAN]",
     "ipv4": "[IP_ADDRESS]",
     "ipv6": "[IP_ADDRESS]",
+    "secret": "[SECRET]",
 }
 MAX_RECORDED_FINDINGS = 100
 
@@ -145,12 +150,18 @@ def scan(examples: Sequence[Example]) -> PiiReport:
     return PiiReport(examples_scanned=len(examples), findings=tuple(findings))
 
 
-def redact_text(text: str) -> str:
-    """`text` with every PII span replaced by its typed placeholder."""
-    out = text
-    for span in reversed(detect(text)):
-        out = out[: span.start] + PLACEHOLDERS[span.kind] + out[span.end :]
-    return out
+def redact_text(text: str, spans: Sequence[Span] | None = None) -> str:
+    """`text` with every PII span (``detect``'s, unless given) replaced by its typed placeholder.
+
+    Built in one pass: splicing span by span copied the text once per span (5 s for a 1 MB line).
+    """
+    pieces: list[str] = []
+    at = 0
+    for span in detect(text) if spans is None else spans:
+        pieces += [text[at : span.start], PLACEHOLDERS[span.kind]]
+        at = span.end
+    pieces.append(text[at:])
+    return "".join(pieces)
 
 
 def apply_policy(examples: Sequence[Example], mode: str, source: str | None = None) -> tuple[list[Example], PiiReport]:
@@ -429,7 +440,59 @@ def _ipv6s(text: str) -> Iterator[tuple[int, int]]:
             yield m.start(), end
 
 
+# Private keys: the whole PEM block when its END line follows (within a bound), else the header and
+# the base64 body after it. The next END is searched once per position, not once per BEGIN (a line of
+# many BEGIN headers stays linear).
+_PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----")
+_PEM_END = re.compile(r"-----END (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----")
+_PEM_BODY = re.compile(r"[A-Za-z0-9+/=\s:,-]{0,20000}")
+MAX_PEM_CHARS = 20_000
+# Provider tokens by their documented prefixes; each alternative starts with a literal, so one pass.
+_TOKEN = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:"
+    r"(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}"  # AWS access key id
+    r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}"  # GitHub
+    r"|glpat-[A-Za-z0-9_-]{20,64}"  # GitLab
+    r"|xox[abprs]-[A-Za-z0-9-]{10,250}"  # Slack
+    r"|(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,247}"  # Stripe secret and restricted keys
+    r"|AIza[0-9A-Za-z_-]{35}"  # Google API key
+    r"|sk-(?:proj-|ant-api\d\d-)?[A-Za-z0-9_-]{32,250}"  # OpenAI / Anthropic style
+    r"|eyJ[A-Za-z0-9_-]{8,4096}\.eyJ[A-Za-z0-9_-]{8,4096}\.[A-Za-z0-9_-]{8,4096}"  # JWT
+    r")(?![A-Za-z0-9_-])"
+)
+_ASSIGNED = re.compile(
+    r"(?i)(?:\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|secret[_-]?key|private[_-]?key"
+    r"|api[_-]?key|access[_-]?key|auth[_-]?token|access[_-]?token)\b[\"']?[ \t]{0,3}[:=]|\bbearer[ \t])"
+    r"[ \t]{0,3}[\"']?([^\s\"'`,;]{8,200})"
+)
+
+
+def _secrets(text: str) -> Iterator[tuple[int, int]]:
+    end_match: re.Match[str] | None = None
+    searched_from = -1
+    covered_until = -1
+    for m in _PEM_BEGIN.finditer(text):
+        if m.start() < covered_until:
+            continue  # inside the block (or body) just found
+        if searched_from < 0 or (end_match is not None and end_match.start() < m.end()):
+            end_match = _PEM_END.search(text, m.end())
+            searched_from = m.end()
+        if end_match is not None and end_match.start() - m.end() <= MAX_PEM_CHARS:
+            covered_until = end_match.end()
+        else:
+            body = _PEM_BODY.match(text, m.end())
+            covered_until = body.end() if body else m.end()
+        yield m.start(), covered_until
+    for m in _TOKEN.finditer(text):
+        yield m.start(), m.end()
+    for m in _ASSIGNED.finditer(text):
+        value = m.group(1)
+        if any(ch.isdigit() for ch in value) and any(ch.isalpha() for ch in value):
+            yield m.start(1), m.end(1)
+
+
 _DETECTORS: tuple[tuple[str, Callable[[str], Iterator[tuple[int, int]]]], ...] = (
+    ("secret", _secrets),
     ("email", _emails),
     ("iban", _ibans),
     ("ipv6", _ipv6s),
@@ -458,4 +521,6 @@ def mask_value(kind: str, value: str) -> str:
         return value.split(".", 1)[0] + ".*.*.*"
     if kind == "ipv6":
         return value.split(":", 1)[0] + ":***"
+    if kind == "secret":
+        return f"*** ({len(value)} chars)"
     return "***"

@@ -32,7 +32,7 @@ from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import README_FILE, RETRAIN_RECORD_FILE
 from lorafleet_training.data import parse_prompt_template
 from lorafleet_training.errors import PiiFound, TrainingError
-from lorafleet_training.pii import MODES, PLACEHOLDERS, Finding, PiiReport, detect, mask_value
+from lorafleet_training.pii import MODES, Finding, PiiReport, detect, mask_value, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +370,7 @@ def _prompt_pii(texts: list[tuple[str, str]], mode: str) -> tuple[PiiReport, lis
             Finding(0, field, s.kind, s.start, s.end, mask_value(s.kind, text[s.start : s.end])) for s in spans
         ]
         if mode == "redact":
-            for s in reversed(spans):
-                text = text[: s.start] + PLACEHOLDERS[s.kind] + text[s.end :]
+            text = redact_text(text, spans)
         out.append((field, text))
     report = PiiReport(examples_scanned=1, findings=tuple(findings), mode=mode)
     if findings and mode == "refuse":
