@@ -107,7 +107,8 @@ def test_alert_rules_pass_promtool() -> None:
 
 def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
     """`promtool test rules`: a replica answering 90% UNAUTHENTICATED (a scanner with bad keys) and
-    PERMISSION_DENIED / RESOURCE_EXHAUSTED / INVALID_ARGUMENT does not page; one failing a third of its
+    PERMISSION_DENIED / RESOURCE_EXHAUSTED / INVALID_ARGUMENT / DEADLINE_EXCEEDED (a client's own too
+    short deadline) does not page; one failing a third of its
     calls with INTERNAL does. The caller codes used to count, so a scanner could page at night."""
     rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
     [alert] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "LorafleetErrorRatioHigh"]
@@ -117,6 +118,7 @@ def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
         ("scanned", "PERMISSION_DENIED"): "0+10x30",
         ("scanned", "RESOURCE_EXHAUSTED"): "0+10x30",
         ("scanned", "INVALID_ARGUMENT"): "0+10x30",
+        ("scanned", "DEADLINE_EXCEEDED"): "0+10x30",  # the caller's deadline, too short for its requests
         ("failing", "OK"): "0+10x30",
         ("failing", "INTERNAL"): "0+5x30",
     }
