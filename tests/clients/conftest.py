@@ -94,12 +94,11 @@ class Recorder:
         return self.metadata.get("x-request-id", "generated-id")
 
 
-def _abort_if_asked(adapter: str, context: grpc.ServicerContext, request_id: str, trailing: bool = True) -> None:
+def _abort_if_asked(adapter: str, context: grpc.ServicerContext, request_id: str) -> None:
     if adapter.startswith("bare-error:"):
         context.abort(grpc.StatusCode[adapter.removeprefix("bare-error:")], "")
     if adapter.startswith("error:"):
-        if trailing:
-            context.set_trailing_metadata((("x-request-id", request_id),))
+        context.set_trailing_metadata((("x-request-id", request_id),))
         context.abort(grpc.StatusCode[adapter.removeprefix("error:")], f"fake {adapter}")
 
 
@@ -143,8 +142,8 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     ) -> Iterator[ipb.GenerateStreamResponse]:
         request_id = self.recorder.record(context, request)
         _watch_slow_call(request.adapter, context, self.recorder)
-        context.send_initial_metadata((("x-request-id", request_id),))  # as the real server's streams do
-        _abort_if_asked(request.adapter, context, request_id, trailing=False)
+        _abort_if_asked(request.adapter, context, request_id)
+        context.send_initial_metadata((("x-request-id", request_id),))  # with the first chunk, as the server does
         yield ipb.GenerateStreamResponse(text=STREAM_CHUNKS[0])
         if request.adapter.startswith("late-error:"):
             context.abort(grpc.StatusCode[request.adapter.removeprefix("late-error:")], "late failure")

@@ -62,6 +62,8 @@ def test_header_body_mismatch_is_invalid_argument(stub: inference_pb2_grpc.Infer
     with pytest.raises(grpc.RpcError) as info:
         list(stream)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not _md(stream.initial_metadata())  # a stream's refusal is trailers-only too
+    assert _md(stream.trailing_metadata())[REPLICA_HEADER] == HOST
 
 
 def test_admin_rpc_mismatch_and_client_error(live: LiveServer) -> None:

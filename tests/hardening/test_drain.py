@@ -21,6 +21,7 @@ from enginelib import server_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet import LoraFleetClient, Sampling, UnavailableError
+from lorafleet_proto.v1 import inference_pb2, inference_pb2_grpc
 from lorafleet_server.app import build_service
 from lorafleet_server.engine.types import FinishReason
 from lorafleet_server.grpc.server import BackgroundServer
@@ -53,22 +54,43 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
             except Exception as exc:
                 outcomes[name] = exc
 
+        def raw_stream(name: str) -> None:  # the status and the initial metadata a proxy sees
+            with grpc.insecure_channel(target) as channel:
+                stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                request = inference_pb2.GenerateStreamRequest(
+                    prompt="Hi", params=inference_pb2.SamplingParams(max_new_tokens=2)
+                )
+                stream = stub.GenerateStream(request, timeout=60)
+                try:
+                    list(stream)
+                except grpc.RpcError:
+                    pass
+                outcomes[name] = (stream.code(), tuple(stream.initial_metadata() or ()))
+
         queued = threading.Thread(target=call, args=("queued",))
         queued.start()
-        _wait_until(lambda: service.engine.load_stats() == (1, 1))
+        queued_stream = threading.Thread(target=raw_stream, args=("queued_stream",))
+        queued_stream.start()
+        _wait_until(lambda: service.engine.load_stats() == (1, 2))
         stopping = threading.Thread(target=server.stop, kwargs={"drain_seconds": 1.5})
         stopping.start()
         _wait_until(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING)
         during = threading.Thread(target=call, args=("during_drain",))  # still accepted while draining
         during.start()
-        _wait_until(lambda: service.engine.load_stats() == (1, 2))
+        _wait_until(lambda: service.engine.load_stats() == (1, 3))
         _wait_until(lambda: not service.engine.accepting, timeout=10)  # the drain delay is over
         with pytest.raises(UnavailableError):
             client.generate("Too late", sampling=Sampling(max_new_tokens=2))
+        raw_stream("late_stream")
         release.set()  # the engine goes on: queued requests fail at once, the running one finishes
         held.result(10)
         queued.join(10)
+        queued_stream.join(10)
         during.join(10)
+        # Refused streams, queued or late, are trailers-only (no initial metadata before the status), so
+        # Envoy retries them on another replica: a header sent at once made the UNAVAILABLE final.
+        assert outcomes["queued_stream"] == (grpc.StatusCode.UNAVAILABLE, ())
+        assert outcomes["late_stream"] == (grpc.StatusCode.UNAVAILABLE, ())
         assert isinstance(outcomes["queued"], UnavailableError) and "draining" in str(outcomes["queued"])
         assert isinstance(outcomes["during_drain"], UnavailableError)
         rest = list(running)

@@ -60,7 +60,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 return inference_pb2.GenerateResponse(text="".join(parts), summary=convert.summary_pb(event.summary))
         raise RuntimeError("engine stream ended without a summary")
 
-    @stream_rpc("GenerateStream", adapter=True, send_request_id="initial")
+    @stream_rpc("GenerateStream", adapter=True, send_request_id="stream")
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:

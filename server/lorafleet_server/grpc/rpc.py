@@ -45,8 +45,10 @@ from lorafleet_server.grpc.status import status_for
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-SendRequestId: TypeAlias = Literal["trailing", "initial"] | None
-"""Where the wrapper returns ``x-request-id``: trailing metadata, initial metadata, or not at all."""
+SendRequestId: TypeAlias = Literal["trailing", "stream"] | None
+"""Where the wrapper returns ``x-request-id``: in the trailing metadata ("trailing"); there and in the
+initial metadata sent with the first response, for a stream's reader to learn it early ("stream"); or
+not at all."""
 
 
 class Observed(Protocol):
@@ -95,25 +97,29 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, record: 
     await context.abort(code, record.error)
 
 
-async def _begin(context: grpc.aio.ServicerContext, send_request_id: SendRequestId, replica_id: str) -> str:
-    """The call's request id, sent back where the RPC sends it (before the call is observed), and the
-    replica's id (affinity.py) in the trailing metadata; in the initial metadata too when the RPC sends
-    it at once, else ``_send_replica`` adds it before the first response."""
+def _begin(context: grpc.aio.ServicerContext, send_request_id: SendRequestId, replica_id: str) -> str:
+    """The call's request id and the replica's id (affinity.py), set in the trailing metadata before the
+    call is observed; ``_send_initial`` sends the initial metadata with the first response."""
     rid = request_id_of(context)
     replica = replica_metadata(replica_id)
-    trailing = (("x-request-id", rid),) if send_request_id == "trailing" else ()
+    trailing = (("x-request-id", rid),) if send_request_id is not None else ()
     if trailing or replica:
         context.set_trailing_metadata((*trailing, *replica))
-    if send_request_id == "initial":
-        await context.send_initial_metadata((("x-request-id", rid), *replica))
     return rid
 
 
-async def _send_replica(context: grpc.aio.ServicerContext, send_request_id: SendRequestId, replica_id: str) -> None:
-    """The replica's id in the initial metadata, sent with the first response (a call that fails first
-    sends none: a proxy may retry an UNAVAILABLE before any response byte); unless ``_begin`` sent it."""
-    if send_request_id != "initial" and replica_id:
-        await context.send_initial_metadata(replica_metadata(replica_id))
+async def _send_initial(
+    context: grpc.aio.ServicerContext, send_request_id: SendRequestId, replica_id: str, rid: str
+) -> None:
+    """The initial metadata (the replica's id; a stream's request id), sent with the first response only.
+
+    A call refused before it (a draining or stopping replica, a full queue, an unreachable store; a
+    stream queued and then cut by the drain) is then a trailers-only answer, which a proxy such as
+    Envoy retries on another replica for UNAVAILABLE; a header sent at once made a stream's refusal
+    final (its client saw the UNAVAILABLE)."""
+    initial = (("x-request-id", rid),) if send_request_id == "stream" else ()
+    if initial or replica_id:
+        await context.send_initial_metadata((*initial, *replica_metadata(replica_id)))
 
 
 def _check_routing(context: grpc.aio.ServicerContext, request: object, adapter: bool) -> None:
@@ -146,12 +152,12 @@ def unary_rpc(
             self: S, request: Req, context: grpc.aio.ServicerContext, principal: Principal | None = None
         ) -> Resp:
             replica_id = self.calls.replica_id
-            rid = await _begin(context, send_request_id, replica_id)
+            rid = _begin(context, send_request_id, replica_id)
             async with self.calls.call(name, context, rid, _adapter_of(request, adapter), principal) as record:
                 try:
                     _check_routing(context, request, adapter)
                     response = await handler(self, request, context, record)
-                    await _send_replica(context, send_request_id, replica_id)
+                    await _send_initial(context, send_request_id, replica_id, rid)
                     return response
                 except asyncio.CancelledError:
                     raise
@@ -183,7 +189,7 @@ def stream_rpc(
             self: S, request: Req, context: grpc.aio.ServicerContext, principal: Principal | None = None
         ) -> AsyncIterator[Resp]:
             replica_id = self.calls.replica_id
-            rid = await _begin(context, send_request_id, replica_id)
+            rid = _begin(context, send_request_id, replica_id)
             async with self.calls.call(name, context, rid, _adapter_of(request, adapter), principal) as record:
                 try:
                     _check_routing(context, request, adapter)
@@ -191,7 +197,7 @@ def stream_rpc(
                     async with aclosing(handler(self, request, context, record)) as responses:
                         async for response in responses:
                             if first:
-                                await _send_replica(context, send_request_id, replica_id)
+                                await _send_initial(context, send_request_id, replica_id, rid)
                                 first = False
                             yield response
                 except asyncio.CancelledError:
