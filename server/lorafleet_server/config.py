@@ -143,7 +143,10 @@ class ServerConfig(EngineConfig):
     )
     host_cache_bytes: int = field(default=4 * GiB, metadata={"help": "host-memory adapter cache size"})
     max_adapter_bytes: int = field(default=1 * GiB, metadata={"help": "largest adapter file accepted"})
-    default_max_new_tokens: int = field(default=256, metadata={"help": "max_new_tokens when a request leaves it unset"})
+    default_max_new_tokens: int = field(
+        default=256,
+        metadata={"help": "max_new_tokens when a request leaves it unset (cut to the context its prompt leaves)"},
+    )
     max_message_bytes: int = field(default=4 * MiB, metadata={"help": "largest gRPC message"})
     lora_impl: LoraImpl = field(
         default="auto",

@@ -17,7 +17,7 @@ import pytest
 from enginelib import Collected, generate, request, submit, tiny_service
 
 from lorafleet_server.app import Service
-from lorafleet_server.engine.types import ChatTurn
+from lorafleet_server.engine.types import ChatTurn, FinishReason
 from lorafleet_server.errors import InvalidRequest, QueueFull
 
 PROMPT = "The capital of France is"
@@ -72,6 +72,22 @@ def test_hopeless_prompt_is_refused_before_tokenizing(service: Service) -> None:
     with pytest.raises(InvalidRequest, match=r"prompt of \d+ tokens plus max_new_tokens 8 exceeds"):
         service.engine.submit(request(near, max_new_tokens=8), Collected())
     assert counting.encodes == 1
+
+
+def test_the_default_max_new_tokens_fits_what_the_prompt_leaves(service: Service) -> None:
+    """Unset max_new_tokens is the server's default, not the caller's: a prompt leaving less of the
+    context than it ran (was refused: "plus max_new_tokens 16 exceeds") and stops at the context's end."""
+    limit = service.config.max_seq_len
+    prompt_ids = service.engine.encode_prompt("word " * (limit - 6), ())
+    left = limit - len(prompt_ids)
+    assert 1 <= left < 32
+    near = "word " * (limit - 6)
+    with pytest.raises(InvalidRequest, match="exceeds the context"):  # the caller asked for 32: refused
+        service.engine.submit(request(near, max_new_tokens=32), Collected())
+    done = generate(service.engine, request(near, max_new_tokens=32, fit_context=True)).summary
+    assert done.prompt_tokens == len(prompt_ids)
+    if done.finish_reason is not FinishReason.END_OF_SEQUENCE:  # the tiny model may end first
+        assert (done.generated_tokens, done.finish_reason) == (left, FinishReason.LENGTH)
 
 
 def test_full_queue_refuses_before_tokenizing(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -127,6 +127,18 @@ def test_sampling_parameters_reach_the_engine(tiny_http: TinyHttp) -> None:
     assert stopped.choices[0].finish_reason == "stop" and stop not in (stopped.choices[0].message.content or "")
 
 
+def test_an_unset_max_tokens_fits_the_context_the_prompt_leaves(tiny_http: TinyHttp) -> None:
+    """The server's default (8 here) is not the caller's choice: a prompt leaving 4 tokens of the 256
+    runs; the caller's own max_tokens of 8 is still refused."""
+    sdk = client(tiny_http)
+    prompt = "word " * 252
+    with pytest.raises(openai.BadRequestError, match="exceeds the context"):
+        sdk.completions.create(model=tiny_http.model_id, prompt=prompt, max_tokens=8, temperature=0)
+    done = sdk.completions.create(model=tiny_http.model_id, prompt=prompt, temperature=0)
+    assert done.usage is not None and 252 <= done.usage.prompt_tokens < 256
+    assert done.usage.prompt_tokens + done.usage.completion_tokens <= 256
+
+
 def test_streaming_is_sse_with_usage_last_and_done(tiny_http: TinyHttp) -> None:
     body = {"model": tiny_http.model_id, "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": True}
     headers = {"authorization": f"Bearer {tiny_http.keys['acme']}"}

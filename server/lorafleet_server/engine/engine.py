@@ -10,6 +10,7 @@ adapter lease; the next waiting request takes them in the following step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -297,8 +298,12 @@ class Engine:
         kind = self.adapters.kind(key) if key is not None else None
         head = self._head_for(req, key, kind)
         template = self.adapters.prompt(key) if key is not None and kind == "prompt" else None
-        budget = 0 if req.embed else req.params.max_new_tokens
+        budget = 0 if req.embed else 1 if req.params.fit_context else req.params.max_new_tokens
         prompt_ids = self.encode_prompt(req.prompt, req.messages, template, budget)
+        if req.params.fit_context and not req.embed:  # the server's default, cut to the context left
+            left = self.config.max_seq_len - len(prompt_ids)
+            if req.params.max_new_tokens > left:
+                req = dataclasses.replace(req, params=dataclasses.replace(req.params, max_new_tokens=left))
         lora = key if kind == "lora" else None
         if head is not None:
             lora = head.features_from

@@ -113,6 +113,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # max_new_tokens is the server's default, not the caller's: a prompt that leaves less of the
+    # context is not refused for it; generation stops at the context's end (finish reason length).
+    fit_context: bool = False
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def sampling(params: inference_pb2.SamplingParams, default_max_new_tokens: int) 
         repetition_penalty=float(opt("repetition_penalty", 1.0)),
         seed=opt("seed", None),
         stop=tuple(params.stop),
+        fit_context=not params.HasField("max_new_tokens"),
     )
 
 

@@ -340,19 +340,18 @@ class OpenAIApi:
         if refused is not None:
             name, why = refused
             raise InvalidParameter(name, f"unsupported parameter {name}: {why}", "unsupported_parameter")
-        max_new = self._default_max_new_tokens
+        given = body.max_tokens
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
-            max_new = body.max_completion_tokens
-        elif body.max_tokens is not None:
-            max_new = body.max_tokens
+            given = body.max_completion_tokens
         params = SamplingParams(
-            max_new_tokens=max_new,
+            max_new_tokens=self._default_max_new_tokens if given is None else given,
             temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             seed=body.seed,
             stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+            fit_context=given is None,
         )
         adapter = self._adapter_ref(body.model)
         if isinstance(body, ChatCompletionRequest):
