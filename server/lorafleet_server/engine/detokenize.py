@@ -19,7 +19,7 @@ class IncrementalDetokenizer:
         self._tok = tokenizer
         # A few prompt tokens give the decoder the left context for leading-space handling.
         self._ids: list[int] = list(prompt_tail or [])[-4:]
-        self._prefix = len(self._ids)  # start of the decode window
+        self._prefix = 0  # start of the decode window: the first token is decoded after the prompt tail
         self._read = len(self._ids)  # tokens already turned into emitted text
 
     def push(self, token_id: int) -> str:
