@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -264,6 +266,22 @@ CASES: dict[type[BaseException], tuple[Code, str, Case]] = {
     TimeoutError: (Code.DEADLINE_EXCEEDED, "the store did not answer", _timeout_error),  # RefreshAdapters
     RuntimeError: (Code.INTERNAL, "a bug", _a_bug),  # no row: a bug is INTERNAL
 }
+
+
+def test_an_unreachable_store_is_not_described_to_the_caller(
+    table: TableServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store's message names its location (an S3 endpoint, bucket and prefix, the credentials to
+    check): the operator's log keeps it, a tenant gets the request id to quote."""
+    with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
+        code, got = _store_unavailable(table, monkeypatch)
+    assert code == Code.UNAVAILABLE and "request id" in got
+    root = str(table.service.store.root)
+    assert root not in got
+    deadline = time.monotonic() + 5  # the request's log line is written as its call ends
+    while not any(root in str(getattr(r, "fields", {}).get("error", "")) for r in caplog.records):
+        assert time.monotonic() < deadline, "the request log kept no store message"
+        time.sleep(0.02)
 
 
 def test_every_row_of_the_status_table_has_a_case() -> None:

@@ -40,7 +40,7 @@ import grpc
 from lorafleet_server.engine.types import Principal
 from lorafleet_server.grpc.affinity import check_adapter_header, replica_metadata
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
-from lorafleet_server.grpc.status import status_for
+from lorafleet_server.grpc.status import public_message, status_for
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -93,8 +93,8 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, record: 
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error in %s %s", record.rpc, record.request_id, exc_info=exc)
     record.code = code
-    record.error = str(exc) or type(exc).__name__
-    await context.abort(code, record.error)
+    record.error = str(exc) or type(exc).__name__  # the request log's line: the whole text
+    await context.abort(code, public_message(exc, record.request_id))
 
 
 def _begin(context: grpc.aio.ServicerContext, send_request_id: SendRequestId, replica_id: str) -> str:

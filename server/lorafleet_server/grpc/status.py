@@ -48,6 +48,15 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def public_message(exc: BaseException, request_id: str) -> str:
+    """What the caller is told of ``exc``: its own text, except where that describes this deployment
+    rather than the request. An unreachable store's message names its endpoint, bucket, prefix and the
+    credentials to check, for the operator's log; a tenant gets the request id to quote instead."""
+    if isinstance(exc, StoreUnavailable):
+        return f"the adapter store is unavailable; retry later (request id {request_id})"
+    return str(exc) or type(exc).__name__
+
+
 # The HTTP edge (lorafleet_server.http) answers with the status of the same table: exception -> gRPC code
 # (``status_for``) -> HTTP status here. 499 is the de-facto "client closed request".
 HTTP_STATUS: dict[grpc.StatusCode, int] = {

@@ -11,7 +11,7 @@ import grpc
 
 from lorafleet_adapters.errors import AdapterNotFound, InvalidAdapterRef
 from lorafleet_server.errors import InvalidRequest
-from lorafleet_server.grpc.status import http_status_for, status_for
+from lorafleet_server.grpc.status import http_status_for, public_message, status_for
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,6 @@ def describe(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, int,
         param, err_code = exc.param or None, exc.code
     elif isinstance(exc, AdapterNotFound | InvalidAdapterRef):
         param, err_code = "model", "model_not_found" if isinstance(exc, AdapterNotFound) else "invalid_model"
-    message = str(exc) or type(exc).__name__
+    message = public_message(exc, request_id)
     body = error_body(message, ERROR_TYPES.get(code, "server_error"), param, err_code or snake(type(exc).__name__))
     return code, status, body
