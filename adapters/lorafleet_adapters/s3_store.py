@@ -117,6 +117,16 @@ _CONFLICT = frozenset({"PreconditionFailed", "412"})
 _RETRY_CONFLICT = frozenset({"ConditionalRequestConflict", "409", "OperationAborted"})
 
 
+def _manifest_of(key: AdapterKey, data: bytes) -> Manifest:
+    """``data`` parsed as ``key``'s manifest (AdapterFormatError if it is not one, or another key's)."""
+    manifest = Manifest.from_json(data)
+    if (manifest.tenant, manifest.name, manifest.version) != (key.tenant, key.name, key.version):
+        raise AdapterFormatError(
+            f"{key}: {MANIFEST_FILE} describes {manifest.tenant}/{manifest.name}@{manifest.version}"
+        )
+    return manifest
+
+
 class S3AdapterStore:
     def __init__(
         self,
@@ -344,24 +354,33 @@ class S3AdapterStore:
         cached = self._manifests.get(key)
         if cached is not None:
             return cached
-        local = self.cache.lookup(key)
-        if local is not None and (local / MANIFEST_FILE).is_file():
-            data = (local / MANIFEST_FILE).read_bytes()
-        else:
+        manifest = self._cached_manifest(key)
+        if manifest is None:
             fetched = self._get_small(
                 self._version_key(key, MANIFEST_FILE), MAX_MANIFEST_BYTES, f"read {key}'s manifest"
             )
             if fetched is None:
                 raise AdapterNotFound(f"adapter {key} not found")
-            data = fetched
-        manifest = Manifest.from_json(data)
-        if (manifest.tenant, manifest.name, manifest.version) != (key.tenant, key.name, key.version):
-            raise AdapterFormatError(
-                f"{key}: {MANIFEST_FILE} describes {manifest.tenant}/{manifest.name}@{manifest.version}"
-            )
+            manifest = _manifest_of(key, fetched)
         self._manifests.put(key, manifest)
         self._known.put(key, True)
         return manifest
+
+    def _cached_manifest(self, key: AdapterKey) -> Manifest | None:
+        """The disk cache's copy of ``key``'s manifest; None when it has none, or an unusable one (then
+        the entry is dropped and the store's copy is read: a crash can leave a renamed entry whose
+        manifest never reached the disk, which was refused for good)."""
+        local = self.cache.lookup(key)
+        if local is None:
+            return None
+        try:
+            return _manifest_of(key, (local / MANIFEST_FILE).read_bytes())
+        except FileNotFoundError:  # evicted meanwhile, or never written
+            return None
+        except (OSError, AdapterFormatError) as exc:
+            log.warning("adapter %s: the disk cache's manifest is unusable (%s); reading the store's", key, exc)
+            self.cache.drop(key)
+            return None
 
     def version_dir(self, key: AdapterKey) -> Path:
         """A local directory holding ``key``'s files, downloaded once and verified against its manifest.
@@ -475,6 +494,7 @@ class S3AdapterStore:
             if required not in manifest.files:
                 raise AdapterFormatError(f"{key}: the staged manifest does not list {required}")
         uploaded: builtins.list[str] = []
+        manifest_sent = False
         try:
             for file_name, digest in sorted(manifest.files.items()):
                 path = staging / file_name
@@ -491,9 +511,16 @@ class S3AdapterStore:
                     )
                 uploaded.append(file_name)
             # Last: from this write on the version exists. Never replaces an object.
-            self._put_if_absent(self._version_key(key, MANIFEST_FILE), manifest.to_json().encode(), f"publish {key}")
+            manifest_sent = True
+            self._put_manifest(key, manifest.to_json().encode())
         except BaseException:
-            self._cleanup_failed(key, uploaded)
+            if manifest_sent:
+                # The store may still complete a write its client gave up on (a timeout, a 5xx): with
+                # the files removed, a version would appear without them. Files without a manifest are
+                # invisible to readers; the version number stays claimed either way.
+                log.warning("the publish of %s failed writing its manifest; its files stay in the store", key)
+            else:
+                self._cleanup_failed(key, uploaded)
             raise
         shutil.rmtree(staging, ignore_errors=True)
         self._known.put(key, True)
@@ -642,6 +669,22 @@ class S3AdapterStore:
         raise StoreUnavailable(
             f"adapter store {self._location}: no free version of {tenant}/{name} after {MAX_CLAIM_TRIES} tries"
         )
+
+    def _put_manifest(self, key: AdapterKey, body: bytes) -> None:
+        """Write ``key``'s manifest unless one exists. A manifest already there with these very bytes is
+        this publish's own: the client retried a write whose answer was lost (then 412), and the
+        version is complete; that was reported as a failed publish, and ``latest`` never moved."""
+        object_key = self._version_key(key, MANIFEST_FILE)
+        try:
+            self._put_if_absent(object_key, body, f"publish {key}")
+        except StoreUnavailable:
+            try:
+                landed = self._get_small(object_key, MAX_MANIFEST_BYTES, f"read {key}'s manifest") == body
+            except (StoreUnavailable, AdapterFormatError):
+                landed = False
+            if not landed:
+                raise  # the write's own failure
+            log.info("adapter %s: the manifest's write had landed before its failure was reported", key)
 
     def _put_if_absent(self, object_key: str, body: bytes, what: str) -> None:
         try:
@@ -835,7 +878,8 @@ class S3AdapterStore:
         try:
             for file_name, expected in manifest.files.items():
                 nbytes += self._fetch(key, file_name, expected, incoming / file_name)
-            (incoming / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+            with self._reading(f"write {key}'s manifest into the cache"):  # a full disk: StoreUnavailable
+                (incoming / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
         except BaseException:
             self.cache.discard(incoming)
             raise

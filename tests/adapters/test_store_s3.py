@@ -667,6 +667,95 @@ def test_failed_publish_removes_its_files_and_leaves_nothing_visible(
     assert store.list() == []
 
 
+def test_a_manifest_write_whose_answer_was_lost_still_publishes(
+    seaweed_server: SeaweedFS,
+    url: str,
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    spec: BaseModelSpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """boto3 retries a PUT whose answer was lost; the manifest's own retry then got 412: a complete
+    version was reported as a failed publish ("another writer broke the claim protocol") and latest
+    never moved."""
+    store = s3_store(url, tmp_path / "c")
+    real_put = store._client.put_object
+
+    def put_then_lose_the_answer(**kwargs: Any) -> Any:
+        answer = real_put(**kwargs)
+        if kwargs["Key"].endswith("/manifest.json"):
+            raise ClientError({"Error": {"Code": "PreconditionFailed", "Message": "retried"}}, "PutObject")
+        return answer
+
+    monkeypatch.setattr(store._client, "put_object", put_then_lose_the_answer)
+    key = store.import_peft(make_adapter()[0], "acme", "bot", spec)
+    assert store.resolve(AdapterRef("acme", "bot")) == key == AdapterKey("acme", "bot", 1)
+    # Another writer's manifest under that number is still refused.
+    monkeypatch.setattr(store, "_get_small", lambda *args: b"{}")
+    with pytest.raises(StoreUnavailable, match="broke the claim protocol"):
+        store._put_manifest(AdapterKey("acme", "bot", 1), b'{"mine": true}')
+
+
+def test_a_publish_failing_on_its_manifest_keeps_its_files_for_a_write_that_lands_late(
+    seaweed_server: SeaweedFS,
+    url: str,
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    spec: BaseModelSpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that gave up on the manifest's PUT (a timeout) cannot know the store will not still
+    complete it; its files were deleted, so a late manifest made a version without them."""
+    store = s3_store(url, tmp_path / "c")
+    real_put = store._client.put_object
+    late: list[dict[str, Any]] = []
+
+    def put_timing_out(**kwargs: Any) -> Any:
+        if kwargs["Key"].endswith("/manifest.json"):
+            late.append(kwargs)
+            raise ClientError({"Error": {"Code": "RequestTimeout", "Message": "gave up"}}, "PutObject")
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(store._client, "put_object", put_timing_out)
+    with pytest.raises(StoreUnavailable):
+        store.import_peft(make_adapter()[0], "acme", "bot", spec)
+    monkeypatch.setattr(store._client, "put_object", real_put)
+    assert store.versions("acme", "bot") == ()  # nothing visible without the manifest
+    real_put(**late[0])  # the store completes the write after all
+    key = AdapterKey("acme", "bot", 1)
+    replica = s3_store(url, tmp_path / "replica")
+    assert replica.versions("acme", "bot") == (1,)
+    assert replica.load(key, spec) is not None  # its files are there
+
+
+def test_a_damaged_cached_manifest_is_read_again_from_the_store(
+    seaweed_server: SeaweedFS,
+    url: str,
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    spec: BaseModelSpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crash can leave a cache entry whose manifest never reached the disk (the rename is durable,
+    the data not): it was parsed first, so the version failed on that replica until its cache was
+    cleared by hand. A full disk while writing it was a traceback (INTERNAL)."""
+    key = s3_store(url, tmp_path / "pub").import_peft(make_adapter()[0], "acme", "bot", spec)
+    weights = s3_store(url, tmp_path / "replica").load(key, spec)
+    (tmp_path / "replica" / "junk").write_bytes(b"")
+    (tmp_path / "replica" / "junk").replace(s3_store(url, tmp_path / "replica").cache.path(key) / "manifest.json")
+    restarted = s3_store(url, tmp_path / "replica")
+    assert tensors_equal(restarted.load(key, spec), weights)
+    assert restarted.manifest(key).version == 1
+
+    def disk_full(self: Path, *args: Any, **kwargs: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    fresh = s3_store(url, tmp_path / "full")
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(StoreUnavailable, match="No space left"):
+        fresh.load(key, spec)
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 
