@@ -44,8 +44,9 @@ class HostCache:
         with self._lock:
             return self._nbytes
 
-    def get(self, key: AdapterKey) -> AdapterWeights | None:
-        """The cached weights of `key` (marking them recently used, counted as a hit), or None.
+    def get(self, key: AdapterKey, count: bool = True) -> AdapterWeights | None:
+        """The cached weights of `key` (marking them recently used, counted as a hit unless ``count`` is
+        False: a lookup repeated for one request), or None.
 
         A miss is not counted here: the caller then loads through ``get_or_load``, which counts it.
         """
@@ -53,7 +54,7 @@ class HostCache:
             weights = self._items.get(key)
             if weights is not None:
                 self._items.move_to_end(key)
-        if weights is not None:
+        if weights is not None and count:
             self._emit(["hit"])
         return weights
 

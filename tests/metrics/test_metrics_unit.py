@@ -118,6 +118,27 @@ def test_adapter_cache_counters_by_tier(service: Service, peft_adapter: Any) -> 
     assert value(service, "lorafleet_adapters_resident", tier="device") == 0
 
 
+def test_a_request_waiting_for_a_slot_counts_one_host_lookup(
+    tiny_model_dir: Path, tmp_path: Path, peft_adapter: Any
+) -> None:
+    """One device slot, held by a's long request; b's request (b on the host tier) waits for it, polled
+    every step: that counted a host hit per step (~100x for two requests)."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_loaded_adapters=1, max_new_tokens=LONG)
+    try:
+        for name, seed in (("a", 1), ("b", 2)):
+            svc.store.import_peft(peft_adapter(seed=seed), "acme", name, svc.base.spec)
+            svc.engine.adapters.host_weights(AdapterKey("acme", name, 1))  # on the host tier
+        hits = value(svc, "lorafleet_adapter_cache_hits_total", tier="host")
+        long = submit(svc.engine, request(PROMPT, adapter="acme/a", max_new_tokens=LONG, rid="a"))[0]
+        waiting = submit(svc.engine, request(PROMPT, adapter="acme/b", max_new_tokens=2, rid="b"))[0]
+        long.wait(60)
+        waiting.wait(60)
+        assert long.summary.generated_tokens > 10, long.summary  # b waited several steps
+        assert value(svc, "lorafleet_adapter_cache_hits_total", tier="host") == hits + 2
+    finally:
+        svc.engine.shutdown(10)
+
+
 def test_failed_adapter_load_is_counted(service: Service, tmp_path: Path) -> None:
     vdir = service.store.root / "acme" / "broken" / "versions" / "1"
     vdir.mkdir(parents=True)

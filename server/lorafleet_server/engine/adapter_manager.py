@@ -266,16 +266,19 @@ class AdapterManager:
                 log.info("adapter %s: a background load no request polled for %.0fs was dropped", key, now - seen)
         return dropped
 
-    def poll(self, key: AdapterKey) -> int | None:
+    def poll(self, key: AdapterKey, first: bool = True) -> int | None:
         """Lease ``key``'s device slot if ready; else start or follow its load and return None.
 
+        ``first``: the request's first poll. A request waiting for a free slot is polled every engine
+        step; only its first lookup counts on the host tier (each step counted a hit: the host hit
+        ratio read ~100% exactly while slots were contended).
         Raises the adapter's error if its load failed (the next request for it tries again).
         """
         slot = self.slots.acquire(key)
         if slot is not None:
             self.observer.adapter_event("device", "hit")
             return slot
-        weights = self._host_weights(key)
+        weights = self._host_weights(key, count=first)
         if weights is None:
             return None
         if self._install(key, weights) is None:
@@ -331,7 +334,7 @@ class AdapterManager:
             log.info("adapter %s written to device slot %d in %.4fs", key, slot, seconds)
         return slot
 
-    def _host_weights(self, key: AdapterKey) -> AdapterWeights | None:
+    def _host_weights(self, key: AdapterKey, count: bool = True) -> AdapterWeights | None:
         """The host weights of ``key`` if ready, else None while a background load runs (started here).
 
         A load this manager started is followed to its end first, so each lookup is counted once on
@@ -352,7 +355,7 @@ class AdapterManager:
             except Exception:  # not the adapter's own error: a bug, logged with its traceback by the caller
                 self.observer.adapter_load_failed()
                 raise
-        cached = self.host_cache.get(key)
+        cached = self.host_cache.get(key, count)
         if cached is not None:
             return cached
         future = self._executor.submit(self.host_weights, key)

@@ -87,6 +87,7 @@ class _Request:
     head: ClassifierHead | None = None  # a Classify request's head (its features come from `lora` or the base)
     cancelled: bool = False
     slot: int = 0
+    polled: bool = False  # its adapter's slot was asked for at least once (its host lookup is counted)
     kv_row: int = -1
     cached: int = 0  # tokens in this row's KV cache
     generated: list[int] = field(default_factory=list)
@@ -605,7 +606,8 @@ class Engine:
                     break  # this tenant runs its limit's worth; the next tenant goes
                 if r.lora is not None and not r.slot:
                     try:
-                        slot = self.adapters.poll(r.lora)
+                        slot = self.adapters.poll(r.lora, first=not r.polled)
+                        r.polled = True
                     except Exception as exc:  # the adapter's error; anything else is a bug, this request's alone
                         if not isinstance(exc, AdapterError | ServingError):
                             log.exception("request %s: loading adapter %s failed", r.req.request_id, r.lora)
