@@ -227,9 +227,10 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
     metrics.bind_load(engine.load_stats)
     metrics.bind_prefix_cache_bytes(lambda: float(engine.prefix_cache.bytes_used))
     metrics.bind_adapters(lambda: len(host_cache.keys()), slots.resident_count, slots.pinned_count)
-    metrics.bind_residency(
-        lambda: [(str(k), "device") for k in slots.resident_keys()] + [(str(k), "host") for k in host_cache.keys()]
-    )
+    if config.metrics_adapter_residency:  # off by default: adapter names are tenants' data
+        metrics.bind_residency(
+            lambda: [(str(k), "device") for k in slots.resident_keys()] + [(str(k), "host") for k in host_cache.keys()]
+        )
     if device.type == "cuda":
         metrics.bind_device_memory(lambda: float(torch.cuda.memory_allocated(device)))
     lora_layers = tuple(base.lora_layers.values())

@@ -53,6 +53,13 @@ class ServerConfig(EngineConfig):
     metrics_port: int = field(
         default=9464, metadata={"help": "Prometheus metrics port (HTTP, same host; 0: any free port)"}
     )
+    metrics_adapter_residency: bool = field(
+        default=False,
+        metadata={
+            "help": "export lorafleet_adapter_resident{adapter,tier} for routers: it names every tenant's "
+            "adapters on the unauthenticated metrics port, so only where Prometheus and routers alone reach it"
+        },
+    )
     http_port: int = field(
         default=8000,
         metadata={"help": "OpenAI-compatible HTTP API port (same host, same engine and keys as gRPC; 0: off)"},

@@ -148,7 +148,27 @@ def test_failed_adapter_load_is_counted(service: Service, tmp_path: Path) -> Non
     assert value(service, "lorafleet_adapter_load_failures_total") == 1
 
 
-def test_names_follow_prometheus_conventions(service: Service) -> None:
+def test_adapter_residency_is_exported_only_when_asked(
+    service: Service, tiny_model_dir: Path, tmp_path: Path, peft_adapter: Any
+) -> None:
+    """The residency gauge names tenants' adapters on the unauthenticated metrics port: off unless
+    --metrics-adapter-residency (it was always on, and this test's scrape held no adapter)."""
+    opted = tiny_service(tiny_model_dir, tmp_path / "opted", metrics_adapter_residency=True)
+    try:
+        for svc in (service, opted):
+            svc.store.import_peft(peft_adapter(seed=5), "acme", "secret-bot", svc.base.spec)
+            generate(svc.engine, request(PROMPT, adapter="acme/secret-bot", max_new_tokens=2))
+        assert "secret-bot" not in generate_latest(service.metrics.registry).decode()
+        for tier in ("device", "host"):
+            held = {"adapter": "acme/secret-bot@1", "tier": tier}
+            assert opted.metrics.registry.get_sample_value("lorafleet_adapter_resident", held) == 1
+    finally:
+        opted.engine.shutdown(10)
+
+
+def test_names_follow_prometheus_conventions(service: Service, peft_adapter: Any) -> None:
+    service.store.import_peft(peft_adapter(seed=5), "acme", "bot", service.base.spec)
+    generate(service.engine, request(PROMPT, adapter="acme/bot", max_new_tokens=2))  # an adapter is resident
     text = generate_latest(service.metrics.registry).decode()
     names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     assert names and all(n.startswith("lorafleet_") for n in names)
