@@ -197,11 +197,16 @@ class Metrics:
     def observe_preempted(self) -> None:
         self.preemptions.inc()
 
-    def observe_finished(self, s: Summary) -> None:
-        self.prompt_tokens.inc(s.prompt_tokens)
+    def observe_finished(self, s: Summary, pooled: bool = False, admitted: bool = True) -> None:
+        """``pooled``: an Embed or Classify request (no generation: its summary's finish reason is
+        "length", which the generations counter would count as a cut answer). ``admitted``: it took a
+        row; one cancelled or cut before that processed no prompt token (nor is it metered)."""
+        if admitted:
+            self.prompt_tokens.inc(s.prompt_tokens)
+            self.prompt_tokens_per_request.observe(s.prompt_tokens)
         self.generated_tokens.inc(s.generated_tokens)
-        self.prompt_tokens_per_request.observe(s.prompt_tokens)
-        self.finished.labels(reason=s.finish_reason.value).inc()
+        if not pooled:
+            self.finished.labels(reason=s.finish_reason.value).inc()
         if s.generated_tokens:
             self.generated_tokens_per_request.observe(s.generated_tokens)
         if s.ttft_seconds is not None:

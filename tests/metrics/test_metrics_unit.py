@@ -8,7 +8,7 @@ from typing import Any
 
 import prometheus_client
 import pytest
-from enginelib import generate, request, submit, tiny_service
+from enginelib import engine_held, generate, request, submit, tiny_service
 from prometheus_client import generate_latest
 
 from lorafleet_adapters.errors import AdapterFormatError
@@ -97,6 +97,21 @@ def test_gauges_return_to_zero_after_requests_end_or_are_cancelled(service: Serv
     assert value(service, "lorafleet_waiting_requests") == 0
     assert value(service, "lorafleet_generations_total", reason="cancelled") == 3
     assert value(service, "lorafleet_generations_total", reason="length") == 0
+
+
+def test_embeddings_are_no_generations_and_unrun_prompts_no_prompt_tokens(service: Service) -> None:
+    """An embed's summary says "length": it was counted a cut generation. A request cancelled before it
+    took a row processed none of its prompt: its tokens were counted as processed (not metered)."""
+    generate(service.engine, request(PROMPT, embed=True))
+    assert value(service, "lorafleet_generations_total", reason="length") == 0
+    embedded = value(service, "lorafleet_prompt_tokens_total")
+    assert embedded > 0  # its prompt was read
+    with engine_held(service.engine):
+        sink, handle = submit(service.engine, request(PROMPT, max_new_tokens=2, rid="never"))
+        handle.cancel()
+    assert sink.wait(30).summary.finish_reason.value == "cancelled"
+    assert value(service, "lorafleet_prompt_tokens_total") == embedded
+    assert value(service, "lorafleet_generations_total", reason="cancelled") == 1
 
 
 def test_adapter_cache_counters_by_tier(service: Service, peft_adapter: Any) -> None:

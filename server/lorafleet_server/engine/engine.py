@@ -920,7 +920,7 @@ class Engine:
         assert r.pooled is not None
         summary = self._summary(r, FinishReason.LENGTH)
         self._release(r)
-        self.observer.observe_finished(summary)
+        self.observer.observe_finished(summary, pooled=True)
         self.usage.record(r.tenant, summary)
         if labels is not None:
             self._deliver(r, TokenEvent(summary=summary, labels=labels))
@@ -933,7 +933,7 @@ class Engine:
         and retries, where it is metered once it completes."""
         summary = self._summary(r, reason)
         self._release(r)
-        self.observer.observe_finished(summary)
+        self.observer.observe_finished(summary, admitted=r.admitted > 0)
         if metered and r.admitted:  # one cancelled before it took a row computed nothing: not metered
             self.usage.record(r.tenant, summary)
         self._deliver(r, TokenEvent(summary=summary))

@@ -212,7 +212,7 @@ class EngineObserver(Protocol):
 
     def observe_step(self, rows: int, tokens: int) -> None: ...
     def observe_admitted(self, queue_seconds: float) -> None: ...
-    def observe_finished(self, summary: Summary) -> None: ...
+    def observe_finished(self, summary: Summary, pooled: bool = False, admitted: bool = True) -> None: ...
     def observe_preempted(self) -> None: ...
 
 
@@ -223,7 +223,7 @@ class NullObserver:
     def observe_admitted(self, queue_seconds: float) -> None:
         return None
 
-    def observe_finished(self, summary: Summary) -> None:
+    def observe_finished(self, summary: Summary, pooled: bool = False, admitted: bool = True) -> None:
         return None
 
     def observe_preempted(self) -> None:
