@@ -15,6 +15,8 @@ from enginelib import engine_held, generate, request, submit, tiny_service
 from transformers import AutoModelForCausalLM
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterNotFound, InvalidAdapterRef
+from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_adapters.ref import AdapterRef
 from lorafleet_server.app import Service
 from lorafleet_server.engine import engine as engine_module
 from lorafleet_server.engine.admin import AdapterAdmin, Tier
@@ -546,6 +548,20 @@ def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(service: 
     service.store.import_peft(adapters[2], "acme", "bot", service.base.spec)
     assert [s.to_version for s in service.engine.adapters.versions.refresh().swaps] == [3]
     assert service.metrics.registry.get_sample_value("lorafleet_adapter_swaps_total") == 1
+
+
+def test_a_broken_new_prompt_version_is_one_failed_swap_not_also_a_failed_load(service: Service) -> None:
+    """The watcher's check of a broken prompt (or head) version counted a failed load as well as a
+    failed swap, so two alerts fired for one event (a broken LoRA counted the swap alone)."""
+    service.store.publish_prompt("acme", "p", PromptTemplate("Be brief."), service.base.spec)
+    service.engine.adapters.versions.resolve(AdapterRef.parse("acme/p"))  # tracked: the watcher checks it
+    key2 = service.store.publish_prompt("acme", "p", PromptTemplate("Be long."), service.base.spec)
+    (service.store.version_dir(key2) / "prompt.json").write_text("{}")  # damaged after publishing
+    result = service.engine.adapters.versions.refresh()
+    assert [(f.adapter, f.version) for f in result.failures] == [("acme/p", 2)]
+    registry = service.metrics.registry
+    assert registry.get_sample_value("lorafleet_adapter_swap_failures_total") == 1
+    assert registry.get_sample_value("lorafleet_adapter_load_failures_total") == 0
 
 
 def test_the_watcher_polls_the_store(tiny_model_dir: Path, tmp_path: Path, adapters: list[Path]) -> None:

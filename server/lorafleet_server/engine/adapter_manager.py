@@ -119,7 +119,12 @@ class AdapterManager:
         self._heads: LruMap[AdapterKey, ClassifierHead] = LruMap(SMALL_ENTRIES_KEPT, HEAD_BYTES_KEPT, _head_bytes)
         self.observer: AdapterObserver = observer or _NullAdapterObserver()
         self.versions = VersionWatcher(
-            store, self.verify, self.observer, poll_seconds, self._superseded, rescan_seconds=rescan_seconds
+            store,
+            lambda key: self.verify(key, count_failures=False),  # a refused version counts as a failed swap
+            self.observer,
+            poll_seconds,
+            self._superseded,
+            rescan_seconds=rescan_seconds,
         )
         self._retired: list[tuple[AdapterKey, AdapterKey]] = []  # (old, new) swaps to retire (lock guards)
         self._wake: Callable[[], None] = lambda: None
@@ -133,27 +138,32 @@ class AdapterManager:
         """Pin a reference to one concrete version: the one this server serves for it (versions.py)."""
         return self.versions.resolve(ref)
 
-    def kind(self, key: AdapterKey) -> str:
-        """ "lora", "prompt" or "head" (manifests are immutable, so they are read once)."""
+    def kind(self, key: AdapterKey, count_failures: bool = True) -> str:
+        """ "lora", "prompt" or "head" (manifests are immutable, so they are read once).
+
+        ``count_failures``: a failure counts as a failed adapter load (not when the version watcher
+        checks a new version: that one counts as a failed swap, once)."""
         try:
             return self.manifest(key).kind
         except AdapterError:
-            self.observer.adapter_load_failed()
+            if count_failures:
+                self.observer.adapter_load_failed()
             raise
 
-    def prompt(self, key: AdapterKey) -> PromptTemplate:
+    def prompt(self, key: AdapterKey, count_failures: bool = True) -> PromptTemplate:
         """A prompt adapter's template, verified against its manifest on first use."""
         template = self._prompts.get(key)
         if template is None:
             try:
                 template = self.store.load_prompt(key)
             except AdapterError:
-                self.observer.adapter_load_failed()
+                if count_failures:
+                    self.observer.adapter_load_failed()
                 raise
             self._prompts.put(key, template)
         return template
 
-    def head(self, key: AdapterKey) -> ClassifierHead:
+    def head(self, key: AdapterKey, count_failures: bool = True) -> ClassifierHead:
         """A classifier head, verified (checksums, base, shapes) on first use and then kept in memory.
 
         Heads are small ([labels, hidden] floats) and run on the engine thread after the pooled
@@ -164,20 +174,23 @@ class AdapterManager:
             try:
                 head = load_head(self.store, key, self.spec)
             except AdapterError:
-                self.observer.adapter_load_failed()
+                if count_failures:
+                    self.observer.adapter_load_failed()
                 raise
             self._heads.put(key, head)
         return head
 
-    def verify(self, key: AdapterKey) -> None:
+    def verify(self, key: AdapterKey, count_failures: bool = True) -> None:
         """Check a version end to end (files, base, shapes) and keep it in host memory."""
-        kind = self.kind(key)
+        kind = self.kind(key, count_failures)
         if kind == "prompt":
-            self.prompt(key)
+            self.prompt(key, count_failures)
         elif kind == "head":
-            head = self.head(key)
+            head = self.head(key, count_failures)
             if head.features_from is not None:
-                if (source := self.kind(head.features_from)) != "lora":  # a head naming a head (or itself)
+                if (
+                    source := self.kind(head.features_from, count_failures)
+                ) != "lora":  # a head naming a head (or itself)
                     raise AdapterFormatError(f"{key}: features_from {head.features_from} is a {source}, not a LoRA")
                 self.host_weights(head.features_from)
         else:
