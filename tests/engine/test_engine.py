@@ -581,7 +581,7 @@ def test_the_watcher_polls_the_store(tiny_model_dir: Path, tmp_path: Path, adapt
 
 
 def test_prompt_adapters_render_system_and_examples_without_lora(service: Service) -> None:
-    from lorafleet_adapters.prompt import PromptTemplate, PromptTurn
+    from lorafleet_adapters.prompt import PromptTurn
 
     template = PromptTemplate(
         system="You are Zephyr Bikes support. Answer in one sentence.",
