@@ -114,3 +114,21 @@ def test_list_adapters_names_the_bad_tenant(live: LiveServer) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         live.client.list_adapters(tenant="../")
     assert "invalid tenant '../'" in str(caught.value) and "//" not in str(caught.value)
+
+
+def test_text_rpcs_name_their_own_fields(live: LiveServer) -> None:
+    """Tokenize, Embed and Classify take `text` or `messages`; an empty request was told to "set
+    exactly one of prompt and messages", a field they do not have."""
+    message = ipb.ChatMessage(role="user", content="hi")
+    with grpc.insecure_channel(f"127.0.0.1:{live.port}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for call, request in (
+            (stub.Tokenize, ipb.TokenizeRequest()),
+            (stub.Tokenize, ipb.TokenizeRequest(text="hi", messages=[message])),
+            (stub.Embed, ipb.EmbedRequest()),
+            (stub.Classify, ipb.ClassifyRequest(adapter="acme/x")),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == "set exactly one of text and messages"

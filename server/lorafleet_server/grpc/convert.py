@@ -78,11 +78,19 @@ def generation_request(
     )
 
 
+def check_text_or_messages(
+    request: inference_pb2.TokenizeRequest | inference_pb2.EmbedRequest | inference_pb2.ClassifyRequest,
+) -> None:
+    """Tokenize, Embed and Classify take ``text`` or ``messages``: refused by those names (the engine's
+    own check names a generation's ``prompt``)."""
+    if bool(request.text) == bool(len(request.messages)):
+        raise InvalidRequest("set exactly one of text and messages")
+
+
 def embed_request(
     request: inference_pb2.EmbedRequest, request_id: str, principal: Principal | None = None
 ) -> GenerationRequest:
-    if request.text and len(request.messages):
-        raise InvalidRequest("set exactly one of text and messages")
+    check_text_or_messages(request)
     return GenerationRequest(
         request_id=request_id,
         prompt=request.text or None,
@@ -96,8 +104,7 @@ def embed_request(
 def classify_request(
     request: inference_pb2.ClassifyRequest, request_id: str, principal: Principal | None = None
 ) -> GenerationRequest:
-    if request.text and len(request.messages):
-        raise InvalidRequest("set exactly one of text and messages")
+    check_text_or_messages(request)
     if not request.adapter:
         raise InvalidRequest("Classify needs 'adapter': the reference of a head adapter (tenant/name[@version])")
     return GenerationRequest(

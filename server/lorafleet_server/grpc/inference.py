@@ -81,6 +81,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> inference_pb2.TokenizeResponse:
+        convert.check_text_or_messages(request)
         ids = await asyncio.to_thread(
             self._engine.encode_prompt, request.text or None, convert.chat_turns(request.messages)
         )

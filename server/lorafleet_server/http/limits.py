@@ -3,7 +3,8 @@
 A declared ``Content-Length`` over the limit is refused with 413 before any byte of the body is read;
 a chunked body is cut off (and refused, 413 too) as soon as it passes the limit, so a large upload
 never sits in memory. Counted and logged under its route with RESOURCE_EXHAUSTED (gRPC's own limit
-refuses an oversized message before any handler runs: that one is neither counted nor logged). The middleware sits inside ``HttpAuth``: callers without a key are refused first.
+refuses an oversized message before any handler runs: that one is neither counted nor logged).
+The middleware sits inside ``HttpAuth``: callers without a key are refused first.
 """
 
 from __future__ import annotations
