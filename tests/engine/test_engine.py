@@ -152,6 +152,24 @@ def test_stop_string_ends_generation_before_it(service: Service) -> None:
     assert stopped.summary.finish_reason is FinishReason.STOP
 
 
+def test_a_stop_string_naming_a_special_token_stops_on_that_token(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text is decoded without special tokens, so stop=["<|im_start|>"] never matched: the model ran on
+    into a new turn, its marker silently dropped. Such a stop ends on the token itself."""
+    engine = service.engine
+    assert engine.special_token_ids["<|im_start|>"] == engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    full = generate(engine, request(PROMPT, max_new_tokens=20))
+    ids = full.token_ids
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])  # a token not generated before
+    # The tiny model emits no special token on its own: the k-th token plays one.
+    monkeypatch.setitem(engine.special_token_ids, "<|fake|>", ids[k])
+    stopped = generate(engine, request(PROMPT, max_new_tokens=20, stop=("<|fake|>", "never appears")))
+    assert stopped.token_ids == ids[: k + 1]
+    assert stopped.summary.finish_reason is FinishReason.STOP
+    assert stopped.text == engine.tokenizer.decode(ids[:k], skip_special_tokens=True)
+
+
 def test_streamed_text_equals_decoding_all_tokens(service: Service) -> None:
     sink = generate(service.engine, request("Écris une phrase: 你好, ça va? 🙂", max_new_tokens=30))
     tokenizer = service.engine.tokenizer

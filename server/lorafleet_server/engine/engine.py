@@ -76,6 +76,12 @@ BURST_QUIET_SECONDS = 0.005
 DRAINING = "the server is draining: the request was not started; retry it (on another replica)"
 
 
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The text of each special token of ``tokenizer`` (``<|im_start|>``, ...) -> its id."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {str(t.content): int(i) for i, t in added.items() if getattr(t, "special", False)}
+
+
 @dataclass(eq=False)  # identity: two requests may carry the same client-chosen request id
 class _Request:
     req: GenerationRequest
@@ -96,6 +102,7 @@ class _Request:
     pooled: torch.Tensor | None = None
     detok: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
+    stop_ids: frozenset[int] = frozenset()  # special tokens its stop strings name (see special_token_ids)
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None
     # What the KV row must hold before the next decode: the prompt, and after a preemption also the
@@ -215,6 +222,7 @@ class Engine:
         self.adapters = adapters
         self.config = config
         self.eos_token_ids = eos_token_ids
+        self.special_token_ids = special_token_ids(tokenizer)
         self.observer: EngineObserver = observer or NullObserver()
         # K/V of prompt blocks per adapter version (engine thread only); sized by the config unless given.
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(config.prefix_cache_bytes)
@@ -668,7 +676,10 @@ class Engine:
         p = r.req.params
         if not r.req.embed:
             r.detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids)
-            r.stops = StopMatcher(p.stop)
+            # A stop string that is a special token's text stops on that token: the text the matcher sees
+            # is decoded without special tokens, so "<|im_start|>" never matched (and vanished).
+            r.stop_ids = frozenset(self.special_token_ids[s] for s in p.stop if s in self.special_token_ids)
+            r.stops = StopMatcher(tuple(s for s in p.stop if s not in self.special_token_ids))
             if p.repetition_penalty != 1.0:
                 r.seen = torch.tensor(r.prompt_ids, dtype=torch.long)
             if p.temperature > 0:
@@ -856,6 +867,10 @@ class Engine:
         if tok in self.eos_token_ids:
             self._emit(r, r.stops.flush(), ())
             self._finish(r, FinishReason.END_OF_SEQUENCE)
+            return
+        if tok in r.stop_ids:  # a stop string naming a special token: its text is not sent, as any stop
+            self._emit(r, r.stops.feed(r.detok.flush())[0] + r.stops.flush(), (tok,))
+            self._finish(r, FinishReason.STOP)
             return
         text, stopped = r.stops.feed(r.detok.push(tok))
         if stopped:
