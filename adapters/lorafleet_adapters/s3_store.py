@@ -75,6 +75,7 @@ from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
 from lorafleet_adapters.store import (
     MANIFEST_FILE,
+    MAX_SMALL_FILE_BYTES,
     PUBLISHED_MARKER,
     AdapterSummary,
     import_peft_via,
@@ -877,7 +878,10 @@ class S3AdapterStore:
         nbytes = 0
         try:
             for file_name, expected in manifest.files.items():
-                nbytes += self._fetch(key, file_name, expected, incoming / file_name)
+                # The whole version must fit the disk cache: past its bound it was still installed (the
+                # newest entry is kept), past an emptyDir's size limit the pod is evicted.
+                room = self.cache.max_bytes - nbytes
+                nbytes += self._fetch(key, file_name, expected, incoming / file_name, room)
             with self._reading(f"write {key}'s manifest into the cache"):  # a full disk: StoreUnavailable
                 (incoming / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
         except BaseException:
@@ -893,21 +897,27 @@ class S3AdapterStore:
         )
         return path
 
-    def _fetch(self, key: AdapterKey, file_name: str, expected: str, dest: Path) -> int:
+    def _fetch(self, key: AdapterKey, file_name: str, expected: str, dest: Path, room: int) -> int:
+        """Download one listed file into ``dest``, checked against its sha256; at most ``room`` bytes
+        (what is left of the disk cache for this version) and the file's own bound: the weights
+        ``MAX_FILE_BYTES``, any other file (config, prompt, head, records) ``MAX_SMALL_FILE_BYTES``."""
         what = f"download {file_name} of {key}"
         response = self._get(self._version_key(key, file_name), what)
         if response is None:
             raise AdapterFormatError(f"{key}: {file_name} listed in {MANIFEST_FILE} is missing")
+        bound = MAX_FILE_BYTES if file_name == WEIGHTS_FILE else MAX_SMALL_FILE_BYTES
+        limit, why = (bound, "") if bound <= room else (room, " (the rest of --adapter-cache-bytes)")
         size = int(response.get("ContentLength", 0))
-        if size > MAX_FILE_BYTES:
-            raise AdapterFormatError(f"{key}: {file_name} is {size} bytes, over {MAX_FILE_BYTES}")
+        if size > limit:
+            response["Body"].close()
+            raise AdapterFormatError(f"{key}: {file_name} is {size} bytes, over {limit}{why}")
         digest = hashlib.sha256()
         written = 0
         with self._reading(what), open(dest, "xb") as out:
             for chunk in response["Body"].iter_chunks(_CHUNK):
                 written += len(chunk)
-                if written > MAX_FILE_BYTES:
-                    raise AdapterFormatError(f"{key}: {file_name} is over {MAX_FILE_BYTES} bytes")
+                if written > limit:
+                    raise AdapterFormatError(f"{key}: {file_name} is over {limit} bytes{why}")
                 digest.update(chunk)
                 out.write(chunk)
         actual = digest.hexdigest()

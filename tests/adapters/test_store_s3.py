@@ -264,6 +264,27 @@ def test_disk_cache_is_bounded_lru(
     assert replica.cache.total_bytes() <= replica.cache.max_bytes
 
 
+def test_a_version_larger_than_the_disk_cache_or_a_file_over_its_bound_is_not_downloaded(
+    seaweed_server: SeaweedFS,
+    url: str,
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    spec: BaseModelSpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every listed file was downloaded whatever its size (4 GiB each), and the newest entry was kept
+    past the cache's bound: on Kubernetes the cache's emptyDir filled and the pod was evicted."""
+    publisher = s3_store(url, tmp_path / "pub")
+    key = publisher.import_peft(make_adapter()[0], "acme", "bot", spec)
+    small = s3_store(url, tmp_path / "small", cache_bytes=4096)  # the adapter's weights alone are larger
+    with pytest.raises(AdapterFormatError, match="adapter-cache-bytes"):
+        small.load(key, spec)
+    assert small.cache.entries() == [] and small.cache.total_bytes() == 0
+    monkeypatch.setattr(s3_store_module, "MAX_SMALL_FILE_BYTES", 16)  # the config and README are no weights
+    with pytest.raises(AdapterFormatError, match=r"(README\.md|adapter_config\.json) is \d+ bytes, over 16$"):
+        s3_store(url, tmp_path / "other").load(key, spec)
+
+
 # --------------------------------------------------------------------------------------- concurrency
 
 
