@@ -95,6 +95,11 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 READ_TIMEOUT_SECONDS = 15.0
 MAX_ATTEMPTS = 3  # boto3's "standard" retry mode: the first try and two retries, with backoff
 MAX_FILE_BYTES = 4 << 30
+# A download's whole time is bounded too (the read timeout bounds each read: a store sending a byte
+# every few seconds was never cut off, holding the version's lock, a loader thread, or the watcher):
+# DOWNLOAD_BASE_SECONDS plus its size at DOWNLOAD_MIN_BYTES_PER_SECOND.
+DOWNLOAD_BASE_SECONDS = 30.0
+DOWNLOAD_MIN_BYTES_PER_SECOND = 1 << 20
 MAX_CAS_TRIES = 64
 MAX_CLAIM_TRIES = 1000
 KNOWN_VERSIONS_KEPT = 16384  # versions seen to exist, so resolving one again needs no HEAD
@@ -913,11 +918,19 @@ class S3AdapterStore:
             raise AdapterFormatError(f"{key}: {file_name} is {size} bytes, over {limit}{why}")
         digest = hashlib.sha256()
         written = 0
+        allowed = DOWNLOAD_BASE_SECONDS + size / DOWNLOAD_MIN_BYTES_PER_SECOND
+        deadline = time.monotonic() + allowed
         with self._reading(what), open(dest, "xb") as out:
             for chunk in response["Body"].iter_chunks(_CHUNK):
                 written += len(chunk)
                 if written > limit:
                     raise AdapterFormatError(f"{key}: {file_name} is over {limit} bytes{why}")
+                if time.monotonic() > deadline:
+                    response["Body"].close()
+                    raise StoreUnavailable(
+                        f"adapter store {self._location}: cannot {what}: {written} of {size} bytes in "
+                        f"{allowed:.0f} s (slower than {DOWNLOAD_MIN_BYTES_PER_SECOND >> 10} KiB/s)"
+                    )
                 digest.update(chunk)
                 out.write(chunk)
         actual = digest.hexdigest()

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -283,6 +283,49 @@ def test_a_version_larger_than_the_disk_cache_or_a_file_over_its_bound_is_not_do
     monkeypatch.setattr(s3_store_module, "MAX_SMALL_FILE_BYTES", 16)  # the config and README are no weights
     with pytest.raises(AdapterFormatError, match=r"(README\.md|adapter_config\.json) is \d+ bytes, over 16$"):
         s3_store(url, tmp_path / "other").load(key, spec)
+
+
+def test_a_download_slower_than_its_bound_is_cut_off(
+    seaweed_server: SeaweedFS,
+    url: str,
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    spec: BaseModelSpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read timeout bounds each read, not the download: a store sending a byte at a time, each
+    within the timeout, held the version's lock (and a loader thread, or the watcher) for ever."""
+    key = s3_store(url, tmp_path / "pub").import_peft(make_adapter()[0], "acme", "bot", spec)
+    replica = s3_store(url, tmp_path / "replica")
+    real_get = replica._get
+
+    class Trickle:
+        def __init__(self, body: Any) -> None:
+            self._body = body
+
+        def iter_chunks(self, _size: int) -> Iterator[bytes]:
+            for chunk in self._body.iter_chunks(64):
+                time.sleep(0.01)
+                yield chunk
+
+        def close(self) -> None:
+            self._body.close()
+
+    def trickling(object_key: str, what: str) -> Any:
+        response = real_get(object_key, what)
+        if response is not None and object_key.endswith(WEIGHTS_FILE):
+            response["Body"] = Trickle(response["Body"])
+        return response
+
+    monkeypatch.setattr(replica, "_get", trickling)
+    monkeypatch.setattr(s3_store_module, "DOWNLOAD_BASE_SECONDS", 0.2)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="slower than"):
+        replica.load(key, spec)
+    assert time.monotonic() - started < 5
+    assert replica.cache.entries() == []
+    monkeypatch.undo()
+    assert replica.load(key, spec) is not None  # the store's failure, not the version's
 
 
 # --------------------------------------------------------------------------------------- concurrency
