@@ -103,6 +103,11 @@ def test_empty_and_non_utf8_files(tmp_path: Path) -> None:
     bom = tmp_path / "bom.jsonl"  # Excel and Notepad write one; the file was refused for it
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(qa_rows(1)[0]).encode() + b"\n")
     assert len(load_jsonl(bom)) == 1
+    rows = [json.dumps(r).encode() for r in qa_rows(3)]
+    for ending in (b"\r\n", b"\r"):  # Windows; classic Mac (was one line: "Extra data")
+        path = tmp_path / "endings.jsonl"
+        path.write_bytes(ending.join(rows) + ending)
+        assert load_jsonl(path) == load_jsonl(write_jsonl(tmp_path / "lf.jsonl", qa_rows(3)))
 
 
 def test_fingerprint_is_stable_and_content_sensitive() -> None:

@@ -97,7 +97,10 @@ def load_jsonl(path: Path) -> list[Example]:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise TrainingDataError(str(path), [DataIssue(0, f"cannot read the file: {exc.strerror or exc}")]) from None
-    return parse_jsonl(raw.removeprefix(UTF8_BOM).split(b"\n"), str(path))
+    raw = raw.removeprefix(UTF8_BOM)
+    # Lines end in LF (CRLF leaves a CR that JSON reads as whitespace); a file of CR-only line ends (classic
+    # Mac) was one line, refused as "Extra data". A raw CR cannot be inside a JSON string, so it is a break.
+    return parse_jsonl(raw.split(b"\n" if b"\n" in raw or b"\r" not in raw else b"\r"), str(path))
 
 
 def parse_jsonl(lines: Iterable[bytes | str], source: str = "<data>") -> list[Example]:
