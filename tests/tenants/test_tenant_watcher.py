@@ -134,3 +134,52 @@ def test_start_loads_before_it_returns(tmp_path: Path) -> None:
         assert watcher.authenticate(new.key, NOW).tenant == "acme"
     finally:
         watcher.stop()
+
+
+def test_a_revocation_is_applied_even_when_the_reload_fails(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`keys revoke` needs no pepper, so an emergency revocation can be written while the pepper is
+    missing (or replaced): the reload then failed and the revoked key kept working, the only sign an
+    ERROR line. Taking access away needs no pepper to apply either."""
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    leaked = create_key(path, source, tenant="acme", role="admin", now=NOW)
+    other = create_key(path, source, tenant="beta", role="tenant", now=NOW)
+    watcher = KeyFileWatcher(path, source)
+    watcher.poll()
+    source.path.unlink()  # the pepper is gone
+    revoke_key(path, leaked.record.key_id, NOW + timedelta(minutes=1))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert watcher.poll() is False  # not reloaded: no pepper
+    with pytest.raises(RevokedKey):
+        watcher.authenticate(leaked.key, NOW + timedelta(minutes=2))
+    assert watcher.authenticate(other.key, NOW).tenant == "beta"  # the rest stays as it was
+    assert leaked.record.key_id in caplog.text and "takes access away" in caplog.text
+
+
+def test_a_read_that_fails_is_tried_again_at_the_next_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read the system failed (too many open files) marked the file as seen: a revocation in it
+    waited for the file's next change."""
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    key = create_key(path, source, tenant="acme", role="tenant", now=NOW)
+    watcher = KeyFileWatcher(path, source)
+    watcher.poll()
+    revoke_key(path, key.record.key_id, NOW + timedelta(minutes=1))
+    real_open = Path.open
+    failures = [OSError(24, "Too many open files")] * 3  # two polls: a load each, and a read for revocations
+
+    def flaky_open(self: Path, *args: object, **kwargs: object) -> object:
+        if self == path and failures:
+            raise failures.pop()
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", flaky_open)
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        assert watcher.poll() is False
+        assert watcher.poll() is False
+    assert caplog.text.count("Too many open files") == 1  # reported once
+    assert watcher.poll() is True  # the third read works: the file had not changed meanwhile
+    with pytest.raises(RevokedKey):
+        watcher.authenticate(key.key, NOW + timedelta(minutes=2))

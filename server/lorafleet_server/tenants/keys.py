@@ -66,11 +66,13 @@ from lorafleet_server.tenants.errors import (
     ExpiredKey,
     InvalidKeyRecord,
     KeyFileError,
+    KeyFileUnreadable,
     KeyIdNotFound,
     KeysError,
     MalformedKey,
     MissingKey,
     PepperError,
+    PepperUnreadable,
     RevokedKey,
     UnknownKey,
     WrongKeyPrefix,
@@ -413,7 +415,7 @@ class PepperSource:
                 "(the first `lorafleet keys create` creates it; keep it with the keys file)"
             ) from None
         except OSError as exc:
-            raise PepperError(f"cannot read the pepper {self.path}: {exc.strerror or exc}") from None
+            raise PepperUnreadable(f"cannot read the pepper {self.path}: {exc.strerror or exc}") from None
         try:
             text = raw.decode("ascii")
         except UnicodeDecodeError:
@@ -598,7 +600,7 @@ def read_key_file(path: Path) -> KeyFile:
     except FileNotFoundError:
         return KeyFile()
     except OSError as exc:
-        raise KeyFileError(f"keys file {path}: cannot read it: {exc.strerror or exc}") from None
+        raise KeyFileUnreadable(f"keys file {path}: cannot read it: {exc.strerror or exc}") from None
     return parse_key_file(data, str(path))
 
 
@@ -769,6 +771,7 @@ class KeyFileWatcher:
         self._on_reload = on_reload if on_reload is not None else _ignore
         self._ring = KeyRing()
         self._seen: tuple[_Stat | None, _Stat | None] | None = None
+        self._last_error = ""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -794,9 +797,14 @@ class KeyFileWatcher:
             try:
                 ring = KeyRing() if seen[0] is None else load_keys(self._path, self._pepper.read())
             except KeysError as exc:
-                log.error(
-                    "keys file %s: not reloaded, the last good keys (%d) stay: %s", self._path, len(previous), exc
-                )
+                if getattr(exc, "transient", False):
+                    self._seen = None  # the system failed the read, not the file: try again next poll
+                if str(exc) != self._last_error:  # a failure is reported once, not on every poll
+                    log.error(
+                        "keys file %s: not reloaded, the last good keys (%d) stay: %s", self._path, len(previous), exc
+                    )
+                self._last_error = str(exc)
+                self._revoke_what_the_file_revokes(previous)
                 self._on_reload(False)
                 return False
             except Exception as exc:  # a bug, not a bad file: keep serving the last good keys
@@ -810,6 +818,7 @@ class KeyFileWatcher:
                 self._on_reload(False)
                 return False
             self._ring = ring
+            self._last_error = ""
             if seen[0] is None:
                 level = logging.WARNING if len(previous) else logging.INFO
                 log.log(level, "keys file %s: not there, no API keys", self._path)
@@ -818,6 +827,40 @@ class KeyFileWatcher:
                 log.info("keys file %s: loaded %d keys (%d active)", self._path, len(ring), active)
             self._on_reload(True)
             return True
+
+    def _revoke_what_the_file_revokes(self, previous: KeyRing) -> None:
+        """After a reload failed, still apply what only takes access away: a key the file revokes, lets
+        expire sooner or no longer lists. ``lorafleet keys revoke`` needs no pepper (an emergency must
+        work), so without this a revocation written while the pepper was missing or replaced, or read
+        by a failing reload, was never applied: the key kept working. The rest waits for a good load."""
+        try:
+            contents = read_key_file(self._path)  # its parse needs no pepper
+        except KeysError:
+            return
+        listed = {r.key_id: r for r in contents.records}
+        kept: list[KeyRecord] = []
+        changed: list[str] = []
+        for record in previous.records:
+            new = listed.get(record.key_id)
+            if new is None:
+                changed.append(record.key_id)
+                continue
+            narrowed = record
+            if new.revoked is not None and record.revoked is None:
+                narrowed = replace(narrowed, revoked=new.revoked)
+            if new.expires is not None and (record.expires is None or new.expires < record.expires):
+                narrowed = replace(narrowed, expires=new.expires)
+            if narrowed != record:
+                changed.append(record.key_id)
+            kept.append(narrowed)
+        if changed:
+            self._ring = KeyRing(tuple(kept), previous.pepper)
+            log.warning(
+                "keys file %s: applied what takes access away from keys %s (revoked, expiring sooner or "
+                "removed); nothing else changes until the file loads",
+                self._path,
+                ", ".join(sorted(changed)),
+            )
 
     def start(self, poll_seconds: float = DEFAULT_POLL_SECONDS) -> None:
         """Load now (so the ring is current when this returns), then poll every ``poll_seconds``."""
