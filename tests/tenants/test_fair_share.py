@@ -176,6 +176,46 @@ def test_fair_queue_weights_and_no_credit_for_idling() -> None:
         late.started(late.waiting(tenant)[0])
         taken.append(tenant)
     assert sorted(taken) == ["a", "a", "c", "c"]
+    # The same when the newcomer arrives while nobody waits (below overload, the usual case): it
+    # restarted at its own old time, 0, and took the next 1,000 rows while a waited.
+    quiet: FairQueue[Item] = FairQueue()
+    for _ in range(1000):
+        quiet.push(Item("a"))
+        quiet.started(quiet.waiting("a")[0])
+    for _ in range(4):
+        quiet.push(Item("c"))
+    quiet.push(Item("a"))
+    first = []
+    for _ in range(3):
+        tenant = quiet.tenants()[0]
+        quiet.started(quiet.waiting(tenant)[0])
+        first.append(tenant)
+    assert "a" in first[:2]
+
+
+def test_a_tenant_with_a_long_history_is_not_starved_by_a_newcomer(service: Service) -> None:
+    """Tenant a served 40 requests alone; b then floods the batch: a's next request waited ~37 steps
+    (its history counted against it while b, new, started at virtual time 0), each of them preempting
+    and recomputing one of b's rows."""
+    engine = service.engine
+    for i in range(40):
+        done = StepSink(service)
+        engine.submit(as_tenant(request(PROMPT, rid=f"a{i}", max_new_tokens=1), "a"), done)
+        done.wait()
+    flood = []
+    for i in range(8):
+        sink = StepSink(service)
+        engine.submit(as_tenant(request(PROMPT, rid=f"b{i}", max_new_tokens=60), "b"), sink)
+        flood.append(sink)
+    assert flood[3].first.wait(30)
+    a = StepSink(service)
+    arrived = engine.run(
+        lambda: (engine.submit(as_tenant(request(PROMPT, rid="a-late", max_new_tokens=4), "a"), a), engine.steps)[1]
+    )
+    a.wait()
+    assert a.steps[0] - arrived <= 2
+    for sink in flood:
+        sink.wait()
 
 
 def test_preemption_victim_only_when_someone_waits_below_its_share() -> None:

@@ -3,7 +3,8 @@
 The waiting requests are kept per tenant, in arrival order. Each tenant has a virtual time that grows
 by ``1 / weight`` with every request it starts; the next row goes to the waiting tenant with the
 smallest virtual time (weighted round robin that remembers). A tenant that was idle restarts at the
-smallest virtual time of the active tenants, so idling earns no credit to burst with later.
+smallest virtual time of the waiting tenants, or, when none waits, at the queue's clock (the virtual
+time of the last request started), so idling earns no credit to burst with later.
 
 Rows are also *shared*: a tenant's fair share is ``rows * weight / sum(weights of the tenants that
 run or wait)``. When no row is free and a tenant waits below its share while another runs above its
@@ -36,6 +37,10 @@ class FairQueue(Generic[R]):
     def __init__(self) -> None:
         self._queues: dict[str, deque[R]] = {}
         self._vtime: dict[str, float] = {}
+        # The virtual time of the latest start. Without it a tenant arriving while nobody waited (the
+        # usual case below overload) restarted at its own old time, 0 when new: the credit of all the
+        # rows others had run meanwhile, spent against them (the longest-serving tenant starved).
+        self._clock = 0.0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -55,7 +60,7 @@ class FairQueue(Generic[R]):
         q = self._queues.get(r.tenant)
         if q is None:  # the tenant becomes active: no credit for having been idle
             active = [self._vtime[t] for t in self._queues]
-            self._vtime[r.tenant] = max(self._vtime.get(r.tenant, 0.0), min(active, default=0.0))
+            self._vtime[r.tenant] = max(self._vtime.get(r.tenant, 0.0), min(active, default=self._clock))
             q = self._queues[r.tenant] = deque()
         if front:
             q.appendleft(r)
@@ -79,7 +84,9 @@ class FairQueue(Generic[R]):
     def started(self, r: R) -> None:
         """``r`` (still queued) takes a row: it leaves the queue and its tenant's clock advances."""
         self.remove(r)
-        self._vtime[r.tenant] = self._vtime.get(r.tenant, 0.0) + 1.0 / r.weight
+        start = self._vtime.get(r.tenant, 0.0)
+        self._clock = max(self._clock, start)
+        self._vtime[r.tenant] = start + 1.0 / r.weight
 
     def clear(self) -> list[R]:
         """Empty the queue (draining), returning what was in it."""
