@@ -150,47 +150,46 @@ class Item:
     weight: float = 1.0
 
 
+def take(q: FairQueue[Item], n: int) -> list[str]:
+    """Start the next ``n`` requests in fair order; their tenants."""
+    taken = []
+    for _ in range(n):
+        tenant = q.tenants()[0]
+        q.started(q.waiting(tenant)[0])
+        taken.append(tenant)
+    return taken
+
+
+def served_alone(tenant: str, n: int) -> FairQueue[Item]:
+    """A queue whose ``tenant`` has started ``n`` requests, one at a time, nobody else waiting."""
+    q: FairQueue[Item] = FairQueue()
+    for _ in range(n):
+        q.push(Item(tenant))
+        q.started(q.waiting(tenant)[0])
+    return q
+
+
 def test_fair_queue_weights_and_no_credit_for_idling() -> None:
     q: FairQueue[Item] = FairQueue()
     for _ in range(6):
         q.push(Item("a", 2.0))
         q.push(Item("b", 1.0))
-    order = []
-    for _ in range(6):
-        tenant = q.tenants()[0]
-        q.started(q.waiting(tenant)[0])
-        order.append(tenant)
+    order = take(q, 6)
     assert order.count("a") == 4 and order.count("b") == 2  # weight 2 gets twice the rows
     # A tenant that was idle while another was served starts level with it: it alternates with the
     # active tenant instead of taking the next rows in a row for the time it was away.
-    late: FairQueue[Item] = FairQueue()
-    for _ in range(5):
-        late.push(Item("a"))
-        late.started(late.waiting("a")[0])
+    late = served_alone("a", 5)
     for _ in range(3):
         late.push(Item("a"))
         late.push(Item("c"))
-    taken = []
-    for _ in range(4):
-        tenant = late.tenants()[0]
-        late.started(late.waiting(tenant)[0])
-        taken.append(tenant)
-    assert sorted(taken) == ["a", "a", "c", "c"]
+    assert sorted(take(late, 4)) == ["a", "a", "c", "c"]
     # The same when the newcomer arrives while nobody waits (below overload, the usual case): it
     # restarted at its own old time, 0, and took the next 1,000 rows while a waited.
-    quiet: FairQueue[Item] = FairQueue()
-    for _ in range(1000):
-        quiet.push(Item("a"))
-        quiet.started(quiet.waiting("a")[0])
+    quiet = served_alone("a", 1000)
     for _ in range(4):
         quiet.push(Item("c"))
     quiet.push(Item("a"))
-    first = []
-    for _ in range(3):
-        tenant = quiet.tenants()[0]
-        quiet.started(quiet.waiting(tenant)[0])
-        first.append(tenant)
-    assert "a" in first[:2]
+    assert "a" in take(quiet, 2)
 
 
 def test_a_tenant_with_a_long_history_is_not_starved_by_a_newcomer(service: Service) -> None:
