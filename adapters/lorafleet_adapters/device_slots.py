@@ -23,6 +23,7 @@ class _Slot:
     pinned: bool = False
     retiring: bool = False  # unload asked while leased: free when the last lease ends
     retire_cause: str = "unloaded"  # logged when a retiring slot is freed
+    drain_for: AdapterKey | None = None  # reserved for this adapter: no new lease until the leases end
     last_used: int = 0
 
 
@@ -70,13 +71,17 @@ class DeviceSlots:
         return key in self._index
 
     def acquire(self, key: AdapterKey) -> int | None:
-        """Lease a resident adapter's slot; None when it is not resident."""
+        """Lease a resident adapter's slot; None when it is not resident, or while its slot drains for
+        another adapter (``reserve_for``) and still has leases."""
         slot = self._index.get(key)
         if slot is None:
             return None
         entry = self._slots[slot]
+        if entry.drain_for is not None and entry.leases > 0:
+            return None
         entry.leases += 1
         entry.retiring = False
+        entry.drain_for = None
         self._touch(entry)
         return slot
 
@@ -119,12 +124,36 @@ class DeviceSlots:
         self._on_event("load")
         return slot
 
+    def reserve_for(self, key: AdapterKey) -> int | None:
+        """Make room for ``key`` when every slot is leased: one unpinned slot (retiring first, then least
+        recently used) takes no new lease until its leases end, when ``install`` reuses it; the slot,
+        or None when every unpinned slot already drains for another adapter.
+
+        Without it a leased slot was freed only when it was idle, and an adapter whose requests
+        overlap (one tenant's steady traffic) never left it idle: another adapter's request waited
+        for as long as that traffic lasted, however fair its tenant's turn. The engine asks for this
+        only for a request that has waited a while, so ordinary churn does not evict busy adapters.
+        """
+        for i in range(1, len(self._slots)):
+            if self._slots[i].drain_for == key:
+                return i
+        candidates = [
+            i for i in range(1, len(self._slots)) if not self._slots[i].pinned and self._slots[i].drain_for is None
+        ]
+        if not candidates:
+            return None
+        slot = min(candidates, key=lambda i: (not self._slots[i].retiring, self._slots[i].last_used))
+        self._slots[slot].drain_for = key
+        log.info("device slot %d (%s) drains for %s: no new leases", slot, self._slots[slot].key, key)
+        return slot
+
     def pin(self, key: AdapterKey) -> bool:
         slot = self._index.get(key)
         if slot is None:
             return False
         self._slots[slot].pinned = True
         self._slots[slot].retiring = False
+        self._slots[slot].drain_for = None
         return True
 
     def unpin(self, key: AdapterKey) -> bool:
@@ -176,8 +205,12 @@ class DeviceSlots:
         idle = [i for i in range(1, len(self._slots)) if self._slots[i].leases == 0 and not self._slots[i].pinned]
         if not idle:
             return None
-        # Retiring (superseded/unloaded) slots go first, then least recently used.
-        return min(idle, key=lambda i: (not self._slots[i].retiring, self._slots[i].last_used))
+        # Retiring (superseded/unloaded) slots go first, then those drained for a waiting adapter, then
+        # least recently used.
+        return min(
+            idle,
+            key=lambda i: (not self._slots[i].retiring, self._slots[i].drain_for is None, self._slots[i].last_used),
+        )
 
     def _free(self, slot: int, event: str, cause: str = "unloaded", *, clear: bool = True) -> None:
         key = self._slots[slot].key

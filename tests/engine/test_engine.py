@@ -517,7 +517,7 @@ def test_many_queued_requests_whose_adapter_fails_at_admission_fail_one_by_one(
         svc.store.import_peft(adapters[0], "acme", "a", svc.base.spec)
         engine = svc.engine
 
-        def busy(_key: Any, first: bool = True) -> None:
+        def busy(_key: Any, **_kwargs: Any) -> None:
             raise AdapterBusy("every device slot is pinned")
 
         monkeypatch.setattr(engine.adapters, "poll", busy)
@@ -538,7 +538,7 @@ def test_a_bug_while_loading_an_adapter_fails_its_requests_not_the_engine(
     service.store.import_peft(adapters[0], "acme", "a", service.base.spec)
     engine = service.engine
 
-    def broken(_key: Any, first: bool = True) -> None:
+    def broken(_key: Any, **_kwargs: Any) -> None:
         raise RecursionError("maximum recursion depth exceeded")  # not an AdapterError: a bug's kind
 
     monkeypatch.setattr(engine.adapters, "poll", broken)

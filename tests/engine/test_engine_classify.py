@@ -167,7 +167,7 @@ def test_a_head_reads_features_of_a_lora_only(
     with pytest.raises(AdapterFormatError, match=r"features_from acme/routed@1 is a head, not a LoRA adapter"):
         publish_head(store, "acme", "chained", replace(head, features_from=itself), tiny_spec)
     manager = service.engine.adapters
-    monkeypatch.setattr(manager, "head", lambda _key: replace(head, features_from=itself))
+    monkeypatch.setattr(manager, "head", lambda _key, *_: replace(head, features_from=itself))
     with pytest.raises(AdapterFormatError, match="is a head, not a LoRA"):
         manager.verify(itself)
 

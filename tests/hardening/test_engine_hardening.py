@@ -225,6 +225,34 @@ def test_retire_waits_for_the_last_lease() -> None:
     assert slots.retire(AdapterKey("acme", "gone", 1), "superseded") is True  # not resident: nothing to do
 
 
+def test_a_slot_drained_for_a_waiting_adapter_takes_no_new_lease() -> None:
+    import torch
+
+    from lorafleet_adapters.device_slots import DeviceSlots
+    from lorafleet_adapters.peft_format import AdapterWeights
+    from lorafleet_adapters.ref import AdapterKey
+
+    def weights(key: AdapterKey) -> AdapterWeights:
+        return AdapterWeights(
+            key=key, rank=1, modules={"m": (torch.zeros(1, 1), torch.zeros(1, 1))}, nbytes=8, config={}
+        )
+
+    busy, cold, pinned = AdapterKey("a", "x", 1), AdapterKey("b", "y", 1), AdapterKey("c", "z", 1)
+    slots = DeviceSlots(2, lambda _slot, _w: None, lambda _slot: None)
+    slot = slots.install(busy, weights(busy))
+    other = slots.install(pinned, weights(pinned))
+    assert slot is not None and other is not None and slots.pin(pinned)
+    assert slots.acquire(busy) == slot
+    assert slots.install(cold, weights(cold)) is None  # leased or pinned: no room
+    assert slots.reserve_for(cold) == slot == slots.reserve_for(cold)  # once per waiting adapter
+    assert slots.reserve_for(AdapterKey("d", "w", 1)) is None  # the pinned slot never drains
+    assert slots.acquire(busy) is None  # draining: the running lease stays, no new one
+    assert busy in slots.snapshot() and slots.snapshot()[busy].leases == 1
+    slots.release(slot)
+    assert slots.install(cold, weights(cold)) == slot and busy not in slots.snapshot()
+    assert slots.acquire(cold) == slot
+
+
 def test_a_pinned_superseded_version_stays(service: Service, peft_adapter: Any) -> None:
     engine, manager = service.engine, service.engine.adapters
     service.store.import_peft(peft_adapter(seed=3), "acme", "pinned", service.base.spec)

@@ -8,14 +8,17 @@ from __future__ import annotations
 import itertools
 import statistics
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from enginelib import Collected, request, submit, tiny_service
 
 from lorafleet_server.app import Service
+from lorafleet_server.engine import engine as engine_module
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
 from lorafleet_server.engine.types import GenerationRequest, Principal
 from lorafleet_server.errors import QueueFull
@@ -270,5 +273,53 @@ def test_embed_rows_are_never_preempted(tiny_model_dir: Path, tmp_path: Path) ->
             got = sink.events[-1].embedding
             assert got is not None and alone is not None
             assert max(abs(x - y) for x, y in zip(got, alone, strict=True)) < 1e-4
+    finally:
+        svc.engine.shutdown(10)
+
+
+def test_an_adapter_kept_busy_by_one_tenant_does_not_hold_the_only_slot_for_ever(
+    tiny_model_dir: Path, tmp_path: Path, peft_adapter: Any
+) -> None:
+    """One device slot. Tenant a keeps its adapter busy with overlapping requests (each starts before
+    the last ends), so its slot never had no lease: b's adapter waited for as long as a's traffic
+    lasted, with rows free. After SLOT_WAIT_STEPS the slot drains for b (no new lease for a)."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_batch_size=4, max_loaded_adapters=1, max_new_tokens=64)
+    svc.engine.eos_token_ids = frozenset()
+    engine = svc.engine
+    try:
+        svc.store.import_peft(peft_adapter(seed=1), "a", "x", svc.base.spec)
+        svc.store.import_peft(peft_adapter(seed=2), "b", "y", svc.base.spec)
+        chain: list[StepSink] = []
+
+        def submit_a() -> None:
+            sink = StepSink(svc)
+            chain.append(sink)
+            engine.submit(as_tenant(request(PROMPT, adapter="a/x", rid=f"a{len(chain)}", max_new_tokens=20), "a"), sink)
+
+        def halfway(sink: StepSink) -> None:  # a's next request starts before this one ends
+            deadline = time.monotonic() + 60
+            while len(sink.token_ids) < 10:
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+
+        submit_a()
+        halfway(chain[0])
+        b = StepSink(svc)
+        arrived = engine.run(
+            lambda: (
+                engine.submit(as_tenant(request(PROMPT, adapter="b/y", rid="b", max_new_tokens=2), "b"), b),
+                engine.steps,
+            )[1]
+        )
+        for _ in range(11):
+            submit_a()
+            halfway(chain[-1])
+        b.wait(60)
+        for sink in chain:
+            sink.wait(60)
+        assert len(chain) == 12  # a's traffic lasted ~12 x 10 steps
+        waited = b.steps[0] - arrived
+        assert waited <= engine_module.SLOT_WAIT_STEPS + 20 + 4, waited  # its wait, a's running requests, slack
+        assert b.steps[0] < chain[-1].steps[0]  # b ran before a's traffic ended
     finally:
         svc.engine.shutdown(10)

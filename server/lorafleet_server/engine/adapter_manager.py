@@ -279,24 +279,29 @@ class AdapterManager:
                 log.info("adapter %s: a background load no request polled for %.0fs was dropped", key, now - seen)
         return dropped
 
-    def poll(self, key: AdapterKey, first: bool = True) -> int | None:
+    def poll(self, key: AdapterKey, first: bool = True, starving: bool = False) -> int | None:
         """Lease ``key``'s device slot if ready; else start or follow its load and return None.
 
         ``first``: the request's first poll. A request waiting for a free slot is polled every engine
         step; only its first lookup counts on the host tier (each step counted a hit: the host hit
-        ratio read ~100% exactly while slots were contended).
+        ratio read ~100% exactly while slots were contended). ``starving``: the request has waited long
+        for a slot; every slot being leased, one is made to drain for it (``DeviceSlots.reserve_for``).
         Raises the adapter's error if its load failed (the next request for it tries again).
         """
         slot = self.slots.acquire(key)
         if slot is not None:
             self.observer.adapter_event("device", "hit")
             return slot
+        if key in self.slots:  # resident, its slot draining for another adapter: wait for its leases to end
+            return None
         weights = self._host_weights(key, count=first)
         if weights is None:
             return None
         if self._install(key, weights) is None:
             if not self.slots.can_ever_install():
                 raise AdapterBusy(f"every device slot is pinned; cannot load {key}")
+            if starving:
+                self.slots.reserve_for(key)
             return None  # all slots leased: wait for a request to finish
         self.observer.adapter_event("device", "miss")
         return self.slots.acquire(key)

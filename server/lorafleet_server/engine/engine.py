@@ -73,6 +73,8 @@ CALL_TIMEOUT_SECONDS = 30.0
 ABORT_JOIN_SECONDS = 30.0
 # While an idle engine gathers a burst (``burst_wait_ms``), a gap this long without a new message ends it.
 BURST_QUIET_SECONDS = 0.005
+# A request waiting this many steps for a device slot, every slot leased, gets one drained for it.
+SLOT_WAIT_STEPS = 16
 DRAINING = "the server is draining: the request was not started; retry it (on another replica)"
 
 
@@ -93,7 +95,7 @@ class _Request:
     head: ClassifierHead | None = None  # a Classify request's head (its features come from `lora` or the base)
     cancelled: bool = False
     slot: int = 0
-    polled: bool = False  # its adapter's slot was asked for at least once (its host lookup is counted)
+    polled_at: int = -1  # the engine step of its first ask for its adapter's slot (-1: not yet)
     kv_row: int = -1
     cached: int = 0  # tokens in this row's KV cache
     generated: list[int] = field(default_factory=list)
@@ -614,8 +616,11 @@ class Engine:
                     break  # this tenant runs its limit's worth; the next tenant goes
                 if r.lora is not None and not r.slot:
                     try:
-                        slot = self.adapters.poll(r.lora, first=not r.polled)
-                        r.polled = True
+                        first = r.polled_at < 0
+                        if first:
+                            r.polled_at = self.steps
+                        starving = self.steps - r.polled_at >= SLOT_WAIT_STEPS
+                        slot = self.adapters.poll(r.lora, first=first, starving=starving)
                     except Exception as exc:  # the adapter's error; anything else is a bug, this request's alone
                         if not isinstance(exc, AdapterError | ServingError):
                             log.exception("request %s: loading adapter %s failed", r.req.request_id, r.lora)
