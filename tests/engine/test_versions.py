@@ -487,3 +487,39 @@ def test_a_pass_that_raises_midway_leaves_the_publishes_it_did_not_reach_for_the
         poll(w, store, clock)  # a swapped, then the pass stopped before b
     assert poll(w, store, clock) == (["acme/a", "acme/b"], ["acme/b 1->2"])
     assert w.serving() == {"acme/a": 2, "acme/b": 2}
+
+
+def test_two_resolves_of_an_idle_name_both_get_what_it_served(store: CountingStore) -> None:
+    """The first took the remembered entry out of the idle set outside the lock; a second resolve in
+    between found the name in neither map, read the store's latest (a version a swap had refused) and
+    tracked that: both were served the refused version, for good (latest == served)."""
+    import threading
+    import time as time_module
+
+    clock = Clock()
+    publish(store, "b")
+    broken = publish(store, "b", "Be kind.")
+    store.stale_once["acme/b"] = 1
+    w = watcher(store, clock, refuse={broken})
+    w.resolve(ref("b"))
+    assert [f.version for f in w.refresh().failures] == [2]
+    clock.now += FORGET
+    w.refresh()  # b idle: set aside, with what it served and refused
+    forgotten = w._forgotten
+    real_pop = forgotten.pop
+
+    def slow_pop(name: tuple[str, str]) -> object:  # widens the window between the two maps
+        value = real_pop(name)
+        if value is not None:  # the resolve that takes it up lingers between the two maps
+            time_module.sleep(0.2)
+        return value
+
+    forgotten.pop = slow_pop  # type: ignore[method-assign]
+    got: list[int] = []
+    threads = [threading.Thread(target=lambda: got.append(w.resolve(ref("b")).version)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time_module.sleep(0.05)
+    for thread in threads:
+        thread.join(10)
+    assert got == [1, 1] and w.serving() == {"acme/b": 1}

@@ -121,20 +121,24 @@ class VersionWatcher:
             return self._store.resolve(ref)
         name = (ref.tenant, ref.name)
         now = self._clock()
-        with self._lock:
+        with self._lock:  # one hold for both maps: a resolve racing this one sees the name in one of them
             tracked = self._tracked.get(name)
+            if tracked is None:
+                remembered = self._forgotten.pop(name)
+                if remembered is not None:  # watched before, idle since: the version it served (checked next poll)
+                    tracked = self._tracked[name] = remembered
             if tracked is not None:
                 tracked.used = now
                 return AdapterKey(ref.tenant, ref.name, tracked.version)
-        remembered = self._forgotten.pop(name)
-        if remembered is not None:  # watched before, idle since: the version it served (checked next poll)
-            remembered.used = now
-            with self._lock:
-                tracked = self._tracked.setdefault(name, remembered)
-                return AdapterKey(ref.tenant, ref.name, tracked.version)
         key = self._store.resolve(ref)  # first use: the latest published version
         with self._lock:
-            tracked = self._tracked.setdefault(name, _Tracked(version=key.version, used=now))
+            # Remembered meanwhile (forgotten by a pass while the store was read): what it served and
+            # refused wins over the store's latest, which may be a version a swap refused.
+            tracked = self._tracked.get(name) or self._forgotten.pop(name)
+            if tracked is None:
+                tracked = _Tracked(version=key.version, used=now)
+            self._tracked[name] = tracked
+            tracked.used = now
             return AdapterKey(ref.tenant, ref.name, tracked.version)
 
     def serving(self) -> dict[str, int]:
