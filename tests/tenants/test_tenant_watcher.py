@@ -183,3 +183,17 @@ def test_a_read_that_fails_is_tried_again_at_the_next_poll(
     assert watcher.poll() is True  # the third read works: the file had not changed meanwhile
     with pytest.raises(RevokedKey):
         watcher.authenticate(key.key, NOW + timedelta(minutes=2))
+
+
+def test_a_placeholder_keys_file_locks_nobody_out(tmp_path: Path) -> None:
+    """A keys file replaced by an empty placeholder (a deployment's example Secret applied over the
+    real one) does not load with the real pepper gone: the last good keys stay, none taken away."""
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    key = create_key(path, source, tenant="acme", role="tenant", now=NOW)
+    watcher = KeyFileWatcher(path, source)
+    watcher.poll()
+    path.write_text('{"version": 1, "pepper_id": null, "keys": []}')
+    source.path.write_text("REPLACE_ME")
+    assert watcher.poll() is False
+    assert watcher.authenticate(key.key, NOW).tenant == "acme"

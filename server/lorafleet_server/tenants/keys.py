@@ -829,10 +829,12 @@ class KeyFileWatcher:
             return True
 
     def _revoke_what_the_file_revokes(self, previous: KeyRing) -> None:
-        """After a reload failed, still apply what only takes access away: a key the file revokes, lets
-        expire sooner or no longer lists. ``lorafleet keys revoke`` needs no pepper (an emergency must
-        work), so without this a revocation written while the pepper was missing or replaced, or read
-        by a failing reload, was never applied: the key kept working. The rest waits for a good load."""
+        """After a reload failed, still apply what only takes access away: a key the file revokes or lets
+        expire sooner. ``lorafleet keys revoke`` needs no pepper (an emergency must work), so without
+        this a revocation written while the pepper was missing or replaced, or read by a failing
+        reload, was never applied: the key kept working. A key the file no longer lists stays: an
+        empty or truncated file (a placeholder applied over the real one) must not lock every caller
+        out. The rest waits for a good load."""
         try:
             contents = read_key_file(self._path)  # its parse needs no pepper
         except KeysError:
@@ -843,7 +845,7 @@ class KeyFileWatcher:
         for record in previous.records:
             new = listed.get(record.key_id)
             if new is None:
-                changed.append(record.key_id)
+                kept.append(record)
                 continue
             narrowed = record
             if new.revoked is not None and record.revoked is None:
@@ -856,8 +858,8 @@ class KeyFileWatcher:
         if changed:
             self._ring = KeyRing(tuple(kept), previous.pepper)
             log.warning(
-                "keys file %s: applied what takes access away from keys %s (revoked, expiring sooner or "
-                "removed); nothing else changes until the file loads",
+                "keys file %s: applied what takes access away from keys %s (revoked or expiring sooner); "
+                "nothing else changes until the file loads",
                 self._path,
                 ", ".join(sorted(changed)),
             )
