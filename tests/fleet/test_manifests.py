@@ -32,9 +32,10 @@ BIN = Path(sys.executable).parent
 PRE_STOP_SECONDS = 5
 
 
-def documents() -> list[dict[str, Any]]:
+def documents(pattern: str = "**/*.yaml") -> list[dict[str, Any]]:
+    """The manifests (``pattern`` under deploy/kubernetes: every one by default, examples included)."""
     docs = []
-    for path in sorted(KUBE.glob("*.yaml")):
+    for path in sorted(KUBE.glob(pattern)):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
@@ -50,6 +51,17 @@ def test_every_manifest_matches_the_kubernetes_schema() -> None:
     assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
     for doc in docs:
         kubernetes_validate.validate(doc, "1.37.0", strict=True)  # raises ValidationError
+
+
+def test_applying_the_directory_replaces_no_secret_and_no_replica_count() -> None:
+    """`kubectl apply -f deploy/kubernetes/` applied placeholder Secrets over the real ones (every API key
+    unknown within seconds, the S3 credentials gone) and reset an HPA-scaled fleet to 3 replicas."""
+    applied = documents("*.yaml")
+    assert not [d["metadata"]["name"] for d in applied if d["kind"] == "Secret"]
+    scaled = {d["spec"]["scaleTargetRef"]["name"] for d in applied if d["kind"] == "HorizontalPodAutoscaler"}
+    assert scaled == {"lorafleet"} and "replicas" not in one("Deployment", "lorafleet")["spec"]
+    examples = {d["metadata"]["name"] for d in documents("examples/*.yaml") if d["kind"] == "Secret"}
+    assert examples == {"lorafleet-s3", "lorafleet-keys"}
 
 
 def test_schema_check_rejects_a_broken_manifest() -> None:
