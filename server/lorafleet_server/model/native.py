@@ -196,8 +196,11 @@ class NativePool:
             {
                 "lf_pool_helpers": [],
                 "lf_pool_run": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int],
+                "lf_pool_set_pinning": [ctypes.c_int],
             },
         )
+        self.pinned = pin_helpers(len(os.sched_getaffinity(0)), cgroup_cpu_limit())
+        fns["lf_pool_set_pinning"](int(self.pinned))
         self.library = library
         self._lib = lib  # keeps the library loaded while kernels hold the address of its lf_pool_run
         self.threads = threads
@@ -209,6 +212,32 @@ class NativePool:
     def helpers(self) -> int:
         """How many helper threads run in this process."""
         return int(self._helpers())
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs this process's cgroup may use (its CFS quota / period), None when unlimited or unknown."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def pin_helpers(cpus: int, limit: float | None) -> bool:
+    """Whether the pool pins its helpers to cores of their own (``cpus`` in this process's CPU set, its
+    cgroup's CPU ``limit``): only where it may use every CPU it may run on. Under a smaller quota (a
+    Kubernetes pod without exclusive cores on a shared node) every replica pinned its helpers to the
+    same last cores of the node while the others idled."""
+    pinned = limit is None or limit >= cpus
+    if not pinned:
+        log.info("native pool: helpers not pinned (CPU quota %.2f of the %d CPUs in its set)", limit, cpus)
+    return pinned
 
 
 def load_native_pool(cache_dir: Path, threads: int, compiler: str | None = None) -> NativePool:

@@ -92,6 +92,13 @@ static int cpu_of_set(const cpu_set_t *set, int index) {
     return -1;
 }
 
+/* 0: helpers are left to the scheduler (lf_pool_set_pinning): where this process may run on more CPUs
+ * than it may use (a container's CPU quota on a shared node), every replica on the node would pin its
+ * helpers to the same last cores of the node. */
+static atomic_int pin_helpers = 1;
+
+void lf_pool_set_pinning(int on) { atomic_store(&pin_helpers, on ? 1 : 0); }
+
 static void pin_self(int cpu) {
     cpu_set_t one;
     CPU_ZERO(&one);
@@ -154,7 +161,8 @@ static int start_helpers(int want) {
             pthread_attr_t attr;
             pthread_attr_init(&attr);
             pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-            const int cpu = cpu_of_set(&set, CPU_COUNT(&set) - 1 - atomic_load(&helpers));
+            const int cpu =
+                atomic_load(&pin_helpers) ? cpu_of_set(&set, CPU_COUNT(&set) - 1 - atomic_load(&helpers)) : -1;
             const int rc = pthread_create(&t, &attr, helper_main, (void *)(intptr_t)cpu);
             pthread_attr_destroy(&attr);
             if (rc != 0) break;
