@@ -64,6 +64,20 @@ def test_applying_the_directory_replaces_no_secret_and_no_replica_count() -> Non
     assert examples == {"lorafleet-s3", "lorafleet-keys"}
 
 
+def test_envoy_drains_before_it_stops_and_sizes_its_workers() -> None:
+    """A plain SIGTERM stopped Envoy at once (a stream 1.5 s in was cut), and without --concurrency it
+    ran one worker per CPU of the node under a 1-CPU limit."""
+    pod = one("Deployment", "lorafleet-envoy")["spec"]["template"]["spec"]
+    [envoy] = pod["containers"]
+    args = envoy["args"]
+    assert args[args.index("--concurrency") + 1] == "1"
+    drain_s = int(args[args.index("--drain-time-s") + 1])
+    hook = " ".join(envoy["lifecycle"]["preStop"]["exec"]["command"])
+    assert "drain_listeners?graceful" in hook
+    slept = int(hook.rsplit("sleep", 1)[1])
+    assert drain_s < slept < pod["terminationGracePeriodSeconds"]
+
+
 def test_schema_check_rejects_a_broken_manifest() -> None:
     deployment = one("Deployment", "lorafleet")
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "grpc"
