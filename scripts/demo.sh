@@ -21,5 +21,9 @@ for _ in $(seq 1 120); do
   kill -0 $SERVER 2>/dev/null || { cat "$LOG"; exit 1; }
   sleep 1
 done
-grep "lorafleet ready" "$LOG"
+if ! grep "lorafleet ready" "$LOG"; then
+  echo "demo: the server was not ready within 120 s; its log ends with:" >&2
+  tail -n 30 "$LOG" >&2
+  exit 1
+fi
 "$BIN/python" -m demo.run_demo --work "$WORK" --store "$STORE" --target "127.0.0.1:$PORT" "$@"

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -340,8 +341,14 @@ def _up(args: argparse.Namespace, directory: Path, launcher: Launcher) -> Fleet:
     fleet = Fleet(str(directory), target, admin, store, replicas, envoy.pid, s3_pid, s3_endpoint, extra_env)
     # Both hold the S3 credentials (extra_env): readable by their owner only, from their first byte.
     write_private(directory / "fleet.json", json.dumps(asdict(fleet), indent=2))
-    write_private(directory / "env", "".join(f"export {k}={v}\n" for k, v in extra_env.items()))
+    write_private(directory / "env", env_text(extra_env))
     return fleet
+
+
+def env_text(env: dict[str, str]) -> str:
+    """``env`` as the lines of a file to source, quoted for the shell (a store path with a space was cut
+    at it, the rest read as another command)."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
 
 
 def write_private(path: Path, text: str) -> None:
@@ -394,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"metrics http://127.0.0.1:{r.metrics_port}/metrics"
         )
     print(f"  adapter store: {fleet.store}" + (f" on {fleet.s3_endpoint}" if fleet.s3_endpoint else ""))
-    print(f"  environment: . {Path(fleet.dir) / 'env'}   (then: lorafleet adapters import DIR tenant/name)")
+    env_file = shlex.quote(str(Path(fleet.dir) / "env"))
+    print(f"  environment: . {env_file}   (then: lorafleet adapters import DIR tenant/name)")
     print(f"  logs: {fleet.dir}/*.log; stop with: make fleet-stop")
     return 0
 

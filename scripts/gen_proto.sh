@@ -27,9 +27,12 @@ esac
 generate() {  # $1: the directory to fill with the generated modules (a lorafleet_proto/v1 folder)
   local raw
   raw="$(mktemp -d)"
-  (cd "$ROOT" && "$PYTHON" -m grpc_tools.protoc -Iproto \
+  if ! (cd "$ROOT" && "$PYTHON" -m grpc_tools.protoc -Iproto \
     --python_out="$raw" --pyi_out="$raw" --grpc_python_out="$raw" \
-    proto/lorafleet/v1/*.proto)
+    proto/lorafleet/v1/*.proto); then
+    rm -rf "$raw"
+    return 1
+  fi
   mkdir -p "$1"
   for f in "$raw"/lorafleet/v1/*; do
     sed -e 's/^from lorafleet\.v1 import /from lorafleet_proto.v1 import /' "$f" >"$1/$(basename "$f")"
@@ -42,7 +45,13 @@ generated_files() {  # $1: a lorafleet_proto/v1 directory; prints the generated 
 }
 
 if [[ "$mode" == "write" ]]; then
-  generate "$COMMITTED"
+  fresh="$(mktemp -d)"
+  trap 'rm -rf "$fresh"' EXIT
+  generate "$fresh/v1"
+  # Generated modules of a .proto that is gone go too (--check would call them stale for ever).
+  mkdir -p "$COMMITTED"
+  (cd "$COMMITTED" && rm -f -- *_pb2.py *_pb2.pyi *_pb2_grpc.py)
+  cp "$fresh"/v1/* "$COMMITTED"/
   echo "regenerated $COMMITTED" >&2
   exit 0
 fi

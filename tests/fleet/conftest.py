@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,8 +38,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> 
     try:
         assert up.returncode == 0, up.stdout + up.stderr + _logs(state)
         info = json.loads((state / "fleet.json").read_text())
-        env = dict(
-            line.removeprefix("export ").split("=", 1) for line in (state / "env").read_text().splitlines() if line
+        env = dict(  # the file is shell: its values are quoted
+            shlex.split(line.removeprefix("export "))[0].split("=", 1)
+            for line in (state / "env").read_text().splitlines()
+            if line
         )
         yield LiveFleet(
             dir=state,

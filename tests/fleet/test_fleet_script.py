@@ -68,6 +68,19 @@ def test_the_files_holding_credentials_are_written_private(tmp_path: Path) -> No
         os.umask(old_umask)
 
 
+def test_the_env_file_survives_a_path_with_a_space(tmp_path: Path) -> None:
+    env = {"LORAFLEET_ADAPTER_STORE": str(tmp_path / "sp ace" / "store"), "AWS_SECRET_ACCESS_KEY": "a'b$c"}
+    path = tmp_path / "env"
+    path.write_text(fleet_script.env_text(env))
+    out = subprocess.run(
+        ["bash", "-c", f'. "{path}" && printf "%s\\n%s" "$LORAFLEET_ADAPTER_STORE" "$AWS_SECRET_ACCESS_KEY"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split("\n") == [env["LORAFLEET_ADAPTER_STORE"], env["AWS_SECRET_ACCESS_KEY"]]
+
+
 # On SIGTERM: the "replica" drains for a second before it exits, the "envoy" notes whether the replica had
 # finished when its own SIGTERM came.
 _REPLICA = """
