@@ -37,12 +37,21 @@ PYEOF
 "$PY" -c "import sys, torch, transformers, bitsandbytes, peft; print('python', sys.version.split()[0], 'torch', \
 torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'bitsandbytes', \
 bitsandbytes.__version__, 'peft', peft.__version__)" | tee "$OUT/versions.txt"
+# The image's CUDA torch, not the project's pin: say so when they differ (results hold for that torch).
+pinned=$(sed -n 's/^TORCH_SPEC ?= torch==//p' Makefile)
+"$PY" -c "import sys, torch; v = torch.__version__.split('+')[0]; sys.exit(v != sys.argv[1])" "$pinned" \
+    || echo "warning: torch $("$PY" -c 'import torch; print(torch.__version__)') here, the project pins $pinned" \
+    | tee -a "$OUT/versions.txt"
+# pytest-timeout where the image has it (the kit does not carry it); the outer timeouts bound both parts
+# to 7 minutes in all, inside the 8 this check is allowed.
+per_test=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 200)
 
 # Each part runs even when the one before failed; the exit status says whether any did.
 status=0
-timeout 300 "$PY" -m pytest tests/gpu -m gpu -v -rP -p no:cacheprovider -o addopts="" --timeout 240 2>&1 \
+timeout 240 "$PY" -m pytest tests/gpu -m gpu -v -rP -p no:cacheprovider -o addopts="" "${per_test[@]}" 2>&1 \
     | tee "$OUT/gpu-tests.log" || status=$?
-timeout 240 "$PY" -m bench.engine_direct --device cuda --quantization nf4 --counts 32 \
+timeout 180 "$PY" -m bench.engine_direct --device cuda --quantization nf4 --counts 32 \
     --model "$LORAFLEET_DATA_DIR/models/SmolLM2-135M-Instruct" --out "$OUT" 2>&1 \
     | grep -v Warning | tee "$OUT/bench.log" || status=$?
 exit "$status"
