@@ -197,3 +197,19 @@ def test_a_placeholder_keys_file_locks_nobody_out(tmp_path: Path) -> None:
     source.path.write_text("REPLACE_ME")
     assert watcher.poll() is False
     assert watcher.authenticate(key.key, NOW).tenant == "acme"
+
+
+def test_loose_file_modes_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A pepper anyone may read lets a local user forge keys; a keys file others may write lets a tenant
+    make its key an admin's. Both are written 0600; nothing said when a copy widened them."""
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    create_key(path, source, tenant="acme", role="tenant", now=NOW)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        KeyFileWatcher(path, source).poll()
+    assert "chmod 600" not in caplog.text
+    path.chmod(0o666)
+    source.path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        KeyFileWatcher(path, source).poll()
+    assert f"{path} (mode 0666)" in caplog.text and f"{source.path} (mode 0644)" in caplog.text

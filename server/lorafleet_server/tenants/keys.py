@@ -739,6 +739,24 @@ def revoke_key(path: Path, key_id: str, now: datetime) -> tuple[KeyRecord, bool]
     return revoked, True
 
 
+def loose_permissions(keys_file: Path, pepper_file: Path | None) -> list[str]:
+    """What others than the owner may do that they should not: change the keys file (a tenant on the
+    host could make its key an admin's without knowing the pepper), or read or change the pepper (forge
+    keys). Both are written 0600; a copy without -p, a restore or a config tool can widen them."""
+    problems = []
+    checks = [(keys_file, 0o022, "written by group or others")]
+    if pepper_file is not None:
+        checks.append((pepper_file, 0o077, "read or written by group or others"))
+    for path, loose, what in checks:
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            continue
+        if mode & loose:
+            problems.append(f"{path} (mode {mode:04o}) can be {what}: chmod 600 it")
+    return problems
+
+
 # --- the watcher ----------------------------------------------------------------------------------
 
 _Stat = tuple[int, int, int]
@@ -825,6 +843,8 @@ class KeyFileWatcher:
             else:
                 active = ring.active_count(datetime.now(UTC))
                 log.info("keys file %s: loaded %d keys (%d active)", self._path, len(ring), active)
+                for problem in loose_permissions(self._path, None if self._pepper.override else self._pepper.path):
+                    log.warning("%s", problem)
             self._on_reload(True)
             return True
 
