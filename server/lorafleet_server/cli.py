@@ -239,7 +239,8 @@ def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="N",
         type=_limit_arg,
         default=None,
-        help="this key's waiting requests at most (default: no per-key limit)",
+        help="its tenant's waiting requests at most (the smallest any active key of the tenant sets applies; "
+        "default: none)",
     )
     create.add_argument(
         "--max-running",
@@ -247,7 +248,8 @@ def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="N",
         type=_limit_arg,
         default=None,
-        help="this key's running requests at most (default: no per-key limit)",
+        help="its tenant's running requests at most (the smallest any active key of the tenant sets applies; "
+        "default: none)",
     )
     add_server_arguments(create, exclude=("max_waiting",))
     lst = keys_sub.add_parser("list", help="list keys (never their secrets or hashes)")

@@ -155,6 +155,25 @@ def test_expiry_boundary_and_revocation_wins() -> None:
     assert both.status(NOW) == "revoked" and record.status(NOW) == "active" and record.status(expires) == "expired"
 
 
+def test_a_tenants_limits_are_the_smallest_its_active_keys_set() -> None:
+    """The engine counts a tenant's requests; the requesting key's own limit let a second key of the
+    tenant (a rotation's new key, made without the flags) queue and run without any."""
+    limited_key, limited = make_key(max_waiting=2, max_running=4)
+    free_key, free = make_key()
+    other_key, other = make_key(tenant="beta")
+    old_key, old = make_key(max_running=1, revoked=NOW - timedelta(hours=1))  # revoked: no longer counts
+    ring = KeyRing((limited, free, other, old), PEPPER)
+    for key in (limited_key, free_key):
+        got = ring.authenticate(key, NOW)
+        assert (got.tenant, got.max_waiting, got.max_running) == ("acme", 2, 4)
+    assert ring.authenticate(free_key, NOW).key_id == free.key_id
+    assert (ring.authenticate(other_key, NOW).max_waiting, ring.authenticate(other_key, NOW).max_running) == (
+        None,
+        None,
+    )
+    assert old_key
+
+
 def test_an_empty_ring_knows_no_key() -> None:
     with pytest.raises(UnknownKey):
         KeyRing().authenticate(format_key(generate_key_id(), generate_secret()), NOW)

@@ -360,7 +360,23 @@ class KeyRing:
         if status == "expired":
             assert record.expires is not None
             raise ExpiredKey(f"API key {key_id} expired at {format_timestamp(record.expires)}", key_id)
-        return record
+        return self._with_tenant_limits(record, now)
+
+    def _with_tenant_limits(self, record: KeyRecord, now: datetime) -> KeyRecord:
+        """``record`` with its tenant's limits: the smallest ``max_waiting`` / ``max_running`` any active
+        key of the tenant sets. The engine counts a tenant's requests, not a key's, so the requesting
+        key's own limit let a second key of the same tenant (a rotation's new key made without the
+        flags) run and queue without one."""
+        mine = [r for r in self.records if r.tenant == record.tenant and r.status(now) == "active"]
+
+        def smallest(values: list[int | None]) -> int | None:
+            given = [v for v in values if v is not None]
+            return min(given) if given else None
+
+        limits = smallest([r.max_waiting for r in mine]), smallest([r.max_running for r in mine])
+        if limits == (record.max_waiting, record.max_running):
+            return record
+        return replace(record, max_waiting=limits[0], max_running=limits[1])
 
 
 @dataclass(frozen=True)
