@@ -54,7 +54,8 @@ VOLUME ["/data/adapters"]
 # only with API keys: mount a keys file made by `lorafleet keys create` at /data/keys.json (or set
 # LORAFLEET_KEYS_FILE), or set LORAFLEET_INSECURE_NO_AUTH=true on a trusted network only.
 EXPOSE 50051 8000 9464
-# The gRPC health service of the server itself (needs no key), through Python: no extra binary.
+# The gRPC health service of the server itself (needs no key), through Python: no extra binary. It reads
+# the port from LORAFLEET_* / LORAFLEET_CONFIG, so configure the container that way, not with flags.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "lorafleet_server.grpc.healthcheck"]
 ENTRYPOINT ["lorafleet"]
