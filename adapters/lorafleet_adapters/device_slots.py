@@ -23,7 +23,7 @@ class _Slot:
     pinned: bool = False
     retiring: bool = False  # unload asked while leased: free when the last lease ends
     retire_cause: str = "unloaded"  # logged when a retiring slot is freed
-    drain_for: AdapterKey | None = None  # reserved for this adapter: no new lease until the leases end
+    drain_for: AdapterKey | None = None  # reserved for this adapter: no new lease; it installs here once idle
     last_used: int = 0
 
 
@@ -66,22 +66,35 @@ class DeviceSlots:
     def pinned_count(self) -> int:
         return sum(1 for s in list(self._slots) if s.pinned)
 
+    def can_acquire(self, key: AdapterKey) -> bool:
+        """Whether ``acquire(key)`` would lease a slot now (resident, its slot not reserved for another)."""
+        slot = self._index.get(key)
+        return slot is not None and self._slots[slot].drain_for is None
+
+    def reservation(self) -> AdapterKey | None:
+        """The adapter a slot is reserved for (at most one at a time), or None."""
+        return next((s.drain_for for s in self._slots if s.drain_for is not None), None)
+
+    def drop_reservation(self) -> None:
+        """Give a reserved slot back to its adapter (the request it was reserved for is gone)."""
+        for s in self._slots:
+            s.drain_for = None
+
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is resident in a slot (no lease taken, recency untouched)."""
         return key in self._index
 
     def acquire(self, key: AdapterKey) -> int | None:
-        """Lease a resident adapter's slot; None when it is not resident, or while its slot drains for
-        another adapter (``reserve_for``) and still has leases."""
+        """Lease a resident adapter's slot; None when it is not resident, or when its slot is reserved
+        for another adapter (``reserve_for``)."""
         slot = self._index.get(key)
         if slot is None:
             return None
         entry = self._slots[slot]
-        if entry.drain_for is not None and entry.leases > 0:
+        if entry.drain_for is not None:
             return None
         entry.leases += 1
         entry.retiring = False
-        entry.drain_for = None
         self._touch(entry)
         return slot
 
@@ -105,7 +118,11 @@ class DeviceSlots:
         existing = self._index.get(key)
         if existing is not None:
             return existing
-        slot = self._victim()
+        reserved = next((i for i, s in enumerate(self._slots) if s.drain_for == key), None)
+        if reserved is not None and self._slots[reserved].leases == 0:
+            slot: int | None = reserved  # drained for this adapter
+        else:
+            slot = self._victim()
         if slot is None:
             return None
         if self._slots[slot].key is not None:
@@ -118,6 +135,8 @@ class DeviceSlots:
             self._clear(slot)  # a half-written slot holds nothing usable; it stays free
             raise
         self._slots[slot] = _Slot(key=key)
+        if reserved is not None:  # installed (there, or in a slot that came free): the reservation is done
+            self._slots[reserved].drain_for = None
         self._touch(self._slots[slot])
         self._index[key] = slot
         log.info("adapter %s loaded into device slot %d", key, slot)
@@ -126,20 +145,20 @@ class DeviceSlots:
 
     def reserve_for(self, key: AdapterKey) -> int | None:
         """Make room for ``key`` when every slot is leased: one unpinned slot (retiring first, then least
-        recently used) takes no new lease until its leases end, when ``install`` reuses it; the slot,
-        or None when every unpinned slot already drains for another adapter.
+        recently used) is reserved for it, takes no new lease, and once its leases end ``install`` puts
+        ``key`` there (no other adapter may take it). One reservation at a time: the slot, or None when
+        another adapter holds the reservation or every slot is pinned.
 
         Without it a leased slot was freed only when it was idle, and an adapter whose requests
         overlap (one tenant's steady traffic) never left it idle: another adapter's request waited
-        for as long as that traffic lasted, however fair its tenant's turn. The engine asks for this
-        only for a request that has waited a while, so ordinary churn does not evict busy adapters.
+        for as long as that traffic lasted, however fair its tenant's turn. The manager asks for this
+        only for an adapter that has waited a while with its weights at hand (``SLOT_WAIT_STEPS``), so
+        ordinary churn does not drain busy adapters.
         """
-        for i in range(1, len(self._slots)):
-            if self._slots[i].drain_for == key:
-                return i
-        candidates = [
-            i for i in range(1, len(self._slots)) if not self._slots[i].pinned and self._slots[i].drain_for is None
-        ]
+        held = self.reservation()
+        if held is not None:
+            return next(i for i, s in enumerate(self._slots) if s.drain_for == key) if held == key else None
+        candidates = [i for i in range(1, len(self._slots)) if not self._slots[i].pinned]
         if not candidates:
             return None
         slot = min(candidates, key=lambda i: (not self._slots[i].retiring, self._slots[i].last_used))
@@ -202,15 +221,15 @@ class DeviceSlots:
         free = [i for i in range(1, len(self._slots)) if self._slots[i].key is None]
         if free:
             return free[0]
-        idle = [i for i in range(1, len(self._slots)) if self._slots[i].leases == 0 and not self._slots[i].pinned]
+        idle = [
+            i
+            for i in range(1, len(self._slots))
+            if self._slots[i].leases == 0 and not self._slots[i].pinned and self._slots[i].drain_for is None
+        ]  # a reserved slot goes to its adapter only (``install``)
         if not idle:
             return None
-        # Retiring (superseded/unloaded) slots go first, then those drained for a waiting adapter, then
-        # least recently used.
-        return min(
-            idle,
-            key=lambda i: (not self._slots[i].retiring, self._slots[i].drain_for is None, self._slots[i].last_used),
-        )
+        # Retiring (superseded/unloaded) slots go first, then least recently used.
+        return min(idle, key=lambda i: (not self._slots[i].retiring, self._slots[i].last_used))
 
     def _free(self, slot: int, event: str, cause: str = "unloaded", *, clear: bool = True) -> None:
         key = self._slots[slot].key

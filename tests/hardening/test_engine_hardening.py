@@ -225,7 +225,7 @@ def test_retire_waits_for_the_last_lease() -> None:
     assert slots.retire(AdapterKey("acme", "gone", 1), "superseded") is True  # not resident: nothing to do
 
 
-def test_a_slot_drained_for_a_waiting_adapter_takes_no_new_lease() -> None:
+def test_a_slot_reserved_for_a_waiting_adapter_goes_to_it_alone() -> None:
     import torch
 
     from lorafleet_adapters.device_slots import DeviceSlots
@@ -237,19 +237,24 @@ def test_a_slot_drained_for_a_waiting_adapter_takes_no_new_lease() -> None:
             key=key, rank=1, modules={"m": (torch.zeros(1, 1), torch.zeros(1, 1))}, nbytes=8, config={}
         )
 
-    busy, cold, pinned = AdapterKey("a", "x", 1), AdapterKey("b", "y", 1), AdapterKey("c", "z", 1)
+    busy, cold, other, pinned = (AdapterKey(t, "x", 1) for t in ("a", "b", "c", "d"))
     slots = DeviceSlots(2, lambda _slot, _w: None, lambda _slot: None)
-    slot = slots.install(busy, weights(busy))
-    other = slots.install(pinned, weights(pinned))
-    assert slot is not None and other is not None and slots.pin(pinned)
+    slot, kept = slots.install(busy, weights(busy)), slots.install(pinned, weights(pinned))
+    assert slot is not None and kept is not None and slots.pin(pinned)
     assert slots.acquire(busy) == slot
     assert slots.install(cold, weights(cold)) is None  # leased or pinned: no room
-    assert slots.reserve_for(cold) == slot == slots.reserve_for(cold)  # once per waiting adapter
-    assert slots.reserve_for(AdapterKey("d", "w", 1)) is None  # the pinned slot never drains
-    assert slots.acquire(busy) is None  # draining: the running lease stays, no new one
-    assert busy in slots.snapshot() and slots.snapshot()[busy].leases == 1
+    assert slots.reserve_for(cold) == slot == slots.reserve_for(cold)
+    assert slots.reserve_for(other) is None  # one reservation at a time
+    assert slots.acquire(busy) is None and not slots.can_acquire(busy)  # reserved: no new lease
+    assert slots.snapshot()[busy].leases == 1  # the running one goes on
     slots.release(slot)
+    assert slots.acquire(busy) is None  # idle now, still reserved: not taken back
+    assert slots.install(other, weights(other)) is None  # nor taken by another adapter
     assert slots.install(cold, weights(cold)) == slot and busy not in slots.snapshot()
+    assert slots.reservation() is None and slots.acquire(cold) == slot
+    # A reservation whose adapter nobody waits for any more is dropped: the slot serves its own again.
+    assert slots.reserve_for(other) == slot and slots.acquire(cold) is None
+    slots.drop_reservation()
     assert slots.acquire(cold) == slot
 
 

@@ -18,7 +18,7 @@ import pytest
 from enginelib import Collected, request, submit, tiny_service
 
 from lorafleet_server.app import Service
-from lorafleet_server.engine import engine as engine_module
+from lorafleet_server.engine import adapter_manager as adapter_manager_module
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
 from lorafleet_server.engine.types import GenerationRequest, Principal
 from lorafleet_server.errors import QueueFull
@@ -319,7 +319,7 @@ def test_an_adapter_kept_busy_by_one_tenant_does_not_hold_the_only_slot_for_ever
             sink.wait(60)
         assert len(chain) == 12  # a's traffic lasted ~12 x 10 steps
         waited = b.steps[0] - arrived
-        assert waited <= engine_module.SLOT_WAIT_STEPS + 20 + 4, waited  # its wait, a's running requests, slack
+        assert waited <= adapter_manager_module.SLOT_WAIT_STEPS + 20 + 4, waited  # its wait, a's running requests, slack
         assert b.steps[0] < chain[-1].steps[0]  # b ran before a's traffic ended
     finally:
         svc.engine.shutdown(10)

@@ -40,6 +40,8 @@ from lorafleet_server.errors import AdapterBusy
 log = logging.getLogger(__name__)
 
 ABANDONED_LOAD_SECONDS = 30.0  # a finished load no request polls for this long is forgotten
+# Engine steps an adapter's weights wait, every slot leased, before a slot is reserved for it.
+SLOT_WAIT_STEPS = 16
 # Versions are immutable, so these keep what was read to save reading it again; least recently used
 # out first. Beside --host-cache-bytes (LoRA weights) a server holds at most this much of the others.
 MANIFESTS_KEPT = 4096  # ~4 KB each
@@ -126,6 +128,7 @@ class AdapterManager:
             self._superseded,
             rescan_seconds=rescan_seconds,
         )
+        self._blocked_since: dict[AdapterKey, int] = {}  # engine step each adapter's install first failed
         self._retired: list[tuple[AdapterKey, AdapterKey]] = []  # (old, new) swaps to retire (lock guards)
         self._wake: Callable[[], None] = lambda: None
 
@@ -279,20 +282,21 @@ class AdapterManager:
                 log.info("adapter %s: a background load no request polled for %.0fs was dropped", key, now - seen)
         return dropped
 
-    def poll(self, key: AdapterKey, first: bool = True, starving: bool = False) -> int | None:
+    def poll(self, key: AdapterKey, first: bool = True, step: int = 0) -> int | None:
         """Lease ``key``'s device slot if ready; else start or follow its load and return None.
 
         ``first``: the request's first poll. A request waiting for a free slot is polled every engine
         step; only its first lookup counts on the host tier (each step counted a hit: the host hit
-        ratio read ~100% exactly while slots were contended). ``starving``: the request has waited long
-        for a slot; every slot being leased, one is made to drain for it (``DeviceSlots.reserve_for``).
+        ratio read ~100% exactly while slots were contended). ``step``: the engine's step count; an
+        adapter whose weights have waited ``SLOT_WAIT_STEPS`` for a slot, every slot leased, gets one
+        reserved (``DeviceSlots.reserve_for``).
         Raises the adapter's error if its load failed (the next request for it tries again).
         """
         slot = self.slots.acquire(key)
         if slot is not None:
             self.observer.adapter_event("device", "hit")
             return slot
-        if key in self.slots:  # resident, its slot draining for another adapter: wait for its leases to end
+        if key in self.slots:  # resident, its slot reserved for another adapter: wait until that one is in
             return None
         weights = self._host_weights(key, count=first)
         if weights is None:
@@ -300,9 +304,11 @@ class AdapterManager:
         if self._install(key, weights) is None:
             if not self.slots.can_ever_install():
                 raise AdapterBusy(f"every device slot is pinned; cannot load {key}")
-            if starving:
+            since = self._blocked_since.setdefault(key, step)
+            if step - since >= SLOT_WAIT_STEPS:
                 self.slots.reserve_for(key)
             return None  # all slots leased: wait for a request to finish
+        self._blocked_since.pop(key, None)
         self.observer.adapter_event("device", "miss")
         return self.slots.acquire(key)
 
@@ -326,6 +332,26 @@ class AdapterManager:
     def resident(self, key: AdapterKey) -> bool:
         """Whether ``key`` sits in a device slot now (no lease taken). Engine thread only."""
         return key in self.slots
+
+    def can_start(self, key: AdapterKey) -> bool:
+        """Whether a request of ``key`` could take its slot now (resident, the slot not reserved for
+        another adapter). Engine thread only."""
+        return self.slots.can_acquire(key)
+
+    @property
+    def tracks_waits(self) -> bool:
+        """Whether ``still_waiting`` has anything to forget (engine thread only)."""
+        return bool(self._blocked_since) or self.slots.reservation() is not None
+
+    def still_waiting(self, keys: set[AdapterKey]) -> None:
+        """The adapters requests still wait a slot for (engine thread, each admission): the wait of any
+        other is forgotten, and a slot reserved for an adapter nobody waits for any more (its requests
+        cancelled or expired) goes back to its own."""
+        for key in [k for k in self._blocked_since if k not in keys]:
+            del self._blocked_since[key]
+        reserved = self.slots.reservation()
+        if reserved is not None and reserved not in keys:
+            self.slots.drop_reservation()
 
     def release(self, slot: int) -> None:
         self.slots.release(slot)

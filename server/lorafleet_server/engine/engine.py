@@ -73,8 +73,6 @@ CALL_TIMEOUT_SECONDS = 30.0
 ABORT_JOIN_SECONDS = 30.0
 # While an idle engine gathers a burst (``burst_wait_ms``), a gap this long without a new message ends it.
 BURST_QUIET_SECONDS = 0.005
-# A request waiting this many steps for a device slot, every slot leased, gets one drained for it.
-SLOT_WAIT_STEPS = 16
 DRAINING = "the server is draining: the request was not started; retry it (on another replica)"
 
 
@@ -95,7 +93,7 @@ class _Request:
     head: ClassifierHead | None = None  # a Classify request's head (its features come from `lora` or the base)
     cancelled: bool = False
     slot: int = 0
-    polled_at: int = -1  # the engine step of its first ask for its adapter's slot (-1: not yet)
+    polled: bool = False  # its adapter's slot was asked for at least once (its host lookup is counted)
     kv_row: int = -1
     cached: int = 0  # tokens in this row's KV cache
     generated: list[int] = field(default_factory=list)
@@ -596,6 +594,8 @@ class Engine:
             self._fill_rows()
 
     def _fill_rows(self) -> None:
+        if self.adapters.tracks_waits:
+            self.adapters.still_waiting({r.lora for r in self._waiting if r.lora is not None and not r.slot})
         running: dict[str, int] = {}
         for row in self._running:
             running[row.tenant] = running.get(row.tenant, 0) + 1
@@ -616,11 +616,8 @@ class Engine:
                     break  # this tenant runs its limit's worth; the next tenant goes
                 if r.lora is not None and not r.slot:
                     try:
-                        first = r.polled_at < 0
-                        if first:
-                            r.polled_at = self.steps
-                        starving = self.steps - r.polled_at >= SLOT_WAIT_STEPS
-                        slot = self.adapters.poll(r.lora, first=first, starving=starving)
+                        slot = self.adapters.poll(r.lora, first=not r.polled, step=self.steps)
+                        r.polled = True
                     except Exception as exc:  # the adapter's error; anything else is a bug, this request's alone
                         if not isinstance(exc, AdapterError | ServingError):
                             log.exception("request %s: loading adapter %s failed", r.req.request_id, r.lora)
@@ -638,7 +635,7 @@ class Engine:
         return bool(limit) and running.get(r.tenant, 0) >= limit
 
     def _can_start_now(self, r: _Request) -> bool:
-        return r.lora is None or bool(r.slot) or self.adapters.resident(r.lora)
+        return r.lora is None or bool(r.slot) or self.adapters.can_start(r.lora)
 
     def _preemptible(self, r: _Request) -> bool:
         return not r.req.embed and not r.cancelled
