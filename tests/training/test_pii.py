@@ -46,6 +46,9 @@ PLANTED = [
     ),
     ("the wifi password: Summer2024! ok", "secret", "Summer2024!"),
     ('{"api_key": "abc123def456ghi"}', "secret", "abc123def456ghi"),
+    ("export DB_PASSWORD=hunter2hunter2", "secret", "hunter2hunter2"),
+    ("OPENAI_API_KEY=abc123def456 in .env", "secret", "abc123def456"),
+    ("the password = 12345678 works", "secret", "12345678"),
     (
         "k: -----BEGIN RSA PRIVATE KEY-----\nMIIEpAIB\nab==\n-----END RSA PRIVATE KEY-----\nthanks",
         "secret",
@@ -76,6 +79,7 @@ CLEAN = [
     "Reset your password: click the link we sent. Password requirements: 8 characters, one digit.",
     "Set api_key: YOUR_API_KEY_HERE; password = ********; the secret ingredient is love.",
     "Bearer tokens expire after one hour; we use scikit-learn (sk-learn) and a public key.",
+    "grep alice /etc/passwd: alice:x:1001:1001; PWD=/home/ubuntu2; password: $DB_PASS2 from the vault.",
 ]
 
 

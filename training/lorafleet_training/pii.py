@@ -8,7 +8,8 @@ mod-97 check; phone numbers need a ``+`` country code or the North American shap
 IPv4 needs four octets <= 255 outside a version string; IPv6 must parse. Secrets are private-key
 blocks, tokens in the documented formats of common providers (AWS, GitHub, GitLab, Slack, Stripe,
 Google, OpenAI-style ``sk-``, JWTs), and a value assigned to a credential word (``password: ...``,
-``api_key=...``) that mixes letters and digits (a placeholder such as ``YOUR_API_KEY`` is not flagged).
+``DB_PASSWORD=...``, ``api_key=...``) that mixes letters and digits or is all digits (a placeholder such
+as ``YOUR_API_KEY``, a path or a variable is not flagged).
 
 Reports never hold a found value: each finding has its line, field, kind, span and a masked preview.
 """
@@ -25,7 +26,7 @@ from typing import Any
 from lorafleet_training.data import Example
 from lorafleet_training.errors import PiiFound
 
-SCANNER = "lorafleet-pii/1"
+SCANNER = "lorafleet-pii/2"  # /2: secrets are a kind
 MODES = ("refuse", "redact", "allow")
 KINDS = ("email", "phone", "payment_card", "ssn", "iban", "ipv4", "ipv6", "secret")
 PLACEHOLDERS = {
@@ -460,8 +461,10 @@ _TOKEN = re.compile(
     r"|eyJ[A-Za-z0-9_-]{8,4096}\.eyJ[A-Za-z0-9_-]{8,4096}\.[A-Za-z0-9_-]{8,4096}"  # JWT
     r")(?![A-Za-z0-9_-])"
 )
+# A credential word, also as the end of a longer name (DB_PASSWORD, OPENAI_API_KEY), then ':' or '='. Not
+# "passwd" / "pwd": /etc/passwd lines and the shell's PWD=/home/... are no secrets.
 _ASSIGNED = re.compile(
-    r"(?i)(?:\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|secret[_-]?key|private[_-]?key"
+    r"(?i)(?:(?<![A-Za-z0-9])(?:password|passphrase|secret|client[_-]?secret|secret[_-]?key|private[_-]?key"
     r"|api[_-]?key|access[_-]?key|auth[_-]?token|access[_-]?token)\b[\"']?[ \t]{0,3}[:=]|\bbearer[ \t])"
     r"[ \t]{0,3}[\"']?([^\s\"'`,;]{8,200})"
 )
@@ -487,7 +490,10 @@ def _secrets(text: str) -> Iterator[tuple[int, int]]:
         yield m.start(), m.end()
     for m in _ASSIGNED.finditer(text):
         value = m.group(1)
-        if any(ch.isdigit() for ch in value) and any(ch.isalpha() for ch in value):
+        if value[0] in "/~$<{[(":  # a path, a variable or a placeholder, not a value
+            continue
+        digits = sum(ch.isdigit() for ch in value)
+        if (digits and any(ch.isalpha() for ch in value)) or digits == len(value):
             yield m.start(1), m.end(1)
 
 

@@ -678,10 +678,11 @@ class Engine:
         p = r.req.params
         if not r.req.embed:
             r.detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids)
-            # A stop string that is a special token's text stops on that token: the text the matcher sees
-            # is decoded without special tokens, so "<|im_start|>" never matched (and vanished).
+            # A stop string that is a special token's text also stops on that token: the text the matcher
+            # sees is decoded without special tokens, so "<|im_start|>" as one token never matched (and
+            # vanished). Spelled out in ordinary pieces, it still matches as text.
             r.stop_ids = frozenset(self.special_token_ids[s] for s in p.stop if s in self.special_token_ids)
-            r.stops = StopMatcher(tuple(s for s in p.stop if s not in self.special_token_ids))
+            r.stops = StopMatcher(p.stop)
             if p.repetition_penalty != 1.0:
                 r.seen = torch.tensor(r.prompt_ids, dtype=torch.long)
             if p.temperature > 0:
