@@ -30,6 +30,7 @@ and read timeouts and bounded retries, and every failure to reach or use the buc
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import json
 import logging
@@ -919,20 +920,39 @@ class S3AdapterStore:
         digest = hashlib.sha256()
         written = 0
         allowed = DOWNLOAD_BASE_SECONDS + size / DOWNLOAD_MIN_BYTES_PER_SECOND
-        deadline = time.monotonic() + allowed
-        with self._reading(what), open(dest, "xb") as out:
-            for chunk in response["Body"].iter_chunks(_CHUNK):
-                written += len(chunk)
-                if written > limit:
-                    raise AdapterFormatError(f"{key}: {file_name} is over {limit} bytes{why}")
-                if time.monotonic() > deadline:
-                    response["Body"].close()
-                    raise StoreUnavailable(
-                        f"adapter store {self._location}: cannot {what}: {written} of {size} bytes in "
-                        f"{allowed:.0f} s (slower than {DOWNLOAD_MIN_BYTES_PER_SECOND >> 10} KiB/s)"
-                    )
-                digest.update(chunk)
-                out.write(chunk)
+        # The bound is kept by a timer that closes the body: a read blocks until its whole chunk has
+        # arrived (1 MiB), each byte well within the read timeout, so a check between chunks never ran.
+        cut = threading.Event()
+
+        def too_slow() -> None:
+            cut.set()
+            with contextlib.suppress(Exception):
+                response["Body"].close()
+
+        timer = threading.Timer(allowed, too_slow)
+        timer.daemon = True
+        timer.start()
+        try:
+            with self._reading(what), open(dest, "xb") as out:
+                for chunk in response["Body"].iter_chunks(_CHUNK):
+                    written += len(chunk)
+                    if written > limit:
+                        response["Body"].close()
+                        raise AdapterFormatError(f"{key}: {file_name} is over {limit} bytes{why}")
+                    if cut.is_set():
+                        break
+                    digest.update(chunk)
+                    out.write(chunk)
+        except Exception:
+            if not cut.is_set():
+                raise
+        finally:
+            timer.cancel()
+        if cut.is_set():
+            raise StoreUnavailable(
+                f"adapter store {self._location}: cannot {what}: {written} of {size} bytes in "
+                f"{allowed:.0f} s (slower than {DOWNLOAD_MIN_BYTES_PER_SECOND >> 10} KiB/s)"
+            )
         actual = digest.hexdigest()
         if actual != expected:
             raise AdapterFormatError(

@@ -300,15 +300,29 @@ def test_a_download_slower_than_its_bound_is_cut_off(
     real_get = replica._get
 
     class Trickle:
+        """A body sending a few bytes at a time, each well within the read timeout: a chunk of the size
+        asked for (1 MiB) is never complete, as urllib3 reads it. Closing it ends the read (EBADF)."""
+
         def __init__(self, body: Any) -> None:
             self._body = body
+            self._closed = threading.Event()
 
-        def iter_chunks(self, _size: int) -> Iterator[bytes]:
-            for chunk in self._body.iter_chunks(64):
-                time.sleep(0.01)
-                yield chunk
+        def iter_chunks(self, size: int) -> Iterator[bytes]:
+            data = self._body.read()
+            buffered = b""
+            for i in range(0, len(data), 64):
+                if self._closed.wait(0.01):
+                    raise OSError(9, "Bad file descriptor")
+                buffered += data[i : i + 64]
+                if len(buffered) >= size:
+                    yield buffered
+                    buffered = b""
+            while not self._closed.wait(0.01):  # the rest never arrives
+                pass
+            raise OSError(9, "Bad file descriptor")
 
         def close(self) -> None:
+            self._closed.set()
             self._body.close()
 
     def trickling(object_key: str, what: str) -> Any:
