@@ -21,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from fleetlib import ROOT
+from seaweedlib import free_ports
 
 from lorafleet_server.config import config_from_args
 
@@ -76,6 +77,49 @@ def test_envoy_drains_before_it_stops_and_sizes_its_workers() -> None:
     assert "drain_listeners?graceful" in hook
     slept = int(hook.rsplit("sleep", 1)[1])
     assert drain_s < slept < pod["terminationGracePeriodSeconds"]
+
+
+def test_envoys_prestop_hook_drains_a_real_envoy(tmp_path: Path) -> None:
+    """The hook first used wget, which Envoy's image lacks (a silent no-op), and `inboundonly`, which
+    matched no listener. Run as written against this Envoy, with the manifest's config: the admin port
+    answers 200 and the listener closes once the drain time is over."""
+    import socket
+    import time
+    import urllib.request
+
+    pod = one("Deployment", "lorafleet-envoy")["spec"]["template"]["spec"]
+    hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    admin, listen = free_ports(2)  # the manifest's 9901 and 50050, moved to free ones
+    text = one("ConfigMap", "lorafleet-envoy")["data"]["envoy.yaml"]
+    text = text.replace("port_value: 9901", f"port_value: {admin}").replace(
+        "port_value: 50050", f"port_value: {listen}"
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text)
+    hook = [part.replace("127.0.0.1/9901", f"127.0.0.1/{admin}") for part in hook]
+    args = ["-c", str(config), "--concurrency", "1", "--drain-time-s", "1", "--drain-strategy", "immediate"]
+    envoy = subprocess.Popen(
+        [str(BIN / "envoy"), *args, "--base-id", "7311"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and envoy.poll() is None, "Envoy did not start"
+                time.sleep(0.2)
+        posted = subprocess.run(
+            [*hook[:-1], hook[-1].rsplit(";", 1)[0]], capture_output=True, text=True, timeout=10, check=True
+        )
+        assert posted.stdout.startswith("HTTP/1.1 200")
+        time.sleep(2.5)
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", listen), timeout=2):
+            pass
+    finally:
+        envoy.terminate()
+        envoy.wait(10)
 
 
 def test_schema_check_rejects_a_broken_manifest() -> None:
