@@ -98,6 +98,7 @@ def test_alert_rules_pass_promtool() -> None:
         "TimePerOutputToken",
         "WaitingRequests",
         "ErrorRatio",
+        "DeadlinesExceeded",
         "AdapterLoadFailures",
         "AdapterSwapFailures",
         "Down",
@@ -149,6 +150,44 @@ def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
         ],
     }
     path = tmp_path / "error_ratio_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_deadlines_exceeded_warn_without_paging(tmp_path: Path) -> None:
+    """DEADLINE_EXCEEDED left the page (a caller's short deadline must not wake anyone), but a stuck
+    engine's admin calls end with it too: half the calls timing out is a warning, not silence."""
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    [alert] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "LorafleetDeadlinesExceeded"]
+    annotations = {  # as the rule renders them for the slow replica (10 of 20 calls)
+        "summary": alert["annotations"]["summary"].replace("{{ $labels.instance }}", "slow"),
+        "description": alert["annotations"]["description"].replace("{{ $value | humanizePercentage }}", "50%"),
+    }
+    test = {
+        "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'lorafleet_requests_total{{instance="slow", rpc="Generate", code="{c}"}}', "values": v}
+                    for c, v in (("OK", "0+10x40"), ("DEADLINE_EXCEEDED", "0+10x40"))
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "LorafleetErrorRatioHigh", "exp_alerts": []},
+                    {
+                        "eval_time": "30m",
+                        "alertname": "LorafleetDeadlinesExceeded",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "warning", "instance": "slow"}, "exp_annotations": annotations}
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "deadlines_test.yml"
     path.write_text(yaml.safe_dump(test))
     out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
