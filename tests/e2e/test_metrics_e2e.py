@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -106,27 +107,18 @@ def test_alert_rules_pass_promtool() -> None:
         assert alert in (ROOT / "deploy/prometheus/alerts.yml").read_text()
 
 
-def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
-    """`promtool test rules`: a replica answering 90% UNAUTHENTICATED (a scanner with bad keys) and
-    PERMISSION_DENIED / RESOURCE_EXHAUSTED / INVALID_ARGUMENT / DEADLINE_EXCEEDED (a client's own too
-    short deadline) does not page; one failing a third of its
-    calls with INTERNAL does. The caller codes used to count, so a scanner could page at night."""
+def rendered(alertname: str, instance: str, value: str) -> dict[str, str]:
+    """The annotations of rule ``alertname`` as Prometheus renders them for ``instance`` at ``value``."""
     rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
-    [alert] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "LorafleetErrorRatioHigh"]
-    series = {
-        ("scanned", "OK"): "0+10x30",
-        ("scanned", "UNAUTHENTICATED"): "0+100x30",
-        ("scanned", "PERMISSION_DENIED"): "0+10x30",
-        ("scanned", "RESOURCE_EXHAUSTED"): "0+10x30",
-        ("scanned", "INVALID_ARGUMENT"): "0+10x30",
-        ("scanned", "DEADLINE_EXCEEDED"): "0+10x30",  # the caller's deadline, too short for its requests
-        ("failing", "OK"): "0+10x30",
-        ("failing", "INTERNAL"): "0+5x30",
+    [alert] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == alertname]
+    return {
+        "summary": alert["annotations"]["summary"].replace("{{ $labels.instance }}", instance),
+        "description": alert["annotations"]["description"].replace("{{ $value | humanizePercentage }}", value),
     }
-    annotations = {  # as the rule renders them for the failing replica (5 of 15 calls: 33.33%)
-        "summary": alert["annotations"]["summary"].replace("{{ $labels.instance }}", "failing"),
-        "description": alert["annotations"]["description"].replace("{{ $value | humanizePercentage }}", "33.33%"),
-    }
+
+
+def promtool_rule_test(tmp_path: Path, series: dict[tuple[str, str], str], checks: list[dict[str, Any]]) -> None:
+    """`promtool test rules` of alerts.yml: ``series`` are request counters by (instance, code)."""
     test = {
         "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
         "evaluation_interval": "1m",
@@ -137,60 +129,52 @@ def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
                     {"series": f'lorafleet_requests_total{{instance="{i}", rpc="Generate", code="{c}"}}', "values": v}
                     for (i, c), v in series.items()
                 ],
-                "alert_rule_test": [
-                    {
-                        "eval_time": "20m",
-                        "alertname": "LorafleetErrorRatioHigh",
-                        "exp_alerts": [
-                            {"exp_labels": {"severity": "page", "instance": "failing"}, "exp_annotations": annotations}
-                        ],
-                    }
-                ],
+                "alert_rule_test": checks,
             }
         ],
     }
-    path = tmp_path / "error_ratio_test.yml"
+    path = tmp_path / "rules_test.yml"
     path.write_text(yaml.safe_dump(test))
     out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
+    """`promtool test rules`: a replica answering 90% UNAUTHENTICATED (a scanner with bad keys) and
+    PERMISSION_DENIED / RESOURCE_EXHAUSTED / INVALID_ARGUMENT / DEADLINE_EXCEEDED (a client's own too
+    short deadline) does not page; one failing a third of its
+    calls with INTERNAL does. The caller codes used to count, so a scanner could page at night."""
+    series = {
+        ("scanned", "OK"): "0+10x30",
+        ("scanned", "UNAUTHENTICATED"): "0+100x30",
+        ("scanned", "PERMISSION_DENIED"): "0+10x30",
+        ("scanned", "RESOURCE_EXHAUSTED"): "0+10x30",
+        ("scanned", "INVALID_ARGUMENT"): "0+10x30",
+        ("scanned", "DEADLINE_EXCEEDED"): "0+10x30",  # the caller's deadline, too short for its requests
+        ("failing", "OK"): "0+10x30",
+        ("failing", "INTERNAL"): "0+5x30",
+    }
+    annotations = rendered("LorafleetErrorRatioHigh", "failing", "33.33%")  # 5 of 15 calls
+    page = {"exp_labels": {"severity": "page", "instance": "failing"}, "exp_annotations": annotations}
+    promtool_rule_test(
+        tmp_path, series, [{"eval_time": "20m", "alertname": "LorafleetErrorRatioHigh", "exp_alerts": [page]}]
+    )
 
 
 def test_deadlines_exceeded_warn_without_paging(tmp_path: Path) -> None:
     """DEADLINE_EXCEEDED left the page (a caller's short deadline must not wake anyone), but a stuck
     engine's admin calls end with it too: half the calls timing out is a warning, not silence."""
-    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
-    [alert] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "LorafleetDeadlinesExceeded"]
-    annotations = {  # as the rule renders them for the slow replica (10 of 20 calls)
-        "summary": alert["annotations"]["summary"].replace("{{ $labels.instance }}", "slow"),
-        "description": alert["annotations"]["description"].replace("{{ $value | humanizePercentage }}", "50%"),
-    }
-    test = {
-        "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    {"series": f'lorafleet_requests_total{{instance="slow", rpc="Generate", code="{c}"}}', "values": v}
-                    for c, v in (("OK", "0+10x40"), ("DEADLINE_EXCEEDED", "0+10x40"))
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "30m", "alertname": "LorafleetErrorRatioHigh", "exp_alerts": []},
-                    {
-                        "eval_time": "30m",
-                        "alertname": "LorafleetDeadlinesExceeded",
-                        "exp_alerts": [
-                            {"exp_labels": {"severity": "warning", "instance": "slow"}, "exp_annotations": annotations}
-                        ],
-                    },
-                ],
-            }
+    series = {("slow", "OK"): "0+10x40", ("slow", "DEADLINE_EXCEEDED"): "0+10x40"}
+    annotations = rendered("LorafleetDeadlinesExceeded", "slow", "50%")
+    warning = {"exp_labels": {"severity": "warning", "instance": "slow"}, "exp_annotations": annotations}
+    promtool_rule_test(
+        tmp_path,
+        series,
+        [
+            {"eval_time": "30m", "alertname": "LorafleetErrorRatioHigh", "exp_alerts": []},
+            {"eval_time": "30m", "alertname": "LorafleetDeadlinesExceeded", "exp_alerts": [warning]},
         ],
-    }
-    path = tmp_path / "deadlines_test.yml"
-    path.write_text(yaml.safe_dump(test))
-    out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
+    )
 
 
 def test_dashboard_queries_name_exported_metrics(live: LiveServer) -> None:
