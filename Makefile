@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml proto/python/pyproject.toml clients/python/py
 
 # Rewrite constraints.txt from what .venv holds now (after a deliberate upgrade that CI then passes).
 constraints: install
-	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch==|#|-e )'; \
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch|sympy|mpmath|networkx)==|^(#|-e )'; \
 	  $(BIN)/python -m pip --version | awk '{print "pip==" $$2}'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 model: install

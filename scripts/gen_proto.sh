@@ -25,19 +25,19 @@ case "${1:-}" in
 esac
 
 generate() {  # $1: the directory to fill with the generated modules (a lorafleet_proto/v1 folder)
-  local raw
+  local raw status=0
   raw="$(mktemp -d)"
-  if ! (cd "$ROOT" && "$PYTHON" -m grpc_tools.protoc -Iproto \
+  (cd "$ROOT" && "$PYTHON" -m grpc_tools.protoc -Iproto \
     --python_out="$raw" --pyi_out="$raw" --grpc_python_out="$raw" \
-    proto/lorafleet/v1/*.proto); then
-    rm -rf "$raw"
-    return 1
+    proto/lorafleet/v1/*.proto) || status=1
+  if [[ "$status" -eq 0 ]]; then
+    mkdir -p "$1"
+    for f in "$raw"/lorafleet/v1/*; do
+      sed -e 's/^from lorafleet\.v1 import /from lorafleet_proto.v1 import /' "$f" >"$1/$(basename "$f")" || status=1
+    done
   fi
-  mkdir -p "$1"
-  for f in "$raw"/lorafleet/v1/*; do
-    sed -e 's/^from lorafleet\.v1 import /from lorafleet_proto.v1 import /' "$f" >"$1/$(basename "$f")"
-  done
-  rm -rf "$raw"
+  rm -rf "$raw"  # also when protoc or sed failed
+  return "$status"
 }
 
 generated_files() {  # $1: a lorafleet_proto/v1 directory; prints the generated file names, sorted

@@ -84,6 +84,9 @@ def test_the_default_max_new_tokens_fits_what_the_prompt_leaves(service: Service
     near = "word " * (limit - 6)
     with pytest.raises(InvalidRequest, match="exceeds the context"):  # the caller asked for 32: refused
         service.engine.submit(request(near, max_new_tokens=32), Collected())
+    full = "word " * (limit + 10)  # no room at all: said without a max_new_tokens the caller never set
+    with pytest.raises(InvalidRequest, match=r"plus one generated token \(max_new_tokens unset\) exceeds"):
+        service.engine.submit(request(full, max_new_tokens=32, fit_context=True), Collected())
     done = generate(service.engine, request(near, max_new_tokens=32, fit_context=True)).summary
     assert done.prompt_tokens == len(prompt_ids)
     if done.finish_reason is not FinishReason.END_OF_SEQUENCE:  # the tiny model may end first

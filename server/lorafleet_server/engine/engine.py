@@ -290,10 +290,11 @@ class Engine:
         messages: tuple[Any, ...],
         template: PromptTemplate | None = None,
         budget: int = 0,
+        budget_text: str | None = None,
     ) -> list[int]:
         """Token ids of a plain prompt or a chat (see ``prompts.PromptEncoder``); ``budget`` is the
         tokens the request adds, and prompt plus budget must fit ``max_seq_len``."""
-        return self.prompts.encode(prompt, messages, template, budget)
+        return self.prompts.encode(prompt, messages, template, budget, budget_text)
 
     def submit(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
         """Validate, tokenize and resolve ``req``, then queue it. Raises domain errors at once.
@@ -308,7 +309,8 @@ class Engine:
         head = self._head_for(req, key, kind)
         template = self.adapters.prompt(key) if key is not None and kind == "prompt" else None
         budget = 0 if req.embed else 1 if req.params.fit_context else req.params.max_new_tokens
-        prompt_ids = self.encode_prompt(req.prompt, req.messages, template, budget)
+        fitted = "one generated token (max_new_tokens unset)" if req.params.fit_context and not req.embed else None
+        prompt_ids = self.encode_prompt(req.prompt, req.messages, template, budget, fitted)
         if req.params.fit_context and not req.embed:  # the server's default, cut to the context left
             left = self.config.max_seq_len - len(prompt_ids)
             if req.params.max_new_tokens > left:

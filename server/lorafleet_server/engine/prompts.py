@@ -124,12 +124,15 @@ class PromptEncoder:
         messages: Sequence[Turn],
         template: PromptTemplate | None = None,
         budget: int = 0,
+        budget_text: str | None = None,
     ) -> list[int]:
         """Token ids of a plain prompt or a chat (a prompt adapter's turns go before the request's).
 
         ``budget`` is the tokens the request will add (``max_new_tokens``); prompt plus budget must fit
-        ``max_seq_len``, checked first by the character bound, then exactly.
+        ``max_seq_len``, checked first by the character bound, then exactly. ``budget_text`` names the
+        budget in a refusal (default "max_new_tokens N").
         """
+        what = budget_text or f"max_new_tokens {budget}"
         if prompt == "" and not messages:
             raise InvalidRequest("the prompt is empty")
         if (prompt is None or prompt == "") == (not messages):
@@ -150,7 +153,7 @@ class PromptEncoder:
         at_least = -(-chars // self.max_token_chars) + (spoken * self.turn_specials if spoken else 0)
         if at_least + budget > self.max_seq_len:
             raise InvalidRequest(
-                f"the prompt ({chars} characters, at least {at_least} tokens) plus max_new_tokens {budget} "
+                f"the prompt ({chars} characters, at least {at_least} tokens) plus {what} "
                 f"exceeds the context limit of {self.max_seq_len} tokens"
             )
         if template is not None:  # a prompt adapter always speaks through the chat template
@@ -167,8 +170,7 @@ class PromptEncoder:
             raise InvalidRequest("the prompt is empty after tokenization")
         if len(ids) + budget > self.max_seq_len:
             raise InvalidRequest(
-                f"prompt of {len(ids)} tokens plus max_new_tokens {budget} exceeds the context "
-                f"limit of {self.max_seq_len} tokens"
+                f"prompt of {len(ids)} tokens plus {what} exceeds the context limit of {self.max_seq_len} tokens"
             )
         return list(ids)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -81,6 +82,9 @@ from lorafleet_server.tenants.errors import (
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "lf_"
+# A read failing with these is the system's passing trouble (tried again next poll); a permission or a
+# path that is no file stays until the file changes.
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM, errno.EAGAIN, errno.EINTR})
 KEY_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case
 KEY_ID_CHARS = 12
 SECRET_BYTES = 20  # 160 bits: a multiple of 5 bytes, so base32 needs no padding
@@ -431,7 +435,8 @@ class PepperSource:
                 "(the first `lorafleet keys create` creates it; keep it with the keys file)"
             ) from None
         except OSError as exc:
-            raise PepperUnreadable(f"cannot read the pepper {self.path}: {exc.strerror or exc}") from None
+            error = PepperUnreadable if exc.errno in TRANSIENT_ERRNOS else PepperError
+            raise error(f"cannot read the pepper {self.path}: {exc.strerror or exc}") from None
         try:
             text = raw.decode("ascii")
         except UnicodeDecodeError:
@@ -616,7 +621,8 @@ def read_key_file(path: Path) -> KeyFile:
     except FileNotFoundError:
         return KeyFile()
     except OSError as exc:
-        raise KeyFileUnreadable(f"keys file {path}: cannot read it: {exc.strerror or exc}") from None
+        error = KeyFileUnreadable if exc.errno in TRANSIENT_ERRNOS else KeyFileError
+        raise error(f"keys file {path}: cannot read it: {exc.strerror or exc}") from None
     return parse_key_file(data, str(path))
 
 
@@ -761,8 +767,8 @@ def loose_permissions(keys_file: Path, pepper_file: Path | None) -> list[str]:
     keys). Both are written 0600; a copy without -p, a restore or a config tool can widen them."""
     problems = []
     checks = [(keys_file, 0o022, "written by group or others")]
-    if pepper_file is not None:
-        checks.append((pepper_file, 0o077, "read or written by group or others"))
+    if pepper_file is not None:  # group read is fine: a Kubernetes fsGroup makes a 0400 Secret 0440
+        checks.append((pepper_file, 0o027, "written by group or read by others"))
     for path, loose, what in checks:
         try:
             mode = path.stat().st_mode & 0o777
