@@ -265,7 +265,6 @@ def test_disk_cache_is_bounded_lru(
 
 
 def test_a_version_larger_than_the_disk_cache_or_a_file_over_its_bound_is_not_downloaded(
-    seaweed_server: SeaweedFS,
     url: str,
     tmp_path: Path,
     make_adapter: MakeAdapter,
@@ -286,7 +285,6 @@ def test_a_version_larger_than_the_disk_cache_or_a_file_over_its_bound_is_not_do
 
 
 def test_a_download_slower_than_its_bound_is_cut_off(
-    seaweed_server: SeaweedFS,
     url: str,
     tmp_path: Path,
     make_adapter: MakeAdapter,
@@ -746,7 +744,6 @@ def test_failed_publish_removes_its_files_and_leaves_nothing_visible(
 
 
 def test_a_manifest_write_whose_answer_was_lost_still_publishes(
-    seaweed_server: SeaweedFS,
     url: str,
     tmp_path: Path,
     make_adapter: MakeAdapter,
@@ -775,7 +772,6 @@ def test_a_manifest_write_whose_answer_was_lost_still_publishes(
 
 
 def test_a_publish_failing_on_its_manifest_keeps_its_files_for_a_write_that_lands_late(
-    seaweed_server: SeaweedFS,
     url: str,
     tmp_path: Path,
     make_adapter: MakeAdapter,
@@ -807,7 +803,6 @@ def test_a_publish_failing_on_its_manifest_keeps_its_files_for_a_write_that_land
 
 
 def test_a_damaged_cached_manifest_is_read_again_from_the_store(
-    seaweed_server: SeaweedFS,
     url: str,
     tmp_path: Path,
     make_adapter: MakeAdapter,
