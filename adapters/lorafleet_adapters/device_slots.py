@@ -118,7 +118,7 @@ class DeviceSlots:
         existing = self._index.get(key)
         if existing is not None:
             return existing
-        reserved = next((i for i, s in enumerate(self._slots) if s.drain_for == key), None)
+        reserved = self._reserved_slot(key)
         if reserved is not None and self._slots[reserved].leases == 0:
             slot: int | None = reserved  # drained for this adapter
         else:
@@ -155,9 +155,8 @@ class DeviceSlots:
         only for an adapter that has waited a while with its weights at hand (``SLOT_WAIT_STEPS``), so
         ordinary churn does not drain busy adapters.
         """
-        held = self.reservation()
-        if held is not None:
-            return next(i for i, s in enumerate(self._slots) if s.drain_for == key) if held == key else None
+        if self.reservation() is not None:
+            return self._reserved_slot(key)
         candidates = [i for i in range(1, len(self._slots)) if not self._slots[i].pinned]
         if not candidates:
             return None
@@ -216,6 +215,10 @@ class DeviceSlots:
             key: SlotInfo(slot=i, leases=self._slots[i].leases, pinned=self._slots[i].pinned)
             for key, i in self._index.items()
         }
+
+    def _reserved_slot(self, key: AdapterKey) -> int | None:
+        """The slot reserved for ``key``, if any."""
+        return next((i for i, s in enumerate(self._slots) if s.drain_for == key), None)
 
     def _victim(self) -> int | None:
         free = [i for i in range(1, len(self._slots)) if self._slots[i].key is None]

@@ -17,8 +17,9 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -146,23 +147,15 @@ class AdapterManager:
 
         ``count_failures``: a failure counts as a failed adapter load (not when the version watcher
         checks a new version: that one counts as a failed swap, once)."""
-        try:
+        with self._load_failures(count_failures):
             return self.manifest(key).kind
-        except AdapterError:
-            if count_failures:
-                self.observer.adapter_load_failed()
-            raise
 
     def prompt(self, key: AdapterKey, count_failures: bool = True) -> PromptTemplate:
         """A prompt adapter's template, verified against its manifest on first use."""
         template = self._prompts.get(key)
         if template is None:
-            try:
+            with self._load_failures(count_failures):
                 template = self.store.load_prompt(key)
-            except AdapterError:
-                if count_failures:
-                    self.observer.adapter_load_failed()
-                raise
             self._prompts.put(key, template)
         return template
 
@@ -174,14 +167,20 @@ class AdapterManager:
         """
         head = self._heads.get(key)
         if head is None:
-            try:
+            with self._load_failures(count_failures):
                 head = load_head(self.store, key, self.spec)
-            except AdapterError:
-                if count_failures:
-                    self.observer.adapter_load_failed()
-                raise
             self._heads.put(key, head)
         return head
+
+    @contextmanager
+    def _load_failures(self, counted: bool) -> Iterator[None]:
+        """An AdapterError inside is counted as a failed adapter load (when ``counted``), then raised."""
+        try:
+            yield
+        except AdapterError:
+            if counted:
+                self.observer.adapter_load_failed()
+            raise
 
     def verify(self, key: AdapterKey, count_failures: bool = True) -> None:
         """Check a version end to end (files, base, shapes) and keep it in host memory."""
@@ -191,9 +190,8 @@ class AdapterManager:
         elif kind == "head":
             head = self.head(key, count_failures)
             if head.features_from is not None:
-                if (
-                    source := self.kind(head.features_from, count_failures)
-                ) != "lora":  # a head naming a head (or itself)
+                source = self.kind(head.features_from, count_failures)
+                if source != "lora":  # a head naming a head (or itself)
                     raise AdapterFormatError(f"{key}: features_from {head.features_from} is a {source}, not a LoRA")
                 self.host_weights(head.features_from)
         else:

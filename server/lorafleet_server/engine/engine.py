@@ -308,10 +308,11 @@ class Engine:
         kind = self.adapters.kind(key) if key is not None else None
         head = self._head_for(req, key, kind)
         template = self.adapters.prompt(key) if key is not None and kind == "prompt" else None
-        budget = 0 if req.embed else 1 if req.params.fit_context else req.params.max_new_tokens
-        fitted = "one generated token (max_new_tokens unset)" if req.params.fit_context and not req.embed else None
+        fit = req.params.fit_context and not req.embed  # the server's default, cut to the context left
+        budget = 0 if req.embed else 1 if fit else req.params.max_new_tokens
+        fitted = "one generated token (max_new_tokens unset)" if fit else None
         prompt_ids = self.encode_prompt(req.prompt, req.messages, template, budget, fitted)
-        if req.params.fit_context and not req.embed:  # the server's default, cut to the context left
+        if fit:
             left = self.config.max_seq_len - len(prompt_ids)
             if req.params.max_new_tokens > left:
                 req = dataclasses.replace(req, params=dataclasses.replace(req.params, max_new_tokens=left))

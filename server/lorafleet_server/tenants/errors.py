@@ -73,25 +73,17 @@ class KeysError(TenantsError):
 class KeyFileError(KeysError):
     """The keys file is unreadable or does not validate; the message names the entry and the field."""
 
-    transient = False  # a read that failed (the system's error, not the file's): worth trying again
-
 
 class PepperError(KeysError):
     """The pepper is missing, unreadable, too short, or not the one the keys file was written with."""
-
-    transient = False
 
 
 class KeyFileUnreadable(KeyFileError):
     """Reading the keys file failed (too many open files, an I/O error); its contents may be fine."""
 
-    transient = True
-
 
 class PepperUnreadable(PepperError):
     """Reading the pepper file failed; its contents may be fine."""
-
-    transient = True
 
 
 class InvalidKeyRecord(KeysError, ValueError):

@@ -323,6 +323,7 @@ class KeyRing:
     records: tuple[KeyRecord, ...] = ()
     pepper: bytes = field(default=b"", repr=False)
     _by_id: Mapping[str, KeyRecord] = field(init=False, repr=False, compare=False)
+    _by_tenant: Mapping[str, tuple[KeyRecord, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_id: dict[str, KeyRecord] = {}
@@ -330,8 +331,12 @@ class KeyRing:
             if record.key_id in by_id:
                 raise KeysError(f"duplicate key id {record.key_id!r}")
             by_id[record.key_id] = record
+        by_tenant: dict[str, list[KeyRecord]] = {}
+        for record in self.records:
+            by_tenant.setdefault(record.tenant, []).append(record)
         object.__setattr__(self, "records", tuple(self.records))
         object.__setattr__(self, "_by_id", MappingProxyType(by_id))
+        object.__setattr__(self, "_by_tenant", MappingProxyType({t: tuple(rs) for t, rs in by_tenant.items()}))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -371,7 +376,7 @@ class KeyRing:
         key of the tenant sets. The engine counts a tenant's requests, not a key's, so the requesting
         key's own limit let a second key of the same tenant (a rotation's new key made without the
         flags) run and queue without one."""
-        mine = [r for r in self.records if r.tenant == record.tenant and r.status(now) == "active"]
+        mine = [r for r in self._by_tenant[record.tenant] if r.status(now) == "active"]
 
         def smallest(values: list[int | None]) -> int | None:
             given = [v for v in values if v is not None]
@@ -837,7 +842,7 @@ class KeyFileWatcher:
             try:
                 ring = KeyRing() if seen[0] is None else load_keys(self._path, self._pepper.read())
             except KeysError as exc:
-                if getattr(exc, "transient", False):
+                if isinstance(exc, KeyFileUnreadable | PepperUnreadable):
                     self._seen = None  # the system failed the read, not the file: try again next poll
                 if str(exc) != self._last_error:  # a failure is reported once, not on every poll
                     log.error(
