@@ -82,7 +82,13 @@ class FairQueue(Generic[R]):
         return list(self._queues.get(tenant, ()))
 
     def started(self, r: R) -> None:
-        """``r`` (still queued) takes a row: it leaves the queue and its tenant's clock advances."""
+        """``r`` (still queued) takes a row: it leaves the queue and its tenant's clock advances.
+
+        A preempted request resuming is charged again, deliberately: it is a new start (and a new
+        prefill), and the charge is what hands the freed row to the tenant it was freed for. Without
+        it the preempted tenant, level with the starved one, won the tie and took its row straight
+        back, preempted again every step (a single request waited 59 steps behind a flood, not 2).
+        """
         self.remove(r)
         start = self._vtime.get(r.tenant, 0.0)
         self._clock = max(self._clock, start)
