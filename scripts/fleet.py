@@ -28,6 +28,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -230,6 +231,7 @@ def stop(directory: Path, grace: float = 30.0) -> list[str]:
     were still draining behind it: its callers lost what was in flight.)"""
     pids = running_pids(directory)
     order = sorted(pids, key=lambda n: (_stage(n), n))
+    s3_ports = _flag_ports(pids["s3"]) if "s3" in pids else []
     for stage in sorted({_stage(n) for n in order}):
         group = [pids[n] for n in order if _stage(n) == stage]
         for pid in group:
@@ -244,7 +246,41 @@ def stop(directory: Path, grace: float = 30.0) -> list[str]:
                     os.killpg(pid, signal.SIGKILL)
     for pidfile in (directory / "pids").glob("*.pid"):
         pidfile.unlink(missing_ok=True)
+    if s3_ports:
+        _remove_seaweedfs_sockets(s3_ports, grace)
     return order
+
+
+def _flag_ports(pid: int) -> list[int]:
+    """The ports named by ``pid``'s ``-...port...=N`` flags (SeaweedFS's, read before it stops)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+    return [int(m.group(1)) for a in args if (m := re.fullmatch(r"-[\w.]*port[\w.]*=(\d+)", a))]
+
+
+def _remove_seaweedfs_sockets(ports: list[int], grace: float) -> None:
+    """SeaweedFS leaves a Unix socket per port in /tmp (``seaweedfs-<role>-<port>.sock``) when signalled.
+    Its ports are released a moment after its pid is gone (its other threads still exit): wait for them,
+    then remove the sockets of exactly those ports."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not all(_port_free(p) for p in ports):
+        time.sleep(0.05)
+    for port in ports:
+        for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _stage(name: str) -> int:

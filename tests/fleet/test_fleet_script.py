@@ -125,3 +125,18 @@ def test_down_stops_envoy_only_after_the_replicas_drained(tmp_path: Path) -> Non
         for proc in procs.values():
             proc.kill()
             proc.wait()
+
+
+def test_down_leaves_no_seaweedfs_socket_behind(tmp_path: Path) -> None:
+    from seaweedlib import SOCKET_DIR
+
+    launcher = fleet_script.Launcher(tmp_path)
+    _, pid, endpoint = fleet_script._start_s3(launcher, tmp_path)
+    port = int(endpoint.rsplit(":", 1)[1])
+    try:
+        assert list(SOCKET_DIR.glob(f"seaweedfs-*-{port}.sock"))  # SeaweedFS made its sockets
+        assert fleet_script.stop(tmp_path, grace=10) == ["s3"]
+        assert not list(SOCKET_DIR.glob(f"seaweedfs-*-{port}.sock"))  # they went with it
+    finally:
+        if fleet_script._pid_alive(pid):
+            os.killpg(pid, 9)
