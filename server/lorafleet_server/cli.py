@@ -304,7 +304,7 @@ def _forward_generate(argv: list[str]) -> int:
     if importlib.util.find_spec("lorafleet") is None:
         print(
             f"error: `lorafleet {argv[0]}` runs the Python client's CLI, which is not installed: "
-            f"pip install ./clients/python, then `lorafleet-client {argv[0]} ...`",
+            f"pip install ./proto/python ./clients/python, then `lorafleet-client {argv[0]} ...`",
             file=sys.stderr,
         )
         return 2

@@ -55,7 +55,10 @@ def test_sync_and_async_clients_send_the_environments_key_on_every_call(
 def test_tls_options() -> None:
     assert channel_credentials(None) is None and channel_credentials(False) is None
     assert channel_credentials(True) is not None
-    assert channel_credentials(False, root_certificates=b"pem") is not None  # a certificate implies TLS
+    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    assert channel_credentials(False, root_certificates=pem) is not None  # a certificate implies TLS
+    with pytest.raises(ValueError, match="root_certificates is not PEM"):  # a path, or garbage: say so now
+        channel_credentials(True, root_certificates=b"/etc/ssl/ca.pem")
     ready = grpc.ssl_channel_credentials()
     assert channel_credentials(ready) is ready
     with pytest.raises(ValueError, match="client_certificate and client_key go together"):

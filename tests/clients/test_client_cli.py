@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
@@ -36,7 +38,15 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["generate"], ["generate", "--top-k", "many", "hi"], ["tokenize"], ["bogus"]],
+    [
+        [],
+        ["generate"],
+        ["generate", "--top-k", "many", "hi"],
+        ["tokenize"],
+        ["bogus"],
+        ["info", "--timeout", "-1"],  # it went out, and failed DEADLINE_EXCEEDED
+        ["info", "--timeout", "nan"],
+    ],
 )
 def test_usage_errors_exit_two(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
@@ -92,13 +102,40 @@ def test_rpc_error_exits_one(fake_server: FakeServer, capsys: pytest.CaptureFixt
         assert "error: NOT_FOUND: fake error:NOT_FOUND" in capsys.readouterr().err
 
 
-def test_info_and_tokenize_print_json(fake_server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_stream_failing_midway_prints_its_error_on_a_line_of_its_own(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--target", fake_server.target, "--adapter", "late-error:UNAVAILABLE", "--stream", "hi"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "Hel\n"  # was "Hel" with the error glued to it on the terminal
+
+
+def test_a_closed_stdout_ends_quietly(fake_server: FakeServer) -> None:
+    script = "import sys; from lorafleet.cli import main; sys.exit(main(sys.argv[1:]))"
+    # The fake echoes the prompt: 99 KB of output, more than the pipe holds, so the write meets the close
+    argv = [sys.executable, "-c", script, "generate", "--target", fake_server.target, "hi " * 33_000]
+    reader = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.read(2)
+    reader.stdout.close()  # `| head -c 2`
+    err = reader.stderr.read().decode()
+    assert reader.wait(30) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_info_and_tokenize_print_json(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["info", "--target", fake_server.target]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["model_id"] == "tiny/model" and info["target_modules"] == ["q_proj", "v_proj"]
     assert info["adapter_slot_memory_bytes"] == 1_327_104
     assert main(["tokenize", "--target", fake_server.target, "ab"]) == 0
     assert json.loads(capsys.readouterr().out) == {"count": 2, "ids": [97, 98], "tokens": ["a", "b"]}
+    monkeypatch.setattr("sys.stdin", io.StringIO("ab"))
+    assert main(["tokenize", "--target", fake_server.target, "-"]) == 0  # "-" reads stdin, as elsewhere
+    assert json.loads(capsys.readouterr().out)["ids"] == [97, 98]
 
 
 def test_unreachable_server_exits_one(dead_target: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,6 +58,15 @@ def test_sampling_round_trip(sampling: Sampling) -> None:
     assert convert.sampling_from_proto(ipb.SamplingParams.FromString(params.SerializeToString())) == sampling
 
 
+def test_a_lone_stop_string_is_one_stop_string() -> None:
+    assert Sampling(stop="###").stop == ("###",)  # it went out as "#", "#", "#": stopped at any "#"
+    assert list(convert.sampling_to_proto(Sampling(stop="END")).stop) == ["END"]
+    assert Sampling(stop=["a", "b"]).stop == ("a", "b")  # type: ignore[arg-type]
+    for bad in (b"##", ("ok", 3), 7):
+        with pytest.raises(TypeError, match="stop must"):
+            Sampling(stop=bad)  # type: ignore[arg-type]
+
+
 def test_unset_sampling_fields_stay_unset() -> None:
     params = convert.sampling_to_proto(Sampling(top_p=0.5))
     assert params.HasField("top_p")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
+import pickle
 from typing import TYPE_CHECKING
+from unittest import mock
 
 import grpc
 import pytest
@@ -29,6 +32,7 @@ from lorafleet import (
     UsageReport,
     UsageRow,
 )
+from lorafleet._channel import channel_options
 from lorafleet_proto.v1 import inference_pb2 as ipb
 
 if TYPE_CHECKING:
@@ -133,6 +137,36 @@ def test_stream_errors(fake_server: FakeServer) -> None:
         with pytest.raises(LoraFleetError, match="without a summary") as missing:
             list(client.stream("hi", adapter="no-summary"))
         assert missing.value.code == grpc.StatusCode.INTERNAL
+        # After a failure, wait() and .result raise the stream's error again (not "has not finished")
+        with pytest.raises(ResourceExhaustedError, match="late failure"):
+            stream.wait()
+        with pytest.raises(ResourceExhaustedError, match="late failure"):
+            _ = stream.result
+
+
+def test_errors_survive_pickle_and_copy() -> None:
+    error = NotFoundError(grpc.StatusCode.NOT_FOUND, "no adapter acme/x", "rid-1")
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+        assert type(clone) is NotFoundError and str(clone) == str(error)
+        assert (clone.code, clone.message, clone.request_id) == (error.code, error.message, error.request_id)
+
+
+def test_channel_options_pass_through_and_a_bad_key_opens_no_channel(fake_server: FakeServer) -> None:
+    options = [("grpc.keepalive_time_ms", 30000), ("grpc.max_receive_message_length", 1024)]
+    assert channel_options(4096, options) == [("grpc.max_send_message_length", 4096), *options]
+    with pytest.raises(ValueError, match="pairs"):
+        channel_options(4096, ["grpc.keepalive_time_ms"])  # type: ignore[list-item]
+    with LoraFleetClient(fake_server.target, options=options) as client:  # the receive limit now 1 KiB
+        with pytest.raises(ResourceExhaustedError):
+            client.generate("x" * 2000, adapter="echo-long")
+    with mock.patch("grpc.insecure_channel") as opened, pytest.raises(ValueError, match="api_key"):
+        LoraFleetClient(fake_server.target, api_key="k\u00e9y")
+    opened.assert_not_called()
+
+
+def test_wait_for_ready_without_a_deadline(fake_server: FakeServer) -> None:
+    with LoraFleetClient(fake_server.target) as client:
+        client.wait_for_ready(math.inf)  # it raised OverflowError
 
 
 @pytest.mark.parametrize(("code", "error_class"), ERRORS)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
-from typing import TypeAlias
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -56,16 +56,26 @@ def channel_credentials(
         raise ValueError("client_certificate and client_key go together: give both (mTLS) or neither")
     if not tls and all(p is None for p in pems):
         return None
+    for name, pem in zip(("root_certificates", "client_certificate", "client_key"), pems, strict=True):
+        if pem is not None and b"-----BEGIN " not in pem:  # gRPC only fails the handshake, on every call
+            raise ValueError(f"{name} is not PEM (no -----BEGIN line): give the file's contents, not its path")
     return grpc.ssl_channel_credentials(
         root_certificates=root_certificates, private_key=client_key, certificate_chain=client_certificate
     )
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
+def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """The channel's arguments: the message size limits, then the caller's own (keepalive, a TLS target
+    name override, a load-balancing policy, ...), which win where they name the same option."""
+    extra = list(extra)
+    if any(not (isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str)) for o in extra):
+        raise ValueError("options must be (name, value) pairs of gRPC channel arguments")
+    named = {name for name, _ in extra}
+    sizes = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    return [o for o in sizes if o[0] not in named] + extra
 
 
 def call_metadata(api_key: str | None, request_id: str | None, adapter: str = "") -> Metadata:

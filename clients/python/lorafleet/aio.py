@@ -47,7 +47,7 @@ _Response = TypeVar("_Response")
 
 class AsyncLoraFleetClient:
     """A grpc.aio client; create it inside the event loop that uses it, close it with ``await close()``
-    or ``async with``. Errors and arguments (API key, TLS) are those of LoraFleetClient.
+    or ``async with``. Errors and arguments (API key, TLS, timeout, options) are those of LoraFleetClient.
     """
 
     def __init__(
@@ -61,14 +61,16 @@ class AsyncLoraFleetClient:
         client_key: bytes | None = None,
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        options = channel_options(max_message_bytes)
+        # Everything that can refuse an argument runs before the channel exists (none left open).
+        self._api_key = resolve_api_key(api_key)
+        channel_args = channel_options(max_message_bytes, options)
         credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            self._channel = grpc.aio.insecure_channel(target, options=channel_args)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._api_key = resolve_api_key(api_key)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_args)
         self._timeout = timeout
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersServiceStub(self._channel)

@@ -21,6 +21,7 @@ from lorafleet.models import Completion, Message, Sampling
 
 PROG = "lorafleet-client"
 EXIT_OK, EXIT_RPC_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE
 
 
 def default_target() -> str:
@@ -52,7 +53,18 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-cert", type=Path, metavar="PEM", help="client certificate, for servers that require one (mTLS)"
     )
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline per call")
+    parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS", help="deadline per call")
+
+
+def _seconds(value: str) -> float:
+    """A --timeout: a positive number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:  # also nan
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +178,10 @@ def run_generate(args: argparse.Namespace) -> int:
                     try:
                         for chunk in stream:
                             print(chunk, end="", flush=True)
+                    except LoraFleetError:
+                        if stream.text:  # the error goes on a line of its own, not after the partial text
+                            print(flush=True)
+                        raise
                     except KeyboardInterrupt:
                         stream.cancel()
                         print(f"\n{PROG}: cancelled", file=sys.stderr)
@@ -193,7 +209,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
     """Prints the token ids and token strings of TEXT as JSON."""
     with _client(args) as client:
         try:
-            tokens = client.tokenize(args.text)
+            tokens = client.tokenize(_text(args.text, "TEXT"))
         except LoraFleetError as error:
             return _fail(error)
     print(json.dumps({"count": len(tokens.ids), "ids": tokens.ids, "tokens": tokens.tokens}))
@@ -228,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokenize = commands.add_parser("tokenize", help="print the tokens of TEXT as JSON")
     add_connection_arguments(tokenize)
-    tokenize.add_argument("text", metavar="TEXT")
+    tokenize.add_argument("text", metavar="TEXT", help="the text to tokenize ('-': read stdin)")
     tokenize.set_defaults(func=run_tokenize)
 
     classify = commands.add_parser("classify", help="classify TEXT with a head adapter; labels as JSON")
@@ -242,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 RPC error, 2 usage, 130 interrupted)."""
+    """Entry point; returns the exit status (0 ok, 1 RPC error, 2 usage, 130 interrupted, 141 stdout closed)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -256,6 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C in a blocking call or a stdin read (a stream cancels itself)
         print(f"\n{PROG}: cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a Unix tool does
+        # Point stdout at /dev/null so the interpreter's final flush does not raise the same again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     return status
 
 

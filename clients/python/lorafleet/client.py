@@ -78,6 +78,10 @@ class LoraFleetClient:
     certificates, or ``root_certificates``: PEM bytes of the server's CA); ``client_certificate`` and
     ``client_key`` (PEM bytes) add a client certificate for servers that require one (mTLS). Any
     certificate implies TLS; ``tls`` may also be ready ``grpc.ChannelCredentials``.
+
+    Without a ``timeout`` a call waits as long as the server takes (a stalled server: for ever); a
+    service calling this in its own request path should set one. ``options``: more gRPC channel
+    arguments, e.g. ``("grpc.keepalive_time_ms", 30000)`` or ``("grpc.ssl_target_name_override", host)``.
     """
 
     def __init__(
@@ -91,14 +95,16 @@ class LoraFleetClient:
         client_key: bytes | None = None,
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        options = channel_options(max_message_bytes)
+        # Everything that can refuse an argument runs before the channel exists (none left open).
+        self._api_key = resolve_api_key(api_key)
+        channel_args = channel_options(max_message_bytes, options)
         credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(target, options=channel_args)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._api_key = resolve_api_key(api_key)
+            self._channel = grpc.secure_channel(target, credentials, options=channel_args)
         self._timeout = timeout
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersServiceStub(self._channel)
@@ -115,7 +121,7 @@ class LoraFleetClient:
         self._check_open()
         ready = grpc.channel_ready_future(self._channel)
         try:
-            ready.result(timeout=timeout)
+            ready.result(timeout=pick_timeout(timeout, None))  # math.inf: no deadline
         except grpc.FutureTimeoutError as error:
             ready.cancel()  # it stays subscribed to the channel's state otherwise
             raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"no connection within {timeout:g} s") from error

@@ -21,6 +21,11 @@ class LoraFleetError(Exception):
         # The x-request-id the server returned (trailing metadata; a stream's is in its initial metadata).
         self.request_id = request_id
 
+    def __reduce__(self) -> tuple[type[LoraFleetError], tuple[grpc.StatusCode, str, str | None]]:
+        # Pickle (process pools, multiprocessing) and copy rebuild from the constructor's arguments;
+        # Exception's default passes the formatted text as the only argument, which __init__ refuses.
+        return type(self), (self.code, self.message, self.request_id)
+
 
 class InvalidArgumentError(LoraFleetError):
     """Bad request or bad adapter reference."""

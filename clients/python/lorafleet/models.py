@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +20,19 @@ class Sampling:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # a lone string is one stop string, as in OpenAI's API (not its characters)
+
+    def __post_init__(self) -> None:
+        stop: object = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, bytes) or not isinstance(stop, Iterable):
+            raise TypeError(f"stop must be a string or a sequence of strings, got {type(stop).__name__}")
+        stop = tuple(stop)
+        bad = [s for s in stop if not isinstance(s, str)]
+        if bad:
+            raise TypeError(f"stop must hold strings, got {type(bad[0]).__name__}")
+        object.__setattr__(self, "stop", stop)
 
 
 @dataclass(frozen=True)

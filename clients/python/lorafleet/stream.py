@@ -11,7 +11,7 @@ import grpc
 
 from lorafleet._channel import replica_of
 from lorafleet.convert import completion_from_proto
-from lorafleet.errors import channel_closed, from_rpc_error, make_error, task_cancelled
+from lorafleet.errors import LoraFleetError, channel_closed, from_rpc_error, make_error, task_cancelled
 from lorafleet.models import Completion
 from lorafleet_proto.v1 import inference_pb2 as ipb
 
@@ -41,6 +41,12 @@ class _Accumulator:
         self.done = False
         self.cancelled = False
         self.replica: str | None = None  # x-lorafleet-replica, read once the first response is in
+        self.error: LoraFleetError | None = None  # why the stream failed: ``result`` raises it again
+
+    def fail(self, error: LoraFleetError) -> LoraFleetError:
+        self.done = True
+        self.error = error
+        return error
 
     def feed(self, response: ipb.GenerateStreamResponse) -> str:
         if response.text:
@@ -53,7 +59,7 @@ class _Accumulator:
         """The server ended the stream with OK: it must have sent the summary."""
         self.done = True
         if self.summary is None:
-            raise make_error(grpc.StatusCode.INTERNAL, "the stream ended without a summary")
+            raise self.fail(make_error(grpc.StatusCode.INTERNAL, "the stream ended without a summary"))
 
     @property
     def text(self) -> str:
@@ -62,6 +68,8 @@ class _Accumulator:
     def result(self) -> Completion:
         if self.cancelled:
             raise make_error(grpc.StatusCode.CANCELLED, "the stream was cancelled by the client")
+        if self.error is not None:
+            raise self.error
         if not self.done or self.summary is None:
             raise RuntimeError("the stream has not finished: iterate over it or call wait() first")
         return completion_from_proto(self.text, self.summary, self.replica or "")
@@ -93,7 +101,7 @@ class GenerationStream:
                 self._state.done = True
                 if self._state.cancelled:
                     break
-                raise from_rpc_error(error) from error
+                raise self._state.fail(from_rpc_error(error)) from error
             if self._state.replica is None:  # the initial metadata came before this response
                 self._state.replica = replica_of(self._call.initial_metadata())
             if chunk := self._state.feed(response):
@@ -160,12 +168,12 @@ class AsyncGenerationStream:
                     raise
                 if self._state.cancelled:  # by cancel(): iteration ends quietly
                     break
-                raise channel_closed() from None
+                raise self._state.fail(channel_closed()) from None
             except grpc.RpcError as error:
                 self._state.done = True
                 if self._state.cancelled:
                     break
-                raise from_rpc_error(error) from error
+                raise self._state.fail(from_rpc_error(error)) from error
             if not isinstance(response, ipb.GenerateStreamResponse):  # grpc.aio.EOF
                 self._state.finish()
                 break
