@@ -157,6 +157,12 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         raise StartupError(
             f"--max-seq-len {config.max_seq_len} exceeds the model's context of {base.max_position_embeddings}"
         )
+    if base.sliding_window is not None and config.max_seq_len > base.sliding_window:
+        raise StartupError(
+            f"--max-seq-len {config.max_seq_len} exceeds the model's sliding attention window of "
+            f"{base.sliding_window}: lorafleet attends to every earlier position, which matches the model "
+            f"only up to the window; use --max-seq-len {base.sliding_window} or less"
+        )
     tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
     write, clear = make_slot_io(base.lora_layers)
     slots = DeviceSlots(config.max_loaded_adapters, write, clear, lambda e: metrics.adapter_event("device", e))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,12 @@ import torch
 
 from lorafleet_server.model.loader import (
     ModelLoadError,
+    attention_window,
     compute_dtype_for,
     discover_targets,
     load_hf_model,
     quantization_config,
+    read_model_config,
     resolve_device,
 )
 
@@ -53,3 +56,33 @@ def test_load_hf_model_frozen_in_the_compute_dtype_unless_told(tiny_model_dir: P
 def test_load_hf_model_refuses_an_unresolved_quantization(tiny_model_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="no bitsandbytes config for quantization 'auto'"):
         load_hf_model(tiny_model_dir, "auto", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+        {"rope_scaling": {"type": "dynamic", "factor": 2.0}},  # the older key
+        {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
+        {"rope_parameters": {"full_attention": {"rope_type": "dynamic", "rope_theta": 1e4}}},  # per layer type
+    ],
+)
+def test_ropes_that_depend_on_the_batch_are_refused(tmp_path: Path, rope: dict[str, object]) -> None:
+    """Dynamic NTK rescales the frequencies from the longest position of each forward: a short row's
+    logits moved by 2e-4 beside a long one on a tiny model."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **rope}))
+    with pytest.raises(ModelLoadError, match=r"RoPE scaling '(dynamic|longrope)' is not supported"):
+        read_model_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"rope_type": "linear"}}))
+    assert read_model_config(tmp_path)["model_type"] == "llama"
+
+
+def test_attention_window() -> None:
+    assert attention_window({"model_type": "llama"}) is None
+    assert attention_window({"model_type": "mistral", "sliding_window": 4096}) == 4096
+    assert attention_window({"model_type": "mistral", "sliding_window": None}) is None
+    assert attention_window({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False}) is None
+    assert attention_window({"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": True}) == 64
+    layers = ["full_attention", "sliding_attention"]
+    assert attention_window({"model_type": "qwen2", "sliding_window": 64, "layer_types": layers}) == 64
+    assert attention_window({"model_type": "qwen2", "sliding_window": 64, "layer_types": layers[:1]}) is None

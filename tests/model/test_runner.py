@@ -122,6 +122,30 @@ def test_garbage_in_unused_kv_positions_cannot_leak_into_batched_decode(
     torch.testing.assert_close(out.logits[1], ref_long, rtol=1e-4, atol=1e-4)
 
 
+def test_a_failed_step_leaves_its_positions_unclean(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step marks its positions written before the forward; a forward that failed left them counted
+    clean while they still held what torch.empty left (NaN here), and the next request in that KV row
+    decoded NaN through the masked tail (0 x NaN)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = ModelRunner(model, LoraContext(), rows=2, max_seq_len=64, dtype=torch.float32, device=torch.device("cpu"))
+    for t in (*runner.kv.k, *runner.kv.v):
+        t.fill_(float("nan"))
+    forward = runner._forward
+
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runner, "_forward", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        runner.step([RowStep(1, 0, tuple(range(1, 21)), 0, True, False)])
+    monkeypatch.setattr(runner, "_forward", forward)
+    runner.step([RowStep(1, 0, (7, 8), 0, True, False)])  # the row's next request
+    out = runner.step([RowStep(1, 2, (11,), 0, True, False)])
+    with torch.no_grad():
+        ref = model(torch.tensor([[7, 8, 11]])).logits[0, -1]
+    torch.testing.assert_close(out.logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_kv_rows_are_cleaned_ahead_but_only_written_positions_can_be_read(tiny_model_dir: Path) -> None:
     """ensure_clean zeroes a block ahead (once per CLEAN_AHEAD positions, not once per decode step), and
     the prefix cache still cannot copy a zeroed, never written position as if it were the row's."""

@@ -43,6 +43,7 @@ class LoadedBase:
     quantization: str  # "none", "nf4" or "int8"
     model_id: str
     max_position_embeddings: int
+    sliding_window: int | None  # attention_window(): --max-seq-len may not exceed it
     dtype_reason: str = ""  # why this compute dtype (choose_compute_dtype)
     compiled: bool = False  # compile_base ran
     cpu_features: str = ""  # CpuFeatures.summary() of this machine
@@ -210,7 +211,47 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
         raise ModelLoadError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
         )
+    for rope_type in _rope_types(cfg):
+        if rope_type in POSITION_DEPENDENT_ROPE:
+            raise ModelLoadError(
+                f"RoPE scaling {rope_type!r} is not supported: it rescales the rotary frequencies from the longest "
+                "position of each forward, so in a shared batch one row's numbers would depend on the others'"
+            )
     return cfg
+
+
+# RoPE types whose frequencies transformers recomputes from the sequence length of each forward.
+POSITION_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
+
+
+def _rope_types(cfg: dict[str, Any]) -> set[str]:
+    """The RoPE types of a config: ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5), which
+    may also hold one dict per layer type."""
+    found: set[str] = set()
+    for params in (cfg.get("rope_scaling"), cfg.get("rope_parameters")):
+        if not isinstance(params, dict):
+            continue
+        nested = [v for v in params.values() if isinstance(v, dict)]
+        for p in [params, *nested]:
+            rope_type = p.get("rope_type", p.get("type"))
+            if isinstance(rope_type, str):
+                found.add(rope_type)
+    return found
+
+
+def attention_window(cfg: dict[str, Any]) -> int | None:
+    """The sliding attention window (positions) of the model's windowed layers, or None when every
+    layer attends to all earlier positions. The runner implements full attention only, which equals a
+    windowed layer's while no sequence is longer than the window."""
+    window = cfg.get("sliding_window")
+    if window is None:
+        return None
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list):
+        return int(window) if "sliding_attention" in layer_types else None
+    if cfg.get("model_type") == "qwen2":  # windowed layers only with use_sliding_window
+        return int(window) if cfg.get("use_sliding_window") else None
+    return int(window)  # Mistral: every layer
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -422,6 +463,7 @@ def load_base(
         quantization=quantization,
         model_id=model_id_of(model_dir, cfg),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        sliding_window=attention_window(cfg),
         dtype_reason=choice.reason,
         compiled=compile,
         cpu_features=features.summary(),

@@ -12,6 +12,7 @@ one preallocated slab per layer, a row per running request.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
@@ -157,6 +158,16 @@ class KVCache:
         """Positions below ``end`` of ``row`` are (or are being) written by real keys and values."""
         self._written[row] = max(self._written[row], end)
         self._clean[row] = max(self._clean[row], end)
+
+    def marks(self, rows: Iterable[int]) -> list[tuple[int, int, int]]:
+        """(row, written, clean) of ``rows``, for ``restore_marks`` should the step writing them fail."""
+        return [(row, self._written[row], self._clean[row]) for row in rows]
+
+    def restore_marks(self, marks: list[tuple[int, int, int]]) -> None:
+        """Undo ``mark_written`` after a failed forward: the positions it covered may hold what
+        ``torch.empty`` left (NaN), and were counted clean; ``ensure_clean`` zeroes them again."""
+        for row, written, clean in marks:
+            self._written[row], self._clean[row] = written, clean
 
     def read(self, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A copy of ``row``'s keys and values at positions [start, end): [layers, kv_heads, end - start,
@@ -323,6 +334,7 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [N]
         row_t = torch.tensor(kv_rows, dtype=torch.long, device=dev)  # [N]
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)  # [N]
+        marks = self.kv.marks(r.kv_row for r in rows)
         for r in rows:
             self.kv.mark_written(r.kv_row, r.start + len(r.token_ids))
         if self.native_attention is None:
@@ -335,6 +347,9 @@ class ModelRunner:
             self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl, self.native_lora)
             try:
                 hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
+            except BaseException:
+                self.kv.restore_marks(marks)  # what this step was to write may be unwritten: not clean
+                raise
             finally:
                 self.context.batch = None
             return self._outputs(hidden[:1] if lone else hidden, rows, reuse_logits)
