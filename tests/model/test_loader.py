@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,21 @@ def test_attention_window() -> None:
     layers = ["full_attention", "sliding_attention"]
     assert attention_window({"model_type": "qwen2", "sliding_window": 64, "layer_types": layers}) == 64
     assert attention_window({"model_type": "qwen2", "sliding_window": 64, "layer_types": layers[:1]}) is None
+
+
+def test_the_int8_cast_warning_is_said_once_not_per_call(caplog: pytest.LogCaptureFixture) -> None:
+    from lorafleet_server.model.loader import quiet_int8_cast_warning
+
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    before = list(bnb_log.filters)
+    try:
+        quiet_int8_cast_warning()
+        quiet_int8_cast_warning()  # one filter, however many loads
+        assert len(bnb_log.filters) == len(before) + 1
+        with caplog.at_level(logging.WARNING, logger=bnb_log.name):
+            for _ in range(3):  # what MatMul8bitLt logs on every call
+                bnb_log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "bf16")
+            bnb_log.warning("something else")
+        assert [r.getMessage() for r in caplog.records if r.name == bnb_log.name] == ["something else"]
+    finally:
+        bnb_log.filters[:] = before

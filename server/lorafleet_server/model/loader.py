@@ -261,6 +261,23 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
+class _DropInt8CastWarning(logging.Filter):
+    """bitsandbytes's int8 matmul casts every input that is not fp16 to fp16 and says so at WARNING on
+    every call: ~210 lines per decode step of a 30-layer model (the cast is its kernel's, whatever the
+    compute dtype). The loader says it once instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_int8_cast_warning() -> None:
+    """Drop bitsandbytes's per-call int8 cast warning (idempotent) and log what it says once."""
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastWarning) for f in bnb_log.filters):
+        bnb_log.addFilter(_DropInt8CastWarning())
+    log.info("int8: bitsandbytes casts each quantized Linear's input to float16, its int8 kernel's input type")
+
+
 def base_spec_from_files(
     model_dir: Path, quantization: str, max_lora_rank: int, max_adapter_bytes: int = 1 << 30
 ) -> BaseModelSpec:
@@ -412,6 +429,8 @@ def load_base(
     else:
         choice = choose_compute_dtype(dtype, device, features, lambda: cached_bf16_quality(model_dir, spec.fingerprint))
     compute = choice.dtype
+    if quantization == "int8":
+        quiet_int8_cast_warning()
     model = load_hf_model(model_dir, quantization, device, compute)
     context = LoraContext()
     layers = wrap_targets(model, num_slots, max_lora_rank, context, compute, device)
