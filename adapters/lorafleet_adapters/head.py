@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.fsio import atomic_write_text, copy_synced
-from lorafleet_adapters.manifest import HEAD_METHOD, Manifest, sha256_file, utc_now_iso
+from lorafleet_adapters.manifest import HEAD_METHOD, Manifest, check_prompt_format, sha256_file, utc_now_iso
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.ref import AdapterKey, AdapterRef, check_ident
 from lorafleet_adapters.safetensors_header import read_header
@@ -202,6 +202,7 @@ def head_manifest(
         base_model=spec.model_id,
         base_quantization=spec.quantization,
         rank=0,
+        base_prompt_format=spec.prompt_format or None,
         lora_alpha=0.0,
         use_rslora=False,
         target_modules=(),
@@ -271,6 +272,8 @@ def verified_head_dir(store: Store, key: AdapterKey, spec: BaseModelSpec | None 
             f"{key} was built for base {manifest.base_fingerprint} ({manifest.base_model}); this server's base "
             f"is {spec.fingerprint} ({spec.model_id}): retrain it with `lorafleet retrain --stale`"
         )
+    if spec is not None:
+        check_prompt_format(key, manifest, spec.prompt_format)
     vdir = Path(store.version_dir(key))
     for required in REQUIRED_FILES:
         if required not in manifest.files:

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from lorafleet_adapters.errors import AdapterFormatError, InvalidAdapterRef
+from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, InvalidAdapterRef
 from lorafleet_adapters.ref import check_ident, check_version
 
 SCHEMA_VERSION = 1
@@ -70,6 +70,8 @@ class Manifest:
     training_data_fingerprint: str | None = None
     eval_metrics: Mapping[str, float] = field(default_factory=dict)
     pii_scan: Mapping[str, Any] | None = None
+    # The base's prompt format (BaseModelSpec.prompt_format) when published; absent in older manifests.
+    base_prompt_format: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -123,6 +125,8 @@ class Manifest:
         data["files"] = dict(self.files)
         data["eval_metrics"] = dict(self.eval_metrics)
         data["pii_scan"] = None if self.pii_scan is None else dict(self.pii_scan)
+        if self.base_prompt_format is None:  # left out, so a server older than the field still reads it
+            del data["base_prompt_format"]
         return data
 
     def to_json(self) -> str:
@@ -152,7 +156,24 @@ class Manifest:
         return cls(**data)
 
 
-_OPTIONAL = frozenset({"training_data_fingerprint", "eval_metrics", "pii_scan"})
+_OPTIONAL = frozenset({"training_data_fingerprint", "eval_metrics", "pii_scan", "base_prompt_format"})
+
+
+def prompt_format_differs(manifest: Manifest, prompt_format: str) -> bool:
+    """Whether ``manifest`` names a prompt format and it is not ``prompt_format`` (known: not "")."""
+    published = manifest.base_prompt_format
+    return bool(published and prompt_format and published != prompt_format)
+
+
+def check_prompt_format(key: object, manifest: Manifest, spec_prompt_format: str) -> None:
+    """Refuse a version published under another prompt format than the server's base (its tokenizer or
+    chat template changed while the weights did not); a side that does not know its format passes."""
+    if prompt_format_differs(manifest, spec_prompt_format):
+        raise AdapterIncompatible(
+            f"{key} was trained with another tokenizer or chat template (prompt format "
+            f"{manifest.base_prompt_format}) than this server's base, whose prompt format is "
+            f"{spec_prompt_format}: retrain it with `lorafleet retrain --stale`"
+        )
 
 
 def _is_number(value: object) -> bool:
@@ -204,6 +225,10 @@ def _check_types(m: Manifest) -> None:
         ),
         "eval_metrics": (isinstance(m.eval_metrics, Mapping), "an object"),
         "pii_scan": (m.pii_scan is None or isinstance(m.pii_scan, Mapping), "an object or null"),
+        "base_prompt_format": (
+            m.base_prompt_format is None or isinstance(m.base_prompt_format, str),
+            "a string or null",
+        ),
     }
     for name, (ok, expected) in checks.items():
         if not ok:

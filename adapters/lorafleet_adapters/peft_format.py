@@ -73,6 +73,9 @@ class BaseModelSpec:
     target_shapes: Mapping[str, tuple[int, int]]  # full module name -> (out_features, in_features)
     max_lora_rank: int
     max_adapter_bytes: int = 1 << 30
+    # sha256 of the tokenizer and chat template ("" unknown): an adapter trained under another prompt
+    # format sees other token ids for the same request, though the weights are the same
+    prompt_format: str = ""
 
     def __post_init__(self) -> None:
         shapes = {name: (int(out_f), int(in_f)) for name, (out_f, in_f) in self.target_shapes.items()}

@@ -62,7 +62,7 @@ from lorafleet_adapters.errors import (
     StoreUnavailable,
 )
 from lorafleet_adapters.lru import LruMap
-from lorafleet_adapters.manifest import MAX_MANIFEST_BYTES, Manifest, sha256_file, utc_now_iso
+from lorafleet_adapters.manifest import MAX_MANIFEST_BYTES, Manifest, check_prompt_format, sha256_file, utc_now_iso
 from lorafleet_adapters.peft_format import (
     WEIGHTS_FILE,
     AdapterWeights,
@@ -415,6 +415,7 @@ class S3AdapterStore:
                 f"{manifest.base_quantization}); this server's base is {spec.fingerprint} "
                 f"({spec.model_id}, {spec.quantization})"
             )
+        check_prompt_format(key, manifest, spec.prompt_format)
         expected = manifest.files.get(WEIGHTS_FILE)
         if expected is None:
             raise AdapterFormatError(f"{key}: {MANIFEST_FILE} does not list {WEIGHTS_FILE}")

@@ -44,7 +44,7 @@ from lorafleet_adapters.errors import (
     StoreUnavailable,
 )
 from lorafleet_adapters.fsio import atomic_write_text, copy_synced, fsync_dir
-from lorafleet_adapters.manifest import METHODS, PROMPT_METHOD, Manifest, sha256_file, utc_now_iso
+from lorafleet_adapters.manifest import METHODS, PROMPT_METHOD, Manifest, check_prompt_format, sha256_file, utc_now_iso
 from lorafleet_adapters.peft_format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -220,6 +220,7 @@ class AdapterStore:
                 f"{manifest.base_quantization}); this server's base is {spec.fingerprint} "
                 f"({spec.model_id}, {spec.quantization})"
             )
+        check_prompt_format(key, manifest, spec.prompt_format)
         vdir = self.version_dir(key)
         self._verify_files(key, vdir, manifest, skip=WEIGHTS_FILE)
 
@@ -661,6 +662,7 @@ def build_manifest(
         base_model=spec.model_id,
         base_quantization=spec.quantization,
         rank=rank,
+        base_prompt_format=spec.prompt_format or None,
         lora_alpha=lora_alpha,
         use_rslora=use_rslora,
         target_modules=targets,

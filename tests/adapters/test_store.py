@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -23,7 +24,7 @@ from lorafleet_adapters.errors import (
     InvalidAdapterRef,
     StoreUnavailable,
 )
-from lorafleet_adapters.manifest import sha256_file
+from lorafleet_adapters.manifest import prompt_format_differs, sha256_file
 from lorafleet_adapters.peft_format import WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore, AdapterSummary
@@ -182,6 +183,28 @@ def test_fingerprint_mismatch(store: AdapterStore, adapter_dir: Path, spec: Base
     with pytest.raises(AdapterIncompatible) as info:
         store.load(key, other)
     assert FINGERPRINT in str(info.value) and "sha256:other" in str(info.value)
+
+
+def test_prompt_format_mismatch(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
+    """Same weights, another tokenizer or chat template: the adapter sees other token ids for the same
+    request. A version names the format it was published under; an older one (or a side that does not
+    know its own) passes."""
+    trained = dataclasses.replace(spec, prompt_format="sha256:" + "a" * 64)
+    key = store.import_peft(adapter_dir, "acme", "support", trained)
+    manifest = store.manifest(key)
+    assert manifest.base_prompt_format == trained.prompt_format
+    assert json.loads(manifest.to_json())["base_prompt_format"] == trained.prompt_format
+    store.load(key, trained)
+    store.load(key, dataclasses.replace(spec, prompt_format=""))  # a base that cannot tell: served
+    changed = dataclasses.replace(spec, prompt_format="sha256:" + "b" * 64)
+    with pytest.raises(AdapterIncompatible, match="another tokenizer or chat template") as info:
+        store.load(key, changed)
+    assert "sha256:" + "b" * 64 in str(info.value)
+    assert prompt_format_differs(manifest, changed.prompt_format)
+    # published without a format (an older trainer): the field is left out of the JSON, and any base serves it
+    old_key = store.import_peft(adapter_dir, "acme", "legacy", dataclasses.replace(spec, prompt_format=""))
+    assert "base_prompt_format" not in json.loads(store.manifest(old_key).to_json())
+    store.load(old_key, changed)
 
 
 def test_invalid_import_publishes_nothing(store: AdapterStore, make_adapter: MakeAdapter, spec: BaseModelSpec) -> None:

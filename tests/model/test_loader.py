@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from lorafleet_server.model.loader import (
     read_model_config,
     resolve_device,
 )
+from lorafleet_server.model.prepare import ModelPrepareError
 
 
 def test_compute_dtype_is_fp32_on_cpu_and_bf16_on_cuda() -> None:
@@ -105,3 +107,28 @@ def test_the_int8_cast_warning_is_said_once_not_per_call(caplog: pytest.LogCaptu
         assert [r.getMessage() for r in caplog.records if r.name == bnb_log.name] == ["something else"]
     finally:
         bnb_log.filters[:] = before
+
+
+def test_the_prompt_format_follows_the_tokenizer_and_chat_template_not_the_weights(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from lorafleet_server.model.loader import base_spec_from_files
+    from lorafleet_server.model.prepare import prompt_format_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    spec = base_spec_from_files(model, "none", 16)
+    assert spec.prompt_format == prompt_format_fingerprint(tiny_model_dir) != ""
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
+    tok = json.loads((model / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps({**tok, "truncation": {"max_length": 9}}))
+    assert prompt_format_fingerprint(model) == spec.prompt_format  # runtime settings: the same prompts
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    changed = base_spec_from_files(model, "none", 16)
+    assert changed.prompt_format != spec.prompt_format
+    assert changed.fingerprint == spec.fingerprint  # the weights are the same
+    (model / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelPrepareError, match=r"tokenizer\.json is not readable JSON"):
+        prompt_format_fingerprint(model)

@@ -19,7 +19,7 @@ from lorafleet_server.model.lora import LoraContext, MultiLoRALinear
 from lorafleet_server.model.native import NativePool
 from lorafleet_server.model.options import QUANTIZATIONS, LinearKernel
 from lorafleet_server.model.packed import pack_base
-from lorafleet_server.model.prepare import weights_fingerprint
+from lorafleet_server.model.prepare import prompt_format_fingerprint, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +296,7 @@ def base_spec_from_files(
                 shapes[name.removesuffix(".weight")] = (int(shape[0]), int(shape[1]))
     return BaseModelSpec(
         fingerprint=weights_fingerprint(model_dir),
+        prompt_format=prompt_format_fingerprint(model_dir),
         model_id=model_id_of(model_dir, cfg),
         quantization=quantization,
         target_shapes=shapes,

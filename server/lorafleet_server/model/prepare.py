@@ -40,6 +40,47 @@ def default_gguf_path() -> Path:
     return path
 
 
+# What of tokenizer_config.json shapes the token ids of a prompt; the rest (model_max_length, the
+# tokenizer's class name, padding side) does not.
+_PROMPT_CONFIG_KEYS = ("chat_template", "bos_token", "eos_token", "unk_token", "add_bos_token", "add_eos_token")
+
+
+def prompt_format_fingerprint(model_dir: Path) -> str:
+    """sha256 over what turns a request into token ids: the tokenizer (tokenizer.json without its
+    runtime truncation and padding settings, or a SentencePiece tokenizer.model), the chat template
+    and the special tokens the tokenizer adds. Two directories with the same weights but another
+    chat template or vocabulary differ here, not in ``weights_fingerprint``. "" when the directory has
+    no tokenizer files at all."""
+    parts: dict[str, object] = {}
+    tokenizer_json = model_dir / "tokenizer.json"
+    if tokenizer_json.is_file():
+        try:
+            tok = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelPrepareError(f"{tokenizer_json} is not readable JSON: {exc}") from None
+        if isinstance(tok, dict):
+            tok = {k: v for k, v in tok.items() if k not in ("truncation", "padding")}
+        parts["tokenizer.json"] = tok
+    sentencepiece = model_dir / "tokenizer.model"
+    if sentencepiece.is_file():
+        parts["tokenizer.model"] = hashlib.sha256(sentencepiece.read_bytes()).hexdigest()
+    config_path = model_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelPrepareError(f"{config_path} is not readable JSON: {exc}") from None
+        if isinstance(config, dict):
+            parts["tokenizer_config.json"] = {k: config[k] for k in _PROMPT_CONFIG_KEYS if k in config}
+    template = model_dir / "chat_template.jinja"  # transformers 5 keeps the template here, not in the config
+    if template.is_file():
+        parts["chat_template.jinja"] = template.read_text(encoding="utf-8")
+    if not parts:
+        return ""
+    canonical = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def weights_fingerprint(model_dir: Path) -> str:
     """sha256 over the model's config and safetensors files (names and bytes), cached on disk."""
     cached = model_dir / FINGERPRINT_FILE
