@@ -54,10 +54,7 @@ def prompt_format_fingerprint(model_dir: Path) -> str:
     parts: dict[str, object] = {}
     tokenizer_json = model_dir / "tokenizer.json"
     if tokenizer_json.is_file():
-        try:
-            tok = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelPrepareError(f"{tokenizer_json} is not readable JSON: {exc}") from None
+        tok = _read_json(tokenizer_json)
         if isinstance(tok, dict):
             tok = {k: v for k, v in tok.items() if k not in ("truncation", "padding")}
         parts["tokenizer.json"] = tok
@@ -66,10 +63,7 @@ def prompt_format_fingerprint(model_dir: Path) -> str:
         parts["tokenizer.model"] = hashlib.sha256(sentencepiece.read_bytes()).hexdigest()
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelPrepareError(f"{config_path} is not readable JSON: {exc}") from None
+        config = _read_json(config_path)
         if isinstance(config, dict):
             parts["tokenizer_config.json"] = {k: config[k] for k in _PROMPT_CONFIG_KEYS if k in config}
     template = model_dir / "chat_template.jinja"  # transformers 5 keeps the template here, not in the config
@@ -79,6 +73,13 @@ def prompt_format_fingerprint(model_dir: Path) -> str:
         return ""
     canonical = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelPrepareError(f"{path} is not readable JSON: {exc}") from None
 
 
 def weights_fingerprint(model_dir: Path) -> str:
