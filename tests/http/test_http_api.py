@@ -244,7 +244,6 @@ def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"extra_body": {"mirostat": 2}}, "mirostat"),
-        ({"model": "not a model"}, "model"),
         ({"temperature": 3}, "temperature"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ]
@@ -255,8 +254,12 @@ def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
         error = refused.value.body
         assert isinstance(error, dict) and error["type"] == "invalid_request_error", override
         assert str(error["param"]).startswith(param), (override, error)
-    with pytest.raises(openai.BadRequestError, match="max_new_tokens"):  # the engine's own limit
+    with pytest.raises(openai.BadRequestError, match="max_tokens is too large") as too_many:  # the server's limit
         sdk.completions.create(model=tiny_http.model_id, prompt="x", max_tokens=100_000)
+    assert too_many.value.param == "max_tokens"
+    with pytest.raises(openai.NotFoundError) as no_model:  # a name that is no model (OpenAI: model_not_found)
+        sdk.chat.completions.create(model="not a model", messages=CHAT)  # type: ignore[arg-type]
+    assert no_model.value.code == "model_not_found" and no_model.value.param == "model"
     with pytest.raises(openai.BadRequestError, match="the prompt is empty"):
         sdk.completions.create(model=tiny_http.model_id, prompt="")
     with pytest.raises(openai.BadRequestError) as echo:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorafleet_adapters.errors import AdapterNotFound, InvalidAdapterRef
 from lorafleet_adapters.ref import AdapterRef
 from lorafleet_server import __version__
-from lorafleet_server.engine.admin import AdapterAdmin, AdapterView
+from lorafleet_server.engine.admin import AdapterAdmin, AdapterView, VersionView
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.stream import EngineStream, SubmittedRequest
 from lorafleet_server.engine.types import (
@@ -51,7 +51,7 @@ from lorafleet_server.errors import STOPPED_BY_SERVER, ShuttingDown
 from lorafleet_server.grpc.affinity import ADAPTER_HEADER, REPLICA_HEADER
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.http.auth import HttpAuth, principal_of
-from lorafleet_server.http.errors import InvalidParameter, describe, error_body
+from lorafleet_server.http.errors import InvalidParameter, body_error, describe, error_body
 from lorafleet_server.http.limits import BodyLimit, BodyTooLarge
 from lorafleet_server.http.routes import (
     CHAT_COMPLETIONS,
@@ -63,7 +63,13 @@ from lorafleet_server.http.routes import (
     request_id_of,
     rpc_of,
 )
-from lorafleet_server.http.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, unsupported
+from lorafleet_server.http.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    unsigned_seed,
+    unsupported,
+)
 from lorafleet_server.tenants.access import KeyChecker, check_adapter_access, check_admin_view, listed_tenant
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -171,6 +177,18 @@ def _base64_floats(values: tuple[float, ...]) -> str:
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
 
 
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of ``content_type`` as JSON: ``application/json`` or ``+json``."""
+    if not content_type:
+        return False
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def _version(view: AdapterView, number: int | None) -> VersionView | None:
+    return next((v for v in view.versions if v.version == number), None)
+
+
 def _epoch(iso: str) -> int:
     try:
         return int(datetime.fromisoformat(iso).timestamp())
@@ -198,12 +216,13 @@ class OpenAIApi:
     def _base_object(self) -> dict[str, Any]:
         return {"id": self._info.model_id, "object": "model", "created": self._started, "owned_by": "lorafleet"}
 
-    def _adapter_object(self, view: AdapterView) -> dict[str, Any]:
-        latest = next((v for v in view.versions if v.version == view.latest), None)
+    def _adapter_object(self, view: AdapterView, version: VersionView | None = None) -> dict[str, Any]:
+        """The model object of ``view``: of its latest version, or of ``version`` when given."""
+        described = version if version is not None else _version(view, view.latest)
         return {
             "id": f"{view.tenant}/{view.name}",
             "object": "model",
-            "created": _epoch(latest.manifest.created_at) if latest is not None else 0,
+            "created": _epoch(described.manifest.created_at) if described is not None else 0,
             "owned_by": view.tenant,
             "parent": self._info.model_id,
             "root": self._info.model_id,
@@ -211,16 +230,16 @@ class OpenAIApi:
         }
 
     @staticmethod
-    def _servable(view: AdapterView) -> bool:
+    def _servable(version: VersionView | None) -> bool:
         """LoRA and prompt adapters generate text; classifier heads (Classify over gRPC) do not."""
-        latest = next((v for v in view.versions if v.version == view.latest), None)
-        return latest is not None and latest.manifest.kind != "head"
+        return version is not None and version.manifest.kind != "head"
 
     async def list_models(self, request: Request) -> Response:
         async def work(record: CallRecord, principal: Principal | None) -> Response:
             tenant = listed_tenant(principal, "")
             views = [] if tenant is None else await asyncio.to_thread(self._admin.list, tenant)
-            data = [self._base_object(), *(self._adapter_object(v) for v in views if self._servable(v))]
+            servable = (v for v in views if self._servable(_version(v, v.latest)))
+            data = [self._base_object(), *(self._adapter_object(v) for v in servable)]
             return JSONResponse({"object": "list", "data": data})
 
         return await self._unary(request, LIST_MODELS, "", work)
@@ -233,11 +252,13 @@ class OpenAIApi:
             assert ref is not None
             check_admin_view(principal, ref)
             view = await asyncio.to_thread(self._admin.get, f"{ref.tenant}/{ref.name}")
-            if ref.version is not None and all(v.version != ref.version for v in view.versions):
+            # the version asked for (tenant/name@3), else the latest: its kind decides, and it is described
+            version = _version(view, view.latest if ref.version is None else ref.version)
+            if version is None and ref.version is not None:
                 raise AdapterNotFound(f"adapter {ref} not found")
-            if not self._servable(view):
+            if not self._servable(version):
                 raise AdapterNotFound(f"adapter {ref.tenant}/{ref.name} is not in the store")
-            return JSONResponse({**self._adapter_object(view), "id": model})
+            return JSONResponse({**self._adapter_object(view, version), "id": model})
 
         return await self._unary(request, GET_MODEL, model, work)
 
@@ -320,17 +341,16 @@ class OpenAIApi:
         raise RuntimeError("engine stream ended without an embedding")
 
     def _adapter_ref(self, model: str) -> AdapterRef | None:
-        """None for the base model; else the adapter reference ``model`` names (400 naming ``model``)."""
+        """None for the base model; else the adapter reference ``model`` names. A name that is neither
+        is a model that does not exist, as OpenAI answers it (404 ``model_not_found`` naming ``model``)."""
         if model == self._info.model_id:
             return None
         try:
             return AdapterRef.parse(model)
         except InvalidAdapterRef as exc:
-            raise InvalidParameter(
-                "model",
-                f"model {model[:200]!r} is neither the base model {self._info.model_id!r} nor an adapter "
-                f"reference tenant/name[@version] ({exc})",
-                "invalid_model",
+            raise AdapterNotFound(
+                f"model {model[:200]!r} does not exist: it is neither the base model {self._info.model_id!r} "
+                f"nor an adapter reference tenant/name[@version] ({exc})"
             ) from None
 
     def _generation_request(
@@ -340,16 +360,24 @@ class OpenAIApi:
         if refused is not None:
             name, why = refused
             raise InvalidParameter(name, f"unsupported parameter {name}: {why}", "unsupported_parameter")
-        given = body.max_tokens
+        if body.stream_options is not None and not body.stream:
+            raise InvalidParameter("stream_options", "stream_options is only allowed when stream is true")
+        field, given = "max_tokens", body.max_tokens
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
-            given = body.max_completion_tokens
+            field, given = "max_completion_tokens", body.max_completion_tokens
+        if given is not None and given > self._info.max_new_tokens:
+            raise InvalidParameter(
+                field,
+                f"{field} is too large: {given}; this server generates at most {self._info.max_new_tokens} "
+                "tokens per request",
+            )
         params = SamplingParams(
             max_new_tokens=self._default_max_new_tokens if given is None else given,
             temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-            seed=body.seed,
+            seed=unsigned_seed(body.seed),
             stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
             fit_context=given is None,
         )
@@ -369,6 +397,7 @@ class OpenAIApi:
         principal = principal_of(request.scope.get("state", {}))
         stack = AsyncExitStack()
         record = await stack.enter_async_context(self._calls.call(rpc, NoDeadline(), rid, body.model, principal))
+        submitted: SubmittedRequest | None = None
         try:
             check_routing_header(request, body.model)
             req = self._generation_request(body, rid, principal)
@@ -380,7 +409,7 @@ class OpenAIApi:
                 # errors before the first token become real HTTP errors; a client that leaves while it
                 # waits for it (queued, prefilling) cancels the request, as in a non-streaming call
                 first = await self._until_disconnect(request, anext(events))
-                include_usage = body.stream_options is not None and body.stream_options.include_usage
+                include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
                 stream = self._sse_stream(kind, prepared, first, events, include_usage, record)
 
                 async def close() -> None:  # idempotent; the normal end has run it already
@@ -393,12 +422,18 @@ class OpenAIApi:
             response = await self._until_disconnect(request, self._complete(kind, prepared, record))
             response.headers.update(self._headers(rid, submitted))
         except (asyncio.CancelledError, ClientDisconnected) as exc:
+            # The events are closed when their task ran; a task cancelled before its first step never
+            # started them, and nothing else would cancel the engine request (close is idempotent).
+            if submitted is not None:
+                submitted.close()
             record.code, record.error = grpc.StatusCode.CANCELLED, "client disconnected"
             await stack.aclose()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return Response(status_code=499)  # nobody reads it
         except Exception as exc:
+            if submitted is not None:
+                submitted.close()
             response = self._error(record, exc)
         await stack.aclose()
         return response
@@ -565,17 +600,21 @@ class OpenAIApi:
         """A body that does not parse or fit the schema: 400 naming the first bad parameter, counted and
         logged under its route like every other outcome."""
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        kind = first.get("type", "")
-        if kind == "extra_forbidden":
+        error = body_error(errors)
+        param = error.param
+        content_type = request.headers.get("content-type")
+        if not _is_json(content_type) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+            # FastAPI reads the body as JSON only when it says so; else it reached the schema as bytes
+            said = "no Content-Type" if content_type is None else f"Content-Type {content_type[:100]!r}"
+            message = f"the body must be a JSON object sent with Content-Type: application/json (got {said})"
+            param, code = None, "invalid_content_type"
+        elif error.kind == "extra_forbidden":
             message, code = f"unsupported parameter {param}: lorafleet does not serve it", "unsupported_parameter"
-        elif kind == "json_invalid":
-            message, code = f"the body is not valid JSON: {first.get('msg', '')}", "invalid_json"
+        elif error.kind == "json_invalid":
+            message, code = f"the body is not valid JSON: {error.message}", "invalid_json"
             param = None
         else:
-            message, code = f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_parameter"
+            message, code = f"{param or 'body'}: {error.message}", "invalid_parameter"
         rpc = rpc_of(request.method, request.url.path) or "other"
         rid = request_id_of(request.headers.get(REQUEST_ID_HEADER))
         principal = principal_of(request.scope.get("state", {}))
@@ -587,11 +626,16 @@ class OpenAIApi:
         a chunked body over the limit (counted by ``BodyLimit``)."""
         status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
         kind = "not_found_error" if status == 404 else "invalid_request_error"
-        if isinstance(exc, BodyTooLarge):  # counted by BodyLimit
-            return JSONResponse(error_body(exc.detail, kind, None, "request_too_large"), status_code=413)
+        rid = request_id_of(request.headers.get(REQUEST_ID_HEADER))
+        if isinstance(exc, BodyTooLarge):  # counted by BodyLimit, under this request id
+            # the rest of the body is unread: the connection cannot carry another request
+            headers = {REQUEST_ID_HEADER: rid, "connection": "close"}
+            body = error_body(exc.detail, kind, None, "request_too_large")
+            return JSONResponse(body, status_code=413, headers=headers)
         detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
         message = f"{request.method} {request.url.path[:200]}: {detail}"
         headers = dict(exc.headers or {}) if isinstance(exc, StarletteHTTPException) else {}
+        headers[REQUEST_ID_HEADER] = rid
         return JSONResponse(error_body(message, kind, None, None), status_code=status, headers=headers)
 
 

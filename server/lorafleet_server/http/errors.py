@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -63,3 +65,77 @@ def describe(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, int,
     message = public_message(exc, request_id)
     body = error_body(message, ERROR_TYPES.get(code, "server_error"), param, err_code or snake(type(exc).__name__))
     return code, status, body
+
+
+# -- validation errors --------------------------------------------------------------------------------
+
+# The names pydantic gives a union's members in an error's ``loc``: ``str``, ``int``, ``list[str]``,
+# ``dict[str,any]``, ``function-after[...]``, ``constrained-str``, a model's class name.
+_UNION_TAG = re.compile(r"str|int|float|bool|bytes|none|constrained-[a-z]+|[a-z]+(?:-[a-z]+)*\[.*\]|[A-Z]\w*")
+
+
+def _is_tag(part: object) -> bool:
+    return isinstance(part, str) and _UNION_TAG.fullmatch(part) is not None
+
+
+def _wrong_type(error: Mapping[str, Any], loc: tuple[Any, ...], member_at: int) -> bool:
+    """An error at the root of a union member (named at ``loc[member_at]``): the input is not of the
+    member's type at all."""
+    kind = str(error.get("type", ""))
+    wrong = kind.endswith(("_type", "_parsing")) or kind in ("is_instance_of", "none_required")
+    return wrong and len(loc) == member_at + 1
+
+
+@dataclass(frozen=True)
+class BodyError:
+    """The one error a 400 reports of a body that does not fit the schema."""
+
+    kind: str  # pydantic's error type
+    message: str
+    loc: tuple[Any, ...]  # within the body, union members' names taken out
+
+    @property
+    def param(self) -> str | None:
+        return ".".join(str(p) for p in self.loc) or None
+
+
+def body_error(errors: Sequence[Mapping[str, Any]]) -> BodyError:
+    """The error to report among pydantic's ``errors`` (FastAPI's: ``loc`` starts with "body").
+
+    The first bad parameter's. Where that is a union (``prompt: str | list[str]``) pydantic reports
+    every member, and the first is rarely the point: a list that is too long read "prompt.str: Input
+    should be a valid string". Here the member the input is of is followed (the first whose errors are
+    not all "not of this type" at its root), and members' names are taken out of ``loc``; an input of
+    none of the members' types gets their messages together ("a valid string or a valid list")."""
+    if not errors:
+        return BodyError("", "invalid request", ())
+    locs = [tuple(e.get("loc", ())) for e in errors]
+    locs = [loc[1:] if loc[:1] == ("body",) else loc for loc in locs]
+    group = list(range(len(errors)))  # the errors on the path followed so far
+    members_at: list[int] = []
+    pos = 0
+    while pos < len(locs[group[0]]):
+        branches: dict[Any, list[int]] = {}
+        for i in group:
+            if len(locs[i]) > pos:
+                branches.setdefault(locs[i][pos], []).append(i)
+        if len(branches) < 2 or not all(_is_tag(name) for name in branches):  # a field, an index
+            group = branches[locs[group[0]][pos]]
+            pos += 1
+            continue
+        members_at.append(pos)  # a union: follow the member the input is of
+        fitting = [b for b in branches.values() if not all(_wrong_type(errors[i], locs[i], pos) for i in b)]
+        if not fitting:  # of none of the members' types
+            said = list(dict.fromkeys(str(errors[b[0]].get("msg", "")) for b in branches.values()))
+            message = said[0] + "".join(f" or {m.removeprefix('Input should be ')}" for m in said[1:])
+            return BodyError(str(errors[group[0]].get("type", "")), message, _unioned(locs[group[0]][:pos], members_at))
+        group = fitting[0]
+        pos += 1
+    chosen = group[0]
+    message = str(errors[chosen].get("msg", "invalid request"))
+    return BodyError(str(errors[chosen].get("type", "")), message, _unioned(locs[chosen], members_at))
+
+
+def _unioned(loc: tuple[Any, ...], members_at: list[int]) -> tuple[Any, ...]:
+    """``loc`` without the union members' names (at ``members_at``)."""
+    return tuple(part for n, part in enumerate(loc) if n not in members_at)

@@ -59,7 +59,9 @@ class BodyLimit:
 
         async def accounting(message: Message) -> None:
             if over and message["type"] == "http.response.start":  # the app's 413: counted before it is sent
-                await self._account(scope, headers)
+                said = dict(message.get("headers", ()))  # under the request id the 413 names
+                rid = said.get(b"x-request-id", b"").decode("latin-1") or headers.get("x-request-id")
+                await self._account(scope, rid)
             await send(message)
 
         await self._app(scope, limited, accounting)
@@ -68,14 +70,14 @@ class BodyLimit:
     def _message(self) -> str:
         return f"the request body is larger than the server's limit of {self._max} bytes (--max-message-bytes)"
 
-    async def _account(self, scope: Scope, headers: dict[str, str]) -> str:
-        rid = request_id_of(headers.get("x-request-id"))
+    async def _account(self, scope: Scope, request_id: str | None) -> str:
+        rid = request_id_of(request_id)
         async with self._calls.call(rpc_of(scope["method"], scope["path"]) or "other", NoDeadline(), rid) as record:
             record.code, record.error = grpc.StatusCode.RESOURCE_EXHAUSTED, self._message
         return rid
 
     async def _refuse(self, scope: Scope, send: Send, headers: dict[str, str]) -> None:
-        rid = await self._account(scope, headers)
+        rid = await self._account(scope, headers.get("x-request-id"))
         message = self._message
         payload = json.dumps(error_body(message, "invalid_request_error", None, "request_too_large")).encode()
         await send(

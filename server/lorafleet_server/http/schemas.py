@@ -4,6 +4,9 @@ Every model forbids fields it does not declare, so an unknown parameter is a 400
 parameters OpenAI defines but lorafleet does not serve (``n`` > 1, ``logprobs``, ``tools``, penalties...)
 are declared so the document shows them, and ``unsupported`` refuses any of them set to a value that
 would change the answer: a request is served as asked or refused, never served differently in silence.
+
+Integer fields are strict (``true`` or ``"5"`` is not a count), and ``null`` for ``stream``,
+``stream_options.include_usage`` and ``encoding_format`` means their default, as in OpenAI's API.
 """
 
 from __future__ import annotations
@@ -15,8 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; frameworks sometimes send a few more)
 MAX_EMBED_INPUTS = 64  # texts per embeddings request (each is one engine request)
 
-PositiveInt = Annotated[int, Field(ge=1)]
-Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
+PositiveInt = Annotated[int, Field(ge=1, strict=True)]
+Count = Annotated[int, Field(strict=True)]
+# OpenAI takes any int64; the engine's generator takes an unsigned 64-bit seed: a negative seed is used
+# as its two's complement (``seed & (2**64 - 1)``, ``unsigned_seed``), so -1 and 2**64 - 1 are one seed.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1, strict=True)]
+SEED_MASK = 2**64 - 1
+
+
+def unsigned_seed(seed: int | None) -> int | None:
+    """The engine's seed for a request's ``seed``: negative ones as their unsigned 64-bit value."""
+    return None if seed is None else seed & SEED_MASK
 
 
 class Strict(BaseModel):
@@ -24,7 +36,7 @@ class Strict(BaseModel):
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: bool | None = Field(default=False, description="null is false")
 
 
 class TextPart(Strict):
@@ -53,14 +65,18 @@ class Sampling(Strict):
     )
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    seed: Seed | None = None
-    stream: bool = False
+    seed: Seed | None = Field(
+        default=None, description="any int64 (OpenAI's range) or up to 2**64 - 1; a negative seed is seed & (2**64 - 1)"
+    )
+    stream: bool | None = Field(default=False, description="null is false")
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = Field(default=None, description="accepted, logged nowhere")
-    top_k: Annotated[int, Field(ge=0)] | None = Field(default=None, description="lorafleet extra; 0 is off")
+    top_k: Annotated[int, Field(ge=0, strict=True)] | None = Field(
+        default=None, description="lorafleet extra; 0 is off"
+    )
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = Field(default=None, description="lorafleet extra")
     # OpenAI parameters not served: refused unless neutral (``unsupported``).
-    n: int | None = Field(default=None, description="only 1")
+    n: Count | None = Field(default=None, description="only 1")
     presence_penalty: float | None = Field(default=None, description="only 0")
     frequency_penalty: float | None = Field(default=None, description="only 0")
     logit_bias: dict[str, float] | None = Field(default=None, description="only empty")
@@ -70,7 +86,7 @@ class ChatCompletionRequest(Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = Field(default=None, description="only false")
-    top_logprobs: int | None = Field(default=None, description="not supported")
+    top_logprobs: Count | None = Field(default=None, description="not supported")
     tools: list[dict[str, Any]] | None = Field(default=None, description="not supported")
     tool_choice: str | dict[str, Any] | None = Field(default=None, description="only none")
     functions: list[dict[str, Any]] | None = Field(default=None, description="not supported")
@@ -83,10 +99,10 @@ class CompletionRequest(Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
         description="one prompt (a list of one string is accepted; token-id prompts are not)"
     )
-    logprobs: int | None = Field(default=None, description="not supported")
+    logprobs: Count | None = Field(default=None, description="not supported")
     echo: bool | None = Field(default=None, description="only false")
     suffix: str | None = Field(default=None, description="not supported")
-    best_of: int | None = Field(default=None, description="only 1")
+    best_of: Count | None = Field(default=None, description="only 1")
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -138,11 +154,12 @@ class EmbeddingRequest(Strict):
     input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] = Field(
         description=f"a text, or up to {MAX_EMBED_INPUTS} texts (token-id inputs are not supported)"
     )
-    encoding_format: Literal["float", "base64"] = Field(
-        default="float", description="base64: the little-endian float32 bytes (what the openai SDK asks for)"
+    encoding_format: Literal["float", "base64"] | None = Field(
+        default="float",
+        description="base64: the little-endian float32 bytes (what the openai SDK asks for); null is float",
     )
     user: Annotated[str, Field(max_length=256)] | None = None
-    dimensions: int | None = Field(default=None, description="not supported (the model's hidden size)")
+    dimensions: Count | None = Field(default=None, description="not supported (the model's hidden size)")
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else self.input
