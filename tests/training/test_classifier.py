@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,68 @@ def test_stratified_split_keeps_repeated_texts_together_and_trains_on_every_labe
     assert {e.completion for e in train} == {e.completion for e in pairs}
 
 
+def test_stratified_split_keeps_a_text_with_two_labels_on_one_side(tmp_path: Path) -> None:
+    """Texts were grouped within a label only: a text labelled both 'a' and 'b' (a labelling conflict)
+    was trained on under one label and scored under the other."""
+    rows = [{"text": f"shared {i % 5}", "label": "a" if i % 2 else "b"} for i in range(40)]
+    rows += [{"text": f"own {label} {i}", "label": label} for label in ("a", "b") for i in range(6)]
+    examples = load_labelled(write_labelled(tmp_path / "d.jsonl", rows))
+    for seed in range(10):
+        train, held = stratified_split(examples, 0.25, seed)
+        assert {e.prompt for e in train}.isdisjoint({e.prompt for e in held}), seed
+        assert {e.completion for e in train} == {"a", "b"} and {e.completion for e in held} == {"a", "b"}
+        assert len(train) + len(held) == len(examples)
+
+
+def test_stratified_split_skips_a_group_that_would_overshoot(tmp_path: Path) -> None:
+    """Per label, as data.split: 30 rows of one text and 20 distinct at --val-fraction 0.1 held out all 30
+    when the big group came first in the shuffled order; the warning names a label far above the fraction."""
+    from lorafleet_training.classifier import split_warning
+
+    rows = [{"text": f"same {label}", "label": label} for label in ("a", "b") for _ in range(30)]
+    rows += [{"text": f"{label} {i}", "label": label} for label in ("a", "b") for i in range(20)]
+    examples = load_labelled(write_labelled(tmp_path / "d.jsonl", rows))
+    for seed in range(10):
+        _, held = stratified_split(examples, 0.1, seed)
+        assert sorted(Counter(e.completion for e in held).values()) == [5, 5], seed
+        assert split_warning(examples, held, 0.1) is None
+    lopsided = [{"text": f"x{i % 2}", "label": "a"} for i in range(20)] + [
+        {"text": f"y{i}", "label": "b"} for i in range(20)
+    ]
+    examples = load_labelled(write_labelled(tmp_path / "l.jsonl", lopsided))
+    _, held = stratified_split(examples, 0.1, 0)
+    assert Counter(e.completion for e in held) == {"a": 10, "b": 2}  # 'a' has two texts of 10 rows each
+    warning = split_warning(examples, held, 0.1)
+    assert warning is not None and "'a' 10 of 20" in warning and "'b'" not in warning
+
+
+def test_held_out_texts_over_max_length_are_refused_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lorafleet_training.classifier as classifier_mod
+
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(classifier_mod, "load_feature_model", no_model)
+    heldout = write_labelled(tmp_path / "h.jsonl", [*labelled_rows(2), {"text": "word " * 200, "label": "billing"}])
+    data = write_labelled(tmp_path / "d.jsonl", labelled_rows(4))
+    with pytest.raises(TrainingDataError) as info:
+        train_head(tiny_model_dir, tiny_spec, tmp_path / "out", data, max_length=64, eval_data=heldout)
+    assert info.value.source == str(heldout) and [i.line for i in info.value.issues] == [7]
+
+
+def test_eval_data_overlap_is_recorded(tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:
+    """--eval-data sharing texts with the training data is a warning (a retrain replays it); the record says
+    how many, so a reader of the metrics knows."""
+    data = write_labelled(tmp_path / "d.jsonl", labelled_rows(4))
+    heldout = write_labelled(tmp_path / "h.jsonl", [*labelled_rows(2), {"text": "a new text", "label": "billing"}])
+    result = train_head(tiny_model_dir, tiny_spec, tmp_path / "out", data, eval_data=heldout)
+    assert result.record["data"]["val_overlap"] == 6
+    split_run = train_head(tiny_model_dir, tiny_spec, tmp_path / "split", data, val_fraction=0.3)
+    assert split_run.record["data"]["val_overlap"] == 0
+
+
 def test_classification_metrics_by_hand() -> None:
     truth = ["a", "a", "b", "b", "c"]
     predicted = ["a", "b", "b", "b", NO_LABEL]
@@ -157,6 +220,74 @@ def test_publish_keeps_the_record_and_checks_files(head_out: Any, tmp_path: Path
     (store.version_dir(key) / HEAD_WEIGHTS_FILE).write_bytes(b"tampered")
     with pytest.raises(AdapterFormatError, match="checksum mismatch"):
         load_head(store, key, tiny_spec)
+
+
+def test_a_record_with_large_confusion_matrices_still_publishes(
+    head_out: Any, tmp_path: Path, tiny_spec: BaseModelSpec
+) -> None:
+    """With ~500-700 labels the record the store keeps (indented, with two confusion matrices) went over
+    the store's 4 MiB limit: the head trained but could not be published, and the error named a temporary
+    file. The store's copy is compact JSON (700 labels fit, matrices and all), and without the matrices
+    when even that is too large (1024 labels, the most a head has); the training output keeps them."""
+    store = AdapterStore(tmp_path / "store")
+    for n, omitted in ((700, False), (1024, True)):
+        out_dir = tmp_path / f"out{n}"
+        shutil.copytree(head_out.out_dir, out_dir)
+        record = json.loads((out_dir / RECORD_FILE).read_text())
+        labels = [f"intent-{i:04d}" for i in range(n)]
+        matrix = [[0] * n for _ in labels]
+        for name in ("head", "base_prompt"):
+            matrices = {"confusion_matrix": {"labels": labels, "columns": labels, "matrix": matrix}}
+            record["classification"][name] = matrices
+        (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
+        key = publish(out_dir, store, tiny_spec)
+        kept = read_head_record(store, key)
+        assert kept is not None and kept["eval_metrics"] == record["eval_metrics"] and kept["data"] == record["data"]
+        assert ("omitted" in kept["classification"]["head"]["confusion_matrix"]) is omitted, n
+        assert "\n " not in (store.version_dir(key) / RECORD_FILE).read_text()  # compact
+        local = json.loads((out_dir / RECORD_FILE).read_text())
+        assert len(local["classification"]["head"]["confusion_matrix"]["matrix"]) == n  # the output keeps it
+
+
+def test_a_record_too_large_for_the_store_fails_at_training(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found at training, with the reason, not at publish time (the store limit shrunk to force it)."""
+    import lorafleet_adapters.head as head_mod
+    from lorafleet_training.errors import TrainingError
+
+    monkeypatch.setattr(head_mod, "MAX_RECORD_BYTES", 1000)
+    data = write_labelled(tmp_path / "d.jsonl", labelled_rows(4))
+    with pytest.raises(TrainingError, match=r"over the 1000 bytes an adapter store keeps with a head \(3 labels\)"):
+        train_head(tiny_model_dir, tiny_spec, tmp_path / "out", data)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_head_changed_after_its_checksums_were_verified_is_not_published(
+    head_out: Any, tmp_path: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head was read after its files were hashed, and what was read was published unchecked."""
+    from safetensors.torch import load_file, save_file
+
+    from lorafleet_adapters.head import ClassifierHead
+
+    out_dir = tmp_path / "out"
+    shutil.copytree(head_out.out_dir, out_dir)
+    real_read = ClassifierHead.read.__func__  # type: ignore[attr-defined]
+
+    def read_after_a_change(cls: type[ClassifierHead], directory: Path) -> ClassifierHead:
+        if Path(directory) == out_dir:  # the weights change between the checksum check and this read
+            tensors = load_file(str(out_dir / HEAD_WEIGHTS_FILE))
+            save_file(
+                {k: v * 2 for k, v in tensors.items()}, str(out_dir / HEAD_WEIGHTS_FILE), {"format": "lorafleet-head/1"}
+            )
+        return real_read(cls, directory)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(ClassifierHead, "read", classmethod(read_after_a_change))
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(AdapterFormatError, match="differs from the file checked against the training record"):
+        publish(out_dir, store, tiny_spec)
+    assert not store.root.exists()  # refused before the store was touched
 
 
 def test_require_improvement_needs_the_prompt_only_baseline(

@@ -235,3 +235,83 @@ def test_a_version_published_while_retraining_is_not_buried(
     assert code == 1, out
     assert "acme/colors@1\trefused" in out and "acme/colors@2 was published while acme/colors@1 was retrained" in out
     assert store.versions("acme", "colors") == (1, 2)
+
+
+def test_an_unexpected_error_fails_one_adapter_not_the_fleet(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_spec: BaseModelSpec,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Only AdapterError/ValueError/TypeError were caught per adapter: any other exception (a KeyError in
+    a record, an OSError, a bug) stopped `retrain --stale` at that adapter, with no line for the others
+    and no summary. It is that adapter's "retraining failed"; the others go on; the exit code is 1."""
+    import argparse
+
+    from classifierlib import labelled_rows, train_head, write_labelled
+
+    import lorafleet_training.classifier as classifier_mod
+    import lorafleet_training.retrain as retrain_mod
+    import lorafleet_training.trainer as trainer_mod
+    from lorafleet_training.cli import add_retrain_arguments, run_retrain
+    from lorafleet_training.publish import publish
+    from lorafleet_training.trainer import TrainConfig, train
+
+    store = AdapterStore(tmp_path / "store")
+    labelled = write_labelled(tmp_path / "intents.jsonl", labelled_rows(6))
+    for name in ("a", "b"):
+        train_head(tiny_model_dir, tiny_spec, tmp_path / name, labelled, adapter=f"acme/{name}")
+        publish(tmp_path / name, store, tiny_spec)
+    config = TrainConfig(
+        data=write_jsonl(tmp_path / "colors.jsonl", qa_rows(4)),
+        adapter="acme/colors",
+        out_dir=tmp_path / "colors",
+        base_model_dir=tiny_model_dir,
+        rank=4,
+        epochs=1,
+        max_length=64,
+        val_fraction=0.25,
+        eval_generate=False,
+        forgetting_check=False,
+        keep_data_ref=True,
+    )
+    train(config, tiny_spec, progress=False, echo=lambda _: None)
+    publish(tmp_path / "colors", store, tiny_spec)
+    new_base = dataclasses.replace(tiny_spec, fingerprint="sha256:" + "3" * 64)
+    real_train_classifier = classifier_mod.train_classifier
+
+    def head_training_that_breaks_for_a(config: Any, *args: Any, **kwargs: Any) -> Any:
+        if config.adapter == "acme/a":
+            raise RuntimeError("the features pass ran out of disk")
+        return real_train_classifier(config, *args, **kwargs)
+
+    def lora_training_that_breaks(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("hyperparameters")
+
+    monkeypatch.setattr(classifier_mod, "train_classifier", head_training_that_breaks_for_a)
+    monkeypatch.setattr(trainer_mod, "train", lora_training_that_breaks)
+    parser = argparse.ArgumentParser()
+    add_retrain_arguments(parser)
+    capsys.readouterr()
+    code = run_retrain(parser.parse_args(["--stale"]), store, new_base, tiny_model_dir)
+    captured = capsys.readouterr()
+    lines = {line.split("\t")[0]: line for line in captured.out.splitlines()}
+    assert code == 1, captured
+    assert "\trefused: retraining failed: RuntimeError: the features pass ran out of disk" in lines["acme/a@1"]
+    assert "\tpublished as acme/b@2" in lines["acme/b@1"]  # after a's failure, b still retrained
+    assert "\trefused: retraining failed: KeyError: 'hyperparameters'" in lines["acme/colors@1"]
+    assert "3 stale adapter(s)" in captured.err and "1 published, 2 not" in captured.err
+
+    # an unexpected error while planning (reading the record) fails that adapter too, even in a dry run
+    real_read = retrain_mod.read_head_record
+
+    def unreadable_a(store: Any, key: AdapterKey) -> Any:
+        if key.name == "a":
+            raise OSError(5, "Input/output error")
+        return real_read(store, key)
+
+    monkeypatch.setattr(retrain_mod, "read_head_record", unreadable_a)
+    outcomes = {str(o.old): o for o in retrain_mod.retrain_stale(store, new_base, tiny_model_dir, dry_run=True)}
+    assert outcomes["acme/a@1"].status == "refused" and "OSError" in outcomes["acme/a@1"].reason
+    assert outcomes["acme/colors@1"].status == "planned"

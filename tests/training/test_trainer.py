@@ -10,6 +10,7 @@ from training_testlib import qa_rows, write_jsonl
 
 from lorafleet_adapters.manifest import sha256_file
 from lorafleet_adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec
+from lorafleet_training import data as data_mod
 from lorafleet_training import trainer as trainer_mod
 from lorafleet_training.data import Example, Turn
 from lorafleet_training.encoding import IGNORE_INDEX, encode
@@ -193,6 +194,71 @@ def test_cheap_checks_fail_before_the_model_loads(
     assert inside.is_file() and (tmp_path / "out" / "keep.txt").is_file()
     with pytest.raises(TrainingError, match="an input of this run"):  # the model directory too
         train(_config(tmp_path, tiny_model_dir, out_dir=tiny_model_dir.parent, overwrite=True), tiny_spec, **QUIET)
+
+
+def test_held_out_prompts_over_max_length_are_refused_whatever_the_seed(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the training split's prompts were held to --max-length: a file with one over-long prompt was
+    refused or trained on depending on --seed (which side it fell on), and --eval-data had no limit."""
+
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(trainer_mod, "load_peft_model", no_model)
+    long_row = {"prompt": "word " * 100, "completion": " red"}
+    data = write_jsonl(tmp_path / "long.jsonl", [*qa_rows(7), long_row])
+    sides = set()
+    for seed in range(8):
+        config = _config(tmp_path, tiny_model_dir, data=data, val_fraction=0.25, seed=seed)
+        _, val = data_mod.split(data_mod.load_jsonl(data), 0.25, seed)
+        sides.add(any(e.line == 8 for e in val))
+        with pytest.raises(TrainingDataError) as info:
+            train(config, tiny_spec, **QUIET)
+        assert info.value.source == str(data) and [i.line for i in info.value.issues] == [8], seed
+        assert "--max-length 64 leaves no room" in info.value.issues[0].message
+    assert sides == {True, False}  # the long line fell on both sides across these seeds
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [*qa_rows(2), long_row])
+    with pytest.raises(TrainingDataError) as info:
+        train(_config(tmp_path, tiny_model_dir, eval_data=heldout), tiny_spec, **QUIET)
+    assert info.value.source == str(heldout) and [i.line for i in info.value.issues] == [3]
+
+
+def test_a_held_out_share_far_above_val_fraction_is_reported(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Loaded(Exception):
+        pass
+
+    def stop(*args: Any, **kwargs: Any) -> Any:
+        raise Loaded
+
+    monkeypatch.setattr(trainer_mod, "load_peft_model", stop)
+    rows = [{"prompt": "Which color?", "completion": f" {c}"} for c in ("red", "blue", "teal", "gray") * 3]
+    rows += [{"prompt": "Which shade?", "completion": f" {c}"} for c in ("red", "blue", "teal") * 2]
+    said: list[str] = []
+    with pytest.raises(Loaded):
+        train(
+            _config(tmp_path, tiny_model_dir, data=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0.1),
+            tiny_spec,
+            progress=False,
+            echo=said.append,
+        )
+    assert any("6 of 18 examples (33%) are held out, far above --val-fraction 0.1" in line for line in said), said
+
+
+def test_eval_data_overlap_is_a_recorded_warning(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec
+) -> None:
+    """--eval-data prompts that also occur in the training data were only printed about; the record now
+    says how many (it stays a warning: a retrain replays the same files)."""
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [*qa_rows(3), {"prompt": "Item 99 color:", "completion": " red"}])
+    said: list[str] = []
+    config = _config(tmp_path, tiny_model_dir, eval_data=heldout, eval_generate=False, forgetting_check=False)
+    result = train(config, tiny_spec, progress=False, echo=said.append)
+    assert result.record["data"]["val_overlap"] == 3
+    assert json.loads((config.out_dir / RECORD_FILE).read_text())["data"]["val_overlap"] == 3
+    assert any("3 of 4 evaluation prompts also occur in the training data" in line for line in said)
 
 
 def test_a_chat_template_that_refuses_an_example_is_reported_by_line(tiny_model_dir: Path) -> None:

@@ -153,6 +153,42 @@ def test_split_keeps_examples_of_one_prompt_on_one_side() -> None:
     assert sorted(len(s) for s in split(two, 0.9, 0)) == [1, 3]  # never all of it held out
 
 
+def test_split_skips_a_group_that_would_overshoot_the_held_out_target() -> None:
+    """60 rows sharing one prompt and 40 distinct ones at --val-fraction 0.1 held out 60 (seed 0): the
+    groups were taken in shuffled order until the target was reached, whatever they overshot it by."""
+    from lorafleet_training.data import held_out_warning
+
+    rows = [{"prompt": "What is our refund policy?", "completion": f"answer {i}"} for i in range(60)]
+    rows += [{"prompt": f"Question {i}?", "completion": "yes"} for i in range(40)]
+    examples = parse_jsonl([json.dumps(r) for r in rows])
+    for seed in range(10):
+        train, val = split(examples, 0.1, seed)
+        assert (len(train), len(val)) == (90, 10), seed  # the big group would overshoot: ten distinct rows
+        assert {prompt_key(e) for e in train}.isdisjoint({prompt_key(e) for e in val})
+        assert held_out_warning(len(examples), len(val), 0.1) is None
+    # groups of 7 and 7 leave 3 short of 10; the next (7, or the 60) would overshoot by more: stop short
+    rows = [{"prompt": f"p{g}", "completion": f"c{i}"} for g, n in enumerate((60, 7, 7)) for i in range(n)]
+    examples = parse_jsonl([json.dumps(r) for r in rows])
+    assert all(len(split(examples, 0.135, seed)[1]) == 7 for seed in range(5))  # target 10: 7 beats 14 or 60
+    # when only large groups exist one is still held out (the smallest), and the share is reported
+    rows = [{"prompt": "a", "completion": f"x{i}"} for i in range(60)]
+    rows += [{"prompt": "b", "completion": f"y{i}"} for i in range(40)]
+    examples = parse_jsonl([json.dumps(r) for r in rows])
+    train, val = split(examples, 0.1, 0)
+    assert (len(train), len(val)) == (60, 40)
+    warning = held_out_warning(len(examples), len(val), 0.1)
+    assert warning is not None and "40 of 100 examples (40%)" in warning and "--eval-data" in warning
+
+
+def test_overlap_counts_held_out_prompts_seen_in_training() -> None:
+    from lorafleet_training.data import overlap
+
+    train = parse_jsonl([json.dumps(r) for r in qa_rows(6)])
+    held = parse_jsonl([json.dumps(r) for r in [qa_rows(6)[1], qa_rows(6)[4], *qa_rows(9)[6:]]])
+    assert overlap(train, held) == 2
+    assert overlap(train, []) == 0
+
+
 def test_prompt_template_validation_and_application() -> None:
     template = parse_prompt_template(
         {"system": "Be terse.", "examples": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}

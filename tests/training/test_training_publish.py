@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,90 @@ def test_publish_prompt_scans_for_pii_before_touching_the_store(tmp_path: Path, 
     with pytest.raises(PiiFound, match="system"):
         publish_prompt(store, "zephyr", "p", "Escalate to boss@example.com.", [], tiny_spec)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_symlink_or_mount_point_as_out_is_refused_before_training(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A symlinked --out trained, then failed with "Cannot call rmtree on a symbolic link" and deleted
+    the staged adapter; a mount point cannot be renamed over either. Both are refused up front."""
+    from classifierlib import labelled_rows, train_head, write_labelled
+    from training_testlib import qa_rows, write_jsonl
+
+    from lorafleet_training import trainer as trainer_mod
+    from lorafleet_training.errors import TrainingError
+    from lorafleet_training.trainer import TrainConfig, train
+
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(trainer_mod, "load_peft_model", no_model)
+    data = write_jsonl(tmp_path / "train.jsonl", qa_rows(8))
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    config = TrainConfig(data=data, adapter="acme/x", out_dir=link, base_model_dir=tiny_model_dir, rank=4)
+    with pytest.raises(TrainingError, match=r"is a symbolic link .*pass the directory itself \(--out .*real\)"):
+        train(config, tiny_spec, progress=False, echo=lambda _: None)
+    labelled = write_labelled(tmp_path / "labelled.jsonl", labelled_rows(4))
+    with pytest.raises(TrainingError, match="is a symbolic link"):
+        train_head(tiny_model_dir, tiny_spec, link, labelled)
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mount or real_ismount(p))
+    with pytest.raises(TrainingError, match=r"is a mount point.*choose a directory inside it"):
+        train(dataclasses.replace(config, out_dir=mount), tiny_spec, progress=False, echo=lambda _: None)
+    assert list((tmp_path / "real").iterdir()) == [] and list(mount.iterdir()) == []
+
+
+def test_a_failure_moving_the_output_into_place_keeps_it(
+    trained: Any, tmp_path: Path, tiny_spec: BaseModelSpec
+) -> None:
+    """--out turned into a symlink while training ran: the final rename failed and the staged, verified
+    adapter was deleted with the error. It is kept, the error names it, and it publishes from there."""
+    from lorafleet_training.errors import OutputNotPlaced
+    from lorafleet_training.publish import read_training_record, write_training_dir
+
+    out_dir = tmp_path / "out"
+    (tmp_path / "elsewhere").mkdir()
+
+    def save_then_out_becomes_a_link(stage: Path) -> None:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy(trained.out_dir / name, stage / name)
+        out_dir.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+
+    record = {k: v for k, v in trained.record.items() if k != "files"}
+    with pytest.raises(OutputNotPlaced) as info:
+        write_training_dir(out_dir, save_then_out_becomes_a_link, record, tiny_spec)
+    staged = info.value.staged
+    assert str(staged) in str(info.value) and "symbolic link" in str(info.value)
+    assert staged.parent == tmp_path and read_training_record(staged)["files"].keys() == {CONFIG_FILE, WEIGHTS_FILE}
+    assert publish(staged, AdapterStore(tmp_path / "store"), tiny_spec, max_forgetting=None) == AdapterKey(
+        "acme", "colors", 1
+    )
+
+
+def test_files_changed_after_the_checksum_check_are_not_published(
+    trained: Any, tmp_path: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify_files hashed the output directory, then the store copied the files from it, and nothing
+    compared what it copied with the record: a file changed in between (a valid adapter still) was
+    published as if checked."""
+    from safetensors.torch import load_file, save_file
+
+    from lorafleet_training import publish as publish_mod
+
+    out_dir = _copy(trained, tmp_path / "out")
+    real_verify = publish_mod.verify_files
+
+    def verify_then_change(directory: Path, record: Any) -> None:
+        real_verify(directory, record)
+        tensors = load_file(str(out_dir / WEIGHTS_FILE))
+        save_file({k: v * 2 for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE), {"format": "pt"})
+
+    monkeypatch.setattr(publish_mod, "verify_files", verify_then_change)
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(AdapterFormatError, match=r"adapter_model\.safetensors: the copy staged for publishing"):
+        publish(out_dir, store, tiny_spec)
+    assert store.versions("acme", "colors") == ()

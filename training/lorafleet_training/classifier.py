@@ -13,15 +13,15 @@ epoch count or early stopping to tune (or to record for a retrain). An MLP buys 
 features of a 135M model and would need all of them.
 
 Order of work, every cheap check first: config, JSONL (every bad line reported), PII policy, labels
-and the seeded stratified split, then the model, features, head, held-out metrics and the output
-directory (staged beside it, renamed into place). Deterministic for a seed.
+and the seeded stratified split, prompt lengths (training and held-out), then the model, features,
+head, held-out metrics and the output directory (staged beside it, renamed into place). Deterministic
+for a seed.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from lorafleet_adapters.errors import AdapterError, AdapterFormatError
-from lorafleet_adapters.fsio import fsync_dir
 from lorafleet_adapters.head import HEAD_FILE, HEAD_WEIGHTS_FILE, ClassifierHead
 from lorafleet_adapters.manifest import HEAD_METHOD, sha256_file, utc_now_iso
 from lorafleet_adapters.peft_format import BaseModelSpec
@@ -195,26 +194,67 @@ def _labelled(obj: Any, line: int) -> Example:
 def stratified_split(
     examples: Sequence[Example], val_fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """A seeded split that holds out ``val_fraction`` of every label: at least one example of a label
-    with two or more distinct texts, never all of a label's (it would train on none of them). A label's
-    examples with the same text stay on one side (``data.split``'s reason: a repeated text was scored
-    after training on it)."""
-    by_label: dict[str, list[Example]] = {}
-    for e in examples:
-        by_label.setdefault(e.completion, []).append(e)
+    """A seeded split that holds out about ``val_fraction`` of every label: at least one example of a label
+    with two or more distinct texts, never all of a label's (it would train on none of them).
+
+    Examples with the same text stay on one side whatever their labels (``data.split``'s reason: a
+    repeated text was scored after training on it; grouped within each label only, a text with two
+    labels landed on both sides). Labels are visited in sorted order, each one's groups chosen as
+    ``data.choose_groups`` does (a group that would overshoot is skipped while smaller ones can still meet
+    the target); a group held out for one label also counts for the other labels it holds.
+    ``split_warning`` names the labels whose held-out share came out far above the fraction.
+    """
+    groups = data_mod.group_by_prompt(examples)  # across labels
+    group_labels = [Counter(examples[i].completion for i in g) for g in groups]
+    totals = Counter(e.completion for e in examples)
+    training = Counter(totals)  # examples of each label left to train on
+    held_count: Counter[str] = Counter()
+    of_label: dict[str, list[int]] = {}
+    for g, labels in enumerate(group_labels):
+        for label in labels:
+            of_label.setdefault(label, []).append(g)
+    held_groups: set[int] = set()
     rng = random.Random(seed)
-    train: list[Example] = []
-    held: list[Example] = []
-    for label in sorted(by_label):
-        items = by_label[label]
-        groups = data_mod.group_by_prompt(items)
-        if val_fraction == 0 or len(groups) < 2:
-            train += items
+    for label in sorted(totals):
+        if val_fraction == 0 or len(of_label[label]) < 2:
             continue
-        held_idx = data_mod.held_out_groups(groups, max(1, round(len(items) * val_fraction)), rng)
-        held += [e for i, e in enumerate(items) if i in held_idx]
-        train += [e for i, e in enumerate(items) if i not in held_idx]
-    return sorted(train, key=lambda e: e.line), sorted(held, key=lambda e: e.line)
+        candidates = [g for g in of_label[label] if g not in held_groups]
+
+        def take(j: int, candidates: list[int] = candidates) -> bool:
+            g = candidates[j]
+            if any(training[other] <= n for other, n in group_labels[g].items()):  # would train on none of it
+                return False
+            training.subtract(group_labels[g])
+            held_count.update(group_labels[g])
+            held_groups.add(g)
+            return True
+
+        want = data_mod.held_out_target(totals[label], val_fraction) - held_count[label]
+        data_mod.choose_groups([group_labels[g][label] for g in candidates], want, rng, take)
+    held = {i for g in held_groups for i in groups[g]}
+    train = [e for i, e in enumerate(examples) if i not in held]
+    val = [e for i, e in enumerate(examples) if i in held]
+    return sorted(train, key=lambda e: e.line), sorted(val, key=lambda e: e.line)
+
+
+def split_warning(examples: Sequence[Example], held: Sequence[Example], val_fraction: float) -> str | None:
+    """A warning naming the labels whose held-out share is far above ``val_fraction`` (over
+    ``data.FAR_ABOVE_TARGET`` times their target), else None."""
+    totals = Counter(e.completion for e in examples)
+    held_counts = Counter(e.completion for e in held)
+    far = [
+        f"{label!r} {held_counts[label]} of {totals[label]}"
+        for label in sorted(held_counts)
+        if data_mod.held_out_warning(totals[label], held_counts[label], val_fraction) is not None
+    ]
+    if not far:
+        return None
+    shown = ", ".join(far[:5]) + (f" and {len(far) - 5} more" if len(far) > 5 else "")
+    return (
+        f"warning: the held-out share of {len(far)} label(s) is far above --val-fraction {val_fraction:g} ({shown}): "
+        "examples with the same text stay on one side of the split and the groups are too large to get closer; "
+        "pass --eval-data to choose the held-out examples yourself"
+    )
 
 
 # --------------------------------------------------------------------------------------- features
@@ -381,7 +421,7 @@ def train_classifier(
     echo: Echo = print,
 ) -> ClassifierResult:
     """Train a head per ``config`` on the base ``spec`` describes; write the output directory."""
-    from lorafleet_training.publish import RECORD_FILE, RECORD_FORMAT, check_out_dir
+    from lorafleet_training.publish import RECORD_FILE, RECORD_FORMAT, check_out_dir, head_store_record
 
     check_out_dir(config.out_dir, config.overwrite, (config.data, config.eval_data, config.base_model_dir))
     examples, pii_report = _load_checked(config.data, config.pii, echo)
@@ -395,6 +435,8 @@ def train_classifier(
     eval_fingerprint = None
     if config.eval_data is None:
         train_set, val_set = stratified_split(examples, config.val_fraction, config.seed)
+        if (note := split_warning(examples, val_set, config.val_fraction)) is not None:
+            echo(note)
     else:
         train_set, val_set = list(examples), _load_checked(config.eval_data, config.pii, echo)[0]
         eval_fingerprint = data_mod.fingerprint(val_set)
@@ -403,6 +445,9 @@ def train_classifier(
             raise TrainingDataError(
                 str(config.eval_data), [DataIssue(0, f"labels {unknown} do not occur in the training data")]
             )
+    shared = data_mod.overlap(train_set, val_set)  # 0 for a split: a text stays on one side
+    if shared:
+        echo(f"warning: {shared} of {len(val_set)} evaluation texts also occur in the training data")
     echo(
         f"data: {len(examples)} labelled examples from {config.data}, {len(label_names)} labels "
         f"({', '.join(f'{k} {counts[k]}' for k in label_names)}); {len(train_set)} train, {len(val_set)} held out; "
@@ -412,9 +457,6 @@ def train_classifier(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.base_model_dir)
-    model = load_feature_model(config.base_model_dir, lora_dir)
-    pad_id = pad_id_of(tokenizer)
-    started = time.monotonic()
     train_ids = all_prompt_ids(tokenizer, train_set, source=str(config.data))
     val_ids = all_prompt_ids(tokenizer, val_set, source=str(config.eval_data or config.data))
     too_long = over_length(train_ids, train_set, config.max_length)
@@ -424,6 +466,9 @@ def train_classifier(
         raise TrainingDataError(str(config.data), too_long)
     if config.eval_data is not None and (too_long := over_length(val_ids, val_set, config.max_length)):
         raise TrainingDataError(str(config.eval_data), too_long)
+    model = load_feature_model(config.base_model_dir, lora_dir)  # after every check on the data
+    pad_id = pad_id_of(tokenizer)
+    started = time.monotonic()
     x_train = pooled_features(model, train_ids, pad_id)  # [train, hidden]
     x_val = pooled_features(model, val_ids, pad_id) if val_set else None  # [held out, hidden]
     head = fit_head(x_train, [e.completion for e in train_set], label_names, config.c, config.max_iter, config.seed)
@@ -467,6 +512,7 @@ def train_classifier(
             "labels": {k: counts[k] for k in label_names},
             "eval_path": str(config.eval_data.resolve()) if config.eval_data and config.keep_data_ref else None,
             "eval_fingerprint": eval_fingerprint,
+            "val_overlap": shared,  # held-out examples whose text also occurs in training (0 for a split)
         },
         "pii_scan": pii_report.to_record(),
         "hyperparameters": config.hyperparameters(),
@@ -476,6 +522,14 @@ def train_classifier(
         "training_seconds": round(training_seconds, 3),
         "created_at": utc_now_iso(),
     }
+    # the record the store will keep with this head (publish.head_store_record), checked now: one over the
+    # store's limit trained fine and failed only at publish, naming a temporary file
+    placeholder = {name: "sha256:" + "0" * 64 for name in HEAD_PUBLISHED_FILES}
+    if head_store_record({**record, "files": placeholder})[1]:
+        echo(
+            f"note: with {len(label_names)} labels the training record is too large for the adapter store with its "
+            f"confusion matrices: a publish keeps it without them ({config.out_dir / RECORD_FILE} keeps them)"
+        )
     written = _write_head_dir(config.out_dir, head, record, config.overwrite, RECORD_FILE)
     echo(f"wrote {config.out_dir} (classifier head, {len(label_names)} labels); publish it with `lorafleet publish`")
     return ClassifierResult(config.out_dir, written, head)
@@ -540,25 +594,22 @@ def _prompt_only(
 def _write_head_dir(
     out_dir: Path, head: ClassifierHead, record: dict[str, Any], overwrite: bool, record_file: str
 ) -> dict[str, Any]:
-    from lorafleet_training.publish import check_out_dir
+    """Stage the head and its record beside ``out_dir``, verify them, rename into place (a failure to
+    move it keeps the staged directory: ``publish.place_output``)."""
+    from lorafleet_training.publish import place_output, staging_dir
 
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    stage = staging_dir(out_dir)
     try:
         head.save(stage)
         ClassifierHead.read(stage)
         written = dict(record)
         written["files"] = {name: sha256_file(stage / name) for name in HEAD_PUBLISHED_FILES}
         (stage / record_file).write_text(json.dumps(written, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(stage, out_dir)
-        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    place_output(stage, out_dir, overwrite)
     return written
 
 
@@ -576,4 +627,14 @@ def verify_head_files(out_dir: Path, record: dict[str, Any]) -> ClassifierHead:
             raise AdapterFormatError(f"{path} is missing (listed in the training record)")
         if sha256_file(path) != digest:
             raise AdapterFormatError(f"{path}: sha256 differs from the one recorded at training; the file changed")
-    return ClassifierHead.read(Path(out_dir))
+    head = ClassifierHead.read(Path(out_dir))
+    # What is published is this head as ``ClassifierHead.save`` writes it (``publish_head``), read after the
+    # hashes above: its bytes are checked too, so a file changed in between is not published unchecked.
+    with tempfile.TemporaryDirectory(prefix="lorafleet-head-check.") as tmp:
+        for name in head.save(Path(tmp)):
+            if sha256_file(Path(tmp) / name) != files[name]:
+                raise AdapterFormatError(
+                    f"{Path(out_dir) / name}: the head read for publishing differs from the file checked against the "
+                    "training record (it changed while being published); publish again"
+                )
+    return head

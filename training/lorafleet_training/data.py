@@ -17,7 +17,7 @@ import hashlib
 import json
 import random
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -253,9 +253,11 @@ def split(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[
 
     Examples with the same prompt (``prompt_key``: repeated lines, or the same question with another
     answer) stay on one side: split one by one, a repeated example was scored on held-out data it had
-    been trained on, and the quality gates read a loss that leak made lower. Groups are held out in a
-    seeded order until ``val_fraction`` of the examples is; with two or more groups and a positive
-    fraction each side gets at least one, and with one group nothing can be held out.
+    been trained on, and the quality gates read a loss that leak made lower. Groups are chosen in a
+    seeded order to come as close to ``val_fraction`` of the examples as whole groups allow
+    (``choose_groups``: a large group is skipped while smaller ones can still meet the target); with two
+    or more groups and a positive fraction each side gets at least one, and with one group nothing can be
+    held out. ``held_out_warning`` says when the groups forced a share far above the fraction.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -263,10 +265,36 @@ def split(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[
     n = len(examples)
     if len(groups) < 2 or val_fraction == 0.0:
         return list(examples), []
-    held = held_out_groups(groups, max(1, round(n * val_fraction)), random.Random(seed))
+    held = held_out_groups(groups, held_out_target(n, val_fraction), random.Random(seed))
     train = [e for i, e in enumerate(examples) if i not in held]
     val = [e for i, e in enumerate(examples) if i in held]
     return train, val
+
+
+def held_out_target(n: int, val_fraction: float) -> int:
+    """How many of `n` examples a split at `val_fraction` aims to hold out (at least one)."""
+    return max(1, round(n * val_fraction))
+
+
+FAR_ABOVE_TARGET = 2  # a held-out count over this many times the target is reported (held_out_warning)
+
+
+def held_out_warning(n: int, held: int, val_fraction: float, what: str = "examples") -> str | None:
+    """A warning when whole same-prompt groups made the held-out share far above `val_fraction`
+    (over ``FAR_ABOVE_TARGET`` times ``held_out_target``), else None."""
+    if not held or held <= FAR_ABOVE_TARGET * held_out_target(n, val_fraction):
+        return None
+    return (
+        f"warning: {held} of {n} {what} ({held / n:.0%}) are held out, far above --val-fraction {val_fraction:g}: "
+        "examples with the same prompt stay on one side of the split and the groups are too large to get closer; "
+        "pass --eval-data to choose the held-out examples yourself"
+    )
+
+
+def overlap(train_set: Sequence[Example], val_set: Sequence[Example]) -> int:
+    """How many of `val_set` ask a prompt (``prompt_key``) that also occurs in `train_set`."""
+    seen = {prompt_key(e) for e in train_set}
+    return sum(prompt_key(e) in seen for e in val_set)
 
 
 def group_by_prompt(examples: Sequence[Example]) -> list[list[int]]:
@@ -278,18 +306,51 @@ def group_by_prompt(examples: Sequence[Example]) -> list[list[int]]:
 
 
 def held_out_groups(groups: Sequence[Sequence[int]], want: int, rng: random.Random) -> set[int]:
-    """Indices of whole groups, taken in ``rng``'s order until ``want`` examples are held out; the first
-    group is always taken and some group always left to train on (callers pass two or more)."""
+    """Indices of whole groups to hold out, about ``want`` of them (``choose_groups``); at least one group
+    is taken and some group always left to train on (callers pass two or more)."""
     total = sum(len(g) for g in groups)
-    order = list(range(len(groups)))
-    rng.shuffle(order)
     held: set[int] = set()
-    for g in order:
-        if held and len(held) >= want:
-            break
+
+    def take(g: int) -> bool:
         if total - len(held) - len(groups[g]) <= 0:  # training would be empty
-            continue
+            return False
         held.update(groups[g])
+        return True
+
+    choose_groups([len(g) for g in groups], want, rng, take)
+    return held
+
+
+def choose_groups(sizes: Sequence[int], want: int, rng: random.Random, take: Callable[[int], bool]) -> int:
+    """Hold out groups (by index into `sizes`) to come as close to `want` examples as whole groups allow;
+    returns how many were held out.
+
+    The groups are visited in an order shuffled by `rng`; each one that still fits (held + size <=
+    `want`) is offered to `take`, which holds it out and returns True, or refuses it (it would leave a
+    side without examples) and returns False. A group that would overshoot is skipped while others can
+    still meet the target: taken in order until the target was reached, one group of 60 same-prompt rows
+    among 40 others was the whole held-out set at --val-fraction 0.1. Still short after that, the
+    smallest group left is offered when it lands at least as close to `want` as stopping short does, or
+    when nothing is held out yet (every split with two or more groups holds one out).
+    """
+    order = list(range(len(sizes)))
+    rng.shuffle(order)
+    held = 0
+    taken: set[int] = set()
+    for g in order:
+        if held >= want:
+            break
+        if held + sizes[g] <= want and take(g):
+            held += sizes[g]
+            taken.add(g)
+    if held < want:
+        position = {g: i for i, g in enumerate(order)}
+        for g in sorted((g for g in order if g not in taken), key=lambda g: (sizes[g], position[g])):
+            if held and held + sizes[g] - want > want - held:
+                break  # this group, and every larger one, overshoots more than stopping here falls short
+            if take(g):
+                held += sizes[g]
+                break
     return held
 
 

@@ -86,25 +86,48 @@ def encode(
 
     `max_length` None: no limit (evaluation scores whole completions, whatever the training limit was).
     """
+    encoded, issues = encode_checked(tokenizer, examples, max_length, template, source)
+    if issues:
+        raise TrainingDataError(source, issues)
+    return encoded
+
+
+def encode_checked(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    max_length: int | None,
+    template: PromptTemplate | None = None,
+    source: str = "<data>",
+    *,
+    prompt_limit: int | None = None,
+) -> tuple[list[Encoded], list[DataIssue]]:
+    """``encode``, with the examples whose prompt is too long returned as issues rather than raised (so a
+    caller can report those of two sets of one file at once).
+
+    A prompt of `prompt_limit` tokens or more (default `max_length`) is refused: with `max_length` None
+    and `prompt_limit` the training ``--max-length``, held-out examples are scored whole but refused
+    for the same prompts training refuses (only the training split's were, so whether a file was
+    accepted depended on --seed). A chat template that refuses an example still raises at once.
+    """
+    limit_prompt = prompt_limit if prompt_limit is not None else max_length
     out: list[Encoded] = []
     issues: list[DataIssue] = []
     for example, prompt in zip(examples, all_prompt_ids(tokenizer, examples, template, source), strict=True):
         completion = completion_ids(tokenizer, example)
-        limit = max_length if max_length is not None else len(prompt) + len(completion)
-        if len(prompt) >= limit:
+        if limit_prompt is not None and len(prompt) >= limit_prompt:
             issues.append(
                 DataIssue(
                     example.line,
-                    f"the prompt is {len(prompt)} tokens; --max-length {max_length} leaves no room for the completion",
+                    f"the prompt is {len(prompt)} tokens; --max-length {limit_prompt} leaves no room for the "
+                    "completion",
                 )
             )
             continue
+        limit = max_length if max_length is not None else len(prompt) + len(completion)
         ids = (prompt + completion)[:limit]
         labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
         out.append(Encoded(tuple(ids), tuple(labels), len(prompt), len(prompt) + len(completion) > limit))
-    if issues:
-        raise TrainingDataError(source, issues)
-    return out
+    return out, issues
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorafleet_adapters.errors import AdapterError
@@ -49,3 +50,17 @@ class PiiFound(TrainingError):
     def __init__(self, report: PiiReport) -> None:
         self.report = report
         super().__init__(report.describe())
+
+
+class OutputNotPlaced(TrainingError):
+    """Training finished but its output could not be moved into ``--out``; the complete, verified output
+    is kept at ``staged`` (it was deleted with the error)."""
+
+    def __init__(self, out_dir: Path, staged: Path, cause: BaseException) -> None:
+        self.out_dir = out_dir
+        self.staged = staged
+        super().__init__(
+            f"the trained output could not be moved into {out_dir}: {cause}; it is kept, complete and verified, at "
+            f"{staged}: move it where you want it (mv {staged} <dir>) or publish it from there "
+            f"(`lorafleet publish {staged}`)"
+        )

@@ -25,13 +25,13 @@ from typing import Any
 from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterError, AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.fsio import fsync_dir
-from lorafleet_adapters.manifest import sha256_file
+from lorafleet_adapters.manifest import Manifest, sha256_file
 from lorafleet_adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
 from lorafleet_adapters.prompt import PromptTemplate, PromptTurn
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
-from lorafleet_adapters.store import README_FILE, RETRAIN_RECORD_FILE
+from lorafleet_adapters.store import README_FILE, RETRAIN_RECORD_FILE, import_peft_via
 from lorafleet_training.data import parse_prompt_template
-from lorafleet_training.errors import PiiFound, TrainingError
+from lorafleet_training.errors import OutputNotPlaced, PiiFound, TrainingError
 from lorafleet_training.pii import MODES, Finding, PiiReport, detect, mask_value, redact_text
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,24 @@ class TooMuchForgetting(TrainingError):
 def check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path | None] = ()) -> None:
     """Refuse a non-empty output directory unless `overwrite` (checked before training starts), and an
     output directory that is or holds one of the run's ``inputs`` (the data, the model): ``--overwrite``
-    replaced the whole directory, the customer's data with it."""
+    replaced the whole directory, the customer's data with it.
+
+    The output is staged beside `out_dir` and renamed into place (``place_output``), so `out_dir` must be
+    a path a rename can replace: a symbolic link (rmtree refused it after training, and the staged
+    adapter was deleted) or a mount point is refused here, before any training.
+    """
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise TrainingError(
+            f"output path {out_dir} is a symbolic link (to {os.readlink(out_dir)}): the output is written beside "
+            f"it and renamed into place, which would replace the link; pass the directory itself "
+            f"(--out {out_dir.resolve()}) or another path"
+        )
+    if os.path.ismount(out_dir):
+        raise TrainingError(
+            f"output directory {out_dir} is a mount point: the output is written beside it and renamed into place, "
+            f"which cannot replace a mount point; choose a directory inside it (e.g. --out {out_dir / 'adapter'})"
+        )
     resolved = out_dir.resolve()
     for given in inputs:
         if given is not None and Path(given).resolve().is_relative_to(resolved):
@@ -69,6 +85,29 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path | None] 
         raise TrainingError(f"output path {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise TrainingError(f"output directory {out_dir} is not empty; choose another --out or pass --overwrite")
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A fresh directory beside `out_dir` to stage its output in (same filesystem: ``place_output`` renames)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+
+
+def place_output(stage: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the complete, verified output in `stage` into `out_dir` (replacing it with `overwrite`).
+
+    `out_dir` is checked again (``check_out_dir``: it may have changed while training ran). On any failure
+    here the staged output is kept and ``OutputNotPlaced`` names it: it was deleted with the error, and
+    the whole training run with it.
+    """
+    try:
+        check_out_dir(out_dir, overwrite)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(stage, out_dir)
+    except (OSError, TrainingError) as exc:
+        raise OutputNotPlaced(out_dir, stage, exc) from exc
+    fsync_dir(out_dir.parent)
 
 
 def write_training_dir(
@@ -81,12 +120,11 @@ def write_training_dir(
     """Stage the PEFT files (`save_adapter(dir)`) and the record, verify them, rename into `out_dir`.
 
     Returns the record as written (with ``files`` checksums). The staged adapter is validated against
-    `spec` exactly as the store will validate it, so a publish cannot fail on format.
+    `spec` exactly as the store will validate it, so a publish cannot fail on format. A failure to move
+    it into `out_dir` keeps the staged directory (``place_output``).
     """
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    stage = staging_dir(out_dir)
     try:
         save_adapter(stage)
         unexpected = sorted(p.name for p in stage.iterdir() if p.name not in PUBLISHED_FILES)
@@ -96,13 +134,10 @@ def write_training_dir(
         written = dict(record)
         written["files"] = {name: sha256_file(stage / name) for name in PUBLISHED_FILES if (stage / name).is_file()}
         (stage / RECORD_FILE).write_text(json.dumps(written, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(stage, out_dir)
-        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    place_output(stage, out_dir, overwrite)
     return written
 
 
@@ -203,7 +238,48 @@ def publish(
                 os.symlink((out_dir / name).resolve(), Path(source) / name)
         text = json.dumps(retrain_record(record), indent=2, sort_keys=True, allow_nan=False) + "\n"
         (Path(source) / RETRAIN_RECORD_FILE).write_text(text, encoding="utf-8")
-        return store.import_peft(Path(source), ref.tenant, ref.name, spec, method=str(record["method"]), extra=extra)
+        # The store copies the files after verify_files hashed them: its staged copies are checked
+        # against the record too, just before they are published (_CheckedPublisher).
+        checked = _CheckedPublisher(store, record["files"], out_dir)
+        return import_peft_via(checked, Path(source), ref.tenant, ref.name, spec, str(record["method"]), extra)
+
+
+class _CheckedPublisher:
+    """`store`'s staged publish, with the staged copies of a training output's files checked against
+    the record's checksums before they are published (``check_staged``)."""
+
+    def __init__(self, store: Store, files: Mapping[str, str], out_dir: Path) -> None:
+        self._store = store
+        self._files = dict(files)
+        self._out_dir = out_dir
+
+    def new_staging(self, tenant: str, name: str) -> Path:
+        return self._store.new_staging(tenant, name)
+
+    def publish_staged(
+        self, staging: Path, tenant: str, name: str, manifest_for: Callable[[int], Manifest]
+    ) -> AdapterKey:
+        check_staged(staging, self._files, self._out_dir)
+        return self._store.publish_staged(staging, tenant, name, manifest_for)
+
+
+def check_staged(staging: Path, files: Mapping[str, str], out_dir: Path) -> None:
+    """The training output's files as the store staged them (in `staging`) are exactly those of the
+    record's ``files`` checksums: none missing, none added, none changed."""
+    for name in PUBLISHED_FILES:
+        path = Path(staging) / name
+        if name not in files:
+            if path.exists():
+                raise AdapterFormatError(f"{out_dir / name} was staged for publishing but is not in {RECORD_FILE}")
+            continue
+        if not path.is_file():
+            raise AdapterFormatError(f"{out_dir / name} is listed in {RECORD_FILE} but was not staged for publishing")
+        actual = sha256_file(path)
+        if actual != files[name]:
+            raise AdapterFormatError(
+                f"{out_dir / name}: the copy staged for publishing has sha256 {actual}, not {files[name]} recorded at "
+                "training (the file changed while being published); nothing was published"
+            )
 
 
 _RETRAIN_KEYS = ("format", "adapter", "method", "requested_method", "pii_scan", "hyperparameters", "eval_metrics")
@@ -251,10 +327,56 @@ def _publish_head(
     }
     # The record goes into the store without the generated samples of held-out prompts (the prompt-only
     # base's answers can repeat a customer's text), as a LoRA's retrain record does.
+    text, _ = head_store_record(record)
     with tempfile.TemporaryDirectory(prefix="lorafleet-head-record-") as tmp:
         kept = Path(tmp) / RECORD_FILE
-        kept.write_text(json.dumps(without_samples(record), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        kept.write_text(text, encoding="utf-8")
         return publish_head(store, ref.tenant, ref.name, head, spec, record_path=kept, extra=extra)
+
+
+def head_store_record(record: Mapping[str, Any]) -> tuple[str, bool]:
+    """The training record a head version keeps in the store, as text, and whether its confusion
+    matrices were left out.
+
+    Compact JSON, without ``samples`` (``without_samples``). The store keeps at most
+    ``head.MAX_RECORD_BYTES`` (4 MiB); indented, the confusion matrices alone passed it at ~500-700
+    labels, and the head trained but could not be published. A record still over the limit compact
+    goes without its confusion matrices (the training output's record keeps them); TrainingError when
+    even that is over (``train_classifier`` asks before writing its output).
+    """
+    from lorafleet_adapters import head as head_mod
+
+    kept = without_samples(record)
+    text = _compact_json(kept)
+    if len(text.encode("utf-8")) <= head_mod.MAX_RECORD_BYTES:
+        return text, False
+    text = _compact_json(_without_confusion_matrices(kept))
+    size = len(text.encode("utf-8"))
+    if size > head_mod.MAX_RECORD_BYTES:
+        labels = len((record.get("data") or {}).get("labels") or {})
+        raise TrainingError(
+            f"the training record is {size} bytes even without its confusion matrices, over the "
+            f"{head_mod.MAX_RECORD_BYTES} bytes an adapter store keeps with a head ({labels} labels): the head could "
+            "not be published; train it with fewer (or shorter) labels"
+        )
+    return text, True
+
+
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _without_confusion_matrices(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            k: {"omitted": f"too large for the store; the training output's {RECORD_FILE} keeps it"}
+            if k == "confusion_matrix"
+            else _without_confusion_matrices(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_without_confusion_matrices(v) for v in value]
+    return value
 
 
 def without_samples(value: Any) -> Any:

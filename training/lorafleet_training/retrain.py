@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -43,6 +44,8 @@ from lorafleet_adapters.store import RETRAIN_RECORD_FILE
 from lorafleet_training import data as data_mod
 from lorafleet_training.errors import TrainingError
 from lorafleet_training.publish import DEFAULT_MAX_FORGETTING, NoImprovement, TooMuchForgetting
+
+log = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
 COMPARED_METRIC = "macro_f1"  # the held-out metric a retrained head must match or beat (higher is better)
@@ -110,33 +113,54 @@ def retrain_stale(
     for key, manifest in stale_latest(store, spec, tenant):
         metric = COMPARED_METRIC if manifest.kind == "head" else LORA_METRIC
         try:
-            plan = _plan(store, spec, key, manifest)
-        except _Skip as exc:
-            outcomes.append(RetrainOutcome(key, "skipped", str(exc), metric=metric))
-            continue
-        except AdapterError as exc:
-            outcomes.append(RetrainOutcome(key, "skipped", f"cannot read it: {exc}", metric=metric))
-            continue
-        old_metric = manifest.eval_metrics.get(metric)
-        if dry_run:
-            what = manifest.kind if manifest.kind == "head" else _lora_method(plan.record)
             outcomes.append(
-                RetrainOutcome(
-                    key,
-                    "planned",
-                    f"would retrain ({what}) on {plan.data} on base {spec.fingerprint[:19]}…",
-                    old_metric=old_metric,
-                    metric=metric,
-                )
+                _retrain_one(store, spec, model_dir, key, manifest, dry_run, work_dir, max_forgetting, echo)
             )
-            continue
-        if manifest.kind == "head":
-            outcomes.append(_retrain_head(store, spec, model_dir, key, plan, old_metric, work_dir, echo))
-        else:
-            outcomes.append(
-                _retrain_lora(store, spec, model_dir, key, plan, old_metric, work_dir, max_forgetting, echo)
-            )
+        except Exception as exc:  # one adapter's unexpected failure must not stop the fleet's retrain
+            outcomes.append(RetrainOutcome(key, "refused", _failed(key, exc), metric=metric))
     return outcomes
+
+
+def _retrain_one(
+    store: Store,
+    spec: BaseModelSpec,
+    model_dir: Path,
+    key: AdapterKey,
+    manifest: Manifest,
+    dry_run: bool,
+    work_dir: Path | None,
+    max_forgetting: float | None,
+    echo: Echo,
+) -> RetrainOutcome:
+    metric = COMPARED_METRIC if manifest.kind == "head" else LORA_METRIC
+    try:
+        plan = _plan(store, spec, key, manifest)
+    except _Skip as exc:
+        return RetrainOutcome(key, "skipped", str(exc), metric=metric)
+    except AdapterError as exc:
+        return RetrainOutcome(key, "skipped", f"cannot read it: {exc}", metric=metric)
+    old_metric = manifest.eval_metrics.get(metric)
+    if dry_run:
+        what = manifest.kind if manifest.kind == "head" else _lora_method(plan.record)
+        return RetrainOutcome(
+            key,
+            "planned",
+            f"would retrain ({what}) on {plan.data} on base {spec.fingerprint[:19]}…",
+            old_metric=old_metric,
+            metric=metric,
+        )
+    if manifest.kind == "head":
+        return _retrain_head(store, spec, model_dir, key, plan, old_metric, work_dir, echo)
+    return _retrain_lora(store, spec, model_dir, key, plan, old_metric, work_dir, max_forgetting, echo)
+
+
+def _failed(key: AdapterKey, exc: Exception) -> str:
+    """The reported reason of a retrain that raised: a domain error's message; anything else with its type
+    (a bare KeyError('x') says only 'x'), its traceback logged."""
+    if isinstance(exc, AdapterError | ValueError):
+        return f"retraining failed: {exc}"
+    log.warning("retraining %s failed", key, exc_info=True)
+    return f"retraining failed: {type(exc).__name__}: {exc}"
 
 
 class _Skip(Exception):
@@ -340,8 +364,8 @@ def _retrain_lora(
         )
     except (TooMuchForgetting, NoImprovement) as exc:
         return dataclasses.replace(partial, reason=str(exc))
-    except (AdapterError, ValueError, TypeError) as exc:
-        return dataclasses.replace(partial, reason=f"retraining failed: {exc}")
+    except Exception as exc:  # anything else fails this adapter only (retrain_stale goes on with the others)
+        return dataclasses.replace(partial, reason=_failed(key, exc))
     finally:
         if work_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -412,8 +436,8 @@ def _retrain_head(
             old_metric=old_metric,
             new_metric=new_metric,
         )
-    except (AdapterError, ValueError) as exc:
-        return RetrainOutcome(key, "refused", f"retraining failed: {exc}", old_metric=old_metric)
+    except Exception as exc:  # anything else fails this adapter only (retrain_stale goes on with the others)
+        return RetrainOutcome(key, "refused", _failed(key, exc), old_metric=old_metric)
     finally:
         if work_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)

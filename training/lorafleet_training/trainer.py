@@ -18,7 +18,6 @@ algorithms on during training; two runs give byte-identical ``adapter_model.safe
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -38,8 +37,8 @@ from lorafleet_adapters.ref import AdapterRef
 from lorafleet_server.model import loader as model_loader
 from lorafleet_training import data as data_mod
 from lorafleet_training.data import MAX_SEED, Example, template_to_dict
-from lorafleet_training.encoding import Encoded, collate, completion_loss_sum, encode, keep_last, pad_id_of
-from lorafleet_training.errors import TrainingError
+from lorafleet_training.encoding import Encoded, collate, completion_loss_sum, encode_checked, keep_last, pad_id_of
+from lorafleet_training.errors import TrainingDataError, TrainingError
 from lorafleet_training.evaluate import EvalResult, completion_loss, evaluate, forgetting_check
 from lorafleet_training.pii import MODES, PiiReport, apply_policy
 from lorafleet_training.publish import RECORD_FORMAT, check_out_dir, write_training_dir
@@ -198,10 +197,14 @@ def train(
     if eval_examples is None:
         train_set, val_set = data_mod.split(examples, config.val_fraction, config.seed)
         held_out = f"{len(val_set)} held out"
+        if (note := data_mod.held_out_warning(len(examples), len(val_set), config.val_fraction)) is not None:
+            echo(note)
     else:
         train_set, val_set = list(examples), eval_examples
         held_out = f"evaluated on {len(val_set)} from {config.eval_data}"
-        _warn_overlap(train_set, val_set, echo)
+    shared = data_mod.overlap(train_set, val_set)  # 0 for a split: a prompt stays on one side
+    if shared:  # a warning, not an error: retraining on the file it was scored on is a choice (recorded)
+        echo(f"warning: {shared} of {len(val_set)} evaluation prompts also occur in the training data")
     echo(
         f"data: {len(examples)} examples from {config.data} ({len(train_set)} train, {held_out}), "
         f"fingerprint {fingerprint[:19]}…"
@@ -212,9 +215,19 @@ def train(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.base_model_dir)
-    encoded_train = encode(tokenizer, train_set, config.max_length, source=str(config.data))
-    # held-out completions are scored whole (no --max-length cut), per epoch as in the final evaluation
-    encoded_val = encode(tokenizer, val_set, None, source=str(config.eval_data or config.data))
+    encoded_train, too_long = encode_checked(tokenizer, train_set, config.max_length, source=str(config.data))
+    # held-out completions are scored whole (no --max-length cut), per epoch as in the final evaluation; their
+    # prompts are held to --max-length as training's are, before the model loads
+    val_source = str(config.eval_data or config.data)
+    encoded_val, val_too_long = encode_checked(
+        tokenizer, val_set, None, source=val_source, prompt_limit=config.max_length
+    )
+    if config.eval_data is None:  # one file: every line at once, whichever side of the split it fell on
+        too_long, val_too_long = sorted(too_long + val_too_long, key=lambda issue: issue.line), []
+    if too_long:
+        raise TrainingDataError(str(config.data), too_long)
+    if val_too_long:
+        raise TrainingDataError(val_source, val_too_long)
     truncated = sum(e.truncated for e in encoded_train)
     if truncated:
         echo(f"warning: {truncated} example(s) longer than --max-length {config.max_length}: completions cut")
@@ -265,6 +278,7 @@ def train(
         train_set=train_set,
         val_set=val_set,
         truncated=truncated,
+        overlap=shared,
         fingerprint=fingerprint,
         pii=pii_report.to_record(),
         history=history,
@@ -293,13 +307,6 @@ def _load_checked(path: Path, pii: str, echo: Echo) -> tuple[list[Example], PiiR
         action = "spans replaced by typed placeholders" if pii == "redact" else "using the data as is (recorded)"
         echo(f"PII mode {pii!r} for {path}: {action}")
     return examples, report
-
-
-def _warn_overlap(train_set: Sequence[Example], val_set: Sequence[Example], echo: Echo) -> None:
-    seen = {json.dumps(e.chat_messages(), sort_keys=True) for e in train_set}
-    shared = sum(json.dumps(e.chat_messages(), sort_keys=True) in seen for e in val_set)
-    if shared:
-        echo(f"warning: {shared} of {len(val_set)} evaluation prompts also occur in the training data")
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -494,6 +501,7 @@ def _record(
     train_set: Sequence[Example],
     val_set: Sequence[Example],
     truncated: int,
+    overlap: int,
     fingerprint: str,
     pii: dict[str, Any],
     history: Sequence[dict[str, float]],
@@ -533,6 +541,7 @@ def _record(
             if config.eval_data
             else None,
             "eval_fingerprint": data_mod.fingerprint(val_set) if val_set else None,
+            "val_overlap": overlap,  # held-out examples whose prompt also occurs in training (0 for a split)
         },
         "pii_scan": pii,
         "hyperparameters": config.hyperparameters(),
