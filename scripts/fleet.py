@@ -42,6 +42,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.yaml.tmpl"
@@ -251,6 +252,14 @@ def stop(directory: Path, grace: float = 30.0) -> list[str]:
     return order
 
 
+def _seaweedlib() -> Any:
+    """tests/seaweedlib.py: how SeaweedFS is started and checked, shared with the tests."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import seaweedlib
+
+    return seaweedlib
+
+
 def _flag_ports(pid: int) -> list[int]:
     """The ports named by ``pid``'s ``-...port...=N`` flags (SeaweedFS's, read before it stops)."""
     try:
@@ -265,22 +274,13 @@ def _remove_seaweedfs_sockets(ports: list[int], grace: float) -> None:
     Its ports are released a moment after its pid is gone (its other threads still exit): wait for them,
     then remove the sockets of exactly those ports."""
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and not all(_port_free(p) for p in ports):
+    port_free = _seaweedlib().port_free
+    while time.monotonic() < deadline and not all(port_free(p) for p in ports):
         time.sleep(0.05)
     for port in ports:
         for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
             with contextlib.suppress(OSError):
                 path.unlink()
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _stage(name: str) -> int:
@@ -291,10 +291,8 @@ def _stage(name: str) -> int:
 
 def _start_s3(launcher: Launcher, directory: Path) -> tuple[dict[str, str], int, str]:
     """SeaweedFS over ``DIR/s3`` with the bucket; returns its boto3 environment, pid and endpoint."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from seaweedlib import SeaweedFS
-
-    s3 = SeaweedFS.start(directory / "s3", max_volumes=256)  # room for 16 GiB of adapters (tests take 1 GiB)
+    # room for 16 GiB of adapters (tests take 1 GiB)
+    s3 = _seaweedlib().SeaweedFS.start(directory / "s3", max_volumes=256)
     assert s3.process is not None
     launcher.adopt("s3", s3.process.pid)
     s3.create_bucket(BUCKET)

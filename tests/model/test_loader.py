@@ -85,7 +85,9 @@ def test_attention_window() -> None:
     assert attention_window({"model_type": "mistral", "sliding_window": 4096}) == 4096
     assert attention_window({"model_type": "mistral", "sliding_window": None}) is None
     assert attention_window({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False}) is None
-    assert attention_window({"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": True}) == 64
+    qwen = {"model_type": "qwen2", "sliding_window": 64, "use_sliding_window": True, "num_hidden_layers": 4}
+    assert attention_window({**qwen, "max_window_layers": 2}) == 64
+    assert attention_window({**qwen, "max_window_layers": 4}) is None  # HF windows no layer of it
     layers = ["full_attention", "sliding_attention"]
     assert attention_window({"model_type": "qwen2", "sliding_window": 64, "layer_types": layers}) == 64
     assert attention_window({"model_type": "qwen2", "sliding_window": 64, "layer_types": layers[:1]}) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Protocol
@@ -69,7 +70,7 @@ class _Accumulator:
         if self.cancelled:
             raise make_error(grpc.StatusCode.CANCELLED, "the stream was cancelled by the client")
         if self.error is not None:
-            raise self.error
+            raise copy.copy(self.error)  # a copy: raising the same object again grew its traceback each time
         if not self.done or self.summary is None:
             raise RuntimeError("the stream has not finished: iterate over it or call wait() first")
         return completion_from_proto(self.text, self.summary, self.replica or "")

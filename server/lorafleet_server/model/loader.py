@@ -249,8 +249,10 @@ def attention_window(cfg: dict[str, Any]) -> int | None:
     layer_types = cfg.get("layer_types")
     if isinstance(layer_types, list):
         return int(window) if "sliding_attention" in layer_types else None
-    if cfg.get("model_type") == "qwen2":  # windowed layers only with use_sliding_window
-        return int(window) if cfg.get("use_sliding_window") else None
+    if cfg.get("model_type") == "qwen2":  # windowed: the layers from max_window_layers on, with use_sliding_window
+        layers = int(cfg.get("num_hidden_layers", 0))
+        windowed = cfg.get("use_sliding_window") and int(cfg.get("max_window_layers", 28)) < layers  # HF's default
+        return int(window) if windowed else None
     return int(window)  # Mistral: every layer
 
 

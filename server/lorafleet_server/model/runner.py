@@ -335,24 +335,26 @@ class ModelRunner:
         row_t = torch.tensor(kv_rows, dtype=torch.long, device=dev)  # [N]
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)  # [N]
         marks = self.kv.marks(r.kv_row for r in rows)
-        for r in rows:
-            self.kv.mark_written(r.kv_row, r.start + len(r.token_ids))
-        if self.native_attention is None:
-            # torch's decode rows read up to the longest one's length, rounded up (decode_len)
-            single_end = decode_len(max((r.start + 1 for r in rows if r.decodes), default=0), self.kv.max_seq_len)
+        try:
             for r in rows:
-                if r.decodes:
-                    self.kv.ensure_clean(r.kv_row, single_end)
-        with self.threads.run(len(ids)) if self.threads is not None else nullcontext():
-            self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl, self.native_lora)
-            try:
-                hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
-            except BaseException:
-                self.kv.restore_marks(marks)  # what this step was to write may be unwritten: not clean
-                raise
-            finally:
-                self.context.batch = None
-            return self._outputs(hidden[:1] if lone else hidden, rows, reuse_logits)
+                self.kv.mark_written(r.kv_row, r.start + len(r.token_ids))
+            if self.native_attention is None:
+                # torch's decode rows read up to the longest one's length, rounded up (decode_len)
+                longest = max((r.start + 1 for r in rows if r.decodes), default=0)
+                single_end = decode_len(longest, self.kv.max_seq_len)
+                for r in rows:
+                    if r.decodes:
+                        self.kv.ensure_clean(r.kv_row, single_end)
+            with self.threads.run(len(ids)) if self.threads is not None else nullcontext():
+                self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl, self.native_lora)
+                try:
+                    hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
+                finally:
+                    self.context.batch = None
+                return self._outputs(hidden[:1] if lone else hidden, rows, reuse_logits)
+        except BaseException:
+            self.kv.restore_marks(marks)  # what this step was to write may be unwritten: not clean
+            raise
 
     def _head_into_buffer(self, x: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] in the buffer
         """The LM head of ``x`` in the head's dtype, in the runner's logits buffer: a native Linear writes
