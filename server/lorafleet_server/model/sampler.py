@@ -78,16 +78,23 @@ def sample_rows(
     value as ``logits.float().max(-1).indices`` gives it, for the greedy rows without a penalty (the
     runner's ``greedy_tokens`` reads a bf16 LM head's output in place); every other row is widened to
     fp32 before its penalty, temperature and filters, as the logits were before (bf16 to fp32 is exact).
-    A row whose sampling raises (NaN logits: no distribution to draw from) gets the exception in place
-    of its token, so only its request fails; the other rows' draws are the ones they would have had."""
+    A row whose sampling raises (NaN logits: no distribution to draw from), or a greedy row whose logits
+    hold a NaN, gets the exception in place of its token, so only its request fails; the other rows'
+    draws are the ones they would have had."""
     out: list[int | Exception] = []
     greedy_plain = [
         i for i, r in enumerate(rows) if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None)
     ]
     best = argmax(logits) if greedy_plain else []
+    # A NaN logit is the largest to max(): the row's pick is NaN exactly when its row holds one. Such a row
+    # has no answer, as a sampled one has no distribution: it fails too (it used to stream the NaN's token).
+    broken = set()
+    if greedy_plain:
+        picked = logits[greedy_plain, [best[i] for i in greedy_plain]]  # [len(greedy_plain)]
+        broken = {i for i, nan in zip(greedy_plain, picked.isnan().tolist(), strict=True) if nan}
     for i, r in enumerate(rows):
         if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None):
-            out.append(int(best[i]))
+            out.append(RuntimeError("cannot pick the next token: the logits are NaN") if i in broken else int(best[i]))
             continue
         try:
             out.append(sample_row(logits[i], r))
