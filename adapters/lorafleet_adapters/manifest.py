@@ -11,10 +11,13 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, InvalidAdapterRef
 from lorafleet_adapters.ref import check_ident, check_version
+
+if TYPE_CHECKING:
+    from lorafleet_adapters.peft_format import BaseModelSpec
 
 SCHEMA_VERSION = 1
 KINDS = ("lora", "prompt", "head")
@@ -125,7 +128,9 @@ class Manifest:
         data["files"] = dict(self.files)
         data["eval_metrics"] = dict(self.eval_metrics)
         data["pii_scan"] = None if self.pii_scan is None else dict(self.pii_scan)
-        if self.base_prompt_format is None:  # left out, so a server older than the field still reads it
+        # Left out when unknown. A server older than the field refuses a manifest that has it (unknown
+        # fields are refused): upgrade servers before trainers (docs/fleet.md).
+        if self.base_prompt_format is None:
             del data["base_prompt_format"]
         return data
 
@@ -163,6 +168,12 @@ def prompt_format_differs(manifest: Manifest, prompt_format: str) -> bool:
     """Whether ``manifest`` names a prompt format and it is not ``prompt_format`` (known: not "")."""
     published = manifest.base_prompt_format
     return bool(published and prompt_format and published != prompt_format)
+
+
+def built_for(manifest: Manifest, spec: BaseModelSpec) -> bool:
+    """Whether ``manifest``'s version was built for ``spec``'s base: the same weights and, where both
+    know it, the same prompt format. A version that is not is stale (``lorafleet retrain --stale``)."""
+    return manifest.base_fingerprint == spec.fingerprint and not prompt_format_differs(manifest, spec.prompt_format)
 
 
 def check_prompt_format(key: object, manifest: Manifest, spec_prompt_format: str) -> None:

@@ -126,7 +126,13 @@ def test_the_prompt_format_follows_the_tokenizer_and_chat_template_not_the_weigh
     tok = json.loads((model / "tokenizer.json").read_text())
     (model / "tokenizer.json").write_text(json.dumps({**tok, "truncation": {"max_length": 9}}))
     assert prompt_format_fingerprint(model) == spec.prompt_format  # runtime settings: the same prompts
+    # the template kept in tokenizer_config.json instead (the transformers 4 layout): the same format
     template = model / "chat_template.jinja"
+    moved = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**moved, "chat_template": template.read_text()}))
+    template.rename(tmp_path / "template.jinja")
+    assert prompt_format_fingerprint(model) == spec.prompt_format
+    (tmp_path / "template.jinja").rename(template)
     template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
     changed = base_spec_from_files(model, "none", 16)
     assert changed.prompt_format != spec.prompt_format

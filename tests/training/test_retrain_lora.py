@@ -315,3 +315,31 @@ def test_an_unexpected_error_fails_one_adapter_not_the_fleet(
     outcomes = {str(o.old): o for o in retrain_mod.retrain_stale(store, new_base, tiny_model_dir, dry_run=True)}
     assert outcomes["acme/a@1"].status == "refused" and "OSError" in outcomes["acme/a@1"].reason
     assert outcomes["acme/colors@1"].status == "planned"
+
+
+def test_a_head_is_not_compared_on_another_held_out_split(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The split rule changed (same-text groups across labels, no overshoot): a head trained before would
+    be split differently now, and its macro-F1 compared with one measured on other examples."""
+    from classifierlib import labelled_rows, train_head, write_labelled
+
+    import lorafleet_training.classifier as classifier_mod
+    import lorafleet_training.retrain as retrain_mod
+    from lorafleet_training.publish import publish
+
+    store = AdapterStore(tmp_path / "store")
+    labelled = write_labelled(tmp_path / "intents.jsonl", labelled_rows(6))
+    trained = train_head(tiny_model_dir, tiny_spec, tmp_path / "h", labelled, adapter="acme/h")
+    assert trained.record["data"]["split_fingerprint"]
+    publish(tmp_path / "h", store, tiny_spec)
+    real_split = classifier_mod.stratified_split
+
+    def another_split(examples: Any, val_fraction: float, seed: int) -> Any:
+        return real_split(examples, val_fraction, seed + 1)
+
+    monkeypatch.setattr(classifier_mod, "stratified_split", another_split)
+    new_base = dataclasses.replace(tiny_spec, fingerprint="sha256:" + "4" * 64)
+    [outcome] = retrain_mod.retrain_stale(store, new_base, tiny_model_dir)
+    assert outcome.status == "refused" and "held-out split differs" in outcome.reason
+    assert store.resolve(AdapterRef("acme", "h")) == AdapterKey("acme", "h", 1)

@@ -15,6 +15,7 @@ from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_training.errors import PiiFound
 from lorafleet_training.publish import RECORD_FILE, NoImprovement, publish, publish_prompt, stale
+from lorafleet_training.retrain import stale_latest
 
 OTHER_BASE = "sha256:" + "0" * 64
 
@@ -93,7 +94,32 @@ def test_stale_lists_versions_built_for_another_base(trained: Any, tmp_path: Pat
     key = publish(trained.out_dir, store, tiny_spec)
     assert stale(store, tiny_spec) == []
     refreshed = dataclasses.replace(tiny_spec, fingerprint=OTHER_BASE)
-    assert stale(store, refreshed) == [(key, tiny_spec.fingerprint)]
+    assert stale(store, refreshed) == [(key, f"base {tiny_spec.fingerprint}")]
+    # the same weights under another tokenizer or chat template: stale too, and retrain --stale sees it
+    assert tiny_spec.prompt_format  # the tiny model has the real tokenizer files
+    retemplated = dataclasses.replace(tiny_spec, prompt_format="sha256:" + "9" * 64)
+    expected = f"prompt format {tiny_spec.prompt_format} (this base: {retemplated.prompt_format})"
+    assert stale(store, retemplated) == [(key, expected)]
+    assert stale_latest(store, retemplated, None) == ([(key, store.manifest(key))], [])
+    assert stale_latest(store, tiny_spec, None) == ([], [])
+    # a manifest that cannot be read is reported, not fatal to the rest
+    (store.version_dir(key) / "manifest.json").write_text("{")
+    stale_now, unreadable = stale_latest(store, retemplated, None)
+    assert stale_now == [] and [k for k, _ in unreadable] == [key]
+
+
+def test_an_adapter_trained_under_another_prompt_format_is_not_published(
+    trained: Any, tmp_path: Path, tiny_spec: BaseModelSpec
+) -> None:
+    """The model directory's chat template changed between training and publishing: the version would be
+    stamped with the new format and served under it."""
+    store = AdapterStore(tmp_path / "store")
+    retemplated = dataclasses.replace(tiny_spec, prompt_format="sha256:" + "9" * 64)
+    with pytest.raises(AdapterIncompatible, match="another tokenizer or chat template"):
+        publish(trained.out_dir, store, retemplated)
+    assert not (tmp_path / "store").exists()  # refused before the store was touched
+    unknown = dataclasses.replace(tiny_spec, prompt_format="")  # a base without tokenizer files cannot tell
+    assert store.manifest(publish(trained.out_dir, store, unknown)).base_prompt_format is None
 
 
 @pytest.mark.skipif(

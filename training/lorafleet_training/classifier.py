@@ -500,7 +500,12 @@ def train_classifier(
         "kind": HEAD_KIND,
         "adapter": config.adapter,
         "method": HEAD_METHOD,
-        "base": {"fingerprint": spec.fingerprint, "model_id": spec.model_id, "served_quantization": spec.quantization},
+        "base": {
+            "fingerprint": spec.fingerprint,
+            "prompt_format": spec.prompt_format,
+            "model_id": spec.model_id,
+            "served_quantization": spec.quantization,
+        },
         "features_from": None if features_key is None else str(features_key),
         "data": {
             "path": str(Path(config.data).resolve()) if config.keep_data_ref else None,
@@ -512,6 +517,8 @@ def train_classifier(
             "labels": {k: counts[k] for k in label_names},
             "eval_path": str(config.eval_data.resolve()) if config.eval_data and config.keep_data_ref else None,
             "eval_fingerprint": eval_fingerprint,
+            # the held-out examples, split or --eval-data: retrain compares metrics only on the same ones
+            "split_fingerprint": data_mod.fingerprint(val_set),
             "val_overlap": shared,  # held-out examples whose text also occurs in training (0 for a split)
         },
         "pii_scan": pii_report.to_record(),

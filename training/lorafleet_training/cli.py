@@ -371,8 +371,8 @@ def run_stale(args: argparse.Namespace, store: Store, spec: BaseModelSpec) -> in
         found = stale(store, spec)
     except AdapterError as exc:
         return _fail(exc)
-    for key, fingerprint in found:
-        print(f"{key}\tbase {fingerprint}")
+    for key, built_for in found:
+        print(f"{key}\t{built_for}")
     print(f"{len(found)} stale version(s); this base is {spec.fingerprint} ({spec.model_id})", file=sys.stderr)
     return 0
 

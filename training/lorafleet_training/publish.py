@@ -25,7 +25,7 @@ from typing import Any
 from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterError, AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.fsio import fsync_dir
-from lorafleet_adapters.manifest import Manifest, sha256_file
+from lorafleet_adapters.manifest import Manifest, built_for, sha256_file
 from lorafleet_adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
 from lorafleet_adapters.prompt import PromptTemplate, PromptTurn
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
@@ -216,6 +216,12 @@ def publish(
             f"{out_dir} was trained on base {trained_on} ({record['base'].get('model_id', '?')}); "
             f"the store's base is {spec.fingerprint} ({spec.model_id}): retrain it on this base"
         )
+    trained_format = record["base"].get("prompt_format") or ""  # "" in records older than the field
+    if trained_format and spec.prompt_format and trained_format != spec.prompt_format:
+        raise AdapterIncompatible(
+            f"{out_dir} was trained with another tokenizer or chat template (prompt format {trained_format}) "
+            f"than the base's now ({spec.prompt_format}): retrain it on this base"
+        )
     if record.get("kind") == "head":
         return _publish_head(out_dir, record, store, spec, require_improvement, adapter)
     verify_files(out_dir, record)
@@ -291,7 +297,10 @@ def retrain_record(record: Mapping[str, Any]) -> dict[str, Any]:
     location only when the user allowed it (``train --keep-data-ref``)."""
     kept: dict[str, Any] = {k: record[k] for k in _RETRAIN_KEYS if k in record}
     base = record.get("base") or {}
-    kept["base"] = {k: base.get(k) for k in ("fingerprint", "model_id", "served_quantization", "training_quantization")}
+    kept["base"] = {
+        k: base.get(k)
+        for k in ("fingerprint", "prompt_format", "model_id", "served_quantization", "training_quantization")
+    }
     data = dict(record.get("data") or {})
     if not data.get("keep_ref"):
         data["path"] = data["eval_path"] = None
@@ -436,18 +445,22 @@ def _metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def stale(store: Store, spec: BaseModelSpec) -> list[tuple[AdapterKey, str]]:
-    """Every published version whose manifest names another base than `spec`, with that fingerprint."""
+    """Every published version built for another base than `spec` (``built_for``: other weights, or
+    another prompt format), with what it was built for: "base <fingerprint>", or "prompt format <...>"
+    when only that differs."""
     found: list[tuple[AdapterKey, str]] = []
     for summary in store.list():
         for version in summary.versions:
             key = AdapterKey(summary.tenant, summary.name, version)
             try:
-                fingerprint = store.manifest(key).base_fingerprint
+                manifest = store.manifest(key)
             except AdapterError as exc:
                 log.warning("skipping %s: %s", key, exc)
                 continue
-            if fingerprint != spec.fingerprint:
-                found.append((key, fingerprint))
+            if manifest.base_fingerprint != spec.fingerprint:
+                found.append((key, f"base {manifest.base_fingerprint}"))
+            elif not built_for(manifest, spec):  # the same weights, another tokenizer or chat template
+                found.append((key, f"prompt format {manifest.base_prompt_format} (this base: {spec.prompt_format})"))
     return found
 
 

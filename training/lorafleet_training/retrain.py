@@ -1,8 +1,8 @@
 """``lorafleet retrain --stale``: train stale adapters again on the current base, publish the good ones.
 
-An adapter is stale when its latest version names another base fingerprint than the one served
-(``lorafleet adapters stale``). For each one whose training record travels with the version and whose
-data is still reachable (recorded with ``--keep-data-ref``; same fingerprint after the same PII
+An adapter is stale when its latest version names another base fingerprint than the one served, or
+another prompt format (``lorafleet adapters stale``). For each one whose training record travels with
+the version and whose data is still reachable (recorded with ``--keep-data-ref``; same fingerprint after the same PII
 policy), retrain trains it again on this base with the recorded method, hyperparameters and seed, so the
 held-out split is the same, and compares the new held-out metric with the one the old version recorded.
 Only a version at least as good is published (``--require-improvement`` semantics, ties pass); the
@@ -37,7 +37,7 @@ from typing import Any
 from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterError, AdapterFormatError
 from lorafleet_adapters.head import read_head_record
-from lorafleet_adapters.manifest import Manifest, sha256_file
+from lorafleet_adapters.manifest import Manifest, built_for, sha256_file
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import RETRAIN_RECORD_FILE
@@ -80,18 +80,26 @@ class _Plan:
     eval_data: Path | None = None
 
 
-def stale_latest(store: Store, spec: BaseModelSpec, tenant: str | None) -> list[tuple[AdapterKey, Manifest]]:
-    """The latest version of every adapter (of ``tenant``) built for another base; LoRAs before heads,
-    so a head that reads a LoRA's features sees that LoRA's retrained version."""
+def stale_latest(
+    store: Store, spec: BaseModelSpec, tenant: str | None
+) -> tuple[list[tuple[AdapterKey, Manifest]], list[tuple[AdapterKey, str]]]:
+    """The latest version of every adapter (of ``tenant``) built for another base, LoRAs before heads (so a
+    head that reads a LoRA's features sees that LoRA's retrained version); and the latest versions whose
+    manifest cannot be read, with why (one broken manifest stopped the whole fleet's retrain)."""
     found: list[tuple[AdapterKey, Manifest]] = []
+    unreadable: list[tuple[AdapterKey, str]] = []
     for summary in store.list(tenant):
         if summary.latest is None:
             continue
         key = AdapterKey(summary.tenant, summary.name, summary.latest)
-        manifest = store.manifest(key)
-        if manifest.base_fingerprint != spec.fingerprint:
+        try:
+            manifest = store.manifest(key)
+        except AdapterError as exc:
+            unreadable.append((key, str(exc)))
+            continue
+        if not built_for(manifest, spec):
             found.append((key, manifest))
-    return sorted(found, key=lambda item: (item[1].kind == "head", str(item[0])))
+    return sorted(found, key=lambda item: (item[1].kind == "head", str(item[0]))), unreadable
 
 
 def retrain_stale(
@@ -109,8 +117,9 @@ def retrain_stale(
 
     ``max_forgetting``: the forgetting margin a retrained LoRA must pass, as ``publish --max-forgetting``.
     """
-    outcomes: list[RetrainOutcome] = []
-    for key, manifest in stale_latest(store, spec, tenant):
+    stale, unreadable = stale_latest(store, spec, tenant)
+    outcomes = [RetrainOutcome(key, "skipped", f"cannot read its manifest: {why}") for key, why in unreadable]
+    for key, manifest in stale:
         metric = COMPARED_METRIC if manifest.kind == "head" else LORA_METRIC
         try:
             outcomes.append(
@@ -207,10 +216,10 @@ def _plan(store: Store, spec: BaseModelSpec, key: AdapterKey, manifest: Manifest
     if record.get("features_from"):
         source = AdapterRef.parse(str(record["features_from"]))
         current = store.resolve(AdapterRef(source.tenant, source.name))
-        if store.manifest(current).base_fingerprint != spec.fingerprint:
+        if not built_for(store.manifest(current), spec):
             raise _Skip(
-                f"it reads features of {source.tenant}/{source.name}, whose latest version {current} is on another "
-                "base: retrain that LoRA first"
+                f"it reads features of {source.tenant}/{source.name}, whose latest version {current} was built for "
+                "another base or prompt format: retrain that LoRA first"
             )
         features_from = current
     return _Plan(record, data_path, features_from, eval_data)
@@ -408,6 +417,15 @@ def _retrain_head(
         echo(f"retraining {key} on base {spec.fingerprint[:19]}…")
         result = train_classifier(config, spec, store, echo=echo)
         new_metric = result.record["eval_metrics"].get(COMPARED_METRIC)
+        old_split = (plan.record.get("data") or {}).get("split_fingerprint")  # None: recorded before the field
+        if old_split is not None and result.record["data"].get("split_fingerprint") != old_split:
+            return RetrainOutcome(
+                key,
+                "refused",
+                "the held-out split differs from the old version's: the metrics do not compare",
+                old_metric=old_metric,
+                new_metric=new_metric,
+            )
         if old_metric is None or new_metric is None:
             return RetrainOutcome(
                 key,

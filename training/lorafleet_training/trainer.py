@@ -521,6 +521,7 @@ def _record(
         "requested_method": config.method,
         "base": {
             "fingerprint": spec.fingerprint,
+            "prompt_format": spec.prompt_format,
             "model_id": spec.model_id,
             "model_dir": str(config.base_model_dir),
             "served_quantization": spec.quantization,

@@ -41,16 +41,26 @@ def default_gguf_path() -> Path:
 
 
 # What of tokenizer_config.json shapes the token ids of a prompt; the rest (model_max_length, the
-# tokenizer's class name, padding side) does not.
-_PROMPT_CONFIG_KEYS = ("chat_template", "bos_token", "eos_token", "unk_token", "add_bos_token", "add_eos_token")
+# tokenizer's class name, padding side) does not. The chat template is hashed on its own.
+_PROMPT_CONFIG_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "add_bos_token",
+    "add_eos_token",
+    "add_prefix_space",
+    "legacy",
+)
 
 
 def prompt_format_fingerprint(model_dir: Path) -> str:
     """sha256 over what turns a request into token ids: the tokenizer (tokenizer.json without its
-    runtime truncation and padding settings, or a SentencePiece tokenizer.model), the chat template
-    and the special tokens the tokenizer adds. Two directories with the same weights but another
-    chat template or vocabulary differ here, not in ``weights_fingerprint``. "" when the directory has
-    no tokenizer files at all."""
+    runtime truncation and padding settings, or a SentencePiece tokenizer.model with its added and
+    special tokens), the settings of tokenizer_config.json that change the ids, and the chat template,
+    by its text wherever it is kept (chat_template.jinja, which transformers reads first, else
+    tokenizer_config.json): moving it between the two, as re-saving with another transformers does,
+    changes nothing. Two directories with the same weights but another chat template or vocabulary
+    differ here, not in ``weights_fingerprint``. "" when the directory has no tokenizer files at all."""
     parts: dict[str, object] = {}
     tokenizer_json = model_dir / "tokenizer.json"
     if tokenizer_json.is_file():
@@ -61,14 +71,19 @@ def prompt_format_fingerprint(model_dir: Path) -> str:
     sentencepiece = model_dir / "tokenizer.model"
     if sentencepiece.is_file():
         parts["tokenizer.model"] = hashlib.sha256(sentencepiece.read_bytes()).hexdigest()
+    for name in ("added_tokens.json", "special_tokens_map.json"):
+        if (model_dir / name).is_file():
+            parts[name] = _read_json(model_dir / name)
     config_path = model_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        config = _read_json(config_path)
-        if isinstance(config, dict):
-            parts["tokenizer_config.json"] = {k: config[k] for k in _PROMPT_CONFIG_KEYS if k in config}
-    template = model_dir / "chat_template.jinja"  # transformers 5 keeps the template here, not in the config
+    config = _read_json(config_path) if config_path.is_file() else {}
+    if isinstance(config, dict):
+        if kept := {k: config[k] for k in _PROMPT_CONFIG_KEYS if k in config}:
+            parts["tokenizer_config.json"] = kept
+    template = model_dir / "chat_template.jinja"
     if template.is_file():
-        parts["chat_template.jinja"] = template.read_text(encoding="utf-8")
+        parts["chat_template"] = template.read_text(encoding="utf-8")
+    elif isinstance(config, dict) and config.get("chat_template") is not None:
+        parts["chat_template"] = config["chat_template"]
     if not parts:
         return ""
     canonical = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
