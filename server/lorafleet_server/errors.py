@@ -11,6 +11,11 @@ class InvalidRequest(ServingError):
     """The request is malformed or outside the server's limits (INVALID_ARGUMENT)."""
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt plus the tokens asked for do not fit the context (INVALID_ARGUMENT; over HTTP the
+    code ``context_length_exceeded``, as OpenAI's)."""
+
+
 class WrongAdapterKind(ServingError):
     """The adapter's kind does not fit the RPC: a head for Generate/Embed, a LoRA or prompt adapter for
     Classify (FAILED_PRECONDITION; the message names the kind)."""

@@ -132,8 +132,9 @@ def test_an_unset_max_tokens_fits_the_context_the_prompt_leaves(tiny_http: TinyH
     runs; the caller's own max_tokens of 8 is still refused."""
     sdk = client(tiny_http)
     prompt = "word " * 252
-    with pytest.raises(openai.BadRequestError, match="exceeds the context"):
+    with pytest.raises(openai.BadRequestError, match="exceeds the context") as refused:
         sdk.completions.create(model=tiny_http.model_id, prompt=prompt, max_tokens=8, temperature=0)
+    assert refused.value.code == "context_length_exceeded"  # as OpenAI names it (was invalid_request)
     done = sdk.completions.create(model=tiny_http.model_id, prompt=prompt, temperature=0)
     assert done.usage is not None and 252 <= done.usage.prompt_tokens < 256
     assert done.usage.prompt_tokens + done.usage.completion_tokens <= 256

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from lorafleet_adapters.prompt import PromptTemplate
-from lorafleet_server.errors import InvalidRequest
+from lorafleet_server.errors import ContextLengthExceeded, InvalidRequest
 
 # A content's place in the rendering: a private-use pair around a 16-hex-digit nonce and its index.
 # One pattern for every request (a pattern per request's nonce churned re's own compile cache).
@@ -152,7 +152,7 @@ class PromptEncoder:
         spoken = sum(1 for role, _ in own if role != "system")
         at_least = -(-chars // self.max_token_chars) + (spoken * self.turn_specials if spoken else 0)
         if at_least + budget > self.max_seq_len:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"the prompt ({chars} characters, at least {at_least} tokens) plus {what} "
                 f"exceeds the context limit of {self.max_seq_len} tokens"
             )
@@ -169,7 +169,7 @@ class PromptEncoder:
         if not ids:
             raise InvalidRequest("the prompt is empty after tokenization")
         if len(ids) + budget > self.max_seq_len:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"prompt of {len(ids)} tokens plus {what} exceeds the context limit of {self.max_seq_len} tokens"
             )
         return list(ids)
