@@ -464,7 +464,11 @@ def test_bf16_rmsnorm_is_its_stated_arithmetic_bit_for_bit(kernel: NativeAttenti
         (lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7])
     )
     eps = torch.tensor(1e-5, dtype=torch.float32)
-    r = torch.tensor(1.0) / torch.sqrt(total / torch.tensor(float(d)) + eps)  # [rows]
+    # sqrt and the division correctly rounded to fp32 (as C's sqrtf and / are): computed in fp64, then
+    # rounded once, which for these two operations is exact rounding. torch's own fp32 sqrt is not
+    # correctly rounded on every CPU (an AMD EPYC's vectorized one was an ulp off for 1 row in 4,000).
+    sqrt = torch.sqrt((total / torch.tensor(float(d)) + eps).double()).float()
+    r = (1.0 / sqrt.double()).float()  # [rows]
     want = (w.float() * (v * r[:, None]).to(torch.bfloat16).float()).to(torch.bfloat16)
     got = kernel.add_rmsnorm_(x, delta, w, 1e-5)
     assert torch.equal(x, added)

@@ -37,6 +37,14 @@
 
 #define MAX_RANK 256
 #define TOKEN_BLOCK 8 /* tokens of one slot the AVX-512 path takes at once (below) */
+/* a * b + c rounded once where the CPU fuses it (what -ffp-contract=fast makes of the vector sums), so the
+ * sums the compiler might leave unfused (a loop's epilogue, a few tail lanes) are the same as the rest */
+#ifdef __FMA__
+#define LF_FMAF(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define LF_FMAF(a, b, c) ((a) * (b) + (c))
+#endif
+
 /* CASE(T) for blocks of 2 to 8 tokens: the switch cases that pick a block path's instance for a run */
 #define LF_BLOCKS_2_TO_8(CASE) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 
@@ -99,7 +107,7 @@ static void project_up(const float *h, const void *bt, int bf16, int64_t d_out, 
         } else {
             const float *row = (const float *)bt + (int64_t)j * d_out;
 #pragma omp simd
-            for (int64_t o = 0; o < d_out; o++) out[o] += hj * row[o];
+            for (int64_t o = 0; o < d_out; o++) out[o] = LF_FMAF(hj, row[o], out[o]);
         }
     }
 }
@@ -405,16 +413,17 @@ static inline __attribute__((always_inline)) void lora_tokens_f32_t(float *y, co
     for (; o + PORTABLE_LANES * V <= d_out; o += PORTABLE_LANES * V) project_up_add_tokens_f32(h, bt, d_out, r_cap, r, y, o, V, T);
     for (; o + PORTABLE_LANES <= d_out; o += PORTABLE_LANES) project_up_add_tokens_f32(h, bt, d_out, r_cap, r, y, o, 1, T);
     if (o == d_out) return;
-    /* The last d_out % 8 outputs: their columns of Bt copied into 8 lanes, zeros past them, so that their
-     * sums are the same vector multiply-adds as the others' (a scalar loop here was not contracted
-     * like the single-token path's epilogue: different bits). */
+    /* The last d_out % 8 outputs, each sum an explicit fused multiply-add per j, as project_up's. Left to
+     * the compiler, neither way was contracted everywhere: a scalar loop here was not contracted like
+     * the single-token path's epilogue (AVX2), and these columns padded into 8 lanes were not where the
+     * single-token epilogue was (GCC, AVX-512 EPYC): different bits either way. */
     const int64_t rest = d_out - o;
-    float pad[MAX_RANK * PORTABLE_LANES];
-    for (int j = 0; j < r; j++)
-        for (int64_t l = 0; l < PORTABLE_LANES; l++) pad[j * PORTABLE_LANES + l] = l < rest ? bt[j * d_out + o + l] : 0.0f;
     for (int k = 0; k < T; k++) {
-        lf_v8 acc = v8_splat(0.0f);
-        for (int j = 0; j < r; j++) acc += v8_splat(h[k * r_cap + j]) * v8_load(pad + j * PORTABLE_LANES);
+        float acc[PORTABLE_LANES] = {0};
+        for (int j = 0; j < r; j++) {
+            const float hk = h[k * r_cap + j];
+            for (int64_t l = 0; l < rest; l++) acc[l] = LF_FMAF(hk, bt[j * d_out + o + l], acc[l]);
+        }
         for (int64_t l = 0; l < rest; l++) y[k * d_out + o + l] += acc[l];
     }
 }
