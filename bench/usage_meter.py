@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_minute = int(args.rate * MINUTE)
     start = 1_800_000_000 // MINUTE * MINUTE
     now = [float(start)]
-    meter = UsageMeter(retention_seconds=args.days * 24 * 3600 + MINUTE, clock=lambda: now[0])
+    meter = UsageMeter(retention_seconds=args.days * 24 * 3600 + MINUTE, clock=lambda: now[0], steady=lambda: now[0])
     adapter_names = [f"t{i % args.tenants}/a{i}@1" for i in range(args.adapters)]
     summaries = [Summary(FinishReason.LENGTH, 40, 8, name, "r") for name in adapter_names]
     base = Summary(FinishReason.LENGTH, 40, 8, "", "r")

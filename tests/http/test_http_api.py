@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -173,9 +174,13 @@ def test_streaming_is_sse_with_usage_last_and_done(tiny_http: TinyHttp) -> None:
     assert all(c.model == "acme/support@1" for c in sdk_chunks)
 
 
-def test_embeddings(tiny_http: TinyHttp) -> None:
+def test_embeddings(tiny_http: TinyHttp, caplog: pytest.LogCaptureFixture) -> None:
     sdk = client(tiny_http)
-    both = sdk.embeddings.with_raw_response.create(model=tiny_http.model_id, input=["a cat", "a dog"])
+    with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
+        both = sdk.embeddings.with_raw_response.create(model=tiny_http.model_id, input=["a cat", "a dog"])
+    [logged] = [r.fields for r in caplog.records if r.name == "lorafleet.requests"]  # type: ignore[attr-defined]
+    # the request log line counts every input's tokens, as the usage meter does (it had the first's)
+    assert logged["prompt_tokens"] == both.parse().usage.prompt_tokens
     assert "x-lorafleet-adapter" not in both.headers
     vectors = both.parse()
     assert [d.index for d in vectors.data] == [0, 1] and len(vectors.data[0].embedding) == 64  # hidden size

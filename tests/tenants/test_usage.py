@@ -24,7 +24,7 @@ def summary(adapter: str = "", prompt: int = 5, generated: int = 3) -> Summary:
 
 def test_meter_sums_by_tenant_and_adapter_within_the_window() -> None:
     now = [1_000_020.0]  # 20 s into minute 16667
-    meter = UsageMeter(retention_seconds=3600, clock=lambda: now[0])
+    meter = UsageMeter(retention_seconds=3600, clock=lambda: now[0], steady=lambda: now[0])
     meter.record("acme", summary("acme/bot@1"))
     meter.record("acme", summary("acme/bot@1", 7, 1))
     meter.record("acme", summary(""))
@@ -51,7 +51,7 @@ def test_meter_agrees_with_a_plain_sum_of_every_request_within_the_retention() -
     the sum of the requests recorded in its minutes that the retention still holds."""
     rng = random.Random(7)
     now = [6_000_000.0]
-    meter = UsageMeter(retention_seconds=3600, clock=lambda: now[0])
+    meter = UsageMeter(retention_seconds=3600, clock=lambda: now[0], steady=lambda: now[0])
     log: list[tuple[int, str, str, int, int]] = []  # (minute, tenant, adapter, prompt, generated)
     pairs = [(f"t{i % 5}", f"t{i % 5}/a{i}@{1 + i % 2}" if i % 4 else "") for i in range(200)]
     for _ in range(6000):
@@ -79,11 +79,16 @@ def test_meter_agrees_with_a_plain_sum_of_every_request_within_the_retention() -
 
 
 def test_meter_reuses_the_ids_of_expired_pairs_and_follows_a_clock_stepped_back() -> None:
-    now = [1_000_000.0]
-    meter = UsageMeter(retention_seconds=120, clock=lambda: now[0])
+    now, passed = [1_000_000.0], [0.0]  # the wall clock (stepped back below) and the time that passed
+    meter = UsageMeter(retention_seconds=120, clock=lambda: now[0], steady=lambda: passed[0])
+
+    def wait(seconds: float) -> None:
+        now[0] += seconds
+        passed[0] += seconds
+
     for i in range(50):  # 50 pairs, one a minute: only the last 3 minutes' stay
         meter.record("acme", summary(f"acme/a{i}@1"))
-        now[0] += 60
+        wait(60)
     assert meter.buckets() <= 4
     assert len(meter._ids) <= 4 and len(meter._names) <= 5  # names freed and their ids reused
     meter.record("acme", summary("acme/late@1"))
@@ -92,20 +97,43 @@ def test_meter_reuses_the_ids_of_expired_pairs_and_follows_a_clock_stepped_back(
     assert meter.report(now[0], now[0] + 120) == [UsageRow("acme", "acme/late@1", 2, 10, 6)]
     now[0] -= 86_400  # a clock a day ahead is corrected: usage goes to the minutes the clock now reads
     meter.record("acme", summary("acme/fixed@1"))
-    now[0] += 60
+    wait(60)
     meter.record("acme", summary("acme/fixed@1"))
     assert meter.report(now[0] - 120, now[0] + 1) == [UsageRow("acme", "acme/fixed@1", 2, 10, 6)]
-    now[0] += 600  # ten minutes on at the corrected clock: the minutes before them expire, in order
+    wait(600)  # ten minutes on at the corrected clock: the minutes before them expire, in order
     meter.record("acme", summary("acme/fixed@1"))
     assert meter.report(now[0] - 3600, now[0] + 1) == [UsageRow("acme", "acme/fixed@1", 1, 5, 3)]
     assert meter.buckets() == 4  # and the three minutes a day ahead wait for the clock to pass them
+
+
+def test_a_clock_stepped_days_ahead_expires_nothing_that_is_within_the_retention() -> None:
+    """One record while the clock was 8 days ahead dropped every minute older than 8 - 7 days before
+    it, as if they had passed: 6 days of usage read as 1 request once the clock was corrected."""
+    now, passed = [5_000_040.0], [0.0]  # a whole minute: the window counts the first one
+    meter = UsageMeter(retention_seconds=7 * 86_400, clock=lambda: now[0], steady=lambda: passed[0])
+    start = now[0]
+    for _ in range(6 * 24):  # six days, a request an hour
+        meter.record("acme", summary("acme/a@1"))
+        now[0] += 3600
+        passed[0] += 3600
+    now[0] += 8 * 86_400  # the clock jumps 8 days ahead for one request, then NTP corrects it
+    meter.record("acme", summary("acme/a@1"))
+    now[0] -= 8 * 86_400
+    passed[0] += 60
+    meter.record("acme", summary("acme/a@1"))
+    [row] = meter.report(start, now[0] + 60)
+    assert row.requests == 6 * 24 + 1  # the six days, and the request after the correction
+    now[0] += 8 * 86_400  # when that much time has really passed, they expire as before
+    passed[0] += 8 * 86_400
+    meter.record("acme", summary("acme/a@1"))
+    assert meter.report(start, now[0] - 86_400) == []
 
 
 def test_meter_reads_while_the_engine_records() -> None:
     """A reader sums outside the lock from what it took under it, while minutes expire and pair ids are
     reused: every row read must carry its own pair's counts (each pair's token counts name it)."""
     now = [2_000_000.0]
-    meter = UsageMeter(retention_seconds=60, clock=lambda: now[0])
+    meter = UsageMeter(retention_seconds=60, clock=lambda: now[0], steady=lambda: now[0])
     done = threading.Event()
     errors: list[str] = []
     reads = [0]

@@ -5,7 +5,8 @@ finished request (any finish reason, cancelled ones included, since their tokens
 streamed; not one cancelled while still queued, which computed nothing, nor one a forced stop cut,
 which its caller retries) adds to the bucket of (the
 minute it finished, its tenant, its adapter version). An admin
-reads a time window through ``GetUsage``; minutes older than the retention are dropped. The request log
+reads a time window through ``GetUsage``; minutes older than the retention are dropped, by the time that
+has passed (a monotonic clock), so a wall clock stepped ahead for a moment expires nothing early. The request log
 carries the same numbers per request for exact accounting downstream.
 
 Memory. A week of minutes is long: at ~50 requests/s spread over ~850 adapters a server fills ~480
@@ -58,9 +59,18 @@ class _ClosedMinute:
 class UsageMeter:
     """Thread-safe: the engine thread records, admin calls read."""
 
-    def __init__(self, retention_seconds: float = 7 * 24 * 3600, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        retention_seconds: float = 7 * 24 * 3600,
+        clock: Callable[[], float] = time.time,
+        steady: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._retention_minutes = int(retention_seconds // MINUTE)
-        self._clock = clock
+        self._clock = clock  # wall time: the minute a request is counted in
+        # Expiry follows the time that has passed (``steady``, never stepped) from the first record, not
+        # the wall clock: one record while the clock was days ahead (then corrected) expired everything.
+        self._steady = steady
+        self._anchor: tuple[float, float] | None = None  # (wall, steady) at the first record
         self._lock = threading.Lock()
         self._open_minute: int | None = None  # the minute the dict below counts; None before any record
         self._open: dict[int, list[int]] = {}  # pair id -> [requests, prompt tokens, generated tokens]
@@ -71,8 +81,11 @@ class UsageMeter:
         self._free: list[int] = []  # ids whose pairs expired, to reuse
 
     def record(self, tenant: str, summary: Summary) -> None:
-        minute = int(self._clock()) // MINUTE
+        wall = self._clock()
+        minute = int(wall) // MINUTE
         with self._lock:
+            if self._anchor is None:
+                self._anchor = (wall, self._steady())
             if self._open_minute is None:
                 self._open_minute = minute
             elif minute > self._open_minute or minute < self._open_minute - _CLOCK_SLACK_MINUTES:
@@ -154,7 +167,10 @@ class UsageMeter:
                 bisect.insort(self._closed, closed, key=lambda m: m.minute)
         self._open = {}
         self._open_minute = minute
-        horizon = minute - self._retention_minutes
+        assert self._anchor is not None
+        wall, steady = self._anchor
+        elapsed_minute = int(wall + (self._steady() - steady)) // MINUTE  # the wall minute had it not been stepped
+        horizon = min(minute, elapsed_minute) - self._retention_minutes
         while self._closed and self._closed[0].minute < horizon:
             for pid in self._closed.popleft().ids:
                 self._refs[pid] -= 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import struct
 import time
@@ -289,9 +290,10 @@ class OpenAIApi:
             ]
             results = await self._until_disconnect(request, self._embed_all(reqs))
             summaries = [s for s, _ in results]
-            record.summary = summaries[0]
-            served = summaries[0].adapter or self._info.model_id
             prompt_tokens = sum(s.prompt_tokens for s in summaries)
+            # the request log line carries every input's tokens, as the usage meter counts them
+            record.summary = dataclasses.replace(summaries[0], prompt_tokens=prompt_tokens)
+            served = summaries[0].adapter or self._info.model_id
             encode = _base64_floats if body.encoding_format == "base64" else list
             data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, (_, v) in enumerate(results)]
             response = JSONResponse(
