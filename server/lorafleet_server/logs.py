@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 REQUEST_LOGGER = "lorafleet.requests"
+USAGE_LOGGER = "lorafleet.usage"  # one line per metered request, the usage meter's own numbers
 
 
 class JsonFormatter(logging.Formatter):

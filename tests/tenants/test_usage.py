@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import threading
@@ -43,6 +44,24 @@ def test_meter_sums_by_tenant_and_adapter_within_the_window() -> None:
     now[0] += 7200  # past the retention: old buckets go at the next record
     meter.record("beta", summary("beta/x@2"))
     assert meter.report(0, 2_000_000) == [UsageRow("beta", "beta/x@2", 1, 5, 3)]
+
+
+def test_every_record_is_a_usage_log_line_with_the_meters_numbers(caplog: pytest.LogCaptureFixture) -> None:
+    """The meter is memory only; the usage log is the durable per-request record, with its numbers (the
+    request log has the edge's, fewer for a caller that left before the end)."""
+    meter = UsageMeter(clock=lambda: 1_000_030.0)
+    with caplog.at_level(logging.INFO, logger="lorafleet.usage"):
+        meter.record("acme", Summary(FinishReason.CANCELLED, 40, 17, "acme/bot@3", "rid-1"))
+    [line] = [r.fields for r in caplog.records if r.name == "lorafleet.usage"]  # type: ignore[attr-defined]
+    assert line == {
+        "request_id": "rid-1",
+        "tenant": "acme",
+        "adapter": "acme/bot@3",
+        "minute": 1_000_020,
+        "prompt_tokens": 40,
+        "generated_tokens": 17,
+        "finish_reason": "cancelled",
+    }
 
 
 def test_meter_agrees_with_a_plain_sum_of_every_request_within_the_retention() -> None:

@@ -6,8 +6,10 @@ streamed; not one cancelled while still queued, which computed nothing, nor one 
 which its caller retries) adds to the bucket of (the
 minute it finished, its tenant, its adapter version). An admin
 reads a time window through ``GetUsage``; minutes older than the retention are dropped, by the time that
-has passed (a monotonic clock), so a wall clock stepped ahead for a moment expires nothing early. The request log
-carries the same numbers per request for exact accounting downstream.
+has passed (a monotonic clock), so a wall clock stepped ahead for a moment expires nothing early. Every
+record is also a line of the ``lorafleet.usage`` log with the same numbers, the request id and the
+minute, for exact and durable accounting downstream: the meter lives in memory, and the request log's
+line is the edge's view (a caller that left before the end sees fewer tokens than were computed).
 
 Memory. A week of minutes is long: at ~50 requests/s spread over ~850 adapters a server fills ~480
 buckets a minute, ~4.8 million at the 7-day retention. So only the current minute is a dict; when a later
@@ -23,6 +25,7 @@ engine thread's ``record``.
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 import time
 from array import array
@@ -33,6 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorafleet_server.engine.types import Summary
+from lorafleet_server.logs import USAGE_LOGGER
+
+usage_log = logging.getLogger(USAGE_LOGGER)
 
 MINUTE = 60
 _COUNTS = 3  # requests, prompt tokens, generated tokens
@@ -100,6 +106,20 @@ class UsageMeter:
             counts[0] += 1
             counts[1] += summary.prompt_tokens
             counts[2] += summary.generated_tokens
+        usage_log.info(
+            "usage",
+            extra={
+                "fields": {
+                    "request_id": summary.request_id,
+                    "tenant": tenant,
+                    "adapter": summary.adapter,
+                    "minute": minute * MINUTE,  # the minute (UNIX seconds) GetUsage counts it in
+                    "prompt_tokens": summary.prompt_tokens,
+                    "generated_tokens": summary.generated_tokens,
+                    "finish_reason": summary.finish_reason.value,
+                }
+            },
+        )
 
     @staticmethod
     def window(start: float, end: float) -> tuple[int, int]:
