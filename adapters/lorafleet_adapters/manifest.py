@@ -164,22 +164,38 @@ class Manifest:
 _OPTIONAL = frozenset({"training_data_fingerprint", "eval_metrics", "pii_scan", "base_prompt_format"})
 
 
-def prompt_format_differs(manifest: Manifest, prompt_format: str) -> bool:
-    """Whether ``manifest`` names a prompt format and it is not ``prompt_format`` (known: not "")."""
-    published = manifest.base_prompt_format
-    return bool(published and prompt_format and published != prompt_format)
+def prompt_formats_differ(built: str | None, current: str) -> bool:
+    """Whether a version built under prompt format ``built`` does not fit a base of ``current``: both
+    known (not None or "") and not the same. A side that does not know its format passes."""
+    return bool(built and current and built != current)
 
 
 def built_for(manifest: Manifest, spec: BaseModelSpec) -> bool:
     """Whether ``manifest``'s version was built for ``spec``'s base: the same weights and, where both
     know it, the same prompt format. A version that is not is stale (``lorafleet retrain --stale``)."""
-    return manifest.base_fingerprint == spec.fingerprint and not prompt_format_differs(manifest, spec.prompt_format)
+    return manifest.base_fingerprint == spec.fingerprint and not prompt_formats_differ(
+        manifest.base_prompt_format, spec.prompt_format
+    )
+
+
+def check_loadable_lora(key: object, manifest: Manifest, spec: BaseModelSpec) -> None:
+    """Refuse, before any weights are read, a version ``spec``'s base cannot load as a LoRA: another kind
+    (AdapterFormatError), or built for other base weights or another prompt format (AdapterIncompatible)."""
+    if manifest.kind != "lora":
+        raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}; only 'lora' has weights")
+    if manifest.base_fingerprint != spec.fingerprint:
+        raise AdapterIncompatible(
+            f"{key} was built for base {manifest.base_fingerprint} ({manifest.base_model}, "
+            f"{manifest.base_quantization}); this server's base is {spec.fingerprint} "
+            f"({spec.model_id}, {spec.quantization})"
+        )
+    check_prompt_format(key, manifest, spec.prompt_format)
 
 
 def check_prompt_format(key: object, manifest: Manifest, spec_prompt_format: str) -> None:
     """Refuse a version published under another prompt format than the server's base (its tokenizer or
     chat template changed while the weights did not); a side that does not know its format passes."""
-    if prompt_format_differs(manifest, spec_prompt_format):
+    if prompt_formats_differ(manifest.base_prompt_format, spec_prompt_format):
         raise AdapterIncompatible(
             f"{key} was trained with another tokenizer or chat template (prompt format "
             f"{manifest.base_prompt_format}) than this server's base, whose prompt format is "

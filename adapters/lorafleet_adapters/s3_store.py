@@ -56,13 +56,12 @@ from lorafleet_adapters.disk_cache import VersionCache
 from lorafleet_adapters.errors import (
     AdapterError,
     AdapterFormatError,
-    AdapterIncompatible,
     AdapterNotFound,
     InvalidAdapterRef,
     StoreUnavailable,
 )
 from lorafleet_adapters.lru import LruMap
-from lorafleet_adapters.manifest import MAX_MANIFEST_BYTES, Manifest, check_prompt_format, sha256_file, utc_now_iso
+from lorafleet_adapters.manifest import MAX_MANIFEST_BYTES, Manifest, check_loadable_lora, sha256_file, utc_now_iso
 from lorafleet_adapters.peft_format import (
     WEIGHTS_FILE,
     AdapterWeights,
@@ -407,15 +406,7 @@ class S3AdapterStore:
         transpose: Transposer | None = None,
     ) -> AdapterWeights:
         manifest = self.manifest(key)
-        if manifest.kind != "lora":
-            raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}; only 'lora' has weights")
-        if manifest.base_fingerprint != spec.fingerprint:  # before downloading megabytes for nothing
-            raise AdapterIncompatible(
-                f"{key} was built for base {manifest.base_fingerprint} ({manifest.base_model}, "
-                f"{manifest.base_quantization}); this server's base is {spec.fingerprint} "
-                f"({spec.model_id}, {spec.quantization})"
-            )
-        check_prompt_format(key, manifest, spec.prompt_format)
+        check_loadable_lora(key, manifest, spec)  # before downloading megabytes for nothing
         expected = manifest.files.get(WEIGHTS_FILE)
         if expected is None:
             raise AdapterFormatError(f"{key}: {MANIFEST_FILE} does not list {WEIGHTS_FILE}")

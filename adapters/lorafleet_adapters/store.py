@@ -38,13 +38,12 @@ import torch
 from lorafleet_adapters.backend import PublishesSince
 from lorafleet_adapters.errors import (
     AdapterFormatError,
-    AdapterIncompatible,
     AdapterNotFound,
     InvalidAdapterRef,
     StoreUnavailable,
 )
 from lorafleet_adapters.fsio import atomic_write_text, copy_synced, fsync_dir
-from lorafleet_adapters.manifest import METHODS, PROMPT_METHOD, Manifest, check_prompt_format, sha256_file, utc_now_iso
+from lorafleet_adapters.manifest import METHODS, PROMPT_METHOD, Manifest, check_loadable_lora, sha256_file, utc_now_iso
 from lorafleet_adapters.peft_format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -212,15 +211,7 @@ class AdapterStore:
         again later by this process, checked by the file's fstat identity: verified_read.py).
         """
         manifest = self.manifest(key)
-        if manifest.kind != "lora":
-            raise AdapterFormatError(f"{key}: manifest kind is {manifest.kind!r}; only 'lora' has weights")
-        if manifest.base_fingerprint != spec.fingerprint:
-            raise AdapterIncompatible(
-                f"{key} was built for base {manifest.base_fingerprint} ({manifest.base_model}, "
-                f"{manifest.base_quantization}); this server's base is {spec.fingerprint} "
-                f"({spec.model_id}, {spec.quantization})"
-            )
-        check_prompt_format(key, manifest, spec.prompt_format)
+        check_loadable_lora(key, manifest, spec)
         vdir = self.version_dir(key)
         self._verify_files(key, vdir, manifest, skip=WEIGHTS_FILE)
 

@@ -24,7 +24,7 @@ from lorafleet_adapters.errors import (
     InvalidAdapterRef,
     StoreUnavailable,
 )
-from lorafleet_adapters.manifest import prompt_format_differs, sha256_file
+from lorafleet_adapters.manifest import prompt_formats_differ, sha256_file
 from lorafleet_adapters.peft_format import WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore, AdapterSummary
@@ -200,7 +200,7 @@ def test_prompt_format_mismatch(store: AdapterStore, adapter_dir: Path, spec: Ba
     with pytest.raises(AdapterIncompatible, match="another tokenizer or chat template") as info:
         store.load(key, changed)
     assert "sha256:" + "b" * 64 in str(info.value)
-    assert prompt_format_differs(manifest, changed.prompt_format)
+    assert prompt_formats_differ(manifest.base_prompt_format, changed.prompt_format)
     # published without a format (an older trainer): the field is left out of the JSON, and any base serves it
     old_key = store.import_peft(adapter_dir, "acme", "legacy", dataclasses.replace(spec, prompt_format=""))
     assert "base_prompt_format" not in json.loads(store.manifest(old_key).to_json())

@@ -25,7 +25,7 @@ from typing import Any
 from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterError, AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.fsio import fsync_dir
-from lorafleet_adapters.manifest import Manifest, built_for, sha256_file
+from lorafleet_adapters.manifest import Manifest, built_for, prompt_formats_differ, sha256_file
 from lorafleet_adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
 from lorafleet_adapters.prompt import PromptTemplate, PromptTurn
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
@@ -216,8 +216,8 @@ def publish(
             f"{out_dir} was trained on base {trained_on} ({record['base'].get('model_id', '?')}); "
             f"the store's base is {spec.fingerprint} ({spec.model_id}): retrain it on this base"
         )
-    trained_format = record["base"].get("prompt_format") or ""  # "" in records older than the field
-    if trained_format and spec.prompt_format and trained_format != spec.prompt_format:
+    trained_format = record["base"].get("prompt_format")  # None in records older than the field
+    if prompt_formats_differ(trained_format, spec.prompt_format):
         raise AdapterIncompatible(
             f"{out_dir} was trained with another tokenizer or chat template (prompt format {trained_format}) "
             f"than the base's now ({spec.prompt_format}): retrain it on this base"
