@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,13 +13,12 @@ from typing import Any
 import pytest
 import torch
 from enginelib import KERNEL_CACHE_ENV
+from modellib import copy_tokenizer
 
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_server.model.loader import base_spec_from_files
 from lorafleet_server.model.native import NativeLora, find_compiler, load_native_lora
 from lorafleet_server.model.prepare import prepare_default_model
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def data_dir() -> Path:
@@ -149,9 +147,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
     )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (default_model_dir / name).exists():
-            shutil.copy(default_model_dir / name, out / name)
+    copy_tokenizer(default_model_dir, out)
     return out
 
 

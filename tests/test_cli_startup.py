@@ -5,13 +5,13 @@ a port another process holds."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from modellib import copy_tokenizer
 
 
 def _serve(model: Path, data: Path, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -75,9 +75,7 @@ def test_a_context_past_the_sliding_window_is_refused(tmp_path: Path, default_mo
         sliding_window=128,
     )
     MistralForCausalLM(cfg).save_pretrained(model)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if (default_model_dir / name).exists():
-            shutil.copy(default_model_dir / name, model / name)
+    copy_tokenizer(default_model_dir, model)
     done = _serve(model, tmp_path / "data", "--max-seq-len", "256")
     assert done.returncode == 2, done.stderr
     assert "error: --max-seq-len 256 exceeds the model's sliding attention window of 128" in done.stderr

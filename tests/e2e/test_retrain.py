@@ -3,13 +3,13 @@ real gRPC), refuses one that got worse, and says why it skips what it cannot ret
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from classifierlib import labelled_rows, train_head, write_labelled
 from enginelib import server_config
+from modellib import copy_tokenizer
 from transformers import AutoModelForCausalLM
 
 from lorafleet import FailedPreconditionError, LoraFleetClient
@@ -20,8 +20,6 @@ from lorafleet_server.app import build_service
 from lorafleet_server.cli import main
 from lorafleet_server.grpc.server import BackgroundServer
 from lorafleet_training.publish import publish
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def derived_base(src: Path, out: Path, change: str) -> Path:
@@ -36,9 +34,7 @@ def derived_base(src: Path, out: Path, change: str) -> Path:
         else:
             model.model.norm.weight.zero_()
     model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
+    copy_tokenizer(src, out)
     return out
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from modellib import copy_tokenizer
 from seaweedlib import SeaweedFS
 from training_testlib import qa_rows, write_jsonl
 from transformers import AutoModelForCausalLM
@@ -25,7 +25,6 @@ from lorafleet_adapters.store import RETRAIN_RECORD_FILE, AdapterStore
 from lorafleet_server.cli import main
 from lorafleet_training.retrain import read_lora_record
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 TRAIN = ("--rank", "4", "--alpha", "8", "--epochs", "1", "--lr", "2e-2", "--batch-size", "4", "--seed", "3")
 TRAIN_FAST = (*TRAIN, "--max-length", "64", "--val-fraction", "0.25", "--no-eval-generate", "--no-progress")
 
@@ -41,10 +40,28 @@ def derived_base(src: Path, out: Path, change: str) -> Path:
         else:
             model.model.norm.weight.zero_()
     model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
+    copy_tokenizer(src, out)
     return out
+
+
+def train_colors(model_dir: Path, spec: BaseModelSpec, data: Path, out: Path) -> None:
+    """A small LoRA "acme/colors" trained on ``data`` into ``out``, its data's location kept for retrain."""
+    from lorafleet_training.trainer import TrainConfig, train
+
+    config = TrainConfig(
+        data=data,
+        adapter="acme/colors",
+        out_dir=out,
+        base_model_dir=model_dir,
+        rank=4,
+        epochs=1,
+        max_length=64,
+        val_fraction=0.25,
+        eval_generate=False,
+        forgetting_check=False,
+        keep_data_ref=True,
+    )
+    train(config, spec, progress=False, echo=lambda _: None)
 
 
 def cli(capsys: pytest.CaptureFixture[str], model: Path, tmp_path: Path, *args: str) -> tuple[int, str]:
@@ -147,23 +164,8 @@ def test_a_tampered_record_is_not_trusted(tmp_path: Path, tiny_model_dir: Path, 
     """The record is a checksummed file of the version: edited in place, retrain refuses to read it."""
     from lorafleet_training.publish import publish
     from lorafleet_training.retrain import retrain_stale
-    from lorafleet_training.trainer import TrainConfig, train
 
-    data = write_jsonl(tmp_path / "colors.jsonl", qa_rows(4))
-    config = TrainConfig(
-        data=data,
-        adapter="acme/colors",
-        out_dir=tmp_path / "out",
-        base_model_dir=tiny_model_dir,
-        rank=4,
-        epochs=1,
-        max_length=64,
-        val_fraction=0.25,
-        eval_generate=False,
-        forgetting_check=False,
-        keep_data_ref=True,
-    )
-    train(config, tiny_spec, progress=False, echo=lambda _: None)
+    train_colors(tiny_model_dir, tiny_spec, write_jsonl(tmp_path / "colors.jsonl", qa_rows(4)), tmp_path / "out")
     store = AdapterStore(tmp_path / "store")
     key = publish(tmp_path / "out", store, tiny_spec)
     path = store.version_dir(key) / RETRAIN_RECORD_FILE
@@ -256,27 +258,13 @@ def test_an_unexpected_error_fails_one_adapter_not_the_fleet(
     import lorafleet_training.trainer as trainer_mod
     from lorafleet_training.cli import add_retrain_arguments, run_retrain
     from lorafleet_training.publish import publish
-    from lorafleet_training.trainer import TrainConfig, train
 
     store = AdapterStore(tmp_path / "store")
     labelled = write_labelled(tmp_path / "intents.jsonl", labelled_rows(6))
     for name in ("a", "b"):
         train_head(tiny_model_dir, tiny_spec, tmp_path / name, labelled, adapter=f"acme/{name}")
         publish(tmp_path / name, store, tiny_spec)
-    config = TrainConfig(
-        data=write_jsonl(tmp_path / "colors.jsonl", qa_rows(4)),
-        adapter="acme/colors",
-        out_dir=tmp_path / "colors",
-        base_model_dir=tiny_model_dir,
-        rank=4,
-        epochs=1,
-        max_length=64,
-        val_fraction=0.25,
-        eval_generate=False,
-        forgetting_check=False,
-        keep_data_ref=True,
-    )
-    train(config, tiny_spec, progress=False, echo=lambda _: None)
+    train_colors(tiny_model_dir, tiny_spec, write_jsonl(tmp_path / "colors.jsonl", qa_rows(4)), tmp_path / "colors")
     publish(tmp_path / "colors", store, tiny_spec)
     new_base = dataclasses.replace(tiny_spec, fingerprint="sha256:" + "3" * 64)
     real_train_classifier = classifier_mod.train_classifier
