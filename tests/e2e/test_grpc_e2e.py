@@ -212,8 +212,10 @@ def test_deadline_exceeded_stops_generation(live: LiveServer) -> None:
     with pytest.raises(LoraFleetError) as err:
         live.client.generate(COUNTING, sampling=Sampling(max_new_tokens=LONG), timeout=0.5)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Cut (a natural end counts as "length"), before its LONG tokens: one request alone decodes ~60-70
+    # tokens in the 0.5 s on an AMX Xeon, so no tighter bound holds on every machine.
     wait_for_metric(service, "lorafleet_generations_total", cancelled + 1, reason="cancelled")
-    assert metric(service, "lorafleet_generated_tokens_total") - tokens < LONG // 2
+    assert metric(service, "lorafleet_generated_tokens_total") - tokens < LONG
     # Counted once, as the deadline (kept from the call's start), not as a client cancel.
     wait_for_metric(service, "lorafleet_requests_total", expired + 1, rpc="Generate", code="DEADLINE_EXCEEDED")
     assert metric(service, "lorafleet_requests_total", rpc="Generate", code="CANCELLED") == cut
