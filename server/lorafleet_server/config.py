@@ -174,8 +174,10 @@ class ServerConfig(EngineConfig):
         default="auto",
         metadata={
             "help": "base Linears of an unquantized model on CPU: native is a C kernel built at startup "
-            "(like --attention-kernel) on Intel AMX in bf16, on AVX2 + FMA (or AVX-512) in fp32; onednn is oneDNN's "
-            "prepacked matmul, torch is F.linear; auto is the first that runs here in bf16, and in fp32 "
+            "(like --attention-kernel) in bf16 on Intel AMX, else on AVX-512 BF16, in fp32 on AVX2 + FMA (or "
+            "AVX-512); avx512 is the bf16 kernel's AVX-512 BF16 path even where AMX runs (to compare them); "
+            "onednn is oneDNN's prepacked matmul, torch is F.linear; auto is the first that runs here in bf16 "
+            "(without AMX: native unless onednn is timed 1.1x faster at startup), and in fp32 "
             "the fastest of native and onednn where timed faster than F.linear at startup"
         },
     )
@@ -191,7 +193,7 @@ class ServerConfig(EngineConfig):
     linear_threads: int = field(
         default=0,
         metadata={
-            "help": "threads of the native AMX Linear: the engine's thread plus a pool of helpers, each pinned "
+            "help": "threads of the native bf16 Linear: the engine's thread plus a pool of helpers, each pinned "
             "to a CPU of its own, which the step's native attention, multi-LoRA and layer glue share (0: every "
             "CPU the process may use; 1: no helpers)"
         },

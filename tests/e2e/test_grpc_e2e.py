@@ -91,10 +91,16 @@ def test_model_info(live: LiveServer) -> None:
     assert info.dtype == ("bfloat16" if native and "passed" in info.dtype_reason else "float32")
     assert info.dtype_reason.startswith("no native bf16") != native
     # --linear-kernel auto: in bf16 the native AMX Linear where the CPU has AMX (and a C compiler), else
-    # oneDNN's; in fp32 the native AVX2 Linear, oneDNN's or F.linear, whichever was timed fastest at startup
-    amx = "amx_bf16" in info.cpu_features and find_compiler() is not None
+    # the native AVX-512 BF16 one unless oneDNN's timed clearly faster at startup, else oneDNN's; in fp32
+    # the native AVX2 Linear, oneDNN's or F.linear, whichever was timed fastest at startup
+    compiler = find_compiler() is not None
     if info.dtype == "bfloat16":
-        assert info.linear_kernel == ("native-amx" if amx else "onednn-packed")
+        if compiler and "amx_bf16" in info.cpu_features:
+            assert info.linear_kernel == "native-amx"
+        elif compiler and "avx512_bf16" in info.cpu_features:
+            assert info.linear_kernel in ("native-avx512", "onednn-packed")
+        else:
+            assert info.linear_kernel == "onednn-packed"
     else:
         assert info.linear_kernel in ("native-fp32", "onednn-packed", "torch")
     assert info.cpu_features == cpu_features().summary() and not info.compiled and info.torch_threads >= 1
@@ -102,9 +108,10 @@ def test_model_info(live: LiveServer) -> None:
     # --attention-kernel auto: the C kernel built at startup, where the machine has a C compiler
     assert info.attention_kernel == ("native" if shutil.which("cc") or shutil.which("gcc") else "torch")
     assert info.lora_kernel == info.attention_kernel  # both built the same way, --lora-impl auto
-    # the AMX Linears' helper pool (--linear-threads 0: every CPU), which the other native kernels share
+    # the native bf16 Linears' helper pool (--linear-threads 0: every CPU), which the other native kernels share
     cpus = len(os.sched_getaffinity(0))
-    assert info.native_threads == (cpus if info.linear_kernel == "native-amx" and cpus > 1 else 0)
+    bf16_native = info.linear_kernel in ("native-amx", "native-avx512")
+    assert info.native_threads == (cpus if bf16_native and cpus > 1 else 0)
     # --layers-kernel auto: a decode step's layers in one C call where all their kernels are native
     native = info.linear_kernel.startswith("native") and info.attention_kernel == info.lora_kernel == "native"
     assert info.layers_kernel == ("native" if native else "python")

@@ -640,14 +640,14 @@ def test_cancel_touches_only_its_own_request_even_with_a_shared_request_id(servi
 def test_the_step_s_native_kernels_share_the_linears_pool(
     tiny_model_dir: Path, tmp_path: Path, linear_threads: int
 ) -> None:
-    """Where the base Linears run on the native AMX kernel's helper pool (bf16, ``--linear-threads`` > 1),
+    """Where the base Linears run on the native bf16 kernel's helper pool (``--linear-threads`` > 1),
     the native attention and multi-LoRA get that same pool; otherwise neither takes one (they keep the
     step's torch threads). A request decodes either way."""
     svc = tiny_service(tiny_model_dir, tmp_path / "store", dtype="bfloat16", linear_threads=linear_threads)
     try:
         runner = svc.engine.runner
         pool = svc.base.pool
-        if svc.base.linear_kernel == "native-amx" and linear_threads > 1:
+        if svc.base.linear_kernel in ("native-amx", "native-avx512") and linear_threads > 1:
             assert pool is not None and pool.threads == linear_threads
         else:
             assert pool is None

@@ -153,7 +153,8 @@ def _targets(model: Any) -> list[Any]:
 def _linear_kernel(quantization: str, dtype: str, impl: str) -> LinearKernel:
     """A fixed base Linear per case (fp32's "auto" is timed at load, so it could take either path): bf16
     with a torch LoRA runs oneDNN's prepacked Linears where this torch build has them (not on AVX2-only
-    CPUs), with the native LoRA the first that runs (the native AMX Linear where the CPU has AMX); fp32
+    CPUs), with the native LoRA the first that runs (the native AMX Linear where the CPU has AMX; without
+    AMX the native AVX-512 BF16 one or oneDNN's, as timed); fp32
     runs the native fp32 Linear with the native LoRA (both skip on a machine without a C compiler;
     F.linear on a CPU without AVX2 and FMA), oneDNN's prepacked Linears with the token LoRA and F.linear
     with the other torch ones; NF4 keeps bitsandbytes' Linears."""
@@ -166,7 +167,7 @@ def _linear_kernel(quantization: str, dtype: str, impl: str) -> LinearKernel:
     return "onednn" if impl == "token" and ONEDNN_FP32 else "torch"
 
 
-@pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped", "native"])
+@pytest.mark.parametrize("impl", ["gather", "dense", "token", "grouped", "native", "native+avx512"])
 @pytest.mark.parametrize(
     ("quantization", "dtype"),
     [("none", "float32"), ("none", "bfloat16"), pytest.param("nf4", "float32", marks=pytest.mark.slow)],
@@ -186,7 +187,15 @@ def test_mixed_batch_logits_match_peft(
     """All rows prefill all but their last token in one ragged step, then decode it in one batched step
     (both attention paths, and the base Linears of ``_linear_kernel``; ``native``: the native LoRA,
     attention and layer glue too); each row's logits are PEFT's (fp32) with its own adapter alone:
-    exactly in fp32 and NF4, within bf16's rounding in bf16."""
+    exactly in fp32 and NF4, within bf16's rounding in bf16. ``native+avx512``: the native path with the
+    AVX-512 BF16 Linear (bf16 on a CPU with avx512_bf16, AMX or not)."""
+    if impl == "native+avx512":
+        if (quantization, dtype) != ("none", "bfloat16") or "avx512_bf16" not in cpu_flags_line().split():
+            pytest.skip("the AVX-512 BF16 Linear: bf16 on a CPU with avx512_bf16")
+        impl = "native"
+        linear_kernel: LinearKernel = "avx512"
+    else:
+        linear_kernel = _linear_kernel(quantization, dtype, impl)
     if impl == "native" and native_lora is None:
         pytest.skip("no C compiler on this machine")
     kernels = tmp_path_factory.getbasetemp() / "kernels"
@@ -197,12 +206,13 @@ def test_mixed_batch_logits_match_peft(
         num_slots=6,
         max_lora_rank=32,
         dtype=dtype,
-        linear_kernel=_linear_kernel(quantization, dtype, impl),
+        linear_kernel=linear_kernel,
         kernels_dir=tmp_path / "kernels",
     )
     if quantization == "nf4":
         _assert_nf4(base.model, len(base.lora_layers))
         assert all(type(layer.base).__name__ == "Linear4bit" for layer in base.lora_layers.values())
+    assert linear_kernel != "avx512" or base.linear_kernel == "native-avx512"
     store = _store_with(tmp_path / "store", base.spec, adapter_dirs)
     write, _ = make_slot_io(base.lora_layers)
     names = list(adapter_dirs)

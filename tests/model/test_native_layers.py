@@ -33,7 +33,7 @@ from lorafleet_server.model.native_layers import (
     choose_layers,
     load_native_layers,
 )
-from lorafleet_server.model.options import LoraImpl
+from lorafleet_server.model.options import LinearKernel, LoraImpl
 from lorafleet_server.model.packed import NativeLinearModule, pack_base
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
@@ -82,17 +82,28 @@ def _write(wrapped: dict[str, MultiLoRALinear], slot: int, rank: int, only: tupl
 
 
 def _runner(
-    dtype: torch.dtype, kernels_dir: Path, layers: NativeLayers | None, threads: int, lora_impl: LoraImpl = "auto"
+    dtype: torch.dtype,
+    kernels_dir: Path,
+    layers: NativeLayers | None,
+    threads: int,
+    lora_impl: LoraImpl = "auto",
+    linear_kernel: LinearKernel = "native",
 ) -> tuple[ModelRunner, dict[str, MultiLoRALinear]]:
     model = _model(dtype)
     context = LoraContext()
     wrapped = wrap_targets(model, SLOTS, 64, context, dtype, CPU)
     try:
         linear = pack_base(
-            model, list(wrapped.values()), "native", eligible=None, cache_dir=kernels_dir, dtype=dtype, threads=threads
+            model,
+            list(wrapped.values()),
+            linear_kernel,
+            eligible=None,
+            cache_dir=kernels_dir,
+            dtype=dtype,
+            threads=threads,
         )
     except NativeKernelError as exc:
-        pytest.skip(f"no native Linear for {dtype} on this CPU: {exc}")
+        pytest.skip(f"no {linear_kernel} Linear for {dtype} on this CPU: {exc}")
     attention = load_native_attention(kernels_dir, pool=linear.pool)
     lora = load_native_lora(kernels_dir, pool=linear.pool)
     _write(wrapped, 1, 8)
@@ -139,25 +150,28 @@ def _steps() -> tuple[list[list[RowStep]], dict[int, int]]:
     return steps, length
 
 
-CASES = [
-    pytest.param(torch.float32, 1, "auto", id="fp32-avx2"),
-    pytest.param(torch.float32, 1, "native", id="fp32-avx2-lora-native"),
-    pytest.param(torch.bfloat16, 1, "auto", id="bf16-amx"),
-    pytest.param(torch.bfloat16, 2, "auto", id="bf16-amx-pool"),
+CASES = [  # bf16 "native": AMX where the CPU has it, else AVX-512 BF16; "avx512": that one everywhere it runs
+    pytest.param(torch.float32, 1, "auto", "native", id="fp32-avx2"),
+    pytest.param(torch.float32, 1, "native", "native", id="fp32-avx2-lora-native"),
+    pytest.param(torch.bfloat16, 1, "auto", "native", id="bf16-amx"),
+    pytest.param(torch.bfloat16, 2, "auto", "native", id="bf16-amx-pool"),
+    pytest.param(torch.bfloat16, 1, "auto", "avx512", id="bf16-avx512"),
+    pytest.param(torch.bfloat16, 2, "auto", "avx512", id="bf16-avx512-pool"),
 ]
 
 
-@pytest.mark.parametrize(("dtype", "threads", "lora_impl"), CASES)
+@pytest.mark.parametrize(("dtype", "threads", "lora_impl", "linear_kernel"), CASES)
 def test_every_step_it_takes_gives_the_loops_bits(
     dtype: torch.dtype,
     threads: int,
     lora_impl: LoraImpl,
+    linear_kernel: LinearKernel,
     kernels_dir: Path,
     layers_lib: NativeLayers,
     torch_threads_kept: None,
 ) -> None:
-    loop, loop_slots = _runner(dtype, kernels_dir, None, threads, lora_impl)
-    fast, fast_slots = _runner(dtype, kernels_dir, layers_lib, threads, lora_impl)
+    loop, loop_slots = _runner(dtype, kernels_dir, None, threads, lora_impl, linear_kernel)
+    fast, fast_slots = _runner(dtype, kernels_dir, layers_lib, threads, lora_impl, linear_kernel)
     assert loop.layer_driver is None
     driver = fast.layer_driver
     assert driver is not None, fast.layer_driver_reason

@@ -1,9 +1,10 @@
-"""The native AMX Linear (model/native.py NativeLinear, csrc/linear.c) and the base Linears' choice
-(model/packed.py pack_base).
+"""The native bf16 Linear (model/native.py NativeLinear, csrc/linear.c: AMX tiles, or AVX-512 BF16 dot
+products) and the base Linears' choice (model/packed.py pack_base).
 
-The kernel is built here as the server builds it. Its numbers are checked where the CPU has AMX-BF16
-(Sapphire Rapids and later) and skipped elsewhere; the choice and the fallback to oneDNN are checked
-on every CPU with a C compiler (a library built without AMX says so).
+The kernel is built here as the server builds it. Its numbers are checked for each of its two paths
+the CPU runs (AMX-BF16: Sapphire Rapids and later; AVX512-BF16: also Cooper Lake, AMD Zen 4) and
+skipped elsewhere; the choice and the fallback to oneDNN are checked on every CPU with a C compiler (a
+library built without AMX or AVX512-BF16 says so).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafleet_server.model import native as native_module
+from lorafleet_server.model import packed as packed_module
+from lorafleet_server.model.cpu import cpu_features
 from lorafleet_server.model.native import (
     NativeKernelError,
     NativeLinear,
@@ -24,7 +28,13 @@ from lorafleet_server.model.native import (
     load_native_linear,
     load_native_pool,
 )
-from lorafleet_server.model.packed import NativeLinearModule, PackedLinear, pack_base, packed_linear_supported
+from lorafleet_server.model.packed import (
+    LinearTiming,
+    NativeLinearModule,
+    PackedLinear,
+    pack_base,
+    packed_linear_supported,
+)
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
 
@@ -34,12 +44,13 @@ def kernels_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("kernels")
 
 
-@pytest.fixture(scope="module")
-def kernel(kernels_dir: Path) -> NativeLinear:
+@pytest.fixture(scope="module", params=["amx", "avx512"])
+def kernel(kernels_dir: Path, request: pytest.FixtureRequest) -> NativeLinear:
+    """Each path of the kernel this CPU runs (the other is skipped)."""
     try:
-        return load_native_linear(kernels_dir)
+        return load_native_linear(kernels_dir, isa=request.param)
     except NativeKernelError as exc:
-        pytest.skip(f"no native Linear on this CPU: {exc}")
+        pytest.skip(f"no native {request.param} Linear on this CPU: {exc}")
 
 
 def _weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +93,7 @@ def test_a_row_is_the_same_alone_and_among_others(kernel: NativeLinear) -> None:
 
 def test_helper_threads_give_the_same_numbers(kernel: NativeLinear, kernels_dir: Path) -> None:
     """With the helper pool a call's columns are shared out; each column's sums are the same either way."""
-    helped = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2))
+    helped = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2), kernel.isa)
     assert helped.threads == 2
     for n, k in ((1536, 576), (576, 1536), (64, 64)):
         w, bias = _weights(n, k, seed=n)
@@ -101,7 +112,9 @@ def test_several_weights_of_one_input_in_one_call_give_each_its_own_call_s_numbe
     """``parts``: a layer's q, k and v (or gate and up) in one call, their columns cut into units that
     cross from one weight into the next; bit for bit what a call each gives, with and without biases,
     for row counts across tiles, blocks and prompt chunks."""
-    runner = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2)) if threads == 2 else kernel
+    runner = (
+        NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2), kernel.isa) if threads == 2 else kernel
+    )
     cases = ((576, (576, 192, 192)), (576, (1536, 1536)), (64, (32, 96, 32, 64)), (96, (96, 160, 32)), (1536, (32,)))
     for k, widths in cases:  # (96, 160, 32): on two threads units of 2 panels, two of them crossing parts
         weights = [_weights(n, k, seed=n + i) for i, n in enumerate(widths)]
@@ -142,7 +155,7 @@ def test_parts_it_does_not_take_are_refused(kernel: NativeLinear) -> None:
 
 def test_callers_on_several_threads_each_get_their_own_result(kernel: NativeLinear, kernels_dir: Path) -> None:
     """One call at a time uses the helpers; a call that finds them busy runs on its own thread."""
-    helped = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2))
+    helped = NativeLinear(kernel.library, load_native_pool(kernels_dir, threads=2), kernel.isa)
     w, _ = _weights(1536, 576, seed=11)
     packed = kernel.pack(w)
     inputs = [torch.randn(32, 576, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(6)]
@@ -250,13 +263,17 @@ class _Model(nn.Module):
         self.lm_head = nn.Linear(64, 128, bias=False)
 
 
-def test_auto_packs_every_linear_it_takes_and_leaves_the_rest_to_onednn(
-    kernel: NativeLinear, kernels_dir: Path
-) -> None:
+def test_auto_packs_every_linear_it_takes_and_leaves_the_rest_to_onednn(kernels_dir: Path) -> None:
+    try:
+        best = load_native_linear(kernels_dir)
+    except NativeKernelError as exc:
+        pytest.skip(f"no native Linear on this CPU: {exc}")
+    if best.isa == "avx512" and packed_linear_supported(torch.bfloat16):
+        pytest.skip("without AMX auto times the kernel against oneDNN's (the next tests)")
     model = _Model().to(torch.bfloat16)
     head_weight = model.lm_head.weight
     choice = pack_base(model, [model.layer, model.odd], "auto", eligible=None, cache_dir=kernels_dir)
-    assert choice.name == "native-amx" and "2 Linears" in choice.reason
+    assert choice.name == best.name and "2 Linears" in choice.reason
     assert isinstance(model.layer.base, NativeLinearModule)
     assert isinstance(model.lm_head, NativeLinearModule) and model.lm_head.weight is head_weight
     assert isinstance(model.odd.base, PackedLinear if packed_linear_supported(torch.bfloat16) else nn.Linear)
@@ -277,20 +294,79 @@ def test_torch_onednn_and_ineligible_bases(kernels_dir: Path) -> None:
         assert isinstance(model.layer.base, PackedLinear) and isinstance(model.lm_head, PackedLinear)
 
 
-def test_without_amx_auto_keeps_onednn_and_native_refuses_to_start(tmp_path: Path) -> None:
-    """A library built for a CPU without AMX (here: the same compiler told not to use it) says so."""
-    no_amx = tmp_path / "cc-no-amx"
-    no_amx.write_text(f'#!/bin/sh\nexec {find_compiler()} "$@" -mno-amx-tile -mno-amx-bf16 -mno-amx-int8\n')
-    no_amx.chmod(0o755)
-    with pytest.raises(NativeKernelError, match="needs AMX-BF16"):
-        load_native_linear(tmp_path / "cache", compiler=str(no_amx))
+def _compiler_without(tmp_path: Path, name: str, flags: str) -> str:
+    """The system's C compiler told not to target ``flags`` (a CPU without those extensions)."""
+    wrapper = tmp_path / name
+    wrapper.write_text(f'#!/bin/sh\nexec {find_compiler()} "$@" {flags}\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_without_amx_or_avx512_bf16_auto_keeps_onednn_and_native_refuses_to_start(tmp_path: Path) -> None:
+    """A library built for a CPU with neither AMX nor AVX512-BF16 says so."""
+    neither = _compiler_without(tmp_path, "cc-plain", "-mno-amx-tile -mno-amx-bf16 -mno-amx-int8 -mno-avx512bf16")
+    with pytest.raises(NativeKernelError, match=r"needs AMX-BF16.*needs AVX512-BF16"):
+        load_native_linear(tmp_path / "cache", compiler=neither)
     model = _Model().to(torch.bfloat16)
-    choice = pack_base(model, [model.layer], "auto", eligible=None, cache_dir=tmp_path / "cache", compiler=str(no_amx))
+    choice = pack_base(model, [model.layer], "auto", eligible=None, cache_dir=tmp_path / "cache", compiler=neither)
     assert "needs AMX-BF16" in choice.reason and not isinstance(model.lm_head, NativeLinearModule)
-    with pytest.raises(NativeKernelError, match="needs AMX-BF16"):
-        pack_base(_Model(), [], "native", eligible=None, cache_dir=tmp_path / "c2", compiler=str(no_amx))
+    for kind in ("native", "avx512"):
+        with pytest.raises(NativeKernelError, match="needs AVX512-BF16"):
+            pack_base(_Model(), [], kind, eligible=None, cache_dir=tmp_path / "c2", compiler=neither)  # type: ignore[arg-type]
     nowhere = pack_base(_Model().to(torch.bfloat16), [], "auto", eligible=None, cache_dir=None)
     assert "no directory" in nowhere.reason
     with pytest.raises(NativeKernelError, match="no directory"):
         pack_base(_Model().to(torch.bfloat16), [], "native", eligible=None, cache_dir=None)
     assert os.listdir(tmp_path / "cache")  # the library was built (and cached) all the same
+
+
+needs_avx512_bf16 = pytest.mark.skipif(
+    "avx512_bf16" not in cpu_features().flags, reason="the AVX-512 BF16 path needs a CPU with avx512_bf16"
+)
+
+
+@needs_avx512_bf16
+def test_without_amx_native_is_the_avx512_kernel(tmp_path: Path) -> None:
+    """A library built without AMX on an avx512_bf16 CPU runs the AVX-512 BF16 path; so does "avx512"
+    on any such CPU, AMX or not; and neither is taken for an fp32 base."""
+    no_amx = _compiler_without(tmp_path, "cc-no-amx", "-mno-amx-tile -mno-amx-bf16 -mno-amx-int8")
+    assert load_native_linear(tmp_path / "cache", compiler=no_amx).isa == "avx512"
+    model = _Model().to(torch.bfloat16)
+    choice = pack_base(model, [model.layer], "native", eligible=None, cache_dir=tmp_path / "cache", compiler=no_amx)
+    assert choice.name == "native-avx512" and "AVX-512 BF16" in choice.reason
+    assert isinstance(model.layer.base, NativeLinearModule) and model.layer.base.kernel.isa == "avx512"
+    forced = pack_base(_Model().to(torch.bfloat16), [], "avx512", eligible=None, cache_dir=tmp_path / "c2")
+    assert forced.name == "native-avx512"
+    with pytest.raises(NativeKernelError, match="bf16 kernel"):
+        pack_base(_Model(), [], "avx512", eligible=None, cache_dir=tmp_path / "c2", dtype=torch.float32)
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize(
+    ("native_ms", "chosen"), [(10.0, "native-avx512"), (10.9, "native-avx512"), (11.0, "onednn-packed")]
+)
+def test_without_amx_auto_keeps_the_native_kernel_unless_onednn_times_clearly_faster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_ms: float, chosen: str
+) -> None:
+    """Without AMX both are compute-bound: auto times them at load and keeps the native kernel unless
+    oneDNN's is PACKED_MIN_GAIN (1.1) times faster, at the decode steps' thread count."""
+    if not packed_linear_supported(torch.bfloat16):
+        pytest.skip("no prepacked oneDNN bf16 linear in this torch build")
+    monkeypatch.setattr(native_module, "LINEAR_ISAS", ("avx512",))  # as on a CPU without AMX
+    timed: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
+
+    def fake_timing(
+        model: nn.Module, bases: list[nn.Module], threads: tuple[int, ...], candidates: dict[str, object]
+    ) -> LinearTiming:
+        timed.append((tuple(threads), tuple(candidates)))
+        return LinearTiming(32, tuple(threads), 20.0, (("native-avx512", native_ms), ("onednn-packed", 10.0)))
+
+    monkeypatch.setattr(packed_module, "time_linears", fake_timing)
+    model = _Model().to(torch.bfloat16)
+    choice = pack_base(
+        model, [model.layer], "auto", eligible=None, cache_dir=tmp_path / "cache", measure_threads=(1, 2)
+    )
+    assert timed == [((1,), ("native-avx512", "onednn-packed"))]
+    assert choice.name == chosen and "32 rows on 1 thread(s)" in choice.reason
+    want = NativeLinearModule if chosen == "native-avx512" else PackedLinear
+    assert isinstance(model.layer.base, want) and isinstance(model.lm_head, want)

@@ -96,7 +96,7 @@ class ModelInfo:
     compiled: bool = False  # decoder layers torch.compile'd
     torch_threads: int = 0  # intra-op threads of the compute
     cpu_features: str = ""  # reported CPU flags, e.g. "avx2,avx512f,avx512_bf16"
-    linear_kernel: str = "torch"  # base Linears: "native-amx", "native-fp32", "onednn-packed" or "torch"
+    linear_kernel: str = "torch"  # base Linears: "native-amx", "native-avx512", "native-fp32", "onednn-packed", "torch"
     prefill_threads: int = 0  # the other count, for steps where it is faster (model/threads.py); = torch_threads: off
     attention_kernel: str = "torch"  # every token's attention: "native" (model/native.py) or "torch"
     lora_kernel: str = "torch"  # multi-LoRA: "native" (the C kernel where it applies) or "torch" (model/lora.py)

@@ -47,8 +47,8 @@ class LoadedBase:
     dtype_reason: str = ""  # why this compute dtype (choose_compute_dtype)
     compiled: bool = False  # compile_base ran
     cpu_features: str = ""  # CpuFeatures.summary() of this machine
-    linear_kernel: str = "torch"  # "native-amx", "native-fp32" or "onednn-packed": prepacked (model/packed.py)
-    # the native AMX Linears' helper threads, for the step's other native kernels to share; None: none
+    linear_kernel: str = "torch"  # "native-amx", "native-avx512", "native-fp32" or "onednn-packed" (model/packed.py)
+    # the native bf16 Linears' helper threads, for the step's other native kernels to share; None: none
     pool: NativePool | None = None
 
 
@@ -444,7 +444,7 @@ def load_base(
         if quantization != "none":
             raise ModelLoadError(f"--compile needs an unquantized base, not {quantization}")
         compile_base(model)
-    # bf16 or fp32 on CPU: the base weights packed once for the native AMX kernel or oneDNN
+    # bf16 or fp32 on CPU: the base weights packed once for a native kernel or oneDNN
     # (model/packed.py; fp32 where that measures faster here). Not under --compile, whose graphs
     # would have to trace them.
     eligible = None

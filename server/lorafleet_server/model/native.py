@@ -8,8 +8,9 @@ its own query, keys and values: not on the other rows, the chunk around it, the 
 it (a call splits its rows over the step's torch threads, or over the helper pool below), or how oneDNN
 blocks a matmul of that many rows (docs/architecture.md, "Measured facts" 11). The multi-LoRA
 (``csrc/lora.c``) adds each token's own adapter into a base Linear's output in place (fact 12). The
-Linear (``csrc/linear.c``) computes bf16 base Linears on Intel AMX tiles from weights packed once,
-on the engine's thread and pinned helper threads (fact 13), a pool (``csrc/pool.c``) the step's other
+Linear (``csrc/linear.c``) computes bf16 base Linears on Intel AMX tiles (or with AVX-512 BF16 dot
+products on CPUs without AMX, fact 21) from weights packed once, on the engine's thread and pinned
+helper threads (fact 13), a pool (``csrc/pool.c``) the step's other
 native kernels share when given it (fact 17); its fp32 sibling (``csrc/linear_f32.c``)
 does fp32 ones with AVX2 and FMA (AVX-512 where the CPU has it) on the step's torch threads (fact 15). The transpose
 (``csrc/transpose.c``) lays adapter weights out for the host cache while they load
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import torch
 
@@ -709,23 +710,30 @@ class LinearPart(ctypes.Structure):
     _fields_ = [("packed", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p), ("n", ctypes.c_int64)]
 
 
+LinearIsa = Literal["amx", "avx512"]
+LINEAR_ISAS: tuple[LinearIsa, ...] = ("amx", "avx512")  # the order "any" tries them in
+
+
 class NativeLinear:
-    """``csrc/linear.c`` through ctypes: bf16 Linears on AMX from a weight packed once, on the calling
-    thread and ``pool``'s helpers (pinned to cores of their own), or on the calling thread alone."""
+    """``csrc/linear.c`` through ctypes: bf16 Linears from a weight packed once, on AMX tiles
+    (``isa="amx"``) or with AVX-512 BF16 dot products (``"avx512"``: CPUs with ``avx512_bf16`` and no
+    AMX), on the calling thread and ``pool``'s helpers (pinned to cores of their own), or on the
+    calling thread alone. The two sum in different orders, so a process uses one."""
 
     dtype = torch.bfloat16  # what it computes in
-    label = "native AMX"
 
-    def __init__(self, library: Path, pool: NativePool | None = None) -> None:
+    def __init__(self, library: Path, pool: NativePool | None = None, isa: LinearIsa = "amx") -> None:
         self.pool = pool
         self.threads = pool.threads if pool is not None else 1
+        suffix = "" if isa == "amx" else "_avx512"
         lib, fns = _functions(
             library,
             {
                 "lf_linear_available": [],
+                "lf_linear_avx512_available": [],
                 "lf_linear_pack": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64],
-                "lf_linear": _LINEAR_AMX_ARGTYPES,
-                "lf_linear_parts": [ctypes.c_void_p, ctypes.POINTER(LinearPart), ctypes.c_int]
+                "lf_linear" + suffix: _LINEAR_AMX_ARGTYPES,
+                "lf_linear_parts" + suffix: [ctypes.c_void_p, ctypes.POINTER(LinearPart), ctypes.c_int]
                 + [ctypes.c_int64] * 2
                 + [ctypes.c_int, ctypes.c_void_p],
             },
@@ -734,15 +742,20 @@ class NativeLinear:
         part_bytes.restype, part_bytes.argtypes = ctypes.c_int64, []
         if part_bytes() != ctypes.sizeof(LinearPart):
             raise NativeKernelError(f"{library} lays out lf_linear_part differently from LinearPart")
-        if fns["lf_linear_available"]() != 1:
+        if isa == "amx" and fns["lf_linear_available"]() != 1:
             raise NativeKernelError(
-                "the native Linear needs AMX-BF16: this CPU (or the OS kernel's permission for AMX) lacks it"
+                "the native AMX Linear needs AMX-BF16: this CPU (or the OS kernel's permission for AMX) lacks it"
             )
+        if isa == "avx512" and fns["lf_linear_avx512_available"]() != 1:
+            raise NativeKernelError("the native AVX-512 Linear needs AVX512-BF16: this CPU lacks it")
+        self.isa = isa
+        self.label = "native AMX" if isa == "amx" else "native AVX-512 BF16"
+        self.name = "native-amx" if isa == "amx" else "native-avx512"  # GetModelInfo.linear_kernel
         self.library = library
         self._lib = lib  # keeps the library loaded while its functions live
         self._pack = fns["lf_linear_pack"]
-        self._fn = fns["lf_linear"]
-        self._parts = fns["lf_linear_parts"]
+        self._fn = fns["lf_linear" + suffix]
+        self._parts = fns["lf_linear_parts" + suffix]
         self.address = c_address(self._fn)  # of lf_linear, for csrc/layers.c
         self.parts_address = c_address(self._parts)  # of lf_linear_parts, for csrc/layers.c
 
@@ -813,14 +826,24 @@ class NativeLinear:
             raise NativeKernelError(f"the native Linear refused its arguments (rc {rc})")
 
 
-def load_native_linear(cache_dir: Path, compiler: str | None = None, threads: int = 1) -> NativeLinear:
-    """Build (or find in ``cache_dir``) and load the native Linear, on ``threads`` threads: with more
-    than one, a helper pool (``load_native_pool``) is built and loaded with it; NativeKernelError
-    without AMX."""
+def load_native_linear(
+    cache_dir: Path, compiler: str | None = None, threads: int = 1, isa: LinearIsa | None = None
+) -> NativeLinear:
+    """Build (or find in ``cache_dir``) and load the native Linear for ``isa`` (None: AMX where this
+    process may use it, else AVX-512 BF16), on ``threads`` threads: with more than one, a helper pool
+    (``load_native_pool``) is built and loaded with it; NativeKernelError where the CPU has neither."""
     if threads < 1:
         raise NativeKernelError(f"the native Linear needs at least one thread, not {threads}")
     library = build_library(LINEAR_SOURCE, cache_dir, compiler)
-    return NativeLinear(library, load_native_pool(cache_dir, threads, compiler) if threads > 1 else None)
+    reasons: list[str] = []
+    for candidate in (isa,) if isa is not None else LINEAR_ISAS:
+        try:
+            NativeLinear(library, None, candidate)  # checks the ISA before a pool is started for it
+        except NativeKernelError as exc:
+            reasons.append(str(exc))
+            continue
+        return NativeLinear(library, load_native_pool(cache_dir, threads, compiler) if threads > 1 else None, candidate)
+    raise NativeKernelError("; ".join(reasons))
 
 
 LINEAR_F32_SOURCE = "linear_f32.c"

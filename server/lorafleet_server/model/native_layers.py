@@ -7,13 +7,13 @@ allocation and nn.Module dispatch, ~5 ms of a 32-row decode step on the AMX Xeon
 "Measured facts" 18). ``csrc/layers.c`` makes the same calls with the same arguments from C: it only
 holds the kernels' addresses (each stays in its own library), a table of every layer's weights, slot
 tables and KV slabs built once, and one workspace for the activations. So a step's numbers are the
-loop's, bit for bit; the tests check that on every path it takes. (On AMX the Linears of one input,
+loop's, bit for bit; the tests check that on every path it takes. (In bf16 the Linears of one input,
 q, k and v or gate and up, run as one ``lf_linear_parts`` call before their LoRAs: one call's start and
 end instead of three, the same numbers.)
 
 It takes a step (:meth:`LayerDriver.takes`) only where the loop would call the native kernel for every
-one of those pieces: Llama layers with RMSNorm and a SiLU MLP, every projection a native Linear (AMX
-bf16 or AVX2 fp32), the LoRA, the attention and the Linears on the same pool (or none), and a step
+one of those pieces: Llama layers with RMSNorm and a SiLU MLP, every projection a native Linear (bf16
+on AMX or AVX-512 BF16, or fp32 on AVX2), the LoRA, the attention and the Linears on the same pool (or none), and a step
 whose every adapted module takes the native LoRA: any step without adapters, decode-sized ones (at
 most ``NATIVE_LORA_SHORT_STEP_TOKENS`` tokens), and prompt chunks where ``NativeLora.preferred`` says so
 for every module an adapter targets. Anything else (such a prompt chunk with other adapters, a
@@ -97,7 +97,7 @@ class _Step(ctypes.Structure):
         ("add_rmsnorm", _P),
         ("silu_mul", _P),
         ("pool", _P),
-        ("linear_amx", ctypes.c_int),
+        ("linear_bf16", ctypes.c_int),
         ("linear_threads", ctypes.c_int),
         ("threads", ctypes.c_int),
         ("bf16", ctypes.c_int),
@@ -220,7 +220,7 @@ class LayerDriver:
             add_rmsnorm=attention.addresses["lf_add_rmsnorm"],
             silu_mul=attention.addresses["lf_silu_mul"],
             pool=None if attention.pool is None else attention.pool.address.value,
-            linear_amx=1 if isinstance(kernel, NativeLinear) else 0,
+            linear_bf16=1 if isinstance(kernel, NativeLinear) else 0,
             linear_threads=kernel.threads if isinstance(kernel, NativeLinear) else 0,
             bf16=1 if dtype == torch.bfloat16 else 0,
             hidden=shape.hidden,

@@ -18,10 +18,12 @@ LORA_IMPLS: tuple[str, ...] = get_args(LoraImpl)
 AttentionKernel = Literal["auto", "native", "torch"]
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 
-# The base Linears on a CPU (model/packed.py): "native" is the C kernel built for this CPU (AMX in bf16,
-# AVX2 + FMA or AVX-512 in fp32), "onednn" oneDNN's prepacked matmul, "torch" F.linear; "auto" is the first of these
-# that runs here in bf16 (fp32: the fastest of native and oneDNN where timed faster than F.linear at load).
-LinearKernel = Literal["auto", "native", "onednn", "torch"]
+# The base Linears on a CPU (model/packed.py): "native" is the C kernel built for this CPU (AMX in bf16, else
+# AVX-512 BF16; AVX2 + FMA or AVX-512 in fp32), "avx512" the AVX-512 BF16 one even where AMX runs (to compare),
+# "onednn" oneDNN's prepacked matmul, "torch" F.linear; "auto" is the first of these that runs here in bf16
+# (AVX-512 BF16 unless oneDNN times clearly faster at load; fp32: the fastest of native and oneDNN where timed
+# faster than F.linear at load).
+LinearKernel = Literal["auto", "native", "avx512", "onednn", "torch"]
 LINEAR_KERNELS: tuple[str, ...] = get_args(LinearKernel)
 
 # A decode step's decoder layers (model/native_layers.py): "native" is one C call for all of them where

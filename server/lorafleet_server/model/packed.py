@@ -118,11 +118,11 @@ class PackedLinear(nn.Module):
 class NativeLinearModule(nn.Module):
     """``linear`` computed by a native kernel from its own packed copy of the weight, for steps of any
     size; the plain weight stays the model's parameter (tied weights stay tied) and serves gradients.
-    The AMX kernel (bf16, ``csrc/linear.c``) runs on its own pool of threads (``--linear-threads``), not
-    torch's: even on one thread a 256-token prefill step measured the same as with oneDNN's Linears on
-    two (345 vs 342 ms). The fp32 kernel (``csrc/linear_f32.c``) runs on the step's torch threads and
-    was as fast as MKL's GEMM at 512 rows. So every step takes them, and each row's result stays
-    independent of the step's row count."""
+    The bf16 kernel (``csrc/linear.c``: AMX, or AVX-512 BF16 without it) runs on its own pool of threads
+    (``--linear-threads``), not torch's: even on one thread the AMX one took a 256-token prefill step
+    as fast as oneDNN's Linears on two (345 vs 342 ms). The fp32 kernel (``csrc/linear_f32.c``) runs on
+    the step's torch threads and was as fast as MKL's GEMM at 512 rows. So every step takes them, and
+    each row's result stays independent of the step's row count."""
 
     def __init__(self, linear: nn.Linear, kernel: NativeLinear | NativeLinearF32) -> None:
         super().__init__()
@@ -280,9 +280,9 @@ def pack_linears(model: nn.Module, bases: list[nn.Module]) -> int:
 class LinearChoice:
     """The base Linears' kernel (``GetModelInfo.linear_kernel``) and why (logged)."""
 
-    name: str  # "native-amx", "native-fp32", "onednn-packed" or "torch"
+    name: str  # "native-amx", "native-avx512", "native-fp32", "onednn-packed" or "torch"
     reason: str
-    # the helper threads the native AMX Linears run on (more than one thread), which the step's other
+    # the helper threads the native bf16 Linears run on (more than one thread), which the step's other
     # native kernels share (model/native.py NativePool); None: none
     pool: NativePool | None = None
 
@@ -301,12 +301,16 @@ def pack_base(
 ) -> LinearChoice:
     """``--linear-kernel`` for the base Linears of a loaded model. ``eligible`` is None for a bf16 or
     fp32 base (``dtype``) on the CPU, unquantized and not compiled, else why it is not (then only
-    "torch" runs; "native" and "onednn" are refused with NativeKernelError). "native" is the AMX
-    kernel built in ``cache_dir`` for the dtype (bf16: AMX, for every Linear of a shape it takes; fp32:
-    AVX2 + FMA), NativeKernelError where it cannot run; "onednn" oneDNN's prepacked Linear; "auto" in
-    bf16 the first of native, oneDNN and plain torch that runs here (native only with a ``cache_dir``),
-    in fp32 the fastest of native and oneDNN where :func:`time_linears` measures it ``PACKED_MIN_GAIN``
-    times faster than F.linear at ``measure_threads`` (default: torch's current count), else torch."""
+    "torch" runs; the others are refused with NativeKernelError). "native" is the C kernel built in
+    ``cache_dir`` for the dtype (bf16: AMX where the process may use it, else AVX-512 BF16, for every
+    Linear of a shape it takes; fp32: AVX2 + FMA), NativeKernelError where it cannot run; "avx512" the
+    AVX-512 BF16 one even where AMX runs (bf16 only: to compare the two); "onednn" oneDNN's prepacked
+    Linear; "auto" in bf16 the native AMX kernel, else the native AVX-512 BF16 one unless oneDNN's
+    measures ``PACKED_MIN_GAIN`` times faster at load (``time_linears`` at the first of
+    ``measure_threads``, the decode steps' torch threads), else oneDNN's, else plain torch (native only
+    with a ``cache_dir``); in fp32 the fastest of native and oneDNN where :func:`time_linears` measures
+    it ``PACKED_MIN_GAIN`` times faster than F.linear at ``measure_threads`` (default: torch's current
+    count), else torch."""
     if choice == "torch":
         return LinearChoice("torch", "--linear-kernel torch")
     if eligible is not None:
@@ -314,27 +318,47 @@ def pack_base(
             raise NativeKernelError(f"--linear-kernel {choice} needs a bf16 or fp32 base on the CPU: {eligible}")
         return LinearChoice("torch", eligible)
     if dtype == torch.float32:
+        if choice == "avx512":
+            raise NativeKernelError("--linear-kernel avx512 is the bf16 kernel: this base computes in fp32")
         return _pack_fp32(
             model, bases, choice, tuple(measure_threads) or (torch.get_num_threads(),), cache_dir, compiler
         )
     onednn = packed_linear_supported(torch.bfloat16)
     fallback = PackedLinear if onednn else (lambda linear: linear)
     why = ""
-    if choice in ("auto", "native"):
+    if choice in ("auto", "native", "avx512"):
         try:
             if cache_dir is None:
                 raise NativeKernelError("no directory to build it in")
-            kernel = load_native_linear(cache_dir, compiler, threads)
+            kernel = load_native_linear(cache_dir, compiler, threads, isa="avx512" if choice == "avx512" else None)
         except NativeKernelError as exc:
-            if choice == "native":
+            if choice != "auto":
                 raise
             why = f"native Linear unavailable: {exc}; "
         else:
+            timed = ""
+            if kernel.isa == "avx512" and choice == "auto" and onednn:
+                # Without AMX the kernel is compute-bound like oneDNN's: measured here, not assumed. At
+                # parity it is kept (the layer driver and bit-for-bit rows need it).
+                timing = time_linears(
+                    model,
+                    bases,
+                    tuple(measure_threads[:1]) or (torch.get_num_threads(),),
+                    {kernel.name: _native_or(kernel, fallback), "onednn-packed": PackedLinear},
+                )
+                ms = dict(timing.candidates)
+                if ms[kernel.name] >= PACKED_MIN_GAIN * ms["onednn-packed"]:
+                    pack_linears(model, bases)
+                    return LinearChoice(
+                        "onednn-packed", f"oneDNN's prepacked bf16 linear, timed faster at load: {timing.describe()}"
+                    )
+                timed = f"; at load {timing.describe()}"
             _replace_linears(model, bases, _native_or(kernel, fallback))
             count = sum(isinstance(m, NativeLinearModule) for m in model.modules())
             return LinearChoice(
-                "native-amx",
-                f"AMX kernel for this CPU ({kernel.library.name}), {count} Linears, {kernel.threads} thread(s)",
+                kernel.name,
+                f"{kernel.label} kernel for this CPU ({kernel.library.name}), {count} Linears, "
+                f"{kernel.threads} thread(s){timed}",
                 kernel.pool,
             )
     if not onednn:

@@ -3,7 +3,7 @@
  * step, each ~8 us of Python and ctypes around it). The kernels live in their own libraries (linear.c
  * or linear_f32.c, lora.c, attention.c, the pool in pool.c); this one only calls them through the
  * addresses native.py passes, so a layer's numbers are those of the loop, bit for bit. One difference
- * in order, not in numbers: the AMX Linears of one input (q, k, v; gate, up) run as one
+ * in order, not in numbers: the bf16 Linears of one input (q, k, v; gate, up) run as one
  * lf_linear_parts call, then their LoRAs, where the loop runs each Linear and its LoRA in turn.
  *
  * Llama layers only: per layer
@@ -17,7 +17,7 @@
 #include "linear.h"
 #include "pool.h"
 
-typedef int (*linear_amx_fn)(const void *x, const void *packed, const float *bias, void *out, int64_t m, int64_t n,
+typedef int (*linear_bf16_fn)(const void *x, const void *packed, const float *bias, void *out, int64_t m, int64_t n,
                              int64_t k, int threads, lf_pool_run_fn pool_run);
 typedef int (*linear_parts_fn)(const void *x, const lf_linear_part *parts, int count, int64_t m, int64_t k,
                                int threads, lf_pool_run_fn pool_run);
@@ -63,15 +63,15 @@ typedef struct {
 
 /* The kernels, the model's shapes and one step's tensors. Mirrored by native_layers.py's _Step. */
 typedef struct {
-    const void *linear;       /* lf_linear (linear_amx == 1) or lf_linear_f32 (0) */
-    const void *linear_parts; /* lf_linear_parts (linear_amx == 1), or NULL: one call a projection */
+    const void *linear;       /* lf_linear or lf_linear_avx512 (linear_bf16 == 1), or lf_linear_f32 (0) */
+    const void *linear_parts; /* lf_linear_parts(_avx512) (linear_bf16 == 1), or NULL: one call a projection */
     const void *lora;         /* lf_lora_add */
     const void *rope_kv;      /* lf_rope_kv */
     const void *attention;    /* lf_attention */
     const void *add_rmsnorm;  /* lf_add_rmsnorm */
     const void *silu_mul;     /* lf_silu_mul */
     const void *pool;         /* lf_pool_run, or NULL */
-    int linear_amx, linear_threads, threads, bf16;
+    int linear_bf16, linear_threads, threads, bf16;
     int64_t hidden, heads, kv_heads, head_dim, intermediate, kv_rows, max_seq_len, n_slots;
     /* the step */
     int64_t n;                 /* tokens (rows of every activation) */
@@ -107,8 +107,8 @@ static int add_lora(const lf_step *s, const lf_proj *p, const void *x, void *y, 
 /* y [n, d_out] = x [n, d_in] . W^T (+ bias), then each token's adapter added in place. 0, or the failing op. */
 static int project(const lf_step *s, const lf_proj *p, const void *x, void *y, int op) {
     int rc;
-    if (s->linear_amx)
-        rc = ((linear_amx_fn)s->linear)(x, p->packed, p->bias, y, s->n, p->d_out, p->d_in, s->linear_threads,
+    if (s->linear_bf16)
+        rc = ((linear_bf16_fn)s->linear)(x, p->packed, p->bias, y, s->n, p->d_out, p->d_in, s->linear_threads,
                                         (lf_pool_run_fn)s->pool);
     else
         rc = ((linear_f32_fn)s->linear)(x, p->packed, p->bias, y, s->n, p->d_out, p->d_in, s->linear_threads);
@@ -126,11 +126,11 @@ static int project_each(const lf_step *s, const lf_layer *l, int first, int coun
 }
 
 /* ys[i] = x . W_i^T (+ bias) (+ each token's LoRA) for the projections `first`, `first` + 1, ... of one
- * input: the AMX Linears in one lf_linear_parts call (one call's start and end instead of `count`),
+ * input: the bf16 Linears (AMX or AVX-512) in one lf_linear_parts call (one call's start and end instead of `count`),
  * then each projection's LoRA in order; elsewhere project() each. 0, or the failing op. */
 static int project_parts(const lf_step *s, const lf_layer *l, int first, int count, const void *x, void *const *ys,
                          int op) {
-    if (!s->linear_amx || s->linear_parts == NULL) return project_each(s, l, first, count, x, ys, op);
+    if (!s->linear_bf16 || s->linear_parts == NULL) return project_each(s, l, first, count, x, ys, op);
     lf_linear_part parts[PROJS];
     for (int i = 0; i < count; i++) {
         const lf_proj *p = &l->proj[first + i];

@@ -1,4 +1,5 @@
-/* A bf16 Linear on Intel AMX: out[m, n] = x[m, k] . W[n, k]^T (+ bias), fp32 sums rounded once.
+/* A bf16 Linear on Intel AMX, or on AVX-512 BF16 where the CPU has no AMX: out[m, n] = x[m, k] .
+ * W[n, k]^T (+ bias), fp32 sums rounded once.
  *
  * Why: a decode step is ~200 Linears of 32 rows against weights that do not fit any cache, so each
  * call is a stream of its weight from DRAM. oneDNN's prepacked AMX matmul reached ~3.5 GB/s of weight
@@ -18,8 +19,17 @@
  * so long prompt chunks read each weight panel from DRAM once. A call on more than one thread cuts its
  * columns into units of whole panels for the helper pool (csrc/pool.c) the caller passes.
  *
- * Needs k and n multiples of 32 and a CPU with AMX-BF16 (Sapphire Rapids and later); the library
- * built for any other CPU only says so (lf_linear_available() == 0) and the loader keeps oneDNN.
+ * The AVX-512 BF16 kernel (lf_linear_avx512, lf_linear_parts_avx512: same arguments, same packed
+ * layout) is for CPUs with avx512_bf16 but no AMX (AMD Zen 4 and later, Cooper Lake): a B tile's row
+ * of 16 column pairs is one zmm, so per pair of k one load of each half-panel, and per row one
+ * broadcast of x's pair and two vdpbf16ps into 2 x 16 fp32 sums; blocks of up to MR_AVX512 rows keep
+ * their sums in registers while the panel comes from L1/L2 again for the next block. Each output is
+ * one fp32 sum over k in pair order (each vdpbf16ps adds its two products in turn), so a row's output
+ * is also the same bit for bit alone or in any step; it is not the AMX kernel's sum (the tile unit's
+ * order), so a process uses one of the two (docs/architecture.md, "Measured facts" 21).
+ *
+ * Needs k and n multiples of 32 and a CPU with AMX-BF16 (Sapphire Rapids and later) or AVX512-BF16;
+ * the library built for any other CPU only says so (lf_linear_isa() == 0) and the loader keeps oneDNN.
  * Built by lorafleet_server/model/native.py with -O3 -march=native; called through ctypes.
  */
 #define _GNU_SOURCE
@@ -32,9 +42,14 @@
 
 #if LF_BUILD_AMX && defined(__AVX512BF16__)
 #define LF_AMX 1
-#include <immintrin.h>
 #else
 #define LF_AMX 0
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define LF_AVX512BF16 1
+#include <immintrin.h>
+#else
+#define LF_AVX512BF16 0
 #endif
 
 #define PANEL 32                   /* output columns per panel (two B tiles) */
@@ -52,6 +67,9 @@ int lf_linear_available(void) {
     return 0;
 #endif
 }
+
+/* 1 when this library has the AVX-512 BF16 kernel (lf_linear_avx512), else 0. */
+int lf_linear_avx512_available(void) { return LF_AVX512BF16; }
 
 /* packed (n * k bf16) = W (n x k bf16, row-major) in the layout above. rc 1: n or k not a multiple of 32. */
 int lf_linear_pack(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k) {
@@ -141,24 +159,111 @@ static void block(const uint16_t *x, const uint16_t *packed, const float *bias, 
 /* sizeof(lf_linear_part), which native.py checks its ctypes mirror against */
 int64_t lf_linear_part_bytes(void) { return (int64_t)sizeof(lf_linear_part); }
 
-#if LF_AMX
+/* A kernel's work on one block of up to ROWS rows of x (row stride k) against panels [p0, p1), into
+ * out (row stride n); `first`: the block that first reads these panels (it prefetches them). */
+typedef void (*rows_fn)(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int rows,
+                        int64_t p0, int64_t p1, int64_t n, int64_t k, int first);
+
 /* Columns [c0, c1) of out for every row of x, in chunks of ~CHUNK_BYTES of weight with the row blocks
- * inside, so a long prompt chunk reads each weight panel from DRAM once. */
-static void columns(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int64_t m, int64_t n,
-                    int64_t k, int64_t c0, int64_t c1) {
+ * inside, so a long prompt chunk reads each weight panel from DRAM once (and a block's x stays in L2
+ * across the chunk's panels). */
+static void columns(rows_fn rows_block, const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out,
+                    int64_t m, int64_t n, int64_t k, int64_t c0, int64_t c1) {
     const int64_t per_chunk = CHUNK_BYTES / (PANEL * k * 2) * PANEL;
     const int64_t step = per_chunk > PANEL ? per_chunk : PANEL;
     for (int64_t a = c0; a < c1; a += step) {
         const int64_t b = a + step < c1 ? a + step : c1;
-        for (int64_t m0 = 0; m0 < m; m0 += ROWS) {
-            const int64_t left = m - m0;
-            const int rows0 = left < 16 ? (int)left : 16;
-            const int rows1 = left <= 16 ? 0 : (left < ROWS ? (int)(left - 16) : 16);
-            configure(rows0, rows1);
-            block(x + m0 * k, packed, bias, out + m0 * n, rows0, rows1, a, b, n, k);
-        }
+        for (int64_t m0 = 0; m0 < m; m0 += ROWS)
+            rows_block(x + m0 * k, packed, bias, out + m0 * n, (int)(m - m0 < ROWS ? m - m0 : ROWS), a, b, n, k,
+                       m0 == 0);
     }
 }
+
+#if LF_AMX
+/* rows_fn on AMX: the rows as two A tiles (16 + the rest). */
+static void rows_amx(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int rows,
+                     int64_t p0, int64_t p1, int64_t n, int64_t k, int first) {
+    (void)first; /* block() prefetches as it goes */
+    const int rows0 = rows < 16 ? rows : 16;
+    const int rows1 = rows - rows0;
+    configure(rows0, rows1);
+    block(x, packed, bias, out, rows0, rows1, p0, p1, n, k);
+}
+#endif
+
+#if LF_AVX512BF16
+#define MR_AVX512 12 /* rows per register block: 24 accumulators, two half-panels and a broadcast of 32 */
+
+/* One row's 32 sums (+ bias) rounded to bf16 (nearest even) into o, as the AMX kernel's store_rows. */
+static inline __attribute__((always_inline)) void store_row32(uint16_t *o, __m512 lo, __m512 hi, const float *bias) {
+    if (bias != NULL) {
+        lo = _mm512_add_ps(lo, _mm512_loadu_ps(bias));
+        hi = _mm512_add_ps(hi, _mm512_loadu_ps(bias + 16));
+    }
+    _mm512_storeu_si512((void *)o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+#define LD_DECL(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps();
+#define LD_DP(r)                                                                    \
+    if (rows > r) {                                                                 \
+        uint32_t pair;                                                              \
+        memcpy(&pair, xk + r * k, sizeof pair);                                     \
+        const __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);                  \
+        c##r##0 = _mm512_dpbf16_ps(c##r##0, a, b0);                                 \
+        c##r##1 = _mm512_dpbf16_ps(c##r##1, a, b1);                                 \
+    }
+#define LD_STORE(r) \
+    if (rows > r) store_row32(out + r * n_out, c##r##0, c##r##1, bias);
+#define LD_ALL(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
+
+/* Rows x[0..rows) (row stride k) against one panel (32 columns; per 32 of k two half-panels of 16
+ * column pairs a row, 1 KB each) into out (row stride n_out). rows is a constant at each call below,
+ * so the unused sums compile away and the rest stay in registers. `fetch`: the block that first reads
+ * the panel, which prefetches PREFETCH_BYTES ahead of its loads (into the next panel at its end). */
+static inline __attribute__((always_inline)) void dp_block(const uint16_t *x, int64_t k, const uint16_t *panel,
+                                                           const float *bias, uint16_t *out, int64_t n_out,
+                                                           const int rows, int fetch) {
+    LD_ALL(LD_DECL)
+    const uint16_t *b = panel;
+    for (int64_t kb = 0; kb < k; kb += KSTEP, b += 2 * 512) {
+        if (fetch) {
+            const char *ahead = (const char *)(b + 2 * 512) + PREFETCH_BYTES;
+            for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        }
+        for (int q = 0; q < KSTEP / 2; q++) {
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void *)(b + q * 32));
+            const __m512bh b1 = (__m512bh)_mm512_loadu_si512((const void *)(b + 512 + q * 32));
+            const uint16_t *xk = x + kb + 2 * q;
+            LD_ALL(LD_DP)
+        }
+    }
+    LD_ALL(LD_STORE)
+}
+#undef LD_ALL
+#undef LD_STORE
+#undef LD_DP
+#undef LD_DECL
+
+static void dp_rows(const uint16_t *x, int64_t k, const uint16_t *panel, const float *bias, uint16_t *out,
+                    int64_t n_out, int rows, int fetch) {
+    switch (rows) {
+#define LD_CASE(R) \
+    case R: dp_block(x, k, panel, bias, out, n_out, R, fetch); return;
+        LD_CASE(1) LD_CASE(2) LD_CASE(3) LD_CASE(4) LD_CASE(5) LD_CASE(6)
+        LD_CASE(7) LD_CASE(8) LD_CASE(9) LD_CASE(10) LD_CASE(11) LD_CASE(12)
+#undef LD_CASE
+    }
+}
+
+/* rows_fn on AVX-512 BF16: per panel, register blocks of MR_AVX512 rows. */
+static void rows_avx512(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int rows,
+                        int64_t p0, int64_t p1, int64_t n, int64_t k, int first) {
+    for (int64_t p = p0; p < p1; p += PANEL)
+        for (int r0 = 0; r0 < rows; r0 += MR_AVX512)
+            dp_rows(x + r0 * k, k, packed + p * k, bias != NULL ? bias + p : NULL, out + r0 * n + p, n,
+                    rows - r0 < MR_AVX512 ? rows - r0 : MR_AVX512, first && r0 == 0);
+}
+#endif
 
 /* One call's work for the pool (csrc/pool.c): the parts' columns side by side, part after part; unit u
  * is columns [u * unit_cols, (u + 1) * unit_cols) of that row, which may end in one part and go on in
@@ -168,6 +273,8 @@ typedef struct {
     const lf_linear_part *parts;
     int count;
     int64_t m, k, unit_cols;
+    rows_fn rows_block;
+    int amx; /* the tiles are released after a unit */
 } linear_call;
 
 static void linear_unit(void *ctx, int64_t unit) {
@@ -177,19 +284,50 @@ static void linear_unit(void *ctx, int64_t unit) {
         const lf_linear_part *p = &c->parts[i];
         if (c0 < p->n) {
             const int64_t end = c1 < p->n ? c1 : p->n;
-            columns(c->x, p->packed, p->bias, p->out, c->m, p->n, c->k, c0, end);
+            columns(c->rows_block, c->x, p->packed, p->bias, p->out, c->m, p->n, c->k, c0, end);
             c0 = end;
         }
         c0 -= p->n; /* into the next part's columns */
         c1 -= p->n;
     }
-    _tile_release(); /* a thread leaves no tile state behind for the OS to save */
-}
+#if LF_AMX
+    if (c->amx) _tile_release(); /* a thread leaves no tile state behind for the OS to save */
 #endif
+}
 
 #define UNITS_PER_THREAD 4 /* a call's units: few, since taking one moves a cache line between cores */
 
-/* Every part's out = x [m, k] bf16 . W^T (+ bias) in one call, on the calling thread and up to
+/* The parts' columns in one call, on the calling thread and up to threads - 1 helpers of the pool
+ * whose lf_pool_run is `pool_run` (NULL: on the calling thread alone). 1: shapes or counts it does
+ * not take. */
+static int run_parts(const uint16_t *x, const lf_linear_part *parts, int count, int64_t m, int64_t k, int threads,
+                     lf_pool_run_fn pool_run, rows_fn rows_block, int amx) {
+    if (m < 0 || k <= 0 || k % KSTEP || threads < 1 || count < 1 || count > MAX_PARTS || parts == NULL) return 1;
+    int64_t n = 0; /* all parts' columns */
+    for (int i = 0; i < count; i++) {
+        if (parts[i].n <= 0 || parts[i].n % PANEL) return 1;
+        n += parts[i].n;
+    }
+    if (rows_block == NULL) return 2;
+    const int64_t panels = n / PANEL;
+    if (threads == 1 || panels < 2 || m == 0 || pool_run == NULL) {
+        for (int i = 0; i < count; i++)
+            columns(rows_block, x, parts[i].packed, parts[i].bias, parts[i].out, m, parts[i].n, k, 0, parts[i].n);
+#if LF_AMX
+        if (amx) _tile_release();
+#endif
+        return 0;
+    }
+    /* units: UNITS_PER_THREAD per thread (whole panels) */
+    int64_t want = (int64_t)threads * UNITS_PER_THREAD;
+    if (want > panels) want = panels;
+    const int64_t unit_cols = (panels + want - 1) / want * PANEL;
+    linear_call c = {x, parts, count, m, k, unit_cols, rows_block, amx};
+    pool_run(linear_unit, &c, (n + unit_cols - 1) / unit_cols, threads);
+    return 0;
+}
+
+/* Every part's out = x [m, k] bf16 . W^T (+ bias) in one call on AMX, on the calling thread and up to
  * threads - 1 helpers of the pool whose lf_pool_run is `pool_run` (NULL: on the calling thread alone).
  * The parts' columns are cut into units as one Linear's would be, so several small Linears of the
  * same x (a layer's q, k and v) cost one call's start and end instead of one each (~7 us); each
@@ -197,30 +335,21 @@ static void linear_unit(void *ctx, int64_t unit) {
  * rc 1: shapes or counts it does not take; 2: no AMX in this build (lf_linear_available() said so). */
 int lf_linear_parts(const uint16_t *x, const lf_linear_part *parts, int count, int64_t m, int64_t k, int threads,
                     lf_pool_run_fn pool_run) {
-    if (m < 0 || k <= 0 || k % KSTEP || threads < 1 || count < 1 || count > MAX_PARTS || parts == NULL) return 1;
-    int64_t n = 0; /* all parts' columns */
-    for (int i = 0; i < count; i++) {
-        if (parts[i].n <= 0 || parts[i].n % PANEL) return 1;
-        n += parts[i].n;
-    }
 #if LF_AMX
-    const int64_t panels = n / PANEL;
-    if (threads == 1 || panels < 2 || m == 0 || pool_run == NULL) {
-        for (int i = 0; i < count; i++)
-            columns(x, parts[i].packed, parts[i].bias, parts[i].out, m, parts[i].n, k, 0, parts[i].n);
-        _tile_release();
-        return 0;
-    }
-    /* units: UNITS_PER_THREAD per thread (whole panels) */
-    int64_t want = (int64_t)threads * UNITS_PER_THREAD;
-    if (want > panels) want = panels;
-    const int64_t unit_cols = (panels + want - 1) / want * PANEL;
-    linear_call c = {x, parts, count, m, k, unit_cols};
-    pool_run(linear_unit, &c, (n + unit_cols - 1) / unit_cols, threads);
-    return 0;
+    return run_parts(x, parts, count, m, k, threads, pool_run, rows_amx, 1);
 #else
-    (void)x, (void)pool_run;
-    return 2;
+    return run_parts(x, parts, count, m, k, threads, pool_run, NULL, 0);
+#endif
+}
+
+/* lf_linear_parts on AVX-512 BF16 instead of AMX: the same arguments, packed weights and units; rc 2:
+ * no AVX-512 BF16 in this build (lf_linear_avx512_available() said so). */
+int lf_linear_parts_avx512(const uint16_t *x, const lf_linear_part *parts, int count, int64_t m, int64_t k,
+                           int threads, lf_pool_run_fn pool_run) {
+#if LF_AVX512BF16
+    return run_parts(x, parts, count, m, k, threads, pool_run, rows_avx512, 0);
+#else
+    return run_parts(x, parts, count, m, k, threads, pool_run, NULL, 0);
 #endif
 }
 
@@ -230,4 +359,11 @@ int lf_linear(const uint16_t *x, const uint16_t *packed, const float *bias, uint
               int64_t k, int threads, lf_pool_run_fn pool_run) {
     const lf_linear_part part = {packed, bias, out, n};
     return lf_linear_parts(x, &part, 1, m, k, threads, pool_run);
+}
+
+/* lf_linear on AVX-512 BF16 (lf_linear_parts_avx512 with one part). */
+int lf_linear_avx512(const uint16_t *x, const uint16_t *packed, const float *bias, uint16_t *out, int64_t m,
+                     int64_t n, int64_t k, int threads, lf_pool_run_fn pool_run) {
+    const lf_linear_part part = {packed, bias, out, n};
+    return lf_linear_parts_avx512(x, &part, 1, m, k, threads, pool_run);
 }
