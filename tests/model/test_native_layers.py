@@ -153,8 +153,8 @@ def _steps() -> tuple[list[list[RowStep]], dict[int, int]]:
 CASES = [  # bf16 "native": AMX where the CPU has it, else AVX-512 BF16; "avx512": that one everywhere it runs
     pytest.param(torch.float32, 1, "auto", "native", id="fp32-avx2"),
     pytest.param(torch.float32, 1, "native", "native", id="fp32-avx2-lora-native"),
-    pytest.param(torch.bfloat16, 1, "auto", "native", id="bf16-amx"),
-    pytest.param(torch.bfloat16, 2, "auto", "native", id="bf16-amx-pool"),
+    pytest.param(torch.bfloat16, 1, "auto", "native", id="bf16-native"),
+    pytest.param(torch.bfloat16, 2, "auto", "native", id="bf16-native-pool"),
     pytest.param(torch.bfloat16, 1, "auto", "avx512", id="bf16-avx512"),
     pytest.param(torch.bfloat16, 2, "auto", "avx512", id="bf16-avx512-pool"),
 ]
@@ -201,7 +201,7 @@ def test_every_step_it_takes_gives_the_loops_bits(
 
 
 @pytest.mark.parametrize(
-    ("dtype", "threads"), [(torch.float32, 1), (torch.bfloat16, 2)], ids=["fp32-avx2", "bf16-amx-pool"]
+    ("dtype", "threads"), [(torch.float32, 1), (torch.bfloat16, 2)], ids=["fp32-avx2", "bf16-native-pool"]
 )
 def test_reused_logits_are_the_native_heads_output_in_one_buffer(
     dtype: torch.dtype, threads: int, kernels_dir: Path, layers_lib: NativeLayers, torch_threads_kept: None

@@ -656,9 +656,9 @@ def load_native_attention(
 
 LINEAR_SOURCE = "linear.c"
 LINEAR_BLOCK = 32  # csrc/linear.c takes in_features and out_features that are multiples of this
-# x, packed, bias, out; m, n, k; threads (the AMX kernel's: and its pool)
+# x, packed, bias, out; m, n, k; threads (the bf16 kernel's: and its pool)
 _LINEAR_ARGTYPES: list[Any] = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-_LINEAR_AMX_ARGTYPES: list[Any] = [*_LINEAR_ARGTYPES, ctypes.c_void_p]
+_LINEAR_POOL_ARGTYPES: list[Any] = [*_LINEAR_ARGTYPES, ctypes.c_void_p]
 
 
 def _check_bias(bias: torch.Tensor | None, out_features: int, what: str) -> None:
@@ -723,6 +723,8 @@ class NativeLinear:
     dtype = torch.bfloat16  # what it computes in
 
     def __init__(self, library: Path, pool: NativePool | None = None, isa: LinearIsa = "amx") -> None:
+        if isa not in LINEAR_ISAS:
+            raise NativeKernelError(f"the native Linear has no {isa!r} path (one of {', '.join(LINEAR_ISAS)})")
         self.pool = pool
         self.threads = pool.threads if pool is not None else 1
         suffix = "" if isa == "amx" else "_avx512"
@@ -732,7 +734,7 @@ class NativeLinear:
                 "lf_linear_available": [],
                 "lf_linear_avx512_available": [],
                 "lf_linear_pack": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64],
-                "lf_linear" + suffix: _LINEAR_AMX_ARGTYPES,
+                "lf_linear" + suffix: _LINEAR_POOL_ARGTYPES,
                 "lf_linear_parts" + suffix: [ctypes.c_void_p, ctypes.POINTER(LinearPart), ctypes.c_int]
                 + [ctypes.c_int64] * 2
                 + [ctypes.c_int, ctypes.c_void_p],
@@ -747,7 +749,9 @@ class NativeLinear:
                 "the native AMX Linear needs AMX-BF16: this CPU (or the OS kernel's permission for AMX) lacks it"
             )
         if isa == "avx512" and fns["lf_linear_avx512_available"]() != 1:
-            raise NativeKernelError("the native AVX-512 Linear needs AVX512-BF16: this CPU lacks it")
+            raise NativeKernelError(
+                "the native AVX-512 Linear needs AVX512-BF16: this CPU (or the C compiler's target) lacks it"
+            )
         self.isa = isa
         self.label = "native AMX" if isa == "amx" else "native AVX-512 BF16"
         self.name = "native-amx" if isa == "amx" else "native-avx512"  # GetModelInfo.linear_kernel

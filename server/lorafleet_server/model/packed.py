@@ -25,8 +25,10 @@ and give ``F.linear``'s result, and the loader keeps plain Linears otherwise.
 
 On a CPU with AMX the native Linear (``csrc/linear.c``, :class:`NativeLinearModule`) replaces them in
 bf16: it streams each weight from DRAM at about twice the rate of oneDNN's call on decode steps and
-gives every row the same numbers whatever the step's row count. :func:`pack_base` makes the choice
-(``--linear-kernel``).
+gives every row the same numbers whatever the step's row count. On one with AVX512-BF16 and no AMX
+its AVX-512 path does, unless oneDNN's times clearly faster at load: there both are compute-bound,
+and the native one runs decode steps on every core (docs/architecture.md, "Measured facts" 21).
+:func:`pack_base` makes the choice (``--linear-kernel``).
 """
 
 from __future__ import annotations
@@ -306,11 +308,11 @@ def pack_base(
     Linear of a shape it takes; fp32: AVX2 + FMA), NativeKernelError where it cannot run; "avx512" the
     AVX-512 BF16 one even where AMX runs (bf16 only: to compare the two); "onednn" oneDNN's prepacked
     Linear; "auto" in bf16 the native AMX kernel, else the native AVX-512 BF16 one unless oneDNN's
-    measures ``PACKED_MIN_GAIN`` times faster at load (``time_linears`` at the first of
-    ``measure_threads``, the decode steps' torch threads), else oneDNN's, else plain torch (native only
-    with a ``cache_dir``); in fp32 the fastest of native and oneDNN where :func:`time_linears` measures
-    it ``PACKED_MIN_GAIN`` times faster than F.linear at ``measure_threads`` (default: torch's current
-    count), else torch."""
+    measures ``PACKED_MIN_GAIN`` times faster at load (``time_linears`` at the first, smallest, of
+    ``measure_threads``: the decode steps' torch threads on a 2-core machine), else oneDNN's, else
+    plain torch (native only with a ``cache_dir``); in fp32 the fastest of native and oneDNN where
+    :func:`time_linears` measures it ``PACKED_MIN_GAIN`` times faster than F.linear at
+    ``measure_threads`` (default: torch's current count), else torch."""
     if choice == "torch":
         return LinearChoice("torch", "--linear-kernel torch")
     if eligible is not None:
@@ -339,7 +341,9 @@ def pack_base(
             timed = ""
             if kernel.isa == "avx512" and choice == "auto" and onednn:
                 # Without AMX the kernel is compute-bound like oneDNN's: measured here, not assumed. At
-                # parity it is kept (the layer driver and bit-for-bit rows need it).
+                # parity it is kept (the layer driver and bit-for-bit rows need it). One torch thread
+                # for oneDNN where the machine has 2 cores: a team of two would spin on the core the
+                # pool's helper is pinned to, and disturb the native calls timed next to it.
                 timing = time_linears(
                     model,
                     bases,

@@ -29,7 +29,8 @@
  * order), so a process uses one of the two (docs/architecture.md, "Measured facts" 21).
  *
  * Needs k and n multiples of 32 and a CPU with AMX-BF16 (Sapphire Rapids and later) or AVX512-BF16;
- * the library built for any other CPU only says so (lf_linear_isa() == 0) and the loader keeps oneDNN.
+ * the library built for any other CPU only says so (lf_linear_available() and lf_linear_avx512_available()
+ * are 0) and the loader keeps oneDNN.
  * Built by lorafleet_server/model/native.py with -O3 -march=native; called through ctypes.
  */
 #define _GNU_SOURCE
