@@ -135,11 +135,14 @@ static inline __m512 bf16x16_masked(const uint16_t *p, __mmask16 m) {
 
 /* r_cap == 8: a vector holds two rows of At; lanes 0-7 take x[i], lanes 8-15 x[i + 1]. Two sums
  * (even and odd pairs of rows), added at the end, then the halves folded. */
-static void project_down8_avx512(const uint16_t *x, const uint16_t *at, int64_t d_in, float *h) {
+static void project_down8_avx512(const uint16_t *x, const uint16_t *at, int64_t d_in, float *h,
+                                 const uint16_t *next_at) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     int64_t i = 0;
     for (; i + 16 <= d_in; i += 16) {
+        if (next_at != NULL)
+            for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(next_at + i * 8) + 64 * l, _MM_HINT_T0);
         const __m512 xv = bf16x16(x + i);
         for (int p = 0; p < 8; p += 2) {
             __m512 x0 = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * p)), xv);
@@ -159,18 +162,22 @@ static void project_down8_avx512(const uint16_t *x, const uint16_t *at, int64_t 
 
 /* r_cap = 16 * C (C = 1..4): each row of At is C vectors; four sets of sums over rows i mod 4, added
  * in a fixed order at the end. */
-static inline void project_down16_avx512(const uint16_t *x, const uint16_t *at, int64_t d_in, const int C, float *h) {
+static inline void project_down16_avx512(const uint16_t *x, const uint16_t *at, int64_t d_in, const int C, float *h,
+                                         const uint16_t *next_at) {
     __m512 acc[4][4];
     for (int p = 0; p < 4; p++)
         for (int c = 0; c < C; c++) acc[p][c] = _mm512_setzero_ps();
     const int64_t r_cap = 16 * C;
     int64_t i = 0;
-    for (; i + 4 <= d_in; i += 4)
+    for (; i + 4 <= d_in; i += 4) {
+        if (next_at != NULL)
+            for (int l = 0; l < 2 * C; l++) _mm_prefetch((const char *)(next_at + i * r_cap) + 64 * l, _MM_HINT_T0);
         for (int p = 0; p < 4; p++) {
             const __m512 xp = _mm512_set1_ps(bf16_to_f32(x[i + p]));
             for (int c = 0; c < C; c++)
                 acc[p][c] = _mm512_fmadd_ps(xp, bf16x16(at + (i + p) * r_cap + 16 * c), acc[p][c]);
         }
+    }
     for (; i < d_in; i++) {
         const __m512 x0 = _mm512_set1_ps(bf16_to_f32(x[i]));
         for (int c = 0; c < C; c++) acc[0][c] = _mm512_fmadd_ps(x0, bf16x16(at + i * r_cap + 16 * c), acc[0][c]);
@@ -182,10 +189,12 @@ static inline void project_down16_avx512(const uint16_t *x, const uint16_t *at, 
 /* y[o .. o + 16 * W) = bf16(y + sum over j < r of h[j] * Bt[j, o ..]): W independent sums in flight
  * (one alone is a chain of r dependent FMAs, latency-bound). */
 static inline void project_up_add_block(const float *h, const uint16_t *bt, int64_t d_out, int r, uint16_t *y,
-                                        int64_t o, const int W) {
+                                        int64_t o, const int W, const uint16_t *next_bt) {
     __m512 acc[4];
     for (int w = 0; w < W; w++) acc[w] = _mm512_setzero_ps();
     for (int j = 0; j < r; j++) {
+        if (next_bt != NULL)
+            for (int l = 0; l < W; l += 2) _mm_prefetch((const char *)(next_bt + j * d_out + o) + 64 * (l / 2), _MM_HINT_T0);
         const __m512 hj = _mm512_set1_ps(h[j]);
         for (int w = 0; w < W; w++) acc[w] = _mm512_fmadd_ps(hj, bf16x16(bt + j * d_out + o + 16 * w), acc[w]);
     }
@@ -196,10 +205,11 @@ static inline void project_up_add_block(const float *h, const uint16_t *bt, int6
 }
 
 /* y[o] = bf16(y[o] + sum over j < r of h[j] * Bt[j, o]), d_out % 16 == 0. */
-static void project_up_add_avx512(const float *h, const uint16_t *bt, int64_t d_out, int r, uint16_t *y) {
+static void project_up_add_avx512(const float *h, const uint16_t *bt, int64_t d_out, int r, uint16_t *y,
+                                  const uint16_t *next_bt) {
     int64_t o = 0;
-    for (; o + 64 <= d_out; o += 64) project_up_add_block(h, bt, d_out, r, y, o, 4);
-    for (; o < d_out; o += 16) project_up_add_block(h, bt, d_out, r, y, o, 1);
+    for (; o + 64 <= d_out; o += 64) project_up_add_block(h, bt, d_out, r, y, o, 4, next_bt);
+    for (; o < d_out; o += 16) project_up_add_block(h, bt, d_out, r, y, o, 1, next_bt);
 }
 
 /* Up to TOKEN_BLOCK consecutive tokens of one slot at once (a prompt chunk), r_cap = 16 * C: each
@@ -316,18 +326,18 @@ static int lora_tokens_avx512(uint16_t *y, const uint16_t *x, int t, const uint1
 
 /* One token on the AVX-512 path; 0 when its shape is not one the path takes. */
 static int lora_token_avx512(uint16_t *y, const uint16_t *x, const uint16_t *at, const uint16_t *bt, int64_t d_in,
-                             int64_t d_out, int64_t r_cap, int r) {
+                             int64_t d_out, int64_t r_cap, int r, const uint16_t *next_at, const uint16_t *next_bt) {
     if (d_out % 16 != 0) return 0;
     float h[64];
     switch (r_cap) {
-    case 8: project_down8_avx512(x, at, d_in, h); break;
-    case 16: project_down16_avx512(x, at, d_in, 1, h); break;
-    case 32: project_down16_avx512(x, at, d_in, 2, h); break;
-    case 48: project_down16_avx512(x, at, d_in, 3, h); break;
-    case 64: project_down16_avx512(x, at, d_in, 4, h); break;
+    case 8: project_down8_avx512(x, at, d_in, h, next_at); break;
+    case 16: project_down16_avx512(x, at, d_in, 1, h, next_at); break;
+    case 32: project_down16_avx512(x, at, d_in, 2, h, next_at); break;
+    case 48: project_down16_avx512(x, at, d_in, 3, h, next_at); break;
+    case 64: project_down16_avx512(x, at, d_in, 4, h, next_at); break;
     default: return 0;
     }
-    project_up_add_avx512(h, bt, d_out, r, y);
+    project_up_add_avx512(h, bt, d_out, r, y, next_bt);
     return 1;
 }
 #endif
@@ -506,11 +516,24 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
         const int r = (int)ranks[s];
         int64_t run = 1; /* this token and the next ones of its slot, up to a block */
         while (run < block && n + run < hi && slots[n + run] == s) run++;
-        if (prefetch && n + run < hi && slots[n + run] != s && slots[n + run] != 0) { /* the next token's adapter */
+        /* The next token's adapter, where it has another: a lone token with an adapter asks for it a few
+         * lines at a time as its kernel reads its own (next_at, next_bt: a burst of a whole adapter's
+         * prefetches stalls on the line fill buffers before the token at hand is computed); a block of
+         * tokens, or a token without an adapter, asks for all of it here. */
+        const uint16_t *next_at = NULL, *next_bt = NULL;
+        if (prefetch && n + run < hi && slots[n + run] != s && slots[n + run] != 0) {
             const int64_t t = slots[n + run];
-            prefetch_range((const char *)at + (size_t)(t * d_in * r_cap) * elem, d_in * r_cap * (int64_t)elem);
-            prefetch_range((const char *)bt + (size_t)(t * r_cap * d_out) * elem, ranks[t] * d_out * (int64_t)elem);
+            if (run == 1 && s != 0 && r != 0) {
+                next_at = (const uint16_t *)at + t * d_in * r_cap;
+                next_bt = (const uint16_t *)bt + t * r_cap * d_out;
+            } else {
+                prefetch_range((const char *)at + (size_t)(t * d_in * r_cap) * elem, d_in * r_cap * (int64_t)elem);
+                prefetch_range((const char *)bt + (size_t)(t * r_cap * d_out) * elem, ranks[t] * d_out * (int64_t)elem);
+            }
         }
+#ifndef LF_AVX512_BF16
+        (void)next_at, (void)next_bt; /* prefetch is 0 without the AVX-512 path */
+#endif
         if (s == 0 || r == 0) {
             n += run;
             continue;
@@ -525,7 +548,7 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
         }
         if (bf16 && lora_token_avx512((uint16_t *)y + n * d_out, (const uint16_t *)x + n * d_in,
                                       (const uint16_t *)at + s * d_in * r_cap, (const uint16_t *)bt + s * r_cap * d_out,
-                                      d_in, d_out, r_cap, r)) {
+                                      d_in, d_out, r_cap, r, next_at, next_bt)) {
             n++;
             continue;
         }
