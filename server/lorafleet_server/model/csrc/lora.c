@@ -189,11 +189,11 @@ static inline void project_down16_avx512(const uint16_t *x, const uint16_t *at, 
 /* y[o .. o + 16 * W) = bf16(y + sum over j < r of h[j] * Bt[j, o ..]): W independent sums in flight
  * (one alone is a chain of r dependent FMAs, latency-bound). */
 static inline void project_up_add_block(const float *h, const uint16_t *bt, int64_t d_out, int r, uint16_t *y,
-                                        int64_t o, const int W, const uint16_t *next_bt) {
+                                        int64_t o, const int W, const uint16_t *next_bt, int next_r) {
     __m512 acc[4];
     for (int w = 0; w < W; w++) acc[w] = _mm512_setzero_ps();
     for (int j = 0; j < r; j++) {
-        if (next_bt != NULL)
+        if (next_bt != NULL && j < next_r)
             for (int l = 0; l < W; l += 2) _mm_prefetch((const char *)(next_bt + j * d_out + o) + 64 * (l / 2), _MM_HINT_T0);
         const __m512 hj = _mm512_set1_ps(h[j]);
         for (int w = 0; w < W; w++) acc[w] = _mm512_fmadd_ps(hj, bf16x16(bt + j * d_out + o + 16 * w), acc[w]);
@@ -205,11 +205,12 @@ static inline void project_up_add_block(const float *h, const uint16_t *bt, int6
 }
 
 /* y[o] = bf16(y[o] + sum over j < r of h[j] * Bt[j, o]), d_out % 16 == 0. */
+/* next_bt: the next token's Bt, whose first next_r rows are asked for as these r are read (NULL: none). */
 static void project_up_add_avx512(const float *h, const uint16_t *bt, int64_t d_out, int r, uint16_t *y,
-                                  const uint16_t *next_bt) {
+                                  const uint16_t *next_bt, int next_r) {
     int64_t o = 0;
-    for (; o + 64 <= d_out; o += 64) project_up_add_block(h, bt, d_out, r, y, o, 4, next_bt);
-    for (; o < d_out; o += 16) project_up_add_block(h, bt, d_out, r, y, o, 1, next_bt);
+    for (; o + 64 <= d_out; o += 64) project_up_add_block(h, bt, d_out, r, y, o, 4, next_bt, next_r);
+    for (; o < d_out; o += 16) project_up_add_block(h, bt, d_out, r, y, o, 1, next_bt, next_r);
 }
 
 /* Up to TOKEN_BLOCK consecutive tokens of one slot at once (a prompt chunk), r_cap = 16 * C: each
@@ -324,9 +325,11 @@ static int lora_tokens_avx512(uint16_t *y, const uint16_t *x, int t, const uint1
     }
 }
 
-/* One token on the AVX-512 path; 0 when its shape is not one the path takes. */
+/* One token on the AVX-512 path; 0 when its shape is not one the path takes (the shapes lf_lora_fast
+ * names). next_at, next_bt: the next token's adapter (rank next_r), asked for as this one's is read. */
 static int lora_token_avx512(uint16_t *y, const uint16_t *x, const uint16_t *at, const uint16_t *bt, int64_t d_in,
-                             int64_t d_out, int64_t r_cap, int r, const uint16_t *next_at, const uint16_t *next_bt) {
+                             int64_t d_out, int64_t r_cap, int r, const uint16_t *next_at, const uint16_t *next_bt,
+                             int next_r) {
     if (d_out % 16 != 0) return 0;
     float h[64];
     switch (r_cap) {
@@ -337,7 +340,10 @@ static int lora_token_avx512(uint16_t *y, const uint16_t *x, const uint16_t *at,
     case 64: project_down16_avx512(x, at, d_in, 4, h, next_at); break;
     default: return 0;
     }
-    project_up_add_avx512(h, bt, d_out, r, y, next_bt);
+    project_up_add_avx512(h, bt, d_out, r, y, next_bt, next_r);
+    if (next_bt != NULL && next_r > r) /* the rows of a larger rank than this token's */
+        for (int64_t off = (int64_t)r * d_out * 2; off < (int64_t)next_r * d_out * 2; off += 64)
+            _mm_prefetch((const char *)next_bt + off, _MM_HINT_T0);
     return 1;
 }
 #endif
@@ -516,14 +522,17 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
         const int r = (int)ranks[s];
         int64_t run = 1; /* this token and the next ones of its slot, up to a block */
         while (run < block && n + run < hi && slots[n + run] == s) run++;
-        /* The next token's adapter, where it has another: a lone token with an adapter asks for it a few
-         * lines at a time as its kernel reads its own (next_at, next_bt: a burst of a whole adapter's
-         * prefetches stalls on the line fill buffers before the token at hand is computed); a block of
-         * tokens, or a token without an adapter, asks for all of it here. */
+        /* The next token's adapter, where it has another that targets this module: a lone token with an
+         * adapter here asks for it a few lines at a time as its kernel reads its own (next_at, next_bt:
+         * a burst of a whole adapter's prefetches stalls on the line fill buffers before the token at
+         * hand is computed); a block of tokens, or a token without an adapter here (slot 0 or rank 0),
+         * asks for all of it at once. */
         const uint16_t *next_at = NULL, *next_bt = NULL;
-        if (prefetch && n + run < hi && slots[n + run] != s && slots[n + run] != 0) {
+        int next_r = 0;
+        if (prefetch && n + run < hi && slots[n + run] != s && slots[n + run] != 0 && ranks[slots[n + run]] != 0) {
             const int64_t t = slots[n + run];
-            if (run == 1 && s != 0 && r != 0) {
+            next_r = (int)ranks[t];
+            if (run == 1 && s != 0 && r != 0) { /* lora_token_avx512 below: lf_lora_fast's shapes are its own */
                 next_at = (const uint16_t *)at + t * d_in * r_cap;
                 next_bt = (const uint16_t *)bt + t * r_cap * d_out;
             } else {
@@ -532,7 +541,7 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
             }
         }
 #ifndef LF_AVX512_BF16
-        (void)next_at, (void)next_bt; /* prefetch is 0 without the AVX-512 path */
+        (void)next_at, (void)next_bt, (void)next_r; /* prefetch is 0 without the AVX-512 path */
 #endif
         if (s == 0 || r == 0) {
             n += run;
@@ -548,7 +557,7 @@ static void add_tokens(void *y, const void *x, const void *at, const void *bt, c
         }
         if (bf16 && lora_token_avx512((uint16_t *)y + n * d_out, (const uint16_t *)x + n * d_in,
                                       (const uint16_t *)at + s * d_in * r_cap, (const uint16_t *)bt + s * r_cap * d_out,
-                                      d_in, d_out, r_cap, r, next_at, next_bt)) {
+                                      d_in, d_out, r_cap, r, next_at, next_bt, next_r)) {
             n++;
             continue;
         }
