@@ -193,6 +193,11 @@ def test_c_sigterm_under_load_fails_nothing(fleet: LiveFleet, published: list[st
     assert after and all(o.replica != victim for o in after)
 
 
+def _reset(o: Outcome) -> bool:
+    """A stream reset mid-response, as grpc reports it (INTERNAL, "Stream removed")."""
+    return o.code == grpc.StatusCode.INTERNAL and "RST_STREAM" in o.message
+
+
 def test_d_sigkill_fails_only_its_in_flight_and_moves_only_its_adapters(
     fleet: LiveFleet, published: list[str], client: LoraFleetClient
 ) -> None:
@@ -215,7 +220,10 @@ def test_d_sigkill_fails_only_its_in_flight_and_moves_only_its_adapters(
         (round(o.started - killed, 3), round(o.ended - killed, 3), o.adapter, before[o.adapter], o.message)
         for o in failures
     ]
-    assert all(o.code == grpc.StatusCode.UNAVAILABLE for o in failures), why
+    # UNAVAILABLE from Envoy (its 503: the connection died before the replica's response headers); a
+    # kill between the headers and the trailers (one-token requests answer in ~50 ms) leaves Envoy only
+    # a reset of the client's stream: INTERNAL "Stream removed (RST_STREAM ...)".
+    assert all(o.code == grpc.StatusCode.UNAVAILABLE or _reset(o) for o in failures), why
     assert all(o.started < gone and before[o.adapter] == victim for o in failures), why  # in flight on it
     assert len(failures) <= 2, why  # at most one per worker
     assert [o for o in load.outcomes if o.started > gone and o.code is None]  # new requests succeed
