@@ -18,7 +18,7 @@ adapter (the base alone, for the LoRA share); ``+lora32`` keeps the LoRA slot bu
 under a bf16 base; attention and LoRA are the server's defaults (``--attention-kernel auto``,
 ``--lora-impl auto``: the native kernels of ``model/native.py`` where they build), and a ``+torchattn``
 suffix runs torch's attention matmuls, ``+torchlora`` the torch LoRA kernels only, and ``+onednn``
-oneDNN's prepacked base Linears instead of the native AMX ones or fp32's timed choice
+oneDNN's prepacked base Linears instead of the native bf16 ones or fp32's timed choice
 (``--linear-kernel``), ``+torchlin`` plain ``F.linear`` (``--linear-kernel torch``), ``+nativelin`` the
 native ones whatever fp32's timing says (``--linear-kernel native``), ``+lin1`` the
 native ones on the calling thread alone (``--linear-threads 1``; by default every CPU, as the server):

@@ -3,7 +3,8 @@ it, on the helper pool the server gives it) against oneDNN's prepacked Linear on
 SmolLM2-135M Linear shape and row count, in one run.
 
 Each candidate cycles through ``--layers`` copies of a shape's weight (30, a SmolLM2 step's worth: so the
-weights come from DRAM or L3 as in serving, not from L2), one call per copy; rounds are interleaved (so
+weights come from DRAM or L3 as in serving, not from L2; 2 for the LM head and for steps of more than 64
+rows, which read each weight once per many rows), one call per copy; rounds are interleaved (so
 load from other processes hits all alike) and each cell is the median of ``--rounds`` rounds, in
 microseconds per call, with the weight's GB/s and GFLOP/s. Every candidate's output is checked against
 fp32 sums first (one bf16 rounding).
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="oneDNN's torch threads (0: cores - 1, the server's decode count)"
     )
-    parser.add_argument("--layers", type=int, default=30, help="weight copies cycled per round (the LM head: 2)")
+    parser.add_argument(
+        "--layers", type=int, default=30, help="weight copies cycled per round (the LM head and > 64 rows: 2)"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", type=Path, help="write every median here")
     args = parser.parse_args(argv)
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     torch_threads = args.torch_threads or max(1, cores - 1)
     torch.set_num_threads(torch_threads)
     paths = args.paths.split(",")
+    if unknown := sorted(set(paths) - set(PATHS)):
+        parser.error(f"--paths: {', '.join(unknown)} not among {', '.join(PATHS)}")
     kernels: dict[str, NativeLinear] = {}
     for path in paths:
         if path in ("amx", "avx512"):

@@ -191,7 +191,7 @@ def test_service_reports_the_choice_through_get_model_info(tiny_model_dir: Path,
             1,
             info.cpu_features,
         )
-        pool = service.base.pool  # the AMX Linears' helper pool where they run (every CPU by default)
+        pool = service.base.pool  # the native bf16 Linears' helper pool where they run (every CPU by default)
         assert seen.native_threads == info.native_threads == (pool.threads if pool is not None else 0)
         # decode steps' layers in one C call where every kernel of a layer is native (model/native_layers.py)
         native = info.linear_kernel.startswith("native") and info.attention_kernel == info.lora_kernel == "native"

@@ -163,7 +163,7 @@ def test_rows_split_over_threads_give_the_one_thread_numbers(
 def test_rows_split_over_the_helper_pool_give_the_one_thread_numbers(
     kernel: NativeAttention, dtype: torch.dtype, lengths: list[int]
 ) -> None:
-    """On a helper pool (the AMX Linear's, model/native.py NativePool) a call cuts its rows into ranges
+    """On a helper pool (the native bf16 Linear's, model/native.py NativePool) a call cuts its rows into ranges
     that the caller and the helpers take as they come: every row's output is the one-thread output,
     bit for bit, for any thread count (more than this machine's CPUs included)."""
     q, k, v, rows = random_case(9, 3, 64, dtype, lengths, seed=6)

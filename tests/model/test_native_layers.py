@@ -2,11 +2,12 @@
 
 The driver makes the loop's kernel calls from C, so every step it takes must give the loop's numbers
 bit for bit: logits and the K/V it writes. Checked on a random 3-layer Llama with adapters of several
-ranks in its slots, in fp32 (the AVX2 Linear: every machine here) and in bf16 (the AMX Linear, on its
-helper pool and without: where the CPU has AMX), through prompt chunks, decode steps with and without
-adapters, a lone token, long prompt chunks of the base and of an adapter the native LoRA takes in token
-blocks (which it takes) and one whose adapter's rank the native LoRA does not take on long steps (which
-it leaves to the loop), and a slot table that grows between steps.
+ranks in its slots, in fp32 (the AVX2 Linear: every machine here) and in bf16 (the AMX Linear where
+the CPU has AMX, and the AVX-512 BF16 one where it has avx512_bf16; on the helper pool and without),
+through prompt chunks, decode steps with and without adapters, a lone token, long prompt chunks of the
+base and of an adapter the native LoRA takes in token blocks (which it takes) and one whose adapter's
+rank the native LoRA does not take on long steps (which it leaves to the loop), and a slot table that
+grows between steps.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def test_a_call_split_over_the_steps_threads_gives_the_same_bits(
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_a_call_on_the_helper_pool_gives_the_same_bits(kernel: NativeLora, dtype: torch.dtype) -> None:
-    """On a helper pool (the AMX Linear's) the tokens are cut into ranges the caller and the helpers
+    """On a helper pool (the native bf16 Linear's) the tokens are cut into ranges the caller and the helpers
     take as they come: the one-thread bits, for any thread count."""
     m = _module(576, 1536, {1: 16, 2: 8, 3: 16, 4: 4}, dtype)
     g = torch.Generator().manual_seed(6)

@@ -254,7 +254,8 @@ def server_attention(tmp_path_factory: pytest.TempPathFactory) -> NativeAttentio
 
 
 def _server_bf16_base(model_dir: Path, kernels_dir: Path) -> Any:
-    """The default model in bf16 with the base Linears the server runs here (native AMX on such a CPU)."""
+    """The default model in bf16 with the base Linears the server runs here (native AMX or AVX-512 BF16
+    on such CPUs)."""
     from lorafleet_server.model.loader import load_base
 
     return load_base(

@@ -183,8 +183,8 @@ POOL_SOURCE = "pool.c"
 
 class NativePool:
     """``csrc/pool.c`` through ctypes: helper threads pinned to cores of their own, shared by every native
-    kernel call given this pool (``threads``: the calling thread and ``threads - 1`` helpers). The AMX
-    Linear runs on it; with it the attention and the multi-LoRA of the same step do too, instead of a
+    kernel call given this pool (``threads``: the calling thread and ``threads - 1`` helpers). The
+    native bf16 Linear runs on it; with it the attention and the multi-LoRA of the same step do too, instead of a
     second thread of torch's OpenMP team that would share a core with a spinning helper
     (docs/architecture.md, "Measured facts" 17). One pool per process: every NativePool of the same
     library drives the same helpers."""
@@ -675,7 +675,7 @@ def _run_linear(
     bias: torch.Tensor | None,  # [out] fp32, contiguous
     out_features: int,
     threads: int,
-    *tail: Any,  # arguments after the thread count (the AMX kernel's pool)
+    *tail: Any,  # arguments after the thread count (the bf16 kernel's pool)
     out: torch.Tensor | None = None,  # [M, out] x's dtype, contiguous: written; None: a new tensor
 ) -> torch.Tensor:  # [M, out] in x's dtype
     """A native Linear's call (``x, packed, bias, out; m, n, k; threads, *tail``) after the bias is checked."""
@@ -711,7 +711,7 @@ class LinearPart(ctypes.Structure):
 
 
 LinearIsa = Literal["amx", "avx512"]
-LINEAR_ISAS: tuple[LinearIsa, ...] = ("amx", "avx512")  # the order "any" tries them in
+LINEAR_ISAS: tuple[LinearIsa, ...] = ("amx", "avx512")  # the order load_native_linear(isa=None) tries them in
 
 
 class NativeLinear:
@@ -760,8 +760,8 @@ class NativeLinear:
         self._pack = fns["lf_linear_pack"]
         self._fn = fns["lf_linear" + suffix]
         self._parts = fns["lf_linear_parts" + suffix]
-        self.address = c_address(self._fn)  # of lf_linear, for csrc/layers.c
-        self.parts_address = c_address(self._parts)  # of lf_linear_parts, for csrc/layers.c
+        self.address = c_address(self._fn)  # of lf_linear(_avx512), for csrc/layers.c
+        self.parts_address = c_address(self._parts)  # of lf_linear_parts(_avx512), for csrc/layers.c
 
     @staticmethod
     def takes(weight: torch.Tensor) -> bool:
@@ -1051,8 +1051,8 @@ def choose_attention(
 ) -> KernelChoice[NativeAttention]:
     """``--attention-kernel``: "torch" is torch's matmuls; "native" the C kernel, or NativeKernelError
     when it cannot run here; "auto" the C kernel on a CPU where it builds and takes the model, else
-    torch's matmuls with the reason. The C kernel runs on ``pool``'s threads where given (the AMX
-    Linear's), else on the step's torch threads."""
+    torch's matmuls with the reason. The C kernel runs on ``pool``'s threads where given (the native
+    bf16 Linear's), else on the step's torch threads."""
     if choice == "torch":
         return KernelChoice(None, "--attention-kernel torch")
     if choice == "auto" and device.type != "cpu":
@@ -1085,8 +1085,8 @@ def choose_lora(
 ) -> KernelChoice[NativeLora]:
     """``--lora-impl``: "native" is the C kernel for every call it takes, or NativeKernelError when it
     cannot be built; "auto" the C kernel where it is built (on a CPU), else the torch kernels; any other
-    value the named torch kernel. The C kernel runs on ``pool``'s threads where given (the AMX
-    Linear's), else on the step's torch threads."""
+    value the named torch kernel. The C kernel runs on ``pool``'s threads where given (the native
+    bf16 Linear's), else on the step's torch threads."""
     if impl not in ("auto", "native"):
         return KernelChoice(None, f"--lora-impl {impl}")
     if device.type != "cpu":
