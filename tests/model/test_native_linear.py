@@ -337,6 +337,7 @@ def test_without_amx_native_is_the_avx512_kernel(tmp_path: Path) -> None:
     model = _Model().to(torch.bfloat16)
     choice = pack_base(model, [model.layer], "native", eligible=None, cache_dir=tmp_path / "cache", compiler=no_amx)
     assert choice.name == "native-avx512" and "AVX-512 BF16" in choice.reason
+    assert "needs AMX-BF16" in choice.reason  # why the AMX path was passed over
     assert isinstance(model.layer.base, NativeLinearModule) and model.layer.base.kernel.isa == "avx512"
     forced = pack_base(_Model().to(torch.bfloat16), [], "avx512", eligible=None, cache_dir=tmp_path / "c2")
     assert forced.name == "native-avx512"

@@ -753,6 +753,7 @@ class NativeLinear:
                 "the native AVX-512 Linear needs AVX512-BF16: this CPU (or the C compiler's target) lacks it"
             )
         self.isa = isa
+        self.passed_over: tuple[str, ...] = ()  # why load_native_linear did not take the paths before it
         self.label = "native AMX" if isa == "amx" else "native AVX-512 BF16"
         self.name = "native-amx" if isa == "amx" else "native-avx512"  # GetModelInfo.linear_kernel
         self.library = library
@@ -846,7 +847,11 @@ def load_native_linear(
         except NativeKernelError as exc:
             reasons.append(str(exc))
             continue
-        return NativeLinear(library, load_native_pool(cache_dir, threads, compiler) if threads > 1 else None, candidate)
+        kernel = NativeLinear(
+            library, load_native_pool(cache_dir, threads, compiler) if threads > 1 else None, candidate
+        )
+        kernel.passed_over = tuple(reasons)
+        return kernel
     raise NativeKernelError("; ".join(reasons))
 
 
