@@ -107,6 +107,18 @@ def metric(service: Service, name: str, **labels: str) -> float:
     return service.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
+def seconds_per_token(client: LoraFleetClient, prompt: str, tokens: int = 16) -> float:
+    """This machine's speed for one request alone: the seconds of a ``tokens``-token request over
+    ``tokens`` (its prefill included, so a little over a decode step's). For tests whose deadlines
+    must pass before a request ends on machines of any speed (an AMX Xeon decodes ~130 tokens a
+    second alone, an AVX2 EPYC in fp32 a fraction of that)."""
+    from lorafleet import Sampling
+
+    started = time.monotonic()
+    client.generate(prompt, sampling=Sampling(max_new_tokens=tokens))
+    return (time.monotonic() - started) / tokens
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Wait, bounded, for something another thread does (a counter moving after the client has its answer)."""
     deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from e2elib import LiveServer, metric, start_queued, wait_for_metric
+from e2elib import LiveServer, metric, seconds_per_token, start_queued, wait_for_metric
 from enginelib import engine_held
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -217,9 +217,7 @@ def test_deadline_exceeded_stops_generation(live: LiveServer) -> None:
     cancelled = metric(service, "lorafleet_generations_total", reason="cancelled")
     # A deadline of about a quarter of the request's time alone on this machine (at most 0.5 s): a
     # fixed one let an AMX Xeon decode 67 of the 128 tokens, and a twice faster machine would finish.
-    started = time.monotonic()
-    live.client.generate(COUNTING, sampling=Sampling(max_new_tokens=16))
-    deadline = min(0.5, (time.monotonic() - started) * LONG / 16 / 4)
+    deadline = min(0.5, seconds_per_token(live.client, COUNTING) * LONG / 4)
     tokens = metric(service, "lorafleet_generated_tokens_total")
     with pytest.raises(LoraFleetError) as err:
         live.client.generate(COUNTING, sampling=Sampling(max_new_tokens=LONG), timeout=deadline)
