@@ -88,6 +88,24 @@ int lf_linear_pack(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k) {
     return 0;
 }
 
+#if LF_AVX512BF16 /* both kernels (LF_AMX needs AVX512-BF16 too) */
+/* One row's 32 sums (+ bias [32] fp32, or NULL) rounded to bf16 (nearest even) into o. */
+static inline __attribute__((always_inline)) void store_row32(uint16_t *o, __m512 lo, __m512 hi, const float *bias) {
+    if (bias != NULL) {
+        lo = _mm512_add_ps(lo, _mm512_loadu_ps(bias));
+        hi = _mm512_add_ps(hi, _mm512_loadu_ps(bias + 16));
+    }
+    _mm512_storeu_si512((void *)o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+/* Ask for the weight PREFETCH_BYTES past the 2 KB of a panel's 32 of k at b (the hardware prefetcher
+ * stops at page boundaries). */
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint16_t *b) {
+    const char *ahead = (const char *)(b + 2 * 512) + PREFETCH_BYTES;
+    for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+}
+#endif
+
 #if LF_AMX
 /* Tiles 0-3: C (fp32 sums; 0, 1 rows of A tile 4, 2, 3 rows of A tile 5); 4, 5: A; 6, 7: B. */
 static void configure(int rows0, int rows1) {
@@ -105,15 +123,8 @@ static void configure(int rows0, int rows1) {
 
 /* out rows (n_out apart) = acc rows (32 fp32 each) + bias, rounded to bf16 (nearest even). */
 static inline void store_rows(const float *acc, int rows, const float *bias, uint16_t *out, int64_t n_out) {
-    for (int r = 0; r < rows; r++) {
-        __m512 lo = _mm512_loadu_ps(acc + r * PANEL);
-        __m512 hi = _mm512_loadu_ps(acc + r * PANEL + 16);
-        if (bias) {
-            lo = _mm512_add_ps(lo, _mm512_loadu_ps(bias));
-            hi = _mm512_add_ps(hi, _mm512_loadu_ps(bias + 16));
-        }
-        _mm512_storeu_si512((void *)(out + r * n_out), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
+    for (int r = 0; r < rows; r++)
+        store_row32(out + r * n_out, _mm512_loadu_ps(acc + r * PANEL), _mm512_loadu_ps(acc + r * PANEL + 16), bias);
 }
 
 /* One block of rows0 + rows1 (<= 32) rows against panels [p0, p1). */
@@ -131,8 +142,7 @@ static void block(const uint16_t *x, const uint16_t *packed, const float *bias, 
             _tile_zero(3);
         }
         for (int64_t kb = 0; kb < k; kb += KSTEP, b += 2 * 512) {
-            const char *ahead = (const char *)(b + 2 * 512) + PREFETCH_BYTES;
-            for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+            prefetch_ahead(b);
             _tile_loadd(4, x + kb, stride_x);
             _tile_loadd(6, b, 64);
             _tile_loadd(7, b + 512, 64);
@@ -195,15 +205,6 @@ static void rows_amx(const uint16_t *x, const uint16_t *packed, const float *bia
 #if LF_AVX512BF16
 #define MR_AVX512 12 /* rows per register block: 24 accumulators, two half-panels and a broadcast of 32 */
 
-/* One row's 32 sums (+ bias) rounded to bf16 (nearest even) into o, as the AMX kernel's store_rows. */
-static inline __attribute__((always_inline)) void store_row32(uint16_t *o, __m512 lo, __m512 hi, const float *bias) {
-    if (bias != NULL) {
-        lo = _mm512_add_ps(lo, _mm512_loadu_ps(bias));
-        hi = _mm512_add_ps(hi, _mm512_loadu_ps(bias + 16));
-    }
-    _mm512_storeu_si512((void *)o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-}
-
 #define LD_DECL(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps();
 #define LD_DP(r)                                                                    \
     if (rows > r) {                                                                 \
@@ -227,10 +228,7 @@ static inline __attribute__((always_inline)) void dp_block(const uint16_t *x, in
     LD_ALL(LD_DECL)
     const uint16_t *b = panel;
     for (int64_t kb = 0; kb < k; kb += KSTEP, b += 2 * 512) {
-        if (fetch) {
-            const char *ahead = (const char *)(b + 2 * 512) + PREFETCH_BYTES;
-            for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-        }
+        if (fetch) prefetch_ahead(b);
         for (int q = 0; q < KSTEP / 2; q++) {
             const __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void *)(b + q * 32));
             const __m512bh b1 = (__m512bh)_mm512_loadu_si512((const void *)(b + 512 + q * 32));
@@ -275,8 +273,16 @@ typedef struct {
     int count;
     int64_t m, k, unit_cols;
     rows_fn rows_block;
-    int amx; /* the tiles are released after a unit */
 } linear_call;
+
+/* After a call's work on a thread: AMX leaves no tile state behind for the OS to save. */
+static void release_tiles(rows_fn rows_block) {
+#if LF_AMX
+    if (rows_block == rows_amx) _tile_release();
+#else
+    (void)rows_block;
+#endif
+}
 
 static void linear_unit(void *ctx, int64_t unit) {
     const linear_call *c = ctx;
@@ -291,9 +297,7 @@ static void linear_unit(void *ctx, int64_t unit) {
         c0 -= p->n; /* into the next part's columns */
         c1 -= p->n;
     }
-#if LF_AMX
-    if (c->amx) _tile_release(); /* a thread leaves no tile state behind for the OS to save */
-#endif
+    release_tiles(c->rows_block);
 }
 
 #define UNITS_PER_THREAD 4 /* a call's units: few, since taking one moves a cache line between cores */
@@ -302,7 +306,7 @@ static void linear_unit(void *ctx, int64_t unit) {
  * whose lf_pool_run is `pool_run` (NULL: on the calling thread alone). 1: shapes or counts it does
  * not take. */
 static int run_parts(const uint16_t *x, const lf_linear_part *parts, int count, int64_t m, int64_t k, int threads,
-                     lf_pool_run_fn pool_run, rows_fn rows_block, int amx) {
+                     lf_pool_run_fn pool_run, rows_fn rows_block) {
     if (m < 0 || k <= 0 || k % KSTEP || threads < 1 || count < 1 || count > MAX_PARTS || parts == NULL) return 1;
     int64_t n = 0; /* all parts' columns */
     for (int i = 0; i < count; i++) {
@@ -314,16 +318,14 @@ static int run_parts(const uint16_t *x, const lf_linear_part *parts, int count, 
     if (threads == 1 || panels < 2 || m == 0 || pool_run == NULL) {
         for (int i = 0; i < count; i++)
             columns(rows_block, x, parts[i].packed, parts[i].bias, parts[i].out, m, parts[i].n, k, 0, parts[i].n);
-#if LF_AMX
-        if (amx) _tile_release();
-#endif
+        release_tiles(rows_block);
         return 0;
     }
     /* units: UNITS_PER_THREAD per thread (whole panels) */
     int64_t want = (int64_t)threads * UNITS_PER_THREAD;
     if (want > panels) want = panels;
     const int64_t unit_cols = (panels + want - 1) / want * PANEL;
-    linear_call c = {x, parts, count, m, k, unit_cols, rows_block, amx};
+    linear_call c = {x, parts, count, m, k, unit_cols, rows_block};
     pool_run(linear_unit, &c, (n + unit_cols - 1) / unit_cols, threads);
     return 0;
 }
@@ -337,9 +339,9 @@ static int run_parts(const uint16_t *x, const lf_linear_part *parts, int count, 
 int lf_linear_parts(const uint16_t *x, const lf_linear_part *parts, int count, int64_t m, int64_t k, int threads,
                     lf_pool_run_fn pool_run) {
 #if LF_AMX
-    return run_parts(x, parts, count, m, k, threads, pool_run, rows_amx, 1);
+    return run_parts(x, parts, count, m, k, threads, pool_run, rows_amx);
 #else
-    return run_parts(x, parts, count, m, k, threads, pool_run, NULL, 0);
+    return run_parts(x, parts, count, m, k, threads, pool_run, NULL);
 #endif
 }
 
@@ -348,9 +350,9 @@ int lf_linear_parts(const uint16_t *x, const lf_linear_part *parts, int count, i
 int lf_linear_parts_avx512(const uint16_t *x, const lf_linear_part *parts, int count, int64_t m, int64_t k,
                            int threads, lf_pool_run_fn pool_run) {
 #if LF_AVX512BF16
-    return run_parts(x, parts, count, m, k, threads, pool_run, rows_avx512, 0);
+    return run_parts(x, parts, count, m, k, threads, pool_run, rows_avx512);
 #else
-    return run_parts(x, parts, count, m, k, threads, pool_run, NULL, 0);
+    return run_parts(x, parts, count, m, k, threads, pool_run, NULL);
 #endif
 }
 
