@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from lorafleet import LoraFleetClient
+from lorafleet import LoraFleetClient, Sampling
 from lorafleet_adapters.manifest import Manifest, sha256_file, utc_now_iso
 from lorafleet_server.app import Service
 
@@ -112,8 +112,6 @@ def seconds_per_token(client: LoraFleetClient, prompt: str, tokens: int = 16) ->
     ``tokens`` (its prefill included, so a little over a decode step's). For tests whose deadlines
     must pass before a request ends on machines of any speed (an AMX Xeon decodes ~130 tokens a
     second alone, an AVX2 EPYC in fp32 a fraction of that)."""
-    from lorafleet import Sampling
-
     started = time.monotonic()
     client.generate(prompt, sampling=Sampling(max_new_tokens=tokens))
     return (time.monotonic() - started) / tokens

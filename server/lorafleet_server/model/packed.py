@@ -359,7 +359,7 @@ def pack_base(
                 timed = f"; at load {timing.describe()}"
             _replace_linears(model, bases, _native_or(kernel, fallback))
             count = sum(isinstance(m, NativeLinearModule) for m in model.modules())
-            passed_over = "".join(f"; {why}" for why in kernel.passed_over)  # e.g. the OS refused AMX
+            passed_over = "".join(f"; {reason}" for reason in kernel.passed_over)  # e.g. the OS refused AMX
             return LinearChoice(
                 kernel.name,
                 f"{kernel.label} kernel for this CPU ({kernel.library.name}), {count} Linears, "
