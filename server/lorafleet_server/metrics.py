@@ -159,7 +159,7 @@ class Metrics:
             registry=r,
         )
         self.prefix_misses = Counter(
-            "lorafleet_prefix_cache_misses", "Prompts that found no cached prefix block.", registry=r
+            "lorafleet_prefix_cache_misses", "Prompts that reused no cached prefix block.", registry=r
         )
         self.prefix_lookup_tokens = Counter(
             "lorafleet_prefix_cache_lookup_tokens",

@@ -40,6 +40,12 @@ def hit_tokens(svc: Service) -> float:
     return sample(svc, "lorafleet_prefix_cache_hit_tokens_total")
 
 
+def counters(svc: Service) -> dict[str, float]:
+    """The lookup counters: prompts that hit and missed, tokens looked up and reused."""
+    names = ("hits", "misses", "hit_tokens", "lookup_tokens")
+    return {name: sample(svc, f"lorafleet_prefix_cache_{name}_total") for name in names}
+
+
 @pytest.fixture(scope="module")
 def services(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
     """(cache on, cache off) over one store."""
@@ -169,6 +175,8 @@ def test_lru_eviction_keeps_the_byte_bound_and_evicts_tails_first() -> None:
     assert n == BLOCK and float(blocks[0].k[0, 0, 0, 0]) == 0.0  # a's head is still there
     n, blocks = cache.lookup("", b, len(b))
     assert n == 2 * BLOCK and [float(x.k[0, 0, 0, 0]) for x in blocks] == [0.0, float(BLOCK)]
+    assert not [e for e in events if e[0] == "lookup"]  # a lookup reports nothing: the caller records
+    cache.record(2 * BLOCK, n)  # what the caller reused
     assert events[-1] == ("lookup", 2 * BLOCK, 2 * BLOCK)
     # b was used last, a's head before it: a third prefix pushes out a's head, then b's tail first.
     c = list(range(2000, 2000 + BLOCK))
@@ -359,10 +367,41 @@ def test_a_preempted_request_resumes_from_the_cache_with_the_same_tokens(service
             engine.call(lambda: engine._preempt(r))
 
     sink = Collected(on_event=preempt_once)
-    before = hit_tokens(on)
+    before = counters(on)
     state.append(engine.submit(request(prompt, max_new_tokens=12, rid="pre"), sink))
     assert sink.wait().token_ids == ref
     assert state[0]._state.preemptions == 1
     prompt_len = sink.summary.prompt_tokens
-    # A miss at first; on resume it found its own prompt's blocks (inserted when its prefill finished).
-    assert hit_tokens(on) - before == prompt_len // BLOCK * BLOCK > 0
+    # On resume it found its own prompt's blocks (inserted when its prefill finished) ...
+    assert state[0]._state.prefix_hit == prompt_len // BLOCK * BLOCK > 0
+    # ... but the metrics count one prompt, a miss: the resumed lookup is not another prompt's.
+    assert counters(on) == {
+        "hits": before["hits"],
+        "misses": before["misses"] + 1,
+        "hit_tokens": before["hit_tokens"],
+        "lookup_tokens": before["lookup_tokens"] + prompt_len - 1,
+    }
+
+
+def test_a_prefix_that_cannot_be_copied_in_counts_as_a_miss(services: tuple[Service, Service]) -> None:
+    on, off = services
+    prompt = "Copy-in failure test. " + SYSTEM
+    generate(on.engine, request(prompt, max_new_tokens=2))  # its blocks are cached now
+    kv = on.engine.runner.kv
+
+    def no_memory(*args: Any) -> None:
+        raise RuntimeError("no memory for the copy")
+
+    before = counters(on)
+    on.engine.run(lambda: setattr(kv, "write", no_memory))  # an instance attribute, on the engine thread
+    try:
+        out = generate(on.engine, request(prompt, max_new_tokens=8))
+    finally:
+        on.engine.run(lambda: delattr(kv, "write"))
+    assert out.token_ids == generate(off.engine, request(prompt, max_new_tokens=8)).token_ids  # all computed
+    assert counters(on) == {
+        "hits": before["hits"],
+        "misses": before["misses"] + 1,  # blocks were found, none was reused
+        "hit_tokens": before["hit_tokens"],
+        "lookup_tokens": before["lookup_tokens"] + out.summary.prompt_tokens - 1,
+    }

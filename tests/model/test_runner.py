@@ -165,6 +165,14 @@ def test_kv_rows_are_cleaned_ahead_but_only_written_positions_can_be_read(tiny_m
     assert k.shape[2] == 3 and torch.isfinite(k).all()
     with pytest.raises(ValueError, match="not written"):
         runner.kv.read(0, 0, 4)
+    # Row 1 held 6 positions of its last sequence; the next sequence to take it has written none yet.
+    runner.kv.begin(1)
+    with pytest.raises(ValueError, match="not written"):
+        runner.kv.read(1, 0, 1)
+    runner.step([RowStep(1, 0, (9, 10), 0, True, False)])
+    assert runner.kv.read(1, 0, 2)[0].shape[2] == 2
+    with pytest.raises(ValueError, match="not written"):
+        runner.kv.read(1, 0, 3)  # written by the sequence before, not by this one
 
 
 @pytest.mark.parametrize(

@@ -670,6 +670,7 @@ class Engine:
             self._count_queued(r.tenant, -1)
             self._free_row_count -= 1
         r.kv_row = self._free_rows.pop(0)
+        self.runner.kv.begin(r.kv_row)  # a resumed request recomputes its K/V too
         r.start_step = self.steps
         self._running.append(r)
         if self.config.prefill_order == "arrival":  # the policy before issue 13: look up at admission
@@ -701,19 +702,19 @@ class Engine:
         r.prefix_checked = True
         if r.req.embed or not self.prefix_cache.enabled:
             return
-        n, blocks = self.prefix_cache.lookup(self._cache_owner(r), r.resume_ids, len(r.resume_ids) - 1)
-        r.prefix_hit = n
-        if not n:
-            return
-        try:
-            k = torch.cat([b.k for b in blocks], dim=2)  # [layers, kv_heads, n, head_dim]
-            v = torch.cat([b.v for b in blocks], dim=2)
-            self.runner.kv.write(r.kv_row, 0, k, v)
-        except Exception:  # no memory for the copy: prefill it all (rewrites whatever was written)
-            log.exception("request %s: its cached prefix could not be copied in; computing it", r.req.request_id)
-            r.prefix_hit = 0
-            return
-        r.cached = n
+        limit = len(r.resume_ids) - 1
+        n, blocks = self.prefix_cache.lookup(self._cache_owner(r), r.resume_ids, limit)
+        if n:
+            try:
+                k = torch.cat([b.k for b in blocks], dim=2)  # [layers, kv_heads, n, head_dim]
+                v = torch.cat([b.v for b in blocks], dim=2)
+                self.runner.kv.write(r.kv_row, 0, k, v)
+            except Exception:  # no memory for the copy: prefill it all (rewrites whatever was written)
+                log.exception("request %s: its cached prefix could not be copied in; computing it", r.req.request_id)
+                n = 0
+        r.prefix_hit = r.cached = n
+        if not r.preemptions:  # a resumed request finds its own prompt's blocks: not another prompt's lookup
+            self.prefix_cache.record(limit, n)
 
     def _waits_for_prefix(self, r: _Request, finishing: list[_Request]) -> bool:
         """Whether ``r``, not started yet, should let this step go: a prompt whose prefill this step

@@ -86,7 +86,8 @@ class PrefixCache:
 
     def lookup(self, owner: str, token_ids: Sequence[int], limit: int) -> tuple[int, list[PrefixBlock]]:
         """The longest cached block-aligned prefix of ``token_ids[:limit]``: (its tokens, its blocks in
-        order). Refreshes those blocks and reports the lookup (``limit`` tokens asked)."""
+        order). Refreshes those blocks; reports nothing (``record`` does, once the caller knows what it
+        reused)."""
         if not self.enabled:
             return 0, []
         found: list[tuple[bytes, PrefixBlock]] = []
@@ -97,10 +98,13 @@ class PrefixCache:
             found.append((bid, block))
         for bid, _ in reversed(found):  # the head ends up most recent: tails are evicted first
             self._blocks.move_to_end(bid)
-        hit = len(found) * self.block_tokens
-        if self.observer is not None:
-            self.observer.prefix_lookup(max(limit, 0), hit)
-        return hit, [b for _, b in found]
+        return len(found) * self.block_tokens, [b for _, b in found]
+
+    def record(self, lookup_tokens: int, hit_tokens: int) -> None:
+        """Report one prompt's lookup: ``lookup_tokens`` asked, ``hit_tokens`` of them reused (0 where
+        the blocks found could not be copied in, so every token was computed)."""
+        if self.enabled and self.observer is not None:
+            self.observer.prefix_lookup(max(lookup_tokens, 0), hit_tokens)
 
     def insert(
         self,

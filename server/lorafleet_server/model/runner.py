@@ -154,6 +154,11 @@ class KVCache:
         # Positions below written[row] hold keys and values of the row's sequence (what `read` may copy).
         self._written = [0] * rows
 
+    def begin(self, row: int) -> None:
+        """A new sequence takes ``row``: none of its positions hold that sequence's keys and values yet
+        (``read`` refuses them until they are written again); what was written stays finite."""
+        self._written[row] = 0
+
     def mark_written(self, row: int, end: int) -> None:
         """Positions below ``end`` of ``row`` are (or are being) written by real keys and values."""
         self._written[row] = max(self._written[row], end)
