@@ -363,6 +363,9 @@ def test_rope_refuses_mixed_dtypes(kernel: NativeAttention) -> None:
     k_slab, v_slab = torch.zeros(5, 1, 40, 8), torch.zeros(5, 1, 40, 8)
     with pytest.raises(NativeKernelError, match="all fp32 or all bf16"):
         kernel.rope_kv_(q, k, v, cos, sin, k_slab, v_slab, torch.tensor([0]), torch.tensor([0]))
+    q = q.float()
+    with pytest.raises(NativeKernelError, match="CPU tensors only"):  # a meta tensor's address is 0
+        kernel.rope_kv_(q, k, v, cos, sin, k_slab, v_slab, torch.tensor([0]), torch.tensor([0], device="meta"))
     assert not v_slab.any(), "a refused call wrote"
 
 
@@ -550,6 +553,14 @@ def test_mismatched_tensors_are_refused(kernel: NativeAttention) -> None:
     uneven = AttentionRows(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([3, 3]))
     with pytest.raises(NativeKernelError, match="contiguous int64 vectors of one length"):
         kernel(q, k, k.clone(), torch.empty_like(q), uneven, 1.0)
+    # Tensors off the CPU (a meta tensor's address is 0), for the attention and the layer glue alike.
+    with pytest.raises(NativeKernelError, match="CPU tensors only"):
+        kernel(q, k, k.clone(), torch.empty_like(q, device="meta"), rows, 1.0)
+    x = torch.randn(2, 32)
+    with pytest.raises(NativeKernelError, match="CPU tensors only"):
+        kernel.add_rmsnorm_(x, None, torch.ones(32, device="meta"), 1e-5)
+    with pytest.raises(NativeKernelError, match="CPU tensors only"):
+        kernel.silu_mul(x, x.to("meta"))
 
 
 def test_shapes_and_devices_the_kernel_does_not_take_are_refused_at_startup() -> None:

@@ -145,6 +145,8 @@ def test_parts_it_does_not_take_are_refused(kernel: NativeLinear) -> None:
         kernel.parts(x, [(packed, None, torch.empty(3, 64, dtype=torch.bfloat16))])
     with pytest.raises(NativeKernelError, match="fp32 bias"):
         kernel.parts(x, [(packed, torch.zeros(64, dtype=torch.bfloat16), out)])
+    with pytest.raises(NativeKernelError, match="CPU tensors only"):
+        kernel.parts(x, [(packed.to("meta"), None, out)])
     with pytest.raises(NativeKernelError, match="rc 1"):  # a width that is not whole panels, past the checks
         kernel.parts(
             torch.zeros(2, 32, dtype=torch.bfloat16),
@@ -209,6 +211,15 @@ def test_shapes_and_tensors_it_does_not_take_are_refused(kernel: NativeLinear) -
         kernel(rows, packed, torch.zeros(64, dtype=torch.bfloat16), 64)
     with pytest.raises(NativeKernelError, match="packed weight"):
         kernel(rows, packed.float(), None, 64)
+    # Found by an outside review: the kernel was handed a meta tensor's null address (a segfault), and
+    # rows without a second dimension failed with an IndexError.
+    meta = torch.empty(2, 64, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(NativeKernelError, match="CPU tensors only"):
+        kernel(meta, packed, None, 64)
+    with pytest.raises(NativeKernelError, match="CPU tensors only"):
+        kernel(rows, packed, None, 64, out=meta)
+    with pytest.raises(NativeKernelError, match=r"rows of \[M, in\]"):
+        kernel(rows[0], packed, None, 64)
 
 
 def test_the_module_keeps_the_weight_and_takes_any_leading_dims(kernel: NativeLinear) -> None:

@@ -148,6 +148,10 @@ def test_tensors_it_does_not_take_are_refused(kernel: NativeLinearF32) -> None:
         kernel(x, packed.reshape(-1), None, 32)  # not the layout pack() made
     with pytest.raises(NativeKernelError, match="bias of 32"):
         kernel(x, packed, bias[:16].contiguous(), 32)
+    with pytest.raises(NativeKernelError, match="CPU tensors only"):
+        kernel(x.to("meta"), packed, None, 32)
+    with pytest.raises(NativeKernelError, match=r"rows of \[M, in\]"):
+        kernel(x[0], packed, None, 32)
     with pytest.raises(NativeKernelError, match="bias of 32"):
         kernel(x, packed, bias.double(), 32)
 

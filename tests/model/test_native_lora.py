@@ -279,6 +279,8 @@ def test_out_of_range_slots_and_ranks_are_refused_and_nothing_is_written(kernel:
     for bad_x in (torch.randn(32, 2).t(), x.to(torch.bfloat16)):
         with pytest.raises(NativeKernelError, match="contiguous CPU fp32 or bf16 tensors of one dtype"):
             kernel.add_(y, bad_x, m.lora_at, m.lora_bt, torch.tensor([1, 1]), m.slot_rank_t)
+    with pytest.raises(NativeKernelError, match="CPU tensors only"):  # a meta tensor's address is 0
+        kernel.add_(y, x, m.lora_at.to("meta"), m.lora_bt, torch.tensor([1, 1]), m.slot_rank_t)
     assert torch.equal(y, before)
 
 

@@ -362,6 +362,7 @@ class NativeAttention:
         ):
             raise NativeKernelError("q, the KV slabs and out differ in dtype or shape, or are not fp32 or bf16")
         index = (rows.tok, rows.kv_row, rows.length)  # the kernel checks their values against the shapes
+        _check_cpu("the native attention", q, k_slab, v_slab, out, *index)
         if any(t.dtype != torch.long or not t.is_contiguous() or t.shape != (rows.count,) for t in index):
             raise NativeKernelError("the attention rows must be contiguous int64 vectors of one length")
         threads, pool = threads_and_pool(self.pool)
@@ -422,6 +423,7 @@ class NativeAttention:
             or not (kv_row.is_contiguous() and pos.is_contiguous())  # a strided view wrote K/V elsewhere
         ):
             raise NativeKernelError("q, k, v, cos, sin, the slabs, rows and positions differ in shape")
+        _check_cpu("the native RoPE", *tensors, kv_row, pos)
         threads, pool = threads_and_pool(self.pool)
         rc = self._rope_kv(
             *(t.data_ptr() for t in tensors),
@@ -456,6 +458,7 @@ class NativeAttention:
             raise NativeKernelError("the native RMSNorm needs contiguous tensors, all fp32 or all bf16")
         if weight.shape != (d,) or (delta is not None and delta.shape != x.shape):
             raise NativeKernelError("x, delta and the norm's weight differ in shape")
+        _check_cpu("the native RMSNorm", *tensors)
         out = torch.empty_like(x)
         threads, pool = threads_and_pool(self.pool)
         rc = self._rmsnorm(
@@ -486,6 +489,7 @@ class NativeAttention:
             raise NativeKernelError("the native SiLU needs contiguous tensors, both fp32 or both bf16")
         if gate.dim() != 2 or up.shape != gate.shape:
             raise NativeKernelError("the native SiLU's gate and up differ in shape")
+        _check_cpu("the native SiLU", gate, up)
         n, d = gate.shape
         out = torch.empty_like(gate)
         threads, pool = threads_and_pool(self.pool)
@@ -597,6 +601,7 @@ class NativeLora:
         n_slots, d_in, r_cap = at.shape
         if not self.takes(y, x, at):  # the caller's own check, here too: the kernel reads them as dense
             raise NativeKernelError("the native LoRA takes contiguous CPU fp32 or bf16 tensors of one dtype")
+        _check_cpu("the native LoRA", x, at, bt, slots, ranks)
         if not (at.is_contiguous() and bt.is_contiguous() and slots.is_contiguous() and ranks.is_contiguous()):
             raise NativeKernelError("the native LoRA needs contiguous tensors")
         if x.shape != (n_tokens, d_in) or bt.shape != (n_slots, r_cap, d_out) or bt.dtype != y.dtype:
@@ -667,6 +672,13 @@ def _check_bias(bias: torch.Tensor | None, out_features: int, what: str) -> None
         raise NativeKernelError(f"{what} needs an fp32 bias of {out_features} values")
 
 
+def _check_cpu(what: str, *tensors: torch.Tensor | None) -> None:
+    """The kernels read and write host memory through ``data_ptr()``: a tensor elsewhere (CUDA, meta)
+    would hand them an address they cannot use."""
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        raise NativeKernelError(f"{what} takes CPU tensors only")
+
+
 def _run_linear(
     fn: Any,
     what: str,
@@ -678,7 +690,11 @@ def _run_linear(
     *tail: Any,  # arguments after the thread count (the bf16 kernel's pool)
     out: torch.Tensor | None = None,  # [M, out] x's dtype, contiguous: written; None: a new tensor
 ) -> torch.Tensor:  # [M, out] in x's dtype
-    """A native Linear's call (``x, packed, bias, out; m, n, k; threads, *tail``) after the bias is checked."""
+    """A native Linear's call (``x, packed, bias, out; m, n, k; threads, *tail``) after the bias, the
+    rows' rank and every tensor's device are checked."""
+    _check_cpu(what, x, packed, bias, out)
+    if x.dim() != 2:
+        raise NativeKernelError(f"{what} needs rows of [M, in], not a tensor of shape {tuple(x.shape)}")
     _check_bias(bias, out_features, what)
     rows, in_features = x.shape
     if out is None:
@@ -793,7 +809,7 @@ class NativeLinear:
         out_features: int,
         out: torch.Tensor | None = None,  # [M, out] bf16, contiguous: written; None: a new tensor
     ) -> torch.Tensor:  # [M, out] bf16
-        in_features = x.shape[1]
+        in_features = x.shape[-1]  # _run_linear refuses x other than [M, in]
         if x.dtype != torch.bfloat16 or not x.is_contiguous() or packed.numel() != in_features * out_features:
             raise NativeKernelError("the native Linear needs contiguous bf16 rows of its weight's width")
         if packed.dtype != torch.bfloat16 or not packed.is_contiguous():
@@ -810,6 +826,7 @@ class NativeLinear:
         input split over the pool as one Linear's columns would be. The same numbers as a call each."""
         if x.dim() != 2:
             raise NativeKernelError("the native Linear needs rows of [M, in]")
+        _check_cpu("the native Linear", x, *(t for weight in weights for t in weight))
         rows, in_features = x.shape
         if x.dtype != torch.bfloat16 or not x.is_contiguous():
             raise NativeKernelError("the native Linear needs contiguous bf16 rows")
@@ -927,7 +944,7 @@ class NativeLinearF32:
         out_features: int,
         out: torch.Tensor | None = None,  # [M, out] fp32, contiguous: written; None: a new tensor
     ) -> torch.Tensor:  # [M, out] fp32
-        in_features = x.shape[1]
+        in_features = x.shape[-1]  # _run_linear refuses x other than [M, in]
         if x.dtype != torch.float32 or not x.is_contiguous():
             raise NativeKernelError("the native fp32 Linear needs contiguous fp32 rows")
         if (
