@@ -1,5 +1,5 @@
 /* What the AMX kernels (csrc/linear.c, csrc/attention.c) share: whether this build targets AMX,
- * asking Linux for the tiles, and ldtilecfg's operand. Included after _GNU_SOURCE (syscall() under
+ * asking Linux for the tiles (once), and ldtilecfg's operand. Included after _GNU_SOURCE (syscall() under
  * -std=c11). */
 #ifndef LF_AMX_H
 #define LF_AMX_H
@@ -14,6 +14,7 @@
 #endif
 
 #if LF_BUILD_AMX
+#include <stdatomic.h>
 #include <stdint.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -25,6 +26,18 @@
  * per process on request; asking again is harmless. */
 static inline int lf_amx_request(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+}
+
+/* 1 where this process may use AMX tiles: lf_amx_request asked once per library (the answer is the
+ * process's), so a kernel can check before every call what would otherwise be a SIGILL. */
+static inline int lf_amx_permitted(void) {
+    static _Atomic int state; /* 0: not asked yet, 1: granted, -1: refused */
+    int s = atomic_load_explicit(&state, memory_order_relaxed);
+    if (s == 0) {
+        s = lf_amx_request() ? 1 : -1;
+        atomic_store_explicit(&state, s, memory_order_relaxed);
+    }
+    return s > 0;
 }
 
 /* The tile configuration _tile_loadconfig takes (palette 1: up to 16 rows of 64 bytes a tile). */

@@ -28,7 +28,6 @@
 #define _GNU_SOURCE /* syscall() under -std=c11 */
 #endif
 #include <math.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -195,17 +194,6 @@ static inline __m512 sum_lanes16(const __m512 a[16]) {
 #define LF_AMX_SCORES 1
 #define AMX_MAX_D 128   /* head_dim the AMX scores take: four 32-wide k steps */
 #define AMX_MIN_KEYS 32 /* rows with fewer keys keep the AVX-512 loop: the tiles' setup outweighs it */
-
-/* 1 where this process may use AMX tiles (lf_amx_request, asked once; the AMX Linear asks too). */
-static int amx_permitted(void) {
-    static _Atomic int state; /* 0: not asked yet, 1: granted, -1: refused */
-    int s = atomic_load_explicit(&state, memory_order_relaxed);
-    if (s == 0) {
-        s = lf_amx_request() ? 1 : -1;
-        atomic_store_explicit(&state, s, memory_order_relaxed);
-    }
-    return s > 0;
-}
 
 /* Tile 0: 16 keys x 16 query heads of fp32 scores; 1: 16 keys x 32 dims of K (A); 2-5: q transposed,
  * 32 dims (16 pairs) x 16 heads per k step (B). Set on the thread that computes, before its rows, and
@@ -409,7 +397,7 @@ static void attend_rows(const void *q, const void *k_slab, const void *v_slab, v
     float qf[MAX_GROUP * MAX_HEAD_DIM];
     float of[MAX_GROUP * MAX_HEAD_DIM];
 #ifdef LF_AMX_SCORES
-    const int amx_allowed = bf16 && d % 32 == 0 && d <= AMX_MAX_D && amx_permitted();
+    const int amx_allowed = bf16 && d % 32 == 0 && d <= AMX_MAX_D && lf_amx_permitted();
     int amx_set = 0; /* the tiles are configured on this thread */
 #endif
     for (int64_t b = b0; b < b1; b++) {
@@ -475,7 +463,7 @@ static void attend_rows(const void *q, const void *k_slab, const void *v_slab, v
  * AMX, in a process Linux grants the tiles), else 0. */
 int lf_attention_amx(void) {
 #ifdef LF_AMX_SCORES
-    return amx_permitted();
+    return lf_amx_permitted();
 #else
     return 0;
 #endif

@@ -60,10 +60,10 @@
 #define PREFETCH_BYTES 4096        /* how far ahead of the tile loads the weight is prefetched */
 
 /* 1 when this library has the AMX kernel and the kernel (Linux >= 5.16) lets this process use AMX;
- * 0 otherwise. Asking twice is harmless. */
+ * 0 otherwise (asked once; lf_linear_parts checks the same answer before every call). */
 int lf_linear_available(void) {
 #if LF_AMX
-    return lf_amx_request();
+    return lf_amx_permitted();
 #else
     return 0;
 #endif
@@ -335,11 +335,12 @@ static int run_parts(const uint16_t *x, const lf_linear_part *parts, int count, 
  * The parts' columns are cut into units as one Linear's would be, so several small Linears of the
  * same x (a layer's q, k and v) cost one call's start and end instead of one each (~7 us); each
  * column's sums are those of the part's own call, bit for bit.
- * rc 1: shapes or counts it does not take; 2: no AMX in this build (lf_linear_available() said so). */
+ * rc 1: shapes or counts it does not take; 2: no AMX here, in this build or for this process
+ * (lf_linear_available() says so). */
 int lf_linear_parts(const uint16_t *x, const lf_linear_part *parts, int count, int64_t m, int64_t k, int threads,
                     lf_pool_run_fn pool_run) {
 #if LF_AMX
-    return run_parts(x, parts, count, m, k, threads, pool_run, rows_amx);
+    return run_parts(x, parts, count, m, k, threads, pool_run, lf_amx_permitted() ? rows_amx : NULL);
 #else
     return run_parts(x, parts, count, m, k, threads, pool_run, NULL);
 #endif

@@ -112,12 +112,16 @@ static void project_up(const float *h, const void *bt, int bf16, int64_t d_out, 
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
 #include <immintrin.h>
 #define LF_AVX512_BF16 1
 
 /* The AVX-512 path for bf16 with r_cap 8 or a multiple of 16 (up to 64) and d_out a multiple of 16:
- * the same sums as the portable path above, in registers. */
+ * the same sums as the portable path above, in registers. One difference in rounding, for values
+ * below 2^-126 only: the output's rounding to bf16 (vcvtneps2bf16) flushes them to zero, where the
+ * portable path's f32_to_bf16 keeps them; a module's shape decides its path, so a row's numbers still
+ * do not depend on the step. */
 
 static inline __m512 bf16x16(const uint16_t *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
