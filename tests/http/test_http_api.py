@@ -273,6 +273,40 @@ def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
     assert echo.value.param == "echo"
 
 
+def test_loose_types_and_unbounded_lists_are_refused_before_any_work(tiny_http: TinyHttp) -> None:
+    """Found by an outside review: a string or a number for a boolean, a string or a boolean for a number,
+    both token limits disagreeing, and 4 MiB of empty turns (which held the event loop ~0.7 s) were all
+    taken; each is now a 400 naming its parameter."""
+    headers = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": True}, "top_p"),
+        ({"logprobs": 0}, "logprobs"),
+        ({"presence_penalty": False}, "presence_penalty"),
+        ({"repetition_penalty": "1.1"}, "repetition_penalty"),
+        ({"max_tokens": 3, "max_completion_tokens": 4}, "max_tokens"),
+        ({"messages": CHAT * 1025}, "messages"),
+        ({"logit_bias": {str(i): 0 for i in range(1025)}}, "logit_bias"),
+        ({"tools": [{}] * 129}, "tools"),
+    ]
+    for override, param in cases:
+        body = {"model": tiny_http.model_id, "messages": CHAT, "max_tokens": 2, **override}
+        answer = httpx.post(f"{tiny_http.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert answer.status_code == 400, (override, answer.text)
+        assert str(answer.json()["error"]["param"]).startswith(param), (override, answer.json())
+    for fine in ({"temperature": 0}, {"max_tokens": 2, "max_completion_tokens": 2}):  # an int is a number
+        body = {"model": tiny_http.model_id, "messages": CHAT, "max_tokens": 2, **fine}
+        answer = httpx.post(f"{tiny_http.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert answer.status_code == 200, (fine, answer.text)
+    listed = httpx.get(f"{tiny_http.url}/v1/models/", headers=headers, timeout=30)  # a trailing slash
+    assert listed.status_code == 200 and listed.json()["object"] == "list"
+    probe = httpx.head(f"{tiny_http.url}/health", timeout=30)  # load balancers probe with HEAD too
+    assert probe.status_code == 200 and probe.content == b""
+
+
 def test_responses_name_the_replica_and_a_disagreeing_routing_header_is_refused(tiny_http: TinyHttp) -> None:
     replica = tiny_http.service.config.replica_name
     assert replica

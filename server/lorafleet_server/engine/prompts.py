@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from lorafleet_adapters.prompt import PromptTemplate
+from lorafleet_server.engine.types import MAX_CHAT_TURNS
 from lorafleet_server.errors import ContextLengthExceeded, InvalidRequest
 
 # A content's place in the rendering: a private-use pair around a 16-hex-digit nonce and its index.
@@ -138,6 +139,8 @@ class PromptEncoder:
         if (prompt is None or prompt == "") == (not messages):
             raise InvalidRequest("set exactly one of prompt and messages")
         check_unicode(prompt or "", "prompt")
+        if len(messages) > MAX_CHAT_TURNS:
+            raise InvalidRequest(f"messages takes at most {MAX_CHAT_TURNS} turns, got {len(messages)}")
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant")

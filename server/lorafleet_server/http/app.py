@@ -246,6 +246,9 @@ class OpenAIApi:
         return await self._unary(request, LIST_MODELS, "", work)
 
     async def get_model(self, request: Request, model: str) -> Response:
+        if model == "":  # GET /v1/models/ (a client's base URL with a trailing slash): the list
+            return await self.list_models(request)
+
         async def work(record: CallRecord, principal: Principal | None) -> Response:
             if model == self._info.model_id:
                 return JSONResponse(self._base_object())
@@ -366,6 +369,12 @@ class OpenAIApi:
             raise InvalidParameter("stream_options", "stream_options is only allowed when stream is true")
         field, given = "max_tokens", body.max_tokens
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+            if given is not None and given != body.max_completion_tokens:  # which one did the caller mean?
+                raise InvalidParameter(
+                    "max_tokens",
+                    f"max_tokens ({given}) and max_completion_tokens ({body.max_completion_tokens}) differ: "
+                    "set one (max_completion_tokens is OpenAI's current name)",
+                )
             field, given = "max_completion_tokens", body.max_completion_tokens
         if given is not None and given > self._info.max_new_tokens:
             raise InvalidParameter(
@@ -661,6 +670,7 @@ def create_app(
         "(model = tenant/name[@version]).",
     )
     app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/health", api.health, methods=["HEAD"], include_in_schema=False)  # load balancers' probe
     app.add_api_route("/v1/models", api.list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", api.get_model, methods=["GET"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])

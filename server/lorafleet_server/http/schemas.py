@@ -5,24 +5,34 @@ parameters OpenAI defines but lorafleet does not serve (``n`` > 1, ``logprobs``,
 are declared so the document shows them, and ``unsupported`` refuses any of them set to a value that
 would change the answer: a request is served as asked or refused, never served differently in silence.
 
-Integer fields are strict (``true`` or ``"5"`` is not a count), and ``null`` for ``stream``,
+Integer, number and boolean fields are strict (``true`` or ``"5"`` is not a count, ``"0.5"`` not a
+temperature, ``1`` or ``"yes"`` not ``stream``; a JSON integer is a number), and ``null`` for ``stream``,
 ``stream_options.include_usage`` and ``encoding_format`` means their default, as in OpenAI's API.
+
+Lists and maps are bounded (messages, logit_bias, tools, functions): validating each of a body's
+entries runs on the event loop the HTTP and gRPC streams share, so a 4 MiB body of 100,000 empty
+messages held every stream ~0.7 s before the engine refused it for its length.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from lorafleet_server.engine.types import MAX_CHAT_TURNS
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; frameworks sometimes send a few more)
 MAX_EMBED_INPUTS = 64  # texts per embeddings request (each is one engine request)
+MAX_LOGIT_BIAS = 1024  # logit_bias entries (only an empty one is served; bounded all the same)
+MAX_TOOLS = 128  # tools and functions (OpenAI's limit; none is served)
 
 PositiveInt = Annotated[int, Field(ge=1, strict=True)]
 Count = Annotated[int, Field(strict=True)]
 # OpenAI takes any int64; the engine's generator takes an unsigned 64-bit seed: a negative seed is used
 # as its two's complement (``seed & (2**64 - 1)``, ``unsigned_seed``), so -1 and 2**64 - 1 are one seed.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1, strict=True)]
+Number = Annotated[float, Field(strict=True)]  # a JSON number (an integer too), never a string or a boolean
 SEED_MASK = 2**64 - 1
 
 
@@ -36,7 +46,7 @@ class Strict(BaseModel):
 
 
 class StreamOptions(Strict):
-    include_usage: bool | None = Field(default=False, description="null is false")
+    include_usage: StrictBool | None = Field(default=False, description="null is false")
 
 
 class TextPart(Strict):
@@ -60,38 +70,46 @@ class Sampling(Strict):
 
     model: str = Field(description="the base model's id (GET /v1/models) or an adapter: tenant/name[@version]")
     max_tokens: PositiveInt | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, strict=True)] | None = Field(
         default=None, description="0 is greedy; unset is 1.0, as in OpenAI's API"
     )
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, strict=True)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: Seed | None = Field(
         default=None, description="any int64 (OpenAI's range) or up to 2**64 - 1; a negative seed is seed & (2**64 - 1)"
     )
-    stream: bool | None = Field(default=False, description="null is false")
+    stream: StrictBool | None = Field(default=False, description="null is false")
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = Field(default=None, description="accepted, logged nowhere")
     top_k: Annotated[int, Field(ge=0, strict=True)] | None = Field(
         default=None, description="lorafleet extra; 0 is off"
     )
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = Field(default=None, description="lorafleet extra")
+    repetition_penalty: Annotated[float, Field(gt=0.0, strict=True)] | None = Field(
+        default=None, description="lorafleet extra"
+    )
     # OpenAI parameters not served: refused unless neutral (``unsupported``).
     n: Count | None = Field(default=None, description="only 1")
-    presence_penalty: float | None = Field(default=None, description="only 0")
-    frequency_penalty: float | None = Field(default=None, description="only 0")
-    logit_bias: dict[str, float] | None = Field(default=None, description="only empty")
+    presence_penalty: Number | None = Field(default=None, description="only 0")
+    frequency_penalty: Number | None = Field(default=None, description="only 0")
+    logit_bias: Annotated[dict[str, Number], Field(max_length=MAX_LOGIT_BIAS)] | None = Field(
+        default=None, description="only empty"
+    )
 
 
 class ChatCompletionRequest(Sampling):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_TURNS)]
     max_completion_tokens: PositiveInt | None = None
-    logprobs: bool | None = Field(default=None, description="only false")
+    logprobs: StrictBool | None = Field(default=None, description="only false")
     top_logprobs: Count | None = Field(default=None, description="not supported")
-    tools: list[dict[str, Any]] | None = Field(default=None, description="not supported")
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = Field(
+        default=None, description="not supported"
+    )
     tool_choice: str | dict[str, Any] | None = Field(default=None, description="only none")
-    functions: list[dict[str, Any]] | None = Field(default=None, description="not supported")
+    functions: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = Field(
+        default=None, description="not supported"
+    )
     function_call: str | dict[str, Any] | None = Field(default=None, description="only none")
-    parallel_tool_calls: bool | None = Field(default=None, description="accepted; there are no tools")
+    parallel_tool_calls: StrictBool | None = Field(default=None, description="accepted; there are no tools")
     response_format: dict[str, Any] | None = Field(default=None, description='only {"type": "text"}')
 
 
@@ -100,7 +118,7 @@ class CompletionRequest(Sampling):
         description="one prompt (a list of one string is accepted; token-id prompts are not)"
     )
     logprobs: Count | None = Field(default=None, description="not supported")
-    echo: bool | None = Field(default=None, description="only false")
+    echo: StrictBool | None = Field(default=None, description="only false")
     suffix: str | None = Field(default=None, description="not supported")
     best_of: Count | None = Field(default=None, description="only 1")
 
