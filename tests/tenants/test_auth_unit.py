@@ -275,6 +275,26 @@ def test_any_key_turns_authentication_on_and_a_revoked_last_key_keeps_it_on(tmp_
     assert keys.enforcing and keys.key_count == 1
 
 
+def test_a_keys_file_that_goes_away_leaves_authentication_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an outside review: on loopback, a keys file moved aside (or deleted, then written anew by
+    a deploy step) turned authentication off, admin RPCs included, until it came back."""
+    path = tmp_path / "keys.json"
+    new = create_key(path, PepperSource(path), tenant="acme", role="admin", now=NOW)
+    keys = _keys(tmp_path, "127.0.0.1")
+    keys.load()
+    assert keys.enforcing
+    path.rename(tmp_path / "aside.json")
+    with caplog.at_level(logging.WARNING):
+        keys.poll()
+    assert keys.key_count == 0 and keys.enforcing  # closed: no key works, and none is needed to be refused
+    assert "authentication stays on" in caplog.text
+    with pytest.raises(UnknownKey):  # the moved key no longer authenticates
+        keys.authenticate(new.key, NOW)
+    (tmp_path / "aside.json").rename(path)
+    keys.poll()
+    assert keys.enforcing and keys.authenticate(new.key, NOW).key_id == new.record.key_id
+
+
 def test_a_keys_file_that_does_not_load_stops_the_start_and_later_fails_closed(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     path.write_text("{not json")

@@ -147,8 +147,10 @@ class ServerKeys:
 
     ``allow_open``: whether the server may run without keys (bound to loopback, or
     ``--insecure-no-auth``). Enforcing means: the file has a key (any, revoked and expired included: the
-    last key revoked must not open the server), or the latest load of the file failed (it may hold keys:
-    fail closed), or running open is not allowed. ``on_reload`` hears of every load (a metric).
+    last key revoked must not open the server), or it had one since the start (a file moved away or
+    deleted and written anew must not open it either: no call is accepted until keys return, or the
+    server restarts), or the latest load of the file failed (it may hold keys: fail closed), or running
+    open is not allowed. ``on_reload`` hears of every load (a metric).
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class ServerKeys:
         self._allow_open = allow_open
         self._on_reload = on_reload
         self._last_ok = True
+        self._had_keys = False  # a load since the start found a key
         self._watcher = KeyFileWatcher(path, pepper, self._reloaded)
         self._was_enforcing: bool | None = None  # set once started: only later changes are announced
 
@@ -174,7 +177,7 @@ class ServerKeys:
 
     @property
     def enforcing(self) -> bool:
-        if self.key_count > 0 or not self._allow_open:
+        if self.key_count > 0 or self._had_keys or not self._allow_open:
             return True
         return not self._last_ok  # a file that does not load may hold keys: fail closed
 
@@ -246,6 +249,14 @@ class ServerKeys:
 
     def _reloaded(self, ok: bool) -> None:
         self._last_ok = ok
+        if self.key_count > 0:
+            self._had_keys = True
+        elif ok and self._had_keys:
+            log.warning(
+                "keys file %s has no keys now: authentication stays on and no call is accepted until keys "
+                "return (or the server restarts)",
+                self._path,
+            )
         if self._on_reload is not None:
             self._on_reload(ok)
         enforcing = self.enforcing
