@@ -19,6 +19,7 @@ from enginelib import Collected, request, submit, tiny_service
 
 from lorafleet_server.app import Service
 from lorafleet_server.engine import adapter_manager as adapter_manager_module
+from lorafleet_server.engine.engine import PREEMPT_AFTER_STEPS
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
 from lorafleet_server.engine.types import GenerationRequest, Principal
 from lorafleet_server.errors import QueueFull
@@ -97,6 +98,70 @@ def test_preempted_requests_generate_exactly_what_they_would_have(tiny_model_dir
             svc.engine.shutdown(10)
 
     assert run(with_b=True) == run(with_b=False)
+
+
+def test_a_resumed_row_is_not_preempted_again_before_it_has_run_a_while(service: Service) -> None:
+    """Found by an outside review: tenant b sending one-token requests one after another preempted the
+    same row of tenant a's each time, as soon as it had resumed (here 12 of 12 on one row). Now a
+    resumed row is protected for PREEMPT_AFTER_STEPS steps: the preemptions spread over a's rows, and
+    each row runs that long between two of them."""
+    engine = service.engine
+    flood = [
+        submit(engine, as_tenant(request(PROMPT, rid=f"a{i}", max_new_tokens=60), "a"))
+        for i in range(4)  # the whole batch
+    ]
+    assert all(sink.first.wait(30) for sink, _ in flood)
+    started: list[int] = []
+    done = threading.Event()
+
+    def next_b(event: Any = None) -> None:  # engine thread: b's next request as soon as its last one ends
+        if event is not None and not event.final:
+            return
+        if len(started) == 12:
+            done.set()
+            return
+        started.append(engine.steps)
+        b = as_tenant(request("Hi", rid=f"b{len(started)}", max_new_tokens=1), "b")
+        engine.submit(b, Collected(on_event=next_b))
+
+    engine.run(next_b)
+    assert done.wait(120)
+    for sink, _ in flood:
+        assert sink.wait().summary.generated_tokens == 60
+    preemptions = [handle._state.preemptions for _, handle in flood]
+    assert sum(preemptions) >= 4 and max(preemptions) <= 1 + (started[-1] - started[0]) // PREEMPT_AFTER_STEPS
+
+
+def test_a_preempted_request_does_not_count_against_its_tenants_waiting_limit(service: Service) -> None:
+    """Found by an outside review: the rows another tenant's arrival preempted counted as the victim
+    tenant's queued requests, so b's traffic pushed a over its own max_waiting."""
+    engine = service.engine
+    flood = [
+        submit(engine, as_tenant(request(PROMPT, rid=f"a{i}", max_new_tokens=60), "a"))  # the whole batch
+        for i in range(4)
+    ]
+    assert all(sink.first.wait(30) for sink, _ in flood)
+    release = threading.Event()
+    try:
+        engine.run(
+            lambda: [
+                engine.submit(as_tenant(request("Hi", rid=f"b{i}", max_new_tokens=30), "b"), Collected())
+                for i in range(2)
+            ]
+        )  # admitted between the steps that follow: each preempts a row of a's
+        deadline = time.monotonic() + 60
+        while sum(handle._state.preemptions for _, handle in flood) < 2:
+            assert time.monotonic() < deadline, "b's requests preempted none of a's rows"
+            time.sleep(0.01)
+        held = engine.call(lambda: release.wait(30))  # a's two resuming rows stay queued meanwhile
+        accepted = [submit(engine, as_tenant(request(PROMPT, rid=f"a-new{i}"), "a", max_waiting=2)) for i in range(2)]
+        with pytest.raises(QueueFull, match="tenant 'a' has 2 requests queued"):  # its own two, not the preempted
+            engine.submit(as_tenant(request(PROMPT, rid="a-over"), "a", max_waiting=2), Collected())
+        release.set()
+        held.result(10)
+        assert all(sink.wait().summary.generated_tokens >= 1 for sink, _ in accepted)
+    finally:
+        release.set()
 
 
 def test_per_tenant_waiting_limit_refuses_at_once_and_spares_others(service: Service) -> None:

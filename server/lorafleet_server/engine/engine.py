@@ -65,6 +65,8 @@ Sink = Callable[[TokenEvent], None]
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+# Steps a resumed request runs before fair-share preemption may take its row again (Engine._preemptible).
+PREEMPT_AFTER_STEPS = 16
 # How long a caller waits for the engine thread to run an admin call. A call waits for the current
 # step to end, so this bounds a stuck or overloaded engine, not ordinary work.
 CALL_TIMEOUT_SECONDS = 30.0
@@ -234,6 +236,9 @@ class Engine:
         self._free_row_count = config.max_batch_size  # len(_free_rows) for other threads (lock guards)
         self._queued = 0  # submitted, not yet running (any thread reads, lock guards)
         self._tenant_queued: dict[str, int] = {}  # the same, per tenant (lock guards)
+        # Of those, the preempted requests waiting to resume, per tenant (lock guards): they wait, but
+        # their tenant did not ask for them again, so its max_waiting does not count them.
+        self._tenant_resuming: dict[str, int] = {}
         self._lock = threading.Lock()
         self._accepting = True
         self._closed = False  # the loop has exited: the inbox takes no more messages (lock guards)
@@ -367,14 +372,18 @@ class Engine:
         with self._lock:
             self._check_capacity_locked(req)
 
-    def _count_queued(self, tenant: str, delta: int) -> None:
-        """Submitted-not-running requests, in total and per tenant. The caller holds ``self._lock``."""
+    def _count_queued(self, tenant: str, delta: int, resuming: bool = False) -> None:
+        """Submitted-not-running requests, in total and per tenant (``resuming``: a preempted one, counted
+        apart as well). The caller holds ``self._lock``."""
         self._queued += delta
-        left = self._tenant_queued.get(tenant, 0) + delta
-        if left:
-            self._tenant_queued[tenant] = left
-        else:
-            self._tenant_queued.pop(tenant, None)
+        for counts, applies in ((self._tenant_queued, True), (self._tenant_resuming, resuming)):
+            if not applies:
+                continue
+            left = counts.get(tenant, 0) + delta
+            if left:
+                counts[tenant] = left
+            else:
+                counts.pop(tenant, None)
 
     def tenant_limit(self, req: GenerationRequest, kind: Literal["max_waiting", "max_running"]) -> int:
         """A tenant's waiting or running limit: the key's override, else the engine's (0: none)."""
@@ -392,9 +401,9 @@ class Engine:
             raise ShuttingDown("the server is shutting down")
         waiting = self._queued - self._free_row_count
         if waiting >= self.config.max_waiting:
-            raise QueueFull(f"{max(waiting, 0)} requests are waiting for a free row; try again later")
+            raise QueueFull("the queue is full (every row taken, max_waiting requests waiting); try again later")
         limit = self.tenant_limit(req, "max_waiting")
-        queued = self._tenant_queued.get(req.tenant, 0)
+        queued = self._tenant_queued.get(req.tenant, 0) - self._tenant_resuming.get(req.tenant, 0)
         if limit and queued >= limit:
             who = f"tenant {req.tenant!r}" if req.tenant else "the base model without a key"
             raise QueueFull(f"{who} has {queued} requests queued: its limit max_waiting_per_tenant is {limit}")
@@ -641,7 +650,15 @@ class Engine:
         return r.lora is None or bool(r.slot) or self.adapters.can_start(r.lora)
 
     def _preemptible(self, r: _Request) -> bool:
-        return not r.req.embed and not r.cancelled
+        """Not an embedding (it has no decode to resume), not cancelled, and not resumed from a
+        preemption within the last ``PREEMPT_AFTER_STEPS`` steps: a tenant sending short requests one
+        after another preempted the same row each time, as soon as it had resumed, so that row made no
+        progress while its recompute was billed to nobody (an outside review measured 135-208
+        preemptions of one request). The victim is then another of the tenant's rows; a row is taken
+        again only after it has run that many steps. A first start is not protected: a tenant arriving
+        at a batch just filled by another still starts within a step or two."""
+        recently_resumed = r.preemptions > 0 and self.steps - r.start_step < PREEMPT_AFTER_STEPS
+        return not r.req.embed and not r.cancelled and not recently_resumed
 
     def _preempt(self, r: _Request) -> None:
         """Give ``r``'s row back; ``r`` waits at the front of its tenant's queue and later recomputes its
@@ -655,7 +672,7 @@ class Engine:
         r.preemptions += 1
         with self._lock:
             self._free_row_count += 1
-            self._count_queued(r.tenant, +1)
+            self._count_queued(r.tenant, +1, resuming=True)
         self._waiting.push(r, front=True)
         self.observer.observe_preempted()
         log.info(
@@ -667,7 +684,7 @@ class Engine:
 
     def _start(self, r: _Request) -> None:
         with self._lock:
-            self._count_queued(r.tenant, -1)
+            self._count_queued(r.tenant, -1, resuming=bool(r.preemptions))
             self._free_row_count -= 1
         r.kv_row = self._free_rows.pop(0)
         self.runner.kv.begin(r.kv_row)  # a resumed request recomputes its K/V too
@@ -974,7 +991,7 @@ class Engine:
         else:
             self._waiting.remove(r)
             with self._lock:
-                self._count_queued(r.tenant, -1)
+                self._count_queued(r.tenant, -1, resuming=bool(r.preemptions))
         if r.slot:  # a running request's lease, or a preempted one's that it kept
             self.adapters.release(r.slot)
             r.slot = 0
