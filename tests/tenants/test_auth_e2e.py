@@ -295,6 +295,18 @@ def test_listings_and_views_show_a_tenant_only_its_own(live: Live) -> None:
         assert admin.get_adapter("beta/secret").tenant == "beta"
 
 
+def test_slot_memory_is_shown_to_admins_only(live: Live) -> None:
+    """Found by an outside review: GetModelInfo's adapter_slot_memory_bytes follows every tenant's loaded
+    adapters (it told another tenant's r=32 all-linear adapter apart); a tenant key now gets 0."""
+    with live.client(live.keys["beta"]) as beta:
+        beta.generate("Hi", adapter="beta/secret", sampling=SHORT)  # its adapter is loaded now
+        assert beta.model_info().adapter_slot_memory_bytes == 0
+    with live.client(live.keys["acme"]) as acme:
+        assert acme.model_info().adapter_slot_memory_bytes == 0
+    with live.client(live.keys["ops"]) as admin:
+        assert admin.model_info().adapter_slot_memory_bytes > 0
+
+
 ADMIN_CALLS: dict[str, Callable[[LoraFleetClient], object]] = {
     "LoadAdapter": lambda c: c.load_adapter("acme/support"),
     "PinAdapter": lambda c: c.pin_adapter("acme/support"),

@@ -16,6 +16,7 @@ from lorafleet_server.grpc import convert
 from lorafleet_server.grpc.auth import check_adapter_access
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import stream_rpc, unary_rpc
+from lorafleet_server.tenants.access import sees_every_tenant
 
 
 def cut_by_server(summary: Summary) -> None:
@@ -126,4 +127,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GetModelInfo(
         self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> inference_pb2.GetModelInfoResponse:
-        return convert.model_info_pb(self._info, self._slot_memory_bytes())
+        # A tenant key gets 0: the slot memory moves with every tenant's loaded adapters (an outside
+        # review read another tenant's r=32 all-linear adapter off it); the gauge is the operators'.
+        slot_bytes = self._slot_memory_bytes() if sees_every_tenant(record.principal) else 0
+        return convert.model_info_pb(self._info, slot_bytes)

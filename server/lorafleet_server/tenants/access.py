@@ -74,6 +74,12 @@ def is_foreign(principal: Caller | None, tenant: str) -> bool:
     return principal is not None and principal.role != "admin" and tenant != principal.tenant
 
 
+def sees_every_tenant(principal: Caller | None) -> bool:
+    """Whether what the server holds for all tenants together (the slot memory of every loaded adapter,
+    which tells their ranks and targets) may be shown: to admin keys, and on a server without keys."""
+    return principal is None or principal.role == "admin"
+
+
 def check_adapter_access(principal: Caller | None, ref: AdapterRef | None) -> None:
     """Inference through another tenant's adapter fails exactly as an adapter that does not exist: the
     store's own words for an unknown adapter (``AdapterStore.resolve``), with or without a version, so
