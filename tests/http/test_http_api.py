@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from lorafleet_server.app import Service
 from lorafleet_server.errors import EngineTimeout, InvalidRequest, PermissionDenied, QueueFull, ShuttingDown
 from lorafleet_server.grpc.server import server_keys
 from lorafleet_server.grpc.status import STATUS_TABLE, http_status_for, status_for
+from lorafleet_server.http.app import HttpTimeouts
 from lorafleet_server.http.errors import describe
 from lorafleet_server.http.server import BackgroundHttpServer
 from lorafleet_server.tenants.errors import MissingKey
@@ -567,3 +569,54 @@ def test_draining_is_503(open_http: tuple[BackgroundHttpServer, Service]) -> Non
         sdk.completions.create(model=model, prompt="x", max_tokens=1)
     assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "1"
     assert refused.value.body["type"] == "service_unavailable_error"  # type: ignore[index]
+
+
+def test_a_client_too_slow_with_its_head_or_body_is_cut_off(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Found by an outside review: half a request head, or a body short of its Content-Length, held the
+    connection (and a descriptor of the process that serves gRPC too) for as long as the client liked.
+    Now the head has HttpTimeouts.head_seconds (the connection is closed) and the body body_seconds (408),
+    while a response that takes longer than either (a stream) is not cut."""
+    service = tiny_service(tiny_model_dir, tmp_path / "adapters", port=0, metrics_port=0)
+    keys = server_keys(service.config)
+    keys.load()
+    server = BackgroundHttpServer(service, keys, timeouts=HttpTimeouts(head_seconds=0.5, body_seconds=0.5))
+    port = server.start()
+
+    def closed_within(sock: socket.socket, seconds: float) -> bytes:
+        sock.settimeout(seconds)
+        got = b""
+        while chunk := sock.recv(4096):  # b"": the server closed it (a timeout raises)
+            got += chunk
+        return got
+
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as half_head:
+            half_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(3):  # a byte now and then does not extend it
+                time.sleep(0.2)
+                half_head.sendall(b"X")
+            assert closed_within(half_head, 5) == b""
+        with socket.create_connection(("127.0.0.1", port)) as short_body:
+            short_body.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"model": '
+            )
+            answer = closed_within(short_body, 5)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in answer, answer
+        with httpx.Client(base_url=server.url, timeout=30) as client:  # kept alive: each head has its time
+            for _ in range(2):
+                assert client.get("/health").status_code == 200
+                time.sleep(0.3)
+            model = service.info.model_id
+            body = {"model": model, "prompt": "Once", "max_tokens": 24, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as stream:  # slower than both deadlines
+                lines = []
+                for line in stream.iter_lines():
+                    lines.append(line)
+                    time.sleep(0.05)
+            assert "data: [DONE]" in lines
+        labels = {"rpc": "POST /v1/completions", "code": "DEADLINE_EXCEEDED"}
+        assert service.metrics.registry.get_sample_value("lorafleet_requests_total", labels) == 1
+    finally:
+        server.stop()
+        service.engine.shutdown(0.0)

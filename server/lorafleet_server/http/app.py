@@ -53,7 +53,7 @@ from lorafleet_server.grpc.affinity import ADAPTER_HEADER, REPLICA_HEADER
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.http.auth import HttpAuth, principal_of
 from lorafleet_server.http.errors import InvalidParameter, body_error, describe, error_body
-from lorafleet_server.http.limits import BodyLimit, BodyTooLarge
+from lorafleet_server.http.limits import BodyLimit, BodyTimedOut, BodyTooLarge
 from lorafleet_server.http.routes import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
@@ -638,16 +638,25 @@ class OpenAIApi:
         status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
         kind = "not_found_error" if status == 404 else "invalid_request_error"
         rid = request_id_of(request.headers.get(REQUEST_ID_HEADER))
-        if isinstance(exc, BodyTooLarge):  # counted by BodyLimit, under this request id
+        if isinstance(exc, BodyTooLarge | BodyTimedOut):  # counted by BodyLimit, under this request id
             # the rest of the body is unread: the connection cannot carry another request
             headers = {REQUEST_ID_HEADER: rid, "connection": "close"}
-            body = error_body(exc.detail, kind, None, "request_too_large")
-            return JSONResponse(body, status_code=413, headers=headers)
+            code = "request_too_large" if isinstance(exc, BodyTooLarge) else "request_timeout"
+            return JSONResponse(error_body(exc.detail, kind, None, code), status_code=exc.status_code, headers=headers)
         detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
         message = f"{request.method} {request.url.path[:200]}: {detail}"
         headers = dict(exc.headers or {}) if isinstance(exc, StarletteHTTPException) else {}
         headers[REQUEST_ID_HEADER] = rid
         return JSONResponse(error_body(message, kind, None, None), status_code=status, headers=headers)
+
+
+@dataclass(frozen=True)
+class HttpTimeouts:
+    """How long a client may take to send a request: its head (``HeadDeadline``, http/server.py), then
+    its whole body (``BodyLimit``: 408 after ``body_seconds``). Neither bounds a response."""
+
+    head_seconds: float = 30.0
+    body_seconds: float = 60.0
 
 
 def create_app(
@@ -659,9 +668,10 @@ def create_app(
     max_body_bytes: int,
     health: Health | None = None,
     replica_id: str = "",
+    body_seconds: float = HttpTimeouts.body_seconds,
 ) -> FastAPI:
     """The ASGI app: ``ReplicaHeader`` (when ``replica_id`` is set), ``HttpAuth``, then ``BodyLimit``
-    (``max_body_bytes``), in front of the routes."""
+    (``max_body_bytes``, ``body_seconds``), in front of the routes."""
     api = OpenAIApi(engine, info, calls, default_max_new_tokens, health if health is not None else Health())
     app = FastAPI(
         title="lorafleet OpenAI-compatible API",
@@ -678,7 +688,7 @@ def create_app(
     app.add_api_route("/v1/embeddings", api.embeddings, methods=["POST"])
     app.add_exception_handler(RequestValidationError, api.validation_error)
     app.add_exception_handler(StarletteHTTPException, api.http_error)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, calls=calls)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, calls=calls, seconds=body_seconds)
     app.add_middleware(HttpAuth, keys=keys, calls=calls)
     if replica_id:
         app.add_middleware(ReplicaHeader, replica=replica_id)  # added last: outermost

@@ -5,11 +5,18 @@ a chunked body is cut off (and refused, 413 too) as soon as it passes the limit,
 never sits in memory. Counted and logged under its route with RESOURCE_EXHAUSTED (gRPC's own limit
 refuses an oversized message before any handler runs: that one is neither counted nor logged).
 The middleware sits inside ``HttpAuth``: callers without a key are refused first.
+
+The body has a deadline too: all of it within ``seconds`` of the request's head, else 408 (a client
+that declared 1,000 bytes and sent 9 held its connection for good). Only the body's reads are timed:
+once it is complete, the app's later ``receive()`` calls (a stream listening for the client to go)
+wait as long as the response runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import grpc
 from starlette.exceptions import HTTPException
@@ -29,11 +36,19 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, message)
 
 
+class BodyTimedOut(HTTPException):
+    """The body did not arrive in time (``BodyLimit``): 408, in OpenAI's shape like ``BodyTooLarge``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(408, message)
+
+
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int, calls: CallObserver) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, calls: CallObserver, seconds: float = 60.0) -> None:
         self._app = app
         self._max = max_bytes
         self._calls = calls
+        self._seconds = seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,23 +60,35 @@ class BodyLimit:
             await self._refuse(scope, send, headers)
             return
         seen = 0
-        over = False
+        refused: tuple[grpc.StatusCode, str] | None = None  # how the app's answer (413, 408) is counted
+        complete = False  # the body's last part has come: later reads are the app's disconnect watch
+        deadline = time.monotonic() + self._seconds
 
         async def limited() -> Message:
-            nonlocal seen, over
-            message = await receive()
+            nonlocal seen, refused, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                why = f"the request body did not arrive within {self._seconds:g} seconds ({seen} bytes came)"
+                refused = (grpc.StatusCode.DEADLINE_EXCEEDED, why)
+                raise BodyTimedOut(why) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self._max:
-                    over = True
+                    refused = (grpc.StatusCode.RESOURCE_EXHAUSTED, self._message)
                     raise BodyTooLarge(self._message)
+            else:  # http.disconnect: nothing more will come
+                complete = True
             return message
 
         async def accounting(message: Message) -> None:
-            if over and message["type"] == "http.response.start":  # the app's 413: counted before it is sent
-                said = dict(message.get("headers", ()))  # under the request id the 413 names
+            if refused is not None and message["type"] == "http.response.start":  # the app's 413 or 408:
+                said = dict(message.get("headers", ()))  # counted before it is sent, under the id it names
                 rid = said.get(b"x-request-id", b"").decode("latin-1") or headers.get("x-request-id")
-                await self._account(scope, rid)
+                await self._account(scope, rid, *refused)
             await send(message)
 
         await self._app(scope, limited, accounting)
@@ -70,10 +97,16 @@ class BodyLimit:
     def _message(self) -> str:
         return f"the request body is larger than the server's limit of {self._max} bytes (--max-message-bytes)"
 
-    async def _account(self, scope: Scope, request_id: str | None) -> str:
+    async def _account(
+        self,
+        scope: Scope,
+        request_id: str | None,
+        code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
+        error: str | None = None,
+    ) -> str:
         rid = request_id_of(request_id)
         async with self._calls.call(rpc_of(scope["method"], scope["path"]) or "other", NoDeadline(), rid) as record:
-            record.code, record.error = grpc.StatusCode.RESOURCE_EXHAUSTED, self._message
+            record.code, record.error = code, error or self._message
         return rid
 
     async def _refuse(self, scope: Scope, send: Send, headers: dict[str, str]) -> None:

@@ -16,16 +16,70 @@ import threading
 from concurrent.futures import Future
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lorafleet_server.app import Service
 from lorafleet_server.errors import StartupError
 from lorafleet_server.grpc.observe import CallObserver
-from lorafleet_server.http.app import Health, create_app
+from lorafleet_server.http.app import Health, HttpTimeouts, create_app
 from lorafleet_server.tenants.access import KeyChecker
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 5  # for uvicorn to close connections once the engine has finished every request
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's head (request line and headers):
+    ``head_seconds`` from the connection's start, or from the end of the previous response on a
+    kept-alive connection, whatever arrives meanwhile. uvicorn has none (its keep-alive timer stops at
+    the first byte), so a client sending half a head, or a byte now and then, held its connection, and
+    a file descriptor of the process that serves gRPC too, for good. The body's own deadline is
+    ``BodyLimit``'s. Subclassed per server with its ``head_seconds`` (``with_deadline``)."""
+
+    head_seconds = 30.0
+
+    @classmethod
+    def with_deadline(cls, seconds: float) -> type[HeadDeadline]:
+        return type("HeadDeadline", (cls,), {"head_seconds": seconds})
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_of: object = None  # the cycle that was current when the timer started
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is not None and self.cycle is not self._head_of:  # a new request's head is in
+            self._stop_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _start_head_timer(self) -> None:
+        self._stop_head_timer()
+        if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head already came
+            return
+        self._head_of = self.cycle
+        self._head_timer = self.loop.call_later(self.head_seconds, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            log.info("HTTP connection from %s closed: no complete request head in %gs", self.client, self.head_seconds)
+            self.transport.close()
 
 
 def _url_host(host: str) -> str:
@@ -36,7 +90,10 @@ class HttpServer:
     """The OpenAI-compatible API of ``service`` on ``host:port`` (0: any free port), checking ``keys``
     (the ``ServerKeys`` the gRPC edge keeps current)."""
 
-    def __init__(self, service: Service, keys: KeyChecker, host: str, port: int) -> None:
+    def __init__(
+        self, service: Service, keys: KeyChecker, host: str, port: int, timeouts: HttpTimeouts | None = None
+    ) -> None:
+        timeouts = timeouts or HttpTimeouts()
         self.health = Health()
         calls = CallObserver(service.metrics)
         cfg = service.config
@@ -49,11 +106,13 @@ class HttpServer:
             cfg.max_message_bytes,
             self.health,
             replica_id=cfg.replica_name,
+            body_seconds=timeouts.body_seconds,
         )
         self._config = uvicorn.Config(
             app,
             host=host,
             port=port,
+            http=HeadDeadline.with_deadline(timeouts.head_seconds),
             lifespan="off",
             log_config=None,  # our logging setup (logs.py) stays in charge
             access_log=False,  # CallObserver writes one line per request
@@ -112,10 +171,17 @@ class HttpServer:
 class BackgroundHttpServer:
     """An ``HttpServer`` on its own event loop thread, next to a gRPC server of the same service."""
 
-    def __init__(self, service: Service, keys: KeyChecker, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        service: Service,
+        keys: KeyChecker,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        timeouts: HttpTimeouts | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-loop", daemon=True)
-        self.server = HttpServer(service, keys, host, port)
+        self.server = HttpServer(service, keys, host, port, timeouts)
 
     @property
     def url(self) -> str:
