@@ -20,7 +20,7 @@ from lorafleet_adapters.ref import AdapterRef
 from lorafleet_server.app import Service
 from lorafleet_server.engine import engine as engine_module
 from lorafleet_server.engine.admin import AdapterAdmin, Tier
-from lorafleet_server.engine.types import ChatTurn, FinishReason, TokenEvent
+from lorafleet_server.engine.types import MAX_CHAT_TURNS, ChatTurn, FinishReason, TokenEvent
 from lorafleet_server.errors import AdapterBusy, InvalidRequest, QueueFull
 from lorafleet_server.model.runner import RowStep
 
@@ -264,10 +264,14 @@ def test_prompt_over_the_context_limit(service: Service) -> None:
         service.engine.submit(request("hello " * 300, max_new_tokens=8), lambda _e: None)
     # Empty turns: no characters, yet each costs the template's role markers. Refused before the
     # chat is rendered and tokenized (500,000 of them took ~37 s of a worker thread).
-    turns = (ChatTurn("user", ""),) * 200_000
+    turns = (ChatTurn("user", ""),) * MAX_CHAT_TURNS
     started = time.perf_counter()
-    with pytest.raises(InvalidRequest, match=r"at least 400000 tokens\) plus max_new_tokens 8 exceeds"):
+    with pytest.raises(InvalidRequest, match=rf"at least {2 * MAX_CHAT_TURNS} tokens\) plus max_new_tokens 8 exceeds"):
         service.engine.submit(request("", messages=turns, max_new_tokens=8), lambda _e: None)
+    with pytest.raises(InvalidRequest, match=f"at most {MAX_CHAT_TURNS} turns, got 200000"):  # more: refused first
+        service.engine.submit(
+            request("", messages=(ChatTurn("user", ""),) * 200_000, max_new_tokens=8), lambda _e: None
+        )
     assert time.perf_counter() - started < 5
 
 

@@ -164,6 +164,36 @@ def test_a_preempted_request_does_not_count_against_its_tenants_waiting_limit(se
         release.set()
 
 
+def test_a_tenant_that_fills_the_queue_does_not_lock_the_others_out(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Found by an outside review: one tenant filling the global max_waiting got every other tenant's
+    first request refused. A full queue still takes a tenant below its share of it (max_waiting / the
+    tenants queued), up to twice max_waiting in all; the one that filled it stays refused."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_batch_size=1, max_waiting=4)
+    release = threading.Event()
+    try:
+        held = svc.engine.call(lambda: release.wait(30))  # nothing is admitted meanwhile
+
+        def send(tenant: str, i: int) -> Collected | None:
+            try:
+                return submit(svc.engine, as_tenant(request(PROMPT, rid=f"{tenant}{i}", max_new_tokens=2), tenant))[0]
+            except QueueFull:
+                return None
+
+        a = [send("a", i) for i in range(8)]
+        assert sum(s is not None for s in a) == 5  # the free row and max_waiting
+        b = [send("b", i) for i in range(4)]
+        assert [s is not None for s in b] == [True, True, False, False]  # its share: 4 / 2 tenants
+        assert send("a", 9) is None  # a is above its share
+        c = [send("c", i) for i in range(4)]
+        assert [s is not None for s in c] == [True, True, False, False]  # 4 / 3 tenants: 1.33
+        release.set()
+        held.result(10)
+        assert all(s.wait().summary.generated_tokens == 2 for s in [*a, *b, *c] if s is not None)
+    finally:
+        release.set()
+        svc.engine.shutdown(10)
+
+
 def test_per_tenant_waiting_limit_refuses_at_once_and_spares_others(service: Service) -> None:
     engine = service.engine
     release = threading.Event()

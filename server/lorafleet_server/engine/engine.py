@@ -391,19 +391,26 @@ class Engine:
         return int(override) if override is not None else int(getattr(self.config, f"{kind}_per_tenant"))
 
     def _check_capacity_locked(self, req: GenerationRequest) -> None:
-        """Refuse when shutting down, or when ``max_waiting`` requests would wait beyond the free rows.
+        """Refuse when shutting down, or when ``max_waiting`` requests would wait beyond the free rows,
+        unless the request's tenant has less than its share of the queue.
 
         Submitted requests first fill the free KV rows (the engine admits them between steps), so the
         queue holds ``free rows + max_waiting`` before it is full: a burst that arrives during a long
-        step is not refused while rows stand empty. The caller holds ``self._lock``.
+        step is not refused while rows stand empty. A full queue still takes a request of a tenant with
+        fewer queued than ``max_waiting`` / the tenants queued (it counting itself), up to twice
+        ``max_waiting`` in all: one tenant that filled the queue locked every other out (an outside
+        review), and now it only loses its place above its share. The caller holds ``self._lock``.
         """
         if not self._accepting:
             raise ShuttingDown("the server is shutting down")
         waiting = self._queued - self._free_row_count
+        own = self._tenant_queued.get(req.tenant, 0)
         if waiting >= self.config.max_waiting:
-            raise QueueFull("the queue is full (every row taken, max_waiting requests waiting); try again later")
+            tenants = len(self._tenant_queued) + (0 if own else 1)
+            if own >= self.config.max_waiting / tenants or waiting >= 2 * self.config.max_waiting:
+                raise QueueFull("the queue is full (every row taken, max_waiting requests waiting); try again later")
         limit = self.tenant_limit(req, "max_waiting")
-        queued = self._tenant_queued.get(req.tenant, 0) - self._tenant_resuming.get(req.tenant, 0)
+        queued = own - self._tenant_resuming.get(req.tenant, 0)
         if limit and queued >= limit:
             who = f"tenant {req.tenant!r}" if req.tenant else "the base model without a key"
             raise QueueFull(f"{who} has {queued} requests queued: its limit max_waiting_per_tenant is {limit}")
