@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from e2elib import LiveServer, metric, seconds_per_token, start_queued, wait_for_metric
+from e2elib import LiveServer, metric, start_queued, wait_for_metric
 from enginelib import engine_held
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -215,12 +215,19 @@ def test_deadline_exceeded_stops_generation(live: LiveServer) -> None:
     expired = metric(service, "lorafleet_requests_total", rpc="Generate", code="DEADLINE_EXCEEDED")
     cut = metric(service, "lorafleet_requests_total", rpc="Generate", code="CANCELLED")
     cancelled = metric(service, "lorafleet_generations_total", reason="cancelled")
-    # A deadline of about a quarter of the request's time alone on this machine (at most 0.5 s): a
-    # fixed one let an AMX Xeon decode 67 of the 128 tokens, and a twice faster machine would finish.
-    deadline = min(0.5, seconds_per_token(live.client, COUNTING) * LONG / 4)
+    # The deadline passes while the engine is held between two steps, once the request runs: no guess
+    # of this machine's speed (a deadline scaled by one timed request let a burst of load, or the first
+    # request of a fresh server, set it long enough for 66-78 of the 128 tokens; a fixed one let an AMX
+    # Xeon decode 67, and a faster machine would finish).
     tokens = metric(service, "lorafleet_generated_tokens_total")
-    with pytest.raises(LoraFleetError) as err:
-        live.client.generate(COUNTING, sampling=Sampling(max_new_tokens=LONG), timeout=deadline)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        call = pool.submit(live.client.generate, COUNTING, sampling=Sampling(max_new_tokens=LONG), timeout=3.0)
+        deadline = time.monotonic() + 30
+        while service.engine.load_stats()[0] == 0 and not call.done():
+            assert time.monotonic() < deadline, "the call never started running"
+            time.sleep(0.001)
+        with engine_held(service.engine), pytest.raises(LoraFleetError) as err:
+            call.result(timeout=30)  # its deadline passes meanwhile; the cancel is handled before the next step
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     # Cut (a natural end counts as "length"), well before its LONG tokens.
     wait_for_metric(service, "lorafleet_generations_total", cancelled + 1, reason="cancelled")
