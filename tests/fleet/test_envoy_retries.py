@@ -37,6 +37,7 @@ class _Upstream:
         self.answer_after = answer_after
         self.hold = False
         self.held = 0
+        self.received = 0  # calls that reached it, held or not
         self.release = threading.Event()
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=BURST + 8))
@@ -51,6 +52,8 @@ class _Upstream:
         self.server.start()
 
     def _call(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._lock:
+            self.received += 1
         if self.hold:
             with self._lock:
                 self.held += 1
@@ -98,13 +101,13 @@ def _forced_stop_under_envoy(
     try:
         admin = f"127.0.0.1:{admin_port}"
         _wait(lambda: fleet_script.envoy_healthy_hosts(admin) == 2, "Envoy: both upstreams healthy")
-        return asyncio.run(_burst(listen, admin, stopping))
+        return asyncio.run(_burst(listen, admin, stopping, staying))
     finally:
         envoy.terminate()
         envoy.wait(timeout=30)
 
 
-async def _burst(listen: int, admin: str, stopping: _Upstream) -> list[str]:
+async def _burst(listen: int, admin: str, stopping: _Upstream, staying: _Upstream) -> list[str]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel:
         call = channel.unary_unary(METHOD)
         for n in range(200):  # an adapter the ring places on the stopping upstream
@@ -114,6 +117,7 @@ async def _burst(listen: int, admin: str, stopping: _Upstream) -> list[str]:
         else:
             raise AssertionError("no adapter hashed to the stopping upstream")
         stopping.hold = True
+        staying.received = 0
 
         async def one() -> str:
             try:
@@ -124,7 +128,9 @@ async def _burst(listen: int, admin: str, stopping: _Upstream) -> list[str]:
 
         calls = [asyncio.ensure_future(one()) for _ in range(BURST)]
         # Bounded load spills part of the burst to the other upstream; the rest waits on the stopping one.
-        await asyncio.sleep(0.5)  # every call has reached one of them (the staying one answers after 1 s)
+        # Every call has reached one of them (the staying one answers after 1 s): waited for, not slept
+        # on (a fixed 0.5 s assumed Envoy dispatched the whole burst by then on two busy cores).
+        await asyncio.to_thread(_wait, lambda: stopping.held + staying.received >= BURST, "the burst dispatched")
         assert stopping.held >= 5, stopping.held  # more than Envoy's default of 3 retries at once (7 here)
         stopping.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # the drain
         await asyncio.to_thread(_wait, lambda: fleet_script.envoy_healthy_hosts(admin) == 1, "taken out")
