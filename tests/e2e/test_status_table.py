@@ -258,7 +258,7 @@ CASES: dict[type[BaseException], tuple[Code, str, Case]] = {
     AdapterIncompatible: (Code.FAILED_PRECONDITION, "was built for base", _adapter_incompatible),  # LoadAdapter
     AdapterFormatError: (Code.FAILED_PRECONDITION, "checksum mismatch", _adapter_format_error),  # GenerateStream
     WrongAdapterKind: (Code.FAILED_PRECONDITION, "of kind 'head'", _wrong_adapter_kind),  # Generate
-    QueueFull: (Code.RESOURCE_EXHAUSTED, "waiting for a free row", _queue_full),  # Generate
+    QueueFull: (Code.RESOURCE_EXHAUSTED, "the queue is full", _queue_full),  # Generate
     AdapterBusy: (Code.RESOURCE_EXHAUSTED, "every device slot is in use", _adapter_busy),  # LoadAdapter
     ShuttingDown: (Code.UNAVAILABLE, "shutting down", _shutting_down),  # Generate, GenerateStream, UnloadAdapter
     StoreUnavailable: (Code.UNAVAILABLE, "is unavailable", _store_unavailable),  # ListAdapters
