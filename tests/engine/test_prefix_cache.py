@@ -383,6 +383,37 @@ def test_a_preempted_request_resumes_from_the_cache_with_the_same_tokens(service
     }
 
 
+def test_a_prompt_preempted_before_its_first_lookup_is_counted_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Found by an outside review: with 16-token steps only the first of four long prompts looks up in
+    the first step; the one preempted before its turn (for tenant b) skipped its only lookup's count."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_batch_size=4, max_seq_len=512, max_step_tokens=16)
+    engine = svc.engine
+    engine.eos_token_ids = frozenset()
+
+    def as_tenant(req: Any, tenant: str) -> Any:
+        return replace(req, principal=Principal(key_id=f"k{tenant}", tenant=tenant, role="tenant"))
+
+    try:
+        before = counters(svc)
+        sent: list[tuple[Collected, Any]] = []
+        long_prompt = "The capital of France is " * 20
+        engine.run(
+            lambda: sent.extend(
+                submit(engine, as_tenant(request(long_prompt + str(i), rid=f"a{i}", max_new_tokens=8), "a"))
+                for i in range(4)
+            )
+        )
+        engine.run(lambda: None)  # a's rows started; one step in, only the first has looked up
+        engine.run(lambda: sent.append(submit(engine, as_tenant(request("Hi", rid="b", max_new_tokens=2), "b"))))
+        for sink, _ in sent:
+            sink.wait()
+        assert sum(handle._state.preemptions for _, handle in sent) >= 1
+        after = counters(svc)
+        assert after["hits"] + after["misses"] - before["hits"] - before["misses"] == len(sent)  # each once
+    finally:
+        engine.shutdown(10)
+
+
 def test_a_prefix_that_cannot_be_copied_in_counts_as_a_miss(services: tuple[Service, Service]) -> None:
     on, off = services
     prompt = "Copy-in failure test. " + SYSTEM

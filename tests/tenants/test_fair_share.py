@@ -19,7 +19,7 @@ from enginelib import Collected, request, submit, tiny_service
 
 from lorafleet_server.app import Service
 from lorafleet_server.engine import adapter_manager as adapter_manager_module
-from lorafleet_server.engine.engine import PREEMPT_AFTER_STEPS
+from lorafleet_server.engine.engine import PREEMPT_AFTER_TOKENS
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
 from lorafleet_server.engine.types import GenerationRequest, Principal
 from lorafleet_server.errors import QueueFull
@@ -100,36 +100,78 @@ def test_preempted_requests_generate_exactly_what_they_would_have(tiny_model_dir
     assert run(with_b=True) == run(with_b=False)
 
 
+def one_token_requests_back_to_back(engine: Any, tenant: str, count: int) -> list[int]:
+    """``count`` one-token requests of ``tenant``, each sent (on the engine thread) as soon as the one
+    before it ends; returns the engine step at which each was sent."""
+    sent: list[int] = []
+    done = threading.Event()
+
+    def send_next(event: Any = None) -> None:
+        if event is not None and not event.final:
+            return
+        if len(sent) == count:
+            done.set()
+            return
+        sent.append(engine.steps)
+        engine.submit(
+            as_tenant(request("Hi", rid=f"{tenant}{len(sent)}", max_new_tokens=1), tenant),
+            Collected(on_event=send_next),
+        )
+
+    engine.run(send_next)
+    assert done.wait(300), f"{tenant}'s requests did not all end"
+    return sent
+
+
 def test_a_resumed_row_is_not_preempted_again_before_it_has_run_a_while(service: Service) -> None:
     """Found by an outside review: tenant b sending one-token requests one after another preempted the
     same row of tenant a's each time, as soon as it had resumed (here 12 of 12 on one row). Now a
-    resumed row is protected for PREEMPT_AFTER_STEPS steps: the preemptions spread over a's rows, and
-    each row runs that long between two of them."""
+    resumed row is protected until it has generated PREEMPT_AFTER_TOKENS more tokens (a step each at
+    most): the preemptions spread over a's rows, and each row runs that long between two of them."""
     engine = service.engine
     flood = [
         submit(engine, as_tenant(request(PROMPT, rid=f"a{i}", max_new_tokens=60), "a"))
         for i in range(4)  # the whole batch
     ]
     assert all(sink.first.wait(30) for sink, _ in flood)
-    started: list[int] = []
-    done = threading.Event()
-
-    def next_b(event: Any = None) -> None:  # engine thread: b's next request as soon as its last one ends
-        if event is not None and not event.final:
-            return
-        if len(started) == 12:
-            done.set()
-            return
-        started.append(engine.steps)
-        b = as_tenant(request("Hi", rid=f"b{len(started)}", max_new_tokens=1), "b")
-        engine.submit(b, Collected(on_event=next_b))
-
-    engine.run(next_b)
-    assert done.wait(120)
+    started = one_token_requests_back_to_back(engine, "b", 12)
     for sink, _ in flood:
         assert sink.wait().summary.generated_tokens == 60
     preemptions = [handle._state.preemptions for _, handle in flood]
-    assert sum(preemptions) >= 4 and max(preemptions) <= 1 + (started[-1] - started[0]) // PREEMPT_AFTER_STEPS
+    assert sum(preemptions) >= 4 and max(preemptions) <= 1 + (started[-1] - started[0]) // PREEMPT_AFTER_TOKENS
+
+
+def test_a_resumed_row_whose_recompute_is_long_still_makes_progress(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Found by an outside review of the protection above when it counted steps since the row was taken
+    back: a recompute longer than that (200-token prompts, 16-token steps, no prefix cache) lost its row
+    again before it produced a token, on every row of the tenant at once (+2 to +5 tokens each over 241
+    steps). Counted in tokens, every resumed row makes PREEMPT_AFTER_TOKENS of progress first."""
+    svc = tiny_service(
+        tiny_model_dir,
+        tmp_path / "store",
+        max_batch_size=4,
+        max_seq_len=512,
+        max_new_tokens=64,
+        max_step_tokens=16,
+        prefix_cache_bytes=0,
+    )
+    engine = svc.engine
+    engine.eos_token_ids = frozenset()
+    try:
+        long_prompt = "The capital of France is " * 40
+        flood = [
+            submit(engine, as_tenant(request(long_prompt + str(i), rid=f"a{i}", max_new_tokens=60), "a"))
+            for i in range(4)
+        ]
+        assert all(sink.first.wait(120) for sink, _ in flood)
+        before = engine.run(lambda: [len(handle._state.generated) for _, handle in flood])
+        sent = one_token_requests_back_to_back(engine, "b", 40)
+        after = engine.run(lambda: [len(handle._state.generated) for _, handle in flood])
+        progress = [a - b for a, b in zip(after, before, strict=True)]
+        assert sum(progress) >= 2 * PREEMPT_AFTER_TOKENS, (progress, sent[-1] - sent[0])
+        assert all(sink.wait().summary.generated_tokens == 60 for sink, _ in flood)
+    finally:
+        engine.shutdown(10)
 
 
 def test_a_preempted_request_does_not_count_against_its_tenants_waiting_limit(service: Service) -> None:
@@ -153,7 +195,11 @@ def test_a_preempted_request_does_not_count_against_its_tenants_waiting_limit(se
         while sum(handle._state.preemptions for _, handle in flood) < 2:
             assert time.monotonic() < deadline, "b's requests preempted none of a's rows"
             time.sleep(0.01)
-        held = engine.call(lambda: release.wait(30))  # a's two resuming rows stay queued meanwhile
+        reached = threading.Event()
+        held = engine.call(lambda: (reached.set(), release.wait(30)))  # a's resuming rows stay queued meanwhile
+        assert reached.wait(30)
+        waiting = [handle for _, handle in flood if handle._state.kv_row < 0]  # preempted, not resumed yet
+        assert len(waiting) >= 1, "the preempted rows resumed before the hold: nothing to test"
         accepted = [submit(engine, as_tenant(request(PROMPT, rid=f"a-new{i}"), "a", max_waiting=2)) for i in range(2)]
         with pytest.raises(QueueFull, match="tenant 'a' has 2 requests queued"):  # its own two, not the preempted
             engine.submit(as_tenant(request(PROMPT, rid="a-over"), "a", max_waiting=2), Collected())

@@ -65,8 +65,8 @@ Sink = Callable[[TokenEvent], None]
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-# Steps a resumed request runs before fair-share preemption may take its row again (Engine._preemptible).
-PREEMPT_AFTER_STEPS = 16
+# Tokens a resumed request generates before fair-share preemption may take its row again (_preemptible).
+PREEMPT_AFTER_TOKENS = 16
 # How long a caller waits for the engine thread to run an admin call. A call waits for the current
 # step to end, so this bounds a stuck or overloaded engine, not ordinary work.
 CALL_TIMEOUT_SECONDS = 30.0
@@ -112,6 +112,8 @@ class _Request:
     resume_ids: list[int] = field(default_factory=list)
     preemptions: int = 0
     start_step: int = 0  # the engine step at which it took its KV row (prefill order ages from here)
+    resumed_at: int = 0  # tokens it had generated when it last took a row back after a preemption
+    prefix_recorded: bool = False  # its prompt's lookup is in the prefix-cache metrics
     prefix_checked: bool = False  # its KV row holds the cached prefix found for it (or none was found)
     prefix_hit: int = 0  # tokens of that prefix
 
@@ -397,23 +399,24 @@ class Engine:
         Submitted requests first fill the free KV rows (the engine admits them between steps), so the
         queue holds ``free rows + max_waiting`` before it is full: a burst that arrives during a long
         step is not refused while rows stand empty. A full queue still takes a request of a tenant with
-        fewer queued than ``max_waiting`` / the tenants queued (it counting itself), up to twice
+        fewer queued than ``max_waiting`` / the tenants queued (it counting itself; preempted requests
+        waiting to resume count for neither: their tenants did not send them again), up to twice
         ``max_waiting`` in all: one tenant that filled the queue locked every other out (an outside
         review), and now it only loses its place above its share. The caller holds ``self._lock``.
         """
         if not self._accepting:
             raise ShuttingDown("the server is shutting down")
         waiting = self._queued - self._free_row_count
-        own = self._tenant_queued.get(req.tenant, 0)
+        resuming = self._tenant_resuming
+        own = self._tenant_queued.get(req.tenant, 0) - resuming.get(req.tenant, 0)  # what it sent, not resumes
         if waiting >= self.config.max_waiting:
-            tenants = len(self._tenant_queued) + (0 if own else 1)
+            tenants = sum(1 for t, n in self._tenant_queued.items() if n > resuming.get(t, 0)) + (0 if own else 1)
             if own >= self.config.max_waiting / tenants or waiting >= 2 * self.config.max_waiting:
                 raise QueueFull("the queue is full (every row taken, max_waiting requests waiting); try again later")
         limit = self.tenant_limit(req, "max_waiting")
-        queued = own - self._tenant_resuming.get(req.tenant, 0)
-        if limit and queued >= limit:
+        if limit and own >= limit:
             who = f"tenant {req.tenant!r}" if req.tenant else "the base model without a key"
-            raise QueueFull(f"{who} has {queued} requests queued: its limit max_waiting_per_tenant is {limit}")
+            raise QueueFull(f"{who} has {own} requests queued: its limit max_waiting_per_tenant is {limit}")
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the engine thread between steps (admin operations on device slots).
@@ -658,13 +661,15 @@ class Engine:
 
     def _preemptible(self, r: _Request) -> bool:
         """Not an embedding (it has no decode to resume), not cancelled, and not resumed from a
-        preemption within the last ``PREEMPT_AFTER_STEPS`` steps: a tenant sending short requests one
-        after another preempted the same row each time, as soon as it had resumed, so that row made no
-        progress while its recompute was billed to nobody (an outside review measured 135-208
+        preemption without ``PREEMPT_AFTER_TOKENS`` new tokens since: a tenant sending short requests
+        one after another preempted the same row each time, as soon as it had resumed, so that row made
+        no progress while its recompute was billed to nobody (an outside review measured 135-208
         preemptions of one request). The victim is then another of the tenant's rows; a row is taken
-        again only after it has run that many steps. A first start is not protected: a tenant arriving
-        at a batch just filled by another still starts within a step or two."""
-        recently_resumed = r.preemptions > 0 and self.steps - r.start_step < PREEMPT_AFTER_STEPS
+        again only after it has made that much progress. Counted in tokens, not steps: a recompute
+        longer than the protection (long prompts, small step budgets, no cached prefix) lost its row
+        again before it produced anything. A first start is not protected: a tenant arriving at a batch
+        just filled by another still starts within a step or two."""
+        recently_resumed = r.preemptions > 0 and len(r.generated) - r.resumed_at < PREEMPT_AFTER_TOKENS
         return not r.req.embed and not r.cancelled and not recently_resumed
 
     def _preempt(self, r: _Request) -> None:
@@ -700,6 +705,7 @@ class Engine:
         if self.config.prefill_order == "arrival":  # the policy before issue 13: look up at admission
             self._reuse_prefix(r)
         if r.preemptions:  # resuming: its decoding state carries on
+            r.resumed_at = len(r.generated)
             return
         r.admitted = time.monotonic()
         self.observer.observe_admitted(r.admitted - r.submitted)
@@ -737,7 +743,8 @@ class Engine:
                 log.exception("request %s: its cached prefix could not be copied in; computing it", r.req.request_id)
                 n = 0
         r.prefix_hit = r.cached = n
-        if not r.preemptions:  # a resumed request finds its own prompt's blocks: not another prompt's lookup
+        if not r.prefix_recorded:  # once a prompt: a resumed request finds its own prompt's blocks again
+            r.prefix_recorded = True
             self.prefix_cache.record(limit, n)
 
     def _waits_for_prefix(self, r: _Request, finishing: list[_Request]) -> bool:
