@@ -9,7 +9,7 @@ untimed reads of the same buffer: a cache that keeps only lines it has seen reus
 keeps few of those read once) then holds what fits. Each cell is the median of ``--rounds`` such reads,
 the sizes taken in turn round by round, so load from other processes hits all alike.
 
-    .venv/bin/python -m bench.read_bandwidth                 # ~30 s
+    .venv/bin/python -m bench.read_bandwidth                 # ~20 s (holds ~2.6 GiB of buffers)
     .venv/bin/python -m bench.read_bandwidth --sizes 128,256,555 --threads 2 --json bench/results/read_bandwidth.json
 
 Where the reads of the base alone fit the cache and those of the base and the adapters together do

@@ -603,17 +603,22 @@ def test_a_client_too_slow_with_its_head_or_body_is_cut_off(tiny_model_dir: Path
             )
             answer = closed_within(short_body, 5)
             assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in answer, answer
-        with httpx.Client(base_url=server.url, timeout=30) as client:  # kept alive: each head has its time
-            for _ in range(2):
-                assert client.get("/health").status_code == 200
+        with socket.create_connection(("127.0.0.1", port)) as kept:  # kept alive: each head has its own time
+            kept.settimeout(5)
+            for _ in range(3):  # 0.3 s apart: 0.9 s in all on one connection, past the 0.5 s deadline
+                kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert kept.recv(4096).startswith(b"HTTP/1.1 200 "), "the kept-alive connection was closed"
                 time.sleep(0.3)
-            model = service.info.model_id
-            body = {"model": model, "prompt": "Once", "max_tokens": 24, "stream": True}
-            with client.stream("POST", "/v1/completions", json=body) as stream:  # slower than both deadlines
+        model = service.info.model_id
+        body = {"model": model, "prompt": "Once", "max_tokens": 24, "stream": True}
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            with client.stream("POST", "/v1/completions", json=body) as stream:
                 lines = []
                 for line in stream.iter_lines():
+                    if not lines:  # the stream stalls 1.2 s on the server, past both deadlines: not cut
+                        with engine_held(service.engine):
+                            time.sleep(1.2)
                     lines.append(line)
-                    time.sleep(0.05)
             assert "data: [DONE]" in lines
         labels = {"rpc": "POST /v1/completions", "code": "DEADLINE_EXCEEDED"}
         assert service.metrics.registry.get_sample_value("lorafleet_requests_total", labels) == 1
