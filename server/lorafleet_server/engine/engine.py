@@ -84,6 +84,15 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return {str(t.content): int(i) for i, t in added.items() if getattr(t, "special", False)}
 
 
+def _add_count(counts: dict[str, int], tenant: str, delta: int) -> None:
+    """``counts[tenant] += delta``, the entry dropped at 0 (so the dict holds only tenants with some)."""
+    left = counts.get(tenant, 0) + delta
+    if left:
+        counts[tenant] = left
+    else:
+        counts.pop(tenant, None)
+
+
 @dataclass(eq=False)  # identity: two requests may carry the same client-chosen request id
 class _Request:
     req: GenerationRequest
@@ -378,14 +387,9 @@ class Engine:
         """Submitted-not-running requests, in total and per tenant (``resuming``: a preempted one, counted
         apart as well). The caller holds ``self._lock``."""
         self._queued += delta
-        for counts, applies in ((self._tenant_queued, True), (self._tenant_resuming, resuming)):
-            if not applies:
-                continue
-            left = counts.get(tenant, 0) + delta
-            if left:
-                counts[tenant] = left
-            else:
-                counts.pop(tenant, None)
+        _add_count(self._tenant_queued, tenant, delta)
+        if resuming:
+            _add_count(self._tenant_resuming, tenant, delta)
 
     def tenant_limit(self, req: GenerationRequest, kind: Literal["max_waiting", "max_running"]) -> int:
         """A tenant's waiting or running limit: the key's override, else the engine's (0: none)."""

@@ -49,6 +49,13 @@ class Turn(Protocol):
     content: str
 
 
+def check_turn_count(turns: int) -> None:
+    """Refuse a chat of more than ``MAX_CHAT_TURNS`` turns (the engine's check, and the gRPC edge's
+    before it builds a turn of any)."""
+    if turns > MAX_CHAT_TURNS:
+        raise InvalidRequest(f"messages takes at most {MAX_CHAT_TURNS} turns, got {turns}")
+
+
 def check_unicode(text: str, what: str) -> None:
     """Refuse text that is not a sequence of Unicode characters: a lone UTF-16 surrogate (JSON's
     ``"\\ud800"`` decodes to one; protobuf refuses them) has no UTF-8 form, and the tokenizer raises."""
@@ -139,8 +146,7 @@ class PromptEncoder:
         if (prompt is None or prompt == "") == (not messages):
             raise InvalidRequest("set exactly one of prompt and messages")
         check_unicode(prompt or "", "prompt")
-        if len(messages) > MAX_CHAT_TURNS:
-            raise InvalidRequest(f"messages takes at most {MAX_CHAT_TURNS} turns, got {len(messages)}")
+        check_turn_count(len(messages))
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant")

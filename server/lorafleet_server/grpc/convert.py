@@ -8,8 +8,8 @@ from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.ref import AdapterRef
 from lorafleet_proto.v1 import adapters_pb2, inference_pb2
 from lorafleet_server.engine.admin import AdapterView, Tier
+from lorafleet_server.engine.prompts import check_turn_count
 from lorafleet_server.engine.types import (
-    MAX_CHAT_TURNS,
     ChatTurn,
     ClassifyParams,
     FinishReason,
@@ -42,8 +42,7 @@ def adapter_ref(text: str) -> AdapterRef | None:
 
 def chat_turns(messages: Any) -> tuple[ChatTurn, ...]:
     """The request's turns, refused above MAX_CHAT_TURNS before any is built (on the event loop)."""
-    if len(messages) > MAX_CHAT_TURNS:
-        raise InvalidRequest(f"messages takes at most {MAX_CHAT_TURNS} turns, got {len(messages)}")
+    check_turn_count(len(messages))
     return tuple(ChatTurn(role=m.role, content=m.content) for m in messages)
 
 
