@@ -8,7 +8,14 @@ class ServingError(Exception):
 
 
 class InvalidRequest(ServingError):
-    """The request is malformed or outside the server's limits (INVALID_ARGUMENT)."""
+    """The request is malformed or outside the server's limits (INVALID_ARGUMENT).
+
+    ``param``: the request field at fault, in the engine's names (``stop``, ``max_new_tokens``,
+    ``prompt``, ``messages``...), when one is; the HTTP edge reports it in the error's ``param``."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthExceeded(InvalidRequest):

@@ -275,6 +275,28 @@ def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
     assert echo.value.param == "echo"
 
 
+def test_the_engines_refusals_name_the_parameter_too(tiny_http: TinyHttp) -> None:
+    """What the engine refuses (not the request schema) names its field in the API's words: they all had
+    ``param: null``, so a client could not tell which field to fix."""
+    sdk = client(tiny_http)
+    with pytest.raises(openai.BadRequestError, match="the prompt is empty") as empty:
+        sdk.completions.create(model=tiny_http.model_id, prompt="")
+    assert empty.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError, match="stop takes") as stop:
+        sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2, stop=[""])  # type: ignore[arg-type]
+    assert stop.value.param == "stop"
+    long = [{"role": "user", "content": "word " * 300}]
+    with pytest.raises(openai.BadRequestError, match="exceeds the context") as chat:
+        sdk.chat.completions.create(model=tiny_http.model_id, messages=long, max_tokens=2)  # type: ignore[arg-type]
+    assert chat.value.param == "messages" and chat.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="exceeds the context") as plain:
+        sdk.completions.create(model=tiny_http.model_id, prompt="word " * 300, max_tokens=2)
+    assert plain.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError, match="exceeds the context") as embed:
+        sdk.embeddings.create(model=tiny_http.model_id, input=["x", "word " * 300])
+    assert embed.value.param == "input"
+
+
 def test_loose_types_and_unbounded_lists_are_refused_before_any_work(tiny_http: TinyHttp) -> None:
     """Found by an outside review: a string or a number for a boolean, a string or a boolean for a number,
     both token limits disagreeing, and 4 MiB of empty turns (which held the event loop ~0.7 s) were all

@@ -376,7 +376,7 @@ class Engine:
                 f"head {key} reads {head.hidden_size} features; this base has hidden size {self.runner.hidden_size}"
             )
         if req.classify.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {req.classify.top_k}")
+            raise InvalidRequest(f"top_k must be >= 0, got {req.classify.top_k}", param="top_k")
         return head
 
     def _check_capacity(self, req: GenerationRequest) -> None:
@@ -455,18 +455,25 @@ class Engine:
         if req.embed:
             return
         if not 1 <= p.max_new_tokens <= self.config.max_new_tokens:
-            raise InvalidRequest(f"max_new_tokens must be in [1, {self.config.max_new_tokens}], got {p.max_new_tokens}")
+            raise InvalidRequest(
+                f"max_new_tokens must be in [1, {self.config.max_new_tokens}], got {p.max_new_tokens}",
+                param="max_new_tokens",
+            )
         if not math.isfinite(p.temperature) or p.temperature < 0:
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {p.temperature}")
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {p.temperature}", param="temperature")
         if not math.isfinite(p.top_p) or not 0 < p.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}", param="top_p")
         if p.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}", param="top_k")
         if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
-            raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty}")
+            raise InvalidRequest(
+                f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty}",
+                param="repetition_penalty",
+            )
         if len(p.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS or not s for s in p.stop):
             raise InvalidRequest(
-                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"
+                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
+                param="stop",
             )
 
     # -- engine thread ------------------------------------------------------------------------

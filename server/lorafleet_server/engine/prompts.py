@@ -53,7 +53,7 @@ def check_turn_count(turns: int) -> None:
     """Refuse a chat of more than ``MAX_CHAT_TURNS`` turns (the engine's check, and the gRPC edge's
     before it builds a turn of any)."""
     if turns > MAX_CHAT_TURNS:
-        raise InvalidRequest(f"messages takes at most {MAX_CHAT_TURNS} turns, got {turns}")
+        raise InvalidRequest(f"messages takes at most {MAX_CHAT_TURNS} turns, got {turns}", param="messages")
 
 
 def check_unicode(text: str, what: str) -> None:
@@ -63,7 +63,8 @@ def check_unicode(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidRequest(
-            f"{what} is not valid Unicode text: a lone surrogate {text[exc.start]!a} at character {exc.start}"
+            f"{what} is not valid Unicode text: a lone surrogate {text[exc.start]!a} at character {exc.start}",
+            param=what.split("[")[0],
         ) from None
 
 
@@ -142,14 +143,15 @@ class PromptEncoder:
         """
         what = budget_text or f"max_new_tokens {budget}"
         if prompt == "" and not messages:
-            raise InvalidRequest("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", param="prompt")
         if (prompt is None or prompt == "") == (not messages):
             raise InvalidRequest("set exactly one of prompt and messages")
+        field = "messages" if messages else "prompt"  # the refusals' param
         check_unicode(prompt or "", "prompt")
         check_turn_count(len(messages))
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
-                raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant")
+                raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant", param="messages")
             check_unicode(m.content, f"messages[{i}].content")
         own = [(m.role, m.content) for m in messages]
         chars = len(prompt or "") + sum(len(content) for _, content in own)
@@ -163,7 +165,8 @@ class PromptEncoder:
         if at_least + budget > self.max_seq_len:
             raise ContextLengthExceeded(
                 f"the prompt ({chars} characters, at least {at_least} tokens) plus {what} "
-                f"exceeds the context limit of {self.max_seq_len} tokens"
+                f"exceeds the context limit of {self.max_seq_len} tokens",
+                param=field,
             )
         if template is not None:  # a prompt adapter always speaks through the chat template
             own = own or [("user", str(prompt))]
@@ -176,10 +179,11 @@ class PromptEncoder:
         else:
             ids = self.tokenizer.encode(str(prompt), add_special_tokens=False)
         if not ids:
-            raise InvalidRequest("the prompt is empty after tokenization")
+            raise InvalidRequest("the prompt is empty after tokenization", param=field)
         if len(ids) + budget > self.max_seq_len:
             raise ContextLengthExceeded(
-                f"prompt of {len(ids)} tokens plus {what} exceeds the context limit of {self.max_seq_len} tokens"
+                f"prompt of {len(ids)} tokens plus {what} exceeds the context limit of {self.max_seq_len} tokens",
+                param=field,
             )
         return list(ids)
 

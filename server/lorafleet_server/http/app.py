@@ -566,7 +566,7 @@ class OpenAIApi:
             record.error = "client disconnected"
             raise
         except Exception as exc:  # after the status line: the error goes in the stream, as OpenAI's does
-            code, _, body = describe(exc, rid)
+            code, _, body = describe(exc, rid, record.rpc)
             record.code = code
             record.error = str(exc) or type(exc).__name__
             yield _sse(body)
@@ -594,7 +594,7 @@ class OpenAIApi:
             return response
 
     def _error(self, record: CallRecord, exc: Exception) -> Response:
-        code, status, body = describe(exc, record.request_id)
+        code, status, body = describe(exc, record.request_id, record.rpc)
         record.code = code
         record.error = str(exc) or type(exc).__name__
         headers = {REQUEST_ID_HEADER: record.request_id}

@@ -14,6 +14,7 @@ import grpc
 from lorafleet_adapters.errors import AdapterNotFound, InvalidAdapterRef
 from lorafleet_server.errors import InvalidRequest
 from lorafleet_server.grpc.status import http_status_for, public_message, status_for
+from lorafleet_server.http.routes import EMBEDDINGS
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,25 @@ def error_body(message: str, kind: str, param: str | None, code: str | None) -> 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def describe(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, int, dict[str, Any]]:
-    """The gRPC code, HTTP status and OpenAI-shaped body of ``exc``. A bug (no row of the table) is
-    INTERNAL/500, logged with its traceback; its text is not sent (the request id is)."""
+# The engine's names for the fields it refuses (``InvalidRequest.param``), as this API spells them; an
+# embeddings request's text is its ``input``.
+ENGINE_PARAMS = {"max_new_tokens": "max_tokens"}
+EMBEDDINGS_PARAMS = {"prompt": "input", "messages": "input"}
+
+
+def http_param(engine_param: str, rpc: str | None) -> str:
+    """The HTTP name of the field the engine names ``engine_param``, for a request of route ``rpc``."""
+    if rpc == EMBEDDINGS:
+        return EMBEDDINGS_PARAMS.get(engine_param, engine_param)
+    return ENGINE_PARAMS.get(engine_param, engine_param)
+
+
+def describe(
+    exc: BaseException, request_id: str, rpc: str | None = None
+) -> tuple[grpc.StatusCode, int, dict[str, Any]]:
+    """The gRPC code, HTTP status and OpenAI-shaped body of ``exc`` (``rpc``: the route, which names the
+    refused field). A bug (no row of the table) is INTERNAL/500, logged with its traceback; its text is
+    not sent (the request id is)."""
     code = status_for(exc)
     status = http_status_for(code)
     if code == grpc.StatusCode.INTERNAL:
@@ -60,6 +77,8 @@ def describe(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, int,
     err_code: str | None = None
     if isinstance(exc, InvalidParameter):
         param, err_code = exc.param or None, exc.code
+    elif isinstance(exc, InvalidRequest) and exc.param:  # the engine's refusal of one field
+        param = http_param(exc.param, rpc)
     elif isinstance(exc, AdapterNotFound | InvalidAdapterRef):
         param, err_code = "model", "model_not_found" if isinstance(exc, AdapterNotFound) else "invalid_model"
     message = public_message(exc, request_id)
