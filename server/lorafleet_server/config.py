@@ -78,7 +78,7 @@ class ServerConfig(EngineConfig):
         default="",
         metadata={
             "help": "S3 endpoint of an s3:// adapter store, e.g. http://127.0.0.1:8333 "
-            "(default: AWS_ENDPOINT_URL, else AWS)"
+            "(default: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS)"
         },
     )
     adapter_cache_dir: Path | None = field(
@@ -123,7 +123,7 @@ class ServerConfig(EngineConfig):
         default=None,
         metadata={"help": "PEM CA certificates: require a client certificate signed by one of them (mTLS)"},
     )
-    quantization: Quantization = field(default="auto", metadata={"help": "auto is NF4 on CUDA and fp32 on CPU"})
+    quantization: Quantization = field(default="auto", metadata={"help": "auto is NF4 on CUDA and none (unquantized, in --dtype) on CPU"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: ComputeDtype = field(
         default="auto",

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdaptersServiceStub:
-    """Administration of the adapters a server can serve (admin role).
+    """Administration of the adapters a server can serve (admin role; a tenant key may call ListAdapters and
+    GetAdapter, which show only its own tenant's adapters).
     """
 
     def __init__(self, channel):
@@ -73,7 +74,8 @@ class AdaptersServiceStub:
 
 
 class AdaptersServiceServicer:
-    """Administration of the adapters a server can serve (admin role).
+    """Administration of the adapters a server can serve (admin role; a tenant key may call ListAdapters and
+    GetAdapter, which show only its own tenant's adapters).
     """
 
     def ListAdapters(self, request, context):
@@ -174,7 +176,8 @@ def add_AdaptersServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdaptersService:
-    """Administration of the adapters a server can serve (admin role).
+    """Administration of the adapters a server can serve (admin role; a tenant key may call ListAdapters and
+    GetAdapter, which show only its own tenant's adapters).
     """
 
     @staticmethod
