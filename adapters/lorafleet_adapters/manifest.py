@@ -192,6 +192,20 @@ def check_loadable_lora(key: object, manifest: Manifest, spec: BaseModelSpec) ->
     check_prompt_format(key, manifest, spec.prompt_format)
 
 
+def check_servable(key: object, manifest: Manifest, spec: BaseModelSpec) -> None:
+    """Refuse, from its manifest alone, a version ``spec``'s base cannot serve: a LoRA or a head built
+    for other base weights, or any kind published under another prompt format (AdapterIncompatible)."""
+    if manifest.kind == "lora":
+        check_loadable_lora(key, manifest, spec)
+        return
+    if manifest.kind == "head" and manifest.base_fingerprint != spec.fingerprint:
+        raise AdapterIncompatible(
+            f"{key} was built for base {manifest.base_fingerprint} ({manifest.base_model}); this server's base "
+            f"is {spec.fingerprint} ({spec.model_id})"
+        )
+    check_prompt_format(key, manifest, spec.prompt_format)
+
+
 def check_prompt_format(key: object, manifest: Manifest, spec_prompt_format: str) -> None:
     """Refuse a version published under another prompt format than the server's base (its tokenizer or
     chat template changed while the weights did not); a side that does not know its format passes."""

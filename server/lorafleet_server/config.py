@@ -123,7 +123,9 @@ class ServerConfig(EngineConfig):
         default=None,
         metadata={"help": "PEM CA certificates: require a client certificate signed by one of them (mTLS)"},
     )
-    quantization: Quantization = field(default="auto", metadata={"help": "auto is NF4 on CUDA and none (unquantized, in --dtype) on CPU"})
+    quantization: Quantization = field(
+        default="auto", metadata={"help": "auto is NF4 on CUDA and none (unquantized, in --dtype) on CPU"}
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: ComputeDtype = field(
         default="auto",

@@ -8,18 +8,24 @@ version damaged after it was loaded is defined here.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import shutil
-from collections.abc import Iterator
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from enginelib import generate, request, submit, tiny_service
 
-from lorafleet_adapters.errors import AdapterFormatError, AdapterNotFound
+from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, AdapterNotFound, StoreUnavailable
 from lorafleet_adapters.ref import AdapterKey
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import Service
+from lorafleet_server.engine.stream import EngineStream
 
 PROMPT = "The capital of France is"
 
@@ -141,3 +147,98 @@ def test_a_version_damaged_after_loading_keeps_serving_from_memory_and_is_refuse
         assert tokens(svc, "acme/other")[0] == "acme/other@1"  # the others are unaffected
     finally:
         svc.engine.shutdown(10)
+
+
+def test_a_store_that_stops_answering_holds_only_the_requests_that_need_it(
+    service: Service, adapters: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outside review: with the S3 store stalled (it accepts connections, then sends
+    nothing: ~47 s per call), a handful of requests for adapters the server did not hold took every
+    thread that admits requests, and base-model requests and adapters at hand waited behind them.
+    Now those requests wait on threads of their own, concurrent first uses of one name share one store
+    read, and once the store has failed to answer the next ones are refused at once (UNAVAILABLE)."""
+    spec = service.base.spec
+    service.store.import_peft(adapters[0], "acme", "warm", spec)
+    warm = tokens(service, "acme/warm")
+    base = tokens(service, "")
+    release = threading.Event()
+    reads: Counter[str] = Counter()
+    resolve, manifest = service.store.resolve, service.store.manifest
+
+    def stalled(method: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def call(what: Any) -> Any:
+            if "cold" not in str(what.name):
+                return method(what)
+            reads[str(what.name)] += 1
+            assert release.wait(60), "never released"
+            raise StoreUnavailable("adapter store s3://bucket: read timed out")
+
+        return call
+
+    monkeypatch.setattr(service.store, "resolve", stalled(resolve))
+    monkeypatch.setattr(service.store, "manifest", stalled(manifest))
+    stream = EngineStream(service.engine)
+
+    async def text(req: Any) -> tuple[str, list[int]]:
+        ids: list[int] = []
+        adapter = ""
+        async for event in stream.events(req):
+            ids += event.token_ids
+            adapter = event.summary.adapter if event.summary is not None else adapter
+        return adapter, ids
+
+    async def scenario() -> list[BaseException | None]:
+        # More cold requests than any shared pool has threads (the event loop's has at most 32).
+        cold = [
+            asyncio.ensure_future(stream.submit(request(PROMPT, adapter=f"acme/cold{i % 20}", rid=f"c{i}")))
+            for i in range(40)
+        ]
+        await asyncio.sleep(0.5)
+        served = await asyncio.wait_for(
+            asyncio.gather(
+                text(request(PROMPT, max_new_tokens=6)), text(request(PROMPT, adapter="acme/warm", max_new_tokens=6))
+            ),
+            30,
+        )
+        assert served == [base, warm]  # while the cold ones still wait on the store
+        assert not any(c.done() for c in cold)
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(*cold, return_exceptions=True), 60)  # type: ignore[return-value]
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    assert sum(reads.values()) <= 4 and max(reads.values()) == 1  # one read per name in flight; then refused
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="did not answer"):
+        service.engine.submit(request(PROMPT, adapter="acme/cold99"), lambda _e: None)
+    assert time.monotonic() - started < 1.0 and "cold99" not in reads
+    assert tokens(service, "acme/warm") == warm  # what is at hand keeps serving
+
+
+def test_a_name_first_used_after_a_version_this_server_cannot_serve_takes_the_one_before(
+    service: Service, adapters: list[Path]
+) -> None:
+    """Found by an outside review: mid-upgrade, version 2 is built for another base. Replicas that
+    served version 1 refuse it and keep 1; one that first served the name after the publish (restarted,
+    scaled out) took the store's latest unchecked and answered every request with version 2's error.
+    Now a first use takes the newest version this server can serve, and the next poll keeps it."""
+    spec = service.base.spec
+    service.store.import_peft(adapters[0], "acme", "bot", spec)
+    other_base = dataclasses.replace(spec, fingerprint="sha256:" + "1" * 64)
+    service.store.import_peft(adapters[1], "acme", "bot", other_base)
+    failures = metric(service, "lorafleet_adapter_swap_failures_total")
+    assert tokens(service, "acme/bot")[0] == "acme/bot@1"
+    assert metric(service, "lorafleet_adapter_swap_failures_total") == failures + 1  # reported once
+    result = service.engine.adapters.versions.refresh()
+    assert (result.swaps, result.failures) == ((), ())  # refused already: not tried again
+    assert tokens(service, "acme/bot")[0] == "acme/bot@1"
+    sink, _ = submit(service.engine, request(PROMPT, adapter="acme/bot@2"))
+    with pytest.raises(AdapterIncompatible, match="was built for base"):  # asked for by number: its error
+        sink.wait().summary  # noqa: B018
+    service.store.import_peft(adapters[2], "acme", "bot", spec)  # the next good publish is swapped to
+    result = service.engine.adapters.versions.refresh()
+    assert [(s.from_version, s.to_version) for s in result.swaps] == [(1, 3)]
+    # A name with no version this server can serve is refused with the latest's error.
+    service.store.import_peft(adapters[0], "acme", "alien", other_base)
+    with pytest.raises(AdapterIncompatible, match="alien@1 was built for base"):
+        service.engine.submit(request(PROMPT, adapter="acme/alien"), lambda _e: None)

@@ -30,11 +30,12 @@ from lorafleet_adapters.errors import AdapterError, AdapterFormatError
 from lorafleet_adapters.head import ClassifierHead, load_head
 from lorafleet_adapters.host_cache import HostCache
 from lorafleet_adapters.lru import LruMap
-from lorafleet_adapters.manifest import Manifest
+from lorafleet_adapters.manifest import Manifest, check_servable
 from lorafleet_adapters.peft_format import AdapterWeights, BaseModelSpec, Transposer
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterSummary
+from lorafleet_server.engine.store_gate import StoreGate
 from lorafleet_server.engine.versions import FULL_RESCAN_SECONDS, RefreshResult, VersionWatcher
 from lorafleet_server.errors import AdapterBusy
 
@@ -121,6 +122,8 @@ class AdapterManager:
         )
         self._heads: LruMap[AdapterKey, ClassifierHead] = LruMap(SMALL_ENTRIES_KEPT, HEAD_BYTES_KEPT, _head_bytes)
         self.observer: AdapterObserver = observer or _NullAdapterObserver()
+        # A request's store reads go through it: refused at once for a while after the store did not answer.
+        self.gate = StoreGate()
         self.versions = VersionWatcher(
             store,
             lambda key: self.verify(key, count_failures=False),  # a refused version counts as a failed swap
@@ -128,6 +131,8 @@ class AdapterManager:
             poll_seconds,
             self._superseded,
             rescan_seconds=rescan_seconds,
+            gate=self.gate,
+            servable=lambda key: check_servable(key, self.manifest(key), self.spec),
         )
         self._blocked_since: dict[AdapterKey, int] = {}  # engine step each adapter's install first failed
         self._retired: list[tuple[AdapterKey, AdapterKey]] = []  # (old, new) swaps to retire (lock guards)
@@ -142,6 +147,12 @@ class AdapterManager:
         """Pin a reference to one concrete version: the one this server serves for it (versions.py)."""
         return self.versions.resolve(ref)
 
+    def known_without_store(self, ref: AdapterRef) -> bool:
+        """Whether admitting a request for ``ref`` reads nothing from the store: its version is known
+        and that version's manifest is kept (a hint for where to admit it; no side effect)."""
+        key = self.versions.peek(ref)
+        return key is not None and key in self._manifests
+
     def kind(self, key: AdapterKey, count_failures: bool = True) -> str:
         """ "lora", "prompt" or "head" (manifests are immutable, so they are read once).
 
@@ -154,7 +165,7 @@ class AdapterManager:
         """A prompt adapter's template, verified against its manifest on first use."""
         template = self._prompts.get(key)
         if template is None:
-            with self._load_failures(count_failures):
+            with self._load_failures(count_failures), self.gate.call(f"read prompt adapter {key}"):
                 template = self.store.load_prompt(key)
             self._prompts.put(key, template)
         return template
@@ -167,7 +178,7 @@ class AdapterManager:
         """
         head = self._heads.get(key)
         if head is None:
-            with self._load_failures(count_failures):
+            with self._load_failures(count_failures), self.gate.call(f"read head {key}"):
                 head = load_head(self.store, key, self.spec)
             self._heads.put(key, head)
         return head
@@ -224,7 +235,8 @@ class AdapterManager:
         """``key``'s manifest, read from the store once while kept (a broken one raises its error, each time)."""
         manifest = self._manifests.get(key)
         if manifest is None:
-            manifest = self.store.manifest(key)
+            with self.gate.call(f"read {key}'s manifest"):
+                manifest = self.store.manifest(key)
             self._manifests.put(key, manifest)
         return manifest
 
@@ -407,7 +419,8 @@ class AdapterManager:
 
     def _load_from_store(self, key: AdapterKey) -> AdapterWeights:
         started = time.perf_counter()
-        weights = self.store.load(key, self.spec, dtype=self.host_dtype, transpose=self.host_transpose)
+        with self.gate.call(f"load {key}"):
+            weights = self.store.load(key, self.spec, dtype=self.host_dtype, transpose=self.host_transpose)
         seconds = time.perf_counter() - started
         self.observer.adapter_loaded("store", seconds)
         log.info("adapter %s read from the store in %.4fs (%d bytes on the host)", key, seconds, weights.nbytes)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, assert_never
 
@@ -63,6 +63,12 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 Sink = Callable[[TokenEvent], None]
 
+# Worker threads that admit requests (``submit`` tokenizes): those whose adapter is at hand, and those
+# that read the adapter store first. A store that stopped answering held each of the latter ~47 s; on
+# one shared pool (the event loop's: 6 threads on 2 CPUs) six such requests stalled every other one,
+# base model included, while health said SERVING.
+SUBMIT_THREADS = 8
+STORE_SUBMIT_THREADS = 4
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 # Tokens a resumed request generates before fair-share preemption may take its row again (_preemptible).
@@ -258,6 +264,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = 0
         self._busy = False  # the last loop iteration ran a forward (engine thread only)
+        self._submit_pool = ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="submit")
+        self._store_submit_pool = ThreadPoolExecutor(STORE_SUBMIT_THREADS, thread_name_prefix="submit-store")
 
     # -- public, any thread -------------------------------------------------------------------
     def start(self) -> None:
@@ -285,6 +293,8 @@ class Engine:
             if self._thread.is_alive():
                 log.error("engine thread did not stop within %.0fs of the abort; leaving it", ABORT_JOIN_SECONDS)
         self.adapters.close()
+        for pool in (self._submit_pool, self._store_submit_pool):  # submits left refuse at once (not accepting)
+            pool.shutdown(wait=False)
 
     def abort(self) -> None:
         """Stop after the current step, cutting running requests (a second signal, or the grace is over)."""
@@ -311,6 +321,13 @@ class Engine:
         """Token ids of a plain prompt or a chat (see ``prompts.PromptEncoder``); ``budget`` is the
         tokens the request adds, and prompt plus budget must fit ``max_seq_len``."""
         return self.prompts.encode(prompt, messages, template, budget, budget_text)
+
+    def submit_executor(self, req: GenerationRequest) -> Executor:
+        """Where an edge runs ``submit(req)``: a request whose adapter this server does not know without
+        reading the store gets threads of its own, so a store that does not answer holds only those."""
+        if req.adapter is not None and not self.adapters.known_without_store(req.adapter):
+            return self._store_submit_pool
+        return self._submit_pool
 
     def submit(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
         """Validate, tokenize and resolve ``req``, then queue it. Raises domain errors at once.

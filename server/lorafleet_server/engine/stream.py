@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from lorafleet_server.engine.engine import Engine, RequestHandle
 from lorafleet_server.engine.types import GenerationRequest, TokenEvent
+from lorafleet_server.errors import ShuttingDown
 
 
 class SubmittedRequest:
@@ -113,14 +114,19 @@ class EngineStream:
         return mailbox
 
     async def submit(self, req: GenerationRequest) -> SubmittedRequest:
-        """Queue ``req`` (``Engine.submit`` in a worker thread: it tokenizes); its domain errors raise here."""
+        """Queue ``req`` (``Engine.submit`` on the engine's worker threads, ``submit_executor``: it
+        tokenizes, and may read the adapter store); its domain errors raise here."""
         mailbox = self._mailbox(asyncio.get_running_loop())
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
         def sink(event: TokenEvent) -> None:
             mailbox.put(queue, event)
 
-        submitting = asyncio.ensure_future(asyncio.to_thread(self._engine.submit, req, sink))
+        loop = asyncio.get_running_loop()
+        try:
+            submitting = loop.run_in_executor(self._engine.submit_executor(req), self._engine.submit, req, sink)
+        except RuntimeError:  # its pools are shut down: the engine has stopped
+            raise ShuttingDown("the server is shutting down") from None
         try:
             handle = await asyncio.shield(submitting)
         except asyncio.CancelledError:  # the caller left while the worker thread submits: cancel it there

@@ -1,11 +1,12 @@
 """Which version "tenant/name" means on this server, and hot swap to newly published versions.
 
 A reference without ``@version`` resolves to the version this server serves for that adapter. The
-first use takes the store's latest; afterwards a watcher polls the store (and ``refresh()`` runs a
-pass now) and moves an adapter to a newly published version only once that version has been
-verified and loaded into host memory (checksums, base fingerprint, shapes). A version that fails is
-refused and reported, and the previous one keeps serving. Requests already admitted are pinned to
-their version and never see a swap.
+first use takes the store's latest, unless its manifest says this server cannot serve it (built for
+another base: a fleet mid-upgrade), then the newest earlier one it can; afterwards a watcher polls
+the store (and ``refresh()`` runs a pass now) and moves an adapter to a newly published version only
+once that version has been verified and loaded into host memory (checksums, base fingerprint,
+shapes). A version that fails is refused and reported, and the previous one keeps serving. Requests
+already admitted are pinned to their version and never see a swap.
 
 A poll costs one read when nothing was published: the store's change token (a marker every publish
 rewrites). When it changed, a store that logs its last publishes in the marker (S3,
@@ -27,6 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +36,7 @@ from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterError, StoreUnavailable
 from lorafleet_adapters.lru import LruMap
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
+from lorafleet_server.engine.store_gate import StoreGate
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class RefreshResult:
 
 FULL_RESCAN_SECONDS = 60.0
 FORGET_SECONDS = 3600.0
+FIRST_USE_FALLBACK = 16  # versions before a refused latest that a name's first use may take instead
 FORGOTTEN_KEPT = 65536  # idle names whose served version is remembered (~300 bytes each)
 
 
@@ -92,9 +96,14 @@ class VersionWatcher:
         rescan_seconds: float = FULL_RESCAN_SECONDS,
         forget_seconds: float = FORGET_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        gate: StoreGate | None = None,
+        servable: Callable[[AdapterKey], object] | None = None,
     ) -> None:
         """``verify`` checks a version before it serves; ``superseded(old, new)`` is told after each swap,
-        so the tiers can let go of the version nothing resolves to by name any more."""
+        so the tiers can let go of the version nothing resolves to by name any more. ``gate``: what a
+        request's store reads pass through (``StoreGate``); each pass's change-token read trips or opens it.
+        ``servable`` refuses (``AdapterError``), cheaply, a version this server cannot serve; a name's
+        first use takes the newest version it does not refuse."""
         self._store = store
         self._verify = verify
         self._superseded = superseded
@@ -115,10 +124,25 @@ class VersionWatcher:
         self._refresh_lock = threading.Lock()  # one pass at a time (poller and admin calls)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._gate = gate or StoreGate()
+        self._servable = servable
+        # A name's first resolve in flight: concurrent first uses wait for it instead of each reading the
+        # store (twenty requests for one name read its pointer forty times while the store was stalled).
+        self._first_reads: dict[tuple[str, str], Future[tuple[AdapterKey, frozenset[int]]]] = {}
+
+    def peek(self, ref: AdapterRef) -> AdapterKey | None:
+        """The version ``ref`` resolves to when that is known without the store, else None; no side effect."""
+        if ref.version is not None:
+            return AdapterKey(ref.tenant, ref.name, ref.version)
+        name = (ref.tenant, ref.name)
+        with self._lock:
+            tracked = self._tracked.get(name) or self._forgotten.get(name)  # set aside: taken up without the store
+            return None if tracked is None else AdapterKey(ref.tenant, ref.name, tracked.version)
 
     def resolve(self, ref: AdapterRef) -> AdapterKey:
         if ref.version is not None:
-            return self._store.resolve(ref)
+            with self._gate.call(f"find {ref}"):
+                return self._store.resolve(ref)
         name = (ref.tenant, ref.name)
         now = self._clock()
         with self._lock:  # one hold for both maps: a resolve racing this one sees the name in one of them
@@ -130,16 +154,80 @@ class VersionWatcher:
             if tracked is not None:
                 tracked.used = now
                 return AdapterKey(ref.tenant, ref.name, tracked.version)
-        key = self._store.resolve(ref)  # first use: the latest published version
+        key, refused = self._first_read(ref)  # first use: the newest version this server can serve
         with self._lock:
             # Remembered meanwhile (forgotten by a pass while the store was read): what it served and
             # refused wins over the store's latest, which may be a version a swap refused.
             tracked = self._tracked.get(name) or self._forgotten.pop(name)
             if tracked is None:
-                tracked = _Tracked(version=key.version, used=now)
+                tracked = _Tracked(version=key.version, used=now, refused=set(refused))
             self._tracked[name] = tracked
             tracked.used = now
             return AdapterKey(ref.tenant, ref.name, tracked.version)
+
+    def _first_read(self, ref: AdapterRef) -> tuple[AdapterKey, frozenset[int]]:
+        """The newest version of ``ref`` this server can serve and the newer ones it cannot
+        (``_newest_servable``); one read per name at a time, its answer (or error) shared by every
+        resolve that asked meanwhile."""
+        name = (ref.tenant, ref.name)
+        with self._lock:
+            pending = self._first_reads.get(name)
+            mine = pending is None
+            if pending is None:
+                pending = self._first_reads[name] = Future()
+        if not mine:
+            return pending.result()
+        try:
+            with self._gate.call(f"find {ref}"):
+                latest = self._store.resolve(ref)
+            found = self._newest_servable(ref, latest)  # its reads pass the gate themselves
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set_result(found)
+            return found
+        finally:
+            with self._lock:
+                del self._first_reads[name]
+
+    def _newest_servable(self, ref: AdapterRef, latest: AdapterKey) -> tuple[AdapterKey, frozenset[int]]:
+        """``latest``, unless ``servable`` refuses it: then the newest earlier version it takes (of the
+        ``FIRST_USE_FALLBACK`` before it), with the versions refused on the way; the refusal of
+        ``latest`` itself when it takes none. A replica that first served a name after a version other
+        replicas had refused (one built for another base, mid-upgrade) served that version's error
+        while they served the one before."""
+        if self._servable is None:
+            return latest, frozenset()
+        try:
+            self._servable(latest)
+            return latest, frozenset()
+        except StoreUnavailable:
+            raise
+        except AdapterError as exc:
+            refusal = exc
+        refused = {latest.version}
+        with self._gate.call(f"list {ref}'s versions"):
+            earlier = [v for v in self._store.versions(ref.tenant, ref.name) if v < latest.version]
+        for version in reversed(earlier[-FIRST_USE_FALLBACK:]):
+            key = AdapterKey(ref.tenant, ref.name, version)
+            try:
+                self._servable(key)
+            except StoreUnavailable:
+                raise
+            except AdapterError:
+                refused.add(version)
+                continue
+            self._observer.adapter_swap_failed()
+            log.error(
+                "adapter %s: version %d refused, %d serves (the newest this server can serve): %s",
+                ref,
+                latest.version,
+                version,
+                refusal,
+            )
+            return key, frozenset(refused)
+        raise refusal
 
     def serving(self) -> dict[str, int]:
         with self._lock:
@@ -161,12 +249,15 @@ class VersionWatcher:
             try:
                 token: str | None = self._store.change_token()
             except AdapterError as exc:
+                if isinstance(exc, StoreUnavailable):
+                    self._gate.failed(str(exc))  # requests for adapters not at hand are refused at once
                 if str(exc) != self._token_error:
                     log.warning("cannot read the adapter store's change token, reading every pointer: %s", exc)
                 self._token_error = str(exc)
                 token = None
             else:
                 self._token_error = ""
+                self._gate.answered()
             changed = token is not None and token != self._token
             # the names publishes moved since the last read of the store's log, its newest entry then,
             # and the change token that log goes with (None: keep the one read above)

@@ -15,7 +15,7 @@ import signal
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -236,7 +236,11 @@ class GrpcServer:
             queued,
         )
         stop = asyncio.ensure_future(self._server.stop(None if self._forced.is_set() else grace))
-        await asyncio.to_thread(self.service.engine.shutdown, 0.0 if self._forced.is_set() else grace)
+        # On a thread of its own: the loop's shared pool may be held by calls waiting on the store.
+        with ThreadPoolExecutor(1, thread_name_prefix="engine-shutdown") as pool:
+            await asyncio.get_running_loop().run_in_executor(
+                pool, self.service.engine.shutdown, 0.0 if self._forced.is_set() else grace
+            )
         await stop
         if self.metrics_server is not None:
             self.metrics_server.stop()

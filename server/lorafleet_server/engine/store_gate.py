@@ -1,0 +1,83 @@
+"""Fail fast while the adapter store does not answer (a circuit breaker on the request path).
+
+An S3 store that stops answering (a stalled endpoint accepts connections, then sends nothing) holds
+each call for its read timeout times its attempts, ~47 s. Every request for an adapter this server
+does not hold reads the store on its way in, so each waited that long before its ``UNAVAILABLE``,
+holding a thread meanwhile. Once a store call on the request path (or the watcher's poll) has failed
+with ``StoreUnavailable``, the gate refuses such reads at once for ``retry_seconds``, with the error
+that tripped it; then one call at a time probes the store, and the first that gets an answer (any
+answer: "not found" is the store speaking) opens the way again. Adapters already at hand never pass
+through it, so they keep serving.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from lorafleet_adapters.errors import StoreUnavailable
+
+STORE_RETRY_SECONDS = 5.0
+
+
+class StoreGate:
+    """Any thread."""
+
+    def __init__(self, retry_seconds: float = STORE_RETRY_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self._retry_seconds = retry_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._closed_until: float | None = None  # None: the store answers; else refuse until then
+        self._error = ""
+        self._probing = False  # a call is finding out whether the store answers again
+
+    @property
+    def tripped(self) -> bool:
+        with self._lock:
+            return self._closed_until is not None
+
+    @contextmanager
+    def call(self, what: str) -> Iterator[None]:
+        """Run a store call on the request path: refused at once (``StoreUnavailable``) while the gate
+        is closed; its outcome opens or closes the gate. ``what`` says what the call was for."""
+        probe = self._enter(what)
+        try:
+            yield
+        except StoreUnavailable as exc:
+            self.failed(str(exc))
+            raise
+        except BaseException:  # the store answered (not found, a bad file...), or the caller's own error
+            self._leave(probe)
+            raise
+        self.answered()
+
+    def failed(self, error: str) -> None:
+        """The store did not answer: refuse its calls for ``retry_seconds``."""
+        with self._lock:
+            self._closed_until = self._clock() + self._retry_seconds
+            self._error = error
+            self._probing = False
+
+    def answered(self) -> None:
+        """The store answered: let every call through again."""
+        with self._lock:
+            self._closed_until = None
+            self._error = ""
+            self._probing = False
+
+    def _enter(self, what: str) -> bool:
+        with self._lock:
+            if self._closed_until is None:
+                return False
+            left = self._closed_until - self._clock()
+            if left <= 0 and not self._probing:
+                self._probing = True  # this call finds out; the others are still refused meanwhile
+                return True
+            wait = f"tried again in {left:.1f}s" if left > 0 else "another call is trying it now"
+            raise StoreUnavailable(f"cannot {what}: the adapter store did not answer ({self._error}); {wait}")
+
+    def _leave(self, probe: bool) -> None:
+        if probe:
+            self.answered()

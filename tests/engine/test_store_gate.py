@@ -1,0 +1,65 @@
+"""The store gate: after the store failed to answer, its calls are refused at once for a while, then
+one call at a time finds out whether it answers again."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet_adapters.errors import AdapterNotFound, StoreUnavailable
+from lorafleet_server.engine.store_gate import StoreGate
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fail(gate: StoreGate) -> None:
+    with pytest.raises(StoreUnavailable, match="timed out"), gate.call("read x"):
+        raise StoreUnavailable("read timed out")
+
+
+def test_refused_at_once_after_a_failure_then_one_probe_at_a_time() -> None:
+    clock = Clock()
+    gate = StoreGate(retry_seconds=5.0, clock=clock)
+    with gate.call("read x"):
+        pass
+    fail(gate)
+    assert gate.tripped
+    ran = []
+    with pytest.raises(
+        StoreUnavailable,
+        match=r"cannot read y: the adapter store did not answer \(read timed out\); tried again in 5.0s",
+    ):
+        with gate.call("read y"):
+            ran.append("y")
+    clock.now += 5.0
+    probe = gate.call("read z")
+    probe.__enter__()  # the probe is in flight: another call is refused meanwhile
+    with pytest.raises(StoreUnavailable, match="another call is trying it now"), gate.call("read w"):
+        ran.append("w")
+    probe.__exit__(None, None, None)  # it got an answer: open again
+    assert not gate.tripped and ran == []
+    with gate.call("read v"):
+        ran.append("v")
+    assert ran == ["v"]
+
+
+def test_a_probe_that_fails_closes_the_gate_again_and_any_answer_opens_it() -> None:
+    clock = Clock()
+    gate = StoreGate(retry_seconds=2.0, clock=clock)
+    fail(gate)
+    clock.now += 2.0
+    fail(gate)  # the probe: still no answer
+    with pytest.raises(StoreUnavailable, match=r"tried again in 2\.0s"), gate.call("read y"):
+        pass
+    clock.now += 2.0
+    with pytest.raises(AdapterNotFound), gate.call("read y"):  # "not found" is the store answering
+        raise AdapterNotFound("no such adapter")
+    assert not gate.tripped
+    fail(gate)
+    gate.answered()  # the watcher's poll read the store
+    assert not gate.tripped
