@@ -930,9 +930,10 @@ class Engine:
         r.generated.append(tok)
         if r.seen is not None:
             r.seen = torch.cat([r.seen, torch.tensor([tok], dtype=torch.long)])
-        if tok in self.eos_token_ids:
-            self._emit(r, r.stops.flush(), ())
-            self._finish(r, FinishReason.END_OF_SEQUENCE)
+        if tok in self.eos_token_ids:  # the text held back (an incomplete character) is sent as decoded
+            tail, stopped = r.stops.feed(r.detok.flush())
+            self._emit(r, tail + ("" if stopped else r.stops.flush()), ())
+            self._finish(r, FinishReason.STOP if stopped else FinishReason.END_OF_SEQUENCE)
             return
         if tok in r.stop_ids:  # a stop string naming a special token: its text is not sent, as any stop
             self._emit(r, r.stops.feed(r.detok.flush())[0] + r.stops.flush(), (tok,))
