@@ -18,9 +18,13 @@ of ``--rounds`` rounds of ``inner`` calls each, in microseconds per call):
 * ``auto``: what ``choose_impl`` picks among the torch kernels now;
 * ``native``: the C kernel of ``model/native.py`` (built for this CPU into ``data/kernels``), which
   adds into the base output in place (timed on one preallocated output); the server's ``auto`` runs
-  it where ``NativeLora.preferred`` says so (the ``choice`` column's ``+native``);
+  it for every call, on CPU modules whose rank capacity is aligned to its token blocks
+  (``lora.BLOCK_RANKS``; the ``choice`` column's ``+blocks`` where it takes this shape's chunks that way);
 * ``before``: the kernel the previous ``choose_impl`` picked, as it was then (``token`` copied each
   token's adapter with ``index_select`` and ran two ``bmm``; ``A`` was stored ``[S, r, in]``).
+
+Modules are built as the server builds them on CPU: r=4 and r=12 adapters sit in rank capacities 8
+and 16 (``lora.aligned_rank``), so every kernel reads the zero padding the server's does.
 
 Every kernel's output is checked against the ``gather`` reference first (fp32: 1e-5; bf16: one
 bf16 rounding of the output). One torch thread by default, as the server on a 2-core machine.
@@ -191,7 +195,7 @@ def bench_shape(
         "adapters": n_adapters,
         "tokens": int(slots.numel()),
         "auto_choice": choose_impl(int(slots.numel()), n_adapters, d_in, d_out, rank),
-        "native_preferred": native.preferred(dtype, d_out, module.rank_capacity, int(slots.numel())),
+        "native_blocks": native.blocks(dtype, d_out, module.rank_capacity),
         "before_choice": before,
         "median_us": {k: round(v, 1) for k, v in med.items()},
         "min_us": {k: round(min(v), 1) for k, v in samples.items()},
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{dtype_name:<9} {module:<17} {f'{d_in}->{d_out} r{rank}':<13} {step:<9}"
                         + "".join(f"{med[c]:>9.0f}" for c in cols)
                         + f"  {res['before_choice']}->{res['auto_choice']}"
-                        + ("+native" if res["native_preferred"] else "")
+                        + ("+blocks" if res["native_blocks"] else "")
                         + f" x{med['before'] / med['auto']:.2f} share {med['auto'] / med['base']:.2f}"
                         + f" native share {med['native'] / med['base']:.2f}",
                         flush=True,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from enginelib import engine_held, generate, request, submit, tiny_service
+from enginelib import Collected, engine_held, generate, request, submit, tiny_service
 from transformers import AutoModelForCausalLM
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterNotFound, InvalidAdapterRef
@@ -684,3 +684,45 @@ def test_text_held_back_before_the_end_of_sequence_is_sent(
         assert (done.text, done.summary.finish_reason) == (" Hell", FinishReason.STOP)
     else:
         assert (done.text, done.summary.finish_reason) == (whole, FinishReason.END_OF_SEQUENCE)
+
+
+@pytest.fixture(scope="module")
+def rank12_adapters(peft_adapter: Any) -> list[Path]:
+    return [
+        peft_adapter(seed=400 + i, r=12, lora_alpha=24, target_modules=["q_proj", "v_proj", "down_proj"])
+        for i in range(2)
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_an_adapters_greedy_text_is_the_same_alone_beside_others_and_after_a_preemption(
+    tiny_model_dir: Path, tmp_path: Path, rank12_adapters: list[Path], dtype: str
+) -> None:
+    """Found by an outside review: at a rank the native LoRA had no token blocks for (12), ``auto`` gave
+    prompt chunks of more than 64 tokens to a torch kernel and decode steps to the native one, so an r=12
+    adapter's greedy text changed beside a long prompt (bf16: from token 12) and after a preemption,
+    whose resume recomputes prompt and tokens in one long step (from token 24)."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", dtype=dtype, prefix_cache_bytes=0, burst_wait_ms=0)
+    engine = svc.engine
+    engine.eos_token_ids = frozenset()  # every request runs its 40 tokens
+    try:
+        for i, path in enumerate(rank12_adapters):
+            svc.store.import_peft(path, "acme", f"a{i}", svc.base.spec)
+        prompt = " ".join(f"w{i}" for i in range(20))  # alone, its prefill is one short step
+        alone = generate(engine, request(prompt, adapter="acme/a0", max_new_tokens=40)).token_ids
+        with engine_held(engine):  # the same request beside a long prompt of another adapter: one long step
+            mine, _ = submit(engine, request(prompt, adapter="acme/a0", max_new_tokens=40, rid="me"))
+            other, _ = submit(engine, request(" ".join(f"z{i}" for i in range(60)), adapter="acme/a1", rid="o"))
+        assert mine.wait().token_ids == alone
+        other.wait()
+        handles: list[Any] = []
+
+        def preempt_at_8(_event: TokenEvent) -> None:  # engine thread: preempt it before the next step
+            if len(resumed.token_ids) == 8:
+                engine.call(lambda: engine._preempt(handles[0]._state))
+
+        resumed = Collected(on_event=preempt_at_8)
+        handles.append(engine.submit(request(prompt, adapter="acme/a0", max_new_tokens=40, rid="p"), resumed))
+        assert resumed.wait().token_ids == alone and handles[0]._state.preemptions == 1
+    finally:
+        engine.shutdown(10)

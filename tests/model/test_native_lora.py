@@ -35,9 +35,14 @@ def kernel(native_lora: NativeLora | None) -> NativeLora:
     return native_lora
 
 
-def _module(d_in: int, d_out: int, ranks: dict[int, int], dtype: torch.dtype, seed: int = 0) -> MultiLoRALinear:
-    """A module whose slots hold random adapters of the given ranks (r_cap = the largest)."""
-    m = MultiLoRALinear(nn.Linear(d_in, d_out, bias=False), d_in, d_out, SLOTS, 64, LoraContext(), dtype, CPU)
+def _module(
+    d_in: int, d_out: int, ranks: dict[int, int], dtype: torch.dtype, seed: int = 0, align: bool = False
+) -> MultiLoRALinear:
+    """A module whose slots hold random adapters of the given ranks (r_cap = the largest, exactly unless
+    ``align``: the kernel's every path is tested on the shapes it may be given)."""
+    m = MultiLoRALinear(
+        nn.Linear(d_in, d_out, bias=False), d_in, d_out, SLOTS, 64, LoraContext(), dtype, CPU, align_ranks=align
+    )
     g = torch.Generator().manual_seed(seed)
     for slot, r in ranks.items():
         m.write_slot(slot, torch.randn(r, d_in, generator=g) * 0.1, torch.randn(d_out, r, generator=g) * 0.1)
@@ -295,16 +300,44 @@ def test_the_module_runs_the_kernel_where_auto_prefers_it(kernel: NativeLora) ->
         outs[impl] = m(x)
     torch.testing.assert_close(outs["auto"], outs["gather"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs["native"], outs["gather"], rtol=1e-5, atol=1e-5)
-    assert kernel.preferred(torch.float32, 64, 8, tokens=5)  # a short step takes it anywhere
     for r_cap in (8, 16, 24, 64):  # fp32 prompt chunks: the portable path's blocks, any CPU
-        assert kernel.preferred(torch.float32, 40, r_cap, tokens=512)
-    assert not kernel.preferred(torch.float32, 64, 12, tokens=512)  # r_cap 12: token by token
-    for r_cap in (8, 16, 64):  # bf16 prompt chunks where the AVX-512 path takes the shape
-        assert kernel.preferred(torch.bfloat16, 576, r_cap, tokens=512) == bool(kernel._blocks_fn(1, 576, r_cap))
-    assert not kernel.preferred(torch.bfloat16, 576, 12, tokens=512)  # r_cap 12: the portable path
-    assert not kernel.preferred(torch.bfloat16, 40, 16, tokens=512)  # d_out 40: the portable path
+        assert kernel.blocks(torch.float32, 40, r_cap)
+    assert not kernel.blocks(torch.float32, 64, 12)  # r_cap 12: token by token
+    assert not kernel.blocks(torch.bfloat16, 576, 12)  # r_cap 12: the portable path
+    assert not kernel.blocks(torch.bfloat16, 40, 16)  # d_out 40: the portable path
     with pytest.raises(ValueError, match="needs the native kernel"):
         LoraBatch.build(slots, torch.float32, "native", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("ranks", [{1: 4, 2: 12}, {1: 8, 2: 8}, {1: 24}], ids=["r4+r12", "r8", "r24"])
+def test_auto_gives_a_token_the_same_bits_alone_and_in_any_step(
+    kernel: NativeLora, dtype: torch.dtype, ranks: dict[int, int]
+) -> None:
+    """Found by an outside review: ``auto`` ran the native kernel for steps of up to 64 tokens and a
+    torch kernel for longer ones at ranks without token blocks, so a token's LoRA (and the request's
+    greedy text) changed with its neighbours and after a preemption's recompute. Now every call takes
+    the kernel, and CPU modules align r_cap to its token blocks (r=4 and 12 run as 8 and 16)."""
+    m = _module(576, 192, ranks, dtype, align=True)
+    assert kernel.blocks(dtype, 192, m.rank_capacity)
+    torch.nn.init.zeros_(m.base.weight)  # the LoRA alone (torch's own Linear varies with the rows: not ours)
+    m.base.to(dtype)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 576, generator=g).to(dtype)  # [N, in]
+    first = next(iter(ranks))
+    chunks = [s for s in ranks for _ in range(70)]
+    slots = torch.tensor([first, *chunks, *[0] * (199 - len(chunks))])  # [N]: a decode token, chunks, base rows
+
+    def run(rows: slice) -> torch.Tensor:
+        m.context.batch = LoraBatch.build(slots[rows], dtype, "auto", kernel)  # type: ignore[arg-type]
+        return m(x[rows])
+
+    with torch.inference_mode():
+        alone = run(slice(0, 1))  # a decode token of its own
+        with_others = run(slice(0, 200))  # the same token first in a 200-token step of prompt chunks
+        assert alone.abs().sum() > 0 and torch.equal(with_others[:1], alone)
+        assert torch.equal(run(slice(1, 71))[-1:], with_others[70:71])  # a chunk's last token, alone vs mixed
+        assert torch.equal(run(slice(70, 71)), with_others[70:71])  # ...and as a decode token
 
 
 def test_choose_lora_builds_falls_back_or_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,14 @@ from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import make_slot_io
 from lorafleet_server.model.loader import LoadedBase, load_base
-from lorafleet_server.model.lora import LoraBatch, LoraContext, MultiLoRALinear, lora_delta, slot_memory_bytes
+from lorafleet_server.model.lora import (
+    LoraBatch,
+    LoraContext,
+    MultiLoRALinear,
+    aligned_rank,
+    lora_delta,
+    slot_memory_bytes,
+)
 from lorafleet_server.model.native import NativeLora
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
@@ -30,9 +37,12 @@ IMPLS = ("gather", "dense", "token", "grouped", "auto")  # behind lora_delta; "n
 FP32 = 4
 
 
-def _module(slots: int = SLOTS) -> MultiLoRALinear:
+def _module(slots: int = SLOTS, align: bool = False) -> MultiLoRALinear:
+    """Exact rank capacities unless ``align`` (the CPU default, tested on its own below)."""
     base = nn.Linear(D_IN, D_OUT)
-    return MultiLoRALinear(base, D_IN, D_OUT, slots, R_MAX, LoraContext(), torch.float32, torch.device("cpu"))
+    return MultiLoRALinear(
+        base, D_IN, D_OUT, slots, R_MAX, LoraContext(), torch.float32, torch.device("cpu"), align_ranks=align
+    )
 
 
 def _pair(r: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,10 +184,13 @@ def test_a_rank_over_max_lora_rank_is_refused_and_changes_nothing() -> None:
     assert m.rank_capacity == 4 and m.slot_ranks[2] == 0
 
 
-def test_every_kernel_equals_gather_through_random_grows_and_shrinks(native_lora: NativeLora | None) -> None:
+@pytest.mark.parametrize("align", [False, True], ids=["exact", "aligned"])
+def test_every_kernel_equals_gather_through_random_grows_and_shrinks(
+    native_lora: NativeLora | None, align: bool
+) -> None:
     rng = random.Random(5)
     g = torch.Generator().manual_seed(5)
-    m = _module()
+    m = _module(align=align)
     loaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for step in range(40):
         slot = rng.randrange(1, SLOTS)
@@ -193,6 +206,7 @@ def test_every_kernel_equals_gather_through_random_grows_and_shrinks(native_lora
             m.write_slot(slot, *pair)
             loaded[slot] = pair
         want_cap = max((p[0].shape[0] for p in loaded.values()), default=0)
+        want_cap = aligned_rank(want_cap) if align else want_cap
         assert m.rank_capacity == want_cap and m.slot_memory_bytes() == _bytes(SLOTS, want_cap)
         _check_zero_padding(m)
         if step % 4 == 0 or want_cap == 0:
@@ -260,8 +274,8 @@ def test_model_memory_follows_the_loaded_adapters(
     write(2, _weights(store, base, "small"))
     qv = {n for n in layers if n.endswith((".q_proj", ".v_proj"))}
     assert {n for n, m in layers.items() if m.rank_capacity} == qv
-    assert all(layers[n].rank_capacity == 4 for n in qv)
-    small_bytes = sum(_bytes(4, 4, m.in_features, m.out_features) for n, m in layers.items() if n in qv)
+    assert all(layers[n].rank_capacity == 8 for n in qv)  # rank 4, aligned to the native kernel's 8 on CPU
+    small_bytes = sum(_bytes(4, 8, m.in_features, m.out_features) for n, m in layers.items() if n in qv)
     assert slot_memory_bytes(layers.values()) == small_bytes
 
     write(1, _weights(store, base, "big"))
@@ -343,3 +357,33 @@ def test_an_install_refused_partway_leaves_the_slot_all_zeros(
         assert m.slot_ranks[1] == 0, name
         assert not m.lora_at[1].any() and not m.lora_bt[1].any(), name
         _check_zero_padding(m)
+
+
+def test_on_cpu_the_rank_capacity_is_aligned_to_the_native_kernels_token_blocks() -> None:
+    """A CPU module pads r_cap up to the next rank the native LoRA takes a run of tokens at a time
+    (8, 16, 32, 48, 64): at r_cap 12 its token-by-token path was 7-25x slower on prompt chunks, and the
+    torch kernels it was traded for made a request's text depend on its neighbours. Zeros only: the
+    adapter's numbers are unchanged."""
+    assert [aligned_rank(r) for r in (0, 1, 4, 8, 9, 12, 16, 17, 24, 33, 40, 48, 64, 65, 128)] == [
+        0, 8, 8, 8, 16, 16, 16, 32, 32, 48, 48, 48, 64, 65, 128,
+    ]  # fmt: skip
+    m = _module(align=True)
+    g = torch.Generator().manual_seed(9)
+    twelve = _pair(12, g)
+    m.write_slot(1, *twelve)
+    assert (m.rank_capacity, m.slot_ranks[1], m.slot_memory_bytes()) == (16, 12, _bytes(SLOTS, 16))
+    _check_zero_padding(m)
+    m.write_slot(2, *_pair(20, g))
+    assert m.rank_capacity == 32
+    m.clear_slot(2)  # back to what the rank-12 adapter needs
+    assert m.rank_capacity == 16
+    x = torch.randn(3, D_IN, generator=g)
+    batch = LoraBatch.build(torch.tensor([1, 0, 1]), torch.float32, "gather")
+    got = lora_delta(x, batch, m.slot_ranks, m.lora_a, m.lora_bt)
+    torch.testing.assert_close(got, _expected(x, torch.tensor([1, 0, 1]), {1: twelve}), rtol=1e-5, atol=1e-5)
+    assert (
+        MultiLoRALinear(
+            nn.Linear(D_IN, D_OUT), D_IN, D_OUT, 2, R_MAX, LoraContext(), torch.float32, torch.device("meta")
+        ).align_ranks
+        is False
+    )  # off CPU (CUDA): exact, no native kernel to align for

@@ -10,8 +10,9 @@ and gathering them needs no transpose copy) and already multiplied by the adapte
 scaling (alpha / r, or alpha / sqrt(r) with rsLoRA), so the kernels need no scale.
 
 Storage follows what is loaded: each module's rank capacity ``r_cap`` is the largest rank a loaded
-adapter has on *that* module (0, no storage at all, when none targets it), and ranks below ``r_cap``
-are zero-padded. ``--max-lora-rank`` only bounds what is accepted; padding every slot of every
+adapter has on *that* module (0, no storage at all, when none targets it), on CPU rounded up to the
+next of ``BLOCK_RANKS`` (the capacities the native kernel takes a run of tokens at a time), and ranks
+below ``r_cap`` are zero-padded. ``--max-lora-rank`` only bounds what is accepted; padding every slot of every
 module to it held 74.5 MiB per slot (2.4 GiB for 32 slots) on SmolLM2-135M in fp32, whatever the
 adapters' size (docs/architecture.md, "Measured facts").
 
@@ -31,8 +32,11 @@ Beside them, not behind :func:`lora_delta` because it adds into the base output 
 (``MultiLoRALinear._add_lora``):
 
 * ``native`` — a C kernel built for this CPU (``csrc/lora.c``, model/native.py): per token, its
-  adapter's A and B read in place with fp32 sums. No fixed cost per call, so ``auto`` takes it for
-  decode-sized steps, and for longer ones where it measured no slower (``NativeLora.preferred``).
+  adapter's A and B read in place with fp32 sums, each token's the same whatever else the step holds.
+  ``auto`` takes it for every call it takes (``NativeLora.takes``): a token's LoRA must not depend on
+  the step it lands in. Choosing per step (it for decode, a torch kernel for the longer prompt chunks
+  of ranks it had no token blocks for) changed a request's greedy text with its neighbours, and a
+  preempted request's on resume (an outside review: r=4 q/v in bf16, 4 of 6 prompts differed).
 
 Tests prove all five agree; :func:`lora_delta` picks among the four by the step's shape (``auto``).
 """
@@ -50,6 +54,19 @@ from torch import nn
 
 from lorafleet_server.model.native import NativeLora
 from lorafleet_server.model.options import LoraImpl as Impl
+
+# The rank capacities csrc/lora.c runs a prompt chunk's tokens of one slot a block at a time
+# (``lf_lora_blocks``: bf16 with d_out % 16 == 0 at these, fp32 at any multiple of 8). On CPU a module's
+# r_cap is rounded up to the next of them: at r_cap 12 its token-by-token path took 7-25x the base
+# Linear's time on 4 x 128 bf16 tokens, at 16 0.5-1.2x (bench.lora_kernels, AMX Xeon, one thread).
+# The padding is zeros: it costs slot memory (r=4 -> 8 doubles it), never a different number.
+BLOCK_RANKS = (8, 16, 32, 48, 64)
+
+
+def aligned_rank(r: int) -> int:
+    """The rank capacity that holds rank ``r`` on CPU: the next of ``BLOCK_RANKS`` (``r`` past them)."""
+    return next((c for c in BLOCK_RANKS if r <= c), r) if r > 0 else 0
+
 
 # Cost model of ``choose_impl`` in microseconds per call (docs/architecture.md, "Measured facts" 4),
 # fitted to a grid of steps (32-2,048 tokens x 2-32 adapters; r=8 576->576 and 576->192, r=16 576->1536
@@ -356,11 +373,12 @@ class MultiLoRALinear(nn.Module):
     ``lora_a`` [slots, r_cap, in] and ``lora_bt`` [slots, r_cap, out] (B transposed, pre-scaled) are in the
     compute dtype. ``lora_a`` is a view of the buffer ``lora_at`` [slots, in, r_cap] (contiguous): the
     ``token`` kernel reads ``At`` rows in place, the others take ``lora_a`` as any strided tensor.
-    ``r_cap`` is the largest rank any slot's adapter has on this module, so a module no loaded adapter
-    targets holds no storage, and one big adapter costs its rank on the modules it targets only. Rows
-    past a slot's own rank, every row of a free slot and all of slot 0 stay zero: the ``gather``
-    reference reads them. Writing a slot is the slot manager's job (:meth:`write_slot`,
-    :meth:`clear_slot`), always on the engine thread between steps, so a resize never races a forward.
+    ``r_cap`` is the largest rank any slot's adapter has on this module (on CPU rounded up by
+    ``aligned_rank``, unless ``align_ranks`` says otherwise), so a module no loaded adapter targets holds
+    no storage, and one big adapter costs its rank on the modules it targets only. Rows past a slot's
+    own rank, every row of a free slot and all of slot 0 stay zero: the ``gather`` reference reads them.
+    Writing a slot is the slot manager's job (:meth:`write_slot`, :meth:`clear_slot`), always on the
+    engine thread between steps, so a resize never races a forward.
     """
 
     def __init__(
@@ -373,9 +391,12 @@ class MultiLoRALinear(nn.Module):
         context: LoraContext,
         dtype: torch.dtype,
         device: torch.device,
+        align_ranks: bool | None = None,
     ) -> None:
         super().__init__()
         self.base = base
+        # r_cap rounded up to the native kernel's token-block ranks (default: on CPU, where it runs)
+        self.align_ranks = device.type == "cpu" if align_ranks is None else align_ranks
         self.in_features = in_features
         self.out_features = out_features
         self.context = context
@@ -405,7 +426,7 @@ class MultiLoRALinear(nn.Module):
 
     @property
     def rank_capacity(self) -> int:
-        """r_cap: the rank every slot is padded to on this module (the largest loaded rank, or 0)."""
+        """r_cap: the rank every slot is padded to on this module (the largest loaded rank, aligned, or 0)."""
         return self._r_cap
 
     def slot_memory_bytes(self) -> int:
@@ -478,7 +499,7 @@ class MultiLoRALinear(nn.Module):
         old = self.slot_ranks[slot]
         self.slot_ranks[slot] = r
         self._slot_rank_np[slot] = r
-        if r > self._r_cap or (r < old == self._r_cap):  # else the largest rank is what it was
+        if r > self._r_cap or r < old:  # else r_cap is what it was
             try:
                 self._fit()
             except BaseException:  # no room for the new capacity (out of memory): the rank stays as it was
@@ -487,12 +508,14 @@ class MultiLoRALinear(nn.Module):
                 raise
 
     def _fit(self) -> None:
-        """Reallocate both buffers at r_cap = max(slot_ranks) when that differs from what they hold.
+        """Reallocate both buffers at r_cap = max(slot_ranks) (aligned) when that differs from what they hold.
 
         Every slot keeps its rows below min(old, new) r_cap; all other rows are zero. Between steps the
         old buffers have no other reader, so they are freed as soon as they are replaced.
         """
         r_cap = max(self.slot_ranks)
+        if self.align_ranks:
+            r_cap = aligned_rank(r_cap)
         if r_cap == self._r_cap:
             return
         keep = min(r_cap, self._r_cap)
@@ -531,9 +554,7 @@ class MultiLoRALinear(nn.Module):
         native = batch.native
         if native is not None and y.is_contiguous():
             y_flat = y.view(-1, self.out_features)  # [N, out]
-            if NativeLora.takes(y_flat, flat, at) and (
-                batch.impl == "native" or native.preferred(y.dtype, self.out_features, r_cap, len(flat))
-            ):
+            if NativeLora.takes(y_flat, flat, at):  # every call it takes, whatever the step (module doc)
                 native.add_(y_flat, flat, at, self.lora_bt, batch.slots, self.slot_rank_t)
                 return y
         delta = lora_delta(flat, batch, self.slot_ranks, self.lora_a, self.lora_bt)  # [N, out]

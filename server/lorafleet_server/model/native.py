@@ -527,15 +527,11 @@ class NativeAttention:
 
 LORA_SOURCE = "lora.c"
 MAX_LORA_RANK = 256  # csrc/lora.c's limit
-# Steps of up to this many tokens (decode) take the native LoRA on every path: 0.2-0.7x the time of
-# the torch kernels' choice at 32 decode tokens, bf16 and fp32. Longer steps (prompt chunks) take it
-# where it takes a run of one slot's tokens a block at a time (lf_lora_blocks: its AVX-512 path, and
-# fp32 with r_cap a multiple of 8): at r_cap 16-64 0.3-0.7x the torch kernels' choice on a burst's
-# 256-token step, 0.5-1.1x on 4 x 128 tokens in bf16 (r_cap 8 ~0.75x its token-by-token time, which
-# was 0.8x); in fp32 0.2-0.6x on the burst's step and 0.5-1.5x on 4 x 128 tokens, 0.87-0.96x summed
-# over an r=16 all-linear layer's modules. Token by token measured up to 3.3x the torch kernels on
-# 4 x 128 tokens (docs/architecture.md, "Measured facts" 12).
-NATIVE_LORA_SHORT_STEP_TOKENS = 64
+# The native LoRA takes a run of one slot's tokens (a prompt chunk) a block at a time where
+# ``lf_lora_blocks`` says so (its AVX-512 BF16 path: d_out % 16 == 0, r_cap 8/16/32/48/64; fp32: r_cap a
+# multiple of 8): 0.3-0.7x the torch kernels' choice on a burst's 256-token step at r_cap 16-64 in bf16,
+# 0.2-0.6x in fp32. Elsewhere it goes token by token (up to 3.3x the torch kernels on 4 x 128 tokens,
+# 7-25x the base Linear at r_cap 12 in bf16), which is why CPU modules align r_cap (lora.BLOCK_RANKS).
 # y, x, at, bt, slots, ranks; n_tokens, n_slots, d_in, d_out, r_cap; bf16, threads; pool
 _LORA_ARGTYPES: list[Any] = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
 
@@ -563,13 +559,10 @@ class NativeLora:
         self.pool = pool
         self.address = c_address(self._fn)  # of lf_lora_add, for csrc/layers.c
 
-    def preferred(self, dtype: torch.dtype, d_out: int, r_cap: int, tokens: int) -> bool:
-        """Whether ``auto`` runs this module's share of a step here rather than with a torch kernel:
-        short (decode) steps always; longer ones where the kernel takes a run of one slot's tokens a
-        block at a time (AVX-512 BF16 with d_out % 16 == 0 and r_cap 8 or a multiple of 16 up to 64;
-        fp32 with r_cap a multiple of 8)."""
-        if tokens <= NATIVE_LORA_SHORT_STEP_TOKENS:
-            return True
+    def blocks(self, dtype: torch.dtype, d_out: int, r_cap: int) -> bool:
+        """Whether the kernel takes a run of one slot's tokens a block at a time for this module's shape
+        (AVX-512 BF16 with d_out % 16 == 0 and r_cap 8, 16, 32, 48 or 64; fp32 with r_cap a multiple of
+        8), rather than token by token; the numbers are the same either way."""
         key = (dtype, d_out, r_cap)
         blocks = self._blocks.get(key)
         if blocks is None:

@@ -14,10 +14,9 @@ end instead of three, the same numbers.)
 It takes a step (:meth:`LayerDriver.takes`) only where the loop would call the native kernel for every
 one of those pieces: Llama layers with RMSNorm and a SiLU MLP, every projection a native Linear (bf16
 on AMX or AVX-512 BF16, or fp32 on AVX2), the LoRA, the attention and the Linears on the same pool (or none), and a step
-whose every adapted module takes the native LoRA: any step without adapters, decode-sized ones (at
-most ``NATIVE_LORA_SHORT_STEP_TOKENS`` tokens), and prompt chunks where ``NativeLora.preferred`` says so
-for every module an adapter targets. Anything else (such a prompt chunk with other adapters, a
-compiled or quantized base, torch's attention) runs the loop.
+whose adapted modules take the native LoRA: any step without adapters, and any with them where the
+server built the native LoRA (``auto`` takes it for every call it takes). Anything else (a compiled
+or quantized base, torch's attention) runs the loop.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from torch import nn
 from lorafleet_server.model.lora import LoraBatch, LoraContext, MultiLoRALinear
 from lorafleet_server.model.native import (
     MAX_LORA_RANK,
-    NATIVE_LORA_SHORT_STEP_TOKENS,
     AttentionRows,
     KernelChoice,
     NativeAttention,
@@ -49,9 +47,8 @@ from lorafleet_server.model.options import LayersKernel
 from lorafleet_server.model.packed import NativeLinearModule
 
 LAYERS_SOURCE = "layers.c"
-# Steps of up to this many tokens always run here (where the loop takes the native LoRA for every module);
-# longer ones where no token uses an adapter, or where every module the step's adapters target would.
-SHORT_STEP_TOKENS = NATIVE_LORA_SHORT_STEP_TOKENS
+# Tokens of the step the activations' workspace first holds (a decode step's); it grows to the longest seen.
+SHORT_STEP_TOKENS = 64
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # csrc/layers.c's PROJ_ order
 # csrc/layers.c's OP_ codes, for errors
 _OPS = ("", "q", "k", "v", "RoPE", "attention", "o", "post-attention norm", "gate", "up", "SiLU", "down", "next norm")
@@ -303,20 +300,9 @@ class LayerDriver:
 
     def takes(self, tokens: int, batch: LoraBatch | None) -> bool:
         """Whether a step of ``tokens`` tokens and this routing runs here: where the loop would take the
-        native LoRA for every projection an adapter targets (``MultiLoRALinear._add_lora``)."""
-        if batch is None:
-            return True
-        if batch.native is None:
-            return False
-        if tokens <= SHORT_STEP_TOKENS or batch.impl == "native":
-            return True
-        # a prompt chunk: ~0.2 ms for SmolLM2's 210 modules, against tens of ms for the step
-        return all(
-            self._lora.preferred(self.dtype, p.lora.out_features, p.lora.rank_capacity, tokens)
-            for projs in self._projections
-            for p in projs
-            if p.lora is not None and p.lora.rank_capacity > 0
-        )
+        native LoRA for every projection an adapter targets (``MultiLoRALinear._add_lora``: wherever the
+        batch carries it). ``tokens`` is any count: the workspace grows to fit."""
+        return batch is None or batch.native is not None
 
     def _layer_table(self) -> ctypes.Array[_LayerTable] | None:
         """The layers' table, rebuilt when a slot table was reallocated (a new rank capacity) since the
