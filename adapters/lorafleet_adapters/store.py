@@ -430,7 +430,9 @@ class AdapterStore:
     def _read_small(self, path: Path, limit: int) -> bytes:
         real = self._inside(path)
         try:
-            with open(real, "rb") as handle:
+            # O_NONBLOCK: a FIFO at `latest`, the publish marker or a manifest must not block the open
+            # (every resolve, poll and publish of that adapter hung on it); it is refused below.
+            with open(os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
                 if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                     raise AdapterFormatError(f"{path.name} is not a regular file")
                 data = handle.read(limit + 1)

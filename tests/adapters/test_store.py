@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -18,6 +19,7 @@ from adapters_testlib import FINGERPRINT, MakeAdapter, edit_config
 
 from lorafleet_adapters import store as store_module
 from lorafleet_adapters.errors import (
+    AdapterError,
     AdapterFormatError,
     AdapterIncompatible,
     AdapterNotFound,
@@ -435,6 +437,36 @@ def test_latest_pointer_problems(store: AdapterStore, adapter_dir: Path, spec: B
         store.resolve(ref("acme/support"))
     latest.unlink()  # a first publish interrupted before the pointer: fall back to the highest version
     assert store.resolve(ref("acme/support")).version == 1
+
+
+def test_a_fifo_for_a_pointer_or_the_publish_marker_is_refused_not_waited_on(
+    store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec
+) -> None:
+    """Found by an outside review: a FIFO at ``latest`` or at the publish marker blocked the open of
+    every resolve, watcher poll and publish of that adapter for ever (the open waits for a writer)."""
+    store.import_peft(adapter_dir, "acme", "support", spec)
+    latest, marker = store.root / "acme" / "support" / "latest", store.root / store_module.PUBLISHED_MARKER
+    for path in (latest, marker):
+        path.unlink()
+        os.mkfifo(path)
+    outcome: dict[str, object] = {}
+
+    def read() -> None:
+        for name, call in (("resolve", lambda: store.resolve(ref("acme/support"))), ("token", store.change_token)):
+            try:
+                outcome[name] = call()
+            except AdapterError as exc:
+                outcome[name] = exc
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    for path in (latest, marker):  # a blocked open returns once a writer comes and goes
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert not reader.is_alive(), "a read blocked on a FIFO"
+    assert isinstance(outcome["resolve"], AdapterError) and "not a regular file" in str(outcome["resolve"])
+    assert isinstance(outcome["token"], AdapterError | str)
 
 
 @pytest.mark.parametrize("damage", ["", "\n", "\x002", "../../etc", "9" * 40, "symlink"])
