@@ -25,6 +25,7 @@ from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, A
 from lorafleet_adapters.ref import AdapterKey
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import Service
+from lorafleet_server.engine.admin import AdapterAdmin
 from lorafleet_server.engine.stream import EngineStream
 
 PROMPT = "The capital of France is"
@@ -242,3 +243,21 @@ def test_a_name_first_used_after_a_version_this_server_cannot_serve_takes_the_on
     service.store.import_peft(adapters[0], "acme", "alien", other_base)
     with pytest.raises(AdapterIncompatible, match="alien@1 was built for base"):
         service.engine.submit(request(PROMPT, adapter="acme/alien"), lambda _e: None)
+
+
+def test_one_version_that_does_not_read_leaves_every_other_in_the_listing(
+    service: Service, adapters: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by an outside review: a manifest that does not read (damaged, or a newer lorafleet's field
+    mid-upgrade) made ListAdapters and GET /v1/models fail for every adapter of every tenant."""
+    spec = service.base.spec
+    service.store.import_peft(adapters[0], "acme", "faq", spec)
+    service.store.import_peft(adapters[0], "zeta", "old", spec)
+    service.store.import_peft(adapters[1], "zeta", "old", spec)
+    manifest = service.store.version_dir(AdapterKey("zeta", "old", 1)) / "manifest.json"
+    manifest.write_text(manifest.read_text().replace("{", '{"future_field": 1, ', 1))
+    admin = AdapterAdmin(service.engine)
+    listed = {(v.tenant, v.name): [x.version for x in v.versions] for v in admin.list("")}
+    assert listed == {("acme", "faq"): [1], ("zeta", "old"): [2]}
+    assert "zeta/old@1" in caplog.text and "future_field" in caplog.text
+    assert [x.version for x in admin.get("zeta/old").versions] == [2]

@@ -7,11 +7,12 @@ engine does not get to them in time); store reads and host loads run on the call
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lorafleet_adapters.device_slots import SlotInfo
-from lorafleet_adapters.errors import AdapterNotFound, InvalidAdapterRef
+from lorafleet_adapters.errors import AdapterError, AdapterNotFound, InvalidAdapterRef, StoreUnavailable
 from lorafleet_adapters.manifest import Manifest
 from lorafleet_adapters.ref import AdapterKey, AdapterRef, check_ident
 from lorafleet_server.engine.adapter_manager import Tier
@@ -20,6 +21,8 @@ from lorafleet_server.engine.versions import RefreshResult
 from lorafleet_server.errors import AdapterBusy
 
 __all__ = ["AdapterAdmin", "AdapterView", "Tier", "VersionView"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,19 @@ class AdapterAdmin:
         views = []
         for v in versions:
             key = AdapterKey(tenant, name, v)
+            try:
+                manifest = self._manager.manifest(key)
+            except StoreUnavailable:
+                raise
+            except AdapterError as exc:  # one unreadable version (damaged, or a newer writer's fields)
+                log.warning("listing %s: version %d left out, its manifest does not read: %s", key, v, exc)
+                continue  # listing every other adapter failed with its error (an outside review)
             slot = slots.get(key)
             tier = Tier.DEVICE if slot is not None else Tier.HOST if self._manager.on_host(key) else Tier.STORE
             views.append(
                 VersionView(
                     version=v,
-                    manifest=self._manager.manifest(key),
+                    manifest=manifest,
                     tier=tier,
                     pinned=bool(slot and slot.pinned),
                     active_requests=slot.leases if slot else 0,
