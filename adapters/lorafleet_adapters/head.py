@@ -238,6 +238,7 @@ def publish_head(
         )
     if head.features_from is not None and (source := store.manifest(head.features_from).kind) != "lora":
         raise AdapterFormatError(f"features_from {head.features_from} is a {source}, not a LoRA adapter")
+    check_head_fits(f"for {tenant}/{name}", head, spec)
     extra = dict(extra or {})
     staging = store.new_staging(tenant, name)
     try:
@@ -290,10 +291,20 @@ def verified_head_dir(store: Store, key: AdapterKey, spec: BaseModelSpec | None 
     return manifest, vdir
 
 
+def check_head_fits(what: object, head: ClassifierHead, spec: BaseModelSpec) -> None:
+    """Refuse a head that reads another number of features than ``spec``'s base has (AdapterIncompatible):
+    it passed every other check, so a hot swap moved a working head's name to it and every Classify of
+    that name failed (an outside review)."""
+    hidden = spec.hidden_size
+    if hidden is not None and head.hidden_size != hidden:
+        raise AdapterIncompatible(f"head {what} reads {head.hidden_size} features; this base has hidden size {hidden}")
+
+
 def load_head(store: Store, key: AdapterKey, spec: BaseModelSpec) -> ClassifierHead:
     """Verify a head version (kind, base, checksums) and read it."""
     _, vdir = verified_head_dir(store, key, spec)
     head = ClassifierHead.read(vdir)
+    check_head_fits(key, head, spec)
     if head.features_from is not None and head.features_from.tenant != key.tenant:
         raise AdapterFormatError(f"{key}: features_from {head.features_from} belongs to another tenant")
     return head

@@ -81,6 +81,12 @@ class BaseModelSpec:
         shapes = {name: (int(out_f), int(in_f)) for name, (out_f, in_f) in self.target_shapes.items()}
         object.__setattr__(self, "target_shapes", MappingProxyType(shapes))
 
+    @property
+    def hidden_size(self) -> int | None:
+        """The base's hidden size (what a pooled feature vector holds): the input width of its attention
+        query projection; None where the spec names none."""
+        return next((in_f for name, (_, in_f) in self.target_shapes.items() if name.endswith("q_proj")), None)
+
 
 @dataclass(frozen=True)
 class AdapterWeights:

@@ -13,7 +13,7 @@ from classifierlib import labelled_rows, train_head, write_labelled
 from enginelib import engine_held, request, submit, tiny_service
 from transformers import AutoTokenizer
 
-from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.head import ClassifierHead, publish_head
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.prompt import PromptTemplate
@@ -177,3 +177,28 @@ def test_example_turns_encode_like_the_server(service: Service, tiny_model_dir: 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     example = Example(line=1, completion="x", turns=(Turn("user", TEXTS[0]),))
     assert prompt_ids(tokenizer, example) == service.engine.encode_prompt(None, (ChatTurn("user", TEXTS[0]),))
+
+
+def test_a_head_of_another_hidden_size_is_refused_at_publish_and_by_the_watcher(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, published: dict[str, Any]
+) -> None:
+    """Found by an outside review: a head reading 32 features on a 64-wide base passed every check, so
+    the watcher swapped a working head's name to it and every Classify of the name failed."""
+    good: ClassifierHead = published["head"]
+    assert tiny_spec.hidden_size == good.hidden_size
+    narrow = ClassifierHead(good.labels, torch.randn(len(good.labels), 32), torch.zeros(len(good.labels)))
+    store = AdapterStore(tmp_path / "store")
+    publish_head(store, "acme", "intent", good, tiny_spec)
+    with pytest.raises(AdapterIncompatible, match="reads 32 features; this base has hidden size"):
+        publish_head(store, "acme", "intent", narrow, tiny_spec)
+    svc = tiny_service(tiny_model_dir, store.root)
+    try:
+        before = submit(svc.engine, classify(TEXTS[0], "acme/intent"))[0].wait().summary
+        no_shapes = replace(tiny_spec, target_shapes={})  # a publisher that could not tell: planted as version 2
+        publish_head(store, "acme", "intent", narrow, no_shapes)
+        result = svc.engine.adapters.refresh()
+        assert not result.swaps and [f.version for f in result.failures] == [2]
+        after = submit(svc.engine, classify(TEXTS[0], "acme/intent"))[0].wait().summary
+        assert after.adapter == before.adapter == "acme/intent@1"
+    finally:
+        svc.engine.shutdown(10)
