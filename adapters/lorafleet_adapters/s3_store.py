@@ -898,7 +898,24 @@ class S3AdapterStore:
     def _fetch(self, key: AdapterKey, file_name: str, expected: str, dest: Path, room: int) -> int:
         """Download one listed file into ``dest``, checked against its sha256; at most ``room`` bytes
         (what is left of the disk cache for this version) and the file's own bound: the weights
-        ``MAX_FILE_BYTES``, any other file (config, prompt, head, records) ``MAX_SMALL_FILE_BYTES``."""
+        ``MAX_FILE_BYTES``, any other file (config, prompt, head, records) ``MAX_SMALL_FILE_BYTES``.
+
+        A download whose bytes do not match is fetched once more before the version is called bad: a
+        transfer damaged on the way (a store or proxy without S3's checksums) made the version watcher
+        refuse a good version for good, while an explicit request for it downloaded it fine."""
+        written, actual = self._fetch_once(key, file_name, dest, room)
+        if actual != expected:
+            log.warning("adapter %s: %s arrived damaged (sha256 %s); downloading it again", key, file_name, actual)
+            dest.unlink(missing_ok=True)
+            written, actual = self._fetch_once(key, file_name, dest, room)
+        if actual != expected:
+            raise AdapterFormatError(
+                f"{key}: checksum mismatch for {file_name}: manifest has sha256 {expected}, the store has {actual}"
+            )
+        return written
+
+    def _fetch_once(self, key: AdapterKey, file_name: str, dest: Path, room: int) -> tuple[int, str]:
+        """One download of ``file_name`` into ``dest``: (its bytes, their sha256)."""
         what = f"download {file_name} of {key}"
         response = self._get(self._version_key(key, file_name), what)
         if response is None:
@@ -945,12 +962,7 @@ class S3AdapterStore:
                 f"adapter store {self._location}: cannot {what}: {written} of {size} bytes in "
                 f"{allowed:.0f} s (slower than {DOWNLOAD_MIN_BYTES_PER_SECOND >> 10} KiB/s)"
             )
-        actual = digest.hexdigest()
-        if actual != expected:
-            raise AdapterFormatError(
-                f"{key}: checksum mismatch for {file_name}: manifest has sha256 {expected}, the store has {actual}"
-            )
-        return written
+        return written, digest.hexdigest()
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[None]:

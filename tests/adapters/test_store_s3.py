@@ -243,6 +243,53 @@ def test_tampered_version_in_the_bucket_is_refused(
     assert list((replica.cache.root / ".incoming").iterdir()) == []
 
 
+def test_a_transfer_damaged_once_is_downloaded_again_not_refused(
+    seaweed_server: SeaweedFS,
+    url: str,
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    spec: BaseModelSpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by an outside review: one byte flipped on the way (a store or proxy without S3's
+    checksums) made the download's check call the version bad, and the watcher refused a good version
+    for good. Now a mismatch is fetched once more; a second one still refuses it."""
+    store = s3_store(url, tmp_path / "pub")
+    key = store.import_peft(make_adapter()[0], "acme", "bot", spec)
+    weights = store.load(key, spec)
+    replica = s3_store(url, tmp_path / "replica")
+    damaged: list[str] = []
+    real_get = replica._get
+
+    class Flipped:
+        def __init__(self, body: Any) -> None:
+            self.body = body
+
+        def iter_chunks(self, size: int) -> Iterator[bytes]:
+            data = b"".join(self.body.iter_chunks(size))
+            yield data[:-1] + bytes([data[-1] ^ 1])
+
+        def close(self) -> None:
+            self.body.close()
+
+    def get(object_key: str, what: str) -> Any:
+        response = real_get(object_key, what)
+        if object_key.endswith(WEIGHTS_FILE) and len(damaged) < times:
+            damaged.append(object_key)
+            response["Body"] = Flipped(response["Body"])
+        return response
+
+    monkeypatch.setattr(replica, "_get", get)
+    times = 1
+    assert tensors_equal(replica.load(key, spec), weights) and len(damaged) == 1
+    replica.cache.drop(key)
+    damaged.clear()
+    times = 2  # damaged every time: the version is bad as far as this replica can tell
+    with pytest.raises(AdapterFormatError, match="checksum mismatch"):
+        replica.load(key, spec)
+    assert len(damaged) == 2 and list((replica.cache.root / ".incoming").iterdir()) == []
+
+
 def test_disk_cache_is_bounded_lru(
     seaweed_server: SeaweedFS, url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
 ) -> None:
