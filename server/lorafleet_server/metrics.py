@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -131,6 +132,17 @@ class Metrics:
         )
         self.swap_failures = Counter(
             "lorafleet_adapter_swap_failures", "New versions refused: the previous one keeps serving.", registry=r
+        )
+        self.store_unavailable = Counter(
+            "lorafleet_adapter_store_unavailable",
+            "Adapter store calls that got no answer (unreachable, timed out, refused credentials): the version "
+            "watcher's polls and requests' reads of adapters not at hand.",
+            registry=r,
+        )
+        self.store_answered_at = Gauge(
+            "lorafleet_adapter_store_last_answer_timestamp_seconds",
+            "Unix time the adapter store last answered the version watcher's poll or a request's read (0: not yet).",
+            registry=r,
         )
         self.keys_reloads = Counter(
             "lorafleet_keys_reloads",
@@ -262,6 +274,12 @@ class Metrics:
 
     def adapter_swap_failed(self) -> None:
         self.swap_failures.inc()
+
+    def adapter_store_failed(self) -> None:
+        self.store_unavailable.inc()
+
+    def adapter_store_answered(self) -> None:
+        self.store_answered_at.set(time.time())
 
     def bind_adapters(self, host: Callable[[], int], device: Callable[[], int], pinned: Callable[[], int]) -> None:
         self.resident.labels(tier="host").set_function(host)

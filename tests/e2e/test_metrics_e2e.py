@@ -102,6 +102,7 @@ def test_alert_rules_pass_promtool() -> None:
         "DeadlinesExceeded",
         "AdapterLoadFailures",
         "AdapterSwapFailures",
+        "AdapterStoreUnreachable",
         "Down",
     ):
         assert alert in (ROOT / "deploy/prometheus/alerts.yml").read_text()
@@ -175,6 +176,56 @@ def test_deadlines_exceeded_warn_without_paging(tmp_path: Path) -> None:
             {"eval_time": "30m", "alertname": "LorafleetDeadlinesExceeded", "exp_alerts": [warning]},
         ],
     )
+
+
+def test_a_store_that_stopped_answering_warns_and_an_idle_one_does_not(tmp_path: Path) -> None:
+    """Found by an outside review: a replica whose store calls all failed (rotated credentials) kept
+    serving old versions with nothing but a log line to show for it. The gauge says when the store
+    last answered; with its calls failing for 5 minutes the replica warns. One whose store answers, or
+    that has not called it lately (no failures), does not."""
+    answered = "lorafleet_adapter_store_last_answer_timestamp_seconds"
+    failed = "lorafleet_adapter_store_unavailable_total"
+    test = {
+        "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [  # values at 0m, 1m, ...: the answer time stops moving at 2m (120 s) on "cut"
+                    {"series": f'{answered}{{instance="cut"}}', "values": "60 120 120x20"},
+                    {"series": f'{failed}{{instance="cut"}}', "values": "0 0 0+12x20"},
+                    {"series": f'{answered}{{instance="fine"}}', "values": "60+60x21"},
+                    {"series": f'{failed}{{instance="fine"}}', "values": "0x21"},
+                    {"series": f'{answered}{{instance="idle"}}', "values": "60 120 120x20"},
+                    {"series": f'{failed}{{instance="idle"}}', "values": "0x21"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "5m", "alertname": "LorafleetAdapterStoreUnreachable", "exp_alerts": []},
+                    {
+                        "eval_time": "10m",
+                        "alertname": "LorafleetAdapterStoreUnreachable",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "instance": "cut"},
+                                "exp_annotations": {
+                                    "summary": "The adapter store has not answered cut for over 5 minutes",
+                                    "description": (
+                                        "Its calls fail (unreachable, timed out, refused credentials; the logs say "
+                                        "which). Loaded adapters keep serving, but this replica sees no new versions "
+                                        "and refuses adapters it does not hold (480 seconds since the last answer)."
+                                    ),
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "rules_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_dashboard_queries_name_exported_metrics(live: LiveServer) -> None:

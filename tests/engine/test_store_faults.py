@@ -206,8 +206,10 @@ def test_a_store_that_stops_answering_holds_only_the_requests_that_need_it(
         release.set()
         return await asyncio.wait_for(asyncio.gather(*cold, return_exceptions=True), 60)  # type: ignore[return-value]
 
+    unanswered = metric(service, "lorafleet_adapter_store_unavailable_total")
     outcomes = asyncio.run(scenario())
     assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    assert metric(service, "lorafleet_adapter_store_unavailable_total") - unanswered == sum(reads.values())
     assert sum(reads.values()) <= 4 and max(reads.values()) == 1  # one read per name in flight; then refused
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="did not answer"):

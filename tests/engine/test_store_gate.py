@@ -63,3 +63,23 @@ def test_a_probe_that_fails_closes_the_gate_again_and_any_answer_opens_it() -> N
     fail(gate)
     gate.answered()  # the watcher's poll read the store
     assert not gate.tripped
+
+
+def test_it_tells_the_metrics_of_each_unanswered_call_and_each_answer_not_of_its_own_refusals() -> None:
+    told: list[str] = []
+    clock = Clock()
+    gate = StoreGate(
+        retry_seconds=5.0, clock=clock, on_failed=lambda: told.append("failed"), on_answered=lambda: told.append("ok")
+    )
+    with gate.call("read x"):
+        pass
+    fail(gate)
+    with pytest.raises(StoreUnavailable, match="tried again"), gate.call("read y"):
+        pass  # refused by the gate: the store was not asked
+    clock.now += 5.0
+    with pytest.raises(KeyError), gate.call("read z"):  # the probe fails by the caller's own bug: no verdict
+        raise KeyError("z")
+    assert gate.tripped
+    with pytest.raises(AdapterNotFound), gate.call("read w"):  # the next probe: the store answers
+        raise AdapterNotFound("no w")
+    assert told == ["ok", "failed", "ok"] and not gate.tripped

@@ -66,6 +66,8 @@ class AdapterObserver(Protocol):
     def adapter_load_failed(self) -> None: ...
     def adapter_swapped(self) -> None: ...
     def adapter_swap_failed(self) -> None: ...
+    def adapter_store_failed(self) -> None: ...
+    def adapter_store_answered(self) -> None: ...
 
 
 class _NullAdapterObserver:
@@ -82,6 +84,12 @@ class _NullAdapterObserver:
         return None
 
     def adapter_swap_failed(self) -> None:
+        return None
+
+    def adapter_store_failed(self) -> None:
+        return None
+
+    def adapter_store_answered(self) -> None:
         return None
 
 
@@ -123,7 +131,10 @@ class AdapterManager:
         self._heads: LruMap[AdapterKey, ClassifierHead] = LruMap(SMALL_ENTRIES_KEPT, HEAD_BYTES_KEPT, _head_bytes)
         self.observer: AdapterObserver = observer or _NullAdapterObserver()
         # A request's store reads go through it: refused at once for a while after the store did not answer.
-        self.gate = StoreGate()
+        self.gate = StoreGate(
+            on_failed=lambda: self.observer.adapter_store_failed(),
+            on_answered=lambda: self.observer.adapter_store_answered(),
+        )
         self.versions = VersionWatcher(
             store,
             lambda key: self.verify(key, count_failures=False),  # a refused version counts as a failed swap

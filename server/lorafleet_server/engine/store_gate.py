@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from lorafleet_adapters.errors import StoreUnavailable
+from lorafleet_adapters.errors import AdapterError, StoreUnavailable
 
 STORE_RETRY_SECONDS = 5.0
 
@@ -25,8 +25,18 @@ STORE_RETRY_SECONDS = 5.0
 class StoreGate:
     """Any thread."""
 
-    def __init__(self, retry_seconds: float = STORE_RETRY_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        retry_seconds: float = STORE_RETRY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        on_failed: Callable[[], None] = lambda: None,
+        on_answered: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``on_failed`` / ``on_answered``: told of each call that got no answer or one (the metrics)."""
         self._retry_seconds = retry_seconds
+        self._on_failed = on_failed
+        self._on_answered = on_answered
         self._clock = clock
         self._lock = threading.Lock()
         self._closed_until: float | None = None  # None: the store answers; else refuse until then
@@ -48,8 +58,12 @@ class StoreGate:
         except StoreUnavailable as exc:
             self.failed(str(exc))
             raise
-        except BaseException:  # the store answered (not found, a bad file...), or the caller's own error
-            self._leave(probe)
+        except (AdapterError, OSError):  # the store answered (not found, a bad file...)
+            self.answered()
+            raise
+        except BaseException:  # not the store's doing: a probe in flight ends without a verdict
+            if probe:
+                self._leave()
             raise
         self.answered()
 
@@ -59,6 +73,7 @@ class StoreGate:
             self._closed_until = self._clock() + self._retry_seconds
             self._error = error
             self._probing = False
+        self._on_failed()
 
     def answered(self) -> None:
         """The store answered: let every call through again."""
@@ -66,6 +81,7 @@ class StoreGate:
             self._closed_until = None
             self._error = ""
             self._probing = False
+        self._on_answered()
 
     def _enter(self, what: str) -> bool:
         with self._lock:
@@ -78,6 +94,6 @@ class StoreGate:
             wait = f"tried again in {left:.1f}s" if left > 0 else "another call is trying it now"
             raise StoreUnavailable(f"cannot {what}: the adapter store did not answer ({self._error}); {wait}")
 
-    def _leave(self, probe: bool) -> None:
-        if probe:
-            self.answered()
+    def _leave(self) -> None:
+        with self._lock:
+            self._probing = False
