@@ -18,8 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+import torch
 from enginelib import generate, request, submit, tiny_service
+from safetensors.torch import load_file, save_file
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, AdapterNotFound, StoreUnavailable
 from lorafleet_adapters.ref import AdapterKey
@@ -27,6 +30,7 @@ from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import Service
 from lorafleet_server.engine.admin import AdapterAdmin
 from lorafleet_server.engine.stream import EngineStream
+from lorafleet_server.grpc.status import status_for
 
 PROMPT = "The capital of France is"
 
@@ -263,3 +267,23 @@ def test_one_version_that_does_not_read_leaves_every_other_in_the_listing(
     assert listed == {("acme", "faq"): [1], ("zeta", "old"): [2]}
     assert "zeta/old@1" in caplog.text and "future_field" in caplog.text
     assert [x.version for x in admin.get("zeta/old").versions] == [2]
+
+
+def test_an_adapter_whose_weights_overflow_fails_its_own_requests_with_its_name(
+    service: Service, adapters: list[Path], tmp_path: Path
+) -> None:
+    """Found by an outside review: finite but huge weights (1e30) pass every check, then make the logits
+    NaN; the request failed as INTERNAL (a server bug to alerts and callers). Now FAILED_PRECONDITION
+    naming the adapter; a base request beside it is unaffected."""
+    hostile = tmp_path / "hostile"
+    shutil.copytree(adapters[0], hostile)
+    weights = hostile / "adapter_model.safetensors"
+    tensors = {name: torch.full_like(t, 1e30) for name, t in load_file(weights).items()}
+    save_file(tensors, weights)
+    service.store.import_peft(hostile, "evil", "nan", service.base.spec)  # finite: accepted
+    bad, _ = submit(service.engine, request(PROMPT, adapter="evil/nan", rid="bad"))
+    good, _ = submit(service.engine, request(PROMPT, rid="good"))
+    assert good.wait().summary.finish_reason is not None
+    with pytest.raises(AdapterIncompatible, match=r"evil/nan@1 drove the model's output to NaN") as refused:
+        bad.wait().summary  # noqa: B018
+    assert status_for(refused.value) == grpc.StatusCode.FAILED_PRECONDITION

@@ -912,6 +912,11 @@ class Engine:
         for r, tok in zip(logit_rows, tokens, strict=True):
             if isinstance(tok, Exception):  # this row's logits could not be sampled: it alone fails
                 log.error("request %s: %s", r.req.request_id, tok)
+                if r.lora is not None:  # its adapter's doing (the base's rows beside it are fine): not a bug
+                    tok = AdapterIncompatible(
+                        f"adapter {r.lora} drove the model's output to NaN or infinity ({tok}): its weights are "
+                        f"too large for this base in {self.runner.dtype}"
+                    )
                 self._fail(r, tok)
                 continue
             try:
