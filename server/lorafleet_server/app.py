@@ -230,6 +230,7 @@ def build_service(config: ServerConfig, registry: CollectorRegistry | None = Non
         prefix_cache=PrefixCache(config.prefix_cache_bytes, observer=metrics),
     )
     manager.set_wake(engine.wake)
+    manager.set_prompt_check(engine.check_prompt_fits)
     metrics.bind_load(engine.load_stats)
     metrics.bind_prefix_cache_bytes(lambda: float(engine.prefix_cache.bytes_used))
     metrics.bind_adapters(lambda: len(host_cache.keys()), slots.resident_count, slots.pinned_count)

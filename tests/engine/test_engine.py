@@ -572,6 +572,22 @@ def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(service: 
     assert service.metrics.registry.get_sample_value("lorafleet_adapter_swaps_total") == 1
 
 
+def test_a_prompt_version_too_long_for_the_context_is_refused_by_the_watcher(service: Service) -> None:
+    """Found by an outside review: a template of 800+ tokens on a 256-token server was swapped to, and
+    every request of the name failed with a context error for a prompt of "hi"."""
+    service.store.publish_prompt("acme", "long", PromptTemplate("Be brief."), service.base.spec)
+    assert generate(service.engine, request("hi", adapter="acme/long", max_new_tokens=2)).summary.adapter == (
+        "acme/long@1"
+    )
+    service.store.publish_prompt("acme", "long", PromptTemplate("word " * 300), service.base.spec)
+    result = service.engine.adapters.versions.refresh()
+    assert not result.swaps and [f.version for f in result.failures] == [2]
+    assert "leaves no room for a request" in result.failures[0].error
+    assert generate(service.engine, request("hi", adapter="acme/long", max_new_tokens=2)).summary.adapter == (
+        "acme/long@1"
+    )
+
+
 def test_a_broken_new_prompt_version_is_one_failed_swap_not_also_a_failed_load(service: Service) -> None:
     """The watcher's check of a broken prompt (or head) version counted a failed load as well as a
     failed swap, so two alerts fired for one event (a broken LoRA counted the swap alone)."""

@@ -148,6 +148,12 @@ class AdapterManager:
         self._blocked_since: dict[AdapterKey, int] = {}  # engine step each adapter's install first failed
         self._retired: list[tuple[AdapterKey, AdapterKey]] = []  # (old, new) swaps to retire (lock guards)
         self._wake: Callable[[], None] = lambda: None
+        self._prompt_fits: Callable[[PromptTemplate], None] = lambda _template: None
+
+    def set_prompt_check(self, fits: Callable[[PromptTemplate], None]) -> None:
+        """``fits`` raises (``AdapterIncompatible``) for a prompt adapter's template no request could
+        follow within the context; ``verify`` runs it, so such a version is never swapped to."""
+        self._prompt_fits = fits
 
     def set_wake(self, wake: Callable[[], None]) -> None:
         """Called when a background load finishes, so the engine polls again."""
@@ -208,7 +214,8 @@ class AdapterManager:
         """Check a version end to end (files, base, shapes) and keep it in host memory."""
         kind = self.kind(key, count_failures)
         if kind == "prompt":
-            self.prompt(key, count_failures)
+            with self._load_failures(count_failures):
+                self._prompt_fits(self.prompt(key, count_failures))
         elif kind == "head":
             head = self.head(key, count_failures)
             if head.features_from is not None:

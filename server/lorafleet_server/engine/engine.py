@@ -47,6 +47,7 @@ from lorafleet_server.engine.types import (
 )
 from lorafleet_server.engine.usage import UsageMeter
 from lorafleet_server.errors import (
+    ContextLengthExceeded,
     EngineTimeout,
     InvalidRequest,
     QueueFull,
@@ -321,6 +322,16 @@ class Engine:
         """Token ids of a plain prompt or a chat (see ``prompts.PromptEncoder``); ``budget`` is the
         tokens the request adds, and prompt plus budget must fit ``max_seq_len``."""
         return self.prompts.encode(prompt, messages, template, budget, budget_text)
+
+    def check_prompt_fits(self, template: PromptTemplate) -> None:
+        """Refuse a prompt adapter's template that leaves no room for a one-word request and one token
+        within ``max_seq_len`` (``AdapterIncompatible``): swapped to, every request of its name failed."""
+        try:
+            self.prompts.encode("hi", (), template, budget=1)
+        except ContextLengthExceeded as exc:
+            raise AdapterIncompatible(
+                f"the prompt adapter's template leaves no room for a request in this server's context: {exc}"
+            ) from None
 
     def submit_executor(self, req: GenerationRequest) -> Executor:
         """Where an edge runs ``submit(req)``: a request whose adapter this server does not know without
