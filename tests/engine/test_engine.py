@@ -742,3 +742,38 @@ def test_an_adapters_greedy_text_is_the_same_alone_beside_others_and_after_a_pre
         assert resumed.wait().token_ids == alone and handles[0]._state.preemptions == 1
     finally:
         engine.shutdown(10)
+
+
+def test_every_row_the_engine_hands_out_is_begun_first_starts_and_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The engine calls ``KVCache.begin`` on every row it hands out, a resumed request's too, so a row
+    never shows the next sequence the previous one's positions (the prefix cache copies them out by
+    what was written). Stop 45 tested ``begin`` alone; here, through the engine: one row, a long request,
+    then a short one preempted and resumed on the same row."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_batch_size=1)
+    engine, kv = svc.engine, svc.engine.runner.kv
+    engine.eos_token_ids = frozenset()
+    begun: list[tuple[int, int]] = []  # (row, positions written before begin)
+    real_begin = kv.begin
+
+    def begin(row: int) -> None:
+        begun.append((row, kv._written[row]))
+        real_begin(row)
+        assert kv._written[row] == 0
+
+    kv.begin = begin  # type: ignore[method-assign]
+    try:
+        generate(engine, request(" ".join(["long"] * 80), max_new_tokens=30))
+        handles: list[Any] = []
+
+        def preempt_at_3(_event: TokenEvent) -> None:
+            if len(resumed.token_ids) == 3:
+                engine.call(lambda: engine._preempt(handles[0]._state))
+
+        resumed = Collected(on_event=preempt_at_3)
+        handles.append(engine.submit(request("short", max_new_tokens=8, rid="p"), resumed))
+        resumed.wait()
+        assert handles[0]._state.preemptions == 1
+        assert [row for row, _ in begun] == [0, 0, 0]  # the long one, the short one, its resume
+        assert begun[1][1] > 80 and begun[2][1] > 0  # each began over the positions of the one before
+    finally:
+        engine.shutdown(10)
