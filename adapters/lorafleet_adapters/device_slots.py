@@ -75,6 +75,10 @@ class DeviceSlots:
         """The adapter a slot is reserved for (at most one at a time), or None."""
         return next((s.drain_for for s in self._slots if s.drain_for is not None), None)
 
+    def reserved_slot(self) -> tuple[int, AdapterKey] | None:
+        """(the reserved slot, the adapter it drains for), or None."""
+        return next(((i, s.drain_for) for i, s in enumerate(self._slots) if s.drain_for is not None), None)
+
     def drop_reservation(self) -> None:
         """Give a reserved slot back to its adapter (the request it was reserved for is gone)."""
         for s in self._slots:

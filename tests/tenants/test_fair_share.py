@@ -19,6 +19,7 @@ from enginelib import Collected, request, submit, tiny_service
 
 from lorafleet_server.app import Service
 from lorafleet_server.engine import adapter_manager as adapter_manager_module
+from lorafleet_server.engine import engine as engine_module
 from lorafleet_server.engine.engine import PREEMPT_AFTER_TOKENS
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
 from lorafleet_server.engine.types import GenerationRequest, Principal
@@ -463,5 +464,45 @@ def test_an_adapter_kept_busy_by_one_tenant_does_not_hold_the_only_slot_for_ever
         slack = 4  # after its wait and the 20 steps of a's running request
         assert waited <= adapter_manager_module.SLOT_WAIT_STEPS + 20 + slack, waited
         assert b.steps[0] < chain[-1].steps[0]  # b ran before a's traffic ended
+    finally:
+        svc.engine.shutdown(10)
+
+
+def test_a_tenant_spread_over_every_slot_gives_one_up_within_the_drain_not_its_generation(
+    tiny_model_dir: Path, tmp_path: Path, peft_adapter: Any
+) -> None:
+    """Found by an outside review: tenant a holding every device slot with long generations made b's
+    adapter wait for one of them to end (up to max_new_tokens steps), rows free or not: a drain only
+    stops new leases, and preempting a row kept its lease. Now, once b's adapter has waited
+    SLOT_PREEMPT_STEPS, the draining slot's requests are preempted and let go of it (a holds two slots
+    more than b); they resume with their output unchanged. b then holds one, a one: nobody preempts back."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_batch_size=4, max_loaded_adapters=2, max_new_tokens=64)
+    engine = svc.engine
+    engine.eos_token_ids = frozenset()
+    try:
+        for tenant, name, seed in (("a", "x", 1), ("a", "y", 2), ("b", "z", 3)):
+            svc.store.import_peft(peft_adapter(seed=seed), tenant, name, svc.base.spec)
+
+        def run_a(rid: str, adapter: str) -> StepSink:
+            sink = StepSink(svc)
+            engine.submit(as_tenant(request(PROMPT, adapter=adapter, rid=rid, max_new_tokens=64), "a"), sink)
+            return sink
+
+        solo = [run_a(f"solo-{n}", f"a/{n}") for n in ("x", "y")]
+        want = [sink.wait(60).token_ids for sink in solo]
+        a = [run_a(f"a-{n}", f"a/{n}") for n in ("x", "y")]
+        assert all(sink.first.wait(30) for sink in a)
+        b = StepSink(svc)
+        arrived = engine.run(
+            lambda: (
+                engine.submit(as_tenant(request(PROMPT, adapter="b/z", rid="b", max_new_tokens=2), "b"), b),
+                engine.steps,
+            )[1]
+        )
+        b.wait(60)
+        assert [sink.wait(60).token_ids for sink in a] == want  # preempted, resumed, unchanged
+        waited = b.steps[0] - arrived
+        assert waited <= engine_module.SLOT_PREEMPT_STEPS + 6, waited  # not a's 64-token generations
+        assert b.steps[-1] < max(sink.steps[-1] for sink in a)
     finally:
         svc.engine.shutdown(10)

@@ -366,6 +366,16 @@ class AdapterManager:
         another adapter). Engine thread only."""
         return self.slots.can_acquire(key)
 
+    def draining(self, step: int) -> tuple[int, AdapterKey, int] | None:
+        """(the slot reserved for an adapter, that adapter, the engine steps its weights have waited
+        for a slot), or None when no slot drains. Engine thread only."""
+        reserved = self.slots.reserved_slot()
+        if reserved is None:
+            return None
+        slot, key = reserved
+        since = self._blocked_since.get(key)
+        return None if since is None else (slot, key, step - since)
+
     @property
     def tracks_waits(self) -> bool:
         """Whether ``still_waiting`` has anything to forget (engine thread only)."""

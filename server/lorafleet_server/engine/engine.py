@@ -74,6 +74,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 # Tokens a resumed request generates before fair-share preemption may take its row again (_preemptible).
 PREEMPT_AFTER_TOKENS = 16
+# Engine steps an adapter waits for a slot (SLOT_WAIT_STEPS of them before one drains for it) before the
+# drain preempts the requests that still hold that slot, where their tenant holds more slots (_drain_slot).
+SLOT_PREEMPT_STEPS = 32
 # How long a caller waits for the engine thread to run an admin call. A call waits for the current
 # step to end, so this bounds a stuck or overloaded engine, not ordinary work.
 CALL_TIMEOUT_SECONDS = 30.0
@@ -637,6 +640,8 @@ class Engine:
     def _admit(self) -> None:
         """Fill free rows fairly across tenants; when none is free and a tenant waits below its share
         while another runs above its own, preempt one row of the latter (see ``fairness``)."""
+        if self.adapters.tracks_waits:
+            self._drain_slot()
         self._fill_rows()
         if self._free_rows or not self._waiting:
             return
@@ -653,6 +658,35 @@ class Engine:
         if victim is not None:
             self._preempt(victim)
             self._fill_rows()
+
+    def _drain_slot(self) -> None:
+        """Preempt the requests holding a slot that drains for another tenant's adapter, when that
+        adapter has waited ``SLOT_PREEMPT_STEPS`` and their tenant holds more slots than its by two or
+        more. A drain alone waited for their whole generations: one tenant spread over every slot made
+        another's adapter request wait up to max_new_tokens steps, rows free or not (fair share could
+        not help: preempting a row left the slot's lease). Their leases are let go; they resume, like
+        any preempted request, with their output unchanged, and take a slot again then. The margin of
+        two keeps the tenant that gave up a slot from taking it straight back."""
+        draining = self.adapters.draining(self.steps)
+        if draining is None or draining[2] < SLOT_PREEMPT_STEPS:
+            return
+        slot, key, _ = draining
+        waiting = next((r for r in self._waiting if r.lora == key and not r.slot), None)
+        holders = [r for r in self._running if r.slot == slot]
+        if waiting is None or not holders or not all(self._preemptible(r) for r in holders):
+            return
+        slots: dict[str, set[int]] = {}
+        for r in self._running:
+            if r.slot:
+                slots.setdefault(r.tenant, set()).add(r.slot)
+        mine = len(slots.get(waiting.tenant, ()))
+        if any(r.tenant == waiting.tenant or len(slots[r.tenant]) < mine + 2 for r in holders):
+            return
+        for r in holders:
+            self._preempt(r)
+            self.adapters.release(r.slot)  # its version may leave the device: it takes a slot again to resume
+            r.slot = 0
+        log.info("device slot %d: %d request(s) preempted for %s (tenant %r)", slot, len(holders), key, waiting.tenant)
 
     def _fill_rows(self) -> None:
         if self.adapters.tracks_waits:
