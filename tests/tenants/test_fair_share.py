@@ -20,7 +20,7 @@ from enginelib import Collected, request, submit, tiny_service
 from lorafleet_server.app import Service
 from lorafleet_server.engine import adapter_manager as adapter_manager_module
 from lorafleet_server.engine import engine as engine_module
-from lorafleet_server.engine.engine import PREEMPT_AFTER_TOKENS
+from lorafleet_server.engine.engine import PREEMPT_AFTER_TOKENS, Engine
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
 from lorafleet_server.engine.types import GenerationRequest, Principal
 from lorafleet_server.errors import QueueFull
@@ -55,6 +55,16 @@ class StepSink(Collected):
         super().__call__(event)  # type: ignore[arg-type]
 
 
+def submit_between_steps(engine: Engine, req: GenerationRequest, sink: StepSink) -> int:
+    """Submit ``req`` from the engine thread between two steps; the step count then (its arrival, exact)."""
+
+    def submit_now() -> int:
+        engine.submit(req, sink)
+        return engine.steps
+
+    return engine.run(submit_now)
+
+
 def test_single_request_starts_within_two_steps_of_a_flood(service: Service) -> None:
     engine = service.engine
     flood = []
@@ -65,9 +75,7 @@ def test_single_request_starts_within_two_steps_of_a_flood(service: Service) -> 
     assert flood[3].first.wait(30)  # the batch is full of tenant a
     # Submit b from the engine thread between steps, so its arrival step is exact.
     b = StepSink(service)
-    arrived = engine.run(
-        lambda: (engine.submit(as_tenant(request(PROMPT, rid="b", max_new_tokens=4), "b"), b), engine.steps)[1]
-    )
+    arrived = submit_between_steps(engine, as_tenant(request(PROMPT, rid="b", max_new_tokens=4), "b"), b)
     b.wait()
     first_token_step = b.steps[0]
     assert first_token_step - arrived <= 2  # under FIFO it would wait for a whole generation of a
@@ -353,9 +361,7 @@ def test_a_tenant_with_a_long_history_is_not_starved_by_a_newcomer(service: Serv
         flood.append(sink)
     assert flood[3].first.wait(30)
     a = StepSink(service)
-    arrived = engine.run(
-        lambda: (engine.submit(as_tenant(request(PROMPT, rid="a-late", max_new_tokens=4), "a"), a), engine.steps)[1]
-    )
+    arrived = submit_between_steps(engine, as_tenant(request(PROMPT, rid="a-late", max_new_tokens=4), "a"), a)
     a.wait()
     assert a.steps[0] - arrived <= 2
     for sink in flood:
@@ -447,11 +453,8 @@ def test_an_adapter_kept_busy_by_one_tenant_does_not_hold_the_only_slot_for_ever
         submit_a()
         halfway(chain[0])
         b = StepSink(svc)
-        arrived = engine.run(
-            lambda: (
-                engine.submit(as_tenant(request(PROMPT, adapter="b/y", rid="b", max_new_tokens=2), "b"), b),
-                engine.steps,
-            )[1]
+        arrived = submit_between_steps(
+            engine, as_tenant(request(PROMPT, adapter="b/y", rid="b", max_new_tokens=2), "b"), b
         )
         for _ in range(11):
             submit_a()
@@ -493,11 +496,8 @@ def test_a_tenant_spread_over_every_slot_gives_one_up_within_the_drain_not_its_g
         a = [run_a(f"a-{n}", f"a/{n}") for n in ("x", "y")]
         assert all(sink.first.wait(30) for sink in a)
         b = StepSink(svc)
-        arrived = engine.run(
-            lambda: (
-                engine.submit(as_tenant(request(PROMPT, adapter="b/z", rid="b", max_new_tokens=2), "b"), b),
-                engine.steps,
-            )[1]
+        arrived = submit_between_steps(
+            engine, as_tenant(request(PROMPT, adapter="b/z", rid="b", max_new_tokens=2), "b"), b
         )
         b.wait(60)
         assert [sink.wait(60).token_ids for sink in a] == want  # preempted, resumed, unchanged
