@@ -160,8 +160,9 @@ class ServerConfig(EngineConfig):
     lora_impl: LoraImpl = field(
         default="auto",
         metadata={
-            "help": "multi-LoRA kernel: auto picks per module and step, using the native C kernel (built at "
-            "startup for this CPU, like --attention-kernel) where it applies; gather is the readable reference"
+            "help": "multi-LoRA kernel: auto is the native C kernel (built at startup for this CPU, like "
+            "--attention-kernel) for every step where it builds, else picked per module and step; gather is "
+            "the readable reference"
         },
     )
     attention_kernel: AttentionKernel = field(
