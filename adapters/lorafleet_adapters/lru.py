@@ -50,6 +50,12 @@ class LruMap(Generic[K, V]):
         with self._lock:
             return self._bytes
 
+    def peek(self, key: K) -> V | None:
+        """The value held for ``key`` (None: none), without making it recent."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[0]
+
     def get(self, key: K) -> V | None:
         with self._lock:
             entry = self._entries.get(key)

@@ -1019,3 +1019,20 @@ def test_sweep_removes_only_sockets_nobody_listens_on(tmp_path: Path) -> None:
         (tmp_path / "seaweedfs-notes.sock").write_text("not a socket, no port")
         assert sweep_stale_sockets(tmp_path) == [stale]
     assert not stale.exists() and live.exists()
+
+
+def test_round_trips_count_requests_sent_not_answers_from_the_caches(
+    url: str, tmp_path: Path, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    """The serving side's store gate takes a call as news of the store only when it sent a request."""
+    store = s3_store(url, tmp_path / "pub")
+    key = store.import_peft(make_adapter()[0], "acme", "bot", spec)
+    replica = s3_store(url, tmp_path / "replica")
+    before = replica.round_trips()
+    replica.load(key, spec)
+    loaded = replica.round_trips()
+    assert loaded > before
+    replica.manifest(key)
+    replica.resolve(AdapterRef("acme", "bot", 1))
+    replica.load(key, spec)  # manifest, version and weights from its caches
+    assert replica.round_trips() == loaded

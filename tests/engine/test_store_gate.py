@@ -83,3 +83,27 @@ def test_it_tells_the_metrics_of_each_unanswered_call_and_each_answer_not_of_its
     with pytest.raises(AdapterNotFound), gate.call("read w"):  # the next probe: the store answers
         raise AdapterNotFound("no w")
     assert told == ["ok", "failed", "ok"] and not gate.tripped
+
+
+def test_only_the_probes_own_outcome_ends_it_and_a_cache_answer_is_no_verdict() -> None:
+    """Found by an outside review: another call's failure (or the watcher's) freed a second probe while
+    the first still waited; and a call answered from the store's own caches (an S3 store's known
+    versions, manifests, disk cache) reopened the gate mid-outage and refreshed the "last answered"
+    gauge. ``round_trips`` (the store's count of requests sent) tells the two apart."""
+    clock, sent, told = Clock(), [0], []
+    gate = StoreGate(retry_seconds=5.0, clock=clock, round_trips=lambda: sent[0], on_answered=lambda: told.append("ok"))
+    with pytest.raises(StoreUnavailable), gate.call("read x"):
+        sent[0] += 1
+        raise StoreUnavailable("read timed out")
+    clock.now += 5.0
+    probe = gate.call("read y")
+    probe.__enter__()
+    gate.failed("the watcher's poll timed out")  # not the probe's outcome
+    clock.now += 5.0
+    with pytest.raises(StoreUnavailable, match="another call is trying it now"), gate.call("read z"):
+        pass
+    probe.__exit__(None, None, None)  # answered without a request sent: from a cache
+    assert gate.tripped and told == []
+    with gate.call("read w"):  # the next probe, answered by the store itself
+        sent[0] += 1
+    assert not gate.tripped and told == ["ok"]

@@ -6,7 +6,13 @@ from dataclasses import replace
 
 import torch
 
-from lorafleet_server.model.sampler import RowSampling, apply_repetition_penalty, divide_by_temperature, sample_rows
+from lorafleet_server.model.sampler import (
+    NonFiniteLogits,
+    RowSampling,
+    apply_repetition_penalty,
+    divide_by_temperature,
+    sample_rows,
+)
 
 GREEDY = RowSampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seen=None, generator=None)
 
@@ -22,7 +28,7 @@ def test_greedy_rows_are_argmax_with_ties_nan_and_minus_infinity() -> None:
         got = sample_rows(logits, [GREEDY] * 6)
         for row, pick, want in zip(logits, got, logits.argmax(-1).tolist(), strict=True):
             if row.isnan().any():  # no answer: the request fails (it used to stream the NaN's token)
-                assert isinstance(pick, RuntimeError) and "NaN" in str(pick)
+                assert isinstance(pick, NonFiniteLogits) and "NaN" in str(pick)
             else:
                 assert pick == want
 
@@ -141,3 +147,14 @@ def test_top_k_and_top_p_filter_as_transformers_warpers_do() -> None:
                     want = TopPLogitsWarper(top_p)(None, want)  # type: ignore[arg-type]
                 got = filter_top_k_top_p(logits, top_k, top_p)
                 assert torch.equal(torch.isfinite(got), torch.isfinite(want[0])), (top_k, top_p)
+
+
+def test_a_sampled_row_with_nan_logits_is_non_finite_and_other_failures_are_not() -> None:
+    """The engine blames a row's adapter for ``NonFiniteLogits`` only: a sampler failure on finite
+    logits is a bug (INTERNAL), not the adapter's."""
+    logits = torch.zeros(2, 8)
+    logits[0, 3] = float("nan")
+    sampled = RowSampling(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seen=None, generator=None)
+    picks = sample_rows(logits, [sampled, sampled])
+    assert isinstance(picks[0], NonFiniteLogits) and isinstance(picks[1], int)
+    assert NonFiniteLogits.__mro__[1] is RuntimeError

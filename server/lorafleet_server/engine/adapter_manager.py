@@ -134,6 +134,7 @@ class AdapterManager:
         self.gate = StoreGate(
             on_failed=lambda: self.observer.adapter_store_failed(),
             on_answered=lambda: self.observer.adapter_store_answered(),
+            round_trips=getattr(store, "round_trips", None),  # an S3 store's; a directory has no cache
         )
         self.versions = VersionWatcher(
             store,
@@ -143,7 +144,7 @@ class AdapterManager:
             self._superseded,
             rescan_seconds=rescan_seconds,
             gate=self.gate,
-            servable=lambda key: check_servable(key, self.manifest(key), self.spec),
+            servable=self._servable,
         )
         self._blocked_since: dict[AdapterKey, int] = {}  # engine step each adapter's install first failed
         self._retired: list[tuple[AdapterKey, AdapterKey]] = []  # (old, new) swaps to retire (lock guards)
@@ -161,14 +162,40 @@ class AdapterManager:
 
     # -- any thread ---------------------------------------------------------------------------
     def resolve(self, ref: AdapterRef) -> AdapterKey:
-        """Pin a reference to one concrete version: the one this server serves for it (versions.py)."""
+        """Pin a reference to one concrete version: the one this server serves for it (versions.py).
+        A version asked for by number whose manifest is held exists (versions are immutable and never
+        deleted): no store read, so it serves while the store does not answer, as its name does."""
+        if ref.version is not None:
+            key = AdapterKey(ref.tenant, ref.name, ref.version)
+            if key in self._manifests:
+                return key
         return self.versions.resolve(ref)
 
+    def _servable(self, key: AdapterKey) -> None:
+        """Refuse a version this server cannot serve, with the checks a swap to it runs short of loading
+        LoRA weights: its manifest (base, prompt format), a prompt adapter's template against the
+        context, a head's files and width. A name's first use takes the newest version that passes, so a
+        replica new to the name agrees with those whose watcher refused the newer ones."""
+        manifest = self.manifest(key)
+        check_servable(key, manifest, self.spec)
+        if manifest.kind == "prompt":
+            self._prompt_fits(self.prompt(key))
+        elif manifest.kind == "head":
+            self.head(key)
+
     def known_without_store(self, ref: AdapterRef) -> bool:
-        """Whether admitting a request for ``ref`` reads nothing from the store: its version is known
-        and that version's manifest is kept (a hint for where to admit it; no side effect)."""
+        """Whether admitting a request for ``ref`` reads nothing from the store: its version is known,
+        and that version's manifest is kept, and its template or head where it is of those kinds (a
+        hint for where to admit it; no side effect)."""
         key = self.versions.peek(ref)
-        return key is not None and key in self._manifests
+        manifest = self._manifests.peek(key) if key is not None else None
+        if key is None or manifest is None:
+            return False
+        if manifest.kind == "prompt":
+            return key in self._prompts
+        if manifest.kind == "head":
+            return key in self._heads
+        return True
 
     def kind(self, key: AdapterKey, count_failures: bool = True) -> str:
         """ "lora", "prompt" or "head" (manifests are immutable, so they are read once).

@@ -56,7 +56,7 @@ from lorafleet_server.errors import (
     WrongAdapterKind,
 )
 from lorafleet_server.model.runner import ModelRunner, RowStep
-from lorafleet_server.model.sampler import RowSampling, sample_rows
+from lorafleet_server.model.sampler import NonFiniteLogits, RowSampling, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -957,7 +957,7 @@ class Engine:
         for r, tok in zip(logit_rows, tokens, strict=True):
             if isinstance(tok, Exception):  # this row's logits could not be sampled: it alone fails
                 log.error("request %s: %s", r.req.request_id, tok)
-                if r.lora is not None:  # its adapter's doing (the base's rows beside it are fine): not a bug
+                if r.lora is not None and isinstance(tok, NonFiniteLogits):  # its adapter's overflow: not a bug
                     tok = AdapterIncompatible(
                         f"adapter {r.lora} drove the model's output to NaN or infinity ({tok}): its weights are "
                         f"too large for this base in {self.runner.dtype}"

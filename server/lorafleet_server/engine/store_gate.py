@@ -32,9 +32,14 @@ class StoreGate:
         *,
         on_failed: Callable[[], None] = lambda: None,
         on_answered: Callable[[], None] = lambda: None,
+        round_trips: Callable[[], int] | None = None,
     ) -> None:
-        """``on_failed`` / ``on_answered``: told of each call that got no answer or one (the metrics)."""
+        """``on_failed`` / ``on_answered``: told of each call that got no answer or one (the metrics).
+        ``round_trips``: the store's count of requests sent (an S3 store's), so a call its caches answered
+        is no verdict on the store (a probe answered from the disk cache reopened the gate mid-outage, and
+        kept the "last answered" gauge fresh); None: every call reads the store itself (a directory)."""
         self._retry_seconds = retry_seconds
+        self._round_trips = round_trips
         self._on_failed = on_failed
         self._on_answered = on_answered
         self._clock = clock
@@ -53,26 +58,36 @@ class StoreGate:
         """Run a store call on the request path: refused at once (``StoreUnavailable``) while the gate
         is closed; its outcome opens or closes the gate. ``what`` says what the call was for."""
         probe = self._enter(what)
+        sent = self._round_trips() if self._round_trips is not None else None
         try:
             yield
         except StoreUnavailable as exc:
-            self.failed(str(exc))
+            self.failed(str(exc), probe=probe)
             raise
-        except (AdapterError, OSError):  # the store answered (not found, a bad file...)
-            self.answered()
+        except (AdapterError, OSError):  # the store answered (not found, a bad file...), or a cache did
+            self._answered_if_asked(sent, probe)
             raise
         except BaseException:  # not the store's doing: a probe in flight ends without a verdict
             if probe:
                 self._leave()
             raise
-        self.answered()
+        self._answered_if_asked(sent, probe)
 
-    def failed(self, error: str) -> None:
-        """The store did not answer: refuse its calls for ``retry_seconds``."""
+    def _answered_if_asked(self, sent: int | None, probe: bool) -> None:
+        if sent is None or self._round_trips is None or self._round_trips() != sent:
+            self.answered()
+        elif probe:  # answered from a cache: no news of the store
+            self._leave()
+
+    def failed(self, error: str, *, probe: bool = False) -> None:
+        """The store did not answer: refuse its calls for ``retry_seconds``. ``probe``: the call that was
+        finding out (only its own outcome ends the probe: another call's, or the watcher's, left a second
+        probe free to start while the first still waited)."""
         with self._lock:
             self._closed_until = self._clock() + self._retry_seconds
             self._error = error
-            self._probing = False
+            if probe:
+                self._probing = False
         self._on_failed()
 
     def answered(self) -> None:

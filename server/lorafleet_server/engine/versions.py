@@ -69,6 +69,9 @@ class RefreshResult:
 FULL_RESCAN_SECONDS = 60.0
 FORGET_SECONDS = 3600.0
 FIRST_USE_FALLBACK = 16  # versions before a refused latest that a name's first use may take instead
+# A name none of whose versions this server can serve is refused from memory this long before the store
+# is read again (each request read its pointer and listed its versions: a GET and a LIST on S3).
+UNSERVABLE_SECONDS = 5.0
 FORGOTTEN_KEPT = 65536  # idle names whose served version is remembered (~300 bytes each)
 
 
@@ -129,6 +132,8 @@ class VersionWatcher:
         # A name's first resolve in flight: concurrent first uses wait for it instead of each reading the
         # store (twenty requests for one name read its pointer forty times while the store was stalled).
         self._first_reads: dict[tuple[str, str], Future[tuple[AdapterKey, frozenset[int]]]] = {}
+        # names with no version this server can serve: (when to read the store again, the refusal)
+        self._unservable: LruMap[tuple[str, str], tuple[float, AdapterError]] = LruMap(FORGOTTEN_KEPT)
 
     def peek(self, ref: AdapterRef) -> AdapterKey | None:
         """The version ``ref`` resolves to when that is known without the store, else None; no side effect."""
@@ -177,10 +182,22 @@ class VersionWatcher:
                 pending = self._first_reads[name] = Future()
         if not mine:
             return pending.result()
+        refused = self._unservable.get(name)
+        if refused is not None and self._clock() < refused[0]:
+            with self._lock:
+                del self._first_reads[name]
+            pending.set_exception(refused[1])
+            raise refused[1]
         try:
             with self._gate.call(f"find {ref}"):
                 latest = self._store.resolve(ref)
-            found = self._newest_servable(ref, latest)  # its reads pass the gate themselves
+            try:
+                found = self._newest_servable(ref, latest)  # its reads pass the gate themselves
+            except StoreUnavailable:
+                raise
+            except AdapterError as exc:
+                self._unservable.put(name, (self._clock() + UNSERVABLE_SECONDS, exc))
+                raise
         except BaseException as exc:
             pending.set_exception(exc)
             raise

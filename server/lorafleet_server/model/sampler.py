@@ -13,6 +13,11 @@ from typing import cast
 import torch
 
 
+class NonFiniteLogits(RuntimeError):
+    """A row's logits hold NaN or infinity: the forward overflowed (its adapter's weights, where it has
+    one); a sampler failure on finite logits stays a plain RuntimeError (a bug)."""
+
+
 @dataclass(frozen=True)
 class RowSampling:
     temperature: float  # 0: greedy
@@ -94,12 +99,16 @@ def sample_rows(
         broken = {i for i, nan in zip(greedy_plain, picked.isnan().tolist(), strict=True) if nan}
     for i, r in enumerate(rows):
         if r.temperature == 0 and (r.repetition_penalty == 1.0 or r.seen is None):
-            out.append(RuntimeError("cannot pick the next token: the logits are NaN") if i in broken else int(best[i]))
+            if i in broken:
+                out.append(NonFiniteLogits("cannot pick the next token: the logits are NaN"))
+            else:
+                out.append(int(best[i]))
             continue
         try:
             out.append(sample_row(logits[i], r))
         except Exception as exc:  # RuntimeError from multinomial on NaN probabilities, or the like
-            out.append(RuntimeError(f"cannot sample the next token: {exc}"))
+            finite = bool(torch.isfinite(logits[i]).all())
+            out.append((RuntimeError if finite else NonFiniteLogits)(f"cannot sample the next token: {exc}"))
     return out
 
 
