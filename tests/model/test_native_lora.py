@@ -340,6 +340,33 @@ def test_auto_gives_a_token_the_same_bits_alone_and_in_any_step(
         assert torch.equal(run(slice(70, 71)), with_others[70:71])  # ...and as a decode token
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d_in", [576, 582, 44])  # past the last multiple of 16, and of 4
+@pytest.mark.parametrize("tokens", [1, 70], ids=["decode", "chunk"])
+def test_an_adapters_bits_do_not_change_when_a_larger_one_is_loaded_beside_it(
+    kernel: NativeLora, dtype: torch.dtype, d_in: int, tokens: int
+) -> None:
+    """Found by an outside review: in bf16 the r_cap-8 path added its four partial sums in another
+    order than the r_cap-16 path, so an r=8 adapter's numbers (and greedy text: 2 of 6 prompts on
+    SmolLM2) changed once an r=16 adapter was loaded into another slot. r_cap 8 now sums as 16 does."""
+    m = _module(d_in, 192, {1: 8}, dtype, align=True)
+    torch.nn.init.zeros_(m.base.weight)  # the LoRA alone
+    m.base.to(dtype)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(tokens, d_in, generator=g).to(dtype)  # [N, in]
+    slots = torch.ones(tokens, dtype=torch.long)  # [N]
+
+    def delta() -> torch.Tensor:
+        m.context.batch = LoraBatch.build(slots, dtype, "auto", kernel)  # type: ignore[arg-type]
+        with torch.inference_mode():
+            return m(x).clone()
+
+    alone = delta()
+    for r in (16, 40, 64):  # r_cap 16, 48, 64
+        m.write_slot(2, torch.randn(r, d_in, generator=g) * 0.1, torch.randn(192, r, generator=g) * 0.1)
+        assert torch.equal(delta(), alone), m.rank_capacity
+
+
 def test_choose_lora_builds_falls_back_or_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_lora("auto", cache_dir=tmp_path, device=CPU).name == "native"
     assert choose_lora("token", cache_dir=tmp_path, device=CPU).kernel is None

@@ -137,8 +137,12 @@ static inline __m512 bf16x16_masked(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-/* r_cap == 8: a vector holds two rows of At; lanes 0-7 take x[i], lanes 8-15 x[i + 1]. Two sums
- * (even and odd pairs of rows), added at the end, then the halves folded. */
+/* r_cap == 8: a vector holds two rows of At; lanes 0-7 take x[i], lanes 8-15 x[i + 1]. The halves of
+ * the two accumulators are the four sums of project_down16_avx512 (rows i mod 4: acc0's low and high
+ * half, then acc1's), over the same rows (past the last multiple of 16, rows below the last multiple
+ * of 4 by i mod 4, the rest to sum 0), added in its order, (0 + 1) + (2 + 3): an adapter's numbers
+ * are the same at r_cap 8 as at 16 and up, so they do not change when a larger adapter is loaded into
+ * another slot (an outside review: they did, in bf16). */
 static void project_down8_avx512(const uint16_t *x, const uint16_t *at, int64_t d_in, float *h,
                                  const uint16_t *next_at) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -155,13 +159,21 @@ static void project_down8_avx512(const uint16_t *x, const uint16_t *at, int64_t 
             acc1 = _mm512_fmadd_ps(x1, bf16x16(at + (i + 2 * p + 2) * 8), acc1);
         }
     }
-    for (; i < d_in; i++) { /* the rest, a row at a time in the low half */
+    const int64_t whole4 = d_in - d_in % 4;
+    for (; i < d_in; i++) { /* the rest, a row at a time into its sum's half (the other half adds x * 0) */
+        const int q = i < whole4 ? (int)(i % 4) : 0;
         const __m512 xi = _mm512_set1_ps(bf16_to_f32(x[i]));
-        acc0 = _mm512_fmadd_ps(xi, bf16x16_masked(at + i * 8, 0x00ff), acc0);
+        const __m256 row = bf16x8(at + i * 8);
+        const __m512 zero = _mm512_setzero_ps(); /* the other half: x * 0 (a cast leaves it undefined) */
+        const __m512 a = q % 2 ? _mm512_insertf32x8(zero, row, 1) : _mm512_insertf32x8(zero, row, 0);
+        if (q < 2)
+            acc0 = _mm512_fmadd_ps(xi, a, acc0);
+        else
+            acc1 = _mm512_fmadd_ps(xi, a, acc1);
     }
-    __m512 sum = _mm512_add_ps(acc0, acc1);
-    __m256 lo = _mm512_castps512_ps256(sum), hi = _mm512_extractf32x8_ps(sum, 1);
-    _mm256_storeu_ps(h, _mm256_add_ps(lo, hi));
+    const __m256 s01 = _mm256_add_ps(_mm512_castps512_ps256(acc0), _mm512_extractf32x8_ps(acc0, 1));
+    const __m256 s23 = _mm256_add_ps(_mm512_castps512_ps256(acc1), _mm512_extractf32x8_ps(acc1, 1));
+    _mm256_storeu_ps(h, _mm256_add_ps(s01, s23));
 }
 
 /* r_cap = 16 * C (C = 1..4): each row of At is C vectors; four sets of sums over rows i mod 4, added
@@ -273,11 +285,12 @@ static inline __attribute__((always_inline)) void project_up_add_tokens(const fl
 
 /* h[k * 64 ..] (8 floats) for tokens k < T at r_cap 8, the sums of project_down8_avx512: its four
  * 8-wide sums are its two vectors' halves, rows i = 0, 1, 2, 3 mod 4 (in that order: low and high half
- * of the first vector, then of the second), over the rows of whole blocks of 16; the rest go to the
- * first (the second's lanes adding x * 0, as there), and h = (sum 0 + sum 2) + (sum 1 + sum 3). */
+ * of the first vector, then of the second), over the rows of whole blocks of 16; each row past them
+ * goes to sum i mod 4 below the last multiple of 4, else to sum 0, its sibling half (sum q ^ 1) adding
+ * x * 0 as there; and h = (sum 0 + sum 1) + (sum 2 + sum 3). */
 static inline __attribute__((always_inline)) void project_down8_tokens_avx512(const float *xs, const uint16_t *at,
                                                                               int64_t d_in, float *h, const int T) {
-    const int64_t whole = d_in - d_in % 16;
+    const int64_t whole = d_in - d_in % 16, whole4 = d_in - d_in % 4;
     __m256 part[4][TOKEN_BLOCK];
     for (int q = 0; q < 4; q++) {
         __m256 acc[TOKEN_BLOCK];
@@ -286,15 +299,17 @@ static inline __attribute__((always_inline)) void project_down8_tokens_avx512(co
             const __m256 a = bf16x8(at + i * 8);
             for (int k = 0; k < T; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(xs[k * d_in + i]), a, acc[k]);
         }
-        for (int64_t i = whole; i < d_in && q < 2; i++) {
-            const __m256 a = q == 0 ? bf16x8(at + i * 8) : _mm256_setzero_ps();
+        for (int64_t i = whole; i < d_in; i++) {
+            const int to = i < whole4 ? (int)(i % 4) : 0;
+            if (to != q && (to ^ 1) != q) continue;
+            const __m256 a = to == q ? bf16x8(at + i * 8) : _mm256_setzero_ps();
             for (int k = 0; k < T; k++) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(xs[k * d_in + i]), a, acc[k]);
         }
         for (int k = 0; k < T; k++) part[q][k] = acc[k];
     }
     for (int k = 0; k < T; k++)
-        _mm256_storeu_ps(h + k * 64, _mm256_add_ps(_mm256_add_ps(part[0][k], part[2][k]),
-                                                   _mm256_add_ps(part[1][k], part[3][k])));
+        _mm256_storeu_ps(h + k * 64, _mm256_add_ps(_mm256_add_ps(part[0][k], part[1][k]),
+                                                   _mm256_add_ps(part[2][k], part[3][k])));
 }
 
 static inline __attribute__((always_inline)) void lora_tokens_avx512_t(uint16_t *y, const uint16_t *x,
