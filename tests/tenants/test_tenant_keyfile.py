@@ -256,6 +256,22 @@ def test_revoke(tmp_path: Path) -> None:
     assert new.key not in str(caught.value)
 
 
+def test_a_keys_file_reached_through_a_symlink_is_written_where_it_lives(tmp_path: Path) -> None:
+    """Found by an outside review: `keys revoke` through a linked path replaced the link with a file
+    of its own and said "revoked", while the real file the servers read kept the key active."""
+    shared = tmp_path / "shared" / "keys.json"
+    source = PepperSource(shared)
+    new = create_key(shared, source, tenant="acme", role="tenant", now=NOW)
+    link = tmp_path / "admin" / "keys.json"
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    record, changed = revoke_key(link, new.record.key_id, NOW + timedelta(hours=1))
+    assert changed and link.is_symlink()
+    with pytest.raises(RevokedKey):
+        load_keys(shared, source.read()).authenticate(new.key, NOW + timedelta(hours=2))
+    assert (shared.parent / (shared.name + ".lock")).exists() and not (link.parent / (link.name + ".lock")).exists()
+
+
 def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "keys.json"
     source = PepperSource(path)

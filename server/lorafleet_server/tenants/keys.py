@@ -647,10 +647,18 @@ def _check_pepper_matches(path: Path, contents: KeyFile, pepper: bytes) -> None:
         )
 
 
+def _real(path: Path) -> Path:
+    """The file ``path`` names through any symlinks: a write replaced the link with a file of its own
+    (an outside review: `keys revoke` through a linked path said "revoked" while the servers' real file
+    kept the key active), and its lock did not serialise with writers using the real path."""
+    return Path(os.path.realpath(path))
+
+
 @contextlib.contextmanager
 def lock_keys_file(path: Path) -> Iterator[None]:
-    """Hold the exclusive lock of ``path`` (``flock`` on ``<keys-file>.lock``). Not re-entrant: the
-    functions below that take it must not be called while it is held."""
+    """Hold the exclusive lock of ``path`` (``flock`` on ``<keys-file>.lock`` beside the real file). Not
+    re-entrant: the functions below that take it must not be called while it is held."""
+    path = _real(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -671,6 +679,7 @@ def _fsync_dir(directory: Path) -> None:
 def _write_locked(path: Path, records: Iterable[KeyRecord], file_pepper_id: str | None) -> None:
     doc = {"version": FILE_VERSION, "pepper_id": file_pepper_id, "keys": [r.to_json() for r in records]}
     data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+    path = _real(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
