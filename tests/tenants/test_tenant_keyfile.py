@@ -265,7 +265,7 @@ def test_a_keys_file_reached_through_a_symlink_is_written_where_it_lives(tmp_pat
     link = tmp_path / "admin" / "keys.json"
     link.parent.mkdir()
     link.symlink_to(shared)
-    record, changed = revoke_key(link, new.record.key_id, NOW + timedelta(hours=1))
+    _, changed = revoke_key(link, new.record.key_id, NOW + timedelta(hours=1))
     assert changed and link.is_symlink()
     with pytest.raises(RevokedKey):
         load_keys(shared, source.read()).authenticate(new.key, NOW + timedelta(hours=2))
