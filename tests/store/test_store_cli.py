@@ -68,3 +68,22 @@ def test_bad_store_settings_fail_with_a_clear_error(
     rc = main(["adapters", "list", "--s3-endpoint-url", "http://127.0.0.1:1", *env])
     assert rc == 1
     assert "http://127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_store_flag_takes_the_endpoint_flag(
+    seaweed_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Found by an outside review: `--store s3://...` re-opened the store without `--s3-endpoint-url`,
+    so publish, publish-prompt, retrain and stale went to AWS's endpoint (after the first open, with the
+    flag, had checked the right one)."""
+    endpoint = seaweed_server.endpoint_url
+    for name, value in seaweed_server.env().items():
+        if name != "AWS_ENDPOINT_URL":
+            monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data"), "--s3-endpoint-url", endpoint]
+    location = f"s3://{BUCKET}/{tmp_path.name}-flag"
+    assert main(["publish-prompt", "acme/brief", "--system", "Be brief.", "--store", location, *args]) == 0
+    store = open_store(StoreSettings(location, s3_endpoint_url=endpoint, cache_dir=tmp_path / "replica"))
+    assert store.load_prompt(AdapterKey("acme", "brief", 1)).system == "Be brief."

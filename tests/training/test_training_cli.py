@@ -128,14 +128,12 @@ def test_train_then_publish_then_stale_through_the_cli(
     assert "1 finding(s)" in said and "epoch 1/1: train loss" in said and "held-out evaluation" in said
     assert (out / WEIGHTS_FILE).is_file()
 
-    store_root = tmp_path / "store"
-    unused = AdapterStore(tmp_path / "not-used")
+    store_root = tmp_path / "store"  # the store `lorafleet` opened (--store applied: tests/store/test_store_cli.py)
     args = _parser(add_publish_arguments).parse_args([str(out), "--store", str(store_root)])
-    assert run_publish(args, unused, tiny_spec) == 0
+    assert run_publish(args, AdapterStore(store_root), tiny_spec) == 0
     assert "published acme/cli@1 (lora, held-out loss" in capsys.readouterr().out
     manifest = AdapterStore(store_root).manifest(AdapterKey("acme", "cli", 1))
     assert manifest.pii_scan is not None and manifest.pii_scan["mode"] == "redact"
-    assert not (tmp_path / "not-used").exists()
 
     other = BaseModelSpec("sha256:" + "1" * 64, "other", "none", tiny_spec.target_shapes, 64)
     args = _parser(add_publish_arguments).parse_args([str(out), "--as", "acme/again"])

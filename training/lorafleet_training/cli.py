@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorafleet_adapters.backend import Store, StoreSettings, open_store
+from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterError
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.ref import AdapterRef
@@ -26,15 +26,6 @@ from lorafleet_training.errors import TrainingDataError, TrainingError
 from lorafleet_training.pii import MODES
 
 STORE_HELP = "adapter store: a directory or s3://BUCKET/PREFIX (default: the server's)"
-
-
-def store_from_args(args: argparse.Namespace, store: Store) -> Store:
-    """``--store`` when given (a directory, or s3://BUCKET/PREFIX with boto3's endpoint and
-    credentials from the environment), else the server's store."""
-    location = getattr(args, "store", None)
-    if location is None:
-        return store
-    return open_store(StoreSettings(str(location)))
 
 
 def margin_arg(text: str) -> float:
@@ -253,7 +244,6 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
 def run_publish(args: argparse.Namespace, store: Store, spec: BaseModelSpec) -> int:
     from lorafleet_training.publish import DEFAULT_MAX_FORGETTING, publish, read_training_record
 
-    store = store_from_args(args, store)
     margin = DEFAULT_MAX_FORGETTING if args.max_forgetting is None else args.max_forgetting
     try:
         key = publish(
@@ -338,7 +328,6 @@ def read_examples_file(path: Path) -> tuple[str | None, list[dict[str, str]]]:
 def run_publish_prompt(args: argparse.Namespace, store: Store, spec: BaseModelSpec) -> int:
     from lorafleet_training.publish import publish_prompt
 
-    store = store_from_args(args, store)
     try:
         ref = AdapterRef.parse(args.reference)
         if ref.version is not None:
@@ -366,7 +355,6 @@ def run_stale(args: argparse.Namespace, store: Store, spec: BaseModelSpec) -> in
     """List every version built for another base; exit 0 either way (the list is the answer)."""
     from lorafleet_training.publish import stale
 
-    store = store_from_args(args, store)
     try:
         found = stale(store, spec)
     except AdapterError as exc:
@@ -418,7 +406,6 @@ def run_retrain(args: argparse.Namespace, store: Store, spec: BaseModelSpec, mod
 
     margin = DEFAULT_MAX_FORGETTING if args.max_forgetting is None else args.max_forgetting
     try:
-        store = store_from_args(args, store)
         outcomes = retrain_stale(
             store,
             spec,
