@@ -80,3 +80,23 @@ def test_a_context_past_the_sliding_window_is_refused(tmp_path: Path, default_mo
     assert done.returncode == 2, done.stderr
     assert "error: --max-seq-len 256 exceeds the model's sliding attention window of 128" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["adapters", "stale", "--model", "/nonexistent"],
+        ["prepare-model", "--model", "/nonexistent"],
+    ],
+    ids=["stale", "prepare-model"],
+)
+def test_a_wrong_model_path_is_one_error_line_not_a_traceback(
+    tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by an outside review: a --model that is not there gave a traceback (only StartupError,
+    adapter and key errors were reported as one line)."""
+    from lorafleet_server.cli import main
+
+    assert main([*argv, "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "/nonexistent" in err and "Traceback" not in err

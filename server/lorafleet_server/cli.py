@@ -27,7 +27,7 @@ from lorafleet_server.config import (
     keys_pepper,
     unknown_environment,
 )
-from lorafleet_server.errors import StartupError
+from lorafleet_server.errors import ModelLoadError, StartupError
 from lorafleet_server.logs import setup_logging
 from lorafleet_server.tenants.errors import TenantsError
 from lorafleet_server.tenants.keys import (
@@ -391,8 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:  # the server must not start as configured (TLS files, keys, address)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (AdapterError, TenantsError) as exc:
+    except (AdapterError, TenantsError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a path that cannot be read or written (a --model or --data-dir that is wrong)
+        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
         return 1
 
 

@@ -62,3 +62,8 @@ class PermissionDenied(ServingError):
 class StartupError(ServingError):
     """The server must not start as configured (a TLS file that cannot be read, a keys file that does
     not load, no keys on a non-loopback address). ``lorafleet serve`` prints it and exits non-zero."""
+
+
+class ModelLoadError(RuntimeError):
+    """The base model cannot be served (missing files, unsupported architecture or backend). Defined
+    here, beside the other domain errors, so the CLI can report it without importing the model code."""

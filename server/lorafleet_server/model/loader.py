@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorafleet_adapters.peft_format import BaseModelSpec
+from lorafleet_server.errors import ModelLoadError
 from lorafleet_server.model.cpu import CpuFeatures, cpu_features
 from lorafleet_server.model.lora import LoraContext, MultiLoRALinear
 from lorafleet_server.model.native import NativePool
@@ -26,10 +27,6 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *DTYPES)
-
-
-class ModelLoadError(RuntimeError):
-    """The base model cannot be served (missing files, unsupported architecture or backend)."""
 
 
 @dataclass(frozen=True)
