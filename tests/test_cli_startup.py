@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from modellib import copy_tokenizer
@@ -100,3 +101,29 @@ def test_a_wrong_model_path_is_one_error_line_not_a_traceback(
     assert main([*argv, "--data-dir", str(tmp_path / "data")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "/nonexistent" in err and "Traceback" not in err
+
+
+def test_adapters_import_refuses_a_train_output_and_points_to_publish(
+    tmp_path: Path, tiny_model_dir: Path, peft_adapter: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by an outside review: `adapters import` published a `lorafleet train` output that `publish`
+    refused (worse held-out loss, +1301% forgetting), without its gates and dropping its record."""
+    import shutil
+
+    from lorafleet_server.cli import main
+
+    src = tmp_path / "out"
+    shutil.copytree(peft_adapter(seed=9), src)
+    (src / "lorafleet-training.json").write_text("{}")
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--adapter-store",
+        str(tmp_path / "s"),
+    ]
+    assert main(["adapters", "import", str(src), "acme/narrow", *args]) == 1
+    assert "publish it with `lorafleet publish" in capsys.readouterr().err
+    (src / "lorafleet-training.json").unlink()  # a PEFT directory of any other origin imports as before
+    assert main(["adapters", "import", str(src), "acme/narrow", *args]) == 0

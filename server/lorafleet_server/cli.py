@@ -104,6 +104,12 @@ def _adapters_import(config: ServerConfig, src: Path, reference: str) -> int:
     ref = AdapterRef.parse(reference)
     if ref.version is not None:
         raise AdapterError("versions are assigned at import; give tenant/name without @version")
+    if (Path(src) / TRAINING_RECORD).is_file():  # import would skip publish's gates and drop the record
+        raise AdapterError(
+            f"{src} is the output of `lorafleet train` ({TRAINING_RECORD}): publish it with `lorafleet publish "
+            f"{src}`, which checks its held-out loss and forgetting and keeps its record for `retrain` "
+            "(`--max-forgetting inf` publishes it past the forgetting gate)"
+        )
     key = _open_store(config).import_peft(src, ref.tenant, ref.name, _base_spec(config))
     print(f"published {key}")
     return 0
@@ -261,6 +267,7 @@ def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 TRAINING_COMMANDS = ("train", "publish", "publish-prompt", "retrain")
+TRAINING_RECORD = "lorafleet-training.json"  # what `lorafleet train` writes beside the adapter (training's RECORD_FILE)
 CLIENT_COMMANDS = ("generate", "classify")  # handed to the Python client's CLI
 TRAIN_EXTRA_HINT = "pip install './proto/python' '.[train]' from the repository (or lorafleet[train] from an index)"
 
