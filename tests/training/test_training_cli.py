@@ -195,3 +195,29 @@ def test_max_forgetting_must_be_a_fraction_or_inf(adder: Any) -> None:
     for bad in ("nan", "-0.1", "lots"):
         with pytest.raises(SystemExit):
             parser.parse_args([*base, "--max-forgetting", bad])
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ({"system": "Be brief.", "exmaples": []}, "unexpected field 'exmaples'"),
+        ({"system": 5, "examples": []}, "system must be a string"),
+        ({"system": "Be brief.", "examples": {"role": "user"}}, "examples must be a list"),
+    ],
+)
+def test_publish_prompt_refuses_a_template_object_with_a_wrong_field(
+    tmp_path: Path,
+    tiny_spec: BaseModelSpec,
+    capsys: pytest.CaptureFixture[str],
+    document: dict[str, object],
+    problem: str,
+) -> None:
+    """Found by an outside review: a misspelt field was dropped in silence and a template of no turns
+    published (a non-string system likewise ignored)."""
+    path = tmp_path / "template.json"
+    path.write_text(json.dumps(document))
+    store = AdapterStore(tmp_path / "store")
+    args = _parser(add_publish_prompt_arguments).parse_args(["acme/faq", "--examples", str(path)])
+    assert run_publish_prompt(args, store, tiny_spec) == 1
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "store").exists() or store.list() == []

@@ -312,8 +312,17 @@ def read_examples_file(path: Path) -> tuple[str | None, list[dict[str, str]]]:
     if isinstance(obj, list):
         return None, obj
     if isinstance(obj, dict) and ("examples" in obj or "system" in obj):
-        given = obj.get("system")
-        return (given if isinstance(given, str) and given else None), obj.get("examples", [])
+        # every field checked: a misspelt "exmaples" published a template of no turns (an outside review)
+        unexpected = sorted(set(obj) - {"system", "examples"})
+        given, examples = obj.get("system"), obj.get("examples", [])
+        problems = [f"unexpected field {name!r} (a template object takes system and examples)" for name in unexpected]
+        if given is not None and not isinstance(given, str):
+            problems.append(f"system must be a string, got {type(given).__name__}")
+        if not isinstance(examples, list):
+            problems.append(f"examples must be a list of turns, got {type(examples).__name__}")
+        if problems:
+            raise TrainingDataError(str(path), [DataIssue(1, problem) for problem in problems])
+        return (given or None), examples
     turns: list[dict[str, str]] = []
     system: str | None = None
     for example in load_jsonl(path):
