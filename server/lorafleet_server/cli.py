@@ -145,7 +145,12 @@ def _keys_create(config: ServerConfig, args: argparse.Namespace) -> int:
         f"in {config.keys_path}\nit is shown once, on stdout; store it now (only its HMAC is kept)",
         file=sys.stderr,
     )
-    print(new.key, flush=True)
+    try:
+        print(new.key, flush=True)
+    except OSError as exc:  # nobody received it (a full disk, a closed pipe): it must not stay active
+        revoke_key(config.keys_path, record.key_id, datetime.now(UTC))
+        print(f"error: the key could not be written to stdout ({exc}); key {record.key_id} is revoked", file=sys.stderr)
+        return 1
     return 0
 
 

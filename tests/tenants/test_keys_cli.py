@@ -142,3 +142,23 @@ def test_keys_commands_load_neither_torch_nor_the_model_stack(tmp_path: Path, co
     )
     assert done.returncode == 0, done.stderr
     assert "loaded: []" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_key_that_cannot_be_printed_is_revoked_not_left_active(tmp_path: Path) -> None:
+    """Found by an outside review: `keys create > /dev/full` exited 1 but left an active admin key whose
+    secret nobody had, and as the first key it turned authentication on for an open server."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    with open("/dev/full", "w") as full:
+        created = subprocess.run(
+            [*LORAFLEET, "keys", "create", "--tenant", "acme", "--role", "admin", "--data-dir", str(tmp_path)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+            env=environ,
+        )
+    assert created.returncode == 1 and "is revoked" in created.stderr, created.stderr
+    listed = json.loads(keys("list", "--json", "--data-dir", str(tmp_path)).stdout)
+    assert [entry["status"] for entry in listed] == ["revoked"]
