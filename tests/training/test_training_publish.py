@@ -176,6 +176,13 @@ def test_a_symlink_or_mount_point_as_out_is_refused_before_training(
     with pytest.raises(TrainingError, match=r"is a mount point.*choose a directory inside it"):
         train(dataclasses.replace(config, out_dir=mount), tiny_spec, progress=False, echo=lambda _: None)
     assert list((tmp_path / "real").iterdir()) == [] and list(mount.iterdir()) == []
+    # An --out that cannot be written (a file in its path): refused up front, not after training as a
+    # traceback that lost the model (an outside review).
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TrainingError, match=r"cannot write the output beside .*afile/out"):
+        train(dataclasses.replace(config, out_dir=tmp_path / "afile" / "out"), tiny_spec, progress=False, echo=print)
+    with pytest.raises(TrainingError, match="cannot write the output beside"):
+        train_head(tiny_model_dir, tiny_spec, tmp_path / "afile" / "head", labelled)
 
 
 def test_a_failure_moving_the_output_into_place_keeps_it(

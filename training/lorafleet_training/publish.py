@@ -85,12 +85,18 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path | None] 
         raise TrainingError(f"output path {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise TrainingError(f"output directory {out_dir} is not empty; choose another --out or pass --overwrite")
+    os.rmdir(staging_dir(out_dir))  # where the output is staged can be written: found now, not after training
 
 
 def staging_dir(out_dir: Path) -> Path:
-    """A fresh directory beside `out_dir` to stage its output in (same filesystem: ``place_output`` renames)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    """A fresh directory beside `out_dir` to stage its output in (same filesystem: ``place_output`` renames).
+    A parent that cannot hold it (a file in the path, no permission, a full disk) is a TrainingError:
+    it surfaced after all the training as a traceback, the model lost (an outside review)."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise TrainingError(f"cannot write the output beside {out_dir}: {exc.strerror or exc}") from None
 
 
 def place_output(stage: Path, out_dir: Path, overwrite: bool) -> None:
