@@ -1,12 +1,12 @@
 """Which version "tenant/name" means on this server, and hot swap to newly published versions.
 
 A reference without ``@version`` resolves to the version this server serves for that adapter. The
-first use takes the store's latest, unless its manifest says this server cannot serve it (built for
-another base: a fleet mid-upgrade), then the newest earlier one it can; afterwards a watcher polls
-the store (and ``refresh()`` runs a pass now) and moves an adapter to a newly published version only
-once that version has been verified and loaded into host memory (checksums, base fingerprint,
-shapes). A version that fails is refused and reported, and the previous one keeps serving. Requests
-already admitted are pinned to their version and never see a swap.
+first use takes the store's latest, unless this server cannot serve it (built for another base, a
+fleet mid-upgrade; a prompt that leaves no room in the context), then the newest earlier one it can;
+afterwards a watcher polls the store (and ``refresh()`` runs a pass now) and moves an adapter to a
+newly published version only once that version has been verified and loaded into host memory
+(checksums, base fingerprint, shapes). A version that fails is refused and reported, and the previous
+one keeps serving. Requests already admitted are pinned to their version and never see a swap.
 
 A poll costs one read when nothing was published: the store's change token (a marker every publish
 rewrites). When it changed, a store that logs its last publishes in the marker (S3,
@@ -184,10 +184,11 @@ class VersionWatcher:
             return pending.result()
         refused = self._unservable.get(name)
         if refused is not None and self._clock() < refused[0]:
+            error = type(refused[1])(*refused[1].args)  # a copy: the kept one's traceback would grow per raise
             with self._lock:
                 del self._first_reads[name]
-            pending.set_exception(refused[1])
-            raise refused[1]
+            pending.set_exception(error)
+            raise error
         try:
             with self._gate.call(f"find {ref}"):
                 latest = self._store.resolve(ref)
