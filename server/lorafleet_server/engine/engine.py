@@ -981,12 +981,12 @@ class Engine:
         if r.seen is not None:
             r.seen = torch.cat([r.seen, torch.tensor([tok], dtype=torch.long)])
         if tok in self.eos_token_ids:  # the text held back (an incomplete character) is sent as decoded
-            tail, stopped = r.stops.feed(r.detok.flush())
-            self._emit(r, tail + ("" if stopped else r.stops.flush()), ())
+            held, stopped = self._held_text(r)
+            self._emit(r, held, ())
             self._finish(r, FinishReason.STOP if stopped else FinishReason.END_OF_SEQUENCE)
             return
         if tok in r.stop_ids:  # a stop string naming a special token: its text is not sent, as any stop
-            self._emit(r, r.stops.feed(r.detok.flush())[0] + r.stops.flush(), (tok,))
+            self._emit(r, self._held_text(r)[0], (tok,))
             self._finish(r, FinishReason.STOP)
             return
         text, stopped = r.stops.feed(r.detok.push(tok))
@@ -996,11 +996,19 @@ class Engine:
             return
         done = len(r.generated) >= r.req.params.max_new_tokens or r.cached >= self.config.max_seq_len
         if done:
-            tail, stopped = r.stops.feed(r.detok.flush())
-            self._emit(r, text + tail + ("" if stopped else r.stops.flush()), (tok,))
+            held, stopped = self._held_text(r)
+            self._emit(r, text + held, (tok,))
             self._finish(r, FinishReason.STOP if stopped else FinishReason.LENGTH)
             return
         self._emit(r, text, (tok,))
+
+    @staticmethod
+    def _held_text(r: _Request) -> tuple[str, bool]:
+        """At a request's end: the text its detokenizer and stop matcher still hold, up to a stop string
+        in it, and whether there was one (after a hit the matcher holds nothing more)."""
+        assert r.detok is not None and r.stops is not None
+        tail, stopped = r.stops.feed(r.detok.flush())
+        return tail + ("" if stopped else r.stops.flush()), stopped
 
     def _emit(self, r: _Request, text: str, token_ids: tuple[int, ...]) -> None:
         if not text and not token_ids:
