@@ -104,6 +104,8 @@ def _adapters_import(config: ServerConfig, src: Path, reference: str) -> int:
     ref = AdapterRef.parse(reference)
     if ref.version is not None:
         raise AdapterError("versions are assigned at import; give tenant/name without @version")
+    from lorafleet_adapters.head import HEAD_RECORD_FILE as TRAINING_RECORD  # `train` writes the same name
+
     if (Path(src) / TRAINING_RECORD).is_file():  # import would skip publish's gates and drop the record
         raise AdapterError(
             f"{src} is the output of `lorafleet train` ({TRAINING_RECORD}): publish it with `lorafleet publish "
@@ -272,7 +274,6 @@ def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 TRAINING_COMMANDS = ("train", "publish", "publish-prompt", "retrain")
-TRAINING_RECORD = "lorafleet-training.json"  # what `lorafleet train` writes beside the adapter (training's RECORD_FILE)
 CLIENT_COMMANDS = ("generate", "classify")  # handed to the Python client's CLI
 TRAIN_EXTRA_HINT = "pip install './proto/python' '.[train]' from the repository (or lorafleet[train] from an index)"
 
