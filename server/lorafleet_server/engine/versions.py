@@ -175,6 +175,9 @@ class VersionWatcher:
         (``_newest_servable``); one read per name at a time, its answer (or error) shared by every
         resolve that asked meanwhile."""
         name = (ref.tenant, ref.name)
+        refused = self._unservable.get(name)
+        if refused is not None and self._clock() < refused[0]:
+            raise type(refused[1])(*refused[1].args)  # a copy: the kept one's traceback would grow per raise
         with self._lock:
             pending = self._first_reads.get(name)
             mine = pending is None
@@ -182,13 +185,6 @@ class VersionWatcher:
                 pending = self._first_reads[name] = Future()
         if not mine:
             return pending.result()
-        refused = self._unservable.get(name)
-        if refused is not None and self._clock() < refused[0]:
-            error = type(refused[1])(*refused[1].args)  # a copy: the kept one's traceback would grow per raise
-            with self._lock:
-                del self._first_reads[name]
-            pending.set_exception(error)
-            raise error
         try:
             with self._gate.call(f"find {ref}"):
                 latest = self._store.resolve(ref)
