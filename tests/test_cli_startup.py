@@ -103,6 +103,24 @@ def test_a_wrong_model_path_is_one_error_line_not_a_traceback(
     assert err.startswith("error: ") and "/nonexistent" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["adapters", "list", "--adapter-store"], ["adapters", "stale", "--store"]],
+    ids=["list", "stale"],
+)
+def test_a_command_that_reads_refuses_a_store_that_is_not_there(
+    tmp_path: Path, tiny_model_dir: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by an outside review: `adapters list --adapter-store <typo>` made that directory and listed
+    nothing, as for an empty store, with exit 0."""
+    from lorafleet_server.cli import main
+
+    typo = tmp_path / "adpaters"
+    assert main([*argv, str(typo), "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data")]) == 1
+    assert f"error: there is no adapter store at {typo}: nothing was published there yet" in capsys.readouterr().err
+    assert not typo.exists()
+
+
 def test_adapters_import_refuses_a_train_output_and_points_to_publish(
     tmp_path: Path, tiny_model_dir: Path, peft_adapter: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -53,7 +53,11 @@ class Store(Protocol):
     @property
     def location(self) -> str: ...
 
-    def check(self) -> None: ...
+    def check(self, *, create: bool = True) -> None:
+        """Reach the store now: a clear StoreUnavailable otherwise. ``create``: a local store's missing
+        root is made (serving, publishing); a command that only reads passes False, so a mistyped path
+        is an error instead of a new, empty store."""
+        ...
 
     def change_token(self) -> str:
         """A value that changes whenever a publish moves any adapter's ``latest`` pointer ("" before the

@@ -200,8 +200,9 @@ class S3AdapterStore:
     def __repr__(self) -> str:
         return f"S3AdapterStore({self._location!r}, endpoint={self.endpoint_url!r})"
 
-    def check(self) -> None:
-        """Reach the bucket now (HeadBucket, then one listing): a clear StoreUnavailable otherwise."""
+    def check(self, *, create: bool = True) -> None:
+        """Reach the bucket now (HeadBucket, then one listing): a clear StoreUnavailable otherwise. A
+        bucket is never created (``create`` is for a local store's directory)."""
         self._call("reach the bucket", self._client.head_bucket, Bucket=self.bucket)
         self._call("list the bucket", self._client.list_objects_v2, Bucket=self.bucket, Prefix=self._key(), MaxKeys=1)
 

@@ -101,10 +101,16 @@ class AdapterStore:
         """Where the store is, for messages: its root directory."""
         return str(self.root)
 
-    def check(self) -> None:
-        """Create the root if needed; StoreUnavailable when it cannot be used."""
-        with _store_io("prepare the store"):
-            self.root.mkdir(parents=True, exist_ok=True)
+    def check(self, *, create: bool = True) -> None:
+        """Create the root if needed (unless ``create`` is False); StoreUnavailable when it cannot be used
+        or, with ``create`` False, does not exist."""
+        if create:
+            with _store_io("prepare the store"):
+                self.root.mkdir(parents=True, exist_ok=True)
+        elif not os.path.lexists(self.root):
+            raise StoreUnavailable(
+                f"there is no adapter store at {self.root}: nothing was published there yet, or the path is wrong"
+            )
         self._real_root()
 
     # ----------------------------------------------------------------------------------- reading

@@ -88,15 +88,16 @@ def _base_spec(config: ServerConfig) -> BaseModelSpec:
     return base_spec_from_files(_model_dir(config), quant, config.max_lora_rank, config.max_adapter_bytes)
 
 
-def _open_store(config: ServerConfig, override: str | Path | None = None) -> Store:
-    """The configured store (or ``override``: a directory or s3:// URL), reachable, or StoreUnavailable."""
+def _open_store(config: ServerConfig, override: str | Path | None = None, *, create: bool = True) -> Store:
+    """The configured store (or ``override``: a directory or s3:// URL), reachable, or StoreUnavailable.
+    A command that only reads passes ``create=False``: a mistyped directory is an error, not a new store."""
     # A one-off command caches in a temporary directory: the configured one belongs to the server,
     # which keeps its sizes in memory and clears its downloads in progress when it opens it.
     settings = dataclasses.replace(config.store_settings, cache_dir=None)
     if override is not None:
         settings = dataclasses.replace(settings, location=str(override))
     store = open_store(settings)
-    store.check()
+    store.check(create=create)
     return store
 
 
@@ -118,7 +119,7 @@ def _adapters_import(config: ServerConfig, src: Path, reference: str) -> int:
 
 
 def _adapters_list(config: ServerConfig, tenant: str | None) -> int:
-    for s in _open_store(config).list(tenant):
+    for s in _open_store(config, create=False).list(tenant):
         versions = ",".join(str(v) for v in s.versions)
         print(f"{s.tenant}/{s.name}\tlatest={s.latest}\tversions={versions}")
     return 0
@@ -299,7 +300,8 @@ def _require_train_extra() -> None:
 def _training(args: argparse.Namespace, config: ServerConfig) -> int:
     training = _training_cli()
     spec = _base_spec(config)
-    store = _open_store(config, getattr(args, "store", None))
+    publishes = args.command in ("train", "publish", "publish-prompt")  # retrain and stale read first
+    store = _open_store(config, getattr(args, "store", None), create=publishes)
     if args.command == "train":
         return int(training.run_train(args, spec, _model_dir(config), store))
     if args.command == "retrain":
