@@ -121,6 +121,24 @@ def test_a_command_that_reads_refuses_a_store_that_is_not_there(
     assert not typo.exists()
 
 
+def test_adapters_stale_fails_when_a_manifest_does_not_read(
+    tmp_path: Path, tiny_model_dir: Path, peft_adapter: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by an outside review: a version whose manifest did not read was skipped with a log line
+    and `adapters stale` exited 0, as for a store where nothing is stale."""
+    from lorafleet_server.cli import main
+
+    common = ["--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data")]
+    assert main(["adapters", "import", str(peft_adapter(seed=3)), "acme/support", *common]) == 0
+    assert main(["adapters", "stale", *common]) == 0
+    manifest = tmp_path / "data" / "adapters" / "acme" / "support" / "versions" / "1" / "manifest.json"
+    manifest.write_text("{")
+    capsys.readouterr()
+    assert main(["adapters", "stale", *common]) == 1
+    err = capsys.readouterr().err
+    assert "error: acme/support@1: cannot read its manifest:" in err and "0 stale version(s), 1 unreadable" in err
+
+
 def test_adapters_import_refuses_a_train_output_and_points_to_publish(
     tmp_path: Path, tiny_model_dir: Path, peft_adapter: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -92,19 +92,22 @@ def test_publish_checks_the_recorded_checksums(trained: Any, tmp_path: Path, tin
 def test_stale_lists_versions_built_for_another_base(trained: Any, tmp_path: Path, tiny_spec: BaseModelSpec) -> None:
     store = AdapterStore(tmp_path / "store")
     key = publish(trained.out_dir, store, tiny_spec)
-    assert stale(store, tiny_spec) == []
+    assert stale(store, tiny_spec) == ([], [])
     refreshed = dataclasses.replace(tiny_spec, fingerprint=OTHER_BASE)
-    assert stale(store, refreshed) == [(key, f"base {tiny_spec.fingerprint}")]
+    assert stale(store, refreshed) == ([(key, f"base {tiny_spec.fingerprint}")], [])
     # the same weights under another tokenizer or chat template: stale too, and retrain --stale sees it
     assert tiny_spec.prompt_format  # the tiny model has the real tokenizer files
     retemplated = dataclasses.replace(tiny_spec, prompt_format="sha256:" + "9" * 64)
     expected = f"prompt format {tiny_spec.prompt_format} (this base: {retemplated.prompt_format})"
-    assert stale(store, retemplated) == [(key, expected)]
+    assert stale(store, retemplated) == ([(key, expected)], [])
     assert stale_latest(store, retemplated, None) == ([(key, store.manifest(key))], [])
     assert stale_latest(store, tiny_spec, None) == ([], [])
     # a manifest that cannot be read is reported, not fatal to the rest
     (store.version_dir(key) / "manifest.json").write_text("{")
     stale_now, unreadable = stale_latest(store, retemplated, None)
+    assert stale_now == [] and [k for k, _ in unreadable] == [key]
+    # `adapters stale` said nothing and exited 0, as for a store with nothing stale
+    stale_now, unreadable = stale(store, retemplated)
     assert stale_now == [] and [k for k, _ in unreadable] == [key]
 
 

@@ -361,17 +361,25 @@ def run_publish_prompt(args: argparse.Namespace, store: Store, spec: BaseModelSp
 
 
 def run_stale(args: argparse.Namespace, store: Store, spec: BaseModelSpec) -> int:
-    """List every version built for another base; exit 0 either way (the list is the answer)."""
+    """List every version built for another base. Exit 0 when every version's manifest was read (the
+    list, empty or not, is the answer); 1 when some could not be, since they may be stale too."""
     from lorafleet_training.publish import stale
 
     try:
-        found = stale(store, spec)
+        found, unreadable = stale(store, spec)
     except AdapterError as exc:
         return _fail(exc)
     for key, built_for in found:
         print(f"{key}\t{built_for}")
-    print(f"{len(found)} stale version(s); this base is {spec.fingerprint} ({spec.model_id})", file=sys.stderr)
-    return 0
+    for key, why in unreadable:
+        print(f"error: {key}: cannot read its manifest: {why}", file=sys.stderr)
+    print(
+        f"{len(found)} stale version(s)"
+        + (f", {len(unreadable)} unreadable" if unreadable else "")
+        + f"; this base is {spec.fingerprint} ({spec.model_id})",
+        file=sys.stderr,
+    )
+    return 1 if unreadable else 0
 
 
 def _fail(exc: Exception) -> int:

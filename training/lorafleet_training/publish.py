@@ -450,24 +450,26 @@ def _metrics(record: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def stale(store: Store, spec: BaseModelSpec) -> list[tuple[AdapterKey, str]]:
+def stale(store: Store, spec: BaseModelSpec) -> tuple[list[tuple[AdapterKey, str]], list[tuple[AdapterKey, str]]]:
     """Every published version built for another base than `spec` (``built_for``: other weights, or
     another prompt format), with what it was built for: "base <fingerprint>", or "prompt format <...>"
-    when only that differs."""
+    when only that differs; and the versions whose manifest cannot be read, with why (they may be
+    stale too: the answer is incomplete, not empty)."""
     found: list[tuple[AdapterKey, str]] = []
+    unreadable: list[tuple[AdapterKey, str]] = []
     for summary in store.list():
         for version in summary.versions:
             key = AdapterKey(summary.tenant, summary.name, version)
             try:
                 manifest = store.manifest(key)
             except AdapterError as exc:
-                log.warning("skipping %s: %s", key, exc)
+                unreadable.append((key, str(exc)))
                 continue
             if manifest.base_fingerprint != spec.fingerprint:
                 found.append((key, f"base {manifest.base_fingerprint}"))
             elif not built_for(manifest, spec):  # the same weights, another tokenizer or chat template
                 found.append((key, f"prompt format {manifest.base_prompt_format} (this base: {spec.prompt_format})"))
-    return found
+    return found, unreadable
 
 
 # --------------------------------------------------------------------------------- prompt adapters
