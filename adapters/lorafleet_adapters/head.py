@@ -35,6 +35,7 @@ from lorafleet_adapters.manifest import HEAD_METHOD, Manifest, check_prompt_form
 from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.ref import AdapterKey, AdapterRef, check_ident
 from lorafleet_adapters.safetensors_header import read_header
+from lorafleet_adapters.store import MAX_SMALL_FILE_BYTES
 
 HEAD_FILE = "head.json"
 HEAD_WEIGHTS_FILE = "head.safetensors"
@@ -283,6 +284,9 @@ def verified_head_dir(store: Store, key: AdapterKey, spec: BaseModelSpec | None 
         path = vdir / file_name
         if not path.is_file() or path.is_symlink():
             raise AdapterFormatError(f"{key}: {file_name} listed in manifest.json is missing")
+        size = path.stat().st_size
+        if size > MAX_SMALL_FILE_BYTES:  # before hashing it: S3 refuses it at download by the same bound
+            raise AdapterFormatError(f"{key}: {file_name} is {size} bytes, over {MAX_SMALL_FILE_BYTES}")
         actual = sha256_file(path)
         if actual != expected:
             raise AdapterFormatError(

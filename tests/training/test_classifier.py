@@ -14,7 +14,7 @@ from classifierlib import labelled_rows, train_head, write_labelled
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.head import HEAD_WEIGHTS_FILE, load_head, read_head_record
 from lorafleet_adapters.peft_format import BaseModelSpec
-from lorafleet_adapters.store import AdapterStore
+from lorafleet_adapters.store import MAX_SMALL_FILE_BYTES, AdapterStore
 from lorafleet_training.classifier import (
     NO_LABEL,
     classification_metrics,
@@ -217,8 +217,14 @@ def test_publish_keeps_the_record_and_checks_files(head_out: Any, tmp_path: Path
     other = BaseModelSpec("sha256:" + "0" * 64, "other", "none", tiny_spec.target_shapes, 64)
     with pytest.raises(AdapterIncompatible):
         load_head(store, key, other)
-    (store.version_dir(key) / HEAD_WEIGHTS_FILE).write_bytes(b"tampered")
+    weights = store.version_dir(key) / HEAD_WEIGHTS_FILE
+    weights.write_bytes(b"tampered")
     with pytest.raises(AdapterFormatError, match="checksum mismatch"):
+        load_head(store, key, tiny_spec)
+    # Found by an outside review: any size was hashed whole before the head's own size check.
+    with open(weights, "r+b") as handle:
+        handle.truncate(MAX_SMALL_FILE_BYTES + 1)  # sparse: nothing is written
+    with pytest.raises(AdapterFormatError, match=f"{HEAD_WEIGHTS_FILE} is {MAX_SMALL_FILE_BYTES + 1} bytes, over"):
         load_head(store, key, tiny_spec)
 
 
