@@ -332,3 +332,15 @@ def test_cli_train_classifier_then_publish(
     assert "forgetting check: a head reads features of the frozen base" in out
     bad = ["--features-from", "acme/x", "--data", str(data), "--adapter", "acme/y", "--out", str(tmp_path / "o2")]
     assert run_train(parser(add_train_arguments).parse_args(bad), tiny_spec, tiny_model_dir, store) == 1
+    assert "error: --features-from: for --method classifier only, not --method lora" in capsys.readouterr().err
+    # Found by an outside review: one method's flags given to the other were ignored in silence.
+    common = ["--data", str(data), "--adapter", "acme/y", "--out", str(tmp_path / "o3")]
+    lora_flags = ["--method", "classifier", "--rank", "16", "--lr", "1e-3", "--targets", "all-linear", *common]
+    assert run_train(parser(add_train_arguments).parse_args(lora_flags), tiny_spec, tiny_model_dir, store) == 1
+    err = capsys.readouterr().err
+    assert "error: --rank, --targets, --lr: for --method lora|qlora only, not --method classifier" in err
+    assert (
+        run_train(parser(add_train_arguments).parse_args(["--C", "2", *common]), tiny_spec, tiny_model_dir, store) == 1
+    )
+    assert "error: --C: for --method classifier only, not --method lora" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()

@@ -77,9 +77,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="record where --data lives in the training record, so `lorafleet retrain` can train again",
     )
-    parser.add_argument("--C", dest="c", type=float, default=1.0, help="classifier: inverse L2 strength (default 1)")
-    parser.add_argument("--rank", type=int, default=d["rank"], help="LoRA rank r (default %(default)s)")
-    parser.add_argument("--alpha", type=float, default=d["alpha"], help="lora_alpha (default %(default)s)")
+    # Each method's own flags default to None, so one given to the other method is refused, not ignored.
+    parser.add_argument("--C", dest="c", type=float, default=None, help="classifier: inverse L2 strength (default 1)")
+    parser.add_argument("--rank", type=int, default=None, help=f"LoRA rank r (default {d['rank']})")
+    parser.add_argument("--alpha", type=float, default=None, help=f"lora_alpha (default {d['alpha']})")
     parser.add_argument(
         "--targets",
         nargs="+",
@@ -87,10 +88,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="modules to adapt, e.g. q_proj v_proj (default), or all-linear",
     )
-    parser.add_argument("--dropout", type=float, default=d["dropout"], help="lora_dropout (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=d["epochs"], help="default %(default)s")
-    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="default %(default)s")
+    parser.add_argument("--dropout", type=float, default=None, help=f"lora_dropout (default {d['dropout']})")
+    parser.add_argument("--epochs", type=int, default=None, help=f"default {d['epochs']}")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d['lr']})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {d['batch_size']}")
     parser.add_argument(
         "--max-length",
         type=int,
@@ -129,8 +130,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval-max-new-tokens",
         type=int,
-        default=d["eval_max_new_tokens"],
-        help="greedy tokens per held-out answer (default %(default)s)",
+        default=None,
+        help=f"greedy tokens per held-out answer (default {d['eval_max_new_tokens']})",
     )
     parser.add_argument(
         "--no-eval-generate",
@@ -145,24 +146,30 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def train_config_from_args(args: argparse.Namespace, model_dir: Path) -> Any:
     from lorafleet_training.trainer import DEFAULT_TARGETS, TrainConfig
 
+    d = _train_defaults()
+
+    def given(dest: str) -> Any:
+        value = getattr(args, dest)
+        return d[dest] if value is None else value
+
     return TrainConfig(
         data=args.data,
         adapter=args.adapter,
         out_dir=args.out,
         base_model_dir=Path(model_dir),
         method=args.method,
-        rank=args.rank,
-        alpha=args.alpha,
+        rank=given("rank"),
+        alpha=given("alpha"),
         targets=tuple(args.targets) if args.targets else DEFAULT_TARGETS,
-        dropout=args.dropout,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
+        dropout=given("dropout"),
+        epochs=given("epochs"),
+        lr=given("lr"),
+        batch_size=given("batch_size"),
         max_length=args.max_length,
         seed=args.seed,
         val_fraction=args.val_fraction if args.val_fraction is not None else _train_defaults()["val_fraction"],
         pii=args.pii,
-        eval_max_new_tokens=args.eval_max_new_tokens,
+        eval_max_new_tokens=given("eval_max_new_tokens"),
         eval_generate=args.eval_generate,
         compare_prompt=args.compare_prompt,
         eval_data=args.eval_data,
@@ -182,7 +189,7 @@ def classifier_config_from_args(args: argparse.Namespace, model_dir: Path) -> An
         features_from=args.features_from,
         seed=args.seed,
         val_fraction=args.val_fraction if args.val_fraction is not None else 0.2,
-        c=args.c,
+        c=1.0 if args.c is None else args.c,
         max_length=args.max_length,
         pii=args.pii,
         keep_data_ref=args.keep_data_ref,
@@ -192,8 +199,29 @@ def classifier_config_from_args(args: argparse.Namespace, model_dir: Path) -> An
     )
 
 
+# The flags of one method; given with the other they would be ignored in silence, so they are refused.
+LORA_ONLY_FLAGS = {
+    "rank": "--rank",
+    "alpha": "--alpha",
+    "targets": "--targets",
+    "dropout": "--dropout",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "batch_size": "--batch-size",
+    "compare_prompt": "--compare-prompt",
+    "eval_max_new_tokens": "--eval-max-new-tokens",
+}
+CLASSIFIER_ONLY_FLAGS = {"c": "--C", "features_from": "--features-from"}
+
+
 def run_train(args: argparse.Namespace, spec: BaseModelSpec, model_dir: Path, store: AdapterStore | None = None) -> int:
-    if args.method == "classifier":
+    classifier = args.method == "classifier"
+    others = LORA_ONLY_FLAGS if classifier else CLASSIFIER_ONLY_FLAGS
+    misplaced = [flag for dest, flag in others.items() if getattr(args, dest) is not None]
+    if misplaced:
+        applies = "--method lora|qlora" if classifier else "--method classifier"
+        return _fail(TrainingError(f"{', '.join(misplaced)}: for {applies} only, not --method {args.method}"))
+    if classifier:
         try:
             from lorafleet_training.classifier import train_classifier
 
@@ -201,8 +229,6 @@ def run_train(args: argparse.Namespace, spec: BaseModelSpec, model_dir: Path, st
         except AdapterError as exc:
             return _fail(exc)
         return 0
-    if args.features_from is not None:
-        return _fail(TrainingError("--features-from applies to --method classifier only"))
     try:
         from lorafleet_training.trainer import train
 
