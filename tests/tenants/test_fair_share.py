@@ -205,7 +205,12 @@ def test_a_preempted_request_does_not_count_against_its_tenants_waiting_limit(se
             assert time.monotonic() < deadline, "b's requests preempted none of a's rows"
             time.sleep(0.01)
         reached = threading.Event()
-        held = engine.call(lambda: (reached.set(), release.wait(30)))  # a's resuming rows stay queued meanwhile
+
+        def hold() -> bool:  # a's resuming rows stay queued meanwhile
+            reached.set()
+            return release.wait(30)
+
+        held = engine.call(hold)
         assert reached.wait(30)
         waiting = [handle for _, handle in flood if handle._state.kv_row < 0]  # preempted, not resumed yet
         assert len(waiting) >= 1, "the preempted rows resumed before the hold: nothing to test"
