@@ -44,7 +44,8 @@ CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_ENTRIES = 16384
 DEFAULT_MIN_AGE_SECONDS = 2.0
 SCRATCH_MIN_BYTES = 1 << 20
-SCRATCH_MAX_BYTES = 64 << 20  # per load thread, at most: a larger file gets a buffer of its own
+SCRATCH_MAX_BYTES = 64 << 20  # per kept buffer, at most: a larger file gets a buffer of its own
+SCRATCH_KEPT = 2  # reused read buffers kept between loads, whichever threads load (the load pool has 2)
 PARALLEL_HASH_MIN_BYTES = 1 << 20  # start hashes a smaller file itself, before it returns
 HASH_THREADS = 2  # start's hashing threads, shared by a store's load threads
 
@@ -68,8 +69,7 @@ class FileIdentity:
 
 @dataclass(frozen=True)
 class VerifiedBytes:
-    # Valid until the same thread's next read through the same VerifiedFiles: large files are read into
-    # that thread's scratch buffer, reused so that a load touches no fresh pages (see _buffer).
+    # ``read``'s bytes, in a buffer of their own (only ``start``'s reads reuse buffers).
     data: memoryview
     hashed: bool  # False: the identity matched an earlier check in this process, so no hash was needed
 
@@ -80,6 +80,7 @@ class _Read(NamedTuple):
     settled: bool  # its ctime was min_age_seconds old when the check started: it may be remembered
     must_hash: bool
     digest: str | None  # hashed as read (read's way), else None
+    scratch: bytearray | None  # the kept buffer ``data`` views, to give back after use (None: its own)
 
 
 def _sha256_hex(data: memoryview) -> str:
@@ -92,19 +93,30 @@ class PendingCheck:
     The caller parses ``data`` meanwhile (nothing writes to the buffer, so the bytes checked are the
     bytes used), and a first load costs about the longer of the two instead of their sum. ``use`` or
     ``finish`` waits for the digest and raises AdapterFormatError when it differs: whatever was made
-    from the bytes is then dropped. Call one of them before this thread reads another file: the buffer
-    is its next read's, and nothing made from ``data`` may keep views of it.
+    from the bytes is then dropped. After either, the buffer may be handed to another read (see
+    ``VerifiedFiles._buffer``): nothing made from ``data`` may keep views of it.
     """
 
-    def __init__(self, data: memoryview, settle: Callable[[str], None], hashing: Future[str] | None) -> None:
+    def __init__(
+        self,
+        data: memoryview,
+        settle: Callable[[str], None],
+        hashing: Future[str] | None,
+        release: Callable[[], None] = lambda: None,
+    ) -> None:
         self.data = data
         self._settle = settle  # raises on a digest that differs, else remembers the file
         self._hashing = hashing  # None: nothing left to check
+        self._release = release  # gives the buffer back for reuse (once the hash no longer reads it)
 
     def finish(self) -> None:
-        if self._hashing is not None:
-            hashing, self._hashing = self._hashing, None
-            self._settle(hashing.result())
+        try:
+            if self._hashing is not None:
+                hashing, self._hashing = self._hashing, None
+                self._settle(hashing.result())
+        finally:
+            release, self._release = self._release, lambda: None
+            release()
 
     def use(self, fn: Callable[[memoryview], T]) -> T:
         """``fn(data)``, returned once the bytes are checked; when both fail, the checksum is the error
@@ -135,7 +147,7 @@ class VerifiedFiles:
         self._min_age_ns = int(min_age_seconds * 1e9)
         self._parallel_min = parallel_hash_min_bytes
         self._lock = threading.Lock()
-        self._scratch = threading.local()  # .buffer: one reusable read buffer per thread (see _buffer)
+        self._spare: list[bytearray] = []  # read buffers kept for reuse, at most SCRATCH_KEPT (see _buffer)
         self._checked: OrderedDict[str, tuple[str, FileIdentity]] = OrderedDict()  # path -> (sha256, identity)
         self._hash_pool: ThreadPoolExecutor | None = None  # start's (see _hasher)
 
@@ -150,7 +162,7 @@ class VerifiedFiles:
         not a regular file, larger than ``max_bytes`` (checked before reading), changed while being read,
         or its digest differs; OSError (FileNotFoundError included) passes through to the caller.
         """
-        got = self._read(path, expected_sha256, what, max_bytes, hash_inline=True)
+        got = self._read(path, expected_sha256, what, max_bytes, hash_inline=True, reuse=False)
         if got.digest is None:
             return VerifiedBytes(got.data, hashed=False)
         self._settle(path, expected_sha256, got, got.digest, what=what)
@@ -162,16 +174,24 @@ class VerifiedFiles:
         Raises what ``read`` raises for the read itself (OSError passes through); a digest that differs
         is raised by ``PendingCheck.use`` or ``finish``. A file below ``parallel_hash_min_bytes`` is hashed
         here (a thread's hand-off would cost more than it saves); a trusted one needs no hash."""
-        got = self._read(path, expected_sha256, what, max_bytes, hash_inline=False)
-        if got.must_hash and len(got.data) < self._parallel_min:
-            self._settle(path, expected_sha256, got, _sha256_hex(got.data), what=what)
-            got = got._replace(must_hash=False)
-        hashing = self._hasher().submit(_sha256_hex, got.data) if got.must_hash else None
-        return PendingCheck(got.data, partial(self._settle, path, expected_sha256, got, what=what), hashing)
+        got = self._read(path, expected_sha256, what, max_bytes, hash_inline=False, reuse=True)
+        release = partial(self._give_back, got.scratch) if got.scratch is not None else (lambda: None)
+        try:
+            if got.must_hash and len(got.data) < self._parallel_min:
+                self._settle(path, expected_sha256, got, _sha256_hex(got.data), what=what)
+                got = got._replace(must_hash=False)
+            hashing = self._hasher().submit(_sha256_hex, got.data) if got.must_hash else None
+        except BaseException:
+            release()
+            raise
+        return PendingCheck(got.data, partial(self._settle, path, expected_sha256, got, what=what), hashing, release)
 
-    def _read(self, path: Path, expected_sha256: str, what: str, max_bytes: int, *, hash_inline: bool) -> _Read:
+    def _read(
+        self, path: Path, expected_sha256: str, what: str, max_bytes: int, *, hash_inline: bool, reuse: bool
+    ) -> _Read:
         """The file's bytes and identity, whether they must be hashed (not when the identity matched an
-        earlier check), and with ``hash_inline`` their digest, each chunk hashed right after its read."""
+        earlier check), and with ``hash_inline`` their digest, each chunk hashed right after its read.
+        ``reuse``: a large file is read into a kept buffer (``_Read.scratch``), which the caller gives back."""
         name = path.name
         key = str(path)
         # O_NONBLOCK: a FIFO planted in the version directory must not block the open (it is refused below)
@@ -189,20 +209,27 @@ class VerifiedFiles:
                     self._checked.move_to_end(key)
             must_hash = known != (expected_sha256, identity)
             inline = hashlib.sha256() if must_hash and hash_inline else None
-            data = self._buffer(identity.size)
-            position = 0
-            while position < identity.size:
-                count = handle.readinto(data[position : position + CHUNK_BYTES])
-                if not count:
-                    break
-                if inline is not None:
-                    inline.update(data[position : position + count])
-                position += count
-            grew = handle.read(1) != b""
-            after = FileIdentity.of(os.fstat(handle.fileno()))
-        if position != identity.size or grew or after != identity:
-            raise AdapterFormatError(f"{what}: {name} changed while it was being read")
-        return _Read(data, identity, settled, must_hash, None if inline is None else inline.hexdigest())
+            scratch = self._buffer(identity.size) if reuse else None
+            data = memoryview(hostmem.byte_buffer(identity.size)) if scratch is None else memoryview(scratch)
+            data = data[: identity.size]
+            try:
+                position = 0
+                while position < identity.size:
+                    count = handle.readinto(data[position : position + CHUNK_BYTES])
+                    if not count:
+                        break
+                    if inline is not None:
+                        inline.update(data[position : position + count])
+                    position += count
+                grew = handle.read(1) != b""
+                after = FileIdentity.of(os.fstat(handle.fileno()))
+                if position != identity.size or grew or after != identity:
+                    raise AdapterFormatError(f"{what}: {name} changed while it was being read")
+            except BaseException:
+                if scratch is not None:
+                    self._give_back(scratch)
+                raise
+        return _Read(data, identity, settled, must_hash, None if inline is None else inline.hexdigest(), scratch)
 
     def _settle(self, path: Path, expected_sha256: str, got: _Read, actual: str, *, what: str) -> None:
         """Raise on a digest that differs; else remember the file if its ctime had settled."""
@@ -221,17 +248,28 @@ class VerifiedFiles:
                 self._hash_pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="sha256")
             return self._hash_pool
 
-    def _buffer(self, size: int) -> memoryview:
-        """``size`` writable bytes: this thread's scratch buffer when the file is large (grown as needed up
-        to SCRATCH_MAX_BYTES and kept), else a fresh one. Fresh pages are expensive here (first touch of
-        an r=16 all-linear adapter's 19.5 MB took 20-80 ms on the 2-core VM), and freeing large buffers
-        back and forth fragments the allocator; one kept buffer per load thread does neither."""
+    def _buffer(self, size: int) -> bytearray | None:
+        """A kept buffer of at least ``size`` bytes for a large file (None: the file is small or over
+        SCRATCH_MAX_BYTES, and gets a fresh buffer). Fresh pages are expensive here (first touch of an
+        r=16 all-linear adapter's 19.5 MB took 20-80 ms on the 2-core VM), and freeing large buffers back
+        and forth fragments the allocator. At most SCRATCH_KEPT buffers are kept, whichever threads read:
+        one per thread kept a buffer on every thread that ever loaded an adapter (the version watcher,
+        admin calls' threads), outside --host-cache-bytes."""
         if size < SCRATCH_MIN_BYTES or size > SCRATCH_MAX_BYTES:
-            return memoryview(hostmem.byte_buffer(size))
-        scratch: bytearray | None = getattr(self._scratch, "buffer", None)
-        if scratch is None or len(scratch) < size:
-            scratch = self._scratch.buffer = bytearray(size)  # a smaller one is freed with its last view
-        return memoryview(scratch)[:size]
+            return None
+        with self._lock:
+            spare = self._spare.pop() if self._spare else None
+        if spare is None or len(spare) < size:
+            spare = bytearray(size)  # a smaller one is freed with its last view
+        return spare
+
+    def _give_back(self, scratch: bytearray) -> None:
+        """Keep ``scratch`` for another read (the largest SCRATCH_KEPT are kept; nothing may view it now)."""
+        with self._lock:
+            self._spare.append(scratch)
+            self._spare.sort(key=len)
+            if len(self._spare) > SCRATCH_KEPT:
+                del self._spare[0]
 
     def forget(self, path: Path) -> None:
         with self._lock:

@@ -204,3 +204,47 @@ def test_store_load_hashing_beside_the_parse_reports_the_checksum(
     with pytest.raises(AdapterFormatError, match=r"checksum mismatch for adapter_model\.safetensors"):
         store.load(key, spec)
     assert len(store._verified) == 2  # config and README checked; the weights file never remembered
+
+
+def test_reads_from_many_threads_keep_at_most_scratch_kept_buffers(tmp_path: Path) -> None:
+    """Found by an outside review: every thread that ever loaded a large file kept its own read buffer
+    (the version watcher, each admin call's thread), outside --host-cache-bytes. Six live threads, each
+    having read a 4 MiB file, now leave SCRATCH_KEPT buffers behind, and the bytes read stay right."""
+    import tracemalloc
+
+    from lorafleet_adapters.verified_read import SCRATCH_KEPT
+
+    size = 4 << 20
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.bin")
+        write_old(paths[-1], bytes([i]) * size)
+    files = VerifiedFiles(min_age_seconds=0)
+    done = threading.Barrier(len(paths) + 1)
+    measured = threading.Event()
+    errors: list[BaseException] = []
+
+    def load(path: Path, value: int) -> None:
+        try:
+            check = files.start(path, digest(bytes([value]) * size), "k", max_bytes=size)
+            assert check.use(lambda data: bytes(data[:1]) + bytes(data[-1:])) == bytes([value, value])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        done.wait(30)  # alive while the kept memory is measured: a thread's own buffer would still count
+        measured.wait(30)
+
+    tracemalloc.start()
+    try:
+        threads = [threading.Thread(target=load, args=(p, i)) for i, p in enumerate(paths)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)  # one after the other, as separate loads are
+        done.wait(30)
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        measured.set()
+        tracemalloc.stop()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    assert kept < (SCRATCH_KEPT + 1) * size, f"{kept / size:.1f} buffers of {size} bytes kept"
