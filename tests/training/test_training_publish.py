@@ -107,8 +107,8 @@ def test_stale_lists_versions_built_for_another_base(trained: Any, tmp_path: Pat
     stale_now, unreadable = stale_latest(store, retemplated, None)
     assert stale_now == [] and [k for k, _ in unreadable] == [key]
     # `adapters stale` said nothing and exited 0, as for a store with nothing stale
-    stale_now, unreadable = stale(store, retemplated)
-    assert stale_now == [] and [k for k, _ in unreadable] == [key]
+    listed, unread = stale(store, retemplated)
+    assert listed == [] and [k for k, _ in unread] == [key]
 
 
 def test_an_adapter_trained_under_another_prompt_format_is_not_published(
