@@ -253,7 +253,7 @@ def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="N",
         type=_limit_arg,
         default=None,
-        help="its tenant's waiting requests at most (the smallest any active key of the tenant sets applies; "
+        help="its tenant's requests waiting for a row at most (the smallest any active key of the tenant sets applies; "
         "default: none)",
     )
     create.add_argument(

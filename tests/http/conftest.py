@@ -32,14 +32,14 @@ real_adapters = _e2e.real_adapters
 @pytest.fixture(scope="module")
 def tiny_http(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, peft_adapter: Any) -> Iterator[TinyHttp]:
     """The HTTP API alone on a tiny random model, with keys: acme and beta (tenants), ops (admin), and
-    tight (tenant, at most one waiting request)."""
+    tight (tenant, one running request and at most one waiting for a row)."""
     data = tmp_path_factory.mktemp("http-tiny")
     keys_file = data / "keys.json"
     keys = {
         "acme": new_key(keys_file, "acme", "tenant"),
         "beta": new_key(keys_file, "beta", "tenant"),
         "ops": new_key(keys_file, "ops", "admin"),
-        "tight": new_key(keys_file, "tight", "tenant", max_waiting=1),
+        "tight": new_key(keys_file, "tight", "tenant", max_waiting=1, max_running=1),
     }
     config = server_config(
         model=tiny_model_dir,

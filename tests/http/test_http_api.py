@@ -438,7 +438,7 @@ def test_text_that_is_not_unicode_is_a_bad_request_on_every_endpoint(tiny_http: 
 
 
 def test_an_embeddings_call_of_more_inputs_than_its_tenant_may_queue_is_served(tiny_http: TinyHttp) -> None:
-    """The "tight" key may queue one request. Each input is one engine request, and all were submitted
+    """The "tight" key may have one request waiting for a row. Each input is one engine request, and all were submitted
     at once: a call of three inputs was refused 429 every time, however often it was retried. Now at
     most that many are in the engine at once."""
     engine = tiny_http.service.engine
@@ -451,8 +451,8 @@ def test_an_embeddings_call_of_more_inputs_than_its_tenant_may_queue_is_served(t
 
 
 def test_an_embeddings_call_refused_midway_leaves_no_work_behind(tiny_http: TinyHttp) -> None:
-    """The tight key's one queued request is taken by a chat call: the embeddings call is refused (429)
-    and none of its inputs is left in the engine, computed or metered."""
+    """The tight key's row and its one waiting place are taken by chat calls: the embeddings call is
+    refused (429) and none of its inputs is left in the engine, computed or metered."""
     engine = tiny_http.service.engine
     wait_for(lambda: engine.load_stats() == (0, 0), 30, "no request of an earlier test left")
 
@@ -461,40 +461,46 @@ def test_an_embeddings_call_refused_midway_leaves_no_work_behind(tiny_http: Tiny
 
     before = metered()
     sdk = client(tiny_http, "tight")
-    with _one_chat_queued(tiny_http, sdk) as served, pytest.raises(openai.RateLimitError):
+    with _tight_queue_full(tiny_http, sdk) as served, pytest.raises(openai.RateLimitError):
         sdk.embeddings.create(model=tiny_http.model_id, input=["one", "two", "three"])
-    assert len(served) == 1
+    assert len(served) == 2
     wait_for(lambda: engine.load_stats() == (0, 0), 30, "nothing of the refused call left")
-    assert metered() == before + 1  # the chat; none of the refused call's inputs
+    assert metered() == before + 2  # the chats; none of the refused call's inputs
 
 
 @contextlib.contextmanager
-def _one_chat_queued(tiny_http: TinyHttp, sdk: openai.OpenAI) -> Iterator[list[object]]:
-    """The engine held and one chat call of ``sdk`` queued in it, for the block; then the engine runs it.
-    Yields the list its answer is appended to (filled once the block has ended)."""
+def _tight_queue_full(tiny_http: TinyHttp, sdk: openai.OpenAI) -> Iterator[list[object]]:
+    """The engine held and two chat calls of ``sdk`` (the tight key's) queued in it, for the block: one
+    will take the key's one row (max_running 1), one waits (max_waiting 1). Then the engine runs them.
+    Yields the list their answers are appended to (filled once the block has ended)."""
     engine = tiny_http.service.engine
     results: list[object] = []
-    first = threading.Thread(
-        target=lambda: results.append(
-            sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+    calls = [
+        threading.Thread(
+            target=lambda: results.append(
+                sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+            )
         )
-    )
+        for _ in range(2)
+    ]
     try:
         with engine_held(engine):
-            first.start()
-            wait_for(lambda: engine.load_stats()[1] >= 1, 30, "the first request queued")
+            for number, call in enumerate(calls, 1):
+                call.start()
+                wait_for(lambda n=number: engine.load_stats()[1] >= n, 30, f"request {number} queued")
             yield results
     finally:
-        first.join(60)  # the engine runs it once released
+        for call in calls:
+            call.join(60)  # the engine runs them once released
 
 
 def test_a_full_queue_is_429(tiny_http: TinyHttp) -> None:
     sdk = client(tiny_http, "tight")
-    with _one_chat_queued(tiny_http, sdk) as results, pytest.raises(openai.RateLimitError) as refused:
+    with _tight_queue_full(tiny_http, sdk) as results, pytest.raises(openai.RateLimitError) as refused:
         sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
     assert refused.value.body["type"] == "rate_limit_error"  # type: ignore[index]
     assert refused.value.response.headers["retry-after"] == "1"
-    assert len(results) == 1  # the queued one was served
+    assert len(results) == 2  # the queued ones were served
 
 
 def test_a_disconnect_mid_stream_cancels_the_engine_request(tiny_http: TinyHttp) -> None:

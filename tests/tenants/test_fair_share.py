@@ -215,7 +215,7 @@ def test_a_preempted_request_does_not_count_against_its_tenants_waiting_limit(se
         waiting = [handle for _, handle in flood if handle._state.kv_row < 0]  # preempted, not resumed yet
         assert len(waiting) >= 1, "the preempted rows resumed before the hold: nothing to test"
         accepted = [submit(engine, as_tenant(request(PROMPT, rid=f"a-new{i}"), "a", max_waiting=2)) for i in range(2)]
-        with pytest.raises(QueueFull, match="tenant 'a' has 2 requests queued"):  # its own two, not the preempted
+        with pytest.raises(QueueFull, match="tenant 'a' has 2 requests waiting"):  # its own, not the preempted
             engine.submit(as_tenant(request(PROMPT, rid="a-over"), "a", max_waiting=2), Collected())
         release.set()
         held.result(10)
@@ -255,18 +255,46 @@ def test_a_tenant_that_fills_the_queue_does_not_lock_the_others_out(tiny_model_d
 
 
 def test_per_tenant_waiting_limit_refuses_at_once_and_spares_others(service: Service) -> None:
+    """The limit counts the requests that wait for a row: the 4 free rows take 4 of a's, 2 more wait,
+    the next is refused at once, and another tenant is still taken. Found by an outside review: it
+    counted every queued request, so an idle server refused a's third request with 4 rows free."""
     engine = service.engine
     release = threading.Event()
     try:
         held = engine.call(lambda: release.wait(30))  # nothing is admitted meanwhile
-        limited = [submit(engine, as_tenant(request(PROMPT, rid=f"a{i}"), "a", max_waiting=2))[0] for i in range(2)]
-        with pytest.raises(QueueFull, match="tenant 'a' has 2 requests queued: its limit max_waiting_per_tenant is 2"):
-            engine.submit(as_tenant(request(PROMPT, rid="a2"), "a", max_waiting=2), Collected())
+        limited = [submit(engine, as_tenant(request(PROMPT, rid=f"a{i}"), "a", max_waiting=2))[0] for i in range(6)]
+        with pytest.raises(
+            QueueFull, match="tenant 'a' has 2 requests waiting for a row: its limit max_waiting_per_tenant is 2"
+        ):
+            engine.submit(as_tenant(request(PROMPT, rid="a6"), "a", max_waiting=2), Collected())
         other, _ = submit(engine, as_tenant(request(PROMPT, rid="b"), "b"))
+        # a's count is the worst case, other tenants' requests taking free rows first: b's leaves a 3 waiting
+        with pytest.raises(QueueFull, match="tenant 'a' has 3 requests waiting for a row"):
+            engine.submit(as_tenant(request(PROMPT, rid="a7"), "a", max_waiting=2), Collected())
         release.set()
         held.result(10)
         assert other.wait().summary.generated_tokens >= 1
         assert all(s.wait().summary.generated_tokens >= 1 for s in limited)
+    finally:
+        release.set()
+
+
+def test_per_tenant_waiting_limit_counts_rows_its_running_limit_denies_as_waiting(service: Service) -> None:
+    """With max_running 1, only one of a's requests can take a free row; the rest wait, and count."""
+    engine = service.engine
+    release = threading.Event()
+    limits = {"max_waiting": 2, "max_running": 1}
+    try:
+        held = engine.call(lambda: release.wait(30))  # nothing is admitted meanwhile
+        limited = [
+            submit(engine, as_tenant(request(PROMPT, rid=f"a{i}", max_new_tokens=4), "a", **limits))[0]
+            for i in range(3)
+        ]
+        with pytest.raises(QueueFull, match="tenant 'a' has 2 requests waiting for a row"):
+            engine.submit(as_tenant(request(PROMPT, rid="a3"), "a", **limits), Collected())
+        release.set()
+        held.result(10)
+        assert all(s.wait().summary.generated_tokens == 4 for s in limited)
     finally:
         release.set()
 

@@ -260,6 +260,7 @@ class Engine:
         # Of those, the preempted requests waiting to resume, per tenant (lock guards): they wait, but
         # their tenant did not ask for them again, so its max_waiting does not count them.
         self._tenant_resuming: dict[str, int] = {}
+        self._tenant_rows: dict[str, int] = {}  # KV rows each tenant holds now (lock guards)
         self._lock = threading.Lock()
         self._accepting = True
         self._closed = False  # the loop has exited: the inbox takes no more messages (lock guards)
@@ -449,9 +450,24 @@ class Engine:
             if own >= self.config.max_waiting / tenants or waiting >= 2 * self.config.max_waiting:
                 raise QueueFull("the queue is full (every row taken, max_waiting requests waiting); try again later")
         limit = self.tenant_limit(req, "max_waiting")
-        if limit and own >= limit:
+        waits = own - self._row_room_locked(req, own) if limit else 0  # of its own, those no free row takes
+        if limit and waits >= limit:
             who = f"tenant {req.tenant!r}" if req.tenant else "the base model without a key"
-            raise QueueFull(f"{who} has {own} requests queued: its limit max_waiting_per_tenant is {limit}")
+            raise QueueFull(
+                f"{who} has {waits} requests waiting for a row: its limit max_waiting_per_tenant is {limit}"
+            )
+
+    def _row_room_locked(self, req: GenerationRequest, own: int) -> int:
+        """How many of ``req``'s tenant's ``own`` queued requests free rows will take, at the least:
+        every other queued request (other tenants', and resumes) is assumed to take one first, and the
+        tenant's ``max_running`` caps its rows. Its ``max_waiting`` counts only the rest, the requests
+        that wait for a row: counting all, a tenant with a limit of 2 had its third request refused by
+        an idle server (an outside review). The caller holds ``self._lock``."""
+        room = max(0, self._free_row_count - (self._queued - own))
+        running_limit = self.tenant_limit(req, "max_running")
+        if running_limit:
+            room = min(room, max(0, running_limit - self._tenant_rows.get(req.tenant, 0)))
+        return room
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the engine thread between steps (admin operations on device slots).
@@ -757,6 +773,7 @@ class Engine:
         r.preemptions += 1
         with self._lock:
             self._free_row_count += 1
+            _add_count(self._tenant_rows, r.tenant, -1)
             self._count_queued(r.tenant, +1, resuming=True)
         self._waiting.push(r, front=True)
         self.observer.observe_preempted()
@@ -771,6 +788,7 @@ class Engine:
         with self._lock:
             self._count_queued(r.tenant, -1, resuming=bool(r.preemptions))
             self._free_row_count -= 1
+            _add_count(self._tenant_rows, r.tenant, +1)
         r.kv_row = self._free_rows.pop(0)
         self.runner.kv.begin(r.kv_row)  # a resumed request recomputes its K/V too
         r.start_step = self.steps
@@ -1089,6 +1107,7 @@ class Engine:
             self._free_rows.sort()
             with self._lock:
                 self._free_row_count += 1
+                _add_count(self._tenant_rows, r.tenant, -1)
         else:
             self._waiting.remove(r)
             with self._lock:

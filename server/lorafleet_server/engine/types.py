@@ -33,7 +33,8 @@ class EngineConfig:
     max_new_tokens: int = field(default=1024, metadata={"help": "limit on a request's max_new_tokens"})
     max_waiting: int = field(default=1024, metadata={"help": "queued requests before RESOURCE_EXHAUSTED"})
     max_waiting_per_tenant: int = field(
-        default=0, metadata={"help": "queued requests of one tenant before RESOURCE_EXHAUSTED (0: no limit)"}
+        default=0,
+        metadata={"help": "requests of one tenant waiting for a row before RESOURCE_EXHAUSTED (0: no limit)"},
     )
     max_running_per_tenant: int = field(
         default=0, metadata={"help": "running requests of one tenant at most; more wait their turn (0: no limit)"}
