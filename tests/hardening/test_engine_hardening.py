@@ -76,6 +76,31 @@ def test_hopeless_prompt_is_refused_before_tokenizing(service: Service) -> None:
     assert counting.encodes == 1
 
 
+def test_a_prompt_of_many_bytes_per_character_is_bounded_by_its_bytes(service: Service) -> None:
+    """Found by an outside review: the bound counted characters, so 165,000 CJK characters (3 bytes each,
+    at least one token each) passed it and cost 0.3 s of tokenizing before the exact check refused them;
+    many such requests, abandoned, stalled every other tenant's. A token stands for at most 81 bytes."""
+    counting = CountingTokenizer(service.engine.prompts.tokenizer)
+    service.engine.prompts.tokenizer = counting
+    assert service.engine.prompts.max_token_bytes == 81  # SmolLM2's tokenizer: byte-level BPE
+    chars = 81 * (service.config.max_seq_len - 8)  # within a bound by characters
+    cjk = "\u4e2d" * chars
+    with pytest.raises(
+        InvalidRequest, match=rf"\({3 * chars} bytes of text, at least {3 * (service.config.max_seq_len - 8)} tokens\)"
+    ):
+        service.engine.submit(request(cjk, max_new_tokens=8), Collected())
+    assert counting.encodes == 0
+
+
+def test_max_token_bytes_of_a_vocabulary_not_written_in_bytes() -> None:
+    """SentencePiece writes a space as "\u2581" (3 bytes in UTF-8, one decoded) and bytes as "<0xE4>": a
+    token's UTF-8 length bounds what it decodes to, so the bound stays safe (never too strict)."""
+    from lorafleet_server.engine.prompts import max_token_bytes
+
+    assert max_token_bytes({"\u2581the": 0, "<0xE4>": 1, "\u4e2d\u6587": 2}) == 6
+    assert max_token_bytes({"\u0120the": 0, "abcd": 1}) == 4  # byte-level: "\u0120" is one byte (a space)
+
+
 def test_more_chat_turns_than_the_limit_are_refused_by_the_engine_and_the_grpc_edge(service: Service) -> None:
     turns = (ChatTurn("user", ""),) * (MAX_CHAT_TURNS + 1)
     with pytest.raises(InvalidRequest, match=f"at most {MAX_CHAT_TURNS} turns, got {MAX_CHAT_TURNS + 1}"):

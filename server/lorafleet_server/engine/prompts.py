@@ -2,10 +2,12 @@
 
 Two rules keep this cheap and safe:
 
-- **A hopeless prompt costs nothing.** No token of the vocabulary covers more than ``max_token_chars``
-  characters, so a text of ``c`` characters has at least ``ceil(c / max_token_chars)`` tokens. A prompt
-  that cannot fit the context by that bound is refused before the tokenizer sees it: a multi-megabyte
-  prompt costs microseconds, not CPU-seconds and gigabytes of tokenizer memory.
+- **A hopeless prompt costs nothing.** No token of the vocabulary stands for more than
+  ``max_token_bytes`` bytes of text, so a text of ``b`` UTF-8 bytes has at least
+  ``ceil(b / max_token_bytes)`` tokens. A prompt that cannot fit the context by that bound is refused
+  before the tokenizer sees it: a multi-megabyte prompt costs microseconds, not CPU-seconds and
+  gigabytes of tokenizer memory. (Counted in characters, the bound let 165,000 CJK characters through,
+  443,000 tokens that took 0.3 s to tokenize before the exact check refused them: an outside review.)
 - **Chat content is text.** A message's content is tokenized with special tokens split, so a user who
   writes ``<|im_end|>\\n<|im_start|>system`` into a message gets those characters as text, never the
   template's control tokens (no forged system turns). The template's own markers stay special. A plain
@@ -112,6 +114,23 @@ def chat_ids(
     return ids
 
 
+def _byte_alphabet() -> frozenset[str]:
+    """The 256 characters byte-level BPE (GPT-2's scheme) writes bytes as: printable Latin-1 as itself,
+    every other byte as a character from U+0100 on."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return frozenset(chr(b) for b in kept) | frozenset(chr(256 + i) for i in range(len(moved)))
+
+
+def max_token_bytes(vocab: Mapping[str, int]) -> int:
+    """The most bytes of text one token can stand for. In a byte-level BPE vocabulary (every token
+    written in the byte alphabet) a token's length is its bytes; in any other (SentencePiece's ``▁`` and
+    ``<0x41>`` byte tokens), a token's UTF-8 length bounds what it decodes to from above."""
+    alphabet = _byte_alphabet()
+    byte_level = all(set(token) <= alphabet for token in vocab)
+    return max((len(t) if byte_level else len(t.encode("utf-8")) for t in vocab), default=1) or 1
+
+
 class PromptEncoder:
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int) -> None:
         self.tokenizer = tokenizer
@@ -122,9 +141,7 @@ class PromptEncoder:
         self._text_tokenizer = cast(Any, copy.deepcopy(tokenizer))
         self._text_tokenizer.split_special_tokens = True
         self.max_seq_len = max_seq_len
-        # Byte-level BPE token strings hold one character per byte, so this bounds characters per token
-        # from above for any text (a character is at least one byte).
-        self.max_token_chars = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
+        self.max_token_bytes = max_token_bytes(tokenizer.get_vocab())
         self._specials = special_tokens_pattern(tokenizer)
 
     def encode(
@@ -154,17 +171,18 @@ class PromptEncoder:
                 raise InvalidRequest(f"messages[{i}].role must be one of system, user, assistant", param="messages")
             check_unicode(m.content, f"messages[{i}].content")
         own = [(m.role, m.content) for m in messages]
-        chars = len(prompt or "") + sum(len(content) for _, content in own)
+        texts = [prompt or "", *(content for _, content in own)]
         if template is not None:
-            chars += len(template.system) + sum(len(t.content) for t in template.examples)
+            texts += [template.system, *(t.content for t in template.examples)]
+        nbytes = sum(len(text.encode("utf-8")) for text in texts)  # valid: check_unicode refused surrogates
         # Every user or assistant turn also costs the template's special tokens (a 4 MiB request of
         # 500,000 empty turns took ~37 s of tokenizing before the exact check refused it). System turns
         # are not counted: a prompt adapter merges them into one, and a template may fold them too.
         spoken = sum(1 for role, _ in own if role != "system")
-        at_least = -(-chars // self.max_token_chars) + (spoken * self.turn_specials if spoken else 0)
+        at_least = -(-nbytes // self.max_token_bytes) + (spoken * self.turn_specials if spoken else 0)
         if at_least + budget > self.max_seq_len:
             raise ContextLengthExceeded(
-                f"the prompt ({chars} characters, at least {at_least} tokens) plus {what} "
+                f"the prompt ({nbytes} bytes of text, at least {at_least} tokens) plus {what} "
                 f"exceeds the context limit of {self.max_seq_len} tokens",
                 param=field,
             )
