@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, assert_never
 
@@ -32,6 +32,7 @@ from lorafleet_adapters.ref import AdapterKey
 from lorafleet_server.engine.adapter_manager import AdapterManager
 from lorafleet_server.engine.classify import classify_rows
 from lorafleet_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from lorafleet_server.engine.fair_pool import FairPool
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
 from lorafleet_server.engine.prefix_cache import PrefixCache
 from lorafleet_server.engine.prompts import PromptEncoder, Tokenizer
@@ -261,6 +262,10 @@ class Engine:
         # their tenant did not ask for them again, so its max_waiting does not count them.
         self._tenant_resuming: dict[str, int] = {}
         self._tenant_rows: dict[str, int] = {}  # KV rows each tenant holds now (lock guards)
+        # Requests between ``reserve`` and the queue (waiting for a worker thread, or tokenizing): they
+        # hold their place in the queue and count toward its limits (lock guards).
+        self._submitting = 0
+        self._tenant_submitting: dict[str, int] = {}
         self._lock = threading.Lock()
         self._accepting = True
         self._closed = False  # the loop has exited: the inbox takes no more messages (lock guards)
@@ -269,8 +274,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = 0
         self._busy = False  # the last loop iteration ran a forward (engine thread only)
-        self._submit_pool = ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="submit")
-        self._store_submit_pool = ThreadPoolExecutor(STORE_SUBMIT_THREADS, thread_name_prefix="submit-store")
+        self._submit_pool = FairPool(SUBMIT_THREADS, "submit")
+        self._store_submit_pool = FairPool(STORE_SUBMIT_THREADS, "submit-store")
 
     # -- public, any thread -------------------------------------------------------------------
     def start(self) -> None:
@@ -299,7 +304,7 @@ class Engine:
                 log.error("engine thread did not stop within %.0fs of the abort; leaving it", ABORT_JOIN_SECONDS)
         self.adapters.close()
         for pool in (self._submit_pool, self._store_submit_pool):  # submits left refuse at once (not accepting)
-            pool.shutdown(wait=False)
+            pool.shutdown()
 
     def abort(self) -> None:
         """Stop after the current step, cutting running requests (a second signal, or the grace is over)."""
@@ -337,21 +342,53 @@ class Engine:
                 f"the prompt adapter's template leaves no room for a request in this server's context: {exc}"
             ) from None
 
-    def submit_executor(self, req: GenerationRequest) -> Executor:
-        """Where an edge runs ``submit(req)``: a request whose adapter this server does not know without
-        reading the store gets threads of its own, so a store that does not answer holds only those."""
+    def submit_pool(self, req: GenerationRequest) -> FairPool:
+        """Where an edge runs ``submit(req)`` (in ``req.tenant``'s turn): a request whose adapter this
+        server does not know without reading the store gets threads of its own, so a store that does not
+        answer holds only those."""
         if req.adapter is not None and not self.adapters.known_without_store(req.adapter):
             return self._store_submit_pool
         return self._submit_pool
 
-    def submit(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
+    def tokenize_pool(self) -> FairPool:
+        """Where the Tokenize RPC encodes (tenants in turn, as submits)."""
+        return self._submit_pool
+
+    def reserve(self, req: GenerationRequest) -> None:
+        """Refuse ``req`` now if it will be (bad parameters, shutting down, a full queue, its tenant over
+        its limit), else hold its place in the queue: it counts toward the limits from here, not only
+        once tokenized, so a tenant's requests still waiting for a worker thread cannot pass its
+        ``max_waiting``. ``submit(req, sink, reserved=True)`` takes the place over; ``unreserve`` gives
+        it back when that never runs."""
+        self._validate_params(req)
+        with self._lock:
+            self._check_capacity_locked(req)
+            self._count_submitting(req.tenant, +1)
+
+    def unreserve(self, req: GenerationRequest) -> None:
+        """Give back the place ``reserve`` held for ``req`` (its submit never ran: the caller left)."""
+        with self._lock:
+            self._count_submitting(req.tenant, -1)
+
+    def submit(self, req: GenerationRequest, sink: Sink, *, reserved: bool = False) -> RequestHandle:
         """Validate, tokenize and resolve ``req``, then queue it. Raises domain errors at once.
 
-        The cheap refusals come first (shutting down, bad parameters, a full queue, a prompt that
-        cannot fit by its length alone), so a request that will be refused costs no tokenization.
+        The cheap refusals come first (``reserve``: shutting down, bad parameters, a full queue; then a
+        prompt that cannot fit by its length alone), so a request that will be refused costs no
+        tokenization. ``reserved``: ``reserve(req)`` was called already.
         """
-        self._validate_params(req)
-        self._check_capacity(req)
+        if not reserved:
+            self.reserve(req)
+        queued = False
+        try:
+            handle = self._submit_reserved(req, sink)
+            queued = True
+            return handle
+        finally:
+            if not queued:
+                self.unreserve(req)
+
+    def _submit_reserved(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
         key = self.adapters.resolve(req.adapter) if req.adapter is not None else None
         kind = self.adapters.kind(key) if key is not None else None
         head = self._head_for(req, key, kind)
@@ -377,11 +414,14 @@ class Engine:
             head=head,
         )
         with self._lock:
-            self._check_capacity_locked(req)
+            if not self._accepting:  # it began shutting down while this one tokenized
+                raise ShuttingDown("the server is shutting down")
+            self._count_submitting(req.tenant, -1)  # its reserved place, now in the queue
             self._count_queued(req.tenant, +1)
         if not self._post(_Submit(state)):  # the loop exited (crashed) after the check above
             with self._lock:
                 self._count_queued(req.tenant, -1)
+                self._count_submitting(req.tenant, +1)  # given back by submit
             raise ShuttingDown("the server is shutting down")
         return RequestHandle(self, state)
 
@@ -411,9 +451,15 @@ class Engine:
             raise InvalidRequest(f"top_k must be >= 0, got {req.classify.top_k}", param="top_k")
         return head
 
-    def _check_capacity(self, req: GenerationRequest) -> None:
-        with self._lock:
-            self._check_capacity_locked(req)
+    def _count_submitting(self, tenant: str, delta: int) -> None:
+        """Reserved requests not queued yet, in total and per tenant. The caller holds ``self._lock``."""
+        self._submitting += delta
+        _add_count(self._tenant_submitting, tenant, delta)
+
+    def _sent_locked(self, tenant: str) -> int:
+        """``tenant``'s requests waiting to run that it sent: reserved or queued, not resuming ones."""
+        resumes = self._tenant_resuming.get(tenant, 0)
+        return self._tenant_queued.get(tenant, 0) - resumes + self._tenant_submitting.get(tenant, 0)
 
     def _count_queued(self, tenant: str, delta: int, resuming: bool = False) -> None:
         """Submitted-not-running requests, in total and per tenant (``resuming``: a preempted one, counted
@@ -442,11 +488,11 @@ class Engine:
         """
         if not self._accepting:
             raise ShuttingDown("the server is shutting down")
-        waiting = self._queued - self._free_row_count
-        resuming = self._tenant_resuming
-        own = self._tenant_queued.get(req.tenant, 0) - resuming.get(req.tenant, 0)  # what it sent, not resumes
+        waiting = self._queued + self._submitting - self._free_row_count
+        own = self._sent_locked(req.tenant)
         if waiting >= self.config.max_waiting:
-            tenants = sum(1 for t, n in self._tenant_queued.items() if n > resuming.get(t, 0)) + (0 if own else 1)
+            senders = {*self._tenant_queued, *self._tenant_submitting}
+            tenants = sum(1 for t in senders if self._sent_locked(t) > 0) + (0 if own else 1)
             if own >= self.config.max_waiting / tenants or waiting >= 2 * self.config.max_waiting:
                 raise QueueFull("the queue is full (every row taken, max_waiting requests waiting); try again later")
         limit = self.tenant_limit(req, "max_waiting")
@@ -463,7 +509,7 @@ class Engine:
         tenant's ``max_running`` caps its rows. Its ``max_waiting`` counts only the rest, the requests
         that wait for a row: counting all, a tenant with a limit of 2 had its third request refused by
         an idle server (an outside review). The caller holds ``self._lock``."""
-        room = max(0, self._free_row_count - (self._queued - own))
+        room = max(0, self._free_row_count - (self._queued + self._submitting - own))
         running_limit = self.tenant_limit(req, "max_running")
         if running_limit:
             room = min(room, max(0, running_limit - self._tenant_rows.get(req.tenant, 0)))

@@ -11,13 +11,18 @@ request, and the engine frees its row within one step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from lorafleet_server.engine.engine import Engine, RequestHandle
 from lorafleet_server.engine.types import GenerationRequest, TokenEvent
 from lorafleet_server.errors import ShuttingDown
+
+T = TypeVar("T")
 
 
 class SubmittedRequest:
@@ -56,7 +61,7 @@ class SubmittedRequest:
             self._handle.cancel()
 
 
-def _cancel_submitted(done: asyncio.Future[RequestHandle]) -> None:
+def _cancel_submitted(done: Future[RequestHandle]) -> None:
     if not done.cancelled() and done.exception() is None:
         done.result().cancel()
 
@@ -114,25 +119,47 @@ class EngineStream:
         return mailbox
 
     async def submit(self, req: GenerationRequest) -> SubmittedRequest:
-        """Queue ``req`` (``Engine.submit`` on the engine's worker threads, ``submit_executor``: it
-        tokenizes, and may read the adapter store); its domain errors raise here."""
+        """Queue ``req``: ``Engine.reserve`` here (the cheap refusals, and its place in the queue), then
+        ``Engine.submit`` on the engine's worker threads in its tenant's turn (``submit_pool``: it
+        tokenizes, and may read the adapter store); its domain errors raise here. A caller that leaves
+        before a worker took it up drops it (it held its place, and its prompt, until then)."""
         mailbox = self._mailbox(asyncio.get_running_loop())
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
         def sink(event: TokenEvent) -> None:
             mailbox.put(queue, event)
 
-        loop = asyncio.get_running_loop()
+        engine = self._engine
+        engine.reserve(req)
         try:
-            submitting = loop.run_in_executor(self._engine.submit_executor(req), self._engine.submit, req, sink)
+            submitting = engine.submit_pool(req).submit(
+                req.tenant, functools.partial(engine.submit, reserved=True), req, sink
+            )
         except RuntimeError:  # its pools are shut down: the engine has stopped
+            engine.unreserve(req)
             raise ShuttingDown("the server is shutting down") from None
         try:
-            handle = await asyncio.shield(submitting)
-        except asyncio.CancelledError:  # the caller left while the worker thread submits: cancel it there
-            submitting.add_done_callback(_cancel_submitted)
+            handle = await asyncio.shield(asyncio.wrap_future(submitting))
+        except asyncio.CancelledError:  # the caller left
+            if submitting.cancel():  # before a worker took it: it never runs
+                engine.unreserve(req)
+            else:  # a worker submits it: cancel it there
+                submitting.add_done_callback(_cancel_submitted)
             raise
         return SubmittedRequest(handle, queue)
+
+    async def run(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the engine's worker threads in ``tenant``'s turn (the Tokenize RPC's encoding);
+        dropped if the caller leaves before a worker took it up."""
+        try:
+            running = self._engine.tokenize_pool().submit(tenant, fn, *args)
+        except RuntimeError:
+            raise ShuttingDown("the server is shutting down") from None
+        try:
+            return await asyncio.shield(asyncio.wrap_future(running))
+        except asyncio.CancelledError:
+            running.cancel()
+            raise
 
     async def events(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Submit ``req`` and yield its events (``submit`` then ``SubmittedRequest.events``)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, Callable
 
 import grpc
@@ -83,8 +82,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> inference_pb2.TokenizeResponse:
         convert.check_text_or_messages(request)
-        ids = await asyncio.to_thread(
-            self._engine.encode_prompt, request.text or None, convert.chat_turns(request.messages)
+        tenant = record.principal.tenant if record.principal is not None else ""
+        ids = await self._stream.run(
+            tenant, self._engine.encode_prompt, request.text or None, convert.chat_turns(request.messages)
         )
         tokens = self._engine.tokenizer.convert_ids_to_tokens(ids)
         return inference_pb2.TokenizeResponse(token_ids=ids, tokens=[str(t) for t in tokens])

@@ -1,0 +1,84 @@
+"""FairPool (engine/fair_pool.py): tenants' work in turn, cancelled work dropped before it runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from lorafleet_server.engine.fair_pool import FairPool
+
+
+def test_a_tenant_behind_a_long_queue_waits_for_one_item_not_all() -> None:
+    pool = FairPool(1, "t")
+    gate = threading.Event()
+    order: list[str] = []
+    try:
+        first = pool.submit("a", gate.wait, 30)  # the one worker is busy until the gate opens
+        time.sleep(0.05)
+        flood = [pool.submit("a", order.append, f"a{i}") for i in range(20)]
+        other = pool.submit("b", order.append, "b")
+        gate.set()
+        other.result(10)
+        for f in [first, *flood]:
+            f.result(10)
+        assert order.index("b") == 1  # after the one of a's that was next in turn, not after all 20
+        assert [x for x in order if x != "b"] == [f"a{i}" for i in range(20)]  # each tenant's in order
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def test_a_cancelled_item_never_runs_and_leaves_the_queue() -> None:
+    pool = FairPool(1, "t")
+    gate = threading.Event()
+    ran: list[int] = []
+    try:
+        busy = pool.submit("a", gate.wait, 30)
+        time.sleep(0.05)
+        abandoned = [pool.submit("a", ran.append, i) for i in range(5)]
+        assert all(f.cancel() for f in abandoned)
+        assert not pool._state.queues  # dropped at once: nothing of theirs is held until their turn
+        kept = pool.submit("a", ran.append, 99)
+        gate.set()
+        busy.result(10)
+        kept.result(10)
+        assert ran == [99]
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def test_errors_reach_the_caller_and_workers_start_as_needed() -> None:
+    pool = FairPool(3, "t")
+    try:
+
+        def boom() -> None:
+            raise ValueError("bad input")
+
+        with pytest.raises(ValueError, match="bad input"):
+            pool.submit("a", boom).result(10)
+        assert len(pool._state.threads) == 1  # one item: one thread, reused
+        gate = threading.Event()
+        waiting = [pool.submit(t, gate.wait, 30) for t in ("a", "b", "c", "d")]
+        time.sleep(0.2)
+        assert len(pool._state.threads) == 3  # at most its workers
+        assert sum(f.running() for f in waiting) == 3
+        gate.set()
+        assert all(f.result(10) for f in waiting)
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_finishes_queued_work_and_refuses_more() -> None:
+    pool = FairPool(1, "t")
+    gate = threading.Event()
+    busy = pool.submit("a", gate.wait, 30)
+    time.sleep(0.05)
+    queued = pool.submit("b", lambda: "done")
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.submit("a", lambda: None)
+    gate.set()
+    assert busy.result(10) and queued.result(10) == "done"
