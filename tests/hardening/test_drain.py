@@ -224,3 +224,46 @@ def test_second_sigterm_stops_now(tiny_model_dir: Path, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_unary_call_still_running_at_the_end_of_the_grace_is_cut_by_the_engine(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outside review: gRPC's stop grace and the engine's ran out together, and gRPC often
+    cancelled the call first ("Cancelling all calls"): the cut looked like the client's cancel, was
+    metered, and Envoy ran it again on another replica (billed twice). The engine's cut comes first
+    now: the call ends with the server's UNAVAILABLE and nothing of it is metered."""
+    config = server_config(
+        model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0, shutdown_grace_seconds=1.0
+    )
+    service = build_service(config)
+    engine = service.engine
+    step = engine.runner.step
+
+    def slow_step(*args: object, **kwargs: object) -> object:
+        time.sleep(0.05)  # 200 tokens take ~10 s: far past the grace
+        return step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.runner, "step", slow_step)
+    engine.eos_token_ids = frozenset()
+    server = BackgroundServer(service)
+    client = LoraFleetClient(f"127.0.0.1:{server.start()}", timeout=60)
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(client.generate("The capital of France is", sampling=Sampling(max_new_tokens=200)))
+        except Exception as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=run)
+    try:
+        caller.start()
+        _wait_until(lambda: engine.load_stats()[0] == 1)  # running
+        time.sleep(0.3)
+        server.stop(drain_seconds=0)
+        caller.join(30)
+        assert isinstance(outcome[0], UnavailableError) and "stopped by the server" in str(outcome[0]), outcome
+        assert engine.usage.report(0, 4e9) == []  # the cut call is not billed: it is retried elsewhere
+    finally:
+        client.close()

@@ -119,6 +119,7 @@ def check_startup(config: ServerConfig) -> None:
 
 
 ENGINE_WATCH_SECONDS = 1.0  # how often health checks that the engine still takes requests
+CUT_MARGIN_SECONDS = 2.0  # gRPC's stop grace beyond the engine's, so the engine's cut ends the calls
 
 
 class GrpcServer:
@@ -235,7 +236,11 @@ class GrpcServer:
             grace,
             queued,
         )
-        stop = asyncio.ensure_future(self._server.stop(None if self._forced.is_set() else grace))
+        # gRPC's grace outlasts the engine's by CUT_MARGIN_SECONDS: the engine cuts what still runs and
+        # each call ends with its UNAVAILABLE ("stopped by the server": not metered, retried elsewhere).
+        # With equal graces gRPC often cancelled the calls first, so a cut call was taken for a client's
+        # cancel and metered, and Envoy ran it again on another replica: billed twice (an outside review).
+        stop = asyncio.ensure_future(self._server.stop(None if self._forced.is_set() else grace + CUT_MARGIN_SECONDS))
         # On a thread of its own: the loop's shared pool may be held by calls waiting on the store.
         with ThreadPoolExecutor(1, thread_name_prefix="engine-shutdown") as pool:
             await asyncio.get_running_loop().run_in_executor(
