@@ -24,6 +24,7 @@ from fleetlib import ROOT
 from seaweedlib import free_ports
 
 from lorafleet_server.config import config_from_args
+from lorafleet_server.grpc.server import CUT_MARGIN_SECONDS
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import fleet as fleet_script  # scripts/fleet.py, what `make fleet` runs
@@ -161,7 +162,7 @@ def test_replicas_drain_within_the_grace_period_and_probe_grpc() -> None:
     [container] = pod["containers"]
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRE_STOP_SECONDS)]
     drain = float(settings["LORAFLEET_DRAIN_SECONDS"]) + float(settings["LORAFLEET_SHUTDOWN_GRACE_SECONDS"])
-    assert pod["terminationGracePeriodSeconds"] > PRE_STOP_SECONDS + drain
+    assert pod["terminationGracePeriodSeconds"] > PRE_STOP_SECONDS + drain + CUT_MARGIN_SECONDS
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == 50051, probe
     # Liveness must not kill a draining pod (health reads NOT_SERVING for the whole drain).
@@ -240,6 +241,11 @@ def test_envoy_configs_validate_and_route_alike(tmp_path: Path) -> None:
     assert '"RING_HASH"' in cluster and '"hash_balance_factor": 150' in cluster and "grpc_health_check" in cluster
     # a replica's whole batch may retry at once (Envoy's default allows 3 concurrent retries)
     assert '"min_retry_concurrency": 64' in cluster
+    # Found by an outside review: Envoy's default stream idle timeout (300 s) ended unary Generate
+    # calls that ran longer ("stream timeout"), since a unary call sends nothing until it ends.
+    for config in (local, kube):
+        [listener] = config["static_resources"]["listeners"]
+        assert listener["filter_chains"][0]["filters"][0]["typed_config"]["stream_idle_timeout"] == "0s"
 
 
 def test_dockerfile_passes_hadolint() -> None:
