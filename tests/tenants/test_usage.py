@@ -52,7 +52,10 @@ def test_every_record_is_a_usage_log_line_with_the_meters_numbers(caplog: pytest
     meter = UsageMeter(clock=lambda: 1_000_030.0)
     with caplog.at_level(logging.INFO, logger="lorafleet.usage"):
         meter.record("acme", Summary(FinishReason.CANCELLED, 40, 17, "acme/bot@3", "rid-1"))
-    [line] = [r.fields for r in caplog.records if r.name == "lorafleet.usage"]  # type: ignore[attr-defined]
+        meter.record("acme", Summary(FinishReason.LENGTH, 40, 5, "acme/bot@3", "rid-1"))  # the same id again
+    line, again = [r.fields for r in caplog.records if r.name == "lorafleet.usage"]  # type: ignore[attr-defined]
+    # The request id is the caller's, the same for both; each record has a usage id of its own.
+    assert len({line.pop("usage_id"), again.pop("usage_id")}) == 2
     assert line == {
         "request_id": "rid-1",
         "tenant": "acme",

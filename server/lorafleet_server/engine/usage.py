@@ -28,6 +28,7 @@ import bisect
 import logging
 import threading
 import time
+import uuid
 from array import array
 from collections import deque
 from collections.abc import Callable
@@ -110,6 +111,9 @@ class UsageMeter:
             "usage",
             extra={
                 "fields": {
+                    # Unique per record: a caller may send any x-request-id, the same one many times, so
+                    # a pipeline that de-duplicates shipped lines must key on this (an outside review).
+                    "usage_id": uuid.uuid4().hex,
                     "request_id": summary.request_id,
                     "tenant": tenant,
                     "adapter": summary.adapter,
