@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -214,7 +215,15 @@ LORA_ONLY_FLAGS = {
 CLASSIFIER_ONLY_FLAGS = {"c": "--C", "features_from": "--features-from"}
 
 
+def _quiet_bitsandbytes_kernel_notice() -> None:
+    """bitsandbytes warns when it is imported (peft imports it) that an optional CPU 4-bit kernel
+    package is missing, asking to install it: noise for LoRA and heads, and QLoRA on CPU runs without
+    it (the trainer says at start which backend it uses). Real errors still show."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def run_train(args: argparse.Namespace, spec: BaseModelSpec, model_dir: Path, store: AdapterStore | None = None) -> int:
+    _quiet_bitsandbytes_kernel_notice()
     classifier = args.method == "classifier"
     others = LORA_ONLY_FLAGS if classifier else CLASSIFIER_ONLY_FLAGS
     misplaced = [flag for dest, flag in others.items() if getattr(args, dest) is not None]
@@ -444,6 +453,7 @@ def run_retrain(args: argparse.Namespace, store: Store, spec: BaseModelSpec, mod
 
     Exit 0 when every stale adapter was published (or planned, or none was stale), else 1.
     """
+    _quiet_bitsandbytes_kernel_notice()
     from lorafleet_training.publish import DEFAULT_MAX_FORGETTING
     from lorafleet_training.retrain import retrain_stale
 
