@@ -437,6 +437,9 @@ def test_latest_pointer_problems(store: AdapterStore, adapter_dir: Path, spec: B
         store.resolve(ref("acme/support"))
     latest.unlink()  # a first publish interrupted before the pointer: fall back to the highest version
     assert store.resolve(ref("acme/support")).version == 1
+    store.import_peft(adapter_dir, "acme", "support", spec)
+    latest.unlink()  # two versions: the highest, not the first (a mutation test found this unchecked)
+    assert store.resolve(ref("acme/support")).version == 2
 
 
 def test_a_fifo_for_a_pointer_or_the_publish_marker_is_refused_not_waited_on(

@@ -34,3 +34,17 @@ def test_byte_level_text_matches_the_whole_decode(tiny_model_dir: Path) -> None:
     generated = tokenizer.encode(" naïve 🚀 café — done.", add_special_tokens=False)
     whole = tokenizer.decode(prompt + generated)
     assert streamed(tokenizer, prompt, generated) == whole[len(tokenizer.decode(prompt)) :]
+
+
+def test_stop_matcher_cuts_at_the_first_stop_in_the_text_whichever_stop_it_is() -> None:
+    """Two stops ending in one chunk: the text ends before the earlier one, whatever their order in
+    the request (a mutation test found no test with two stops that both match)."""
+    from lorafleet_server.engine.detokenize import StopMatcher
+
+    for stops in ((".", "\n"), ("\n", ".")):
+        matcher = StopMatcher(stops)
+        assert matcher.feed("Hello") == ("Hello", False)
+        assert matcher.feed(" world.\nMore") == (" world", True)
+    matcher = StopMatcher(("END", "ND!"))  # overlapping: "END" starts first
+    assert matcher.feed("the EN") == ("the ", False)  # "EN" held: it may begin a stop
+    assert matcher.feed("D!") == ("", True)

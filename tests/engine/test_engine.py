@@ -94,6 +94,8 @@ def test_cancel_while_waiting_in_the_queue(tiny_model_dir: Path, tmp_path: Path)
         assert queued.summary.generated_tokens == 0 and queued.summary.ttft_seconds is None
         assert first.wait().summary.finish_reason is FinishReason.LENGTH
         assert first.summary.generated_tokens == 30
+        # Only "a" is billed: "b" computed nothing (a mutation test found this unchecked)
+        assert [(row.requests, row.generated_tokens) for row in svc.engine.usage.report(0, 4e9)] == [(1, 30)]
     finally:
         svc.engine.shutdown(10)
 

@@ -494,6 +494,23 @@ def _tight_queue_full(tiny_http: TinyHttp, sdk: openai.OpenAI) -> Iterator[list[
             call.join(60)  # the engine runs them once released
 
 
+def test_an_end_of_sequence_is_finish_reason_stop(tiny_http: TinyHttp) -> None:
+    """OpenAI says "stop" for a natural end; "length" would tell clients the answer was cut (a mutation
+    test found no HTTP test where the model ends by itself: the tiny model never does)."""
+    engine = tiny_http.service.engine
+    eos = engine.eos_token_ids
+    engine.eos_token_ids = frozenset(range(len(engine.tokenizer)))  # whatever it picks ends it
+    try:
+        got = client(tiny_http, "acme").chat.completions.create(
+            model=tiny_http.model_id,
+            messages=CHAT,  # type: ignore[arg-type]
+            max_tokens=8,
+        )
+    finally:
+        engine.eos_token_ids = eos
+    assert got.choices[0].finish_reason == "stop" and got.usage is not None and got.usage.completion_tokens == 1
+
+
 def test_a_full_queue_is_429(tiny_http: TinyHttp) -> None:
     sdk = client(tiny_http, "tight")
     with _tight_queue_full(tiny_http, sdk) as results, pytest.raises(openai.RateLimitError) as refused:

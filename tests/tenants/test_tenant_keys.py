@@ -172,6 +172,13 @@ def test_a_tenants_limits_are_the_smallest_its_active_keys_set() -> None:
         None,
     )
     assert old_key
+    # Two keys that both set limits: the smaller of each applies (a mutation test found the loosest
+    # could win unnoticed: only one key set limits above).
+    tight_key, tight = make_key(max_waiting=5, max_running=1)
+    ring = KeyRing((limited, tight), PEPPER)
+    for key in (limited_key, tight_key):
+        got = ring.authenticate(key, NOW)
+        assert (got.max_waiting, got.max_running) == (2, 1)
 
 
 def test_an_empty_ring_knows_no_key() -> None:
