@@ -262,6 +262,11 @@ def test_a_name_first_used_after_a_version_this_server_cannot_serve_takes_the_on
     service.store.publish_prompt("acme", "brief", PromptTemplate("Be brief."), spec)
     service.store.publish_prompt("acme", "brief", PromptTemplate("word " * 300), spec)
     assert tokens(service, "acme/brief")[0] == "acme/brief@1"
+    # Of several servable versions before the refused latest, the newest (a mutation test found the
+    # oldest could be taken unnoticed: above, one version stood before it).
+    for text in ("One.", "Two.", "word " * 300):
+        service.store.publish_prompt("acme", "terse", PromptTemplate(text), spec)
+    assert tokens(service, "acme/terse")[0] == "acme/terse@2"
 
 
 def test_one_version_that_does_not_read_leaves_every_other_in_the_listing(
