@@ -210,6 +210,12 @@ class Metrics:
     def observe_preempted(self) -> None:
         self.preemptions.inc()
 
+    def observe_first_token(self, ttft_seconds: float) -> None:
+        """Time to first token, observed when the token comes: observed at the request's end, the
+        histogram (and the TTFT alert) lagged by the whole generation, and a request that never ended
+        was never counted (an outside review)."""
+        self.ttft.observe(ttft_seconds)
+
     def observe_finished(self, s: Summary, pooled: bool = False, admitted: bool = True) -> None:
         """``pooled``: an Embed or Classify request (no generation: its summary's finish reason is
         "length", which the generations counter would count as a cut answer). ``admitted``: it took a
@@ -223,7 +229,6 @@ class Metrics:
         if s.generated_tokens:
             self.generated_tokens_per_request.observe(s.generated_tokens)
         if s.ttft_seconds is not None:
-            self.ttft.observe(s.ttft_seconds)
             if s.generated_tokens > 1:
                 self.tpot.observe(max(s.total_seconds - s.ttft_seconds, 0.0) / (s.generated_tokens - 1))
 

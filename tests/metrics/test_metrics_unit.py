@@ -86,6 +86,8 @@ def test_gauges_return_to_zero_after_requests_end_or_are_cancelled(service: Serv
     sinks = [first] + [submit(service.engine, request(PROMPT, max_new_tokens=LONG, rid=str(i))) for i in (1, 2)]
     first[0].wait_held(30)
     assert value(service, "lorafleet_running_requests") >= 1
+    # Observed at the first token, not at the end (the TTFT alert lagged by the whole generation)
+    assert value(service, "lorafleet_time_to_first_token_seconds_count") >= 1
     assert value(service, "lorafleet_running_requests") + value(service, "lorafleet_waiting_requests") == 3
     for _, handle in sinks:
         handle.cancel()

@@ -1041,6 +1041,7 @@ class Engine:
         assert r.detok is not None and r.stops is not None
         if r.first_token is None:
             r.first_token = now
+            self.observer.observe_first_token(now - r.submitted)  # now: an alert sees a stall as it happens
         r.generated.append(tok)
         if r.seen is not None:
             r.seen = torch.cat([r.seen, torch.tensor([tok], dtype=torch.long)])

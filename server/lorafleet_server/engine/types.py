@@ -216,6 +216,7 @@ class EngineObserver(Protocol):
 
     def observe_step(self, rows: int, tokens: int) -> None: ...
     def observe_admitted(self, queue_seconds: float) -> None: ...
+    def observe_first_token(self, ttft_seconds: float) -> None: ...
     def observe_finished(self, summary: Summary, pooled: bool = False, admitted: bool = True) -> None: ...
     def observe_preempted(self) -> None: ...
 
@@ -225,6 +226,9 @@ class NullObserver:
         return None
 
     def observe_admitted(self, queue_seconds: float) -> None:
+        return None
+
+    def observe_first_token(self, ttft_seconds: float) -> None:
         return None
 
     def observe_finished(self, summary: Summary, pooled: bool = False, admitted: bool = True) -> None:
