@@ -82,3 +82,23 @@ def test_shutdown_finishes_queued_work_and_refuses_more() -> None:
         pool.submit("a", lambda: None)
     gate.set()
     assert busy.result(10) and queued.result(10) == "done"
+
+
+def test_a_thread_that_cannot_start_leaves_no_item_and_no_dead_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: the item was queued and the thread counted before ``start``; a failed start
+    left an item nobody ran (its caller had been told it failed) and a dead thread among the workers."""
+    pool = FairPool(1, "t")
+    start = threading.Thread.start
+
+    def cannot_start(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    with pytest.raises(RuntimeError, match="can't start"):
+        pool.submit("a", lambda: "lost")
+    assert not pool._state.queues and not pool._state.threads
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        assert pool.submit("b", lambda: "ran").result(10) == "ran"
+    finally:
+        pool.shutdown()

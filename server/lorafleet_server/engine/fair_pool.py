@@ -56,18 +56,20 @@ class FairPool:
             state = self._state
             if state.closed:
                 raise RuntimeError(f"pool {self._name} is shut down")
+            if not state.idle and len(state.threads) < self._workers:
+                # Started before the item is queued: a thread that cannot start (RuntimeError) leaves
+                # neither an item nobody runs nor a dead thread counted among the workers.
+                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(state.threads)}", daemon=True)
+                thread.start()  # it waits for the lock held here before it looks for work
+                state.threads.append(thread)
+            elif state.idle:
+                state.idle -= 1  # that thread is taken for this item
+                self._cond.notify()
             queue = state.queues.get(tenant)
             if queue is None:
                 queue = state.queues[tenant] = deque()
                 state.turns.append(tenant)
             queue.append(item)
-            if state.idle:
-                state.idle -= 1  # that thread is taken for this item
-                self._cond.notify()
-            elif len(state.threads) < self._workers:
-                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(state.threads)}", daemon=True)
-                state.threads.append(thread)
-                thread.start()
         future.add_done_callback(lambda f: self._drop(tenant, item) if f.cancelled() else None)
         return future
 
