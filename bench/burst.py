@@ -134,7 +134,7 @@ def install_submit_timer(engine: Any) -> EngineTimes:
     times = EngineTimes()
     original = engine.submit
 
-    def timed(req: Any, sink: Any) -> Any:
+    def timed(req: Any, sink: Any, **kwargs: Any) -> Any:  # kwargs: reserved=True from EngineStream
         times.arrivals.append(time.perf_counter())
         seen = False
 
@@ -145,7 +145,7 @@ def install_submit_timer(engine: Any) -> EngineTimes:
                 times.first_tokens.append(time.perf_counter())
             sink(event)
 
-        return original(req, first_token_sink)
+        return original(req, first_token_sink, **kwargs)
 
     engine.submit = timed
     return times
