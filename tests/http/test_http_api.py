@@ -494,6 +494,43 @@ def _tight_queue_full(tiny_http: TinyHttp, sdk: openai.OpenAI) -> Iterator[list[
             call.join(60)  # the engine runs them once released
 
 
+def test_a_caller_that_leaves_before_a_worker_takes_its_request_drops_it(
+    tiny_http: TinyHttp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: the HTTP edge waited for the submit without watching the connection, so a
+    request whose caller had left was still tokenized (the stall the per-tenant pool fixed for gRPC)."""
+    import asyncio
+
+    from lorafleet_server.engine.engine import SUBMIT_THREADS
+
+    engine = tiny_http.service.engine
+    encoded: list[str] = []
+    encode = engine.prompts.encode
+
+    def slowly(prompt: str | None, *args: object, **kwargs: object) -> list[int]:
+        if prompt is not None and prompt.startswith("slow"):
+            encoded.append(prompt)
+            time.sleep(0.5)
+        return encode(prompt, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.prompts, "encode", slowly)
+    headers = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
+
+    async def leave_early() -> None:
+        async with httpx.AsyncClient(timeout=0.3) as http:
+
+            async def call(i: int) -> None:
+                body = {"model": tiny_http.model_id, "prompt": f"slow {i}", "max_tokens": 1}
+                with contextlib.suppress(httpx.TimeoutException):
+                    await http.post(f"{tiny_http.url}/v1/completions", json=body, headers=headers)
+
+            await asyncio.gather(*(call(i) for i in range(5 * SUBMIT_THREADS)))
+
+    asyncio.run(leave_early())
+    wait_for(lambda: engine._submitting == 0 and engine.load_stats() == (0, 0), 30, "every place given back")
+    assert len(encoded) <= SUBMIT_THREADS + 2, len(encoded)  # those a worker had started, not all 40
+
+
 def test_an_end_of_sequence_is_finish_reason_stop(tiny_http: TinyHttp) -> None:
     """OpenAI says "stop" for a natural end; "length" would tell clients the answer was cut (a mutation
     test found no HTTP test where the model ends by itself: the tiny model never does)."""

@@ -413,7 +413,8 @@ class OpenAIApi:
             check_routing_header(request, body.model)
             req = self._generation_request(body, rid, principal)
             check_adapter_access(principal, req.adapter)
-            submitted = await self._stream.submit(req)
+            # a caller that leaves while its request waits for a worker drops it (never tokenized)
+            submitted = await self._until_disconnect(request, self._stream.submit(req))
             prepared = Prepared(submitted, submitted.adapter or self._info.model_id)
             if body.stream:
                 events = submitted.events()
