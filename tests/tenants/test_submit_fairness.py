@@ -128,3 +128,55 @@ def test_a_failed_submit_gives_its_place_back(service: Service) -> None:
     engine.submit(as_tenant(request("Hi", max_new_tokens=1), "a"), sink)
     assert sink.wait().summary.generated_tokens == 1
     assert engine._submitting == 0 and engine.load_stats() == (0, 0)
+
+
+def test_a_request_reserved_before_the_drain_is_refused_without_tokenizing(
+    service: Service, slow_prompts: list[str]
+) -> None:
+    """Found by a review: a request that waited for a worker while the drain began was resolved and
+    tokenized (perhaps read from the store) before it was refused."""
+    from lorafleet_server.errors import ShuttingDown
+
+    engine = service.engine
+    req = as_tenant(request("slow one", adapter="a/missing"), "a")
+    engine.reserve(req)
+    with engine._lock:
+        engine._accepting = False  # what the drain's end does
+    with pytest.raises(ShuttingDown):
+        engine.submit(req, Collected(), reserved=True)
+    assert slow_prompts == [] and engine._submitting == 0
+
+
+def test_a_tenants_requests_waiting_to_resume_use_its_running_limit(service: Service) -> None:
+    """Found by a review: with max_running 2 and two of its requests preempted (waiting to resume, rows
+    free), a tenant with max_waiting 1 had three more accepted as if free rows would take them; the
+    resumes take its two rows back first, so all three would wait."""
+    engine = service.engine
+    limits = {"max_waiting": 1, "max_running": 2}
+    with engine._lock:
+        engine._count_queued("a", +2, resuming=True)  # as two preemptions leave it
+    try:
+        first = as_tenant(request("p0"), "a", **limits)
+        engine.reserve(first)
+        with pytest.raises(QueueFull, match="tenant 'a' has 1 requests waiting for a row"):
+            engine.reserve(as_tenant(request("p1"), "a", **limits))
+        engine.unreserve(first)
+    finally:
+        with engine._lock:
+            engine._count_queued("a", -2, resuming=True)
+
+
+def test_a_cancel_that_comes_once_the_engine_is_stopping_is_not_metered(service: Service) -> None:
+    """Found by a review: gRPC cancels its calls when its own grace runs out or at a second signal; a
+    cancel handled after the stop began was metered as the client's, and the call was retried (and
+    billed) elsewhere. The cut is the server's: not metered."""
+    from enginelib import submit
+
+    engine = service.engine
+    sink, handle = submit(engine, request("Hi", max_new_tokens=50), hold_at=1)
+    sink.wait_held(30)
+    engine.abort()  # a second signal: the stop begins ...
+    handle.cancel()  # ... and gRPC closes the call
+    sink.release()
+    assert sink.wait(30).summary.finish_reason.value == "cancelled"
+    assert engine.usage.report(0, 4e9) == []

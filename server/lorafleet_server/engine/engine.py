@@ -389,6 +389,8 @@ class Engine:
                 self.unreserve(req)
 
     def _submit_reserved(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
+        if not self._accepting:  # it waited for a worker while the drain began: no tokenizing, no store read
+            raise ShuttingDown("the server is shutting down")
         key = self.adapters.resolve(req.adapter) if req.adapter is not None else None
         kind = self.adapters.kind(key) if key is not None else None
         head = self._head_for(req, key, kind)
@@ -508,11 +510,14 @@ class Engine:
         every other queued request (other tenants', and resumes) is assumed to take one first, and the
         tenant's ``max_running`` caps its rows. Its ``max_waiting`` counts only the rest, the requests
         that wait for a row: counting all, a tenant with a limit of 2 had its third request refused by
-        an idle server (an outside review). The caller holds ``self._lock``."""
+        an idle server (an outside review). Its preempted requests count against its ``max_running``
+        (they take its rows back first). A free row counts as room even when the request's adapter has
+        no device slot yet: a wait for a slot is not counted. The caller holds ``self._lock``."""
         room = max(0, self._free_row_count - (self._queued + self._submitting - own))
         running_limit = self.tenant_limit(req, "max_running")
-        if running_limit:
-            room = min(room, max(0, running_limit - self._tenant_rows.get(req.tenant, 0)))
+        if running_limit:  # its preempted requests take its rows back first
+            held = self._tenant_rows.get(req.tenant, 0) + self._tenant_resuming.get(req.tenant, 0)
+            room = min(room, max(0, running_limit - held))
         return room
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
@@ -674,7 +679,10 @@ class Engine:
             case _Cancel(request=r):
                 if r in self._running or r in self._waiting:  # else it already finished
                     r.cancelled = True
-                    self._finish(r, FinishReason.CANCELLED)
+                    # Once stopping, a cancel is the server closing its calls (a second signal, or
+                    # gRPC's grace run out behind a long last step): the cut is the server's, and
+                    # its caller retries elsewhere, so it is not metered (it was billed twice).
+                    self._finish(r, FinishReason.CANCELLED, metered=not self._stop)
             case _Call():
                 message.run()
             case _Drain():
