@@ -99,6 +99,11 @@ def test_max_token_bytes_of_a_vocabulary_not_written_in_bytes() -> None:
 
     assert max_token_bytes({"\u2581the": 0, "<0xE4>": 1, "\u4e2d\u6587": 2}) == 6
     assert max_token_bytes({"\u0120the": 0, "abcd": 1}) == 4  # byte-level: "\u0120" is one byte (a space)
+    # A byte-level vocabulary with one special token in plain text: only that token counts UTF-8 bytes
+    special = "<\uff5cend\uff5c>"
+    vocab = {"\u0120\u0120\u0120\u0120\u0120\u0120": 0, special: 1}
+    assert max_token_bytes(vocab, added={special}) == len(special.encode("utf-8")) == 11
+    assert max_token_bytes({"\u0120" * 12: 0, special: 1}, added={special}) == 12  # not 24
 
 
 def test_more_chat_turns_than_the_limit_are_refused_by_the_engine_and_the_grpc_edge(service: Service) -> None:

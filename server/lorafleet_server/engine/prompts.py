@@ -20,7 +20,7 @@ import copy
 import functools
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from lorafleet_adapters.prompt import PromptTemplate
@@ -122,13 +122,20 @@ def _byte_alphabet() -> frozenset[str]:
     return frozenset(chr(b) for b in kept) | frozenset(chr(256 + i) for i in range(len(moved)))
 
 
-def max_token_bytes(vocab: Mapping[str, int]) -> int:
-    """The most bytes of text one token can stand for. In a byte-level BPE vocabulary (every token
-    written in the byte alphabet) a token's length is its bytes; in any other (SentencePiece's ``▁`` and
-    ``<0x41>`` byte tokens), a token's UTF-8 length bounds what it decodes to from above."""
+def max_token_bytes(vocab: Mapping[str, int], added: Collection[str] = ()) -> int:
+    """The most bytes of text one token can stand for. In a byte-level BPE vocabulary (every token but
+    the ``added`` ones written in the byte alphabet) such a token's length is its bytes; any other token
+    (an added token in plain text, SentencePiece's ``▁`` and ``<0x41>`` byte tokens) has its UTF-8
+    length, which bounds what it decodes to from above. One added token outside the alphabet (a
+    special token such as ``<｜begin▁of▁sentence｜>``) no longer makes every token count its UTF-8
+    length, which doubled the bound for byte-level tokens (a review)."""
     alphabet = _byte_alphabet()
-    byte_level = all(set(token) <= alphabet for token in vocab)
-    return max((len(t) if byte_level else len(t.encode("utf-8")) for t in vocab), default=1) or 1
+    byte_level = all(set(token) <= alphabet for token in vocab if token not in added)
+
+    def length(token: str) -> int:
+        return len(token) if byte_level and set(token) <= alphabet else len(token.encode("utf-8"))
+
+    return max((length(t) for t in vocab), default=1) or 1
 
 
 class PromptEncoder:
@@ -141,7 +148,8 @@ class PromptEncoder:
         self._text_tokenizer = cast(Any, copy.deepcopy(tokenizer))
         self._text_tokenizer.split_special_tokens = True
         self.max_seq_len = max_seq_len
-        self.max_token_bytes = max_token_bytes(tokenizer.get_vocab())
+        added = {str(getattr(t, "content", t)) for t in tokenizer.added_tokens_decoder.values()}
+        self.max_token_bytes = max_token_bytes(tokenizer.get_vocab(), added)
         self._specials = special_tokens_pattern(tokenizer)
 
     def encode(
