@@ -266,8 +266,15 @@ def test_a_handler_cancelled_before_its_work_started_cancels_the_engine_request(
     engine = service.engine
     api = OpenAIApi(engine, service.info, CallObserver(service.metrics), 8, Health())
 
-    def gone_first(exc: BaseException) -> Any:
+    def gone_first(exc: BaseException, after: int = 1) -> Any:
+        """The client is gone when the handler next watches its connection, after ``after`` watched
+        calls went through (the first is the submit: the request reaches the engine)."""
+        calls = [0]
+
         async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+            calls[0] += 1
+            if calls[0] <= after:
+                return await work
             close = getattr(work, "close", None)
             if close is not None:  # the work never runs
                 close()
@@ -303,6 +310,12 @@ def test_a_handler_cancelled_before_its_work_started_cancels_the_engine_request(
                     assert status == (499 if isinstance(exc, ClientDisconnected) else 500)
             wait_for(lambda: engine.load_stats() == (0, 0), 30, "the request gone")
             assert cancelled() == before + 1, exc  # cancelled, not run to its max_tokens
+        # Gone while its submit waited: no engine request at all (none cancelled, none run)
+        api._until_disconnect = gone_first(ClientDisconnected(), after=0)  # type: ignore[method-assign]
+        before, reserved = cancelled(), engine._submitting
+        call = api._generate(Request(scope, receive), CompletionRequest(**body), "completion")
+        assert loop.run_until_complete(call).status_code == 499
+        assert cancelled() == before and engine._submitting == reserved and engine.load_stats() == (0, 0)
     finally:
         loop.close()
 
