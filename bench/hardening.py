@@ -9,6 +9,9 @@
              how many got RESOURCE_EXHAUSTED (96 served when admission counts free rows + waiting).
   drain      SIGTERM with 2 long streams running and 3 requests queued: a timeline of health, probes,
              the queued and the running requests, and the process's exit.
+  tenants    two tenants with keys: one sends 300 (quick: 100) Generate calls whose prompts cost ~0.1 s
+             of tokenizing each, with a 0.5 s deadline, and abandons them; the other's 4-token
+             Generate alone and right after (one tenant must not stall another before the queue).
 
 The server runs as a subprocess (``--server-cmd``, ``--server-env``) and is reached over gRPC and HTTP
 only, so an older build can be measured for before/after comparisons; flags that build lacks are
@@ -56,7 +59,7 @@ from lorafleet import AsyncLoraFleetClient, LoraFleetClient, LoraFleetError, Mes
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
-SCENARIOS = ("oversized", "swaps", "burst", "drain")
+SCENARIOS = ("oversized", "swaps", "burst", "drain", "tenants")
 READY = re.compile(r"lorafleet ready: gRPC on (\S+):(\d+), metrics on (\S+)")
 READY_TIMEOUT = 300.0  # model load on a busy 2-core machine
 CALL_TIMEOUT = 600.0
@@ -64,6 +67,10 @@ TENANT = "bench"
 ADAPTER_NAME = "swapped"
 MAX_LORA_RANK = 64  # the server's default --max-lora-rank, used for the store's import checks
 OVERSIZED_PROMPT_WORDS = 720_000  # "word " * 720_000 = 3.6 MB, under the default 4 MiB message limit
+# Random printable ASCII: within the prompt bound for a 2,048-token context (81 bytes a token at most),
+# ~144,000 SmolLM2 tokens, ~0.1 s of tokenizing, refused only by the exact check.
+FLOOD_PROMPT_CHARS = 160_000
+FLOOD_DEADLINE = 0.5
 DRAIN_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
 
@@ -706,6 +713,77 @@ def run_drain(launcher: Launcher, root: Path) -> Outcome:
 # ----------------------------------------------------------------------------------- main
 
 
+# ----------------------------------------------------------------------------------- 5. tenants
+
+
+def make_keys(launcher: Launcher, root: Path, tenants: Sequence[str]) -> dict[str, str]:
+    """A tenant key for each of ``tenants`` in the server's keys file (``keys create`` beside ``serve``)."""
+    if launcher.command[-1] != "serve":
+        raise RuntimeError("the tenants scenario needs a --server-cmd ending in `serve` (it runs `keys create`)")
+    keys = {}
+    for tenant in tenants:
+        argv = [*launcher.command[:-1], "keys", "create", "--data-dir", str(root / "data"), "--tenant", tenant]
+        made = subprocess.run(
+            [*argv, "--role", "tenant"], env=launcher.env, capture_output=True, text=True, check=True, timeout=120
+        )
+        keys[tenant] = made.stdout.strip().splitlines()[-1]
+    return keys
+
+
+async def tenant_flood(target: str, keys: dict[str, str], calls: int) -> tuple[list[float], list[float], int]:
+    """The other tenant's 4-token Generate: 3 alone, then 3 right after the flood's callers left; and
+    how many flood calls ended OK (none should: each is refused by the exact check or abandoned)."""
+    import random
+    import string
+
+    rng = random.Random(0)
+    alphabet = string.ascii_letters + string.digits + string.punctuation
+    prompts = ["".join(rng.choice(alphabet) for _ in range(FLOOD_PROMPT_CHARS)) for _ in range(8)]
+    sampling = Sampling(max_new_tokens=4)
+
+    async def timed(client: AsyncLoraFleetClient) -> float:
+        start = time.perf_counter()
+        await client.generate("Hi", sampling=sampling)
+        return time.perf_counter() - start
+
+    async with AsyncLoraFleetClient(target, api_key=keys["other"], timeout=CALL_TIMEOUT) as other:
+        alone = [await timed(other) for _ in range(3)]
+        async with AsyncLoraFleetClient(target, api_key=keys["flood"], timeout=FLOOD_DEADLINE) as flood:
+
+            async def abandoned(i: int) -> bool:
+                try:
+                    await flood.generate(prompts[i % len(prompts)], sampling=sampling)
+                except LoraFleetError:
+                    return False
+                return True
+
+            sent = [asyncio.ensure_future(abandoned(i)) for i in range(calls)]
+            await asyncio.sleep(FLOOD_DEADLINE + 0.1)  # every flood call's caller has left
+            after = [await timed(other) for _ in range(3)]
+            served = sum(await asyncio.gather(*sent))
+    return alone, after, served
+
+
+def run_tenants(launcher: Launcher, root: Path, quick: bool) -> Outcome:
+    """Scenario 5: one tenant's abandoned expensive calls must not stall another tenant's request."""
+    calls = 100 if quick else 300
+    keys = make_keys(launcher, root, ("flood", "other"))
+    server = launcher.start(root, {})
+    try:
+        say(f"tenants: {calls} abandoned calls of {FLOOD_PROMPT_CHARS:,}-character prompts")
+        alone, after, served = asyncio.run(tenant_flood(server.target, keys, calls))
+    finally:
+        server.stop()
+    rows = [
+        ("other tenant's Generate alone (3)", " / ".join(ms(t) for t in alone)),
+        (f"right after {calls} abandoned calls (3)", " / ".join(ms(t) for t in after)),
+        ("flood calls answered OK", str(served)),
+    ]
+    data: dict[str, Any] = {"calls": calls, "prompt_chars": FLOOD_PROMPT_CHARS, "deadline": FLOOD_DEADLINE}
+    data |= {"alone_seconds": alone, "after_seconds": after, "flood_served": served}
+    return Outcome("tenants", rows, data)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.hardening", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -768,6 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "swaps": lambda root: run_swaps(launcher, root, args.quick, args.seed),
         "burst": lambda root: run_burst(launcher, root),
         "drain": lambda root: run_drain(launcher, root),
+        "tenants": lambda root: run_tenants(launcher, root, args.quick),
     }
     outcomes: list[Outcome] = []
     failed: dict[str, str] = {}
