@@ -135,9 +135,11 @@ class EngineStream:
             submitting = engine.submit_pool(req).submit(
                 req.tenant, functools.partial(engine.submit, reserved=True), req, sink
             )
-        except RuntimeError:  # its pools are shut down: the engine has stopped
+        except BaseException as exc:  # nothing was queued: the place goes back
             engine.unreserve(req)
-            raise ShuttingDown("the server is shutting down") from None
+            if isinstance(exc, RuntimeError):  # its pools are shut down: the engine has stopped
+                raise ShuttingDown("the server is shutting down") from None
+            raise
         try:
             handle = await asyncio.shield(asyncio.wrap_future(submitting))
         except asyncio.CancelledError:  # the caller left
