@@ -98,6 +98,7 @@ def test_alert_rules_pass_promtool() -> None:
         "TimeToFirstToken",
         "TimePerOutputToken",
         "WaitingRequests",
+        "NoProgress",
         "ErrorRatio",
         "DeadlinesExceeded",
         "AdapterLoadFailures",
@@ -160,6 +161,59 @@ def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
     promtool_rule_test(
         tmp_path, series, [{"eval_time": "20m", "alertname": "LorafleetErrorRatioHigh", "exp_alerts": [page]}]
     )
+
+
+def test_a_stalled_engine_pages_and_a_busy_or_idle_one_does_not(tmp_path: Path) -> None:
+    """Found by an outside review: a replica whose engine stopped with rows held (health SERVING, token
+    counters flat) fired no alert (TTFT and TPOT see only requests that get tokens). A busy replica
+    serving only embeddings (prompt tokens, no generated ones), and an idle one, must not page."""
+    running, generated, prompt = (
+        "lorafleet_running_requests",
+        "lorafleet_generated_tokens_total",
+        "lorafleet_prompt_tokens_total",
+    )
+    test = {
+        "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'{running}{{instance="stuck"}}', "values": "32x30"},
+                    {"series": f'{generated}{{instance="stuck"}}', "values": "0+100x5 500x25"},  # stops at 5m
+                    {"series": f'{prompt}{{instance="stuck"}}', "values": "0+50x5 250x25"},
+                    {"series": f'{running}{{instance="embedding"}}', "values": "4x30"},
+                    {"series": f'{generated}{{instance="embedding"}}', "values": "0x30"},
+                    {"series": f'{prompt}{{instance="embedding"}}', "values": "0+400x30"},
+                    {"series": f'{running}{{instance="idle"}}', "values": "0x30"},
+                    {"series": f'{generated}{{instance="idle"}}', "values": "7x30"},
+                    {"series": f'{prompt}{{instance="idle"}}', "values": "9x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "8m", "alertname": "LorafleetNoProgress", "exp_alerts": []},  # not yet 5m flat + 5m
+                    {
+                        "eval_time": "20m",
+                        "alertname": "LorafleetNoProgress",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "page", "instance": "stuck"},
+                                "exp_annotations": {
+                                    "summary": "lorafleet server stuck holds requests but computes nothing",
+                                    "description": "32 requests hold rows while no token was generated or read for "
+                                    "10 minutes: a stalled engine. Health may still say SERVING; TTFT and TPOT see "
+                                    "only requests that get tokens.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "rules_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_deadlines_exceeded_warn_without_paging(tmp_path: Path) -> None:
