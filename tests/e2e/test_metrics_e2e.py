@@ -119,6 +119,14 @@ def rendered(alertname: str, instance: str, value: str) -> dict[str, str]:
     }
 
 
+def promtool_test(tmp_path: Path, test: dict[str, Any]) -> None:
+    """Run ``promtool test rules`` on the test file ``test`` describes; it must pass."""
+    path = tmp_path / "rules_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def promtool_rule_test(tmp_path: Path, series: dict[tuple[str, str], str], checks: list[dict[str, Any]]) -> None:
     """`promtool test rules` of alerts.yml: ``series`` are request counters by (instance, code)."""
     test = {
@@ -135,10 +143,7 @@ def promtool_rule_test(tmp_path: Path, series: dict[tuple[str, str], str], check
             }
         ],
     }
-    path = tmp_path / "rules_test.yml"
-    path.write_text(yaml.safe_dump(test))
-    out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
+    promtool_test(tmp_path, test)
 
 
 def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
@@ -210,10 +215,7 @@ def test_a_stalled_engine_pages_and_a_busy_or_idle_one_does_not(tmp_path: Path) 
             }
         ],
     }
-    path = tmp_path / "rules_test.yml"
-    path.write_text(yaml.safe_dump(test))
-    out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
+    promtool_test(tmp_path, test)
 
 
 def test_deadlines_exceeded_warn_without_paging(tmp_path: Path) -> None:
@@ -276,10 +278,7 @@ def test_a_store_that_stopped_answering_warns_and_an_idle_one_does_not(tmp_path:
             }
         ],
     }
-    path = tmp_path / "rules_test.yml"
-    path.write_text(yaml.safe_dump(test))
-    out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
+    promtool_test(tmp_path, test)
 
 
 def test_dashboard_queries_name_exported_metrics(live: LiveServer) -> None:
