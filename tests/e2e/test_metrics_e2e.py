@@ -119,8 +119,14 @@ def rendered(alertname: str, instance: str, value: str) -> dict[str, str]:
     }
 
 
-def promtool_test(tmp_path: Path, test: dict[str, Any]) -> None:
-    """Run ``promtool test rules`` on the test file ``test`` describes; it must pass."""
+def promtool_test(tmp_path: Path, input_series: list[dict[str, str]], checks: list[dict[str, Any]]) -> None:
+    """`promtool test rules` of alerts.yml on ``input_series`` (one sample a minute) with the alert
+    ``checks``; it must pass."""
+    test = {
+        "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": input_series, "alert_rule_test": checks}],
+    }
     path = tmp_path / "rules_test.yml"
     path.write_text(yaml.safe_dump(test))
     out = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
@@ -129,21 +135,11 @@ def promtool_test(tmp_path: Path, test: dict[str, Any]) -> None:
 
 def promtool_rule_test(tmp_path: Path, series: dict[tuple[str, str], str], checks: list[dict[str, Any]]) -> None:
     """`promtool test rules` of alerts.yml: ``series`` are request counters by (instance, code)."""
-    test = {
-        "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    {"series": f'lorafleet_requests_total{{instance="{i}", rpc="Generate", code="{c}"}}', "values": v}
-                    for (i, c), v in series.items()
-                ],
-                "alert_rule_test": checks,
-            }
-        ],
-    }
-    promtool_test(tmp_path, test)
+    input_series = [
+        {"series": f'lorafleet_requests_total{{instance="{i}", rpc="Generate", code="{c}"}}', "values": v}
+        for (i, c), v in series.items()
+    ]
+    promtool_test(tmp_path, input_series, checks)
 
 
 def test_error_alert_pages_on_the_servers_failures_only(tmp_path: Path) -> None:
@@ -177,45 +173,36 @@ def test_a_stalled_engine_pages_and_a_busy_or_idle_one_does_not(tmp_path: Path) 
         "lorafleet_generated_tokens_total",
         "lorafleet_prompt_tokens_total",
     )
-    test = {
-        "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    {"series": f'{running}{{instance="stuck"}}', "values": "32x30"},
-                    {"series": f'{generated}{{instance="stuck"}}', "values": "0+100x5 500x25"},  # stops at 5m
-                    {"series": f'{prompt}{{instance="stuck"}}', "values": "0+50x5 250x25"},
-                    {"series": f'{running}{{instance="embedding"}}', "values": "4x30"},
-                    {"series": f'{generated}{{instance="embedding"}}', "values": "0x30"},
-                    {"series": f'{prompt}{{instance="embedding"}}', "values": "0+400x30"},
-                    {"series": f'{running}{{instance="idle"}}', "values": "0x30"},
-                    {"series": f'{generated}{{instance="idle"}}', "values": "7x30"},
-                    {"series": f'{prompt}{{instance="idle"}}', "values": "9x30"},
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "8m", "alertname": "LorafleetNoProgress", "exp_alerts": []},  # not yet 5m flat + 5m
-                    {
-                        "eval_time": "20m",
-                        "alertname": "LorafleetNoProgress",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "page", "instance": "stuck"},
-                                "exp_annotations": {
-                                    "summary": "lorafleet server stuck holds requests but computes nothing",
-                                    "description": "32 requests hold rows while no token was generated or read for "
-                                    "10 minutes: a stalled engine. Health may still say SERVING; TTFT and TPOT see "
-                                    "only requests that get tokens.",
-                                },
-                            }
-                        ],
+    input_series = [
+        {"series": f'{running}{{instance="stuck"}}', "values": "32x30"},
+        {"series": f'{generated}{{instance="stuck"}}', "values": "0+100x5 500x25"},  # stops at 5m
+        {"series": f'{prompt}{{instance="stuck"}}', "values": "0+50x5 250x25"},
+        {"series": f'{running}{{instance="embedding"}}', "values": "4x30"},
+        {"series": f'{generated}{{instance="embedding"}}', "values": "0x30"},
+        {"series": f'{prompt}{{instance="embedding"}}', "values": "0+400x30"},
+        {"series": f'{running}{{instance="idle"}}', "values": "0x30"},
+        {"series": f'{generated}{{instance="idle"}}', "values": "7x30"},
+        {"series": f'{prompt}{{instance="idle"}}', "values": "9x30"},
+    ]
+    checks = [
+        {"eval_time": "8m", "alertname": "LorafleetNoProgress", "exp_alerts": []},  # not yet 5m flat + 5m
+        {
+            "eval_time": "20m",
+            "alertname": "LorafleetNoProgress",
+            "exp_alerts": [
+                {
+                    "exp_labels": {"severity": "page", "instance": "stuck"},
+                    "exp_annotations": {
+                        "summary": "lorafleet server stuck holds requests but computes nothing",
+                        "description": "32 requests hold rows while no token was generated or read for "
+                        "10 minutes: a stalled engine. Health may still say SERVING; TTFT and TPOT see "
+                        "only requests that get tokens.",
                     },
-                ],
-            }
-        ],
-    }
-    promtool_test(tmp_path, test)
+                }
+            ],
+        },
+    ]
+    promtool_test(tmp_path, input_series, checks)
 
 
 def test_deadlines_exceeded_warn_without_paging(tmp_path: Path) -> None:
@@ -241,44 +228,35 @@ def test_a_store_that_stopped_answering_warns_and_an_idle_one_does_not(tmp_path:
     that has not called it lately (no failures), does not."""
     answered = "lorafleet_adapter_store_last_answer_timestamp_seconds"
     failed = "lorafleet_adapter_store_unavailable_total"
-    test = {
-        "rule_files": [str(ROOT / "deploy/prometheus/alerts.yml")],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [  # values at 0m, 1m, ...: the answer time stops moving at 2m (120 s) on "cut"
-                    {"series": f'{answered}{{instance="cut"}}', "values": "60 120 120x20"},
-                    {"series": f'{failed}{{instance="cut"}}', "values": "0 0 0+12x20"},
-                    {"series": f'{answered}{{instance="fine"}}', "values": "60+60x21"},
-                    {"series": f'{failed}{{instance="fine"}}', "values": "0x21"},
-                    {"series": f'{answered}{{instance="idle"}}', "values": "60 120 120x20"},
-                    {"series": f'{failed}{{instance="idle"}}', "values": "0x21"},
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "5m", "alertname": "LorafleetAdapterStoreUnreachable", "exp_alerts": []},
-                    {
-                        "eval_time": "10m",
-                        "alertname": "LorafleetAdapterStoreUnreachable",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "instance": "cut"},
-                                "exp_annotations": {
-                                    "summary": "The adapter store has not answered cut for over 5 minutes",
-                                    "description": (
-                                        "Its calls fail (unreachable, timed out, refused credentials; the logs say "
-                                        "which). Loaded adapters keep serving, but this replica sees no new versions "
-                                        "and refuses adapters it does not hold (480 seconds since the last answer)."
-                                    ),
-                                },
-                            }
-                        ],
+    input_series = [  # values at 0m, 1m, ...: the answer time stops moving at 2m (120 s) on "cut"
+        {"series": f'{answered}{{instance="cut"}}', "values": "60 120 120x20"},
+        {"series": f'{failed}{{instance="cut"}}', "values": "0 0 0+12x20"},
+        {"series": f'{answered}{{instance="fine"}}', "values": "60+60x21"},
+        {"series": f'{failed}{{instance="fine"}}', "values": "0x21"},
+        {"series": f'{answered}{{instance="idle"}}', "values": "60 120 120x20"},
+        {"series": f'{failed}{{instance="idle"}}', "values": "0x21"},
+    ]
+    checks = [
+        {"eval_time": "5m", "alertname": "LorafleetAdapterStoreUnreachable", "exp_alerts": []},
+        {
+            "eval_time": "10m",
+            "alertname": "LorafleetAdapterStoreUnreachable",
+            "exp_alerts": [
+                {
+                    "exp_labels": {"severity": "warning", "instance": "cut"},
+                    "exp_annotations": {
+                        "summary": "The adapter store has not answered cut for over 5 minutes",
+                        "description": (
+                            "Its calls fail (unreachable, timed out, refused credentials; the logs say "
+                            "which). Loaded adapters keep serving, but this replica sees no new versions "
+                            "and refuses adapters it does not hold (480 seconds since the last answer)."
+                        ),
                     },
-                ],
-            }
-        ],
-    }
-    promtool_test(tmp_path, test)
+                }
+            ],
+        },
+    ]
+    promtool_test(tmp_path, input_series, checks)
 
 
 def test_dashboard_queries_name_exported_metrics(live: LiveServer) -> None:
