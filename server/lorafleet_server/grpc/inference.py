@@ -82,9 +82,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> inference_pb2.TokenizeResponse:
         convert.check_text_or_messages(request)
-        tenant = record.principal.tenant if record.principal is not None else ""
         ids = await self._stream.run(
-            tenant, self._engine.encode_prompt, request.text or None, convert.chat_turns(request.messages)
+            record.tenant, self._engine.encode_prompt, request.text or None, convert.chat_turns(request.messages)
         )
         tokens = self._engine.tokenizer.convert_ids_to_tokens(ids)
         return inference_pb2.TokenizeResponse(token_ids=ids, tokens=[str(t) for t in tokens])
