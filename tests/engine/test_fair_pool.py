@@ -39,7 +39,7 @@ def test_a_cancelled_item_never_runs_and_leaves_the_queue() -> None:
         time.sleep(0.05)
         abandoned = [pool.submit("a", ran.append, i) for i in range(5)]
         assert all(f.cancel() for f in abandoned)
-        assert not pool._state.queues  # dropped at once: nothing of theirs is held until their turn
+        assert not pool._queue  # dropped at once: nothing of theirs is held until their turn
         kept = pool.submit("a", ran.append, 99)
         gate.set()
         busy.result(10)
@@ -59,11 +59,11 @@ def test_errors_reach_the_caller_and_workers_start_as_needed() -> None:
 
         with pytest.raises(ValueError, match="bad input"):
             pool.submit("a", boom).result(10)
-        assert len(pool._state.threads) == 1  # one item: one thread, reused
+        assert len(pool._threads) == 1  # one item: one thread, reused
         gate = threading.Event()
         waiting = [pool.submit(t, gate.wait, 30) for t in ("a", "b", "c", "d")]
         time.sleep(0.2)
-        assert len(pool._state.threads) == 3  # at most its workers
+        assert len(pool._threads) == 3  # at most its workers
         assert sum(f.running() for f in waiting) == 3
         gate.set()
         assert all(f.result(10) for f in waiting)
@@ -96,7 +96,7 @@ def test_a_thread_that_cannot_start_leaves_no_item_and_no_dead_worker(monkeypatc
     monkeypatch.setattr(threading.Thread, "start", cannot_start)
     with pytest.raises(RuntimeError, match="can't start"):
         pool.submit("a", lambda: "lost")
-    assert not pool._state.queues and not pool._state.threads
+    assert not pool._queue and not pool._threads
     monkeypatch.setattr(threading.Thread, "start", start)
     try:
         assert pool.submit("b", lambda: "ran").result(10) == "ran"

@@ -5,7 +5,8 @@ threads. On one first-come queue, a tenant that sent many expensive requests and
 (a prompt that takes 0.3 s to tokenize, a hundred times over) held every other tenant's request behind
 them: an outside review measured 154 s for another tenant's 4-token request, with the engine idle.
 
-Here each tenant has its own queue, and a free worker takes the next item of the next tenant in turn:
+Here the items wait in a ``FairQueue`` (the engine's per-tenant queues, served in turn: every
+tenant's item counts alike), and a free worker takes the oldest item of the tenant whose turn it is:
 another tenant's item waits for at most one item of each tenant ahead of it, whatever their queues hold.
 An item cancelled before it starts (its caller left) is dropped from its queue at once.
 """
@@ -13,28 +14,22 @@ An item cancelled before it starts (its caller left) is dropped from its queue a
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from lorafleet_server.engine.fairness import FairQueue
 
 T = TypeVar("T")
 
 
 @dataclass(eq=False)
 class _Item:
+    tenant: str
     future: Future[Any]
     fn: Callable[[], Any]
-
-
-@dataclass
-class _State:
-    queues: dict[str, deque[_Item]] = field(default_factory=dict)  # tenant -> its items, oldest first
-    turns: deque[str] = field(default_factory=deque)  # tenants with items, in the order they are served
-    threads: list[threading.Thread] = field(default_factory=list)
-    idle: int = 0  # threads waiting for work and not yet woken for an item
-    closed: bool = False
+    weight: float = 1.0  # every tenant's turn takes one item
 
 
 class FairPool:
@@ -45,66 +40,54 @@ class FairPool:
             raise ValueError(f"a pool needs at least one worker, got {workers}")
         self._workers = workers
         self._name = name
-        self._state = _State()
         self._cond = threading.Condition()
+        self._queue: FairQueue[_Item] = FairQueue()  # the condition's lock guards it and what follows
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for work and not yet woken for an item
+        self._closed = False
 
     def submit(self, tenant: str, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` on a worker in ``tenant``'s turn; RuntimeError once the pool is shut down."""
         future: Future[T] = Future()
-        item = _Item(future, lambda: fn(*args))
+        item = _Item(tenant, future, lambda: fn(*args))
         with self._cond:
-            state = self._state
-            if state.closed:
+            if self._closed:
                 raise RuntimeError(f"pool {self._name} is shut down")
-            if not state.idle and len(state.threads) < self._workers:
+            if not self._idle and len(self._threads) < self._workers:
                 # Started before the item is queued: a thread that cannot start (RuntimeError) leaves
                 # neither an item nobody runs nor a dead thread counted among the workers.
-                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(state.threads)}", daemon=True)
+                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True)
                 thread.start()  # it waits for the lock held here before it looks for work
-                state.threads.append(thread)
-            elif state.idle:
-                state.idle -= 1  # that thread is taken for this item
+                self._threads.append(thread)
+            elif self._idle:
+                self._idle -= 1  # that thread is taken for this item
                 self._cond.notify()
-            queue = state.queues.get(tenant)
-            if queue is None:
-                queue = state.queues[tenant] = deque()
-                state.turns.append(tenant)
-            queue.append(item)
-        future.add_done_callback(lambda f: self._drop(tenant, item) if f.cancelled() else None)
+            self._queue.push(item)
+        future.add_done_callback(lambda f: self._drop(item) if f.cancelled() else None)
         return future
 
     def shutdown(self) -> None:
         """Take no more work; the workers finish what is queued, then exit (nobody waits for them)."""
         with self._cond:
-            self._state.closed = True
+            self._closed = True
             self._cond.notify_all()
 
-    def _drop(self, tenant: str, item: _Item) -> None:
+    def _drop(self, item: _Item) -> None:
         """Forget a cancelled item that has not started (it would be skipped, but holds its request)."""
         with self._cond:
-            queue = self._state.queues.get(tenant)
-            if queue is not None and item in queue:
-                queue.remove(item)
-                if not queue:
-                    del self._state.queues[tenant]
-                    self._state.turns.remove(tenant)
+            self._queue.remove(item)
 
     def _next(self) -> _Item | None:
-        """The next tenant's oldest item, waiting for one; None once shut down with nothing queued."""
+        """The oldest item of the tenant whose turn it is, waiting for one; None once shut down with
+        nothing queued."""
         with self._cond:
-            state = self._state
-            while not state.turns:
-                if state.closed:
+            while not self._queue:
+                if self._closed:
                     return None
-                state.idle += 1  # whoever queues an item takes it back as it wakes this thread
+                self._idle += 1  # whoever queues an item takes it back as it wakes this thread
                 self._cond.wait()
-            tenant = state.turns.popleft()
-            queue = state.queues[tenant]
-            item = queue.popleft()
-            if queue:
-                state.turns.append(tenant)  # its next item waits for every other tenant's turn
-            else:
-                del state.queues[tenant]
+            item = self._queue.waiting(self._queue.tenants()[0])[0]
+            self._queue.started(item)  # its tenant's next item waits for every other tenant's turn
             return item
 
     def _work(self) -> None:

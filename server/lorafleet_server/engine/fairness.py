@@ -32,7 +32,8 @@ R = TypeVar("R", bound=Queued)
 
 
 class FairQueue(Generic[R]):
-    """Per-tenant FIFO queues plus the tenants' virtual times. Engine thread only."""
+    """Per-tenant FIFO queues plus the tenants' virtual times. Not thread-safe: the engine thread
+    uses it, and FairPool (its admission threads' queue) under its own lock."""
 
     def __init__(self) -> None:
         self._queues: dict[str, deque[R]] = {}
