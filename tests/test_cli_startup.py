@@ -163,3 +163,54 @@ def test_adapters_import_refuses_a_train_output_and_points_to_publish(
     assert "publish it with `lorafleet publish" in capsys.readouterr().err
     (src / "lorafleet-training.json").unlink()  # a PEFT directory of any other origin imports as before
     assert main(["adapters", "import", str(src), "acme/narrow", *args]) == 0
+
+
+def test_the_metrics_port_answers_while_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metrics port used to open after the load: a replica whose model took over a minute to load
+    was "down" to Prometheus (``up == 0``) and paged LorafleetDown. It opens first now and says
+    ``lorafleet_ready 0`` until the replica serves; a load that fails closes it."""
+    import threading
+    import urllib.request
+
+    from lorafleet_server import app
+    from lorafleet_server.cli import _serve as serve
+    from lorafleet_server.config import ServerConfig
+    from lorafleet_server.errors import ModelLoadError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loading, release = threading.Event(), threading.Event()
+    handed: list[object] = []
+
+    def slow_load(config: ServerConfig, metrics: Any) -> Any:
+        handed.append(metrics)
+        loading.set()
+        release.wait(60)
+        raise ModelLoadError("the test ends the load here")
+
+    monkeypatch.setattr(app, "build_service", slow_load)
+    config = ServerConfig(data_dir=tmp_path, port=0, http_port=0, metrics_port=port)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve(config)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert loading.wait(30)
+        handed[0].generated_tokens.inc(7)  # the load is handed the metrics the port serves
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        assert "\nlorafleet_ready 0.0\n" in text
+        assert "\nlorafleet_generated_tokens_total 7.0\n" in text
+    finally:
+        release.set()
+        thread.join(30)
+    assert len(failure) == 1 and isinstance(failure[0], ModelLoadError)
+    with pytest.raises(ConnectionRefusedError):  # closed with the failed load
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -122,15 +122,16 @@ def step_threads_for(config: ServerConfig, device: torch.device) -> StepThreads 
     )
 
 
-def build_service(config: ServerConfig, registry: CollectorRegistry | None = None) -> Service:
-    """Load the model and wire the tiers, engine and metrics (on ``registry``, or a fresh one)."""
+def build_service(config: ServerConfig, metrics: Metrics | None = None) -> Service:
+    """Load the model and wire the tiers, engine and metrics (``metrics``, whose port ``lorafleet serve``
+    opens before the load; or new ones on a fresh registry)."""
     from transformers import AutoTokenizer
 
     log.info("malloc: %s", fix_mmap_threshold())  # before the model's allocations (malloc.py says why)
     log.info("oneDNN caches: %s", onednn_cache_summary())  # set when the package was imported (onednn.py)
     # The store first: a bad URL, a missing bucket, wrong credentials or an unreachable endpoint
     # fail here with the store's own message (StoreUnavailable), before seconds of model loading.
-    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
     store = open_store(config.store_settings, on_cache_event=lambda e: metrics.adapter_event(DISK_TIER, e))
     store.check()
     threads = torch_threads_for(config)

@@ -47,23 +47,38 @@ log = logging.getLogger(__name__)
 
 
 def _serve(config: ServerConfig) -> int:
+    from prometheus_client import CollectorRegistry
+
     from lorafleet_server.app import build_service
     from lorafleet_server.gc_freeze import freeze_startup_heap
-    from lorafleet_server.grpc.server import Edge, ServerKeys, check_startup, serve_forever
+    from lorafleet_server.grpc.server import Edge, ServerKeys, check_startup, open_metrics, serve_forever
     from lorafleet_server.http.server import HttpServer
+    from lorafleet_server.metrics import Metrics
     from lorafleet_server.model.native import NativeKernelError
 
     check_startup(config)  # StartupError before minutes of model loading, not after
+    metrics = Metrics(CollectorRegistry())
+    # Open while the model loads: scrapes answer (lorafleet_ready 0), so a long load is not "down".
+    metrics_server = open_metrics(config, metrics)
+    log.info(
+        "metrics on http://%s:%d/metrics; loading the model",
+        config.metrics_address_host,
+        metrics_server.port,
+    )
     try:
-        service = build_service(config)
+        service = build_service(config, metrics)
     except NativeKernelError as exc:  # a kernel asked for by name (``native``) cannot run here
+        metrics_server.stop()
         raise StartupError(f"native kernel: {exc}") from exc
+    except BaseException:
+        metrics_server.stop()
+        raise
     log.info("garbage collector: %s", freeze_startup_heap())  # the process's startup heap: it stays
 
     def edges(keys: ServerKeys) -> list[Edge]:  # the OpenAI-compatible API, unless --http-port 0
         return [HttpServer(service, keys, config.host, config.http_port)] if config.http_port else []
 
-    asyncio.run(serve_forever(service, edges))
+    asyncio.run(serve_forever(service, edges, metrics_server))
     return 0
 
 

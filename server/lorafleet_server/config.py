@@ -51,7 +51,17 @@ class ServerConfig(EngineConfig):
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0: any free port)"})
     metrics_port: int = field(
-        default=9464, metadata={"help": "Prometheus metrics port (HTTP, same host; 0: any free port)"}
+        default=9464,
+        metadata={
+            "help": "Prometheus metrics port (HTTP, on --metrics-host; 0: any free port); open while the model loads"
+        },
+    )
+    metrics_host: str = field(
+        default="",
+        metadata={
+            "help": "address the metrics port listens on (default: --host); e.g. 127.0.0.1 for a local scraper "
+            "while the API listens on 0.0.0.0, or the reverse"
+        },
     )
     metrics_adapter_residency: bool = field(
         default=False,
@@ -277,6 +287,11 @@ class ServerConfig(EngineConfig):
     def replica_name(self) -> str:
         """``replica_id``, or the hostname when it is unset (a pod's name on Kubernetes)."""
         return self.replica_id or socket.gethostname()
+
+    @property
+    def metrics_address_host(self) -> str:
+        """Where the metrics port listens: ``metrics_host``, or ``host`` when it is unset."""
+        return self.metrics_host or self.host
 
     @property
     def address(self) -> str:

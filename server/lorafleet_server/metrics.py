@@ -189,6 +189,12 @@ class Metrics:
             "lorafleet_prefix_cache_bytes", "Memory held by cached prefix blocks (K/V).", registry=r
         )
         self.build = Info("lorafleet_build", "Server version and the model it serves.", registry=r)
+        self.ready = Gauge(
+            "lorafleet_ready",
+            "1 while the replica serves (gRPC health SERVING); 0 while its model loads (the metrics port opens "
+            "first), while it drains or stops, and once its engine has stopped taking requests.",
+            registry=r,
+        )
         for tier in TIERS:
             for family in (self.cache_hits, self.cache_misses, self.evictions, self.loads, self.resident):
                 family.labels(tier=tier)

@@ -259,6 +259,33 @@ def test_a_store_that_stopped_answering_warns_and_an_idle_one_does_not(tmp_path:
     promtool_test(tmp_path, input_series, checks)
 
 
+def test_a_replica_up_but_not_serving_pages_and_a_slow_load_does_not(tmp_path: Path) -> None:
+    """The metrics port opens before the model loads (a long load was "down" and paged LorafleetDown);
+    ``lorafleet_ready`` says whether the replica serves. A load of 8 minutes, then serving, does not
+    page; a replica not serving for 10 minutes (stuck loading, or a crashed engine) does."""
+    input_series = [
+        {"series": 'lorafleet_ready{instance="slow"}', "values": "0x8 1x12"},
+        {"series": 'lorafleet_ready{instance="stuck"}', "values": "0x20"},
+        {"series": 'lorafleet_ready{instance="fine"}', "values": "1x20"},
+        {"series": 'up{job="lorafleet", instance="slow"}', "values": "1x20"},
+    ]
+    page = {
+        "exp_labels": {"severity": "page", "instance": "stuck"},
+        "exp_annotations": {
+            "summary": "lorafleet server stuck is up but not serving",
+            "description": rendered("LorafleetNotReady", "stuck", "")["description"].replace(
+                "{{ $labels.instance }}", "stuck"
+            ),
+        },
+    }
+    checks = [
+        {"eval_time": "9m", "alertname": "LorafleetNotReady", "exp_alerts": []},
+        {"eval_time": "12m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},
+        {"eval_time": "12m", "alertname": "LorafleetDown", "exp_alerts": []},
+    ]
+    promtool_test(tmp_path, input_series, checks)
+
+
 def test_dashboard_queries_name_exported_metrics(live: LiveServer) -> None:
     board = json.loads((ROOT / "deploy/grafana/lorafleet.json").read_text())
     exported = {line.split()[2] for line in scrape(live).splitlines() if line.startswith("# TYPE")}

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -32,6 +33,14 @@ def health(target: str) -> int:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
+def ready(server: BackgroundServer) -> float:
+    """``lorafleet_ready`` as Prometheus scrapes it from the server's metrics port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as reply:
+        match = re.search(r"^lorafleet_ready (\S+)$", reply.read().decode(), re.MULTILINE)
+    assert match is not None
+    return float(match.group(1))
+
+
 def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = server_config(
         model=tiny_model_dir, data_dir=tmp_path, max_batch_size=1, max_seq_len=256, port=0, metrics_port=0
@@ -43,6 +52,7 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
     client = LoraFleetClient(target, timeout=60)
     release = threading.Event()
     try:
+        assert ready(server) == 1.0
         running = client.stream("The capital of France is", sampling=Sampling(max_new_tokens=40))
         next(iter(running))  # it has its row and has produced text
         held = service.engine.call(lambda: release.wait(60))  # the engine stops between two steps
@@ -75,6 +85,7 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
         stopping = threading.Thread(target=server.stop, kwargs={"drain_seconds": 1.5})
         stopping.start()
         _wait_until(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert ready(server) == 0.0  # draining: leaving the fleet
         during = threading.Thread(target=call, args=("during_drain",))  # still accepted while draining
         during.start()
         _wait_until(lambda: service.engine.load_stats() == (1, 3))
@@ -158,6 +169,7 @@ def test_health_turns_not_serving_when_the_engine_loop_crashes(tiny_model_dir: P
     target = f"127.0.0.1:{server.start()}"
     try:
         assert health(target) == health_pb2.HealthCheckResponse.SERVING
+        assert ready(server) == 1.0
 
         def crash() -> None:  # a bug in the loop itself, between steps
             raise RuntimeError("a bug")
@@ -167,6 +179,7 @@ def test_health_turns_not_serving_when_the_engine_loop_crashes(tiny_model_dir: P
             client.generate("Hi", sampling=Sampling(max_new_tokens=2))
         _wait_until(lambda: not service.engine.accepting)
         _wait_until(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=5)
+        assert ready(server) == 0.0  # the metrics port still answers: an alert sees it, not just probes
     finally:
         server.stop(drain_seconds=0)
 

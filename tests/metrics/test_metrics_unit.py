@@ -234,3 +234,31 @@ def test_a_stream_closed_at_its_yield_counts_as_its_deadline_or_a_cancel_never_i
     count = registry.get_sample_value("lorafleet_requests_total", {"rpc": "GenerateStream", "code": code})
     assert count == 1.0
     assert registry.get_sample_value("lorafleet_requests_total", {"rpc": "GenerateStream", "code": "INTERNAL"}) is None
+
+
+def test_metrics_host_binds_the_metrics_port_apart_from_the_api(tmp_path: Path) -> None:
+    """``--metrics-host`` (default ``--host``): e.g. the API on 0.0.0.0 and metrics for a local scraper
+    only, or the reverse. The start check looks at the same address."""
+    import socket
+    import urllib.request
+
+    from lorafleet_server.config import ServerConfig
+    from lorafleet_server.errors import StartupError
+    from lorafleet_server.grpc.server import check_startup, open_metrics
+    from lorafleet_server.metrics import Metrics
+
+    config = ServerConfig(host="127.0.0.1", metrics_host="127.0.0.2", metrics_port=0)
+    served = open_metrics(config, Metrics(prometheus_client.CollectorRegistry()))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.2:{served.port}/metrics", timeout=10) as reply:
+            assert b"lorafleet_ready 0.0" in reply.read()
+        with pytest.raises(ConnectionRefusedError):  # not on --host
+            socket.create_connection(("127.0.0.1", served.port), timeout=5).close()
+        taken = ServerConfig(
+            data_dir=tmp_path, host="127.0.0.1", metrics_host="127.0.0.2", metrics_port=served.port, port=0, http_port=0
+        )
+        with pytest.raises(StartupError, match=rf"--metrics-port {served.port}: cannot listen on 127.0.0.2:"):
+            check_startup(taken)
+    finally:
+        served.stop()
+    assert ServerConfig(host="0.0.0.0").metrics_address_host == "0.0.0.0"  # unset: --host

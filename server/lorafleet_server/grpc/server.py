@@ -42,7 +42,7 @@ from lorafleet_server.grpc.observe import CallObserver
 from lorafleet_server.grpc.rpc import DecodeGuard
 from lorafleet_server.grpc.usage import UsageServicer
 from lorafleet_server.listen import check_can_listen
-from lorafleet_server.metrics import MetricsServer, serve_metrics
+from lorafleet_server.metrics import Metrics, MetricsServer, serve_metrics
 from lorafleet_server.tenants.keys import PepperSource
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def check_startup(config: ServerConfig) -> None:
     server_credentials(config)
     server_keys(config).load()
     check_can_listen(config.host, config.port, "--port")
-    check_can_listen(config.host, config.metrics_port, "--metrics-port")
+    check_can_listen(config.metrics_address_host, config.metrics_port, "--metrics-port")
     check_can_listen(config.host, config.http_port, "--http-port")
 
 
@@ -122,10 +122,24 @@ ENGINE_WATCH_SECONDS = 1.0  # how often health checks that the engine still take
 CUT_MARGIN_SECONDS = 2.0  # gRPC's stop grace beyond the engine's, so the engine's cut ends the calls
 
 
-class GrpcServer:
-    """Owns the aio server of one Service; call from inside an event loop."""
+def open_metrics(config: ServerConfig, metrics: Metrics) -> MetricsServer:
+    """Serve ``metrics`` on ``--metrics-host``:``--metrics-port``, or StartupError. ``lorafleet serve``
+    opens it before the model loads: Prometheus's ``up`` then means "the process answers", not "the
+    model has loaded" (a load of over a minute paged LorafleetDown), and ``lorafleet_ready`` says
+    whether it serves."""
+    try:
+        return serve_metrics(metrics.registry, config.metrics_address_host, config.metrics_port)
+    except OSError as exc:
+        where = f"{config.metrics_address_host}:{config.metrics_port}"
+        raise StartupError(f"--metrics-port {config.metrics_port}: cannot listen on {where} ({exc.strerror})") from None
 
-    def __init__(self, service: Service) -> None:
+
+class GrpcServer:
+    """Owns the aio server of one Service; call from inside an event loop. It serves the service's
+    metrics on ``metrics_server`` when given (already open), else opens the port itself in ``start``;
+    either way it closes it in ``stop``."""
+
+    def __init__(self, service: Service, metrics_server: MetricsServer | None = None) -> None:
         self.service = service
         cfg = service.config
         calls = CallObserver(service.metrics, ADMIN_RPCS, cfg.replica_name)
@@ -155,7 +169,7 @@ class GrpcServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self.port = 0
-        self.metrics_server: MetricsServer | None = None
+        self.metrics_server = metrics_server
         self._forced = asyncio.Event()
         self._force_stop: asyncio.Future[None] | None = None
         self._stopping = False
@@ -164,7 +178,7 @@ class GrpcServer:
     @property
     def metrics_url(self) -> str:
         port = self.metrics_server.port if self.metrics_server is not None else 0
-        return f"http://{self.service.config.host}:{port}/metrics"
+        return f"http://{self.service.config.metrics_address_host}:{port}/metrics"
 
     @property
     def security(self) -> str:
@@ -186,13 +200,8 @@ class GrpcServer:
                 self.port = self._server.add_secure_port(address, credentials)
             if self.port == 0:
                 raise StartupError(f"--port {cfg.port}: cannot listen on {cfg.address} (in use?)")
-            try:
-                self.metrics_server = serve_metrics(self.service.metrics.registry, cfg.host, cfg.metrics_port)
-            except OSError as exc:
-                where = f"{cfg.host}:{cfg.metrics_port}"
-                raise StartupError(
-                    f"--metrics-port {cfg.metrics_port}: cannot listen on {where} ({exc.strerror})"
-                ) from None
+            if self.metrics_server is None:
+                self.metrics_server = open_metrics(cfg, self.service.metrics)
         except BaseException:
             self.keys.stop()
             raise
@@ -200,6 +209,7 @@ class GrpcServer:
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.service.metrics.ready.set(1)
         self._engine_watch = asyncio.ensure_future(self._watch_engine())
         return self.port
 
@@ -211,6 +221,7 @@ class GrpcServer:
             await asyncio.sleep(interval)
             if not self._stopping and not self.service.engine.accepting:
                 log.error("the engine stopped taking requests (see the crash above): health NOT_SERVING")
+                self.service.metrics.ready.set(0)
                 for name in ("", *SERVICE_NAMES):
                     await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
                 return
@@ -225,6 +236,7 @@ class GrpcServer:
         if self._engine_watch is not None:
             self._engine_watch.cancel()
         await self._health.enter_graceful_shutdown()
+        self.service.metrics.ready.set(0)
         if drain_seconds > 0:
             log.info("draining: health NOT_SERVING; still serving new requests for %.1fs", drain_seconds)
             with contextlib.suppress(TimeoutError):
@@ -271,12 +283,16 @@ class Edge(Protocol):
     async def stop(self) -> None: ...
 
 
-async def serve_forever(service: Service, edges: Callable[[ServerKeys], Sequence[Edge]] | None = None) -> None:
+async def serve_forever(
+    service: Service,
+    edges: Callable[[ServerKeys], Sequence[Edge]] | None = None,
+    metrics_server: MetricsServer | None = None,
+) -> None:
     """Serve until SIGTERM (drain, then stop) or SIGINT (stop without the drain wait); a second signal
     of either kind stops now. The handlers are in place before the ready line, so an orchestrator that
     signals as soon as it sees it still gets a drain. ``edges`` makes the other front ends, given the
-    gRPC server's API keys (one watcher for all)."""
-    server = GrpcServer(service)
+    gRPC server's API keys (one watcher for all). ``metrics_server``: the metrics port, if already open."""
+    server = GrpcServer(service, metrics_server)
     others = list(edges(server.keys)) if edges is not None else []
     stopping = asyncio.Event()
     drain = {signal.SIGTERM: service.config.drain_seconds, signal.SIGINT: 0.0}
