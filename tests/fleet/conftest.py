@@ -51,6 +51,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> 
             pids={r["replica_id"]: r["pid"] for r in info["replicas"]},
             tenant_key=tenant.key,
             other_key=other.key,
+            http_target=info["http_target"],
         )
     finally:
         down = fleet_command("down", f"--dir={state}", "--grace=5")  # the replicas drain in 2 s; then SIGKILL

@@ -27,6 +27,7 @@ class LiveFleet:
     pids: dict[str, int]  # replica id -> pid
     tenant_key: str
     other_key: str  # a key of another tenant
+    http_target: str  # the OpenAI-compatible API through Envoy: http://HOST:PORT
 
     def publish(self, src: Path, *refs: str) -> list[str]:
         """`lorafleet adapters import SRC REF` for each ref, in one process, with the fleet's environment

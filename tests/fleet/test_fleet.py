@@ -7,11 +7,14 @@ another under load (only its in-flight requests fail, with UNAVAILABLE; only its
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,6 +154,40 @@ def test_keys_pass_through_envoy(fleet: LiveFleet, published: list[str]) -> None
         with pytest.raises(NotFoundError):  # another tenant's adapter does not exist for it
             other.generate("Hi", adapter=ADAPTERS[0], sampling=FEW)
         assert other.generate("Hi", sampling=FEW).replica in fleet.replicas  # its own call is served
+
+
+def http_completion(fleet: LiveFleet, model: str, key: str, routed: bool = True) -> tuple[int, str]:
+    """POST /v1/completions through Envoy's HTTP listener: (status, x-lorafleet-replica). ``routed``:
+    with the ``x-lorafleet-adapter`` header, as a caller behind a proxy sends it."""
+    headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+    if routed:
+        headers["x-lorafleet-adapter"] = model
+    body = json.dumps({"model": model, "prompt": "Hi", "max_tokens": 1}).encode()
+    request = urllib.request.Request(f"{fleet.http_target}/v1/completions", body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, reply.headers.get("x-lorafleet-replica", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("x-lorafleet-replica", "")
+
+
+def test_http_api_through_envoy_keeps_each_adapter_on_its_replica(
+    fleet: LiveFleet, published: list[str], client: LoraFleetClient
+) -> None:
+    """The OpenAI-compatible API had no way into the fleet but each replica's own port. Envoy serves it
+    now with the same ring on ``x-lorafleet-adapter``: an adapter's HTTP requests go to one replica,
+    the one its gRPC requests go to (both rings are built from the replica ids)."""
+    grpc_placed = placement(client)
+    http_placed: dict[str, set[str]] = defaultdict(set)
+    for adapter in ADAPTERS * 2:
+        status, replica = http_completion(fleet, adapter, fleet.tenant_key)
+        assert status == 200, (adapter, status)
+        http_placed[adapter].add(replica)
+    assert {a: r.pop() for a, r in http_placed.items() if len(r) == 1} == grpc_placed
+    base = client.model_info().model_id
+    status, replica = http_completion(fleet, base, fleet.tenant_key, routed=False)
+    assert (status, replica in fleet.replicas) == (200, True), status  # the base model, no header: any replica
+    assert http_completion(fleet, ADAPTERS[0], "not-a-key")[0] == 401  # keys pass through Envoy
 
 
 def test_b_new_version_served_by_every_replica(fleet: LiveFleet, published: list[str], adapter_dir: Path) -> None:

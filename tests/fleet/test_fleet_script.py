@@ -47,9 +47,11 @@ def test_down_stops_its_own_process_group(tmp_path: Path) -> None:
 
 
 def test_envoy_template_renders_every_replica() -> None:
-    text = fleet_script.render_envoy(50050, 9901, [("replica-0", 1001), ("replica-1", 1002)])
-    assert "port_value: 50050" in text and "port_value: 9901" in text
-    assert '"hash_key": "replica-1"' in text and '"port_value": 1002' in text
+    text = fleet_script.render_envoy(
+        50050, 9901, [("replica-0", 1001), ("replica-1", 1002)], 8080, [("replica-0", 2001), ("replica-1", 2002)]
+    )
+    assert "port_value: 50050" in text and "port_value: 9901" in text and "port_value: 8080" in text
+    assert '"hash_key": "replica-1"' in text and '"port_value": 1002' in text and '"port_value": 2002' in text
     assert "$" not in text  # every placeholder filled
 
 

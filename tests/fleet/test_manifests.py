@@ -221,31 +221,51 @@ def _envoy_check(config_text: str, tmp_path: Path, name: str) -> dict[str, Any]:
     return loaded
 
 
-def _routing(config: dict[str, Any]) -> tuple[str, str]:
-    """The parts that decide where a request goes: the route and the cluster without its endpoints."""
-    [listener] = config["static_resources"]["listeners"]
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    [cluster] = config["static_resources"]["clusters"]
-    cluster = {
-        k: v for k, v in cluster.items() if k not in ("type", "load_assignment", "dns_refresh_rate", "respect_dns_ttl")
-    }
-    return json.dumps(hcm["route_config"], sort_keys=True), json.dumps(cluster, sort_keys=True)
+def _hcm(config: dict[str, Any], listener: str) -> dict[str, Any]:
+    """The HTTP connection manager of the listener named ``listener``."""
+    [found] = [x for x in config["static_resources"]["listeners"] if x["name"] == listener]
+    hcm: dict[str, Any] = found["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def _routing(config: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The parts that decide where a request goes, by listener: its route and its cluster without the
+    endpoints."""
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    routing = {}
+    for listener in config["static_resources"]["listeners"]:
+        route_config = _hcm(config, listener["name"])["route_config"]
+        [cluster] = {r["route"]["cluster"] for h in route_config["virtual_hosts"] for r in h["routes"]}
+        kept = {
+            k: v
+            for k, v in clusters[cluster].items()
+            if k not in ("type", "load_assignment", "dns_refresh_rate", "respect_dns_ttl")
+        }
+        routing[listener["name"]] = (json.dumps(route_config, sort_keys=True), json.dumps(kept, sort_keys=True))
+    return routing
 
 
 def test_envoy_configs_validate_and_route_alike(tmp_path: Path) -> None:
-    local = _envoy_check(fleet_script.render_envoy(50050, 9901, [("replica-0", 50051)]), tmp_path, "local.yaml")
+    local_text = fleet_script.render_envoy(50050, 9901, [("replica-0", 50051)], 8080, [("replica-0", 8000)])
+    local = _envoy_check(local_text, tmp_path, "local.yaml")
     kube = _envoy_check(one("ConfigMap", "lorafleet-envoy")["data"]["envoy.yaml"], tmp_path, "kube.yaml")
     assert _routing(local) == _routing(kube)
-    route, cluster = _routing(local)
+    assert set(_routing(local)) == {"grpc", "http"}
+    route, cluster = _routing(local)["grpc"]
     assert '"header_name": "x-lorafleet-adapter"' in route and '"unavailable,' in route
     assert '"RING_HASH"' in cluster and '"hash_balance_factor": 150' in cluster and "grpc_health_check" in cluster
     # a replica's whole batch may retry at once (Envoy's default allows 3 concurrent retries)
     assert '"min_retry_concurrency": 64' in cluster
+    # The OpenAI-compatible API: the same affinity, HTTP health checks on /health (503 while draining).
+    route, cluster = _routing(local)["http"]
+    assert '"header_name": "x-lorafleet-adapter"' in route and '"retriable_status_codes": [503]' in route
+    assert '"RING_HASH"' in cluster and '"path": "/health"' in cluster and "grpc" not in cluster
     # Found by an outside review: Envoy's default stream idle timeout (300 s) ended unary Generate
-    # calls that ran longer ("stream timeout"), since a unary call sends nothing until it ends.
+    # calls that ran longer ("stream timeout"), since a unary call sends nothing until it ends. A
+    # non-streaming HTTP completion is the same.
     for config in (local, kube):
-        [listener] = config["static_resources"]["listeners"]
-        assert listener["filter_chains"][0]["filters"][0]["typed_config"]["stream_idle_timeout"] == "0s"
+        for listener in ("grpc", "http"):
+            assert _hcm(config, listener)["stream_idle_timeout"] == "0s"
 
 
 def test_dockerfile_passes_hadolint() -> None:
