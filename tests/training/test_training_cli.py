@@ -221,3 +221,58 @@ def test_publish_prompt_refuses_a_template_object_with_a_wrong_field(
     assert run_publish_prompt(args, store, tiny_spec) == 1
     assert problem in capsys.readouterr().err
     assert not (tmp_path / "store").exists() or store.list() == []
+
+
+@pytest.mark.parametrize(
+    ("out", "flags", "message"),
+    [
+        # `--out .` staged the output inside the directory; with --overwrite both were deleted
+        (".", ["--overwrite"], "is the current directory or holds it"),
+        # --overwrite replaced the whole adapter store, or a published version's files
+        ("stores", ["--overwrite"], "holds the adapter store"),
+        ("stores/adapters/acme/x/versions/1", ["--overwrite"], "is inside the adapter store"),
+        # the held-out data wins; the share was ignored, yet written into the record
+        ("o", ["--eval-data", "d.jsonl", "--val-fraction", "0.5"], "--eval-data and --val-fraction: give one"),
+    ],
+)
+def test_train_refuses_an_output_it_would_destroy_before_training(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_spec: BaseModelSpec,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    out: str,
+    flags: list[str],
+    message: str,
+) -> None:
+    """Found by an outside review: these ran the whole training, then lost data."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "precious.txt").write_text("keep me")
+    store = AdapterStore(tmp_path / "stores" / "adapters")
+    version = store.root / "acme" / "x" / "versions" / "1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(4))
+    argv = ["--data", str(data), "--adapter", "acme/x", "--out", str(tmp_path / out) if out != "." else ".", *flags]
+    args = _parser(add_train_arguments).parse_args([*argv, "--no-progress"])
+    assert run_train(args, tiny_spec, tiny_model_dir, store) == 1
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert (version / "manifest.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "precious.txt", "stores"]
+
+
+def test_an_output_path_through_dot_dot_is_placed_where_it_resolves(tmp_path: Path) -> None:
+    """``--out other/sub/..`` staged beside ``other/sub/..`` inside ``other``, and ``--overwrite``
+    deleted ``other`` with the staged output in it."""
+    from lorafleet_training.publish import place_output, staging_dir
+
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    (tmp_path / "other" / "old.txt").write_text("replaced")
+    out = tmp_path / "other" / "sub" / ".."
+    stage = staging_dir(out)
+    assert stage.parent == tmp_path
+    (stage / "adapter.txt").write_text("trained")
+    place_output(stage, out, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["adapter.txt"]
+    assert not stage.exists()

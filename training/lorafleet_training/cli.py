@@ -230,6 +230,14 @@ def run_train(args: argparse.Namespace, spec: BaseModelSpec, model_dir: Path, st
     if misplaced:
         applies = "--method lora|qlora" if classifier else "--method classifier"
         return _fail(TrainingError(f"{', '.join(misplaced)}: for {applies} only, not --method {args.method}"))
+    if args.eval_data is not None and args.val_fraction is not None:  # it was ignored, yet recorded
+        return _fail(TrainingError("--eval-data and --val-fraction: give one (held-out data, or a share of --data)"))
+    from lorafleet_training.publish import check_out_dir
+
+    try:  # a local store may neither hold the output nor be held by it (--overwrite replaced a whole store)
+        check_out_dir(args.out, args.overwrite, guarded=[store.root] if isinstance(store, AdapterStore) else [])
+    except AdapterError as exc:
+        return _fail(exc)
     if classifier:
         try:
             from lorafleet_training.classifier import train_classifier

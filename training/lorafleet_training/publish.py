@@ -56,14 +56,19 @@ class TooMuchForgetting(TrainingError):
 # ------------------------------------------------------------------------------------ output dir
 
 
-def check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path | None] = ()) -> None:
+def check_out_dir(
+    out_dir: Path, overwrite: bool, inputs: Sequence[Path | None] = (), guarded: Sequence[Path] = ()
+) -> None:
     """Refuse a non-empty output directory unless `overwrite` (checked before training starts), and an
     output directory that is or holds one of the run's ``inputs`` (the data, the model): ``--overwrite``
     replaced the whole directory, the customer's data with it.
 
     The output is staged beside `out_dir` and renamed into place (``place_output``), so `out_dir` must be
     a path a rename can replace: a symbolic link (rmtree refused it after training, and the staged
-    adapter was deleted) or a mount point is refused here, before any training.
+    adapter was deleted) or a mount point is refused here, before any training; so is the current
+    directory or one holding it (``--out .`` staged the output inside it, and ``--overwrite`` deleted
+    the directory and the staged output). ``guarded`` (the adapter store) may neither be held by the
+    output nor hold it: ``--overwrite`` replaced a whole store, or a published version's files.
     """
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
@@ -78,9 +83,22 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path | None] 
             f"which cannot replace a mount point; choose a directory inside it (e.g. --out {out_dir / 'adapter'})"
         )
     resolved = out_dir.resolve()
+    if Path.cwd().resolve().is_relative_to(resolved):
+        raise TrainingError(
+            f"output directory {out_dir} is the current directory or holds it: the output replaces the whole "
+            f"directory; choose a new one, e.g. --out {Path(out_dir, 'adapter')}"
+        )
     for given in inputs:
         if given is not None and Path(given).resolve().is_relative_to(resolved):
             raise TrainingError(f"output directory {out_dir} holds {given}, an input of this run: choose another --out")
+    for root in guarded:
+        where = Path(root).resolve()
+        if where.is_relative_to(resolved) or resolved.is_relative_to(where):
+            held = "holds" if where.is_relative_to(resolved) else "is inside"
+            raise TrainingError(
+                f"output directory {out_dir} {held} the adapter store {root}: the store changes only through "
+                "publish; choose an --out outside it"
+            )
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"output path {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -92,6 +110,7 @@ def staging_dir(out_dir: Path) -> Path:
     """A fresh directory beside `out_dir` to stage its output in (same filesystem: ``place_output`` renames).
     A parent that cannot hold it (a file in the path, no permission, a full disk) is a TrainingError:
     it surfaced after all the training as a traceback, the model lost (an outside review)."""
+    out_dir = Path(os.path.abspath(out_dir))  # `x/..`: beside x's parent, never inside the output
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -106,8 +125,11 @@ def place_output(stage: Path, out_dir: Path, overwrite: bool) -> None:
     here the staged output is kept and ``OutputNotPlaced`` names it: it was deleted with the error, and
     the whole training run with it.
     """
+    out_dir = Path(os.path.abspath(out_dir))  # the same path staging_dir put the stage beside
     try:
         check_out_dir(out_dir, overwrite)
+        if Path(stage).resolve().is_relative_to(out_dir.resolve()):  # never delete the output with it
+            raise TrainingError(f"the output was staged inside {out_dir}, which it would replace")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.rename(stage, out_dir)
