@@ -103,12 +103,18 @@ def test_stale_lists_versions_built_for_another_base(trained: Any, tmp_path: Pat
     assert stale_latest(store, retemplated, None) == ([(key, store.manifest(key))], [])
     assert stale_latest(store, tiny_spec, None) == ([], [])
     # a manifest that cannot be read is reported, not fatal to the rest
+    manifest_text = (store.version_dir(key) / "manifest.json").read_text()
     (store.version_dir(key) / "manifest.json").write_text("{")
     stale_now, unreadable = stale_latest(store, retemplated, None)
     assert stale_now == [] and [k for k, _ in unreadable] == [key]
     # `adapters stale` said nothing and exited 0, as for a store with nothing stale
     listed, unread = stale(store, retemplated)
     assert listed == [] and [k for k, _ in unread] == [key]
+    # a damaged `latest` pointer: reported (retrain --stale exits 1), not passed over (it exited 0)
+    (store.version_dir(key) / "manifest.json").write_text(manifest_text)
+    (store.root / key.tenant / key.name / "latest").write_text("junk")
+    stale_now, unreadable = stale_latest(store, retemplated, None)
+    assert stale_now == [] and unreadable == [(key, f"cannot read {key.tenant}/{key.name}'s latest version pointer")]
 
 
 def test_an_adapter_trained_under_another_prompt_format_is_not_published(

@@ -85,17 +85,21 @@ def stale_latest(
 ) -> tuple[list[tuple[AdapterKey, Manifest]], list[tuple[AdapterKey, str]]]:
     """The latest version of every adapter (of ``tenant``) built for another base, LoRAs before heads (so a
     head that reads a LoRA's features sees that LoRA's retrained version); and the latest versions whose
-    manifest cannot be read, with why (one broken manifest stopped the whole fleet's retrain)."""
+    manifest, or whose latest pointer, cannot be read, with why (one broken manifest stopped the whole
+    fleet's retrain; a damaged pointer hid its adapter, and the retrain still exited 0)."""
     found: list[tuple[AdapterKey, Manifest]] = []
     unreadable: list[tuple[AdapterKey, str]] = []
     for summary in store.list(tenant):
-        if summary.latest is None:
+        if summary.latest is None:  # versions, but a `latest` pointer that is missing or damaged
+            # Skipped and counted (exit 1), not passed over: which version is current is unknown here.
+            key = AdapterKey(summary.tenant, summary.name, max(summary.versions))
+            unreadable.append((key, f"cannot read {summary.tenant}/{summary.name}'s latest version pointer"))
             continue
         key = AdapterKey(summary.tenant, summary.name, summary.latest)
         try:
             manifest = store.manifest(key)
         except AdapterError as exc:
-            unreadable.append((key, str(exc)))
+            unreadable.append((key, f"cannot read its manifest: {exc}"))
             continue
         if not built_for(manifest, spec):
             found.append((key, manifest))
@@ -118,7 +122,7 @@ def retrain_stale(
     ``max_forgetting``: the forgetting margin a retrained LoRA must pass, as ``publish --max-forgetting``.
     """
     stale, unreadable = stale_latest(store, spec, tenant)
-    outcomes = [RetrainOutcome(key, "skipped", f"cannot read its manifest: {why}") for key, why in unreadable]
+    outcomes = [RetrainOutcome(key, "skipped", why) for key, why in unreadable]
     for key, manifest in stale:
         metric = COMPARED_METRIC if manifest.kind == "head" else LORA_METRIC
         try:
