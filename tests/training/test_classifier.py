@@ -50,6 +50,37 @@ def test_bad_lines_are_all_reported(tmp_path: Path) -> None:
     assert "lone surrogate" in info.value.issues[4].message
 
 
+def test_a_key_given_twice_or_an_overlong_line_is_refused(tmp_path: Path) -> None:
+    """The label loader kept the last of two equal keys (trained as "y") and had no line cap, unlike
+    the LoRA loader's 1 MiB (an outside review)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"text": "ok", "label": "a"}\n'
+        '{"text": "a", "label": "x", "label": "y"}\n'
+        '{"text": "' + "x" * (1 << 20) + '", "label": "a"}\n'
+    )
+    with pytest.raises(TrainingDataError) as info:
+        load_labelled(path)
+    assert [issue.line for issue in info.value.issues] == [2, 3]
+    assert "key 'label' is given twice" in info.value.issues[0].message
+    assert "longer than 1048576 bytes" in info.value.issues[1].message
+
+
+def test_the_prompt_only_baseline_may_generate_its_longest_label(tiny_model_dir: Path) -> None:
+    """It generated 8 tokens whatever the labels: a label of more tokens was always cut and scored as
+    no label, so the baseline the publish gates compare with could never be right."""
+    from transformers import AutoTokenizer
+
+    from lorafleet_training.classifier import answer_budget
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    long_label = "account_access_two_factor_authentication"
+    tokens = len(tokenizer(long_label, add_special_tokens=False)["input_ids"])
+    assert tokens > 8
+    assert answer_budget(tokenizer, ["billing", long_label], 8) >= tokens + 1
+    assert answer_budget(tokenizer, ["billing", "shipping"], 8) == 8
+
+
 def test_pii_is_refused_before_any_model_loads(tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec) -> None:
     rows = [*labelled_rows(4), {"text": "mail me at jane.doe@example.com", "label": "account"}]
     with pytest.raises(PiiFound):

@@ -90,6 +90,15 @@ def test_lines_that_parse_badly_are_reported_not_raised(tmp_path: Path) -> None:
     assert "lone surrogate ('\\ud800')" in by_line[4]
 
 
+def test_a_key_given_twice_is_refused_not_resolved_in_silence(tmp_path: Path) -> None:
+    """json.loads keeps the last of two equal keys: the line trained on prompt "b" (an outside review)."""
+    lines = [json.dumps(qa_rows(1)[0]), '{"prompt": "a", "prompt": "b", "completion": "c"}']
+    with pytest.raises(TrainingDataError) as info:
+        load_jsonl(write_jsonl(tmp_path / "twice.jsonl", lines))
+    [issue] = info.value.issues
+    assert issue.line == 2 and "key 'prompt' is given twice in one object" in issue.message
+
+
 def test_empty_and_non_utf8_files(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

@@ -146,8 +146,11 @@ def load_labelled(path: Path) -> list[Example]:
     for number, line in enumerate(raw.removeprefix(data_mod.UTF8_BOM).splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > data_mod.MAX_LINE_BYTES:  # as the LoRA loader: one line is one example, not a file
+            issues.append(DataIssue(number, f"line is longer than {data_mod.MAX_LINE_BYTES} bytes"))
+            continue
         try:
-            obj = json.loads(line)
+            obj = data_mod.loads_unique(line)
             if (surrogate := data_mod.lone_surrogate(obj)) is not None:
                 raise _Bad(f"a string holds a lone surrogate ({surrogate}): not Unicode text")
             examples.append(_labelled(obj, number))
@@ -567,7 +570,7 @@ def _features_source(
     if config.features_from is None:
         return None, None
     if store is None:
-        raise TrainingError("--features-from needs an adapter store (--store or the server's)")
+        raise TrainingError("--features-from needs an adapter store (--adapter-store, or the server's)")
     ref = AdapterRef.parse(config.features_from)
     try:
         key = store.resolve(ref)
@@ -578,6 +581,14 @@ def _features_source(
     except AdapterError as exc:
         raise TrainingError(f"--features-from {config.features_from}: {exc}") from None
     return key, Path(store.version_dir(key))
+
+
+def answer_budget(tokenizer: Any, labels: Sequence[str], floor: int) -> int:
+    """New tokens the prompt-only base may generate: ``floor``, or the longest label's tokens and two
+    more (a leading space, an end token). At a fixed 8 a label of more tokens was always cut short and
+    scored as no label, so the baseline that publish's gates compare against could never be right."""
+    longest = max((len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels), default=0)
+    return max(floor, longest + 2)
 
 
 def _prompt_only(
@@ -591,7 +602,8 @@ def _prompt_only(
     prompts = all_prompt_ids(tokenizer, examples, template, source="the prompt-only base's evaluation")
     context = model.disable_adapter() if peft else nullcontext()
     with context:
-        answers = generate_answers(model, tokenizer, prompts, [config.eval_max_new_tokens] * len(prompts), 8)
+        budget = answer_budget(tokenizer, labels, config.eval_max_new_tokens)
+        answers = generate_answers(model, tokenizer, prompts, [budget] * len(prompts), 8)
     predicted = [label_from_answer(a, labels) for a in answers]
     result = classification_metrics([e.completion for e in examples], predicted, labels)
     result["samples"] = [{"line": e.line, "answer": a} for e, a in list(zip(examples, answers, strict=True))[:5]]

@@ -119,7 +119,7 @@ def parse_jsonl(lines: Iterable[bytes | str], source: str = "<data>") -> list[Ex
             issues.append(DataIssue(number, f"line is longer than {MAX_LINE_BYTES} bytes"))
             continue
         try:
-            obj = json.loads(text)
+            obj = loads_unique(text)
         except json.JSONDecodeError as exc:
             issues.append(DataIssue(number, f"invalid JSON: {exc.msg} (column {exc.colno})"))
             continue
@@ -199,6 +199,21 @@ def _chat_example(messages: Any, line: int) -> Example:
     if not any(t.role == "user" for t in turns[:-1]):
         raise _BadLine("no user turn before the assistant's answer")
     return Example(line=line, turns=tuple(turns[:-1]), completion=turns[-1].content)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"key {key[:100]!r} is given twice in one object")
+        obj[key] = value
+    return obj
+
+
+def loads_unique(text: str | bytes) -> Any:
+    """``json.loads``, refusing an object that names a key twice (ValueError): json.loads kept the last
+    value in silence, so ``{"label": "x", "label": "y"}`` trained as "y" (an outside review)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 def lone_surrogate(value: Any) -> str | None:
