@@ -20,6 +20,7 @@ import regex
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.manifest import is_finite_number
+from lorafleet_adapters.strict_json import unique_keys
 
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
@@ -191,21 +192,12 @@ def _load_json(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise AdapterFormatError(f"cannot read {path.name}: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        data = json.loads(text, object_pairs_hook=unique_keys, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
         raise AdapterFormatError(f"{path.name} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{path.name} must hold a JSON object")
     return data
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 def _no_constants(name: str) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 
 from lorafleet_adapters.errors import AdapterFormatError
 from lorafleet_adapters.hostmem import Buffer
+from lorafleet_adapters.strict_json import unique_keys
 
 # A LoRA's header names two tensors per wrapped module in ~120 bytes each: all seven Linears of an 80-layer
 # model take ~140 KB. safetensors' own cap is 100 MB, but a parsed header takes ~20x its size in Python
@@ -89,7 +90,7 @@ def _header_length(file_name: str, prefix: Buffer, file_size: int) -> int:
 
 def _parse_entries(file_name: str, header_bytes: bytes) -> dict[str, TensorInfo]:
     try:
-        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         raise AdapterFormatError(f"{file_name}: header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -144,15 +145,6 @@ def _check_tiling(file_name: str, tensors: dict[str, TensorInfo], buffer_len: in
         raise AdapterFormatError(
             f"{file_name}: {buffer_len - position} bytes after the last tensor's data (corrupted file?)"
         )
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate tensor name {key!r}")
-        out[key] = value
-    return out
 
 
 def _is_count(value: Any) -> bool:

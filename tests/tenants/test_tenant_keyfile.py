@@ -127,7 +127,7 @@ BAD_FILES: list[tuple[str, bytes, str]] = [
     (
         "repeated field",
         b'{"version": 1, "keys": [{"id": "abcdefghijkl", "tenant": "a", "tenant": "b"}]}',
-        "has the field 'tenant' twice",
+        "key 'tenant' is given twice in one object",
     ),
     ("deeply nested", b"[" * 100_000 + b"]" * 100_000, "keys file"),
 ]

@@ -24,6 +24,7 @@ from typing import Any
 
 from lorafleet_adapters.errors import AdapterFormatError
 from lorafleet_adapters.prompt import PromptTemplate, PromptTurn
+from lorafleet_adapters.strict_json import unique_keys
 from lorafleet_training.errors import DataIssue, TrainingDataError
 
 ROLES = ("system", "user", "assistant")
@@ -201,19 +202,10 @@ def _chat_example(messages: Any, line: int) -> Example:
     return Example(line=line, turns=tuple(turns[:-1]), completion=turns[-1].content)
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"key {key[:100]!r} is given twice in one object")
-        obj[key] = value
-    return obj
-
-
 def loads_unique(text: str | bytes) -> Any:
     """``json.loads``, refusing an object that names a key twice (ValueError): json.loads kept the last
     value in silence, so ``{"label": "x", "label": "y"}`` trained as "y" (an outside review)."""
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    return json.loads(text, object_pairs_hook=unique_keys)
 
 
 def lone_surrogate(value: Any) -> str | None:

@@ -63,6 +63,7 @@ from typing import Any, Literal, NoReturn, get_args
 
 from lorafleet_adapters.errors import InvalidAdapterRef
 from lorafleet_adapters.ref import check_ident
+from lorafleet_adapters.strict_json import DuplicateKey, unique_keys
 from lorafleet_server.tenants.errors import (
     ExpiredKey,
     InvalidKeyRecord,
@@ -486,15 +487,6 @@ class _BadJson(ValueError):
     """A JSON document that json.loads would accept but a keys file may not have."""
 
 
-def _no_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in doc:
-            raise _BadJson(f"an object has the field {name!r} twice")
-        doc[name] = value
-    return doc
-
-
 def _refuse_constant(name: str) -> NoReturn:
     raise _BadJson(f"{name} is not a JSON number")
 
@@ -573,8 +565,8 @@ def parse_key_file(data: bytes, where: str) -> KeyFile:
     except UnicodeDecodeError:
         raise KeyFileError(f"keys file {where}: is not UTF-8 text") from None
     try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicate_fields, parse_constant=_refuse_constant)
-    except _BadJson as exc:
+        doc = json.loads(text, object_pairs_hook=unique_keys, parse_constant=_refuse_constant)
+    except (_BadJson, DuplicateKey) as exc:
         raise KeyFileError(f"keys file {where}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise KeyFileError(
