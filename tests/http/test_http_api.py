@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -448,6 +449,33 @@ def test_an_embeddings_call_of_more_inputs_than_its_tenant_may_queue_is_served(t
     alone = client(tiny_http, "acme").embeddings.create(model=tiny_http.model_id, input=texts)
     assert [d.index for d in got.data] == [0, 1, 2]
     assert [d.embedding for d in got.data] == [d.embedding for d in alone.data]
+
+
+def test_an_embeddings_call_serves_every_input_from_one_adapter_version(tiny_http: TinyHttp, peft_adapter: Any) -> None:
+    """Found by an outside review: each input resolved the adapter's latest version when it was
+    submitted, and at most a batch's rows are submitted at once, so a version published mid-call
+    served the later inputs while the answer named the first's version. The call resolves it once."""
+    service, engine = tiny_http.service, tiny_http.service.engine
+    spec = service.base.spec
+    service.store.import_peft(peft_adapter(seed=5), "acme", "swapped", spec)
+    service.engine.adapters.versions.refresh()
+    wait_for(lambda: engine.load_stats() == (0, 0), 30, "no request of an earlier test left")
+    texts = [f"input number {i}" for i in range(6)]  # 4 rows: 2 inputs wait for the first to finish
+    sdk = client(tiny_http)
+    answer: list[Any] = []
+    with engine_held(engine):
+        call = threading.Thread(target=lambda: answer.append(sdk.embeddings.create(model="acme/swapped", input=texts)))
+        call.start()
+        wait_for(lambda: engine.load_stats()[1] >= 4, 30, "the first inputs queued")
+        service.store.import_peft(peft_adapter(seed=6), "acme", "swapped", spec)
+        service.engine.adapters.versions.refresh()  # the watcher's pass: latest is @2 from now on
+    call.join(60)
+    [mixed] = answer
+    one = sdk.embeddings.create(model="acme/swapped@1", input=texts)
+    two = sdk.embeddings.create(model="acme/swapped@2", input=texts[:1])
+    assert mixed.model == "acme/swapped@1"
+    assert [d.embedding for d in mixed.data] == [d.embedding for d in one.data]
+    assert two.data[0].embedding != one.data[0].embedding  # the versions do differ
 
 
 def test_an_embeddings_call_refused_midway_leaves_no_work_behind(tiny_http: TinyHttp) -> None:

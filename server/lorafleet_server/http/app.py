@@ -291,6 +291,12 @@ class OpenAIApi:
                 )
                 for i, text in enumerate(body.texts())
             ]
+            if adapter is not None and adapter.version is None and len(reqs) > 1:
+                # One version for the whole call: each input resolved "latest" when it was submitted, so
+                # a swap mid-call gave vectors of two versions under one `model` (an outside review).
+                key = await self._stream.run(reqs[0].tenant, self._engine.adapters.resolve, adapter)
+                pinned = AdapterRef(key.tenant, key.name, key.version)
+                reqs = [dataclasses.replace(r, adapter=pinned) for r in reqs]
             results = await self._until_disconnect(request, self._embed_all(reqs))
             summaries = [s for s, _ in results]
             prompt_tokens = sum(s.prompt_tokens for s in summaries)
