@@ -37,10 +37,11 @@ def write_labelled(path: Path, rows: list[dict[str, Any]]) -> Path:
 def train_head(
     model_dir: Path, spec: BaseModelSpec, out: Path, data: Path, *, adapter: str = "acme/intents", **overrides: Any
 ) -> Any:
-    """A real classifier training run (no prompt-only generation, so it takes seconds on the tiny model)."""
+    """A real classifier training run (no prompt-only generation, so it takes seconds on the tiny model).
+    Features in fp32, as tiny_service serves (the server's "auto" is bf16 on a CPU with avx512_bf16)."""
     from lorafleet_training.classifier import ClassifierConfig, train_classifier
 
-    values: dict[str, Any] = {"eval_generate": False, "keep_data_ref": True, "seed": 1}
+    values: dict[str, Any] = {"eval_generate": False, "keep_data_ref": True, "seed": 1, "dtype": "float32"}
     values.update(overrides)
     store = values.pop("store", None)
     config = ClassifierConfig(data=data, adapter=adapter, out_dir=out, base_model_dir=model_dir, **values)

@@ -172,10 +172,20 @@ def prompt_formats_differ(built: str | None, current: str) -> bool:
 
 def built_for(manifest: Manifest, spec: BaseModelSpec) -> bool:
     """Whether ``manifest``'s version was built for ``spec``'s base: the same weights and, where both
-    know it, the same prompt format. A version that is not is stale (``lorafleet retrain --stale``)."""
-    return manifest.base_fingerprint == spec.fingerprint and not prompt_formats_differ(
-        manifest.base_prompt_format, spec.prompt_format
+    know it, the same prompt format; and a head, the same quantization (it reads the base's features).
+    A version that is not is stale (``lorafleet retrain --stale``)."""
+    return (
+        manifest.base_fingerprint == spec.fingerprint
+        and not prompt_formats_differ(manifest.base_prompt_format, spec.prompt_format)
+        and not head_quantization_differs(manifest, spec)
     )
+
+
+def head_quantization_differs(manifest: Manifest, spec: BaseModelSpec) -> bool:
+    """A head fitted on the features of a base quantized otherwise than ``spec``'s (unquantized features
+    under an NF4 base flipped 24 of 136 answers, an outside review). Only heads: a LoRA's weights are
+    served on any quantization of its base."""
+    return manifest.kind == "head" and manifest.base_quantization != spec.quantization
 
 
 def check_loadable_lora(key: object, manifest: Manifest, spec: BaseModelSpec) -> None:
@@ -202,6 +212,11 @@ def check_servable(key: object, manifest: Manifest, spec: BaseModelSpec) -> None
         raise AdapterIncompatible(
             f"{key} was built for base {manifest.base_fingerprint} ({manifest.base_model}); this server's base "
             f"is {spec.fingerprint} ({spec.model_id})"
+        )
+    if head_quantization_differs(manifest, spec):
+        raise AdapterIncompatible(
+            f"{key} is a head fitted on the features of the {manifest.base_quantization} base; this server's "
+            f"base is {spec.quantization}, whose features differ: retrain it (lorafleet retrain --stale)"
         )
     check_prompt_format(key, manifest, spec.prompt_format)
 

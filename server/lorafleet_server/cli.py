@@ -318,9 +318,11 @@ def _training(args: argparse.Namespace, config: ServerConfig) -> int:
     publishes = args.command in ("train", "publish", "publish-prompt")  # retrain and stale read first
     store = _open_store(config, getattr(args, "store", None), create=publishes)
     if args.command == "train":
-        return int(training.run_train(args, spec, _model_dir(config), store))
+        return int(training.run_train(args, spec, _model_dir(config), store, device=config.device, dtype=config.dtype))
     if args.command == "retrain":
-        return int(training.run_retrain(args, store, spec, _model_dir(config)))
+        return int(
+            training.run_retrain(args, store, spec, _model_dir(config), device=config.device, dtype=config.dtype)
+        )
     if args.command == "publish":
         return int(training.run_publish(args, store, spec))
     if args.command == "publish-prompt":

@@ -202,3 +202,71 @@ def test_a_head_of_another_hidden_size_is_refused_at_publish_and_by_the_watcher(
         assert after.adapter == before.adapter == "acme/intent@1"
     finally:
         svc.engine.shutdown(10)
+
+
+def test_a_head_is_fitted_on_the_features_of_the_quantized_base_it_is_served_on(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Found by an outside review: heads were fitted on unquantized fp32 features whatever the base was
+    served as; under NF4 (CUDA's default) a head flipped 24 of its 136 training answers. Training now
+    computes features in the served precision and records it; the engine serves exactly that head."""
+    from lorafleet_server.model.loader import base_spec_from_files
+    from lorafleet_training.classifier import feature_precision, fit_head, load_labelled
+    from lorafleet_training.encoding import all_prompt_ids
+
+    spec = base_spec_from_files(tiny_model_dir, "nf4", max_lora_rank=32)
+    store = AdapterStore(tmp_path / "store")
+    data = write_labelled(tmp_path / "intents.jsonl", labelled_rows(6))
+    trained = train_head(tiny_model_dir, spec, tmp_path / "head", data, eval_data=data)  # all of it trains
+    assert trained.record["base"]["features"] == {"quantization": "nf4", "dtype": "float32"}
+    publish(tmp_path / "head", store, spec)
+    svc = tiny_service(tiny_model_dir, store.root, quantization="nf4")
+    try:
+        assert svc.base.spec.quantization == "nf4"
+        with engine_held(svc.engine):
+            sinks = [submit(svc.engine, classify(t, "acme/intents", rid=f"q{i}"))[0] for i, t in enumerate(TEXTS)]
+        events = [s.wait().events[-1] for s in sinks]
+    finally:
+        svc.engine.shutdown(10)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = [prompt_ids(tokenizer, Example(line=1, completion="x", prompt=t)) for t in TEXTS]
+    precision = feature_precision(tiny_model_dir, spec, "cpu", "float32")
+    quantized = pooled_features(load_feature_model(tiny_model_dir, None, precision), ids, pad_id_of(tokenizer))
+    unquantized = pooled_features(load_feature_model(tiny_model_dir, None), ids, pad_id_of(tokenizer))
+    assert (quantized - unquantized).abs().max() > 1e-2  # NF4's features are not fp32's: the test can tell
+    head: ClassifierHead = trained.head
+    # the head is the fit of NF4 features (fit_head is deterministic): refit on them, same weights
+    examples = load_labelled(data)
+    features = pooled_features(
+        load_feature_model(tiny_model_dir, None, precision), all_prompt_ids(tokenizer, examples), pad_id_of(tokenizer)
+    )
+    refit = fit_head(features, [e.completion for e in examples], list(head.labels), 1.0, 2000, 1)
+    assert torch.equal(refit.weight, head.weight) and torch.equal(refit.bias, head.bias)
+    for event, want in zip(events, head.probabilities(quantized).tolist(), strict=True):
+        assert event.error is None and event.labels is not None
+        got = {s.label: s.probability for s in event.labels}
+        for label, p in zip(head.labels, want, strict=True):
+            assert got[label] == pytest.approx(p, abs=2e-4)
+
+
+def test_a_head_fitted_on_another_quantization_is_refused_at_publish_and_by_the_server(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec
+) -> None:
+    """An unquantized head in a store an NF4 base serves (or the reverse) would serve other features
+    than it was fitted on: publish refuses it, and a server refuses a version whose manifest says so
+    (one published before the check, or by hand); `adapters stale` lists it for retraining."""
+    from lorafleet_adapters.manifest import built_for, check_servable
+    from lorafleet_training.publish import stale
+
+    data = write_labelled(tmp_path / "intents.jsonl", labelled_rows(4))
+    train_head(tiny_model_dir, tiny_spec, tmp_path / "head", data)
+    store = AdapterStore(tmp_path / "store")
+    nf4 = replace(tiny_spec, quantization="nf4")
+    with pytest.raises(AdapterIncompatible, match=r"features of a none base.*--quantization nf4"):
+        publish(tmp_path / "head", store, nf4)
+    key = publish(tmp_path / "head", store, tiny_spec)
+    manifest = store.manifest(key)
+    assert built_for(manifest, tiny_spec) and not built_for(manifest, nf4)
+    with pytest.raises(AdapterIncompatible, match="features of the none base; this server's base is nf4"):
+        check_servable(key, manifest, nf4)
+    assert stale(store, nf4) == ([(key, "quantization none (this base: nf4)")], [])

@@ -72,6 +72,10 @@ class ClassifierConfig:
     eval_max_new_tokens: int = 8
     eval_data: Path | None = None  # a held-out labelled JSONL; then all of `data` trains (no split)
     overwrite: bool = False
+    # The server's --device and --dtype: features are computed as the server computes them (with the
+    # base's quantization, from the spec), since a head only knows the features it was fitted on.
+    device: str = "auto"
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("data", "out_dir", "base_model_dir"):
@@ -263,12 +267,42 @@ def split_warning(examples: Sequence[Example], held: Sequence[Example], val_frac
 # --------------------------------------------------------------------------------------- features
 
 
-def load_feature_model(model_dir: Path, lora_dir: Path | None) -> Any:
-    """The base as the server loads it (fp32 on CPU), with the LoRA in ``lora_dir`` merged in when given."""
+@dataclass(frozen=True)
+class FeaturePrecision:
+    """How the features are computed: the served base's quantization and compute dtype, on a device."""
+
+    quantization: str  # resolved: "none", "nf4" or "int8"
+    dtype: torch.dtype
+    device: torch.device
+    reason: str  # why this dtype (the server's rule)
+
+    def to_record(self) -> dict[str, str]:
+        return {"quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def feature_precision(
+    model_dir: Path, spec: BaseModelSpec, device: str = "auto", dtype: str = "auto"
+) -> FeaturePrecision:
+    """The precision the server computes features in for ``spec`` (its quantization) under ``--device``
+    and ``--dtype``: a head fitted on fp32 features and served on an NF4 base flipped 24 of 136 answers
+    (an outside review), and its recorded metrics described another model."""
     from lorafleet_server.model import loader as model_loader
 
-    device = model_loader.resolve_device("auto")
-    model = model_loader.load_hf_model(model_dir, "none", device, model_loader.compute_dtype_for(device))
+    where = model_loader.resolve_device(device)
+    choice = model_loader.base_compute_dtype(model_dir, spec.fingerprint, spec.quantization, where, dtype)
+    return FeaturePrecision(spec.quantization, choice.dtype, where, choice.reason)
+
+
+def load_feature_model(model_dir: Path, lora_dir: Path | None, precision: FeaturePrecision | None = None) -> Any:
+    """The base as the server loads it (``precision``; default: unquantized in the device's default
+    dtype, fp32 on CPU), with the LoRA in ``lora_dir`` applied when given."""
+    from lorafleet_server.model import loader as model_loader
+
+    if precision is None:
+        device = model_loader.resolve_device("auto")
+        model = model_loader.load_hf_model(model_dir, "none", device, model_loader.compute_dtype_for(device))
+    else:
+        model = model_loader.load_hf_model(model_dir, precision.quantization, precision.device, precision.dtype)
     if lora_dir is not None:
         from peft import PeftModel
 
@@ -469,7 +503,9 @@ def train_classifier(
         raise TrainingDataError(str(config.data), too_long)
     if config.eval_data is not None and (too_long := over_length(val_ids, val_set, config.max_length)):
         raise TrainingDataError(str(config.eval_data), too_long)
-    model = load_feature_model(config.base_model_dir, lora_dir)  # after every check on the data
+    precision = feature_precision(config.base_model_dir, spec, config.device, config.dtype)
+    echo(f"features: {precision.quantization} base in {precision.to_record()['dtype']} ({precision.reason})")
+    model = load_feature_model(config.base_model_dir, lora_dir, precision)  # after every check on the data
     pad_id = pad_id_of(tokenizer)
     started = time.monotonic()
     x_train = pooled_features(model, train_ids, pad_id)  # [train, hidden]
@@ -508,6 +544,7 @@ def train_classifier(
             "prompt_format": spec.prompt_format,
             "model_id": spec.model_id,
             "served_quantization": spec.quantization,
+            "features": precision.to_record(),  # publish and the server refuse it on another quantization
         },
         "features_from": None if features_key is None else str(features_key),
         "data": {

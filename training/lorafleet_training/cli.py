@@ -179,7 +179,9 @@ def train_config_from_args(args: argparse.Namespace, model_dir: Path) -> Any:
     )
 
 
-def classifier_config_from_args(args: argparse.Namespace, model_dir: Path) -> Any:
+def classifier_config_from_args(
+    args: argparse.Namespace, model_dir: Path, device: str = "auto", dtype: str = "auto"
+) -> Any:
     from lorafleet_training.classifier import ClassifierConfig
 
     return ClassifierConfig(
@@ -197,6 +199,8 @@ def classifier_config_from_args(args: argparse.Namespace, model_dir: Path) -> An
         eval_generate=args.eval_generate,
         eval_data=args.eval_data,
         overwrite=args.overwrite,
+        device=device,
+        dtype=dtype,
     )
 
 
@@ -222,7 +226,16 @@ def _quiet_bitsandbytes_kernel_notice() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def run_train(args: argparse.Namespace, spec: BaseModelSpec, model_dir: Path, store: AdapterStore | None = None) -> int:
+def run_train(
+    args: argparse.Namespace,
+    spec: BaseModelSpec,
+    model_dir: Path,
+    store: Store | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> int:
+    """``device``, ``dtype``: the server's (--device, --dtype), which a head's features are computed in."""
     _quiet_bitsandbytes_kernel_notice()
     classifier = args.method == "classifier"
     others = LORA_ONLY_FLAGS if classifier else CLASSIFIER_ONLY_FLAGS
@@ -242,7 +255,7 @@ def run_train(args: argparse.Namespace, spec: BaseModelSpec, model_dir: Path, st
         try:
             from lorafleet_training.classifier import train_classifier
 
-            train_classifier(classifier_config_from_args(args, model_dir), spec, store)
+            train_classifier(classifier_config_from_args(args, model_dir, device, dtype), spec, store)
         except AdapterError as exc:
             return _fail(exc)
         return 0
@@ -456,7 +469,15 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_retrain(args: argparse.Namespace, store: Store, spec: BaseModelSpec, model_dir: Path) -> int:
+def run_retrain(
+    args: argparse.Namespace,
+    store: Store,
+    spec: BaseModelSpec,
+    model_dir: Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> int:
     """One line per stale adapter (published / refused / skipped / planned, with the reason).
 
     Exit 0 when every stale adapter was published (or planned, or none was stale), else 1.
@@ -476,6 +497,8 @@ def run_retrain(args: argparse.Namespace, store: Store, spec: BaseModelSpec, mod
             work_dir=args.work_dir,
             max_forgetting=margin,
             echo=lambda text: print(text, file=sys.stderr),
+            device=device,
+            dtype=dtype,
         )
     except AdapterError as exc:
         return _fail(exc)

@@ -251,6 +251,13 @@ def publish(
             f"than the base's now ({spec.prompt_format}): retrain it on this base"
         )
     if record.get("kind") == "head":
+        features = record["base"].get("features")  # None in records older than the field
+        if isinstance(features, dict) and features.get("quantization") != spec.quantization:
+            raise AdapterIncompatible(
+                f"{out_dir} is a head fitted on the features of a {features.get('quantization')} base; the "
+                f"store's base is served {spec.quantization}, whose features differ: train it again with "
+                f"--quantization {spec.quantization}"
+            )
         return _publish_head(out_dir, record, store, spec, require_improvement, adapter)
     verify_files(out_dir, record)
     metrics = _metrics(record)
@@ -489,8 +496,10 @@ def stale(store: Store, spec: BaseModelSpec) -> tuple[list[tuple[AdapterKey, str
                 continue
             if manifest.base_fingerprint != spec.fingerprint:
                 found.append((key, f"base {manifest.base_fingerprint}"))
-            elif not built_for(manifest, spec):  # the same weights, another tokenizer or chat template
+            elif prompt_formats_differ(manifest.base_prompt_format, spec.prompt_format):  # same weights, new template
                 found.append((key, f"prompt format {manifest.base_prompt_format} (this base: {spec.prompt_format})"))
+            elif not built_for(manifest, spec):  # a head fitted on another quantization's features
+                found.append((key, f"quantization {manifest.base_quantization} (this base: {spec.quantization})"))
     return found, unreadable
 
 

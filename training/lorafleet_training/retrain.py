@@ -116,10 +116,13 @@ def retrain_stale(
     work_dir: Path | None = None,
     max_forgetting: float | None = DEFAULT_MAX_FORGETTING,
     echo: Echo = print,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> list[RetrainOutcome]:
     """Retrain every stale adapter that can be; publish those at least as good as their old version.
 
     ``max_forgetting``: the forgetting margin a retrained LoRA must pass, as ``publish --max-forgetting``.
+    ``device``, ``dtype``: the server's, which a head's features are computed in (``feature_precision``).
     """
     stale, unreadable = stale_latest(store, spec, tenant)
     outcomes = [RetrainOutcome(key, "skipped", why) for key, why in unreadable]
@@ -127,7 +130,9 @@ def retrain_stale(
         metric = COMPARED_METRIC if manifest.kind == "head" else LORA_METRIC
         try:
             outcomes.append(
-                _retrain_one(store, spec, model_dir, key, manifest, dry_run, work_dir, max_forgetting, echo)
+                _retrain_one(
+                    store, spec, model_dir, key, manifest, dry_run, work_dir, max_forgetting, echo, (device, dtype)
+                )
             )
         except Exception as exc:  # one adapter's unexpected failure must not stop the fleet's retrain
             outcomes.append(RetrainOutcome(key, "refused", _failed(key, exc), metric=metric))
@@ -144,6 +149,7 @@ def _retrain_one(
     work_dir: Path | None,
     max_forgetting: float | None,
     echo: Echo,
+    compute: tuple[str, str] = ("auto", "auto"),
 ) -> RetrainOutcome:
     metric = COMPARED_METRIC if manifest.kind == "head" else LORA_METRIC
     try:
@@ -163,7 +169,7 @@ def _retrain_one(
             metric=metric,
         )
     if manifest.kind == "head":
-        return _retrain_head(store, spec, model_dir, key, plan, old_metric, work_dir, echo)
+        return _retrain_head(store, spec, model_dir, key, plan, old_metric, work_dir, echo, compute)
     return _retrain_lora(store, spec, model_dir, key, plan, old_metric, work_dir, max_forgetting, echo)
 
 
@@ -393,7 +399,9 @@ def _retrain_head(
     old_metric: float | None,
     work_dir: Path | None,
     echo: Echo,
+    compute: tuple[str, str] = ("auto", "auto"),
 ) -> RetrainOutcome:
+    """``compute``: the server's (device, dtype), which the features are computed in."""
     from lorafleet_training.classifier import ClassifierConfig, train_classifier
     from lorafleet_training.publish import publish
 
@@ -417,6 +425,8 @@ def _retrain_head(
             keep_data_ref=True,
             eval_generate="base_prompt_macro_f1" in old_metrics,
             eval_data=plan.eval_data,
+            device=compute[0],
+            dtype=compute[1],
         )
         echo(f"retraining {key} on base {spec.fingerprint[:19]}…")
         result = train_classifier(config, spec, store, echo=echo)

@@ -187,6 +187,30 @@ def choose_compute_dtype(
     return DtypeChoice(torch.bfloat16, f"native bf16 and the quality check passed ({check.describe()})")
 
 
+def base_compute_dtype(
+    model_dir: Path,
+    fingerprint: str,
+    quantization: str,
+    device: torch.device,
+    dtype: str | None,
+    features: CpuFeatures | None = None,
+) -> DtypeChoice:
+    """The compute dtype the server runs a base of resolved ``quantization`` in for ``--dtype``
+    ``dtype``: the device's default for "device" (or None) and for a quantized base under "auto"
+    (bitsandbytes keeps its rule), else ``choose_compute_dtype``. Training features for heads take
+    the same choice, so a head is fitted on the features it is served."""
+    if dtype is None or dtype == "device":
+        return DtypeChoice(compute_dtype_for(device), "the device's default (--dtype device)")
+    if quantization != "none" and dtype == "auto":
+        return DtypeChoice(compute_dtype_for(device), f"{quantization} computes in the device's default")
+    return choose_compute_dtype(
+        dtype,
+        device,
+        features if features is not None else cpu_features(),
+        lambda: cached_bf16_quality(model_dir, fingerprint),
+    )
+
+
 def compile_base(model: nn.Module) -> None:
     """torch.compile (inductor) the elementwise-heavy pieces of each decoder layer: its RMSNorms and
     its MLP. The MultiLoRALinear LoRA math runs outside the graphs (``torch.compiler.disable`` in
@@ -421,13 +445,7 @@ def load_base(
     quantization = resolve_quantization(quantization, device)
     features = cpu_features()
     spec = base_spec_from_files(model_dir, quantization, max_lora_rank, max_adapter_bytes)
-    if dtype is None or dtype == "device":
-        choice = DtypeChoice(compute_dtype_for(device), "the device's default (--dtype device)")
-    elif quantization != "none" and dtype == "auto":
-        # bitsandbytes keeps its rule: NF4/int8 compute in compute_dtype_for(device).
-        choice = DtypeChoice(compute_dtype_for(device), f"{quantization} computes in the device's default")
-    else:
-        choice = choose_compute_dtype(dtype, device, features, lambda: cached_bf16_quality(model_dir, spec.fingerprint))
+    choice = base_compute_dtype(model_dir, spec.fingerprint, quantization, device, dtype, features)
     compute = choice.dtype
     if quantization == "int8":
         quiet_int8_cast_warning()
