@@ -62,6 +62,7 @@ def test_a_lone_stop_string_is_one_stop_string() -> None:
     assert Sampling(stop="###").stop == ("###",)  # it went out as "#", "#", "#": stopped at any "#"
     assert list(convert.sampling_to_proto(Sampling(stop="END")).stop) == ["END"]
     assert Sampling(stop=["a", "b"]).stop == ("a", "b")  # type: ignore[arg-type]
+    assert Sampling(stop=None).stop == ()  # type: ignore[arg-type]  # OpenAI-style callers pass None
     for bad in (b"##", ("ok", 3), 7):
         with pytest.raises(TypeError, match="stop must"):
             Sampling(stop=bad)  # type: ignore[arg-type]

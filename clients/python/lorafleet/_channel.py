@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 
 from lorafleet.errors import REQUEST_ID_HEADER
+
+# The request ids a server keeps (its own rule, server/lorafleet_server/grpc/rpc.py).
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -85,9 +89,12 @@ def call_metadata(api_key: str | None, request_id: str | None, adapter: str = ""
     if api_key is not None:
         metadata.append(("authorization", f"Bearer {api_key}"))
     if request_id is not None:
-        if not _metadata_safe(request_id):
+        if not REQUEST_ID_PATTERN.fullmatch(request_id):
+            # The server keeps only such ids and replaced any other with a random one in silence, so a
+            # caller's logs and bills no longer matched the server's (an outside review).
             raise ValueError(
-                f"request_id must be printable ASCII (it is sent as gRPC metadata), got {request_id[:80]!r}"
+                "request_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-' (the server "
+                f"replaces any other id with its own), got {request_id[:80]!r}"
             )
         metadata.append((REQUEST_ID_HEADER, request_id))
     if adapter and _metadata_safe(adapter):

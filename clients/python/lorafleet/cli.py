@@ -1,4 +1,4 @@
-"""The lorafleet-client command: generate, info and tokenize against a lorafleet server.
+"""The lorafleet-client command: generate, info, tokenize and classify against a lorafleet server.
 
 A parent CLI can mount ``generate`` with add_generate_arguments() and run_generate().
 """

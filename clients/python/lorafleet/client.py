@@ -154,6 +154,10 @@ class LoraFleetClient:
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
+        except ValueError:  # close() from another thread after the check: gRPC's "Channel closed!"
+            if self._closed:
+                raise client_closed() from None
+            raise
         return response, replica_of(call.initial_metadata())
 
     # Inference
@@ -186,11 +190,15 @@ class LoraFleetClient:
         """Like generate(), but returns the text chunks as they are decoded (see GenerationStream)."""
         self._check_open()
         request = convert.fill_generate_request(ipb.GenerateStreamRequest(), prompt, messages, adapter, sampling)
-        call = self._inference.GenerateStream(
-            request,
-            timeout=pick_timeout(timeout, self._timeout),
-            metadata=call_metadata(self._api_key, request_id, request.adapter),
-        )
+        metadata = call_metadata(self._api_key, request_id, request.adapter)
+        try:
+            call = self._inference.GenerateStream(
+                request, timeout=pick_timeout(timeout, self._timeout), metadata=metadata
+            )
+        except ValueError:  # close() from another thread after the check: gRPC's "Channel closed!"
+            if self._closed:
+                raise client_closed() from None
+            raise
         return GenerationStream(call)
 
     def tokenize(

@@ -20,11 +20,14 @@ class Sampling:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
-    stop: tuple[str, ...] = ()  # a lone string is one stop string, as in OpenAI's API (not its characters)
+    # a lone string is one stop string, as in OpenAI's API (not its characters); None is none, as there
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         stop: object = self.stop
-        if isinstance(stop, str):
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
             stop = (stop,)
         elif isinstance(stop, bytes) or not isinstance(stop, Iterable):
             raise TypeError(f"stop must be a string or a sequence of strings, got {type(stop).__name__}")
