@@ -280,13 +280,13 @@ def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="its tenant's running requests at most (the smallest any active key of the tenant sets applies; "
         "default: none)",
     )
-    add_server_arguments(create, exclude=("max_waiting",))
+    add_server_arguments(create, exclude=("max_waiting",), shown=KEYS_SETTINGS)
     lst = keys_sub.add_parser("list", help="list keys (never their secrets or hashes)")
     lst.add_argument("--json", action="store_true", help="one JSON array instead of tab-separated lines")
-    add_server_arguments(lst)
+    add_server_arguments(lst, shown=KEYS_SETTINGS)
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (revoking twice is fine)")
     revoke.add_argument("key_id", help="the key's id, as `lorafleet keys list` shows it")
-    add_server_arguments(revoke)
+    add_server_arguments(revoke, shown=KEYS_SETTINGS)
 
 
 TRAINING_COMMANDS = ("train", "publish", "publish-prompt", "retrain")
@@ -344,6 +344,15 @@ def _forward_generate(argv: list[str]) -> int:
     return 0  # not reached: execv replaces this process
 
 
+# The server settings each kind of subcommand reads, the ones its --help lists (it accepts all).
+LOG_SETTINGS = ("log_level", "log_format")
+KEYS_SETTINGS = ("data_dir", "keys_file", *LOG_SETTINGS)
+STORE_SETTINGS = ("data_dir", "adapter_store", "s3_endpoint_url", *LOG_SETTINGS)
+MODEL_SETTINGS = ("model", "quantization", "device", "max_lora_rank", "max_adapter_bytes")
+BASE_SETTINGS = (*STORE_SETTINGS, *MODEL_SETTINGS)  # the store, and the base its adapters are checked against
+TRAIN_SETTINGS = (*BASE_SETTINGS, "dtype")  # and the compute dtype a head's features are computed in
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole CLI. A training command's options are added only when that command runs (building
     them imports the training package, which serving never does)."""
@@ -360,35 +369,35 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if command == "train":
             _require_train_extra()
             training.add_train_arguments(train)
-            add_server_arguments(train)
+            add_server_arguments(train, shown=TRAIN_SETTINGS)
         elif command == "publish":
             training.add_publish_arguments(publish)
-            add_server_arguments(publish)
+            add_server_arguments(publish, shown=BASE_SETTINGS)
         elif command == "retrain":
             _require_train_extra()
             training.add_retrain_arguments(retrain)
-            add_server_arguments(retrain)
+            add_server_arguments(retrain, shown=TRAIN_SETTINGS)
         else:
             training.add_publish_prompt_arguments(publish_prompt)
-            add_server_arguments(publish_prompt)
+            add_server_arguments(publish_prompt, shown=BASE_SETTINGS)
     serve = sub.add_parser("serve", help="start the gRPC server")
     add_server_arguments(serve)
     prepare = sub.add_parser("prepare-model", help="convert the default model to its safetensors cache")
-    add_server_arguments(prepare)
+    add_server_arguments(prepare, shown=("data_dir", "model", *LOG_SETTINGS))
     adapters = sub.add_parser("adapters", help="the adapter store")
     adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
     imp = adapters_sub.add_parser("import", help="verify a PEFT adapter directory and publish it")
     imp.add_argument("src", type=Path, help="PEFT adapter directory (adapter_config.json + safetensors)")
     imp.add_argument("reference", help="tenant/name")
-    add_server_arguments(imp)
+    add_server_arguments(imp, shown=BASE_SETTINGS)
     lst = adapters_sub.add_parser("list", help="list adapters and versions in the store")
     lst.add_argument("--tenant", default=None)
-    add_server_arguments(lst)
+    add_server_arguments(lst, shown=STORE_SETTINGS)
     stale = adapters_sub.add_parser("stale", help="list adapters built for another base than the server's")
     stale.add_argument(
         "--store", default=None, help="adapter store: a directory or s3://BUCKET/PREFIX (default: the server's)"
     )
-    add_server_arguments(stale)
+    add_server_arguments(stale, shown=BASE_SETTINGS)
     _add_keys_parser(sub)
     sub.add_parser("generate", help="call a running server (runs `lorafleet-client generate`)", add_help=False)
     sub.add_parser("classify", help="classify with a head adapter (runs `lorafleet-client classify`)", add_help=False)

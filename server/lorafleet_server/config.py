@@ -365,32 +365,46 @@ def _field_specs() -> list[_FieldSpec]:
     return specs
 
 
-def add_server_arguments(parser: argparse.ArgumentParser, exclude: Collection[str] = ()) -> None:
+def add_server_arguments(
+    parser: argparse.ArgumentParser, exclude: Collection[str] = (), shown: Collection[str] | None = None
+) -> None:
     """One flag per ServerConfig field, except the fields named in ``exclude`` (a subcommand whose own
     option has the same name, like ``keys create --max-waiting``; those fields then come from the
-    environment, the file or the default)."""
-    parser.add_argument("--config", type=Path, help="TOML file with a [server] table")
+    environment, the file or the default). ``shown``: the fields a subcommand reads, the only ones its
+    ``--help`` lists (every subcommand listed all ~55 of them); the others are still accepted, as the
+    same settings from the environment or the file are."""
+    if shown is None:
+        group: argparse._ActionsContainer = parser
+    else:
+        group = parser.add_argument_group(
+            "server settings",
+            "the ones this command reads; it accepts every other `lorafleet serve` setting too (see "
+            "`lorafleet serve --help`), as flags, LORAFLEET_<NAME> variables or --config",
+        )
+    group.add_argument("--config", type=Path, help="TOML file with a [server] table")
     for spec in _field_specs():
         if spec.name in exclude:
             continue
         env = "LORAFLEET_" + spec.name.upper()
         flag = "--" + spec.name.replace("_", "-")
+        listed = shown is None or spec.name in shown
         if spec.kind is bool:  # a switch: given means true; unset (None) leaves env, file and default
-            parser.add_argument(
+            help_text = f"{spec.help} (env {env}=true|false|1|0; default {str(spec.default).lower()})"
+            group.add_argument(
                 flag,
                 dest=spec.name,
                 action="store_true",
                 default=None,
-                help=f"{spec.help} (env {env}=true|false|1|0; default {str(spec.default).lower()})",
+                help=help_text if listed else argparse.SUPPRESS,
             )
             continue
-        parser.add_argument(
+        group.add_argument(
             flag,
             dest=spec.name,
             default=None,
             type=spec.kind,
             choices=spec.choices,
-            help=f"{spec.help} (env {env}; default {spec.default})",
+            help=f"{spec.help} (env {env}; default {spec.default})" if listed else argparse.SUPPRESS,
         )
 
 
