@@ -270,3 +270,21 @@ def test_a_head_fitted_on_another_quantization_is_refused_at_publish_and_by_the_
     with pytest.raises(AdapterIncompatible, match="features of the none base; this server's base is nf4"):
         check_servable(key, manifest, nf4)
     assert stale(store, nf4) == ([(key, "quantization none (this base: nf4)")], [])
+
+
+def test_a_head_is_published_only_beside_the_lora_it_was_trained_on(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec, peft_adapter: Any
+) -> None:
+    """Found by an outside review: a head kept only its LoRA's name and version, so published into
+    another store it read whatever LoRA had that name there, in silence. The record keeps the LoRA's
+    file checksums and publish compares them with the LoRA the target store holds."""
+    trained_against, other = AdapterStore(tmp_path / "a"), AdapterStore(tmp_path / "b")
+    trained_against.import_peft(peft_adapter(seed=7, r=8, target_modules=["q_proj"]), "acme", "support", tiny_spec)
+    other.import_peft(peft_adapter(seed=8, r=8, target_modules=["q_proj"]), "acme", "support", tiny_spec)
+    data = write_labelled(tmp_path / "intents.jsonl", labelled_rows(4))
+    train_head(tiny_model_dir, tiny_spec, tmp_path / "head", data, features_from="acme/support", store=trained_against)
+    with pytest.raises(AdapterIncompatible, match=r"acme/support@1 in .* is not the LoRA this head was trained"):
+        publish(tmp_path / "head", other, tiny_spec)
+    assert other.list("acme")[0].name == "support" and len(other.list("acme")) == 1  # nothing published
+    key = publish(tmp_path / "head", trained_against, tiny_spec)
+    assert trained_against.manifest(key).kind == "head"

@@ -491,6 +491,9 @@ def train_classifier(
         f"fingerprint {fingerprint[:19]}…"
     )
     features_key, lora_dir = _features_source(config, spec, store)
+    # The LoRA's files by checksum: publish checks the store it goes to holds this very LoRA under that
+    # name (a head published into another store read whatever LoRA had the name there).
+    features_files = dict(store.manifest(features_key).files) if features_key is not None and store else None
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.base_model_dir)
@@ -547,6 +550,7 @@ def train_classifier(
             "features": precision.to_record(),  # publish and the server refuse it on another quantization
         },
         "features_from": None if features_key is None else str(features_key),
+        "features_from_files": features_files,
         "data": {
             "path": str(Path(config.data).resolve()) if config.keep_data_ref else None,
             "fingerprint": fingerprint,

@@ -345,6 +345,22 @@ def retrain_record(record: Mapping[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def check_features_source(store: Store, features_from: AdapterKey | None, trained_files: Any) -> None:
+    """The LoRA version a head reads in ``store`` has the files (by checksum) it was trained with: a
+    head trained against one store and published into another read whatever LoRA had that name and
+    version there, in silence (an outside review). Records older than the field are not checked."""
+    if features_from is None or not isinstance(trained_files, dict):
+        return
+    held = store.manifest(features_from).files
+    differ = sorted(name for name, digest in trained_files.items() if held.get(name) != digest)
+    if differ:
+        raise AdapterIncompatible(
+            f"features_from {features_from} in {store.location} is not the LoRA this head was trained on "
+            f"({', '.join(differ)} differ): publish it into the store it was trained against, or train it "
+            "again on this store's LoRA"
+        )
+
+
 def _publish_head(
     out_dir: Path,
     record: Mapping[str, Any],
@@ -358,6 +374,7 @@ def _publish_head(
     from lorafleet_training.classifier import verify_head_files
 
     head = verify_head_files(out_dir, dict(record))
+    check_features_source(store, head.features_from, record.get("features_from_files"))
     metrics = _metrics(record)
     if require_improvement:
         check_head_improvement(metrics)
