@@ -682,26 +682,31 @@ def test_the_step_s_native_kernels_share_the_linears_pool(
 
 @pytest.mark.parametrize("held", ["ï¿½", "Ã"], ids=["replacement-character", "lone-utf8-byte"])
 @pytest.mark.parametrize("stop", [(), ("o\ufffd",)], ids=["no-stop", "stop-across-held-text"])
-def test_text_held_back_before_the_end_of_sequence_is_sent(
-    service: Service, monkeypatch: pytest.MonkeyPatch, held: str, stop: tuple[str, ...]
+@pytest.mark.parametrize("ending", ["end-of-sequence", "max-new-tokens"])
+def test_text_held_back_at_the_end_is_sent(
+    service: Service, monkeypatch: pytest.MonkeyPatch, held: str, stop: tuple[str, ...], ending: str
 ) -> None:
     """Found by an outside review: the detokenizer holds back text that ends in U+FFFD (a real one, or
     an incomplete UTF-8 sequence) until the next token completes it; when that token was the end of
     sequence, the text was dropped (the length and stop-token endings sent it). A stop string reaching
-    into that text still stops there. ``held``: the token in byte-level spelling (U+FFFD's three bytes,
-    or the lone byte 0xC3)."""
+    into that text still stops there, with finish reason "stop", whether the generation ends with the
+    end of sequence or at max_new_tokens (a mutation that reported the latter as "length" survived).
+    ``held``: the token in byte-level spelling (U+FFFD's three bytes, or the lone byte 0xC3)."""
     tok = service.engine.tokenizer
     last = tok.convert_tokens_to_ids(held)
     assert isinstance(last, int) and last != tok.unk_token_id
-    plan = iter([*tok.encode(" Hello", add_special_tokens=False), last, next(iter(service.engine.eos_token_ids))])
+    script = [*tok.encode(" Hello", add_special_tokens=False), last]
+    eos = ending == "end-of-sequence"
+    plan = iter([*script, next(iter(service.engine.eos_token_ids))] if eos else script)
     monkeypatch.setattr(engine_module, "sample_rows", lambda _logits, rows, **_kw: [next(plan) for _ in rows])
-    done = generate(service.engine, request("Say hi", max_new_tokens=16, stop=stop))
+    done = generate(service.engine, request("Say hi", max_new_tokens=16 if eos else len(script), stop=stop))
     whole = tok.decode(done.token_ids, skip_special_tokens=True)
     assert whole == " Hello\ufffd"
     if stop:
         assert (done.text, done.summary.finish_reason) == (" Hell", FinishReason.STOP)
     else:
-        assert (done.text, done.summary.finish_reason) == (whole, FinishReason.END_OF_SEQUENCE)
+        unstopped = FinishReason.END_OF_SEQUENCE if eos else FinishReason.LENGTH
+        assert (done.text, done.summary.finish_reason) == (whole, unstopped)
 
 
 @pytest.fixture(scope="module")

@@ -418,6 +418,30 @@ def test_preemption_victim_only_when_someone_waits_below_its_share() -> None:
     assert preemption_victim(2, pair, one, lambda _r: True, lambda _r: True) is pair[-1]
 
 
+def test_preemption_with_fractional_shares_takes_a_row_only_from_a_whole_row_over() -> None:
+    """Shares that are not whole rows (an outside mutation run: ``counts > share`` for ``counts - 1 >=
+    share`` survived, an extra preemption). Four rows, three tenants (4/3 each): a and b run two each,
+    c waits; neither runs a whole row above its share, so nobody is preempted (taking one would leave
+    its tenant below its share in turn). Three rows, a runs all three: b's 1.5 rows' worth gets one."""
+
+    weights = {"a": 1.0, "b": 1.25, "d": 0.75}
+
+    def run(rows: int, tenants: str, waiting: str) -> Item | None:
+        running = [Item(t, weights.get(t, 1.0)) for t in tenants]
+        q: FairQueue[Item] = FairQueue()
+        for t in waiting:
+            q.push(Item(t, weights.get(t, 1.0)))
+        return preemption_victim(rows, running, q, lambda _r: True, lambda _r: True)
+
+    assert run(4, "aabb", "c") is None
+    assert run(3, "aab", "b") is None  # b runs 1 of its 1.5: a second row would put it above
+    # Weighted shares of six rows: a 2, b 2.5, d 1.5. a runs a whole row over its share, but b, at 2 of
+    # its 2.5, would be over it with a third: b does not wait below its share, so a keeps its rows.
+    assert run(6, "aaabbd", "b") is None
+    victim = run(3, "aaa", "b")
+    assert victim is not None and victim.tenant == "a"
+
+
 def test_drain_lets_a_preempted_request_finish(service: Service) -> None:
     engine = service.engine
     flood = [submit(engine, as_tenant(request(PROMPT, rid=f"a{i}", max_new_tokens=60), "a"))[0] for i in range(4)]
