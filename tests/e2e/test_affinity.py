@@ -42,6 +42,9 @@ def test_client_sends_header_and_reads_replica(live: LiveServer) -> None:
     assert done.replica == HOST
     emb = live.client.embed("Hello", adapter="acme/support")
     assert emb.replica == HOST
+    # the call's request id, the caller's or the server's own (the client dropped it: an outside review)
+    assert live.client.embed("Hello", request_id="emb-1").request_id == "emb-1"
+    assert len(emb.request_id) == 32
     assert live.client.load_adapter("acme/support").startswith("acme/support@")
 
 
@@ -130,7 +133,8 @@ def test_streams_and_the_async_client_name_the_replica(live: LiveServer) -> None
         async with AsyncLoraFleetClient(live.target, timeout=60) as client:
             done = await client.generate("Hi", adapter="acme/support", sampling=few)
             streamed = await client.stream("Hi", adapter="acme/support", sampling=few).wait()
-            emb = await client.embed("Hi", adapter="acme/support")
+            emb = await client.embed("Hi", adapter="acme/support", request_id="emb-2")
+            assert emb.request_id == "emb-2"
             return done.replica, streamed.replica, emb.replica
 
     assert asyncio.run(run()) == (HOST, HOST, HOST)

@@ -110,8 +110,13 @@ def _metadata_safe(value: str) -> bool:
 
 def replica_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The ``x-lorafleet-replica`` of a response's metadata ("" when the server sent none)."""
+    return header_of(metadata, REPLICA_HEADER)
+
+
+def header_of(metadata: Iterable[tuple[str, str | bytes]] | None, name: str) -> str:
+    """The value of ``name`` in a response's metadata ("" when the server sent none)."""
     for key, value in metadata or ():
-        if key == REPLICA_HEADER:
+        if key == name:
             return value if isinstance(value, str) else value.decode("utf-8", "replace")
     return ""
 

@@ -18,11 +18,19 @@ from lorafleet._channel import (
     call_metadata,
     channel_credentials,
     channel_options,
+    header_of,
     pick_timeout,
     replica_of,
     resolve_api_key,
 )
-from lorafleet.errors import UnavailableError, channel_closed, client_closed, from_rpc_error, task_cancelled
+from lorafleet.errors import (
+    REQUEST_ID_HEADER,
+    UnavailableError,
+    channel_closed,
+    client_closed,
+    from_rpc_error,
+    task_cancelled,
+)
 from lorafleet.models import (
     AdapterInfo,
     Classification,
@@ -107,8 +115,9 @@ class AsyncLoraFleetClient:
         timeout: float | None,
         request_id: str | None = None,
         adapter: str = "",
-    ) -> tuple[_Response, str]:
-        """The response and the replica that sent it; ``adapter`` goes along as routing metadata."""
+    ) -> tuple[_Response, str, str]:
+        """The response, the replica that sent it and the call's request id (the server's, sent back as
+        ``x-request-id``); ``adapter`` goes along as routing metadata."""
         self._check_open()
         try:
             call = method(
@@ -118,13 +127,15 @@ class AsyncLoraFleetClient:
             )
             response = await call
             initial = await call.initial_metadata()  # type: ignore[attr-defined]
+            trailing = await call.trailing_metadata()  # type: ignore[attr-defined]
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         except asyncio.CancelledError:
             if task_cancelled():
                 raise
             raise channel_closed() from None  # close() under the call; no one cancelled this task
-        return response, replica_of(initial)
+        answered = (*(initial or ()), *(trailing or ()))
+        return response, replica_of(answered), header_of(answered, REQUEST_ID_HEADER)
 
     # Inference
 
@@ -140,7 +151,7 @@ class AsyncLoraFleetClient:
     ) -> Completion:
         """Generates a completion of ``prompt`` (plain text) or ``messages`` (a chat); give one."""
         request = convert.fill_generate_request(ipb.GenerateRequest(), prompt, messages, adapter, sampling)
-        response, replica = await self._unary_call(
+        response, replica, _ = await self._unary_call(
             self._inference.Generate, request, timeout, request_id, request.adapter
         )
         return convert.completion_from_proto(response.text, response.summary, replica)
@@ -192,8 +203,10 @@ class AsyncLoraFleetClient:
         request = ipb.EmbedRequest(
             text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=convert.adapter_field(adapter)
         )
-        response, replica = await self._unary_call(self._inference.Embed, request, timeout, request_id, request.adapter)
-        return convert.embedding_from_proto(response, replica)
+        response, replica, rid = await self._unary_call(
+            self._inference.Embed, request, timeout, request_id, request.adapter
+        )
+        return convert.embedding_from_proto(response, replica, rid)
 
     async def classify(
         self,
@@ -214,10 +227,10 @@ class AsyncLoraFleetClient:
             adapter=convert.adapter_field(adapter),
             top_k=convert.check_wire_int("top_k", top_k, 0, convert.UINT32_MAX),
         )
-        response, replica = await self._unary_call(
+        response, replica, rid = await self._unary_call(
             self._inference.Classify, request, timeout, request_id, request.adapter
         )
-        return convert.classification_from_proto(response, replica)
+        return convert.classification_from_proto(response, replica, rid)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The base model and the server's limits."""

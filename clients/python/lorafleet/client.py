@@ -20,12 +20,13 @@ from lorafleet._channel import (
     call_metadata,
     channel_credentials,
     channel_options,
+    header_of,
     pick_timeout,
     replica_of,
     resolve_api_key,
 )
 from lorafleet.aio import AsyncLoraFleetClient
-from lorafleet.errors import LoraFleetError, UnavailableError, client_closed, from_rpc_error
+from lorafleet.errors import REQUEST_ID_HEADER, LoraFleetError, UnavailableError, client_closed, from_rpc_error
 from lorafleet.models import (
     AdapterInfo,
     AdapterManifest,
@@ -143,8 +144,9 @@ class LoraFleetClient:
         timeout: float | None,
         request_id: str | None = None,
         adapter: str = "",
-    ) -> tuple[_Response, str]:
-        """The response and the replica that sent it; ``adapter`` goes along as routing metadata."""
+    ) -> tuple[_Response, str, str]:
+        """The response, the replica that sent it and the call's request id (the server's, sent back as
+        ``x-request-id``); ``adapter`` goes along as routing metadata."""
         self._check_open()
         try:
             response, call = method.with_call(  # type: ignore[attr-defined]
@@ -158,7 +160,8 @@ class LoraFleetClient:
             if self._closed:
                 raise client_closed() from None
             raise
-        return response, replica_of(call.initial_metadata())
+        answered = (*call.initial_metadata(), *call.trailing_metadata())
+        return response, replica_of(answered), header_of(answered, REQUEST_ID_HEADER)
 
     # Inference
 
@@ -174,7 +177,7 @@ class LoraFleetClient:
     ) -> Completion:
         """Generates a completion of ``prompt`` (plain text) or ``messages`` (a chat); give one."""
         request = convert.fill_generate_request(ipb.GenerateRequest(), prompt, messages, adapter, sampling)
-        response, replica = self._unary_call(self._inference.Generate, request, timeout, request_id, request.adapter)
+        response, replica, _ = self._unary_call(self._inference.Generate, request, timeout, request_id, request.adapter)
         return convert.completion_from_proto(response.text, response.summary, replica)
 
     def stream(
@@ -228,8 +231,8 @@ class LoraFleetClient:
         request = ipb.EmbedRequest(
             text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=convert.adapter_field(adapter)
         )
-        response, replica = self._unary_call(self._inference.Embed, request, timeout, request_id, request.adapter)
-        return convert.embedding_from_proto(response, replica)
+        response, replica, rid = self._unary_call(self._inference.Embed, request, timeout, request_id, request.adapter)
+        return convert.embedding_from_proto(response, replica, rid)
 
     def classify(
         self,
@@ -250,8 +253,10 @@ class LoraFleetClient:
             adapter=convert.adapter_field(adapter),
             top_k=convert.check_wire_int("top_k", top_k, 0, convert.UINT32_MAX),
         )
-        response, replica = self._unary_call(self._inference.Classify, request, timeout, request_id, request.adapter)
-        return convert.classification_from_proto(response, replica)
+        response, replica, rid = self._unary_call(
+            self._inference.Classify, request, timeout, request_id, request.adapter
+        )
+        return convert.classification_from_proto(response, replica, rid)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The base model and the server's limits."""

@@ -182,12 +182,13 @@ def tokens_to_proto(tokens: Tokens) -> ipb.TokenizeResponse:
     return ipb.TokenizeResponse(token_ids=tokens.ids, tokens=tokens.tokens)
 
 
-def embedding_from_proto(response: ipb.EmbedResponse, replica: str = "") -> Embedding:
+def embedding_from_proto(response: ipb.EmbedResponse, replica: str = "", request_id: str = "") -> Embedding:
     return Embedding(
         values=list(response.embedding),
         prompt_tokens=response.prompt_tokens,
         adapter=response.adapter,
         replica=replica,
+        request_id=request_id,
     )
 
 
@@ -197,12 +198,15 @@ def embedding_to_proto(embedding: Embedding) -> ipb.EmbedResponse:
     )
 
 
-def classification_from_proto(response: ipb.ClassifyResponse, replica: str = "") -> Classification:
+def classification_from_proto(
+    response: ipb.ClassifyResponse, replica: str = "", request_id: str = ""
+) -> Classification:
     return Classification(
         labels=[LabelScore(label=s.label, probability=s.probability) for s in response.labels],
         prompt_tokens=response.prompt_tokens,
         adapter=response.adapter,
         replica=replica,
+        request_id=request_id,
     )
 
 

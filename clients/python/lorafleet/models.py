@@ -77,6 +77,7 @@ class Embedding:
     prompt_tokens: int
     adapter: str
     replica: str = ""  # the replica that answered, as in Completion
+    request_id: str = ""  # the server's id of the call (x-request-id: the one given, else its own)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Classification:
     prompt_tokens: int
     adapter: str  # the concrete head version, "tenant/name@version"
     replica: str = ""  # the replica that answered, as in Completion
+    request_id: str = ""  # the server's id of the call (x-request-id: the one given, else its own)
 
     @property
     def label(self) -> str:
