@@ -375,3 +375,17 @@ def test_cli_train_classifier_then_publish(
     )
     assert "error: --C: for --method classifier only, not --method lora" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
+
+
+def test_the_eval_data_scan_is_recorded_beside_the_training_data_scan(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec
+) -> None:
+    """--eval-data was scanned (and redacted with --pii redact) but its report was thrown away: the
+    record said nothing of the PII in the held-out file (an outside review)."""
+    data = write_labelled(tmp_path / "d.jsonl", labelled_rows(4))
+    held_out = [*labelled_rows(1), {"text": "mail me at jane.doe@example.com", "label": "account"}]
+    eval_data = write_labelled(tmp_path / "eval.jsonl", held_out)
+    trained = train_head(tiny_model_dir, tiny_spec, tmp_path / "out", data, eval_data=eval_data, pii="redact")
+    assert trained.record["pii_scan"]["findings"] == 0
+    scan = trained.record["eval_pii_scan"]
+    assert (scan["mode"], scan["findings"], scan["by_kind"]) == ("redact", 1, {"email": 1})

@@ -258,6 +258,7 @@ def test_eval_data_overlap_is_a_recorded_warning(
     result = train(config, tiny_spec, progress=False, echo=said.append)
     assert result.record["data"]["val_overlap"] == 3
     assert json.loads((config.out_dir / RECORD_FILE).read_text())["data"]["val_overlap"] == 3
+    assert result.record["eval_pii_scan"]["examples_scanned"] == 4  # --eval-data's own scan is kept
     assert any("3 of 4 evaluation prompts also occur in the training data" in line for line in said)
 
 

@@ -470,12 +470,14 @@ def train_classifier(
         raise TrainingDataError(str(config.data), [DataIssue(0, f"{len(label_names)} labels; at most {MAX_LABELS}")])
     fingerprint = data_mod.fingerprint(examples)
     eval_fingerprint = None
+    eval_pii: PiiReport | None = None
     if config.eval_data is None:
         train_set, val_set = stratified_split(examples, config.val_fraction, config.seed)
         if (note := split_warning(examples, val_set, config.val_fraction)) is not None:
             echo(note)
     else:
-        train_set, val_set = list(examples), _load_checked(config.eval_data, config.pii, echo)[0]
+        val_set, eval_pii = _load_checked(config.eval_data, config.pii, echo)
+        train_set = list(examples)
         eval_fingerprint = data_mod.fingerprint(val_set)
         unknown = sorted({e.completion for e in val_set} - set(label_names))
         if unknown:
@@ -566,6 +568,7 @@ def train_classifier(
             "val_overlap": shared,  # held-out examples whose text also occurs in training (0 for a split)
         },
         "pii_scan": pii_report.to_record(),
+        "eval_pii_scan": eval_pii.to_record() if eval_pii is not None else None,  # --eval-data's own scan
         "hyperparameters": config.hyperparameters(),
         "eval_metrics": metrics,
         "classification": report,

@@ -192,7 +192,8 @@ def train(
     template = data_mod.load_prompt_template(config.compare_prompt) if config.compare_prompt else None
 
     examples, pii_report = _load_checked(config.data, config.pii, echo)
-    eval_examples = _load_checked(config.eval_data, config.pii, echo)[0] if config.eval_data else None
+    checked_eval = _load_checked(config.eval_data, config.pii, echo) if config.eval_data else None
+    eval_examples = checked_eval[0] if checked_eval is not None else None
     fingerprint = data_mod.fingerprint(examples)
     if eval_examples is None:
         train_set, val_set = data_mod.split(examples, config.val_fraction, config.seed)
@@ -288,6 +289,8 @@ def train(
         template=template,
     )
     record["forgetting"] = forgetting
+    # --eval-data's own scan (what --pii redact or allow did to it); the manifest's pii_scan is --data's
+    record["eval_pii_scan"] = checked_eval[1].to_record() if checked_eval is not None else None
     written = write_training_dir(
         config.out_dir, lambda d: model.save_pretrained(str(d)), record, spec, config.overwrite
     )
