@@ -241,11 +241,21 @@ class AsyncLoraFleetClient:
 
     # Adapter administration (admin role)
 
-    async def list_adapters(self, tenant: str = "", *, timeout: float | None = None) -> list[AdapterInfo]:
-        """The adapters in the store, only ``tenant``'s when given."""
-        request = apb.ListAdaptersRequest(tenant=tenant)
-        response: apb.ListAdaptersResponse = await self._unary(self._adapters.ListAdapters, request, timeout)
-        return [convert.adapter_from_proto(a) for a in response.adapters]
+    async def list_adapters(
+        self, tenant: str = "", *, page_size: int = 0, timeout: float | None = None
+    ) -> list[AdapterInfo]:
+        """The adapters in the store, only ``tenant``'s when given: every page of ListAdapters
+        (``page_size`` adapters a call, 0: the server's default), ``timeout`` per call."""
+        size = convert.check_wire_int("page_size", page_size, 0, convert.UINT32_MAX)
+        found: list[AdapterInfo] = []
+        token = ""
+        while True:
+            request = apb.ListAdaptersRequest(tenant=tenant, page_size=size, page_token=token)
+            response: apb.ListAdaptersResponse = await self._unary(self._adapters.ListAdapters, request, timeout)
+            found.extend(convert.adapter_from_proto(a) for a in response.adapters)
+            token = response.next_page_token
+            if not token:
+                return found
 
     async def get_adapter(self, ref: str, *, timeout: float | None = None) -> AdapterInfo:
         """One adapter, ``ref`` = "tenant/name"."""

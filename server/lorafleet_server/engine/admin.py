@@ -47,12 +47,26 @@ class AdapterAdmin:
         self._engine = engine
         self._manager = engine.adapters
 
-    def list(self, tenant: str = "") -> list[AdapterView]:
+    def page(
+        self, tenant: str = "", after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> tuple[list[AdapterView], tuple[str, str] | None]:
+        """The adapters (of ``tenant``) after ``after`` (tenant, name) in tenant and name order, at most
+        ``limit`` of them (None: all); and the last one's (tenant, name) when more follow, else None.
+        Only the page's versions are read (manifests, tiers): a listing of thousands of versions did
+        not fit one gRPC response."""
         if tenant:
             check_ident(tenant, "tenant")
-        summaries = self._manager.list_store(tenant or None)
-        slots = self._slots() if summaries else {}  # one snapshot for the whole listing
-        return [self._view(s.tenant, s.name, s.latest, s.versions, slots) for s in summaries]
+        summaries = sorted(self._manager.list_store(tenant or None), key=lambda s: (s.tenant, s.name))
+        if after is not None:
+            summaries = [s for s in summaries if (s.tenant, s.name) > after]
+        more = limit is not None and len(summaries) > limit
+        summaries = summaries[:limit] if limit is not None else summaries
+        slots = self._slots() if summaries else {}  # one snapshot for the whole page
+        views = [self._view(s.tenant, s.name, s.latest, s.versions, slots) for s in summaries]
+        return views, ((views[-1].tenant, views[-1].name) if more else None)
+
+    def list(self, tenant: str = "") -> list[AdapterView]:
+        return self.page(tenant)[0]
 
     def get(self, reference: str) -> AdapterView:
         ref = AdapterRef.parse(reference)

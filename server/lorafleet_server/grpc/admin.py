@@ -18,6 +18,9 @@ from lorafleet_server.grpc.auth import check_admin_view, listed_tenant
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import unary_rpc
 
+DEFAULT_PAGE_SIZE = 100  # adapters per ListAdapters page when the request names no size
+MAX_PAGE_SIZE = 1000  # a larger page_size is taken as this (each adapter carries every version's manifest)
+
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
     def __init__(self, admin: AdapterAdmin, calls: CallObserver) -> None:
@@ -30,11 +33,15 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
     ) -> adapters_pb2.ListAdaptersResponse:
         if request.tenant:
             check_ident(request.tenant, "tenant")  # a bad name is INVALID_ARGUMENT for every caller
+        after = convert.page_cursor(request.page_token)  # a bad token is INVALID_ARGUMENT for every caller
         tenant = listed_tenant(record.principal, request.tenant)
         if tenant is None:  # another tenant's: empty, as a tenant without adapters
             return adapters_pb2.ListAdaptersResponse()
-        views = await asyncio.to_thread(self._admin.list, tenant)
-        return adapters_pb2.ListAdaptersResponse(adapters=[convert.adapter_pb(v) for v in views])
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        views, last = await asyncio.to_thread(self._admin.page, tenant, after, size)
+        return adapters_pb2.ListAdaptersResponse(
+            adapters=[convert.adapter_pb(v) for v in views], next_page_token=convert.page_token(last)
+        )
 
     @unary_rpc("GetAdapter", adapter=True)
     async def GetAdapter(

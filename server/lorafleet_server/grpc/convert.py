@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
+from lorafleet_adapters.errors import InvalidAdapterRef
 from lorafleet_adapters.manifest import Manifest
-from lorafleet_adapters.ref import AdapterRef
+from lorafleet_adapters.ref import AdapterRef, check_ident
 from lorafleet_proto.v1 import adapters_pb2, inference_pb2
 from lorafleet_server.engine.admin import AdapterView, Tier
 from lorafleet_server.engine.prompts import check_turn_count
@@ -186,6 +188,27 @@ def manifest_pb(m: Manifest) -> adapters_pb2.AdapterManifest:
         training_data_fingerprint=m.training_data_fingerprint or "",
         eval_metrics={k: float(v) for k, v in m.eval_metrics.items()},
     )
+
+
+def page_token(last: tuple[str, str] | None) -> str:
+    """ListAdapters' next_page_token after the adapter ``last`` (tenant, name); "" when none follows.
+    Opaque to clients (base64), and a cursor, not an offset: adapters published between two pages
+    neither repeat nor shift the rest."""
+    if last is None:
+        return ""
+    return base64.urlsafe_b64encode(f"{last[0]}/{last[1]}".encode()).decode().rstrip("=")
+
+
+def page_cursor(token: str) -> tuple[str, str] | None:
+    """The (tenant, name) a page_token continues after; None for "" (the first page)."""
+    if not token:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+        tenant, name = text.split("/")
+        return check_ident(tenant, "tenant"), check_ident(name, "adapter name")
+    except (ValueError, InvalidAdapterRef):  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise InvalidRequest("page_token is not a next_page_token this server returned") from None
 
 
 def adapter_pb(view: AdapterView) -> adapters_pb2.Adapter:
