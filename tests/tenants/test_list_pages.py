@@ -21,7 +21,8 @@ from lorafleet_server.grpc.server import BackgroundServer
 from lorafleet_server.tenants.keys import PepperSource, create_key
 
 ACME = [f"acme/p{i}" for i in range(5)]
-ALL = sorted([*ACME, "beta/only", "zed/last"])
+# More than a page of 100 (the Python clients' size), so "page_size 0 is everything" can be told apart.
+ALL = sorted([*ACME, "beta/only", *(f"zed/z{i:03d}" for i in range(110))])
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +64,10 @@ def pages(target: str, key: str, size: int, tenant: str = "") -> list[tuple[list
 
 def test_pages_of_page_size_in_order_each_adapter_once(served: tuple[str, dict[str, str]]) -> None:
     target, keys = served
-    got = pages(target, keys["ops"], 3)
-    assert [names for names, _ in got] == [ALL[0:3], ALL[3:6], ALL[6:7]]
+    got = pages(target, keys["ops"], 50)
+    assert [names for names, _ in got] == [ALL[0:50], ALL[50:100], ALL[100:]]
     assert all(token for _, token in got[:-1]) and got[-1][1] == ""
-    assert pages(target, keys["ops"], 0) == [(ALL, "")]  # 0: the server's default (100)
+    assert pages(target, keys["ops"], 0) == [(ALL, "")]  # 0: all in one, as a client from before pages asks
     assert pages(target, keys["ops"], 10**9) == [(ALL, "")]  # past the maximum: the maximum
     # a tenant key pages through its own adapters only, whatever tenant it names
     assert [n for names, _ in pages(target, keys["acme"], 2) for n in names] == ACME
@@ -88,11 +89,11 @@ def test_a_page_token_the_server_did_not_issue_is_invalid_argument(served: tuple
 def test_the_clients_read_every_page(served: tuple[str, dict[str, str]]) -> None:
     target, keys = served
     with LoraFleetClient(target, api_key=keys["ops"], timeout=30) as client:
-        assert [a.ref for a in client.list_adapters(page_size=2)] == ALL
+        assert [a.ref for a in client.list_adapters(page_size=7)] == ALL
         assert [a.ref for a in client.list_adapters()] == ALL
 
     async def listed() -> list[str]:
         async with AsyncLoraFleetClient(target, api_key=keys["ops"], timeout=30) as client:
-            return [a.ref for a in await client.list_adapters(page_size=2)]
+            return [a.ref for a in await client.list_adapters(page_size=7)]
 
     assert asyncio.run(listed()) == ALL

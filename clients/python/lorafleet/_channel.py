@@ -17,6 +17,7 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+LIST_PAGE_SIZE = 100  # adapters per ListAdapters call (each carries every version's manifest)
 API_KEY_ENV = "LORAFLEET_API_KEY"
 # Affinity (docs/fleet.md): a proxy routes on the adapter header; the answering replica names itself.
 ADAPTER_HEADER = "x-lorafleet-adapter"

@@ -16,6 +16,7 @@ from lorafleet import convert
 from lorafleet._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
+    LIST_PAGE_SIZE,
     TlsOption,
     call_metadata,
     channel_credentials,
@@ -267,9 +268,12 @@ class LoraFleetClient:
 
     # Adapter administration (admin role)
 
-    def list_adapters(self, tenant: str = "", *, page_size: int = 0, timeout: float | None = None) -> list[AdapterInfo]:
+    def list_adapters(
+        self, tenant: str = "", *, page_size: int = LIST_PAGE_SIZE, timeout: float | None = None
+    ) -> list[AdapterInfo]:
         """The adapters in the store, only ``tenant``'s when given: every page of ListAdapters
-        (``page_size`` adapters a call, 0: the server's default), ``timeout`` per call."""
+        (``page_size`` adapters a call; 0: all in one, which a large store may not fit), ``timeout``
+        per call."""
         size = convert.check_wire_int("page_size", page_size, 0, convert.UINT32_MAX)
         found: list[AdapterInfo] = []
         token = ""

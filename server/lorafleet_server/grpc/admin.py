@@ -18,7 +18,6 @@ from lorafleet_server.grpc.auth import check_admin_view, listed_tenant
 from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import unary_rpc
 
-DEFAULT_PAGE_SIZE = 100  # adapters per ListAdapters page when the request names no size
 MAX_PAGE_SIZE = 1000  # a larger page_size is taken as this (each adapter carries every version's manifest)
 
 
@@ -37,7 +36,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
         tenant = listed_tenant(record.principal, request.tenant)
         if tenant is None:  # another tenant's: empty, as a tenant without adapters
             return adapters_pb2.ListAdaptersResponse()
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        # 0: everything, the contract before pages (a client that knows no page_size would see only the
+        # first page and take it for the whole store); the Python clients ask for pages.
+        size = min(request.page_size, MAX_PAGE_SIZE) if request.page_size else None
         views, last = await asyncio.to_thread(self._admin.page, tenant, after, size)
         return adapters_pb2.ListAdaptersResponse(
             adapters=[convert.adapter_pb(v) for v in views], next_page_token=convert.page_token(last)
