@@ -264,8 +264,10 @@ def test_train_refuses_an_output_it_would_destroy_before_training(
 
 def test_an_output_path_through_dot_dot_is_placed_where_it_resolves(tmp_path: Path) -> None:
     """``--out other/sub/..`` staged beside ``other/sub/..`` inside ``other``, and ``--overwrite``
-    deleted ``other`` with the staged output in it."""
-    from lorafleet_training.publish import place_output, staging_dir
+    deleted ``other`` with the staged output in it. Through a symbolic link (``d/l/..`` with ``d/l ->
+    elsewhere/z``) the checks see ``elsewhere``, as the system does, and so does the placing: a lexical
+    normalisation placed it over ``d``, the training data with it (the diff review)."""
+    from lorafleet_training.publish import check_out_dir, place_output, staging_dir
 
     (tmp_path / "other" / "sub").mkdir(parents=True)
     (tmp_path / "other" / "old.txt").write_text("replaced")
@@ -276,3 +278,15 @@ def test_an_output_path_through_dot_dot_is_placed_where_it_resolves(tmp_path: Pa
     place_output(stage, out, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["adapter.txt"]
     assert not stage.exists()
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "elsewhere" / "z").mkdir(parents=True)
+    (tmp_path / "d" / "train.jsonl").write_text("data")
+    (tmp_path / "d" / "l").symlink_to(tmp_path / "elsewhere" / "z")
+    linked = tmp_path / "d" / "l" / ".."
+    check_out_dir(linked, True, [tmp_path / "d" / "train.jsonl"])  # `elsewhere` holds no input
+    stage = staging_dir(linked)
+    (stage / "adapter.txt").write_text("trained")
+    place_output(stage, linked, overwrite=True)
+    assert (tmp_path / "d" / "train.jsonl").read_text() == "data"
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["adapter.txt"]

@@ -110,7 +110,9 @@ def staging_dir(out_dir: Path) -> Path:
     """A fresh directory beside `out_dir` to stage its output in (same filesystem: ``place_output`` renames).
     A parent that cannot hold it (a file in the path, no permission, a full disk) is a TrainingError:
     it surfaced after all the training as a traceback, the model lost (an outside review)."""
-    out_dir = Path(os.path.abspath(out_dir))  # `x/..`: beside x's parent, never inside the output
+    # Where the system puts `x/..` (through any symlink on the way, as check_out_dir's checks see it):
+    # staged beside that, never inside the output; a lexical normalisation went elsewhere after a link.
+    out_dir = Path(out_dir).resolve()
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -125,7 +127,7 @@ def place_output(stage: Path, out_dir: Path, overwrite: bool) -> None:
     here the staged output is kept and ``OutputNotPlaced`` names it: it was deleted with the error, and
     the whole training run with it.
     """
-    out_dir = Path(os.path.abspath(out_dir))  # the same path staging_dir put the stage beside
+    out_dir = Path(out_dir).resolve()  # the same path staging_dir put the stage beside
     try:
         check_out_dir(out_dir, overwrite)
         if Path(stage).resolve().is_relative_to(out_dir.resolve()):  # never delete the output with it
