@@ -195,6 +195,13 @@ class Metrics:
             "first), while it drains or stops, and once its engine has stopped taking requests.",
             registry=r,
         )
+        self.started = Gauge(
+            "lorafleet_start_time_seconds",
+            "Unix time this server process started (its metrics were made): how long it has been not ready, "
+            "and how often it restarts.",
+            registry=r,
+        )
+        self.started.set(time.time())
         for tier in TIERS:
             for family in (self.cache_hits, self.cache_misses, self.evictions, self.loads, self.resident):
                 family.labels(tier=tier)

@@ -261,29 +261,56 @@ def test_a_store_that_stopped_answering_warns_and_an_idle_one_does_not(tmp_path:
 
 def test_a_replica_up_but_not_serving_pages_and_a_slow_load_does_not(tmp_path: Path) -> None:
     """The metrics port opens before the model loads (a long load was "down" and paged LorafleetDown);
-    ``lorafleet_ready`` says whether the replica serves. A load of 8 minutes, then serving, does not
-    page; a replica not serving for 10 minutes (stuck loading, or a crashed engine) does."""
+    ``lorafleet_ready`` says whether the replica serves, ``lorafleet_start_time_seconds`` since when it
+    runs. A load of 8 minutes, then serving, does not page; a process not serving 10 minutes after its
+    start (stuck loading, or a crashed engine) does. A replica that fails to load and restarts every 4
+    minutes leaves gaps in its series (which reset a pending ``for``): it pages as restarting."""
+    crash = " ".join(["0", "0", "0", "_"] + [f"{240 * k} {240 * k} {240 * k} _" for k in range(1, 8)])
     input_series = [
-        {"series": 'lorafleet_ready{instance="slow"}', "values": "0x8 1x12"},
-        {"series": 'lorafleet_ready{instance="stuck"}', "values": "0x20"},
-        {"series": 'lorafleet_ready{instance="fine"}', "values": "1x20"},
-        {"series": 'up{job="lorafleet", instance="slow"}', "values": "1x20"},
+        {"series": 'lorafleet_ready{instance="slow"}', "values": "0x8 1x24"},
+        {"series": 'lorafleet_start_time_seconds{instance="slow"}', "values": "0x32"},
+        {"series": 'lorafleet_ready{instance="stuck"}', "values": "0x32"},
+        {"series": 'lorafleet_start_time_seconds{instance="stuck"}', "values": "0x32"},
+        {"series": 'lorafleet_ready{instance="fine"}', "values": "1x32"},
+        {"series": 'lorafleet_start_time_seconds{instance="fine"}', "values": "0x32"},
+        {
+            "series": 'lorafleet_ready{instance="crash"}',
+            "values": " ".join("_" if v == "_" else "0" for v in crash.split()),
+        },
+        {"series": 'lorafleet_start_time_seconds{instance="crash"}', "values": crash},
+        {"series": 'up{job="lorafleet", instance="slow"}', "values": "1x32"},
     ]
+    annotations = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    [rule] = [r for g in annotations["groups"] for r in g["rules"] if r.get("alert") == "LorafleetNotReady"]
     page = {
         "exp_labels": {"severity": "page", "instance": "stuck"},
         "exp_annotations": {
             "summary": "lorafleet server stuck is up but not serving",
-            "description": rendered("LorafleetNotReady", "stuck", "")["description"].replace(
-                "{{ $labels.instance }}", "stuck"
-            ),
+            "description": rule["annotations"]["description"].replace("{{ $labels.instance }}", "stuck"),
         },
     }
     checks = [
-        {"eval_time": "9m", "alertname": "LorafleetNotReady", "exp_alerts": []},
-        {"eval_time": "12m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},
-        {"eval_time": "12m", "alertname": "LorafleetDown", "exp_alerts": []},
+        {"eval_time": "10m", "alertname": "LorafleetNotReady", "exp_alerts": []},
+        {"eval_time": "13m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},
+        {"eval_time": "13m", "alertname": "LorafleetDown", "exp_alerts": []},
+        {"eval_time": "13m", "alertname": "LorafleetRestarting", "exp_alerts": [restarting("crash", 3)]},
+        {"eval_time": "30m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},  # never the crash loop
     ]
     promtool_test(tmp_path, input_series, checks)
+
+
+def restarting(instance: str, times: int) -> dict[str, Any]:
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    [rule] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "LorafleetRestarting"]
+    return {
+        "exp_labels": {"severity": "page", "instance": instance},
+        "exp_annotations": {
+            "summary": f"lorafleet server {instance} keeps restarting",
+            "description": rule["annotations"]["description"]
+            .replace("{{ $labels.instance }}", instance)
+            .replace("{{ $value }}", str(times)),
+        },
+    }
 
 
 def test_dashboard_queries_name_exported_metrics(live: LiveServer) -> None:
