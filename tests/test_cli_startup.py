@@ -214,3 +214,42 @@ def test_the_metrics_port_answers_while_the_model_loads(tmp_path: Path, monkeypa
     assert len(failure) == 1 and isinstance(failure[0], ModelLoadError)
     with pytest.raises(ConnectionRefusedError):  # closed with the failed load
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_a_grpc_port_taken_during_the_load_is_refused_and_closes_the_metrics_port(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The port was free at the start check and taken while the model loaded: grpcio raises
+    RuntimeError("Failed to bind"), which came out as a traceback (the code waited for a 0 it no
+    longer returns), and the metrics port opened before the load stayed bound (the diff review)."""
+    from lorafleet_server import app
+    from lorafleet_server.cli import _serve as serve
+    from lorafleet_server.config import ServerConfig
+    from lorafleet_server.errors import StartupError
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    grpc_port, metrics_port = ports
+    taken = socket.socket()
+    real_build = app.build_service
+
+    def build_then_take_the_port(config: ServerConfig, metrics: Any) -> Any:
+        service = real_build(config, metrics)
+        taken.bind(("127.0.0.1", grpc_port))
+        taken.listen()
+        return service
+
+    monkeypatch.setattr(app, "build_service", build_then_take_the_port)
+    config = ServerConfig(
+        model=tiny_model_dir, data_dir=tmp_path, port=grpc_port, http_port=0, metrics_port=metrics_port, max_seq_len=256
+    )
+    try:
+        with pytest.raises(StartupError, match=rf"--port {grpc_port}: cannot listen on 127.0.0.1:{grpc_port}"):
+            serve(config)
+    finally:
+        taken.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", metrics_port), timeout=5).close()

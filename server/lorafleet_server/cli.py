@@ -78,7 +78,11 @@ def _serve(config: ServerConfig) -> int:
     def edges(keys: ServerKeys) -> list[Edge]:  # the OpenAI-compatible API, unless --http-port 0
         return [HttpServer(service, keys, config.host, config.http_port)] if config.http_port else []
 
-    asyncio.run(serve_forever(service, edges, metrics_server))
+    try:
+        asyncio.run(serve_forever(service, edges, metrics_server))
+    except BaseException:  # a start that failed after the load (a port taken meanwhile): close it too
+        metrics_server.stop()
+        raise
     return 0
 
 

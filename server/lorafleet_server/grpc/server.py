@@ -194,10 +194,13 @@ class GrpcServer:
         self.keys.start(cfg.keys_poll_seconds)
         try:
             address = f"{cfg.host}:{cfg.port}"
-            if credentials is None:
-                self.port = self._server.add_insecure_port(address)
-            else:
-                self.port = self._server.add_secure_port(address, credentials)
+            try:  # grpcio raises RuntimeError("Failed to bind ...") where older versions returned 0
+                if credentials is None:
+                    self.port = self._server.add_insecure_port(address)
+                else:
+                    self.port = self._server.add_secure_port(address, credentials)
+            except RuntimeError:
+                self.port = 0
             if self.port == 0:
                 raise StartupError(f"--port {cfg.port}: cannot listen on {cfg.address} (in use?)")
             if self.metrics_server is None:
