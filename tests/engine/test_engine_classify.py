@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -270,6 +271,35 @@ def test_a_head_fitted_on_another_quantization_is_refused_at_publish_and_by_the_
     with pytest.raises(AdapterIncompatible, match="features of the none base; this server's base is nf4"):
         check_servable(key, manifest, nf4)
     assert stale(store, nf4) == ([(key, "quantization none (this base: nf4)")], [])
+
+
+def test_a_head_trained_before_features_were_recorded_counts_as_unquantized(
+    tmp_path: Path, tiny_model_dir: Path, tiny_spec: BaseModelSpec
+) -> None:
+    """Before training computed features as the server does, it always used the unquantized base, while
+    the manifest recorded the publishing base's quantization: such a head in an NF4 store was served
+    on NF4 features, undetected (the diff review). Its record has no `features`: publish reads that as
+    unquantized, and `adapters stale` / `retrain --stale` list the published version by its record."""
+    from lorafleet_adapters.manifest import check_servable
+    from lorafleet_training.publish import RECORD_FILE, read_training_record, stale
+    from lorafleet_training.retrain import stale_latest
+
+    data = write_labelled(tmp_path / "intents.jsonl", labelled_rows(4))
+    nf4 = replace(tiny_spec, quantization="nf4")
+    train_head(tiny_model_dir, tiny_spec, tmp_path / "head", data)
+    record = read_training_record(tmp_path / "head")
+    del record["base"]["features"]  # as a record written before the field
+    (tmp_path / "head" / RECORD_FILE).write_text(json.dumps(record))
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(AdapterIncompatible, match="features of a none base, and this command's base is nf4"):
+        publish(tmp_path / "head", store, nf4)
+    # published as before the check (the manifest takes the publishing base's quantization)
+    head = ClassifierHead.read(tmp_path / "head")
+    key = publish_head(store, "acme", "old", head, nf4, record_path=tmp_path / "head" / RECORD_FILE)
+    manifest = store.manifest(key)
+    check_servable(key, manifest, nf4)  # its manifest says nf4: served
+    assert stale(store, nf4) == ([(key, "quantization none (this base: nf4)")], [])
+    assert [k for k, _ in stale_latest(store, nf4, None)[0]] == [key]
 
 
 def test_a_head_is_published_only_beside_the_lora_it_was_trained_on(

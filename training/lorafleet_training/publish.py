@@ -25,7 +25,7 @@ from typing import Any
 from lorafleet_adapters.backend import Store
 from lorafleet_adapters.errors import AdapterError, AdapterFormatError, AdapterIncompatible
 from lorafleet_adapters.fsio import fsync_dir
-from lorafleet_adapters.manifest import Manifest, built_for, prompt_formats_differ, sha256_file
+from lorafleet_adapters.manifest import Manifest, prompt_formats_differ, sha256_file
 from lorafleet_adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelSpec, load_adapter_weights
 from lorafleet_adapters.prompt import PromptTemplate, PromptTurn
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
@@ -127,16 +127,17 @@ def place_output(stage: Path, out_dir: Path, overwrite: bool) -> None:
     here the staged output is kept and ``OutputNotPlaced`` names it: it was deleted with the error, and
     the whole training run with it.
     """
-    out_dir = Path(out_dir).resolve()  # the same path staging_dir put the stage beside
+    given = Path(out_dir)
     try:
-        check_out_dir(out_dir, overwrite)
-        if Path(stage).resolve().is_relative_to(out_dir.resolve()):  # never delete the output with it
+        check_out_dir(given, overwrite)  # the path as given: one that became a symlink is refused, not followed
+        out_dir = given.resolve()  # then the same path staging_dir put the stage beside
+        if Path(stage).resolve().is_relative_to(out_dir):  # never delete the output with it
             raise TrainingError(f"the output was staged inside {out_dir}, which it would replace")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.rename(stage, out_dir)
     except (OSError, TrainingError) as exc:
-        raise OutputNotPlaced(out_dir, stage, exc) from exc
+        raise OutputNotPlaced(given, stage, exc) from exc
     fsync_dir(out_dir.parent)
 
 
@@ -253,12 +254,13 @@ def publish(
             f"than the base's now ({spec.prompt_format}): retrain it on this base"
         )
     if record.get("kind") == "head":
-        features = record["base"].get("features")  # None in records older than the field
-        if isinstance(features, dict) and features.get("quantization") != spec.quantization:
+        fitted = fitted_quantization(record)
+        if fitted != spec.quantization:
             raise AdapterIncompatible(
-                f"{out_dir} is a head fitted on the features of a {features.get('quantization')} base; the "
-                f"store's base is served {spec.quantization}, whose features differ: train it again with "
-                f"--quantization {spec.quantization}"
+                f"{out_dir} is a head fitted on the features of a {fitted} base, and this command's base is "
+                f"{spec.quantization} (its --quantization; auto resolves on the machine that runs it): publish "
+                f"with the --quantization the servers run, or train the head again with --quantization "
+                f"{spec.quantization}; served on another quantization its features differ"
             )
         return _publish_head(out_dir, record, store, spec, require_improvement, adapter)
     verify_files(out_dir, record)
@@ -345,6 +347,23 @@ def retrain_record(record: Mapping[str, Any]) -> dict[str, Any]:
     kept["forgetting"] = record.get("forgetting")
     kept["created_at"] = record.get("created_at")
     return kept
+
+
+def fitted_quantization(record: Mapping[str, Any]) -> str:
+    """The base quantization a head's training record says its features came from. A record older
+    than the field had them from the unquantized base, whatever the store's base was (training loaded
+    it so until it computed features as the server does)."""
+    features = (record.get("base") or {}).get("features")
+    return str(features.get("quantization")) if isinstance(features, dict) else "none"
+
+
+def head_fitted_on(store: Store, key: AdapterKey, manifest: Manifest) -> str:
+    """The base quantization a published head's features came from: its training record's, else (a
+    head published without one) what its manifest says."""
+    from lorafleet_adapters.head import read_head_record
+
+    record = read_head_record(store, key)
+    return fitted_quantization(record) if record is not None else manifest.base_quantization
 
 
 def check_features_source(store: Store, features_from: AdapterKey | None, trained_files: Any) -> None:
@@ -517,8 +536,10 @@ def stale(store: Store, spec: BaseModelSpec) -> tuple[list[tuple[AdapterKey, str
                 found.append((key, f"base {manifest.base_fingerprint}"))
             elif prompt_formats_differ(manifest.base_prompt_format, spec.prompt_format):  # same weights, new template
                 found.append((key, f"prompt format {manifest.base_prompt_format} (this base: {spec.prompt_format})"))
-            elif not built_for(manifest, spec):  # a head fitted on another quantization's features
-                found.append((key, f"quantization {manifest.base_quantization} (this base: {spec.quantization})"))
+            elif manifest.kind == "head" and (fitted := head_fitted_on(store, key, manifest)) != spec.quantization:
+                # fitted on another quantization's features (the manifest of a head published before
+                # training recorded them may say otherwise: the record decides)
+                found.append((key, f"quantization {fitted} (this base: {spec.quantization})"))
     return found, unreadable
 
 
