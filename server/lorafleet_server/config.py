@@ -166,7 +166,7 @@ class ServerConfig(EngineConfig):
         default=256,
         metadata={"help": "max_new_tokens when a request leaves it unset (cut to the context its prompt leaves)"},
     )
-    max_message_bytes: int = field(default=4 * MiB, metadata={"help": "largest gRPC message"})
+    max_message_bytes: int = field(default=4 * MiB, metadata={"help": "largest gRPC message and HTTP request body"})
     lora_impl: LoraImpl = field(
         default="auto",
         metadata={

@@ -751,3 +751,40 @@ def test_a_client_too_slow_with_its_head_or_body_is_cut_off(tiny_model_dir: Path
     finally:
         server.stop()
         service.engine.shutdown(0.0)
+
+
+def test_a_declared_body_over_the_limit_is_read_before_the_413() -> None:
+    """Found by an outside review of the fleet: the 413 was sent and the connection closed with the
+    body unread, so the socket was reset and Envoy, still uploading, answered its own 503 instead
+    (which clients retry). A body up to 4x the limit is read and dropped first; a larger one is not."""
+    import asyncio as aio
+
+    from prometheus_client import CollectorRegistry
+
+    from lorafleet_server.grpc.observe import CallObserver
+    from lorafleet_server.http.limits import BodyLimit
+    from lorafleet_server.metrics import Metrics
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a refused body never reaches the app")
+
+    def run(declared: int) -> tuple[int, list[int]]:
+        parts = [b"x" * 65536] * (declared // 65536)
+        read: list[int] = []
+        sent: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            read.append(len(parts[len(read)]))
+            return {"type": "http.request", "body": parts[len(read) - 1], "more_body": len(read) < len(parts)}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                sent.append(message["status"])
+
+        limit = BodyLimit(app, 1 << 20, CallObserver(Metrics(CollectorRegistry())))
+        headers = [(b"content-length", str(declared).encode())]
+        aio.run(limit({"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}, receive, send))
+        return sum(read), sent
+
+    assert run(3 << 20) == (3 << 20, [413])  # read to its end, then refused
+    assert run(5 << 20) == (0, [413])  # past 4x the limit: refused at once, nothing read

@@ -1,8 +1,11 @@
 """The request body limit of the HTTP edge: ``--max-message-bytes``, as gRPC's message limit.
 
-A declared ``Content-Length`` over the limit is refused with 413 before any byte of the body is read;
-a chunked body is cut off (and refused, 413 too) as soon as it passes the limit, so a large upload
-never sits in memory. Counted and logged under its route with RESOURCE_EXHAUSTED (gRPC's own limit
+A declared ``Content-Length`` over the limit is refused with 413, the body read and thrown away first
+when it is at most ``DRAIN_FACTOR`` times the limit: a server that closes a connection with unread
+bytes resets it, and a proxy still uploading (Envoy) lost the 413 and answered its own 503, which
+clients retry (an outside review: 2 of 10 such calls). A larger one is refused at once. A chunked
+body is cut off (and refused, 413 too) as soon as it passes the limit; no large upload sits in
+memory either way. Counted and logged under its route with RESOURCE_EXHAUSTED (gRPC's own limit
 refuses an oversized message before any handler runs: that one is neither counted nor logged).
 The middleware sits inside ``HttpAuth``: callers without a key are refused first.
 
@@ -43,6 +46,9 @@ class BodyTimedOut(HTTPException):
         super().__init__(408, message)
 
 
+DRAIN_FACTOR = 4  # a declared body up to this many times the limit is read (and dropped) before the 413
+
+
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int, calls: CallObserver, seconds: float = 60.0) -> None:
         self._app = app
@@ -57,6 +63,8 @@ class BodyLimit:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self._max:
+            if int(declared) <= DRAIN_FACTOR * self._max:
+                await self._drain(receive)
             await self._refuse(scope, send, headers)
             return
         seen = 0
@@ -92,6 +100,17 @@ class BodyLimit:
             await send(message)
 
         await self._app(scope, limited, accounting)
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop the body (within the body deadline), so the 413 is not lost to a reset."""
+        deadline = time.monotonic() + self._seconds
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
 
     @property
     def _message(self) -> str:
