@@ -280,3 +280,48 @@ def test_a_unary_call_still_running_at_the_end_of_the_grace_is_cut_by_the_engine
         assert engine.usage.report(0, 4e9) == []  # the cut call is not billed: it is retried elsewhere
     finally:
         client.close()
+
+
+def test_a_stream_cut_after_it_sent_tokens_is_metered(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outside review of the fleet: every request a forced stop cut went unmetered, right
+    for a unary call or a stream that sent nothing (a proxy retries them elsewhere, billed there), but a
+    stream that had sent tokens is never retried: its caller kept 117 tokens nobody was billed for."""
+    config = server_config(
+        model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0, shutdown_grace_seconds=1.0
+    )
+    service = build_service(config)
+    engine = service.engine
+    step = engine.runner.step
+
+    def slow_step(*args: object, **kwargs: object) -> object:
+        time.sleep(0.05)
+        return step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.runner, "step", slow_step)
+    engine.eos_token_ids = frozenset()
+    server = BackgroundServer(service)
+    client = LoraFleetClient(f"127.0.0.1:{server.start()}", timeout=60)
+    chunks: list[str] = []
+    ended: list[object] = []
+
+    def read() -> None:
+        stream = client.stream("The capital of France is", sampling=Sampling(max_new_tokens=200), request_id="s1")
+        try:
+            for chunk in stream:
+                chunks.append(chunk)
+        except Exception as exc:
+            ended.append(exc)
+
+    reader = threading.Thread(target=read)
+    try:
+        reader.start()
+        _wait_until(lambda: len(chunks) >= 3)  # it has sent tokens
+        server.stop(drain_seconds=0)
+        reader.join(30)
+        assert isinstance(ended[0], UnavailableError), ended
+        [row] = engine.usage.report(0, 4e9)
+        assert row.requests == 1 and row.generated_tokens >= len(chunks) and row.prompt_tokens > 0
+    finally:
+        client.close()

@@ -136,9 +136,17 @@ class _Request:
     prefix_recorded: bool = False  # its prompt's lookup is in the prefix-cache metrics
     prefix_checked: bool = False  # its KV row holds the cached prefix found for it (or none was found)
     prefix_hit: int = 0  # tokens of that prefix
+    emitted: bool = False  # a token event went to its caller (a stream's first chunk is sent with it)
 
     def __post_init__(self) -> None:
         self.resume_ids = self.prompt_ids
+
+    @property
+    def metered_if_cut(self) -> bool:
+        """Whether a server's stop that cuts it meters it: a stream that has sent tokens, which no proxy
+        retries (the caller keeps the partial answer). Anything else is retried elsewhere and billed
+        there, so it is not (it was billed twice)."""
+        return self.req.stream and self.emitted
 
     @property
     def prefilling(self) -> bool:
@@ -645,8 +653,8 @@ class Engine:
             self._step()
             for gone in [r for r in self._running if r.cancelled]:
                 self._finish(gone, FinishReason.CANCELLED)
-        for r in list(self._running) + list(self._waiting):  # the server cut them: its failure, not metered
-            self._finish(r, FinishReason.CANCELLED, metered=False)
+        for r in list(self._running) + list(self._waiting):  # the server cut them: retried elsewhere
+            self._finish(r, FinishReason.CANCELLED, metered=r.metered_if_cut)
 
     def _handle_inbox(self) -> None:
         while True:
@@ -681,8 +689,9 @@ class Engine:
                     r.cancelled = True
                     # Once stopping, a cancel is the server closing its calls (a second signal, or
                     # gRPC's grace run out behind a long last step): the cut is the server's, and
-                    # its caller retries elsewhere, so it is not metered (it was billed twice).
-                    self._finish(r, FinishReason.CANCELLED, metered=not self._stop)
+                    # its caller retries elsewhere, so it is not metered (it was billed twice);
+                    # unless it is a stream that sent tokens, which nobody retries.
+                    self._finish(r, FinishReason.CANCELLED, metered=not self._stop or r.metered_if_cut)
             case _Call():
                 message.run()
             case _Drain():
@@ -1086,6 +1095,7 @@ class Engine:
     def _emit(self, r: _Request, text: str, token_ids: tuple[int, ...]) -> None:
         if not text and not token_ids:
             return
+        r.emitted = True
         self._deliver(r, TokenEvent(text=text, token_ids=token_ids))
 
     def _deliver(self, r: _Request, event: TokenEvent) -> None:

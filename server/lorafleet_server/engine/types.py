@@ -169,6 +169,9 @@ class GenerationRequest:
     embed: bool = False
     principal: Principal | None = None  # None when the server runs without keys
     classify: ClassifyParams | None = None  # set (with embed) for Classify: the adapter is a head
+    # The caller reads tokens as they come (GenerateStream, stream: true). Cut by a server's stop after
+    # some came, it is not retried (a proxy retries only what sent nothing), so it is metered.
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.classify is not None and not self.embed:

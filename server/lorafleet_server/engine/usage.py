@@ -3,7 +3,8 @@
 Prometheus must not carry tenant labels (they are unbounded), so the engine keeps its own meter: every
 finished request (any finish reason, cancelled ones included, since their tokens were computed and
 streamed; not one cancelled while still queued, which computed nothing, nor one a forced stop cut,
-which its caller retries) adds to the bucket of (the
+which its caller retries, unless it is a stream that had sent tokens, which nobody retries) adds to
+the bucket of (the
 minute it finished, its tenant, its adapter version). An admin
 reads a time window through ``GetUsage``; minutes older than the retention are dropped, by the time that
 has passed (a monotonic clock), so a wall clock stepped ahead for a moment expires nothing early. Every

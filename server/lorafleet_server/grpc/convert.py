@@ -69,8 +69,11 @@ def generation_request(
     request_id: str,
     default_max_new_tokens: int,
     principal: Principal | None = None,
+    *,
+    stream: bool = False,
 ) -> GenerationRequest:
-    """The engine's request; ``principal`` is the caller from its API key (never from the request)."""
+    """The engine's request; ``principal`` is the caller from its API key (never from the request);
+    ``stream``: GenerateStream's."""
     if request.prompt and len(request.messages):
         raise InvalidRequest("set exactly one of prompt and messages")
     return GenerationRequest(
@@ -80,6 +83,7 @@ def generation_request(
         adapter=adapter_ref(request.adapter),
         params=sampling(request.params, default_max_new_tokens),
         principal=principal,
+        stream=stream,
     )
 
 

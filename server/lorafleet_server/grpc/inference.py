@@ -64,7 +64,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
-        req = convert.generation_request(request, record.request_id, self._default_max_new_tokens, record.principal)
+        req = convert.generation_request(
+            request, record.request_id, self._default_max_new_tokens, record.principal, stream=True
+        )
         check_adapter_access(record.principal, req.adapter)
         async for event in self._stream.events(req):
             record.tokens += len(event.token_ids)

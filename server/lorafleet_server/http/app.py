@@ -403,8 +403,22 @@ class OpenAIApi:
             turns = tuple(
                 ChatTurn(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
             )
-            return GenerationRequest(request_id, messages=turns, adapter=adapter, params=params, principal=principal)
-        return GenerationRequest(request_id, prompt=body.text(), adapter=adapter, params=params, principal=principal)
+            return GenerationRequest(
+                request_id,
+                messages=turns,
+                adapter=adapter,
+                params=params,
+                principal=principal,
+                stream=bool(body.stream),
+            )
+        return GenerationRequest(
+            request_id,
+            prompt=body.text(),
+            adapter=adapter,
+            params=params,
+            principal=principal,
+            stream=bool(body.stream),
+        )
 
     async def _generate(
         self, request: Request, body: ChatCompletionRequest | CompletionRequest, kind: Kind
