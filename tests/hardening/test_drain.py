@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet import LoraFleetClient, Sampling, UnavailableError
 from lorafleet_proto.v1 import inference_pb2, inference_pb2_grpc
-from lorafleet_server.app import build_service
+from lorafleet_server.app import Service, build_service
 from lorafleet_server.engine.types import FinishReason
 from lorafleet_server.grpc.server import BackgroundServer
 
@@ -246,19 +246,8 @@ def test_a_unary_call_still_running_at_the_end_of_the_grace_is_cut_by_the_engine
     cancelled the call first ("Cancelling all calls"): the cut looked like the client's cancel, was
     metered, and Envoy ran it again on another replica (billed twice). The engine's cut comes first
     now: the call ends with the server's UNAVAILABLE and nothing of it is metered."""
-    config = server_config(
-        model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0, shutdown_grace_seconds=1.0
-    )
-    service = build_service(config)
+    service = _slow_service(tiny_model_dir, tmp_path, monkeypatch)
     engine = service.engine
-    step = engine.runner.step
-
-    def slow_step(*args: object, **kwargs: object) -> object:
-        time.sleep(0.05)  # 200 tokens take ~10 s: far past the grace
-        return step(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine.runner, "step", slow_step)
-    engine.eos_token_ids = frozenset()
     server = BackgroundServer(service)
     client = LoraFleetClient(f"127.0.0.1:{server.start()}", timeout=60)
     outcome: list[object] = []
@@ -288,19 +277,8 @@ def test_a_stream_cut_after_it_sent_tokens_is_metered(
     """Found by an outside review of the fleet: every request a forced stop cut went unmetered, right
     for a unary call or a stream that sent nothing (a proxy retries them elsewhere, billed there), but a
     stream that had sent tokens is never retried: its caller kept 117 tokens nobody was billed for."""
-    config = server_config(
-        model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0, shutdown_grace_seconds=1.0
-    )
-    service = build_service(config)
+    service = _slow_service(tiny_model_dir, tmp_path, monkeypatch)
     engine = service.engine
-    step = engine.runner.step
-
-    def slow_step(*args: object, **kwargs: object) -> object:
-        time.sleep(0.05)
-        return step(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine.runner, "step", slow_step)
-    engine.eos_token_ids = frozenset()
     server = BackgroundServer(service)
     client = LoraFleetClient(f"127.0.0.1:{server.start()}", timeout=60)
     chunks: list[str] = []
@@ -325,3 +303,21 @@ def test_a_stream_cut_after_it_sent_tokens_is_metered(
         assert row.requests == 1 and row.generated_tokens >= len(chunks) and row.prompt_tokens > 0
     finally:
         client.close()
+
+
+def _slow_service(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
+    """A service whose steps take 50 ms and whose generations never end early: 200 tokens take ~10 s,
+    far past its 1 s shutdown grace."""
+    config = server_config(
+        model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0, shutdown_grace_seconds=1.0
+    )
+    service = build_service(config)
+    step = service.engine.runner.step
+
+    def slow_step(*args: object, **kwargs: object) -> object:
+        time.sleep(0.05)
+        return step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.engine.runner, "step", slow_step)
+    service.engine.eos_token_ids = frozenset()
+    return service
