@@ -239,3 +239,46 @@ def test_without_outlier_detection_the_retries_went_back_to_the_killed_replica(
     busy.answer_after = 2.0
     outcomes = _killed_under_load(tmp_path, dead, busy, lambda c: _slow_health_checks(_without_outlier_detection(c)))
     assert "UNAVAILABLE" in outcomes, outcomes
+
+
+def test_envoys_own_http_errors_come_in_openais_shape(tmp_path: Path) -> None:
+    """Found by an outside review of the fleet: with no replica to answer, Envoy's HTTP listener said
+    "no healthy upstream" as text/plain, which OpenAI clients cannot read as an error. Its own answers
+    now carry OpenAI's error object, as the replicas' do."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    listen, admin_port, http_port = fleet_script.free_ports(3)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(fleet_script.render_envoy(listen, admin_port, [], http_port, []))  # no replica at all
+    envoy = subprocess.Popen(
+        [str(BIN / "envoy"), "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v1/completions",
+            json.dumps({"model": "m", "prompt": "hi"}).encode(),
+            {"content-type": "application/json"},
+        )
+
+        def answered() -> bool:
+            try:
+                urllib.request.urlopen(request, timeout=5)
+            except urllib.error.HTTPError:
+                return True
+            except OSError:  # not listening yet
+                return False
+            return True
+
+        _wait(answered, "Envoy's HTTP listener answers")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=5)
+        assert info.value.code == 503 and info.value.headers["content-type"] == "application/json"
+        error = json.loads(info.value.read())["error"]
+        assert error["type"] == "service_unavailable_error" and error["message"] == "no healthy upstream"
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=30)
