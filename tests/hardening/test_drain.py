@@ -321,3 +321,43 @@ def _slow_service(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(service.engine.runner, "step", slow_step)
     service.engine.eos_token_ids = frozenset()
     return service
+
+
+def test_ready_turns_1_only_once_every_edge_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """lorafleet_ready was set with gRPC health, before the HTTP edge had started (the fleet review):
+    for that moment a replica said it served what it did not yet."""
+    import asyncio
+
+    from lorafleet_server.grpc.server import serve_forever
+
+    config = server_config(model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0)
+    service = build_service(config)
+    seen: dict[str, float | None] = {}
+
+    def ready() -> float | None:
+        return service.metrics.registry.get_sample_value("lorafleet_ready")
+
+    class Edge:
+        async def start(self) -> str:
+            seen["edge starting"] = ready()
+            return "a test edge"
+
+        def drain(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+    async def main() -> None:
+        async def stop_once_ready() -> None:
+            while ready() != 1.0:
+                await asyncio.sleep(0.01)
+            seen["after"] = ready()
+            os.kill(os.getpid(), signal.SIGINT)  # serve_forever's own handler: stop without a drain
+
+        watcher = asyncio.ensure_future(stop_once_ready())
+        await serve_forever(service, lambda _keys: [Edge()])
+        await watcher
+
+    asyncio.run(main())
+    assert seen == {"edge starting": 0.0, "after": 1.0}

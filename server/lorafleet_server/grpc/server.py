@@ -187,8 +187,9 @@ class GrpcServer:
         tls = "plaintext" if cfg.tls_cert is None else "TLS" if cfg.tls_client_ca is None else "mTLS"
         return f"{tls}, API keys {'on' if self.keys.enforcing else 'OFF'}"
 
-    async def start(self) -> int:
-        """Check TLS files and keys (StartupError), then bind, start the engine and serve."""
+    async def start(self, ready: bool = True) -> int:
+        """Check TLS files and keys (StartupError), then bind, start the engine and serve. ``ready``:
+        set ``lorafleet_ready`` now (else the caller does, once its other edges serve too)."""
         cfg = self.service.config
         credentials = server_credentials(cfg)
         self.keys.start(cfg.keys_poll_seconds)
@@ -212,7 +213,8 @@ class GrpcServer:
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.service.metrics.ready.set(1)
+        if ready:
+            self.service.metrics.ready.set(1)
         self._engine_watch = asyncio.ensure_future(self._watch_engine())
         return self.port
 
@@ -312,7 +314,7 @@ async def serve_forever(
     loop = asyncio.get_running_loop()
     for sig in drain:
         loop.add_signal_handler(sig, on_signal, sig)
-    port = await server.start()
+    port = await server.start(ready=False)
     described = []
     try:
         for edge in others:
@@ -320,6 +322,7 @@ async def serve_forever(
     except BaseException:
         await server.stop()
         raise
+    service.metrics.ready.set(1)  # every edge serves
     log.info(
         "lorafleet ready: gRPC on %s:%d, %smetrics on %s (model %s, %s, %s; %s)",
         service.config.host,
