@@ -271,21 +271,32 @@ def test_a_unary_call_still_running_at_the_end_of_the_grace_is_cut_by_the_engine
         client.close()
 
 
-def test_a_stream_cut_after_it_sent_tokens_is_metered(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("held", [False, True], ids=["text-sent", "text-held-back"])
+def test_a_stream_cut_after_it_sent_text_is_metered_and_one_whose_text_was_held_is_not(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool
 ) -> None:
     """Found by an outside review of the fleet: every request a forced stop cut went unmetered, right
     for a unary call or a stream that sent nothing (a proxy retries them elsewhere, billed there), but a
-    stream that had sent tokens is never retried: its caller kept 117 tokens nobody was billed for."""
-    service = _slow_service(tiny_model_dir, tmp_path, monkeypatch)
+    stream that had sent text is never retried: its caller kept 117 tokens nobody was billed for. One
+    whose text was all held back (it could still be a stop string) sent no message: it ends
+    trailers-only, is retried, and is billed there, so not here (the second diff review)."""
+    # 12 held-back tokens at 200 ms a step outlast the stop's 1 s grace
+    service = _slow_service(tiny_model_dir, tmp_path, monkeypatch, 0.2 if held else 0.05)
     engine = service.engine
     server = BackgroundServer(service)
     client = LoraFleetClient(f"127.0.0.1:{server.start()}", timeout=60)
+    prompt = "The capital of France is"
+    stop: tuple[str, ...] = ()
+    if held:  # the greedy text followed by a character it never reaches: every token is held back
+        stop = (client.generate(prompt, sampling=Sampling(max_new_tokens=12, temperature=0.0)).text + "\u2603",)
+    before = sum(row.requests for row in engine.usage.report(0, 4e9))
     chunks: list[str] = []
     ended: list[object] = []
 
     def read() -> None:
-        stream = client.stream("The capital of France is", sampling=Sampling(max_new_tokens=200), request_id="s1")
+        stream = client.stream(
+            prompt, sampling=Sampling(max_new_tokens=200, temperature=0.0, stop=stop), request_id="s1"
+        )
         try:
             for chunk in stream:
                 chunks.append(chunk)
@@ -295,27 +306,40 @@ def test_a_stream_cut_after_it_sent_tokens_is_metered(
     reader = threading.Thread(target=read)
     try:
         reader.start()
-        _wait_until(lambda: len(chunks) >= 3)  # it has sent tokens
+        if held:
+            _wait_until(lambda: engine.load_stats()[0] == 1)
+            time.sleep(0.3)  # a token or two of its 12 held back (a step takes 200 ms or more)
+        else:
+            _wait_until(lambda: len(chunks) >= 3)  # it has sent text
         server.stop(drain_seconds=0)
         reader.join(30)
         assert isinstance(ended[0], UnavailableError), ended
-        [row] = engine.usage.report(0, 4e9)
-        assert row.requests == 1 and row.generated_tokens >= len(chunks) and row.prompt_tokens > 0
+        rows = [row for row in engine.usage.report(0, 4e9)]
+        if held:
+            assert chunks == [] and sum(row.requests for row in rows) == before  # retried elsewhere, billed there
+        else:
+            [row] = rows
+            assert row.requests == 1 and row.generated_tokens >= len(chunks) and row.prompt_tokens > 0
     finally:
         client.close()
 
 
-def _slow_service(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
-    """A service whose steps take 50 ms and whose generations never end early: 200 tokens take ~10 s,
-    far past its 1 s shutdown grace."""
-    config = server_config(
-        model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0, shutdown_grace_seconds=1.0
-    )
+def _slow_service(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    step_seconds: float = 0.05,
+    **overrides: object,
+) -> Service:
+    """A service whose steps take ``step_seconds`` (50 ms) and whose generations never end early: 200
+    tokens take ~10 s, far past its 1 s shutdown grace."""
+    values: dict[str, object] = {"max_seq_len": 256, "port": 0, "metrics_port": 0, "shutdown_grace_seconds": 1.0}
+    config = server_config(model=tiny_model_dir, data_dir=tmp_path, **(values | overrides))
     service = build_service(config)
     step = service.engine.runner.step
 
     def slow_step(*args: object, **kwargs: object) -> object:
-        time.sleep(0.05)
+        time.sleep(step_seconds)
         return step(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(service.engine.runner, "step", slow_step)
@@ -361,3 +385,43 @@ def test_ready_turns_1_only_once_every_edge_serves(tiny_model_dir: Path, tmp_pat
 
     asyncio.run(main())
     assert seen == {"edge starting": 0.0, "after": 1.0}
+
+
+def test_an_http_stream_cut_before_its_first_token_is_a_503_a_proxy_retries(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream: true request cut by a forced stop while its prompt was still being prefilled answered
+    200 and then an error chunk: a proxy never retries that, and nothing of it was metered, so its
+    caller got neither an answer nor a retry (the second diff review). It is a 503 now, as a
+    non-streaming request's cut is."""
+    import httpx
+
+    from lorafleet_server.grpc.server import server_keys
+    from lorafleet_server.http.server import BackgroundHttpServer
+
+    # a prompt of ~120 tokens prefilled 16 a step at 0.4 s a step: the 1 s grace ends mid-prefill
+    service = _slow_service(tiny_model_dir, tmp_path, monkeypatch, 0.4, max_step_tokens=16, http_port=0)
+    keys = server_keys(service.config)
+    service.engine.start()
+    server = BackgroundHttpServer(service, keys)
+    server.start()
+    body = {"model": service.info.model_id, "prompt": "word " * 120, "max_tokens": 50, "stream": True}
+    answer: list[httpx.Response] = []
+
+    def call() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+            response.read()
+            answer.append(response)
+
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        _wait_until(lambda: service.engine.load_stats()[0] == 1)  # prefilling
+        service.engine.shutdown(1.0)
+        caller.join(30)
+        [response] = answer
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["type"] == "service_unavailable_error"
+        assert service.engine.usage.report(0, 4e9) == []
+    finally:
+        server.stop()

@@ -136,16 +136,17 @@ class _Request:
     prefix_recorded: bool = False  # its prompt's lookup is in the prefix-cache metrics
     prefix_checked: bool = False  # its KV row holds the cached prefix found for it (or none was found)
     prefix_hit: int = 0  # tokens of that prefix
-    emitted: bool = False  # a token event went to its caller (a stream's first chunk is sent with it)
+    emitted: bool = False  # text went to its caller (a gRPC stream's first message is sent with it)
 
     def __post_init__(self) -> None:
         self.resume_ids = self.prompt_ids
 
     @property
     def metered_if_cut(self) -> bool:
-        """Whether a server's stop that cuts it meters it: a stream that has sent tokens, which no proxy
-        retries (the caller keeps the partial answer). Anything else is retried elsewhere and billed
-        there, so it is not (it was billed twice)."""
+        """Whether a server's stop that cuts it meters it: a stream that has sent text, which no proxy
+        retries (the caller keeps the partial answer). Anything else ends without a response byte (a
+        gRPC trailers-only status, an HTTP 503), is retried elsewhere and billed there, so it is not
+        (it was billed twice)."""
         return self.req.stream and self.emitted
 
     @property
@@ -1095,7 +1096,9 @@ class Engine:
     def _emit(self, r: _Request, text: str, token_ids: tuple[int, ...]) -> None:
         if not text and not token_ids:
             return
-        r.emitted = True
+        # Text, not held-back token ids: gRPC's stream sends a message (and its headers) only for text, so
+        # a stream cut with its text all held back ends trailers-only, is retried, and is billed there.
+        r.emitted = r.emitted or bool(text)
         self._deliver(r, TokenEvent(text=text, token_ids=token_ids))
 
     def _deliver(self, r: _Request, event: TokenEvent) -> None:

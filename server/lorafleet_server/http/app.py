@@ -441,6 +441,10 @@ class OpenAIApi:
                 # errors before the first token become real HTTP errors; a client that leaves while it
                 # waits for it (queued, prefilling) cancels the request, as in a non-streaming call
                 first = await self._until_disconnect(request, anext(events))
+                if first.summary is not None and first.summary.finish_reason is FinishReason.CANCELLED:
+                    # cut by a forced stop before any token: a 503 a proxy retries, not a 200 with an
+                    # error in it that nobody retries (and that is not metered either)
+                    raise ShuttingDown(STOPPED_BY_SERVER)
                 include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
                 stream = self._sse_stream(kind, prepared, first, events, include_usage, record)
 
