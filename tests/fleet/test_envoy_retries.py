@@ -279,6 +279,14 @@ def test_envoys_own_http_errors_come_in_openais_shape(tmp_path: Path) -> None:
         assert info.value.code == 503 and info.value.headers["content-type"] == "application/json"
         error = json.loads(info.value.read())["error"]
         assert error["type"] == "service_unavailable_error" and error["message"] == "no healthy upstream"
+        # A body over the replicas' limit is refused by Envoy itself: a replica refusing it reset the
+        # connection, which outlier detection counted against it (the second diff review).
+        big = urllib.request.Request(
+            request.full_url, b" " * (5 << 20) + b"{}", {"content-type": "application/json"}, method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(big, timeout=30)
+        assert info.value.code == 413 and json.loads(info.value.read())["error"]["type"] == "invalid_request_error"
     finally:
         envoy.terminate()
         envoy.wait(timeout=30)
