@@ -768,7 +768,7 @@ def test_a_declared_body_over_the_limit_is_read_before_the_413() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("a refused body never reaches the app")
 
-    def run(declared: int) -> tuple[int, list[int]]:
+    def run(declared: int, expect: bool = False) -> tuple[int, list[int]]:
         parts = [b"x" * 65536] * (declared // 65536)
         read: list[int] = []
         sent: list[int] = []
@@ -782,9 +782,10 @@ def test_a_declared_body_over_the_limit_is_read_before_the_413() -> None:
                 sent.append(message["status"])
 
         limit = BodyLimit(app, 1 << 20, CallObserver(Metrics(CollectorRegistry())))
-        headers = [(b"content-length", str(declared).encode())]
+        headers = [(b"content-length", str(declared).encode())] + ([(b"expect", b"100-continue")] if expect else [])
         aio.run(limit({"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}, receive, send))
         return sum(read), sent
 
     assert run(3 << 20) == (3 << 20, [413])  # read to its end, then refused
     assert run(5 << 20) == (0, [413])  # past 4x the limit: refused at once, nothing read
+    assert run(3 << 20, expect=True) == (0, [413])  # it waits for "100 Continue": nothing sent, none invited

@@ -63,7 +63,8 @@ class BodyLimit:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self._max:
-            if int(declared) <= DRAIN_FACTOR * self._max:
+            # A client that waits for "100 Continue" has sent nothing yet: reading would invite the body.
+            if int(declared) <= DRAIN_FACTOR * self._max and "100-continue" not in headers.get("expect", "").lower():
                 await self._drain(receive)
             await self._refuse(scope, send, headers)
             return
