@@ -195,6 +195,12 @@ class Metrics:
             "first), while it drains or stops, and once its engine has stopped taking requests.",
             registry=r,
         )
+        self.draining = Gauge(
+            "lorafleet_draining",
+            "1 from the start of a stop (SIGTERM's drain, or SIGINT) until the process exits: not ready, and "
+            "on purpose.",
+            registry=r,
+        )
         self.started = Gauge(
             "lorafleet_start_time_seconds",
             "Unix time this server process started (its metrics were made): how long it has been not ready, "

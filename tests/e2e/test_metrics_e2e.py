@@ -264,7 +264,9 @@ def test_a_replica_up_but_not_serving_pages_and_a_slow_load_does_not(tmp_path: P
     ``lorafleet_ready`` says whether the replica serves, ``lorafleet_start_time_seconds`` since when it
     runs. A load of 8 minutes, then serving, does not page; a process not serving 10 minutes after its
     start (stuck loading, or a crashed engine) does. A replica that fails to load and restarts every 4
-    minutes leaves gaps in its series (which reset a pending ``for``): it pages as restarting."""
+    minutes leaves gaps in its series (which reset a pending ``for``): it pages as restarting. One
+    draining for minutes (a long shutdown grace) is not ready on purpose: no page (the second diff
+    review)."""
     crash = " ".join(["0", "0", "0", "_"] + [f"{240 * k} {240 * k} {240 * k} _" for k in range(1, 8)])
     input_series = [
         {"series": 'lorafleet_ready{instance="slow"}', "values": "0x8 1x24"},
@@ -279,7 +281,19 @@ def test_a_replica_up_but_not_serving_pages_and_a_slow_load_does_not(tmp_path: P
         },
         {"series": 'lorafleet_start_time_seconds{instance="crash"}', "values": crash},
         {"series": 'up{job="lorafleet", instance="slow"}', "values": "1x32"},
+        # a rolling update with a long grace: ready 20 minutes, then draining (not ready) for 5
+        {"series": 'lorafleet_ready{instance="leaving"}', "values": "1x20 0x5"},
+        {"series": 'lorafleet_draining{instance="leaving"}', "values": "0x20 1x5"},
+        {"series": 'lorafleet_start_time_seconds{instance="leaving"}', "values": "0x25"},
     ]
+    for instance in ("slow", "stuck", "fine"):
+        input_series.append({"series": f'lorafleet_draining{{instance="{instance}"}}', "values": "0x32"})
+    input_series.append(
+        {
+            "series": 'lorafleet_draining{instance="crash"}',
+            "values": " ".join("_" if v == "_" else "0" for v in crash.split()),
+        }
+    )
     annotations = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
     [rule] = [r for g in annotations["groups"] for r in g["rules"] if r.get("alert") == "LorafleetNotReady"]
     page = {
@@ -294,6 +308,7 @@ def test_a_replica_up_but_not_serving_pages_and_a_slow_load_does_not(tmp_path: P
         {"eval_time": "13m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},
         {"eval_time": "13m", "alertname": "LorafleetDown", "exp_alerts": []},
         {"eval_time": "13m", "alertname": "LorafleetRestarting", "exp_alerts": [restarting("crash", 3)]},
+        {"eval_time": "24m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},  # never the one draining
         {"eval_time": "30m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},  # never the crash loop
     ]
     promtool_test(tmp_path, input_series, checks)

@@ -86,6 +86,7 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
         stopping.start()
         _wait_until(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING)
         assert ready(server) == 0.0  # draining: leaving the fleet
+        assert service.metrics.registry.get_sample_value("lorafleet_draining") == 1.0  # on purpose
         during = threading.Thread(target=call, args=("during_drain",))  # still accepted while draining
         during.start()
         _wait_until(lambda: service.engine.load_stats() == (1, 3))
@@ -425,3 +426,41 @@ def test_an_http_stream_cut_before_its_first_token_is_a_503_a_proxy_retries(
         assert service.engine.usage.report(0, 4e9) == []
     finally:
         server.stop()
+
+
+def test_ready_stays_0_when_the_engine_stopped_while_the_edges_started(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """serve_forever set lorafleet_ready after its edges started even if the engine had stopped taking
+    requests meanwhile; the engine watch had already turned it 0 and returned, so it stayed 1 for good
+    (the second diff review)."""
+    import asyncio
+
+    from lorafleet_server.grpc.server import ENGINE_WATCH_SECONDS, serve_forever
+
+    config = server_config(model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0)
+    service = build_service(config)
+    seen: dict[str, float | None] = {}
+
+    class Edge:
+        async def start(self) -> str:
+            service.engine.shutdown(0.0)  # the engine stops taking requests while this edge starts
+            await asyncio.sleep(ENGINE_WATCH_SECONDS * 2)  # the watch has seen it and turned ready 0
+            return "a slow test edge"
+
+        def drain(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+    async def main() -> None:
+        async def look_then_stop() -> None:
+            await asyncio.sleep(ENGINE_WATCH_SECONDS * 3)
+            seen["ready"] = service.metrics.registry.get_sample_value("lorafleet_ready")
+            os.kill(os.getpid(), signal.SIGINT)
+
+        watcher = asyncio.ensure_future(look_then_stop())
+        await serve_forever(service, lambda _keys: [Edge()])
+        await watcher
+
+    asyncio.run(main())
+    assert seen == {"ready": 0.0}

@@ -173,7 +173,13 @@ class GrpcServer:
         self._forced = asyncio.Event()
         self._force_stop: asyncio.Future[None] | None = None
         self._stopping = False
+        self._engine_failed = False
         self._engine_watch: asyncio.Future[None] | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """A stop has begun, or the engine stopped taking requests (health NOT_SERVING)."""
+        return self._stopping or self._engine_failed
 
     @property
     def metrics_url(self) -> str:
@@ -226,6 +232,7 @@ class GrpcServer:
             await asyncio.sleep(interval)
             if not self._stopping and not self.service.engine.accepting:
                 log.error("the engine stopped taking requests (see the crash above): health NOT_SERVING")
+                self._engine_failed = True
                 self.service.metrics.ready.set(0)
                 for name in ("", *SERVICE_NAMES):
                     await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -242,6 +249,7 @@ class GrpcServer:
             self._engine_watch.cancel()
         await self._health.enter_graceful_shutdown()
         self.service.metrics.ready.set(0)
+        self.service.metrics.draining.set(1)
         if drain_seconds > 0:
             log.info("draining: health NOT_SERVING; still serving new requests for %.1fs", drain_seconds)
             with contextlib.suppress(TimeoutError):
@@ -322,7 +330,8 @@ async def serve_forever(
     except BaseException:
         await server.stop()
         raise
-    service.metrics.ready.set(1)  # every edge serves
+    if not server.stopping and service.engine.accepting:  # every edge serves (and nothing stopped meanwhile)
+        service.metrics.ready.set(1)
     log.info(
         "lorafleet ready: gRPC on %s:%d, %smetrics on %s (model %s, %s, %s; %s)",
         service.config.host,
