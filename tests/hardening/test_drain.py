@@ -362,16 +362,10 @@ def test_ready_turns_1_only_once_every_edge_serves(tiny_model_dir: Path, tmp_pat
     def ready() -> float | None:
         return service.metrics.registry.get_sample_value("lorafleet_ready")
 
-    class Edge:
+    class Edge(_TestEdge):
         async def start(self) -> str:
             seen["edge starting"] = ready()
             return "a test edge"
-
-        def drain(self) -> None:
-            pass
-
-        async def stop(self) -> None:
-            pass
 
     async def main() -> None:
         async def stop_once_ready() -> None:
@@ -440,17 +434,11 @@ def test_ready_stays_0_when_the_engine_stopped_while_the_edges_started(tiny_mode
     service = build_service(config)
     seen: dict[str, float | None] = {}
 
-    class Edge:
+    class Edge(_TestEdge):
         async def start(self) -> str:
             service.engine.shutdown(0.0)  # the engine stops taking requests while this edge starts
             await asyncio.sleep(ENGINE_WATCH_SECONDS * 2)  # the watch has seen it and turned ready 0
             return "a slow test edge"
-
-        def drain(self) -> None:
-            pass
-
-        async def stop(self) -> None:
-            pass
 
     async def main() -> None:
         async def look_then_stop() -> None:
@@ -464,3 +452,16 @@ def test_ready_stays_0_when_the_engine_stopped_while_the_edges_started(tiny_mode
 
     asyncio.run(main())
     assert seen == {"ready": 0.0}
+
+
+class _TestEdge:
+    """An edge (grpc.server.Edge) that serves nothing; a test overrides ``start``."""
+
+    async def start(self) -> str:
+        return "a test edge"
+
+    def drain(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
