@@ -300,6 +300,11 @@ def test_a_head_trained_before_features_were_recorded_counts_as_unquantized(
     check_servable(key, manifest, nf4)  # its manifest says nf4: served
     assert stale(store, nf4) == ([(key, "quantization none (this base: nf4)")], [])
     assert [k for k, _ in stale_latest(store, nf4, None)[0]] == [key]
+    # a damaged head version is reported as unreadable; it stopped the whole listing (the second diff review)
+    with (store.version_dir(key) / "head.json").open("a") as damaged:
+        damaged.write(" ")
+    listed, unreadable = stale(store, nf4)
+    assert listed == [] and [(k, "checksum" in why) for k, why in unreadable] == [(key, True)]
 
 
 def test_a_head_is_published_only_beside_the_lora_it_was_trained_on(

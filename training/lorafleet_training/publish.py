@@ -536,10 +536,16 @@ def stale(store: Store, spec: BaseModelSpec) -> tuple[list[tuple[AdapterKey, str
                 found.append((key, f"base {manifest.base_fingerprint}"))
             elif prompt_formats_differ(manifest.base_prompt_format, spec.prompt_format):  # same weights, new template
                 found.append((key, f"prompt format {manifest.base_prompt_format} (this base: {spec.prompt_format})"))
-            elif manifest.kind == "head" and (fitted := head_fitted_on(store, key, manifest)) != spec.quantization:
+            elif manifest.kind == "head":
                 # fitted on another quantization's features (the manifest of a head published before
                 # training recorded them may say otherwise: the record decides)
-                found.append((key, f"quantization {fitted} (this base: {spec.quantization})"))
+                try:
+                    fitted = head_fitted_on(store, key, manifest)
+                except AdapterError as exc:  # one damaged version is reported, not fatal to the listing
+                    unreadable.append((key, f"cannot read its training record: {exc}"))
+                    continue
+                if fitted != spec.quantization:
+                    found.append((key, f"quantization {fitted} (this base: {spec.quantization})"))
     return found, unreadable
 
 
