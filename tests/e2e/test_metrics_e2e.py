@@ -307,6 +307,7 @@ def test_a_replica_up_but_not_serving_pages_and_a_slow_load_does_not(tmp_path: P
         {"eval_time": "10m", "alertname": "LorafleetNotReady", "exp_alerts": []},
         {"eval_time": "13m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},
         {"eval_time": "13m", "alertname": "LorafleetDown", "exp_alerts": []},
+        {"eval_time": "9m", "alertname": "LorafleetRestarting", "exp_alerts": []},  # two restarts: may be deliberate
         {"eval_time": "13m", "alertname": "LorafleetRestarting", "exp_alerts": [restarting("crash", 3)]},
         {"eval_time": "24m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},  # never the one draining
         {"eval_time": "30m", "alertname": "LorafleetNotReady", "exp_alerts": [page]},  # never the crash loop
