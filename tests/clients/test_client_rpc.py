@@ -145,10 +145,11 @@ def test_stream_errors(fake_server: FakeServer) -> None:
 
 
 def test_errors_survive_pickle_and_copy() -> None:
-    error = NotFoundError(grpc.StatusCode.NOT_FOUND, "no adapter acme/x", "rid-1")
+    error = NotFoundError(grpc.StatusCode.NOT_FOUND, "no adapter acme/x", "rid-1", "replica-2")
     for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
         assert type(clone) is NotFoundError and str(clone) == str(error)
         assert (clone.code, clone.message, clone.request_id) == (error.code, error.message, error.request_id)
+        assert clone.replica == "replica-2"
 
 
 def test_channel_options_pass_through_and_a_bad_key_opens_no_channel(fake_server: FakeServer) -> None:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from e2elib import LiveServer
 
-from lorafleet import AsyncLoraFleetClient, Sampling
+from lorafleet import AsyncLoraFleetClient, NotFoundError, Sampling
 from lorafleet.errors import InvalidArgumentError
 from lorafleet_proto.v1 import adapters_pb2 as apb
 from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
@@ -42,6 +42,10 @@ def test_client_sends_header_and_reads_replica(live: LiveServer) -> None:
     assert done.replica == HOST
     emb = live.client.embed("Hello", adapter="acme/support")
     assert emb.replica == HOST
+    # a failed call names the replica too (in a fleet: which one to look at; an outside review)
+    with pytest.raises(NotFoundError) as failed:
+        live.client.generate("Hello", adapter="acme/no-such-adapter", sampling=Sampling(max_new_tokens=2))
+    assert failed.value.replica == HOST
     # the call's request id, the caller's or the server's own (the client dropped it: an outside review)
     assert live.client.embed("Hello", request_id="emb-1").request_id == "emb-1"
     assert len(emb.request_id) == 32

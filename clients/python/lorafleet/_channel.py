@@ -10,7 +10,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from lorafleet.errors import REQUEST_ID_HEADER
+from lorafleet.errors import REPLICA_HEADER, REQUEST_ID_HEADER
 
 # The request ids a server keeps (its own rule, server/lorafleet_server/grpc/rpc.py).
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -21,7 +21,6 @@ LIST_PAGE_SIZE = 100  # adapters per ListAdapters call (each carries every versi
 API_KEY_ENV = "LORAFLEET_API_KEY"
 # Affinity (docs/fleet.md): a proxy routes on the adapter header; the answering replica names itself.
 ADAPTER_HEADER = "x-lorafleet-adapter"
-REPLICA_HEADER = "x-lorafleet-replica"
 
 Metadata = tuple[tuple[str, str], ...]
 TlsOption: TypeAlias = bool | grpc.ChannelCredentials | None

@@ -9,22 +9,28 @@ from typing import cast
 import grpc
 
 REQUEST_ID_HEADER = "x-request-id"
+REPLICA_HEADER = "x-lorafleet-replica"
 
 
 class LoraFleetError(Exception):
     """An RPC failed; ``code`` is the gRPC status, ``message`` the server's explanation."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, request_id: str | None = None, replica: str | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         # The x-request-id the server returned (trailing metadata; a stream's is in its initial metadata).
         self.request_id = request_id
+        # The replica that failed the call (x-lorafleet-replica), None when no replica answered (a proxy's
+        # or the channel's own status): in a fleet, which one to look at.
+        self.replica = replica
 
-    def __reduce__(self) -> tuple[type[LoraFleetError], tuple[grpc.StatusCode, str, str | None]]:
+    def __reduce__(self) -> tuple[type[LoraFleetError], tuple[grpc.StatusCode, str, str | None, str | None]]:
         # Pickle (process pools, multiprocessing) and copy rebuild from the constructor's arguments;
         # Exception's default passes the formatted text as the only argument, which __init__ refuses.
-        return type(self), (self.code, self.message, self.request_id)
+        return type(self), (self.code, self.message, self.request_id, self.replica)
 
 
 class InvalidArgumentError(LoraFleetError):
@@ -77,9 +83,11 @@ _ERROR_CLASSES: dict[grpc.StatusCode, type[LoraFleetError]] = {
 }
 
 
-def make_error(code: grpc.StatusCode, message: str, request_id: str | None = None) -> LoraFleetError:
+def make_error(
+    code: grpc.StatusCode, message: str, request_id: str | None = None, replica: str | None = None
+) -> LoraFleetError:
     """The LoraFleetError subclass for ``code`` (LoraFleetError itself for codes without one)."""
-    return _ERROR_CLASSES.get(code, LoraFleetError)(code, message, request_id)
+    return _ERROR_CLASSES.get(code, LoraFleetError)(code, message, request_id, replica)
 
 
 def task_cancelled() -> bool:
@@ -107,17 +115,20 @@ def from_rpc_error(error: grpc.RpcError) -> LoraFleetError:
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     message = error.details() if callable(getattr(error, "details", None)) else None
     request_id = _metadata_value(error, "trailing_metadata") or _metadata_value(error, "initial_metadata")
+    replica = _metadata_value(error, "trailing_metadata", REPLICA_HEADER) or _metadata_value(
+        error, "initial_metadata", REPLICA_HEADER
+    )
     # Without details (a proxy's status, a dropped connection) the code alone, not the error's repr.
-    return make_error(code, message or code.name, request_id)
+    return make_error(code, message or code.name, request_id, replica)
 
 
-def _metadata_value(error: grpc.RpcError, which: str) -> str | None:
-    """The x-request-id of the error's ``which`` metadata, if any."""
+def _metadata_value(error: grpc.RpcError, which: str, name: str = REQUEST_ID_HEADER) -> str | None:
+    """The ``name`` (x-request-id) of the error's ``which`` metadata, if any."""
     read = getattr(error, which, None)
     if not callable(read):
         return None
     # Sync calls return (key, value) named tuples, grpc.aio calls a Metadata of pairs.
     for key, value in cast("Iterable[tuple[str, str | bytes]]", read() or ()):
-        if key == REQUEST_ID_HEADER:
+        if key == name:
             return value if isinstance(value, str) else value.decode("utf-8", "replace")
     return None
