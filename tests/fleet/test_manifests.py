@@ -283,3 +283,19 @@ def test_dockerfile_passes_hadolint() -> None:
     before = text[: text.index("VOLUME [")]
     assert f"mkdir -p {volume}" in before and "chown -R lorafleet /data" in before and volume.startswith("/data/")
     assert 'CMD ["python", "-m", "lorafleet_server.grpc.healthcheck"]' in text
+
+
+def test_envoys_body_limit_is_the_replicas_message_limit() -> None:
+    """Envoy's HTTP listener holds each body whole and refuses one over its limit itself; a limit below
+    the replicas' --max-message-bytes would refuse bodies they take, one above would send them bodies
+    they refuse (whose refusal resets the connection, counted against them). Both Envoy configurations
+    and the replicas' settings (ServerConfig's default, or the Kubernetes ConfigMap's) must agree."""
+    settings = dict(one("ConfigMap", "lorafleet-config")["data"])
+    replicas = config_from_args(argparse.Namespace(), environ=settings).max_message_bytes
+    local = yaml.safe_load(fleet_script.render_envoy(50050, 9901, [], 8080, []))
+    kube = yaml.safe_load(one("ConfigMap", "lorafleet-envoy")["data"]["envoy.yaml"])
+    for config in (local, kube):
+        [http] = [x for x in config["static_resources"]["listeners"] if x["name"] == "http"]
+        filters = http["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        [buffer] = [f for f in filters if f["name"] == "envoy.filters.http.buffer"]
+        assert buffer["typed_config"]["max_request_bytes"] == replicas
