@@ -10,7 +10,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from lorafleet.errors import REPLICA_HEADER, REQUEST_ID_HEADER
+from lorafleet.errors import REPLICA_HEADER, REQUEST_ID_HEADER, header_of
 
 # The request ids a server keeps (its own rule, server/lorafleet_server/grpc/rpc.py).
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -111,14 +111,6 @@ def _metadata_safe(value: str) -> bool:
 def replica_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The ``x-lorafleet-replica`` of a response's metadata ("" when the server sent none)."""
     return header_of(metadata, REPLICA_HEADER)
-
-
-def header_of(metadata: Iterable[tuple[str, str | bytes]] | None, name: str) -> str:
-    """The value of ``name`` in a response's metadata ("" when the server sent none)."""
-    for key, value in metadata or ():
-        if key == name:
-            return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return ""
 
 
 # Deadlines at least this far off are sent as none: gRPC turns a deadline beyond ~1e10 s into one that

@@ -114,21 +114,26 @@ def from_rpc_error(error: grpc.RpcError) -> LoraFleetError:
     the trailing metadata (unary calls), then in the initial metadata (a stream sends it first)."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     message = error.details() if callable(getattr(error, "details", None)) else None
-    request_id = _metadata_value(error, "trailing_metadata") or _metadata_value(error, "initial_metadata")
-    replica = _metadata_value(error, "trailing_metadata", REPLICA_HEADER) or _metadata_value(
-        error, "initial_metadata", REPLICA_HEADER
-    )
     # Without details (a proxy's status, a dropped connection) the code alone, not the error's repr.
-    return make_error(code, message or code.name, request_id, replica)
+    return make_error(
+        code, message or code.name, _error_header(error, REQUEST_ID_HEADER), _error_header(error, REPLICA_HEADER)
+    )
 
 
-def _metadata_value(error: grpc.RpcError, which: str, name: str = REQUEST_ID_HEADER) -> str | None:
-    """The ``name`` (x-request-id) of the error's ``which`` metadata, if any."""
-    read = getattr(error, which, None)
-    if not callable(read):
-        return None
-    # Sync calls return (key, value) named tuples, grpc.aio calls a Metadata of pairs.
-    for key, value in cast("Iterable[tuple[str, str | bytes]]", read() or ()):
+def _error_header(error: grpc.RpcError, name: str) -> str | None:
+    """``name`` from the error's trailing metadata (unary calls), else its initial metadata (a stream
+    sends it first); None when neither has it."""
+    for which in ("trailing_metadata", "initial_metadata"):
+        read = getattr(error, which, None)
+        # Sync calls return (key, value) named tuples, grpc.aio calls a Metadata of pairs.
+        if callable(read) and (value := header_of(cast("Iterable[tuple[str, str | bytes]]", read() or ()), name)):
+            return value
+    return None
+
+
+def header_of(metadata: Iterable[tuple[str, str | bytes]] | None, name: str) -> str:
+    """The value of ``name`` in a call's metadata ("" when the server sent none)."""
+    for key, value in metadata or ():
         if key == name:
             return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return None
+    return ""
