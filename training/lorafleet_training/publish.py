@@ -532,21 +532,29 @@ def stale(store: Store, spec: BaseModelSpec) -> tuple[list[tuple[AdapterKey, str
             except AdapterError as exc:
                 unreadable.append((key, str(exc)))
                 continue
-            if manifest.base_fingerprint != spec.fingerprint:
-                found.append((key, f"base {manifest.base_fingerprint}"))
-            elif prompt_formats_differ(manifest.base_prompt_format, spec.prompt_format):  # same weights, new template
-                found.append((key, f"prompt format {manifest.base_prompt_format} (this base: {spec.prompt_format})"))
-            elif manifest.kind == "head":
-                # fitted on another quantization's features (the manifest of a head published before
-                # training recorded them may say otherwise: the record decides)
-                try:
-                    fitted = head_fitted_on(store, key, manifest)
-                except AdapterError as exc:  # one damaged version is reported, not fatal to the listing
-                    unreadable.append((key, f"cannot read its training record: {exc}"))
-                    continue
-                if fitted != spec.quantization:
-                    found.append((key, f"quantization {fitted} (this base: {spec.quantization})"))
+            try:
+                why = stale_reason(store, key, manifest, spec)
+            except AdapterError as exc:  # one damaged version is reported, not fatal to the listing
+                unreadable.append((key, f"cannot read its training record: {exc}"))
+                continue
+            if why is not None:
+                found.append((key, why))
     return found, unreadable
+
+
+def stale_reason(store: Store, key: AdapterKey, manifest: Manifest, spec: BaseModelSpec) -> str | None:
+    """What a version was built for when it is not ``spec``'s base: "base <fingerprint>", "prompt
+    format <...>" (the same weights, another tokenizer or chat template), or for a head "quantization
+    <...>" (fitted on another quantization's features: its training record decides, since the manifest
+    of a head published before training recorded them may say otherwise; AdapterError when that
+    record cannot be read). None when it is built for it. Only a head's last check reads its files."""
+    if manifest.base_fingerprint != spec.fingerprint:
+        return f"base {manifest.base_fingerprint}"
+    if prompt_formats_differ(manifest.base_prompt_format, spec.prompt_format):
+        return f"prompt format {manifest.base_prompt_format} (this base: {spec.prompt_format})"
+    if manifest.kind == "head" and (fitted := head_fitted_on(store, key, manifest)) != spec.quantization:
+        return f"quantization {fitted} (this base: {spec.quantization})"
+    return None
 
 
 # --------------------------------------------------------------------------------- prompt adapters

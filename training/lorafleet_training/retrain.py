@@ -43,7 +43,7 @@ from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import RETRAIN_RECORD_FILE
 from lorafleet_training import data as data_mod
 from lorafleet_training.errors import TrainingError
-from lorafleet_training.publish import DEFAULT_MAX_FORGETTING, NoImprovement, TooMuchForgetting, head_fitted_on
+from lorafleet_training.publish import DEFAULT_MAX_FORGETTING, NoImprovement, TooMuchForgetting, stale_reason
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,11 @@ def stale_latest(
             unreadable.append((key, f"cannot read its manifest: {exc}"))
             continue
         try:
-            fitted = head_fitted_on(store, key, manifest) if manifest.kind == "head" else spec.quantization
+            why = stale_reason(store, key, manifest, spec)
         except AdapterError as exc:
             unreadable.append((key, f"cannot read its training record: {exc}"))
             continue
-        if not built_for(manifest, spec) or fitted != spec.quantization:
+        if why is not None:
             found.append((key, manifest))
     return sorted(found, key=lambda item: (item[1].kind == "head", str(item[0]))), unreadable
 
