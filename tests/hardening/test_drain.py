@@ -382,42 +382,53 @@ def test_ready_turns_1_only_once_every_edge_serves(tiny_model_dir: Path, tmp_pat
     assert seen == {"edge starting": 0.0, "after": 1.0}
 
 
-def test_an_http_stream_cut_before_its_first_token_is_a_503_a_proxy_retries(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("held", [False, True], ids=["prefilling", "text-held-back"])
+def test_an_http_stream_cut_before_its_first_text_is_a_503_a_proxy_retries(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool
 ) -> None:
     """A stream: true request cut by a forced stop while its prompt was still being prefilled answered
     200 and then an error chunk: a proxy never retries that, and nothing of it was metered, so its
     caller got neither an answer nor a retry (the second diff review). It is a 503 now, as a
-    non-streaming request's cut is."""
+    non-streaming request's cut is. So is one cut while every token it made was held back (it could
+    still be a stop string): its status line went out with the first token, text or not."""
     import httpx
 
     from lorafleet_server.grpc.server import server_keys
     from lorafleet_server.http.server import BackgroundHttpServer
 
-    # a prompt of ~120 tokens prefilled 16 a step at 0.4 s a step: the 1 s grace ends mid-prefill
-    service = _slow_service(tiny_model_dir, tmp_path, monkeypatch, 0.4, max_step_tokens=16, http_port=0)
+    # prefilling: ~120 tokens 16 a step at 0.4 s a step, so the 1 s grace ends mid-prefill; held back:
+    # 12 tokens at 0.2 s a step outlast the grace
+    step_seconds, prompt = (0.2, "The capital of France is") if held else (0.4, "word " * 120)
+    service = _slow_service(tiny_model_dir, tmp_path, monkeypatch, step_seconds, max_step_tokens=16, http_port=0)
     keys = server_keys(service.config)
     service.engine.start()
     server = BackgroundHttpServer(service, keys)
     server.start()
-    body = {"model": service.info.model_id, "prompt": "word " * 120, "max_tokens": 50, "stream": True}
+    body: dict[str, object] = {"model": service.info.model_id, "prompt": prompt, "max_tokens": 100, "temperature": 0}
+    if held:  # the greedy text followed by a character it never reaches: every token is held back
+        greedy = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 12}, timeout=60)
+        body["stop"] = [greedy.json()["choices"][0]["text"] + "\u2603"]
+    before = sum(row.requests for row in service.engine.usage.report(0, 4e9))
     answer: list[httpx.Response] = []
 
     def call() -> None:
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        url = f"{server.url}/v1/completions"
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
             response.read()
             answer.append(response)
 
     caller = threading.Thread(target=call)
     try:
         caller.start()
-        _wait_until(lambda: service.engine.load_stats()[0] == 1)  # prefilling
+        _wait_until(lambda: service.engine.load_stats()[0] == 1)  # prefilling, or decoding held back
+        if held:
+            time.sleep(0.3)  # a token or two of its 12 held back
         service.engine.shutdown(1.0)
         caller.join(30)
         [response] = answer
         assert response.status_code == 503, response.text
         assert response.json()["error"]["type"] == "service_unavailable_error"
-        assert service.engine.usage.report(0, 4e9) == []
+        assert sum(row.requests for row in service.engine.usage.report(0, 4e9)) == before
     finally:
         server.stop()
 

@@ -154,6 +154,19 @@ class EngineEventStream(StreamingResponse):
             await self._on_close()
 
 
+async def _first_text(events: AsyncIterator[TokenEvent]) -> TokenEvent:
+    """The first event with text, or the last one, with the token ids of the text-less events before it
+    (tokens held back: a stop string could still begin there). The status line waits for it: a stream
+    cut while all its text was held back answered 200 and then an error, which no proxy retries, and
+    the engine meters only a cut stream that has sent text, so nobody was billed for it either."""
+    held: tuple[int, ...] = ()
+    while True:
+        event = await anext(events)
+        if event.text or event.final:
+            return dataclasses.replace(event, token_ids=held + event.token_ids) if held else event
+        held += event.token_ids
+
+
 def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
@@ -438,11 +451,11 @@ class OpenAIApi:
             prepared = Prepared(submitted, submitted.adapter or self._info.model_id)
             if body.stream:
                 events = submitted.events()
-                # errors before the first token become real HTTP errors; a client that leaves while it
+                # errors before the first text become real HTTP errors; a client that leaves while it
                 # waits for it (queued, prefilling) cancels the request, as in a non-streaming call
-                first = await self._until_disconnect(request, anext(events))
+                first = await self._until_disconnect(request, _first_text(events))
                 if first.summary is not None and first.summary.finish_reason is FinishReason.CANCELLED:
-                    # cut by a forced stop before any token: a 503 a proxy retries, not a 200 with an
+                    # cut by a forced stop before any text: a 503 a proxy retries, not a 200 with an
                     # error in it that nobody retries (and that is not metered either)
                     raise ShuttingDown(STOPPED_BY_SERVER)
                 include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
