@@ -8,13 +8,18 @@ installed, resolves our requirements against them, and downloads nothing.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import venv
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 OURS = ("lorafleet", "lorafleet_server", "lorafleet_adapters", "lorafleet_training", "lorafleet_proto")
 PIP_OWN = ("pip", "__pycache__")
@@ -40,6 +45,47 @@ def link_site_packages(dest: Path, *, keep: tuple[str, ...] | None = None, drop:
         if keep is None or name.startswith(keep):
             (dest / entry.name).symlink_to(entry)
     return dest
+
+
+def requirements_of(project: Path, *extras: str) -> tuple[str, ...]:
+    """What installing ``project`` (a folder with a pyproject.toml) with ``extras`` asks pip for."""
+    spec = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    optional = spec.get("optional-dependencies", {})
+    return (*spec.get("dependencies", ()), *(r for extra in extras for r in optional[extra]))
+
+
+def link_requirements(
+    dest: Path, requirements: tuple[str, ...], *, skip: frozenset[str] = frozenset()
+) -> tuple[Path, frozenset[str]]:
+    """Symlink into ``dest`` the installed distributions ``requirements`` name, with what they need in
+    turn (their declared requirements, with the extras asked for): what pip would install for them, so
+    a package our code uses that no requirement brings is missing, as from a real install. Ours are
+    neither linked nor followed (pass their requirements: ``requirements_of``), nor is any distribution
+    in ``skip`` (linked already). Returns ``dest`` and the distributions linked or skipped."""
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    todo = [Requirement(r) for r in requirements]
+    seen = set(skip)
+    entries: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        if name in seen or name.replace("-", "_").startswith(OURS):
+            continue
+        seen.add(name)
+        dist = importlib.metadata.distribution(req.name)
+        for needed in dist.requires or ():
+            sub = Requirement(needed)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in req.extras or {""}):
+                todo.append(sub)
+        for file in dist.files or ():
+            path = Path(str(dist.locate_file(file))).resolve()
+            if path.is_relative_to(site):  # not the scripts in bin/ (outside site-packages)
+                entries.add(path.relative_to(site).parts[0])
+    dest.mkdir()
+    for entry in sorted(entries):
+        if entry != "__pycache__" and not entry.endswith(".pth") and (site / entry).exists():
+            (dest / entry).symlink_to(site / entry)
+    return dest, frozenset(seen)
 
 
 def fresh_venv(path: Path) -> tuple[Path, Path]:
