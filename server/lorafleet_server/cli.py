@@ -307,11 +307,11 @@ def _training_cli() -> ModuleType:
     return training
 
 
-def _require_train_extra() -> None:
+def _require_train_extra(command: str) -> None:
     missing = [name for name in ("peft",) if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(
-            f"error: `lorafleet train` needs the training extra ({', '.join(missing)} not installed): "
+            f"error: `lorafleet {command}` needs the training extra ({', '.join(missing)} not installed): "
             + TRAIN_EXTRA_HINT
         )
 
@@ -371,14 +371,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if command in TRAINING_COMMANDS:
         training = _training_cli()
         if command == "train":
-            _require_train_extra()
+            _require_train_extra(command)
             training.add_train_arguments(train)
             add_server_arguments(train, shown=TRAIN_SETTINGS)
         elif command == "publish":
             training.add_publish_arguments(publish)
             add_server_arguments(publish, shown=BASE_SETTINGS)
         elif command == "retrain":
-            _require_train_extra()
+            _require_train_extra(command)
             training.add_retrain_arguments(retrain)
             add_server_arguments(retrain, shown=TRAIN_SETTINGS)
         else:

@@ -32,6 +32,7 @@ from installlib import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+OURS_SERVING = ("lorafleet_server", "lorafleet_adapters", "lorafleet_training", "lorafleet_proto")
 
 
 @pytest.mark.slow
@@ -71,9 +72,14 @@ def test_serving_install_has_no_generic_names_and_no_peft_then_the_train_extra(t
 
     assert "serve" in run([lorafleet, "--help"], cwd=tmp_path).stdout
     assert "--max-batch-size" in run([lorafleet, "serve", "--help"], cwd=tmp_path).stdout
-    refused = run([lorafleet, "train", "--help"], cwd=tmp_path, check=False)
-    assert refused.returncode != 0
-    assert "training extra" in refused.stderr and "[train]" in refused.stderr and "peft" in refused.stderr
+    for command in ("train", "retrain"):
+        refused = run([lorafleet, command, "--help"], cwd=tmp_path, check=False)
+        assert refused.returncode != 0 and f"`lorafleet {command}` needs the training extra" in refused.stderr
+        assert "[train]" in refused.stderr and "peft" in refused.stderr
+    # Typed packages (PEP 561), and Apache-2.0's text in each distribution, as the license requires.
+    assert all((site_packages / package / "py.typed").is_file() for package in OURS_SERVING)
+    licenses = sorted(site_packages.glob("lorafleet*.dist-info/licenses/LICENSE"))
+    assert len(licenses) == 2 and all("Apache License" in p.read_text() for p in licenses), licenses
 
     # The extra: peft becomes available (linked in as above), pip resolves `.[train]` with them.
     train_deps, _ = link_requirements(tmp_path / "train-deps", requirements_of(REPO, "train"), skip=linked)
