@@ -3,6 +3,14 @@
 # (torch's CUDA wheels carry the CUDA runtime: the host needs only the driver and the NVIDIA container
 # toolkit) and run with --gpus all: NF4 via bitsandbytes is the default there.
 ARG BASE=python:3.11-slim-bookworm
+
+# The dependency list alone, read out of pyproject.toml: the final stage copies this one file, so its
+# dependency layer is rebuilt when the list (or constraints.txt) changes, not with every other edit of
+# pyproject.toml (Docker keys a layer on the bytes of what was copied into it).
+FROM ${BASE} AS requirements
+COPY pyproject.toml /pyproject.toml
+RUN python -c "import tomllib; p = tomllib.load(open('/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['quant']))" > /requirements.txt
+
 FROM ${BASE}
 
 ARG TORCH_SPEC="torch==2.13.0"
@@ -28,16 +36,15 @@ RUN python -m pip install --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 
 # Serving only: the generated gRPC code (lorafleet-proto), then the server without the `train` extra,
 # so the image carries no peft. The Python client is not needed inside it.
-# Every dependency but torch at the version CI passed with (constraints.txt). The dependencies come
-# from pyproject.toml alone, in a layer of their own: a change to the sources below reinstalls only
-# lorafleet itself, not its dependencies.
-COPY constraints.txt pyproject.toml README.md /app/
+# Every dependency but torch at the version CI passed with (constraints.txt), in layers of their own:
+# a change to the sources or to pyproject.toml's other fields reinstalls only lorafleet itself.
+COPY constraints.txt /app/
+COPY --from=requirements /requirements.txt /app/requirements.txt
 COPY proto/python /app/proto/python
 RUN python -m pip install -c /app/constraints.txt /app/proto/python \
-    && python -c "import tomllib; p = tomllib.load(open('/app/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['quant']))" > /tmp/requirements.txt \
-    && python -m pip install -c /app/constraints.txt -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && python -m pip install -c /app/constraints.txt -r /app/requirements.txt
 
+COPY pyproject.toml README.md LICENSE /app/
 COPY server /app/server
 COPY adapters /app/adapters
 COPY training /app/training

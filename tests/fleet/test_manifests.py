@@ -283,6 +283,12 @@ def test_dockerfile_passes_hadolint() -> None:
     before = text[: text.index("VOLUME [")]
     assert f"mkdir -p {volume}" in before and "chown -R lorafleet /data" in before and volume.startswith("/data/")
     assert 'CMD ["python", "-m", "lorafleet_server.grpc.healthcheck"]' in text
+    # Every file a COPY takes from the build context is in the repository (and not in .dockerignore's
+    # leading entries, which hold what a checkout builds: venvs, data, caches).
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
+        for source in sources.split():
+            assert (ROOT / source).exists() and source not in ignored, source
 
 
 def test_envoys_body_limit_is_the_replicas_message_limit() -> None:
