@@ -298,11 +298,13 @@ def test_listings_and_views_show_a_tenant_only_its_own(live: Live) -> None:
 def test_slot_memory_is_shown_to_admins_only(live: Live) -> None:
     """Found by an outside review: GetModelInfo's adapter_slot_memory_bytes follows every tenant's loaded
     adapters (it told another tenant's r=32 all-linear adapter apart); a tenant key now gets 0."""
-    with live.client(live.keys["beta"]) as beta:
-        beta.generate("Hi", adapter="beta/secret", sampling=SHORT)  # its adapter is loaded now
-        assert beta.model_info().adapter_slot_memory_bytes == 0
     with live.client(live.keys["acme"]) as acme:
+        # a LoRA adapter in a slot now (beta/secret is a prompt adapter: no slot; this test passed alone
+        # only after another had loaded acme/support)
+        acme.generate("Hi", adapter="acme/support", sampling=SHORT)
         assert acme.model_info().adapter_slot_memory_bytes == 0
+    with live.client(live.keys["beta"]) as beta:
+        assert beta.model_info().adapter_slot_memory_bytes == 0
     with live.client(live.keys["ops"]) as admin:
         assert admin.model_info().adapter_slot_memory_bytes > 0
 
