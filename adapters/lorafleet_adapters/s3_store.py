@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +72,7 @@ from lorafleet_adapters.peft_format import (
     max_weights_bytes,
 )
 from lorafleet_adapters.prompt import PromptTemplate
-from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
+from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, is_ident, parse_version
 from lorafleet_adapters.store import (
     MANIFEST_FILE,
     MAX_SMALL_FILE_BYTES,
@@ -261,27 +261,59 @@ class S3AdapterStore:
             )
         return key
 
-    def list(self, tenant: str | None = None) -> builtins.list[AdapterSummary]:
-        """Every adapter with a published version, by tenant and name: one listing of each tenant's keys
-        (paged by 1,000), not two requests per adapter. A ``latest`` pointer as publishes write it is
-        read from the listing (its ETag is the MD5 of ``"<version>\\n"``); any other is fetched."""
+    def list(
+        self, tenant: str | None = None, *, after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> builtins.list[AdapterSummary]:
+        """The adapters with a published version, by tenant and name: those after ``after`` (tenant,
+        name), at most ``limit`` of them (None: all). All of a tenant come from one listing of its keys
+        (paged by 1,000), not two requests per adapter; a page of ``limit`` lists the tenant's names
+        (one request per 1,000) and then only the keys of the names it takes, so paging through a large
+        store costs each page its own adapters, not the whole store again. A ``latest`` pointer as
+        publishes write it is read from the listing (its ETag is the MD5 of ``"<version>\\n"``); any
+        other is fetched."""
         tenants = [check_ident(tenant, "tenant")] if tenant is not None else self._idents(self._key())
-        summaries = []
+        summaries: builtins.list[AdapterSummary] = []
         for tenant_name in tenants:
-            listing = self._tenant_listing(tenant_name)
-            assert listing is not None  # no page limit
-            versions, pointers = listing
-            for adapter_name in sorted(versions):
-                found = versions[adapter_name]
-                latest = self._latest_from_etag(pointers.get(adapter_name), found)
-                if latest is None and adapter_name in pointers:  # written some other way: read it
-                    try:
-                        latest, _ = self._read_latest(tenant_name, adapter_name)
-                    except AdapterNotFound:
-                        latest = None
-                if latest is None:
-                    latest = found[-1]
-                summaries.append(AdapterSummary(tenant_name, adapter_name, found, latest if latest in found else None))
+            if after is not None and tenant_name < after[0]:
+                continue
+            skip = after[1] if after is not None and tenant_name == after[0] else None
+            if limit is None:
+                listing = self._tenant_listing(tenant_name)
+                assert listing is not None  # no key limit
+                summaries += self._summaries(tenant_name, listing, skip)
+                continue
+            names = self._idents(self._key(tenant_name), after=skip)
+            cursor = skip
+            while names and len(summaries) < limit:
+                # names without a published version are left out: the next ones fill their places
+                taken, names = names[: limit - len(summaries)], names[limit - len(summaries) :]
+                listing = self._tenant_listing(tenant_name, names=(cursor, taken))
+                assert listing is not None
+                summaries += self._summaries(tenant_name, listing, None)
+                cursor = taken[-1]
+            if len(summaries) >= limit:
+                break
+        return summaries
+
+    def _summaries(
+        self, tenant: str, listing: tuple[dict[str, tuple[int, ...]], dict[str, str]], after: str | None
+    ) -> builtins.list[AdapterSummary]:
+        """A tenant listing's adapters (names after ``after``) by name, each with its latest version."""
+        versions, pointers = listing
+        summaries = []
+        for adapter_name in sorted(versions):
+            if after is not None and adapter_name <= after:
+                continue
+            found = versions[adapter_name]
+            latest = self._latest_from_etag(pointers.get(adapter_name), found)
+            if latest is None and adapter_name in pointers:  # written some other way: read it
+                try:
+                    latest, _ = self._read_latest(tenant, adapter_name)
+                except AdapterNotFound:
+                    latest = None
+            if latest is None:
+                latest = found[-1]
+            summaries.append(AdapterSummary(tenant, adapter_name, found, latest if latest in found else None))
         return summaries
 
     def publishes_since(self, seen: str | None) -> PublishesSince:
@@ -324,19 +356,40 @@ class S3AdapterStore:
         return latest
 
     def _tenant_listing(
-        self, tenant: str, max_keys: int | None = None
+        self, tenant: str, max_keys: int | None = None, names: tuple[str | None, Sequence[str]] | None = None
     ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]] | None:
         """From one listing of a tenant's keys: each valid adapter name's published versions (ascending;
         names without one left out) and the ETag of each name's ``latest`` pointer. None when the tenant
-        has more than ``max_keys`` keys (no more are asked for)."""
+        has more than ``max_keys`` keys (no more are asked for). With ``names`` (the name before them or
+        None, and names consecutive in name order), only the range of keys that holds theirs is listed,
+        and only they are in the answer."""
         base = self._key(tenant) + "/"
         versions: dict[str, set[int]] = {}
         pointers: dict[str, str] = {}  # name -> the latest pointer's ETag
-        for page in self._list_pages(base, max_keys):
+        start_after = wanted = last_key = None
+        if names is not None:
+            cursor, taken = names
+            if not taken:
+                return {}, {}
+            # S3 lists keys in byte order, where "a-b/..." comes before "a/..." ("-" sorts before "/"),
+            # and starts after any key; SeaweedFS lists a folder's entries in name order ("a" before
+            # "a-b") and starts after the entry StartAfter names. Starting after the name before these
+            # suits both, and a key of another valid name that is past all of theirs in bytes ends the
+            # listing in both: in byte order every key of theirs came before it, in name order every
+            # name of theirs did (they are the names that follow the one before them).
+            wanted, last_key = frozenset(taken), max(f"{n}/" for n in taken)
+            start_after = None if cursor is None else base + cursor
+        for page in self._list_pages(base, max_keys, start_after=start_after):
             if page is None:
                 return None
             for object_key, etag in page:
-                name, _, rest = object_key[len(base) :].partition("/")
+                relative = object_key[len(base) :]
+                name, _, rest = relative.partition("/")
+                if wanted is not None and name not in wanted:
+                    assert last_key is not None
+                    if relative > last_key and not relative.startswith(last_key) and is_ident(name):
+                        break  # past every one of them: no more pages are asked for
+                    continue
                 if rest == LATEST_KEY:
                     pointers[name] = etag
                     continue
@@ -344,6 +397,9 @@ class S3AdapterStore:
                 version = _published_version(rest) if sub == VERSIONS_KEY else None
                 if version is not None:
                     versions.setdefault(name, set()).add(version)
+            else:
+                continue
+            break
         published: dict[str, tuple[int, ...]] = {}
         for name, found in versions.items():
             try:
@@ -780,9 +836,12 @@ class S3AdapterStore:
             assert page is not None  # no limit
             yield from page
 
-    def _list_pages(self, prefix: str, max_keys: int | None = None) -> Iterator[builtins.list[tuple[str, str]] | None]:
-        """(key, ETag) of every object under ``prefix``, a page (one request) at a time; with ``max_keys``,
-        no more keys than that are asked for, and a last ``None`` says there were more."""
+    def _list_pages(
+        self, prefix: str, max_keys: int | None = None, *, start_after: str | None = None
+    ) -> Iterator[builtins.list[tuple[str, str]] | None]:
+        """(key, ETag) of every object under ``prefix`` (after the key ``start_after``), a page (one
+        request) at a time; with ``max_keys``, no more keys than that are asked for, and a last ``None``
+        says there were more."""
         token: str | None = None
         left = max_keys
         while True:
@@ -790,6 +849,8 @@ class S3AdapterStore:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": keys}
             if token:
                 kwargs["ContinuationToken"] = token
+            elif start_after is not None:
+                kwargs["StartAfter"] = start_after
             page = self._call(f"list {prefix or '/'}", self._client.list_objects_v2, **kwargs)
             items = [(str(item["Key"]), str(item.get("ETag", ""))) for item in page.get("Contents", ())]
             yield items
@@ -802,8 +863,9 @@ class S3AdapterStore:
                     yield None
                     return
 
-    def _idents(self, prefix: str) -> builtins.list[str]:
-        """The valid tenant or adapter names directly under ``prefix`` (a listing by "/")."""
+    def _idents(self, prefix: str, after: str | None = None) -> builtins.list[str]:
+        """The valid tenant or adapter names directly under ``prefix`` (a listing by "/"), sorted; with
+        ``after``, only those after it."""
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         names: set[str] = set()
@@ -812,6 +874,9 @@ class S3AdapterStore:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
             if token:
                 kwargs["ContinuationToken"] = token
+            elif after is not None:
+                # every name after ``after`` has its "<name>/" after the key "<after>" (none before is lost)
+                kwargs["StartAfter"] = prefix + after
             page = self._call(f"list {prefix or '/'}", self._client.list_objects_v2, **kwargs)
             for common in page.get("CommonPrefixes", ()):
                 name = str(common["Prefix"])[len(prefix) :].rstrip("/")
@@ -821,7 +886,7 @@ class S3AdapterStore:
                     continue
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
-                return sorted(names)
+                return sorted(n for n in names if after is None or n > after)
 
     def _numbers_under(self, prefix: str) -> Iterator[int]:
         for key in self._list_keys(prefix):

@@ -172,13 +172,22 @@ class AdapterStore:
         small file each) when it changed."""
         return PublishesSince("", None, None)
 
-    def list(self, tenant: str | None = None) -> list[AdapterSummary]:
-        """Every adapter with at least one published version, sorted by tenant and name."""
+    def list(
+        self, tenant: str | None = None, *, after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> list[AdapterSummary]:
+        """The adapters with at least one published version, sorted by tenant and name: those after
+        ``after`` (tenant, name), at most ``limit`` of them (None: all). Only those are read."""
         root = self._real_root()
         tenants = [check_ident(tenant, "tenant")] if tenant is not None else self._idents(root)
-        summaries = []
+        summaries: list[AdapterSummary] = []
         for tenant_name in tenants:
+            if after is not None and tenant_name < after[0]:
+                continue
             for adapter_name in self._idents(root / tenant_name):
+                if after is not None and (tenant_name, adapter_name) <= after:
+                    continue
+                if limit is not None and len(summaries) >= limit:
+                    return summaries
                 versions = self.versions(tenant_name, adapter_name)
                 if not versions:
                     continue

@@ -72,3 +72,19 @@ def flip_last_byte_keeping_mtime(path: Path) -> None:
     with open(path, "r+b") as handle:
         handle.write(bytes(data))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+# Names whose order as names and as S3 keys differ: "-" sorts before "/", so "a-b/..." comes before
+# "a/...", while the name "a" comes before "a-b".
+TRICKY_NAMES = ("a", "a-b", "a-b-c", "a0", "a_b", "ab", "b", "b-")
+
+
+def pages(store: Any, limit: int, tenant: str | None = None) -> list[list[Any]]:
+    """``store.list`` page by page, each continuing after the previous page's last adapter."""
+    found: list[list[Any]] = []
+    after = None
+    while page := store.list(tenant, after=after, limit=limit):
+        assert len(page) <= limit
+        found.append(page)
+        after = (page[-1].tenant, page[-1].name)
+    return found

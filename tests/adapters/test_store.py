@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from adapters_testlib import FINGERPRINT, MakeAdapter, edit_config
+from adapters_testlib import FINGERPRINT, TRICKY_NAMES, MakeAdapter, edit_config, pages
 
 from lorafleet_adapters import store as store_module
 from lorafleet_adapters.errors import (
@@ -98,6 +98,24 @@ def test_versions_increment(store: AdapterStore, make_adapter: MakeAdapter, spec
     assert [s.tenant for s in store.list()] == ["acme", "zeta"]
     assert store.list("zeta") == [AdapterSummary("zeta", "other", (1,), 1)]
     assert store.list("nobody") == []
+
+
+def test_pages_of_the_listing_join_up_to_the_whole_listing(store: AdapterStore, spec: BaseModelSpec) -> None:
+    """ListAdapters pages: each asks the store for the adapters after the last one it had, no more than
+    its size (one page read the whole store and cut it, for every page)."""
+    from lorafleet_adapters.prompt import PromptTemplate
+
+    for tenant in ("acme", "acme-x", "z"):
+        for name in TRICKY_NAMES:
+            store.publish_prompt(tenant, name, PromptTemplate(name), spec)
+    (store.root / "acme" / "a-a").mkdir()  # an adapter folder with nothing published: not listed
+    whole = store.list()
+    assert [(s.tenant, s.name) for s in whole] == sorted((t, n) for t in ("acme", "acme-x", "z") for n in TRICKY_NAMES)
+    for limit in (1, 2, 3, 7, 8, 9, 100):
+        assert [s for page in pages(store, limit) for s in page] == whole, limit
+        assert [s for page in pages(store, limit, "acme-x") for s in page] == store.list("acme-x"), limit
+    assert store.list(after=("acme-x", "b-"), limit=2) == whole[16:18]  # from the next tenant on
+    assert store.list(after=("zz", ""), limit=2) == []
 
 
 def test_not_found_messages(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from adapters_testlib import MakeAdapter, flip_last_byte_keeping_mtime
+from adapters_testlib import TRICKY_NAMES, MakeAdapter, flip_last_byte_keeping_mtime, pages
 from botocore.exceptions import ClientError
 from seaweedlib import SeaweedFS, free_ports, sweep_stale_sockets
 
@@ -486,6 +486,59 @@ def test_list_reads_each_tenant_in_one_listing_and_pointers_only_when_written_by
     calls.clear()
     assert reader.list("acme")[1] == AdapterSummary("acme", "b", (1,), 1)
     assert sorted(calls) == ["GetObject", "GetObject", "ListObjectsV2"]  # a/ and c/ by hand: read
+
+
+def test_a_page_of_the_listing_lists_only_its_own_adapters_keys(
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec
+) -> None:
+    """ListAdapters pages: one page listed every key of the tenant and cut the result, so paging through
+    N adapters listed the store N/page times over. A page now lists the tenant's names, then only the
+    range of keys its own adapters hold; S3's key order ("a-b/" before "a/") loses none of them."""
+    store = s3_store(url, tmp_path / "c")
+    for tenant in ("acme", "acme-x"):
+        for name in TRICKY_NAMES:
+            store.publish_prompt(tenant, name, PromptTemplate(name), spec)
+    for n in range(12):
+        store.publish_prompt("big", f"n{n:02d}", PromptTemplate(str(n)), spec)
+    prefix = url.removeprefix(f"s3://{BUCKET}/")
+    seaweed_server.client().put_object(Bucket=BUCKET, Key=f"{prefix}/acme/a-a/claims/1", Body=b"")  # unpublished
+    reader = s3_store(url, tmp_path / "r")
+    whole = reader.list()
+    names = sorted((t, n) for t in ("acme", "acme-x") for n in TRICKY_NAMES) + [("big", f"n{n:02d}") for n in range(12)]
+    assert [(s.tenant, s.name) for s in whole] == names
+    for limit in (1, 2, 3, 8, 9, 100):
+        assert [s for page in pages(reader, limit) for s in page] == whole, limit
+        assert [s for page in pages(reader, limit, "acme") for s in page] == reader.list("acme"), limit
+    calls: list[str] = []
+    reader._client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    reader.list_page_keys = 5
+    keys = len([key for key in object_keys(seaweed_server, url) if key.startswith("big/")])
+    assert keys >= 12 * 4  # 12 pages of 5 to list them all
+    assert reader.list("big", after=("big", "n04"), limit=2) == whole[-7:-5]
+    assert calls.count("ListObjectsV2") <= 4, calls  # the names, then two adapters' keys (about 8)
+
+
+def test_pages_hold_every_adapter_also_in_s3s_own_key_order(
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS S3 lists keys in byte order ("a-b/..." before "a/...") and StartAfter is any key; SeaweedFS
+    lists a folder's entries in name order. The same keys, listed as AWS would (byte order, after
+    StartAfter, pages of 3), page into the same adapters."""
+    store = s3_store(url, tmp_path / "c")
+    for name in TRICKY_NAMES:
+        store.publish_prompt("acme", name, PromptTemplate(name), spec)
+    reader = s3_store(url, tmp_path / "r")
+    whole = reader.list("acme")
+    everything = sorted(reader._list_keys(reader._key("acme") + "/"), key=lambda k: k.encode())
+
+    def byte_order(prefix: str, max_keys: int | None = None, *, start_after: str | None = None) -> Any:
+        keys = [(k, "") for k in everything if k.startswith(prefix) and (start_after is None or k > start_after)]
+        for i in range(0, len(keys), 3):
+            yield keys[i : i + 3]
+
+    monkeypatch.setattr(reader, "_list_pages", byte_order)
+    for limit in (1, 2, 3, 7, 8, 9):
+        assert [s for page in pages(reader, limit, "acme") for s in page] == whole, limit
 
 
 def test_latest_versions_of_many_names_come_from_one_listing_where_that_costs_less(

@@ -261,9 +261,12 @@ class AdapterManager:
         """Whether ``key``'s weights are in host memory, without touching their recency (for views)."""
         return key in self.host_cache
 
-    def list_store(self, tenant: str | None = None) -> list[AdapterSummary]:
-        """Every adapter in the store (of one tenant), with its versions and latest pointer."""
-        return self.store.list(tenant)
+    def list_store(
+        self, tenant: str | None = None, after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> list[AdapterSummary]:
+        """The adapters in the store (of one tenant), with their versions and latest pointers: those
+        after ``after`` (tenant, name) in tenant and name order, at most ``limit`` (None: all)."""
+        return self.store.list(tenant, after=after, limit=limit)
 
     def store_versions(self, ref: AdapterRef) -> tuple[int, ...]:
         """Published versions of ``tenant/name`` (empty when there are none); ``ref.version`` is ignored."""

@@ -52,13 +52,12 @@ class AdapterAdmin:
     ) -> tuple[list[AdapterView], tuple[str, str] | None]:
         """The adapters (of ``tenant``) after ``after`` (tenant, name) in tenant and name order, at most
         ``limit`` of them (None: all); and the last one's (tenant, name) when more follow, else None.
-        Only the page's versions are read (manifests, tiers): a listing of thousands of versions did
-        not fit one gRPC response."""
+        Only the page's adapters are read from the store (one more, to know whether more follow), and
+        only their versions' manifests and tiers: a listing of thousands of versions did not fit one
+        gRPC response, and each page listed the whole store again."""
         if tenant:
             check_ident(tenant, "tenant")
-        summaries = sorted(self._manager.list_store(tenant or None), key=lambda s: (s.tenant, s.name))
-        if after is not None:
-            summaries = [s for s in summaries if (s.tenant, s.name) > after]
+        summaries = self._manager.list_store(tenant or None, after, None if limit is None else limit + 1)
         more = limit is not None and len(summaries) > limit
         summaries = summaries[:limit] if limit is not None else summaries
         slots = self._slots() if summaries else {}  # one snapshot for the whole page
