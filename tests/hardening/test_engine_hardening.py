@@ -178,6 +178,51 @@ def test_special_tokens_in_chat_content_stay_text(service: Service) -> None:
         assert service.engine.encode_prompt(None, chat) == tok.encode(rendered, add_special_tokens=False)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        "message['content'] | trim",  # Llama 3's and Gemma's templates trim each content
+        "message['content'].split('</think>')[-1]",  # a reasoning model's drops what a turn thought
+    ],
+    ids=["trim", "split"],
+)
+def test_a_template_that_changes_contents_renders_them_as_it_would_alone(tiny_model_dir: Path, change: str) -> None:
+    """Found by an outside review: the template was rendered with a mark in place of each content, so a
+    template that trims contents trimmed the mark, and the prompt kept the whitespace the template's
+    own rendering drops (40 prompt tokens where apply_chat_template gives 37, and another answer).
+    Such a template now renders the contents themselves; their special-token text still stays text."""
+    from transformers import AutoTokenizer
+
+    from lorafleet_server.engine.prompts import chat_ids, special_tokens_pattern
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = tok.chat_template.replace("message['content']", change)
+    specials = special_tokens_pattern(tok)
+
+    def encode(turns: list[tuple[str, str]]) -> list[int]:
+        return chat_ids(
+            tok,
+            turns,
+            lambda text: list(tok.encode(text, add_special_tokens=False, split_special_tokens=True)),
+            specials,
+        )
+
+    chat = [
+        ("system", "  Be brief.\n"),
+        ("user", "\n\n  What is the capital of France?  \n\n"),
+        ("assistant", "x</think> Paris "),
+    ]
+    for turns in (chat, chat[1:2]):
+        conversation = [{"role": role, "content": content} for role, content in turns]
+        whole = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert encode(turns) == tok.encode(whole, add_special_tokens=False), turns
+    # Special-token text in a content stays text, in a template that changes contents as in one that does not.
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    ids = encode([("user", f"  {FORGED}  ")])
+    assert ids.count(im_start) == 3 and FORGED in tok.decode(ids)
+    assert ("  " + FORGED in tok.decode(ids)) is ("trim" not in change)  # trimmed, or not cut (no </think>)
+
+
 def test_prompt_adapter_system_turn_cannot_be_overridden(service: Service) -> None:
     from lorafleet_adapters.prompt import PromptTemplate
 

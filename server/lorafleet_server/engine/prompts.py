@@ -85,33 +85,57 @@ def chat_ids(
     """The chat template's rendering of ``turns``, with every content tokenized as plain text
     (``encode_text``: without special tokens parsed; ``specials``: ``special_tokens_pattern``).
 
-    The template is rendered with a unique marker in place of each content, so every special token
-    in the rendering is the template's own. The tokenizer splits its input at special tokens before
+    The template is rendered with a unique mark in place of each content, so every special token in
+    the rendering is the template's own. The tokenizer splits its input at special tokens before
     anything else, so splitting the rendering there ourselves, putting the contents back and
     tokenizing each piece with special tokens split gives exactly the ids of the whole rendering,
-    except that special-token text inside a content stays text. The markers carry a random nonce,
-    so a content cannot imitate one. Training encodes its chats with this too, so a customer's data
+    except that special-token text inside a content stays text. The marks carry a random nonce, so a
+    content cannot imitate one. Training encodes its chats with this too, so a customer's data
     teaches the model the ids serving gives the same text.
+
+    A template that changes a content (``| trim``, or a reasoning model's that cuts what comes before
+    ``</think>``) changed a mark instead, so the rendering was not the template's (an outside review:
+    a trimming template's prompt kept its whitespace). Such a template is rendered with the contents
+    themselves, each special-token text in them replaced by a mark, and put back as text the same way.
     """
     nonce = secrets.token_hex(8)
     contents = {f"\ue000{nonce}:{i}\ue001": content for i, (_, content) in enumerate(turns)}
-    conversation = [{"role": role, "content": mark} for (role, _), mark in zip(turns, contents, strict=True)]
-    rendered = str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+    rendered = _render(tokenizer, [(role, mark) for (role, _), mark in zip(turns, contents, strict=True)])
+    held: dict[str, str] = {}
 
-    def put_back(text: str) -> str:  # the rendering holds only this call's marks, never a content
-        return _MARK.sub(lambda m: contents.get(m.group(), m.group()), text)
+    def hold(match: re.Match[str]) -> str:
+        mark = f"\ue000{nonce}:{len(contents) + len(held)}\ue001"
+        held[mark] = match.group()
+        return mark
 
-    def text_ids(text: str) -> list[int]:
-        return encode_text(text) if text else []
+    safe = [(role, specials.sub(hold, content) if specials else content) for role, content in turns]
+    direct = _render(tokenizer, safe)
+    if _put_back(direct, held) != _put_back(rendered, contents):  # the template changes contents
+        rendered, contents = direct, held
 
     ids: list[int] = []
     start = 0
     for special in specials.finditer(rendered) if specials else ():
-        ids += text_ids(put_back(rendered[start : special.start()]))
+        ids += _text_ids(encode_text, _put_back(rendered[start : special.start()], contents))
         ids += tokenizer.encode(special.group(), add_special_tokens=False)
         start = special.end()
-    ids += text_ids(put_back(rendered[start:]))
+    ids += _text_ids(encode_text, _put_back(rendered[start:], contents))
     return ids
+
+
+def _render(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]]) -> str:
+    conversation = [{"role": role, "content": content} for role, content in turns]
+    return str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+
+
+def _put_back(text: str, marks: Mapping[str, str]) -> str:
+    """``text`` with this call's marks replaced by what they stand for (any other mark-shaped text, a
+    content imitating one, stays as it is)."""
+    return _MARK.sub(lambda m: marks.get(m.group(), m.group()), text)
+
+
+def _text_ids(encode_text: Callable[[str], list[int]], text: str) -> list[int]:
+    return encode_text(text) if text else []
 
 
 def _byte_alphabet() -> frozenset[str]:
