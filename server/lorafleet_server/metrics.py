@@ -80,7 +80,7 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "lorafleet_queue_wait_seconds",
-            "Time a request waited before joining the running batch.",
+            "Time a request waited before joining the running batch (or, for one that ended first, before it ended).",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -223,8 +223,17 @@ class Metrics:
         self.batch_rows.set(rows)
         self.batch_tokens.set(tokens)
 
-    def observe_admitted(self, queue_seconds: float) -> None:
+    def observe_admitted(self, queue_seconds: float, prompt_tokens: int) -> None:
+        """A request took its first row: its wait, and its prompt tokens, counted now (as the tokens
+        it generates are, one by one): counted at its end, a long request moved neither counter while
+        it ran, and LorafleetNoProgress paged a replica whose every request outlasted its window, and
+        a failed request's tokens were never counted (an outside review)."""
         self.queue_wait.observe(queue_seconds)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.prompt_tokens_per_request.observe(prompt_tokens)
+
+    def observe_generated(self, tokens: int) -> None:
+        self.generated_tokens.inc(tokens)
 
     def observe_preempted(self) -> None:
         self.preemptions.inc()
@@ -238,11 +247,11 @@ class Metrics:
     def observe_finished(self, s: Summary, pooled: bool = False, admitted: bool = True) -> None:
         """``pooled``: an Embed or Classify request (no generation: its summary's finish reason is
         "length", which the generations counter would count as a cut answer). ``admitted``: it took a
-        row; one cancelled or cut before that processed no prompt token (nor is it metered)."""
-        if admitted:
-            self.prompt_tokens.inc(s.prompt_tokens)
-            self.prompt_tokens_per_request.observe(s.prompt_tokens)
-        self.generated_tokens.inc(s.generated_tokens)
+        row; one that ends before that (cancelled, its deadline passed, cut) leaves its wait in the
+        queue-wait histogram: only admitted requests were, so callers timing out in a full queue left
+        the queue panel at zero (an outside review)."""
+        if not admitted:
+            self.queue_wait.observe(s.queue_seconds)
         if not pooled:
             self.finished.labels(reason=s.finish_reason.value).inc()
         if s.generated_tokens:

@@ -180,11 +180,11 @@ class _AdmitHook:
         self.hook = hook
         self.step_rows: list[int] = []
 
-    def observe_admitted(self, queue_seconds: float) -> None:
+    def observe_admitted(self, queue_seconds: float, prompt_tokens: int) -> None:
         hook, self.hook = self.hook, None
         if hook is not None:
             hook()
-        self.inner.observe_admitted(queue_seconds)
+        self.inner.observe_admitted(queue_seconds, prompt_tokens)
 
     def observe_step(self, rows: int, tokens: int) -> None:
         if rows:

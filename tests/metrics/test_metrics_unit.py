@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,44 @@ def test_tokens_latencies_and_finish_reasons(service: Service) -> None:
     service.engine.run(lambda: None)
     service.engine.run(lambda: None)
     assert value(service, "lorafleet_batch_rows") == 0 and value(service, "lorafleet_batch_tokens") == 0
+
+
+def test_tokens_are_counted_as_they_are_read_and_made_not_when_the_request_ends(service: Service) -> None:
+    """Found by an outside review: both token counters moved only when a request ended, so a replica
+    whose requests all ran longer than LorafleetNoProgress's window (rate of both counters 0 while
+    requests run) was paged as stalled while it streamed ~25 tokens/s, and the throughput panel read 0
+    and then a spike."""
+    prompt_len = len(service.engine.encode_prompt(PROMPT, ()))
+    sink, handle = submit(service.engine, request(PROMPT, max_new_tokens=LONG), hold_at=5)
+    sink.wait_held(30)  # the engine thread is held inside the step that made the 5th token
+    assert value(service, "lorafleet_prompt_tokens_total") == prompt_len
+    assert value(service, "lorafleet_generated_tokens_total") == 5
+    handle.cancel()
+    sink.release()
+    assert sink.wait(30).summary.generated_tokens == 5
+    assert value(service, "lorafleet_generated_tokens_total") == 5  # not again at the end
+    assert value(service, "lorafleet_prompt_tokens_total") == prompt_len
+
+
+def test_a_request_that_leaves_the_queue_before_a_row_counts_its_wait(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Found by an outside review: only requests that got a row were in the queue-wait histogram, so
+    callers that gave up in a full queue (deadlines, cancels) left its panel at zero under overload."""
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_new_tokens=LONG, max_batch_size=1)
+    try:
+        running, run_handle = submit(svc.engine, request(PROMPT, max_new_tokens=LONG, rid="runs"), hold_at=1)
+        running.wait_held(30)  # its row is the only one
+        waiting, wait_handle = submit(svc.engine, request(PROMPT, max_new_tokens=2, rid="waits"))
+        waited = value(svc, "lorafleet_queue_wait_seconds_count")
+        time.sleep(0.3)
+        wait_handle.cancel()
+        run_handle.cancel()
+        running.release()
+        assert waiting.wait(30).summary.finish_reason.value == "cancelled"
+        running.wait(30)
+        assert value(svc, "lorafleet_queue_wait_seconds_count") == waited + 1
+        assert value(svc, "lorafleet_queue_wait_seconds_sum") >= 0.3
+    finally:
+        svc.engine.shutdown(10)
 
 
 def test_gauges_return_to_zero_after_requests_end_or_are_cancelled(service: Service) -> None:

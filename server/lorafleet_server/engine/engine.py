@@ -863,7 +863,7 @@ class Engine:
             r.resumed_at = len(r.generated)
             return
         r.admitted = time.monotonic()
-        self.observer.observe_admitted(r.admitted - r.submitted)
+        self.observer.observe_admitted(r.admitted - r.submitted, len(r.prompt_ids))
         p = r.req.params
         if not r.req.embed:
             r.detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids)
@@ -1061,6 +1061,7 @@ class Engine:
             r.first_token = now
             self.observer.observe_first_token(now - r.submitted)  # now: an alert sees a stall as it happens
         r.generated.append(tok)
+        self.observer.observe_generated(1)
         if r.seen is not None:
             r.seen = torch.cat([r.seen, torch.tensor([tok], dtype=torch.long)])
         if tok in self.eos_token_ids:  # the text held back (an incomplete character) is sent as decoded

@@ -218,8 +218,9 @@ class EngineObserver(Protocol):
     """What the engine reports as it runs (metrics implement it; the default ignores it)."""
 
     def observe_step(self, rows: int, tokens: int) -> None: ...
-    def observe_admitted(self, queue_seconds: float) -> None: ...
+    def observe_admitted(self, queue_seconds: float, prompt_tokens: int) -> None: ...
     def observe_first_token(self, ttft_seconds: float) -> None: ...
+    def observe_generated(self, tokens: int) -> None: ...
     def observe_finished(self, summary: Summary, pooled: bool = False, admitted: bool = True) -> None: ...
     def observe_preempted(self) -> None: ...
 
@@ -228,10 +229,13 @@ class NullObserver:
     def observe_step(self, rows: int, tokens: int) -> None:
         return None
 
-    def observe_admitted(self, queue_seconds: float) -> None:
+    def observe_admitted(self, queue_seconds: float, prompt_tokens: int) -> None:
         return None
 
     def observe_first_token(self, ttft_seconds: float) -> None:
+        return None
+
+    def observe_generated(self, tokens: int) -> None:
         return None
 
     def observe_finished(self, summary: Summary, pooled: bool = False, admitted: bool = True) -> None:
