@@ -32,6 +32,9 @@ TOKEN_COUNT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 
 TIERS = ("host", "device")
 DISK_TIER = "disk"  # the local disk cache of versions read from an S3 store (events only, no residency gauge)
 KEYS_RELOAD_RESULTS = ("ok", "error")
+# The status codes the alert rules and the dashboard's error panels select (deploy/prometheus/alerts.yml;
+# a test checks this covers them), and OK: every RPC's series exist from the start for these.
+WATCHED_CODES = ("OK", "INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED")
 
 
 class ResidencyCollector(Collector):
@@ -328,6 +331,15 @@ class Metrics:
     def keys_reloaded(self, ok: bool) -> None:
         """A load of the keys file (KeyFileWatcher's ``on_reload``): ok, or error (last good keys kept)."""
         self.keys_reloads.labels(result="ok" if ok else "error").inc()
+
+    def declare_rpcs(self, rpcs: Iterable[str]) -> None:
+        """Export ``rpcs``' series at 0 from the start, for every code an alert or the error panels
+        watch: a series first seen at 1 has no earlier sample, so ``rate`` and ``increase`` missed the
+        first INTERNAL (or any rare failure) after each start (an outside review)."""
+        for rpc in rpcs:
+            self.request_duration.labels(rpc=rpc)
+            for code in WATCHED_CODES:
+                self.requests.labels(rpc=rpc, code=code)
 
     def observe_rpc(self, rpc: str, code: str, seconds: float) -> None:
         self.requests.labels(rpc=rpc, code=code).inc()

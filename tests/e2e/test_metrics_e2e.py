@@ -86,6 +86,18 @@ def test_scrape_passes_promtool_and_counts_requests(live: LiveServer) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_the_codes_alerts_select_are_exported_from_the_start() -> None:
+    """Every status code an alert selects on lorafleet_requests_total has its series at 0 from a
+    server's start (metrics.WATCHED_CODES): a code added to an alert must be added there too, or the
+    first such failure after a start is missed by ``rate``."""
+    from lorafleet_server.metrics import WATCHED_CODES
+
+    rules = (ROOT / "deploy/prometheus/alerts.yml").read_text()
+    selected = re.findall(r'lorafleet_requests_total\{code=~?"([A-Z_|]+)"\}', rules)
+    assert len(selected) >= 2, selected  # the error ratio's and the deadlines'
+    assert {code for codes in selected for code in codes.split("|")} <= set(WATCHED_CODES)
+
+
 def test_alert_rules_pass_promtool() -> None:
     out = subprocess.run(
         [tool("promtool"), "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml")],

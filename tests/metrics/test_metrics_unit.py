@@ -118,6 +118,30 @@ def test_a_request_that_leaves_the_queue_before_a_row_counts_its_wait(tiny_model
         svc.engine.shutdown(10)
 
 
+def test_every_rpcs_watched_codes_are_exported_at_zero_from_the_start(service: Service) -> None:
+    """Found by an outside review: a (rpc, code) series appeared only with its first call, at 1, so
+    ``increase`` and ``rate`` (the error-ratio page, the errors panel) never saw the first INTERNAL or
+    UNAVAILABLE after a start. Each RPC of both edges now has its watched codes' series at 0."""
+    import asyncio
+
+    from lorafleet_server.grpc.server import GrpcServer
+    from lorafleet_server.http.routes import CHAT_COMPLETIONS, GET_MODEL
+    from lorafleet_server.http.server import HttpServer
+    from lorafleet_server.metrics import WATCHED_CODES
+
+    async def build() -> None:
+        grpc_server = GrpcServer(service)
+        HttpServer(service, grpc_server.keys, "127.0.0.1", 0)
+
+    asyncio.run(build())
+    for rpc in ("Generate", "GenerateStream", "ListAdapters", "GetUsage", CHAT_COMPLETIONS, GET_MODEL):
+        for code in WATCHED_CODES:
+            assert (
+                service.metrics.registry.get_sample_value("lorafleet_requests_total", {"rpc": rpc, "code": code}) == 0
+            )
+        assert service.metrics.registry.get_sample_value("lorafleet_request_duration_seconds_count", {"rpc": rpc}) == 0
+
+
 def test_gauges_return_to_zero_after_requests_end_or_are_cancelled(service: Service) -> None:
     # The first request holds the engine thread at its first token: the others cannot finish (nor
     # the first go on) until the three cancels are in the engine's inbox.

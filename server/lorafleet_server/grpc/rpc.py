@@ -165,9 +165,15 @@ def unary_rpc(
                     await abort_with(context, exc, record)
                     raise AssertionError("unreachable") from exc  # abort raises
 
+        method.rpc_name = name  # type: ignore[attr-defined]  # rpc_names reads it
         return method
 
     return wrap
+
+
+def rpc_names(servicer: object) -> list[str]:
+    """The RPC names (``unary_rpc``'s and ``stream_rpc``'s) a servicer's methods are counted under."""
+    return [str(m.rpc_name) for m in vars(type(servicer)).values() if hasattr(m, "rpc_name")]
 
 
 @overload
@@ -205,6 +211,7 @@ def stream_rpc(
                 except Exception as exc:
                     await abort_with(context, exc, record)
 
+        method.rpc_name = name  # type: ignore[attr-defined]
         return method
 
     return wrap

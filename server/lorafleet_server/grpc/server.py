@@ -39,7 +39,7 @@ from lorafleet_server.grpc.admin import AdaptersServicer
 from lorafleet_server.grpc.auth import ADMIN_RPCS, AuthInterceptor, ServerKeys, is_loopback
 from lorafleet_server.grpc.inference import InferenceServicer
 from lorafleet_server.grpc.observe import CallObserver
-from lorafleet_server.grpc.rpc import DecodeGuard
+from lorafleet_server.grpc.rpc import DecodeGuard, rpc_names
 from lorafleet_server.grpc.usage import UsageServicer
 from lorafleet_server.listen import check_can_listen
 from lorafleet_server.metrics import Metrics, MetricsServer, serve_metrics
@@ -154,16 +154,15 @@ class GrpcServer:
             ],
         )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(
-                service.engine, service.info, cfg.default_max_new_tokens, calls, service.slot_memory_bytes
-            ),
-            self._server,
+        inference = InferenceServicer(
+            service.engine, service.info, cfg.default_max_new_tokens, calls, service.slot_memory_bytes
         )
-        adapters_pb2_grpc.add_AdaptersServiceServicer_to_server(
-            AdaptersServicer(AdapterAdmin(service.engine), calls), self._server
-        )
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(service.engine.usage, calls), self._server)
+        admin = AdaptersServicer(AdapterAdmin(service.engine), calls)
+        usage = UsageServicer(service.engine.usage, calls)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, self._server)
+        adapters_pb2_grpc.add_AdaptersServiceServicer_to_server(admin, self._server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(usage, self._server)
+        service.metrics.declare_rpcs(name for servicer in (inference, admin, usage) for name in rpc_names(servicer))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server

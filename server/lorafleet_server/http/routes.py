@@ -26,6 +26,9 @@ ROUTES: dict[tuple[str, str], str] = {
 }
 
 
+ROUTE_NAMES = (*ROUTES.values(), GET_MODEL)  # every rpc label value of a route we serve
+
+
 def rpc_of(method: str, path: str) -> str | None:
     """The ``rpc`` label of a request, None for a path we do not serve."""
     if method == "GET" and path.startswith("/v1/models/") and len(path) > len("/v1/models/"):

@@ -22,6 +22,7 @@ from lorafleet_server.app import Service
 from lorafleet_server.errors import StartupError
 from lorafleet_server.grpc.observe import CallObserver
 from lorafleet_server.http.app import Health, HttpTimeouts, create_app
+from lorafleet_server.http.routes import ROUTE_NAMES
 from lorafleet_server.tenants.access import KeyChecker
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class HttpServer:
         timeouts = timeouts or HttpTimeouts()
         self.health = Health()
         calls = CallObserver(service.metrics)
+        service.metrics.declare_rpcs(ROUTE_NAMES)
         cfg = service.config
         app = create_app(
             service.engine,
