@@ -192,6 +192,41 @@ def test_adapters_import_refuses_a_train_output_and_points_to_publish(
     assert main(["adapters", "import", str(src), "acme/narrow", *args]) == 0
 
 
+def test_json_logs_are_json_from_the_first_line_to_the_last(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Found by an outside review: with --log-format json every start still wrote transformers' progress
+    bar ("Loading weights: 100%|...") to stderr, a line no log shipper parses."""
+    import json
+    import signal
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LORAFLEET_", "HF_HUB_DISABLE"))}
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(tmp_path), "--max-seq-len", "256"]
+    ports = ["--port", "0", "--metrics-port", "0", "--http-port", "0", "--log-format", "json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet_server", "serve", *argv, *ports],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=environ,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "lorafleet ready" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        lines += proc.stderr.read().splitlines(keepends=True)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert any("lorafleet ready" in line for line in lines), lines
+    for line in "".join(lines).splitlines():
+        assert isinstance(json.loads(line), dict), line
+
+
 def test_the_metrics_port_answers_while_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The metrics port used to open after the load: a replica whose model took over a minute to load
     was "down" to Prometheus (``up == 0``) and paged LorafleetDown. It opens first now and says

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +52,10 @@ def field_text(value: object) -> str:
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
+    if fmt == "json":  # every line one JSON object: no progress bar (transformers draws one as it loads)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
+        if (hf_logging := sys.modules.get("transformers.utils.logging")) is not None:  # imported already
+            hf_logging.disable_progress_bar()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -143,6 +143,24 @@ def test_cancel_during_a_chunked_prefill_frees_the_row_and_its_kv_row(
         svc.engine.shutdown(10)
 
 
+def test_a_log_line_about_one_request_carries_its_id_as_a_field(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by an outside review: the engine's lines about a request (a failed adapter load, a
+    preemption, a sink that raised...) had its id only inside the message, so a JSON log queried by
+    ``request_id`` missed them."""
+    import logging
+
+    def broken(event: TokenEvent) -> None:
+        raise RuntimeError("this consumer cannot take events")
+
+    with caplog.at_level(logging.ERROR, logger="lorafleet_server.engine.engine"):
+        sink, _ = submit(service.engine, request(PROMPT, rid="rid-7", max_new_tokens=4), on_event=broken)
+        sink.wait(30)
+    [line] = [r for r in caplog.records if "event sink failed" in r.getMessage()]
+    assert line.fields == {"request_id": "rid-7"}  # type: ignore[attr-defined]
+
+
 def test_stop_string_ends_generation_before_it(service: Service) -> None:
     full = generate(service.engine, request(PROMPT, max_new_tokens=20))
     text = full.text

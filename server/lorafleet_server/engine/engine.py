@@ -162,6 +162,12 @@ class _Request:
         return self.req.principal.weight if self.req.principal is not None else 1.0
 
 
+def _about(r: _Request) -> dict[str, Any]:
+    """A log line's ``extra`` about one request: its id as a field of its own, as the request log has
+    it (JSON logs are queried by field; the id only inside the message was missed)."""
+    return {"fields": {"request_id": r.req.request_id}}
+
+
 # -- the engine thread's inbox: one frozen message type per thing other threads can ask for -------
 
 
@@ -795,7 +801,9 @@ class Engine:
                         r.polled = True
                     except Exception as exc:  # the adapter's error; anything else is a bug, this request's alone
                         if not isinstance(exc, AdapterError | ServingError):
-                            log.exception("request %s: loading adapter %s failed", r.req.request_id, r.lora)
+                            log.exception(
+                                "request %s: loading adapter %s failed", r.req.request_id, r.lora, extra=_about(r)
+                            )
                         self._fail(r, exc)  # out of the queue; the scan goes on (the order is unchanged)
                         continue
                     if slot is None:
@@ -846,6 +854,7 @@ class Engine:
             r.req.request_id,
             r.tenant,
             len(r.generated),
+            extra=_about(r),
         )
 
     def _start(self, r: _Request) -> None:
@@ -895,7 +904,11 @@ class Engine:
                 v = torch.cat([b.v for b in blocks], dim=2)
                 self.runner.kv.write(r.kv_row, 0, k, v)
             except Exception:  # no memory for the copy: prefill it all (rewrites whatever was written)
-                log.exception("request %s: its cached prefix could not be copied in; computing it", r.req.request_id)
+                log.exception(
+                    "request %s: its cached prefix could not be copied in; computing it",
+                    r.req.request_id,
+                    extra=_about(r),
+                )
                 n = 0
         r.prefix_hit = r.cached = n
         if not r.prefix_recorded:  # once a prompt: a resumed request finds its own prompt's blocks again
@@ -944,7 +957,7 @@ class Engine:
                 lambda start, end: self.runner.kv.read(row, start, end),
             )
         except Exception:
-            log.exception("request %s: its prompt's blocks could not be cached", r.req.request_id)
+            log.exception("request %s: its prompt's blocks could not be cached", r.req.request_id, extra=_about(r))
 
     def _plan(self) -> list[tuple[_Request, RowStep]]:
         """This step's rows: one token for every row that has finished its prompt, then prompt chunks
@@ -1038,7 +1051,7 @@ class Engine:
         now = time.monotonic()
         for r, tok in zip(logit_rows, tokens, strict=True):
             if isinstance(tok, Exception):  # this row's logits could not be sampled: it alone fails
-                log.error("request %s: %s", r.req.request_id, tok)
+                log.error("request %s: %s", r.req.request_id, tok, extra=_about(r))
                 if r.lora is not None and isinstance(tok, NonFiniteLogits):  # its adapter's overflow: not a bug
                     tok = AdapterIncompatible(
                         f"adapter {r.lora} drove the model's output to NaN or infinity ({tok}): its weights are "
@@ -1049,7 +1062,7 @@ class Engine:
             try:
                 self._on_token(r, tok, now)
             except Exception as exc:  # a bug in one request's token handling: fail it, keep serving
-                log.exception("request %s: handling token %d failed", r.req.request_id, tok)
+                log.exception("request %s: handling token %d failed", r.req.request_id, tok, extra=_about(r))
                 if r in self._running:
                     self._fail(r, exc)
                 else:  # released by _finish, which raised before its final event: send one
@@ -1106,7 +1119,7 @@ class Engine:
         try:
             r.sink(event)
         except Exception:  # a consumer that cannot take events is treated as gone
-            log.exception("request %s: event sink failed; cancelling", r.req.request_id)
+            log.exception("request %s: event sink failed; cancelling", r.req.request_id, extra=_about(r))
             r.cancelled = True
 
     def _summary(self, r: _Request, reason: FinishReason) -> Summary:
