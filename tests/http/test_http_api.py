@@ -666,6 +666,23 @@ def open_http(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[Background
         service.engine.shutdown(0.0)
 
 
+def test_a_base_model_request_without_keys_logs_no_tenant_nor_adapter(
+    open_http: tuple[BackgroundHttpServer, Service], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by an outside review: without keys the request log takes the tenant from the adapter, and
+    the HTTP edge gave it the model id, so a base-model call was logged as tenant "HuggingFaceTB" (the
+    id's organisation), where the gRPC edge logs none."""
+    server, service = open_http
+    model = service.info.model_id
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
+        sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+        sdk.embeddings.create(model=model, input="x")
+        sdk.models.retrieve(model)
+    logged = [r.fields for r in caplog.records if r.name == "lorafleet.requests"]  # type: ignore[attr-defined]
+    assert len(logged) == 3 and all((f["tenant"], f["adapter"]) == ("", "") for f in logged), logged
+
+
 def test_draining_is_503(open_http: tuple[BackgroundHttpServer, Service]) -> None:
     server, service = open_http
     model = service.info.model_id

@@ -277,7 +277,7 @@ class OpenAIApi:
                 raise AdapterNotFound(f"adapter {ref.tenant}/{ref.name} is not in the store")
             return JSONResponse({**self._adapter_object(view, version), "id": model})
 
-        return await self._unary(request, GET_MODEL, model, work)
+        return await self._unary(request, GET_MODEL, self._adapter_named(model), work)
 
     # -- completions ----------------------------------------------------------------------------
 
@@ -330,7 +330,7 @@ class OpenAIApi:
                 response.headers[ADAPTER_HEADER] = summaries[0].adapter
             return response
 
-        return await self._unary(request, EMBEDDINGS, body.model, work)
+        return await self._unary(request, EMBEDDINGS, self._adapter_named(body.model), work)
 
     async def _embed_all(self, reqs: list[GenerationRequest]) -> list[tuple[Summary, tuple[float, ...]]]:
         """Every input's embedding; the first failure cancels the inputs still running (their engine
@@ -363,6 +363,11 @@ class OpenAIApi:
             if event.summary is not None:  # cancelled before its prompt was read: the server cut it
                 raise ShuttingDown(STOPPED_BY_SERVER)
         raise RuntimeError("engine stream ended without an embedding")
+
+    def _adapter_named(self, model: str) -> str:
+        """What the request log and the call record take for ``model``: "" for the base model, as at the
+        gRPC edge (its id's organisation, "HuggingFaceTB", was logged as the caller's tenant)."""
+        return "" if model == self._info.model_id else model
 
     def _adapter_ref(self, model: str) -> AdapterRef | None:
         """None for the base model; else the adapter reference ``model`` names. A name that is neither
@@ -440,7 +445,8 @@ class OpenAIApi:
         rid = request_id_of(request.headers.get(REQUEST_ID_HEADER))
         principal = principal_of(request.scope.get("state", {}))
         stack = AsyncExitStack()
-        record = await stack.enter_async_context(self._calls.call(rpc, NoDeadline(), rid, body.model, principal))
+        adapter = self._adapter_named(body.model)
+        record = await stack.enter_async_context(self._calls.call(rpc, NoDeadline(), rid, adapter, principal))
         submitted: SubmittedRequest | None = None
         try:
             check_routing_header(request, body.model)
