@@ -190,6 +190,20 @@ def test_a_stop_string_naming_a_special_token_stops_on_that_token(
     assert stopped.text == engine.tokenizer.decode(ids[:k], skip_special_tokens=True)
 
 
+def test_a_stop_string_holding_a_special_token_and_more_is_refused(service: Service) -> None:
+    """Found by an outside review: stop=["<|im_start|>user"] (the usual ChatML stop) never matched, as
+    special tokens are not decoded into the text stops are matched in; the request silently ran to its
+    length. It is refused with the reason, pointing to the special token alone (which works)."""
+    for stop in ("<|im_start|>user", "x<|im_end|>", "a<|im_start|>b"):
+        with pytest.raises(
+            InvalidRequest, match=r"holds the special token '<\|im_(start|end)\|>' and other text"
+        ) as bad:
+            service.engine.submit(request(PROMPT, stop=("fine", stop)), Collected())
+        assert bad.value.param == "stop"
+    ok = generate(service.engine, request(PROMPT, max_new_tokens=2, stop=("<|im_start|>", "<im_start> as text")))
+    assert ok.summary.generated_tokens == 2
+
+
 def test_streamed_text_equals_decoding_all_tokens(service: Service) -> None:
     sink = generate(service.engine, request("Écris une phrase: 你好, ça va? 🙂", max_new_tokens=30))
     tokenizer = service.engine.tokenizer

@@ -588,6 +588,16 @@ class Engine:
                 f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
                 param="stop",
             )
+        for s in p.stop:
+            # Generated special tokens are not decoded into the text a stop string is matched against, so
+            # "<|im_start|>user" never matched and the request ran to its length (an outside review).
+            inside = None if s in self.special_token_ids else next((t for t in self.special_token_ids if t in s), None)
+            if inside is not None:
+                raise InvalidRequest(
+                    f"stop string {s[:80]!r} holds the special token {inside!r} and other text: special tokens "
+                    f"are not part of the generated text, so it would never match; stop on {inside!r} alone",
+                    param="stop",
+                )
 
     # -- engine thread ------------------------------------------------------------------------
     def _post(self, message: _Message) -> bool:
