@@ -139,6 +139,8 @@ def test_an_unset_max_tokens_fits_the_context_the_prompt_leaves(tiny_http: TinyH
     with pytest.raises(openai.BadRequestError, match="exceeds the context") as refused:
         sdk.completions.create(model=tiny_http.model_id, prompt=prompt, max_tokens=8, temperature=0)
     assert refused.value.code == "context_length_exceeded"  # as OpenAI names it (was invalid_request)
+    # in this API's words: the field the caller sent is max_tokens (an outside review)
+    assert "plus max_tokens 8 exceeds" in refused.value.message and "max_new_tokens" not in refused.value.message
     done = sdk.completions.create(model=tiny_http.model_id, prompt=prompt, temperature=0)
     assert done.usage is not None and 252 <= done.usage.prompt_tokens < 256
     assert done.usage.prompt_tokens + done.usage.completion_tokens <= 256
