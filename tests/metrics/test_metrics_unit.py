@@ -142,6 +142,82 @@ def test_every_rpcs_watched_codes_are_exported_at_zero_from_the_start(service: S
         assert service.metrics.registry.get_sample_value("lorafleet_request_duration_seconds_count", {"rpc": rpc}) == 0
 
 
+@pytest.mark.parametrize("edge", ["grpc", "http"])
+def test_the_log_line_of_a_call_its_client_left_has_the_engines_summary(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    peft_adapter: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    edge: str,
+) -> None:
+    """Found by an outside review: a call cancelled by its client (or its deadline) ends before the
+    engine's summary of it comes, and its request log line had no adapter version, no prompt tokens,
+    no finish reason nor queue time, which the usage log of the same request had. It waits for them."""
+    import logging
+
+    import httpx
+    from enginelib import server_config
+
+    from lorafleet import LoraFleetClient, Sampling
+    from lorafleet.errors import DeadlineExceededError
+    from lorafleet_server.app import build_service
+    from lorafleet_server.grpc.server import BackgroundServer, server_keys
+    from lorafleet_server.http.server import BackgroundHttpServer
+
+    config = server_config(
+        model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, max_new_tokens=LONG, port=0, metrics_port=0
+    )
+    service = build_service(config)  # its engine starts with the gRPC server, or below
+    service.store.import_peft(peft_adapter(seed=5), "acme", "bot", service.base.spec)
+    step = service.engine.runner.step
+
+    def slow_step(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.05)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(service.engine.runner, "step", slow_step)
+    service.engine.eos_token_ids = frozenset()
+
+    def logged() -> list[Any]:
+        return [r.fields for r in caplog.records if r.name == "lorafleet.requests"]  # type: ignore[attr-defined]
+
+    with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
+        if edge == "grpc":
+            server = BackgroundServer(service)
+            client = LoraFleetClient(f"127.0.0.1:{server.start()}", timeout=1.0)
+            try:
+                with pytest.raises(DeadlineExceededError):
+                    client.generate(PROMPT, adapter="acme/bot", sampling=Sampling(max_new_tokens=LONG))
+                _wait(lambda: bool(logged()))
+            finally:
+                client.close()
+                server.stop()
+        else:
+            service.engine.start()
+            http = BackgroundHttpServer(service, server_keys(service.config))
+            http.start()
+            try:
+                body = {"model": "acme/bot", "prompt": PROMPT, "max_tokens": LONG}
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(f"{http.url}/v1/completions", json=body, timeout=1.0)
+                _wait(lambda: bool(logged()))
+            finally:
+                http.stop()
+                service.engine.shutdown(10)
+    [line] = logged()
+    assert line["status"] in ("DEADLINE_EXCEEDED", "CANCELLED"), line
+    assert line["adapter"] == "acme/bot@1" and line["finish_reason"] == "cancelled", line
+    assert line["prompt_tokens"] == len(service.engine.encode_prompt(PROMPT, ())) and line["generated_tokens"] > 0
+    assert line["queue_s"] is not None and line["ttft_s"] is not None
+
+
+def _wait(done: Any, seconds: float = 10.0) -> None:
+    give_up = time.monotonic() + seconds
+    while not done() and time.monotonic() < give_up:
+        time.sleep(0.05)
+
+
 def test_gauges_return_to_zero_after_requests_end_or_are_cancelled(service: Service) -> None:
     # The first request holds the engine thread at its first token: the others cannot finish (nor
     # the first go on) until the three cancels are in the engine's inbox.

@@ -19,10 +19,46 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from lorafleet_server.engine.engine import Engine, RequestHandle
-from lorafleet_server.engine.types import GenerationRequest, TokenEvent
+from lorafleet_server.engine.types import GenerationRequest, Summary, TokenEvent
 from lorafleet_server.errors import ShuttingDown
 
 T = TypeVar("T")
+
+
+class Outcome:
+    """How an engine request ended, for whoever asks after its consumer has gone: a call cancelled by
+    its client ends before the engine's summary of it (the tokens it made, its adapter version) comes,
+    a step later, and its request log line wants that summary."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued = False
+        self._ended = False
+        self._summary: Summary | None = None
+        self._then: Callable[[Summary | None], None] | None = None
+
+    def queued(self) -> None:
+        """The engine has the request: it will end with a final event."""
+        with self._lock:
+            self._queued = True
+
+    def ended(self, summary: Summary | None) -> None:
+        """From the engine thread: the request's final event (an error's carries no summary)."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended, self._summary, then = True, summary, self._then
+        if then is not None:
+            then(summary)
+
+    def then(self, callback: Callable[[Summary | None], None]) -> tuple[bool, Summary | None]:
+        """(True, its summary) when the request has ended, or never reached the engine (None); else
+        (False, None), and ``callback`` runs with the summary when the request ends."""
+        with self._lock:
+            if self._ended or not self._queued:
+                return True, self._summary
+            self._then = callback
+            return False, None
 
 
 class SubmittedRequest:
@@ -118,15 +154,18 @@ class EngineStream:
             mailbox = self._mailboxes[loop] = _LoopMailbox(loop)
         return mailbox
 
-    async def submit(self, req: GenerationRequest) -> SubmittedRequest:
+    async def submit(self, req: GenerationRequest, outcome: Outcome | None = None) -> SubmittedRequest:
         """Queue ``req``: ``Engine.reserve`` here (the cheap refusals, and its place in the queue), then
         ``Engine.submit`` on the engine's worker threads in its tenant's turn (``submit_pool``: it
         tokenizes, and may read the adapter store); its domain errors raise here. A caller that leaves
-        before a worker took it up drops it (it held its place, and its prompt, until then)."""
+        before a worker took it up drops it (it held its place, and its prompt, until then).
+        ``outcome`` learns how the request ended, whether or not anyone still reads its events."""
         mailbox = self._mailbox(asyncio.get_running_loop())
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
         def sink(event: TokenEvent) -> None:
+            if event.final and outcome is not None:
+                outcome.ended(event.summary)
             mailbox.put(queue, event)
 
         engine = self._engine
@@ -148,6 +187,8 @@ class EngineStream:
             else:  # a worker submits it: cancel it there
                 submitting.add_done_callback(_cancel_submitted)
             raise
+        if outcome is not None:
+            outcome.queued()
         return SubmittedRequest(handle, queue)
 
     async def run(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
@@ -163,8 +204,8 @@ class EngineStream:
             running.cancel()
             raise
 
-    async def events(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def events(self, req: GenerationRequest, outcome: Outcome | None = None) -> AsyncIterator[TokenEvent]:
         """Submit ``req`` and yield its events (``submit`` then ``SubmittedRequest.events``)."""
-        submitted = await self.submit(req)
+        submitted = await self.submit(req, outcome)
         async for event in submitted.events():
             yield event

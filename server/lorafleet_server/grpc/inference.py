@@ -51,7 +51,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         req = convert.generation_request(request, record.request_id, self._default_max_new_tokens, record.principal)
         check_adapter_access(record.principal, req.adapter)
         parts: list[str] = []
-        async for event in self._stream.events(req):
+        async for event in self._stream.events(req, record.outcome):
             record.tokens += len(event.token_ids)
             parts.append(event.text)
             if event.summary is not None:
@@ -68,7 +68,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             request, record.request_id, self._default_max_new_tokens, record.principal, stream=True
         )
         check_adapter_access(record.principal, req.adapter)
-        async for event in self._stream.events(req):
+        async for event in self._stream.events(req, record.outcome):
             record.tokens += len(event.token_ids)
             if event.summary is not None:
                 record.summary = event.summary
@@ -96,7 +96,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.EmbedResponse:
         req = convert.embed_request(request, record.request_id, record.principal)
         check_adapter_access(record.principal, req.adapter)
-        async for event in self._stream.events(req):
+        async for event in self._stream.events(req, record.outcome):
             if event.summary is not None:
                 record.summary = event.summary
             if event.summary is not None and event.embedding is not None:
@@ -115,7 +115,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.ClassifyResponse:
         req = convert.classify_request(request, record.request_id, record.principal)
         check_adapter_access(record.principal, req.adapter)
-        async for event in self._stream.events(req):
+        async for event in self._stream.events(req, record.outcome):
             if event.summary is not None:
                 record.summary = event.summary
             if event.summary is not None and event.labels is not None:

@@ -12,12 +12,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
 
 from lorafleet_adapters.ref import MAX_REF_CHARS
+from lorafleet_server.engine.stream import Outcome
 from lorafleet_server.engine.types import Principal, Summary
 from lorafleet_server.logs import REQUEST_LOGGER
 from lorafleet_server.metrics import Metrics
@@ -54,6 +55,7 @@ class CallRecord:
     deadline: float | None = None  # time.monotonic() of the caller's deadline, if it set one
     principal: Principal | None = None  # who called: None on a server without keys, or before authentication
     key_id: str = ""  # the presented key's id when it was refused (an id is no secret)
+    outcome: Outcome = field(default_factory=Outcome)  # its engine request's end, for a call that left first
 
     @property
     def caller_key_id(self) -> str:
@@ -125,7 +127,18 @@ class CallObserver:
     def _finish(self, r: CallRecord) -> None:
         seconds = time.monotonic() - r.started
         self._metrics.observe_rpc(r.rpc, r.code.name, seconds)
-        s = r.summary
+        if r.rpc in self._audited:
+            self._audit(r)
+        if r.summary is None and r.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # The engine's summary of a call its client left comes a step later: its line waits for it
+            # (it had no adapter version, no prompt tokens, no finish reason: an outside review).
+            ended, summary = r.outcome.then(lambda summary: self._log(r, summary, seconds))
+            if not ended:
+                return
+            r.summary = summary
+        self._log(r, r.summary, seconds)
+
+    def _log(self, r: CallRecord, s: Summary | None, seconds: float) -> None:
         fields = {
             "request_id": r.request_id,
             "rpc": r.rpc,
@@ -143,8 +156,6 @@ class CallObserver:
         if r.error:
             fields["error"] = r.error
         request_log.info("request finished", extra={"fields": fields})
-        if r.rpc in self._audited:
-            self._audit(r)
 
     def _audit(self, r: CallRecord) -> None:
         fields = {

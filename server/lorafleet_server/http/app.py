@@ -453,7 +453,7 @@ class OpenAIApi:
             req = self._generation_request(body, rid, principal)
             check_adapter_access(principal, req.adapter)
             # a caller that leaves while its request waits for a worker drops it (never tokenized)
-            submitted = await self._until_disconnect(request, self._stream.submit(req))
+            submitted = await self._until_disconnect(request, self._stream.submit(req, record.outcome))
             prepared = Prepared(submitted, submitted.adapter or self._info.model_id)
             if body.stream:
                 events = submitted.events()
