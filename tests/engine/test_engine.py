@@ -188,6 +188,13 @@ def test_a_stop_string_naming_a_special_token_stops_on_that_token(
     assert stopped.token_ids == ids[: k + 1]
     assert stopped.summary.finish_reason is FinishReason.STOP
     assert stopped.text == engine.tokenizer.decode(ids[:k], skip_special_tokens=True)
+    # A stop on the end-of-sequence token itself (stop=["<|im_end|>"]) ends "stop", as asked: it ended
+    # "end_of_sequence", the end-of-sequence check coming first (an outside review).
+    monkeypatch.setattr(engine, "eos_token_ids", frozenset({ids[k]}))
+    ended = generate(engine, request(PROMPT, max_new_tokens=20))
+    assert ended.summary.generated_tokens == k + 1 and ended.summary.finish_reason is FinishReason.END_OF_SEQUENCE
+    stopped = generate(engine, request(PROMPT, max_new_tokens=20, stop=("<|fake|>",)))
+    assert stopped.token_ids == ids[: k + 1] and stopped.summary.finish_reason is FinishReason.STOP
 
 
 def test_a_stop_string_holding_a_special_token_and_more_is_refused(service: Service) -> None:

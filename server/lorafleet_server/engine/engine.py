@@ -1087,14 +1087,15 @@ class Engine:
         self.observer.observe_generated(1)
         if r.seen is not None:
             r.seen = torch.cat([r.seen, torch.tensor([tok], dtype=torch.long)])
+        if tok in r.stop_ids:  # a stop string naming a special token: its text is not sent, as any stop
+            # (before the end of sequence: stop=["<|im_end|>"] asked to stop there, and ended "stop")
+            self._emit(r, self._held_text(r)[0], (tok,))
+            self._finish(r, FinishReason.STOP)
+            return
         if tok in self.eos_token_ids:  # the text held back (an incomplete character) is sent as decoded
             held, stopped = self._held_text(r)
             self._emit(r, held, ())
             self._finish(r, FinishReason.STOP if stopped else FinishReason.END_OF_SEQUENCE)
-            return
-        if tok in r.stop_ids:  # a stop string naming a special token: its text is not sent, as any stop
-            self._emit(r, self._held_text(r)[0], (tok,))
-            self._finish(r, FinishReason.STOP)
             return
         text, stopped = r.stops.feed(r.detok.push(tok))
         if stopped:
