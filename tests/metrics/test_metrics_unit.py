@@ -218,6 +218,25 @@ def _wait(done: Any, seconds: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def test_queue_wait_and_time_to_first_token_count_from_arrival(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Suspected by an outside review, then reproduced: both were timed from the engine's record of the
+    request, made after the wait for a worker thread, the adapter store's reads and the tokenizing, so a
+    request that spent seconds there showed none of them in its TTFT or queue wait."""
+    encode = service.engine.encode_prompt
+
+    def slow_encode(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)  # a store read or a long tokenization before the request is queued
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(service.engine, "encode_prompt", slow_encode)
+    summary = generate(service.engine, request(PROMPT, max_new_tokens=2)).summary
+    assert summary.queue_seconds >= 0.3 and summary.ttft_seconds is not None and summary.ttft_seconds >= 0.3
+    assert value(service, "lorafleet_time_to_first_token_seconds_sum") >= 0.3
+    assert value(service, "lorafleet_queue_wait_seconds_sum") >= 0.3
+
+
 def test_gauges_return_to_zero_after_requests_end_or_are_cancelled(service: Service) -> None:
     # The first request holds the engine thread at its first token: the others cannot finish (nor
     # the first go on) until the three cancels are in the engine's inbox.

@@ -139,11 +139,11 @@ def test_a_request_reserved_before_the_drain_is_refused_without_tokenizing(
 
     engine = service.engine
     req = as_tenant(request("slow one", adapter="a/missing"), "a")
-    engine.reserve(req)
+    arrived = engine.reserve(req)
     with engine._lock:
         engine._accepting = False  # what the drain's end does
     with pytest.raises(ShuttingDown):
-        engine.submit(req, Collected(), reserved=True)
+        engine.submit(req, Collected(), reserved_at=arrived)
     assert slow_prompts == [] and engine._submitting == 0
 
 

@@ -369,41 +369,44 @@ class Engine:
         """Where the Tokenize RPC encodes (tenants in turn, as submits)."""
         return self._submit_pool
 
-    def reserve(self, req: GenerationRequest) -> None:
+    def reserve(self, req: GenerationRequest) -> float:
         """Refuse ``req`` now if it will be (bad parameters, shutting down, a full queue, its tenant over
         its limit), else hold its place in the queue: it counts toward the limits from here, not only
         once tokenized, so a tenant's requests still waiting for a worker thread cannot pass its
-        ``max_waiting``. ``submit(req, sink, reserved=True)`` takes the place over; ``unreserve`` gives
-        it back when that never runs."""
+        ``max_waiting``. ``submit(req, sink, reserved_at=...)`` with the ``time.monotonic()`` returned
+        takes the place over; ``unreserve`` gives it back when that never runs."""
+        arrived = time.monotonic()
         self._validate_params(req)
         with self._lock:
             self._check_capacity_locked(req)
             self._count_submitting(req.tenant, +1)
+        return arrived
 
     def unreserve(self, req: GenerationRequest) -> None:
         """Give back the place ``reserve`` held for ``req`` (its submit never ran: the caller left)."""
         with self._lock:
             self._count_submitting(req.tenant, -1)
 
-    def submit(self, req: GenerationRequest, sink: Sink, *, reserved: bool = False) -> RequestHandle:
+    def submit(self, req: GenerationRequest, sink: Sink, *, reserved_at: float | None = None) -> RequestHandle:
         """Validate, tokenize and resolve ``req``, then queue it. Raises domain errors at once.
 
         The cheap refusals come first (``reserve``: shutting down, bad parameters, a full queue; then a
         prompt that cannot fit by its length alone), so a request that will be refused costs no
-        tokenization. ``reserved``: ``reserve(req)`` was called already.
+        tokenization. ``reserved_at``: ``reserve(req)`` was called already, and returned this. Its
+        queue wait and time to first token count from then: from ``_Request``'s making, they missed
+        the wait for a worker thread, the adapter store's reads and the tokenizing (an outside review).
         """
-        if not reserved:
-            self.reserve(req)
+        arrived = self.reserve(req) if reserved_at is None else reserved_at
         queued = False
         try:
-            handle = self._submit_reserved(req, sink)
+            handle = self._submit_reserved(req, sink, arrived)
             queued = True
             return handle
         finally:
             if not queued:
                 self.unreserve(req)
 
-    def _submit_reserved(self, req: GenerationRequest, sink: Sink) -> RequestHandle:
+    def _submit_reserved(self, req: GenerationRequest, sink: Sink, arrived: float) -> RequestHandle:
         if not self._accepting:  # it waited for a worker while the drain began: no tokenizing, no store read
             raise ShuttingDown("the server is shutting down")
         key = self.adapters.resolve(req.adapter) if req.adapter is not None else None
@@ -427,7 +430,7 @@ class Engine:
             prompt_ids=prompt_ids,
             key=key,
             lora=lora,
-            submitted=time.monotonic(),
+            submitted=arrived,
             head=head,
         )
         with self._lock:

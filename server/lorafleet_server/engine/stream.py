@@ -169,10 +169,10 @@ class EngineStream:
             mailbox.put(queue, event)
 
         engine = self._engine
-        engine.reserve(req)
+        arrived = engine.reserve(req)
         try:
             submitting = engine.submit_pool(req).submit(
-                req.tenant, functools.partial(engine.submit, reserved=True), req, sink
+                req.tenant, functools.partial(engine.submit, reserved_at=arrived), req, sink
             )
         except BaseException as exc:  # nothing was queued: the place goes back
             engine.unreserve(req)
