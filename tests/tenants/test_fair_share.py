@@ -355,6 +355,28 @@ def served_alone(tenant: str, n: int) -> FairQueue[Item]:
     return q
 
 
+def test_fair_queue_forgets_idle_tenants_beyond_a_bound_but_not_one_far_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a soak: without keys a tenant is whatever an adapter name says, and a client naming a new
+    one per request grew the virtual-time map by one entry each, for good. Idle tenants beyond a bound
+    are forgotten, the lowest first; one that ran far ahead of the others is remembered, so it cannot
+    come back level with them."""
+    from lorafleet_server.engine import fairness
+
+    monkeypatch.setattr(fairness, "MAX_IDLE_TENANTS", 8)
+    q: FairQueue[Item] = FairQueue()
+    for _ in range(50):  # weight 0.1: each start puts it 10 ahead, far ahead of any newcomer
+        q.push(Item("hog", 0.1))
+        q.started(q.waiting("hog")[0])
+    for i in range(200):
+        q.push(Item(f"x{i}"))
+        q.started(q.waiting(f"x{i}")[0])
+        assert len(q._vtime) <= 2 * 8 + 1
+    assert "hog" in q._vtime
+    q.push(Item("new"))
+    q.push(Item("hog", 0.1))
+    assert q.tenants() == ["new", "hog"]  # the hog is still ahead: forgotten, it would tie and go first
+
+
 def test_fair_queue_weights_and_no_credit_for_idling() -> None:
     q: FairQueue[Item] = FairQueue()
     for _ in range(6):

@@ -30,6 +30,12 @@ class Queued(Protocol):
 
 R = TypeVar("R", bound=Queued)
 
+# Tenants that wait for nothing whose virtual times are kept. Beyond twice this, the lowest are
+# forgotten: a forgotten tenant restarts where a new one would, which is where one this far behind
+# the others restarts anyway. Without keys a tenant is whatever an adapter name says, and a client
+# naming a new one per request (refused or not) grew the map by ~110 bytes each, for good (a soak).
+MAX_IDLE_TENANTS = 4096
+
 
 class FairQueue(Generic[R]):
     """Per-tenant FIFO queues plus the tenants' virtual times. Not thread-safe: the engine thread
@@ -63,10 +69,19 @@ class FairQueue(Generic[R]):
             active = [self._vtime[t] for t in self._queues]
             self._vtime[r.tenant] = max(self._vtime.get(r.tenant, 0.0), min(active, default=self._clock))
             q = self._queues[r.tenant] = deque()
+            if len(self._vtime) > len(self._queues) + 2 * MAX_IDLE_TENANTS:
+                self._forget_idle()
         if front:
             q.appendleft(r)
         else:
             q.append(r)
+
+    def _forget_idle(self) -> None:
+        """Keep the virtual times of the ``MAX_IDLE_TENANTS`` idle tenants furthest ahead (the only ones
+        whose restart differs from a new tenant's), and of every waiting one."""
+        idle = sorted((v, t) for t, v in self._vtime.items() if t not in self._queues)
+        for _, tenant in idle[: len(idle) - MAX_IDLE_TENANTS]:
+            del self._vtime[tenant]
 
     def remove(self, r: R) -> None:
         q = self._queues.get(r.tenant)
