@@ -102,3 +102,29 @@ def test_a_thread_that_cannot_start_leaves_no_item_and_no_dead_worker(monkeypatc
         assert pool.submit("b", lambda: "ran").result(10) == "ran"
     finally:
         pool.shutdown()
+
+
+def test_an_idle_worker_holds_nothing_of_its_last_item() -> None:
+    """Found by a soak: an idle worker kept its last item (its future, and the future's result: an
+    engine request and its caller's call record) until its next item came."""
+    import gc
+    import weakref
+
+    class Result:
+        pass
+
+    pool = FairPool(1, "t")
+    made: list[weakref.ref[Result]] = []
+
+    def work() -> Result:
+        result = Result()
+        made.append(weakref.ref(result))
+        return result
+
+    future = pool.submit("a", work)
+    future.result(10)
+    del future
+    time.sleep(0.1)  # the worker is back waiting for its next item
+    gc.collect()
+    assert made[0]() is None
+    pool.shutdown()
