@@ -157,8 +157,8 @@ def test_a_log_line_about_one_request_carries_its_id_as_a_field(
     with caplog.at_level(logging.ERROR, logger="lorafleet_server.engine.engine"):
         sink, _ = submit(service.engine, request(PROMPT, rid="rid-7", max_new_tokens=4), on_event=broken)
         sink.wait(30)
-    [line] = [r for r in caplog.records if "event sink failed" in r.getMessage()]
-    assert line.fields == {"request_id": "rid-7"}  # type: ignore[attr-defined]
+    lines = [r for r in caplog.records if "event sink failed" in r.getMessage()]  # its cancel's too, at times
+    assert lines and all(line.fields == {"request_id": "rid-7"} for line in lines)  # type: ignore[attr-defined]
 
 
 def test_stop_string_ends_generation_before_it(service: Service) -> None:
