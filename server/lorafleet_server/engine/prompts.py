@@ -93,10 +93,14 @@ def chat_ids(
     content cannot imitate one. Training encodes its chats with this too, so a customer's data
     teaches the model the ids serving gives the same text.
 
-    A template that changes a content (``| trim``, or a reasoning model's that cuts what comes before
-    ``</think>``) changed a mark instead, so the rendering was not the template's (an outside review:
-    a trimming template's prompt kept its whitespace). Such a template is rendered with the contents
-    themselves, each special-token text in them replaced by a mark, and put back as text the same way.
+    A template that changes a content (``| trim``) changed a mark instead, so the rendering was not
+    the template's (an outside review: a trimming template's prompt kept its whitespace). Such a
+    template is rendered with the contents themselves, each added token's text in them replaced by a
+    mark and put back as text the same way, unless that rendering holds special tokens the marked one
+    does not: edits of a content can join harmless pieces into one (``| replace('[x]', '')`` turns
+    ``<|im_[x]end|>`` into ``<|im_end|>``), which are then the content's, not the template's; that
+    chat keeps the marked rendering (the second diff review). An added token (``</think>`` where it
+    is one) in a content stays text, so a template cannot cut at it.
     """
     nonce = secrets.token_hex(8)
     contents = {f"\ue000{nonce}:{i}\ue001": content for i, (_, content) in enumerate(turns)}
@@ -111,7 +115,9 @@ def chat_ids(
     safe = [(role, specials.sub(hold, content) if specials else content) for role, content in turns]
     direct = _render(tokenizer, safe)
     if _put_back(direct, held) != _put_back(rendered, contents):  # the template changes contents
-        rendered, contents = direct, held
+        own = [m.group() for m in specials.finditer(rendered)] if specials else []
+        if own == ([m.group() for m in specials.finditer(direct)] if specials else []):
+            rendered, contents = direct, held
 
     ids: list[int] = []
     start = 0
