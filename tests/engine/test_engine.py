@@ -197,18 +197,21 @@ def test_a_stop_string_naming_a_special_token_stops_on_that_token(
     assert stopped.token_ids == ids[: k + 1] and stopped.summary.finish_reason is FinishReason.STOP
 
 
-def test_a_stop_string_holding_a_special_token_and_more_is_refused(service: Service) -> None:
+def test_a_stop_string_holding_a_special_token_and_more_stops_on_that_token(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Found by an outside review: stop=["<|im_start|>user"] (the usual ChatML stop) never matched, as
     special tokens are not decoded into the text stops are matched in; the request silently ran to its
-    length. It is refused with the reason, pointing to the special token alone (which works)."""
-    for stop in ("<|im_start|>user", "x<|im_end|>", "a<|im_start|>b"):
-        with pytest.raises(
-            InvalidRequest, match=r"holds the special token '<\|im_(start|end)\|>' and other text"
-        ) as bad:
-            service.engine.submit(request(PROMPT, stop=("fine", stop)), Collected())
-        assert bad.value.param == "stop"
-    ok = generate(service.engine, request(PROMPT, max_new_tokens=2, stop=("<|im_start|>", "<im_start> as text")))
-    assert ok.summary.generated_tokens == 2
+    length. Such a stop ends on the special token it holds (refusing it, the first fix, broke callers
+    sending "<|im_end|>\n", whose requests had ended at the end of sequence: the second diff review)."""
+    engine = service.engine
+    ids = generate(engine, request(PROMPT, max_new_tokens=20)).token_ids
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    monkeypatch.setitem(engine.special_token_ids, "<|fake|>", ids[k])  # the k-th token plays a special one
+    for stop in ("<|fake|>user", "x<|fake|>\n", "\n<|fake|>"):
+        stopped = generate(engine, request(PROMPT, max_new_tokens=20, stop=(stop, "never appears")))
+        assert stopped.token_ids == ids[: k + 1] and stopped.summary.finish_reason is FinishReason.STOP, stop
+        assert stopped.text == engine.tokenizer.decode(ids[:k], skip_special_tokens=True)
 
 
 def test_streamed_text_equals_decoding_all_tokens(service: Service) -> None:

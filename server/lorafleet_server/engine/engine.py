@@ -591,16 +591,6 @@ class Engine:
                 f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
                 param="stop",
             )
-        for s in p.stop:
-            # Generated special tokens are not decoded into the text a stop string is matched against, so
-            # "<|im_start|>user" never matched and the request ran to its length (an outside review).
-            inside = None if s in self.special_token_ids else next((t for t in self.special_token_ids if t in s), None)
-            if inside is not None:
-                raise InvalidRequest(
-                    f"stop string {s[:80]!r} holds the special token {inside!r} and other text: special tokens "
-                    f"are not part of the generated text, so it would never match; stop on {inside!r} alone",
-                    param="stop",
-                )
 
     # -- engine thread ------------------------------------------------------------------------
     def _post(self, message: _Message) -> bool:
@@ -892,7 +882,10 @@ class Engine:
             # A stop string that is a special token's text also stops on that token: the text the matcher
             # sees is decoded without special tokens, so "<|im_start|>" as one token never matched (and
             # vanished). Spelled out in ordinary pieces, it still matches as text.
-            r.stop_ids = frozenset(self.special_token_ids[s] for s in p.stop if s in self.special_token_ids)
+            # So does one that holds a special token and other text ("<|im_start|>user", "<|im_end|>\n"): the
+            # whole string never matched (an outside review), and refusing it broke callers whose
+            # requests ran to their end before (the second diff review).
+            r.stop_ids = frozenset(i for s in p.stop for t, i in self.special_token_ids.items() if t in s)
             r.stops = StopMatcher(p.stop)
             if p.repetition_penalty != 1.0:
                 r.seen = torch.tensor(r.prompt_ids, dtype=torch.long)
