@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -132,11 +132,26 @@ class CallObserver:
         if r.summary is None and r.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
             # The engine's summary of a call its client left comes a step later: its line waits for it
             # (it had no adapter version, no prompt tokens, no finish reason: an outside review).
-            ended, summary = r.outcome.then(lambda summary: self._log(r, summary, seconds))
+            ended, summary = r.outcome.then(self._log_on(asyncio.get_running_loop(), r, seconds))
             if not ended:
                 return
             r.summary = summary
         self._log(r, r.summary, seconds)
+
+    def _log_on(
+        self, loop: asyncio.AbstractEventLoop, r: CallRecord, seconds: float
+    ) -> Callable[[Summary | None], None]:
+        """What writes ``r``'s line once the engine's summary comes: on ``loop``, not on the engine
+        thread that delivers it, where formatting and a slow stderr would stall every request's step
+        (the second diff review); here when the loop has closed (the server stopped)."""
+
+        def log(summary: Summary | None) -> None:
+            try:
+                loop.call_soon_threadsafe(self._log, r, summary, seconds)
+            except RuntimeError:
+                self._log(r, summary, seconds)
+
+        return log
 
     def _log(self, r: CallRecord, s: Summary | None, seconds: float) -> None:
         fields = {

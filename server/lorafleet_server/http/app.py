@@ -463,6 +463,7 @@ class OpenAIApi:
                 if first.summary is not None and first.summary.finish_reason is FinishReason.CANCELLED:
                     # cut by a forced stop before any text: a 503 a proxy retries, not a 200 with an
                     # error in it that nobody retries (and that is not metered either)
+                    record.summary = first.summary  # for its log line
                     raise ShuttingDown(STOPPED_BY_SERVER)
                 include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
                 stream = self._sse_stream(kind, prepared, first, events, include_usage, record)
