@@ -134,7 +134,7 @@ def install_submit_timer(engine: Any) -> EngineTimes:
     times = EngineTimes()
     original = engine.submit
 
-    def timed(req: Any, sink: Any, **kwargs: Any) -> Any:  # kwargs: reserved=True from EngineStream
+    def timed(req: Any, sink: Any, **kwargs: Any) -> Any:  # kwargs: reserved_at from EngineStream
         times.arrivals.append(time.perf_counter())
         seen = False
 

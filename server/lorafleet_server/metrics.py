@@ -83,7 +83,8 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "lorafleet_queue_wait_seconds",
-            "Time a request waited before joining the running batch (or, for one that ended first, before it ended).",
+            "Time from a request's arrival until it joined the running batch (its wait for a worker thread, "
+            "adapter store reads and tokenizing included; for one cancelled or cut first, until then).",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

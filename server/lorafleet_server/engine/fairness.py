@@ -31,9 +31,10 @@ class Queued(Protocol):
 R = TypeVar("R", bound=Queued)
 
 # Tenants that wait for nothing whose virtual times are kept. Beyond twice this, the lowest are
-# forgotten: a forgotten tenant restarts where a new one would, which is where one this far behind
-# the others restarts anyway. Without keys a tenant is whatever an adapter name says, and a client
-# naming a new one per request (refused or not) grew the map by ~110 bytes each, for good (a soak).
+# forgotten: a forgotten tenant restarts where a new one would, which gives it back at most the
+# little it was ahead of the waiting tenants (those lowest were behind the rest; one that ran far
+# ahead is kept). Without keys a tenant is whatever an adapter name says, and a client naming a new
+# one per request (refused or not) grew the map by ~110 bytes each, for good (a soak).
 MAX_IDLE_TENANTS = 4096
 
 
@@ -77,8 +78,8 @@ class FairQueue(Generic[R]):
             q.append(r)
 
     def _forget_idle(self) -> None:
-        """Keep the virtual times of the ``MAX_IDLE_TENANTS`` idle tenants furthest ahead (the only ones
-        whose restart differs from a new tenant's), and of every waiting one."""
+        """Keep the virtual times of the ``MAX_IDLE_TENANTS`` idle tenants furthest ahead (whose restart
+        differs most from a new tenant's), and of every waiting one."""
         idle = sorted((v, t) for t, v in self._vtime.items() if t not in self._queues)
         for _, tenant in idle[: len(idle) - MAX_IDLE_TENANTS]:
             del self._vtime[tenant]

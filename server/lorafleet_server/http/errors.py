@@ -83,8 +83,10 @@ def describe(
         param, err_code = "model", "model_not_found" if isinstance(exc, AdapterNotFound) else "invalid_model"
     message = public_message(exc, request_id)
     if isinstance(exc, InvalidRequest) and rpc != EMBEDDINGS:  # "plus max_new_tokens 1024 exceeds": this API's names
+        # the engine's own wording only (a field name, then its value or "must"), not a caller's text
+        # quoted in the message, such as a stop string or an adapter name (the second diff review)
         for engine_name, http_name in ENGINE_PARAMS.items():
-            message = re.sub(rf"\b{engine_name}\b", http_name, message)
+            message = re.sub(rf"\b{engine_name}(?= [0-9]| must )", http_name, message)
     body = error_body(message, ERROR_TYPES.get(code, "server_error"), param, err_code or snake(type(exc).__name__))
     return code, status, body
 
