@@ -239,6 +239,12 @@ class Metrics:
     def observe_generated(self, tokens: int) -> None:
         self.generated_tokens.inc(tokens)
 
+    def observe_left_queue(self, queue_seconds: float) -> None:
+        """A request that ended before it got a row (cancelled, cut, failed): its wait, in the queue-wait
+        histogram, which only admitted requests were in, so callers giving up in a full queue left its
+        panel at zero (an outside review)."""
+        self.queue_wait.observe(queue_seconds)
+
     def observe_preempted(self) -> None:
         self.preemptions.inc()
 
@@ -252,10 +258,9 @@ class Metrics:
         """``pooled``: an Embed or Classify request (no generation: its summary's finish reason is
         "length", which the generations counter would count as a cut answer). ``admitted``: it took a
         row; one that ends before that (cancelled, its deadline passed, cut) leaves its wait in the
-        queue-wait histogram: only admitted requests were, so callers timing out in a full queue left
-        the queue panel at zero (an outside review)."""
+        queue-wait histogram (``observe_left_queue``)."""
         if not admitted:
-            self.queue_wait.observe(s.queue_seconds)
+            self.observe_left_queue(s.queue_seconds)
         if not pooled:
             self.finished.labels(reason=s.finish_reason.value).inc()
         if s.generated_tokens:

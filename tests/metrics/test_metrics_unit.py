@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,18 @@ def test_a_request_that_leaves_the_queue_before_a_row_counts_its_wait(tiny_model
         running.wait(30)
         assert value(svc, "lorafleet_queue_wait_seconds_count") == waited + 1
         assert value(svc, "lorafleet_queue_wait_seconds_sum") >= 0.3
+        # One failed from the queue (here the drain's refusal) leaves its wait too (the second diff review).
+        running, run_handle = submit(svc.engine, request(PROMPT, max_new_tokens=LONG, rid="runs2"), hold_at=1)
+        running.wait_held(30)
+        refused, _ = submit(svc.engine, request(PROMPT, max_new_tokens=2, rid="refused"))
+        waited = value(svc, "lorafleet_queue_wait_seconds_count")
+        run_handle.cancel()
+        threading.Thread(target=svc.engine.shutdown, args=(10,), daemon=True).start()  # its drain is queued
+        time.sleep(0.2)
+        running.release()
+        refused.wait(30)
+        assert refused.events[-1].error is not None  # refused by the drain
+        assert value(svc, "lorafleet_queue_wait_seconds_count") == waited + 1
     finally:
         svc.engine.shutdown(10)
 

@@ -1186,6 +1186,8 @@ class Engine:
         self._deliver(r, TokenEvent(summary=summary))
 
     def _fail(self, r: _Request, exc: Exception) -> None:
+        if not r.admitted:  # failed from the queue (a drain's refusal, an adapter that would not load)
+            self.observer.observe_left_queue(time.monotonic() - r.submitted)
         self._release(r)
         self._deliver(r, TokenEvent(error=exc))
 
