@@ -416,22 +416,19 @@ class OpenAIApi:
             stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
             fit_context=given is None,
         )
-        adapter = self._adapter_ref(body.model)
+        adapter = self._adapter_ref(body.model)  # before the text: a bad model is refused first, as before
+        prompt: str | None = None
+        turns: tuple[ChatTurn, ...] = ()
         if isinstance(body, ChatCompletionRequest):
             turns = tuple(
                 ChatTurn(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
             )
-            return GenerationRequest(
-                request_id,
-                messages=turns,
-                adapter=adapter,
-                params=params,
-                principal=principal,
-                stream=bool(body.stream),
-            )
+        else:
+            prompt = body.text()
         return GenerationRequest(
             request_id,
-            prompt=body.text(),
+            prompt=prompt,
+            messages=turns,
             adapter=adapter,
             params=params,
             principal=principal,
