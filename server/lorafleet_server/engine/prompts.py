@@ -112,16 +112,20 @@ def chat_ids(
         held[mark] = match.group()
         return mark
 
+    def special_tokens(text: str) -> list[re.Match[str]]:
+        return list(specials.finditer(text)) if specials else []
+
     safe = [(role, specials.sub(hold, content) if specials else content) for role, content in turns]
     direct = _render(tokenizer, safe)
+    found = special_tokens(rendered)
     if _put_back(direct, held) != _put_back(rendered, contents):  # the template changes contents
-        own = [m.group() for m in specials.finditer(rendered)] if specials else []
-        if own == ([m.group() for m in specials.finditer(direct)] if specials else []):
-            rendered, contents = direct, held
+        in_direct = special_tokens(direct)
+        if [m.group() for m in found] == [m.group() for m in in_direct]:
+            rendered, contents, found = direct, held, in_direct
 
     ids: list[int] = []
     start = 0
-    for special in specials.finditer(rendered) if specials else ():
+    for special in found:
         ids += _text_ids(encode_text, _put_back(rendered[start : special.start()], contents))
         ids += tokenizer.encode(special.group(), add_special_tokens=False)
         start = special.end()
