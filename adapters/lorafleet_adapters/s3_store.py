@@ -267,10 +267,10 @@ class S3AdapterStore:
         """The adapters with a published version, by tenant and name: those after ``after`` (tenant,
         name), at most ``limit`` of them (None: all). All of a tenant come from one listing of its keys
         (paged by 1,000), not two requests per adapter; a page of ``limit`` lists the tenant's names
-        (one request per 1,000) and then only the keys of the names it takes, so paging through a large
-        store costs each page its own adapters, not the whole store again. A ``latest`` pointer as
-        publishes write it is read from the listing (its ETag is the MD5 of ``"<version>\\n"``); any
-        other is fetched."""
+        after ``after`` until the first ``limit`` are known, then only the keys of those names, so
+        paging through a large store costs each page its own adapters, not the whole store again. A
+        ``latest`` pointer as publishes write it is read from the listing (its ETag is the MD5 of
+        ``"<version>\\n"``); any other is fetched."""
         tenants = [check_ident(tenant, "tenant")] if tenant is not None else self._idents(self._key())
         summaries: builtins.list[AdapterSummary] = []
         for tenant_name in tenants:
@@ -282,14 +282,18 @@ class S3AdapterStore:
                 assert listing is not None  # no key limit
                 summaries += self._summaries(tenant_name, listing, skip)
                 continue
-            names = self._idents(self._key(tenant_name), after=skip)
             cursor = skip
-            while names and len(summaries) < limit:
+            while len(summaries) < limit:
                 # names without a published version are left out: the next ones fill their places
-                taken, names = names[: limit - len(summaries)], names[limit - len(summaries) :]
+                wanted = limit - len(summaries)
+                taken = self._idents(self._key(tenant_name), after=cursor, first=wanted)
+                if not taken:
+                    break
                 listing = self._tenant_listing(tenant_name, names=(cursor, taken))
                 assert listing is not None
                 summaries += self._summaries(tenant_name, listing, None)
+                if len(taken) < wanted:
+                    break  # the tenant has no more names
                 cursor = taken[-1]
             if len(summaries) >= limit:
                 break
@@ -863,30 +867,47 @@ class S3AdapterStore:
                     yield None
                     return
 
-    def _idents(self, prefix: str, after: str | None = None) -> builtins.list[str]:
+    def _idents(self, prefix: str, after: str | None = None, first: int | None = None) -> builtins.list[str]:
         """The valid tenant or adapter names directly under ``prefix`` (a listing by "/"), sorted; with
-        ``after``, only those after it."""
+        ``after``, only those after it; with ``first``, only the first ``first`` of those, listed only as
+        far as it takes to know them."""
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         names: set[str] = set()
+        listed = ""  # every entry up to this key has been listed
+        for page in self._folder_pages(prefix, first, start_after=None if after is None else prefix + after):
+            for entry in page:
+                listed = max(listed, entry)
+                name, slash, _ = entry[len(prefix) :].partition("/")
+                if slash and is_ident(name) and (after is None or name > after):
+                    names.add(name)
+            if first is not None:
+                chosen = sorted(names)[:first]
+                if len(chosen) == first and all(_listed_before(prefix, name, listed) for name in chosen):
+                    return chosen
+        return sorted(names)[:first]
+
+    def _folder_pages(self, prefix: str, first: int | None, *, start_after: str | None) -> Iterator[builtins.list[str]]:
+        """The entries directly under ``prefix`` (``<prefix><name>/`` for a folder, a key for an object),
+        a page (one request) at a time, after the key ``start_after``: pages of ``first`` entries at
+        first (a page of a listing wants that many names), doubling to ``list_page_keys``."""
         token: str | None = None
+        keys = self.list_page_keys if first is None else max(1, min(self.list_page_keys, first))
         while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": keys}
             if token:
                 kwargs["ContinuationToken"] = token
-            elif after is not None:
+            elif start_after is not None:
                 # every name after ``after`` has its "<name>/" after the key "<after>" (none before is lost)
-                kwargs["StartAfter"] = prefix + after
+                kwargs["StartAfter"] = start_after
             page = self._call(f"list {prefix or '/'}", self._client.list_objects_v2, **kwargs)
-            for common in page.get("CommonPrefixes", ()):
-                name = str(common["Prefix"])[len(prefix) :].rstrip("/")
-                try:
-                    names.add(check_ident(name, "directory"))
-                except InvalidAdapterRef:
-                    continue
+            yield [str(common["Prefix"]) for common in page.get("CommonPrefixes", ())] + [
+                str(item["Key"]) for item in page.get("Contents", ())
+            ]
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
-                return sorted(n for n in names if after is None or n > after)
+                return
+            keys = min(self.list_page_keys, keys * 2)
 
     def _numbers_under(self, prefix: str) -> Iterator[int]:
         for key in self._list_keys(prefix):
@@ -1114,6 +1135,15 @@ def _publish_entry(line: str) -> tuple[str, str, str] | None:
 def _pointer_body(version: int) -> bytes:
     """What a ``latest`` pointer holds as publishes write it."""
     return f"{version}\n".encode()
+
+
+def _listed_before(prefix: str, name: str, listed: str) -> bool:
+    """Whether a listing under ``prefix`` that has reached the key ``listed`` has listed every name that
+    comes before ``name``. S3 lists in byte order, where "a-b/" comes before "a/" ("-" sorts before
+    "/"): a name that ``name`` starts with, up to one of its dashes ("a" of "a-b"), comes before it by
+    name but lists after it. Every other name before ``name`` lists before it, in S3 and in SeaweedFS
+    (which lists a folder in name order); those few are listed once ``listed`` is past their folders."""
+    return all(f"{prefix}{name[:i]}/" <= listed for i, char in enumerate(name) if char == "-")
 
 
 def _published_version(relative: str) -> int | None:

@@ -515,7 +515,10 @@ def test_a_page_of_the_listing_lists_only_its_own_adapters_keys(
     keys = len([key for key in object_keys(seaweed_server, url) if key.startswith("big/")])
     assert keys >= 12 * 4  # 12 pages of 5 to list them all
     assert reader.list("big", after=("big", "n04"), limit=2) == whole[-7:-5]
-    assert calls.count("ListObjectsV2") <= 4, calls  # the names, then two adapters' keys (about 8)
+    assert calls.count("ListObjectsV2") <= 4, calls  # two names, then two adapters' keys (about 8)
+    calls.clear()
+    assert reader.list("big", limit=2) == whole[-12:-10]
+    assert calls.count("ListObjectsV2") <= 4, calls  # not the 12 names, in pages of 2 (then 4)
 
 
 def test_pages_hold_every_adapter_also_in_s3s_own_key_order(
@@ -536,7 +539,15 @@ def test_pages_hold_every_adapter_also_in_s3s_own_key_order(
         for i in range(0, len(keys), 3):
             yield keys[i : i + 3]
 
+    def folders_in_byte_order(prefix: str, first: int | None, *, start_after: str | None) -> Any:
+        under = [k[len(prefix) :] for k in everything if k.startswith(prefix)]
+        entries = sorted({prefix + k.partition("/")[0] + "/" for k in under})
+        entries = [e for e in entries if start_after is None or e > start_after]
+        for i in range(0, len(entries), 2):
+            yield entries[i : i + 2]
+
     monkeypatch.setattr(reader, "_list_pages", byte_order)
+    monkeypatch.setattr(reader, "_folder_pages", folders_in_byte_order)
     for limit in (1, 2, 3, 7, 8, 9):
         assert [s for page in pages(reader, limit, "acme") for s in page] == whole, limit
 
