@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from lorafleet_server.engine.stream import _LoopMailbox
-from lorafleet_server.engine.types import TokenEvent
+from lorafleet_server.engine.stream import Outcome, Outcomes, _LoopMailbox
+from lorafleet_server.engine.types import FinishReason, Summary, TokenEvent
 
 
 def test_events_from_another_thread_arrive_in_order_with_few_wake_ups() -> None:
@@ -54,3 +54,41 @@ def test_a_closed_loop_refuses_and_a_later_event_tries_again() -> None:
     for _ in range(2):  # not left "scheduled" by the first refusal
         with pytest.raises(RuntimeError):
             mailbox.put(queue, TokenEvent(text="x"))
+
+
+def _summary(prompt_tokens: int) -> Summary:
+    return Summary(FinishReason.CANCELLED, prompt_tokens, 0, "acme/bot@1", "r")
+
+
+def test_outcomes_end_when_every_queued_part_has_ended_with_their_prompt_tokens_summed() -> None:
+    """An embeddings call's inputs: its log line waits for all of them, however they end."""
+    first, second, never = Outcome(), Outcome(), Outcome()
+    first.queued()
+    second.queued()
+    joined = Outcomes([first, second, never])  # ``never`` did not reach the engine (waiting its turn)
+    seen: list[Summary | None] = []
+    assert joined.then(seen.append) == (False, None)
+    second.ended(_summary(5))
+    assert seen == []
+    first.ended(_summary(3))
+    assert seen == [_summary(8)]
+    first.ended(_summary(99))  # a part ends once
+    assert seen == [_summary(8)]
+    assert Outcomes([first, second, never]).then(seen.append) == (True, _summary(8))
+    assert Outcomes([Outcome()]).then(seen.append) == (True, None) and len(seen) == 1
+
+
+def test_outcomes_a_part_ending_while_they_are_asked_is_not_lost() -> None:
+    for _ in range(200):
+        parts = [Outcome() for _ in range(4)]
+        for part in parts:
+            part.queued()
+        joined = Outcomes(parts)
+        seen: list[Summary | None] = []
+        enders = [threading.Thread(target=part.ended, args=(_summary(1),)) for part in parts]
+        for ender in enders:
+            ender.start()
+        ended, summary = joined.then(seen.append)
+        for ender in enders:
+            ender.join()
+        assert (ended and summary == _summary(4) and seen == []) or (not ended and seen == [_summary(4)])

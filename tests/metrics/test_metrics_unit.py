@@ -225,6 +225,56 @@ def test_the_log_line_of_a_call_its_client_left_has_the_engines_summary(
     assert line["queue_s"] is not None and line["ttft_s"] is not None
 
 
+def test_the_log_line_of_an_embeddings_call_its_client_left_waits_for_every_input(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    peft_adapter: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An embeddings call is one engine request per input; one its client left logged at once, with
+    neither the adapter version nor any input's prompt tokens (an earlier stop's leftover). Its line
+    waits until every input has ended, and counts each input's prompt tokens, as a finished call's does."""
+    import logging
+
+    import httpx
+    from enginelib import server_config
+
+    from lorafleet_server.app import build_service
+    from lorafleet_server.grpc.server import server_keys
+    from lorafleet_server.http.server import BackgroundHttpServer
+
+    config = server_config(model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0)
+    service = build_service(config)
+    service.store.import_peft(peft_adapter(seed=5), "acme", "bot", service.base.spec)
+    step = service.engine.runner.step
+
+    def slow_step(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.5)  # the client gives up while its inputs are in the engine
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(service.engine.runner, "step", slow_step)
+    texts = [PROMPT, PROMPT + " and the capital of Spain is", "Hello"]
+
+    def logged() -> list[Any]:
+        return [r.fields for r in caplog.records if r.name == "lorafleet.requests"]  # type: ignore[attr-defined]
+
+    with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
+        service.engine.start()
+        http = BackgroundHttpServer(service, server_keys(service.config))
+        http.start()
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{http.url}/v1/embeddings", json={"model": "acme/bot", "input": texts}, timeout=0.5)
+            _wait(lambda: bool(logged()))
+        finally:
+            http.stop()
+            service.engine.shutdown(10)
+    [line] = logged()
+    assert line["status"] == "CANCELLED" and line["adapter"] == "acme/bot@1", line
+    assert line["prompt_tokens"] == sum(len(service.engine.encode_prompt(t, ())) for t in texts), line
+
+
 def _wait(done: Any, seconds: float = 10.0) -> None:
     give_up = time.monotonic() + seconds
     while not done() and time.monotonic() < give_up:

@@ -11,10 +11,11 @@ request, and the engine frees its row within one step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -59,6 +60,47 @@ class Outcome:
                 return True, self._summary
             self._then = callback
             return False, None
+
+
+class Outcomes:
+    """The outcomes of one call's several engine requests (an embeddings call's inputs) as one: it has
+    ended when each of them has, and its summary is the first one's with every input's prompt tokens
+    (an input that never reached the engine adds none)."""
+
+    def __init__(self, parts: Sequence[Outcome]) -> None:
+        self._parts = tuple(parts)
+        self._lock = threading.Lock()
+        self._summaries: dict[int, Summary | None] = {}
+        self._then: Callable[[Summary | None], None] | None = None
+
+    def then(self, callback: Callable[[Summary | None], None]) -> tuple[bool, Summary | None]:
+        """As ``Outcome.then``: (True, the summary) when every part has ended, else (False, None), and
+        ``callback`` runs with the summary when the last one ends."""
+        with self._lock:  # a part ending meanwhile waits here, then sees the callback
+            for i, part in enumerate(self._parts):
+                ended, summary = part.then(functools.partial(self._ended, i))
+                if ended:
+                    self._summaries[i] = summary
+            if len(self._summaries) == len(self._parts):
+                return True, self._summary()
+            self._then = callback
+            return False, None
+
+    def _ended(self, i: int, summary: Summary | None) -> None:
+        with self._lock:
+            self._summaries[i] = summary
+            if len(self._summaries) < len(self._parts) or self._then is None:
+                return
+            then, self._then = self._then, None
+            joined = self._summary()
+        then(joined)
+
+    def _summary(self) -> Summary | None:
+        found = [self._summaries[i] for i in sorted(self._summaries)]
+        summaries = [s for s in found if s is not None]
+        if not summaries:
+            return None
+        return dataclasses.replace(summaries[0], prompt_tokens=sum(s.prompt_tokens for s in summaries))
 
 
 class SubmittedRequest:

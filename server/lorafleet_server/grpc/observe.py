@@ -18,7 +18,7 @@ from typing import Protocol
 import grpc
 
 from lorafleet_adapters.ref import MAX_REF_CHARS
-from lorafleet_server.engine.stream import Outcome
+from lorafleet_server.engine.stream import Outcome, Outcomes
 from lorafleet_server.engine.types import Principal, Summary
 from lorafleet_server.logs import REQUEST_LOGGER
 from lorafleet_server.metrics import Metrics
@@ -56,6 +56,7 @@ class CallRecord:
     principal: Principal | None = None  # who called: None on a server without keys, or before authentication
     key_id: str = ""  # the presented key's id when it was refused (an id is no secret)
     outcome: Outcome = field(default_factory=Outcome)  # its engine request's end, for a call that left first
+    outcomes: Outcomes | None = None  # instead, for a call of several engine requests (embeddings' inputs)
 
     @property
     def caller_key_id(self) -> str:
@@ -132,7 +133,8 @@ class CallObserver:
         if r.summary is None and r.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
             # The engine's summary of a call its client left comes a step later: its line waits for it
             # (it had no adapter version, no prompt tokens, no finish reason: an outside review).
-            ended, summary = r.outcome.then(self._log_on(asyncio.get_running_loop(), r, seconds))
+            ending = r.outcomes if r.outcomes is not None else r.outcome
+            ended, summary = ending.then(self._log_on(asyncio.get_running_loop(), r, seconds))
             if not ended:
                 return
             r.summary = summary

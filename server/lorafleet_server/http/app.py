@@ -37,7 +37,7 @@ from lorafleet_adapters.ref import AdapterRef
 from lorafleet_server import __version__
 from lorafleet_server.engine.admin import AdapterAdmin, AdapterView, VersionView
 from lorafleet_server.engine.engine import Engine
-from lorafleet_server.engine.stream import EngineStream, SubmittedRequest
+from lorafleet_server.engine.stream import EngineStream, Outcome, Outcomes, SubmittedRequest
 from lorafleet_server.engine.types import (
     ChatTurn,
     FinishReason,
@@ -310,7 +310,9 @@ class OpenAIApi:
                 key = await self._stream.run(reqs[0].tenant, self._engine.adapters.resolve, adapter)
                 pinned = AdapterRef(key.tenant, key.name, key.version)
                 reqs = [dataclasses.replace(r, adapter=pinned) for r in reqs]
-            results = await self._until_disconnect(request, self._embed_all(reqs))
+            outcomes = [Outcome() for _ in reqs]
+            record.outcomes = Outcomes(outcomes)  # a call its client left logs once every input has ended
+            results = await self._until_disconnect(request, self._embed_all(list(zip(reqs, outcomes, strict=True))))
             summaries = [s for s, _ in results]
             prompt_tokens = sum(s.prompt_tokens for s in summaries)
             # the request log line carries every input's tokens, as the usage meter counts them
@@ -332,7 +334,9 @@ class OpenAIApi:
 
         return await self._unary(request, EMBEDDINGS, self._adapter_named(body.model), work)
 
-    async def _embed_all(self, reqs: list[GenerationRequest]) -> list[tuple[Summary, tuple[float, ...]]]:
+    async def _embed_all(
+        self, reqs: list[tuple[GenerationRequest, Outcome]]
+    ) -> list[tuple[Summary, tuple[float, ...]]]:
         """Every input's embedding; the first failure cancels the inputs still running (their engine
         requests with them) before it is raised: a refused call leaves no work behind.
 
@@ -340,14 +344,14 @@ class OpenAIApi:
         tenant may queue: each input is one engine request, and a call of more inputs than the tenant's
         ``max_waiting`` was refused 429 every time (a retry could never help)."""
         at_once = max(1, min(len(reqs), self._engine.config.max_batch_size))
-        limit = self._engine.tenant_limit(reqs[0], "max_waiting")
+        limit = self._engine.tenant_limit(reqs[0][0], "max_waiting")
         gate = asyncio.Semaphore(min(at_once, limit) if limit else at_once)
 
-        async def embed(req: GenerationRequest) -> tuple[Summary, tuple[float, ...]]:
+        async def embed(req: GenerationRequest, outcome: Outcome) -> tuple[Summary, tuple[float, ...]]:
             async with gate:
-                return await self._embed(req)
+                return await self._embed(req, outcome)
 
-        tasks = [asyncio.ensure_future(embed(r)) for r in reqs]
+        tasks = [asyncio.ensure_future(embed(r, o)) for r, o in reqs]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:  # an input failed, or this call was cancelled (client gone)
@@ -356,8 +360,8 @@ class OpenAIApi:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def _embed(self, req: GenerationRequest) -> tuple[Summary, tuple[float, ...]]:
-        async for event in self._stream.events(req):
+    async def _embed(self, req: GenerationRequest, outcome: Outcome) -> tuple[Summary, tuple[float, ...]]:
+        async for event in self._stream.events(req, outcome):
             if event.summary is not None and event.embedding is not None:
                 return event.summary, event.embedding
             if event.summary is not None:  # cancelled before its prompt was read: the server cut it
