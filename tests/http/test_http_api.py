@@ -808,3 +808,24 @@ def test_a_declared_body_over_the_limit_is_read_before_the_413() -> None:
     assert run(3 << 20) == (3 << 20, [413])  # read to its end, then refused
     assert run(5 << 20) == (0, [413])  # past 4x the limit: refused at once, nothing read
     assert run(3 << 20, expect=True) == (0, [413])  # it waits for "100 Continue": nothing sent, none invited
+
+
+def test_an_embeddings_calls_one_version_is_read_on_the_store_threads(
+    tiny_http: TinyHttp, peft_adapter: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outside review: the one version of a call of several inputs was read from the store
+    on the threads every request is admitted on; eight such calls to a store that did not answer held
+    them all, and a base-model completion waited 11 s. It is read where the inputs' submits read it."""
+    service = tiny_http.service
+    service.store.import_peft(peft_adapter(seed=7), "acme", "unread", service.base.spec)  # not known yet
+    resolve = service.store.resolve
+    threads: list[str] = []
+
+    def recorded(ref: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return resolve(ref)
+
+    monkeypatch.setattr(service.store, "resolve", recorded)
+    answer = client(tiny_http).embeddings.create(model="acme/unread", input=["one", "two"])
+    assert answer.model == "acme/unread@1" and len(answer.data) == 2
+    assert threads and all(name.startswith("submit-store") for name in threads), threads

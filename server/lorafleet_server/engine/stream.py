@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from lorafleet_adapters.ref import AdapterKey
 from lorafleet_server.engine.engine import Engine, RequestHandle
+from lorafleet_server.engine.fair_pool import FairPool
 from lorafleet_server.engine.types import GenerationRequest, Summary, TokenEvent
 from lorafleet_server.errors import ShuttingDown
 
@@ -236,8 +238,20 @@ class EngineStream:
     async def run(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the engine's worker threads in ``tenant``'s turn (the Tokenize RPC's encoding);
         dropped if the caller leaves before a worker took it up."""
+        return await self._run_on(self._engine.tokenize_pool(), tenant, fn, *args)
+
+    async def resolve(self, req: GenerationRequest) -> AdapterKey:
+        """The version ``req``'s adapter names now, read on the threads its submit would use: the store's
+        own for a name this server does not know without reading the store, so a store that does not
+        answer holds only those (an embeddings call's one version for all its inputs read it on the
+        threads every request is admitted on: eight such calls stalled the whole server)."""
+        assert req.adapter is not None
+        adapters = self._engine.adapters
+        return await self._run_on(self._engine.submit_pool(req), req.tenant, adapters.resolve, req.adapter)
+
+    async def _run_on(self, pool: FairPool, tenant: str, fn: Callable[..., T], *args: Any) -> T:
         try:
-            running = self._engine.tokenize_pool().submit(tenant, fn, *args)
+            running = pool.submit(tenant, fn, *args)
         except RuntimeError:
             raise ShuttingDown("the server is shutting down") from None
         try:
