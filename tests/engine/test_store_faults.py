@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, AdapterNotFound, StoreUnavailable
 from lorafleet_adapters.prompt import PromptTemplate
-from lorafleet_adapters.ref import AdapterKey
+from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import Service
 from lorafleet_server.engine.admin import AdapterAdmin
@@ -305,3 +305,40 @@ def test_an_adapter_whose_weights_overflow_fails_its_own_requests_with_its_name(
     with pytest.raises(AdapterIncompatible, match=r"evil/nan@1 drove the model's output to NaN") as refused:
         bad.wait().summary  # noqa: B018
     assert status_for(refused.value) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_listings_are_refused_at_once_while_the_store_does_not_answer(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outside review: the listings behind /v1/models and ListAdapters went around the store
+    gate, so each one held a thread of the event loop's shared pool for the whole timeout, all through
+    an outage. They pass the gate: the first failure trips it, the next ones are refused at once, and
+    the first that gets an answer later opens it again."""
+    manager = service.engine.adapters
+    calls: Counter[str] = Counter()
+    down = True
+    listing, versions, resolve = service.store.list, service.store.versions, service.store.resolve
+
+    def stalled(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            if down:
+                raise StoreUnavailable("adapter store s3://bucket: read timed out")
+            return method(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(service.store, "list", stalled("list", listing))
+    monkeypatch.setattr(service.store, "versions", stalled("versions", versions))
+    monkeypatch.setattr(service.store, "resolve", stalled("resolve", resolve))
+    ref = AdapterRef("acme", "gone")
+    with pytest.raises(StoreUnavailable, match="timed out"):
+        manager.list_store()
+    for call in (manager.list_store, lambda: manager.store_versions(ref), lambda: manager.store_latest(ref)):
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            call()
+    assert calls == Counter({"list": 1}) and manager.gate.tripped
+    down = False
+    monkeypatch.setattr(manager.gate, "_closed_until", time.monotonic() - 1)  # its retry time has come
+    assert manager.list_store() == [] and not manager.gate.tripped
+    assert manager.store_versions(ref) == ()

@@ -265,19 +265,24 @@ class AdapterManager:
         self, tenant: str | None = None, after: tuple[str, str] | None = None, limit: int | None = None
     ) -> list[AdapterSummary]:
         """The adapters in the store (of one tenant), with their versions and latest pointers: those
-        after ``after`` (tenant, name) in tenant and name order, at most ``limit`` (None: all)."""
-        return self.store.list(tenant, after=after, limit=limit)
+        after ``after`` (tenant, name) in tenant and name order, at most ``limit`` (None: all). Through
+        the store gate, as the reads below: while the store does not answer, a listing (``/v1/models``,
+        ``ListAdapters``) is refused at once instead of holding a thread for a timeout each time."""
+        with self.gate.call("list the adapters"):
+            return self.store.list(tenant, after=after, limit=limit)
 
     def store_versions(self, ref: AdapterRef) -> tuple[int, ...]:
         """Published versions of ``tenant/name`` (empty when there are none); ``ref.version`` is ignored."""
-        return self.store.versions(ref.tenant, ref.name)
+        with self.gate.call(f"list {ref.tenant}/{ref.name}'s versions"):
+            return self.store.versions(ref.tenant, ref.name)
 
     def store_latest(self, ref: AdapterRef) -> int:
         """The store's latest version of ``tenant/name``, which may be newer than the one served.
 
         :meth:`resolve` gives the served one; this is what a listing reports as "latest".
         """
-        return self.store.resolve(ref).version
+        with self.gate.call(f"find {ref.tenant}/{ref.name}'s latest version"):
+            return self.store.resolve(ref).version
 
     def manifest(self, key: AdapterKey) -> Manifest:
         """``key``'s manifest, read from the store once while kept (a broken one raises its error, each time)."""
