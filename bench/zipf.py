@@ -72,6 +72,11 @@ from lorafleet_adapters.backend import StoreSettings, open_store
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 TENANT = "zipf"
+# lora_B's scale per shape: large enough that most adapters' greedy text differs from the base model's
+# and from each other's, which the routing replay needs to see a mis-route (an r=8 q/v adapter at 0.05
+# gave the base's text for most prompts); the r=16 all-linear ones change every module already
+LORA_B_STD = {"default": 0.15, "r16all": 0.05}
+STORE_FORMAT = 2  # 2: LORA_B_STD per shape (1: 0.05 for both)
 BUCKET = "zipf"
 MiB = 1 << 20
 
@@ -121,7 +126,7 @@ def make_store(model_dir: Path, spec: Any, store: Any, count: int, r16_every: in
             shutil.copy(templates[shape.key][0] / "adapter_config.json", src / "adapter_config.json")
             tensors = {}
             for name, dims in layouts[shape.key].items():
-                std = 0.05 if "lora_B" in name else dims[1] ** -0.5
+                std = LORA_B_STD[shape.key] if "lora_B" in name else dims[1] ** -0.5
                 tensors[name] = torch.randn(*dims, generator=gen) * std  # [r, in] or [out, r]
             save_file(tensors, str(src / "adapter_model.safetensors"), metadata={"format": "pt"})
             name = adapter_name(rank, shape)
@@ -220,6 +225,7 @@ def start_server(args: argparse.Namespace, model_dir: Path, store: str, data_dir
         "--adapter-rescan-seconds": args.rescan_seconds,
         "--log-level": "INFO",  # one line per adapter load: the per-shape cold-load times come from it
     }
+    command_flags = ["--metrics-adapter-residency"]  # the host cache's bytes come from its series
     if args.store == "s3":
         flags["--adapter-cache-dir"] = data_dir / "adapter-cache"
         flags["--adapter-cache-bytes"] = args.adapter_cache_mib * MiB
@@ -228,6 +234,7 @@ def start_server(args: argparse.Namespace, model_dir: Path, store: str, data_dir
     command = [str(Path(sys.executable).parent / "lorafleet"), "serve"]
     for flag, value in flags.items():
         command += [flag, str(value)]
+    command += command_flags
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -295,8 +302,9 @@ async def run_traffic(
     prompts: int,
     on_done: Any,
 ) -> list[Reply]:
-    """Every request of ``ranks`` once, ``clients`` at a time (each takes the next unsent one)."""
-    from lorafleet import AsyncLoraFleetClient, LoraFleetError, Sampling
+    """Every request of ``ranks`` once, ``clients`` at a time (each takes the next unsent one): a chat of
+    one user turn, as the serving benchmark sends (a plain prompt made the model end at once)."""
+    from lorafleet import AsyncLoraFleetClient, LoraFleetError, Message, Sampling
 
     conns = [AsyncLoraFleetClient(target, timeout=900) for _ in range(clients)]
     replies: list[Reply] = []
@@ -313,7 +321,7 @@ async def run_traffic(
                 started = time.perf_counter()
                 try:
                     done = await conn.generate(
-                        prompt=prompt_text(prompt),
+                        messages=[Message("user", prompt_text(prompt))],
                         adapter=ref,
                         sampling=Sampling(max_new_tokens=new_tokens, temperature=0.0),
                     )
@@ -343,13 +351,13 @@ async def server_dtype(target: str) -> str:
 async def replay_alone(target: str, pairs: Sequence[tuple[str, int]], new_tokens: int) -> list[str]:
     """Each (adapter, prompt) sent again, one request at a time: what that adapter alone gives (adapter
     "": the base model)."""
-    from lorafleet import AsyncLoraFleetClient, Sampling
+    from lorafleet import AsyncLoraFleetClient, Message, Sampling
 
     texts = []
     async with AsyncLoraFleetClient(target, timeout=900) as conn:
         for ref, prompt in pairs:
             done = await conn.generate(
-                prompt=prompt_text(prompt),
+                messages=[Message("user", prompt_text(prompt))],
                 adapter=ref,
                 sampling=Sampling(max_new_tokens=new_tokens, temperature=0.0),
             )
@@ -408,21 +416,31 @@ def replay_mismatches(
 
 def check_replay(
     target: str, replies: Sequence[Reply], sample: dict[tuple[str, int], Reply], new_tokens: int
-) -> list[dict[str, Any]]:
-    """Replay ``sample`` alone; for each mismatch, replay its prompt alone on its ``neighbours`` too."""
+) -> tuple[list[dict[str, Any]], int]:
+    """Replay ``sample`` alone, and each of its prompts on the base model; for each mismatch, replay its
+    prompt alone on its ``neighbours`` too. Returns the mismatches and how many sampled pairs could
+    show a mis-route at all (``discriminating``)."""
     alone = asyncio.run(replay_alone(target, list(sample), new_tokens)) if sample else []
+    base_pairs = list(dict.fromkeys(("", prompt) for _, prompt in sample))
+    base = dict(zip(base_pairs, asyncio.run(replay_alone(target, base_pairs, new_tokens)), strict=True))
     candidates = {
         pair: neighbours(replies, reply)
         for (pair, reply), own in zip(sample.items(), alone, strict=True)
         if reply.text != own
     }
-    known = dict(zip(sample, alone, strict=True))
+    known = dict(zip(sample, alone, strict=True)) | base
     pairs = list(dict.fromkeys((c, prompt) for (_, prompt), refs in candidates.items() for c in refs))
     pairs = [pair for pair in pairs if pair not in known]
     if pairs:
         say(f"{len(candidates)} replay mismatches: their prompts alone on {len(pairs)} other adapters")
         known |= dict(zip(pairs, asyncio.run(replay_alone(target, pairs, new_tokens)), strict=True))
-    return replay_mismatches(sample, alone, candidates, known)
+    return replay_mismatches(sample, alone, candidates, known), discriminating(sample, alone, base)
+
+
+def discriminating(sample: dict[tuple[str, int], Reply], alone: Sequence[str], base: dict[tuple[str, int], str]) -> int:
+    """How many sampled pairs' alone text differs from the base model's for the same prompt: only those
+    can show a row served without its adapter (an adapter whose text is the base's hides that)."""
+    return sum(own != base[("", prompt)] for (_, prompt), own in zip(sample, alone, strict=True))
 
 
 # ----------------------------------------------------------------------------------- reading results
@@ -459,8 +477,8 @@ def counter(metrics: dict[Any, float], name: str, **labels: str) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def tier_ratios(before: dict[Any, float], after: dict[Any, float]) -> dict[str, dict[str, float]]:
-    """Hits, misses and hit ratio per tier between two scrapes of the metrics endpoint."""
+def tier_ratios(before: dict[Any, float], after: dict[Any, float]) -> dict[str, dict[str, float | None]]:
+    """Hits, misses and hit ratio per tier between two scrapes of the metrics endpoint (None: no lookup)."""
     out = {}
     for tier in ("device", "host"):
         hits = counter(after, "lorafleet_adapter_cache_hits_total", tier=tier) - counter(
@@ -473,15 +491,27 @@ def tier_ratios(before: dict[Any, float], after: dict[Any, float]) -> dict[str, 
             before, "lorafleet_adapter_evictions_total", tier=tier
         )
         total = hits + misses
-        out[tier] = {"hits": hits, "misses": misses, "evictions": evictions, "hit_ratio": hits / total if total else 0}
+        out[tier] = {
+            "hits": hits,
+            "misses": misses,
+            "evictions": evictions,
+            "hit_ratio": hits / total if total else None,
+        }
     return out
 
 
 def host_bytes(metrics: dict[Any, float], refs: dict[str, Shape], per_shape: dict[str, int]) -> int:
-    """Bytes of adapter weights in the host cache, from the residency series (one per held version)."""
+    """Bytes of adapter weights in the host cache, from the residency series (one per held version; the
+    server exports them with ``--metrics-adapter-residency``). A scrape with none is refused: it read
+    0 bytes for a day after the series went behind that flag."""
     total = 0
-    for (name, labels), _value in metrics.items():
-        if name != "lorafleet_adapter_resident" or ("tier", "host") not in labels:
+    series = [(name, labels) for name, labels in metrics if name == "lorafleet_adapter_resident"]
+    if not series:
+        raise RuntimeError(
+            "no lorafleet_adapter_resident series: was the server started with --metrics-adapter-residency?"
+        )
+    for _, labels in series:
+        if ("tier", "host") not in labels:
             continue
         ref = dict(labels)["adapter"].rsplit("@", 1)[0]
         if ref in refs:
@@ -698,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             location = str(kept)
         refs_file = kept / "zipf-refs.json"
-        made = {"adapters": args.adapters, "r16_every": args.r16_every, "seed": args.seed}
+        made = {"adapters": args.adapters, "r16_every": args.r16_every, "seed": args.seed, "format": STORE_FORMAT}
         if refs_file.is_file():
             refs = kept_refs(refs_file, made)
             say(f"reusing {len(refs)} adapters in {location}")
@@ -789,7 +819,7 @@ def drive(
     for r in replies[len(replies) // 2 :]:  # after warm-up, many adapters, hot and cold
         if not r.error and (r.adapter, r.prompt) not in sample and len(sample) < args.replay:
             sample[(r.adapter, r.prompt)] = r
-    text_mismatch = check_replay(server.target, replies, sample, args.new_tokens)
+    text_mismatch, telling = check_replay(server.target, replies, sample, args.new_tokens)
     wrong_adapter = [m for m in text_mismatch if m["wrong_adapter"]]
 
     dtype = asyncio.run(server_dtype(server.target))
@@ -806,12 +836,13 @@ def drive(
     loads = parse_loads(log_text, refs, marks.get("warmup_log_line", 0))
     loads_all = parse_loads(log_text, refs)
     served_tokens = sum(len(r.text) for r in replies)
+    served = [r for r in replies if not r.error]  # rate and latency of those answered (errors apart)
     return {
         "server_dtype": dtype,
         "requests": len(replies),
         "distinct_adapters": len(set(ranks)),
         "wall_seconds": wall,
-        "requests_per_second": len(replies) / wall,
+        "requests_per_second": len(served) / wall,
         "errors": len(errors),
         "error_examples": [r.error for r in errors[:5]],
         # served version != requested, plus replay mismatches whose text is another adapter's
@@ -822,6 +853,7 @@ def drive(
         "misrouted_replay": len(wrong_adapter),
         "misrouted_examples": [asdict(r) for r in misnamed[:5]],
         "replayed": len(sample),
+        "replay_discriminating": telling,
         "replay_mismatches": len(text_mismatch),
         "replay_text_mismatches": text_mismatch,
         "ratios_after_warmup": tier_ratios(warm_metrics, end_metrics),
@@ -839,8 +871,8 @@ def drive(
         "slot_memory_bytes_end": counter(end_metrics, "lorafleet_adapter_slot_memory_bytes"),
         "loads_after_warmup": {k: asdict(v) for k, v in loads.items()},
         "loads_whole_run": {k: asdict(v) for k, v in loads_all.items()},
-        "latency_p50_s": p([r.seconds for r in replies], 50),
-        "latency_p99_s": p([r.seconds for r in replies], 99),
+        "latency_p50_s": p([r.seconds for r in served], 50),
+        "latency_p99_s": p([r.seconds for r in served], 99),
         "text_chars": served_tokens,
     }
 
@@ -859,6 +891,10 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
                 f"{ms(row['host_to_device_p50_s'])} | {ms(row['total_p50_s'])} | {ms(row['total_p90_s'])} |"
             )
     print()
+
+
+def ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def report_traffic(args: argparse.Namespace, r: dict[str, Any]) -> None:
@@ -883,7 +919,8 @@ def report_traffic(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"{ms(r['latency_p50_s'])} p99 {ms(r['latency_p99_s'])}; errors {r['errors']}; mis-routed "
         f"{r['misrouted']} ({r['misrouted_served_version']} served version != requested, "
         f"{r['misrouted_replay']} replayed text = another adapter's); replay mismatches "
-        f"{r['replay_mismatches']} of {r['replayed']} replayed alone"
+        f"{r['replay_mismatches']} of {r['replayed']} replayed alone ({r.get('replay_discriminating', '?')} of "
+        "them with a text other than the base model's: those could show a mis-route)"
     )
     for m in r["replay_text_mismatches"]:
         equal = ", ".join(x or "the base model" for x in m["equals_alone_text_of"])
@@ -901,7 +938,7 @@ def report_traffic(args: argparse.Namespace, r: dict[str, Any]) -> None:
     for tier in ("device", "host"):
         a, w = r["ratios_after_warmup"][tier], r["ratios_whole_run"][tier]
         print(
-            f"| {tier} | {a['hits']:.0f} | {a['misses']:.0f} | {a['hit_ratio']:.3f} | {w['hit_ratio']:.3f} "
+            f"| {tier} | {a['hits']:.0f} | {a['misses']:.0f} | {ratio(a['hit_ratio'])} | {ratio(w['hit_ratio'])} "
             f"| {a['evictions']:.0f} |"
         )
     print()

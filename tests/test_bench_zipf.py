@@ -73,7 +73,36 @@ def test_hit_ratios_are_taken_between_two_scrapes() -> None:
 
     ratios = zipf.tier_ratios(scrape(10, 10), scrape(40, 20))
     assert ratios["host"]["hits"] == 30 and ratios["host"]["misses"] == 10 and ratios["host"]["hit_ratio"] == 0.75
-    assert ratios["device"]["hit_ratio"] == 0
+    assert ratios["device"]["hit_ratio"] is None  # no lookup: no ratio (it read 0, a total miss)
+
+
+def test_host_cache_bytes_come_from_the_residency_series_and_its_absence_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The series went behind --metrics-adapter-residency and the benchmark, not passing it, read an
+    empty host cache (0 MiB) in every run for a day; the server is started with it, and a scrape
+    without any residency series is an error, not 0 bytes."""
+    refs = {"zipf/a": zipf.SHAPES["default"], "zipf/b": zipf.SHAPES["r16all"]}
+    per_shape = {"default": 100, "r16all": 1000}
+    resident = "lorafleet_adapter_resident"
+    scrape = {
+        (resident, (("adapter", "zipf/a@1"), ("tier", "host"))): 1.0,
+        (resident, (("adapter", "zipf/b@1"), ("tier", "host"))): 1.0,
+        (resident, (("adapter", "zipf/b@1"), ("tier", "device"))): 1.0,
+    }
+    assert zipf.host_bytes(scrape, refs, per_shape) == 1100
+    with pytest.raises(RuntimeError, match="--metrics-adapter-residency"):
+        zipf.host_bytes({("lorafleet_adapter_cache_hits_total", (("tier", "host"),)): 3.0}, refs, per_shape)
+    args = zipf.parse_args(["--quick"])
+    started: list[list[str]] = []
+
+    class Popen:
+        def __init__(self, command: list[str], **_: object) -> None:
+            started.append(command)
+
+    monkeypatch.setattr(zipf.subprocess, "Popen", Popen)
+    zipf.start_server(args, Path("model"), "store", tmp_path)
+    assert "--metrics-adapter-residency" in started[0]
 
 
 def test_a_replica_on_s3_polls_as_asked_and_has_no_isolated_cold_loads(capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,9 +166,13 @@ def test_a_replay_mismatch_equal_to_another_adapters_text_counts_as_mis_routed(
 
     monkeypatch.setattr(zipf, "replay_alone", replay_alone)
     sample = {(r.adapter, r.prompt): r for r in (replies[0], replies[2], replies[3])}
-    mismatches = zipf.check_replay("127.0.0.1:1", replies, sample, 8)
-    assert sent[0] == list(sample)  # the sample first, then each mismatch's prompt on its neighbours
-    assert sorted(sent[1]) == sorted([("zipf/c", 1), ("zipf/b", 1), ("", 1), ("zipf/a", 2), ("zipf/b", 2), ("", 2)])
+    mismatches, telling = zipf.check_replay("127.0.0.1:1", replies, sample, 8)
+    assert sent[0] == list(sample)  # the sample first, its prompts on the base, each mismatch's on its neighbours
+    assert sent[1] == [("", 1), ("", 2)]
+    assert sorted(sent[2]) == sorted([("zipf/c", 1), ("zipf/b", 1), ("zipf/a", 2), ("zipf/b", 2)])
+    assert telling == 3  # each sampled adapter's own text differs from the base model's
+    alone_texts[("zipf/d", 2)] = "base on 2"  # an adapter that gives the base's text cannot show a mis-route
+    assert zipf.check_replay("127.0.0.1:1", replies, sample, 8)[1] == 2
     by_adapter = {m["adapter"]: m for m in mismatches}
     assert list(by_adapter) == ["zipf/a", "zipf/c"]  # d's text is its own: no mismatch
     assert by_adapter["zipf/a"]["equals_alone_text_of"] == ["zipf/b"] and by_adapter["zipf/a"]["wrong_adapter"]
