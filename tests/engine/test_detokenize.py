@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lorafleet_server.engine.detokenize import IncrementalDetokenizer
@@ -48,3 +48,25 @@ def test_stop_matcher_cuts_at_the_first_stop_in_the_text_whichever_stop_it_is() 
     matcher = StopMatcher(("END", "ND!"))  # overlapping: "END" starts first
     assert matcher.feed("the EN") == ("the ", False)  # "EN" held: it may begin a stop
     assert matcher.feed("D!") == ("", True)
+
+
+def test_a_prompt_ending_in_byte_tokens_leaves_the_generated_characters_whole() -> None:
+    """Found by an outside review: on a byte-fallback tokenizer (Llama 2, Mistral), a character the
+    vocabulary lacks is spelled in byte tokens, and the decoder turns a whole run of them that does not
+    begin on a character into U+FFFD. The window's four prompt tokens began inside the prompt's last
+    "✨", so the model's "✨✨✨" came out as nine U+FFFD."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for word in ["▁Write", "▁two", ":", "▁", "!", "▁more"]:
+        vocab[word] = len(vocab)
+    model = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    model.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    model.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>")
+    for prompt_text, more in [("Write two: ✨✨", "✨✨✨ more"), ("Write two: 龘龘", "龘!"), ("Write:", "✨!")]:
+        prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+        generated = tokenizer.encode(more, add_special_tokens=False)[1:]  # without the word-start "▁"
+        whole = tokenizer.decode(prompt + generated)
+        assert "\ufffd" not in whole
+        assert streamed(tokenizer, prompt, generated) == whole[len(tokenizer.decode(prompt)) :], prompt_text
