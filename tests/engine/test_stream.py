@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from lorafleet_server.engine.stream import Outcome, Outcomes, _LoopMailbox
+from lorafleet_server.engine.stream import Outcome, Outcomes, _LoopMailbox, result_of
 from lorafleet_server.engine.types import FinishReason, Summary, TokenEvent
 
 
@@ -92,3 +92,32 @@ def test_outcomes_a_part_ending_while_they_are_asked_is_not_lost() -> None:
         for ender in enders:
             ender.join()
         assert (ended and summary == _summary(4) and seen == []) or (not ended and seen == [_summary(4)])
+
+
+def test_a_cancelled_callers_work_that_fails_later_is_not_logged_as_never_retrieved() -> None:
+    """Found by an outside review: a caller cancelled while a worker ran its submit left the failure
+    (a drain's ShuttingDown, a store's StoreUnavailable) to asyncio, which logged it at ERROR with a
+    traceback as "Future exception was never retrieved"."""
+    import gc
+    from concurrent.futures import Future
+
+    async def main() -> list[dict[str, object]]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, object]] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        work: Future[int] = Future()
+        work.set_running_or_notify_cancel()  # a worker has taken it: it cannot be cancelled
+        waiting = asyncio.ensure_future(result_of(work))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        threading.Thread(target=work.set_exception, args=(RuntimeError("refused after the caller left"),)).start()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        del waiting
+        gc.collect()
+        await asyncio.sleep(0)
+        return reported
+
+    assert asyncio.run(main()) == []

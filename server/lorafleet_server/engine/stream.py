@@ -105,6 +105,24 @@ class Outcomes:
         return dataclasses.replace(summaries[0], prompt_tokens=sum(s.prompt_tokens for s in summaries))
 
 
+async def result_of(work: Future[T]) -> T:
+    """The result of ``work`` (running on a worker thread). A caller cancelled meanwhile leaves it to
+    finish; its outcome, then read by nobody, is retrieved here: asyncio logged each such failure (a
+    drain's refusal, a store that did not answer) at ERROR as "Future exception was never retrieved",
+    with a traceback, during exactly the drains and outages an operator watches the log in."""
+    waiting = asyncio.wrap_future(work)
+    try:
+        return await asyncio.shield(waiting)
+    except asyncio.CancelledError:
+        waiting.add_done_callback(_retrieve)
+        raise
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class SubmittedRequest:
     """One queued engine request and its events, for exactly one consumer."""
 
@@ -224,7 +242,7 @@ class EngineStream:
                 raise ShuttingDown("the server is shutting down") from None
             raise
         try:
-            handle = await asyncio.shield(asyncio.wrap_future(submitting))
+            handle = await result_of(submitting)
         except asyncio.CancelledError:  # the caller left
             if submitting.cancel():  # before a worker took it: it never runs
                 engine.unreserve(req)
@@ -255,7 +273,7 @@ class EngineStream:
         except RuntimeError:
             raise ShuttingDown("the server is shutting down") from None
         try:
-            return await asyncio.shield(asyncio.wrap_future(running))
+            return await result_of(running)
         except asyncio.CancelledError:
             running.cancel()
             raise
