@@ -173,7 +173,7 @@ class S3AdapterStore:
         except ValueError as exc:  # a malformed endpoint URL
             raise StoreUnavailable(f"adapter store {self._location}: bad S3 endpoint {endpoint!r}: {exc}") from None
         self.endpoint_url: str = self._client.meta.endpoint_url
-        self._sent = 0  # requests sent to the endpoint (each attempt), for round_trips()
+        self._sent = threading.local()  # requests each thread sent to the endpoint, for round_trips()
         self._client.meta.events.register("before-send.s3", self._count_sent)
         if cache_dir is None:  # a one-off command: a temporary cache, removed with this object
             cache_dir = Path(tempfile.mkdtemp(prefix="lorafleet-s3-"))
@@ -229,12 +229,14 @@ class S3AdapterStore:
         return tuple(sorted(found))
 
     def round_trips(self) -> int:
-        """Requests sent to the endpoint so far (every attempt): a call that sent none was answered by
-        this store's caches, and says nothing of whether the endpoint answers (the serving side's gate)."""
-        return self._sent
+        """Requests the calling thread has sent to the endpoint so far (every attempt): a call that sent
+        none was answered by this store's caches, and says nothing of whether the endpoint answers (the
+        serving side's gate). Per thread: counting every thread's, a call its caches answered took the
+        version watcher's attempts, sent meanwhile, for an answer, and reopened the gate mid-outage."""
+        return getattr(self._sent, "count", 0)
 
     def _count_sent(self, **_event: Any) -> None:  # botocore's before-send hook: None lets the request go
-        self._sent += 1
+        self._sent.count = getattr(self._sent, "count", 0) + 1  # on the thread that sends (no transfer pool)
 
     def resolve(self, ref: AdapterRef) -> AdapterKey:
         if ref.version is not None:

@@ -1100,3 +1100,9 @@ def test_round_trips_count_requests_sent_not_answers_from_the_caches(
     replica.resolve(AdapterRef("acme", "bot", 1))
     replica.load(key, spec)  # manifest, version and weights from its caches
     assert replica.round_trips() == loaded
+    # another thread's requests (the version watcher's) are not this call's: counted for all threads,
+    # they made a call answered from the caches look like the store answering, mid-outage
+    other = threading.Thread(target=lambda: replica.resolve(AdapterRef("acme", "bot")))
+    other.start()
+    other.join()
+    assert replica.round_trips() == loaded

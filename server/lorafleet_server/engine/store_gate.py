@@ -35,7 +35,8 @@ class StoreGate:
         round_trips: Callable[[], int] | None = None,
     ) -> None:
         """``on_failed`` / ``on_answered``: told of each call that got no answer or one (the metrics).
-        ``round_trips``: the store's count of requests sent (an S3 store's), so a call its caches answered
+        ``round_trips``: the store's count of requests the calling thread sent (an S3 store's; another
+        thread's, the watcher's, are not the call's), so a call its caches answered
         is no verdict on the store (a probe answered from the disk cache reopened the gate mid-outage, and
         kept the "last answered" gauge fresh); None: every call reads the store itself (a directory)."""
         self._retry_seconds = retry_seconds
