@@ -15,8 +15,10 @@ warm-up that made every adapter resident.
     .venv/bin/python -m bench.serving --scenario burst               # the defaults below, ~6-10 min on 2 cores
     .venv/bin/python -m bench.burst --repeats 3 --step-tokens 256 --trace  # plus a 256-token budget, step logs
 
-Prints a table (policy, target: TTFT p50/p90/max, tok/s over the burst, time to finish, forward steps,
-ratios to the first policy) and writes JSON to bench/results/burst-<timestamp>.json.
+Prints a table (policy, target: failed requests, TTFT p50/p90/max, tok/s over the burst, time to finish,
+forward steps, ratios to the first policy) and writes JSON to bench/results/burst-<timestamp>.json. A
+percentile or ratio involving a burst with failed requests is n/a (null in the JSON), not one over the
+requests that succeeded.
 """
 
 from __future__ import annotations
@@ -214,32 +216,99 @@ def work_before_median_first_token(b: Burst) -> tuple[int, float]:
     return len(done), sum(s["tokens"] for s in done)
 
 
-def _summary(bursts: list[Burst]) -> dict[str, float]:
-    """Medians over the repeats of each burst's statistics."""
+# the statistics of _summary that are percentiles over the burst's requests (n/a where a request failed)
+PERCENTILES = ("ttft_p50", "ttft_p90", "ttft_max", "engine_ttft_p50", "steps_before_p50", "tokens_before_p50")
+
+
+def _summary(bursts: list[Burst]) -> dict[str, float | None]:
+    """Medians over the repeats of each burst's statistics. Where any burst had failed requests, the
+    percentiles over its requests (``PERCENTILES``) are None (n/a): those of the requests that succeeded
+    leave out the failed ones, whatever their TTFT would have been; ``errors`` counts them."""
+    errors = sum(len(b.errors) for b in bursts)
 
     def med(f: Any) -> float:
         return statistics.median(f(b) for b in bursts)
 
-    return {
-        "ttft_p50": med(lambda b: percentile(b.ttft, 50)),
-        "ttft_p90": med(lambda b: percentile(b.ttft, 90)),
-        "ttft_max": med(lambda b: max(b.ttft)),
-        "engine_ttft_p50": med(lambda b: percentile(b.engine_ttft, 50)),
-        "steps_before_p50": med(lambda b: work_before_median_first_token(b)[0]),
-        "tokens_before_p50": med(lambda b: work_before_median_first_token(b)[1]),
+    out: dict[str, float | None] = (
+        {
+            "ttft_p50": med(lambda b: percentile(b.ttft, 50)),
+            "ttft_p90": med(lambda b: percentile(b.ttft, 90)),
+            "ttft_max": med(lambda b: max(b.ttft)),
+            "engine_ttft_p50": med(lambda b: percentile(b.engine_ttft, 50)),
+            "steps_before_p50": med(lambda b: work_before_median_first_token(b)[0]),
+            "tokens_before_p50": med(lambda b: work_before_median_first_token(b)[1]),
+        }
+        if not errors
+        else dict.fromkeys(PERCENTILES)
+    )
+    return out | {
         "tok_per_s": med(lambda b: b.tok_per_s),
         "wall": med(lambda b: b.wall),
         "steps": med(lambda b: len(b.steps)),
         "forward_s": med(lambda b: sum(s["seconds"] for s in b.steps)),
         "prefill_forward_s": med(lambda b: sum(s["seconds"] for s in b.steps if s["tokens"] > s["rows"])),
-        "errors": sum(len(b.errors) for b in bursts),
+        "errors": errors,
     }
 
 
+def summary_rows(bursts: Sequence[Burst], targets: Sequence[str], policies: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per target and policy: ``_summary`` of its bursts, and its TTFT p50 and tok/s over the first
+    policy's (None, n/a, where either row's bursts had failed requests: a ratio or percentile involving a
+    burst with failed requests is not given)."""
+    rows: list[dict[str, Any]] = []
+    for t in targets:
+        ref: dict[str, float | None] | None = None
+        for name in policies:
+            s = _summary([b for b in bursts if b.policy == name and b.target == t])
+            ref = ref or s
+            whole = not s["errors"] and not ref["errors"]
+            rows.append(
+                {
+                    "policy": name,
+                    "target": t,
+                    **s,
+                    "ttft_p50_ratio": _ratio(s["ttft_p50"], ref["ttft_p50"]) if whole else None,
+                    "tok_per_s_ratio": _ratio(s["tok_per_s"], ref["tok_per_s"]) if whole else None,
+                }
+            )
+    return rows
+
+
+def _ratio(x: float | None, y: float | None) -> float | None:
+    return x / y if x is not None and y else None
+
+
+def _f(x: float | None, fmt: str, unit: str = "") -> str:
+    """A table cell: n/a for None (a statistic not given: failed requests)."""
+    return "n/a" if x is None else f"{x:{fmt}}{unit}"
+
+
+def render_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| policy | target | errors | TTFT p50 | TTFT p90 | TTFT max | engine TTFT p50 | steps / tokens before it "
+        "| tok/s | time to finish | steps | p50 / first | tok/s / first |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        before = (
+            "n/a" if r["steps_before_p50"] is None else f"{r['steps_before_p50']:.0f} / {r['tokens_before_p50']:.0f}"
+        )
+        lines.append(
+            f"| {r['policy']} | {r['target']} | {r['errors']} | {_f(r['ttft_p50'], '.2f', ' s')} | "
+            f"{_f(r['ttft_p90'], '.2f', ' s')} | {_f(r['ttft_max'], '.2f', ' s')} | "
+            f"{_f(r['engine_ttft_p50'], '.2f', ' s')} | {before} | "
+            f"{r['tok_per_s']:.0f} | {r['wall']:.2f} s | {r['steps']:.0f} | {_f(r['ttft_p50_ratio'], '.2f')} | "
+            f"{_f(r['tok_per_s_ratio'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
 def print_trace(b: Burst) -> None:
+    ttft = f"n/a ({len(b.errors)} errors)" if b.errors else f"{percentile(b.ttft, 50):.2f}s"
+    reached = f"from {b.arrivals[0]:.3f}s to {b.arrivals[-1]:.3f}s" if b.arrivals else "never"
     print(
-        f"-- {b.policy} / {b.target} #{b.repeat}: wall {b.wall:.2f}s, TTFT p50 {percentile(b.ttft, 50):.2f}s; "
-        f"requests reached the engine from {b.arrivals[0]:.3f}s to {b.arrivals[-1]:.3f}s"
+        f"-- {b.policy} / {b.target} #{b.repeat}: wall {b.wall:.2f}s, TTFT p50 {ttft}; "
+        f"requests reached the engine {reached}"
     )
     for s in b.steps:
         later = [n["start"] for n in b.steps if n["start"] > s["start"]]
@@ -362,10 +431,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             ],
                         )
                         bursts.append(b)
+                        ttft = (
+                            f"n/a ({len(b.errors)} errors)"
+                            if b.errors
+                            else f"p50 {percentile(b.ttft, 50):.2f}s p90 {percentile(b.ttft, 90):.2f}s"
+                        )
                         say(
-                            f"{name} / {t} #{rep}: TTFT p50 {percentile(b.ttft, 50):.2f}s p90 "
-                            f"{percentile(b.ttft, 90):.2f}s, {b.tok_per_s:.0f} tok/s, {wall:.2f}s, {len(b.steps)} steps"
-                            + (f", {len(b.errors)} errors" if b.errors else "")
+                            f"{name} / {t} #{rep}: TTFT {ttft}, {b.tok_per_s:.0f} tok/s, {wall:.2f}s, "
+                            f"{len(b.steps)} steps"
                         )
                         if args.trace:
                             print_trace(b)
@@ -376,21 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loadgen.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    rows = []
-    for t in targets:
-        ref: dict[str, float] | None = None
-        for name in policies:
-            s = _summary([b for b in bursts if b.policy == name and b.target == t])
-            ref = ref or s
-            rows.append(
-                {
-                    "policy": name,
-                    "target": t,
-                    **s,
-                    "ttft_p50_ratio": s["ttft_p50"] / ref["ttft_p50"],
-                    "tok_per_s_ratio": s["tok_per_s"] / ref["tok_per_s"],
-                }
-            )
+    rows = summary_rows(bursts, targets, list(policies))
     print()
     print(
         f"burst: {info.model_id} ({info.dtype}), torch threads {torch.get_num_threads()}, {args.requests} chat "
@@ -398,18 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache emptied before each burst"
     )
     print()
-    print(
-        "| policy | target | TTFT p50 | TTFT p90 | TTFT max | engine TTFT p50 | steps / tokens before it "
-        "| tok/s | time to finish | steps | p50 / first | tok/s / first |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print(render_table(rows))
+    if any(r["errors"] for r in rows):
+        print()
         print(
-            f"| {r['policy']} | {r['target']} | {r['ttft_p50']:.2f} s | {r['ttft_p90']:.2f} s | "
-            f"{r['ttft_max']:.2f} s | {r['engine_ttft_p50']:.2f} s | {r['steps_before_p50']:.0f} / "
-            f"{r['tokens_before_p50']:.0f} | "
-            f"{r['tok_per_s']:.0f} | {r['wall']:.2f} s | {r['steps']:.0f} | {r['ttft_p50_ratio']:.2f} | "
-            f"{r['tok_per_s_ratio']:.2f} |"
+            "n/a: a percentile or ratio involving a burst with failed requests (errors: failed requests over "
+            "the repeats; the bursts' errors in the JSON)"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"burst-{time.strftime('%Y%m%d-%H%M%S')}.json"

