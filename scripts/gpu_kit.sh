@@ -23,3 +23,11 @@ for f in config.json generation_config.json tokenizer.json tokenizer_config.json
 done
 [ -f "$KIT/model/config.json" ] || { echo "no model config in $MODEL_DIR: run make model first" >&2; exit 1; }
 du -sh "$KIT"
+# The device tool carries the working tree (tracked and untracked files git does not ignore) and the kit
+# under 64 MiB in all: fail here, not there after the machine has started (61 MiB on 6 December 2026,
+# 41 of them the bitsandbytes wheel).
+tree=$(git ls-files -z -co --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+kit=$(du -sb "$KIT" | cut -f1)
+total=$(( (tree + kit) / 1048576 ))
+echo "working tree + kit: ${total} MiB (the device tool carries at most 64)"
+[ "$total" -le 63 ] || { echo "over 63 MiB: leave untracked files out of the tree, or trim the kit" >&2; exit 1; }

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafleet_adapters.ref import AdapterRef
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import make_slot_io
-from lorafleet_server.model.loader import load_base, resolve_quantization
+from lorafleet_server.model.loader import load_base, quantization_config, resolve_quantization
 from lorafleet_server.model.runner import ModelRunner, RowStep
 
 pytestmark = pytest.mark.gpu
@@ -24,6 +24,12 @@ pytestmark = pytest.mark.gpu
 # of these logits).
 BF16_ERROR_FACTOR = 2.0
 BF16_ERROR_FLOOR = 1e-2
+# An int8 row is not its own alone: LLM.int8 takes the input columns over its outlier threshold (6.0)
+# across every token of the matmul, so an adapter row's activations move a base row's outlier columns
+# (bitsandbytes' CPU path, the same algorithm: base row 0.0057 from its reference alone, 0.0000 with
+# the threshold at 0). Its own floor, with margin for CUDA's rounding; NF4 and unquantized rows are
+# exactly PEFT's on CPU with eager attention.
+INT8_ERROR_FLOOR = 3e-2
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,13 +43,10 @@ def _peft_logits(
     or not; [vocab] fp32."""
     from peft import PeftModel
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": "cuda:0"}}
-    if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
-    elif quantization == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    # eager attention: the server's own is the same math; SDPA's kernels round differently
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": "cuda:0"}, "attn_implementation": "eager"}
+    if quantization != "none":  # the server's own config (it double-quantized nothing; this copy did)
+        kwargs["quantization_config"] = quantization_config(quantization, dtype)
     ref: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if adapter is not None:
         ref = PeftModel.from_pretrained(ref, adapter)  # upcasts the adapter to fp32
@@ -95,8 +98,9 @@ def test_mixed_batch_matches_peft_on_cuda(
         for i in range(3)
     ]
     print(f"{quantization}: relative error of the last-token logits against PEFT", *report, sep="\n  ")
+    floor = INT8_ERROR_FLOOR if quantization == "int8" else BF16_ERROR_FLOOR
     for i in range(3):
-        assert ours[i] <= max(BF16_ERROR_FLOOR, BF16_ERROR_FACTOR * spread[i]), report[i]
+        assert ours[i] <= max(floor, BF16_ERROR_FACTOR * spread[i]), report[i]
         # Routing: the row is nearest its own adapter's reference, and the adapters move the logits
         # far more than the rounding does (a row that lost its delta cannot pass for its adapter's).
         distances = [_rel(out.logits[i], w) for w in want]
