@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import pytest
 
 from lorafleet_server.engine.fair_pool import FairPool
+
+
+def occupy(pool: FairPool, tenant: str, gate: threading.Event) -> Future[bool]:
+    """Submit work that holds a worker until ``gate`` opens, and return once a worker runs it (a fixed
+    sleep here let the test go on before the worker had taken it, on busy cores: a review saw it)."""
+    started = threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait(30)
+
+    future = pool.submit(tenant, hold)
+    assert started.wait(30), "no worker took the work"
+    return future
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    give_up = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < give_up, "timed out"
+        time.sleep(0.01)
 
 
 def test_a_tenant_behind_a_long_queue_waits_for_one_item_not_all() -> None:
@@ -15,13 +38,13 @@ def test_a_tenant_behind_a_long_queue_waits_for_one_item_not_all() -> None:
     gate = threading.Event()
     order: list[str] = []
     try:
-        first = pool.submit("a", gate.wait, 30)  # the one worker is busy until the gate opens
-        time.sleep(0.05)
+        first = occupy(pool, "a", gate)  # the one worker is busy until the gate opens
         flood = [pool.submit("a", order.append, f"a{i}") for i in range(20)]
         other = pool.submit("b", order.append, "b")
         gate.set()
         other.result(10)
-        for f in [first, *flood]:
+        first.result(10)
+        for f in flood:
             f.result(10)
         assert order.index("b") == 1  # after the one of a's that was next in turn, not after all 20
         assert [x for x in order if x != "b"] == [f"a{i}" for i in range(20)]  # each tenant's in order
@@ -35,8 +58,7 @@ def test_a_cancelled_item_never_runs_and_leaves_the_queue() -> None:
     gate = threading.Event()
     ran: list[int] = []
     try:
-        busy = pool.submit("a", gate.wait, 30)
-        time.sleep(0.05)
+        busy = occupy(pool, "a", gate)
         abandoned = [pool.submit("a", ran.append, i) for i in range(5)]
         assert all(f.cancel() for f in abandoned)
         assert not pool._queue  # dropped at once: nothing of theirs is held until their turn
@@ -62,7 +84,8 @@ def test_errors_reach_the_caller_and_workers_start_as_needed() -> None:
         assert len(pool._threads) == 1  # one item: one thread, reused
         gate = threading.Event()
         waiting = [pool.submit(t, gate.wait, 30) for t in ("a", "b", "c", "d")]
-        time.sleep(0.2)
+        wait_until(lambda: sum(f.running() for f in waiting) == 3)
+        time.sleep(0.05)  # a fourth worker, if one were started wrongly, would be running by now
         assert len(pool._threads) == 3  # at most its workers
         assert sum(f.running() for f in waiting) == 3
         gate.set()
@@ -74,8 +97,7 @@ def test_errors_reach_the_caller_and_workers_start_as_needed() -> None:
 def test_shutdown_finishes_queued_work_and_refuses_more() -> None:
     pool = FairPool(1, "t")
     gate = threading.Event()
-    busy = pool.submit("a", gate.wait, 30)
-    time.sleep(0.05)
+    busy = occupy(pool, "a", gate)
     queued = pool.submit("b", lambda: "done")
     pool.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
@@ -124,7 +146,10 @@ def test_an_idle_worker_holds_nothing_of_its_last_item() -> None:
     future = pool.submit("a", work)
     future.result(10)
     del future
-    time.sleep(0.1)  # the worker is back waiting for its next item
-    gc.collect()
-    assert made[0]() is None
+
+    def released() -> bool:  # once the worker is back waiting for its next item
+        gc.collect()
+        return made[0]() is None
+
+    wait_until(released, 10)
     pool.shutdown()

@@ -6,6 +6,7 @@ decides what is running, what is queued and when the drain happens; no timing gu
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -51,6 +52,18 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
     target = f"127.0.0.1:{port}"
     client = LoraFleetClient(target, timeout=60)
     release = threading.Event()
+    # gRPC's own stop begins as the engine stops accepting; a call at that moment may meet either, and
+    # gRPC cancels it (its REFUSED_STREAM, which Envoy retries). The late calls below are the engine's
+    # refusals: gRPC's stop waits for them (an outside review saw CANCELLED under load).
+    late_done = threading.Event()
+    grpc_server = server._server._server  # type: ignore[union-attr]
+    grpc_stop = grpc_server.stop
+
+    async def stop_after_the_late_calls(grace: float | None) -> None:
+        await asyncio.to_thread(late_done.wait, 60)
+        await grpc_stop(grace)
+
+    grpc_server.stop = stop_after_the_late_calls
     try:
         assert ready(server) == 1.0
         running = client.stream("The capital of France is", sampling=Sampling(max_new_tokens=40))
@@ -82,7 +95,7 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
         queued_stream = threading.Thread(target=raw_stream, args=("queued_stream",))
         queued_stream.start()
         _wait_until(lambda: service.engine.load_stats() == (1, 2))
-        stopping = threading.Thread(target=server.stop, kwargs={"drain_seconds": 1.5})
+        stopping = threading.Thread(target=server.stop, kwargs={"drain_seconds": 4.0})  # room on busy cores
         stopping.start()
         _wait_until(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING)
         assert ready(server) == 0.0  # draining: leaving the fleet
@@ -91,9 +104,10 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
         during.start()
         _wait_until(lambda: service.engine.load_stats() == (1, 3))
         _wait_until(lambda: not service.engine.accepting, timeout=10)  # the drain delay is over
-        with pytest.raises(UnavailableError):
+        with pytest.raises(UnavailableError, match="shutting down"):  # the engine's refusal, not gRPC's
             client.generate("Too late", sampling=Sampling(max_new_tokens=2))
         raw_stream("late_stream")
+        late_done.set()
         release.set()  # the engine goes on: queued requests fail at once, the running one finishes
         held.result(10)
         queued.join(10)
@@ -110,6 +124,7 @@ def test_drain_keeps_serving_then_fails_queued_and_finishes_running(tiny_model_d
         stopping.join(30)
         assert not stopping.is_alive()
     finally:
+        late_done.set()
         release.set()
         client.close()
 
