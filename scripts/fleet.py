@@ -348,9 +348,10 @@ def _up(args: argparse.Namespace, directory: Path, launcher: Launcher) -> Fleet:
         Path(store).mkdir(parents=True, exist_ok=True)
     extra_env["LORAFLEET_ADAPTER_STORE"] = store
     env |= extra_env
-    listen_port = args.port or free_ports(1)[0]
-    http_listen_port = args.http_port or free_ports(1)[0]
-    ports = free_ports(3 * args.replicas + 1)
+    # one call for all: ports picked by separate calls (each socket closed in between) could repeat
+    ports = free_ports(3 * args.replicas + 3)
+    listen_port = args.port or ports.pop()
+    http_listen_port = args.http_port or ports.pop()
     admin_port = ports.pop()
     replicas = [Replica(f"replica-{i}", *ports[3 * i : 3 * i + 3]) for i in range(args.replicas)]
     for r in replicas:

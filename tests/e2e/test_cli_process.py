@@ -97,4 +97,10 @@ def test_import_serve_generate_and_graceful_stop(
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a hung server must not outlive the test, holding its port
+            proc.kill()
+            proc.wait()
+            raise
+    assert code == 0, "the server did not stop cleanly on SIGTERM"

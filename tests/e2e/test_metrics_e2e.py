@@ -398,6 +398,7 @@ def prometheus(live: LiveServer, tmp_path: Path) -> Iterator[str]:
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
+            assert proc.poll() is None, f"prometheus exited with {proc.returncode} (its port {port} taken?)"
             try:
                 urllib.request.urlopen(url + "/-/ready", timeout=2)
                 break
@@ -408,7 +409,11 @@ def prometheus(live: LiveServer, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _query(url: str, promql: str) -> float | None:
@@ -464,6 +469,9 @@ def test_one_structured_log_line_per_request(live: LiveServer, caplog: pytest.Lo
         while "trace-43" not in records and time.monotonic() < deadline:
             records = {r.fields["request_id"]: r for r in caplog.records if hasattr(r, "fields")}  # type: ignore[attr-defined]
             time.sleep(0.05)
+        time.sleep(0.2)  # a second line of either request, if one were written, has come by now
+        ids = [r.fields["request_id"] for r in caplog.records if hasattr(r, "fields")]  # type: ignore[attr-defined]
+    assert ids.count("trace-42") == 1 and ids.count("trace-43") == 1, ids  # one each: a dict hid a second
     ok = json.loads(JsonFormatter().format(records["trace-42"]))
     assert ok["tenant"] == "acme" and ok["adapter"] == "acme/support@1" and ok["status"] == "OK"
     assert ok["generated_tokens"] == 2 and ok["prompt_tokens"] > 0 and ok["ttft_s"] is not None
