@@ -1450,7 +1450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             def cold() -> None:
                 # Every measured run starts with an empty prefix cache. The runs send the same prompts,
                 # so a kept cache handed every run after the first its prompts' prefill for free (TTFT
-                # 0.4-0.8 s against 1.7 s), while the peer's measured prompts are new to it.
+                # 0.4-0.8 s against 1.7 s). The peer's cache is not emptied: its LoRA server's runs repeat
+                # some (prompt, adapter) pairs of the run before, which it could take from its cache; its
+                # log reports the hit rate (0.0% in every recorded run), so that shows if it ever does.
                 empty_prefix_cache()
                 steps.clear()
 
