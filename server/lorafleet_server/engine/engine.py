@@ -289,6 +289,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = 0
         self._busy = False  # the last loop iteration ran a forward (engine thread only)
+        self._stepping = False  # inside a step (engine thread only): sinks may batch their hand-offs
+        self._step_end: list[Callable[[], None]] = []  # what ``after_step`` deferred (engine thread only)
         self._submit_pool = FairPool(SUBMIT_THREADS, "submit")
         self._store_submit_pool = FairPool(STORE_SUBMIT_THREADS, "submit-store")
 
@@ -538,6 +540,17 @@ class Engine:
             room = min(room, max(0, running_limit - held))
         return room
 
+    def after_step(self, fn: Callable[[], None]) -> bool:
+        """From a request's sink: when called on the engine thread inside a step, run ``fn`` once the
+        step has delivered every row's events, and return True; else return False (nothing deferred).
+        A sink that hands events to another thread takes one hand-off per step this way, not one per
+        event: each woke the event loop, whose drain then raced the engine for the GIL (~0.6 ms of a
+        32-row step's ~15 ms, an outside profile)."""
+        if not self._stepping or threading.current_thread() is not self._thread:
+            return False
+        self._step_end.append(fn)
+        return True
+
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the engine thread between steps (admin operations on device slots).
 
@@ -660,11 +673,25 @@ class Engine:
                 if not self._running:  # all cancelled meanwhile
                     continue
             self._busy = True
-            self._step()
+            self._stepping = True
+            try:
+                self._step()
+            finally:
+                self._stepping = False
+                self._end_step()
             for gone in [r for r in self._running if r.cancelled]:
                 self._finish(gone, FinishReason.CANCELLED)
         for r in list(self._running) + list(self._waiting):  # the server cut them: retried elsewhere
             self._finish(r, FinishReason.CANCELLED, metered=r.metered_if_cut)
+
+    def _end_step(self) -> None:
+        """Run what sinks deferred to the end of the step (``after_step``)."""
+        deferred, self._step_end = self._step_end, []
+        for fn in deferred:
+            try:
+                fn()
+            except Exception:  # a consumer's hand-off: its requests see a closed loop at their next event
+                log.exception("a step-end hand-off failed")
 
     def _handle_inbox(self) -> None:
         while True:
