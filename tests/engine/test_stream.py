@@ -15,18 +15,24 @@ from lorafleet_server.engine.stream import Outcome, Outcomes, _LoopMailbox, resu
 from lorafleet_server.engine.types import FinishReason, Summary, TokenEvent
 
 
+def count_wake_ups(loop: asyncio.AbstractEventLoop) -> list[int]:
+    """Counts ``loop.call_soon_threadsafe`` calls (each writes to the loop's self-pipe, waking it) in
+    the returned list's one item."""
+    wake_ups = [0]
+    schedule = loop.call_soon_threadsafe
+
+    def counted(*args: object) -> object:
+        wake_ups[0] += 1
+        return schedule(*args)  # type: ignore[arg-type]
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+    return wake_ups
+
+
 def test_events_from_another_thread_arrive_in_order_with_few_wake_ups() -> None:
     async def main() -> tuple[list[list[str]], int]:
         loop = asyncio.get_running_loop()
-        wake_ups = 0
-        schedule = loop.call_soon_threadsafe
-
-        def counted(*args: object) -> object:
-            nonlocal wake_ups
-            wake_ups += 1
-            return schedule(*args)  # type: ignore[arg-type]
-
-        loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+        wake_ups = count_wake_ups(loop)
         mailbox = _LoopMailbox(loop)
         queues: list[asyncio.Queue[TokenEvent]] = [asyncio.Queue() for _ in range(3)]
 
@@ -42,7 +48,7 @@ def test_events_from_another_thread_arrive_in_order_with_few_wake_ups() -> None:
             for _ in range(200):
                 got[i].append((await asyncio.wait_for(q.get(), 10)).text)
         thread.join()
-        return got, wake_ups
+        return got, wake_ups[0]
 
     got, wake_ups = asyncio.run(main())
     assert got == [[f"{i}:{step}" for step in range(200)] for i in range(3)]
@@ -134,15 +140,7 @@ def test_the_events_of_one_engine_step_wake_the_loop_once() -> None:
 
     async def main() -> tuple[list[list[str]], int]:
         loop = asyncio.get_running_loop()
-        wake_ups = 0
-        schedule = loop.call_soon_threadsafe
-
-        def counted(*args: object) -> object:
-            nonlocal wake_ups
-            wake_ups += 1
-            return schedule(*args)  # type: ignore[arg-type]
-
-        loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+        wake_ups = count_wake_ups(loop)
         mailbox = _LoopMailbox(loop)
         queues: list[asyncio.Queue[TokenEvent]] = [asyncio.Queue() for _ in range(32)]
         step_end: list[Callable[[], None]] = []
@@ -172,7 +170,7 @@ def test_the_events_of_one_engine_step_wake_the_loop_once() -> None:
                 break
             await asyncio.sleep(0.01)
         thread.join()
-        return got, wake_ups
+        return got, wake_ups[0]
 
     got, wake_ups = asyncio.run(main())
     assert got == [[f"{i}:{step}" for step in range(10)] for i in range(32)]
