@@ -393,3 +393,39 @@ def test_the_fused_rope_and_norms_agree_with_torchs(
         torch.testing.assert_close(fused.pooled, plain.pooled, rtol=tol, atol=tol)
         pool_out = on_pool.step(rows)
         assert torch.equal(pool_out.logits, fused.logits) and torch.equal(pool_out.pooled, fused.pooled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rope", [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0}]
+)
+def test_the_rope_table_holds_the_rotary_modules_own_numbers(dtype: torch.dtype, rope: dict[str, Any] | None) -> None:
+    """A step looks its tokens' cos and sin up in a table made once (an outside profile: 0.06-0.17 ms a
+    32-row step recomputed them): the same bits as the model's rotary module gives for those positions,
+    in any order and batch; dynamic RoPE types, whose frequencies change with the sequence, keep the
+    module's own call."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    if rope is not None:
+        cfg.rope_parameters = {**cfg.rope_parameters, **rope}
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    runner = ModelRunner(model, LoraContext(), rows=2, max_seq_len=300, dtype=dtype, device=CPU)
+    if rope is not None and rope["rope_type"] == "dynamic":
+        assert runner._rope is None
+        return
+    assert runner._rope is not None
+    for positions in ([0], [299], [5, 17, 33, 9, 0, 1], list(range(300))[::-7]):
+        pos = torch.tensor(positions)
+        cos, sin = model.model.rotary_emb(torch.empty(0, dtype=dtype), pos.unsqueeze(0))
+        assert torch.equal(runner._rope[0].index_select(0, pos), cos[0])
+        assert torch.equal(runner._rope[1].index_select(0, pos), sin[0])

@@ -227,6 +227,26 @@ class AttentionShape:
         return AttentionShape(heads, kv_heads, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads))
 
 
+# RoPE types whose frequencies are fixed when the model loads (no rescaling by sequence length)
+STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+
+
+def _rope_table(
+    rotary: Any, max_seq_len: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos and sin of every position below ``max_seq_len`` ([L, head_dim] each, in ``dtype``), computed by
+    the model's own rotary module once; a step looks its tokens' rows up instead of computing them again
+    (0.06-0.17 ms of a 32-row decode step, an outside profile). Each entry is one multiply and a cos or
+    sin of it, so a row is the same number whether computed alone or in the table. None where the
+    frequencies can change with the sequence (dynamic RoPE types) or the module is not Hugging Face's."""
+    if getattr(rotary, "rope_type", None) not in STATIC_ROPE_TYPES:
+        return None
+    positions = torch.arange(max_seq_len, device=device).unsqueeze(0)  # [1, L]
+    with torch.no_grad():
+        cos, sin = rotary(torch.empty(0, dtype=dtype, device=device), positions)  # [1, L, head_dim] each
+    return cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous()
+
+
 class ModelRunner:
     """Runs Llama-family decoder layers of a (LoRA-wrapped) HF causal LM with our own KV cache."""
 
@@ -270,6 +290,7 @@ class ModelRunner:
         # MLP's SiLU times up (_fused)
         self.fused_glue = True
         self.kv = KVCache(len(self.layers), rows, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device)
+        self._rope = _rope_table(self.decoder.rotary_emb, max_seq_len, dtype, device)
         self._logits_buffer: torch.Tensor | None = None  # [rows, vocab] the LM head's: step(reuse_logits=True)
         self._layers = _Layer.all_of(self.layers, self.decoder.norm)
         # the first layer's input norm (the final norm when there are no layers)
@@ -412,9 +433,12 @@ class ModelRunner:
     ) -> torch.Tensor:
         n = input_ids.shape[0]
         h = self.decoder.embed_tokens(input_ids).to(self.dtype)  # [N, hidden]
-        cos, sin = self.decoder.rotary_emb(h.unsqueeze(0), pos_t.unsqueeze(0))  # [1, N, head_dim] each
-        cos = cos[0].to(self.dtype)  # [N, head_dim]
-        sin = sin[0].to(self.dtype)
+        if self._rope is not None:  # the same numbers, looked up: [N, head_dim] each
+            cos, sin = self._rope[0].index_select(0, pos_t), self._rope[1].index_select(0, pos_t)
+        else:
+            cos, sin = self.decoder.rotary_emb(h.unsqueeze(0), pos_t.unsqueeze(0))  # [1, N, head_dim] each
+            cos = cos[0].to(self.dtype)  # [N, head_dim]
+            sin = sin[0].to(self.dtype)
         plan = _AttentionPlan.build(rows, self.device, self.kv.max_seq_len, self.native_attention)
         h, x = self._add_norm(h, None, self._first_norm)  # x [N, hidden]: the first layer's input
         driver, batch = self.layer_driver, self.context.batch
