@@ -130,3 +130,21 @@ def test_auto_dispatches_to_the_chosen_kernel(monkeypatch: pytest.MonkeyPatch) -
         lora.lora_delta(torch.randn(len(slots), 16), batch, ranks, a, bt)
         adapters = len(set(slots) - {0})
         assert chosen.pop() == lora.choose_impl(len(slots), adapters, 16, 12, 8)
+
+
+def test_a_batch_from_the_runners_slot_list_routes_as_one_from_the_tensor() -> None:
+    """The runner hands its slots as a list too: their distinct ones without torch.unique, and the
+    one-hot routing made only when a torch kernel asks for it (the native kernels never do)."""
+    for slots in ([0, 3, 3, 1, 0, 7], [5], [2, 2], [0, 0, 0]):
+        t = torch.tensor(slots)
+        from_tensor = LoraBatch.build(t, torch.bfloat16, "auto")
+        from_list = LoraBatch.build(t, torch.bfloat16, "auto", slot_list=slots)
+        if from_tensor is None:
+            assert from_list is None and not any(slots)
+            continue
+        assert from_list is not None and from_list.active_list == from_tensor.active_list == tuple(
+            sorted(set(slots) - {0})
+        )
+        assert "onehot" not in vars(from_list)  # not made until asked for
+        want = (t[:, None] == torch.tensor(from_list.active_list)[None, :]).to(torch.bfloat16)  # [N, U]
+        assert torch.equal(from_list.onehot, want) and from_list.onehot.dtype == torch.bfloat16

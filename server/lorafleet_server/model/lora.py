@@ -43,7 +43,8 @@ Tests prove all five agree; :func:`lora_delta` picks among the four by the step'
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,7 +181,7 @@ class LoraBatch:
 
     slots: torch.Tensor  # [N] long, slot of each flattened token (0 = base only)
     active_list: tuple[int, ...]  # distinct non-zero slots in this step, sorted
-    onehot: torch.Tensor  # [N, U] compute dtype, 1 where token n uses active_list[u]
+    dtype: torch.dtype  # the compute dtype (of ``onehot``)
     impl: Impl
     native: NativeLora | None = None  # the C kernel (impl "native", or "auto" where it applies)
     # Routings per (slots targeting the module, rank): layers of one kind share theirs in a step.
@@ -188,23 +189,38 @@ class LoraBatch:
 
     @staticmethod
     def build(
-        slots: torch.Tensor, dtype: torch.dtype, impl: Impl = "auto", native: NativeLora | None = None
+        slots: torch.Tensor,
+        dtype: torch.dtype,
+        impl: Impl = "auto",
+        native: NativeLora | None = None,
+        slot_list: Sequence[int] | None = None,
     ) -> LoraBatch | None:
-        """Routing for ``slots`` [N]; None when no token uses an adapter (the base path alone)."""
+        """Routing for ``slots`` [N] (``slot_list``: the same slots as a list, where the caller has
+        them: their distinct ones without a torch call); None when no token uses an adapter (the base
+        path alone)."""
         if impl == "native" and native is None:
             raise ValueError("lora impl 'native' needs the native kernel (model/native.py load_native_lora)")
-        active = torch.unique(slots)  # sorted
-        active = active[active != 0]
-        if active.numel() == 0:
+        if slot_list is not None:
+            active_list = tuple(sorted(set(slot_list) - {0}))
+        else:
+            active = torch.unique(slots)  # sorted
+            active_list = tuple(active[active != 0].tolist())
+        if not active_list:
             return None
-        onehot = (slots[:, None] == active[None, :]).to(dtype)  # [N, U]
         return LoraBatch(
             slots=slots,
-            active_list=tuple(active.tolist()),
-            onehot=onehot,
+            active_list=active_list,
+            dtype=dtype,
             impl=impl,
             native=native if impl in ("auto", "native") else None,
         )
+
+    @functools.cached_property
+    def onehot(self) -> torch.Tensor:
+        """[N, U] compute dtype, 1 where token n uses ``active_list[u]``: made when a torch kernel first
+        routes a module (the native kernels never need it; made every step, it cost a few tens of us)."""
+        active = torch.tensor(self.active_list, dtype=torch.long, device=self.slots.device)  # [U]
+        return (self.slots[:, None] == active[None, :]).to(self.dtype)
 
     def routing(self, module_ranks: list[int]) -> ModuleRouting | None:
         """The routing for a module whose per-slot ranks are ``module_ranks`` (0 = not targeted)."""

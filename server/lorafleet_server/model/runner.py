@@ -372,7 +372,7 @@ class ModelRunner:
                     if r.decodes:
                         self.kv.ensure_clean(r.kv_row, single_end)
             with self.threads.run(len(ids)) if self.threads is not None else nullcontext():
-                self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl, self.native_lora)
+                self.context.batch = LoraBatch.build(slot_t, self.dtype, self.lora_impl, self.native_lora, slots)
                 try:
                     hidden = self._forward(input_ids, pos_t, row_t, rows)  # [N, hidden]
                 finally:
