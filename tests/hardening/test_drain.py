@@ -459,16 +459,21 @@ def test_ready_stays_0_when_the_engine_stopped_while_the_edges_started(tiny_mode
     config = server_config(model=tiny_model_dir, data_dir=tmp_path, max_seq_len=256, port=0, metrics_port=0)
     service = build_service(config)
     seen: dict[str, float | None] = {}
+    started = asyncio.Event()  # the edge's start has returned: serve_forever sets ready (wrongly) after
 
     class Edge(_TestEdge):
         async def start(self) -> str:
             service.engine.shutdown(0.0)  # the engine stops taking requests while this edge starts
             await asyncio.sleep(ENGINE_WATCH_SECONDS * 2)  # the watch has seen it and turned ready 0
+            started.set()
             return "a slow test edge"
 
     async def main() -> None:
         async def look_then_stop() -> None:
-            await asyncio.sleep(ENGINE_WATCH_SECONDS * 3)
+            # after the edge started, however late on busy cores (a fixed wait could look before it, and
+            # pass however serve_forever set ready)
+            await started.wait()
+            await asyncio.sleep(ENGINE_WATCH_SECONDS)
             seen["ready"] = service.metrics.registry.get_sample_value("lorafleet_ready")
             os.kill(os.getpid(), signal.SIGINT)
 

@@ -431,7 +431,13 @@ def test_no_secret_reaches_the_logs(live: Live, caplog: pytest.LogCaptureFixture
                     stub.ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=30, metadata=metadata)
                 with contextlib.suppress(grpc.RpcError):
                     stub.LoadAdapter(adapters_pb2.LoadAdapterRequest(adapter="acme/faq"), timeout=30, metadata=metadata)
-        time.sleep(0.3)  # the last request-log lines are written just after the status
+        # every call's request-log line, written just after its status: waited for, so a late one (a
+        # secret in it) cannot escape the check
+        calls = len(sent) * 4 * 2
+        deadline = time.monotonic() + 30
+        while sum(r.name == "lorafleet.requests" for r in caplog.records) < calls:
+            assert time.monotonic() < deadline, "request-log lines missing"
+            time.sleep(0.02)
     text = caplog.text + "".join(str(getattr(r, "fields", "")) for r in caplog.records)
     assert key_id(live.keys["acme"]) in text  # ids are logged: they name keys, they are no secret
     for key in sent:
