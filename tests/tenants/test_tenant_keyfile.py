@@ -303,8 +303,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from lorafleet_server.tenants.keys import PepperSource, create_key
 
-path, start, count = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-time.sleep(max(0.0, start - time.time()))
+path, gate, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+(gate.parent / f"ready-{sys.argv[4]}").touch()  # imported and ready: the parent opens the gate once all are
+while not gate.exists():
+    time.sleep(0.001)
 for _ in range(count):
     print(create_key(path, PepperSource(path), tenant="acme", role="tenant", now=datetime.now(UTC)).key, flush=True)
 """
@@ -313,11 +315,21 @@ for _ in range(count):
 def test_parallel_creates_from_several_processes_lose_no_key(tmp_path: Path) -> None:
     """Starting together on a file that does not exist yet: one pepper is created, every key is kept."""
     path = tmp_path / "keys.json"
-    start = time.time() + 1.5
+    gate = tmp_path / "sync" / "go"
+    gate.parent.mkdir()
     procs = [
-        subprocess.Popen([sys.executable, "-c", CREATOR, str(path), str(start), "5"], stdout=subprocess.PIPE, text=True)
-        for _ in range(4)
+        subprocess.Popen(
+            [sys.executable, "-c", CREATOR, str(path), str(gate), "5", str(i)], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(4)
     ]
+    # all four start together however long their start-up takes on busy cores (a start 1.5 s ahead
+    # could pass before they had imported, and the creates then ran one after another)
+    deadline = time.monotonic() + 120
+    while len(list(gate.parent.glob("ready-*"))) < 4:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a creator did not start"
+        time.sleep(0.01)
+    gate.touch()
     printed: list[str] = []
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
