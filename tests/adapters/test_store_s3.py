@@ -519,6 +519,21 @@ def test_a_page_of_the_listing_lists_only_its_own_adapters_keys(
     calls.clear()
     assert reader.list("big", limit=2) == whole[-12:-10]
     assert calls.count("ListObjectsV2") <= 4, calls  # not the 12 names, in pages of 2 (then 4)
+    # Names sharing a stem: "bot/" lists after every "bot-NN/" in S3's byte order, so waiting for the
+    # listing to pass it listed every name after the cursor, on every page (an outside review)
+    for n in range(12):
+        store.publish_prompt("dash", f"bot-{n:02d}", PromptTemplate(str(n)), spec)
+    dashed = [s for s in reader.list() if s.tenant == "dash"]
+    name_listings: list[str] = []  # the listings by "/" (names), not those of an adapter's keys
+    reader._client.meta.events.register(
+        "provide-client-params.s3.ListObjectsV2", lambda params, **_: name_listings.append(params.get("Delimiter", ""))
+    )
+    reader.list_page_keys = 2  # the 7 names after the cursor would take 4 requests
+    assert reader.list("dash", after=("dash", "bot-04"), limit=2) == dashed[5:7]
+    assert name_listings.count("/") == 1, name_listings  # "bot" is before the cursor: not waited for
+    name_listings.clear()
+    assert reader.list("dash", limit=2) == dashed[:2]
+    assert name_listings.count("/") == 2, name_listings  # the names, then "bot/" asked about once
 
 
 def test_pages_hold_every_adapter_also_in_s3s_own_key_order(
