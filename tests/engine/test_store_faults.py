@@ -312,8 +312,10 @@ def test_listings_are_refused_at_once_while_the_store_does_not_answer(
 ) -> None:
     """Found by an outside review: the listings behind /v1/models and ListAdapters went around the store
     gate, so each one held a thread of the event loop's shared pool for the whole timeout, all through
-    an outage. They pass the gate: the first failure trips it, the next ones are refused at once, and
-    the first that gets an answer later opens it again."""
+    an outage. They pass the gate: once a read has found the store not answering they are refused at
+    once, and the first that gets an answer later opens it again. A listing's own failure does not
+    close it for everyone (a second review: one tenant's folder that would not list refused every
+    other tenant's reads for 5 s)."""
     manager = service.engine.adapters
     calls: Counter[str] = Counter()
     down = True
@@ -332,13 +334,18 @@ def test_listings_are_refused_at_once_while_the_store_does_not_answer(
     monkeypatch.setattr(service.store, "versions", stalled("versions", versions))
     monkeypatch.setattr(service.store, "resolve", stalled("resolve", resolve))
     ref = AdapterRef("acme", "gone")
+    for call in (manager.list_store, lambda: manager.store_versions(ref)):
+        with pytest.raises(StoreUnavailable, match="timed out"):
+            call()
+    assert not manager.gate.tripped  # a listing's failure is its caller's, not every read's
     with pytest.raises(StoreUnavailable, match="timed out"):
-        manager.list_store()
+        manager.store_latest(ref)  # a read: the store does not answer
+    assert manager.gate.tripped
     for call in (manager.list_store, lambda: manager.store_versions(ref), lambda: manager.store_latest(ref)):
         with pytest.raises(StoreUnavailable, match="did not answer"):
             call()
-    assert calls == Counter({"list": 1}) and manager.gate.tripped
+    assert calls == Counter({"list": 1, "versions": 1, "resolve": 1})
     down = False
     monkeypatch.setattr(manager.gate, "_closed_until", time.monotonic() - 1)  # its retry time has come
-    assert manager.list_store() == [] and not manager.gate.tripped
+    assert manager.list_store() == [] and not manager.gate.tripped  # the listing probes, and opens it
     assert manager.store_versions(ref) == ()

@@ -107,3 +107,24 @@ def test_only_the_probes_own_outcome_ends_it_and_a_cache_answer_is_no_verdict() 
     with gate.call("read w"):  # the next probe, answered by the store itself
         sent[0] += 1
     assert not gate.tripped and told == ["ok"]
+
+
+def test_a_call_that_does_not_trip_closes_the_gate_only_as_its_probe() -> None:
+    """Listings (``trips=False``): a failure while the gate is open is their own caller's (a tenant's
+    folder that does not list), counted as unanswered but refusing nobody else; refused while it is
+    closed; as the probe, their failure keeps it closed, as any probe's."""
+    clock = Clock()
+    unanswered: list[int] = []
+    gate = StoreGate(retry_seconds=5.0, clock=clock, on_failed=lambda: unanswered.append(1))
+    with pytest.raises(StoreUnavailable, match="timed out"), gate.call("list", trips=False):
+        raise StoreUnavailable("list timed out")
+    assert not gate.tripped and len(unanswered) == 1
+    fail(gate)
+    with pytest.raises(StoreUnavailable, match="did not answer"), gate.call("list", trips=False):
+        pass
+    clock.now += 5.0
+    with pytest.raises(StoreUnavailable, match="timed out"), gate.call("list", trips=False):
+        raise StoreUnavailable("list timed out")  # the probe
+    assert gate.tripped
+    with pytest.raises(StoreUnavailable, match=r"tried again in 5.0s"), gate.call("read x"):
+        pass

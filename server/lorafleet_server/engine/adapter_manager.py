@@ -267,13 +267,14 @@ class AdapterManager:
         """The adapters in the store (of one tenant), with their versions and latest pointers: those
         after ``after`` (tenant, name) in tenant and name order, at most ``limit`` (None: all). Through
         the store gate, as the reads below: while the store does not answer, a listing (``/v1/models``,
-        ``ListAdapters``) is refused at once instead of holding a thread for a timeout each time."""
-        with self.gate.call("list the adapters"):
+        ``ListAdapters``) is refused at once instead of holding a thread for a timeout each time; a
+        listing's own failure does not close the gate for the other reads (``trips=False``)."""
+        with self.gate.call("list the adapters", trips=False):
             return self.store.list(tenant, after=after, limit=limit)
 
     def store_versions(self, ref: AdapterRef) -> tuple[int, ...]:
         """Published versions of ``tenant/name`` (empty when there are none); ``ref.version`` is ignored."""
-        with self.gate.call(f"list {ref.tenant}/{ref.name}'s versions"):
+        with self.gate.call(f"list {ref.tenant}/{ref.name}'s versions", trips=False):
             return self.store.versions(ref.tenant, ref.name)
 
     def store_latest(self, ref: AdapterRef) -> int:

@@ -55,15 +55,21 @@ class StoreGate:
             return self._closed_until is not None
 
     @contextmanager
-    def call(self, what: str) -> Iterator[None]:
+    def call(self, what: str, *, trips: bool = True) -> Iterator[None]:
         """Run a store call on the request path: refused at once (``StoreUnavailable``) while the gate
-        is closed; its outcome opens or closes the gate. ``what`` says what the call was for."""
+        is closed; its outcome opens or closes the gate. ``what`` says what the call was for.
+        ``trips=False`` (listings): its failure closes the gate only when it was the probe; one that
+        fails while the gate is open (a tenant's folder that does not list) is its own caller's error,
+        not a verdict on the store for every other tenant's reads (the diff review)."""
         probe = self._enter(what)
         sent = self._round_trips() if self._round_trips is not None else None
         try:
             yield
         except StoreUnavailable as exc:
-            self.failed(str(exc), probe=probe)
+            if trips or probe:
+                self.failed(str(exc), probe=probe)
+            else:
+                self._on_failed()  # counted as a call that got no answer
             raise
         except (AdapterError, OSError):  # the store answered (not found, a bad file...), or a cache did
             self._answered_if_asked(sent, probe)
