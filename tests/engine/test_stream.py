@@ -204,3 +204,55 @@ def test_the_engine_defers_a_sinks_hand_off_only_inside_its_steps(tiny_model_dir
     # (the third token's) or comes after it (a finish between steps: delivered at once)
     assert seen[:3] == ["event", "deferred", "step end"], seen
     assert seen.count("step end") == seen.count("deferred") >= 2, seen
+
+
+def test_a_request_queued_as_its_caller_leaves_still_reports_how_it_ended(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The diff review: ``Outcome.queued`` ran once the caller resumed after the worker's submit; a
+    caller that left in between (the engine had the request) left it "never queued", so its request
+    log line, and an embeddings call's, had no summary. The worker notes it as it queues it."""
+    from enginelib import engine_held, request, tiny_service
+
+    from lorafleet_server.engine.stream import EngineStream
+
+    service = tiny_service(tiny_model_dir, tmp_path / "store")  # its engine started
+    engine = service.engine
+    queued, leave = threading.Event(), threading.Event()
+    submit = engine.submit
+
+    def held_submit(*args: object, **kwargs: object) -> object:
+        handle = submit(*args, **kwargs)  # type: ignore[arg-type]
+        queued.set()
+        assert leave.wait(30)
+        return handle
+
+    monkeypatch.setattr(engine, "submit", held_submit)
+    outcome = Outcome()
+    ended: list[Summary | None] = []
+
+    async def main() -> tuple[bool, Summary | None]:
+        stream = EngineStream(engine)
+        task = asyncio.ensure_future(stream.submit(request("The capital of France is", max_new_tokens=4), outcome))
+        await asyncio.to_thread(queued.wait, 30)
+        task.cancel()  # the caller leaves after the engine has its request, before it hears so
+        await asyncio.sleep(0)
+        leave.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        give_up = time.monotonic() + 5  # the worker's submit returns after the caller left
+        while not outcome._queued and time.monotonic() < give_up:
+            await asyncio.sleep(0.01)
+        return outcome.then(ended.append)  # its call's log line asks now: the request has not ended
+
+    try:
+        with engine_held(engine):  # no step, no final event until the question is asked
+            asked = asyncio.run(main())
+        assert asked == (False, None)
+        deadline = time.monotonic() + 30
+        while not ended:
+            assert time.monotonic() < deadline, "the request never ended"
+            time.sleep(0.01)
+    finally:
+        engine.shutdown(10)
+    assert ended[0] is not None and ended[0].prompt_tokens > 0, ended

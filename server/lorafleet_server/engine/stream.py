@@ -266,10 +266,15 @@ class EngineStream:
             mailbox.put(queue, event, engine.after_step)
 
         arrived = engine.reserve(req)
+
+        def submit() -> RequestHandle:  # on a worker thread
+            handle = engine.submit(req, sink, reserved_at=arrived)
+            if outcome is not None:  # here, not once the caller resumes: it may have left meanwhile
+                outcome.queued()
+            return handle
+
         try:
-            submitting = engine.submit_pool(req).submit(
-                req.tenant, functools.partial(engine.submit, reserved_at=arrived), req, sink
-            )
+            submitting = engine.submit_pool(req).submit(req.tenant, submit)
         except BaseException as exc:  # nothing was queued: the place goes back
             engine.unreserve(req)
             if isinstance(exc, RuntimeError):  # its pools are shut down: the engine has stopped
@@ -283,8 +288,6 @@ class EngineStream:
             else:  # a worker submits it: cancel it there
                 submitting.add_done_callback(_cancel_submitted)
             raise
-        if outcome is not None:
-            outcome.queued()
         return SubmittedRequest(handle, queue)
 
     async def run(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
