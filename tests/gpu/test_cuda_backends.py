@@ -45,7 +45,7 @@ def _peft_logits(
 
     # eager attention: the server's own is the same math; SDPA's kernels round differently
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": "cuda:0"}, "attn_implementation": "eager"}
-    if quantization != "none":  # the server's own config (it double-quantized nothing; this copy did)
+    if quantization != "none":  # the server's own config, not a copy of it
         kwargs["quantization_config"] = quantization_config(quantization, dtype)
     ref: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if adapter is not None:

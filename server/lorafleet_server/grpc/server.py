@@ -239,9 +239,11 @@ class GrpcServer:
 
     async def stop(self, drain_seconds: float = 0.0) -> None:
         """Drain, then stop. Health turns NOT_SERVING at once while new requests are still served for
-        ``drain_seconds`` (load balancers see it and move away); then new calls get UNAVAILABLE, queued
-        requests fail with UNAVAILABLE at once, running ones finish within the shutdown grace and the
-        rest are cut. ``force()`` (a second signal) cuts short whatever phase is running."""
+        ``drain_seconds`` (load balancers see it and move away); then new calls get UNAVAILABLE (one that
+        arrives just as gRPC's own stop begins may be refused by gRPC instead: a refused stream, which
+        Envoy retries, or CANCELLED), queued requests fail with UNAVAILABLE at once, running ones
+        finish within the shutdown grace and the rest are cut. ``force()`` (a second signal) cuts short
+        whatever phase is running."""
         grace = self.service.config.shutdown_grace_seconds
         self._stopping = True
         if self._engine_watch is not None:

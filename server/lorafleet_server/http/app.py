@@ -307,7 +307,7 @@ class OpenAIApi:
             if adapter is not None and adapter.version is None and len(reqs) > 1:
                 # One version for the whole call: each input resolved "latest" when it was submitted, so
                 # a swap mid-call gave vectors of two versions under one `model` (an outside review).
-                key = await self._stream.resolve(reqs[0])
+                key = await self._until_disconnect(request, self._stream.resolve(reqs[0]))
                 pinned = AdapterRef(key.tenant, key.name, key.version)
                 reqs = [dataclasses.replace(r, adapter=pinned) for r in reqs]
             outcomes = [Outcome() for _ in reqs]
