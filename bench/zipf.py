@@ -225,7 +225,6 @@ def start_server(args: argparse.Namespace, model_dir: Path, store: str, data_dir
         "--adapter-rescan-seconds": args.rescan_seconds,
         "--log-level": "INFO",  # one line per adapter load: the per-shape cold-load times come from it
     }
-    command_flags = ["--metrics-adapter-residency"]  # the host cache's bytes come from its series
     if args.store == "s3":
         flags["--adapter-cache-dir"] = data_dir / "adapter-cache"
         flags["--adapter-cache-bytes"] = args.adapter_cache_mib * MiB
@@ -234,7 +233,7 @@ def start_server(args: argparse.Namespace, model_dir: Path, store: str, data_dir
     command = [str(Path(sys.executable).parent / "lorafleet"), "serve"]
     for flag, value in flags.items():
         command += [flag, str(value)]
-    command += command_flags
+    command.append("--metrics-adapter-residency")  # the host cache's bytes come from its series
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -302,9 +301,8 @@ async def run_traffic(
     prompts: int,
     on_done: Any,
 ) -> list[Reply]:
-    """Every request of ``ranks`` once, ``clients`` at a time (each takes the next unsent one): a chat of
-    one user turn, as the serving benchmark sends (a plain prompt made the model end at once)."""
-    from lorafleet import AsyncLoraFleetClient, LoraFleetError, Message, Sampling
+    """Every request of ``ranks`` once, ``clients`` at a time (each takes the next unsent one)."""
+    from lorafleet import AsyncLoraFleetClient, LoraFleetError
 
     conns = [AsyncLoraFleetClient(target, timeout=900) for _ in range(clients)]
     replies: list[Reply] = []
@@ -320,11 +318,7 @@ async def run_traffic(
                 ref, prompt = refs[ranks[i]], i % prompts
                 started = time.perf_counter()
                 try:
-                    done = await conn.generate(
-                        messages=[Message("user", prompt_text(prompt))],
-                        adapter=ref,
-                        sampling=Sampling(max_new_tokens=new_tokens, temperature=0.0),
-                    )
+                    done = await ask(conn, ref, prompt, new_tokens)
                     reply = Reply(
                         i, ref, prompt, done.adapter, done.text, time.perf_counter() - started, started=started
                     )
@@ -351,18 +345,26 @@ async def server_dtype(target: str) -> str:
 async def replay_alone(target: str, pairs: Sequence[tuple[str, int]], new_tokens: int) -> list[str]:
     """Each (adapter, prompt) sent again, one request at a time: what that adapter alone gives (adapter
     "": the base model)."""
-    from lorafleet import AsyncLoraFleetClient, Message, Sampling
+    from lorafleet import AsyncLoraFleetClient
 
     texts = []
     async with AsyncLoraFleetClient(target, timeout=900) as conn:
         for ref, prompt in pairs:
-            done = await conn.generate(
-                messages=[Message("user", prompt_text(prompt))],
-                adapter=ref,
-                sampling=Sampling(max_new_tokens=new_tokens, temperature=0.0),
-            )
-            texts.append(done.text)
+            texts.append((await ask(conn, ref, prompt, new_tokens)).text)
     return texts
+
+
+async def ask(conn: Any, ref: str, prompt: int, new_tokens: int) -> Any:
+    """Prompt number ``prompt`` to ``ref`` (adapter "": the base model), greedy: the one request both the
+    traffic and its replay send. A chat of one user turn, as the serving benchmark sends (a plain prompt
+    made the model end at once)."""
+    from lorafleet import Message, Sampling
+
+    return await conn.generate(
+        messages=[Message("user", prompt_text(prompt))],
+        adapter=ref,
+        sampling=Sampling(max_new_tokens=new_tokens, temperature=0.0),
+    )
 
 
 # ----------------------------------------------------------------------------------- routing evidence
@@ -505,12 +507,12 @@ def host_bytes(metrics: dict[Any, float], refs: dict[str, Shape], per_shape: dic
     server exports them with ``--metrics-adapter-residency``). A scrape with none is refused: it read
     0 bytes for a day after the series went behind that flag."""
     total = 0
-    series = [(name, labels) for name, labels in metrics if name == "lorafleet_adapter_resident"]
+    series = [labels for name, labels in metrics if name == "lorafleet_adapter_resident"]
     if not series:
         raise RuntimeError(
             "no lorafleet_adapter_resident series: was the server started with --metrics-adapter-residency?"
         )
-    for _, labels in series:
+    for labels in series:
         if ("tier", "host") not in labels:
             continue
         ref = dict(labels)["adapter"].rsplit("@", 1)[0]
