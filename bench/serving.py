@@ -1672,6 +1672,17 @@ def config_runs(results: Sequence[RunResult], name: str) -> list[RunResult]:
     return [r for r in results if r.name in (name, name + AFTER_PEER)]
 
 
+def bytes_bound(base_bytes: float, adapter_bytes: float) -> float:
+    """What a step that reads the base once and ``adapter_bytes`` of distinct adapters allows, against
+    the base alone, if steps are bytes-bound."""
+    return base_bytes / (base_bytes + adapter_bytes)
+
+
+def bandwidth_bound(base_forward: float, adapter_bytes: float, bandwidth: float) -> float:
+    """The base forward over the base forward plus the time to read ``adapter_bytes`` at ``bandwidth``."""
+    return base_forward / (base_forward + adapter_bytes / bandwidth)
+
+
 def target_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> list[str]:
     """Goals 2a (``<k>xdefault`` vs (a), vs naive) and 2b (``<k>xr16all`` vs (a) and its bounds), each a
     configuration's runs averaged (``config_runs``) over (a)'s (``base_runs``); n/a where a run involved had
@@ -1709,7 +1720,7 @@ def target_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) ->
     base_bytes = meta.get("base_weight_bytes")
     if r32 is not None and base is not None and base_bytes:
         adapter_bytes = runs[0].distinct * meta["adapter_bytes"]["r16all"]
-        bound = base_bytes / (base_bytes + adapter_bytes)
+        bound = bytes_bound(base_bytes, adapter_bytes)
         key = f"{k}xr16all / base"
         ratio, text = compare(key, r32, base)
         targets[key]["bytes_bound"] = bound
@@ -1719,7 +1730,7 @@ def target_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) ->
         )
         bandwidth = meta.get("read_bandwidth")
         if base.forward_p50 and r32.forward_p50 and bandwidth:
-            bw_bound = base.forward_p50 / (base.forward_p50 + adapter_bytes / bandwidth)
+            bw_bound = bandwidth_bound(base.forward_p50, adapter_bytes, bandwidth)
             if ratio is None:
                 step = "n/a"
             else:
@@ -1748,8 +1759,7 @@ def finish(
     peer_base = next((r for r in results if r.name == "vllm:base"), None)
     for r in results:
         if r.kind == "adapters" and r.shape and base_bytes:  # a bound from sizes, not a measurement
-            a = meta["adapter_bytes"][r.shape]
-            r.bytes_bound = base_bytes / (base_bytes + r.distinct * a)
+            r.bytes_bound = bytes_bound(base_bytes, r.distinct * meta["adapter_bytes"][r.shape])
         # the peer's rows compare with the peer's base, the others with (a)
         r.not_comparable = failed_requests([r, peer_base] if r.kind == "vllm" else [r, *bases])
         if r.not_comparable:
@@ -1764,12 +1774,11 @@ def finish(
         if base_step and fwd:
             r.step_ratio_to_base = base_step / fwd
         if r.bytes_bound is not None and r.shape:
-            a = meta["adapter_bytes"][r.shape]
             if r.ratio_to_base is not None:
                 r.measured_over_bound = r.ratio_to_base / r.bytes_bound
             bandwidth = meta.get("read_bandwidth")
             if base_step and bandwidth:
-                r.bandwidth_bound = base_step / (base_step + r.distinct * a / bandwidth)
+                r.bandwidth_bound = bandwidth_bound(base_step, r.distinct * meta["adapter_bytes"][r.shape], bandwidth)
                 if r.step_ratio_to_base is not None:
                     r.step_over_bandwidth_bound = r.step_ratio_to_base / r.bandwidth_bound
 
