@@ -16,7 +16,10 @@ server does (``model/packed.py``: bf16 always, fp32 where timed faster at load).
 (``token_before`` and ``choose_before`` of ``bench/lora_kernels.py``), and a ``+base`` suffix loads no
 adapter (the base alone, for the LoRA share); ``+lora32`` keeps the LoRA slot buffers (and math) in fp32
 under a bf16 base; attention and LoRA are the server's defaults (``--attention-kernel auto``,
-``--lora-impl auto``: the native kernels of ``model/native.py`` where they build), and a ``+torchattn``
+``--lora-impl auto``: the native kernels of ``model/native.py`` where they build, on the native bf16
+Linears' helper pool where there is one, and a decode step's layers in one native call where every
+kernel of a layer is native, ``--layers-kernel auto``: before 7 December 2026 the attention and the
+LoRA here ran on the step's torch threads and no layer driver, unlike the server), and a ``+torchattn``
 suffix runs torch's attention matmuls, ``+torchlora`` the torch LoRA kernels only, and ``+onednn``
 oneDNN's prepacked base Linears instead of the native bf16 ones or fp32's timed choice
 (``--linear-kernel``), ``+torchlin`` plain ``F.linear`` (``--linear-kernel torch``), ``+nativelin`` the
@@ -75,6 +78,7 @@ def build_runner(
     from lorafleet_server.model.loader import compile_base, load_hf_model, wrap_targets
     from lorafleet_server.model.lora import LoraContext
     from lorafleet_server.model.native import choose_attention, choose_lora
+    from lorafleet_server.model.native_layers import choose_layers
     from lorafleet_server.model.packed import pack_base
     from lorafleet_server.model.runner import AttentionShape, ModelRunner
 
@@ -95,6 +99,7 @@ def build_runner(
         os.environ.get("LORAFLEET_KERNEL_CACHE_DIR")
         or Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / "data")) / "kernels"
     )
+    pool = None  # the native Linears' helper threads, which the server's other native kernels share
     if compiled:
         compile_base(model)
     else:  # as load_base does: the server's base Linears (fp32: prepacked where timed faster)
@@ -109,8 +114,9 @@ def build_runner(
             measure_threads=(torch.get_num_threads(),),  # the runner's steps all run on these
         )
         print(f"base Linears: {choice.name} ({choice.reason})")
+        pool = choice.pool
     shape_ = AttentionShape.of(model.config)
-    lora = choose_lora("auto" if native_lora else "token", cache_dir=kernels, device=cpu)
+    lora = choose_lora("auto" if native_lora else "token", cache_dir=kernels, device=cpu, pool=pool)
     native = choose_attention(
         attention,  # type: ignore[arg-type]
         cache_dir=kernels,
@@ -119,7 +125,10 @@ def build_runner(
         head_dim=shape_.head_dim,
         dtype=dtype,
         device=cpu,
+        pool=pool,
     )
+    # the decode steps' layers in one native call where every kernel of a layer is native, as the server
+    layers_kernel = choose_layers("auto", cache_dir=kernels, attention=native.kernel, lora=lora.kernel)
     return ModelRunner(
         model,
         context,
@@ -129,6 +138,7 @@ def build_runner(
         device=cpu,
         native_attention=native.kernel,
         native_lora=lora.kernel,
+        native_layers=layers_kernel.kernel,
     )
 
 
@@ -247,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name}: attention {'native' if r.native_attention is not None else 'torch'}, "
             f"LoRA {'native' if r.native_lora is not None else 'torch'}, "
-            f"LM head {type(r.model.lm_head).__name__}"
+            f"LM head {type(r.model.lm_head).__name__}, "
+            f"layers {'native' if r.layer_driver is not None else 'python'}"
         )
     # Prefill once (fills the KV rows the decode steps read) and warm up (compiles) every variant.
     warm: dict[str, float] = {}
