@@ -13,7 +13,7 @@ STORE=$WORK/store
 mkdir -p "$STORE"
 LOG=$WORK/server.log
 "$BIN/lorafleet" serve --port "$PORT" --metrics-port "$METRICS_PORT" --http-port "$HTTP_PORT" \
-  --adapter-store "$STORE" --adapter-poll-seconds 1 --max-seq-len 1024 >"$LOG" 2>&1 &
+  --adapter-store "$STORE" --adapter-poll-seconds 1 --max-seq-len 1024 --keys-file "$WORK/keys.json" >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
