@@ -20,6 +20,7 @@ from lorafleet import LoraFleetClient, Sampling, UnauthenticatedError, Unavailab
 from lorafleet_server.app import build_service
 from lorafleet_server.config import ServerConfig
 from lorafleet_server.errors import StartupError
+from lorafleet_server.grpc.healthcheck import check
 from lorafleet_server.grpc.server import BackgroundServer, server_credentials, server_keys
 from lorafleet_server.http.server import BackgroundHttpServer
 from lorafleet_server.tenants.keys import PepperSource, create_key
@@ -101,6 +102,16 @@ def test_tls_refuses_plaintext_and_untrusted_clients(tls_target: str) -> None:
     with LoraFleetClient(tls_target, api_key="", tls=True, timeout=10) as system_roots:  # not our CA
         with pytest.raises(UnavailableError):
             system_roots.model_info()
+
+
+def test_the_container_probe_speaks_tls_and_mtls(tls_target: str, mtls_target: str, pki: Pki) -> None:
+    """The Dockerfile's HEALTHCHECK against a TLS and an mTLS server: with mTLS it presents the server's
+    own certificate (the same CA issued it); before, it presented none and an mTLS server's probe
+    failed for ever (found following the README)."""
+    for target, client_ca in ((tls_target, None), (mtls_target, pki.ca_file)):
+        port = int(target.rsplit(":", 1)[1])
+        config = ServerConfig(port=port, tls_cert=pki.cert, tls_key=pki.key, tls_client_ca=client_ca)
+        assert check(config) == (True, f"127.0.0.1:{port}: SERVING")
 
 
 def test_mtls_needs_a_client_certificate_from_the_ca(mtls_target: str, pki: Pki) -> None:

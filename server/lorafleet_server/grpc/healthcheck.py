@@ -6,7 +6,10 @@ It reads the server's own settings (flags are not needed: ``LORAFLEET_*`` enviro
 ``--host`` when that is a specific address). Health needs no API key (auth.py leaves it open). With
 TLS the probe trusts the certificates of ``--tls-cert`` (a self-signed certificate, or a chain that
 ends with its CA) and, like gRPC, checks the name ``localhost``; where the certificate names no such
-host, use the orchestrator's gRPC probe instead (Kubernetes: deploy/kubernetes/lorafleet.yaml).
+host, use the orchestrator's gRPC probe instead (Kubernetes: deploy/kubernetes/lorafleet.yaml). With
+mutual TLS (``--tls-client-ca``) it presents the server's own certificate and key as its client
+certificate, which the server accepts where that CA also issued the server's certificate (one
+internal CA for both); elsewhere the handshake fails, and the orchestrator's probe is the one to use.
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ def check(config: ServerConfig, timeout: float = 3.0) -> tuple[bool, str]:
     else:
         roots = config.tls_cert.read_bytes()
         options = [("grpc.ssl_target_name_override", "localhost")]
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots), options)
+        identity: dict[str, bytes] = {}
+        if config.tls_client_ca is not None and config.tls_key is not None:  # mTLS: a client certificate
+            identity = {"private_key": config.tls_key.read_bytes(), "certificate_chain": roots}
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots, **identity)
+        channel = grpc.secure_channel(target, credentials, options)
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
