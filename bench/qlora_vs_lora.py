@@ -9,6 +9,7 @@ exact match, token F1, loss and the forgetting check for both, and the differenc
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -22,12 +23,19 @@ if str(REPO) not in sys.path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from demo.companies import write_datasets
+    from demo.companies import COMPANIES, write_datasets
     from demo.run_demo import _base
     from lorafleet_training.trainer import TrainConfig, train
 
-    args = sys.argv[1:] if argv is None else argv
-    company = args[0] if args else "zephyr"
+    parser = argparse.ArgumentParser(prog="python -m bench.qlora_vs_lora", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "company",
+        nargs="?",
+        default="zephyr",
+        choices=sorted(c.tenant for c in COMPANIES),
+        help="the demo company (tenant)",
+    )
+    company = parser.parse_args(argv).company
     work = Path(tempfile.mkdtemp(prefix="qlora-vs-lora."))
     try:
         model_dir, spec = _base(None)
