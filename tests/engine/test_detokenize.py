@@ -28,6 +28,34 @@ def test_the_first_token_keeps_its_leading_space_after_the_prompt() -> None:
     assert streamed(tokenizer, [], [4, 5]) == "Paris."  # no prompt: the sequence's first word
 
 
+def test_a_prompt_ending_in_a_special_token_keeps_the_left_context() -> None:
+    """A chat prompt ends in a special token (Mistral's "[/INST]"), which decodes to nothing: the window
+    keeps the prompt words before it, so the first generated word keeps its space (a mutation that
+    kept one prompt token survived: " Paris." came out "Paris.")."""
+    vocab = {"<unk>": 0, "▁The": 1, "▁capital": 2, "▁is": 3, "▁Paris": 4, ".": 5, "[/INST]": 6}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    model.decoder = decoders.Metaspace(prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[/INST]"]})
+    assert tokenizer.convert_tokens_to_ids("[/INST]") == 6 and 6 in tokenizer.all_special_ids
+    prompt = [1, 2, 3, 6]
+    whole = tokenizer.decode([*prompt, 4, 5], skip_special_tokens=True)
+    assert streamed(tokenizer, prompt, [4, 5]) == whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
+    assert streamed(tokenizer, prompt, [4, 5]) == " Paris."
+
+
+def test_a_possible_stop_held_at_the_end_is_sent_by_flush() -> None:
+    """Text held back because it may begin a stop string is sent when the generation ends without one
+    (a mutation that made flush() drop it survived: " Hello" with stop "lo!" came out " Hel")."""
+    from lorafleet_server.engine.detokenize import StopMatcher
+
+    matcher = StopMatcher(("lo!",))
+    assert matcher.feed(" Hello") == (" Hel", False)
+    assert matcher.flush() == "lo"
+    assert matcher.flush() == ""  # sent once
+
+
 def test_byte_level_text_matches_the_whole_decode(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = tokenizer.encode("Say it twice:", add_special_tokens=False)

@@ -751,6 +751,22 @@ def test_text_held_back_at_the_end_is_sent(
         assert (done.text, done.summary.finish_reason) == (whole, unstopped)
 
 
+@pytest.mark.parametrize("ending", ["end-of-sequence", "max-new-tokens"])
+def test_a_possible_stop_held_at_the_end_is_sent(
+    service: Service, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """Text held back because it may begin a stop string ("lo" of "lo!") is sent when the generation
+    ends without the stop (a mutation that made the stop matcher's flush drop it survived)."""
+    tok = service.engine.tokenizer
+    script = tok.encode(" Hello", add_special_tokens=False)
+    eos = ending == "end-of-sequence"
+    plan = iter([*script, next(iter(service.engine.eos_token_ids))] if eos else script)
+    monkeypatch.setattr(engine_module, "sample_rows", lambda _logits, rows, **_kw: [next(plan) for _ in rows])
+    done = generate(service.engine, request("Say hi", max_new_tokens=16 if eos else len(script), stop=("lo!",)))
+    unstopped = FinishReason.END_OF_SEQUENCE if eos else FinishReason.LENGTH
+    assert (done.text, done.summary.finish_reason) == (" Hello", unstopped)
+
+
 @pytest.fixture(scope="module")
 def rank12_adapters(peft_adapter: Any) -> list[Path]:
     return [
