@@ -65,6 +65,28 @@ def test_a_closed_loop_refuses_and_a_later_event_tries_again() -> None:
             mailbox.put(queue, TokenEvent(text="x"))
 
 
+def test_a_loop_that_closed_during_a_step_refuses_the_next_event() -> None:
+    """Events deferred to the end of a step reach a loop that has closed meanwhile: the flush finds it
+    closed, and the next event raises, so the engine treats the consumer as gone (a mutation that left
+    the mailbox open deferred every later event silently: the row ran to max_new_tokens)."""
+    loop = asyncio.new_event_loop()
+    loop.close()
+    mailbox = _LoopMailbox(loop)
+    queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+    flushes: list[Callable[[], None]] = []
+
+    def in_step(flush: Callable[[], None]) -> bool:
+        flushes.append(flush)
+        return True
+
+    mailbox.put(queue, TokenEvent(text="a"), in_step)  # deferred: nothing scheduled yet
+    assert len(flushes) == 1
+    flushes[0]()  # the step's end: the loop refuses the drain
+    with pytest.raises(RuntimeError):
+        mailbox.put(queue, TokenEvent(text="b"), in_step)
+    assert len(flushes) == 1
+
+
 def _summary(prompt_tokens: int) -> Summary:
     return Summary(FinishReason.CANCELLED, prompt_tokens, 0, "acme/bot@1", "r")
 
@@ -85,6 +107,21 @@ def test_outcomes_end_when_every_queued_part_has_ended_with_their_prompt_tokens_
     assert seen == [_summary(8)]
     assert Outcomes([first, second, never]).then(seen.append) == (True, _summary(8))
     assert Outcomes([Outcome()]).then(seen.append) == (True, None) and len(seen) == 1
+
+
+def test_outcomes_asked_with_one_part_still_running_wait_for_it() -> None:
+    """A mutation that answered once all but one part had ended survived: the call's log line and
+    usage left out its last input."""
+    parts = [Outcome() for _ in range(3)]
+    for part in parts:
+        part.queued()
+    parts[0].ended(_summary(1))
+    parts[1].ended(_summary(2))
+    joined = Outcomes(parts)
+    seen: list[Summary | None] = []
+    assert joined.then(seen.append) == (False, None)
+    parts[2].ended(_summary(4))
+    assert seen == [_summary(7)]
 
 
 def test_outcomes_a_part_ending_while_they_are_asked_is_not_lost() -> None:
@@ -233,26 +270,79 @@ def test_a_request_queued_as_its_caller_leaves_still_reports_how_it_ended(
 
     async def main() -> tuple[bool, Summary | None]:
         stream = EngineStream(engine)
-        task = asyncio.ensure_future(stream.submit(request("The capital of France is", max_new_tokens=4), outcome))
-        await asyncio.to_thread(queued.wait, 30)
-        task.cancel()  # the caller leaves after the engine has its request, before it hears so
-        await asyncio.sleep(0)
-        leave.set()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        give_up = time.monotonic() + 5  # the worker's submit returns after the caller left
-        while not outcome._queued and time.monotonic() < give_up:
-            await asyncio.sleep(0.01)
-        return outcome.then(ended.append)  # its call's log line asks now: the request has not ended
-
-    try:
-        with engine_held(engine):  # no step, no final event until the question is asked
-            asked = asyncio.run(main())
-        assert asked == (False, None)
+        hold = engine_held(engine)  # no step, no final event until the question is asked
+        await asyncio.to_thread(hold.__enter__)
+        try:
+            task = asyncio.ensure_future(stream.submit(request("The capital of France is", max_new_tokens=64), outcome))
+            await asyncio.to_thread(queued.wait, 30)
+            task.cancel()  # the caller leaves after the engine has its request, before it hears so
+            await asyncio.sleep(0)
+            leave.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            give_up = time.monotonic() + 5  # the worker's submit returns after the caller left
+            while not outcome._queued and time.monotonic() < give_up:
+                await asyncio.sleep(0.01)
+            asked = outcome.then(ended.append)  # its call's log line asks now: the request has not ended
+        finally:
+            hold.__exit__(None, None, None)
+        # the loop stays open until the request ends: a closed one refuses its next event, which would
+        # cancel it too (and hide whether the worker's submit was cancelled)
         deadline = time.monotonic() + 30
         while not ended:
             assert time.monotonic() < deadline, "the request never ended"
-            time.sleep(0.01)
+            await asyncio.sleep(0.01)
+        return asked
+
+    try:
+        asked = asyncio.run(main())
     finally:
         engine.shutdown(10)
+    assert asked == (False, None)
     assert ended[0] is not None and ended[0].prompt_tokens > 0, ended
+    # cancelled where the worker queued it (a mutation that left it running survived: it generated to
+    # max_new_tokens for nobody)
+    assert ended[0].finish_reason == FinishReason.CANCELLED, ended
+    assert ended[0].generated_tokens < 64
+
+
+def test_a_consumer_that_stops_reading_cancels_its_request(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``SubmittedRequest.events`` closed after one event (a client that broke off) cancels the request
+    in the engine (a mutation that did not survived the suite: the row generated to max_new_tokens for
+    nobody). The engine is held while the consumer leaves, so the row cannot finish first."""
+    from enginelib import engine_held, request, tiny_service
+
+    from lorafleet_server.engine.stream import EngineStream
+
+    service = tiny_service(tiny_model_dir, tmp_path / "store")
+    engine = service.engine
+    outcome = Outcome()
+    ended: list[Summary | None] = []
+
+    async def main() -> Summary | None:
+        submitted = await EngineStream(engine).submit(request("Once upon a time", max_new_tokens=64), outcome)
+        events = submitted.events()
+        first = await asyncio.wait_for(anext(events), 60)
+        hold = engine_held(engine)
+        await asyncio.to_thread(hold.__enter__)
+        try:
+            assert not first.final
+            await events.aclose()  # type: ignore[attr-defined]  # an async generator
+        finally:
+            hold.__exit__(None, None, None)
+        # the loop stays open meanwhile: a closed one refuses the next event, which cancels the row too
+        asked, summary = outcome.then(ended.append)
+        deadline = time.monotonic() + 30
+        while not asked and not ended:
+            assert time.monotonic() < deadline, "the request never ended"
+            await asyncio.sleep(0.01)
+        if not asked:
+            summary = ended[0]
+        return summary
+
+    try:
+        summary = asyncio.run(main())
+    finally:
+        engine.shutdown(10)
+    assert summary is not None and summary.finish_reason == FinishReason.CANCELLED, summary
+    assert summary.generated_tokens < 64
