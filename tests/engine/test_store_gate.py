@@ -128,3 +128,25 @@ def test_a_call_that_does_not_trip_closes_the_gate_only_as_its_probe() -> None:
     assert gate.tripped
     with pytest.raises(StoreUnavailable, match=r"tried again in 5.0s"), gate.call("read x"):
         pass
+
+
+def test_a_probe_that_reached_the_store_then_failed_locally_reopens_the_gate() -> None:
+    """A probe whose request reached the store, then failed on this host (OSError: writing the disk cache
+    on a full disk) is the store answering: the gate opens (a mutation that gave it no verdict survived;
+    requests needing the store were refused as "did not answer" while it was healthy)."""
+    clock, sent = Clock(), [0]
+    gate = StoreGate(retry_seconds=5.0, clock=clock, round_trips=lambda: sent[0])
+    with pytest.raises(StoreUnavailable), gate.call("read x"):
+        sent[0] += 1
+        raise StoreUnavailable("read timed out")
+    clock.now += 5.0
+    with pytest.raises(OSError, match="No space"), gate.call("read y"):
+        sent[0] += 1
+        raise OSError(28, "No space left on device")
+    assert not gate.tripped
+    with pytest.raises(StoreUnavailable), gate.call("read z"):  # the store stops answering again
+        raise StoreUnavailable("read timed out")
+    clock.now += 5.0
+    with pytest.raises(OSError), gate.call("read w"):  # failed before any request: no verdict
+        raise OSError(28, "No space left on device")
+    assert gate.tripped
