@@ -243,6 +243,43 @@ def test_the_engine_defers_a_sinks_hand_off_only_inside_its_steps(tiny_model_dir
     assert seen.count("step end") == seen.count("deferred") >= 2, seen
 
 
+def test_another_thread_is_never_deferred_even_during_a_step(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Engine.after_step`` off the engine thread while a step runs: False (a mutation that checked only
+    "in a step" survived: such a hand-off joined the step's list as the engine swapped it, and a lost
+    flush left that loop's mailbox deferred for good: every stream on it hung)."""
+    from enginelib import request, tiny_service
+
+    service = tiny_service(tiny_model_dir, tmp_path / "store")
+    engine = service.engine
+    inside, leave = threading.Event(), threading.Event()
+    step = engine.runner.step
+
+    def held_step(*args: object, **kwargs: object) -> object:
+        inside.set()
+        assert leave.wait(30)
+        return step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.runner, "step", held_step)
+    done = threading.Event()
+
+    def sink(event: TokenEvent) -> None:
+        if event.final:
+            done.set()
+
+    try:
+        engine.submit(request("Hello", max_new_tokens=1), sink)
+        assert inside.wait(60)
+        assert engine._stepping  # the engine thread is inside its step
+        assert not engine.after_step(lambda: None)
+        leave.set()
+        assert done.wait(60)
+    finally:
+        leave.set()
+        engine.shutdown(10)
+
+
 def test_a_request_queued_as_its_caller_leaves_still_reports_how_it_ended(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
