@@ -244,6 +244,38 @@ def test_a_template_whose_edits_join_a_content_into_special_tokens_forges_nothin
     assert forging in tok.decode(ids)
 
 
+def test_messages_the_chat_template_refuses_are_the_requests_error(tiny_model_dir: Path) -> None:
+    """Found by an architecture review: a template that raises (Mistral's "roles must alternate",
+    Gemma's "system role not supported"), or a tokenizer with no template, made a chat request INTERNAL
+    (logged as a bug, a 500 over HTTP); it is INVALID_ARGUMENT naming ``messages``."""
+    import grpc
+    from transformers import AutoTokenizer
+
+    from lorafleet_server.engine.prompts import chat_ids, special_tokens_pattern
+    from lorafleet_server.grpc.status import status_for
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    alternate = (
+        "{% for message in messages %}{% if loop.index0 > 0 and message['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+    )
+
+    def encode(turns: list[tuple[str, str]]) -> list[int]:
+        return chat_ids(
+            tok, turns, lambda text: list(tok.encode(text, add_special_tokens=False)), special_tokens_pattern(tok)
+        )
+
+    tok.chat_template = alternate
+    assert encode([("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")])
+    with pytest.raises(InvalidRequest, match="chat template refuses these messages: Conversation roles") as refused:
+        encode([("user", "Hi"), ("user", "again")])
+    assert refused.value.param == "messages" and status_for(refused.value) == grpc.StatusCode.INVALID_ARGUMENT
+    tok.chat_template = None
+    with pytest.raises(InvalidRequest, match="chat template refuses"):
+        encode([("user", "Hi")])
+
+
 def test_prompt_adapter_system_turn_cannot_be_overridden(service: Service) -> None:
     from lorafleet_adapters.prompt import PromptTemplate
 

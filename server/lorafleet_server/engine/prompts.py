@@ -23,6 +23,8 @@ import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol, cast
 
+import jinja2
+
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_server.engine.types import MAX_CHAT_TURNS
 from lorafleet_server.errors import ContextLengthExceeded, InvalidRequest
@@ -134,8 +136,14 @@ def chat_ids(
 
 
 def _render(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]]) -> str:
+    """The chat template's text of ``turns``. A template that refuses them (roles that must alternate,
+    a system turn it does not take: Mistral's and Gemma's raise), or a tokenizer with none, is the
+    request's error (INVALID_ARGUMENT), not the server's: it was INTERNAL, logged as a bug."""
     conversation = [{"role": role, "content": content} for role, content in turns]
-    return str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+    try:
+        return str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+    except (jinja2.TemplateError, ValueError) as exc:
+        raise InvalidRequest(f"the model's chat template refuses these messages: {exc}", param="messages") from exc
 
 
 def _put_back(text: str, marks: Mapping[str, str]) -> str:
