@@ -51,7 +51,11 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 def public_message(exc: BaseException, request_id: str) -> str:
     """What the caller is told of ``exc``: its own text, except where that describes this deployment
     rather than the request. An unreachable store's message names its endpoint, bucket, prefix and the
-    credentials to check, for the operator's log; a tenant gets the request id to quote instead."""
+    credentials to check, for the operator's log; a tenant gets the request id to quote instead. So
+    does a bug (INTERNAL: no row of the table names it), whose text (a torch message, an invariant) is
+    the server's log's, as the HTTP edge answers it."""
+    if status_for(exc) == grpc.StatusCode.INTERNAL:
+        return f"internal error (request id {request_id})"
     if isinstance(exc, StoreUnavailable):
         return f"the adapter store is unavailable; retry later (request id {request_id})"
     return str(exc) or type(exc).__name__
