@@ -10,6 +10,7 @@ from concurrent.futures import Future
 import pytest
 
 from lorafleet_server.engine.fair_pool import FairPool
+from lorafleet_server.errors import ShuttingDown
 
 
 def occupy(pool: FairPool, tenant: str, gate: threading.Event) -> Future[bool]:
@@ -100,7 +101,7 @@ def test_shutdown_finishes_queued_work_and_refuses_more() -> None:
     busy = occupy(pool, "a", gate)
     queued = pool.submit("b", lambda: "done")
     pool.shutdown()
-    with pytest.raises(RuntimeError, match="shut down"):
+    with pytest.raises(ShuttingDown, match="shut down"):  # the drain's status (UNAVAILABLE), not a bug's
         pool.submit("a", lambda: None)
     gate.set()
     assert busy.result(10) and queued.result(10) == "done"

@@ -383,3 +383,34 @@ def test_a_consumer_that_stops_reading_cancels_its_request(tiny_model_dir: Path,
         engine.shutdown(10)
     assert summary is not None and summary.finish_reason == FinishReason.CANCELLED, summary
     assert summary.generated_tokens < 64
+
+
+def test_a_worker_that_cannot_start_is_not_reported_as_a_shutdown(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an architecture review: any RuntimeError of a pool's submit read as "shutting down"
+    (UNAVAILABLE, which clients retry), also a thread that could not start. Only a shut-down pool's
+    ``ShuttingDown`` is the drain's; the thread's error stays what it is (a bug's INTERNAL)."""
+    from enginelib import request, tiny_service
+
+    from lorafleet_server.engine.stream import EngineStream
+    from lorafleet_server.errors import ShuttingDown
+
+    service = tiny_service(tiny_model_dir, tmp_path / "store")
+    engine = service.engine
+    try:
+        pool = engine.submit_pool(request("Hello", max_new_tokens=2))
+
+        def cannot_start(*_args: object) -> object:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(pool, "submit", cannot_start)
+        stream = EngineStream(engine)
+        with pytest.raises(RuntimeError, match="can't start") as raised:
+            asyncio.run(stream.submit(request("Hello", max_new_tokens=2)))
+        assert not isinstance(raised.value, ShuttingDown)
+        monkeypatch.undo()
+    finally:
+        engine.shutdown(10)
+    with pytest.raises(ShuttingDown):
+        asyncio.run(EngineStream(engine).submit(request("Hello", max_new_tokens=2)))

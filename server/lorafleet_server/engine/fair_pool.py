@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lorafleet_server.engine.fairness import FairQueue
+from lorafleet_server.errors import ShuttingDown
 
 T = TypeVar("T")
 
@@ -47,12 +48,13 @@ class FairPool:
         self._closed = False
 
     def submit(self, tenant: str, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Run ``fn(*args)`` on a worker in ``tenant``'s turn; RuntimeError once the pool is shut down."""
+        """Run ``fn(*args)`` on a worker in ``tenant``'s turn; ``ShuttingDown`` once the pool is shut down
+        (a worker thread that cannot start raises its RuntimeError: a bug's, not a drain's status)."""
         future: Future[T] = Future()
         item = _Item(tenant, future, lambda: fn(*args))
         with self._cond:
             if self._closed:
-                raise RuntimeError(f"pool {self._name} is shut down")
+                raise ShuttingDown(f"the server is shutting down (pool {self._name} is shut down)")
             if not self._idle and len(self._threads) < self._workers:
                 # Started before the item is queued: a thread that cannot start (RuntimeError) leaves
                 # neither an item nobody runs nor a dead thread counted among the workers.

@@ -24,7 +24,6 @@ from lorafleet_adapters.ref import AdapterKey
 from lorafleet_server.engine.engine import Engine, RequestHandle
 from lorafleet_server.engine.fair_pool import FairPool
 from lorafleet_server.engine.types import GenerationRequest, Summary, TokenEvent
-from lorafleet_server.errors import ShuttingDown
 
 T = TypeVar("T")
 
@@ -275,10 +274,8 @@ class EngineStream:
 
         try:
             submitting = engine.submit_pool(req).submit(req.tenant, submit)
-        except BaseException as exc:  # nothing was queued: the place goes back
+        except BaseException:  # nothing was queued (its pools are shut down: ShuttingDown): the place goes back
             engine.unreserve(req)
-            if isinstance(exc, RuntimeError):  # its pools are shut down: the engine has stopped
-                raise ShuttingDown("the server is shutting down") from None
             raise
         try:
             handle = await result_of(submitting)
@@ -305,10 +302,7 @@ class EngineStream:
         return await self._run_on(self._engine.submit_pool(req), req.tenant, adapters.resolve, req.adapter)
 
     async def _run_on(self, pool: FairPool, tenant: str, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            running = pool.submit(tenant, fn, *args)
-        except RuntimeError:
-            raise ShuttingDown("the server is shutting down") from None
+        running = pool.submit(tenant, fn, *args)  # ShuttingDown once its pool is shut down
         try:
             return await result_of(running)
         except asyncio.CancelledError:
