@@ -185,7 +185,9 @@ class StoreSettings:
     """Where the store is and how a replica caches it; built from ServerConfig (or the CLI)."""
 
     location: str  # a local directory, or s3://BUCKET/PREFIX
-    s3_endpoint_url: str | None = None  # None: boto3's own (AWS_ENDPOINT_URL, then AWS)
+    # None: AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL (the AWS SDKs' own variables, read by the S3 store
+    # as boto3 reads them), then AWS
+    s3_endpoint_url: str | None = None
     cache_dir: Path | None = None  # S3 only: verified versions on local disk (None: a temporary dir)
     cache_bytes: int = DEFAULT_CACHE_BYTES
 

@@ -17,11 +17,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def copy_synced(src: Path, dst: Path) -> None:
     """Copy a regular file's bytes (not its permissions) and fsync the copy."""
     with open(src, "rb") as reader, open(dst, "xb") as writer:

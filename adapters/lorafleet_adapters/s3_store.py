@@ -155,6 +155,8 @@ class S3AdapterStore:
         self.list_page_keys = LIST_PAGE_KEYS  # keys a listing request asks for (tests set fewer)
         # tenant -> the largest key budget its listing ran past: not listed again within that budget
         self._over_budget: LruMap[str, int] = LruMap(KNOWN_VERSIONS_KEPT)
+        # The AWS SDKs' own variables, not lorafleet's settings (which come from ServerConfig or the CLI):
+        # read here as boto3 reads them, to pick path-style addressing for a custom endpoint.
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         config = Config(
             connect_timeout=connect_timeout,
