@@ -276,6 +276,38 @@ def test_messages_the_chat_template_refuses_are_the_requests_error(tiny_model_di
         encode([("user", "Hi")])
 
 
+def test_a_prompt_adapter_the_chat_template_cannot_take_is_the_adapters_error(tiny_model_dir: Path) -> None:
+    """The diff review: a template that takes no system turn (Gemma's) refuses every request through a
+    prompt adapter, whose system turn the server adds: that is the adapter's misfit on this model
+    (FAILED_PRECONDITION), not the caller's request; the caller's own turns refused alone stay theirs,
+    naming the field the caller sent."""
+    import grpc
+    from transformers import AutoTokenizer
+
+    from lorafleet_adapters.errors import AdapterIncompatible
+    from lorafleet_adapters.prompt import PromptTemplate
+    from lorafleet_server.engine.prompts import PromptEncoder
+    from lorafleet_server.grpc.status import status_for
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    prompts = PromptEncoder(tok, 4096)
+    adapter = PromptTemplate(system="You are Acme's agent.")
+    turn = ChatTurn("user", "Hi")
+    for prompt, messages in (("Hi", []), (None, [turn])):
+        with pytest.raises(AdapterIncompatible, match="do not fit the model's chat template: System role") as misfit:
+            prompts.encode(prompt, messages, adapter)
+        assert status_for(misfit.value) == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(InvalidRequest, match="roles must alternate") as refused:
+        prompts.encode(None, [turn, ChatTurn("user", "again")], adapter)
+    assert refused.value.param == "messages"
+    assert prompts.encode(None, [turn])  # no adapter: no system turn
+
+
 def test_prompt_adapter_system_turn_cannot_be_overridden(service: Service) -> None:
     from lorafleet_adapters.prompt import PromptTemplate
 

@@ -18,6 +18,7 @@ import torch
 
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_server.engine.prompts import chat_ids, special_tokens_pattern
+from lorafleet_server.errors import InvalidRequest
 from lorafleet_training.data import Example, apply_template
 from lorafleet_training.errors import DataIssue, TrainingDataError, TrainingError
 
@@ -55,8 +56,10 @@ def all_prompt_ids(
     for example in examples:
         try:
             out.append(prompt_ids(tokenizer, example, template))
-        except (jinja2.TemplateError, ValueError, TypeError) as exc:
-            issues.append(DataIssue(example.line, f"the model's chat template refuses this example: {exc}"))
+        except (jinja2.TemplateError, ValueError, TypeError, InvalidRequest) as exc:
+            # the serving encoder says the template refused (InvalidRequest); the template's own text is its cause
+            cause = exc.__cause__ if isinstance(exc, InvalidRequest) and exc.__cause__ is not None else exc
+            issues.append(DataIssue(example.line, f"the model's chat template refuses this example: {cause}"))
     if issues:
         raise TrainingDataError(source, issues)
     return out

@@ -25,6 +25,7 @@ from typing import Any, Protocol, cast
 
 import jinja2
 
+from lorafleet_adapters.errors import AdapterIncompatible
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_server.engine.types import MAX_CHAT_TURNS
 from lorafleet_server.errors import ContextLengthExceeded, InvalidRequest
@@ -194,6 +195,18 @@ class PromptEncoder:
         self.max_token_bytes = max_token_bytes(tokenizer.get_vocab(), added)
         self._specials = special_tokens_pattern(tokenizer)
 
+    def _whose_refusal(self, refused: InvalidRequest, own: list[tuple[str, str]], field: str) -> Exception:
+        """A chat template's refusal of a prompt adapter's turns with the request's: the request's error
+        (INVALID_ARGUMENT naming ``field``) where its own turns are refused alone too, else the adapter's,
+        which no request can get past on this model (a system turn the template does not take: Gemma's)."""
+        try:
+            _render(self.tokenizer, own)
+        except InvalidRequest as alone:  # what the template says of the caller's own turns
+            return InvalidRequest(str(alone), param=field)
+        return AdapterIncompatible(
+            f"this prompt adapter's turns do not fit the model's chat template: {refused.__cause__}"
+        )
+
     def encode(
         self,
         prompt: str | None,
@@ -241,7 +254,10 @@ class PromptEncoder:
             # The request's own system text extends the adapter's; nothing the caller sent is dropped.
             system = "\n\n".join([template.system, *(c for role, c in own if role == "system")])
             turns = [("system", system), *((t.role, t.content) for t in template.examples)]
-            ids = self.encode_chat(turns + [(role, c) for role, c in own if role != "system"])
+            try:
+                ids = self.encode_chat(turns + [(role, c) for role, c in own if role != "system"])
+            except InvalidRequest as refused:  # the chat template refused the turns
+                raise self._whose_refusal(refused, own, field) from refused.__cause__
         elif own:
             ids = self.encode_chat(own)
         else:
