@@ -9,8 +9,6 @@ The adapter field of a request picks the servicer's behaviour:
   "late-error:CODE"   GenerateStream: send one chunk, then abort with CODE
   "slow"              send one chunk (streams), then wait until the client cancels or times out
   "no-summary"        GenerateStream: end without the summary message
-  "last-then-slow"    GenerateStream: the last chunk carries the summary (as the real server sends it),
-                      then the call stays open until the client cancels or times out
   anything else       a canned answer echoing the request
 """
 
@@ -150,12 +148,6 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
         if request.adapter.startswith("late-error:"):
             context.abort(grpc.StatusCode[request.adapter.removeprefix("late-error:")], "late failure")
         if request.adapter == "slow":
-            _wait_for_cancel(context)
-            return
-        if request.adapter == "last-then-slow":
-            yield ipb.GenerateStreamResponse(text=STREAM_CHUNKS[1])
-            summary = _summary(request.adapter, request_id, len(STREAM_CHUNKS))
-            yield ipb.GenerateStreamResponse(text=STREAM_CHUNKS[2], summary=summary)
             _wait_for_cancel(context)
             return
         for chunk in STREAM_CHUNKS[1:]:

@@ -56,16 +56,6 @@ class _Accumulator:
             self.summary = response.summary
         return response.text
 
-    def cancel(self) -> bool:
-        """The client cancels the call: False when the stream has ended already (nothing to cancel). A
-        stream whose summary has come (with the last text) has finished, not been cancelled: only the
-        call's OK status was still to be read."""
-        if self.done:
-            return False
-        self.done = True
-        self.cancelled = self.summary is None
-        return True
-
     def finish(self) -> None:
         """The server ended the stream with OK: it must have sent the summary."""
         self.done = True
@@ -90,9 +80,8 @@ class GenerationStream:
     """Text chunks of one GenerateStream call, in order; ``.result`` once iteration has ended.
 
     Iteration raises LoraFleetError when the call fails. After ``cancel()`` iteration ends quietly
-    and ``.result`` raises RequestCancelledError, unless the summary had come already (the server
-    sends it with the last text): then ``.result`` is the completion. As a context manager it cancels
-    the call on exit unless the stream has finished.
+    and ``.result`` raises RequestCancelledError. As a context manager it cancels the call on exit
+    unless the stream has finished.
     """
 
     def __init__(self, call: _SyncCall) -> None:
@@ -127,9 +116,9 @@ class GenerationStream:
         return self.result
 
     def cancel(self) -> None:
-        """Cancels the call; iteration then ends. A stream whose summary has arrived has finished (the
-        server sends it with the last text): ``.result`` stays its completion, not a cancellation."""
-        if self._state.cancel():
+        """Cancels the call; iteration then ends."""
+        if not self._state.done:
+            self._state.cancelled = True
             self._call.cancel()
 
     @property
@@ -202,9 +191,9 @@ class AsyncGenerationStream:
         return self.result
 
     def cancel(self) -> None:
-        """Cancels the call; iteration then ends. A stream whose summary has arrived has finished (the
-        server sends it with the last text): ``.result`` stays its completion, not a cancellation."""
-        if self._state.cancel():
+        """Cancels the call; iteration then ends."""
+        if not self._state.done:
+            self._state.cancelled = True
             self._call.cancel()
 
     @property
