@@ -9,7 +9,9 @@ ends with its CA) and, like gRPC, checks the name ``localhost``; where the certi
 host, use the orchestrator's gRPC probe instead (Kubernetes: deploy/kubernetes/lorafleet.yaml). With
 mutual TLS (``--tls-client-ca``) it presents the server's own certificate and key as its client
 certificate, which the server accepts where that CA also issued the server's certificate (one
-internal CA for both); elsewhere the handshake fails, and the orchestrator's probe is the one to use.
+internal CA for both) and the certificate may serve as a client's (an extendedKeyUsage with
+clientAuth, or none: many CA templates issue serverAuth only); elsewhere the handshake fails, and the
+orchestrator's probe is the one to use.
 """
 
 from __future__ import annotations
