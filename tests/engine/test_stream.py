@@ -343,11 +343,14 @@ def test_a_request_queued_as_its_caller_leaves_still_reports_how_it_ended(
     assert ended[0].generated_tokens < 64
 
 
-def test_a_consumer_that_stops_reading_cancels_its_request(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_consumer_that_stops_reading_cancels_its_request(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``SubmittedRequest.events`` closed after one event (a client that broke off) cancels the request
     in the engine (a mutation that did not survived the suite: the row generated to max_new_tokens for
-    nobody). The engine is held while the consumer leaves, so the row cannot finish first."""
-    from enginelib import engine_held, request, tiny_service
+    nobody). The engine's second step waits until the consumer has left, so the row cannot finish first
+    however loaded the machine is."""
+    from enginelib import request, tiny_service
 
     from lorafleet_server.engine.stream import EngineStream
 
@@ -355,18 +358,27 @@ def test_a_consumer_that_stops_reading_cancels_its_request(tiny_model_dir: Path,
     engine = service.engine
     outcome = Outcome()
     ended: list[Summary | None] = []
+    left = threading.Event()
+    steps = [0]
+    step = engine.runner.step
+
+    def gated_step(*args: object, **kwargs: object) -> object:
+        steps[0] += 1
+        if steps[0] > 1:  # the first step (the prompt's) gave the first token
+            assert left.wait(30)
+        return step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.runner, "step", gated_step)
 
     async def main() -> Summary | None:
         submitted = await EngineStream(engine).submit(request("Once upon a time", max_new_tokens=64), outcome)
         events = submitted.events()
         first = await asyncio.wait_for(anext(events), 60)
-        hold = engine_held(engine)
-        await asyncio.to_thread(hold.__enter__)
         try:
             assert not first.final
             await events.aclose()  # type: ignore[attr-defined]  # an async generator
         finally:
-            hold.__exit__(None, None, None)
+            left.set()
         # the loop stays open meanwhile: a closed one refuses the next event, which cancels the row too
         asked, summary = outcome.then(ended.append)
         deadline = time.monotonic() + 30
@@ -380,6 +392,7 @@ def test_a_consumer_that_stops_reading_cancels_its_request(tiny_model_dir: Path,
     try:
         summary = asyncio.run(main())
     finally:
+        left.set()
         engine.shutdown(10)
     assert summary is not None and summary.finish_reason == FinishReason.CANCELLED, summary
     assert summary.generated_tokens < 64
