@@ -141,10 +141,15 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (rows, kv_heads, max_seq_len, head_dim)
-        # torch.empty: pages are touched (and cost memory) only as rows fill up.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        shape = (layers, rows, kv_heads, max_seq_len, head_dim)
+        # torch.empty: pages are touched (and cost memory) only as rows fill up. One tensor for every
+        # layer, so a row's positions in all layers are one op to copy or zero (a prefix cache hit
+        # took 60 tensor ops of Python on the engine thread, each a chance to lose the GIL to the
+        # serving threads); ``k[i]``, ``v[i]``: layer i's slab [R, KVH, L, D], contiguous.
+        self._k_all = torch.empty(shape, dtype=dtype, device=device)  # [layers, R, KVH, L, D]
+        self._v_all = torch.empty(shape, dtype=dtype, device=device)
+        self.k = list(self._k_all.unbind(0))
+        self.v = list(self._v_all.unbind(0))
         self.rows = rows
         self.max_seq_len = max_seq_len
         # Positions below clean[row] hold finite values. Batched decode reads every row up to the
@@ -179,8 +184,8 @@ class KVCache:
         head_dim] each (the prefix cache keeps it while the row is reused)."""
         if not 0 <= start <= end <= self._written[row]:
             raise ValueError(f"positions [{start}, {end}) of KV row {row} are not written")
-        k = torch.stack([slab[row, :, start:end] for slab in self.k])  # [layers, KVH, n, D]
-        v = torch.stack([slab[row, :, start:end] for slab in self.v])
+        k = self._k_all[:, row, :, start:end].clone()  # [layers, KVH, n, D]
+        v = self._v_all[:, row, :, start:end].clone()
         return k, v
 
     def write(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -190,9 +195,8 @@ class KVCache:
         if k.shape != v.shape or k.shape[0] != len(self.k) or not 0 <= start <= start + n <= self.max_seq_len:
             raise ValueError(f"K/V of shape {tuple(k.shape)} do not fit KV row {row} at {start}")
         self.ensure_clean(row, start)  # what lies below stays finite
-        for i in range(len(self.k)):
-            self.k[i][row, :, start : start + n] = k[i]  # [KVH, n, D]
-            self.v[i][row, :, start : start + n] = v[i]
+        self._k_all[:, row, :, start : start + n] = k  # [layers, KVH, n, D]
+        self._v_all[:, row, :, start : start + n] = v
         self.mark_written(row, start + n)
 
     def ensure_clean(self, row: int, length: int) -> None:
@@ -206,9 +210,8 @@ class KVCache:
         if start >= length:
             return
         end = min(self.max_seq_len, max(length, start + CLEAN_AHEAD))
-        for k, v in zip(self.k, self.v, strict=True):
-            k[row, :, start:end].zero_()
-            v[row, :, start:end].zero_()
+        self._k_all[:, row, :, start:end].zero_()  # every layer's [KVH, n, D] at once
+        self._v_all[:, row, :, start:end].zero_()
         self._clean[row] = end
 
 
