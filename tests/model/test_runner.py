@@ -175,6 +175,46 @@ def test_kv_rows_are_cleaned_ahead_but_only_written_positions_can_be_read(tiny_m
         runner.kv.read(1, 0, 3)  # written by the sequence before, not by this one
 
 
+def test_the_kv_cache_copies_a_rows_positions_in_every_layer_and_nothing_else() -> None:
+    """The slabs are views of one tensor, and a row's positions in all layers are copied in, copied out
+    and zeroed in one op each (3cdb8d6): each layer gets its own part, no other row or position moves,
+    a copy out is independent of the cache, and K/V of any other shape is refused (it would broadcast)."""
+    from lorafleet_server.model.runner import CLEAN_AHEAD, KVCache
+
+    layers, rows, kv_heads, length, head_dim = 3, 4, 2, 16, 8
+    kv = KVCache(layers, rows, kv_heads, length, head_dim, torch.float32, torch.device("cpu"))
+    assert all(t.is_contiguous() and t.shape == (rows, kv_heads, length, head_dim) for t in (*kv.k, *kv.v))
+    for t in (*kv.k, *kv.v):
+        t.fill_(float("nan"))
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(layers, kv_heads, 5, head_dim, generator=gen)  # [layers, KVH, n, D]
+    v = torch.randn(layers, kv_heads, 5, head_dim, generator=gen)
+    kv.write(2, 3, k, v)
+    for i in range(layers):
+        torch.testing.assert_close(kv.k[i][2, :, 3:8], k[i], rtol=0, atol=0)
+        torch.testing.assert_close(kv.v[i][2, :, 3:8], v[i], rtol=0, atol=0)
+        assert (kv.k[i][2, :, :3] == 0).all()  # below the write: cleaned, so finite
+        assert torch.isnan(kv.k[i][[0, 1, 3]]).all()  # other rows untouched
+    got_k, got_v = kv.read(2, 3, 8)
+    torch.testing.assert_close(got_k, k, rtol=0, atol=0)
+    kv.k[0][2].zero_()
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)  # a copy, not a view of the cache
+    kv.ensure_clean(1, 4)
+    for t in (*kv.k, *kv.v):
+        assert (t[1, :, : min(length, CLEAN_AHEAD)] == 0).all()
+    # one layer too few, one KV head (it would broadcast to both), a narrower head, an extra dimension
+    for bad in (k[:2], k[:, :1], k[..., :4], k[..., None]):
+        with pytest.raises(ValueError, match="do not fit"):
+            kv.write(0, 0, bad, v)
+        with pytest.raises(ValueError, match="do not fit"):
+            kv.write(0, 0, k, bad)
+    with pytest.raises(ValueError, match="do not fit"):  # both one KV head: it broadcast before (the review)
+        kv.write(0, 0, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="do not fit"):
+        kv.write(0, 14, k, v)  # past the end of the row
+    assert torch.isnan(kv.k[0][0]).all()  # nothing written by a refused call
+
+
 @pytest.mark.parametrize(
     ("kv_rows", "window_is_view"),
     [((3, 1, 2), True), ((2, 0, 3, 1), True), ((7, 0), False), ((6, 1, 3), True)],

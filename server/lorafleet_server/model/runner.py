@@ -191,8 +191,10 @@ class KVCache:
     def write(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put keys and values computed before (``read``) at positions [start, start + n) of ``row``;
         k and v are [layers, kv_heads, n, head_dim]."""
-        n = k.shape[2]
-        if k.shape != v.shape or k.shape[0] != len(self.k) or not 0 <= start <= start + n <= self.max_seq_len:
+        n = k.shape[2] if k.dim() == 4 else 0
+        layers, _, kv_heads, _, head_dim = self._k_all.shape
+        want = (layers, kv_heads, n, head_dim)  # exactly: the one-op copy below would broadcast others
+        if k.shape != want or v.shape != want or not 0 <= start <= start + n <= self.max_seq_len:
             raise ValueError(f"K/V of shape {tuple(k.shape)} do not fit KV row {row} at {start}")
         self.ensure_clean(row, start)  # what lies below stays finite
         self._k_all[:, row, :, start : start + n] = k  # [layers, KVH, n, D]
