@@ -48,11 +48,14 @@ class IncrementalDetokenizer:
         self._prefix = 0  # start of the decode window: the first token is decoded after the prompt tail
         self._read = len(self._ids)  # tokens already turned into emitted text
 
+    def _window(self) -> tuple[str, str]:
+        """The decode window's text without the tokens not yet turned into text, and with them."""
+        return self._decode(self._ids[self._prefix : self._read]), self._decode(self._ids[self._prefix :])
+
     def push(self, token_id: int) -> str:
         """Add one token; return the newly complete text (may be empty)."""
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        full_text = self._decode(self._ids[self._prefix :])
+        prefix_text, full_text = self._window()
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
             new = full_text[len(prefix_text) :]
             self._prefix = self._read
@@ -62,8 +65,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text still held back at the end (an incomplete character is emitted as decoded)."""
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        full_text = self._decode(self._ids[self._prefix :])
+        prefix_text, full_text = self._window()
         self._prefix = self._read = len(self._ids)
         return full_text[len(prefix_text) :]
 
