@@ -541,7 +541,7 @@ def test_a_caller_that_leaves_before_a_worker_takes_its_request_drops_it(
     def slowly(prompt: str | None, *args: object, **kwargs: object) -> list[int]:
         if prompt is not None and prompt.startswith("slow"):
             encoded.append(prompt)
-            time.sleep(0.5)
+            time.sleep(1.0)  # the callers leave at 0.3 s, while the first ones are still being encoded
         return encode(prompt, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine.prompts, "encode", slowly)
@@ -716,7 +716,8 @@ def test_a_client_too_slow_with_its_head_or_body_is_cut_off(tiny_model_dir: Path
     service = tiny_service(tiny_model_dir, tmp_path / "adapters", port=0, metrics_port=0)
     keys = server_keys(service.config)
     keys.load()
-    server = BackgroundHttpServer(service, keys, timeouts=HttpTimeouts(head_seconds=0.5, body_seconds=0.5))
+    deadline = 1.0  # both; each wait below is well clear of it (a loaded CI machine is slow)
+    server = BackgroundHttpServer(service, keys, timeouts=HttpTimeouts(head_seconds=deadline, body_seconds=deadline))
     port = server.start()
 
     def closed_within(sock: socket.socket, seconds: float) -> bytes:
@@ -744,11 +745,23 @@ def test_a_client_too_slow_with_its_head_or_body_is_cut_off(tiny_model_dir: Path
 
     try:
         with socket.create_connection(("127.0.0.1", port)) as half_head:
+            opened = time.monotonic()
             half_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
-            for _ in range(3):  # a byte now and then does not extend it
-                time.sleep(0.2)
-                half_head.sendall(b"X")
-            assert closed_within(half_head, 5) == b""
+            # A byte every 0.25 s for up to 4 s does not extend it: a deadline reset by each byte (an
+            # idle timeout) would never close it while they come.
+            half_head.settimeout(0.25)
+            closed_after = None
+            while closed_after is None and time.monotonic() - opened < 4 * deadline:
+                try:
+                    if half_head.recv(4096) == b"":
+                        closed_after = time.monotonic() - opened
+                except TimeoutError:
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        half_head.sendall(b"X")
+                except ConnectionResetError:  # our byte crossed the server's close
+                    closed_after = time.monotonic() - opened
+            assert closed_after is not None, "a trickled head held the connection"
+            assert deadline <= closed_after + 0.05, closed_after
         with socket.create_connection(("127.0.0.1", port)) as short_body:
             short_body.sendall(
                 b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -758,19 +771,19 @@ def test_a_client_too_slow_with_its_head_or_body_is_cut_off(tiny_model_dir: Path
             assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in answer, answer
         with socket.create_connection(("127.0.0.1", port)) as kept:  # kept alive: each head has its own time
             kept.settimeout(5)
-            for _ in range(3):  # 0.3 s apart: 0.9 s in all on one connection, past the 0.5 s deadline
+            for _ in range(4):  # 0.4 s apart: 1.6 s in all on one connection, past the 1 s deadline
                 kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert one_response(kept).startswith(b"HTTP/1.1 200 "), "the kept-alive connection was closed"
-                time.sleep(0.3)
+                time.sleep(0.4)
         model = service.info.model_id
         body = {"model": model, "prompt": "Once", "max_tokens": 24, "stream": True}
         with httpx.Client(base_url=server.url, timeout=30) as client:
             with client.stream("POST", "/v1/completions", json=body) as stream:
                 lines = []
                 for line in stream.iter_lines():
-                    if not lines:  # the stream stalls 1.2 s on the server, past both deadlines: not cut
+                    if not lines:  # the stream stalls 2 s on the server, past both deadlines: not cut
                         with engine_held(service.engine):
-                            time.sleep(1.2)
+                            time.sleep(2 * deadline)
                     lines.append(line)
             assert "data: [DONE]" in lines
         labels = {"rpc": "POST /v1/completions", "code": "DEADLINE_EXCEEDED"}
