@@ -18,7 +18,7 @@ from lorafleet.errors import InvalidArgumentError
 from lorafleet_proto.v1 import adapters_pb2 as apb
 from lorafleet_proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
 from lorafleet_proto.v1 import inference_pb2 as ipb
-from lorafleet_server.grpc.affinity import ADAPTER_HEADER, REPLICA_HEADER
+from lorafleet_server.edge.headers import ADAPTER_HEADER, REPLICA_HEADER
 from lorafleet_server.grpc.healthcheck import check
 from lorafleet_server.grpc.healthcheck import main as healthcheck_main
 

@@ -37,6 +37,7 @@ from lorafleet_adapters.errors import (
 from lorafleet_adapters.head import ClassifierHead, publish_head
 from lorafleet_server.app import Service, build_service
 from lorafleet_server.config import ServerConfig
+from lorafleet_server.edge.status import STATUS_TABLE
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.errors import (
     AdapterBusy,
@@ -48,7 +49,6 @@ from lorafleet_server.errors import (
     WrongAdapterKind,
 )
 from lorafleet_server.grpc.server import BackgroundServer
-from lorafleet_server.grpc.status import STATUS_TABLE
 from lorafleet_server.tenants.errors import AuthenticationError
 from lorafleet_server.tenants.keys import PepperSource, create_key
 

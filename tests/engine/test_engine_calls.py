@@ -15,11 +15,11 @@ from enginelib import generate, request, tiny_service
 
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_server.app import Service
+from lorafleet_server.edge.status import status_for
 from lorafleet_server.engine import engine as engine_module
 from lorafleet_server.engine.admin import AdapterAdmin, Tier
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.errors import EngineTimeout, ShuttingDown
-from lorafleet_server.grpc.status import status_for
 
 PROMPT = "The capital of France is"
 

@@ -29,9 +29,9 @@ from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import AdapterKey, AdapterRef
 from lorafleet_adapters.store import AdapterStore
 from lorafleet_server.app import Service
+from lorafleet_server.edge.status import status_for
 from lorafleet_server.engine.admin import AdapterAdmin
 from lorafleet_server.engine.stream import EngineStream
-from lorafleet_server.grpc.status import status_for
 
 PROMPT = "The capital of France is"
 

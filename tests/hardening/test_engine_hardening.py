@@ -251,8 +251,8 @@ def test_messages_the_chat_template_refuses_are_the_requests_error(tiny_model_di
     import grpc
     from transformers import AutoTokenizer
 
+    from lorafleet_server.edge.status import status_for
     from lorafleet_server.engine.prompts import chat_ids, special_tokens_pattern
-    from lorafleet_server.grpc.status import status_for
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     alternate = (
@@ -286,8 +286,8 @@ def test_a_prompt_adapter_the_chat_template_cannot_take_is_the_adapters_error(ti
 
     from lorafleet_adapters.errors import AdapterIncompatible
     from lorafleet_adapters.prompt import PromptTemplate
+    from lorafleet_server.edge.status import status_for
     from lorafleet_server.engine.prompts import PromptEncoder
-    from lorafleet_server.grpc.status import status_for
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = (

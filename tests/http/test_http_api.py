@@ -23,9 +23,9 @@ from httplib import TinyHttp
 
 from lorafleet_adapters.errors import AdapterNotFound
 from lorafleet_server.app import Service
+from lorafleet_server.edge.status import STATUS_TABLE, http_status_for, status_for
 from lorafleet_server.errors import EngineTimeout, InvalidRequest, PermissionDenied, QueueFull, ShuttingDown
 from lorafleet_server.grpc.server import server_keys
-from lorafleet_server.grpc.status import STATUS_TABLE, http_status_for, status_for
 from lorafleet_server.http.app import HttpTimeouts
 from lorafleet_server.http.errors import describe
 from lorafleet_server.http.server import BackgroundHttpServer
@@ -801,7 +801,7 @@ def test_a_declared_body_over_the_limit_is_read_before_the_413() -> None:
 
     from prometheus_client import CollectorRegistry
 
-    from lorafleet_server.grpc.observe import CallObserver
+    from lorafleet_server.edge.observe import CallObserver
     from lorafleet_server.http.limits import BodyLimit
     from lorafleet_server.metrics import Metrics
 

@@ -20,7 +20,7 @@ from httplib import TinyHttp
 from starlette.requests import Request
 
 from lorafleet_adapters.head import HEAD_METHOD
-from lorafleet_server.grpc.observe import CallObserver
+from lorafleet_server.edge.observe import CallObserver
 from lorafleet_server.http.app import ClientDisconnected, Health, OpenAIApi
 from lorafleet_server.http.errors import BodyError, body_error
 from lorafleet_server.http.schemas import CompletionRequest

@@ -439,7 +439,7 @@ def test_a_stream_closed_at_its_yield_counts_as_its_deadline_or_a_cancel_never_i
 
     from prometheus_client import CollectorRegistry
 
-    from lorafleet_server.grpc.observe import CallObserver
+    from lorafleet_server.edge.observe import CallObserver
     from lorafleet_server.metrics import Metrics
 
     registry = CollectorRegistry()

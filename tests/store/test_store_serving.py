@@ -21,8 +21,8 @@ from lorafleet_adapters.backend import StoreSettings, open_store
 from lorafleet_adapters.errors import StoreUnavailable
 from lorafleet_adapters.s3_store import S3AdapterStore
 from lorafleet_server.app import Service, build_service
+from lorafleet_server.edge.status import status_for
 from lorafleet_server.engine.versions import RefreshResult
-from lorafleet_server.grpc.status import status_for
 
 pytestmark = pytest.mark.slow  # the tiny model per test, SeaweedFS stopped and started again
 

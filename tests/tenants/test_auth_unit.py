@@ -15,6 +15,8 @@ from lorafleet_adapters.errors import AdapterNotFound
 from lorafleet_adapters.ref import AdapterRef
 from lorafleet_proto.v1 import adapters_pb2, inference_pb2, usage_pb2
 from lorafleet_server.config import ServerConfig
+from lorafleet_server.edge.observe import CallObserver
+from lorafleet_server.edge.status import status_for
 from lorafleet_server.engine.types import GenerationRequest, Principal
 from lorafleet_server.errors import PermissionDenied, StartupError
 from lorafleet_server.grpc.auth import (
@@ -29,9 +31,7 @@ from lorafleet_server.grpc.auth import (
     is_loopback,
     listed_tenant,
 )
-from lorafleet_server.grpc.observe import CallObserver
 from lorafleet_server.grpc.server import SERVICE_NAMES, server_keys
-from lorafleet_server.grpc.status import status_for
 from lorafleet_server.metrics import Metrics
 from lorafleet_server.tenants.errors import (
     ExpiredKey,

@@ -12,10 +12,10 @@ import grpc
 
 from lorafleet_adapters.ref import AdapterRef, check_ident
 from lorafleet_proto.v1 import adapters_pb2, adapters_pb2_grpc
+from lorafleet_server.edge.observe import CallObserver, CallRecord
 from lorafleet_server.engine.admin import AdapterAdmin
 from lorafleet_server.grpc import convert
 from lorafleet_server.grpc.auth import check_admin_view, listed_tenant
-from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import unary_rpc
 
 MAX_PAGE_SIZE = 1000  # a larger page_size is taken as this (each adapter carries every version's manifest)

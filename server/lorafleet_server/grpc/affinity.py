@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import grpc
 
+from lorafleet_server.edge.headers import ADAPTER_HEADER, REPLICA_HEADER
 from lorafleet_server.errors import InvalidRequest
-
-ADAPTER_HEADER = "x-lorafleet-adapter"
-REPLICA_HEADER = "x-lorafleet-replica"
 
 
 def header_adapter(context: grpc.aio.ServicerContext) -> str | None:

@@ -43,12 +43,12 @@ from typing import NoReturn
 import grpc
 
 from lorafleet_proto.v1 import adapters_pb2, inference_pb2, usage_pb2
+from lorafleet_server.edge.observe import CallObserver
+from lorafleet_server.edge.principal import principal_from
+from lorafleet_server.edge.status import status_for
 from lorafleet_server.engine.types import Principal
 from lorafleet_server.errors import PermissionDenied, StartupError
-from lorafleet_server.grpc.observe import CallObserver
-from lorafleet_server.grpc.principal import principal_from
 from lorafleet_server.grpc.rpc import request_id_of
-from lorafleet_server.grpc.status import status_for
 from lorafleet_server.tenants.access import (  # shared with the HTTP edge; re-exported here
     AUTHORIZATION,
     BEARER,

@@ -7,13 +7,13 @@ from collections.abc import AsyncGenerator, Callable
 import grpc
 
 from lorafleet_proto.v1 import inference_pb2, inference_pb2_grpc
+from lorafleet_server.edge.observe import CallObserver, CallRecord
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.stream import EngineStream
 from lorafleet_server.engine.types import FinishReason, ModelInfo, Summary
 from lorafleet_server.errors import STOPPED_BY_SERVER, ShuttingDown
 from lorafleet_server.grpc import convert
 from lorafleet_server.grpc.auth import check_adapter_access
-from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import stream_rpc, unary_rpc
 from lorafleet_server.tenants.access import sees_every_tenant
 

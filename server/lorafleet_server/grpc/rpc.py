@@ -37,10 +37,10 @@ from typing import Literal, Protocol, TypeAlias, TypeVar, cast, overload
 
 import grpc
 
+from lorafleet_server.edge.observe import CallObserver, CallRecord
+from lorafleet_server.edge.status import public_message, status_for
 from lorafleet_server.engine.types import Principal
 from lorafleet_server.grpc.affinity import check_adapter_header, replica_metadata
-from lorafleet_server.grpc.observe import CallObserver, CallRecord
-from lorafleet_server.grpc.status import public_message, status_for
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

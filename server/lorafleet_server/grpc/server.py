@@ -33,12 +33,12 @@ from lorafleet_proto.v1 import (
 )
 from lorafleet_server.app import Service
 from lorafleet_server.config import ServerConfig, keys_pepper
+from lorafleet_server.edge.observe import CallObserver
 from lorafleet_server.engine.admin import AdapterAdmin
 from lorafleet_server.errors import StartupError
 from lorafleet_server.grpc.admin import AdaptersServicer
 from lorafleet_server.grpc.auth import ADMIN_RPCS, AuthInterceptor, ServerKeys, is_loopback
 from lorafleet_server.grpc.inference import InferenceServicer
-from lorafleet_server.grpc.observe import CallObserver
 from lorafleet_server.grpc.rpc import DecodeGuard, rpc_names
 from lorafleet_server.grpc.usage import UsageServicer
 from lorafleet_server.listen import check_can_listen

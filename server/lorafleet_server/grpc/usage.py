@@ -9,9 +9,9 @@ import grpc
 
 from lorafleet_adapters.ref import check_ident
 from lorafleet_proto.v1 import usage_pb2, usage_pb2_grpc
+from lorafleet_server.edge.observe import CallObserver, CallRecord
 from lorafleet_server.engine.usage import UsageMeter
 from lorafleet_server.errors import InvalidRequest
-from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.grpc.rpc import unary_rpc
 
 MAX_UNIX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z

@@ -35,6 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorafleet_adapters.errors import AdapterNotFound, InvalidAdapterRef
 from lorafleet_adapters.ref import AdapterRef
 from lorafleet_server import __version__
+from lorafleet_server.edge.headers import ADAPTER_HEADER, REPLICA_HEADER
+from lorafleet_server.edge.observe import CallObserver, CallRecord
 from lorafleet_server.engine.admin import AdapterAdmin, AdapterView, VersionView
 from lorafleet_server.engine.engine import Engine
 from lorafleet_server.engine.stream import EngineStream, Outcome, Outcomes, SubmittedRequest
@@ -49,8 +51,6 @@ from lorafleet_server.engine.types import (
     TokenEvent,
 )
 from lorafleet_server.errors import STOPPED_BY_SERVER, ShuttingDown
-from lorafleet_server.grpc.affinity import ADAPTER_HEADER, REPLICA_HEADER
-from lorafleet_server.grpc.observe import CallObserver, CallRecord
 from lorafleet_server.http.auth import HttpAuth, principal_of
 from lorafleet_server.http.errors import InvalidParameter, body_error, describe, error_body
 from lorafleet_server.http.limits import BodyLimit, BodyTimedOut, BodyTooLarge

@@ -18,10 +18,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from lorafleet_server.edge.observe import CallObserver
+from lorafleet_server.edge.principal import principal_from
 from lorafleet_server.engine.types import Principal
 from lorafleet_server.errors import PermissionDenied
-from lorafleet_server.grpc.observe import CallObserver
-from lorafleet_server.grpc.principal import principal_from
 from lorafleet_server.http.errors import describe
 from lorafleet_server.http.routes import GET_MODEL, ROUTES, NoDeadline, request_id_of, rpc_of
 from lorafleet_server.tenants.access import KeyChecker, bearer_key

@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 
 from lorafleet_adapters.errors import AdapterNotFound, InvalidAdapterRef
+from lorafleet_server.edge.status import http_status_for, public_message, status_for
 from lorafleet_server.errors import InvalidRequest
-from lorafleet_server.grpc.status import http_status_for, public_message, status_for
 from lorafleet_server.http.routes import EMBEDDINGS
 
 log = logging.getLogger(__name__)

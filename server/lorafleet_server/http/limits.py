@@ -25,7 +25,7 @@ import grpc
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lorafleet_server.grpc.observe import CallObserver
+from lorafleet_server.edge.observe import CallObserver
 from lorafleet_server.http.errors import error_body
 from lorafleet_server.http.routes import NoDeadline, request_id_of, rpc_of
 

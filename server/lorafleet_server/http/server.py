@@ -19,8 +19,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lorafleet_server.app import Service
+from lorafleet_server.edge.observe import CallObserver
 from lorafleet_server.errors import StartupError
-from lorafleet_server.grpc.observe import CallObserver
 from lorafleet_server.http.app import Health, HttpTimeouts, create_app
 from lorafleet_server.http.routes import ROUTE_NAMES
 from lorafleet_server.tenants.access import KeyChecker

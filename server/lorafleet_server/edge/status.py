@@ -1,4 +1,6 @@
-"""The one table from domain exceptions to gRPC status codes (docs/architecture.md, "The flow of a request")."""
+"""The one table from domain exceptions to status codes, for both edges (docs/architecture.md, "The flow of
+a request"). The codes are gRPC's (the canonical ones); the HTTP edge maps each to an HTTP status
+(``HTTP_STATUS``), so an exception gets the same answer at either door."""
 
 from __future__ import annotations
 

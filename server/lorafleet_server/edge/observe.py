@@ -1,4 +1,5 @@
-"""Per-RPC accounting at the gRPC edge: status-code counters, latency, one log line per request.
+"""Per-call accounting at both edges (a gRPC RPC, an HTTP route): status-code counters, latency, one
+log line per request.
 
 Every line names who called (``key_id`` and ``tenant`` of the API key; on a server without keys the
 tenant is the adapter's). Admin RPCs (those only the ``admin`` role may call, ``auth.ADMIN_RPCS``)

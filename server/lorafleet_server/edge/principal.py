@@ -1,7 +1,4 @@
-"""The caller as the engine sees it, from an authenticated API key: one mapping for both edges.
-
-No protobuf here: the HTTP edge imports it too (as it imports ``grpc.status`` and ``grpc.observe``).
-"""
+"""The caller as the engine sees it, from an authenticated API key: one mapping for both edges."""
 
 from __future__ import annotations
 
