@@ -251,3 +251,49 @@ def test_a_subcommand_lists_the_settings_it_reads_and_accepts_the_rest(capsys: p
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--help"])
     assert "--max-batch-size" in capsys.readouterr().out  # serve lists them all
+
+
+def test_the_c_compiler_is_the_flag_then_ours_then_cc() -> None:
+    """Read here only: the native kernels take the compiler the config names (model/native.py reads no
+    environment)."""
+    assert parse_config([], environ={}).c_compiler is None  # cc or gcc on the PATH
+    assert parse_config([], environ={"CC": "clang"}).c_compiler == "clang"
+    both = {"CC": "clang", "LORAFLEET_C_COMPILER": "/opt/gcc-14/bin/gcc"}
+    assert parse_config([], environ=both).c_compiler == "/opt/gcc-14/bin/gcc"
+    assert parse_config(["--c-compiler", "gcc-13"], environ=both).c_compiler == "gcc-13"
+
+
+def test_a_service_builds_every_native_kernel_with_the_configured_compiler(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every kernel the service builds goes through ``c_compiler``: with cc and gcc hidden from the
+    kernels, one call site that forgot it would fall back to torch (or refuse to start) unseen."""
+    import shutil
+
+    from enginelib import tiny_service
+
+    from lorafleet_server.model import native
+    from lorafleet_server.model.cpu import cpu_features
+
+    real = native.find_compiler()
+    if real is None:
+        pytest.skip("no C compiler on this machine")
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "my-cc"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    which = shutil.which
+    monkeypatch.setattr(native.shutil, "which", lambda name: None if name in ("cc", "gcc") else which(name))
+    service = tiny_service(
+        tiny_model_dir, tmp_path / "adapters", c_compiler=str(wrapper), kernel_cache_dir=tmp_path / "kernels"
+    )
+    try:
+        built = {Path(word).name for line in calls.read_text().splitlines() for word in line.split()}
+        expected = {"attention.c", "lora.c", "transpose.c", "layers.c"}
+        if "avx2" in cpu_features().flags:  # the fp32 base's Linears: native timed against oneDNN and torch
+            expected.add("linear_f32.c")
+        assert expected <= built, sorted(built)
+        info = service.info
+        assert (info.attention_kernel, info.lora_kernel) == ("native", "native")
+    finally:
+        service.engine.shutdown(0.0)

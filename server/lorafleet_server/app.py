@@ -150,6 +150,7 @@ def build_service(config: ServerConfig, metrics: Metrics | None = None) -> Servi
         compile=config.compile,
         linear_kernel=config.linear_kernel,
         kernels_dir=config.kernels_dir,
+        compiler=config.c_compiler,
         linear_threads=config.linear_threads or len(os.sched_getaffinity(0)),
         # an fp32 base's Linears are timed at the thread counts of the steps packed Linears serve
         measure_threads=step_threads.small_step_counts if step_threads is not None else (),
@@ -168,7 +169,7 @@ def build_service(config: ServerConfig, metrics: Metrics | None = None) -> Servi
     write, clear = make_slot_io(base.lora_layers)
     slots = DeviceSlots(config.max_loaded_adapters, write, clear, lambda e: metrics.adapter_event("device", e))
     host_cache = HostCache(config.host_cache_bytes, lambda e: metrics.adapter_event("host", e))
-    transpose = choose_transpose(cache_dir=config.kernels_dir)
+    transpose = choose_transpose(cache_dir=config.kernels_dir, compiler=config.c_compiler)
     log.info("adapter host layout: %s (%s)", transpose.name, transpose.reason)
     manager = AdapterManager(
         store,
@@ -185,6 +186,7 @@ def build_service(config: ServerConfig, metrics: Metrics | None = None) -> Servi
     attention = choose_attention(
         config.attention_kernel,
         cache_dir=config.kernels_dir,
+        compiler=config.c_compiler,
         heads=shape.heads,
         kv_heads=shape.kv_heads,
         head_dim=shape.head_dim,
@@ -193,10 +195,20 @@ def build_service(config: ServerConfig, metrics: Metrics | None = None) -> Servi
         pool=base.pool,
     )
     log.info("attention: %s (%s)", attention.name, attention.reason)
-    lora = choose_lora(config.lora_impl, cache_dir=config.kernels_dir, device=base.device, pool=base.pool)
+    lora = choose_lora(
+        config.lora_impl,
+        cache_dir=config.kernels_dir,
+        compiler=config.c_compiler,
+        device=base.device,
+        pool=base.pool,
+    )
     log.info("multi-LoRA: %s (%s)", lora.name, lora.reason)
     layers = choose_layers(
-        config.layers_kernel, cache_dir=config.kernels_dir, attention=attention.kernel, lora=lora.kernel
+        config.layers_kernel,
+        cache_dir=config.kernels_dir,
+        compiler=config.c_compiler,
+        attention=attention.kernel,
+        lora=lora.kernel,
     )
     runner = ModelRunner(
         base.model,

@@ -107,6 +107,13 @@ class ServerConfig(EngineConfig):
             "by its source, compiler, flags and CPU, so servers of different data dirs may share one directory"
         },
     )
+    c_compiler: str | None = field(
+        default=None,
+        metadata={
+            "help": "the C compiler that builds the native kernels, a name on the PATH or a path "
+            "(default: $CC if set, else cc or gcc on the PATH)"
+        },
+    )
     keys_file: Path | None = field(
         default=None,
         metadata={
@@ -434,6 +441,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         if spec.choices is not None and value not in spec.choices:
             raise ValueError(f"{spec.name} must be one of {', '.join(spec.choices)}, got {value!r}")
         values[spec.name] = value
+    if "c_compiler" not in values and environ.get("CC"):  # the build tools' own variable, below ours
+        values["c_compiler"] = environ["CC"]
     config = ServerConfig(**values)
     _check(config)
     return config

@@ -597,8 +597,12 @@ def test_a_failing_or_missing_compiler_is_a_clear_error(tmp_path: Path, monkeypa
     with pytest.raises(NativeKernelError, match="no such flag"):
         build_library(native.ATTENTION_SOURCE, tmp_path / "cache", compiler=str(broken))
     assert not any((tmp_path / "cache").glob("*.so"))
-    monkeypatch.setenv("CC", str(tmp_path / "not-there"))
-    monkeypatch.setenv("PATH", os.defpath)
+    missing = str(tmp_path / "not-there")
+    assert find_compiler(missing) is None
+    with pytest.raises(NativeKernelError, match=r"the C compiler '.*not-there' is not found"):
+        load_native_attention(tmp_path / "cache", compiler=missing)
+    monkeypatch.setenv("CC", "gcc")  # the server's config reads $CC; the kernels take only what it passes
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     assert find_compiler() is None
     with pytest.raises(NativeKernelError, match="no C compiler"):
         load_native_attention(tmp_path / "cache")
@@ -611,8 +615,16 @@ def test_auto_falls_back_to_torch_and_native_refuses_to_start(tmp_path: Path, mo
     assert choose_attention("torch", cache_dir=tmp_path, device=CPU, **shape).kernel is None  # type: ignore[arg-type]
     gpu = choose_attention("auto", cache_dir=tmp_path, device=torch.device("cuda"), **shape)  # type: ignore[arg-type]
     assert gpu.name == "torch" and "cuda" in gpu.reason
-    monkeypatch.setenv("CC", str(tmp_path / "not-there"))
-    monkeypatch.setenv("PATH", os.defpath)
+    missing = str(tmp_path / "not-there")
+    fallback = choose_attention(
+        "auto",
+        cache_dir=tmp_path / "fresh",
+        device=CPU,
+        compiler=missing,
+        **shape,  # type: ignore[arg-type]
+    )
+    assert fallback.kernel is None and "not-there' is not found" in fallback.reason
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     fallback = choose_attention("auto", cache_dir=tmp_path / "fresh", device=CPU, **shape)  # type: ignore[arg-type]
     assert fallback.kernel is None and "no C compiler" in fallback.reason
     with pytest.raises(NativeKernelError, match="no C compiler"):

@@ -374,7 +374,8 @@ def test_choose_lora_builds_falls_back_or_refuses(tmp_path: Path, monkeypatch: p
     assert gpu.kernel is None and "cuda" in gpu.reason
     with pytest.raises(NativeKernelError, match="CPU"):
         choose_lora("native", cache_dir=tmp_path, device=torch.device("cuda"))
-    monkeypatch.setenv("CC", str(tmp_path / "not-there"))
+    with pytest.raises(NativeKernelError, match="not-there' is not found"):
+        choose_lora("native", cache_dir=tmp_path / "fresh", device=CPU, compiler=str(tmp_path / "not-there"))
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     fallback = choose_lora("auto", cache_dir=tmp_path / "fresh", device=CPU)
     assert fallback.kernel is None and "no C compiler" in fallback.reason

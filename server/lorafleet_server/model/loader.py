@@ -432,6 +432,7 @@ def load_base(
     compile: bool = False,
     linear_kernel: LinearKernel = "auto",
     kernels_dir: Path | None = None,
+    compiler: str | None = None,
     linear_threads: int = 1,
     measure_threads: tuple[int, ...] = (),
 ) -> LoadedBase:
@@ -439,8 +440,9 @@ def load_base(
     "device" or None keeps `compute_dtype_for(device)` (bf16 on CUDA, fp32 on CPU: the default).
     `compile` runs `compile_base` (CPU or CUDA, unquantized bases only). `linear_kernel` picks the
     CPU base Linears' kernel (`model/packed.py` pack_base); the native one is built into
-    `kernels_dir` (None: not tried) and runs on `linear_threads` threads; an fp32 base's choice is
-    timed at `measure_threads` (the thread counts its steps run on; empty: torch's current one)."""
+    `kernels_dir` (None: not tried) by `compiler` (None: cc or gcc) and runs on `linear_threads`
+    threads; an fp32 base's choice is timed at `measure_threads` (the thread counts its steps run on;
+    empty: torch's current one)."""
     cfg = read_model_config(model_dir)
     quantization = resolve_quantization(quantization, device)
     features = cpu_features()
@@ -473,6 +475,7 @@ def load_base(
         linear_kernel,
         eligible=eligible,
         cache_dir=kernels_dir,
+        compiler=compiler,
         threads=linear_threads,
         dtype=compute,
         measure_threads=measure_threads,

@@ -68,10 +68,10 @@ class NativeCpuUnsupported(NativeKernelError):
     change that)."""
 
 
-def find_compiler() -> str | None:
-    """The C compiler: ``$CC`` if set, else ``cc`` or ``gcc`` on the PATH."""
-    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]
-    for name in candidates:
+def find_compiler(preferred: str | None = None) -> str | None:
+    """The C compiler's path: ``preferred`` (the server's ``--c-compiler``, a name on the PATH or a
+    path) if given, else ``cc`` or ``gcc`` on the PATH; None where it is not found."""
+    for name in [preferred] if preferred else ["cc", "gcc"]:
         path = shutil.which(name)
         if path is not None:
             return path
@@ -120,9 +120,12 @@ def for_compiler(flags: tuple[str, ...], clang: bool) -> tuple[str, ...]:
 def build_library(name: str, cache_dir: Path, compiler: str | None = None, flags: tuple[str, ...] = CFLAGS) -> Path:
     """The shared library of ``csrc/<name>`` for this CPU: built with ``flags`` (for_compiler) into
     ``cache_dir`` unless a build of the same source, compiler, flags and CPU is there already."""
-    compiler = compiler or find_compiler()
-    if compiler is None:
-        raise NativeKernelError("no C compiler found (set CC, or install gcc)")
+    found = find_compiler(compiler)
+    if found is None:
+        raise NativeKernelError(
+            f"the C compiler {compiler!r} is not found" if compiler else "no C compiler found (install gcc)"
+        )
+    compiler = found
     source = _source(name)
     headers = {header: _source(header) for header in HEADERS}
     version = _compiler_version(compiler)
