@@ -185,8 +185,7 @@ class AsyncLoraFleetClient:
         timeout: float | None = None,
     ) -> Tokens:
         """The token ids the model sees for ``text`` or ``messages``; give one."""
-        convert.check_one_input(text, messages, "text")
-        request = ipb.TokenizeRequest(text=text or "", messages=convert.messages_to_proto(messages or ()))
+        request = convert.tokenize_request(text, messages)
         response: ipb.TokenizeResponse = await self._unary(self._inference.Tokenize, request, timeout)
         return convert.tokens_from_proto(response)
 
@@ -200,10 +199,7 @@ class AsyncLoraFleetClient:
         timeout: float | None = None,
     ) -> Embedding:
         """The mean-pooled last hidden state of ``text`` or ``messages``, through ``adapter`` if given."""
-        convert.check_one_input(text, messages, "text")
-        request = ipb.EmbedRequest(
-            text=text or "", messages=convert.messages_to_proto(messages or ()), adapter=convert.adapter_field(adapter)
-        )
+        request = convert.embed_request(text, messages, adapter)
         response, replica, rid = await self._unary_call(
             self._inference.Embed, request, timeout, request_id, request.adapter
         )
@@ -221,13 +217,7 @@ class AsyncLoraFleetClient:
     ) -> Classification:
         """Labels with probabilities (most likely first; ``top_k`` of them, 0: all) of the head ``adapter``
         for ``text`` or ``messages``; give one."""
-        convert.check_one_input(text, messages, "text")
-        request = ipb.ClassifyRequest(
-            text=text or "",
-            messages=convert.messages_to_proto(messages or ()),
-            adapter=convert.adapter_field(adapter),
-            top_k=convert.check_wire_int("top_k", top_k, 0, convert.UINT32_MAX),
-        )
+        request = convert.classify_request(text, messages, adapter, top_k)
         response, replica, rid = await self._unary_call(
             self._inference.Classify, request, timeout, request_id, request.adapter
         )
@@ -305,7 +295,7 @@ class AsyncLoraFleetClient:
     ) -> UsageReport:
         """``get_usage``'s rows with the window the server summed, widened to whole minutes (see
         UsageReport for polling without gaps or double counts)."""
-        request = upb.GetUsageRequest(start_unix_seconds=int(start), end_unix_seconds=int(end or 0), tenant=tenant)
+        request = convert.usage_request(start, end, tenant)
         response: upb.GetUsageResponse = await self._unary(self._usage.GetUsage, request, timeout)
         return convert.usage_from_proto(response)
 

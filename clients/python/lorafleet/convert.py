@@ -37,6 +37,35 @@ _FINISH_REASONS: dict[ipb.FinishReason, FinishReason] = {
     ipb.FINISH_REASON_CANCELLED: "cancelled",
 }
 _FINISH_REASON_VALUES: dict[FinishReason, ipb.FinishReason] = {name: value for value, name in _FINISH_REASONS.items()}
+
+
+def tokenize_request(text: str | None, messages: Sequence[Message] | None) -> ipb.TokenizeRequest:
+    check_one_input(text, messages, "text")
+    return ipb.TokenizeRequest(text=text or "", messages=messages_to_proto(messages or ()))
+
+
+def embed_request(text: str | None, messages: Sequence[Message] | None, adapter: str | None) -> ipb.EmbedRequest:
+    check_one_input(text, messages, "text")
+    return ipb.EmbedRequest(text=text or "", messages=messages_to_proto(messages or ()), adapter=adapter_field(adapter))
+
+
+def classify_request(
+    text: str | None, messages: Sequence[Message] | None, adapter: str, top_k: int
+) -> ipb.ClassifyRequest:
+    check_one_input(text, messages, "text")
+    return ipb.ClassifyRequest(
+        text=text or "",
+        messages=messages_to_proto(messages or ()),
+        adapter=adapter_field(adapter),
+        top_k=check_wire_int("top_k", top_k, 0, UINT32_MAX),
+    )
+
+
+def usage_request(start: float, end: float | None, tenant: str) -> upb.GetUsageRequest:
+    """``end`` None: now (0 on the wire)."""
+    return upb.GetUsageRequest(start_unix_seconds=int(start), end_unix_seconds=int(end or 0), tenant=tenant)
+
+
 _TIERS: dict[apb.AdapterTier, AdapterTier] = {
     apb.ADAPTER_TIER_UNSPECIFIED: "unspecified",
     apb.ADAPTER_TIER_STORE: "store",
