@@ -558,7 +558,7 @@ def test_a_caller_that_leaves_before_a_worker_takes_its_request_drops_it(
             await asyncio.gather(*(call(i) for i in range(5 * SUBMIT_THREADS)))
 
     asyncio.run(leave_early())
-    wait_for(lambda: engine._submitting == 0 and engine.load_stats() == (0, 0), 30, "every place given back")
+    wait_for(lambda: engine.places.submitting == 0 and engine.load_stats() == (0, 0), 30, "every place given back")
     assert len(encoded) <= SUBMIT_THREADS + 2, len(encoded)  # those a worker had started, not all 40
 
 

@@ -312,10 +312,10 @@ def test_a_handler_cancelled_before_its_work_started_cancels_the_engine_request(
             assert cancelled() == before + 1, exc  # cancelled, not run to its max_tokens
         # Gone while its submit waited: no engine request at all (none cancelled, none run)
         api._until_disconnect = gone_first(ClientDisconnected(), after=0)  # type: ignore[method-assign]
-        before, reserved = cancelled(), engine._submitting
+        before, reserved = cancelled(), engine.places.submitting
         call = api._generate(Request(scope, receive), CompletionRequest(**body), "completion")
         assert loop.run_until_complete(call).status_code == 499
-        assert cancelled() == before and engine._submitting == reserved and engine.load_stats() == (0, 0)
+        assert cancelled() == before and engine.places.submitting == reserved and engine.load_stats() == (0, 0)
     finally:
         loop.close()
 

@@ -97,7 +97,7 @@ def test_abandoned_requests_are_dropped_before_they_are_tokenized(service: Servi
     time.sleep(2 * SLOW_SECONDS)
     assert len(slow_prompts) <= SUBMIT_THREADS, len(slow_prompts)  # those a worker had started; no more
     deadline = time.monotonic() + 10
-    while service.engine.load_stats() != (0, 0) or service.engine._submitting:
+    while service.engine.load_stats() != (0, 0) or service.engine.places.submitting:
         assert time.monotonic() < deadline, "an abandoned request's place was never given back"
         time.sleep(0.05)
 
@@ -116,18 +116,18 @@ def test_requests_waiting_for_a_worker_count_toward_the_tenants_limit(service: S
     engine.reserve(reqs[6])
     for req in reqs[1:]:
         engine.unreserve(req)
-    assert engine._submitting == 0 and not engine._tenant_submitting
+    assert engine.places.submitting == 0 and not engine.places.tenant_submitting
 
 
 def test_a_failed_submit_gives_its_place_back(service: Service) -> None:
     engine = service.engine
     with pytest.raises(AdapterNotFound):
         engine.submit(as_tenant(request("Hi", adapter="a/missing"), "a"), Collected())
-    assert engine._submitting == 0 and not engine._tenant_submitting
+    assert engine.places.submitting == 0 and not engine.places.tenant_submitting
     sink = Collected()
     engine.submit(as_tenant(request("Hi", max_new_tokens=1), "a"), sink)
     assert sink.wait().summary.generated_tokens == 1
-    assert engine._submitting == 0 and engine.load_stats() == (0, 0)
+    assert engine.places.submitting == 0 and engine.load_stats() == (0, 0)
 
 
 def test_a_request_reserved_before_the_drain_is_refused_without_tokenizing(
@@ -144,7 +144,7 @@ def test_a_request_reserved_before_the_drain_is_refused_without_tokenizing(
         engine._accepting = False  # what the drain's end does
     with pytest.raises(ShuttingDown):
         engine.submit(req, Collected(), reserved_at=arrived)
-    assert slow_prompts == [] and engine._submitting == 0
+    assert slow_prompts == [] and engine.places.submitting == 0
 
 
 def test_a_tenants_requests_waiting_to_resume_use_its_running_limit(service: Service) -> None:
@@ -154,7 +154,7 @@ def test_a_tenants_requests_waiting_to_resume_use_its_running_limit(service: Ser
     engine = service.engine
     limits = {"max_waiting": 1, "max_running": 2}
     with engine._lock:
-        engine._count_queued("a", +2, resuming=True)  # as two preemptions leave it
+        engine.places.count_queued("a", +2, resuming=True)  # as two preemptions leave it
     try:
         first = as_tenant(request("p0"), "a", **limits)
         engine.reserve(first)
@@ -163,7 +163,7 @@ def test_a_tenants_requests_waiting_to_resume_use_its_running_limit(service: Ser
         engine.unreserve(first)
     finally:
         with engine._lock:
-            engine._count_queued("a", -2, resuming=True)
+            engine.places.count_queued("a", -2, resuming=True)
 
 
 def test_a_cancel_that_comes_once_the_engine_is_stopping_is_not_metered(service: Service) -> None:

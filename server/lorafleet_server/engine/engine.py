@@ -34,6 +34,7 @@ from lorafleet_server.engine.classify import classify_rows
 from lorafleet_server.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from lorafleet_server.engine.fair_pool import FairPool
 from lorafleet_server.engine.fairness import FairQueue, preemption_victim
+from lorafleet_server.engine.places import Places, tenant_limit
 from lorafleet_server.engine.prefix_cache import PrefixCache
 from lorafleet_server.engine.prompts import PromptEncoder, Tokenizer
 from lorafleet_server.engine.types import (
@@ -51,7 +52,6 @@ from lorafleet_server.errors import (
     ContextLengthExceeded,
     EngineTimeout,
     InvalidRequest,
-    QueueFull,
     ServingError,
     ShuttingDown,
     WrongAdapterKind,
@@ -93,15 +93,6 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """The text of each special token of ``tokenizer`` (``<|im_start|>``, ...) -> its id."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     return {str(t.content): int(i) for i, t in added.items() if getattr(t, "special", False)}
-
-
-def _add_count(counts: dict[str, int], tenant: str, delta: int) -> None:
-    """``counts[tenant] += delta``, the entry dropped at 0 (so the dict holds only tenants with some)."""
-    left = counts.get(tenant, 0) + delta
-    if left:
-        counts[tenant] = left
-    else:
-        counts.pop(tenant, None)
 
 
 @dataclass(eq=False)  # identity: two requests may carry the same client-chosen request id
@@ -270,17 +261,10 @@ class Engine:
         self._waiting: FairQueue[_Request] = FairQueue()
         self._running: list[_Request] = []
         self._free_rows = list(range(config.max_batch_size))  # engine thread only
-        self._free_row_count = config.max_batch_size  # len(_free_rows) for other threads (lock guards)
-        self._queued = 0  # submitted, not yet running (any thread reads, lock guards)
-        self._tenant_queued: dict[str, int] = {}  # the same, per tenant (lock guards)
-        # Of those, the preempted requests waiting to resume, per tenant (lock guards): they wait, but
-        # their tenant did not ask for them again, so its max_waiting does not count them.
-        self._tenant_resuming: dict[str, int] = {}
-        self._tenant_rows: dict[str, int] = {}  # KV rows each tenant holds now (lock guards)
-        # Requests between ``reserve`` and the queue (waiting for a worker thread, or tokenizing): they
-        # hold their place in the queue and count toward its limits (lock guards).
-        self._submitting = 0
-        self._tenant_submitting: dict[str, int] = {}
+        # Requests reserved (between ``reserve`` and the queue: waiting for a worker thread, or
+        # tokenizing; they hold their place and count toward the limits), queued and running, per
+        # tenant, for the submit threads' refusals (lock guards).
+        self.places = Places(config)
         self._lock = threading.Lock()
         self._accepting = True
         self._closed = False  # the loop has exited: the inbox takes no more messages (lock guards)
@@ -335,7 +319,7 @@ class Engine:
 
     def load_stats(self) -> tuple[int, int]:
         """(running rows, queued requests)."""
-        return len(self._running), self._queued
+        return len(self._running), self.places.queued
 
     def encode_prompt(
         self,
@@ -380,14 +364,15 @@ class Engine:
         arrived = time.monotonic()
         self._validate_params(req)
         with self._lock:
-            self._check_capacity_locked(req)
-            self._count_submitting(req.tenant, +1)
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            self.places.reserve(req)
         return arrived
 
     def unreserve(self, req: GenerationRequest) -> None:
         """Give back the place ``reserve`` held for ``req`` (its submit never ran: the caller left)."""
         with self._lock:
-            self._count_submitting(req.tenant, -1)
+            self.places.unreserve(req.tenant)
 
     def submit(self, req: GenerationRequest, sink: Sink, *, reserved_at: float | None = None) -> RequestHandle:
         """Validate, tokenize and resolve ``req``, then queue it. Raises domain errors at once.
@@ -438,12 +423,10 @@ class Engine:
         with self._lock:
             if not self._accepting:  # it began shutting down while this one tokenized
                 raise ShuttingDown("the server is shutting down")
-            self._count_submitting(req.tenant, -1)  # its reserved place, now in the queue
-            self._count_queued(req.tenant, +1)
+            self.places.enqueue(req.tenant)  # its reserved place, now in the queue
         if not self._post(_Submit(state)):  # the loop exited (crashed) after the check above
             with self._lock:
-                self._count_queued(req.tenant, -1)
-                self._count_submitting(req.tenant, +1)  # given back by submit
+                self.places.unqueue(req.tenant)  # given back by submit
             raise ShuttingDown("the server is shutting down")
         return RequestHandle(self, state)
 
@@ -473,72 +456,9 @@ class Engine:
             raise InvalidRequest(f"top_k must be >= 0, got {req.classify.top_k}", param="top_k")
         return head
 
-    def _count_submitting(self, tenant: str, delta: int) -> None:
-        """Reserved requests not queued yet, in total and per tenant. The caller holds ``self._lock``."""
-        self._submitting += delta
-        _add_count(self._tenant_submitting, tenant, delta)
-
-    def _sent_locked(self, tenant: str) -> int:
-        """``tenant``'s requests waiting to run that it sent: reserved or queued, not resuming ones."""
-        resumes = self._tenant_resuming.get(tenant, 0)
-        return self._tenant_queued.get(tenant, 0) - resumes + self._tenant_submitting.get(tenant, 0)
-
-    def _count_queued(self, tenant: str, delta: int, resuming: bool = False) -> None:
-        """Submitted-not-running requests, in total and per tenant (``resuming``: a preempted one, counted
-        apart as well). The caller holds ``self._lock``."""
-        self._queued += delta
-        _add_count(self._tenant_queued, tenant, delta)
-        if resuming:
-            _add_count(self._tenant_resuming, tenant, delta)
-
     def tenant_limit(self, req: GenerationRequest, kind: Literal["max_waiting", "max_running"]) -> int:
         """A tenant's waiting or running limit: the key's override, else the engine's (0: none)."""
-        override = getattr(req.principal, kind, None) if req.principal is not None else None
-        return int(override) if override is not None else int(getattr(self.config, f"{kind}_per_tenant"))
-
-    def _check_capacity_locked(self, req: GenerationRequest) -> None:
-        """Refuse when shutting down, or when ``max_waiting`` requests would wait beyond the free rows,
-        unless the request's tenant has less than its share of the queue.
-
-        Submitted requests first fill the free KV rows (the engine admits them between steps), so the
-        queue holds ``free rows + max_waiting`` before it is full: a burst that arrives during a long
-        step is not refused while rows stand empty. A full queue still takes a request of a tenant with
-        fewer queued than ``max_waiting`` / the tenants queued (it counting itself; preempted requests
-        waiting to resume count for neither: their tenants did not send them again), up to twice
-        ``max_waiting`` in all: one tenant that filled the queue locked every other out (an outside
-        review), and now it only loses its place above its share. The caller holds ``self._lock``.
-        """
-        if not self._accepting:
-            raise ShuttingDown("the server is shutting down")
-        waiting = self._queued + self._submitting - self._free_row_count
-        own = self._sent_locked(req.tenant)
-        if waiting >= self.config.max_waiting:
-            senders = {*self._tenant_queued, *self._tenant_submitting}
-            tenants = sum(1 for t in senders if self._sent_locked(t) > 0) + (0 if own else 1)
-            if own >= self.config.max_waiting / tenants or waiting >= 2 * self.config.max_waiting:
-                raise QueueFull("the queue is full (every row taken, max_waiting requests waiting); try again later")
-        limit = self.tenant_limit(req, "max_waiting")
-        waits = own - self._row_room_locked(req, own) if limit else 0  # of its own, those no free row takes
-        if limit and waits >= limit:
-            who = f"tenant {req.tenant!r}" if req.tenant else "the base model without a key"
-            raise QueueFull(
-                f"{who} has {waits} requests waiting for a row: its limit max_waiting_per_tenant is {limit}"
-            )
-
-    def _row_room_locked(self, req: GenerationRequest, own: int) -> int:
-        """How many of ``req``'s tenant's ``own`` queued requests free rows will take, at the least:
-        every other queued request (other tenants', and resumes) is assumed to take one first, and the
-        tenant's ``max_running`` caps its rows. Its ``max_waiting`` counts only the rest, the requests
-        that wait for a row: counting all, a tenant with a limit of 2 had its third request refused by
-        an idle server (an outside review). Its preempted requests count against its ``max_running``
-        (they take its rows back first). A free row counts as room even when the request's adapter has
-        no device slot yet: a wait for a slot is not counted. The caller holds ``self._lock``."""
-        room = max(0, self._free_row_count - (self._queued + self._submitting - own))
-        running_limit = self.tenant_limit(req, "max_running")
-        if running_limit:  # its preempted requests take its rows back first
-            held = self._tenant_rows.get(req.tenant, 0) + self._tenant_resuming.get(req.tenant, 0)
-            room = min(room, max(0, running_limit - held))
-        return room
+        return tenant_limit(self.config, req, kind)
 
     def after_step(self, fn: Callable[[], None]) -> bool:
         """From a request's sink: when called on the engine thread inside a step, run ``fn`` once the
@@ -874,9 +794,7 @@ class Engine:
         r.resume_ids = r.prompt_ids + r.generated[:-1] if r.generated else r.prompt_ids
         r.preemptions += 1
         with self._lock:
-            self._free_row_count += 1
-            _add_count(self._tenant_rows, r.tenant, -1)
-            self._count_queued(r.tenant, +1, resuming=True)
+            self.places.preempt(r.tenant)
         self._waiting.push(r, front=True)
         self.observer.observe_preempted()
         log.info(
@@ -889,9 +807,7 @@ class Engine:
 
     def _start(self, r: _Request) -> None:
         with self._lock:
-            self._count_queued(r.tenant, -1, resuming=bool(r.preemptions))
-            self._free_row_count -= 1
-            _add_count(self._tenant_rows, r.tenant, +1)
+            self.places.start(r.tenant, resuming=bool(r.preemptions))
         r.kv_row = self._free_rows.pop(0)
         self.runner.kv.begin(r.kv_row)  # a resumed request recomputes its K/V too
         r.start_step = self.steps
@@ -1224,12 +1140,11 @@ class Engine:
             self._free_rows.append(r.kv_row)
             self._free_rows.sort()
             with self._lock:
-                self._free_row_count += 1
-                _add_count(self._tenant_rows, r.tenant, -1)
+                self.places.release_row(r.tenant)
         else:
             self._waiting.remove(r)
             with self._lock:
-                self._count_queued(r.tenant, -1, resuming=bool(r.preemptions))
+                self.places.drop_queued(r.tenant, resuming=bool(r.preemptions))
         if r.slot:  # a running request's lease, or a preempted one's that it kept
             self.adapters.release(r.slot)
             r.slot = 0
