@@ -170,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             s3.create_bucket(BUCKET)
             os.environ.update(s3.env())
             remote = S3AdapterStore(parse_s3_url(f"s3://{BUCKET}/bench"), cache_dir=Path(tmp) / "cache")
-            remote._client.meta.events.register("before-call.s3", lambda **_: requests.__setitem__(0, requests[0] + 1))
+            events = remote.bucket.client.meta.events
+            events.register("before-call.s3", lambda **_: requests.__setitem__(0, requests[0] + 1))
             return run(remote, args, requests)
         finally:
             s3.stop(grace=0)

@@ -22,15 +22,14 @@ Publishing (every step a single-object S3 request, so no step can be seen half d
    compare-and-swap): its ETag is the watchers' change token, its lines what moved.
 
 Replicas download a version once, verify every checksum, and keep it in a bounded LRU cache on
-local disk (``disk_cache.VersionCache``); loads re-verify the cached files. boto3 runs with connect
-and read timeouts and bounded retries, and every failure to reach or use the bucket becomes
-``StoreUnavailable`` with the endpoint, bucket and cause in its message.
+local disk (``disk_cache.VersionCache``); loads re-verify the cached files. The requests themselves,
+their timeouts, retries and errors (``StoreUnavailable`` naming the endpoint, bucket and cause) are
+``s3_bucket.S3Bucket``'s.
 """
 
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import json
 import logging
@@ -49,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from botocore.exceptions import BotoCoreError, ClientError
 
 from lorafleet_adapters.backend import PublishesSince, S3Location
 from lorafleet_adapters.disk_cache import VersionCache
@@ -73,6 +71,14 @@ from lorafleet_adapters.peft_format import (
 )
 from lorafleet_adapters.prompt import PromptTemplate
 from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, is_ident, parse_version
+from lorafleet_adapters.s3_bucket import (
+    CONNECT_TIMEOUT_SECONDS,
+    MAX_ATTEMPTS,
+    READ_TIMEOUT_SECONDS,
+    ObjectTooLarge,
+    Put,
+    S3Bucket,
+)
 from lorafleet_adapters.store import (
     MANIFEST_FILE,
     MAX_SMALL_FILE_BYTES,
@@ -91,20 +97,11 @@ log = logging.getLogger(__name__)
 LATEST_KEY = "latest"
 VERSIONS_KEY = "versions"
 CLAIMS_KEY = "claims"
-CONNECT_TIMEOUT_SECONDS = 3.0
-READ_TIMEOUT_SECONDS = 15.0
-MAX_ATTEMPTS = 3  # boto3's "standard" retry mode: the first try and two retries, with backoff
 MAX_FILE_BYTES = 4 << 30
-# A download's whole time is bounded too (the read timeout bounds each read: a store sending a byte
-# every few seconds was never cut off, holding the version's lock, a loader thread, or the watcher):
-# DOWNLOAD_BASE_SECONDS plus its size at DOWNLOAD_MIN_BYTES_PER_SECOND.
-DOWNLOAD_BASE_SECONDS = 30.0
-DOWNLOAD_MIN_BYTES_PER_SECOND = 1 << 20
 MAX_CAS_TRIES = 64
 MAX_CLAIM_TRIES = 1000
 KNOWN_VERSIONS_KEPT = 16384  # versions seen to exist, so resolving one again needs no HEAD
 MANIFESTS_KEPT = 4096
-LIST_PAGE_KEYS = 1000  # S3's most per ListObjectsV2 request
 # A listing request costs about two pointer reads (GETs) plus one per 14 keys it returns: SeaweedFS on
 # the same machine, 14.5 ms for 100 keys, 38.5 for 300, 118 for 1,000, against 1.7 ms a GET. A bulk
 # read of n pointers lists at most (n - 2) * 14 keys, so it never costs more than reading them.
@@ -113,14 +110,6 @@ KEYS_LISTED_PER_POINTER_READ = 14
 # watcher whose change token moved reads the pointers those publishes moved, not every one it watches.
 PUBLISH_LOG_ENTRIES = 64
 MAX_PUBLISH_LOG_BYTES = 64 << 10  # a line is under 400 bytes
-_CHUNK = 1 << 20
-_BOTO_ERRORS = (BotoCoreError, ClientError)
-_DENIED = frozenset(
-    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
-)
-_MISSING_KEY = frozenset({"NoSuchKey", "404", "NotFound"})
-_CONFLICT = frozenset({"PreconditionFailed", "412"})
-_RETRY_CONFLICT = frozenset({"ConditionalRequestConflict", "409", "OperationAborted"})
 
 
 def _manifest_of(key: AdapterKey, data: bytes) -> Manifest:
@@ -146,37 +135,17 @@ class S3AdapterStore:
         max_attempts: int = MAX_ATTEMPTS,
         on_cache_event: Callable[[str], None] | None = None,
     ) -> None:
-        import boto3
-        from botocore.config import Config
-
-        self.bucket = location.bucket
-        self.prefix = location.prefix
-        self._location = str(location)
-        self.list_page_keys = LIST_PAGE_KEYS  # keys a listing request asks for (tests set fewer)
-        # tenant -> the largest key budget its listing ran past: not listed again within that budget
-        self._over_budget: LruMap[str, int] = LruMap(KNOWN_VERSIONS_KEPT)
-        # The AWS SDKs' own variables, not lorafleet's settings (which come from ServerConfig or the CLI):
-        # read here as boto3 reads them, to pick path-style addressing for a custom endpoint.
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        config = Config(
+        self.bucket = S3Bucket(
+            location,
+            endpoint_url=endpoint_url,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
-            # A custom endpoint (SeaweedFS, MinIO, Ceph...) is one host: path-style addressing.
-            s3={"addressing_style": "path" if endpoint else "auto"},
-            max_pool_connections=16,
+            max_attempts=max_attempts,
         )
-        # botocore says at INFO on every start where it found credentials: noise next to our logs.
-        logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
-        session = boto3.session.Session()
-        region = session.region_name or "us-east-1"
-        try:
-            self._client: Any = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
-        except ValueError as exc:  # a malformed endpoint URL
-            raise StoreUnavailable(f"adapter store {self._location}: bad S3 endpoint {endpoint!r}: {exc}") from None
-        self.endpoint_url: str = self._client.meta.endpoint_url
-        self._sent = threading.local()  # requests each thread sent to the endpoint, for round_trips()
-        self._client.meta.events.register("before-send.s3", self._count_sent)
+        self._location = str(location)
+        self.endpoint_url = self.bucket.endpoint_url
+        # tenant -> the largest key budget its listing ran past: not listed again within that budget
+        self._over_budget: LruMap[str, int] = LruMap(KNOWN_VERSIONS_KEPT)
         if cache_dir is None:  # a one-off command: a temporary cache, removed with this object
             cache_dir = Path(tempfile.mkdtemp(prefix="lorafleet-s3-"))
             weakref.finalize(self, shutil.rmtree, cache_dir, True)
@@ -205,8 +174,7 @@ class S3AdapterStore:
     def check(self, *, create: bool = True) -> None:
         """Reach the bucket now (HeadBucket, then one listing): a clear StoreUnavailable otherwise. A
         bucket is never created (``create`` is for a local store's directory)."""
-        self._call("reach the bucket", self._client.head_bucket, Bucket=self.bucket)
-        self._call("list the bucket", self._client.list_objects_v2, Bucket=self.bucket, Prefix=self._key(), MaxKeys=1)
+        self.bucket.check()
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -214,7 +182,7 @@ class S3AdapterStore:
         """The publish marker's ETag ("" before any publish wrote one): one HEAD. It changes whenever a
         publish moves a ``latest`` pointer and appends its line (each write has new content); a pointer
         moved by hand, or by a publish that could not append (logged), does not."""
-        return self._head_etag(self._key(PUBLISHED_MARKER)) or ""
+        return self.bucket.head_etag(self._key(PUBLISHED_MARKER)) or ""
 
     def versions(self, tenant: str, name: str) -> tuple[int, ...]:
         """Published versions (those with a manifest), ascending."""
@@ -222,7 +190,7 @@ class S3AdapterStore:
         check_ident(name, "adapter name")
         base = self._key(tenant, name, VERSIONS_KEY) + "/"
         found: set[int] = set()
-        for key in self._list_keys(base):
+        for key in self.bucket.list_keys(base):
             version = _published_version(key[len(base) :])
             if version is not None:
                 found.add(version)
@@ -235,10 +203,7 @@ class S3AdapterStore:
         none was answered by this store's caches, and says nothing of whether the endpoint answers (the
         serving side's gate). Per thread: counting every thread's, a call its caches answered took the
         version watcher's attempts, sent meanwhile, for an answer, and reopened the gate mid-outage."""
-        return getattr(self._sent, "count", 0)
-
-    def _count_sent(self, **_event: Any) -> None:  # botocore's before-send hook: None lets the request go
-        self._sent.count = getattr(self._sent, "count", 0) + 1  # on the thread that sends (no transfer pool)
+        return self.bucket.round_trips()
 
     def resolve(self, ref: AdapterRef) -> AdapterKey:
         if ref.version is not None:
@@ -387,7 +352,7 @@ class S3AdapterStore:
             # name of theirs did (they are the names that follow the one before them).
             wanted, last_key = frozenset(taken), max(f"{n}/" for n in taken)
             start_after = None if cursor is None else base + cursor
-        for page in self._list_pages(base, max_keys, start_after=start_after):
+        for page in self.bucket.list_pages(base, max_keys, start_after=start_after):
             if page is None:
                 return None
             for object_key, etag in page:
@@ -437,7 +402,7 @@ class S3AdapterStore:
             return cached
         manifest = self._cached_manifest(key)
         if manifest is None:
-            fetched = self._get_small(
+            fetched = self.bucket.get_small(
                 self._version_key(key, MANIFEST_FILE), MAX_MANIFEST_BYTES, f"read {key}'s manifest"
             )
             if fetched is None:
@@ -575,13 +540,11 @@ class S3AdapterStore:
                 if not path.is_file() or sha256_file(path) != digest:
                     raise AdapterFormatError(f"{key}: staged {file_name} is missing or does not match its sha256")
                 with open(path, "rb") as body:
-                    self._call(
+                    self.bucket.put(
+                        self._version_key(key, file_name),
+                        body,
                         f"upload {file_name} of {key}",
-                        self._client.put_object,
-                        Bucket=self.bucket,
-                        Key=self._version_key(key, file_name),
-                        Body=body,
-                        ContentLength=path.stat().st_size,
+                        content_length=path.stat().st_size,
                     )
                 uploaded.append(file_name)
             # Last: from this write on the version exists. Never replaces an object.
@@ -620,7 +583,7 @@ class S3AdapterStore:
                 log.warning(
                     "adapter %s/%s: replacing a damaged '%s' pointer: %s", key.tenant, key.name, LATEST_KEY, exc
                 )
-                current, etag = None, self._head_etag(self._key(key.tenant, key.name, LATEST_KEY))
+                current, etag = None, self.bucket.head_etag(self._key(key.tenant, key.name, LATEST_KEY))
             if current is not None and current >= key.version:
                 if attempt and current == key.version:  # an earlier try landed but its answer was lost
                     self._mark_published(key)
@@ -628,12 +591,8 @@ class S3AdapterStore:
                 return False
             body = _pointer_body(key.version)
             pointer = self._key(key.tenant, key.name, LATEST_KEY)
-            extra = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
-            try:
-                self._client.put_object(Bucket=self.bucket, Key=pointer, Body=body, **extra)
-            except _BOTO_ERRORS as exc:
-                if _code(exc) not in _CONFLICT | _RETRY_CONFLICT:
-                    raise self._translate(exc, f"move {key.tenant}/{key.name}'s latest pointer") from None
+            what = f"move {key.tenant}/{key.name}'s latest pointer"
+            if self.bucket.put(pointer, body, what, if_none_match=etag is None, if_match=etag) is not Put.DONE:
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
                 continue
             self._mark_published(key)
@@ -665,17 +624,14 @@ class S3AdapterStore:
                 body = "".join(keep) + line
                 while len(body.encode()) > MAX_PUBLISH_LOG_BYTES and "\n" in body[:-1]:  # long names: fewer
                     body = body.partition("\n")[2]
-                extra = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
-                try:
-                    self._client.put_object(Bucket=self.bucket, Key=marker, Body=body.encode(), **extra)
+                written = self.bucket.put(
+                    marker, body.encode(), "append to the publish log", if_none_match=etag is None, if_match=etag
+                )
+                if written is Put.DONE:
                     return
-                except _BOTO_ERRORS as exc:
-                    if _code(exc) not in _CONFLICT | _RETRY_CONFLICT:
-                        raise
                 time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-        except (*_BOTO_ERRORS, AdapterError) as exc:  # a write may have landed before its answer failed
-            cause = self._translate(exc, "append to the publish log") if isinstance(exc, _BOTO_ERRORS) else exc
-            why = f"{cause}; the line may have landed all the same"
+        except AdapterError as exc:  # a write may have landed before its answer failed
+            why = f"{exc}; the line may have landed all the same"
         log.warning(
             "%s is published but not in the store's '%s' log (%s): running servers find it at their next "
             "full rescan, not their next poll",
@@ -688,15 +644,12 @@ class S3AdapterStore:
         """The publish marker's lines that are log entries (each ending in a newline, with its
         ``_publish_entry``) and its ETag; no lines and no ETag without a marker, no lines where it is
         larger than MAX_PUBLISH_LOG_BYTES."""
-        response = self._get(self._key(PUBLISHED_MARKER), "read the publish marker")
-        if response is None:
+        got = self.bucket.get_bounded(self._key(PUBLISHED_MARKER), MAX_PUBLISH_LOG_BYTES, "read the publish marker")
+        if got is None:
             return [], None
-        with self._reading("read the publish marker"):
-            data: bytes = response["Body"].read(MAX_PUBLISH_LOG_BYTES + 1)
-            response["Body"].close()
-        if not response.get("ETag"):  # no compare-and-swap without one
+        data, etag = got
+        if not etag:  # no compare-and-swap without one
             raise StoreUnavailable(f"adapter store {self._location}: the publish marker came without an ETag")
-        etag = str(response["ETag"])
         if len(data) > MAX_PUBLISH_LOG_BYTES:
             return [], etag
         parsed = ((line, _publish_entry(line)) for line in data.decode("utf-8", "replace").splitlines())
@@ -704,9 +657,7 @@ class S3AdapterStore:
 
     def _key(self, *parts: str) -> str:
         """The object key of ``parts`` under the prefix ("" for the prefix itself, "/"-terminated)."""
-        if not parts:
-            return f"{self.prefix}/" if self.prefix else ""
-        return "/".join((self.prefix, *parts)) if self.prefix else "/".join(parts)
+        return self.bucket.key(*parts)
 
     def _version_key(self, key: AdapterKey, file_name: str) -> str:
         return self._key(key.tenant, key.name, VERSIONS_KEY, str(key.version), file_name)
@@ -723,23 +674,14 @@ class S3AdapterStore:
         for _ in range(MAX_CLAIM_TRIES):
             if version > MAX_VERSION:
                 raise AdapterFormatError(f"{tenant}/{name}: no version number left after {MAX_VERSION}")
-            try:
-                self._client.put_object(
-                    Bucket=self.bucket,
-                    Key=self._key(tenant, name, CLAIMS_KEY, str(version)),
-                    Body=body,
-                    IfNoneMatch="*",
-                )
+            claim = self._key(tenant, name, CLAIMS_KEY, str(version))
+            written = self.bucket.put(claim, body, f"claim version {version} of {tenant}/{name}", if_none_match=True)
+            if written is Put.DONE:
                 return version
-            except _BOTO_ERRORS as exc:
-                code = _code(exc)
-                if code in _CONFLICT:
-                    version += 1  # another publisher has this number
-                    continue
-                if code in _RETRY_CONFLICT:
-                    time.sleep(random.uniform(0, 0.05))
-                    continue
-                raise self._translate(exc, f"claim version {version} of {tenant}/{name}") from None
+            if written is Put.CONFLICT:
+                version += 1  # another publisher has this number
+            else:
+                time.sleep(random.uniform(0, 0.05))
         raise StoreUnavailable(
             f"adapter store {self._location}: no free version of {tenant}/{name} after {MAX_CLAIM_TRIES} tries"
         )
@@ -753,7 +695,7 @@ class S3AdapterStore:
             self._put_if_absent(object_key, body, f"publish {key}")
         except StoreUnavailable:
             try:
-                landed = self._get_small(object_key, MAX_MANIFEST_BYTES, f"read {key}'s manifest") == body
+                landed = self.bucket.get_small(object_key, MAX_MANIFEST_BYTES, f"read {key}'s manifest") == body
             except (StoreUnavailable, AdapterFormatError):
                 landed = False
             if not landed:
@@ -761,31 +703,30 @@ class S3AdapterStore:
             log.info("adapter %s: the manifest's write had landed before its failure was reported", key)
 
     def _put_if_absent(self, object_key: str, body: bytes, what: str) -> None:
-        try:
-            self._client.put_object(Bucket=self.bucket, Key=object_key, Body=body, IfNoneMatch="*")
-        except _BOTO_ERRORS as exc:
-            if _code(exc) in _CONFLICT:
-                raise StoreUnavailable(
-                    f"adapter store {self._location}: cannot {what}: {object_key} already exists "
-                    "(another writer broke the claim protocol)"
-                ) from None
-            raise self._translate(exc, what) from None
+        written = self.bucket.put(object_key, body, what, if_none_match=True)
+        if written is not Put.DONE:
+            raise StoreUnavailable(
+                f"adapter store {self._location}: cannot {what}: {object_key} already exists "
+                "(another writer broke the claim protocol)"
+                if written is Put.CONFLICT
+                else f"adapter store {self._location}: cannot {what}: a concurrent write to {object_key}; retry"
+            )
 
     def _cleanup_failed(self, key: AdapterKey, uploaded: builtins.list[str]) -> None:
         """Best effort after a failed publish: remove its files, unless its manifest made it (then the
         version is complete and stays). Invisible either way: readers need the manifest."""
         try:
-            if self._head_etag(self._version_key(key, MANIFEST_FILE)) is not None:
+            if self.bucket.head_etag(self._version_key(key, MANIFEST_FILE)) is not None:
                 return
             for file_name in uploaded:
-                self._client.delete_object(Bucket=self.bucket, Key=self._version_key(key, file_name))
-        except (*_BOTO_ERRORS, StoreUnavailable) as exc:
+                self.bucket.delete(self._version_key(key, file_name), f"remove {file_name} of {key}")
+        except StoreUnavailable as exc:
             log.warning("could not remove the files of the failed publish of %s: %s", key, exc)
 
     def _exists(self, key: AdapterKey) -> bool:
         if self._known.get(key):
             return True
-        if self._head_etag(self._version_key(key, MANIFEST_FILE)) is None:
+        if self.bucket.head_etag(self._version_key(key, MANIFEST_FILE)) is None:
             return False
         self._known.put(key, True)
         return True
@@ -793,83 +734,17 @@ class S3AdapterStore:
     def _read_latest(self, tenant: str, name: str) -> tuple[int | None, str | None]:
         """(version, ETag) of the ``latest`` pointer; (None, None) without one; AdapterNotFound if junk."""
         pointer = self._key(check_ident(tenant, "tenant"), check_ident(name, "adapter name"), LATEST_KEY)
-        response = self._get(pointer, f"read {tenant}/{name}'s latest pointer")
-        if response is None:
+        got = self.bucket.get_bounded(pointer, 32, f"read {tenant}/{name}'s latest pointer")
+        if got is None:
             return None, None
-        with self._reading(f"read {tenant}/{name}'s latest pointer"):
-            raw = response["Body"].read(33)
+        raw, etag = got
         text = raw.decode("ascii", "replace").strip()
         try:
             if len(raw) > 32:
                 raise InvalidAdapterRef("too long")
-            return parse_version(text), str(response["ETag"])
+            return parse_version(text), etag
         except InvalidAdapterRef:
             raise AdapterNotFound(f"{tenant}/{name}: the '{LATEST_KEY}' pointer is corrupt ({text[:32]!r})") from None
-
-    def _get(self, object_key: str, what: str) -> Any:
-        """GetObject's response, or None when the object does not exist."""
-        try:
-            return self._client.get_object(Bucket=self.bucket, Key=object_key)
-        except _BOTO_ERRORS as exc:
-            if _code(exc) in _MISSING_KEY:
-                return None
-            raise self._translate(exc, what) from None
-
-    def _get_small(self, object_key: str, limit: int, what: str) -> bytes | None:
-        response = self._get(object_key, what)
-        if response is None:
-            return None
-        with self._reading(what):
-            data: bytes = response["Body"].read(limit + 1)
-            response["Body"].close()
-        if len(data) > limit:
-            raise AdapterFormatError(f"{object_key} is larger than {limit} bytes")
-        return data
-
-    def _head_etag(self, object_key: str) -> str | None:
-        try:
-            return str(self._client.head_object(Bucket=self.bucket, Key=object_key)["ETag"])
-        except _BOTO_ERRORS as exc:
-            if _code(exc) in _MISSING_KEY:
-                return None
-            raise self._translate(exc, f"look up {object_key}") from None
-
-    def _list_keys(self, prefix: str) -> Iterator[str]:
-        for object_key, _etag in self._list_etags(prefix):
-            yield object_key
-
-    def _list_etags(self, prefix: str) -> Iterator[tuple[str, str]]:
-        """(key, ETag) of every object under ``prefix``."""
-        for page in self._list_pages(prefix):
-            assert page is not None  # no limit
-            yield from page
-
-    def _list_pages(
-        self, prefix: str, max_keys: int | None = None, *, start_after: str | None = None
-    ) -> Iterator[builtins.list[tuple[str, str]] | None]:
-        """(key, ETag) of every object under ``prefix`` (after the key ``start_after``), a page (one
-        request) at a time; with ``max_keys``, no more keys than that are asked for, and a last ``None``
-        says there were more."""
-        token: str | None = None
-        left = max_keys
-        while True:
-            keys = self.list_page_keys if left is None else min(self.list_page_keys, left)
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": keys}
-            if token:
-                kwargs["ContinuationToken"] = token
-            elif start_after is not None:
-                kwargs["StartAfter"] = start_after
-            page = self._call(f"list {prefix or '/'}", self._client.list_objects_v2, **kwargs)
-            items = [(str(item["Key"]), str(item.get("ETag", ""))) for item in page.get("Contents", ())]
-            yield items
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-            if left is not None:
-                left -= len(items)
-                if left <= 0:
-                    yield None
-                    return
 
     def _idents(self, prefix: str, after: str | None = None, first: int | None = None) -> builtins.list[str]:
         """The valid tenant or adapter names directly under ``prefix`` (a listing by "/"), sorted; with
@@ -880,7 +755,7 @@ class S3AdapterStore:
         names: set[str] = set()
         listed = ""  # every entry up to this key has been listed
         probed: set[str] = set()  # stems asked about on their own
-        for page in self._folder_pages(prefix, first, start_after=None if after is None else prefix + after):
+        for page in self.bucket.folder_pages(prefix, first, start_after=None if after is None else prefix + after):
             for entry in page:
                 listed = max(listed, entry)
                 name, slash, _ = entry[len(prefix) :].partition("/")
@@ -897,34 +772,12 @@ class S3AdapterStore:
                 # request) instead of listing on past every name that shares it
                 for stem in unknown:
                     probed.add(stem)
-                    if any(self._folder_pages(f"{prefix}{stem}/", 1, start_after=None)):
+                    if any(self.bucket.folder_pages(f"{prefix}{stem}/", 1, start_after=None)):
                         names.add(stem)
         return sorted(names)[:first]
 
-    def _folder_pages(self, prefix: str, first: int | None, *, start_after: str | None) -> Iterator[builtins.list[str]]:
-        """The entries directly under ``prefix`` (``<prefix><name>/`` for a folder, a key for an object),
-        a page (one request) at a time, after the key ``start_after``: pages of ``first`` entries at
-        first (a page of a listing wants that many names), doubling to ``list_page_keys``."""
-        token: str | None = None
-        keys = self.list_page_keys if first is None else max(1, min(self.list_page_keys, first))
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": keys}
-            if token:
-                kwargs["ContinuationToken"] = token
-            elif start_after is not None:
-                # every name after ``after`` has its "<name>/" after the key "<after>" (none before is lost)
-                kwargs["StartAfter"] = start_after
-            page = self._call(f"list {prefix or '/'}", self._client.list_objects_v2, **kwargs)
-            yield [str(common["Prefix"]) for common in page.get("CommonPrefixes", ())] + [
-                str(item["Key"]) for item in page.get("Contents", ())
-            ]
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-            keys = min(self.list_page_keys, keys * 2)
-
     def _numbers_under(self, prefix: str) -> Iterator[int]:
-        for key in self._list_keys(prefix):
+        for key in self.bucket.list_keys(prefix):
             number = _version_number(key[len(prefix) :].partition("/")[0])
             if number is not None:
                 yield number
@@ -991,7 +844,7 @@ class S3AdapterStore:
                 # newest entry is kept), past an emptyDir's size limit the pod is evicted.
                 room = self.cache.max_bytes - nbytes
                 nbytes += self._fetch(key, file_name, expected, incoming / file_name, room)
-            with self._reading(f"write {key}'s manifest into the cache"):  # a full disk: StoreUnavailable
+            with self.bucket.reading(f"write {key}'s manifest into the cache"):  # a full disk: StoreUnavailable
                 (incoming / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
         except BaseException:
             self.cache.discard(incoming)
@@ -1027,110 +880,23 @@ class S3AdapterStore:
 
     def _fetch_once(self, key: AdapterKey, file_name: str, dest: Path, room: int) -> tuple[int, str]:
         """One download of ``file_name`` into ``dest``: (its bytes, their sha256)."""
-        what = f"download {file_name} of {key}"
-        response = self._get(self._version_key(key, file_name), what)
-        if response is None:
-            raise AdapterFormatError(f"{key}: {file_name} listed in {MANIFEST_FILE} is missing")
         bound = MAX_FILE_BYTES if file_name == WEIGHTS_FILE else MAX_SMALL_FILE_BYTES
         limit, why = (bound, "") if bound <= room else (room, " (the rest of --adapter-cache-bytes)")
-        size = int(response.get("ContentLength", 0))
-        if size > limit:
-            response["Body"].close()
-            raise AdapterFormatError(f"{key}: {file_name} is {size} bytes, over {limit}{why}")
-        digest = hashlib.sha256()
-        written = 0
-        allowed = DOWNLOAD_BASE_SECONDS + size / DOWNLOAD_MIN_BYTES_PER_SECOND
-        # The bound is kept by a timer that closes the body: a read blocks until its whole chunk has
-        # arrived (1 MiB), each byte well within the read timeout, so a check between chunks never ran.
-        cut = threading.Event()
-
-        def too_slow() -> None:
-            cut.set()
-            with contextlib.suppress(Exception):
-                response["Body"].close()
-
-        timer = threading.Timer(allowed, too_slow)
-        timer.daemon = True
-        timer.start()
         try:
-            with self._reading(what), open(dest, "xb") as out:
-                for chunk in response["Body"].iter_chunks(_CHUNK):
-                    written += len(chunk)
-                    if written > limit:
-                        response["Body"].close()
-                        raise AdapterFormatError(f"{key}: {file_name} is over {limit} bytes{why}")
-                    if cut.is_set():
-                        break
-                    digest.update(chunk)
-                    out.write(chunk)
-        except Exception:
-            if not cut.is_set():
-                raise
-        finally:
-            timer.cancel()
-        if cut.is_set():
-            raise StoreUnavailable(
-                f"adapter store {self._location}: cannot {what}: {written} of {size} bytes in "
-                f"{allowed:.0f} s (slower than {DOWNLOAD_MIN_BYTES_PER_SECOND >> 10} KiB/s)"
-            )
-        return written, digest.hexdigest()
-
-    @contextmanager
-    def _reading(self, what: str) -> Iterator[None]:
-        """A response body read: a connection lost or timed out mid-read is the store's failure."""
-        try:
-            yield
-        except (AdapterFormatError, AdapterNotFound, StoreUnavailable):
-            raise
-        except OSError as exc:
-            raise StoreUnavailable(f"adapter cache: cannot {what}: {exc.strerror or exc}") from None
-        except _BOTO_ERRORS as exc:
-            raise self._translate(exc, what) from None
-
-    def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
-        try:
-            return fn(**kwargs)
-        except _BOTO_ERRORS as exc:
-            raise self._translate(exc, what) from None
-
-    def _translate(self, exc: BaseException, what: str) -> StoreUnavailable:
-        """A botocore failure as StoreUnavailable naming the store, the endpoint and the cause."""
-        where = f"adapter store {self._location} (endpoint {self.endpoint_url})"
-        code = _code(exc)
-        if code == "NoSuchBucket" or (code in _MISSING_KEY and what == "reach the bucket"):
-            return StoreUnavailable(f"{where}: cannot {what}: the bucket {self.bucket!r} does not exist")
-        if code in _DENIED:
-            return StoreUnavailable(
-                f"{where}: cannot {what}: access denied ({code}); check the S3 credentials "
-                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and their rights on the bucket"
-            )
-        name = type(exc).__name__
-        if name in ("NoCredentialsError", "PartialCredentialsError"):
-            return StoreUnavailable(
-                f"{where}: cannot {what}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
-            )
-        if code:
-            message = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
-            return StoreUnavailable(f"{where}: cannot {what}: {code} {message}".rstrip())
-        return StoreUnavailable(f"{where}: cannot {what}: the endpoint is unreachable or failed ({name}: {exc})")
+            got = self.bucket.download(self._version_key(key, file_name), dest, limit, f"download {file_name} of {key}")
+        except ObjectTooLarge as exc:
+            if exc.declared:
+                raise AdapterFormatError(f"{key}: {file_name} is {exc.size} bytes, over {limit}{why}") from None
+            raise AdapterFormatError(f"{key}: {file_name} is over {limit} bytes{why}") from None
+        if got is None:
+            raise AdapterFormatError(f"{key}: {file_name} listed in {MANIFEST_FILE} is missing")
+        return got
 
 
 @dataclass
 class _KeyLock:
     lock: threading.Lock = field(default_factory=threading.Lock)
     users: int = 0
-
-
-def _code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return ""
-    code = response.get("Error", {}).get("Code")
-    if code:
-        return str(code)
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return str(status) if status else ""
 
 
 def _publish_entry(line: str) -> tuple[str, str, str] | None:

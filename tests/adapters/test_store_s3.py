@@ -23,6 +23,7 @@ from adapters_testlib import TRICKY_NAMES, MakeAdapter, flip_last_byte_keeping_m
 from botocore.exceptions import ClientError
 from seaweedlib import SeaweedFS, free_ports, sweep_stale_sockets
 
+from lorafleet_adapters import s3_bucket as s3_bucket_module
 from lorafleet_adapters import s3_store as s3_store_module
 from lorafleet_adapters.backend import S3Location, StoreSettings, open_store
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, AdapterNotFound, StoreUnavailable
@@ -259,7 +260,7 @@ def test_a_transfer_damaged_once_is_downloaded_again_not_refused(
     weights = store.load(key, spec)
     replica = s3_store(url, tmp_path / "replica")
     damaged: list[str] = []
-    real_get = replica._get
+    real_get = replica.bucket.get
 
     class Flipped:
         def __init__(self, body: Any) -> None:
@@ -279,7 +280,7 @@ def test_a_transfer_damaged_once_is_downloaded_again_not_refused(
             response["Body"] = Flipped(response["Body"])
         return response
 
-    monkeypatch.setattr(replica, "_get", get)
+    monkeypatch.setattr(replica.bucket, "get", get)
     times = 1
     assert tensors_equal(replica.load(key, spec), weights) and len(damaged) == 1
     replica.cache.drop(key)
@@ -342,7 +343,7 @@ def test_a_download_slower_than_its_bound_is_cut_off(
     within the timeout, held the version's lock (and a loader thread, or the watcher) for ever."""
     key = s3_store(url, tmp_path / "pub").import_peft(make_adapter()[0], "acme", "bot", spec)
     replica = s3_store(url, tmp_path / "replica")
-    real_get = replica._get
+    real_get = replica.bucket.get
 
     class Trickle:
         """A body sending a few bytes at a time, each well within the read timeout: a chunk of the size
@@ -376,8 +377,8 @@ def test_a_download_slower_than_its_bound_is_cut_off(
             response["Body"] = Trickle(response["Body"])
         return response
 
-    monkeypatch.setattr(replica, "_get", trickling)
-    monkeypatch.setattr(s3_store_module, "DOWNLOAD_BASE_SECONDS", 0.2)
+    monkeypatch.setattr(replica.bucket, "get", trickling)
+    monkeypatch.setattr(s3_bucket_module, "DOWNLOAD_BASE_SECONDS", 0.2)
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="slower than"):
         replica.load(key, spec)
@@ -442,7 +443,7 @@ def test_latest_only_moves_forward_under_racing_updates(
     racers = [s3_store(url, tmp_path / f"r{i}") for i in range(6)]
     for round_ in range(3):
         # Rewind the pointer to version 1 with a plain write, then let all six versions race for it.
-        racers[0]._client.put_object(Bucket=BUCKET, Key=racers[0]._key("acme", "ptr", "latest"), Body=b"1\n")
+        racers[0].bucket.client.put_object(Bucket=BUCKET, Key=racers[0]._key("acme", "ptr", "latest"), Body=b"1\n")
         barrier = threading.Barrier(len(keys))
         wrote: list[bool] = [False] * len(keys)
 
@@ -475,7 +476,7 @@ def test_list_reads_each_tenant_in_one_listing_and_pointers_only_when_written_by
     client.delete_object(Bucket=BUCKET, Key=f"{prefix}/beta/d/latest")
     calls: list[str] = []
     reader = s3_store(url, tmp_path / "r")
-    reader._client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    reader.bucket.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
     assert reader.list() == [
         AdapterSummary("acme", "a", (1, 2, 3), 2),
         AdapterSummary("acme", "b", (1,), 1),
@@ -510,8 +511,8 @@ def test_a_page_of_the_listing_lists_only_its_own_adapters_keys(
         assert [s for page in pages(reader, limit) for s in page] == whole, limit
         assert [s for page in pages(reader, limit, "acme") for s in page] == reader.list("acme"), limit
     calls: list[str] = []
-    reader._client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
-    reader.list_page_keys = 5
+    reader.bucket.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    reader.bucket.list_page_keys = 5
     keys = len([key for key in object_keys(seaweed_server, url) if key.startswith("big/")])
     assert keys >= 12 * 4  # 12 pages of 5 to list them all
     assert reader.list("big", after=("big", "n04"), limit=2) == whole[-7:-5]
@@ -525,10 +526,10 @@ def test_a_page_of_the_listing_lists_only_its_own_adapters_keys(
         store.publish_prompt("dash", f"bot-{n:02d}", PromptTemplate(str(n)), spec)
     dashed = [s for s in reader.list() if s.tenant == "dash"]
     name_listings: list[str] = []  # the listings by "/" (names), not those of an adapter's keys
-    reader._client.meta.events.register(
+    reader.bucket.client.meta.events.register(
         "provide-client-params.s3.ListObjectsV2", lambda params, **_: name_listings.append(params.get("Delimiter", ""))
     )
-    reader.list_page_keys = 2  # the 7 names after the cursor would take 4 requests
+    reader.bucket.list_page_keys = 2  # the 7 names after the cursor would take 4 requests
     assert reader.list("dash", after=("dash", "bot-04"), limit=2) == dashed[5:7]
     assert name_listings.count("/") == 1, name_listings  # "bot" is before the cursor: not waited for
     name_listings.clear()
@@ -547,7 +548,7 @@ def test_pages_hold_every_adapter_also_in_s3s_own_key_order(
         store.publish_prompt("acme", name, PromptTemplate(name), spec)
     reader = s3_store(url, tmp_path / "r")
     whole = reader.list("acme")
-    everything = sorted(reader._list_keys(reader._key("acme") + "/"), key=lambda k: k.encode())
+    everything = sorted(reader.bucket.list_keys(reader._key("acme") + "/"), key=lambda k: k.encode())
 
     def byte_order(prefix: str, max_keys: int | None = None, *, start_after: str | None = None) -> Any:
         keys = [(k, "") for k in everything if k.startswith(prefix) and (start_after is None or k > start_after)]
@@ -561,8 +562,8 @@ def test_pages_hold_every_adapter_also_in_s3s_own_key_order(
         for i in range(0, len(entries), 2):
             yield entries[i : i + 2]
 
-    monkeypatch.setattr(reader, "_list_pages", byte_order)
-    monkeypatch.setattr(reader, "_folder_pages", folders_in_byte_order)
+    monkeypatch.setattr(reader.bucket, "list_pages", byte_order)
+    monkeypatch.setattr(reader.bucket, "folder_pages", folders_in_byte_order)
     for limit in (1, 2, 3, 7, 8, 9):
         assert [s for page in pages(reader, limit, "acme") for s in page] == whole, limit
 
@@ -588,7 +589,7 @@ def test_latest_versions_of_many_names_come_from_one_listing_where_that_costs_le
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/acme/n03/latest", Body=b"9\n")  # a missing version
     reader = s3_store(url, tmp_path / "r")
     calls: list[str] = []
-    reader._client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    reader.bucket.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
     asked = [*names, "gone", "other"]
     got = reader.latest_versions("acme", asked)
     assert calls == ["ListObjectsV2"]
@@ -603,7 +604,7 @@ def test_latest_versions_of_many_names_come_from_one_listing_where_that_costs_le
     assert reader.latest_versions("acme", names[:2]) == {} and calls == []  # two reads: no listing
     keys = len([key for key in object_keys(seaweed_server, url) if key.startswith("acme/")])
     assert 28 < keys <= 12 * 14  # pointers, claims, manifests and prompts: 62
-    reader.list_page_keys = 5
+    reader.bucket.list_page_keys = 5
     assert reader.latest_versions("acme", names[:4]) == {}  # more keys than 4 reads are worth (28)
     assert calls == ["ListObjectsV2"] * 6  # pages of 5 up to the 28th key, then no more asked for
     calls.clear()
@@ -746,7 +747,7 @@ def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_with
 
     # An append that landed but whose answer was lost (boto3's retry then gets a 412): found in the
     # log on the next read, not written twice.
-    real_put = store._client.put_object
+    real_put = store.bucket.client.put_object
     lost: list[str] = []
 
     def put_then_lose_the_answer(**kwargs: Any) -> Any:
@@ -756,10 +757,10 @@ def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_with
             raise ClientError({"Error": {"Code": "PreconditionFailed", "Message": "retried"}}, "PutObject")
         return answer
 
-    monkeypatch.setattr(store._client, "put_object", put_then_lose_the_answer)
+    monkeypatch.setattr(store.bucket.client, "put_object", put_then_lose_the_answer)
     with caplog.at_level(logging.WARNING, logger=s3_store_module.log.name):
         publish("acme", "b", "one")
-    monkeypatch.setattr(store._client, "put_object", real_put)
+    monkeypatch.setattr(store.bucket.client, "put_object", real_put)
     assert lost and "not in the store's" not in caplog.text
     assert [line.split()[0] for line in marker_lines(seaweed_server, marker)] == ["acme/a@1", "acme/b@1"]
     assert since(other, first)[1] == {("acme", "b")}
@@ -783,7 +784,7 @@ def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_with
 
     # A store that answers without an ETag (no compare-and-swap possible): the publish stands, logged;
     # a watcher's read of the log fails (and it reads every pointer).
-    real_get = store._get
+    real_get = store.bucket.get
 
     def without_etag(key: str, what: str) -> Any:
         response = real_get(key, what)
@@ -791,7 +792,7 @@ def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_with
             response.pop("ETag", None)
         return response
 
-    monkeypatch.setattr(store, "_get", without_etag)
+    monkeypatch.setattr(store.bucket, "get", without_etag)
     with caplog.at_level(logging.WARNING, logger=s3_store_module.log.name):
         publish("acme", "f", "one")
     assert "acme/f@1 is published but not in the store's '.published' log" in caplog.text
@@ -816,13 +817,13 @@ def test_truncated_upload_never_becomes_visible(
     version = store._claim("acme", "bot")
     assert version == 2
     key = AdapterKey("acme", "bot", version)
-    store._client.put_object(
+    store.bucket.client.put_object(
         Bucket=BUCKET,
         Key=store._version_key(key, "adapter_config.json"),
         Body=(src / "adapter_config.json").read_bytes(),
     )
     data = (src / WEIGHTS_FILE).read_bytes()
-    signed = store._client.generate_presigned_url(
+    signed = store.bucket.client.generate_presigned_url(
         "put_object", Params={"Bucket": BUCKET, "Key": store._version_key(key, WEIGHTS_FILE)}, ExpiresIn=60
     )
     host, _, path = signed.removeprefix("http://").partition("/")
@@ -880,7 +881,7 @@ def test_a_manifest_write_whose_answer_was_lost_still_publishes(
     version was reported as a failed publish ("another writer broke the claim protocol") and latest
     never moved."""
     store = s3_store(url, tmp_path / "c")
-    real_put = store._client.put_object
+    real_put = store.bucket.client.put_object
 
     def put_then_lose_the_answer(**kwargs: Any) -> Any:
         answer = real_put(**kwargs)
@@ -888,11 +889,11 @@ def test_a_manifest_write_whose_answer_was_lost_still_publishes(
             raise ClientError({"Error": {"Code": "PreconditionFailed", "Message": "retried"}}, "PutObject")
         return answer
 
-    monkeypatch.setattr(store._client, "put_object", put_then_lose_the_answer)
+    monkeypatch.setattr(store.bucket.client, "put_object", put_then_lose_the_answer)
     key = store.import_peft(make_adapter()[0], "acme", "bot", spec)
     assert store.resolve(AdapterRef("acme", "bot")) == key == AdapterKey("acme", "bot", 1)
     # Another writer's manifest under that number is still refused.
-    monkeypatch.setattr(store, "_get_small", lambda *args: b"{}")
+    monkeypatch.setattr(store.bucket, "get_small", lambda *args: b"{}")
     with pytest.raises(StoreUnavailable, match="broke the claim protocol"):
         store._put_manifest(AdapterKey("acme", "bot", 1), b'{"mine": true}')
 
@@ -907,7 +908,7 @@ def test_a_publish_failing_on_its_manifest_keeps_its_files_for_a_write_that_land
     """A client that gave up on the manifest's PUT (a timeout) cannot know the store will not still
     complete it; its files were deleted, so a late manifest made a version without them."""
     store = s3_store(url, tmp_path / "c")
-    real_put = store._client.put_object
+    real_put = store.bucket.client.put_object
     late: list[dict[str, Any]] = []
 
     def put_timing_out(**kwargs: Any) -> Any:
@@ -916,10 +917,10 @@ def test_a_publish_failing_on_its_manifest_keeps_its_files_for_a_write_that_land
             raise ClientError({"Error": {"Code": "RequestTimeout", "Message": "gave up"}}, "PutObject")
         return real_put(**kwargs)
 
-    monkeypatch.setattr(store._client, "put_object", put_timing_out)
+    monkeypatch.setattr(store.bucket.client, "put_object", put_timing_out)
     with pytest.raises(StoreUnavailable):
         store.import_peft(make_adapter()[0], "acme", "bot", spec)
-    monkeypatch.setattr(store._client, "put_object", real_put)
+    monkeypatch.setattr(store.bucket.client, "put_object", real_put)
     assert store.versions("acme", "bot") == ()  # nothing visible without the manifest
     real_put(**late[0])  # the store completes the write after all
     key = AdapterKey("acme", "bot", 1)
