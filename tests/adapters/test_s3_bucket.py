@@ -80,3 +80,22 @@ def test_failures_name_the_store_and_the_cause(seaweed_server: SeaweedFS, monkey
         denied.get(denied.key("x"), "read x")
     sent = denied.round_trips()
     assert sent >= 1  # every attempt counted, on this thread
+
+
+def test_a_body_longer_than_its_declared_length_is_cut_at_the_limit(
+    bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit holds for the bytes that arrive, not only for the Content-Length the store declared."""
+    key = bucket.key("liar")
+    bucket.put(key, b"x" * (3 << 20), "write")
+    real_get = bucket.client.get_object
+
+    def understated(**kwargs: object) -> dict[str, object]:
+        response: dict[str, object] = real_get(**kwargs)
+        response["ContentLength"] = 10
+        return response
+
+    monkeypatch.setattr(bucket.client, "get_object", understated)
+    with pytest.raises(ObjectTooLarge) as refused:
+        bucket.download(key, tmp_path / "d", 1 << 20, "download")
+    assert not refused.value.declared and refused.value.size > 1 << 20
