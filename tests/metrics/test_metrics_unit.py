@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -487,3 +489,47 @@ def test_metrics_host_binds_the_metrics_port_apart_from_the_api(tmp_path: Path) 
     finally:
         served.stop()
     assert ServerConfig(host="0.0.0.0").metrics_address_host == "0.0.0.0"  # unset: --host
+
+
+@pytest.mark.parametrize("loop_after", ["stopped", "closed"])
+def test_the_line_of_a_call_whose_summary_comes_after_the_loop_stopped_is_written(
+    loop_after: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancelled call's request line waits for the engine's summary, written on the event loop; a
+    summary that came once the loop had stopped (not closed: the server's last moments) was handed to
+    it and never written."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from lorafleet_server.edge.observe import CallObserver
+    from lorafleet_server.engine.stream import Outcome
+    from lorafleet_server.engine.types import FinishReason, Summary
+    from lorafleet_server.metrics import Metrics
+
+    calls = CallObserver(Metrics(CollectorRegistry()))
+    outcome = Outcome()
+    outcome.queued()
+
+    async def cancelled_call() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            async with calls.call("Generate", _Deadline(None), "r-late") as record:
+                record.outcome = outcome
+                raise asyncio.CancelledError
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(cancelled_call())  # the loop has stopped, the line waits for the summary
+    if loop_after == "closed":
+        loop.close()
+    summary = Summary(
+        adapter="acme/bot@3",
+        prompt_tokens=5,
+        generated_tokens=2,
+        finish_reason=FinishReason.CANCELLED,
+        request_id="r-late",
+    )
+    with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
+        outcome.ended(summary)  # from the engine thread
+    lines = [r for r in caplog.records if r.name == "lorafleet.requests"]
+    assert len(lines) == 1 and lines[0].fields["adapter"] == "acme/bot@3", lines  # type: ignore[attr-defined]
+    loop.close()

@@ -146,13 +146,17 @@ class CallObserver:
     ) -> Callable[[Summary | None], None]:
         """What writes ``r``'s line once the engine's summary comes: on ``loop``, not on the engine
         thread that delivers it, where formatting and a slow stderr would stall every request's step
-        (the second diff review); here when the loop has closed (the server stopped)."""
+        (the second diff review); here when the loop no longer runs (the server stopped: a callback
+        handed to a stopped loop never ran, and the line was lost)."""
 
         def log(summary: Summary | None) -> None:
-            try:
-                loop.call_soon_threadsafe(self._log, r, summary, seconds)
-            except RuntimeError:
-                self._log(r, summary, seconds)
+            if loop.is_running():
+                try:
+                    loop.call_soon_threadsafe(self._log, r, summary, seconds)
+                    return
+                except RuntimeError:  # closed meanwhile
+                    pass
+            self._log(r, summary, seconds)
 
         return log
 
