@@ -10,9 +10,12 @@ faster for another (a cache hit is visible in the time to first token), or share
 
 Blocks are stored one by one, not per prefix: prompts that share a system prompt but differ after
 it share its blocks, and eviction can drop the tail of a prefix while its head stays. Least recently
-used blocks leave first; a lookup refreshes a prefix's blocks last-to-first, so a prefix's head is
-always fresher than its tail and eviction never strands a tail behind a missing head for long (a
-stranded block is unreachable and goes next). Engine thread only, except the byte count.
+used blocks leave first; a lookup or an insert refreshes a prefix's blocks last-to-first, so a
+prefix's head is always fresher than its tail and eviction never strands a tail behind a missing head
+for long (a stranded block is unreachable and goes next). An insert never evicts the prefix's own
+blocks: where the cache cannot hold all of a prompt's blocks, it keeps the head (a prompt longer than
+the cache evicted the head its lookup had just found, then its own new tail, at every repeat: an
+outside review). Engine thread only, except the byte count.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self.observer = observer
         self._blocks: OrderedDict[bytes, PrefixBlock] = OrderedDict()  # least recently used first
+        self._block_bytes = 0  # the size of a block, once one was read
         self.bytes_used = 0  # read from other threads (metrics); written by the engine thread
 
     @property
@@ -113,37 +117,54 @@ class PrefixCache:
         limit: int,
         read: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
     ) -> int:
-        """Store the full blocks of ``token_ids[:limit]`` not cached yet; ``read(start, end)`` copies
-        their K/V out of the request's KV row ([layers, kv_heads, end - start, head_dim] each).
-        Returns the blocks added. A block larger than the whole cache is not stored."""
+        """Store the full blocks of ``token_ids[:limit]`` not cached yet, head first, as far as room can
+        be made without evicting blocks of this prefix; ``read(start, end)`` copies their K/V out of the
+        request's KV row ([layers, kv_heads, end - start, head_dim] each). Returns the blocks added."""
         if not self.enabled:
             return 0
         ids = self.block_ids(owner, token_ids, limit)
+        own = frozenset(ids)
         added = 0
-        for b in reversed(range(len(ids))):  # tail first, so the head is the most recent
-            bid = ids[b]
+        for b, bid in enumerate(ids):
             if bid in self._blocks:
-                self._blocks.move_to_end(bid)
                 continue
+            if self._block_bytes and not self._make_room(self._block_bytes, own):
+                break  # only this prefix's own blocks are left to evict (no copy made)
             k, v = read(b * self.block_tokens, (b + 1) * self.block_tokens)
             block = PrefixBlock(k, v)
-            if block.nbytes > self.max_bytes:
-                return added
-            self._make_room(block.nbytes)
+            self._block_bytes = block.nbytes  # every block of one model has this size
+            if not self._make_room(block.nbytes, own):  # larger than the cache, or only own blocks left
+                break
             self._blocks[bid] = block
             self.bytes_used += block.nbytes
             added += 1
+        for bid in reversed(ids):  # the head ends up the most recent: tails are evicted first
+            if bid in self._blocks:
+                self._blocks.move_to_end(bid)
         return added
 
     def clear(self) -> None:
         self._blocks.clear()
         self.bytes_used = 0
 
-    def _make_room(self, nbytes: int) -> None:
-        evicted = 0
-        while self._blocks and self.bytes_used + nbytes > self.max_bytes:
-            _, old = self._blocks.popitem(last=False)
-            self.bytes_used -= old.nbytes
-            evicted += 1
-        if evicted and self.observer is not None:
-            self.observer.prefix_evicted(evicted)
+    def _make_room(self, nbytes: int, keep: frozenset[bytes]) -> bool:
+        """Evict least recently used blocks, none of ``keep``, until ``nbytes`` more fit; False (and
+        nothing evicted) where they cannot."""
+        need = self.bytes_used + nbytes - self.max_bytes
+        if need <= 0:
+            return True
+        victims: list[bytes] = []
+        for bid, block in self._blocks.items():  # least recently used first
+            if bid in keep:
+                continue
+            victims.append(bid)
+            need -= block.nbytes
+            if need <= 0:
+                break
+        if need > 0:
+            return False
+        for bid in victims:
+            self.bytes_used -= self._blocks.pop(bid).nbytes
+        if self.observer is not None:
+            self.observer.prefix_evicted(len(victims))
+        return True
