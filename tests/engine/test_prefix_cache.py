@@ -188,6 +188,42 @@ def test_lru_eviction_keeps_the_byte_bound_and_evicts_tails_first() -> None:
     assert cache.lookup(str(AdapterKey("acme", "bot", 1)), b, len(b))[0] == 0  # another owner never hits
 
 
+def test_a_prompt_longer_than_the_cache_keeps_its_head_and_does_not_churn() -> None:
+    """Found by an outside review: a prompt of five blocks in a cache of three evicted the head its
+    lookup had just found, then its own new tail, and read five blocks out of its KV row, at every
+    repeat (the evictions counter climbing with no change to the cache)."""
+    evicted: list[int] = []
+    reads: list[int] = []
+
+    class Obs:
+        def prefix_lookup(self, lookup_tokens: int, hit_tokens: int) -> None:
+            pass
+
+        def prefix_evicted(self, blocks: int) -> None:
+            evicted.append(blocks)
+
+    def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        reads.append(start)
+        return fake_kv(start, end)
+
+    cache = PrefixCache(3 * BLOCK_BYTES, BLOCK, observer=Obs())
+    other = list(range(5000, 5000 + BLOCK))
+    cache.insert("", other, len(other), read)
+    prompt = list(range(5 * BLOCK + 1))
+    assert cache.insert("", prompt, len(prompt), read) == 3  # evicts the other prompt's block, not its own
+    assert evicted == [1] and cache.lookup("", other, len(other))[0] == 0
+    copied = [0, 0, BLOCK, 2 * BLOCK]  # the other prompt's block, then its head; its tail never copied out
+    assert reads == copied
+    for _ in range(3):  # each repeat: its head found, nothing read, nothing evicted
+        n, _blocks = cache.lookup("", prompt, len(prompt) - 1)
+        assert n == 3 * BLOCK
+        assert cache.insert("", prompt, len(prompt), read) == 0
+    assert evicted == [1] and reads == copied and cache.bytes_used == 3 * BLOCK_BYTES
+    # A block larger than the whole cache is not stored, and evicts nothing.
+    tiny = PrefixCache(BLOCK_BYTES - 1, BLOCK, observer=Obs())
+    assert tiny.insert("", prompt, len(prompt), fake_kv) == 0 and tiny.bytes_used == 0
+
+
 def test_zero_bytes_disables_it() -> None:
     cache = PrefixCache(0, BLOCK)
     ids = list(range(64))
@@ -381,6 +417,58 @@ def test_a_preempted_request_resumes_from_the_cache_with_the_same_tokens(service
         "hit_tokens": before["hit_tokens"],
         "lookup_tokens": before["lookup_tokens"] + prompt_len - 1,
     }
+
+
+def test_a_prompt_preempted_mid_prefill_counts_what_it_reused_when_it_resumed(
+    services: tuple[Service, Service],
+) -> None:
+    """Found by an outside review: a prompt that missed, was preempted before its prefill completed and
+    on resuming reused blocks another prompt had cached meanwhile was counted as a miss (its first
+    lookup only), though it computed only the rest. Its prompt counts once, with the lookup its
+    completed prefill started from."""
+    on, off = services
+    engine = on.engine
+    prompt = "Preempted mid-prefill. " + SYSTEM * 3
+    ids = engine.encode_prompt(prompt, ())
+    assert len(ids) > 2 * 64  # max_step_tokens 64: several prefill steps
+    ref = generate(off.engine, request(prompt, max_new_tokens=6)).token_ids
+    generate(engine, request(prompt, max_new_tokens=2))  # its blocks, as another prompt would cache them
+    owner = "base:"  # the base model's blocks of tenant "" (no keys, no adapter)
+    cached, blocks = engine.run(lambda: engine.prefix_cache.lookup(owner, ids, len(ids) - 1))
+    assert cached >= 2 * 64
+    engine.run(engine.prefix_cache.clear)  # the victim's first lookup finds nothing
+    victim: list[Any] = []
+    done: list[int] = []
+
+    def put_back(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return blocks[start // BLOCK].k, blocks[start // BLOCK].v
+
+    def preempt_and_cache() -> None:  # between two steps: the victim loses its row, the blocks come
+        state = victim[0]._state
+        done.append(state.cached)
+        engine._preempt(state)
+        engine.prefix_cache.insert(owner, ids, cached, put_back)
+
+    def on_driver(event: TokenEvent) -> None:  # engine thread, right after the victim's first chunk
+        if event.token_ids and victim and not done and victim[0]._state.cached:
+            done.append(-1)
+            engine.call(preempt_and_cache)
+
+    driver, _ = submit(engine, request("Tick tock", max_new_tokens=8, rid="driver"), hold_at=1)
+    driver.wait_held()
+    driver.on_event = on_driver
+    before = counters(on)
+    sink, handle = submit(engine, request(prompt, max_new_tokens=6, rid="victim"))
+    victim.append(handle)
+    driver.release()
+    assert sink.wait().token_ids == ref
+    driver.wait()
+    state = handle._state
+    assert state.preemptions == 1 and 0 < done[1] < len(ids)  # cut mid-prefill
+    assert state.prefix_hit == cached  # on resuming it reused the blocks that came meanwhile
+    after = counters(on)
+    assert after["hits"] - before["hits"] == 1 and after["hit_tokens"] - before["hit_tokens"] == cached
+    assert after["lookup_tokens"] - before["lookup_tokens"] == len(ids) - 1  # its prompt counted once
 
 
 def test_a_prompt_preempted_before_its_first_lookup_is_counted_once(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -125,6 +125,8 @@ class _Request:
     start_step: int = 0  # the engine step at which it took its KV row (prefill order ages from here)
     resumed_at: int = 0  # tokens it had generated when it last took a row back after a preemption
     prefix_recorded: bool = False  # its prompt's lookup is in the prefix-cache metrics
+    # Its prompt's latest lookup (tokens asked, reused), counted once its prefill completes or it ends.
+    prefix_lookup: tuple[int, int] | None = None
     prefix_checked: bool = False  # its KV row holds the cached prefix found for it (or none was found)
     prefix_hit: int = 0  # tokens of that prefix
     emitted: bool = False  # text went to its caller (a gRPC stream's first message is sent with it)
@@ -860,9 +862,17 @@ class Engine:
                 )
                 n = 0
         r.prefix_hit = r.cached = n
-        if not r.prefix_recorded:  # once a prompt: a resumed request finds its own prompt's blocks again
+        if not r.prefix_recorded:
+            r.prefix_lookup = (limit, n)
+
+    def _record_prefix(self, r: _Request) -> None:
+        """Count ``r``'s prompt in the prefix-cache metrics, once, with its last lookup before its prefill
+        completed: a request preempted mid-prefill looks up again when it resumes and may reuse blocks
+        another prompt cached meanwhile (counting its first lookup alone missed those: an outside
+        review); one preempted after its prefill finds its own blocks, which are not counted."""
+        if not r.prefix_recorded and r.prefix_lookup is not None:
             r.prefix_recorded = True
-            self.prefix_cache.record(limit, n)
+            self.prefix_cache.record(*r.prefix_lookup)
 
     def _waits_for_prefix(self, r: _Request, finishing: list[_Request]) -> bool:
         """Whether ``r``, not started yet, should let this step go: a prompt whose prefill this step
@@ -897,6 +907,7 @@ class Engine:
         """``r`` just finished its prefill: keep its full blocks (prompt, and after a preemption the
         tokens it had generated) for later requests of the same adapter version. A failure (no memory
         for the copy) only leaves them uncached: a block is added whole or not at all."""
+        self._record_prefix(r)
         row = r.kv_row
         try:
             self.prefix_cache.insert(
@@ -1135,6 +1146,7 @@ class Engine:
         self._deliver(r, TokenEvent(error=exc))
 
     def _release(self, r: _Request) -> None:
+        self._record_prefix(r)  # one that ended mid-prefill
         if r in self._running:
             self._running.remove(r)
             self._free_rows.append(r.kv_row)
