@@ -32,12 +32,12 @@ def _serve(model: Path, data: Path, *flags: str, **env: str) -> subprocess.Compl
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--attention-kernel", "native"], "error: native kernel: no C compiler found"),
+        (["--attention-kernel", "native"], "error: native kernel: the C compiler '"),
         (["--max-seq-len", "100000"], "error: --max-seq-len 100000 exceeds the model's context of"),
     ],
 )
 def test_refused_in_one_line(tiny_model_dir: Path, tmp_path: Path, extra: list[str], message: str) -> None:
-    # CC: no compiler, and no library cached in this data directory
+    # $CC (read as --c-compiler) names no compiler, and no library is cached in this data directory
     done = _serve(tiny_model_dir, tmp_path / "data", "--max-seq-len", "256", *extra, CC=str(tmp_path / "no-cc"))
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
