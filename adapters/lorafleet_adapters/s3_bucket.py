@@ -154,8 +154,9 @@ class S3Bucket:
         return data, str(response.get("ETag") or "")
 
     def head_etag(self, object_key: str) -> str | None:
+        """The object's ETag ("" when the store sent none), or None when it does not exist."""
         try:
-            return str(self.client.head_object(Bucket=self.name, Key=object_key)["ETag"])
+            return str(self.client.head_object(Bucket=self.name, Key=object_key).get("ETag") or "")
         except BOTO_ERRORS as exc:
             if _code(exc) in _MISSING_KEY:
                 return None
@@ -224,7 +225,13 @@ class S3Bucket:
     ) -> Put:
         """PutObject, created only if absent (``if_none_match``) or replacing only the ETag ``if_match``:
         a failed condition is ``Put.CONFLICT``, a concurrent conditional write ``Put.BUSY``; any other
-        failure raises StoreUnavailable (a write may have landed before its answer was lost)."""
+        failure raises StoreUnavailable (a write may have landed before its answer was lost). An empty
+        ``if_match`` (a store that sent no ETag) is refused: SeaweedFS takes ``If-Match: ""`` as no
+        condition at all, which would let a pointer move backwards under racing writers."""
+        if if_match is not None and not if_match:
+            raise StoreUnavailable(
+                f"adapter store {self.location}: cannot {what}: the store sent no ETag to compare-and-swap on"
+            )
         extra: dict[str, Any] = {}
         if if_none_match:
             extra["IfNoneMatch"] = "*"

@@ -33,6 +33,9 @@ def test_conditional_writes_answer_with_their_outcome(bucket: S3Bucket) -> None:
     etag = bucket.head_etag(key)
     assert etag is not None
     assert bucket.put(key, b"3\n", "swap", if_match='"0123456789abcdef0123456789abcdef"') is Put.CONFLICT
+    with pytest.raises(StoreUnavailable, match="no ETag to compare-and-swap on"):  # SeaweedFS: no condition
+        bucket.put(key, b"0\n", "swap", if_match="")
+    assert bucket.get_small(key, 32, "read") == b"1\n"
     assert bucket.put(key, b"3\n", "swap", if_match=etag) is Put.DONE
     assert bucket.get_bounded(key, 32, "read") == (b"3\n", bucket.head_etag(key))
     assert bucket.put(key, b"4\n", "overwrite") is Put.DONE  # unconditional

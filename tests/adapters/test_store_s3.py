@@ -802,6 +802,29 @@ def test_the_publish_log_survives_a_lost_answer_an_oversized_marker_and_one_with
         store.publishes_since(None)
 
 
+def test_a_latest_pointer_read_without_an_etag_is_never_overwritten(
+    seaweed_server: SeaweedFS, url: str, tmp_path: Path, spec: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review of the S3 split: a pointer read without an ETag made the compare-and-swap an
+    ``If-Match: ""``, which SeaweedFS takes as no condition, so a publisher could move ``latest`` back
+    over a racing one's newer version. The publish stands (complete, verifiable); its pointer waits."""
+    store = s3_store(url, tmp_path / "c")
+    store.publish_prompt("acme", "p", PromptTemplate("one"), spec)
+    real_get = store.bucket.get
+
+    def without_etag(key: str, what: str) -> Any:
+        response = real_get(key, what)
+        if response is not None and key.endswith("/latest"):
+            response.pop("ETag", None)
+        return response
+
+    monkeypatch.setattr(store.bucket, "get", without_etag)
+    with pytest.raises(StoreUnavailable, match="acme/p@2 is published .* no ETag to compare-and-swap on"):
+        store.publish_prompt("acme", "p", PromptTemplate("two"), spec)
+    monkeypatch.setattr(store.bucket, "get", real_get)
+    assert store.resolve(AdapterRef("acme", "p")).version == 1 and store.versions("acme", "p") == (1, 2)
+
+
 # ------------------------------------------------------------------------------------ partial uploads
 
 
