@@ -819,7 +819,7 @@ def test_a_latest_pointer_read_without_an_etag_is_never_overwritten(
         return response
 
     monkeypatch.setattr(store.bucket, "get", without_etag)
-    with pytest.raises(StoreUnavailable, match="acme/p@2 is published .* no ETag to compare-and-swap on"):
+    with pytest.raises(StoreUnavailable, match=r"acme/p@2 is published .* no ETag to compare-and-swap on"):
         store.publish_prompt("acme", "p", PromptTemplate("two"), spec)
     monkeypatch.setattr(store.bucket, "get", real_get)
     assert store.resolve(AdapterRef("acme", "p")).version == 1 and store.versions("acme", "p") == (1, 2)
