@@ -224,6 +224,51 @@ def test_a_prompt_longer_than_the_cache_keeps_its_head_and_does_not_churn() -> N
     assert tiny.insert("", prompt, len(prompt), fake_kv) == 0 and tiny.bytes_used == 0
 
 
+def test_the_caches_edges() -> None:
+    """What a mutation review found no test held: a lookup stops at the first missing block (a gap in
+    the middle of a prefix never lets a later block in), a block exactly the cache's size is stored,
+    an insert refreshes a prefix it finds cached, ``clear`` gives back every byte, and a copy that
+    fails evicts nothing."""
+    cache = PrefixCache(3 * BLOCK_BYTES, BLOCK)
+    prompt = list(range(3 * BLOCK))
+    cache.insert("", prompt, len(prompt), fake_kv)
+    ids = cache.block_ids("", prompt, len(prompt))
+    middle = cache._blocks.pop(ids[1])  # a gap, as a failed copy or an eviction could leave
+    n, blocks = cache.lookup("", prompt, len(prompt))
+    assert n == BLOCK and len(blocks) == 1
+    cache._blocks[ids[1]] = middle
+    assert PrefixCache(BLOCK_BYTES, BLOCK).insert("", prompt, BLOCK, fake_kv) == 1  # exactly fits
+    # LRU: a prefix inserted again is refreshed, so a newcomer evicts the other prefix first.
+    lru = PrefixCache(3 * BLOCK_BYTES, BLOCK)
+    a, c, d = list(range(2 * BLOCK)), list(range(900, 900 + BLOCK)), list(range(950, 950 + BLOCK))
+    lru.insert("", a, len(a), fake_kv)
+    lru.insert("", c, len(c), fake_kv)
+    lru.insert("", a, len(a), fake_kv)  # nothing new: a's blocks become the most recent
+    lru.insert("", d, len(d), fake_kv)
+    assert lru.lookup("", a, len(a))[0] == 2 * BLOCK and lru.lookup("", c, len(c))[0] == 0
+    lru.clear()
+    assert lru.bytes_used == 0 and len(lru) == 0
+    # A copy that fails (no memory) after the cache is full leaves every block where it was.
+    evicted: list[int] = []
+
+    class Obs:
+        def prefix_lookup(self, lookup_tokens: int, hit_tokens: int) -> None:
+            pass
+
+        def prefix_evicted(self, blocks: int) -> None:
+            evicted.append(blocks)
+
+    full = PrefixCache(2 * BLOCK_BYTES, BLOCK, observer=Obs())
+    full.insert("", a, len(a), fake_kv)
+
+    def no_memory(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("no memory for the copy")
+
+    with pytest.raises(RuntimeError):
+        full.insert("", c, len(c), no_memory)
+    assert evicted == [] and full.lookup("", a, len(a))[0] == 2 * BLOCK
+
+
 def test_zero_bytes_disables_it() -> None:
     cache = PrefixCache(0, BLOCK)
     ids = list(range(64))

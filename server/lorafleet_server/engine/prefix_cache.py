@@ -128,13 +128,15 @@ class PrefixCache:
         for b, bid in enumerate(ids):
             if bid in self._blocks:
                 continue
-            if self._block_bytes and not self._make_room(self._block_bytes, own):
+            if self._block_bytes and self._victims(self._block_bytes, own) is None:
                 break  # only this prefix's own blocks are left to evict (no copy made)
-            k, v = read(b * self.block_tokens, (b + 1) * self.block_tokens)
+            k, v = read(b * self.block_tokens, (b + 1) * self.block_tokens)  # before evicting: it may fail
             block = PrefixBlock(k, v)
             self._block_bytes = block.nbytes  # every block of one model has this size
-            if not self._make_room(block.nbytes, own):  # larger than the cache, or only own blocks left
+            victims = self._victims(block.nbytes, own)
+            if victims is None:  # larger than the cache
                 break
+            self._evict(victims)
             self._blocks[bid] = block
             self.bytes_used += block.nbytes
             added += 1
@@ -147,24 +149,21 @@ class PrefixCache:
         self._blocks.clear()
         self.bytes_used = 0
 
-    def _make_room(self, nbytes: int, keep: frozenset[bytes]) -> bool:
-        """Evict least recently used blocks, none of ``keep``, until ``nbytes`` more fit; False (and
-        nothing evicted) where they cannot."""
+    def _victims(self, nbytes: int, keep: frozenset[bytes]) -> list[bytes] | None:
+        """The least recently used blocks, none of ``keep``, whose eviction lets ``nbytes`` more fit
+        (none where they fit already); None where no such blocks can make the room."""
         need = self.bytes_used + nbytes - self.max_bytes
-        if need <= 0:
-            return True
         victims: list[bytes] = []
         for bid, block in self._blocks.items():  # least recently used first
-            if bid in keep:
-                continue
-            victims.append(bid)
-            need -= block.nbytes
             if need <= 0:
                 break
-        if need > 0:
-            return False
+            if bid not in keep:
+                victims.append(bid)
+                need -= block.nbytes
+        return victims if need <= 0 else None
+
+    def _evict(self, victims: list[bytes]) -> None:
         for bid in victims:
             self.bytes_used -= self._blocks.pop(bid).nbytes
-        if self.observer is not None:
+        if victims and self.observer is not None:
             self.observer.prefix_evicted(len(victims))
-        return True
