@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -308,3 +309,53 @@ def test_a_keys_file_that_does_not_load_stops_the_start_and_later_fails_closed(t
     path.write_text('{"version": 1, "keys": [')  # keys being added by hand, badly: it may hold keys
     keys.poll()  # what the watcher thread does every poll interval
     assert reloads == [True, False] and keys.enforcing and keys.key_count == 0
+
+
+def test_the_http_edge_checks_a_keys_expiry_at_its_own_clock(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What a mutation review found no test held: the HTTP edge ignoring the time (an expired key
+    served) passed every test. ``HttpAuth`` asks the keys at its clock's now; past the key's expiry it
+    answers 401 ``expired_key``, names the key in the request log and never reaches the app. Also:
+    a key's id is logged on every refusal at this edge, as at the gRPC one."""
+    import asyncio
+    import json
+
+    from lorafleet_server.http.auth import HttpAuth
+
+    path = tmp_path / "keys.json"
+    new = create_key(path, PepperSource(path), tenant="acme", role="tenant", now=NOW, expires=NOW + timedelta(hours=1))
+    keys = _keys(tmp_path, "127.0.0.1")
+    keys.load()
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def call(at: datetime) -> tuple[int, dict[str, Any]]:
+        auth = HttpAuth(app, keys, CallObserver(Metrics(CollectorRegistry())), clock=lambda: at)
+        sent: list[dict[str, Any]] = []
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": [(b"authorization", f"Bearer {new.key}".encode())],
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        asyncio.run(auth(scope, receive, send))
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], json.loads(body)
+
+    assert call(NOW + timedelta(minutes=59))[0] == 200 and reached == ["/v1/chat/completions"]
+    with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
+        status, body = call(NOW + timedelta(hours=2))
+    assert status == 401 and body["error"]["code"] == "expired_key", body
+    assert reached == ["/v1/chat/completions"]  # the app saw only the first call
+    logged = [r.fields for r in caplog.records if r.name == "lorafleet.requests"]  # type: ignore[attr-defined]
+    assert logged and logged[-1]["key_id"] == new.record.key_id and logged[-1]["status"] == "UNAUTHENTICATED"
