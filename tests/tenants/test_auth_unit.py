@@ -97,6 +97,7 @@ def test_bearer_key_says_what_is_wrong_without_repeating_it(
         ("10.0.0.5", False),
         ("example.com", False),
         ("128.0.0.1", False),
+        ("127.0.0.1.nip.io", False),  # a name that resolves anywhere, however it starts
     ],
 )
 def test_is_loopback(host: str, loopback: bool) -> None:

@@ -156,6 +156,34 @@ def test_a_revocation_is_applied_even_when_the_reload_fails(tmp_path: Path, capl
     assert leaked.record.key_id in caplog.text and "takes access away" in caplog.text
 
 
+def test_an_expiry_moved_sooner_applies_when_the_reload_fails_and_one_moved_later_does_not(tmp_path: Path) -> None:
+    """What a mutation review found no test held: the failed reload's narrowing compares expiries, and
+    only the sooner one takes access away (a later one is an extension: it waits for a good load)."""
+    import json
+
+    from lorafleet_server.tenants.errors import ExpiredKey
+    from lorafleet_server.tenants.keys import format_timestamp
+
+    path = tmp_path / "keys.json"
+    source = PepperSource(path)
+    sooner = create_key(path, source, tenant="acme", role="tenant", now=NOW, expires=NOW + timedelta(days=30))
+    later = create_key(path, source, tenant="beta", role="tenant", now=NOW, expires=NOW + timedelta(days=30))
+    watcher = KeyFileWatcher(path, source)
+    watcher.poll()
+    source.path.unlink()  # the pepper is gone: the next reload fails
+    doc = json.loads(path.read_text())
+    for entry in doc["keys"]:
+        days = {sooner.record.key_id: timedelta(hours=1), later.record.key_id: timedelta(days=60)}[entry["id"]]
+        entry["expires"] = format_timestamp(NOW + days)
+    path.write_text(json.dumps(doc))
+    assert watcher.poll() is False
+    with pytest.raises(ExpiredKey):
+        watcher.authenticate(sooner.key, NOW + timedelta(hours=2))
+    with pytest.raises(ExpiredKey):  # still its old expiry, not the file's later one
+        watcher.authenticate(later.key, NOW + timedelta(days=31))
+    assert watcher.authenticate(later.key, NOW + timedelta(days=29)).tenant == "beta"
+
+
 def test_a_read_that_fails_is_tried_again_at_the_next_poll(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -213,3 +241,14 @@ def test_loose_file_modes_are_warned_about(tmp_path: Path, caplog: pytest.LogCap
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         KeyFileWatcher(path, source).poll()
     assert f"{path} (mode 0666)" in caplog.text and f"{source.path} (mode 0644)" in caplog.text
+    # Each loose bit on its own: group write of the keys file; group write of the pepper. Group read
+    # of the pepper is fine (a Kubernetes fsGroup makes a 0400 Secret 0440).
+    for keys_mode, pepper_mode, warned in ((0o620, 0o600, path), (0o600, 0o660, source.path), (0o600, 0o640, None)):
+        path.chmod(keys_mode)
+        source.path.chmod(pepper_mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            KeyFileWatcher(path, source).poll()
+        assert ("chmod 600" in caplog.text) is (warned is not None), (oct(keys_mode), oct(pepper_mode), caplog.text)
+        if warned is not None:
+            assert f"{warned} (mode" in caplog.text
