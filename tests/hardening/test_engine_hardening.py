@@ -433,6 +433,35 @@ def test_a_slot_reserved_for_a_waiting_adapter_goes_to_it_alone() -> None:
     assert slots.acquire(cold) == slot
 
 
+def test_a_reservation_stays_while_its_adapter_still_waits(service: Service) -> None:
+    """What a mutation review found no test held: ``still_waiting`` dropping every reservation (a cold
+    adapter behind busy slots would then never get the slot drained for it)."""
+    import torch
+
+    from lorafleet_adapters.device_slots import DeviceSlots
+    from lorafleet_adapters.peft_format import AdapterWeights
+    from lorafleet_adapters.ref import AdapterKey
+
+    manager = service.engine.adapters
+    busy, cold = AdapterKey("a", "x", 1), AdapterKey("b", "x", 1)
+    slots = DeviceSlots(1, lambda _slot, _w: None, lambda _slot: None)
+    zeros = {"m": (torch.zeros(1, 1), torch.zeros(1, 1))}
+    slot = slots.install(busy, AdapterWeights(key=busy, rank=1, modules=zeros, nbytes=8, config={}))
+    assert slot is not None and slots.acquire(busy) == slot and slots.reserve_for(cold) == slot
+
+    def check() -> None:  # engine thread, the manager's own slots put back before the next step
+        real, manager.slots = manager.slots, slots
+        try:
+            manager.still_waiting({cold})
+            assert slots.reservation() == cold  # its requests still wait: kept
+            manager.still_waiting({busy})
+            assert slots.reservation() is None  # nobody waits for it any more: the slot serves its own
+        finally:
+            manager.slots = real
+
+    service.engine.run(check)
+
+
 def test_a_pinned_superseded_version_stays(service: Service, peft_adapter: Any) -> None:
     engine, manager = service.engine, service.engine.adapters
     service.store.import_peft(peft_adapter(seed=3), "acme", "pinned", service.base.spec)
