@@ -53,7 +53,7 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 def scrape_until(live: LiveServer, done: Callable[[str], bool], timeout: float = 10.0) -> str:
     """Scrape until ``done(text)`` holds, or return the last scrape after ``timeout`` seconds. A call is
-    counted when its handler unwinds on the server (grpc/observe.py), which for an aborted call can be
+    counted when its handler unwinds on the server (edge/observe.py), which for an aborted call can be
     just after the client has its status."""
     give_up = time.monotonic() + timeout
     text = scrape(live)

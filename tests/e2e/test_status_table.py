@@ -1,4 +1,4 @@
-"""Every row of the status table (server/lorafleet_server/grpc/status.py), as a client sees it over gRPC.
+"""Every row of the status table (server/lorafleet_server/edge/status.py), as a client sees it over gRPC.
 
 One case per row: a real RPC (inference or admin) that makes the server raise that exception, and the
 exact status code the client gets. The expected codes are written here, not read from the table, so a

@@ -753,15 +753,15 @@ def test_a_client_too_slow_with_its_head_or_body_is_cut_off(tiny_model_dir: Path
             closed_after = None
             while closed_after is None and time.monotonic() - opened < 4 * deadline:
                 try:
-                    if half_head.recv(4096) == b"":
-                        closed_after = time.monotonic() - opened
+                    assert half_head.recv(4096) == b"", "a head timeout closes without an answer"
+                    closed_after = time.monotonic() - opened
                 except TimeoutError:
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         half_head.sendall(b"X")
                 except ConnectionResetError:  # our byte crossed the server's close
                     closed_after = time.monotonic() - opened
             assert closed_after is not None, "a trickled head held the connection"
-            assert deadline <= closed_after + 0.05, closed_after
+            assert closed_after >= deadline / 2, closed_after  # not at once (the server's clock starts first)
         with socket.create_connection(("127.0.0.1", port)) as short_body:
             short_body.sendall(
                 b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

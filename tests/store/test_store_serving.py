@@ -1,7 +1,7 @@
 """A server (the real engine on the tiny model) on an S3 store, with the store going away and coming back.
 
 Warm adapters keep serving, cold ones fail with StoreUnavailable (UNAVAILABLE at the edges, one table
-in grpc/status.py), a new version published before the outage is not refused for it, and everything
+in edge/status.py), a new version published before the outage is not refused for it, and everything
 recovers by itself once SeaweedFS is back on the same data directory.
 """
 

@@ -1,5 +1,5 @@
 """Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP status of
-the one table: exception -> gRPC code (``grpc/status.py``, ``status_for``) -> HTTP status (``http_status_for``)."""
+the one table: exception -> gRPC code (``edge/status.py``, ``status_for``) -> HTTP status (``http_status_for``)."""
 
 from __future__ import annotations
 
