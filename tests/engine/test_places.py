@@ -5,6 +5,7 @@ tests/tenants/test_submit_fairness.py and tests/hardening."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -84,3 +85,22 @@ def test_a_queue_full_of_resumes_still_takes_a_tenants_request() -> None:
     places.reserve(of("a"))
     with pytest.raises(QueueFull):  # 4 waiting: twice max_waiting
         places.reserve(of("c"))
+
+
+def test_an_engines_new_config_reaches_its_refusals(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A review of the split: ``Places`` kept the config it was built with, so an engine given another
+    (as benchmarks do between runs) refused by the old limits."""
+    from enginelib import tiny_service
+
+    svc = tiny_service(tiny_model_dir, tmp_path / "store", max_batch_size=1)
+    try:
+        engine = svc.engine
+        engine.config = replace(engine.config, max_waiting_per_tenant=1)
+        engine.reserve(of("a"))  # the free row takes it
+        engine.reserve(of("a"))  # waits: one, the limit
+        with pytest.raises(QueueFull, match="max_waiting_per_tenant is 1"):
+            engine.reserve(of("a"))
+        for _ in range(2):
+            engine.unreserve(of("a"))
+    finally:
+        svc.engine.shutdown(10)

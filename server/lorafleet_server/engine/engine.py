@@ -252,7 +252,7 @@ class Engine:
         self.prompts = PromptEncoder(tokenizer, config.max_seq_len)
         self.usage = UsageMeter()
         self.adapters = adapters
-        self.config = config
+        self._config = config
         self.eos_token_ids = eos_token_ids
         self.special_token_ids = special_token_ids(tokenizer)
         self.observer: EngineObserver = observer or NullObserver()
@@ -279,6 +279,18 @@ class Engine:
         self._step_end: list[Callable[[], None]] = []  # what ``after_step`` deferred (engine thread only)
         self._submit_pool = FairPool(SUBMIT_THREADS, "submit")
         self._store_submit_pool = FairPool(STORE_SUBMIT_THREADS, "submit-store")
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: EngineConfig) -> None:
+        """A new config (benchmarks and tests change the scheduling between runs): the refusals' limits
+        (``places``) follow it."""
+        with self._lock:
+            self._config = config
+            self.places.config = config
 
     # -- public, any thread -------------------------------------------------------------------
     def start(self) -> None:
