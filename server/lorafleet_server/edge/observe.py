@@ -2,7 +2,7 @@
 log line per request.
 
 Every line names who called (``key_id`` and ``tenant`` of the API key; on a server without keys the
-tenant is the adapter's). Admin RPCs (those only the ``admin`` role may call, ``auth.ADMIN_RPCS``)
+tenant is the adapter's). Admin RPCs (those only the ``admin`` role may call, ``grpc.auth.ADMIN_RPCS``)
 also write one line to the audit logger, whatever their outcome, refused calls included.
 """
 
@@ -80,7 +80,7 @@ class CallRecord:
 class CallObserver:
     """Counts, times and logs every call of our services; ``audited``: the RPC names that also get an
     audit line (the admin-only ones); ``replica_id``: this replica's name, which every response carries
-    (affinity.py; "" sends none)."""
+    (grpc/affinity.py, the HTTP edge's app.py; "" sends none)."""
 
     def __init__(self, metrics: Metrics, audited: Collection[str] = (), replica_id: str = "") -> None:
         self._metrics = metrics
