@@ -77,6 +77,22 @@ def fake_kv(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
 BLOCK_BYTES = 2 * 2 * 1 * BLOCK * 4 * 4  # k and v, fp32
 
 
+class Events:
+    """A ``PrefixCacheObserver`` that keeps what it was told: ("lookup", asked, hit), ("evicted", n, 0)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, int]] = []
+
+    def prefix_lookup(self, lookup_tokens: int, hit_tokens: int) -> None:
+        self.events.append(("lookup", lookup_tokens, hit_tokens))
+
+    def prefix_evicted(self, blocks: int) -> None:
+        self.events.append(("evicted", blocks, 0))
+
+    def evicted(self) -> list[int]:
+        return [n for kind, n, _ in self.events if kind == "evicted"]
+
+
 def test_block_ids_chain_the_owner_and_every_earlier_token() -> None:
     cache = PrefixCache(1 << 20, BLOCK)
     v1, v2 = AdapterKey("acme", "bot", 1), AdapterKey("acme", "bot", 2)
@@ -156,16 +172,9 @@ def test_a_prompt_waits_only_for_a_prefill_whose_blocks_it_may_use(tiny_model_di
 
 
 def test_lru_eviction_keeps_the_byte_bound_and_evicts_tails_first() -> None:
-    events: list[tuple[str, int, int]] = []
-
-    class Obs:
-        def prefix_lookup(self, lookup_tokens: int, hit_tokens: int) -> None:
-            events.append(("lookup", lookup_tokens, hit_tokens))
-
-        def prefix_evicted(self, blocks: int) -> None:
-            events.append(("evicted", blocks, 0))
-
-    cache = PrefixCache(3 * BLOCK_BYTES, BLOCK, observer=Obs())
+    observer = Events()
+    events = observer.events
+    cache = PrefixCache(3 * BLOCK_BYTES, BLOCK, observer=observer)
     a, b = list(range(2 * BLOCK)), list(range(1000, 1000 + 2 * BLOCK))
     assert cache.insert("", a, len(a), fake_kv) == 2
     assert cache.insert("", b, len(b), fake_kv) == 2
@@ -192,35 +201,28 @@ def test_a_prompt_longer_than_the_cache_keeps_its_head_and_does_not_churn() -> N
     """Found by an outside review: a prompt of five blocks in a cache of three evicted the head its
     lookup had just found, then its own new tail, and read five blocks out of its KV row, at every
     repeat (the evictions counter climbing with no change to the cache)."""
-    evicted: list[int] = []
+    observer = Events()
     reads: list[int] = []
-
-    class Obs:
-        def prefix_lookup(self, lookup_tokens: int, hit_tokens: int) -> None:
-            pass
-
-        def prefix_evicted(self, blocks: int) -> None:
-            evicted.append(blocks)
 
     def read(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         reads.append(start)
         return fake_kv(start, end)
 
-    cache = PrefixCache(3 * BLOCK_BYTES, BLOCK, observer=Obs())
+    cache = PrefixCache(3 * BLOCK_BYTES, BLOCK, observer=observer)
     other = list(range(5000, 5000 + BLOCK))
     cache.insert("", other, len(other), read)
     prompt = list(range(5 * BLOCK + 1))
     assert cache.insert("", prompt, len(prompt), read) == 3  # evicts the other prompt's block, not its own
-    assert evicted == [1] and cache.lookup("", other, len(other))[0] == 0
+    assert observer.evicted() == [1] and cache.lookup("", other, len(other))[0] == 0
     copied = [0, 0, BLOCK, 2 * BLOCK]  # the other prompt's block, then its head; its tail never copied out
     assert reads == copied
     for _ in range(3):  # each repeat: its head found, nothing read, nothing evicted
         n, _blocks = cache.lookup("", prompt, len(prompt) - 1)
         assert n == 3 * BLOCK
         assert cache.insert("", prompt, len(prompt), read) == 0
-    assert evicted == [1] and reads == copied and cache.bytes_used == 3 * BLOCK_BYTES
+    assert observer.evicted() == [1] and reads == copied and cache.bytes_used == 3 * BLOCK_BYTES
     # A block larger than the whole cache is not stored, and evicts nothing.
-    tiny = PrefixCache(BLOCK_BYTES - 1, BLOCK, observer=Obs())
+    tiny = PrefixCache(BLOCK_BYTES - 1, BLOCK, observer=Events())
     assert tiny.insert("", prompt, len(prompt), fake_kv) == 0 and tiny.bytes_used == 0
 
 
@@ -249,16 +251,8 @@ def test_the_caches_edges() -> None:
     lru.clear()
     assert lru.bytes_used == 0 and len(lru) == 0
     # A copy that fails (no memory) after the cache is full leaves every block where it was.
-    evicted: list[int] = []
-
-    class Obs:
-        def prefix_lookup(self, lookup_tokens: int, hit_tokens: int) -> None:
-            pass
-
-        def prefix_evicted(self, blocks: int) -> None:
-            evicted.append(blocks)
-
-    full = PrefixCache(2 * BLOCK_BYTES, BLOCK, observer=Obs())
+    observer = Events()
+    full = PrefixCache(2 * BLOCK_BYTES, BLOCK, observer=observer)
     full.insert("", a, len(a), fake_kv)
 
     def no_memory(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +260,7 @@ def test_the_caches_edges() -> None:
 
     with pytest.raises(RuntimeError):
         full.insert("", c, len(c), no_memory)
-    assert evicted == [] and full.lookup("", a, len(a))[0] == 2 * BLOCK
+    assert observer.evicted() == [] and full.lookup("", a, len(a))[0] == 2 * BLOCK
 
 
 def test_zero_bytes_disables_it() -> None:
