@@ -65,7 +65,6 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self.observer = observer
         self._blocks: OrderedDict[bytes, PrefixBlock] = OrderedDict()  # least recently used first
-        self._block_bytes = 0  # the size of a block, once one was read
         self.bytes_used = 0  # read from other threads (metrics); written by the engine thread
 
     @property
@@ -128,14 +127,18 @@ class PrefixCache:
         for b, bid in enumerate(ids):
             if bid in self._blocks:
                 continue
-            if self._block_bytes and self._victims(self._block_bytes, own) is None:
-                break  # only this prefix's own blocks are left to evict (no copy made)
+            # Every block of one model has one size, so the room is known before the copy (no copy
+            # made where only this prefix's own blocks are left to evict).
+            size = next(iter(self._blocks.values())).nbytes if self._blocks else 0
+            victims = self._victims(size, own)
+            if victims is None:
+                break
             k, v = read(b * self.block_tokens, (b + 1) * self.block_tokens)  # before evicting: it may fail
             block = PrefixBlock(k, v)
-            self._block_bytes = block.nbytes  # every block of one model has this size
-            victims = self._victims(block.nbytes, own)
-            if victims is None:  # larger than the cache
-                break
+            if block.nbytes != size:  # the cache was empty: its size is known only now
+                victims = self._victims(block.nbytes, own)
+                if victims is None:  # larger than the cache
+                    break
             self._evict(victims)
             self._blocks[bid] = block
             self.bytes_used += block.nbytes
