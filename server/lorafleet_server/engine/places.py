@@ -38,7 +38,7 @@ class Places:
     ran or failed), ``preempt`` (back to the queue, resuming) and ``drop_queued`` (it left the queue)."""
 
     config: EngineConfig
-    free_rows: int = -1  # KV rows no request holds (-1: every row of the config)
+    free_rows: int = field(init=False)  # KV rows no request holds: every row of the config at first
     queued: int = 0  # submitted, not running (preempted ones waiting to resume included)
     submitting: int = 0  # reserved, not queued yet
     tenant_queued: dict[str, int] = field(default_factory=dict)
@@ -49,8 +49,7 @@ class Places:
     tenant_rows: dict[str, int] = field(default_factory=dict)  # KV rows each tenant holds
 
     def __post_init__(self) -> None:
-        if self.free_rows < 0:
-            self.free_rows = self.config.max_batch_size
+        self.free_rows = self.config.max_batch_size
 
     # -- a request's way through ----------------------------------------------------------------------
     def reserve(self, req: GenerationRequest) -> None:
