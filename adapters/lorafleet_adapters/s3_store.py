@@ -142,8 +142,6 @@ class S3AdapterStore:
             read_timeout=read_timeout,
             max_attempts=max_attempts,
         )
-        self._location = str(location)
-        self.endpoint_url = self.bucket.endpoint_url
         # tenant -> the largest key budget its listing ran past: not listed again within that budget
         self._over_budget: LruMap[str, int] = LruMap(KNOWN_VERSIONS_KEPT)
         if cache_dir is None:  # a one-off command: a temporary cache, removed with this object
@@ -152,7 +150,7 @@ class S3AdapterStore:
         # One directory per (endpoint, bucket, prefix) and per replica: entries are never shared.
         self._on_cache_event = on_cache_event or (lambda _event: None)
         self.cache = VersionCache(
-            Path(cache_dir) / _namespace(self.endpoint_url, location), cache_bytes, on_evict=self._on_cache_event
+            Path(cache_dir) / _namespace(self.bucket.endpoint_url, location), cache_bytes, on_evict=self._on_cache_event
         )
         # Versions whose manifest exists, and manifests read: immutable, so kept (the most recent ones).
         self._known: LruMap[AdapterKey, bool] = LruMap(KNOWN_VERSIONS_KEPT)
@@ -166,10 +164,14 @@ class S3AdapterStore:
 
     @property
     def location(self) -> str:
-        return self._location
+        return self.bucket.location
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.bucket.endpoint_url
 
     def __repr__(self) -> str:
-        return f"S3AdapterStore({self._location!r}, endpoint={self.endpoint_url!r})"
+        return f"S3AdapterStore({self.location!r}, endpoint={self.endpoint_url!r})"
 
     def check(self, *, create: bool = True) -> None:
         """Reach the bucket now (HeadBucket, then one listing): a clear StoreUnavailable otherwise. A
@@ -598,7 +600,7 @@ class S3AdapterStore:
             self._mark_published(key)
             return True
         raise StoreUnavailable(
-            f"adapter store {self._location}: could not move {key.tenant}/{key.name}'s latest pointer to "
+            f"adapter store {self.location}: could not move {key.tenant}/{key.name}'s latest pointer to "
             f"{key.version} after {MAX_CAS_TRIES} conflicting writes"
         )
 
@@ -649,7 +651,7 @@ class S3AdapterStore:
             return [], None
         data, etag = got
         if not etag:  # no compare-and-swap without one
-            raise StoreUnavailable(f"adapter store {self._location}: the publish marker came without an ETag")
+            raise StoreUnavailable(f"adapter store {self.location}: the publish marker came without an ETag")
         if len(data) > MAX_PUBLISH_LOG_BYTES:
             return [], etag
         parsed = ((line, _publish_entry(line)) for line in data.decode("utf-8", "replace").splitlines())
@@ -683,7 +685,7 @@ class S3AdapterStore:
             else:
                 time.sleep(random.uniform(0, 0.05))
         raise StoreUnavailable(
-            f"adapter store {self._location}: no free version of {tenant}/{name} after {MAX_CLAIM_TRIES} tries"
+            f"adapter store {self.location}: no free version of {tenant}/{name} after {MAX_CLAIM_TRIES} tries"
         )
 
     def _put_manifest(self, key: AdapterKey, body: bytes) -> None:
@@ -706,10 +708,10 @@ class S3AdapterStore:
         written = self.bucket.put(object_key, body, what, if_none_match=True)
         if written is not Put.DONE:
             raise StoreUnavailable(
-                f"adapter store {self._location}: cannot {what}: {object_key} already exists "
+                f"adapter store {self.location}: cannot {what}: {object_key} already exists "
                 "(another writer broke the claim protocol)"
                 if written is Put.CONFLICT
-                else f"adapter store {self._location}: cannot {what}: a concurrent write to {object_key}; retry"
+                else f"adapter store {self.location}: cannot {what}: a concurrent write to {object_key}; retry"
             )
 
     def _cleanup_failed(self, key: AdapterKey, uploaded: builtins.list[str]) -> None:
@@ -853,7 +855,7 @@ class S3AdapterStore:
         log.info(
             "adapter %s downloaded from %s in %.3fs (%d bytes)",
             key,
-            self._location,
+            self.location,
             time.perf_counter() - started,
             nbytes,
         )
