@@ -13,6 +13,8 @@ import grpc
 import pytest
 
 from lorafleet import (
+    AdapterLoad,
+    AdapterUnload,
     AsyncGenerationStream,
     AsyncLoraFleetClient,
     Completion,
@@ -219,8 +221,8 @@ def test_admin_calls(fake_server: FakeServer) -> None:
         assert (latest.tier, latest.pinned, latest.active_requests) == ("device", True, 3)
         assert latest.manifest is not None and latest.manifest.files == {"adapter.safetensors": "ff00"}
         assert adapter.versions[0].manifest is None and adapter.versions[0].tier == "store"
-        assert client.load_adapter("acme/support") == "acme/support@2"
-        assert client.unload_adapter("acme/support@2") is False
+        assert client.load_adapter("acme/support") == AdapterLoad("acme/support@2", "device")
+        assert client.unload_adapter("acme/support@2") == AdapterUnload("acme/support@2", unloaded=False)
         assert client.pin_adapter("acme/support@2") == "acme/support@2"
         assert client.unpin_adapter("acme/support@2") == "acme/support@2"
         assert fake_server.recorder.metadata["authorization"] == "Bearer admin"
@@ -252,8 +254,8 @@ def test_async_client_calls(fake_server: FakeServer) -> None:
             assert (await client.model_info()).device == "cpu"
             assert [a.ref for a in await client.list_adapters()] == ["acme/support"]
             assert (await client.get_adapter("acme/support")).name == "support"
-            assert await client.load_adapter("acme/support") == "acme/support@2"
-            assert await client.unload_adapter("acme/support") is False
+            assert await client.load_adapter("acme/support") == AdapterLoad("acme/support@2", "device")
+            assert await client.unload_adapter("acme/support") == AdapterUnload("acme/support@2", unloaded=False)
             assert await client.pin_adapter("acme/support") == "acme/support@2"
             assert await client.unpin_adapter("acme/support") == "acme/support@2"
 

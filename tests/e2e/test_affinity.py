@@ -49,7 +49,7 @@ def test_client_sends_header_and_reads_replica(live: LiveServer) -> None:
     # the call's request id, the caller's or the server's own (the client dropped it: an outside review)
     assert live.client.embed("Hello", request_id="emb-1").request_id == "emb-1"
     assert len(emb.request_id) == 32
-    assert live.client.load_adapter("acme/support").startswith("acme/support@")
+    assert live.client.load_adapter("acme/support").adapter.startswith("acme/support@")
 
 
 def test_header_body_mismatch_is_invalid_argument(stub: inference_pb2_grpc.InferenceServiceStub) -> None:

@@ -18,7 +18,7 @@ from enginelib import engine_held
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from lorafleet import LoraFleetClient, LoraFleetError, Message, Sampling
+from lorafleet import AdapterLoad, AdapterUnload, LoraFleetClient, LoraFleetError, Message, Sampling
 from lorafleet_server.model.cpu import cpu_features
 from lorafleet_server.model.native import find_compiler
 
@@ -134,7 +134,7 @@ def test_health_and_reflection(live: LiveServer) -> None:
 def test_admin_list_get_load_pin_unpin_unload(live: LiveServer) -> None:
     names = {a.ref for a in live.client.list_adapters("acme")}
     assert {"acme/support", "acme/legal"} <= names
-    assert live.client.load_adapter("acme/support") == "acme/support@1"
+    assert live.client.load_adapter("acme/support") == AdapterLoad("acme/support@1", "device")
     info = live.client.get_adapter("acme/support")
     assert info.latest_version == 1
     v1 = info.versions[0]
@@ -144,7 +144,7 @@ def test_admin_list_get_load_pin_unpin_unload(live: LiveServer) -> None:
     assert live.client.get_adapter("acme/support").versions[0].pinned
     live.client.unpin_adapter("acme/support")
     assert not live.client.get_adapter("acme/support").versions[0].pinned
-    assert live.client.unload_adapter("acme/support") is True
+    assert live.client.unload_adapter("acme/support") == AdapterUnload("acme/support@1", unloaded=True)
     assert live.client.get_adapter("acme/support").versions[0].tier == "host"
 
 

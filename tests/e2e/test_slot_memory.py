@@ -58,5 +58,5 @@ def test_model_info_and_gauge_agree_and_follow_a_load(live: LiveServer, widest_a
     assert loaded == every_linear_at_max_rank
     assert loaded > before  # the fixture's adapters are r=8 q/v and r=16 all-linear: smaller everywhere
 
-    assert live.client.unload_adapter(widest_adapter)
+    assert live.client.unload_adapter(widest_adapter).unloaded
     assert reported(live) == (before, before)

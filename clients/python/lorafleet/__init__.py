@@ -22,10 +22,12 @@ from lorafleet.errors import (
 )
 from lorafleet.models import (
     AdapterInfo,
+    AdapterLoad,
     AdapterManifest,
     AdapterSwap,
     AdapterSwapFailure,
     AdapterTier,
+    AdapterUnload,
     AdapterVersionInfo,
     Classification,
     Completion,
@@ -46,10 +48,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterInfo",
+    "AdapterLoad",
     "AdapterManifest",
     "AdapterSwap",
     "AdapterSwapFailure",
     "AdapterTier",
+    "AdapterUnload",
     "AdapterVersionInfo",
     "AsyncGenerationStream",
     "AsyncLoraFleetClient",

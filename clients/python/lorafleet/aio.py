@@ -34,6 +34,8 @@ from lorafleet.errors import (
 )
 from lorafleet.models import (
     AdapterInfo,
+    AdapterLoad,
+    AdapterUnload,
     Classification,
     Completion,
     Embedding,
@@ -255,19 +257,19 @@ class AsyncLoraFleetClient:
         response: apb.GetAdapterResponse = await self._unary(self._adapters.GetAdapter, request, timeout, adapter=ref)
         return convert.adapter_from_proto(response.adapter)
 
-    async def load_adapter(self, ref: str, *, timeout: float | None = None) -> str:
-        """Loads a version into a device slot; returns the concrete "tenant/name@version"."""
+    async def load_adapter(self, ref: str, *, timeout: float | None = None) -> AdapterLoad:
+        """Loads a version into a device slot; returns the concrete version and the tier it is held in."""
         request = apb.LoadAdapterRequest(adapter=ref)
         response: apb.LoadAdapterResponse = await self._unary(self._adapters.LoadAdapter, request, timeout, adapter=ref)
-        return response.adapter
+        return convert.load_from_proto(response)
 
-    async def unload_adapter(self, ref: str, *, timeout: float | None = None) -> bool:
-        """Frees a version's slot; False when requests still run on it (freed when they end)."""
+    async def unload_adapter(self, ref: str, *, timeout: float | None = None) -> AdapterUnload:
+        """Frees a version's slot; ``unloaded`` is False when requests still run on it (freed when they end)."""
         request = apb.UnloadAdapterRequest(adapter=ref)
         response: apb.UnloadAdapterResponse = await self._unary(
             self._adapters.UnloadAdapter, request, timeout, adapter=ref
         )
-        return response.unloaded
+        return convert.unload_from_proto(response)
 
     async def pin_adapter(self, ref: str, *, timeout: float | None = None) -> str:
         """Loads a version and keeps it resident; returns the concrete "tenant/name@version"."""

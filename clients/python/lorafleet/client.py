@@ -30,7 +30,9 @@ from lorafleet.aio import AsyncLoraFleetClient
 from lorafleet.errors import REQUEST_ID_HEADER, LoraFleetError, UnavailableError, client_closed, from_rpc_error
 from lorafleet.models import (
     AdapterInfo,
+    AdapterLoad,
     AdapterManifest,
+    AdapterUnload,
     AdapterVersionInfo,
     Classification,
     Completion,
@@ -281,17 +283,17 @@ class LoraFleetClient:
         response: apb.GetAdapterResponse = self._unary(self._adapters.GetAdapter, request, timeout, adapter=ref)
         return convert.adapter_from_proto(response.adapter)
 
-    def load_adapter(self, ref: str, *, timeout: float | None = None) -> str:
-        """Loads a version into a device slot; returns the concrete "tenant/name@version"."""
+    def load_adapter(self, ref: str, *, timeout: float | None = None) -> AdapterLoad:
+        """Loads a version into a device slot; returns the concrete version and the tier it is held in."""
         request = apb.LoadAdapterRequest(adapter=ref)
         response: apb.LoadAdapterResponse = self._unary(self._adapters.LoadAdapter, request, timeout, adapter=ref)
-        return response.adapter
+        return convert.load_from_proto(response)
 
-    def unload_adapter(self, ref: str, *, timeout: float | None = None) -> bool:
-        """Frees a version's slot; False when requests still run on it (freed when they end)."""
+    def unload_adapter(self, ref: str, *, timeout: float | None = None) -> AdapterUnload:
+        """Frees a version's slot; ``unloaded`` is False when requests still run on it (freed when they end)."""
         request = apb.UnloadAdapterRequest(adapter=ref)
         response: apb.UnloadAdapterResponse = self._unary(self._adapters.UnloadAdapter, request, timeout, adapter=ref)
-        return response.unloaded
+        return convert.unload_from_proto(response)
 
     def pin_adapter(self, ref: str, *, timeout: float | None = None) -> str:
         """Loads a version and keeps it resident; returns the concrete "tenant/name@version"."""

@@ -7,10 +7,12 @@ from typing import TypeVar
 
 from lorafleet.models import (
     AdapterInfo,
+    AdapterLoad,
     AdapterManifest,
     AdapterSwap,
     AdapterSwapFailure,
     AdapterTier,
+    AdapterUnload,
     AdapterVersionInfo,
     Classification,
     Completion,
@@ -373,6 +375,14 @@ def adapter_to_proto(adapter: AdapterInfo) -> apb.Adapter:
         latest_version=adapter.latest_version,
         versions=[adapter_version_to_proto(v) for v in adapter.versions],
     )
+
+
+def load_from_proto(response: apb.LoadAdapterResponse) -> AdapterLoad:
+    return AdapterLoad(adapter=response.adapter, tier=tier_from_proto(response.tier))
+
+
+def unload_from_proto(response: apb.UnloadAdapterResponse) -> AdapterUnload:
+    return AdapterUnload(adapter=response.adapter, unloaded=response.unloaded)
 
 
 def refresh_from_proto(response: apb.RefreshAdaptersResponse) -> RefreshResult:

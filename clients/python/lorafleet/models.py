@@ -172,6 +172,22 @@ class AdapterVersionInfo:
 
 
 @dataclass(frozen=True)
+class AdapterLoad:
+    """What LoadAdapter did: the concrete version it loaded and the tier that version is held in now."""
+
+    adapter: str  # "tenant/name@version"
+    tier: AdapterTier
+
+
+@dataclass(frozen=True)
+class AdapterUnload:
+    """What UnloadAdapter did to the concrete version it resolved."""
+
+    adapter: str  # "tenant/name@version"
+    unloaded: bool  # False: requests still run on it; its slot is freed when the last one ends
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     """An adapter in the store with its versions."""
 
