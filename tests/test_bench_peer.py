@@ -232,7 +232,7 @@ def _peer_runs(
     return results, info, meters
 
 
-def test_the_peer_serves_the_largest_rank_and_k_of_the_invocation(
+def test_the_peer_serves_each_rank_at_its_own_and_the_largest_k_of_its_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     results, info, _ = _peer_runs(tmp_path, monkeypatch, "default", "base,32xdefault")
@@ -242,10 +242,18 @@ def test_the_peer_serves_the_largest_rank_and_k_of_the_invocation(
     cmd = lora.command(Path("python"), 1)
     assert cmd[cmd.index("--max-lora-rank") + 1] == "8"  # r=8 adapters only: 16 padded them to twice that
     assert cmd[cmd.index("--max-loras") + 1] == "32"
-    assert (info["max_lora_rank"], info["max_loras"]) == (8, 32)
-    _, info, _ = _peer_runs(tmp_path, monkeypatch, "default,r16all", "base,8xdefault,32xr16all")
-    lora = _FakeVllm.started[-1]
-    assert (lora.max_lora_rank, lora.max_loras, len(lora.lora_modules)) == (16, 32, 8 + 32)
+    assert list(info["servers"]) == ["base", "lora"]
+    assert (info["servers"]["lora"]["max_lora_rank"], info["servers"]["lora"]["max_loras"]) == (8, 32)
+    # r=8 and r=16 in one invocation: one server each, so the r=8 runs are not padded to 16 (their 1b
+    # ratio overstated by ~2x when one rank-16 server served both)
+    results, info, _ = _peer_runs(tmp_path, monkeypatch, "default,r16all", "base,8xdefault,32xdefault,32xr16all")
+    assert [r.name for r in results] == ["vllm:base", "vllm:8xdefault", "vllm:32xdefault", "vllm:32xr16all"]
+    _, r8, r16 = _FakeVllm.started
+    assert (r8.max_lora_rank, r8.max_loras, len(r8.lora_modules)) == (8, 32, 32)
+    assert (r16.max_lora_rank, r16.max_loras, len(r16.lora_modules)) == (16, 32, 32)
+    assert list(info["servers"]) == ["base", "lora-r8", "lora-r16"]
+    lines = serving.peer_checks(results, {"vllm": info}, 32)
+    assert any("vLLM lora-r8 server:" in line and "--max-lora-rank 8," in line for line in lines)
 
 
 def test_the_peers_cpu_is_its_processes_and_the_load_generator_not_this_one(
