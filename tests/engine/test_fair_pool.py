@@ -9,7 +9,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from lorafleet_server.engine.fair_pool import FairPool
+from lorafleet_server.engine.fair_pool import FairPool, _Item
 from lorafleet_server.errors import ShuttingDown
 
 
@@ -83,6 +83,9 @@ def test_errors_reach_the_caller_and_workers_start_as_needed() -> None:
         with pytest.raises(ValueError, match="bad input"):
             pool.submit("a", boom).result(10)
         assert len(pool._threads) == 1  # one item: one thread, reused
+        wait_until(lambda: pool._idle == 1)  # back waiting: the next item wakes it, starts no other
+        assert pool.submit("b", lambda: "again").result(10) == "again"
+        assert len(pool._threads) == 1
         gate = threading.Event()
         waiting = [pool.submit(t, gate.wait, 30) for t in ("a", "b", "c", "d")]
         wait_until(lambda: sum(f.running() for f in waiting) == 3)
@@ -154,3 +157,44 @@ def test_an_idle_worker_holds_nothing_of_its_last_item() -> None:
 
     wait_until(released, 10)
     pool.shutdown()
+
+
+def test_shutdown_lets_idle_workers_exit() -> None:
+    """Workers finish what is queued, then exit: an idle one too, woken by the shutdown."""
+    pool = FairPool(2, "t")
+    gate = threading.Event()
+    held = [pool.submit(t, gate.wait, 30) for t in ("a", "b")]
+    wait_until(lambda: sum(f.running() for f in held) == 2)
+    gate.set()
+    assert all(f.result(10) for f in held)
+    wait_until(lambda: pool._idle == 2, 10)
+    pool.shutdown()
+    wait_until(lambda: not any(t.is_alive() for t in pool._threads), 10)
+
+
+def test_an_item_cancelled_after_it_was_taken_never_runs() -> None:
+    """Its caller left between a worker taking the item and running it: it is skipped (a cancelled
+    future cannot take a result; the worker would die on it, a worker fewer for good)."""
+    ran: list[str] = []
+    item = _Item("a", Future(), lambda: ran.append("ran"))
+    assert item.future.cancel()
+    FairPool._run(item)
+    assert ran == [] and item.future.cancelled()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, GeneratorExit])
+def test_a_base_exception_reaches_the_caller_and_keeps_the_worker(exc: type[BaseException]) -> None:
+    """Not only Exceptions: anything the work raises is the caller's, or the caller waited for ever and
+    the worker thread was gone."""
+    pool = FairPool(1, "t")
+    try:
+
+        def boom() -> None:
+            raise exc("stop")
+
+        with pytest.raises(exc):
+            pool.submit("a", boom).result(10)
+        assert pool.submit("a", lambda: "still here").result(10) == "still here"
+        assert len(pool._threads) == 1
+    finally:
+        pool.shutdown()

@@ -377,6 +377,58 @@ def test_fair_queue_forgets_idle_tenants_beyond_a_bound_but_not_one_far_ahead(mo
     assert q.tenants() == ["new", "hog"]  # the hog is still ahead: forgotten, it would tie and go first
 
 
+def test_fair_queue_never_forgets_a_waiting_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only idle tenants are forgotten: a waiting one, however far behind, keeps its virtual time (the
+    engine's next tenants() would fail on it, and its place would be lost)."""
+    from lorafleet_server.engine import fairness
+
+    monkeypatch.setattr(fairness, "MAX_IDLE_TENANTS", 2)
+    q: FairQueue[Item] = FairQueue()
+    q.push(Item("w"))  # waits all along (its running limit, say), at the lowest virtual time
+    for i in range(20):
+        q.push(Item(f"x{i}"))
+        q.started(q.waiting(f"x{i}")[0])
+    assert q.tenants() == ["w"] and len(q.waiting("w")) == 1
+
+
+def test_a_preempted_request_resumes_ahead_of_its_tenants_others_and_clear_empties_the_queue() -> None:
+    q: FairQueue[Item] = FairQueue()
+    first, second, preempted = Item("a"), Item("a"), Item("a")
+    q.push(first)
+    q.push(second)
+    q.push(preempted, front=True)
+    assert q.waiting("a") == [preempted, first, second]
+    assert q.clear() == [preempted, first, second]
+    assert not q and len(q) == 0 and preempted not in q and q.tenants() == []
+    q.push(first)
+    assert q.waiting("a") == [first]
+
+
+def test_a_start_out_of_turn_does_not_move_the_clock_back() -> None:
+    """The engine may start a tenant behind others (the one owed the row cannot start: its running
+    limit, its adapter's slot). A newcomer restarts at the latest start, not at that one's: else it
+    got the credit of every row the others ran meanwhile (~50 rows in a row here)."""
+    q: FairQueue[Item] = FairQueue()
+    q.push(Item("c"))  # owed every row below, but never able to start
+    for _ in range(50):
+        q.push(Item("a"))
+        q.started(q.waiting("a")[0])
+    q.started(q.waiting("c")[0])  # c at last, at its old virtual time
+    for _ in range(4):
+        q.push(Item("d"))
+    q.push(Item("a"))
+    assert "a" in take(q, 2)
+
+
+def test_preemption_takes_from_the_tenant_most_over_its_share() -> None:
+    """Nine rows, three tenants (3 each): a runs 5 (2 over), b runs 4 (1 over), c waits: a gives one back."""
+    running = [Item("a") for _ in range(5)] + [Item("b") for _ in range(4)]
+    q: FairQueue[Item] = FairQueue()
+    q.push(Item("c"))
+    victim = preemption_victim(9, running, q, lambda _r: True, lambda _r: True)
+    assert victim is running[4]
+
+
 def test_fair_queue_weights_and_no_credit_for_idling() -> None:
     q: FairQueue[Item] = FairQueue()
     for _ in range(6):

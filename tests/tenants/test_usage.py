@@ -128,6 +128,25 @@ def test_meter_reuses_the_ids_of_expired_pairs_and_follows_a_clock_stepped_back(
     assert meter.buckets() == 4  # and the three minutes a day ahead wait for the clock to pass them
 
 
+def test_one_minutes_records_share_its_buckets_and_a_clock_two_minutes_back_counts_in_it() -> None:
+    """A minute holds one bucket per pair however many requests it counts (a minute closed per record
+    would hold one per request: a week of them is the memory the packing saves); a clock stepped back
+    by up to two minutes still counts in the open minute, by more in its own."""
+    now = [3_000_000.0]  # minute 50000, at its start
+    meter = UsageMeter(clock=lambda: now[0], steady=lambda: now[0])
+    for _ in range(100):
+        meter.record("acme", summary("acme/a@1"))
+        now[0] += 0.5
+    assert meter.buckets() == 1
+    now[0] -= 120  # two minutes back
+    meter.record("acme", summary("acme/a@1"))
+    assert meter.report(3_000_000, 3_000_060) == [UsageRow("acme", "acme/a@1", 101, 505, 303)]
+    now[0] -= 60  # three minutes back
+    meter.record("acme", summary("acme/a@1"))
+    assert meter.report(3_000_000, 3_000_060) == [UsageRow("acme", "acme/a@1", 101, 505, 303)]
+    assert meter.buckets() == 2
+
+
 def test_a_clock_stepped_days_ahead_expires_nothing_that_is_within_the_retention() -> None:
     """One record while the clock was 8 days ahead dropped every minute older than 8 - 7 days before
     it, as if they had passed: 6 days of usage read as 1 request once the clock was corrected."""
