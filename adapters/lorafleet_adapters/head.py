@@ -36,6 +36,7 @@ from lorafleet_adapters.peft_format import BaseModelSpec
 from lorafleet_adapters.ref import AdapterKey, AdapterRef, check_ident
 from lorafleet_adapters.safetensors_header import read_header
 from lorafleet_adapters.store import MAX_SMALL_FILE_BYTES
+from lorafleet_adapters.strict_json import unique_keys
 
 HEAD_FILE = "head.json"
 HEAD_WEIGHTS_FILE = "head.safetensors"
@@ -159,7 +160,7 @@ def _read_head_json(path: Path) -> dict[str, Any]:
     if path.stat().st_size > MAX_HEAD_JSON_BYTES:
         raise AdapterFormatError(f"{path} is larger than {MAX_HEAD_JSON_BYTES} bytes")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         raise AdapterFormatError(f"{path} is not valid JSON: {exc}") from None
     keys = {"format", "labels", "hidden_size", "pooling", "features_from"}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorafleet_adapters.errors import AdapterFormatError, AdapterIncompatible, InvalidAdapterRef
 from lorafleet_adapters.ref import check_ident, check_version
+from lorafleet_adapters.strict_json import unique_keys
 
 if TYPE_CHECKING:
     from lorafleet_adapters.peft_format import BaseModelSpec
@@ -141,7 +142,7 @@ class Manifest:
     def from_json(cls, text: str | bytes) -> Manifest:
         """Parse and validate a manifest; raise AdapterFormatError naming the bad field."""
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique_keys)  # a key given twice: refused, not last-wins
         except (ValueError, RecursionError) as exc:
             raise AdapterFormatError(f"manifest.json is not valid JSON: {exc}") from None
         if not isinstance(data, dict):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet_adapters.errors import AdapterFormatError
+from lorafleet_adapters.strict_json import unique_keys
 
 PROMPT_FILE = "prompt.json"
 MAX_PROMPT_BYTES = 256 * 1024
@@ -54,7 +55,7 @@ class PromptTemplate:
     @classmethod
     def from_json(cls, text: str) -> PromptTemplate:
         try:
-            data: Any = json.loads(text)
+            data: Any = json.loads(text, object_pairs_hook=unique_keys)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's stack
             raise AdapterFormatError(f"{PROMPT_FILE} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or set(data) - {"system", "examples"}:

@@ -57,6 +57,7 @@ from lorafleet_adapters.peft_format import (
 )
 from lorafleet_adapters.prompt import PROMPT_FILE, PromptTemplate
 from lorafleet_adapters.ref import MAX_VERSION, AdapterKey, AdapterRef, check_ident, parse_version
+from lorafleet_adapters.strict_json import unique_keys
 from lorafleet_adapters.verified_read import PendingCheck, VerifiedFiles
 
 log = logging.getLogger(__name__)
@@ -727,7 +728,7 @@ def _check_record(source: Path) -> None:
     if source.stat().st_size > MAX_MANIFEST_BYTES:
         raise AdapterFormatError(f"{source} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        record = json.loads(source.read_text(encoding="utf-8"))
+        record = json.loads(source.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         raise AdapterFormatError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(record, dict):

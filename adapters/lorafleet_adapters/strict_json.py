@@ -1,6 +1,7 @@
 """JSON objects that name a key twice, refused: ``json.loads`` keeps the last value in silence, so a
 file could say one thing to a reader and another to us. One hook for every JSON document lorafleet
-reads from outside (adapter configs, safetensors headers, keys files, training data)."""
+reads from outside (adapter configs, safetensors headers, manifests, prompt templates, head
+descriptions, training records, keys files, training data)."""
 
 from __future__ import annotations
 

@@ -241,6 +241,29 @@ def test_invalid_import_publishes_nothing(store: AdapterStore, make_adapter: Mak
     assert list((store.root / ".staging").iterdir()) == []
 
 
+def test_a_training_record_must_be_one_small_json_object(
+    store: AdapterStore, make_adapter: MakeAdapter, spec: BaseModelSpec
+) -> None:
+    """The record `lorafleet retrain` reads back is checked at publish: an object, each key once, at most
+    the manifest's size; nothing is published otherwise."""
+    record = store_module.RETRAIN_RECORD_FILE
+    for text, message in (
+        ('{"steps": 10, "steps": 99}', "not valid JSON: key 'steps' is given twice"),
+        ("[1, 2]", "must hold a JSON object"),
+        ("{", "not valid JSON"),
+        ("{}" + " " * store_module.MAX_MANIFEST_BYTES, "is larger than"),
+    ):
+        source, _ = make_adapter()
+        (source / record).write_text(text)
+        with pytest.raises(AdapterFormatError, match=message):
+            store.import_peft(source, "acme", "support", spec)
+    assert store.list() == []
+    source, _ = make_adapter()
+    (source / record).write_text('{"steps": 10}')
+    key = store.import_peft(source, "acme", "support", spec)
+    assert record in store.manifest(key).files
+
+
 def test_only_known_files_copied(store: AdapterStore, adapter_dir: Path, spec: BaseModelSpec) -> None:
     (adapter_dir / "adapter_model.bin").write_bytes(b"pickle")
     (adapter_dir / "notes.txt").write_text("x")
