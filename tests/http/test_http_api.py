@@ -24,6 +24,7 @@ from httplib import TinyHttp
 from lorafleet_adapters.errors import AdapterNotFound
 from lorafleet_server.app import Service
 from lorafleet_server.edge.status import STATUS_TABLE, http_status_for, status_for
+from lorafleet_server.engine.types import GenerationRequest
 from lorafleet_server.errors import EngineTimeout, InvalidRequest, PermissionDenied, QueueFull, ShuttingDown
 from lorafleet_server.grpc.server import server_keys
 from lorafleet_server.http.app import HttpTimeouts
@@ -247,6 +248,34 @@ def test_keys_are_required_and_checked_before_the_body(tiny_http: TinyHttp) -> N
     assert before >= 2
 
 
+def test_what_a_request_asks_reaches_the_engine(tiny_http: TinyHttp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampling parameters and turns as the engine gets them (a mutation review found that none of
+    these was held: top_p dropped, a ``stop`` string cut into one stop per character, a negative seed
+    passed through, a developer turn kept as a role the chat template does not know)."""
+    engine = tiny_http.service.engine
+    seen: list[GenerationRequest] = []
+    reserve = engine.reserve
+
+    def spy(req: GenerationRequest) -> Any:
+        seen.append(req)
+        return reserve(req)
+
+    monkeypatch.setattr(engine, "reserve", spy)
+    headers = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
+    messages = [{"role": "developer", "content": "Be brief."}, *CHAT]
+    body = {"model": tiny_http.model_id, "messages": messages, "max_tokens": 2, "top_p": 0.5, "stop": "END"}
+    answer = httpx.post(f"{tiny_http.url}/v1/chat/completions", json={**body, "seed": -1}, headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    params = seen[-1].params
+    assert (params.top_p, params.stop, params.seed) == (0.5, ("END",), 2**64 - 1)  # OpenAI's seeds are signed
+    assert [t.role for t in seen[-1].messages] == ["system", "user"]
+    body = {"model": tiny_http.model_id, "prompt": "x", "max_tokens": 2, "stop": ["a", "bc"], "top_k": 3}
+    answer = httpx.post(f"{tiny_http.url}/v1/completions", json=body, headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    params = seen[-1].params
+    assert (params.top_p, params.stop, params.top_k, seen[-1].prompt) == (1.0, ("a", "bc"), 3, "x")
+
+
 def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
     sdk = client(tiny_http)
     cases: list[tuple[dict[str, object], str]] = [
@@ -266,6 +295,18 @@ def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
         error = refused.value.body
         assert isinstance(error, dict) and error["type"] == "invalid_request_error", override
         assert str(error["param"]).startswith(param), (override, error)
+    for override, param in (  # the completions-only parameters, and ones OpenAI's SDK checks no further
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 2}, "best_of"),
+        ({"logit_bias": {"1": 1}}, "logit_bias"),
+        ({"logprobs": 1}, "logprobs"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.completions.create(model=tiny_http.model_id, prompt="x", max_tokens=2, **override)  # type: ignore[call-overload]
+        assert str(refused.value.param).startswith(param), (override, refused.value.body)
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model=tiny_http.model_id, messages=CHAT, top_logprobs=1)  # type: ignore[arg-type]
+    assert refused.value.param == "top_logprobs"
     with pytest.raises(openai.BadRequestError, match="max_tokens is too large") as too_many:  # the server's limit
         sdk.completions.create(model=tiny_http.model_id, prompt="x", max_tokens=100_000)
     assert too_many.value.param == "max_tokens"
