@@ -276,6 +276,15 @@ def test_what_a_request_asks_reaches_the_engine(tiny_http: TinyHttp, monkeypatch
     assert (params.top_p, params.stop, params.top_k, seen[-1].prompt) == (1.0, ("a", "bc"), 3, "x")
 
 
+def test_health_is_503_once_the_engine_stops_accepting(tiny_http: TinyHttp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draining (or crashed) engine takes no new request: a load balancer probing /health must see it
+    and send the next elsewhere, even while the edge itself still answers."""
+    assert httpx.get(f"{tiny_http.url}/health", timeout=30).json() == {"status": "SERVING"}
+    monkeypatch.setattr(tiny_http.service.engine, "_accepting", False)
+    answer = httpx.get(f"{tiny_http.url}/health", timeout=30)
+    assert (answer.status_code, answer.json()) == (503, {"status": "NOT_SERVING"})
+
+
 def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
     sdk = client(tiny_http)
     cases: list[tuple[dict[str, object], str]] = [
