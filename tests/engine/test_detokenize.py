@@ -45,6 +45,23 @@ def test_a_prompt_ending_in_a_special_token_keeps_the_left_context() -> None:
     assert streamed(tokenizer, prompt, [4, 5]) == " Paris."
 
 
+def test_a_special_token_generated_amid_the_text_keeps_the_next_words_space() -> None:
+    """A generated special token decodes to nothing: the window must not move past the words before it,
+    or the next word is decoded as the window's first and its space is stripped (" Paris Paris." came
+    out " ParisParis." when the window moved on a token that added no text: a mutation review)."""
+    vocab = {"<unk>": 0, "▁The": 1, "▁capital": 2, "▁is": 3, "▁Paris": 4, ".": 5, "<sep>": 6}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    model.decoder = decoders.Metaspace(prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<sep>"]})
+    assert 6 in tokenizer.all_special_ids
+    prompt, generated = [1, 2, 3], [4, 6, 4, 5]
+    whole = tokenizer.decode([*prompt, *generated], skip_special_tokens=True)
+    assert streamed(tokenizer, prompt, generated) == whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
+    assert streamed(tokenizer, prompt, generated) == " Paris Paris."
+
+
 def test_a_possible_stop_held_at_the_end_is_sent_by_flush() -> None:
     """Text held back because it may begin a stop string is sent when the generation ends without one
     (a mutation that made flush() drop it survived: " Hello" with stop "lo!" came out " Hel")."""
@@ -76,6 +93,13 @@ def test_stop_matcher_cuts_at_the_first_stop_in_the_text_whichever_stop_it_is() 
     matcher = StopMatcher(("END", "ND!"))  # overlapping: "END" starts first
     assert matcher.feed("the EN") == ("the ", False)  # "EN" held: it may begin a stop
     assert matcher.feed("D!") == ("", True)
+    # one stop twice in a chunk (a multi-token step, or text held back): the first one cuts, so no
+    # stop string is ever sent (a mutation that cut at the last one survived)
+    matcher = StopMatcher(("\n",))
+    assert matcher.feed("one\ntwo\nthree") == ("one", True)
+    matcher = StopMatcher(("ab",))
+    assert matcher.feed("xa") == ("x", False)
+    assert matcher.feed("b-ab") == ("", True)  # the held "a" begins the first one
 
 
 def test_a_prompt_ending_in_byte_tokens_leaves_the_generated_characters_whole() -> None:

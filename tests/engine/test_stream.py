@@ -422,8 +422,42 @@ def test_a_worker_that_cannot_start_is_not_reported_as_a_shutdown(
         with pytest.raises(RuntimeError, match="can't start") as raised:
             asyncio.run(stream.submit(request("Hello", max_new_tokens=2)))
         assert not isinstance(raised.value, ShuttingDown)
+        # its place goes back: one kept per failure left the tenant over max_waiting, refused for good
+        assert engine.places.submitting == 0 and engine.places.tenant_submitting == {}
         monkeypatch.undo()
     finally:
         engine.shutdown(10)
     with pytest.raises(ShuttingDown):
         asyncio.run(EngineStream(engine).submit(request("Hello", max_new_tokens=2)))
+
+
+def test_a_caller_that_leaves_before_a_worker_takes_its_run_drops_it() -> None:
+    """``EngineStream.run`` (the Tokenize RPC's encoding) and ``resolve`` (a store read): a caller that
+    leaves while its work waits for a worker drops it, as ``submit`` does (a mutation that left it
+    queued survived: the work ran for nobody, holding a worker, after its caller had gone)."""
+    from types import SimpleNamespace
+
+    from lorafleet_server.engine.fair_pool import FairPool
+    from lorafleet_server.engine.stream import EngineStream
+
+    pool = FairPool(1, "test-run")
+    busy, release = threading.Event(), threading.Event()
+    pool.submit("other", lambda: (busy.set(), release.wait(30)))  # the one worker is taken
+    assert busy.wait(30)
+    ran: list[str] = []
+    stream = EngineStream(SimpleNamespace(tokenize_pool=lambda: pool))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        task = asyncio.ensure_future(stream.run("acme", ran.append, "left"))
+        await asyncio.sleep(0.05)
+        task.cancel()  # the caller leaves while its work is queued
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+    pool.submit("acme", ran.append, "after").result(30)  # acme's items run in order: the first is gone
+    pool.shutdown()
+    assert ran == ["after"]

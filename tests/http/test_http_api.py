@@ -133,6 +133,44 @@ def test_sampling_parameters_reach_the_engine(tiny_http: TinyHttp) -> None:
     assert stopped.choices[0].finish_reason == "stop" and stop not in (stopped.choices[0].message.content or "")
 
 
+def test_each_parameter_reaches_the_engines_request_as_sent(
+    tiny_http: TinyHttp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the edge hands the engine, field by field (a mutation review: top_p dropped, a ``stop`` string
+    taken as its characters, and a "developer" message passed on as a role the engine refuses, all
+    passed every test)."""
+
+    engine = tiny_http.service.engine
+    seen: list[GenerationRequest] = []
+    reserve = engine.reserve
+
+    def recorded(req: GenerationRequest) -> float:
+        seen.append(req)
+        return reserve(req)
+
+    monkeypatch.setattr(engine, "reserve", recorded)
+    sdk = client(tiny_http)
+    messages = [{"role": "developer", "content": "Be brief."}, *CHAT]
+    chat = sdk.chat.completions.create(
+        model=tiny_http.model_id,
+        messages=messages,  # type: ignore[arg-type]
+        max_completion_tokens=3,
+        temperature=0.7,
+        top_p=0.25,
+        seed=-2,
+        stop="Zq",
+        extra_body={"top_k": 5, "repetition_penalty": 1.25},
+    )
+    assert chat.choices[0].finish_reason in ("length", "stop")
+    [req] = seen
+    assert [(t.role, t.content) for t in req.messages] == [("system", "Be brief."), ("user", "Say hello")]
+    p = req.params
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (3, 0.7, 0.25, 5, 1.25)
+    assert (p.seed, p.stop, p.fit_context) == (2**64 - 2, ("Zq",), False)
+    sdk.completions.create(model=tiny_http.model_id, prompt="x", max_tokens=2, stop=["ab", "c"])
+    assert seen[-1].prompt == "x" and seen[-1].params.stop == ("ab", "c") and seen[-1].params.top_p == 1.0
+
+
 def test_an_unset_max_tokens_fits_the_context_the_prompt_leaves(tiny_http: TinyHttp) -> None:
     """The server's default (8 here) is not the caller's choice: a prompt leaving 4 tokens of the 256
     runs; the caller's own max_tokens of 8 is still refused."""
@@ -248,43 +286,6 @@ def test_keys_are_required_and_checked_before_the_body(tiny_http: TinyHttp) -> N
     assert before >= 2
 
 
-def test_what_a_request_asks_reaches_the_engine(tiny_http: TinyHttp, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sampling parameters and turns as the engine gets them (a mutation review found that none of
-    these was held: top_p dropped, a ``stop`` string cut into one stop per character, a negative seed
-    passed through, a developer turn kept as a role the chat template does not know)."""
-    engine = tiny_http.service.engine
-    seen: list[GenerationRequest] = []
-    reserve = engine.reserve
-
-    def spy(req: GenerationRequest) -> Any:
-        seen.append(req)
-        return reserve(req)
-
-    monkeypatch.setattr(engine, "reserve", spy)
-    headers = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
-    messages = [{"role": "developer", "content": "Be brief."}, *CHAT]
-    body = {"model": tiny_http.model_id, "messages": messages, "max_tokens": 2, "top_p": 0.5, "stop": "END"}
-    answer = httpx.post(f"{tiny_http.url}/v1/chat/completions", json={**body, "seed": -1}, headers=headers, timeout=30)
-    assert answer.status_code == 200, answer.text
-    params = seen[-1].params
-    assert (params.top_p, params.stop, params.seed) == (0.5, ("END",), 2**64 - 1)  # OpenAI's seeds are signed
-    assert [t.role for t in seen[-1].messages] == ["system", "user"]
-    body = {"model": tiny_http.model_id, "prompt": "x", "max_tokens": 2, "stop": ["a", "bc"], "top_k": 3}
-    answer = httpx.post(f"{tiny_http.url}/v1/completions", json=body, headers=headers, timeout=30)
-    assert answer.status_code == 200, answer.text
-    params = seen[-1].params
-    assert (params.top_p, params.stop, params.top_k, seen[-1].prompt) == (1.0, ("a", "bc"), 3, "x")
-
-
-def test_health_is_503_once_the_engine_stops_accepting(tiny_http: TinyHttp, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A draining (or crashed) engine takes no new request: a load balancer probing /health must see it
-    and send the next elsewhere, even while the edge itself still answers."""
-    assert httpx.get(f"{tiny_http.url}/health", timeout=30).json() == {"status": "SERVING"}
-    monkeypatch.setattr(tiny_http.service.engine, "_accepting", False)
-    answer = httpx.get(f"{tiny_http.url}/health", timeout=30)
-    assert (answer.status_code, answer.json()) == (503, {"status": "NOT_SERVING"})
-
-
 def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
     sdk = client(tiny_http)
     cases: list[tuple[dict[str, object], str]] = [
@@ -327,6 +328,71 @@ def test_refusals_name_the_parameter(tiny_http: TinyHttp) -> None:
     with pytest.raises(openai.BadRequestError) as echo:
         sdk.completions.create(model=tiny_http.model_id, prompt="x", echo=True)
     assert echo.value.param == "echo"
+
+
+def test_every_unserved_openai_parameter_is_refused_unless_neutral(tiny_http: TinyHttp) -> None:
+    """A request is served as asked or refused, never served differently in silence: each OpenAI
+    parameter lorafleet does not serve, on each endpoint that takes it, is 400 ``unsupported_parameter``
+    naming it, and its neutral value is served (a mutation review: dropping the refusal of suffix,
+    best_of, top_logprobs, logit_bias, frequency_penalty, functions, function_call, tool_choice or a
+    completion's logprobs passed every test)."""
+    headers = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
+    chat: dict[str, object] = {"model": tiny_http.model_id, "messages": CHAT, "max_tokens": 1}
+    completion: dict[str, object] = {"model": tiny_http.model_id, "prompt": "x", "max_tokens": 1}
+    function = {"name": "f", "parameters": {}}
+    refused: list[tuple[str, dict[str, object], str, object]] = [
+        ("chat/completions", chat, "n", 2),
+        ("chat/completions", chat, "presence_penalty", 0.5),
+        ("chat/completions", chat, "frequency_penalty", -0.5),
+        ("chat/completions", chat, "logit_bias", {"50256": -100}),
+        ("chat/completions", chat, "logprobs", True),
+        ("chat/completions", chat, "top_logprobs", 0),
+        ("chat/completions", chat, "tools", [{"type": "function", "function": function}]),
+        ("chat/completions", chat, "tool_choice", {"type": "function", "function": {"name": "f"}}),
+        ("chat/completions", chat, "functions", [function]),
+        ("chat/completions", chat, "function_call", {"name": "f"}),
+        ("chat/completions", chat, "response_format", {"type": "json_object"}),
+        ("completions", completion, "n", 3),
+        ("completions", completion, "presence_penalty", 1),
+        ("completions", completion, "frequency_penalty", 0.1),
+        ("completions", completion, "logit_bias", {"1": 1}),
+        ("completions", completion, "logprobs", 0),
+        ("completions", completion, "echo", True),
+        ("completions", completion, "suffix", ""),
+        ("completions", completion, "best_of", 2),
+        ("completions", completion, "mirostat", 2),  # not even declared
+    ]
+    for route, body, name, value in refused:
+        answer = httpx.post(f"{tiny_http.url}/v1/{route}", json={**body, name: value}, headers=headers, timeout=30)
+        assert answer.status_code == 400, (route, name, value, answer.text)
+        error = answer.json()["error"]
+        assert (error["param"], error["code"]) == (name, "unsupported_parameter"), (route, name, error)
+    neutral: list[tuple[str, dict[str, object], dict[str, object]]] = [
+        (
+            "chat/completions",
+            chat,
+            {
+                "n": 1,
+                "presence_penalty": 0,
+                "frequency_penalty": 0.0,
+                "logit_bias": {},
+                "logprobs": False,
+                "tools": [],
+                "tool_choice": "none",
+                "functions": [],
+                "function_call": "none",
+                "response_format": {"type": "text"},
+            },
+        ),
+        (
+            "completions",
+            completion,
+            {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "echo": False, "best_of": 1},
+        ),
+    ]
+    for route, body, values in neutral:
+        answer = httpx.post(f"{tiny_http.url}/v1/{route}", json={**body, **values}, headers=headers, timeout=30)
+        assert answer.status_code == 200, (route, answer.text)
 
 
 def test_the_engines_refusals_name_the_parameter_too(tiny_http: TinyHttp) -> None:
@@ -549,6 +615,26 @@ def test_an_embeddings_call_refused_midway_leaves_no_work_behind(tiny_http: Tiny
     assert metered() == before + 2  # the chats; none of the refused call's inputs
 
 
+def test_an_embeddings_call_with_a_refused_input_cancels_the_others(tiny_http: TinyHttp) -> None:
+    """One input refused (a lone surrogate, 400) while another waits in the engine: the call's answer
+    cancels the other, so nothing of the refused call is computed or metered after it (a mutation that
+    left the other inputs running passed every test: the engine ran them for nobody)."""
+    engine = tiny_http.service.engine
+    wait_for(lambda: engine.load_stats() == (0, 0), 30, "no request of an earlier test left")
+
+    def metered() -> int:
+        return sum(row.requests for row in engine.usage.report(0, 4e9) if row.tenant == "acme")
+
+    before = metered()
+    headers = {"authorization": f"Bearer {tiny_http.keys['acme']}", "content-type": "application/json"}
+    raw = json.dumps({"model": tiny_http.model_id, "input": ["a fine input", "x\ud83d"]})
+    with engine_held(engine):  # the fine input waits in the queue: no step runs it, so no answer waits for it
+        answer = httpx.post(f"{tiny_http.url}/v1/embeddings", content=raw, headers=headers, timeout=15)
+        assert answer.status_code == 400, answer.text
+    wait_for(lambda: engine.load_stats() == (0, 0), 30, "the fine input gone")
+    assert metered() == before
+
+
 @contextlib.contextmanager
 def _tight_queue_full(tiny_http: TinyHttp, sdk: openai.OpenAI) -> Iterator[list[object]]:
     """The engine held and two chat calls of ``sdk`` (the tight key's) queued in it, for the block: one
@@ -758,6 +844,83 @@ def test_draining_is_503(open_http: tuple[BackgroundHttpServer, Service]) -> Non
     assert refused.value.body["type"] == "service_unavailable_error"  # type: ignore[index]
 
 
+@pytest.mark.parametrize("route", ["completions", "chat/completions", "embeddings"])
+def test_a_request_the_server_cuts_is_a_503_not_a_cut_answer(
+    open_http: tuple[BackgroundHttpServer, Service], route: str
+) -> None:
+    """A non-streaming request cut by a forced stop (its summary says CANCELLED while the client is still
+    there) is 503 ``service_unavailable_error``, which clients retry elsewhere, as the gRPC edge's
+    UNAVAILABLE (a mutation review: a 200 with finish_reason "stop" and whatever text it had, and an
+    embeddings call's 500, passed every test)."""
+    from lorafleet_server.engine.types import FinishReason
+
+    server, service = open_http
+    engine = service.engine
+    text = "The capital of France is"
+    body: dict[str, object] = {
+        "completions": {"prompt": text, "max_tokens": 2},
+        "chat/completions": {"messages": [{"role": "user", "content": text}], "max_tokens": 2},
+        "embeddings": {"input": text},
+    }[route]
+    body["model"] = service.info.model_id
+    answers: list[httpx.Response] = []
+
+    def cut() -> None:  # what a forced stop does to a request that has not run: a CANCELLED summary
+        for r in list(engine._waiting):
+            engine._finish(r, FinishReason.CANCELLED)
+
+    caller = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{server.url}/v1/{route}", json=body, timeout=60))
+    )
+    with engine_held(engine):
+        caller.start()
+        wait_for(lambda: engine.load_stats() == (0, 1), 30, "the request submitted")
+        after = engine.call(cut)  # handled once released, right after the request is queued
+    after.result(10)
+    caller.join(30)
+    [answer] = answers
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["type"] == "service_unavailable_error" and answer.headers["retry-after"] == "1"
+
+
+def test_a_stream_the_server_cuts_after_its_text_ends_with_an_error_event(
+    open_http: tuple[BackgroundHttpServer, Service], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the status line an error can only go in the stream: a stream cut by a forced stop once it
+    sent text ends with an OpenAI-shaped error event, not [DONE] and not a bare cut of the connection
+    (a mutation review: a stream that just stopped, with neither, passed every test)."""
+    server, service = open_http
+    step = service.engine.runner.step
+
+    def slow_step(*args: object, **kwargs: object) -> object:  # 64 tokens take ~6 s: the stop comes first
+        time.sleep(0.1)
+        return step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.engine.runner, "step", slow_step)
+    monkeypatch.setattr(service.engine, "eos_token_ids", frozenset())
+    body = {"model": service.info.model_id, "prompt": "Once", "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = (line for line in response.iter_lines() if line)
+        assert json.loads(next(lines).removeprefix("data: "))["choices"][0]["text"]  # it has sent text
+        service.engine.shutdown(0.0)  # a forced stop: the running request is cut
+        rest = list(lines)
+    assert rest and "data: [DONE]" not in rest, rest
+    error = json.loads(rest[-1].removeprefix("data: "))["error"]
+    assert error["type"] == "service_unavailable_error", error
+
+
+def test_health_follows_an_engine_that_stopped_accepting(open_http: tuple[BackgroundHttpServer, Service]) -> None:
+    """An engine that no longer accepts work (its loop crashed, or it was shut down) refuses every
+    request, so /health must say so without a drain, as the gRPC health does (a mutation review: /health
+    answering SERVING for a stopped engine passed every test; load balancers kept routing to it)."""
+    server, service = open_http
+    assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "SERVING"}
+    service.engine.shutdown(0.0)  # not drained: the server's own flag still says serving
+    answer = httpx.get(f"{server.url}/health", timeout=30)
+    assert answer.status_code == 503 and answer.json() == {"status": "NOT_SERVING"}
+
+
 def test_a_client_too_slow_with_its_head_or_body_is_cut_off(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Found by an outside review: half a request head, or a body short of its Content-Length, held the
     connection (and a descriptor of the process that serves gRPC too) for as long as the client liked.
@@ -879,6 +1042,56 @@ def test_a_declared_body_over_the_limit_is_read_before_the_413() -> None:
     assert run(3 << 20) == (3 << 20, [413])  # read to its end, then refused
     assert run(5 << 20) == (0, [413])  # past 4x the limit: refused at once, nothing read
     assert run(3 << 20, expect=True) == (0, [413])  # it waits for "100 Continue": nothing sent, none invited
+
+
+def test_a_body_of_exactly_the_limit_is_served_and_a_refusal_closes_the_connection() -> None:
+    """--max-message-bytes is the largest body served, as gRPC's message limit is the largest message:
+    a body of exactly that many bytes, declared or chunked, reaches the app (a mutation that refused it
+    survived). A declared body over it is refused with ``connection: close`` (the rest may be unread)."""
+    import asyncio as aio
+
+    from prometheus_client import CollectorRegistry
+
+    from lorafleet_server.edge.observe import CallObserver
+    from lorafleet_server.http.limits import BodyLimit
+    from lorafleet_server.metrics import Metrics
+
+    limit = 1 << 16
+
+    def run(size: int, declared: bool) -> tuple[int, int, dict[bytes, bytes]]:
+        """(bytes the app read, the status sent, its headers) for a body of ``size`` bytes in two parts."""
+        parts = [b"x" * (size // 2), b"x" * (size - size // 2)]
+        got: list[bytes] = []
+        sent: list[dict[str, Any]] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            while True:
+                message = await receive()
+                got.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        reads = iter(range(len(parts)))
+
+        async def receive() -> dict[str, Any]:
+            index = next(reads)  # a third read (the app's or the drain's) would be a bug: StopIteration
+            return {"type": "http.request", "body": parts[index], "more_body": index + 1 < len(parts)}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = [(b"content-length", str(size).encode())] if declared else []
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}
+        aio.run(BodyLimit(app, limit, CallObserver(Metrics(CollectorRegistry())))(scope, receive, send))
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        return sum(map(len, got)), start["status"], dict(start.get("headers", ()))
+
+    for declared in (True, False):
+        assert run(limit, declared)[:2] == (limit, 200), declared
+    refused = run(limit + 1, declared=True)
+    assert refused[1] == 413 and refused[2].get(b"connection") == b"close"
 
 
 def test_an_embeddings_calls_one_version_is_read_on_the_store_threads(

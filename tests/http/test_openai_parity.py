@@ -256,6 +256,20 @@ def test_every_refusal_carries_the_request_id(tiny_http: TinyHttp, caplog: pytes
     assert len(fresh.headers["x-request-id"]) == 32  # none sent: a fresh one
 
 
+def test_a_request_id_that_is_not_a_sane_token_is_replaced(tiny_http: TinyHttp) -> None:
+    """The caller's x-request-id is echoed and logged only as a token of at most 128 of [A-Za-z0-9._:-]
+    (as at the gRPC edge); anything else gets a fresh id (a mutation review: any text, or any length,
+    was taken into the response headers and the request log with no test noticing)."""
+    auth = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
+    sane = "a.B_c:9-" + "x" * 120  # 128 characters
+    kept = httpx.get(f"{tiny_http.url}/v1/models", headers={**auth, "x-request-id": sane}, timeout=30)
+    assert kept.status_code == 200 and kept.headers["x-request-id"] == sane
+    for bad in ("x" * 129, "two words", 'quo"te', "a,b", "k=v;"):
+        answer = httpx.get(f"{tiny_http.url}/v1/models", headers={**auth, "x-request-id": bad}, timeout=30)
+        assert answer.status_code == 200, (bad, answer.text)
+        assert len(answer.headers["x-request-id"]) == 32 and answer.headers["x-request-id"] != bad, bad
+
+
 # -- 8. a handler cancelled before its work started ---------------------------------------------------
 
 
@@ -341,3 +355,24 @@ def test_a_body_not_sent_as_json_says_so_and_integers_are_strict(tiny_http: Tiny
     for field, value in (("max_tokens", True), ("max_tokens", "2"), ("max_tokens", 2.0), ("seed", True), ("n", True)):
         answer = post(tiny_http, "completions", {"model": model, "prompt": "x", field: value})
         assert answer.status_code == 400 and answer.json()["error"]["param"] == field, (field, value, answer.text)
+
+
+def test_a_body_that_is_not_json_is_invalid_json_naming_no_parameter(tiny_http: TinyHttp) -> None:
+    """A body that does not parse is 400 ``invalid_json`` with ``param: null``, as OpenAI answers a
+    refusal of no one field (a mutation review: no test sent malformed JSON, and a refusal naming no
+    field answered ``param: ""``)."""
+    auth = {"authorization": f"Bearer {tiny_http.keys['acme']}"}
+    for route in ("completions", "chat/completions", "embeddings"):
+        answer = httpx.post(
+            f"{tiny_http.url}/v1/{route}",
+            content=b'{"model": "x", "prompt": ',
+            headers={**auth, "content-type": "application/json"},
+            timeout=30,
+        )
+        assert answer.status_code == 400, (route, answer.text)
+        error = answer.json()["error"]
+        assert error["code"] == "invalid_json" and error["param"] is None, (route, error)
+        assert error["message"].startswith("the body is not valid JSON"), (route, error)
+        assert error["type"] == "invalid_request_error"
+    plain = httpx.post(f"{tiny_http.url}/v1/completions", content=b"{}", headers=auth, timeout=30)
+    assert plain.json()["error"]["code"] == "invalid_content_type" and plain.json()["error"]["param"] is None

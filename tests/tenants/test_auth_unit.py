@@ -360,3 +360,59 @@ def test_the_http_edge_checks_a_keys_expiry_at_its_own_clock(tmp_path: Path, cap
     assert reached == ["/v1/chat/completions"]  # the app saw only the first call
     logged = [r.fields for r in caplog.records if r.name == "lorafleet.requests"]  # type: ignore[attr-defined]
     assert logged and logged[-1]["key_id"] == new.record.key_id and logged[-1]["status"] == "UNAUTHENTICATED"
+
+
+def test_the_http_edge_applies_its_route_roles_and_denies_a_route_without_any(tmp_path: Path) -> None:
+    """What a mutation review found no test held: ``HttpAuth`` serving every route to every role (the
+    role check dropped) or serving a /v1 route missing from its roles (deny by default lost) passed every
+    test, as every route is open to both roles today. A route that needs another role is 403
+    ``permission_error`` and never reaches the app; a served route with no roles at all is refused too."""
+    import asyncio
+    import json
+
+    from lorafleet_server.http.auth import HttpAuth
+    from lorafleet_server.http.routes import CHAT_COMPLETIONS, COMPLETIONS
+
+    path = tmp_path / "keys.json"
+    new = create_key(path, PepperSource(path), tenant="acme", role="tenant", now=NOW)
+    keys = _keys(tmp_path, "127.0.0.1")
+    keys.load()
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    auth = HttpAuth(
+        app,
+        keys,
+        CallObserver(Metrics(CollectorRegistry())),
+        roles={CHAT_COMPLETIONS: frozenset({"admin"})},  # COMPLETIONS: in no role's list
+        clock=lambda: NOW,
+    )
+
+    def call(route: str) -> tuple[int, dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": route.removeprefix("POST "),
+            "headers": [(b"authorization", f"Bearer {new.key}".encode())],
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        asyncio.run(auth(scope, receive, send))
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], json.loads(body)
+
+    for route, needs in ((CHAT_COMPLETIONS, "needs admin"), (COMPLETIONS, "needs a role no key has")):
+        status, body = call(route)
+        assert status == 403 and body["error"]["type"] == "permission_error", (route, body)
+        assert needs in body["error"]["message"], (route, body)
+    assert reached == []
