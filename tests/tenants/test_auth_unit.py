@@ -3,6 +3,8 @@ default), tenant isolation rules, the start rules (secure by default) and the st
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -312,14 +314,38 @@ def test_a_keys_file_that_does_not_load_stops_the_start_and_later_fails_closed(t
     assert reloads == [True, False] and keys.enforcing and keys.key_count == 0
 
 
+def _recording_app(reached: list[str]) -> Any:
+    """An ASGI app behind ``HttpAuth`` that notes each path it is reached with and answers 200 ``{}``."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return app
+
+
+def _post_through(auth: Any, path: str, key: str) -> tuple[int, dict[str, Any]]:
+    """POST ``{}`` to ``path`` with ``key`` through the ASGI middleware ``auth``: its status and JSON body."""
+    sent: list[dict[str, Any]] = []
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"authorization", f"Bearer {key}".encode())]}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(auth(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)
+
+
 def test_the_http_edge_checks_a_keys_expiry_at_its_own_clock(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """What a mutation review found no test held: the HTTP edge ignoring the time (an expired key
     served) passed every test. ``HttpAuth`` asks the keys at its clock's now; past the key's expiry it
     answers 401 ``expired_key``, names the key in the request log and never reaches the app. Also:
     a key's id is logged on every refusal at this edge, as at the gRPC one."""
-    import asyncio
-    import json
-
     from lorafleet_server.http.auth import HttpAuth
 
     path = tmp_path / "keys.json"
@@ -327,31 +353,11 @@ def test_the_http_edge_checks_a_keys_expiry_at_its_own_clock(tmp_path: Path, cap
     keys = _keys(tmp_path, "127.0.0.1")
     keys.load()
     reached: list[str] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        reached.append(scope["path"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+    app = _recording_app(reached)
 
     def call(at: datetime) -> tuple[int, dict[str, Any]]:
         auth = HttpAuth(app, keys, CallObserver(Metrics(CollectorRegistry())), clock=lambda: at)
-        sent: list[dict[str, Any]] = []
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/v1/chat/completions",
-            "headers": [(b"authorization", f"Bearer {new.key}".encode())],
-        }
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"{}", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        asyncio.run(auth(scope, receive, send))
-        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-        return sent[0]["status"], json.loads(body)
+        return _post_through(auth, "/v1/chat/completions", new.key)
 
     assert call(NOW + timedelta(minutes=59))[0] == 200 and reached == ["/v1/chat/completions"]
     with caplog.at_level(logging.INFO, logger="lorafleet.requests"):
@@ -367,9 +373,6 @@ def test_the_http_edge_applies_its_route_roles_and_denies_a_route_without_any(tm
     role check dropped) or serving a /v1 route missing from its roles (deny by default lost) passed every
     test, as every route is open to both roles today. A route that needs another role is 403
     ``permission_error`` and never reaches the app; a served route with no roles at all is refused too."""
-    import asyncio
-    import json
-
     from lorafleet_server.http.auth import HttpAuth
     from lorafleet_server.http.routes import CHAT_COMPLETIONS, COMPLETIONS
 
@@ -378,11 +381,7 @@ def test_the_http_edge_applies_its_route_roles_and_denies_a_route_without_any(tm
     keys = _keys(tmp_path, "127.0.0.1")
     keys.load()
     reached: list[str] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        reached.append(scope["path"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+    app = _recording_app(reached)
 
     auth = HttpAuth(
         app,
@@ -392,27 +391,8 @@ def test_the_http_edge_applies_its_route_roles_and_denies_a_route_without_any(tm
         clock=lambda: NOW,
     )
 
-    def call(route: str) -> tuple[int, dict[str, Any]]:
-        sent: list[dict[str, Any]] = []
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": route.removeprefix("POST "),
-            "headers": [(b"authorization", f"Bearer {new.key}".encode())],
-        }
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"{}", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        asyncio.run(auth(scope, receive, send))
-        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-        return sent[0]["status"], json.loads(body)
-
     for route, needs in ((CHAT_COMPLETIONS, "needs admin"), (COMPLETIONS, "needs a role no key has")):
-        status, body = call(route)
+        status, body = _post_through(auth, route.removeprefix("POST "), new.key)
         assert status == 403 and body["error"]["type"] == "permission_error", (route, body)
         assert needs in body["error"]["message"], (route, body)
     assert reached == []
